@@ -1,0 +1,12 @@
+"""fxforge: a graph compiler for PyTorch language models.
+
+    fast = fxforge.optimize(model, example_inputs=(input_ids,))
+    fast(input_ids); print(fast.report()); print(fast.ir); fast.dump("out/")
+"""
+from .api import optimize, register_pass, unregister_pass
+from .ir import CaptureError, Graph, IRCheckError, ParseError, capture, parse, typecheck
+from .runtime.module import OptimizedModel
+
+__all__ = ["optimize", "capture", "register_pass", "unregister_pass", "OptimizedModel", "Graph", "parse",
+           "typecheck", "CaptureError", "IRCheckError", "ParseError"]
+__version__ = "0.1.0"

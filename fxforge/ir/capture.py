@@ -1,0 +1,402 @@
+"""Capture: nn.Module (or torch.fx.GraphModule) -> IR Graph, through torch.export.
+
+torch.export (non-strict) traces the model into ATen ops with symbolic batch and
+sequence sizes; `lowering.RULES` maps each ATen op to IR ops, and anything unknown
+becomes an opaque `torch_call`, so capture never fails just because an op is new.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.utils._pytree as pytree
+
+from .builder import Builder
+from .graph import Graph, Value
+from .lowering import DROP, FALLBACK, RULES, LowerCtx
+from .ops import Arg
+from .types import TensorType, symbol
+
+
+class CaptureError(RuntimeError):
+    """torch.export could not capture the model; the message names where and how to fix it."""
+
+
+@dataclass
+class CallSpec:
+    """How to call the captured graph from the model's own (args, kwargs) and how to
+    rebuild the model's output structure from the graph's outputs."""
+
+    in_spec: Any
+    input_leaves: list  # per flat leaf: ("tensor", graph input index) | ("const", value)
+    out_spec: Any
+    output_leaves: list  # per flat output leaf: ("value", graph output index) | ("const", value)
+    injected_kwargs: dict = field(default_factory=dict)
+    kwarg_order: tuple = ()
+
+
+# Friendly names for the dynamic dims: dim 0 is the batch, dim 1 the sequence.
+_DIM_NAMES = {0: "B", 1: "T"}
+
+
+def capture(model, example_inputs=(), example_kwargs=None, dynamic: bool = True) -> Graph:
+    """The IR of `model` before any pass."""
+    return capture_with_spec(model, example_inputs, example_kwargs, dynamic)[0]
+
+
+def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bool = True):
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fxforge captures a torch.nn.Module (or torch.fx.GraphModule), got {type(model).__name__}")
+    args = _as_tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    injected = _inference_kwargs(model, kwargs)
+    kwargs = {**injected, **kwargs}
+    if model.training:
+        warnings.warn(f"{type(model).__name__} is in training mode: dropout stays as an opaque op and "
+                      "attention will not fuse. Call model.eval() before fxforge.optimize for inference.")
+    ep = _export(model, args, kwargs, dynamic)
+    return _lower_exported(ep, injected, model)
+
+
+# ---------------------------------------------------------------------------------------
+def _as_tuple(example_inputs) -> tuple:
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _inference_kwargs(model, kwargs) -> dict:
+    """transformers models return a KV cache object by default, which is not a tensor
+    and has no place in a pure forward graph: ask for logits only (the kv_cache pass
+    builds our own cache)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "use_cache" in params and "use_cache" not in kwargs and hasattr(model, "config"):
+        return {"use_cache": False}
+    return {}
+
+
+def _export_example(args, kwargs, dynamic):
+    """torch.export specialises a dim of size 1 to the constant 1 and may merge dims of
+    equal size, so trace with batch >= 2 and a different sequence length >= 2, made by
+    cyclically extending the example (shapes are what matters to the trace)."""
+    leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    if not dynamic or not leaves:
+        return args, kwargs, {}
+    first = leaves[0]
+    b0 = first.shape[0] if first.dim() >= 1 else None
+    t0 = first.shape[1] if first.dim() >= 2 else None
+    bx = max(b0, 2) if b0 is not None else None
+    tx = max(t0, 2) if t0 is not None else None
+    if tx is not None and tx == bx:
+        tx += 1
+    targets = {0: (b0, bx), 1: (t0, tx)}
+
+    def grow(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        for dim, (old, new) in targets.items():
+            if x.dim() > dim and old is not None and x.shape[dim] == old and new != old:
+                idx = torch.arange(new, device=x.device) % old
+                x = x.index_select(dim, idx)
+        return x
+
+    return pytree.tree_map(grow, args), pytree.tree_map(grow, kwargs), targets
+
+
+def _dynamic_shapes(model, args, kwargs):
+    from torch.export import Dim
+
+    def spec(x):
+        if isinstance(x, torch.Tensor):
+            return {d: Dim.AUTO for d in range(min(x.dim(), 2))} or None
+        return None
+
+    sig = inspect.signature(model.forward)
+    bound = sig.bind(*args, **kwargs)
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind == inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: pytree.tree_map(spec, v) for k, v in value.items()}
+        elif kind == inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(pytree.tree_map(spec, v) for v in value)
+        else:
+            out[name] = pytree.tree_map(spec, value)
+    return out
+
+
+def _export(model, args, kwargs, dynamic):
+    ex_args, ex_kwargs, _ = _export_example(args, kwargs, dynamic)
+    dyn = _dynamic_shapes(model, ex_args, ex_kwargs) if dynamic else None
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
+    except Exception as e:  # torch.export raises many kinds; all become one clear error
+        raise _capture_error(model, e) from e
+
+
+def _capture_error(model, exc) -> CaptureError:
+    frames = traceback.extract_tb(exc.__traceback__)
+    torch_dir = os.path.dirname(torch.__file__)
+    user = [f for f in frames if not f.filename.startswith(torch_dir) and "fxforge" not in f.filename]
+    where = f"{user[-1].filename}:{user[-1].lineno} in {user[-1].name}: {user[-1].line}" if user else "unknown"
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    name = type(exc).__name__
+    if "data-dependent" in str(exc) or "GuardOnDataDependent" in name or "DataDependent" in name:
+        fix = ("the model branches on tensor *values* (data-dependent control flow); rewrite that code "
+               "with torch.where / torch.cond, or move the decision out of forward()")
+    elif "not a known type" in str(exc) or "pytree" in str(exc):
+        fix = "the model returns or takes a non-tensor object; return tensors / tuples / dataclasses only"
+    elif "Constraints violated" in str(exc) or "specialized" in str(exc):
+        fix = ("a dynamic dimension was forced to a constant by the model's code; pass dynamic=False "
+               "to capture static shapes, or remove the size-specific code")
+    else:
+        fix = "simplify the code at the location above, or pass dynamic=False to capture static shapes"
+    return CaptureError(f"torch.export could not capture {type(model).__name__}: {name}: {first}\n"
+                        f"  where: {where}\n  fix: {fix}")
+
+
+# ---------------------------------------------------------------------------------------
+class _Lowerer:
+    def __init__(self, ep):
+        self.ep = ep
+        self.rename: dict = {}
+        self.builder = Builder()
+
+    # -- symbolic sizes ------------------------------------------------------------------
+    def name_dims(self, placeholders):
+        counts: dict[str, int] = {}
+        for node in placeholders:
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                continue
+            for d, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt):
+                    expr = size.node.expr
+                    if isinstance(expr, sympy.Symbol) and expr not in self.rename:
+                        base = _DIM_NAMES.get(d, f"D{d}")
+                        k = counts.get(base, 0)
+                        counts[base] = k + 1
+                        self.rename[expr] = symbol(base if k == 0 else f"{base}{k}")
+
+    def expr(self, x) -> sympy.Expr:
+        if isinstance(x, (int, bool)):
+            return sympy.Integer(int(x))
+        if isinstance(x, float):
+            return sympy.Float(x)
+        e = x.node.expr.xreplace(self.rename)
+        e = _clean_expr(e)
+        unknown = [s for s in e.free_symbols if s not in self.rename.values()]
+        if unknown:
+            raise CaptureError(f"a size depends on tensor data ({', '.join(map(str, unknown))}); fxforge needs "
+                               "sizes that follow from the input shapes")
+        return e
+
+    def tensor_type(self, val) -> TensorType:
+        return TensorType(tuple(self.expr(d) for d in val.shape), val.dtype)
+
+    def types_of(self, val):
+        if isinstance(val, torch.Tensor):
+            return [self.tensor_type(val)]
+        if isinstance(val, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in val):
+            return [self.tensor_type(v) for v in val]
+        return None
+
+    # -- the walk ------------------------------------------------------------------------
+    def run_graph(self, graph, env):
+        for node in graph.nodes:
+            if node.op in ("placeholder",):
+                continue
+            if node.op == "output":
+                return node.args[0]
+            if node.op == "get_attr":
+                env[node] = getattr(self.ep.graph_module, node.target)
+                continue
+            env[node] = self.lower_node(node, env)
+        return None
+
+    def arg(self, a, env):
+        return pytree.tree_map(lambda x: env[x] if isinstance(x, torch.fx.Node) else x, a)
+
+    def lower_node(self, node, env):
+        val = node.meta.get("val")
+        if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return self.expr(val)
+        target = node.target
+        args = self.arg(node.args, env)
+        kwargs = self.arg(node.kwargs, env)
+        if target is __import__("operator").getitem:
+            return args[0][args[1]]
+        self.builder.meta = {"source": _source(node)}
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            return self.inline_hop(node, target, args)
+        name = str(target)
+        rule = RULES.get(name)
+        out_types = self.types_of(val)
+        if rule is not None:
+            result = rule(LowerCtx(self.builder, out_types), *args, **kwargs)
+            if result is DROP:
+                return None
+            if result is not FALLBACK:
+                return result
+        if val is None and not isinstance(target, torch._ops.OpOverload):
+            return None
+        return self.opaque(node, name, args, kwargs, out_types)
+
+    def opaque(self, node, name, args, kwargs, out_types):
+        if out_types is None:
+            raise CaptureError(f"cannot keep {name} as an opaque op: its result is not a tensor "
+                               f"(at {_source(node) or node.name})")
+        tensors: list[Value] = []
+
+        def conv(a):
+            if isinstance(a, Value):
+                tensors.append(a)
+                return Arg(len(tensors) - 1)
+            if isinstance(a, list):  # fx's immutable_list prints like a list
+                return [conv(x) for x in a]
+            if isinstance(a, tuple):
+                return tuple(conv(x) for x in a)
+            if isinstance(a, sympy.Basic) or a is None or isinstance(
+                    a, (bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format)):
+                return a
+            raise CaptureError(f"{name} takes an argument of type {type(a).__name__} that fxforge cannot "
+                               f"record (at {_source(node) or node.name})")
+
+        attrs = {"target": name, "args": conv(tuple(args)), "kwargs": tuple((k, conv(v)) for k, v in kwargs.items())}
+        outs = self.builder.emit_multi("torch_call", tensors, attrs, types=out_types)
+        val = node.meta.get("val")
+        return outs if isinstance(val, (list, tuple)) else outs[0]
+
+    def inline_hop(self, node, hop, args):
+        """Grad-mode and autocast wrappers hold a submodule: lower its body in place."""
+        if hop.name() not in ("wrap_with_set_grad_enabled", "wrap_with_autocast"):
+            raise CaptureError(f"fxforge cannot inline the higher-order op {hop.name()} (at {_source(node)})")
+        if hop.name() == "wrap_with_autocast":
+            raise CaptureError("the model uses torch.autocast inside forward; cast the model to the dtype you "
+                               "want instead (model.half() / model.to(torch.bfloat16))")
+        sub = next(a for a in args if isinstance(a, torch.nn.Module))
+        operands = args[list(args).index(sub) + 1:]
+        sub_env = {}
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        for ph, value in zip(placeholders, operands):
+            sub_env[ph] = value
+        result = self.run_graph(sub.graph, sub_env)
+        return tuple(self.arg(result, sub_env))
+
+
+def _clean_expr(e: sympy.Expr) -> sympy.Expr:
+    """torch's own sympy functions (FloorDiv, PythonMod, ...) -> plain sympy, so sizes
+    print in a readable form that parses back."""
+    try:
+        from torch.utils._sympy import functions as tf
+    except ImportError:  # pragma: no cover
+        return e
+    table = {"FloorDiv": lambda a, b: sympy.floor(a / b), "CleanDiv": lambda a, b: a / b,
+             "PythonMod": sympy.Mod, "Mod": sympy.Mod, "CeilDiv": lambda a, b: sympy.ceiling(a / b),
+             "IntTrueDiv": lambda a, b: a / b, "Max": sympy.Max, "Min": sympy.Min}
+    for name, fn in table.items():
+        cls = getattr(tf, name, None)
+        if cls is not None and e.has(cls):
+            e = e.replace(cls, fn)
+    return e
+
+
+def _source(node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    path = ""
+    if stack:
+        path = list(stack.values())[-1][0]
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File")]
+    loc = ""
+    if lines:
+        parts = lines[-1].split('"')
+        if len(parts) >= 3:
+            loc = f"{os.path.basename(parts[1])}{parts[2].split(',')[1].replace(' line ', ':')}"
+    return f"{path} {loc}".strip()
+
+
+def _lower_exported(ep, injected, model):
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    low = _Lowerer(ep)
+    gm = ep.graph_module
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    low.name_dims(placeholders)
+    by_name = {n.name: n for n in placeholders}
+    env: dict = {}
+    g = Graph()
+    input_leaves = []
+    constants = {**ep.state_dict, **ep.constants}
+    for spec in ep.graph_signature.input_specs:
+        node = by_name.get(getattr(spec.arg, "name", None))
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            tensor = constants[spec.target]
+            v = Value(TensorType(tuple(tensor.shape), tensor.dtype), param=spec.target)
+            g.param_values.append(v)
+            g.params[spec.target] = tensor.detach()
+            env[node] = v
+        elif spec.kind == InputKind.USER_INPUT:
+            val = node.meta.get("val") if node is not None else None
+            if isinstance(val, torch.Tensor):
+                v = Value(low.tensor_type(val), hint=spec.arg.name)
+                input_leaves.append(("tensor", len(g.inputs)))
+                g.inputs.append(v)
+                g.input_names.append(spec.arg.name)
+                env[node] = v
+            elif isinstance(val, torch.SymInt):
+                raise CaptureError(f"input {spec.arg.name} is a symbolic int; pass a tensor or a constant")
+            else:
+                value = getattr(spec.arg, "value", val)
+                input_leaves.append(("const", value))
+                if node is not None:
+                    env[node] = value
+        else:
+            raise CaptureError(f"unsupported graph input kind {spec.kind} ({spec.arg})")
+
+    outputs = low.run_graph(gm.graph, env)
+    output_leaves = []
+    for spec, out in zip(ep.graph_signature.output_specs, outputs):
+        if spec.kind != OutputKind.USER_OUTPUT:
+            raise CaptureError(f"the model mutates {spec.target or spec.arg} inside forward ({spec.kind.name}); "
+                               "fxforge needs a forward pass without side effects")
+        value = env[out] if isinstance(out, torch.fx.Node) else out
+        if isinstance(value, Value):
+            output_leaves.append(("value", len(g.outputs)))
+            g.outputs.append(value)
+        else:
+            output_leaves.append(("const", value))
+    g.nodes = low.builder.nodes
+    in_spec = ep.call_spec.in_spec
+    kwarg_order = tuple(in_spec.child(1).context) if in_spec is not None else ()
+    return g, CallSpec(in_spec, input_leaves, ep.call_spec.out_spec, output_leaves, injected, kwarg_order)
+
+
+def flatten_call(spec: CallSpec, args, kwargs) -> list:
+    """The model's call arguments -> flat leaves, in the order the graph was captured with."""
+    merged = {**spec.injected_kwargs, **kwargs}
+    unknown = set(merged) - set(spec.kwarg_order)
+    if unknown:
+        raise TypeError(f"keyword arguments {sorted(unknown)} were not given at optimize() time; "
+                        f"the optimized model takes {list(spec.kwarg_order)}")
+    ordered = {k: merged[k] for k in spec.kwarg_order if k in merged}
+    leaves, tree = pytree.tree_flatten((tuple(args), ordered))
+    if tree != spec.in_spec:
+        raise TypeError(f"the optimized model was captured for arguments shaped like {spec.in_spec}, "
+                        f"but was called with {tree}; call it as the example inputs were given")
+    return leaves
+
+

@@ -1,0 +1,204 @@
+"""The IR: a typed SSA graph in topological order (one equation per value, like a jaxpr).
+
+A `Graph` has user inputs, parameter inputs (weights, buffers and constants, by their
+fully qualified name in the model), a list of nodes and a list of outputs. Values are
+plain objects compared by identity; names are given only when the graph is printed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from .types import SymType, TensorType, Type
+
+
+class Value:
+    """One SSA value. `param` is the parameter name when the value is a weight input."""
+
+    __slots__ = ("type", "hint", "param")
+
+    def __init__(self, type: Type, hint: str | None = None, param: str | None = None):
+        self.type = type
+        self.hint = hint
+        self.param = param
+
+    @property
+    def shape(self):
+        return self.type.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.type.dtype
+
+    @property
+    def rank(self) -> int:
+        return self.type.rank
+
+    def __repr__(self) -> str:
+        label = f" param {self.param!r}" if self.param else ""
+        return f"<Value{label} {self.type}>"
+
+
+@dataclass
+class Node:
+    op: str
+    inputs: tuple[Value, ...]
+    attrs: dict[str, Any]
+    outputs: tuple[Value, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output(self) -> Value:
+        if len(self.outputs) != 1:
+            raise ValueError(f"{self.op} has {len(self.outputs)} outputs, not one")
+        return self.outputs[0]
+
+    def where(self) -> str:
+        """The model source that produced this node, for error messages."""
+        src = self.meta.get("source")
+        return f" (from {src})" if src else ""
+
+
+@dataclass
+class StateSpec:
+    """A mutable buffer the runtime allocates (e.g. one layer's KV cache)."""
+
+    shape: tuple
+    dtype: torch.dtype
+
+
+@dataclass
+class Graph:
+    inputs: list[Value] = field(default_factory=list)
+    param_values: list[Value] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)
+    outputs: list[Value] = field(default_factory=list)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: dict[str, StateSpec] = field(default_factory=dict)
+    input_names: list[str] = field(default_factory=list)
+
+    # -- structure queries -------------------------------------------------------------
+    def producers(self) -> dict[Value, Node]:
+        return {v: n for n in self.nodes for v in n.outputs}
+
+    def users(self) -> dict[Value, list[Node]]:
+        out: dict[Value, list[Node]] = {}
+        for n in self.nodes:
+            for v in n.inputs:
+                out.setdefault(v, []).append(n)
+        return out
+
+    def use_counts(self) -> dict[Value, int]:
+        """How many times each value is read, counting graph outputs as reads."""
+        counts: dict[Value, int] = {}
+        for n in self.nodes:
+            for v in n.inputs:
+                counts[v] = counts.get(v, 0) + 1
+        for v in self.outputs:
+            counts[v] = counts.get(v, 0) + 1
+        return counts
+
+    def param_value(self, name: str) -> Value:
+        for v in self.param_values:
+            if v.param == name:
+                return v
+        raise KeyError(name)
+
+    def count(self, op: str) -> int:
+        return sum(1 for n in self.nodes if n.op == op)
+
+    def op_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for n in self.nodes:
+            out[n.op] = out.get(n.op, 0) + 1
+        return out
+
+    # -- building ------------------------------------------------------------------------
+    def with_nodes(self, nodes: Iterable[Node], outputs: Iterable[Value] | None = None) -> "Graph":
+        """A new graph sharing inputs and params, with other nodes (and outputs)."""
+        return Graph(
+            inputs=list(self.inputs),
+            param_values=list(self.param_values),
+            nodes=list(nodes),
+            outputs=list(self.outputs if outputs is None else outputs),
+            params=dict(self.params),
+            state=dict(self.state),
+            input_names=list(self.input_names),
+        )
+
+    def prune_params(self) -> "Graph":
+        """Drop parameter inputs that no node reads any more (after folding or rewrites)."""
+        used = {v for n in self.nodes for v in n.inputs} | set(self.outputs)
+        kept = [v for v in self.param_values if v in used]
+        if len(kept) == len(self.param_values):
+            return self
+        g = self.with_nodes(self.nodes)
+        g.param_values = kept
+        g.params = {v.param: self.params[v.param] for v in kept if v.param in self.params}
+        return g
+
+    def add_param(self, name: str, tensor: torch.Tensor) -> Value:
+        """Register a new parameter (for example a folded constant) and return its value."""
+        base, i = name, 1
+        while name in self.params:
+            name = f"{base}.{i}"
+            i += 1
+        self.params[name] = tensor
+        v = Value(TensorType(tuple(tensor.shape), tensor.dtype), param=name)
+        self.param_values.append(v)
+        return v
+
+    # -- views -----------------------------------------------------------------------------
+    def __str__(self) -> str:
+        from .printer import print_graph
+
+        return print_graph(self)
+
+    def to_networkx(self):
+        """The dataflow DAG: one vertex per node (its index), an edge per value read."""
+        import networkx as nx
+
+        dag = nx.MultiDiGraph()
+        producers = {}
+        for i, n in enumerate(self.nodes):
+            dag.add_node(i, op=n.op)
+            for v in n.outputs:
+                producers[v] = i
+        for i, n in enumerate(self.nodes):
+            for v in n.inputs:
+                if v in producers:
+                    dag.add_edge(producers[v], i)
+        return dag
+
+    def to_dot(self) -> str:
+        """Graphviz source for a picture of the graph."""
+        from .printer import Namer
+
+        names = Namer(self)
+        lines = ["digraph fxforge {", "  node [shape=box, fontname=monospace];"]
+        for v in self.inputs:
+            lines.append(f'  "{names[v]}" [shape=ellipse, label="{names[v]}: {v.type}"];')
+        producers = {}
+        for i, n in enumerate(self.nodes):
+            outs = ", ".join(names[v] for v in n.outputs)
+            lines.append(f'  n{i} [label="{outs} = {n.op}"];')
+            for v in n.outputs:
+                producers[v] = f"n{i}"
+        for i, n in enumerate(self.nodes):
+            for v in n.inputs:
+                if v.param:
+                    continue
+                src = producers.get(v, f'"{names[v]}"')
+                lines.append(f"  {src} -> n{i};")
+        lines.append("}")
+        return "\n".join(lines)
+
+
+def is_tensor_type(v: Value) -> bool:
+    return isinstance(v.type, TensorType)
+
+
+def is_sym(v: Value) -> bool:
+    return isinstance(v.type, SymType)

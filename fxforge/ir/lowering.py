@@ -1,0 +1,424 @@
+"""ATen -> IR lowering rules, one table.
+
+Each rule gets a `LowerCtx` (builder + helpers), the fx node's arguments with fx nodes
+already replaced by IR values (tensors) or sympy expressions (SymInts), and its kwargs.
+It returns a Value, a tuple of Values (for multi-result ops), or the same input Value
+(an identity). Any ATen op missing from `RULES` becomes an opaque `torch_call`.
+Rules may also return `FALLBACK` to ask for the opaque call (e.g. dropout in training).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import sympy
+import torch
+
+from .builder import Builder
+from .graph import Value
+from .types import TensorType, as_dim
+
+FALLBACK = object()
+DROP = object()  # asserts and other nodes with no value
+
+
+class LowerCtx:
+    """What a rule needs besides its arguments: the builder and the fx node's own result
+    type (shapes from torch.export's metadata are exact, so views use them directly)."""
+
+    def __init__(self, builder: Builder, out_types: list | None):
+        self.b = builder
+        self.out_types = out_types
+
+    @property
+    def out_shape(self):
+        return self.out_types[0].shape
+
+    @property
+    def out_dtype(self):
+        return self.out_types[0].dtype
+
+    def tensor(self, x, like: Value | None = None) -> Value:
+        """A Value for a tensor operand, or a 0-dim const for a Python/sympy scalar."""
+        if isinstance(x, Value):
+            return x
+        return self.b.const(x)
+
+    def emit(self, op, *inputs, **attrs):
+        return self.b.emit(op, *inputs, **attrs)
+
+
+def _dims(x: Value, dims) -> tuple[int, ...]:
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return tuple(range(x.rank))
+    if isinstance(dims, int):
+        dims = [dims]
+    return tuple(d % max(x.rank, 1) for d in dims)
+
+
+# -- pointwise --------------------------------------------------------------------------
+def binary(op: str) -> Callable:
+    def rule(c: LowerCtx, a, b, alpha=1, **_):
+        a, b = c.tensor(a), c.tensor(b)
+        if alpha != 1:
+            b = c.emit("mul", b, c.tensor(alpha))
+        return c.emit(op, a, b)
+    return rule
+
+
+def unary(op: str) -> Callable:
+    return lambda c, x, **_: c.emit(op, x)
+
+
+def rsub(c: LowerCtx, x, other, alpha=1):
+    x = c.tensor(x)
+    if alpha != 1:
+        x = c.emit("mul", x, c.tensor(alpha))
+    return c.emit("sub", c.tensor(other), x)
+
+
+def bitwise(logical_op: str) -> Callable:
+    def rule(c: LowerCtx, a, b):
+        a, b = c.tensor(a), c.tensor(b)
+        if a.dtype == torch.bool and b.dtype == torch.bool:
+            return c.emit(logical_op, a, b)
+        return FALLBACK
+    return rule
+
+
+def bitwise_not(c: LowerCtx, x):
+    return c.emit("logical_not", x) if x.dtype == torch.bool else FALLBACK
+
+
+def div_mode(c: LowerCtx, a, b, rounding_mode=None):
+    return c.emit("div", c.tensor(a), c.tensor(b)) if rounding_mode is None else FALLBACK
+
+
+def pow_rule(c: LowerCtx, a, b):
+    return c.emit("pow", c.tensor(a), c.tensor(b))
+
+
+def gelu(c: LowerCtx, x, approximate="none"):
+    return c.emit("gelu", x, approximate=approximate)
+
+
+def clamp(c: LowerCtx, x, min=None, max=None):
+    if isinstance(min, Value) or isinstance(max, Value):
+        return FALLBACK
+    return c.emit("clamp", x, min=min, max=max)
+
+
+def where(c: LowerCtx, cond, a, b):
+    return c.emit("where", cond, c.tensor(a), c.tensor(b))
+
+
+def masked_fill(c: LowerCtx, x, mask, value):
+    # masked_fill keeps x's dtype, whatever the fill value's type.
+    fill = c.b.cast(value, x.dtype) if isinstance(value, Value) else c.b.const(value, x.dtype)
+    return c.emit("where", mask, fill, x)
+
+
+def to_dtype(c: LowerCtx, x, *args, **kwargs):
+    dtype = kwargs.get("dtype")
+    for a in args:
+        if isinstance(a, torch.dtype):
+            dtype = a
+    if dtype is None:
+        dtype = c.out_dtype
+    return c.b.cast(x, dtype)
+
+
+def type_as(c: LowerCtx, x, other):
+    return c.b.cast(x, other.dtype)
+
+
+def identity(c: LowerCtx, x, *args, **kwargs):
+    return x
+
+
+def dropout(c: LowerCtx, x, p, train):
+    return x if (not train or p == 0) else FALLBACK
+
+
+# -- reductions ---------------------------------------------------------------------------
+def reduce(op: str) -> Callable:
+    def rule(c: LowerCtx, x, dims=None, keepdim=False, dtype=None):
+        attrs = {"dims": _dims(x, dims), "keepdim": keepdim}
+        if op in ("sum", "mean"):
+            attrs["dtype"] = dtype
+        return c.emit(op, x, **attrs)
+    return rule
+
+
+def reduce_all(op: str) -> Callable:
+    def rule(c: LowerCtx, x, dtype=None):
+        attrs = {"dims": _dims(x, None), "keepdim": False}
+        if op in ("sum", "mean"):
+            attrs["dtype"] = dtype
+        return c.emit(op, x, **attrs)
+    return rule
+
+
+def softmax_int(op: str) -> Callable:
+    def rule(c: LowerCtx, x, dim, dtype=None):
+        return c.emit(op, x, dim=dim % x.rank, dtype=dtype)
+    return rule
+
+
+def softmax_internal(op: str) -> Callable:
+    def rule(c: LowerCtx, x, dim, half_to_float=False):
+        return c.emit(op, x, dim=dim % x.rank, dtype=torch.float32 if half_to_float else None)
+    return rule
+
+
+def layer_norm(c: LowerCtx, x, shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    inputs = [x] + [t for t in (weight, bias) if t is not None]
+    return c.b.emit("layer_norm", *inputs, shape=tuple(shape), eps=float(eps),
+                    weight=weight is not None, bias=bias is not None)
+
+
+def rms_norm(c: LowerCtx, x, shape, weight=None, eps=None):
+    inputs = [x] + ([weight] if weight is not None else [])
+    return c.b.emit("rms_norm", *inputs, shape=tuple(shape), eps=None if eps is None else float(eps),
+                    weight=weight is not None)
+
+
+# -- views --------------------------------------------------------------------------------
+def view(c: LowerCtx, x, *args, **kwargs):
+    return c.emit("view", x, shape=c.out_shape)
+
+
+def expand(c: LowerCtx, x, *args, **kwargs):
+    return c.emit("expand", x, shape=c.out_shape)
+
+
+def permute(c: LowerCtx, x, dims):
+    return c.emit("permute", x, dims=tuple(d % x.rank for d in dims))
+
+
+def transpose(c: LowerCtx, x, d0, d1):
+    dims = list(range(x.rank))
+    d0, d1 = d0 % x.rank, d1 % x.rank
+    dims[d0], dims[d1] = dims[d1], dims[d0]
+    return c.emit("permute", x, dims=tuple(dims))
+
+
+def t(c: LowerCtx, x):
+    return x if x.rank < 2 else transpose(c, x, 0, 1)
+
+
+def slice_rule(c: LowerCtx, x, dim=0, start=None, end=None, step=1):
+    dim = dim % x.rank
+    size = x.shape[dim]
+    start = 0 if start is None else as_dim(start)
+    if start.is_number and start < 0:
+        start = size + start
+    if start.is_number and start < 0:
+        start = sympy.Integer(0)
+    # The end comes from the exact result length, so clamping rules (end past the size,
+    # negative ends, INT64_MAX) are settled once, by torch.export's own shape logic.
+    length = c.out_shape[dim]
+    end = sympy.simplify(start + length * step)
+    if start == 0 and step == 1 and end == size:
+        return x
+    return c.emit("slice", x, dim=dim, start=start, end=end, step=step)
+
+
+def select(c: LowerCtx, x, dim, index):
+    dim = dim % x.rank
+    index = as_dim(index)
+    if index.is_number and index < 0:
+        index = x.shape[dim] + index
+    return c.emit("select", x, dim=dim, index=index)
+
+
+def unsqueeze(c: LowerCtx, x, dim):
+    return c.emit("unsqueeze", x, dim=dim % (x.rank + 1))
+
+
+def squeeze(c: LowerCtx, x, dims=None):
+    if dims is None:
+        dims = tuple(i for i, s in enumerate(x.shape) if s == 1)
+    elif isinstance(dims, int):
+        dims = (dims,)
+    dims = tuple(d % x.rank for d in dims if x.shape[d % x.rank] == 1)
+    return c.emit("squeeze", x, dims=dims) if dims else x
+
+
+def cat(c: LowerCtx, tensors, dim=0):
+    tensors = [c.tensor(t) for t in tensors]
+    if len(tensors) == 1:
+        return tensors[0]
+    return c.emit("cat", *tensors, dim=dim % tensors[0].rank)
+
+
+def split(c: LowerCtx, x, sizes, dim=0):
+    dim = dim % x.rank
+    total = x.shape[dim]
+    if isinstance(sizes, (int, sympy.Basic)):
+        if not as_dim(total).is_number:
+            return FALLBACK
+        chunk = int(sizes)
+        sizes = [min(chunk, int(total) - s) for s in range(0, int(total), chunk)]
+    outs, start = [], sympy.Integer(0)
+    for s in sizes:
+        outs.append(c.emit("slice", x, dim=dim, start=start, end=start + s, step=1))
+        start = start + s
+    return tuple(outs)
+
+
+def unbind(c: LowerCtx, x, dim=0):
+    dim = dim % x.rank
+    if not x.shape[dim].is_number:
+        return FALLBACK
+    return tuple(c.emit("select", x, dim=dim, index=i) for i in range(int(x.shape[dim])))
+
+
+# -- matmul ---------------------------------------------------------------------------------
+def matmul(c: LowerCtx, a, b):
+    return c.emit("matmul", a, b)
+
+
+def linear(c: LowerCtx, x, w, bias=None):
+    return c.b.emit("linear", *([x, w] + ([bias] if bias is not None else [])))
+
+
+def addmm(c: LowerCtx, bias, a, b, beta=1, alpha=1):
+    # addmm(bias, x, W) = beta * bias + alpha * (x @ W). GPT-2's Conv1D is spelled this way.
+    out = c.emit("matmul", a, b)
+    if alpha != 1:
+        out = c.emit("mul", out, c.tensor(alpha))
+    if beta != 1:
+        bias = c.emit("mul", bias, c.tensor(beta))
+    return c.emit("add", out, bias) if beta != 0 else out
+
+
+def baddbmm(c: LowerCtx, inp, a, b, beta=1, alpha=1):
+    return addmm(c, inp, a, b, beta, alpha)
+
+
+def embedding(c: LowerCtx, w, ids, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    return c.emit("embedding", w, ids)
+
+
+# -- creation -------------------------------------------------------------------------------
+def arange(c: LowerCtx, *args, **kwargs):
+    nums = [a for a in args if not isinstance(a, (torch.dtype, torch.device, torch.layout))]
+    start, end, step = {1: (0, nums[0], 1) if nums else None, 2: (*nums, 1), 3: tuple(nums)}[len(nums)]
+    if isinstance(start, Value) or isinstance(end, Value):
+        return FALLBACK
+    return c.emit("arange", start=as_dim(start) if not isinstance(start, float) else start,
+                  end=as_dim(end) if not isinstance(end, float) else end, step=step, dtype=c.out_dtype)
+
+
+def full_like_out(value_index: int | None, value=None):
+    """zeros/ones/full/new_*/*_like: a constant of the result's shape and dtype."""
+    def rule(c: LowerCtx, *args, **kwargs):
+        fill = value if value_index is None else args[value_index]
+        if isinstance(fill, Value):
+            return FALLBACK
+        return c.emit("full", shape=c.out_shape, value=fill, dtype=c.out_dtype)
+    return rule
+
+
+def scalar_tensor(c: LowerCtx, value, **kwargs):
+    return c.b.const(value, c.out_dtype)
+
+
+def tril_triu(op: str) -> Callable:
+    return lambda c, x, diagonal=0: c.emit(op, x, diagonal=diagonal)
+
+
+def sdpa(c: LowerCtx, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if dropout_p:
+        return FALLBACK
+    if scale is None:
+        d = q.shape[-1]
+        if not d.is_number:
+            return FALLBACK
+        scale = 1.0 / math.sqrt(int(d))
+    inputs = [q, k, v] + ([attn_mask] if attn_mask is not None else [])
+    return c.b.emit("sdpa", *inputs, causal=bool(is_causal), scale=float(scale), enable_gqa=bool(enable_gqa))
+
+
+def drop(c: LowerCtx, *args, **kwargs):
+    return DROP
+
+
+# --------------------------------------------------------------------------------------------
+_BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "maximum": "maximum",
+           "minimum": "minimum", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
+           "logical_and": "logical_and", "logical_or": "logical_or"}
+_UNARY = ["neg", "exp", "log", "tanh", "sigmoid", "rsqrt", "sqrt", "erf", "relu", "silu", "abs", "cos",
+          "sin", "reciprocal", "logical_not"]
+
+RULES: dict[str, Callable] = {}
+for _name, _op in _BINARY.items():
+    for _overload in ("Tensor", "Scalar", "default"):
+        RULES[f"aten.{_name}.{_overload}"] = binary(_op)
+for _name in _UNARY:
+    RULES[f"aten.{_name}.default"] = unary(_name)
+
+RULES.update({
+    "aten.rsub.Scalar": rsub, "aten.rsub.Tensor": rsub,
+    "aten.div.Tensor_mode": div_mode,
+    "aten.pow.Tensor_Scalar": pow_rule, "aten.pow.Tensor_Tensor": pow_rule, "aten.pow.Scalar": pow_rule,
+    "aten.bitwise_and.Tensor": bitwise("logical_and"), "aten.__and__.Tensor": bitwise("logical_and"),
+    "aten.bitwise_or.Tensor": bitwise("logical_or"), "aten.__or__.Tensor": bitwise("logical_or"),
+    "aten.bitwise_not.default": bitwise_not,
+    "aten.gelu.default": gelu,
+    "aten.clamp.default": clamp,
+    "aten.clamp_min.default": lambda c, x, m: clamp(c, x, min=m),
+    "aten.clamp_max.default": lambda c, x, m: clamp(c, x, max=m),
+    "aten.where.self": where, "aten.where.ScalarOther": where, "aten.where.ScalarSelf": where,
+    "aten.where.Scalar": where,
+    "aten.masked_fill.Scalar": masked_fill, "aten.masked_fill.Tensor": masked_fill,
+    "aten.to.dtype": to_dtype, "aten.to.dtype_layout": to_dtype, "aten._to_copy.default": to_dtype,
+    "aten.to.device": to_dtype, "aten.type_as.default": type_as,
+    "aten.clone.default": identity, "aten.alias.default": identity, "aten.detach.default": identity,
+    "aten.lift_fresh_copy.default": identity, "aten.contiguous.default": identity,
+    "aten.dropout.default": dropout,
+    "aten.sum.dim_IntList": reduce("sum"), "aten.sum.default": reduce_all("sum"),
+    "aten.mean.dim": reduce("mean"), "aten.mean.default": reduce_all("mean"),
+    "aten.amax.default": reduce("amax"), "aten.amin.default": reduce("amin"),
+    "aten.max.default": reduce_all("amax"), "aten.min.default": reduce_all("amin"),
+    "aten.softmax.int": softmax_int("softmax"), "aten._softmax.default": softmax_internal("softmax"),
+    "aten.log_softmax.int": softmax_int("log_softmax"),
+    "aten._log_softmax.default": softmax_internal("log_softmax"),
+    "aten.layer_norm.default": layer_norm, "aten.rms_norm.default": rms_norm,
+    "aten.view.default": view, "aten.reshape.default": view, "aten._unsafe_view.default": view,
+    "aten.flatten.using_ints": view, "aten.unflatten.int": view,
+    "aten.expand.default": expand, "aten.expand_as.default": expand,
+    "aten.permute.default": permute, "aten.transpose.int": transpose, "aten.t.default": t,
+    "aten.slice.Tensor": slice_rule, "aten.select.int": select,
+    "aten.unsqueeze.default": unsqueeze,
+    "aten.squeeze.dim": squeeze, "aten.squeeze.dims": squeeze, "aten.squeeze.default": squeeze,
+    "aten.cat.default": cat, "aten.concat.default": cat,
+    "aten.split.Tensor": split, "aten.split_with_sizes.default": split, "aten.unbind.int": unbind,
+    "aten.matmul.default": matmul, "aten.mm.default": matmul, "aten.bmm.default": matmul,
+    "aten.linear.default": linear, "aten.addmm.default": addmm, "aten.baddbmm.default": baddbmm,
+    "aten.embedding.default": embedding,
+    "aten.arange.default": arange, "aten.arange.start": arange, "aten.arange.start_step": arange,
+    "aten.full.default": full_like_out(1), "aten.zeros.default": full_like_out(None, 0),
+    "aten.ones.default": full_like_out(None, 1), "aten.new_zeros.default": full_like_out(None, 0),
+    "aten.new_ones.default": full_like_out(None, 1), "aten.new_full.default": full_like_out(2),
+    "aten.zeros_like.default": full_like_out(None, 0), "aten.ones_like.default": full_like_out(None, 1),
+    "aten.full_like.default": full_like_out(1), "aten.scalar_tensor.default": scalar_tensor,
+    "aten.tril.default": tril_triu("tril"), "aten.triu.default": tril_triu("triu"),
+    "aten.scaled_dot_product_attention.default": sdpa,
+    "aten._assert_tensor_metadata.default": drop, "aten._assert_scalar.default": drop,
+    "aten.sym_constrain_range_for_size.default": drop, "aten._assert_async.msg": drop,
+    "aten.sym_constrain_range.default": drop,
+})
+
+
+def lowered_ops() -> set[str]:
+    """IR op names some ATen rule can produce, for the registry-coverage test."""
+    return set(_BINARY.values()) | set(_UNARY) | {
+        "const", "pow", "gelu", "clamp", "where", "cast", "sum", "mean", "amax", "amin", "softmax",
+        "log_softmax", "layer_norm", "rms_norm", "view", "expand", "permute", "slice", "select",
+        "unsqueeze", "squeeze", "cat", "matmul", "linear", "embedding", "arange", "full", "tril",
+        "triu", "sdpa", "torch_call", "logical_and", "logical_or", "logical_not"}
+
+
+__all__ = ["RULES", "LowerCtx", "FALLBACK", "DROP", "lowered_ops"]

@@ -1,0 +1,536 @@
+"""The op registry: the single source of truth for every IR op.
+
+Adding an op touches this one list (see `OPS` at the bottom) and, if the op is lowered
+from ATen, one rule in `lowering.py`:
+  - its entry: name and kind;
+  - `infer`: its type rule, (input types, attrs) -> output types;
+  - `reference`: a plain-torch implementation, `fn(*tensors, **attrs)`;
+  - for pointwise ops, `triton`: the expression template codegen composes
+    (`{0}`, `{1}` are the operands);
+  - `origin`: "aten" when `lowering.py` produces it, else the pass that creates it.
+`tests/test_registry.py` checks that every op has every entry it needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.nn.functional as F
+
+from .types import SymType, TensorType, Type, as_dim, broadcast_shapes, dims_equal, promote
+
+KINDS = ("pointwise", "reduction", "view", "matmul", "creation", "constant", "fused", "opaque", "other")
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    kind: str
+    infer: Callable[[list[Type], dict], list[Type] | None]
+    reference: Callable[..., Any]
+    triton: str | None = None
+    origin: str = "aten"
+    doc: str = ""
+
+
+class IRTypeError(TypeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------
+# type rules
+def _t(types, i=0) -> TensorType:
+    t = types[i]
+    if not isinstance(t, TensorType):
+        raise IRTypeError(f"operand {i} must be a tensor, got {t}")
+    return t
+
+
+def _norm_dim(d: int, rank: int) -> int:
+    if not -max(rank, 1) <= d < max(rank, 1):
+        raise IRTypeError(f"dim {d} out of range for rank {rank}")
+    return d % max(rank, 1)
+
+
+def infer_pointwise(types, attrs):
+    shapes = [_t(types, i).shape for i in range(len(types))]
+    return [TensorType(broadcast_shapes(*shapes), promote(*types))]
+
+
+def infer_float_unary(types, attrs):
+    # exp/log/... of an integer tensor gives the default float dtype, as in torch.
+    t = _t(types)
+    dtype = t.dtype if t.dtype.is_floating_point else torch.get_default_dtype()
+    return [TensorType(t.shape, dtype)]
+
+
+def infer_compare(types, attrs):
+    out = infer_pointwise(types, attrs)[0]
+    return [TensorType(out.shape, torch.bool)]
+
+
+def infer_true_div(types, attrs):
+    out = infer_pointwise(types, attrs)[0]
+    dtype = out.dtype if out.dtype.is_floating_point else torch.get_default_dtype()
+    return [TensorType(out.shape, dtype)]
+
+
+def infer_where(types, attrs):
+    cond, a, b = (_t(types, i) for i in range(3))
+    shape = broadcast_shapes(cond.shape, a.shape, b.shape)
+    return [TensorType(shape, promote(a, b))]
+
+
+def infer_cast(types, attrs):
+    return [TensorType(_t(types).shape, attrs["dtype"])]
+
+
+def infer_const(types, attrs):
+    return [TensorType((), attrs["dtype"])]
+
+
+def infer_same(types, attrs):
+    return [_t(types)]
+
+
+def _reduced_shape(shape, dims, keepdim):
+    rank = len(shape)
+    dims = {_norm_dim(d, rank) for d in dims} if dims else set(range(rank))
+    if keepdim:
+        return tuple(sympy.Integer(1) if i in dims else s for i, s in enumerate(shape))
+    return tuple(s for i, s in enumerate(shape) if i not in dims)
+
+
+def infer_sum(types, attrs):
+    t = _t(types)
+    dtype = attrs.get("dtype")
+    if dtype is None:
+        # torch.sum promotes bool and integers to int64
+        dtype = t.dtype if t.dtype.is_floating_point or t.dtype.is_complex else torch.int64
+    return [TensorType(_reduced_shape(t.shape, attrs["dims"], attrs["keepdim"]), dtype)]
+
+
+def infer_mean(types, attrs):
+    t = _t(types)
+    dtype = attrs.get("dtype") or t.dtype
+    if not dtype.is_floating_point:
+        raise IRTypeError(f"mean of {t} needs a float dtype")
+    return [TensorType(_reduced_shape(t.shape, attrs["dims"], attrs["keepdim"]), dtype)]
+
+
+def infer_minmax_reduce(types, attrs):
+    t = _t(types)
+    return [TensorType(_reduced_shape(t.shape, attrs["dims"], attrs["keepdim"]), t.dtype)]
+
+
+def infer_softmax(types, attrs):
+    t = _t(types)
+    _norm_dim(attrs["dim"], t.rank)
+    return [TensorType(t.shape, attrs.get("dtype") or t.dtype)]
+
+
+def infer_norm(types, attrs):
+    return [_t(types)]
+
+
+def infer_view(types, attrs):
+    t = _t(types)
+    shape = tuple(as_dim(d) for d in attrs["shape"])
+    if not dims_equal(TensorType(shape, t.dtype).numel(), t.numel()):
+        raise IRTypeError(f"cannot view {t} as [{', '.join(map(str, shape))}]: element counts differ")
+    return [TensorType(shape, t.dtype)]
+
+
+def infer_permute(types, attrs):
+    t = _t(types)
+    dims = [_norm_dim(d, t.rank) for d in attrs["dims"]]
+    if sorted(dims) != list(range(t.rank)):
+        raise IRTypeError(f"permute dims {attrs['dims']} are not a permutation of rank {t.rank}")
+    return [TensorType(tuple(t.shape[d] for d in dims), t.dtype)]
+
+
+def infer_expand(types, attrs):
+    t = _t(types)
+    shape = tuple(as_dim(d) for d in attrs["shape"])
+    lead = len(shape) - t.rank
+    if lead < 0:
+        raise IRTypeError(f"cannot expand {t} to fewer dims {shape}")
+    for i, d in enumerate(t.shape):
+        if d != 1 and not dims_equal(d, shape[lead + i]):
+            raise IRTypeError(f"cannot expand {t} to [{', '.join(map(str, shape))}]")
+    return [TensorType(shape, t.dtype)]
+
+
+def slice_length(size, start, end, step):
+    """Length of x[start:end:step] along a dim of `size`, symbolically. `end` is already
+    clamped to the size by the lowering (None means the whole dim)."""
+    size = as_dim(size)
+    end = size if end is None else as_dim(end)
+    start = as_dim(start)
+    n = end - start
+    if step != 1:
+        n = sympy.floor((n + step - 1) / step)
+    return sympy.simplify(n)
+
+
+def infer_slice(types, attrs):
+    t = _t(types)
+    dim = _norm_dim(attrs["dim"], t.rank)
+    shape = list(t.shape)
+    shape[dim] = slice_length(shape[dim], attrs["start"], attrs["end"], attrs["step"])
+    return [TensorType(tuple(shape), t.dtype)]
+
+
+def infer_select(types, attrs):
+    t = _t(types)
+    dim = _norm_dim(attrs["dim"], t.rank)
+    return [TensorType(t.shape[:dim] + t.shape[dim + 1:], t.dtype)]
+
+
+def infer_unsqueeze(types, attrs):
+    t = _t(types)
+    dim = attrs["dim"] % (t.rank + 1)
+    return [TensorType(t.shape[:dim] + (sympy.Integer(1),) + t.shape[dim:], t.dtype)]
+
+
+def infer_squeeze(types, attrs):
+    t = _t(types)
+    dims = {_norm_dim(d, t.rank) for d in attrs["dims"]}
+    return [TensorType(tuple(s for i, s in enumerate(t.shape) if not (i in dims and s == 1)), t.dtype)]
+
+
+def infer_cat(types, attrs):
+    ts = [_t(types, i) for i in range(len(types))]
+    ts = [t for t in ts if not (t.rank == 1 and t.shape[0] == 0)]  # torch skips empty 1-D
+    dim = _norm_dim(attrs["dim"], ts[0].rank)
+    shape = list(ts[0].shape)
+    shape[dim] = sympy.Add(*[t.shape[dim] for t in ts])
+    dtype = promote(*ts)
+    for t in ts[1:]:
+        for i, (a, b) in enumerate(zip(t.shape, ts[0].shape)):
+            if i != dim and not dims_equal(a, b):
+                raise IRTypeError(f"cat along {dim}: shapes {ts[0]} and {t} differ in dim {i}")
+    return [TensorType(tuple(shape), dtype)]
+
+
+def infer_matmul(types, attrs):
+    a, b = _t(types, 0), _t(types, 1)
+    if a.rank == 0 or b.rank == 0:
+        raise IRTypeError("matmul operands must have rank >= 1")
+    a_shape = a.shape if a.rank > 1 else (sympy.Integer(1),) + a.shape
+    b_shape = b.shape if b.rank > 1 else b.shape + (sympy.Integer(1),)
+    if not dims_equal(a_shape[-1], b_shape[-2]):
+        raise IRTypeError(f"matmul {a} @ {b}: inner sizes {a_shape[-1]} and {b_shape[-2]} differ")
+    batch = broadcast_shapes(a_shape[:-2], b_shape[:-2])
+    shape = batch + ((a_shape[-2],) if a.rank > 1 else ()) + ((b_shape[-1],) if b.rank > 1 else ())
+    return [TensorType(shape, promote(a, b))]
+
+
+def infer_linear(types, attrs):
+    x, w = _t(types, 0), _t(types, 1)
+    if w.rank != 2 or not dims_equal(x.shape[-1], w.shape[1]):
+        raise IRTypeError(f"linear: input {x} does not fit weight {w} ([out, in])")
+    if len(types) > 2 and not dims_equal(_t(types, 2).shape[-1], w.shape[0]):
+        raise IRTypeError(f"linear: bias {types[2]} does not fit weight {w}")
+    return [TensorType(x.shape[:-1] + (w.shape[0],), promote(x, w))]
+
+
+def infer_embedding(types, attrs):
+    w, ids = _t(types, 0), _t(types, 1)
+    if ids.dtype.is_floating_point:
+        raise IRTypeError(f"embedding indices must be integers, got {ids}")
+    return [TensorType(ids.shape + (w.shape[1],), w.dtype)]
+
+
+def infer_arange(types, attrs):
+    n = sympy.ceiling((as_dim(attrs["end"]) - as_dim(attrs["start"])) / attrs["step"])
+    return [TensorType((sympy.simplify(n),), attrs["dtype"])]
+
+
+def infer_full(types, attrs):
+    return [TensorType(tuple(attrs["shape"]), attrs["dtype"])]
+
+
+def infer_sdpa(types, attrs):
+    q, k, v = (_t(types, i) for i in range(3))
+    return [TensorType(q.shape[:-1] + (v.shape[-1],), q.dtype)]
+
+
+def infer_recorded(types, attrs):
+    """Opaque ops keep the types recorded at capture; nothing to re-derive."""
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# reference implementations (plain torch)
+def _const(*, value, dtype, device=None):
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def _amax(x, *, dims, keepdim):
+    return torch.amax(x, dim=tuple(dims), keepdim=keepdim)
+
+
+def _amin(x, *, dims, keepdim):
+    return torch.amin(x, dim=tuple(dims), keepdim=keepdim)
+
+
+def _sum(x, *, dims, keepdim, dtype=None):
+    return torch.sum(x, dim=tuple(dims) if dims else None, keepdim=keepdim, dtype=dtype)
+
+
+def _mean(x, *, dims, keepdim, dtype=None):
+    return torch.mean(x, dim=tuple(dims) if dims else None, keepdim=keepdim, dtype=dtype)
+
+
+def _softmax(x, *, dim, dtype=None):
+    return torch.softmax(x, dim, dtype=dtype)
+
+
+def _log_softmax(x, *, dim, dtype=None):
+    return torch.log_softmax(x, dim, dtype=dtype)
+
+
+def _layer_norm(x, *params, eps, shape, weight, bias):
+    w = params[0] if weight else None
+    b = params[-1] if bias else None
+    return F.layer_norm(x, tuple(shape), w, b, eps)
+
+
+def _rms_norm(x, *params, eps, shape, weight):
+    w = params[0] if weight else None
+    if hasattr(F, "rms_norm"):
+        return F.rms_norm(x, tuple(shape), w, eps)
+    dims = tuple(range(-len(shape), 0))
+    y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + (eps or torch.finfo(x.dtype).eps))
+    return y * w if w is not None else y
+
+
+def _slice(x, *, dim, start, end, step):
+    return torch.ops.aten.slice.Tensor(x, dim, start, end, step)
+
+
+def _linear(x, w, b=None):
+    return F.linear(x, w, b)
+
+
+def _embedding(w, ids):
+    return F.embedding(ids, w)
+
+
+def _arange(*, start, end, step, dtype, device=None):
+    return torch.arange(start, end, step, dtype=dtype, device=device)
+
+
+def _full(*, shape, value, dtype, device=None):
+    return torch.full(tuple(shape), value, dtype=dtype, device=device)
+
+
+def _sdpa(q, k, v, mask=None, *, causal, scale, enable_gqa=False):
+    kwargs = {"enable_gqa": True} if enable_gqa else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, **kwargs)
+
+
+def _gelu(x, *, approximate="none"):
+    return F.gelu(x, approximate=approximate)
+
+
+def _clamp(x, *, min=None, max=None):
+    return torch.clamp(x, min, max)
+
+
+def _cast(x, *, dtype):
+    return x.to(dtype)
+
+
+def _torch_call(*tensors, target, args, kwargs):
+    fn = resolve_target(target)
+    a = fill_args(args, tensors)
+    k = fill_args(kwargs, tensors)
+    return fn(*a, **dict(k))
+
+
+def resolve_target(target: str):
+    """'aten.index.Tensor' -> torch.ops.aten.index.Tensor."""
+    obj = torch.ops
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Arg:
+    """A placeholder for the i-th tensor operand inside a torch_call's argument structure."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __eq__(self, other):
+        return isinstance(other, Arg) and other.index == self.index
+
+    def __hash__(self):
+        return hash(("Arg", self.index))
+
+    def __repr__(self):
+        return f"${self.index}"
+
+
+def fill_args(structure, tensors):
+    if isinstance(structure, Arg):
+        return tensors[structure.index]
+    if isinstance(structure, tuple):
+        return tuple(fill_args(s, tensors) for s in structure)
+    if isinstance(structure, list):
+        return [fill_args(s, tensors) for s in structure]
+    return structure
+
+
+def attention_reference(q, k, v, bias=None, *, causal, scale):
+    """softmax(q k^T * scale + bias, causal bottom-right aligned) v, K/V heads shared by
+    groups of query heads. Computed in float32."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.float()
+    if causal:
+        tq, tk = q.shape[-2], k.shape[-2]
+        keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.matmul(p, v.float()).to(q.dtype)
+
+
+def infer_attention(types, attrs):
+    q, k, v = (_t(types, i) for i in range(3))
+    if q.rank != 4 or k.rank != 4 or v.rank != 4:
+        raise IRTypeError(f"attention wants [B, H, T, D] operands, got {q}, {k}, {v}")
+    if not dims_equal(sympy.Mod(q.shape[1], k.shape[1]), 0) and k.shape[1].is_number and q.shape[1].is_number:
+        raise IRTypeError(f"attention: {q.shape[1]} query heads is not a multiple of {k.shape[1]} kv heads")
+    return [TensorType(q.shape[:-1] + (v.shape[-1],), q.dtype)]
+
+
+# --------------------------------------------------------------------------------------
+def _pw(name, ref, triton, infer=infer_pointwise, doc=""):
+    return OpDef(name, "pointwise", infer, ref, triton=triton, doc=doc)
+
+
+def _unary_float(name, ref, triton):
+    return _pw(name, ref, triton, infer_float_unary)
+
+
+OPS_LIST: list[OpDef] = [
+    # constants
+    OpDef("const", "constant", infer_const, _const, triton="{value}", doc="a 0-dim constant"),
+    # pointwise
+    _pw("add", torch.add, "{0} + {1}"),
+    _pw("sub", torch.sub, "{0} - {1}"),
+    _pw("mul", torch.mul, "{0} * {1}"),
+    _pw("div", torch.div, "{0} / {1}", infer_true_div),
+    _pw("pow", torch.pow, "libdevice.pow({0}, {1})"),
+    _pw("maximum", torch.maximum, "tl.maximum({0}, {1})"),
+    _pw("minimum", torch.minimum, "tl.minimum({0}, {1})"),
+    _pw("eq", torch.eq, "{0} == {1}", infer_compare),
+    _pw("ne", torch.ne, "{0} != {1}", infer_compare),
+    _pw("lt", torch.lt, "{0} < {1}", infer_compare),
+    _pw("le", torch.le, "{0} <= {1}", infer_compare),
+    _pw("gt", torch.gt, "{0} > {1}", infer_compare),
+    _pw("ge", torch.ge, "{0} >= {1}", infer_compare),
+    _pw("logical_and", torch.logical_and, "{0} & {1}", infer_compare),
+    _pw("logical_or", torch.logical_or, "{0} | {1}", infer_compare),
+    _pw("logical_not", torch.logical_not, "{0} == 0", infer_compare),
+    _pw("neg", torch.neg, "-{0}", infer_same),
+    _pw("abs", torch.abs, "tl.abs({0})", infer_same),
+    _pw("relu", torch.relu, "tl.maximum({0}, 0)", infer_same),
+    _unary_float("exp", torch.exp, "tl.exp({0})"),
+    _unary_float("log", torch.log, "tl.log({0})"),
+    _unary_float("tanh", torch.tanh, "libdevice.tanh({0})"),
+    _unary_float("sigmoid", torch.sigmoid, "tl.sigmoid({0})"),
+    _unary_float("rsqrt", torch.rsqrt, "libdevice.rsqrt({0})"),
+    _unary_float("sqrt", torch.sqrt, "tl.sqrt({0})"),
+    _unary_float("erf", torch.erf, "libdevice.erf({0})"),
+    _unary_float("cos", torch.cos, "tl.cos({0})"),
+    _unary_float("sin", torch.sin, "tl.sin({0})"),
+    _unary_float("reciprocal", torch.reciprocal, "1.0 / {0}"),
+    _pw("silu", F.silu, "{0} * tl.sigmoid({0})", infer_same),
+    _pw("gelu", _gelu, "gelu_{approximate}({0})", infer_same),
+    _pw("clamp", _clamp, "clamp({0}, {min}, {max})", infer_same),
+    _pw("cast", _cast, "{0}.to({dtype})", infer_cast),
+    _pw("where", torch.where, "tl.where({0}, {1}, {2})", infer_where),
+    # reductions (over explicit dims)
+    OpDef("sum", "reduction", infer_sum, _sum),
+    OpDef("mean", "reduction", infer_mean, _mean),
+    OpDef("amax", "reduction", infer_minmax_reduce, _amax),
+    OpDef("amin", "reduction", infer_minmax_reduce, _amin),
+    OpDef("softmax", "reduction", infer_softmax, _softmax),
+    OpDef("log_softmax", "reduction", infer_softmax, _log_softmax),
+    OpDef("layer_norm", "reduction", infer_norm, _layer_norm),
+    OpDef("rms_norm", "reduction", infer_norm, _rms_norm),
+    # views and data movement
+    OpDef("view", "view", infer_view, lambda x, *, shape: x.reshape(tuple(shape)), doc="reshape (copies when it must)"),
+    OpDef("permute", "view", infer_permute, lambda x, *, dims: x.permute(tuple(dims))),
+    OpDef("expand", "view", infer_expand, lambda x, *, shape: x.expand(tuple(shape))),
+    OpDef("slice", "view", infer_slice, _slice),
+    OpDef("select", "view", infer_select, lambda x, *, dim, index: x.select(dim, index)),
+    OpDef("unsqueeze", "view", infer_unsqueeze, lambda x, *, dim: x.unsqueeze(dim)),
+    OpDef("squeeze", "view", infer_squeeze, lambda x, *, dims: x.squeeze(tuple(dims)) if dims else x),
+    OpDef("cat", "other", infer_cat, lambda *xs, dim: torch.cat(xs, dim)),
+    # matmul family
+    OpDef("matmul", "matmul", infer_matmul, torch.matmul),
+    OpDef("linear", "matmul", infer_linear, _linear),
+    OpDef("embedding", "other", infer_embedding, _embedding),
+    # creation
+    OpDef("arange", "creation", infer_arange, _arange),
+    OpDef("full", "creation", infer_full, _full),
+    OpDef("tril", "other", infer_same, lambda x, *, diagonal: torch.tril(x, diagonal)),
+    OpDef("triu", "other", infer_same, lambda x, *, diagonal: torch.triu(x, diagonal)),
+    # attention as torch spells it, and as fxforge fuses it
+    OpDef("sdpa", "other", infer_sdpa, _sdpa, doc="torch's scaled_dot_product_attention, exact semantics"),
+    OpDef("attention", "fused", infer_attention, attention_reference, origin="fuse_attention",
+          doc="fused attention(q, k, v, [bias]) {causal, scale}; K/V heads may be fewer (GQA)"),
+    # the fallback
+    OpDef("torch_call", "opaque", infer_recorded, _torch_call, doc="any ATen op the IR does not model"),
+]
+
+OPS: dict[str, OpDef] = {op.name: op for op in OPS_LIST}
+
+
+def get(name: str) -> OpDef:
+    try:
+        return OPS[name]
+    except KeyError:
+        raise KeyError(f"unknown IR op {name!r}; known ops: {', '.join(sorted(OPS))}") from None
+
+
+def register_op(op: OpDef, registry: dict[str, OpDef] | None = None) -> OpDef:
+    """Add an op (for example from a user pass). The registry is explicit, not hidden state."""
+    registry = OPS if registry is None else registry
+    if op.name in registry and registry[op.name] is not op:
+        raise ValueError(f"IR op {op.name!r} is already registered")
+    if op.kind not in KINDS:
+        raise ValueError(f"op kind {op.kind!r} is not one of {KINDS}")
+    registry[op.name] = op
+    return op
+
+
+def infer_types(op: str, types: list[Type], attrs: dict) -> list[Type] | None:
+    return get(op).infer(types, attrs)
+
+
+# ATen ops that draw random numbers or touch state: never merged, folded or dropped.
+IMPURE_TARGETS = ("rand", "randn", "randint", "bernoulli", "dropout", "normal", "uniform", "multinomial",
+                  "native_dropout", "copy_", "index_put_", "fill_", "empty")
+
+
+def is_pure(node) -> bool:
+    """Every IR op is a function of its inputs, except opaque calls to random or
+    mutating ATen ops (and, to be safe, any in-place op, whose name ends in '_')."""
+    if node.op != "torch_call":
+        return True
+    name = node.attrs["target"].split(".")[1]
+    return not (name.endswith("_") or any(name.startswith(t) for t in IMPURE_TARGETS))

@@ -1,0 +1,312 @@
+"""Parse the IR's text form (see printer.py) back into a Graph.
+
+Parameters parse as values with no tensor attached (`graph.params` stays empty) unless
+a `params` dict is given, so a dumped graph can be re-read, checked and compared.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import sympy
+import torch
+from sympy.parsing.sympy_parser import parse_expr
+
+from .graph import Graph, Node, StateSpec, Value
+from .ops import Arg
+from .types import DTYPES_BY_NAME, SymType, TensorType, symbol
+
+_SYMPY_FUNCS = {"floor", "ceiling", "Mod", "Max", "Min", "sqrt", "Abs", "FloorDiv", "CeilDiv"}
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class ParseError(ValueError):
+    pass
+
+
+def parse_dim(text: str, cache: dict | None = None) -> sympy.Expr:
+    text = text.strip()
+    if cache is not None and text in cache:
+        return cache[text]
+    if re.fullmatch(r"-?\d+", text):
+        out = sympy.Integer(int(text))
+    else:
+        names = {n: symbol(n) for n in _IDENT.findall(text) if n not in _SYMPY_FUNCS}
+        names.update({"floor": sympy.floor, "ceiling": sympy.ceiling, "Mod": sympy.Mod,
+                      "Max": sympy.Max, "Min": sympy.Min})
+        try:
+            out = parse_expr(text, local_dict=names)
+        except Exception as e:  # sympy raises many kinds
+            raise ParseError(f"cannot read size expression {text!r}: {e}") from None
+    if cache is not None:
+        cache[text] = out
+    return out
+
+
+def split_top(text: str, sep: str = ",") -> list[str]:
+    """Split at separators outside brackets and strings."""
+    parts, depth, start, in_str, i = [], 0, 0, False, 0
+    while i < len(text):
+        c = text[i]
+        if in_str:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    tail = text[start:]
+    if tail.strip():
+        parts.append(tail)
+    return [p.strip() for p in parts]
+
+
+def parse_type(text: str, cache=None):
+    text = text.strip()
+    if text == "int":
+        return SymType()
+    m = re.fullmatch(r"([a-z0-9]+)\[(.*)\]", text)
+    if not m or m.group(1) not in DTYPES_BY_NAME:
+        raise ParseError(f"not a type: {text!r} (want e.g. f32[B, T, 768])")
+    dims = [parse_dim(d, cache) for d in split_top(m.group(2))] if m.group(2).strip() else []
+    return TensorType(tuple(dims), DTYPES_BY_NAME[m.group(1)])
+
+
+class _AttrReader:
+    """Recursive descent over one `{k=v, ...}` attribute block."""
+
+    def __init__(self, text: str, cache: dict):
+        self.s, self.i, self.cache = text, 0, cache
+
+    def ws(self):
+        while self.i < len(self.s) and self.s[self.i] == " ":
+            self.i += 1
+
+    def peek(self) -> str:
+        self.ws()
+        return self.s[self.i] if self.i < len(self.s) else ""
+
+    def expect(self, c: str):
+        if self.peek() != c:
+            raise ParseError(f"expected {c!r} at {self.s[self.i:self.i + 30]!r} in {self.s!r}")
+        self.i += 1
+
+    def attrs(self) -> dict:
+        out = {}
+        self.expect("{")
+        while self.peek() != "}":
+            m = _IDENT.match(self.s, self.i)
+            if not m:
+                raise ParseError(f"expected an attribute name at {self.s[self.i:self.i + 30]!r}")
+            self.i = m.end()
+            self.expect("=")
+            out[m.group(0)] = self.value()
+            if self.peek() == ",":
+                self.i += 1
+        self.expect("}")
+        return out
+
+    def sequence(self, close: str) -> list:
+        items = []
+        while self.peek() != close:
+            items.append(self.value())
+            if self.peek() == ",":
+                self.i += 1
+        self.expect(close)
+        return items
+
+    def value(self):
+        c = self.peek()
+        if c == "(":
+            start = self.i
+            self.i += 1
+            items = self.sequence(")")
+            if self.peek() not in (",", ")", "]", "}", ""):
+                self.i = start  # an expression such as (T + 1)**2, not a tuple
+                return self.atom()
+            return tuple(items)
+        if c == "[":
+            self.i += 1
+            return self.sequence("]")
+        if c == '"':
+            decoder = json.JSONDecoder()
+            val, end = decoder.raw_decode(self.s, self.i)
+            self.i = end
+            return val
+        if c == "$":
+            m = re.compile(r"\$(\d+)").match(self.s, self.i)
+            self.i = m.end()
+            return Arg(int(m.group(1)))
+        return self.atom()
+
+    def atom(self):
+        self.ws()
+        start, depth = self.i, 0
+        while self.i < len(self.s):
+            c = self.s[self.i]
+            if c in "([":
+                depth += 1
+            elif c in ")]}" and depth == 0:
+                break
+            elif c in ")]":
+                depth -= 1
+            elif c == "," and depth == 0:
+                break
+            self.i += 1
+        text = self.s[start:self.i].strip()
+        return interpret_atom(text, self.cache)
+
+
+def interpret_atom(text: str, cache: dict):
+    keywords = {"true": True, "false": False, "none": None, "inf": float("inf"), "-inf": float("-inf"),
+                "nan": float("nan")}
+    if text in keywords:
+        return keywords[text]
+    if text in DTYPES_BY_NAME:
+        return DTYPES_BY_NAME[text]
+    if text.startswith("torch."):
+        return getattr(torch, text[len("torch."):])
+    m = re.fullmatch(r'device\((".*")\)', text)
+    if m:
+        return torch.device(json.loads(m.group(1)))
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return parse_dim(text, cache)
+
+
+def _split_lhs_rhs(line: str) -> tuple[str, str]:
+    depth = 0
+    for i, c in enumerate(line):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == "=" and depth == 0:
+            return line[:i], line[i + 1:]
+    raise ParseError(f"expected `%v: type = op(...)`, got {line!r}")
+
+
+def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
+    cache: dict = {}
+    lines = [ln.split("  #", 1)[0].rstrip() for ln in text.strip().splitlines()]
+    lines = [ln for ln in lines if ln.strip()]
+    head = lines[0].strip()
+    m = re.fullmatch(r"graph\((.*)\)\s*\{", head)
+    if not m:
+        raise ParseError(f"a graph starts with `graph(...) {{`, got {head!r}")
+    env: dict[str, Value] = {}
+    g = Graph()
+
+    def define(name: str, v: Value):
+        if name in env:
+            raise ParseError(f"%{name} is assigned twice")
+        env[name] = v
+
+    def use(name: str) -> Value:
+        name = name.strip()
+        if not name.startswith("%") or name[1:] not in env:
+            raise ParseError(f"{name} is used before it is defined")
+        return env[name[1:]]
+
+    for item in split_top(m.group(1)):
+        pm = re.fullmatch(r'%([\w.]+):\s*param\s+(".*?")\s+(.*)', item)
+        if pm:
+            name = json.loads(pm.group(2))
+            v = Value(parse_type(pm.group(3), cache), param=name)
+            define(pm.group(1), v)
+            g.param_values.append(v)
+            if params is not None:
+                g.params[name] = params[name]
+            continue
+        im = re.fullmatch(r"%([\w.]+):\s*(.*)", item)
+        if not im:
+            raise ParseError(f"bad graph input {item!r}")
+        v = Value(parse_type(im.group(2), cache), hint=im.group(1))
+        define(im.group(1), v)
+        g.inputs.append(v)
+        g.input_names.append(im.group(1))
+
+    for line in lines[1:]:
+        s = line.strip()
+        if s == "}":
+            break
+        if s.startswith("state "):
+            sm = re.fullmatch(r'state\s+(".*?"):\s*(.*)', s)
+            t = parse_type(sm.group(2), cache)
+            g.state[json.loads(sm.group(1))] = StateSpec(t.shape, t.dtype)
+            continue
+        if s.startswith("return"):
+            rm = re.fullmatch(r"return\s*\((.*)\)", s)
+            g.outputs = [use(x) for x in split_top(rm.group(1))] if rm.group(1).strip() else []
+            continue
+        lhs, rhs = _split_lhs_rhs(s)
+        rhs = rhs.strip()
+        om = re.match(r"([A-Za-z_][\w.]*)\(", rhs)
+        if not om:
+            raise ParseError(f"expected op(...) in {line!r}")
+        depth, j = 0, om.end() - 1
+        for j in range(om.end() - 1, len(rhs)):
+            depth += {"(": 1, ")": -1}.get(rhs[j], 0)
+            if depth == 0:
+                break
+        args_text, rest = rhs[om.end():j], rhs[j + 1:].strip()
+        inputs = tuple(use(a) for a in split_top(args_text)) if args_text.strip() else ()
+        attrs = _AttrReader(rest, cache).attrs() if rest else {}
+        outputs = []
+        for out in split_top(lhs):
+            om2 = re.fullmatch(r"%([\w.]+):\s*(.*)", out)
+            if not om2:
+                raise ParseError(f"bad result {out!r} in {line!r}")
+            v = Value(parse_type(om2.group(2), cache))
+            define(om2.group(1), v)
+            outputs.append(v)
+        g.nodes.append(Node(om.group(1), inputs, attrs, tuple(outputs)))
+    return g
+
+
+def attrs_equal(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True  # nan
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(attrs_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, sympy.Basic)) and isinstance(b, (int, sympy.Basic)):
+        return sympy.sympify(a) == sympy.sympify(b)
+    return type(a) is type(b) and a == b
+
+
+def structurally_equal(a: Graph, b: Graph) -> bool:
+    """Same ops, attrs, types and wiring (values matched by position, not identity)."""
+    if len(a.inputs) != len(b.inputs) or len(a.nodes) != len(b.nodes) or len(a.outputs) != len(b.outputs):
+        return False
+    if [v.param for v in a.param_values] != [v.param for v in b.param_values]:
+        return False
+    index_a, index_b = {}, {}
+    for i, (x, y) in enumerate(zip(a.inputs + a.param_values, b.inputs + b.param_values)):
+        if not x.type.same_as(y.type):
+            return False
+        index_a[x], index_b[y] = ("in", i), ("in", i)
+    for i, (n, m) in enumerate(zip(a.nodes, b.nodes)):
+        if n.op != m.op or len(n.outputs) != len(m.outputs) or len(n.inputs) != len(m.inputs):
+            return False
+        if [index_a.get(v) for v in n.inputs] != [index_b.get(v) for v in m.inputs]:
+            return False
+        if n.attrs.keys() != m.attrs.keys() or not all(attrs_equal(n.attrs[k], m.attrs[k]) for k in n.attrs):
+            return False
+        for j, (x, y) in enumerate(zip(n.outputs, m.outputs)):
+            if not x.type.same_as(y.type):
+                return False
+            index_a[x], index_b[y] = ("node", i, j), ("node", i, j)
+    return [index_a.get(v) for v in a.outputs] == [index_b.get(v) for v in b.outputs]

@@ -1,0 +1,60 @@
+"""typecheck(graph): single assignment, definition before use, and every type re-derived."""
+from __future__ import annotations
+
+from .graph import Graph
+from .ops import IRTypeError, OPS, get
+from .printer import Namer, format_node
+
+
+class IRCheckError(TypeError):
+    """The graph is malformed. The message quotes the offending IR line."""
+
+
+def typecheck(graph: Graph, registry=None) -> Graph:
+    registry = OPS if registry is None else registry
+    names = Namer(graph)
+    defined: set = set()
+
+    def fail(node, why: str):
+        raise IRCheckError(f"{why}\n  at: {format_node(node, names)}{node.where()}")
+
+    for v in graph.inputs + graph.param_values:
+        if v in defined:
+            raise IRCheckError(f"graph input %{names[v]} is listed twice")
+        defined.add(v)
+    for v in graph.param_values:
+        if graph.params and v.param not in graph.params:
+            raise IRCheckError(f"parameter {v.param!r} has no tensor in graph.params")
+        t = graph.params.get(v.param)
+        if t is not None and (tuple(t.shape) != tuple(int(d) for d in v.type.shape) or t.dtype != v.type.dtype):
+            raise IRCheckError(f"parameter {v.param!r} is {tuple(t.shape)} {t.dtype}, but typed {v.type}")
+
+    for node in graph.nodes:
+        if node.op not in registry:
+            fail(node, f"unknown op {node.op!r}")
+        for v in node.inputs:
+            if v not in defined:
+                fail(node, "reads a value that is not defined before it")
+        for v in node.outputs:
+            if v in defined:
+                fail(node, "assigns a value that is already defined")
+            defined.add(v)
+        try:
+            inferred = registry[node.op].infer([v.type for v in node.inputs], node.attrs)
+        except (IRTypeError, TypeError, KeyError, ValueError) as e:
+            fail(node, f"type error in {node.op}: {e}")
+        if inferred is None:
+            continue
+        if len(inferred) != len(node.outputs):
+            fail(node, f"{node.op} produces {len(inferred)} values, the node has {len(node.outputs)}")
+        for want, v in zip(inferred, node.outputs):
+            if not want.same_as(v.type):
+                fail(node, f"result is typed {v.type} but {node.op} gives {want}")
+
+    for v in graph.outputs:
+        if v not in defined:
+            raise IRCheckError(f"graph output %{names[v]} is not defined")
+    return graph
+
+
+__all__ = ["typecheck", "IRCheckError", "get"]

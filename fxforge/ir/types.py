@@ -1,0 +1,157 @@
+"""Types of IR values: tensors with symbolic shapes, and symbolic integers.
+
+Dynamic dimensions (batch, sequence) are sympy Symbols, so one graph serves every
+length and passes can reason about sizes with sympy's algebra.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import sympy
+import torch
+
+# Short dtype names used by the text form: `f32[B, T, 768]`.
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.float64: "f64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "bool",
+    torch.complex64: "c64",
+}
+DTYPES_BY_NAME: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
+
+Dim = sympy.Expr
+
+
+@lru_cache(maxsize=None)
+def symbol(name: str) -> sympy.Symbol:
+    """The one symbol of this name. Every dynamic size is a positive integer, and sympy
+    compares symbols by name *and* assumptions, so all code must build them here."""
+    return sympy.Symbol(name, integer=True, positive=True)
+
+
+def as_dim(d) -> sympy.Expr:
+    """Normalise an int, SymInt-ish expression or sympy expression to a sympy expression."""
+    if isinstance(d, sympy.Basic):
+        return d
+    if isinstance(d, bool):
+        raise TypeError(f"a size cannot be a bool: {d!r}")
+    if isinstance(d, int):
+        return sympy.Integer(d)
+    raise TypeError(f"not a size: {d!r} ({type(d).__name__})")
+
+
+def dims_equal(a, b) -> bool:
+    a, b = as_dim(a), as_dim(b)
+    if a == b:
+        return True
+    return sympy.simplify(a - b) == 0
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise TypeError(f"fxforge IR has no name for dtype {dtype}") from None
+
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: tuple[sympy.Expr, ...]
+    dtype: torch.dtype
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(as_dim(d) for d in self.shape))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> sympy.Expr:
+        n = sympy.Integer(1)
+        for d in self.shape:
+            n = n * d
+        return n
+
+    def same_as(self, other: "Type") -> bool:
+        return (
+            isinstance(other, TensorType)
+            and other.dtype == self.dtype
+            and other.rank == self.rank
+            and all(dims_equal(a, b) for a, b in zip(self.shape, other.shape))
+        )
+
+    def free_symbols(self) -> set:
+        out = set()
+        for d in self.shape:
+            out |= d.free_symbols
+        return out
+
+    def __str__(self) -> str:
+        return f"{dtype_name(self.dtype)}[{', '.join(str(d) for d in self.shape)}]"
+
+
+@dataclass(frozen=True)
+class SymType:
+    """A symbolic integer value (for example a cache length passed in at run time)."""
+
+    def same_as(self, other: "Type") -> bool:
+        return isinstance(other, SymType)
+
+    def __str__(self) -> str:
+        return "int"
+
+
+Type = TensorType | SymType
+
+
+def is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+@lru_cache(maxsize=None)
+def _meta(dtype: torch.dtype, zero_dim: bool) -> torch.Tensor:
+    return torch.empty(() if zero_dim else (1,), dtype=dtype, device="meta")
+
+
+def promote(*types: TensorType) -> torch.dtype:
+    """Result dtype of a pointwise op, with torch's rules (0-dim tensors count like scalars)."""
+    metas = [_meta(t.dtype, t.rank == 0) for t in types]
+    result = metas[0]
+    if len(metas) == 1:
+        return result.dtype
+    # torch.result_type is binary; fold while keeping a non-0-dim representative.
+    dtype = torch.result_type(metas[0], metas[1])
+    rank_any = any(t.rank > 0 for t in types[:2])
+    for t, m in zip(types[2:], metas[2:]):
+        dtype = torch.result_type(_meta(dtype, not rank_any), m)
+        rank_any = rank_any or t.rank > 0
+    return dtype
+
+
+def broadcast_shapes(*shapes: tuple[sympy.Expr, ...]) -> tuple[sympy.Expr, ...]:
+    """Numpy broadcasting over symbolic sizes. A 1 broadcasts; otherwise sizes must agree."""
+    rank = max((len(s) for s in shapes), default=0)
+    out = []
+    for i in range(rank):
+        size = sympy.Integer(1)
+        for s in shapes:
+            j = i - (rank - len(s))
+            if j < 0:
+                continue
+            d = s[j]
+            if d == 1:
+                continue
+            if size == 1:
+                size = d
+            elif not dims_equal(size, d):
+                raise TypeError(f"shapes {[tuple(map(str, s)) for s in shapes]} do not broadcast (dim {i}: {size} vs {d})")
+        out.append(size)
+    return tuple(out)

@@ -1,0 +1,20 @@
+"""Rewrite passes, the pattern DSL they are written in, and the pipeline that runs them."""
+from .manager import PassContext, PassInfo, PassRegistry, PassStats, run_pipeline
+
+
+def default_registry() -> PassRegistry:
+    """A fresh registry holding the built-in passes in the default pipeline order:
+    cleanup, fuse_attention, gqa?, kv_cache?, quantize?, fuse_elementwise, cleanup_final
+    (a `?` pass runs only when its option is given to optimize())."""
+    from .cleanup import cleanup
+
+    reg = PassRegistry()
+    reg.add(PassInfo("cleanup", cleanup, doc="DCE, CSE, constant folding, no-op removal"), append=True)
+    reg.add(PassInfo("cleanup_final", cleanup, doc="the same cleanup, after the rewrites"), append=True)
+    return reg
+
+
+# The explicit registry behind fxforge.register_pass (the only module-level state).
+registry = default_registry()
+
+__all__ = ["PassContext", "PassInfo", "PassRegistry", "PassStats", "run_pipeline", "default_registry", "registry"]

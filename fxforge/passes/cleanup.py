@@ -1,0 +1,137 @@
+"""Cleanup: dead code, common subexpressions, constant folding, no-op removal.
+
+The no-op and folding rules are a table for the generic driver; DCE and CSE are whole-
+graph sweeps (they are not local rewrites).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import sympy
+import torch
+
+from ..ir.graph import Graph, Node, Value
+from ..ir.ops import OPS, is_pure
+from ..ir.printer import format_attrs
+from .pattern import Rule, apply_rules, attr, const, op, var
+
+
+def dead_code_elimination(graph: Graph) -> Graph:
+    live = set(graph.outputs)
+    kept: list[Node] = []
+    for node in reversed(graph.nodes):
+        if any(v in live for v in node.outputs) or not is_pure(node):
+            kept.append(node)
+            live.update(node.inputs)
+    if len(kept) == len(graph.nodes):
+        return graph
+    return graph.with_nodes(reversed(kept)).prune_params()
+
+
+def common_subexpression_elimination(graph: Graph, stats: Counter | None = None) -> Graph:
+    seen: dict[tuple, Node] = {}
+    renamed: dict[Value, Value] = {}
+    nodes: list[Node] = []
+    for node in graph.nodes:
+        if any(v in renamed for v in node.inputs):
+            node = Node(node.op, tuple(renamed.get(v, v) for v in node.inputs), node.attrs, node.outputs, node.meta)
+        if is_pure(node):
+            key = (node.op, tuple(id(v) for v in node.inputs), format_attrs(node.attrs))
+            twin = seen.get(key)
+            if twin is not None and all(a.type.same_as(b.type) for a, b in zip(twin.outputs, node.outputs)):
+                renamed.update(zip(node.outputs, twin.outputs))
+                if stats is not None:
+                    stats["cse"] += 1
+                continue
+            seen[key] = node
+        nodes.append(node)
+    if not renamed:
+        return graph
+    return graph.with_nodes(nodes, [renamed.get(v, v) for v in graph.outputs])
+
+
+# -- rules --------------------------------------------------------------------------------
+def _is_number(x) -> bool:
+    return isinstance(x, (bool, int, float)) or (isinstance(x, sympy.Basic) and x.is_number)
+
+
+def _fold_scalar(m, b):
+    """A pointwise op on 0-dim constants is itself a constant."""
+    node = m.root
+    values = []
+    for v in node.inputs:
+        values.append(m.attr(f"c{len(values)}"))
+    if not all(_is_number(x) for x in values):
+        return None
+    tensors = [torch.tensor(x, dtype=v.dtype) for x, v in zip(values, node.inputs)]
+    result = OPS[node.op].reference(*tensors, **node.attrs)
+    return b.const(result.item(), result.dtype)
+
+
+def _same_width_roundtrip(m, b):
+    # cast(cast(x, wide), narrow) == cast(x, narrow) when `wide` holds every value of x exactly
+    x, mid, out = m["x"].dtype, m.attr("mid"), m.root.outputs[0].dtype
+    exact = {torch.float16: {torch.float32, torch.float64}, torch.bfloat16: {torch.float32, torch.float64},
+             torch.float32: {torch.float64}}
+    if mid in exact.get(x, ()) or (not x.is_floating_point and mid.is_floating_point and x == torch.bool):
+        return b.cast(m["x"], out)
+    return None
+
+
+def _compose_permutes(m, b):
+    inner, outer = m.attr("p1"), m.attr("p2")
+    return b.emit("permute", m["x"], dims=tuple(inner[d] for d in outer))
+
+
+def _if_same_type(m, b):
+    return m["x"] if m.same_type("x") else None
+
+
+def _view_of_view(m, b):
+    return b.emit("view", m["x"], shape=m.root.attrs["shape"])
+
+
+def _pointwise_consts(n: int):
+    names = [f"c{i}" for i in range(n)]
+    ops = [o.name for o in OPS.values() if o.kind == "pointwise" and o.name not in ("where",)]
+    return op(ops, *[const(c) for c in names])
+
+
+# before -> after
+RULES: list[Rule] = [
+    # add(x, 0) -> x ; sub(x, 0) -> x   (only where the type is unchanged)
+    Rule("add_zero", op("add", var("x"), const(value=0), commutative=True), _if_same_type),
+    Rule("sub_zero", op("sub", var("x"), const(value=0)), _if_same_type),
+    # mul(x, 1) -> x ; div(x, 1) -> x
+    Rule("mul_one", op("mul", var("x"), const(value=1), commutative=True), _if_same_type),
+    Rule("div_one", op("div", var("x"), const(value=1)), _if_same_type),
+    # cast(x: T) to T -> x
+    Rule("cast_noop", op("cast", var("x")), _if_same_type),
+    # cast(cast(x, wider), y) -> cast(x, y)
+    Rule("cast_roundtrip", op("cast", op("cast", var("x"), dtype=attr("mid"))), _same_width_roundtrip),
+    # view(x) to x's own shape -> x ; expand(x) to its own shape -> x
+    Rule("view_noop", op("view", var("x")), _if_same_type),
+    Rule("expand_noop", op("expand", var("x")), _if_same_type),
+    # view(view(x)) -> view(x)
+    Rule("view_of_view", op("view", op("view", var("x"))), _view_of_view),
+    # permute(x, identity) -> x ; permute(permute(x, p1), p2) -> permute(x, p1∘p2)
+    Rule("permute_noop", op("permute", var("x"), dims=lambda d: list(d) == sorted(d)), _if_same_type),
+    Rule("permute_of_permute", op("permute", op("permute", var("x"), dims=attr("p1")), dims=attr("p2")),
+         _compose_permutes),
+    # squeeze(unsqueeze(x, d), (d,)) -> x
+    Rule("unsqueeze_squeeze", op("squeeze", op("unsqueeze", var("x"), dim=attr("d")),
+                                 dims=lambda ds: len(ds) == 1), _if_same_type),
+    # f(const, const) -> const
+    Rule("fold_unary", _pointwise_consts(1), _fold_scalar),
+    Rule("fold_binary", _pointwise_consts(2), _fold_scalar),
+]
+
+
+def cleanup(graph: Graph, ctx=None) -> Graph:
+    stats = ctx.rules if ctx is not None else Counter()
+    graph = dead_code_elimination(graph)
+    graph = apply_rules(graph, RULES, stats, pass_name="cleanup")
+    graph = common_subexpression_elimination(graph, stats)
+    # CSE can expose new no-ops (two equal views), so run the table once more.
+    graph = apply_rules(graph, RULES, stats, pass_name="cleanup")
+    return dead_code_elimination(graph)

@@ -1,0 +1,1 @@
+"""Runtime: the IR as a Python program, backends, and OptimizedModel."""

@@ -1,0 +1,74 @@
+"""Backends: which implementation runs each IR op.
+
+  torch      plain-torch reference implementations (fast library calls where they exist,
+             e.g. SDPA for attention); the default on CPU.
+  triton     our Triton kernels on CUDA; the default when the model is on a GPU.
+  interpret  the same Triton kernels through Triton's interpreter (TRITON_INTERPRET=1) on
+             CPU tensors: slow, for tests.
+
+Every op without a kernel of its own falls back to its torch reference, so any graph
+runs on any backend.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch
+
+from ..ir.ops import OPS
+
+BACKENDS = ("torch", "triton", "interpret")
+# Modules whose @triton.jit decorators decide at import whether they are interpreted.
+KERNEL_MODULES = ("fxforge.codegen.kernels.attention", "fxforge.codegen.kernels.decode_attention",
+                  "fxforge.codegen.kernels.quant_matmul")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    if name in ("triton", "interpret") and not triton_available():
+        raise RuntimeError(f"backend {name!r} needs the triton package: pip install triton")
+    if name == "triton" and device.type != "cuda":
+        raise ValueError(f"backend 'triton' runs on CUDA tensors but the model is on {device}; "
+                         "use backend='torch' on CPU, or backend='interpret' to test the kernels on CPU")
+    if name == "interpret":
+        ensure_interpreter()
+    return name
+
+
+def ensure_interpreter():
+    """Triton picks interpreted or compiled mode when a kernel module is imported, so the
+    variable must be set before the first import of any of ours."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    loaded = [m for m in KERNEL_MODULES if m in sys.modules]
+    if loaded:
+        raise RuntimeError(f"backend 'interpret' needs TRITON_INTERPRET=1 before fxforge's kernels are imported, "
+                           f"but {loaded[0]} is already loaded in compiled mode; set TRITON_INTERPRET=1 in the "
+                           "environment before starting Python")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def op_table(backend: str, registry=None) -> dict:
+    """IR op name -> callable(*tensors, **attrs) for `backend`."""
+    registry = OPS if registry is None else registry
+    table = {name: op.reference for name, op in registry.items()}
+    table.update(_kernel_overrides(backend))
+    return table
+
+
+def _kernel_overrides(backend: str) -> dict:
+    out = {}
+    if importlib.util.find_spec("fxforge.codegen.kernels.attention") is not None:
+        from ..codegen.kernels import attention
+
+        out["attention"] = attention.attention_torch if backend == "torch" else attention.attention_triton
+    return out

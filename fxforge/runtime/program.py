@@ -1,0 +1,192 @@
+"""Lower the final IR to straight-line Python source that calls the backend's ops.
+
+    def program(input_ids):
+        B = input_ids.shape[0]
+        T = input_ids.shape[1]
+        v1 = op_embedding(p0, input_ids)
+        ...
+        del v1, v2
+        return (v20,)
+
+Values are freed (`del`) right after their last use, as torch.fx's codegen does, so
+peak memory stays that of eager PyTorch.
+"""
+from __future__ import annotations
+
+import keyword
+import linecache
+import re
+
+import sympy
+import torch
+
+from ..ir.graph import Graph
+from ..ir.ops import Arg
+from ..ir.types import SymType
+
+
+def _py_dtype(dtype: torch.dtype) -> str:
+    return str(dtype)  # "torch.float32"
+
+
+class _Printer(sympy.printing.str.StrPrinter):
+    """sympy -> Python: floor division and modulo of integers stay integers."""
+
+    def _print_floor(self, e):
+        num, den = e.args[0].as_numer_denom()
+        return f"(({self._print(num)}) // ({self._print(den)}))"
+
+    def _print_ceiling(self, e):
+        num, den = e.args[0].as_numer_denom()
+        return f"(-((-({self._print(num)})) // ({self._print(den)})))"
+
+    def _print_Mod(self, e):
+        return f"(({self._print(e.args[0])}) % ({self._print(e.args[1])}))"
+
+    def _print_Max(self, e):
+        return "max(" + ", ".join(self._print(a) for a in e.args) + ")"
+
+    def _print_Min(self, e):
+        return "min(" + ", ".join(self._print(a) for a in e.args) + ")"
+
+    def _print_Rational(self, e):
+        return f"({e.p} / {e.q})"
+
+
+_PRINTER = _Printer()
+
+
+def py_literal(value, tensor_names: list[str] | None = None) -> str:
+    """An attr value as Python source. Sizes use the symbols bound at the program's top."""
+    if isinstance(value, Arg):
+        return tensor_names[value.index]
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value)
+    if isinstance(value, float):
+        if value != value:
+            return "float('nan')"
+        if value in (float("inf"), float("-inf")):
+            return f"float('{value}')"
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, torch.dtype):
+        return _py_dtype(value)
+    if isinstance(value, (torch.layout, torch.memory_format)):
+        return str(value)
+    if isinstance(value, torch.device):
+        return f"torch.device({str(value)!r})"
+    if isinstance(value, tuple):
+        inner = ", ".join(py_literal(v, tensor_names) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    if isinstance(value, list):
+        return "[" + ", ".join(py_literal(v, tensor_names) for v in value) + "]"
+    if isinstance(value, sympy.Basic):
+        if value.is_Integer:
+            return str(int(value))
+        return _PRINTER.doprint(value)
+    raise TypeError(f"cannot write {value!r} as Python")
+
+
+def _ident(name: str) -> str:
+    name = re.sub(r"\W", "_", name)
+    if not name or name[0].isdigit() or keyword.iskeyword(name):
+        name = "_" + name
+    return name
+
+
+class Program:
+    def __init__(self, source: str, fn, param_names: list[str]):
+        self.source = source
+        self.fn = fn
+        self.param_names = param_names
+
+    def __call__(self, *inputs):
+        return self.fn(*inputs)
+
+
+def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
+                  filename: str = "<fxforge program>") -> Program:
+    """`ops` maps an IR op name to its callable for the chosen backend. Constants with a
+    known value are made once, on `device`, and bound as globals of the program."""
+    names: dict = {}
+    taken: set[str] = set()
+
+    def name(v, base):
+        n = _ident(base)
+        while n in taken or n in ops or n in ("torch", "P"):
+            n += "_"
+        taken.add(n)
+        names[v] = n
+        return n
+
+    args = [name(v, v.hint or f"in{i}") for i, v in enumerate(graph.inputs)]
+    lines = [f"def program({', '.join(args)}):"]
+    # Bind every symbolic size from the first input dim that carries it.
+    bound: set = set()
+    for v, a in zip(graph.inputs, args):
+        if isinstance(v.type, SymType):
+            continue
+        for d, size in enumerate(v.shape):
+            if isinstance(size, sympy.Symbol) and size not in bound:
+                bound.add(size)
+                lines.append(f"    {size} = {a}.shape[{d}]")
+    for v in graph.param_values:
+        name(v, "p_" + v.param.replace(".", "_"))
+
+    last_use: dict = {}
+    for i, n in enumerate(graph.nodes):
+        for v in n.inputs:
+            last_use[v] = i
+    keep = set(graph.outputs) | set(graph.param_values)
+    counter = 0
+    hoisted: dict[str, torch.Tensor] = {}
+    for i, n in enumerate(graph.nodes):
+        if n.op == "const" and not isinstance(n.attrs["value"], sympy.Basic):
+            counter += 1
+            c = name(n.outputs[0], f"c{counter}")
+            hoisted[c] = torch.tensor(n.attrs["value"], dtype=n.attrs["dtype"], device=device)
+            keep.add(n.outputs[0])
+            continue
+        outs = []
+        for v in n.outputs:
+            counter += 1
+            outs.append(name(v, f"v{counter}"))
+        ins = [names[v] for v in n.inputs]
+        call = _call(n, ins)
+        lhs = outs[0] if len(outs) == 1 else ", ".join(outs)
+        lines.append(f"    {lhs} = {call}")
+        dead = [names[v] for v in dict.fromkeys(n.inputs) if last_use.get(v) == i and v not in keep]
+        dead += [names[v] for v in n.outputs if v not in last_use and v not in keep]
+        if dead:
+            lines.append(f"    del {', '.join(dead)}")
+    rets = ", ".join(names[v] for v in graph.outputs)
+    lines.append(f"    return ({rets},)" if len(graph.outputs) == 1 else f"    return ({rets})")
+    source = "\n".join(lines) + "\n"
+
+    namespace = {"torch": torch, "DEVICE": torch.device(device), **{f"op_{k}": fn for k, fn in ops.items()}}
+    namespace.update(hoisted)
+    namespace.update({names[v]: graph.params[v.param] for v in graph.param_values})
+    # Register the source so tracebacks through the program show its lines.
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, "exec"), namespace)
+    return Program(source, namespace["program"], [v.param for v in graph.param_values])
+
+
+# Ops that make a tensor from nothing need to know where to put it.
+CREATION_OPS = ("const", "arange", "full")
+
+
+def _call(node, ins: list[str]) -> str:
+    if node.op == "torch_call":
+        a = node.attrs
+        args = ", ".join(py_literal(x, ins) for x in a["args"])
+        kwargs = ", ".join(f"{k}={py_literal(v, ins)}" for k, v in a["kwargs"])
+        return f"torch.ops.{a['target']}({', '.join(x for x in (args, kwargs) if x)})"
+    attrs = ", ".join(f"{k}={py_literal(v)}" for k, v in node.attrs.items())
+    if node.op in CREATION_OPS:
+        attrs += ", device=DEVICE"
+    return f"op_{node.op}({', '.join(x for x in (', '.join(ins), attrs) if x)})"
+
