@@ -210,7 +210,7 @@ def t(c: LowerCtx, x):
 def slice_rule(c: LowerCtx, x, dim=0, start=None, end=None, step=1):
     dim = dim % x.rank
     size = x.shape[dim]
-    start = 0 if start is None else as_dim(start)
+    start = as_dim(0 if start is None else start)
     if start.is_number and start < 0:
         start = size + start
     if start.is_number and start < 0:
@@ -355,7 +355,8 @@ _UNARY = ["neg", "exp", "log", "tanh", "sigmoid", "rsqrt", "sqrt", "erf", "relu"
 RULES: dict[str, Callable] = {}
 for _name, _op in _BINARY.items():
     for _overload in ("Tensor", "Scalar", "default"):
-        RULES[f"aten.{_name}.{_overload}"] = binary(_op)
+        if _overload in getattr(torch.ops.aten, _name).overloads():
+            RULES[f"aten.{_name}.{_overload}"] = binary(_op)
 for _name in _UNARY:
     RULES[f"aten.{_name}.default"] = unary(_name)
 

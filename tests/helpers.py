@@ -1,0 +1,22 @@
+"""Shared assertions for differential tests."""
+import torch
+
+from fxforge.ir import parse, structurally_equal
+
+from zoo import logits_of
+
+
+def assert_close_to_eager(ref, out, rel=1e-4):
+    """Max abs error within `rel` of the output's scale (float32 tolerance of the issue)."""
+    ref, out = logits_of(ref), logits_of(out)
+    assert ref.shape == out.shape, (ref.shape, out.shape)
+    scale = max(1.0, ref.abs().max().item())
+    err = (ref.float() - out.float()).abs().max().item()
+    assert err <= rel * scale, f"max abs error {err:.3g} > {rel} x scale {scale:.3g}"
+
+
+def assert_round_trips(graph):
+    text = str(graph)
+    again = parse(text)
+    assert structurally_equal(graph, again), "parse(str(g)) differs from g"
+    assert str(again) == text

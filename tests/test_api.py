@@ -1,0 +1,109 @@
+"""The public API: clear errors for bad input, opaque fallback, output structure, inspection."""
+import pytest
+import torch
+
+import fxforge
+from fxforge.ir import capture
+
+import zoo
+
+
+class DataDependent(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # branches on a tensor value: torch.export cannot capture this
+            return x * 2
+        return x
+
+
+def test_uncapturable_model_raises_capture_error_naming_the_line_and_fix():
+    with pytest.raises(fxforge.CaptureError) as info:
+        fxforge.optimize(DataDependent(), (torch.randn(2, 3),))
+    msg = str(info.value)
+    assert "DataDependent" in msg
+    assert "test_api.py" in msg and "x.sum() > 0" in msg
+    assert "torch.where" in msg
+
+
+def test_wrong_rank_or_dtype_names_the_expected_ir_type():
+    model, vocab = zoo.llama()
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 5)),))
+    with pytest.raises(ValueError, match=r"input 0 \(input_ids\) must be i64\[B, T\]"):
+        fast(torch.randint(0, vocab, (2, 5, 1)))
+    with pytest.raises(ValueError, match=r"must be i64\[B, T\] \(rank 2, i64\), got a torch.float32"):
+        fast(torch.randn(2, 5))
+
+
+def test_unknown_pass_option_and_backend_errors():
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="unknown pass 'fuse_everything'; known passes: cleanup"):
+        fxforge.optimize(model, (torch.randn(2, 4),), passes=["fuse_everything"])
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['turbo'\]"):
+        fxforge.optimize(model, (torch.randn(2, 4),), turbo=True)
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        fxforge.optimize(model, (torch.randn(2, 4),), backend="cuda")
+    with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors"):
+        fxforge.optimize(model, (torch.randn(2, 4),), backend="triton")
+
+
+class UsesUnknownOps(torch.nn.Module):
+    """sort/cumsum/gather are not modelled by the IR: they must run as torch_call."""
+
+    def forward(self, x):
+        values, idx = torch.sort(x, dim=-1)
+        return torch.cumsum(values, -1) + torch.gather(x, -1, idx).exp()
+
+
+def test_unknown_ops_fall_back_to_torch():
+    model = UsesUnknownOps()
+    x = torch.randn(3, 7)
+    fast = fxforge.optimize(model, (x,))
+    text = fast.ir
+    assert 'target="aten.sort.default"' in text and 'target="aten.cumsum.default"' in text
+    for shape in [(3, 7), (5, 2)]:
+        y = torch.randn(*shape)
+        torch.testing.assert_close(fast(y), model(y))
+
+
+class GradModeInside(torch.nn.Module):
+    def forward(self, x):
+        with torch.no_grad():
+            y = x * 3
+        return y + 1, {"twice": x * 2, "none": None}
+
+
+def test_higher_order_wrappers_inline_and_nested_outputs_keep_structure():
+    fast = fxforge.optimize(GradModeInside(), (torch.randn(2, 3),))
+    assert "wrap_with_set_grad_enabled" not in fast.ir
+    x = torch.randn(4, 5)
+    y, extra = fast(x)
+    torch.testing.assert_close(y, x * 3 + 1)
+    torch.testing.assert_close(extra["twice"], x * 2)
+    assert extra["none"] is None
+
+
+def test_inspection_surfaces():
+    model, vocab = zoo.gpt2()
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 5)),))
+    assert fast.ir.startswith("graph(%input_ids: i64[B, T]")
+    assert "def program(input_ids):" in fast.code
+    assert "B = input_ids.shape[0]" in fast.code
+    report = fast.report()
+    assert "capture" in report and "cleanup" in report and "nodes" in report
+    g = capture(model, (torch.randint(0, vocab, (2, 5)),))
+    assert isinstance(g, fxforge.Graph)
+
+
+def test_symbol_mismatch_between_inputs_is_reported():
+    model, vocab = zoo.llama()
+    ids = torch.randint(0, vocab, (2, 6))
+    fast = fxforge.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    with pytest.raises(ValueError, match="T=6 in dim 1, but another input has T=5"):
+        fast(input_ids=ids[:, :5], attention_mask=torch.ones_like(ids))
+
+
+def test_keyword_not_captured_is_rejected():
+    model, vocab = zoo.llama()
+    ids = torch.randint(0, vocab, (2, 6))
+    fast = fxforge.optimize(model, (ids,))
+    with pytest.raises(TypeError, match="keyword arguments \\['attention_mask'\\] were not given"):
+        fast(ids, attention_mask=torch.ones_like(ids))

@@ -1,0 +1,221 @@
+"""The pattern DSL, the rewrite driver, cleanup's rules (IR text before/after), and the
+pass manager (registry, order, report, dumps)."""
+from collections import Counter
+
+import pytest
+import torch
+
+import fxforge
+from fxforge.ir import parse, typecheck
+from fxforge.passes import PassInfo, default_registry
+from fxforge.passes.cleanup import cleanup, common_subexpression_elimination, dead_code_elimination
+from fxforge.passes.manager import PassContext, run_pipeline
+from fxforge.passes.pattern import Rule, apply_rules, attr, const, either, op, var
+
+import zoo
+
+
+def body(graph) -> list[str]:
+    return [ln.strip() for ln in str(graph).splitlines()[1:-1]]
+
+
+def test_cleanup_rules_before_after():
+    before = parse("""graph(%x: f32[B, T, 4]) {
+  %1: f32[] = const() {value=0, dtype=f32}
+  %2: f32[B, T, 4] = add(%x, %1)
+  %3: f32[] = const() {value=1, dtype=f32}
+  %4: f32[B, T, 4] = mul(%3, %2)
+  %5: f32[B, 4, T] = permute(%4) {dims=(0, 2, 1)}
+  %6: f32[B, T, 4] = permute(%5) {dims=(0, 2, 1)}
+  %7: f32[B, T, 4] = view(%6) {shape=(B, T, 4)}
+  %8: f32[B, T, 4] = cast(%7) {dtype=f32}
+  %9: f32[B, T, 4] = exp(%8)
+  %10: f32[B, T, 4] = exp(%8)
+  %11: f32[B, T, 4] = add(%9, %10)
+  %12: f32[] = const() {value=2.0, dtype=f32}
+  %13: f32[] = const() {value=3.0, dtype=f32}
+  %14: f32[] = mul(%12, %13)
+  %15: f32[B, T, 4] = mul(%11, %14)
+  %16: f32[B, T, 4] = tanh(%x)
+  return (%15)
+}""")
+    ctx = PassContext()
+    after = cleanup(before, ctx)
+    typecheck(after)
+    assert body(after) == [
+        "%1: f32[B, T, 4] = exp(%x)",
+        "%2: f32[B, T, 4] = add(%1, %1)",
+        "%3: f32[] = const() {value=6.0, dtype=f32}",
+        "%4: f32[B, T, 4] = mul(%2, %3)",
+        "return (%4)",
+    ]
+    for rule in ("add_zero", "mul_one", "permute_of_permute", "cse", "fold_binary"):
+        assert ctx.rules[rule] >= 1, rule
+
+
+def test_cleanup_keeps_type_changing_noops_and_impure_calls():
+    before = parse("""graph(%x: f16[B, 4]) {
+  %1: f32[] = const() {value=0, dtype=f32}
+  %2: f16[B, 4] = add(%x, %1)
+  %3: f32[B, 4] = cast(%x) {dtype=f32}
+  %4: f32[B, 4] = add(%3, %1)
+  %5: f16[B, 4] = torch_call(%x) {target="aten.bernoulli.p", args=($0, 0.5), kwargs=()}
+  return (%2, %4)
+}""")
+    after = cleanup(before)
+    # add(f16, 0-dim f32 zero) stays f16 -> removable; the random op has effects -> kept
+    assert "aten.bernoulli.p" in str(after)
+    assert "add" not in str(after)
+    assert "%1: f32[B, 4] = cast(%x) {dtype=f32}" in str(after)
+
+
+def test_dce_and_cse_directly():
+    g = parse("""graph(%x: f32[4]) {
+  %1: f32[4] = exp(%x)
+  %2: f32[4] = exp(%x)
+  %3: f32[4] = sin(%x)
+  %4: f32[4] = add(%1, %2)
+  return (%4)
+}""")
+    g2 = dead_code_elimination(g)
+    assert "sin" not in str(g2)
+    stats = Counter()
+    g3 = common_subexpression_elimination(g2, stats)
+    assert stats["cse"] == 1 and str(g3).count("exp(") == 1
+
+
+def test_pattern_dsl_binds_vars_attrs_and_declines():
+    g = parse("""graph(%x: f32[4, 8], %y: f32[4, 8]) {
+  %1: f32[8, 4] = permute(%x) {dims=(1, 0)}
+  %2: f32[4, 8] = mul(%x, %x)
+  %3: f32[4, 8] = mul(%x, %y)
+  %4: f32[4, 8] = add(%2, %3)
+  return (%1, %4)
+}""")
+    seen = {}
+
+    def square(m, b):
+        seen["square"] = m["x"]
+        return b.emit("pow", m["x"], b.const(2.0))
+
+    def never(m, b):
+        seen["declined"] = True
+        return None
+
+    rules = [
+        Rule("decline", op("add", var(), var()), never),
+        Rule("square", op("mul", var("x"), var("x")), square),  # the same value twice
+        Rule("perm", op("permute", var("x"), dims=attr("d"), name="p"),
+             lambda m, b: None if m.attr("d") != (1, 0) or seen.setdefault("perm", m.node("p").op) else None),
+    ]
+    stats = Counter()
+    out = apply_rules(g, rules, stats)
+    typecheck(out)
+    assert stats == Counter({"square": 1})
+    assert seen["declined"] and seen["perm"] == "permute"
+    assert "pow(%x, %2)" in str(out) and "mul(%x, %y)" in str(out)
+
+
+def test_either_and_commutative_and_const_patterns():
+    g = parse("""graph(%x: f32[4]) {
+  %1: f32[] = const() {value=2.0, dtype=f32}
+  %2: f32[4] = mul(%1, %x)
+  %3: f32[4] = div(%2, %1)
+  return (%3)
+}""")
+    pat = either(op("div", op("mul", var("x"), const("c"), commutative=True), const("d")))
+    rule = Rule("mul_div_same", pat, lambda m, b: m["x"] if m.attr("c") == m.attr("d") else None)
+    out = apply_rules(g, [rule])
+    assert body(out) == ["return (%x)"]
+
+
+def test_rule_that_changes_the_type_is_a_bug_reported_by_name():
+    g = parse("""graph(%x: f32[4]) {
+  %1: f32[4] = exp(%x)
+  return (%1)
+}""")
+    bad = Rule("bad", op("exp", var("x")), lambda m, b: b.cast(m["x"], torch.float16))
+    with pytest.raises(RuntimeError, match="rule bad replaced a f32\\[4\\] with a f16\\[4\\]"):
+        apply_rules(g, [bad])
+
+
+def test_pipeline_order_unknown_names_and_user_positions():
+    reg = default_registry()
+    assert reg.order == ["cleanup", "cleanup_final"]
+    reg.add(PassInfo("mine", lambda g: g), before="cleanup_final")
+    assert reg.order == ["cleanup", "mine", "cleanup_final"]
+    with pytest.raises(ValueError, match="unknown pass 'nope'; known passes: cleanup, cleanup_final, mine"):
+        reg.pipeline({}, passes=["nope"])
+    with pytest.raises(ValueError, match="relative to unknown pass"):
+        reg.add(PassInfo("x", lambda g: g), after="nope")
+
+
+def _relu_to_clamp(graph, ctx):
+    """A user pass written with the built-in pattern DSL: relu(x) -> clamp(x, min=0.5)
+    (deliberately not equivalent, so the test can see that it ran)."""
+    rules = [Rule("relu_to_clamp", op("relu", var("x")), lambda m, b: b.emit("clamp", m["x"], min=0.5, max=None))]
+    return apply_rules(graph, rules, ctx.rules, pass_name="relu_to_clamp")
+
+
+class ReluNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) * 2
+
+
+def test_user_pass_runs_at_its_position_and_shows_in_report_and_dumps(tmp_path):
+    reg = default_registry()
+    fxforge.register_pass("relu_to_clamp", after="cleanup", registry=reg)(_relu_to_clamp)
+    model = ReluNet().eval()
+    x = torch.randn(2, 3, 8)
+    fast = fxforge.optimize(model, (x,), registry=reg, dump_dir=str(tmp_path))
+    assert [s.name for s in fast.stats] == ["cleanup", "relu_to_clamp", "cleanup_final"]
+    assert fast.stats[1].rules["relu_to_clamp"] == 1
+    report = fast.report()
+    assert "relu_to_clamp" in report and "relu_to_clamp=1" in report
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files[:4] == ["00_capture.ir", "01_cleanup.ir", "02_relu_to_clamp.ir", "03_cleanup_final.ir"]
+    assert "relu(" in (tmp_path / "01_cleanup.ir").read_text()
+    assert "clamp(" in (tmp_path / "02_relu_to_clamp.ir").read_text()
+    assert "program.py" in files and "report.txt" in files
+    # the rewrite changed the result the way it should: relu -> clamp(min=0.5)
+    expected = torch.clamp(model.fc(x), min=0.5) * 2
+    torch.testing.assert_close(fast(x), expected)
+
+
+def test_global_register_pass_and_unregister():
+    try:
+        fxforge.register_pass("noop_user_pass")(lambda g: g)
+        fast = fxforge.optimize(ReluNet().eval(), (torch.randn(2, 8),))
+        assert "noop_user_pass" in [s.name for s in fast.stats]
+    finally:
+        fxforge.unregister_pass("noop_user_pass")
+    fast = fxforge.optimize(ReluNet().eval(), (torch.randn(2, 8),))
+    assert "noop_user_pass" not in [s.name for s in fast.stats]
+
+
+def test_run_pipeline_typechecks_after_each_pass():
+    g = parse("""graph(%x: f32[4]) {
+  %1: f32[4] = exp(%x)
+  return (%1)
+}""")
+
+    def breaks_types(graph):
+        graph.nodes[0].outputs[0].type = graph.nodes[0].outputs[0].type.__class__((5,), torch.float32)
+        return graph
+
+    with pytest.raises(fxforge.IRCheckError, match="after pass 'breaks'"):
+        run_pipeline(g, [PassInfo("breaks", breaks_types)], check=True)
+
+
+def test_dump_env_var_and_passes_list(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXFORGE_DUMP", str(tmp_path))
+    model, vocab = zoo.gpt2()
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 5)),), passes=["cleanup"])
+    assert [s.name for s in fast.stats] == ["cleanup"]
+    assert (tmp_path / "01_cleanup.ir").exists()
+    # the dump parses back
+    parse((tmp_path / "01_cleanup.ir").read_text())
