@@ -1,0 +1,1 @@
+"""Hand-written Triton kernels used by fxforge code generation."""
