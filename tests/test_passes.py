@@ -49,7 +49,7 @@ def test_cleanup_rules_before_after():
         "%4: f32[B, T, 4] = mul(%2, %3)",
         "return (%4)",
     ]
-    for rule in ("add_zero", "mul_one", "permute_of_permute", "cse", "fold_binary"):
+    for rule in ("add_zero", "mul_one", "permute_of_permute", "cse", "fold_constant"):
         assert ctx.rules[rule] >= 1, rule
 
 
@@ -219,3 +219,32 @@ def test_dump_env_var_and_passes_list(tmp_path, monkeypatch):
     assert (tmp_path / "01_cleanup.ir").exists()
     # the dump parses back
     parse((tmp_path / "01_cleanup.ir").read_text())
+
+
+def test_constant_folding_of_concrete_shape_only_subgraphs():
+    g = parse("""graph(%x: f32[B, 3]) {
+  %1: i64[3] = arange() {start=0, end=3, step=1, dtype=i64}
+  %2: i64[1, 3] = unsqueeze(%1) {dim=0}
+  %3: f32[1, 3] = cast(%2) {dtype=f32}
+  %4: f32[B, 3] = add(%x, %3)
+  %5: i64[T] = arange() {start=0, end=T, step=1, dtype=i64}
+  %6: i64[1, T] = unsqueeze(%5) {dim=0}
+  %7: f32[] = sum(%3) {dims=(0, 1), keepdim=false, dtype=none}
+  %8: f32[B, 3] = mul(%4, %7)
+  return (%8, %6)
+}""")
+    stats = Counter()
+    from fxforge.passes.cleanup import fold_constants
+
+    out = fold_constants(g, stats)
+    typecheck(out)
+    text = str(out)
+    # the concrete chain became one constant tensor and the sum a scalar const;
+    # the symbolic arange(T) stays a computation
+    assert '%p0: param "_folded.1" f32[1, 3]' in text
+    assert "const() {value=3.0, dtype=f32}" in text
+    assert "arange() {start=0, end=T" in text and "start=0, end=3" not in text
+    x = torch.randn(2, 3)
+    folded = out.params["_folded.1"]
+    torch.testing.assert_close(folded, torch.arange(3.0).unsqueeze(0))
+    assert stats["fold_constant"] >= 3

