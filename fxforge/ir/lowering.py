@@ -151,12 +151,9 @@ def reduce(op: str) -> Callable:
 
 
 def reduce_all(op: str) -> Callable:
-    def rule(c: LowerCtx, x, dtype=None):
-        attrs = {"dims": _dims(x, None), "keepdim": False}
-        if op in ("sum", "mean"):
-            attrs["dtype"] = dtype
-        return c.emit(op, x, **attrs)
-    return rule
+    """sum(x) / max(x) with no dims: the same reduction over every dim."""
+    over_dims = reduce(op)
+    return lambda c, x, dtype=None: over_dims(c, x, None, False, dtype)
 
 
 def softmax_int(op: str) -> Callable:
