@@ -57,7 +57,7 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
     kwargs = dict(example_kwargs or {})
     injected = _inference_kwargs(model, kwargs)
     kwargs = {**injected, **kwargs}
-    if model.training:
+    if model.training and any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
         warnings.warn(f"{type(model).__name__} is in training mode: dropout stays as an opaque op and "
                       "attention will not fuse. Call model.eval() before fxforge.optimize for inference.")
     ep = _export(model, args, kwargs, dynamic)

@@ -7,9 +7,11 @@ def default_registry() -> PassRegistry:
     cleanup, fuse_attention, gqa?, kv_cache?, quantize?, fuse_elementwise, cleanup_final
     (a `?` pass runs only when its option is given to optimize())."""
     from .cleanup import cleanup
+    from .fuse_attention import fuse_attention
 
     reg = PassRegistry()
     reg.add(PassInfo("cleanup", cleanup, doc="DCE, CSE, constant folding, no-op removal"), append=True)
+    reg.add(PassInfo("fuse_attention", fuse_attention, doc="attention subgraphs -> one fused op"), append=True)
     reg.add(PassInfo("cleanup_final", cleanup, doc="the same cleanup, after the rewrites"), append=True)
     return reg
 

@@ -82,7 +82,7 @@ def fold_constants(graph: Graph, stats: Counter | None = None) -> Graph:
         value = OPS[node.op].reference(*[known[v] for v in node.inputs], **kwargs)
         out = node.outputs[0]
         known[out] = value
-        if not node.inputs or value.numel() > FOLD_MAX_ELEMENTS:
+        if node.op == "const" or value.numel() > FOLD_MAX_ELEMENTS or (not node.inputs and value.dim() > 0):
             nodes.append(node)
             continue
         if value.dim() == 0:

@@ -30,8 +30,14 @@ from ..ir.graph import Graph, Node, Value
 
 
 class Match:
-    def __init__(self, root: Node, uses: dict):
+    """What a pattern bound, plus read access to the graph around it: `producers` maps a
+    value to the node that makes it (the graph as rewritten so far in this sweep) and
+    `graph` gives the parameters."""
+
+    def __init__(self, root: Node, uses: dict, producers: dict | None = None, graph: Graph | None = None):
         self.root = root
+        self.producers = producers if producers is not None else {}
+        self.graph = graph
         self.values: dict[str, Value] = {}
         self.nodes: dict[str, Node] = {}
         self.attrs: dict[str, Any] = {}
@@ -62,7 +68,7 @@ class Match:
         return self.values[name].type.same_as(self.root.outputs[0].type)
 
     def _copy(self) -> "Match":
-        m = Match(self.root, self._uses)
+        m = Match(self.root, self._uses, self.producers, self.graph)
         m.values, m.nodes, m.attrs = dict(self.values), dict(self.nodes), dict(self.attrs)
         return m
 
@@ -239,7 +245,7 @@ def apply_rules(graph: Graph, rules: Sequence[Rule], stats: Counter | None = Non
                 continue
             root = node.outputs[0]
             for rule in rules:
-                m = rule.pattern.match(root, producers, Match(node, uses))
+                m = rule.pattern.match(root, producers, Match(node, uses, producers, graph))
                 if m is None:
                     continue
                 b = Builder(meta={**node.meta, "pass": pass_name, "rule": rule.name})
