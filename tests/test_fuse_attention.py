@@ -223,3 +223,18 @@ def test_smollm2_fuses_30_of_30():
     assert len(atts) == 30 and all(n.attrs["causal"] for n in atts)
     # GQA: 9 query heads read 3 KV heads, no repeat left
     assert all(int(n.inputs[0].shape[1]) == 9 and int(n.inputs[1].shape[1]) == 3 for n in atts)
+
+
+@pytest.mark.parametrize("tq, tk", [(5, 5), (1, 9), (4, 9)])
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_backend_attention_equals_reference(tq, tk, groups, with_bias, causal):
+    from fxforge.ir.ops import attention_reference
+    from fxforge.runtime.torch_kernels import attention_sdpa
+
+    q = torch.randn(2, 3 * groups, tq, 16)
+    k, v = torch.randn(2, 3, tk, 16), torch.randn(2, 3, tk, 16)
+    bias = torch.randn(2, 1, 1, tk) if with_bias else None
+    torch.testing.assert_close(attention_sdpa(q, k, v, bias, causal=causal, scale=0.3),
+                               attention_reference(q, k, v, bias, causal=causal, scale=0.3), atol=1e-5, rtol=1e-5)

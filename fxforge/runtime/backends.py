@@ -66,9 +66,11 @@ def op_table(backend: str, registry=None) -> dict:
 
 
 def _kernel_overrides(backend: str) -> dict:
-    out = {}
-    if importlib.util.find_spec("fxforge.codegen.kernels.attention") is not None:
+    from .torch_kernels import attention_sdpa
+
+    out = {"attention": attention_sdpa}
+    if backend != "torch" and importlib.util.find_spec("fxforge.codegen.kernels.attention") is not None:
         from ..codegen.kernels import attention
 
-        out["attention"] = attention.attention_torch if backend == "torch" else attention.attention_triton
+        out["attention"] = attention.attention_triton
     return out
