@@ -415,6 +415,28 @@ def infer_attention(types, attrs):
     return [TensorType(q.shape[:-1] + (v.shape[-1],), q.dtype)]
 
 
+def _packed(parts, qattrs, tensors):
+    from .quant_formats import Packed
+
+    return Packed.from_parts(dict(zip(parts, tensors)), dict(qattrs))
+
+
+def quant_linear_reference(x, *tensors, parts, qattrs, bias):
+    """Dequantize-then-matmul (ir/quant_formats.py defines the packed layouts)."""
+    from .quant_formats import quant_linear_reference as ref
+
+    packed = _packed(parts, qattrs, tensors[:len(parts)])
+    return ref(x, packed, tensors[len(parts)] if bias else None)
+
+
+def infer_quant_linear(types, attrs):
+    x = _t(types)
+    n, k = dict(attrs["qattrs"])["shape"]
+    if not dims_equal(x.shape[-1], k):
+        raise IRTypeError(f"quant_linear: input {x} does not fit a [{n}, {k}] weight")
+    return [TensorType(x.shape[:-1] + (sympy.Integer(n),), x.dtype)]
+
+
 # --------------------------------------------------------------------------------------
 def _pw(name, ref, triton, infer=infer_pointwise, doc=""):
     return OpDef(name, "pointwise", infer, ref, triton=triton, doc=doc)
@@ -493,6 +515,8 @@ OPS_LIST: list[OpDef] = [
     OpDef("sdpa", "other", infer_sdpa, _sdpa, doc="torch's scaled_dot_product_attention, exact semantics"),
     OpDef("attention", "fused", infer_attention, attention_reference, origin="fuse_attention",
           doc="fused attention(q, k, v, [bias]) {causal, scale}; K/V heads may be fewer (GQA)"),
+    OpDef("quant_linear", "fused", infer_quant_linear, quant_linear_reference, origin="quantize",
+          doc="x @ dequantize(packed weight)^T [+ bias]; parts name the packed tensors"),
     # the fallback
     OpDef("torch_call", "opaque", infer_recorded, _torch_call, doc="any ATen op the IR does not model"),
 ]

@@ -68,9 +68,22 @@ def op_table(backend: str, registry=None) -> dict:
 def _kernel_overrides(backend: str) -> dict:
     from .torch_kernels import attention_sdpa
 
-    out = {"attention": attention_sdpa}
+    out = {"attention": attention_sdpa, "quant_linear": _quant_linear(backend)}
     if backend != "torch" and importlib.util.find_spec("fxforge.codegen.kernels.attention") is not None:
         from ..codegen.kernels import attention
 
         out["attention"] = attention.attention_triton
     return out
+
+
+def _quant_linear(backend: str):
+    from ..codegen.kernels import quant_matmul
+    from ..ir.ops import _packed
+
+    impl = quant_matmul.quant_linear_torch if backend == "torch" else quant_matmul.quant_linear_triton
+
+    def quant_linear(x, *tensors, parts, qattrs, bias):
+        packed = _packed(parts, qattrs, tensors[:len(parts)])
+        return impl(x, packed, tensors[len(parts)] if bias else None)
+
+    return quant_linear
