@@ -141,10 +141,10 @@ def test_rule_that_changes_the_type_is_a_bug_reported_by_name():
 
 def test_pipeline_order_unknown_names_and_user_positions():
     reg = default_registry()
-    assert reg.order == ["cleanup", "fuse_attention", "cleanup_final"]
+    assert reg.order == ["cleanup", "fuse_attention", "quantize", "cleanup_final"]
     reg.add(PassInfo("mine", lambda g: g), before="cleanup_final")
-    assert reg.order == ["cleanup", "fuse_attention", "mine", "cleanup_final"]
-    with pytest.raises(ValueError, match="unknown pass 'nope'; known passes: cleanup, cleanup_final, fuse_attention, mine"):
+    assert reg.order == ["cleanup", "fuse_attention", "quantize", "mine", "cleanup_final"]
+    with pytest.raises(ValueError, match="unknown pass 'nope'; known passes: cleanup, cleanup_final, fuse_attention, mine, quantize"):
         reg.pipeline({}, passes=["nope"])
     with pytest.raises(ValueError, match="relative to unknown pass"):
         reg.add(PassInfo("x", lambda g: g), after="nope")
