@@ -238,3 +238,17 @@ def test_torch_backend_attention_equals_reference(tq, tk, groups, with_bias, cau
     bias = torch.randn(2, 1, 1, tk) if with_bias else None
     torch.testing.assert_close(attention_sdpa(q, k, v, bias, causal=causal, scale=0.3),
                                attention_reference(q, k, v, bias, causal=causal, scale=0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2_sdpa", "llama_sdpa_gqa"])
+def test_interpret_backend_runs_the_triton_attention_kernel(name):
+    model, vocab = ZOO[name][0]()
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), backend="interpret")
+    from fxforge.codegen.kernels.attention import attention_triton
+
+    assert fast.program.fn.__globals__["op_attention"] is attention_triton
+    for b, t in [(1, 1), (2, 11)]:
+        ids = torch.randint(0, vocab, (b, t))
+        with torch.no_grad():
+            ref = model(ids)
+        assert_close_to_eager(ref, fast(ids))

@@ -1,0 +1,69 @@
+"""Quantization quality and memory on SmolLM2-135M (CPU is enough): perplexity on the
+repo's fixed English text (tests/data/eval_text.txt) for float32 and each scheme, and the
+weight bytes of the quantized layers before/after (scales and zero points included).
+
+    python benchmarks/quant_quality.py [--schemes int8 w8a8 int4 nf4] [--out results.json]
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+import fxforge  # noqa: E402
+from fxforge.evaluate import perplexity  # noqa: E402
+
+TEXT = os.path.join(HERE, "..", "tests", "data", "eval_text.txt")
+TARGETS = {"int8": 1.0, "w8a8": 2.0, "int4": 10.0, "nf4": 10.0}  # max perplexity increase, percent
+
+
+def measure(schemes):
+    import zoo
+
+    model, tok = zoo.smollm2()
+    ids = tok(open(TEXT).read(), return_tensors="pt").input_ids
+    base = fxforge.optimize(model, (ids[:, :8],))
+    rows = [{"scheme": "float32", "ppl": perplexity(base, ids), "tokens": ids.shape[1]}]
+    for scheme in schemes:
+        fast = fxforge.optimize(model, (ids[:, :8],), quantize=scheme)
+        d = next(s for s in fast.stats if s.name == "quantize").details["quantize"]
+        ppl = perplexity(fast, ids)
+        rows.append({"scheme": scheme, "ppl": ppl, "delta_pct": 100 * (ppl / rows[0]["ppl"] - 1),
+                     "target_pct": TARGETS[scheme], "bytes_ratio": d["bytes_after"] / d["bytes_before"],
+                     "layers": len(d["layers"]), "skipped": len(d["skipped"])})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--schemes", nargs="*", default=["int8", "w8a8", "int4", "nf4"])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    rows = measure(args.schemes)
+    print(f"\nperplexity of SmolLM2-135M on tests/data/eval_text.txt ({rows[0]['tokens']} tokens)\n")
+    print("| scheme | perplexity | change | target | weight bytes vs fp32 | layers quantized (skipped) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if r["scheme"] == "float32":
+            print(f"| float32 | {r['ppl']:.3f} | - | - | 1.000 | - |")
+        else:
+            ok = "met" if r["delta_pct"] <= r["target_pct"] else "MISSED"
+            print(f"| {r['scheme']} | {r['ppl']:.3f} | {r['delta_pct']:+.2f}% | <= +{r['target_pct']:.0f}% ({ok}) | "
+                  f"{r['bytes_ratio']:.3f} | {r['layers']} ({r['skipped']}) |")
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d")}
+    print(f"\n{meta}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rows": rows, "meta": meta}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

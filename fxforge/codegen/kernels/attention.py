@@ -1,0 +1,170 @@
+"""FlashAttention forward in Triton: tiles of Q/K/V in on-chip memory, an online softmax
+(running max and sum in float32), never an N x N buffer.
+
+    attention_triton(q, k, v, bias=None, *, causal, scale) -> [B, H, Tq, D]
+
+q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D] with H a multiple of Hkv (query head h reads KV
+head h // (H // Hkv), as repeat_interleave would, without copying). causal is bottom-right
+aligned: query i sees key j iff j <= i + (Tk - Tq), which is what cached decoding needs.
+bias is additive, broadcastable to [B, H, Tq, Tk] (broadcast dims get stride 0, no copy).
+A query row that sees no key at all (every key masked or -inf) gives zeros.
+Head dims 16..256 of any size (padded to a power of two with masked loads), any lengths,
+fp32/fp16/bf16, arbitrary strides.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ...ir.ops import attention_reference
+
+__all__ = ["attention_triton", "attention_reference"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs():
+    if _INTERPRET:  # the interpreter runs every config on the CPU: one small one
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                                 (64, 32, 4, 4), (32, 32, 4, 2)]]
+
+
+@triton.autotune(configs=_configs(), key=["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_BIAS"])
+@triton.jit
+def _attention_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr,
+    # sizes
+    H, GROUPS, TQ, TK, TQ_BUCKET, TK_BUCKET, qk_scale,
+    # strides
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sbb, sbh, sbm, sbn, sob, soh, som, sod,
+    # constexprs
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // GROUPS
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    m_valid = offs_m < TQ
+    d_valid = offs_d < HEAD_DIM
+
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b * skb + kvh * skh
+    v_base = v_ptr + b * svb + kvh * svh
+
+    # exp2 is the fast path on GPUs: fold log2(e) into the scale once.
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+
+    # Causal: key blocks entirely above this query block's last row are never visited.
+    offset = TK - TQ
+    hi = TK
+    if CAUSAL:
+        hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + offset)
+    for start_n in range(0, hi, BLOCK_N):
+        n_idx = start_n + offs_n
+        n_valid = n_idx < TK
+        k = tl.load(k_base + n_idx[None, :] * skn + offs_d[:, None] * skd,
+                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # already in log2 units
+        keep = m_valid[:, None] & n_valid[None, :]
+        if CAUSAL:
+            keep = keep & (n_idx[None, :] <= offs_m[:, None] + offset)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + b * sbb + h * sbh + offs_m[:, None] * sbm + n_idx[None, :] * sbn,
+                           mask=keep, other=0.0)
+            s = s + bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with nothing visible yet has m_new = -inf: shift by 0 to avoid inf - inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + n_idx[:, None] * svn + offs_d[None, :] * svd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        if DOT_F32:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key: output zeros, not NaN
+    out = acc / l_safe[:, None]
+    tl.store(out_ptr + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+             out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+
+
+def _bucket(n: int) -> int:
+    """Autotune once per power-of-two length bucket, not once per sequence length."""
+    return triton.next_power_of_2(max(int(n), 16))
+
+
+def attention_triton(q, k, v, bias=None, *, causal: bool, scale: float):
+    """The launch wrapper: check, allocate, launch. See the module docstring."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be [B, H, T, D], got shape {tuple(t.shape)}")
+    bsz, heads, tq, d = q.shape
+    _, kv_heads, tk, _ = k.shape
+    if k.shape[0] != bsz or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be [B={bsz}, Hkv, Tk, D={d}]")
+    if heads % kv_heads:
+        raise ValueError(f"attention: {heads} query heads is not a multiple of {kv_heads} kv heads")
+    if not 1 <= d <= 256:
+        raise ValueError(f"attention: head dim {d} is outside 1..256")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"attention: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError("attention: q, k, v must be on one device")
+    if bias is not None:
+        try:
+            bias = bias.expand(bsz, heads, tq, tk)
+        except RuntimeError:
+            raise ValueError(f"attention: bias {tuple(bias.shape)} does not broadcast to "
+                             f"[{bsz}, {heads}, {tq}, {tk}]") from None
+    out = torch.empty(bsz, heads, tq, d, dtype=q.dtype, device=q.device)
+    if tq == 0 or bsz * heads == 0:
+        return out
+    bias_arg = bias if bias is not None else q  # never read when HAS_BIAS is false
+    bs = bias.stride() if bias is not None else (0, 0, 0, 0)
+    d_pad = max(16, triton.next_power_of_2(d))
+
+    def grid(meta):
+        return (triton.cdiv(tq, meta["BLOCK_M"]), bsz * heads)
+
+    _attention_kernel[grid](
+        q, k, v, bias_arg, out,
+        heads, heads // kv_heads, tq, tk, _bucket(tq), _bucket(tk), float(scale) * 1.4426950408889634,
+        *q.stride(), *k.stride(), *v.stride(), *bs, *out.stride(),
+        HEAD_DIM=d, D_PAD=d_pad, CAUSAL=bool(causal), HAS_BIAS=bias is not None,
+        # triton 3.9's interpreter miscomputes bf16 dots: compute those in fp32 there.
+        DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
+        # fp32 inputs keep full fp32 products (tf32 would cost ~1e-3 relative error)
+        PRECISION="ieee" if q.dtype == torch.float32 or _INTERPRET else "tf32",
+    )
+    return out
+
+
+def flops(b: int, h: int, tq: int, tk: int, d: int, causal: bool) -> float:
+    """Matmul FLOPs of attention (two matmuls of 2*Tq*Tk*D each), halved when causal."""
+    f = 4.0 * b * h * tq * tk * d
+    return f / 2 if causal else f
+

@@ -1,0 +1,90 @@
+"""The Triton FlashAttention kernel, run through Triton's interpreter on CPU, against the
+plain-torch reference."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fxforge.codegen.kernels.attention import attention_reference, attention_triton  # noqa: E402
+
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def make(b, h, hkv, tq, tk, d, dtype=torch.float32):
+    return (torch.randn(b, h, tq, d, dtype=dtype), torch.randn(b, hkv, tk, d, dtype=dtype),
+            torch.randn(b, hkv, tk, d, dtype=dtype))
+
+
+def check(q, k, v, bias=None, causal=False, scale=0.17):
+    out = attention_triton(q, k, v, bias, causal=causal, scale=scale)
+    ref = attention_reference(q, k, v, bias, causal=causal, scale=scale)
+    tol = TOL[q.dtype] * max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
+    assert out.dtype == q.dtype and out.shape == q.shape[:3] + (v.shape[-1],)
+
+
+@pytest.mark.parametrize("d", [16, 64, 80, 128])
+@pytest.mark.parametrize("h, hkv", [(2, 2), (4, 2), (4, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_grid_fp32(d, h, hkv, causal, with_bias):
+    q, k, v = make(2, h, hkv, 19, 19, d)  # 19: not a multiple of the 16-wide blocks
+    bias = torch.randn(2, h, 19, 19) if with_bias else None
+    check(q, k, v, bias, causal)
+
+
+@pytest.mark.parametrize("tq, tk", [(1, 37), (5, 37), (16, 16), (33, 40), (7, 3)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tq_differs_from_tk(tq, tk, causal):
+    # causal is bottom-right aligned: the tq queries are the last tq positions of tk keys
+    q, k, v = make(1, 4, 2, tq, tk, 64)
+    check(q, k, v, None, causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precisions(dtype, causal):
+    q, k, v = make(2, 4, 2, 21, 21, 64, dtype)
+    check(q, k, v, None, causal)
+
+
+@pytest.mark.parametrize("d", [96, 256])
+def test_more_head_dims(d):
+    q, k, v = make(1, 2, 1, 9, 9, d)
+    check(q, k, v, None, True)
+
+
+def test_broadcast_padding_bias_with_minus_inf():
+    q, k, v = make(2, 4, 4, 12, 12, 32)
+    pad = torch.zeros(2, 1, 1, 12)
+    pad[0, ..., :5] = float("-inf")  # left padding of sequence 0
+    check(q, k, v, pad, causal=True)
+
+
+def test_rows_that_see_no_key_give_zeros_not_nan():
+    q, k, v = make(1, 2, 2, 4, 6, 16)
+    bias = torch.zeros(1, 1, 4, 6)
+    bias[..., 1, :] = float("-inf")
+    out = attention_triton(q, k, v, bias, causal=False, scale=0.3)
+    assert torch.isfinite(out).all() and (out[:, :, 1] == 0).all()
+
+
+def test_non_contiguous_inputs():
+    # q/k/v as transposes of [B, T, H, D]: strided, no copy
+    x = torch.randn(2, 13, 4, 3 * 32)
+    q, k, v = (t.transpose(1, 2) for t in x.split(32, dim=-1))
+    assert not q.is_contiguous()
+    check(q, k, v, None, True)
+
+
+def test_clear_errors():
+    q, k, v = make(1, 3, 2, 4, 4, 16)
+    with pytest.raises(ValueError, match="3 query heads is not a multiple of 2 kv heads"):
+        attention_triton(q, k, v, causal=False, scale=1.0)
+    q, k, v = make(1, 2, 2, 4, 4, 16)
+    with pytest.raises(ValueError, match=r"q must be \[B, H, T, D\]"):
+        attention_triton(q[0], k, v, causal=False, scale=1.0)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attention_triton(q, k, v, torch.zeros(3, 1, 1, 4), causal=False, scale=1.0)
