@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .codegen.pointwise import PointwiseKernels
 from .ir.capture import capture_with_spec
 from .ir.printer import print_graph
 from .passes import PassInfo, PassRegistry, registry as _default_registry
@@ -49,9 +50,11 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     dump_dir = dump_dir or os.environ.get("FXFORGE_DUMP") or None
     graph, stats = run_pipeline(graph, pipeline, options,
                                 dump=lambda i, name, g: dumps.append((f"{i:02d}_{name}.ir", print_graph(g))))
-    program = build_program(graph, op_table(backend), device=device,
+    kernels = PointwiseKernels()
+    program = build_program(graph, op_table(backend, kernels=kernels), device=device,
                             filename=f"<fxforge program for {type(model).__name__}>")
     fast = OptimizedModel(graph, spec, program, backend, stats, dumps, capture_seconds, type(model).__name__)
+    fast.kernels = kernels.sources  # filled as kernels are generated (first call per shape class)
     if dump_dir:
         fast.dump(dump_dir)
     return fast

@@ -437,6 +437,30 @@ def infer_quant_linear(types, attrs):
     return [TensorType(x.shape[:-1] + (sympy.Integer(n),), x.dtype)]
 
 
+def _run_body(operands, body, outputs, step):
+    """Walk a fused_pointwise body; `step(op, args, attrs)` computes one step."""
+    results = []
+    for op, args, attrs in body:
+        vals = [operands[int(a[2:])] if a.startswith("in") else results[int(a[1:])] for a in args]
+        results.append(step(op, vals, dict(attrs)))
+    return [results[int(o[1:])] for o in outputs]
+
+
+def infer_fused_pointwise(types, attrs):
+    return _run_body(list(types), attrs["body"], attrs["outputs"], lambda op, ts, a: OPS[op].infer(ts, a)[0])
+
+
+def fused_pointwise_reference(*tensors, body, outputs):
+    """Evaluate the fused steps one by one with each op's torch reference."""
+    def step(op, vals, a):
+        if op == "const":
+            device = tensors[0].device if tensors else None
+            return OPS[op].reference(**a, device=device)
+        return OPS[op].reference(*vals, **a)
+    outs = _run_body(list(tensors), body, outputs, step)
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
 # --------------------------------------------------------------------------------------
 def _pw(name, ref, triton, infer=infer_pointwise, doc=""):
     return OpDef(name, "pointwise", infer, ref, triton=triton, doc=doc)
@@ -454,7 +478,7 @@ OPS_LIST: list[OpDef] = [
     _pw("sub", torch.sub, "{0} - {1}"),
     _pw("mul", torch.mul, "{0} * {1}"),
     _pw("div", torch.div, "{0} / {1}", infer_true_div),
-    _pw("pow", torch.pow, "libdevice.pow({0}, {1})"),
+    _pw("pow", torch.pow, "pow({0}, {1})"),  # codegen: small constant integer or 0.5 exponents
     _pw("maximum", torch.maximum, "tl.maximum({0}, {1})"),
     _pw("minimum", torch.minimum, "tl.minimum({0}, {1})"),
     _pw("eq", torch.eq, "{0} == {1}", infer_compare),
@@ -471,11 +495,11 @@ OPS_LIST: list[OpDef] = [
     _pw("relu", torch.relu, "tl.maximum({0}, 0)", infer_same),
     _unary_float("exp", torch.exp, "tl.exp({0})"),
     _unary_float("log", torch.log, "tl.log({0})"),
-    _unary_float("tanh", torch.tanh, "libdevice.tanh({0})"),
+    _unary_float("tanh", torch.tanh, "(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)"),
     _unary_float("sigmoid", torch.sigmoid, "tl.sigmoid({0})"),
-    _unary_float("rsqrt", torch.rsqrt, "libdevice.rsqrt({0})"),
+    _unary_float("rsqrt", torch.rsqrt, "tl.rsqrt({0})"),
     _unary_float("sqrt", torch.sqrt, "tl.sqrt({0})"),
-    _unary_float("erf", torch.erf, "libdevice.erf({0})"),
+    _unary_float("erf", torch.erf, "tl.erf({0})"),
     _unary_float("cos", torch.cos, "tl.cos({0})"),
     _unary_float("sin", torch.sin, "tl.sin({0})"),
     _unary_float("reciprocal", torch.reciprocal, "1.0 / {0}"),
@@ -515,6 +539,8 @@ OPS_LIST: list[OpDef] = [
     OpDef("sdpa", "other", infer_sdpa, _sdpa, doc="torch's scaled_dot_product_attention, exact semantics"),
     OpDef("attention", "fused", infer_attention, attention_reference, origin="fuse_attention",
           doc="fused attention(q, k, v, [bias]) {causal, scale}; K/V heads may be fewer (GQA)"),
+    OpDef("fused_pointwise", "fused", infer_fused_pointwise, fused_pointwise_reference, origin="fuse_elementwise",
+          doc="a chain of pointwise ops run as one kernel; body lists the steps"),
     OpDef("quant_linear", "fused", infer_quant_linear, quant_linear_reference, origin="quantize",
           doc="x @ dequantize(packed weight)^T [+ bias]; parts name the packed tensors"),
     # the fallback

@@ -8,12 +8,15 @@ def default_registry() -> PassRegistry:
     (a `?` pass runs only when its option is given to optimize())."""
     from .cleanup import cleanup
     from .fuse_attention import fuse_attention
+    from .fuse_elementwise import fuse_elementwise
     from .quantize import quantize
 
     reg = PassRegistry()
     reg.add(PassInfo("cleanup", cleanup, doc="DCE, CSE, constant folding, no-op removal"), append=True)
     reg.add(PassInfo("fuse_attention", fuse_attention, doc="attention subgraphs -> one fused op"), append=True)
     reg.add(PassInfo("quantize", quantize, option="quantize", doc="linear layers -> int8/int4/nf4/w8a8"),
+            append=True)
+    reg.add(PassInfo("fuse_elementwise", fuse_elementwise, doc="pointwise chains -> generated kernels"),
             append=True)
     reg.add(PassInfo("cleanup_final", cleanup, doc="the same cleanup, after the rewrites"), append=True)
     return reg

@@ -78,8 +78,11 @@ class PassRegistry:
             self.order.insert(self.order.index(before), info.name)
         elif after:
             self.order.insert(self.order.index(after) + 1, info.name)
+        elif "fuse_elementwise" in self.order:
+            # default: before pointwise fusion (so the user's rules see plain ops) and the
+            # final cleanup (so their rewrite gets tidied up)
+            self.order.insert(self.order.index("fuse_elementwise"), info.name)
         else:
-            # default: before the final cleanup, so the user's rewrite gets tidied up
             self.order.insert(len(self.order) - 1 if self.order else 0, info.name)
         return info
 

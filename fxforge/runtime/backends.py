@@ -57,11 +57,14 @@ def ensure_interpreter():
     os.environ["TRITON_INTERPRET"] = "1"
 
 
-def op_table(backend: str, registry=None) -> dict:
-    """IR op name -> callable(*tensors, **attrs) for `backend`."""
+def op_table(backend: str, registry=None, kernels=None) -> dict:
+    """IR op name -> callable(*tensors, **attrs) for `backend`. `kernels` (a
+    codegen.pointwise.PointwiseKernels) holds the generated kernels of the Triton backends."""
     registry = OPS if registry is None else registry
     table = {name: op.reference for name, op in registry.items()}
     table.update(_kernel_overrides(backend))
+    if backend != "torch" and kernels is not None:
+        table["fused_pointwise"] = kernels.run
     return table
 
 

@@ -1,0 +1,167 @@
+"""fuse_elementwise: connected pointwise ops become one `fused_pointwise` node, which the
+Triton backends run as one generated kernel (codegen/pointwise.py).
+
+A group is a connected set of pointwise nodes that all produce the same shape (their
+inputs may broadcast into it) and float or bool values. Groups are found with union-find
+over the dataflow edges; contracting every group must leave the graph a DAG, which
+networkx checks on the quotient graph: a group on a cycle through an unfused node is
+dissolved. A member used outside its group becomes an extra output of the fused node (no
+recomputation: every member is computed once, in one pass over memory).
+
+The fused node's `body` lists the steps, each `(op, operands, attrs)`, where an operand
+is "inK" (the K-th input of the fused node) or "tK" (the result of step K); `outputs`
+names the steps that leave the kernel.
+"""
+from __future__ import annotations
+
+import networkx as nx
+import torch
+
+from ..ir.graph import Graph, Node, Value
+from ..codegen.pointwise import POW_EXPONENTS
+from ..ir.ops import OPS
+
+# Only ops whose Triton template the codegen knows are fused.
+MIN_GROUP = 2  # a lone op gains nothing from a kernel of its own
+
+
+def _fusible(node: Node, producers: dict | None = None, nodes=None) -> bool:
+    if OPS[node.op].kind != "pointwise" or len(node.outputs) != 1:
+        return False
+    if node.op == "pow":  # the codegen needs a small constant exponent
+        j = producers.get(node.inputs[1]) if producers is not None else None
+        c = nodes[j].attrs.get("value") if j is not None and nodes[j].op == "const" else None
+        if not isinstance(c, (int, float)) or float(c) not in POW_EXPONENTS:
+            return False
+    out = node.outputs[0]
+    return out.dtype.is_floating_point or out.dtype == torch.bool
+
+
+def find_groups(graph: Graph) -> list[list[int]]:
+    """Index lists of the nodes to fuse, each list in graph order."""
+    nodes = graph.nodes
+    producers = {v: i for i, n in enumerate(nodes) for v in n.outputs}
+    fusible = [_fusible(n, producers, nodes) for n in nodes]
+    edges = [(j, i) for i, n in enumerate(nodes) if fusible[i] for v in n.inputs
+             if (j := producers.get(v)) is not None and fusible[j] and nodes[j].op != "const"
+             and nodes[j].outputs[0].type.shape == n.outputs[0].type.shape]
+    node_dag = nx.DiGraph((producers[v], i) for i, n in enumerate(nodes) for v in n.inputs if v in producers)
+    cut: set = set()  # edges not to fuse across, found by breaking cycles
+
+    while True:
+        parent = list(range(len(nodes)))
+
+        def find(i):
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for j, i in edges:
+            if (j, i) not in cut:
+                parent[find(j)] = find(i)
+        members: dict[int, list[int]] = {}
+        for i in range(len(nodes)):
+            if fusible[i] and nodes[i].op != "const":
+                members.setdefault(find(i), []).append(i)
+        groups = {r: m for r, m in members.items() if len(m) >= MIN_GROUP}
+        label = {i: ("g", r) for r, m in groups.items() for i in m}
+        quotient = nx.DiGraph()
+        quotient.add_nodes_from(label.get(i, i) for i in range(len(nodes)))
+        quotient.add_edges_from((label.get(j, j), label.get(i, i)) for j, i in node_dag.edges
+                                if label.get(j, j) != label.get(i, i))
+        try:
+            cycle = nx.find_cycle(quotient)
+        except nx.NetworkXNoCycle:
+            return [sorted(m) for m in groups.values()]
+        # A group G reaches an outside node x that reaches G again (e.g. x = mean of an
+        # RMSNorm between two pointwise chains). Split G: the members downstream of x
+        # go apart from the rest.
+        k = next(n for n, (u, _) in enumerate(cycle) if isinstance(u, tuple))
+        group = set(groups[cycle[k][0][1]])
+        x = cycle[k][1]
+        x_idx = groups[x[1]][0] if isinstance(x, tuple) else x
+        downstream = (nx.descendants(node_dag, x_idx) | {x_idx}) & group
+        new_cuts = {(j, i) for j, i in edges if j in group and i in group and (j in downstream) != (i in downstream)}
+        if not new_cuts:  # cannot happen for a real cycle; guard against looping forever
+            new_cuts = {(j, i) for j, i in edges if i in group or j in group}
+        cut |= new_cuts
+
+
+def _build_fused(graph: Graph, group: list[int], uses: dict, outputs_set: set) -> tuple[Node, list[Value]]:
+    nodes = graph.nodes
+    producers = {v: i for i, n in enumerate(nodes) for v in n.outputs}
+    member = set(group)
+    inputs: list[Value] = []
+    ref: dict[Value, str] = {}
+    body = []
+    inlined_consts: dict[Value, str] = {}
+
+    def operand(v: Value) -> str:
+        if v in ref:
+            return ref[v]
+        j = producers.get(v)
+        if j is not None and nodes[j].op == "const" and v not in inlined_consts:
+            body.append(("const", (), tuple(nodes[j].attrs.items())))
+            inlined_consts[v] = f"t{len(body) - 1}"
+        if v in inlined_consts:
+            return inlined_consts[v]
+        if v not in inputs:
+            inputs.append(v)
+        return f"in{inputs.index(v)}"
+
+    out_steps, out_values = [], []
+    for i in group:
+        n = nodes[i]
+        args = tuple(operand(v) for v in n.inputs)
+        body.append((n.op, args, tuple(n.attrs.items())))
+        ref[n.outputs[0]] = f"t{len(body) - 1}"
+        external = sum(1 for u in uses.get(n.outputs[0], ()) if u not in member) or n.outputs[0] in outputs_set
+        if external:
+            out_steps.append(ref[n.outputs[0]])
+            out_values.append(n.outputs[0])
+    fused = Node("fused_pointwise", tuple(inputs), {"body": tuple(body), "outputs": tuple(out_steps)},
+                 tuple(out_values), {"pass": "fuse_elementwise", "fused": [nodes[i].op for i in group]})
+    return fused, out_values
+
+
+def fuse_elementwise(graph: Graph, ctx=None) -> Graph:
+    groups = find_groups(graph)
+    if not groups:
+        return graph
+    uses: dict = {}
+    for i, n in enumerate(graph.nodes):
+        for v in n.inputs:
+            uses.setdefault(v, []).append(i)
+    outputs_set = set(graph.outputs)
+    group_of = {i: k for k, g in enumerate(groups) for i in g}
+    fused_nodes = [_build_fused(graph, g, uses, outputs_set)[0] for g in groups]
+
+    # Emit in a topological order of the contracted graph, keeping the original order
+    # where it is free: a fused node goes where all its inputs exist.
+    items = {}
+    for i, n in enumerate(graph.nodes):
+        items.setdefault(("g", group_of[i]) if i in group_of else ("n", i), i)
+    dag = nx.DiGraph()
+    producers = {}
+    for key in items:
+        dag.add_node(key)
+    for key in items:
+        node = fused_nodes[key[1]] if key[0] == "g" else graph.nodes[key[1]]
+        for v in node.outputs:
+            producers[v] = key
+    for key in items:
+        node = fused_nodes[key[1]] if key[0] == "g" else graph.nodes[key[1]]
+        for v in node.inputs:
+            if v in producers and producers[v] != key:
+                dag.add_edge(producers[v], key)
+    order = nx.lexicographical_topological_sort(dag, key=lambda k: items[k])
+    new_nodes = [fused_nodes[k[1]] if k[0] == "g" else graph.nodes[k[1]] for k in order]
+    if ctx is not None:
+        ctx.rules["fused_group"] += len(groups)
+        ctx.rules["ops_fused"] += sum(len(g) for g in groups)
+        ctx.note(f"{len(groups)} fused kernels replace {sum(len(g) for g in groups)} pointwise ops")
+    from .cleanup import dead_code_elimination
+
+    return dead_code_elimination(graph.with_nodes(new_nodes))
+
