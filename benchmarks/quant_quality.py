@@ -2,7 +2,9 @@
 repo's fixed English text (tests/data/eval_text.txt) for float32 and each scheme, and the
 weight bytes of the quantized layers before/after (scales and zero points included).
 
-    python benchmarks/quant_quality.py [--schemes int8 w8a8 int4 nf4] [--out results.json]
+    python benchmarks/quant_quality.py [--schemes int8 w8a8 int4 int4/g64 nf4 nf4/g32] [--out results.json]
+
+A scheme "int4/g64" sets the group size (int4 defaults to 128, nf4 to 64).
 """
 import argparse
 import json
@@ -18,6 +20,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import fxforge  # noqa: E402
 from fxforge.evaluate import perplexity  # noqa: E402
+from fxforge.passes.quantize import QuantConfig  # noqa: E402
 
 TEXT = os.path.join(HERE, "..", "tests", "data", "eval_text.txt")
 TARGETS = {"int8": 1.0, "w8a8": 2.0, "int4": 10.0, "nf4": 10.0}  # max perplexity increase, percent
@@ -30,11 +33,13 @@ def measure(schemes):
     ids = tok(open(TEXT).read(), return_tensors="pt").input_ids
     base = fxforge.optimize(model, (ids[:, :8],))
     rows = [{"scheme": "float32", "ppl": perplexity(base, ids), "tokens": ids.shape[1]}]
-    for scheme in schemes:
-        fast = fxforge.optimize(model, (ids[:, :8],), quantize=scheme)
+    for label in schemes:
+        scheme, _, group = label.partition("/g")
+        cfg = QuantConfig(scheme, group_size=int(group) if group else None)
+        fast = fxforge.optimize(model, (ids[:, :8],), quantize=cfg)
         d = next(s for s in fast.stats if s.name == "quantize").details["quantize"]
         ppl = perplexity(fast, ids)
-        rows.append({"scheme": scheme, "ppl": ppl, "delta_pct": 100 * (ppl / rows[0]["ppl"] - 1),
+        rows.append({"scheme": label, "ppl": ppl, "delta_pct": 100 * (ppl / rows[0]["ppl"] - 1),
                      "target_pct": TARGETS[scheme], "bytes_ratio": d["bytes_after"] / d["bytes_before"],
                      "layers": len(d["layers"]), "skipped": len(d["skipped"])})
     return rows
@@ -42,7 +47,7 @@ def measure(schemes):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--schemes", nargs="*", default=["int8", "w8a8", "int4", "nf4"])
+    ap.add_argument("--schemes", nargs="*", default=["int8", "w8a8", "int4", "int4/g64", "int4/g32", "nf4", "nf4/g32"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
