@@ -6,10 +6,12 @@ and bf16. Timing: triton.testing.do_bench (warmup, then the median).
     python benchmarks/attention.py [--quick] [--out results.json]
 """
 import argparse
-import json
-import platform
+import os
 import sys
-import time
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import finish  # noqa: E402
 
 
 def main():
@@ -83,12 +85,7 @@ def main():
         ratio = f"{ours_r['tflops'] / fl['tflops']:.2f}" if isinstance(ours_r, dict) and isinstance(fl, dict) else "-"
         print(f"| {r['dtype']} | {r['d']} | {r['causal']} | {r['T']} | {tf(ours_r)} | {tf(fl)} | {ratio} | {tf(nv)} | "
               f"{mem(ours_r)} / {mem(fl)} / {mem(nv)} |")
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
-    print(meta)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"rows": rows, "meta": meta}, f, indent=2)
+    finish(rows, args.out)
     return 0
 
 

@@ -8,10 +8,12 @@ so the RMSNorm and softmax rows show the partial fusion honestly.)
     python benchmarks/elementwise.py [--quick] [--out results.json]
 """
 import argparse
-import json
-import platform
+import os
 import sys
-import time
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import finish  # noqa: E402
 
 
 def main():
@@ -83,12 +85,7 @@ def main():
         print(f"| {r['workload']} | {r['dtype']} | {r['shape'][0]}x{r['shape'][1]} | {r['fxforge']:.0f} | "
               f"{100 * r['fxforge'] / r['copy_GBps']:.0f}% | {r['fxforge'] / r['eager']:.2f}x | "
               f"{r['fxforge'] / r['torch.compile']:.2f}x |")
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
-    print(meta)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"rows": rows, "meta": meta}, f, indent=2)
+    finish(rows, args.out)
     return 0
 
 

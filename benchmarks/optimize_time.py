@@ -5,9 +5,7 @@ the time grows with depth. Model loading is not timed.
     python benchmarks/optimize_time.py [--out results.json] [--repeat 2]
 """
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -44,6 +42,10 @@ def time_optimize(model, ids, repeat):
     return best
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import finish  # noqa: E402
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -70,12 +72,7 @@ def main():
     for r in rows:
         print(f"| {r['model']} | {r['layers']} | {r['nodes']} | {r['capture_s']:.2f} | {r['passes_s']:.2f} | "
               f"{r['optimize_s']:.2f} | {r['optimize_s'] / base['optimize_s']:.2f}x |")
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")}
-    print(f"\n{meta}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"rows": rows, "meta": meta}, f, indent=2)
+    finish(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,8 @@ weight bytes of the quantized layers before/after (scales and zero points includ
 A scheme "int4/g64" sets the group size (int4 defaults to 128, nf4 to 64).
 """
 import argparse
-import json
 import os
-import platform
 import sys
-import time
 
 import torch
 
@@ -45,6 +42,10 @@ def measure(schemes):
     return rows
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import finish  # noqa: E402
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--schemes", nargs="*", default=["int8", "w8a8", "int4", "int4/g64", "int4/g32", "nf4", "nf4/g32"])
@@ -62,12 +63,7 @@ def main():
             ok = "met" if r["delta_pct"] <= r["target_pct"] else "MISSED"
             print(f"| {r['scheme']} | {r['ppl']:.3f} | {r['delta_pct']:+.2f}% | <= +{r['target_pct']:.0f}% ({ok}) | "
                   f"{r['bytes_ratio']:.3f} | {r['layers']} ({r['skipped']}) |")
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d")}
-    print(f"\n{meta}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"rows": rows, "meta": meta}, f, indent=2)
+    finish(rows, args.out)
 
 
 if __name__ == "__main__":

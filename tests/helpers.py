@@ -1,5 +1,4 @@
 """Shared assertions for differential tests."""
-import torch
 
 from fxforge.ir import parse, structurally_equal
 

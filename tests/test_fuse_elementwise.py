@@ -15,6 +15,7 @@ from fxforge.ir.builder import Builder  # noqa: E402
 from fxforge.ir.graph import Value  # noqa: E402
 from fxforge.ir.ops import OPS  # noqa: E402
 from fxforge.ir.types import TensorType, symbol  # noqa: E402
+from fxforge.passes.cleanup import dead_code_elimination  # noqa: E402
 from fxforge.passes.fuse_elementwise import fuse_elementwise  # noqa: E402
 from fxforge.passes.manager import PassContext  # noqa: E402
 from fxforge.runtime.backends import op_table  # noqa: E402
@@ -77,14 +78,14 @@ step = st.one_of(
 SHAPES = [("B", "T", 8), ("B", "T", 8), (1, "T", 8), ("B", 1, 1), (8,), ()]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(program=st.lists(step, min_size=2, max_size=8),
        shape_ids=st.lists(st.integers(0, len(SHAPES) - 1), min_size=1, max_size=3),
        dtype=st.sampled_from([torch.float32, torch.float16]),
        sizes=st.sampled_from([(2, 3), (1, 5), (3, 1)]))
 def test_random_pointwise_dags_match_eager(program, shape_ids, dtype, sizes):
     shapes = [SHAPES[0]] + [SHAPES[i] for i in shape_ids]
-    g = _build(program, shapes, dtype)
+    g = dead_code_elimination(_build(program, shapes, dtype))  # only what the outputs need
     typecheck(g)
     fused = fuse_elementwise(g, PassContext())
     typecheck(fused)

@@ -248,7 +248,6 @@ def test_constant_folding_of_concrete_shape_only_subgraphs():
     assert '%p0: param "_folded.1" f32[1, 3]' in text
     assert "const() {value=3.0, dtype=f32}" in text
     assert "arange() {start=0, end=T" in text and "start=0, end=3" not in text
-    x = torch.randn(2, 3)
     folded = out.params["_folded.1"]
     torch.testing.assert_close(folded, torch.arange(3.0).unsqueeze(0))
     assert stats["fold_constant"] >= 3

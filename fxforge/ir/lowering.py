@@ -16,7 +16,7 @@ import torch
 
 from .builder import Builder
 from .graph import Value
-from .types import TensorType, as_dim
+from .types import as_dim
 
 FALLBACK = object()
 DROP = object()  # asserts and other nodes with no value

@@ -19,7 +19,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from .types import SymType, TensorType, Type, as_dim, broadcast_shapes, dims_equal, promote
+from .types import TensorType, Type, as_dim, broadcast_shapes, dims_equal, promote
 
 KINDS = ("pointwise", "reduction", "view", "matmul", "creation", "constant", "fused", "opaque", "other")
 
