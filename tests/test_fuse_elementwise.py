@@ -126,26 +126,68 @@ def test_groups_take_extra_outputs_instead_of_recomputing():
     assert [op for op, _, _ in fused[0].attrs["body"]] == ["exp", "const", "mul", "tanh"]
 
 
-def test_cycle_through_a_reduction_is_split_not_fused():
-    # residual add -> pow -> mean (unfused) -> rsqrt -> mul(residual, .): one group would
-    # need the mean inside it; the pass splits it instead
-    g = parse("""graph(%x: f32[B, T, 8], %y: f32[B, T, 8]) {
-  %1: f32[B, T, 8] = add(%x, %y)
+def _compare_backends(g, *xs):
+    ref = build_program(g, op_table("torch"))(*xs)
+    got = build_program(fuse_elementwise(g, PassContext()), op_table("interpret", kernels=PointwiseKernels()))(*xs)
+    for r, o in zip(ref, got):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
+
+
+def test_residual_add_rmsnorm_weight_is_one_row_kernel():
+    g = parse("""graph(%x: f32[B, T, 40], %y: f32[B, T, 40], %w: f32[40]) {
+  %1: f32[B, T, 40] = add(%x, %y)
   %2: f32[] = const() {value=2, dtype=f32}
-  %3: f32[B, T, 8] = pow(%1, %2)
+  %3: f32[B, T, 40] = pow(%1, %2)
   %4: f32[B, T, 1] = mean(%3) {dims=(2,), keepdim=true, dtype=none}
-  %5: f32[B, T, 1] = rsqrt(%4)
-  %6: f32[B, T, 8] = mul(%1, %5)
-  %7: f32[B, T, 8] = sigmoid(%6)
-  return (%7)
+  %5: f32[] = const() {value=1e-06, dtype=f32}
+  %6: f32[B, T, 1] = add(%4, %5)
+  %7: f32[B, T, 1] = rsqrt(%6)
+  %8: f32[B, T, 40] = mul(%1, %7)
+  %9: f32[B, T, 40] = mul(%w, %8)
+  return (%9, %1)
 }""")
     out = fuse_elementwise(g, PassContext())
     typecheck(out)
-    x, y = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
-    ref = build_program(g, op_table("torch"))(x, y)[0]
-    got = build_program(out, op_table("interpret", kernels=PointwiseKernels()))(x, y)[0]
-    torch.testing.assert_close(got, ref)
-    assert out.count("fused_pointwise") == 2
+    (fused,) = [n for n in out.nodes if n.op == "fused_pointwise"]
+    assert fused.attrs["row"] == 40 and len(fused.outputs) == 2  # the residual also leaves
+    assert out.count("mean") == 0
+    _compare_backends(g, torch.randn(2, 3, 40), torch.randn(2, 3, 40), torch.randn(40))
+
+
+@pytest.mark.parametrize("n", [7, 64, 100])
+def test_softmax_layer_norm_and_reductions_in_row_kernels(n):
+    g = parse(f"""graph(%x: f32[B, T, {n}], %w: f32[{n}], %b: f32[{n}]) {{
+  %1: f32[] = const() {{value=0.5, dtype=f32}}
+  %2: f32[B, T, {n}] = mul(%x, %1)
+  %3: f32[B, T, {n}] = softmax(%2) {{dim=2, dtype=none}}
+  %4: f32[B, T, {n}] = layer_norm(%x, %w, %b) {{shape=({n},), eps=1e-05, weight=true, bias=true}}
+  %5: f32[B, T, {n}] = add(%3, %4)
+  %6: f32[B, T, 1] = amax(%5) {{dims=(2,), keepdim=true}}
+  %7: f32[B, T, {n}] = sub(%5, %6)
+  %8: f32[B, T, {n}] = rms_norm(%7, %w) {{shape=({n},), eps=none, weight=true}}
+  return (%8, %6)
+}}""")
+    out = fuse_elementwise(g, PassContext())
+    typecheck(out)
+    assert out.count("fused_pointwise") == 1 and out.count("softmax") == 0
+    _compare_backends(g, torch.randn(2, 5, n), torch.randn(n), torch.randn(n))
+
+
+def test_cycle_through_an_unfused_op_is_split():
+    # a reduction over dim 1 (not the row) stays unfused between two pointwise chains:
+    # one group would need it inside, so the pass splits the group instead
+    g = parse("""graph(%x: f32[B, T, 8], %y: f32[B, T, 8]) {
+  %1: f32[B, T, 8] = add(%x, %y)
+  %2: f32[B, T, 8] = exp(%1)
+  %3: f32[B, 1, 8] = sum(%2) {dims=(1,), keepdim=true, dtype=none}
+  %4: f32[B, T, 8] = mul(%1, %3)
+  %5: f32[B, T, 8] = sigmoid(%4)
+  return (%5)
+}""")
+    out = fuse_elementwise(g, PassContext())
+    typecheck(out)
+    assert out.count("fused_pointwise") == 2 and out.count("sum") == 1
+    _compare_backends(g, torch.randn(2, 3, 8), torch.randn(2, 3, 8))
 
 
 def kernel_launches(graph) -> int:
@@ -164,6 +206,9 @@ def test_models_launch_fewer_kernels_and_match_eager(name):
     if name == "llama":
         bodies = [tuple(op for op, _, _ in n.attrs["body"]) for n in fused.graph.nodes if n.op == "fused_pointwise"]
         assert bodies.count(("silu", "mul")) == 2  # each block's SiLU gate is one kernel
+        # each RMSNorm (with the residual add before it, where there is one) is one kernel
+        norms = [b for b in bodies if "mean" in b and "rsqrt" in b]
+        assert len(norms) == 5 and fused.graph.count("mean") == 0
     for b, t in [(1, 1), (3, 9)]:
         x = torch.randint(0, vocab, (b, t))
         with torch.no_grad():

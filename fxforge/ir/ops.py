@@ -447,10 +447,11 @@ def _run_body(operands, body, outputs, step):
 
 
 def infer_fused_pointwise(types, attrs):
+    # `row` (the reduced row length, if the body reduces rows) does not change types
     return _run_body(list(types), attrs["body"], attrs["outputs"], lambda op, ts, a: OPS[op].infer(ts, a)[0])
 
 
-def fused_pointwise_reference(*tensors, body, outputs):
+def fused_pointwise_reference(*tensors, body, outputs, row=None):
     """Evaluate the fused steps one by one with each op's torch reference."""
     def step(op, vals, a):
         if op == "const":

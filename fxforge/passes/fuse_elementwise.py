@@ -37,14 +37,66 @@ def _fusible(node: Node, producers: dict | None = None, nodes=None) -> bool:
     return out.dtype.is_floating_point or out.dtype == torch.bool
 
 
+ROW_REDUCTIONS = ("sum", "mean", "amax", "amin")
+ROW_OPS = ("softmax", "layer_norm", "rms_norm")  # whole-row in, whole-row out
+MAX_ROW = 16384  # longest row one program holds (the codegen's BLOCK_N)
+
+
+def row_length(node: Node):
+    """N if `node` reduces (or normalises) over the last dim of an [..., N] float input,
+    in a form the row kernel handles; else None."""
+    if len(node.outputs) != 1 or not node.inputs:
+        return None
+    x = node.inputs[0]
+    if not x.dtype.is_floating_point or node.outputs[0].dtype != x.dtype or x.rank == 0:
+        return None
+    last = x.rank - 1
+    if node.op in ROW_REDUCTIONS:
+        ok = tuple(node.attrs["dims"]) == (last,) and node.attrs["keepdim"] and not node.attrs.get("dtype")
+    elif node.op == "softmax":
+        ok = node.attrs["dim"] == last and not node.attrs.get("dtype")
+    elif node.op in ("layer_norm", "rms_norm"):
+        ok = len(node.attrs["shape"]) == 1 and all(v.rank == 1 for v in node.inputs[1:])
+    else:
+        ok = False
+    n = x.shape[-1]
+    return n if ok and n.is_number and 1 < int(n) <= MAX_ROW else None
+
+
+def _edge_ok(j: Node, i: Node, rows: dict) -> bool:
+    """May producer j and consumer i share a kernel?"""
+    sj, si = j.outputs[0].type.shape, i.outputs[0].type.shape
+    if sj == si:
+        return True
+    if sj and si and si[:-1] == sj[:-1] and sj[-1] == 1 and si[-1] != 1:
+        return True  # a per-row value (e.g. rsqrt of a mean) broadcast back over the row
+    if rows.get(id(i)) is not None and i.inputs[0].type.shape == sj:
+        return True  # a row computed by the prologue, then reduced
+    return False
+
+
+def _one_kernel(group: list[int], nodes, rows: dict) -> bool:
+    """A group is one kernel if all its results share a shape (the flat kernel), or it
+    reduces rows of one length N and every result is [..., N] or [..., 1] (the row kernel)."""
+    shapes = {nodes[i].outputs[0].type.shape for i in group}
+    if len(shapes) == 1:
+        return True
+    lengths = {rows[id(nodes[i])] for i in group} - {None}
+    if len(lengths) != 1:
+        return False
+    n = lengths.pop()
+    return len({s[:-1] for s in shapes}) == 1 and all(s[-1] in (n, 1) for s in shapes)
+
+
 def find_groups(graph: Graph) -> list[list[int]]:
     """Index lists of the nodes to fuse, each list in graph order."""
     nodes = graph.nodes
     producers = {v: i for i, n in enumerate(nodes) for v in n.outputs}
-    fusible = [_fusible(n, producers, nodes) for n in nodes]
+    rows = {id(n): row_length(n) for n in nodes}
+    fusible = [_fusible(n, producers, nodes) or rows[id(n)] is not None for n in nodes]
     edges = [(j, i) for i, n in enumerate(nodes) if fusible[i] for v in n.inputs
              if (j := producers.get(v)) is not None and fusible[j] and nodes[j].op != "const"
-             and nodes[j].outputs[0].type.shape == n.outputs[0].type.shape]
+             and _edge_ok(nodes[j], n, rows)]
     node_dag = nx.DiGraph((producers[v], i) for i, n in enumerate(nodes) for v in n.inputs if v in producers)
     cut: set = set()  # edges not to fuse across, found by breaking cycles
 
@@ -70,6 +122,11 @@ def find_groups(graph: Graph) -> list[list[int]]:
         quotient.add_nodes_from(label.get(i, i) for i in range(len(nodes)))
         quotient.add_edges_from((label.get(j, j), label.get(i, i)) for j, i in node_dag.edges
                                 if label.get(j, j) != label.get(i, i))
+        bad = next((set(m) for m in groups.values() if not _one_kernel(m, nodes, rows)), None)
+        if bad:  # cut the edges where shapes change; the parts become kernels of their own
+            cut |= {(j, i) for j, i in edges if i in bad and j in bad
+                    and nodes[j].outputs[0].type.shape != nodes[i].outputs[0].type.shape}
+            continue
         try:
             cycle = nx.find_cycle(quotient)
         except nx.NetworkXNoCycle:
@@ -120,7 +177,11 @@ def _build_fused(graph: Graph, group: list[int], uses: dict, outputs_set: set) -
         if external:
             out_steps.append(ref[n.outputs[0]])
             out_values.append(n.outputs[0])
-    fused = Node("fused_pointwise", tuple(inputs), {"body": tuple(body), "outputs": tuple(out_steps)},
+    attrs = {"body": tuple(body), "outputs": tuple(out_steps)}
+    row_n = {row_length(nodes[i]) for i in group} - {None}
+    if row_n:
+        attrs["row"] = int(row_n.pop())  # the kernel works a row of this length at a time
+    fused = Node("fused_pointwise", tuple(inputs), attrs,
                  tuple(out_values), {"pass": "fuse_elementwise", "fused": [nodes[i].op for i in group]})
     return fused, out_values
 
