@@ -40,3 +40,12 @@ def test_smollm2_greedy_tokens_equal_transformers(smol):
         theirs = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert torch.equal(out, theirs)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_smollm2_norms_and_gates_are_single_kernels(smol):
+    _, _, fast, _ = smol
+    bodies = [tuple(op for op, _, _ in n.attrs["body"]) for n in fast.graph.nodes if n.op == "fused_pointwise"]
+    norms = [b for b in bodies if "mean" in b and "rsqrt" in b]
+    assert len(norms) == 61 and fast.graph.count("mean") == 0  # 2 per layer + the final norm
+    assert bodies.count(("silu", "mul")) == 30
+    assert fast.graph.count("attention") == 30
