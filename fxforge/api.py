@@ -55,6 +55,7 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
                             filename=f"<fxforge program for {type(model).__name__}>")
     fast = OptimizedModel(graph, spec, program, backend, stats, dumps, capture_seconds, type(model).__name__)
     fast.kernels = kernels.sources  # filled as kernels are generated (first call per shape class)
+    fast.generation_defaults = _generation_defaults(model)
     if dump_dir:
         fast.dump(dump_dir)
     return fast
@@ -79,6 +80,18 @@ def register_pass(name: str, *, before: str | None = None, after: str | None = N
 
 def unregister_pass(name: str, registry: PassRegistry | None = None):
     (_default_registry if registry is None else registry).remove(name)
+
+
+def _generation_defaults(model) -> dict:
+    """EOS and pad tokens from a transformers model's generation_config, so that generate()
+    stops where transformers' generate stops."""
+    config = getattr(model, "generation_config", None)
+    out = {}
+    for key in ("eos_token_id", "pad_token_id"):
+        value = getattr(config, key, None)
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

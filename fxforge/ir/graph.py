@@ -15,14 +15,16 @@ from .types import SymType, TensorType, Type
 
 
 class Value:
-    """One SSA value. `param` is the parameter name when the value is a weight input."""
+    """One SSA value. `param` is the parameter name when the value is a weight input;
+    `state` the buffer name when it is a mutable buffer the runtime allocates (a KV cache)."""
 
-    __slots__ = ("type", "hint", "param")
+    __slots__ = ("type", "hint", "param", "state")
 
-    def __init__(self, type: Type, hint: str | None = None, param: str | None = None):
+    def __init__(self, type: Type, hint: str | None = None, param: str | None = None, state: str | None = None):
         self.type = type
         self.hint = hint
         self.param = param
+        self.state = state
 
     @property
     def shape(self):
@@ -37,7 +39,7 @@ class Value:
         return self.type.rank
 
     def __repr__(self) -> str:
-        label = f" param {self.param!r}" if self.param else ""
+        label = f" param {self.param!r}" if self.param else f" state {self.state!r}" if self.state else ""
         return f"<Value{label} {self.type}>"
 
 
@@ -62,22 +64,21 @@ class Node:
 
 
 @dataclass
-class StateSpec:
-    """A mutable buffer the runtime allocates (e.g. one layer's KV cache)."""
-
-    shape: tuple
-    dtype: torch.dtype
-
-
-@dataclass
 class Graph:
     inputs: list[Value] = field(default_factory=list)
     param_values: list[Value] = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)
     outputs: list[Value] = field(default_factory=list)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
-    state: dict[str, StateSpec] = field(default_factory=dict)
+    # Mutable buffers the runtime allocates and passes after the inputs (a KV cache, one
+    # value per buffer, `Value.state` its name). Their sizes may be symbolic: the runtime
+    # picks them per call (e.g. the cache length S) and the program binds them.
+    state_values: list[Value] = field(default_factory=list)
     input_names: list[str] = field(default_factory=list)
+
+    @property
+    def state(self) -> dict[str, Type]:
+        return {v.state: v.type for v in self.state_values}
 
     # -- structure queries -------------------------------------------------------------
     def producers(self) -> dict[Value, Node]:
@@ -124,7 +125,7 @@ class Graph:
             nodes=list(nodes),
             outputs=list(self.outputs if outputs is None else outputs),
             params=dict(self.params),
-            state=dict(self.state),
+            state_values=list(self.state_values),
             input_names=list(self.input_names),
         )
 
@@ -178,7 +179,7 @@ class Graph:
 
         names = Namer(self)
         lines = ["digraph fxforge {", "  node [shape=box, fontname=monospace];"]
-        for v in self.inputs:
+        for v in self.inputs + self.state_values:
             lines.append(f'  "{names[v]}" [shape=ellipse, label="{names[v]}: {v.type}"];')
         producers = {}
         for i, n in enumerate(self.nodes):

@@ -415,6 +415,25 @@ def infer_attention(types, attrs):
     return [TensorType(q.shape[:-1] + (v.shape[-1],), q.dtype)]
 
 
+def infer_kv_append(types, attrs):
+    cache, new = _t(types, 0), _t(types, 1)
+    if cache.rank != 4 or new.rank != 4:
+        raise IRTypeError(f"kv_append wants a [B, Hkv, S, D] cache and [B, Hkv, T, D] keys/values, got {cache}, {new}")
+    if not (dims_equal(cache.shape[1], new.shape[1]) and dims_equal(cache.shape[3], new.shape[3])):
+        raise IRTypeError(f"kv_append: cache {cache} and new entries {new} differ in heads or head dim")
+    return [TensorType(cache.shape[:2] + (as_dim(attrs["start"]) + new.shape[2], cache.shape[3]), cache.dtype)]
+
+
+def kv_append_reference(cache, new, *, start):
+    """Write `new` into the cache at positions start..start+T (rows 0..B-1 of the buffer)
+    and return the filled prefix, a view: [B, Hkv, start + T, D]. Mutates `cache`."""
+    b, t = new.shape[0], new.shape[2]
+    if start + t > cache.shape[2]:
+        raise ValueError(f"kv_append: the KV cache holds {cache.shape[2]} positions, but {start} + {t} are needed")
+    cache[:b, :, start:start + t] = new
+    return cache[:b, :, :start + t]
+
+
 def _packed(parts, qattrs, tensors):
     from .quant_formats import Packed
 
@@ -540,6 +559,8 @@ OPS_LIST: list[OpDef] = [
     OpDef("sdpa", "other", infer_sdpa, _sdpa, doc="torch's scaled_dot_product_attention, exact semantics"),
     OpDef("attention", "fused", infer_attention, attention_reference, origin="fuse_attention",
           doc="fused attention(q, k, v, [bias]) {causal, scale}; K/V heads may be fewer (GQA)"),
+    OpDef("kv_append", "other", infer_kv_append, kv_append_reference, origin="kv_cache",
+          doc="kv_append(cache, new) {start}: write new K or V at start, return cache[:, :, :start+T]; mutates"),
     OpDef("fused_pointwise", "fused", infer_fused_pointwise, fused_pointwise_reference, origin="fuse_elementwise",
           doc="a chain of pointwise ops run as one kernel; body lists the steps"),
     OpDef("quant_linear", "fused", infer_quant_linear, quant_linear_reference, origin="quantize",
@@ -578,9 +599,15 @@ IMPURE_TARGETS = ("rand", "randn", "randint", "bernoulli", "dropout", "normal", 
                   "native_dropout", "copy_", "index_put_", "fill_", "empty")
 
 
+# IR ops that write to a state buffer: never merged, folded or dropped.
+STATEFUL_OPS = ("kv_append",)
+
+
 def is_pure(node) -> bool:
     """Every IR op is a function of its inputs, except opaque calls to random or
     mutating ATen ops (and, to be safe, any in-place op, whose name ends in '_')."""
+    if node.op in STATEFUL_OPS:
+        return False
     if node.op != "torch_call":
         return True
     name = node.attrs["target"].split(".")[1]

@@ -12,7 +12,7 @@ import sympy
 import torch
 from sympy.parsing.sympy_parser import parse_expr
 
-from .graph import Graph, Node, StateSpec, Value
+from .graph import Graph, Node, Value
 from .ops import Arg
 from .types import DTYPES_BY_NAME, SymType, TensorType, symbol
 
@@ -229,6 +229,12 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
             if params is not None:
                 g.params[name] = params[name]
             continue
+        sm = re.fullmatch(r'%([\w.]+):\s*state\s+(".*?")\s+(.*)', item)
+        if sm:
+            v = Value(parse_type(sm.group(3), cache), state=json.loads(sm.group(2)))
+            define(sm.group(1), v)
+            g.state_values.append(v)
+            continue
         im = re.fullmatch(r"%([\w.]+):\s*(.*)", item)
         if not im:
             raise ParseError(f"bad graph input {item!r}")
@@ -241,11 +247,6 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
         s = line.strip()
         if s == "}":
             break
-        if s.startswith("state "):
-            sm = re.fullmatch(r'state\s+(".*?"):\s*(.*)', s)
-            t = parse_type(sm.group(2), cache)
-            g.state[json.loads(sm.group(1))] = StateSpec(t.shape, t.dtype)
-            continue
         if s.startswith("return"):
             rm = re.fullmatch(r"return\s*\((.*)\)", s)
             g.outputs = [use(x) for x in split_top(rm.group(1))] if rm.group(1).strip() else []
@@ -293,8 +294,11 @@ def structurally_equal(a: Graph, b: Graph) -> bool:
         return False
     if [v.param for v in a.param_values] != [v.param for v in b.param_values]:
         return False
+    if [v.state for v in a.state_values] != [v.state for v in b.state_values]:
+        return False
     index_a, index_b = {}, {}
-    for i, (x, y) in enumerate(zip(a.inputs + a.param_values, b.inputs + b.param_values)):
+    for i, (x, y) in enumerate(zip(a.inputs + a.param_values + a.state_values,
+                                   b.inputs + b.param_values + b.state_values)):
         if not x.type.same_as(y.type):
             return False
         index_a[x], index_b[y] = ("in", i), ("in", i)

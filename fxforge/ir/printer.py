@@ -18,7 +18,7 @@ import sympy
 import torch
 
 from .ops import Arg
-from .types import DTYPE_NAMES, TensorType
+from .types import DTYPE_NAMES
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -37,6 +37,8 @@ class Namer:
             self.names[v] = hint
         for i, v in enumerate(graph.param_values):
             self.names[v] = f"p{i}"
+        for i, v in enumerate(graph.state_values):
+            self.names[v] = f"s{i}"
         counter = 0
         for n in graph.nodes:
             for v in n.outputs:
@@ -104,9 +106,8 @@ def print_graph(graph, show_source: bool = False) -> str:
     names = Namer(graph)
     sig = [f"%{names[v]}: {v.type}" for v in graph.inputs]
     sig += [f'%{names[v]}: param {json.dumps(v.param)} {v.type}' for v in graph.param_values]
+    sig += [f'%{names[v]}: state {json.dumps(v.state)} {v.type}' for v in graph.state_values]
     lines = [f"graph({', '.join(sig)}) {{"]
-    for name, spec in graph.state.items():
-        lines.append(f"  state {json.dumps(name)}: {TensorType(spec.shape, spec.dtype)}")
     for n in graph.nodes:
         lines.append("  " + format_node(n, names, show_source))
     outs = ", ".join(f"%{names[v]}" for v in graph.outputs)

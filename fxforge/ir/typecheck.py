@@ -18,7 +18,7 @@ def typecheck(graph: Graph, registry=None) -> Graph:
     def fail(node, why: str):
         raise IRCheckError(f"{why}\n  at: {format_node(node, names)}{node.where()}")
 
-    for v in graph.inputs + graph.param_values:
+    for v in graph.inputs + graph.param_values + graph.state_values:
         if v in defined:
             raise IRCheckError(f"graph input %{names[v]} is listed twice")
         defined.add(v)

@@ -72,11 +72,19 @@ def _kernel_overrides(backend: str) -> dict:
     from .torch_kernels import attention_sdpa
 
     out = {"attention": attention_sdpa, "quant_linear": _quant_linear(backend)}
-    if backend != "torch" and importlib.util.find_spec("fxforge.codegen.kernels.attention") is not None:
-        from ..codegen.kernels import attention
-
-        out["attention"] = attention.attention_triton
+    if backend != "torch":
+        out["attention"] = attention_dispatch
     return out
+
+
+def attention_dispatch(q, k, v, bias=None, *, causal: bool, scale: float):
+    """One query per sequence (decoding) goes to the split-context kernel, which keeps the
+    GPU busy with a single query; everything else to the FlashAttention kernel."""
+    from ..codegen.kernels import attention, decode_attention
+
+    if q.shape[2] == 1:
+        return decode_attention.decode_attention_triton(q, k, v, bias, causal=causal, scale=scale)
+    return attention.attention_triton(q, k, v, bias, causal=causal, scale=scale)
 
 
 def _quant_linear(backend: str):

@@ -10,9 +10,11 @@ import torch.utils._pytree as pytree
 from ..ir.capture import CallSpec, flatten_call
 from ..ir.graph import Graph
 from ..ir.printer import print_graph
-from ..ir.types import SymType, dtype_name
+from ..ir.types import SymType, TensorType, dtype_name
+from ..passes.kv_cache import CACHE_LEN, KV_BIAS, POSITIONS
 from ..passes.manager import PassStats, format_report
 from .program import Program
+from .state import KVCache, cache_input_slots
 
 
 class OptimizedModel:
@@ -27,6 +29,16 @@ class OptimizedModel:
         self.capture_seconds = capture_seconds
         self.model_name = model_name
         self.kernels: dict[str, str] = {}
+        self.device = _graph_device(graph)
+        # set when the kv_cache pass ran: the limits generate() checks, and the cache slots
+        self.kv_layout = next((st.details["kv_cache"] for st in stats if "kv_cache" in st.details), None)
+        if graph.state_values and self.kv_layout is None:
+            raise ValueError("the graph has state buffers but no kv_cache layout: run the kv_cache pass "
+                             "through fxforge.optimize(..., kv_cache=True)")
+        self._cache_slots = cache_input_slots(graph) if self.kv_layout is not None else {}
+        self._cache: KVCache | None = None
+        # eos/pad tokens generate() uses when not given (from a transformers generation_config)
+        self.generation_defaults: dict = {}
 
     # -- calling ----------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -40,15 +52,91 @@ class OptimizedModel:
                                  "call fxforge.optimize again with the new value")
         self._check_inputs(inputs)
         with torch.no_grad():
-            outs = self.program(*inputs)
+            if self.kv_layout is not None:
+                # a plain call is a prefill into an empty cache: the model's outputs, same as eager
+                batch, length = self._batch_and_length(inputs)
+                pad = torch.zeros(batch, dtype=torch.long, device=self.device)
+                cache = self.kv_cache_for(batch, length)
+                outs = self.program(*self._cached_inputs(inputs, 0, pad, length), *cache.buffers)
+            else:
+                outs = self.program(*inputs)
         flat = [outs[i] if kind == "value" else i for kind, i in self.spec.output_leaves]
         return pytree.tree_unflatten(flat, self.spec.out_spec)
 
     forward = __call__
 
+    # -- cached decoding (graphs that went through the kv_cache pass) ---------------------------
+    def generate(self, input_ids, max_new_tokens: int = 20, **kwargs):
+        """Token ids like transformers' generate: the prompt then the new tokens. Keyword
+        arguments: attention_mask, do_sample, temperature, top_k, top_p, eos_token_id,
+        pad_token_id, streamer, generator. Needs optimize(..., kv_cache=True). EOS and pad
+        tokens default to the model's generation_config, as in transformers."""
+        from .generate import generate
+
+        self._require_cache("generate()")
+        for key, value in self.generation_defaults.items():
+            if kwargs.get(key) is None:
+                kwargs[key] = value
+        with torch.no_grad():
+            return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def kv_cache_for(self, batch: int, capacity: int) -> KVCache:
+        """The cache buffers, reused while big enough (grown to a multiple of 256)."""
+        self._require_cache("the KV cache")
+        if self._cache is None or not self._cache.fits(batch, capacity):
+            capacity = -(-capacity // 256) * 256
+            if self.kv_layout.max_seq_len is not None:
+                capacity = min(capacity, self.kv_layout.max_seq_len)
+            self._cache = None  # free the old buffers first
+            self._cache = KVCache(self.graph, batch, capacity, self.device)
+        return self._cache
+
+    def run_cached(self, input_ids: torch.Tensor, start: int, pad: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One prefill or decode step: the new tokens go at positions start.., the cache
+        holds the earlier ones. Returns the logits of the new tokens [B, T, vocab]."""
+        inputs = self._cached_inputs([input_ids], start, pad, input_ids.shape[1])
+        outs = self.program(*inputs, *cache.buffers)
+        return outs[self._logits_index()]
+
+    def _cached_inputs(self, user_inputs, start: int, pad: torch.Tensor, new: int) -> list:
+        from .state import step_inputs
+
+        bias_type = self.graph.inputs[self._cache_slots[KV_BIAS]].type
+        positions, bias = step_inputs(pad, start, new, bias_type.dtype, self.device)
+        extra = {CACHE_LEN: start, POSITIONS: positions, KV_BIAS: bias}
+        inputs = list(user_inputs)
+        for key, slot in sorted(self._cache_slots.items(), key=lambda kv: kv[1]):
+            inputs.append(extra[key])
+        return inputs
+
+    def _batch_and_length(self, inputs) -> tuple[int, int]:
+        bias = self.graph.inputs[self._cache_slots[KV_BIAS]].type
+        batch_sym, seq_sym = bias.shape[0], bias.shape[-1].free_symbols
+        for x, v in zip(inputs, self.graph.inputs):
+            if isinstance(v.type, SymType):
+                continue
+            sizes = {d: x.shape[i] for i, d in enumerate(v.shape) if isinstance(d, sympy.Symbol)}
+            if batch_sym in sizes:
+                length = next((sizes[s] for s in seq_sym if s in sizes), None)
+                if length is not None:
+                    return sizes[batch_sym], length
+        raise ValueError("cannot tell the batch and sequence length from the inputs")
+
+    def _logits_index(self) -> int:
+        for i, v in enumerate(self.graph.outputs):
+            if isinstance(v.type, TensorType) and v.rank == 3 and v.dtype.is_floating_point:
+                return i
+        raise ValueError("generate() needs a model that returns logits [batch, length, vocab]")
+
+    def _require_cache(self, what: str):
+        if self.kv_layout is None:
+            raise RuntimeError(f"{what} needs a KV cache: optimize the model with "
+                               "fxforge.optimize(model, example_inputs, kv_cache=True)")
+
     def _check_inputs(self, inputs):
         sizes: dict = {}
-        for i, (x, v) in enumerate(zip(inputs, self.graph.inputs)):
+        n_user = min(self._cache_slots.values(), default=len(self.graph.inputs))
+        for i, (x, v) in enumerate(zip(inputs, self.graph.inputs[:n_user])):
             label = f"input {i} ({self.graph.input_names[i] if i < len(self.graph.input_names) else v.hint})"
             if isinstance(v.type, SymType):
                 continue
@@ -95,6 +183,12 @@ class OptimizedModel:
 
     def __repr__(self) -> str:
         return f"OptimizedModel({self.model_name}, backend={self.backend}, nodes={len(self.graph.nodes)})"
+
+
+def _graph_device(graph: Graph) -> torch.device:
+    for t in graph.params.values():
+        return t.device
+    return torch.device("cpu")
 
 
 def _write(directory, name, text) -> str:

@@ -22,7 +22,7 @@ import torch
 
 from ..ir.graph import Graph
 from ..ir.ops import Arg
-from ..ir.types import SymType
+from ..ir.types import SymType, symbol
 
 
 def _py_dtype(dtype: torch.dtype) -> str:
@@ -123,10 +123,17 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
         return n
 
     args = [name(v, v.hint or f"in{i}") for i, v in enumerate(graph.inputs)]
+    args += [name(v, "state_" + v.state) for v in graph.state_values]
     lines = [f"def program({', '.join(args)}):"]
-    # Bind every symbolic size from the first input dim that carries it.
+    # Bind every symbolic size: an int input binds the symbol it is named after, the
+    # others come from the first input (or state buffer) dim that carries them.
     bound: set = set()
     for v, a in zip(graph.inputs, args):
+        if isinstance(v.type, SymType):
+            bound.add(symbol(v.hint))
+            if a != v.hint:
+                lines.append(f"    {v.hint} = {a}")
+    for v, a in zip(graph.inputs + graph.state_values, args):
         if isinstance(v.type, SymType):
             continue
         for d, size in enumerate(v.shape):

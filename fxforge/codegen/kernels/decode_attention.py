@@ -1,0 +1,184 @@
+"""Decode attention (one query per sequence) in Triton, split across the context
+(flash-decoding): with Tq = 1 there is no query dimension to spread over the GPU, so the
+keys are cut into chunks, each program reduces one chunk for one KV head (all the query
+heads that share it, so K/V are read once per group), and a second kernel combines the
+partial softmaxes.
+
+    decode_attention_triton(q, k, v, bias=None, *, causal, scale) -> [B, H, 1, D]
+
+q: [B, H, 1, D]; k, v: [B, Hkv, Tk, D] (strided views of a KV cache are fine); bias is
+additive, broadcastable to [B, H, 1, Tk]. With one query, bottom-right causal masking hides
+nothing, so `causal` does not change the result. Equal to `attention_reference`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ...ir.ops import attention_reference
+
+__all__ = ["decode_attention_triton", "attention_reference", "num_splits"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    # pointers
+    q_ptr, k_ptr, v_ptr, bias_ptr, m_ptr, l_ptr, acc_ptr,
+    # sizes
+    H, GROUPS, TK, CHUNK, NUM_SPLITS, qk_scale,
+    # strides
+    sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbn,
+    # constexprs
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_bkv = tl.program_id(0)  # (batch, kv head)
+    split = tl.program_id(1)
+    hkv = H // GROUPS
+    b = pid_bkv // hkv
+    kvh = pid_bkv % hkv
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_valid = offs_g < GROUPS
+    d_valid = offs_d < HEAD_DIM
+    heads = kvh * GROUPS + offs_g
+
+    q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
+                mask=g_valid[:, None] & d_valid[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b * skb + kvh * skh
+    v_base = v_ptr + b * svb + kvh * svh
+
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, D_PAD), dtype=tl.float32)
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, TK)
+    for start_n in range(lo, hi, BLOCK_N):
+        n_idx = start_n + offs_n
+        n_valid = n_idx < hi
+        k = tl.load(k_base + n_idx[None, :] * skn + offs_d[:, None] * skd,
+                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # log2 units
+        keep = g_valid[:, None] & n_valid[None, :]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + b * sbb + heads[:, None] * sbh + n_idx[None, :] * sbn, mask=keep, other=0.0)
+            s = s + bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + n_idx[:, None] * svn + offs_d[None, :] * svd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        if DOT_F32:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # partials: [B, H, NUM_SPLITS] for m and l, [B, H, NUM_SPLITS, D_PAD] for acc (contiguous)
+    row = (b * H + heads) * NUM_SPLITS + split
+    tl.store(m_ptr + row, m_i, mask=g_valid)
+    tl.store(l_ptr + row, l_i, mask=g_valid)
+    tl.store(acc_ptr + row[:, None] * D_PAD + offs_d[None, :], acc, mask=g_valid[:, None])
+
+
+@triton.jit
+def _decode_combine_kernel(
+    m_ptr, l_ptr, acc_ptr, out_ptr,
+    H, NUM_SPLITS,
+    sob, soh, sod,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (batch, head)
+    b = pid // H
+    h = pid % H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D_PAD)
+    s_valid = offs_s < NUM_SPLITS
+    base = pid * NUM_SPLITS
+    m = tl.load(m_ptr + base + offs_s, mask=s_valid, other=float("-inf"))
+    l = tl.load(l_ptr + base + offs_s, mask=s_valid, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(s_valid & (m > float("-inf")), tl.exp2(m - m_max), 0.0)
+    acc = tl.load(acc_ptr + (base + offs_s)[:, None] * D_PAD + offs_d[None, :], mask=s_valid[:, None], other=0.0)
+    total = tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + b * sob + h * soh + offs_d * sod, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def num_splits(batch_kv_heads: int, tk: int, block_n: int, programs: int) -> tuple[int, int]:
+    """(chunk, splits): enough splits that batch * kv_heads * splits fills `programs`
+    slots, each chunk a multiple of the key block and at least one block."""
+    want = max(1, programs // max(batch_kv_heads, 1))
+    chunk = triton.cdiv(triton.cdiv(tk, want), block_n) * block_n
+    chunk = max(chunk, block_n)
+    return chunk, triton.cdiv(tk, chunk)
+
+
+def _programs(device) -> int:
+    if _INTERPRET or device.type != "cuda":
+        return 8  # the interpreter: a few splits, so the combine step is exercised
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_attention_triton(q, k, v, bias=None, *, causal: bool, scale: float):
+    """The launch wrapper: check, allocate partials, launch split and combine kernels."""
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"decode attention takes one query per sequence [B, H, 1, D], got {tuple(q.shape)}")
+    bsz, heads, _, d = q.shape
+    if k.dim() != 4 or k.shape[0] != bsz or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"decode attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be [B={bsz}, Hkv, Tk, D={d}]")
+    kv_heads, tk = k.shape[1], k.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"decode attention: {heads} query heads is not a multiple of {kv_heads} kv heads")
+    if not 1 <= d <= 256:
+        raise ValueError(f"decode attention: head dim {d} is outside 1..256")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"decode attention: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if bias is not None:
+        try:
+            bias = bias.expand(bsz, heads, 1, tk)
+        except RuntimeError:
+            raise ValueError(f"decode attention: bias {tuple(bias.shape)} does not broadcast to "
+                             f"[{bsz}, {heads}, 1, {tk}]") from None
+    out = torch.empty(bsz, heads, 1, d, dtype=q.dtype, device=q.device)
+    if bsz * heads == 0:
+        return out
+    groups = heads // kv_heads
+    d_pad = max(16, triton.next_power_of_2(d))
+    block_g = max(16, triton.next_power_of_2(groups))
+    block_n = 16 if _INTERPRET else 64
+    chunk, splits = num_splits(bsz * kv_heads, max(tk, 1), block_n, _programs(q.device))
+    m = torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(bsz, heads, splits, d_pad, dtype=torch.float32, device=q.device)
+    bias_arg = bias if bias is not None else q
+    bs = (bias.stride(0), bias.stride(1), bias.stride(3)) if bias is not None else (0, 0, 0)
+    _decode_split_kernel[(bsz * kv_heads, splits)](
+        q, k, v, bias_arg, m, l, acc,
+        heads, groups, tk, chunk, splits, float(scale) * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *bs,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=block_n, HAS_BIAS=bias is not None,
+        DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
+        PRECISION="ieee" if q.dtype == torch.float32 or _INTERPRET else "tf32",
+        num_warps=4,
+    )
+    _decode_combine_kernel[(bsz * heads,)](
+        m, l, acc, out, heads, splits, out.stride(0), out.stride(1), out.stride(3),
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
+    )
+    return out

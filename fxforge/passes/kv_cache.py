@@ -1,0 +1,347 @@
+"""kv_cache: one graph that serves prefill (T >= 1 new tokens) and decode (T = 1) over a
+key/value cache, so that each generated token costs O(context), not O(context^2).
+
+Runs after fuse_attention. It adds three inputs after the model's own, and one state
+buffer per cached tensor:
+
+    graph(%input_ids: i64[B, T], %L: int, %kv_positions: i64[B, T], %kv_bias: f32[B, 1, 1, L + T],
+          ..., %s0: state "layer0.k_cache" f32[B, 3, S, 64], %s1: state "layer0.v_cache" ...)
+
+  L             how many positions the cache already holds (the new tokens go at L..L+T-1);
+  kv_positions  each new token's position (L + t, minus the row's left padding);
+  kv_bias       additive key mask, 0 or a very negative number (left-padding keys);
+  state         [B, Hkv, S, D] per layer for K and for V, allocated by the runtime, S >= L + T.
+
+Rewrites (each declines loudly, with the node, rather than produce wrong tokens):
+  attention(q, k, v) {causal}           -> attention(q, kv_append(kc, k), kv_append(vc, v), kv_bias)
+                                           (k after rotary embedding: kv_append reads what
+                                           the attention read)
+  unsqueeze(arange(0, T), 0)  [1, T]    -> %kv_positions [B, T]  (per-row positions, as
+                                           transformers' generate computes them from the
+                                           attention mask; types downstream are re-derived)
+  arange(0, T) used any other way       -> arange(L, L + T)      (no per-row positions: left-
+                                           padded batches are refused at generate time)
+  slice(table, d, 0, T) of a fixed-size -> slice(table, d, L, L + T)
+    table (a rotary cos/sin cache)
+
+Refused: attention that is not causal or has a mask input (the cache cannot extend an
+arbitrary mask), attention over keys that are not the new tokens, any other op that
+builds a tensor from the sequence length (a leftover mask, say), a position table
+shorter than max_seq_len.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from ..ir.graph import Graph, Node, Value
+from ..ir.ops import OPS
+from ..ir.types import SymType, TensorType, dims_equal, symbol
+
+# The inputs this pass appends, by hint; the runtime finds them by these names.
+CACHE_LEN, POSITIONS, KV_BIAS = "L", "kv_positions", "kv_bias"
+CACHE_INPUTS = (CACHE_LEN, POSITIONS, KV_BIAS)
+CACHE_SIZE = "S"  # the symbolic length of the state buffers
+
+# Ops through which per-row positions may flow: they treat a leading dim as a batch.
+_ROW_SAFE_KINDS = ("pointwise",)
+_ROW_SAFE_OPS = ("cast", "unsqueeze", "embedding", "matmul", "slice", "permute", "cat", "fused_pointwise")
+
+
+class KVCacheError(ValueError):
+    """The kv_cache pass cannot prove where positions come from, or the attention is not
+    one a cache can serve. The message names the IR node."""
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """max_seq_len: the longest prompt + generation; None means the model's own limit
+    (its position table), or no limit for rotary models. max_batch: the largest batch
+    generate() accepts (None: any). dtype: the cache's dtype (None: the keys' dtype; a
+    narrower one halves the cache, the keys are cast back for attention)."""
+
+    max_seq_len: int | None = None
+    max_batch: int | None = None
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self):
+        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 1):
+            raise ValueError(f"KVCacheConfig.max_seq_len must be a positive int or None, got {self.max_seq_len!r}")
+        if self.max_batch is not None and (not isinstance(self.max_batch, int) or self.max_batch < 1):
+            raise ValueError(f"KVCacheConfig.max_batch must be a positive int or None, got {self.max_batch!r}")
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise ValueError(f"KVCacheConfig.dtype must be a floating torch.dtype or None, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """What the runtime needs to drive a cached graph (also in report details)."""
+
+    max_seq_len: int | None  # None: unbounded
+    max_batch: int | None
+    per_row_positions: bool  # False: left-padded batches cannot be served
+    n_layers: int
+    bytes_per_token: int  # K and V of every layer, for one sequence
+
+
+def as_config(option) -> KVCacheConfig:
+    if option is True:
+        return KVCacheConfig()
+    if isinstance(option, KVCacheConfig):
+        return option
+    if isinstance(option, dict):
+        return KVCacheConfig(**option)
+    raise TypeError(f"kv_cache= takes True, a KVCacheConfig or a dict of its fields, got {option!r}")
+
+
+def _describe(graph: Graph, node: Node) -> str:
+    from ..ir.printer import Namer, format_node
+
+    return f"{format_node(node, Namer(graph))}{node.where()}"
+
+
+def _fresh_symbol(graph: Graph, name: str) -> sympy.Symbol:
+    taken = {str(s) for v in graph.inputs + graph.param_values + graph.state_values
+             if isinstance(v.type, TensorType) for s in v.type.free_symbols()}
+    taken |= {v.hint for v in graph.inputs if isinstance(v.type, SymType)}
+    base, i = name, 1
+    while name in taken:
+        name, i = f"{base}{i}", i + 1
+    return symbol(name)
+
+
+# -- the pass -------------------------------------------------------------------------------
+def kv_cache(graph: Graph, ctx=None) -> Graph:
+    config = as_config(ctx.options.get("kv_cache", True) if ctx is not None else True)
+    if graph.state_values:
+        raise KVCacheError("kv_cache: the graph already has state buffers (did kv_cache run twice?)")
+    attentions = [n for n in graph.nodes if n.op == "attention"]
+    if not attentions:
+        raise KVCacheError("kv_cache: the graph has no fused attention op, so there is nothing to cache. "
+                           "Run fuse_attention first (it is in the default pipeline); if it ran, see its "
+                           "report note for why it declined this model's attention")
+    first_q = attentions[0].inputs[0]
+    batch, seq = first_q.shape[0], first_q.shape[2]
+    if not isinstance(seq, sympy.Symbol) or not isinstance(batch, sympy.Symbol):
+        raise KVCacheError(f"kv_cache: attention has a fixed batch or sequence size ({first_q.type}); capture "
+                           "the model with dynamic=True so one graph serves every length\n  at: "
+                           + _describe(graph, attentions[0]))
+    for n in attentions:
+        q, k = n.inputs[0], n.inputs[1]
+        why = None
+        if len(n.inputs) > 3:
+            why = ("has a mask input the cache cannot extend; capture the model with input_ids only "
+                   "(generate() takes attention_mask itself)")
+        elif not n.attrs["causal"]:
+            why = "is not causal (a decoder's self-attention is; encoders and cross-attention have no KV cache)"
+        elif not (q.shape[2] == seq and k.shape[2] == seq):
+            why = f"attends from {q.shape[2]} queries over {k.shape[2]} keys, not over the new tokens ({seq})"
+        elif q.shape[0] != batch:
+            why = f"has batch {q.shape[0]}, another attention has {batch}"
+        if why:
+            raise KVCacheError(f"kv_cache: this attention {why}\n  at: {_describe(graph, n)}")
+
+    cache_len = _fresh_symbol(graph, CACHE_LEN)
+    cache_size = _fresh_symbol(graph, CACHE_SIZE)
+    from .cleanup import dead_code_elimination
+
+    new_graph, per_row, table_limit = _rewrite_positions(graph, seq, batch, cache_len)
+    new_graph = dead_code_elimination(new_graph)
+    new_graph, layers, bytes_per_token = _rewrite_attention(new_graph, seq, batch, cache_len, cache_size, config)
+    _check_no_other_length_ops(new_graph, seq)
+
+    max_seq_len = config.max_seq_len
+    if table_limit is not None:
+        if max_seq_len is not None and max_seq_len > table_limit:
+            raise KVCacheError(f"kv_cache: max_seq_len={max_seq_len} but the model's position table has only "
+                               f"{table_limit} rows; use max_seq_len <= {table_limit}")
+        max_seq_len = table_limit if max_seq_len is None else max_seq_len
+    layout = KVCacheLayout(max_seq_len, config.max_batch, per_row, layers, bytes_per_token)
+    if ctx is not None:
+        ctx.details["kv_cache"] = layout
+        ctx.rules["cache_attention"] += layers
+        ctx.rules["positions_per_row" if per_row else "positions_from_cache_len"] += 1
+        ctx.note(f"{layers} attention layers cached, {bytes_per_token} bytes per token per sequence; "
+                 f"positions {'per row' if per_row else 'shared by the batch (no left padding)'}; "
+                 f"max_seq_len {max_seq_len if max_seq_len is not None else 'unbounded'}")
+    return new_graph
+
+
+# -- positions ------------------------------------------------------------------------------
+def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool, int | None]:
+    users = graph.users()
+    positions = Value(TensorType((batch, seq), torch.int64), hint=POSITIONS)
+    replace: dict[Value, Value] = {}  # old value -> per-row positions
+    new_nodes: dict[int, Node] = {}  # id(old node) -> its replacement
+    table_limit = None
+    shared = False
+    for node in graph.nodes:
+        if node.op == "arange" and _mentions(node.attrs.get("end"), seq):
+            a = node.attrs
+            if not (a["start"] == 0 and a["step"] == 1 and dims_equal(a["end"], seq)):
+                raise KVCacheError("kv_cache: an arange over the sequence that does not count 0..T-1; cannot "
+                                   f"tell which positions it means\n  at: {_describe(graph, node)}")
+            uses = users.get(node.outputs[0], [])
+            if uses and all(u.op == "unsqueeze" and u.attrs["dim"] in (0, -2) for u in uses) \
+                    and node.outputs[0] not in graph.outputs and a["dtype"] == torch.int64:
+                for u in uses:
+                    replace[u.outputs[0]] = positions
+            else:
+                shared = True
+                new_nodes[id(node)] = Node("arange", (), {**a, "start": cache_len, "end": cache_len + seq},
+                                           node.outputs, {**node.meta, "pass": "kv_cache"})
+        elif node.op == "slice" and _mentions(node.attrs["end"], seq):
+            a, table = node.attrs, node.inputs[0]
+            dim = a["dim"] % table.rank
+            if not (a["start"] == 0 and a["step"] == 1 and dims_equal(a["end"], seq) and table.shape[dim].is_number):
+                continue  # a slice of an activation along T (e.g. a split): not a position
+            shared = True
+            size = int(table.shape[dim])
+            table_limit = size if table_limit is None else min(table_limit, size)
+            new_nodes[id(node)] = Node("slice", node.inputs, {**a, "start": cache_len, "end": cache_len + seq},
+                                       node.outputs, {**node.meta, "pass": "kv_cache"})
+
+    nodes = [new_nodes.get(id(n), n) for n in graph.nodes]
+    out = graph.with_nodes(nodes)
+    out.inputs = list(graph.inputs) + [Value(SymType(), hint=str(cache_len))]
+    out.input_names = list(graph.input_names) + [str(cache_len)]
+    per_row = False
+    if replace:
+        retyped = _retype(out, replace) if not shared else None
+        if retyped is not None:
+            out, per_row = retyped, True
+        else:
+            # fall back to positions shared by the batch: arange(L, L + T) everywhere
+            nodes = []
+            for n in out.nodes:
+                nodes.append(n)
+                if n.op == "arange" and any(u.outputs[0] in replace for u in users.get(n.outputs[0], [])):
+                    nodes[-1] = Node("arange", (), {**n.attrs, "start": cache_len, "end": cache_len + seq},
+                                     n.outputs, {**n.meta, "pass": "kv_cache"})
+            out = out.with_nodes(nodes)
+    if per_row:
+        out.inputs.append(positions)
+        out.input_names.append(POSITIONS)
+    table_limit = _position_table_limit(out, table_limit, positions if per_row else None, seq, cache_len)
+    return out, per_row, table_limit
+
+
+def _mentions(expr, sym) -> bool:
+    return isinstance(expr, sympy.Basic) and sym in expr.free_symbols
+
+
+def _retype(graph: Graph, replace: dict[Value, Value]) -> Graph | None:
+    """Substitute per-row positions and re-derive types downstream. Succeeds only if every
+    node whose type changes is row-safe (treats the new leading dim as a batch) and every
+    node that mixes positions with activations keeps its type: then each row computes
+    exactly what the [1, T] graph computed for that row's positions."""
+    renamed = dict(replace)
+    nodes = []
+    for node in graph.nodes:
+        if any(o in replace for o in node.outputs):
+            continue  # the unsqueeze(arange) itself: now an input
+        if not any(v in renamed for v in node.inputs):
+            nodes.append(node)
+            continue
+        inputs = tuple(renamed.get(v, v) for v in node.inputs)
+        try:
+            types = OPS[node.op].infer([v.type for v in inputs], node.attrs)
+        except Exception:
+            return None
+        if types is None or len(types) != len(node.outputs):
+            return None
+        outputs = []
+        for t, old in zip(types, node.outputs):
+            if t.same_as(old.type):
+                outputs.append(old)
+                continue
+            kind = OPS[node.op].kind
+            if kind not in _ROW_SAFE_KINDS and node.op not in _ROW_SAFE_OPS:
+                return None
+            if node.op == "cat" and node.attrs["dim"] % old.rank == 0:
+                return None
+            new = Value(t, old.hint)
+            renamed[old] = new
+            outputs.append(new)
+        nodes.append(Node(node.op, inputs, node.attrs, tuple(outputs), node.meta))
+    if any(v in renamed for v in graph.outputs):
+        return None
+    return graph.with_nodes(nodes)
+
+
+def _position_table_limit(graph: Graph, limit, positions, seq, cache_len) -> int | None:
+    """Learned position embeddings: embedding(table, positions...) bounds the length."""
+    sources = set()
+    if positions is not None:
+        sources.add(positions)
+    for n in graph.nodes:
+        if n.op == "arange" and _mentions(n.attrs["end"], cache_len):
+            sources.add(n.outputs[0])
+    derived = set(sources)
+    for n in graph.nodes:
+        if any(v in derived for v in n.inputs):
+            if n.op == "embedding" and n.inputs[1] in derived:
+                rows = n.inputs[0].shape[0]
+                if rows.is_number:
+                    limit = int(rows) if limit is None else min(limit, int(rows))
+            if n.op in ("unsqueeze", "view", "expand", "cast", "add", "sub", "slice", "permute"):
+                derived.update(n.outputs)
+    return limit
+
+
+# -- attention -----------------------------------------------------------------------------
+def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: KVCacheConfig):
+    from ..ir.builder import Builder
+
+    bias_dtype = graph.nodes[[n.op for n in graph.nodes].index("attention")].inputs[0].dtype
+    kv_bias = Value(TensorType((batch, 1, 1, cache_len + seq), bias_dtype), hint=KV_BIAS)
+    states: list[Value] = []
+    nodes: list[Node] = []
+    renamed: dict[Value, Value] = {}
+    layer = 0
+    bytes_per_token = 0
+    for node in graph.nodes:
+        if any(v in renamed for v in node.inputs):
+            node = Node(node.op, tuple(renamed.get(v, v) for v in node.inputs), node.attrs, node.outputs, node.meta)
+        if node.op != "attention":
+            nodes.append(node)
+            continue
+        q, k, v = node.inputs
+        b = Builder(meta={**node.meta, "pass": "kv_cache", "rule": "cache_attention"})
+        views = []
+        for name, x in (("k", k), ("v", v)):
+            dtype = config.dtype or x.dtype
+            state = Value(TensorType((batch, x.shape[1], cache_size, x.shape[3]), dtype),
+                          state=f"layer{layer}.{name}_cache")
+            states.append(state)
+            bytes_per_token += int(x.shape[1]) * int(x.shape[3]) * dtype.itemsize
+            x = b.cast(x, dtype)
+            view = b.emit("kv_append", state, x, start=cache_len)
+            views.append(b.cast(view, q.dtype))
+        out = b.emit("attention", q, views[0], views[1], kv_bias, **node.attrs)
+        nodes.extend(b.nodes)
+        renamed[node.outputs[0]] = out
+        layer += 1
+    out = graph.with_nodes(nodes, [renamed.get(v, v) for v in graph.outputs])
+    out.inputs.append(kv_bias)
+    out.input_names.append(KV_BIAS)
+    out.state_values = states
+    return out, layer, bytes_per_token
+
+
+def _check_no_other_length_ops(graph: Graph, seq):
+    """A tensor built from the sequence length alone (a leftover mask, a position we did
+    not place) would be wrong once T is only the new tokens: refuse."""
+    for n in graph.nodes:
+        if OPS[n.op].kind == "creation" and n.op != "const":
+            a = n.attrs
+            mentions = any(_mentions(x, seq) for x in (a.get("end"), a.get("start")))
+            mentions |= any(_mentions(d, seq) for d in a.get("shape", ()) if isinstance(d, sympy.Basic))
+            starts_at_cache = n.op == "arange" and isinstance(a.get("start"), sympy.Basic) and \
+                not a["start"].is_number
+            if mentions and not starts_at_cache:
+                raise KVCacheError("kv_cache: this op builds a tensor from the sequence length, and the pass "
+                                   "cannot tell what it means once T counts only the new tokens (a mask or a "
+                                   f"position it does not know)\n  at: {_describe(graph, n)}")

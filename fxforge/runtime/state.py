@@ -1,0 +1,78 @@
+"""KV cache buffers: the state values of a cached graph, allocated by the runtime.
+
+A graph after the kv_cache pass has state values typed [B, Hkv, S, D]; the runtime picks
+B (the batch) and S (the capacity: prompt + new tokens) per generate() call and reuses the
+buffers while they are big enough, so memory follows what is asked, not max_seq_len.
+"""
+from __future__ import annotations
+
+import sympy
+import torch
+
+from ..ir.graph import Graph
+from ..ir.types import SymType
+from ..passes.kv_cache import CACHE_LEN, CACHE_SIZE, KV_BIAS, POSITIONS
+
+
+class KVCache:
+    def __init__(self, graph: Graph, batch: int, capacity: int, device):
+        self.batch, self.capacity = batch, capacity
+        self.buffers = []
+        for v in graph.state_values:
+            sizes = {}
+            for d in v.type.free_symbols():
+                sizes[d] = capacity if str(d).startswith(CACHE_SIZE) else batch
+            shape = tuple(int(sympy.sympify(d).subs(sizes)) for d in v.type.shape)
+            self.buffers.append(torch.zeros(shape, dtype=v.type.dtype, device=device))
+
+    def fits(self, batch: int, capacity: int) -> bool:
+        return self.batch >= batch and self.capacity >= capacity
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+
+def cache_input_slots(graph: Graph) -> dict[str, int]:
+    """Where the kv_cache pass put its inputs (after the model's own): name -> index."""
+    slots: dict[str, int] = {}
+    for i in range(len(graph.inputs) - 1, -1, -1):
+        v = graph.inputs[i]
+        if isinstance(v.type, SymType):
+            slots[CACHE_LEN] = i
+        elif v.hint in (POSITIONS, KV_BIAS):
+            slots[v.hint] = i
+        else:
+            break
+    return slots
+
+
+def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """Per-row count of left-padding tokens, from a [B, T] 0/1 mask; checks it is left
+    padding (zeros then ones), the only layout generation can extend."""
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    if attention_mask.shape != (batch, length):
+        raise ValueError(f"attention_mask must have the shape of input_ids {(batch, length)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    mask = attention_mask.to(device=device, dtype=torch.long)
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
+    pad = (mask == 0).long().cumprod(dim=1).sum(dim=1)  # leading zeros per row
+    if not (mask.sum(dim=1) + pad == length).all():
+        raise ValueError("attention_mask must be left padding (zeros, then ones, per row): generation appends "
+                         "tokens on the right, so pad prompts on the left (tokenizer.padding_side = 'left')")
+    if (pad == length).any():
+        raise ValueError("a row of attention_mask is all padding: every prompt needs at least one token")
+    return pad
+
+
+def step_inputs(pad: torch.Tensor, start: int, new: int, dtype: torch.dtype, device):
+    """The kv_cache inputs for `new` tokens at positions start..start+new-1: positions per
+    row (minus the left padding, as transformers counts them; 0 on padding) and the key
+    bias (a very negative number on padding keys, so they get no attention)."""
+    steps = torch.arange(start, start + new, device=device)
+    positions = (steps[None, :] - pad[:, None]).clamp(min=0)
+    keys = torch.arange(start + new, device=device)
+    bias = torch.zeros(pad.shape[0], 1, 1, start + new, dtype=dtype, device=device)
+    bias.masked_fill_((keys[None, :] < pad[:, None])[:, None, None, :], torch.finfo(dtype).min)
+    return positions, bias

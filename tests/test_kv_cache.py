@@ -1,0 +1,278 @@
+"""kv_cache + generate(): greedy tokens equal transformers' generate, batched left-padded
+prompts included; logits at every step equal a full recompute; the IR after the pass."""
+import pytest
+import torch
+
+import fxforge
+from fxforge.passes.kv_cache import KVCacheConfig, KVCacheError
+from fxforge.runtime.generate import process_logits
+
+import zoo
+from helpers import assert_close_to_eager, assert_round_trips
+
+MODELS = {
+    "gpt2_eager": lambda: zoo.gpt2("eager"),
+    "gpt2_sdpa": lambda: zoo.gpt2("sdpa"),
+    "llama_eager": lambda: zoo.llama("eager"),
+    "llama_sdpa": lambda: zoo.llama("sdpa"),
+    "llama_mha": lambda: zoo.llama("sdpa", kv_heads=4),
+}
+
+
+def _optimize(model, vocab, **kw):
+    return fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=kw.pop("kv_cache", True), **kw)
+
+
+def _padded_batch(vocab, lengths, pad_id=0):
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = torch.randint(1, vocab, (n,))
+        mask[i, width - n:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_tokens_equal_transformers(name):
+    model, vocab = MODELS[name]()
+    fast = _optimize(model, vocab)
+    prompt = torch.randint(0, vocab, (1, 6))
+    ref = model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    out = fast.generate(prompt, 24)
+    assert torch.equal(out, ref), (out, ref)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_batched_left_padded_prompts_equal_transformers(name):
+    model, vocab = MODELS[name]()
+    fast = _optimize(model, vocab)
+    ids, mask = _padded_batch(vocab, [5, 9, 2])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    out = fast.generate(ids, 16, attention_mask=mask)
+    assert torch.equal(out, ref), (out, ref)
+
+
+@pytest.mark.parametrize("name", ["gpt2_sdpa", "llama_sdpa"])
+def test_logits_at_every_step_equal_full_recompute(name):
+    model, vocab = MODELS[name]()
+    fast = _optimize(model, vocab)
+    seq = torch.randint(0, vocab, (2, 20))
+    pad = torch.zeros(2, dtype=torch.long)
+    cache = fast.kv_cache_for(2, 20)
+    # prefill 8 tokens, then a chunk of 4 (Tq < Tk with an offset), then single tokens
+    start = 0
+    for chunk in (8, 4, 1, 1, 1, 1, 1, 1, 1, 1):
+        step = fast.run_cached(seq[:, start:start + chunk], start, pad, cache)
+        start += chunk
+        with torch.no_grad():
+            full = model(seq[:, :start]).logits[:, -chunk:]
+        assert_close_to_eager(full, step)
+
+
+def test_plain_call_still_matches_eager():
+    model, vocab = zoo.llama("sdpa")
+    fast = _optimize(model, vocab)
+    for b, t in [(1, 1), (3, 11)]:
+        ids = torch.randint(0, vocab, (b, t))
+        with torch.no_grad():
+            assert_close_to_eager(model(ids), fast(ids))
+
+
+def test_ir_after_kv_cache():
+    model, vocab = zoo.llama("sdpa", n_layer=1)
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),),
+                            passes=["cleanup", "fuse_attention", "kv_cache"])
+    text = fast.ir
+    head = text.splitlines()[0]
+    assert "%input_ids: i64[B, T], %L: int, %kv_positions: i64[B, T], %kv_bias: f32[B, 1, 1, L + T]" in head
+    assert '%s0: state "layer0.k_cache" f32[B, 2, S, 16]' in head
+    assert '%s1: state "layer0.v_cache" f32[B, 2, S, 16]' in head
+    lines = [ln.strip() for ln in text.splitlines()]
+    appends = [ln for ln in lines if "kv_append(" in ln]
+    assert len(appends) == 2 and all(ln.endswith("{start=L}") and "f32[B, 2, L + T, 16]" in ln for ln in appends)
+    attn = next(ln for ln in lines if "= attention(" in ln)
+    assert attn.endswith("%kv_bias) {causal=true, scale=0.25}"), attn
+    # rotary reads the per-row positions, not an arange over T
+    assert not any("arange(" in ln for ln in lines)
+    assert any(ln.endswith("unsqueeze(%kv_positions) {dim=2}") for ln in lines)
+    assert_round_trips(fast.graph)
+
+
+def test_cache_is_reused_and_sized_to_the_request():
+    model, vocab = zoo.llama("sdpa")
+    fast = _optimize(model, vocab)
+    fast.generate(torch.randint(0, vocab, (2, 5)), 10)
+    cache = fast._cache
+    per_token = fast.kv_layout.bytes_per_token
+    assert cache.nbytes() == per_token * 2 * cache.capacity
+    fast.generate(torch.randint(0, vocab, (1, 3)), 4)
+    assert fast._cache is cache  # smaller request: same buffers
+
+
+def test_nanogpt_positions_are_shared_and_padding_is_refused():
+    gm, vocab = zoo.nanogpt_traced()
+    fast = fxforge.optimize(gm, (torch.randint(0, vocab, (2, 7)),), kv_cache=True)
+    assert not fast.kv_layout.per_row_positions  # its arange feeds the embedding directly
+    assert fast.kv_layout.max_seq_len == 64  # the position table's rows
+    prompt = torch.randint(0, vocab, (2, 5))
+    out = fast.generate(prompt, 8)
+    # check against greedy decoding by full recompute on the eager model
+    seq = prompt
+    for _ in range(8):
+        with torch.no_grad():
+            nxt = gm(seq)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(out, seq)
+    ids, mask = _padded_batch(vocab, [3, 5])
+    with pytest.raises(ValueError, match="left-padded batches"):
+        fast.generate(ids, 4, attention_mask=mask)
+
+
+def test_eos_stops_each_row_and_pads():
+    model, vocab = zoo.gpt2("sdpa")
+    fast = _optimize(model, vocab)
+    ids = torch.randint(0, vocab, (3, 4))
+    free = fast.generate(ids, 12)
+    eos = int(free[0, 6])  # row 0 produces this token at step 3: make it the EOS
+    ref = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=1)
+    out = fast.generate(ids, 12, eos_token_id=eos, pad_token_id=1)
+    assert torch.equal(out, ref), (out, ref)
+
+
+def test_streamer_gets_every_token():
+    model, vocab = zoo.llama("sdpa")
+    fast = _optimize(model, vocab)
+    seen = []
+    out = fast.generate(torch.randint(0, vocab, (2, 4)), 6, streamer=seen.append)
+    assert torch.equal(torch.stack(seen, 1), out[:, 4:])
+
+    class Streamer:  # transformers' streamer protocol: the prompt first, then each step
+        def __init__(self):
+            self.parts, self.ended = [], False
+
+        def put(self, x):
+            self.parts.append(x)
+
+        def end(self):
+            self.ended = True
+
+    s = Streamer()
+    out = fast.generate(torch.randint(0, vocab, (1, 4)), 5, streamer=s)
+    assert s.ended and torch.equal(torch.cat([s.parts[0][0]] + [p for p in s.parts[1:]]), out[0])
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    model, vocab = zoo.llama("sdpa")
+    fast = _optimize(model, vocab)
+    prompt = torch.randint(0, vocab, (2, 4))
+    a = fast.generate(prompt, 10, do_sample=True, top_k=3, generator=torch.Generator().manual_seed(1))
+    b = fast.generate(prompt, 10, do_sample=True, top_k=3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    # every sampled token is among the 3 most likely given its prefix
+    with torch.no_grad():
+        logits = model(a[:, :-1]).logits[:, 3:]
+    top3 = logits.topk(3, dim=-1).indices
+    assert (top3 == a[:, 4:, None]).any(-1).all()
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(None, 0.9, 1.0), (5, None, 0.7), (4, 0.5, 1.3), (0, 1.0, 2.0)])
+def test_logits_processing_equals_transformers_warpers(top_k, top_p, temperature):
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    scores = torch.randn(4, 50)
+    ref = scores.clone()
+    if temperature != 1.0:
+        ref = TemperatureLogitsWarper(temperature)(None, ref)
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p is not None and top_p < 1.0:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    out = process_logits(scores, temperature, top_k, top_p)
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    assert torch.allclose(out[~torch.isinf(out)], ref[~torch.isinf(ref)])
+
+
+# -- limits and errors, checked before any work ------------------------------------------------
+def test_too_long_raises_before_generating():
+    model, vocab = zoo.gpt2("sdpa")  # 128 learned positions
+    fast = _optimize(model, vocab)
+    assert fast.kv_layout.max_seq_len == 128
+    with pytest.raises(ValueError, match="max_seq_len=128"):
+        fast.generate(torch.randint(0, vocab, (1, 100)), 29)
+    assert fast._cache is None  # nothing was allocated
+    fast.generate(torch.randint(0, vocab, (1, 100)), 28)  # exactly 128 fits
+
+
+def test_config_limits():
+    model, vocab = zoo.llama("sdpa")
+    fast = _optimize(model, vocab, kv_cache=KVCacheConfig(max_seq_len=32, max_batch=2))
+    with pytest.raises(ValueError, match="max_batch=2"):
+        fast.generate(torch.randint(0, vocab, (3, 4)), 2)
+    with pytest.raises(ValueError, match="max_seq_len=32"):
+        fast.generate(torch.randint(0, vocab, (1, 30)), 3)
+    gpt, gvocab = zoo.gpt2("sdpa")
+    with pytest.raises(KVCacheError, match="only 128 rows"):
+        _optimize(gpt, gvocab, kv_cache=KVCacheConfig(max_seq_len=4096))
+    with pytest.raises(ValueError, match="max_seq_len must be"):
+        KVCacheConfig(max_seq_len=0)
+
+
+def test_fp16_cache_halves_memory_and_still_generates():
+    model, vocab = zoo.llama("sdpa")
+    f32 = _optimize(model, vocab)
+    f16 = _optimize(model, vocab, kv_cache=KVCacheConfig(dtype=torch.float16))
+    assert f16.kv_layout.bytes_per_token * 2 == f32.kv_layout.bytes_per_token
+    prompt = torch.randint(0, vocab, (1, 6))
+    assert f16.generate(prompt, 8).shape == (1, 14)
+
+
+def test_bad_inputs_to_generate():
+    model, vocab = zoo.llama("sdpa")
+    fast = _optimize(model, vocab)
+    with pytest.raises(ValueError, match="int64 tensor"):
+        fast.generate(torch.randint(0, vocab, (5,)), 3)
+    with pytest.raises(ValueError, match="left padding"):
+        fast.generate(torch.ones(2, 4, dtype=torch.long), 3, attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="top_p"):
+        fast.generate(torch.ones(1, 4, dtype=torch.long), 3, do_sample=True, top_p=1.5)
+    plain = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),))
+    with pytest.raises(RuntimeError, match="kv_cache=True"):
+        plain.generate(torch.ones(1, 4, dtype=torch.long), 3)
+
+
+def test_refuses_attention_with_a_mask_input():
+    model, vocab = zoo.llama("sdpa")
+    ids = torch.randint(0, vocab, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    with pytest.raises(KVCacheError, match="mask input"):
+        fxforge.optimize(model, (ids,), example_kwargs={"attention_mask": mask}, kv_cache=True)
+
+
+def test_refuses_a_graph_without_attention():
+    lin = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(KVCacheError, match="no fused attention"):
+        fxforge.optimize(lin, (torch.randn(2, 8),), kv_cache=True)
+
+
+def test_refuses_non_causal_attention():
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    with pytest.raises(KVCacheError, match="not causal"):
+        fxforge.optimize(Encoder(), (torch.randn(2, 5, 16),), kv_cache=True)
+
+
+def test_interpret_backend_runs_the_cached_graph():
+    model, vocab = zoo.llama("sdpa", n_layer=1)
+    ref_fast = _optimize(model, vocab)
+    fast = _optimize(model, vocab, backend="interpret")
+    ids, mask = _padded_batch(vocab, [3, 6])
+    assert torch.equal(fast.generate(ids, 5, attention_mask=mask), ref_fast.generate(ids, 5, attention_mask=mask))
