@@ -75,8 +75,7 @@ class OptimizedModel:
 
         self._require_cache("generate()")
         for key, value in self.generation_defaults.items():
-            if kwargs.get(key) is None:
-                kwargs[key] = value
+            kwargs.setdefault(key, value)  # an explicit None turns the default off
         with torch.no_grad():
             return generate(self, input_ids, max_new_tokens, **kwargs)
 
