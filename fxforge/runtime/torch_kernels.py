@@ -16,6 +16,12 @@ def attention_sdpa(q, k, v, bias=None, *, causal: bool, scale: float):
     where SDPA supports it (enable_gqa), else by repeating K/V."""
     tq, tk = q.shape[-2], k.shape[-2]
     groups = q.shape[1] // k.shape[1]
+    if tq == 1 and groups > 1 and (bias is None or bias.shape[1] == 1):
+        # decoding: the query heads of a group all sit at the one position, so they can be
+        # rows of one query block over the shared K/V head, with no copy of the cache
+        b, h, _, d = q.shape
+        out = attention_sdpa(q.reshape(b, k.shape[1], groups, d), k, v, bias, causal=False, scale=scale)
+        return out.reshape(b, h, 1, d)
     mask = None
     if bias is not None:
         mask = bias.to(q.dtype) if bias.dtype != q.dtype else bias
