@@ -9,12 +9,15 @@ def default_registry() -> PassRegistry:
     from .cleanup import cleanup
     from .fuse_attention import fuse_attention
     from .fuse_elementwise import fuse_elementwise
+    from .gqa import gqa
     from .kv_cache import kv_cache
     from .quantize import quantize
 
     reg = PassRegistry()
     reg.add(PassInfo("cleanup", cleanup, doc="DCE, CSE, constant folding, no-op removal"), append=True)
     reg.add(PassInfo("fuse_attention", fuse_attention, doc="attention subgraphs -> one fused op"), append=True)
+    reg.add(PassInfo("gqa", gqa, option="gqa", doc="multi-head -> grouped-query attention (approximate)"),
+            append=True)
     reg.add(PassInfo("kv_cache", kv_cache, option="kv_cache",
                      doc="a KV cache: one graph for prefill and decode, O(context) per token"), append=True)
     reg.add(PassInfo("quantize", quantize, option="quantize", doc="linear layers -> int8/int4/nf4/w8a8"),

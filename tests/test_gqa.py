@@ -1,0 +1,137 @@
+"""gqa: MHA -> GQA with fewer K/V heads. Exact when heads are already duplicated within
+groups; otherwise approximate, with the error reported; composes with kv_cache."""
+import pytest
+import torch
+
+import fxforge
+from fxforge.passes.gqa import GQAConfig, GQAError
+
+import zoo
+from helpers import assert_close_to_eager, assert_round_trips
+
+
+def _duplicate_llama_heads(model, group):
+    """Make K/V heads equal within consecutive groups of `group` heads: GQA in disguise."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            d = attn.head_dim
+            for proj in (attn.k_proj, attn.v_proj):
+                w = proj.weight.view(-1, d, proj.weight.shape[1])
+                for h in range(w.shape[0]):
+                    w[h] = w[h - h % group]
+    return model
+
+
+def _duplicate_gpt2_heads(model, group):
+    with torch.no_grad():
+        for block in model.transformer.h:
+            c = block.attn.c_attn
+            n_embd, d = c.weight.shape[0], block.attn.head_dim
+            for part in (1, 2):  # K and V columns of the fused [in, 3 * n_embd] weight
+                cols = slice(part * n_embd, (part + 1) * n_embd)
+                w = c.weight[:, cols].view(n_embd, -1, d)
+                b = c.bias[cols].view(-1, d)
+                for h in range(w.shape[1]):
+                    w[:, h] = w[:, h - h % group]
+                    b[h] = b[h - h % group]
+    return model
+
+
+def _gqa_details(fast):
+    return next(s.details["gqa"] for s in fast.stats if s.name == "gqa")
+
+
+@pytest.mark.parametrize("method", ["mean", "aligned"])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_duplicated_heads_convert_exactly(name, method):
+    if name == "llama":
+        model, vocab = zoo.llama("sdpa", kv_heads=4)
+        _duplicate_llama_heads(model, 2)
+    else:
+        model, vocab = zoo.gpt2("sdpa")
+        _duplicate_gpt2_heads(model, 2)
+    calib = torch.randint(0, vocab, (2, 24))
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),),
+                            gqa=GQAConfig(2, method, calibration=calib))
+    assert all(int(n.inputs[1].shape[1]) == 2 for n in fast.graph.nodes if n.op == "attention")
+    for b, t in [(1, 5), (3, 13)]:
+        ids = torch.randint(0, vocab, (b, t))
+        with torch.no_grad():
+            assert_close_to_eager(model(ids), fast(ids))
+    assert max(layer["rel_error"] for layer in _gqa_details(fast)["layers"]) < 1e-5
+    assert_round_trips(fast.graph)
+
+
+def test_projections_shrink_and_old_weights_leave_the_graph():
+    model, vocab = zoo.gpt2("sdpa")
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), gqa=1)
+    names = set(fast.graph.params)
+    assert not any(n.endswith("c_attn.weight") for n in names)  # the fused qkv is split, then gone
+    kv = [t.shape for n, t in fast.graph.params.items() if n.endswith(("c_attn.weight.gqa_k", "c_attn.weight.gqa_v"))]
+    assert kv == [(16, 64)] * 4  # K and V of 2 layers: 1 head x 16 outputs, down from 4 heads x 16
+    text = fast.ir
+    assert "attention(" in text and "f32[B, 1, T, 16]" in text
+
+
+@pytest.mark.parametrize("name, G", [("llama_mha", 2), ("llama_mha", 1), ("gpt2", 2), ("gpt2", 1), ("smol_like", 1)])
+def test_aligned_beats_mean(name, G):
+    model, vocab = {"llama_mha": lambda: zoo.llama("sdpa", kv_heads=4), "gpt2": lambda: zoo.gpt2("sdpa"),
+                    "smol_like": lambda: zoo.llama("sdpa", kv_heads=2)}[name]()
+    calib = torch.randint(0, vocab, (4, 32))
+    errors = {}
+    for method in ("mean", "aligned"):
+        fast = fxforge.optimize(model, (calib[:1, :7],), gqa=GQAConfig(G, method, calibration=calib))
+        errors[method] = sum(layer["rel_error"] for layer in _gqa_details(fast)["layers"])
+    assert errors["aligned"] < errors["mean"], errors
+
+
+def test_report_has_errors_and_cache_bytes():
+    model, vocab = zoo.llama("sdpa", kv_heads=4)
+    calib = torch.randint(0, vocab, (2, 16))
+    fast = fxforge.optimize(model, (calib,), gqa=GQAConfig(2, calibration=calib))
+    details = _gqa_details(fast)
+    assert len(details["layers"]) == 2
+    for layer in details["layers"]:
+        assert layer["kv_bytes_per_token"] == (2 * 4 * 16 * 4, 2 * 2 * 16 * 4)
+        assert 0 < layer["rel_error"] < 2
+    report = fast.report()
+    assert "gqa" in report and "KV cache bytes per token 1024 -> 512" in report
+    assert "relative error per layer" in report
+    # without calibration the report says how to get the error
+    plain = fxforge.optimize(model, (calib,), gqa=2)
+    assert "pass GQAConfig(calibration=...)" in plain.report()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_with_kv_cache_generation_works_and_cache_shrinks(name):
+    model, vocab = zoo.llama("sdpa", kv_heads=4) if name == "llama" else zoo.gpt2("sdpa")
+    ids = torch.randint(0, vocab, (2, 7))
+    full = fxforge.optimize(model, (ids,), kv_cache=True)
+    small = fxforge.optimize(model, (ids,), kv_cache=True, gqa=GQAConfig(1))
+    assert small.kv_layout.bytes_per_token * 4 == full.kv_layout.bytes_per_token  # exactly Hkv / G
+    prompt = torch.randint(0, vocab, (2, 5))
+    out = small.generate(prompt, 10)
+    # the cached GQA model decodes as its own uncached graph does, greedily
+    nocache = fxforge.optimize(model, (ids,), gqa=GQAConfig(1))
+    seq = prompt
+    for _ in range(10):
+        seq = torch.cat([seq, nocache(seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, seq)
+    small.generate(prompt, 3)
+    assert small._cache.nbytes() * 4 == full.kv_cache_for(2, small._cache.capacity).nbytes()
+
+
+def test_bad_inputs():
+    model, vocab = zoo.llama("sdpa", kv_heads=4)
+    ids = torch.randint(0, vocab, (2, 7))
+    with pytest.raises(GQAError, match="does not divide this model's 4 KV heads"):
+        fxforge.optimize(model, (ids,), gqa=3)
+    with pytest.raises(GQAError, match="unknown method 'median'"):
+        fxforge.optimize(model, (ids,), gqa=GQAConfig(2, "median"))
+    with pytest.raises(GQAError, match="needs calibration"):
+        fxforge.optimize(model, (ids,), gqa=GQAConfig(2, "aligned"))
+    with pytest.raises(GQAError, match="calibration input must be"):
+        fxforge.optimize(model, (ids,), gqa=GQAConfig(2, "aligned", calibration=torch.randn(2, 7)))
+    with pytest.raises(GQAError, match="no fused attention"):
+        fxforge.optimize(torch.nn.Sequential(torch.nn.Linear(8, 8)), (torch.randn(2, 8),), gqa=1)
