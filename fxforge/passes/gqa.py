@@ -34,7 +34,6 @@ import torch
 from ..ir.builder import Builder
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS
-from ..ir.types import TensorType
 
 METHODS = ("mean", "aligned")
 # Ops allowed between a K/V projection and the attention: head split/merge and rotary.
@@ -276,16 +275,6 @@ def _pair_rotation(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return rot
 
 
-def _align(acts: torch.Tensor, members: list[int], fit, iters: int = 4) -> dict[int, torch.Tensor]:
-    """Generalised Procrustes: rotate each member's activations [N, D] onto their mean."""
-    ref = acts[:, members[0]]
-    rots = {}
-    for _ in range(iters):
-        rots = {j: fit(acts[:, j], ref) for j in members}
-        ref = torch.stack([acts[:, j] @ rots[j].T for j in members]).mean(0)
-    return rots
-
-
 def _distance(acts: torch.Tensor, fit) -> torch.Tensor:
     """Residual after aligning head i onto head j, normalised by the mean energy."""
     h = acts.shape[1]
@@ -313,22 +302,65 @@ def _group(dist: torch.Tensor, size: int) -> list[list[int]]:
     return sorted(groups)
 
 
-def plan_layer(layer: Layer, G: int, method: str, k_acts=None, v_acts=None, rotate_k: bool = True):
-    n = layer.kv_heads // G
-    eye = torch.eye(layer.head_dim)
+def _pair_block(c: torch.Tensor) -> torch.Tensor:
+    """Complex scalars per rotary pair (i, i + D/2) as a real D x D matrix."""
+    half = c.shape[0]
+    m = torch.zeros(2 * half, 2 * half, dtype=c.real.dtype)
+    idx = torch.arange(half)
+    m[idx, idx], m[idx, idx + half] = c.real, -c.imag
+    m[idx + half, idx], m[idx + half, idx + half] = c.imag, c.real
+    return m
+
+
+def _merge_linear(acts: torch.Tensor, members: list[int]):
+    """Best rank-D linear merge of the members' activations [N, n, D] (PCA of the stacked
+    heads): k_g = sum_j M_j k_j and k_j ~ A_j k_g. Exact when the heads span D dims."""
+    d = acts.shape[2]
+    stacked = torch.cat([acts[:, j] for j in members], dim=1)  # [N, n * D]
+    _, _, vt = torch.linalg.svd(stacked, full_matrices=False)
+    p = vt[:d].T  # [n * D, D]
+    blocks = [p[i * d:(i + 1) * d] for i in range(len(members))]
+    return {j: b.T for j, b in zip(members, blocks)}, {j: b for j, b in zip(members, blocks)}
+
+
+def _merge_rotary(acts: torch.Tensor, members: list[int]):
+    """The same with maps that commute with rotary embeddings: one complex scalar per
+    frequency pair (rotate-half layout), fitted by a rank-1 complex SVD per pair."""
+    half = acts.shape[2] // 2
+    z = torch.complex(acts[..., :half], acts[..., half:])[:, members]  # [N, n, D/2]
+    merge = {j: [] for j in members}
+    for i in range(half):
+        _, _, vh = torch.linalg.svd(z[:, :, i], full_matrices=False)
+        v = vh[0].conj()  # z_g = sum_j z_j v_j, and z_j ~ z_g conj(v_j)
+        for jj, j in enumerate(members):
+            merge[j].append(v[jj])
+    m = {j: _pair_block(torch.stack(c)) for j, c in merge.items()}
+    a = {j: _pair_block(torch.stack(c).conj()) for j, c in merge.items()}
+    return m, a
+
+
+def plan_layer(layer: Layer, G: int, method: str, k_acts=None, v_acts=None, rotary_ok: bool = True):
+    """Groups of KV heads, and per KV head the maps M (into the merged head) and A (back
+    out of it, folded into Q for K and into the output projection for V)."""
+    n, d = layer.kv_heads // G, layer.head_dim
+    eye = torch.eye(d, dtype=torch.float64)
     plan = {"groups": [list(range(g * n, (g + 1) * n)) for g in range(G)],
-            "rk": [eye] * layer.kv_heads, "rv": [eye] * layer.kv_heads}
-    if method == "aligned":
-        fit_k = _procrustes if layer.k_plain else _pair_rotation
-        if n > 1 and G > 1:
-            dist = _distance(v_acts, _procrustes) + (_distance(k_acts, fit_k) if rotate_k else 0)
+            "mk": [eye / n] * layer.kv_heads, "ak": [eye] * layer.kv_heads,
+            "mv": [eye / n] * layer.kv_heads, "av": [eye] * layer.kv_heads}
+    if method == "aligned" and n > 1:
+        rotary = not layer.k_plain
+        if G > 1:
+            fit_k = _pair_rotation if rotary else _procrustes
+            dist = _distance(v_acts, _procrustes) + (_distance(k_acts, fit_k) if rotary_ok or not rotary else 0)
             plan["groups"] = _group(dist, n)
         for members in plan["groups"]:
-            for j, r in _align(v_acts, members, _procrustes).items():
-                plan["rv"][j] = r
-            if rotate_k:
-                for j, r in _align(k_acts, members, fit_k).items():
-                    plan["rk"][j] = r
+            for key, acts, merge in (("v", v_acts, _merge_linear),
+                                     ("k", k_acts, _merge_rotary if rotary else _merge_linear)):
+                if key == "k" and rotary and not rotary_ok:
+                    continue
+                m, a = merge(acts, members)
+                for j in members:
+                    plan["m" + key][j], plan["a" + key][j] = m[j], a[j]
     layer.plan = plan
     return plan
 
@@ -338,45 +370,45 @@ def _blocks(w: torch.Tensor, d: int) -> list[torch.Tensor]:
     return list(w.reshape(-1, d, *w.shape[1:]).unbind(0))
 
 
-def _new_weights(layer: Layer, G: int):
+def _new_weights(layer: Layer):
     """Q, K, V weights/biases and the output projection's weight for the plan."""
     p, d = layer.plan, layer.head_dim
     per_kv = layer.heads // layer.kv_heads
     kv_order = [j for g in p["groups"] for j in g]
     q_order = [j * per_kv + t for j in kv_order for t in range(per_kv)]  # new query head -> old
     q_kv = [j for j in kv_order for _ in range(per_kv)]  # new query head -> its old KV head
+    f32 = {k: [m.float() for m in p[k]] for k in ("mk", "ak", "mv", "av")}
 
-    rk = p["rk"]
-    wq = torch.cat([rk[j] @ b for b, j in zip([_blocks(layer.q.weight, d)[h] for h in q_order], q_kv)])
-    bq = None if layer.q.bias is None else torch.cat(
-        [rk[j] @ b for b, j in zip([_blocks(layer.q.bias, d)[h] for h in q_order], q_kv)])
+    def queries(t):  # q_h' = A_j^T q_h: scores q_h' . k_g ~ q_h . k_j
+        return None if t is None else torch.cat([f32["ak"][j].T @ _blocks(t, d)[h] for h, j in zip(q_order, q_kv)])
 
-    def pooled(proj: Projection, rot):
-        wb, bb = _blocks(proj.weight, d), _blocks(proj.bias, d) if proj.bias is not None else None
-        w = torch.cat([torch.stack([rot[j] @ wb[j] for j in g]).mean(0) for g in p["groups"]])
-        b = None if bb is None else torch.cat([torch.stack([rot[j] @ bb[j] for j in g]).mean(0) for g in p["groups"]])
-        return w, b
+    def merged(t, m):  # head g = sum_j M_j head_j
+        if t is None:
+            return None
+        blocks = _blocks(t, d)
+        return torch.cat([sum(m[j] @ blocks[j] for j in g) for g in p["groups"]])
 
-    wk, bk = pooled(layer.k, rk)
-    wv, bv = pooled(layer.v, p["rv"])
+    wq, bq = queries(layer.q.weight), queries(layer.q.bias)
+    wk, bk = merged(layer.k.weight, f32["mk"]), merged(layer.k.bias, f32["mk"])
+    wv, bv = merged(layer.v.weight, f32["mv"]), merged(layer.v.bias, f32["mv"])
     wo = None
     if layer.o is not None:
-        w = layer.o.tensor
-        rv = p["rv"]
-        if layer.o.rows_are_inputs:  # [in, out]: row block h
-            blocks = _blocks(w, d)
-            wo = torch.cat([rv[j] @ blocks[h] for h, j in zip(q_order, q_kv)])
-        else:  # [out, in]: column block h
-            blocks = _blocks(w.t(), d)
-            wo = torch.cat([rv[j] @ blocks[h] for h, j in zip(q_order, q_kv)]).t().contiguous()
+        # input rows of the output projection, per query head: o_h = A_j (attention over v_g)
+        rows = layer.o.tensor if layer.o.rows_are_inputs else layer.o.tensor.t()
+        blocks = _blocks(rows, d)
+        new = torch.cat([f32["av"][j].T @ blocks[h] for h, j in zip(q_order, q_kv)])
+        wo = new if layer.o.rows_are_inputs else new.t().contiguous()
     return (wq, bq), (wk, bk), (wv, bv), wo, q_order
+
+
+def _is_identity(maps, d) -> bool:
+    return all(torch.equal(m, torch.eye(d, dtype=m.dtype)) for m in maps)
 
 
 def _needs_q_rewrite(layer: Layer, q_order) -> bool:
     """Q changes when heads move or K is rotated; a slice of a fused projection is split
     out anyway, so that the fused matmul (with the old K/V columns) goes away."""
-    rotated = any(not torch.equal(r, torch.eye(layer.head_dim)) for r in layer.plan["rk"])
-    return q_order != list(range(layer.heads)) or rotated or layer.q.fused
+    return q_order != list(range(layer.heads)) or not _is_identity(layer.plan["ak"], layer.head_dim) or layer.q.fused
 
 
 def rewrite(graph: Graph, layers: list[Layer], G: int) -> tuple[Graph, dict]:
@@ -388,7 +420,7 @@ def rewrite(graph: Graph, layers: list[Layer], G: int) -> tuple[Graph, dict]:
     weight_swap: dict[int, Value] = {}  # id(out-projection node) -> new weight value
     orders = {}
     for layer in layers:
-        (wq, bq), (wk, bk), (wv, bv), wo, q_order = _new_weights(layer, G)
+        (wq, bq), (wk, bk), (wv, bv), wo, q_order = _new_weights(layer)
         orders[id(layer.attn)] = q_order
         for role, proj, w, b in (("q", layer.q, wq, bq), ("k", layer.k, wk, bk), ("v", layer.v, wv, bv)):
             if proj is layer.q and not _needs_q_rewrite(layer, q_order):
@@ -396,8 +428,7 @@ def rewrite(graph: Graph, layers: list[Layer], G: int) -> tuple[Graph, dict]:
             replace_at.setdefault(id(producers[proj.out]), []).append((role, proj, w, b))
         if wo is not None:
             weight_swap[id(layer.o.node)] = out.add_param(layer.o.weight.param + ".gqa", wo)
-        elif q_order != list(range(layer.heads)) or any(
-                not torch.equal(r, torch.eye(layer.head_dim)) for r in layer.plan["rv"]):
+        elif q_order != list(range(layer.heads)) or not _is_identity(layer.plan["av"], layer.head_dim):
             raise GQAError("gqa: cannot find this attention's output projection to fold the head permutation or "
                            f"V rotation into; use method='mean'\n  at: attention{layer.attn.where()}")
 
@@ -480,20 +511,15 @@ def gqa(graph: Graph, ctx=None) -> Graph:
         acts = [(k.reshape(-1, layer.kv_heads, layer.head_dim).double(),
                  v.reshape(-1, layer.kv_heads, layer.head_dim).double())
                 for layer, k, v in zip(layers, flat[0::2], flat[1::2])]
-    rotate_k = config.method == "aligned"
+    rotary_ok, note = True, ""
+    if config.method == "aligned" and not all(layer.k_plain for layer in layers):
+        # rotary models: merging K with per-pair complex maps is exact only in the
+        # rotate-half layout; check that layout on the calibration inputs first
+        rotary_ok = _rotary_layout_ok(graph, layers, calib)
+        if not rotary_ok:
+            note = "; the rotary layout is not rotate-half, so K heads are only averaged"
     for i, layer in enumerate(layers):
-        plan_layer(layer, G, config.method, *(acts[i] if acts else (None, None)), rotate_k=rotate_k)
-    k_rotation_note = ""
-    if rotate_k and not all(layer.k_plain for layer in layers):
-        # rotary models: K rotations are exact only if they commute with the embedding as
-        # assumed (rotate-half pairs); check on the calibration inputs before using them
-        if not _rotations_are_exact(graph, layers, calib):
-            k_rotation_note = "; K rotations did not preserve the model exactly (rotary layout?), K only averaged"
-            for i, layer in enumerate(layers):
-                plan_layer(layer, G, config.method, *acts[i], rotate_k=False)
-    for layer in layers:
-        layer.plan = {**layer.plan, "rk": [r.float() for r in layer.plan["rk"]],
-                      "rv": [r.float() for r in layer.plan["rv"]]}
+        plan_layer(layer, G, config.method, *(acts[i] if acts else (None, None)), rotary_ok=rotary_ok)
     new, info = rewrite(graph, layers, G)
 
     details = {"method": config.method, "num_kv_heads": G, "layers": []}
@@ -512,7 +538,7 @@ def gqa(graph: Graph, ctx=None) -> Graph:
         err = "no calibration inputs: pass GQAConfig(calibration=...) to measure the error" if errors is None else \
             "attention output relative error per layer: " + ", ".join(f"{e:.3g}" for e in errors)
         ctx.note(f"{len(layers)} attention layers -> {G} KV heads ({config.method}); KV cache bytes per token "
-                 f"{before} -> {after}{k_rotation_note}; {err}")
+                 f"{before} -> {after}{note}; {err}")
     return new
 
 
@@ -543,12 +569,18 @@ def _attention_errors(old: Graph, new: Graph, layers, info, calib) -> list[float
     return errs
 
 
-def _rotations_are_exact(graph: Graph, layers, calib) -> bool:
-    """Apply only the K (and V) rotations, keeping every head: the model must not change."""
+def _rotary_layout_ok(graph: Graph, layers, calib) -> bool:
+    """Fold random per-pair rotations into Q and K of every head (no merging): if rotary
+    embeddings use the rotate-half layout they commute and the model must not change."""
+    gen = torch.Generator().manual_seed(0)
     saved = [layer.plan for layer in layers]
     for layer in layers:
-        layer.plan = {"groups": [[j] for j in range(layer.kv_heads)],
-                      "rk": [r.float() for r in layer.plan["rk"]], "rv": [r.float() for r in layer.plan["rv"]]}
+        half, eye = layer.head_dim // 2, torch.eye(layer.head_dim, dtype=torch.float64)
+        rots = [_pair_block(torch.polar(torch.ones(half, dtype=torch.float64),
+                                        torch.rand(half, generator=gen, dtype=torch.float64) * 6.28))
+                for _ in range(layer.kv_heads)]
+        layer.plan = {"groups": [[j] for j in range(layer.kv_heads)], "mk": rots, "ak": [r.T for r in rots],
+                      "mv": [eye] * layer.kv_heads, "av": [eye] * layer.kv_heads}
     try:
         rotated, info = rewrite(graph, layers, max(layer.kv_heads for layer in layers))
         errs = _attention_errors(graph, rotated, layers, info, calib)
