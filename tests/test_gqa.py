@@ -135,3 +135,22 @@ def test_bad_inputs():
         fxforge.optimize(model, (ids,), gqa=GQAConfig(2, "aligned", calibration=torch.randn(2, 7)))
     with pytest.raises(GQAError, match="no fused attention"):
         fxforge.optimize(torch.nn.Sequential(torch.nn.Linear(8, 8)), (torch.randn(2, 8),), gqa=1)
+
+
+def test_composes_with_quantize_and_kv_cache():
+    model, vocab = zoo.llama("sdpa", kv_heads=4)
+    calib = torch.randint(0, vocab, (2, 24))
+    fast = fxforge.optimize(model, (calib[:, :7],), gqa=GQAConfig(2, "aligned", calibration=calib),
+                            kv_cache=True, quantize="int8")
+    order = [s.name for s in fast.stats]
+    assert order.index("gqa") < order.index("kv_cache") < order.index("quantize")
+    assert fast.graph.count("quant_linear") > 0 and fast.graph.count("kv_append") == 4
+    prompt = torch.randint(0, vocab, (1, 5))
+    out = fast.generate(prompt, 6)
+    # the quantized weights include the new, merged K/V projections
+    assert any(".gqa_k" in n for n in fast.graph.params)
+    seq = prompt
+    plain = fxforge.optimize(model, (calib[:, :7],), gqa=GQAConfig(2, "aligned", calibration=calib), quantize="int8")
+    for _ in range(6):
+        seq = torch.cat([seq, plain(seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, seq)
