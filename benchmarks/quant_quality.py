@@ -4,7 +4,8 @@ weight bytes of the quantized layers before/after (scales and zero points includ
 
     python benchmarks/quant_quality.py [--schemes int8 w8a8 int4 int4/g64 nf4 nf4/g32] [--out results.json]
 
-A scheme "int4/g64" sets the group size (int4 defaults to 128, nf4 to 64).
+A scheme "int4/g64" sets the group size (int4 defaults to 128, nf4 to 64); "/fz" asks int4
+for a float zero point (the group's own range) instead of an integer one.
 """
 import argparse
 import os
@@ -31,8 +32,9 @@ def measure(schemes):
     base = fxforge.optimize(model, (ids[:, :8],))
     rows = [{"scheme": "float32", "ppl": perplexity(base, ids), "tokens": ids.shape[1]}]
     for label in schemes:
-        scheme, _, group = label.partition("/g")
-        cfg = QuantConfig(scheme, group_size=int(group) if group else None)
+        scheme, *mods = label.split("/")
+        group = next((int(m[1:]) for m in mods if m.startswith("g")), None)
+        cfg = QuantConfig(scheme, group_size=group, zero_point="float" if "fz" in mods else "int")
         fast = fxforge.optimize(model, (ids[:, :8],), quantize=cfg)
         d = next(s for s in fast.stats if s.name == "quantize").details["quantize"]
         ppl = perplexity(fast, ids)
@@ -48,7 +50,8 @@ from report import finish  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--schemes", nargs="*", default=["int8", "w8a8", "int4", "int4/g64", "int4/g32", "nf4", "nf4/g32"])
+    ap.add_argument("--schemes", nargs="*", default=["int8", "w8a8", "int4", "int4/g64", "int4/g32", "int4/g64/fz",
+                                                     "int4/g32/fz", "nf4", "nf4/g32"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)

@@ -20,6 +20,10 @@ and ``y = x @ W.T + b``.  Schemes (``SCHEMES``):
     ``qweight`` uint8 ``[N, K // 2]``: element ``k = 2j`` in the LOW nibble of byte ``j``,
     ``k = 2j + 1`` in the HIGH nibble.  ``scales`` float32 ``[N, K // group_size]``,
     ``zeros`` uint8 ``[N, K // group_size]`` (integer zero points, one byte each).
+    With ``zero_point="float"`` the range is the group's own ``[w_min, w_max]`` (0 need not
+    be in it) and ``zeros = -w_min / scale`` is float32, so ``W ~= q * scale + w_min``: a
+    uniform grid that fits an offset group exactly (the asymmetric int4 of GGUF's Q4_1,
+    HQQ and AWQ), at 3 more bytes per group. The kernels read either kind of zero.
 
 ``nf4``  4-bit NormalFloat (QLoRA, Dettmers et al. 2023), per group of ``group_size``
     (default 64, as QLoRA/bitsandbytes): ``absmax = max|W|`` of the group, ``W / absmax`` in
@@ -73,7 +77,7 @@ SCHEMES = ("int8", "int4", "nf4", "w8a8")
 # Options each scheme accepts in quantize_weight / check_quantizable, with their defaults.
 SCHEME_OPTIONS: dict[str, dict[str, Any]] = {
     "int8": {},
-    "int4": {"group_size": 128},
+    "int4": {"group_size": 128, "zero_point": "int"},
     "nf4": {"group_size": 64, "double_quant": False},
     "w8a8": {"threshold": 6.0},
 }
@@ -195,7 +199,7 @@ class W8A8Packed(Packed):
 class Int4Packed(Packed):
     qweight: Tensor          # uint8 [N, K // 2], low nibble = even k
     scales: Tensor           # float32 [N, K // group_size]
-    zeros: Tensor            # uint8 [N, K // group_size], integer zero points in [0, 15]
+    zeros: Tensor            # [N, K // group_size]: uint8 integer zero points in [0, 15], or float32
     shape: tuple[int, int]
     group_size: int = 128
     orig_dtype: str = "float32"
@@ -342,6 +346,13 @@ def quantize_weight(weight: Tensor, scheme: str, **options) -> Packed:
 
     g = opts["group_size"]
     wg = w.reshape(n, k // g, g)
+    if scheme == "int4" and opts["zero_point"] == "float":
+        wmin, wmax = wg.amin(dim=2), wg.amax(dim=2)
+        scales = ((wmax - wmin) / 15.0).clamp_min(_TINY)
+        zeros = -wmin / scales
+        q = torch.round(wg / scales[..., None] + zeros[..., None]).clamp_(0, 15)
+        return Int4Packed(pack_nibbles(q.reshape(n, k)), scales.contiguous(), zeros.contiguous(), (n, k),
+                          group_size=g, orig_dtype=orig)
     if scheme == "int4":
         wmin = wg.amin(dim=2).clamp(max=0.0)
         wmax = wg.amax(dim=2).clamp(min=0.0)

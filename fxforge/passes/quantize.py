@@ -27,10 +27,13 @@ class QuantConfig:
     group_size: int | None = None  # int4 / nf4 (default 128 / 64)
     double_quant: bool | None = None  # nf4
     threshold: float | None = 6.0  # w8a8 outlier threshold
+    zero_point: str = "int"  # int4: "int" (uint8, the range includes 0) or "float" (the group's own range)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
 
     def __post_init__(self):
+        if self.zero_point not in ("int", "float"):
+            raise ValueError(f"zero_point must be 'int' or 'float', got {self.zero_point!r}")
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown quantization scheme {self.scheme!r}; known schemes: {', '.join(SCHEMES)}")
 
@@ -38,6 +41,8 @@ class QuantConfig:
         opts = {}
         if self.scheme in ("int4", "nf4") and self.group_size is not None:
             opts["group_size"] = self.group_size
+        if self.scheme == "int4":
+            opts["zero_point"] = self.zero_point
         if self.scheme == "nf4" and self.double_quant is not None:
             opts["double_quant"] = self.double_quant
         if self.scheme == "w8a8":

@@ -56,6 +56,29 @@ def test_int4_roundtrip_within_half_group_scale(group_size):
     assert ((w - deq).abs() <= _slack(bound)).all()
 
 
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_float_zero_point(group_size):
+    n, k = 24, 256
+    w = _w(n, k, seed=group_size)
+    w[0, :group_size] = torch.linspace(0.5, 2.0, group_size)  # an offset group: 0 is outside its range
+    p = qf.quantize_weight(w, "int4", group_size=group_size, zero_point="float")
+    assert p.zeros.dtype == torch.float32 and p.zeros.shape == (n, k // group_size)
+    deq = qf.dequantize_weight(p)
+    bound = (p.scales / 2).repeat_interleave(group_size, dim=1)
+    assert ((w - deq).abs() <= _slack(bound)).all()
+    # the offset group uses all 16 levels of its own range (the int zero point wastes some)
+    assert len(torch.unique(deq[0, :group_size])) == 16
+    # a weight that already lies on a uniform 4-bit grid per group (GGUF Q4_1) comes back exactly
+    d, m = torch.rand(n, k // group_size) * 0.01 + 1e-3, torch.randn(n, k // group_size) * 0.05
+    q = torch.randint(0, 16, (n, k // group_size, group_size)).float()
+    q[..., 0], q[..., 1] = 0, 15  # each group spans its whole range
+    grid = (q * d[..., None] + m[..., None]).reshape(n, k)
+    back = qf.dequantize_weight(qf.quantize_weight(grid, "int4", group_size=group_size, zero_point="float"))
+    torch.testing.assert_close(back, grid, atol=1e-6, rtol=0)
+    int_zero = qf.dequantize_weight(qf.quantize_weight(grid, "int4", group_size=group_size))
+    assert (int_zero - grid).abs().max() > 1e-4  # the integer zero point cannot
+
+
 def test_int4_default_group_size_is_128():
     p = qf.quantize_weight(_w(4, 256), "int4")
     assert p.group_size == 128 and p.scales.shape == (4, 2)
@@ -230,7 +253,8 @@ def test_unknown_option_is_rejected():
 
 
 # --------------------------------------------------------------------------- parts
-@pytest.mark.parametrize("scheme,opts", [("int8", {}), ("int4", {"group_size": 32}), ("nf4", {}),
+@pytest.mark.parametrize("scheme,opts", [("int8", {}), ("int4", {"group_size": 32}),
+                                         ("int4", {"group_size": 64, "zero_point": "float"}), ("nf4", {}),
                                          ("nf4", {"double_quant": True}), ("w8a8", {"threshold": 5.0})])
 def test_tensors_attrs_round_trip(scheme, opts):
     p = qf.quantize_weight(_w(12, 128), scheme, **opts)
