@@ -6,6 +6,7 @@ becomes an opaque `torch_call`, so capture never fails just because an op is new
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import traceback
@@ -21,6 +22,7 @@ from .builder import Builder
 from .graph import Graph, Value
 from .lowering import DROP, FALLBACK, RULES, LowerCtx
 from .ops import Arg
+from .pause_gc import paused_gc
 from .types import TensorType, symbol
 
 
@@ -60,8 +62,19 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
     if model.training and any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
         warnings.warn(f"{type(model).__name__} is in training mode: dropout stays as an opaque op and "
                       "attention will not fuse. Call model.eval() before fxforge.optimize for inference.")
+    with paused_gc():
+        return _export_and_lower(model, args, kwargs, injected, dynamic)
+
+
+def _export_and_lower(model, args, kwargs, injected, dynamic):
     ep = _export(model, args, kwargs, dynamic)
-    return _lower_exported(ep, injected, model)
+    try:
+        return _lower_exported(ep, injected, model)
+    except CaptureError:
+        # The fast trace records no stack traces: trace again with them, so that the
+        # error names the model's source line, not only its module path.
+        _lower_exported(_export(model, args, kwargs, dynamic, stack_traces=True), injected, model)
+        raise
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,14 +149,42 @@ def _dynamic_shapes(model, args, kwargs):
     return out
 
 
-def _export(model, args, kwargs, dynamic):
+def _export(model, args, kwargs, dynamic, stack_traces: bool = False):
     ex_args, ex_kwargs, _ = _export_example(args, kwargs, dynamic)
     dyn = _dynamic_shapes(model, ex_args, ex_kwargs) if dynamic else None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _trace_settings(stack_traces):
             return torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # torch.export raises many kinds; all become one clear error
         raise _capture_error(model, e) from e
+
+
+@contextlib.contextmanager
+def _trace_settings(stack_traces: bool):
+    """torch.export settings that make tracing faster without changing the graph.
+
+    - No stack trace per fx node unless asked: torch records one for every node (a
+      CapturedTraceback, symbolized and formatted), about a tenth of the export time.
+      Node sources then name the module (from nn_module_stack) without the line.
+    - Lazy GraphModules: export's own passes recompile the Python code of the graph
+      module and its submodules after every change (about 25 times); lazily, the code
+      is generated only if someone runs or reads it, and the lowering never does.
+    """
+    try:
+        from torch.fx._lazy_graph_module import _use_lazy_graph_module
+    except ImportError:  # pragma: no cover - older torch: eager recompiles, same graph
+        _use_lazy_graph_module = contextlib.nullcontext
+    config = torch.fx.config
+    had_flag = hasattr(config, "do_not_emit_stack_traces")
+    before = getattr(config, "do_not_emit_stack_traces", False)
+    if had_flag:
+        config.do_not_emit_stack_traces = before or not stack_traces
+    try:
+        with _use_lazy_graph_module(True):
+            yield
+    finally:
+        if had_flag:
+            config.do_not_emit_stack_traces = before
 
 
 def _capture_error(model, exc) -> CaptureError:

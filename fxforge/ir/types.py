@@ -6,7 +6,7 @@ length and passes can reason about sizes with sympy's algebra.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import sympy
 import torch
@@ -95,6 +95,12 @@ class TensorType:
         return out
 
     def __str__(self) -> str:
+        return self._text
+
+    @cached_property
+    def _text(self) -> str:
+        # Printing sympy sizes is slow and the IR is printed after every pass (dumps),
+        # mostly with the same Values; the type is immutable, so its text is kept.
         return f"{dtype_name(self.dtype)}[{', '.join(str(d) for d in self.shape)}]"
 
 

@@ -154,7 +154,9 @@ def _is_causal(m: Match, terms: _Terms, q: Value, k: Value) -> bool:
             return False
         if bias.dim() < 2 or bias.shape[-2] not in (1, tq) or bias.shape[-1] != tk:
             return False
-        keep = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+        # tril(ones(tq, tk), tk - tq) by a comparison: tril goes through the intra-op thread
+        # pool even at this size, which costs milliseconds a call when the cores are busy.
+        keep = torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + (tk - tq)
         bias = bias.expand(*bias.shape[:-2], tq, tk)
         if not (bias[..., keep] == 0).all() or not (bias[..., ~keep] <= MASK_FILL_MAX).all():
             return False

@@ -98,6 +98,9 @@ def find_groups(graph: Graph) -> list[list[int]]:
              if (j := producers.get(v)) is not None and fusible[j] and nodes[j].op != "const"
              and _edge_ok(nodes[j], n, rows)]
     node_dag = nx.DiGraph((producers[v], i) for i, n in enumerate(nodes) for v in n.inputs if v in producers)
+    dag_edges = list(node_dag.edges)
+    dag_succ = {i: list(node_dag.successors(i)) for i in node_dag}
+    one_kernel: dict[tuple, bool] = {}  # a group's verdict, kept across rounds (most groups recur)
     cut: set = set()  # edges not to fuse across, found by breaking cycles
 
     while True:
@@ -118,18 +121,20 @@ def find_groups(graph: Graph) -> list[list[int]]:
                 members.setdefault(find(i), []).append(i)
         groups = {r: m for r, m in members.items() if len(m) >= MIN_GROUP}
         label = {i: ("g", r) for r, m in groups.items() for i in m}
-        quotient = nx.DiGraph()
-        quotient.add_nodes_from(label.get(i, i) for i in range(len(nodes)))
-        quotient.add_edges_from((label.get(j, j), label.get(i, i)) for j, i in node_dag.edges
-                                if label.get(j, j) != label.get(i, i))
-        bad = next((set(m) for m in groups.values() if not _one_kernel(m, nodes, rows)), None)
+        for m in groups.values():
+            if tuple(m) not in one_kernel:
+                one_kernel[tuple(m)] = _one_kernel(m, nodes, rows)
+        bad = next((set(m) for m in groups.values() if not one_kernel[tuple(m)]), None)
         if bad:  # cut the edges where shapes change; the parts become kernels of their own
             cut |= {(j, i) for j, i in edges if i in bad and j in bad
                     and nodes[j].outputs[0].type.shape != nodes[i].outputs[0].type.shape}
             continue
-        try:
-            cycle = nx.find_cycle(quotient)
-        except nx.NetworkXNoCycle:
+        quotient: dict = {label.get(i, i): {} for i in range(len(nodes))}  # successors, as nx keeps them
+        for j, i in dag_edges:
+            if label.get(j, j) != label.get(i, i):
+                quotient[label.get(j, j)][label.get(i, i)] = None
+        cycle = find_cycle(quotient)
+        if not cycle:
             return [sorted(m) for m in groups.values()]
         # A group G reaches an outside node x that reaches G again (e.g. x = mean of an
         # RMSNorm between two pointwise chains). Split G: the members downstream of x
@@ -138,16 +143,83 @@ def find_groups(graph: Graph) -> list[list[int]]:
         group = set(groups[cycle[k][0][1]])
         x = cycle[k][1]
         x_idx = groups[x[1]][0] if isinstance(x, tuple) else x
-        downstream = (nx.descendants(node_dag, x_idx) | {x_idx}) & group
+        downstream = _reachable(dag_succ, x_idx, max(group)) & group
         new_cuts = {(j, i) for j, i in edges if j in group and i in group and (j in downstream) != (i in downstream)}
         if not new_cuts:  # cannot happen for a real cycle; guard against looping forever
             new_cuts = {(j, i) for j, i in edges if i in group or j in group}
         cut |= new_cuts
 
 
-def _build_fused(graph: Graph, group: list[int], uses: dict, outputs_set: set) -> tuple[Node, list[Value]]:
+def find_cycle(succ: dict) -> list[tuple]:
+    """The cycle `networkx.find_cycle` finds in the digraph whose successors are `succ`
+    ({node: {successor: None}}, nodes and edges in insertion order), or [] if it is acyclic.
+    find_groups asks once per split; building an nx.DiGraph each time was most of its
+    time. The walk is networkx's, step for step (a depth-first search over edges from each
+    unexplored node in order, keeping the active path), so the same cycle comes out."""
+    explored: set = set()
+    for start in succ:
+        if start in explored:
+            continue
+        path: list[tuple] = []
+        seen, active = {start}, {start}
+        previous = None
+        for tail, head in _edge_dfs(succ, start):
+            if head in explored:
+                continue
+            if previous is not None and tail != previous:  # backtracked: pop back to `tail`
+                while True:
+                    if not path:
+                        active = {tail}
+                        break
+                    active.remove(path.pop()[1])
+                    if path and path[-1][1] == tail:
+                        break
+            path.append((tail, head))
+            if head in active:
+                for k, (t, _) in enumerate(path):
+                    if t == head:
+                        break
+                return path[k:]
+            seen.add(head)
+            active.add(head)
+            previous = head
+        explored |= seen
+    return []
+
+
+def _edge_dfs(succ: dict, start):
+    """networkx.edge_dfs(G, start): every edge reachable from `start`, depth first."""
+    stack, pending = [start], {}
+    while stack:
+        node = stack[-1]
+        if node not in pending:
+            pending[node] = iter(succ[node])
+        head = next(pending[node], _DONE)
+        if head is _DONE:
+            stack.pop()
+        else:
+            stack.append(head)
+            yield node, head
+
+
+_DONE = object()
+
+
+def _reachable(succ: dict, start: int, last: int) -> set:
+    """`start` and what it reaches among nodes up to index `last`: nodes are in
+    topological order, so a path to such a node never leaves that range."""
+    seen, todo = {start}, [start]
+    while todo:
+        for j in succ.get(todo.pop(), ()):
+            if j <= last and j not in seen:
+                seen.add(j)
+                todo.append(j)
+    return seen
+
+
+def _build_fused(graph: Graph, group: list[int], uses: dict, outputs_set: set,
+                 producers: dict) -> tuple[Node, list[Value]]:
     nodes = graph.nodes
-    producers = {v: i for i, n in enumerate(nodes) for v in n.outputs}
     member = set(group)
     inputs: list[Value] = []
     ref: dict[Value, str] = {}
@@ -196,7 +268,8 @@ def fuse_elementwise(graph: Graph, ctx=None) -> Graph:
             uses.setdefault(v, []).append(i)
     outputs_set = set(graph.outputs)
     group_of = {i: k for k, g in enumerate(groups) for i in g}
-    fused_nodes = [_build_fused(graph, g, uses, outputs_set)[0] for g in groups]
+    node_index = {v: i for i, n in enumerate(graph.nodes) for v in n.outputs}
+    fused_nodes = [_build_fused(graph, g, uses, outputs_set, node_index)[0] for g in groups]
 
     # Emit in a topological order of the contracted graph, keeping the original order
     # where it is free: a fused node goes where all its inputs exist.

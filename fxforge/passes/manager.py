@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..ir.graph import Graph
+from ..ir.pause_gc import paused_gc
 from ..ir.typecheck import IRCheckError, typecheck
 
 
@@ -121,6 +122,11 @@ def check_enabled() -> bool:
 def run_pipeline(graph: Graph, pipeline: list[PassInfo], options: dict | None = None,
                  check: bool | None = None, dump=None) -> tuple[Graph, list[PassStats]]:
     """Run passes in order. `dump(index, name, graph)` is called after each pass."""
+    with paused_gc():
+        return _run_passes(graph, pipeline, options, check, dump)
+
+
+def _run_passes(graph, pipeline, options, check, dump):
     check = check_enabled() if check is None else check
     options = dict(options or {})
     stats: list[PassStats] = []
