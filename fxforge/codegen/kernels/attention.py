@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ...ir.ops import attention_reference
 
-__all__ = ["attention_triton", "attention_reference"]
+__all__ = ["attention_triton", "attention_reference", "online_softmax_step"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -32,6 +32,21 @@ def _configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
                                  (64, 32, 4, 4), (32, 32, 4, 2)]]
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """Fold one block of scores s [M, N] (log2 units, -inf where masked) and values
+    v [N, D] into the running max m_i, sum l_i and output acc (FlashAttention's online
+    softmax). Shared by the prefill and the decode kernels."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # a row with nothing visible yet has m_new = -inf: shift by 0 to avoid inf - inf
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.autotune(configs=_configs(), key=["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_BIAS"])
@@ -93,18 +108,11 @@ def _attention_kernel(
                            mask=keep, other=0.0)
             s = s + bias.to(tl.float32) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row with nothing visible yet has m_new = -inf: shift by 0 to avoid inf - inf
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n_idx[:, None] * svn + offs_d[None, :] * svd,
                     mask=n_valid[:, None] & d_valid[None, :], other=0.0)
         if DOT_F32:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key: output zeros, not NaN
     out = acc / l_safe[:, None]

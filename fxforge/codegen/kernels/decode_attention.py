@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ...ir.ops import attention_reference
+from .attention import online_softmax_step
 
 __all__ = ["decode_attention_triton", "attention_reference", "num_splits"]
 
@@ -76,17 +77,11 @@ def _decode_split_kernel(
             bias = tl.load(bias_ptr + b * sbb + heads[:, None] * sbh + n_idx[None, :] * sbn, mask=keep, other=0.0)
             s = s + bias.to(tl.float32) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n_idx[:, None] * svn + offs_d[None, :] * svd,
                     mask=n_valid[:, None] & d_valid[None, :], other=0.0)
         if DOT_F32:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
     # partials: [B, H, NUM_SPLITS] for m and l, [B, H, NUM_SPLITS, D_PAD] for acc (contiguous)
     row = (b * H + heads) * NUM_SPLITS + split
