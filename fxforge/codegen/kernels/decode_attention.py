@@ -12,6 +12,7 @@ nothing, so `causal` does not change the result. Equal to `attention_reference`.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -127,7 +128,12 @@ def num_splits(batch_kv_heads: int, tk: int, block_n: int, programs: int) -> tup
 def _programs(device) -> int:
     if _INTERPRET or device.type != "cuda":
         return 8  # the interpreter: a few splits, so the combine step is exercised
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def decode_attention_triton(q, k, v, bias=None, *, causal: bool, scale: float):
