@@ -16,7 +16,7 @@ from fxforge.ir.graph import Value  # noqa: E402
 from fxforge.ir.ops import OPS  # noqa: E402
 from fxforge.ir.types import TensorType, symbol  # noqa: E402
 from fxforge.passes.cleanup import dead_code_elimination  # noqa: E402
-from fxforge.passes.fuse_elementwise import fuse_elementwise  # noqa: E402
+from fxforge.passes.fuse_elementwise import find_cycle, fuse_elementwise  # noqa: E402
 from fxforge.passes.manager import PassContext  # noqa: E402
 from fxforge.runtime.backends import op_table  # noqa: E402
 from fxforge.runtime.program import build_program  # noqa: E402
@@ -188,6 +188,28 @@ def test_cycle_through_an_unfused_op_is_split():
     typecheck(out)
     assert out.count("fused_pointwise") == 2 and out.count("sum") == 1
     _compare_backends(g, torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(n=st.integers(1, 10), edges=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), max_size=30),
+       grouped=st.sets(st.integers(0, 9)))
+def test_find_cycle_finds_the_cycle_networkx_finds(n, edges, grouped):
+    # which cycle comes out decides how groups split, so it must be networkx's, edge for edge
+    import networkx as nx
+
+    name = {i: ("g", i) if i in grouped else i for i in range(n)}
+    edges = [(name[a % n], name[b % n]) for a, b in edges]
+    dag = nx.DiGraph()
+    dag.add_nodes_from(name.values())
+    dag.add_edges_from(edges)
+    succ = {v: {} for v in name.values()}
+    for a, b in edges:
+        succ[a][b] = None
+    try:
+        want = [tuple(e) for e in nx.find_cycle(dag)]
+    except nx.NetworkXNoCycle:
+        want = []
+    assert find_cycle(succ) == want
 
 
 def kernel_launches(graph) -> int:

@@ -215,6 +215,9 @@ class _Lowerer:
         self.ep = ep
         self.rename: dict = {}
         self.builder = Builder()
+        # torch's size expression -> ours; the same few sizes (T, B*T, ...) recur on
+        # thousands of nodes, and each conversion walks the expression several times.
+        self.size_exprs: dict = {}
 
     # -- symbolic sizes ------------------------------------------------------------------
     def name_dims(self, placeholders):
@@ -237,7 +240,16 @@ class _Lowerer:
             return sympy.Integer(int(x))
         if isinstance(x, float):
             return sympy.Float(x)
-        e = x.node.expr.xreplace(self.rename)
+        raw = x.node.expr
+        if not isinstance(x, torch.SymInt):
+            return self._convert(raw)
+        e = self.size_exprs.get(raw)
+        if e is None:
+            e = self.size_exprs[raw] = self._convert(raw)
+        return e
+
+    def _convert(self, expr) -> sympy.Expr:
+        e = expr.xreplace(self.rename)
         e = _clean_expr(e)
         unknown = [s for s in e.free_symbols if s not in self.rename.values()]
         if unknown:

@@ -4,8 +4,8 @@ Triton backends run as one generated kernel (codegen/pointwise.py).
 A group is a connected set of pointwise nodes that all produce the same shape (their
 inputs may broadcast into it) and float or bool values. Groups are found with union-find
 over the dataflow edges; contracting every group must leave the graph a DAG, which
-networkx checks on the quotient graph: a group on a cycle through an unfused node is
-dissolved. A member used outside its group becomes an extra output of the fused node (no
+`find_cycle` (networkx's search, on plain dicts) checks on the quotient graph: a group
+on a cycle through an unfused node is split. A member used outside its group becomes an extra output of the fused node (no
 recomputation: every member is computed once, in one pass over memory).
 
 The fused node's `body` lists the steps, each `(op, operands, attrs)`, where an operand
