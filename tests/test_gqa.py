@@ -154,3 +154,19 @@ def test_composes_with_quantize_and_kv_cache():
     for _ in range(6):
         seq = torch.cat([seq, plain(seq).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "phi3", "gemma"])
+def test_other_architectures_convert(name):
+    from test_kv_cache import _arch
+
+    model, vocab = _arch(name)
+    ids = torch.randint(0, vocab, (2, 9))
+    calib = torch.randint(0, vocab, (2, 32))
+    # G = Hkv changes nothing but the rewiring: exact
+    same = fxforge.optimize(model, (ids,), gqa=GQAConfig(2, "aligned", calibration=calib))
+    with torch.no_grad():
+        assert_close_to_eager(model(ids), same(ids))
+    assert max(layer["rel_error"] for layer in _gqa_details(same)["layers"]) < 1e-5
+    merged = fxforge.optimize(model, (ids,), gqa=GQAConfig(1, "aligned", calibration=calib), kv_cache=True)
+    assert merged.generate(ids[:1, :4], 5).shape == (1, 9)

@@ -276,3 +276,42 @@ def test_interpret_backend_runs_the_cached_graph():
     fast = _optimize(model, vocab, backend="interpret")
     ids, mask = _padded_batch(vocab, [3, 6])
     assert torch.equal(fast.generate(ids, 5, attention_mask=mask), ref_fast.generate(ids, 5, attention_mask=mask))
+
+
+def _arch(name):
+    import transformers as tr
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    build = {
+        "qwen2": lambda: tr.Qwen2ForCausalLM(tr.Qwen2Config(**common)),
+        "mistral": lambda: tr.MistralForCausalLM(tr.MistralConfig(**common, sliding_window=None)),
+        "phi3": lambda: tr.Phi3ForCausalLM(tr.Phi3Config(**common, pad_token_id=0)),
+        "gemma": lambda: tr.GemmaForCausalLM(tr.GemmaConfig(**common, head_dim=16)),
+        "gpt_neox": lambda: tr.GPTNeoXForCausalLM(tr.GPTNeoXConfig(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256)),
+    }[name]
+    return build().eval(), 128
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "phi3", "gemma", "gpt_neox"])
+def test_more_architectures_generate_like_transformers(name):
+    model, vocab = _arch(name)
+    fast = _optimize(model, vocab)
+    ids, mask = _padded_batch(vocab, [6, 3])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    assert torch.equal(fast.generate(ids, 12, attention_mask=mask, eos_token_id=None), ref)
+
+
+def test_refuses_positions_it_cannot_place():
+    # OPT derives positions from a cumulative sum over an all-ones attention mask built
+    # from (B, T): the pass cannot tell what that means with a cache, so it says so
+    import transformers as tr
+
+    cfg = tr.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4,
+                       max_position_embeddings=256, word_embed_proj_dim=64)
+    model = tr.OPTForCausalLM(cfg).eval()
+    with pytest.raises(KVCacheError, match=r"builds a tensor from the sequence length[\s\S]*at: .*full\(\)"):
+        fxforge.optimize(model, (torch.randint(1, 128, (2, 7)),), kv_cache=True)

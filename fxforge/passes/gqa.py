@@ -142,6 +142,13 @@ def _as_projection(graph: Graph, producers, node: Node, v: Value) -> Projection 
         start, end = int(node.attrs["start"]), int(node.attrs["end"])
         if src is not None and src.op == "view" and src.inputs[0].shape[-1] == src.outputs[0].shape[-1]:
             src = producers.get(src.inputs[0])
+        if src is not None and src.op == "linear":  # linear(x, W[out, in], [b]) sliced (Phi-3's qkv_proj)
+            w = _param(graph, src.inputs[1])
+            b = _param(graph, src.inputs[2]) if len(src.inputs) > 2 else None
+            if w is None or (len(src.inputs) > 2 and b is None):
+                return None
+            return Projection(src.inputs[0], w[start:end].clone(), None if b is None else b[start:end].clone(), v,
+                              src.inputs[1].param, fused=True)
         bias = None
         if src is not None and src.op == "add":
             bias = _param(graph, src.inputs[1])
