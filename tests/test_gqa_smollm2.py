@@ -3,7 +3,6 @@
 import os
 
 import pytest
-import torch
 
 import fxforge
 from fxforge.evaluate import perplexity
