@@ -25,8 +25,13 @@ def attention_sdpa(q, k, v, bias=None, *, causal: bool, scale: float):
     mask = None
     if bias is not None:
         mask = bias.to(q.dtype) if bias.dtype != q.dtype else bias
+    if causal and tq == 1:
+        causal = False  # bottom-right aligned: the one query sees every key
     if causal and (tq != tk or mask is not None):
-        keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        # query i sees key j iff j <= i + (tk - tq); built with a comparison, not tril,
+        # which costs a thread-pool round trip even for small masks
+        rows = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
+        keep = torch.arange(tk, device=q.device)[None, :] <= rows
         causal_bias = torch.zeros(tq, tk, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
         mask = causal_bias if mask is None else mask + causal_bias
         causal = False
