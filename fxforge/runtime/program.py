@@ -21,7 +21,7 @@ import sympy
 import torch
 
 from ..ir.graph import Graph
-from ..ir.ops import Arg
+from ..ir.ops import OPS, Arg
 from ..ir.types import SymType, symbol
 
 
@@ -148,6 +148,9 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
         for v in n.inputs:
             last_use[v] = i
     keep = set(graph.outputs) | set(graph.param_values)
+    # Without a fused kernel (the torch backend) a fused group's steps are written out as
+    # lines of their own, so they cost what the unfused ops cost, constants hoisted.
+    inline_fused = ops.get("fused_pointwise") is OPS["fused_pointwise"].reference
     counter = 0
     hoisted: dict[str, torch.Tensor] = {}
     for i, n in enumerate(graph.nodes):
@@ -162,9 +165,12 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
             counter += 1
             outs.append(name(v, f"v{counter}"))
         ins = [names[v] for v in n.inputs]
-        call = _call(n, ins)
-        lhs = outs[0] if len(outs) == 1 else ", ".join(outs)
-        lines.append(f"    {lhs} = {call}")
+        if n.op == "fused_pointwise" and inline_fused:
+            counter = _inline_fused(n, ins, outs, lines, hoisted, taken, counter, device)
+        else:
+            call = _call(n, ins)
+            lhs = outs[0] if len(outs) == 1 else ", ".join(outs)
+            lines.append(f"    {lhs} = {call}")
         dead = [names[v] for v in dict.fromkeys(n.inputs) if last_use.get(v) == i and v not in keep]
         dead += [names[v] for v in n.outputs if v not in last_use and v not in keep]
         if dead:
@@ -180,6 +186,33 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     exec(compile(source, filename, "exec"), namespace)
     return Program(source, namespace["program"], [v.param for v in graph.param_values])
+
+
+def _inline_fused(node, ins: list[str], outs: list[str], lines: list[str], hoisted: dict, taken: set,
+                  counter: int, device) -> int:
+    """Write a fused_pointwise body as one line per step; returns the updated counter."""
+    steps: list[str] = []
+    temps: list[str] = []
+    for op, args, attrs in node.attrs["body"]:
+        counter += 1
+        name = f"c{counter}" if op == "const" else f"t{counter}"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        if op == "const":
+            a = dict(attrs)
+            hoisted[name] = torch.tensor(a["value"], dtype=a["dtype"], device=device)
+        else:
+            temps.append(name)
+            operands = [ins[int(x[2:])] if x.startswith("in") else steps[int(x[1:])] for x in args]
+            kw = ", ".join(f"{k}={py_literal(v)}" for k, v in attrs)
+            lines.append(f"    {name} = op_{op}({', '.join(x for x in (', '.join(operands), kw) if x)})")
+        steps.append(name)
+    results = [steps[int(o[1:])] for o in node.attrs["outputs"]]
+    lines.append(f"    {', '.join(outs)} = {', '.join(results)}")
+    if temps:
+        lines.append(f"    del {', '.join(temps)}")
+    return counter
 
 
 # Ops that make a tensor from nothing need to know where to put it.
