@@ -86,6 +86,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
         return input_ids
 
     cache = model.kv_cache_for(batch, prompt_len + max_new_tokens)
+    cache.prepare(pad, model.bias_dtype())
     eos_t = torch.tensor(eos, device=device) if eos else None
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     tokens = [input_ids]

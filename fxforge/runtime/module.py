@@ -57,7 +57,7 @@ class OptimizedModel:
                 batch, length = self._batch_and_length(inputs)
                 pad = torch.zeros(batch, dtype=torch.long, device=self.device)
                 cache = self.kv_cache_for(batch, length)
-                outs = self.program(*self._cached_inputs(inputs, 0, pad, length), *cache.buffers)
+                outs = self.program(*self._cached_inputs(inputs, 0, pad, length, cache), *cache.buffers)
             else:
                 outs = self.program(*inputs)
         flat = [outs[i] if kind == "value" else i for kind, i in self.spec.output_leaves]
@@ -93,15 +93,15 @@ class OptimizedModel:
     def run_cached(self, input_ids: torch.Tensor, start: int, pad: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One prefill or decode step: the new tokens go at positions start.., the cache
         holds the earlier ones. Returns the logits of the new tokens [B, T, vocab]."""
-        inputs = self._cached_inputs([input_ids], start, pad, input_ids.shape[1])
+        inputs = self._cached_inputs([input_ids], start, pad, input_ids.shape[1], cache)
         outs = self.program(*inputs, *cache.buffers)
         return outs[self._logits_index()]
 
-    def _cached_inputs(self, user_inputs, start: int, pad: torch.Tensor, new: int) -> list:
-        from .state import step_inputs
+    def bias_dtype(self) -> torch.dtype:
+        return self.graph.inputs[self._cache_slots[KV_BIAS]].type.dtype
 
-        bias_type = self.graph.inputs[self._cache_slots[KV_BIAS]].type
-        positions, bias = step_inputs(pad, start, new, bias_type.dtype, self.device)
+    def _cached_inputs(self, user_inputs, start: int, pad: torch.Tensor, new: int, cache: KVCache) -> list:
+        positions, bias = cache.inputs_at(pad, start, new, self.bias_dtype())
         extra = {CACHE_LEN: start, POSITIONS: positions, KV_BIAS: bias}
         inputs = list(user_inputs)
         for key, slot in sorted(self._cache_slots.items(), key=lambda kv: kv[1]):

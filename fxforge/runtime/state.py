@@ -25,6 +25,22 @@ class KVCache:
             shape = tuple(int(sympy.sympify(d).subs(sizes)) for d in v.type.shape)
             self.buffers.append(torch.zeros(shape, dtype=v.type.dtype, device=device))
 
+        self._tables = None  # (pad, positions [B, capacity], bias [B, 1, 1, capacity]) for one generate()
+
+    def prepare(self, pad: torch.Tensor, dtype: torch.dtype):
+        """Build the positions and key bias of every slot once for a generate() call, so
+        that each step only slices them."""
+        positions, bias = step_inputs(pad, 0, self.capacity, dtype, pad.device)
+        self._tables = (pad, positions, bias)
+
+    def inputs_at(self, pad: torch.Tensor, start: int, new: int, dtype: torch.dtype):
+        """kv_positions and kv_bias for tokens start..start+new-1 (see step_inputs)."""
+        if self._tables is not None and self._tables[0] is pad and self._tables[2].dtype == dtype \
+                and start + new <= self.capacity:
+            _, positions, bias = self._tables
+            return positions[:, start:start + new], bias[..., :start + new]
+        return step_inputs(pad, start, new, dtype, pad.device)
+
     def fits(self, batch: int, capacity: int) -> bool:
         return self.batch >= batch and self.capacity >= capacity
 
