@@ -5,7 +5,8 @@ weight bytes of the quantized layers before/after (scales and zero points includ
     python benchmarks/quant_quality.py [--schemes int8 w8a8 int4 int4/g64 nf4 nf4/g32] [--out results.json]
 
 A scheme "int4/g64" sets the group size (int4 defaults to 128, nf4 to 64); "/fz" asks int4
-for a float zero point (the group's own range) instead of an integer one.
+for a float zero point (the group's own range) instead of an integer one; "w8a8/t4" sets the
+outlier threshold (default 6.0).
 """
 import argparse
 import os
@@ -34,7 +35,9 @@ def measure(schemes):
     for label in schemes:
         scheme, *mods = label.split("/")
         group = next((int(m[1:]) for m in mods if m.startswith("g")), None)
-        cfg = QuantConfig(scheme, group_size=group, zero_point="float" if "fz" in mods else "int")
+        threshold = next((float(m[1:]) for m in mods if m.startswith("t")), 6.0)
+        cfg = QuantConfig(scheme, group_size=group, zero_point="float" if "fz" in mods else "int",
+                          threshold=threshold)
         fast = fxforge.optimize(model, (ids[:, :8],), quantize=cfg)
         d = next(s for s in fast.stats if s.name == "quantize").details["quantize"]
         ppl = perplexity(fast, ids)
