@@ -156,15 +156,17 @@ def test_composes_with_quantize_and_kv_cache():
     assert torch.equal(out, seq)
 
 
-@pytest.mark.parametrize("name", ["qwen2", "phi3", "gemma"])
-def test_other_architectures_convert(name):
+@pytest.mark.parametrize("name, kv_heads", [("qwen2", 2), ("phi3", 2), ("gemma", 2), ("gpt_neox", 4)])
+def test_other_architectures_convert(name, kv_heads):
+    # phi3: slices of a fused qkv linear; gpt_neox: q, k, v interleaved per head, sliced
+    # after the head split and permute, with partial rotary (so K is only averaged)
     from test_kv_cache import _arch
 
     model, vocab = _arch(name)
     ids = torch.randint(0, vocab, (2, 9))
     calib = torch.randint(0, vocab, (2, 32))
     # G = Hkv changes nothing but the rewiring: exact
-    same = fxforge.optimize(model, (ids,), gqa=GQAConfig(2, "aligned", calibration=calib))
+    same = fxforge.optimize(model, (ids,), gqa=GQAConfig(kv_heads, "aligned", calibration=calib))
     with torch.no_grad():
         assert_close_to_eager(model(ids), same(ids))
     assert max(layer["rel_error"] for layer in _gqa_details(same)["layers"]) < 1e-5

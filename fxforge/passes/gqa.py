@@ -80,6 +80,8 @@ class Projection:
     out: Value
     name: str
     fused: bool = False  # a slice of a wider projection (GPT-2's c_attn)
+    head_dim: int | None = None  # set when `out` already has heads split, [..., heads, D] (GPT-NeoX)
+    head_permute: tuple | None = None  # and then permuted (heads before T)
 
 
 @dataclass
@@ -108,7 +110,7 @@ def _param(graph: Graph, v: Value) -> torch.Tensor | None:
     return graph.params.get(v.param) if v.param else None
 
 
-def _projection(graph: Graph, producers, start: Value) -> Projection | None:
+def _projection(graph: Graph, producers, start: Value, head_dim: int) -> Projection | None:
     """Walk back from an attention input through head reshapes and rotary ops to the one
     linear projection that feeds it."""
     found, seen, stack = [], set(), [start]
@@ -120,7 +122,7 @@ def _projection(graph: Graph, producers, start: Value) -> Projection | None:
         node = producers.get(v)
         if node is None:
             continue
-        proj = _as_projection(graph, producers, node, v)
+        proj = _as_projection(graph, producers, node, v, head_dim)
         if proj is not None:
             found.append(proj)
             continue
@@ -129,7 +131,7 @@ def _projection(graph: Graph, producers, start: Value) -> Projection | None:
     return found[0] if len(found) == 1 else None
 
 
-def _as_projection(graph: Graph, producers, node: Node, v: Value) -> Projection | None:
+def _as_projection(graph: Graph, producers, node: Node, v: Value, head_dim: int) -> Projection | None:
     if node.op == "linear":
         w = _param(graph, node.inputs[1])
         b = _param(graph, node.inputs[2]) if len(node.inputs) > 2 else None
@@ -142,6 +144,15 @@ def _as_projection(graph: Graph, producers, node: Node, v: Value) -> Projection 
         start, end = int(node.attrs["start"]), int(node.attrs["end"])
         if src is not None and src.op == "view" and src.inputs[0].shape[-1] == src.outputs[0].shape[-1]:
             src = producers.get(src.inputs[0])
+        elif src is not None and src.op in ("view", "permute"):
+            # q, k, v interleaved per head (GPT-NeoX): a head-dim-wide slice of the split
+            # heads; a narrower one is a slice within heads (rotary's halves): walk on
+            dims = tuple(src.attrs["dims"]) if src.op == "permute" else None
+            view = producers.get(src.inputs[0]) if src.op == "permute" else src
+            if end - start == head_dim and view is not None and view.op == "view" and _splits_last_dim(view) \
+                    and (dims is None or dims[-1] == v.rank - 1):
+                return _interleaved_projection(graph, producers, view, start, end, v, dims)
+            return None
         if src is not None and src.op == "linear":  # linear(x, W[out, in], [b]) sliced (Phi-3's qkv_proj)
             w = _param(graph, src.inputs[1])
             b = _param(graph, src.inputs[2]) if len(src.inputs) > 2 else None
@@ -160,6 +171,29 @@ def _as_projection(graph: Graph, producers, node: Node, v: Value) -> Projection 
                                   None if bias is None else bias[start:end].clone(), v, src.inputs[1].param,
                                   fused=True)
     return None
+
+
+def _splits_last_dim(view: Node) -> bool:
+    """view [..., H * X] -> [..., H, X] (the leading dims unchanged)."""
+    a, b = view.inputs[0].shape, view.outputs[0].shape
+    return len(b) == len(a) + 1 and a[:-1] == b[:-2] and b[-1].is_number and b[-2].is_number \
+        and int(b[-1]) * int(b[-2]) == a[-1]
+
+
+def _interleaved_projection(graph: Graph, producers, view: Node, start: int, end: int, v: Value, dims):
+    """slice([permute(]view(linear(x, W), [..., H, X])[)], last dim, s, e): per head h the
+    rows h * X + s .. h * X + e of W (GPT-NeoX lays q, k, v out per head)."""
+    src = producers.get(view.inputs[0])
+    if src is None or src.op != "linear":
+        return None
+    w = _param(graph, src.inputs[1])
+    b = _param(graph, src.inputs[2]) if len(src.inputs) > 2 else None
+    if w is None or (len(src.inputs) > 2 and b is None):
+        return None
+    heads, width = int(view.outputs[0].shape[-2]), int(view.outputs[0].shape[-1])
+    rows = torch.cat([torch.arange(h * width + start, h * width + end) for h in range(heads)])
+    return Projection(src.inputs[0], w[rows].clone(), None if b is None else b[rows].clone(), v,
+                      src.inputs[1].param, fused=True, head_dim=end - start, head_permute=dims)
 
 
 def _out_projection(graph: Graph, users, attn_out: Value) -> OutProjection | None:
@@ -213,7 +247,7 @@ def find_layers(graph: Graph) -> list[Layer]:
         if len(n.inputs) > 3:
             raise GQAError("gqa: this attention has a mask input; gqa handles masks built from shapes only "
                            "(causal), so capture without attention_mask" + where)
-        projs = [_projection(graph, producers, x) for x in (q, k, v)]
+        projs = [_projection(graph, producers, x, int(k.shape[3])) for x in (q, k, v)]
         if any(p is None for p in projs):
             which = ["Q", "K", "V"][[p is None for p in projs].index(True)]
             raise GQAError(f"gqa: the {which} input of this attention is not one linear projection of the hidden "
@@ -461,9 +495,14 @@ def rewrite(graph: Graph, layers: list[Layer], G: int) -> tuple[Graph, dict]:
             if b is not None:
                 args.append(out.add_param(f"{proj.name}.gqa_{role}_bias", b))
             y = bld.emit("linear", *args)
-            shape = proj.out.shape[:-1] + (w.shape[0],)
+            if proj.head_dim is None:
+                shape = proj.out.shape[:-1] + (w.shape[0],)
+            else:  # the model split heads (and permuted them) before slicing: so do we
+                shape = y.shape[:-1] + (w.shape[0] // proj.head_dim, proj.head_dim)
             if y.shape != shape:
                 y = bld.emit("view", y, shape=shape)
+            if proj.head_permute is not None:
+                y = bld.emit("permute", y, dims=proj.head_permute)
             nodes.extend(bld.nodes)
             renamed[proj.out] = y
     g = out.with_nodes(nodes, [renamed.get(v, v) for v in graph.outputs])
