@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ...ir.ops import attention_reference
 
-__all__ = ["attention_triton", "attention_reference", "online_softmax_step"]
+__all__ = ["attention_triton", "attention_reference", "load_kv_block", "online_softmax_step"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -32,6 +32,21 @@ def _configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
                                  (64, 32, 4, 4), (32, 32, 4, 2)]]
+
+
+@triton.jit
+def load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, DOT_F32: tl.constexpr):
+    """One block of keys, transposed for q @ k ([D_PAD, BLOCK_N]), and its values
+    ([BLOCK_N, D_PAD]); masked rows and padded head dims read as 0. Shared by the prefill
+    and the decode kernels."""
+    k = tl.load(k_base + n_idx[None, :] * skn + offs_d[:, None] * skd,
+                mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+    v = tl.load(v_base + n_idx[:, None] * svn + offs_d[None, :] * svd,
+                mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
 
 
 @triton.jit
@@ -95,10 +110,7 @@ def _attention_kernel(
     for start_n in range(0, hi, BLOCK_N):
         n_idx = start_n + offs_n
         n_valid = n_idx < TK
-        k = tl.load(k_base + n_idx[None, :] * skn + offs_d[:, None] * skd,
-                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
+        k, v = load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # already in log2 units
         keep = m_valid[:, None] & n_valid[None, :]
         if CAUSAL:
@@ -108,10 +120,6 @@ def _attention_kernel(
                            mask=keep, other=0.0)
             s = s + bias.to(tl.float32) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
-        v = tl.load(v_base + n_idx[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        if DOT_F32:
-            v = v.to(tl.float32)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key: output zeros, not NaN

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ...ir.ops import attention_reference
-from .attention import online_softmax_step
+from .attention import load_kv_block, online_softmax_step
 
 __all__ = ["decode_attention_triton", "attention_reference", "num_splits"]
 
@@ -68,20 +68,13 @@ def _decode_split_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         n_idx = start_n + offs_n
         n_valid = n_idx < hi
-        k = tl.load(k_base + n_idx[None, :] * skn + offs_d[:, None] * skd,
-                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
+        k, v = load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # log2 units
         keep = g_valid[:, None] & n_valid[None, :]
         if HAS_BIAS:
             bias = tl.load(bias_ptr + b * sbb + heads[:, None] * sbh + n_idx[None, :] * sbn, mask=keep, other=0.0)
             s = s + bias.to(tl.float32) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
-        v = tl.load(v_base + n_idx[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        if DOT_F32:
-            v = v.to(tl.float32)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
     # partials: [B, H, NUM_SPLITS] for m and l, [B, H, NUM_SPLITS, D_PAD] for acc (contiguous)
