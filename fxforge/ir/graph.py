@@ -76,10 +76,6 @@ class Graph:
     state_values: list[Value] = field(default_factory=list)
     input_names: list[str] = field(default_factory=list)
 
-    @property
-    def state(self) -> dict[str, Type]:
-        return {v.state: v.type for v in self.state_values}
-
     # -- structure queries -------------------------------------------------------------
     def producers(self) -> dict[Value, Node]:
         return {v: n for n in self.nodes for v in n.outputs}

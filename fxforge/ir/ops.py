@@ -388,6 +388,14 @@ def fill_args(structure, tensors):
     return structure
 
 
+def causal_keep(tq: int, tk: int, device=None) -> torch.Tensor:
+    """[tq, tk] bool: query i sees key j iff j <= i + (tk - tq) (bottom-right aligned: the
+    queries are the last tq of tk positions). Built with a comparison, not tril, which
+    goes through the intra-op thread pool even for small masks and costs milliseconds a
+    call when the cores are busy."""
+    return torch.arange(tk, device=device)[None, :] <= torch.arange(tq, device=device)[:, None] + (tk - tq)
+
+
 def attention_reference(q, k, v, bias=None, *, causal, scale):
     """softmax(q k^T * scale + bias, causal bottom-right aligned) v, K/V heads shared by
     groups of query heads. Computed in float32."""
@@ -399,9 +407,7 @@ def attention_reference(q, k, v, bias=None, *, causal, scale):
     if bias is not None:
         s = s + bias.float()
     if causal:
-        tq, tk = q.shape[-2], k.shape[-2]
-        keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-        s = s.masked_fill(~keep, float("-inf"))
+        s = s.masked_fill(~causal_keep(q.shape[-2], k.shape[-2], q.device), float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     return torch.matmul(p, v.float()).to(q.dtype)
 

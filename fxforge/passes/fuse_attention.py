@@ -25,6 +25,7 @@ import math
 import torch
 
 from ..ir.graph import Value
+from ..ir.ops import causal_keep
 from ..ir.types import as_dim
 from .pattern import Match, Rule, apply_rules, op, var
 from .shape_eval import evaluate, sample_sizes
@@ -154,9 +155,7 @@ def _is_causal(m: Match, terms: _Terms, q: Value, k: Value) -> bool:
             return False
         if bias.dim() < 2 or bias.shape[-2] not in (1, tq) or bias.shape[-1] != tk:
             return False
-        # tril(ones(tq, tk), tk - tq) by a comparison: tril goes through the intra-op thread
-        # pool even at this size, which costs milliseconds a call when the cores are busy.
-        keep = torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + (tk - tq)
+        keep = causal_keep(tq, tk)
         bias = bias.expand(*bias.shape[:-2], tq, tk)
         if not (bias[..., keep] == 0).all() or not (bias[..., ~keep] <= MASK_FILL_MAX).all():
             return False

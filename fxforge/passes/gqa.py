@@ -483,7 +483,7 @@ def rewrite(graph: Graph, layers: list[Layer], G: int) -> tuple[Graph, dict]:
         if original in weight_swap:
             inputs = (inputs[0], weight_swap[original]) + inputs[2:]
         if inputs != node.inputs:
-            node = _retyped(node, inputs, renamed, G)
+            node = _retyped(node, inputs, renamed)
         block_out[original] = node.outputs[0]
         nodes.append(node)
         if node.op == "attention":
@@ -511,7 +511,7 @@ def rewrite(graph: Graph, layers: list[Layer], G: int) -> tuple[Graph, dict]:
     return dead_code_elimination(g), {"orders": orders, "attn": new_attn, "out": block_out}
 
 
-def _retyped(node: Node, inputs: tuple, renamed: dict, G: int) -> Node:
+def _retyped(node: Node, inputs: tuple, renamed: dict) -> Node:
     """The node with new inputs; where an input lost heads, its type (and a head-splitting
     view's shape) follow."""
     attrs = node.attrs

@@ -42,7 +42,6 @@ from ..ir.types import SymType, TensorType, dims_equal, symbol
 
 # The inputs this pass appends, by hint; the runtime finds them by these names.
 CACHE_LEN, POSITIONS, KV_BIAS = "L", "kv_positions", "kv_bias"
-CACHE_INPUTS = (CACHE_LEN, POSITIONS, KV_BIAS)
 CACHE_SIZE = "S"  # the symbolic length of the state buffers
 
 # Ops through which per-row positions may flow: they treat a leading dim as a batch.

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .state import KVCache, left_padding, step_inputs
+from .state import left_padding
 
 
 def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int, padded: bool):
@@ -136,5 +136,3 @@ def _end(streamer):
     if streamer is not None and hasattr(streamer, "end"):
         streamer.end()
 
-
-__all__ = ["generate", "process_logits", "KVCache", "step_inputs"]

@@ -24,7 +24,6 @@ class KVCache:
                 sizes[d] = capacity if str(d).startswith(CACHE_SIZE) else batch
             shape = tuple(int(sympy.sympify(d).subs(sizes)) for d in v.type.shape)
             self.buffers.append(torch.zeros(shape, dtype=v.type.dtype, device=device))
-
         self._tables = None  # (pad, positions [B, capacity], bias [B, 1, 1, capacity]) for one generate()
 
     def prepare(self, pad: torch.Tensor, dtype: torch.dtype):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ir.ops import causal_keep
+
 
 def attention_sdpa(q, k, v, bias=None, *, causal: bool, scale: float):
     """attention via F.scaled_dot_product_attention. SDPA's is_causal is top-left aligned
@@ -28,10 +30,7 @@ def attention_sdpa(q, k, v, bias=None, *, causal: bool, scale: float):
     if causal and tq == 1:
         causal = False  # bottom-right aligned: the one query sees every key
     if causal and (tq != tk or mask is not None):
-        # query i sees key j iff j <= i + (tk - tq); built with a comparison, not tril,
-        # which costs a thread-pool round trip even for small masks
-        rows = torch.arange(tq, device=q.device)[:, None] + (tk - tq)
-        keep = torch.arange(tk, device=q.device)[None, :] <= rows
+        keep = causal_keep(tq, tk, q.device)
         causal_bias = torch.zeros(tq, tk, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
         mask = causal_bias if mask is None else mask + causal_bias
         causal = False
