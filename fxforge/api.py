@@ -15,12 +15,13 @@ from .passes.manager import run_pipeline
 from .runtime.backends import op_table, resolve_backend
 from .runtime.module import OptimizedModel
 from .runtime.program import build_program
+from .runtime.cpu_linear import plan_cpu_linears
 
 
 def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
              passes: Sequence[str] | None = None, disable: Sequence[str] = (), backend: str = "auto",
              dump_dir: str | None = None, dynamic: bool = True, registry: PassRegistry | None = None,
-             **options) -> OptimizedModel:
+             cpu_linear: bool = True, **options) -> OptimizedModel:
     """Capture `model` on the example inputs, run the pass pipeline, and return a model that
     runs the optimized graph.
 
@@ -29,6 +30,10 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     backend:  "auto" (triton on CUDA, else torch), "torch", "triton" or "interpret".
     dump_dir: write the IR after every pass, the program and the report there
               (the environment variable FXFORGE_DUMP does the same).
+    cpu_linear: on the CPU (torch backend), run each float32 linear with the library kernel
+              and weight layout that is fastest at one token, timed per shape
+              (runtime/cpu_linear.py; column-major copies cost memory while the model
+              keeps its own weights). False: F.linear on the model's weights.
     options:  per-pass options (e.g. quantize="int8", kv_cache=True); an option no pass
               knows is an error.
     """
@@ -51,9 +56,16 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     graph, stats = run_pipeline(graph, pipeline, options,
                                 dump=lambda i, name, g: dumps.append((f"{i:02d}_{name}.ir", print_graph(g))))
     kernels = PointwiseKernels()
-    program = build_program(graph, op_table(backend, kernels=kernels), device=device,
+    ops = op_table(backend, kernels=kernels)
+    cpu_linear_stats = None
+    if cpu_linear and backend == "torch" and device.type == "cpu":
+        graph, plan, cpu_linear_stats = plan_cpu_linears(graph)
+        ops["linear"] = plan.linear
+    program = build_program(graph, ops, device=device,
                             filename=f"<fxforge program for {type(model).__name__}>")
     fast = OptimizedModel(graph, spec, program, backend, stats, dumps, capture_seconds, type(model).__name__)
+    if cpu_linear_stats is not None:
+        fast.runtime_stats.append(cpu_linear_stats)
     fast.kernels = kernels.sources  # filled as kernels are generated (first call per shape class)
     fast.generation_defaults = _generation_defaults(model)
     if dump_dir:

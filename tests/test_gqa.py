@@ -65,13 +65,18 @@ def test_duplicated_heads_convert_exactly(name, method):
 
 def test_projections_shrink_and_old_weights_leave_the_graph():
     model, vocab = zoo.gpt2("sdpa")
-    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), gqa=1)
+    ids = (torch.randint(0, vocab, (2, 7)),)
+    fast = fxforge.optimize(model, ids, gqa=1, disable=["fuse_linear"])
     names = set(fast.graph.params)
     assert not any(n.endswith("c_attn.weight") for n in names)  # the fused qkv is split, then gone
     kv = [t.shape for n, t in fast.graph.params.items() if n.endswith(("c_attn.weight.gqa_k", "c_attn.weight.gqa_v"))]
     assert kv == [(16, 64)] * 4  # K and V of 2 layers: 1 head x 16 outputs, down from 4 heads x 16
     text = fast.ir
     assert "attention(" in text and "f32[B, 1, T, 16]" in text
+    # fuse_linear (in the default pipeline) joins the shrunk q, k, v again: 64 + 16 + 16 rows
+    fused = fxforge.optimize(model, ids, gqa=1)
+    qkv = [t.shape for n, t in fused.graph.params.items() if n.endswith("c_attn.weight.{gqa_q,gqa_k,gqa_v}")]
+    assert qkv == [(96, 64)] * 2, sorted(fused.graph.params)
 
 
 @pytest.mark.parametrize("name, G", [("llama_mha", 2), ("llama_mha", 1), ("gpt2", 2), ("gpt2", 1), ("smol_like", 1)])

@@ -4,11 +4,12 @@ from .manager import PassContext, PassInfo, PassRegistry, PassStats, run_pipelin
 
 def default_registry() -> PassRegistry:
     """A fresh registry holding the built-in passes in the default pipeline order:
-    cleanup, fuse_attention, gqa?, kv_cache?, quantize?, fuse_elementwise, cleanup_final
+    cleanup, fuse_attention, gqa?, kv_cache?, quantize?, fuse_linear, fuse_elementwise, cleanup_final
     (a `?` pass runs only when its option is given to optimize())."""
     from .cleanup import cleanup
     from .fuse_attention import fuse_attention
     from .fuse_elementwise import fuse_elementwise
+    from .fuse_linear import fuse_linear
     from .gqa import gqa
     from .kv_cache import kv_cache
     from .quantize import quantize
@@ -21,6 +22,8 @@ def default_registry() -> PassRegistry:
     reg.add(PassInfo("kv_cache", kv_cache, option="kv_cache",
                      doc="a KV cache: one graph for prefill and decode, O(context) per token"), append=True)
     reg.add(PassInfo("quantize", quantize, option="quantize", doc="linear layers -> int8/int4/nf4/w8a8"),
+            append=True)
+    reg.add(PassInfo("fuse_linear", fuse_linear, doc="linears reading the same input -> one wider linear"),
             append=True)
     reg.add(PassInfo("fuse_elementwise", fuse_elementwise, doc="pointwise chains -> generated kernels"),
             append=True)

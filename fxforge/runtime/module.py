@@ -25,6 +25,8 @@ class OptimizedModel:
         self.program = program
         self.backend = backend
         self.stats = stats
+        # Choices made after the passes, for this backend (e.g. cpu_linear), in the report too.
+        self.runtime_stats: list[PassStats] = []
         self._dumps = dumps  # (file name, IR text) after each pass
         self.capture_seconds = capture_seconds
         self.model_name = model_name
@@ -166,7 +168,8 @@ class OptimizedModel:
         head = (f"fxforge report for {self.model_name}: backend={self.backend}, "
                 f"{len(self.graph.nodes)} nodes, {len(self.graph.params)} parameters")
         ops = ", ".join(f"{k}={v}" for k, v in sorted(self.graph.op_counts().items(), key=lambda kv: -kv[1]))
-        return f"{head}\n{format_report(self.stats, self.capture_seconds)}\nfinal ops: {ops}"
+        steps = self.stats + self.runtime_stats
+        return f"{head}\n{format_report(steps, self.capture_seconds)}\nfinal ops: {ops}"
 
     def dump(self, directory: str) -> list[str]:
         """Write the IR after every pass (NN_<pass>.ir), the program, kernels and the report."""

@@ -1,0 +1,124 @@
+"""fuse_linear: linear layers that read the same input become one wider linear whose output
+is sliced (horizontal fusion, as gpt-fast's wqkv and Inductor's concat_linear).
+
+    %q = linear(%x, %Wq)                       %qkv = linear(%x, %Wqkv)       Wqkv = cat(Wq, Wk, Wv)
+    %k = linear(%x, %Wk)            ->         %q = slice(%qkv, -1, 0, 576)
+    %v = linear(%x, %Wv)                       %k = slice(%qkv, -1, 576, 768) ...
+
+Why: at decode time (one token) every linear is a matrix-vector product bound by reading
+its weight, and each call also pays a fixed cost (a kernel launch on a GPU, a thread
+fork-join on a CPU). Llama's q/k/v and gate/up projections become 2 calls instead of 5.
+
+Exact: each output column is the same dot product of the same input row with the same
+weight row; only which call computes it changes. Fires only when every weight (and every
+bias, all or none) is a model parameter of the same dtype and device, so the concatenated
+weight can be built once, here. The new weight is a copy: the model's own weights are no
+longer read by the program (the report gives the bytes).
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import torch
+
+from ..ir.builder import Builder
+from ..ir.graph import Graph, Node, Value
+
+
+def fuse_linear(graph: Graph, ctx=None) -> Graph:
+    groups = _sibling_linears(graph)
+    if not groups:
+        return graph
+    out = graph.with_nodes(graph.nodes)
+    replaced: dict[int, list[Node]] = {}  # id(first member) -> the nodes that replace the group
+    dropped: set[int] = set()
+    renamed: dict[Value, Value] = {}
+    new_bytes = 0
+    for members in groups:
+        nodes, outputs, nbytes = _fuse(out, members)
+        replaced[id(members[0])] = nodes
+        dropped.update(id(n) for n in members[1:])
+        renamed.update(zip((n.output for n in members), outputs))
+        new_bytes += nbytes
+    nodes: list[Node] = []
+    for node in graph.nodes:
+        if id(node) in dropped:
+            continue
+        if id(node) in replaced:
+            nodes.extend(replaced[id(node)])
+            continue
+        if any(v in renamed for v in node.inputs):
+            node = Node(node.op, tuple(renamed.get(v, v) for v in node.inputs), node.attrs, node.outputs, node.meta)
+        nodes.append(node)
+    result = out.with_nodes(nodes, [renamed.get(v, v) for v in graph.outputs]).prune_params()
+    if ctx is not None:
+        fused = sum(len(m) for m in groups)
+        ctx.rules["concat_linear"] += len(groups)
+        ctx.details["fuse_linear"] = {"groups": [[n.inputs[1].param for n in m] for m in groups],
+                                      "weight_bytes": new_bytes}
+        ctx.note(f"{fused} linears -> {len(groups)} (weights concatenated: {new_bytes / 2**20:.1f} MiB, "
+                 f"a copy; the model's own weights are no longer read)")
+    return result
+
+
+def _sibling_linears(graph: Graph) -> list[list[Node]]:
+    """Groups of 2+ linear nodes reading the same input with parameter weights that can be
+    concatenated (same dtype and device, bias on all or none)."""
+    by_key: dict[tuple, list[Node]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op != "linear" or not _fusable(graph, node):
+            continue
+        w = graph.params[node.inputs[1].param]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        bias_dtype = graph.params[bias.param].dtype if bias is not None else None
+        by_key[(id(node.inputs[0]), w.dtype, w.device, bias_dtype)].append(node)
+    return [members for members in by_key.values() if len(members) > 1]
+
+
+def _fusable(graph: Graph, node: Node) -> bool:
+    params = node.inputs[1:]
+    if not all(v.param is not None and v.param in graph.params for v in params):
+        return False
+    w = graph.params[params[0].param]
+    if w.dim() != 2:
+        return False
+    if len(params) == 2:
+        b = graph.params[params[1].param]
+        return b.dim() == 1 and b.shape[0] == w.shape[0] and b.device == w.device
+    return True
+
+
+def _fuse(graph: Graph, members: list[Node]) -> tuple[list[Node], list[Value], int]:
+    """The fused linear and one slice per member (nodes, member outputs, new weight bytes)."""
+    first = members[0]
+    weights = [graph.params[n.inputs[1].param] for n in members]
+    names = [n.inputs[1].param for n in members]
+    with torch.no_grad():
+        w_cat = torch.cat([w.detach() for w in weights], dim=0)
+    inputs = [first.inputs[0], graph.add_param(_joined_name(names), w_cat)]
+    if len(first.inputs) > 2:
+        with torch.no_grad():
+            b_cat = torch.cat([graph.params[n.inputs[2].param].detach() for n in members])
+        inputs.append(graph.add_param(_joined_name([n.inputs[2].param for n in members]), b_cat))
+    b = Builder({**first.meta, "pass": "fuse_linear"})
+    wide = b.emit("linear", *inputs)
+    outputs, start = [], 0
+    for node, w in zip(members, weights):
+        end = start + w.shape[0]
+        piece = b.emit("slice", wide, dim=-1, start=start, end=end, step=1)
+        if not piece.type.same_as(node.output.type):  # e.g. a dtype the linear did not promote alike
+            raise AssertionError(f"fuse_linear: {piece.type} != {node.output.type}{node.where()}")
+        outputs.append(piece)
+        start = end
+    nbytes = w_cat.numel() * w_cat.element_size() + (b_cat.numel() * b_cat.element_size() if len(inputs) > 2 else 0)
+    return b.nodes, outputs, nbytes
+
+
+def _joined_name(names: list[str]) -> str:
+    """'m.attn.q_proj.weight', 'm.attn.k_proj.weight' -> 'm.attn.{q_proj,k_proj}.weight'."""
+    parts = [n.split(".") for n in names]
+    head = os.path.commonprefix(parts)
+    tail = os.path.commonprefix([p[len(head):][::-1] for p in parts])[::-1]
+    middles = [".".join(p[len(head):len(p) - len(tail)]) for p in parts]
+    return ".".join(head + ["{" + ",".join(middles) + "}"] + tail)
