@@ -15,6 +15,7 @@ Runs on the GPU when there is one (the Triton backend), else on the CPU (torch b
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -53,16 +54,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeat):
+def once(fn, device) -> float:
+    t0 = time.perf_counter()
     fn()
     sync(device)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return time.perf_counter() - t0
+
+
+def timed(fn, device, repeat):
+    """Best of `repeat` after a warm-up call."""
+    fn()
+    sync(device)
+    return min(once(fn, device) for _ in range(repeat))
 
 
 def per_token_latency(model, cached, plain, vocab, device, contexts, repeat):
@@ -86,7 +89,9 @@ def per_token_latency(model, cached, plain, vocab, device, contexts, repeat):
 
 
 def generate_speed(model, cached, ids, n, device, repeat, compile_static):
-    results = {}
+    """Tokens/s of each contender, timed in interleaved rounds (fxforge, transformers,
+    fxforge, ...) and reported as the median: on a shared machine the memory bandwidth
+    drifts over minutes, and back-to-back blocks would credit the drift to one side."""
 
     def ours():
         out = cached.generate(ids, n, eos_token_id=None)
@@ -96,17 +101,26 @@ def generate_speed(model, cached, ids, n, device, repeat, compile_static):
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         assert out.shape[1] == ids.shape[1] + n
 
-    results["fxforge"] = n / timed(ours, device, repeat)
-    results["transformers"] = n / timed(hf, device, repeat)
+    contenders = {"fxforge": ours, "transformers": hf}
     if compile_static:
         model.forward = torch.compile(model.forward, mode="reduce-overhead" if device.type == "cuda" else None)
 
         def hf_compiled():
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static")
 
-        results["transformers+torch.compile(static cache)"] = n / timed(hf_compiled, device, repeat)
+        contenders["transformers+torch.compile(static cache)"] = hf_compiled
+    for fn in contenders.values():  # warm up (and compile)
+        fn()
+    seconds = {name: [] for name in contenders}
+    for _ in range(repeat):
+        for name, fn in contenders.items():
+            seconds[name].append(once(fn, device))
+    results = {name: n / statistics.median(s) for name, s in seconds.items()}
+    ratios = [h / f for f, h in zip(seconds["fxforge"], seconds["transformers"])]
     for k, v in results.items():
         print(f"generate {n} tokens: {k:42s} {v:8.1f} tokens/s  ({v / results['transformers']:.2f}x transformers)")
+    print(f"fxforge / transformers per round: {', '.join(f'{r:.2f}x' for r in ratios)}")
+    results["rounds"] = {name: [n / x for x in s] for name, s in seconds.items()}
     return results
 
 
