@@ -30,7 +30,7 @@ from ..passes.manager import PassStats
 MIN_SPEEDUP = 1.05
 # Bytes of weights each candidate is timed over: more than a server CPU's last-level cache,
 # so that the timing sees memory, not cache hits (it picks the wrong layout otherwise).
-COLD_BYTES = 48 << 20
+COLD_BYTES = 40 << 20
 MAX_COPIES = 128
 # Weights smaller than this are not timed (F.linear stays): they sit in cache, a call costs
 # more than the read, and timing hundreds of tiny copies would cost more than it finds.
@@ -131,7 +131,7 @@ def _linear_weights(graph: Graph) -> list[str]:
     return list(seen)
 
 
-def _cold_time(kernel, shape: tuple[int, int], layout: str, repeat: int = 3) -> float:
+def _cold_time(kernel, shape: tuple[int, int], layout: str, repeat: int = 2) -> float:
     """Seconds per call of `kernel` on one row, over enough weight copies to overflow the
     last-level cache (every weight is read once per token from memory when decoding)."""
     out_features, in_features = shape
