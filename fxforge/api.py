@@ -14,8 +14,8 @@ from .passes import PassInfo, PassRegistry, registry as _default_registry
 from .passes.manager import run_pipeline
 from .runtime.backends import op_table, resolve_backend
 from .runtime.module import OptimizedModel
-from .runtime.program import build_program
 from .runtime.cpu_linear import plan_cpu_linears
+from .runtime.program import build_program
 
 
 def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,

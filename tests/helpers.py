@@ -14,6 +14,16 @@ def assert_close_to_eager(ref, out, rel=1e-4):
     assert err <= rel * scale, f"max abs error {err:.3g} > {rel} x scale {scale:.3g}"
 
 
+def assert_matches_eager(model, fast, vocab: int, sizes, rel=1e-4):
+    """fast(ids) close to model(ids) for random token ids of each (batch, length) in `sizes`."""
+    import torch
+
+    for b, t in sizes:
+        ids = torch.randint(0, vocab, (b, t))
+        with torch.no_grad():
+            assert_close_to_eager(model(ids), fast(ids), rel)
+
+
 def assert_round_trips(graph):
     text = str(graph)
     again = parse(text)

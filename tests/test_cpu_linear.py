@@ -9,7 +9,7 @@ from fxforge.runtime import cpu_linear
 from fxforge.runtime.cpu_linear import CpuLinearPlan, onednn_available
 
 import zoo
-from helpers import assert_close_to_eager
+from helpers import assert_matches_eager
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear")
 
@@ -58,10 +58,7 @@ def test_big_enough_weights_are_timed_and_the_model_stays_exact(monkeypatch):
     assert timed and stats.notes
     for shape, choice in stats.details["cpu_linear"]["choices"].items():
         assert shape in timed and choice != cpu_linear.BASELINE
-    for b, t in [(1, 1), (2, 9)]:
-        ids = torch.randint(0, vocab, (b, t))
-        with torch.no_grad():
-            assert_close_to_eager(model(ids), fast(ids))
+    assert_matches_eager(model, fast, vocab, [(1, 1), (2, 9)])
     assert "cpu_linear" in fast.report()
 
 

@@ -7,7 +7,7 @@ import fxforge
 from fxforge.passes.gqa import GQAConfig, GQAError
 
 import zoo
-from helpers import assert_close_to_eager, assert_round_trips
+from helpers import assert_close_to_eager, assert_matches_eager, assert_round_trips
 
 
 def _duplicate_llama_heads(model, group):
@@ -55,10 +55,7 @@ def test_duplicated_heads_convert_exactly(name, method):
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),),
                             gqa=GQAConfig(2, method, calibration=calib))
     assert all(int(n.inputs[1].shape[1]) == 2 for n in fast.graph.nodes if n.op == "attention")
-    for b, t in [(1, 5), (3, 13)]:
-        ids = torch.randint(0, vocab, (b, t))
-        with torch.no_grad():
-            assert_close_to_eager(model(ids), fast(ids))
+    assert_matches_eager(model, fast, vocab, [(1, 5), (3, 13)])
     assert max(layer["rel_error"] for layer in _gqa_details(fast)["layers"]) < 1e-5
     assert_round_trips(fast.graph)
 

@@ -8,7 +8,7 @@ from fxforge.passes.kv_cache import KVCacheConfig, KVCacheError
 from fxforge.runtime.generate import process_logits
 
 import zoo
-from helpers import assert_close_to_eager, assert_round_trips
+from helpers import assert_close_to_eager, assert_matches_eager, assert_round_trips
 
 MODELS = {
     "gpt2_eager": lambda: zoo.gpt2("eager"),
@@ -73,10 +73,7 @@ def test_logits_at_every_step_equal_full_recompute(name):
 def test_plain_call_still_matches_eager():
     model, vocab = zoo.llama("sdpa")
     fast = _optimize(model, vocab)
-    for b, t in [(1, 1), (3, 11)]:
-        ids = torch.randint(0, vocab, (b, t))
-        with torch.no_grad():
-            assert_close_to_eager(model(ids), fast(ids))
+    assert_matches_eager(model, fast, vocab, [(1, 1), (3, 11)])
 
 
 def test_ir_after_kv_cache():

@@ -57,6 +57,13 @@ class Node:
             raise ValueError(f"{self.op} has {len(self.outputs)} outputs, not one")
         return self.outputs[0]
 
+    def with_renamed_inputs(self, renamed: dict) -> "Node":
+        """This node reading `renamed[v]` in place of each input v that a rewrite replaced
+        (the node itself when none was)."""
+        if not any(v in renamed for v in self.inputs):
+            return self
+        return Node(self.op, tuple(renamed.get(v, v) for v in self.inputs), self.attrs, self.outputs, self.meta)
+
     def where(self) -> str:
         """The model source that produced this node, for error messages."""
         src = self.meta.get("source")

@@ -33,8 +33,7 @@ def common_subexpression_elimination(graph: Graph, stats: Counter | None = None)
     renamed: dict[Value, Value] = {}
     nodes: list[Node] = []
     for node in graph.nodes:
-        if any(v in renamed for v in node.inputs):
-            node = Node(node.op, tuple(renamed.get(v, v) for v in node.inputs), node.attrs, node.outputs, node.meta)
+        node = node.with_renamed_inputs(renamed)
         if is_pure(node):
             key = (node.op, tuple(id(v) for v in node.inputs), format_attrs(node.attrs))
             twin = seen.get(key)
@@ -67,8 +66,7 @@ def fold_constants(graph: Graph, stats: Counter | None = None) -> Graph:
     out_graph = graph.with_nodes([])
     device = next((t.device for t in graph.params.values()), torch.device("cpu"))
     for node in graph.nodes:
-        if any(v in renamed for v in node.inputs):
-            node = Node(node.op, tuple(renamed.get(v, v) for v in node.inputs), node.attrs, node.outputs, node.meta)
+        node = node.with_renamed_inputs(renamed)
         concrete = all(d.is_number for v in node.outputs if hasattr(v.type, "shape") for d in v.shape)
         evaluable = (is_pure(node) and concrete and node.op != "torch_call"
                      and all(v in known for v in node.inputs)

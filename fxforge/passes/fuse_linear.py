@@ -48,9 +48,7 @@ def fuse_linear(graph: Graph, ctx=None) -> Graph:
         if id(node) in replaced:
             nodes.extend(replaced[id(node)])
             continue
-        if any(v in renamed for v in node.inputs):
-            node = Node(node.op, tuple(renamed.get(v, v) for v in node.inputs), node.attrs, node.outputs, node.meta)
-        nodes.append(node)
+        nodes.append(node.with_renamed_inputs(renamed))
     result = out.with_nodes(nodes, [renamed.get(v, v) for v in graph.outputs]).prune_params()
     if ctx is not None:
         fused = sum(len(m) for m in groups)
@@ -93,14 +91,14 @@ def _fuse(graph: Graph, members: list[Node]) -> tuple[list[Node], list[Value], i
     """The fused linear and one slice per member (nodes, member outputs, new weight bytes)."""
     first = members[0]
     weights = [graph.params[n.inputs[1].param] for n in members]
-    names = [n.inputs[1].param for n in members]
-    with torch.no_grad():
-        w_cat = torch.cat([w.detach() for w in weights], dim=0)
-    inputs = [first.inputs[0], graph.add_param(_joined_name(names), w_cat)]
-    if len(first.inputs) > 2:
+    inputs = [first.inputs[0]]
+    nbytes = 0
+    for slot in range(1, len(first.inputs)):  # the weight, then the bias if there is one
+        names = [n.inputs[slot].param for n in members]
         with torch.no_grad():
-            b_cat = torch.cat([graph.params[n.inputs[2].param].detach() for n in members])
-        inputs.append(graph.add_param(_joined_name([n.inputs[2].param for n in members]), b_cat))
+            joined = torch.cat([graph.params[name].detach() for name in names], dim=0)
+        inputs.append(graph.add_param(_joined_name(names), joined))
+        nbytes += joined.numel() * joined.element_size()
     b = Builder({**first.meta, "pass": "fuse_linear"})
     wide = b.emit("linear", *inputs)
     outputs, start = [], 0
@@ -111,7 +109,6 @@ def _fuse(graph: Graph, members: list[Node]) -> tuple[list[Node], list[Value], i
             raise AssertionError(f"fuse_linear: {piece.type} != {node.output.type}{node.where()}")
         outputs.append(piece)
         start = end
-    nbytes = w_cat.numel() * w_cat.element_size() + (b_cat.numel() * b_cat.element_size() if len(inputs) > 2 else 0)
     return b.nodes, outputs, nbytes
 
 

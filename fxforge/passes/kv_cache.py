@@ -302,8 +302,7 @@ def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: 
     layer = 0
     bytes_per_token = 0
     for node in graph.nodes:
-        if any(v in renamed for v in node.inputs):
-            node = Node(node.op, tuple(renamed.get(v, v) for v in node.inputs), node.attrs, node.outputs, node.meta)
+        node = node.with_renamed_inputs(renamed)
         if node.op != "attention":
             nodes.append(node)
             continue

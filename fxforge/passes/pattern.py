@@ -235,9 +235,7 @@ def apply_rules(graph: Graph, rules: Sequence[Rule], stats: Counter | None = Non
         nodes: list[Node] = []
         fired = False
         for node in graph.nodes:
-            if any(v in renamed for v in node.inputs):
-                node = Node(node.op, tuple(renamed.get(v, v) for v in node.inputs), node.attrs, node.outputs,
-                            node.meta)
+            node = node.with_renamed_inputs(renamed)
             nodes.append(node)
             for v in node.outputs:
                 producers[v] = node

@@ -91,8 +91,8 @@ def plan_cpu_linears(graph: Graph) -> tuple[Graph, CpuLinearPlan, PassStats]:
             plan.choices[shape] = best
             plan.speedups[shape] = speedup
     out, moved, nbytes = plan.apply(graph)
-    picked = Counter(f"{k}_{layout}" for shape, (k, layout) in plan.choices.items()
-                     for n in names if tuple(graph.params[n].shape) == shape)
+    picked = Counter("_".join(plan.choices[shape]) for shape in (tuple(graph.params[n].shape) for n in names)
+                     if shape in plan.choices)
     notes = []
     for shape, (k, layout) in sorted(plan.choices.items()):
         notes.append(f"[{shape[0]}, {shape[1]}]: {k} on {layout}-major weights, "
