@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from .frames import frame_of_its_own
 from .state import left_padding
 
 
@@ -59,6 +60,7 @@ def _check_sampling(do_sample, temperature, top_k, top_p):
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
+@frame_of_its_own  # the per-token Python calls stay off data-stack chunk boundaries (frames.py)
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask=None, do_sample=False,
              temperature=1.0, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None,
              streamer=None, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from ..ir.printer import print_graph
 from ..ir.types import SymType, TensorType, dtype_name
 from ..passes.kv_cache import CACHE_LEN, KV_BIAS, POSITIONS
 from ..passes.manager import PassStats, format_report
+from .frames import frame_of_its_own
 from .program import Program
 from .state import KVCache, cache_input_slots
 
@@ -43,6 +44,7 @@ class OptimizedModel:
         self.generation_defaults: dict = {}
 
     # -- calling ----------------------------------------------------------------------------
+    @frame_of_its_own  # its Python calls stay off data-stack chunk boundaries (runtime/frames.py)
     def __call__(self, *args, **kwargs):
         leaves = flatten_call(self.spec, args, kwargs)
         inputs = []

@@ -23,6 +23,7 @@ import torch
 from ..ir.graph import Graph
 from ..ir.ops import OPS, Arg
 from ..ir.types import SymType, symbol
+from .frames import frame_of_its_own
 
 
 def _py_dtype(dtype: torch.dtype) -> str:
@@ -185,7 +186,9 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
     # Register the source so tracebacks through the program show its lines.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     exec(compile(source, filename, "exec"), namespace)
-    return Program(source, namespace["program"], [v.param for v in graph.param_values])
+    # a program makes hundreds of Python calls: keep them off data-stack chunk boundaries
+    fn = frame_of_its_own(namespace["program"])
+    return Program(source, fn, [v.param for v in graph.param_values])
 
 
 def _inline_fused(node, ins: list[str], outs: list[str], lines: list[str], hoisted: dict, taken: set,
