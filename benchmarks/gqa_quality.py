@@ -8,6 +8,7 @@ Calibration uses the first 512 tokens of the text; perplexity is measured on the
     python benchmarks/gqa_quality.py [--out results.json]
 """
 import argparse
+import math
 import os
 import sys
 
@@ -35,17 +36,41 @@ def random_gpt2():
     return GPT2LMHeadModel(cfg).eval()
 
 
-def mean_kl(reference, model, ids, window=1024) -> float:
-    """Mean KL(reference || model) of the next-token distributions over `ids`: how far the
-    converted model's predictions moved, which is meaningful for random weights too."""
-    total, count = 0.0, 0
+def kl_and_entropy(reference, model, ids, window=1024) -> tuple[float, float]:
+    """Mean KL(reference || model) of the next-token distributions over `ids` (how far the
+    converted model's predictions moved, meaningful for random weights too), and the mean
+    entropy of the model's predictions (a uniform guess has ln(vocab))."""
+    kl, entropy, count = 0.0, 0.0, 0
     for start in range(0, ids.shape[1], window):
         chunk = ids[:, start:start + window]
         p = torch.log_softmax(reference(chunk).logits.float(), -1)
         q = torch.log_softmax(model(chunk).logits.float(), -1)
-        total += (p.exp() * (p - q)).sum().item()
+        kl += (p.exp() * (p - q)).sum().item()
+        entropy -= (q.exp() * q).sum().item()
         count += chunk.shape[1]
-    return total / count
+    return kl / count, entropy / count
+
+
+def noise_control(reference, held_out, sigmas=(0.005, 0.01, 0.02, 0.04), seeds=(1, 2)) -> list[dict]:
+    """What raw perplexity does on the random GPT-2 when its K/V projections get plain
+    Gaussian noise instead of a conversion: rows of (sigma, seed, KL, perplexity). If the
+    perplexity moves up or down with the noise seed, by more as the KL grows, then a
+    conversion's perplexity on this model says how much it moved, not how well."""
+    import copy
+
+    rows = []
+    n_embd = reference.config.n_embd
+    for sigma in sigmas:
+        for seed in seeds:
+            noisy = copy.deepcopy(reference)
+            gen = torch.Generator().manual_seed(seed)
+            for block in noisy.transformer.h:
+                kv = block.attn.c_attn.weight[:, n_embd:]  # Conv1D [in, 3*out]: q | k | v columns
+                kv += sigma * torch.randn(kv.shape, generator=gen)
+            kl, _ = kl_and_entropy(reference, noisy, held_out)
+            rows.append({"sigma": sigma, "seed": seed, "kl": kl, "ppl": perplexity(noisy, held_out)})
+            print(rows[-1], flush=True)
+    return rows
 
 
 def measure():
@@ -58,20 +83,23 @@ def measure():
     for label, m, heads in [("SmolLM2-135M", model, 3), ("GPT-2 (random, 4 layers)", random_gpt2(), 12)]:
         reference = fxforge.optimize(m, (ids[:, :8],))
         base = perplexity(reference, held_out)
+        _, base_entropy = kl_and_entropy(reference, reference, held_out)
         targets = [1] if heads == 3 else [6, 3]
         for g in targets:
-            row = {"model": label, "kv_heads": f"{heads} -> {g}", "ppl_base": base}
+            row = {"model": label, "kv_heads": f"{heads} -> {g}", "ppl_base": base, "entropy_base": base_entropy,
+                   "entropy_uniform": math.log(m.config.vocab_size)}
             for method in ("mean", "aligned"):
                 fast = fxforge.optimize(m, (ids[:, :8],), gqa=GQAConfig(g, method, calibration=calib))
                 d = next(s for s in fast.stats if s.name == "gqa").details["gqa"]
                 row[f"ppl_{method}"] = perplexity(fast, held_out)
-                row[f"kl_{method}"] = mean_kl(reference, fast, held_out)
+                row[f"kl_{method}"], row[f"entropy_{method}"] = kl_and_entropy(reference, fast, held_out)
                 row[f"err_{method}"] = sum(x["rel_error"] for x in d["layers"]) / len(d["layers"])
                 row["kv_bytes"] = (sum(x["kv_bytes_per_token"][0] for x in d["layers"]),
                                    sum(x["kv_bytes_per_token"][1] for x in d["layers"]))
             rows.append(row)
             print(row, flush=True)
-    return rows, held_out.shape[1]
+    control = noise_control(random_gpt2(), held_out)
+    return rows, control, held_out.shape[1]
 
 
 def main():
@@ -79,7 +107,7 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    rows, n = measure()
+    rows, control, n = measure()
     print(f"\nperplexity on {n} held-out tokens of tests/data/eval_text.txt "
           f"(calibration: the first {CALIBRATION_TOKENS})\n")
     print("| model | KV heads | KV cache bytes/token | perplexity: unconverted | mean | aligned | "
@@ -89,7 +117,18 @@ def main():
         print(f"| {r['model']} | {r['kv_heads']} | {r['kv_bytes'][0]} -> {r['kv_bytes'][1]} | {r['ppl_base']:.2f} | "
               f"{r['ppl_mean']:.2f} | {r['ppl_aligned']:.2f} | {r['kl_mean']:.4f} | {r['kl_aligned']:.4f} | "
               f"{r['err_mean']:.3f} | {r['err_aligned']:.3f} |")
-    finish(rows, args.out)
+    print("\nmean entropy of the next-token predictions (nats; a uniform guess: ln(vocab))\n")
+    print("| model | KV heads | uniform | unconverted | mean | aligned |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['kv_heads']} | {r['entropy_uniform']:.3f} | {r['entropy_base']:.3f} | "
+              f"{r['entropy_mean']:.3f} | {r['entropy_aligned']:.3f} |")
+    print("\ncontrol: random GPT-2 with Gaussian noise on its K/V projections instead of a conversion\n")
+    print("| noise sigma | seed | KL to unconverted | perplexity |")
+    print("|---|---|---|---|")
+    for r in control:
+        print(f"| {r['sigma']} | {r['seed']} | {r['kl']:.4f} | {r['ppl']:.0f} |")
+    finish(rows + [{"noise_control": control}], args.out)
 
 
 if __name__ == "__main__":

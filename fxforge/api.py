@@ -15,9 +15,11 @@ from .passes.manager import run_pipeline
 from .runtime.backends import op_table, resolve_backend
 from .runtime.module import OptimizedModel
 from .runtime.cpu_linear import plan_cpu_linears
+from .runtime.frames import frame_of_its_own
 from .runtime.program import build_program
 
 
+@frame_of_its_own  # same speed at any caller depth: see runtime/frames.py
 def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
              passes: Sequence[str] | None = None, disable: Sequence[str] = (), backend: str = "auto",
              dump_dir: str | None = None, dynamic: bool = True, registry: PassRegistry | None = None,
