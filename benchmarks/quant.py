@@ -3,7 +3,7 @@ int8 / int4 / nf4 / w8a8, side by side in one run, and torchao's weight-only `qu
 with transformers' generate where torchao imports. Per-layer kernel times (batch 1 and 16)
 are in benchmarks/quant_linear.py (GPU).
 
-    python benchmarks/quant.py [--model smollm2|llama-1b] [--dtype float16] [--schemes int8 int4/g64]
+    python benchmarks/quant.py [--model smollm2|llama-1b] [--dtype float16] [--schemes int8 int8/bf16 int4/g64]
                                [--tokens 64] [--out f.json]
 
 On a GPU (Triton backend) the targets are int8 >= 1.6x and int4 >= 2.2x fp16 decode
@@ -27,10 +27,19 @@ from fxforge.passes.quantize import QuantConfig  # noqa: E402
 from report import finish  # noqa: E402
 
 
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def config_of(label: str) -> QuantConfig:
+    """A scheme label: the scheme, then "/"-separated modifiers: gN group size, fz a float
+    zero point (int4), tX the outlier threshold (w8a8), bf16 / fp16 the compute dtype.
+    E.g. "int4/g64", "w8a8/t4", "int8/bf16"."""
     scheme, *mods = label.split("/")
     group = next((int(m[1:]) for m in mods if m.startswith("g")), None)
-    return QuantConfig(scheme, group_size=group, zero_point="float" if "fz" in mods else "int")
+    threshold = next((float(m[1:]) for m in mods if m.startswith("t")), 6.0)
+    compute = next((COMPUTE_DTYPES[m] for m in mods if m in COMPUTE_DTYPES), None)
+    return QuantConfig(scheme, group_size=group, zero_point="float" if "fz" in mods else "int",
+                       threshold=threshold, compute_dtype=compute)
 
 
 def torchao_generate(model, ids, n, device, repeat):

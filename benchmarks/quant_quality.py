@@ -6,7 +6,8 @@ weight bytes of the quantized layers before/after (scales and zero points includ
 
 A scheme "int4/g64" sets the group size (int4 defaults to 128, nf4 to 64); "/fz" asks int4
 for a float zero point (the group's own range) instead of an integer one; "w8a8/t4" sets the
-outlier threshold (default 6.0).
+outlier threshold (default 6.0); "int8/bf16" runs the quantized products in bfloat16
+(QuantConfig's compute_dtype). The labels are parsed by benchmarks/quant.py's config_of.
 """
 import argparse
 import os
@@ -16,10 +17,11 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, HERE)
 
 import fxforge  # noqa: E402
 from fxforge.evaluate import perplexity  # noqa: E402
-from fxforge.passes.quantize import QuantConfig  # noqa: E402
+from quant import config_of  # noqa: E402
 
 TEXT = os.path.join(HERE, "..", "tests", "data", "eval_text.txt")
 TARGETS = {"int8": 1.0, "w8a8": 2.0, "int4": 10.0, "nf4": 10.0}  # max perplexity increase, percent
@@ -33,11 +35,8 @@ def measure(schemes):
     base = fxforge.optimize(model, (ids[:, :8],))
     rows = [{"scheme": "float32", "ppl": perplexity(base, ids), "tokens": ids.shape[1]}]
     for label in schemes:
-        scheme, *mods = label.split("/")
-        group = next((int(m[1:]) for m in mods if m.startswith("g")), None)
-        threshold = next((float(m[1:]) for m in mods if m.startswith("t")), 6.0)
-        cfg = QuantConfig(scheme, group_size=group, zero_point="float" if "fz" in mods else "int",
-                          threshold=threshold)
+        cfg = config_of(label)
+        scheme = cfg.scheme
         fast = fxforge.optimize(model, (ids[:, :8],), quantize=cfg)
         d = next(s for s in fast.stats if s.name == "quantize").details["quantize"]
         ppl = perplexity(fast, ids)
@@ -47,7 +46,6 @@ def measure(schemes):
     return rows
 
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import finish  # noqa: E402
 
 

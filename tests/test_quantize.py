@@ -75,3 +75,35 @@ def test_interpret_backend_runs_the_triton_kernels(scheme):
     ref = fxforge.optimize(model, (ids,), quantize=scheme)
     fast = fxforge.optimize(model, (ids,), quantize=scheme, backend="interpret")
     torch.testing.assert_close(fast(ids).logits, ref(ids).logits, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "w8a8"])
+def test_compute_dtype_runs_the_products_in_bfloat16(scheme):
+    model, vocab = zoo.llama("sdpa", hidden=128)
+    ids = torch.randint(0, vocab, (2, 7))
+    fast = fxforge.optimize(model, (ids,), quantize=QuantConfig(scheme, compute_dtype=torch.bfloat16))
+    products = [n for n in fast.graph.nodes if n.op == "quant_linear"]
+    assert products and all(n.inputs[0].dtype == n.outputs[0].dtype == torch.bfloat16 for n in products)
+    assert "products in bfloat16" in fast.report()
+    with torch.no_grad():
+        ref = model(ids).logits
+    out = fast(ids).logits
+    assert out.dtype == torch.float32
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < TOLERANCE[scheme] + 0.02
+    # the bf16 rounding moves the result a little away from float32 compute, not far
+    moved = ((out - fxforge.optimize(model, (ids,), quantize=scheme)(ids).logits).abs().max() / ref.abs().max()).item()
+    assert 0 < moved < 0.02
+
+
+def test_compute_dtype_is_checked():
+    with pytest.raises(ValueError, match="compute_dtype must be one of None, torch.float32"):
+        QuantConfig("int8", compute_dtype=torch.int8)
+
+
+def test_interpret_backend_with_bfloat16_compute():
+    model, vocab = zoo.llama("sdpa", hidden=128, n_layer=1)
+    ids = torch.randint(0, vocab, (1, 5))
+    cfg = QuantConfig("int8", compute_dtype=torch.bfloat16)
+    ref = fxforge.optimize(model, (ids,), quantize=cfg)
+    fast = fxforge.optimize(model, (ids,), quantize=cfg, backend="interpret")
+    torch.testing.assert_close(fast(ids).logits, ref(ids).logits, atol=3e-2, rtol=3e-2)

@@ -8,6 +8,12 @@ Matched by what the graph computes, not by module class:
 A layer is skipped, with the reason in report(), when its name is excluded (lm_head and
 embeddings by default, including weights tied to an embedding) or its shape does not fit
 the scheme (e.g. in_features not divisible by the group size).
+
+`compute_dtype` (None: the model's) runs each quantized product in another float dtype:
+  quant_linear(x) -> cast(quant_linear(cast(x, compute_dtype)), x.dtype)
+The casts are in the IR, so the rounding they add is visible and the same on every
+backend. On CPU, int8 with bfloat16 compute reaches PyTorch's vectorized
+`_weight_int8pack_mm`, several times faster at one token than a float32 linear.
 """
 from __future__ import annotations
 
@@ -15,10 +21,13 @@ import fnmatch
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
 from ..ir.quant_formats import SCHEMES, check_quantizable, quantize_weight
 from .pattern import Match, Rule, apply_rules, op, var
 
 DEFAULT_EXCLUDE = ("lm_head*", "*embed*", "*wte*", "*wpe*")
+COMPUTE_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -30,8 +39,12 @@ class QuantConfig:
     zero_point: str = "int"  # int4: "int" (uint8, the range includes 0) or "float" (the group's own range)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    compute_dtype: torch.dtype | None = None  # None: the model's dtype; else the products run in it
 
     def __post_init__(self):
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(map(str, COMPUTE_DTYPES))}, "
+                             f"got {self.compute_dtype!r}")
         if self.zero_point not in ("int", "float"):
             raise ValueError(f"zero_point must be 'int' or 'float', got {self.zero_point!r}")
         if self.scheme not in SCHEMES:
@@ -90,7 +103,10 @@ def _rewrite(plan: _Plan, transposed: bool):
             plan.packed[name] = (tuple(packed.tensors()), tuple(packed.attrs().items()), values)
         parts, qattrs, values = plan.packed[name]
         bias = [m["b"]] if "b" in m else []
-        return b.emit("quant_linear", m["x"], *values, *bias, parts=parts, qattrs=qattrs, bias=bool(bias))
+        x = m["x"]
+        compute = plan.config.compute_dtype or x.dtype
+        y = b.emit("quant_linear", b.cast(x, compute), *values, *bias, parts=parts, qattrs=qattrs, bias=bool(bias))
+        return b.cast(y, x.dtype)
     return replace
 
 
@@ -125,10 +141,11 @@ def quantize(graph, ctx):
     before = sum(x for _, x, _ in plan.layers)
     after = sum(y for _, _, y in plan.layers)
     ctx.details["quantize"] = {"scheme": cfg.scheme, "layers": plan.layers, "skipped": plan.skipped,
-                               "bytes_before": before, "bytes_after": after}
+                               "bytes_before": before, "bytes_after": after, "compute_dtype": cfg.compute_dtype}
     if plan.layers:
+        compute = "" if cfg.compute_dtype is None else f", products in {str(cfg.compute_dtype).replace('torch.', '')}"
         ctx.note(f"{cfg.scheme}: {len(plan.layers)} layers, weights {before / 2**20:.1f} MiB -> "
-                 f"{after / 2**20:.1f} MiB ({after / before:.3f}x)")
+                 f"{after / 2**20:.1f} MiB ({after / before:.3f}x){compute}")
     for name, reason in plan.skipped:
         ctx.note(f"skipped {name}: {reason}")
     return out
