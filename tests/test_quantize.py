@@ -84,6 +84,8 @@ def test_compute_dtype_runs_the_products_in_bfloat16(scheme):
     fast = fxforge.optimize(model, (ids,), quantize=QuantConfig(scheme, compute_dtype=torch.bfloat16))
     products = [n for n in fast.graph.nodes if n.op == "quant_linear"]
     assert products and all(n.inputs[0].dtype == n.outputs[0].dtype == torch.bfloat16 for n in products)
+    # one cast per distinct input: q/k/v share one, gate/up another (2 layers x 4 inputs)
+    assert len(products) == 14 and len({n.inputs[0] for n in products}) == 8
     assert "products in bfloat16" in fast.report()
     with torch.no_grad():
         ref = model(ids).logits

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ir.quant_formats import SCHEMES, check_quantizable, quantize_weight
+from .cleanup import common_subexpression_elimination
 from .pattern import Match, Rule, apply_rules, op, var
 
 DEFAULT_EXCLUDE = ("lm_head*", "*embed*", "*wte*", "*wpe*")
@@ -137,6 +138,8 @@ def quantize(graph, ctx):
         Rule("matmul_param", op("matmul", var("x"), var("w")), _rewrite(plan, transposed=True)),
     ]
     out = apply_rules(graph, rules, ctx.rules if ctx is not None else Counter(), pass_name="quantize")
+    if cfg.compute_dtype is not None:  # q/k/v (and gate/up) each cast the same input: one cast will do
+        out = common_subexpression_elimination(out)
     out = out.prune_params()
     before = sum(x for _, x, _ in plan.layers)
     after = sum(y for _, _, y in plan.layers)
