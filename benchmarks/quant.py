@@ -13,6 +13,7 @@ tokens/s at batch 1 for a >= 1B model (`--model llama-1b --dtype float16`). On t
 import argparse
 import copy
 import os
+import re
 import sys
 
 import torch
@@ -35,6 +36,10 @@ def config_of(label: str) -> QuantConfig:
     zero point (int4), tX the outlier threshold (w8a8), bf16 / fp16 the compute dtype.
     E.g. "int4/g64", "w8a8/t4", "int8/bf16"."""
     scheme, *mods = label.split("/")
+    unknown = [m for m in mods if not (re.fullmatch(r"g\d+|t[\d.]+", m) or m == "fz" or m in COMPUTE_DTYPES)]
+    if unknown:
+        raise ValueError(f"scheme label {label!r}: unknown modifier(s) {unknown}; known: gN, tX, fz, "
+                         f"{', '.join(COMPUTE_DTYPES)}")
     group = next((int(m[1:]) for m in mods if m.startswith("g")), None)
     threshold = next((float(m[1:]) for m in mods if m.startswith("t")), 6.0)
     compute = next((COMPUTE_DTYPES[m] for m in mods if m in COMPUTE_DTYPES), None)

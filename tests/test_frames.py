@@ -5,7 +5,6 @@ and unmaps it when that call returns. The sweep below calls a program at every s
 depth in a range longer than one chunk and counts minor page faults per call (a fresh
 mapping faults when touched): a program whose op calls cross a chunk boundary shows a
 spike of one fault per op call at some depth."""
-import resource
 import sys
 
 import pytest
@@ -13,7 +12,10 @@ import torch
 
 import fxforge
 import fxforge.runtime.frames as frames
+import fxforge.runtime.generate  # noqa: F401 - decorated (padded) now, not inside a monkeypatched test
 import zoo
+
+resource = pytest.importorskip("resource")  # minor page-fault counts (Unix)
 
 pytestmark = pytest.mark.skipif(sys.version_info < (3, 11), reason="CPython's data stack came in 3.11")
 
@@ -67,6 +69,13 @@ def test_generate_does_not_thrash_at_any_depth(llama_and_ids):
     fast = fxforge.optimize(model, (ids,), kv_cache=True)
     # 8 measured; 51 with generate() itself unpadded (its per-token Python calls thrash)
     assert _fault_spike(lambda: fast.generate(ids, 8, eos_token_id=None)) <= 16
+
+
+def test_generators_are_left_alone():
+    def gen():
+        yield 1
+
+    assert frames.with_frame_of_its_own(gen.__code__) is gen.__code__  # their frames live in the object
 
 
 def test_a_big_frame_is_left_alone():

@@ -11,9 +11,12 @@ the scheme (e.g. in_features not divisible by the group size).
 
 `compute_dtype` (None: the model's) runs each quantized product in another float dtype:
   quant_linear(x) -> cast(quant_linear(cast(x, compute_dtype)), x.dtype)
-The casts are in the IR, so the rounding they add is visible and the same on every
-backend. On CPU, int8 with bfloat16 compute reaches PyTorch's vectorized
-`_weight_int8pack_mm`, several times faster at one token than a float32 linear.
+The casts are in the IR, so the rounding of the activations and results is visible and
+happens on every backend (kernels still accumulate in float32). On CPU, int8 with
+bfloat16 compute (K a multiple of 64) reaches PyTorch's vectorized `_weight_int8pack_mm`,
+several times faster at one token than a float32 linear; the CPU paths of the other
+schemes compute in float32 between the casts, so there bf16 only adds rounding. float16
+compute on a float32 model overflows activations above 65504: prefer bfloat16.
 """
 from __future__ import annotations
 
@@ -139,7 +142,7 @@ def quantize(graph, ctx):
     ]
     out = apply_rules(graph, rules, ctx.rules if ctx is not None else Counter(), pass_name="quantize")
     if cfg.compute_dtype is not None:  # q/k/v (and gate/up) each cast the same input: one cast will do
-        out = common_subexpression_elimination(out)
+        out = common_subexpression_elimination(out, ctx.rules if ctx is not None else None)
     out = out.prune_params()
     before = sum(x for _, x, _ in plan.layers)
     after = sum(y for _, _, y in plan.layers)

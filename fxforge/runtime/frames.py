@@ -18,16 +18,20 @@ many Python calls (a program, a model call, generate()), never on the ops themse
 """
 from __future__ import annotations
 
+import inspect
 import types
 
 # One data-stack chunk, in slots (pointers): DATA_STACK_CHUNK_SIZE / sizeof(PyObject *).
 FRAME_SLOTS_MIN = 2048
+# A generator's or coroutine's frame lives in its object, not on the data stack: padding
+# it would only make every such object 16 KiB bigger.
+_OWN_FRAME_FLAGS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
 def with_frame_of_its_own(code: types.CodeType) -> types.CodeType:
     """`code` with its value stack grown so that its frame takes FRAME_SLOTS_MIN slots or more."""
     slots = code.co_nlocals + code.co_stacksize
-    if slots >= FRAME_SLOTS_MIN:
+    if slots >= FRAME_SLOTS_MIN or code.co_flags & _OWN_FRAME_FLAGS:
         return code
     return code.replace(co_stacksize=code.co_stacksize + FRAME_SLOTS_MIN - slots)
 
