@@ -14,6 +14,7 @@ from .passes import PassInfo, PassRegistry, registry as _default_registry
 from .passes.manager import run_pipeline
 from .runtime.backends import op_table, resolve_backend
 from .runtime.module import OptimizedModel
+from .runtime.cpu_int4 import plan_cpu_int4
 from .runtime.cpu_linear import plan_cpu_linears
 from .runtime.frames import frame_of_its_own
 from .runtime.program import build_program
@@ -59,15 +60,20 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
                                 dump=lambda i, name, g: dumps.append((f"{i:02d}_{name}.ir", print_graph(g))))
     kernels = PointwiseKernels()
     ops = op_table(backend, kernels=kernels)
-    cpu_linear_stats = None
-    if cpu_linear and backend == "torch" and device.type == "cpu":
-        graph, plan, cpu_linear_stats = plan_cpu_linears(graph)
-        ops["linear"] = plan.linear
+    runtime_stats = []
+    if backend == "torch" and device.type == "cpu":
+        if cpu_linear:
+            graph, plan, cpu_linear_stats = plan_cpu_linears(graph)
+            ops["linear"] = plan.linear
+            runtime_stats.append(cpu_linear_stats)
+        int4_plan, int4_stats = plan_cpu_int4(graph)
+        if int4_stats is not None:
+            ops["quant_linear"] = int4_plan.wrap(ops["quant_linear"])
+            runtime_stats.append(int4_stats)
     program = build_program(graph, ops, device=device,
                             filename=f"<fxforge program for {type(model).__name__}>")
     fast = OptimizedModel(graph, spec, program, backend, stats, dumps, capture_seconds, type(model).__name__)
-    if cpu_linear_stats is not None:
-        fast.runtime_stats.append(cpu_linear_stats)
+    fast.runtime_stats.extend(runtime_stats)
     fast.kernels = kernels.sources  # filled as kernels are generated (first call per shape class)
     fast.generation_defaults = _generation_defaults(model)
     if dump_dir:

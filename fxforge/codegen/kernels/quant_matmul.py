@@ -382,8 +382,9 @@ def quant_linear_torch(x: Tensor, packed, bias: Tensor | None = None, weight: Te
     ``weight``: optionally a pre-dequantized float [N, K] weight (the caller's cache; nothing
     is cached here).  int8: ``torch._weight_int8pack_mm`` when available and profitable (see
     ``_int8pack_mm``), else dequantize + float32 matmul.  int4/nf4: dequantize + float32 matmul
-    (``aten._weight_int4pack_mm_for_cpu`` was evaluated and not used: it needs its own repacked
-    layout, N % 16 == 0, and was only fast for bf16, with bf16 scales).  w8a8: the reference
+    (on CPU, ``optimize()`` sends int4 weights to ``aten._weight_int4pack_mm_for_cpu`` instead:
+    that kernel needs a layout of its own, made once per weight, see runtime/cpu_int4.py;
+    this function only sees the weights it could not take).  w8a8: the reference
     decomposition with ``torch._int_mm`` for the int8 product (``weight`` is used for the
     outlier columns).
     """

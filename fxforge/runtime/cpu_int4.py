@@ -1,0 +1,135 @@
+"""CPU int4 products: PyTorch's packed 4-bit matmul for the graph's int4 `quant_linear`s.
+
+Why: without it the torch backend dequantizes an int4 weight at every call (unpack the
+nibbles, subtract the zero points, scale) and then multiplies, which costs far more than
+the product itself (tens of ms for one SmolLM2 weight at one token). PyTorch's CPU build
+has a kernel that multiplies straight from 4-bit weights with per-group scales and zeros,
+`aten._weight_int4pack_mm_for_cpu` (what torchao's int4 CPU layout calls). It reads its own
+weight layout, made once here by `aten._convert_weight_to_int4pack_for_cpu`, and a table of
+[K // group, N, 2] (scale, zero) pairs in the activation dtype.
+
+Its dequantization is `(q - 8) * scale + zero`; ours (ir/quant_formats.py) is
+`(q - z) * scale`, integer or float `z`. The two agree for `zero = (8 - z) * scale`, so the
+values are the IR's (up to float rounding; in bfloat16 the table is rounded to bfloat16,
+as for the int8 path's scales). The IR does not change: the plan holds the repacked
+copies and the backend's `quant_linear` uses them for the weights it knows, anything else
+goes to the wrapped implementation. The copies cost half a byte per weight; the report
+says how much.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..ir.graph import Graph
+from ..ir.quant_formats import Int4Packed, unpack_nibbles
+from ..passes.manager import PassStats
+
+# The kernel's own limit: its packed layout interleaves blocks of 16 output rows.
+N_MULTIPLE = 16
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class _Int4Weight:
+    qweight: Tensor   # the graph's own packed weight: identifies the call (and keeps its id alive)
+    packed: Tensor    # the kernel's layout
+    scale_zero: Tensor  # [K // group, N, 2] in the activation dtype
+    group_size: int
+    out_features: int
+
+
+@dataclass
+class CpuInt4Plan:
+    """The int4 weights of one graph in PyTorch's packed int4 CPU layout."""
+    weights: dict[int, _Int4Weight] = field(default_factory=dict)  # id(qweight) -> its kernel data
+
+    def wrap(self, fallback: Callable) -> Callable:
+        """The backend's `quant_linear`, with int4 weights from this plan on PyTorch's kernel."""
+        def quant_linear(x, *tensors, parts, qattrs, bias):
+            weight = self.weights.get(id(tensors[parts.index("qweight")])) if "qweight" in parts else None
+            if weight is None or weight.qweight is not tensors[parts.index("qweight")] \
+                    or weight.scale_zero.dtype != x.dtype or x.numel() == 0:
+                return fallback(x, *tensors, parts=parts, qattrs=qattrs, bias=bias)
+            return int4pack_linear(x, weight, tensors[len(parts)] if bias else None)
+        return quant_linear
+
+
+def int4pack_linear(x: Tensor, weight: _Int4Weight, bias: Tensor | None = None) -> Tensor:
+    """y = x @ W.T (+ bias) in x's dtype, W read from the packed int4 layout."""
+    k = x.shape[-1]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k).contiguous(), weight.packed,
+                                                    weight.group_size, weight.scale_zero)
+    if bias is not None:
+        y = (y.float() + bias.float()).to(x.dtype)
+    return y.reshape(*x.shape[:-1], weight.out_features)
+
+
+def prepare_int4(packed: Int4Packed, dtype: torch.dtype) -> _Int4Weight:
+    """Repack one int4 weight for the kernel, for activations of `dtype`."""
+    n, _ = packed.shape
+    q = unpack_nibbles(packed.qweight).to(torch.int32)
+    kernel_layout = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    scales = packed.scales.float()
+    zeros = (8.0 - packed.zeros.float()) * scales
+    scale_zero = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous().to(dtype)
+    return _Int4Weight(packed.qweight, kernel_layout, scale_zero, packed.group_size, n)
+
+
+def int4pack_available() -> bool:
+    """The kernel is an internal op of PyTorch's CPU build: check it is there and agrees."""
+    ops = torch.ops.aten
+    if not (hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")):
+        return False
+    from ..ir.quant_formats import dequantize_weight, quantize_weight
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        packed = quantize_weight(torch.randn(16, 64, generator=gen), "int4", group_size=32)
+        x = torch.randn(2, 64, generator=gen)
+        y = int4pack_linear(x, prepare_int4(packed, torch.float32))
+        return torch.allclose(y, x @ dequantize_weight(packed).t(), rtol=1e-4, atol=1e-4)
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def plan_cpu_int4(graph: Graph) -> tuple[CpuInt4Plan, PassStats | None]:
+    """Repack every int4 weight of the graph's `quant_linear`s the kernel can take; the plan
+    and a report line (None when the graph has no int4 weight)."""
+    start = time.perf_counter()
+    nodes = [n for n in graph.nodes if n.op == "quant_linear" and dict(n.attrs["qattrs"]).get("scheme") == "int4"]
+    if not nodes:
+        return CpuInt4Plan(), None
+    plan, skipped, nbytes = CpuInt4Plan(), Counter(), 0
+    available = int4pack_available()
+    for node in nodes:
+        attrs = dict(node.attrs["qattrs"])
+        n_out = attrs["shape"][0]
+        dtype = node.inputs[0].type.dtype
+        if not available:
+            skipped["PyTorch's int4 CPU kernel is missing or disagrees"] += 1
+        elif n_out % N_MULTIPLE:
+            skipped[f"out_features not a multiple of {N_MULTIPLE}"] += 1
+        elif dtype not in DTYPES:
+            skipped[f"activations in {dtype}"] += 1
+        else:
+            parts = node.attrs["parts"]
+            tensors = {p: graph.params[v.param] for p, v in zip(parts, node.inputs[1:])}
+            if id(tensors["qweight"]) not in plan.weights:
+                weight = prepare_int4(Int4Packed.from_parts(tensors, attrs), dtype)
+                plan.weights[id(tensors["qweight"])] = weight
+                nbytes += sum(t.numel() * t.element_size() for t in (weight.packed, weight.scale_zero))
+    notes = []
+    if plan.weights:
+        notes.append(f"{len(plan.weights)} int4 weights multiply on PyTorch's packed int4 CPU kernel "
+                     f"({nbytes / 2**20:.1f} MiB of repacked copies)")
+    notes += [f"{count} int4 products dequantize at each call: {why}" for why, count in sorted(skipped.items())]
+    stats = PassStats("cpu_int4", time.perf_counter() - start, len(graph.nodes), len(graph.nodes),
+                      rules=Counter({"int4pack": len(plan.weights)}) if plan.weights else Counter(), notes=notes,
+                      details={"cpu_int4": {"weights": len(plan.weights), "bytes": nbytes, "skipped": dict(skipped)}})
+    return plan, stats
