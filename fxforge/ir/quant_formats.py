@@ -69,7 +69,7 @@ __all__ = [
     "quant_linear_reference", "quantize_activations_per_token", "w8a8_linear_reference",
     "w8a8_split_activations", "w8a8_outlier_matmul", "w8a8_linear_decomposed",
     "nf4_code_table", "nf4_dequantize_absmax",
-    "pack_nibbles", "unpack_nibbles",
+    "pack_nibbles", "unpack_nibbles", "decode_nibbles",
 ]
 
 SCHEMES = ("int8", "int4", "nf4", "w8a8")
@@ -317,6 +317,17 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
 
 
+def decode_nibbles(packed: Tensor, values: Tensor) -> Tensor:
+    """float32 [N, K] of ``values[q]`` for the 4-bit codes q packed in ``packed`` [N, K//2].
+
+    One lookup per byte in a 256-row table of (low, high) pairs: the same values as
+    ``values[unpack_nibbles(packed)]``, in a third of the time (this runs at every call of a
+    dequantizing CPU product)."""
+    byte = torch.arange(256, device=values.device)
+    pairs = torch.stack([values[byte & 0xF], values[byte >> 4]], dim=-1)  # [256, 2]
+    return pairs[packed.long()].reshape(packed.shape[0], packed.shape[1] * 2)
+
+
 def _absmax_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-row int8: (q int8, scale float32 [rows]); w is float32 2-D."""
     absmax = w.abs().amax(dim=1)
@@ -401,12 +412,12 @@ def dequantize_weight(packed: Packed, dtype: torch.dtype = torch.float32) -> Ten
         w = packed.qweight.float() * packed.scale.float()[:, None]
     elif isinstance(packed, Int4Packed):
         g = packed.group_size
-        q = unpack_nibbles(packed.qweight).float().reshape(n, k // g, g)
+        levels = torch.arange(16, dtype=torch.float32, device=packed.qweight.device)
+        q = decode_nibbles(packed.qweight, levels).reshape(n, k // g, g)
         w = ((q - packed.zeros.float()[..., None]) * packed.scales.float()[..., None]).reshape(n, k)
     elif isinstance(packed, NF4Packed):
         g = packed.group_size
-        code = nf4_code_table(packed.qweight.device)
-        vals = code[unpack_nibbles(packed.qweight).long()].reshape(n, k // g, g)
+        vals = decode_nibbles(packed.qweight, nf4_code_table(packed.qweight.device)).reshape(n, k // g, g)
         w = (vals * packed.group_absmax()[..., None]).reshape(n, k)
     else:
         raise ValueError(f"not a packed weight: {type(packed).__name__}; known schemes: {', '.join(SCHEMES)}")

@@ -172,6 +172,12 @@ def test_nibble_order_low_is_even():
     assert torch.equal(qf.unpack_nibbles(packed), q)
 
 
+def test_decode_nibbles_is_a_lookup_of_the_unpacked_codes():
+    packed = torch.randint(0, 256, (5, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for values in (torch.arange(16, dtype=torch.float32), qf.nf4_code_table()):
+        assert torch.equal(qf.decode_nibbles(packed, values), values[qf.unpack_nibbles(packed).long()])
+
+
 def test_int4_packed_bytes_match_layout():
     # one group of 32 with min 0 and max 15: scale 1, zero 0, so q == w
     vals = (torch.arange(32) % 16).float()
