@@ -1,10 +1,15 @@
 """Full-model decode speed with quantized weights: tokens/s of fast.generate for float vs
 int8 / int4 / nf4 / w8a8, side by side in one run, and torchao's weight-only `quantize_`
-with transformers' generate where torchao imports. Per-layer kernel times (batch 1 and 16)
-are in benchmarks/quant_linear.py (GPU).
+(int8 per channel, int4 per group) with transformers' generate where torchao imports. Per-layer
+kernel times (batch 1 and 16) are in benchmarks/quant_linear.py (GPU).
 
     python benchmarks/quant.py [--model smollm2|llama-1b] [--dtype float16] [--schemes int8 int8/bf16 int4/g64]
-                               [--tokens 64] [--out f.json]
+                               [--torchao int8 int4/g64] [--tokens 64] [--out f.json]
+
+torchao quantizes the same layers as fxforge (every nn.Linear but lm_head). On the CPU its
+int4 is the prototype `PrototypeInt4WeightOnlyConfig` (aten._weight_int4pack_mm_for_cpu,
+pure PyTorch: torchao's own C++ extensions are not needed); elsewhere `Int4WeightOnlyConfig`.
+Both use tinygemm's grid: asymmetric, scale = (max - min) / 15 and a float zero point per group.
 
 On a GPU (Triton backend) the targets are int8 >= 1.6x and int4 >= 2.2x fp16 decode
 tokens/s at batch 1 for a >= 1B model (`--model llama-1b --dtype float16`). On the CPU
@@ -47,19 +52,84 @@ def config_of(label: str) -> QuantConfig:
                        threshold=threshold, compute_dtype=compute)
 
 
-def torchao_generate(model, ids, n, device, repeat):
-    """transformers' generate on a torchao int8 weight-only copy, or the reason it cannot run."""
+def not_lm_head(module, fqn: str) -> bool:
+    """torchao quantize_'s filter for fxforge's layer set: every nn.Linear but lm_head (tied to the
+    embedding in these models; fxforge's quantize pass skips it too)."""
+    return isinstance(module, torch.nn.Linear) and fqn.rsplit(".", 1)[-1] != "lm_head"
+
+
+def torchao_config(label: str, device):
+    """torchao's weight-only config for a label "int8" (symmetric per output channel) or "int4/gN"
+    (group N, default 128), or the reason there is none (a str)."""
     try:
-        from torchao.quantization import quantize_
-        try:
-            from torchao.quantization import Int8WeightOnlyConfig as int8_config
-        except ImportError:
-            from torchao.quantization import int8_weight_only as int8_config
+        import torchao  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means "skip torchao"
+        return f"torchao not importable ({type(e).__name__}: {e})"
+    cfg = config_of(label)
+    try:
+        if cfg.scheme == "int8":
+            try:
+                from torchao.quantization import Int8WeightOnlyConfig
+            except ImportError:
+                from torchao.quantization import int8_weight_only
+
+                return int8_weight_only()
+            return Int8WeightOnlyConfig(set_inductor_config=False)
+        if cfg.scheme == "int4":
+            group = cfg.group_size or 128
+            if torch.device(device).type == "cpu":
+                from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+                return PrototypeInt4WeightOnlyConfig(group_size=group, set_inductor_config=False)
+            from torchao.quantization import Int4WeightOnlyConfig
+
+            return Int4WeightOnlyConfig(group_size=group, set_inductor_config=False)
+    except Exception as e:  # noqa: BLE001
+        return f"torchao {torchao.__version__} has no {label} weight-only config here ({type(e).__name__}: {e})"
+    return f"no torchao counterpart for {label!r} (int8 and int4/gN only)"
+
+
+def torchao_quantize(model, label: str, device):
+    """A torchao-quantized deep copy of `model` (fxforge's layer set), with the quantized layer
+    count and the bytes of those layers' weights after/before; or the reason it cannot be made."""
+    from torchao.quantization import quantize_
+
+    cfg = torchao_config(label, device)
+    if isinstance(cfg, str):
+        return cfg
+    q = copy.deepcopy(model)
+    try:
+        quantize_(q, cfg, filter_fn=not_lm_head)
+    except Exception as e:  # noqa: BLE001 - e.g. a kernel package this machine lacks
+        return f"quantize_ failed ({type(e).__name__}: {str(e)[:200]})"
+    layers, before, after = 0, 0, 0
+    for fqn, mod in q.named_modules():
+        if not_lm_head(mod, fqn) and type(mod.weight.data) is not torch.Tensor:  # a torchao tensor subclass
+            w = mod.weight.data
+            names, _ = w.__tensor_flatten__()
+            layers += 1
+            before += w.numel() * w.element_size()
+            after += sum(getattr(w, k).numel() * getattr(w, k).element_size() for k in names
+                         if getattr(w, k, None) is not None)
+    return q, layers, after / max(before, 1)
+
+
+def torchao_generate(model, ids, n, device, repeat, label="int8"):
+    """transformers' generate on a torchao weight-only copy: (tokens/s, layers, bytes ratio), or
+    the reason it cannot run (a str)."""
+    try:
+        import torchao  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure means "skip torchao"
         return f"torchao not importable ({type(e).__name__})"
-    q = copy.deepcopy(model)
-    quantize_(q, int8_config())
-    return n / timed(lambda: q.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False), device, repeat)
+    made = torchao_quantize(model, label, device)
+    if isinstance(made, str):
+        return made
+    q, layers, ratio = made
+    try:
+        tps = n / timed(lambda: q.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False), device, repeat)
+    except Exception as e:  # noqa: BLE001
+        return f"generate failed ({type(e).__name__}: {str(e)[:200]})"
+    return tps, layers, ratio
 
 
 def main():
@@ -67,6 +137,8 @@ def main():
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "llama-1b"])
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: float16 on GPU, float32 on CPU")
     ap.add_argument("--schemes", nargs="*", default=["int8", "int4/g64", "nf4", "w8a8"])
+    ap.add_argument("--torchao", nargs="*", default=["int8", "int4/g64"],
+                    help="torchao weight-only variants to time (int8, int4/gN); none to skip")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None)
@@ -91,12 +163,16 @@ def main():
     hf = n / timed(lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False), device,
                    args.repeat)
     rows.append({"variant": "transformers generate (float)", "tokens_per_s": hf, "vs_float": hf / base})
-    ao = torchao_generate(model, ids, n, device, args.repeat)
-    if isinstance(ao, str):
-        print(f"torchao: skipped, {ao}")
-    else:
-        rows.append({"variant": "torchao int8 weight-only + transformers generate", "tokens_per_s": ao,
-                     "vs_float": ao / base})
+    for label in args.torchao:
+        ao = torchao_generate(model, ids, n, device, args.repeat, label)
+        if isinstance(ao, str):
+            print(f"torchao {label}: skipped, {ao}")
+            continue
+        tps, layers, ratio = ao
+        import torchao
+
+        rows.append({"variant": f"torchao {torchao.__version__} {label} weight-only + transformers generate",
+                     "tokens_per_s": tps, "vs_float": tps / base, "layers": layers, "bytes_ratio": ratio})
     print(f"\n{args.model} on {device}, {str(dtype)[6:]}, batch 1, {n} new tokens\n")
     print("| variant | tokens/s | vs fxforge float | layers quantized | weight bytes vs float |")
     print("|---|---|---|---|---|")
