@@ -1,9 +1,12 @@
 """GQA conversion quality (CPU is enough): perplexity on the repo's fixed English text
 (tests/data/eval_text.txt) for "mean" vs "aligned", on SmolLM2-135M real weights (3 -> 1
-KV heads) and on a GPT-2 with random weights (12 heads -> 6 and 3).
+KV heads), on a GPT-2 with random weights (12 heads -> 6 and 3), and on a byte-level
+GPT-2 trained here from random init (tests/trained_gpt2.py; 12 heads -> 6 and 3), where
+perplexity means something, unlike on random weights.
 
-Calibration uses the first 512 tokens of the text; perplexity is measured on the other
-2291, so the aligned method is not scored on the text it was fitted to.
+Calibration uses the first 512 tokens of the text (the byte-level model: the first 2048
+bytes); perplexity is measured on the rest, so the aligned method is not scored on the
+text it was fitted to. The byte-level model's perplexity is per byte.
 
     python benchmarks/gqa_quality.py [--out results.json]
 """
@@ -25,6 +28,8 @@ from report import finish  # noqa: E402
 
 TEXT = os.path.join(HERE, "..", "tests", "data", "eval_text.txt")
 CALIBRATION_TOKENS = 512
+# The byte-level model: about as much text as SmolLM2's 512 tokens, as rows of its context
+CALIBRATION_BYTES = 2048
 
 
 def random_gpt2():
@@ -73,33 +78,64 @@ def noise_control(reference, held_out, sigmas=(0.005, 0.01, 0.02, 0.04), seeds=(
     return rows
 
 
+def compare(label, m, example, calib, held_out, targets, window=1024) -> list[dict]:
+    """One row per target KV head count: perplexity, KL and entropy on `held_out` of the
+    unconverted model and of its "mean" and "aligned" conversions (fitted on `calib`), in
+    windows of `window` tokens (the model's context at most)."""
+    reference = fxforge.optimize(m, (example,))
+    base = perplexity(reference, held_out, window=window)
+    _, base_entropy = kl_and_entropy(reference, reference, held_out, window=window)
+    rows = []
+    for g in targets:
+        row = {"model": label, "ppl_base": base, "entropy_base": base_entropy,
+               "entropy_uniform": math.log(m.config.vocab_size)}
+        for method in ("mean", "aligned"):
+            fast = fxforge.optimize(m, (example,), gqa=GQAConfig(g, method, calibration=calib))
+            d = next(s for s in fast.stats if s.name == "gqa").details["gqa"]
+            row[f"ppl_{method}"] = perplexity(fast, held_out, window=window)
+            row[f"kl_{method}"], row[f"entropy_{method}"] = kl_and_entropy(reference, fast, held_out, window=window)
+            row[f"err_{method}"] = sum(x["rel_error"] for x in d["layers"]) / len(d["layers"])
+            row["kv_heads"] = "{} -> {}".format(*d["layers"][0]["kv_heads"])
+            row["kv_bytes"] = (sum(x["kv_bytes_per_token"][0] for x in d["layers"]),
+                               sum(x["kv_bytes_per_token"][1] for x in d["layers"]))
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def trained_rows() -> tuple[list[dict], dict]:
+    """The byte-level GPT-2 trained here (tests/trained_gpt2.py; trained on the first run,
+    then loaded from the cache): rows at 12 -> 6 and 12 -> 3, and how it was trained."""
+    import dataclasses
+    import time
+
+    from trained_gpt2 import BENCHMARK_SPEC, bigram_perplexity, cache_path, corpus_bytes, trained_byte_gpt2
+
+    cached = os.path.exists(cache_path(BENCHMARK_SPEC, corpus_bytes()))
+    start = time.perf_counter()
+    model, encode = trained_byte_gpt2(BENCHMARK_SPEC, verbose=True)
+    info = {"spec": dataclasses.asdict(BENCHMARK_SPEC), "seconds": time.perf_counter() - start, "from_cache": cached}
+    ids = encode(open(TEXT).read())
+    window = BENCHMARK_SPEC.n_positions
+    calib = ids[:, :CALIBRATION_BYTES].reshape(-1, window)  # rows of the model's context length
+    held_out = ids[:, CALIBRATION_BYTES:]
+    info["held_out_bytes"] = held_out.shape[1]
+    info["bigram_ppl"] = bigram_perplexity(held_out)  # the bar: a table of byte pairs of the same corpus
+    label = f"GPT-2 (trained here, bytes, {BENCHMARK_SPEC.n_layer} layers)"
+    return compare(label, model, ids[:, :8], calib, held_out, [6, 3], window=window), info
+
+
 def measure():
     import zoo
 
     model, tok = zoo.smollm2()
     ids = tok(open(TEXT).read(), return_tensors="pt").input_ids
     calib, held_out = ids[:, :CALIBRATION_TOKENS], ids[:, CALIBRATION_TOKENS:]
-    rows = []
-    for label, m, heads in [("SmolLM2-135M", model, 3), ("GPT-2 (random, 4 layers)", random_gpt2(), 12)]:
-        reference = fxforge.optimize(m, (ids[:, :8],))
-        base = perplexity(reference, held_out)
-        _, base_entropy = kl_and_entropy(reference, reference, held_out)
-        targets = [1] if heads == 3 else [6, 3]
-        for g in targets:
-            row = {"model": label, "kv_heads": f"{heads} -> {g}", "ppl_base": base, "entropy_base": base_entropy,
-                   "entropy_uniform": math.log(m.config.vocab_size)}
-            for method in ("mean", "aligned"):
-                fast = fxforge.optimize(m, (ids[:, :8],), gqa=GQAConfig(g, method, calibration=calib))
-                d = next(s for s in fast.stats if s.name == "gqa").details["gqa"]
-                row[f"ppl_{method}"] = perplexity(fast, held_out)
-                row[f"kl_{method}"], row[f"entropy_{method}"] = kl_and_entropy(reference, fast, held_out)
-                row[f"err_{method}"] = sum(x["rel_error"] for x in d["layers"]) / len(d["layers"])
-                row["kv_bytes"] = (sum(x["kv_bytes_per_token"][0] for x in d["layers"]),
-                                   sum(x["kv_bytes_per_token"][1] for x in d["layers"]))
-            rows.append(row)
-            print(row, flush=True)
+    rows = compare("SmolLM2-135M", model, ids[:, :8], calib, held_out, [1])
+    rows += compare("GPT-2 (random, 4 layers)", random_gpt2(), ids[:, :8], calib, held_out, [6, 3])
     control = noise_control(random_gpt2(), held_out)
-    return rows, control, held_out.shape[1]
+    trained, info = trained_rows()
+    return rows + trained, control, held_out.shape[1], info
 
 
 def main():
@@ -107,9 +143,13 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    rows, control, n = measure()
-    print(f"\nperplexity on {n} held-out tokens of tests/data/eval_text.txt "
-          f"(calibration: the first {CALIBRATION_TOKENS})\n")
+    rows, control, n, trained = measure()
+    print(f"\ntrained byte-level GPT-2: {trained['spec']}, "
+          f"{'loaded from the cache' if trained['from_cache'] else 'trained'} in {trained['seconds']:.0f} s; "
+          f"a table of byte pairs counted on its training text: {trained['bigram_ppl']:.2f} per byte")
+    print(f"\nperplexity on {n} held-out tokens of tests/data/eval_text.txt (calibration: the first "
+          f"{CALIBRATION_TOKENS}); the byte-level GPT-2: per byte, on {trained['held_out_bytes']} held-out bytes "
+          f"(calibration: the first {CALIBRATION_BYTES})\n")
     print("| model | KV heads | KV cache bytes/token | perplexity: unconverted | mean | aligned | "
           "KL to unconverted (nats/token): mean | aligned | attention rel. error: mean | aligned |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -128,7 +168,7 @@ def main():
     print("|---|---|---|---|")
     for r in control:
         print(f"| {r['sigma']} | {r['seed']} | {r['kl']:.4f} | {r['ppl']:.0f} |")
-    finish(rows + [{"noise_control": control}], args.out)
+    finish(rows + [{"noise_control": control}, {"trained_byte_gpt2": trained}], args.out)
 
 
 if __name__ == "__main__":
