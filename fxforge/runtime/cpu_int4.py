@@ -52,9 +52,9 @@ class CpuInt4Plan:
     def wrap(self, fallback: Callable) -> Callable:
         """The backend's `quant_linear`, with int4 weights from this plan on PyTorch's kernel."""
         def quant_linear(x, *tensors, parts, qattrs, bias):
-            weight = self.weights.get(id(tensors[parts.index("qweight")])) if "qweight" in parts else None
-            if weight is None or weight.qweight is not tensors[parts.index("qweight")] \
-                    or weight.scale_zero.dtype != x.dtype or x.numel() == 0:
+            qweight = tensors[parts.index("qweight")]  # every packed scheme has one
+            weight = self.weights.get(id(qweight))
+            if weight is None or weight.qweight is not qweight or weight.scale_zero.dtype != x.dtype or x.numel() == 0:
                 return fallback(x, *tensors, parts=parts, qattrs=qattrs, bias=bias)
             return int4pack_linear(x, weight, tensors[len(parts)] if bias else None)
         return quant_linear
