@@ -121,7 +121,8 @@ def test_with_kv_cache_generation_works_and_cache_shrinks(name):
         seq = torch.cat([seq, nocache(seq).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, seq)
     small.generate(prompt, 3)
-    assert small._cache.nbytes() * 4 == full.kv_cache_for(2, small._cache.capacity).nbytes()
+    [cache] = small._caches.idle
+    assert cache.nbytes() * 4 == full.kv_cache_for(2, cache.capacity).nbytes()
 
 
 def test_bad_inputs():

@@ -100,11 +100,11 @@ def test_cache_is_reused_and_sized_to_the_request():
     model, vocab = zoo.llama("sdpa")
     fast = _optimize(model, vocab)
     fast.generate(torch.randint(0, vocab, (2, 5)), 10)
-    cache = fast._cache
+    [cache] = fast._caches.idle  # given back after the call
     per_token = fast.kv_layout.bytes_per_token
     assert cache.nbytes() == per_token * 2 * cache.capacity
     fast.generate(torch.randint(0, vocab, (1, 3)), 4)
-    assert fast._cache is cache  # smaller request: same buffers
+    assert fast._caches.idle == [cache]  # smaller request: same buffers
 
 
 def test_nanogpt_positions_are_shared_and_padding_is_refused():
@@ -199,7 +199,7 @@ def test_too_long_raises_before_generating():
     assert fast.kv_layout.max_seq_len == 128
     with pytest.raises(ValueError, match="max_seq_len=128"):
         fast.generate(torch.randint(0, vocab, (1, 100)), 29)
-    assert fast._cache is None  # nothing was allocated
+    assert fast._caches.idle == []  # nothing was allocated
     fast.generate(torch.randint(0, vocab, (1, 100)), 28)  # exactly 128 fits
 
 

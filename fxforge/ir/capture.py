@@ -20,8 +20,9 @@ import torch.utils._pytree as pytree
 
 from .builder import Builder
 from .graph import Graph, Value
+from .guards import guards_from_export
 from .lowering import DROP, FALLBACK, RULES, LowerCtx
-from .ops import Arg
+from .ops import Arg, IRTypeError
 from .pause_gc import paused_gc
 from .types import TensorType, symbol
 
@@ -41,6 +42,9 @@ class CallSpec:
     output_leaves: list  # per flat output leaf: ("value", graph output index) | ("const", value)
     injected_kwargs: dict = field(default_factory=dict)
     kwarg_order: tuple = ()
+    # names of the forward() parameters the captured positional arguments bind, so that a
+    # call may pass them by keyword (model(input_ids=ids) after capture with (ids,))
+    positional_names: tuple = ()
 
 
 # Friendly names for the dynamic dims: dim 0 is the batch, dim 1 the sequence.
@@ -299,7 +303,13 @@ class _Lowerer:
         rule = RULES.get(name)
         out_types = self.types_of(val)
         if rule is not None:
-            result = rule(LowerCtx(self.builder, out_types), *args, **kwargs)
+            try:
+                result = rule(LowerCtx(self.builder, out_types), *args, **kwargs)
+            except IRTypeError:
+                # Our type rule cannot prove what export knew (e.g. a reshape whose element
+                # count matches only under a recorded guard): keep the op as torch ran it,
+                # with export's types. Nodes the rule emitted before failing are dead code.
+                result = FALLBACK
             if result is DROP:
                 return None
             if result is not FALLBACK:
@@ -433,18 +443,61 @@ def _lower_exported(ep, injected, model):
         else:
             output_leaves.append(("const", value))
     g.nodes = low.builder.nodes
+    g.guards = guards_from_export(ep, low.rename, _clean_expr)
     in_spec = ep.call_spec.in_spec
     kwarg_order = tuple(in_spec.child(1).context) if in_spec is not None else ()
-    return g, CallSpec(in_spec, input_leaves, ep.call_spec.out_spec, output_leaves, injected, kwarg_order)
+    n_args = in_spec.child(0).num_children if in_spec is not None else 0
+    return g, CallSpec(in_spec, input_leaves, ep.call_spec.out_spec, output_leaves, injected, kwarg_order,
+                       _positional_names(model, n_args))
+
+
+def _positional_names(model, count: int) -> tuple:
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    names = []
+    for p in params[:count]:
+        if p.kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(p.name)
+    return tuple(names)
+
+
+def _positional_by_keyword(spec: CallSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Arguments captured by position but passed by keyword go back to their position."""
+    missing = spec.positional_names[len(args):]
+    if not any(name in kwargs for name in missing):
+        return args, kwargs
+    args = list(args)
+    for name in missing:
+        if name not in kwargs:
+            break
+        args.append(kwargs.pop(name))
+    return tuple(args), kwargs
+
+
+def _describe_call(spec: CallSpec) -> str:
+    n_args = spec.in_spec.child(0).num_children if spec.in_spec is not None else 0
+    names = list(spec.positional_names) + [f"arg{i}" for i in range(len(spec.positional_names), n_args)]
+    user_kwargs = [k for k in spec.kwarg_order if k not in spec.injected_kwargs]
+    parts = []
+    if n_args:
+        parts.append(f"{n_args} positional argument(s) ({', '.join(names)})")
+    if user_kwargs:
+        parts.append(f"keyword argument(s) {user_kwargs}")
+    return " and ".join(parts) or "no arguments"
 
 
 def flatten_call(spec: CallSpec, args, kwargs) -> list:
     """The model's call arguments -> flat leaves, in the order the graph was captured with."""
+    args, kwargs = _positional_by_keyword(spec, tuple(args), dict(kwargs))
     merged = {**spec.injected_kwargs, **kwargs}
     unknown = set(merged) - set(spec.kwarg_order)
     if unknown:
-        raise TypeError(f"keyword arguments {sorted(unknown)} were not given at optimize() time; "
-                        f"the optimized model takes {list(spec.kwarg_order)}")
+        raise TypeError(f"keyword argument(s) {sorted(unknown)} were not given at optimize() time; the optimized "
+                        f"model was captured with {_describe_call(spec)}: call it the same way, or optimize "
+                        "again with example_kwargs naming these arguments")
     ordered = {k: merged[k] for k in spec.kwarg_order if k in merged}
     leaves, tree = pytree.tree_flatten((tuple(args), ordered))
     if tree != spec.in_spec:

@@ -82,6 +82,10 @@ class Graph:
     # picks them per call (e.g. the cache length S) and the program binds them.
     state_values: list[Value] = field(default_factory=list)
     input_names: list[str] = field(default_factory=list)
+    # Conditions on the input size symbols under which this graph is the model's
+    # computation (sympy relations such as `T >= 5`, recorded by torch.export from the
+    # model's code): the runtime checks them on every call (ir/guards.py).
+    guards: list = field(default_factory=list)
 
     # -- structure queries -------------------------------------------------------------
     def producers(self) -> dict[Value, Node]:
@@ -130,6 +134,7 @@ class Graph:
             params=dict(self.params),
             state_values=list(self.state_values),
             input_names=list(self.input_names),
+            guards=list(self.guards),
         )
 
     def prune_params(self) -> "Graph":

@@ -13,6 +13,7 @@ import torch
 from sympy.parsing.sympy_parser import parse_expr
 
 from .graph import Graph, Node, Value
+from .guards import parse_guard
 from .ops import Arg
 from .types import DTYPES_BY_NAME, SymType, TensorType, symbol
 
@@ -247,6 +248,12 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
         s = line.strip()
         if s == "}":
             break
+        if s.startswith("guard "):
+            try:
+                g.guards.append(parse_guard(s[len("guard "):]))
+            except ValueError as e:
+                raise ParseError(str(e)) from None
+            continue
         if s.startswith("return"):
             rm = re.fullmatch(r"return\s*\((.*)\)", s)
             g.outputs = [use(x) for x in split_top(rm.group(1))] if rm.group(1).strip() else []
@@ -295,6 +302,8 @@ def structurally_equal(a: Graph, b: Graph) -> bool:
     if [v.param for v in a.param_values] != [v.param for v in b.param_values]:
         return False
     if [v.state for v in a.state_values] != [v.state for v in b.state_values]:
+        return False
+    if len(a.guards) != len(b.guards) or any(x != y for x, y in zip(a.guards, b.guards)):
         return False
     index_a, index_b = {}, {}
     for i, (x, y) in enumerate(zip(a.inputs + a.param_values + a.state_values,

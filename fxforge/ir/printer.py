@@ -17,6 +17,7 @@ import re
 import sympy
 import torch
 
+from .guards import format_guard
 from .ops import Arg
 from .types import DTYPE_NAMES
 
@@ -108,6 +109,7 @@ def print_graph(graph, show_source: bool = False) -> str:
     sig += [f'%{names[v]}: param {json.dumps(v.param)} {v.type}' for v in graph.param_values]
     sig += [f'%{names[v]}: state {json.dumps(v.state)} {v.type}' for v in graph.state_values]
     lines = [f"graph({', '.join(sig)}) {{"]
+    lines += [f"  guard {format_guard(g)}" for g in graph.guards]
     for n in graph.nodes:
         lines.append("  " + format_node(n, names, show_source))
     outs = ", ".join(f"%{names[v]}" for v in graph.outputs)

@@ -29,6 +29,12 @@ def typecheck(graph: Graph, registry=None) -> Graph:
         if t is not None and (tuple(t.shape) != tuple(int(d) for d in v.type.shape) or t.dtype != v.type.dtype):
             raise IRCheckError(f"parameter {v.param!r} is {tuple(t.shape)} {t.dtype}, but typed {v.type}")
 
+    sized = {s for v in graph.inputs if hasattr(v.type, "shape") for d in v.shape for s in d.free_symbols}
+    for guard in graph.guards:
+        if not guard.free_symbols <= sized:
+            unknown = ", ".join(sorted(map(str, guard.free_symbols - sized)))
+            raise IRCheckError(f"guard {guard} names {unknown}, which is no size of a graph input")
+
     for node in graph.nodes:
         if node.op not in registry:
             fail(node, f"unknown op {node.op!r}")

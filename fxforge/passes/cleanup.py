@@ -14,6 +14,7 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, is_pure
 from ..ir.printer import format_attrs
 from .pattern import Rule, apply_rules, attr, const, op, var  # noqa: F401
+from .shape_eval import substitute_sizes
 
 
 def dead_code_elimination(graph: Graph) -> Graph:
@@ -74,7 +75,9 @@ def fold_constants(graph: Graph, stats: Counter | None = None) -> Graph:
         if not evaluable:
             nodes.append(node)
             continue
-        kwargs = dict(node.attrs)
+        # sizes in attrs are sympy numbers here (static capture makes every size one);
+        # torch ops take plain Python numbers only
+        kwargs = substitute_sizes(dict(node.attrs), {})
         if node.op in ("const", "arange", "full"):
             kwargs["device"] = device
         value = OPS[node.op].reference(*[known[v] for v in node.inputs], **kwargs)

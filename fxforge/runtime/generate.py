@@ -7,6 +7,7 @@ pad token while other rows finish; left-padded batches come with an attention_ma
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -15,9 +16,11 @@ from .frames import frame_of_its_own
 from .state import left_padding
 
 
-def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int, padded: bool):
-    """Every limit is checked before any work, not discovered mid-generation."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int, padded: bool,
+                        cache_bytes=None, memory_bytes: int | None = None):
+    """Every limit is checked before any work, not discovered mid-generation.
+    cache_bytes(batch, positions): the KV cache's size; memory_bytes: what the device has."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     total = prompt_len + max_new_tokens
     if layout.max_seq_len is not None and total > layout.max_seq_len:
@@ -27,6 +30,12 @@ def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int
     if layout.max_batch is not None and batch > layout.max_batch:
         raise ValueError(f"batch {batch} is larger than the KV cache's max_batch={layout.max_batch}; "
                          "optimize with KVCacheConfig(max_batch=...) or split the batch")
+    if cache_bytes is not None and memory_bytes is not None:
+        need = cache_bytes(batch, total)
+        if need > memory_bytes:
+            raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) needs a KV cache "
+                             f"of {need / 2**30:.3g} GiB for batch {batch}, more than this device's memory "
+                             f"({memory_bytes / 2**30:.3g} GiB); ask for fewer tokens or a smaller batch")
     if padded and not layout.per_row_positions:
         raise ValueError("this model's positions could not be made per row by the kv_cache pass (see its report "
                          "note), so left-padded batches would get shifted positions; generate prompts of equal "
@@ -75,7 +84,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
     device = model.device
     input_ids = input_ids.to(device)
     pad = left_padding(attention_mask, batch, prompt_len, device)
-    check_generate_args(model.kv_layout, batch, prompt_len, max_new_tokens, bool((pad > 0).any()))
+    check_generate_args(model.kv_layout, batch, prompt_len, max_new_tokens, bool((pad > 0).any()),
+                        model.kv_cache_bytes, device_memory_bytes(device))
+    model.check_step_sizes(batch, [prompt_len] + ([1] if max_new_tokens > 1 else []))
     _check_sampling(do_sample, temperature, top_k, top_p)
     eos = _as_list(eos_token_id)
     if pad_token_id is None:
@@ -87,30 +98,41 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
         _end(streamer)
         return input_ids
 
-    cache = model.kv_cache_for(batch, prompt_len + max_new_tokens)
-    cache.prepare(pad, model.bias_dtype())
-    eos_t = torch.tensor(eos, device=device) if eos else None
-    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-    tokens = [input_ids]
-    step_ids, start = input_ids, 0
-    for _ in range(max_new_tokens):
-        logits = model.run_cached(step_ids, start, pad, cache)[:, -1, :].float()
-        start += step_ids.shape[1]
-        if do_sample:
-            probs = process_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            nxt = logits.argmax(dim=-1)
-        nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
-        tokens.append(nxt[:, None])
-        emit(nxt)
-        if eos_t is not None:
-            unfinished &= ~torch.isin(nxt, eos_t)
-            if not unfinished.any():
-                break
-        step_ids = nxt[:, None]
+    # this call's own cache: concurrent and re-entrant calls never share buffers (state.py)
+    with model.kv_cache_lease(batch, prompt_len + max_new_tokens) as cache:
+        cache.prepare(pad, model.bias_dtype())
+        eos_t = torch.tensor(eos, device=device) if eos else None
+        unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        tokens = [input_ids]
+        step_ids, start = input_ids, 0
+        for _ in range(max_new_tokens):
+            logits = model.run_cached(step_ids, start, pad, cache)[:, -1, :].float()
+            start += step_ids.shape[1]
+            if do_sample:
+                probs = process_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                nxt = logits.argmax(dim=-1)
+            nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
+            tokens.append(nxt[:, None])
+            emit(nxt)
+            if eos_t is not None:
+                unfinished &= ~torch.isin(nxt, eos_t)
+                if not unfinished.any():
+                    break
+            step_ids = nxt[:, None]
     _end(streamer)
     return torch.cat(tokens, dim=1)
+
+
+def device_memory_bytes(device) -> int | None:
+    """The memory a KV cache can take at most: the GPU's, or the machine's RAM on CPU."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
 
 
 def _as_list(eos) -> list[int]:

@@ -9,13 +9,14 @@ import torch.utils._pytree as pytree
 
 from ..ir.capture import CallSpec, flatten_call
 from ..ir.graph import Graph
+from ..ir.guards import GuardChecker
 from ..ir.printer import print_graph
 from ..ir.types import SymType, TensorType, dtype_name
 from ..passes.kv_cache import CACHE_LEN, KV_BIAS, POSITIONS
 from ..passes.manager import PassStats, format_report
 from .frames import frame_of_its_own
 from .program import Program
-from .state import KVCache, cache_input_slots
+from .state import CachePool, KVCache, cache_input_slots, cache_nbytes
 
 
 class OptimizedModel:
@@ -39,7 +40,8 @@ class OptimizedModel:
             raise ValueError("the graph has state buffers but no kv_cache layout: run the kv_cache pass "
                              "through fxforge.optimize(..., kv_cache=True)")
         self._cache_slots = cache_input_slots(graph) if self.kv_layout is not None else {}
-        self._cache: KVCache | None = None
+        self._guards = GuardChecker(graph.guards)
+        self._caches = CachePool(self._allocate_cache)
         # eos/pad tokens generate() uses when not given (from a transformers generation_config)
         self.generation_defaults: dict = {}
 
@@ -60,8 +62,8 @@ class OptimizedModel:
                 # a plain call is a prefill into an empty cache: the model's outputs, same as eager
                 batch, length = self._batch_and_length(inputs)
                 pad = torch.zeros(batch, dtype=torch.long, device=self.device)
-                cache = self.kv_cache_for(batch, length)
-                outs = self.program(*self._cached_inputs(inputs, 0, pad, length, cache), *cache.buffers)
+                with self._caches.lease(batch, length) as cache:
+                    outs = self.program(*self._cached_inputs(inputs, 0, pad, length, cache), *cache.buffers)
             else:
                 outs = self.program(*inputs)
         flat = [outs[i] if kind == "value" else i for kind, i in self.spec.output_leaves]
@@ -84,15 +86,35 @@ class OptimizedModel:
             return generate(self, input_ids, max_new_tokens, **kwargs)
 
     def kv_cache_for(self, batch: int, capacity: int) -> KVCache:
-        """The cache buffers, reused while big enough (grown to a multiple of 256)."""
+        """A KV cache of the caller's own for stepping with run_cached() (an idle one is
+        reused); give it back with `release_kv_cache` to let later calls reuse it."""
         self._require_cache("the KV cache")
-        if self._cache is None or not self._cache.fits(batch, capacity):
-            capacity = -(-capacity // 256) * 256
-            if self.kv_layout.max_seq_len is not None:
-                capacity = min(capacity, self.kv_layout.max_seq_len)
-            self._cache = None  # free the old buffers first
-            self._cache = KVCache(self.graph, batch, capacity, self.device)
-        return self._cache
+        return self._caches.take(batch, capacity)
+
+    def release_kv_cache(self, cache: KVCache):
+        self._caches.give_back(cache)
+
+    def kv_cache_lease(self, batch: int, capacity: int):
+        """`with fast.kv_cache_lease(b, n) as cache:` a cache used by this call alone."""
+        self._require_cache("the KV cache")
+        return self._caches.lease(batch, capacity)
+
+    def kv_cache_bytes(self, batch: int, positions: int) -> int:
+        return cache_nbytes(self.graph, batch, positions)
+
+    def check_step_sizes(self, batch: int, lengths):
+        """The graph's guards for calls of `batch` rows and each of `lengths` new tokens
+        (a generate() call's prefill and decode steps), checked before any work."""
+        shape = self.graph.inputs[0].shape if self.graph.inputs else ()
+        for length in lengths:
+            sizes = {d: n for d, n in zip(shape, (batch, length)) if isinstance(d, sympy.Symbol)}
+            self._guards.check(sizes, f"generate() with {length} new token(s) per step")
+
+    def _allocate_cache(self, batch: int, capacity: int) -> KVCache:
+        capacity = -(-capacity // 256) * 256  # grown in steps, so that similar requests reuse it
+        if self.kv_layout.max_seq_len is not None:
+            capacity = min(capacity, self.kv_layout.max_seq_len)
+        return KVCache(self.graph, batch, capacity, self.device)
 
     def run_cached(self, input_ids: torch.Tensor, start: int, pad: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One prefill or decode step: the new tokens go at positions start.., the cache
@@ -156,6 +178,7 @@ class OptimizedModel:
                                          f"{size}={sizes[size]}; the graph needs them equal ({v.type})")
                 elif size.is_number and int(size) != actual:
                     raise ValueError(f"{label} must have size {size} in dim {d} ({v.type}), got {actual}")
+        self._guards.check(sizes)
 
     # -- inspection ---------------------------------------------------------------------------
     @property

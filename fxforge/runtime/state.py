@@ -6,6 +6,10 @@ buffers while they are big enough, so memory follows what is asked, not max_seq_
 """
 from __future__ import annotations
 
+import contextlib
+import math
+import threading
+
 import sympy
 import torch
 
@@ -14,16 +18,26 @@ from ..ir.types import SymType
 from ..passes.kv_cache import CACHE_LEN, CACHE_SIZE, KV_BIAS, POSITIONS
 
 
+def buffer_shapes(graph: Graph, batch: int, capacity: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The shape and dtype of each state buffer for `batch` rows of `capacity` positions."""
+    out = []
+    for v in graph.state_values:
+        sizes = {}
+        for d in v.type.free_symbols():
+            sizes[d] = capacity if str(d).startswith(CACHE_SIZE) else batch
+        out.append((tuple(int(sympy.sympify(d).subs(sizes)) for d in v.type.shape), v.type.dtype))
+    return out
+
+
+def cache_nbytes(graph: Graph, batch: int, capacity: int) -> int:
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in buffer_shapes(graph, batch, capacity))
+
+
 class KVCache:
     def __init__(self, graph: Graph, batch: int, capacity: int, device):
         self.batch, self.capacity = batch, capacity
-        self.buffers = []
-        for v in graph.state_values:
-            sizes = {}
-            for d in v.type.free_symbols():
-                sizes[d] = capacity if str(d).startswith(CACHE_SIZE) else batch
-            shape = tuple(int(sympy.sympify(d).subs(sizes)) for d in v.type.shape)
-            self.buffers.append(torch.zeros(shape, dtype=v.type.dtype, device=device))
+        self.buffers = [torch.zeros(shape, dtype=dtype, device=device)
+                        for shape, dtype in buffer_shapes(graph, batch, capacity)]
         self._tables = None  # (pad, positions [B, capacity], bias [B, 1, 1, capacity]) for one generate()
 
     def prepare(self, pad: torch.Tensor, dtype: torch.dtype):
@@ -40,11 +54,63 @@ class KVCache:
             return positions[:, start:start + new], bias[..., :start + new]
         return step_inputs(pad, start, new, dtype, pad.device)
 
+    def release_tables(self):
+        self._tables = None
+
     def fits(self, batch: int, capacity: int) -> bool:
         return self.batch >= batch and self.capacity >= capacity
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers)
+
+
+class CachePool:
+    """The KV caches of one model that no call is using, for reuse.
+
+    A generate() call or a plain model call takes a cache for its whole duration and gives
+    it back at the end, so two calls never write into the same buffers: calls from several
+    threads, and a call made from inside a streamer callback, get the tokens they would
+    get alone. Sequential calls reuse one set of buffers (grown when a request is bigger).
+    `keep` bounds how many idle caches stay allocated after a burst of concurrent calls."""
+
+    def __init__(self, allocate, keep: int = 2):
+        self._allocate = allocate  # (batch, capacity) -> KVCache
+        self._idle: list[KVCache] = []
+        self._lock = threading.Lock()
+        self.keep = keep
+
+    def take(self, batch: int, capacity: int) -> KVCache:
+        """An idle cache that fits (the smallest), or a new one. The caller owns it."""
+        with self._lock:
+            fitting = [c for c in self._idle if c.fits(batch, capacity)]
+            if fitting:
+                cache = min(fitting, key=KVCache.nbytes)
+                self._idle.remove(cache)
+                return cache
+            if self._idle and len(self._idle) >= self.keep:
+                # too small for this request: free the smallest before allocating
+                self._idle.remove(min(self._idle, key=KVCache.nbytes))
+        return self._allocate(batch, capacity)
+
+    def give_back(self, cache: KVCache):
+        with self._lock:
+            self._idle.append(cache)
+            self._idle.sort(key=KVCache.nbytes, reverse=True)
+            del self._idle[self.keep:]  # keep the biggest
+
+    @contextlib.contextmanager
+    def lease(self, batch: int, capacity: int):
+        cache = self.take(batch, capacity)
+        try:
+            yield cache
+        finally:
+            cache.release_tables()
+            self.give_back(cache)
+
+    @property
+    def idle(self) -> list[KVCache]:
+        with self._lock:
+            return list(self._idle)
 
 
 def cache_input_slots(graph: Graph) -> dict[str, int]:

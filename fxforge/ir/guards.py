@@ -1,0 +1,173 @@
+"""Guards: the conditions on a graph's size symbols under which it is the model's computation.
+
+torch.export traces the model once, at the example's sizes. Where the model's code looks
+at a size (`if x.shape[1] > 4`, a slice of a fixed-size buffer, a reshape that needs an
+even length), the trace is only valid for the sizes that take the same path, and export
+records that as a range (`T >= 5`, `T <= 64`) or a relation (`Eq(Mod(T, 2), 0)`). The
+graph keeps them (`Graph.guards`, printed as `guard ...` lines), and the runtime checks
+them on every call: a call outside them is an error, never a silently different answer.
+
+One kind of condition is not kept: that a size is not 0 or 1 (`T >= 2`, `Ne(T, 1)`).
+export traces at sizes >= 2 and records those for every dynamic size, on every model,
+from its own operators (broadcasting, views), not from the model's code; keeping them
+would refuse batch 1 and one-token decoding everywhere. fxforge assumes, as
+torch.export's size-oblivious mode does, that code traced at a size >= 2 also holds at
+1 (docs/ir.md, "Guards").
+"""
+from __future__ import annotations
+
+import sympy
+
+from .types import symbol
+
+
+class GuardError(ValueError):
+    """A call's sizes are outside the conditions the graph was captured under."""
+
+
+_SMALL = (0, 1, 2)
+
+
+def is_size_specialization(rel) -> bool:
+    """`e >= 2`, `e > 1`, `e >= 1`, `e > 0`, `Ne(e, 0)`, `Ne(e, 1)` (either side): the
+    0/1 specialization export adds for every size, which fxforge does not guard."""
+    if not isinstance(rel, sympy.core.relational.Relational):
+        return False
+    lhs, rhs = rel.lhs, rel.rhs
+    if lhs.is_number and not rhs.is_number:
+        rel = rel.reversed
+        lhs, rhs = rel.lhs, rel.rhs
+    if not rhs.is_number or rhs not in _SMALL:
+        return False
+    if isinstance(rel, sympy.Unequality):
+        return rhs in (0, 1)
+    if isinstance(rel, sympy.GreaterThan):  # e >= c
+        return rhs <= 2
+    if isinstance(rel, sympy.StrictGreaterThan):  # e > c
+        return rhs <= 1
+    return False
+
+
+def _is_single_symbol_bound(rel) -> bool:
+    """`T > 4`, `T <= 64`, ...: a range, which export also reports in range_constraints."""
+    return (isinstance(rel, (sympy.GreaterThan, sympy.StrictGreaterThan, sympy.LessThan, sympy.StrictLessThan))
+            and len(rel.free_symbols) == 1 and (rel.lhs.is_Symbol or rel.rhs.is_Symbol)
+            and (rel.lhs.is_number or rel.rhs.is_number))
+
+
+def guards_from_export(ep, rename: dict, clean) -> list:
+    """The guards of an ExportedProgram, over fxforge's size symbols.
+
+    rename: torch's symbols -> ours (B, T, ...); clean: torch's sympy functions -> plain
+    sympy (capture._clean_expr). Ranges come from `range_constraints`; the other
+    relations from the ShapeEnv the trace used."""
+    ours = set(rename.values())
+    out: list = []
+
+    def keep(rel):
+        rel = clean(rel.xreplace(rename))
+        if rel in (sympy.true, sympy.false) or not rel.free_symbols <= ours:
+            return  # decided, or about sizes that are not inputs' (data-dependent)
+        if is_size_specialization(rel) or any(rel == g for g in out):
+            return
+        out.append(rel)
+
+    for sym, vr in ep.range_constraints.items():
+        if sym not in rename:
+            continue
+        lower, upper = vr.lower, vr.upper
+        # torch's int_oo is not a sympy Integer (and says nothing of is_finite)
+        if getattr(lower, "is_Integer", False) and int(lower) > 2:
+            keep(sympy.Ge(sym, int(lower)))
+        if getattr(upper, "is_Integer", False):
+            keep(sympy.Le(sym, int(upper)))
+    shape_env = _shape_env(ep)
+    for guard in getattr(shape_env, "guards", ()):
+        rel = guard.expr
+        if not _is_single_symbol_bound(rel):
+            keep(rel)
+    return out
+
+
+def _shape_env(ep):
+    for node in ep.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        for size in getattr(val, "shape", ()):
+            if hasattr(size, "node") and hasattr(size.node, "shape_env"):
+                return size.node.shape_env
+    return None
+
+
+# -- text form --------------------------------------------------------------------------------
+def format_guard(rel) -> str:
+    return sympy.sstr(rel)
+
+
+def parse_guard(text: str):
+    """The inverse of format_guard; raises ValueError on anything that is not a relation
+    over size symbols."""
+    from sympy.parsing.sympy_parser import parse_expr
+
+    names = {n: symbol(n) for n in _identifiers(text)}
+    names.update({"floor": sympy.floor, "ceiling": sympy.ceiling, "Mod": sympy.Mod, "Max": sympy.Max,
+                  "Min": sympy.Min, "Eq": sympy.Eq, "Ne": sympy.Ne})
+    try:
+        rel = parse_expr(text, local_dict=names, global_dict={"Integer": sympy.Integer, "Symbol": sympy.Symbol,
+                                                             "Rational": sympy.Rational, "Float": sympy.Float})
+    except Exception as e:  # sympy raises many kinds
+        raise ValueError(f"cannot read guard {text!r}: {e}") from None
+    if not isinstance(rel, sympy.core.relational.Relational):
+        raise ValueError(f"a guard is a relation such as `T >= 5` or `Eq(Mod(T, 2), 0)`, got {text!r}")
+    return rel
+
+
+def _identifiers(text: str) -> set[str]:
+    import re
+
+    return {n for n in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)
+            if n not in ("floor", "ceiling", "Mod", "Max", "Min", "Eq", "Ne")}
+
+
+# -- checking ---------------------------------------------------------------------------------
+def holds(rel, sizes: dict) -> bool:
+    """Whether `rel` is true at `sizes` ({symbol: int}); False when it cannot be decided
+    there (a division by zero, a symbol without a size)."""
+    try:
+        value = rel.xreplace({s: sympy.Integer(int(v)) for s, v in sizes.items()})
+    except Exception:  # sympy raises ZeroDivisionError (Mod by 0), TypeError (nan), ...
+        return False
+    return value is sympy.true
+
+
+class GuardChecker:
+    """Checks a graph's guards for a call's sizes; remembers the size combinations that
+    passed, so that repeated calls at the same sizes cost one dict lookup."""
+
+    def __init__(self, guards: list):
+        self.guards = list(guards)
+        self.symbols = sorted({s for g in self.guards for s in g.free_symbols}, key=str)
+        self._passed: set = set()
+
+    def check(self, sizes: dict, what: str = "the inputs"):
+        if not self.guards:
+            return
+        key = tuple(sizes.get(s) for s in self.symbols)
+        if key in self._passed:
+            return
+        failed = [g for g in self.guards if not holds(g, sizes)]
+        if failed:
+            raise GuardError(self.message(failed, sizes, what))
+        self._passed.add(key)
+
+    def message(self, failed: list, sizes: dict, what: str) -> str:
+        involved = sorted({s for g in failed for s in g.free_symbols}, key=str)
+        given = ", ".join(f"{s}={sizes[s]}" if s in sizes else f"{s} unknown" for s in involved)
+        conditions = [format_guard(g) for g in self.guards if g.free_symbols & set(involved)]
+        return (f"{what} have {given}, outside the sizes this model was captured for: "
+                f"{' and '.join(format_guard(g) for g in failed)} does not hold "
+                f"(all conditions on {', '.join(map(str, involved))}: {'; '.join(conditions)}). "
+                "torch.export recorded these from the model's code (a branch on a size, a slice of a "
+                "fixed-size buffer, a reshape); call with sizes that satisfy them, or run fxforge.optimize "
+                "again with example inputs of the sizes you need")
