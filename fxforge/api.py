@@ -7,22 +7,19 @@ from typing import Callable, Sequence
 
 import torch
 
-from .codegen.pointwise import PointwiseKernels
 from .ir.capture import capture_with_spec
 from .ir.printer import print_graph
 from .passes import PassInfo, PassRegistry, registry as _default_registry
 from .passes.manager import run_pipeline
-from .runtime.backends import op_table, resolve_backend
+from .runtime.backends import Backend, resolve_backend
 from .runtime.module import OptimizedModel
-from .runtime.cpu_int4 import plan_cpu_int4
-from .runtime.cpu_linear import plan_cpu_linears
 from .runtime.frames import frame_of_its_own
 from .runtime.program import build_program
 
 
 @frame_of_its_own  # same speed at any caller depth: see runtime/frames.py
 def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
-             passes: Sequence[str] | None = None, disable: Sequence[str] = (), backend: str = "auto",
+             passes: Sequence[str] | None = None, disable: Sequence[str] = (), backend: str | Backend = "auto",
              dump_dir: str | None = None, dynamic: bool = True, registry: PassRegistry | None = None,
              cpu_linear: bool = True, **options) -> OptimizedModel:
     """Capture `model` on the example inputs, run the pass pipeline, and return a model that
@@ -30,7 +27,8 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
 
     passes:   None for the default pipeline, or the exact list of pass names to run.
     disable:  pass names to leave out of the default pipeline.
-    backend:  "auto" (triton on CUDA, else torch), "torch", "triton" or "interpret".
+    backend:  "auto" (triton on CUDA, else torch), "torch", "triton", "interpret", a name
+              given to fxforge.register_backend, or a Backend object.
     dump_dir: write the IR after every pass, the program and the report there
               (the environment variable FXFORGE_DUMP does the same).
     cpu_linear: on the CPU (torch backend), run each float32 linear with the library kernel
@@ -48,7 +46,8 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
                         f"pass options known: {sorted(known_options) or 'none'}")
     pipeline = registry.pipeline(options, list(passes) if passes is not None else None, disable)
     device = _model_device(model)
-    backend = resolve_backend(backend, device)
+    # cpu_linear is the torch backend's setting; other backends see it only when changed
+    backend = resolve_backend(backend, device, **({} if cpu_linear is True else {"cpu_linear": cpu_linear}))
 
     start = time.perf_counter()
     graph, spec = capture_with_spec(model, example_inputs, example_kwargs, dynamic=dynamic)
@@ -58,23 +57,13 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     dump_dir = dump_dir or os.environ.get("FXFORGE_DUMP") or None
     graph, stats = run_pipeline(graph, pipeline, options,
                                 dump=lambda i, name, g: dumps.append((f"{i:02d}_{name}.ir", print_graph(g))))
-    kernels = PointwiseKernels()
-    ops = op_table(backend, kernels=kernels)
-    runtime_stats = []
-    if backend == "torch" and device.type == "cpu":
-        if cpu_linear:
-            graph, plan, cpu_linear_stats = plan_cpu_linears(graph)
-            ops["linear"] = plan.linear
-            runtime_stats.append(cpu_linear_stats)
-        int4_plan, int4_stats = plan_cpu_int4(graph)
-        if int4_stats is not None:
-            ops["quant_linear"] = int4_plan.wrap(ops["quant_linear"])
-            runtime_stats.append(int4_stats)
-    program = build_program(graph, ops, device=device,
-                            filename=f"<fxforge program for {type(model).__name__}>")
+    backend.check(graph)
+    graph, overrides, runtime_stats = backend.prepare(graph)
+    ops = {**backend.op_table(), **overrides}
+    program = build_program(graph, ops, device=device, filename=f"<fxforge program for {type(model).__name__}>",
+                            inline_fused=backend.inlines_fused_pointwise)
     fast = OptimizedModel(graph, spec, program, backend, stats, dumps, capture_seconds, type(model).__name__)
     fast.runtime_stats.extend(runtime_stats)
-    fast.kernels = kernels.sources  # filled as kernels are generated (first call per shape class)
     fast.generation_defaults = _generation_defaults(model)
     if dump_dir:
         fast.dump(dump_dir)

@@ -20,19 +20,18 @@ from .state import CachePool, KVCache, cache_input_slots, cache_nbytes
 
 
 class OptimizedModel:
-    def __init__(self, graph: Graph, spec: CallSpec, program: Program, backend: str, stats: list[PassStats],
+    def __init__(self, graph: Graph, spec: CallSpec, program: Program, backend, stats: list[PassStats],
                  dumps: list[tuple[str, str]], capture_seconds: float, model_name: str = "model"):
         self.graph = graph
         self.spec = spec
         self.program = program
-        self.backend = backend
+        self.backend = backend  # the runtime.backends.Backend that runs the program
         self.stats = stats
         # Choices made after the passes, for this backend (e.g. cpu_linear), in the report too.
         self.runtime_stats: list[PassStats] = []
         self._dumps = dumps  # (file name, IR text) after each pass
         self.capture_seconds = capture_seconds
         self.model_name = model_name
-        self.kernels: dict[str, str] = {}
         self.device = _graph_device(graph)
         # set when the kv_cache pass ran: the limits generate() checks, and the cache slots
         self.kv_layout = next((st.details["kv_cache"] for st in stats if "kv_cache" in st.details), None)
@@ -114,7 +113,7 @@ class OptimizedModel:
         capacity = -(-capacity // 256) * 256  # grown in steps, so that similar requests reuse it
         if self.kv_layout.max_seq_len is not None:
             capacity = min(capacity, self.kv_layout.max_seq_len)
-        return KVCache(self.graph, batch, capacity, self.device)
+        return KVCache(self.graph, batch, capacity, self.backend.new_buffer)
 
     def run_cached(self, input_ids: torch.Tensor, start: int, pad: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One prefill or decode step: the new tokens go at positions start.., the cache
@@ -182,6 +181,11 @@ class OptimizedModel:
 
     # -- inspection ---------------------------------------------------------------------------
     @property
+    def kernels(self) -> dict[str, str]:
+        """Generated kernel sources by name, filled as kernels are made (first call per shape class)."""
+        return self.backend.kernel_sources()
+
+    @property
     def ir(self) -> str:
         return print_graph(self.graph)
 
@@ -190,7 +194,7 @@ class OptimizedModel:
         return self.program.source
 
     def report(self) -> str:
-        head = (f"fxforge report for {self.model_name}: backend={self.backend}, "
+        head = (f"fxforge report for {self.model_name}: backend={self.backend.name}, "
                 f"{len(self.graph.nodes)} nodes, {len(self.graph.params)} parameters")
         ops = ", ".join(f"{k}={v}" for k, v in sorted(self.graph.op_counts().items(), key=lambda kv: -kv[1]))
         steps = self.stats + self.runtime_stats
@@ -209,7 +213,7 @@ class OptimizedModel:
         return written
 
     def __repr__(self) -> str:
-        return f"OptimizedModel({self.model_name}, backend={self.backend}, nodes={len(self.graph.nodes)})"
+        return f"OptimizedModel({self.model_name}, backend={self.backend.name}, nodes={len(self.graph.nodes)})"
 
 
 def _graph_device(graph: Graph) -> torch.device:

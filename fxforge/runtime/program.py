@@ -109,9 +109,11 @@ class Program:
 
 
 def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
-                  filename: str = "<fxforge program>") -> Program:
+                  filename: str = "<fxforge program>", inline_fused: bool | None = None) -> Program:
     """`ops` maps an IR op name to its callable for the chosen backend. Constants with a
-    known value are made once, on `device`, and bound as globals of the program."""
+    known value are made once, on `device`, and bound as globals of the program.
+    inline_fused: write fused_pointwise groups as one line per step (a backend without
+    fused kernels, `Backend.inlines_fused_pointwise`); None: when `ops` runs the reference."""
     names: dict = {}
     taken: set[str] = set()
 
@@ -151,7 +153,8 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
     keep = set(graph.outputs) | set(graph.param_values)
     # Without a fused kernel (the torch backend) a fused group's steps are written out as
     # lines of their own, so they cost what the unfused ops cost, constants hoisted.
-    inline_fused = ops.get("fused_pointwise") is OPS["fused_pointwise"].reference
+    if inline_fused is None:
+        inline_fused = ops.get("fused_pointwise") is OPS["fused_pointwise"].reference
     counter = 0
     hoisted: dict[str, torch.Tensor] = {}
     for i, n in enumerate(graph.nodes):

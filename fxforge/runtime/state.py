@@ -34,10 +34,10 @@ def cache_nbytes(graph: Graph, batch: int, capacity: int) -> int:
 
 
 class KVCache:
-    def __init__(self, graph: Graph, batch: int, capacity: int, device):
+    def __init__(self, graph: Graph, batch: int, capacity: int, new_buffer):
+        """new_buffer(shape, dtype): a zeroed tensor, from the backend that runs the graph."""
         self.batch, self.capacity = batch, capacity
-        self.buffers = [torch.zeros(shape, dtype=dtype, device=device)
-                        for shape, dtype in buffer_shapes(graph, batch, capacity)]
+        self.buffers = [new_buffer(shape, dtype) for shape, dtype in buffer_shapes(graph, batch, capacity)]
         self._tables = None  # (pad, positions [B, capacity], bias [B, 1, 1, capacity]) for one generate()
 
     def prepare(self, pad: torch.Tensor, dtype: torch.dtype):

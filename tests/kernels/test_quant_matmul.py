@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fxforge.codegen.kernels import quant_matmul as qm  # noqa: E402
+from fxforge.runtime.torch_kernels import quant_linear_torch  # noqa: E402
 from fxforge.ir import quant_formats as qf  # noqa: E402
 
 if qm.INTERPRET:
@@ -161,11 +162,11 @@ def test_torch_backend_matches_reference(scheme, opts, m):
         x = x.to(dtype)
         bias = _rand(n, seed=6).to(dtype) if i != 1 else None
         ref = qf.quant_linear_reference(x, packed, bias)
-        _assert_matches(qm.quant_linear_torch(x, packed, bias), ref, dtype)
+        _assert_matches(quant_linear_torch(x, packed, bias), ref, dtype)
         deq = qf.dequantize_weight(packed)
-        _assert_matches(qm.quant_linear_torch(x, packed, bias, weight=deq), ref, dtype)
+        _assert_matches(quant_linear_torch(x, packed, bias, weight=deq), ref, dtype)
     x3 = _rand(2, m, k, seed=3)
-    y3 = qm.quant_linear_torch(x3, packed)
+    y3 = quant_linear_torch(x3, packed)
     assert y3.shape == (2, m, n)
     torch.testing.assert_close(y3, qf.quant_linear_reference(x3, packed), rtol=1e-5, atol=1e-4)
 
@@ -178,7 +179,7 @@ def test_torch_backend_int8_odd_shapes(scheme, n, k):
     for dtype in DTYPES:
         for m in (1, 3):
             x = _rand(m, k, seed=m).to(dtype)
-            _assert_matches(qm.quant_linear_torch(x, p), qf.quant_linear_reference(x, p), dtype)
+            _assert_matches(quant_linear_torch(x, p), qf.quant_linear_reference(x, p), dtype)
 
 
 def test_torch_backend_uses_weight_argument():
@@ -186,7 +187,7 @@ def test_torch_backend_uses_weight_argument():
     p = qf.quantize_weight(_rand(16, 64), "int4", group_size=32)
     x = _rand(2, 64)
     other = _rand(16, 64, seed=99)
-    torch.testing.assert_close(qm.quant_linear_torch(x, p, weight=other), x @ other.T)
+    torch.testing.assert_close(quant_linear_torch(x, p, weight=other), x @ other.T)
 
 
 ALL_CONFIGS = sorted(set((bm, bn, bk) for bm, bn, bk, _, _ in qm._SMALL_M_CONFIGS + qm._LARGE_M_CONFIGS))

@@ -1,4 +1,5 @@
-"""Triton quantized-matmul kernels (dequantize inside the K loop) and the CPU torch fast path.
+"""Triton quantized-matmul kernels (dequantize inside the K loop); the CPU torch path is in
+runtime/torch_kernels.py.
 
 The packed layouts and the reference semantics live in :mod:`fxforge.ir.quant_formats`;
 every kernel here is checked against :func:`~fxforge.ir.quant_formats.quant_linear_reference`
@@ -33,7 +34,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -43,10 +43,8 @@ from fxforge.ir.quant_formats import (
     Int8Packed,
     NF4Packed,
     W8A8Packed,
-    dequantize_weight,
     nf4_code_table,
     quant_linear_reference,
-    w8a8_linear_decomposed,
     w8a8_linear_reference,
     w8a8_outlier_matmul,
     w8a8_split_activations,
@@ -54,7 +52,7 @@ from fxforge.ir.quant_formats import (
 
 __all__ = [
     "int8_linear_triton", "int4_linear_triton", "nf4_linear_triton", "w8a8_linear_triton",
-    "quant_linear_triton", "quant_linear_torch",
+    "quant_linear_triton",
     "int8_linear_reference", "int4_linear_reference", "nf4_linear_reference", "w8a8_linear_reference",
     "quant_linear_reference", "INTERPRET",
 ]
@@ -338,71 +336,6 @@ def quant_linear_triton(x: Tensor, packed, bias: Tensor | None = None) -> Tensor
     if isinstance(packed, W8A8Packed):
         return w8a8_linear_triton(x, packed.qweight, packed.scale, bias, packed.threshold)
     raise ValueError(f"quant_linear_triton: not a packed weight: {type(packed).__name__}")
-
-
-# --------------------------------------------------------------------------- torch backend
-def _int8pack_mm(x2: Tensor, qweight: Tensor, scale: Tensor) -> Tensor | None:
-    """torch._weight_int8pack_mm where it exists and pays off on CPU, else None.
-
-    Measured on CPU (torch 2.13): the bf16 path is vectorized and fast at every M; the
-    float32 path beats dequantize+matmul only for very small M.  float16 x is upcast.
-    The bf16 path returns garbage (or crashes) when K is not a multiple of its vector width
-    (seen with K=100, 33, 257), so it is only used for K % 64 == 0; its scales are rounded
-    to bf16 (about one bf16 ulp of extra error on the output).
-    """
-    fn = getattr(torch, "_weight_int8pack_mm", None)
-    if fn is None or x2.device.type != "cpu":
-        return None
-    try:
-        if x2.dtype == torch.bfloat16:
-            if x2.shape[1] % 64 != 0:
-                return None
-            return fn(x2.contiguous(), qweight.contiguous(), scale.to(torch.bfloat16).contiguous())
-        if x2.shape[0] <= 2:
-            return fn(x2.float().contiguous(), qweight.contiguous(), scale.float().contiguous())
-    except (RuntimeError, NotImplementedError):
-        return None
-    return None
-
-
-def _int_mm(a: Tensor, b_t: Tensor) -> Tensor:
-    """int8 [M, K] x int8 [K, N] -> exact product as float32 (torch._int_mm when it works)."""
-    fn = getattr(torch, "_int_mm", None)
-    if fn is not None:
-        try:
-            return fn(a, b_t).float()
-        except (RuntimeError, NotImplementedError):
-            pass
-    return (a.double() @ b_t.double()).float()
-
-
-def quant_linear_torch(x: Tensor, packed, bias: Tensor | None = None, weight: Tensor | None = None) -> Tensor:
-    """The "torch" backend: fast CPU path, same result as ``quant_linear_reference``.
-
-    ``weight``: optionally a pre-dequantized float [N, K] weight (the caller's cache; nothing
-    is cached here).  int8: ``torch._weight_int8pack_mm`` when available and profitable (see
-    ``_int8pack_mm``), else dequantize + float32 matmul.  int4/nf4: dequantize + float32 matmul
-    (on CPU, ``optimize()`` sends int4 weights to ``aten._weight_int4pack_mm_for_cpu`` instead:
-    that kernel needs a layout of its own, made once per weight, see runtime/cpu_int4.py;
-    this function only sees the weights it could not take).  w8a8: the reference
-    decomposition with ``torch._int_mm`` for the int8 product (``weight`` is used for the
-    outlier columns).
-    """
-    n, k = packed.shape
-    if isinstance(packed, W8A8Packed):
-        return w8a8_linear_decomposed(x, packed, bias, packed.threshold, int_mm=_int_mm, weight=weight)
-    x2 = _flatten_x(x, k)
-    y = None
-    if weight is None and isinstance(packed, Int8Packed):
-        y = _int8pack_mm(x2, packed.qweight, packed.scale)
-        if y is not None:
-            y = y.float()
-    if y is None:
-        w = weight if weight is not None else dequantize_weight(packed, torch.float32)
-        y = F.linear(x2.float(), w.float())
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 # --------------------------------------------------------------------------- references

@@ -1,0 +1,67 @@
+"""The Backend interface: what runs an optimized graph on a device.
+
+A backend owns everything that depends on where and how the graph runs, and nothing else:
+  - `check(graph)`: device and dtype checks, with errors that say what to change;
+  - `prepare(graph)`: its own planning after the passes (the CPU planners cpu_linear and
+    cpu_int4 live in the torch backend), returning the graph, op implementations that
+    replace the table's, and report lines;
+  - `op_table()`: IR op name -> callable(*tensors, **attrs); ops without a kernel of
+    their own run their registry reference, so any graph runs on any backend;
+  - kernel compilation (`kernel_sources()` shows what it generated);
+  - allocation of state buffers (`new_buffer`): a KV cache today, static CUDA-graph or
+    paged buffers later.
+Later work plugs in here: CUDA-graph capture of the decode step (`TritonBackend`), a paged
+KV layout (`new_buffer` and an op table that reads block tables), a process group for
+tensor parallelism (held by the backend, used by its collective ops).
+
+A backend is an object made per optimize() call by a factory registered under a name
+(`fxforge.register_backend`), so two models never share a backend's caches by accident.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...ir.graph import Graph
+from ...ir.ops import OPS
+
+
+class Backend:
+    name = "?"
+    # True when fused_pointwise groups have no kernel here: the program then writes their
+    # steps as lines of their own (runtime/program.py), which costs what the unfused ops cost.
+    inlines_fused_pointwise = True
+
+    def __init__(self, device: torch.device, **options):
+        if options:
+            raise TypeError(f"backend {self.name!r} takes no option(s) {sorted(options)}")
+        self.device = torch.device(device)
+
+    # -- checks and planning ---------------------------------------------------------------
+    def check(self, graph: Graph):
+        """Raise ValueError if this backend cannot run `graph` on its device."""
+
+    def prepare(self, graph: Graph) -> tuple[Graph, dict, list]:
+        """(graph, op overrides, report stats) after this backend's own planning."""
+        return graph, {}, []
+
+    # -- running -----------------------------------------------------------------------------
+    def kernel_ops(self) -> dict:
+        """The ops this backend runs with implementations of its own."""
+        return {}
+
+    def op_table(self, registry=None) -> dict:
+        registry = OPS if registry is None else registry
+        table = {name: op.reference for name, op in registry.items()}
+        table.update(self.kernel_ops())
+        return table
+
+    def kernel_sources(self) -> dict[str, str]:
+        """name -> source of the kernels generated so far (filled as shapes are first seen)."""
+        return {}
+
+    def new_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A zeroed state buffer (KV cache) on this backend's device."""
+        return torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.device})"

@@ -1,0 +1,41 @@
+"""The torch backend: PyTorch library calls for every op; the default on CPU.
+
+Fused attention runs through SDPA, quantized linears through PyTorch's packed kernels
+(runtime/torch_kernels.py). On the CPU, `prepare` runs the two planners that choose
+library kernels per weight: cpu_linear (float32 linears) and cpu_int4 (int4 weights).
+Nothing here imports triton, so a CPU install without it optimizes and runs any model.
+"""
+from __future__ import annotations
+
+from ...ir.graph import Graph
+from .base import Backend
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, device, cpu_linear: bool = True):
+        super().__init__(device)
+        self.cpu_linear = cpu_linear
+
+    def kernel_ops(self) -> dict:
+        from ..torch_kernels import attention_sdpa, quant_linear_op
+
+        return {"attention": attention_sdpa, "quant_linear": quant_linear_op}
+
+    def prepare(self, graph: Graph) -> tuple[Graph, dict, list]:
+        if self.device.type != "cpu":
+            return graph, {}, []
+        from ..cpu_int4 import plan_cpu_int4
+        from ..cpu_linear import plan_cpu_linears
+
+        overrides, stats = {}, []
+        if self.cpu_linear:
+            graph, plan, linear_stats = plan_cpu_linears(graph)
+            overrides["linear"] = plan.linear
+            stats.append(linear_stats)
+        int4_plan, int4_stats = plan_cpu_int4(graph)
+        if int4_stats is not None:
+            overrides["quant_linear"] = int4_plan.wrap(self.kernel_ops()["quant_linear"])
+            stats.append(int4_stats)
+        return graph, overrides, stats
