@@ -203,6 +203,18 @@ def interpret_atom(text: str, cache: dict):
         return parse_dim(text, cache)
 
 
+def _string(text: str) -> str:
+    """A quoted name (a param's or a state's); the regex that found it cannot tell
+    `"a""b"` from one string, so json may still refuse it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ParseError(f"bad quoted name {text}: {e}") from None
+    if not isinstance(value, str):
+        raise ParseError(f"expected a quoted name, got {text}")
+    return value
+
+
 def _split_lhs_rhs(line: str) -> tuple[str, str]:
     depth = 0
     for i, c in enumerate(line):
@@ -240,7 +252,7 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     for item in split_top(m.group(1)):
         pm = re.fullmatch(r'%([\w.]+):\s*param\s+(".*?")\s+(.*)', item)
         if pm:
-            name = json.loads(pm.group(2))
+            name = _string(pm.group(2))
             v = Value(parse_type(pm.group(3), cache), param=name)
             define(pm.group(1), v)
             g.param_values.append(v)
@@ -249,7 +261,7 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
             continue
         sm = re.fullmatch(r'%([\w.]+):\s*state\s+(".*?")\s+(.*)', item)
         if sm:
-            v = Value(parse_type(sm.group(3), cache), state=json.loads(sm.group(2)))
+            v = Value(parse_type(sm.group(3), cache), state=_string(sm.group(2)))
             define(sm.group(1), v)
             g.state_values.append(v)
             continue
