@@ -57,6 +57,7 @@ INPUT_SHAPES = [(B, T, 8), (B, T, 8), (T, 8), (B, 1, 8), (8,), (B, T, 1), (1, T,
 UNARY = ["neg", "abs", "relu", "tanh", "sigmoid", "silu", "sin", "cos", "erf"]
 BINARY = ["add", "sub", "mul", "maximum", "minimum"]
 COMPARE = ["gt", "lt", "ge", "le", "eq", "ne"]
+VOCAB_SIZE = 11  # rows of an embedding table; integer inputs are ids below it
 
 
 class Skip(Exception):
@@ -72,7 +73,7 @@ class GraphMaker:
         self.b = Builder()
         self.inputs: list[Value] = []
         self.floats: list[Value] = []   # float32 values the next steps read
-        self.bools: list[Value] = []    # comparisons, which may become outputs
+        self.exact: list[Value] = []    # bool and integer values, which may become outputs
         self.params: dict[str, torch.Tensor] = {}
         self.param_values: list[Value] = []
         self.gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
@@ -126,10 +127,26 @@ class GraphMaker:
 
     def compare(self, x):
         cond = self.emit(self.draw(st.sampled_from(COMPARE)), x, self.pick())
-        self.bools.append(cond)
+        self.exact.append(cond)
         if self.draw(st.booleans()):
             return self.emit("where", cond, x, self.emit("mul", x, self.b.const(2.0)))
         return self.emit("cast", cond, dtype=F32)
+
+    def count(self, x):
+        """An integer result: how many elements along a dim pass a comparison."""
+        if x.rank == 0:
+            raise Skip
+        cond = self.emit(self.draw(st.sampled_from(COMPARE)), x, self.b.const(0.0))
+        dim = self.draw(st.integers(0, x.rank - 1))
+        n = self.emit("sum", cond, dims=(dim,), keepdim=True, dtype=None)  # int64, as in torch
+        self.exact.append(n)
+        return self.emit("mul", x, self.emit("cast", n, dtype=F32))
+
+    def embedding(self, x):
+        """Rows of a table picked by integer ids: a new i64 input [B, T]."""
+        ids = Value(TensorType((B, T), torch.int64), hint=f"ids{len(self.inputs)}")
+        self.inputs.append(ids)
+        return self.emit("embedding", self.param((VOCAB_SIZE, 8)), ids)
 
     def clamp(self, x):
         lo, hi = self.draw(st.sampled_from([(-0.5, 0.5), (0.0, None), (None, 1.0)]))
@@ -223,7 +240,7 @@ class GraphMaker:
         out = self.emit("matmul", self.emit("softmax", scores, dim=3, dtype=None), v)
         return self.emit("view", self.emit("permute", out, dims=(0, 2, 1, 3)), shape=x.shape)
 
-    STEPS = ["unary", "binary", "scalar", "compare", "clamp", "reduce", "norm", "view", "permute", "expand",
+    STEPS = ["unary", "binary", "scalar", "compare", "count", "embedding", "clamp", "reduce", "norm", "view", "permute", "expand",
              "slice", "unsqueeze_squeeze", "cat", "linear", "attention"]
 
     def build(self, max_steps: int) -> Graph:
@@ -242,14 +259,14 @@ class GraphMaker:
         if not made:  # at least one node
             self.floats.append(self.emit("relu", self.inputs[0]))
         outputs = self.floats[len(self.inputs):][-2:]
-        if self.bools and self.draw(st.booleans()):
-            outputs.append(self.bools[-1])
+        if self.exact and self.draw(st.booleans()):
+            outputs.append(self.exact[-1])
         return Graph(inputs=self.inputs, param_values=self.param_values, nodes=self.b.nodes, outputs=outputs,
                      params=self.params, input_names=[v.hint for v in self.inputs])
 
 
 @st.composite
-def graphs(draw, max_steps=6):
+def graphs(draw, max_steps=8):
     return GraphMaker(draw).build(max_steps)
 
 
@@ -270,7 +287,13 @@ def _round_trip(g: Graph) -> Graph:
 
 def _concrete_inputs(g: Graph, sizes: dict, seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(tuple(int(d.subs(sizes)) for d in v.shape), generator=gen) for v in g.inputs]
+
+    def tensor(v):
+        shape = tuple(int(d.subs(sizes)) for d in v.shape)
+        if v.dtype.is_floating_point:
+            return torch.randn(shape, generator=gen, dtype=v.dtype)
+        return torch.randint(0, VOCAB_SIZE, shape, generator=gen, dtype=v.dtype)
+    return [tensor(v) for v in g.inputs]
 
 
 def _assert_same(got, want, where: str):
