@@ -325,13 +325,13 @@ def _check_graph(g: Graph, sizes: dict, seed: int, backends: tuple[str, ...]):
 SIZES = st.fixed_dictionaries({B: st.sampled_from([1, 2, 3]), T: st.sampled_from([1, 2, 5])})
 
 
-@_settings(ci_count=60, share=1.0)
+@_settings(ci_count=150, share=1.0)
 @given(g=graphs(), sizes=SIZES, seed=st.integers(0, 1000))
 def test_random_graphs_through_pipeline_match_reference_torch_backend(g, sizes, seed):
     _check_graph(g, sizes, seed, ("torch",))
 
 
-@_settings(ci_count=20, share=0.25)
+@_settings(ci_count=40, share=0.25)
 @given(g=graphs(max_steps=4), sizes=SIZES, seed=st.integers(0, 1000))
 def test_random_graphs_through_pipeline_match_reference_interpret_backend(g, sizes, seed):
     _check_graph(g, sizes, seed, ("interpret",))
@@ -434,7 +434,7 @@ def _garbage(draw, text: str) -> str:
     return text[:at] + draw(st.text(alphabet="%$(){}[]=,:\"#\\ \nabcf0123+-*/._", max_size=12)) + text[at:]
 
 
-@_settings(ci_count=400, share=4.0)
+@_settings(ci_count=800, share=4.0)
 @given(text=mutated_text())
 def test_malformed_text_raises_only_parse_or_check_errors(text):
     try:
