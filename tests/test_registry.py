@@ -1,10 +1,14 @@
 """Every op in the registry has every entry it needs, and its type rule agrees with its
 torch reference on sample inputs."""
+import inspect
+import re
+
 import pytest
 import torch
 
 from fxforge.ir.lowering import RULES, lowered_ops
-from fxforge.ir.ops import KINDS, OPS
+from fxforge.ir.ops import KINDS, OPS, OpDef
+from fxforge.ir.signature import ATTR_TYPES
 from fxforge.ir.types import TensorType
 
 
@@ -44,3 +48,55 @@ def test_pointwise_type_rule_matches_reference(name, dtype):
     (t,) = op.infer(types, {})
     assert tuple(int(d) for d in t.shape) == tuple(out.shape)
     assert t.dtype == out.dtype
+
+
+def _keyword_params(fn) -> dict | None:
+    """The keyword-only parameters of a reference (name -> has a default), or None when
+    Python cannot see its signature (a torch builtin)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    return {p.name: p.default is not p.empty for p in sig.parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.name != "device"}  # the runtime passes device
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_op_declares_its_signature(name):
+    op = OPS[name]
+    lo, hi = op.arity
+    assert 0 <= lo and (hi is None or lo <= hi), op.arity
+    for spec in op.attr_specs.values():
+        assert spec.types and all(t in ATTR_TYPES for t in spec.types)
+    if op.triton:  # the template reads each operand and only declared attrs
+        operands = {int(i) for i in re.findall(r"\{(\d+)\}", op.triton)}
+        assert operands == set(range(lo)) and hi == lo, f"{name}: template {op.triton!r} vs arity {op.arity}"
+        named = set(re.findall(r"\{([A-Za-z_]\w*)\}", op.triton))
+        assert named <= set(op.attr_specs), f"{name}: template reads {named - set(op.attr_specs)}"
+    keywords = _keyword_params(op.reference)
+    if keywords is not None:
+        # the reference is called as fn(*tensors, **attrs): it must take every declared
+        # attr, and every attr it cannot do without must be declared required
+        assert set(keywords) == set(op.attr_specs), f"{name}: reference takes {sorted(keywords)}"
+        for attr, has_default in keywords.items():
+            assert op.attr_specs[attr].required or has_default, f"{name}: {attr} is optional but the reference needs it"
+        _check_positional(name, op.reference, lo, hi)
+
+
+def _check_positional(name, fn, lo, hi):
+    params = [p for p in inspect.signature(fn).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    variadic = any(p.kind is p.VAR_POSITIONAL for p in params)
+    fixed = [p for p in params if p.kind is not p.VAR_POSITIONAL]
+    needed = sum(1 for p in fixed if p.default is p.empty)
+    assert needed <= lo, f"{name}: the reference needs {needed} tensors, the arity allows {lo}"
+    assert variadic or (hi is not None and hi <= len(fixed)), f"{name}: arity {lo}..{hi} vs reference {params}"
+
+
+def test_signature_declarations_are_checked_when_an_op_is_built():
+    with pytest.raises(ValueError, match="unknown type 'integer'"):
+        OpDef("bad", "other", lambda t, a: None, lambda x: x, attrs="dim: integer")
+    with pytest.raises(ValueError, match="bad attribute spec"):
+        OpDef("bad", "other", lambda t, a: None, lambda x: x, attrs="dim int")
+    with pytest.raises(ValueError, match="bad arity"):
+        OpDef("bad", "other", lambda t, a: None, lambda x: x, arity=(2, 1))

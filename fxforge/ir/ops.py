@@ -7,18 +7,23 @@ from ATen, one rule in `lowering.py`:
   - `reference`: a plain-torch implementation, `fn(*tensors, **attrs)`;
   - for pointwise ops, `triton`: the expression template codegen composes
     (`{0}`, `{1}` are the operands);
-  - `origin`: "aten" when `lowering.py` produces it, else the pass that creates it.
+  - `origin`: "aten" when `lowering.py` produces it, else the pass that creates it;
+  - its signature: `arity` (min, max number of tensor inputs; max None: any number) and
+    `attrs`, the attribute names and types (`"dim: int, dtype?: dtype|none"`, see
+    `signature.py`), which typecheck enforces before it runs the type rule.
 `tests/test_registry.py` checks that every op has every entry it needs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import sympy
 import torch
 import torch.nn.functional as F
 
+from .signature import AttrSpec, check_arity, parse_attr_specs, signature_problem
 from .types import TensorType, Type, as_dim, broadcast_shapes, dims_equal, promote
 
 KINDS = ("pointwise", "reduction", "view", "matmul", "creation", "constant", "fused", "opaque", "other")
@@ -33,6 +38,14 @@ class OpDef:
     triton: str | None = None
     origin: str = "aten"
     doc: str = ""
+    arity: tuple[int, int | None] = (1, 1)
+    attrs: str = ""
+    # `attrs` parsed once, when the entry is built (so a typo in a declaration fails early)
+    attr_specs: dict[str, AttrSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "arity", check_arity(self.arity))
+        object.__setattr__(self, "attr_specs", parse_attr_specs(self.attrs))
 
 
 class IRTypeError(TypeError):
@@ -132,7 +145,17 @@ def infer_softmax(types, attrs):
 
 
 def infer_norm(types, attrs):
+    # the optional weight and bias are operands, and the flags say which are present
+    want = 1 + bool(attrs["weight"]) + bool(attrs.get("bias"))
+    if len(types) != want:
+        raise IRTypeError(f"{_flags(attrs)} means {want} inputs, got {len(types)}")
+    for i in range(len(types)):
+        _t(types, i)
     return [_t(types)]
+
+
+def _flags(attrs) -> str:
+    return ", ".join(f"{k}={str(attrs[k]).lower()}" for k in ("weight", "bias") if k in attrs)
 
 
 def infer_view(types, attrs):
@@ -261,6 +284,30 @@ def infer_sdpa(types, attrs):
 def infer_recorded(types, attrs):
     """Opaque ops keep the types recorded at capture; nothing to re-derive."""
     return None
+
+
+# `namespace.op.overload`: the program writes the target into its source, so it must be a
+# plain dotted name and nothing else.
+_TARGET = re.compile(r"[A-Za-z_]\w*\.[A-Za-z_]\w*\.[A-Za-z_]\w*")
+
+
+def infer_torch_call(types, attrs):
+    """What can be checked of an opaque call: its target's form and that every `$i` in
+    its arguments names one of its inputs. The result types are the ones recorded."""
+    if not _TARGET.fullmatch(attrs["target"]):
+        raise IRTypeError(f"torch_call target {attrs['target']!r} is not an `aten.op.overload` name")
+    for arg in _args_in(attrs["args"]) + _args_in(tuple(v for _, v in attrs["kwargs"])):
+        if arg.index >= len(types):
+            raise IRTypeError(f"${arg.index} names an input the call does not have ({len(types)} given)")
+    return None
+
+
+def _args_in(structure) -> list:
+    if isinstance(structure, Arg):
+        return [structure]
+    if isinstance(structure, (tuple, list)):
+        return [a for s in structure for a in _args_in(s)]
+    return []
 
 
 # --------------------------------------------------------------------------------------
@@ -456,6 +503,10 @@ def quant_linear_reference(x, *tensors, parts, qattrs, bias):
 
 def infer_quant_linear(types, attrs):
     x = _t(types)
+    want = 1 + len(attrs["parts"]) + bool(attrs["bias"])
+    if len(types) != want:
+        raise IRTypeError(f"{len(attrs['parts'])} packed parts and bias={str(attrs['bias']).lower()} "
+                          f"mean {want} inputs, got {len(types)}")
     n, k = dict(attrs["qattrs"])["shape"]
     if not dims_equal(x.shape[-1], k):
         raise IRTypeError(f"quant_linear: input {x} does not fit a [{n}, {k}] weight")
@@ -471,8 +522,38 @@ def _run_body(operands, body, outputs, step):
     return [results[int(o[1:])] for o in outputs]
 
 
+_STEP_REF = re.compile(r"in\d+|t\d+")
+
+
+def _check_body(n_operands: int, body, outputs):
+    """A body read from text may name operands or steps that do not exist; say which,
+    instead of failing with an IndexError deep in the walk."""
+    for i, step in enumerate(body):
+        if not (isinstance(step, tuple) and len(step) == 3 and isinstance(step[0], str)
+                and isinstance(step[1], tuple) and isinstance(step[2], tuple)):
+            raise IRTypeError(f"step t{i} is {step!r}, not (op, (operands...), ((attr, value)...))")
+        op, args, step_attrs = step
+        if op not in OPS:
+            raise IRTypeError(f"step t{i}: unknown op {op!r}")
+        for a in args:
+            if not (isinstance(a, str) and _STEP_REF.fullmatch(a)):
+                raise IRTypeError(f"step t{i}: operand {a!r} is not in<i> or t<j>")
+            limit, what = (n_operands, "inputs") if a.startswith("in") else (i, "earlier steps")
+            if int(a[2:] if a.startswith("in") else a[1:]) >= limit:
+                raise IRTypeError(f"step t{i}: {a} is not one of the {limit} {what}")
+        if not all(isinstance(kv, tuple) and len(kv) == 2 and isinstance(kv[0], str) for kv in step_attrs):
+            raise IRTypeError(f"step t{i}: attrs {step_attrs!r} are not (name, value) pairs")
+        why = signature_problem(OPS[op], len(args), dict(step_attrs))
+        if why:
+            raise IRTypeError(f"step t{i}: {why}")
+    for o in outputs:
+        if not (_STEP_REF.fullmatch(o) and o.startswith("t") and int(o[1:]) < len(body)):
+            raise IRTypeError(f"output {o!r} is not one of the {len(body)} steps")
+
+
 def infer_fused_pointwise(types, attrs):
     # `row` (the reduced row length, if the body reduces rows) does not change types
+    _check_body(len(types), attrs["body"], attrs["outputs"])
     return _run_body(list(types), attrs["body"], attrs["outputs"], lambda op, ts, a: OPS[op].infer(ts, a)[0])
 
 
@@ -488,18 +569,28 @@ def fused_pointwise_reference(*tensors, body, outputs, row=None):
 
 
 # --------------------------------------------------------------------------------------
-def _pw(name, ref, triton, infer=infer_pointwise, doc=""):
-    return OpDef(name, "pointwise", infer, ref, triton=triton, doc=doc)
+def _template_arity(triton: str) -> tuple[int, int]:
+    """A pointwise template names each operand ({0}, {1}, ...), so it fixes the arity."""
+    used = {int(i) for i in re.findall(r"\{(\d+)\}", triton)}
+    return (len(used), len(used))
+
+
+def _pw(name, ref, triton, infer=infer_pointwise, attrs="", doc=""):
+    return OpDef(name, "pointwise", infer, ref, triton=triton, doc=doc, arity=_template_arity(triton), attrs=attrs)
 
 
 def _unary_float(name, ref, triton):
     return _pw(name, ref, triton, infer_float_unary)
 
 
+VARIADIC = None  # the max of an arity that takes any number of inputs
+REDUCE = "dims: ints, keepdim: bool"
+
 OPS_LIST: list[OpDef] = [
     # constants
-    OpDef("const", "constant", infer_const, _const, triton="{value}", doc="a 0-dim constant"),
-    # pointwise
+    OpDef("const", "constant", infer_const, _const, triton="{value}", doc="a 0-dim constant",
+          arity=(0, 0), attrs="value: scalar, dtype: dtype"),
+    # pointwise (the arity comes from the template)
     _pw("add", torch.add, "{0} + {1}"),
     _pw("sub", torch.sub, "{0} - {1}"),
     _pw("mul", torch.mul, "{0} * {1}"),
@@ -530,49 +621,60 @@ OPS_LIST: list[OpDef] = [
     _unary_float("sin", torch.sin, "tl.sin({0})"),
     _unary_float("reciprocal", torch.reciprocal, "1.0 / {0}"),
     _pw("silu", F.silu, "{0} * tl.sigmoid({0})", infer_same),
-    _pw("gelu", _gelu, "gelu_{approximate}({0})", infer_same),
-    _pw("clamp", _clamp, "clamp({0}, {min}, {max})", infer_same),
-    _pw("cast", _cast, "{0}.to({dtype})", infer_cast),
+    _pw("gelu", _gelu, "gelu_{approximate}({0})", infer_same, attrs="approximate?: str"),
+    _pw("clamp", _clamp, "clamp({0}, {min}, {max})", infer_same, attrs="min: float|none, max: float|none"),
+    _pw("cast", _cast, "{0}.to({dtype})", infer_cast, attrs="dtype: dtype"),
     _pw("where", torch.where, "tl.where({0}, {1}, {2})", infer_where),
     # reductions (over explicit dims)
-    OpDef("sum", "reduction", infer_sum, _sum),
-    OpDef("mean", "reduction", infer_mean, _mean),
-    OpDef("amax", "reduction", infer_minmax_reduce, _amax),
-    OpDef("amin", "reduction", infer_minmax_reduce, _amin),
-    OpDef("softmax", "reduction", infer_softmax, _softmax),
-    OpDef("log_softmax", "reduction", infer_softmax, _log_softmax),
-    OpDef("layer_norm", "reduction", infer_norm, _layer_norm),
-    OpDef("rms_norm", "reduction", infer_norm, _rms_norm),
+    OpDef("sum", "reduction", infer_sum, _sum, attrs=f"{REDUCE}, dtype?: dtype|none"),
+    OpDef("mean", "reduction", infer_mean, _mean, attrs=f"{REDUCE}, dtype?: dtype|none"),
+    OpDef("amax", "reduction", infer_minmax_reduce, _amax, attrs=REDUCE),
+    OpDef("amin", "reduction", infer_minmax_reduce, _amin, attrs=REDUCE),
+    OpDef("softmax", "reduction", infer_softmax, _softmax, attrs="dim: int, dtype?: dtype|none"),
+    OpDef("log_softmax", "reduction", infer_softmax, _log_softmax, attrs="dim: int, dtype?: dtype|none"),
+    OpDef("layer_norm", "reduction", infer_norm, _layer_norm, arity=(1, 3),
+          attrs="shape: sizes, eps: float, weight: bool, bias: bool", doc="layer_norm(x, [weight], [bias])"),
+    OpDef("rms_norm", "reduction", infer_norm, _rms_norm, arity=(1, 2),
+          attrs="shape: sizes, eps: float|none, weight: bool", doc="rms_norm(x, [weight])"),
     # views and data movement
-    OpDef("view", "view", infer_view, lambda x, *, shape: x.reshape(tuple(shape)), doc="reshape (copies when it must)"),
-    OpDef("permute", "view", infer_permute, lambda x, *, dims: x.permute(tuple(dims))),
-    OpDef("expand", "view", infer_expand, lambda x, *, shape: x.expand(tuple(shape))),
-    OpDef("slice", "view", infer_slice, _slice),
-    OpDef("select", "view", infer_select, lambda x, *, dim, index: x.select(dim, index)),
-    OpDef("unsqueeze", "view", infer_unsqueeze, lambda x, *, dim: x.unsqueeze(dim)),
-    OpDef("squeeze", "view", infer_squeeze, lambda x, *, dims: x.squeeze(tuple(dims)) if dims else x),
-    OpDef("cat", "other", infer_cat, lambda *xs, dim: torch.cat(xs, dim)),
+    OpDef("view", "view", infer_view, lambda x, *, shape: x.reshape(tuple(shape)), doc="reshape (copies when it must)",
+          attrs="shape: sizes"),
+    OpDef("permute", "view", infer_permute, lambda x, *, dims: x.permute(tuple(dims)), attrs="dims: ints"),
+    OpDef("expand", "view", infer_expand, lambda x, *, shape: x.expand(tuple(shape)), attrs="shape: sizes"),
+    OpDef("slice", "view", infer_slice, _slice, attrs="dim: int, start: size, end: size|none, step: int"),
+    OpDef("select", "view", infer_select, lambda x, *, dim, index: x.select(dim, index), attrs="dim: int, index: size"),
+    OpDef("unsqueeze", "view", infer_unsqueeze, lambda x, *, dim: x.unsqueeze(dim), attrs="dim: int"),
+    OpDef("squeeze", "view", infer_squeeze, lambda x, *, dims: x.squeeze(tuple(dims)) if dims else x,
+          attrs="dims: ints"),
+    OpDef("cat", "other", infer_cat, lambda *xs, dim: torch.cat(xs, dim), arity=(1, VARIADIC), attrs="dim: int"),
     # matmul family
-    OpDef("matmul", "matmul", infer_matmul, torch.matmul),
-    OpDef("linear", "matmul", infer_linear, _linear),
-    OpDef("embedding", "other", infer_embedding, _embedding),
+    OpDef("matmul", "matmul", infer_matmul, torch.matmul, arity=(2, 2)),
+    OpDef("linear", "matmul", infer_linear, _linear, arity=(2, 3), doc="linear(x, weight, [bias])"),
+    OpDef("embedding", "other", infer_embedding, _embedding, arity=(2, 2), doc="embedding(weight, ids)"),
     # creation
-    OpDef("arange", "creation", infer_arange, _arange),
-    OpDef("full", "creation", infer_full, _full),
-    OpDef("tril", "other", infer_same, lambda x, *, diagonal: torch.tril(x, diagonal)),
-    OpDef("triu", "other", infer_same, lambda x, *, diagonal: torch.triu(x, diagonal)),
+    OpDef("arange", "creation", infer_arange, _arange, arity=(0, 0),
+          attrs="start: size|float, end: size|float, step: size|float, dtype: dtype"),
+    OpDef("full", "creation", infer_full, _full, arity=(0, 0), attrs="shape: sizes, value: scalar, dtype: dtype"),
+    OpDef("tril", "other", infer_same, lambda x, *, diagonal: torch.tril(x, diagonal), attrs="diagonal: int"),
+    OpDef("triu", "other", infer_same, lambda x, *, diagonal: torch.triu(x, diagonal), attrs="diagonal: int"),
     # attention as torch spells it, and as fxforge fuses it
-    OpDef("sdpa", "other", infer_sdpa, _sdpa, doc="torch's scaled_dot_product_attention, exact semantics"),
+    OpDef("sdpa", "other", infer_sdpa, _sdpa, doc="torch's scaled_dot_product_attention, exact semantics",
+          arity=(3, 4), attrs="causal: bool, scale: float, enable_gqa?: bool"),
     OpDef("attention", "fused", infer_attention, attention_reference, origin="fuse_attention",
-          doc="fused attention(q, k, v, [bias]) {causal, scale}; K/V heads may be fewer (GQA)"),
+          doc="fused attention(q, k, v, [bias]) {causal, scale}; K/V heads may be fewer (GQA)",
+          arity=(3, 4), attrs="causal: bool, scale: float"),
     OpDef("kv_append", "other", infer_kv_append, kv_append_reference, origin="kv_cache",
-          doc="kv_append(cache, new) {start}: write new K or V at start, return cache[:, :, :start+T]; mutates"),
+          doc="kv_append(cache, new) {start}: write new K or V at start, return cache[:, :, :start+T]; mutates",
+          arity=(2, 2), attrs="start: size"),
     OpDef("fused_pointwise", "fused", infer_fused_pointwise, fused_pointwise_reference, origin="fuse_elementwise",
-          doc="a chain of pointwise ops run as one kernel; body lists the steps"),
+          doc="a chain of pointwise ops run as one kernel; body lists the steps",
+          arity=(0, VARIADIC), attrs="body: tuple, outputs: strs, row?: int"),
     OpDef("quant_linear", "fused", infer_quant_linear, quant_linear_reference, origin="quantize",
-          doc="x @ dequantize(packed weight)^T [+ bias]; parts name the packed tensors"),
+          doc="x @ dequantize(packed weight)^T [+ bias]; parts name the packed tensors",
+          arity=(2, VARIADIC), attrs="parts: strs, qattrs: pairs, bias: bool"),
     # the fallback
-    OpDef("torch_call", "opaque", infer_recorded, _torch_call, doc="any ATen op the IR does not model"),
+    OpDef("torch_call", "opaque", infer_torch_call, _torch_call, doc="any ATen op the IR does not model",
+          arity=(0, VARIADIC), attrs="target: str, args: tuple, kwargs: pairs"),
 ]
 
 OPS: dict[str, OpDef] = {op.name: op for op in OPS_LIST}

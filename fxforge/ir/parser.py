@@ -19,6 +19,7 @@ from .types import DTYPES_BY_NAME, SymType, TensorType, symbol
 
 _SYMPY_FUNCS = {"floor", "ceiling", "Mod", "Max", "Min", "sqrt", "Abs", "FloorDiv", "CeilDiv"}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ARITHMETIC = re.compile(r"[\w\s+\-*/%(),.]*")
 
 
 class ParseError(ValueError):
@@ -31,6 +32,9 @@ def parse_dim(text: str, cache: dict | None = None) -> sympy.Expr:
         return cache[text]
     if re.fullmatch(r"-?\d+", text):
         out = sympy.Integer(int(text))
+    elif not _ARITHMETIC.fullmatch(text) or "__" in text or re.search(r"\.[A-Za-z_]", text):
+        # parse_expr evaluates Python: let through only arithmetic on names and numbers
+        raise ParseError(f"cannot read size expression {text!r}: only names, numbers and + - * / % ( ) are allowed")
     else:
         names = {n: symbol(n) for n in _IDENT.findall(text) if n not in _SYMPY_FUNCS}
         names.update({"floor": sympy.floor, "ceiling": sympy.ceiling, "Mod": sympy.Mod,
@@ -39,6 +43,8 @@ def parse_dim(text: str, cache: dict | None = None) -> sympy.Expr:
             out = parse_expr(text, local_dict=names)
         except Exception as e:  # sympy raises many kinds
             raise ParseError(f"cannot read size expression {text!r}: {e}") from None
+        if not isinstance(out, sympy.Expr):  # e.g. a tuple or a comparison
+            raise ParseError(f"size expression {text!r} is a {type(out).__name__}, not a number")
     if cache is not None:
         cache[text] = out
     return out
@@ -139,11 +145,16 @@ class _AttrReader:
             return self.sequence("]")
         if c == '"':
             decoder = json.JSONDecoder()
-            val, end = decoder.raw_decode(self.s, self.i)
+            try:
+                val, end = decoder.raw_decode(self.s, self.i)
+            except json.JSONDecodeError as e:
+                raise ParseError(f"bad string at {self.s[self.i:self.i + 30]!r}: {e}") from None
             self.i = end
             return val
         if c == "$":
             m = re.compile(r"\$(\d+)").match(self.s, self.i)
+            if not m:
+                raise ParseError(f"expected $<input index> at {self.s[self.i:self.i + 30]!r}")
             self.i = m.end()
             return Arg(int(m.group(1)))
         return self.atom()
@@ -174,16 +185,35 @@ def interpret_atom(text: str, cache: dict):
     if text in DTYPES_BY_NAME:
         return DTYPES_BY_NAME[text]
     if text.startswith("torch."):
-        return getattr(torch, text[len("torch."):])
+        # only the enum-like values format_attr writes this way, not any torch attribute
+        value = getattr(torch, text[len("torch."):], None)
+        if not isinstance(value, (torch.layout, torch.memory_format)):
+            raise ParseError(f"{text!r} is not a torch layout or memory format")
+        return value
     m = re.fullmatch(r'device\((".*")\)', text)
     if m:
-        return torch.device(json.loads(m.group(1)))
+        try:
+            return torch.device(json.loads(m.group(1)))
+        except (ValueError, RuntimeError) as e:
+            raise ParseError(f"bad device {text!r}: {e}") from None
     if re.fullmatch(r"-?\d+", text):
         return int(text)
     try:
         return float(text)
     except ValueError:
         return parse_dim(text, cache)
+
+
+def _string(text: str) -> str:
+    """A quoted name (a param's or a state's); the regex that found it cannot tell
+    `"a""b"` from one string, so json may still refuse it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ParseError(f"bad quoted name {text}: {e}") from None
+    if not isinstance(value, str):
+        raise ParseError(f"expected a quoted name, got {text}")
+    return value
 
 
 def _split_lhs_rhs(line: str) -> tuple[str, str]:
@@ -202,7 +232,7 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     cache: dict = {}
     lines = [ln.split("  #", 1)[0].rstrip() for ln in text.strip().splitlines()]
     lines = [ln for ln in lines if ln.strip()]
-    head = lines[0].strip()
+    head = lines[0].strip() if lines else ""
     m = re.fullmatch(r"graph\((.*)\)\s*\{", head)
     if not m:
         raise ParseError(f"a graph starts with `graph(...) {{`, got {head!r}")
@@ -223,7 +253,7 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     for item in split_top(m.group(1)):
         pm = re.fullmatch(r'%([\w.]+):\s*param\s+(".*?")\s+(.*)', item)
         if pm:
-            name = json.loads(pm.group(2))
+            name = _string(pm.group(2))
             v = Value(parse_type(pm.group(3), cache), param=name)
             define(pm.group(1), v)
             g.param_values.append(v)
@@ -232,7 +262,7 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
             continue
         sm = re.fullmatch(r'%([\w.]+):\s*state\s+(".*?")\s+(.*)', item)
         if sm:
-            v = Value(parse_type(sm.group(3), cache), state=json.loads(sm.group(2)))
+            v = Value(parse_type(sm.group(3), cache), state=_string(sm.group(2)))
             define(sm.group(1), v)
             g.state_values.append(v)
             continue
@@ -256,6 +286,8 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
             continue
         if s.startswith("return"):
             rm = re.fullmatch(r"return\s*\((.*)\)", s)
+            if not rm:
+                raise ParseError(f"expected `return (%a, ...)`, got {line!r}")
             g.outputs = [use(x) for x in split_top(rm.group(1))] if rm.group(1).strip() else []
             continue
         lhs, rhs = _split_lhs_rhs(s)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from .graph import Graph
 from .ops import IRTypeError, OPS, get
+from .signature import signature_problem
 from .printer import Namer, format_node
+from .types import TensorType
 
 
 class IRCheckError(TypeError):
@@ -26,7 +28,9 @@ def typecheck(graph: Graph, registry=None) -> Graph:
         if graph.params and v.param not in graph.params:
             raise IRCheckError(f"parameter {v.param!r} has no tensor in graph.params")
         t = graph.params.get(v.param)
-        if t is not None and (tuple(t.shape) != tuple(int(d) for d in v.type.shape) or t.dtype != v.type.dtype):
+        # compared as sympy, so a symbolic or non-tensor type is a mismatch, not a crash
+        if t is not None and (not isinstance(v.type, TensorType) or tuple(t.shape) != tuple(v.type.shape)
+                              or t.dtype != v.type.dtype):
             raise IRCheckError(f"parameter {v.param!r} is {tuple(t.shape)} {t.dtype}, but typed {v.type}")
 
     sized = {s for v in graph.inputs if hasattr(v.type, "shape") for d in v.shape for s in d.free_symbols}
@@ -45,10 +49,18 @@ def typecheck(graph: Graph, registry=None) -> Graph:
             if v in defined:
                 fail(node, "assigns a value that is already defined")
             defined.add(v)
+        why = signature_problem(registry[node.op], len(node.inputs), node.attrs)
+        if why:
+            fail(node, why)
         try:
             inferred = registry[node.op].infer([v.type for v in node.inputs], node.attrs)
-        except (IRTypeError, TypeError, KeyError, ValueError) as e:
+        except IRTypeError as e:
             fail(node, f"type error in {node.op}: {e}")
+        except Exception as e:  # noqa: BLE001
+            # A node that passes its signature can still hold values a type rule cannot
+            # use (a dim out of range, a body naming a missing step). Whatever the rule
+            # raises, the caller gets one error type that quotes the line.
+            fail(node, f"type error in {node.op}: {type(e).__name__}: {e}")
         if inferred is None:
             continue
         if len(inferred) != len(node.outputs):
