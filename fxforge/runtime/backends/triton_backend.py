@@ -58,14 +58,32 @@ class TritonBackend(Backend):
 
 
 def _ensure_interpreter():
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    """Triton's own library functions (tl.zeros, tl.sum, ...) and our kernels are made
+    interpreted or compiled when their modules are imported, so interpreting needs
+    TRITON_INTERPRET=1 before triton is imported at all. fxforge imports no kernel module
+    on the CPU path, but torch.export imports triton itself (torch._dynamo checks for it),
+    so after any capture in a process started without the variable it is too late."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and not _triton_compiled_mode():
         return
-    loaded = [m for m in KERNEL_MODULES if m in sys.modules]
+    loaded = [m for m in KERNEL_MODULES if m in sys.modules] or (["triton"] if _triton_compiled_mode() else [])
     if loaded:
-        raise RuntimeError(f"backend 'interpret' needs TRITON_INTERPRET=1 before fxforge's kernels are imported, "
-                           f"but {loaded[0]} is already loaded in compiled mode (a backend='triton' model ran in "
-                           "this process); set TRITON_INTERPRET=1 in the environment before starting Python")
+        raise RuntimeError(f"backend 'interpret' needs TRITON_INTERPRET=1 before triton is imported, but {loaded[0]} "
+                           "is already loaded in compiled mode (torch.export imports triton when it captures a "
+                           "model); set TRITON_INTERPRET=1 in the environment before starting Python")
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _triton_compiled_mode() -> bool:
+    """Whether triton is imported with its library functions compiled (not interpreted)."""
+    if "triton" not in sys.modules:
+        return False
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.language import standard
+    except ImportError:  # pragma: no cover - another layout of triton: cannot tell, assume fine
+        return False
+    probe = getattr(standard, "sum", None)
+    return probe is not None and not isinstance(probe, InterpretedFunction)
 
 
 def attention_dispatch(q, k, v, bias=None, *, causal: bool, scale: float):
