@@ -5,8 +5,10 @@
 """
 from .api import optimize, register_pass, unregister_pass
 from .ir import CaptureError, Graph, IRCheckError, ParseError, capture, parse, typecheck
+from .runtime.backends import register_backend, unregister_backend
 from .runtime.module import OptimizedModel
 
-__all__ = ["optimize", "capture", "register_pass", "unregister_pass", "OptimizedModel", "Graph", "parse",
+__all__ = ["optimize", "capture", "register_pass", "unregister_pass", "register_backend", "unregister_backend",
+           "OptimizedModel", "Graph", "parse",
            "typecheck", "CaptureError", "IRCheckError", "ParseError"]
 __version__ = "0.1.0"

@@ -82,9 +82,12 @@ def test_ir_after_kv_cache():
                             passes=["cleanup", "fuse_attention", "kv_cache"])
     text = fast.ir
     head = text.splitlines()[0]
-    assert "%input_ids: i64[B, T], %L: int, %kv_positions: i64[B, T], %kv_bias: f32[B, 1, 1, L + T]" in head
-    assert '%s0: state "layer0.k_cache" f32[B, 2, S, 16]' in head
-    assert '%s1: state "layer0.v_cache" f32[B, 2, S, 16]' in head
+    # the roles the runtime reads are in the signature (ir/roles.py)
+    assert ('%input_ids: i64[B, T], %L: int {role="cache_len"}, %kv_positions: i64[B, T] {role="positions"}, '
+            '%kv_bias: f32[B, 1, 1, L + T] {role="key_bias"}') in head
+    assert '%s0: state "layer0.k_cache" f32[B, 2, S, 16] {layer=0, kind="k", layout="dense"}' in head
+    assert '%s1: state "layer0.v_cache" f32[B, 2, S, 16] {layer=0, kind="v", layout="dense"}' in head
+    assert text.splitlines()[1] == '  signature {outputs=("logits",)}'
     lines = [ln.strip() for ln in text.splitlines()]
     appends = [ln for ln in lines if "kv_append(" in ln]
     assert len(appends) == 2 and all(ln.endswith("{start=L}") and "f32[B, 2, L + T, 16]" in ln for ln in appends)

@@ -16,15 +16,19 @@ from .types import SymType, TensorType, Type
 
 class Value:
     """One SSA value. `param` is the parameter name when the value is a weight input;
-    `state` the buffer name when it is a mutable buffer the runtime allocates (a KV cache)."""
+    `state` the buffer name when it is a mutable buffer the runtime allocates (a KV cache).
+    `attrs` says what a graph input or state buffer means to the runtime (ir/roles.py):
+    `{role="cache_len"}`, `{layer=0, kind="k", layout="dense"}`; None for plain values."""
 
-    __slots__ = ("type", "hint", "param", "state")
+    __slots__ = ("type", "hint", "param", "state", "attrs")
 
-    def __init__(self, type: Type, hint: str | None = None, param: str | None = None, state: str | None = None):
+    def __init__(self, type: Type, hint: str | None = None, param: str | None = None, state: str | None = None,
+                 attrs: dict | None = None):
         self.type = type
         self.hint = hint
         self.param = param
         self.state = state
+        self.attrs = attrs
 
     @property
     def shape(self):
@@ -86,6 +90,9 @@ class Graph:
     # computation (sympy relations such as `T >= 5`, recorded by torch.export from the
     # model's code): the runtime checks them on every call (ir/guards.py).
     guards: list = field(default_factory=list)
+    # What the graph's outputs mean and the limits the runtime enforces (ir/roles.py):
+    # {"outputs": ("logits",), "max_seq_len": 128, "max_batch": 8}; empty for a plain graph.
+    signature: dict = field(default_factory=dict)
 
     # -- structure queries -------------------------------------------------------------
     def producers(self) -> dict[Value, Node]:
@@ -135,6 +142,7 @@ class Graph:
             state_values=list(self.state_values),
             input_names=list(self.input_names),
             guards=list(self.guards),
+            signature=dict(self.signature),
         )
 
     def prune_params(self) -> "Graph":

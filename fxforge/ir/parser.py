@@ -216,6 +216,23 @@ def _string(text: str) -> str:
     return value
 
 
+def _entry_attrs(item: str, cache: dict) -> tuple[str, dict | None]:
+    """`%L: int {role="cache_len"}` -> ("%L: int", {"role": "cache_len"})."""
+    depth, in_str = 0, False
+    for i, c in enumerate(item):
+        if in_str:
+            in_str = c != '"' or item[i - 1] == "\\"
+        elif c == '"':
+            in_str = True
+        elif c in "([":
+            depth += 1
+        elif c in ")]":
+            depth -= 1
+        elif c == "{" and depth == 0:
+            return item[:i].rstrip(), _AttrReader(item[i:], cache).attrs()
+    return item, None
+
+
 def _split_lhs_rhs(line: str) -> tuple[str, str]:
     depth = 0
     for i, c in enumerate(line):
@@ -251,9 +268,12 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
         return env[name[1:]]
 
     for item in split_top(m.group(1)):
+        item, value_attrs = _entry_attrs(item, cache)
         pm = re.fullmatch(r'%([\w.]+):\s*param\s+(".*?")\s+(.*)', item)
         if pm:
             name = _string(pm.group(2))
+            if value_attrs is not None:
+                raise ParseError(f"a parameter takes no attributes: {item!r}")
             v = Value(parse_type(pm.group(3), cache), param=name)
             define(pm.group(1), v)
             g.param_values.append(v)
@@ -262,14 +282,14 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
             continue
         sm = re.fullmatch(r'%([\w.]+):\s*state\s+(".*?")\s+(.*)', item)
         if sm:
-            v = Value(parse_type(sm.group(3), cache), state=_string(sm.group(2)))
+            v = Value(parse_type(sm.group(3), cache), state=_string(sm.group(2)), attrs=value_attrs)
             define(sm.group(1), v)
             g.state_values.append(v)
             continue
         im = re.fullmatch(r"%([\w.]+):\s*(.*)", item)
         if not im:
             raise ParseError(f"bad graph input {item!r}")
-        v = Value(parse_type(im.group(2), cache), hint=im.group(1))
+        v = Value(parse_type(im.group(2), cache), hint=im.group(1), attrs=value_attrs)
         define(im.group(1), v)
         g.inputs.append(v)
         g.input_names.append(im.group(1))
@@ -278,6 +298,11 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
         s = line.strip()
         if s == "}":
             break
+        if s.startswith("signature {"):
+            if g.signature:
+                raise ParseError("a graph has one signature line")
+            g.signature = _AttrReader(s[len("signature "):], cache).attrs()
+            continue
         if s.startswith("guard "):
             try:
                 g.guards.append(parse_guard(s[len("guard "):]))
@@ -327,6 +352,10 @@ def attrs_equal(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+def _attr_dicts_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(attrs_equal(a[k], b[k]) for k in a)
+
+
 def structurally_equal(a: Graph, b: Graph) -> bool:
     """Same ops, attrs, types and wiring (values matched by position, not identity)."""
     if len(a.inputs) != len(b.inputs) or len(a.nodes) != len(b.nodes) or len(a.outputs) != len(b.outputs):
@@ -337,6 +366,11 @@ def structurally_equal(a: Graph, b: Graph) -> bool:
         return False
     if len(a.guards) != len(b.guards) or any(x != y for x, y in zip(a.guards, b.guards)):
         return False
+    if not _attr_dicts_equal(a.signature, b.signature):
+        return False
+    for x, y in zip(a.inputs + a.state_values, b.inputs + b.state_values):
+        if not _attr_dicts_equal(x.attrs or {}, y.attrs or {}):
+            return False
     index_a, index_b = {}, {}
     for i, (x, y) in enumerate(zip(a.inputs + a.param_values + a.state_values,
                                    b.inputs + b.param_values + b.state_values)):

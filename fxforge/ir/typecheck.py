@@ -5,6 +5,7 @@ from .graph import Graph
 from .ops import IRTypeError, OPS, get
 from .signature import signature_problem
 from .printer import Namer, format_node
+from .roles import roles_problem
 from .types import TensorType
 
 
@@ -33,6 +34,9 @@ def typecheck(graph: Graph, registry=None) -> Graph:
                               or t.dtype != v.type.dtype):
             raise IRCheckError(f"parameter {v.param!r} is {tuple(t.shape)} {t.dtype}, but typed {v.type}")
 
+    problem = roles_problem(graph)
+    if problem:
+        raise IRCheckError(f"graph signature: {problem}")
     sized = {s for v in graph.inputs if hasattr(v.type, "shape") for d in v.shape for s in d.free_symbols}
     for guard in graph.guards:
         if not guard.free_symbols <= sized:

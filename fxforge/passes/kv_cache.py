@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 
+from ..ir import roles
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS
 from ..ir.types import SymType, TensorType, dims_equal, symbol
@@ -158,6 +159,10 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
                                f"{table_limit} rows; use max_seq_len <= {table_limit}")
         max_seq_len = table_limit if max_seq_len is None else max_seq_len
     layout = KVCacheLayout(max_seq_len, config.max_batch, per_row, layers, bytes_per_token)
+    # what the runtime reads: the graph itself (ir/roles.py), not this pass's report
+    new_graph.signature = {"outputs": _output_roles(new_graph, batch, seq),
+                           **({"max_seq_len": max_seq_len} if max_seq_len is not None else {}),
+                           **({"max_batch": config.max_batch} if config.max_batch is not None else {})}
     if ctx is not None:
         ctx.details["kv_cache"] = layout
         ctx.rules["cache_attention"] += layers
@@ -168,10 +173,21 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     return new_graph
 
 
+def _output_roles(graph: Graph, batch, seq) -> tuple[str, ...]:
+    """The first float [B, T, V] output is the logits generate() samples from."""
+    out, found = [], False
+    for v in graph.outputs:
+        is_logits = (not found and isinstance(v.type, TensorType) and v.rank == 3 and v.dtype.is_floating_point
+                     and v.shape[0] == batch and v.shape[1] == seq and v.shape[2].is_number)
+        found |= is_logits
+        out.append(roles.LOGITS if is_logits else roles.OUTPUT)
+    return tuple(out)
+
+
 # -- positions ------------------------------------------------------------------------------
 def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool, int | None]:
     users = graph.users()
-    positions = Value(TensorType((batch, seq), torch.int64), hint=POSITIONS)
+    positions = Value(TensorType((batch, seq), torch.int64), hint=POSITIONS, attrs={"role": roles.POSITIONS})
     replace: dict[Value, Value] = {}  # old value -> per-row positions
     new_nodes: dict[int, Node] = {}  # id(old node) -> its replacement
     table_limit = None
@@ -204,7 +220,7 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
 
     nodes = [new_nodes.get(id(n), n) for n in graph.nodes]
     out = graph.with_nodes(nodes)
-    out.inputs = list(graph.inputs) + [Value(SymType(), hint=str(cache_len))]
+    out.inputs = list(graph.inputs) + [Value(SymType(), hint=str(cache_len), attrs={"role": roles.CACHE_LEN})]
     out.input_names = list(graph.input_names) + [str(cache_len)]
     per_row = False
     if replace:
@@ -295,7 +311,8 @@ def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: 
     from ..ir.builder import Builder
 
     bias_dtype = graph.nodes[[n.op for n in graph.nodes].index("attention")].inputs[0].dtype
-    kv_bias = Value(TensorType((batch, 1, 1, cache_len + seq), bias_dtype), hint=KV_BIAS)
+    kv_bias = Value(TensorType((batch, 1, 1, cache_len + seq), bias_dtype), hint=KV_BIAS,
+                    attrs={"role": roles.KEY_BIAS})
     states: list[Value] = []
     nodes: list[Node] = []
     renamed: dict[Value, Value] = {}
@@ -312,7 +329,7 @@ def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: 
         for name, x in (("k", k), ("v", v)):
             dtype = config.dtype or x.dtype
             state = Value(TensorType((batch, x.shape[1], cache_size, x.shape[3]), dtype),
-                          state=f"layer{layer}.{name}_cache")
+                          state=f"layer{layer}.{name}_cache", attrs={"layer": layer, "kind": name, "layout": "dense"})
             states.append(state)
             bytes_per_token += int(x.shape[1]) * int(x.shape[3]) * dtype.itemsize
             x = b.cast(x, dtype)

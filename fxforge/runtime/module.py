@@ -12,11 +12,12 @@ from ..ir.graph import Graph
 from ..ir.guards import GuardChecker
 from ..ir.printer import print_graph
 from ..ir.types import SymType, TensorType, dtype_name
-from ..passes.kv_cache import CACHE_LEN, KV_BIAS, POSITIONS
+from ..ir import roles
+from ..ir.roles import roles_problem
 from ..passes.manager import PassStats, format_report
 from .frames import frame_of_its_own
 from .program import Program
-from .state import CachePool, KVCache, cache_input_slots, cache_nbytes
+from .state import CachePool, KVCache, cache_input_slots, cache_layout, cache_nbytes
 
 
 class OptimizedModel:
@@ -34,11 +35,13 @@ class OptimizedModel:
         self.model_name = model_name
         self.device = _graph_device(graph)
         # set when the kv_cache pass ran: the limits generate() checks, and the cache slots
-        self.kv_layout = next((st.details["kv_cache"] for st in stats if "kv_cache" in st.details), None)
-        if graph.state_values and self.kv_layout is None:
-            raise ValueError("the graph has state buffers but no kv_cache layout: run the kv_cache pass "
-                             "through fxforge.optimize(..., kv_cache=True)")
-        self._cache_slots = cache_input_slots(graph) if self.kv_layout is not None else {}
+        # everything the runtime needs is in the graph (ir/roles.py), so a parsed .ir runs too
+        problem = roles_problem(graph)
+        if problem:
+            raise ValueError(f"the graph's signature is malformed: {problem}")
+        self.kv_layout = cache_layout(graph)  # None: no KV cache
+        self._cache_slots = cache_input_slots(graph)
+        self._input_roles = [roles.role_of(v) for v in graph.inputs]
         self._guards = GuardChecker(graph.guards)
         self._caches = CachePool(self._allocate_cache)
         # eos/pad tokens generate() uses when not given (from a transformers generation_config)
@@ -123,18 +126,16 @@ class OptimizedModel:
         return outs[self._logits_index()]
 
     def bias_dtype(self) -> torch.dtype:
-        return self.graph.inputs[self._cache_slots[KV_BIAS]].type.dtype
+        return self.graph.inputs[self._cache_slots[roles.KEY_BIAS]].type.dtype
 
     def _cached_inputs(self, user_inputs, start: int, pad: torch.Tensor, new: int, cache: KVCache) -> list:
         positions, bias = cache.inputs_at(pad, start, new, self.bias_dtype())
-        extra = {CACHE_LEN: start, POSITIONS: positions, KV_BIAS: bias}
-        inputs = list(user_inputs)
-        for key, slot in sorted(self._cache_slots.items(), key=lambda kv: kv[1]):
-            inputs.append(extra[key])
-        return inputs
+        extra = {roles.CACHE_LEN: start, roles.POSITIONS: positions, roles.KEY_BIAS: bias}
+        given = iter(user_inputs)
+        return [next(given) if role == roles.INPUT else extra[role] for role in self._input_roles]
 
     def _batch_and_length(self, inputs) -> tuple[int, int]:
-        bias = self.graph.inputs[self._cache_slots[KV_BIAS]].type
+        bias = self.graph.inputs[self._cache_slots[roles.KEY_BIAS]].type
         batch_sym, seq_sym = bias.shape[0], bias.shape[-1].free_symbols
         for x, v in zip(inputs, self.graph.inputs):
             if isinstance(v.type, SymType):
@@ -147,10 +148,12 @@ class OptimizedModel:
         raise ValueError("cannot tell the batch and sequence length from the inputs")
 
     def _logits_index(self) -> int:
-        for i, v in enumerate(self.graph.outputs):
-            if isinstance(v.type, TensorType) and v.rank == 3 and v.dtype.is_floating_point:
-                return i
-        raise ValueError("generate() needs a model that returns logits [batch, length, vocab]")
+        index = roles.output_index(self.graph, roles.LOGITS)
+        if index is None:
+            raise ValueError("generate() needs an output with role logits [batch, length, vocab] in the graph's "
+                             "signature; the kv_cache pass marks the first float [B, T, vocab] output, and this "
+                             "model returns none")
+        return index
 
     def _require_cache(self, what: str):
         if self.kv_layout is None:
@@ -159,8 +162,7 @@ class OptimizedModel:
 
     def _check_inputs(self, inputs):
         sizes: dict = {}
-        n_user = min(self._cache_slots.values(), default=len(self.graph.inputs))
-        for i, (x, v) in enumerate(zip(inputs, self.graph.inputs[:n_user])):
+        for i, (x, v) in enumerate(zip(inputs, roles.user_inputs(self.graph))):
             label = f"input {i} ({self.graph.input_names[i] if i < len(self.graph.input_names) else v.hint})"
             if isinstance(v.type, SymType):
                 continue

@@ -15,17 +15,20 @@ import torch
 
 from ..ir.graph import Graph
 from ..ir.types import SymType
-from ..passes.kv_cache import CACHE_LEN, CACHE_SIZE, KV_BIAS, POSITIONS
+from ..ir import roles
+from ..passes.kv_cache import KVCacheLayout
 
 
 def buffer_shapes(graph: Graph, batch: int, capacity: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """The shape and dtype of each state buffer for `batch` rows of `capacity` positions."""
+    """The shape and dtype of each state buffer for `batch` rows of `capacity` positions:
+    a dense buffer is [batch, kv heads, capacity, head dim] (its `layout` attribute)."""
     out = []
     for v in graph.state_values:
-        sizes = {}
-        for d in v.type.free_symbols():
-            sizes[d] = capacity if str(d).startswith(CACHE_SIZE) else batch
-        out.append((tuple(int(sympy.sympify(d).subs(sizes)) for d in v.type.shape), v.type.dtype))
+        if (v.attrs or {}).get("layout") != "dense":
+            raise ValueError(f"state {v.state!r} has no dense layout attribute; the runtime cannot size it "
+                             f"(see fxforge/ir/roles.py)")
+        shape = [batch, int(v.shape[1]), capacity, int(v.shape[3])]
+        out.append((tuple(shape), v.type.dtype))
     return out
 
 
@@ -114,17 +117,20 @@ class CachePool:
 
 
 def cache_input_slots(graph: Graph) -> dict[str, int]:
-    """Where the kv_cache pass put its inputs (after the model's own): name -> index."""
-    slots: dict[str, int] = {}
-    for i in range(len(graph.inputs) - 1, -1, -1):
-        v = graph.inputs[i]
-        if isinstance(v.type, SymType):
-            slots[CACHE_LEN] = i
-        elif v.hint in (POSITIONS, KV_BIAS):
-            slots[v.hint] = i
-        else:
-            break
-    return slots
+    """Where the cache inputs are, by role (ir/roles.py): role -> input index."""
+    return {v.attrs["role"]: i for i, v in enumerate(graph.inputs) if roles.role_of(v) != roles.INPUT}
+
+
+def cache_layout(graph: Graph) -> KVCacheLayout | None:
+    """The limits and sizes generate() needs, read from the graph's signature and state
+    specs (None: the graph has no KV cache)."""
+    if not graph.state_values:
+        return None
+    per_token = sum(math.prod(int(d) for i, d in enumerate(v.shape) if i not in (0, 2)) * v.dtype.itemsize
+                    for v in graph.state_values)
+    return KVCacheLayout(max_seq_len=graph.signature.get("max_seq_len"), max_batch=graph.signature.get("max_batch"),
+                         per_row_positions=roles.input_index(graph, roles.POSITIONS) is not None,
+                         n_layers=len({v.attrs["layer"] for v in graph.state_values}), bytes_per_token=per_token)
 
 
 def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
