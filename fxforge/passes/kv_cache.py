@@ -66,12 +66,17 @@ class KVCacheConfig:
     dtype: torch.dtype | None = None
 
     def __post_init__(self):
-        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 1):
-            raise ValueError(f"KVCacheConfig.max_seq_len must be a positive int or None, got {self.max_seq_len!r}")
-        if self.max_batch is not None and (not isinstance(self.max_batch, int) or self.max_batch < 1):
-            raise ValueError(f"KVCacheConfig.max_batch must be a positive int or None, got {self.max_batch!r}")
+        for name in ("max_seq_len", "max_batch"):
+            value = getattr(self, name)
+            if value is not None and not _positive_int(value):
+                raise ValueError(f"KVCacheConfig.{name} must be a positive int or None (no limit), got {value!r}")
         if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
-            raise ValueError(f"KVCacheConfig.dtype must be a floating torch.dtype or None, got {self.dtype!r}")
+            raise ValueError(f"KVCacheConfig.dtype must be a floating torch.dtype (e.g. torch.float16) or None "
+                             f"(the keys' dtype), got {self.dtype!r}")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -91,8 +96,18 @@ def as_config(option) -> KVCacheConfig:
     if isinstance(option, KVCacheConfig):
         return option
     if isinstance(option, dict):
-        return KVCacheConfig(**option)
-    raise TypeError(f"kv_cache= takes True, a KVCacheConfig or a dict of its fields, got {option!r}")
+        try:
+            return KVCacheConfig(**option)
+        except TypeError as e:  # an unknown field
+            raise TypeError(f"kv_cache={option!r}: {e}; KVCacheConfig's fields are max_seq_len, max_batch, "
+                            f"dtype") from None
+    raise TypeError(f"kv_cache= takes True or False, a KVCacheConfig or a dict of its fields; got {option!r} "
+                    f"(1, 0 and strings such as 'yes' are not accepted: say True or False)")
+
+
+def parse_option(option) -> KVCacheConfig | None:
+    """optimize(kv_cache=...): None or False leaves the pass out."""
+    return None if option is None or option is False else as_config(option)
 
 
 def _describe(graph: Graph, node: Node) -> str:
