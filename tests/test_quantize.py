@@ -54,6 +54,7 @@ def test_shape_that_does_not_fit_is_skipped_with_reason_when_strict():
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), quantize=cfg)
     skipped = dict(quant_stats(fast).details["quantize"]["skipped"])
     assert "not divisible by group_size=128" in skipped["transformer.h.0.attn.c_attn.weight"]
+    assert skipped["transformer.h.0.attn.c_attn.weight"].endswith("without it this layer would use group_size 64")
     cfg = QuantConfig("int4", group_size=32)
     fast32 = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), quantize=cfg)
     assert "transformer.h.0.attn.c_attn.weight" in [n for n, *_ in quant_stats(fast32).details["quantize"]["layers"]]

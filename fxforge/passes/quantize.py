@@ -38,8 +38,6 @@ from .pattern import Match, Rule, apply_rules, op, var
 DEFAULT_EXCLUDE = ("lm_head*", "*embed*", "*wte*", "*wpe*")
 COMPUTE_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_THRESHOLD = SCHEME_OPTIONS["w8a8"]["threshold"]
-
-
 GROUPED_SCHEMES = ("int4", "nf4")  # the schemes with a group_size
 
 
@@ -219,6 +217,9 @@ def _skip_reason(plan: _Plan, name: str, w, transposed: bool) -> str | None:
     reason = check_quantizable(cfg.scheme, shape, **cfg.options(group_size))
     if reason is None and group_size is not None:
         plan.group_sizes[name] = (group_size, shape[1])
+    fallback = fitting_group_size(shape[1], group_size) if reason and cfg.strict_group_size else None
+    if fallback is not None:
+        reason += f"; strict_group_size=True: without it this layer would use group_size {fallback}"
     return reason
 
 
