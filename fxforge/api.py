@@ -39,11 +39,7 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
               knows is an error.
     """
     registry = _default_registry if registry is None else registry
-    known_options = {info.option for info in registry.passes.values() if info.option}
-    unknown = set(options) - known_options
-    if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)} for fxforge.optimize; "
-                        f"pass options known: {sorted(known_options) or 'none'}")
+    options = registry.parse_options(options)  # a bad value fails here, before the slow capture
     pipeline = registry.pipeline(options, list(passes) if passes is not None else None, disable)
     device = _model_device(model)
     # cpu_linear is the torch backend's setting; other backends see it only when changed
@@ -71,17 +67,22 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
 
 
 def register_pass(name: str, *, before: str | None = None, after: str | None = None,
-                  option: str | None = None, registry: PassRegistry | None = None) -> Callable:
+                  option: str | None = None, registry: PassRegistry | None = None,
+                  replace: bool = False) -> Callable:
     """Decorator: add `fn(graph) -> graph` (or `fn(graph, ctx) -> graph`) to the pipeline.
 
         @fxforge.register_pass("fold_my_gelu", before="fuse_elementwise")
         def fold_my_gelu(graph, ctx):
             return apply_rules(graph, MY_RULES, ctx.rules)
+
+    A name already registered is an error, unless replace=True: then the new function
+    takes the old one's place (e.g. a notebook cell that registers a pass, run again).
     """
     registry = _default_registry if registry is None else registry
 
     def decorate(fn):
-        registry.add(PassInfo(name, fn, option=option, doc=(fn.__doc__ or "").strip()), before=before, after=after)
+        registry.add(PassInfo(name, fn, option=option, doc=(fn.__doc__ or "").strip()), before=before, after=after,
+                     replace=replace)
         return fn
 
     return decorate

@@ -107,3 +107,36 @@ def test_keyword_not_captured_is_rejected():
     fast = fxforge.optimize(model, (ids,))
     with pytest.raises(TypeError, match=r"keyword argument\(s\) \['attention_mask'\] were not given"):
         fast(ids, attention_mask=torch.ones_like(ids))
+
+
+# A pass option whose value means nothing must fail before capture (DataDependent cannot
+# even be captured: reaching the option's error proves it came first), naming the option.
+@pytest.mark.parametrize("options, error, message", [
+    (dict(gqa=0), ValueError, r"gqa: num_kv_heads must be a positive int .* got 0"),
+    (dict(gqa=-1), ValueError, r"gqa: num_kv_heads must be a positive int .* got -1"),
+    (dict(gqa=True), TypeError, r"gqa= takes the number of KV heads .* got True"),
+    (dict(gqa=False), TypeError, r"gqa= takes the number of KV heads .* got False"),
+    (dict(gqa=2.0), TypeError, r"gqa= takes the number of KV heads .* got 2.0"),
+    (dict(gqa={"heads": 2}), TypeError, r"gqa=\{'heads': 2\}: .*fields are num_kv_heads, method, calibration"),
+    (dict(kv_cache=0), TypeError, r"kv_cache= takes True or False.* got 0"),
+    (dict(kv_cache=1), TypeError, r"kv_cache= takes True or False.* got 1"),
+    (dict(kv_cache="yes"), TypeError, r"kv_cache= takes True or False.* got 'yes'"),
+    (dict(kv_cache={"max_len": 8}), TypeError, r"kv_cache=\{'max_len': 8\}: .*fields are max_seq_len"),
+    (dict(kv_cache={"max_seq_len": 0}), ValueError, r"KVCacheConfig.max_seq_len must be a positive int"),
+    (dict(quantize=True), TypeError, r"quantize= takes a scheme name .* got True"),
+    (dict(quantize=False), TypeError, r"quantize= takes a scheme name .* got False"),
+    (dict(quantize=""), ValueError, r"unknown quantization scheme ''"),
+    (dict(quantize={"scheme": "int4", "group_size": 100}), ValueError, r"int4 group_size must be one of"),
+])
+def test_bad_pass_option_values_raise_before_capture(options, error, message):
+    with pytest.raises(error, match=message):
+        fxforge.optimize(DataDependent(), (torch.randn(2, 3),), **options)
+
+
+def test_none_and_false_leave_a_pass_out():
+    model = torch.nn.Linear(4, 4)
+    fast = fxforge.optimize(model, (torch.randn(2, 4),), gqa=None, quantize=None, kv_cache=False)
+    names = [s.name for s in fast.stats]
+    assert "gqa" not in names and "quantize" not in names and "kv_cache" not in names
+    fast = fxforge.optimize(model, (torch.randn(2, 4),), kv_cache=None, quantize={"scheme": "int8"})
+    assert "quantize" in [s.name for s in fast.stats] and "kv_cache" not in [s.name for s in fast.stats]

@@ -253,3 +253,22 @@ def test_interpret_backend_runs_the_triton_attention_kernel(name):
         with torch.no_grad():
             ref = model(ids)
         assert_close_to_eager(ref, fast(ids))
+
+
+@pytest.mark.parametrize("window", [4, 16])  # 16: longer than every size the causal check samples
+def test_sliding_window_is_not_folded_to_causal_and_equals_eager_beyond_it(window):
+    model, vocab = zoo.mistral(sliding_window=window)
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 9)),))
+    attention = [n for n in fast.graph.nodes if n.op == "attention"]
+    assert attention and all(not n.attrs["causal"] and len(n.inputs) == 4 for n in attention)
+    for t in (window - 1, window + 1, 2 * window + 3):
+        ids = torch.randint(0, vocab, (2, t))
+        with torch.no_grad():
+            ref = model(ids).logits
+        torch.testing.assert_close(fast(ids).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mistral_without_a_window_still_folds_to_causal():
+    model, vocab = zoo.mistral(sliding_window=None, n_layer=1)
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 9)),))
+    assert [n.attrs["causal"] for n in fast.graph.nodes if n.op == "attention"] == [True]

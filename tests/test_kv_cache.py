@@ -316,3 +316,40 @@ def test_refuses_positions_it_cannot_place():
     model = tr.OPTForCausalLM(cfg).eval()
     with pytest.raises(KVCacheError, match=r"builds a tensor from the sequence length[\s\S]*at: .*full\(\)"):
         fxforge.optimize(model, (torch.randint(1, 128, (2, 7)),), kv_cache=True)
+
+
+@pytest.mark.parametrize("window", [4, 16])  # 16: longer than every size fuse_attention samples
+def test_sliding_window_attention_is_refused_as_such(window):
+    model, vocab = zoo.mistral(sliding_window=window)
+    with pytest.raises(KVCacheError, match=rf"sliding-window attention \(each query sees only its last {window} "
+                                           r"keys: a band mask, not plain causal\).*\n  at: .*= attention\("):
+        fxforge.optimize(model, (torch.randint(0, vocab, (2, 9)),), kv_cache=True)
+
+
+def test_a_length_only_mask_that_is_not_a_band_is_refused_as_such():
+    class PrefixLM(torch.nn.Module):  # the first 2 positions are seen by every query
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(16, 48)
+
+        def forward(self, x):
+            t = x.shape[1]
+            q, k, v = self.qkv(x).view(x.shape[0], t, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) | (j < 2))
+
+    with pytest.raises(KVCacheError, match="mask built from the sequence length that is not plain causal"):
+        fxforge.optimize(PrefixLM(), (torch.randn(2, 5, 16),), kv_cache=True)
+
+
+@pytest.mark.parametrize("field, value", [("max_seq_len", 0), ("max_seq_len", True), ("max_batch", 0),
+                                          ("max_batch", -2), ("max_batch", 2.0)])
+def test_config_sizes_must_be_positive_ints(field, value):
+    with pytest.raises(ValueError, match=rf"KVCacheConfig.{field} must be a positive int or None"):
+        KVCacheConfig(**{field: value})
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, "float16", torch.bool])
+def test_config_dtype_must_be_a_float_dtype(dtype):
+    with pytest.raises(ValueError, match="KVCacheConfig.dtype must be a floating torch.dtype"):
+        KVCacheConfig(dtype=dtype)

@@ -252,3 +252,28 @@ def test_constant_folding_of_concrete_shape_only_subgraphs():
     folded = out.params["_folded.1"]
     torch.testing.assert_close(folded, torch.arange(3.0).unsqueeze(0))
     assert stats["fold_constant"] >= 3
+
+
+def test_registering_a_name_twice_says_how_and_replace_swaps_in_place():
+    reg = default_registry()
+    fxforge.register_pass("relu_to_clamp", after="cleanup", registry=reg)(_relu_to_clamp)
+    # a notebook cell run twice: the error says what to do
+    with pytest.raises(ValueError, match=r"'relu_to_clamp' is already registered; pass replace=True .*"
+                                         r"unregister_pass\('relu_to_clamp'\)"):
+        fxforge.register_pass("relu_to_clamp", after="cleanup", registry=reg)(_relu_to_clamp)
+
+    def edited(graph):
+        return graph  # the user's new version of the pass: no rewrite
+
+    order = list(reg.order)
+    fxforge.register_pass("relu_to_clamp", registry=reg, replace=True)(edited)
+    assert reg.order == order and reg.passes["relu_to_clamp"].fn is edited
+    model, x = ReluNet().eval(), torch.randn(2, 8)
+    fast = fxforge.optimize(model, (x,), registry=reg)
+    assert [s.name for s in fast.stats].count("relu_to_clamp") == 1
+    # the edited pass ran, not the old one (which turns relu into clamp(min=0.5))
+    torch.testing.assert_close(fast(x), torch.relu(model.fc(x)) * 2)
+    # with a position, replace also moves it
+    fxforge.register_pass("relu_to_clamp", before="cleanup_final", registry=reg, replace=True)(edited)
+    assert reg.order.count("relu_to_clamp") == 1
+    assert reg.order.index("relu_to_clamp") == reg.order.index("cleanup_final") - 1

@@ -48,14 +48,91 @@ def test_report_gives_bytes_and_skip_reasons():
     assert d4["bytes_after"] / d4["bytes_before"] <= 0.14
 
 
-def test_shape_that_does_not_fit_is_skipped_with_reason():
+def test_shape_that_does_not_fit_is_skipped_with_reason_when_strict():
     model, vocab = zoo.gpt2("sdpa")  # n_embd=64: K=64 is not a multiple of group 128
-    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), quantize="int4")
+    cfg = QuantConfig("int4", strict_group_size=True)
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), quantize=cfg)
     skipped = dict(quant_stats(fast).details["quantize"]["skipped"])
     assert "not divisible by group_size=128" in skipped["transformer.h.0.attn.c_attn.weight"]
+    assert skipped["transformer.h.0.attn.c_attn.weight"].endswith("without it this layer would use group_size 64")
     cfg = QuantConfig("int4", group_size=32)
     fast32 = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), quantize=cfg)
     assert "transformer.h.0.attn.c_attn.weight" in [n for n, *_ in quant_stats(fast32).details["quantize"]["layers"]]
+
+
+def _group_sizes_in_graph(fast) -> dict:
+    """weight name -> the group size recorded in its quant_linear's qattrs."""
+    out = {}
+    for node in fast.graph.nodes:
+        if node.op == "quant_linear":
+            qweight = node.inputs[1 + node.attrs["parts"].index("qweight")].param
+            out[qweight.rsplit(".", 1)[0]] = dict(node.attrs["qattrs"])["group_size"]
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["int4", "nf4"])
+def test_group_size_falls_back_per_layer_to_the_largest_that_divides(scheme):
+    # GPT-2 here: c_attn, c_proj, c_fc read K=64, mlp.c_proj reads K=256. Asked for 128,
+    # every layer must still be quantized: the K=64 ones at group 64, the K=256 ones at 128.
+    model, vocab = zoo.gpt2("sdpa")
+    ids = torch.randint(0, vocab, (2, 7))
+    fast = fxforge.optimize(model, (ids,), quantize=QuantConfig(scheme, group_size=128))
+    details = quant_stats(fast).details["quantize"]
+    assert [name for name, _ in details["skipped"]] == ["lm_head.weight"]
+    sizes = _group_sizes_in_graph(fast)
+    assert sizes == details["group_sizes"] and len(sizes) == 8
+    assert sizes["transformer.h.0.attn.c_attn.weight"] == 64 and sizes["transformer.h.0.mlp.c_proj.weight"] == 128
+    assert (f"{scheme}: 6 layers at group_size 64 (in_features 64 not a multiple of 128; "
+            "strict_group_size=True skips them instead)") in fast.report()
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert ((fast(ids).logits - ref).abs().max() / ref.abs().max()).item() < TOLERANCE[scheme]
+
+
+def test_no_supported_group_size_divides_in_features_is_skipped_with_reason():
+    model = torch.nn.Sequential(torch.nn.Linear(48, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 48),), quantize="int4")
+    details = quant_stats(fast).details["quantize"]
+    assert details["group_sizes"] == {"2.weight": 32}
+    reason = dict(details["skipped"])["0.weight"]
+    assert reason == "int4: in_features K=48 is not divisible by group_size=128 nor by a smaller supported " \
+                     "group size (32, 64)"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(scheme="int4", group_size=100), r"int4 group_size must be one of \(32, 64, 128, 256\).*got 100"),
+    (dict(scheme="nf4", group_size=0), r"nf4 group_size must be one of \(32, 64, 128, 256\).*got 0"),
+    (dict(scheme="int4", group_size=True), r"group_size must be one of .* got True"),
+    (dict(scheme="int4", group_size=64.0), r"group_size must be one of .* got 64.0"),
+    (dict(scheme="int8", group_size=64), "group_size applies to int4 and nf4 only; int8 scales each output"),
+    (dict(scheme="int4", double_quant=True), "double_quant applies to nf4 only"),
+    (dict(scheme="int8", threshold=3.0), "threshold applies to w8a8 only"),
+    (dict(scheme="w8a8", threshold=0), "threshold must be a positive number"),
+    (dict(scheme="w8a8", threshold="6"), "threshold must be a positive number"),
+    (dict(scheme="nf4", zero_point="float"), "zero_point applies to int4 only"),
+    (dict(scheme="int4", include=()), r"include=\(\) matches no layer"),
+])
+def test_config_that_would_do_nothing_is_rejected_naming_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(include="*mlp*"), r"include must be a tuple of glob patterns .* got '\*mlp\*'"),
+    (dict(exclude=("lm_head*", 3)), "exclude must be a tuple of glob patterns"),
+    (dict(scheme="nf4", double_quant="yes"), "double_quant must be True, False or None"),
+    (dict(strict_group_size=1), "strict_group_size must be True or False"),
+])
+def test_config_fields_of_the_wrong_type_are_rejected(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        QuantConfig(**kwargs)
+
+
+def test_valid_configs_still_build():
+    assert QuantConfig("nf4", group_size=256, double_quant=True).options()["group_size"] == 256
+    assert QuantConfig("w8a8", threshold=None).options() == {"threshold": None}
+    assert QuantConfig("int8", include=["*mlp*"]).include == ("*mlp*",)
+    assert QuantConfig("int4").options() == {"group_size": 128, "zero_point": "int"}
 
 
 def test_include_exclude_globs_and_unknown_scheme():

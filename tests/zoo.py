@@ -98,6 +98,17 @@ def llama(attn="eager", n_layer=2, kv_heads=2, hidden=64, heads=4):
     return LlamaForCausalLM(cfg).eval(), 128
 
 
+def mistral(sliding_window: int | None = 4, attn="sdpa", n_layer=2):
+    """A small random Mistral: sliding-window attention (each query sees its last
+    `sliding_window` keys) when the window is shorter than the sequence."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layer,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        sliding_window=sliding_window, bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    return MistralForCausalLM(cfg).eval(), 128
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -65,7 +65,8 @@ from torch import Tensor
 __all__ = [
     "SCHEMES", "SCHEME_OPTIONS", "SUPPORTED_GROUP_SIZES", "NF4_CODE", "DOUBLE_QUANT_BLOCK",
     "Int8Packed", "Int4Packed", "NF4Packed", "W8A8Packed", "Packed",
-    "check_quantizable", "quantize_weight", "dequantize_weight", "packed_nbytes", "unpack_parts",
+    "check_quantizable", "fitting_group_size", "quantize_weight", "dequantize_weight", "packed_nbytes",
+    "unpack_parts",
     "quant_linear_reference", "quantize_activations_per_token", "w8a8_linear_reference",
     "w8a8_split_activations", "w8a8_outlier_matmul", "w8a8_linear_decomposed",
     "nf4_code_table", "nf4_dequantize_absmax",
@@ -81,6 +82,8 @@ SCHEME_OPTIONS: dict[str, dict[str, Any]] = {
     "nf4": {"group_size": 64, "double_quant": False},
     "w8a8": {"threshold": 6.0},
 }
+# Group sizes every path runs: the reference and the Triton kernels take any even size that
+# divides K, but PyTorch's packed int4 CPU kernel (runtime/cpu_int4.py) takes exactly these.
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 DOUBLE_QUANT_BLOCK = 256
 
@@ -262,6 +265,13 @@ def _resolve_options(scheme: str, options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"scheme {scheme!r} does not take option(s) {unknown}; "
                          f"accepted: {sorted(accepted) or 'none'}")
     return {**accepted, **options}
+
+
+def fitting_group_size(in_features: int, requested: int) -> int | None:
+    """The largest supported group size <= `requested` that divides `in_features`
+    (None if none does): e.g. 64 for K=576 when 128 was asked for."""
+    fits = [g for g in SUPPORTED_GROUP_SIZES if g <= requested and in_features % g == 0]
+    return max(fits) if fits else None
 
 
 def check_quantizable(scheme: str, shape, **options) -> str | None:

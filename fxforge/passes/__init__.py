@@ -10,19 +10,20 @@ def default_registry() -> PassRegistry:
     from .fuse_attention import fuse_attention
     from .fuse_elementwise import fuse_elementwise
     from .fuse_linear import fuse_linear
-    from .gqa import gqa
-    from .kv_cache import kv_cache
-    from .quantize import quantize
+    from .gqa import gqa, parse_option as parse_gqa
+    from .kv_cache import kv_cache, parse_option as parse_kv_cache
+    from .quantize import parse_option as parse_quantize, quantize
 
     reg = PassRegistry()
     reg.add(PassInfo("cleanup", cleanup, doc="DCE, CSE, constant folding, no-op removal"), append=True)
     reg.add(PassInfo("fuse_attention", fuse_attention, doc="attention subgraphs -> one fused op"), append=True)
-    reg.add(PassInfo("gqa", gqa, option="gqa", doc="multi-head -> grouped-query attention (approximate)"),
-            append=True)
-    reg.add(PassInfo("kv_cache", kv_cache, option="kv_cache",
+    # each option's parser rejects a value that means nothing (gqa=0, kv_cache="yes") before capture
+    reg.add(PassInfo("gqa", gqa, option="gqa", parse=parse_gqa,
+                     doc="multi-head -> grouped-query attention (approximate)"), append=True)
+    reg.add(PassInfo("kv_cache", kv_cache, option="kv_cache", parse=parse_kv_cache,
                      doc="a KV cache: one graph for prefill and decode, O(context) per token"), append=True)
-    reg.add(PassInfo("quantize", quantize, option="quantize", doc="linear layers -> int8/int4/nf4/w8a8"),
-            append=True)
+    reg.add(PassInfo("quantize", quantize, option="quantize", parse=parse_quantize,
+                     doc="linear layers -> int8/int4/nf4/w8a8"), append=True)
     reg.add(PassInfo("fuse_linear", fuse_linear, doc="linears reading the same input -> one wider linear"),
             append=True)
     reg.add(PassInfo("fuse_elementwise", fuse_elementwise, doc="pointwise chains -> generated kernels"),

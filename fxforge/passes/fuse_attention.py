@@ -9,7 +9,9 @@ Recognised (after cleanup has folded permutes, no-op casts, dropout and contiguo
   - K/V repeated for grouped-query attention (repeat_kv's unsqueeze+expand+view, or
     repeat_interleave): the repeat disappears, the op reads the smaller K/V;
   - a mask that depends only on shapes (built from arange/tril/comparisons, or sliced
-    from a buffer) is evaluated at sample sizes: if it is causal, it becomes causal=true.
+    from a buffer) is evaluated at sample sizes and at one longer than any integer it is
+    built from: if it is causal at all of them, it becomes causal=true (a sliding window
+    is not: it stays a bias).
 
 Declines (the graph stays as it was): softmax over another dim, any other op between the
 matmuls (a tanh soft-cap, say), scores or probabilities also used elsewhere, a
@@ -28,7 +30,7 @@ from ..ir.graph import Value
 from ..ir.ops import causal_keep
 from ..ir.types import as_dim
 from .pattern import Match, Rule, apply_rules, op, var
-from .shape_eval import evaluate, sample_sizes
+from .shape_eval import evaluate, probe_sizes
 
 # A masked_fill value at or below this removes the key after softmax, exactly in float32.
 MASK_FILL_MAX = -65504.0
@@ -142,10 +144,17 @@ class _Terms:
 
 def _is_causal(m: Match, terms: _Terms, q: Value, k: Value) -> bool:
     """Evaluate a shape-only mask at a few sizes: causal (bottom-right aligned) iff every
-    kept entry is 0 and every dropped one is at most MASK_FILL_MAX, at each size."""
+    kept entry is 0 and every dropped one is at most MASK_FILL_MAX, at each size. The sizes
+    include one longer than any integer the mask is built from: a sliding window of W keys
+    (Mistral) is causal at every T <= W, and folding it to causal=true would give other
+    answers beyond W. Too long to evaluate: not proven, the mask stays a bias."""
     if terms.empty():
         return False
-    for sizes in sample_sizes(m.graph):
+    values = [v for v, _ in terms.adds] + [mask for mask, _, _ in terms.fills]
+    all_sizes, complete = probe_sizes(m.graph, values, m.producers)
+    if not complete:
+        return False
+    for sizes in all_sizes:
         bias = terms.evaluate(m, sizes)
         if bias is None:
             return False

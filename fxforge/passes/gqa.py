@@ -52,8 +52,10 @@ class GQAConfig:
     calibration: object = None  # token ids [B, T] (or a tuple of the model's inputs)
 
     def __post_init__(self):
-        if not isinstance(self.num_kv_heads, int) or self.num_kv_heads < 1:
-            raise GQAError(f"gqa: num_kv_heads must be a positive int, got {self.num_kv_heads!r}")
+        # a bool is an int to Python, but gqa=True names no head count
+        if not isinstance(self.num_kv_heads, int) or isinstance(self.num_kv_heads, bool) or self.num_kv_heads < 1:
+            raise GQAError(f"gqa: num_kv_heads must be a positive int (the number of key/value heads to keep, "
+                           f"dividing the model's), got {self.num_kv_heads!r}")
         if self.method not in METHODS:
             raise GQAError(f"gqa: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
 
@@ -62,10 +64,20 @@ def as_config(option) -> GQAConfig:
     if isinstance(option, GQAConfig):
         return option
     if isinstance(option, int) and not isinstance(option, bool):
-        return GQAConfig(option)
+        return GQAConfig(option)  # 0 and negatives fail there, naming the value
     if isinstance(option, dict):
-        return GQAConfig(**option)
-    raise TypeError(f"gqa= takes the number of KV heads, a GQAConfig or a dict of its fields, got {option!r}")
+        try:
+            return GQAConfig(**option)
+        except TypeError as e:  # an unknown or missing field
+            raise TypeError(f"gqa={option!r}: {e}; GQAConfig's fields are num_kv_heads, method, calibration") from None
+    raise TypeError(f"gqa= takes the number of KV heads (a positive int), a GQAConfig or a dict of its fields, "
+                    f"or None to leave attention as it is; got {option!r}")
+
+
+def parse_option(option) -> GQAConfig | None:
+    """optimize(gqa=...): None leaves the pass out; anything else must name a head count
+    (gqa=0 or gqa=True is an error, not a quiet no-op)."""
+    return None if option is None else as_config(option)
 
 
 # -- finding each layer's projections ----------------------------------------------------------

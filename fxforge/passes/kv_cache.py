@@ -25,7 +25,8 @@ Rewrites (each declines loudly, with the node, rather than produce wrong tokens)
     table (a rotary cos/sin cache)
 
 Refused: attention that is not causal or has a mask input (the cache cannot extend an
-arbitrary mask), attention over keys that are not the new tokens, any other op that
+arbitrary mask; the error says whether the mask comes from the inputs or is the model's
+own pattern, such as Mistral's sliding window), attention over keys that are not the new tokens, any other op that
 builds a tensor from the sequence length (a leftover mask, say), a position table
 shorter than max_seq_len.
 """
@@ -38,7 +39,7 @@ import torch
 
 from ..ir import roles
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import OPS
+from ..ir.ops import OPS, causal_keep
 from ..ir.types import SymType, TensorType, dims_equal, symbol
 
 # The inputs this pass appends, by hint; the runtime finds them by these names.
@@ -67,12 +68,17 @@ class KVCacheConfig:
     dtype: torch.dtype | None = None
 
     def __post_init__(self):
-        if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 1):
-            raise ValueError(f"KVCacheConfig.max_seq_len must be a positive int or None, got {self.max_seq_len!r}")
-        if self.max_batch is not None and (not isinstance(self.max_batch, int) or self.max_batch < 1):
-            raise ValueError(f"KVCacheConfig.max_batch must be a positive int or None, got {self.max_batch!r}")
+        for name in ("max_seq_len", "max_batch"):
+            value = getattr(self, name)
+            if value is not None and not _positive_int(value):
+                raise ValueError(f"KVCacheConfig.{name} must be a positive int or None (no limit), got {value!r}")
         if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
-            raise ValueError(f"KVCacheConfig.dtype must be a floating torch.dtype or None, got {self.dtype!r}")
+            raise ValueError(f"KVCacheConfig.dtype must be a floating torch.dtype (e.g. torch.float16) or None "
+                             f"(the keys' dtype), got {self.dtype!r}")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -92,8 +98,18 @@ def as_config(option) -> KVCacheConfig:
     if isinstance(option, KVCacheConfig):
         return option
     if isinstance(option, dict):
-        return KVCacheConfig(**option)
-    raise TypeError(f"kv_cache= takes True, a KVCacheConfig or a dict of its fields, got {option!r}")
+        try:
+            return KVCacheConfig(**option)
+        except TypeError as e:  # an unknown field
+            raise TypeError(f"kv_cache={option!r}: {e}; KVCacheConfig's fields are max_seq_len, max_batch, "
+                            f"dtype") from None
+    raise TypeError(f"kv_cache= takes True or False, a KVCacheConfig or a dict of its fields; got {option!r} "
+                    f"(1, 0 and strings such as 'yes' are not accepted: say True or False)")
+
+
+def parse_option(option) -> KVCacheConfig | None:
+    """optimize(kv_cache=...): None or False leaves the pass out."""
+    return None if option is None or option is False else as_config(option)
 
 
 def _describe(graph: Graph, node: Node) -> str:
@@ -132,8 +148,7 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
         q, k = n.inputs[0], n.inputs[1]
         why = None
         if len(n.inputs) > 3:
-            why = ("has a mask input the cache cannot extend; capture the model with input_ids only "
-                   "(generate() takes attention_mask itself)")
+            why = _mask_input_problem(graph, n)
         elif not n.attrs["causal"]:
             why = "is not causal (a decoder's self-attention is; encoders and cross-attention have no KV cache)"
         elif not (q.shape[2] == seq and k.shape[2] == seq):
@@ -182,6 +197,40 @@ def _output_roles(graph: Graph, batch, seq) -> tuple[str, ...]:
         found |= is_logits
         out.append(roles.LOGITS if is_logits else roles.OUTPUT)
     return tuple(out)
+
+
+def _mask_input_problem(graph: Graph, attention: Node) -> str:
+    """Why the cache cannot serve this attention's mask input, as precisely as the graph
+    tells: a mask computed from the user's inputs (attention_mask) has a remedy, a mask
+    computed from the length alone that fuse_attention could not prove causal is the
+    model's own attention pattern (a sliding window, say), which the cache does not do."""
+    from .fuse_attention import MASK_FILL_MAX
+    from .shape_eval import band_width, evaluate, probe_sizes
+
+    bias, producers = attention.inputs[3], graph.producers()
+    widths, other = set(), False
+    for sizes in probe_sizes(graph, [bias], producers)[0]:
+        value = evaluate(bias, producers, graph, sizes)
+        if value is None:  # reads a graph input: the user's attention_mask
+            return ("has a mask input the cache cannot extend; capture the model with input_ids only "
+                    "(generate() takes attention_mask itself)")
+        rows = value.float().reshape(-1, *value.shape[-2:])
+        keep = rows[0] == 0
+        if not (rows == rows[0]).all() or not (rows[0][~keep] <= MASK_FILL_MAX).all():
+            other = True
+            continue
+        width = band_width(keep)
+        if width is not None:
+            widths.add(width)
+        elif not bool((keep == causal_keep(*keep.shape)).all()):
+            other = True
+    if widths and not other:
+        return (f"is sliding-window attention (each query sees only its last {max(widths)} keys: a band mask, not "
+                "plain causal), which the KV cache does not support yet; without kv_cache=True the model runs "
+                "with its mask in the graph")
+    return ("has a mask built from the sequence length that is not plain causal (not a band either: a "
+            "prefix-LM or chunked pattern, say), which the KV cache does not support; it caches plain causal "
+            "attention only")
 
 
 # -- positions ------------------------------------------------------------------------------

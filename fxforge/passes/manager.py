@@ -24,6 +24,20 @@ class PassInfo:
     # A pass that only runs when its option is given (e.g. quantize="int8"); None: always.
     option: str | None = None
     doc: str = ""
+    # Turns the user's value of `option` into what the pass reads (a config), or None for
+    # "leave this pass out"; raises ValueError/TypeError naming the option for a value it
+    # cannot mean. Run before capture, so a typo fails in milliseconds, not after a minute
+    # of tracing, and a value such as gqa=0 cannot quietly switch the pass off.
+    parse: Callable[[Any], Any] | None = None
+
+    def parse_option(self, value):
+        """The option's value as the pass reads it (unchanged without a parser)."""
+        return self.parse(value) if self.parse is not None else value
+
+    def enabled_by(self, value) -> bool:
+        """Whether this option value turns the pass on: a parsed config that is not None,
+        or, for a user pass without a parser, any truthy value."""
+        return self.parse_option(value) is not None if self.parse is not None else bool(value)
 
     def wants_ctx(self) -> bool:
         try:
@@ -63,9 +77,20 @@ class PassRegistry:
         self.passes: dict[str, PassInfo] = {}
         self.order: list[str] = []
 
-    def add(self, info: PassInfo, before: str | None = None, after: str | None = None, append: bool = False):
+    def add(self, info: PassInfo, before: str | None = None, after: str | None = None, append: bool = False,
+            replace: bool = False):
+        """Register `info`. replace=True swaps a pass of the same name in place (its position
+        kept unless before=/after= is given): re-running a notebook cell that registers a
+        pass is then harmless."""
         if info.name in self.passes:
-            raise ValueError(f"a pass named {info.name!r} is already registered")
+            if not replace:
+                raise ValueError(f"a pass named {info.name!r} is already registered; pass replace=True to "
+                                 f"replace it (e.g. a notebook cell run twice), or unregister_pass({info.name!r}) "
+                                 f"first")
+            if before is None and after is None and not append:
+                self.passes[info.name] = info
+                return info
+            self.remove(info.name)
         if before and after:
             raise ValueError("give before= or after=, not both")
         anchor = before or after
@@ -99,6 +124,16 @@ class PassRegistry:
     def known(self) -> list[str]:
         return sorted(self.passes)
 
+    def parse_options(self, options: dict) -> dict:
+        """Every option's value as its pass reads it (None: that pass is off). Raises
+        TypeError for an option no pass takes, and the pass's own error for a bad value."""
+        by_option = {info.option: info for info in self.passes.values() if info.option}
+        unknown = set(options) - set(by_option)
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)} for fxforge.optimize; "
+                            f"pass options known: {sorted(by_option) or 'none'}")
+        return {name: by_option[name].parse_option(value) for name, value in options.items()}
+
     def pipeline(self, options: dict, passes: list[str] | None = None, disable=()) -> list[PassInfo]:
         for name in list(passes or []) + list(disable):
             self.get(name)  # unknown names fail early, listing the known ones
@@ -109,7 +144,7 @@ class PassRegistry:
             info = self.passes[name]
             if name in disable:
                 continue
-            if info.option is not None and not options.get(info.option):
+            if info.option is not None and not info.enabled_by(options.get(info.option)):
                 continue
             chosen.append(info)
         return chosen

@@ -7,7 +7,11 @@ Matched by what the graph computes, not by module class:
   matmul(x, W[in, out] param)       -> quant_linear(x, packed(W^T))   (GPT-2's Conv1D/addmm)
 A layer is skipped, with the reason in report(), when its name is excluded (lm_head and
 embeddings by default, including weights tied to an embedding) or its shape does not fit
-the scheme (e.g. in_features not divisible by the group size).
+the scheme. int4 / nf4 pick a group size per layer: the one asked for if it divides
+in_features, else the largest supported one below it that does (SmolLM2's K=576 at the
+default 128 -> 64), so asking for int4 gives an int4 model; each layer's size is in its
+qattrs and report() names the layers that got a smaller one. strict_group_size=True
+skips those layers instead.
 
 `compute_dtype` (None: the model's) runs each quantized product in another float dtype:
   quant_linear(x) -> cast(quant_linear(cast(x, compute_dtype)), x.dtype)
@@ -26,38 +30,95 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ir.quant_formats import SCHEMES, check_quantizable, quantize_weight
+from ..ir.quant_formats import (SCHEME_OPTIONS, SCHEMES, SUPPORTED_GROUP_SIZES, check_quantizable,
+                                fitting_group_size, quantize_weight)
 from .cleanup import common_subexpression_elimination
 from .pattern import Match, Rule, apply_rules, op, var
 
 DEFAULT_EXCLUDE = ("lm_head*", "*embed*", "*wte*", "*wpe*")
 COMPUTE_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
+DEFAULT_THRESHOLD = SCHEME_OPTIONS["w8a8"]["threshold"]
+GROUPED_SCHEMES = ("int4", "nf4")  # the schemes with a group_size
 
 
 @dataclass
 class QuantConfig:
+    """What to quantize and how. Every field is checked here, so a config that would do
+    nothing (a group size no layer can use, a threshold int8 never reads) fails at once,
+    naming the field, instead of quietly skipping layers.
+
+    group_size (int4 / nf4; default 128 / 64) is the largest group wanted: a layer whose
+    in_features it does not divide gets the largest supported size below it that does
+    (K=576 at 128 -> 64), and report() says which layers and why. strict_group_size=True
+    skips such layers instead (with the reason in report())."""
+
     scheme: str = "int8"
     group_size: int | None = None  # int4 / nf4 (default 128 / 64)
     double_quant: bool | None = None  # nf4
-    threshold: float | None = 6.0  # w8a8 outlier threshold
+    threshold: float | None = DEFAULT_THRESHOLD  # w8a8 outlier threshold
     zero_point: str = "int"  # int4: "int" (uint8, the range includes 0) or "float" (the group's own range)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     compute_dtype: torch.dtype | None = None  # None: the model's dtype; else the products run in it
+    strict_group_size: bool = False  # True: skip a layer group_size does not divide (no smaller group)
 
     def __post_init__(self):
+        if self.scheme not in SCHEMES:  # first: the other checks name the scheme
+            raise ValueError(f"unknown quantization scheme {self.scheme!r}; known schemes: {', '.join(SCHEMES)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(map(str, COMPUTE_DTYPES))}, "
                              f"got {self.compute_dtype!r}")
+        self._check_group_size()
+        self._check_scheme_only_fields()
+        self.include = _patterns("include", self.include)
+        self.exclude = _patterns("exclude", self.exclude)
+        if not self.include:
+            raise ValueError("QuantConfig.include=() matches no layer, so nothing would be quantized; "
+                             "use ('*',) (every layer) or glob patterns such as ('*mlp*',)")
+        if not isinstance(self.strict_group_size, bool):
+            raise TypeError(f"QuantConfig.strict_group_size must be True or False, got {self.strict_group_size!r}")
+
+    def _check_group_size(self):
+        g = self.group_size
+        if g is None:
+            return
+        if self.scheme not in GROUPED_SCHEMES:
+            raise ValueError(f"QuantConfig: group_size applies to {' and '.join(GROUPED_SCHEMES)} only; "
+                             f"{self.scheme} scales each output channel as a whole. Leave group_size=None")
+        if not isinstance(g, int) or isinstance(g, bool) or g not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"QuantConfig: {self.scheme} group_size must be one of {SUPPORTED_GROUP_SIZES} "
+                             f"(the sizes every kernel runs, PyTorch's int4 CPU kernel included), got {g!r}")
+
+    def _check_scheme_only_fields(self):
+        if self.double_quant is not None:
+            if self.scheme != "nf4":
+                raise ValueError(f"QuantConfig: double_quant applies to nf4 only (it quantizes nf4's group "
+                                 f"scales), not {self.scheme}. Leave double_quant=None")
+            if not isinstance(self.double_quant, bool):
+                raise TypeError(f"QuantConfig.double_quant must be True, False or None, got {self.double_quant!r}")
+        t = self.threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+            raise ValueError(f"QuantConfig.threshold must be a positive number (w8a8's outlier cut-off, default "
+                             f"{DEFAULT_THRESHOLD}) or None (no outlier columns), got {t!r}")
+        if self.scheme != "w8a8" and t != DEFAULT_THRESHOLD:
+            raise ValueError(f"QuantConfig: threshold applies to w8a8 only (the activation outlier cut-off), "
+                             f"not {self.scheme}; leave it at its default")
         if self.zero_point not in ("int", "float"):
             raise ValueError(f"zero_point must be 'int' or 'float', got {self.zero_point!r}")
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"unknown quantization scheme {self.scheme!r}; known schemes: {', '.join(SCHEMES)}")
+        if self.zero_point != "int" and self.scheme != "int4":
+            raise ValueError(f"QuantConfig: zero_point applies to int4 only, not {self.scheme}; leave it at 'int'")
 
-    def options(self) -> dict:
+    def requested_group_size(self) -> int | None:
+        """The group size asked for (the scheme's default when None); None without groups."""
+        if self.scheme not in GROUPED_SCHEMES:
+            return None
+        return self.group_size if self.group_size is not None else SCHEME_OPTIONS[self.scheme]["group_size"]
+
+    def options(self, group_size: int | None = None) -> dict:
+        """quantize_weight's options; `group_size` overrides the requested one (per layer)."""
         opts = {}
-        if self.scheme in ("int4", "nf4") and self.group_size is not None:
-            opts["group_size"] = self.group_size
+        if self.scheme in GROUPED_SCHEMES:
+            opts["group_size"] = group_size or self.requested_group_size()
         if self.scheme == "int4":
             opts["zero_point"] = self.zero_point
         if self.scheme == "nf4" and self.double_quant is not None:
@@ -67,12 +128,32 @@ class QuantConfig:
         return opts
 
 
+def _patterns(field_name: str, value) -> tuple[str, ...]:
+    # a bare string would be iterated as one-character globs: "*mlp*" would match every layer
+    if isinstance(value, str) or not isinstance(value, (tuple, list)) or \
+            not all(isinstance(p, str) for p in value):
+        raise TypeError(f"QuantConfig.{field_name} must be a tuple of glob patterns over weight names, "
+                        f"e.g. ('*mlp*',), got {value!r}")
+    return tuple(value)
+
+
 def as_config(option) -> QuantConfig:
     if isinstance(option, QuantConfig):
         return option
     if isinstance(option, str):
         return QuantConfig(option)
-    raise TypeError(f"quantize= takes a scheme name ({', '.join(SCHEMES)}) or a QuantConfig, got {option!r}")
+    if isinstance(option, dict):
+        try:
+            return QuantConfig(**option)
+        except TypeError as e:  # an unknown field
+            raise TypeError(f"quantize={option!r}: {e}") from None
+    raise TypeError(f"quantize= takes a scheme name ({', '.join(SCHEMES)}), a QuantConfig or a dict of its "
+                    f"fields, or None to leave the model as it is; got {option!r}")
+
+
+def parse_option(option) -> QuantConfig | None:
+    """optimize(quantize=...): None leaves the pass out; anything else must name a scheme."""
+    return None if option is None else as_config(option)
 
 
 @dataclass
@@ -81,6 +162,7 @@ class _Plan:
     tied: set  # params also read by an embedding: excluded like the embedding itself
     layers: list = field(default_factory=list)  # (name, bytes before, bytes after)
     skipped: list = field(default_factory=list)  # (name, reason)
+    group_sizes: dict = field(default_factory=dict)  # name -> (group size used, in_features): int4 / nf4
     seen: set = field(default_factory=set)
     packed: dict = field(default_factory=dict)  # weight name -> (parts, qattrs, values), made once
 
@@ -101,7 +183,8 @@ def _rewrite(plan: _Plan, transposed: bool):
         if name not in plan.packed:
             weight = m.graph.params[name]
             weight = weight.t().contiguous() if transposed else weight
-            packed = quantize_weight(weight.detach(), plan.config.scheme, **plan.config.options())
+            group_size = plan.group_sizes.get(name, (None,))[0]
+            packed = quantize_weight(weight.detach(), plan.config.scheme, **plan.config.options(group_size))
             plan.layers.append((name, weight.numel() * weight.element_size(), packed.nbytes()))
             values = [m.graph.add_param(f"{name}.{part}", t) for part, t in packed.tensors().items()]
             plan.packed[name] = (tuple(packed.tensors()), tuple(packed.attrs().items()), values)
@@ -115,6 +198,8 @@ def _rewrite(plan: _Plan, transposed: bool):
 
 
 def _skip_reason(plan: _Plan, name: str, w, transposed: bool) -> str | None:
+    """Why this weight stays float (None: it is quantized; for int4 / nf4 its group size
+    is then in plan.group_sizes)."""
     cfg = plan.config
     if not any(fnmatch.fnmatch(name, p) for p in cfg.include):
         return "not in include"
@@ -124,7 +209,55 @@ def _skip_reason(plan: _Plan, name: str, w, transposed: bool) -> str | None:
     if name in plan.tied:
         return "weight shared with an embedding (excluded like embeddings)"
     shape = tuple(int(d) for d in (w.shape[::-1] if transposed else w.shape))
-    return check_quantizable(cfg.scheme, shape, **cfg.options())
+    group_size = _layer_group_size(cfg, shape)
+    if group_size is None and len(shape) == 2 and cfg.requested_group_size() is not None:
+        smaller = [g for g in SUPPORTED_GROUP_SIZES if g < cfg.requested_group_size()]
+        return (f"{cfg.scheme}: in_features K={shape[1]} is not divisible by group_size={cfg.requested_group_size()}"
+                f" nor by a smaller supported group size ({', '.join(map(str, smaller)) or 'none'})")
+    reason = check_quantizable(cfg.scheme, shape, **cfg.options(group_size))
+    if reason is None and group_size is not None:
+        plan.group_sizes[name] = (group_size, shape[1])
+    fallback = fitting_group_size(shape[1], group_size) if reason and cfg.strict_group_size else None
+    if fallback is not None:
+        reason += f"; strict_group_size=True: without it this layer would use group_size {fallback}"
+    return reason
+
+
+def _layer_group_size(cfg: QuantConfig, shape) -> int | None:
+    """The group size this layer uses: the requested one if it divides in_features, else
+    (unless strict) the largest supported one below it that does; None when no group
+    fits, or when the scheme has no groups."""
+    requested = cfg.requested_group_size()
+    if requested is None or len(shape) != 2:
+        return None
+    if cfg.strict_group_size:
+        return requested  # check_quantizable then gives the reason for a K it does not divide
+    return fitting_group_size(shape[1], requested)
+
+
+def _requested_group_note(plan: _Plan) -> str:
+    requested = plan.config.requested_group_size()
+    if requested is None:
+        return ""
+    at_requested = sum(1 for g, _ in plan.group_sizes.values() if g == requested)
+    if at_requested == len(plan.layers):
+        return f", group_size {requested}"
+    return f", {at_requested} at group_size {requested}"
+
+
+def _group_size_notes(plan: _Plan) -> list[str]:
+    """One line per group size smaller than asked for: which layers, and why."""
+    requested = plan.config.requested_group_size()
+    by_size: dict[int, list[int]] = {}
+    for g, k in plan.group_sizes.values():
+        if g != requested:
+            by_size.setdefault(g, []).append(k)
+    notes = []
+    for g, ks in sorted(by_size.items(), reverse=True):
+        k_list = ", ".join(str(k) for k in sorted(set(ks)))
+        notes.append(f"{plan.config.scheme}: {len(ks)} layers at group_size {g} (in_features {k_list} not a "
+                     f"multiple of {requested}; strict_group_size=True skips them instead)")
+    return notes
 
 
 def quantize(graph, ctx):
@@ -146,12 +279,17 @@ def quantize(graph, ctx):
     out = out.prune_params()
     before = sum(x for _, x, _ in plan.layers)
     after = sum(y for _, _, y in plan.layers)
+    group_sizes = {name: g for name, (g, _) in plan.group_sizes.items()}
     ctx.details["quantize"] = {"scheme": cfg.scheme, "layers": plan.layers, "skipped": plan.skipped,
-                               "bytes_before": before, "bytes_after": after, "compute_dtype": cfg.compute_dtype}
+                               "bytes_before": before, "bytes_after": after, "compute_dtype": cfg.compute_dtype,
+                               "group_sizes": group_sizes}
     if plan.layers:
         compute = "" if cfg.compute_dtype is None else f", products in {str(cfg.compute_dtype).replace('torch.', '')}"
-        ctx.note(f"{cfg.scheme}: {len(plan.layers)} layers, weights {before / 2**20:.1f} MiB -> "
+        groups = _requested_group_note(plan)
+        ctx.note(f"{cfg.scheme}: {len(plan.layers)} layers{groups}, weights {before / 2**20:.1f} MiB -> "
                  f"{after / 2**20:.1f} MiB ({after / before:.3f}x){compute}")
+    for note in _group_size_notes(plan):
+        ctx.note(note)
     for name, reason in plan.skipped:
         ctx.note(f"skipped {name}: {reason}")
     return out

@@ -362,3 +362,11 @@ def test_roundtrip_bounds_property(n, groups, group_size, log_scale, seed, zero_
     pd = qf.quantize_weight(w, "nf4", group_size=group_size, double_quant=True)
     a_err = (pd.group_absmax() - pn.absmax).abs().repeat_interleave(group_size, 1)
     assert ((w - qf.dequantize_weight(pd)).abs() <= _slack(_nf4_half_gap() * absmax + a_err) * (1 + 1e-5)).all()
+
+
+def test_fitting_group_size_is_the_largest_supported_divisor_not_above_the_request():
+    assert qf.fitting_group_size(576, 128) == 64  # SmolLM2's hidden size
+    assert qf.fitting_group_size(1536, 128) == 128
+    assert qf.fitting_group_size(576, 256) == 64 and qf.fitting_group_size(4096, 256) == 256
+    assert qf.fitting_group_size(96, 128) == 32  # 96 itself is no supported size (the CPU int4 kernel's)
+    assert qf.fitting_group_size(48, 128) is None and qf.fitting_group_size(576, 32) == 32
