@@ -362,7 +362,8 @@ SEED_TEXTS = [
   %10: f32[B, 2, T, T] = softmax(%9) {dim=-1, dtype=none}
   return (%7, %10)
 }""",
-    """graph(%x: f32[B, 2, T, 4], %L: int, %s0: state "layer0.k_cache" f32[B, 2, S, 4]) {
+    """graph(%x: f32[B, 2, T, 4], %L: int {role="cache_len"}, %s0: state "layer0.k_cache" f32[B, 2, S, 4] {layer=0, kind="k", layout="dense"}) {
+  signature {outputs=("output", "output", "output", "output"), max_seq_len=64}
   %1: f32[B, 2, L + T, 4] = kv_append(%s0, %x) {start=L}
   %2: f32[B, 2, T, 4] = attention(%x, %1, %1) {causal=true, scale=0.5}
   %3: i64[T] = arange() {start=0, end=T, step=1, dtype=i64}
