@@ -15,7 +15,7 @@ from .passes.manager import run_pipeline
 from .runtime.backends import op_table, resolve_backend
 from .runtime.module import OptimizedModel
 from .runtime.cpu_int4 import plan_cpu_int4
-from .runtime.cpu_linear import plan_cpu_linears
+from .runtime.cpu_linear import cpu_linear_mode, plan_cpu_linears
 from .runtime.frames import frame_of_its_own
 from .runtime.program import build_program
 
@@ -24,7 +24,7 @@ from .runtime.program import build_program
 def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
              passes: Sequence[str] | None = None, disable: Sequence[str] = (), backend: str = "auto",
              dump_dir: str | None = None, dynamic: bool = True, registry: PassRegistry | None = None,
-             cpu_linear: bool = True, **options) -> OptimizedModel:
+             cpu_linear: bool | str = True, **options) -> OptimizedModel:
     """Capture `model` on the example inputs, run the pass pipeline, and return a model that
     runs the optimized graph.
 
@@ -36,11 +36,16 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     cpu_linear: on the CPU (torch backend), run each float32 linear with the library kernel
               and weight layout that is fastest at one token, timed per shape
               (runtime/cpu_linear.py; column-major copies cost memory while the model
-              keeps its own weights). False: F.linear on the model's weights.
+              keeps its own weights). True or "cached": time each shape once per machine
+              and reuse the choice from then on (a JSON file under $FXFORGE_CACHE, default
+              ~/.cache/fxforge, in cpu_linear/), so every run builds the same program;
+              "measure": time again and overwrite the cached choices; False: F.linear on
+              the model's weights, nothing timed or cached.
     options:  per-pass options (e.g. quantize="int8", kv_cache=True); an option no pass
               knows is an error.
     """
     registry = _default_registry if registry is None else registry
+    cpu_linear = cpu_linear_mode(cpu_linear)
     known_options = {info.option for info in registry.passes.values() if info.option}
     unknown = set(options) - known_options
     if unknown:
@@ -63,7 +68,7 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     runtime_stats = []
     if backend == "torch" and device.type == "cpu":
         if cpu_linear:
-            graph, plan, cpu_linear_stats = plan_cpu_linears(graph)
+            graph, plan, cpu_linear_stats = plan_cpu_linears(graph, cpu_linear)
             ops["linear"] = plan.linear
             runtime_stats.append(cpu_linear_stats)
         int4_plan, int4_stats = plan_cpu_int4(graph)
