@@ -53,6 +53,8 @@ MIN_TIMED_BYTES = 256 << 10
 # Timing rounds per shape: at least MIN_ROUNDS (a median of 3 outvotes one disturbed
 # round), more while the budget for the whole model lasts.
 MIN_ROUNDS, MAX_ROUNDS = 3, 9
+DROP_SLOWER = 3.0
+MIN_WINS = 0.75
 TIME_BUDGET_S = 0.5
 # Part of the cache's fingerprint: bump it when the measurement or the rule changes.
 METHOD_VERSION = 2
@@ -190,7 +192,8 @@ def timing_method(candidates) -> dict:
     """Everything about the measurement that could change its answer: part of the cache's
     fingerprint, so that changing it measures again instead of trusting old choices."""
     return {"version": METHOD_VERSION, "candidates": ["_".join(c) for c in candidates],
-            "cold_bytes": COLD_BYTES, "max_copies": MAX_COPIES, "min_speedup": MIN_SPEEDUP, "tie": TIE}
+            "cold_bytes": COLD_BYTES, "max_copies": MAX_COPIES, "min_speedup": MIN_SPEEDUP, "tie": TIE,
+            "min_wins": MIN_WINS}
 
 
 def measure_choices(shapes: list[tuple[int, int]], candidates: list[tuple[str, str]],
@@ -207,45 +210,61 @@ def measure_choices(shapes: list[tuple[int, int]], candidates: list[tuple[str, s
     decisions = {}
     for i, shape in enumerate(shapes):
         shape_budget = max(0.0, deadline - time.perf_counter()) / (len(shapes) - i)
-        medians = median_seconds(shape, candidates, buffer, shape_budget)
-        decisions[shape] = decide(medians)
+        decisions[shape] = decide(round_seconds(shape, candidates, buffer, shape_budget))
     return decisions
 
 
-def decide(medians: dict[tuple[str, str], float]) -> Decision:
-    """The choice from per-candidate median seconds. Candidates within TIE of the fastest
-    count as equally fast and the first of them in PREFERENCE wins (F.linear as given
-    first, then layouts that need no copy), and leaving F.linear takes a MIN_SPEEDUP
-    margin: noise alone should not move a choice off the default."""
+def decide(rounds: dict[tuple[str, str], list[float]]) -> Decision:
+    """The choice from each candidate's seconds per call in each round. A candidate's time
+    is its median over rounds; those within TIE of the fastest count as equally fast and
+    the first of them in PREFERENCE wins (F.linear as given first, then layouts that need
+    no copy). Leaving F.linear takes a MIN_SPEEDUP margin and beating it in most rounds
+    timed side by side (MIN_WINS): on a busy machine one lucky round is not a win, and
+    noise alone should not move a choice off the default."""
+    medians = {c: statistics.median(r) for c, r in rounds.items()}
     fastest = min(medians.values())
     tied = [c for c in PREFERENCE if c in medians and medians[c] <= fastest * TIE]
     choice = tied[0]
     speedup = medians[BASELINE] / medians[choice]
-    if choice != BASELINE and speedup < MIN_SPEEDUP:
-        choice, speedup = BASELINE, 1.0
+    if choice != BASELINE and (speedup < MIN_SPEEDUP or _win_share(rounds[choice], rounds[BASELINE]) < MIN_WINS):
+        choice = BASELINE
     return Decision(choice[0], choice[1], speedup if choice != BASELINE else 1.0,
                     {"_".join(c): t * 1e6 for c, t in medians.items()})
 
 
-def median_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buffer: torch.Tensor,
-                   budget_s: float) -> dict[tuple[str, str], float]:
-    """Median seconds per one-row call of each candidate on `shape`, over interleaved
-    rounds: each round times every candidate once, in an order rotated per round, so that
-    a burst of load from elsewhere hits all candidates alike instead of one. At least
-    MIN_ROUNDS rounds; more, up to MAX_ROUNDS, while `budget_s` lasts."""
+def _win_share(candidate: list[float], baseline: list[float]) -> float:
+    """The share of the rounds timed for both in which `candidate` was faster."""
+    pairs = list(zip(candidate, baseline))
+    return sum(c < b for c, b in pairs) / len(pairs)
+
+
+def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buffer: torch.Tensor,
+                  budget_s: float) -> dict[tuple[str, str], list[float]]:
+    """Seconds of a one-row call of each candidate on `shape`, one figure per round: the
+    median of its calls in that round. A round sweeps every candidate once over its cold
+    weights, in an order rotated per round, so that load from elsewhere hits all candidates
+    alike. The median of the calls, not their total: on a shared machine a sweep is often
+    cut by another process's time slice, which spoils a few calls, not their median. At
+    least MIN_ROUNDS rounds, more (up to MAX_ROUNDS) while `budget_s` lasts; a candidate
+    DROP_SLOWER times slower than the fastest in the first round cannot win and is not
+    timed again."""
     weights = {layout: cold_weights(buffer, shape, layout) for layout in {c[1] for c in candidates}}
     x = torch.randn(1, shape[1])
     for kernel, layout in candidates:  # oneDNN builds its primitive on the first call of a shape
         KERNELS[kernel](x, weights[layout][0])
-    samples: dict[tuple[str, str], list[float]] = {c: [] for c in candidates}
+    rounds: dict[tuple[str, str], list[float]] = {c: [] for c in candidates}
+    timed = list(candidates)
     stop = time.perf_counter() + budget_s
     for round_ in range(MAX_ROUNDS):
-        order = candidates[round_ % len(candidates):] + candidates[:round_ % len(candidates)]
+        order = timed[round_ % len(timed):] + timed[:round_ % len(timed)]
         for kernel, layout in order:
-            samples[(kernel, layout)].append(_sweep_seconds(KERNELS[kernel], x, weights[layout]))
+            rounds[(kernel, layout)].append(statistics.median(_call_seconds(KERNELS[kernel], x, weights[layout])))
+        if round_ == 0:
+            fastest = min(r[0] for r in rounds.values())
+            timed = [c for c in timed if rounds[c][0] <= fastest * DROP_SLOWER]
         if round_ + 1 >= MIN_ROUNDS and time.perf_counter() >= stop:
             break
-    return {c: statistics.median(s) for c, s in samples.items()}
+    return rounds
 
 
 def cold_weights(buffer: torch.Tensor, shape: tuple[int, int], layout: str) -> list[torch.Tensor]:
@@ -260,12 +279,14 @@ def cold_weights(buffer: torch.Tensor, shape: tuple[int, int], layout: str) -> l
     return [w.view(in_features, out_features).t() for w in flat]
 
 
-def _sweep_seconds(kernel, x, weights) -> float:
-    """Seconds per call of `kernel` on `x`, over one pass through all `weights`."""
-    start = time.perf_counter()
+def _call_seconds(kernel, x, weights) -> list[float]:
+    """Seconds of each call of `kernel` on `x`, one call per weight of `weights`."""
+    times = []
     for w in weights:
+        start = time.perf_counter()
         kernel(x, w)
-    return (time.perf_counter() - start) / len(weights)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def onednn_available() -> bool:
