@@ -4,6 +4,7 @@ which library computes the product."""
 import json
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -171,7 +172,7 @@ def test_concurrent_writers_leave_a_whole_file(tmp_path, monkeypatch):
     candidates = [("aten", "row"), ("onednn", "column")]
 
     def writer(i):
-        decision = Decision("onednn", "column", 1.5, {"aten_row": 3.0, "onednn_column": 2.0})
+        decision = Decision("onednn", "column", 1.5, {"aten_row": 3.0, "onednn_column": 2.0}, 3)
         for _ in range(20):
             assert cpu_linear_cache.write_decisions(path, fingerprint, candidates,
                                                     {cpu_linear_cache.shape_key((i, 64)): decision}) is None
@@ -200,6 +201,8 @@ def test_decide_keeps_f_linear_unless_clearly_and_consistently_faster():
     # faster by the medians, but slower in one round of three: not a clear win on a busy machine
     lucky = {row: [1.0, 1.0, 0.4], col: [0.5, 0.5, 0.9], dnn_row: [2.0] * 3, dnn_col: [2.0] * 3}
     assert decide(lucky).choice == row
+    # time ran out after one round: too little to leave F.linear on
+    assert decide({row: [1.0], col: [0.1], dnn_row: [1.0], dnn_col: [1.0]}).choice == row
 
 
 def test_timing_stays_within_its_rounds_and_budget(monkeypatch):
@@ -216,8 +219,9 @@ def test_timing_stays_within_its_rounds_and_budget(monkeypatch):
         return out
 
     monkeypatch.setattr(cpu_linear, "round_seconds", counting)
-    cpu_linear.measure_choices(shapes, candidates, budget_s=0.0)
-    assert counts == [{cpu_linear.MIN_ROUNDS}] * 2  # no budget: the minimum
+    cut_short = cpu_linear.measure_choices(shapes, candidates, budget_s=0.0)
+    assert counts == [{0}] * 2  # no time at all: nothing timed, F.linear kept
+    assert all(d.choice == cpu_linear.BASELINE and d.rounds == 0 for d in cut_short.values())
     counts.clear()
     cpu_linear.measure_choices(shapes, candidates, budget_s=60.0)
     assert counts == [{cpu_linear.MAX_ROUNDS}] * 2  # plenty: the maximum, not more
@@ -231,6 +235,7 @@ def test_a_much_slower_candidate_is_timed_once(monkeypatch):
 
     monkeypatch.setattr(cpu_linear, "_call_seconds", seconds)
     candidates = [("aten", "row"), ("aten", "column")]
-    rounds = cpu_linear.round_seconds((256, 256), candidates, torch.zeros(1 << 18), 60.0)
+    far = time.perf_counter() + 60
+    rounds = cpu_linear.round_seconds((256, 256), candidates, torch.zeros(1 << 18), far, far)
     assert len(rounds[("aten", "column")]) == 1 and len(rounds[("aten", "row")]) == cpu_linear.MAX_ROUNDS
     assert cpu_linear.decide(rounds).choice == ("aten", "row")

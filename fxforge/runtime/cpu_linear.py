@@ -53,9 +53,11 @@ MIN_TIMED_BYTES = 256 << 10
 # Timing rounds per shape: at least MIN_ROUNDS (a median of 3 outvotes one disturbed
 # round), more while the budget for the whole model lasts.
 MIN_ROUNDS, MAX_ROUNDS = 3, 9
+CALLS_PER_ROUND = 16
 DROP_SLOWER = 3.0
 MIN_WINS = 0.75
 TIME_BUDGET_S = 0.5
+HARD_LIMIT = 2.0  # times TIME_BUDGET_S: past it, no shape starts another round
 # Part of the cache's fingerprint: bump it when the measurement or the rule changes.
 METHOD_VERSION = 2
 
@@ -161,11 +163,13 @@ def _decisions(shapes: list[tuple[int, int]], mode: str) -> tuple[dict[str, Deci
     missing = [s for s in shapes if shape_key(s) not in known]
     timing_start = time.perf_counter()
     timed = {shape_key(s): d for s, d in measure_choices(missing, candidates).items()}
+    decisions = {**known, **timed}
     source = {"from_cache": len(shapes) - len(missing), "timed": len(missing),
-              "timing_seconds": time.perf_counter() - timing_start, "cache_file": path, "cache_error": None}
+              "timing_seconds": time.perf_counter() - timing_start, "cache_file": path, "cache_error": None,
+              "cut_short": sum(decisions[shape_key(s)].rounds < MIN_ROUNDS for s in shapes)}
     if timed:
         source["cache_error"] = write_decisions(path, fingerprint, candidates, timed)
-    return {**known, **timed}, source
+    return decisions, source
 
 
 def _source_note(source: dict) -> str:
@@ -173,13 +177,19 @@ def _source_note(source: dict) -> str:
     remembered one."""
     cached, timed = source["from_cache"], source["timed"]
     if not timed:
-        return f"choices for {cached} weight shapes read from the cache (nothing timed): {source['cache_file']}"
-    what = f"{timed} weight shapes timed now ({source['timing_seconds']:.2f} s)"
-    if cached:
-        what = f"{cached} weight shapes read from the cache, {what}"
-    if source["cache_error"]:
-        return f"{what}; not cached ({source['cache_error']})"
-    return f"{what}, saved to {source['cache_file']}"
+        note = f"choices for {cached} weight shapes read from the cache (nothing timed): {source['cache_file']}"
+    else:
+        note = f"{timed} weight shapes timed now ({source['timing_seconds']:.2f} s)"
+        if cached:
+            note = f"{cached} weight shapes read from the cache, {note}"
+        if source["cache_error"]:
+            note = f"{note}; not cached ({source['cache_error']})"
+        else:
+            note = f"{note}, saved to {source['cache_file']}"
+    if source["cut_short"]:
+        note += (f"; {source['cut_short']} shapes kept F.linear because timing ran out of time (a busy "
+                 f"machine?): cpu_linear=\"measure\" times again")
+    return note
 
 
 def timing_candidates() -> list[tuple[str, str]]:
@@ -193,24 +203,27 @@ def timing_method(candidates) -> dict:
     fingerprint, so that changing it measures again instead of trusting old choices."""
     return {"version": METHOD_VERSION, "candidates": ["_".join(c) for c in candidates],
             "cold_bytes": COLD_BYTES, "max_copies": MAX_COPIES, "min_speedup": MIN_SPEEDUP, "tie": TIE,
-            "min_wins": MIN_WINS}
+            "min_wins": MIN_WINS, "calls_per_round": CALLS_PER_ROUND, "min_rounds": MIN_ROUNDS}
 
 
 def measure_choices(shapes: list[tuple[int, int]], candidates: list[tuple[str, str]],
                     budget_s: float | None = None) -> dict[tuple[int, int], Decision]:
-    """Time every candidate on every shape, within about `budget_s` in all, and decide."""
+    """Time every candidate on every shape and decide, in about `budget_s` in all and never
+    more than HARD_LIMIT times that: on a busy machine a shape left without MIN_ROUNDS
+    rounds keeps F.linear (cut short), rather than optimize() taking seconds."""
     if not shapes:
         return {}
     budget_s = TIME_BUDGET_S if budget_s is None else budget_s
+    start = time.perf_counter()
     # One buffer for every shape and layout: allocating (and zero-filling) tens of MiB per
     # candidate cost more than the timing itself.
     largest = max(s[0] * s[1] for s in shapes)
     buffer = torch.zeros(max(COLD_BYTES // 4, largest))
-    deadline = time.perf_counter() + budget_s
+    deadline, hard_stop = start + budget_s, start + HARD_LIMIT * budget_s
     decisions = {}
     for i, shape in enumerate(shapes):
-        shape_budget = max(0.0, deadline - time.perf_counter()) / (len(shapes) - i)
-        decisions[shape] = decide(round_seconds(shape, candidates, buffer, shape_budget))
+        shape_stop = time.perf_counter() + max(0.0, deadline - time.perf_counter()) / (len(shapes) - i)
+        decisions[shape] = decide(round_seconds(shape, candidates, buffer, shape_stop, hard_stop))
     return decisions
 
 
@@ -220,7 +233,11 @@ def decide(rounds: dict[tuple[str, str], list[float]]) -> Decision:
     the first of them in PREFERENCE wins (F.linear as given first, then layouts that need
     no copy). Leaving F.linear takes a MIN_SPEEDUP margin and beating it in most rounds
     timed side by side (MIN_WINS): on a busy machine one lucky round is not a win, and
-    noise alone should not move a choice off the default."""
+    noise alone should not move a choice off the default. Fewer than MIN_ROUNDS rounds
+    (time ran out) keep F.linear too."""
+    completed = max(len(r) for r in rounds.values())
+    if completed < MIN_ROUNDS:
+        return Decision(*BASELINE, 1.0, {}, completed)
     medians = {c: statistics.median(r) for c, r in rounds.items()}
     fastest = min(medians.values())
     tied = [c for c in PREFERENCE if c in medians and medians[c] <= fastest * TIE]
@@ -229,7 +246,7 @@ def decide(rounds: dict[tuple[str, str], list[float]]) -> Decision:
     if choice != BASELINE and (speedup < MIN_SPEEDUP or _win_share(rounds[choice], rounds[BASELINE]) < MIN_WINS):
         choice = BASELINE
     return Decision(choice[0], choice[1], speedup if choice != BASELINE else 1.0,
-                    {"_".join(c): t * 1e6 for c, t in medians.items()})
+                    {"_".join(c): t * 1e6 for c, t in medians.items()}, completed)
 
 
 def _win_share(candidate: list[float], baseline: list[float]) -> float:
@@ -239,32 +256,43 @@ def _win_share(candidate: list[float], baseline: list[float]) -> float:
 
 
 def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buffer: torch.Tensor,
-                  budget_s: float) -> dict[tuple[str, str], list[float]]:
+                  stop: float, hard_stop: float) -> dict[tuple[str, str], list[float]]:
     """Seconds of a one-row call of each candidate on `shape`, one figure per round: the
-    median of its calls in that round. A round sweeps every candidate once over its cold
-    weights, in an order rotated per round, so that load from elsewhere hits all candidates
-    alike. The median of the calls, not their total: on a shared machine a sweep is often
-    cut by another process's time slice, which spoils a few calls, not their median. At
-    least MIN_ROUNDS rounds, more (up to MAX_ROUNDS) while `budget_s` lasts; a candidate
-    DROP_SLOWER times slower than the fastest in the first round cannot win and is not
-    timed again."""
+    median of its calls in that round. A round calls every candidate CALLS_PER_ROUND times
+    on cold weights (the next copies each round), in an order rotated per round, so that
+    load from elsewhere hits all candidates alike. The median of the calls, not their sum:
+    on a shared machine another process's time slice spoils a few calls, not their median.
+    At least MIN_ROUNDS rounds, more (up to MAX_ROUNDS) until `stop`; none started after
+    `hard_stop`. A candidate DROP_SLOWER times slower than the fastest in the first round
+    cannot win and is not timed again."""
+    rounds: dict[tuple[str, str], list[float]] = {c: [] for c in candidates}
+    if time.perf_counter() >= hard_stop:
+        return rounds
     weights = {layout: cold_weights(buffer, shape, layout) for layout in {c[1] for c in candidates}}
     x = torch.randn(1, shape[1])
     for kernel, layout in candidates:  # oneDNN builds its primitive on the first call of a shape
         KERNELS[kernel](x, weights[layout][0])
-    rounds: dict[tuple[str, str], list[float]] = {c: [] for c in candidates}
     timed = list(candidates)
-    stop = time.perf_counter() + budget_s
     for round_ in range(MAX_ROUNDS):
         order = timed[round_ % len(timed):] + timed[:round_ % len(timed)]
         for kernel, layout in order:
-            rounds[(kernel, layout)].append(statistics.median(_call_seconds(KERNELS[kernel], x, weights[layout])))
+            some = _next_copies(weights[layout], round_)
+            rounds[(kernel, layout)].append(statistics.median(_call_seconds(KERNELS[kernel], x, some)))
         if round_ == 0:
             fastest = min(r[0] for r in rounds.values())
             timed = [c for c in timed if rounds[c][0] <= fastest * DROP_SLOWER]
-        if round_ + 1 >= MIN_ROUNDS and time.perf_counter() >= stop:
+        now = time.perf_counter()
+        if now >= hard_stop or (round_ + 1 >= MIN_ROUNDS and now >= stop):
             break
     return rounds
+
+
+def _next_copies(weights: list[torch.Tensor], round_: int) -> list[torch.Tensor]:
+    """The CALLS_PER_ROUND copies that round `round_` reads, continuing where the last one
+    stopped, so that a copy is read again only after all the others."""
+    n = min(CALLS_PER_ROUND, len(weights))
+    first = round_ * n
+    return [weights[(first + i) % len(weights)] for i in range(n)]
 
 
 def cold_weights(buffer: torch.Tensor, shape: tuple[int, int], layout: str) -> list[torch.Tensor]:

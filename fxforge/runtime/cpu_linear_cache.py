@@ -45,6 +45,7 @@ class Decision:
     layout: str
     speedup: float  # over F.linear on the row-major weight, 1.0 when that is the choice
     median_us: dict[str, float]
+    rounds: int  # timing rounds behind it; under MIN_ROUNDS means time ran out (F.linear kept)
 
     @property
     def choice(self) -> tuple[str, str]:
@@ -126,7 +127,8 @@ def write_decisions(path: str, fingerprint: dict, candidates, decisions: dict[st
 def _document(fingerprint: dict, decisions: dict[str, Decision]) -> dict:
     return {"format": FORMAT, "fingerprint": fingerprint,
             "choices": {key: {"kernel": d.kernel, "layout": d.layout, "speedup": round(d.speedup, 4),
-                              "median_us": {c: round(t, 3) for c, t in d.median_us.items()}}
+                              "median_us": {c: round(t, 3) for c, t in d.median_us.items()},
+                              "rounds": d.rounds}
                         for key, d in sorted(decisions.items())}}
 
 
@@ -144,7 +146,7 @@ def _parse(text: str, fingerprint: dict, candidates: set) -> dict[str, Decision]
         if choice not in candidates:
             raise ValueError(f"{key}: unknown kernel and layout {choice}")
         out[key] = Decision(entry["kernel"], entry["layout"], float(entry["speedup"]),
-                            {str(c): float(t) for c, t in entry.get("median_us", {}).items()})
+                            {str(c): float(t) for c, t in entry.get("median_us", {}).items()}, int(entry["rounds"]))
     return out
 
 
