@@ -56,8 +56,10 @@ MIN_ROUNDS, MAX_ROUNDS = 3, 9
 CALLS_PER_ROUND = 16
 DROP_SLOWER = 3.0
 MIN_WINS = 0.75
+# Timing time per model: no round starts after TIME_BUDGET_S, and rounds past MIN_ROUNDS
+# stop at TARGET_SHARE of it, which leaves room for the minimum on a busy machine.
 TIME_BUDGET_S = 0.5
-HARD_LIMIT = 2.0  # times TIME_BUDGET_S: past it, no shape starts another round
+TARGET_SHARE = 0.5
 # Part of the cache's fingerprint: bump it when the measurement or the rule changes.
 METHOD_VERSION = 2
 
@@ -187,7 +189,7 @@ def _source_note(source: dict) -> str:
         else:
             note = f"{note}, saved to {source['cache_file']}"
     if source["cut_short"]:
-        note += (f"; {source['cut_short']} shapes kept F.linear because timing ran out of time (a busy "
+        note += (f"; {source['cut_short']} shapes kept F.linear: the timing budget ran out (a busy "
                  f"machine?): cpu_linear=\"measure\" times again")
     return note
 
@@ -208,9 +210,10 @@ def timing_method(candidates) -> dict:
 
 def measure_choices(shapes: list[tuple[int, int]], candidates: list[tuple[str, str]],
                     budget_s: float | None = None) -> dict[tuple[int, int], Decision]:
-    """Time every candidate on every shape and decide, in about `budget_s` in all and never
-    more than HARD_LIMIT times that: on a busy machine a shape left without MIN_ROUNDS
-    rounds keeps F.linear (cut short), rather than optimize() taking seconds."""
+    """Time every candidate on every shape and decide, in about TARGET_SHARE of `budget_s`
+    and starting no round after `budget_s` (so at most one round of one shape more): on a
+    busy machine a shape left without MIN_ROUNDS rounds keeps F.linear (cut short), rather
+    than optimize() taking seconds."""
     if not shapes:
         return {}
     budget_s = TIME_BUDGET_S if budget_s is None else budget_s
@@ -219,8 +222,10 @@ def measure_choices(shapes: list[tuple[int, int]], candidates: list[tuple[str, s
     # candidate cost more than the timing itself.
     largest = max(s[0] * s[1] for s in shapes)
     buffer = torch.zeros(max(COLD_BYTES // 4, largest))
-    deadline, hard_stop = start + budget_s, start + HARD_LIMIT * budget_s
+    deadline, hard_stop = start + TARGET_SHARE * budget_s, start + budget_s
     decisions = {}
+    # The largest weights first: they take most of a decoding step, so they get the time.
+    shapes = sorted(shapes, key=lambda s: (-s[0] * s[1], s))
     for i, shape in enumerate(shapes):
         shape_stop = time.perf_counter() + max(0.0, deadline - time.perf_counter()) / (len(shapes) - i)
         decisions[shape] = decide(round_seconds(shape, candidates, buffer, shape_stop, hard_stop))
@@ -263,8 +268,8 @@ def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buf
     load from elsewhere hits all candidates alike. The median of the calls, not their sum:
     on a shared machine another process's time slice spoils a few calls, not their median.
     At least MIN_ROUNDS rounds, more (up to MAX_ROUNDS) until `stop`; none started after
-    `hard_stop`. A candidate DROP_SLOWER times slower than the fastest in the first round
-    cannot win and is not timed again."""
+    `hard_stop`. A candidate far slower than the fastest after two rounds is not timed
+    again (_still_in_the_running)."""
     rounds: dict[tuple[str, str], list[float]] = {c: [] for c in candidates}
     if time.perf_counter() >= hard_stop:
         return rounds
@@ -278,13 +283,20 @@ def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buf
         for kernel, layout in order:
             some = _next_copies(weights[layout], round_)
             rounds[(kernel, layout)].append(statistics.median(_call_seconds(KERNELS[kernel], x, some)))
-        if round_ == 0:
-            fastest = min(r[0] for r in rounds.values())
-            timed = [c for c in timed if rounds[c][0] <= fastest * DROP_SLOWER]
+        if round_ == 1:
+            timed = _still_in_the_running(rounds, timed)
         now = time.perf_counter()
         if now >= hard_stop or (round_ + 1 >= MIN_ROUNDS and now >= stop):
             break
     return rounds
+
+
+def _still_in_the_running(rounds: dict[tuple[str, str], list[float]], timed: list[tuple[str, str]]):
+    """The candidates worth more rounds: F.linear (every decision compares with it) and
+    those whose best round so far is within DROP_SLOWER of the best of all. Noise only
+    ever adds time, so a best round that slow is the kernel, not a busy moment."""
+    best = min(min(r) for r in rounds.values() if r)
+    return [c for c in timed if c == BASELINE or min(rounds[c]) <= best * DROP_SLOWER]
 
 
 def _next_copies(weights: list[torch.Tensor], round_: int) -> list[torch.Tensor]:
