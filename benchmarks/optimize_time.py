@@ -9,8 +9,12 @@ then `--repeat` warm calls; the table gives both, and whether every call built t
 plan. Run twice with the same --cpu-linear-cache to check that a second process builds the
 same plan too (its "plan" column, a hash of the choices, must match the first run's).
 
+--remeasure N times cpu_linear's choices N more times on SmolLM2 (cpu_linear="measure",
+in a folder of its own) and counts the distinct plans: how much the measurement itself
+depends on noise, which the cache then hides.
+
     python benchmarks/optimize_time.py [--out results.json] [--repeat 2] [--smollm2-only]
-                                       [--cpu-linear-cache DIR]
+                                       [--cpu-linear-cache DIR] [--remeasure N]
 """
 import argparse
 import hashlib
@@ -55,6 +59,21 @@ def timed_optimize(model, ids):
     return time.perf_counter() - start, cpu_linear_plan(fast)
 
 
+def remeasure(model, ids, times, cache_root):
+    """cpu_linear's choices for SmolLM2 measured `times` times: (distinct plans, seconds each)."""
+    from fxforge.runtime.cpu_linear import plan_cpu_linears
+
+    os.environ[FOLDER_VARIABLE] = os.path.join(cache_root, "remeasure")
+    graph = fxforge.optimize(model, (ids,), cpu_linear=False).graph
+    plans, seconds = {}, []
+    for _ in range(times):
+        _, plan, stats = plan_cpu_linears(graph, "measure")
+        key = ", ".join(f"{s[0]}x{s[1]}: {'_'.join(c)}" for s, c in sorted(plan.choices.items())) or "F.linear everywhere"
+        plans[key] = plans.get(key, 0) + 1
+        seconds.append(stats.details["cpu_linear"]["timing_seconds"])
+    return plans, seconds
+
+
 def time_optimize(model, ids, repeat):
     """One cold optimize() (an empty cpu_linear cache: it times and writes), then `repeat`
     rounds of capture, passes and a warm optimize() (the cache is read); the best round."""
@@ -85,6 +104,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--repeat", type=int, default=2, help="warm optimize() calls per model, after the cold one")
+    ap.add_argument("--remeasure", type=int, default=0, help="time cpu_linear's choices on SmolLM2 N more times")
     ap.add_argument("--smollm2-only", action="store_true", help="skip the deeper random Llamas")
     ap.add_argument("--cpu-linear-cache", default=None,
                     help="root of the per-model cpu_linear cache folders (default: a fresh temporary folder)")
@@ -120,6 +140,13 @@ def main():
               f"{r['optimize_s']:.2f} | {r['optimize_s'] / base['optimize_s']:.2f}x | {r['optimize_cold_s']:.2f} | "
               f"{r['cpu_linear_cold_s']:.2f} / {r['cpu_linear_s']:.3f} | "
               f"{'yes' if r['same_plan'] else 'no'} ({r['plan']}) |")
+    if args.remeasure:
+        plans, seconds = remeasure(model, ids, args.remeasure, cache_root)
+        print(f"\ncpu_linear measured {args.remeasure} times on SmolLM2: {len(plans)} distinct plans; timing took "
+              f"{min(seconds):.2f}-{max(seconds):.2f} s")
+        for key, n in sorted(plans.items(), key=lambda kv: -kv[1]):
+            print(f"  {n} x {key}")
+        rows.append({"remeasure_plans": plans, "remeasure_seconds": seconds})
     finish(rows, args.out)
 
 
