@@ -124,6 +124,16 @@ def test_second_optimize_reads_the_cache_and_builds_the_same_plan(timing, tmp_pa
     assert_matches_eager(model, second_model, vocab, [(1, 1), (2, 9)])
 
 
+def test_only_the_shapes_missing_from_the_cache_are_timed(timing):
+    model, vocab, example = small_llama()
+    fxforge.optimize(model, example)
+    wider_kv, _ = zoo.llama("sdpa", hidden=256, heads=4, kv_heads=4)  # another q/k/v shape, the rest alike
+    stats = cpu_linear_stats(fxforge.optimize(wider_kv, example))
+    source = stats.details["cpu_linear"]
+    assert (source["from_cache"], source["timed"]) == (3, 1)
+    assert "3 weight shapes read from the cache, 1 weight shape timed now" in stats.notes[-1]
+
+
 def test_measure_times_again_and_false_times_nothing(timing):
     model, vocab, example = small_llama()
     fxforge.optimize(model, example)

@@ -104,7 +104,7 @@ def cpu_linear_mode(value) -> str | None:
     """optimize()'s `cpu_linear` argument as a mode: "cached", "measure", or None (off)."""
     if value is True or value == "cached":
         return "cached"
-    if value is False or value is None or value == "off":
+    if value is False:
         return None
     if value == "measure":
         return "measure"
@@ -179,19 +179,23 @@ def _source_note(source: dict) -> str:
     remembered one."""
     cached, timed = source["from_cache"], source["timed"]
     if not timed:
-        note = f"choices for {cached} weight shapes read from the cache (nothing timed): {source['cache_file']}"
+        note = f"choices for {_shapes(cached)} read from the cache (nothing timed): {source['cache_file']}"
     else:
-        note = f"{timed} weight shapes timed now ({source['timing_seconds']:.2f} s)"
+        note = f"{_shapes(timed)} timed now ({source['timing_seconds']:.2f} s)"
         if cached:
-            note = f"{cached} weight shapes read from the cache, {note}"
+            note = f"{_shapes(cached)} read from the cache, {note}"
         if source["cache_error"]:
             note = f"{note}; not cached ({source['cache_error']})"
         else:
             note = f"{note}, saved to {source['cache_file']}"
     if source["cut_short"]:
-        note += (f"; {source['cut_short']} shapes kept F.linear: the timing budget ran out (a busy "
-                 f"machine?): cpu_linear=\"measure\" times again")
+        note += (f"; {_shapes(source['cut_short'])} kept F.linear because the timing budget ran out (a busy "
+                 f"machine?); cpu_linear=\"measure\" times them again")
     return note
+
+
+def _shapes(n: int) -> str:
+    return f"{n} weight shape{'' if n == 1 else 's'}"
 
 
 def timing_candidates() -> list[tuple[str, str]]:
