@@ -68,7 +68,8 @@ def remeasure(model, ids, times, cache_root):
     plans, seconds = {}, []
     for _ in range(times):
         _, plan, stats = plan_cpu_linears(graph, "measure")
-        key = ", ".join(f"{s[0]}x{s[1]}: {'_'.join(c)}" for s, c in sorted(plan.choices.items())) or "F.linear everywhere"
+        choices = sorted(plan.choices.items())
+        key = ", ".join(f"{s[0]}x{s[1]}: {'_'.join(c)}" for s, c in choices) or "F.linear everywhere"
         plans[key] = plans.get(key, 0) + 1
         seconds.append(stats.details["cpu_linear"]["timing_seconds"])
     return plans, seconds

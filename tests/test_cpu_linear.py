@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fxforge
-from fxforge.runtime import cpu_linear
-from fxforge.runtime import cpu_linear_cache
+from fxforge.runtime import cpu_linear, cpu_linear_cache
 from fxforge.runtime.cpu_linear import CpuLinearPlan, decide, onednn_available
 from fxforge.runtime.cpu_linear_cache import CpuLinearCacheWarning, Decision
 
@@ -253,3 +252,13 @@ def test_a_much_slower_candidate_is_timed_twice(monkeypatch):
     rounds = cpu_linear.round_seconds((256, 256), candidates, torch.zeros(1 << 18), far, far)
     assert len(rounds[("aten", "column")]) == 2 and len(rounds[("aten", "row")]) == cpu_linear.MAX_ROUNDS
     assert cpu_linear.decide(rounds).choice == ("aten", "row")
+
+
+def test_each_sweep_reads_memory_the_last_one_did_not():
+    buffer = torch.zeros(cpu_linear.COLD_BYTES // 4)
+    rows, columns = (cpu_linear.cold_weights(buffer, (512, 256), layout) for layout in ("row", "column"))
+    assert len(rows) == len(columns) >= 2 * cpu_linear.CALLS_PER_ROUND
+    first = cpu_linear._next_copies(rows, 0)
+    second = cpu_linear._next_copies(columns, len(first))  # the next candidate, the other layout
+    assert {w.data_ptr() for w in first}.isdisjoint(w.data_ptr() for w in second)
+    assert all(w.stride() == (1, 512) for w in columns) and all(w.is_contiguous() for w in rows)

@@ -268,7 +268,7 @@ def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buf
                   stop: float, hard_stop: float) -> dict[tuple[str, str], list[float]]:
     """Seconds of a one-row call of each candidate on `shape`, one figure per round: the
     median of its calls in that round. A round calls every candidate CALLS_PER_ROUND times
-    on cold weights (the next copies each round), in an order rotated per round, so that
+    on cold weights (_next_copies), in an order rotated per round, so that
     load from elsewhere hits all candidates alike. The median of the calls, not their sum:
     on a shared machine another process's time slice spoils a few calls, not their median.
     At least MIN_ROUNDS rounds, more (up to MAX_ROUNDS) until `stop`; none started after
@@ -281,11 +281,12 @@ def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buf
     x = torch.randn(1, shape[1])
     for kernel, layout in candidates:  # oneDNN builds its primitive on the first call of a shape
         KERNELS[kernel](x, weights[layout][0])
-    timed = list(candidates)
+    timed, cursor = list(candidates), 0
     for round_ in range(MAX_ROUNDS):
         order = timed[round_ % len(timed):] + timed[:round_ % len(timed)]
         for kernel, layout in order:
-            some = _next_copies(weights[layout], round_)
+            some = _next_copies(weights[layout], cursor)
+            cursor += len(some)
             rounds[(kernel, layout)].append(statistics.median(_call_seconds(KERNELS[kernel], x, some)))
         if round_ == 1:
             timed = _still_in_the_running(rounds, timed)
@@ -303,12 +304,12 @@ def _still_in_the_running(rounds: dict[tuple[str, str], list[float]], timed: lis
     return [c for c in timed if c == BASELINE or min(rounds[c]) <= best * DROP_SLOWER]
 
 
-def _next_copies(weights: list[torch.Tensor], round_: int) -> list[torch.Tensor]:
-    """The CALLS_PER_ROUND copies that round `round_` reads, continuing where the last one
-    stopped, so that a copy is read again only after all the others."""
+def _next_copies(weights: list[torch.Tensor], cursor: int) -> list[torch.Tensor]:
+    """The CALLS_PER_ROUND copies from `cursor` on, cyclically. The row- and column-major
+    copies are views of the same memory, so one cursor for all candidates makes each read
+    memory that every other copy was read after: none finds the last one's in the cache."""
     n = min(CALLS_PER_ROUND, len(weights))
-    first = round_ * n
-    return [weights[(first + i) % len(weights)] for i in range(n)]
+    return [weights[(cursor + i) % len(weights)] for i in range(n)]
 
 
 def cold_weights(buffer: torch.Tensor, shape: tuple[int, int], layout: str) -> list[torch.Tensor]:
