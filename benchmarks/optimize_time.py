@@ -2,11 +2,25 @@
 pass pipeline, on SmolLM2-135M and on random Llama models 2x and 4x deeper, to show how
 the time grows with depth. Model loading is not timed.
 
-    python benchmarks/optimize_time.py [--out results.json] [--repeat 2]
+The first optimize() of a model on a machine times cpu_linear's candidates (cold); later
+ones read the choices from the cache (warm). Each model gets its own empty cache folder
+(a fresh temporary one unless --cpu-linear-cache names a root), so the first call is cold,
+then `--repeat` warm calls; the table gives both, and whether every call built the same
+plan. Run twice with the same --cpu-linear-cache to check that a second process builds the
+same plan too (its "plan" column, a hash of the choices, must match the first run's).
+
+--remeasure N times cpu_linear's choices N more times on SmolLM2 (cpu_linear="measure",
+in a folder of its own) and counts the distinct plans: how much the measurement itself
+depends on noise, which the cache then hides.
+
+    python benchmarks/optimize_time.py [--out results.json] [--repeat 2] [--smollm2-only]
+                                       [--cpu-linear-cache DIR] [--remeasure N]
 """
 import argparse
+import hashlib
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -17,6 +31,7 @@ import fxforge  # noqa: E402
 from fxforge.ir.capture import capture_with_spec  # noqa: E402
 from fxforge.passes import registry  # noqa: E402
 from fxforge.passes.manager import run_pipeline  # noqa: E402
+from fxforge.runtime.cpu_linear_cache import FOLDER_VARIABLE  # noqa: E402
 
 
 def deeper_llama(base_config, layers):
@@ -27,18 +42,58 @@ def deeper_llama(base_config, layers):
         return LlamaForCausalLM(cfg).eval()
 
 
+def cpu_linear_plan(fast) -> tuple[str, str, dict]:
+    """(hash of the plan, its summary, the cpu_linear step's details) of an optimized model."""
+    stats = next((s for s in fast.runtime_stats if s.name == "cpu_linear"), None)
+    if stats is None:
+        return "none", "cpu_linear off", {}
+    details = stats.details["cpu_linear"]
+    text = repr((sorted(details["choices"].items()), sorted(details["column_major"])))
+    summary = ", ".join(f"{k} x{n}" for k, n in sorted(stats.rules.items())) or "F.linear everywhere"
+    return hashlib.sha256(text.encode()).hexdigest()[:10], summary, {**details, "seconds": stats.seconds}
+
+
+def timed_optimize(model, ids):
+    start = time.perf_counter()
+    fast = fxforge.optimize(model, (ids,))
+    return time.perf_counter() - start, cpu_linear_plan(fast)
+
+
+def remeasure(model, ids, times, cache_root):
+    """cpu_linear's choices for SmolLM2 measured `times` times: (distinct plans, seconds each)."""
+    from fxforge.runtime.cpu_linear import plan_cpu_linears
+
+    os.environ[FOLDER_VARIABLE] = os.path.join(cache_root, "remeasure")
+    graph = fxforge.optimize(model, (ids,), cpu_linear=False).graph
+    plans, seconds = {}, []
+    for _ in range(times):
+        _, plan, stats = plan_cpu_linears(graph, "measure")
+        choices = sorted(plan.choices.items())
+        key = ", ".join(f"{s[0]}x{s[1]}: {'_'.join(c)}" for s, c in choices) or "F.linear everywhere"
+        plans[key] = plans.get(key, 0) + 1
+        seconds.append(stats.details["cpu_linear"]["timing_seconds"])
+    return plans, seconds
+
+
 def time_optimize(model, ids, repeat):
-    best = None
+    """One cold optimize() (an empty cpu_linear cache: it times and writes), then `repeat`
+    rounds of capture, passes and a warm optimize() (the cache is read); the best round."""
+    cold_s, (cold_plan, summary, cold) = timed_optimize(model, ids)
+    best, plans = None, {cold_plan}
     for _ in range(repeat):
         t0 = time.perf_counter()
         graph, _ = capture_with_spec(model, (ids,))
         t1 = time.perf_counter()
         graph, _ = run_pipeline(graph, registry.pipeline({}), check=False)
         t2 = time.perf_counter()
-        fxforge.optimize(model, (ids,))
-        t3 = time.perf_counter()
-        row = {"capture_s": t1 - t0, "passes_s": t2 - t1, "optimize_s": t3 - t2, "nodes": len(graph.nodes)}
+        optimize_s, (plan, _, warm) = timed_optimize(model, ids)
+        plans.add(plan)
+        row = {"capture_s": t1 - t0, "passes_s": t2 - t1, "optimize_s": optimize_s, "nodes": len(graph.nodes),
+               "cpu_linear_s": warm.get("seconds", 0.0), "warm_timed": warm.get("timed", 0)}
         best = row if best is None or row["optimize_s"] < best["optimize_s"] else best
+    best.update(optimize_cold_s=cold_s, cpu_linear_cold_s=cold.get("seconds", 0.0), cold_timed=cold.get("timed", 0),
+                cut_short=cold.get("cut_short", 0), plan=cold_plan, plan_summary=summary, same_plan=len(plans) == 1,
+                cache_file=cold.get("cache_file"))
     return best
 
 
@@ -49,29 +104,50 @@ from report import finish  # noqa: E402
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2, help="warm optimize() calls per model, after the cold one")
+    ap.add_argument("--remeasure", type=int, default=0, help="time cpu_linear's choices on SmolLM2 N more times")
+    ap.add_argument("--smollm2-only", action="store_true", help="skip the deeper random Llamas")
+    ap.add_argument("--cpu-linear-cache", default=None,
+                    help="root of the per-model cpu_linear cache folders (default: a fresh temporary folder)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
+    cache_root = args.cpu_linear_cache or tempfile.mkdtemp(prefix="fxforge-optimize-time-")
     import zoo
 
     model, tok = zoo.smollm2()
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     rows = []
-    for label, layers in [("SmolLM2-135M", None), ("Llama 2x deeper (random)", 60), ("Llama 4x deeper (random)", 120)]:
+    models = [("SmolLM2-135M", None), ("Llama 2x deeper (random)", 60), ("Llama 4x deeper (random)", 120)]
+    for label, layers in models[:1] if args.smollm2_only else models:
         m = model if layers is None else deeper_llama(model.config, layers)
+        os.environ[FOLDER_VARIABLE] = os.path.join(cache_root, f"layers{m.config.num_hidden_layers}")
         r = time_optimize(m, ids, args.repeat)
         r.update(model=label, layers=m.config.num_hidden_layers)
         rows.append(r)
         print(f"{label:<26} layers={r['layers']:<4} nodes={r['nodes']:<5} capture={r['capture_s']:.2f}s "
-              f"passes={r['passes_s']:.2f}s optimize()={r['optimize_s']:.2f}s", flush=True)
+              f"passes={r['passes_s']:.2f}s optimize()={r['optimize_s']:.2f}s (first {r['optimize_cold_s']:.2f}s; "
+              f"cpu_linear {r['cpu_linear_cold_s']:.2f}s timing {r['cold_timed']} shapes, then "
+              f"{r['cpu_linear_s']:.3f}s from the cache) plan {r['plan']}: {r['plan_summary']}"
+              f"{'' if r['same_plan'] else ' -- PLANS DIFFER'}", flush=True)
         if layers is not None:
             del m
     base = rows[0]
-    print("\n| model | layers | IR nodes | capture (s) | passes (s) | optimize() (s) | optimize() / SmolLM2 |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\ncpu_linear cache: {cache_root}")
+    print("\n| model | layers | IR nodes | capture (s) | passes (s) | optimize() (s) | optimize() / SmolLM2 | "
+          "first optimize() (s) | cpu_linear first / later (s) | same plan |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['layers']} | {r['nodes']} | {r['capture_s']:.2f} | {r['passes_s']:.2f} | "
-              f"{r['optimize_s']:.2f} | {r['optimize_s'] / base['optimize_s']:.2f}x |")
+              f"{r['optimize_s']:.2f} | {r['optimize_s'] / base['optimize_s']:.2f}x | {r['optimize_cold_s']:.2f} | "
+              f"{r['cpu_linear_cold_s']:.2f} / {r['cpu_linear_s']:.3f} | "
+              f"{'yes' if r['same_plan'] else 'no'} ({r['plan']}) |")
+    if args.remeasure:
+        plans, seconds = remeasure(model, ids, args.remeasure, cache_root)
+        print(f"\ncpu_linear measured {args.remeasure} times on SmolLM2: {len(plans)} distinct plans; timing took "
+              f"{min(seconds):.2f}-{max(seconds):.2f} s")
+        for key, n in sorted(plans.items(), key=lambda kv: -kv[1]):
+            print(f"  {n} x {key}")
+        rows.append({"remeasure_plans": plans, "remeasure_seconds": seconds})
     finish(rows, args.out)
 
 

@@ -12,6 +12,7 @@ from .ir.printer import print_graph
 from .passes import PassInfo, PassRegistry, registry as _default_registry
 from .passes.manager import run_pipeline
 from .runtime.backends import Backend, resolve_backend
+from .runtime.cpu_linear import cpu_linear_mode
 from .runtime.module import OptimizedModel
 from .runtime.frames import frame_of_its_own
 from .runtime.program import build_program
@@ -21,7 +22,7 @@ from .runtime.program import build_program
 def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
              passes: Sequence[str] | None = None, disable: Sequence[str] = (), backend: str | Backend = "auto",
              dump_dir: str | None = None, dynamic: bool = True, registry: PassRegistry | None = None,
-             cpu_linear: bool = True, **options) -> OptimizedModel:
+             cpu_linear: bool | str = True, **options) -> OptimizedModel:
     """Capture `model` on the example inputs, run the pass pipeline, and return a model that
     runs the optimized graph.
 
@@ -34,16 +35,21 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     cpu_linear: on the CPU (torch backend), run each float32 linear with the library kernel
               and weight layout that is fastest at one token, timed per shape
               (runtime/cpu_linear.py; column-major copies cost memory while the model
-              keeps its own weights). False: F.linear on the model's weights.
+              keeps its own weights). True or "cached": time each shape once per machine
+              and reuse the choice from then on (a JSON file under $FXFORGE_CACHE, default
+              ~/.cache/fxforge, in cpu_linear/), so every run builds the same program;
+              "measure": time again and overwrite the cached choices; False: F.linear on
+              the model's weights, nothing timed or cached.
     options:  per-pass options (e.g. quantize="int8", kv_cache=True); an option no pass
               knows is an error.
     """
     registry = _default_registry if registry is None else registry
     options = registry.parse_options(options)  # a bad value fails here, before the slow capture
+    cpu_linear = cpu_linear_mode(cpu_linear)
     pipeline = registry.pipeline(options, list(passes) if passes is not None else None, disable)
     device = _model_device(model)
     # cpu_linear is the torch backend's setting; other backends see it only when changed
-    backend = resolve_backend(backend, device, **({} if cpu_linear is True else {"cpu_linear": cpu_linear}))
+    backend = resolve_backend(backend, device, **({} if cpu_linear == "cached" else {"cpu_linear": cpu_linear}))
 
     start = time.perf_counter()
     graph, spec = capture_with_spec(model, example_inputs, example_kwargs, dynamic=dynamic)

@@ -1,12 +1,19 @@
-"""The CPU torch backend's linear: the kernel and weight layout timed fastest per shape.
-Values never change, only strides and which library computes the product."""
+"""The CPU torch backend's linear: the kernel and weight layout timed fastest per shape,
+once per machine (then read from a cache file). Values never change, only strides and
+which library computes the product."""
+import json
+import os
+import threading
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fxforge
-from fxforge.runtime import cpu_linear
-from fxforge.runtime.cpu_linear import CpuLinearPlan, onednn_available
+from fxforge.runtime import cpu_linear, cpu_linear_cache
+from fxforge.runtime.cpu_linear import CpuLinearPlan, decide, onednn_available
+from fxforge.runtime.cpu_linear_cache import CpuLinearCacheWarning, Decision
 
 import zoo
 from helpers import assert_matches_eager
@@ -47,11 +54,37 @@ def test_plan_runs_the_chosen_kernel_and_stores_the_chosen_layout():
                                torch.Size([2, 64]))
 
 
-def test_big_enough_weights_are_timed_and_the_model_stays_exact(monkeypatch):
-    # timing only looks at weights of 256 KiB or more: a 256-wide model has them
+@pytest.fixture
+def timing(monkeypatch, tmp_path):
+    """An empty cache in $FXFORGE_CACHE=tmp_path, short timing, and a count of the timed
+    sweeps (timing[0])."""
+    monkeypatch.delenv(cpu_linear_cache.FOLDER_VARIABLE, raising=False)
+    monkeypatch.setenv("FXFORGE_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_linear, "COLD_BYTES", 4 << 20)  # keep the timing short in tests
+    sweeps = [0]
+    real = cpu_linear._call_seconds
+
+    def counted(*args):
+        sweeps[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(cpu_linear, "_call_seconds", counted)
+    return sweeps
+
+
+def small_llama():
+    # timing only looks at weights of 256 KiB or more: a 256-wide model has them
     model, vocab = zoo.llama("sdpa", hidden=256, heads=4)
-    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),))
+    return model, vocab, (torch.randint(0, vocab, (2, 7)),)
+
+
+def cpu_linear_stats(fast):
+    return next(s for s in fast.runtime_stats if s.name == "cpu_linear")
+
+
+def test_big_enough_weights_are_timed_and_the_model_stays_exact(timing):
+    model, vocab, example = small_llama()
+    fast = fxforge.optimize(model, example)
     stats = next(s for s in fast.runtime_stats if s.name == "cpu_linear")
     timed = [s for s in {tuple(w.shape) for w in fast.graph.params.values() if w.dim() == 2}
              if s[0] * s[1] * 4 >= cpu_linear.MIN_TIMED_BYTES]
@@ -70,3 +103,162 @@ def test_off_or_not_float32_keeps_f_linear():
     fast16 = fxforge.optimize(model16, (torch.randint(0, vocab, (2, 7)),))
     stats16 = next(s for s in fast16.runtime_stats if s.name == "cpu_linear")
     assert not stats16.rules and stats16.notes == []  # no float32 weights to consider
+
+
+def test_second_optimize_reads_the_cache_and_builds_the_same_plan(timing, tmp_path):
+    model, vocab, example = small_llama()
+    first = cpu_linear_stats(fxforge.optimize(model, example))
+    sweeps_first = timing[0]
+    second_model = fxforge.optimize(model, example)
+    second = cpu_linear_stats(second_model)
+    assert sweeps_first > 0 and timing[0] == sweeps_first  # the second call timed nothing
+    assert second.details["cpu_linear"]["choices"] == first.details["cpu_linear"]["choices"]
+    assert second.details["cpu_linear"]["column_major"] == first.details["cpu_linear"]["column_major"]
+    files = os.listdir(tmp_path / "cpu_linear")
+    assert len(files) == 1 and files[0].startswith("choices-") and files[0].endswith(".json")
+    path = str(tmp_path / "cpu_linear" / files[0])
+    assert first.details["cpu_linear"]["timed"] > 0 and f"saved to {path}" in first.notes[-1]
+    assert second.details["cpu_linear"]["timed"] == 0 and "read from the cache" in second.notes[-1]
+    assert path in second_model.report()
+    assert_matches_eager(model, second_model, vocab, [(1, 1), (2, 9)])
+
+
+def test_only_the_shapes_missing_from_the_cache_are_timed(timing):
+    model, vocab, example = small_llama()
+    fxforge.optimize(model, example)
+    wider_kv, _ = zoo.llama("sdpa", hidden=256, heads=4, kv_heads=4)  # another q/k/v shape, the rest alike
+    stats = cpu_linear_stats(fxforge.optimize(wider_kv, example))
+    source = stats.details["cpu_linear"]
+    assert (source["from_cache"], source["timed"]) == (3, 1)
+    assert "3 weight shapes read from the cache, 1 weight shape timed now" in stats.notes[-1]
+
+
+def test_measure_times_again_and_false_times_nothing(timing):
+    model, vocab, example = small_llama()
+    fxforge.optimize(model, example)
+    sweeps = timing[0]
+    again = cpu_linear_stats(fxforge.optimize(model, example, cpu_linear="measure"))
+    assert timing[0] > sweeps and again.details["cpu_linear"]["from_cache"] == 0
+    sweeps = timing[0]
+    fast = fxforge.optimize(model, example, cpu_linear=False)
+    assert timing[0] == sweeps and fast.runtime_stats == []
+    with pytest.raises(ValueError, match="cpu_linear="):
+        fxforge.optimize(model, example, cpu_linear="sometimes")
+
+
+@pytest.mark.parametrize("garbage", ["{not json", '{"format": 1, "fingerprint": {}, "choices": {}}',
+                                     "[1, 2]"])
+def test_a_corrupt_cache_file_warns_and_is_measured_again(timing, tmp_path, garbage):
+    model, vocab, example = small_llama()
+    fxforge.optimize(model, example)
+    (path,) = (tmp_path / "cpu_linear").iterdir()
+    path.write_text(garbage)
+    sweeps = timing[0]
+    with pytest.warns(CpuLinearCacheWarning, match="ignoring the cpu_linear cache file"):
+        fast = fxforge.optimize(model, example)
+    assert timing[0] > sweeps  # measured again ...
+    assert json.loads(path.read_text())["choices"]  # ... and the file repaired
+    assert_matches_eager(model, fast, vocab, [(1, 1), (2, 9)])
+
+
+@pytest.mark.filterwarnings("error::fxforge.runtime.cpu_linear_cache.CpuLinearCacheWarning")
+def test_an_unwritable_cache_folder_means_no_caching(timing, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")  # a folder inside a file cannot be made, even by root
+    monkeypatch.setenv(cpu_linear_cache.FOLDER_VARIABLE, str(tmp_path / "a_file" / "cpu_linear"))
+    model, vocab, example = small_llama()
+    stats = cpu_linear_stats(fxforge.optimize(model, example))
+    assert stats.details["cpu_linear"]["cache_error"] and "not cached" in stats.notes[-1]
+    sweeps = timing[0]
+    fxforge.optimize(model, example)
+    assert timing[0] > sweeps  # nothing was remembered
+    assert not [p for p in tmp_path.iterdir() if p.name != "a_file"]
+
+
+def test_concurrent_writers_leave_a_whole_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_linear_cache.FOLDER_VARIABLE, str(tmp_path))
+    fingerprint = {"cpu": "test", "method": {"version": 0}}
+    path = cpu_linear_cache.cache_file(fingerprint)
+    candidates = [("aten", "row"), ("onednn", "column")]
+
+    def writer(i):
+        decision = Decision("onednn", "column", 1.5, {"aten_row": 3.0, "onednn_column": 2.0}, 3)
+        for _ in range(20):
+            assert cpu_linear_cache.write_decisions(path, fingerprint, candidates,
+                                                    {cpu_linear_cache.shape_key((i, 64)): decision}) is None
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(1, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    decisions = cpu_linear_cache.read_decisions(path, fingerprint, candidates)
+    assert decisions and all(d.choice == ("onednn", "column") for d in decisions.values())
+    assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary files left behind
+
+
+def test_decide_keeps_f_linear_unless_clearly_and_consistently_faster():
+    row, col, dnn_row, dnn_col = ("aten", "row"), ("aten", "column"), ("onednn", "row"), ("onednn", "column")
+
+    def rounds(**medians):  # three rounds of the same time each
+        return {c: [medians["_".join(c)]] * 3 for c in (row, col, dnn_row, dnn_col)}
+
+    assert decide(rounds(aten_row=1.0, aten_column=0.97, onednn_row=0.98, onednn_column=0.96)).choice == row
+    assert decide(rounds(aten_row=1.0, aten_column=0.5, onednn_row=0.51, onednn_column=0.6)).choice == dnn_row
+    won = decide(rounds(aten_row=1.0, aten_column=0.9, onednn_row=0.8, onednn_column=0.5))
+    assert won.choice == dnn_col and won.speedup == pytest.approx(2.0)
+    assert won.median_us["onednn_column"] == pytest.approx(0.5e6)
+    # faster by the medians, but slower in one round of three: not a clear win on a busy machine
+    lucky = {row: [1.0, 1.0, 0.4], col: [0.5, 0.5, 0.9], dnn_row: [2.0] * 3, dnn_col: [2.0] * 3}
+    assert decide(lucky).choice == row
+    # time ran out after one round: too little to leave F.linear on
+    assert decide({row: [1.0], col: [0.1], dnn_row: [1.0], dnn_col: [1.0]}).choice == row
+
+
+def test_timing_stays_within_its_rounds_and_budget(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "COLD_BYTES", 1 << 20)
+    monkeypatch.setattr(cpu_linear, "_call_seconds", lambda kernel, x, weights: [1e-6] * len(weights))
+    candidates = cpu_linear.timing_candidates()
+    shapes = [(256, 256), (512, 256)]
+    counts = []
+    real = cpu_linear.round_seconds
+
+    def counting(*args):
+        out = real(*args)
+        counts.append({len(r) for r in out.values()})
+        return out
+
+    monkeypatch.setattr(cpu_linear, "round_seconds", counting)
+    cut_short = cpu_linear.measure_choices(shapes, candidates, budget_s=0.0)
+    assert counts == [{0}] * 2  # no time at all: nothing timed, F.linear kept
+    assert all(d.choice == cpu_linear.BASELINE and d.rounds == 0 for d in cut_short.values())
+    counts.clear()
+    cpu_linear.measure_choices(shapes, candidates, budget_s=60.0)
+    assert counts == [{cpu_linear.MAX_ROUNDS}] * 2  # plenty: the maximum, not more
+
+
+def test_a_much_slower_candidate_is_timed_twice(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "COLD_BYTES", 1 << 20)
+
+    def seconds(kernel, x, weights):
+        return [1e-3 if weights[0].stride()[0] == 1 else 1e-4] * len(weights)  # column-major: 10x slower
+
+    monkeypatch.setattr(cpu_linear, "_call_seconds", seconds)
+    candidates = [("aten", "row"), ("aten", "column")]
+    # F.linear is always timed to the end, however slow: every choice is compared with it
+    row_slow = {c: [1.0, 1.0] for c in candidates}
+    row_slow[("aten", "column")] = [0.1, 0.2]
+    assert cpu_linear._still_in_the_running(row_slow, candidates) == candidates
+    far = time.perf_counter() + 60
+    rounds = cpu_linear.round_seconds((256, 256), candidates, torch.zeros(1 << 18), far, far)
+    assert len(rounds[("aten", "column")]) == 2 and len(rounds[("aten", "row")]) == cpu_linear.MAX_ROUNDS
+    assert cpu_linear.decide(rounds).choice == ("aten", "row")
+
+
+def test_each_sweep_reads_memory_the_last_one_did_not():
+    buffer = torch.zeros(cpu_linear.COLD_BYTES // 4)
+    rows, columns = (cpu_linear.cold_weights(buffer, (512, 256), layout) for layout in ("row", "column"))
+    assert len(rows) == len(columns) >= 2 * cpu_linear.CALLS_PER_ROUND
+    first = cpu_linear._next_copies(rows, 0)
+    second = cpu_linear._next_copies(columns, len(first))  # the next candidate, the other layout
+    assert {w.data_ptr() for w in first}.isdisjoint(w.data_ptr() for w in second)
+    assert all(w.stride() == (1, 512) for w in columns) and all(w.is_contiguous() for w in rows)

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from fxforge.cache_dir import cache_dir as fxforge_cache_dir
+
 VOCAB = 256  # one token per byte value
 
 
@@ -205,8 +207,7 @@ def _train_steps(model, data: torch.Tensor, spec: ByteGPT2Spec, log_every: int) 
 def cache_path(spec: ByteGPT2Spec, data: torch.Tensor, cache_dir: str | None = None) -> str:
     """Where the weights of this spec are cached: the name hashes the spec, the torch
     version and the corpus (which changes with the Python version)."""
-    folder = cache_dir or os.environ.get("FXFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                            "fxforge")
+    folder = cache_dir or fxforge_cache_dir()
     key = json.dumps({"spec": asdict(spec), "torch": torch.__version__,
                       "corpus": hashlib.sha256(data.numpy().tobytes()).hexdigest()}, sort_keys=True)
     return os.path.join(folder, f"byte_gpt2-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")

@@ -1,14 +1,22 @@
 """CPU linear kernels: for each float32 weight shape, the library kernel and weight layout
-that run a one-token matrix-vector product fastest, chosen by timing them.
+that run a one-token matrix-vector product fastest, chosen by timing them once per machine.
 
 Why: decoding one token is a chain of matrix-vector products bound by reading weights.
-PyTorch's `F.linear` on the CPU calls the BLAS (MKL), which on our 2-core AMD EPYC reads a
+PyTorch's `F.linear` on the CPU calls the BLAS (MKL), which on a 2-core AMD EPYC read a
 row-major weight at about 15 GB/s; oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`,
-the kernel torch.compile's CPU freezing path uses) reads the same weight stored column-major
-at 30-40 GB/s, the machine's memory bandwidth, and is 2-3x faster at prefill sizes too.
-Which kernel and layout win depends on the CPU, the shape and the libraries, so nothing is
-assumed: each distinct shape is timed with the weights coming from memory, as in decoding,
-and F.linear on the weight as given stays unless another candidate is clearly faster.
+the kernel torch.compile's CPU freezing path uses) read the same weight stored column-major
+at 30-40 GB/s, the machine's memory bandwidth, and was 2-3x faster at prefill sizes too.
+On a 2-core Intel Xeon, MKL wins instead. Which kernel and layout win depends on the CPU,
+the shape and the libraries, so nothing is assumed: each distinct shape is timed with the
+weights coming from memory, as in decoding, and F.linear on the weight as given stays
+unless another candidate is clearly faster.
+
+Determinism: timing is noisy, and a program that depends on noise differs between two
+runs. So the measurement is robust (median of interleaved rounds, a time budget, a margin
+to leave F.linear and a fixed order among near ties), and its result is kept per machine
+(runtime/cpu_linear_cache.py): the first optimize() on a machine times and writes, every
+later one reads and builds the same program without timing. `cpu_linear="measure"` times
+again and overwrites; `cpu_linear=False` keeps F.linear without timing anything.
 
 The values never change, only strides and the kernel, so the IR and its text do not.
 Column-major weights are copies: the program no longer reads the model's own weights
@@ -16,6 +24,7 @@ Column-major weights are copies: the program no longer reads the model's own wei
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,17 +34,34 @@ import torch.nn.functional as F
 
 from ..ir.graph import Graph
 from ..passes.manager import PassStats
+from .cpu_linear_cache import (Decision, cache_file, machine_fingerprint, read_decisions, shape_key,
+                               write_decisions)
 
-# A candidate must beat F.linear on the row-major weight by this much: a near tie is noise.
+BASELINE = ("aten", "row")
+# Among candidates that tie (within TIE of the fastest), the first here wins: F.linear on
+# the weight as given, then the layouts that need no copy of the weights.
+PREFERENCE = [BASELINE, ("onednn", "row"), ("onednn", "column"), ("aten", "column")]
+TIE = 1.03
+# The chosen candidate must beat F.linear on the row-major weight by this much: a near tie is noise.
 MIN_SPEEDUP = 1.05
 # Bytes of weights each candidate is timed over: more than a server CPU's last-level cache,
 # so that the timing sees memory, not cache hits (it picks the wrong layout otherwise).
 COLD_BYTES = 40 << 20
 MAX_COPIES = 128
-# Weights smaller than this are not timed (F.linear stays): they sit in cache, a call costs
-# more than the read, and timing hundreds of tiny copies would cost more than it finds.
+# Weights smaller than this are not timed (F.linear stays): see _untimed_shapes.
 MIN_TIMED_BYTES = 256 << 10
-BASELINE = ("aten", "row")
+# Timing rounds per shape: at least MIN_ROUNDS (a median of 3 outvotes one disturbed
+# round), more while the budget for the whole model lasts.
+MIN_ROUNDS, MAX_ROUNDS = 3, 9
+CALLS_PER_ROUND = 16
+DROP_SLOWER = 3.0
+MIN_WINS = 0.75
+# Timing time per model: no round starts after TIME_BUDGET_S, and rounds past MIN_ROUNDS
+# stop at TARGET_SHARE of it, which leaves room for the minimum on a busy machine.
+TIME_BUDGET_S = 0.5
+TARGET_SHARE = 0.5
+# Part of the cache's fingerprint: bump it when the measurement or the rule changes.
+METHOD_VERSION = 2
 
 
 def onednn_linear(x, w, b=None):
@@ -74,22 +100,33 @@ class CpuLinearPlan:
         return out, moved, nbytes
 
 
-def plan_cpu_linears(graph: Graph) -> tuple[Graph, CpuLinearPlan, PassStats]:
-    """Time the candidates for every float32 weight shape of the graph's linears; return
-    the graph with weights in their chosen layout, the plan, and a report line."""
+def cpu_linear_mode(value) -> str | None:
+    """optimize()'s `cpu_linear` argument as a mode: "cached", "measure", or None (off)."""
+    if value is True or value == "cached":
+        return "cached"
+    if value is False:
+        return None
+    if value == "measure":
+        return "measure"
+    raise ValueError(f"cpu_linear={value!r}: expected True or \"cached\" (measure once per machine, then "
+                     f"reuse), \"measure\" (time again and update the cache), or False (F.linear, no timing)")
+
+
+def plan_cpu_linears(graph: Graph, mode: str = "cached") -> tuple[Graph, CpuLinearPlan, PassStats]:
+    """Choose a kernel and layout for every float32 weight shape of the graph's linears
+    (from this machine's cache, timing the shapes it lacks, or timing all of them when
+    `mode` is "measure"); return the graph with weights in their chosen layout, the plan,
+    and a report line."""
     start = time.perf_counter()
     names = _linear_weights(graph)
+    shapes = sorted({tuple(graph.params[n].shape) for n in names} - set(_untimed_shapes(graph, names)))
+    decisions, source = _decisions(shapes, mode) if shapes else ({}, {})
     plan = CpuLinearPlan()
-    kernels = [k for k in KERNELS if k != "onednn" or onednn_available()]
-    for shape in sorted({tuple(graph.params[n].shape) for n in names}):
-        if shape[0] * shape[1] * 4 < MIN_TIMED_BYTES:
-            continue
-        times = {(k, layout): _cold_time(KERNELS[k], shape, layout) for k in kernels for layout in ("row", "column")}
-        best = min(times, key=times.get)
-        speedup = times[BASELINE] / times[best]
-        if best != BASELINE and speedup >= MIN_SPEEDUP:
-            plan.choices[shape] = best
-            plan.speedups[shape] = speedup
+    for shape in shapes:
+        decision = decisions[shape_key(shape)]
+        if decision.choice != BASELINE:
+            plan.choices[shape] = decision.choice
+            plan.speedups[shape] = decision.speedup
     out, moved, nbytes = plan.apply(graph)
     picked = Counter("_".join(plan.choices[shape]) for shape in (tuple(graph.params[n].shape) for n in names)
                      if shape in plan.choices)
@@ -103,10 +140,198 @@ def plan_cpu_linears(graph: Graph) -> tuple[Graph, CpuLinearPlan, PassStats]:
     elif names:
         notes.append(f"F.linear kept for all {len(names)} float32 linear weights (none faster, or under "
                      f"{MIN_TIMED_BYTES >> 10} KiB)")
+    if source:
+        notes.append(_source_note(source))
     stats = PassStats("cpu_linear", time.perf_counter() - start, len(graph.nodes), len(out.nodes), rules=picked,
                       notes=notes, details={"cpu_linear": {"choices": dict(plan.choices), "column_major": moved,
-                                                           "bytes": nbytes}})
+                                                           "bytes": nbytes, **source}})
     return out, plan, stats
+
+
+def _untimed_shapes(graph: Graph, names: list[str]) -> list[tuple[int, int]]:
+    """Weights too small to be worth timing: they sit in cache, a call costs more than the
+    read, and timing hundreds of tiny copies would cost more than it finds."""
+    shapes = {tuple(graph.params[n].shape) for n in names}
+    return [s for s in shapes if s[0] * s[1] * 4 < MIN_TIMED_BYTES]
+
+
+def _decisions(shapes: list[tuple[int, int]], mode: str) -> tuple[dict[str, Decision], dict]:
+    """The decision for every shape, by shape_key, and where they came from: this
+    machine's cache file, or timing now (then written to the file)."""
+    candidates = timing_candidates()
+    fingerprint = machine_fingerprint(timing_method(candidates))
+    path = cache_file(fingerprint)
+    known = read_decisions(path, fingerprint, candidates) if mode == "cached" else {}
+    missing = [s for s in shapes if shape_key(s) not in known]
+    timing_start = time.perf_counter()
+    timed = {shape_key(s): d for s, d in measure_choices(missing, candidates).items()}
+    decisions = {**known, **timed}
+    source = {"from_cache": len(shapes) - len(missing), "timed": len(missing),
+              "timing_seconds": time.perf_counter() - timing_start, "cache_file": path, "cache_error": None,
+              "cut_short": sum(decisions[shape_key(s)].rounds < MIN_ROUNDS for s in shapes)}
+    if timed:
+        source["cache_error"] = write_decisions(path, fingerprint, candidates, timed)
+    return decisions, source
+
+
+def _source_note(source: dict) -> str:
+    """Says where the choices came from, so that a report tells a measured program from a
+    remembered one."""
+    cached, timed = source["from_cache"], source["timed"]
+    if not timed:
+        note = f"choices for {_shapes(cached)} read from the cache (nothing timed): {source['cache_file']}"
+    else:
+        note = f"{_shapes(timed)} timed now ({source['timing_seconds']:.2f} s)"
+        if cached:
+            note = f"{_shapes(cached)} read from the cache, {note}"
+        if source["cache_error"]:
+            note = f"{note}; not cached ({source['cache_error']})"
+        else:
+            note = f"{note}, saved to {source['cache_file']}"
+    if source["cut_short"]:
+        note += (f"; {_shapes(source['cut_short'])} kept F.linear because the timing budget ran out (a busy "
+                 f"machine?); cpu_linear=\"measure\" times them again")
+    return note
+
+
+def _shapes(n: int) -> str:
+    return f"{n} weight shape{'' if n == 1 else 's'}"
+
+
+def timing_candidates() -> list[tuple[str, str]]:
+    """(kernel, layout) pairs this build can run, in PREFERENCE order."""
+    kernels = {k for k in KERNELS if k != "onednn" or onednn_available()}
+    return [c for c in PREFERENCE if c[0] in kernels]
+
+
+def timing_method(candidates) -> dict:
+    """Everything about the measurement that could change its answer: part of the cache's
+    fingerprint, so that changing it measures again instead of trusting old choices."""
+    return {"version": METHOD_VERSION, "candidates": ["_".join(c) for c in candidates],
+            "cold_bytes": COLD_BYTES, "max_copies": MAX_COPIES, "min_speedup": MIN_SPEEDUP, "tie": TIE,
+            "min_wins": MIN_WINS, "calls_per_round": CALLS_PER_ROUND, "min_rounds": MIN_ROUNDS}
+
+
+def measure_choices(shapes: list[tuple[int, int]], candidates: list[tuple[str, str]],
+                    budget_s: float | None = None) -> dict[tuple[int, int], Decision]:
+    """Time every candidate on every shape and decide, in about TARGET_SHARE of `budget_s`
+    and starting no round after `budget_s` (so at most one round of one shape more): on a
+    busy machine a shape left without MIN_ROUNDS rounds keeps F.linear (cut short), rather
+    than optimize() taking seconds."""
+    if not shapes:
+        return {}
+    budget_s = TIME_BUDGET_S if budget_s is None else budget_s
+    start = time.perf_counter()
+    # One buffer for every shape and layout: allocating (and zero-filling) tens of MiB per
+    # candidate cost more than the timing itself.
+    largest = max(s[0] * s[1] for s in shapes)
+    buffer = torch.zeros(max(COLD_BYTES // 4, largest))
+    deadline, hard_stop = start + TARGET_SHARE * budget_s, start + budget_s
+    decisions = {}
+    # The largest weights first: they take most of a decoding step, so they get the time.
+    shapes = sorted(shapes, key=lambda s: (-s[0] * s[1], s))
+    for i, shape in enumerate(shapes):
+        shape_stop = time.perf_counter() + max(0.0, deadline - time.perf_counter()) / (len(shapes) - i)
+        decisions[shape] = decide(round_seconds(shape, candidates, buffer, shape_stop, hard_stop))
+    return decisions
+
+
+def decide(rounds: dict[tuple[str, str], list[float]]) -> Decision:
+    """The choice from each candidate's seconds per call in each round. A candidate's time
+    is its median over rounds; those within TIE of the fastest count as equally fast and
+    the first of them in PREFERENCE wins (F.linear as given first, then layouts that need
+    no copy). Leaving F.linear takes a MIN_SPEEDUP margin and beating it in most rounds
+    timed side by side (MIN_WINS): on a busy machine one lucky round is not a win, and
+    noise alone should not move a choice off the default. Fewer than MIN_ROUNDS rounds
+    (time ran out) keep F.linear too."""
+    completed = max(len(r) for r in rounds.values())
+    if completed < MIN_ROUNDS:
+        return Decision(*BASELINE, 1.0, {}, completed)
+    medians = {c: statistics.median(r) for c, r in rounds.items()}
+    fastest = min(medians.values())
+    tied = [c for c in PREFERENCE if c in medians and medians[c] <= fastest * TIE]
+    choice = tied[0]
+    speedup = medians[BASELINE] / medians[choice]
+    if choice != BASELINE and (speedup < MIN_SPEEDUP or _win_share(rounds[choice], rounds[BASELINE]) < MIN_WINS):
+        choice = BASELINE
+    return Decision(choice[0], choice[1], speedup if choice != BASELINE else 1.0,
+                    {"_".join(c): t * 1e6 for c, t in medians.items()}, completed)
+
+
+def _win_share(candidate: list[float], baseline: list[float]) -> float:
+    """The share of the rounds timed for both in which `candidate` was faster."""
+    pairs = list(zip(candidate, baseline))
+    return sum(c < b for c, b in pairs) / len(pairs)
+
+
+def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buffer: torch.Tensor,
+                  stop: float, hard_stop: float) -> dict[tuple[str, str], list[float]]:
+    """Seconds of a one-row call of each candidate on `shape`, one figure per round: the
+    median of its calls in that round. A round calls every candidate CALLS_PER_ROUND times
+    on cold weights (_next_copies), in an order rotated per round, so that
+    load from elsewhere hits all candidates alike. The median of the calls, not their sum:
+    on a shared machine another process's time slice spoils a few calls, not their median.
+    At least MIN_ROUNDS rounds, more (up to MAX_ROUNDS) until `stop`; none started after
+    `hard_stop`. A candidate far slower than the fastest after two rounds is not timed
+    again (_still_in_the_running)."""
+    rounds: dict[tuple[str, str], list[float]] = {c: [] for c in candidates}
+    if time.perf_counter() >= hard_stop:
+        return rounds
+    weights = {layout: cold_weights(buffer, shape, layout) for layout in {c[1] for c in candidates}}
+    x = torch.randn(1, shape[1])
+    for kernel, layout in candidates:  # oneDNN builds its primitive on the first call of a shape
+        KERNELS[kernel](x, weights[layout][0])
+    timed, cursor = list(candidates), 0
+    for round_ in range(MAX_ROUNDS):
+        order = timed[round_ % len(timed):] + timed[:round_ % len(timed)]
+        for kernel, layout in order:
+            some = _next_copies(weights[layout], cursor)
+            cursor += len(some)
+            rounds[(kernel, layout)].append(statistics.median(_call_seconds(KERNELS[kernel], x, some)))
+        if round_ == 1:
+            timed = _still_in_the_running(rounds, timed)
+        now = time.perf_counter()
+        if now >= hard_stop or (round_ + 1 >= MIN_ROUNDS and now >= stop):
+            break
+    return rounds
+
+
+def _still_in_the_running(rounds: dict[tuple[str, str], list[float]], timed: list[tuple[str, str]]):
+    """The candidates worth more rounds: F.linear (every decision compares with it) and
+    those whose best round so far is within DROP_SLOWER of the best of all. Noise only
+    ever adds time, so a best round that slow is the kernel, not a busy moment."""
+    best = min(min(r) for r in rounds.values() if r)
+    return [c for c in timed if c == BASELINE or min(rounds[c]) <= best * DROP_SLOWER]
+
+
+def _next_copies(weights: list[torch.Tensor], cursor: int) -> list[torch.Tensor]:
+    """The CALLS_PER_ROUND copies from `cursor` on, cyclically. The row- and column-major
+    copies are views of the same memory, so one cursor for all candidates makes each read
+    memory that every other copy was read after: none finds the last one's in the cache."""
+    n = min(CALLS_PER_ROUND, len(weights))
+    return [weights[(cursor + i) % len(weights)] for i in range(n)]
+
+
+def cold_weights(buffer: torch.Tensor, shape: tuple[int, int], layout: str) -> list[torch.Tensor]:
+    """Views of `buffer` as weights of `shape` in `layout`, enough of them to overflow a
+    server CPU's last-level cache: decoding reads every weight from memory once per token."""
+    out_features, in_features = shape
+    n = out_features * in_features
+    copies = min(MAX_COPIES, max(1, COLD_BYTES // (n * 4)))
+    flat = [buffer[i * n:(i + 1) * n] for i in range(copies)]
+    if layout == "row":
+        return [w.view(out_features, in_features) for w in flat]
+    return [w.view(in_features, out_features).t() for w in flat]
+
+
+def _call_seconds(kernel, x, weights) -> list[float]:
+    """Seconds of each call of `kernel` on `x`, one call per weight of `weights`."""
+    times = []
+    for w in weights:
+        start = time.perf_counter()
+        kernel(x, w)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def onednn_available() -> bool:
@@ -129,27 +354,3 @@ def _linear_weights(graph: Graph) -> list[str]:
             if w is not None and w.dim() == 2 and w.dtype == torch.float32 and w.device.type == "cpu":
                 seen[name] = None
     return list(seen)
-
-
-def _cold_time(kernel, shape: tuple[int, int], layout: str, repeat: int = 2) -> float:
-    """Seconds per call of `kernel` on one row, over enough weight copies to overflow the
-    last-level cache (every weight is read once per token from memory when decoding)."""
-    out_features, in_features = shape
-    copies = min(MAX_COPIES, max(1, COLD_BYTES // (out_features * in_features * 4)))
-    if layout == "row":
-        weights = [torch.zeros(out_features, in_features) for _ in range(copies)]
-    else:
-        weights = [torch.zeros(in_features, out_features).t() for _ in range(copies)]
-    x = torch.randn(1, in_features)
-
-    def sweep():
-        for w in weights:
-            kernel(x, w)
-
-    sweep()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        sweep()
-        best = min(best, time.perf_counter() - start)
-    return best / copies

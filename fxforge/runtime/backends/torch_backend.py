@@ -14,9 +14,11 @@ from .base import Backend
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, device, cpu_linear: bool = True):
+    def __init__(self, device, cpu_linear: bool | str | None = True):
+        from ..cpu_linear import cpu_linear_mode
+
         super().__init__(device)
-        self.cpu_linear = cpu_linear
+        self.cpu_linear = cpu_linear if cpu_linear is None else cpu_linear_mode(cpu_linear)  # "cached" | "measure" | None
 
     def kernel_ops(self) -> dict:
         from ..torch_kernels import attention_sdpa, quant_linear_op
@@ -31,7 +33,7 @@ class TorchBackend(Backend):
 
         overrides, stats = {}, []
         if self.cpu_linear:
-            graph, plan, linear_stats = plan_cpu_linears(graph)
+            graph, plan, linear_stats = plan_cpu_linears(graph, self.cpu_linear)
             overrides["linear"] = plan.linear
             stats.append(linear_stats)
         int4_plan, int4_stats = plan_cpu_int4(graph)
