@@ -3,12 +3,12 @@
     fast = fxforge.optimize(model, example_inputs=(input_ids,))
     fast(input_ids); print(fast.report()); print(fast.ir); fast.dump("out/")
 """
-from .api import optimize, register_pass, unregister_pass
+from .api import load_ir, optimize, register_pass, unregister_pass
 from .ir import CaptureError, Graph, IRCheckError, ParseError, capture, parse, typecheck
 from .runtime.backends import register_backend, unregister_backend
 from .runtime.module import OptimizedModel
 
-__all__ = ["optimize", "capture", "register_pass", "unregister_pass", "register_backend", "unregister_backend",
+__all__ = ["optimize", "load_ir", "capture", "register_pass", "unregister_pass", "register_backend", "unregister_backend",
            "OptimizedModel", "Graph", "parse",
            "typecheck", "CaptureError", "IRCheckError", "ParseError"]
 __version__ = "0.1.0"

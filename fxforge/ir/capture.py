@@ -464,6 +464,19 @@ def _positional_names(model, count: int) -> tuple:
     return tuple(names)
 
 
+def positional_call_spec(graph: Graph) -> CallSpec:
+    """The call spec of a graph with no model behind it (a parsed .ir): its user inputs,
+    positionally, in order; its outputs as one tensor or a tuple."""
+    from .roles import user_inputs
+
+    users = user_inputs(graph)
+    _, in_spec = pytree.tree_flatten((tuple(range(len(users))), {}))
+    outs = tuple(range(len(graph.outputs)))
+    _, out_spec = pytree.tree_flatten(outs[0] if len(outs) == 1 else outs)
+    return CallSpec(in_spec, [("tensor", graph.inputs.index(v)) for v in users], out_spec,
+                    [("value", i) for i in outs], {}, (), tuple(v.hint or f"in{i}" for i, v in enumerate(users)))
+
+
 def _positional_by_keyword(spec: CallSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Arguments captured by position but passed by keyword go back to their position."""
     missing = spec.positional_names[len(args):]
