@@ -22,7 +22,7 @@ demo: setup
 	$(PY) examples/quickstart.py
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
