@@ -15,7 +15,7 @@ from fxforge.ir.builder import Builder  # noqa: E402
 from fxforge.ir.graph import Value  # noqa: E402
 from fxforge.ir.ops import OPS  # noqa: E402
 from fxforge.ir.types import TensorType, symbol  # noqa: E402
-from fxforge.passes.cleanup import dead_code_elimination  # noqa: E402
+from fxforge.ir.edit import dead_code_elimination  # noqa: E402
 from fxforge.passes.fuse_elementwise import find_cycle, fuse_elementwise  # noqa: E402
 from fxforge.passes.manager import PassContext  # noqa: E402
 from fxforge.runtime.backends import op_table  # noqa: E402

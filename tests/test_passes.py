@@ -8,7 +8,8 @@ import torch
 import fxforge
 from fxforge.ir import parse, typecheck
 from fxforge.passes import PassInfo, default_registry
-from fxforge.passes.cleanup import cleanup, common_subexpression_elimination, dead_code_elimination
+from fxforge.ir.edit import dead_code_elimination
+from fxforge.passes.cleanup import cleanup, common_subexpression_elimination
 from fxforge.passes.manager import PassContext, run_pipeline
 from fxforge.passes.pattern import Rule, apply_rules, attr, const, either, op, var
 

@@ -10,23 +10,12 @@ from collections import Counter
 import sympy
 import torch
 
+from ..ir.edit import dead_code_elimination
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, is_pure
 from ..ir.printer import format_attrs
 from .pattern import Rule, apply_rules, attr, const, op, var  # noqa: F401
 from .shape_eval import substitute_sizes
-
-
-def dead_code_elimination(graph: Graph) -> Graph:
-    live = set(graph.outputs)
-    kept: list[Node] = []
-    for node in reversed(graph.nodes):
-        if any(v in live for v in node.outputs) or not is_pure(node):
-            kept.append(node)
-            live.update(node.inputs)
-    if len(kept) == len(graph.nodes):
-        return graph
-    return graph.with_nodes(reversed(kept)).prune_params()
 
 
 def common_subexpression_elimination(graph: Graph, stats: Counter | None = None) -> Graph:

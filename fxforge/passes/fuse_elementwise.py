@@ -17,6 +17,7 @@ from __future__ import annotations
 import networkx as nx
 import torch
 
+from ..ir.edit import dead_code_elimination
 from ..ir.graph import Graph, Node, Value
 from ..codegen.pointwise import POW_EXPONENTS
 from ..ir.ops import OPS
@@ -295,7 +296,5 @@ def fuse_elementwise(graph: Graph, ctx=None) -> Graph:
         ctx.rules["fused_group"] += len(groups)
         ctx.rules["ops_fused"] += sum(len(g) for g in groups)
         ctx.note(f"{len(groups)} fused kernels replace {sum(len(g) for g in groups)} pointwise ops")
-    from .cleanup import dead_code_elimination
-
     return dead_code_elimination(graph.with_nodes(new_nodes))
 

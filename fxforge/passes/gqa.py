@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ir.builder import Builder
+from ..ir.edit import dead_code_elimination, retyped
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS
 
@@ -518,8 +519,6 @@ def rewrite(graph: Graph, layers: list[Layer], G: int) -> tuple[Graph, dict]:
             nodes.extend(bld.nodes)
             renamed[proj.out] = y
     g = out.with_nodes(nodes, [renamed.get(v, v) for v in graph.outputs])
-    from .cleanup import dead_code_elimination
-
     return dead_code_elimination(g), {"orders": orders, "attn": new_attn, "out": block_out}
 
 
@@ -533,16 +532,7 @@ def _retyped(node: Node, inputs: tuple, renamed: dict) -> Node:
         if len(shape) >= 2 and shape[-1] * shape[-2] == old_width:
             shape[-2] = new_width // shape[-1]
         attrs = {**attrs, "shape": tuple(shape)}
-    types = OPS[node.op].infer([v.type for v in inputs], attrs)
-    outputs = []
-    for t, old in zip(types, node.outputs):
-        if t.same_as(old.type):
-            outputs.append(old)
-        else:
-            new = Value(t, old.hint)
-            renamed[old] = new
-            outputs.append(new)
-    return Node(node.op, inputs, attrs, tuple(outputs), node.meta)
+    return retyped(node, inputs, renamed, attrs)[0]
 
 
 # -- the pass --------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import sympy
 import torch
 
 from ..ir import roles
+from ..ir.edit import dead_code_elimination, retyped
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, causal_keep
 from ..ir.types import SymType, TensorType, dims_equal, symbol
@@ -160,8 +161,6 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
 
     cache_len = _fresh_symbol(graph, CACHE_LEN)
     cache_size = _fresh_symbol(graph, CACHE_SIZE)
-    from .cleanup import dead_code_elimination
-
     new_graph, per_row, table_limit = _rewrite_positions(graph, seq, batch, cache_len)
     new_graph = dead_code_elimination(new_graph)
     new_graph, layers, bytes_per_token = _rewrite_attention(new_graph, seq, batch, cache_len, cache_size, config)
@@ -310,29 +309,25 @@ def _retype(graph: Graph, replace: dict[Value, Value]) -> Graph | None:
             nodes.append(node)
             continue
         inputs = tuple(renamed.get(v, v) for v in node.inputs)
+        if OPS[node.op].kind == "opaque":
+            return None  # its types are recorded, not derived: they cannot follow the positions
         try:
-            types = OPS[node.op].infer([v.type for v in inputs], node.attrs)
+            new_node, changed = retyped(node, inputs, renamed)
         except Exception:
             return None
-        if types is None or len(types) != len(node.outputs):
-            return None
-        outputs = []
-        for t, old in zip(types, node.outputs):
-            if t.same_as(old.type):
-                outputs.append(old)
-                continue
-            kind = OPS[node.op].kind
-            if kind not in _ROW_SAFE_KINDS and node.op not in _ROW_SAFE_OPS:
+        if any(changed):
+            if not _row_safe(node):
                 return None
-            if node.op == "cat" and node.attrs["dim"] % old.rank == 0:
+            if node.op == "cat" and node.attrs["dim"] % node.outputs[0].rank == 0:
                 return None
-            new = Value(t, old.hint)
-            renamed[old] = new
-            outputs.append(new)
-        nodes.append(Node(node.op, inputs, node.attrs, tuple(outputs), node.meta))
+        nodes.append(new_node)
     if any(v in renamed for v in graph.outputs):
         return None
     return graph.with_nodes(nodes)
+
+
+def _row_safe(node: Node) -> bool:
+    return OPS[node.op].kind in _ROW_SAFE_KINDS or node.op in _ROW_SAFE_OPS
 
 
 def _position_table_limit(graph: Graph, limit, positions, seq, cache_len) -> int | None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..ir.builder import Builder
+from ..ir.edit import dead_code_elimination
 from ..ir.graph import Graph, Node, Value
 
 
@@ -225,8 +226,6 @@ def apply_rules(graph: Graph, rules: Sequence[Rule], stats: Counter | None = Non
     tries the rules at each single-result node; a replacement's new nodes go right after
     the matched root (they only read values defined before it), the root's result is
     renamed to the replacement's, and dead nodes are swept away at the end."""
-    from .cleanup import dead_code_elimination
-
     stats = Counter() if stats is None else stats
     for _ in range(max_sweeps):
         uses = graph.use_counts()
