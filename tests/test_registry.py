@@ -100,3 +100,17 @@ def test_signature_declarations_are_checked_when_an_op_is_built():
         OpDef("bad", "other", lambda t, a: None, lambda x: x, attrs="dim int")
     with pytest.raises(ValueError, match="bad arity"):
         OpDef("bad", "other", lambda t, a: None, lambda x: x, arity=(2, 1))
+
+
+def test_traits_are_declared_on_the_entries():
+    """Passes ask the registry (OpDef.has), not tuples of their own."""
+    from fxforge.ir.ops import TRAITS, is_pure
+    from fxforge.ir.graph import Node
+
+    assert {n for n, o in OPS.items() if o.has("stateful")} == {"kv_append"}
+    assert not is_pure(Node("kv_append", (), {}, ()))
+    assert {n for n, o in OPS.items() if o.has("needs_device")} == {"const", "arange", "full"}
+    assert all(o.has("row_safe") for o in OPS.values() if o.kind == "pointwise")
+    assert set().union(*(o.traits for o in OPS.values())) <= set(TRAITS)
+    with pytest.raises(ValueError, match="unknown trait"):
+        OpDef("x", "other", lambda t, a: t, lambda x: x, traits={"fast"})

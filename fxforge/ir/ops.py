@@ -27,6 +27,14 @@ from .signature import AttrSpec, check_arity, parse_attr_specs, signature_proble
 from .types import TensorType, Type, as_dim, broadcast_shapes, dims_equal, promote
 
 KINDS = ("pointwise", "reduction", "view", "matmul", "creation", "constant", "fused", "opaque", "other")
+# What passes ask of an op, said once on its entry instead of in a tuple inside each pass:
+#   stateful       writes a state buffer: never merged, folded or dropped (kv_append)
+#   needs_device   makes a tensor from nothing: its reference takes device= (const, arange, full)
+#   row_safe       a new leading (batch) dim flows through it row by row; every pointwise op
+#                  is (kv_cache substitutes per-row positions only through these)
+#   row_reduction  reduces over explicit dims: a row kernel can take it over the last dim
+#   row_op         whole row in, whole row out (softmax, norms): a row kernel can take it
+TRAITS = ("stateful", "needs_device", "row_safe", "row_reduction", "row_op")
 
 
 @dataclass(frozen=True)
@@ -40,12 +48,21 @@ class OpDef:
     doc: str = ""
     arity: tuple[int, int | None] = (1, 1)
     attrs: str = ""
+    traits: frozenset = frozenset()  # names from TRAITS
     # `attrs` parsed once, when the entry is built (so a typo in a declaration fails early)
     attr_specs: dict[str, AttrSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "arity", check_arity(self.arity))
         object.__setattr__(self, "attr_specs", parse_attr_specs(self.attrs))
+        traits = frozenset(self.traits) | ({"row_safe"} if self.kind == "pointwise" else set())
+        unknown = traits - set(TRAITS)
+        if unknown:
+            raise ValueError(f"op {self.name}: unknown trait(s) {sorted(unknown)}; traits are {TRAITS}")
+        object.__setattr__(self, "traits", traits)
+
+    def has(self, trait: str) -> bool:
+        return trait in self.traits
 
 
 class IRTypeError(TypeError):
@@ -589,7 +606,7 @@ REDUCE = "dims: ints, keepdim: bool"
 OPS_LIST: list[OpDef] = [
     # constants
     OpDef("const", "constant", infer_const, _const, triton="{value}", doc="a 0-dim constant",
-          arity=(0, 0), attrs="value: scalar, dtype: dtype"),
+          arity=(0, 0), attrs="value: scalar, dtype: dtype", traits={"needs_device"}),
     # pointwise (the arity comes from the template)
     _pw("add", torch.add, "{0} + {1}"),
     _pw("sub", torch.sub, "{0} - {1}"),
@@ -626,35 +643,42 @@ OPS_LIST: list[OpDef] = [
     _pw("cast", _cast, "{0}.to({dtype})", infer_cast, attrs="dtype: dtype"),
     _pw("where", torch.where, "tl.where({0}, {1}, {2})", infer_where),
     # reductions (over explicit dims)
-    OpDef("sum", "reduction", infer_sum, _sum, attrs=f"{REDUCE}, dtype?: dtype|none"),
-    OpDef("mean", "reduction", infer_mean, _mean, attrs=f"{REDUCE}, dtype?: dtype|none"),
-    OpDef("amax", "reduction", infer_minmax_reduce, _amax, attrs=REDUCE),
-    OpDef("amin", "reduction", infer_minmax_reduce, _amin, attrs=REDUCE),
-    OpDef("softmax", "reduction", infer_softmax, _softmax, attrs="dim: int, dtype?: dtype|none"),
+    OpDef("sum", "reduction", infer_sum, _sum, attrs=f"{REDUCE}, dtype?: dtype|none", traits={"row_reduction"}),
+    OpDef("mean", "reduction", infer_mean, _mean, attrs=f"{REDUCE}, dtype?: dtype|none", traits={"row_reduction"}),
+    OpDef("amax", "reduction", infer_minmax_reduce, _amax, attrs=REDUCE, traits={"row_reduction"}),
+    OpDef("amin", "reduction", infer_minmax_reduce, _amin, attrs=REDUCE, traits={"row_reduction"}),
+    OpDef("softmax", "reduction", infer_softmax, _softmax, attrs="dim: int, dtype?: dtype|none", traits={"row_op"}),
     OpDef("log_softmax", "reduction", infer_softmax, _log_softmax, attrs="dim: int, dtype?: dtype|none"),
     OpDef("layer_norm", "reduction", infer_norm, _layer_norm, arity=(1, 3),
-          attrs="shape: sizes, eps: float, weight: bool, bias: bool", doc="layer_norm(x, [weight], [bias])"),
+          attrs="shape: sizes, eps: float, weight: bool, bias: bool", doc="layer_norm(x, [weight], [bias])",
+          traits={"row_op"}),
     OpDef("rms_norm", "reduction", infer_norm, _rms_norm, arity=(1, 2),
-          attrs="shape: sizes, eps: float|none, weight: bool", doc="rms_norm(x, [weight])"),
+          attrs="shape: sizes, eps: float|none, weight: bool", doc="rms_norm(x, [weight])", traits={"row_op"}),
     # views and data movement
     OpDef("view", "view", infer_view, lambda x, *, shape: x.reshape(tuple(shape)), doc="reshape (copies when it must)",
           attrs="shape: sizes"),
-    OpDef("permute", "view", infer_permute, lambda x, *, dims: x.permute(tuple(dims)), attrs="dims: ints"),
+    OpDef("permute", "view", infer_permute, lambda x, *, dims: x.permute(tuple(dims)), attrs="dims: ints",
+          traits={"row_safe"}),
     OpDef("expand", "view", infer_expand, lambda x, *, shape: x.expand(tuple(shape)), attrs="shape: sizes"),
-    OpDef("slice", "view", infer_slice, _slice, attrs="dim: int, start: size, end: size|none, step: int"),
+    OpDef("slice", "view", infer_slice, _slice, attrs="dim: int, start: size, end: size|none, step: int",
+          traits={"row_safe"}),
     OpDef("select", "view", infer_select, lambda x, *, dim, index: x.select(dim, index), attrs="dim: int, index: size"),
-    OpDef("unsqueeze", "view", infer_unsqueeze, lambda x, *, dim: x.unsqueeze(dim), attrs="dim: int"),
+    OpDef("unsqueeze", "view", infer_unsqueeze, lambda x, *, dim: x.unsqueeze(dim), attrs="dim: int",
+          traits={"row_safe"}),
     OpDef("squeeze", "view", infer_squeeze, lambda x, *, dims: x.squeeze(tuple(dims)) if dims else x,
           attrs="dims: ints"),
-    OpDef("cat", "other", infer_cat, lambda *xs, dim: torch.cat(xs, dim), arity=(1, VARIADIC), attrs="dim: int"),
+    OpDef("cat", "other", infer_cat, lambda *xs, dim: torch.cat(xs, dim), arity=(1, VARIADIC), attrs="dim: int",
+          traits={"row_safe"}),
     # matmul family
-    OpDef("matmul", "matmul", infer_matmul, torch.matmul, arity=(2, 2)),
+    OpDef("matmul", "matmul", infer_matmul, torch.matmul, arity=(2, 2), traits={"row_safe"}),
     OpDef("linear", "matmul", infer_linear, _linear, arity=(2, 3), doc="linear(x, weight, [bias])"),
-    OpDef("embedding", "other", infer_embedding, _embedding, arity=(2, 2), doc="embedding(weight, ids)"),
+    OpDef("embedding", "other", infer_embedding, _embedding, arity=(2, 2), doc="embedding(weight, ids)",
+          traits={"row_safe"}),
     # creation
     OpDef("arange", "creation", infer_arange, _arange, arity=(0, 0),
-          attrs="start: size|float, end: size|float, step: size|float, dtype: dtype"),
-    OpDef("full", "creation", infer_full, _full, arity=(0, 0), attrs="shape: sizes, value: scalar, dtype: dtype"),
+          attrs="start: size|float, end: size|float, step: size|float, dtype: dtype", traits={"needs_device"}),
+    OpDef("full", "creation", infer_full, _full, arity=(0, 0), attrs="shape: sizes, value: scalar, dtype: dtype",
+          traits={"needs_device"}),
     OpDef("tril", "other", infer_same, lambda x, *, diagonal: torch.tril(x, diagonal), attrs="diagonal: int"),
     OpDef("triu", "other", infer_same, lambda x, *, diagonal: torch.triu(x, diagonal), attrs="diagonal: int"),
     # attention as torch spells it, and as fxforge fuses it
@@ -665,10 +689,10 @@ OPS_LIST: list[OpDef] = [
           arity=(3, 4), attrs="causal: bool, scale: float"),
     OpDef("kv_append", "other", infer_kv_append, kv_append_reference, origin="kv_cache",
           doc="kv_append(cache, new) {start}: write new K or V at start, return cache[:, :, :start+T]; mutates",
-          arity=(2, 2), attrs="start: size"),
+          arity=(2, 2), attrs="start: size", traits={"stateful"}),
     OpDef("fused_pointwise", "fused", infer_fused_pointwise, fused_pointwise_reference, origin="fuse_elementwise",
           doc="a chain of pointwise ops run as one kernel; body lists the steps",
-          arity=(0, VARIADIC), attrs="body: tuple, outputs: strs, row?: int"),
+          arity=(0, VARIADIC), attrs="body: tuple, outputs: strs, row?: int", traits={"row_safe"}),
     OpDef("quant_linear", "fused", infer_quant_linear, quant_linear_reference, origin="quantize",
           doc="x @ dequantize(packed weight)^T [+ bias]; parts name the packed tensors",
           arity=(2, VARIADIC), attrs="parts: strs, qattrs: pairs, bias: bool"),
@@ -707,14 +731,12 @@ IMPURE_TARGETS = ("rand", "randn", "randint", "bernoulli", "dropout", "normal", 
                   "native_dropout", "copy_", "index_put_", "fill_", "empty")
 
 
-# IR ops that write to a state buffer: never merged, folded or dropped.
-STATEFUL_OPS = ("kv_append",)
-
-
 def is_pure(node) -> bool:
-    """Every IR op is a function of its inputs, except opaque calls to random or
-    mutating ATen ops (and, to be safe, any in-place op, whose name ends in '_')."""
-    if node.op in STATEFUL_OPS:
+    """Every IR op is a function of its inputs, except the stateful ones (they write a
+    buffer) and opaque calls to random or mutating ATen ops (and, to be safe, any in-place
+    op, whose name ends in '_')."""
+    op = OPS.get(node.op)
+    if op is not None and op.has("stateful"):
         return False
     if node.op != "torch_call":
         return True

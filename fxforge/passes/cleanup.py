@@ -67,7 +67,7 @@ def fold_constants(graph: Graph, stats: Counter | None = None) -> Graph:
         # sizes in attrs are sympy numbers here (static capture makes every size one);
         # torch ops take plain Python numbers only
         kwargs = substitute_sizes(dict(node.attrs), {})
-        if node.op in ("const", "arange", "full"):
+        if OPS[node.op].has("needs_device"):
             kwargs["device"] = device
         value = OPS[node.op].reference(*[known[v] for v in node.inputs], **kwargs)
         out = node.outputs[0]

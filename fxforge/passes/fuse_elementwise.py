@@ -38,8 +38,6 @@ def _fusible(node: Node, producers: dict | None = None, nodes=None) -> bool:
     return out.dtype.is_floating_point or out.dtype == torch.bool
 
 
-ROW_REDUCTIONS = ("sum", "mean", "amax", "amin")
-ROW_OPS = ("softmax", "layer_norm", "rms_norm")  # whole-row in, whole-row out
 MAX_ROW = 16384  # longest row one program holds (the codegen's BLOCK_N)
 
 
@@ -52,7 +50,7 @@ def row_length(node: Node):
     if not x.dtype.is_floating_point or node.outputs[0].dtype != x.dtype or x.rank == 0:
         return None
     last = x.rank - 1
-    if node.op in ROW_REDUCTIONS:
+    if OPS[node.op].has("row_reduction"):
         ok = tuple(node.attrs["dims"]) == (last,) and node.attrs["keepdim"] and not node.attrs.get("dtype")
     elif node.op == "softmax":
         ok = node.attrs["dim"] == last and not node.attrs.get("dtype")

@@ -47,9 +47,6 @@ from ..ir.types import SymType, TensorType, dims_equal, symbol
 CACHE_LEN, POSITIONS, KV_BIAS = "L", "kv_positions", "kv_bias"
 CACHE_SIZE = "S"  # the symbolic length of the state buffers
 
-# Ops through which per-row positions may flow: they treat a leading dim as a batch.
-_ROW_SAFE_KINDS = ("pointwise",)
-_ROW_SAFE_OPS = ("cast", "unsqueeze", "embedding", "matmul", "slice", "permute", "cat", "fused_pointwise")
 
 
 class KVCacheError(ValueError):
@@ -316,7 +313,7 @@ def _retype(graph: Graph, replace: dict[Value, Value]) -> Graph | None:
         except Exception:
             return None
         if any(changed):
-            if not _row_safe(node):
+            if not OPS[node.op].has("row_safe"):  # per-row positions flow through it
                 return None
             if node.op == "cat" and node.attrs["dim"] % node.outputs[0].rank == 0:
                 return None
@@ -324,10 +321,6 @@ def _retype(graph: Graph, replace: dict[Value, Value]) -> Graph | None:
     if any(v in renamed for v in graph.outputs):
         return None
     return graph.with_nodes(nodes)
-
-
-def _row_safe(node: Node) -> bool:
-    return OPS[node.op].kind in _ROW_SAFE_KINDS or node.op in _ROW_SAFE_OPS
 
 
 def _position_table_limit(graph: Graph, limit, positions, seq, cache_len) -> int | None:

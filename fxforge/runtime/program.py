@@ -221,10 +221,6 @@ def _inline_fused(node, ins: list[str], outs: list[str], lines: list[str], hoist
     return counter
 
 
-# Ops that make a tensor from nothing need to know where to put it.
-CREATION_OPS = ("const", "arange", "full")
-
-
 def _call(node, ins: list[str]) -> str:
     if node.op == "torch_call":
         a = node.attrs
@@ -232,7 +228,7 @@ def _call(node, ins: list[str]) -> str:
         kwargs = ", ".join(f"{k}={py_literal(v, ins)}" for k, v in a["kwargs"])
         return f"torch.ops.{a['target']}({', '.join(x for x in (args, kwargs) if x)})"
     attrs = ", ".join(f"{k}={py_literal(v)}" for k, v in node.attrs.items())
-    if node.op in CREATION_OPS:
+    if node.op in OPS and OPS[node.op].has("needs_device"):  # it makes a tensor from nothing: where?
         attrs += ", device=DEVICE"
     return f"op_{node.op}({', '.join(x for x in (', '.join(ins), attrs) if x)})"
 
