@@ -11,11 +11,11 @@ import sympy
 import torch
 
 from ..ir.edit import dead_code_elimination
+from ..ir.evaluate import eval_node
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, is_pure
 from ..ir.printer import format_attrs
 from .pattern import Rule, apply_rules, attr, const, op, var  # noqa: F401
-from .shape_eval import substitute_sizes
 
 
 def common_subexpression_elimination(graph: Graph, stats: Counter | None = None) -> Graph:
@@ -64,12 +64,9 @@ def fold_constants(graph: Graph, stats: Counter | None = None) -> Graph:
         if not evaluable:
             nodes.append(node)
             continue
-        # sizes in attrs are sympy numbers here (static capture makes every size one);
-        # torch ops take plain Python numbers only
-        kwargs = substitute_sizes(dict(node.attrs), {})
-        if OPS[node.op].has("needs_device"):
-            kwargs["device"] = device
-        value = OPS[node.op].reference(*[known[v] for v in node.inputs], **kwargs)
+        # (sizes in attrs are sympy numbers here, e.g. under static capture: the evaluator
+        # hands torch plain Python numbers)
+        value = eval_node(node, [known[v] for v in node.inputs], {}, device)[0]
         out = node.outputs[0]
         known[out] = value
         if node.op == "const" or value.numel() > FOLD_MAX_ELEMENTS or (not node.inputs and value.dim() > 0):

@@ -33,6 +33,7 @@ import torch
 
 from ..ir.builder import Builder
 from ..ir.edit import dead_code_elimination, retyped
+from ..ir.evaluate import evaluate
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS
 
@@ -282,15 +283,8 @@ def find_layers(graph: Graph) -> list[Layer]:
 
 # -- calibration ---------------------------------------------------------------------------
 def run_values(graph: Graph, values: list[Value], inputs: tuple) -> list[torch.Tensor]:
-    """Evaluate `values` of `graph` on `inputs` with the torch reference backend."""
-    from ..runtime.backends import op_table
-    from ..runtime.program import build_program
-
-    probe = graph.with_nodes(graph.nodes, outputs=values)
-    device = next(iter(graph.params.values())).device if graph.params else "cpu"
-    program = build_program(probe, op_table("torch"), device=device, filename="<fxforge gqa calibration>")
-    with torch.no_grad():
-        return list(program(*inputs))
+    """Evaluate `values` of `graph` on `inputs` (the IR's reference evaluator)."""
+    return evaluate(graph, inputs, values)
 
 
 def _calibration_inputs(graph: Graph, calibration) -> tuple | None:

@@ -43,7 +43,7 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, causal_keep
 from ..ir.types import SymType, TensorType, dims_equal, symbol
 
-# The inputs this pass appends, by hint; the runtime finds them by these names.
+# The names of the inputs this pass appends (the runtime finds them by their roles, ir/roles.py).
 CACHE_LEN, POSITIONS, KV_BIAS = "L", "kv_positions", "kv_bias"
 CACHE_SIZE = "S"  # the symbolic length of the state buffers
 

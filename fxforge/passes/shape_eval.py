@@ -11,26 +11,11 @@ import sympy
 import torch
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import OPS, is_pure
+from ..ir.evaluate import eval_node
+from ..ir.ops import is_pure
 
 # A mask subgraph is small; anything larger is not shape-only in practice.
 MAX_NODES = 400
-
-
-def substitute_sizes(value, sizes: dict):
-    """Attrs with sympy sizes -> plain ints for the given sizes."""
-    if isinstance(value, sympy.Basic):
-        out = value.subs(sizes)
-        if not out.is_number:
-            raise KeyError(f"no sample size for {out.free_symbols}")
-        return int(out) if out.is_integer else float(out)
-    if isinstance(value, tuple):
-        return tuple(substitute_sizes(v, sizes) for v in value)
-    if isinstance(value, list):
-        return [substitute_sizes(v, sizes) for v in value]
-    if isinstance(value, dict):
-        return {k: substitute_sizes(v, sizes) for k, v in value.items()}
-    return value
 
 
 def shape_only_nodes(value: Value, producers: dict[Value, Node]) -> list[Node] | None:
@@ -77,10 +62,7 @@ def evaluate(value: Value, producers: dict[Value, Node], graph: Graph, sizes: di
             args = []
             for v in node.inputs:
                 args.append(env[v] if v in env else graph.params[v.param].detach().cpu())
-            attrs = substitute_sizes(dict(node.attrs), sizes)
-            out = OPS[node.op].reference(*args, **attrs)
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            env.update(zip(node.outputs, outs))
+            env.update(zip(node.outputs, eval_node(node, args, sizes)))
     except (KeyError, RuntimeError, TypeError, ValueError, IndexError):
         return None
     if value.param:

@@ -1,0 +1,77 @@
+"""The IR's one evaluator: run nodes with each op's plain-torch reference, the registry's
+definition of what the op means (the `eval_jaxpr` of this IR).
+
+Constant folding (cleanup), shape evaluation (masks and positions at sample sizes,
+passes/shape_eval.py) and calibration (gqa's activations on the user's text) all use it,
+so passes never build a runtime program. It gives the meaning of a graph, not speed: the
+runtime compiles the final graph for a backend instead (runtime/program.py).
+"""
+from __future__ import annotations
+
+import sympy
+import torch
+
+from .graph import Graph, Node, Value
+from .ops import OPS
+from .types import SymType, symbol
+
+
+def concrete_attrs(value, sizes: dict):
+    """Attrs with sympy sizes -> plain Python numbers at `sizes` ({symbol: int}); torch
+    ops take no sympy numbers. KeyError if a size is left unknown."""
+    if isinstance(value, sympy.Basic):
+        out = value.subs(sizes) if sizes else value
+        if not out.is_number:
+            raise KeyError(f"no size given for {out.free_symbols}")
+        return int(out) if out.is_integer else float(out)
+    if isinstance(value, tuple):
+        return tuple(concrete_attrs(v, sizes) for v in value)
+    if isinstance(value, list):
+        return [concrete_attrs(v, sizes) for v in value]
+    if isinstance(value, dict):
+        return {k: concrete_attrs(v, sizes) for k, v in value.items()}
+    return value
+
+
+def eval_node(node: Node, args: list, sizes: dict | None = None, device=None, registry=None) -> tuple:
+    """One node's results, from its inputs' tensors."""
+    registry = OPS if registry is None else registry
+    op = registry[node.op]
+    attrs = concrete_attrs(dict(node.attrs), sizes or {})
+    if op.has("needs_device"):
+        attrs["device"] = device
+    out = op.reference(*args, **attrs)
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def input_sizes(graph: Graph, inputs) -> dict:
+    """{symbol: int} bound by the inputs' shapes (and int inputs, by their names)."""
+    sizes: dict = {}
+    for v, x in zip(graph.inputs, inputs):
+        if isinstance(v.type, SymType):
+            sizes[symbol(v.hint)] = int(x)
+            continue
+        for d, n in zip(v.shape, x.shape):
+            if isinstance(d, sympy.Symbol):
+                sizes.setdefault(d, int(n))
+    return sizes
+
+
+def evaluate(graph: Graph, inputs, wanted: list[Value] | None = None, registry=None) -> list[torch.Tensor]:
+    """The values `wanted` (default: the graph's outputs) when the graph runs on `inputs`
+    (its inputs, then its state buffers if it has any), parameters from graph.params. A
+    value is freed after its last use, as the runtime's programs do."""
+    wanted = list(graph.outputs if wanted is None else wanted)
+    env: dict[Value, object] = dict(zip(graph.inputs + graph.state_values, inputs))
+    env.update((v, graph.params[v.param]) for v in graph.param_values)
+    sizes = input_sizes(graph, inputs)
+    device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), None)
+    keep = set(wanted) | set(graph.param_values)
+    last_use = {v: i for i, n in enumerate(graph.nodes) for v in n.inputs}
+    with torch.no_grad():
+        for i, node in enumerate(graph.nodes):
+            env.update(zip(node.outputs, eval_node(node, [env[v] for v in node.inputs], sizes, device, registry)))
+            for v in node.inputs:
+                if last_use.get(v) == i and v not in keep:
+                    env.pop(v, None)
+    return [env[v] for v in wanted]
