@@ -2,13 +2,18 @@
 
     fast = fxforge.optimize(model, example_inputs=(input_ids,))
     fast(input_ids); print(fast.report()); print(fast.ir); fast.dump("out/")
+    fast.save("smollm2.fxf"); again = fxforge.load("smollm2.fxf")   # no model class, no capture
 """
 from .api import load_ir, optimize, register_pass, unregister_pass
+from .passes.gqa import GQAConfig
+from .passes.kv_cache import KVCacheConfig
+from .passes.quantize import QuantConfig
+from .runtime.saving import IncompatibleSaveError, load_model as load
 from .ir import CaptureError, Graph, IRCheckError, ParseError, capture, parse, typecheck
 from .runtime.backends import register_backend, unregister_backend
 from .runtime.module import OptimizedModel
 
-__all__ = ["optimize", "load_ir", "capture", "register_pass", "unregister_pass", "register_backend", "unregister_backend",
-           "OptimizedModel", "Graph", "parse",
-           "typecheck", "CaptureError", "IRCheckError", "ParseError"]
+__all__ = ["optimize", "load", "load_ir", "capture", "register_pass", "unregister_pass", "register_backend",
+           "unregister_backend", "OptimizedModel", "QuantConfig", "GQAConfig", "KVCacheConfig", "Graph", "parse",
+           "typecheck", "CaptureError", "IRCheckError", "ParseError", "IncompatibleSaveError"]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from .runtime.backends import Backend, resolve_backend
 from .runtime.cpu_linear import cpu_linear_mode
 from .runtime.module import OptimizedModel
 from .runtime.frames import frame_of_its_own
-from .runtime.program import build_program
+from .runtime.build import assemble, model_from_ir, own_weights
 
 
 @frame_of_its_own  # same speed at any caller depth: see runtime/frames.py
@@ -59,22 +59,12 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     dump_dir = dump_dir or os.environ.get("FXFORGE_DUMP") or None
     graph, stats = run_pipeline(graph, pipeline, options,
                                 dump=lambda i, name, g: dumps.append((f"{i:02d}_{name}.ir", print_graph(g))))
-    fast = _build(graph, spec, backend, device, type(model).__name__, stats, dumps, capture_seconds)
+    graph = own_weights(graph, model)  # an in-place edit of the model later does not reach `fast`
+    fast = assemble(graph, spec, backend, device, type(model).__name__, stats, dumps, capture_seconds)
     fast.generation_defaults = _generation_defaults(model)
+    fast.config = getattr(model, "config", None)
     if dump_dir:
         fast.dump(dump_dir)
-    return fast
-
-
-def _build(graph, spec, backend: Backend, device, name: str, stats, dumps, capture_seconds) -> OptimizedModel:
-    """The backend's checks and planning, then the program and the model around it."""
-    backend.check(graph)
-    graph, overrides, runtime_stats = backend.prepare(graph)
-    ops = {**backend.op_table(), **overrides}
-    program = build_program(graph, ops, device=device, filename=f"<fxforge program for {name}>",
-                            inline_fused=backend.inlines_fused_pointwise)
-    fast = OptimizedModel(graph, spec, program, backend, stats, dumps, capture_seconds, name)
-    fast.runtime_stats.extend(runtime_stats)
     return fast
 
 
@@ -86,20 +76,7 @@ def load_ir(text: str, weights: dict[str, torch.Tensor], *, backend: str | Backe
     output roles and limits (ir/roles.py), and the shape guards. The model is called with
     the graph's user inputs, positionally, and returns its outputs (one tensor, or a tuple).
     """
-    from .ir.capture import positional_call_spec
-    from .ir.parser import parse
-    from .ir.typecheck import typecheck
-
-    graph = parse(text)
-    missing = [v.param for v in graph.param_values if v.param not in weights]
-    if missing:
-        raise KeyError(f"load_ir: no tensor for {len(missing)} parameter(s) of the graph, e.g. {missing[:3]}; "
-                       "pass every `param` named in the text (fast.graph.params holds them)")
-    graph.params = {v.param: weights[v.param] for v in graph.param_values}
-    typecheck(graph)  # shapes and dtypes of the weights against the text, roles, guards
-    device = next(iter(graph.params.values())).device if graph.params else torch.device("cpu")
-    backend = resolve_backend(backend, device, **({} if cpu_linear is True else {"cpu_linear": cpu_linear}))
-    return _build(graph, positional_call_spec(graph), backend, device, "loaded IR", [], [], 0.0)
+    return model_from_ir(text, weights, backend=backend, cpu_linear=cpu_linear)
 
 
 def register_pass(name: str, *, before: str | None = None, after: str | None = None,

@@ -21,6 +21,11 @@ from .state import CachePool, KVCache, cache_input_slots, cache_layout, cache_nb
 
 
 class OptimizedModel:
+    """The optimized model. Module-like where code around a model expects it: `to()`,
+    `eval()`, `device`, `dtype`, `config`, `state_dict()`, `parameters()`. Its weights are
+    its own, copied at optimize() time (an in-place edit of the source model does not reach
+    it), and calls run under torch.no_grad(). `save(path)` / `fxforge.load(path)` store it."""
+
     def __init__(self, graph: Graph, spec: CallSpec, program: Program, backend, stats: list[PassStats],
                  dumps: list[tuple[str, str]], capture_seconds: float, model_name: str = "model"):
         self.graph = graph
@@ -46,6 +51,10 @@ class OptimizedModel:
         self._caches = CachePool(self._allocate_cache)
         # eos/pad tokens generate() uses when not given (from a transformers generation_config)
         self.generation_defaults: dict = {}
+        self.config = None  # the source model's config (a transformers PretrainedConfig), if any
+        # the graph as the passes left it, before the backend's planning: save() writes it,
+        # to() rebuilds from it (build.assemble sets it)
+        self.pipeline_graph = graph
 
     # -- calling ----------------------------------------------------------------------------
     @frame_of_its_own  # its Python calls stay off data-stack chunk boundaries (runtime/frames.py)
@@ -214,6 +223,85 @@ class OptimizedModel:
         written.append(_write(directory, "report.txt", self.report() + "\n"))
         return written
 
+    # -- saving -------------------------------------------------------------------------------
+    def save(self, path: str) -> str:
+        """Write this model to the directory `path` (model.ir, weights.safetensors, meta.json);
+        `fxforge.load(path)` runs it in another process, without the model class or capture."""
+        from .saving import save_model
+
+        return save_model(self, path)
+
+    def __reduce__(self):
+        # the program is generated code and the backend holds compiled kernels: neither
+        # pickles, so say what does work instead of failing deep inside pickle
+        raise TypeError("an OptimizedModel cannot be pickled (pickle.dumps, torch.save): save it with "
+                        "fast.save(path) and load it with fxforge.load(path)")
+
+    # -- module-like --------------------------------------------------------------------------
+    def to(self, *args, **kwargs) -> "OptimizedModel":
+        """Like nn.Module.to(device | dtype): changes this model in place and returns it.
+        The weights move (or are cast) and the backend's planning and the program are rebuilt
+        for the new device (its default backend) or dtype. A dtype change is refused with the
+        IR lines at fault when the graph's own types fix a dtype (runtime/retarget.py)."""
+        from .backends import resolve_backend
+        from .build import assemble
+        from .retarget import graph_on
+
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        device = None if device is None or _same_device(device, self.device) else device
+        dtype = None if dtype is None or dtype == self.dtype else dtype
+        if device is None and dtype is None:
+            return self
+        graph = graph_on(self.pipeline_graph, device, dtype)
+        # the same backend for a dtype change; the new device's default backend for a move
+        backend = self.backend if device is None else resolve_backend("auto", device)
+        rebuilt = assemble(graph, self.spec, backend, device or self.device, self.model_name, self.stats,
+                           self._dumps, self.capture_seconds)
+        rebuilt.generation_defaults, rebuilt.config = self.generation_defaults, self.config
+        self.__dict__.update(rebuilt.__dict__)
+        return self
+
+    def cpu(self) -> "OptimizedModel":
+        return self.to("cpu")
+
+    def cuda(self, device=None) -> "OptimizedModel":
+        return self.to(torch.device("cuda") if device is None else torch.device("cuda", device)
+                       if isinstance(device, int) else device)
+
+    def eval(self) -> "OptimizedModel":
+        """Already in inference mode (dropout was folded away at capture): returns self."""
+        return self
+
+    def train(self, mode: bool = True) -> "OptimizedModel":
+        if mode:
+            raise RuntimeError("an OptimizedModel is for inference only (calls run under torch.no_grad()); "
+                               "train the source model and optimize it again")
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of its floating weights (the first one's, as transformers' model.dtype)."""
+        for t in self.pipeline_graph.params.values():
+            if t.is_floating_point():
+                return t.dtype
+        return torch.get_default_dtype()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Its weights by the names the IR gives them (fused and quantized ones included:
+        not the source model's state dict)."""
+        return {name: t.detach() for name, t in self.pipeline_graph.params.items()}
+
+    def named_parameters(self):
+        seen = set()
+        for name, t in self.pipeline_graph.params.items():
+            if id(t) not in seen:  # tied weights once, as nn.Module does
+                seen.add(id(t))
+                yield name, t
+
+    def parameters(self):
+        for _, t in self.named_parameters():
+            yield t
+
     def __repr__(self) -> str:
         return f"OptimizedModel({self.model_name}, backend={self.backend.name}, nodes={len(self.graph.nodes)})"
 
@@ -222,6 +310,11 @@ def _graph_device(graph: Graph) -> torch.device:
     for t in graph.params.values():
         return t.device
     return torch.device("cpu")
+
+
+def _same_device(a, b) -> bool:
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def _write(directory, name, text) -> str:

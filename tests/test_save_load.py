@@ -1,0 +1,137 @@
+"""fast.save(path) / fxforge.load(path): the optimized IR, its weights and the call spec,
+loaded without the model class and without capture, give the same outputs."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fxforge
+from fxforge.runtime.saving import META_FILE
+
+import zoo
+
+
+def _roundtrip(fast, tmp_path):
+    fast.save(str(tmp_path / "saved"))
+    return fxforge.load(str(tmp_path / "saved"))
+
+
+def test_llama_with_kv_cache_roundtrips(tmp_path):
+    model, vocab = zoo.llama("sdpa")
+    ids = torch.randint(0, vocab, (2, 7))
+    fast = fxforge.optimize(model, (ids,), kv_cache=True)
+    loaded = _roundtrip(fast, tmp_path)
+    out = loaded(ids)
+    assert type(out).__name__ == "CausalLMOutputWithPast"  # the model's own output class
+    assert torch.equal(out.logits, fast(ids).logits)
+    assert torch.equal(loaded(input_ids=ids).logits, out.logits)  # keyword calls as before
+    assert loaded.generation_defaults == fast.generation_defaults
+    assert loaded.config.to_dict() == model.config.to_dict()
+    assert loaded.model_name == fast.model_name
+    prompt = ids[:1, :4]
+    assert torch.equal(loaded.generate(prompt, 8), fast.generate(prompt, 8))
+
+
+def test_gpt2_with_kv_cache_and_tied_weights(tmp_path):
+    model, vocab = zoo.gpt2("sdpa")
+    ids = torch.randint(0, vocab, (2, 6))
+    fast = fxforge.optimize(model, (ids,), kv_cache=True)
+    loaded = _roundtrip(fast, tmp_path)
+    assert torch.equal(loaded(ids).logits, fast(ids).logits)
+    assert torch.equal(loaded.generate(ids[:1], 6, eos_token_id=None), fast.generate(ids[:1], 6, eos_token_id=None))
+    meta = json.load(open(tmp_path / "saved" / META_FILE))
+    assert meta["format_version"] == 1 and meta["model_name"] == "GPT2LMHeadModel"
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_models_roundtrip(tmp_path, scheme):
+    model, vocab = zoo.llama("sdpa", hidden=128, heads=4)
+    ids = torch.randint(0, vocab, (1, 6))
+    fast = fxforge.optimize(model, (ids,), quantize=scheme)
+    assert fast.graph.count("quant_linear") > 0
+    loaded = _roundtrip(fast, tmp_path)
+    assert torch.equal(loaded(ids).logits, fast(ids).logits)
+    kept = {t.dtype for t in loaded.state_dict().values()}
+    assert kept & {torch.int8, torch.uint8}, "the quantized weights are stored as they are"
+
+
+def test_a_plain_module_returning_a_tuple(tmp_path):
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(8, 16)
+
+        def forward(self, x, scale=2.0):
+            h = torch.relu(self.body(x))
+            return h * scale, h.sum(-1)
+
+    model = TwoHeads().eval()
+    x = torch.randn(3, 8)
+    fast = fxforge.optimize(model, (x,))
+    loaded = _roundtrip(fast, tmp_path)
+    a, b = loaded(torch.randn(5, 8))
+    assert a.shape == (5, 16) and b.shape == (5,)
+    assert all(torch.equal(u, v) for u, v in zip(loaded(x), fast(x)))
+    assert loaded.config is None
+
+
+def test_loads_in_a_process_that_never_imports_the_model_class(tmp_path):
+    model, vocab = zoo.llama("sdpa")
+    ids = torch.randint(0, vocab, (1, 5))
+    fast = fxforge.optimize(model, (ids,), kv_cache=True)
+    fast.save(str(tmp_path / "saved"))
+    torch.save({"ids": ids, "logits": fast(ids).logits, "tokens": fast.generate(ids, 6)}, tmp_path / "expected.pt")
+    script = f"""
+import sys, torch, fxforge
+loaded = fxforge.load({str(tmp_path / 'saved')!r})
+expected = torch.load({str(tmp_path / 'expected.pt')!r})
+assert torch.equal(loaded(expected["ids"]).logits, expected["logits"])
+assert torch.equal(loaded.generate(expected["ids"], 6), expected["tokens"])
+assert not any("modeling_llama" in m for m in sys.modules), "the model class was imported"
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_an_unknown_output_class_comes_back_as_a_dict(tmp_path):
+    model, vocab = zoo.llama("sdpa")
+    ids = torch.randint(0, vocab, (1, 5))
+    fast = fxforge.optimize(model, (ids,))
+    fast.save(str(tmp_path / "saved"))
+    meta_path = tmp_path / "saved" / META_FILE
+    meta = json.load(open(meta_path))
+    meta["call_spec"]["out_spec"]["class"] = "no_such_package.outputs:Gone"
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.warns(UserWarning, match="no_such_package.outputs:Gone"):
+        loaded = fxforge.load(str(tmp_path / "saved"))
+    out = loaded(ids)
+    assert isinstance(out, dict) and torch.equal(out["logits"], fast(ids).logits)
+
+
+def test_another_format_version_is_a_clear_error(tmp_path):
+    model, vocab = zoo.gpt2("sdpa")
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (1, 4)),))
+    fast.save(str(tmp_path / "saved"))
+    meta_path = tmp_path / "saved" / META_FILE
+    meta = json.load(open(meta_path))
+    meta.update(format_version=99, fxforge_version="9.0")
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(fxforge.IncompatibleSaveError, match="fxforge 9.0 in save format 99.*reads format 1"):
+        fxforge.load(str(tmp_path / "saved"))
+    with pytest.raises(fxforge.IncompatibleSaveError, match="not a model saved by fxforge"):
+        fxforge.load(str(tmp_path / "nothing_here"))
+
+
+def test_pickle_and_torch_save_point_at_save(tmp_path):
+    fast = fxforge.optimize(torch.nn.Linear(4, 2).eval(), (torch.randn(2, 4),))
+    with pytest.raises(TypeError, match=r"fast.save\(path\)"):
+        pickle.dumps(fast)
+    with pytest.raises(TypeError, match=r"fxforge.load\(path\)"):
+        torch.save(fast, tmp_path / "model.pt")
