@@ -34,6 +34,8 @@ from fxforge.passes.manager import run_pipeline
 from fxforge.runtime.backends import op_table
 from fxforge.runtime.program import build_program
 
+from test_ir import TEXT as IR_TEST_TEXT
+
 B, T = symbol("B"), symbol("T")
 F32 = torch.float32
 
@@ -349,19 +351,7 @@ VOCAB = ["relu", "silu", "add", "where", "cat", "softmax", "sum", "view", "linea
 # Ops and header forms the random graphs do not make (opaque calls, state, KV cache,
 # quantized linears, symbolic scalar inputs), as the passes print them.
 SEED_TEXTS = [
-    """graph(%x: f32[B, T, 8], %mask: bool[1, 1, T, T], %p0: param "w" f32[16, 8]) {
-  %1: f32[B, T, 16] = linear(%x, %p0)
-  %2: f32[] = const() {value=0.125, dtype=f32}
-  %3: f32[B, T, 16] = mul(%1, %2)
-  %4: f32[B, T, 2, 8] = view(%3) {shape=(B, T, 2, 8)}
-  %5: f32[B, 2, T, 8] = permute(%4) {dims=(0, 2, 1, 3)}
-  %6: f32[B, 2, T - 1, 8] = slice(%5) {dim=2, start=1, end=T, step=1}
-  %7: f32[B, 2, 2*T - 1, 8] = cat(%5, %6) {dim=2}
-  %8: f32[B, 2, T, T] = torch_call(%5, %5) {target="aten.matmul.default", args=($0, [$1]), kwargs=()}
-  %9: f32[B, 2, T, T] = where(%mask, %8, %2)
-  %10: f32[B, 2, T, T] = softmax(%9) {dim=-1, dtype=none}
-  return (%7, %10)
-}""",
+    IR_TEST_TEXT,  # tests/test_ir.py's graph: torch_call, cat, slice, where
     """graph(%x: f32[B, 2, T, 4], %L: int {role="cache_len"}, %s0: state "layer0.k_cache" f32[B, 2, S, 4] {layer=0, kind="k", layout="dense"}) {
   signature {outputs=("output", "output", "output", "output"), max_seq_len=64}
   %1: f32[B, 2, L + T, 4] = kv_append(%s0, %x) {start=L}

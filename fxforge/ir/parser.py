@@ -50,9 +50,10 @@ def parse_dim(text: str, cache: dict | None = None) -> sympy.Expr:
     return out
 
 
-def split_top(text: str, sep: str = ",") -> list[str]:
-    """Split at separators outside brackets and strings."""
-    parts, depth, start, in_str, i = [], 0, 0, False, 0
+def _top_level(text: str):
+    """(index, char) of each character outside strings and brackets (an opening bracket
+    is itself at the level it opens from)."""
+    depth, in_str, i = 0, False, 0
     while i < len(text):
         c = text[i]
         if in_str:
@@ -62,14 +63,23 @@ def split_top(text: str, sep: str = ",") -> list[str]:
                 in_str = False
         elif c == '"':
             in_str = True
-        elif c in "([{":
-            depth += 1
         elif c in ")]}":
             depth -= 1
-        elif c == sep and depth == 0:
+        else:
+            if depth == 0:
+                yield i, c
+            if c in "([{":
+                depth += 1
+        i += 1
+
+
+def split_top(text: str, sep: str = ",") -> list[str]:
+    """Split at separators outside brackets and strings."""
+    parts, start = [], 0
+    for i, c in _top_level(text):
+        if c == sep:
             parts.append(text[start:i])
             start = i + 1
-        i += 1
     tail = text[start:]
     if tail.strip():
         parts.append(tail)
@@ -218,17 +228,8 @@ def _string(text: str) -> str:
 
 def _entry_attrs(item: str, cache: dict) -> tuple[str, dict | None]:
     """`%L: int {role="cache_len"}` -> ("%L: int", {"role": "cache_len"})."""
-    depth, in_str = 0, False
-    for i, c in enumerate(item):
-        if in_str:
-            in_str = c != '"' or item[i - 1] == "\\"
-        elif c == '"':
-            in_str = True
-        elif c in "([":
-            depth += 1
-        elif c in ")]":
-            depth -= 1
-        elif c == "{" and depth == 0:
+    for i, c in _top_level(item):
+        if c == "{":
             return item[:i].rstrip(), _AttrReader(item[i:], cache).attrs()
     return item, None
 
