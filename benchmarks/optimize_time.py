@@ -13,8 +13,12 @@ same plan too (its "plan" column, a hash of the choices, must match the first ru
 in a folder of its own) and counts the distinct plans: how much the measurement itself
 depends on noise, which the cache then hides.
 
+The pass time should grow with the graph, no faster: the last lines give it at 1x/2x/4x
+the layers and the ratio to 1x (linear is 2x and 4x; the bar is 4.4x at 4x the layers).
+--passes-only times capture and passes alone (best of --repeat), skipping optimize().
+
     python benchmarks/optimize_time.py [--out results.json] [--repeat 2] [--smollm2-only]
-                                       [--cpu-linear-cache DIR] [--remeasure N]
+                                       [--cpu-linear-cache DIR] [--remeasure N] [--passes-only]
 """
 import argparse
 import hashlib
@@ -75,6 +79,30 @@ def remeasure(model, ids, times, cache_root):
     return plans, seconds
 
 
+def time_passes(model, ids, repeat):
+    """Capture and the default pipeline alone, best of `repeat` rounds (no optimize())."""
+    best = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        graph, _ = capture_with_spec(model, (ids,))
+        t1 = time.perf_counter()
+        graph, _ = run_pipeline(graph, registry.pipeline({}), check=False)
+        t2 = time.perf_counter()
+        row = {"capture_s": t1 - t0, "passes_s": t2 - t1, "nodes": len(graph.nodes)}
+        best = row if best is None or row["passes_s"] < best["passes_s"] else best
+    return best
+
+
+def print_pass_scaling(rows):
+    """Pass time at 1x/2x/4x the layers and its ratio to 1x."""
+    base = rows[0]
+    print("\n| layers | x | IR nodes | passes (s) | passes / 1x | nodes / 1x |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['layers']} | {r['layers'] / base['layers']:.0f}x | {r['nodes']} | {r['passes_s']:.3f} | "
+              f"{r['passes_s'] / base['passes_s']:.2f}x | {r['nodes'] / base['nodes']:.2f}x |")
+
+
 def time_optimize(model, ids, repeat):
     """One cold optimize() (an empty cpu_linear cache: it times and writes), then `repeat`
     rounds of capture, passes and a warm optimize() (the cache is read); the best round."""
@@ -107,6 +135,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=2, help="warm optimize() calls per model, after the cold one")
     ap.add_argument("--remeasure", type=int, default=0, help="time cpu_linear's choices on SmolLM2 N more times")
     ap.add_argument("--smollm2-only", action="store_true", help="skip the deeper random Llamas")
+    ap.add_argument("--passes-only", action="store_true", help="time capture and passes only, not optimize()")
     ap.add_argument("--cpu-linear-cache", default=None,
                     help="root of the per-model cpu_linear cache folders (default: a fresh temporary folder)")
     args = ap.parse_args()
@@ -121,6 +150,14 @@ def main():
     for label, layers in models[:1] if args.smollm2_only else models:
         m = model if layers is None else deeper_llama(model.config, layers)
         os.environ[FOLDER_VARIABLE] = os.path.join(cache_root, f"layers{m.config.num_hidden_layers}")
+        if args.passes_only:
+            r = time_passes(m, ids, args.repeat)
+            r.update(model=label, layers=m.config.num_hidden_layers)
+            rows.append(r)
+            print(f"{label:<26} layers={r['layers']:<4} nodes={r['nodes']:<5} capture={r['capture_s']:.2f}s "
+                  f"passes={r['passes_s']:.3f}s", flush=True)
+            del m
+            continue
         r = time_optimize(m, ids, args.repeat)
         r.update(model=label, layers=m.config.num_hidden_layers)
         rows.append(r)
@@ -131,6 +168,10 @@ def main():
               f"{'' if r['same_plan'] else ' -- PLANS DIFFER'}", flush=True)
         if layers is not None:
             del m
+    print_pass_scaling(rows)
+    if args.passes_only:
+        finish(rows, args.out)
+        return
     base = rows[0]
     print(f"\ncpu_linear cache: {cache_root}")
     print("\n| model | layers | IR nodes | capture (s) | passes (s) | optimize() (s) | optimize() / SmolLM2 | "

@@ -130,6 +130,33 @@ def test_either_and_commutative_and_const_patterns():
     assert body(out) == ["return (%x)"]
 
 
+def test_rules_are_tried_only_at_their_root_op_and_wildcards_everywhere():
+    assert Rule("r", op("mul", var(), var()), None).root_ops == {"mul"}
+    assert Rule("r", op(("add", "sub"), var(), var()), None).root_ops == {"add", "sub"}
+    assert Rule("r", either(op("exp", var()), const()), None).root_ops == {"exp", "const"}
+    assert Rule("r", either(op("exp", var()), var("x")), None).root_ops is None
+    assert Rule("r", var("x"), None).root_ops is None
+    g = parse("""graph(%x: f32[4]) {
+  %1: f32[4] = exp(%x)
+  %2: f32[4] = neg(%1)
+  return (%2)
+}""")
+    tried = []
+
+    def record(name):
+        def replace(m, b):
+            tried.append((name, m.root.op))
+            return None
+        return replace
+
+    rules = [Rule("on_neg", op("neg", var()), record("on_neg")),
+             Rule("anywhere", var("x"), record("anywhere")),
+             Rule("on_exp", op("exp", var()), record("on_exp"))]
+    apply_rules(g, rules)
+    # in table order at each node, and never at a node of another op
+    assert tried == [("anywhere", "exp"), ("on_exp", "exp"), ("on_neg", "neg"), ("anywhere", "neg")]
+
+
 def test_rule_that_changes_the_type_is_a_bug_reported_by_name():
     g = parse("""graph(%x: f32[4]) {
   %1: f32[4] = exp(%x)

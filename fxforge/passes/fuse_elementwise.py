@@ -88,7 +88,14 @@ def _one_kernel(group: list[int], nodes, rows: dict) -> bool:
 
 
 def find_groups(graph: Graph) -> list[list[int]]:
-    """Index lists of the nodes to fuse, each list in graph order."""
+    """Index lists of the nodes to fuse, each list in graph order.
+
+    Union-find over the fusible edges gives the first groups; a group that is not one
+    kernel is cut where shapes change; then, while contracting the groups leaves a cycle
+    (the first one `find_cycle` meets), the group on it is split. Each split changes only
+    the group it cuts, so only that group's pieces are recomputed: a deep model's residual
+    stream is one group across all layers at first, split about twice per layer, and
+    redoing the whole graph per split made this pass quadratic in depth."""
     nodes = graph.nodes
     producers = {v: i for i, n in enumerate(nodes) for v in n.outputs}
     rows = {id(n): row_length(n) for n in nodes}
@@ -96,57 +103,171 @@ def find_groups(graph: Graph) -> list[list[int]]:
     edges = [(j, i) for i, n in enumerate(nodes) if fusible[i] for v in n.inputs
              if (j := producers.get(v)) is not None and fusible[j] and nodes[j].op != "const"
              and _edge_ok(nodes[j], n, rows)]
-    node_dag = nx.DiGraph((producers[v], i) for i, n in enumerate(nodes) for v in n.inputs if v in producers)
-    dag_edges = list(node_dag.edges)
-    dag_succ = {i: list(node_dag.successors(i)) for i in node_dag}
-    one_kernel: dict[tuple, bool] = {}  # a group's verdict, kept across rounds (most groups recur)
-    cut: set = set()  # edges not to fuse across, found by breaking cycles
-
+    dag = _DataflowDag(nodes, producers)
+    parts = _Partition(nodes, fusible, edges, dag.rank)
+    for group in parts.groups():
+        parts.cut_if_not_one_kernel(group, rows)
     while True:
-        parent = list(range(len(nodes)))
-
-        def find(i):
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
-        for j, i in edges:
-            if (j, i) not in cut:
-                parent[find(j)] = find(i)
-        members: dict[int, list[int]] = {}
-        for i in range(len(nodes)):
-            if fusible[i] and nodes[i].op != "const":
-                members.setdefault(find(i), []).append(i)
-        groups = {r: m for r, m in members.items() if len(m) >= MIN_GROUP}
-        label = {i: ("g", r) for r, m in groups.items() for i in m}
-        for m in groups.values():
-            if tuple(m) not in one_kernel:
-                one_kernel[tuple(m)] = _one_kernel(m, nodes, rows)
-        bad = next((set(m) for m in groups.values() if not one_kernel[tuple(m)]), None)
-        if bad:  # cut the edges where shapes change; the parts become kernels of their own
-            cut |= {(j, i) for j, i in edges if i in bad and j in bad
-                    and nodes[j].outputs[0].type.shape != nodes[i].outputs[0].type.shape}
-            continue
-        quotient: dict = {label.get(i, i): {} for i in range(len(nodes))}  # successors, as nx keeps them
-        for j, i in dag_edges:
-            if label.get(j, j) != label.get(i, i):
-                quotient[label.get(j, j)][label.get(i, i)] = None
-        cycle = find_cycle(quotient)
+        cycle = find_cycle(_Quotient(parts, dag))
         if not cycle:
-            return [sorted(m) for m in groups.values()]
+            return parts.sorted_groups()
         # A group G reaches an outside node x that reaches G again (e.g. x = mean of an
         # RMSNorm between two pointwise chains). Split G: the members downstream of x
         # go apart from the rest.
         k = next(n for n, (u, _) in enumerate(cycle) if isinstance(u, tuple))
-        group = set(groups[cycle[k][0][1]])
+        group = set(parts.members[cycle[k][0][1]])
         x = cycle[k][1]
-        x_idx = groups[x[1]][0] if isinstance(x, tuple) else x
-        downstream = _reachable(dag_succ, x_idx, max(group)) & group
-        new_cuts = {(j, i) for j, i in edges if j in group and i in group and (j in downstream) != (i in downstream)}
+        x_idx = parts.first[x[1]] if isinstance(x, tuple) else x
+        downstream = _reachable(dag.succ, x_idx, max(group)) & group
+        inside = parts.edges_within(group)
+        new_cuts = [e for e in inside if (edges[e][0] in downstream) != (edges[e][1] in downstream)]
         if not new_cuts:  # cannot happen for a real cycle; guard against looping forever
-            new_cuts = {(j, i) for j, i in edges if i in group or j in group}
-        cut |= new_cuts
+            new_cuts = parts.edges_touching(group)
+        for piece in parts.cut(cycle[k][0][1], new_cuts):
+            parts.cut_if_not_one_kernel(piece, rows)
+
+
+class _DataflowDag:
+    """The node-level dataflow DAG as networkx would hold it: nodes ranked in the order
+    an edge first names them, successors in insertion order. (The quotient's successor
+    order, and so the cycle found, follows this order.)"""
+
+    def __init__(self, nodes, producers):
+        succ: dict[int, dict[int, None]] = {}
+        for i, n in enumerate(nodes):
+            for v in n.inputs:
+                j = producers.get(v)
+                if j is None:
+                    continue
+                succ.setdefault(j, {})
+                succ.setdefault(i, {})
+                succ[j][i] = None  # a repeated edge keeps its first place, as in networkx
+        self.succ = {u: list(s) for u, s in succ.items()}
+        self.rank = {u: r for r, u in enumerate(succ)}
+
+
+class _Partition:
+    """The fusible nodes split into connected parts by the uncut fusible edges. A part of
+    MIN_GROUP nodes or more is a group (labelled ("g", part id) in the quotient)."""
+
+    def __init__(self, nodes, fusible, edges, rank):
+        self.nodes, self.edges, self.rank = nodes, edges, rank
+        self.cut_edges: set[int] = set()
+        self.incident: dict[int, list[int]] = {}
+        for e, (j, i) in enumerate(edges):
+            self.incident.setdefault(j, []).append(e)
+            if i != j:
+                self.incident.setdefault(i, []).append(e)
+        self.part_of: dict[int, int] = {}
+        self.members: dict[int, list[int]] = {}  # part id -> members, in graph order
+        self.first: dict[int, int] = {}  # part id -> its first member
+        self._in_dag_order: dict[int, list[int]] = {}
+        candidates = [i for i in range(len(nodes)) if fusible[i] and nodes[i].op != "const"]
+        self._split_into_parts(candidates)
+
+    def groups(self) -> list[int]:
+        return [p for p, m in self.members.items() if len(m) >= MIN_GROUP]
+
+    def sorted_groups(self) -> list[list[int]]:
+        return sorted((m for m in self.members.values() if len(m) >= MIN_GROUP), key=lambda m: m[0])
+
+    def label(self, i: int):
+        p = self.part_of.get(i)
+        return ("g", p) if p is not None and len(self.members[p]) >= MIN_GROUP else i
+
+    def in_dag_order(self, part: int, rank: dict) -> list[int]:
+        """The part's members that have edges, in the DAG's node order (kept: a part never
+        changes; a split makes new ones)."""
+        found = self._in_dag_order.get(part)
+        if found is None:
+            found = sorted((i for i in self.members[part] if i in rank), key=rank.__getitem__)
+            self._in_dag_order[part] = found
+        return found
+
+    def edges_within(self, group: set) -> list[int]:
+        return sorted({e for i in group for e in self.incident.get(i, ()) if
+                       self.edges[e][0] in group and self.edges[e][1] in group})
+
+    def edges_touching(self, group: set) -> list[int]:
+        return sorted({e for i in group for e in self.incident.get(i, ())})
+
+    def cut(self, part: int, edge_ids) -> list[int]:
+        """Cut `edge_ids` and split `part` into what stays connected: the new part ids."""
+        self.cut_edges.update(edge_ids)
+        old = self.members.pop(part)
+        del self.first[part]
+        return self._split_into_parts(old)
+
+    def cut_if_not_one_kernel(self, part: int, rows: dict):
+        """A group whose members cannot share one kernel is cut where shapes change; its
+        pieces each have one shape, so they are one kernel each."""
+        m = self.members.get(part)
+        if m is None or len(m) < MIN_GROUP or _one_kernel(m, self.nodes, rows):
+            return
+        shape = {i: self.nodes[i].outputs[0].type.shape for i in m}
+        self.cut(part, [e for e in self.edges_within(set(m)) if shape[self.edges[e][0]] != shape[self.edges[e][1]]])
+
+    def _split_into_parts(self, candidates: list[int]) -> list[int]:
+        """Connected parts of `candidates` (in graph order) over uncut edges; new ids."""
+        new_ids = []
+        for start in candidates:
+            if self.part_of.get(start, -1) in new_ids:
+                continue
+            pid = self._fresh_id()
+            self.part_of[start] = pid
+            found, todo = [start], [start]
+            while todo:
+                i = todo.pop()
+                for e in self.incident.get(i, ()):
+                    if e in self.cut_edges:
+                        continue
+                    j, k = self.edges[e]
+                    other = k if j == i else j
+                    if self.part_of.get(other) != pid:
+                        self.part_of[other] = pid
+                        found.append(other)
+                        todo.append(other)
+            found.sort()
+            self.members[pid] = found
+            self.first[pid] = found[0]
+            new_ids.append(pid)
+        return new_ids
+
+    def _fresh_id(self) -> int:
+        self._next_id = getattr(self, "_next_id", -1) + 1
+        return self._next_id
+
+
+class _Quotient:
+    """The graph with every group contracted to one node, read lazily by find_cycle:
+    keys in graph order of each label's first node, successors in the order the
+    node-level edges (in networkx's order) first reach them. Built on demand because the
+    cycle search usually returns after a short walk, while building it whole cost a pass
+    over every edge per split."""
+
+    def __init__(self, parts: _Partition, dag: _DataflowDag):
+        self.parts, self.dag = parts, dag
+
+    def __iter__(self):
+        seen = set()
+        for i in range(len(self.parts.nodes)):
+            label = self.parts.label(i)
+            if label not in seen:
+                seen.add(label)
+                yield label
+
+    def __getitem__(self, label):
+        sources = self.parts.in_dag_order(label[1], self.dag.rank) if isinstance(label, tuple) else [label]
+        return self._successors(label, sources)
+
+    def _successors(self, label, sources):
+        seen = set()
+        for j in sources:
+            for i in self.dag.succ.get(j, ()):  # a node without edges is not in the DAG
+                target = self.parts.label(i)
+                if target != label and target not in seen:
+                    seen.add(target)
+                    yield target
 
 
 def find_cycle(succ: dict) -> list[tuple]:

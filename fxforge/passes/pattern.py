@@ -17,7 +17,9 @@ Patterns:
 
 The replacement gets a `Match` and a `Builder` and returns the new value for the
 matched root, or None to decline (a side condition that does not hold). The driver
-applies a table of rules to a fixed point and counts what fired, by rule name.
+applies a table of rules to a fixed point and counts what fired, by rule name. It tries
+a rule only at nodes of its pattern's root op (`Rule.root_ops`), so a table's cost per
+node does not grow with the rules written for other ops.
 """
 from __future__ import annotations
 
@@ -78,6 +80,12 @@ class Pattern:
     def match(self, value: Value, producers: dict, m: Match) -> Match | None:
         raise NotImplementedError
 
+    def root_ops(self) -> frozenset | None:
+        """The ops a node must have for this pattern to match at it, or None if it may
+        match at any node (a variable, or a pattern class that does not say). The driver
+        tries a rule only at nodes of its root ops."""
+        return None
+
 
 @dataclass(frozen=True)
 class _Var(Pattern):
@@ -136,6 +144,9 @@ class _Op(Pattern):
                 return mm
         return None
 
+    def root_ops(self):
+        return frozenset([self.op] if isinstance(self.op, str) else self.op)
+
     def _match_attrs(self, node, m):
         m = m._copy()
         for key, want in self.attrs:
@@ -172,6 +183,9 @@ class _Const(Pattern):
             m.values[self.name] = value
         return m
 
+    def root_ops(self):
+        return frozenset(["const"])
+
 
 @dataclass(frozen=True)
 class _Either(Pattern):
@@ -183,6 +197,10 @@ class _Either(Pattern):
             if r is not None:
                 return r
         return None
+
+    def root_ops(self):
+        roots = [p.root_ops() for p in self.options]
+        return None if None in roots else frozenset().union(*roots)
 
 
 def var(name: str | None = None) -> Pattern:
@@ -215,6 +233,30 @@ class Rule:
     replace: Callable[[Match, Builder], Value | None]
     doc: str = ""
 
+    @property
+    def root_ops(self) -> frozenset | None:
+        """The ops this rule can fire at (None: any op); see `Pattern.root_ops`."""
+        return self.pattern.root_ops()
+
+
+class RulesByRootOp:
+    """A rule table indexed by root op: `for_op(op)` gives, in table order, the rules whose
+    pattern can match at a node of that op (wildcard rules included everywhere). Trying
+    only these gives the same first match as trying the whole table, as a rule whose
+    root op differs cannot match."""
+
+    def __init__(self, rules: Sequence[Rule]):
+        self.rules = tuple(rules)
+        self._roots = [rule.root_ops for rule in self.rules]
+        self._by_op: dict[str, tuple[Rule, ...]] = {}
+
+    def for_op(self, op_name: str) -> tuple[Rule, ...]:
+        found = self._by_op.get(op_name)
+        if found is None:
+            found = tuple(rule for rule, roots in zip(self.rules, self._roots) if roots is None or op_name in roots)
+            self._by_op[op_name] = found
+        return found
+
 
 class RewriteError(RuntimeError):
     pass
@@ -223,10 +265,11 @@ class RewriteError(RuntimeError):
 def apply_rules(graph: Graph, rules: Sequence[Rule], stats: Counter | None = None, pass_name: str = "",
                 max_sweeps: int = 50) -> Graph:
     """Apply `rules` everywhere until none fires. Each sweep walks the nodes in order and
-    tries the rules at each single-result node; a replacement's new nodes go right after
+    tries, at each single-result node, the rules whose root op is the node's (in table order); a replacement's new nodes go right after
     the matched root (they only read values defined before it), the root's result is
     renamed to the replacement's, and dead nodes are swept away at the end."""
     stats = Counter() if stats is None else stats
+    table = RulesByRootOp(rules)
     for _ in range(max_sweeps):
         uses = graph.use_counts()
         producers: dict[Value, Node] = {}
@@ -241,7 +284,7 @@ def apply_rules(graph: Graph, rules: Sequence[Rule], stats: Counter | None = Non
             if len(node.outputs) != 1:
                 continue
             root = node.outputs[0]
-            for rule in rules:
+            for rule in table.for_op(node.op):
                 m = rule.pattern.match(root, producers, Match(node, uses, producers, graph))
                 if m is None:
                     continue
