@@ -7,7 +7,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .ir.capture import capture_with_spec
+from .ir.capture import CallSpec, capture_with_spec
+from .ir.graph import Graph
+from .log import Reporter
 from .ir.printer import print_graph
 from .passes import PassInfo, PassRegistry, registry as _default_registry
 from .passes.manager import run_pipeline
@@ -22,7 +24,7 @@ from .runtime.build import assemble, model_from_ir, own_weights
 def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
              passes: Sequence[str] | None = None, disable: Sequence[str] = (), backend: str | Backend = "auto",
              dump_dir: str | None = None, dynamic: bool = True, registry: PassRegistry | None = None,
-             cpu_linear: bool | str = True, **options) -> OptimizedModel:
+             cpu_linear: bool | str = True, verbose: bool | None = None, **options) -> OptimizedModel:
     """Capture `model` on the example inputs, run the pass pipeline, and return a model that
     runs the optimized graph.
 
@@ -40,27 +42,53 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
               ~/.cache/fxforge, in cpu_linear/), so every run builds the same program;
               "measure": time again and overwrite the cached choices; False: F.linear on
               the model's weights, nothing timed or cached.
+    verbose:  progress on stderr (capture, a bar over the passes): None shows it only when
+              stderr is a terminal, False never, True always. FXFORGE_LOG=passes (or
+              capture, dynamo, all) prints debug lines whatever `verbose` says.
     options:  per-pass options (e.g. quantize="int8", kv_cache=True); an option no pass
               knows is an error.
     """
+    return optimize_captured(lambda: capture_with_spec(model, example_inputs, example_kwargs, dynamic=dynamic),
+                             model, passes=passes, disable=disable, backend=backend, dump_dir=dump_dir,
+                             registry=registry, cpu_linear=cpu_linear, verbose=verbose, **options)
+
+
+def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torch.nn.Module, *,
+                      passes: Sequence[str] | None = None, disable: Sequence[str] = (),
+                      backend: str | Backend = "auto", dump_dir: str | None = None,
+                      registry: PassRegistry | None = None, cpu_linear: bool | str = True,
+                      verbose: bool | None = None, copy_weights: bool = True, **options) -> OptimizedModel:
+    """optimize() with the capture step given: `capture()` returns the IR graph and its call
+    spec (fxforge.dynamo captures a torch.compile subgraph its own way). `model` gives the
+    device, the name and the generation defaults. copy_weights=False keeps the model's own
+    weight tensors where no pass rewrote them (torch.compile: the model stays in use, and two
+    copies of every weight would double the memory)."""
     registry = _default_registry if registry is None else registry
     options = registry.parse_options(options)  # a bad value fails here, before the slow capture
     cpu_linear = cpu_linear_mode(cpu_linear)
     pipeline = registry.pipeline(options, list(passes) if passes is not None else None, disable)
+    reporter = Reporter(verbose)
     device = _model_device(model)
     # cpu_linear is the torch backend's setting; other backends see it only when changed
     backend = resolve_backend(backend, device, **({} if cpu_linear == "cached" else {"cpu_linear": cpu_linear}))
 
+    name = type(model).__name__
+    reporter.status(f"capturing {name}")
     start = time.perf_counter()
-    graph, spec = capture_with_spec(model, example_inputs, example_kwargs, dynamic=dynamic)
+    graph, spec = capture()
     capture_seconds = time.perf_counter() - start
+    reporter.log("capture", f"{name}: {len(graph.nodes)} nodes in {capture_seconds:.2f} s")
 
     dumps: list[tuple[str, str]] = []
     dump_dir = dump_dir or os.environ.get("FXFORGE_DUMP") or None
-    graph, stats = run_pipeline(graph, pipeline, options,
-                                dump=lambda i, name, g: dumps.append((f"{i:02d}_{name}.ir", print_graph(g))))
-    graph = own_weights(graph, model)  # an in-place edit of the model later does not reach `fast`
-    fast = assemble(graph, spec, backend, device, type(model).__name__, stats, dumps, capture_seconds)
+    try:
+        graph, stats = run_pipeline(graph, pipeline, options, reporter=reporter,
+                                    dump=lambda i, name, g: dumps.append((f"{i:02d}_{name}.ir", print_graph(g))))
+    finally:
+        reporter.close()
+    if copy_weights:
+        graph = own_weights(graph, model)  # an in-place edit of the model later does not reach `fast`
+    fast = assemble(graph, spec, backend, device, name, stats, dumps, capture_seconds)
     fast.generation_defaults = _generation_defaults(model)
     fast.config = getattr(model, "config", None)
     if dump_dir:

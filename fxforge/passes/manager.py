@@ -155,13 +155,14 @@ def check_enabled() -> bool:
 
 
 def run_pipeline(graph: Graph, pipeline: list[PassInfo], options: dict | None = None,
-                 check: bool | None = None, dump=None) -> tuple[Graph, list[PassStats]]:
-    """Run passes in order. `dump(index, name, graph)` is called after each pass."""
+                 check: bool | None = None, dump=None, reporter=None) -> tuple[Graph, list[PassStats]]:
+    """Run passes in order. `dump(index, name, graph)` is called after each pass;
+    `reporter` (fxforge.log.Reporter: progress bar, FXFORGE_LOG lines) hears each pass start and end."""
     with paused_gc():
-        return _run_passes(graph, pipeline, options, check, dump)
+        return _run_passes(graph, pipeline, options, check, dump, reporter)
 
 
-def _run_passes(graph, pipeline, options, check, dump):
+def _run_passes(graph, pipeline, options, check, dump, reporter=None):
     check = check_enabled() if check is None else check
     options = dict(options or {})
     stats: list[PassStats] = []
@@ -170,6 +171,8 @@ def _run_passes(graph, pipeline, options, check, dump):
     if dump is not None:
         dump(0, "capture", graph)
     for i, info in enumerate(pipeline, start=1):
+        if reporter is not None:
+            reporter.pass_started(i, len(pipeline), info.name)
         ctx = PassContext(options=options)
         before = len(graph.nodes)
         start = time.perf_counter()
@@ -184,6 +187,8 @@ def _run_passes(graph, pipeline, options, check, dump):
                 raise IRCheckError(f"after pass {info.name!r}: {e}") from None
         graph = out
         stats.append(PassStats(info.name, seconds, before, len(graph.nodes), ctx.rules, ctx.notes, ctx.details))
+        if reporter is not None:
+            reporter.pass_finished(i, len(pipeline), stats[-1])
         if dump is not None:
             dump(i, info.name, graph)
     return graph, stats

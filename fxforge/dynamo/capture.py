@@ -1,0 +1,45 @@
+"""Capture of one torch.compile subgraph: torch.export of its SubgraphModule on the real
+example tensors, with exactly the dims dynamo made dynamic marked dynamic, then fxforge's
+ordinary lowering (ir/capture.py).
+
+Why not capture_with_spec(): it guesses the dynamic dims (batch and sequence of every
+input) and grows the example to trace them, which is right for a model's forward but not
+for a dynamo graph that hard-codes the sizes it specialised (a view(1, s0, 4, 16) breaks on
+a batch of 2). Dynamo already knows which dims are dynamic: use those.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir.capture import CaptureError, _lower_exported, _trace_settings
+from .subgraph import SubgraphModule, dynamic_dims
+
+
+def capture_subgraph(module: SubgraphModule, example_inputs):
+    """(graph, call spec) of `module`, called with the user tensors among `example_inputs`."""
+    from torch.export import Dim
+
+    layout = module.layout
+    dims = dynamic_dims(module.dynamo_graph, layout)
+    tensors = tuple(_real(example_inputs[pos]) for pos in layout.user)
+    shapes = tuple({d: Dim.DYNAMIC for d in dims[pos]} or None for pos in layout.user)
+    # forward(*tensors): export wants one entry for the whole varargs tuple
+    dynamic_shapes = (shapes,) if any(s is not None for s in shapes) else None
+    try:
+        with torch.no_grad(), _trace_settings(stack_traces=False):
+            ep = torch.export.export(module, tensors, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:  # export raises many kinds; the backend falls back on any
+        raise CaptureError(f"torch.export could not capture the subgraph: {type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+    return _lower_exported(ep, {}, module)
+
+
+def _real(x: torch.Tensor) -> torch.Tensor:
+    """A real tensor for a (possibly fake) example: only its shape, dtype and device matter
+    to the trace. Dynamo's size hints give the concrete sizes."""
+    if not isinstance(x, torch._subclasses.FakeTensor):
+        return x
+    shape = [s.node.hint if isinstance(s, torch.SymInt) else int(s) for s in x.shape]
+    if any(s is None for s in shape):
+        raise CaptureError("a fake example input has a size with no hint")
+    return torch.zeros(shape, dtype=x.dtype, device=x.device)

@@ -1,0 +1,150 @@
+"""A subgraph from torch.compile (a dynamo GraphModule and its example inputs) as a module
+fxforge can capture: weights become the module's parameters and buffers, sizes become
+`x.size(d)` of the input tensors, and only the real user tensors remain as inputs.
+
+Dynamo gives its backend a flat list of graph inputs. With inline_inbuilt_nn_modules (the
+default since torch 2.5) that list holds the model's parameters and buffers too; without
+it they are attributes of the GraphModule. A dynamic size (a SymInt input) is always the
+size of some input tensor. torch.export of the wrapper below then sees a model in the
+shape capture expects: parameters it can name, tensor inputs with dynamic dims.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+
+class UnsupportedSubgraph(Exception):
+    """This subgraph cannot go through fxforge; the backend runs it as dynamo gave it."""
+
+
+@dataclass
+class InputLayout:
+    """Where each of dynamo's graph inputs comes from, by position."""
+
+    count: int
+    user: list[int] = field(default_factory=list)  # positions of the user's tensors
+    weights: dict[int, str] = field(default_factory=dict)  # position -> weight path ("model.norm.weight")
+    sizes: dict[int, tuple[int, int]] = field(default_factory=dict)  # position -> (position of a tensor, dim)
+
+
+# L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']
+_WEIGHT_SOURCE = re.compile(r"\._(?:parameters|buffers)\[")
+_SOURCE_KEY = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]")
+
+
+def weight_path(source_name: str | None) -> str | None:
+    """The weight's dotted path in the model, from dynamo's source of a graph input; None
+    for an input that is not a module's parameter or buffer."""
+    if not source_name or not _WEIGHT_SOURCE.search(source_name):
+        return None
+    keys = _SOURCE_KEY.findall(source_name)
+    return ".".join(keys) if keys else None
+
+
+def _source_name(node) -> str | None:
+    arg = node.meta.get("grapharg")
+    source = getattr(arg, "source", None)
+    name = getattr(source, "name", None)
+    return name() if callable(name) else name
+
+
+def input_layout(gm: torch.fx.GraphModule, example_inputs) -> InputLayout:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        raise UnsupportedSubgraph(f"{len(placeholders)} graph inputs but {len(example_inputs)} example inputs")
+    layout = InputLayout(len(example_inputs))
+    symbolic: list[tuple[int, object]] = []
+    for pos, (node, example) in enumerate(zip(placeholders, example_inputs)):
+        if isinstance(example, torch.SymInt):
+            symbolic.append((pos, example.node.expr))
+        elif isinstance(example, torch.Tensor):
+            path = weight_path(_source_name(node))
+            if path is None and isinstance(example, torch.nn.Parameter):
+                path = node.name  # a parameter with no module source: keep it a parameter
+            if path is not None:
+                layout.weights[pos] = path
+            else:
+                layout.user.append(pos)
+        else:
+            raise UnsupportedSubgraph(f"graph input {node.name} is a {type(example).__name__}, not a tensor or size")
+    for pos, expr in symbolic:
+        layout.sizes[pos] = _tensor_dim_of(expr, placeholders, layout.user)
+    return layout
+
+
+def dynamic_dims(gm: torch.fx.GraphModule, layout: InputLayout) -> dict[int, list[int]]:
+    """Per user tensor position, the dims dynamo traced as symbolic (the others are fixed)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out = {}
+    for pos in layout.user:
+        val = placeholders[pos].meta.get("example_value")
+        shape = getattr(val, "shape", ())
+        out[pos] = [d for d, s in enumerate(shape) if isinstance(s, torch.SymInt) and not _is_constant(s)]
+    return out
+
+
+def _is_constant(size: torch.SymInt) -> bool:
+    return bool(getattr(size.node.expr, "is_number", False))
+
+
+def _tensor_dim_of(expr, placeholders, user_positions) -> tuple[int, int]:
+    for pos in user_positions:
+        val = placeholders[pos].meta.get("example_value")
+        for d, size in enumerate(getattr(val, "shape", ())):
+            if isinstance(size, torch.SymInt) and size.node.expr == expr:
+                return pos, d
+    raise UnsupportedSubgraph(f"the size {expr} is no dim of an input tensor")
+
+
+class SubgraphModule(torch.nn.Module):
+    """Calls dynamo's GraphModule with the weights from its own parameters and buffers and
+    the sizes read off the inputs: forward(*user_tensors)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, layout: InputLayout, example_inputs):
+        super().__init__()
+        self.dynamo_graph = gm  # a submodule: weights held as its attributes stay parameters
+        self.layout = layout
+        for pos, path in layout.weights.items():
+            tensor = example_inputs[pos]
+            if isinstance(tensor, torch._subclasses.FakeTensor):
+                raise UnsupportedSubgraph("the weights came as fake tensors: there are no values to compile with")
+            _attach(self, path, tensor)
+        self._weight_paths = dict(layout.weights)
+
+    def forward(self, *tensors):
+        args: list = [None] * self.layout.count
+        for pos, tensor in zip(self.layout.user, tensors):
+            args[pos] = tensor
+        for pos, path in self._weight_paths.items():
+            args[pos] = _lookup(self, path)
+        for pos, (tensor_pos, dim) in self.layout.sizes.items():
+            args[pos] = args[tensor_pos].size(dim)
+        return self.dynamo_graph(*args)
+
+
+def _attach(root: torch.nn.Module, path: str, tensor: torch.Tensor):
+    """Register `tensor` at `path` under `root`, making empty modules along the way, so that
+    captured parameters keep the model's names (model.layers.0.mlp.up_proj.weight)."""
+    *parents, leaf = path.split(".")
+    module = root
+    for key in parents:
+        child = module._modules.get(key)
+        if child is None:
+            child = torch.nn.Module()
+            module.add_module(key, child)
+        module = child
+    if isinstance(tensor, torch.nn.Parameter):
+        module.register_parameter(leaf, tensor)
+    else:
+        module.register_buffer(leaf, tensor)
+
+
+def _lookup(root: torch.nn.Module, path: str) -> torch.Tensor:
+    *parents, leaf = path.split(".")
+    module = root
+    for key in parents:
+        module = module._modules[key]
+    return getattr(module, leaf)
