@@ -79,16 +79,21 @@ def remeasure(model, ids, times, cache_root):
     return plans, seconds
 
 
+def capture_and_passes(model, ids) -> dict:
+    """One round of capture and the default pipeline, timed apart."""
+    t0 = time.perf_counter()
+    graph, _ = capture_with_spec(model, (ids,))
+    t1 = time.perf_counter()
+    graph, _ = run_pipeline(graph, registry.pipeline({}), check=False)
+    t2 = time.perf_counter()
+    return {"capture_s": t1 - t0, "passes_s": t2 - t1, "nodes": len(graph.nodes)}
+
+
 def time_passes(model, ids, repeat):
     """Capture and the default pipeline alone, best of `repeat` rounds (no optimize())."""
     best = None
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        graph, _ = capture_with_spec(model, (ids,))
-        t1 = time.perf_counter()
-        graph, _ = run_pipeline(graph, registry.pipeline({}), check=False)
-        t2 = time.perf_counter()
-        row = {"capture_s": t1 - t0, "passes_s": t2 - t1, "nodes": len(graph.nodes)}
+        row = capture_and_passes(model, ids)
         best = row if best is None or row["passes_s"] < best["passes_s"] else best
     return best
 
@@ -109,15 +114,10 @@ def time_optimize(model, ids, repeat):
     cold_s, (cold_plan, summary, cold) = timed_optimize(model, ids)
     best, plans = None, {cold_plan}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        graph, _ = capture_with_spec(model, (ids,))
-        t1 = time.perf_counter()
-        graph, _ = run_pipeline(graph, registry.pipeline({}), check=False)
-        t2 = time.perf_counter()
+        row = capture_and_passes(model, ids)
         optimize_s, (plan, _, warm) = timed_optimize(model, ids)
         plans.add(plan)
-        row = {"capture_s": t1 - t0, "passes_s": t2 - t1, "optimize_s": optimize_s, "nodes": len(graph.nodes),
-               "cpu_linear_s": warm.get("seconds", 0.0), "warm_timed": warm.get("timed", 0)}
+        row.update(optimize_s=optimize_s, cpu_linear_s=warm.get("seconds", 0.0), warm_timed=warm.get("timed", 0))
         best = row if best is None or row["optimize_s"] < best["optimize_s"] else best
     best.update(optimize_cold_s=cold_s, cpu_linear_cold_s=cold.get("seconds", 0.0), cold_timed=cold.get("timed", 0),
                 cut_short=cold.get("cut_short", 0), plan=cold_plan, plan_summary=summary, same_plan=len(plans) == 1,
