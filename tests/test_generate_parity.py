@@ -179,7 +179,8 @@ def _tokenizer(vocab):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = {f"w{i}": i for i in range(vocab)}
+    words = {f"w{i}": i for i in range(vocab - 1)}
+    words["abcdef"] = vocab - 1  # StopStringCriteria tokenizes this prefix to clean the vocab
     tok = Tokenizer(models.WordLevel(words, unk_token="w1"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w1")
