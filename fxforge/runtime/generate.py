@@ -157,8 +157,11 @@ def new_token_count(s: dict, given: set, prompt_len: int, max_seq_len: int | Non
     max_seq_len in all), as transformers counts them."""
     count = s["max_new_tokens"]
     if count is not None:
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"max_new_tokens must be an int > 0 (as in transformers), got {count!r}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {count!r}")
+        if count == 0:
+            raise ValueError("max_new_tokens=0 asks for no new token: transformers' generate refuses it "
+                             "(`max_new_tokens` must be greater than 0), and so does this one")
         return count
     if "max_length" in given and s["max_length"] is not None:
         max_length = s["max_length"]
