@@ -79,13 +79,8 @@ def resolve_settings(defaults: dict | None, generation_config, options: dict) ->
 
 def defaults_from_generation_config(config) -> dict:
     """The settings of a transformers generation_config that generate() uses (the model's
-    defaults): those set to something other than transformers' global default."""
-    out = {}
-    for key, default in DEFAULTS.items():
-        value = getattr(config, key, None)
-        if value is not None and (value != default or key in ("eos_token_id", "pad_token_id")):
-            out[key] = value
-    return out
+    defaults): those it sets (not None, as transformers 5 marks unset fields)."""
+    return {key: getattr(config, key) for key in DEFAULTS if getattr(config, key, None) is not None}
 
 
 def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int, padded: bool,
