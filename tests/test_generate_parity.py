@@ -252,3 +252,42 @@ def test_unsupported_arguments_raise_naming_them(pair):
         fast.generate(ids, 4, repetition_penalty=0.0)
     # neutral values of unsupported settings, and settings that change nothing here, pass
     fast.generate(ids, 2, num_beam_groups=1, use_cache=True, output_attentions=False)
+
+
+class BanToken:
+    """A transformers-style logits processor: token `token` gets -inf."""
+
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.token] = -float("inf")
+        return scores
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_custom_logits_processor_equals_transformers(pair, beams):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, fast, vocab = pair
+    ids, mask = _prompts(vocab, True)
+    free = fast.generate(ids, 8, attention_mask=mask, eos_token_id=None)
+    token = int(free[0, ids.shape[1]])
+
+    class Ban(BanToken, LogitsProcessor):
+        pass
+
+    out, ref = _both(model, fast, ids, mask, max_new_tokens=8, num_beams=beams, eos_token_id=None,
+                     logits_processor=LogitsProcessorList([Ban(token)]))
+    assert torch.equal(out, ref) and not (out[:, ids.shape[1]:] == token).any()
+
+
+def test_sampling_several_sequences_per_prompt(pair):
+    _, fast, vocab = pair
+    ids, mask = _prompts(vocab, True)
+    gen = torch.Generator().manual_seed(0)
+    out = fast.generate(ids, 5, attention_mask=mask, do_sample=True, num_return_sequences=2, eos_token_id=None,
+                        generator=gen)
+    assert out.shape == (6, ids.shape[1] + 5)
+    assert torch.equal(out[::2, :ids.shape[1]], ids) and torch.equal(out[1::2, :ids.shape[1]], ids)

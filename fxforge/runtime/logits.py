@@ -1,8 +1,8 @@
 """Logits processors for generate(), each a callable (input_ids [N, L], scores [N, V]) ->
 scores, applied as a list in transformers' order (GenerationMixin._get_logits_processor):
 
-    repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens,
-    then, only when sampling, temperature, top_k, top_p; then the caller's own processors.
+    repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens, the caller's own
+    processors (logits_processor=), then, only when sampling, temperature, top_k, top_p.
 
 Each follows the transformers processor of the same name exactly (which tokens it
 touches, how it treats negative logits, the prompt and the padding), so greedy and beam
@@ -121,9 +121,9 @@ def processors(*, repetition_penalty=None, pad=None, no_repeat_ngram_size=None, 
         out.append(NoRepeatNGram(no_repeat_ngram_size))
     if min_length is not None and min_length > 0 and eos is not None:
         out.append(MinLength(min_length, eos))
+    out += list(custom or ())  # the caller's processors come before the warpers, as in transformers
     if do_sample:
         out += warpers(temperature, top_k, top_p)
-    out += list(custom or ())
     return out
 
 
