@@ -114,7 +114,7 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int | None, 
     return lp.apply(lp.warpers(temperature, top_k, top_p), None, logits)
 
 
-def _check_settings(s: dict, new_tokens: int):
+def _check_settings(s: dict):
     if s["do_sample"]:
         if not s["temperature"] > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {s['temperature']!r}")
@@ -225,7 +225,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     input_ids = input_ids.to(device)
     pad = left_padding(attention_mask, batch, prompt_len, device)
     new_tokens = new_token_count(s, given, prompt_len, model.kv_layout.max_seq_len)
-    _check_settings(s, new_tokens)
+    _check_settings(s)
     beams = s["num_beams"]
     if beams > 1 and streamer is not None:
         raise ValueError("streamer cannot be used with beam search (as in transformers)")
