@@ -1,9 +1,20 @@
 """generate(): prefill the prompt into the KV cache, then decode one token per step.
 
-Semantics follow transformers' `generate`: the result is the prompt followed by the new
-tokens; greedy picks the argmax; sampling applies temperature, then top-k, then top-p
-(the order of transformers' logits warpers); a row that produced EOS continues with the
-pad token while other rows finish; left-padded batches come with an attention_mask.
+Semantics follow transformers' `generate` (4.x/5.x, decoder-only):
+- settings come, highest first, from the call's keyword arguments, a `generation_config`
+  (a transformers GenerationConfig or a dict), the model's defaults
+  (`fast.generation_defaults`), then transformers' global defaults (max_length=20 new
+  tokens, top_k=50 when sampling, ...); an unsupported setting raises ValueError naming it;
+- the result is the prompt followed by the new tokens; `max_new_tokens` wins over
+  `max_length` (which counts the prompt); `max_new_tokens=0` raises, as in transformers;
+- the logits processors (logits.py) apply in transformers' order: repetition penalty,
+  no-repeat n-gram, min length / min new tokens, then the sampling warpers;
+- greedy picks the argmax, sampling draws from the softmax; a row that produced EOS (or
+  hit a stopping criterion / stop string) continues with the pad token while others finish;
+- `num_beams > 1` runs beam search (beam.py) with beams as batch rows of the cache;
+- `return_dict_in_generate=True` returns transformers' output classes with `scores` (the
+  processed logits of each step) and `logits` (the raw ones) when asked for;
+- left-padded batches come with an attention_mask.
 """
 from __future__ import annotations
 
@@ -12,8 +23,64 @@ from typing import Callable
 
 import torch
 
+from . import logits as lp
 from .frames import frame_of_its_own
 from .state import left_padding
+
+# transformers' global defaults (GenerationConfig._get_default_generation_params) of the
+# settings generate() supports; None: not set.
+DEFAULTS = {
+    "max_new_tokens": None, "max_length": 20, "min_new_tokens": None, "min_length": 0,
+    "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "eos_token_id": None, "pad_token_id": None, "stop_strings": None,
+    "num_beams": 1, "length_penalty": 1.0, "early_stopping": False, "num_return_sequences": 1,
+    "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
+}
+# settings that do not change the tokens here (the cache is always used)
+IGNORED = {"use_cache", "cache_implementation", "bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config", "return_legacy_cache",
+           "compile_config", "disable_compile", "is_assistant"}
+# transformers settings generate() does not implement, with the value that turns each off:
+# a GenerationConfig holding another value is refused
+UNSUPPORTED = {
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None, "top_h": None, "min_p": None,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "bad_words_ids": None, "force_words_ids": None,
+    "constraints": None, "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "exponential_decay_length_penalty": None,
+    "guidance_scale": None, "renormalize_logits": False, "remove_invalid_values": False,
+    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "max_time": None,
+    "low_memory": None, "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "dola_layers": None,
+    "watermarking_config": None, "token_healing": False, "output_attentions": False,
+    "output_hidden_states": False, "min_tokens_to_keep": None, "custom_generate": None,
+}
+
+
+def resolve_settings(defaults: dict | None, generation_config, options: dict) -> tuple[dict, set]:
+    """The settings of one call, and the names set anywhere (not from the global defaults)."""
+    given = {k: v for k, v in (defaults or {}).items() if k in DEFAULTS and v is not None}
+    if generation_config is not None:
+        config = generation_config if isinstance(generation_config, dict) else \
+            generation_config.to_dict() if hasattr(generation_config, "to_dict") else None
+        if config is None:
+            raise ValueError(f"generation_config must be a transformers GenerationConfig or a dict, got "
+                             f"{type(generation_config).__name__}")
+        bad = sorted(k for k, v in config.items() if k in UNSUPPORTED and v is not None and v != UNSUPPORTED[k]
+                     and k not in IGNORED)
+        if bad:
+            raise ValueError(f"generate() does not support these generation_config settings: {', '.join(bad)}")
+        given.update({k: v for k, v in config.items() if k in DEFAULTS and v is not None})
+    bad = sorted(k for k, v in options.items() if k not in DEFAULTS and k not in IGNORED
+                 and not (k in UNSUPPORTED and (v is None or v == UNSUPPORTED[k])))
+    if bad:
+        raise ValueError(f"generate() does not support these arguments: {', '.join(bad)}")
+    given.update({k: v for k, v in options.items() if k in DEFAULTS})  # an explicit None turns a default off
+    return {**DEFAULTS, **given}, set(given)
+
+
+def defaults_from_generation_config(config) -> dict:
+    """The settings of a transformers generation_config that generate() uses (the model's
+    defaults): those it sets (not None, as transformers 5 marks unset fields)."""
+    return {key: getattr(config, key) for key in DEFAULTS if getattr(config, key, None) is not None}
 
 
 def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int, padded: bool,
@@ -44,36 +111,109 @@ def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int
 
 def process_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus), as transformers' warpers do."""
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        k = min(top_k, logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1 - top_p)
-        drop[..., -1:] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
+    return lp.apply(lp.warpers(temperature, top_k, top_p), None, logits)
 
 
-def _check_sampling(do_sample, temperature, top_k, top_p):
-    if do_sample:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+def _check_settings(s: dict):
+    if s["do_sample"]:
+        if not s["temperature"] > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {s['temperature']!r}")
+        top_k = s["top_k"]
         if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
             raise ValueError(f"top_k must be an int >= 0 or None, got {top_k!r}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if s["top_p"] is not None and not 0.0 < s["top_p"] <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {s['top_p']!r}")
+    penalty = s["repetition_penalty"]
+    if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not penalty > 0):
+        raise ValueError(f"repetition_penalty must be a number > 0, got {penalty!r}")
+    for key in ("no_repeat_ngram_size", "min_new_tokens", "min_length"):
+        value = s[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{key} must be an int >= 0, got {value!r}")
+    beams, returns = s["num_beams"], s["num_return_sequences"]
+    for key, value in (("num_beams", beams), ("num_return_sequences", returns)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+    if beams > 1:
+        if s["do_sample"]:
+            raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported: use "
+                             "num_beams=1 to sample or do_sample=False for beam search")
+        if returns > beams:
+            raise ValueError(f"num_return_sequences ({returns}) must be <= num_beams ({beams})")
+        if s["early_stopping"] not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {s['early_stopping']!r}")
+    elif returns > 1 and not s["do_sample"]:
+        raise ValueError("greedy search returns one sequence per prompt: num_return_sequences > 1 needs "
+                         "do_sample=True or num_beams >= num_return_sequences")
+
+
+def new_token_count(s: dict, given: set, prompt_len: int, max_seq_len: int | None) -> int:
+    """max_new_tokens, else max_length (prompt included), else 20 new tokens (at most
+    max_seq_len in all), as transformers counts them."""
+    count = s["max_new_tokens"]
+    if count is not None:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {count!r}")
+        if count == 0:
+            raise ValueError("max_new_tokens=0 asks for no new token: transformers' generate refuses it "
+                             "(`max_new_tokens` must be greater than 0), and so does this one")
+        return count
+    if "max_length" in given and s["max_length"] is not None:
+        max_length = s["max_length"]
+    else:
+        max_length = prompt_len + DEFAULTS["max_length"]
+        if max_seq_len is not None:
+            max_length = min(max_length, max_seq_len)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or prompt_len >= max_length:
+        raise ValueError(f"the prompt has {prompt_len} tokens but max_length is {max_length!r}: max_length counts "
+                         "the prompt; increase it or set max_new_tokens")
+    return max_length - prompt_len
+
+
+def _stopping(stop_strings, tokenizer, stopping_criteria) -> list:
+    """Stop strings and the caller's criteria, as transformers' StoppingCriteria: each
+    `(input_ids [N, L], scores) -> bool [N]`."""
+    out = []
+    if stop_strings is not None:
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the model's tokenizer: generate(..., stop_strings=..., "
+                             "tokenizer=tokenizer)")
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+        out.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+    out += list(stopping_criteria or ())
+    return out
+
+
+def stop_mask(criteria: list, seq: torch.Tensor, scores) -> torch.Tensor | None:
+    done = None
+    for criterion in criteria:
+        hit = criterion(seq, scores)
+        hit = torch.as_tensor(hit, device=seq.device).bool().expand(seq.shape[0])
+        done = hit if done is None else done | hit
+    return done
+
+
+def output(kind: str, **fields):
+    """transformers' GenerateDecoderOnlyOutput / GenerateBeamDecoderOnlyOutput, or a plain
+    object with the same fields where transformers is not installed."""
+    try:
+        from transformers.generation import utils
+        return getattr(utils, kind)(**fields)
+    except ImportError:
+        import types
+        return types.SimpleNamespace(**fields)
 
 
 @frame_of_its_own  # the per-token Python calls stay off data-stack chunk boundaries (frames.py)
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask=None, do_sample=False,
-             temperature=1.0, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None,
-             streamer=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """`model` is an OptimizedModel whose graph went through the kv_cache pass."""
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, *, defaults: dict | None = None,
+             generation_config=None, attention_mask=None, streamer=None, generator: torch.Generator | None = None,
+             stopping_criteria=None, logits_processor=None, tokenizer=None, **options):
+    """`model` is an OptimizedModel whose graph went through the kv_cache pass; `defaults`
+    its generation_defaults; `options` the transformers settings (DEFAULTS)."""
+    if max_new_tokens is not None:
+        options["max_new_tokens"] = max_new_tokens
+    s, given = resolve_settings(defaults, generation_config, options)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         got = f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
             else type(input_ids).__name__
@@ -84,45 +224,80 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_m
     device = model.device
     input_ids = input_ids.to(device)
     pad = left_padding(attention_mask, batch, prompt_len, device)
-    check_generate_args(model.kv_layout, batch, prompt_len, max_new_tokens, bool((pad > 0).any()),
+    new_tokens = new_token_count(s, given, prompt_len, model.kv_layout.max_seq_len)
+    _check_settings(s)
+    beams = s["num_beams"]
+    if beams > 1 and streamer is not None:
+        raise ValueError("streamer cannot be used with beam search (as in transformers)")
+    # beams, or sampled sequences, are rows of their own (transformers' input expansion)
+    expand = max(beams, s["num_return_sequences"])
+    if expand > 1:
+        input_ids, pad = input_ids.repeat_interleave(expand, dim=0), pad.repeat_interleave(expand, dim=0)
+    rows = input_ids.shape[0]
+    check_generate_args(model.kv_layout, rows, prompt_len, new_tokens, bool((pad > 0).any()),
                         model.kv_cache_bytes, device_memory_bytes(device))
-    model.check_step_sizes(batch, [prompt_len] + ([1] if max_new_tokens > 1 else []))
-    _check_sampling(do_sample, temperature, top_k, top_p)
-    eos = _as_list(eos_token_id)
+    model.check_step_sizes(rows, [prompt_len] + ([1] if new_tokens > 1 else []))
+
+    eos = _as_list(s["eos_token_id"])
+    eos_t = torch.tensor(eos, device=device) if eos else None
+    pad_token_id = s["pad_token_id"]
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
+    min_length = prompt_len + s["min_new_tokens"] if s["min_new_tokens"] is not None else s["min_length"]
+    processors = lp.processors(
+        repetition_penalty=s["repetition_penalty"], pad=pad, no_repeat_ngram_size=s["no_repeat_ngram_size"],
+        min_length=min_length, eos=eos_t, do_sample=s["do_sample"], temperature=s["temperature"],
+        top_k=s["top_k"], top_p=s["top_p"], custom=logits_processor)
+    criteria = _stopping(s["stop_strings"], tokenizer, stopping_criteria)
+    want_scores = s["return_dict_in_generate"] and s["output_scores"]
+    want_logits = s["return_dict_in_generate"] and s["output_logits"]
+
+    if beams > 1:
+        from .beam import beam_search
+        return beam_search(model, input_ids, pad, new_tokens, beams, processors, criteria, eos_t, pad_token_id, s)
+
     emit = _stream_fn(streamer)
     if streamer is not None and hasattr(streamer, "put"):
         streamer.put(input_ids.cpu())
-    if max_new_tokens == 0:
-        _end(streamer)
-        return input_ids
-
+    scores, raw = ([] if want_scores else None), ([] if want_logits else None)
     # this call's own cache: concurrent and re-entrant calls never share buffers (state.py)
-    with model.kv_cache_lease(batch, prompt_len + max_new_tokens) as cache:
+    with model.kv_cache_lease(rows, prompt_len + new_tokens) as cache:
         cache.prepare(pad, model.bias_dtype())
-        eos_t = torch.tensor(eos, device=device) if eos else None
-        unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-        tokens = [input_ids]
-        step_ids, start = input_ids, 0
-        for _ in range(max_new_tokens):
+        seq = torch.empty(rows, prompt_len + new_tokens, dtype=torch.long, device=device)
+        seq[:, :prompt_len] = input_ids
+        unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+        length, step_ids, start = prompt_len, input_ids, 0
+        for _ in range(new_tokens):
             logits = model.run_cached(step_ids, start, pad, cache)[:, -1, :].float()
             start += step_ids.shape[1]
-            if do_sample:
-                probs = process_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            processed = lp.apply(processors, seq[:, :length], logits)
+            if raw is not None:
+                raw.append(logits.clone())
+            if scores is not None:
+                scores.append(processed)
+            if s["do_sample"]:
+                nxt = torch.multinomial(processed.softmax(dim=-1), 1, generator=generator).squeeze(1)
             else:
-                nxt = logits.argmax(dim=-1)
-            nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
-            tokens.append(nxt[:, None])
+                nxt = processed.argmax(dim=-1)
+            if eos_t is not None:  # transformers pads finished rows only when EOS is a stopping criterion
+                nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
+            seq[:, length] = nxt
+            length += 1
             emit(nxt)
+            done = stop_mask(criteria, seq[:, :length], tuple(scores) if scores is not None else None)
             if eos_t is not None:
-                unfinished &= ~torch.isin(nxt, eos_t)
+                done = torch.isin(nxt, eos_t) if done is None else done | torch.isin(nxt, eos_t)
+            if done is not None:
+                unfinished &= ~done
                 if not unfinished.any():
                     break
             step_ids = nxt[:, None]
     _end(streamer)
-    return torch.cat(tokens, dim=1)
+    seq = seq[:, :length]
+    if not s["return_dict_in_generate"]:
+        return seq
+    return output("GenerateDecoderOnlyOutput", sequences=seq, scores=tuple(scores) if scores is not None else None,
+                  logits=tuple(raw) if raw is not None else None)
 
 
 def device_memory_bytes(device) -> int | None:

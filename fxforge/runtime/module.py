@@ -83,18 +83,33 @@ class OptimizedModel:
     forward = __call__
 
     # -- cached decoding (graphs that went through the kv_cache pass) ---------------------------
-    def generate(self, input_ids, max_new_tokens: int = 20, **kwargs):
-        """Token ids like transformers' generate: the prompt then the new tokens. Keyword
-        arguments: attention_mask, do_sample, temperature, top_k, top_p, eos_token_id,
-        pad_token_id, streamer, generator. Needs optimize(..., kv_cache=True). EOS and pad
-        tokens default to the model's generation_config, as in transformers."""
+    def generate(self, input_ids, max_new_tokens: int | None = None, **kwargs):
+        """Token ids like transformers' generate: the prompt then the new tokens (or, with
+        return_dict_in_generate=True, transformers' output object). Keyword arguments:
+        attention_mask, generation_config, max_length, min_new_tokens, min_length, do_sample,
+        temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, eos_token_id,
+        pad_token_id, stopping_criteria, stop_strings (with tokenizer), logits_processor,
+        num_beams, length_penalty, early_stopping, num_return_sequences,
+        return_dict_in_generate, output_scores, output_logits, streamer, generator; others
+        raise ValueError. Needs optimize(..., kv_cache=True). Settings not given default to
+        `generation_defaults` (the model's generation_config), then to transformers' defaults."""
         from .generate import generate
 
         self._require_cache("generate()")
-        for key, value in self.generation_defaults.items():
-            kwargs.setdefault(key, value)  # an explicit None turns the default off
         with torch.no_grad():
-            return generate(self, input_ids, max_new_tokens, **kwargs)
+            return generate(self, input_ids, max_new_tokens, defaults=self.generation_defaults, **kwargs)
+
+    @property
+    def generation_config(self):
+        """The generation defaults as a dict; assign a transformers GenerationConfig (or a
+        dict) to replace them with the settings generate() uses from it."""
+        return dict(self.generation_defaults)
+
+    @generation_config.setter
+    def generation_config(self, config):
+        from .generate import defaults_from_generation_config
+
+        self.generation_defaults = dict(config) if isinstance(config, dict) else defaults_from_generation_config(config)
 
     def kv_cache_for(self, batch: int, capacity: int) -> KVCache:
         """A KV cache of the caller's own for stepping with run_cached() (an idle one is

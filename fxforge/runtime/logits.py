@@ -1,0 +1,133 @@
+"""Logits processors for generate(), each a callable (input_ids [N, L], scores [N, V]) ->
+scores, applied as a list in transformers' order (GenerationMixin._get_logits_processor):
+
+    repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens, the caller's own
+    processors (logits_processor=), then, only when sampling, temperature, top_k, top_p.
+
+Each follows the transformers processor of the same name exactly (which tokens it
+touches, how it treats negative logits, the prompt and the padding), so greedy and beam
+outputs are the same token for token.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class RepetitionPenalty:
+    """A token already in the row (prompt included, its left padding not) gets its score
+    divided by `penalty` when positive, multiplied when negative."""
+
+    def __init__(self, penalty: float, pad: torch.Tensor | None):
+        self.penalty, self.pad = float(penalty), pad  # pad: left-padding count per row [N]
+
+    def __call__(self, input_ids, scores):
+        vocab = scores.shape[-1]
+        if self.pad is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            input_ids = input_ids.masked_fill(positions[None, :] < self.pad[:, None], vocab)
+        input_ids = input_ids.clamp(max=vocab)
+        padded = torch.nn.functional.pad(scores, (0, 1))  # column `vocab` absorbs the masked ids
+        score = torch.gather(padded, 1, input_ids)
+        score = torch.where(score < 0, score * self.penalty, score / self.penalty)
+        return padded.scatter(1, input_ids, score)[..., :vocab]
+
+
+class NoRepeatNGram:
+    """Bans every token that would repeat an n-gram already in the row (prompt and its
+    padding included, as transformers does)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, input_ids, scores):
+        length = input_ids.shape[-1]
+        if length < self.n:
+            return scores
+        prefix = input_ids[:, length + 1 - self.n:]
+        windows = input_ids.unfold(dimension=1, size=self.n, step=1)
+        matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)
+        vocab = scores.shape[-1]
+        banned = scores.new_zeros((scores.shape[0], vocab + 1), dtype=torch.bool)
+        banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
+        return scores.masked_fill(banned[:, :vocab], -float("inf"))
+
+
+class MinLength:
+    """EOS gets -inf while the row (prompt included) is shorter than `min_length`."""
+
+    def __init__(self, min_length: int, eos: torch.Tensor):
+        self.min_length, self.eos = min_length, eos
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[-1] >= self.min_length:
+            return scores
+        is_eos = torch.isin(torch.arange(scores.shape[-1], device=scores.device), self.eos)
+        return torch.where(is_eos, -math.inf, scores)
+
+
+class Temperature:
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids, scores):
+        return scores / self.temperature
+
+
+class TopK:
+    def __init__(self, k: int):
+        self.k = k
+
+    def __call__(self, input_ids, scores):
+        k = min(self.k, scores.shape[-1])
+        kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+        return scores.masked_fill(scores < kth, float("-inf"))
+
+
+class TopP:
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, input_ids, scores):
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - self.p)
+        drop[..., -1:] = False  # always keep the most likely token
+        return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def warpers(temperature: float, top_k: int | None, top_p: float | None) -> list:
+    """The sampling warpers in transformers' order: temperature, top-k, top-p."""
+    out = []
+    if temperature is not None and temperature != 1.0:
+        out.append(Temperature(temperature))
+    if top_k is not None and top_k != 0:
+        out.append(TopK(top_k))
+    if top_p is not None and top_p < 1.0:
+        out.append(TopP(top_p))
+    return out
+
+
+def processors(*, repetition_penalty=None, pad=None, no_repeat_ngram_size=None, min_length=None, eos=None,
+               do_sample=False, temperature=1.0, top_k=None, top_p=None, custom=()) -> list:
+    """The processor list of one generate() call. `pad`: left padding per row; `eos`: a
+    tensor of EOS ids or None; `min_length` counts the prompt (min_new_tokens already
+    folded in by the caller, as transformers does)."""
+    out = []
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        out.append(RepetitionPenalty(repetition_penalty, pad))
+    if no_repeat_ngram_size is not None and no_repeat_ngram_size > 0:
+        out.append(NoRepeatNGram(no_repeat_ngram_size))
+    if min_length is not None and min_length > 0 and eos is not None:
+        out.append(MinLength(min_length, eos))
+    out += list(custom or ())  # the caller's processors come before the warpers, as in transformers
+    if do_sample:
+        out += warpers(temperature, top_k, top_p)
+    return out
+
+
+def apply(processor_list, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    for process in processor_list:
+        scores = process(input_ids, scores)
+    return scores
