@@ -134,15 +134,13 @@ def unregister_pass(name: str, registry: PassRegistry | None = None):
 
 
 def _generation_defaults(model) -> dict:
-    """EOS and pad tokens from a transformers model's generation_config, so that generate()
-    stops where transformers' generate stops."""
+    """The settings of a transformers model's generation_config that generate() supports
+    (EOS, pad, and any sampling or penalty defaults the checkpoint sets), so that
+    generate() behaves as transformers' generate does for that model."""
+    from .runtime.generate import defaults_from_generation_config
+
     config = getattr(model, "generation_config", None)
-    out = {}
-    for key in ("eos_token_id", "pad_token_id"):
-        value = getattr(config, key, None)
-        if value is not None:
-            out[key] = value
-    return out
+    return defaults_from_generation_config(config) if config is not None else {}
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
