@@ -181,6 +181,20 @@ def generate_row_source(name: str, body, outputs, input_dtypes, input_is_row, ou
     return "\n".join(lines) + "\n"
 
 
+def row_block(n: int) -> int:
+    """BLOCK_N of the row kernel for rows of n elements."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _triton_type(x) -> str:
+    """A launch argument's type in triton.compile's signature notation."""
+    if isinstance(x, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                      torch.bool: "i1", torch.int64: "i64", torch.int32: "i32", torch.int8: "i8",
+                      torch.uint8: "u8"}[x.dtype]
+    return "fp32" if isinstance(x, float) else "i32"
+
+
 class PointwiseKernels:
     """Generated kernels, cached in memory and on disk by a hash of their source (Triton
     reads a kernel's source from its file, so each one is written to `cache_dir`)."""
@@ -191,6 +205,9 @@ class PointwiseKernels:
         self.cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "fxforge_kernels")
         self.sources: dict[str, str] = {}
         self._compiled: dict[tuple, object] = {}
+        # name, BLOCK -> {"path", "name", "signature", "constexprs"} of each distinct launch, so
+        # the generated kernels of a model can be compiled ahead of time (codegen/gpu_compile.py)
+        self.launches: dict[tuple, dict] = {}
 
     def kernel(self, generate, *spec):
         """The compiled kernel for `generate(name, *spec)`, made once per distinct source."""
@@ -235,9 +252,18 @@ class PointwiseKernels:
         numel = math.prod(kshape)
         if numel:
             grid = (triton.cdiv(numel, self.BLOCK),)
+            self._record(fn, [*inputs, *outs, numel, *kshape, *strides], {"BLOCK": self.BLOCK})
             fn[grid](*inputs, *outs, numel, *kshape, *strides, BLOCK=self.BLOCK)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+
+    def _record(self, fn, args, constexprs):
+        name = fn.__name__
+        signature = {a: _triton_type(x) for a, x in zip(fn.arg_names, args)}
+        signature.update({k: "constexpr" for k in constexprs})
+        self.launches[(name,) + tuple(constexprs.values())] = {
+            "path": os.path.join(self.cache_dir, f"{name}.py"), "name": name,
+            "signature": signature, "constexprs": dict(constexprs)}
 
     def _run_rows(self, inputs, body, outputs, shape, types, out_dtypes):
         import triton
@@ -254,7 +280,9 @@ class PointwiseKernels:
             strides += list(st)
         rows = math.prod(lead)
         if rows:
-            fn[(rows,)](*inputs, *outs, n, *lead, *strides, BLOCK_N=triton.next_power_of_2(n))
+            block = {"BLOCK_N": row_block(n)}
+            self._record(fn, [*inputs, *outs, n, *lead, *strides], block)
+            fn[(rows,)](*inputs, *outs, n, *lead, *strides, **block)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 

@@ -26,12 +26,19 @@ __all__ = ["attention_triton", "attention_reference", "load_kv_block", "online_s
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may try on a GPU
+GPU_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4), (32, 32, 4, 2)]
+
+
+def launch_configs(dtype: torch.dtype, d_pad: int) -> list[tuple]:
+    """The GPU configs the autotuner tries for this dtype and padded head dim."""
+    return list(GPU_CONFIGS)
+
+
 def _configs():
     if _INTERPRET:  # the interpreter runs every config on the CPU: one small one
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
-                                 (64, 32, 4, 4), (32, 32, 4, 2)]]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in GPU_CONFIGS]
 
 
 @triton.jit

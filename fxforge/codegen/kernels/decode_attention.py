@@ -118,6 +118,11 @@ def num_splits(batch_kv_heads: int, tk: int, block_n: int, programs: int) -> tup
     return chunk, triton.cdiv(tk, chunk)
 
 
+def split_launch(dtype: torch.dtype, d_pad: int) -> dict:
+    """The split kernel's key block and warps on a GPU (no autotuning: this one config)."""
+    return {"BLOCK_N": 64, "num_warps": 4}
+
+
 def _programs(device) -> int:
     if _INTERPRET or device.type != "cuda":
         return 8  # the interpreter: a few splits, so the combine step is exercised
@@ -155,7 +160,8 @@ def decode_attention_triton(q, k, v, bias=None, *, causal: bool, scale: float):
     groups = heads // kv_heads
     d_pad = max(16, triton.next_power_of_2(d))
     block_g = max(16, triton.next_power_of_2(groups))
-    block_n = 16 if _INTERPRET else 64
+    launch = {"BLOCK_N": 16, "num_warps": 4} if _INTERPRET else split_launch(q.dtype, d_pad)
+    block_n = launch["BLOCK_N"]
     chunk, splits = num_splits(bsz * kv_heads, max(tk, 1), block_n, _programs(q.device))
     m = torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
@@ -169,7 +175,7 @@ def decode_attention_triton(q, k, v, bias=None, *, causal: bool, scale: float):
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=block_n, HAS_BIAS=bias is not None,
         DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 or _INTERPRET else "tf32",
-        num_warps=4,
+        num_warps=launch["num_warps"],
     )
     _decode_combine_kernel[(bsz * heads,)](
         m, l, acc, out, heads, splits, out.stride(0), out.stride(1), out.stride(3),

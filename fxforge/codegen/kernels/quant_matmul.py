@@ -75,6 +75,12 @@ _SMALL_M_CONFIGS = [
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}
 
 
+def launch_configs(small_m: bool, x_dtype: torch.dtype) -> list[tuple]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner tries on a GPU for
+    this M size class and activation dtype."""
+    return list(_SMALL_M_CONFIGS if small_m else _LARGE_M_CONFIGS)
+
+
 def _configs(spec):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in spec]
