@@ -181,9 +181,19 @@ def generate_row_source(name: str, body, outputs, input_dtypes, input_is_row, ou
     return "\n".join(lines) + "\n"
 
 
+# A row of up to ROW_BLOCK_MAX elements is held whole in one block; a longer one would spill
+# (kilobytes per thread at 8k+, docs/gpu-compile.md), so it is looped in chunks of ROW_CHUNK.
+ROW_BLOCK_MAX = 4096
+ROW_CHUNK = 1024
+
+
+def row_is_looped(n: int) -> bool:
+    return n > ROW_BLOCK_MAX
+
+
 def row_block(n: int) -> int:
-    """BLOCK_N of the row kernel for rows of n elements."""
-    return 1 << max(0, (n - 1).bit_length())
+    """BLOCK_N of the row kernel for rows of n elements: the row, or the chunk of a loop."""
+    return ROW_CHUNK if row_is_looped(n) else 1 << max(0, (n - 1).bit_length())
 
 
 def _triton_type(x) -> str:
@@ -266,14 +276,15 @@ class PointwiseKernels:
             "signature": signature, "constexprs": dict(constexprs)}
 
     def _run_rows(self, inputs, body, outputs, shape, types, out_dtypes):
-        import triton
+        from .row_loop import generate_looped_row_source
 
         n = shape[-1]
         lead = shape[:-1]
         device = inputs[0].device
         outs = [torch.empty(tuple(int(d) for d in t.shape), dtype=t.dtype, device=device) for t in types]
         full = [x.dim() > 0 and x.shape[-1] == n and n > 1 for x in inputs]
-        fn = self.kernel(generate_row_source, body, outputs, [x.dtype for x in inputs], full, out_dtypes, len(lead))
+        generate = generate_looped_row_source if row_is_looped(n) else generate_row_source
+        fn = self.kernel(generate, body, outputs, [x.dtype for x in inputs], full, out_dtypes, len(lead))
         strides = []
         for x, is_row in zip(inputs, full):
             st = x.expand(lead + ((n,) if is_row else (1,))).stride()
