@@ -89,11 +89,12 @@ _COMBINE_ARGS = ["m_ptr", "l_ptr", "acc_ptr", "out_ptr", "H", "NUM_SPLITS", "sob
                  "HEAD_DIM", "D_PAD", "BLOCK_S"]
 
 
-def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, split_blocks=(2, 128)) -> list[KernelSpec]:
+def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6)) -> list[KernelSpec]:
     """The split kernel (the one config its wrapper launches, with a bias: the superset)
-    and the combine kernel at a few split counts."""
+    and the combine kernel for a few and for very many splits."""
     from .kernels import decode_attention
 
+    split_blocks = sorted({decode_attention.combine_block(s) for s in splits})
     specs = []
     for dname, dtype in dtypes.items():
         for d in head_dims:
@@ -224,5 +225,5 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     attn = [s for s in attention_specs(worst, (64, 256)) if s.constexprs["BLOCK_M"] * s.constexprs["BLOCK_N"] >= 8192]
     quant = quant_specs({"fp32": DTYPES["fp32"]}, QUANT_FORMATS[1:2], w8a8=False)
     quant = [s for s in quant if s.constexprs["BLOCK_N"] * s.constexprs["BLOCK_K"] >= 8192]
-    return (attn + decode_specs(worst, (64, 256), split_blocks=(128,)) + quant
+    return (attn + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + quant
             + row_specs(lengths=(4096, 65536), kinds=("layer_norm",)))
