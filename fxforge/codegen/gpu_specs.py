@@ -216,14 +216,28 @@ def generated_specs(launches: list[dict], label: str) -> list[KernelSpec]:
     return specs
 
 
+def _largest(specs, blocks, labels, count=2) -> list[KernelSpec]:
+    """The `count` configs with the largest tiles (product of `blocks`, then stages) per group."""
+    groups: dict[tuple, list] = {}
+    for s in specs:
+        groups.setdefault(tuple(s.labels[k] for k in labels), []).append(s)
+
+    def size(s):
+        area = 1
+        for b in blocks:
+            area *= s.constexprs[b]
+        return area, s.num_stages
+
+    return [s for group in groups.values() for s in sorted(group, key=size, reverse=True)[:count]]
+
+
 def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     """Everything the hand-written kernels and long row kernels can launch (`quick`: the
     worst cases only, for CI: fp32 and bf16 at head dims 64 and 256, and the largest tiles)."""
     if not quick:
         return (attention_specs() + decode_specs() + quant_specs() + row_specs())
     worst = {"fp32": DTYPES["fp32"], "bf16": DTYPES["bf16"]}
-    attn = [s for s in attention_specs(worst, (64, 256)) if s.constexprs["BLOCK_M"] * s.constexprs["BLOCK_N"] >= 8192]
-    quant = quant_specs({"fp32": DTYPES["fp32"]}, QUANT_FORMATS[1:2], w8a8=False)
-    quant = [s for s in quant if s.constexprs["BLOCK_N"] * s.constexprs["BLOCK_K"] >= 8192]
+    attn = _largest(attention_specs(worst, (64, 256)), ("BLOCK_M", "BLOCK_N"), ("dtype", "head_dim"))
+    quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",))
     return (attn + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + quant
             + row_specs(lengths=(4096, 65536), kinds=("layer_norm",)))
