@@ -181,6 +181,7 @@ def row_specs(lengths=ROW_LENGTHS, kinds=("softmax", "layer_norm", "rms_norm"), 
     """Generated row kernels (one row of N per program) for long rows: the widths that
     decide their registers and shared memory. The sources are written to `folder`."""
     from . import pointwise
+    from .row_loop import generate_looped_row_source
 
     folder = folder or os.path.join(tempfile.gettempdir(), "fxforge_aot_kernels")
     os.makedirs(folder, exist_ok=True)
@@ -188,15 +189,16 @@ def row_specs(lengths=ROW_LENGTHS, kinds=("softmax", "layer_norm", "rms_norm"), 
     specs = []
     for kind in kinds:
         body, outputs, n_in = _row_body(kind)
-        name = f"row_{kind}_{dtype}"
-        source = pointwise.generate_row_source(name, body, outputs, [torch_dtype] * n_in,
-                                               [True] * n_in, [torch_dtype], 1)
-        path = os.path.join(folder, f"{name}.py")
-        with open(path, "w") as f:
-            f.write(source)
         args = [f"in{i}_ptr" for i in range(n_in)] + ["out0_ptr", "N", "size0"] + \
                [f"in{i}_stride{d}" for i in range(n_in) for d in range(2)]
         for n in lengths:
+            # the generator the launch would pick: one block, or a loop over chunks
+            looped = pointwise.row_is_looped(n)
+            generate = generate_looped_row_source if looped else pointwise.generate_row_source
+            name = f"row_{kind}_{dtype}_{'looped' if looped else 'block'}"
+            path = os.path.join(folder, f"{name}.py")
+            with open(path, "w") as f:
+                f.write(generate(name, body, outputs, [torch_dtype] * n_in, [True] * n_in, [torch_dtype], 1))
             specs.append(_spec(
                 f"row:{kind}", f"file:{path}:{name}", args + ["BLOCK_N"],
                 {**{f"in{i}_ptr": dtype for i in range(n_in)}, "out0_ptr": dtype},
