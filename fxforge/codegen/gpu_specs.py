@@ -132,7 +132,8 @@ def _quant_configs(dtype, all_configs):
 
     if all_configs:
         return quant_matmul._SMALL_M_CONFIGS + quant_matmul._LARGE_M_CONFIGS
-    return quant_matmul.launch_configs(True, dtype) + quant_matmul.launch_configs(False, dtype)
+    # dict.fromkeys: without duplicates (fp32 takes the small-M tiles at large M too)
+    return list(dict.fromkeys(quant_matmul.launch_configs(True, dtype) + quant_matmul.launch_configs(False, dtype)))
 
 
 def quant_specs(dtypes=DTYPES, formats=QUANT_FORMATS, all_configs=False, w8a8=True) -> list[KernelSpec]:
