@@ -172,9 +172,14 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "gpu-compile.md"))
     parser.add_argument("--json", help="also save the raw results here")
     parser.add_argument("--before", help="raw results of an earlier run, for the before/after table")
+    parser.add_argument("--results", help="render these raw results (from --json) instead of compiling")
     args = parser.parse_args()
-    extra = zoo_launches(("llama",) if args.quick else ZOO)
-    results = run_compiles("quick" if args.quick else "full", extra, args.jobs)
+    if args.results:
+        with open(args.results) as f:
+            results = [CompileResult.from_json(d) for d in json.load(f)]
+    else:
+        extra = zoo_launches(("llama",) if args.quick else ZOO)
+        results = run_compiles("quick" if args.quick else "full", extra, args.jobs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.to_json() for r in results], f, indent=1)

@@ -29,7 +29,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may try on a GPU; the last two are
 # for wide heads (256) and fp32, where the others overflow shared memory or spill.
 GPU_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4), (32, 32, 4, 2),
-               (64, 32, 8, 2), (32, 16, 4, 2)]
+               (64, 32, 8, 2), (32, 16, 8, 2)]
 # Pipelined K and V tiles plus the Q tile must leave room for Triton's layout-conversion
 # scratch under sm_80's 163 KB; the float32 accumulator and Q tile live in registers, and
 # past this many accumulator elements per thread ptxas spills (docs/gpu-compile.md).
