@@ -1,12 +1,13 @@
 # make demo: set up and run the quickstart on SmolLM2-135M
 # make test: set up and run the whole test suite (what CI runs)
+# make gpu-compile: compile every Triton kernel specialization for sm_80/sm_90 (no GPU) -> docs/gpu-compile.md
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench gpu-compile clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/optimize_time.py
+
+gpu-compile: setup
+	$(PY) benchmarks/gpu_compile.py
 
 clean:
 	rm -rf $(VENV) out dump

@@ -181,6 +181,30 @@ def generate_row_source(name: str, body, outputs, input_dtypes, input_is_row, ou
     return "\n".join(lines) + "\n"
 
 
+# A row of up to ROW_BLOCK_MAX elements is held whole in one block; a longer one would spill
+# (kilobytes per thread at 8k+, docs/gpu-compile.md), so it is looped in chunks of ROW_CHUNK.
+ROW_BLOCK_MAX = 4096
+ROW_CHUNK = 1024
+
+
+def row_is_looped(n: int) -> bool:
+    return n > ROW_BLOCK_MAX
+
+
+def row_block(n: int) -> int:
+    """BLOCK_N of the row kernel for rows of n elements: the row, or the chunk of a loop."""
+    return ROW_CHUNK if row_is_looped(n) else 1 << max(0, (n - 1).bit_length())
+
+
+def _triton_type(x) -> str:
+    """A launch argument's type in triton.compile's signature notation."""
+    if isinstance(x, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                      torch.bool: "i1", torch.int64: "i64", torch.int32: "i32", torch.int8: "i8",
+                      torch.uint8: "u8"}[x.dtype]
+    return "fp32" if isinstance(x, float) else "i32"
+
+
 class PointwiseKernels:
     """Generated kernels, cached in memory and on disk by a hash of their source (Triton
     reads a kernel's source from its file, so each one is written to `cache_dir`)."""
@@ -191,6 +215,9 @@ class PointwiseKernels:
         self.cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "fxforge_kernels")
         self.sources: dict[str, str] = {}
         self._compiled: dict[tuple, object] = {}
+        # name, BLOCK -> {"path", "name", "signature", "constexprs"} of each distinct launch, so
+        # the generated kernels of a model can be compiled ahead of time (codegen/gpu_compile.py)
+        self.launches: dict[tuple, dict] = {}
 
     def kernel(self, generate, *spec):
         """The compiled kernel for `generate(name, *spec)`, made once per distinct source."""
@@ -235,26 +262,38 @@ class PointwiseKernels:
         numel = math.prod(kshape)
         if numel:
             grid = (triton.cdiv(numel, self.BLOCK),)
+            self._record(fn, [*inputs, *outs, numel, *kshape, *strides], {"BLOCK": self.BLOCK})
             fn[grid](*inputs, *outs, numel, *kshape, *strides, BLOCK=self.BLOCK)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+    def _record(self, fn, args, constexprs):
+        name = fn.__name__
+        signature = {a: _triton_type(x) for a, x in zip(fn.arg_names, args)}
+        signature.update({k: "constexpr" for k in constexprs})
+        self.launches[(name,) + tuple(constexprs.values())] = {
+            "path": os.path.join(self.cache_dir, f"{name}.py"), "name": name,
+            "signature": signature, "constexprs": dict(constexprs)}
+
     def _run_rows(self, inputs, body, outputs, shape, types, out_dtypes):
-        import triton
+        from .row_loop import generate_looped_row_source
 
         n = shape[-1]
         lead = shape[:-1]
         device = inputs[0].device
         outs = [torch.empty(tuple(int(d) for d in t.shape), dtype=t.dtype, device=device) for t in types]
         full = [x.dim() > 0 and x.shape[-1] == n and n > 1 for x in inputs]
-        fn = self.kernel(generate_row_source, body, outputs, [x.dtype for x in inputs], full, out_dtypes, len(lead))
+        generate = generate_looped_row_source if row_is_looped(n) else generate_row_source
+        fn = self.kernel(generate, body, outputs, [x.dtype for x in inputs], full, out_dtypes, len(lead))
         strides = []
         for x, is_row in zip(inputs, full):
             st = x.expand(lead + ((n,) if is_row else (1,))).stride()
             strides += list(st)
         rows = math.prod(lead)
         if rows:
-            fn[(rows,)](*inputs, *outs, n, *lead, *strides, BLOCK_N=triton.next_power_of_2(n))
+            block = {"BLOCK_N": row_block(n)}
+            self._record(fn, [*inputs, *outs, n, *lead, *strides], block)
+            fn[(rows,)](*inputs, *outs, n, *lead, *strides, **block)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 

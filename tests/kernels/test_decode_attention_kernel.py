@@ -7,8 +7,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fxforge.codegen.kernels.decode_attention import (attention_reference, decode_attention_triton,  # noqa: E402
-                                                      num_splits)
+from fxforge.codegen.kernels import decode_attention  # noqa: E402
+from fxforge.codegen.kernels.decode_attention import (attention_reference, combine_block,  # noqa: E402
+                                                      decode_attention_triton, num_splits, split_launch)
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
@@ -63,6 +64,31 @@ def test_splits_cover_the_context():
         chunk, splits = num_splits(bkv, tk, 64, programs)
         assert chunk % 64 == 0 and chunk * splits >= tk and chunk * (splits - 1) < tk
     assert num_splits(1, 4096, 64, 528)[1] > 1  # a single sequence still spreads out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_dim_256(dtype):
+    # Gemma's head dim: the GPU launch takes fewer keys per block here (split_launch)
+    q = torch.randn(1, 4, 1, 256, dtype=dtype)
+    k, v = torch.randn(1, 2, 75, 256, dtype=dtype), torch.randn(1, 2, 75, 256, dtype=dtype)
+    check(q, k, v, scale=256 ** -0.5)
+
+
+def test_wide_heads_take_smaller_key_blocks():
+    # the split kernel is launched without autotuning: its one config must fit every GPU
+    # (docs/gpu-compile.md); 64 keys wherever K and V tiles stay within 16 KB each
+    assert split_launch(torch.float16, 128)["BLOCK_N"] == 64 and split_launch(torch.float32, 64)["BLOCK_N"] == 64
+    assert split_launch(torch.float32, 256)["BLOCK_N"] == 16 and split_launch(torch.bfloat16, 256)["BLOCK_N"] == 32
+    assert combine_block(3) == 4 and combine_block(500) == 32
+
+
+def test_many_splits_combine_in_several_passes(monkeypatch):
+    # a GPU with many multiprocessors splits a long context into more chunks than one
+    # combine block holds: the combine kernel loops over them
+    monkeypatch.setattr(decode_attention, "_programs", lambda device: 512)
+    q, k, v = torch.randn(1, 2, 1, 32), torch.randn(1, 1, 1000, 32), torch.randn(1, 1, 1000, 32)
+    assert num_splits(1, 1000, 16, 512)[1] > combine_block(10 ** 6)
+    check(q, k, v)
 
 
 def test_bad_shapes():

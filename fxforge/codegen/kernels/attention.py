@@ -26,12 +26,45 @@ __all__ = ["attention_triton", "attention_reference", "load_kv_block", "online_s
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may try on a GPU; the last two are
+# for wide heads (256) and fp32, where the others overflow shared memory or spill.
+GPU_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4), (32, 32, 4, 2),
+               (64, 32, 8, 2), (32, 16, 8, 2)]
+# Pipelined K and V tiles plus the Q tile must leave room for Triton's layout-conversion
+# scratch under sm_80's 163 KB; the float32 accumulator and Q tile live in registers, and
+# past this many accumulator elements per thread ptxas spills (docs/gpu-compile.md).
+_TILE_BYTES = 128 * 1024
+_ACC_PER_THREAD = {2: 64, 4: 32}  # by element size: fp32 dots are FMA loops, not tensor-core tiles
+# fp32 configs with 3-4 stages spilled 0.6-18 KB per thread on sm_90 even at head dim 64
+_MAX_STAGES = {2: 4, 4: 2}
+
+
+def _fits(config: tuple, itemsize: int, d_pad: int) -> bool:
+    bm, bn, warps, stages = config
+    tiles = (2 * bn * max(stages - 1, 1) + bm) * d_pad * itemsize
+    return (tiles <= _TILE_BYTES and bm * d_pad <= _ACC_PER_THREAD[itemsize] * 32 * warps
+            and stages <= _MAX_STAGES[itemsize])
+
+
+def launch_configs(dtype: torch.dtype, d_pad: int) -> list[tuple]:
+    """The GPU configs the autotuner tries for this dtype and padded head dim: those that
+    fit every target's shared memory without heavy spills (the smallest if none does)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return [c for c in GPU_CONFIGS if _fits(c, itemsize, d_pad)] or [GPU_CONFIGS[-1]]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The autotuner's early prune: keep the configs `launch_configs` allows."""
+    allowed = launch_configs(named_args["q_ptr"].dtype, kwargs["D_PAD"])
+    kept = [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+    return kept or configs[-1:]
+
+
 def _configs():
     if _INTERPRET:  # the interpreter runs every config on the CPU: one small one
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
-                                 (64, 32, 4, 4), (32, 32, 4, 2)]]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in GPU_CONFIGS]
 
 
 @triton.jit
@@ -64,7 +97,8 @@ def online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=_configs(), key=["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_BIAS"])
+@triton.autotune(configs=_configs(), key=["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _attention_kernel(
     # pointers

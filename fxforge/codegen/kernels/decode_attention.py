@@ -22,7 +22,7 @@ import triton.language as tl
 from ...ir.ops import attention_reference
 from .attention import load_kv_block, online_softmax_step
 
-__all__ = ["decode_attention_triton", "attention_reference", "num_splits"]
+__all__ = ["decode_attention_triton", "attention_reference", "num_splits", "split_launch", "combine_block"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -91,21 +91,31 @@ def _decode_combine_kernel(
     sob, soh, sod,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    # Splits are visited BLOCK_S at a time (a long context on a big GPU has hundreds): a
+    # [splits, D_PAD] tile in one piece would spill. With splits <= BLOCK_S it is one pass.
     pid = tl.program_id(0)  # (batch, head)
     b = pid // H
     h = pid % H
-    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, D_PAD)
-    s_valid = offs_s < NUM_SPLITS
     base = pid * NUM_SPLITS
-    m = tl.load(m_ptr + base + offs_s, mask=s_valid, other=float("-inf"))
-    l = tl.load(l_ptr + base + offs_s, mask=s_valid, other=0.0)
-    m_max = tl.max(m, 0)
+    m_max = tl.full((), float("-inf"), dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        m = tl.load(m_ptr + base + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+        m_max = tl.maximum(m_max, tl.max(m, 0))
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.where(s_valid & (m > float("-inf")), tl.exp2(m - m_max), 0.0)
-    acc = tl.load(acc_ptr + (base + offs_s)[:, None] * D_PAD + offs_d[None, :], mask=s_valid[:, None], other=0.0)
-    total = tl.sum(l * w, 0)
-    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    total = tl.zeros((), dtype=tl.float32)
+    out = tl.zeros((D_PAD,), dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_valid = offs_s < NUM_SPLITS
+        m = tl.load(m_ptr + base + offs_s, mask=s_valid, other=float("-inf"))
+        l = tl.load(l_ptr + base + offs_s, mask=s_valid, other=0.0)
+        w = tl.where(s_valid & (m > float("-inf")), tl.exp2(m - m_max), 0.0)
+        acc = tl.load(acc_ptr + (base + offs_s)[:, None] * D_PAD + offs_d[None, :], mask=s_valid[:, None], other=0.0)
+        total += tl.sum(l * w, 0)
+        out += tl.sum(acc * w[:, None], 0)
+    out = out / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + b * sob + h * soh + offs_d * sod, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
@@ -116,6 +126,29 @@ def num_splits(batch_kv_heads: int, tk: int, block_n: int, programs: int) -> tup
     chunk = triton.cdiv(triton.cdiv(tk, want), block_n) * block_n
     chunk = max(chunk, block_n)
     return chunk, triton.cdiv(tk, chunk)
+
+
+# The split kernel is launched without autotuning, so its one config must fit every target:
+# K and V tiles of BLOCK_N x D_PAD within this many bytes each keep it far under sm_80's
+# 163 KB of shared memory and free of spills (fp32 at head dim 256 with 64 keys needed
+# 284 KB, docs/gpu-compile.md).
+_KV_TILE_BYTES = 16 * 1024
+_MAX_COMBINE_BLOCK = 32
+
+
+def split_launch(dtype: torch.dtype, d_pad: int) -> dict:
+    """The split kernel's key block and warps on a GPU: 64 keys, fewer for wide heads, and
+    8 warps at head dim 256 (the [16, 256] accumulator spilled with 4 on sm_90)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    block_n = 64
+    while block_n > 16 and block_n * d_pad * itemsize > _KV_TILE_BYTES:
+        block_n //= 2
+    return {"BLOCK_N": block_n, "num_warps": 8 if d_pad >= 256 else 4}
+
+
+def combine_block(splits: int) -> int:
+    """BLOCK_S of the combine kernel: all splits in one pass up to _MAX_COMBINE_BLOCK."""
+    return min(max(2, triton.next_power_of_2(splits)), _MAX_COMBINE_BLOCK)
 
 
 def _programs(device) -> int:
@@ -155,7 +188,8 @@ def decode_attention_triton(q, k, v, bias=None, *, causal: bool, scale: float):
     groups = heads // kv_heads
     d_pad = max(16, triton.next_power_of_2(d))
     block_g = max(16, triton.next_power_of_2(groups))
-    block_n = 16 if _INTERPRET else 64
+    launch = {"BLOCK_N": 16, "num_warps": 4} if _INTERPRET else split_launch(q.dtype, d_pad)
+    block_n = launch["BLOCK_N"]
     chunk, splits = num_splits(bsz * kv_heads, max(tk, 1), block_n, _programs(q.device))
     m = torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
@@ -169,10 +203,10 @@ def decode_attention_triton(q, k, v, bias=None, *, causal: bool, scale: float):
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=block_n, HAS_BIAS=bias is not None,
         DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 or _INTERPRET else "tf32",
-        num_warps=4,
+        num_warps=launch["num_warps"],
     )
     _decode_combine_kernel[(bsz * heads,)](
         m, l, acc, out, heads, splits, out.stride(0), out.stride(1), out.stride(3),
-        HEAD_DIM=d, D_PAD=d_pad, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_S=combine_block(splits), num_warps=4,
     )
     return out

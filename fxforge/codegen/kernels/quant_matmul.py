@@ -75,6 +75,42 @@ _SMALL_M_CONFIGS = [
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}
 
 
+# Staged x and weight tiles (the weight both as loaded and dequantized) within this many
+# bytes leave room for layout-conversion scratch under sm_80's 163 KB of shared memory.
+_STAGED_BYTES = 128 * 1024
+# float32 activations dot in exact fp32 (FMA loops, not tensor cores): bigger weight or
+# accumulator tiles than these spilled 3-21 KB per thread on sm_90 (docs/gpu-compile.md).
+_FP32_W_TILE = 4096
+_FP32_ACC_TILE = 1024
+
+
+def _fits(config: tuple, itemsize: int) -> bool:
+    bm, bn, bk, _, stages = config
+    staged = stages * (bm * bk * itemsize + bk * bn * (1 + itemsize))
+    small_enough = itemsize < 4 or (bk * bn <= _FP32_W_TILE and bm * bn <= _FP32_ACC_TILE)
+    return staged <= _STAGED_BYTES and small_enough
+
+
+def launch_configs(small_m: bool, x_dtype: torch.dtype) -> list[tuple]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner tries on a GPU for
+    this M size class and activation dtype (int8 for W8A8): those that fit every target.
+    No large-M tile is lean enough for fp32: it takes the small-M tiles (more programs)."""
+    spec = _SMALL_M_CONFIGS if small_m else _LARGE_M_CONFIGS
+    itemsize = torch.empty((), dtype=x_dtype).element_size()
+    fitting = [c for c in spec if _fits(c, itemsize)]
+    if not fitting and not small_m:
+        return launch_configs(True, x_dtype)
+    return fitting or spec[:1]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The autotuner's early prune: the configs `launch_configs` allows for x's dtype
+    (built afresh: for fp32 at large M they come from the small-M list)."""
+    x = named_args.get("x_ptr", named_args.get("a_ptr"))
+    small = configs[0].kwargs["BLOCK_M"] == _SMALL_M
+    return _configs(launch_configs(small, x.dtype))
+
+
 def _configs(spec):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in spec]
@@ -189,10 +225,13 @@ def _w8a8_kernel(
 
 
 _KEY = ["M_BUCKET", "N", "K"]
-_weight_only_small = triton.autotune(configs=_configs(_SMALL_M_CONFIGS), key=_KEY)(_weight_only_kernel)
-_weight_only_large = triton.autotune(configs=_configs(_LARGE_M_CONFIGS), key=_KEY)(_weight_only_kernel)
-_w8a8_small = triton.autotune(configs=_configs(_SMALL_M_CONFIGS), key=_KEY)(_w8a8_kernel)
-_w8a8_large = triton.autotune(configs=_configs(_LARGE_M_CONFIGS), key=_KEY)(_w8a8_kernel)
+_PRUNE = {"early_config_prune": _prune_configs}
+_weight_only_small = triton.autotune(configs=_configs(_SMALL_M_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)(
+    _weight_only_kernel)
+_weight_only_large = triton.autotune(configs=_configs(_LARGE_M_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)(
+    _weight_only_kernel)
+_w8a8_small = triton.autotune(configs=_configs(_SMALL_M_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)(_w8a8_kernel)
+_w8a8_large = triton.autotune(configs=_configs(_LARGE_M_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)(_w8a8_kernel)
 
 
 # --------------------------------------------------------------------------- launch helpers

@@ -1,0 +1,246 @@
+"""Every kernel specialization fxforge can launch on a GPU, as `KernelSpec`s for
+`gpu_compile`: kernel x dtype x head dim x quant format x config.
+
+The configs come from the kernel modules themselves (`attention.launch_configs`,
+`decode_attention.split_launch`, `quant_matmul.launch_configs`, `pointwise.row_block`), the
+functions their launch wrappers call, so what is compiled here is what would run. Import
+this only with TRITON_INTERPRET unset: the kernel modules pick their GPU configs at import.
+
+Arguments are typed as a launch on contiguous, 16-byte aligned tensors would specialize
+them: unit strides are the constant 1 and pointers are marked 16-divisible, which is what
+lets Triton vectorize loads (and so what decides registers and shared memory).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from .gpu_compile import KernelSpec
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HEAD_DIMS = (16, 32, 64, 128, 256)  # padded head dims (non powers of two pad up to one of these)
+QUANT_FORMATS = (("int8", 0, 1), ("int4", 1, 128), ("nf4", 2, 64))  # name, FORMAT, default GROUP_SIZE
+ROW_LENGTHS = (1024, 4096, 8192, 16384, 65536)
+
+
+def _signature(arg_names, pointers: dict, floats=(), unit=(), constexprs=()) -> tuple[dict, dict]:
+    """(signature, constexprs-for-unit-strides): pointers get their element type, `floats`
+    fp32, the `unit` strides become the constant 1, constexprs are marked, the rest i32."""
+    sig, ones = {}, {}
+    for name in arg_names:
+        if name in pointers:
+            sig[name] = "*" + pointers[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        elif name in unit or name in constexprs:
+            sig[name] = "constexpr"
+            if name in unit:
+                ones[name] = 1
+        else:
+            sig[name] = "i32"
+    return sig, ones
+
+
+def _spec(kernel, fn_ref, arg_names, pointers, constexprs, *, floats=(), unit=(), num_warps=4, num_stages=3,
+          tuned=False, **labels) -> KernelSpec:
+    sig, ones = _signature(arg_names, pointers, floats, unit, constexprs)
+    return KernelSpec(kernel=kernel, fn=fn_ref, signature=sig, constexprs={**ones, **constexprs},
+                      num_warps=num_warps, num_stages=num_stages, tuned=tuned, labels=labels)
+
+
+# --------------------------------------------------------------------------- attention
+_ATTN_REF = "fxforge.codegen.kernels.attention:_attention_kernel"
+_ATTN_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr", "H", "GROUPS", "TQ", "TK", "TQ_BUCKET", "TK_BUCKET",
+              "qk_scale", "sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd",
+              "sbb", "sbh", "sbm", "sbn", "sob", "soh", "som", "sod",
+              "HEAD_DIM", "D_PAD", "CAUSAL", "HAS_BIAS", "DOT_F32", "PRECISION", "BLOCK_M", "BLOCK_N"]
+
+
+def attention_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, all_configs=False) -> list[KernelSpec]:
+    """The prefill kernel, causal without bias, for each config the autotuner tries
+    (`all_configs`: every config in the module's list, pruned or not, for the report)."""
+    from .kernels import attention
+
+    specs = []
+    for dname, dtype in dtypes.items():
+        for d in head_dims:
+            configs = attention.GPU_CONFIGS if all_configs else attention.launch_configs(dtype, d)
+            for bm, bn, w, s in configs:
+                specs.append(_spec(
+                    "attention", _ATTN_REF, _ATTN_ARGS,
+                    {p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr")},
+                    dict(HEAD_DIM=d, D_PAD=d, CAUSAL=True, HAS_BIAS=False, DOT_F32=False,
+                         PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn),
+                    floats=("qk_scale",), unit=("sqd", "skd", "svd", "sod"), num_warps=w, num_stages=s,
+                    tuned=True, dtype=dname, head_dim=d,
+                    launched=(bm, bn, w, s) in attention.launch_configs(dtype, d)))
+    return specs
+
+
+# --------------------------------------------------------------------------- decode attention
+_SPLIT_REF = "fxforge.codegen.kernels.decode_attention:_decode_split_kernel"
+_SPLIT_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "m_ptr", "l_ptr", "acc_ptr", "H", "GROUPS", "TK", "CHUNK",
+               "NUM_SPLITS", "qk_scale", "sqb", "sqh", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd",
+               "sbb", "sbh", "sbn", "HEAD_DIM", "D_PAD", "BLOCK_G", "BLOCK_N", "HAS_BIAS", "DOT_F32", "PRECISION"]
+_COMBINE_REF = "fxforge.codegen.kernels.decode_attention:_decode_combine_kernel"
+_COMBINE_ARGS = ["m_ptr", "l_ptr", "acc_ptr", "out_ptr", "H", "NUM_SPLITS", "sob", "soh", "sod",
+                 "HEAD_DIM", "D_PAD", "BLOCK_S"]
+
+
+def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6)) -> list[KernelSpec]:
+    """The split kernel (the one config its wrapper launches, with a bias: the superset)
+    and the combine kernel for a few and for very many splits."""
+    from .kernels import decode_attention
+
+    split_blocks = sorted({decode_attention.combine_block(s) for s in splits})
+    specs = []
+    for dname, dtype in dtypes.items():
+        for d in head_dims:
+            launch = decode_attention.split_launch(dtype, d)
+            specs.append(_spec(
+                "decode_split", _SPLIT_REF, _SPLIT_ARGS,
+                {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr")},
+                 **{p: "fp32" for p in ("m_ptr", "l_ptr", "acc_ptr")}},
+                dict(HEAD_DIM=d, D_PAD=d, BLOCK_G=16, BLOCK_N=launch["BLOCK_N"], HAS_BIAS=True, DOT_F32=False,
+                     PRECISION="ieee" if dtype == torch.float32 else "tf32"),
+                floats=("qk_scale",), unit=("sqd", "skd", "svd"), num_warps=launch["num_warps"],
+                num_stages=launch.get("num_stages", 3), dtype=dname, head_dim=d))
+    for d in head_dims:
+        for block_s in split_blocks:
+            specs.append(_spec(
+                "decode_combine", _COMBINE_REF, _COMBINE_ARGS,
+                {"m_ptr": "fp32", "l_ptr": "fp32", "acc_ptr": "fp32", "out_ptr": "bf16"},
+                dict(HEAD_DIM=d, D_PAD=d, BLOCK_S=block_s), unit=("sod",), dtype="any", head_dim=d))
+    return specs
+
+
+# --------------------------------------------------------------------------- quantized matmul
+_WO_REF = "fxforge.codegen.kernels.quant_matmul:_weight_only_kernel"
+_WO_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "zero_ptr", "table_ptr", "bias_ptr", "out_ptr", "M", "N", "K", "M_BUCKET",
+            "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_sn", "stride_sg", "stride_zn", "stride_zg",
+            "stride_om", "stride_on", "FORMAT", "GROUP_SIZE", "HAS_BIAS", "DOT_F32", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
+_W8A8_REF = "fxforge.codegen.kernels.quant_matmul:_w8a8_kernel"
+_W8A8_ARGS = ["a_ptr", "a_scale_ptr", "w_ptr", "w_scale_ptr", "bias_ptr", "res_ptr", "out_ptr", "M", "N", "K",
+              "M_BUCKET", "stride_am", "stride_ak", "stride_wn", "stride_wk", "stride_rm", "stride_rn", "stride_om",
+              "stride_on", "HAS_BIAS", "HAS_RES", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
+
+
+def _quant_configs(dtype, all_configs):
+    from .kernels import quant_matmul
+
+    if all_configs:
+        return quant_matmul._SMALL_M_CONFIGS + quant_matmul._LARGE_M_CONFIGS
+    # dict.fromkeys: without duplicates (fp32 takes the small-M tiles at large M too)
+    return list(dict.fromkeys(quant_matmul.launch_configs(True, dtype) + quant_matmul.launch_configs(False, dtype)))
+
+
+def quant_specs(dtypes=DTYPES, formats=QUANT_FORMATS, all_configs=False, w8a8=True) -> list[KernelSpec]:
+    """The weight-only kernel per format and activation dtype, and the W8A8 kernel, for
+    every config of both M size classes."""
+    from .kernels import quant_matmul
+
+    specs = []
+    for dname, dtype in dtypes.items():
+        launched = set(quant_matmul.launch_configs(True, dtype) + quant_matmul.launch_configs(False, dtype))
+        for fname, fmt, group in formats:
+            w_type = "i8" if fmt == 0 else "u8"
+            for bm, bn, bk, w, s in _quant_configs(dtype, all_configs):
+                specs.append(_spec(
+                    f"quant_{fname}", _WO_REF, _WO_ARGS,
+                    {"x_ptr": dname, "w_ptr": w_type, "scale_ptr": "fp32", "zero_ptr": "fp32" if fmt else "fp32",
+                     "table_ptr": "fp32", "bias_ptr": dname, "out_ptr": dname},
+                    dict(FORMAT=fmt, GROUP_SIZE=group, HAS_BIAS=True, DOT_F32=dtype == torch.float32,
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                    unit=("stride_xk", "stride_wk", "stride_on"), num_warps=w, num_stages=s, tuned=True,
+                    dtype=dname, format=fname, launched=(bm, bn, bk, w, s) in launched))
+    if w8a8:
+        for bm, bn, bk, w, s in _quant_configs(torch.float16, all_configs):
+            specs.append(_spec(
+                "quant_w8a8", _W8A8_REF, _W8A8_ARGS,
+                {"a_ptr": "i8", "a_scale_ptr": "fp32", "w_ptr": "i8", "w_scale_ptr": "fp32", "bias_ptr": "fp16",
+                 "res_ptr": "fp32", "out_ptr": "fp16"},
+                dict(HAS_BIAS=True, HAS_RES=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                unit=("stride_ak", "stride_wk", "stride_rn", "stride_on"), num_warps=w, num_stages=s, tuned=True,
+                dtype="int8", format="w8a8", launched=True))
+    return specs
+
+
+# --------------------------------------------------------------------------- generated kernels
+def _row_body(kind: str):
+    """A one-op row group (body, outputs, input count): softmax, layer_norm or rms_norm."""
+    if kind == "softmax":
+        return [("softmax", ("in0",), (("dim", -1), ("dtype", None)))], ["t0"], 1
+    if kind == "layer_norm":
+        return [("layer_norm", ("in0", "in1", "in2"), (("eps", 1e-5), ("weight", True), ("bias", True)))], ["t0"], 3
+    return [("rms_norm", ("in0", "in1"), (("eps", 1e-6), ("weight", True)))], ["t0"], 2
+
+
+def row_specs(lengths=ROW_LENGTHS, kinds=("softmax", "layer_norm", "rms_norm"), dtype="bf16",
+              folder: str | None = None) -> list[KernelSpec]:
+    """Generated row kernels (one row of N per program) for long rows: the widths that
+    decide their registers and shared memory. The sources are written to `folder`."""
+    from . import pointwise
+    from .row_loop import generate_looped_row_source
+
+    folder = folder or os.path.join(tempfile.gettempdir(), "fxforge_aot_kernels")
+    os.makedirs(folder, exist_ok=True)
+    torch_dtype = DTYPES[dtype]
+    specs = []
+    for kind in kinds:
+        body, outputs, n_in = _row_body(kind)
+        args = [f"in{i}_ptr" for i in range(n_in)] + ["out0_ptr", "N", "size0"] + \
+               [f"in{i}_stride{d}" for i in range(n_in) for d in range(2)]
+        for n in lengths:
+            # the generator the launch would pick: one block, or a loop over chunks
+            looped = pointwise.row_is_looped(n)
+            generate = generate_looped_row_source if looped else pointwise.generate_row_source
+            name = f"row_{kind}_{dtype}_{'looped' if looped else 'block'}"
+            path = os.path.join(folder, f"{name}.py")
+            with open(path, "w") as f:
+                f.write(generate(name, body, outputs, [torch_dtype] * n_in, [True] * n_in, [torch_dtype], 1))
+            specs.append(_spec(
+                f"row:{kind}", f"file:{path}:{name}", args + ["BLOCK_N"],
+                {**{f"in{i}_ptr": dtype for i in range(n_in)}, "out0_ptr": dtype},
+                {"BLOCK_N": pointwise.row_block(n)}, unit=tuple(f"in{i}_stride1" for i in range(n_in)),
+                dtype=dtype, row=n))
+    return specs
+
+
+def generated_specs(launches: list[dict], label: str) -> list[KernelSpec]:
+    """Specs for the generated kernels a model launched (`PointwiseKernels.launches`)."""
+    specs = []
+    for launch in launches:
+        kind = "row" if "BLOCK_N" in launch["constexprs"] else "pointwise"
+        specs.append(KernelSpec(kernel=f"{label}:{kind}", fn=f"file:{launch['path']}:{launch['name']}",
+                                signature=launch["signature"], constexprs=launch["constexprs"], num_warps=4,
+                                num_stages=3, labels={"model": label, "kernel": launch["name"]}))
+    return specs
+
+
+def _largest(specs, blocks, labels, count=2) -> list[KernelSpec]:
+    """The `count` configs with the largest tiles (product of `blocks`, then stages) per group."""
+    groups: dict[tuple, list] = {}
+    for s in specs:
+        groups.setdefault(tuple(s.labels[k] for k in labels), []).append(s)
+
+    def size(s):
+        area = 1
+        for b in blocks:
+            area *= s.constexprs[b]
+        return area, s.num_stages
+
+    return [s for group in groups.values() for s in sorted(group, key=size, reverse=True)[:count]]
+
+
+def launchable_specs(quick: bool = False) -> list[KernelSpec]:
+    """Everything the hand-written kernels and long row kernels can launch (`quick`: the
+    worst cases only, for CI: fp32 and bf16 at head dims 64 and 256, and the largest tiles)."""
+    if not quick:
+        return (attention_specs() + decode_specs() + quant_specs() + row_specs())
+    worst = {"fp32": DTYPES["fp32"], "bf16": DTYPES["bf16"]}
+    attn = _largest(attention_specs(worst, (64, 256)), ("BLOCK_M", "BLOCK_N"), ("dtype", "head_dim"))
+    quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",))
+    return (attn + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + quant
+            + row_specs(lengths=(4096, 65536), kinds=("layer_norm",)))
