@@ -28,8 +28,8 @@ QUANT_SCHEMES = ["int8", "int4", "nf4", "w8a8"]
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    torch.set_grad_enabled(False)
-    return args.run(args)
+    with torch.no_grad():  # scoped: main() may run inside another program (or a test)
+        return args.run(args)
 
 
 def _parser() -> argparse.ArgumentParser:
