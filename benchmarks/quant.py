@@ -141,6 +141,9 @@ def main():
                     help="torchao weight-only variants to time (int8, int4/gN); none to skip")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="also time one forward over a prompt of this many tokens (issue 20: a quantized model "
+                         "must not be slower than the float one at prefill)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -152,14 +155,23 @@ def main():
     def tokens_per_s(fast):
         return n / timed(lambda: fast.generate(ids, n, eos_token_id=None), device, args.repeat)
 
-    base = tokens_per_s(fxforge.optimize(model, (ids,), kv_cache=True))
-    rows = [{"variant": f"fxforge {str(dtype)[6:]}", "tokens_per_s": base, "vs_float": 1.0}]
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=device)
+
+    def prefill_s(fast):
+        return timed(lambda: fast(prompt), device, args.repeat) if args.prefill else None
+
+    float_model = fxforge.optimize(model, (ids,), kv_cache=True)
+    base = tokens_per_s(float_model)
+    rows = [{"variant": f"fxforge {str(dtype)[6:]}", "tokens_per_s": base, "vs_float": 1.0,
+             "prefill_s": prefill_s(float_model)}]
+    del float_model
     for label in args.schemes:
         fast = fxforge.optimize(model, (ids,), kv_cache=True, quantize=config_of(label))
         d = next(s for s in fast.stats if s.name == "quantize").details["quantize"]
         tps = tokens_per_s(fast)
         rows.append({"variant": f"fxforge {label}", "tokens_per_s": tps, "vs_float": tps / base,
-                     "layers": len(d["layers"]), "bytes_ratio": d["bytes_after"] / d["bytes_before"]})
+                     "layers": len(d["layers"]), "bytes_ratio": d["bytes_after"] / d["bytes_before"],
+                     "prefill_s": prefill_s(fast)})
     hf = n / timed(lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False), device,
                    args.repeat)
     rows.append({"variant": "transformers generate (float)", "tokens_per_s": hf, "vs_float": hf / base})
@@ -174,11 +186,13 @@ def main():
         rows.append({"variant": f"torchao {torchao.__version__} {label} weight-only + transformers generate",
                      "tokens_per_s": tps, "vs_float": tps / base, "layers": layers, "bytes_ratio": ratio})
     print(f"\n{args.model} on {device}, {str(dtype)[6:]}, batch 1, {n} new tokens\n")
-    print("| variant | tokens/s | vs fxforge float | layers quantized | weight bytes vs float |")
-    print("|---|---|---|---|---|")
+    print(f"| variant | tokens/s | vs fxforge float | layers quantized | weight bytes vs float | "
+          f"prefill {args.prefill} tokens (s) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         extra = f"{r['layers']} | {r['bytes_ratio']:.3f}" if "layers" in r else "- | -"
-        print(f"| {r['variant']} | {r['tokens_per_s']:.1f} | {r['vs_float']:.2f}x | {extra} |")
+        prefill = f"{r['prefill_s']:.2f}" if r.get("prefill_s") is not None else "-"
+        print(f"| {r['variant']} | {r['tokens_per_s']:.1f} | {r['vs_float']:.2f}x | {extra} | {prefill} |")
     finish(rows, args.out)
 
 

@@ -88,3 +88,21 @@ def test_no_int4_no_plan_and_a_missing_kernel_falls_back(monkeypatch):
     assert not stats.rules and stats.details["cpu_int4"]["skipped"] == {
         "PyTorch's int4 CPU kernel is missing or disagrees": 14}
     torch.testing.assert_close(fast(ids).logits, _reference_program(fast.graph)(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+@needs_int4pack
+def test_long_inputs_dequantize_once_instead(monkeypatch):
+    """The packed kernel costs the same per row at any row count (float32: about 0.7 ms a row
+    for a 576x1536 weight), so a prompt goes through dequantize-then-matmul (issue 20)."""
+    model, vocab = zoo.llama("sdpa")
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), quantize=QuantConfig("int4", group_size=32))
+    calls = []
+    kernel = cpu_int4.int4pack_linear
+    monkeypatch.setattr(cpu_int4, "int4pack_linear", lambda x, *a: calls.append(x.shape) or kernel(x, *a))
+    reference = _reference_program(fast.graph)
+    for shape, on_kernel in [((1, 1), True), ((1, 4), True), ((1, 5), False), ((3, 9), False)]:
+        calls.clear()
+        x = torch.randint(0, vocab, shape)
+        torch.testing.assert_close(fast(x).logits, reference(x)[0], rtol=1e-5, atol=1e-5)
+        assert bool(calls) == on_kernel, (shape, calls)
+    assert cpu_int4.DEQUANTIZE_ABOVE_ROWS[torch.float32] == 4

@@ -33,6 +33,14 @@ from ..passes.manager import PassStats
 # The kernel's own limit: its packed layout interleaves blocks of 16 output rows.
 N_MULTIPLE = 16
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Above this many activation rows, dequantizing the weight once and calling the float
+# matmul is faster: the packed kernel costs the same per row at any row count (it is a
+# matrix-vector loop), vectorized only for bfloat16. Measured on this 2-core CPU for
+# SmolLM2's 576x1536 and 1536x576 weights at group 64 (docs/benchmarks.md, issue 20):
+# float32 0.7 ms per row against 3.6 ms for dequantize + matmul at 1 row, 4.7 ms at 64;
+# float16 1.1 ms per row; bfloat16 0.011 ms per row, even with dequantize+matmul near 1024.
+# A fixed rule, not a timing at optimize(), so the program is the same on every run.
+DEQUANTIZE_ABOVE_ROWS = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 768}
 
 
 @dataclass
@@ -54,7 +62,9 @@ class CpuInt4Plan:
         def quant_linear(x, *tensors, parts, qattrs, bias):
             qweight = tensors[parts.index("qweight")]  # every packed scheme has one
             weight = self.weights.get(id(qweight))
-            if weight is None or weight.qweight is not qweight or weight.scale_zero.dtype != x.dtype or x.numel() == 0:
+            if weight is None or weight.qweight is not qweight or weight.scale_zero.dtype != x.dtype or x.numel() == 0 \
+                    or x.numel() // x.shape[-1] > DEQUANTIZE_ABOVE_ROWS[x.dtype]:
+                # (long inputs, e.g. a prompt: the fallback dequantizes once and multiplies)
                 return fallback(x, *tensors, parts=parts, qattrs=qattrs, bias=bias)
             return int4pack_linear(x, weight, tensors[len(parts)] if bias else None)
         return quant_linear
