@@ -47,6 +47,21 @@ def test_verbose_true_shows_progress_without_tqdm(capsys, monkeypatch):
     assert f"fxforge: pass {len(fast.stats)}/{len(fast.stats)} {fast.stats[-1].name}" in err
 
 
+def test_long_steps_inside_passes_report_progress(capsys, monkeypatch):
+    """Calibration (gqa) and weight packing (quantize) say what they do, when progress is on."""
+    monkeypatch.delenv("FXFORGE_LOG", raising=False)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    model, vocab = zoo.llama("sdpa", n_layer=1, kv_heads=4)
+    ids = torch.randint(0, vocab, (2, 5))
+    gqa = fxforge.GQAConfig(2, "aligned", calibration=torch.randint(0, vocab, (1, 16)))
+    fxforge.optimize(model, (ids,), cpu_linear=False, verbose=True, gqa=gqa, quantize="int8")
+    err = capsys.readouterr().err
+    assert "fxforge: gqa: calibrating 1 attention layers on inputs of shape (1, 16)" in err
+    assert "fxforge: quantize: packing linear weights as int8" in err
+    fxforge.optimize(model, (ids,), cpu_linear=False, verbose=False, gqa=gqa, quantize="int8")
+    assert capsys.readouterr().err == ""
+
+
 def test_verbose_true_draws_a_tqdm_bar(capsys, monkeypatch):
     pytest.importorskip("tqdm")
     monkeypatch.delenv("FXFORGE_LOG", raising=False)

@@ -542,6 +542,9 @@ def gqa(graph: Graph, ctx=None) -> Graph:
             raise GQAError(f"gqa: {G} KV heads does not divide this model's {layer.kv_heads} KV heads; choose a "
                            f"divisor of {layer.kv_heads}\n  at: attention{layer.attn.where()}")
     calib = _calibration_inputs(graph, config.calibration)
+    if calib is not None and ctx is not None:
+        ctx.status(f"gqa: calibrating {len(layers)} attention layers on inputs of shape "
+                   f"{tuple(calib[0].shape) if hasattr(calib[0], 'shape') else '?'}")
     if config.method == "aligned" and calib is None:
         raise GQAError("gqa: method='aligned' needs calibration inputs, e.g. GQAConfig(num_kv_heads=..., "
                        "method='aligned', calibration=tokenizer(text, return_tensors='pt').input_ids)")

@@ -46,6 +46,10 @@ class PassInfo:
             return False
 
 
+def _quiet(message: str):
+    pass
+
+
 @dataclass
 class PassContext:
     options: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +57,9 @@ class PassContext:
     notes: list[str] = field(default_factory=list)
     # Per-pass structured findings for the report (e.g. quantize: bytes per layer).
     details: dict[str, Any] = field(default_factory=dict)
+    # A progress line for a long step inside a pass (calibration, packing weights); the
+    # manager connects it to optimize()'s progress output (fxforge/log.py).
+    status: Callable[[str], None] = _quiet
 
     def note(self, text: str):
         self.notes.append(text)
@@ -173,7 +180,7 @@ def _run_passes(graph, pipeline, options, check, dump, reporter=None):
     for i, info in enumerate(pipeline, start=1):
         if reporter is not None:
             reporter.pass_started(i, len(pipeline), info.name)
-        ctx = PassContext(options=options)
+        ctx = PassContext(options=options, status=reporter.status if reporter is not None else _quiet)
         before = len(graph.nodes)
         start = time.perf_counter()
         out = info.fn(graph, ctx) if info.wants_ctx() else info.fn(graph)

@@ -273,6 +273,8 @@ def quantize(graph, ctx):
         # matmul(x, W[in, out]) -> quant_linear(x, packed(W^T))
         Rule("matmul_param", op("matmul", var("x"), var("w")), _rewrite(plan, transposed=True)),
     ]
+    if ctx is not None:
+        ctx.status(f"quantize: packing linear weights as {cfg.scheme}")
     out = apply_rules(graph, rules, ctx.rules if ctx is not None else Counter(), pass_name="quantize")
     if cfg.compute_dtype is not None:  # q/k/v (and gate/up) each cast the same input: one cast will do
         out = common_subexpression_elimination(out, ctx.rules if ctx is not None else None)
