@@ -222,7 +222,25 @@ class _Lowerer:
         # torch's size expression -> ours; the same few sizes (T, B*T, ...) recur on
         # thousands of nodes, and each conversion walks the expression several times.
         self.size_exprs: dict = {}
+        # our size symbol -> torch's value range for it (lower bound 1: see ir/guards.py)
+        self.ranges: dict = {}
+        self.same_size: dict = {}  # a size expression -> the symbol a guard says it equals
+        self.guards: list = []
 
+    def size_ranges(self):
+        from torch.utils._sympy.value_ranges import ValueRanges
+
+        for sym, vr in self.ep.range_constraints.items():
+            if sym in self.rename:
+                self.ranges[self.rename[sym]] = ValueRanges(1, vr.upper)
+        # export's `Eq(T, 64 - Max(0, 64 - T))`-style guards say an expression is a size:
+        # write it as that size (the guard itself is checked on every call, ir/guards.py)
+        self.guards = guards_from_export(self.ep, self.rename, _clean_expr)
+        for rel in self.guards:
+            if isinstance(rel, sympy.Eq):
+                for a, b in ((rel.lhs, rel.rhs), (rel.rhs, rel.lhs)):
+                    if isinstance(a, sympy.Symbol) and b.has(sympy.Max, sympy.Min):
+                        self.same_size[b] = a
     # -- symbolic sizes ------------------------------------------------------------------
     def name_dims(self, placeholders):
         counts: dict[str, int] = {}
@@ -255,6 +273,8 @@ class _Lowerer:
     def _convert(self, expr) -> sympy.Expr:
         e = expr.xreplace(self.rename)
         e = _clean_expr(e)
+        if e.has(sympy.Max, sympy.Min):
+            e = _settle_min_max(e, self.ranges).xreplace(self.same_size)
         unknown = [s for s in e.free_symbols if s not in self.rename.values()]
         if unknown:
             raise CaptureError(f"a size depends on tensor data ({', '.join(map(str, unknown))}); fxforge needs "
@@ -305,7 +325,7 @@ class _Lowerer:
         if rule is not None:
             try:
                 result = rule(LowerCtx(self.builder, out_types), *args, **kwargs)
-            except IRTypeError:
+            except TypeError:  # IRTypeError, or broadcast_shapes on sizes it cannot compare
                 # Our type rule cannot prove what export knew (e.g. a reshape whose element
                 # count matches only under a recorded guard): keep the op as torch ran it,
                 # with export's types. Nodes the rule emitted before failing are dead code.
@@ -377,6 +397,30 @@ def _clean_expr(e: sympy.Expr) -> sympy.Expr:
     return e
 
 
+def _settle_min_max(e: sympy.Expr, ranges: dict) -> sympy.Expr:
+    """Max/Min whose winner is known over the sizes' ranges -> that argument, e.g.
+    `64 - Max(0, 64 - T)` -> `T` when T <= 64 (a slice of a 64-row buffer, as MPT's ALiBi
+    table is): otherwise a type rule cannot see that two sizes are one, and the op it
+    builds would not broadcast."""
+    from torch.utils._sympy.value_ranges import bound_sympy
+
+    def settle(op, *args):
+        keep = list(args)
+        for a in args:
+            for b in args:
+                if a is b or a not in keep or b not in keep:
+                    continue
+                try:
+                    gap = bound_sympy(a - b, ranges)
+                except Exception:  # an expression torch's range analysis does not take
+                    continue
+                if (op is sympy.Max and gap.lower >= 0) or (op is sympy.Min and gap.upper <= 0):
+                    keep.remove(b)  # a is never below (Max) / above (Min) b
+        return keep[0] if len(keep) == 1 else op(*keep)
+
+    return e.replace(sympy.Max, lambda *a: settle(sympy.Max, *a)).replace(sympy.Min, lambda *a: settle(sympy.Min, *a))
+
+
 def _source(node) -> str:
     stack = node.meta.get("nn_module_stack")
     path = ""
@@ -399,6 +443,7 @@ def _lower_exported(ep, injected, model):
     gm = ep.graph_module
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     low.name_dims(placeholders)
+    low.size_ranges()
     by_name = {n.name: n for n in placeholders}
     env: dict = {}
     g = Graph()
@@ -443,7 +488,7 @@ def _lower_exported(ep, injected, model):
         else:
             output_leaves.append(("const", value))
     g.nodes = low.builder.nodes
-    g.guards = guards_from_export(ep, low.rename, _clean_expr)
+    g.guards = low.guards
     in_spec = ep.call_spec.in_spec
     kwarg_order = tuple(in_spec.child(1).context) if in_spec is not None else ()
     n_args = in_spec.child(0).num_children if in_spec is not None else 0
