@@ -155,6 +155,20 @@ def _row_step(k: int, op: str, args: list[str], attrs: dict, consts: dict, is_ro
     return [f"    {t} = {expression(op, args, attrs, consts)}"]
 
 
+def row_input_loads(input_dtypes, input_is_row, lead_rank: int) -> list[tuple[bool, str]]:
+    """Per input of a row kernel: (is it a whole row, its load line). A row input loads the
+    columns `cols` of this program's row; any other input one value (broadcast)."""
+    out = []
+    for i, dtype in enumerate(input_dtypes):
+        base = " + ".join([f"in{i}_ptr"] + [f"idx{d} * in{i}_stride{d}" for d in range(lead_rank)])
+        conv = ".to(tl.float32)" if dtype.is_floating_point else ""
+        if input_is_row[i]:
+            out.append((True, f"    in{i} = tl.load({base} + cols * in{i}_stride{lead_rank}, mask=cmask, other=0){conv}"))
+        else:
+            out.append((False, f"    in{i} = tl.load({base}){conv}"))
+    return out
+
+
 def generate_row_source(name: str, body, outputs, input_dtypes, input_is_row, output_dtypes, lead_rank: int) -> str:
     """A kernel that holds one row of length N per program: the prologue, the row
     reductions and the epilogue of a fused group run on that row in registers."""
@@ -162,14 +176,9 @@ def generate_row_source(name: str, body, outputs, input_dtypes, input_is_row, ou
                      len(input_dtypes), len(outputs), "N", lead_rank, lead_rank + 1, "BLOCK_N",
                      ["    row = tl.program_id(0)", "    cols = tl.arange(0, BLOCK_N)", "    cmask = cols < N"], "row")
     is_row: dict[str, bool] = {}
-    for i, dtype in enumerate(input_dtypes):
-        base = " + ".join([f"in{i}_ptr"] + [f"idx{d} * in{i}_stride{d}" for d in range(lead_rank)])
-        conv = ".to(tl.float32)" if dtype.is_floating_point else ""
-        if input_is_row[i]:
-            lines.append(f"    in{i} = tl.load({base} + cols * in{i}_stride{lead_rank}, mask=cmask, other=0){conv}")
-        else:
-            lines.append(f"    in{i} = tl.load({base}){conv}")
-        is_row[f"in{i}"] = input_is_row[i]
+    for i, (row, line) in enumerate(row_input_loads(input_dtypes, input_is_row, lead_rank)):
+        lines.append(line)
+        is_row[f"in{i}"] = row
     consts = {f"t{k}": dict(a)["value"] for k, (op, _, a) in enumerate(body) if op == "const"}
     for k, (op, operands, attrs) in enumerate(body):
         lines += _row_step(k, op, list(operands), dict(attrs), consts, is_row)
