@@ -14,7 +14,6 @@ from .ir.printer import print_graph
 from .passes import PassInfo, PassRegistry, registry as _default_registry
 from .passes.manager import run_pipeline
 from .runtime.backends import Backend, resolve_backend
-from .runtime.cpu_linear import cpu_linear_mode
 from .runtime.module import OptimizedModel
 from .runtime.frames import frame_of_its_own
 from .runtime.build import assemble, model_from_ir, own_weights
@@ -65,12 +64,10 @@ def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torc
     copies of every weight would double the memory)."""
     registry = _default_registry if registry is None else registry
     options = registry.parse_options(options)  # a bad value fails here, before the slow capture
-    cpu_linear = cpu_linear_mode(cpu_linear)
     pipeline = registry.pipeline(options, list(passes) if passes is not None else None, disable)
     reporter = Reporter(verbose)
     device = _model_device(model)
-    # cpu_linear is the torch backend's setting; other backends see it only when changed
-    backend = resolve_backend(backend, device, **({} if cpu_linear == "cached" else {"cpu_linear": cpu_linear}))
+    backend = resolve_backend(backend, device, cpu_linear=cpu_linear)  # a bad cpu_linear fails here, before capture
 
     name = type(model).__name__
     reporter.status(f"capturing {name}")

@@ -16,6 +16,8 @@ torch.export's size-oblivious mode does, that code traced at a size >= 2 also ho
 """
 from __future__ import annotations
 
+import re
+
 import sympy
 
 from .types import symbol
@@ -124,8 +126,6 @@ def parse_guard(text: str):
 
 
 def _identifiers(text: str) -> set[str]:
-    import re
-
     return {n for n in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)
             if n not in ("floor", "ceiling", "Mod", "Max", "Min", "Eq", "Ne")}
 

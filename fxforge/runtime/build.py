@@ -46,7 +46,7 @@ def model_from_ir(text: str, weights: dict[str, torch.Tensor], *, spec: CallSpec
     typecheck(graph)  # shapes and dtypes of the weights against the text, roles, guards
     if device is None:
         device = next(iter(graph.params.values())).device if graph.params else torch.device("cpu")
-    backend = resolve_backend(backend, device, **({} if cpu_linear is True else {"cpu_linear": cpu_linear}))
+    backend = resolve_backend(backend, device, cpu_linear=cpu_linear)
     return assemble(graph, spec or positional_call_spec(graph), backend, device, name)
 
 

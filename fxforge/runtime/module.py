@@ -17,7 +17,7 @@ from ..ir.roles import roles_problem
 from ..passes.manager import PassStats, format_report
 from .frames import frame_of_its_own
 from .program import Program
-from .state import CachePool, KVCache, cache_input_slots, cache_layout, cache_nbytes
+from .state import CachePool, KVCache, cache_layout, cache_nbytes
 
 
 class OptimizedModel:
@@ -39,13 +39,11 @@ class OptimizedModel:
         self.capture_seconds = capture_seconds
         self.model_name = model_name
         self.device = _graph_device(graph)
-        # set when the kv_cache pass ran: the limits generate() checks, and the cache slots
         # everything the runtime needs is in the graph (ir/roles.py), so a parsed .ir runs too
         problem = roles_problem(graph)
         if problem:
             raise ValueError(f"the graph's signature is malformed: {problem}")
-        self.kv_layout = cache_layout(graph)  # None: no KV cache
-        self._cache_slots = cache_input_slots(graph)
+        self.kv_layout = cache_layout(graph)  # None: no KV cache; else the limits generate() checks
         self._input_roles = [roles.role_of(v) for v in graph.inputs]
         self._guards = GuardChecker(graph.guards)
         self._caches = CachePool(self._allocate_cache)
@@ -150,7 +148,7 @@ class OptimizedModel:
         return outs[self._logits_index()]
 
     def bias_dtype(self) -> torch.dtype:
-        return self.graph.inputs[self._cache_slots[roles.KEY_BIAS]].type.dtype
+        return self._key_bias().type.dtype
 
     def _cached_inputs(self, user_inputs, start: int, pad: torch.Tensor, new: int, cache: KVCache) -> list:
         positions, bias = cache.inputs_at(pad, start, new, self.bias_dtype())
@@ -159,7 +157,7 @@ class OptimizedModel:
         return [next(given) if role == roles.INPUT else extra[role] for role in self._input_roles]
 
     def _batch_and_length(self, inputs) -> tuple[int, int]:
-        bias = self.graph.inputs[self._cache_slots[roles.KEY_BIAS]].type
+        bias = self._key_bias().type
         batch_sym, seq_sym = bias.shape[0], bias.shape[-1].free_symbols
         for x, v in zip(inputs, self.graph.inputs):
             if isinstance(v.type, SymType):
@@ -170,6 +168,9 @@ class OptimizedModel:
                 if length is not None:
                     return sizes[batch_sym], length
         raise ValueError("cannot tell the batch and sequence length from the inputs")
+
+    def _key_bias(self):
+        return self.graph.inputs[self._input_roles.index(roles.KEY_BIAS)]
 
     def _logits_index(self) -> int:
         index = roles.output_index(self.graph, roles.LOGITS)

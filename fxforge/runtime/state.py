@@ -116,11 +116,6 @@ class CachePool:
             return list(self._idle)
 
 
-def cache_input_slots(graph: Graph) -> dict[str, int]:
-    """Where the cache inputs are, by role (ir/roles.py): role -> input index."""
-    return {v.attrs["role"]: i for i, v in enumerate(graph.inputs) if roles.role_of(v) != roles.INPUT}
-
-
 def cache_layout(graph: Graph) -> KVCacheLayout | None:
     """The limits and sizes generate() needs, read from the graph's signature and state
     specs (None: the graph has no KV cache)."""

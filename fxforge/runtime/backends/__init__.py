@@ -48,8 +48,16 @@ def unregister_backend(name: str, registry: dict | None = None):
     registry.pop(name, None)
 
 
-def resolve_backend(name, device: torch.device, registry: dict | None = None, **options) -> Backend:
-    """The Backend for `name` ("auto", a registered name, or a Backend instance)."""
+def resolve_backend(name, device: torch.device, registry: dict | None = None, cpu_linear: bool | str = True,
+                    **options) -> Backend:
+    """The Backend for `name` ("auto", a registered name, or a Backend instance).
+    cpu_linear: optimize()'s setting (runtime/cpu_linear.py), checked here; it reaches the
+    backend's factory only when it is not the default, since only the torch backend plans it."""
+    from ..cpu_linear import cpu_linear_mode
+
+    mode = cpu_linear_mode(cpu_linear)
+    if mode != "cached":
+        options["cpu_linear"] = mode
     if isinstance(name, Backend):
         return name
     registry = BACKENDS if registry is None else registry
