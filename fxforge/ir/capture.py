@@ -22,7 +22,7 @@ from .builder import Builder
 from .graph import Graph, Value
 from .guards import guards_from_export
 from .lowering import DROP, FALLBACK, RULES, LowerCtx
-from .ops import Arg, IRTypeError
+from .ops import Arg
 from .pause_gc import paused_gc
 from .types import TensorType, symbol
 

@@ -13,7 +13,7 @@ import torch
 from ..ir.edit import dead_code_elimination
 from ..ir.evaluate import eval_node
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import OPS, is_pure
+from ..ir.ops import is_pure
 from ..ir.printer import format_attrs
 from .pattern import Rule, apply_rules, attr, const, op, var  # noqa: F401
 

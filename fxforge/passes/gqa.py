@@ -35,7 +35,6 @@ from ..ir.builder import Builder
 from ..ir.edit import dead_code_elimination, retyped
 from ..ir.evaluate import evaluate
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import OPS
 
 METHODS = ("mean", "aligned")
 # Ops allowed between a K/V projection and the attention: head split/merge and rotary.

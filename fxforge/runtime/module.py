@@ -11,7 +11,7 @@ from ..ir.capture import CallSpec, flatten_call
 from ..ir.graph import Graph
 from ..ir.guards import GuardChecker
 from ..ir.printer import print_graph
-from ..ir.types import SymType, TensorType, dtype_name
+from ..ir.types import SymType, dtype_name
 from ..ir import roles
 from ..ir.roles import roles_problem
 from ..passes.manager import PassStats, format_report

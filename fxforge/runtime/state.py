@@ -10,11 +10,9 @@ import contextlib
 import math
 import threading
 
-import sympy
 import torch
 
 from ..ir.graph import Graph
-from ..ir.types import SymType
 from ..ir import roles
 from ..passes.kv_cache import KVCacheLayout
 
