@@ -2,11 +2,13 @@
 Triton backends run as one generated kernel (codegen/pointwise.py).
 
 A group is a connected set of pointwise nodes that all produce the same shape (their
-inputs may broadcast into it) and float or bool values. Groups are found with union-find
-over the dataflow edges; contracting every group must leave the graph a DAG, which
+inputs may broadcast into it) and float or bool values. Groups are the connected parts
+of the fusible dataflow edges; contracting every group must leave the graph a DAG, which
 `find_cycle` (networkx's search, on plain dicts) checks on the quotient graph: a group
-on a cycle through an unfused node is split. A member used outside its group becomes an extra output of the fused node (no
-recomputation: every member is computed once, in one pass over memory).
+on a cycle through an unfused node is split (most such cycles, a residual add's two
+operands, are ruled out before grouping, in one pass over the graph). A member used
+outside its group becomes an extra output of the fused node (no recomputation: every
+member is computed once, in one pass over memory).
 
 The fused node's `body` lists the steps, each `(op, operands, attrs)`, where an operand
 is "inK" (the K-th input of the fused node) or "tK" (the result of step K); `outputs`
@@ -90,12 +92,11 @@ def _one_kernel(group: list[int], nodes, rows: dict) -> bool:
 def find_groups(graph: Graph) -> list[list[int]]:
     """Index lists of the nodes to fuse, each list in graph order.
 
-    Union-find over the fusible edges gives the first groups; a group that is not one
-    kernel is cut where shapes change; then, while contracting the groups leaves a cycle
-    (the first one `find_cycle` meets), the group on it is split. Each split changes only
-    the group it cuts, so only that group's pieces are recomputed: a deep model's residual
-    stream is one group across all layers at first, split about twice per layer, and
-    redoing the whole graph per split made this pass quadratic in depth."""
+    Fusible edges whose ends also meet through an unfused node are dropped first
+    (`_without_certain_cycles`); connected parts over the rest give the first groups; a
+    group that is not one kernel is cut where shapes change; then, while contracting the
+    groups leaves a cycle (the first one `find_cycle` meets), the group on it is split.
+    Each split changes only the group it cuts, so only that group's pieces are recomputed."""
     nodes = graph.nodes
     producers = {v: i for i, n in enumerate(nodes) for v in n.outputs}
     rows = {id(n): row_length(n) for n in nodes}
@@ -103,6 +104,7 @@ def find_groups(graph: Graph) -> list[list[int]]:
     edges = [(j, i) for i, n in enumerate(nodes) if fusible[i] for v in n.inputs
              if (j := producers.get(v)) is not None and fusible[j] and nodes[j].op != "const"
              and _edge_ok(nodes[j], n, rows)]
+    edges = _without_certain_cycles(nodes, producers, fusible, edges)
     dag = _DataflowDag(nodes, producers)
     parts = _Partition(nodes, fusible, edges, dag.rank)
     for group in parts.groups():
@@ -125,6 +127,39 @@ def find_groups(graph: Graph) -> list[list[int]]:
             new_cuts = parts.edges_touching(group)
         for piece in parts.cut(cycle[k][0][1], new_cuts):
             parts.cut_if_not_one_kernel(piece, rows)
+
+
+def _without_certain_cycles(nodes, producers, fusible, edges) -> list[tuple[int, int]]:
+    """Drop the fusible edges j -> i whose ends can never share a group: j also reaches i
+    through a node that is never fused (a residual add's two operands: the stream, and
+    the stream after a matmul), so one kernel holding both would need its own output.
+
+    The loop in find_groups would split such a group anyway, one cycle at a time; on a
+    deep model the residual stream is one group across all layers, split about twice per
+    layer, and each split cost time in proportion to what was left of it (quadratic in
+    depth). Deciding these edges up front leaves the loop the rare cycles through fusible
+    nodes. Reachability is a bitmask per node of the unfusible nodes above it (and below
+    it), each built in one pass over the graph in order."""
+    unfused_bit = {}
+    for i, fuses in enumerate(fusible):
+        if not fuses:
+            unfused_bit[i] = 1 << len(unfused_bit)
+    above = [0] * len(nodes)  # unfusible nodes with a path to node i (i itself excluded)
+    for i, n in enumerate(nodes):
+        mask = 0
+        for v in n.inputs:
+            j = producers.get(v)
+            if j is not None:
+                mask |= above[j] | unfused_bit.get(j, 0)
+        above[i] = mask
+    below = [0] * len(nodes)  # unfusible nodes node j has a path to (j itself excluded)
+    for j in range(len(nodes) - 1, -1, -1):
+        mask = below[j]
+        for v in nodes[j].inputs:
+            k = producers.get(v)
+            if k is not None:
+                below[k] |= mask | unfused_bit.get(j, 0)
+    return [(j, i) for j, i in edges if not below[j] & above[i]]
 
 
 class _DataflowDag:
