@@ -180,6 +180,30 @@ def test_ir_text_before_and_after():
     assert ctx.rules["matmul_softmax_matmul"] == 1
 
 
+def test_constants_first_are_matched_after_cleanup_puts_them_last():
+    # fuse_attention matches `x * c` only; cleanup's canonical form turns `c * x` (and
+    # `x / 4`) into it, so the rule table needs one spelling, not one per operand order
+    from fxforge.passes.cleanup import cleanup
+
+    before = parse("""graph(%q: f32[B, 4, T, 16], %k: f32[B, 4, T, 16], %v: f32[B, 4, T, 16]) {
+  %1: f32[] = const() {value=0.5, dtype=f32}
+  %2: f32[B, 4, T, 16] = mul(%1, %q)
+  %3: f32[B, 4, 16, T] = permute(%k) {dims=(0, 1, 3, 2)}
+  %4: f32[B, 4, T, T] = matmul(%2, %3)
+  %5: f32[] = const() {value=4.0, dtype=f32}
+  %6: f32[B, 4, T, T] = div(%4, %5)
+  %7: f32[B, 4, T, T] = mul(%1, %6)
+  %8: f32[B, 4, T, T] = softmax(%7) {dim=3, dtype=none}
+  %9: f32[B, 4, T, 16] = matmul(%8, %v)
+  return (%9)
+}""")
+    assert fuse_attention(before).count("attention") == 0  # the raw spelling is not matched
+    after = fuse_attention(cleanup(before))
+    typecheck(after)
+    (att,) = [n for n in after.nodes if n.op == "attention"]
+    assert att.attrs["scale"] == 0.5 * 0.25 * 0.5 and not att.attrs["causal"]
+
+
 ZOO = {
     "nanogpt_fx": (zoo.nanogpt_traced, 2), "gpt2_eager": (lambda: zoo.gpt2("eager"), 2),
     "gpt2_sdpa": (lambda: zoo.gpt2("sdpa"), 2), "llama_eager": (lambda: zoo.llama("eager"), 2),

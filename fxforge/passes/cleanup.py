@@ -1,10 +1,14 @@
-"""Cleanup: dead code, common subexpressions, constant folding, no-op removal.
+"""Cleanup: dead code, common subexpressions, constant folding, no-op removal, and
+canonical forms (constants last in mul/add, division by a power of two as multiplication,
+subtraction of a constant as addition, where(not m) with its arms swapped): each is
+bit-exact, and each leaves later passes one spelling to match instead of several.
 
 The no-op and folding rules are a table for the generic driver; DCE and CSE are whole-
 graph sweeps (they are not local rewrites).
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import sympy
@@ -113,8 +117,73 @@ def _view_of_view(m, b):
     return b.emit("view", m["x"], shape=m.root.attrs["shape"])
 
 
+# -- canonical forms: one spelling per computation, so that a pass matches one form ------
+def _is_const(m, name) -> bool:
+    node = m.producers.get(m[name])
+    return node is not None and node.op == "const"
+
+
+def _const_last(m, b):
+    # mul(c, x) -> mul(x, c): IEEE multiplication and addition commute exactly
+    if _is_const(m, "x") or not _is_const(m, "c"):
+        return None
+    return b.emit(m.root.op, m["x"], m["c"])
+
+
+def _float_scalar(m, name):
+    value = m.attr(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not m[name].dtype.is_floating_point:
+        return None
+    return float(value)
+
+
+def _div_by_power_of_two(m, b):
+    # x / 2^k -> x * 2^-k: both are the one correctly rounded value of the same real number,
+    # so the answer is bit-identical. Any other divisor's reciprocal is rounded, and
+    # x * (1/c) can differ from x / c in the last bit: those stay divisions.
+    c = _float_scalar(m, "c")
+    if c is None or not m["x"].dtype.is_floating_point:
+        return None
+    mantissa, exponent = math.frexp(c)
+    if abs(mantissa) != 0.5 or not -126 < exponent < 126:
+        return None
+    return b.emit("mul", m["x"], b.const(1.0 / c, m["c"].dtype))
+
+
+def _sub_as_add(m, b):
+    # x - c -> x + (-c): IEEE defines subtraction as adding the negation (signed zeros too)
+    c = _float_scalar(m, "c")
+    if c is None:
+        return None
+    return b.emit("add", m["x"], b.const(-c, m["c"].dtype))
+
+
+def _where_of_not(m, b):
+    # where(not m, a, b) -> where(m, b, a)
+    return b.emit("where", m["mask"], m["b"], m["a"])
+
+
+def _typed_as_root(replace):
+    """A canonical form must not change the result type (a promotion the spelling implied)."""
+    def rule(m, b):
+        out = replace(m, b)
+        return out if out is not None and out.type.same_as(m.root.outputs[0].type) else None
+    rule.__doc__ = replace.__doc__
+    return rule
+
+
 # before -> after
 RULES: list[Rule] = [
+    # mul(c, x) -> mul(x, c) ; add(c, x) -> add(x, c)   (constants last)
+    Rule("mul_const_last", op("mul", var("c"), var("x")), _typed_as_root(_const_last)),
+    Rule("add_const_last", op("add", var("c"), var("x")), _typed_as_root(_const_last)),
+    # div(x, 2^k) -> mul(x, 2^-k)
+    Rule("div_power_of_two", op("div", var("x"), const("c")), _typed_as_root(_div_by_power_of_two)),
+    # sub(x, c) -> add(x, -c)
+    Rule("sub_const", op("sub", var("x"), const("c")), _typed_as_root(_sub_as_add)),
+    # where(logical_not(m), a, b) -> where(m, b, a)
+    Rule("where_of_not", op("where", op("logical_not", var("mask")), var("a"), var("b")),
+         _typed_as_root(_where_of_not)),
     # add(x, 0) -> x ; sub(x, 0) -> x   (only where the type is unchanged)
     Rule("add_zero", op("add", var("x"), const(value=0), commutative=True), _if_same_type),
     Rule("sub_zero", op("sub", var("x"), const(value=0)), _if_same_type),

@@ -1,7 +1,8 @@
 """fuse_attention: attention subgraphs, however a model spells them, become one
 `attention(q, k, v, [bias]) {causal, scale}` op (q: [B, H, Tq, D], k/v: [B, Hkv, Tk, D]).
 
-Recognised (after cleanup has folded permutes, no-op casts, dropout and contiguous):
+Recognised (after cleanup has folded permutes, no-op casts, dropout and contiguous, and
+put every constant last in mul/add):
   - torch's `scaled_dot_product_attention` (attn_mask, is_causal, scale, enable_gqa);
   - softmax(q @ k^T * s [+ mask]) @ v with the scale as multiply or divide, or pre-applied
     to q and/or k; softmax upcast to float32 and cast back; masks added, or applied with
@@ -51,23 +52,19 @@ def _const_value(m: Match, v: Value):
 
 
 def _strip_scale(m: Match, v: Value) -> tuple[Value, float]:
-    """x * c, c * x, x / c -> (x, c): a scale applied to q or k before the matmul."""
+    """x * c, x / c -> (x, c): a scale applied to q or k before the matmul (cleanup has
+    put constants last)."""
     scale = 1.0
     while True:
         node = _producer(m, v, "mul", "div")
         if node is None or m.uses(v) > 1:
             return v, scale
         a, b = node.inputs
-        cb = _const_value(m, b)
-        ca = _const_value(m, a) if node.op == "mul" else None
-        if cb is not None and a.type.same_as(v.type):
-            scale *= cb if node.op == "mul" else 1.0 / cb
-            v = a
-        elif ca is not None and b.type.same_as(v.type):
-            scale *= ca
-            v = b
-        else:
+        c = _const_value(m, b)
+        if c is None or c == 0 or not a.type.same_as(v.type):
             return v, scale
+        scale *= c if node.op == "mul" else 1.0 / c
+        v = a
 
 
 def _strip_casts(m: Match, v: Value) -> Value:
@@ -236,11 +233,8 @@ def fuse_matmul_softmax_matmul(m: Match, b) -> Value | None:
         if node.op == "matmul":
             break
         if node.op in ("mul", "div"):
-            x, c = node.inputs
+            x, c = node.inputs  # the constant is last (cleanup's canonical form)
             c_val = _const_value(m, c)
-            if c_val is None and node.op == "mul":
-                x, c = c, x
-                c_val = _const_value(m, c)
             if c_val is None or c_val == 0:
                 return None
             post_scale *= c_val if node.op == "mul" else 1.0 / c_val
