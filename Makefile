@@ -1,13 +1,15 @@
 # make demo: set up and run the quickstart on SmolLM2-135M
 # make test: set up and run the whole test suite (what CI runs)
 # make gpu-compile: compile every Triton kernel specialization for sm_80/sm_90 (no GPU) -> docs/gpu-compile.md
+# make test-gpu: on a CUDA machine, the kernel tests compiled for the GPU and the zoo end to end on
+#   backend="triton", with the machine's own python3 and torch (no setup: it would install CPU torch)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast bench gpu-compile clean
+.PHONY: setup demo test test-fast test-gpu bench gpu-compile clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +29,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+test-gpu:
+	FXFORGE_TEST_DEVICE=cuda PYTHONPATH=. $(PYTHON) -m pytest tests/kernels tests/test_gpu_e2e.py
 
 bench: setup
 	$(PY) benchmarks/optimize_time.py

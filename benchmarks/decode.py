@@ -8,7 +8,7 @@ generate, side by side in one run.
    generate (its own dynamic cache), and, with --compile, torch.compile over a static
    cache (the transformers recipe; slow to compile on CPU).
 
-    python benchmarks/decode.py [--model smollm2|llama-1b] [--tokens 64] [--quantize int8]
+    python benchmarks/decode.py [--model smollm2|smollm2-random|llama-1b] [--tokens 64] [--quantize int8]
                                 [--dtype float32|float16|bfloat16] [--compile] [--out f.json]
 
 Runs on the GPU when there is one (the Triton backend), else on the CPU (torch backend).
@@ -36,6 +36,15 @@ def load(name: str, device, dtype):
 
         model, tok = zoo.smollm2()
         ids = tok("The capital of France is", return_tensors="pt").input_ids
+    elif name == "smollm2-random":  # SmolLM2-135M's shapes, random weights (speed only; no GGUF needed)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                          rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+        ids = torch.randint(0, cfg.vocab_size, (1, 6))
     else:  # a ~1B Llama with random weights (speed only): the shape of Llama-3.2-1B
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -126,7 +135,7 @@ def generate_speed(model, cached, ids, n, device, repeat, compile_static):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2", choices=["smollm2", "llama-1b"])
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "smollm2-random", "llama-1b"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--contexts", default="32,256,1024")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES))

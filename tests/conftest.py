@@ -1,11 +1,26 @@
-"""Test-wide settings. Triton decides at import whether kernels are interpreted, so the
-variable is set before anything imports a kernel module; FXFORGE_CHECK=1 typechecks the
-IR after every pass in every test. cpu_linear's measured choices go to a temporary folder
-for the session, never into the user's cache (only that subfolder is redirected: the
-trained GPT-2 in $FXFORGE_CACHE takes minutes to train and is meant to be reused)."""
+"""Test-wide settings.
+
+Where the Triton kernels run: FXFORGE_TEST_DEVICE=cpu (the default) runs them through
+Triton's interpreter on CPU tensors; FXFORGE_TEST_DEVICE=cuda compiles them for the GPU
+(`make test-gpu`: the kernel tests and the end-to-end GPU tests). Triton decides at import
+whether kernels are interpreted, and one process cannot do both, so the choice is made
+here, before anything imports a kernel module. The default stays the interpreter even on
+a GPU machine, because the rest of the suite tests the `interpret` backend by name; the
+header of every run says which it was.
+
+FXFORGE_CHECK=1 typechecks the IR after every pass in every test. cpu_linear's measured
+choices go to a temporary folder for the session, never into the user's cache (only that
+subfolder is redirected: the trained GPT-2 in $FXFORGE_CACHE takes minutes to train and
+is meant to be reused)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+TEST_DEVICE = os.environ.get("FXFORGE_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise RuntimeError(f"FXFORGE_TEST_DEVICE={TEST_DEVICE!r}: use cpu (Triton's interpreter) or cuda (compiled)")
+if TEST_DEVICE == "cuda":
+    os.environ["TRITON_INTERPRET"] = "0"  # the explicit choice wins over an inherited TRITON_INTERPRET=1
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FXFORGE_CHECK", "1")
 
 import pytest  # noqa: E402
@@ -31,3 +46,24 @@ def _seed():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real-model tests (SmolLM2); they run in CI too")
+    config.addinivalue_line("markers", "gpu: needs FXFORGE_TEST_DEVICE=cuda and a CUDA GPU (make test-gpu)")
+    if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("FXFORGE_TEST_DEVICE=cuda, but torch sees no CUDA GPU "
+                                f"(torch {torch.__version__}); run without it to test the kernels in the interpreter")
+
+
+def pytest_report_header(config):
+    if TEST_DEVICE == "cuda":
+        return "fxforge: Triton kernels compiled for the GPU (FXFORGE_TEST_DEVICE=cuda)"
+    gpu = " (a CUDA GPU is present: `make test-gpu` runs the kernels on it)" if torch.cuda.is_available() else ""
+    return f"fxforge: Triton kernels run in the interpreter on CPU{gpu}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if TEST_DEVICE == "cuda" and torch.cuda.is_available():
+        return
+    why = ("needs a CUDA GPU" if TEST_DEVICE == "cuda"
+           else "runs with FXFORGE_TEST_DEVICE=cuda on a GPU (make test-gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=why))

@@ -1,8 +1,15 @@
 """Shared assertions for differential tests."""
 
+import os
+
 from fxforge.ir import parse, structurally_equal
 
 from zoo import logits_of
+
+# The backend that runs the Triton kernels in this test session (tests/conftest.py):
+# the interpreter on CPU, or the compiled kernels with FXFORGE_TEST_DEVICE=cuda.
+KERNEL_BACKEND = "triton" if os.environ.get("FXFORGE_TEST_DEVICE") == "cuda" else "interpret"
+KERNEL_DEVICE = "cuda" if KERNEL_BACKEND == "triton" else "cpu"
 
 
 def assert_close_to_eager(ref, out, rel=1e-4):

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from fxforge.ir import quant_formats as qf
 
+RUNS_NO_KERNEL = True  # the formats' plain-torch packing and references, on CPU everywhere
+
 TINY = torch.finfo(torch.float32).tiny
 
 

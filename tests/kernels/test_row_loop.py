@@ -14,6 +14,7 @@ from fxforge.passes.fuse_elementwise import fuse_elementwise  # noqa: E402
 from fxforge.passes.manager import PassContext  # noqa: E402
 from fxforge.runtime.backends import op_table  # noqa: E402
 from fxforge.runtime.program import build_program  # noqa: E402
+from helpers import KERNEL_BACKEND, KERNEL_DEVICE  # noqa: E402
 
 LONG = [ROW_BLOCK_MAX + 904, 16384]  # a partial last chunk, and the 16k rows of a vocabulary-size softmax
 
@@ -22,7 +23,7 @@ def _fused_and_compared(g, *xs, tol=1e-5):
     fused = fuse_elementwise(g, PassContext())
     typecheck(fused)
     kernels = PointwiseKernels()
-    got = build_program(fused, op_table("interpret", kernels=kernels))(*xs)
+    got = build_program(fused, op_table(KERNEL_BACKEND, kernels=kernels, device=KERNEL_DEVICE))(*xs)
     ref = build_program(g, op_table("torch"))(*xs)
     for r, o in zip(ref, got):
         torch.testing.assert_close(o, r, atol=tol, rtol=tol)

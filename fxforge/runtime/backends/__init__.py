@@ -72,10 +72,10 @@ def resolve_backend(name, device: torch.device, registry: dict | None = None, cp
     return backend
 
 
-def op_table(name: str = "torch", registry=None, kernels=None) -> dict:
-    """IR op name -> implementation for a backend by name, on the CPU (tests and the gqa
+def op_table(name: str = "torch", registry=None, kernels=None, device="cpu") -> dict:
+    """IR op name -> implementation for a backend by name, on `device` (tests and the gqa
     calibration use it). `kernels`: a PointwiseKernels for the Triton backends to use."""
-    backend = resolve_backend(name, torch.device("cpu"))
+    backend = resolve_backend(name, torch.device(device))
     if kernels is not None and isinstance(backend, TritonBackend):
         backend.pointwise = kernels
     return backend.op_table(registry)
