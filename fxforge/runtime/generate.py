@@ -208,9 +208,11 @@ def output(kind: str, **fields):
 @frame_of_its_own  # the per-token Python calls stay off data-stack chunk boundaries (frames.py)
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, *, defaults: dict | None = None,
              generation_config=None, attention_mask=None, streamer=None, generator: torch.Generator | None = None,
-             stopping_criteria=None, logits_processor=None, tokenizer=None, **options):
+             stopping_criteria=None, logits_processor=None, tokenizer=None, draft=None,
+             num_draft_tokens: int | None = None, draft_stats=None, **options):
     """`model` is an OptimizedModel whose graph went through the kv_cache pass; `defaults`
-    its generation_defaults; `options` the transformers settings (DEFAULTS)."""
+    its generation_defaults; `options` the transformers settings (DEFAULTS). `draft`: an
+    OptimizedModel or "ngram" for speculative decoding (speculative.py)."""
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
     s, given = resolve_settings(defaults, generation_config, options)
@@ -251,6 +253,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     criteria = _stopping(s["stop_strings"], tokenizer, stopping_criteria)
     want_scores = s["return_dict_in_generate"] and s["output_scores"]
     want_logits = s["return_dict_in_generate"] and s["output_logits"]
+
+    if draft is not None:
+        return _speculative(model, input_ids, pad, new_tokens, draft, num_draft_tokens, draft_stats, processors,
+                            criteria, eos_t, s, streamer, generator)
+    if num_draft_tokens is not None or draft_stats is not None:
+        raise ValueError("num_draft_tokens and draft_stats go with draft= (an OptimizedModel or 'ngram')")
 
     if beams > 1:
         from .beam import beam_search
@@ -298,6 +306,33 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         return seq
     return output("GenerateDecoderOnlyOutput", sequences=seq, scores=tuple(scores) if scores is not None else None,
                   logits=tuple(raw) if raw is not None else None)
+
+
+def _speculative(model, input_ids, pad, new_tokens, draft, k, stats, processors, criteria, eos_t, s, streamer,
+                 generator):
+    from .speculative import make_draft, speculative_loop
+
+    rows, prompt_len = input_ids.shape
+    if s["num_beams"] > 1 or s["num_return_sequences"] > 1 or s["return_dict_in_generate"]:
+        raise ValueError("speculative decoding (draft=) returns the token ids of one sequence: it does not combine "
+                         "with num_beams, num_return_sequences or return_dict_in_generate")
+    if rows != 1 or bool((pad > 0).any()):
+        raise ValueError(f"speculative decoding (draft=) runs one unpadded sequence at a time, got {rows} row(s)"
+                         f"{' with left padding' if bool((pad > 0).any()) else ''}: call generate() per prompt, "
+                         "or leave out draft= for batched generation")
+    k = 4 if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"num_draft_tokens must be an int >= 1, got {k!r}")
+    drafter = make_draft(draft, model)
+    emit = _stream_fn(streamer)
+    if streamer is not None and hasattr(streamer, "put"):
+        streamer.put(input_ids.cpu())
+    seq = torch.empty(1, prompt_len + new_tokens + k, dtype=torch.long, device=input_ids.device)
+    seq[:, :prompt_len] = input_ids
+    length = speculative_loop(model, drafter, seq, prompt_len, new_tokens, k, processors, s["do_sample"], eos_t,
+                              criteria, emit, generator, stats)
+    _end(streamer)
+    return seq[:, :length]
 
 
 def device_memory_bytes(device) -> int | None:

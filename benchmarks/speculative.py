@@ -1,0 +1,101 @@
+"""Speculative decoding against plain greedy decoding, side by side in one run: tokens/s
+and acceptance rate of fast.generate(..., draft=...) for each kind of draft, on SmolLM2
+(or a random model of its shapes) on this machine.
+
+Drafts: the same model made cheaper by fxforge (int4 / int8 weights: self-speculation, no
+second model) and prompt lookup ("ngram", no model). Greedy output is identical to plain
+greedy (checked here on every run), so the only question is speed: each round costs k
+draft steps plus one model step over k + 1 tokens, and pays off when the draft is right
+often and much cheaper than the model.
+
+Timing: rounds interleaved (plain, each draft, plain, ...) and the median per contender,
+so that drift of the shared machine is not credited to one side.
+
+    python benchmarks/speculative.py [--model smollm2|smollm2-random] [--tokens 64] [--k 4]
+                                     [--drafts int4 int8 ngram] [--repeat 3] [--out f.json]
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+import fxforge  # noqa: E402
+from decode import load  # noqa: E402
+from fxforge.runtime.speculative import SpeculativeStats  # noqa: E402
+from report import finish  # noqa: E402
+
+PROMPT = ("Here is a short story about a robot who learns to paint. The robot lived in a small town "
+          "by the sea, and every morning it watched the fishermen")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", "smollm2-random"])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4, help="draft tokens per round")
+    ap.add_argument("--drafts", nargs="+", default=["int4", "int8", "ngram"])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    device = torch.device("cpu")
+    model, ids = load(args.model, device, torch.float32)
+    if args.model == "smollm2":
+        import zoo
+
+        _, tok = zoo.smollm2()
+        ids = tok(PROMPT, return_tensors="pt").input_ids
+    fast = fxforge.optimize(model, (ids,), kv_cache=True)
+    drafts = {}
+    for name in args.drafts:
+        drafts[name] = "ngram" if name == "ngram" else fxforge.optimize(model, (ids,), kv_cache=True, quantize=name)
+
+    plain = fast.generate(ids, args.tokens, eos_token_id=None)
+    contenders = {"plain greedy": lambda: fast.generate(ids, args.tokens, eos_token_id=None)}
+    stats = {}
+    for name, draft in drafts.items():
+        def run(draft=draft, name=name):
+            st = SpeculativeStats()
+            out = fast.generate(ids, args.tokens, eos_token_id=None, draft=draft, num_draft_tokens=args.k,
+                                draft_stats=st)
+            assert torch.equal(out, plain), f"draft {name}: tokens differ from plain greedy"
+            stats[name] = st
+        contenders[f"draft {name}, k={args.k}"] = run
+    # the drafts' own decode speed: what a round's k draft steps cost
+    for name, draft in drafts.items():
+        if name != "ngram":
+            contenders[f"({name} model alone)"] = lambda d=draft: d.generate(ids, args.tokens, eos_token_id=None)
+    for fn in contenders.values():  # warm up
+        fn()
+    seconds = {name: [] for name in contenders}
+    for _ in range(args.repeat):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - t0)
+    base = args.tokens / statistics.median(seconds["plain greedy"])
+    rows = []
+    print(f"\n{args.model}, {args.tokens} new tokens, prompt {ids.shape[1]} tokens, {torch.get_num_threads()} threads\n")
+    print("| contender | tokens/s | vs plain greedy | acceptance | tokens per model step |")
+    print("|---|---|---|---|---|")
+    for name, s in seconds.items():
+        tps = args.tokens / statistics.median(s)
+        draft = name.split(",")[0].removeprefix("draft ") if name.startswith("draft ") else None
+        st = stats.get(draft)
+        acc = f"{st.acceptance_rate:.2f}" if st else "-"
+        per_step = f"{args.tokens / st.rounds:.2f}" if st else "-"
+        print(f"| {name} | {tps:.1f} | {tps / base:.2f}x | {acc} | {per_step} |")
+        rows.append({"contender": name, "tokens_per_s": tps, "ratio": tps / base, "seconds": s,
+                     "acceptance": st.acceptance_rate if st else None, "rounds": st.rounds if st else None})
+    finish(rows, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Speculative decoding: a cheap draft proposes k tokens, the model checks all of them in
+one cached step, and keeps the longest prefix it agrees with plus one token of its own.
+
+    fast.generate(ids, 64, draft=draft_model, num_draft_tokens=4)   # any OptimizedModel, same vocabulary
+    fast.generate(ids, 64, draft="ngram")                           # prompt lookup: no second model
+
+The answer does not change (Leviathan et al. 2023, Chen et al. 2023):
+- greedy: a draft token is kept while it is the model's own argmax, so the tokens are the
+  plain greedy ones (the model's logits for a position do not depend on how many tokens
+  the step carried, up to float rounding: see docs/passes.md on kv_cache);
+- sampling: draft token x, drawn from the draft's q, is kept with probability
+  min(1, p(x) / q(x)); at the first rejection a token is drawn from max(p - q, 0),
+  renormalised; if all k are kept, one more is drawn from p. Every emitted token is then
+  distributed as p, the model's processed distribution (warpers included). The n-gram
+  draft proposes one token for sure: q is a point mass.
+
+Rollback is bookkeeping: each cache remembers how many leading positions hold tokens of
+the sequence (`valid`); the next step starts there and overwrites what was rejected.
+One sequence at a time (batch 1), as transformers' assisted generation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import logits as lp
+
+NGRAM_MAX = 3  # prompt lookup tries the last 3, 2, then 1 tokens
+
+
+@dataclass
+class SpeculativeStats:
+    """Filled by generate(..., draft=..., draft_stats=SpeculativeStats()): how often the
+    draft was right. `accepted / proposed` is the acceptance rate; each round is one
+    cached step of the model."""
+    rounds: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    per_round: list = field(default_factory=list)  # accepted tokens in each round
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+
+class NGramDraft:
+    """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens
+    (n = 3, 2, 1) and propose the tokens that followed it."""
+
+    def reset(self, seq: torch.Tensor, prompt_len: int, capacity: int):
+        pass
+
+    def propose(self, seq: torch.Tensor, length: int, k: int, processors, sample: bool, generator):
+        row = seq[0, :length].tolist()
+        for n in range(min(NGRAM_MAX, length - 1), 0, -1):
+            tail = row[length - n:]
+            for start in range(length - n - 1, -1, -1):
+                if row[start:start + n] == tail:
+                    follow = row[start + n:start + n + k]
+                    if follow:
+                        return follow, None
+        return [], None
+
+    def rollback(self, valid: int):
+        pass
+
+    def release(self):
+        pass
+
+
+class ModelDraft:
+    """A smaller (or fxforge-cheapened) OptimizedModel with a KV cache of its own."""
+
+    def __init__(self, model, target):
+        if getattr(model, "kv_layout", None) is None:
+            raise ValueError("the draft model needs a KV cache: build it with "
+                             "fxforge.optimize(draft_model, example_inputs, kv_cache=True)")
+        if model.device != target.device:
+            raise ValueError(f"the draft runs on {model.device} and the model on {target.device}; "
+                             "move one with .to(device)")
+        vocab, draft_vocab = _vocab(target), _vocab(model)
+        if vocab != draft_vocab:
+            raise ValueError(f"the draft's vocabulary has {draft_vocab} tokens and the model's {vocab}: "
+                             "speculative decoding needs the same tokenizer and vocabulary size")
+        self.model, self.cache, self.valid = model, None, 0
+        self.pad = torch.zeros(1, dtype=torch.long, device=model.device)
+
+    def reset(self, seq: torch.Tensor, prompt_len: int, capacity: int):
+        self.model.check_step_sizes(1, [1, prompt_len])
+        self._lease = self.model.kv_cache_lease(1, capacity)
+        self.cache = self._lease.__enter__()
+        self.cache.prepare(self.pad, self.model.bias_dtype())
+        self.valid = 0
+
+    def _logits(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        return self.model.run_cached(ids, start, self.pad, self.cache)[:, -1, :].float()
+
+    def propose(self, seq: torch.Tensor, length: int, k: int, processors, sample: bool, generator):
+        logits = self._logits(seq[:, self.valid:length], self.valid)
+        self.valid = length
+        tokens, probs = [], []
+        for i in range(k):
+            processed = lp.apply(processors, seq[:, :length + i], logits)
+            if sample:
+                q = processed.softmax(dim=-1)
+                x = torch.multinomial(q, 1, generator=generator).squeeze(1)
+                probs.append(q[0])
+            else:
+                x = processed.argmax(dim=-1)
+            seq[:, length + i] = x
+            tokens.append(int(x))
+            if i < k - 1:
+                logits = self._logits(x[:, None], length + i)
+                self.valid = length + i + 1
+        return tokens, probs
+
+    def rollback(self, valid: int):
+        self.valid = min(self.valid, valid)
+
+    def release(self):
+        if self.cache is not None:
+            self._lease.__exit__(None, None, None)
+            self.cache = None
+
+
+def _vocab(model):
+    return model.graph.outputs[model._logits_index()].shape[-1]
+
+
+def make_draft(draft, target):
+    if isinstance(draft, str):
+        if draft != "ngram":
+            raise ValueError(f"draft={draft!r}: use 'ngram' (prompt lookup) or an OptimizedModel "
+                             "optimized with kv_cache=True")
+        return NGramDraft()
+    from .module import OptimizedModel
+
+    if not isinstance(draft, OptimizedModel):
+        raise ValueError(f"draft must be an fxforge OptimizedModel (optimized with kv_cache=True) or 'ngram', "
+                         f"got {type(draft).__name__}; for a transformers model, "
+                         "draft = fxforge.optimize(small_model, example_inputs, kv_cache=True)")
+    return ModelDraft(draft, target)
+
+
+def accept(p_rows: torch.Tensor, tokens: list[int], q_rows: list | None, sample: bool, generator) -> tuple[int, int]:
+    """(how many draft tokens are kept, the token that follows them). p_rows [k+1, V]:
+    the model's processed distributions (probabilities when sampling, scores when not)
+    at each draft position and one past the last."""
+    k = len(tokens)
+    if not sample:
+        best = p_rows.argmax(dim=-1).tolist()
+        m = 0
+        while m < k and best[m] == tokens[m]:
+            m += 1
+        return m, best[m]
+    for i, x in enumerate(tokens):
+        p = p_rows[i]
+        q_x = 1.0 if q_rows is None else float(q_rows[i][x])
+        u = float(torch.rand((), generator=generator, device=p.device))
+        if q_x > 0 and u < min(1.0, float(p[x]) / q_x):
+            continue
+        if q_rows is None:  # a point-mass proposal: max(p - q, 0) is p without x
+            residual = p.clone()
+            residual[x] = 0
+        else:
+            residual = (p - q_rows[i]).clamp_min(0)
+        if float(residual.sum()) <= 0:  # p == q: any draw from p is right
+            residual = p
+        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    return k, int(torch.multinomial(p_rows[k], 1, generator=generator))
+
+
+def speculative_loop(model, draft, seq: torch.Tensor, prompt_len: int, new_tokens: int, k: int, processors,
+                     sample: bool, eos: torch.Tensor | None, criteria: list, emit, generator,
+                     stats: SpeculativeStats | None) -> int:
+    """Fill seq[0, prompt_len:] (a [1, prompt_len + new_tokens + k] buffer) and return the
+    final length."""
+    from .generate import stop_mask
+
+    pad = torch.zeros(1, dtype=torch.long, device=seq.device)
+    capacity = prompt_len + new_tokens + k
+    model.check_step_sizes(1, [1, prompt_len + k])
+    draft.reset(seq, prompt_len, capacity)
+    try:
+        with model.kv_cache_lease(1, capacity) as cache:
+            cache.prepare(pad, model.bias_dtype())
+            length, valid, end = prompt_len, 0, prompt_len + new_tokens
+            while length < end:
+                room = min(k, end - length - 1)
+                tokens, q_rows = draft.propose(seq, length, room, processors, sample, generator) if room else ([], None)
+                tokens = tokens[:room]
+                seq[0, length:length + len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=seq.device)
+                logits = model.run_cached(seq[:, valid:length + len(tokens)], valid, pad, cache)[0].float()
+                logits = logits[length - 1 - valid:]  # the distributions at each draft position, and after
+                rows = torch.stack([lp.apply(processors, seq[:, :length + i], logits[i:i + 1])[0]
+                                    for i in range(len(tokens) + 1)])
+                m, nxt = accept(rows.softmax(dim=-1) if sample else rows, tokens, q_rows, sample, generator)
+                if stats is not None:
+                    stats.rounds += 1
+                    stats.proposed += len(tokens)
+                    stats.accepted += m
+                    stats.per_round.append(m)
+                seq[0, length + m] = nxt
+                new = length + m + 1
+                valid = new - 1  # the model's cache holds every kept token but the last
+                draft.rollback(new - 1)
+                for position in range(length, new):  # stop at the first EOS or stopping criterion
+                    token = seq[:, position]
+                    emit(token)
+                    done = stop_mask(criteria, seq[:, :position + 1], None)
+                    if eos is not None and bool(torch.isin(token, eos)):
+                        return position + 1
+                    if done is not None and bool(done.all()):
+                        return position + 1
+                length = new
+            return length
+    finally:
+        draft.release()

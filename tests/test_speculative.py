@@ -1,0 +1,140 @@
+"""Speculative decoding (runtime/speculative.py): greedy output identical to plain greedy
+for every kind of draft (the model itself, an int8 copy, an unrelated model, prompt
+lookup), the rejection rule leaves the sampling distribution unchanged (exact check on
+a tiny vocabulary, with a control showing the check can fail), and clear errors."""
+import math
+
+import pytest
+import torch
+
+import fxforge
+from fxforge.runtime.speculative import SpeculativeStats, accept
+
+import zoo
+
+
+@pytest.fixture(scope="module")
+def llama_pair():
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")
+    ex = (torch.randint(0, vocab, (2, 7)),)
+    fast = fxforge.optimize(model, ex, kv_cache=True)
+    torch.manual_seed(1)
+    other, _ = zoo.llama("eager")  # same vocabulary, other weights: a draft that is often wrong
+    drafts = {"self": fast, "int8": fxforge.optimize(model, ex, kv_cache=True, quantize="int8"),
+              "unrelated": fxforge.optimize(other, ex, kv_cache=True), "ngram": "ngram"}
+    return fast, vocab, drafts
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+@pytest.mark.parametrize("kind", ["self", "int8", "unrelated", "ngram"])
+def test_greedy_tokens_equal_plain_greedy(llama_pair, kind, k):
+    fast, vocab, drafts = llama_pair
+    ids = torch.randint(1, vocab, (1, 9), generator=torch.Generator().manual_seed(5))
+    plain = fast.generate(ids, 25, eos_token_id=None)
+    stats = SpeculativeStats()
+    out = fast.generate(ids, 25, eos_token_id=None, draft=drafts[kind], num_draft_tokens=k, draft_stats=stats)
+    assert torch.equal(out, plain)
+    assert stats.rounds >= math.ceil(25 / (k + 1)) and stats.accepted <= stats.proposed
+    if kind == "self":  # the model drafting for itself is always right
+        assert stats.acceptance_rate == 1.0 and stats.rounds == math.ceil(25 / (k + 1))
+
+
+@pytest.mark.parametrize("settings", [
+    dict(max_new_tokens=1), dict(max_new_tokens=2), dict(max_new_tokens=20, repetition_penalty=1.5),
+    dict(max_new_tokens=20, no_repeat_ngram_size=2), dict(max_new_tokens=20, eos_token_id=[3, 7, 11, 13, 17, 19]),
+    dict(max_new_tokens=12, min_new_tokens=10, eos_token_id=[3, 7, 11, 13, 17, 19]),
+], ids=lambda s: ",".join(s))
+def test_greedy_with_processors_and_stops_equals_plain(llama_pair, settings):
+    fast, vocab, drafts = llama_pair
+    ids = torch.randint(1, vocab, (1, 6), generator=torch.Generator().manual_seed(2))
+    settings = {"eos_token_id": None, **settings}
+    plain = fast.generate(ids, **settings)
+    for kind in ("int8", "unrelated", "ngram"):
+        assert torch.equal(fast.generate(ids, draft=drafts[kind], num_draft_tokens=4, **settings), plain), kind
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+CHI2_LIMIT = {5: 25.7, 35: 75.0}  # chi-square critical values at p = 1e-4 for 5 and 35 degrees of freedom
+
+
+def test_rejection_rule_draws_from_the_target_distribution():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.05, 0.05]] * 3)
+    q = [torch.tensor([0.05, 0.05, 0.3, 0.3, 0.2, 0.1])] * 2
+    first = torch.zeros(6)
+    for _ in range(6000):
+        x = [int(torch.multinomial(q[0], 1, generator=gen)), int(torch.multinomial(q[1], 1, generator=gen))]
+        m, nxt = accept(p, x, q, True, gen)
+        first[x[0] if m >= 1 else nxt] += 1
+    assert _chi_square(first, p[0]) < CHI2_LIMIT[5]
+    assert _chi_square(first, q[0]) > 1000  # the check can tell the draft's distribution apart
+
+
+def _tiny_llama(seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=6, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharper distributions than the random init's near-uniform ones
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+@pytest.mark.slow
+def test_sampling_distribution_of_two_tokens_is_unchanged():
+    target, drafter = _tiny_llama(0), _tiny_llama(1)
+    ex = (torch.randint(0, 6, (1, 4)),)
+    fast = fxforge.optimize(target, ex, kv_cache=True)
+    draft = fxforge.optimize(drafter, ex, kv_cache=True)
+    prompt = torch.tensor([[1, 4, 2]])
+    with torch.no_grad():  # the exact joint distribution of the next two tokens
+        p1 = target(prompt).logits[0, -1].softmax(-1)
+        joint = torch.stack([p1[a] * target(torch.cat([prompt, torch.tensor([[a]])], 1)).logits[0, -1].softmax(-1)
+                             for a in range(6)]).flatten()
+        q1 = drafter(prompt).logits[0, -1].softmax(-1)
+        draft_joint = torch.stack([q1[a] * drafter(torch.cat([prompt, torch.tensor([[a]])], 1)).logits[0, -1]
+                                   .softmax(-1) for a in range(6)]).flatten()
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(36)
+    stats = SpeculativeStats()
+    for _ in range(1000):
+        out = fast.generate(prompt, 2, do_sample=True, top_k=0, eos_token_id=None, generator=gen, draft=draft,
+                            num_draft_tokens=2, draft_stats=stats)
+        counts[int(out[0, 3]) * 6 + int(out[0, 4])] += 1
+    assert 0.05 < stats.acceptance_rate < 0.95  # both branches of the rule ran
+    assert _chi_square(counts, joint) < CHI2_LIMIT[35]
+    assert _chi_square(counts, draft_joint) > 3 * CHI2_LIMIT[35]  # the check can fail
+
+
+def test_clear_errors(llama_pair):
+    fast, vocab, drafts = llama_pair
+    ids = torch.randint(1, vocab, (1, 5))
+    with pytest.raises(ValueError, match="one unpadded sequence at a time, got 2 row"):
+        fast.generate(ids.repeat(2, 1), 4, draft="ngram")
+    with pytest.raises(ValueError, match="does not combine with num_beams"):
+        fast.generate(ids, 4, draft="ngram", num_beams=2)
+    with pytest.raises(ValueError, match="num_draft_tokens must be an int >= 1"):
+        fast.generate(ids, 4, draft="ngram", num_draft_tokens=0)
+    with pytest.raises(ValueError, match="use 'ngram'"):
+        fast.generate(ids, 4, draft="medusa")
+    with pytest.raises(ValueError, match="draft must be an fxforge OptimizedModel"):
+        fast.generate(ids, 4, draft=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="go with draft="):
+        fast.generate(ids, 4, num_draft_tokens=3)
+    torch.manual_seed(0)
+    model, _ = zoo.llama("sdpa")
+    no_cache = fxforge.optimize(model, (torch.randint(0, vocab, (1, 5)),))
+    with pytest.raises(ValueError, match="needs a KV cache"):
+        fast.generate(ids, 4, draft=no_cache)
+    small_vocab = fxforge.optimize(_tiny_llama(0), (torch.randint(0, 6, (1, 4)),), kv_cache=True)
+    with pytest.raises(ValueError, match="vocabulary has 6 tokens and the model's 128"):
+        fast.generate(ids, 4, draft=small_vocab)
