@@ -11,9 +11,10 @@ from .passes.quantize import QuantConfig
 from .runtime.saving import IncompatibleSaveError, load_model as load
 from .ir import CaptureError, Graph, IRCheckError, ParseError, capture, parse, typecheck
 from .runtime.backends import register_backend, unregister_backend
+from .runtime.engine import Engine
 from .runtime.module import OptimizedModel
 
 __all__ = ["optimize", "load", "load_ir", "capture", "register_pass", "unregister_pass", "register_backend",
-           "unregister_backend", "OptimizedModel", "QuantConfig", "GQAConfig", "KVCacheConfig", "Graph", "parse",
+           "unregister_backend", "OptimizedModel", "Engine", "QuantConfig", "GQAConfig", "KVCacheConfig", "Graph", "parse",
            "typecheck", "CaptureError", "IRCheckError", "ParseError", "IncompatibleSaveError"]
 __version__ = "0.1.0"

@@ -1,0 +1,285 @@
+"""A continuous-batching engine: many requests, one batched decode step for all of them.
+
+    engine = fxforge.Engine(fast, max_batch=8, max_seq_len=1024)
+    request = engine.submit(prompt_ids, max_new_tokens=64, callback=print_token)
+    engine.run()                       # or engine.start() ... engine.stop(): a thread of its own
+    tokens = request.result()          # 1-D tensor of the new tokens
+    outs = engine.generate_many(prompts, max_new_tokens=32)
+
+Scheduling is per step (iteration-level, as Orca and vLLM): every step first admits
+waiting requests while their tokens fit, prefills each (one model call per new prompt,
+into a scratch cache), and then runs one decode step over every running request at once.
+A request leaves the batch the step it finishes, and its row is free for the next one.
+Admission waits (no error, no lost request) while the cache has no room.
+
+The KV cache is dense, one row per running request, `max_seq_len` positions. Rows are
+right-aligned: every row's last token sits at the same position, so one cache length and
+one set of kernel arguments serve the batch, and a row's left padding is masked by the
+key bias, as in a left-padded generate(). When a request joins, the rows are shifted
+together (one copy of the cache) so that the longest one starts at position 0; a row's
+rotary positions are its own (position - padding), so the shift changes no answer. Each
+request's greedy tokens are the ones generate() gives it alone (tested).
+
+Memory: max_batch x max_seq_len positions are allocated; `engine.stats()` reports how
+many hold tokens. A paged cache (blocks handed out per request) would bring the waste
+down; it is not built yet.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import logits as lp
+
+_ids = iter(range(1 << 62))
+
+
+@dataclass
+class Request:
+    """One submitted prompt. `result()` waits for the new tokens (prompt excluded)."""
+    prompt: torch.Tensor
+    max_new_tokens: int
+    processors: list
+    eos: torch.Tensor | None
+    sample: bool
+    generator: torch.Generator | None
+    callback: Callable | None
+    id: int = field(default_factory=lambda: next(_ids))
+    tokens: list = field(default_factory=list)
+    error: BaseException | None = None
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> torch.Tensor:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} is not finished after {timeout} s (is the engine running?)")
+        if self.error is not None:
+            raise self.error
+        return torch.tensor(self.tokens, dtype=torch.long)
+
+
+class _Row:
+    """A running request: its sequence so far and how many of its tokens the cache holds."""
+
+    def __init__(self, request: Request, seq: torch.Tensor):
+        self.request, self.seq = request, seq  # seq: [1, prompt + max_new_tokens]
+        self.length = request.prompt.numel()  # tokens in seq
+        self.cached = 0  # tokens in the cache
+
+
+class Engine:
+    def __init__(self, model, max_batch: int = 8, max_seq_len: int = 1024):
+        model._require_cache("the engine")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        limit = model.kv_layout.max_seq_len
+        if limit is not None and max_seq_len > limit:
+            raise ValueError(f"max_seq_len={max_seq_len} is more than the model's {limit} positions")
+        self.model, self.max_batch, self.capacity = model, max_batch, max_seq_len
+        model.check_step_sizes(max_batch, [1])
+        self._waiting: deque[Request] = deque()
+        self._rows: list[_Row] = []
+        self._lock = threading.Lock()  # guards _waiting
+        self._step_lock = threading.Lock()  # one step at a time
+        self._wake = threading.Condition(self._lock)
+        self._cache = model.kv_cache_for(max_batch, max_seq_len)
+        self._scratch = model.kv_cache_for(1, max_seq_len)
+        self._start = 0  # the cache position every row's next token goes to
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+        self.peak_cached_tokens = 0
+
+    # -- submitting --------------------------------------------------------------------
+    def submit(self, prompt_ids, max_new_tokens: int = 32, *, do_sample: bool = False, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
+               generator: torch.Generator | None = None, callback: Callable | None = None) -> Request:
+        """Queue a prompt (a 1-D list or tensor of token ids); thread-safe. `callback(request,
+        token)` runs on the engine's thread for every new token."""
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
+        if prompt.numel() == 0:
+            raise ValueError("an empty prompt: every request needs at least one token")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if prompt.numel() + max_new_tokens > self.capacity:
+            raise ValueError(f"a prompt of {prompt.numel()} tokens plus {max_new_tokens} new ones needs "
+                             f"{prompt.numel() + max_new_tokens} positions; the engine has max_seq_len={self.capacity}")
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        device = self.model.device
+        eos_t = torch.tensor(eos, device=device) if eos else None
+        processors = lp.processors(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        request = Request(prompt.to(device), max_new_tokens, processors, eos_t, do_sample, generator, callback)
+        with self._lock:
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def generate_many(self, prompts, max_new_tokens: int = 32, **options) -> list[torch.Tensor]:
+        """The new tokens of each prompt (prompt excluded), in order."""
+        requests = [self.submit(p, max_new_tokens, **options) for p in prompts]
+        if self._thread is None:
+            self.run()
+        return [r.result() for r in requests]
+
+    # -- running -----------------------------------------------------------------------
+    def run(self):
+        """Step until no request is waiting or running."""
+        while self.step():
+            pass
+
+    def start(self):
+        """Run steps on a thread of the engine's own while there is work (daemon)."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="fxforge-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """Finish the running requests, then end the engine's thread."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                while not self._waiting and not self._rows and not self._stopping:
+                    self._wake.wait()
+                if self._stopping and not self._rows and not self._waiting:
+                    return
+            self.step()
+
+    def step(self) -> bool:
+        """Admit what fits, prefill it, then one decode step for every running request.
+        Returns whether any request is still waiting or running."""
+        with self._step_lock:
+            try:
+                self._admit()
+                if self._rows:
+                    self._decode()
+            except BaseException as error:  # a failing step fails its requests, not silently
+                self._fail_all(error)
+                raise
+            self.steps += 1
+            with self._lock:
+                return bool(self._rows or self._waiting)
+
+    def stats(self) -> dict:
+        """Cache use now: positions allocated, holding tokens, and the peak so far."""
+        held = sum(r.cached for r in self._rows)
+        return {"allocated_positions": self.max_batch * self.capacity, "cached_tokens": held,
+                "peak_cached_tokens": self.peak_cached_tokens, "running": len(self._rows),
+                "waiting": len(self._waiting), "steps": self.steps}
+
+    def close(self):
+        self.stop()
+        self.model.release_kv_cache(self._cache)
+        self.model.release_kv_cache(self._scratch)
+
+    # -- the step's parts ----------------------------------------------------------------
+    def _admit(self):
+        while len(self._rows) < self.max_batch:
+            with self._lock:
+                if not self._waiting:
+                    return
+                request = self._waiting[0]
+            new_len = request.prompt.numel()
+            # right-aligned at the longest row; every row must still reach its last token
+            lengths = [r.cached for r in self._rows] + [new_len]
+            remaining = [r.request.max_new_tokens - len(r.request.tokens) for r in self._rows] + \
+                [request.max_new_tokens]
+            start = max(lengths)
+            if start + max(remaining) > self.capacity:
+                return  # no room yet: it waits for a row to finish
+            with self._lock:
+                self._waiting.popleft()
+            self._shift(start - self._start)
+            self._start = start
+            self._prefill(request)
+
+    def _prefill(self, request: Request):
+        model, n = self.model, request.prompt.numel()
+        seq = torch.empty(1, n + request.max_new_tokens, dtype=torch.long, device=request.prompt.device)
+        seq[0, :n] = request.prompt
+        pad = torch.zeros(1, dtype=torch.long, device=seq.device)
+        logits = model.run_cached(seq[:, :n], 0, pad, self._scratch)[:, -1, :].float()
+        row = _Row(request, seq)
+        slot = len(self._rows)
+        for big, small in zip(self._cache.buffers, self._scratch.buffers):
+            big[slot, :, self._start - n:self._start] = small[0, :, :n]
+        row.cached = n
+        self._rows.append(row)
+        self._take_token(row, logits)
+
+    def _decode(self):
+        rows = self._rows
+        ids = torch.stack([r.seq[0, r.length - 1] for r in rows])[:, None]
+        pad = torch.tensor([self._start - r.cached for r in rows], dtype=torch.long, device=ids.device)
+        logits = self.model.run_cached(ids, self._start, pad, self._cache)[:, -1, :].float()
+        self._start += 1
+        for r in rows:
+            r.cached += 1
+        self.peak_cached_tokens = max(self.peak_cached_tokens, sum(r.cached for r in rows))
+        for i, r in enumerate(list(rows)):
+            self._take_token(r, logits[i:i + 1])
+
+    def _take_token(self, row: _Row, logits: torch.Tensor):
+        """Pick the row's next token; finish the row on EOS or its token budget."""
+        request = row.request
+        processed = lp.apply(request.processors, row.seq[:, :row.length], logits)
+        if request.sample:
+            token = torch.multinomial(processed.softmax(dim=-1), 1, generator=request.generator)[0, 0]
+        else:
+            token = processed.argmax(dim=-1)[0]
+        row.seq[0, row.length] = token
+        row.length += 1
+        request.tokens.append(int(token))
+        if request.callback is not None:
+            request.callback(request, int(token))
+        finished = len(request.tokens) >= request.max_new_tokens or (
+            request.eos is not None and bool(torch.isin(token, request.eos)))
+        if finished:
+            self._retire(row)
+
+    def _retire(self, row: _Row):
+        """The row leaves; the last row moves into its slot so running rows stay 0..n-1."""
+        slot, last = self._rows.index(row), len(self._rows) - 1
+        if slot != last:
+            for buffer in self._cache.buffers:
+                buffer[slot].copy_(buffer[last])
+            self._rows[slot] = self._rows[last]
+        self._rows.pop()
+        row.request._done.set()
+        if not self._rows:
+            self._start = 0
+
+    def _shift(self, delta: int):
+        """Move every running row's cached tokens `delta` positions along the sequence
+        (what wraps around lands in padding or in positions not yet written)."""
+        n = len(self._rows)
+        if delta == 0 or n == 0:
+            return
+        for buffer in self._cache.buffers:
+            rows = buffer[:n]
+            rows.copy_(torch.roll(rows, delta, dims=2))
+
+    def _fail_all(self, error: BaseException):
+        with self._lock:
+            failed = [r.request for r in self._rows] + list(self._waiting)
+            self._rows.clear()
+            self._waiting.clear()
+        self._start = 0
+        for request in failed:
+            request.error = error
+            request._done.set()

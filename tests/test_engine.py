@@ -1,0 +1,120 @@
+"""The continuous-batching engine (runtime/engine.py): requests of different lengths join
+and leave the running batch, and each one's tokens are the ones generate() gives it alone
+(greedy, EOS, sampling with its own generator); admission waits when the cache is full;
+submission from several threads with streaming callbacks; clear errors."""
+import threading
+
+import pytest
+import torch
+
+import fxforge
+
+import zoo
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def fast(request):
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa") if request.param == "llama" else zoo.gpt2("eager")
+    return fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=True), vocab
+
+
+def _workload(vocab, n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, vocab, (int(k),), generator=gen) for k in torch.randint(1, 30, (n,), generator=gen)]
+    news = [int(k) for k in torch.randint(1, 24, (n,), generator=gen)]
+    return prompts, news
+
+
+def _alone(fast, prompt, n, **kw):
+    return fast.generate(prompt[None], n, **kw)[0, prompt.numel():]
+
+
+def test_mixed_requests_equal_each_alone(fast):
+    fast, vocab = fast
+    prompts, news = _workload(vocab, 12)
+    engine = fxforge.Engine(fast, max_batch=4, max_seq_len=64)
+    requests = [engine.submit(p, n) for p, n in zip(prompts, news)]
+    engine.run()
+    for p, n, r in zip(prompts, news, requests):
+        assert torch.equal(r.result(), _alone(fast, p, n, eos_token_id=None)), r.id
+    stats = engine.stats()
+    assert stats["running"] == stats["waiting"] == 0 and stats["cached_tokens"] == 0
+    # continuous: fewer steps than running the requests one after another
+    assert engine.steps < sum(news)
+    engine.close()
+
+
+def test_admission_waits_when_the_cache_is_full(fast):
+    fast, vocab = fast
+    prompts, news = _workload(vocab, 8, seed=1)
+    engine = fxforge.Engine(fast, max_batch=8, max_seq_len=max(p.numel() + n for p, n in zip(prompts, news)))
+    running = []
+    requests = [engine.submit(p, n, callback=lambda r, t: running.append(engine.stats()["running"]))
+                for p, n in zip(prompts, news)]
+    engine.run()
+    assert all(r.done for r in requests)
+    assert max(running) < 8  # the cache could not hold all eight at once: some waited
+    for p, n, r in zip(prompts, news, requests):
+        assert torch.equal(r.result(), _alone(fast, p, n, eos_token_id=None))
+
+
+def test_eos_ends_a_request_early_and_sampling_follows_its_generator(fast):
+    fast, vocab = fast
+    prompts, news = _workload(vocab, 6, seed=2)
+    eos = [3, 5, 7, 11, 13, 17, 19, 23]
+    engine = fxforge.Engine(fast, max_batch=3, max_seq_len=64)
+    greedy = [engine.submit(p, n, eos_token_id=eos) for p, n in zip(prompts, news)]
+    sampled = [engine.submit(p, n, do_sample=True, top_k=20, temperature=0.8,
+                             generator=torch.Generator().manual_seed(i)) for i, (p, n) in enumerate(zip(prompts, news))]
+    engine.run()
+    for i, (p, n) in enumerate(zip(prompts, news)):
+        assert torch.equal(greedy[i].result(), _alone(fast, p, n, eos_token_id=eos))
+        want = _alone(fast, p, n, do_sample=True, top_k=20, temperature=0.8, eos_token_id=None,
+                      generator=torch.Generator().manual_seed(i))
+        assert torch.equal(sampled[i].result(), want)
+
+
+def test_threads_submit_while_the_engine_runs_and_callbacks_stream(fast):
+    fast, vocab = fast
+    prompts, news = _workload(vocab, 12, seed=3)
+    engine = fxforge.Engine(fast, max_batch=4, max_seq_len=64)
+    engine.start()
+    streamed: dict[int, list] = {}
+    results: dict[int, torch.Tensor] = {}
+
+    def client(indices):
+        for i in indices:
+            r = engine.submit(prompts[i], news[i], callback=lambda req, tok: streamed.setdefault(req.id, []).append(tok))
+            results[i] = (r, r.result(timeout=120))
+
+    threads = [threading.Thread(target=client, args=(range(k, 12, 3),)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.stop()
+    for i in range(12):
+        request, tokens = results[i]
+        assert torch.equal(tokens, _alone(fast, prompts[i], news[i], eos_token_id=None))
+        assert streamed[request.id] == tokens.tolist()
+
+
+def test_generate_many_and_errors(fast):
+    fast, vocab = fast
+    prompts, _ = _workload(vocab, 5, seed=4)
+    engine = fxforge.Engine(fast, max_batch=2, max_seq_len=48)
+    outs = engine.generate_many([p.tolist() for p in prompts], max_new_tokens=6)
+    assert [o.tolist() for o in outs] == [_alone(fast, p, 6, eos_token_id=None).tolist() for p in prompts]
+    with pytest.raises(ValueError, match="needs 58 positions; the engine has max_seq_len=48"):
+        engine.submit(torch.ones(50, dtype=torch.long), 8)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.submit([], 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+        engine.submit([1, 2], 0)
+    with pytest.raises(ValueError, match="max_batch must be an int >= 1"):
+        fxforge.Engine(fast, max_batch=0)
+    torch.manual_seed(0)
+    model, _ = zoo.llama("sdpa")
+    with pytest.raises(RuntimeError, match="needs a KV cache"):
+        fxforge.Engine(fxforge.optimize(model, (torch.randint(0, vocab, (1, 5)),)))
