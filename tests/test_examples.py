@@ -52,3 +52,10 @@ def test_quantize_and_generate_example():
 def test_gqa_convert_example():
     out = run_example("gqa_convert.py")
     assert "aligned: perplexity" in out and "mean: perplexity" in out
+
+
+def test_serve_example_tiny():
+    out = run_example("serve.py", "--tiny", "--new-tokens", "12")
+    assert "answers identical to generate() alone: 6 of 6" in out
+    assert "tokens identical to greedy: yes" in out
+
