@@ -10,7 +10,8 @@ import torch
 
 import fxforge
 
-from helpers import assert_close_to_eager
+from fxforge.ir import typecheck
+from helpers import assert_close_to_eager, assert_round_trips
 
 
 def gemma2():
@@ -106,6 +107,8 @@ def test_every_layer_fuses_with_its_variant(fused):
         assert len(n.inputs) == 4 + bool(n.attrs.get("alibi"))
         if n.attrs.get("alibi"):
             assert n.inputs[4].type.shape == (4,) and n.inputs[4].param
+    typecheck(fast.graph)
+    assert_round_trips(fast.graph)  # the attributes print and parse back
 
 
 def test_outputs_equal_eager(fused):

@@ -1,5 +1,6 @@
 """fuse_attention: attention subgraphs, however a model spells them, become one
-`attention(q, k, v, [bias]) {causal, scale}` op (q: [B, H, Tq, D], k/v: [B, Hkv, Tk, D]).
+`attention(q, k, v, [bias], [slopes]) {causal, scale, softcap?, window?, alibi?}` op
+(q: [B, H, Tq, D], k/v: [B, Hkv, Tk, D]).
 
 Recognised (after cleanup has folded permutes, no-op casts, dropout and contiguous, and
 put every constant last in mul/add):
@@ -11,11 +12,15 @@ put every constant last in mul/add):
     repeat_interleave): the repeat disappears, the op reads the smaller K/V;
   - a mask that depends only on shapes (built from arange/tril/comparisons, or sliced
     from a buffer) is evaluated at sample sizes and at one longer than any integer it is
-    built from: if it is causal at all of them, it becomes causal=true (a sliding window
-    is not: it stays a bias).
+    built from: causal at all of them becomes causal=true, a band of W keys window=W, and
+    slopes[h] * (k - q) (plus any per-row constant) on the kept entries alibi=true with the
+    slopes as an f32[H] input (only if computed in float32 or wider);
+  - a soft-cap tanh(s / c) * c between the scaled scores and the mask: softcap=c;
+  - multi-query attention by a broadcasting matmul of one K/V head, in-place scalar
+    scales (falcon's scores.div_(c)), heads folded into the batch around the softmax (bloom).
 
 Declines (the graph stays as it was): softmax over another dim, any other op between the
-matmuls (a tanh soft-cap, say), scores or probabilities also used elsewhere, a
+matmuls (a bias inside the soft-cap, say), scores or probabilities also used elsewhere, a
 masked_fill whose fill value is not a large negative number, non-constant scales.
 Masks that are not shape-only stay as an additive `bias` input. Rows whose every key is
 masked are padding rows: with a finite fill (finfo.min) eager and fused agree, with -inf

@@ -24,9 +24,14 @@ Rewrites (each declines loudly, with the node, rather than produce wrong tokens)
   slice(table, d, 0, T) of a fixed-size -> slice(table, d, L, L + T)
     table (a rotary cos/sin cache)
 
+Variants (fuse_attention's attributes) carry over: softcap, window (counted in cache slots;
+the cache keeps every position) and alibi (the slopes input stays after kv_bias).
+Positions computed from an all-ones mask (OPT's cumsum(mask) * mask - 1) are recognised by
+evaluating them at sample sizes (arange(T) + c) and become kv_positions + c.
+
 Refused: attention that is not causal or has a mask input (the cache cannot extend an
 arbitrary mask; the error says whether the mask comes from the inputs or is the model's
-own pattern, such as Mistral's sliding window), attention over keys that are not the new tokens, any other op that
+own pattern), attention over keys that are not the new tokens, any other op that
 builds a tensor from the sequence length (a leftover mask, say), a position table
 shorter than max_seq_len.
 """
@@ -221,9 +226,10 @@ def _mask_input_problem(graph: Graph, attention: Node) -> str:
         elif not bool((keep == causal_keep(*keep.shape)).all()):
             other = True
     if widths and not other:
-        return (f"is sliding-window attention (each query sees only its last {max(widths)} keys: a band mask, not "
-                "plain causal), which the KV cache does not support yet; without kv_cache=True the model runs "
-                "with its mask in the graph")
+        return (f"is sliding-window attention (each query sees only its last {max(widths)} keys) that "
+                "fuse_attention left as a mask (a window it could not prove at every length, e.g. one over "
+                "4098 keys); the cache serves windows that are the attention's window= attribute. Without "
+                "kv_cache=True the model runs with its mask in the graph")
     return ("has a mask built from the sequence length that is not plain causal (not a band either: a "
             "prefix-LM or chunked pattern, say), which the KV cache does not support; it caches plain causal "
             "attention only")
