@@ -35,6 +35,7 @@ class Spelling(nn.Module):
         self.kind = kind
         self.drop = nn.Dropout(0.1)
         self.register_buffer("bias", torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64))
+        self.register_buffer("slopes", torch.tensor([2.0 ** -(2 * (i + 1)) for i in range(H)]))
 
     def forward(self, x):
         q, k, v = (y.view(x.size(0), x.size(1), H, D).transpose(1, 2) for y in x.chunk(3, dim=-1))
@@ -85,6 +86,51 @@ class Spelling(nn.Module):
             # a mask that depends on the data is kept as the bias input
             s = q @ k.transpose(-2, -1) * D ** -0.5 + (v.sum(-1, keepdim=True) > 0).float().transpose(-1, -2) * -1e9
             return F.softmax(s, dim=-1) @ v
+        # -- variants: soft-cap, sliding window, ALiBi slopes, multi-query by broadcasting --
+        if kind == "softcap_then_causal":  # Gemma2: scale, divide, tanh, multiply, then the mask
+            s = q @ k.transpose(-2, -1) * D ** -0.5
+            s = torch.tanh(s / 2.0) * 2.0
+            return F.softmax(s.masked_fill(~causal_tril(t, q.device), float("-inf")), dim=-1) @ v
+        if kind == "band_window":  # Mistral-style band: causal and at most 3 keys back
+            keep = causal_tril(t, q.device) & torch.triu(torch.ones(t, t, dtype=torch.bool, device=q.device), -2)
+            s = q @ k.transpose(-2, -1) * D ** -0.5
+            return F.softmax(s.masked_fill(~keep, torch.finfo(s.dtype).min), dim=-1) @ v
+        if kind == "alibi_key_positions":  # bloom: slopes * key position (a per-row shift of k - q)
+            slopes = self.slopes
+            pos = torch.ones(1, t, dtype=torch.long, device=q.device).cumsum(-1) - 1
+            s = q @ k.transpose(-2, -1) * D ** -0.5 + slopes[None, :, None, None] * pos[:, None, None, :]
+            return F.softmax(s.masked_fill(~causal_tril(t, q.device), float("-inf")), dim=-1) @ v
+        if kind == "alibi_relative_sdpa":  # mpt: slopes * (k - q) as an SDPA float mask with the causal part
+            slopes = self.slopes * 3.0
+            i = torch.arange(t, device=q.device)
+            rel = (i[None, :] - i[:, None]).float()
+            mask = slopes[:, None, None] * rel + torch.where(i[None, :] <= i[:, None], 0.0, float("-inf"))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None])
+        if kind == "mqa_broadcast":  # falcon / gpt_bigcode: one K/V head, broadcast by matmul
+            s = q @ k[:, :1].transpose(-2, -1) / math.sqrt(D)
+            s = s.masked_fill(~causal_tril(t, q.device), float("-inf"))
+            return F.softmax(s, dim=-1) @ v[:, :1]
+        if kind == "mqa_broadcast_inplace_div":  # falcon's scores.div_(c)
+            s = q @ k[:, :1].transpose(-2, -1)
+            s.div_(math.sqrt(D))
+            s = s + torch.where(causal_tril(t, q.device), 0.0, torch.finfo(s.dtype).min)
+            return F.softmax(s, dim=-1) @ v[:, :1]
+        # -- variants that must not become attributes (they stay a bias, or unfused) --
+        if kind == "alibi_bf16":  # falcon builds ALiBi in bfloat16: rounded, not slopes * position
+            slopes = self.slopes
+            pos = torch.arange(t, device=q.device)
+            alibi = (slopes[:, None].bfloat16() * pos[None, :]).float()
+            s = q @ k.transpose(-2, -1) * D ** -0.5 + alibi[None, :, None, :]
+            return F.softmax(s.masked_fill(~causal_tril(t, q.device), float("-inf")), dim=-1) @ v
+        if kind == "slopes_that_scale_with_length":  # position / T: linear at each T, not ALiBi
+            pos = torch.arange(t, device=q.device).float()
+            pos = pos / (pos.sum() + 1.0)
+            s = q @ k.transpose(-2, -1) * D ** -0.5 + pos
+            return F.softmax(s.masked_fill(~causal_tril(t, q.device), float("-inf")), dim=-1) @ v
+        if kind == "bias_before_softcap":  # the mask inside the tanh: not what the op computes
+            s = q @ k.transpose(-2, -1) * D ** -0.5
+            s = torch.where(causal_tril(t, q.device), 0.0, -1e4) + s
+            return F.softmax(torch.tanh(s / 30.0) * 30.0, dim=-1) @ v
         # -- negative cases: must stay unfused --
         if kind == "softmax_other_dim":
             return F.softmax(q @ k.transpose(-2, -1) * D ** -0.5, dim=-2) @ v
@@ -106,8 +152,16 @@ FUSED = {
     "div_sqrt_masked_fill": True, "mul_triu_where_finfo": True, "prescaled_q_and_k_arange_mask": True,
     "buffer_slice": True, "bmm_folded_heads": False, "repeat_kv_expand": False, "repeat_interleave": True,
     "additive_data_mask": False,
+    "tanh_softcap": False, "softcap_then_causal": True, "band_window": True, "alibi_key_positions": True,
+    "alibi_relative_sdpa": True, "mqa_broadcast": True, "mqa_broadcast_inplace_div": True,
+    "alibi_bf16": False, "slopes_that_scale_with_length": False,
 }
-UNFUSED = ["softmax_other_dim", "tanh_softcap", "weights_returned", "masked_fill_not_negative"]
+# spelling -> the variant attributes (and inputs) its attention gets; others get none
+VARIANT_ATTRS = {
+    "tanh_softcap": {"softcap": 30.0}, "softcap_then_causal": {"softcap": 2.0}, "band_window": {"window": 3},
+    "alibi_key_positions": {"alibi": True}, "alibi_relative_sdpa": {"alibi": True},
+}
+UNFUSED = ["softmax_other_dim", "weights_returned", "masked_fill_not_negative", "bias_before_softcap"]
 
 
 def qkv(b, t):
@@ -131,6 +185,14 @@ def test_spelling_fuses_to_one_attention(kind):
     atts = [n for n in fast.graph.nodes if n.op == "attention"]
     assert len(atts) == 1, fast.ir
     assert atts[0].attrs["causal"] is FUSED[kind], fast.ir
+    variant = {a: atts[0].attrs[a] for a in ("softcap", "window", "alibi") if a in atts[0].attrs}
+    assert variant == VARIANT_ATTRS.get(kind, {}), fast.ir
+    if "alibi" in variant:  # slopes f32[H], no [B, H, T, T] bias
+        assert len(atts[0].inputs) == 4 and atts[0].inputs[3].type.shape == (H,), fast.ir
+    if kind.startswith("mqa"):
+        assert int(atts[0].inputs[1].shape[1]) == 1 and "div_" not in fast.ir, fast.ir
+    if kind in ("alibi_bf16", "slopes_that_scale_with_length"):
+        assert len(atts[0].inputs) == 4 and atts[0].inputs[3].rank == 4  # exact, as a bias
     ops = fast.graph.op_counts()
     assert "softmax" not in ops and "sdpa" not in ops
     if kind in ("sdpa_gqa", "repeat_kv_expand", "repeat_interleave"):
@@ -280,11 +342,12 @@ def test_interpret_backend_runs_the_triton_attention_kernel(name):
 
 
 @pytest.mark.parametrize("window", [4, 16])  # 16: longer than every size the causal check samples
-def test_sliding_window_is_not_folded_to_causal_and_equals_eager_beyond_it(window):
+def test_sliding_window_becomes_the_window_attribute_and_equals_eager_beyond_it(window):
     model, vocab = zoo.mistral(sliding_window=window)
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 9)),))
     attention = [n for n in fast.graph.nodes if n.op == "attention"]
-    assert attention and all(not n.attrs["causal"] and len(n.inputs) == 4 for n in attention)
+    assert attention and all(n.attrs["causal"] and n.attrs["window"] == window and len(n.inputs) == 3
+                             for n in attention)
     for t in (window - 1, window + 1, 2 * window + 3):
         ids = torch.randint(0, vocab, (2, t))
         with torch.no_grad():

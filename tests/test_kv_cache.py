@@ -2,6 +2,7 @@
 prompts included; logits at every step equal a full recompute; the IR after the pass."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fxforge
 from fxforge.passes.kv_cache import KVCacheConfig, KVCacheError
@@ -307,23 +308,37 @@ def test_more_architectures_generate_like_transformers(name):
 
 
 def test_refuses_positions_it_cannot_place():
-    # OPT derives positions from a cumulative sum over an all-ones attention mask built
-    # from (B, T): the pass cannot tell what that means with a cache, so it says so
-    import transformers as tr
+    # positions from a cumulative sum over an all-ones mask built from (B, T), squared: not
+    # arange + c at the sample sizes, so the pass cannot tell what they mean with a cache
+    class SquaredPositions(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.pos = torch.nn.Embedding(32, 16), torch.nn.Embedding(64, 16)
+            self.qkv, self.out = torch.nn.Linear(16, 48), torch.nn.Linear(16, 32)
 
-    cfg = tr.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4,
-                       max_position_embeddings=256, word_embed_proj_dim=64)
-    model = tr.OPTForCausalLM(cfg).eval()
+        def forward(self, ids):
+            ones = torch.ones(ids.shape, device=ids.device)  # as OPT: a float mask
+            pos = ((ones.cumsum(1) * ones - 1) ** 2).long()
+            x = self.emb(ids) + self.pos(pos)
+            q, k, v = (t.view(ids.shape[0], ids.shape[1], 2, 8).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(y.transpose(1, 2).reshape(ids.shape[0], ids.shape[1], 16))
+
     with pytest.raises(KVCacheError, match=r"builds a tensor from the sequence length[\s\S]*at: .*full\(\)"):
-        fxforge.optimize(model, (torch.randint(1, 128, (2, 7)),), kv_cache=True)
+        fxforge.optimize(SquaredPositions().eval(), (torch.randint(1, 32, (2, 7)),), kv_cache=True)
 
 
 @pytest.mark.parametrize("window", [4, 16])  # 16: longer than every size fuse_attention samples
-def test_sliding_window_attention_is_refused_as_such(window):
+def test_sliding_window_attention_generates_like_transformers(window):
+    # the window is an attribute of the attention op: prefill and decode drop keys `window`
+    # or more positions back, counted in cache slots (left padding does not shift them)
     model, vocab = zoo.mistral(sliding_window=window)
-    with pytest.raises(KVCacheError, match=rf"sliding-window attention \(each query sees only its last {window} "
-                                           r"keys: a band mask, not plain causal\).*\n  at: .*= attention\("):
-        fxforge.optimize(model, (torch.randint(0, vocab, (2, 9)),), kv_cache=True)
+    fast = _optimize(model, vocab)
+    assert all(n.attrs.get("window") == window for n in fast.graph.nodes if n.op == "attention")
+    ids, mask = _padded_batch(vocab, [9, 3])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=2 * window, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    assert torch.equal(fast.generate(ids, 2 * window, attention_mask=mask, eos_token_id=None), ref)
 
 
 def test_a_length_only_mask_that_is_not_a_band_is_refused_as_such():

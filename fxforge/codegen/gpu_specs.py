@@ -52,14 +52,20 @@ def _spec(kernel, fn_ref, arg_names, pointers, constexprs, *, floats=(), unit=()
 
 # --------------------------------------------------------------------------- attention
 _ATTN_REF = "fxforge.codegen.kernels.attention:_attention_kernel"
-_ATTN_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr", "H", "GROUPS", "TQ", "TK", "TQ_BUCKET", "TK_BUCKET",
-              "qk_scale", "sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd",
+_ATTN_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "out_ptr", "H", "GROUPS", "TQ", "TK", "TQ_BUCKET",
+              "TK_BUCKET", "qk_scale", "softcap", "window", "sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd",
               "sbb", "sbh", "sbm", "sbn", "sob", "soh", "som", "sod",
-              "HEAD_DIM", "D_PAD", "CAUSAL", "HAS_BIAS", "DOT_F32", "PRECISION", "BLOCK_M", "BLOCK_N"]
+              "HEAD_DIM", "D_PAD", "CAUSAL", "HAS_BIAS", "DOT_F32", "PRECISION", "BLOCK_M", "BLOCK_N",
+              "SOFTCAP", "WINDOW", "ALIBI"]
+# The attention variants (op attributes softcap / window / alibi): "plain" is causal attention
+# without them, "all" every variant flag and a bias at once (the superset of their code).
+ATTN_VARIANTS = {"plain": dict(HAS_BIAS=False, SOFTCAP=False, WINDOW=False, ALIBI=False),
+                 "all": dict(HAS_BIAS=True, SOFTCAP=True, WINDOW=True, ALIBI=True)}
 
 
-def attention_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, all_configs=False) -> list[KernelSpec]:
-    """The prefill kernel, causal without bias, for each config the autotuner tries
+def attention_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, all_configs=False, variants=tuple(ATTN_VARIANTS)
+                    ) -> list[KernelSpec]:
+    """The prefill kernel, causal, for each config the autotuner tries and each variant
     (`all_configs`: every config in the module's list, pruned or not, for the report)."""
     from .kernels import attention
 
@@ -67,31 +73,38 @@ def attention_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, all_configs=False) -> li
     for dname, dtype in dtypes.items():
         for d in head_dims:
             configs = attention.GPU_CONFIGS if all_configs else attention.launch_configs(dtype, d)
-            for bm, bn, w, s in configs:
-                specs.append(_spec(
-                    "attention", _ATTN_REF, _ATTN_ARGS,
-                    {p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr")},
-                    dict(HEAD_DIM=d, D_PAD=d, CAUSAL=True, HAS_BIAS=False, DOT_F32=False,
-                         PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn),
-                    floats=("qk_scale",), unit=("sqd", "skd", "svd", "sod"), num_warps=w, num_stages=s,
-                    tuned=True, dtype=dname, head_dim=d,
-                    launched=(bm, bn, w, s) in attention.launch_configs(dtype, d)))
+            for variant in variants:
+                for bm, bn, w, s in configs:
+                    specs.append(_spec(
+                        "attention", _ATTN_REF, _ATTN_ARGS,
+                        {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr")},
+                         "slopes_ptr": "fp32"},
+                        dict(HEAD_DIM=d, D_PAD=d, CAUSAL=True, DOT_F32=False, **ATTN_VARIANTS[variant],
+                             PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn),
+                        floats=("qk_scale", "softcap"), unit=("sqd", "skd", "svd", "sod"), num_warps=w,
+                        num_stages=s, tuned=True, dtype=dname, head_dim=d, variant=variant,
+                        launched=(bm, bn, w, s) in attention.launch_configs(dtype, d)))
     return specs
 
 
 # --------------------------------------------------------------------------- decode attention
 _SPLIT_REF = "fxforge.codegen.kernels.decode_attention:_decode_split_kernel"
-_SPLIT_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "m_ptr", "l_ptr", "acc_ptr", "H", "GROUPS", "TK", "CHUNK",
-               "NUM_SPLITS", "qk_scale", "sqb", "sqh", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd",
-               "sbb", "sbh", "sbn", "HEAD_DIM", "D_PAD", "BLOCK_G", "BLOCK_N", "HAS_BIAS", "DOT_F32", "PRECISION"]
+_SPLIT_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "m_ptr", "l_ptr", "acc_ptr", "H", "GROUPS", "TK",
+               "CHUNK", "NUM_SPLITS", "qk_scale", "softcap", "sqb", "sqh", "sqd", "skb", "skh", "skn", "skd", "svb",
+               "svh", "svn", "svd", "sbb", "sbh", "sbn", "HEAD_DIM", "D_PAD", "BLOCK_G", "BLOCK_N", "HAS_BIAS",
+               "DOT_F32", "PRECISION", "SOFTCAP", "ALIBI"]
+# decode's variants: a sliding window is a view of the cache, not a flag of the kernel
+DECODE_VARIANTS = {"plain": dict(SOFTCAP=False, ALIBI=False), "all": dict(SOFTCAP=True, ALIBI=True)}
 _COMBINE_REF = "fxforge.codegen.kernels.decode_attention:_decode_combine_kernel"
 _COMBINE_ARGS = ["m_ptr", "l_ptr", "acc_ptr", "out_ptr", "H", "NUM_SPLITS", "sob", "soh", "sod",
                  "HEAD_DIM", "D_PAD", "BLOCK_S"]
 
 
-def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6)) -> list[KernelSpec]:
-    """The split kernel (the one config its wrapper launches, with a bias: the superset)
-    and the combine kernel for a few and for very many splits."""
+def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), variants=tuple(DECODE_VARIANTS)
+                 ) -> list[KernelSpec]:
+    """The split kernel (the one config its wrapper launches, with a bias: the superset),
+    plain and with every variant flag, and the combine kernel for a few and for very many
+    splits."""
     from .kernels import decode_attention
 
     split_blocks = sorted({decode_attention.combine_block(s) for s in splits})
@@ -99,14 +112,15 @@ def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6)) -> lis
     for dname, dtype in dtypes.items():
         for d in head_dims:
             launch = decode_attention.split_launch(dtype, d)
-            specs.append(_spec(
-                "decode_split", _SPLIT_REF, _SPLIT_ARGS,
-                {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr")},
-                 **{p: "fp32" for p in ("m_ptr", "l_ptr", "acc_ptr")}},
-                dict(HEAD_DIM=d, D_PAD=d, BLOCK_G=16, BLOCK_N=launch["BLOCK_N"], HAS_BIAS=True, DOT_F32=False,
-                     PRECISION="ieee" if dtype == torch.float32 else "tf32"),
-                floats=("qk_scale",), unit=("sqd", "skd", "svd"), num_warps=launch["num_warps"],
-                num_stages=launch.get("num_stages", 3), dtype=dname, head_dim=d))
+            for variant in variants:
+                specs.append(_spec(
+                    "decode_split", _SPLIT_REF, _SPLIT_ARGS,
+                    {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr")},
+                     **{p: "fp32" for p in ("slopes_ptr", "m_ptr", "l_ptr", "acc_ptr")}},
+                    dict(HEAD_DIM=d, D_PAD=d, BLOCK_G=16, BLOCK_N=launch["BLOCK_N"], HAS_BIAS=True, DOT_F32=False,
+                         PRECISION="ieee" if dtype == torch.float32 else "tf32", **DECODE_VARIANTS[variant]),
+                    floats=("qk_scale", "softcap"), unit=("sqd", "skd", "svd"), num_warps=launch["num_warps"],
+                    num_stages=launch.get("num_stages", 3), dtype=dname, head_dim=d, variant=variant))
     for d in head_dims:
         for block_s in split_blocks:
             specs.append(_spec(
@@ -240,7 +254,7 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     if not quick:
         return (attention_specs() + decode_specs() + quant_specs() + row_specs())
     worst = {"fp32": DTYPES["fp32"], "bf16": DTYPES["bf16"]}
-    attn = _largest(attention_specs(worst, (64, 256)), ("BLOCK_M", "BLOCK_N"), ("dtype", "head_dim"))
+    attn = _largest(attention_specs(worst, (64, 256)), ("BLOCK_M", "BLOCK_N"), ("dtype", "head_dim", "variant"))
     quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",))
     return (attn + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + quant
             + row_specs(lengths=(4096, 65536), kinds=("layer_norm",)))

@@ -15,6 +15,7 @@ from ATen, one rule in `lowering.py`:
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -460,18 +461,54 @@ def causal_keep(tq: int, tk: int, device=None) -> torch.Tensor:
     return torch.arange(tk, device=device)[None, :] <= torch.arange(tq, device=device)[:, None] + (tk - tq)
 
 
-def attention_reference(q, k, v, bias=None, *, causal, scale):
-    """softmax(q k^T * scale + bias, causal bottom-right aligned) v, K/V heads shared by
-    groups of query heads. Computed in float32."""
+def window_keep(tq: int, tk: int, window: int, device=None) -> torch.Tensor:
+    """[tq, tk] bool: query i (at position i + tk - tq) sees key j iff it is fewer than
+    `window` positions back: (i + tk - tq) - j < window (bottom-right aligned, as causal).
+    Keys after the query are not dropped here; causal drops those."""
+    return torch.arange(tk, device=device)[None, :] > torch.arange(tq, device=device)[:, None] + (tk - tq - window)
+
+
+def alibi_bias(slopes, tq: int, tk: int) -> torch.Tensor:
+    """[1, H, tq, tk] float32: slopes[h] * (j - (i + tk - tq)), the ALiBi bias of query i
+    and key j at their relative distance (bottom-right aligned: query i is at position
+    i + tk - tq). A per-row constant added to it changes nothing after softmax, which is
+    why models that add slopes * key_position (bloom) compute the same attention."""
+    dev = slopes.device
+    rel = torch.arange(tk, device=dev)[None, :] - (torch.arange(tq, device=dev)[:, None] + (tk - tq))
+    return slopes.float().reshape(1, -1, 1, 1) * rel.float()
+
+
+def attention_operands(bias, slopes, alibi: bool):
+    """(bias, slopes) from the optional inputs after q, k, v: with alibi=True the last one
+    is the slopes (attention(q, k, v, [bias], slopes))."""
+    if alibi and slopes is None:
+        return None, bias
+    return bias, slopes
+
+
+def attention_reference(q, k, v, bias=None, slopes=None, *, causal, scale, softcap=None, window=None, alibi=False):
+    """softmax(S + bias [+ alibi], causal / window bottom-right aligned) v with
+    S = q k^T * scale, or tanh(S / softcap) * softcap with a soft-cap; K/V heads shared by
+    groups of query heads. alibi=True: the last input is slopes f32[H], and
+    slopes[h] * (k_pos - q_pos) is added. window=W: keys W or more positions before the
+    query are dropped. Computed in float32."""
+    bias, slopes = attention_operands(bias, slopes, alibi)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
+    tq, tk = q.shape[-2], k.shape[-2]
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if slopes is not None:
+        s = s + alibi_bias(slopes, tq, tk).to(s.device)
     if bias is not None:
         s = s + bias.float()
     if causal:
-        s = s.masked_fill(~causal_keep(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+        s = s.masked_fill(~causal_keep(tq, tk, q.device), float("-inf"))
+    if window is not None:
+        s = s.masked_fill(~window_keep(tq, tk, int(window), q.device), float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     return torch.matmul(p, v.float()).to(q.dtype)
 
@@ -482,6 +519,20 @@ def infer_attention(types, attrs):
         raise IRTypeError(f"attention wants [B, H, T, D] operands, got {q}, {k}, {v}")
     if not dims_equal(sympy.Mod(q.shape[1], k.shape[1]), 0) and k.shape[1].is_number and q.shape[1].is_number:
         raise IRTypeError(f"attention: {q.shape[1]} query heads is not a multiple of {k.shape[1]} kv heads")
+    if attrs.get("alibi"):
+        if len(types) < 4:
+            raise IRTypeError("attention {alibi=true} takes its slopes f32[H] as the last input")
+        slopes = _t(types, len(types) - 1)
+        if slopes.rank != 1 or not dims_equal(slopes.shape[0], q.shape[1]) or not slopes.dtype.is_floating_point:
+            raise IRTypeError(f"attention: alibi slopes must be a float [H={q.shape[1]}] tensor, got {slopes}")
+    elif len(types) > 4:
+        raise IRTypeError("attention: a fifth input (slopes) needs alibi=true")
+    window = attrs.get("window")
+    if window is not None and (not isinstance(window, (int, sympy.Integer)) or isinstance(window, bool) or window < 1):
+        raise IRTypeError(f"attention: window must be a positive int, got {window!r}")
+    softcap = attrs.get("softcap")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise IRTypeError(f"attention: softcap must be a positive finite number, got {softcap!r}")
     return [TensorType(q.shape[:-1] + (v.shape[-1],), q.dtype)]
 
 
@@ -685,8 +736,9 @@ OPS_LIST: list[OpDef] = [
     OpDef("sdpa", "other", infer_sdpa, _sdpa, doc="torch's scaled_dot_product_attention, exact semantics",
           arity=(3, 4), attrs="causal: bool, scale: float, enable_gqa?: bool"),
     OpDef("attention", "fused", infer_attention, attention_reference, origin="fuse_attention",
-          doc="fused attention(q, k, v, [bias]) {causal, scale}; K/V heads may be fewer (GQA)",
-          arity=(3, 4), attrs="causal: bool, scale: float"),
+          doc="fused attention(q, k, v, [bias], [slopes]) {causal, scale, softcap?, window?, alibi?}; K/V heads "
+              "may be fewer (GQA); alibi=true: the last input is per-head slopes",
+          arity=(3, 5), attrs="causal: bool, scale: float, softcap?: float|none, window?: int|none, alibi?: bool"),
     OpDef("kv_append", "other", infer_kv_append, kv_append_reference, origin="kv_cache",
           doc="kv_append(cache, new) {start}: write new K or V at start, return cache[:, :, :start+T]; mutates",
           arity=(2, 2), attrs="start: size", traits={"stateful"}),

@@ -1,5 +1,6 @@
 """fuse_attention: attention subgraphs, however a model spells them, become one
-`attention(q, k, v, [bias]) {causal, scale}` op (q: [B, H, Tq, D], k/v: [B, Hkv, Tk, D]).
+`attention(q, k, v, [bias], [slopes]) {causal, scale, softcap?, window?, alibi?}` op
+(q: [B, H, Tq, D], k/v: [B, Hkv, Tk, D]).
 
 Recognised (after cleanup has folded permutes, no-op casts, dropout and contiguous, and
 put every constant last in mul/add):
@@ -11,11 +12,15 @@ put every constant last in mul/add):
     repeat_interleave): the repeat disappears, the op reads the smaller K/V;
   - a mask that depends only on shapes (built from arange/tril/comparisons, or sliced
     from a buffer) is evaluated at sample sizes and at one longer than any integer it is
-    built from: if it is causal at all of them, it becomes causal=true (a sliding window
-    is not: it stays a bias).
+    built from: causal at all of them becomes causal=true, a band of W keys window=W, and
+    slopes[h] * (k - q) (plus any per-row constant) on the kept entries alibi=true with the
+    slopes as an f32[H] input (only if computed in float32 or wider);
+  - a soft-cap tanh(s / c) * c between the scaled scores and the mask: softcap=c;
+  - multi-query attention by a broadcasting matmul of one K/V head, in-place scalar
+    scales (falcon's scores.div_(c)), heads folded into the batch around the softmax (bloom).
 
 Declines (the graph stays as it was): softmax over another dim, any other op between the
-matmuls (a tanh soft-cap, say), scores or probabilities also used elsewhere, a
+matmuls (a bias inside the soft-cap, say), scores or probabilities also used elsewhere, a
 masked_fill whose fill value is not a large negative number, non-constant scales.
 Masks that are not shape-only stay as an additive `bias` input. Rows whose every key is
 masked are padding rows: with a finite fill (finfo.min) eager and fused agree, with -inf
@@ -27,11 +32,14 @@ import math
 
 import torch
 
+from dataclasses import dataclass
+
+from ..ir.edit import dead_code_elimination
 from ..ir.graph import Value
 from ..ir.ops import causal_keep
-from ..ir.types import as_dim
+from ..ir.types import as_dim, dims_equal
 from .pattern import Match, Rule, apply_rules, op, var
-from .shape_eval import evaluate, probe_sizes
+from .shape_eval import band_width, evaluate, probe_sizes, sample_sizes, shape_only_nodes
 
 # A masked_fill value at or below this removes the key after softmax, exactly in float32.
 MASK_FILL_MAX = -65504.0
@@ -98,85 +106,273 @@ def _strip_repeat_kv(m: Match, v: Value) -> tuple[Value, int]:
 
 # -- masks -----------------------------------------------------------------------------------
 class _Terms:
-    """The additive terms of the scores: s = q k^T * scale + sum(bias_i)."""
+    """The additive terms of the scores: s = q k^T * scale + sum(bias_i). A term added
+    while the heads were folded into the batch ([B*H, Tq, Tk] scores, bloom) carries
+    `fold` = (B, H): its leading dim is split into those to meet the [B, H, Tq, Tk] terms."""
 
     def __init__(self):
-        self.adds: list[tuple[Value, float]] = []  # (bias, scale applied after it)
-        self.fills: list[tuple[Value, float, bool]] = []  # (mask, fill, fill where mask is True)
+        self.adds: list[tuple[Value, float, tuple | None]] = []  # (bias, scale applied after it, fold)
+        self.fills: list[tuple[Value, float, bool, tuple | None]] = []  # (mask, fill, fill where True, fold)
 
     def empty(self) -> bool:
         return not self.adds and not self.fills
 
+    def values(self) -> list[Value]:
+        return [t[0] for t in self.adds] + [t[0] for t in self.fills]
+
+    @staticmethod
+    def _unfold(t: torch.Tensor, fold, sizes) -> torch.Tensor | None:
+        if fold is None or t.dim() < 3:
+            return t
+        if t.dim() != 3:
+            return None
+        b, h = (int(as_dim(d).subs(sizes)) for d in fold)
+        if t.shape[0] == 1:
+            return t[None]
+        return t.reshape(b, h, *t.shape[1:]) if t.shape[0] == b * h else None
+
     def evaluate(self, m: Match, sizes) -> torch.Tensor | None:
         total = None
-        for bias, post in self.adds:
+        for bias, post, fold in self.adds:
             t = evaluate(bias, m.producers, m.graph, sizes)
-            if t is None:
+            if t is None or (t := self._unfold(t, fold, sizes)) is None:
                 return None
             t = t.float() * post
             total = t if total is None else total + t
-        for mask, fill, when in self.fills:
+        for mask, fill, when, fold in self.fills:
             t = evaluate(mask, m.producers, m.graph, sizes)
-            if t is None:
+            if t is None or (t := self._unfold(t, fold, sizes)) is None or t.dtype != torch.bool:
                 return None
             hit = t if when else ~t
             t = torch.where(hit, torch.tensor(fill), torch.tensor(0.0))
             total = t if total is None else total + t
         return total
 
-    def build(self, m: Match, b) -> Value:
-        """The additive bias as IR, in float32."""
+    def evaluate_sum(self, m: Match, sizes) -> torch.Tensor | None:
+        try:
+            return self.evaluate(m, sizes)
+        except RuntimeError:  # terms that do not broadcast at these sizes
+            return None
+
+    @staticmethod
+    def _build_unfold(b, t: Value, fold) -> Value | None:
+        if fold is None or t.rank < 3:
+            return t
+        if t.rank != 3:
+            return None
+        if t.shape[0] == 1:
+            return b.emit("unsqueeze", t, dim=0)
+        if not dims_equal(t.shape[0], fold[0] * fold[1]):
+            return None
+        return b.emit("view", t, shape=(fold[0], fold[1]) + tuple(t.shape[1:]))
+
+    def build(self, m: Match, b) -> Value | None:
+        """The additive bias as IR, in float32 (None: a folded term that does not unfold)."""
         total = None
-        for bias, post in self.adds:
-            t = b.cast(bias, torch.float32)
+        for bias, post, fold in self.adds:
+            t = self._build_unfold(b, b.cast(bias, torch.float32), fold)
+            if t is None:
+                return None
             if post != 1.0:
                 t = b.emit("mul", t, b.const(post))
             total = t if total is None else b.emit("add", total, t)
-        for mask, fill, when in self.fills:
+        for mask, fill, when, fold in self.fills:
             fill_v, zero = b.const(fill, torch.float32), b.const(0.0, torch.float32)
             t = b.emit("where", mask, fill_v, zero) if when else b.emit("where", mask, zero, fill_v)
+            t = self._build_unfold(b, t, fold)
+            if t is None:
+                return None
             total = t if total is None else b.emit("add", total, t)
         return total
 
 
-def _is_causal(m: Match, terms: _Terms, q: Value, k: Value) -> bool:
-    """Evaluate a shape-only mask at a few sizes: causal (bottom-right aligned) iff every
-    kept entry is 0 and every dropped one is at most MASK_FILL_MAX, at each size. The sizes
-    include one longer than any integer the mask is built from: a sliding window of W keys
-    (Mistral) is causal at every T <= W, and folding it to causal=true would give other
-    answers beyond W. Too long to evaluate: not proven, the mask stays a bias."""
-    if terms.empty():
-        return False
-    values = [v for v, _ in terms.adds] + [mask for mask, _, _ in terms.fills]
+@dataclass(frozen=True)
+class MaskForm:
+    """What a shape-only mask computes, proven at sample sizes: keys dropped by causal
+    and/or a sliding window of `window` keys, plus slopes[h] * (k_pos - q_pos) (ALiBi; a
+    per-row constant added to it changes nothing after softmax)."""
+
+    causal: bool
+    window: int | None = None
+    slopes: tuple[float, ...] | None = None
+
+
+# Float dtypes an ALiBi subgraph may compute in: a narrower one rounds slope * position
+# (falcon builds its ALiBi in bfloat16), which the slopes form would not reproduce at
+# lengths the samples do not reach.
+_EXACT_FLOATS = (torch.float32, torch.float64)
+
+
+def _mask_form(m: Match, terms: _Terms, q: Value, k: Value) -> MaskForm | None:
+    """Evaluate a shape-only mask at a few sizes and say what it computes, or None when it
+    is not one of: plain causal (bottom-right aligned), causal with a sliding window (each
+    query sees its last W keys), either of those plus an ALiBi bias, or an ALiBi bias
+    alone. Dropped entries must be at most MASK_FILL_MAX; kept ones must be
+    slopes[h] * (j - i) plus a constant per row, the same slopes at every size, computed in
+    float32 or wider. The sizes include one longer than any integer the mask is built from:
+    a sliding window of W keys (Mistral) is causal at every T <= W. Too long to evaluate:
+    not proven, the mask stays a bias."""
+    if terms.empty() or (q.rank == 4 and not q.shape[1].is_number):
+        return None
+    heads = int(q.shape[1]) if q.rank == 4 else 1  # heads folded into the batch: one "head"
+    values = terms.values()
     all_sizes, complete = probe_sizes(m.graph, values, m.producers)
     if not complete:
-        return False
-    for sizes in all_sizes:
-        bias = terms.evaluate(m, sizes)
+        return None
+    kinds, slopes_seen = set(), []
+    n_samples = len(sample_sizes(m.graph))
+    for index, sizes in enumerate(all_sizes):
+        bias = terms.evaluate_sum(m, sizes)
+        if bias is None and index >= n_samples:
+            # a long probe the mask cannot be built at (MPT's ALiBi table of max_seq_len
+            # keys at max_seq_len + 2): the model cannot run there either, so probe the
+            # longest length it can (a window shows there, if it is shorter)
+            sizes, bias = _longest_evaluable(m, terms, all_sizes[n_samples - 1], sizes)
         if bias is None:
-            return False
+            return None
         try:
             tq, tk = int(q.shape[-2].subs(sizes)), int(k.shape[-2].subs(sizes))
         except TypeError:
-            return False
-        if bias.dim() < 2 or bias.shape[-2] not in (1, tq) or bias.shape[-1] != tk:
-            return False
-        keep = causal_keep(tq, tk)
-        bias = bias.expand(*bias.shape[:-2], tq, tk)
-        if not (bias[..., keep] == 0).all() or not (bias[..., ~keep] <= MASK_FILL_MAX).all():
-            return False
+            return None
+        if bias.dim() < 2 or bias.dim() > 4 or bias.shape[-2] not in (1, tq) or bias.shape[-1] != tk:
+            return None
+        if q.rank == 3:
+            bias = bias.reshape(-1, 1, *bias.shape[-2:])
+        while bias.dim() < 4:
+            bias = bias[None]
+        if bias.shape[1] not in (1, heads):
+            return None
+        bias = bias.expand(bias.shape[0], heads, tq, tk)
+        dropped = bias <= MASK_FILL_MAX
+        keep = ~dropped[0, 0]
+        if not (dropped == ~keep).all() or not keep.any(-1).all():
+            return None  # the pattern differs between rows or heads, or a row sees no key
+        if bool(keep.all()):
+            kinds.add("none")
+        elif bool((keep == causal_keep(tq, tk)).all()):
+            kinds.add("causal")
+        else:
+            width = band_width(keep)
+            if width is None:
+                return None
+            kinds.add(width)
+        kept = torch.where(keep, bias, torch.zeros(()))
+        if not bool((kept == 0).all()):
+            slopes = _fit_slopes(kept, keep, tq, tk)
+            if slopes is None:
+                return None
+            slopes_seen.append(slopes)
+        elif tk > 1:
+            slopes_seen.append(torch.zeros(heads, dtype=torch.float64))
+    windows = {x for x in kinds if isinstance(x, int)}
+    if "none" in kinds and kinds != {"none"} or len(windows) > 1:
+        return None
+    if windows and not all(x == "causal" or x in windows for x in kinds):
+        return None
+    slopes = None
+    if slopes_seen and any(bool((s != 0).any()) for s in slopes_seen):
+        first = slopes_seen[0]
+        if not all(torch.allclose(s, first, rtol=1e-5, atol=1e-7) for s in slopes_seen):
+            return None  # slopes that change with the length: not ALiBi
+        if not _computed_in(m, values, _EXACT_FLOATS):
+            return None
+        slopes = tuple(float(x) for x in slopes_seen[-1])  # from the longest probe: the most precise
+    causal = "none" not in kinds
+    if not causal and slopes is None:
+        return None  # no mask at all: nothing to fold
+    return MaskForm(causal, next(iter(windows)) if windows else None, slopes)
+
+
+def _longest_evaluable(m: Match, terms: _Terms, short: dict, long: dict):
+    """(sizes, bias) at the longest length between the sample `short` and the failed
+    `long` probe at which the terms evaluate (binary search), or (long, None)."""
+    lo = max(short.values())
+    hi = max(long.values())
+    best = None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        sizes = {s: (1 if str(s).startswith("B") else mid) for s in long}
+        bias = terms.evaluate_sum(m, sizes)
+        if bias is None:
+            hi = mid
+        else:
+            lo, best = mid, (sizes, bias)
+    return best if best is not None else (long, None)
+
+
+def _fit_slopes(kept: torch.Tensor, keep: torch.Tensor, tq: int, tk: int) -> torch.Tensor | None:
+    """slopes [H] such that kept[b, h, i, j] = slopes[h] * (j - i - (tk - tq)) + c[b, h, i]
+    on the kept entries (within float32 rounding of the largest value), else None."""
+    rel = (torch.arange(tk)[None, :] - torch.arange(tq)[:, None] - (tk - tq)).double()
+    x = kept.double()
+    # the slope of each row from its first and last kept key: the longest lever
+    first = keep.float().argmax(-1)
+    last = tk - 1 - keep.flip(-1).float().argmax(-1)
+    rows = torch.arange(tq)
+    span = (last - first).double()
+    if not bool((span > 0).any()):
+        return None
+    widest = int(span.argmax())
+    lo, hi = int(first[widest]), int(last[widest])
+    slopes = (x[:, :, widest, hi] - x[:, :, widest, lo]) / (hi - lo)  # [B, H]
+    slopes = slopes[0]
+    resid = torch.where(keep, x - slopes[None, :, None, None] * rel, torch.zeros((), dtype=torch.float64))
+    const = resid[..., rows, first][..., None]  # [B, H, Tq, 1]: c per row
+    err = torch.where(keep, resid - const, torch.zeros((), dtype=torch.float64)).abs().max()
+    tol = 4 * torch.finfo(torch.float32).eps * max(1.0, float(x.abs().max()))
+    return slopes if float(err) <= tol else None
+
+
+def _computed_in(m: Match, values: list[Value], dtypes) -> bool:
+    """Every float value in the shape-only subgraphs of `values` has one of `dtypes`."""
+    for value in values:
+        for node in shape_only_nodes(value, m.producers) or []:
+            for v in (*node.inputs, *node.outputs):
+                dtype = getattr(v.type, "dtype", None)
+                if dtype is not None and dtype.is_floating_point and dtype not in dtypes:
+                    return False
     return True
 
 
+def _slopes_param(graph, slopes: tuple[float, ...]) -> Value:
+    """A float32 [H] parameter holding `slopes`, shared by every attention with the same ones."""
+    tensor = torch.tensor(slopes, dtype=torch.float32)
+    for v in graph.param_values:
+        if v.param.startswith("_alibi_slopes") and torch.equal(graph.params.get(v.param), tensor):
+            return v
+    return graph.add_param("_alibi_slopes", tensor)
+
+
 # -- the rewrite -------------------------------------------------------------------------------
-def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: bool) -> Value | None:
+def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: bool, softcap: float | None = None,
+                    unfold: tuple | None = None) -> Value | None:
+    """attention(q, k, v, [bias], [slopes]) {causal, scale, softcap?, window?, alibi?}.
+    A shape-only mask becomes the causal / window / alibi attributes when `_mask_form`
+    proves what it computes, else it stays the bias input. `unfold` = (B, H): q, k, v come
+    with the heads folded into the batch but the softmax saw [B, H, Tq, Tk] (bloom): they
+    are viewed as [B, H, T, D], and the result back as the root's [B*H, Tq, D]."""
     root = m.root.outputs[0]
-    if not causal and not terms.empty() and _is_causal(m, terms, q, k):
-        terms, causal = _Terms(), True
-    folded = q.rank == 3  # heads folded into the batch: [B*H, T, D]
+    attrs: dict = {}
+    slopes = window = None
     if q.rank not in (3, 4) or k.rank != q.rank or v.rank != q.rank:
         return None
+    if unfold is not None:
+        if q.rank != 3 or not all(dims_equal(x.shape[0], unfold[0] * unfold[1]) for x in (q, k, v)):
+            return None
+        q, k, v = (b.emit("view", x, shape=tuple(unfold) + tuple(x.shape[1:])) for x in (q, k, v))
+    if not causal and not terms.empty():
+        form = _mask_form(m, terms, q, k)
+        if form is not None:
+            terms, causal = _Terms(), form.causal
+            window = form.window
+            if form.slopes is not None:
+                slopes = _slopes_param(m.graph, form.slopes)
+    folded = q.rank == 3  # heads folded into the batch: [B*H, T, D]
+    if folded and slopes is not None:
+        return None  # per-head slopes need the heads apart
     bias = None if terms.empty() else terms.build(m, b)
+    if not terms.empty() and bias is None:
+        return None
     if folded:
         q, k, v = (b.emit("unsqueeze", x, dim=0) for x in (q, k, v))
         if bias is not None and bias.rank == 3:
@@ -184,10 +380,18 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
     if bias is not None and bias.rank < 4:
         for _ in range(4 - bias.rank):
             bias = b.emit("unsqueeze", bias, dim=0)
-    inputs = [q, k, v] + ([bias] if bias is not None else [])
-    out = b.emit("attention", *inputs, causal=causal, scale=float(scale))
+    if softcap is not None:
+        attrs["softcap"] = float(softcap)
+    if window is not None:
+        attrs["window"] = int(window)
+    if slopes is not None:
+        attrs["alibi"] = True
+    inputs = [q, k, v] + ([bias] if bias is not None else []) + ([slopes] if slopes is not None else [])
+    out = b.emit("attention", *inputs, causal=causal, scale=float(scale), **attrs)
     if folded:
         out = b.emit("squeeze", out, dims=(0,))
+    if unfold is not None:
+        out = b.emit("view", out, shape=tuple(root.shape))
     if out.dtype != root.dtype:
         out = b.cast(out, root.dtype)
     return out if out.type.same_as(root.type) else None
@@ -208,21 +412,58 @@ def fuse_sdpa(m: Match, b) -> Value | None:
     if len(node.inputs) == 4:
         mask = node.inputs[3]
         if mask.dtype == torch.bool:
-            terms.fills.append((mask, float("-inf"), False))
+            terms.fills.append((mask, float("-inf"), False, None))
         else:
-            terms.adds.append((mask, 1.0))
+            terms.adds.append((mask, 1.0, None))
     return _emit_attention(m, b, q, k, v, terms, node.attrs["scale"], causal)
 
 
+# In-place scalar ops (torch.export keeps falcon's `scores.div_(c)` / `mul_(c)` as calls):
+# on scores nobody else reads they are the out-of-place op.
+_INPLACE_SCALE = {"aten.mul_.Tensor": "mul", "aten.mul_.Scalar": "mul", "aten.div_.Tensor": "div",
+                  "aten.div_.Scalar": "div"}
+
+
+def _inplace_scale(m: Match, node) -> tuple[str, float] | None:
+    """('mul' | 'div', c) for an in-place scalar mul_/div_ on a value read only by it."""
+    if node.op != "torch_call" or node.attrs["target"] not in _INPLACE_SCALE or len(node.inputs) != 1:
+        return None
+    args = node.attrs["args"]
+    if len(args) != 2 or node.attrs["kwargs"] or not isinstance(args[1], (int, float)) or isinstance(args[1], bool):
+        return None
+    if m.uses(node.inputs[0]) != 1 or not node.inputs[0].type.same_as(node.outputs[0].type):
+        return None
+    return _INPLACE_SCALE[node.attrs["target"]], float(args[1])
+
+
+def _head_fold(inner: Value, outer: Value) -> tuple | None:
+    """(B, H) when a view between `inner` and `outer` only folds or unfolds the heads of
+    [B, H, Tq, Tk] scores into / out of the batch ([B*H, Tq, Tk])."""
+    a, c = (inner, outer) if inner.rank == 4 else (outer, inner)
+    if a.rank != 4 or c.rank != 3 or not all(dims_equal(x, y) for x, y in zip(a.shape[2:], c.shape[1:])):
+        return None
+    return (a.shape[0], a.shape[1]) if dims_equal(a.shape[0] * a.shape[1], c.shape[0]) else None
+
+
 def fuse_matmul_softmax_matmul(m: Match, b) -> Value | None:
-    """matmul(softmax(scores), v) where scores = q @ k^T, scaled and masked."""
+    """matmul(softmax(scores), v) where scores = q @ k^T, scaled, soft-capped and masked,
+    possibly with the heads folded into the batch on one side of the softmax (bloom)."""
     p, v = m["p"], m["v"]
     p = _strip_casts(m, p)
+    fold = None
+    view = _producer(m, p, "view")
+    if view is not None and m.uses(p) == 1 and p.rank == 3:
+        fold = _head_fold(view.inputs[0], p)
+        if fold is None:
+            return None
+        p = _strip_casts(m, view.inputs[0])
     soft = _producer(m, p, "softmax")
     if soft is None or soft.attrs["dim"] != p.rank - 1 or m.uses(p) > 1:
         return None
     s = soft.inputs[0]
+    term_fold = None  # (B, H) once the walk crosses the view that unfolded [B*H] scores
     terms, post_scale = _Terms(), 1.0
+    softcap = None  # the multiplier after a tanh: tanh(x) * cap
     while True:
         if m.uses(s) > 1:
             return None  # the scores are used elsewhere (e.g. returned): keep them
@@ -232,13 +473,31 @@ def fuse_matmul_softmax_matmul(m: Match, b) -> Value | None:
             return None
         if node.op == "matmul":
             break
-        if node.op in ("mul", "div"):
-            x, c = node.inputs  # the constant is last (cleanup's canonical form)
-            c_val = _const_value(m, c)
+        scale_op = (node.op, None) if node.op in ("mul", "div") else _inplace_scale(m, node)
+        if scale_op is not None:
+            if scale_op[1] is None:
+                x, c = node.inputs  # the constant is last (cleanup's canonical form)
+                c_val = _const_value(m, c)
+            else:
+                x, c_val = node.inputs[0], scale_op[1]
             if c_val is None or c_val == 0:
                 return None
-            post_scale *= c_val if node.op == "mul" else 1.0 / c_val
+            post_scale *= c_val if scale_op[0] == "mul" else 1.0 / c_val
             s = x
+        elif node.op == "tanh" and softcap is None:
+            # tanh(x) * cap: a soft-cap (Gemma2, Grok); nothing may be added before it
+            if not terms_ok_for_softcap(post_scale):
+                return None
+            softcap, post_scale = post_scale, 1.0
+            s = node.inputs[0]
+        elif node.op == "view" and term_fold is None and s.rank == 4 and fold is not None:
+            # [B*H, Tq, Tk] scores unfolded to [B, H, Tq, Tk] before the softmax (bloom)
+            term_fold = _head_fold(node.inputs[0], s)
+            if term_fold is None:
+                return None
+            s = node.inputs[0]
+        elif node.op in ("add", "where") and softcap is not None:
+            return None  # a bias before the soft-cap: not what the op computes
         elif node.op == "add":
             a, c = node.inputs
             # the scores side is the one that leads back to the matmul; the other is a bias
@@ -246,26 +505,30 @@ def fuse_matmul_softmax_matmul(m: Match, b) -> Value | None:
             if side is None:
                 return None
             s, bias = side
-            terms.adds.append((bias, post_scale))
+            terms.adds.append((bias, post_scale, term_fold))
         elif node.op == "where":
             mask, x, y = node.inputs
             if mask.dtype != torch.bool:
                 return None
             fx, fy = _const_value(m, x), _const_value(m, y)
             if fx is not None and fx <= MASK_FILL_MAX and y.rank == s.rank:
-                terms.fills.append((mask, fx * post_scale if post_scale > 0 else None, True))
+                terms.fills.append((mask, fx * post_scale if post_scale > 0 else None, True, term_fold))
                 s = y
             elif fy is not None and fy <= MASK_FILL_MAX and x.rank == s.rank:
-                terms.fills.append((mask, fy * post_scale if post_scale > 0 else None, False))
+                terms.fills.append((mask, fy * post_scale if post_scale > 0 else None, False, term_fold))
                 s = x
             else:
                 return None
             if terms.fills[-1][1] is None:
                 return None
         else:
-            return None  # an op we cannot prove harmless (tanh soft-cap, ...)
+            return None  # an op we cannot prove harmless
+    if fold is not None and (term_fold is None or not all(dims_equal(x, y) for x, y in zip(fold, term_fold))):
+        return None  # the softmax saw [B, H, Tq, Tk], the matmuls did not fold it that way
     q, kt = node.inputs
     if q.rank not in (3, 4) or kt.rank != q.rank:
+        return None
+    if fold is not None and (q.rank != 3 or v.rank != 3):
         return None
     q, q_scale = _strip_scale(m, q)
     swap = tuple(range(kt.rank - 2)) + (kt.rank - 1, kt.rank - 2)
@@ -279,12 +542,33 @@ def fuse_matmul_softmax_matmul(m: Match, b) -> Value | None:
         k = b.emit("permute", kt, dims=swap)
     k, n_k = _strip_repeat_kv(m, k)
     v, n_v = _strip_repeat_kv(m, v)
-    if n_k != n_v:
+    if n_k != n_v or not _batch_matches(q, k, v):
         return None
     scale = post_scale * q_scale * k_scale
     if not math.isfinite(scale) or scale <= 0:
         return None
-    return _emit_attention(m, b, q, k, v, terms, scale, causal=False)
+    if softcap is not None:
+        # tanh(scale_in * qk) * cap == tanh(scale * qk / cap) * cap with scale = scale_in * cap
+        if not (math.isfinite(softcap) and softcap > 0):
+            return None
+        scale *= softcap
+    return _emit_attention(m, b, q, k, v, terms, scale, causal=False, softcap=softcap, unfold=fold)
+
+
+def terms_ok_for_softcap(cap: float) -> bool:
+    """tanh(x) * cap with a positive finite cap (a negative one flips the scores' sign)."""
+    return math.isfinite(cap) and cap > 0
+
+
+def _batch_matches(q: Value, k: Value, v: Value) -> bool:
+    """K/V may broadcast over query heads (one K/V head: multi-query attention written as a
+    plain broadcasting matmul, falcon and gpt_bigcode), but their batch must be q's, and
+    their heads must divide q's."""
+    if q.rank == 4:
+        if not (dims_equal(k.shape[0], q.shape[0]) and dims_equal(v.shape[0], q.shape[0])):
+            return False
+        return dims_equal(k.shape[1], v.shape[1])
+    return dims_equal(k.shape[0], q.shape[0]) and dims_equal(v.shape[0], q.shape[0])
 
 
 def _scores_side(m: Match, a: Value, c: Value):
@@ -300,7 +584,8 @@ def _scores_side(m: Match, a: Value, c: Value):
                 if bias.rank <= s.rank:
                     return s, bias
                 break
-            if node.op not in ("mul", "div", "cast", "add", "where"):
+            if node.op not in ("mul", "div", "cast", "add", "where", "view", "tanh") and not (
+                    node.op == "torch_call" and node.attrs["target"] in _INPLACE_SCALE and node.inputs):
                 break
             x = node.inputs[1] if node.op == "where" else node.inputs[0]
     return None
@@ -319,10 +604,27 @@ def fuse_attention(graph, ctx=None):
     from collections import Counter
 
     stats = ctx.rules if ctx is not None else Counter()
-    out = apply_rules(graph, RULES, stats, pass_name="fuse_attention")
+    graph = graph.with_nodes(graph.nodes)  # a copy: rules add parameters (ALiBi slopes) to it
+    out = _drop_dead_inplace(apply_rules(graph, RULES, stats, pass_name="fuse_attention"))
     fused = out.count("attention")
     if ctx is not None:
         ctx.details["attention_fused"] = fused
-        causal = sum(1 for n in out.nodes if n.op == "attention" and n.attrs["causal"])
-        ctx.note(f"{fused} attention ops ({causal} causal, {fused - causal} with explicit or no mask)")
+        atts = [n for n in out.nodes if n.op == "attention"]
+        causal = sum(1 for n in atts if n.attrs["causal"])
+        variants = {name: sum(1 for n in atts if n.attrs.get(name) not in (None, False))
+                    for name in ("softcap", "window", "alibi")}
+        extra = "".join(f", {count} {name}" for name, count in variants.items() if count)
+        ctx.note(f"{fused} attention ops ({causal} causal, {fused - causal} with explicit or no mask{extra})")
     return out
+
+
+def _drop_dead_inplace(graph):
+    """An in-place scalar op (falcon's scores.div_(c)) whose result nobody reads, on a value
+    only it reads, changes nothing anyone sees: once its scores were fused away, drop it (dead-
+    code elimination keeps in-place calls, which in general write memory others read)."""
+    uses = graph.use_counts()
+    kept = [n for n in graph.nodes
+            if not (n.op == "torch_call" and n.attrs["target"] in _INPLACE_SCALE and len(n.inputs) == 1
+                    and uses.get(n.outputs[0], 0) == 0 and uses.get(n.inputs[0], 0) == 1
+                    and n.outputs[0] not in graph.outputs)]
+    return graph if len(kept) == len(graph.nodes) else dead_code_elimination(graph.with_nodes(kept))

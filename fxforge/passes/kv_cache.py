@@ -24,9 +24,14 @@ Rewrites (each declines loudly, with the node, rather than produce wrong tokens)
   slice(table, d, 0, T) of a fixed-size -> slice(table, d, L, L + T)
     table (a rotary cos/sin cache)
 
+Variants (fuse_attention's attributes) carry over: softcap, window (counted in cache slots;
+the cache keeps every position) and alibi (the slopes input stays after kv_bias).
+Positions computed from an all-ones mask (OPT's cumsum(mask) * mask - 1) are recognised by
+evaluating them at sample sizes (arange(T) + c) and become kv_positions + c.
+
 Refused: attention that is not causal or has a mask input (the cache cannot extend an
 arbitrary mask; the error says whether the mask comes from the inputs or is the model's
-own pattern, such as Mistral's sliding window), attention over keys that are not the new tokens, any other op that
+own pattern), attention over keys that are not the new tokens, any other op that
 builds a tensor from the sequence length (a leftover mask, say), a position table
 shorter than max_seq_len.
 """
@@ -145,7 +150,7 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     for n in attentions:
         q, k = n.inputs[0], n.inputs[1]
         why = None
-        if len(n.inputs) > 3:
+        if len(n.inputs) > 3 + bool(n.attrs.get("alibi")):
             why = _mask_input_problem(graph, n)
         elif not n.attrs["causal"]:
             why = "is not causal (a decoder's self-attention is; encoders and cross-attention have no KV cache)"
@@ -221,9 +226,10 @@ def _mask_input_problem(graph: Graph, attention: Node) -> str:
         elif not bool((keep == causal_keep(*keep.shape)).all()):
             other = True
     if widths and not other:
-        return (f"is sliding-window attention (each query sees only its last {max(widths)} keys: a band mask, not "
-                "plain causal), which the KV cache does not support yet; without kv_cache=True the model runs "
-                "with its mask in the graph")
+        return (f"is sliding-window attention (each query sees only its last {max(widths)} keys) that "
+                "fuse_attention left as a mask (a window it could not prove at every length, e.g. one over "
+                "4098 keys); the cache serves windows that are the attention's window= attribute. Without "
+                "kv_cache=True the model runs with its mask in the graph")
     return ("has a mask built from the sequence length that is not plain causal (not a band either: a "
             "prefix-LM or chunked pattern, say), which the KV cache does not support; it caches plain causal "
             "attention only")
@@ -234,6 +240,21 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
     users = graph.users()
     positions = Value(TensorType((batch, seq), torch.int64), hint=POSITIONS, attrs={"role": roles.POSITIONS})
     replace: dict[Value, Value] = {}  # old value -> per-row positions
+    # positions spelled without an arange (OPT: cumsum of an all-ones mask, minus 1): the
+    # positions input plus the offset each one is shown to have at every sample size
+    prefix: list[Node] = []
+    for value, offset in _positions_from_shapes(graph, seq, batch).items():
+        new = positions
+        if offset:
+            const = Node("const", (), {"value": offset, "dtype": torch.int64},
+                         (Value(TensorType((), torch.int64)),), {"pass": "kv_cache"})
+            new = Value(TensorType((batch, seq), torch.int64))
+            prefix += [const, Node("add", (positions, const.outputs[0]), {}, (new,), {"pass": "kv_cache"})]
+        if value.dtype != torch.int64:
+            cast = Value(TensorType((batch, seq), value.dtype))
+            prefix.append(Node("cast", (new,), {"dtype": value.dtype}, (cast,), {"pass": "kv_cache"}))
+            new = cast
+        replace[value] = new
     new_nodes: dict[int, Node] = {}  # id(old node) -> its replacement
     table_limit = None
     shared = False
@@ -269,7 +290,7 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
     out.input_names = list(graph.input_names) + [str(cache_len)]
     per_row = False
     if replace:
-        retyped = _retype(out, replace) if not shared else None
+        retyped = _retype(out, replace, prefix) if not shared else None
         if retyped is not None:
             out, per_row = retyped, True
         else:
@@ -281,6 +302,10 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
                     nodes[-1] = Node("arange", (), {**n.attrs, "start": cache_len, "end": cache_len + seq},
                                      n.outputs, {**n.meta, "pass": "kv_cache"})
             out = out.with_nodes(nodes)
+    elif not shared and table_limit is None and not _reads_positions(graph, seq):
+        # nothing depends on positions (ALiBi models: bloom, mpt): left padding is exact, as
+        # the key bias masks the padding and relative distances do not change
+        per_row = True
     if per_row:
         out.inputs.append(positions)
         out.input_names.append(POSITIONS)
@@ -288,17 +313,73 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
     return out, per_row, table_limit
 
 
+def _reads_positions(graph: Graph, seq) -> bool:
+    """Does any op build a tensor from the sequence length (an arange, a full, a table
+    slice)? Without one, the graph does not depend on positions."""
+    for n in graph.nodes:
+        if OPS[n.op].kind == "creation" and n.op != "const" or n.op == "slice":
+            a = n.attrs
+            if any(_mentions(a.get(x), seq) for x in ("start", "end")) or any(
+                    _mentions(d, seq) for d in a.get("shape", ()) if isinstance(d, sympy.Basic)):
+                return True
+    return False
+
+
+def _positions_from_shapes(graph: Graph, seq, batch) -> dict[Value, int]:
+    """Integer [B, T] / [1, T] values that depend only on shapes, are not built from an
+    arange (the rule above takes those), and equal arange(T) + c in every row at every
+    sample size (one c for all): value -> c. transformers' positions from an all-ones
+    attention mask, `cumsum(mask) * mask - 1` (OPT), are such values. Only the first of a
+    chain is taken: what is computed from it follows the positions input."""
+    from .shape_eval import evaluate, sample_sizes, shape_only_nodes
+
+    producers = graph.producers()
+    found: dict[Value, int] = {}
+    covered: set = set()
+    all_sizes = sample_sizes(graph)
+    for node in graph.nodes:
+        if len(node.outputs) != 1:
+            continue
+        v = node.outputs[0]
+        if any(i in covered for i in node.inputs):
+            covered.add(v)
+            continue
+        if (node.op in ("arange", "const") or not isinstance(v.type, TensorType) or v.rank != 2
+                or v.dtype.is_floating_point or v.dtype == torch.bool or not dims_equal(v.shape[1], seq)
+                or not (dims_equal(v.shape[0], batch) or v.shape[0] == 1)):
+            continue
+        nodes = shape_only_nodes(v, producers)
+        if not nodes or any(n.op == "arange" for n in nodes):
+            continue
+        offset = None
+        for sizes in all_sizes:
+            t = evaluate(v, producers, graph, sizes)
+            length = int(seq.subs(sizes))
+            if t is None or t.dim() != 2 or t.shape[-1] != length:
+                offset = None
+                break
+            shift = t.long() - torch.arange(length)
+            if not bool((shift == shift.flatten()[0]).all()) or (offset is not None and int(shift[0, 0]) != offset):
+                offset = None
+                break
+            offset = int(shift[0, 0])
+        if offset is not None:
+            found[v] = offset
+            covered.add(v)
+    return found
+
+
 def _mentions(expr, sym) -> bool:
     return isinstance(expr, sympy.Basic) and sym in expr.free_symbols
 
 
-def _retype(graph: Graph, replace: dict[Value, Value]) -> Graph | None:
+def _retype(graph: Graph, replace: dict[Value, Value], prefix: list[Node] = ()) -> Graph | None:
     """Substitute per-row positions and re-derive types downstream. Succeeds only if every
     node whose type changes is row-safe (treats the new leading dim as a batch) and every
     node that mixes positions with activations keeps its type: then each row computes
     exactly what the [1, T] graph computed for that row's positions."""
     renamed = dict(replace)
-    nodes = []
+    nodes = list(prefix)
     for node in graph.nodes:
         if any(o in replace for o in node.outputs):
             continue  # the unsqueeze(arange) itself: now an input
@@ -324,22 +405,29 @@ def _retype(graph: Graph, replace: dict[Value, Value]) -> Graph | None:
 
 
 def _position_table_limit(graph: Graph, limit, positions, seq, cache_len) -> int | None:
-    """Learned position embeddings: embedding(table, positions...) bounds the length."""
+    """Learned position embeddings: embedding(table, positions + c) bounds the length to
+    rows - c (OPT looks its positions up 2 rows into the table)."""
     sources = set()
     if positions is not None:
         sources.add(positions)
     for n in graph.nodes:
         if n.op == "arange" and _mentions(n.attrs["end"], cache_len):
             sources.add(n.outputs[0])
-    derived = set(sources)
+    derived = dict.fromkeys(sources, 0)  # value -> constant added to the positions so far
+    consts = {n.outputs[0]: n.attrs["value"] for n in graph.nodes if n.op == "const"}
     for n in graph.nodes:
         if any(v in derived for v in n.inputs):
+            offset = max(derived.get(v, 0) for v in n.inputs)
             if n.op == "embedding" and n.inputs[1] in derived:
                 rows = n.inputs[0].shape[0]
                 if rows.is_number:
-                    limit = int(rows) if limit is None else min(limit, int(rows))
+                    rows = int(rows) - max(derived[n.inputs[1]], 0)
+                    limit = rows if limit is None else min(limit, rows)
+            if n.op in ("add", "sub") and n.inputs[1] in consts and isinstance(consts[n.inputs[1]], int):
+                c = consts[n.inputs[1]]
+                offset += c if n.op == "add" else -c
             if n.op in ("unsqueeze", "view", "expand", "cast", "add", "sub", "slice", "permute"):
-                derived.update(n.outputs)
+                derived.update(dict.fromkeys(n.outputs, offset))
     return limit
 
 
@@ -360,7 +448,8 @@ def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: 
         if node.op != "attention":
             nodes.append(node)
             continue
-        q, k, v = node.inputs
+        q, k, v = node.inputs[:3]
+        slopes = node.inputs[3:]  # alibi's slopes (the only input after v kv_cache lets through)
         b = Builder(meta={**node.meta, "pass": "kv_cache", "rule": "cache_attention"})
         views = []
         for name, x in (("k", k), ("v", v)):
@@ -372,7 +461,7 @@ def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: 
             x = b.cast(x, dtype)
             view = b.emit("kv_append", state, x, start=cache_len)
             views.append(b.cast(view, q.dtype))
-        out = b.emit("attention", q, views[0], views[1], kv_bias, **node.attrs)
+        out = b.emit("attention", q, views[0], views[1], kv_bias, *slopes, **node.attrs)
         nodes.extend(b.nodes)
         renamed[node.outputs[0]] = out
         layer += 1

@@ -10,21 +10,45 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ir.ops import _packed, causal_keep
+from ..ir.ops import _packed, alibi_bias, attention_operands, attention_reference, causal_keep, window_keep
 from ..ir.quant_formats import Int8Packed, W8A8Packed, dequantize_weight, w8a8_linear_decomposed
 
 
-def attention_sdpa(q, k, v, bias=None, *, causal: bool, scale: float):
+def attention_sdpa(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None, window=None,
+                   alibi: bool = False):
     """attention via F.scaled_dot_product_attention. SDPA's is_causal is top-left aligned
     when Tq != Tk; ours is bottom-right (new queries at the end of the keys), so that case
     becomes an explicit mask. GQA maps query heads onto fewer KV heads without copies
-    where SDPA supports it (enable_gqa), else by repeating K/V."""
+    where SDPA supports it (enable_gqa), else by repeating K/V. A sliding window and ALiBi
+    slopes become part of the additive mask ([1, H, Tq, Tk] at most; with one query, the
+    keys before the window are sliced off instead). SDPA has no soft-cap: soft-capped
+    attention runs the reference (float32)."""
+    bias, slopes = attention_operands(bias, slopes, alibi)
+    if softcap is not None:
+        return attention_reference(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window)
     tq, tk = q.shape[-2], k.shape[-2]
+    if window is not None and tq == 1 and tk > window:
+        # decoding: the one query sees only the last `window` keys (relative positions, and
+        # so ALiBi, are the same in the view)
+        start = tk - int(window)
+        k, v = k[:, :, start:], v[:, :, start:]
+        bias = bias[..., start:] if bias is not None and bias.shape[-1] != 1 else bias
+        tk, window = tk - start, None
+    if window is not None or slopes is not None:
+        extra = torch.zeros(1, 1, tq, tk, dtype=torch.float32, device=q.device)
+        if window is not None:
+            extra = extra.masked_fill(~window_keep(tq, tk, int(window), q.device), float("-inf"))
+        if slopes is not None:
+            extra = extra + alibi_bias(slopes, tq, tk)
+        extra = extra.to(q.dtype)
+        bias = extra if bias is None else bias.to(q.dtype) + extra
     groups = q.shape[1] // k.shape[1]
-    if tq == 1 and groups > 1 and (bias is None or bias.shape[1] == 1):
+    if tq == 1 and groups > 1 and (bias is None or bias.shape[1] in (1, q.shape[1])):
         # decoding: the query heads of a group all sit at the one position, so they can be
         # rows of one query block over the shared K/V head, with no copy of the cache
         b, h, _, d = q.shape
+        if bias is not None and bias.shape[1] == h:  # per-head (ALiBi): head h = kv head * groups + g
+            bias = bias.reshape(bias.shape[0], k.shape[1], groups, bias.shape[-1])
         out = attention_sdpa(q.reshape(b, k.shape[1], groups, d), k, v, bias, causal=False, scale=scale)
         return out.reshape(b, h, 1, d)
     mask = None

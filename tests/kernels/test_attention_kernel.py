@@ -88,3 +88,65 @@ def test_clear_errors():
         attention_triton(q[0], k, v, causal=False, scale=1.0)
     with pytest.raises(ValueError, match="does not broadcast"):
         attention_triton(q, k, v, torch.zeros(3, 1, 1, 4), causal=False, scale=1.0)
+
+
+# -- variants: soft-cap, sliding window, ALiBi slopes (each against the reference and an eager
+# spelling that shares no code with either) ---------------------------------------------------
+from eager_attention import alibi_slopes, eager_attention  # noqa: E402
+
+
+def check_variant(q, k, v, bias=None, *, causal=True, scale=0.17, softcap=None, window=None, slopes=None):
+    kw = dict(causal=causal, scale=scale, softcap=softcap, window=window)
+    extra = (bias,) if slopes is None else (bias, slopes)
+    out = attention_triton(q, k, v, *extra, alibi=slopes is not None, **kw)
+    ref = attention_reference(q, k, v, *extra, alibi=slopes is not None, **kw)
+    eager = eager_attention(q, k, v, bias, slopes=slopes, **kw)
+    tol = TOL[q.dtype] * max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(ref.float(), eager.float(), atol=tol, rtol=0)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("tq, tk", [(19, 19), (5, 37), (1, 40)])
+@pytest.mark.parametrize("h, hkv", [(4, 2), (2, 2)])
+def test_softcap(tq, tk, h, hkv):
+    q, k, v = make(2, h, hkv, tq, tk, 32)
+    check_variant(q * 4, k * 4, v, softcap=5.0)  # large scores: the cap matters
+
+
+@pytest.mark.parametrize("tq, tk", [(40, 40), (7, 40), (1, 37), (33, 33)])
+@pytest.mark.parametrize("window", [1, 4, 17, 64])
+def test_sliding_window(tq, tk, window):
+    q, k, v = make(1, 4, 2, tq, tk, 32)
+    check_variant(q, k, v, window=window)
+
+
+def test_sliding_window_skips_key_blocks_before_it():
+    # 64 keys in 16-wide blocks: the last query block's window starts in block 2; poison the
+    # keys of blocks 0-1 that the window excludes with NaN: read, they would spread NaN
+    q, k, v = make(1, 2, 2, 64, 64, 16)
+    k[:, :, :32], v[:, :, :32] = float("nan"), float("nan")
+    out = attention_triton(q[:, :, 48:], k, v, causal=True, scale=0.2, window=8)
+    ref = attention_reference(q[:, :, 48:], k[:, :, 32:], v[:, :, 32:], causal=True, scale=0.2, window=8)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tq, tk", [(19, 19), (5, 37), (1, 23)])
+@pytest.mark.parametrize("h, hkv", [(4, 4), (4, 1)])
+def test_alibi_slopes(tq, tk, h, hkv):
+    q, k, v = make(2, h, hkv, tq, tk, 32)
+    check_variant(q, k, v, slopes=alibi_slopes(h))
+
+
+def test_all_variants_together_with_a_padding_bias_in_half_precision():
+    q, k, v = make(2, 4, 2, 21, 30, 64, torch.float16)
+    pad = torch.zeros(2, 1, 1, 30, dtype=torch.float16)
+    pad[1, ..., :6] = float("-inf")
+    check_variant(q, k, v, pad, softcap=3.0, window=9, slopes=alibi_slopes(4))
+
+
+def test_variant_errors():
+    q, k, v = make(1, 4, 2, 4, 4, 16)
+    with pytest.raises(ValueError, match="slopes must be"):
+        attention_triton(q, k, v, torch.ones(3), causal=True, scale=1.0, alibi=True)
+    with pytest.raises(ValueError, match="window must be"):
+        attention_triton(q, k, v, causal=True, scale=1.0, window=0)

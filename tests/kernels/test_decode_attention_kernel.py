@@ -98,3 +98,57 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match="not a multiple"):
         decode_attention_triton(torch.randn(1, 3, 1, 16), torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16),
                                 causal=True, scale=1.0)
+
+
+# -- variants: soft-cap, sliding window, ALiBi slopes ------------------------------------------
+from eager_attention import alibi_slopes, eager_attention  # noqa: E402
+
+
+def check_variant(q, k, v, bias=None, *, scale=0.125, softcap=None, window=None, slopes=None):
+    kw = dict(causal=True, scale=scale, softcap=softcap, window=window)
+    extra = (bias,) if slopes is None else (bias, slopes)
+    out = decode_attention_triton(q, k, v, *extra, alibi=slopes is not None, **kw)
+    ref = attention_reference(q, k, v, *extra, alibi=slopes is not None, **kw)
+    eager = eager_attention(q, k, v, bias, slopes=slopes, **kw)
+    tol = TOL[q.dtype] * max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(ref.float(), eager.float(), atol=tol, rtol=0)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
+    assert out.shape == q.shape
+
+
+@pytest.mark.parametrize("tk", [1, 37, 130])
+@pytest.mark.parametrize("h, hkv", [(4, 4), (4, 1)])
+def test_softcap(tk, h, hkv):
+    q, k, v = torch.randn(2, h, 1, 32) * 4, torch.randn(2, hkv, tk, 32) * 4, torch.randn(2, hkv, tk, 32)
+    check_variant(q, k, v, softcap=5.0)
+
+
+@pytest.mark.parametrize("tk", [3, 37, 130])
+@pytest.mark.parametrize("window", [1, 16, 40])
+def test_sliding_window(tk, window):
+    q, k, v = torch.randn(2, 4, 1, 32), torch.randn(2, 2, tk, 32), torch.randn(2, 2, tk, 32)
+    pad = torch.zeros(2, 1, 1, tk)
+    pad[1, ..., :2] = float("-inf")
+    check_variant(q, k, v, pad, window=window)
+
+
+def test_sliding_window_reads_only_the_window():
+    q, k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16)
+    k[:, :, :40], v[:, :, :40] = float("nan"), float("nan")  # before the window of 10
+    out = decode_attention_triton(q, k, v, causal=True, scale=0.3, window=10)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, attention_reference(q, k[:, :, 40:], v[:, :, 40:], causal=True, scale=0.3),
+                               atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tk", [1, 37, 130])
+@pytest.mark.parametrize("h, hkv", [(4, 4), (8, 2)])
+def test_alibi_slopes(tk, h, hkv):
+    q, k, v = torch.randn(2, h, 1, 32), torch.randn(2, hkv, tk, 32), torch.randn(2, hkv, tk, 32)
+    check_variant(q, k, v, slopes=alibi_slopes(h))
+
+
+def test_all_variants_together_in_bf16():
+    q, k, v = (torch.randn(2, 4, 1, 64, dtype=torch.bfloat16), torch.randn(2, 2, 70, 64, dtype=torch.bfloat16),
+               torch.randn(2, 2, 70, 64, dtype=torch.bfloat16))
+    check_variant(q, k, v, softcap=2.0, window=33, slopes=alibi_slopes(4))

@@ -1,13 +1,20 @@
 """FlashAttention forward in Triton: tiles of Q/K/V in on-chip memory, an online softmax
 (running max and sum in float32), never an N x N buffer.
 
-    attention_triton(q, k, v, bias=None, *, causal, scale) -> [B, H, Tq, D]
+    attention_triton(q, k, v, bias=None, slopes=None, *, causal, scale, softcap=None, window=None,
+                     alibi=False) -> [B, H, Tq, D]
 
 q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D] with H a multiple of Hkv (query head h reads KV
 head h // (H // Hkv), as repeat_interleave would, without copying). causal is bottom-right
 aligned: query i sees key j iff j <= i + (Tk - Tq), which is what cached decoding needs.
 bias is additive, broadcastable to [B, H, Tq, Tk] (broadcast dims get stride 0, no copy).
 A query row that sees no key at all (every key masked or -inf) gives zeros.
+Variants, each a constexpr flag so the plain kernel is compiled as before:
+  SOFTCAP  scores become tanh(s / softcap) * softcap (Gemma2, Grok) before bias and masks;
+  WINDOW   keys `window` or more positions before the query are dropped (sliding-window
+           attention: Mistral, Gemma2), and key blocks wholly before the window are skipped;
+  ALIBI    slopes[h] * (k_pos - q_pos) is added (bloom, mpt, falcon): slopes f32[H], no
+           [B, H, Tq, Tk] bias in memory.
 Head dims 16..256 of any size (padded to a power of two with masked loads), any lengths,
 fp32/fp16/bf16, arbitrary strides.
 """
@@ -19,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ir.ops import attention_reference
+from ...ir.ops import attention_operands, attention_reference
 
 __all__ = ["attention_triton", "attention_reference", "load_kv_block", "online_softmax_step"]
 
@@ -97,21 +104,32 @@ def online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=_configs(), key=["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_BIAS"],
+@triton.jit
+def tanh_f32(x):
+    """tanh through sigmoid (the pointwise codegen's template: tl has no tanh that runs in
+    the interpreter too); absolute error about one float32 ulp of 1."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.autotune(configs=_configs(), key=["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "SOFTCAP",
+                                          "WINDOW", "ALIBI"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _attention_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, out_ptr,
     # sizes
-    H, GROUPS, TQ, TK, TQ_BUCKET, TK_BUCKET, qk_scale,
+    H, GROUPS, TQ, TK, TQ_BUCKET, TK_BUCKET, qk_scale, softcap, window,
     # strides
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sbb, sbh, sbm, sbn, sob, soh, som, sod,
     # constexprs
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr,
 ):
+    # softcap: the cap in log2 units (cap * log2 e); window: W (keys); both read only when
+    # their flag is set.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -141,14 +159,26 @@ def _attention_kernel(
     hi = TK
     if CAUSAL:
         hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + offset)
-    for start_n in range(0, hi, BLOCK_N):
+    lo = 0
+    if WINDOW:
+        # Sliding window: key blocks wholly before the first row's window are never visited.
+        lo = tl.maximum(pid_m * BLOCK_M + offset - window + 1, 0) // BLOCK_N * BLOCK_N
+    if ALIBI:
+        slope = tl.load(slopes_ptr + h).to(tl.float32) * 1.4426950408889634
+    for start_n in range(lo, hi, BLOCK_N):
         n_idx = start_n + offs_n
         n_valid = n_idx < TK
         k, v = load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # already in log2 units
+        if SOFTCAP:
+            s = tanh_f32(s / softcap) * softcap
+        if ALIBI:
+            s += slope * (n_idx[None, :] - (offs_m[:, None] + offset)).to(tl.float32)
         keep = m_valid[:, None] & n_valid[None, :]
         if CAUSAL:
             keep = keep & (n_idx[None, :] <= offs_m[:, None] + offset)
+        if WINDOW:
+            keep = keep & (n_idx[None, :] > offs_m[:, None] + offset - window)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + b * sbb + h * sbh + offs_m[:, None] * sbm + n_idx[None, :] * sbn,
                            mask=keep, other=0.0)
@@ -167,8 +197,23 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 16))
 
 
-def attention_triton(q, k, v, bias=None, *, causal: bool, scale: float):
+def check_variants(heads: int, slopes, softcap, window, device, what="attention"):
+    """Check the variant arguments; returns slopes as contiguous float32 [H] (or None)."""
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{what}: softcap must be positive, got {softcap!r}")
+    if window is not None and not int(window) >= 1:
+        raise ValueError(f"{what}: window must be a positive number of keys, got {window!r}")
+    if slopes is not None:
+        if slopes.dim() != 1 or slopes.shape[0] != heads:
+            raise ValueError(f"{what}: alibi slopes must be [H={heads}], got {tuple(slopes.shape)}")
+        slopes = slopes.to(device=device, dtype=torch.float32).contiguous()
+    return slopes
+
+
+def attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None, window=None,
+                     alibi: bool = False):
     """The launch wrapper: check, allocate, launch. See the module docstring."""
+    bias, slopes = attention_operands(bias, slopes, alibi)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must be [B, H, T, D], got shape {tuple(t.shape)}")
@@ -190,6 +235,7 @@ def attention_triton(q, k, v, bias=None, *, causal: bool, scale: float):
         except RuntimeError:
             raise ValueError(f"attention: bias {tuple(bias.shape)} does not broadcast to "
                              f"[{bsz}, {heads}, {tq}, {tk}]") from None
+    slopes = check_variants(heads, slopes, softcap, window, q.device)
     out = torch.empty(bsz, heads, tq, d, dtype=q.dtype, device=q.device)
     if tq == 0 or bsz * heads == 0:
         return out
@@ -201,10 +247,13 @@ def attention_triton(q, k, v, bias=None, *, causal: bool, scale: float):
         return (triton.cdiv(tq, meta["BLOCK_M"]), bsz * heads)
 
     _attention_kernel[grid](
-        q, k, v, bias_arg, out,
+        q, k, v, bias_arg, slopes if slopes is not None else q, out,
         heads, heads // kv_heads, tq, tk, _bucket(tq), _bucket(tk), float(scale) * 1.4426950408889634,
+        float(softcap) * 1.4426950408889634 if softcap is not None else 1.0,
+        int(window) if window is not None else 0,
         *q.stride(), *k.stride(), *v.stride(), *bs, *out.stride(),
         HEAD_DIM=d, D_PAD=d_pad, CAUSAL=bool(causal), HAS_BIAS=bias is not None,
+        SOFTCAP=softcap is not None, WINDOW=window is not None, ALIBI=slopes is not None,
         # triton 3.9's interpreter miscomputes bf16 dots: compute those in fp32 there.
         DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         # fp32 inputs keep full fp32 products (tf32 would cost ~1e-3 relative error)

@@ -4,11 +4,15 @@ keys are cut into chunks, each program reduces one chunk for one KV head (all th
 heads that share it, so K/V are read once per group), and a second kernel combines the
 partial softmaxes.
 
-    decode_attention_triton(q, k, v, bias=None, *, causal, scale) -> [B, H, 1, D]
+    decode_attention_triton(q, k, v, bias=None, slopes=None, *, causal, scale, softcap=None,
+                            window=None, alibi=False) -> [B, H, 1, D]
 
 q: [B, H, 1, D]; k, v: [B, Hkv, Tk, D] (strided views of a KV cache are fine); bias is
 additive, broadcastable to [B, H, 1, Tk]. With one query, bottom-right causal masking hides
 nothing, so `causal` does not change the result. Equal to `attention_reference`.
+Variants: SOFTCAP (tanh(s / softcap) * softcap) and ALIBI (slopes[h] * (k_pos - q_pos),
+slopes f32[H]) are constexpr flags of the split kernel; a sliding window of W keys is a
+view of the last W keys (and of the bias), so the splits cover only the window.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ import triton
 import triton.language as tl
 
 from ...ir.ops import attention_reference
-from .attention import load_kv_block, online_softmax_step
+from ...ir.ops import attention_operands
+from .attention import check_variants, load_kv_block, online_softmax_step, tanh_f32
 
 __all__ = ["decode_attention_triton", "attention_reference", "num_splits", "split_launch", "combine_block"]
 
@@ -31,15 +36,17 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _decode_split_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, bias_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, m_ptr, l_ptr, acc_ptr,
     # sizes
-    H, GROUPS, TK, CHUNK, NUM_SPLITS, qk_scale,
+    H, GROUPS, TK, CHUNK, NUM_SPLITS, qk_scale, softcap,
     # strides
     sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbn,
     # constexprs
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
+    # softcap: the cap in log2 units, read only with SOFTCAP
     pid_bkv = tl.program_id(0)  # (batch, kv head)
     split = tl.program_id(1)
     hkv = H // GROUPS
@@ -65,11 +72,17 @@ def _decode_split_kernel(
     acc = tl.zeros((BLOCK_G, D_PAD), dtype=tl.float32)
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, TK)
+    if ALIBI:
+        slope = tl.load(slopes_ptr + heads, mask=g_valid, other=0.0).to(tl.float32) * 1.4426950408889634
     for start_n in range(lo, hi, BLOCK_N):
         n_idx = start_n + offs_n
         n_valid = n_idx < hi
         k, v = load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # log2 units
+        if SOFTCAP:
+            s = tanh_f32(s / softcap) * softcap
+        if ALIBI:  # the query is at position TK - 1
+            s += slope[:, None] * (n_idx - (TK - 1))[None, :].to(tl.float32)
         keep = g_valid[:, None] & n_valid[None, :]
         if HAS_BIAS:
             bias = tl.load(bias_ptr + b * sbb + heads[:, None] * sbh + n_idx[None, :] * sbn, mask=keep, other=0.0)
@@ -162,8 +175,10 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def decode_attention_triton(q, k, v, bias=None, *, causal: bool, scale: float):
+def decode_attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None,
+                            window=None, alibi: bool = False):
     """The launch wrapper: check, allocate partials, launch split and combine kernels."""
+    bias, slopes = attention_operands(bias, slopes, alibi)
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"decode attention takes one query per sequence [B, H, 1, D], got {tuple(q.shape)}")
     bsz, heads, _, d = q.shape
@@ -182,6 +197,14 @@ def decode_attention_triton(q, k, v, bias=None, *, causal: bool, scale: float):
         except RuntimeError:
             raise ValueError(f"decode attention: bias {tuple(bias.shape)} does not broadcast to "
                              f"[{bsz}, {heads}, 1, {tk}]") from None
+    slopes = check_variants(heads, slopes, softcap, window, q.device, "decode attention")
+    if window is not None and tk > int(window):
+        # the one query (at position Tk - 1) sees only the last `window` keys: the splits
+        # cover those, and ALiBi's relative positions are the same in the view
+        start = tk - int(window)
+        k, v = k[:, :, start:], v[:, :, start:]
+        bias = bias[..., start:] if bias is not None else None
+        tk = tk - start
     out = torch.empty(bsz, heads, 1, d, dtype=q.dtype, device=q.device)
     if bsz * heads == 0:
         return out
@@ -197,10 +220,12 @@ def decode_attention_triton(q, k, v, bias=None, *, causal: bool, scale: float):
     bias_arg = bias if bias is not None else q
     bs = (bias.stride(0), bias.stride(1), bias.stride(3)) if bias is not None else (0, 0, 0)
     _decode_split_kernel[(bsz * kv_heads, splits)](
-        q, k, v, bias_arg, m, l, acc,
+        q, k, v, bias_arg, slopes if slopes is not None else q, m, l, acc,
         heads, groups, tk, chunk, splits, float(scale) * _LOG2E,
+        float(softcap) * _LOG2E if softcap is not None else 1.0,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *bs,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=block_n, HAS_BIAS=bias is not None,
+        SOFTCAP=softcap is not None, ALIBI=slopes is not None,
         DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 or _INTERPRET else "tf32",
         num_warps=launch["num_warps"],

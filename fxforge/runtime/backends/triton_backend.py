@@ -86,14 +86,14 @@ def _triton_compiled_mode() -> bool:
     return probe is not None and not isinstance(probe, InterpretedFunction)
 
 
-def attention_dispatch(q, k, v, bias=None, *, causal: bool, scale: float):
+def attention_dispatch(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None, window=None,
+                       alibi: bool = False):
     """One query per sequence (decoding) goes to the split-context kernel, which keeps the
     GPU busy with a single query; everything else to the FlashAttention kernel."""
     from ...codegen.kernels import attention, decode_attention
 
-    if q.shape[2] == 1:
-        return decode_attention.decode_attention_triton(q, k, v, bias, causal=causal, scale=scale)
-    return attention.attention_triton(q, k, v, bias, causal=causal, scale=scale)
+    kernel = decode_attention.decode_attention_triton if q.shape[2] == 1 else attention.attention_triton
+    return kernel(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window, alibi=alibi)
 
 
 def _quant_linear_triton(x, packed, bias):

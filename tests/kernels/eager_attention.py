@@ -1,0 +1,35 @@
+"""Attention variants spelled out as the models spell them (in float64), to cross-check the
+op's reference and the kernels against something that shares no code with them."""
+import torch
+
+
+def eager_attention(q, k, v, bias=None, *, scale, causal=True, softcap=None, window=None, slopes=None):
+    """repeat_kv (Llama), scores, Gemma2's soft-cap (divide, tanh, multiply), Bloom's ALiBi
+    (slopes times the key position from a cumsum of ones: a per-row shift of ours), and a
+    sliding window as a band cut from tril/triu (Mistral), filled with finfo.min."""
+    h, hkv = q.shape[1], k.shape[1]
+    b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
+    k = k[:, :, None].expand(b, hkv, h // hkv, tk, k.shape[-1]).reshape(b, h, tk, k.shape[-1])
+    v = v[:, :, None].expand(b, hkv, h // hkv, tk, v.shape[-1]).reshape(b, h, tk, v.shape[-1])
+    s = torch.matmul(q.double(), k.double().transpose(2, 3)) * scale
+    if softcap is not None:
+        s = s / softcap
+        s = torch.tanh(s)
+        s = s * softcap
+    if slopes is not None:
+        key_pos = torch.ones(b, tk, dtype=torch.long).cumsum(-1) - 1
+        s = s + slopes.double()[None, :, None, None] * key_pos[:, None, None, :].double()
+    if bias is not None:
+        s = s + bias.double()
+    keep = torch.ones(tq, tk, dtype=torch.bool)
+    if causal:
+        keep = torch.tril(keep, diagonal=tk - tq)
+    if window is not None:
+        keep = keep & torch.triu(torch.ones(tq, tk, dtype=torch.bool), diagonal=tk - tq - window + 1)
+    s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
+    return torch.matmul(torch.softmax(s, dim=-1), v.double())
+
+
+def alibi_slopes(h: int) -> torch.Tensor:
+    """Bloom's slopes for h heads (h a power of two here): 2^(-8 i / h)."""
+    return torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)])
