@@ -96,6 +96,10 @@ def run_case(case: str, world: int) -> dict:
     assert all(t == everyone[0] for t in everyone), f"{case}: ranks generated different tokens"
 
     details = next(s.details["shard"] for s in fast.stats if s.name == "shard")
+    kv_heads = details["layers"][0]["kv_heads"][1]
+    caches = fast.graph.state_values
+    assert caches and all(int(v.shape[1]) == kv_heads for v in caches), \
+        f"{case}: the KV cache should hold this rank's {kv_heads} KV heads: {[v.type for v in caches]}"
     full = details["weight_bytes_full"]
     sharded, replicated = details["weight_bytes_sharded"], details["weight_bytes_replicated"]
     rank_bytes = _bytes(fast.graph.params)  # after the backend's planning as well as the passes
