@@ -52,3 +52,12 @@ def test_quantize_and_generate_example():
 def test_gqa_convert_example():
     out = run_example("gqa_convert.py")
     assert "aligned: perplexity" in out and "mean: perplexity" in out
+
+
+def test_tensor_parallel_example():
+    """Launches torchrun itself: 2 ranks (gloo) on a small random Llama, vocabulary split too."""
+    out = run_example("tensor_parallel.py", "--vocab", "--new-tokens", "6")
+    assert out.count("heads 4 -> 2, KV heads 2 -> 1") == 2, out
+    assert "tokens identical on every rank: yes" in out
+    errors = [float(e) for e in __import__("re").findall(r"max \|logits - unsharded\| = (\S+)", out)]
+    assert len(errors) == 2 and max(errors) < 1e-4
