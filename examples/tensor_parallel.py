@@ -65,15 +65,17 @@ def main(args):
     shard = next(s.details["shard"] for s in fast.stats if s.name == "shard")
     layer = shard["layers"][0]
     mib = 2 ** 20
-    print(f"rank {rank}/{world}: heads {layer['heads'][0]} -> {layer['heads'][1]}, KV heads "
-          f"{layer['kv_heads'][0]} -> {layer['kv_heads'][1]}{' (replicated)' if layer['kv_replicated'] else ''}; "
-          f"weights {shard['weight_bytes_sharded'] / mib:.2f} MiB sharded + "
-          f"{shard['weight_bytes_replicated'] / mib:.2f} MiB replicated (unsharded: "
-          f"{shard['weight_bytes_full'] / mib:.2f} MiB); KV cache {fast.kv_layout.bytes_per_token} bytes/token; "
-          f"max |logits - unsharded| = {(logits - full).abs().max().item():.2e}", flush=True)
-    everyone = [None] * world
+    summary = (f"rank {rank}/{world}: heads {layer['heads'][0]} -> {layer['heads'][1]}, KV heads "
+               f"{layer['kv_heads'][0]} -> {layer['kv_heads'][1]}{' (replicated)' if layer['kv_replicated'] else ''}; "
+               f"weights {shard['weight_bytes_sharded'] / mib:.2f} MiB sharded + "
+               f"{shard['weight_bytes_replicated'] / mib:.2f} MiB replicated (unsharded: "
+               f"{shard['weight_bytes_full'] / mib:.2f} MiB); KV cache {fast.kv_layout.bytes_per_token} bytes/token; "
+               f"max |logits - unsharded| = {(logits - full).abs().max().item():.2e}")
+    everyone, summaries = [None] * world, [None] * world
     dist.all_gather_object(everyone, tokens.tolist())
-    if rank == 0:
+    dist.all_gather_object(summaries, summary)
+    if rank == 0:  # one process prints, so lines never interleave
+        print("\n".join(summaries))
         print("all_reduce ops in the graph:", fast.graph.count("all_reduce"),
               "| all_gather:", fast.graph.count("all_gather"))
         print("tokens identical on every rank:", "yes" if all(t == everyone[0] for t in everyone) else "NO")
