@@ -232,7 +232,10 @@ def find_mlps(graph: Graph, skip: set[int]) -> list[MLP]:
         mlp = _mlp(graph, producers, users, node, found[0])
         if mlp is not None:
             mlps.append(mlp)
-    return mlps
+    # a projection is split one way only: an "up" that is also a row-parallel projection
+    # (two MLPs in a row with nothing between) leaves the second MLP replicated
+    row_parallel = skip | {id(m.down) for m in mlps}
+    return [m for m in mlps if not any(id(u) in row_parallel for u in m.ups)]
 
 
 # -- rewriting -------------------------------------------------------------------------------
