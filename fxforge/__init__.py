@@ -8,6 +8,7 @@ from .api import load_ir, optimize, register_pass, unregister_pass
 from .passes.gqa import GQAConfig
 from .passes.kv_cache import KVCacheConfig
 from .passes.quantize import QuantConfig
+from .passes.shard import ShardConfig, ShardError
 from .runtime.saving import IncompatibleSaveError, load_model as load
 from .ir import CaptureError, Graph, IRCheckError, ParseError, capture, parse, typecheck
 from .runtime.backends import register_backend, unregister_backend
@@ -15,6 +16,7 @@ from .runtime.engine import Engine
 from .runtime.module import OptimizedModel
 
 __all__ = ["optimize", "load", "load_ir", "capture", "register_pass", "unregister_pass", "register_backend",
-           "unregister_backend", "OptimizedModel", "Engine", "QuantConfig", "GQAConfig", "KVCacheConfig", "Graph", "parse",
+           "unregister_backend", "OptimizedModel", "Engine", "QuantConfig", "GQAConfig", "KVCacheConfig",
+           "ShardConfig", "ShardError", "Graph", "parse",
            "typecheck", "CaptureError", "IRCheckError", "ParseError", "IncompatibleSaveError"]
 __version__ = "0.1.0"

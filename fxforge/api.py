@@ -44,8 +44,8 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     verbose:  progress on stderr (capture, a bar over the passes): None shows it only when
               stderr is a terminal, False never, True always. FXFORGE_LOG=passes (or
               capture, dynamo, all) prints debug lines whatever `verbose` says.
-    options:  per-pass options (e.g. quantize="int8", kv_cache=True); an option no pass
-              knows is an error.
+    options:  per-pass options (e.g. quantize="int8", kv_cache=True, tensor_parallel=2);
+              an option no pass knows is an error.
     """
     return optimize_captured(lambda: capture_with_spec(model, example_inputs, example_kwargs, dynamic=dynamic),
                              model, passes=passes, disable=disable, backend=backend, dump_dir=dump_dir,
@@ -67,7 +67,11 @@ def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torc
     pipeline = registry.pipeline(options, list(passes) if passes is not None else None, disable)
     reporter = Reporter(verbose)
     device = _model_device(model)
-    backend = resolve_backend(backend, device, cpu_linear=cpu_linear)  # a bad cpu_linear fails here, before capture
+    # tensor_parallel's process group (None: torch.distributed's default) goes to the backend,
+    # whose op table runs the graph's collectives on it
+    group = getattr(options.get("tensor_parallel"), "process_group", None)
+    backend = resolve_backend(backend, device, cpu_linear=cpu_linear,  # a bad cpu_linear fails here, before capture
+                              process_group=group)
 
     name = type(model).__name__
     reporter.status(f"capturing {name}")

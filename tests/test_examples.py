@@ -59,3 +59,11 @@ def test_serve_example_tiny():
     assert "answers identical to generate() alone: 6 of 6" in out
     assert "tokens identical to greedy: yes" in out
 
+
+def test_tensor_parallel_example():
+    """Launches torchrun itself: 2 ranks (gloo) on a small random Llama, vocabulary split too."""
+    out = run_example("tensor_parallel.py", "--vocab", "--new-tokens", "6")
+    assert out.count("heads 4 -> 2, KV heads 2 -> 1") == 2, out
+    assert "tokens identical on every rank: yes" in out
+    errors = [float(e) for e in __import__("re").findall(r"max \|logits - unsharded\| = (\S+)", out)]
+    assert len(errors) == 2 and max(errors) < 1e-4

@@ -109,8 +109,22 @@ def test_traits_are_declared_on_the_entries():
 
     assert {n for n, o in OPS.items() if o.has("stateful")} == {"kv_append"}
     assert not is_pure(Node("kv_append", (), {}, ()))
+    assert {n for n, o in OPS.items() if o.has("collective")} == {"all_reduce", "all_gather"}
+    assert not is_pure(Node("all_reduce", (), {"world_size": 2}, ()))
     assert {n for n, o in OPS.items() if o.has("needs_device")} == {"const", "arange", "full"}
     assert all(o.has("row_safe") for o in OPS.values() if o.kind == "pointwise")
     assert set().union(*(o.traits for o in OPS.values())) <= set(TRAITS)
     with pytest.raises(ValueError, match="unknown trait"):
         OpDef("x", "other", lambda t, a: t, lambda x: x, traits={"fast"})
+
+
+def test_collectives_are_the_identity_in_a_world_of_one():
+    """Outside a process group the references of the collectives are the identity for a
+    world of one, and refuse a graph sharded for more ranks (rather than a wrong answer)."""
+    x = torch.randn(2, 3)
+    assert OPS["all_reduce"].reference(x, world_size=1) is x
+    assert OPS["all_gather"].reference(x, dim=-1, world_size=1) is x
+    (t,) = OPS["all_gather"].infer([TensorType((2, 3), torch.float32)], {"dim": -1, "world_size": 4})
+    assert tuple(t.shape) == (2, 12)
+    with pytest.raises(RuntimeError, match="sharded for 2 ranks.*torchrun --nproc-per-node 2"):
+        OPS["all_reduce"].reference(x, world_size=2)

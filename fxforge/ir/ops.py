@@ -35,7 +35,10 @@ KINDS = ("pointwise", "reduction", "view", "matmul", "creation", "constant", "fu
 #                  is (kv_cache substitutes per-row positions only through these)
 #   row_reduction  reduces over explicit dims: a row kernel can take it over the last dim
 #   row_op         whole row in, whole row out (softmax, norms): a row kernel can take it
-TRAITS = ("stateful", "needs_device", "row_safe", "row_reduction", "row_op")
+#   collective     communicates with the other ranks of a process group (all_reduce): never
+#                  merged, folded, dropped or evaluated at compile time, since every rank must
+#                  run the same collectives in the same order
+TRAITS = ("stateful", "needs_device", "row_safe", "row_reduction", "row_op", "collective")
 
 
 @dataclass(frozen=True)
@@ -555,6 +558,53 @@ def kv_append_reference(cache, new, *, start):
     return cache[:b, :, :start + t]
 
 
+def infer_all_gather(types, attrs):
+    t = _t(types)
+    d = _norm_dim(attrs["dim"], t.rank)
+    shape = list(t.shape)
+    shape[d] = shape[d] * attrs["world_size"]
+    return [TensorType(tuple(shape), t.dtype)]
+
+
+def _check_world(op: str, world_size: int):
+    """The default process group must have `world_size` ranks: a graph sharded for N ranks
+    run in a process group of another size (or in one process) would give wrong numbers."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if size != world_size:
+        raise RuntimeError(f"{op}: this graph was sharded for {world_size} ranks, but the process group has {size}; "
+                           f"launch it with `torchrun --nproc-per-node {world_size}` (torch.distributed initialized) "
+                           "or optimize the model again for this world size")
+
+
+def all_reduce_reference(x, *, world_size):
+    """The sum of `x` over the ranks of torch.distributed's default process group (a new
+    tensor); the identity for a world of one. Backends run it on their own process group."""
+    _check_world("all_reduce", world_size)
+    if world_size == 1:
+        return x
+    import torch.distributed as dist
+
+    out = x.contiguous().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def all_gather_reference(x, *, dim, world_size):
+    """The ranks' `x` concatenated along `dim`, in rank order (default process group); the
+    identity for a world of one."""
+    _check_world("all_gather", world_size)
+    if world_size == 1:
+        return x
+    import torch.distributed as dist
+
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim)
+
+
 def _packed(parts, qattrs, tensors):
     from .quant_formats import Packed
 
@@ -742,6 +792,13 @@ OPS_LIST: list[OpDef] = [
     OpDef("kv_append", "other", infer_kv_append, kv_append_reference, origin="kv_cache",
           doc="kv_append(cache, new) {start}: write new K or V at start, return cache[:, :, :start+T]; mutates",
           arity=(2, 2), attrs="start: size", traits={"stateful"}),
+    # tensor parallelism (passes/shard.py): collectives over the ranks of a process group
+    OpDef("all_reduce", "other", infer_same, all_reduce_reference, origin="shard",
+          doc="all_reduce(x) {world_size}: the sum of x over the ranks (after a row-parallel linear)",
+          attrs="world_size: int", traits={"collective"}),
+    OpDef("all_gather", "other", infer_all_gather, all_gather_reference, origin="shard",
+          doc="all_gather(x) {dim, world_size}: the ranks' x concatenated along dim (vocabulary-parallel logits)",
+          attrs="dim: int, world_size: int", traits={"collective"}),
     OpDef("fused_pointwise", "fused", infer_fused_pointwise, fused_pointwise_reference, origin="fuse_elementwise",
           doc="a chain of pointwise ops run as one kernel; body lists the steps",
           arity=(0, VARIADIC), attrs="body: tuple, outputs: strs, row?: int", traits={"row_safe"}),
@@ -785,10 +842,10 @@ IMPURE_TARGETS = ("rand", "randn", "randint", "bernoulli", "dropout", "normal", 
 
 def is_pure(node) -> bool:
     """Every IR op is a function of its inputs, except the stateful ones (they write a
-    buffer) and opaque calls to random or mutating ATen ops (and, to be safe, any in-place
-    op, whose name ends in '_')."""
+    buffer), the collectives (they talk to other ranks), and opaque calls to random or
+    mutating ATen ops (and, to be safe, any in-place op, whose name ends in '_')."""
     op = OPS.get(node.op)
-    if op is not None and op.has("stateful"):
+    if op is not None and (op.has("stateful") or op.has("collective")):
         return False
     if node.op != "torch_call":
         return True

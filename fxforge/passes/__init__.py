@@ -4,7 +4,7 @@ from .manager import PassContext, PassInfo, PassRegistry, PassStats, run_pipelin
 
 def default_registry() -> PassRegistry:
     """A fresh registry holding the built-in passes in the default pipeline order:
-    cleanup, fuse_attention, gqa?, kv_cache?, quantize?, fuse_linear, fuse_elementwise, cleanup_final
+    cleanup, fuse_attention, gqa?, shard?, kv_cache?, quantize?, fuse_linear, fuse_elementwise, cleanup_final
     (a `?` pass runs only when its option is given to optimize())."""
     from .cleanup import cleanup
     from .fuse_attention import fuse_attention
@@ -13,6 +13,7 @@ def default_registry() -> PassRegistry:
     from .gqa import gqa, parse_option as parse_gqa
     from .kv_cache import kv_cache, parse_option as parse_kv_cache
     from .quantize import parse_option as parse_quantize, quantize
+    from .shard import parse_option as parse_shard, shard
 
     reg = PassRegistry()
     reg.add(PassInfo("cleanup", cleanup, doc="DCE, CSE, constant folding, no-op removal"), append=True)
@@ -20,6 +21,9 @@ def default_registry() -> PassRegistry:
     # each option's parser rejects a value that means nothing (gqa=0, kv_cache="yes") before capture
     reg.add(PassInfo("gqa", gqa, option="gqa", parse=parse_gqa,
                      doc="multi-head -> grouped-query attention (approximate)"), append=True)
+    reg.add(PassInfo("shard", shard, option="tensor_parallel", parse=parse_shard,
+                     doc="tensor parallelism: weights split by heads/columns across ranks, all_reduce after"),
+            append=True)
     reg.add(PassInfo("kv_cache", kv_cache, option="kv_cache", parse=parse_kv_cache,
                      doc="a KV cache: one graph for prefill and decode, O(context) per token"), append=True)
     reg.add(PassInfo("quantize", quantize, option="quantize", parse=parse_quantize,

@@ -270,7 +270,8 @@ class OptimizedModel:
             return self
         graph = graph_on(self.pipeline_graph, device, dtype)
         # the same backend for a dtype change; the new device's default backend for a move
-        backend = self.backend if device is None else resolve_backend("auto", device)
+        backend = self.backend if device is None else \
+            resolve_backend("auto", device, process_group=getattr(self.backend, "process_group", None))
         rebuilt = assemble(graph, self.spec, backend, device or self.device, self.model_name, self.stats,
                            self._dumps, self.capture_seconds)
         rebuilt.generation_defaults, rebuilt.config = self.generation_defaults, self.config

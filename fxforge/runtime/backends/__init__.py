@@ -49,16 +49,24 @@ def unregister_backend(name: str, registry: dict | None = None):
 
 
 def resolve_backend(name, device: torch.device, registry: dict | None = None, cpu_linear: bool | str = True,
-                    **options) -> Backend:
+                    process_group=None, **options) -> Backend:
     """The Backend for `name` ("auto", a registered name, or a Backend instance).
     cpu_linear: optimize()'s setting (runtime/cpu_linear.py), checked here; it reaches the
-    backend's factory only when it is not the default, since only the torch backend plans it."""
+    backend's factory only when it is not the default, since only the torch backend plans it.
+    process_group: the torch.distributed group a tensor-parallel graph's collectives run on;
+    it reaches the factory only when given (None: the default group)."""
     from ..cpu_linear import cpu_linear_mode
 
     mode = cpu_linear_mode(cpu_linear)
     if mode != "cached":
         options["cpu_linear"] = mode
+    if process_group is not None:
+        options["process_group"] = process_group
     if isinstance(name, Backend):
+        if process_group is not None:
+            if name.process_group is not None and name.process_group is not process_group:
+                raise ValueError(f"backend {name!r} already holds another process group than the one given")
+            name.process_group = process_group
         return name
     registry = BACKENDS if registry is None else registry
     if name == "auto":

@@ -10,9 +10,12 @@ A backend owns everything that depends on where and how the graph runs, and noth
   - kernel compilation (`kernel_sources()` shows what it generated);
   - allocation of state buffers (`new_buffer`): a KV cache today, static CUDA-graph or
     paged buffers later.
+  - the process group of a tensor-parallel graph (`process_group`, None: torch.distributed's
+    default group): its op table runs the collectives (all_reduce, all_gather) on it
+    through torch.distributed (runtime/collectives.py), and `check` refuses a graph
+    sharded for another number of ranks.
 Later work plugs in here: CUDA-graph capture of the decode step (`TritonBackend`), a paged
-KV layout (`new_buffer` and an op table that reads block tables), a process group for
-tensor parallelism (held by the backend, used by its collective ops).
+KV layout (`new_buffer` and an op table that reads block tables).
 
 A backend is an object made per optimize() call by a factory registered under a name
 (`fxforge.register_backend`), so two models never share a backend's caches by accident.
@@ -31,14 +34,20 @@ class Backend:
     # steps as lines of their own (runtime/program.py), which costs what the unfused ops cost.
     inlines_fused_pointwise = True
 
-    def __init__(self, device: torch.device, **options):
+    def __init__(self, device: torch.device, process_group=None, **options):
         if options:
             raise TypeError(f"backend {self.name!r} takes no option(s) {sorted(options)}")
         self.device = torch.device(device)
+        # the torch.distributed group the graph's collectives run on (None: the default group)
+        self.process_group = process_group
 
     # -- checks and planning ---------------------------------------------------------------
     def check(self, graph: Graph):
-        """Raise ValueError if this backend cannot run `graph` on its device."""
+        """Raise ValueError if this backend cannot run `graph` on its device (a subclass
+        that overrides it calls this one too: it checks the process group)."""
+        from ..collectives import check_collectives
+
+        check_collectives(graph, self.process_group)
 
     def prepare(self, graph: Graph) -> tuple[Graph, dict, list]:
         """(graph, op overrides, report stats) after this backend's own planning."""
@@ -51,7 +60,10 @@ class Backend:
 
     def op_table(self, registry=None) -> dict:
         registry = OPS if registry is None else registry
+        from ..collectives import collective_ops
+
         table = {name: op.reference for name, op in registry.items()}
+        table.update(collective_ops(self.process_group))
         table.update(self.kernel_ops())
         return table
 

@@ -14,10 +14,10 @@ from .base import Backend
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, device, cpu_linear: bool | str | None = True):
+    def __init__(self, device, cpu_linear: bool | str | None = True, process_group=None):
         from ..cpu_linear import cpu_linear_mode
 
-        super().__init__(device)
+        super().__init__(device, process_group=process_group)
         self.cpu_linear = cpu_linear if cpu_linear is None else cpu_linear_mode(cpu_linear)  # "cached" | "measure" | None
 
     def kernel_ops(self) -> dict:

@@ -1,0 +1,240 @@
+"""Finding an attention layer's projections in the graph: the linear projections that feed
+a fused attention's Q, K and V (through head reshapes and rotary embeddings), and the
+output projection it feeds. gqa merges K/V heads with them; shard slices them by heads.
+
+Separate q/k/v_proj linears qualify, and so do slices of a fused qkv projection: GPT-2's
+c_attn (a matmul on W[in, out] plus a bias, sliced), Phi-3's qkv_proj (a linear, sliced)
+and GPT-NeoX's per-head interleaved layout. A Projection always gives its weight as
+[out, in] (the rows of its heads, in head order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ir.builder import Builder
+from ..ir.graph import Graph, Node, Value
+
+# Ops allowed between a K/V projection and the attention: head split/merge and rotary.
+_CHAIN_OPS = ("view", "permute", "cast", "mul", "add", "sub", "neg", "slice", "cat", "unsqueeze", "fused_pointwise")
+_PLAIN_CHAIN = ("view", "permute", "cast")  # no position-dependent op: any rotation commutes
+
+
+@dataclass
+class Projection:
+    """y = x @ weight.T + bias as the model computes it, where `out` is the value holding
+    y (possibly a slice of a fused projection, reshaped)."""
+
+    x: Value
+    weight: torch.Tensor  # [out, in]
+    bias: torch.Tensor | None
+    out: Value
+    name: str
+    fused: bool = False  # a slice of a wider projection (GPT-2's c_attn)
+    head_dim: int | None = None  # set when `out` already has heads split, [..., heads, D] (GPT-NeoX)
+    head_permute: tuple | None = None  # and then permuted (heads before T)
+
+
+@dataclass
+class OutProjection:
+    node: Node
+    weight: Value  # the param input of the node
+    tensor: torch.Tensor
+    rows_are_inputs: bool  # matmul(x, W[in, out]) (True) or linear(x, W[out, in]) (False)
+
+
+@dataclass
+class Layer:
+    attn: Node
+    q: Projection
+    k: Projection
+    v: Projection
+    o: OutProjection | None
+    k_plain: bool  # no position-dependent op between k_proj and the attention
+    heads: int
+    kv_heads: int
+    head_dim: int
+    plan: dict = field(default_factory=dict)
+
+
+def _param(graph: Graph, v: Value) -> torch.Tensor | None:
+    return graph.params.get(v.param) if v.param else None
+
+
+def _projection(graph: Graph, producers, start: Value, head_dim: int) -> Projection | None:
+    """Walk back from an attention input through head reshapes and rotary ops to the one
+    linear projection that feeds it."""
+    found, seen, stack = [], set(), [start]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        node = producers.get(v)
+        if node is None:
+            continue
+        proj = _as_projection(graph, producers, node, v, head_dim)
+        if proj is not None:
+            found.append(proj)
+            continue
+        if node.op in _CHAIN_OPS:
+            stack.extend(node.inputs)
+    return found[0] if len(found) == 1 else None
+
+
+def _as_projection(graph: Graph, producers, node: Node, v: Value, head_dim: int) -> Projection | None:
+    if node.op == "linear":
+        w = _param(graph, node.inputs[1])
+        b = _param(graph, node.inputs[2]) if len(node.inputs) > 2 else None
+        if w is not None and (len(node.inputs) < 3 or b is not None):
+            return Projection(node.inputs[0], w, b, v, node.inputs[1].param)
+        return None
+    # slice(view(add(matmul(x, W[in, out]), b)), last dim) -- a fused qkv projection (GPT-2)
+    if node.op == "slice" and node.attrs["step"] == 1 and node.attrs["dim"] % v.rank == v.rank - 1:
+        src = producers.get(node.inputs[0])
+        start, end = int(node.attrs["start"]), int(node.attrs["end"])
+        if src is not None and src.op == "view" and src.inputs[0].shape[-1] == src.outputs[0].shape[-1]:
+            src = producers.get(src.inputs[0])
+        elif src is not None and src.op in ("view", "permute"):
+            # q, k, v interleaved per head (GPT-NeoX): a head-dim-wide slice of the split
+            # heads; a narrower one is a slice within heads (rotary's halves): walk on
+            dims = tuple(src.attrs["dims"]) if src.op == "permute" else None
+            view = producers.get(src.inputs[0]) if src.op == "permute" else src
+            if end - start == head_dim and view is not None and view.op == "view" and _splits_last_dim(view) \
+                    and (dims is None or dims[-1] == v.rank - 1):
+                return _interleaved_projection(graph, producers, view, start, end, v, dims)
+            return None
+        if src is not None and src.op == "linear":  # linear(x, W[out, in], [b]) sliced (Phi-3's qkv_proj)
+            w = _param(graph, src.inputs[1])
+            b = _param(graph, src.inputs[2]) if len(src.inputs) > 2 else None
+            if w is None or (len(src.inputs) > 2 and b is None):
+                return None
+            return Projection(src.inputs[0], w[start:end].clone(), None if b is None else b[start:end].clone(), v,
+                              src.inputs[1].param, fused=True)
+        bias = None
+        if src is not None and src.op == "add":
+            bias = _param(graph, src.inputs[1])
+            src = producers.get(src.inputs[0]) if bias is not None else None
+        if src is not None and src.op == "matmul":
+            w = _param(graph, src.inputs[1])
+            if w is not None and w.dim() == 2:
+                return Projection(src.inputs[0], w[:, start:end].t().contiguous(),
+                                  None if bias is None else bias[start:end].clone(), v, src.inputs[1].param,
+                                  fused=True)
+    return None
+
+
+def _splits_last_dim(view: Node) -> bool:
+    """view [..., H * X] -> [..., H, X] (the leading dims unchanged)."""
+    a, b = view.inputs[0].shape, view.outputs[0].shape
+    return len(b) == len(a) + 1 and a[:-1] == b[:-2] and b[-1].is_number and b[-2].is_number \
+        and int(b[-1]) * int(b[-2]) == a[-1]
+
+
+def _interleaved_projection(graph: Graph, producers, view: Node, start: int, end: int, v: Value, dims):
+    """slice([permute(]view(linear(x, W), [..., H, X])[)], last dim, s, e): per head h the
+    rows h * X + s .. h * X + e of W (GPT-NeoX lays q, k, v out per head)."""
+    src = producers.get(view.inputs[0])
+    if src is None or src.op != "linear":
+        return None
+    w = _param(graph, src.inputs[1])
+    b = _param(graph, src.inputs[2]) if len(src.inputs) > 2 else None
+    if w is None or (len(src.inputs) > 2 and b is None):
+        return None
+    heads, width = int(view.outputs[0].shape[-2]), int(view.outputs[0].shape[-1])
+    rows = torch.cat([torch.arange(h * width + start, h * width + end) for h in range(heads)])
+    return Projection(src.inputs[0], w[rows].clone(), None if b is None else b[rows].clone(), v,
+                      src.inputs[1].param, fused=True, head_dim=end - start, head_permute=dims)
+
+
+def _out_projection(graph: Graph, users, attn_out: Value) -> OutProjection | None:
+    v = attn_out
+    for _ in range(4):
+        nxt = users.get(v, [])
+        if len(nxt) != 1:
+            return None
+        node = nxt[0]
+        if node.op in ("permute", "view"):
+            v = node.outputs[0]
+            continue
+        if node.op == "linear" and node.inputs[0] is v and _param(graph, node.inputs[1]) is not None:
+            return OutProjection(node, node.inputs[1], _param(graph, node.inputs[1]), rows_are_inputs=False)
+        if node.op == "matmul" and node.inputs[0] is v and _param(graph, node.inputs[1]) is not None:
+            return OutProjection(node, node.inputs[1], _param(graph, node.inputs[1]), rows_are_inputs=True)
+        return None
+    return None
+
+
+def _chain_nodes(graph: Graph, proj_out: Value, target: Value) -> list[Node] | None:
+    """Nodes on paths from the projection output to the attention input, in order."""
+    users = graph.users()
+    down, stack = set(), [proj_out]
+    while stack:
+        for n in users.get(stack.pop(), []):
+            if id(n) not in down:
+                down.add(id(n))
+                stack.extend(n.outputs)
+    producers = graph.producers()
+    up, stack = set(), [target]
+    while stack:
+        n = producers.get(stack.pop())
+        if n is not None and id(n) not in up:
+            up.add(id(n))
+            stack.extend(n.inputs)
+    chain = [n for n in graph.nodes if id(n) in down and id(n) in up]
+    if any(n.op not in _CHAIN_OPS for n in chain):
+        return None
+    return chain
+
+
+def find_layers(graph: Graph, error=ValueError, who: str = "", why: str = "", masks: bool = False) -> list[Layer]:
+    """Every fused attention's projections, in graph order. A layer that does not fit raises
+    `error` with a message starting `who: ` and saying `why` the pass needs them.
+    masks=False refuses an attention with a mask (bias) input."""
+    producers, users = graph.producers(), graph.users()
+    layers = []
+    for n in graph.nodes:
+        if n.op != "attention":
+            continue
+        q, k, v = n.inputs[:3]
+        where = f"\n  at: attention{n.where()}"
+        if len(n.inputs) > 3 and not masks:
+            raise error(f"{who}: this attention has a mask input; {who} handles masks built from shapes only "
+                        "(causal), so capture without attention_mask" + where)
+        projs = [_projection(graph, producers, x, int(k.shape[3])) for x in (q, k, v)]
+        if any(p is None for p in projs):
+            which = ["Q", "K", "V"][[p is None for p in projs].index(True)]
+            raise error(f"{who}: the {which} input of this attention is not one linear projection of the hidden "
+                        f"state (through head reshapes and rotary embeddings), {why}" + where)
+        heads, kv_heads, head_dim = int(q.shape[1]), int(k.shape[1]), int(k.shape[3])
+        k_chain = _chain_nodes(graph, projs[1].out, k)
+        v_chain = _chain_nodes(graph, projs[2].out, v)
+        if k_chain is None or v_chain is None or any(c.op not in _PLAIN_CHAIN for c in v_chain):
+            raise error(f"{who}: an op between the K/V projection and the attention is not a head reshape or a "
+                        "rotary embedding" + where)
+        for p in projs[1:]:
+            if p.weight.shape[0] != kv_heads * head_dim:
+                raise error(f"{who}: projection {p.name} has {p.weight.shape[0]} outputs, not {kv_heads} heads x "
+                            f"{head_dim}" + where)
+        layers.append(Layer(n, *projs, _out_projection(graph, users, n.outputs[0]),
+                            all(c.op in _PLAIN_CHAIN for c in k_chain), heads, kv_heads, head_dim))
+    return layers
+
+
+def emit_projection(bld: Builder, proj: Projection, x: Value, weight: Value, bias: Value | None) -> Value:
+    """linear(x, weight, [bias]) shaped as the model shaped `proj.out` (its heads split and
+    permuted where the model split them before slicing), with as many heads as `weight`
+    has rows."""
+    args = [x, weight] + ([bias] if bias is not None else [])
+    y = bld.emit("linear", *args)
+    rows = weight.shape[0]
+    if proj.head_dim is None:
+        shape = proj.out.shape[:-1] + (rows,)
+    else:  # the model split heads (and permuted them) before slicing: so do we
+        shape = y.shape[:-1] + (rows // proj.head_dim, proj.head_dim)
+    if y.shape != shape:
+        y = bld.emit("view", y, shape=shape)
+    if proj.head_permute is not None:
+        y = bld.emit("permute", y, dims=proj.head_permute)
+    return y
