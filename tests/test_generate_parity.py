@@ -10,6 +10,7 @@ import torch
 import fxforge
 
 import zoo
+from helpers import prompts
 
 MODELS = {"gpt2": lambda: zoo.gpt2("eager"), "llama": lambda: zoo.llama("sdpa")}
 
@@ -20,19 +21,6 @@ def pair(request):
     model, vocab = MODELS[request.param]()
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=True)
     return model, fast, vocab
-
-
-def _prompts(vocab, padded):
-    gen = torch.Generator().manual_seed(3)
-    if not padded:
-        return torch.randint(1, vocab, (1, 6), generator=gen), None
-    lengths = [5, 9, 2]
-    ids = torch.zeros(3, 9, dtype=torch.long)
-    mask = torch.zeros(3, 9, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, 9 - n:] = torch.randint(1, vocab, (n,), generator=gen)
-        mask[i, 9 - n:] = 1
-    return ids, mask
 
 
 def _both(model, fast, ids, mask, **kw):
@@ -71,7 +59,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_tokens_equal_transformers(pair, case, padded):
     model, fast, vocab = pair
-    ids, mask = _prompts(vocab, padded)
+    ids, mask = prompts(vocab, padded)
     out, ref = _both(model, fast, ids, mask, **CASES[case])
     assert torch.equal(out, ref), (out, ref)
 
@@ -81,7 +69,7 @@ def test_generation_config_equals_transformers(pair, padded):
     from transformers import GenerationConfig
 
     model, fast, vocab = pair
-    ids, mask = _prompts(vocab, padded)
+    ids, mask = prompts(vocab, padded)
     config = GenerationConfig(max_new_tokens=11, repetition_penalty=1.2, no_repeat_ngram_size=3, eos_token_id=[3, 5],
                               pad_token_id=0, do_sample=False)
     ref = model.generate(ids, attention_mask=mask, generation_config=config)
@@ -95,7 +83,7 @@ def test_model_defaults_from_generation_config(pair):
     from transformers import GenerationConfig
 
     model, fast, vocab = pair
-    ids, _ = _prompts(vocab, False)
+    ids, _ = prompts(vocab, False)
     saved = fast.generation_defaults
     try:
         fast.generation_config = GenerationConfig(max_length=14, repetition_penalty=1.5, eos_token_id=[3, 5],
@@ -109,7 +97,7 @@ def test_model_defaults_from_generation_config(pair):
 
 def test_default_length_is_20_new_tokens(pair):
     model, fast, vocab = pair
-    ids, _ = _prompts(vocab, False)
+    ids, _ = prompts(vocab, False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = model.generate(ids, pad_token_id=0, eos_token_id=None)
@@ -121,7 +109,7 @@ def test_default_length_is_20_new_tokens(pair):
 @pytest.mark.parametrize("beams", [1, 3])
 def test_return_dict_scores_equal_transformers(pair, padded, beams):
     model, fast, vocab = pair
-    ids, mask = _prompts(vocab, padded)
+    ids, mask = prompts(vocab, padded)
     kw = dict(max_new_tokens=6, num_beams=beams, repetition_penalty=1.3, eos_token_id=[3, 5],
               return_dict_in_generate=True, output_scores=True, output_logits=True)
     out, ref = _both(model, fast, ids, mask, **kw)
@@ -139,7 +127,7 @@ def test_return_dict_scores_equal_transformers(pair, padded, beams):
 
 def test_return_dict_without_scores(pair):
     model, fast, vocab = pair
-    ids, _ = _prompts(vocab, False)
+    ids, _ = prompts(vocab, False)
     out = fast.generate(ids, 5, return_dict_in_generate=True)
     assert out.scores is None and out.sequences.shape == (1, 11)
 
@@ -160,7 +148,7 @@ def test_stopping_criteria_equal_transformers(pair, padded, eos):
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     model, fast, vocab = pair
-    ids, mask = _prompts(vocab, padded)
+    ids, mask = prompts(vocab, padded)
     free = fast.generate(ids, 12, attention_mask=mask, eos_token_id=None)
     token = int(free[-1, ids.shape[1] + 3])  # a token the last row makes at its 4th step
 
@@ -190,7 +178,7 @@ def _tokenizer(vocab):
 def test_stop_strings_equal_transformers(pair, padded):
     model, fast, vocab = pair
     tok = _tokenizer(vocab)
-    ids, mask = _prompts(vocab, padded)
+    ids, mask = prompts(vocab, padded)
     free = fast.generate(ids, 12, attention_mask=mask, eos_token_id=None)
     stop = tok.convert_ids_to_tokens(int(free[0, ids.shape[1] + 4]))
     with warnings.catch_warnings():
@@ -209,7 +197,7 @@ def test_beam_search_reorders_the_cache(pair):
     """Beam search output equals a full recompute of each returned beam: the cache rows
     followed their beams."""
     model, fast, vocab = pair
-    ids, _ = _prompts(vocab, False)
+    ids, _ = prompts(vocab, False)
     out = fast.generate(ids, 8, num_beams=4, num_return_sequences=4, eos_token_id=None,
                         return_dict_in_generate=True, output_scores=True)
     for row, score in zip(out.sequences, out.sequences_scores):
@@ -220,7 +208,7 @@ def test_beam_search_reorders_the_cache(pair):
 
 def test_max_new_tokens_zero_raises_as_transformers(pair):
     model, fast, vocab = pair
-    ids, _ = _prompts(vocab, False)
+    ids, _ = prompts(vocab, False)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(ids, max_new_tokens=0, pad_token_id=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
@@ -233,7 +221,7 @@ def test_unsupported_arguments_raise_naming_them(pair):
     from transformers import GenerationConfig
 
     _, fast, vocab = pair
-    ids, _ = _prompts(vocab, False)
+    ids, _ = prompts(vocab, False)
     with pytest.raises(ValueError, match="diversity_penalty, num_beam_groups"):
         fast.generate(ids, 4, num_beam_groups=2, diversity_penalty=0.5)
     with pytest.raises(ValueError, match="frobnicate"):
@@ -271,7 +259,7 @@ def test_custom_logits_processor_equals_transformers(pair, beams):
     from transformers import LogitsProcessor, LogitsProcessorList
 
     model, fast, vocab = pair
-    ids, mask = _prompts(vocab, True)
+    ids, mask = prompts(vocab, True)
     free = fast.generate(ids, 8, attention_mask=mask, eos_token_id=None)
     token = int(free[0, ids.shape[1]])
 
@@ -285,7 +273,7 @@ def test_custom_logits_processor_equals_transformers(pair, beams):
 
 def test_sampling_several_sequences_per_prompt(pair):
     _, fast, vocab = pair
-    ids, mask = _prompts(vocab, True)
+    ids, mask = prompts(vocab, True)
     gen = torch.Generator().manual_seed(0)
     out = fast.generate(ids, 5, attention_mask=mask, do_sample=True, num_return_sequences=2, eos_token_id=None,
                         generator=gen)

@@ -11,7 +11,7 @@ import torch
 import fxforge
 
 import zoo
-from helpers import assert_close_to_eager
+from helpers import assert_close_to_eager, prompts
 
 pytestmark = pytest.mark.gpu
 
@@ -41,19 +41,6 @@ def test_zoo_model_on_triton_equals_eager(name, dtype):
         assert_close_to_eager(ref, fast(ids), rel=REL[dtype])
 
 
-def _prompts(vocab, padded):
-    gen = torch.Generator().manual_seed(3)
-    if not padded:
-        return torch.randint(1, vocab, (1, 6), generator=gen).cuda(), None
-    lengths = [5, 9, 2]
-    ids = torch.zeros(3, 9, dtype=torch.long)
-    mask = torch.zeros(3, 9, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, 9 - n:] = torch.randint(1, vocab, (n,), generator=gen)
-        mask[i, 9 - n:] = 1
-    return ids.cuda(), mask.cuda()
-
-
 @pytest.mark.parametrize("padded", [False, True], ids=["batch1", "left_padded_batch3"])
 @pytest.mark.parametrize("name", ["gpt2_eager", "llama_sdpa_gqa"])
 def test_kv_cache_generate_matches_transformers_on_gpu(name, padded):
@@ -61,7 +48,7 @@ def test_kv_cache_generate_matches_transformers_on_gpu(name, padded):
     model, vocab = MODELS[name]()
     model = model.cuda()
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7), device="cuda"),), kv_cache=True)
-    ids, mask = _prompts(vocab, padded)
+    ids, mask = (None if x is None else x.cuda() for x in prompts(vocab, padded))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
