@@ -28,6 +28,7 @@ both give undefined values.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -283,6 +284,18 @@ def _mask_form(m: Match, terms: _Terms, q: Value, k: Value) -> MaskForm | None:
     return MaskForm(causal, next(iter(windows)) if windows else None, slopes)
 
 
+def _cached_mask_form(forms: dict | None, m: Match, terms: _Terms, q: Value, k: Value) -> MaskForm | None:
+    """_mask_form, once per mask per pass run: every layer of a model reads the same mask
+    value (after CSE), and evaluating it at the probe sizes is most of this pass's time."""
+    if forms is None:
+        return _mask_form(m, terms, q, k)
+    key = (tuple((id(v), post, fold) for v, post, fold in terms.adds),
+           tuple((id(v), fill, when, fold) for v, fill, when, fold in terms.fills), str(q.type), str(k.type))
+    if key not in forms:  # the entry holds the mask values too, so no id in a key is reused
+        forms[key] = (_mask_form(m, terms, q, k), terms.values())
+    return forms[key][0]
+
+
 def _longest_evaluable(m: Match, terms: _Terms, short: dict, long: dict):
     """(sizes, bias) at the longest length between the sample `short` and the failed
     `long` probe at which the terms evaluate (binary search), or (long, None)."""
@@ -345,7 +358,7 @@ def _slopes_param(graph, slopes: tuple[float, ...]) -> Value:
 
 # -- the rewrite -------------------------------------------------------------------------------
 def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: bool, softcap: float | None = None,
-                    unfold: tuple | None = None) -> Value | None:
+                    unfold: tuple | None = None, forms: dict | None = None) -> Value | None:
     """attention(q, k, v, [bias], [slopes]) {causal, scale, softcap?, window?, alibi?}.
     A shape-only mask becomes the causal / window / alibi attributes when `_mask_form`
     proves what it computes, else it stays the bias input. `unfold` = (B, H): q, k, v come
@@ -361,7 +374,7 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
             return None
         q, k, v = (b.emit("view", x, shape=tuple(unfold) + tuple(x.shape[1:])) for x in (q, k, v))
     if not causal and not terms.empty():
-        form = _mask_form(m, terms, q, k)
+        form = _cached_mask_form(forms, m, terms, q, k)
         if form is not None:
             terms, causal = _Terms(), form.causal
             window = form.window
@@ -397,7 +410,7 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
     return out if out.type.same_as(root.type) else None
 
 
-def fuse_sdpa(m: Match, b) -> Value | None:
+def fuse_sdpa(m: Match, b, forms: dict | None = None) -> Value | None:
     """sdpa(q, k, v, [mask]) {causal, scale, enable_gqa} -> attention."""
     node = m.root
     q, k, v = node.inputs[:3]
@@ -415,7 +428,7 @@ def fuse_sdpa(m: Match, b) -> Value | None:
             terms.fills.append((mask, float("-inf"), False, None))
         else:
             terms.adds.append((mask, 1.0, None))
-    return _emit_attention(m, b, q, k, v, terms, node.attrs["scale"], causal)
+    return _emit_attention(m, b, q, k, v, terms, node.attrs["scale"], causal, forms=forms)
 
 
 # In-place scalar ops (torch.export keeps falcon's `scores.div_(c)` / `mul_(c)` as calls):
@@ -445,7 +458,7 @@ def _head_fold(inner: Value, outer: Value) -> tuple | None:
     return (a.shape[0], a.shape[1]) if dims_equal(a.shape[0] * a.shape[1], c.shape[0]) else None
 
 
-def fuse_matmul_softmax_matmul(m: Match, b) -> Value | None:
+def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value | None:
     """matmul(softmax(scores), v) where scores = q @ k^T, scaled, soft-capped and masked,
     possibly with the heads folded into the batch on one side of the softmax (bloom)."""
     p, v = m["p"], m["v"]
@@ -552,7 +565,7 @@ def fuse_matmul_softmax_matmul(m: Match, b) -> Value | None:
         if not (math.isfinite(softcap) and softcap > 0):
             return None
         scale *= softcap
-    return _emit_attention(m, b, q, k, v, terms, scale, causal=False, softcap=softcap, unfold=fold)
+    return _emit_attention(m, b, q, k, v, terms, scale, causal=False, softcap=softcap, unfold=fold, forms=forms)
 
 
 def terms_ok_for_softcap(cap: float) -> bool:
@@ -591,13 +604,19 @@ def _scores_side(m: Match, a: Value, c: Value):
     return None
 
 
-# before -> after
-RULES = [
-    # sdpa(q, k, v, [mask]) -> attention(q, k, v, [bias]) {causal, scale}
-    Rule("sdpa", op("sdpa", any_inputs=True), fuse_sdpa),
-    # matmul(softmax(q @ k^T * s [+ mask]), v) -> attention(q, k, v, [bias]) {causal, scale}
-    Rule("matmul_softmax_matmul", op("matmul", var("p"), var("v")), fuse_matmul_softmax_matmul),
-]
+def rules(forms: dict | None = None) -> list[Rule]:
+    """The rule table; `forms` caches what each mask computes for one pass run."""
+    # before -> after
+    return [
+        # sdpa(q, k, v, [mask]) -> attention(q, k, v, [bias]) {causal, scale}
+        Rule("sdpa", op("sdpa", any_inputs=True), functools.partial(fuse_sdpa, forms=forms)),
+        # matmul(softmax(q @ k^T * s [+ mask]), v) -> attention(q, k, v, [bias]) {causal, scale}
+        Rule("matmul_softmax_matmul", op("matmul", var("p"), var("v")),
+             functools.partial(fuse_matmul_softmax_matmul, forms=forms)),
+    ]
+
+
+RULES = rules()
 
 
 def fuse_attention(graph, ctx=None):
@@ -605,7 +624,7 @@ def fuse_attention(graph, ctx=None):
 
     stats = ctx.rules if ctx is not None else Counter()
     graph = graph.with_nodes(graph.nodes)  # a copy: rules add parameters (ALiBi slopes) to it
-    out = _drop_dead_inplace(apply_rules(graph, RULES, stats, pass_name="fuse_attention"))
+    out = _drop_dead_inplace(apply_rules(graph, rules(forms={}), stats, pass_name="fuse_attention"))
     fused = out.count("attention")
     if ctx is not None:
         ctx.details["attention_fused"] = fused
