@@ -30,10 +30,11 @@ def _alone(fast, prompt, n, **kw):
     return fast.generate(prompt[None], n, **kw)[0, prompt.numel():]
 
 
-def test_mixed_requests_equal_each_alone(fast):
+@pytest.mark.parametrize("chunk", [512, 5], ids=["whole-prompts", "prefill-chunks-of-5"])
+def test_mixed_requests_equal_each_alone(fast, chunk):
     fast, vocab = fast
     prompts, news = _workload(vocab, 12)
-    engine = fxforge.Engine(fast, max_batch=4, max_seq_len=64)
+    engine = fxforge.Engine(fast, max_batch=4, max_seq_len=64, prefill_chunk=chunk)
     requests = [engine.submit(p, n) for p, n in zip(prompts, news)]
     engine.run()
     for p, n, r in zip(prompts, news, requests):
@@ -43,6 +44,20 @@ def test_mixed_requests_equal_each_alone(fast):
     # continuous: fewer steps than running the requests one after another
     assert engine.steps < sum(news)
     engine.close()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(fast):
+    fast, vocab = fast
+    short, long = torch.randint(1, vocab, (3,)), torch.randint(1, vocab, (40,))
+    engine = fxforge.Engine(fast, max_batch=2, max_seq_len=64, prefill_chunk=8)
+    during: list[int] = []  # how many prompts were still going in as each short-request token came
+    first = engine.submit(short, 10, callback=lambda r, t: during.append(engine.stats()["waiting"]))
+    engine.step()  # the short prompt joins and decodes
+    second = engine.submit(long, 4)
+    engine.run()
+    assert during.count(1) >= 4  # 40 prompt tokens at 8 a step: the short one kept decoding meanwhile
+    assert torch.equal(first.result(), _alone(fast, short, 10, eos_token_id=None))
+    assert torch.equal(second.result(), _alone(fast, long, 4, eos_token_id=None))
 
 
 def test_admission_waits_when_the_cache_is_full(fast):
@@ -114,6 +129,8 @@ def test_generate_many_and_errors(fast):
         engine.submit([1, 2], 0)
     with pytest.raises(ValueError, match="max_batch must be an int >= 1"):
         fxforge.Engine(fast, max_batch=0)
+    with pytest.raises(ValueError, match="prefill_chunk must be an int >= 1"):
+        fxforge.Engine(fast, prefill_chunk=0)
     torch.manual_seed(0)
     model, _ = zoo.llama("sdpa")
     with pytest.raises(RuntimeError, match="needs a KV cache"):

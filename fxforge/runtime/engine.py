@@ -6,11 +6,13 @@
     tokens = request.result()          # 1-D tensor of the new tokens
     outs = engine.generate_many(prompts, max_new_tokens=32)
 
-Scheduling is per step (iteration-level, as Orca and vLLM): every step first admits
-waiting requests while their tokens fit, prefills each (one model call per new prompt,
-into a scratch cache), and then runs one decode step over every running request at once.
-A request leaves the batch the step it finishes, and its row is free for the next one.
-Admission waits (no error, no lost request) while the cache has no room.
+Scheduling is per step (iteration-level, as Orca and vLLM): every step first puts up
+to `prefill_chunk` prompt tokens of waiting requests into a scratch cache (a long prompt
+goes in over several steps, so it does not stall the running requests), moves each
+request whose prompt is in into the batch, and then runs one decode step over every
+running request at once. A request leaves the batch the step it finishes, and its row is
+free for the next one. Joining waits (no error, no lost request) while the cache has no
+room.
 
 The KV cache is dense, one row per running request, `max_seq_len` positions. Rows are
 right-aligned: every row's last token sits at the same position, so one cache length and
@@ -74,15 +76,37 @@ class _Row:
         self.cached = 0  # tokens in the cache
 
 
+class _Prefill:
+    """A request whose prompt is going into the scratch cache, `done` tokens so far."""
+
+    def __init__(self, request: Request):
+        self.request, n = request, request.prompt.numel()
+        self.seq = torch.empty(1, n + request.max_new_tokens, dtype=torch.long, device=request.prompt.device)
+        self.seq[0, :n] = request.prompt
+        self.pad = torch.zeros(1, dtype=torch.long, device=self.seq.device)
+        self.done = 0
+        self.logits = None
+
+
 class Engine:
-    def __init__(self, model, max_batch: int = 8, max_seq_len: int = 1024):
+    def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512):
+        """`max_seq_len`: positions per row (prompt + new tokens of one request); by default
+        the model's own limit, or 1024 where it has none."""
         model._require_cache("the engine")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         limit = model.kv_layout.max_seq_len
+        if max_seq_len is None:
+            max_seq_len = limit if limit is not None else 1024
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
         if limit is not None and max_seq_len > limit:
             raise ValueError(f"max_seq_len={max_seq_len} is more than the model's {limit} positions")
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be an int >= 1 (prompt tokens per step), got {prefill_chunk!r}")
         self.model, self.max_batch, self.capacity = model, max_batch, max_seq_len
+        self.prefill_chunk = prefill_chunk
+        self._prefilling: _Prefill | None = None
         model.check_step_sizes(max_batch, [1])
         self._waiting: deque[Request] = deque()
         self._rows: list[_Row] = []
@@ -154,9 +178,9 @@ class Engine:
     def _loop(self):
         while True:
             with self._lock:
-                while not self._waiting and not self._rows and not self._stopping:
+                while not self._busy() and not self._stopping:
                     self._wake.wait()
-                if self._stopping and not self._rows and not self._waiting:
+                if self._stopping and not self._busy():
                     return
             self.step()
 
@@ -173,14 +197,17 @@ class Engine:
                 raise
             self.steps += 1
             with self._lock:
-                return bool(self._rows or self._waiting)
+                return self._busy()
+
+    def _busy(self) -> bool:
+        return bool(self._rows or self._waiting or self._prefilling is not None)
 
     def stats(self) -> dict:
         """Cache use now: positions allocated, holding tokens, and the peak so far."""
         held = sum(r.cached for r in self._rows)
         return {"allocated_positions": self.max_batch * self.capacity, "cached_tokens": held,
                 "peak_cached_tokens": self.peak_cached_tokens, "running": len(self._rows),
-                "waiting": len(self._waiting), "steps": self.steps}
+                "waiting": len(self._waiting) + (self._prefilling is not None), "steps": self.steps}
 
     def close(self):
         self.stop()
@@ -189,38 +216,48 @@ class Engine:
 
     # -- the step's parts ----------------------------------------------------------------
     def _admit(self):
-        while len(self._rows) < self.max_batch:
-            with self._lock:
-                if not self._waiting:
-                    return
-                request = self._waiting[0]
-            new_len = request.prompt.numel()
-            # right-aligned at the longest row; every row must still reach its last token
-            lengths = [r.cached for r in self._rows] + [new_len]
-            remaining = [r.request.max_new_tokens - len(r.request.tokens) for r in self._rows] + \
-                [request.max_new_tokens]
-            start = max(lengths)
-            if start + max(remaining) > self.capacity:
-                return  # no room yet: it waits for a row to finish
-            with self._lock:
-                self._waiting.popleft()
-            self._shift(start - self._start)
-            self._start = start
-            self._prefill(request)
+        """Prefill waiting requests, at most `prefill_chunk` prompt tokens this step (a
+        long prompt is spread over several steps while the running rows keep decoding);
+        a request joins the batch when its prompt is in and the cache has room."""
+        budget = self.prefill_chunk
+        while budget > 0 and len(self._rows) < self.max_batch:
+            if self._prefilling is None:
+                with self._lock:
+                    if not self._waiting:
+                        return
+                    request = self._waiting.popleft()
+                self._prefilling = _Prefill(request)
+            job = self._prefilling
+            n = job.request.prompt.numel()
+            if job.done < n:
+                take = min(budget, n - job.done)
+                job.logits = self.model.run_cached(job.seq[:, job.done:job.done + take], job.done, job.pad,
+                                                   self._scratch)[:, -1, :].float()
+                job.done += take
+                budget -= take
+            if job.done < n or not self._join(job):
+                return  # the rest of the prompt next step, or no room yet: it waits
 
-    def _prefill(self, request: Request):
-        model, n = self.model, request.prompt.numel()
-        seq = torch.empty(1, n + request.max_new_tokens, dtype=torch.long, device=request.prompt.device)
-        seq[0, :n] = request.prompt
-        pad = torch.zeros(1, dtype=torch.long, device=seq.device)
-        logits = model.run_cached(seq[:, :n], 0, pad, self._scratch)[:, -1, :].float()
-        row = _Row(request, seq)
+    def _join(self, job: "_Prefill") -> bool:
+        """Move a prefilled request into the batch if the cache has room for every row's
+        remaining tokens, right-aligned at the longest row."""
+        request, n = job.request, job.request.prompt.numel()
+        lengths = [r.cached for r in self._rows] + [n]
+        remaining = [r.request.max_new_tokens - len(r.request.tokens) for r in self._rows] + [request.max_new_tokens]
+        start = max(lengths)
+        if start + max(remaining) > self.capacity:
+            return False
+        self._shift(start - self._start)
+        self._start = start
+        row = _Row(request, job.seq)
         slot = len(self._rows)
         for big, small in zip(self._cache.buffers, self._scratch.buffers):
-            big[slot, :, self._start - n:self._start] = small[0, :, :n]
+            big[slot, :, start - n:start] = small[0, :, :n]
         row.cached = n
         self._rows.append(row)
-        self._take_token(row, logits)
+        self._prefilling = None
+        self._take_token(row, job.logits)
+        return True
 
     def _decode(self):
         rows = self._rows
@@ -277,6 +314,9 @@ class Engine:
     def _fail_all(self, error: BaseException):
         with self._lock:
             failed = [r.request for r in self._rows] + list(self._waiting)
+            if self._prefilling is not None:
+                failed.append(self._prefilling.request)
+                self._prefilling = None
             self._rows.clear()
             self._waiting.clear()
         self._start = 0
