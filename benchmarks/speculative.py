@@ -12,7 +12,7 @@ Timing: rounds interleaved (plain, each draft, plain, ...) and the median per co
 so that drift of the shared machine is not credited to one side.
 
     python benchmarks/speculative.py [--model smollm2|smollm2-random] [--tokens 64] [--k 4]
-                                     [--drafts int4 int8 ngram] [--repeat 3] [--out f.json]
+                                     [--drafts int4 ngram int8] [--repeat 3] [--out f.json]
 """
 import argparse
 import os
@@ -40,18 +40,19 @@ def main():
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "smollm2-random"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per round")
-    ap.add_argument("--drafts", nargs="+", default=["int4", "int8", "ngram"])
+    ap.add_argument("--drafts", nargs="+", default=["int4", "ngram"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     device = torch.device("cpu")
-    model, ids = load(args.model, device, torch.float32)
     if args.model == "smollm2":
         import zoo
 
-        _, tok = zoo.smollm2()
+        model, tok = zoo.smollm2()
         ids = tok(PROMPT, return_tensors="pt").input_ids
+    else:
+        model, ids = load(args.model, device, torch.float32)
     fast = fxforge.optimize(model, (ids,), kv_cache=True)
     drafts = {}
     for name in args.drafts:
