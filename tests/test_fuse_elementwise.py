@@ -243,3 +243,25 @@ def test_models_launch_fewer_kernels_and_match_eager(name):
             ref = model(x).logits
         torch.testing.assert_close(fused(x).logits, ref, atol=1e-4, rtol=1e-4)
     assert fused.kernels and all("@triton.jit" in src for src in fused.kernels.values())
+
+
+def test_launch_plans_are_made_once_per_input_signature():
+    # the wrapper works out a launch (kernel, output shapes, strides, grid) once per input
+    # shapes/strides/dtypes and reuses it: the same answer, without per-call inference
+    from fxforge.codegen.pointwise import PointwiseKernels
+
+    g = parse("""graph(%x: f32[B, 8], %y: f32[B, 8]) {
+  %1: f32[B, 8] = add(%x, %y)
+  %2: f32[B, 8] = exp(%1)
+  return (%2)
+}""")
+    node = next(n for n in fuse_elementwise(g, PassContext()).nodes if n.op == "fused_pointwise")
+    kernels = PointwiseKernels()
+    run = lambda *xs: kernels.run(*xs, body=node.attrs["body"], outputs=node.attrs["outputs"])  # noqa: E731
+    for b in (3, 3, 5, 3):
+        x, y = torch.randn(b, 8), torch.randn(b, 8)
+        torch.testing.assert_close(run(x, y), torch.exp(x + y))
+    assert len(kernels._plans) == 2
+    x = torch.randn(8, 3).t()  # the same shape with other strides: a plan of its own
+    torch.testing.assert_close(run(x, x), torch.exp(x + x))
+    assert len(kernels._plans) == 3

@@ -17,6 +17,7 @@ import importlib.util
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 
 import torch
 
@@ -227,6 +228,7 @@ class PointwiseKernels:
         # name, BLOCK -> {"path", "name", "signature", "constexprs"} of each distinct launch, so
         # the generated kernels of a model can be compiled ahead of time (codegen/gpu_compile.py)
         self.launches: dict[tuple, dict] = {}
+        self._plans: dict[tuple, _LaunchPlan] = {}  # launch signature -> what the launch needs
 
     def kernel(self, generate, *spec):
         """The compiled kernel for `generate(name, *spec)`, made once per distinct source."""
@@ -255,26 +257,41 @@ class PointwiseKernels:
         return getattr(module, name)
 
     def run(self, *inputs, body, outputs, row=None):
+        """Run a fused_pointwise node's kernel. What a launch needs besides the tensors (the
+        kernel, output shapes and dtypes, strides, grid) depends only on the inputs' shapes,
+        strides and dtypes, so it is worked out once per such signature and kept: a decode
+        step calls each fused node with the same signature every time, and redoing the IR
+        type inference and the broadcast per call was most of the wrapper's host time."""
+        signature = (id(body), id(outputs), row, tuple((x.shape, x.stride(), x.dtype) for x in inputs))
+        plan = self._plans.get(signature)
+        if plan is None or plan.body is not body or plan.outputs is not outputs:
+            plan = self._plan(inputs, body, outputs, row)
+            self._plans[signature] = plan
+        device = inputs[0].device
+        outs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in plan.out_specs]
+        if plan.grid is not None:
+            plan.fn[plan.grid](*inputs, *outs, *plan.scalars, **plan.constexprs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _plan(self, inputs, body, outputs, row) -> "_LaunchPlan":
         import triton
 
         shape = tuple(torch.broadcast_shapes(*(x.shape for x in inputs)))
         types = OPS["fused_pointwise"].infer([_type_of(x) for x in inputs], {"body": body, "outputs": outputs})
         out_dtypes = [t.dtype for t in types]
         if row is not None:
-            return self._run_rows(inputs, body, outputs, shape, types, out_dtypes)
+            return self._plan_rows(inputs, body, outputs, shape, types, out_dtypes)
         kshape = shape or (1,)  # a 0-dim result runs as one element
-        rank = len(kshape)
-        fn = self.kernel(generate_source, body, outputs, [x.dtype for x in inputs], out_dtypes, rank)
-        device = inputs[0].device
-        outs = [torch.empty(shape, dtype=d, device=device) for d in out_dtypes]
+        fn = self.kernel(generate_source, body, outputs, [x.dtype for x in inputs], out_dtypes, len(kshape))
         strides = [s for x in inputs for s in (x.expand(shape).stride() if shape else (0,))]
         numel = math.prod(kshape)
-        if numel:
-            grid = (triton.cdiv(numel, self.BLOCK),)
-            self._record(fn, [*inputs, *outs, numel, *kshape, *strides], {"BLOCK": self.BLOCK})
-            fn[grid](*inputs, *outs, numel, *kshape, *strides, BLOCK=self.BLOCK)
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
+        scalars = [numel, *kshape, *strides]
+        constexprs = {"BLOCK": self.BLOCK}
+        out_specs = [(shape, d) for d in out_dtypes]
+        grid = (triton.cdiv(numel, self.BLOCK),) if numel else None
+        if grid is not None:
+            self._record(fn, [*inputs, *(torch.empty(0, dtype=d) for d in out_dtypes), *scalars], constexprs)
+        return _LaunchPlan(body, outputs, fn, out_specs, scalars, constexprs, grid)
 
     def _record(self, fn, args, constexprs):
         name = fn.__name__
@@ -284,26 +301,37 @@ class PointwiseKernels:
             "path": os.path.join(self.cache_dir, f"{name}.py"), "name": name,
             "signature": signature, "constexprs": dict(constexprs)}
 
-    def _run_rows(self, inputs, body, outputs, shape, types, out_dtypes):
+    def _plan_rows(self, inputs, body, outputs, shape, types, out_dtypes):
         from .row_loop import generate_looped_row_source
 
         n = shape[-1]
         lead = shape[:-1]
-        device = inputs[0].device
-        outs = [torch.empty(tuple(int(d) for d in t.shape), dtype=t.dtype, device=device) for t in types]
+        out_specs = [(tuple(int(d) for d in t.shape), t.dtype) for t in types]
         full = [x.dim() > 0 and x.shape[-1] == n and n > 1 for x in inputs]
         generate = generate_looped_row_source if row_is_looped(n) else generate_row_source
         fn = self.kernel(generate, body, outputs, [x.dtype for x in inputs], full, out_dtypes, len(lead))
         strides = []
         for x, is_row in zip(inputs, full):
-            st = x.expand(lead + ((n,) if is_row else (1,))).stride()
-            strides += list(st)
+            strides += list(x.expand(lead + ((n,) if is_row else (1,))).stride())
         rows = math.prod(lead)
-        if rows:
-            block = {"BLOCK_N": row_block(n)}
-            self._record(fn, [*inputs, *outs, n, *lead, *strides], block)
-            fn[(rows,)](*inputs, *outs, n, *lead, *strides, **block)
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        scalars = [n, *lead, *strides]
+        constexprs = {"BLOCK_N": row_block(n)}
+        grid = (rows,) if rows else None
+        if grid is not None:
+            self._record(fn, [*inputs, *(torch.empty(0, dtype=d) for _, d in out_specs), *scalars], constexprs)
+        return _LaunchPlan(body, outputs, fn, out_specs, scalars, constexprs, grid)
+
+
+@dataclass
+class _LaunchPlan:
+    """One fused node's launch at one input signature: all but the tensors."""
+    body: tuple
+    outputs: tuple
+    fn: object
+    out_specs: list  # (shape, dtype) of each output
+    scalars: list  # sizes and strides, after the tensors
+    constexprs: dict
+    grid: tuple | None  # None: nothing to compute (an empty tensor)
 
 
 def _type_of(x: torch.Tensor):
