@@ -21,7 +21,7 @@ SAMPLE = {
     "gpt_neox": ("sdpa", True),
     "opt": ("eager", False),  # kv: positions from a cumsum over a ones mask built from T
     "phi": ("sdpa", True),
-    "mixtral": ("sdpa", False),  # mixture of experts: in-place scatter of the router; kv: its B*T arange
+    "mixtral": ("sdpa", True),  # mixture of experts: the router scatters in place and counts B*T tokens
 }
 
 

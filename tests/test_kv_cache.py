@@ -289,6 +289,9 @@ def _arch(name):
         "mistral": lambda: tr.MistralForCausalLM(tr.MistralConfig(**common, sliding_window=None)),
         "phi3": lambda: tr.Phi3ForCausalLM(tr.Phi3Config(**common, pad_token_id=0)),
         "gemma": lambda: tr.GemmaForCausalLM(tr.GemmaConfig(**common, head_dim=16)),
+        # mixture of experts: the router indexes the step's tokens with arange(B*T), not positions
+        "mixtral": lambda: tr.MixtralForCausalLM(tr.MixtralConfig(**common, num_local_experts=4,
+                                                                  num_experts_per_tok=2, sliding_window=None)),
         "gpt_neox": lambda: tr.GPTNeoXForCausalLM(tr.GPTNeoXConfig(
             vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256)),
@@ -296,7 +299,7 @@ def _arch(name):
     return build().eval(), 128
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral", "phi3", "gemma", "gpt_neox"])
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "phi3", "gemma", "gpt_neox", "mixtral"])
 def test_more_architectures_generate_like_transformers(name):
     model, vocab = _arch(name)
     fast = _optimize(model, vocab)

@@ -161,7 +161,7 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     new_graph, per_row, table_limit = _rewrite_positions(graph, seq, batch, cache_len)
     new_graph = dead_code_elimination(new_graph)
     new_graph, layers, bytes_per_token = _rewrite_attention(new_graph, seq, batch, cache_len, cache_size, config)
-    _check_no_other_length_ops(new_graph, seq)
+    _check_no_other_length_ops(new_graph, seq, batch)
 
     max_seq_len = config.max_seq_len
     if table_limit is not None:
@@ -238,7 +238,8 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
     table_limit = None
     shared = False
     for node in graph.nodes:
-        if node.op == "arange" and _mentions(node.attrs.get("end"), seq):
+        if node.op == "arange" and _mentions(node.attrs.get("end"), seq) \
+                and not _token_count(node.attrs["end"], batch, seq):
             a = node.attrs
             if not (a["start"] == 0 and a["step"] == 1 and dims_equal(a["end"], seq)):
                 raise KVCacheError("kv_cache: an arange over the sequence that does not count 0..T-1; cannot "
@@ -290,6 +291,17 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
 
 def _mentions(expr, sym) -> bool:
     return isinstance(expr, sympy.Basic) and sym in expr.free_symbols
+
+
+def _token_count(expr, batch, seq) -> bool:
+    """`expr` is a multiple of B*T: a size over the step's tokens flattened across the batch
+    (a mixture-of-experts router's token index or scatter buffer), not a length along the
+    sequence. Such a tensor means the same in prefill and decode: it indexes this step's
+    tokens, whatever their positions."""
+    if not (_mentions(expr, seq) and _mentions(expr, batch)):
+        return False
+    ratio = sympy.simplify(expr / (batch * seq))
+    return not ratio.free_symbols
 
 
 def _retype(graph: Graph, replace: dict[Value, Value]) -> Graph | None:
@@ -383,14 +395,18 @@ def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: 
     return out, layer, bytes_per_token
 
 
-def _check_no_other_length_ops(graph: Graph, seq):
+def _check_no_other_length_ops(graph: Graph, seq, batch):
     """A tensor built from the sequence length alone (a leftover mask, a position we did
-    not place) would be wrong once T is only the new tokens: refuse."""
+    not place) would be wrong once T is only the new tokens: refuse. Sizes that count the
+    step's tokens across the batch (B*T) are not lengths (see _token_count)."""
+    def length(x):
+        return _mentions(x, seq) and not _token_count(x, batch, seq)
+
     for n in graph.nodes:
         if OPS[n.op].kind == "creation" and n.op != "const":
             a = n.attrs
-            mentions = any(_mentions(x, seq) for x in (a.get("end"), a.get("start")))
-            mentions |= any(_mentions(d, seq) for d in a.get("shape", ()) if isinstance(d, sympy.Basic))
+            mentions = any(length(x) for x in (a.get("end"), a.get("start")))
+            mentions |= any(length(d) for d in a.get("shape", ()) if isinstance(d, sympy.Basic))
             starts_at_cache = n.op == "arange" and isinstance(a.get("start"), sympy.Basic) and \
                 not a["start"].is_number
             if mentions and not starts_at_cache:
