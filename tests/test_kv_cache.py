@@ -289,6 +289,8 @@ def _arch(name):
         "mistral": lambda: tr.MistralForCausalLM(tr.MistralConfig(**common, sliding_window=None)),
         "phi3": lambda: tr.Phi3ForCausalLM(tr.Phi3Config(**common, pad_token_id=0)),
         "gemma": lambda: tr.GemmaForCausalLM(tr.GemmaConfig(**common, head_dim=16)),
+        # interleaved rotary tables (repeat_interleave): positions still per row
+        "cohere": lambda: tr.CohereForCausalLM(tr.CohereConfig(**common, pad_token_id=0)),
         # mixture of experts: the router indexes the step's tokens with arange(B*T), not positions
         "mixtral": lambda: tr.MixtralForCausalLM(tr.MixtralConfig(**common, num_local_experts=4,
                                                                   num_experts_per_tok=2, sliding_window=None)),
@@ -299,7 +301,7 @@ def _arch(name):
     return build().eval(), 128
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral", "phi3", "gemma", "gpt_neox", "mixtral"])
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "phi3", "gemma", "gpt_neox", "mixtral", "cohere"])
 def test_more_architectures_generate_like_transformers(name):
     model, vocab = _arch(name)
     fast = _optimize(model, vocab)
