@@ -248,7 +248,10 @@ def run_arch(model_type: str, attn: str, sizes=SIZES, gen_tokens: int = GEN_TOKE
     try:
         model, config, note = build_and_check(model_type, attn, example)
     except Exception as e:
-        row["status"] = f"skipped: cannot build or run eager ({reason(e)})"
+        if "does not support an attention implementation" in str(e):
+            row["status"] = f"skipped: transformers has no {attn} attention for {model_type}"
+        else:
+            row["status"] = f"skipped: cannot build or run eager ({reason(e)})"
         return row
     if note:
         row["note"] = note
@@ -458,6 +461,40 @@ def markdown(rows: list[dict], meta: dict) -> str:
         cells = [_cell(r, c) for c in COLUMNS]
         notes = "; ".join(f"{k}: {v}" for k, v in r.get("reasons", {}).items())
         lines.append(f"| {r['arch']} | {r['attn']} | " + " | ".join(cells) + f" | {notes[:300].replace('|', '/')} |")
+    return "\n".join(lines) + "\n\n## Failures grouped by cause\n" + grouped_failures(rows)
+
+
+def _cause(text: str) -> str:
+    """A failure reason without its numbers and paths, so equal causes group together."""
+    import re
+
+    text = re.sub(r"\(first at new token \d+\)", "", text)
+    text = re.sub(r"(at batch|batch) \d+(, length \d+)?", "batch b", text)
+    text = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", text)
+    text = re.sub(r"torch.export could not capture \w+: ", "torch.export: ", text)
+    return text[:170]
+
+
+def grouped_failures(rows: list[dict]) -> str:
+    """Failures grouped by cause, per column (and the rows skipped, by reason)."""
+    lines = []
+    for col in ("status", *COLUMNS):
+        groups: dict[str, list[str]] = {}
+        for r in rows:
+            if col == "status":
+                if r.get("status", "run") == "run":
+                    continue
+                why = r["status"]
+            else:
+                why = r.get("reasons", {}).get(col)
+                if why is None or (col == "generate" and r.get("generate") is None and not why.startswith("n/a")):
+                    continue
+            groups.setdefault(_cause(why), []).append(f"{r['arch']}/{r['attn']}")
+        if not groups:
+            continue
+        lines += ["", f"### {'not run' if col == 'status' else col}", ""]
+        for why, where in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            lines.append(f"- **{len(where)}** `{why.replace('`', '')}`: {', '.join(where)}")
     return "\n".join(lines) + "\n"
 
 
