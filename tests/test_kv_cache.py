@@ -331,6 +331,24 @@ def test_sliding_window_attention_is_refused_as_such(window):
         fxforge.optimize(model, (torch.randint(0, vocab, (2, 9)),), kv_cache=True)
 
 
+def test_a_window_at_least_max_seq_len_wide_is_plain_causal_for_the_cache():
+    """Every sequence the cache holds is shorter than the window: the band mask is causal."""
+    model, vocab = zoo.mistral(sliding_window=64)
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 9)),), kv_cache=KVCacheConfig(max_seq_len=64))
+    assert all(n.attrs["causal"] for n in fast.graph.nodes if n.op == "attention")
+    ids, mask = _padded_batch(vocab, [6, 3])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    assert torch.equal(fast.generate(ids, 12, attention_mask=mask, eos_token_id=None), ref)
+
+
+@pytest.mark.parametrize("window", [4, 63])  # 63: one key short of max_seq_len
+def test_a_window_narrower_than_max_seq_len_is_still_refused(window):
+    model, vocab = zoo.mistral(sliding_window=window)
+    with pytest.raises(KVCacheError, match="sliding-window attention"):
+        fxforge.optimize(model, (torch.randint(0, vocab, (2, 9)),), kv_cache=KVCacheConfig(max_seq_len=64))
+
+
 def test_a_length_only_mask_that_is_not_a_band_is_refused_as_such():
     class PrefixLM(torch.nn.Module):  # the first 2 positions are seen by every query
         def __init__(self):

@@ -24,6 +24,11 @@ Rewrites (each declines loudly, with the node, rather than produce wrong tokens)
   slice(table, d, 0, T) of a fixed-size -> slice(table, d, L, L + T)
     table (a rotary cos/sin cache)
 
+  attention(q, k, v, band mask)         -> attention(q, k, v) {causal}, when KVCacheConfig's
+                                           max_seq_len is set and the mask, evaluated up to
+                                           it, is plain causal (a sliding window at least
+                                           max_seq_len wide)
+
 Refused: attention that is not causal or has a mask input (the cache cannot extend an
 arbitrary mask; the error says whether the mask comes from the inputs or is the model's
 own pattern, such as Mistral's sliding window), attention over keys that are not the new tokens, any other op that
@@ -142,6 +147,9 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
         raise KVCacheError(f"kv_cache: attention has a fixed batch or sequence size ({first_q.type}); capture "
                            "the model with dynamic=True so one graph serves every length\n  at: "
                            + _describe(graph, attentions[0]))
+    if config.max_seq_len is not None:
+        graph = _windows_wider_than_the_cache(graph, seq, config.max_seq_len)
+        attentions = [n for n in graph.nodes if n.op == "attention"]
     for n in attentions:
         q, k = n.inputs[0], n.inputs[1]
         why = None
@@ -195,6 +203,57 @@ def _output_roles(graph: Graph, batch, seq) -> tuple[str, ...]:
     return tuple(out)
 
 
+# A mask is evaluated at max_seq_len (a [T, T] tensor) to prove it causal only up to this.
+MAX_WINDOW_PROOF = 8192
+
+
+def _windows_wider_than_the_cache(graph: Graph, seq, max_seq_len: int) -> Graph:
+    """Sliding-window attention whose window is at least max_seq_len keys is plain causal
+    for every sequence the cache can hold: its mask (built from the length alone) becomes
+    causal=True. Proven by evaluating the mask at the sample lengths up to max_seq_len and
+    at max_seq_len itself: at each one it must be exactly the causal pattern."""
+    from .fuse_attention import MASK_FILL_MAX
+    from .shape_eval import sample_sizes
+
+    if max_seq_len > MAX_WINDOW_PROOF:
+        return graph
+    producers = graph.producers()
+    samples = sample_sizes(graph)
+    if not samples:
+        return graph
+    probes = [sz for sz in samples if sz.get(seq, 0) <= max_seq_len] + [{**samples[0], seq: max_seq_len}]
+    replaced: dict[int, Node] = {}
+    verdicts: dict[Value, bool] = {}
+    for n in graph.nodes:
+        if n.op != "attention" or len(n.inputs) != 4 or n.attrs["causal"]:
+            continue
+        bias = n.inputs[3]
+        if bias not in verdicts:
+            verdicts[bias] = _causal_at(bias, producers, graph, probes, MASK_FILL_MAX)
+        if verdicts[bias]:
+            replaced[id(n)] = Node("attention", n.inputs[:3], {**n.attrs, "causal": True}, n.outputs,
+                                   {**n.meta, "pass": "kv_cache"})
+    if not replaced:
+        return graph
+    return dead_code_elimination(graph.with_nodes([replaced.get(id(n), n) for n in graph.nodes]))
+
+
+def _causal_at(bias: Value, producers, graph: Graph, probes: list[dict], fill_max: float) -> bool:
+    from .shape_eval import evaluate
+
+    for sizes in probes:
+        value = evaluate(bias, producers, graph, sizes)
+        if value is None or value.shape[-1] != value.shape[-2]:
+            return False  # reads an input (the user's mask), or not a square [T, T] mask
+        rows = value.float().reshape(-1, *value.shape[-2:])
+        keep = rows[0] == 0
+        if not (rows == rows[0]).all() or not (rows[0][~keep] <= fill_max).all():
+            return False
+        if not bool((keep == causal_keep(*keep.shape)).all()):
+            return False
+    return True
+
+
 def _mask_input_problem(graph: Graph, attention: Node) -> str:
     """Why the cache cannot serve this attention's mask input, as precisely as the graph
     tells: a mask computed from the user's inputs (attention_mask) has a remedy, a mask
@@ -222,8 +281,8 @@ def _mask_input_problem(graph: Graph, attention: Node) -> str:
             other = True
     if widths and not other:
         return (f"is sliding-window attention (each query sees only its last {max(widths)} keys: a band mask, not "
-                "plain causal), which the KV cache does not support yet; without kv_cache=True the model runs "
-                "with its mask in the graph")
+                "plain causal), which the KV cache does not support yet (only a window at least max_seq_len wide: "
+                "KVCacheConfig(max_seq_len=...)); without kv_cache=True the model runs with its mask in the graph")
     return ("has a mask built from the sequence length that is not plain causal (not a band either: a "
             "prefix-LM or chunked pattern, say), which the KV cache does not support; it caches plain causal "
             "attention only")
