@@ -294,6 +294,8 @@ def _arch(name):
         # a sinusoidal position table indexed by position ids (table[ids]): a row lookup
         "ctrl": lambda: tr.CTRLLMHeadModel(tr.CTRLConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, dff=128,
                                                          n_positions=256)),
+        # attention scaled by a floor of the positions (Llama-4-style temperature tuning)
+        "ministral3": lambda: tr.Ministral3ForCausalLM(tr.Ministral3Config(**common, head_dim=16, pad_token_id=0)),
         # mixture of experts: the router indexes the step's tokens with arange(B*T), not positions
         "mixtral": lambda: tr.MixtralForCausalLM(tr.MixtralConfig(**common, num_local_experts=4,
                                                                   num_experts_per_tok=2, sliding_window=None)),
@@ -304,7 +306,7 @@ def _arch(name):
     return build().eval(), 128
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral", "phi3", "gemma", "gpt_neox", "mixtral", "cohere", "ctrl"])
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "phi3", "gemma", "gpt_neox", "mixtral", "cohere", "ctrl", "ministral3"])
 def test_more_architectures_generate_like_transformers(name):
     model, vocab = _arch(name)
     fast = _optimize(model, vocab)
