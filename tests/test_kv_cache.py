@@ -379,3 +379,16 @@ def test_config_sizes_must_be_positive_ints(field, value):
 def test_config_dtype_must_be_a_float_dtype(dtype):
     with pytest.raises(ValueError, match="KVCacheConfig.dtype must be a floating torch.dtype"):
         KVCacheConfig(dtype=dtype)
+
+
+def test_refuses_positions_counted_along_the_sequence():
+    """RoBERTa-family models count positions with a cumulative sum over input_ids != pad:
+    with a cache the step holds only the new tokens, so the count would restart (tokens
+    unlike transformers'). The pass refuses rather than generate them."""
+    import transformers as tr
+
+    cfg = tr.RobertaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=4, max_position_embeddings=256, is_decoder=True, pad_token_id=0)
+    model = tr.RobertaForCausalLM(cfg).eval()
+    with pytest.raises(KVCacheError, match=r"runs along the sequence[\s\S]*at: .*cumsum"):
+        fxforge.optimize(model, (torch.randint(1, 128, (2, 7)),), kv_cache=True)

@@ -170,6 +170,7 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     new_graph = dead_code_elimination(new_graph)
     new_graph, layers, bytes_per_token = _rewrite_attention(new_graph, seq, batch, cache_len, cache_size, config)
     _check_no_other_length_ops(new_graph, seq, batch)
+    _check_nothing_runs_along_the_sequence(dead_code_elimination(new_graph), seq)
 
     max_seq_len = config.max_seq_len
     if table_limit is not None:
@@ -452,6 +453,32 @@ def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: 
     out.input_names.append(KV_BIAS)
     out.state_values = states
     return out, layer, bytes_per_token
+
+
+# ATen scans: each output element depends on every earlier one along `dim`
+SCANS = ("aten.cumsum.", "aten.cumprod.", "aten.cummax.", "aten.cummin.", "aten.logcumsumexp.", "aten.diff.")
+
+
+def _check_nothing_runs_along_the_sequence(graph: Graph, seq):
+    """With a cache, T counts only the new tokens: an op that combines values along the
+    sequence outside attention (a cumulative sum of a padding mask into positions, as
+    RoBERTa-family models compute them from input_ids; a reduction over T) would see only
+    those and give other numbers than over the whole sequence: refuse."""
+    for n in graph.nodes:
+        if n.op == "torch_call" and n.attrs["target"].startswith(SCANS) and n.inputs:
+            x = n.inputs[0]
+            args = n.attrs["args"]
+            dim = args[1] if len(args) > 1 and isinstance(args[1], int) else dict(n.attrs["kwargs"]).get("dim", -1)
+            if isinstance(dim, int) and x.rank and _mentions(x.shape[dim % x.rank], seq):
+                raise KVCacheError("kv_cache: this op runs along the sequence (each result depends on the earlier "
+                                   "tokens), which with a cache are not in the step's input: the pass cannot "
+                                   f"tell what it computes then\n  at: {_describe(graph, n)}")
+        elif OPS[n.op].kind == "reduction" and n.inputs:
+            x = n.inputs[0]
+            dims = n.attrs.get("dims", (n.attrs["dim"],) if "dim" in n.attrs else ())
+            if any(_mentions(x.shape[d % x.rank], seq) for d in dims if x.rank):
+                raise KVCacheError("kv_cache: this op reduces over the sequence outside attention; with a cache "
+                                   f"it would see only the new tokens\n  at: {_describe(graph, n)}")
 
 
 def _check_no_other_length_ops(graph: Graph, seq, batch):
