@@ -3,14 +3,16 @@ family: each is built tiny from its config, captured, optimized and compared wit
 (batch 1 and 3, two lengths), its attention fused, and where the sweep says so, its
 kv_cache generate equals transformers' greedy generate (batch 1 and a left-padded batch).
 The whole sweep is `python benchmarks/coverage.py` (docs/coverage.md)."""
+import importlib.util
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-
-import coverage  # noqa: E402
+# loaded by path under its own name: `coverage` is also the name of coverage.py (pytest-cov)
+_spec = importlib.util.spec_from_file_location(
+    "fxforge_coverage_sweep", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "coverage.py"))
+coverage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(coverage)
 
 pytestmark = pytest.mark.slow
 
