@@ -279,3 +279,51 @@ def test_sampling_several_sequences_per_prompt(pair):
                         generator=gen)
     assert out.shape == (6, ids.shape[1] + 5)
     assert torch.equal(out[::2, :ids.shape[1]], ids) and torch.equal(out[1::2, :ids.shape[1]], ids)
+
+
+def _bart_decoder():
+    """A tiny BartForCausalLM: its generation_config forces EOS as the last token
+    (forced_eos_token_id, from BartConfig), which transformers' generate applies."""
+    from transformers import BartConfig, BartForCausalLM
+
+    cfg = BartConfig(vocab_size=128, d_model=64, decoder_layers=2, encoder_layers=2, decoder_attention_heads=4,
+                     encoder_attention_heads=4, decoder_ffn_dim=128, encoder_ffn_dim=128, max_position_embeddings=128,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2, forced_eos_token_id=2)
+    return BartForCausalLM(cfg).eval(), 128
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["batch1", "left_padded"])
+def test_model_forced_eos_equals_transformers(padded):
+    model, vocab = _bart_decoder()
+    assert model.generation_config.forced_eos_token_id == 2
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=True)
+    ids, mask = _prompts(vocab, padded)
+    out, ref = _both(model, fast, ids, mask, max_new_tokens=8, eos_token_id=None)
+    assert torch.equal(out, ref), (out, ref)
+    assert (out[:, -1] == 2).all()  # forced, not chosen
+
+
+@pytest.mark.parametrize("kw", [dict(forced_eos_token_id=[5, 7]), dict(forced_bos_token_id=9)],
+                         ids=["forced_eos", "forced_bos"])
+def test_forced_tokens_equal_transformers(pair, kw):
+    model, fast, vocab = pair
+    for ids in (_prompts(vocab, False)[0], torch.tensor([[4]])):
+        out, ref = _both(model, fast, ids, None, max_new_tokens=6, eos_token_id=None, **kw)
+        assert torch.equal(out, ref), (out, ref)
+
+
+def test_unsupported_setting_of_the_model_raises(pair):
+    """A setting generate() does not implement, on in the model's own generation_config, is
+    refused (not silently dropped); its neutral value in the call turns it off."""
+    from transformers import GenerationConfig
+
+    _, fast, vocab = pair
+    ids, _ = _prompts(vocab, False)
+    saved = fast.generation_defaults
+    try:
+        fast.generation_config = GenerationConfig(suppress_tokens=[1, 2], pad_token_id=0)
+        with pytest.raises(ValueError, match="model's generation_config sets suppress_tokens"):
+            fast.generate(ids, 3)
+        assert fast.generate(ids, 3, suppress_tokens=None).shape == (1, 9)
+    finally:
+        fast.generation_defaults = saved

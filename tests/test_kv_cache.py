@@ -290,6 +290,14 @@ def _arch(name):
         "mistral": lambda: tr.MistralForCausalLM(tr.MistralConfig(**common, sliding_window=None)),
         "phi3": lambda: tr.Phi3ForCausalLM(tr.Phi3Config(**common, pad_token_id=0)),
         "gemma": lambda: tr.GemmaForCausalLM(tr.GemmaConfig(**common, head_dim=16)),
+        # a sinusoidal position table indexed by position ids (table[ids]): a row lookup
+        "ctrl": lambda: tr.CTRLLMHeadModel(tr.CTRLConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, dff=128,
+                                                         n_positions=256)),
+        # attention scaled by a floor of the positions (Llama-4-style temperature tuning)
+        "ministral3": lambda: tr.Ministral3ForCausalLM(tr.Ministral3Config(**common, head_dim=16, pad_token_id=0)),
+        # mixture of experts: the router indexes the step's tokens with arange(B*T), not positions
+        "mixtral": lambda: tr.MixtralForCausalLM(tr.MixtralConfig(**common, num_local_experts=4,
+                                                                  num_experts_per_tok=2, sliding_window=None)),
         "gpt_neox": lambda: tr.GPTNeoXForCausalLM(tr.GPTNeoXConfig(
             vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256)),
@@ -297,7 +305,7 @@ def _arch(name):
     return build().eval(), 128
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral", "phi3", "gemma", "gpt_neox"])
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "phi3", "gemma", "gpt_neox", "mixtral", "ctrl", "ministral3"])
 def test_more_architectures_generate_like_transformers(name):
     model, vocab = _arch(name)
     fast = _optimize(model, vocab)
@@ -341,6 +349,24 @@ def test_sliding_window_attention_generates_like_transformers(window):
     assert torch.equal(fast.generate(ids, 2 * window, attention_mask=mask, eos_token_id=None), ref)
 
 
+def test_a_window_at_least_max_seq_len_wide_is_plain_causal_for_the_cache():
+    """Every sequence the cache holds is shorter than the window: the band mask is causal."""
+    model, vocab = zoo.mistral(sliding_window=64)
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 9)),), kv_cache=KVCacheConfig(max_seq_len=64))
+    assert all(n.attrs["causal"] for n in fast.graph.nodes if n.op == "attention")
+    ids, mask = _padded_batch(vocab, [6, 3])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                         eos_token_id=None)
+    assert torch.equal(fast.generate(ids, 12, attention_mask=mask, eos_token_id=None), ref)
+
+
+@pytest.mark.parametrize("window", [4, 63])  # 63: one key short of max_seq_len
+def test_a_window_narrower_than_max_seq_len_is_still_refused(window):
+    model, vocab = zoo.mistral(sliding_window=window)
+    with pytest.raises(KVCacheError, match="sliding-window attention"):
+        fxforge.optimize(model, (torch.randint(0, vocab, (2, 9)),), kv_cache=KVCacheConfig(max_seq_len=64))
+
+
 def test_a_length_only_mask_that_is_not_a_band_is_refused_as_such():
     class PrefixLM(torch.nn.Module):  # the first 2 positions are seen by every query
         def __init__(self):
@@ -368,3 +394,16 @@ def test_config_sizes_must_be_positive_ints(field, value):
 def test_config_dtype_must_be_a_float_dtype(dtype):
     with pytest.raises(ValueError, match="KVCacheConfig.dtype must be a floating torch.dtype"):
         KVCacheConfig(dtype=dtype)
+
+
+def test_refuses_positions_counted_along_the_sequence():
+    """RoBERTa-family models count positions with a cumulative sum over input_ids != pad:
+    with a cache the step holds only the new tokens, so the count would restart (tokens
+    unlike transformers'). The pass refuses rather than generate them."""
+    import transformers as tr
+
+    cfg = tr.RobertaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=4, max_position_embeddings=256, is_decoder=True, pad_token_id=0)
+    model = tr.RobertaForCausalLM(cfg).eval()
+    with pytest.raises(KVCacheError, match=r"runs along the sequence[\s\S]*at: .*cumsum"):
+        fxforge.optimize(model, (torch.randint(1, 128, (2, 7)),), kv_cache=True)

@@ -71,14 +71,21 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
 
 
 def _export_and_lower(model, args, kwargs, injected, dynamic):
-    ep = _export(model, args, kwargs, dynamic)
+    ep = _functional(_export(model, args, kwargs, dynamic))
     try:
         return _lower_exported(ep, injected, model)
     except CaptureError:
         # The fast trace records no stack traces: trace again with them, so that the
         # error names the model's source line, not only its module path.
-        _lower_exported(_export(model, args, kwargs, dynamic, stack_traces=True), injected, model)
+        _lower_exported(_functional(_export(model, args, kwargs, dynamic, stack_traces=True)), injected, model)
         raise
+
+
+def _functional(ep):
+    """The IR has no aliasing: a write through a view (or any in-place op the lowerer
+    cannot make functional itself) needs torch's functionalization first, which turns
+    it into a *_scatter op."""
+    return ep.run_decompositions({}) if _needs_functionalization(ep) else ep
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,6 +233,8 @@ class _Lowerer:
         self.ranges: dict = {}
         self.same_size: dict = {}  # a size expression -> the symbol a guard says it equals
         self.guards: list = []
+        self.aliases = _storage_aliases(ep.graph_module.graph)
+        self.order = {n: i for i, n in enumerate(ep.graph_module.graph.nodes)}
 
     def size_ranges(self):
         from torch.utils._sympy.value_ranges import ValueRanges
@@ -319,9 +328,22 @@ class _Lowerer:
         self.builder.meta = {"source": _source(node)}
         if isinstance(target, torch._ops.HigherOrderOperator):
             return self.inline_hop(node, target, args)
+        if isinstance(target, torch._ops.OpOverload) and self.functionalizable(node):
+            # x.op_(...) -> y = op(x, ...); every later reader of x reads y. The IR is SSA:
+            # an opaque in-place call would let passes merge or fold the buffer it writes
+            # (two equal `full` buffers, each scattered into, became one).
+            functional = _functional_variant(target)
+            if functional is not None:
+                target = functional
         name = str(target)
         rule = RULES.get(name)
         out_types = self.types_of(val)
+        result = self.lower_call(node, target, name, rule, args, kwargs, val, out_types)
+        if target is not node.target:  # functionalized: the written tensor is now `result`
+            env[node.args[0]] = result
+        return result
+
+    def lower_call(self, node, target, name, rule, args, kwargs, val, out_types):
         if rule is not None:
             try:
                 result = rule(LowerCtx(self.builder, out_types), *args, **kwargs)
@@ -337,6 +359,9 @@ class _Lowerer:
         if val is None and not isinstance(target, torch._ops.OpOverload):
             return None
         return self.opaque(node, name, args, kwargs, out_types)
+
+    def functionalizable(self, node) -> bool:
+        return _functionalizable(node, self.aliases, self.order)
 
     def opaque(self, node, name, args, kwargs, out_types):
         if out_types is None:
@@ -378,6 +403,78 @@ class _Lowerer:
             sub_env[ph] = value
         result = self.run_graph(sub.graph, sub_env)
         return tuple(self.arg(result, sub_env))
+
+
+def _storage_aliases(graph) -> dict:
+    """fx node -> the nodes whose tensors share its storage (itself included), from the
+    fake tensors export recorded: views and in-place results alias their input."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    groups: dict = {}
+    of: dict = {}
+    for n in graph.nodes:
+        val = n.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        try:
+            key = StorageWeakRef(val.untyped_storage())
+        except Exception:  # no storage to compare (a tensor subclass): it aliases anything
+            return {}
+        groups.setdefault(key, []).append(n)
+        of[n] = key
+    return {n: groups[k] for n, k in of.items()}
+
+
+def _functionalizable(node, aliases: dict, order: dict) -> bool:
+    """An in-place ATen op that writes only its first argument, a tensor computed in the
+    graph (not an input, weight or buffer) that no view taken before a write aliases: its
+    functional form computes the same, and later readers of the tensor can read the
+    functional result instead (the lowerer does that rewrite)."""
+    if not _writes_first_only(node.target) or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    x = node.args[0]
+    group = aliases.get(x)
+    if x.op != "call_function" or group is None or _functional_variant(node.target) is None:
+        return False
+    # the writes: this op and any other in-place op on the tensor (each returns an alias of
+    # it); the other aliases must be views taken after the last write, so that they see the
+    # final value whichever of the (functional) values they read
+    writes = [m for m in group if m is not x and isinstance(m.target, torch._ops.OpOverload) and m.args
+              and m.args[0] in group and _writes_first_only(m.target)]
+    last = max(order[m] for m in writes)
+    return all(m is x or m in writes or order[m] > last for m in group)
+
+
+def _needs_functionalization(ep) -> bool:
+    """An in-place op the lowerer cannot turn functional itself (a write through a view,
+    say): the IR has no aliasing, so such a graph must be made functional by torch first."""
+    graph = ep.graph_module.graph
+    aliases = _storage_aliases(graph)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        if any(a.alias_info is not None and a.alias_info.is_write for a in n.target._schema.arguments) \
+                and not _functionalizable(n, aliases, order):
+            return True
+    return False
+
+
+def _writes_first_only(op) -> bool:
+    args = op._schema.arguments
+    return [i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write] == [0]
+
+
+def _functional_variant(op):
+    """aten.scatter_.src -> aten.scatter.src (None when ATen has no such overload)."""
+    packet = op.overloadpacket.__name__
+    if not packet.endswith("_") or packet.startswith("_"):
+        return None
+    functional = getattr(torch.ops.aten, packet[:-1], None)
+    overload = getattr(functional, op._overloadname, None) if functional is not None else None
+    if overload is None or len(overload._schema.arguments) != len(op._schema.arguments):
+        return None
+    return overload
 
 
 def _clean_expr(e: sympy.Expr) -> sympy.Expr:

@@ -305,6 +305,15 @@ def embedding(c: LowerCtx, w, ids, padding_idx=-1, scale_grad_by_freq=False, spa
     return c.emit("embedding", w, ids)
 
 
+def index_rows(c: LowerCtx, x, indices):
+    """table[ids] on a 2-D table with one integer index tensor is a row lookup: an
+    embedding (a sinusoidal position table indexed by position ids, as CTRL does)."""
+    if not (isinstance(x, Value) and x.rank == 2 and len(indices) == 1 and isinstance(indices[0], Value)
+            and indices[0].dtype in (torch.int64, torch.int32)):
+        return FALLBACK
+    return c.emit("embedding", x, indices[0])
+
+
 # -- creation -------------------------------------------------------------------------------
 def arange(c: LowerCtx, *args, **kwargs):
     nums = [a for a in args if not isinstance(a, (torch.dtype, torch.device, torch.layout))]
@@ -354,7 +363,7 @@ _BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "maximum": "m
            "minimum": "minimum", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
            "logical_and": "logical_and", "logical_or": "logical_or"}
 _UNARY = ["neg", "exp", "log", "tanh", "sigmoid", "rsqrt", "sqrt", "erf", "relu", "silu", "abs", "cos",
-          "sin", "reciprocal", "logical_not"]
+          "sin", "reciprocal", "logical_not", "floor"]
 
 RULES: dict[str, Callable] = {}
 for _name, _op in _BINARY.items():
@@ -403,7 +412,7 @@ RULES.update({
     "aten.chunk.default": chunk,
     "aten.matmul.default": matmul, "aten.mm.default": matmul, "aten.bmm.default": matmul,
     "aten.linear.default": linear, "aten.addmm.default": addmm, "aten.baddbmm.default": baddbmm,
-    "aten.embedding.default": embedding,
+    "aten.embedding.default": embedding, "aten.index.Tensor": index_rows,
     "aten.arange.default": arange, "aten.arange.start": arange, "aten.arange.start_step": arange,
     "aten.full.default": full_like_out(1), "aten.zeros.default": full_like_out(None, 0),
     "aten.ones.default": full_like_out(None, 1), "aten.new_zeros.default": full_like_out(None, 0),

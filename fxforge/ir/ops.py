@@ -727,6 +727,7 @@ OPS_LIST: list[OpDef] = [
     _pw("logical_not", torch.logical_not, "{0} == 0", infer_compare),
     _pw("neg", torch.neg, "-{0}", infer_same),
     _pw("abs", torch.abs, "tl.abs({0})", infer_same),
+    _pw("floor", torch.floor, "tl.floor({0})", infer_same),
     _pw("relu", torch.relu, "tl.maximum({0}, 0)", infer_same),
     _unary_float("exp", torch.exp, "tl.exp({0})"),
     _unary_float("log", torch.log, "tl.log({0})"),

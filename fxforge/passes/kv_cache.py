@@ -24,6 +24,11 @@ Rewrites (each declines loudly, with the node, rather than produce wrong tokens)
   slice(table, d, 0, T) of a fixed-size -> slice(table, d, L, L + T)
     table (a rotary cos/sin cache)
 
+  attention(q, k, v, band mask)         -> attention(q, k, v) {causal}, when KVCacheConfig's
+                                           max_seq_len is set and the mask, evaluated up to
+                                           it, is plain causal (a sliding window at least
+                                           max_seq_len wide)
+
 Variants (fuse_attention's attributes) carry over: softcap, window (counted in cache slots;
 the cache keeps every position) and alibi (the slopes input stays after kv_bias).
 Positions computed from an all-ones mask (OPT's cumsum(mask) * mask - 1) are recognised by
@@ -147,6 +152,9 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
         raise KVCacheError(f"kv_cache: attention has a fixed batch or sequence size ({first_q.type}); capture "
                            "the model with dynamic=True so one graph serves every length\n  at: "
                            + _describe(graph, attentions[0]))
+    if config.max_seq_len is not None:
+        graph = _windows_wider_than_the_cache(graph, seq, config.max_seq_len)
+        attentions = [n for n in graph.nodes if n.op == "attention"]
     for n in attentions:
         q, k = n.inputs[0], n.inputs[1]
         why = None
@@ -166,7 +174,8 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     new_graph, per_row, table_limit = _rewrite_positions(graph, seq, batch, cache_len)
     new_graph = dead_code_elimination(new_graph)
     new_graph, layers, bytes_per_token = _rewrite_attention(new_graph, seq, batch, cache_len, cache_size, config)
-    _check_no_other_length_ops(new_graph, seq)
+    _check_no_other_length_ops(new_graph, seq, batch)
+    _check_nothing_runs_along_the_sequence(dead_code_elimination(new_graph), seq)
 
     max_seq_len = config.max_seq_len
     if table_limit is not None:
@@ -200,6 +209,57 @@ def _output_roles(graph: Graph, batch, seq) -> tuple[str, ...]:
     return tuple(out)
 
 
+# A mask is evaluated at max_seq_len (a [T, T] tensor) to prove it causal only up to this.
+MAX_WINDOW_PROOF = 8192
+
+
+def _windows_wider_than_the_cache(graph: Graph, seq, max_seq_len: int) -> Graph:
+    """Sliding-window attention whose window is at least max_seq_len keys is plain causal
+    for every sequence the cache can hold: its mask (built from the length alone) becomes
+    causal=True. Proven by evaluating the mask at the sample lengths up to max_seq_len and
+    at max_seq_len itself: at each one it must be exactly the causal pattern."""
+    from .fuse_attention import MASK_FILL_MAX
+    from .shape_eval import sample_sizes
+
+    if max_seq_len > MAX_WINDOW_PROOF:
+        return graph
+    producers = graph.producers()
+    samples = sample_sizes(graph)
+    if not samples:
+        return graph
+    probes = [sz for sz in samples if sz.get(seq, 0) <= max_seq_len] + [{**samples[0], seq: max_seq_len}]
+    replaced: dict[int, Node] = {}
+    verdicts: dict[Value, bool] = {}
+    for n in graph.nodes:
+        if n.op != "attention" or len(n.inputs) != 4 or n.attrs["causal"]:
+            continue
+        bias = n.inputs[3]
+        if bias not in verdicts:
+            verdicts[bias] = _causal_at(bias, producers, graph, probes, MASK_FILL_MAX)
+        if verdicts[bias]:
+            replaced[id(n)] = Node("attention", n.inputs[:3], {**n.attrs, "causal": True}, n.outputs,
+                                   {**n.meta, "pass": "kv_cache"})
+    if not replaced:
+        return graph
+    return dead_code_elimination(graph.with_nodes([replaced.get(id(n), n) for n in graph.nodes]))
+
+
+def _causal_at(bias: Value, producers, graph: Graph, probes: list[dict], fill_max: float) -> bool:
+    from .shape_eval import evaluate
+
+    for sizes in probes:
+        value = evaluate(bias, producers, graph, sizes)
+        if value is None or value.shape[-1] != value.shape[-2]:
+            return False  # reads an input (the user's mask), or not a square [T, T] mask
+        rows = value.float().reshape(-1, *value.shape[-2:])
+        keep = rows[0] == 0
+        if not (rows == rows[0]).all() or not (rows[0][~keep] <= fill_max).all():
+            return False
+        if not bool((keep == causal_keep(*keep.shape)).all()):
+            return False
+    return True
+
+
 def _mask_input_problem(graph: Graph, attention: Node) -> str:
     """Why the cache cannot serve this attention's mask input, as precisely as the graph
     tells: a mask computed from the user's inputs (attention_mask) has a remedy, a mask
@@ -228,8 +288,9 @@ def _mask_input_problem(graph: Graph, attention: Node) -> str:
     if widths and not other:
         return (f"is sliding-window attention (each query sees only its last {max(widths)} keys) that "
                 "fuse_attention left as a mask (a window it could not prove at every length, e.g. one over "
-                "4098 keys); the cache serves windows that are the attention's window= attribute. Without "
-                "kv_cache=True the model runs with its mask in the graph")
+                "4098 keys); the cache serves windows that are the attention's window= attribute, and a band "
+                "at least KVCacheConfig(max_seq_len=...) wide as causal. Without kv_cache=True the model runs "
+                "with its mask in the graph")
     return ("has a mask built from the sequence length that is not plain causal (not a band either: a "
             "prefix-LM or chunked pattern, say), which the KV cache does not support; it caches plain causal "
             "attention only")
@@ -259,7 +320,8 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
     table_limit = None
     shared = False
     for node in graph.nodes:
-        if node.op == "arange" and _mentions(node.attrs.get("end"), seq):
+        if node.op == "arange" and _mentions(node.attrs.get("end"), seq) \
+                and not _token_count(node.attrs["end"], batch, seq):
             a = node.attrs
             if not (a["start"] == 0 and a["step"] == 1 and dims_equal(a["end"], seq)):
                 raise KVCacheError("kv_cache: an arange over the sequence that does not count 0..T-1; cannot "
@@ -373,6 +435,17 @@ def _mentions(expr, sym) -> bool:
     return isinstance(expr, sympy.Basic) and sym in expr.free_symbols
 
 
+def _token_count(expr, batch, seq) -> bool:
+    """`expr` is a multiple of B*T: a size over the step's tokens flattened across the batch
+    (a mixture-of-experts router's token index or scatter buffer), not a length along the
+    sequence. Such a tensor means the same in prefill and decode: it indexes this step's
+    tokens, whatever their positions."""
+    if not (_mentions(expr, seq) and _mentions(expr, batch)):
+        return False
+    ratio = sympy.simplify(expr / (batch * seq))
+    return not ratio.free_symbols
+
+
 def _retype(graph: Graph, replace: dict[Value, Value], prefix: list[Node] = ()) -> Graph | None:
     """Substitute per-row positions and re-derive types downstream. Succeeds only if every
     node whose type changes is row-safe (treats the new leading dim as a batch) and every
@@ -472,14 +545,44 @@ def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: 
     return out, layer, bytes_per_token
 
 
-def _check_no_other_length_ops(graph: Graph, seq):
+# ATen scans: each output element depends on every earlier one along `dim`
+SCANS = ("aten.cumsum.", "aten.cumprod.", "aten.cummax.", "aten.cummin.", "aten.logcumsumexp.", "aten.diff.")
+
+
+def _check_nothing_runs_along_the_sequence(graph: Graph, seq):
+    """With a cache, T counts only the new tokens: an op that combines values along the
+    sequence outside attention (a cumulative sum of a padding mask into positions, as
+    RoBERTa-family models compute them from input_ids; a reduction over T) would see only
+    those and give other numbers than over the whole sequence: refuse."""
+    for n in graph.nodes:
+        if n.op == "torch_call" and n.attrs["target"].startswith(SCANS) and n.inputs:
+            x = n.inputs[0]
+            args = n.attrs["args"]
+            dim = args[1] if len(args) > 1 and isinstance(args[1], int) else dict(n.attrs["kwargs"]).get("dim", -1)
+            if isinstance(dim, int) and x.rank and _mentions(x.shape[dim % x.rank], seq):
+                raise KVCacheError("kv_cache: this op runs along the sequence (each result depends on the earlier "
+                                   "tokens), which with a cache are not in the step's input: the pass cannot "
+                                   f"tell what it computes then\n  at: {_describe(graph, n)}")
+        elif OPS[n.op].kind == "reduction" and n.inputs:
+            x = n.inputs[0]
+            dims = n.attrs.get("dims", (n.attrs["dim"],) if "dim" in n.attrs else ())
+            if any(_mentions(x.shape[d % x.rank], seq) for d in dims if x.rank):
+                raise KVCacheError("kv_cache: this op reduces over the sequence outside attention; with a cache "
+                                   f"it would see only the new tokens\n  at: {_describe(graph, n)}")
+
+
+def _check_no_other_length_ops(graph: Graph, seq, batch):
     """A tensor built from the sequence length alone (a leftover mask, a position we did
-    not place) would be wrong once T is only the new tokens: refuse."""
+    not place) would be wrong once T is only the new tokens: refuse. Sizes that count the
+    step's tokens across the batch (B*T) are not lengths (see _token_count)."""
+    def length(x):
+        return _mentions(x, seq) and not _token_count(x, batch, seq)
+
     for n in graph.nodes:
         if OPS[n.op].kind == "creation" and n.op != "const":
             a = n.attrs
-            mentions = any(_mentions(x, seq) for x in (a.get("end"), a.get("start")))
-            mentions |= any(_mentions(d, seq) for d in a.get("shape", ()) if isinstance(d, sympy.Basic))
+            mentions = any(length(x) for x in (a.get("end"), a.get("start")))
+            mentions |= any(length(d) for d in a.get("shape", ()) if isinstance(d, sympy.Basic))
             starts_at_cache = n.op == "arange" and isinstance(a.get("start"), sympy.Basic) and \
                 not a["start"].is_number
             if mentions and not starts_at_cache:

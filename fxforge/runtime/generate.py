@@ -8,7 +8,9 @@ Semantics follow transformers' `generate` (4.x/5.x, decoder-only):
 - the result is the prompt followed by the new tokens; `max_new_tokens` wins over
   `max_length` (which counts the prompt); `max_new_tokens=0` raises, as in transformers;
 - the logits processors (logits.py) apply in transformers' order: repetition penalty,
-  no-repeat n-gram, min length / min new tokens, then the sampling warpers;
+  no-repeat n-gram, min length / min new tokens, forced BOS / EOS (a model's own
+  generation_config may set them: BART-family decoders force EOS last), then the
+  sampling warpers;
 - greedy picks the argmax, sampling draws from the softmax; a row that produced EOS (or
   hit a stopping criterion / stop string) continues with the pad token while others finish;
 - `num_beams > 1` runs beam search (beam.py) with beams as batch rows of the cache;
@@ -32,7 +34,7 @@ from .state import left_padding
 DEFAULTS = {
     "max_new_tokens": None, "max_length": 20, "min_new_tokens": None, "min_length": 0,
     "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "forced_bos_token_id": None, "forced_eos_token_id": None,
     "eos_token_id": None, "pad_token_id": None, "stop_strings": None,
     "num_beams": 1, "length_penalty": 1.0, "early_stopping": False, "num_return_sequences": 1,
     "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
@@ -45,7 +47,7 @@ IGNORED = {"use_cache", "cache_implementation", "bos_token_id", "decoder_start_t
 UNSUPPORTED = {
     "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None, "top_h": None, "min_p": None,
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "bad_words_ids": None, "force_words_ids": None,
-    "constraints": None, "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "constraints": None, "sequence_bias": None,
     "suppress_tokens": None, "begin_suppress_tokens": None, "exponential_decay_length_penalty": None,
     "guidance_scale": None, "renormalize_logits": False, "remove_invalid_values": False,
     "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "max_time": None,
@@ -69,6 +71,12 @@ def resolve_settings(defaults: dict | None, generation_config, options: dict) ->
         if bad:
             raise ValueError(f"generate() does not support these generation_config settings: {', '.join(bad)}")
         given.update({k: v for k, v in config.items() if k in DEFAULTS and v is not None})
+    overridden = set(options) | (set(config) if generation_config is not None else set())
+    bad = sorted(k for k, v in (defaults or {}).items() if k in UNSUPPORTED and v is not None and v != UNSUPPORTED[k]
+                 and k not in overridden)
+    if bad:
+        raise ValueError(f"the model's generation_config sets {', '.join(bad)}, which generate() does not support; "
+                         f"pass {bad[0]}={UNSUPPORTED[bad[0]]!r} (its neutral value) to generate without it")
     bad = sorted(k for k, v in options.items() if k not in DEFAULTS and k not in IGNORED
                  and not (k in UNSUPPORTED and (v is None or v == UNSUPPORTED[k])))
     if bad:
@@ -79,8 +87,13 @@ def resolve_settings(defaults: dict | None, generation_config, options: dict) ->
 
 def defaults_from_generation_config(config) -> dict:
     """The settings of a transformers generation_config that generate() uses (the model's
-    defaults): those it sets (not None, as transformers 5 marks unset fields)."""
-    return {key: getattr(config, key) for key in DEFAULTS if getattr(config, key, None) is not None}
+    defaults): those it sets (not None, as transformers 5 marks unset fields). Settings
+    generate() does not implement are kept too when they are on, so that generate() refuses
+    them rather than silently produce other tokens than transformers would."""
+    out = {key: getattr(config, key) for key in DEFAULTS if getattr(config, key, None) is not None}
+    out.update({key: getattr(config, key) for key, off in UNSUPPORTED.items() if key not in IGNORED
+                and getattr(config, key, None) is not None and getattr(config, key) != off})
+    return out
 
 
 def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int, padded: bool,
@@ -249,7 +262,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     processors = lp.processors(
         repetition_penalty=s["repetition_penalty"], pad=pad, no_repeat_ngram_size=s["no_repeat_ngram_size"],
         min_length=min_length, eos=eos_t, do_sample=s["do_sample"], temperature=s["temperature"],
-        top_k=s["top_k"], top_p=s["top_p"], custom=logits_processor)
+        top_k=s["top_k"], top_p=s["top_p"], custom=logits_processor, forced_bos=s["forced_bos_token_id"],
+        forced_eos=_as_list(s["forced_eos_token_id"]), max_length=prompt_len + new_tokens)
     criteria = _stopping(s["stop_strings"], tokenizer, stopping_criteria)
     want_scores = s["return_dict_in_generate"] and s["output_scores"]
     want_logits = s["return_dict_in_generate"] and s["output_logits"]

@@ -1,8 +1,9 @@
 """Logits processors for generate(), each a callable (input_ids [N, L], scores [N, V]) ->
 scores, applied as a list in transformers' order (GenerationMixin._get_logits_processor):
 
-    repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens, the caller's own
-    processors (logits_processor=), then, only when sampling, temperature, top_k, top_p.
+    repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens, forced_bos_token_id,
+    forced_eos_token_id, the caller's own processors (logits_processor=), then, only when
+    sampling, temperature, top_k, top_p.
 
 Each follows the transformers processor of the same name exactly (which tokens it
 touches, how it treats negative logits, the prompt and the padding), so greedy and beam
@@ -67,6 +68,34 @@ class MinLength:
         return torch.where(is_eos, -math.inf, scores)
 
 
+class ForcedBOS:
+    """The first token of a row that starts from one token is `bos`: every other token gets -inf."""
+
+    def __init__(self, bos: int):
+        self.bos = int(bos)
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[-1] != 1:
+            return scores
+        out = torch.full_like(scores, -math.inf)
+        out[:, self.bos] = 0
+        return out
+
+
+class ForcedEOS:
+    """The last token before `max_length` (prompt included) is an EOS: everything else gets -inf."""
+
+    def __init__(self, max_length: int, eos: list[int]):
+        self.max_length, self.eos = max_length, list(eos)
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[-1] != self.max_length - 1:
+            return scores
+        out = torch.full_like(scores, -math.inf)
+        out[:, self.eos] = 0
+        return out
+
+
 class Temperature:
     def __init__(self, temperature: float):
         self.temperature = temperature
@@ -110,10 +139,12 @@ def warpers(temperature: float, top_k: int | None, top_p: float | None) -> list:
 
 
 def processors(*, repetition_penalty=None, pad=None, no_repeat_ngram_size=None, min_length=None, eos=None,
-               do_sample=False, temperature=1.0, top_k=None, top_p=None, custom=()) -> list:
+               do_sample=False, temperature=1.0, top_k=None, top_p=None, custom=(), forced_bos=None,
+               forced_eos=None, max_length=None) -> list:
     """The processor list of one generate() call. `pad`: left padding per row; `eos`: a
     tensor of EOS ids or None; `min_length` counts the prompt (min_new_tokens already
-    folded in by the caller, as transformers does)."""
+    folded in by the caller, as transformers does); `forced_bos`: a token id or None;
+    `forced_eos`: a list of token ids (or None), forced at `max_length` - 1 (prompt included)."""
     out = []
     if repetition_penalty is not None and repetition_penalty != 1.0:
         out.append(RepetitionPenalty(repetition_penalty, pad))
@@ -121,6 +152,10 @@ def processors(*, repetition_penalty=None, pad=None, no_repeat_ngram_size=None, 
         out.append(NoRepeatNGram(no_repeat_ngram_size))
     if min_length is not None and min_length > 0 and eos is not None:
         out.append(MinLength(min_length, eos))
+    if forced_bos is not None:
+        out.append(ForcedBOS(forced_bos))
+    if forced_eos:
+        out.append(ForcedEOS(max_length, forced_eos))
     out += list(custom or ())  # the caller's processors come before the warpers, as in transformers
     if do_sample:
         out += warpers(temperature, top_k, top_p)
