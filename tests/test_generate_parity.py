@@ -297,7 +297,7 @@ def test_model_forced_eos_equals_transformers(padded):
     model, vocab = _bart_decoder()
     assert model.generation_config.forced_eos_token_id == 2
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=True)
-    ids, mask = _prompts(vocab, padded)
+    ids, mask = prompts(vocab, padded)
     out, ref = _both(model, fast, ids, mask, max_new_tokens=8, eos_token_id=None)
     assert torch.equal(out, ref), (out, ref)
     assert (out[:, -1] == 2).all()  # forced, not chosen
@@ -307,7 +307,7 @@ def test_model_forced_eos_equals_transformers(padded):
                          ids=["forced_eos", "forced_bos"])
 def test_forced_tokens_equal_transformers(pair, kw):
     model, fast, vocab = pair
-    for ids in (_prompts(vocab, False)[0], torch.tensor([[4]])):
+    for ids in (prompts(vocab, False)[0], torch.tensor([[4]])):
         out, ref = _both(model, fast, ids, None, max_new_tokens=6, eos_token_id=None, **kw)
         assert torch.equal(out, ref), (out, ref)
 
@@ -318,7 +318,7 @@ def test_unsupported_setting_of_the_model_raises(pair):
     from transformers import GenerationConfig
 
     _, fast, vocab = pair
-    ids, _ = _prompts(vocab, False)
+    ids, _ = prompts(vocab, False)
     saved = fast.generation_defaults
     try:
         fast.generation_config = GenerationConfig(suppress_tokens=[1, 2], pad_token_id=0)
