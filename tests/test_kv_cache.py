@@ -290,6 +290,8 @@ def _arch(name):
         "mistral": lambda: tr.MistralForCausalLM(tr.MistralConfig(**common, sliding_window=None)),
         "phi3": lambda: tr.Phi3ForCausalLM(tr.Phi3Config(**common, pad_token_id=0)),
         "gemma": lambda: tr.GemmaForCausalLM(tr.GemmaConfig(**common, head_dim=16)),
+        # interleaved rotary tables (repeat_interleave): positions still per row
+        "cohere": lambda: tr.CohereForCausalLM(tr.CohereConfig(**common, pad_token_id=0)),
         # a sinusoidal position table indexed by position ids (table[ids]): a row lookup
         "ctrl": lambda: tr.CTRLLMHeadModel(tr.CTRLConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, dff=128,
                                                          n_positions=256)),
@@ -305,7 +307,7 @@ def _arch(name):
     return build().eval(), 128
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral", "phi3", "gemma", "gpt_neox", "mixtral", "ctrl", "ministral3"])
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "phi3", "gemma", "gpt_neox", "mixtral", "cohere", "ctrl", "ministral3"])
 def test_more_architectures_generate_like_transformers(name):
     model, vocab = _arch(name)
     fast = _optimize(model, vocab)

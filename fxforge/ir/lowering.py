@@ -249,6 +249,12 @@ def cat(c: LowerCtx, tensors, dim=0):
     return c.emit("cat", *tensors, dim=dim % tensors[0].rank)
 
 
+def repeat_interleave(c: LowerCtx, x, repeats, dim=None, output_size=None):
+    if dim is None or not isinstance(repeats, int) or isinstance(repeats, bool):
+        return FALLBACK  # flattening or per-element repeats: kept as torch runs it
+    return c.emit("repeat_interleave", x, repeats=repeats, dim=dim % x.rank)
+
+
 def split(c: LowerCtx, x, sizes, dim=0):
     dim = dim % x.rank
     total = x.shape[dim]
@@ -407,7 +413,7 @@ RULES.update({
     "aten.slice.Tensor": slice_rule, "aten.select.int": select,
     "aten.unsqueeze.default": unsqueeze,
     "aten.squeeze.dim": squeeze, "aten.squeeze.dims": squeeze, "aten.squeeze.default": squeeze,
-    "aten.cat.default": cat, "aten.concat.default": cat,
+    "aten.cat.default": cat, "aten.concat.default": cat, "aten.repeat_interleave.self_int": repeat_interleave,
     "aten.split.Tensor": split, "aten.split_with_sizes.default": split, "aten.unbind.int": unbind,
     "aten.chunk.default": chunk,
     "aten.matmul.default": matmul, "aten.mm.default": matmul, "aten.bmm.default": matmul,
@@ -432,7 +438,7 @@ def lowered_ops() -> set[str]:
     return set(_BINARY.values()) | set(_UNARY) | {
         "const", "pow", "gelu", "clamp", "where", "cast", "sum", "mean", "amax", "amin", "softmax",
         "log_softmax", "layer_norm", "rms_norm", "view", "expand", "permute", "slice", "select",
-        "unsqueeze", "squeeze", "cat", "matmul", "linear", "embedding", "arange", "full", "tril",
+        "unsqueeze", "squeeze", "cat", "repeat_interleave", "matmul", "linear", "embedding", "arange", "full", "tril",
         "triu", "sdpa", "torch_call", "logical_and", "logical_or", "logical_not"}
 
 

@@ -245,6 +245,14 @@ def infer_squeeze(types, attrs):
     return [TensorType(tuple(s for i, s in enumerate(t.shape) if not (i in dims and s == 1)), t.dtype)]
 
 
+def infer_repeat_interleave(types, attrs):
+    t = _t(types)
+    dim = _norm_dim(attrs["dim"], t.rank)
+    shape = list(t.shape)
+    shape[dim] = shape[dim] * attrs["repeats"]
+    return [TensorType(tuple(shape), t.dtype)]
+
+
 def infer_cat(types, attrs):
     ts = [_t(types, i) for i in range(len(types))]
     ts = [t for t in ts if not (t.rank == 1 and t.shape[0] == 0)]  # torch skips empty 1-D
@@ -771,6 +779,10 @@ OPS_LIST: list[OpDef] = [
           attrs="dims: ints"),
     OpDef("cat", "other", infer_cat, lambda *xs, dim: torch.cat(xs, dim), arity=(1, VARIADIC), attrs="dim: int",
           traits={"row_safe"}),
+    OpDef("repeat_interleave", "other", infer_repeat_interleave,
+          lambda x, *, repeats, dim: torch.repeat_interleave(x, repeats, dim), attrs="repeats: int, dim: int",
+          doc="each element `repeats` times in a row along dim (interleaved rotary tables)",
+          traits={"row_safe"}),  # along a dim other than the leading one (kv_cache checks the dim)
     # matmul family
     OpDef("matmul", "matmul", infer_matmul, torch.matmul, arity=(2, 2), traits={"row_safe"}),
     OpDef("linear", "matmul", infer_linear, _linear, arity=(2, 3), doc="linear(x, weight, [bias])"),

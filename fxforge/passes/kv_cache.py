@@ -469,8 +469,8 @@ def _retype(graph: Graph, replace: dict[Value, Value], prefix: list[Node] = ()) 
         if any(changed):
             if not OPS[node.op].has("row_safe"):  # per-row positions flow through it
                 return None
-            if node.op == "cat" and node.attrs["dim"] % node.outputs[0].rank == 0:
-                return None
+            if node.op in ("cat", "repeat_interleave") and node.attrs["dim"] % node.outputs[0].rank == 0:
+                return None  # along the new batch dim: not row by row
         nodes.append(new_node)
     if any(v in renamed for v in graph.outputs):
         return None
