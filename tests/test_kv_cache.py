@@ -363,10 +363,17 @@ def test_a_window_at_least_max_seq_len_wide_is_plain_causal_for_the_cache():
 
 
 @pytest.mark.parametrize("window", [4, 63])  # 63: one key short of max_seq_len
-def test_a_window_narrower_than_max_seq_len_is_still_refused(window):
+def test_a_window_narrower_than_max_seq_len_is_cached_as_the_window_attribute(window):
+    # not made causal (that would change answers past the window): fuse_attention proves
+    # the band and the cached attention keeps window=W
+    torch.manual_seed(0)
     model, vocab = zoo.mistral(sliding_window=window)
-    with pytest.raises(KVCacheError, match="sliding-window attention"):
-        fxforge.optimize(model, (torch.randint(0, vocab, (2, 9)),), kv_cache=KVCacheConfig(max_seq_len=64))
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 9)),), kv_cache=KVCacheConfig(max_seq_len=64))
+    windows = {n.attrs.get("window") for n in fast.graph.nodes if n.op == "attention"}
+    assert windows == {window}, fast.ir
+    ids = torch.randint(1, vocab, (1, 7))
+    ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(fast.generate(ids, 12, eos_token_id=None), ref)
 
 
 def test_a_length_only_mask_that_is_not_a_band_is_refused_as_such():

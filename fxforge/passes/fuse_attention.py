@@ -96,7 +96,10 @@ def _strip_repeat_kv(m: Match, v: Value) -> tuple[Value, int]:
                 if (len(shape) == 5 and shape[0] == x.shape[0] and shape[1] == x.shape[1] and shape[3:] == x.shape[2:]
                         and shape[2].is_number):
                     return x, int(shape[2])
-    call = _producer(m, v, "torch_call")
+    repeat = _producer(m, v, "repeat_interleave")
+    if repeat is not None and repeat.attrs["dim"] == 1 and v.rank == 4 and isinstance(repeat.attrs["repeats"], int):
+        return repeat.inputs[0], repeat.attrs["repeats"]
+    call = _producer(m, v, "torch_call")  # (an IR saved before repeat_interleave was an op)
     if call is not None and call.attrs["target"] == "aten.repeat_interleave.self_int":
         args = call.attrs["args"]
         dim = args[2] if len(args) > 2 else dict(call.attrs["kwargs"]).get("dim")
