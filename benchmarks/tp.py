@@ -57,6 +57,7 @@ def worker(args):
 
     import fxforge
     from fxforge.passes.shard import ShardConfig
+    from fxforge.runtime.collectives import end_process
 
     world = int(os.environ["WORLD_SIZE"])
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
@@ -109,7 +110,7 @@ def worker(args):
             "kv_bytes_per_token": fast.kv_layout.bytes_per_token, "tokens": args.tokens,
             "step_ms": max(r["step_ms"] for r in everyone), "prefill_ms": max(r["prefill_ms"] for r in everyone),
             "ranks": everyone}), flush=True)
-    dist.destroy_process_group()
+    end_process()  # barrier, teardown, exit 0: gloo's threads can abort a finished rank at exit
 
 
 def launch(args) -> list[dict]:

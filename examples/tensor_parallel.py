@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import fxforge  # noqa: E402
+from fxforge.runtime.collectives import end_process  # noqa: E402
 from fxforge.passes.shard import ShardConfig  # noqa: E402
 
 
@@ -80,7 +81,7 @@ def main(args):
               "| all_gather:", fast.graph.count("all_gather"))
         print("tokens identical on every rank:", "yes" if all(t == everyone[0] for t in everyone) else "NO")
         print("generated:", tok.decode(tokens[0]) if tok is not None else tokens[0].tolist())
-    dist.destroy_process_group()
+    end_process()  # barrier, teardown, exit 0: gloo's threads can abort a finished rank at exit
 
 
 def launch(args):

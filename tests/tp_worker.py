@@ -30,6 +30,7 @@ import fxforge  # noqa: E402
 import zoo  # noqa: E402
 from fxforge.passes.quantize import QuantConfig  # noqa: E402
 from fxforge.passes.shard import ShardConfig  # noqa: E402
+from fxforge.runtime.collectives import end_process  # noqa: E402
 
 
 def qwen2():
@@ -126,8 +127,10 @@ def main(cases: list[str]):
             result = run_case(case, world)
             if rank == 0:
                 print("TP_RESULT " + json.dumps(result), flush=True)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_process()  # barrier, teardown, exit 0 (see its docstring: gloo's threads at exit)
 
 
 if __name__ == "__main__":

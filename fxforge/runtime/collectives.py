@@ -73,3 +73,22 @@ def all_gather(x: torch.Tensor, *, dim: int, world_size: int, group=None) -> tor
 def collective_ops(group=None) -> dict:
     """Op table entries running the collectives on `group`."""
     return {"all_reduce": partial(all_reduce, group=group), "all_gather": partial(all_gather, group=group)}
+
+
+def end_process(group=None, code: int = 0):
+    """End a torchrun rank whose work is done: wait for every rank (a barrier), tear the
+    process group down, flush, and leave without the interpreter's own teardown. gloo's
+    threads can abort the process while Python exits ("terminate called without an active
+    exception", SIGABRT) after every result was already right, which torchrun then reports
+    as a failed launch; call this only after the rank's work succeeded."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier(group)
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
