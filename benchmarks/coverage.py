@@ -214,18 +214,11 @@ def attention_counts(graph) -> dict:
 
 
 def prompts(vocab: int, padded: bool):
-    import torch
+    """The generate tests' prompts (tests/helpers.py), ids from 3 up (0-2: special tokens)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from helpers import prompts as seeded_prompts
 
-    gen = torch.Generator().manual_seed(3)
-    if not padded:
-        return torch.randint(3, vocab, (1, 6), generator=gen), None
-    lengths = [5, 9, 2]
-    ids = torch.zeros(3, 9, dtype=torch.long)
-    mask = torch.zeros(3, 9, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, 9 - n:] = torch.randint(3, vocab, (n,), generator=gen)
-        mask[i, 9 - n:] = 1
-    return ids, mask
+    return seeded_prompts(vocab, padded, lowest=3)
 
 
 def run_arch(model_type: str, attn: str, sizes=SIZES, gen_tokens: int = GEN_TOKENS, generate: bool = True) -> dict:

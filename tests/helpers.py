@@ -38,18 +38,19 @@ def assert_round_trips(graph):
     assert str(again) == text
 
 
-def prompts(vocab: int, padded: bool):
+def prompts(vocab: int, padded: bool, lowest: int = 1):
     """Seeded prompts for generate tests: one row of 6 tokens, or a left-padded batch of 3
-    (lengths 5, 9, 2) with its attention mask."""
+    (lengths 5, 9, 2) with its attention mask; token ids from `lowest` up (below it: ids a
+    model may treat specially, e.g. pad/bos/eos)."""
     import torch
 
     gen = torch.Generator().manual_seed(3)
     if not padded:
-        return torch.randint(1, vocab, (1, 6), generator=gen), None
+        return torch.randint(lowest, vocab, (1, 6), generator=gen), None
     lengths = [5, 9, 2]
     ids = torch.zeros(3, 9, dtype=torch.long)
     mask = torch.zeros(3, 9, dtype=torch.long)
     for i, n in enumerate(lengths):
-        ids[i, 9 - n:] = torch.randint(1, vocab, (n,), generator=gen)
+        ids[i, 9 - n:] = torch.randint(lowest, vocab, (n,), generator=gen)
         mask[i, 9 - n:] = 1
     return ids, mask
