@@ -245,12 +245,16 @@ def infer_squeeze(types, attrs):
     return [TensorType(tuple(s for i, s in enumerate(t.shape) if not (i in dims and s == 1)), t.dtype)]
 
 
-def infer_repeat_interleave(types, attrs):
-    t = _t(types)
-    dim = _norm_dim(attrs["dim"], t.rank)
+def _times_along(t: TensorType, dim: int, factor) -> TensorType:
+    """`t` with dimension `dim` `factor` times as long (a repeat, a gather across ranks)."""
+    d = _norm_dim(dim, t.rank)
     shape = list(t.shape)
-    shape[dim] = shape[dim] * attrs["repeats"]
-    return [TensorType(tuple(shape), t.dtype)]
+    shape[d] = shape[d] * factor
+    return TensorType(tuple(shape), t.dtype)
+
+
+def infer_repeat_interleave(types, attrs):
+    return [_times_along(_t(types), attrs["dim"], attrs["repeats"])]
 
 
 def infer_cat(types, attrs):
@@ -567,11 +571,7 @@ def kv_append_reference(cache, new, *, start):
 
 
 def infer_all_gather(types, attrs):
-    t = _t(types)
-    d = _norm_dim(attrs["dim"], t.rank)
-    shape = list(t.shape)
-    shape[d] = shape[d] * attrs["world_size"]
-    return [TensorType(tuple(shape), t.dtype)]
+    return [_times_along(_t(types), attrs["dim"], attrs["world_size"])]
 
 
 def _check_world(op: str, world_size: int):

@@ -33,3 +33,18 @@ def eager_attention(q, k, v, bias=None, *, scale, causal=True, softcap=None, win
 def alibi_slopes(h: int) -> torch.Tensor:
     """Bloom's slopes for h heads (h a power of two here): 2^(-8 i / h)."""
     return torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)])
+
+
+def check_variant_kernel(kernel, reference, tol, q, k, v, bias=None, *, slopes=None, **kw):
+    """Run `kernel` and `reference` (same signature) on one attention variant: the reference
+    must equal the eager spelling, and the kernel the reference, within `tol` (absolute)."""
+    import torch
+
+    extra = (bias,) if slopes is None else (bias, slopes)
+    out = kernel(q, k, v, *extra, alibi=slopes is not None, **kw)
+    ref = reference(q, k, v, *extra, alibi=slopes is not None, **kw)
+    eager = eager_attention(q, k, v, bias, slopes=slopes, **kw)
+    tol = tol * max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(ref.float(), eager.float(), atol=tol, rtol=0)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
+    return out

@@ -92,18 +92,12 @@ def test_clear_errors():
 
 # -- variants: soft-cap, sliding window, ALiBi slopes (each against the reference and an eager
 # spelling that shares no code with either) ---------------------------------------------------
-from eager_attention import alibi_slopes, eager_attention  # noqa: E402
+from eager_attention import alibi_slopes, check_variant_kernel  # noqa: E402
 
 
 def check_variant(q, k, v, bias=None, *, causal=True, scale=0.17, softcap=None, window=None, slopes=None):
-    kw = dict(causal=causal, scale=scale, softcap=softcap, window=window)
-    extra = (bias,) if slopes is None else (bias, slopes)
-    out = attention_triton(q, k, v, *extra, alibi=slopes is not None, **kw)
-    ref = attention_reference(q, k, v, *extra, alibi=slopes is not None, **kw)
-    eager = eager_attention(q, k, v, bias, slopes=slopes, **kw)
-    tol = TOL[q.dtype] * max(1.0, ref.abs().max().item())
-    torch.testing.assert_close(ref.float(), eager.float(), atol=tol, rtol=0)
-    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
+    check_variant_kernel(attention_triton, attention_reference, TOL[q.dtype], q, k, v, bias, slopes=slopes,
+                         causal=causal, scale=scale, softcap=softcap, window=window)
 
 
 @pytest.mark.parametrize("tq, tk", [(19, 19), (5, 37), (1, 40)])

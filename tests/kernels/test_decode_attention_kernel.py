@@ -101,18 +101,12 @@ def test_bad_shapes():
 
 
 # -- variants: soft-cap, sliding window, ALiBi slopes ------------------------------------------
-from eager_attention import alibi_slopes, eager_attention  # noqa: E402
+from eager_attention import alibi_slopes, check_variant_kernel  # noqa: E402
 
 
 def check_variant(q, k, v, bias=None, *, scale=0.125, softcap=None, window=None, slopes=None):
-    kw = dict(causal=True, scale=scale, softcap=softcap, window=window)
-    extra = (bias,) if slopes is None else (bias, slopes)
-    out = decode_attention_triton(q, k, v, *extra, alibi=slopes is not None, **kw)
-    ref = attention_reference(q, k, v, *extra, alibi=slopes is not None, **kw)
-    eager = eager_attention(q, k, v, bias, slopes=slopes, **kw)
-    tol = TOL[q.dtype] * max(1.0, ref.abs().max().item())
-    torch.testing.assert_close(ref.float(), eager.float(), atol=tol, rtol=0)
-    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
+    out = check_variant_kernel(decode_attention_triton, attention_reference, TOL[q.dtype], q, k, v, bias,
+                               slopes=slopes, causal=True, scale=scale, softcap=softcap, window=window)
     assert out.shape == q.shape
 
 
