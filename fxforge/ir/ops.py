@@ -29,7 +29,7 @@ from .types import TensorType, Type, as_dim, broadcast_shapes, dims_equal, promo
 
 KINDS = ("pointwise", "reduction", "view", "matmul", "creation", "constant", "fused", "opaque", "other")
 # What passes ask of an op, said once on its entry instead of in a tuple inside each pass:
-#   stateful       writes a state buffer: never merged, folded or dropped (kv_append)
+#   stateful       writes a state buffer: never merged, folded or dropped (kv_append, paged_kv_write)
 #   needs_device   makes a tensor from nothing: its reference takes device= (const, arange, full)
 #   row_safe       a new leading (batch) dim flows through it row by row; every pointwise op
 #                  is (kv_cache substitutes per-row positions only through these)
@@ -570,6 +570,83 @@ def kv_append_reference(cache, new, *, start):
     return cache[:b, :, :start + t]
 
 
+def infer_paged_kv_write(types, attrs):
+    cache, new, slots = _t(types, 0), _t(types, 1), _t(types, 2)
+    if cache.rank != 4 or new.rank != 4:
+        raise IRTypeError(f"paged_kv_write wants a [blocks, block size, Hkv, D] cache and [B, Hkv, T, D] "
+                          f"keys/values, got {cache}, {new}")
+    if not (dims_equal(cache.shape[2], new.shape[1]) and dims_equal(cache.shape[3], new.shape[3])):
+        raise IRTypeError(f"paged_kv_write: cache {cache} and new entries {new} differ in heads or head dim")
+    if slots.rank != 2 or slots.dtype.is_floating_point or not (
+            dims_equal(slots.shape[0], new.shape[0]) and dims_equal(slots.shape[1], new.shape[2])):
+        raise IRTypeError(f"paged_kv_write: slots must be an int [B, T] tensor matching {new}, got {slots}")
+    return [cache]
+
+
+def paged_kv_write_reference(cache, new, slots):
+    """Write new [B, Hkv, T, D] into the slots of a paged cache [blocks, block size, Hkv, D]:
+    token t of row b goes to slot slots[b, t] (block slot // block size, offset slot % block
+    size); a slot of -1 is not written (a left-padding token). Returns the cache; mutates it."""
+    flat = cache.view(-1, cache.shape[2], cache.shape[3])
+    where = slots.reshape(-1).long()
+    keep = where >= 0
+    if bool((where >= flat.shape[0]).any()):
+        raise ValueError(f"paged_kv_write: slot {int(where.max())} is outside the cache's {flat.shape[0]} slots "
+                         f"({cache.shape[0]} blocks of {cache.shape[1]})")
+    rows = new.transpose(1, 2).reshape(-1, new.shape[1], new.shape[3])
+    flat[where[keep]] = rows[keep].to(cache.dtype)
+    return cache
+
+
+def paged_key_slots(block_table, row_start, keys: int, block_size: int):
+    """(slot [B, keys], valid [B, keys]): where key j of row b lives in a paged cache. Row
+    b's tokens are packed from its first block on: key j is its token j - row_start[b], in
+    block block_table[b, (j - row_start[b]) // block_size]. Keys before the row's start are
+    its left padding: not stored (valid False, slot 0)."""
+    rel = torch.arange(keys, device=block_table.device)[None, :] - row_start.long()[:, None]
+    valid = rel >= 0
+    rel = rel.clamp(min=0)
+    index = (rel // block_size).clamp(max=block_table.shape[1] - 1)
+    blocks = torch.gather(block_table.long(), 1, index)
+    return blocks * block_size + rel % block_size, valid
+
+
+def gather_paged(cache, block_table, row_start, keys: int):
+    """The dense [B, Hkv, keys, D] view of a paged cache [blocks, block size, Hkv, D]: row b's
+    key j as paged_key_slots places it; padding keys read as 0."""
+    slots, valid = paged_key_slots(block_table, row_start, keys, cache.shape[1])
+    flat = cache.view(-1, cache.shape[2], cache.shape[3])
+    dense = flat[slots] * valid[:, :, None, None].to(cache.dtype)  # [B, keys, Hkv, D]
+    return dense.transpose(1, 2)
+
+
+def infer_paged_attention(types, attrs):
+    q, kc, vc, table, start, bias = (_t(types, i) for i in range(6))
+    if kc.rank != 4 or vc.rank != 4 or not all(dims_equal(a, b) for a, b in zip(kc.shape[:3], vc.shape[:3])):
+        raise IRTypeError(f"paged_attention wants K and V caches [blocks, block size, Hkv, D], got {kc}, {vc}")
+    if table.rank != 2 or table.dtype.is_floating_point or start.rank != 1 or start.dtype.is_floating_point:
+        raise IRTypeError(f"paged_attention: the block table must be int [B, blocks per row] and the row starts "
+                          f"int [B], got {table}, {start}")
+    if bias.rank != 4:
+        raise IRTypeError(f"paged_attention: the key bias must be [B, 1|H, 1|T, keys], got {bias}")
+    # the dense operands the kernel reads through the table: [B, Hkv, keys, D]
+    keys = bias.shape[3]
+    dense = [TensorType((q.shape[0], c.shape[2], keys, c.shape[3]), q.dtype) for c in (kc, vc)]
+    return infer_attention([q, *dense, bias, *types[6:]], attrs)
+
+
+def paged_attention_reference(q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal, scale,
+                              softcap=None, window=None, alibi=False):
+    """attention(q, K, V, bias, [slopes]) where K and V are read from paged caches through
+    the block table (gather_paged), over as many keys as the bias has; the caches may be of
+    a narrower dtype than q (they are cast, as the dense layout casts its view)."""
+    keys = bias.shape[-1]
+    k = gather_paged(k_cache, block_table, row_start, keys).to(q.dtype)
+    v = gather_paged(v_cache, block_table, row_start, keys).to(q.dtype)
+    return attention_reference(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window,
+                               alibi=alibi)
+
+
 def infer_all_gather(types, attrs):
     return [_times_along(_t(types), attrs["dim"], attrs["world_size"])]
 
@@ -805,6 +882,15 @@ OPS_LIST: list[OpDef] = [
     OpDef("kv_append", "other", infer_kv_append, kv_append_reference, origin="kv_cache",
           doc="kv_append(cache, new) {start}: write new K or V at start, return cache[:, :, :start+T]; mutates",
           arity=(2, 2), attrs="start: size", traits={"stateful"}),
+    OpDef("paged_kv_write", "other", infer_paged_kv_write, paged_kv_write_reference, origin="kv_cache",
+          doc="paged_kv_write(cache, new, slots): write new K or V [B, Hkv, T, D] into slots [B, T] of a paged "
+              "cache [blocks, block size, Hkv, D] (-1: not written); returns the cache; mutates",
+          arity=(3, 3), traits={"stateful"}),
+    OpDef("paged_attention", "fused", infer_paged_attention, paged_attention_reference, origin="kv_cache",
+          doc="paged_attention(q, k_cache, v_cache, block_table, row_start, bias, [slopes]) {causal, scale, "
+              "softcap?, window?, alibi?}: attention over bias.shape[-1] keys read from paged caches through "
+              "the block table (row b's key j is its token j - row_start[b])",
+          arity=(6, 7), attrs="causal: bool, scale: float, softcap?: float|none, window?: int|none, alibi?: bool"),
     # tensor parallelism (passes/shard.py): collectives over the ranks of a process group
     OpDef("all_reduce", "other", infer_same, all_reduce_reference, origin="shard",
           doc="all_reduce(x) {world_size}: the sum of x over the ranks (after a row-parallel linear)",

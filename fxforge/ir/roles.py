@@ -13,22 +13,32 @@ the graph, never from a pass report or a naming convention, so a dumped and hand
 
 Input roles: `input` (the model's own; the default, not printed), `cache_len` (an int:
 positions already in the cache), `positions` (i64[B, T] per-row positions), `key_bias`
-(additive key mask over the cache and the new tokens). A paged cache will add
-`block_table` and `slot_mapping`; tensor parallelism needs no input role.
+(additive key mask over the cache and the new tokens). A paged cache adds `block_table`
+(int [B, blocks per row]: the cache blocks of each row, in order), `row_start` (int [B]: the
+key index of each row's first token, its left padding) and `slot_mapping` (int [B, T]: the
+cache slot each new token is written to, -1 for none); tensor parallelism needs no input role.
 State buffers: `layer`, `kind` (k | v) and `layout`; `dense` is [batch, kv heads, capacity,
-head dim], sized by the runtime per request (a paged layout will be [blocks, ...]).
+head dim], sized by the runtime per request; `paged` is [blocks, block size, kv heads, head
+dim], a pool of blocks the runtime hands out to rows (runtime/paged_cache.py).
 Graph signature: `outputs` gives each output's role (`logits` [B, T, vocab] or `output`),
-`max_seq_len` / `max_batch` the limits generate() checks (absent: none).
+`max_seq_len` / `max_batch` the limits generate() checks (absent: none), `num_blocks` the
+default pool size of a paged cache (absent: sized per call).
 """
 from __future__ import annotations
 
 INPUT, CACHE_LEN, POSITIONS, KEY_BIAS = "input", "cache_len", "positions", "key_bias"
-INPUT_ROLES = (INPUT, CACHE_LEN, POSITIONS, KEY_BIAS)
+BLOCK_TABLE, ROW_START, SLOT_MAPPING = "block_table", "row_start", "slot_mapping"
+INPUT_ROLES = (INPUT, CACHE_LEN, POSITIONS, KEY_BIAS, BLOCK_TABLE, ROW_START, SLOT_MAPPING)
 OUTPUT, LOGITS = "output", "logits"
 OUTPUT_ROLES = (OUTPUT, LOGITS)
 STATE_KINDS = ("k", "v")
-LAYOUTS = ("dense",)
-SIGNATURE_KEYS = ("outputs", "max_seq_len", "max_batch")
+LAYOUTS = ("dense", "paged")
+SIGNATURE_KEYS = ("outputs", "max_seq_len", "max_batch", "num_blocks")
+
+
+def is_paged(graph) -> bool:
+    """Whether the graph's KV cache is paged (its state buffers have layout paged)."""
+    return any((v.attrs or {}).get("layout") == "paged" for v in graph.state_values)
 
 
 def role_of(value) -> str:
@@ -77,6 +87,8 @@ def roles_problem(graph) -> str | None:
             return f"state {v.state!r}: kind must be one of {STATE_KINDS}, layout one of {LAYOUTS}, layer an int"
         if a["layout"] == "dense" and v.type.rank != 4:
             return f"state {v.state!r}: a dense cache is [batch, kv heads, capacity, head dim], got {v.type}"
+        if a["layout"] == "paged" and (v.type.rank != 4 or not v.type.shape[1].is_number):
+            return f"state {v.state!r}: a paged cache is [blocks, block size (a number), kv heads, head dim], got {v.type}"
     sig = graph.signature
     unknown = set(sig) - set(SIGNATURE_KEYS)
     if unknown:
@@ -87,7 +99,7 @@ def roles_problem(graph) -> str | None:
             return f"signature outputs={roles!r} must name one role per output ({len(graph.outputs)})"
         if any(r not in OUTPUT_ROLES for r in roles):
             return f"output roles are {', '.join(OUTPUT_ROLES)}, got {roles}"
-    for key in ("max_seq_len", "max_batch"):
+    for key in ("max_seq_len", "max_batch", "num_blocks"):
         limit = sig.get(key)
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             return f"signature {key} must be a positive int, got {limit!r}"

@@ -69,14 +69,28 @@ class KVCacheConfig:
     """max_seq_len: the longest prompt + generation; None means the model's own limit
     (its position table), or no limit for rotary models. max_batch: the largest batch
     generate() accepts (None: any). dtype: the cache's dtype (None: the keys' dtype; a
-    narrower one halves the cache, the keys are cast back for attention)."""
+    narrower one halves the cache, the keys are cast back for attention).
+    layout: "dense" (a [B, Hkv, S, D] buffer per layer) or "paged" (a pool of blocks of
+    `block_size` tokens handed out per row through a block table, passes/kv_paged.py);
+    num_blocks: a paged cache's default pool size for fxforge.Engine (None: the engine's
+    argument, and generate() sizes a pool per call)."""
 
     max_seq_len: int | None = None
     max_batch: int | None = None
     dtype: torch.dtype | None = None
+    layout: str = "dense"
+    block_size: int = 16
+    num_blocks: int | None = None
 
     def __post_init__(self):
-        for name in ("max_seq_len", "max_batch"):
+        if self.layout not in ("dense", "paged"):
+            raise ValueError(f"KVCacheConfig.layout must be 'dense' or 'paged', got {self.layout!r}")
+        if not _positive_int(self.block_size):
+            raise ValueError(f"KVCacheConfig.block_size must be a positive int (tokens per block), "
+                             f"got {self.block_size!r}")
+        if self.layout == "dense" and self.num_blocks is not None:
+            raise ValueError("KVCacheConfig.num_blocks is for layout='paged'; a dense cache has no blocks")
+        for name in ("max_seq_len", "max_batch", "num_blocks"):
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
                 raise ValueError(f"KVCacheConfig.{name} must be a positive int or None (no limit), got {value!r}")
@@ -110,7 +124,7 @@ def as_config(option) -> KVCacheConfig:
             return KVCacheConfig(**option)
         except TypeError as e:  # an unknown field
             raise TypeError(f"kv_cache={option!r}: {e}; KVCacheConfig's fields are max_seq_len, max_batch, "
-                            f"dtype") from None
+                            f"dtype, layout, block_size, num_blocks") from None
     raise TypeError(f"kv_cache= takes True or False, a KVCacheConfig or a dict of its fields; got {option!r} "
                     f"(1, 0 and strings such as 'yes' are not accepted: say True or False)")
 
@@ -173,7 +187,13 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     cache_size = _fresh_symbol(graph, CACHE_SIZE)
     new_graph, per_row, table_limit = _rewrite_positions(graph, seq, batch, cache_len)
     new_graph = dead_code_elimination(new_graph)
-    new_graph, layers, bytes_per_token = _rewrite_attention(new_graph, seq, batch, cache_len, cache_size, config)
+    if config.layout == "paged":
+        from .kv_paged import rewrite_attention_paged
+
+        new_graph, layers, bytes_per_token = rewrite_attention_paged(new_graph, seq, batch, cache_len, config)
+    else:
+        new_graph, layers, bytes_per_token = _rewrite_attention(new_graph, seq, batch, cache_len, cache_size,
+                                                                config)
     _check_no_other_length_ops(new_graph, seq, batch)
     _check_nothing_runs_along_the_sequence(dead_code_elimination(new_graph), seq)
 
@@ -187,12 +207,15 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     # what the runtime reads: the graph itself (ir/roles.py), not this pass's report
     new_graph.signature = {"outputs": _output_roles(new_graph, batch, seq),
                            **({"max_seq_len": max_seq_len} if max_seq_len is not None else {}),
-                           **({"max_batch": config.max_batch} if config.max_batch is not None else {})}
+                           **({"max_batch": config.max_batch} if config.max_batch is not None else {}),
+                           **({"num_blocks": config.num_blocks} if config.num_blocks is not None else {})}
     if ctx is not None:
         ctx.details["kv_cache"] = layout
         ctx.rules["cache_attention"] += layers
         ctx.rules["positions_per_row" if per_row else "positions_from_cache_len"] += 1
-        ctx.note(f"{layers} attention layers cached, {bytes_per_token} bytes per token per sequence; "
+        ctx.note(f"{layers} attention layers cached ({config.layout}"
+                 f"{f', blocks of {config.block_size}' if config.layout == 'paged' else ''}), "
+                 f"{bytes_per_token} bytes per token per sequence; "
                  f"positions {'per row' if per_row else 'shared by the batch (no left padding)'}; "
                  f"max_seq_len {max_seq_len if max_seq_len is not None else 'unbounded'}")
     return new_graph

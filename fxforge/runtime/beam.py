@@ -28,10 +28,7 @@ def _gather(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 def _reorder(cache, rows: torch.Tensor, length: int):
     """Cache row i takes the keys and values of row rows[i] (positions < length)."""
-    n = rows.shape[0]
-    for buf in cache.buffers:
-        part = buf[:n, :, :length]
-        part.copy_(part.index_select(0, rows))
+    cache.reorder_rows(rows, length)
 
 
 def beam_search(model, input_ids, pad, new_tokens: int, num_beams: int, processors: list, criteria: list,

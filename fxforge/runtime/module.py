@@ -17,6 +17,8 @@ from ..ir.roles import roles_problem
 from ..passes.manager import PassStats, format_report
 from .frames import frame_of_its_own
 from .program import Program
+from .block_allocator import blocks_for
+from .paged_cache import PagedKVCache, block_size_of
 from .state import CachePool, KVCache, cache_layout, cache_nbytes
 
 
@@ -45,6 +47,7 @@ class OptimizedModel:
             raise ValueError(f"the graph's signature is malformed: {problem}")
         self.kv_layout = cache_layout(graph)  # None: no KV cache; else the limits generate() checks
         self._input_roles = [roles.role_of(v) for v in graph.inputs]
+        self._paged = roles.is_paged(graph)
         self._guards = GuardChecker(graph.guards)
         self._caches = CachePool(self._allocate_cache)
         # eos/pad tokens generate() uses when not given (from a transformers generation_config)
@@ -134,11 +137,20 @@ class OptimizedModel:
             sizes = {d: n for d, n in zip(shape, (batch, length)) if isinstance(d, sympy.Symbol)}
             self._guards.check(sizes, f"generate() with {length} new token(s) per step")
 
-    def _allocate_cache(self, batch: int, capacity: int) -> KVCache:
+    def _allocate_cache(self, batch: int, capacity: int):
         capacity = -(-capacity // 256) * 256  # grown in steps, so that similar requests reuse it
         if self.kv_layout.max_seq_len is not None:
             capacity = min(capacity, self.kv_layout.max_seq_len)
+        if self._paged:
+            return self.paged_cache(batch * blocks_for(capacity, block_size_of(self.graph)))
         return KVCache(self.graph, batch, capacity, self.backend.new_buffer)
+
+    def paged_cache(self, num_blocks: int) -> "PagedKVCache":
+        """A paged KV cache of `num_blocks` blocks of the caller's own (fxforge.Engine's pool)."""
+        self._require_cache("the KV cache")
+        if not self._paged:
+            raise ValueError("paged_cache() needs a model optimized with KVCacheConfig(layout='paged')")
+        return PagedKVCache(self.graph, num_blocks, self.backend.new_buffer)
 
     def run_cached(self, input_ids: torch.Tensor, start: int, pad: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One prefill or decode step: the new tokens go at positions start.., the cache
@@ -153,6 +165,8 @@ class OptimizedModel:
     def _cached_inputs(self, user_inputs, start: int, pad: torch.Tensor, new: int, cache: KVCache) -> list:
         positions, bias = cache.inputs_at(pad, start, new, self.bias_dtype())
         extra = {roles.CACHE_LEN: start, roles.POSITIONS: positions, roles.KEY_BIAS: bias}
+        if self._paged:
+            extra.update(cache.paged_inputs(pad, start, new))
         given = iter(user_inputs)
         return [next(given) if role == roles.INPUT else extra[role] for role in self._input_roles]
 

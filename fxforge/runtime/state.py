@@ -31,6 +31,12 @@ def buffer_shapes(graph: Graph, batch: int, capacity: int) -> list[tuple[tuple[i
 
 
 def cache_nbytes(graph: Graph, batch: int, capacity: int) -> int:
+    if roles.is_paged(graph):  # every row's blocks (generate() gives each row its own)
+        from .block_allocator import blocks_for
+        from .paged_cache import block_size_of, paged_buffer_shapes
+
+        shapes = paged_buffer_shapes(graph, batch * blocks_for(capacity, block_size_of(graph)))
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes)
     return sum(math.prod(shape) * dtype.itemsize for shape, dtype in buffer_shapes(graph, batch, capacity))
 
 
@@ -61,6 +67,16 @@ class KVCache:
     def fits(self, batch: int, capacity: int) -> bool:
         return self.batch >= batch and self.capacity >= capacity
 
+    def claim(self, batch: int, capacity: int):
+        pass  # rows 0..batch-1 of the buffers are the call's (a paged cache hands out blocks here)
+
+    def reorder_rows(self, rows: torch.Tensor, length: int):
+        """Row i takes the keys and values of row rows[i] (positions < length; beam search)."""
+        n = rows.shape[0]
+        for buf in self.buffers:
+            part = buf[:n, :, :length]
+            part.copy_(part.index_select(0, rows))
+
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers)
 
@@ -85,18 +101,21 @@ class CachePool:
         with self._lock:
             fitting = [c for c in self._idle if c.fits(batch, capacity)]
             if fitting:
-                cache = min(fitting, key=KVCache.nbytes)
+                cache = min(fitting, key=lambda c: c.nbytes())
                 self._idle.remove(cache)
+                cache.claim(batch, capacity)
                 return cache
             if self._idle and len(self._idle) >= self.keep:
                 # too small for this request: free the smallest before allocating
-                self._idle.remove(min(self._idle, key=KVCache.nbytes))
-        return self._allocate(batch, capacity)
+                self._idle.remove(min(self._idle, key=lambda c: c.nbytes()))
+        cache = self._allocate(batch, capacity)
+        cache.claim(batch, capacity)
+        return cache
 
     def give_back(self, cache: KVCache):
         with self._lock:
             self._idle.append(cache)
-            self._idle.sort(key=KVCache.nbytes, reverse=True)
+            self._idle.sort(key=lambda c: c.nbytes(), reverse=True)
             del self._idle[self.keep:]  # keep the biggest
 
     @contextlib.contextmanager
@@ -119,7 +138,8 @@ def cache_layout(graph: Graph) -> KVCacheLayout | None:
     specs (None: the graph has no KV cache)."""
     if not graph.state_values:
         return None
-    per_token = sum(math.prod(int(d) for i, d in enumerate(v.shape) if i not in (0, 2)) * v.dtype.itemsize
+    token_dims = (0, 1) if roles.is_paged(graph) else (0, 2)  # [blocks, block size, ...] | [B, Hkv, S, D]
+    per_token = sum(math.prod(int(d) for i, d in enumerate(v.shape) if i not in token_dims) * v.dtype.itemsize
                     for v in graph.state_values)
     return KVCacheLayout(max_seq_len=graph.signature.get("max_seq_len"), max_batch=graph.signature.get("max_batch"),
                          per_row_positions=roles.input_index(graph, roles.POSITIONS) is not None,

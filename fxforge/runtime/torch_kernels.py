@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ir.ops import _packed, alibi_bias, attention_operands, attention_reference, causal_keep, window_keep
+from ..ir.ops import (_packed, alibi_bias, attention_operands, attention_reference, causal_keep, gather_paged,
+                      window_keep)
 from ..ir.quant_formats import Int8Packed, W8A8Packed, dequantize_weight, w8a8_linear_decomposed
 
 
@@ -65,6 +66,17 @@ def attention_sdpa(q, k, v, bias=None, slopes=None, *, causal: bool, scale: floa
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def paged_attention_sdpa(q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal: bool,
+                         scale: float, softcap=None, window=None, alibi: bool = False):
+    """paged_attention on the torch backend: K/V gathered through the block table into
+    dense [B, Hkv, keys, D] tensors (gather_paged), then attention_sdpa."""
+    keys = bias.shape[-1]
+    k = gather_paged(k_cache, block_table, row_start, keys).to(q.dtype)
+    v = gather_paged(v_cache, block_table, row_start, keys).to(q.dtype)
+    return attention_sdpa(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window,
+                          alibi=alibi)
 
 
 # -- quantized linears -----------------------------------------------------------------------

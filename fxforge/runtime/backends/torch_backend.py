@@ -21,9 +21,10 @@ class TorchBackend(Backend):
         self.cpu_linear = cpu_linear if cpu_linear is None else cpu_linear_mode(cpu_linear)  # "cached" | "measure" | None
 
     def kernel_ops(self) -> dict:
-        from ..torch_kernels import attention_sdpa, quant_linear_op
+        from ..torch_kernels import attention_sdpa, paged_attention_sdpa, quant_linear_op
 
-        return {"attention": attention_sdpa, "quant_linear": quant_linear_op}
+        return {"attention": attention_sdpa, "paged_attention": paged_attention_sdpa,
+                "quant_linear": quant_linear_op}
 
     def prepare(self, graph: Graph) -> tuple[Graph, dict, list]:
         if self.device.type != "cpu":

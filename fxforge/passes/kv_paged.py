@@ -1,0 +1,80 @@
+"""The paged layout of the kv_cache pass (KVCacheConfig(layout="paged")): the keys and
+values of every row live in fixed-size blocks of one pool per layer, handed out per row by
+the runtime (runtime/block_allocator.py), instead of one [B, Hkv, S, D] buffer.
+
+The logical index space is the dense layout's: the step's keys are 0..L+T-1, a row's left
+padding is masked by kv_bias, and positions are unchanged, so nothing outside attention
+differs. What changes is where a key lives. Row b's tokens are packed from the start of
+its own first block: key j is the row's token j - row_start[b], stored at
+
+    block_table[b, (j - row_start[b]) // block_size] * block_size + (j - row_start[b]) % block_size
+
+so when the batch's L grows (a longer request joins a serving batch) no data moves: only
+row_start changes. Inputs appended after the dense layout's (roles in ir/roles.py):
+
+    %kv_block_table: i32[B, MB] {role="block_table"}   the blocks of each row, in order
+    %kv_row_start:   i32[B]     {role="row_start"}     key index of each row's first token
+    %kv_slots:       i64[B, T]  {role="slot_mapping"}  the slot each new token goes to (-1: none)
+    state "layer0.k_cache" f32[NB, 16, Hkv, D] {layout="paged"}, ...
+
+Rewrite (per attention, after the dense pass has placed positions):
+  attention(q, k, v, [slopes]) {causal, ...}
+    -> paged_attention(q, paged_kv_write(kc, k, kv_slots), paged_kv_write(vc, v, kv_slots),
+                       kv_block_table, kv_row_start, kv_bias, [slopes]) {causal, ...}
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir import roles
+from ..ir.graph import Graph, Node, Value
+from ..ir.types import TensorType
+
+BLOCK_TABLE, ROW_START, SLOTS = "kv_block_table", "kv_row_start", "kv_slots"
+NUM_BLOCKS, BLOCKS_PER_ROW = "NB", "MB"  # the symbolic pool size and table width
+
+
+def rewrite_attention_paged(graph: Graph, seq, batch, cache_len, config):
+    """The attention rewrite of the paged layout; returns (graph, layers, bytes per token)
+    like the dense rewrite in kv_cache.py."""
+    from ..ir.builder import Builder
+    from .kv_cache import KV_BIAS, _fresh_symbol
+
+    num_blocks = _fresh_symbol(graph, NUM_BLOCKS)
+    per_row = _fresh_symbol(graph, BLOCKS_PER_ROW)
+    bias_dtype = next(n for n in graph.nodes if n.op == "attention").inputs[0].dtype
+    kv_bias = Value(TensorType((batch, 1, 1, cache_len + seq), bias_dtype), hint=KV_BIAS,
+                    attrs={"role": roles.KEY_BIAS})
+    table = Value(TensorType((batch, per_row), torch.int32), hint=BLOCK_TABLE, attrs={"role": roles.BLOCK_TABLE})
+    row_start = Value(TensorType((batch,), torch.int32), hint=ROW_START, attrs={"role": roles.ROW_START})
+    slots = Value(TensorType((batch, seq), torch.int64), hint=SLOTS, attrs={"role": roles.SLOT_MAPPING})
+    states: list[Value] = []
+    nodes: list[Node] = []
+    renamed: dict[Value, Value] = {}
+    layer = bytes_per_token = 0
+    for node in graph.nodes:
+        node = node.with_renamed_inputs(renamed)
+        if node.op != "attention":
+            nodes.append(node)
+            continue
+        q, k, v = node.inputs[:3]
+        slopes = node.inputs[3:]  # alibi's slopes: the only input after v the dense checks let through
+        b = Builder(meta={**node.meta, "pass": "kv_cache", "rule": "cache_attention_paged"})
+        caches = []
+        for name, x in (("k", k), ("v", v)):
+            dtype = config.dtype or x.dtype
+            heads, dim = x.shape[1], x.shape[3]
+            state = Value(TensorType((num_blocks, config.block_size, heads, dim), dtype),
+                          state=f"layer{layer}.{name}_cache", attrs={"layer": layer, "kind": name, "layout": "paged"})
+            states.append(state)
+            bytes_per_token += int(heads) * int(dim) * dtype.itemsize
+            caches.append(b.emit("paged_kv_write", state, b.cast(x, dtype), slots))
+        out = b.emit("paged_attention", q, caches[0], caches[1], table, row_start, kv_bias, *slopes, **node.attrs)
+        nodes.extend(b.nodes)
+        renamed[node.outputs[0]] = out
+        layer += 1
+    out = graph.with_nodes(nodes, [renamed.get(v, v) for v in graph.outputs])
+    out.inputs += [kv_bias, table, row_start, slots]
+    out.input_names += [KV_BIAS, BLOCK_TABLE, ROW_START, SLOTS]
+    out.state_values = states
+    return out, layer, bytes_per_token
