@@ -52,15 +52,19 @@ def _spec(kernel, fn_ref, arg_names, pointers, constexprs, *, floats=(), unit=()
 
 # --------------------------------------------------------------------------- attention
 _ATTN_REF = "fxforge.codegen.kernels.attention:_attention_kernel"
-_ATTN_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "out_ptr", "H", "GROUPS", "TQ", "TK", "TQ_BUCKET",
-              "TK_BUCKET", "qk_scale", "softcap", "window", "sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd",
-              "sbb", "sbh", "sbm", "sbn", "sob", "soh", "som", "sod",
+_ATTN_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "out_ptr", "table_ptr", "start_ptr", "H", "GROUPS",
+              "TQ", "TK", "TQ_BUCKET", "TK_BUCKET", "qk_scale", "softcap", "window", "page", "pages",
+              "sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd",
+              "sbb", "sbh", "sbm", "sbn", "sob", "soh", "som", "sod", "stb",
               "HEAD_DIM", "D_PAD", "CAUSAL", "HAS_BIAS", "DOT_F32", "PRECISION", "BLOCK_M", "BLOCK_N",
-              "SOFTCAP", "WINDOW", "ALIBI"]
+              "SOFTCAP", "WINDOW", "ALIBI", "PAGED"]
 # The attention variants (op attributes softcap / window / alibi): "plain" is causal attention
-# without them, "all" every variant flag and a bias at once (the superset of their code).
-ATTN_VARIANTS = {"plain": dict(HAS_BIAS=False, SOFTCAP=False, WINDOW=False, ALIBI=False),
-                 "all": dict(HAS_BIAS=True, SOFTCAP=True, WINDOW=True, ALIBI=True)}
+# without them, "all" every variant flag and a bias at once (the superset of their code),
+# "paged" every flag with K/V read through a block table (the paged KV cache layout).
+ATTN_VARIANTS = {"plain": dict(HAS_BIAS=False, SOFTCAP=False, WINDOW=False, ALIBI=False, PAGED=False),
+                 "all": dict(HAS_BIAS=True, SOFTCAP=True, WINDOW=True, ALIBI=True, PAGED=False),
+                 "paged": dict(HAS_BIAS=True, SOFTCAP=True, WINDOW=True, ALIBI=True, PAGED=True)}
+_PAGED_POINTERS = {"table_ptr": "i32", "start_ptr": "i32"}
 
 
 def attention_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, all_configs=False, variants=tuple(ATTN_VARIANTS)
@@ -78,7 +82,7 @@ def attention_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, all_configs=False, varia
                     specs.append(_spec(
                         "attention", _ATTN_REF, _ATTN_ARGS,
                         {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr")},
-                         "slopes_ptr": "fp32"},
+                         "slopes_ptr": "fp32", **_PAGED_POINTERS},
                         dict(HEAD_DIM=d, D_PAD=d, CAUSAL=True, DOT_F32=False, **ATTN_VARIANTS[variant],
                              PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn),
                         floats=("qk_scale", "softcap"), unit=("sqd", "skd", "svd", "sod"), num_warps=w,
@@ -89,12 +93,15 @@ def attention_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, all_configs=False, varia
 
 # --------------------------------------------------------------------------- decode attention
 _SPLIT_REF = "fxforge.codegen.kernels.decode_attention:_decode_split_kernel"
-_SPLIT_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "m_ptr", "l_ptr", "acc_ptr", "H", "GROUPS", "TK",
-               "CHUNK", "NUM_SPLITS", "qk_scale", "softcap", "sqb", "sqh", "sqd", "skb", "skh", "skn", "skd", "svb",
-               "svh", "svn", "svd", "sbb", "sbh", "sbn", "HEAD_DIM", "D_PAD", "BLOCK_G", "BLOCK_N", "HAS_BIAS",
-               "DOT_F32", "PRECISION", "SOFTCAP", "ALIBI"]
+_SPLIT_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "m_ptr", "l_ptr", "acc_ptr", "table_ptr",
+               "start_ptr", "H", "GROUPS", "TK", "CHUNK", "NUM_SPLITS", "qk_scale", "softcap", "page", "pages",
+               "start_shift", "sqb", "sqh", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd", "sbb", "sbh",
+               "sbn", "stb", "HEAD_DIM", "D_PAD", "BLOCK_G", "BLOCK_N", "HAS_BIAS", "DOT_F32", "PRECISION", "SOFTCAP",
+               "ALIBI", "PAGED"]
 # decode's variants: a sliding window is a view of the cache, not a flag of the kernel
-DECODE_VARIANTS = {"plain": dict(SOFTCAP=False, ALIBI=False), "all": dict(SOFTCAP=True, ALIBI=True)}
+DECODE_VARIANTS = {"plain": dict(SOFTCAP=False, ALIBI=False, PAGED=False),
+                   "all": dict(SOFTCAP=True, ALIBI=True, PAGED=False),
+                   "paged": dict(SOFTCAP=True, ALIBI=True, PAGED=True)}
 _COMBINE_REF = "fxforge.codegen.kernels.decode_attention:_decode_combine_kernel"
 _COMBINE_ARGS = ["m_ptr", "l_ptr", "acc_ptr", "out_ptr", "H", "NUM_SPLITS", "sob", "soh", "sod",
                  "HEAD_DIM", "D_PAD", "BLOCK_S"]
@@ -116,7 +123,7 @@ def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), varian
                 specs.append(_spec(
                     "decode_split", _SPLIT_REF, _SPLIT_ARGS,
                     {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr")},
-                     **{p: "fp32" for p in ("slopes_ptr", "m_ptr", "l_ptr", "acc_ptr")}},
+                     **{p: "fp32" for p in ("slopes_ptr", "m_ptr", "l_ptr", "acc_ptr")}, **_PAGED_POINTERS},
                     dict(HEAD_DIM=d, D_PAD=d, BLOCK_G=16, BLOCK_N=launch["BLOCK_N"], HAS_BIAS=True, DOT_F32=False,
                          PRECISION="ieee" if dtype == torch.float32 else "tf32", **DECODE_VARIANTS[variant]),
                     floats=("qk_scale", "softcap"), unit=("sqd", "skd", "svd"), num_warps=launch["num_warps"],

@@ -89,37 +89,57 @@ class _Prefill:
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512):
+    def __new__(cls, model=None, *args, **kwargs):
+        # a model optimized with KVCacheConfig(layout="paged") gets the paged engine (same API)
+        if cls is Engine and getattr(model, "_paged", False):
+            from .engine_paged import PagedEngine
+
+            return super().__new__(PagedEngine)
+        return super().__new__(cls)
+
+    def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
+                 num_blocks: int | None = None, block_size: int | None = None):
         """`max_seq_len`: positions per row (prompt + new tokens of one request); by default
-        the model's own limit, or 1024 where it has none."""
+        the model's own limit, or 1024 where it has none. `num_blocks` and `block_size` are
+        for a paged cache (runtime/engine_paged.py)."""
+        if num_blocks is not None or block_size is not None:
+            raise ValueError("num_blocks and block_size are for a paged KV cache: optimize the model with "
+                             "kv_cache=KVCacheConfig(layout='paged', block_size=16); this one's cache is dense")
+        self._setup(model, max_batch, max_seq_len, prefill_chunk)
+        self._cache = model.kv_cache_for(max_batch, self.capacity)
+        self._scratch = model.kv_cache_for(1, self.capacity)
+        self._start = 0  # the cache position every row's next token goes to
+
+    def _setup(self, model, max_batch, max_seq_len, prefill_chunk, default_len: int | None = 1024):
+        """The checks and the state every engine has (dense and paged)."""
         model._require_cache("the engine")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         limit = model.kv_layout.max_seq_len
         if max_seq_len is None:
-            max_seq_len = limit if limit is not None else 1024
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
-        if limit is not None and max_seq_len > limit:
-            raise ValueError(f"max_seq_len={max_seq_len} is more than the model's {limit} positions")
+            max_seq_len = limit if limit is not None else default_len
+        if max_seq_len is not None:
+            if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+                raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+            if limit is not None and max_seq_len > limit:
+                raise ValueError(f"max_seq_len={max_seq_len} is more than the model's {limit} positions")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an int >= 1 (prompt tokens per step), got {prefill_chunk!r}")
         self.model, self.max_batch, self.capacity = model, max_batch, max_seq_len
         self.prefill_chunk = prefill_chunk
-        self._prefilling: _Prefill | None = None
+        self._prefilling = None
         model.check_step_sizes(max_batch, [1])
         self._waiting: deque[Request] = deque()
-        self._rows: list[_Row] = []
+        self._rows: list = []
         self._lock = threading.Lock()  # guards _waiting
         self._step_lock = threading.Lock()  # one step at a time
         self._wake = threading.Condition(self._lock)
-        self._cache = model.kv_cache_for(max_batch, max_seq_len)
-        self._scratch = model.kv_cache_for(1, max_seq_len)
-        self._start = 0  # the cache position every row's next token goes to
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
         self.peak_cached_tokens = 0
+        # summed over steps, for the run's average KV waste: slots allocated, slots holding tokens
+        self._slot_steps = self._token_steps = 0
 
     # -- submitting --------------------------------------------------------------------
     def submit(self, prompt_ids, max_new_tokens: int = 32, *, do_sample: bool = False, temperature: float = 1.0,
@@ -132,9 +152,7 @@ class Engine:
             raise ValueError("an empty prompt: every request needs at least one token")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if prompt.numel() + max_new_tokens > self.capacity:
-            raise ValueError(f"a prompt of {prompt.numel()} tokens plus {max_new_tokens} new ones needs "
-                             f"{prompt.numel() + max_new_tokens} positions; the engine has max_seq_len={self.capacity}")
+        self._check_request(prompt.numel(), max_new_tokens)
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         device = self.model.device
         eos_t = torch.tensor(eos, device=device) if eos else None
@@ -144,6 +162,11 @@ class Engine:
             self._waiting.append(request)
             self._wake.notify()
         return request
+
+    def _check_request(self, prompt_len: int, max_new_tokens: int):
+        if prompt_len + max_new_tokens > self.capacity:
+            raise ValueError(f"a prompt of {prompt_len} tokens plus {max_new_tokens} new ones needs "
+                             f"{prompt_len + max_new_tokens} positions; the engine has max_seq_len={self.capacity}")
 
     def generate_many(self, prompts, max_new_tokens: int = 32, **options) -> list[torch.Tensor]:
         """The new tokens of each prompt (prompt excluded), in order."""
@@ -203,11 +226,22 @@ class Engine:
         return bool(self._rows or self._waiting or self._prefilling is not None)
 
     def stats(self) -> dict:
-        """Cache use now: positions allocated, holding tokens, and the peak so far."""
+        """Cache use now: positions allocated, holding tokens, and the peak so far;
+        kv_waste: the share of allocated positions that held no token, averaged over the
+        decode steps so far (a dense cache allocates max_batch x max_seq_len)."""
         held = sum(r.cached for r in self._rows)
         return {"allocated_positions": self.max_batch * self.capacity, "cached_tokens": held,
                 "peak_cached_tokens": self.peak_cached_tokens, "running": len(self._rows),
-                "waiting": len(self._waiting) + (self._prefilling is not None), "steps": self.steps}
+                "waiting": len(self._waiting) + (self._prefilling is not None), "steps": self.steps,
+                "kv_waste": self._waste()}
+
+    def _waste(self) -> float:
+        return 1.0 - self._token_steps / self._slot_steps if self._slot_steps else 0.0
+
+    def _account(self, allocated: int, held: int):
+        """One decode step's KV use, for the run's average waste."""
+        self._slot_steps += allocated
+        self._token_steps += held
 
     def close(self):
         self.stop()
@@ -268,6 +302,7 @@ class Engine:
         for r in rows:
             r.cached += 1
         self.peak_cached_tokens = max(self.peak_cached_tokens, sum(r.cached for r in rows))
+        self._account(self.max_batch * self.capacity, sum(r.cached for r in rows))
         for i, r in enumerate(list(rows)):
             self._take_token(r, logits[i:i + 1])
 

@@ -17,6 +17,9 @@ Variants, each a constexpr flag so the plain kernel is compiled as before:
            [B, H, Tq, Tk] bias in memory.
 Head dims 16..256 of any size (padded to a power of two with masked loads), any lengths,
 fp32/fp16/bf16, arbitrary strides.
+  PAGED    K/V are read from paged caches [blocks, block size, Hkv, D] through a block table
+           (`paged_attention_triton`, the paged layout of the kv_cache pass): each key tile's
+           rows are gathered block by block from the row's start; no dense copy is made.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ import triton.language as tl
 
 from ...ir.ops import attention_operands, attention_reference
 
-__all__ = ["attention_triton", "attention_reference", "load_kv_block", "online_softmax_step"]
+__all__ = ["attention_triton", "paged_attention_triton", "attention_reference", "load_kv_block",
+           "load_paged_kv_block", "online_softmax_step"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -90,6 +94,30 @@ def load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn
 
 
 @triton.jit
+def load_paged_kv_block(k_base, v_base, table_row, row_start, n_idx, n_valid, page, pages, offs_d, d_valid,
+                        skp, skn, skd, svp, svn, svd, DOT_F32: tl.constexpr):
+    """load_kv_block through a block table: key n of the row is its token n - row_start, at
+    block table_row[(n - row_start) // page], offset (n - row_start) % page (skp: a block's
+    stride, skn: a slot's). Keys before row_start (left padding) and past the table read
+    as 0, as the reference's gather gives them (their key bias masks them)."""
+    rel = n_idx - row_start
+    inside = n_valid & (rel >= 0)
+    rel = tl.where(inside, rel, 0)
+    blk_idx = rel // page
+    inside = inside & (blk_idx < pages)
+    blk = tl.load(table_row + blk_idx, mask=inside, other=0).to(tl.int64)
+    off = (rel % page).to(tl.int64)
+    k = tl.load(k_base + (blk * skp + off * skn)[None, :] + offs_d[:, None] * skd,
+                mask=inside[None, :] & d_valid[:, None], other=0.0)
+    v = tl.load(v_base + (blk * svp + off * svn)[:, None] + offs_d[None, :] * svd,
+                mask=inside[:, None] & d_valid[None, :], other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     """Fold one block of scores s [M, N] (log2 units, -inf where masked) and values
     v [N, D] into the running max m_i, sum l_i and output acc (FlashAttention's online
@@ -112,24 +140,26 @@ def tanh_f32(x):
 
 
 @triton.autotune(configs=_configs(), key=["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "SOFTCAP",
-                                          "WINDOW", "ALIBI"],
+                                          "WINDOW", "ALIBI", "PAGED"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _attention_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, out_ptr, table_ptr, start_ptr,
     # sizes
-    H, GROUPS, TQ, TK, TQ_BUCKET, TK_BUCKET, qk_scale, softcap, window,
+    H, GROUPS, TQ, TK, TQ_BUCKET, TK_BUCKET, qk_scale, softcap, window, page, pages,
     # strides
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    sbb, sbh, sbm, sbn, sob, soh, som, sod,
+    sbb, sbh, sbm, sbn, sob, soh, som, sod, stb,
     # constexprs
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr,
 ):
     # softcap: the cap in log2 units (cap * log2 e); window: W (keys); both read only when
-    # their flag is set.
+    # their flag is set. PAGED: k/v are [blocks, page, Hkv, D] caches (skb/svb: a block's
+    # stride, skn/svn: a slot's) read through row b's block table (pages entries, stb
+    # apart) from its start (start_ptr[b]); table_ptr, start_ptr, page, pages, stb unused otherwise.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -146,8 +176,14 @@ def _attention_kernel(
                 mask=m_valid[:, None] & d_valid[None, :], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
-    k_base = k_ptr + b * skb + kvh * skh
-    v_base = v_ptr + b * svb + kvh * svh
+    if PAGED:
+        k_base = k_ptr + kvh * skh
+        v_base = v_ptr + kvh * svh
+        table_row = table_ptr + b * stb
+        row_start = tl.load(start_ptr + b)
+    else:
+        k_base = k_ptr + b * skb + kvh * skh
+        v_base = v_ptr + b * svb + kvh * svh
 
     # exp2 is the fast path on GPUs: fold log2(e) into the scale once.
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -168,7 +204,13 @@ def _attention_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         n_idx = start_n + offs_n
         n_valid = n_idx < TK
-        k, v = load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
+        if PAGED:
+            k, v = load_paged_kv_block(k_base, v_base, table_row, row_start, n_idx, n_valid, page, pages, offs_d,
+                                       d_valid, skb, skn, skd, svb, svn, svd, DOT_F32)
+            k = k.to(q.dtype)  # a cache narrower than the queries (KVCacheConfig.dtype)
+            v = v.to(q.dtype)
+        else:
+            k, v = load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # already in log2 units
         if SOFTCAP:
             s = tanh_f32(s / softcap) * softcap
@@ -229,6 +271,52 @@ def attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, scale: fl
         raise ValueError(f"attention: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError("attention: q, k, v must be on one device")
+    return _launch(q, k, v, bias, slopes, tk, kv_heads, None, causal=causal, scale=scale, softcap=softcap,
+                   window=window)
+
+
+def paged_attention_triton(q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal: bool,
+                           scale: float, softcap=None, window=None, alibi: bool = False):
+    """paged_attention (ir/ops.py): attention over bias.shape[-1] keys read from the paged
+    caches [blocks, block size, Hkv, D] through block_table [B, blocks per row] from each
+    row's start (row_start [B]); the caches may be narrower than q."""
+    if q.dim() != 4:
+        raise ValueError(f"paged attention: q must be [B, H, T, D], got shape {tuple(q.shape)}")
+    bsz, heads, tq, d = q.shape
+    check_paged(q, k_cache, v_cache, block_table, row_start, bias, "paged attention")
+    kv_heads = k_cache.shape[2]
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"paged attention: q must be float32, float16 or bfloat16, got {q.dtype}")
+    if not 1 <= d <= 256:
+        raise ValueError(f"paged attention: head dim {d} is outside 1..256")
+    return _launch(q, k_cache, v_cache, bias, slopes, bias.shape[-1], kv_heads,
+                   (block_table.contiguous(), row_start.to(torch.int32).contiguous()),
+                   causal=causal, scale=scale, softcap=softcap, window=window)
+
+
+def check_paged(q, k_cache, v_cache, block_table, row_start, bias, what: str):
+    """The checks of the paged wrappers (prefill and decode)."""
+    bsz, heads, _, d = q.shape
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != d:
+        raise ValueError(f"{what}: k and v caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} must both be "
+                         f"[blocks, block size, Hkv, D={d}]")
+    if heads % k_cache.shape[2]:
+        raise ValueError(f"{what}: {heads} query heads is not a multiple of {k_cache.shape[2]} kv heads")
+    if block_table.dim() != 2 or block_table.shape[0] != bsz or block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{what}: block_table must be int32/int64 [B={bsz}, blocks per row], got "
+                         f"{block_table.dtype} {tuple(block_table.shape)}")
+    if row_start.shape != (bsz,):
+        raise ValueError(f"{what}: row_start must be [B={bsz}], got {tuple(row_start.shape)}")
+    if bias is None or bias.dim() != 4:
+        raise ValueError(f"{what}: needs the key bias [B, 1|H, 1|T, keys] (it gives the number of keys)")
+    if not (q.device == k_cache.device == v_cache.device == block_table.device == row_start.device):
+        raise ValueError(f"{what}: q, the caches, block_table and row_start must be on one device")
+
+
+def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, causal, scale, softcap, window):
+    """Allocate and launch the kernel; k, v are [B, Hkv, Tk, D], or paged caches with
+    paged = (block_table, row_start)."""
+    bsz, heads, tq, d = q.shape
     if bias is not None:
         try:
             bias = bias.expand(bsz, heads, tq, tk)
@@ -246,14 +334,22 @@ def attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, scale: fl
     def grid(meta):
         return (triton.cdiv(tq, meta["BLOCK_M"]), bsz * heads)
 
+    if paged is None:
+        table, starts, page, pages, stb = q, q, 1, 1, 0
+        kv_strides = (*k.stride(), *v.stride())
+    else:  # [blocks, page, Hkv, D] caches: (block, head, slot, dim) strides in the kernel's order
+        table, starts = paged
+        page, pages, stb = k.shape[1], table.shape[1], table.stride(0)
+        kv_strides = tuple(t.stride(i) for t in (k, v) for i in (0, 2, 1, 3))
+
     _attention_kernel[grid](
-        q, k, v, bias_arg, slopes if slopes is not None else q, out,
+        q, k, v, bias_arg, slopes if slopes is not None else q, out, table, starts,
         heads, heads // kv_heads, tq, tk, _bucket(tq), _bucket(tk), float(scale) * 1.4426950408889634,
         float(softcap) * 1.4426950408889634 if softcap is not None else 1.0,
-        int(window) if window is not None else 0,
-        *q.stride(), *k.stride(), *v.stride(), *bs, *out.stride(),
+        int(window) if window is not None else 0, page, pages,
+        *q.stride(), *kv_strides, *bs, *out.stride(), stb,
         HEAD_DIM=d, D_PAD=d_pad, CAUSAL=bool(causal), HAS_BIAS=bias is not None,
-        SOFTCAP=softcap is not None, WINDOW=window is not None, ALIBI=slopes is not None,
+        SOFTCAP=softcap is not None, WINDOW=window is not None, ALIBI=slopes is not None, PAGED=paged is not None,
         # triton 3.9's interpreter miscomputes bf16 dots: compute those in fp32 there.
         DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         # fp32 inputs keep full fp32 products (tf32 would cost ~1e-3 relative error)

@@ -12,7 +12,8 @@ additive, broadcastable to [B, H, 1, Tk]. With one query, bottom-right causal ma
 nothing, so `causal` does not change the result. Equal to `attention_reference`.
 Variants: SOFTCAP (tanh(s / softcap) * softcap) and ALIBI (slopes[h] * (k_pos - q_pos),
 slopes f32[H]) are constexpr flags of the split kernel; a sliding window of W keys is a
-view of the last W keys (and of the bias), so the splits cover only the window.
+view of the last W keys (and of the bias), so the splits cover only the window. PAGED
+reads K/V from paged caches through a block table (`paged_decode_attention_triton`).
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ import triton.language as tl
 
 from ...ir.ops import attention_reference
 from ...ir.ops import attention_operands
-from .attention import check_variants, load_kv_block, online_softmax_step, tanh_f32
+from .attention import check_paged, check_variants, load_kv_block, load_paged_kv_block, online_softmax_step, tanh_f32
 
-__all__ = ["decode_attention_triton", "attention_reference", "num_splits", "split_launch", "combine_block"]
+__all__ = ["decode_attention_triton", "paged_decode_attention_triton", "attention_reference", "num_splits", "split_launch", "combine_block"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -36,17 +37,19 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _decode_split_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, m_ptr, l_ptr, acc_ptr, table_ptr, start_ptr,
     # sizes
-    H, GROUPS, TK, CHUNK, NUM_SPLITS, qk_scale, softcap,
+    H, GROUPS, TK, CHUNK, NUM_SPLITS, qk_scale, softcap, page, pages, start_shift,
     # strides
-    sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbn,
+    sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbn, stb,
     # constexprs
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr,
 ):
-    # softcap: the cap in log2 units, read only with SOFTCAP
+    # softcap: the cap in log2 units, read only with SOFTCAP. PAGED: as in the prefill
+    # kernel (skb/svb a block's stride, skn/svn a slot's); start_shift: keys cut off the
+    # front for a window (key n of this view is the row's key n + start_shift).
     pid_bkv = tl.program_id(0)  # (batch, kv head)
     split = tl.program_id(1)
     hkv = H // GROUPS
@@ -64,8 +67,14 @@ def _decode_split_kernel(
                 mask=g_valid[:, None] & d_valid[None, :], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
-    k_base = k_ptr + b * skb + kvh * skh
-    v_base = v_ptr + b * svb + kvh * svh
+    if PAGED:
+        k_base = k_ptr + kvh * skh
+        v_base = v_ptr + kvh * svh
+        table_row = table_ptr + b * stb
+        row_start = tl.load(start_ptr + b) - start_shift
+    else:
+        k_base = k_ptr + b * skb + kvh * skh
+        v_base = v_ptr + b * svb + kvh * svh
 
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
@@ -77,7 +86,13 @@ def _decode_split_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         n_idx = start_n + offs_n
         n_valid = n_idx < hi
-        k, v = load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
+        if PAGED:
+            k, v = load_paged_kv_block(k_base, v_base, table_row, row_start, n_idx, n_valid, page, pages, offs_d,
+                                       d_valid, skb, skn, skd, svb, svn, svd, DOT_F32)
+            k = k.to(q.dtype)  # a cache narrower than the queries (KVCacheConfig.dtype)
+            v = v.to(q.dtype)
+        else:
+            k, v = load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # log2 units
         if SOFTCAP:
             s = tanh_f32(s / softcap) * softcap
@@ -191,6 +206,28 @@ def decode_attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, sc
         raise ValueError(f"decode attention: head dim {d} is outside 1..256")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"decode attention: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return _launch(q, k, v, bias, slopes, tk, kv_heads, None, scale=scale, softcap=softcap, window=window)
+
+
+def paged_decode_attention_triton(q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal: bool,
+                                  scale: float, softcap=None, window=None, alibi: bool = False):
+    """paged_attention with one query per row: K/V read from the paged caches [blocks, block
+    size, Hkv, D] through block_table from each row's start, over bias.shape[-1] keys."""
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"paged decode attention takes one query per sequence [B, H, 1, D], got {tuple(q.shape)}")
+    check_paged(q, k_cache, v_cache, block_table, row_start, bias, "paged decode attention")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not 1 <= q.shape[3] <= 256:
+        raise ValueError(f"paged decode attention: q must be float32/16 or bfloat16 with a head dim in 1..256, got "
+                         f"{q.dtype} {tuple(q.shape)}")
+    return _launch(q, k_cache, v_cache, bias, slopes, bias.shape[-1], k_cache.shape[2],
+                   (block_table.contiguous(), row_start.to(torch.int32).contiguous()),
+                   scale=scale, softcap=softcap, window=window)
+
+
+def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, softcap, window):
+    """Partials, split and combine kernels; k, v are [B, Hkv, Tk, D], or paged caches with
+    paged = (block_table, row_start)."""
+    bsz, heads, _, d = q.shape
     if bias is not None:
         try:
             bias = bias.expand(bsz, heads, 1, tk)
@@ -198,11 +235,13 @@ def decode_attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, sc
             raise ValueError(f"decode attention: bias {tuple(bias.shape)} does not broadcast to "
                              f"[{bsz}, {heads}, 1, {tk}]") from None
     slopes = check_variants(heads, slopes, softcap, window, q.device, "decode attention")
+    start = 0
     if window is not None and tk > int(window):
         # the one query (at position Tk - 1) sees only the last `window` keys: the splits
         # cover those, and ALiBi's relative positions are the same in the view
         start = tk - int(window)
-        k, v = k[:, :, start:], v[:, :, start:]
+        if paged is None:
+            k, v = k[:, :, start:], v[:, :, start:]
         bias = bias[..., start:] if bias is not None else None
         tk = tk - start
     out = torch.empty(bsz, heads, 1, d, dtype=q.dtype, device=q.device)
@@ -219,13 +258,20 @@ def decode_attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, sc
     acc = torch.empty(bsz, heads, splits, d_pad, dtype=torch.float32, device=q.device)
     bias_arg = bias if bias is not None else q
     bs = (bias.stride(0), bias.stride(1), bias.stride(3)) if bias is not None else (0, 0, 0)
+    if paged is None:
+        table, starts, page, pages, stb = q, q, 1, 1, 0
+        kv_strides = (*k.stride(), *v.stride())
+    else:  # [blocks, page, Hkv, D] caches: (block, head, slot, dim) strides in the kernel's order
+        table, starts = paged
+        page, pages, stb = k.shape[1], table.shape[1], table.stride(0)
+        kv_strides = tuple(t.stride(i) for t in (k, v) for i in (0, 2, 1, 3))
     _decode_split_kernel[(bsz * kv_heads, splits)](
-        q, k, v, bias_arg, slopes if slopes is not None else q, m, l, acc,
+        q, k, v, bias_arg, slopes if slopes is not None else q, m, l, acc, table, starts,
         heads, groups, tk, chunk, splits, float(scale) * _LOG2E,
-        float(softcap) * _LOG2E if softcap is not None else 1.0,
-        q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *bs,
+        float(softcap) * _LOG2E if softcap is not None else 1.0, page, pages, start,
+        q.stride(0), q.stride(1), q.stride(3), *kv_strides, *bs, stb,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=block_n, HAS_BIAS=bias is not None,
-        SOFTCAP=softcap is not None, ALIBI=slopes is not None,
+        SOFTCAP=softcap is not None, ALIBI=slopes is not None, PAGED=paged is not None,
         DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 or _INTERPRET else "tf32",
         num_warps=launch["num_warps"],

@@ -47,7 +47,7 @@ class TritonBackend(Backend):
     def kernel_ops(self) -> dict:
         from ..torch_kernels import quant_linear_with
 
-        return {"attention": attention_dispatch, "quant_linear": quant_linear_with(_quant_linear_triton),
+        return {"attention": attention_dispatch, "paged_attention": paged_attention_dispatch, "quant_linear": quant_linear_with(_quant_linear_triton),
                 "fused_pointwise": self.pointwise.run}
 
     def kernel_sources(self) -> dict[str, str]:
@@ -94,6 +94,17 @@ def attention_dispatch(q, k, v, bias=None, slopes=None, *, causal: bool, scale: 
 
     kernel = decode_attention.decode_attention_triton if q.shape[2] == 1 else attention.attention_triton
     return kernel(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window, alibi=alibi)
+
+
+def paged_attention_dispatch(q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal: bool,
+                             scale: float, softcap=None, window=None, alibi: bool = False):
+    """paged_attention: the same split between decode and prefill kernels, each reading
+    K/V through the block table."""
+    from ...codegen.kernels import attention, decode_attention
+
+    kernel = decode_attention.paged_decode_attention_triton if q.shape[2] == 1 else attention.paged_attention_triton
+    return kernel(q, k_cache, v_cache, block_table, row_start, bias, slopes, causal=causal, scale=scale,
+                  softcap=softcap, window=window, alibi=alibi)
 
 
 def _quant_linear_triton(x, packed, bias):

@@ -1,0 +1,106 @@
+"""The paged reads of the prefill and decode attention kernels (K/V gathered through a
+block table from each row's start), run through Triton's interpreter on CPU, against the
+torch reference paged_attention_reference (a dense gather, then attention_reference)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fxforge.codegen.kernels.attention import paged_attention_triton  # noqa: E402
+from fxforge.codegen.kernels.decode_attention import paged_decode_attention_triton  # noqa: E402
+from fxforge.ir.ops import gather_paged, paged_attention_reference  # noqa: E402
+
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def paged_case(starts, keys, tq, h=4, hkv=2, d=32, page=4, dtype=torch.float32, seed=0):
+    """Rows with left padding `starts` over `keys` keys; each row's blocks are scattered
+    over the pool (shuffled ids), the table wider than any row needs."""
+    gen = torch.Generator().manual_seed(seed)
+    b = len(starts)
+    per_row = [-(-(keys - s) // page) for s in starts]
+    width = max(per_row) + 1
+    pool = sum(per_row) + 3
+    ids = torch.randperm(pool, generator=gen)
+    table = torch.zeros(b, width, dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(per_row):
+        table[i, :n] = ids[at:at + n].int()
+        at += n
+    kc = torch.randn(pool, page, hkv, d, generator=gen).to(dtype)
+    vc = torch.randn(pool, page, hkv, d, generator=gen).to(dtype)
+    q = torch.randn(b, h, tq, d, generator=gen).to(dtype)
+    row_start = torch.tensor(starts, dtype=torch.int32)
+    bias = torch.zeros(b, 1, 1, keys)
+    for i, s in enumerate(starts):
+        bias[i, ..., :s] = torch.finfo(torch.float32).min
+    return q, kc, vc, table, row_start, bias
+
+
+def check(kernel, q, kc, vc, table, row_start, bias, slopes=None, **variant):
+    attrs = {"causal": True, "scale": 0.2, **variant}
+    args = (q, kc, vc, table, row_start, bias) + ((slopes,) if slopes is not None else ())
+    out = kernel(*args, **attrs)
+    ref = paged_attention_reference(*args, **attrs)
+    tol = TOL[q.dtype] * max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
+    assert out.shape == q.shape and out.dtype == q.dtype
+
+
+@pytest.mark.parametrize("starts, keys", [([0], 4), ([0], 37), ([3, 0, 9], 23), ([5, 17], 40)],
+                         ids=["one-block", "several-blocks", "unaligned-starts", "long-padding"])
+@pytest.mark.parametrize("h, hkv", [(4, 2), (4, 4), (6, 1)], ids=["gqa", "mha", "mqa"])
+def test_decode_reads_through_the_table(starts, keys, h, hkv):
+    check(paged_decode_attention_triton, *paged_case(starts, keys, 1, h, hkv))
+
+
+@pytest.mark.parametrize("starts, keys, tq", [([0], 37, 37), ([3, 0, 9], 23, 5), ([2, 6], 30, 30)],
+                         ids=["whole-prompt", "chunk-after-cache", "padded-prefill"])
+@pytest.mark.parametrize("h, hkv", [(4, 2), (6, 1)], ids=["gqa", "mqa"])
+def test_prefill_reads_through_the_table(starts, keys, tq, h, hkv):
+    check(paged_attention_triton, *paged_case(starts, keys, tq, h, hkv))
+
+
+@pytest.mark.parametrize("tq", [1, 6])
+@pytest.mark.parametrize("variant", ["softcap", "window", "alibi"])
+def test_variants(tq, variant):
+    q, kc, vc, table, start, bias = paged_case([3, 0], 29, tq, h=4, hkv=2)
+    slopes = None
+    attrs = {}
+    if variant == "softcap":
+        attrs["softcap"] = 2.0
+    elif variant == "window":
+        attrs["window"] = 7
+    else:
+        slopes, attrs["alibi"] = torch.tensor([0.5, 0.25, 0.125, 0.0625]), True
+    kernel = paged_decode_attention_triton if tq == 1 else paged_attention_triton
+    check(kernel, q, kc, vc, table, start, bias, slopes, **attrs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    for tq, kernel in ((1, paged_decode_attention_triton), (5, paged_attention_triton)):
+        check(kernel, *paged_case([1, 4], 21, tq, dtype=dtype))
+
+
+def test_a_narrower_cache_is_cast_to_the_queries_dtype():
+    q, kc, vc, table, start, bias = paged_case([2], 19, 1)
+    check(paged_decode_attention_triton, q, kc.half(), vc.half(), table, start, bias)
+
+
+def test_the_gather_places_each_rows_tokens_from_its_start():
+    """Row b's key j is its token j - start[b]: block table[b, t // page], offset t % page."""
+    cache = torch.arange(6 * 2, dtype=torch.float32).reshape(6, 2, 1, 1)  # slot s holds s
+    table = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
+    dense = gather_paged(cache, table, torch.tensor([1, 0]), 5)[:, 0, :, 0]
+    assert dense.tolist() == [[0, 8, 9, 2, 3], [4, 5, 10, 11, 6]]  # row 0: padding, then blocks 4, 1
+
+
+def test_clear_errors():
+    q, kc, vc, table, start, bias = paged_case([0], 8, 1)
+    with pytest.raises(ValueError, match="block_table must be"):
+        paged_decode_attention_triton(q, kc, vc, table[0], start, bias, causal=True, scale=0.1)
+    with pytest.raises(ValueError, match="needs the key bias"):
+        paged_attention_triton(q, kc, vc, table, start, None, causal=True, scale=0.1)
