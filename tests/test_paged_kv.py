@@ -1,0 +1,140 @@
+"""The paged KV cache layout (KVCacheConfig(layout="paged")): the IR the pass writes, greedy
+tokens identical to the dense layout (llama with rotary + GQA, gpt2, a sliding window;
+batch 1 and a left-padded batch; the torch backend and the Triton kernels interpreted),
+beam search over it, the block allocator, and clear errors."""
+import pytest
+import torch
+
+import fxforge
+from fxforge.ir.typecheck import typecheck
+from fxforge.passes.kv_cache import KVCacheConfig
+from fxforge.runtime.block_allocator import BlockAllocator, OutOfBlocks, blocks_for
+
+import zoo
+from helpers import assert_round_trips, prompts
+
+MODELS = {"llama": lambda: zoo.llama("sdpa"), "gpt2": lambda: zoo.gpt2("eager"),
+          "mistral_window": lambda: zoo.mistral(sliding_window=4)}
+PAGED = KVCacheConfig(layout="paged", block_size=4)
+
+
+def _pair(name, backend="auto", **model_kw):
+    torch.manual_seed(0)
+    model, vocab = MODELS[name]() if not model_kw else zoo.llama("sdpa", **model_kw)
+    example = (torch.randint(0, vocab, (2, 7)),)
+    dense = fxforge.optimize(model, example, kv_cache=True, backend=backend)
+    paged = fxforge.optimize(model, example, kv_cache=PAGED, backend=backend)
+    return dense, paged, vocab
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def pair(request):
+    return _pair(request.param)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["batch1", "left-padded-batch3"])
+def test_greedy_tokens_equal_the_dense_layout(pair, padded):
+    dense, paged, vocab = pair
+    ids, mask = prompts(vocab, padded)
+    want = dense.generate(ids, 12, attention_mask=mask, eos_token_id=None)
+    assert torch.equal(paged.generate(ids, 12, attention_mask=mask, eos_token_id=None), want)
+
+
+def test_a_plain_call_gives_the_dense_logits(pair):
+    dense, paged, vocab = pair
+    ids = torch.randint(1, vocab, (2, 11))
+    torch.testing.assert_close(paged(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_equals_the_dense_layout():
+    dense, paged, vocab = _pair("llama")
+    ids, mask = prompts(vocab, True)
+    want = dense.generate(ids, 6, attention_mask=mask, num_beams=2, eos_token_id=None)
+    assert torch.equal(paged.generate(ids, 6, attention_mask=mask, num_beams=2, eos_token_id=None), want)
+
+
+def test_the_triton_kernels_read_through_the_table():
+    """The interpret backend: the paged prefill and decode kernels in the model."""
+    dense, paged, vocab = _pair("llama", backend="interpret", n_layer=1)
+    assert "paged_attention" in paged.code
+    for padded in (False, True):
+        ids, mask = prompts(vocab, padded)
+        want = dense.generate(ids, 6, attention_mask=mask, eos_token_id=None)
+        assert torch.equal(paged.generate(ids, 6, attention_mask=mask, eos_token_id=None), want)
+
+
+def test_the_ir_after_the_pass():
+    _, paged, _ = _pair("llama")
+    graph = paged.graph
+    typecheck(graph)
+    head, lines = paged.ir.splitlines()[0], [ln.strip() for ln in paged.ir.splitlines()]
+    assert ('%kv_bias: f32[B, 1, 1, L + T] {role="key_bias"}, %kv_block_table: i32[B, MB] {role="block_table"}, '
+            '%kv_row_start: i32[B] {role="row_start"}, %kv_slots: i64[B, T] {role="slot_mapping"}') in head
+    assert '%s0: state "layer0.k_cache" f32[NB, 4, 2, 16] {layer=0, kind="k", layout="paged"}' in head
+    writes = [ln for ln in lines if "= paged_kv_write(" in ln]
+    assert len(writes) == 4 and all(ln.startswith("%") and "f32[NB, 4, 2, 16]" in ln for ln in writes)
+    attn = [ln for ln in lines if "= paged_attention(" in ln]
+    assert len(attn) == 2 and all(ln.endswith("%kv_block_table, %kv_row_start, %kv_bias) {causal=true, scale=0.25}")
+                                  for ln in attn)
+    assert not any("kv_append(" in ln or "= attention(" in ln for ln in lines)
+    assert_round_trips(graph)
+    assert paged.kv_layout.bytes_per_token == 2 * 2 * 2 * 16 * 4  # layers x (k, v) x heads x dim x f32
+
+
+def test_a_loaded_ir_runs_paged():
+    dense, paged, vocab = _pair("gpt2")
+    loaded = fxforge.load_ir(paged.ir, paged.state_dict())
+    ids, mask = prompts(vocab, True)
+    assert torch.equal(loaded.generate(ids, 5, attention_mask=mask, eos_token_id=None),
+                       dense.generate(ids, 5, attention_mask=mask, eos_token_id=None))
+
+
+def test_each_row_of_a_generate_call_has_blocks_of_its_own():
+    _, paged, vocab = _pair("llama")
+    paged.generate(torch.randint(1, vocab, (3, 5)), 6)
+    [cache] = paged._caches.idle
+    assert cache.allocator.used == 0  # the call's rows gave their blocks back
+    assert cache.num_blocks >= 3 * blocks_for(11, 4)
+
+
+# -- the block allocator ------------------------------------------------------------------
+def test_allocator_hands_out_and_takes_back():
+    a = BlockAllocator(4)
+    got = a.allocate(3)
+    assert sorted(got) == [0, 1, 2] and a.free == 1 and a.used == 3
+    with pytest.raises(OutOfBlocks, match="2 KV cache block"):
+        a.allocate(2)
+    a.release(got[:2])
+    assert a.free == 3
+    with pytest.raises(ValueError, match="not allocated"):
+        a.release(got[:1])
+
+
+def test_a_promise_keeps_blocks_for_its_request():
+    a = BlockAllocator(5)
+    assert a.reserve(3) and a.free == 2 and a.used == 0
+    assert not a.reserve(3)  # only 2 are neither handed out nor promised
+    a.allocate(2, reserved=True)
+    assert a.used == 2 and a.reserved == 1 and a.free == 2
+    a.unreserve(1)
+    assert a.free == 3
+
+
+# -- errors ---------------------------------------------------------------------------------
+def test_config_errors_say_what_is_wrong():
+    with pytest.raises(ValueError, match="layout must be 'dense' or 'paged'"):
+        KVCacheConfig(layout="blocks")
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        KVCacheConfig(layout="paged", block_size=0)
+    with pytest.raises(ValueError, match="num_blocks is for layout='paged'"):
+        KVCacheConfig(num_blocks=8)
+    with pytest.raises(TypeError, match="layout, block_size, num_blocks"):
+        fxforge.optimize(torch.nn.Linear(2, 2), (torch.randn(1, 2),), kv_cache={"blocks": 3})
+
+
+def test_the_paged_inputs_refuse_a_row_without_its_blocks():
+    _, paged, vocab = _pair("llama")
+    cache = paged.paged_cache(8)
+    cache.use_rows([cache.allocator.allocate(1)])  # 4 tokens' room
+    with pytest.raises(ValueError, match="row 0 writes token 5 but holds 1 block"):
+        paged.run_cached(torch.randint(1, vocab, (1, 6)), 0, torch.zeros(1, dtype=torch.long), cache)
