@@ -1,7 +1,9 @@
 """The continuous-batching engine (runtime/engine.py): requests of different lengths join
 and leave the running batch, and each one's tokens are the ones generate() gives it alone
 (greedy, EOS, sampling with its own generator); admission waits when the cache is full;
-submission from several threads with streaming callbacks; clear errors."""
+submission from several threads with streaming callbacks; clear errors. Every test runs on
+the dense cache and on a paged one (runtime/engine_paged.py); the last ones are the paged
+engine's own: blocks come back, a small pool makes requests wait, KV waste."""
 import threading
 
 import pytest
@@ -10,13 +12,26 @@ import torch
 import fxforge
 
 import zoo
+from fxforge.passes.kv_cache import KVCacheConfig
+from fxforge.runtime.engine_paged import PagedEngine
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+PAGED = KVCacheConfig(layout="paged", block_size=4)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "llama-paged"])
 def fast(request):
     torch.manual_seed(0)
-    model, vocab = zoo.llama("sdpa") if request.param == "llama" else zoo.gpt2("eager")
-    return fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=True), vocab
+    model, vocab = zoo.gpt2("eager") if request.param == "gpt2" else zoo.llama("sdpa")
+    cache = PAGED if request.param.endswith("paged") else True
+    return fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=cache), vocab
+
+
+@pytest.fixture(scope="module")
+def paged():
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")
+    return fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=PAGED), vocab
 
 
 def _workload(vocab, n, seed=0):
@@ -63,7 +78,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(fast):
 def test_admission_waits_when_the_cache_is_full(fast):
     fast, vocab = fast
     prompts, news = _workload(vocab, 8, seed=1)
-    engine = fxforge.Engine(fast, max_batch=8, max_seq_len=max(p.numel() + n for p, n in zip(prompts, news)))
+    longest = max(p.numel() + n for p, n in zip(prompts, news))
+    # a paged pool as big as two of the longest requests: the dense cache's limit is its rows
+    blocks = {"num_blocks": 2 * -(-longest // 4)} if fast._paged else {}
+    engine = fxforge.Engine(fast, max_batch=8, max_seq_len=longest, **blocks)
     running = []
     requests = [engine.submit(p, n, callback=lambda r, t: running.append(engine.stats()["running"]))
                 for p, n in zip(prompts, news)]
@@ -135,3 +153,64 @@ def test_generate_many_and_errors(fast):
     model, _ = zoo.llama("sdpa")
     with pytest.raises(RuntimeError, match="needs a KV cache"):
         fxforge.Engine(fxforge.optimize(model, (torch.randint(0, vocab, (1, 5)),)))
+
+
+# -- the paged engine's own -------------------------------------------------------------
+def test_a_paged_model_gets_the_paged_engine_and_gives_every_block_back(paged):
+    fast, vocab = paged
+    prompts, news = _workload(vocab, 10, seed=5)
+    engine = fxforge.Engine(fast, max_batch=3, num_blocks=30, prefill_chunk=7)
+    assert isinstance(engine, PagedEngine) and engine.block_size == 4
+    used = []
+    requests = [engine.submit(p, n, callback=lambda r, t: used.append(engine.stats()["used_blocks"]))
+                for p, n in zip(prompts, news)]
+    engine.run()
+    for p, n, r in zip(prompts, news, requests):
+        assert torch.equal(r.result(), _alone(fast, p, n, eos_token_id=None))
+    assert engine.allocator.free == engine.allocator.num_blocks == 30 and engine.allocator.reserved == 0
+    assert 0 < max(used) <= 30 and engine.stats()["used_blocks"] == 0
+
+
+def test_a_small_pool_makes_requests_wait_and_none_is_lost(paged):
+    fast, vocab = paged
+    prompts, news = _workload(vocab, 8, seed=6)
+    need = max(-(-(p.numel() + n) // 4) for p, n in zip(prompts, news))
+    engine = fxforge.Engine(fast, max_batch=8, num_blocks=need + 2)  # room for about one request at a time
+    running = []
+    requests = [engine.submit(p, n, callback=lambda r, t: running.append(engine.stats()["running"]))
+                for p, n in zip(prompts, news)]
+    engine.run()
+    assert max(running) < 8 and all(r.done for r in requests)
+    for p, n, r in zip(prompts, news, requests):
+        assert torch.equal(r.result(), _alone(fast, p, n, eos_token_id=None))
+    assert engine.allocator.free == need + 2
+
+
+def test_a_request_larger_than_the_pool_fails_at_once(paged):
+    fast, vocab = paged
+    engine = fxforge.Engine(fast, max_batch=2, num_blocks=5)  # 20 tokens
+    with pytest.raises(ValueError, match="needs 6 KV cache blocks of 4 tokens, more than the engine's whole pool"):
+        engine.submit(torch.ones(15, dtype=torch.long), 8)
+    with pytest.raises(ValueError, match="block_size=16, but the model was optimized with blocks of 4"):
+        fxforge.Engine(fast, block_size=16)
+    dense = fxforge.optimize(zoo.llama("sdpa")[0], (torch.randint(0, vocab, (1, 5)),), kv_cache=True)
+    with pytest.raises(ValueError, match="num_blocks and block_size are for a paged KV cache"):
+        fxforge.Engine(dense, num_blocks=8)
+
+
+def test_paged_waste_is_under_5_percent_on_a_mixed_workload(paged):
+    """KV slots handed out vs holding tokens, averaged over the decode steps: only each
+    request's last block is partly empty (the dense engine wastes what its rows do not use)."""
+    fast, vocab = paged
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(1, vocab, (int(k),), generator=gen) for k in torch.randint(16, 100, (10,), generator=gen)]
+    news = [int(k) for k in torch.randint(16, 60, (10,), generator=gen)]
+    engine = fxforge.Engine(fast, max_batch=4, num_blocks=200)
+    requests = [engine.submit(p, n) for p, n in zip(prompts, news)]
+    engine.run()
+    assert all(r.done for r in requests)
+    stats = engine.stats()
+    assert stats["kv_waste"] < 0.05, stats
+    # a dense engine would hold 4 rows of the longest request all along
+    longest = max(p.numel() + n for p, n in zip(prompts, news))
+    assert stats["peak_allocated_blocks"] * 4 < 4 * longest
