@@ -32,7 +32,7 @@ import triton.language as tl
 from ...ir.ops import attention_operands, attention_reference
 
 __all__ = ["attention_triton", "paged_attention_triton", "attention_reference", "load_kv_block",
-           "load_paged_kv_block", "online_softmax_step"]
+           "paged_slots", "online_softmax_step"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -94,27 +94,21 @@ def load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn
 
 
 @triton.jit
-def load_paged_kv_block(k_base, v_base, table_row, row_start, n_idx, n_valid, page, pages, offs_d, d_valid,
-                        skp, skn, skd, svp, svn, svd, DOT_F32: tl.constexpr):
-    """load_kv_block through a block table: key n of the row is its token n - row_start, at
-    block table_row[(n - row_start) // page], offset (n - row_start) % page (skp: a block's
-    stride, skn: a slot's). Keys before row_start (left padding) and past the table read
-    as 0, as the reference's gather gives them (their key bias masks them)."""
+def paged_slots(table_row, row_start, n_idx, n_valid, page, pages):
+    """(slot, inside): where key n of a row lives in a paged cache: its token n - row_start
+    is at block table_row[(n - row_start) // page], offset (n - row_start) % page, i.e. slot
+    block * page + offset of the cache seen as [slots, Hkv, D] (the wrappers check that
+    blocks are contiguous runs of slots). Keys before row_start (left padding) and past the
+    table are not inside: load_kv_block reads them as 0, as the reference's gather does
+    (their key bias masks them). One i32 vector, like the dense path's key index, so the
+    paged read costs the kernels no extra registers for addresses."""
     rel = n_idx - row_start
     inside = n_valid & (rel >= 0)
     rel = tl.where(inside, rel, 0)
     blk_idx = rel // page
     inside = inside & (blk_idx < pages)
-    blk = tl.load(table_row + blk_idx, mask=inside, other=0).to(tl.int64)
-    off = (rel % page).to(tl.int64)
-    k = tl.load(k_base + (blk * skp + off * skn)[None, :] + offs_d[:, None] * skd,
-                mask=inside[None, :] & d_valid[:, None], other=0.0)
-    v = tl.load(v_base + (blk * svp + off * svn)[:, None] + offs_d[None, :] * svd,
-                mask=inside[:, None] & d_valid[None, :], other=0.0)
-    if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    return k, v
+    blk = tl.load(table_row + blk_idx, mask=inside, other=0)
+    return blk * page + rel % page, inside
 
 
 @triton.jit
@@ -157,9 +151,9 @@ def _attention_kernel(
     SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr,
 ):
     # softcap: the cap in log2 units (cap * log2 e); window: W (keys); both read only when
-    # their flag is set. PAGED: k/v are [blocks, page, Hkv, D] caches (skb/svb: a block's
-    # stride, skn/svn: a slot's) read through row b's block table (pages entries, stb
-    # apart) from its start (start_ptr[b]); table_ptr, start_ptr, page, pages, stb unused otherwise.
+    # their flag is set. PAGED: k/v are [blocks, page, Hkv, D] caches (skn/svn: a slot's
+    # stride; skb/svb unused) read through row b's block table (pages entries, stb apart)
+    # from its start (start_ptr[b]); table_ptr, start_ptr, page, pages, stb unused otherwise.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -205,8 +199,8 @@ def _attention_kernel(
         n_idx = start_n + offs_n
         n_valid = n_idx < TK
         if PAGED:
-            k, v = load_paged_kv_block(k_base, v_base, table_row, row_start, n_idx, n_valid, page, pages, offs_d,
-                                       d_valid, skb, skn, skd, svb, svn, svd, DOT_F32)
+            slot, inside = paged_slots(table_row, row_start, n_idx, n_valid, page, pages)
+            k, v = load_kv_block(k_base, v_base, slot, inside, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
             k = k.to(q.dtype)  # a cache narrower than the queries (KVCacheConfig.dtype)
             v = v.to(q.dtype)
         else:
@@ -311,6 +305,11 @@ def check_paged(q, k_cache, v_cache, block_table, row_start, bias, what: str):
         raise ValueError(f"{what}: needs the key bias [B, 1|H, 1|T, keys] (it gives the number of keys)")
     if not (q.device == k_cache.device == v_cache.device == block_table.device == row_start.device):
         raise ValueError(f"{what}: q, the caches, block_table and row_start must be on one device")
+    for name, c in (("k", k_cache), ("v", v_cache)):
+        if c.stride(0) != c.shape[1] * c.stride(1):  # the kernels address slot = block * size + offset
+            raise ValueError(f"{what}: the {name} cache's blocks must be contiguous runs of slots (stride(0) == "
+                             f"block size x stride(1)), got strides {c.stride()}; allocate it as one "
+                             "[blocks, block size, Hkv, D] tensor")
 
 
 def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, causal, scale, softcap, window):

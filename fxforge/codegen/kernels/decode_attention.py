@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ...ir.ops import attention_reference
 from ...ir.ops import attention_operands
-from .attention import check_paged, check_variants, load_kv_block, load_paged_kv_block, online_softmax_step, tanh_f32
+from .attention import check_paged, check_variants, load_kv_block, online_softmax_step, paged_slots, tanh_f32
 
 __all__ = ["decode_attention_triton", "paged_decode_attention_triton", "attention_reference", "num_splits", "split_launch", "combine_block"]
 
@@ -48,7 +48,7 @@ def _decode_split_kernel(
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr,
 ):
     # softcap: the cap in log2 units, read only with SOFTCAP. PAGED: as in the prefill
-    # kernel (skb/svb a block's stride, skn/svn a slot's); start_shift: keys cut off the
+    # kernel (skn/svn a slot's stride; skb/svb unused); start_shift: keys cut off the
     # front for a window (key n of this view is the row's key n + start_shift).
     pid_bkv = tl.program_id(0)  # (batch, kv head)
     split = tl.program_id(1)
@@ -87,8 +87,8 @@ def _decode_split_kernel(
         n_idx = start_n + offs_n
         n_valid = n_idx < hi
         if PAGED:
-            k, v = load_paged_kv_block(k_base, v_base, table_row, row_start, n_idx, n_valid, page, pages, offs_d,
-                                       d_valid, skb, skn, skd, svb, svn, svd, DOT_F32)
+            slot, inside = paged_slots(table_row, row_start, n_idx, n_valid, page, pages)
+            k, v = load_kv_block(k_base, v_base, slot, inside, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
             k = k.to(q.dtype)  # a cache narrower than the queries (KVCacheConfig.dtype)
             v = v.to(q.dtype)
         else:
