@@ -53,17 +53,17 @@ def _spec(kernel, fn_ref, arg_names, pointers, constexprs, *, floats=(), unit=()
 # --------------------------------------------------------------------------- attention
 _ATTN_REF = "fxforge.codegen.kernels.attention:_attention_kernel"
 _ATTN_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "out_ptr", "table_ptr", "start_ptr", "H", "GROUPS",
-              "TQ", "TK", "TQ_BUCKET", "TK_BUCKET", "qk_scale", "softcap", "window", "page", "pages",
+              "TQ", "TK", "TQ_BUCKET", "TK_BUCKET", "qk_scale", "softcap", "window", "pages",
               "sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd",
               "sbb", "sbh", "sbm", "sbn", "sob", "soh", "som", "sod", "stb",
               "HEAD_DIM", "D_PAD", "CAUSAL", "HAS_BIAS", "DOT_F32", "PRECISION", "BLOCK_M", "BLOCK_N",
-              "SOFTCAP", "WINDOW", "ALIBI", "PAGED"]
+              "SOFTCAP", "WINDOW", "ALIBI", "PAGED", "PAGE"]
 # The attention variants (op attributes softcap / window / alibi): "plain" is causal attention
 # without them, "all" every variant flag and a bias at once (the superset of their code),
 # "paged" every flag with K/V read through a block table (the paged KV cache layout).
-ATTN_VARIANTS = {"plain": dict(HAS_BIAS=False, SOFTCAP=False, WINDOW=False, ALIBI=False, PAGED=False),
-                 "all": dict(HAS_BIAS=True, SOFTCAP=True, WINDOW=True, ALIBI=True, PAGED=False),
-                 "paged": dict(HAS_BIAS=True, SOFTCAP=True, WINDOW=True, ALIBI=True, PAGED=True)}
+ATTN_VARIANTS = {"plain": dict(HAS_BIAS=False, SOFTCAP=False, WINDOW=False, ALIBI=False, PAGED=False, PAGE=1),
+                 "all": dict(HAS_BIAS=True, SOFTCAP=True, WINDOW=True, ALIBI=True, PAGED=False, PAGE=1),
+                 "paged": dict(HAS_BIAS=True, SOFTCAP=True, WINDOW=True, ALIBI=True, PAGED=True, PAGE=16)}
 _PAGED_POINTERS = {"table_ptr": "i32", "start_ptr": "i32"}
 
 
@@ -94,14 +94,14 @@ def attention_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, all_configs=False, varia
 # --------------------------------------------------------------------------- decode attention
 _SPLIT_REF = "fxforge.codegen.kernels.decode_attention:_decode_split_kernel"
 _SPLIT_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "m_ptr", "l_ptr", "acc_ptr", "table_ptr",
-               "start_ptr", "H", "GROUPS", "TK", "CHUNK", "NUM_SPLITS", "qk_scale", "softcap", "page", "pages",
+               "start_ptr", "H", "GROUPS", "TK", "CHUNK", "NUM_SPLITS", "qk_scale", "softcap", "pages",
                "start_shift", "sqb", "sqh", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd", "sbb", "sbh",
                "sbn", "stb", "HEAD_DIM", "D_PAD", "BLOCK_G", "BLOCK_N", "HAS_BIAS", "DOT_F32", "PRECISION", "SOFTCAP",
-               "ALIBI", "PAGED"]
+               "ALIBI", "PAGED", "PAGE"]
 # decode's variants: a sliding window is a view of the cache, not a flag of the kernel
-DECODE_VARIANTS = {"plain": dict(SOFTCAP=False, ALIBI=False, PAGED=False),
-                   "all": dict(SOFTCAP=True, ALIBI=True, PAGED=False),
-                   "paged": dict(SOFTCAP=True, ALIBI=True, PAGED=True)}
+DECODE_VARIANTS = {"plain": dict(SOFTCAP=False, ALIBI=False, PAGED=False, PAGE=1),
+                   "all": dict(SOFTCAP=True, ALIBI=True, PAGED=False, PAGE=1),
+                   "paged": dict(SOFTCAP=True, ALIBI=True, PAGED=True, PAGE=16)}  # the default block size
 _COMBINE_REF = "fxforge.codegen.kernels.decode_attention:_decode_combine_kernel"
 _COMBINE_ARGS = ["m_ptr", "l_ptr", "acc_ptr", "out_ptr", "H", "NUM_SPLITS", "sob", "soh", "sod",
                  "HEAD_DIM", "D_PAD", "BLOCK_S"]
@@ -118,8 +118,8 @@ def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), varian
     specs = []
     for dname, dtype in dtypes.items():
         for d in head_dims:
-            launch = decode_attention.split_launch(dtype, d)
             for variant in variants:
+                launch = decode_attention.split_launch(dtype, d, DECODE_VARIANTS[variant]["PAGED"])
                 specs.append(_spec(
                     "decode_split", _SPLIT_REF, _SPLIT_ARGS,
                     {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr")},

@@ -94,14 +94,16 @@ def load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn
 
 
 @triton.jit
-def paged_slots(table_row, row_start, n_idx, n_valid, page, pages):
+def paged_slots(table_row, row_start, n_idx, n_valid, page: tl.constexpr, pages):
     """(slot, inside): where key n of a row lives in a paged cache: its token n - row_start
     is at block table_row[(n - row_start) // page], offset (n - row_start) % page, i.e. slot
     block * page + offset of the cache seen as [slots, Hkv, D] (the wrappers check that
     blocks are contiguous runs of slots). Keys before row_start (left padding) and past the
     table are not inside: load_kv_block reads them as 0, as the reference's gather does
-    (their key bias masks them). One i32 vector, like the dense path's key index, so the
-    paged read costs the kernels no extra registers for addresses."""
+    (their key bias masks them). One i32 vector, like the dense path's key index, and the
+    block size a constexpr (a power of two: shifts, not divisions), so the paged read costs
+    the kernels few extra registers (the decode split kernel has no other config to fall
+    back on if it spills)."""
     rel = n_idx - row_start
     inside = n_valid & (rel >= 0)
     rel = tl.where(inside, rel, 0)
@@ -141,7 +143,7 @@ def _attention_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, out_ptr, table_ptr, start_ptr,
     # sizes
-    H, GROUPS, TQ, TK, TQ_BUCKET, TK_BUCKET, qk_scale, softcap, window, page, pages,
+    H, GROUPS, TQ, TK, TQ_BUCKET, TK_BUCKET, qk_scale, softcap, window, pages,
     # strides
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sbb, sbh, sbm, sbn, sob, soh, som, sod, stb,
@@ -149,11 +151,13 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
     # softcap: the cap in log2 units (cap * log2 e); window: W (keys); both read only when
     # their flag is set. PAGED: k/v are [blocks, page, Hkv, D] caches (skn/svn: a slot's
     # stride; skb/svb unused) read through row b's block table (pages entries, stb apart)
-    # from its start (start_ptr[b]); table_ptr, start_ptr, page, pages, stb unused otherwise.
+    # from its start (start_ptr[b]), PAGE tokens a block; table_ptr, start_ptr, pages, stb
+    # unused otherwise.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -199,7 +203,7 @@ def _attention_kernel(
         n_idx = start_n + offs_n
         n_valid = n_idx < TK
         if PAGED:
-            slot, inside = paged_slots(table_row, row_start, n_idx, n_valid, page, pages)
+            slot, inside = paged_slots(table_row, row_start, n_idx, n_valid, PAGE, pages)
             k, v = load_kv_block(k_base, v_base, slot, inside, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
             k = k.to(q.dtype)  # a cache narrower than the queries (KVCacheConfig.dtype)
             v = v.to(q.dtype)
@@ -334,7 +338,7 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, causal, sca
         return (triton.cdiv(tq, meta["BLOCK_M"]), bsz * heads)
 
     if paged is None:
-        table, starts, page, pages, stb = q, q, 1, 1, 0
+        table, starts, page, pages, stb = q, q, 1, 1, 0  # PAGE=1: one specialization for every dense call
         kv_strides = (*k.stride(), *v.stride())
     else:  # [blocks, page, Hkv, D] caches: (block, head, slot, dim) strides in the kernel's order
         table, starts = paged
@@ -345,10 +349,11 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, causal, sca
         q, k, v, bias_arg, slopes if slopes is not None else q, out, table, starts,
         heads, heads // kv_heads, tq, tk, _bucket(tq), _bucket(tk), float(scale) * 1.4426950408889634,
         float(softcap) * 1.4426950408889634 if softcap is not None else 1.0,
-        int(window) if window is not None else 0, page, pages,
+        int(window) if window is not None else 0, pages,
         *q.stride(), *kv_strides, *bs, *out.stride(), stb,
         HEAD_DIM=d, D_PAD=d_pad, CAUSAL=bool(causal), HAS_BIAS=bias is not None,
         SOFTCAP=softcap is not None, WINDOW=window is not None, ALIBI=slopes is not None, PAGED=paged is not None,
+        PAGE=page,
         # triton 3.9's interpreter miscomputes bf16 dots: compute those in fp32 there.
         DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         # fp32 inputs keep full fp32 products (tf32 would cost ~1e-3 relative error)

@@ -39,13 +39,13 @@ def _decode_split_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, m_ptr, l_ptr, acc_ptr, table_ptr, start_ptr,
     # sizes
-    H, GROUPS, TK, CHUNK, NUM_SPLITS, qk_scale, softcap, page, pages, start_shift,
+    H, GROUPS, TK, CHUNK, NUM_SPLITS, qk_scale, softcap, pages, start_shift,
     # strides
     sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbn, stb,
     # constexprs
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
 ):
     # softcap: the cap in log2 units, read only with SOFTCAP. PAGED: as in the prefill
     # kernel (skn/svn a slot's stride; skb/svb unused); start_shift: keys cut off the
@@ -87,7 +87,7 @@ def _decode_split_kernel(
         n_idx = start_n + offs_n
         n_valid = n_idx < hi
         if PAGED:
-            slot, inside = paged_slots(table_row, row_start, n_idx, n_valid, page, pages)
+            slot, inside = paged_slots(table_row, row_start, n_idx, n_valid, PAGE, pages)
             k, v = load_kv_block(k_base, v_base, slot, inside, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
             k = k.to(q.dtype)  # a cache narrower than the queries (KVCacheConfig.dtype)
             v = v.to(q.dtype)
@@ -164,14 +164,16 @@ _KV_TILE_BYTES = 16 * 1024
 _MAX_COMBINE_BLOCK = 32
 
 
-def split_launch(dtype: torch.dtype, d_pad: int) -> dict:
+def split_launch(dtype: torch.dtype, d_pad: int, paged: bool = False) -> dict:
     """The split kernel's key block and warps on a GPU: 64 keys, fewer for wide heads, and
-    8 warps at head dim 256 (the [16, 256] accumulator spilled with 4 on sm_90)."""
+    8 warps at head dim 256 (the [16, 256] accumulator spilled with 4 on sm_90) and for
+    paged reads (the block-table lookups took it to 255 registers and spilled 84-336 bytes
+    on sm_90 at head dim 64 with 4 warps; none with 8)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     block_n = 64
     while block_n > 16 and block_n * d_pad * itemsize > _KV_TILE_BYTES:
         block_n //= 2
-    return {"BLOCK_N": block_n, "num_warps": 8 if d_pad >= 256 else 4}
+    return {"BLOCK_N": block_n, "num_warps": 8 if d_pad >= 256 or paged else 4}
 
 
 def combine_block(splits: int) -> int:
@@ -250,7 +252,7 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, soft
     groups = heads // kv_heads
     d_pad = max(16, triton.next_power_of_2(d))
     block_g = max(16, triton.next_power_of_2(groups))
-    launch = {"BLOCK_N": 16, "num_warps": 4} if _INTERPRET else split_launch(q.dtype, d_pad)
+    launch = {"BLOCK_N": 16, "num_warps": 4} if _INTERPRET else split_launch(q.dtype, d_pad, paged is not None)
     block_n = launch["BLOCK_N"]
     chunk, splits = num_splits(bsz * kv_heads, max(tk, 1), block_n, _programs(q.device))
     m = torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device)
@@ -268,10 +270,10 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, soft
     _decode_split_kernel[(bsz * kv_heads, splits)](
         q, k, v, bias_arg, slopes if slopes is not None else q, m, l, acc, table, starts,
         heads, groups, tk, chunk, splits, float(scale) * _LOG2E,
-        float(softcap) * _LOG2E if softcap is not None else 1.0, page, pages, start,
+        float(softcap) * _LOG2E if softcap is not None else 1.0, pages, start,
         q.stride(0), q.stride(1), q.stride(3), *kv_strides, *bs, stb,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=block_n, HAS_BIAS=bias is not None,
-        SOFTCAP=softcap is not None, ALIBI=slopes is not None, PAGED=paged is not None,
+        SOFTCAP=softcap is not None, ALIBI=slopes is not None, PAGED=paged is not None, PAGE=page,
         DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 or _INTERPRET else "tf32",
         num_warps=launch["num_warps"],
