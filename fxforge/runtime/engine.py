@@ -23,8 +23,10 @@ rotary positions are its own (position - padding), so the shift changes no answe
 request's greedy tokens are the ones generate() gives it alone (tested).
 
 Memory: max_batch x max_seq_len positions are allocated; `engine.stats()` reports how
-many hold tokens. A paged cache (blocks handed out per request) would bring the waste
-down; it is not built yet.
+many hold tokens. For a model optimized with KVCacheConfig(layout="paged"),
+`Engine(...)` returns the paged engine (runtime/engine_paged.py, same API plus
+`num_blocks`): blocks handed out per request as it grows and freed when it ends, no copy
+when a request joins.
 """
 from __future__ import annotations
 
