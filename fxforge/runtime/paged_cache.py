@@ -41,8 +41,8 @@ class PagedKVCache:
         self.allocator = BlockAllocator(num_blocks)
         self.buffers = [new_buffer(shape, dtype) for shape, dtype in paged_buffer_shapes(graph, num_blocks)]
         self.batch = self.capacity = 0  # what claim() sized the rows for
-        self._rows: list[list[int]] = []
-        self._table = self._counts = None  # tensors of _rows, built once per use_rows
+        self._owned: list[list[int]] = []  # the rows claim() allocated (an engine's rows are its own)
+        self._table = self._counts = None  # tensors of the rows in use, built once per use_rows
 
     # -- rows ----------------------------------------------------------------------------
     def claim(self, batch: int, capacity: int):
@@ -53,12 +53,14 @@ class PagedKVCache:
             raise ValueError(f"{batch} row(s) of {capacity} tokens need {batch * per_row} KV cache blocks of "
                              f"{self.block_size}; this cache has {self.num_blocks}")
         self.batch, self.capacity = batch, capacity
-        self.use_rows([self.allocator.allocate(per_row) for _ in range(batch)])
+        self._owned = [self.allocator.allocate(per_row) for _ in range(batch)]
+        self.use_rows(self._owned)
 
     def release_rows(self):
-        for blocks in self._rows:
+        """Give back the blocks claim() took."""
+        for blocks in self._owned:
             self.allocator.release(blocks)
-        self._rows, self._table = [], None
+        self._owned, self._table = [], None
 
     def use_rows(self, rows: list[list[int]]):
         """The block lists of the rows the next calls run on (row i of the batch is rows[i]).
@@ -68,7 +70,6 @@ class PagedKVCache:
         table = torch.zeros(len(rows), width, dtype=torch.int32)
         for i, blocks in enumerate(rows):
             table[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        self._rows = rows if rows is not self._rows else self._rows
         self._table = table.to(device)
         self._counts = torch.tensor([len(r) for r in rows], device=device)
 
