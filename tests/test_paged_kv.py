@@ -2,6 +2,8 @@
 tokens identical to the dense layout (llama with rotary + GQA, gpt2, a sliding window;
 batch 1 and a left-padded batch; the torch backend and the Triton kernels interpreted),
 beam search over it, the block allocator, and clear errors."""
+import functools
+
 import pytest
 import torch
 
@@ -18,9 +20,10 @@ MODELS = {"llama": lambda: zoo.llama("sdpa"), "gpt2": lambda: zoo.gpt2("eager"),
 PAGED = KVCacheConfig(layout="paged", block_size=4)
 
 
-def _pair(name, backend="auto", **model_kw):
+@functools.lru_cache(maxsize=None)  # optimized once per module run: the tests only read them
+def _pair(name, backend="auto", n_layer=None):
     torch.manual_seed(0)
-    model, vocab = MODELS[name]() if not model_kw else zoo.llama("sdpa", **model_kw)
+    model, vocab = MODELS[name]() if n_layer is None else zoo.llama("sdpa", n_layer=n_layer)
     example = (torch.randint(0, vocab, (2, 7)),)
     dense = fxforge.optimize(model, example, kv_cache=True, backend=backend)
     paged = fxforge.optimize(model, example, kv_cache=PAGED, backend=backend)
@@ -92,9 +95,9 @@ def test_a_loaded_ir_runs_paged():
 def test_each_row_of_a_generate_call_has_blocks_of_its_own():
     _, paged, vocab = _pair("llama")
     paged.generate(torch.randint(1, vocab, (3, 5)), 6)
-    [cache] = paged._caches.idle
-    assert cache.allocator.used == 0  # the call's rows gave their blocks back
-    assert cache.num_blocks >= 3 * blocks_for(11, 4)
+    idle = paged._caches.idle
+    assert idle and all(c.allocator.used == 0 for c in idle)  # the calls' rows gave their blocks back
+    assert max(c.num_blocks for c in idle) >= 3 * blocks_for(11, 4)
 
 
 # -- the block allocator ------------------------------------------------------------------
