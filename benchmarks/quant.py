@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import fxforge  # noqa: E402
 from decode import DTYPES, load, timed  # noqa: E402
-from fxforge.passes.quantize import QuantConfig  # noqa: E402
+from fxforge.passes.quantize import DEFAULT_EXCLUDE, QuantConfig  # noqa: E402
 from report import finish  # noqa: E402
 
 
@@ -38,18 +38,20 @@ COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def config_of(label: str) -> QuantConfig:
     """A scheme label: the scheme, then "/"-separated modifiers: gN group size, fz a float
-    zero point (int4), tX the outlier threshold (w8a8), bf16 / fp16 the compute dtype.
-    E.g. "int4/g64", "w8a8/t4", "int8/bf16"."""
+    zero point (int4), tX the outlier threshold (w8a8), bf16 / fp16 the compute dtype, head
+    to quantize the lm_head too (a draft model's: it is the largest weight of a small model).
+    E.g. "int4/g64", "w8a8/t4", "int8/bf16", "int4/bf16/head"."""
     scheme, *mods = label.split("/")
-    unknown = [m for m in mods if not (re.fullmatch(r"g\d+|t[\d.]+", m) or m == "fz" or m in COMPUTE_DTYPES)]
+    unknown = [m for m in mods if not (re.fullmatch(r"g\d+|t[\d.]+", m) or m in ("fz", "head") or m in COMPUTE_DTYPES)]
     if unknown:
-        raise ValueError(f"scheme label {label!r}: unknown modifier(s) {unknown}; known: gN, tX, fz, "
+        raise ValueError(f"scheme label {label!r}: unknown modifier(s) {unknown}; known: gN, tX, fz, head, "
                          f"{', '.join(COMPUTE_DTYPES)}")
     group = next((int(m[1:]) for m in mods if m.startswith("g")), None)
     threshold = next((float(m[1:]) for m in mods if m.startswith("t")), 6.0)
     compute = next((COMPUTE_DTYPES[m] for m in mods if m in COMPUTE_DTYPES), None)
+    exclude = {"exclude": tuple(p for p in DEFAULT_EXCLUDE if not p.startswith("lm_head"))} if "head" in mods else {}
     return QuantConfig(scheme, group_size=group, zero_point="float" if "fz" in mods else "int",
-                       threshold=threshold, compute_dtype=compute)
+                       threshold=threshold, compute_dtype=compute, **exclude)
 
 
 def not_lm_head(module, fqn: str) -> bool:

@@ -2,8 +2,11 @@
 and acceptance rate of fast.generate(..., draft=...) for each kind of draft, on SmolLM2
 (or a random model of its shapes) on this machine.
 
-Drafts: the same model made cheaper by fxforge (int4 / int8 weights: self-speculation, no
-second model) and prompt lookup ("ngram", no model). Greedy output is identical to plain
+Drafts: the same model made cheaper by fxforge (self-speculation, no second model), named
+by benchmarks/quant.py's scheme labels: "int4" (float32 products), "int4/bf16" (bfloat16
+products: PyTorch's vectorized int4 CPU kernel), "int4/bf16/head" (the lm_head quantized
+too), "int8/bf16", ...; and prompt lookup ("ngram", no model). A draft's numerics never
+change greedy output, so a draft may use approximations a served model would not. Greedy output is identical to plain
 greedy (checked here on every run), so the only question is speed: each round costs k
 draft steps plus one model step over k + 1 tokens, and pays off when the draft is right
 often and much cheaper than the model.
@@ -28,6 +31,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import fxforge  # noqa: E402
 from decode import load  # noqa: E402
+from quant import config_of  # noqa: E402
 from fxforge.runtime.speculative import SpeculativeStats  # noqa: E402
 from report import finish  # noqa: E402
 
@@ -40,7 +44,7 @@ def main():
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "smollm2-random"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per round")
-    ap.add_argument("--drafts", nargs="+", default=["int4", "ngram"])
+    ap.add_argument("--drafts", nargs="+", default=["int4/bf16", "int4/bf16/head", "int8/bf16", "ngram"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -56,7 +60,8 @@ def main():
     fast = fxforge.optimize(model, (ids,), kv_cache=True)
     drafts = {}
     for name in args.drafts:
-        drafts[name] = "ngram" if name == "ngram" else fxforge.optimize(model, (ids,), kv_cache=True, quantize=name)
+        drafts[name] = "ngram" if name == "ngram" else fxforge.optimize(model, (ids,), kv_cache=True,
+                                                                         quantize=config_of(name))
 
     plain = fast.generate(ids, args.tokens, eos_token_id=None)
     contenders = {"plain greedy": lambda: fast.generate(ids, args.tokens, eos_token_id=None)}
