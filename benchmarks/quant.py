@@ -58,9 +58,10 @@ def config_of(label: str) -> QuantConfig:
     group = next((int(m[1:]) for m in mods if m.startswith("g")), None)
     threshold = next((float(m[1:]) for m in mods if m.startswith("t")), 6.0)
     compute = next((COMPUTE_DTYPES[m] for m in mods if m in COMPUTE_DTYPES), None)
-    exclude = {"exclude": tuple(p for p in DEFAULT_EXCLUDE if not p.startswith("lm_head"))} if "head" in mods else {}
+    head = {"exclude": tuple(p for p in DEFAULT_EXCLUDE if not p.startswith("lm_head")), "include_tied": True} \
+        if "head" in mods else {}
     return QuantConfig(scheme, group_size=group, zero_point="float" if "fz" in mods else "int",
-                       threshold=threshold, compute_dtype=compute, **exclude)
+                       threshold=threshold, compute_dtype=compute, **head)
 
 
 def not_lm_head(module, fqn: str) -> bool:
