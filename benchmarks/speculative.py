@@ -43,7 +43,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "smollm2-random"])
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--k", type=int, default=4, help="draft tokens per round")
+    ap.add_argument("--k", type=int, nargs="+", default=[4], help="draft tokens per round (several: one row each)")
+    ap.add_argument("--stat", default="median", choices=["median", "min"],
+                    help="per contender over the rounds: median, or min (the least disturbed run: on a "
+                         "machine loaded by other processes, closer to what each costs alone)")
     ap.add_argument("--drafts", nargs="+", default=["int4/bf16", "int4/bf16/head", "int8/bf16", "ngram"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None)
@@ -67,13 +70,14 @@ def main():
     contenders = {"plain greedy": lambda: fast.generate(ids, args.tokens, eos_token_id=None)}
     stats = {}
     for name, draft in drafts.items():
-        def run(draft=draft, name=name):
-            st = SpeculativeStats()
-            out = fast.generate(ids, args.tokens, eos_token_id=None, draft=draft, num_draft_tokens=args.k,
-                                draft_stats=st)
-            assert torch.equal(out, plain), f"draft {name}: tokens differ from plain greedy"
-            stats[name] = st
-        contenders[f"draft {name}, k={args.k}"] = run
+        for k in args.k:
+            def run(draft=draft, name=name, k=k):
+                st = SpeculativeStats()
+                out = fast.generate(ids, args.tokens, eos_token_id=None, draft=draft, num_draft_tokens=k,
+                                    draft_stats=st)
+                assert torch.equal(out, plain), f"draft {name}: tokens differ from plain greedy"
+                stats[f"draft {name}, k={k}"] = st
+            contenders[f"draft {name}, k={k}"] = run
     # the drafts' own decode speed: what a round's k draft steps cost
     for name, draft in drafts.items():
         if name != "ngram":
@@ -86,15 +90,16 @@ def main():
             t0 = time.perf_counter()
             fn()
             seconds[name].append(time.perf_counter() - t0)
-    base = args.tokens / statistics.median(seconds["plain greedy"])
+    stat = statistics.median if args.stat == "median" else min
+    base = args.tokens / stat(seconds["plain greedy"])
     rows = []
-    print(f"\n{args.model}, {args.tokens} new tokens, prompt {ids.shape[1]} tokens, {torch.get_num_threads()} threads\n")
+    print(f"\n{args.model}, {args.tokens} new tokens, prompt {ids.shape[1]} tokens, {torch.get_num_threads()} threads, "
+          f"{args.stat} of {args.repeat} interleaved rounds\n")
     print("| contender | tokens/s | vs plain greedy | acceptance | tokens per model step |")
     print("|---|---|---|---|---|")
     for name, s in seconds.items():
-        tps = args.tokens / statistics.median(s)
-        draft = name.split(",")[0].removeprefix("draft ") if name.startswith("draft ") else None
-        st = stats.get(draft)
+        tps = args.tokens / stat(s)
+        st = stats.get(name)
         acc = f"{st.acceptance_rate:.2f}" if st else "-"
         per_step = f"{args.tokens / st.rounds:.2f}" if st else "-"
         print(f"| {name} | {tps:.1f} | {tps / base:.2f}x | {acc} | {per_step} |")

@@ -12,9 +12,8 @@ Its dequantization is `(q - 8) * scale + zero`; ours (ir/quant_formats.py) is
 `(q - z) * scale`, integer or float `z`. The two agree for `zero = (8 - z) * scale`, so the
 values are the IR's (up to float rounding; in bfloat16 the table is rounded to bfloat16,
 as for the int8 path's scales). The IR does not change: the plan holds the repacked
-copies and the backend's `quant_linear` uses them for the weights it knows, anything else
-goes to the backend's own (runtime/cpu_quant.py chooses per call). The copies cost half a byte per weight; the report
-says how much.
+copies, and runtime/cpu_quant.py sends a call to the kernel when it is short enough; the
+copies cost half a byte per weight (the report says how much).
 """
 from __future__ import annotations
 
