@@ -5,7 +5,8 @@ and acceptance rate of fast.generate(..., draft=...) for each kind of draft, on 
 Drafts: the same model made cheaper by fxforge (self-speculation, no second model), named
 by benchmarks/quant.py's scheme labels: "int4" (float32 products), "int4/bf16" (bfloat16
 products: PyTorch's vectorized int4 CPU kernel), "int4/bf16/head" (the lm_head quantized
-too), "int8/bf16", ...; and prompt lookup ("ngram", no model). A draft's numerics never
+too), "int4/g32/fz/bf16/head" (groups of 32, float zero points: the draft most often right
+among the int4 ones), "int8/bf16", ...; and prompt lookup ("ngram", no model). A draft's numerics never
 change greedy output, so a draft may use approximations a served model would not. Greedy output is identical to plain
 greedy (checked here on every run), so the only question is speed: each round costs k
 draft steps plus one model step over k + 1 tokens, and pays off when the draft is right
@@ -47,7 +48,7 @@ def main():
     ap.add_argument("--stat", default="median", choices=["median", "min"],
                     help="per contender over the rounds: median, or min (the least disturbed run: on a "
                          "machine loaded by other processes, closer to what each costs alone)")
-    ap.add_argument("--drafts", nargs="+", default=["int4/bf16", "int4/bf16/head", "int8/bf16", "ngram"])
+    ap.add_argument("--drafts", nargs="+", default=["int4/g32/fz/bf16/head", "int8/bf16/head", "ngram"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
