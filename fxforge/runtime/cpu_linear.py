@@ -1,6 +1,5 @@
 """CPU linear kernels: for each float32 weight shape, the library kernel and weight layout
-that run decoding's products fastest (one row, and a few rows: TIMED_ROWS), chosen by
-timing them once per machine.
+that run a one-token matrix-vector product fastest, chosen by timing them once per machine.
 
 Why: decoding one token is a chain of matrix-vector products bound by reading weights.
 PyTorch's `F.linear` on the CPU calls the BLAS (MKL), which on a 2-core AMD EPYC read a
@@ -61,16 +60,8 @@ MIN_WINS = 0.75
 # stop at TARGET_SHARE of it, which leaves room for the minimum on a busy machine.
 TIME_BUDGET_S = 0.5
 TARGET_SHARE = 0.5
-# Activation rows each candidate is timed at; a round's figure is the sum over them. One
-# row is decoding; a few rows are a step that carries several tokens (speculative
-# decoding's verification of k + 1 tokens, a small batch). Timing one row only left
-# row-major weights on MKL's small GEMM, which on a 2-core Sapphire Rapids costs 2-3x its
-# one-row time at 5-8 rows where column-major F.linear costs 1.3x (one thread, ms, 1536x576:
-# row 0.127 / 0.247 / 0.36 at 1 / 5 / 8 rows, column 0.127 / 0.162 / 0.177; level at
-# 128-1024 rows): a verification step cost 1.65 decoding steps (docs/benchmarks.md, issue 19).
-TIMED_ROWS = (1, 8)
 # Part of the cache's fingerprint: bump it when the measurement or the rule changes.
-METHOD_VERSION = 3
+METHOD_VERSION = 2
 
 
 def onednn_linear(x, w, b=None):
@@ -142,7 +133,7 @@ def plan_cpu_linears(graph: Graph, mode: str = "cached") -> tuple[Graph, CpuLine
     notes = []
     for shape, (k, layout) in sorted(plan.choices.items()):
         notes.append(f"[{shape[0]}, {shape[1]}]: {k} on {layout}-major weights, "
-                     f"{plan.speedups[shape]:.2f}x faster than F.linear at {' + '.join(map(str, TIMED_ROWS))} rows")
+                     f"{plan.speedups[shape]:.2f}x faster than F.linear at one token")
     if picked:
         notes.append(f"{sum(picked.values())} of {len(names)} float32 linear weights on a faster kernel; "
                      f"{len(moved)} stored column-major ({nbytes / 2**20:.1f} MiB of copies)")
@@ -218,8 +209,7 @@ def timing_method(candidates) -> dict:
     fingerprint, so that changing it measures again instead of trusting old choices."""
     return {"version": METHOD_VERSION, "candidates": ["_".join(c) for c in candidates],
             "cold_bytes": COLD_BYTES, "max_copies": MAX_COPIES, "min_speedup": MIN_SPEEDUP, "tie": TIE,
-            "min_wins": MIN_WINS, "calls_per_round": CALLS_PER_ROUND, "min_rounds": MIN_ROUNDS,
-            "rows": list(TIMED_ROWS)}
+            "min_wins": MIN_WINS, "calls_per_round": CALLS_PER_ROUND, "min_rounds": MIN_ROUNDS}
 
 
 def measure_choices(shapes: list[tuple[int, int]], candidates: list[tuple[str, str]],
@@ -276,10 +266,9 @@ def _win_share(candidate: list[float], baseline: list[float]) -> float:
 
 def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buffer: torch.Tensor,
                   stop: float, hard_stop: float) -> dict[tuple[str, str], list[float]]:
-    """Seconds of a call of each candidate on `shape` at each of TIMED_ROWS, summed, one
-    figure per round: for each row count the median of its calls in that round. A round
-    calls every candidate CALLS_PER_ROUND times per row count on cold weights
-    (_next_copies), in an order rotated per round, so that
+    """Seconds of a one-row call of each candidate on `shape`, one figure per round: the
+    median of its calls in that round. A round calls every candidate CALLS_PER_ROUND times
+    on cold weights (_next_copies), in an order rotated per round, so that
     load from elsewhere hits all candidates alike. The median of the calls, not their sum:
     on a shared machine another process's time slice spoils a few calls, not their median.
     At least MIN_ROUNDS rounds, more (up to MAX_ROUNDS) until `stop`; none started after
@@ -289,20 +278,16 @@ def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buf
     if time.perf_counter() >= hard_stop:
         return rounds
     weights = {layout: cold_weights(buffer, shape, layout) for layout in {c[1] for c in candidates}}
-    xs = [torch.randn(rows, shape[1]) for rows in TIMED_ROWS]
+    x = torch.randn(1, shape[1])
     for kernel, layout in candidates:  # oneDNN builds its primitive on the first call of a shape
-        for x in xs:
-            KERNELS[kernel](x, weights[layout][0])
+        KERNELS[kernel](x, weights[layout][0])
     timed, cursor = list(candidates), 0
     for round_ in range(MAX_ROUNDS):
         order = timed[round_ % len(timed):] + timed[:round_ % len(timed)]
         for kernel, layout in order:
-            total = 0.0
-            for x in xs:
-                some = _next_copies(weights[layout], cursor)
-                cursor += len(some)
-                total += statistics.median(_call_seconds(KERNELS[kernel], x, some))
-            rounds[(kernel, layout)].append(total)
+            some = _next_copies(weights[layout], cursor)
+            cursor += len(some)
+            rounds[(kernel, layout)].append(statistics.median(_call_seconds(KERNELS[kernel], x, some)))
         if round_ == 1:
             timed = _still_in_the_running(rounds, timed)
         now = time.perf_counter()
