@@ -20,7 +20,8 @@ class TorchBackend(Backend):
         """keep_dequantized_mb: MiB of dequantized float weights the CPU keeps between calls
         of quantized products (runtime/cpu_dequant.py). Opt-in: 0 (the default) keeps none,
         so quantized weights save their memory; enough for all of them makes a quantized
-        prompt as fast as the float model's, and decoding in float32 faster."""
+        prompt as fast as the float model's (a weight is kept when a long input first
+        dequantizes it; in float32 later calls of any length then use it)."""
         from ..cpu_dequant import dequantized_cache_bytes
         from ..cpu_linear import cpu_linear_mode
 
