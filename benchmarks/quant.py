@@ -5,6 +5,15 @@ kernel times (batch 1 and 16) are in benchmarks/quant_linear.py (GPU).
 
     python benchmarks/quant.py [--model smollm2|llama-1b] [--dtype float16] [--schemes int8 int8/bf16 int4/g64]
                                [--torchao int8 int4/g64] [--tokens 64] [--out f.json]
+    python benchmarks/quant.py --tokens 0 --torchao --prefill 128 512 1024 [--keep-mb 1024]
+                               [--schemes int8 int4/g64 int8/bf16 int4/g64/bf16]
+
+--prefill: one forward over a random prompt of each length (issue 20: a quantized model must
+not be slower than the float one at prefill), every variant timed side by side, interleaved
+(median of --repeat rounds after a warm-up), with the path its products take
+(runtime/cpu_quant.py's report line). --keep-mb adds each scheme again with that many MiB of
+dequantized weights kept (the torch backend's opt-in keep_dequantized_mb). --tokens 0 skips
+the decode table.
 
 torchao quantizes the same layers as fxforge (every nn.Linear but lm_head). On the CPU its
 int4 is the prototype `PrototypeInt4WeightOnlyConfig` (aten._weight_int4pack_mm_for_cpu,
@@ -28,8 +37,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import fxforge  # noqa: E402
-from decode import DTYPES, load, timed  # noqa: E402
-from fxforge.passes.quantize import QuantConfig  # noqa: E402
+from decode import DTYPES, load, once, timed  # noqa: E402
+from fxforge.passes.quantize import DEFAULT_EXCLUDE, QuantConfig  # noqa: E402
 from report import finish  # noqa: E402
 
 
@@ -38,18 +47,21 @@ COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def config_of(label: str) -> QuantConfig:
     """A scheme label: the scheme, then "/"-separated modifiers: gN group size, fz a float
-    zero point (int4), tX the outlier threshold (w8a8), bf16 / fp16 the compute dtype.
-    E.g. "int4/g64", "w8a8/t4", "int8/bf16"."""
+    zero point (int4), tX the outlier threshold (w8a8), bf16 / fp16 the compute dtype, head
+    to quantize the lm_head too (a draft model's: it is the largest weight of a small model).
+    E.g. "int4/g64", "w8a8/t4", "int8/bf16", "int4/bf16/head"."""
     scheme, *mods = label.split("/")
-    unknown = [m for m in mods if not (re.fullmatch(r"g\d+|t[\d.]+", m) or m == "fz" or m in COMPUTE_DTYPES)]
+    unknown = [m for m in mods if not (re.fullmatch(r"g\d+|t[\d.]+", m) or m in ("fz", "head") or m in COMPUTE_DTYPES)]
     if unknown:
-        raise ValueError(f"scheme label {label!r}: unknown modifier(s) {unknown}; known: gN, tX, fz, "
+        raise ValueError(f"scheme label {label!r}: unknown modifier(s) {unknown}; known: gN, tX, fz, head, "
                          f"{', '.join(COMPUTE_DTYPES)}")
     group = next((int(m[1:]) for m in mods if m.startswith("g")), None)
     threshold = next((float(m[1:]) for m in mods if m.startswith("t")), 6.0)
     compute = next((COMPUTE_DTYPES[m] for m in mods if m in COMPUTE_DTYPES), None)
+    head = {"exclude": tuple(p for p in DEFAULT_EXCLUDE if not p.startswith("lm_head")), "include_tied": True} \
+        if "head" in mods else {}
     return QuantConfig(scheme, group_size=group, zero_point="float" if "fz" in mods else "int",
-                       threshold=threshold, compute_dtype=compute)
+                       threshold=threshold, compute_dtype=compute, **head)
 
 
 def not_lm_head(module, fqn: str) -> bool:
@@ -132,6 +144,56 @@ def torchao_generate(model, ids, n, device, repeat, label="int8"):
     return tps, layers, ratio
 
 
+def quant_paths(fast) -> str:
+    """What cpu_quant's report says about the paths of the quantized products ("-" if none)."""
+    stats = [s for s in fast.runtime_stats if s.name == "cpu_quant"]
+    return "; ".join(stats[0].notes) if stats else "-"
+
+
+def prefill_rows(model, ids, schemes, lengths, keep_mb, device, repeat):
+    """Seconds of one forward over a random prompt of each length, for the float model and
+    each scheme (and each scheme with keep_mb MiB of dequantized weights kept, if > 0):
+    all variants timed in one round, rounds repeated, the median per variant, so that
+    load from other processes hits every variant alike. Prints a table; returns rows."""
+    import statistics
+
+    from fxforge.runtime.backends.torch_backend import TorchBackend
+
+    variants = {"float": fxforge.optimize(model, (ids,), kv_cache=True)}
+    for label in schemes:
+        variants[label] = fxforge.optimize(model, (ids,), kv_cache=True, quantize=config_of(label))
+        if keep_mb and device.type == "cpu":
+            variants[f"{label} +kept {keep_mb:g} MiB"] = fxforge.optimize(
+                model, (ids,), kv_cache=True, quantize=config_of(label),
+                backend=TorchBackend(device, keep_dequantized_mb=keep_mb))
+    rows = []
+    for length in lengths:
+        prompt = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+        seconds = {name: [] for name in variants}
+        for fast in variants.values():
+            fast(prompt)  # warm-up (and fills a keep_dequantized_mb cache)
+        for _ in range(repeat):
+            for name, fast in variants.items():
+                seconds[name].append(once(lambda: fast(prompt), device))
+        base = statistics.median(seconds["float"])
+        for name, s in seconds.items():
+            rows.append({"variant": name, "prefill_tokens": length, "prefill_s": statistics.median(s),
+                         "vs_float": base / statistics.median(s), "seconds": s,
+                         "paths": quant_paths(variants[name])})
+    print(f"\nprefill: one forward over a random prompt, median of {repeat} interleaved rounds, "
+          f"{torch.get_num_threads()} threads\n")
+    print("| variant | " + " | ".join(f"{n} tokens (s) | speed vs float" for n in lengths) + " |")
+    print("|---|" + "---|---|" * len(lengths))
+    for name in variants:
+        cells = [r for r in rows if r["variant"] == name]
+        print(f"| {name} | " + " | ".join(f"{r['prefill_s']:.3f} | {r['vs_float']:.2f}x" for r in cells) + " |")
+    print()
+    for name, fast in variants.items():
+        if name != "float":
+            print(f"- {name}: {quant_paths(fast)}")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "llama-1b"])
@@ -141,9 +203,11 @@ def main():
                     help="torchao weight-only variants to time (int8, int4/gN); none to skip")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--prefill", type=int, default=0,
-                    help="also time one forward over a prompt of this many tokens (issue 20: a quantized model "
-                         "must not be slower than the float one at prefill)")
+    ap.add_argument("--prefill", type=int, nargs="*", default=[],
+                    help="also time one forward over a prompt of each of these lengths (issue 20: a quantized "
+                         "model must not be slower than the float one at prefill)")
+    ap.add_argument("--keep-mb", type=float, default=0,
+                    help="prefill: also each scheme with this many MiB of dequantized weights kept (opt-in)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -155,23 +219,21 @@ def main():
     def tokens_per_s(fast):
         return n / timed(lambda: fast.generate(ids, n, eos_token_id=None), device, args.repeat)
 
-    prompt = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=device)
-
-    def prefill_s(fast):
-        return timed(lambda: fast(prompt), device, args.repeat) if args.prefill else None
-
+    prefill = prefill_rows(model, ids, args.schemes, args.prefill, args.keep_mb, device, args.repeat) \
+        if args.prefill else []
+    if not n:
+        finish(prefill, args.out)
+        return
     float_model = fxforge.optimize(model, (ids,), kv_cache=True)
     base = tokens_per_s(float_model)
-    rows = [{"variant": f"fxforge {str(dtype)[6:]}", "tokens_per_s": base, "vs_float": 1.0,
-             "prefill_s": prefill_s(float_model)}]
+    rows = [{"variant": f"fxforge {str(dtype)[6:]}", "tokens_per_s": base, "vs_float": 1.0}]
     del float_model
     for label in args.schemes:
         fast = fxforge.optimize(model, (ids,), kv_cache=True, quantize=config_of(label))
         d = next(s for s in fast.stats if s.name == "quantize").details["quantize"]
         tps = tokens_per_s(fast)
         rows.append({"variant": f"fxforge {label}", "tokens_per_s": tps, "vs_float": tps / base,
-                     "layers": len(d["layers"]), "bytes_ratio": d["bytes_after"] / d["bytes_before"],
-                     "prefill_s": prefill_s(fast)})
+                     "layers": len(d["layers"]), "bytes_ratio": d["bytes_after"] / d["bytes_before"]})
     hf = n / timed(lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False), device,
                    args.repeat)
     rows.append({"variant": "transformers generate (float)", "tokens_per_s": hf, "vs_float": hf / base})
@@ -186,14 +248,12 @@ def main():
         rows.append({"variant": f"torchao {torchao.__version__} {label} weight-only + transformers generate",
                      "tokens_per_s": tps, "vs_float": tps / base, "layers": layers, "bytes_ratio": ratio})
     print(f"\n{args.model} on {device}, {str(dtype)[6:]}, batch 1, {n} new tokens\n")
-    print(f"| variant | tokens/s | vs fxforge float | layers quantized | weight bytes vs float | "
-          f"prefill {args.prefill} tokens (s) |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | tokens/s | vs fxforge float | layers quantized | weight bytes vs float |")
+    print("|---|---|---|---|---|")
     for r in rows:
         extra = f"{r['layers']} | {r['bytes_ratio']:.3f}" if "layers" in r else "- | -"
-        prefill = f"{r['prefill_s']:.2f}" if r.get("prefill_s") is not None else "-"
-        print(f"| {r['variant']} | {r['tokens_per_s']:.1f} | {r['vs_float']:.2f}x | {extra} | {prefill} |")
-    finish(rows, args.out)
+        print(f"| {r['variant']} | {r['tokens_per_s']:.1f} | {r['vs_float']:.2f}x | {extra} |")
+    finish(prefill + rows, args.out)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 and acceptance rate of fast.generate(..., draft=...) for each kind of draft, on SmolLM2
 (or a random model of its shapes) on this machine.
 
-Drafts: the same model made cheaper by fxforge (int4 / int8 weights: self-speculation, no
-second model) and prompt lookup ("ngram", no model). Greedy output is identical to plain
+Drafts: the same model made cheaper by fxforge (self-speculation, no second model), named
+by benchmarks/quant.py's scheme labels: "int4" (float32 products), "int4/bf16" (bfloat16
+products: PyTorch's vectorized int4 CPU kernel), "int4/bf16/head" (the lm_head quantized
+too), "int4/g32/fz/bf16/head" (groups of 32, float zero points: the draft most often right
+among the int4 ones), "int8/bf16", ...; and prompt lookup ("ngram", no model). A draft's numerics never
+change greedy output, so a draft may use approximations a served model would not. Greedy output is identical to plain
 greedy (checked here on every run), so the only question is speed: each round costs k
 draft steps plus one model step over k + 1 tokens, and pays off when the draft is right
 often and much cheaper than the model.
@@ -28,6 +32,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import fxforge  # noqa: E402
 from decode import load  # noqa: E402
+from quant import config_of  # noqa: E402
 from fxforge.runtime.speculative import SpeculativeStats  # noqa: E402
 from report import finish  # noqa: E402
 
@@ -39,8 +44,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "smollm2-random"])
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--k", type=int, default=4, help="draft tokens per round")
-    ap.add_argument("--drafts", nargs="+", default=["int4", "ngram"])
+    ap.add_argument("--k", type=int, nargs="+", default=[4], help="draft tokens per round (several: one row each)")
+    ap.add_argument("--stat", default="median", choices=["median", "min"],
+                    help="per contender over the rounds: median, or min (the least disturbed run: on a "
+                         "machine loaded by other processes, closer to what each costs alone)")
+    ap.add_argument("--drafts", nargs="+", default=["int4/g32/fz/bf16/head", "int8/bf16/head", "ngram"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -56,19 +64,21 @@ def main():
     fast = fxforge.optimize(model, (ids,), kv_cache=True)
     drafts = {}
     for name in args.drafts:
-        drafts[name] = "ngram" if name == "ngram" else fxforge.optimize(model, (ids,), kv_cache=True, quantize=name)
+        drafts[name] = "ngram" if name == "ngram" else fxforge.optimize(model, (ids,), kv_cache=True,
+                                                                         quantize=config_of(name))
 
     plain = fast.generate(ids, args.tokens, eos_token_id=None)
     contenders = {"plain greedy": lambda: fast.generate(ids, args.tokens, eos_token_id=None)}
     stats = {}
     for name, draft in drafts.items():
-        def run(draft=draft, name=name):
-            st = SpeculativeStats()
-            out = fast.generate(ids, args.tokens, eos_token_id=None, draft=draft, num_draft_tokens=args.k,
-                                draft_stats=st)
-            assert torch.equal(out, plain), f"draft {name}: tokens differ from plain greedy"
-            stats[name] = st
-        contenders[f"draft {name}, k={args.k}"] = run
+        for k in args.k:
+            def run(draft=draft, name=name, k=k):
+                st = SpeculativeStats()
+                out = fast.generate(ids, args.tokens, eos_token_id=None, draft=draft, num_draft_tokens=k,
+                                    draft_stats=st)
+                assert torch.equal(out, plain), f"draft {name}: tokens differ from plain greedy"
+                stats[f"draft {name}, k={k}"] = st
+            contenders[f"draft {name}, k={k}"] = run
     # the drafts' own decode speed: what a round's k draft steps cost
     for name, draft in drafts.items():
         if name != "ngram":
@@ -81,15 +91,16 @@ def main():
             t0 = time.perf_counter()
             fn()
             seconds[name].append(time.perf_counter() - t0)
-    base = args.tokens / statistics.median(seconds["plain greedy"])
+    stat = statistics.median if args.stat == "median" else min
+    base = args.tokens / stat(seconds["plain greedy"])
     rows = []
-    print(f"\n{args.model}, {args.tokens} new tokens, prompt {ids.shape[1]} tokens, {torch.get_num_threads()} threads\n")
+    print(f"\n{args.model}, {args.tokens} new tokens, prompt {ids.shape[1]} tokens, {torch.get_num_threads()} threads, "
+          f"{args.stat} of {args.repeat} interleaved rounds\n")
     print("| contender | tokens/s | vs plain greedy | acceptance | tokens per model step |")
     print("|---|---|---|---|---|")
     for name, s in seconds.items():
-        tps = args.tokens / statistics.median(s)
-        draft = name.split(",")[0].removeprefix("draft ") if name.startswith("draft ") else None
-        st = stats.get(draft)
+        tps = args.tokens / stat(s)
+        st = stats.get(name)
         acc = f"{st.acceptance_rate:.2f}" if st else "-"
         per_step = f"{args.tokens / st.rounds:.2f}" if st else "-"
         print(f"| {name} | {tps:.1f} | {tps / base:.2f}x | {acc} | {per_step} |")

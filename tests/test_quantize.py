@@ -122,6 +122,7 @@ def test_config_that_would_do_nothing_is_rejected_naming_the_field(kwargs, messa
     (dict(exclude=("lm_head*", 3)), "exclude must be a tuple of glob patterns"),
     (dict(scheme="nf4", double_quant="yes"), "double_quant must be True, False or None"),
     (dict(strict_group_size=1), "strict_group_size must be True or False"),
+    (dict(include_tied="yes"), "include_tied must be True or False"),
 ])
 def test_config_fields_of_the_wrong_type_are_rejected(kwargs, message):
     with pytest.raises(TypeError, match=message):
@@ -133,6 +134,24 @@ def test_valid_configs_still_build():
     assert QuantConfig("w8a8", threshold=None).options() == {"threshold": None}
     assert QuantConfig("int8", include=["*mlp*"]).include == ("*mlp*",)
     assert QuantConfig("int4").options() == {"group_size": 128, "zero_point": "int"}
+
+
+def test_a_tied_lm_head_is_quantized_only_when_asked():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (1, 5))
+    head = QuantConfig("int8", exclude=("*embed*",))
+    kept = fxforge.optimize(model, (ids,), quantize=head)
+    assert "skipped lm_head.weight: weight shared with an embedding" in kept.report()
+    fast = fxforge.optimize(model, (ids,), quantize=QuantConfig("int8", exclude=("*embed*",), include_tied=True))
+    layers = [name for name, *_ in next(s for s in fast.stats if s.name == "quantize").details["quantize"]["layers"]]
+    assert "lm_head.weight" in layers
+    embedding = next(n for n in fast.graph.nodes if n.op == "embedding")
+    assert fast.graph.params[embedding.inputs[0].param].dtype == torch.float32  # the embedding stays float
+    torch.testing.assert_close(fast(ids).logits, model(ids).logits, rtol=0.1, atol=0.1)
 
 
 def test_include_exclude_globs_and_unknown_scheme():

@@ -61,6 +61,10 @@ class QuantConfig:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     compute_dtype: torch.dtype | None = None  # None: the model's dtype; else the products run in it
     strict_group_size: bool = False  # True: skip a layer group_size does not divide (no smaller group)
+    # True: also quantize a linear whose weight an embedding reads too (a tied lm_head): the
+    # linear gets a quantized copy and the embedding keeps the float weight, so memory grows
+    # by the copy; for a draft model, whose largest product is often that lm_head.
+    include_tied: bool = False
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:  # first: the other checks name the scheme
@@ -77,6 +81,8 @@ class QuantConfig:
                              "use ('*',) (every layer) or glob patterns such as ('*mlp*',)")
         if not isinstance(self.strict_group_size, bool):
             raise TypeError(f"QuantConfig.strict_group_size must be True or False, got {self.strict_group_size!r}")
+        if not isinstance(self.include_tied, bool):
+            raise TypeError(f"QuantConfig.include_tied must be True or False, got {self.include_tied!r}")
 
     def _check_group_size(self):
         g = self.group_size
@@ -262,7 +268,8 @@ def _group_size_notes(plan: _Plan) -> list[str]:
 
 def quantize(graph, ctx):
     cfg = as_config(ctx.options.get("quantize"))
-    tied = {n.inputs[0].param for n in graph.nodes if n.op == "embedding" and n.inputs[0].param}
+    tied = set() if cfg.include_tied else \
+        {n.inputs[0].param for n in graph.nodes if n.op == "embedding" and n.inputs[0].param}
     plan = _Plan(cfg, tied)
     # before -> after
     rules = [

@@ -12,16 +12,14 @@ Its dequantization is `(q - 8) * scale + zero`; ours (ir/quant_formats.py) is
 `(q - z) * scale`, integer or float `z`. The two agree for `zero = (8 - z) * scale`, so the
 values are the IR's (up to float rounding; in bfloat16 the table is rounded to bfloat16,
 as for the int8 path's scales). The IR does not change: the plan holds the repacked
-copies and the backend's `quant_linear` uses them for the weights it knows, anything else
-goes to the wrapped implementation. The copies cost half a byte per weight; the report
-says how much.
+copies, and runtime/cpu_quant.py sends a call to the kernel when it is short enough; the
+copies cost half a byte per weight (the report says how much).
 """
 from __future__ import annotations
 
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -39,7 +37,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # SmolLM2's 576x1536 and 1536x576 weights at group 64 (docs/benchmarks.md, issue 20):
 # float32 0.7 ms per row against 3.6 ms for dequantize + matmul at 1 row, 4.7 ms at 64;
 # float16 1.1 ms per row; bfloat16 0.011 ms per row, even with dequantize+matmul near 1024.
-# A fixed rule, not a timing at optimize(), so the program is the same on every run.
+# A fixed rule, not a timing at optimize(), so the program is the same on every run
+# (runtime/cpu_quant.py applies it; with AMX, bfloat16 switches much earlier).
 DEQUANTIZE_ABOVE_ROWS = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 768}
 
 
@@ -56,18 +55,6 @@ class _Int4Weight:
 class CpuInt4Plan:
     """The int4 weights of one graph in PyTorch's packed int4 CPU layout."""
     weights: dict[int, _Int4Weight] = field(default_factory=dict)  # id(qweight) -> its kernel data
-
-    def wrap(self, fallback: Callable) -> Callable:
-        """The backend's `quant_linear`, with int4 weights from this plan on PyTorch's kernel."""
-        def quant_linear(x, *tensors, parts, qattrs, bias):
-            qweight = tensors[parts.index("qweight")]  # every packed scheme has one
-            weight = self.weights.get(id(qweight))
-            if weight is None or weight.qweight is not qweight or weight.scale_zero.dtype != x.dtype or x.numel() == 0 \
-                    or x.numel() // x.shape[-1] > DEQUANTIZE_ABOVE_ROWS[x.dtype]:
-                # (long inputs, e.g. a prompt: the fallback dequantizes once and multiplies)
-                return fallback(x, *tensors, parts=parts, qattrs=qattrs, bias=bias)
-            return int4pack_linear(x, weight, tensors[len(parts)] if bias else None)
-        return quant_linear
 
 
 def int4pack_linear(x: Tensor, weight: _Int4Weight, bias: Tensor | None = None) -> Tensor:

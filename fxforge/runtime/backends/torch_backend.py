@@ -2,7 +2,8 @@
 
 Fused attention runs through SDPA, quantized linears through PyTorch's packed kernels
 (runtime/torch_kernels.py). On the CPU, `prepare` runs the two planners that choose
-library kernels per weight: cpu_linear (float32 linears) and cpu_int4 (int4 weights).
+library kernels per weight: cpu_linear (float32 linears), cpu_int4 (int4 weights) and
+cpu_quant (per call shape: packed kernel or dequantize + one GEMM, for every quantized weight).
 Nothing here imports triton, so a CPU install without it optimizes and runs any model.
 """
 from __future__ import annotations
@@ -14,11 +15,19 @@ from .base import Backend
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, device, cpu_linear: bool | str | None = True, process_group=None):
+    def __init__(self, device, cpu_linear: bool | str | None = True, process_group=None,
+                 keep_dequantized_mb: float | None = 0):
+        """keep_dequantized_mb: MiB of dequantized float weights the CPU keeps between calls
+        of quantized products (runtime/cpu_dequant.py). Opt-in: 0 (the default) keeps none,
+        so quantized weights save their memory; enough for all of them makes a quantized
+        prompt as fast as the float model's (a weight is kept when a long input first
+        dequantizes it; in float32 later calls of any length then use it)."""
+        from ..cpu_dequant import dequantized_cache_bytes
         from ..cpu_linear import cpu_linear_mode
 
         super().__init__(device, process_group=process_group)
         self.cpu_linear = cpu_linear if cpu_linear is None else cpu_linear_mode(cpu_linear)  # "cached" | "measure" | None
+        self.keep_dequantized_bytes = dequantized_cache_bytes(keep_dequantized_mb)
 
     def kernel_ops(self) -> dict:
         from ..torch_kernels import attention_sdpa, paged_attention_sdpa, quant_linear_op
@@ -31,6 +40,7 @@ class TorchBackend(Backend):
             return graph, {}, []
         from ..cpu_int4 import plan_cpu_int4
         from ..cpu_linear import plan_cpu_linears
+        from ..cpu_quant import plan_cpu_quant
 
         overrides, stats = {}, []
         if self.cpu_linear:
@@ -39,6 +49,9 @@ class TorchBackend(Backend):
             stats.append(linear_stats)
         int4_plan, int4_stats = plan_cpu_int4(graph)
         if int4_stats is not None:
-            overrides["quant_linear"] = int4_plan.wrap(self.kernel_ops()["quant_linear"])
             stats.append(int4_stats)
+        quant_plan, quant_stats = plan_cpu_quant(graph, int4_plan, self.keep_dequantized_bytes)
+        if quant_stats is not None:
+            overrides["quant_linear"] = quant_plan.wrap(self.kernel_ops()["quant_linear"])
+            stats.append(quant_stats)
         return graph, overrides, stats

@@ -1,0 +1,104 @@
+"""Dequantizing a weight for one float GEMM on the CPU, in as few passes over it as we can,
+and (opt-in) keeping some dequantized weights so that later calls skip the work.
+
+Why: over a long input (a prompt) a quantized product is cheapest as "dequantize the
+weight once, then one float GEMM" (runtime/cpu_quant.py says when). The GEMM is the float
+model's own, so what a quantized model pays on top is the dequantization: for SmolLM2's
+1536x576 int4 weight about 2 ms on one core, against 2 ms for the GEMM itself at 128
+tokens and 15 ms at 1024 (docs/benchmarks.md, issue 20).
+
+- int4 with integer zero points: `(q - z) * scale` with `q - z` read from one table
+  indexed by (zero point, byte), so the nibbles and the zero come out of a single lookup.
+  Three passes over the weight (index, lookup, scale) instead of four (index, lookup,
+  subtract, scale): 29% less time, the same values bit for bit as
+  `ir.quant_formats.dequantize_weight` (q - z is a small integer, exact in float32).
+- everything else: `dequantize_weight` itself.
+
+The cache (`DequantizedWeights`) trades back the memory quantization saved, so it is off
+unless asked for, with a byte budget. It keeps the *first* weights that fit, not the most
+recently used: a forward visits every layer in the same order, and a least-recently-used
+cache smaller than the model evicts each weight just before it is needed again (no hit at
+all), where keeping a fixed set hits on budget / total of the weights.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ir.quant_formats import Int4Packed, Packed, dequantize_weight
+
+def zero_byte_table(device: torch.device) -> Tensor:
+    """float32 [16 * 256, 2]: row z * 256 + b holds (low nibble of b - z, high nibble - z).
+    Made at each call (32 KiB, some microseconds against milliseconds of dequantizing), so
+    that nothing global is kept."""
+    byte = torch.arange(256, device=device)
+    zero = torch.arange(16, dtype=torch.float32, device=device)[:, None]
+    return torch.stack([(byte & 0xF) - zero, (byte >> 4) - zero], dim=-1).reshape(16 * 256, 2)
+
+
+def dequantize_int4(packed: Int4Packed) -> Tensor:
+    """float32 [N, K] of an int4 weight, equal bit for bit to dequantize_weight(packed)."""
+    if packed.zeros.dtype.is_floating_point:  # float zero points: no table of (zero, byte)
+        return dequantize_weight(packed)
+    n, k = packed.shape
+    g = packed.group_size
+    # index = zero * 256 + byte, per group (int32: index_select on int32 is ~4x faster than on int64)
+    index = packed.zeros.int().mul_(256)[..., None] + packed.qweight.view(n, k // g, g // 2)
+    w = zero_byte_table(packed.qweight.device).index_select(0, index.reshape(-1)).view(n, k // g, g)
+    return w.mul_(packed.scales.float()[..., None]).reshape(n, k)
+
+
+def dequantize_for_matmul(packed: Packed, dtype: torch.dtype) -> Tensor:
+    """The float [N, K] weight in `dtype` for one GEMM (computed in float32, then cast)."""
+    w = dequantize_int4(packed) if isinstance(packed, Int4Packed) else dequantize_weight(packed)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+class DequantizedWeights:
+    """Dequantized weights kept between calls, up to `budget_bytes` (the first that fit).
+
+    Keyed by the packed weight's own `qweight` tensor (its id, with the tensor kept to make
+    the id safe) and the dtype the GEMM runs in."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self.misses = 0  # weights met that did not fit: dequantized at every call
+        self._kept: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] = {}
+        self._refused: set[tuple[int, torch.dtype]] = set()
+
+    def get(self, qweight: Tensor, dtype: torch.dtype) -> Tensor | None:
+        hit = self._kept.get((id(qweight), dtype))
+        return hit[1] if hit is not None and hit[0] is qweight else None
+
+    def weight(self, packed: Packed, dtype: torch.dtype) -> Tensor:
+        """The dequantized weight: kept from an earlier call, kept now if it fits, or made
+        for this call only."""
+        kept = self.get(packed.qweight, dtype)
+        if kept is not None:
+            return kept
+        w = dequantize_for_matmul(packed, dtype)
+        key = (id(packed.qweight), dtype)
+        size = w.numel() * w.element_size()
+        if key not in self._refused:
+            if self.used_bytes + size <= self.budget_bytes:
+                self._kept[key] = (packed.qweight, w)
+                self.used_bytes += size
+            else:
+                self._refused.add(key)
+                self.misses += 1
+        return w
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
+def dequantized_cache_bytes(value) -> int:
+    """The torch backend's `keep_dequantized_mb` option as bytes (0: keep nothing)."""
+    if value is None or value is False:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+        raise ValueError(f"keep_dequantized_mb={value!r}: expected a number of MiB >= 0 of dequantized float "
+                         f"weights to keep between calls (0 or None: none, the default; quantized weights "
+                         f"then save their memory), e.g. 512")
+    return int(value * 2**20)
