@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ir.ops import (_packed, alibi_bias, attention_operands, attention_reference, causal_keep, gather_paged,
-                      window_keep)
+from ..ir.ops import (_packed, alibi_bias, attention_operands, attention_reference, causal_keep,
+                      paged_key_slots, window_keep)
 from ..ir.quant_formats import Int8Packed, W8A8Packed, dequantize_weight, w8a8_linear_decomposed
 
 
@@ -68,15 +68,39 @@ def attention_sdpa(q, k, v, bias=None, slopes=None, *, causal: bool, scale: floa
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
-def paged_attention_sdpa(q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal: bool,
-                         scale: float, softcap=None, window=None, alibi: bool = False):
-    """paged_attention on the torch backend: K/V gathered through the block table into
-    dense [B, Hkv, keys, D] tensors (gather_paged), then attention_sdpa."""
-    keys = bias.shape[-1]
-    k = gather_paged(k_cache, block_table, row_start, keys).to(q.dtype)
-    v = gather_paged(v_cache, block_table, row_start, keys).to(q.dtype)
-    return attention_sdpa(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window,
-                          alibi=alibi)
+class PagedAttentionSDPA:
+    """paged_attention on the torch backend, one per built program: K/V gathered through the
+    block table into dense [B, Hkv, keys, D] tensors, then attention_sdpa.
+
+    Every layer of a step reads the same block table and row starts, so the key slots are
+    worked out once per step (the last step's are kept, matched by tensor identity and
+    version) instead of twice per layer: ten small ops x 2 x layers per decode step."""
+
+    def __init__(self):
+        self._last = None  # (table, row_start, keys, block size, versions, flat slots, valid)
+
+    def _slots(self, table, row_start, keys: int, block_size: int):
+        last, versions = self._last, (table._version, row_start._version)
+        if (last is not None and last[0] is table and last[1] is row_start and last[2:5] == (keys, block_size, versions)):
+            return last[5], last[6]
+        slots, valid = paged_key_slots(table, row_start, keys, block_size)
+        self._last = last = (table, row_start, keys, block_size, versions, slots.flatten(), valid[:, :, None, None])
+        return last[5], last[6]
+
+    def gather(self, cache, table, row_start, keys: int, dtype):
+        """gather_paged's values (padding keys read as 0), as `dtype`."""
+        slots, valid = self._slots(table, row_start, keys, cache.shape[1])
+        flat = cache.view(-1, cache.shape[2], cache.shape[3])
+        dense = flat.index_select(0, slots).view(valid.shape[0], keys, cache.shape[2], cache.shape[3])
+        return (dense * valid.to(cache.dtype)).transpose(1, 2).to(dtype)
+
+    def __call__(self, q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal: bool,
+                 scale: float, softcap=None, window=None, alibi: bool = False):
+        keys = bias.shape[-1]
+        k = self.gather(k_cache, block_table, row_start, keys, q.dtype)
+        v = self.gather(v_cache, block_table, row_start, keys, q.dtype)
+        return attention_sdpa(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window,
+                              alibi=alibi)
 
 
 # -- quantized linears -----------------------------------------------------------------------

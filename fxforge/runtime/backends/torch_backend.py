@@ -30,9 +30,9 @@ class TorchBackend(Backend):
         self.keep_dequantized_bytes = dequantized_cache_bytes(keep_dequantized_mb)
 
     def kernel_ops(self) -> dict:
-        from ..torch_kernels import attention_sdpa, paged_attention_sdpa, quant_linear_op
+        from ..torch_kernels import PagedAttentionSDPA, attention_sdpa, quant_linear_op
 
-        return {"attention": attention_sdpa, "paged_attention": paged_attention_sdpa,
+        return {"attention": attention_sdpa, "paged_attention": PagedAttentionSDPA(),
                 "quant_linear": quant_linear_op}
 
     def prepare(self, graph: Graph) -> tuple[Graph, dict, list]:
