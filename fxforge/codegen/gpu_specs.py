@@ -134,11 +134,11 @@ def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), varian
 _WO_REF = "fxforge.codegen.kernels.quant_matmul:_weight_only_kernel"
 _WO_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "zero_ptr", "bias_ptr", "out_ptr", "M", "N", "K", "M_BUCKET",
             "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_sn", "stride_sg", "stride_zn", "stride_zg",
-            "stride_om", "stride_on", "FORMAT", "GROUP_SIZE", "HAS_BIAS", "DOT_F32", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
+            "stride_om", "stride_on", "FORMAT", "GROUP_SIZE", "HAS_BIAS", "DOT_F32", "WIDE", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
 _W8A8_REF = "fxforge.codegen.kernels.quant_matmul:_w8a8_kernel"
 _W8A8_ARGS = ["a_ptr", "a_scale_ptr", "w_ptr", "w_scale_ptr", "bias_ptr", "xo_ptr", "cm_ptr", "out_ptr", "M", "N",
               "K", "M_BUCKET", "stride_am", "stride_ak", "stride_wn", "stride_wk", "stride_xom", "stride_xok",
-              "stride_om", "stride_on", "HAS_BIAS", "HAS_OUTLIERS", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
+              "stride_om", "stride_on", "HAS_BIAS", "HAS_OUTLIERS", "WIDE", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
 _W8A8_PROLOGUE_REF = "fxforge.codegen.kernels.quant_matmul:_w8a8_prologue_kernel"
 _W8A8_PROLOGUE_ARGS = ["x_ptr", "xq_ptr", "xs_ptr", "xo_ptr", "cm_ptr", "M", "K", "stride_xm", "stride_xk",
                        "threshold", "HAS_THRESHOLD", "BLOCK_K"]
@@ -168,7 +168,7 @@ def quant_specs(dtypes=DTYPES, formats=QUANT_FORMATS, all_configs=False, w8a8=Tr
                     f"quant_{fname}", _WO_REF, _WO_ARGS,
                     {"x_ptr": dname, "w_ptr": w_type, "scale_ptr": "fp32", "zero_ptr": "fp32" if fmt else "fp32",
                      "bias_ptr": dname, "out_ptr": dname},
-                    dict(FORMAT=fmt, GROUP_SIZE=group, HAS_BIAS=True, DOT_F32=dtype == torch.float32,
+                    dict(FORMAT=fmt, GROUP_SIZE=group, HAS_BIAS=True, DOT_F32=dtype == torch.float32, WIDE=False,
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                     unit=("stride_xk", "stride_wk", "stride_on"), num_warps=w, num_stages=s, tuned=True,
                     dtype=dname, format=fname, launched=(bm, bn, bk, w, s) in launched))
@@ -178,7 +178,7 @@ def quant_specs(dtypes=DTYPES, formats=QUANT_FORMATS, all_configs=False, w8a8=Tr
                 "quant_w8a8", _W8A8_REF, _W8A8_ARGS,
                 {"a_ptr": "i8", "a_scale_ptr": "fp32", "w_ptr": "i8", "w_scale_ptr": "fp32", "bias_ptr": "fp16",
                  "xo_ptr": "fp32", "cm_ptr": "i8", "out_ptr": "fp16"},
-                dict(HAS_BIAS=True, HAS_OUTLIERS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                dict(HAS_BIAS=True, HAS_OUTLIERS=True, WIDE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                 unit=("stride_ak", "stride_wk", "stride_xok", "stride_on"), num_warps=w, num_stages=s, tuned=True,
                 dtype="int8", format="w8a8", launched=True))
         for dname in dtypes:

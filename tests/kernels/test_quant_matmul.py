@@ -245,3 +245,15 @@ def test_quantized_linears_never_wait_for_the_device(scheme, opts):
     assert c.syncs == 0, c.sync_names
     assert c.triton == (2 if scheme == "w8a8" else 1)  # w8a8: the activation split, then the GEMM
     _assert_matches(y, qf.quant_linear_reference(x, packed), torch.float32)
+
+
+@pytest.mark.skipif(not qm.INTERPRET, reason="forces the 64-bit specialization by lowering its threshold")
+@pytest.mark.parametrize("scheme,opts", [("int8", {}), ("nf4", {"group_size": 32}), ("w8a8", {})])
+def test_wide_offsets_specialization_gives_the_same_result(scheme, opts, monkeypatch):
+    """Past 2**31 elements the kernels index in 64 bits (WIDE); forced on small tensors here,
+    it must compute exactly what the 32-bit kernel does."""
+    packed = qf.quantize_weight(_rand(72, 128, seed=2), scheme, **opts)
+    x = _rand(33, 128, seed=3)
+    narrow = qm.quant_linear_triton(x, packed)
+    monkeypatch.setattr(qm, "INDEX_32_LIMIT", 1)
+    assert torch.equal(qm.quant_linear_triton(x, packed), narrow)

@@ -138,11 +138,17 @@ def _weight_only_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
     stride_om, stride_on,
     # constexprs
-    FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+    FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # a 1-D grid (axis 1 of a CUDA grid stops at 65535 programs); N tiles vary fastest
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_n
+    pid_m = pid // num_n
+    if WIDE:  # an operand spans 2**31 elements or more: offsets in 64 bits
+        pid_n = pid_n.to(tl.int64)
+        pid_m = pid_m.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -204,11 +210,17 @@ def _w8a8_kernel(
     # strides
     stride_am, stride_ak, stride_wn, stride_wk, stride_xom, stride_xok, stride_om, stride_on,
     # constexprs
-    HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # a 1-D grid (axis 1 of a CUDA grid stops at 65535 programs); N tiles vary fastest
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_n
+    pid_m = pid // num_n
+    if WIDE:  # an operand spans 2**31 elements or more: offsets in 64 bits
+        pid_n = pid_n.to(tl.int64)
+        pid_m = pid_m.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -268,7 +280,8 @@ def _w8a8_prologue_kernel(
     on the device (no host round trip, no data-dependent shape). Outlier columns (|x| >
     threshold in any row: each program scans all M rows, so this is for small M) are zeroed
     in the int8 part and kept, in float32, in xo; cm marks them. The per-token scale and
-    rounding are the reference's: absmax / 127 (IEEE division), round half to even."""
+    rounding are the reference's: absmax / 127 (IEEE division), round half to even.
+    Offsets stay 32-bit: it runs for M <= 16, so x spans 2**31 elements only past K = 2**27."""
     m = tl.program_id(0)
     row = x_ptr + m * stride_xm
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -314,15 +327,21 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 4096)
 
 
-def _launch(jit_kernel, small, large, m, n, args, constexprs):
+# A launch whose x, weight or output spans this many elements or more gets the WIDE
+# specialization (64-bit offsets); below it, offsets stay in 32 bits.
+INDEX_32_LIMIT = 2 ** 31
+
+
+def _launch(jit_kernel, small, large, m, n, k, args, constexprs):
     """Launch with a fixed config under the interpreter, else the autotuner for M's size class."""
+    constexprs = dict(constexprs, WIDE=max(m * k, m * n, n * k) >= INDEX_32_LIMIT)
     if INTERPRET:
         blocks = _INTERPRET_BLOCKS
-        grid = (triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(m, blocks["BLOCK_M"]))
+        grid = (triton.cdiv(n, blocks["BLOCK_N"]) * triton.cdiv(m, blocks["BLOCK_M"]),)
         jit_kernel[grid](*args, **constexprs, **blocks)
         return
     tuner = small if m <= _SMALL_M else large
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
     tuner[grid](*args, **constexprs)
 
 
@@ -365,7 +384,7 @@ def _weight_only_launch(x, w, scale, zero, bias, n, k, fmt, group_size):
                 x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), stride_sn, stride_sg, stride_zn, stride_zg,
                 out.stride(0), out.stride(1))
         constexprs = dict(FORMAT=fmt, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, DOT_F32=_dot_f32(x))
-        _launch(_weight_only_kernel, _weight_only_small, _weight_only_large, m, n, args, constexprs)
+        _launch(_weight_only_kernel, _weight_only_small, _weight_only_large, m, n, k, args, constexprs)
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -434,7 +453,7 @@ def w8a8_linear_triton(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor 
                 x_out.stride(0) if has_out else 0, x_out.stride(1) if has_out else 0,
                 out.stride(0), out.stride(1))
         constexprs = dict(HAS_BIAS=bias is not None, HAS_OUTLIERS=has_out)
-        _launch(_w8a8_kernel, _w8a8_small, _w8a8_large, m, n, args, constexprs)
+        _launch(_w8a8_kernel, _w8a8_small, _w8a8_large, m, n, k, args, constexprs)
     return out.reshape(*x.shape[:-1], n)
 
 
