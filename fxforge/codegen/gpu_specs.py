@@ -138,10 +138,8 @@ _WO_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "zero_ptr", "bias_ptr", "out_ptr", "M
 _W8A8_REF = "fxforge.codegen.kernels.quant_matmul:_w8a8_kernel"
 _W8A8_ARGS = ["a_ptr", "a_scale_ptr", "w_ptr", "w_scale_ptr", "bias_ptr", "xo_ptr", "cm_ptr", "out_ptr", "M", "N",
               "K", "M_BUCKET", "stride_am", "stride_ak", "stride_wn", "stride_wk", "stride_xom", "stride_xok",
-              "stride_om", "stride_on", "HAS_BIAS", "HAS_OUTLIERS", "WIDE", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
-_W8A8_PROLOGUE_REF = "fxforge.codegen.kernels.quant_matmul:_w8a8_prologue_kernel"
-_W8A8_PROLOGUE_ARGS = ["x_ptr", "xq_ptr", "xs_ptr", "xo_ptr", "cm_ptr", "M", "K", "stride_xm", "stride_xk",
-                       "threshold", "HAS_THRESHOLD", "BLOCK_K"]
+              "stride_om", "stride_on", "threshold", "HAS_BIAS", "HAS_OUTLIERS", "SPLIT", "WIDE", "BLOCK_M",
+              "BLOCK_N", "BLOCK_K"]
 
 
 def _quant_configs(dtype, all_configs):
@@ -178,15 +176,20 @@ def quant_specs(dtypes=DTYPES, formats=QUANT_FORMATS, all_configs=False, w8a8=Tr
                 "quant_w8a8", _W8A8_REF, _W8A8_ARGS,
                 {"a_ptr": "i8", "a_scale_ptr": "fp32", "w_ptr": "i8", "w_scale_ptr": "fp32", "bias_ptr": "fp16",
                  "xo_ptr": "fp32", "cm_ptr": "i8", "out_ptr": "fp16"},
-                dict(HAS_BIAS=True, HAS_OUTLIERS=True, WIDE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                dict(HAS_BIAS=True, HAS_OUTLIERS=True, SPLIT=False, WIDE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                floats=("threshold",),
                 unit=("stride_ak", "stride_wk", "stride_xok", "stride_on"), num_warps=w, num_stages=s, tuned=True,
                 dtype="int8", format="w8a8", launched=True))
-        for dname in dtypes:
-            specs.append(_spec(
-                "quant_w8a8_prologue", _W8A8_PROLOGUE_REF, _W8A8_PROLOGUE_ARGS,
-                {"x_ptr": dname, "xq_ptr": "i8", "xs_ptr": "fp32", "xo_ptr": "fp32", "cm_ptr": "i8"},
-                dict(HAS_THRESHOLD=True, BLOCK_K=quant_matmul._PROLOGUE_BLOCK_K), floats=("threshold",),
-                unit=("stride_xk",), dtype=dname, format="w8a8", launched=True))
+        for dname in dtypes:  # the decode step's launch: x (float) split inside the kernel
+            for bm, bn, bk, w, s in quant_matmul.launch_configs(True, DTYPES[dname]):
+                specs.append(_spec(
+                    "quant_w8a8_split", _W8A8_REF, _W8A8_ARGS,
+                    {"a_ptr": dname, "a_scale_ptr": "fp32", "w_ptr": "i8", "w_scale_ptr": "fp32", "bias_ptr": dname,
+                     "xo_ptr": "fp32", "cm_ptr": "i8", "out_ptr": dname},
+                    dict(HAS_BIAS=True, HAS_OUTLIERS=True, SPLIT=True, WIDE=False, BLOCK_M=bm, BLOCK_N=bn,
+                         BLOCK_K=bk), floats=("threshold",),
+                    unit=("stride_ak", "stride_wk", "stride_xok", "stride_on"), num_warps=w, num_stages=s,
+                    tuned=True, dtype=dname, format="w8a8", launched=True))
     return specs
 
 
@@ -265,5 +268,15 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     worst = {"fp32": DTYPES["fp32"], "bf16": DTYPES["bf16"]}
     attn = _largest(attention_specs(worst, (64, 256)), ("BLOCK_M", "BLOCK_N"), ("dtype", "head_dim", "variant"))
     quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",))
-    return (attn + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + quant
+    w8a8 = _largest([s for s in quant_specs(worst, ()) if s.kernel.startswith("quant_w8a8")], ("BLOCK_N", "BLOCK_K"),
+                    ("dtype",), 1)
+    return (attn + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + quant + w8a8 + [_wide(quant[0])]
             + row_specs(lengths=(4096, 65536), kinds=("layer_norm",)))
+
+
+def _wide(spec: KernelSpec) -> KernelSpec:
+    """The 64-bit-offset specialization of a quantized matmul spec (operands past 2**31 elements)."""
+    import dataclasses
+
+    return dataclasses.replace(spec, constexprs={**spec.constexprs, "WIDE": True},
+                               labels={**spec.labels, "wide": True})

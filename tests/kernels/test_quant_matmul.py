@@ -214,8 +214,8 @@ def test_every_autotune_block_shape_is_correct(blocks, monkeypatch):
 
 @pytest.mark.parametrize("m,k,threshold", [(1, 64, 6.0), (3, 300, 6.0), (2, 64, None), (20, 128, 6.0)])
 def test_w8a8_split_on_device_equals_the_reference_split(m, k, threshold):
-    """The device split (a kernel for small M, torch ops above) quantizes x bitwise as the
-    reference does, and marks as outliers exactly the reference's outlier columns."""
+    """The sync-free split (for more than 16 rows) quantizes x bitwise as the reference
+    does, and marks as outliers exactly the reference's outlier columns."""
     x = _rand(m, k, seed=k)
     x[0, 3], x[-1, k - 1] = 40.0, -9.0
     x[m // 2, 5] = 2.5 * (x[m // 2].abs().max() / 127)  # ... a value on a rounding tie is fine too
@@ -243,7 +243,7 @@ def test_quantized_linears_never_wait_for_the_device(scheme, opts):
     with LaunchCounter() as c:
         y = qm.quant_linear_triton(x, packed)
     assert c.syncs == 0, c.sync_names
-    assert c.triton == (2 if scheme == "w8a8" else 1)  # w8a8: the activation split, then the GEMM
+    assert c.triton == 1  # w8a8 too: a decode-sized x is split and quantized inside the GEMM
     _assert_matches(y, qf.quant_linear_reference(x, packed), torch.float32)
 
 
@@ -257,3 +257,18 @@ def test_wide_offsets_specialization_gives_the_same_result(scheme, opts, monkeyp
     narrow = qm.quant_linear_triton(x, packed)
     monkeypatch.setattr(qm, "INDEX_32_LIMIT", 1)
     assert torch.equal(qm.quant_linear_triton(x, packed), narrow)
+
+
+@pytest.mark.parametrize("m,k", [(1, 64), (5, 300), (16, 128), (17, 128)])
+def test_w8a8_in_kernel_split_quantizes_x_bitwise_as_the_reference(m, k):
+    """Without outliers the W8A8 output is int32 products times the two scales, in the
+    reference's order: equal bits mean the kernel's x_q and x_scale (split inside the GEMM
+    up to 16 rows, by torch ops above) are the reference's, rounding ties included."""
+    packed = qf.quantize_weight(_rand(40, k, seed=1), "w8a8")
+    x = _rand(m, k, seed=k)
+    x[0, 5] = 2.5 * (x[0].abs().max() / 127)  # a rounding tie
+    ref_q, ref_s, idx = qf.w8a8_split_activations(x, 6.0)
+    assert idx is None
+    want = (ref_q.double() @ packed.qweight.T.double()).float() * ref_s[:, None] * packed.scale[None, :]
+    for threshold in (6.0, None):
+        assert torch.equal(qm.w8a8_linear_triton(x, packed.qweight, packed.scale, threshold=threshold), want)

@@ -16,10 +16,11 @@ Kernels
     ``_w8a8_kernel``  int8 x int8 -> int32 ``tl.dot`` with the per-token (row) and
         per-channel (column) scales, bias and the float32 outlier contribution fused into the
         epilogue.  The per-token activation quantization and the LLM.int8() outlier split run
-        on the device without a host round trip (``_w8a8_prologue_kernel`` for small M,
-        sync-free torch ops above): the outliers are a column mask, not an index list, and the
-        GEMM adds their float32 product (x's outlier columns @ the int8 weight's, times the
-        channel scale) in the same K loop, skipping tiles without outliers.
+        on the device without a host round trip: inside the kernel for M <= 16 (``SPLIT``:
+        a decode step is one launch per linear), in sync-free torch ops above. The outliers
+        are a column mask, not an index list, and the GEMM adds their float32 product (x's
+        outlier columns @ the int8 weight's, times the channel scale) in the same K loop,
+        skipping tiles without outliers.
 
 Autotuning: two config sets, keyed on ``(M_BUCKET, N, K)`` where ``M_BUCKET`` is M rounded up
 to a power of two (capped at 4096) so that a new sequence length does not trigger a new
@@ -203,14 +204,15 @@ def _weight_only_kernel(
 
 @triton.jit
 def _w8a8_kernel(
-    # pointers
+    # pointers (a: int8 x_q, or with SPLIT the float x itself)
     a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, xo_ptr, cm_ptr, out_ptr,
     # sizes
     M, N, K, M_BUCKET,
     # strides
     stride_am, stride_ak, stride_wn, stride_wk, stride_xom, stride_xok, stride_om, stride_on,
+    threshold,
     # constexprs
-    HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr, WIDE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # a 1-D grid (axis 1 of a CUDA grid stops at 65535 programs); N tiles vary fastest
@@ -225,24 +227,46 @@ def _w8a8_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    if SPLIT:
+        # x is small (M <= BLOCK_M: one tile holds every row), so each program splits it
+        # itself (_split_tile) instead of a launch of its own: first the per-token scales
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+            inlier, _, _ = _split_tile(x, mask_m, threshold, HAS_OUTLIERS)
+            amax = tl.maximum(amax, tl.max(tl.abs(inlier), axis=1))
+        a_s = tl.maximum(tl.math.div_rn(amax, 127.0), 1.1754943508222875e-38)
+    else:
+        a_s = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0)
+        a_mask = mask_m[:, None] & mask_k[None, :]
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0)
-        acc = tl.dot(a, w, acc)
-        if HAS_OUTLIERS:
-            # the outlier columns of x (zero elsewhere) against the int8 weight, in float32;
-            # a K tile without outliers (the usual case) skips it
-            if tl.max(tl.load(cm_ptr + offs_k, mask=mask_k, other=0), axis=0) > 0:
-                xo = tl.load(xo_ptr + offs_m[:, None] * stride_xom + offs_k[None, :] * stride_xok,
-                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                acc_out = tl.dot(xo, w.to(tl.float32), acc_out, input_precision="ieee")
-    a_s = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
+        if SPLIT:
+            x = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                        mask=a_mask, other=0.0).to(tl.float32)
+            inlier, outlier, any_out = _split_tile(x, mask_m, threshold, HAS_OUTLIERS)
+            a = _round_to_int8(tl.math.div_rn(inlier, a_s[:, None]))
+            acc = tl.dot(a, w, acc)
+            if HAS_OUTLIERS:
+                if any_out:
+                    acc_out = tl.dot(tl.where(outlier, x, 0.0), w.to(tl.float32), acc_out, input_precision="ieee")
+        else:
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0)
+            acc = tl.dot(a, w, acc)
+            if HAS_OUTLIERS:
+                # the outlier columns of x (zero elsewhere) against the int8 weight, in
+                # float32; a K tile without outliers (the usual case) skips it
+                if tl.max(tl.load(cm_ptr + offs_k, mask=mask_k, other=0), axis=0) > 0:
+                    xo = tl.load(xo_ptr + offs_m[:, None] * stride_xom + offs_k[None, :] * stride_xok,
+                                 mask=a_mask, other=0.0)
+                    acc_out = tl.dot(xo, w.to(tl.float32), acc_out, input_precision="ieee")
     w_s = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
     y = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -255,61 +279,25 @@ def _w8a8_kernel(
 
 
 @triton.jit
-def _outlier_columns(x_ptr, offs_k, mask_k, M, stride_xm, stride_xk, threshold):
-    """Which of the columns offs_k hold |x| > threshold in any of the M rows."""
-    hit = tl.zeros(offs_k.shape, dtype=tl.int32)
-    for r in range(0, M):
-        v = tl.load(x_ptr + r * stride_xm + offs_k * stride_xk, mask=mask_k, other=0.0).to(tl.float32)
-        hit = tl.maximum(hit, (tl.abs(v) > threshold).to(tl.int32))
-    return hit > 0
+def _split_tile(x, mask_m, threshold, HAS_OUTLIERS: tl.constexpr):
+    """LLM.int8()'s split of a [BLOCK_M, BLOCK_K] float32 tile holding every row of x:
+    (inliers, the outlier column mask [1, BLOCK_K], whether the tile has one). A column is
+    an outlier if |x| > threshold in any row (quant_formats.w8a8_split_activations)."""
+    if HAS_OUTLIERS:
+        hit = tl.where(mask_m[:, None] & (tl.abs(x) > threshold), 1, 0)
+        cols = tl.max(hit, axis=0)[None, :] > 0
+        return tl.where(cols, 0.0, x), cols, tl.max(hit) > 0
+    else:
+        return x, x != x, False
 
 
 @triton.jit
-def _w8a8_prologue_kernel(
-    # pointers
-    x_ptr, xq_ptr, xs_ptr, xo_ptr, cm_ptr,
-    # sizes
-    M, K,
-    # strides (xq and xo are contiguous [M, K])
-    stride_xm, stride_xk,
-    threshold,
-    # constexprs
-    HAS_THRESHOLD: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One row of x per program: the LLM.int8() split of quant_formats.w8a8_split_activations
-    on the device (no host round trip, no data-dependent shape). Outlier columns (|x| >
-    threshold in any row: each program scans all M rows, so this is for small M) are zeroed
-    in the int8 part and kept, in float32, in xo; cm marks them. The per-token scale and
-    rounding are the reference's: absmax / 127 (IEEE division), round half to even.
-    Offsets stay 32-bit: it runs for M <= 16, so x spans 2**31 elements only past K = 2**27."""
-    m = tl.program_id(0)
-    row = x_ptr + m * stride_xm
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(row + offs_k * stride_xk, mask=mask_k, other=0.0).to(tl.float32)
-        if HAS_THRESHOLD:
-            x = tl.where(_outlier_columns(x_ptr, offs_k, mask_k, M, stride_xm, stride_xk, threshold), 0.0, x)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 127.0), 1.1754943508222875e-38)
-    tl.store(xs_ptr + m, scale)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(row + offs_k * stride_xk, mask=mask_k, other=0.0).to(tl.float32)
-        inlier = x
-        if HAS_THRESHOLD:
-            out = _outlier_columns(x_ptr, offs_k, mask_k, M, stride_xm, stride_xk, threshold)
-            inlier = tl.where(out, 0.0, x)
-            tl.store(xo_ptr + m * K + offs_k, tl.where(out, x, 0.0), mask=mask_k)
-            if m == 0:
-                tl.store(cm_ptr + offs_k, out.to(tl.int8), mask=mask_k)
-        v = tl.math.div_rn(inlier, scale)
-        q = tl.floor(v + 0.5)  # exact for |v| <= 127.5; then ties go to the even neighbour
-        q = tl.where((q - v == 0.5) & (q % 2 != 0), q - 1.0, q)
-        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-        tl.store(xq_ptr + m * K + offs_k, q.to(tl.int8), mask=mask_k)
+def _round_to_int8(v):
+    """torch.round(v).clamp(-127, 127) as int8: round half to even (floor(v + 0.5) is exact
+    for |v| <= 127.5, then a tie goes to the even neighbour)."""
+    q = tl.floor(v + 0.5)
+    q = tl.where((q - v == 0.5) & (q % 2 != 0), q - 1.0, q)
+    return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
 
 
 _KEY = ["M_BUCKET", "N", "K"]
@@ -433,8 +421,10 @@ def w8a8_linear_triton(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor 
     int32 GEMM; outlier columns (|x| > threshold anywhere in this input) are computed in
     float32 against the int8 weight columns (scaled per channel) in the same kernel.
 
-    Nothing waits for the device: the split of x (`w8a8_split_on_device`) has no
-    data-dependent shape, and the GEMM skips the K tiles without outliers by itself."""
+    Nothing waits for the device: the outliers are a column mask, never an index list whose
+    length the host would read. Up to 16 rows (a decode step) the kernel splits and
+    quantizes x itself, in one launch (SPLIT); more rows are split by `w8a8_split_on_device`
+    first. Either way x_q and the scales are bitwise the reference's."""
     if qweight.dtype != torch.int8:
         raise ValueError(f"w8a8_linear_triton: qweight must be int8, got {qweight.dtype}")
     n, k = qweight.shape
@@ -444,47 +434,36 @@ def w8a8_linear_triton(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor 
     if m > 0 and n > 0:
         bias = _check_bias(bias, n)
         wscale = wscale.float().contiguous()
-        x_q, x_scale, x_out, cols = w8a8_split_on_device(x2, threshold)
-        has_out = x_out is not None
-        args = (x_q, x_scale, qweight, wscale, bias if bias is not None else wscale,
-                x_out if has_out else x_scale, cols if has_out else x_q, out,
+        split = m <= _SMALL_M
+        if split:
+            a, a_scale, x_out, cols = x2, wscale, None, None
+            has_out = threshold is not None
+        else:
+            a, a_scale, x_out, cols = w8a8_split_on_device(x2, threshold)
+            has_out = x_out is not None
+        stride_xo = (x_out.stride(0), x_out.stride(1)) if x_out is not None else (0, 0)
+        args = (a, a_scale, qweight, wscale, bias if bias is not None else wscale,
+                x_out if x_out is not None else wscale, cols if cols is not None else qweight, out,
                 m, n, k, _m_bucket(m),
-                x_q.stride(0), x_q.stride(1), qweight.stride(0), qweight.stride(1),
-                x_out.stride(0) if has_out else 0, x_out.stride(1) if has_out else 0,
-                out.stride(0), out.stride(1))
-        constexprs = dict(HAS_BIAS=bias is not None, HAS_OUTLIERS=has_out)
+                a.stride(0), a.stride(1), qweight.stride(0), qweight.stride(1), *stride_xo,
+                out.stride(0), out.stride(1), float(threshold) if threshold is not None else 0.0)
+        constexprs = dict(HAS_BIAS=bias is not None, HAS_OUTLIERS=has_out, SPLIT=split)
         _launch(_w8a8_kernel, _w8a8_small, _w8a8_large, m, n, k, args, constexprs)
     return out.reshape(*x.shape[:-1], n)
-
-
-_PROLOGUE_BLOCK_K = 256
 
 
 def w8a8_split_on_device(x2: Tensor, threshold: float | None):
     """(x_q int8 [M, K], x_scale float32 [M], x_out float32 [M, K] or None, cols int8 [K]
     or None): `w8a8_split_activations` with the outliers as a mask (x_out holds x in the
-    outlier columns, 0 elsewhere; cols marks them) instead of an index list, whose length
-    the host would have to read. x_q and x_scale are bitwise the reference's. Small M (a
-    decode step) is one Triton kernel; larger M the same in torch ops (each row of the
-    kernel scans all M rows for the column mask)."""
-    m, k = x2.shape
-    if m > _SMALL_M:
-        x2f = x2.float()
-        if threshold is None:
-            x_q, x_scale = quantize_activations_per_token(x2f)
-            return x_q, x_scale, None, None
-        cols = (x2f.abs() > threshold).any(dim=0)
-        x_q, x_scale = quantize_activations_per_token(x2f.masked_fill(cols[None, :], 0.0))
-        return x_q, x_scale, x2f.masked_fill(~cols[None, :], 0.0), cols.to(torch.int8)
-    x_q = torch.empty((m, k), dtype=torch.int8, device=x2.device)
-    x_scale = torch.empty((m,), dtype=torch.float32, device=x2.device)
-    has = threshold is not None
-    x_out = torch.empty((m, k), dtype=torch.float32, device=x2.device) if has else None
-    cols = torch.empty((k,), dtype=torch.int8, device=x2.device) if has else None
-    _w8a8_prologue_kernel[(m,)](x2, x_q, x_scale, x_out if has else x_scale, cols if has else x_q, m, k,
-                                x2.stride(0), x2.stride(1), float(threshold) if has else 0.0,
-                                HAS_THRESHOLD=has, BLOCK_K=_PROLOGUE_BLOCK_K)
-    return x_q, x_scale, x_out, cols
+    outlier columns, 0 elsewhere; cols marks them) instead of an index list, in torch ops
+    with no data-dependent shape. x_q and x_scale are bitwise the reference's."""
+    x2f = x2.float()
+    if threshold is None:
+        x_q, x_scale = quantize_activations_per_token(x2f)
+        return x_q, x_scale, None, None
+    cols = (x2f.abs() > threshold).any(dim=0)
+    x_q, x_scale = quantize_activations_per_token(x2f.masked_fill(cols[None, :], 0.0))
+    return x_q, x_scale, x2f.masked_fill(~cols[None, :], 0.0), cols.to(torch.int8)
 
 
 def quant_linear_triton(x: Tensor, packed, bias: Tensor | None = None) -> Tensor:
