@@ -82,13 +82,16 @@ def _sibling_quant_linears(graph: Graph) -> list[list[Node]]:
     Every packed tensor of these schemes is per output row (int8/w8a8 channel scales, int4
     and nf4 group scales, zeros and absmax along K), so stacking the rows of each is the
     packing of the stacked weight: the same numbers. Not nf4's double quantization, whose
-    absmax is quantized in blocks that run across rows."""
+    absmax is quantized in blocks that run across rows. Not int4 for now: on CPU,
+    runtime/cpu_int4.py decides per weight whether PyTorch's packed kernel takes it (e.g.
+    out_features a multiple of 16), and merged weights would change those choices; to be
+    settled with that module."""
     by_key: dict[tuple, list[Node]] = defaultdict(list)
     for node in graph.nodes:
         if node.op != "quant_linear":
             continue
         qattrs = dict(node.attrs["qattrs"])
-        if qattrs.get("double_quant") or not all(v.param is not None and v.param in graph.params
+        if qattrs.get("scheme") == "int4" or qattrs.get("double_quant") or not all(v.param is not None and v.param in graph.params
                                                  for v in node.inputs[1:]):
             continue
         rest = tuple((k, v) for k, v in node.attrs["qattrs"] if k != "shape")
