@@ -134,7 +134,8 @@ def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), varian
 _WO_REF = "fxforge.codegen.kernels.quant_matmul:_weight_only_kernel"
 _WO_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "zero_ptr", "bias_ptr", "out_ptr", "M", "N", "K", "M_BUCKET",
             "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_sn", "stride_sg", "stride_zn", "stride_zg",
-            "stride_om", "stride_on", "FORMAT", "GROUP_SIZE", "HAS_BIAS", "DOT_F32", "WIDE", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
+            "stride_om", "stride_on", "FORMAT", "GROUP_SIZE", "HAS_BIAS", "DOT_F32", "WIDE", "BLOCK_M", "BLOCK_N",
+            "BLOCK_K"]
 _W8A8_REF = "fxforge.codegen.kernels.quant_matmul:_w8a8_kernel"
 _W8A8_ARGS = ["a_ptr", "a_scale_ptr", "w_ptr", "w_scale_ptr", "bias_ptr", "xo_ptr", "cm_ptr", "out_ptr", "M", "N",
               "K", "M_BUCKET", "stride_am", "stride_ak", "stride_wn", "stride_wk", "stride_xom", "stride_xok",

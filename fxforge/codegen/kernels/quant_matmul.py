@@ -122,10 +122,16 @@ def _nf4_value(q):
     """NF4_CODE[q] for 4-bit codes q, as a select tree over the 16 constants (quant_formats'
     float32 values, written out): no table in memory, so nothing to copy to the device per
     call, and no gather."""
-    lo = tl.where(q < 4, tl.where(q < 2, tl.where(q < 1, -1.0, -0.6961928009986877), tl.where(q < 3, -0.5250730514526367, -0.39491748809814453)),
-                  tl.where(q < 6, tl.where(q < 5, -0.28444138169288635, -0.18477343022823334), tl.where(q < 7, -0.09105003625154495, 0.0)))
-    hi = tl.where(q < 12, tl.where(q < 10, tl.where(q < 9, 0.07958029955625534, 0.16093020141124725), tl.where(q < 11, 0.24611230194568634, 0.33791524171829224)),
-                  tl.where(q < 14, tl.where(q < 13, 0.44070982933044434, 0.5626170039176941), tl.where(q < 15, 0.7229568362236023, 1.0)))
+    a = tl.where(q < 2, tl.where(q < 1, -1.0, -0.6961928009986877),
+                 tl.where(q < 3, -0.5250730514526367, -0.39491748809814453))
+    b = tl.where(q < 6, tl.where(q < 5, -0.28444138169288635, -0.18477343022823334),
+                 tl.where(q < 7, -0.09105003625154495, 0.0))
+    c = tl.where(q < 10, tl.where(q < 9, 0.07958029955625534, 0.16093020141124725),
+                 tl.where(q < 11, 0.24611230194568634, 0.33791524171829224))
+    d = tl.where(q < 14, tl.where(q < 13, 0.44070982933044434, 0.5626170039176941),
+                 tl.where(q < 15, 0.7229568362236023, 1.0))
+    lo = tl.where(q < 4, a, b)
+    hi = tl.where(q < 12, c, d)
     return tl.where(q < 8, lo, hi)
 
 
