@@ -265,3 +265,111 @@ def test_launch_plans_are_made_once_per_input_signature():
     x = torch.randn(8, 3).t()  # the same shape with other strides: a plan of its own
     torch.testing.assert_close(run(x, x), torch.exp(x + x))
     assert len(kernels._plans) == 3
+
+
+ROTARY = """graph(%q: f32[B, H, T, 16], %cos: f32[B, 1, T, 16], %sin: f32[B, 1, T, 16]) {
+  %1: f32[B, H, T, 8] = slice(%q) {dim=3, start=0, end=8, step=1}
+  %2: f32[B, H, T, 8] = slice(%q) {dim=3, start=8, end=16, step=1}
+  %3: f32[B, H, T, 8] = neg(%2)
+  %4: f32[B, H, T, 16] = cat(%3, %1) {dim=3}
+  %5: f32[B, H, T, 16] = mul(%q, %cos)
+  %6: f32[B, H, T, 16] = mul(%4, %sin)
+  %7: f32[B, H, T, 16] = add(%5, %6)
+  return (%7)
+}"""
+
+
+def _rotary_inputs(dtype=torch.float32):
+    q = torch.randn(2, 3, 5, 16).to(dtype)
+    angles = torch.randn(2, 1, 5, 8)
+    cat = torch.cat([angles, angles], dim=-1)
+    return q, cat.cos().to(dtype), cat.sin().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_rotate_half_is_one_kernel_and_bit_exact(dtype):
+    """neg of a half, cat and the mul/add of rotary run as one kernel (the cat as index
+    arithmetic) and give exactly eager's values: the same ops in the same order."""
+    g = parse(ROTARY.replace("f32", {torch.float32: "f32", torch.bfloat16: "bf16"}[dtype]))
+    out = fuse_elementwise(g, PassContext())
+    typecheck(out)
+    (fused,) = [n for n in out.nodes if n.op == "fused_pointwise"]
+    assert [op for op, _, _ in fused.attrs["body"]] == ["neg", "cat", "mul", "mul", "add"]
+    assert out.count("cat") == out.count("neg") == 0
+    q, cos, sin = _rotary_inputs(dtype)
+    x1, x2 = q[..., :8], q[..., 8:]
+    want = q * cos + torch.cat((-x2, x1), dim=-1) * sin  # transformers' apply_rotary_pos_emb
+    got = build_program(out, op_table("interpret", kernels=PointwiseKernels()))(q, cos, sin)[0]
+    if dtype == torch.float32:
+        assert torch.equal(got, want)
+    else:  # eager rounds each bf16 op, the kernel once at the end (as for every fused group);
+        # Triton's interpreter truncates float32 to bf16 where a GPU rounds to nearest
+        exact = (q.float() * cos.float()) + torch.cat((-x2, x1), -1).float() * sin.float()
+        truncated = (exact.view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+        assert ((got == exact.to(dtype)) | (got == truncated)).all()
+
+
+def test_cat_of_computed_halves_and_broadcast_operands():
+    """cat's operands computed in the kernel from inputs narrower than the output (and one
+    broadcast along the last dim), as rotary's cos/sin table is made: cat(f, f) then cos."""
+    g = parse("""graph(%p: i64[B, T, 1], %f: f32[8]) {
+  %1: f32[B, T, 1] = cast(%p) {dtype=f32}
+  %2: f32[B, T, 8] = mul(%1, %f)
+  %3: f32[B, T, 16] = cat(%2, %2) {dim=2}
+  %4: f32[B, T, 16] = cos(%3)
+  %5: f32[B, T, 16] = sin(%3)
+  return (%4, %5)
+}""")
+    out = fuse_elementwise(g, PassContext())
+    (fused,) = [n for n in out.nodes if n.op == "fused_pointwise"]
+    assert len(fused.outputs) == 2 and out.count("cat") == 0
+    p, f = torch.arange(6).reshape(2, 3, 1), torch.rand(8)
+    got = build_program(out, op_table("interpret", kernels=PointwiseKernels()))(p, f)
+    want = build_program(g, op_table("torch"))(p, f)
+    for o, r in zip(got, want):
+        torch.testing.assert_close(o, r, atol=1e-6, rtol=1e-6)
+
+
+def test_a_cat_operand_used_elsewhere_stays_out_of_the_kernel():
+    """A narrower member used outside the group would have to leave the kernel at its own
+    shape; the cat goes apart instead and the rest still fuses."""
+    g = parse("""graph(%x: f32[B, 8], %y: f32[B, 16]) {
+  %1: f32[B, 8] = neg(%x)
+  %2: f32[B, 8] = exp(%1)
+  %3: f32[B, 16] = cat(%2, %x) {dim=1}
+  %4: f32[B, 16] = mul(%3, %y)
+  %5: f32[B, 16] = tanh(%4)
+  return (%5, %2)
+}""")
+    out = fuse_elementwise(g, PassContext())
+    typecheck(out)
+    bodies = sorted(tuple(op for op, _, _ in n.attrs["body"]) for n in out.nodes if n.op == "fused_pointwise")
+    assert ("neg", "exp") in bodies and not any("cat" in b and "neg" in b for b in bodies)
+    _compare_backends(g, torch.randn(3, 8), torch.randn(3, 16))
+
+
+@pytest.mark.parametrize("graph", ["rotary", "rmsnorm", "long_row"])
+def test_wide_offsets_specialization_gives_the_same_result(graph, monkeypatch):
+    """A launch over 2**31 elements or more gets a kernel with 64-bit offsets; forced on
+    small tensors here (flat, with cats, row and looped-row kernels), it computes exactly
+    what the 32-bit kernel does."""
+    import fxforge.codegen.pointwise as pointwise
+
+    n = 5000 if graph == "long_row" else 40
+    if graph == "rotary":
+        g, xs = parse(ROTARY), _rotary_inputs()
+    else:
+        g = parse(f"""graph(%x: f32[B, T, {n}], %w: f32[{n}]) {{
+  %1: f32[B, T, {n}] = rms_norm(%x, %w) {{shape=({n},), eps=1e-06, weight=true}}
+  %2: f32[B, T, {n}] = silu(%1)
+  return (%2)
+}}""")
+        xs = (torch.randn(2, 3, n), torch.randn(n))
+    fused = fuse_elementwise(g, PassContext())
+    narrow = build_program(fused, op_table("interpret", kernels=PointwiseKernels()))(*xs)
+    monkeypatch.setattr(pointwise, "INDEX_32_LIMIT", 1)
+    kernels = PointwiseKernels()
+    wide = build_program(fused, op_table("interpret", kernels=kernels))(*xs)
+    assert all("tl.program_id(0).to(tl.int64)" in src for src in kernels.sources.values())
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a, b)

@@ -14,6 +14,7 @@ import torch
 
 import fxforge
 import zoo
+from fxforge.codegen import pointwise
 from fxforge.codegen.gpu_compile import SHARED_LIMIT, CompileResult, clean_env, parse_ptxas_log
 from fxforge.codegen.gpu_specs import generated_specs
 
@@ -45,7 +46,12 @@ def _llama_generated_kernels() -> list[dict]:
     optimized = fxforge.optimize(model, (ids,), backend="interpret")
     with torch.no_grad():
         optimized(ids)
-    launches = list(optimized.backend.pointwise.launches.values())
+        # and the 64-bit-offset specializations of the same kernels (tensors past 2**31 elements)
+        wide = fxforge.optimize(model, (ids,), backend="interpret")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pointwise, "INDEX_32_LIMIT", 1)
+            wide(ids)
+    launches = list(optimized.backend.pointwise.launches.values()) + list(wide.backend.pointwise.launches.values())
     assert launches, "the llama zoo model launched no generated kernel"
     return [s.to_json() for s in generated_specs(launches, "llama")]
 

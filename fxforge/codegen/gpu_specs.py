@@ -139,13 +139,15 @@ def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), varian
 
 # --------------------------------------------------------------------------- quantized matmul
 _WO_REF = "fxforge.codegen.kernels.quant_matmul:_weight_only_kernel"
-_WO_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "zero_ptr", "table_ptr", "bias_ptr", "out_ptr", "M", "N", "K", "M_BUCKET",
+_WO_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "zero_ptr", "bias_ptr", "out_ptr", "M", "N", "K", "M_BUCKET",
             "stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_sn", "stride_sg", "stride_zn", "stride_zg",
-            "stride_om", "stride_on", "FORMAT", "GROUP_SIZE", "HAS_BIAS", "DOT_F32", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
+            "stride_om", "stride_on", "FORMAT", "GROUP_SIZE", "HAS_BIAS", "DOT_F32", "WIDE", "BLOCK_M", "BLOCK_N",
+            "BLOCK_K"]
 _W8A8_REF = "fxforge.codegen.kernels.quant_matmul:_w8a8_kernel"
-_W8A8_ARGS = ["a_ptr", "a_scale_ptr", "w_ptr", "w_scale_ptr", "bias_ptr", "res_ptr", "out_ptr", "M", "N", "K",
-              "M_BUCKET", "stride_am", "stride_ak", "stride_wn", "stride_wk", "stride_rm", "stride_rn", "stride_om",
-              "stride_on", "HAS_BIAS", "HAS_RES", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
+_W8A8_ARGS = ["a_ptr", "a_scale_ptr", "w_ptr", "w_scale_ptr", "bias_ptr", "xo_ptr", "cm_ptr", "out_ptr", "M", "N",
+              "K", "M_BUCKET", "stride_am", "stride_ak", "stride_wn", "stride_wk", "stride_xom", "stride_xok",
+              "stride_om", "stride_on", "threshold", "HAS_BIAS", "HAS_OUTLIERS", "SPLIT", "WIDE", "BLOCK_M",
+              "BLOCK_N", "BLOCK_K"]
 
 
 def _quant_configs(dtype, all_configs):
@@ -171,8 +173,8 @@ def quant_specs(dtypes=DTYPES, formats=QUANT_FORMATS, all_configs=False, w8a8=Tr
                 specs.append(_spec(
                     f"quant_{fname}", _WO_REF, _WO_ARGS,
                     {"x_ptr": dname, "w_ptr": w_type, "scale_ptr": "fp32", "zero_ptr": "fp32" if fmt else "fp32",
-                     "table_ptr": "fp32", "bias_ptr": dname, "out_ptr": dname},
-                    dict(FORMAT=fmt, GROUP_SIZE=group, HAS_BIAS=True, DOT_F32=dtype == torch.float32,
+                     "bias_ptr": dname, "out_ptr": dname},
+                    dict(FORMAT=fmt, GROUP_SIZE=group, HAS_BIAS=True, DOT_F32=dtype == torch.float32, WIDE=False,
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
                     unit=("stride_xk", "stride_wk", "stride_on"), num_warps=w, num_stages=s, tuned=True,
                     dtype=dname, format=fname, launched=(bm, bn, bk, w, s) in launched))
@@ -181,10 +183,21 @@ def quant_specs(dtypes=DTYPES, formats=QUANT_FORMATS, all_configs=False, w8a8=Tr
             specs.append(_spec(
                 "quant_w8a8", _W8A8_REF, _W8A8_ARGS,
                 {"a_ptr": "i8", "a_scale_ptr": "fp32", "w_ptr": "i8", "w_scale_ptr": "fp32", "bias_ptr": "fp16",
-                 "res_ptr": "fp32", "out_ptr": "fp16"},
-                dict(HAS_BIAS=True, HAS_RES=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
-                unit=("stride_ak", "stride_wk", "stride_rn", "stride_on"), num_warps=w, num_stages=s, tuned=True,
+                 "xo_ptr": "fp32", "cm_ptr": "i8", "out_ptr": "fp16"},
+                dict(HAS_BIAS=True, HAS_OUTLIERS=True, SPLIT=False, WIDE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+                floats=("threshold",),
+                unit=("stride_ak", "stride_wk", "stride_xok", "stride_on"), num_warps=w, num_stages=s, tuned=True,
                 dtype="int8", format="w8a8", launched=True))
+        for dname in dtypes:  # the decode step's launch: x (float) split inside the kernel
+            for bm, bn, bk, w, s in quant_matmul.launch_configs(True, DTYPES[dname]):
+                specs.append(_spec(
+                    "quant_w8a8_split", _W8A8_REF, _W8A8_ARGS,
+                    {"a_ptr": dname, "a_scale_ptr": "fp32", "w_ptr": "i8", "w_scale_ptr": "fp32", "bias_ptr": dname,
+                     "xo_ptr": "fp32", "cm_ptr": "i8", "out_ptr": dname},
+                    dict(HAS_BIAS=True, HAS_OUTLIERS=True, SPLIT=True, WIDE=False, BLOCK_M=bm, BLOCK_N=bn,
+                         BLOCK_K=bk), floats=("threshold",),
+                    unit=("stride_ak", "stride_wk", "stride_xok", "stride_on"), num_warps=w, num_stages=s,
+                    tuned=True, dtype=dname, format="w8a8", launched=True))
     return specs
 
 
@@ -263,5 +276,15 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     worst = {"fp32": DTYPES["fp32"], "bf16": DTYPES["bf16"]}
     attn = _largest(attention_specs(worst, (64, 256)), ("BLOCK_M", "BLOCK_N"), ("dtype", "head_dim", "variant"))
     quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",))
-    return (attn + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + quant
+    w8a8 = _largest([s for s in quant_specs(worst, ()) if s.kernel.startswith("quant_w8a8")], ("BLOCK_N", "BLOCK_K"),
+                    ("dtype",), 1)
+    return (attn + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + quant + w8a8 + [_wide(quant[0])]
             + row_specs(lengths=(4096, 65536), kinds=("layer_norm",)))
+
+
+def _wide(spec: KernelSpec) -> KernelSpec:
+    """The 64-bit-offset specialization of a quantized matmul spec (operands past 2**31 elements)."""
+    import dataclasses
+
+    return dataclasses.replace(spec, constexprs={**spec.constexprs, "WIDE": True},
+                               labels={**spec.labels, "wide": True})

@@ -28,7 +28,23 @@ from ..ir.ops import OPS
 MIN_GROUP = 2  # a lone op gains nothing from a kernel of its own
 
 
+def gathers_last_dim(node: Node) -> bool:
+    """A cat along the last dim of same-dtype float operands of static widths. It moves no
+    arithmetic, only indices: in a fused kernel each output element is its operand's value
+    at a shifted last index (codegen/pointwise.py), computed there, so rotary's
+    rotate-half (neg of a half, cat, mul, add) is one kernel with the rest of its group."""
+    if node.op != "cat" or len(node.outputs) != 1:
+        return False
+    out = node.outputs[0]
+    if not out.dtype.is_floating_point or out.rank == 0 or node.attrs["dim"] % out.rank != out.rank - 1:
+        return False
+    return all(v.dtype == out.dtype and v.rank == out.rank and v.shape[:-1] == out.shape[:-1]
+               and v.shape[-1].is_number for v in node.inputs)
+
+
 def _fusible(node: Node, producers: dict | None = None, nodes=None) -> bool:
+    if gathers_last_dim(node):
+        return True
     if OPS[node.op].kind != "pointwise" or len(node.outputs) != 1:
         return False
     if node.op == "pow":  # the codegen needs a small constant exponent
@@ -67,6 +83,10 @@ def row_length(node: Node):
 def _edge_ok(j: Node, i: Node, rows: dict) -> bool:
     """May producer j and consumer i share a kernel?"""
     sj, si = j.outputs[0].type.shape, i.outputs[0].type.shape
+    if "cat" in (i.op, j.op):  # a fusible cat: never in a row kernel; its operands are narrower
+        if rows.get(id(i)) is not None or rows.get(id(j)) is not None:
+            return False
+        return sj[:-1] == si[:-1] if i.op == "cat" else sj == si
     if sj == si:
         return True
     if sj and si and si[:-1] == sj[:-1] and sj[-1] == 1 and si[-1] != 1:
@@ -76,9 +96,17 @@ def _edge_ok(j: Node, i: Node, rows: dict) -> bool:
     return False
 
 
-def _one_kernel(group: list[int], nodes, rows: dict) -> bool:
+def _one_kernel(group: list[int], nodes, rows: dict, escapes=None) -> bool:
     """A group is one kernel if all its results share a shape (the flat kernel), or it
-    reduces rows of one length N and every result is [..., N] or [..., 1] (the row kernel)."""
+    reduces rows of one length N and every result is [..., N] or [..., 1] (the row kernel).
+    With a cat, the flat kernel's shape is that of its last member (a sink, so an output);
+    narrower members are computed only under a cat, at shifted indices, so none may be
+    used outside the group (`escapes(i, group)`), nor may the group reduce rows."""
+    if any(nodes[i].op == "cat" for i in group):
+        if any(rows[id(nodes[i])] is not None for i in group):
+            return False
+        shape = nodes[group[-1]].outputs[0].type.shape
+        return all(nodes[i].outputs[0].type.shape == shape or not escapes(i, group) for i in group)
     shapes = {nodes[i].outputs[0].type.shape for i in group}
     if len(shapes) == 1:
         return True
@@ -106,7 +134,7 @@ def find_groups(graph: Graph) -> list[list[int]]:
              and _edge_ok(nodes[j], n, rows)]
     edges = _without_certain_cycles(nodes, producers, fusible, edges)
     dag = _DataflowDag(nodes, producers)
-    parts = _Partition(nodes, fusible, edges, dag.rank)
+    parts = _Partition(nodes, fusible, edges, dag.rank, _Escapes(graph, producers))
     for group in parts.groups():
         parts.cut_if_not_one_kernel(group, rows)
     while True:
@@ -162,6 +190,22 @@ def _without_certain_cycles(nodes, producers, fusible, edges) -> list[tuple[int,
     return [(j, i) for j, i in edges if not below[j] & above[i]]
 
 
+class _Escapes:
+    """escapes(i, group): is node i's result used outside `group` (or returned)?"""
+
+    def __init__(self, graph: Graph, producers: dict):
+        self.users: dict[int, set] = {}
+        for k, n in enumerate(graph.nodes):
+            for v in n.inputs:
+                j = producers.get(v)
+                if j is not None:
+                    self.users.setdefault(j, set()).add(k)
+        self.returned = {producers[v] for v in graph.outputs if v in producers}
+
+    def __call__(self, i: int, group) -> bool:
+        return i in self.returned or not self.users.get(i, set()) <= set(group)
+
+
 class _DataflowDag:
     """The node-level dataflow DAG as networkx would hold it: nodes ranked in the order
     an edge first names them, successors in insertion order. (The quotient's successor
@@ -185,8 +229,8 @@ class _Partition:
     """The fusible nodes split into connected parts by the uncut fusible edges. A part of
     MIN_GROUP nodes or more is a group (labelled ("g", part id) in the quotient)."""
 
-    def __init__(self, nodes, fusible, edges, rank):
-        self.nodes, self.edges, self.rank = nodes, edges, rank
+    def __init__(self, nodes, fusible, edges, rank, escapes=None):
+        self.nodes, self.edges, self.rank, self.escapes = nodes, edges, rank, escapes
         self.cut_edges: set[int] = set()
         self.incident: dict[int, list[int]] = {}
         for e, (j, i) in enumerate(edges):
@@ -237,9 +281,16 @@ class _Partition:
         """A group whose members cannot share one kernel is cut where shapes change; its
         pieces each have one shape, so they are one kernel each."""
         m = self.members.get(part)
-        if m is None or len(m) < MIN_GROUP or _one_kernel(m, self.nodes, rows):
+        if m is None or len(m) < MIN_GROUP or _one_kernel(m, self.nodes, rows, self.escapes):
             return
         shape = {i: self.nodes[i].outputs[0].type.shape for i in m}
+        if any(self.nodes[i].op == "cat" for i in m):
+            # the cats go apart (each piece is then an ordinary group, or a lone cat)
+            cats = {i for i in m if self.nodes[i].op == "cat"}
+            cuts = [e for e in self.edges_within(set(m)) if cats & set(self.edges[e])]
+            for piece in self.cut(part, cuts):
+                self.cut_if_not_one_kernel(piece, rows)
+            return
         self.cut(part, [e for e in self.edges_within(set(m)) if shape[self.edges[e][0]] != shape[self.edges[e][1]]])
 
     def _split_into_parts(self, candidates: list[int]) -> list[int]:

@@ -8,6 +8,8 @@ is sliced (horizontal fusion, as gpt-fast's wqkv and Inductor's concat_linear).
 Why: at decode time (one token) every linear is a matrix-vector product bound by reading
 its weight, and each call also pays a fixed cost (a kernel launch on a GPU, a thread
 fork-join on a CPU). Llama's q/k/v and gate/up projections become 2 calls instead of 5.
+Quantized linears (`quant_linear`, after the quantize pass) merge the same way when packed
+alike: their packed tensors are per output row, so their rows stack.
 
 Exact: each output column is the same dot product of the same input row with the same
 weight row; only which call computes it changes. Fires only when every weight (and every
@@ -27,7 +29,7 @@ from ..ir.graph import Graph, Node, Value
 
 
 def fuse_linear(graph: Graph, ctx=None) -> Graph:
-    groups = _sibling_linears(graph)
+    groups = _sibling_linears(graph) + _sibling_quant_linears(graph)
     if not groups:
         return graph
     out = graph.with_nodes(graph.nodes)
@@ -74,6 +76,34 @@ def _sibling_linears(graph: Graph) -> list[list[Node]]:
     return [members for members in by_key.values() if len(members) > 1]
 
 
+def _sibling_quant_linears(graph: Graph) -> list[list[Node]]:
+    """Groups of 2+ quantized linears (the quantize pass ran first) reading the same input,
+    packed alike (scheme, group size, threshold ...: all but the shape) with the same K.
+    Every packed tensor of these schemes is per output row (int8/w8a8 channel scales, int4
+    and nf4 group scales, zeros and absmax along K), so stacking the rows of each is the
+    packing of the stacked weight: the same numbers. Not nf4's double quantization, whose
+    absmax is quantized in blocks that run across rows. Not int4 for now: on CPU,
+    runtime/cpu_int4.py decides per weight whether PyTorch's packed kernel takes it (e.g.
+    out_features a multiple of 16), and merged weights would change those choices; to be
+    settled with that module."""
+    by_key: dict[tuple, list[Node]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op != "quant_linear":
+            continue
+        qattrs = dict(node.attrs["qattrs"])
+        if qattrs.get("scheme") == "int4" or qattrs.get("double_quant") or not all(v.param is not None and v.param in graph.params
+                                                 for v in node.inputs[1:]):
+            continue
+        rest = tuple((k, v) for k, v in node.attrs["qattrs"] if k != "shape")
+        tensors = [graph.params[v.param] for v in node.inputs[1:]]
+        if any(t.dim() == 0 or t.shape[0] != qattrs["shape"][0] for t in tensors):
+            continue  # not one row per output channel: cannot stack
+        key = (id(node.inputs[0]), node.attrs["parts"], rest, node.attrs["bias"], qattrs["shape"][1],
+               tuple((t.dtype, t.device, tuple(t.shape[1:])) for t in tensors))
+        by_key[key].append(node)
+    return [members for members in by_key.values() if len(members) > 1]
+
+
 def _fusable(graph: Graph, node: Node) -> bool:
     params = node.inputs[1:]
     if not all(v.param is not None and v.param in graph.params for v in params):
@@ -100,7 +130,13 @@ def _fuse(graph: Graph, members: list[Node]) -> tuple[list[Node], list[Value], i
         inputs.append(graph.add_param(_joined_name(names), joined))
         nbytes += joined.numel() * joined.element_size()
     b = Builder({**first.meta, "pass": "fuse_linear"})
-    wide = b.emit("linear", *inputs)
+    if first.op == "quant_linear":
+        qattrs = dict(first.attrs["qattrs"])
+        qattrs["shape"] = (sum(w.shape[0] for w in weights), qattrs["shape"][1])
+        wide = b.emit("quant_linear", *inputs, parts=first.attrs["parts"], qattrs=tuple(qattrs.items()),
+                      bias=first.attrs["bias"])
+    else:
+        wide = b.emit("linear", *inputs)
     outputs, start = [], 0
     for node, w in zip(members, weights):
         end = start + w.shape[0]

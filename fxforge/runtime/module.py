@@ -239,7 +239,18 @@ class OptimizedModel:
                 f"{len(self.graph.nodes)} nodes, {len(self.graph.params)} parameters")
         ops = ", ".join(f"{k}={v}" for k, v in sorted(self.graph.op_counts().items(), key=lambda kv: -kv[1]))
         steps = self.stats + self.runtime_stats
-        return f"{head}\n{format_report(steps, self.capture_seconds)}\nfinal ops: {ops}"
+        text = f"{head}\n{format_report(steps, self.capture_seconds)}\nfinal ops: {ops}"
+        profile = getattr(self, "last_decode_profile", None)
+        return text if profile is None else f"{text}\n{profile}"
+
+    def decode_profile(self, steps: int = 2, prompt_len: int = 4, batch: int = 1):
+        """Launches, host syncs and host microseconds of one decode step (runtime/launch_count.py),
+        measured now on a cache of its own; report() prints the last one."""
+        from .launch_count import decode_profile
+
+        self._require_cache("decode_profile()")
+        self.last_decode_profile = decode_profile(self, steps, prompt_len, batch)
+        return self.last_decode_profile
 
     def dump(self, directory: str) -> list[str]:
         """Write the IR after every pass (NN_<pass>.ir), the program, kernels and the report."""

@@ -210,3 +210,65 @@ def test_every_autotune_block_shape_is_correct(blocks, monkeypatch):
     for packed in (qf.quantize_weight(w, "int8"), qf.quantize_weight(w, "int4", group_size=64),
                    qf.quantize_weight(w, "nf4", group_size=32), qf.quantize_weight(w, "w8a8")):
         _assert_matches(qm.quant_linear_triton(x16, packed), qf.quant_linear_reference(x16, packed), torch.float16)
+
+
+@pytest.mark.parametrize("m,k,threshold", [(1, 64, 6.0), (3, 300, 6.0), (2, 64, None), (20, 128, 6.0)])
+def test_w8a8_split_on_device_equals_the_reference_split(m, k, threshold):
+    """The sync-free split (for more than 16 rows) quantizes x bitwise as the reference
+    does, and marks as outliers exactly the reference's outlier columns."""
+    x = _rand(m, k, seed=k)
+    x[0, 3], x[-1, k - 1] = 40.0, -9.0
+    x[m // 2, 5] = 2.5 * (x[m // 2].abs().max() / 127)  # ... a value on a rounding tie is fine too
+    ref_q, ref_s, idx = qf.w8a8_split_activations(x, threshold)
+    x_q, x_s, x_out, cols = qm.w8a8_split_on_device(x, threshold)
+    assert torch.equal(x_q, ref_q) and torch.equal(x_s, ref_s)
+    if threshold is None:
+        assert x_out is None and cols is None
+        return
+    assert torch.equal(cols.nonzero().squeeze(1), idx)
+    want = torch.zeros_like(x)
+    want[:, idx] = x[:, idx]
+    assert torch.equal(x_out, want)
+
+
+@pytest.mark.parametrize("scheme,opts", [("w8a8", {}), ("nf4", {}), ("int4", {"group_size": 32})])
+def test_quantized_linears_never_wait_for_the_device(scheme, opts):
+    """No .item(), nonzero or device->host copy per call (launch_count counts what would
+    sync on a GPU): the outlier columns and the NF4 codes stay on the device."""
+    from fxforge.runtime.launch_count import LaunchCounter
+
+    packed = qf.quantize_weight(_rand(40, 64), scheme, **opts)
+    x = _rand(1, 64)
+    x[0, 3] = 40.0
+    with LaunchCounter() as c:
+        y = qm.quant_linear_triton(x, packed)
+    assert c.syncs == 0, c.sync_names
+    assert c.triton == 1  # w8a8 too: a decode-sized x is split and quantized inside the GEMM
+    _assert_matches(y, qf.quant_linear_reference(x, packed), torch.float32)
+
+
+@pytest.mark.skipif(not qm.INTERPRET, reason="forces the 64-bit specialization by lowering its threshold")
+@pytest.mark.parametrize("scheme,opts", [("int8", {}), ("nf4", {"group_size": 32}), ("w8a8", {})])
+def test_wide_offsets_specialization_gives_the_same_result(scheme, opts, monkeypatch):
+    """Past 2**31 elements the kernels index in 64 bits (WIDE); forced on small tensors here,
+    it must compute exactly what the 32-bit kernel does."""
+    packed = qf.quantize_weight(_rand(72, 128, seed=2), scheme, **opts)
+    x = _rand(33, 128, seed=3)
+    narrow = qm.quant_linear_triton(x, packed)
+    monkeypatch.setattr(qm, "INDEX_32_LIMIT", 1)
+    assert torch.equal(qm.quant_linear_triton(x, packed), narrow)
+
+
+@pytest.mark.parametrize("m,k", [(1, 64), (5, 300), (16, 128), (17, 128)])
+def test_w8a8_in_kernel_split_quantizes_x_bitwise_as_the_reference(m, k):
+    """Without outliers the W8A8 output is int32 products times the two scales, in the
+    reference's order: equal bits mean the kernel's x_q and x_scale (split inside the GEMM
+    up to 16 rows, by torch ops above) are the reference's, rounding ties included."""
+    packed = qf.quantize_weight(_rand(40, k, seed=1), "w8a8")
+    x = _rand(m, k, seed=k)
+    x[0, 5] = 2.5 * (x[0].abs().max() / 127)  # a rounding tie
+    ref_q, ref_s, idx = qf.w8a8_split_activations(x, 6.0)
+    assert idx is None
+    want = (ref_q.double() @ packed.qweight.T.double()).float() * ref_s[:, None] * packed.scale[None, :]
+    for threshold in (6.0, None):
+        assert torch.equal(qm.w8a8_linear_triton(x, packed.qweight, packed.scale, threshold=threshold), want)

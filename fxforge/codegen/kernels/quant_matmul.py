@@ -9,16 +9,18 @@ Kernels
     ``_weight_only_kernel``  one kernel for the weight-only schemes, specialised by the
         ``FORMAT`` constexpr: int8 (per-channel scale applied in the epilogue), int4 (nibble
         unpack with shifts/masks, ``(q - zero) * scale`` per group) and nf4 (nibble unpack,
-        ``code[q]`` gathered from a 16-entry float32 table, ``* absmax`` per group).  The
+        ``NF4_CODE[q]`` from a select tree over its 16 constants, ``* absmax`` per group).  The
         x tile is loaded in its own dtype, the dequantized weight tile is cast to it and
         ``tl.dot`` accumulates in float32.  float32 inputs use ``input_precision="ieee"``
         (exact fp32, not tf32).
     ``_w8a8_kernel``  int8 x int8 -> int32 ``tl.dot`` with the per-token (row) and
         per-channel (column) scales, bias and the float32 outlier contribution fused into the
         epilogue.  The per-token activation quantization and the LLM.int8() outlier split run
-        in torch (``w8a8_split_activations``), as does the small outlier matmul
-        (``w8a8_outlier_matmul``: x[:, outliers] @ W_deq[:, outliers].T): its result is passed
-        to the kernel as a residual.
+        on the device without a host round trip: inside the kernel for M <= 16 (``SPLIT``:
+        a decode step is one launch per linear), in sync-free torch ops above. The outliers
+        are a column mask, not an index list, and the GEMM adds their float32 product (x's
+        outlier columns @ the int8 weight's, times the channel scale) in the same K loop,
+        skipping tiles without outliers.
 
 Autotuning: two config sets, keyed on ``(M_BUCKET, N, K)`` where ``M_BUCKET`` is M rounded up
 to a power of two (capped at 4096) so that a new sequence length does not trigger a new
@@ -43,11 +45,9 @@ from fxforge.ir.quant_formats import (
     Int8Packed,
     NF4Packed,
     W8A8Packed,
-    nf4_code_table,
     quant_linear_reference,
+    quantize_activations_per_token,
     w8a8_linear_reference,
-    w8a8_outlier_matmul,
-    w8a8_split_activations,
 )
 
 __all__ = [
@@ -118,20 +118,44 @@ def _configs(spec):
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
+def _nf4_value(q):
+    """NF4_CODE[q] for 4-bit codes q, as a select tree over the 16 constants (quant_formats'
+    float32 values, written out): no table in memory, so nothing to copy to the device per
+    call, and no gather."""
+    a = tl.where(q < 2, tl.where(q < 1, -1.0, -0.6961928009986877),
+                 tl.where(q < 3, -0.5250730514526367, -0.39491748809814453))
+    b = tl.where(q < 6, tl.where(q < 5, -0.28444138169288635, -0.18477343022823334),
+                 tl.where(q < 7, -0.09105003625154495, 0.0))
+    c = tl.where(q < 10, tl.where(q < 9, 0.07958029955625534, 0.16093020141124725),
+                 tl.where(q < 11, 0.24611230194568634, 0.33791524171829224))
+    d = tl.where(q < 14, tl.where(q < 13, 0.44070982933044434, 0.5626170039176941),
+                 tl.where(q < 15, 0.7229568362236023, 1.0))
+    lo = tl.where(q < 4, a, b)
+    hi = tl.where(q < 12, c, d)
+    return tl.where(q < 8, lo, hi)
+
+
+@triton.jit
 def _weight_only_kernel(
     # pointers
-    x_ptr, w_ptr, scale_ptr, zero_ptr, table_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
     # sizes
     M, N, K, M_BUCKET,
     # strides (w strides are in elements of the stored tensor: bytes along K // 2 for 4-bit)
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sg, stride_zn, stride_zg,
     stride_om, stride_on,
     # constexprs
-    FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+    FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # a 1-D grid (axis 1 of a CUDA grid stops at 65535 programs); N tiles vary fastest
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_n
+    pid_m = pid // num_n
+    if WIDE:  # an operand spans 2**31 elements or more: offsets in 64 bits
+        pid_n = pid_n.to(tl.int64)
+        pid_m = pid_m.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -170,7 +194,7 @@ def _weight_only_kernel(
             if FORMAT == 1:
                 w = (q.to(tl.float32) - z) * s
             else:
-                w = tl.load(table_ptr + q) * s
+                w = _nf4_value(q) * s
         if DOT_F32:
             acc = tl.dot(a.to(tl.float32), w, acc, input_precision="ieee")
         else:
@@ -186,42 +210,100 @@ def _weight_only_kernel(
 
 @triton.jit
 def _w8a8_kernel(
-    # pointers
-    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    # pointers (a: int8 x_q, or with SPLIT the float x itself)
+    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, xo_ptr, cm_ptr, out_ptr,
     # sizes
     M, N, K, M_BUCKET,
     # strides
-    stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_xom, stride_xok, stride_om, stride_on,
+    threshold,
     # constexprs
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # a 1-D grid (axis 1 of a CUDA grid stops at 65535 programs); N tiles vary fastest
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_n
+    pid_m = pid // num_n
+    if WIDE:  # an operand spans 2**31 elements or more: offsets in 64 bits
+        pid_n = pid_n.to(tl.int64)
+        pid_m = pid_m.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    if SPLIT:
+        # x is small (M <= BLOCK_M: one tile holds every row), so each program splits it
+        # itself (_split_tile) instead of a launch of its own: first the per-token scales
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                        mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+            inlier, _, _ = _split_tile(x, mask_m, threshold, HAS_OUTLIERS)
+            amax = tl.maximum(amax, tl.max(tl.abs(inlier), axis=1))
+        a_s = tl.maximum(tl.math.div_rn(amax, 127.0), 1.1754943508222875e-38)
+    else:
+        a_s = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0)
+        a_mask = mask_m[:, None] & mask_k[None, :]
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0)
-        acc = tl.dot(a, w, acc)
-    a_s = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
+        if SPLIT:
+            x = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                        mask=a_mask, other=0.0).to(tl.float32)
+            inlier, outlier, any_out = _split_tile(x, mask_m, threshold, HAS_OUTLIERS)
+            a = _round_to_int8(tl.math.div_rn(inlier, a_s[:, None]))
+            acc = tl.dot(a, w, acc)
+            if HAS_OUTLIERS:
+                if any_out:
+                    acc_out = tl.dot(tl.where(outlier, x, 0.0), w.to(tl.float32), acc_out, input_precision="ieee")
+        else:
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0)
+            acc = tl.dot(a, w, acc)
+            if HAS_OUTLIERS:
+                # the outlier columns of x (zero elsewhere) against the int8 weight, in
+                # float32; a K tile without outliers (the usual case) skips it
+                if tl.max(tl.load(cm_ptr + offs_k, mask=mask_k, other=0), axis=0) > 0:
+                    xo = tl.load(xo_ptr + offs_m[:, None] * stride_xom + offs_k[None, :] * stride_xok,
+                                 mask=a_mask, other=0.0)
+                    acc_out = tl.dot(xo, w.to(tl.float32), acc_out, input_precision="ieee")
     w_s = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
     y = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_RES:
-        y = y + tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
-                        mask=out_mask, other=0.0)
+    if HAS_OUTLIERS:
+        y = y + acc_out * w_s[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _split_tile(x, mask_m, threshold, HAS_OUTLIERS: tl.constexpr):
+    """LLM.int8()'s split of a [BLOCK_M, BLOCK_K] float32 tile holding every row of x:
+    (inliers, the outlier column mask [1, BLOCK_K], whether the tile has one). A column is
+    an outlier if |x| > threshold in any row (quant_formats.w8a8_split_activations)."""
+    if HAS_OUTLIERS:
+        hit = tl.where(mask_m[:, None] & (tl.abs(x) > threshold), 1, 0)
+        cols = tl.max(hit, axis=0)[None, :] > 0
+        return tl.where(cols, 0.0, x), cols, tl.max(hit) > 0
+    else:
+        return x, x != x, False
+
+
+@triton.jit
+def _round_to_int8(v):
+    """torch.round(v).clamp(-127, 127) as int8: round half to even (floor(v + 0.5) is exact
+    for |v| <= 127.5, then a tie goes to the even neighbour)."""
+    q = tl.floor(v + 0.5)
+    q = tl.where((q - v == 0.5) & (q % 2 != 0), q - 1.0, q)
+    return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
 
 
 _KEY = ["M_BUCKET", "N", "K"]
@@ -239,15 +321,21 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 4096)
 
 
-def _launch(jit_kernel, small, large, m, n, args, constexprs):
+# A launch whose x, weight or output spans this many elements or more gets the WIDE
+# specialization (64-bit offsets); below it, offsets stay in 32 bits.
+INDEX_32_LIMIT = 2 ** 31
+
+
+def _launch(jit_kernel, small, large, m, n, k, args, constexprs):
     """Launch with a fixed config under the interpreter, else the autotuner for M's size class."""
+    constexprs = dict(constexprs, WIDE=max(m * k, m * n, n * k) >= INDEX_32_LIMIT)
     if INTERPRET:
         blocks = _INTERPRET_BLOCKS
-        grid = (triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(m, blocks["BLOCK_M"]))
+        grid = (triton.cdiv(n, blocks["BLOCK_N"]) * triton.cdiv(m, blocks["BLOCK_M"]),)
         jit_kernel[grid](*args, **constexprs, **blocks)
         return
     tuner = small if m <= _SMALL_M else large
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
     tuner[grid](*args, **constexprs)
 
 
@@ -271,7 +359,7 @@ def _dot_f32(x: Tensor) -> bool:
     return x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
 
 
-def _weight_only_launch(x, w, scale, zero, table, bias, n, k, fmt, group_size):
+def _weight_only_launch(x, w, scale, zero, bias, n, k, fmt, group_size):
     x2 = _flatten_x(x, k)
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -285,12 +373,12 @@ def _weight_only_launch(x, w, scale, zero, table, bias, n, k, fmt, group_size):
             zero, stride_zn, stride_zg = scale, 0, 0  # unused placeholder pointer
         else:
             stride_zn, stride_zg = zero.stride(0), zero.stride(1)
-        args = (x2, w, scale, zero, table if table is not None else scale, bias if bias is not None else scale, out,
+        args = (x2, w, scale, zero, bias if bias is not None else scale, out,
                 m, n, k, _m_bucket(m),
                 x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), stride_sn, stride_sg, stride_zn, stride_zg,
                 out.stride(0), out.stride(1))
         constexprs = dict(FORMAT=fmt, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, DOT_F32=_dot_f32(x))
-        _launch(_weight_only_kernel, _weight_only_small, _weight_only_large, m, n, args, constexprs)
+        _launch(_weight_only_kernel, _weight_only_small, _weight_only_large, m, n, k, args, constexprs)
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -311,7 +399,7 @@ def int8_linear_triton(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor |
     if qweight.dtype != torch.int8:
         raise ValueError(f"int8_linear_triton: qweight must be int8, got {qweight.dtype}")
     n, k = qweight.shape
-    return _weight_only_launch(x, qweight, scale.contiguous(), None, None, bias, n, k, _FMT_INT8, 1)
+    return _weight_only_launch(x, qweight, scale.contiguous(), None, bias, n, k, _FMT_INT8, 1)
 
 
 def int4_linear_triton(x: Tensor, qpacked: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
@@ -320,27 +408,29 @@ def int4_linear_triton(x: Tensor, qpacked: Tensor, scales: Tensor, zeros: Tensor
     zeros (uint8 or float, integer-valued) [N, K // g]; W = (q - zero) * scale per group."""
     n, k = qpacked.shape[0], qpacked.shape[1] * 2
     _check_group(n, k, group_size, scales, zeros)
-    return _weight_only_launch(x, qpacked, scales, zeros, None, bias, n, k, _FMT_INT4, group_size)
+    return _weight_only_launch(x, qpacked, scales, zeros, bias, n, k, _FMT_INT4, group_size)
 
 
-def nf4_linear_triton(x: Tensor, qpacked: Tensor, absmax: Tensor, group_size: int, bias: Tensor | None = None,
-                      code_table: Tensor | None = None) -> Tensor:
+def nf4_linear_triton(x: Tensor, qpacked: Tensor, absmax: Tensor, group_size: int,
+                      bias: Tensor | None = None) -> Tensor:
     """Weight-only NF4: qpacked uint8 [N, K // 2] of code indices, absmax float [N, K // g]
     (already dequantized when the weight is double-quantized: ``NF4Packed.group_absmax()``);
-    W = NF4_CODE[q] * absmax.  ``code_table`` (float32 [16] on x's device) may be passed to
-    avoid building it per call."""
+    W = NF4_CODE[q] * absmax; the code values are constants in the kernel (``_nf4_value``)."""
     n, k = qpacked.shape[0], qpacked.shape[1] * 2
     _check_group(n, k, group_size, absmax)
-    if code_table is None:
-        code_table = nf4_code_table(x.device)
-    return _weight_only_launch(x, qpacked, absmax, None, code_table, bias, n, k, _FMT_NF4, group_size)
+    return _weight_only_launch(x, qpacked, absmax, None, bias, n, k, _FMT_NF4, group_size)
 
 
 def w8a8_linear_triton(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None = None,
                        threshold: float | None = 6.0) -> Tensor:
-    """W8A8 with LLM.int8() outliers: per-token int8 activations (torch) x int8 weights in a
-    Triton int32 GEMM; outlier columns (|x| > threshold anywhere in this input) are computed in
-    float32 by torch against int8-dequantized weight columns and added in the kernel epilogue."""
+    """W8A8 with LLM.int8() outliers: per-token int8 activations x int8 weights in a Triton
+    int32 GEMM; outlier columns (|x| > threshold anywhere in this input) are computed in
+    float32 against the int8 weight columns (scaled per channel) in the same kernel.
+
+    Nothing waits for the device: the outliers are a column mask, never an index list whose
+    length the host would read. Up to 16 rows (a decode step) the kernel splits and
+    quantizes x itself, in one launch (SPLIT); more rows are split by `w8a8_split_on_device`
+    first. Either way x_q and the scales are bitwise the reference's."""
     if qweight.dtype != torch.int8:
         raise ValueError(f"w8a8_linear_triton: qweight must be int8, got {qweight.dtype}")
     n, k = qweight.shape
@@ -350,17 +440,36 @@ def w8a8_linear_triton(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor 
     if m > 0 and n > 0:
         bias = _check_bias(bias, n)
         wscale = wscale.float().contiguous()
-        x_q, x_scale, idx = w8a8_split_activations(x2, threshold)
-        res = None if idx is None else w8a8_outlier_matmul(x2, qweight, wscale, idx).contiguous()
-        args = (x_q, x_scale, qweight, wscale, bias if bias is not None else wscale,
-                res if res is not None else x_scale, out,
+        split = m <= _SMALL_M
+        if split:
+            a, a_scale, x_out, cols = x2, wscale, None, None
+            has_out = threshold is not None
+        else:
+            a, a_scale, x_out, cols = w8a8_split_on_device(x2, threshold)
+            has_out = x_out is not None
+        stride_xo = (x_out.stride(0), x_out.stride(1)) if x_out is not None else (0, 0)
+        args = (a, a_scale, qweight, wscale, bias if bias is not None else wscale,
+                x_out if x_out is not None else wscale, cols if cols is not None else qweight, out,
                 m, n, k, _m_bucket(m),
-                x_q.stride(0), x_q.stride(1), qweight.stride(0), qweight.stride(1),
-                res.stride(0) if res is not None else 0, res.stride(1) if res is not None else 0,
-                out.stride(0), out.stride(1))
-        constexprs = dict(HAS_BIAS=bias is not None, HAS_RES=res is not None)
-        _launch(_w8a8_kernel, _w8a8_small, _w8a8_large, m, n, args, constexprs)
+                a.stride(0), a.stride(1), qweight.stride(0), qweight.stride(1), *stride_xo,
+                out.stride(0), out.stride(1), float(threshold) if threshold is not None else 0.0)
+        constexprs = dict(HAS_BIAS=bias is not None, HAS_OUTLIERS=has_out, SPLIT=split)
+        _launch(_w8a8_kernel, _w8a8_small, _w8a8_large, m, n, k, args, constexprs)
     return out.reshape(*x.shape[:-1], n)
+
+
+def w8a8_split_on_device(x2: Tensor, threshold: float | None):
+    """(x_q int8 [M, K], x_scale float32 [M], x_out float32 [M, K] or None, cols int8 [K]
+    or None): `w8a8_split_activations` with the outliers as a mask (x_out holds x in the
+    outlier columns, 0 elsewhere; cols marks them) instead of an index list, in torch ops
+    with no data-dependent shape. x_q and x_scale are bitwise the reference's."""
+    x2f = x2.float()
+    if threshold is None:
+        x_q, x_scale = quantize_activations_per_token(x2f)
+        return x_q, x_scale, None, None
+    cols = (x2f.abs() > threshold).any(dim=0)
+    x_q, x_scale = quantize_activations_per_token(x2f.masked_fill(cols[None, :], 0.0))
+    return x_q, x_scale, x2f.masked_fill(~cols[None, :], 0.0), cols.to(torch.int8)
 
 
 def quant_linear_triton(x: Tensor, packed, bias: Tensor | None = None) -> Tensor:

@@ -1,0 +1,47 @@
+"""runtime/launch_count: launches, host syncs and host time of a decode step, counted for a
+tiny Llama on the Triton kernels (interpreted), so that a regression in the launch count
+or a new host sync fails here."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fxforge  # noqa: E402
+import zoo  # noqa: E402
+from fxforge.runtime.launch_count import LaunchCounter  # noqa: E402
+
+# A decode step of zoo.llama (2 layers) on backend="interpret", after the rotary fusion:
+# per layer 2 RMSNorms, rotary q, rotary k, SwiGLU, 2 decode-attention kernels; once the
+# cos/sin table and the final norm; torch: 4 matmuls per layer and the lm_head, the K/V
+# appends, the embedding and the key-bias/positions ops; w8a8 the same: one kernel per
+# (merged) quantized linear, x split and quantized inside it. Lower them when a change saves more.
+MAX_LAUNCHES = {None: 37, "w8a8": 37}
+
+
+def test_counter_sees_launches_syncs_and_not_views():
+    x = torch.randn(4, 8)
+    with LaunchCounter() as c:
+        y = x.view(8, 4).t()[1:]  # views: nothing launched
+        z = (y * 2).sum()  # two kernels
+        z.item()  # a sync on a GPU
+        torch.nonzero(x > 0)  # gt, and a data-dependent shape: a sync
+        bool((x > 5).any())
+    assert c.sync_names["_local_scalar_dense"] == 2 and c.sync_names["nonzero"] == 1 and c.syncs == 3
+    assert c.by_name["aten.mul"] == 1 and c.by_name["aten.sum"] == 1 and "aten.view" not in c.by_name
+    assert c.triton == 0
+
+
+@pytest.mark.parametrize("quantize", [None, "w8a8"])
+def test_tiny_llama_decode_step_launches_and_never_syncs(quantize):
+    model, vocab = zoo.llama()
+    ids = torch.randint(3, vocab, (1, 5))
+    opts = {"quantize": quantize} if quantize else {}
+    fast = fxforge.optimize(model, (ids,), kv_cache=True, backend="interpret", **opts)
+    p = fast.decode_profile(steps=1)
+    assert p.syncs == 0, p.sync_names
+    assert p.launches <= MAX_LAUNCHES[quantize], str(p)
+    names = dict(p.top)
+    assert "aten.cat" not in names and "aten.neg" not in names  # rotary is inside the pointwise kernels
+    assert "decode step:" in fast.report() and "host syncs" in fast.report()
