@@ -52,6 +52,7 @@ from ..ir.edit import dead_code_elimination, retyped
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, causal_keep
 from ..ir.types import SymType, TensorType, dims_equal, symbol
+from .position_tables import arange_table_offset, uniform_gather_value
 
 # The names of the inputs this pass appends (the runtime finds them by their roles, ir/roles.py).
 CACHE_LEN, POSITIONS, KV_BIAS = "L", "kv_positions", "kv_bias"
@@ -305,17 +306,7 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
     # positions input plus the offset each one is shown to have at every sample size
     prefix: list[Node] = []
     for value, offset in _positions_from_shapes(graph, seq, batch).items():
-        new = positions
-        if offset:
-            const = Node("const", (), {"value": offset, "dtype": torch.int64},
-                         (Value(TensorType((), torch.int64)),), {"pass": "kv_cache"})
-            new = Value(TensorType((batch, seq), torch.int64))
-            prefix += [const, Node("add", (positions, const.outputs[0]), {}, (new,), {"pass": "kv_cache"})]
-        if value.dtype != torch.int64:
-            cast = Value(TensorType((batch, seq), value.dtype))
-            prefix.append(Node("cast", (new,), {"dtype": value.dtype}, (cast,), {"pass": "kv_cache"}))
-            new = cast
-        replace[value] = new
+        replace[value] = _shifted_positions(positions, offset, value.dtype, prefix)
     new_nodes: dict[int, Node] = {}  # id(old node) -> its replacement
     table_limit = None
     shared = False
@@ -340,13 +331,24 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
             dim = a["dim"] % table.rank
             if not (a["start"] == 0 and a["step"] == 1 and dims_equal(a["end"], seq) and table.shape[dim].is_number):
                 continue  # a slice of an activation along T (e.g. a split): not a position
-            shared = True
             size = int(table.shape[dim])
             table_limit = size if table_limit is None else min(table_limit, size)
+            offset = arange_table_offset(graph, node)
+            if offset is not None and node.outputs[0] not in graph.outputs:
+                # a registered position_ids buffer proven to hold arange(N) + c: its slice
+                # [:, 0:T] is the first T positions, which per row are kv_positions + c
+                replace[node.outputs[0]] = _shifted_positions(positions, offset, node.outputs[0].dtype, prefix)
+                continue
+            shared = True
             new_nodes[id(node)] = Node("slice", node.inputs, {**a, "start": cache_len, "end": cache_len + seq},
                                        node.outputs, {**node.meta, "pass": "kv_cache"})
 
-    nodes = [new_nodes.get(id(n), n) for n in graph.nodes]
+    nodes = []
+    for n in graph.nodes:
+        if any(v in replace for v in n.inputs[1:]) and (c := uniform_gather_value(graph, n)) is not None:
+            nodes += _filled_like(n, c)  # reads the positions but not their values
+        else:
+            nodes.append(new_nodes.get(id(n), n))
     out = graph.with_nodes(nodes)
     out.inputs = list(graph.inputs) + [Value(SymType(), hint=str(cache_len), attrs={"role": roles.CACHE_LEN})]
     out.input_names = list(graph.input_names) + [str(cache_len)]
@@ -363,6 +365,9 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
                 if n.op == "arange" and any(u.outputs[0] in replace for u in users.get(n.outputs[0], [])):
                     nodes[-1] = Node("arange", (), {**n.attrs, "start": cache_len, "end": cache_len + seq},
                                      n.outputs, {**n.meta, "pass": "kv_cache"})
+                elif n.op == "slice" and n.outputs[0] in replace:  # a position_ids buffer's slice
+                    nodes[-1] = Node("slice", n.inputs, {**n.attrs, "start": cache_len, "end": cache_len + seq},
+                                     n.outputs, {**n.meta, "pass": "kv_cache"})
             out = out.with_nodes(nodes)
     elif not shared and table_limit is None and not _reads_positions(graph, seq):
         # nothing depends on positions (ALiBi models: bloom, mpt): left padding is exact, as
@@ -373,6 +378,31 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
         out.input_names.append(POSITIONS)
     table_limit = _position_table_limit(out, table_limit, positions if per_row else None, seq, cache_len)
     return out, per_row, table_limit
+
+
+def _shifted_positions(positions: Value, offset: int, dtype: torch.dtype, prefix: list[Node]) -> Value:
+    """positions + offset, cast to `dtype`: the nodes that compute it go on `prefix`."""
+    batch, seq = positions.shape
+    new = positions
+    if offset:
+        const = Node("const", (), {"value": offset, "dtype": torch.int64},
+                     (Value(TensorType((), torch.int64)),), {"pass": "kv_cache"})
+        new = Value(TensorType((batch, seq), torch.int64))
+        prefix += [const, Node("add", (positions, const.outputs[0]), {}, (new,), {"pass": "kv_cache"})]
+    if dtype != torch.int64:
+        cast = Value(TensorType((batch, seq), dtype))
+        prefix.append(Node("cast", (new,), {"dtype": dtype}, (cast,), {"pass": "kv_cache"}))
+        new = cast
+    return new
+
+
+def _filled_like(node: Node, value) -> list[Node]:
+    """`expand(const(value))` to the shape and dtype of `node`'s result, in its place."""
+    out = node.outputs[0]
+    scalar = Value(TensorType((), out.dtype))
+    meta = {**node.meta, "pass": "kv_cache"}
+    return [Node("const", (), {"value": value, "dtype": out.dtype}, (scalar,), meta),
+            Node("expand", (scalar,), {"shape": tuple(out.shape)}, (out,), meta)]
 
 
 def _reads_positions(graph: Graph, seq) -> bool:
