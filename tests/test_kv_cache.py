@@ -416,3 +416,36 @@ def test_refuses_positions_counted_along_the_sequence():
     model = tr.RobertaForCausalLM(cfg).eval()
     with pytest.raises(KVCacheError, match=r"runs along the sequence[\s\S]*at: .*cumsum"):
         fxforge.optimize(model, (torch.randint(1, 128, (2, 7)),), kv_cache=True)
+
+
+class _ConvThenAttention(torch.nn.Module):
+    """A short causal convolution along the sequence before causal attention (the shape of
+    LFM hybrids' conv blocks): each token mixes the 3 before it, outside attention."""
+
+    def __init__(self, vocab=64, dim=32, heads=2, kernel=4):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.conv = torch.nn.Conv1d(dim, dim, kernel, groups=dim, padding=kernel - 1)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.head = torch.nn.Linear(dim, vocab)
+        self.heads = heads
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, d = x.shape
+        x = self.conv(x.transpose(1, 2))[..., :t].transpose(1, 2)
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_refuses_a_convolution_along_the_sequence():
+    """A convolution whose kernel spans several tokens carries state along the sequence that
+    the cache does not keep (lfm3 generated other tokens than transformers): refused, with
+    the node; without kv_cache the model still optimizes and equals eager."""
+    torch.manual_seed(0)
+    model = _ConvThenAttention().eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with pytest.raises(KVCacheError, match=r"convolution runs along the sequence[\s\S]*at: .*conv1d"):
+        fxforge.optimize(model, (ids,), kv_cache=True)
+    assert_matches_eager(model, fxforge.optimize(model, (ids,)), 64, [(1, 5), (3, 9)])

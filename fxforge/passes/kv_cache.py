@@ -38,7 +38,13 @@ Refused: attention that is not causal or has a mask input (the cache cannot exte
 arbitrary mask; the error says whether the mask comes from the inputs or is the model's
 own pattern), attention over keys that are not the new tokens, any other op that
 builds a tensor from the sequence length (a leftover mask, say), a position table
-shorter than max_seq_len.
+shorter than max_seq_len, and anything that carries state along the sequence outside
+attention (a scan such as cumsum, a reduction over T, a convolution whose kernel spans
+several tokens): the cache keeps only attention's keys and values.
+
+A registered `position_ids` buffer sliced to [1, T] is per-row positions when its values
+are proven arange(N) + c (position_tables.py); a gather from a buffer holding one value
+at those positions is that value.
 """
 from __future__ import annotations
 
@@ -579,11 +585,17 @@ def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: 
 SCANS = ("aten.cumsum.", "aten.cumprod.", "aten.cummax.", "aten.cummin.", "aten.logcumsumexp.", "aten.diff.")
 
 
+# ATen convolutions: each output element mixes a window of inputs along the spatial dims
+CONVOLUTIONS = ("aten.conv1d.", "aten.conv2d.", "aten.conv3d.", "aten.convolution.", "aten._convolution.",
+                "aten.conv_transpose1d.", "aten.conv_transpose2d.", "aten.conv_transpose3d.")
+
+
 def _check_nothing_runs_along_the_sequence(graph: Graph, seq):
     """With a cache, T counts only the new tokens: an op that combines values along the
     sequence outside attention (a cumulative sum of a padding mask into positions, as
-    RoBERTa-family models compute them from input_ids; a reduction over T) would see only
-    those and give other numbers than over the whole sequence: refuse."""
+    RoBERTa-family models compute them from input_ids; a reduction over T; a short causal
+    convolution, as in LFM hybrids) would see only those and give other numbers than over
+    the whole sequence: refuse."""
     for n in graph.nodes:
         if n.op == "torch_call" and n.attrs["target"].startswith(SCANS) and n.inputs:
             x = n.inputs[0]
@@ -593,6 +605,16 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq):
                 raise KVCacheError("kv_cache: this op runs along the sequence (each result depends on the earlier "
                                    "tokens), which with a cache are not in the step's input: the pass cannot "
                                    f"tell what it computes then\n  at: {_describe(graph, n)}")
+        elif n.op == "torch_call" and n.attrs["target"].startswith(CONVOLUTIONS) and len(n.inputs) >= 2:
+            x, weight = n.inputs[0], n.inputs[1]
+            # dims 2.. are the spatial ones; a kernel of size 1 along T mixes no tokens
+            along = [d for d in range(2, min(x.rank, weight.rank)) if _mentions(x.shape[d], seq)
+                     and not (weight.shape[d].is_number and int(weight.shape[d]) == 1)]
+            if along:
+                raise KVCacheError("kv_cache: this convolution runs along the sequence (its kernel spans "
+                                   f"{weight.shape[along[0]]} tokens: a short convolution carries state from the "
+                                   "earlier tokens, which with a cache are not in the step's input, and the cache "
+                                   "keeps only attention's keys and values)\n  at: " + _describe(graph, n))
         elif OPS[n.op].kind == "reduction" and n.inputs:
             x = n.inputs[0]
             dims = n.attrs.get("dims", (n.attrs["dim"],) if "dim" in n.attrs else ())
