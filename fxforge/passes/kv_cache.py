@@ -58,7 +58,7 @@ from ..ir.edit import dead_code_elimination, retyped
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, causal_keep
 from ..ir.types import SymType, TensorType, dims_equal, symbol
-from .position_tables import arange_table_offset, uniform_gather_value
+from .position_tables import arange_table_offset, uniform_gather_value, uniform_value
 
 # The names of the inputs this pass appends (the runtime finds them by their roles, ir/roles.py).
 CACHE_LEN, POSITIONS, KV_BIAS = "L", "kv_positions", "kv_bias"
@@ -314,6 +314,7 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
     for value, offset in _positions_from_shapes(graph, seq, batch).items():
         replace[value] = _shifted_positions(positions, offset, value.dtype, prefix)
     new_nodes: dict[int, Node] = {}  # id(old node) -> its replacement
+    filled: dict[int, list[Node]] = {}  # id(old node) -> the constant it is shown to be
     table_limit = None
     shared = False
     for node in graph.nodes:
@@ -339,6 +340,12 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
                 continue  # a slice of an activation along T (e.g. a split): not a position
             size = int(table.shape[dim])
             table_limit = size if table_limit is None else min(table_limit, size)
+            fill = uniform_value(graph, table)
+            if fill is not None and node.outputs[0] not in graph.outputs:
+                # every slice of a one-valued buffer (big_bird's all-zero token_type_ids
+                # sliced [:, :T]) is that value: it reads no position
+                filled[id(node)] = _filled_like(node, fill)
+                continue
             offset = arange_table_offset(graph, node)
             if offset is not None and node.outputs[0] not in graph.outputs:
                 # a registered position_ids buffer proven to hold arange(N) + c: its slice
@@ -353,6 +360,8 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
     for n in graph.nodes:
         if any(v in replace for v in n.inputs[1:]) and (c := uniform_gather_value(graph, n)) is not None:
             nodes += _filled_like(n, c)  # reads the positions but not their values
+        elif id(n) in filled:
+            nodes += filled[id(n)]
         else:
             nodes.append(new_nodes.get(id(n), n))
     out = graph.with_nodes(nodes)

@@ -44,7 +44,12 @@ def uniform_gather_value(graph: Graph, node: Node):
     when the node is not such a gather."""
     if node.op != "torch_call" or node.attrs["target"] != "aten.gather.default" or not node.inputs:
         return None
-    source = node.inputs[0]
+    return uniform_value(graph, node.inputs[0])
+
+
+def uniform_value(graph: Graph, source) -> int | float | bool | None:
+    """The one value every element of param or buffer `source` holds (BERT-family
+    `token_type_ids`, all zeros), or None: any slice or gather of it is that value."""
     value = graph.params.get(source.param) if source.param is not None else None
     if not isinstance(value, torch.Tensor) or value.numel() == 0 or value.dtype.is_complex:
         return None
