@@ -449,3 +449,43 @@ def test_refuses_a_convolution_along_the_sequence():
     with pytest.raises(KVCacheError, match=r"convolution runs along the sequence[\s\S]*at: .*conv1d"):
         fxforge.optimize(model, (ids,), kv_cache=True)
     assert_matches_eager(model, fxforge.optimize(model, (ids,)), 64, [(1, 5), (3, 9)])
+
+
+def _tiny_bert():
+    import transformers as tr
+
+    torch.manual_seed(0)
+    cfg = tr.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64, is_decoder=True, pad_token_id=0)
+    return tr.BertLMHeadModel(cfg).eval()
+
+
+def test_positions_sliced_from_a_position_ids_buffer_are_per_row():
+    """BERT slices its positions from a registered buffer, `position_ids[:, 0:T]`, and its
+    token types gather an all-zero buffer at them. The buffer's values are arange, so the
+    slice is per-row positions: a left-padded batch generates what transformers does
+    (which passes per-row position_ids from the attention mask)."""
+    model = _tiny_bert()
+    fast = _optimize(model, 128)
+    assert fast.kv_layout.per_row_positions and fast.kv_layout.max_seq_len == 64
+    assert "gather" not in fast.code  # all zeros whatever the positions
+    ids, mask = _padded_batch(128, [5, 9, 2])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = fast.generate(ids, 8, attention_mask=mask)
+    assert torch.equal(out, ref), (out, ref)
+
+
+def test_a_position_ids_buffer_that_is_not_arange_stays_shared():
+    """Only the buffer's actual values prove it holds positions: one element off and the
+    slice stays a table shared by the batch (left padding refused, not guessed)."""
+    model = _tiny_bert()
+    with torch.no_grad():
+        model.bert.embeddings.position_ids[0, 40] = 3
+    fast = _optimize(model, 128)
+    assert not fast.kv_layout.per_row_positions
+    prompt = torch.randint(3, 128, (1, 6))
+    assert torch.equal(fast.generate(prompt, 6), model.generate(prompt, max_new_tokens=6, do_sample=False,
+                                                                pad_token_id=0))
+    ids, mask = _padded_batch(128, [3, 5])
+    with pytest.raises(ValueError, match="left-padded batches"):
+        fast.generate(ids, 4, attention_mask=mask)
