@@ -489,3 +489,22 @@ def test_a_position_ids_buffer_that_is_not_arange_stays_shared():
     ids, mask = _padded_batch(128, [3, 5])
     with pytest.raises(ValueError, match="left-padded batches"):
         fast.generate(ids, 4, attention_mask=mask)
+
+
+def test_left_padding_with_the_models_own_shifted_positions():
+    """Marian's decoder takes no position_ids: transformers' generate cannot give it
+    per-row positions, so a left-padded row is shifted there too. Positions shared by the
+    batch are then exactly what transformers computes, and generate() serves the batch."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    cfg = tr.MarianConfig(vocab_size=128, d_model=64, decoder_ffn_dim=128, decoder_layers=2,
+                          decoder_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
+                          decoder_start_token_id=1, is_decoder=True, is_encoder_decoder=False)
+    model = tr.MarianForCausalLM(cfg).eval()
+    fast = _optimize(model, 128)
+    assert not fast.kv_layout.per_row_positions and fast.left_padding_shifts_positions
+    ids, mask = _padded_batch(128, [5, 9, 2])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = fast.generate(ids, 8, attention_mask=mask)
+    assert torch.equal(out, ref), (out, ref)

@@ -97,9 +97,11 @@ def defaults_from_generation_config(config) -> dict:
 
 
 def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int, padded: bool,
-                        cache_bytes=None, memory_bytes: int | None = None):
+                        cache_bytes=None, memory_bytes: int | None = None, shifted_positions_ok: bool = False):
     """Every limit is checked before any work, not discovered mid-generation.
-    cache_bytes(batch, positions): the KV cache's size; memory_bytes: what the device has."""
+    cache_bytes(batch, positions): the KV cache's size; memory_bytes: what the device has.
+    shifted_positions_ok: the source model itself gives left-padded rows shifted positions
+    (it takes no position_ids), so positions shared by the batch are what it computes."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     total = prompt_len + max_new_tokens
@@ -116,7 +118,7 @@ def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int
             raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) needs a KV cache "
                              f"of {need / 2**30:.3g} GiB for batch {batch}, more than this device's memory "
                              f"({memory_bytes / 2**30:.3g} GiB); ask for fewer tokens or a smaller batch")
-    if padded and not layout.per_row_positions:
+    if padded and not layout.per_row_positions and not shifted_positions_ok:
         raise ValueError("this model's positions could not be made per row by the kv_cache pass (see its report "
                          "note), so left-padded batches would get shifted positions; generate prompts of equal "
                          "length, or one at a time")
@@ -250,7 +252,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         input_ids, pad = input_ids.repeat_interleave(expand, dim=0), pad.repeat_interleave(expand, dim=0)
     rows = input_ids.shape[0]
     check_generate_args(model.kv_layout, rows, prompt_len, new_tokens, bool((pad > 0).any()),
-                        model.kv_cache_bytes, device_memory_bytes(device))
+                        model.kv_cache_bytes, device_memory_bytes(device),
+                        getattr(model, "left_padding_shifts_positions", False))
     model.check_step_sizes(rows, [prompt_len] + ([1] if new_tokens > 1 else []))
 
     eos = _as_list(s["eos_token_id"])
