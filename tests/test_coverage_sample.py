@@ -24,6 +24,7 @@ SAMPLE = {
     "opt": ("eager", False),  # kv: positions from a cumsum over a ones mask built from T
     "phi": ("sdpa", True),
     "mixtral": ("sdpa", True),  # mixture of experts: the router scatters in place and counts B*T tokens
+    "granitemoe": ("sdpa", True),  # forward takes use_cache only through **kwargs: capture turns it off
 }
 
 
