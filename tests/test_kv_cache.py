@@ -320,6 +320,7 @@ def test_more_architectures_generate_like_transformers(name):
 def test_refuses_positions_it_cannot_place():
     # positions from a cumulative sum over an all-ones mask built from (B, T), squared: not
     # arange + c at the sample sizes, so the pass cannot tell what they mean with a cache
+    # (the ones are one value per token, fine; the cumulative sum along T is refused)
     class SquaredPositions(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -334,7 +335,7 @@ def test_refuses_positions_it_cannot_place():
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return self.out(y.transpose(1, 2).reshape(ids.shape[0], ids.shape[1], 16))
 
-    with pytest.raises(KVCacheError, match=r"builds a tensor from the sequence length[\s\S]*at: .*full\(\)"):
+    with pytest.raises(KVCacheError, match=r"runs along the sequence[\s\S]*at: .*cumsum"):
         fxforge.optimize(SquaredPositions().eval(), (torch.randint(1, 32, (2, 7)),), kv_cache=True)
 
 
@@ -508,3 +509,48 @@ def test_left_padding_with_the_models_own_shifted_positions():
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     out = fast.generate(ids, 8, attention_mask=mask)
     assert torch.equal(out, ref), (out, ref)
+
+
+class _TokenTypesFromShape(torch.nn.Module):
+    """Token types as `zeros(B, T)` (as MegatronBERT and RoFormer default them), learned
+    positions, causal attention; `pairwise` adds a [T, T] tensor of ones to the scores."""
+
+    def __init__(self, pairwise=False):
+        super().__init__()
+        self.emb, self.types, self.pos = (torch.nn.Embedding(32, 16), torch.nn.Embedding(2, 16),
+                                          torch.nn.Embedding(64, 16))
+        self.qkv, self.out = torch.nn.Linear(16, 48), torch.nn.Linear(16, 32)
+        self.pairwise = pairwise
+
+    def forward(self, ids):
+        b, t = ids.shape
+        types = torch.zeros(ids.shape, dtype=torch.long, device=ids.device)
+        x = self.emb(ids) + self.types(types) + self.pos(torch.arange(t, device=ids.device))
+        q, k, v = (y.view(b, t, 2, 8).transpose(1, 2) for y in self.qkv(x).chunk(3, -1))
+        if self.pairwise:
+            v = v + torch.ones(t, t).tril().sum(-1).view(1, 1, t, 1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, 16))
+
+
+def test_a_constant_per_token_tensor_is_kept_and_generates_exactly():
+    """zeros(B, T) holds one value per new token whatever its position: with a cache it
+    means what it meant over the whole sequence, so the model is cached (it used to be
+    refused as 'a tensor built from the sequence length')."""
+    torch.manual_seed(0)
+    model = _TokenTypesFromShape().eval()
+    fast = fxforge.optimize(model, (torch.randint(1, 32, (2, 7)),), kv_cache=True)
+    prompt = torch.randint(1, 32, (2, 5))
+    seq = prompt
+    for _ in range(6):
+        with torch.no_grad():
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(fast.generate(prompt, 6), seq)
+
+
+def test_a_tensor_over_token_pairs_is_still_refused():
+    """ones(T, T): T in two dims pairs the step's tokens with each other, which with a cache
+    would not cover the cached ones: refused, with the node."""
+    with pytest.raises(KVCacheError, match=r"builds a tensor from the sequence length[\s\S]*at: .*full\(\)"):
+        fxforge.optimize(_TokenTypesFromShape(pairwise=True).eval(), (torch.randint(1, 32, (2, 7)),),
+                         kv_cache=True)

@@ -632,6 +632,18 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq):
                                    f"it would see only the new tokens\n  at: {_describe(graph, n)}")
 
 
+def _one_value_per_token(node: Node, seq) -> bool:
+    """A `full` of one value whose shape has T as exactly one of its dims (BERT's default
+    token_type_ids, zeros [B, T]; a rotary magnitude of ones [1, T, D]): one element per new
+    token and the same value whatever its position, so with a cache it means what it meant
+    over the whole sequence. T in two dims ([T, T], pairwise over tokens) or inside an
+    expression (T + 1, a length derived from T) is not that, and stays refused."""
+    if node.op != "full":
+        return False
+    dims = [d for d in node.attrs["shape"] if _mentions(d, seq)]
+    return len(dims) == 1 and dims[0] == seq
+
+
 def _check_no_other_length_ops(graph: Graph, seq, batch):
     """A tensor built from the sequence length alone (a leftover mask, a position we did
     not place) would be wrong once T is only the new tokens: refuse. Sizes that count the
@@ -646,7 +658,7 @@ def _check_no_other_length_ops(graph: Graph, seq, batch):
             mentions |= any(length(d) for d in a.get("shape", ()) if isinstance(d, sympy.Basic))
             starts_at_cache = n.op == "arange" and isinstance(a.get("start"), sympy.Basic) and \
                 not a["start"].is_number
-            if mentions and not starts_at_cache:
+            if mentions and not starts_at_cache and not _one_value_per_token(n, seq):
                 raise KVCacheError("kv_cache: this op builds a tensor from the sequence length, and the pass "
                                    "cannot tell what it means once T counts only the new tokens (a mask or a "
                                    f"position it does not know)\n  at: {_describe(graph, n)}")
