@@ -2,8 +2,8 @@
 scores, applied as a list in transformers' order (GenerationMixin._get_logits_processor):
 
     repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens, forced_bos_token_id,
-    forced_eos_token_id, the caller's own processors (logits_processor=), then, only when
-    sampling, temperature, top_k, top_p.
+    forced_eos_token_id, suppress_tokens, begin_suppress_tokens, the caller's own processors
+    (logits_processor=), then, only when sampling, temperature, top_k, top_p.
 
 Each follows the transformers processor of the same name exactly (which tokens it
 touches, how it treats negative logits, the prompt and the padding), so greedy and beam
@@ -96,6 +96,21 @@ class ForcedEOS:
         return out
 
 
+class SuppressTokens:
+    """`tokens` get -inf at every step (ids outside the vocabulary are ignored, as in
+    transformers). `at_length`: only at the step whose row (prompt included) has that
+    length, the first generated token (begin_suppress_tokens)."""
+
+    def __init__(self, tokens, at_length: int | None = None):
+        self.tokens, self.at_length = torch.as_tensor(list(tokens), dtype=torch.long), at_length
+
+    def __call__(self, input_ids, scores):
+        if self.at_length is not None and input_ids.shape[-1] != self.at_length:
+            return scores
+        vocab = torch.arange(scores.shape[-1], device=scores.device)
+        return torch.where(torch.isin(vocab, self.tokens.to(scores.device)), -math.inf, scores)
+
+
 class Temperature:
     def __init__(self, temperature: float):
         self.temperature = temperature
@@ -140,11 +155,15 @@ def warpers(temperature: float, top_k: int | None, top_p: float | None) -> list:
 
 def processors(*, repetition_penalty=None, pad=None, no_repeat_ngram_size=None, min_length=None, eos=None,
                do_sample=False, temperature=1.0, top_k=None, top_p=None, custom=(), forced_bos=None,
-               forced_eos=None, max_length=None) -> list:
+               forced_eos=None, max_length=None, suppress_tokens=None, begin_suppress_tokens=None,
+               prompt_len=None) -> list:
     """The processor list of one generate() call. `pad`: left padding per row; `eos`: a
     tensor of EOS ids or None; `min_length` counts the prompt (min_new_tokens already
     folded in by the caller, as transformers does); `forced_bos`: a token id or None;
-    `forced_eos`: a list of token ids (or None), forced at `max_length` - 1 (prompt included)."""
+    `forced_eos`: a list of token ids (or None), forced at `max_length` - 1 (prompt included);
+    `suppress_tokens` at every step, `begin_suppress_tokens` at the first generated one
+    (`prompt_len` long rows; one later after a one-token prompt with forced_bos, as in
+    transformers)."""
     out = []
     if repetition_penalty is not None and repetition_penalty != 1.0:
         out.append(RepetitionPenalty(repetition_penalty, pad))
@@ -156,10 +175,19 @@ def processors(*, repetition_penalty=None, pad=None, no_repeat_ngram_size=None, 
         out.append(ForcedBOS(forced_bos))
     if forced_eos:
         out.append(ForcedEOS(max_length, forced_eos))
+    if suppress_tokens is not None:
+        out.append(SuppressTokens(_ids(suppress_tokens)))
+    if begin_suppress_tokens is not None:
+        begin = prompt_len if prompt_len > 1 or forced_bos is None else prompt_len + 1
+        out.append(SuppressTokens(_ids(begin_suppress_tokens), at_length=begin))
     out += list(custom or ())  # the caller's processors come before the warpers, as in transformers
     if do_sample:
         out += warpers(temperature, top_k, top_p)
     return out
+
+
+def _ids(tokens) -> list[int]:
+    return [int(tokens)] if isinstance(tokens, int) else [int(t) for t in tokens]
 
 
 def apply(processor_list, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
