@@ -317,6 +317,22 @@ def test_suppressed_tokens_equal_transformers(pair, padded):
         assert torch.equal(out, ref) and not torch.equal(out, free), (kw, out, ref)
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["batch1", "left_padded"])
+def test_prompt_ngrams_not_repeated_as_transformers(pair, padded):
+    """encoder_no_repeat_ngram_size (BlenderBot's generation_config sets 3): for a
+    decoder-only model transformers bans completing any n-gram of the prompt, padding
+    included; here a prompt that repeats itself, so greedy search would copy it."""
+    model, fast, vocab = pair
+    ids, mask = prompts(vocab, padded)
+    ids = torch.where(mask.bool(), ids, 0) if mask is not None else ids
+    ids = torch.cat([ids, ids[:, -4:]], 1)
+    mask = torch.cat([mask, torch.ones_like(mask[:, -4:])], 1) if mask is not None else None
+    for n, beams in ((1, 1), (2, 1), (3, 1), (2, 3)):
+        out, ref = _both(model, fast, ids, mask, max_new_tokens=8, eos_token_id=None, num_beams=beams,
+                         encoder_no_repeat_ngram_size=n)
+        assert torch.equal(out, ref), (n, beams, out, ref)
+
+
 @pytest.mark.parametrize("kw", [dict(forced_eos_token_id=[5, 7]), dict(forced_bos_token_id=9)],
                          ids=["forced_eos", "forced_bos"])
 def test_forced_tokens_equal_transformers(pair, kw):

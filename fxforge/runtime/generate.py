@@ -35,7 +35,7 @@ DEFAULTS = {
     "max_new_tokens": None, "max_length": 20, "min_new_tokens": None, "min_length": 0,
     "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
     "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "suppress_tokens": None, "begin_suppress_tokens": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "encoder_no_repeat_ngram_size": 0,
     "eos_token_id": None, "pad_token_id": None, "stop_strings": None,
     "num_beams": 1, "length_penalty": 1.0, "early_stopping": False, "num_return_sequences": 1,
     "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
@@ -51,7 +51,7 @@ UNSUPPORTED = {
     "constraints": None, "sequence_bias": None,
     "exponential_decay_length_penalty": None,
     "guidance_scale": None, "renormalize_logits": False, "remove_invalid_values": False,
-    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "max_time": None,
+    "encoder_repetition_penalty": 1.0, "max_time": None,
     "low_memory": None, "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "dola_layers": None,
     "watermarking_config": None, "token_healing": False, "output_attentions": False,
     "output_hidden_states": False, "min_tokens_to_keep": None, "custom_generate": None,
@@ -249,6 +249,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         raise ValueError("streamer cannot be used with beam search (as in transformers)")
     # beams, or sampled sequences, are rows of their own (transformers' input expansion)
     expand = max(beams, s["num_return_sequences"])
+    prompt = input_ids  # before the expansion: encoder_no_repeat_ngram_size reads it per prompt
     if expand > 1:
         input_ids, pad = input_ids.repeat_interleave(expand, dim=0), pad.repeat_interleave(expand, dim=0)
     rows = input_ids.shape[0]
@@ -268,7 +269,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         min_length=min_length, eos=eos_t, do_sample=s["do_sample"], temperature=s["temperature"],
         top_k=s["top_k"], top_p=s["top_p"], custom=logits_processor, forced_bos=s["forced_bos_token_id"],
         forced_eos=_as_list(s["forced_eos_token_id"]), max_length=prompt_len + new_tokens,
-        suppress_tokens=s["suppress_tokens"], begin_suppress_tokens=s["begin_suppress_tokens"], prompt_len=prompt_len)
+        suppress_tokens=s["suppress_tokens"], begin_suppress_tokens=s["begin_suppress_tokens"], prompt_len=prompt_len,
+        prompt_no_repeat_ngram_size=s["encoder_no_repeat_ngram_size"], prompt=prompt)
     criteria = _stopping(s["stop_strings"], tokenizer, stopping_criteria)
     want_scores = s["return_dict_in_generate"] and s["output_scores"]
     want_logits = s["return_dict_in_generate"] and s["output_logits"]

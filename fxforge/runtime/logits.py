@@ -1,7 +1,7 @@
 """Logits processors for generate(), each a callable (input_ids [N, L], scores [N, V]) ->
 scores, applied as a list in transformers' order (GenerationMixin._get_logits_processor):
 
-    repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens, forced_bos_token_id,
+    repetition_penalty, no_repeat_ngram_size, encoder_no_repeat_ngram_size, min_length, min_new_tokens, forced_bos_token_id,
     forced_eos_token_id, suppress_tokens, begin_suppress_tokens, the caller's own processors
     (logits_processor=), then, only when sampling, temperature, top_k, top_p.
 
@@ -53,6 +53,34 @@ class NoRepeatNGram:
         banned = scores.new_zeros((scores.shape[0], vocab + 1), dtype=torch.bool)
         banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
         return scores.masked_fill(banned[:, :vocab], -float("inf"))
+
+
+class PromptNoRepeatNGram:
+    """transformers' encoder_no_repeat_ngram_size for a decoder-only model, whose
+    "encoder input" is the prompt: a token that would complete an n-gram of the row's
+    prompt (its left padding included, as transformers counts it) gets -inf. `prompt` is
+    the batch before beams or samples expand it; rows of `input_ids` are its rows in order,
+    each repeated len(input_ids) // len(prompt) times."""
+
+    def __init__(self, n: int, prompt: torch.Tensor):
+        self.n, self.rows = n, prompt.shape[0]
+        self.ngrams = []
+        for row in prompt.tolist():
+            table: dict[tuple, list[int]] = {}
+            for gram in zip(*[row[i:] for i in range(n)]):
+                table.setdefault(tuple(gram[:-1]), []).append(gram[-1])
+            self.ngrams.append(table)
+
+    def __call__(self, input_ids, scores):
+        per_row = scores.shape[0] // self.rows
+        length = input_ids.shape[-1]
+        out = scores.clone()
+        for i in range(scores.shape[0]):
+            # the last n - 1 tokens, sliced as transformers slices them
+            banned = self.ngrams[i // per_row].get(tuple(input_ids[i][length + 1 - self.n:length].tolist()), [])
+            if banned:
+                out[i, banned] = -math.inf
+        return out
 
 
 class MinLength:
@@ -156,19 +184,21 @@ def warpers(temperature: float, top_k: int | None, top_p: float | None) -> list:
 def processors(*, repetition_penalty=None, pad=None, no_repeat_ngram_size=None, min_length=None, eos=None,
                do_sample=False, temperature=1.0, top_k=None, top_p=None, custom=(), forced_bos=None,
                forced_eos=None, max_length=None, suppress_tokens=None, begin_suppress_tokens=None,
-               prompt_len=None) -> list:
+               prompt_len=None, prompt_no_repeat_ngram_size=None, prompt=None) -> list:
     """The processor list of one generate() call. `pad`: left padding per row; `eos`: a
     tensor of EOS ids or None; `min_length` counts the prompt (min_new_tokens already
     folded in by the caller, as transformers does); `forced_bos`: a token id or None;
     `forced_eos`: a list of token ids (or None), forced at `max_length` - 1 (prompt included);
     `suppress_tokens` at every step, `begin_suppress_tokens` at the first generated one
     (`prompt_len` long rows; one later after a one-token prompt with forced_bos, as in
-    transformers)."""
+    transformers); `prompt_no_repeat_ngram_size` (encoder_no_repeat_ngram_size) over `prompt`."""
     out = []
     if repetition_penalty is not None and repetition_penalty != 1.0:
         out.append(RepetitionPenalty(repetition_penalty, pad))
     if no_repeat_ngram_size is not None and no_repeat_ngram_size > 0:
         out.append(NoRepeatNGram(no_repeat_ngram_size))
+    if prompt_no_repeat_ngram_size is not None and prompt_no_repeat_ngram_size > 0:
+        out.append(PromptNoRepeatNGram(prompt_no_repeat_ngram_size, prompt))
     if min_length is not None and min_length > 0 and eos is not None:
         out.append(MinLength(min_length, eos))
     if forced_bos is not None:
