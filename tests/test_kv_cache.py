@@ -554,3 +554,38 @@ def test_a_tensor_over_token_pairs_is_still_refused():
     with pytest.raises(KVCacheError, match=r"builds a tensor from the sequence length[\s\S]*at: .*full\(\)"):
         fxforge.optimize(_TokenTypesFromShape(pairwise=True).eval(), (torch.randint(1, 32, (2, 7)),),
                          kv_cache=True)
+
+
+class _LinearThenSoftmaxAttention(torch.nn.Module):
+    """One linear-attention layer (a key-value state summed over the tokens, MiniMax's
+    lightning attention in miniature) before a softmax attention that fuse_attention takes."""
+
+    def __init__(self, vocab=64, dim=32, heads=2):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.qkv1, self.qkv2 = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, 3 * dim)
+        self.head = torch.nn.Linear(dim, vocab)
+        self.heads = heads
+
+    def _split(self, proj, x):
+        b, t, d = x.shape
+        return proj(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, d = x.shape
+        q, k, v = self._split(self.qkv1, x)
+        y = q @ (k.transpose(-1, -2) @ v)  # a [D, D] state summed over every token
+        x = x + y.transpose(1, 2).reshape(b, t, d)
+        q, k, v = self._split(self.qkv2, x)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_refuses_linear_attention_outside_the_fused_attention():
+    """A matmul that sums over the tokens outside a fused attention (linear attention) would
+    see only the new tokens with a cache: refused, with the node (MiniMax used to be
+    optimized and then stopped by a guard at T=1)."""
+    torch.manual_seed(0)
+    with pytest.raises(KVCacheError, match=r"matmul sums over the sequence[\s\S]*at: .*matmul"):
+        fxforge.optimize(_LinearThenSoftmaxAttention().eval(), (torch.randint(0, 64, (2, 7)),), kv_cache=True)

@@ -182,7 +182,7 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     new_graph = dead_code_elimination(new_graph)
     new_graph, layers, bytes_per_token = _rewrite_attention(new_graph, seq, batch, cache_len, cache_size, config)
     _check_no_other_length_ops(new_graph, seq, batch)
-    _check_nothing_runs_along_the_sequence(dead_code_elimination(new_graph), seq)
+    _check_nothing_runs_along_the_sequence(dead_code_elimination(new_graph), seq, batch)
 
     max_seq_len = config.max_seq_len
     if table_limit is not None:
@@ -599,7 +599,7 @@ CONVOLUTIONS = ("aten.conv1d.", "aten.conv2d.", "aten.conv3d.", "aten.convolutio
                 "aten.conv_transpose1d.", "aten.conv_transpose2d.", "aten.conv_transpose3d.")
 
 
-def _check_nothing_runs_along_the_sequence(graph: Graph, seq):
+def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch):
     """With a cache, T counts only the new tokens: an op that combines values along the
     sequence outside attention (a cumulative sum of a padding mask into positions, as
     RoBERTa-family models compute them from input_ids; a reduction over T; a short causal
@@ -624,6 +624,13 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq):
                                    f"{weight.shape[along[0]]} tokens: a short convolution carries state from the "
                                    "earlier tokens, which with a cache are not in the step's input, and the cache "
                                    "keeps only attention's keys and values)\n  at: " + _describe(graph, n))
+        elif n.op == "matmul" and len(n.inputs) == 2 and n.inputs[0].rank >= 2 \
+                and _mentions(n.inputs[0].shape[-1], seq) and not _token_count(n.inputs[0].shape[-1], batch, seq):
+            # contracts over the tokens outside a fused attention: linear attention (MiniMax's
+            # lightning attention), or an attention fuse_attention did not take
+            raise KVCacheError("kv_cache: this matmul sums over the sequence outside attention (linear attention, "
+                               "say); with a cache it would see only the new tokens, and the cache keeps only "
+                               f"attention's keys and values\n  at: {_describe(graph, n)}")
         elif OPS[n.op].kind == "reduction" and n.inputs:
             x = n.inputs[0]
             dims = n.attrs.get("dims", (n.attrs["dim"],) if "dim" in n.attrs else ())
