@@ -589,3 +589,39 @@ def test_refuses_linear_attention_outside_the_fused_attention():
     torch.manual_seed(0)
     with pytest.raises(KVCacheError, match=r"matmul sums over the sequence[\s\S]*at: .*matmul"):
         fxforge.optimize(_LinearThenSoftmaxAttention().eval(), (torch.randint(0, 64, (2, 7)),), kv_cache=True)
+
+
+def test_capture_turns_off_a_cache_the_forward_takes_only_through_kwargs():
+    """GraniteMoE's forward takes use_cache only through **kwargs (and a multimodal model's
+    language model reads its text config's): with it on, the model returns a cache object,
+    which torch.export rejects. Capture turns it off while tracing, and restores it."""
+    import types
+
+    class Config:
+        def __init__(self):
+            self.use_cache, self.text = True, types.SimpleNamespace(use_cache=True)
+
+        def get_text_config(self):
+            return self.text
+
+    class CacheByDefault(_ConvThenAttention):
+        def __init__(self):
+            super().__init__(kernel=1)
+            self.config = Config()
+
+        def forward(self, ids, **kwargs):
+            logits = super().forward(ids)
+            if self.config.use_cache or self.config.text.use_cache:
+                return logits, object()  # not a tensor: torch.export cannot return it
+            return logits
+
+    model = CacheByDefault().eval()
+    fast = fxforge.optimize(model, (torch.randint(0, 64, (2, 7)),), kv_cache=True)
+    assert model.config.use_cache and model.config.text.use_cache  # restored
+    prompt = torch.randint(0, 64, (1, 5))
+    seq = prompt
+    model.config.use_cache = model.config.text.use_cache = False
+    for _ in range(4):
+        with torch.no_grad():
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(fast.generate(prompt, 4), seq)

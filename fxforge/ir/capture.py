@@ -175,16 +175,24 @@ def _config_without_cache(model, kwargs):
     """`config.use_cache = False` while tracing, for a transformers model whose forward takes
     `use_cache` only through **kwargs (GraniteMoE): _inference_kwargs cannot pass it by name,
     and the default from the config makes the model return a cache object, which torch.export
-    rejects as an output. Not done when the caller passed use_cache: that is their choice."""
+    rejects as an output. A composite model's text config (get_text_config()) is turned off
+    too: a multimodal model's language model reads its own. Not done when the caller passed
+    use_cache: that is their choice."""
     config = getattr(model, "config", None)
-    if "use_cache" in kwargs or getattr(config, "use_cache", None) is not True:
+    configs = [config]
+    if callable(getattr(config, "get_text_config", None)) and config.get_text_config() is not config:
+        configs.append(config.get_text_config())
+    on = [c for c in configs if getattr(c, "use_cache", None) is True]
+    if "use_cache" in kwargs or not on:
         yield
         return
-    config.use_cache = False
+    for c in on:
+        c.use_cache = False
     try:
         yield
     finally:
-        config.use_cache = True
+        for c in on:
+            c.use_cache = True
 
 
 @contextlib.contextmanager
