@@ -40,7 +40,9 @@ own pattern), attention over keys that are not the new tokens, any other op that
 builds a tensor from the sequence length (a leftover mask, say), a position table
 shorter than max_seq_len, and anything that carries state along the sequence outside
 attention (a scan such as cumsum, a reduction over T, a convolution whose kernel spans
-several tokens): the cache keeps only attention's keys and values.
+several tokens, a matmul summing over the tokens as linear attention does): the cache
+keeps only attention's keys and values. A full() of one value with T as one of its dims
+(zeros(B, T) token types) is one value per token and stays.
 
 A registered `position_ids` buffer sliced to [1, T] is per-row positions when its values
 are proven arange(N) + c (position_tables.py); a gather from a buffer holding one value
@@ -603,7 +605,8 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch):
     """With a cache, T counts only the new tokens: an op that combines values along the
     sequence outside attention (a cumulative sum of a padding mask into positions, as
     RoBERTa-family models compute them from input_ids; a reduction over T; a short causal
-    convolution, as in LFM hybrids) would see only those and give other numbers than over
+    convolution, as in LFM hybrids; a matmul contracting over T, as linear attention does)
+    would see only those and give other numbers than over
     the whole sequence: refuse."""
     for n in graph.nodes:
         if n.op == "torch_call" and n.attrs["target"].startswith(SCANS) and n.inputs:
