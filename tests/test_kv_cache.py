@@ -625,3 +625,22 @@ def test_capture_turns_off_a_cache_the_forward_takes_only_through_kwargs():
         with torch.no_grad():
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(fast.generate(prompt, 4), seq)
+
+
+def test_gptj_sin_cos_rows_gathered_at_the_positions_are_per_row():
+    """GPT-J gathers its sin/cos rows with `gather(table.repeat(1, 1, 1), 1,
+    positions.unsqueeze(-1).repeat(1, 1, D))`, a row lookup spelled as a gather whose
+    source has one row: it becomes embedding(table, positions), so a left-padded batch
+    gets per-row positions and generates what transformers does."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    cfg = tr.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64,
+                        pad_token_id=0)
+    model = tr.GPTJForCausalLM(cfg).eval()
+    fast = _optimize(model, 128)
+    assert fast.kv_layout.per_row_positions and "gather" not in fast.code
+    ids, mask = _padded_batch(128, [5, 9, 2])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = fast.generate(ids, 8, attention_mask=mask)
+    assert torch.equal(out, ref), (out, ref)

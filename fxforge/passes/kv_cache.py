@@ -60,7 +60,7 @@ from ..ir.edit import dead_code_elimination, retyped
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, causal_keep
 from ..ir.types import SymType, TensorType, dims_equal, symbol
-from .position_tables import arange_table_offset, uniform_gather_value, uniform_value
+from .position_tables import arange_table_offset, row_lookup, uniform_gather_value, uniform_value
 
 # The names of the inputs this pass appends (the runtime finds them by their roles, ir/roles.py).
 CACHE_LEN, POSITIONS, KV_BIAS = "L", "kv_positions", "kv_bias"
@@ -359,8 +359,12 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
                                        node.outputs, {**node.meta, "pass": "kv_cache"})
 
     nodes = []
+    producers = graph.producers()
     for n in graph.nodes:
-        if any(v in replace for v in n.inputs[1:]) and (c := uniform_gather_value(graph, n)) is not None:
+        lookup = row_lookup(graph, n, producers)
+        if lookup is not None and lookup[1] in replace:
+            nodes += _embedding_rows(n, *lookup)  # GPT-J's gather of sin/cos rows at the positions
+        elif any(v in replace for v in n.inputs[1:]) and (c := uniform_gather_value(graph, n)) is not None:
             nodes += _filled_like(n, c)  # reads the positions but not their values
         elif id(n) in filled:
             nodes += filled[id(n)]
@@ -371,7 +375,8 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
     out.input_names = list(graph.input_names) + [str(cache_len)]
     per_row = False
     if replace:
-        retyped = _retype(out, replace, prefix) if not shared else None
+        # dead_code_elimination: what only the rewritten lookups read (GPT-J's index repeat)
+        retyped = _retype(dead_code_elimination(out), replace, prefix) if not shared else None
         if retyped is not None:
             out, per_row = retyped, True
         else:
@@ -411,6 +416,18 @@ def _shifted_positions(positions: Value, offset: int, dtype: torch.dtype, prefix
         prefix.append(Node("cast", (new,), {"dtype": dtype}, (cast,), {"pass": "kv_cache"}))
         new = cast
     return new
+
+
+def _embedding_rows(node: Node, table: Value, ids: Value) -> list[Node]:
+    """`embedding(table, ids)` in place of `node` (position_tables.row_lookup); a [1, N, D]
+    table is viewed as [N, D] first."""
+    meta = {**node.meta, "pass": "kv_cache"}
+    out = []
+    if table.rank == 3:
+        rows = Value(TensorType(tuple(table.shape[1:]), table.dtype))
+        out.append(Node("view", (table,), {"shape": tuple(table.shape[1:])}, (rows,), meta))
+        table = rows
+    return out + [Node("embedding", (table, ids), {}, node.outputs, meta)]
 
 
 def _filled_like(node: Node, value) -> list[Node]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..ir.graph import Graph, Node
+from ..ir.ops import Arg
 
 
 def arange_table_offset(graph: Graph, node: Node) -> int | None:
@@ -57,3 +58,47 @@ def uniform_value(graph: Graph, source) -> int | float | bool | None:
     if not bool((value == first).all()):  # NaN never equals itself: declined
         return None
     return first.item()
+
+
+def row_lookup(graph: Graph, node: Node, producers: dict):
+    """GPT-J's sin/cos lookup, `gather(table.repeat(1, 1, 1), 1, ids.unsqueeze(-1).repeat(1, 1, D))`
+    with `table` a param [N, D] (or [1, N, D]): every index along D is the same id, so the
+    result is row `ids[b, t]` of the table, `embedding(table, ids)`, which a per-row `ids`
+    can follow (the gather cannot: its index may not be wider than its [1, N, D] source).
+    Returns (table param value, ids) or None."""
+    if node.op != "torch_call" or node.attrs["target"] != "aten.gather.default" or len(node.inputs) != 2:
+        return None
+    args = node.attrs["args"]
+    if len(args) != 3 or args[0] != Arg(0) or args[1] != 1 or args[2] != Arg(1):
+        return None
+    source, index = node.inputs
+    table = _through_unit_repeats(source, producers)
+    if source.rank != 3 or source.shape[0] != 1 or not source.shape[2].is_number:
+        return None
+    if table.param is None or tuple(table.shape) not in (tuple(source.shape), tuple(source.shape[1:])):
+        return None
+    width = int(source.shape[2])
+    rep = producers.get(index)
+    if rep is None or not _is_repeat(rep) or list(rep.attrs["args"][1]) != [1, 1, width]:
+        return None
+    unsq = producers.get(rep.inputs[0])
+    if unsq is None or unsq.op != "unsqueeze" or unsq.attrs["dim"] % 3 != 2:
+        return None
+    ids = unsq.inputs[0]
+    if ids.rank != 2 or ids.dtype != torch.int64 or node.outputs[0].shape[:2] != ids.shape:
+        return None
+    return table, ids
+
+
+def _is_repeat(node: Node) -> bool:
+    return node.op == "torch_call" and node.attrs["target"] == "aten.repeat.default" and len(node.inputs) == 1
+
+
+def _through_unit_repeats(value, producers: dict):
+    """`value` without the repeat(1, 1, ...) calls that produced it: copies, which may put
+    leading dims of size 1 in front."""
+    node = producers.get(value)
+    while node is not None and _is_repeat(node) and all(r == 1 for r in node.attrs["args"][1]):
+        value = node.inputs[0]
+        node = producers.get(value)
+    return value
