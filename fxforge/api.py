@@ -142,7 +142,10 @@ def _left_padding_shifts_positions(model) -> bool:
     whose forward takes `position_ids` (Marian, Pegasus, BlenderbotSmall decoders do not).
     Then positions shared by the batch are exactly what transformers computes, and
     generate() serves left-padded batches with them. Not a transformers model: False
-    (left padding with shared positions stays refused)."""
+    (left padding with shared positions stays refused). A model that derives positions from
+    the attention mask itself (OPT) is captured with an all-ones mask built from the shape:
+    kv_cache either recognises those positions (per row) or refuses the cumulative sum, so
+    it never reaches shared positions this way."""
     import inspect
 
     config = getattr(model, "config", None)
