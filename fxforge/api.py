@@ -91,6 +91,7 @@ def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torc
         graph = own_weights(graph, model)  # an in-place edit of the model later does not reach `fast`
     fast = assemble(graph, spec, backend, device, name, stats, dumps, capture_seconds)
     fast.generation_defaults = _generation_defaults(model)
+    fast.left_padding_shifts_positions = _left_padding_shifts_positions(model)
     fast.config = getattr(model, "config", None)
     if dump_dir:
         fast.dump(dump_dir)
@@ -132,6 +133,31 @@ def register_pass(name: str, *, before: str | None = None, after: str | None = N
 
 def unregister_pass(name: str, registry: PassRegistry | None = None):
     (_default_registry if registry is None else registry).remove(name)
+
+
+def _left_padding_shifts_positions(model) -> bool:
+    """Does the model itself give a left-padded row shifted positions under transformers'
+    generate? It does when it cannot be told per-row positions: transformers' generate
+    passes `position_ids` computed from the attention mask only to a decoder-only model
+    whose forward takes `position_ids` (Marian, Pegasus, BlenderbotSmall decoders do not).
+    Then positions shared by the batch are exactly what transformers computes, and
+    generate() serves left-padded batches with them. Not a transformers model: False
+    (left padding with shared positions stays refused). A model that derives positions from
+    the attention mask itself (OPT) is captured with an all-ones mask built from the shape:
+    kv_cache either recognises those positions (per row) or refuses the cumulative sum, so
+    it never reaches shared positions this way."""
+    import inspect
+
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(model, "generate", None)) or not hasattr(model, "forward"):
+        return False
+    if getattr(config, "is_encoder_decoder", False):
+        return False  # generate() serves decoder-only models; do not guess for these
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "position_ids" not in params
 
 
 def _generation_defaults(model) -> dict:

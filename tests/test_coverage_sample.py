@@ -21,9 +21,10 @@ SAMPLE = {
     "llama": ("sdpa", True),
     "gpt2": ("eager", True),
     "gpt_neox": ("sdpa", True),
-    "opt": ("eager", False),  # kv: positions from a cumsum over a ones mask built from T
+    "opt": ("eager", True),  # positions: a cumsum over a ones mask built from (B, T), recognised per row
     "phi": ("sdpa", True),
     "mixtral": ("sdpa", True),  # mixture of experts: the router scatters in place and counts B*T tokens
+    "granitemoe": ("sdpa", True),  # forward takes use_cache only through **kwargs: capture turns it off
 }
 
 

@@ -373,3 +373,18 @@ def test_wide_offsets_specialization_gives_the_same_result(graph, monkeypatch):
     assert all("tl.program_id(0).to(tl.int64)" in src for src in kernels.sources.values())
     for a, b in zip(narrow, wide):
         assert torch.equal(a, b)
+
+
+def test_log1p_kernel_is_exact_for_small_inputs():
+    """log1p's template undoes the rounding of 1 + x: for |x| near float32's epsilon a plain
+    log(1 + x) is off by up to 100% (Beam's attention scale is log1p((pos + 1) / 2048))."""
+    g = parse("""graph(%x: f32[B, 8]) {
+  %1: f32[B, 8] = log1p(%x)
+  %2: f32[B, 8] = neg(%1)
+  return (%2)
+}""")
+    x = torch.tensor([[1e-8, -1e-8, 3e-7, 1e-4, 0.5, 2.0, 100.0, 0.0]])
+    ref = build_program(g, op_table("torch"))(x)[0]
+    got = build_program(fuse_elementwise(g, PassContext()), op_table("interpret", kernels=PointwiseKernels()))(x)[0]
+    assert ref[0, 0] != 0  # float32 1 + 1e-8 is 1: log(1 + x) would give 0
+    torch.testing.assert_close(got, ref, atol=0, rtol=1e-6)

@@ -226,8 +226,8 @@ def test_unsupported_arguments_raise_naming_them(pair):
         fast.generate(ids, 4, num_beam_groups=2, diversity_penalty=0.5)
     with pytest.raises(ValueError, match="frobnicate"):
         fast.generate(ids, 4, frobnicate=True)
-    with pytest.raises(ValueError, match="suppress_tokens"):
-        fast.generate(ids, 4, generation_config=GenerationConfig(suppress_tokens=[1, 2]))
+    with pytest.raises(ValueError, match="bad_words_ids"):
+        fast.generate(ids, 4, generation_config=GenerationConfig(bad_words_ids=[[1, 2]]))
     with pytest.raises(ValueError, match="output_attentions"):
         fast.generate(ids, 4, output_attentions=True)
     with pytest.raises(ValueError, match="num_return_sequences"):
@@ -303,6 +303,36 @@ def test_model_forced_eos_equals_transformers(padded):
     assert (out[:, -1] == 2).all()  # forced, not chosen
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["batch1", "left_padded"])
+def test_suppressed_tokens_equal_transformers(pair, padded):
+    """suppress_tokens (every step) and begin_suppress_tokens (the first new token; Whisper's
+    generation_config sets it), here the tokens greedy search would have chosen."""
+    model, fast, vocab = pair
+    ids, mask = prompts(vocab, padded)
+    free, _ = _both(model, fast, ids, mask, max_new_tokens=6, eos_token_id=None)
+    chosen = free[:, ids.shape[1]:]
+    for kw in (dict(suppress_tokens=chosen[:, 1:3].flatten().tolist()),
+               dict(begin_suppress_tokens=chosen[:, 0].tolist() + [vocab + 5])):  # out of the vocabulary: ignored
+        out, ref = _both(model, fast, ids, mask, max_new_tokens=6, eos_token_id=None, **kw)
+        assert torch.equal(out, ref) and not torch.equal(out, free), (kw, out, ref)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["batch1", "left_padded"])
+def test_prompt_ngrams_not_repeated_as_transformers(pair, padded):
+    """encoder_no_repeat_ngram_size (BlenderBot's generation_config sets 3): for a
+    decoder-only model transformers bans completing any n-gram of the prompt, padding
+    included; here a prompt that repeats itself, so greedy search would copy it."""
+    model, fast, vocab = pair
+    ids, mask = prompts(vocab, padded)
+    ids = torch.where(mask.bool(), ids, 0) if mask is not None else ids
+    ids = torch.cat([ids, ids[:, -4:]], 1)
+    mask = torch.cat([mask, torch.ones_like(mask[:, -4:])], 1) if mask is not None else None
+    for n, beams in ((1, 1), (2, 1), (3, 1), (2, 3)):
+        out, ref = _both(model, fast, ids, mask, max_new_tokens=8, eos_token_id=None, num_beams=beams,
+                         encoder_no_repeat_ngram_size=n)
+        assert torch.equal(out, ref), (n, beams, out, ref)
+
+
 @pytest.mark.parametrize("kw", [dict(forced_eos_token_id=[5, 7]), dict(forced_bos_token_id=9)],
                          ids=["forced_eos", "forced_bos"])
 def test_forced_tokens_equal_transformers(pair, kw):
@@ -321,9 +351,9 @@ def test_unsupported_setting_of_the_model_raises(pair):
     ids, _ = prompts(vocab, False)
     saved = fast.generation_defaults
     try:
-        fast.generation_config = GenerationConfig(suppress_tokens=[1, 2], pad_token_id=0)
-        with pytest.raises(ValueError, match="model's generation_config sets suppress_tokens"):
+        fast.generation_config = GenerationConfig(bad_words_ids=[[1, 2]], pad_token_id=0)
+        with pytest.raises(ValueError, match="model's generation_config sets bad_words_ids"):
             fast.generate(ids, 3)
-        assert fast.generate(ids, 3, suppress_tokens=None).shape == (1, 9)
+        assert fast.generate(ids, 3, bad_words_ids=None).shape == (1, 9)
     finally:
         fast.generation_defaults = saved

@@ -320,6 +320,7 @@ def test_more_architectures_generate_like_transformers(name):
 def test_refuses_positions_it_cannot_place():
     # positions from a cumulative sum over an all-ones mask built from (B, T), squared: not
     # arange + c at the sample sizes, so the pass cannot tell what they mean with a cache
+    # (the ones are one value per token, fine; the cumulative sum along T is refused)
     class SquaredPositions(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -334,7 +335,7 @@ def test_refuses_positions_it_cannot_place():
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return self.out(y.transpose(1, 2).reshape(ids.shape[0], ids.shape[1], 16))
 
-    with pytest.raises(KVCacheError, match=r"builds a tensor from the sequence length[\s\S]*at: .*full\(\)"):
+    with pytest.raises(KVCacheError, match=r"runs along the sequence[\s\S]*at: .*cumsum"):
         fxforge.optimize(SquaredPositions().eval(), (torch.randint(1, 32, (2, 7)),), kv_cache=True)
 
 
@@ -416,3 +417,230 @@ def test_refuses_positions_counted_along_the_sequence():
     model = tr.RobertaForCausalLM(cfg).eval()
     with pytest.raises(KVCacheError, match=r"runs along the sequence[\s\S]*at: .*cumsum"):
         fxforge.optimize(model, (torch.randint(1, 128, (2, 7)),), kv_cache=True)
+
+
+class _ConvThenAttention(torch.nn.Module):
+    """A short causal convolution along the sequence before causal attention (the shape of
+    LFM hybrids' conv blocks): each token mixes the 3 before it, outside attention."""
+
+    def __init__(self, vocab=64, dim=32, heads=2, kernel=4):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.conv = torch.nn.Conv1d(dim, dim, kernel, groups=dim, padding=kernel - 1)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.head = torch.nn.Linear(dim, vocab)
+        self.heads = heads
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, d = x.shape
+        x = self.conv(x.transpose(1, 2))[..., :t].transpose(1, 2)
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_refuses_a_convolution_along_the_sequence():
+    """A convolution whose kernel spans several tokens carries state along the sequence that
+    the cache does not keep (lfm3 generated other tokens than transformers): refused, with
+    the node; without kv_cache the model still optimizes and equals eager."""
+    torch.manual_seed(0)
+    model = _ConvThenAttention().eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with pytest.raises(KVCacheError, match=r"convolution runs along the sequence[\s\S]*at: .*conv1d"):
+        fxforge.optimize(model, (ids,), kv_cache=True)
+    assert_matches_eager(model, fxforge.optimize(model, (ids,)), 64, [(1, 5), (3, 9)])
+
+
+def _tiny_bert():
+    import transformers as tr
+
+    torch.manual_seed(0)
+    cfg = tr.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64, is_decoder=True, pad_token_id=0)
+    return tr.BertLMHeadModel(cfg).eval()
+
+
+def test_positions_sliced_from_a_position_ids_buffer_are_per_row():
+    """BERT slices its positions from a registered buffer, `position_ids[:, 0:T]`, and its
+    token types gather an all-zero buffer at them. The buffer's values are arange, so the
+    slice is per-row positions: a left-padded batch generates what transformers does
+    (which passes per-row position_ids from the attention mask)."""
+    model = _tiny_bert()
+    fast = _optimize(model, 128)
+    assert fast.kv_layout.per_row_positions and fast.kv_layout.max_seq_len == 64
+    assert "gather" not in fast.code  # all zeros whatever the positions
+    ids, mask = _padded_batch(128, [5, 9, 2])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = fast.generate(ids, 8, attention_mask=mask)
+    assert torch.equal(out, ref), (out, ref)
+
+
+def test_a_position_ids_buffer_that_is_not_arange_stays_shared():
+    """Only the buffer's actual values prove it holds positions: one element off and the
+    slice stays a table shared by the batch (left padding refused, not guessed)."""
+    model = _tiny_bert()
+    with torch.no_grad():
+        model.bert.embeddings.position_ids[0, 40] = 3
+    fast = _optimize(model, 128)
+    assert not fast.kv_layout.per_row_positions
+    prompt = torch.randint(3, 128, (1, 6))
+    assert torch.equal(fast.generate(prompt, 6), model.generate(prompt, max_new_tokens=6, do_sample=False,
+                                                                pad_token_id=0))
+    ids, mask = _padded_batch(128, [3, 5])
+    with pytest.raises(ValueError, match="left-padded batches"):
+        fast.generate(ids, 4, attention_mask=mask)
+
+
+def test_left_padding_with_the_models_own_shifted_positions():
+    """Marian's decoder takes no position_ids: transformers' generate cannot give it
+    per-row positions, so a left-padded row is shifted there too. Positions shared by the
+    batch are then exactly what transformers computes, and generate() serves the batch."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    cfg = tr.MarianConfig(vocab_size=128, d_model=64, decoder_ffn_dim=128, decoder_layers=2,
+                          decoder_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
+                          decoder_start_token_id=1, is_decoder=True, is_encoder_decoder=False)
+    model = tr.MarianForCausalLM(cfg).eval()
+    fast = _optimize(model, 128)
+    assert not fast.kv_layout.per_row_positions and fast.left_padding_shifts_positions
+    ids, mask = _padded_batch(128, [5, 9, 2])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = fast.generate(ids, 8, attention_mask=mask)
+    assert torch.equal(out, ref), (out, ref)
+
+
+class _TokenTypesFromShape(torch.nn.Module):
+    """Token types as `zeros(B, T)` (as MegatronBERT and RoFormer default them), learned
+    positions, causal attention; `pairwise` adds a [T, T] tensor of ones to the scores."""
+
+    def __init__(self, pairwise=False):
+        super().__init__()
+        self.emb, self.types, self.pos = (torch.nn.Embedding(32, 16), torch.nn.Embedding(2, 16),
+                                          torch.nn.Embedding(64, 16))
+        self.qkv, self.out = torch.nn.Linear(16, 48), torch.nn.Linear(16, 32)
+        self.pairwise = pairwise
+
+    def forward(self, ids):
+        b, t = ids.shape
+        types = torch.zeros(ids.shape, dtype=torch.long, device=ids.device)
+        x = self.emb(ids) + self.types(types) + self.pos(torch.arange(t, device=ids.device))
+        q, k, v = (y.view(b, t, 2, 8).transpose(1, 2) for y in self.qkv(x).chunk(3, -1))
+        if self.pairwise:
+            v = v + torch.ones(t, t).tril().sum(-1).view(1, 1, t, 1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, 16))
+
+
+def test_a_constant_per_token_tensor_is_kept_and_generates_exactly():
+    """zeros(B, T) holds one value per new token whatever its position: with a cache it
+    means what it meant over the whole sequence, so the model is cached (it used to be
+    refused as 'a tensor built from the sequence length')."""
+    torch.manual_seed(0)
+    model = _TokenTypesFromShape().eval()
+    fast = fxforge.optimize(model, (torch.randint(1, 32, (2, 7)),), kv_cache=True)
+    prompt = torch.randint(1, 32, (2, 5))
+    seq = prompt
+    for _ in range(6):
+        with torch.no_grad():
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(fast.generate(prompt, 6), seq)
+
+
+def test_a_tensor_over_token_pairs_is_still_refused():
+    """ones(T, T): T in two dims pairs the step's tokens with each other, which with a cache
+    would not cover the cached ones: refused, with the node."""
+    with pytest.raises(KVCacheError, match=r"builds a tensor from the sequence length[\s\S]*at: .*full\(\)"):
+        fxforge.optimize(_TokenTypesFromShape(pairwise=True).eval(), (torch.randint(1, 32, (2, 7)),),
+                         kv_cache=True)
+
+
+class _LinearThenSoftmaxAttention(torch.nn.Module):
+    """One linear-attention layer (a key-value state summed over the tokens, MiniMax's
+    lightning attention in miniature) before a softmax attention that fuse_attention takes."""
+
+    def __init__(self, vocab=64, dim=32, heads=2):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.qkv1, self.qkv2 = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, 3 * dim)
+        self.head = torch.nn.Linear(dim, vocab)
+        self.heads = heads
+
+    def _split(self, proj, x):
+        b, t, d = x.shape
+        return proj(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, d = x.shape
+        q, k, v = self._split(self.qkv1, x)
+        y = q @ (k.transpose(-1, -2) @ v)  # a [D, D] state summed over every token
+        x = x + y.transpose(1, 2).reshape(b, t, d)
+        q, k, v = self._split(self.qkv2, x)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_refuses_linear_attention_outside_the_fused_attention():
+    """A matmul that sums over the tokens outside a fused attention (linear attention) would
+    see only the new tokens with a cache: refused, with the node (MiniMax used to be
+    optimized and then stopped by a guard at T=1)."""
+    torch.manual_seed(0)
+    with pytest.raises(KVCacheError, match=r"matmul sums over the sequence[\s\S]*at: .*matmul"):
+        fxforge.optimize(_LinearThenSoftmaxAttention().eval(), (torch.randint(0, 64, (2, 7)),), kv_cache=True)
+
+
+def test_capture_turns_off_a_cache_the_forward_takes_only_through_kwargs():
+    """GraniteMoE's forward takes use_cache only through **kwargs (and a multimodal model's
+    language model reads its text config's): with it on, the model returns a cache object,
+    which torch.export rejects. Capture turns it off while tracing, and restores it."""
+    import types
+
+    class Config:
+        def __init__(self):
+            self.use_cache, self.text = True, types.SimpleNamespace(use_cache=True)
+
+        def get_text_config(self):
+            return self.text
+
+    class CacheByDefault(_ConvThenAttention):
+        def __init__(self):
+            super().__init__(kernel=1)
+            self.config = Config()
+
+        def forward(self, ids, **kwargs):
+            logits = super().forward(ids)
+            if self.config.use_cache or self.config.text.use_cache:
+                return logits, object()  # not a tensor: torch.export cannot return it
+            return logits
+
+    model = CacheByDefault().eval()
+    fast = fxforge.optimize(model, (torch.randint(0, 64, (2, 7)),), kv_cache=True)
+    assert model.config.use_cache and model.config.text.use_cache  # restored
+    prompt = torch.randint(0, 64, (1, 5))
+    seq = prompt
+    model.config.use_cache = model.config.text.use_cache = False
+    for _ in range(4):
+        with torch.no_grad():
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(fast.generate(prompt, 4), seq)
+
+
+def test_gptj_sin_cos_rows_gathered_at_the_positions_are_per_row():
+    """GPT-J gathers its sin/cos rows with `gather(table.repeat(1, 1, 1), 1,
+    positions.unsqueeze(-1).repeat(1, 1, D))`, a row lookup spelled as a gather whose
+    source has one row: it becomes embedding(table, positions), so a left-padded batch
+    gets per-row positions and generates what transformers does."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    cfg = tr.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64,
+                        pad_token_id=0)
+    model = tr.GPTJForCausalLM(cfg).eval()
+    fast = _optimize(model, 128)
+    assert fast.kv_layout.per_row_positions and "gather" not in fast.code
+    ids, mask = _padded_batch(128, [5, 9, 2])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = fast.generate(ids, 8, attention_mask=mask)
+    assert torch.equal(out, ref), (out, ref)

@@ -164,10 +164,35 @@ def _export(model, args, kwargs, dynamic, stack_traces: bool = False):
     ex_args, ex_kwargs, _ = _export_example(args, kwargs, dynamic)
     dyn = _dynamic_shapes(model, ex_args, ex_kwargs) if dynamic else None
     try:
-        with torch.no_grad(), _trace_settings(stack_traces):
+        with torch.no_grad(), _trace_settings(stack_traces), _config_without_cache(model, kwargs):
             return torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # torch.export raises many kinds; all become one clear error
         raise _capture_error(model, e) from e
+
+
+@contextlib.contextmanager
+def _config_without_cache(model, kwargs):
+    """`config.use_cache = False` while tracing, for a transformers model whose forward takes
+    `use_cache` only through **kwargs (GraniteMoE): _inference_kwargs cannot pass it by name,
+    and the default from the config makes the model return a cache object, which torch.export
+    rejects as an output. A composite model's text config (get_text_config()) is turned off
+    too: a multimodal model's language model reads its own. Not done when the caller passed
+    use_cache: that is their choice."""
+    config = getattr(model, "config", None)
+    configs = [config]
+    if callable(getattr(config, "get_text_config", None)) and config.get_text_config() is not config:
+        configs.append(config.get_text_config())
+    on = [c for c in configs if getattr(c, "use_cache", None) is True]
+    if "use_cache" in kwargs or not on:
+        yield
+        return
+    for c in on:
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c in on:
+            c.use_cache = True
 
 
 @contextlib.contextmanager

@@ -369,7 +369,7 @@ _BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "maximum": "m
            "minimum": "minimum", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
            "logical_and": "logical_and", "logical_or": "logical_or"}
 _UNARY = ["neg", "exp", "log", "tanh", "sigmoid", "rsqrt", "sqrt", "erf", "relu", "silu", "abs", "cos",
-          "sin", "reciprocal", "logical_not", "floor"]
+          "sin", "reciprocal", "logical_not", "floor", "log1p"]
 
 RULES: dict[str, Callable] = {}
 for _name, _op in _BINARY.items():

@@ -816,6 +816,11 @@ OPS_LIST: list[OpDef] = [
     _pw("relu", torch.relu, "tl.maximum({0}, 0)", infer_same),
     _unary_float("exp", torch.exp, "tl.exp({0})"),
     _unary_float("log", torch.log, "tl.log({0})"),
+    # log(1 + x) with 1 + x's rounding undone (Goldberg's formula): exact to float
+    # precision for small x, where tl.log(1.0 + x) is not
+    _unary_float("log1p", torch.log1p, 
+                 "tl.where(1.0 + {0} == 1.0, {0}, "
+                 "tl.log(1.0 + {0}) * ({0} / tl.where(1.0 + {0} == 1.0, 1.0, (1.0 + {0}) - 1.0)))"),
     _unary_float("tanh", torch.tanh, "(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)"),
     _unary_float("sigmoid", torch.sigmoid, "tl.sigmoid({0})"),
     _unary_float("rsqrt", torch.rsqrt, "tl.rsqrt({0})"),

@@ -38,7 +38,15 @@ Refused: attention that is not causal or has a mask input (the cache cannot exte
 arbitrary mask; the error says whether the mask comes from the inputs or is the model's
 own pattern), attention over keys that are not the new tokens, any other op that
 builds a tensor from the sequence length (a leftover mask, say), a position table
-shorter than max_seq_len.
+shorter than max_seq_len, and anything that carries state along the sequence outside
+attention (a scan such as cumsum, a reduction over T, a convolution whose kernel spans
+several tokens, a matmul summing over the tokens as linear attention does): the cache
+keeps only attention's keys and values. A full() of one value with T as one of its dims
+(zeros(B, T) token types) is one value per token and stays.
+
+A registered `position_ids` buffer sliced to [1, T] is per-row positions when its values
+are proven arange(N) + c (position_tables.py); a gather from a buffer holding one value
+at those positions is that value.
 """
 from __future__ import annotations
 
@@ -52,6 +60,7 @@ from ..ir.edit import dead_code_elimination, retyped
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, causal_keep
 from ..ir.types import SymType, TensorType, dims_equal, symbol
+from .position_tables import arange_table_offset, row_lookup, uniform_gather_value, uniform_value
 
 # The names of the inputs this pass appends (the runtime finds them by their roles, ir/roles.py).
 CACHE_LEN, POSITIONS, KV_BIAS = "L", "kv_positions", "kv_bias"
@@ -195,7 +204,7 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
         new_graph, layers, bytes_per_token = _rewrite_attention(new_graph, seq, batch, cache_len, cache_size,
                                                                 config)
     _check_no_other_length_ops(new_graph, seq, batch)
-    _check_nothing_runs_along_the_sequence(dead_code_elimination(new_graph), seq)
+    _check_nothing_runs_along_the_sequence(dead_code_elimination(new_graph), seq, batch)
 
     max_seq_len = config.max_seq_len
     if table_limit is not None:
@@ -328,18 +337,9 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
     # positions input plus the offset each one is shown to have at every sample size
     prefix: list[Node] = []
     for value, offset in _positions_from_shapes(graph, seq, batch).items():
-        new = positions
-        if offset:
-            const = Node("const", (), {"value": offset, "dtype": torch.int64},
-                         (Value(TensorType((), torch.int64)),), {"pass": "kv_cache"})
-            new = Value(TensorType((batch, seq), torch.int64))
-            prefix += [const, Node("add", (positions, const.outputs[0]), {}, (new,), {"pass": "kv_cache"})]
-        if value.dtype != torch.int64:
-            cast = Value(TensorType((batch, seq), value.dtype))
-            prefix.append(Node("cast", (new,), {"dtype": value.dtype}, (cast,), {"pass": "kv_cache"}))
-            new = cast
-        replace[value] = new
+        replace[value] = _shifted_positions(positions, offset, value.dtype, prefix)
     new_nodes: dict[int, Node] = {}  # id(old node) -> its replacement
+    filled: dict[int, list[Node]] = {}  # id(old node) -> the constant it is shown to be
     table_limit = None
     shared = False
     for node in graph.nodes:
@@ -363,19 +363,43 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
             dim = a["dim"] % table.rank
             if not (a["start"] == 0 and a["step"] == 1 and dims_equal(a["end"], seq) and table.shape[dim].is_number):
                 continue  # a slice of an activation along T (e.g. a split): not a position
-            shared = True
             size = int(table.shape[dim])
             table_limit = size if table_limit is None else min(table_limit, size)
+            fill = uniform_value(graph, table)
+            if fill is not None and node.outputs[0] not in graph.outputs:
+                # every slice of a one-valued buffer (big_bird's all-zero token_type_ids
+                # sliced [:, :T]) is that value: it reads no position
+                filled[id(node)] = _filled_like(node, fill)
+                continue
+            offset = arange_table_offset(graph, node)
+            if offset is not None and node.outputs[0] not in graph.outputs:
+                # a registered position_ids buffer proven to hold arange(N) + c: its slice
+                # [:, 0:T] is the first T positions, which per row are kv_positions + c
+                replace[node.outputs[0]] = _shifted_positions(positions, offset, node.outputs[0].dtype, prefix)
+                continue
+            shared = True
             new_nodes[id(node)] = Node("slice", node.inputs, {**a, "start": cache_len, "end": cache_len + seq},
                                        node.outputs, {**node.meta, "pass": "kv_cache"})
 
-    nodes = [new_nodes.get(id(n), n) for n in graph.nodes]
+    nodes = []
+    producers = graph.producers()
+    for n in graph.nodes:
+        lookup = row_lookup(graph, n, producers)
+        if lookup is not None and lookup[1] in replace:
+            nodes += _embedding_rows(n, *lookup)  # GPT-J's gather of sin/cos rows at the positions
+        elif any(v in replace for v in n.inputs[1:]) and (c := uniform_gather_value(graph, n)) is not None:
+            nodes += _filled_like(n, c)  # reads the positions but not their values
+        elif id(n) in filled:
+            nodes += filled[id(n)]
+        else:
+            nodes.append(new_nodes.get(id(n), n))
     out = graph.with_nodes(nodes)
     out.inputs = list(graph.inputs) + [Value(SymType(), hint=str(cache_len), attrs={"role": roles.CACHE_LEN})]
     out.input_names = list(graph.input_names) + [str(cache_len)]
     per_row = False
     if replace:
-        retyped = _retype(out, replace, prefix) if not shared else None
+        # dead_code_elimination: what only the rewritten lookups read (GPT-J's index repeat)
+        retyped = _retype(dead_code_elimination(out), replace, prefix) if not shared else None
         if retyped is not None:
             out, per_row = retyped, True
         else:
@@ -385,6 +409,9 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
                 nodes.append(n)
                 if n.op == "arange" and any(u.outputs[0] in replace for u in users.get(n.outputs[0], [])):
                     nodes[-1] = Node("arange", (), {**n.attrs, "start": cache_len, "end": cache_len + seq},
+                                     n.outputs, {**n.meta, "pass": "kv_cache"})
+                elif n.op == "slice" and n.outputs[0] in replace:  # a position_ids buffer's slice
+                    nodes[-1] = Node("slice", n.inputs, {**n.attrs, "start": cache_len, "end": cache_len + seq},
                                      n.outputs, {**n.meta, "pass": "kv_cache"})
             out = out.with_nodes(nodes)
     elif not shared and table_limit is None and not _reads_positions(graph, seq):
@@ -396,6 +423,43 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
         out.input_names.append(POSITIONS)
     table_limit = _position_table_limit(out, table_limit, positions if per_row else None, seq, cache_len)
     return out, per_row, table_limit
+
+
+def _shifted_positions(positions: Value, offset: int, dtype: torch.dtype, prefix: list[Node]) -> Value:
+    """positions + offset, cast to `dtype`: the nodes that compute it go on `prefix`."""
+    batch, seq = positions.shape
+    new = positions
+    if offset:
+        const = Node("const", (), {"value": offset, "dtype": torch.int64},
+                     (Value(TensorType((), torch.int64)),), {"pass": "kv_cache"})
+        new = Value(TensorType((batch, seq), torch.int64))
+        prefix += [const, Node("add", (positions, const.outputs[0]), {}, (new,), {"pass": "kv_cache"})]
+    if dtype != torch.int64:
+        cast = Value(TensorType((batch, seq), dtype))
+        prefix.append(Node("cast", (new,), {"dtype": dtype}, (cast,), {"pass": "kv_cache"}))
+        new = cast
+    return new
+
+
+def _embedding_rows(node: Node, table: Value, ids: Value) -> list[Node]:
+    """`embedding(table, ids)` in place of `node` (position_tables.row_lookup); a [1, N, D]
+    table is viewed as [N, D] first."""
+    meta = {**node.meta, "pass": "kv_cache"}
+    out = []
+    if table.rank == 3:
+        rows = Value(TensorType(tuple(table.shape[1:]), table.dtype))
+        out.append(Node("view", (table,), {"shape": tuple(table.shape[1:])}, (rows,), meta))
+        table = rows
+    return out + [Node("embedding", (table, ids), {}, node.outputs, meta)]
+
+
+def _filled_like(node: Node, value) -> list[Node]:
+    """`expand(const(value))` to the shape and dtype of `node`'s result, in its place."""
+    out = node.outputs[0]
+    scalar = Value(TensorType((), out.dtype))
+    meta = {**node.meta, "pass": "kv_cache"}
+    return [Node("const", (), {"value": value, "dtype": out.dtype}, (scalar,), meta),
+            Node("expand", (scalar,), {"shape": tuple(out.shape)}, (out,), meta)]
 
 
 def _reads_positions(graph: Graph, seq) -> bool:
@@ -572,11 +636,18 @@ def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: 
 SCANS = ("aten.cumsum.", "aten.cumprod.", "aten.cummax.", "aten.cummin.", "aten.logcumsumexp.", "aten.diff.")
 
 
-def _check_nothing_runs_along_the_sequence(graph: Graph, seq):
+# ATen convolutions: each output element mixes a window of inputs along the spatial dims
+CONVOLUTIONS = ("aten.conv1d.", "aten.conv2d.", "aten.conv3d.", "aten.convolution.", "aten._convolution.",
+                "aten.conv_transpose1d.", "aten.conv_transpose2d.", "aten.conv_transpose3d.")
+
+
+def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch):
     """With a cache, T counts only the new tokens: an op that combines values along the
     sequence outside attention (a cumulative sum of a padding mask into positions, as
-    RoBERTa-family models compute them from input_ids; a reduction over T) would see only
-    those and give other numbers than over the whole sequence: refuse."""
+    RoBERTa-family models compute them from input_ids; a reduction over T; a short causal
+    convolution, as in LFM hybrids; a matmul contracting over T, as linear attention does)
+    would see only those and give other numbers than over
+    the whole sequence: refuse."""
     for n in graph.nodes:
         if n.op == "torch_call" and n.attrs["target"].startswith(SCANS) and n.inputs:
             x = n.inputs[0]
@@ -586,12 +657,41 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq):
                 raise KVCacheError("kv_cache: this op runs along the sequence (each result depends on the earlier "
                                    "tokens), which with a cache are not in the step's input: the pass cannot "
                                    f"tell what it computes then\n  at: {_describe(graph, n)}")
+        elif n.op == "torch_call" and n.attrs["target"].startswith(CONVOLUTIONS) and len(n.inputs) >= 2:
+            x, weight = n.inputs[0], n.inputs[1]
+            # dims 2.. are the spatial ones; a kernel of size 1 along T mixes no tokens
+            along = [d for d in range(2, min(x.rank, weight.rank)) if _mentions(x.shape[d], seq)
+                     and not (weight.shape[d].is_number and int(weight.shape[d]) == 1)]
+            if along:
+                raise KVCacheError("kv_cache: this convolution runs along the sequence (its kernel spans "
+                                   f"{weight.shape[along[0]]} tokens: a short convolution carries state from the "
+                                   "earlier tokens, which with a cache are not in the step's input, and the cache "
+                                   "keeps only attention's keys and values)\n  at: " + _describe(graph, n))
+        elif n.op == "matmul" and len(n.inputs) == 2 and n.inputs[0].rank >= 2 \
+                and _mentions(n.inputs[0].shape[-1], seq) and not _token_count(n.inputs[0].shape[-1], batch, seq):
+            # contracts over the tokens outside a fused attention: linear attention (MiniMax's
+            # lightning attention), or an attention fuse_attention did not take
+            raise KVCacheError("kv_cache: this matmul sums over the sequence outside attention (linear attention, "
+                               "say); with a cache it would see only the new tokens, and the cache keeps only "
+                               f"attention's keys and values\n  at: {_describe(graph, n)}")
         elif OPS[n.op].kind == "reduction" and n.inputs:
             x = n.inputs[0]
             dims = n.attrs.get("dims", (n.attrs["dim"],) if "dim" in n.attrs else ())
             if any(_mentions(x.shape[d % x.rank], seq) for d in dims if x.rank):
                 raise KVCacheError("kv_cache: this op reduces over the sequence outside attention; with a cache "
                                    f"it would see only the new tokens\n  at: {_describe(graph, n)}")
+
+
+def _one_value_per_token(node: Node, seq) -> bool:
+    """A `full` of one value whose shape has T as exactly one of its dims (BERT's default
+    token_type_ids, zeros [B, T]; a rotary magnitude of ones [1, T, D]): one element per new
+    token and the same value whatever its position, so with a cache it means what it meant
+    over the whole sequence. T in two dims ([T, T], pairwise over tokens) or inside an
+    expression (T + 1, a length derived from T) is not that, and stays refused."""
+    if node.op != "full":
+        return False
+    dims = [d for d in node.attrs["shape"] if _mentions(d, seq)]
+    return len(dims) == 1 and dims[0] == seq
 
 
 def _check_no_other_length_ops(graph: Graph, seq, batch):
@@ -608,7 +708,7 @@ def _check_no_other_length_ops(graph: Graph, seq, batch):
             mentions |= any(length(d) for d in a.get("shape", ()) if isinstance(d, sympy.Basic))
             starts_at_cache = n.op == "arange" and isinstance(a.get("start"), sympy.Basic) and \
                 not a["start"].is_number
-            if mentions and not starts_at_cache:
+            if mentions and not starts_at_cache and not _one_value_per_token(n, seq):
                 raise KVCacheError("kv_cache: this op builds a tensor from the sequence length, and the pass "
                                    "cannot tell what it means once T counts only the new tokens (a mask or a "
                                    f"position it does not know)\n  at: {_describe(graph, n)}")

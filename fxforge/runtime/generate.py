@@ -35,6 +35,7 @@ DEFAULTS = {
     "max_new_tokens": None, "max_length": 20, "min_new_tokens": None, "min_length": 0,
     "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
     "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "encoder_no_repeat_ngram_size": 0,
     "eos_token_id": None, "pad_token_id": None, "stop_strings": None,
     "num_beams": 1, "length_penalty": 1.0, "early_stopping": False, "num_return_sequences": 1,
     "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
@@ -48,9 +49,9 @@ UNSUPPORTED = {
     "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None, "top_h": None, "min_p": None,
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "bad_words_ids": None, "force_words_ids": None,
     "constraints": None, "sequence_bias": None,
-    "suppress_tokens": None, "begin_suppress_tokens": None, "exponential_decay_length_penalty": None,
+    "exponential_decay_length_penalty": None,
     "guidance_scale": None, "renormalize_logits": False, "remove_invalid_values": False,
-    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "max_time": None,
+    "encoder_repetition_penalty": 1.0, "max_time": None,
     "low_memory": None, "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "dola_layers": None,
     "watermarking_config": None, "token_healing": False, "output_attentions": False,
     "output_hidden_states": False, "min_tokens_to_keep": None, "custom_generate": None,
@@ -97,9 +98,11 @@ def defaults_from_generation_config(config) -> dict:
 
 
 def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int, padded: bool,
-                        cache_bytes=None, memory_bytes: int | None = None):
+                        cache_bytes=None, memory_bytes: int | None = None, shifted_positions_ok: bool = False):
     """Every limit is checked before any work, not discovered mid-generation.
-    cache_bytes(batch, positions): the KV cache's size; memory_bytes: what the device has."""
+    cache_bytes(batch, positions): the KV cache's size; memory_bytes: what the device has.
+    shifted_positions_ok: the source model itself gives left-padded rows shifted positions
+    (it takes no position_ids), so positions shared by the batch are what it computes."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     total = prompt_len + max_new_tokens
@@ -116,7 +119,7 @@ def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int
             raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) needs a KV cache "
                              f"of {need / 2**30:.3g} GiB for batch {batch}, more than this device's memory "
                              f"({memory_bytes / 2**30:.3g} GiB); ask for fewer tokens or a smaller batch")
-    if padded and not layout.per_row_positions:
+    if padded and not layout.per_row_positions and not shifted_positions_ok:
         raise ValueError("this model's positions could not be made per row by the kv_cache pass (see its report "
                          "note), so left-padded batches would get shifted positions; generate prompts of equal "
                          "length, or one at a time")
@@ -246,11 +249,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         raise ValueError("streamer cannot be used with beam search (as in transformers)")
     # beams, or sampled sequences, are rows of their own (transformers' input expansion)
     expand = max(beams, s["num_return_sequences"])
+    prompt = input_ids  # before the expansion: encoder_no_repeat_ngram_size reads it per prompt
     if expand > 1:
         input_ids, pad = input_ids.repeat_interleave(expand, dim=0), pad.repeat_interleave(expand, dim=0)
     rows = input_ids.shape[0]
     check_generate_args(model.kv_layout, rows, prompt_len, new_tokens, bool((pad > 0).any()),
-                        model.kv_cache_bytes, device_memory_bytes(device))
+                        model.kv_cache_bytes, device_memory_bytes(device),
+                        getattr(model, "left_padding_shifts_positions", False))
     model.check_step_sizes(rows, [prompt_len] + ([1] if new_tokens > 1 else []))
 
     eos = _as_list(s["eos_token_id"])
@@ -263,7 +268,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         repetition_penalty=s["repetition_penalty"], pad=pad, no_repeat_ngram_size=s["no_repeat_ngram_size"],
         min_length=min_length, eos=eos_t, do_sample=s["do_sample"], temperature=s["temperature"],
         top_k=s["top_k"], top_p=s["top_p"], custom=logits_processor, forced_bos=s["forced_bos_token_id"],
-        forced_eos=_as_list(s["forced_eos_token_id"]), max_length=prompt_len + new_tokens)
+        forced_eos=_as_list(s["forced_eos_token_id"]), max_length=prompt_len + new_tokens,
+        suppress_tokens=s["suppress_tokens"], begin_suppress_tokens=s["begin_suppress_tokens"], prompt_len=prompt_len,
+        prompt_no_repeat_ngram_size=s["encoder_no_repeat_ngram_size"], prompt=prompt)
     criteria = _stopping(s["stop_strings"], tokenizer, stopping_criteria)
     want_scores = s["return_dict_in_generate"] and s["output_scores"]
     want_logits = s["return_dict_in_generate"] and s["output_logits"]

@@ -1,9 +1,9 @@
 """Logits processors for generate(), each a callable (input_ids [N, L], scores [N, V]) ->
 scores, applied as a list in transformers' order (GenerationMixin._get_logits_processor):
 
-    repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens, forced_bos_token_id,
-    forced_eos_token_id, the caller's own processors (logits_processor=), then, only when
-    sampling, temperature, top_k, top_p.
+    repetition_penalty, no_repeat_ngram_size, encoder_no_repeat_ngram_size, min_length, min_new_tokens, forced_bos_token_id,
+    forced_eos_token_id, suppress_tokens, begin_suppress_tokens, the caller's own processors
+    (logits_processor=), then, only when sampling, temperature, top_k, top_p.
 
 Each follows the transformers processor of the same name exactly (which tokens it
 touches, how it treats negative logits, the prompt and the padding), so greedy and beam
@@ -55,6 +55,34 @@ class NoRepeatNGram:
         return scores.masked_fill(banned[:, :vocab], -float("inf"))
 
 
+class PromptNoRepeatNGram:
+    """transformers' encoder_no_repeat_ngram_size for a decoder-only model, whose
+    "encoder input" is the prompt: a token that would complete an n-gram of the row's
+    prompt (its left padding included, as transformers counts it) gets -inf. `prompt` is
+    the batch before beams or samples expand it; rows of `input_ids` are its rows in order,
+    each repeated len(input_ids) // len(prompt) times."""
+
+    def __init__(self, n: int, prompt: torch.Tensor):
+        self.n, self.rows = n, prompt.shape[0]
+        self.ngrams = []
+        for row in prompt.tolist():
+            table: dict[tuple, list[int]] = {}
+            for gram in zip(*[row[i:] for i in range(n)]):
+                table.setdefault(tuple(gram[:-1]), []).append(gram[-1])
+            self.ngrams.append(table)
+
+    def __call__(self, input_ids, scores):
+        per_row = scores.shape[0] // self.rows
+        length = input_ids.shape[-1]
+        out = scores.clone()
+        for i in range(scores.shape[0]):
+            # the last n - 1 tokens, sliced as transformers slices them
+            banned = self.ngrams[i // per_row].get(tuple(input_ids[i][length + 1 - self.n:length].tolist()), [])
+            if banned:
+                out[i, banned] = -math.inf
+        return out
+
+
 class MinLength:
     """EOS gets -inf while the row (prompt included) is shorter than `min_length`."""
 
@@ -94,6 +122,21 @@ class ForcedEOS:
         out = torch.full_like(scores, -math.inf)
         out[:, self.eos] = 0
         return out
+
+
+class SuppressTokens:
+    """`tokens` get -inf at every step (ids outside the vocabulary are ignored, as in
+    transformers). `at_length`: only at the step whose row (prompt included) has that
+    length, the first generated token (begin_suppress_tokens)."""
+
+    def __init__(self, tokens, at_length: int | None = None):
+        self.tokens, self.at_length = torch.as_tensor(list(tokens), dtype=torch.long), at_length
+
+    def __call__(self, input_ids, scores):
+        if self.at_length is not None and input_ids.shape[-1] != self.at_length:
+            return scores
+        vocab = torch.arange(scores.shape[-1], device=scores.device)
+        return torch.where(torch.isin(vocab, self.tokens.to(scores.device)), -math.inf, scores)
 
 
 class Temperature:
@@ -140,26 +183,41 @@ def warpers(temperature: float, top_k: int | None, top_p: float | None) -> list:
 
 def processors(*, repetition_penalty=None, pad=None, no_repeat_ngram_size=None, min_length=None, eos=None,
                do_sample=False, temperature=1.0, top_k=None, top_p=None, custom=(), forced_bos=None,
-               forced_eos=None, max_length=None) -> list:
+               forced_eos=None, max_length=None, suppress_tokens=None, begin_suppress_tokens=None,
+               prompt_len=None, prompt_no_repeat_ngram_size=None, prompt=None) -> list:
     """The processor list of one generate() call. `pad`: left padding per row; `eos`: a
     tensor of EOS ids or None; `min_length` counts the prompt (min_new_tokens already
     folded in by the caller, as transformers does); `forced_bos`: a token id or None;
-    `forced_eos`: a list of token ids (or None), forced at `max_length` - 1 (prompt included)."""
+    `forced_eos`: a list of token ids (or None), forced at `max_length` - 1 (prompt included);
+    `suppress_tokens` at every step, `begin_suppress_tokens` at the first generated one
+    (`prompt_len` long rows; one later after a one-token prompt with forced_bos, as in
+    transformers); `prompt_no_repeat_ngram_size` (encoder_no_repeat_ngram_size) over `prompt`."""
     out = []
     if repetition_penalty is not None and repetition_penalty != 1.0:
         out.append(RepetitionPenalty(repetition_penalty, pad))
     if no_repeat_ngram_size is not None and no_repeat_ngram_size > 0:
         out.append(NoRepeatNGram(no_repeat_ngram_size))
+    if prompt_no_repeat_ngram_size is not None and prompt_no_repeat_ngram_size > 0:
+        out.append(PromptNoRepeatNGram(prompt_no_repeat_ngram_size, prompt))
     if min_length is not None and min_length > 0 and eos is not None:
         out.append(MinLength(min_length, eos))
     if forced_bos is not None:
         out.append(ForcedBOS(forced_bos))
     if forced_eos:
         out.append(ForcedEOS(max_length, forced_eos))
+    if suppress_tokens is not None:
+        out.append(SuppressTokens(_ids(suppress_tokens)))
+    if begin_suppress_tokens is not None:
+        begin = prompt_len if prompt_len > 1 or forced_bos is None else prompt_len + 1
+        out.append(SuppressTokens(_ids(begin_suppress_tokens), at_length=begin))
     out += list(custom or ())  # the caller's processors come before the warpers, as in transformers
     if do_sample:
         out += warpers(temperature, top_k, top_p)
     return out
+
+
+def _ids(tokens) -> list[int]:
+    return [int(tokens)] if isinstance(tokens, int) else [int(t) for t in tokens]
 
 
 def apply(processor_list, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,9 @@ class OptimizedModel:
         self._caches = CachePool(self._allocate_cache)
         # eos/pad tokens generate() uses when not given (from a transformers generation_config)
         self.generation_defaults: dict = {}
+        # the source model gives left-padded rows shifted positions itself (api.py): shared
+        # positions then serve left-padded batches exactly
+        self.left_padding_shifts_positions = False
         self.config = None  # the source model's config (a transformers PretrainedConfig), if any
         # the graph as the passes left it, before the backend's planning: save() writes it,
         # to() rebuilds from it (build.assemble sets it)
@@ -300,6 +303,7 @@ class OptimizedModel:
         rebuilt = assemble(graph, self.spec, backend, device or self.device, self.model_name, self.stats,
                            self._dumps, self.capture_seconds)
         rebuilt.generation_defaults, rebuilt.config = self.generation_defaults, self.config
+        rebuilt.left_padding_shifts_positions = self.left_padding_shifts_positions
         self.__dict__.update(rebuilt.__dict__)
         return self
 

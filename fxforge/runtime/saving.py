@@ -52,6 +52,7 @@ def save_model(fast, path: str) -> str:
         "model_name": fast.model_name,
         "call_spec": call_spec_to_json(fast.spec),
         "generation_defaults": dict(fast.generation_defaults),
+        "left_padding_shifts_positions": bool(fast.left_padding_shifts_positions),
         "config": _config_to_json(fast.config),
         "aliases": aliases,
     }
@@ -116,6 +117,7 @@ def load_model(path: str, *, backend="auto", device=None, cpu_linear: bool | str
     fast = model_from_ir(text, weights, spec=call_spec_from_json(meta["call_spec"]), name=meta["model_name"],
                          backend=backend, device=device, cpu_linear=cpu_linear)
     fast.generation_defaults = dict(meta["generation_defaults"])
+    fast.left_padding_shifts_positions = bool(meta.get("left_padding_shifts_positions", False))  # older saves
     fast.config = _config_from_json(meta["config"])
     return fast
 
