@@ -114,6 +114,22 @@ def paged_slots(table_row, row_start, n_idx, n_valid, page: tl.constexpr, pages)
 
 
 @triton.jit
+def read_kv_tile(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, q_dtype,
+                 table_row, row_start, pages, PAGED: tl.constexpr, PAGE: tl.constexpr, DOT_F32: tl.constexpr):
+    """The K and V tile of keys n_idx (load_kv_block), read in place from a dense cache or,
+    when PAGED, through the row's block table (paged_slots). Shared by the prefill and the
+    decode kernels."""
+    if PAGED:
+        slot, inside = paged_slots(table_row, row_start, n_idx, n_valid, PAGE, pages)
+        k, v = load_kv_block(k_base, v_base, slot, inside, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
+        k = k.to(q_dtype)  # a cache narrower than the queries (KVCacheConfig.dtype)
+        v = v.to(q_dtype)
+    else:
+        k, v = load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
+    return k, v
+
+
+@triton.jit
 def online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     """Fold one block of scores s [M, N] (log2 units, -inf where masked) and values
     v [N, D] into the running max m_i, sum l_i and output acc (FlashAttention's online
@@ -182,6 +198,7 @@ def _attention_kernel(
     else:
         k_base = k_ptr + b * skb + kvh * skh
         v_base = v_ptr + b * svb + kvh * svh
+        table_row, row_start = table_ptr, 0  # unused: read_kv_tile reads the cache in place
 
     # exp2 is the fast path on GPUs: fold log2(e) into the scale once.
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -202,13 +219,8 @@ def _attention_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         n_idx = start_n + offs_n
         n_valid = n_idx < TK
-        if PAGED:
-            slot, inside = paged_slots(table_row, row_start, n_idx, n_valid, PAGE, pages)
-            k, v = load_kv_block(k_base, v_base, slot, inside, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
-            k = k.to(q.dtype)  # a cache narrower than the queries (KVCacheConfig.dtype)
-            v = v.to(q.dtype)
-        else:
-            k, v = load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
+        k, v = read_kv_tile(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, q.dtype,
+                            table_row, row_start, pages, PAGED, PAGE, DOT_F32)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # already in log2 units
         if SOFTCAP:
             s = tanh_f32(s / softcap) * softcap

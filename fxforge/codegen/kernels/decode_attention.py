@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ...ir.ops import attention_reference
 from ...ir.ops import attention_operands
-from .attention import check_paged, check_variants, load_kv_block, online_softmax_step, paged_slots, tanh_f32
+from .attention import check_paged, check_variants, online_softmax_step, read_kv_tile, tanh_f32
 
 __all__ = ["decode_attention_triton", "paged_decode_attention_triton", "attention_reference", "num_splits", "split_launch", "combine_block"]
 
@@ -75,6 +75,7 @@ def _decode_split_kernel(
     else:
         k_base = k_ptr + b * skb + kvh * skh
         v_base = v_ptr + b * svb + kvh * svh
+        table_row, row_start = table_ptr, 0  # unused: read_kv_tile reads the cache in place
 
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
@@ -86,13 +87,8 @@ def _decode_split_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         n_idx = start_n + offs_n
         n_valid = n_idx < hi
-        if PAGED:
-            slot, inside = paged_slots(table_row, row_start, n_idx, n_valid, PAGE, pages)
-            k, v = load_kv_block(k_base, v_base, slot, inside, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
-            k = k.to(q.dtype)  # a cache narrower than the queries (KVCacheConfig.dtype)
-            v = v.to(q.dtype)
-        else:
-            k, v = load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
+        k, v = read_kv_tile(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, q.dtype,
+                            table_row, row_start, pages, PAGED, PAGE, DOT_F32)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # log2 units
         if SOFTCAP:
             s = tanh_f32(s / softcap) * softcap

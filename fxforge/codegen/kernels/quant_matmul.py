@@ -136,6 +136,21 @@ def _nf4_value(q):
 
 
 @triton.jit
+def _tile_offsets(N, WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The rows and columns of this program's output tile. A 1-D grid (axis 1 of a CUDA grid
+    stops at 65535 programs), N tiles varying fastest; WIDE (an operand spans 2**31 elements
+    or more) computes the offsets in 64 bits."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_n
+    pid_m = pid // num_n
+    if WIDE:
+        pid_n = pid_n.to(tl.int64)
+        pid_m = pid_m.to(tl.int64)
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def _weight_only_kernel(
     # pointers
     x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
@@ -148,16 +163,7 @@ def _weight_only_kernel(
     FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # a 1-D grid (axis 1 of a CUDA grid stops at 65535 programs); N tiles vary fastest
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_n = pid % num_n
-    pid_m = pid // num_n
-    if WIDE:  # an operand spans 2**31 elements or more: offsets in 64 bits
-        pid_n = pid_n.to(tl.int64)
-        pid_m = pid_m.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _tile_offsets(N, WIDE, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -221,16 +227,7 @@ def _w8a8_kernel(
     HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # a 1-D grid (axis 1 of a CUDA grid stops at 65535 programs); N tiles vary fastest
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_n = pid % num_n
-    pid_m = pid // num_n
-    if WIDE:  # an operand spans 2**31 elements or more: offsets in 64 bits
-        pid_n = pid_n.to(tl.int64)
-        pid_m = pid_m.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _tile_offsets(N, WIDE, BLOCK_M, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     if SPLIT:
