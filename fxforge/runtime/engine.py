@@ -258,21 +258,30 @@ class Engine:
         budget = self.prefill_chunk
         while budget > 0 and len(self._rows) < self.max_batch:
             if self._prefilling is None:
-                with self._lock:
-                    if not self._waiting:
-                        return
-                    request = self._waiting.popleft()
-                self._prefilling = _Prefill(request)
+                self._prefilling = self._next_prefill()
+                if self._prefilling is None:
+                    return
             job = self._prefilling
             n = job.request.prompt.numel()
             if job.done < n:
                 take = min(budget, n - job.done)
+                cache = self._prefill_cache(job, job.done + take)
                 job.logits = self.model.run_cached(job.seq[:, job.done:job.done + take], job.done, job.pad,
-                                                   self._scratch)[:, -1, :].float()
+                                                   cache)[:, -1, :].float()
                 job.done += take
                 budget -= take
             if job.done < n or not self._join(job):
                 return  # the rest of the prompt next step, or no room yet: it waits
+
+    def _next_prefill(self) -> "_Prefill | None":
+        """The oldest waiting request, to prefill (None: nothing can start now)."""
+        with self._lock:
+            return _Prefill(self._waiting.popleft()) if self._waiting else None
+
+    def _prefill_cache(self, job: "_Prefill", tokens: int):
+        """The cache a request's prompt goes into, with room for its first `tokens`: the
+        scratch cache, copied into the batch's rows when the request joins."""
+        return self._scratch
 
     def _join(self, job: "_Prefill") -> bool:
         """Move a prefilled request into the batch if the cache has room for every row's
@@ -289,10 +298,15 @@ class Engine:
         slot = len(self._rows)
         for big, small in zip(self._cache.buffers, self._scratch.buffers):
             big[slot, :, start - n:start] = small[0, :, :n]
-        row.cached = n
+        return self._enter(row, n, job.logits)
+
+    def _enter(self, row: _Row, cached: int, logits: torch.Tensor) -> bool:
+        """A prefilled row (its first `cached` positions in the cache) joins the batch and
+        takes its first new token from the prompt's last logits."""
+        row.cached = cached
         self._rows.append(row)
         self._prefilling = None
-        self._take_token(row, job.logits)
+        self._take_token(row, logits)
         return True
 
     def _decode(self):
@@ -305,7 +319,11 @@ class Engine:
             r.cached += 1
         self.peak_cached_tokens = max(self.peak_cached_tokens, sum(r.cached for r in rows))
         self._account(self.max_batch * self.capacity, sum(r.cached for r in rows))
-        for i, r in enumerate(list(rows)):
+        self._hand_out(logits)
+
+    def _hand_out(self, logits: torch.Tensor):
+        """Each running row takes its token from its row of a decode step's logits."""
+        for i, r in enumerate(list(self._rows)):
             self._take_token(r, logits[i:i + 1])
 
     def _take_token(self, row: _Row, logits: torch.Tensor):

@@ -87,42 +87,31 @@ class PagedEngine(Engine):
                              "tokens")
 
     # -- the step's parts (see Engine._admit for the order) -----------------------------------
-    def _admit(self):
-        budget = self.prefill_chunk
-        while budget > 0 and len(self._rows) < self.max_batch:
-            if self._prefilling is None:
-                with self._lock:
-                    if not self._waiting:
-                        return
-                    request = self._waiting[0]
-                    need = blocks_for(request.prompt.numel() + request.max_new_tokens, self.block_size)
-                    if not self.allocator.reserve(need):
-                        return  # not enough blocks to promise: it waits for a request to finish
-                    self._waiting.popleft()
-                job = _Prefill(request)
-                job.kv = _Blocks(need)
-                self._prefilling = job
-            job = self._prefilling
-            n = job.request.prompt.numel()
-            if job.done < n:
-                take = min(budget, n - job.done)
-                job.kv.grow(self.allocator, job.done + take, self.block_size)
-                self.cache.use_rows([job.kv.blocks])
-                job.logits = self.model.run_cached(job.seq[:, job.done:job.done + take], job.done, job.pad,
-                                                   self.cache)[:, -1, :].float()
-                job.done += take
-                budget -= take
-            if job.done < n:
-                return  # the rest of the prompt next step
-            self._join(job)
+    def _next_prefill(self) -> _Prefill | None:
+        """The oldest waiting request, once the blocks for its longest possible length
+        (prompt + max_new_tokens) can be promised; until then it waits, first in first out."""
+        with self._lock:
+            if not self._waiting:
+                return None
+            request = self._waiting[0]
+            need = blocks_for(request.prompt.numel() + request.max_new_tokens, self.block_size)
+            if not self.allocator.reserve(need):
+                return None  # not enough blocks to promise: it waits for a request to finish
+            self._waiting.popleft()
+        job = _Prefill(request)
+        job.kv = _Blocks(need)
+        return job
+
+    def _prefill_cache(self, job: _Prefill, tokens: int):
+        """The prompt goes straight into the request's own blocks (no copy when it joins)."""
+        job.kv.grow(self.allocator, tokens, self.block_size)
+        self.cache.use_rows([job.kv.blocks])
+        return self.cache
 
     def _join(self, job: _Prefill) -> bool:
         row = _Row(job.request, job.seq)
-        row.kv, row.cached = job.kv, job.request.prompt.numel()
-        self._rows.append(row)
-        self._prefilling = None
-        self._take_token(row, job.logits)
-        return True
+        row.kv = job.kv
+        return self._enter(row, job.request.prompt.numel(), job.logits)
 
     def _decode(self):
         rows = self._rows
@@ -139,8 +128,7 @@ class PagedEngine(Engine):
         self.peak_cached_tokens = max(self.peak_cached_tokens, held)
         self.peak_allocated_blocks = max(self.peak_allocated_blocks, self.allocator.used)
         self._account(self.allocator.used * self.block_size, held)
-        for i, r in enumerate(list(rows)):
-            self._take_token(r, logits[i:i + 1])
+        self._hand_out(logits)
 
     def _retire(self, row: _Row):
         """The row leaves and its blocks (and the rest of its promise) go back; no other row moves."""
