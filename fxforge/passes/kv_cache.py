@@ -592,12 +592,18 @@ def _position_table_limit(graph: Graph, limit, positions, seq, cache_len) -> int
 
 
 # -- attention -----------------------------------------------------------------------------
+def key_bias_input(graph: Graph, batch, cache_len, seq) -> Value:
+    """The %kv_bias input both layouts add: [B, 1, 1, L + T] in the first attention's query
+    dtype, 0 or a very negative number per key (a row's left padding)."""
+    bias_dtype = next(n for n in graph.nodes if n.op == "attention").inputs[0].dtype
+    return Value(TensorType((batch, 1, 1, cache_len + seq), bias_dtype), hint=KV_BIAS,
+                 attrs={"role": roles.KEY_BIAS})
+
+
 def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: KVCacheConfig):
     from ..ir.builder import Builder
 
-    bias_dtype = graph.nodes[[n.op for n in graph.nodes].index("attention")].inputs[0].dtype
-    kv_bias = Value(TensorType((batch, 1, 1, cache_len + seq), bias_dtype), hint=KV_BIAS,
-                    attrs={"role": roles.KEY_BIAS})
+    kv_bias = key_bias_input(graph, batch, cache_len, seq)
     states: list[Value] = []
     nodes: list[Node] = []
     renamed: dict[Value, Value] = {}

@@ -38,13 +38,11 @@ def rewrite_attention_paged(graph: Graph, seq, batch, cache_len, config):
     """The attention rewrite of the paged layout; returns (graph, layers, bytes per token)
     like the dense rewrite in kv_cache.py."""
     from ..ir.builder import Builder
-    from .kv_cache import KV_BIAS, _fresh_symbol
+    from .kv_cache import KV_BIAS, _fresh_symbol, key_bias_input
 
     num_blocks = _fresh_symbol(graph, NUM_BLOCKS)
     per_row = _fresh_symbol(graph, BLOCKS_PER_ROW)
-    bias_dtype = next(n for n in graph.nodes if n.op == "attention").inputs[0].dtype
-    kv_bias = Value(TensorType((batch, 1, 1, cache_len + seq), bias_dtype), hint=KV_BIAS,
-                    attrs={"role": roles.KEY_BIAS})
+    kv_bias = key_bias_input(graph, batch, cache_len, seq)
     table = Value(TensorType((batch, per_row), torch.int32), hint=BLOCK_TABLE, attrs={"role": roles.BLOCK_TABLE})
     row_start = Value(TensorType((batch,), torch.int32), hint=ROW_START, attrs={"role": roles.ROW_START})
     slots = Value(TensorType((batch, seq), torch.int64), hint=SLOTS, attrs={"role": roles.SLOT_MAPPING})
