@@ -61,6 +61,9 @@ def timing(monkeypatch, tmp_path):
     monkeypatch.delenv(cpu_linear_cache.FOLDER_VARIABLE, raising=False)
     monkeypatch.setenv("FXFORGE_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_linear, "COLD_BYTES", 4 << 20)  # keep the timing short in tests
+    # and let it finish on a busy CI machine: a shape cut short is not cached, and these
+    # tests count what the cache saves (test_shapes_cut_short_are_not_cached cuts on purpose)
+    monkeypatch.setattr(cpu_linear, "TIME_BUDGET_S", 30.0)
     sweeps = [0]
     real = cpu_linear._call_seconds
 
@@ -121,6 +124,22 @@ def test_second_optimize_reads_the_cache_and_builds_the_same_plan(timing, tmp_pa
     assert second.details["cpu_linear"]["timed"] == 0 and "read from the cache" in second.notes[-1]
     assert path in second_model.report()
     assert_matches_eager(model, second_model, vocab, [(1, 1), (2, 9)])
+
+
+def test_shapes_cut_short_are_not_cached(timing, monkeypatch):
+    """A busy machine that runs out of timing budget keeps F.linear for that model, but
+    does not write the guess to the cache: the next optimize() times those shapes again."""
+    model, vocab, example = small_llama()
+    real = cpu_linear.measure_choices
+    monkeypatch.setattr(cpu_linear, "measure_choices", lambda shapes, candidates: real(shapes, candidates, budget_s=0.0))
+    first = cpu_linear_stats(fxforge.optimize(model, example))
+    assert first.details["cpu_linear"]["cut_short"] == first.details["cpu_linear"]["timed"] > 0
+    assert "not cached: the next optimize() times them again" in first.notes[-1]
+    monkeypatch.setattr(cpu_linear, "measure_choices", real)
+    second = cpu_linear_stats(fxforge.optimize(model, example))
+    source = second.details["cpu_linear"]
+    assert source["from_cache"] == 0 and source["timed"] == first.details["cpu_linear"]["timed"]
+    assert source["cut_short"] == 0
 
 
 def test_only_the_shapes_missing_from_the_cache_are_timed(timing):

@@ -169,8 +169,11 @@ def _decisions(shapes: list[tuple[int, int]], mode: str) -> tuple[dict[str, Deci
     source = {"from_cache": len(shapes) - len(missing), "timed": len(missing),
               "timing_seconds": time.perf_counter() - timing_start, "cache_file": path, "cache_error": None,
               "cut_short": sum(decisions[shape_key(s)].rounds < MIN_ROUNDS for s in shapes)}
-    if timed:
-        source["cache_error"] = write_decisions(path, fingerprint, candidates, timed)
+    # A shape cut short (the budget ran out on a busy machine) keeps F.linear for this
+    # model only: caching it would fix that guess for every later run on this machine.
+    complete = {key: d for key, d in timed.items() if d.rounds >= MIN_ROUNDS}
+    if complete:
+        source["cache_error"] = write_decisions(path, fingerprint, candidates, complete)
     return decisions, source
 
 
@@ -190,7 +193,7 @@ def _source_note(source: dict) -> str:
             note = f"{note}, saved to {source['cache_file']}"
     if source["cut_short"]:
         note += (f"; {_shapes(source['cut_short'])} kept F.linear because the timing budget ran out (a busy "
-                 f"machine?); cpu_linear=\"measure\" times them again")
+                 f"machine?), not cached: the next optimize() times them again")
     return note
 
 
