@@ -112,10 +112,20 @@ def generate_speed(model, cached, ids, n, device, repeat, compile_static):
 
     contenders = {"fxforge": ours, "transformers": hf}
     if compile_static:
-        model.forward = torch.compile(model.forward, mode="reduce-overhead" if device.type == "cuda" else None)
+        # On CUDA transformers compiles its decoding forward itself (reduce-overhead, CUDA
+        # graphs) when generate runs over a static cache; on the CPU it does not, so the
+        # forward is swapped for a compiled one during this contender's calls only (the
+        # plain contender must not run the compiled forward over a dynamic cache).
+        compiled = None if device.type == "cuda" else torch.compile(model.forward)
 
         def hf_compiled():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static")
+            if compiled is not None:
+                model.forward = compiled
+            try:
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache_implementation="static")
+            finally:
+                if compiled is not None:
+                    del model.forward
 
         contenders["transformers+torch.compile(static cache)"] = hf_compiled
     for fn in contenders.values():  # warm up (and compile)

@@ -9,14 +9,14 @@
 # nothing installed; the GPU image has torch 2.11 and triton 3.6). SmolLM2's GGUF is not
 # needed: decode uses a random-weight model of SmolLM2's shapes (speed does not depend on
 # the weights' values). A step that fails or runs out of time is recorded and the suite
-# goes on. Steps: FXFORGE_GPU_STEPS="tests attention decode decode_fp32 quant_linear elementwise".
+# goes on. Steps: FXFORGE_GPU_STEPS="tests attention decode decode_fp32 quant_linear elementwise launches serving".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_suite_out}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-STEPS=${FXFORGE_GPU_STEPS:-"tests attention decode decode_fp32 quant_linear elementwise"}
+STEPS=${FXFORGE_GPU_STEPS:-"tests attention decode decode_fp32 quant_linear elementwise launches serving"}
 STATUS="$OUT_DIR/steps.tsv"
 : > "$STATUS"
 
@@ -39,12 +39,19 @@ print(f"torch {torch.__version__}, triton {triton.__version__}, python {platform
 PY
 cat "$OUT_DIR/device.txt"
 
-run_step tests 170 env FXFORGE_TEST_DEVICE=cuda $PY -m pytest -q -x -p no:cacheprovider tests/kernels tests/test_gpu_e2e.py
+# the GPU machine has 16 cores: compile the kernel tests' specializations in parallel where
+# pytest-xdist is installed; no -x, so one run lists every failure
+PARALLEL=$($PY -c "import xdist" 2>/dev/null && echo "-n ${FXFORGE_GPU_TEST_WORKERS:-8}")
+TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
+run_step tests 170 env FXFORGE_TEST_DEVICE=cuda $PY -m pytest -q -rfE --tb=short -p no:cacheprovider $PARALLEL $TIMEOUT \
+    tests/kernels tests/test_gpu_e2e.py
 run_step attention 80 $PY benchmarks/attention.py --quick --out "$OUT_DIR/attention.json"
 run_step decode 150 $PY benchmarks/decode.py --model smollm2-random --dtype bfloat16 --tokens 64 --contexts 32,1024 --compile --out "$OUT_DIR/decode.json"
 run_step decode_fp32 60 $PY benchmarks/decode.py --model smollm2-random --dtype float32 --tokens 32 --contexts 32 --repeat 2 --out "$OUT_DIR/decode_fp32.json"
 run_step quant_linear 60 $PY benchmarks/quant_linear.py --rep 25 --no-torchao --out "$OUT_DIR/quant_linear.json"
 run_step elementwise 45 $PY benchmarks/elementwise.py --quick --out "$OUT_DIR/elementwise.json"
+run_step launches 40 $PY benchmarks/decode_launches.py
+run_step serving 90 $PY benchmarks/serving.py --model smollm2-random --requests 32 --skip-alone --out "$OUT_DIR/serving.json"
 
 $PY benchmarks/gpu_suite_report.py "$OUT_DIR" > "$OUT_DIR/summary.md"
 echo "== summary: $OUT_DIR/summary.md"

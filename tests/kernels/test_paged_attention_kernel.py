@@ -18,25 +18,26 @@ TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 def paged_case(starts, keys, tq, h=4, hkv=2, d=32, page=4, dtype=torch.float32, seed=0):
     """Rows with left padding `starts` over `keys` keys; each row's blocks are scattered
     over the pool (shuffled ids), the table wider than any row needs."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # a CPU generator: the case is built on the CPU, then moved
     b = len(starts)
     per_row = [-(-(keys - s) // page) for s in starts]
     width = max(per_row) + 1
     pool = sum(per_row) + 3
-    ids = torch.randperm(pool, generator=gen)
-    table = torch.zeros(b, width, dtype=torch.int32)
+    ids = torch.randperm(pool, generator=gen, device="cpu")
+    table = torch.zeros(b, width, dtype=torch.int32, device="cpu")
     at = 0
     for i, n in enumerate(per_row):
         table[i, :n] = ids[at:at + n].int()
         at += n
-    kc = torch.randn(pool, page, hkv, d, generator=gen).to(dtype)
-    vc = torch.randn(pool, page, hkv, d, generator=gen).to(dtype)
-    q = torch.randn(b, h, tq, d, generator=gen).to(dtype)
-    row_start = torch.tensor(starts, dtype=torch.int32)
-    bias = torch.zeros(b, 1, 1, keys)
+    kc = torch.randn(pool, page, hkv, d, generator=gen, device="cpu").to(dtype)
+    vc = torch.randn(pool, page, hkv, d, generator=gen, device="cpu").to(dtype)
+    q = torch.randn(b, h, tq, d, generator=gen, device="cpu").to(dtype)
+    row_start = torch.tensor(starts, dtype=torch.int32, device="cpu")
+    bias = torch.zeros(b, 1, 1, keys, device="cpu")
     for i, s in enumerate(starts):
         bias[i, ..., :s] = torch.finfo(torch.float32).min
-    return q, kc, vc, table, row_start, bias
+    # where the kernels run: the default device (CUDA under FXFORGE_TEST_DEVICE=cuda)
+    return tuple(t.to(torch.get_default_device()) for t in (q, kc, vc, table, row_start, bias))
 
 
 def check(kernel, q, kc, vc, table, row_start, bias, slopes=None, **variant):

@@ -256,13 +256,13 @@ def _w8a8_kernel(
                         mask=a_mask, other=0.0).to(tl.float32)
             inlier, outlier, any_out = _split_tile(x, mask_m, threshold, HAS_OUTLIERS)
             a = _round_to_int8(tl.math.div_rn(inlier, a_s[:, None]))
-            acc = tl.dot(a, w, acc)
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)  # triton 3.6 wants the int32 accumulator named
             if HAS_OUTLIERS:
                 if any_out:
                     acc_out = tl.dot(tl.where(outlier, x, 0.0), w.to(tl.float32), acc_out, input_precision="ieee")
         else:
             a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0)
-            acc = tl.dot(a, w, acc)
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
             if HAS_OUTLIERS:
                 # the outlier columns of x (zero elsewhere) against the int8 weight, in
                 # float32; a K tile without outliers (the usual case) skips it
