@@ -88,29 +88,47 @@ def per_token_latency(model, cached, plain, vocab, device, contexts, repeat):
         def step():
             cached.run_cached(seq[:, ctx:], ctx, pad, cache)  # decode token ctx (rewrites slot ctx)
 
-        row = {"context": ctx, "cached_ms": timed(step, device, repeat) * 1e3,
-               "fxforge_recompute_ms": timed(lambda: plain(seq), device, repeat) * 1e3,
-               "eager_recompute_ms": timed(lambda: model(seq), device, repeat) * 1e3}
+        row = {"context": ctx, "cached_ms": timed(step, device, repeat) * 1e3}
+        if cached.uses_static_decode():  # the step generate() runs: static buffers (a CUDA graph on a GPU)
+            static = cached.static_step(cache, 1)
+            row["static_step_ms"] = timed(lambda: static(seq[:, ctx:], ctx, pad), device, repeat) * 1e3
+        row.update({"fxforge_recompute_ms": timed(lambda: plain(seq), device, repeat) * 1e3,
+                    "eager_recompute_ms": timed(lambda: model(seq), device, repeat) * 1e3})
+        cached.release_kv_cache(cache)
         rows.append(row)
-        print(f"context {ctx:5d}: cached step {row['cached_ms']:8.2f} ms | recompute: fxforge "
-              f"{row['fxforge_recompute_ms']:8.2f} ms, eager {row['eager_recompute_ms']:8.2f} ms")
+        static = f", static step {row['static_step_ms']:8.2f} ms" if "static_step_ms" in row else ""
+        print(f"context {ctx:5d}: cached step {row['cached_ms']:8.2f} ms{static} | recompute: fxforge "
+              f"{row['fxforge_recompute_ms']:8.2f} ms, eager {row['eager_recompute_ms']:8.2f} ms", flush=True)
     return rows
 
 
 def generate_speed(model, cached, ids, n, device, repeat, compile_static):
     """Tokens/s of each contender, timed in interleaved rounds (fxforge, transformers,
     fxforge, ...) and reported as the median: on a shared machine the memory bandwidth
-    drifts over minutes, and back-to-back blocks would credit the drift to one side."""
+    drifts over minutes, and back-to-back blocks would credit the drift to one side.
+    torch.compile's contender comes last, in rounds of its own after the others are
+    printed: its compilation is the slow, fragile part, and must not cost the rest."""
 
     def ours():
         out = cached.generate(ids, n, eos_token_id=None)
         assert out.shape[1] == ids.shape[1] + n
 
+    def ours_eager_steps():
+        cached.static_decode = False
+        try:
+            ours()
+        finally:
+            cached.static_decode = None
+
     def hf():
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         assert out.shape[1] == ids.shape[1] + n
 
-    contenders = {"fxforge": ours, "transformers": hf}
+    label = "fxforge (CUDA graphs)" if cached.uses_static_decode() and device.type == "cuda" else "fxforge"
+    contenders = {label: ours, "transformers": hf}
+    if label != "fxforge":
+        contenders["fxforge (eager steps)"] = ours_eager_steps
+    results = _rounds(contenders, n, device, repeat)
     if compile_static:
         # On CUDA transformers compiles its decoding forward itself (reduce-overhead, CUDA
         # graphs) when generate runs over a static cache; on the CPU it does not, so the
@@ -127,7 +145,22 @@ def generate_speed(model, cached, ids, n, device, repeat, compile_static):
                 if compiled is not None:
                     del model.forward
 
-        contenders["transformers+torch.compile(static cache)"] = hf_compiled
+        try:
+            more = _rounds({"transformers+torch.compile(static cache)": hf_compiled, label: ours}, n, device, repeat)
+        except Exception as e:  # noqa: BLE001 - a compile failure is a result to report, not a crash
+            print(f"transformers+torch.compile(static cache) failed: {type(e).__name__}: {str(e)[:300]}")
+        else:
+            name = "transformers+torch.compile(static cache)"
+            results[name] = more[name]
+            results["rounds"][name] = more["rounds"][name]
+            print(f"{label} / torch.compile(static cache), same rounds: {more[label] / more[name]:.2f}x")
+    for k, v in results.items():
+        if k != "rounds":
+            print(f"generate {n} tokens: {k:42s} {v:8.1f} tokens/s  ({v / results['transformers']:.2f}x transformers)")
+    return results
+
+
+def _rounds(contenders: dict, n: int, device, repeat: int) -> dict:
     for fn in contenders.values():  # warm up (and compile)
         fn()
     seconds = {name: [] for name in contenders}
@@ -135,10 +168,8 @@ def generate_speed(model, cached, ids, n, device, repeat, compile_static):
         for name, fn in contenders.items():
             seconds[name].append(once(fn, device))
     results = {name: n / statistics.median(s) for name, s in seconds.items()}
-    ratios = [h / f for f, h in zip(seconds["fxforge"], seconds["transformers"])]
-    for k, v in results.items():
-        print(f"generate {n} tokens: {k:42s} {v:8.1f} tokens/s  ({v / results['transformers']:.2f}x transformers)")
-    print(f"fxforge / transformers per round: {', '.join(f'{r:.2f}x' for r in ratios)}")
+    for name, v in results.items():
+        print(f"  {name:42s} {v:8.1f} tokens/s (median of {repeat})", flush=True)
     results["rounds"] = {name: [n / x for x in s] for name, s in seconds.items()}
     return results
 

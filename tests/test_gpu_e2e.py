@@ -71,3 +71,40 @@ def test_quantized_llama_on_triton_stays_close(scheme):
     # a quantization's error, not a kernel bug: the logits stay correlated with eager's
     cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
     assert cos > 0.9, cos
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("padded", [False, True], ids=["batch1", "left_padded_batch3"])
+@pytest.mark.parametrize("name", ["gpt2_eager", "llama_sdpa_gqa"])
+def test_cuda_graph_decode_gives_the_eager_steps_tokens(name, padded, dtype):
+    """generate() on CUDA captures the one-token step as a CUDA graph (runtime/static_decode.py)
+    at its first decode step and replays it: the tokens of eager steps, logits within the
+    rounding of a kernel over the longer (masked) buffer."""
+    torch.manual_seed(0)
+    model, vocab = MODELS[name]()
+    model = model.to("cuda", dtype)
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7), device="cuda"),), kv_cache=True)
+    assert fast.uses_static_decode(), fast.static_decode_problem
+    ids, mask = (None if x is None else x.cuda() for x in prompts(vocab, padded))
+    runs = {}
+    for static in (False, None):
+        fast.static_decode = static
+        out = fast.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0,
+                            return_dict_in_generate=True, output_logits=True)
+        runs[static] = (out.sequences.cpu(), torch.stack(out.logits).float().cpu())
+    steps = [s for c in fast._caches.idle for s in c.static_steps.values()]
+    assert len(steps) == 1 and steps[0].graph is not None, steps[0].capture_error if steps else "no static step"
+    assert steps[0].steps == 11
+    (eager_tokens, eager_logits), (tokens, logits) = runs[False], runs[None]
+    if dtype == torch.float32:  # half precision may flip a near tie; float32 must not
+        assert torch.equal(tokens, eager_tokens)
+    # logits compared while both runs have fed the same tokens (through the first that differs)
+    new = ids.shape[1]
+    differs = (tokens[:, new:] != eager_tokens[:, new:]).any(0).nonzero()
+    upto = int(differs[0]) + 1 if len(differs) else logits.shape[0]
+    assert upto >= 3, f"the runs part after {upto - 1} tokens"
+    scale = eager_logits[:upto].abs().max()
+    assert (logits[:upto] - eager_logits[:upto]).abs().max() <= REL[dtype] * scale
+    # a second call replays the graph captured by the first
+    again = fast.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(again.cpu(), tokens) and steps[0].steps == 22

@@ -23,6 +23,7 @@ def assemble(graph: Graph, spec: CallSpec, backend: Backend, device, name: str, 
                             inline_fused=backend.inlines_fused_pointwise)
     fast = OptimizedModel(planned, spec, program, backend, list(stats), list(dumps), capture_seconds, name)
     fast.runtime_stats.extend(runtime_stats)
+    fast.op_implementations = ops  # the static decode program (runtime/static_decode.py) is built from them
     # kept for save() and to(): the planning is redone per backend and device
     fast.pipeline_graph = graph
     return fast

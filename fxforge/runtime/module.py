@@ -16,10 +16,11 @@ from ..ir import roles
 from ..ir.roles import roles_problem
 from ..passes.manager import PassStats, format_report
 from .frames import frame_of_its_own
-from .program import Program
+from .program import Program, build_program
 from .block_allocator import blocks_for
 from .paged_cache import PagedKVCache, block_size_of
 from .state import CachePool, KVCache, cache_layout, cache_nbytes
+from .static_decode import kv_append_at, static_decode_problem, static_step_for
 
 
 class OptimizedModel:
@@ -56,6 +57,12 @@ class OptimizedModel:
         # positions then serve left-padded batches exactly
         self.left_padding_shifts_positions = False
         self.config = None  # the source model's config (a transformers PretrainedConfig), if any
+        # decode steps on static buffers, captured as CUDA graphs on a GPU (static_decode.py):
+        # None = where it pays (CUDA), True = also elsewhere (no capture), False = never
+        self.static_decode: bool | None = None
+        self.static_decode_problem = static_decode_problem(graph) if self.kv_layout is not None else None
+        self.op_implementations: dict = {}  # set by build.assemble
+        self._static_program = None
         # the graph as the passes left it, before the backend's planning: save() writes it,
         # to() rebuilds from it (build.assemble sets it)
         self.pipeline_graph = graph
@@ -162,6 +169,39 @@ class OptimizedModel:
         outs = self.program(*inputs, *cache.buffers)
         return outs[self._logits_index()]
 
+    def uses_static_decode(self) -> bool:
+        """Whether generate() decodes on static buffers (CUDA graphs on a GPU): see
+        `static_decode` and `static_decode_problem`."""
+        if self.static_decode is False or self.static_decode_problem is not None or self.kv_layout is None:
+            return False
+        return bool(self.static_decode) or self.device.type == "cuda"
+
+    def static_step(self, cache: KVCache, batch: int):
+        """The static decode step for `batch` rows of `cache` (made at its first use)."""
+        return static_step_for(self, cache, batch)
+
+    @property
+    def static_program(self):
+        """The program of the static decode step: the graph's program with kv_append
+        writing at a device-side cache length (runtime/static_decode.py)."""
+        if self._static_program is None:
+            ops = {**self.op_implementations, "kv_append": kv_append_at}
+            self._static_program = build_program(self.graph, ops, device=self.device,
+                                                  filename=f"<fxforge static decode program for {self.model_name}>",
+                                                  inline_fused=self.backend.inlines_fused_pointwise)
+        return self._static_program
+
+    def decode_mode(self) -> str:
+        """One line for report(): how decode steps run."""
+        if self.kv_layout is None:
+            return "decode: no KV cache"
+        if self.uses_static_decode():
+            how = "replayed as CUDA graphs" if self.device.type == "cuda" else "run without capture"
+            return f"decode: static buffers, one step per cache and batch size, {how}"
+        if self.static_decode_problem is not None:
+            return f"decode: eager steps (static buffers not possible: {self.static_decode_problem})"
+        return f"decode: eager steps (static buffers off{' on ' + self.device.type if self.static_decode is None else ''})"
+
     def bias_dtype(self) -> torch.dtype:
         return self._key_bias().type.dtype
 
@@ -242,7 +282,7 @@ class OptimizedModel:
                 f"{len(self.graph.nodes)} nodes, {len(self.graph.params)} parameters")
         ops = ", ".join(f"{k}={v}" for k, v in sorted(self.graph.op_counts().items(), key=lambda kv: -kv[1]))
         steps = self.stats + self.runtime_stats
-        text = f"{head}\n{format_report(steps, self.capture_seconds)}\nfinal ops: {ops}"
+        text = f"{head}\n{format_report(steps, self.capture_seconds)}\nfinal ops: {ops}\n{self.decode_mode()}"
         profile = getattr(self, "last_decode_profile", None)
         return text if profile is None else f"{text}\n{profile}"
 
@@ -304,6 +344,7 @@ class OptimizedModel:
                            self._dumps, self.capture_seconds)
         rebuilt.generation_defaults, rebuilt.config = self.generation_defaults, self.config
         rebuilt.left_padding_shifts_positions = self.left_padding_shifts_positions
+        rebuilt.static_decode = self.static_decode
         self.__dict__.update(rebuilt.__dict__)
         return self
 

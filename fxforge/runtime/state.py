@@ -46,6 +46,9 @@ class KVCache:
         self.batch, self.capacity = batch, capacity
         self.buffers = [new_buffer(shape, dtype) for shape, dtype in buffer_shapes(graph, batch, capacity)]
         self._tables = None  # (pad, positions [B, capacity], bias [B, 1, 1, capacity]) for one generate()
+        # batch size -> StaticDecodeStep over these buffers (runtime/static_decode.py); its
+        # static buffers and captured CUDA graph live as long as the buffers do
+        self.static_steps: dict = {}
 
     def prepare(self, pad: torch.Tensor, dtype: torch.dtype):
         """Build the positions and key bias of every slot once for a generate() call, so

@@ -1,0 +1,187 @@
+"""Decode steps on static buffers, replayed as CUDA graphs.
+
+A decode step of a cached graph is a few hundred kernel launches that each move little
+data: on a GPU the host's launch work, not the device, sets its speed (DESIGN.md). The
+cure is to capture the step once as a CUDA graph and replay it, which needs every tensor
+the step touches to stay at one address with one shape from token to token. The eager
+step has neither: the cache length `L` is a Python int baked into the program, and the
+key bias and the cache views grow by one key per token.
+
+So the static step runs the same graph with
+  - `L` a 0-d device tensor: kv_append writes at that slot with `index_copy_` (no host
+    read) and returns the whole [B, Hkv, capacity, D] buffer instead of its filled prefix;
+  - the key bias over every slot of the buffer: slots past the new token (and the left
+    padding) are masked with the dtype's lowest value, so they get exactly zero weight
+    and attention over the whole buffer equals attention over the prefix;
+  - positions and the bias computed on the device from the cache length and the left
+    padding, into buffers of their own.
+On CUDA the step is captured at its first call per (cache, batch size) and replayed after;
+elsewhere the same static-buffer step runs as is (tested on the CPU: same tokens, no
+per-step cache or position tensors).
+
+Not every graph can take it (`static_decode_problem` says why): the cache length must be
+read by kv_append alone, the bias and cache views by attention alone, and attention must
+not depend on where the query sits among the keys beyond what the bias masks (a sliding
+window or ALiBi bias measure from the last key, which is the buffer's end here). A paged
+cache has device-side tables of its own and is left to the engine.
+"""
+from __future__ import annotations
+
+import warnings
+
+import sympy
+import torch
+
+from ..ir import roles
+from ..ir.graph import Graph
+from ..ir.types import symbol
+
+
+def static_decode_problem(graph: Graph) -> str | None:
+    """Why the decode step of `graph` cannot run on static buffers; None: it can."""
+    if not graph.state_values:
+        return "the graph has no KV cache"
+    if roles.is_paged(graph):
+        return "a paged KV cache (its block tables are the engine's)"
+    role_list = [roles.role_of(v) for v in graph.inputs]
+    extra = sorted(set(role_list) - {roles.INPUT, roles.CACHE_LEN, roles.POSITIONS, roles.KEY_BIAS})
+    if extra:
+        return f"inputs with role(s) {extra}"
+    if role_list.count(roles.INPUT) != 1:
+        return "the model takes inputs besides the token ids"
+    if roles.CACHE_LEN not in role_list or roles.KEY_BIAS not in role_list:
+        return "no cache_len or key_bias input"
+    cache_len = symbol(graph.inputs[role_list.index(roles.CACHE_LEN)].hint)
+    bias = graph.inputs[role_list.index(roles.KEY_BIAS)]
+    appended = set()
+    for n in graph.nodes:
+        if n.op == "kv_append":
+            if sympy.sympify(n.attrs["start"]) != cache_len:
+                return f"a kv_append writes at {n.attrs['start']}, not at the cache length"
+            appended.update(n.outputs)
+            continue
+        if cache_len in _symbols(n.attrs) or any(cache_len in _symbols(getattr(o, "shape", ())) for o in n.outputs):
+            return f"{n.op} reads the cache length"
+        reads_cache = [v for v in n.inputs if v in appended or v is bias]
+        if not reads_cache:
+            continue
+        if n.op != "attention":
+            return f"{n.op} reads the cache or the key bias (only attention may)"
+        if n.attrs.get("window") is not None or n.attrs.get("alibi"):
+            which = "a sliding window" if n.attrs.get("window") is not None else "ALiBi"
+            return f"attention with {which} measures from the last key, which is the end of the buffer here"
+    return None
+
+
+def _symbols(value) -> set:
+    if isinstance(value, sympy.Basic):
+        return value.free_symbols
+    if isinstance(value, dict):
+        value = tuple(value.values())
+    if isinstance(value, (tuple, list)):
+        out = set()
+        for v in value:
+            out |= _symbols(v)
+        return out
+    return set()
+
+
+def kv_append_at(cache: torch.Tensor, new: torch.Tensor, *, start: torch.Tensor) -> torch.Tensor:
+    """kv_append with `start` a 0-d int64 device tensor: `new` lands at slots start.. of
+    rows 0..B-1 without a host read of `start`, and the whole buffer comes back (the key
+    bias masks the slots past the new tokens), so the step's shapes are the same every
+    token. The caller checks that start + T fits the buffer."""
+    b, t = new.shape[0], new.shape[2]
+    index = start.view(1) if t == 1 else start + torch.arange(t, device=cache.device)
+    rows = cache[:b]
+    rows.index_copy_(2, index, new.to(cache.dtype))
+    return rows
+
+
+class StaticDecodeStep:
+    """One-token steps of `model` over `cache` for `batch` rows, on buffers that stay put
+    (token ids, cache length, left padding, positions, key bias). On CUDA it is captured as
+    a CUDA graph at the first call and replayed afterwards."""
+
+    def __init__(self, model, cache, batch: int):
+        device = model.device
+        self.model, self.cache, self.batch = model, cache, batch
+        self.capacity = cache.capacity
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.length = torch.zeros((), dtype=torch.long, device=device)  # tokens already in the cache
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        dtype = model.bias_dtype()
+        self.bias = torch.zeros(batch, 1, 1, self.capacity, dtype=dtype, device=device)
+        self._keys = torch.arange(self.capacity, device=device)
+        self._lowest = torch.finfo(dtype).min
+        self._pad_source = None
+        self.capture = device.type == "cuda"
+        self.graph = None  # the torch.cuda.CUDAGraph, once captured
+        self.capture_error: str | None = None  # why capture failed, if it did
+        self._logits = None
+        self.steps = 0
+
+    def __call__(self, ids: torch.Tensor, start: int, pad: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, 1, vocab] of the token `ids` [batch, 1] at position `start`
+        (left padding `pad` [batch]). On CUDA the tensor is the graph's own output: read it
+        before the next step."""
+        if ids.shape != (self.batch, 1):
+            raise ValueError(f"a static decode step takes [{self.batch}, 1] token ids, got {tuple(ids.shape)}")
+        if start >= self.capacity:
+            raise ValueError(f"the KV cache holds {self.capacity} positions; position {start} does not fit")
+        self.ids.copy_(ids)
+        self.length.fill_(start)
+        if pad is not self._pad_source:  # once per generate() call
+            self.pad.copy_(pad)
+            self._pad_source = pad
+        self.steps += 1
+        if self.capture and self.graph is None:
+            self._capture()
+        if not self.capture:
+            return self._step()
+        self.graph.replay()
+        return self._logits
+
+    def _step(self) -> torch.Tensor:
+        """The device work of one step: everything a CUDA graph holds."""
+        torch.clamp(self.length - self.pad, min=0, out=self.positions[:, 0])
+        hidden = (self._keys[None, :] < self.pad[:, None]) | (self._keys[None, :] > self.length)
+        self.bias.zero_()
+        self.bias.masked_fill_(hidden[:, None, None, :], self._lowest)
+        by_role = {roles.CACHE_LEN: self.length, roles.POSITIONS: self.positions, roles.KEY_BIAS: self.bias,
+                   roles.INPUT: self.ids}
+        model = self.model
+        outs = model.static_program(*(by_role[r] for r in model._input_roles), *self.cache.buffers)
+        return outs[model._logits_index()]
+
+    def _capture(self):
+        # a first run outside the graph compiles and autotunes every kernel for these shapes
+        # (it writes this step's keys and values, which the replay writes again, the same)
+        side = torch.cuda.Stream(self.ids.device)
+        side.wait_stream(torch.cuda.current_stream(self.ids.device))
+        with torch.cuda.stream(side):
+            self._step()
+        torch.cuda.current_stream(self.ids.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._logits = self._step()
+        except RuntimeError as e:
+            # an op that cannot be captured (a host copy or sync inside the step): the
+            # static buffers still run, launched one kernel at a time; say so once
+            self.capture, self.capture_error = False, f"{type(e).__name__}: {e}"
+            warnings.warn(f"fxforge: the decode step could not be captured as a CUDA graph ({self.capture_error}); "
+                          "it runs uncaptured on static buffers", RuntimeWarning, stacklevel=3)
+            return
+        self.graph = graph
+
+
+def static_step_for(model, cache, batch: int) -> StaticDecodeStep:
+    """The static step of `model` for `batch` rows of `cache`, made at its first use and
+    kept with the cache (its buffers, and a captured graph, are the cache's)."""
+    steps = cache.static_steps
+    step = steps.get(batch)
+    if step is None or step.model is not model:
+        step = steps[batch] = StaticDecodeStep(model, cache, batch)
+    return step

@@ -1,0 +1,122 @@
+"""Decode steps on static buffers (runtime/static_decode.py): the path a GPU captures as a
+CUDA graph, run here without capture. Same tokens and logits as the eager steps, the same
+tensors fed to every step (nothing allocated per step for the cache, positions or bias),
+and graphs it cannot serve say why and decode eagerly."""
+import pytest
+import torch
+
+import fxforge
+from fxforge.passes.kv_cache import KVCacheConfig
+from fxforge.runtime import state
+from fxforge.runtime.static_decode import kv_append_at
+
+import zoo
+from helpers import prompts
+
+MODELS = {"llama_gqa_rotary": lambda: zoo.llama("sdpa"), "gpt2": lambda: zoo.gpt2("eager")}
+
+
+def _optimize(name, backend="auto"):
+    torch.manual_seed(0)
+    model, vocab = MODELS[name]()
+    return fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=True, backend=backend), vocab
+
+
+def _generate(fast, ids, mask, static: bool, n=10):
+    fast.static_decode = static
+    out = fast.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=None, pad_token_id=0,
+                        return_dict_in_generate=True, output_logits=True)
+    return out.sequences, torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("backend", ["torch", "interpret"])
+@pytest.mark.parametrize("padded", [False, True], ids=["batch1", "left_padded_batch3"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_static_steps_give_the_eager_tokens_and_logits(name, padded, backend):
+    fast, vocab = _optimize(name, backend)
+    assert fast.static_decode_problem is None
+    ids, mask = prompts(vocab, padded)
+    eager_tokens, eager_logits = _generate(fast, ids, mask, static=False)
+    tokens, logits = _generate(fast, ids, mask, static=True)
+    assert torch.equal(tokens, eager_tokens)
+    # the masked slots past the token get exactly zero weight; only the summation order of
+    # a kernel over the longer buffer may differ
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
+    steps = [s for c in fast._caches.idle for s in c.static_steps.values()]
+    assert len(steps) == 1 and steps[0].steps == 9  # every token after the prefill's first
+    assert not steps[0].capture and steps[0].graph is None  # no CUDA here: run, not captured
+
+
+def test_every_step_reads_the_same_buffers_and_allocates_no_cache(monkeypatch):
+    fast, vocab = _optimize("llama_gqa_rotary")
+    ids, mask = prompts(vocab, padded=True)
+    fast.static_decode = True
+    seen = []
+    program = fast.static_program
+
+    def recording(*inputs):
+        seen.append(tuple(t.data_ptr() if isinstance(t, torch.Tensor) else t for t in inputs))
+        return program.fn(*inputs)
+
+    monkeypatch.setattr(fast, "_static_program", type(program)(program.source, recording, program.param_names))
+    made = []
+    real_init = state.KVCache.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(state.KVCache, "__init__", counting_init)
+    for _ in range(2):  # a second call reuses the cache and its static step
+        fast.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    assert len(seen) == 10 and len(set(seen)) == 1, "a decode step got other tensors than the step before"
+    assert len(made) == 1
+
+
+def test_graphs_it_cannot_serve_say_why_and_decode_eagerly():
+    torch.manual_seed(0)
+    model, vocab = zoo.mistral(sliding_window=4)
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=True)
+    assert "sliding window" in fast.static_decode_problem
+    fast.static_decode = True
+    assert not fast.uses_static_decode()
+    assert "static buffers not possible: attention with a sliding window" in fast.report()
+    ids, mask = prompts(vocab, padded=True)
+    out = fast.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (3, 14) and not any(c.static_steps for c in fast._caches.idle)
+
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")
+    paged = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),),
+                             kv_cache=KVCacheConfig(layout="paged", block_size=4))
+    assert "paged" in paged.static_decode_problem
+    plain = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),))
+    assert plain.static_decode_problem is None and "decode: no KV cache" in plain.report()
+
+
+def test_report_says_how_decode_runs():
+    fast, _ = _optimize("gpt2")
+    assert "decode: eager steps (static buffers off on cpu)" in fast.report()
+    fast.static_decode = True
+    assert "decode: static buffers, one step per cache and batch size, run without capture" in fast.report()
+
+
+def test_kv_append_at_writes_at_a_device_side_length_and_returns_the_whole_buffer():
+    cache = torch.zeros(3, 2, 8, 4)
+    new = torch.randn(2, 2, 1, 4)
+    out = kv_append_at(cache, new, start=torch.tensor(5))
+    assert out.shape == (2, 2, 8, 4) and out.data_ptr() == cache.data_ptr()
+    assert torch.equal(cache[:2, :, 5:6], new) and cache[:2, :, :5].eq(0).all() and cache[2].eq(0).all()
+    chunk = torch.randn(2, 2, 3, 4)
+    kv_append_at(cache, chunk, start=torch.tensor(1))
+    assert torch.equal(cache[:2, :, 1:4], chunk)
+
+
+def test_a_step_past_the_buffer_is_refused_before_any_work():
+    fast, vocab = _optimize("gpt2")
+    with fast.kv_cache_lease(1, 8) as cache:
+        step = fast.static_step(cache, 1)
+        with pytest.raises(ValueError, match=f"holds {cache.capacity} positions"):
+            step(torch.zeros(1, 1, dtype=torch.long), cache.capacity, torch.zeros(1, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"takes \[1, 1\] token ids"):
+            step(torch.zeros(2, 1, dtype=torch.long), 3, torch.zeros(1, dtype=torch.long))
