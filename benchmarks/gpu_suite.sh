@@ -43,15 +43,17 @@ cat "$OUT_DIR/device.txt"
 # pytest-xdist is installed; no -x, so one run lists every failure
 PARALLEL=$($PY -c "import xdist" 2>/dev/null && echo "-n ${FXFORGE_GPU_TEST_WORKERS:-8}")
 TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
+# FXFORGE_GPU_TESTS narrows the test step (e.g. to rerun what failed); default: all GPU tests
 run_step tests 170 env FXFORGE_TEST_DEVICE=cuda $PY -m pytest -q -rfE --tb=short -p no:cacheprovider $PARALLEL $TIMEOUT \
-    tests/kernels tests/test_gpu_e2e.py
+    ${FXFORGE_GPU_TESTS:-tests/kernels tests/test_gpu_e2e.py}
 run_step attention 80 $PY benchmarks/attention.py --quick --out "$OUT_DIR/attention.json"
-run_step decode 150 $PY benchmarks/decode.py --model smollm2-random --dtype bfloat16 --tokens 64 --contexts 32,1024 --compile --out "$OUT_DIR/decode.json"
+run_step decode 170 $PY benchmarks/decode.py --model smollm2-random --dtype bfloat16 --tokens 64 --contexts 32,1024 --compile --out "$OUT_DIR/decode.json"
 run_step decode_fp32 60 $PY benchmarks/decode.py --model smollm2-random --dtype float32 --tokens 32 --contexts 32 --repeat 2 --out "$OUT_DIR/decode_fp32.json"
-run_step quant_linear 60 $PY benchmarks/quant_linear.py --rep 25 --no-torchao --out "$OUT_DIR/quant_linear.json"
+run_step quant_linear 70 $PY benchmarks/quant_linear.py --rep 25 --no-torchao --shapes 2048x2048,2048x5632 --out "$OUT_DIR/quant_linear.json"
 run_step elementwise 45 $PY benchmarks/elementwise.py --quick --out "$OUT_DIR/elementwise.json"
 run_step launches 40 $PY benchmarks/decode_launches.py
-run_step serving 90 $PY benchmarks/serving.py --model smollm2-random --requests 32 --skip-alone --out "$OUT_DIR/serving.json"
+run_step serving 80 $PY benchmarks/serving.py --model smollm2-random --device auto --dtype bfloat16 --requests 16 \
+    --skip-alone --out "$OUT_DIR/serving.json"
 
 $PY benchmarks/gpu_suite_report.py "$OUT_DIR" > "$OUT_DIR/summary.md"
 echo "== summary: $OUT_DIR/summary.md"

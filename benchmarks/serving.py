@@ -63,8 +63,8 @@ def run_transformers_batches(model, prompts, outputs, batch):
     for i in range(0, len(prompts), batch):
         group, wants = prompts[i:i + batch], outputs[i:i + batch]
         width, new = max(p.numel() for p in group), max(wants)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
+        ids = torch.zeros(len(group), width, dtype=torch.long, device=model.device)
+        mask = torch.zeros(len(group), width, dtype=torch.long, device=model.device)
         for r, p in enumerate(group):
             ids[r, width - p.numel():] = p
             mask[r, width - p.numel():] = 1
@@ -75,9 +75,14 @@ def run_transformers_batches(model, prompts, outputs, batch):
     return time.perf_counter() - t0, results, padded_positions
 
 
+def _cpu(tensors):
+    return [t.cpu() for t in tensors]
+
+
 def run_alone(fast, prompts, outputs):
     t0 = time.perf_counter()
-    results = [fast.generate(p[None], n, eos_token_id=None)[0, p.numel():] for p, n in zip(prompts, outputs)]
+    results = [fast.generate(p[None].to(fast.device), n, eos_token_id=None)[0, p.numel():]
+               for p, n in zip(prompts, outputs)]
     return time.perf_counter() - t0, results
 
 
@@ -92,10 +97,15 @@ def main():
     ap.add_argument("--skip-transformers", action="store_true", help="leave out transformers' padded batches")
     ap.add_argument("--layouts", default="dense,paged", help="the engine's KV cache layouts to run")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per block of the paged layout")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when there is one)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    model, ids = load_tiny() if args.model == "tiny" else load(args.model, torch.device("cpu"), torch.float32)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype)
+    model, ids = load_tiny() if args.model == "tiny" else load(args.model, device, dtype)
     prompt_lens = tuple(int(x) for x in args.prompt_lens.split(","))
     output_lens = tuple(int(x) for x in args.output_lens.split(","))
     prompts, outputs = workload(args.requests, prompt_lens, output_lens, model.config.vocab_size)
@@ -103,7 +113,8 @@ def main():
     capacity = max(p.numel() + n for p, n in zip(prompts, outputs))
     useful = sum(outputs)
     held = sum(p.numel() + n for p, n in zip(prompts, outputs))
-    print(f"{args.model}: {args.requests} requests, prompts {prompt_lens}, outputs {output_lens}, "
+    print(f"{args.model} on {device} ({args.dtype}): {args.requests} requests, prompts {prompt_lens}, "
+          f"outputs {output_lens}, "
           f"{useful} new tokens asked for, {torch.get_num_threads()} threads")
 
     rows, engine_out, memory = [], None, []
@@ -115,7 +126,7 @@ def main():
             engine_out, first_fast = out, fast
         else:
             print(f"{layout} engine answers identical to the {layouts[0]} engine's: "
-                  f"{sum(torch.equal(a, b) for a, b in zip(engine_out, out))} of {len(prompts)}")
+                  f"{sum(torch.equal(a, b) for a, b in zip(_cpu(engine_out), _cpu(out)))} of {len(prompts)}")
         dense_alloc = args.max_batch * capacity
         peak_alloc = stats["peak_allocated_blocks"] * stats["block_size"] if layout == "paged" else dense_alloc
         rows.append({"contender": f"fxforge Engine, {layout} KV cache (max_batch {args.max_batch})",
@@ -128,13 +139,13 @@ def main():
         rows.append({"contender": f"transformers generate, padded batches of {args.max_batch}", "seconds": t_hf,
                      "kv_positions_allocated": args.max_batch * (max(p.numel() for p in prompts) + max(outputs)),
                      "kv_positions_peak_used": None, "padded_positions_total": padded})
-        same_hf = sum(torch.equal(a, b) for a, b in zip(engine_out, hf_out))
+        same_hf = sum(torch.equal(a, b) for a, b in zip(_cpu(engine_out), _cpu(hf_out)))
         print(f"engine answers identical to transformers' padded batches: {same_hf} of {len(prompts)}")
     if not args.skip_alone:
         t_alone, alone_out = run_alone(first_fast, prompts, outputs)
         rows.append({"contender": "fxforge generate, one request at a time", "seconds": t_alone,
                      "kv_positions_allocated": capacity, "kv_positions_peak_used": None})
-        same_alone = sum(torch.equal(a, b) for a, b in zip(engine_out, alone_out))
+        same_alone = sum(torch.equal(a, b) for a, b in zip(_cpu(engine_out), _cpu(alone_out)))
         print(f"engine answers identical to generate() alone: {same_alone} of {len(prompts)}")
     print("\n| contender | seconds | tokens/s | requests/s | vs transformers batches |\n|---|---|---|---|---|")
     for r in rows:

@@ -108,3 +108,29 @@ def test_cuda_graph_decode_gives_the_eager_steps_tokens(name, padded, dtype):
     # a second call replays the graph captured by the first
     again = fast.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
     assert torch.equal(again.cpu(), tokens) and steps[0].steps == 22
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4", "w8a8"])
+def test_quantized_decode_captures_as_a_cuda_graph(scheme):
+    """The quantized kernels launch inside a captured decode step (no host sync, no host
+    copy per call): graph replay gives the eager steps' tokens."""
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")
+    model = model.to("cuda", torch.float16)
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 9), device="cuda"),), kv_cache=True,
+                            quantize=scheme)
+    ids, mask = (None if x is None else x.cuda() for x in prompts(vocab, True))
+    runs = {}
+    for static in (False, None):
+        fast.static_decode = static
+        out = fast.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, pad_token_id=0,
+                            return_dict_in_generate=True, output_logits=True)
+        runs[static] = (out.sequences.cpu(), torch.stack(out.logits).float().cpu())
+    steps = [s for c in fast._caches.idle for s in c.static_steps.values()]
+    assert steps and steps[0].graph is not None, steps[0].capture_error if steps else "no static step"
+    (eager_tokens, eager_logits), (tokens, logits) = runs[False], runs[None]
+    new = ids.shape[1]
+    differs = (tokens[:, new:] != eager_tokens[:, new:]).any(0).nonzero()
+    upto = int(differs[0]) + 1 if len(differs) else logits.shape[0]
+    scale = eager_logits[:upto].abs().max()
+    assert (logits[:upto] - eager_logits[:upto]).abs().max() <= REL[torch.float16] * scale
