@@ -7,13 +7,15 @@ import torch
 
 import fxforge
 from fxforge.passes.kv_cache import KVCacheConfig
-from fxforge.runtime import state
+from fxforge.runtime import state, static_decode
 from fxforge.runtime.static_decode import kv_append_at
 
 import zoo
 from helpers import prompts
 
-MODELS = {"llama_gqa_rotary": lambda: zoo.llama("sdpa"), "gpt2": lambda: zoo.gpt2("eager")}
+MODELS = {"llama_gqa_rotary": lambda: zoo.llama("sdpa"), "gpt2": lambda: zoo.gpt2("eager"),
+          # the window and ALiBi are measured from the query inside the static step (attention_at)
+          "mistral_window": lambda: zoo.mistral(sliding_window=4)}
 
 
 def _optimize(name, backend="auto"):
@@ -52,13 +54,20 @@ def test_every_step_reads_the_same_buffers_and_allocates_no_cache(monkeypatch):
     ids, mask = prompts(vocab, padded=True)
     fast.static_decode = True
     seen = []
-    program = fast.static_program
+    real_build = static_decode.build_program
 
-    def recording(*inputs):
-        seen.append(tuple(t.data_ptr() if isinstance(t, torch.Tensor) else t for t in inputs))
-        return program.fn(*inputs)
+    def recording_build(*args, **kwargs):
+        program = real_build(*args, **kwargs)
+        run = program.fn
 
-    monkeypatch.setattr(fast, "_static_program", type(program)(program.source, recording, program.param_names))
+        def recording(*inputs):
+            seen.append(tuple(t.data_ptr() if isinstance(t, torch.Tensor) else t for t in inputs))
+            return run(*inputs)
+
+        program.fn = recording
+        return program
+
+    monkeypatch.setattr(static_decode, "build_program", recording_build)
     made = []
     real_init = state.KVCache.__init__
 
@@ -75,21 +84,16 @@ def test_every_step_reads_the_same_buffers_and_allocates_no_cache(monkeypatch):
 
 def test_graphs_it_cannot_serve_say_why_and_decode_eagerly():
     torch.manual_seed(0)
-    model, vocab = zoo.mistral(sliding_window=4)
-    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=True)
-    assert "sliding window" in fast.static_decode_problem
-    fast.static_decode = True
-    assert not fast.uses_static_decode()
-    assert "static buffers not possible: attention with a sliding window" in fast.report()
-    ids, mask = prompts(vocab, padded=True)
-    out = fast.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, pad_token_id=0)
-    assert out.shape == (3, 14) and not any(c.static_steps for c in fast._caches.idle)
-
-    torch.manual_seed(0)
     model, vocab = zoo.llama("sdpa")
     paged = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),),
                              kv_cache=KVCacheConfig(layout="paged", block_size=4))
     assert "paged" in paged.static_decode_problem
+    paged.static_decode = True
+    assert not paged.uses_static_decode()
+    assert "static buffers not possible: a paged KV cache" in paged.report()
+    ids, mask = prompts(vocab, padded=True)
+    out = paged.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (3, 14)
     plain = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),))
     assert plain.static_decode_problem is None and "decode: no KV cache" in plain.report()
 
@@ -120,3 +124,22 @@ def test_a_step_past_the_buffer_is_refused_before_any_work():
             step(torch.zeros(1, 1, dtype=torch.long), cache.capacity, torch.zeros(1, dtype=torch.long))
         with pytest.raises(ValueError, match=r"takes \[1, 1\] token ids"):
             step(torch.zeros(2, 1, dtype=torch.long), 3, torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend,name", [("torch", "gemma2"), ("torch", "bloom"), ("torch", "mpt"),
+                                          ("torch", "falcon_mqa"), ("interpret", "gemma2"), ("interpret", "bloom")])
+def test_windows_softcaps_and_alibi_measure_from_the_query_in_static_steps(name, backend):
+    """Gemma2 (soft-cap, a sliding window on every other layer), Bloom and MPT (ALiBi) and
+    Falcon (MQA): the static step adds the window and ALiBi to the key bias from the
+    device-side position, and gives the eager steps' tokens."""
+    import test_attention_variants as variants
+
+    torch.manual_seed(0)
+    model = variants.MODELS[name][0]()
+    fast = fxforge.optimize(model, (torch.randint(1, 128, (2, 7)),), kv_cache=True, backend=backend)
+    assert fast.static_decode_problem is None
+    ids, mask = prompts(128, padded=True)
+    eager_tokens, eager_logits = _generate(fast, ids, mask, static=False, n=8)
+    tokens, logits = _generate(fast, ids, mask, static=True, n=8)
+    assert torch.equal(tokens, eager_tokens)
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)

@@ -16,11 +16,11 @@ from ..ir import roles
 from ..ir.roles import roles_problem
 from ..passes.manager import PassStats, format_report
 from .frames import frame_of_its_own
-from .program import Program, build_program
+from .program import Program
 from .block_allocator import blocks_for
 from .paged_cache import PagedKVCache, block_size_of
 from .state import CachePool, KVCache, cache_layout, cache_nbytes
-from .static_decode import kv_append_at, static_decode_problem, static_step_for
+from .static_decode import static_decode_problem, static_step_for
 
 
 class OptimizedModel:
@@ -62,7 +62,6 @@ class OptimizedModel:
         self.static_decode: bool | None = None
         self.static_decode_problem = static_decode_problem(graph) if self.kv_layout is not None else None
         self.op_implementations: dict = {}  # set by build.assemble
-        self._static_program = None
         # the graph as the passes left it, before the backend's planning: save() writes it,
         # to() rebuilds from it (build.assemble sets it)
         self.pipeline_graph = graph
@@ -179,17 +178,6 @@ class OptimizedModel:
     def static_step(self, cache: KVCache, batch: int):
         """The static decode step for `batch` rows of `cache` (made at its first use)."""
         return static_step_for(self, cache, batch)
-
-    @property
-    def static_program(self):
-        """The program of the static decode step: the graph's program with kv_append
-        writing at a device-side cache length (runtime/static_decode.py)."""
-        if self._static_program is None:
-            ops = {**self.op_implementations, "kv_append": kv_append_at}
-            self._static_program = build_program(self.graph, ops, device=self.device,
-                                                  filename=f"<fxforge static decode program for {self.model_name}>",
-                                                  inline_fused=self.backend.inlines_fused_pointwise)
-        return self._static_program
 
     def decode_mode(self) -> str:
         """One line for report(): how decode steps run."""

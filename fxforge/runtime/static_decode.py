@@ -19,22 +19,29 @@ On CUDA the step is captured at its first call per (cache, batch size) and repla
 elsewhere the same static-buffer step runs as is (tested on the CPU: same tokens, no
 per-step cache or position tensors).
 
+A sliding window and ALiBi measure from the query's position, which the attention kernels
+take to be the last key, here the buffer's end. The static step's attention therefore adds
+them to the key bias itself, from the device-side position (`attention_at`), and runs the
+kernel without them: keys outside the window get the same zero weight, and the ALiBi term is
+the same slopes x distance.
+
 Not every graph can take it (`static_decode_problem` says why): the cache length must be
-read by kv_append alone, the bias and cache views by attention alone, and attention must
-not depend on where the query sits among the keys beyond what the bias masks (a sliding
-window or ALiBi bias measure from the last key, which is the buffer's end here). A paged
-cache has device-side tables of its own and is left to the engine.
+read by kv_append alone, and the bias and cache views by attention alone. A paged cache
+keeps its block tables on the device already, and the paged engine runs it eagerly.
 """
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import sympy
 import torch
 
 from ..ir import roles
 from ..ir.graph import Graph
+from ..ir.ops import attention_operands
 from ..ir.types import symbol
+from .program import build_program
 
 
 def static_decode_problem(graph: Graph) -> str | None:
@@ -67,9 +74,6 @@ def static_decode_problem(graph: Graph) -> str | None:
             continue
         if n.op != "attention":
             return f"{n.op} reads the cache or the key bias (only attention may)"
-        if n.attrs.get("window") is not None or n.attrs.get("alibi"):
-            which = "a sliding window" if n.attrs.get("window") is not None else "ALiBi"
-            return f"attention with {which} measures from the last key, which is the end of the buffer here"
     return None
 
 
@@ -98,6 +102,26 @@ def kv_append_at(cache: torch.Tensor, new: torch.Tensor, *, start: torch.Tensor)
     return rows
 
 
+def attention_at(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None, window=None,
+                 alibi: bool = False, base, position: torch.Tensor, keys: torch.Tensor):
+    """attention for one query per row at `position` (a 0-d device tensor) over the whole
+    cache buffer: a sliding window and ALiBi become part of the key bias, measured from
+    `position` instead of the buffer's last key, then `base` (the backend's attention) runs
+    with neither. Keys outside the window get the lowest float32, as padding does."""
+    bias, slopes = attention_operands(bias, slopes, alibi)
+    extra = None
+    if window is not None:  # keys `window` or more positions before the query drop out
+        outside = keys <= position - int(window)
+        extra = torch.zeros(keys.shape[0], dtype=torch.float32, device=keys.device)
+        extra = extra.masked_fill(outside, torch.finfo(torch.float32).min).view(1, 1, 1, -1)
+    if slopes is not None:  # slopes[h] * (key position - query position)
+        term = slopes.float().view(1, -1, 1, 1) * (keys - position).float().view(1, 1, 1, -1)
+        extra = term if extra is None else extra + term
+    if extra is not None:
+        bias = extra if bias is None else bias.float() + extra
+    return base(q, k, v, bias, causal=causal, scale=scale, softcap=softcap)
+
+
 class StaticDecodeStep:
     """One-token steps of `model` over `cache` for `batch` rows, on buffers that stay put
     (token ids, cache length, left padding, positions, key bias). On CUDA it is captured as
@@ -116,6 +140,13 @@ class StaticDecodeStep:
         self._keys = torch.arange(self.capacity, device=device)
         self._lowest = torch.finfo(dtype).min
         self._pad_source = None
+        # this step's own program: kv_append and attention read its device-side length
+        ops = {**model.op_implementations, "kv_append": kv_append_at,
+               "attention": partial(attention_at, base=model.op_implementations["attention"], position=self.length,
+                                    keys=self._keys)}
+        self.program = build_program(model.graph, ops, device=device,
+                                     filename=f"<fxforge static decode step for {model.model_name}, batch {batch}>",
+                                     inline_fused=model.backend.inlines_fused_pointwise)
         self.capture = device.type == "cuda"
         self.graph = None  # the torch.cuda.CUDAGraph, once captured
         self.capture_error: str | None = None  # why capture failed, if it did
@@ -152,7 +183,7 @@ class StaticDecodeStep:
         by_role = {roles.CACHE_LEN: self.length, roles.POSITIONS: self.positions, roles.KEY_BIAS: self.bias,
                    roles.INPUT: self.ids}
         model = self.model
-        outs = model.static_program(*(by_role[r] for r in model._input_roles), *self.cache.buffers)
+        outs = self.program(*(by_role[r] for r in model._input_roles), *self.cache.buffers)
         return outs[model._logits_index()]
 
     def _capture(self):
