@@ -139,7 +139,6 @@ class StaticDecodeStep:
         self.bias = torch.zeros(batch, 1, 1, self.capacity, dtype=dtype, device=device)
         self._keys = torch.arange(self.capacity, device=device)
         self._lowest = torch.finfo(dtype).min
-        self._pad_source = None
         # this step's own program: kv_append and attention read its device-side length
         ops = {**model.op_implementations, "kv_append": kv_append_at,
                "attention": partial(attention_at, base=model.op_implementations["attention"], position=self.length,
@@ -155,24 +154,23 @@ class StaticDecodeStep:
 
     def __call__(self, ids: torch.Tensor, start: int, pad: torch.Tensor) -> torch.Tensor:
         """Logits [batch, 1, vocab] of the token `ids` [batch, 1] at position `start`
-        (left padding `pad` [batch]). On CUDA the tensor is the graph's own output: read it
-        before the next step."""
+        (left padding `pad` [batch]), a tensor of the caller's own."""
         if ids.shape != (self.batch, 1):
             raise ValueError(f"a static decode step takes [{self.batch}, 1] token ids, got {tuple(ids.shape)}")
         if start >= self.capacity:
             raise ValueError(f"the KV cache holds {self.capacity} positions; position {start} does not fit")
         self.ids.copy_(ids)
         self.length.fill_(start)
-        if pad is not self._pad_source:  # once per generate() call
-            self.pad.copy_(pad)
-            self._pad_source = pad
+        self.pad.copy_(pad)
         self.steps += 1
         if self.capture and self.graph is None:
             self._capture()
         if not self.capture:
             return self._step()
         self.graph.replay()
-        return self._logits
+        # the graph's output is overwritten by the next replay: the caller gets its own copy
+        # (generate keeps scores across steps; float() of float32 logits would alias it)
+        return self._logits.clone()
 
     def _step(self) -> torch.Tensor:
         """The device work of one step: everything a CUDA graph holds."""
@@ -196,7 +194,9 @@ class StaticDecodeStep:
         torch.cuda.current_stream(self.ids.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: other threads' CUDA work (another generate() call) neither
+            # breaks this capture nor is broken by it
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._logits = self._step()
         except RuntimeError as e:
             # an op that cannot be captured (a host copy or sync inside the step): the
