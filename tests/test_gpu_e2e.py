@@ -90,8 +90,10 @@ def test_cuda_graph_decode_gives_the_eager_steps_tokens(name, padded, dtype):
     for static in (False, None):
         fast.static_decode = static
         out = fast.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0,
-                            return_dict_in_generate=True, output_logits=True)
+                            return_dict_in_generate=True, output_logits=True, output_scores=True)
         runs[static] = (out.sequences.cpu(), torch.stack(out.logits).float().cpu())
+        # scores are kept across steps without a copy: they must not alias the graph's output
+        assert torch.equal(torch.stack(out.scores).float().cpu(), runs[static][1])
     steps = [s for c in fast._caches.idle for s in c.static_steps.values()]
     assert len(steps) == 1 and steps[0].graph is not None, steps[0].capture_error if steps else "no static step"
     assert steps[0].steps == 11
