@@ -143,3 +143,20 @@ def test_windows_softcaps_and_alibi_measure_from_the_query_in_static_steps(name,
     tokens, logits = _generate(fast, ids, mask, static=True, n=8)
     assert torch.equal(tokens, eager_tokens)
     torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_on_static_steps_gives_the_eager_beams():
+    """Beam search reorders the cache rows in place between steps: the static step's
+    buffers stay put, and the beams are the eager steps' beams."""
+    fast, vocab = _optimize("llama_gqa_rotary")
+    ids, mask = prompts(vocab, padded=True)
+    runs = []
+    for static in (False, True):
+        fast.static_decode = static
+        out = fast.generate(ids, attention_mask=mask, max_new_tokens=7, num_beams=3, num_return_sequences=2,
+                            eos_token_id=None, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+        runs.append(out)
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    torch.testing.assert_close(torch.stack(runs[1].scores), torch.stack(runs[0].scores), rtol=1e-5, atol=1e-5)
+    steps = [s for c in fast._caches.idle for s in c.static_steps.values()]
+    assert len(steps) == 1 and steps[0].batch == 9 and steps[0].steps == 6
