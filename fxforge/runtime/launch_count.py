@@ -157,7 +157,10 @@ class DecodeProfile:
 def decode_profile(model, steps: int = 2, prompt_len: int = 4, batch: int = 1) -> DecodeProfile:
     """Profile `steps` decode steps of an OptimizedModel built with kv_cache=True, after a
     prefill of `prompt_len` tokens and one untimed warm-up step (first calls compile and
-    plan). The step is `run_cached`: what generate() runs per token, minus sampling."""
+    plan). The step is `run_cached`, the eager step. Where generate() runs static steps
+    (`model.uses_static_decode()`, CUDA graphs on a GPU), the graph holds these same
+    kernels plus a few small ones that compute the positions and the key bias; its host
+    cost is one replay."""
     device = model.device
     vocab = _vocab_size(model)
     gen = torch.Generator().manual_seed(0)
