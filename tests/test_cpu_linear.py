@@ -347,3 +347,38 @@ def test_decide_against_another_baseline():
     won = decide({col: [1.0] * 3, dnn_row: [0.7] * 3}, baseline=col)
     assert won.choice == dnn_row and won.speedup == pytest.approx(1 / 0.7)
     assert decide({col: [1.0], dnn_row: [0.1]}, baseline=col).choice == col  # cut short
+
+
+@needs_onednn
+def test_packed_copies_for_a_few_rows_are_opt_in_bounded_and_exact(timing, monkeypatch):
+    """oneDNN-packed copies (a second copy of a weight) only with few_rows_packed_mb, at
+    most that many MiB, the largest weights first; the values stay F.linear's."""
+    from fxforge.runtime.backends.torch_backend import TorchBackend
+
+    model, vocab, example = small_llama()
+    default = cpu_linear_stats(fxforge.optimize(model, example)).details["cpu_linear"]
+    assert default["packed_bytes"] == 0
+    assert all(layout != "packed" for _, layout in default["few_rows"].values())
+    # every shape chooses the packed copy at a few rows: the bound alone decides what is packed
+    monkeypatch.setattr(cpu_linear, "measure_few_row_choices", lambda shapes, one_row, candidates: {
+        s: Decision(*cpu_linear.PACKED, 2.0, {}, 9) for s in shapes if cpu_linear.PACKED in candidates})
+    # (packed copies allowed is another cache key: the choices above are not read)
+    fast = fxforge.optimize(model, example, backend=TorchBackend("cpu", few_rows_packed_mb=1))
+    stats = cpu_linear_stats(fast)
+    details = stats.details["cpu_linear"]
+    assert 0 < details["packed_bytes"] <= 1 << 20
+    assert any("did not fit" in n for n in stats.notes)
+    assert_matches_eager(model, fast, vocab, [(1, 1), (1, 5), (2, 3), (1, 12)])
+    with pytest.raises(ValueError, match="few_rows_packed_mb"):
+        TorchBackend("cpu", few_rows_packed_mb=-1)
+
+
+@needs_onednn
+def test_a_packed_copy_is_read_for_a_few_rows_only():
+    w = torch.randn(64, 32)
+    plan = CpuLinearPlan(few_rows={(64, 32): cpu_linear.PACKED})
+    plan.packed[id(w)] = (w, torch.ops.mkldnn._reorder_linear_weight(w, cpu_linear.FEW_TIMED_ROWS))
+    for rows in (1, 2, 5, 8, 9):
+        x = torch.randn(1, rows, 32)
+        assert plan.choice((64, 32), rows) == (cpu_linear.PACKED if 1 < rows <= 8 else cpu_linear.BASELINE)
+        torch.testing.assert_close(plan.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)

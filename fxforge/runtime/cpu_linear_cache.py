@@ -86,9 +86,10 @@ def shape_key(shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> str
     return f"{str(dtype).removeprefix('torch.')} {shape[0]}x{shape[1]}"
 
 
-def few_rows_key(shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> str:
-    """The key of a shape's choice for a few activation rows (cpu_linear.FEW_ROWS)."""
-    return f"{shape_key(shape, dtype)} few rows"
+def few_rows_key(shape: tuple[int, int], dtype: torch.dtype = torch.float32, packed: bool = False) -> str:
+    """The key of a shape's choice for a few activation rows (cpu_linear.FEW_ROWS), made
+    with oneDNN-packed copies among the candidates or without."""
+    return f"{shape_key(shape, dtype)} few rows{' packed' if packed else ''}"
 
 
 def read_decisions(path: str, fingerprint: dict, candidates, warn: bool = True) -> dict[str, Decision]:
