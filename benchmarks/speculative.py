@@ -15,8 +15,12 @@ often and much cheaper than the model.
 Timing: rounds interleaved (plain, each draft, plain, ...) and the median per contender,
 so that drift of the shared machine is not credited to one side.
 
+--packed-mb N adds the same drafts against a second copy of the model whose verification
+steps (2-8 rows) may use up to N MiB of oneDNN-packed weight copies
+(`TorchBackend("cpu", few_rows_packed_mb=N)`, runtime/cpu_linear.py), side by side.
+
     python benchmarks/speculative.py [--model smollm2|smollm2-random] [--tokens 64] [--k 4]
-                                     [--drafts int4 ngram int8] [--repeat 3] [--out f.json]
+                                     [--drafts int4 ngram int8] [--repeat 3] [--packed-mb 512] [--out f.json]
 """
 import argparse
 import os
@@ -50,6 +54,8 @@ def main():
                          "machine loaded by other processes, closer to what each costs alone)")
     ap.add_argument("--drafts", nargs="+", default=["int4/g32/fz/bf16/head", "int8/bf16/head", "ngram"])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--packed-mb", type=float, default=0,
+                    help="also run each draft against a model with this many MiB of packed copies for few rows")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -62,6 +68,13 @@ def main():
     else:
         model, ids = load(args.model, device, torch.float32)
     fast = fxforge.optimize(model, (ids,), kv_cache=True)
+    targets = {"": fast}
+    if args.packed_mb:
+        from fxforge.runtime.backends.torch_backend import TorchBackend
+
+        targets[", packed target"] = fxforge.optimize(model, (ids,), kv_cache=True,
+                                                      backend=TorchBackend(device, few_rows_packed_mb=args.packed_mb))
+        print(next(s for s in targets[", packed target"].runtime_stats if s.name == "cpu_linear").notes)
     drafts = {}
     for name in args.drafts:
         drafts[name] = "ngram" if name == "ngram" else fxforge.optimize(model, (ids,), kv_cache=True,
@@ -72,13 +85,16 @@ def main():
     stats = {}
     for name, draft in drafts.items():
         for k in args.k:
-            def run(draft=draft, name=name, k=k):
-                st = SpeculativeStats()
-                out = fast.generate(ids, args.tokens, eos_token_id=None, draft=draft, num_draft_tokens=k,
-                                    draft_stats=st)
-                assert torch.equal(out, plain), f"draft {name}: tokens differ from plain greedy"
-                stats[f"draft {name}, k={k}"] = st
-            contenders[f"draft {name}, k={k}"] = run
+            for suffix, target in targets.items():
+                label = f"draft {name}, k={k}{suffix}"
+
+                def run(draft=draft, name=name, k=k, target=target, label=label):
+                    st = SpeculativeStats()
+                    out = target.generate(ids, args.tokens, eos_token_id=None, draft=draft, num_draft_tokens=k,
+                                          draft_stats=st)
+                    assert torch.equal(out, plain), f"{label}: tokens differ from plain greedy"
+                    stats[label] = st
+                contenders[label] = run
     # the drafts' own decode speed: what a round's k draft steps cost
     for name, draft in drafts.items():
         if name != "ngram":

@@ -281,3 +281,104 @@ def test_each_sweep_reads_memory_the_last_one_did_not():
     second = cpu_linear._next_copies(columns, len(first))  # the next candidate, the other layout
     assert {w.data_ptr() for w in first}.isdisjoint(w.data_ptr() for w in second)
     assert all(w.stride() == (1, 512) for w in columns) and all(w.is_contiguous() for w in rows)
+
+
+@needs_onednn
+def test_a_few_rows_take_the_few_row_choice_on_the_original_weight(monkeypatch):
+    """Speculative verification (2..FEW_ROWS rows) runs its own choice; one row and
+    prompts keep the one-row choice; a few-row choice on row-major weights reads the
+    model's original beside the column-major copy, never a new copy."""
+    model, vocab = zoo.llama("sdpa")
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), cpu_linear=False)
+    plan = CpuLinearPlan(choices={(64, 64): ("aten", "column")}, few_rows={(64, 64): ("onednn", "row")})
+    graph, moved, _ = plan.apply(fast.graph)
+    assert moved and len(plan.originals) == len(moved)
+    assert plan.originals_bytes() == len(moved) * 64 * 64 * 4
+    calls = []
+    monkeypatch.setitem(cpu_linear.KERNELS, "aten", lambda x, w, b=None: calls.append(("aten", w)) or F.linear(x, w, b))
+    monkeypatch.setitem(cpu_linear.KERNELS, "onednn",
+                        lambda x, w, b=None: calls.append(("onednn", w)) or cpu_linear.onednn_linear(x, w, b))
+    copy, original = graph.params[moved[0]], fast.graph.params[moved[0]]
+    for rows, kernel, w in [(1, "aten", copy), (2, "onednn", original), (cpu_linear.FEW_ROWS, "onednn", original),
+                            (cpu_linear.FEW_ROWS + 1, "aten", copy)]:
+        assert plan.choice((64, 64), rows) == ((kernel, "row") if kernel == "onednn" else ("aten", "column"))
+        x = torch.randn(1, rows, 64)
+        calls.clear()
+        torch.testing.assert_close(plan.linear(x, copy), F.linear(x, original), rtol=1e-5, atol=1e-5)
+        assert calls[0][0] == kernel and calls[0][1] is w
+    other = torch.randn(64, 64).t()  # a column-major weight the plan does not know: read as given
+    calls.clear()
+    plan.linear(torch.randn(3, 64), other)
+    assert calls[0][1] is other
+
+
+def test_few_row_choices_are_timed_against_the_one_row_choice_and_cached(timing):
+    model, vocab, example = small_llama()
+    first = cpu_linear_stats(fxforge.optimize(model, example))
+    source = first.details["cpu_linear"]
+    assert source["few_rows_timed"] == source["timed"] > 0 and source["few_rows_cut_short"] == 0
+    with open(source["cache_file"]) as f:
+        keys = json.load(f)["choices"]
+    assert sum(k.endswith(" few rows") for k in keys) == source["timed"]
+    second = cpu_linear_stats(fxforge.optimize(model, example))
+    again = second.details["cpu_linear"]
+    assert again["few_rows_timed"] == again["timed"] == 0
+    assert again["few_rows"] == source["few_rows"] and again["choices"] == source["choices"]
+    for shape, (kernel, layout) in again["few_rows"].items():  # never a layout the program lacks
+        assert layout in ("row", again["choices"].get(shape, cpu_linear.BASELINE)[1])
+
+
+def test_few_row_choices_cut_short_are_not_cached(timing, monkeypatch):
+    model, vocab, example = small_llama()
+    real = cpu_linear.measure_few_row_choices
+    monkeypatch.setattr(cpu_linear, "measure_few_row_choices",
+                        lambda shapes, one_row, candidates: real(shapes, one_row, candidates, budget_s=0.0))
+    first = cpu_linear_stats(fxforge.optimize(model, example)).details["cpu_linear"]
+    assert first["few_rows_cut_short"] == first["few_rows_timed"] > 0 and first["few_rows"] == {}
+    monkeypatch.setattr(cpu_linear, "measure_few_row_choices", real)
+    second = cpu_linear_stats(fxforge.optimize(model, example)).details["cpu_linear"]
+    assert second["timed"] == 0 and second["few_rows_timed"] == first["few_rows_timed"]
+    assert second["few_rows_cut_short"] == 0
+
+
+def test_decide_against_another_baseline():
+    col, dnn_row = ("aten", "column"), ("onednn", "row")
+    assert decide({col: [1.0] * 3, dnn_row: [0.97] * 3}, baseline=col).choice == col  # a near tie: stay
+    won = decide({col: [1.0] * 3, dnn_row: [0.7] * 3}, baseline=col)
+    assert won.choice == dnn_row and won.speedup == pytest.approx(1 / 0.7)
+    assert decide({col: [1.0], dnn_row: [0.1]}, baseline=col).choice == col  # cut short
+
+
+@needs_onednn
+def test_packed_copies_for_a_few_rows_are_opt_in_bounded_and_exact(timing, monkeypatch):
+    """oneDNN-packed copies (a second copy of a weight) only with few_rows_packed_mb, at
+    most that many MiB, the largest weights first; the values stay F.linear's."""
+    from fxforge.runtime.backends.torch_backend import TorchBackend
+
+    model, vocab, example = small_llama()
+    default = cpu_linear_stats(fxforge.optimize(model, example)).details["cpu_linear"]
+    assert default["packed_bytes"] == 0
+    assert all(layout != "packed" for _, layout in default["few_rows"].values())
+    # every shape chooses the packed copy at a few rows: the bound alone decides what is packed
+    monkeypatch.setattr(cpu_linear, "measure_few_row_choices", lambda shapes, one_row, candidates: {
+        s: Decision(*cpu_linear.PACKED, 2.0, {}, 9) for s in shapes if cpu_linear.PACKED in candidates})
+    # (packed copies allowed is another cache key: the choices above are not read)
+    fast = fxforge.optimize(model, example, backend=TorchBackend("cpu", few_rows_packed_mb=1))
+    stats = cpu_linear_stats(fast)
+    details = stats.details["cpu_linear"]
+    assert 0 < details["packed_bytes"] <= 1 << 20
+    assert any("did not fit" in n for n in stats.notes)
+    assert_matches_eager(model, fast, vocab, [(1, 1), (1, 5), (2, 3), (1, 12)])
+    with pytest.raises(ValueError, match="few_rows_packed_mb"):
+        TorchBackend("cpu", few_rows_packed_mb=-1)
+
+
+@needs_onednn
+def test_a_packed_copy_is_read_for_a_few_rows_only():
+    w = torch.randn(64, 32)
+    plan = CpuLinearPlan(few_rows={(64, 32): cpu_linear.PACKED})
+    plan.packed[id(w)] = (w, torch.ops.mkldnn._reorder_linear_weight(w, cpu_linear.FEW_TIMED_ROWS))
+    for rows in (1, 2, 5, 8, 9):
+        x = torch.randn(1, rows, 32)
+        assert plan.choice((64, 32), rows) == (cpu_linear.PACKED if 1 < rows <= 8 else cpu_linear.BASELINE)
+        torch.testing.assert_close(plan.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)

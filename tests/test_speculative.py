@@ -138,3 +138,57 @@ def test_clear_errors(llama_pair):
     small_vocab = fxforge.optimize(_tiny_llama(0), (torch.randint(0, 6, (1, 4)),), kv_cache=True)
     with pytest.raises(ValueError, match="vocabulary has 6 tokens and the model's 128"):
         fast.generate(ids, 4, draft=small_vocab)
+
+
+def test_greedy_equals_plain_when_verification_takes_other_linear_kernels(monkeypatch, tmp_path):
+    """The model's k + 1-row verification steps on other kernels and layouts than its
+    one-row steps (runtime/cpu_linear.py's few-row choice): the tokens stay plain greedy's."""
+    from fxforge.runtime import cpu_linear
+    from fxforge.runtime.cpu_linear_cache import Decision
+
+    if not cpu_linear.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setenv("FXFORGE_CPU_LINEAR_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_linear, "MIN_TIMED_BYTES", 0)
+    monkeypatch.setattr(cpu_linear, "measure_choices",
+                        lambda shapes, candidates: {s: Decision("aten", "column", 2.0, {}, 9) for s in shapes})
+    monkeypatch.setattr(cpu_linear, "measure_few_row_choices",
+                        lambda shapes, one_row, candidates: {s: Decision("onednn", "row", 2.0, {}, 9) for s in shapes})
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=True)
+    stats = next(s for s in fast.runtime_stats if s.name == "cpu_linear")
+    assert stats.details["cpu_linear"]["few_rows"] and stats.details["cpu_linear"]["originals_bytes"] > 0
+    plain_fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=True, cpu_linear=False)
+    ids = torch.randint(1, vocab, (1, 9), generator=torch.Generator().manual_seed(5))
+    plain = plain_fast.generate(ids, 25, eos_token_id=None)
+    assert torch.equal(fast.generate(ids, 25, eos_token_id=None), plain)
+    for draft in (plain_fast, "ngram"):
+        for k in (3, 5):
+            assert torch.equal(fast.generate(ids, 25, eos_token_id=None, draft=draft, num_draft_tokens=k), plain)
+
+
+def test_greedy_equals_plain_with_packed_verification_weights(monkeypatch, tmp_path):
+    """The verification steps on oneDNN-packed copies (TorchBackend(few_rows_packed_mb=...)):
+    the tokens stay plain greedy's."""
+    from fxforge.runtime import cpu_linear
+    from fxforge.runtime.backends.torch_backend import TorchBackend
+    from fxforge.runtime.cpu_linear_cache import Decision
+
+    if not cpu_linear.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setenv("FXFORGE_CPU_LINEAR_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_linear, "MIN_TIMED_BYTES", 0)
+    monkeypatch.setattr(cpu_linear, "measure_few_row_choices",
+                        lambda shapes, one_row, candidates: {s: Decision(*cpu_linear.PACKED, 2.0, {}, 9) for s in shapes})
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")
+    example = (torch.randint(0, vocab, (2, 7)),)
+    fast = fxforge.optimize(model, example, kv_cache=True, backend=TorchBackend("cpu", few_rows_packed_mb=64))
+    assert next(s for s in fast.runtime_stats if s.name == "cpu_linear").details["cpu_linear"]["packed_bytes"] > 0
+    plain_fast = fxforge.optimize(model, example, kv_cache=True, cpu_linear=False)
+    ids = torch.randint(1, vocab, (1, 9), generator=torch.Generator().manual_seed(5))
+    plain = plain_fast.generate(ids, 25, eos_token_id=None)
+    for draft in (plain_fast, "ngram"):
+        for k in (2, 4, 7):
+            assert torch.equal(fast.generate(ids, 25, eos_token_id=None, draft=draft, num_draft_tokens=k), plain)

@@ -93,11 +93,13 @@ class DequantizedWeights:
         return len(self._kept)
 
 
-def dequantized_cache_bytes(value) -> int:
-    """The torch backend's `keep_dequantized_mb` option as bytes (0: keep nothing)."""
+def dequantized_cache_bytes(value, name: str = "keep_dequantized_mb") -> int:
+    """The torch backend's `keep_dequantized_mb` option (or another MiB bound, `name`) as bytes (0: keep nothing)."""
     if value is None or value is False:
         return 0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+        if name != "keep_dequantized_mb":
+            raise ValueError(f"{name}={value!r}: expected a number of MiB >= 0 (0 or None: none, the default)")
         raise ValueError(f"keep_dequantized_mb={value!r}: expected a number of MiB >= 0 of dequantized float "
                          f"weights to keep between calls (0 or None: none, the default; quantized weights "
                          f"then save their memory), e.g. 512")

@@ -1,5 +1,6 @@
 """CPU linear kernels: for each float32 weight shape, the library kernel and weight layout
-that run a one-token matrix-vector product fastest, chosen by timing them once per machine.
+that run a one-token matrix-vector product fastest, and the kernel for a few rows (the
+k + 1 tokens of a speculative verification step), chosen by timing them once per machine.
 
 Why: decoding one token is a chain of matrix-vector products bound by reading weights.
 PyTorch's `F.linear` on the CPU calls the BLAS (MKL), which on a 2-core AMD EPYC read a
@@ -18,6 +19,25 @@ to leave F.linear and a fixed order among near ties), and its result is kept per
 later one reads and builds the same program without timing. `cpu_linear="measure"` times
 again and overwrites; `cpu_linear=False` keeps F.linear without timing anything.
 
+Few rows: speculative decoding checks k draft tokens in one step of k + 1 rows, and on
+a 2-core Xeon the kernel fastest at one row was 1.3-1.8x slower there than another
+(SmolLM2's lm_head, 49152x576, one thread, ms: F.linear row-major 24.5 at one row and 42
+at five, oneDNN on the same row-major weight 25 and 31). So each shape gets a second
+choice for 2..FEW_ROWS rows, timed at FEW_TIMED_ROWS, and every call picks by its row
+count; more rows (prompts) keep the one-row choice. The few-row choice may use the
+weight's stored layout or the row-major original, never a new copy: where the one-row
+choice stored a column-major copy and a few rows run faster on the original, the plan
+keeps a reference to the original (the model's own tensor: no new memory while the
+model lives; the report gives the bytes).
+
+Opt-in, a third layout for a few rows: oneDNN's own blocked copy of a weight, packed for
+FEW_TIMED_ROWS rows (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's
+CPU freezing uses), which made SmolLM2's five-row verification step 1.3x faster in place
+(lm_head 11 ms against 17 on the best plain layout). It is a second copy of the weight,
+so it is only a candidate when the torch backend is given the memory for it
+(`TorchBackend("cpu", few_rows_packed_mb=...)`: at most that many MiB of copies, the
+largest weights first; 0, the default, packs nothing).
+
 The values never change, only strides and the kernel, so the IR and its text do not.
 Column-major weights are copies: the program no longer reads the model's own weights
 (the report gives the bytes). Half precision is left to F.linear.
@@ -34,13 +54,14 @@ import torch.nn.functional as F
 
 from ..ir.graph import Graph
 from ..passes.manager import PassStats
-from .cpu_linear_cache import (Decision, cache_file, machine_fingerprint, read_decisions, shape_key,
-                               write_decisions)
+from .cpu_linear_cache import (Decision, cache_file, few_rows_key, machine_fingerprint, read_decisions,
+                               shape_key, write_decisions)
 
 BASELINE = ("aten", "row")
+PACKED = ("onednn", "packed")  # a few rows only, opt-in: a second copy of the weight
 # Among candidates that tie (within TIE of the fastest), the first here wins: F.linear on
-# the weight as given, then the layouts that need no copy of the weights.
-PREFERENCE = [BASELINE, ("onednn", "row"), ("onednn", "column"), ("aten", "column")]
+# the weight as given, then the layouts that need no copy of the weights, then a second copy.
+PREFERENCE = [BASELINE, ("onednn", "row"), ("onednn", "column"), ("aten", "column"), PACKED]
 TIE = 1.03
 # The chosen candidate must beat F.linear on the row-major weight by this much: a near tie is noise.
 MIN_SPEEDUP = 1.05
@@ -60,11 +81,21 @@ MIN_WINS = 0.75
 # stop at TARGET_SHARE of it, which leaves room for the minimum on a busy machine.
 TIME_BUDGET_S = 0.5
 TARGET_SHARE = 0.5
+# Calls with 2..FEW_ROWS activation rows (speculative verification of up to 7 draft
+# tokens) take the few-row choice, timed at FEW_TIMED_ROWS rows (k = 4 draft tokens + 1).
+FEW_ROWS = 8
+FEW_TIMED_ROWS = 5
+# Timing time per model for the few-row choices, on top of TIME_BUDGET_S: the lm_head of a
+# small model costs 30-40 ms a call at five rows.
+FEW_ROWS_BUDGET_S = 1.0
 # Part of the cache's fingerprint: bump it when the measurement or the rule changes.
-METHOD_VERSION = 2
+METHOD_VERSION = 3
 
 
 def onednn_linear(x, w, b=None):
+    if x.dim() > 2:  # as rows: oneDNN's 3-d product was up to 1.4x slower than the same rows in 2-d
+        return torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, b, "none", [], "").reshape(
+            *x.shape[:-1], w.shape[0])
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
@@ -73,31 +104,79 @@ KERNELS = {"aten": F.linear, "onednn": onednn_linear}
 
 @dataclass
 class CpuLinearPlan:
-    """(out, in) -> (kernel, layout) for the float32 linear weights of one graph."""
+    """(out, in) -> (kernel, layout) for the float32 linear weights of one graph: `choices`
+    for one row (and for more than FEW_ROWS), `few_rows` for 2..FEW_ROWS rows where that
+    differs. `originals`: id(stored column-major copy) -> (that copy, the row-major
+    original), for the few-row choices on row-major weights (filled by apply)."""
     choices: dict[tuple[int, int], tuple[str, str]] = field(default_factory=dict)
     speedups: dict[tuple[int, int], float] = field(default_factory=dict)
+    few_rows: dict[tuple[int, int], tuple[str, str]] = field(default_factory=dict)
+    few_speedups: dict[tuple[int, int], float] = field(default_factory=dict)
+    originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # id(stored) -> (it, packed copy)
+    packed_bytes_limit: int = 0
+    not_packed: int = 0  # weights whose few-row choice is PACKED but did not fit in the limit
+
+    def choice(self, shape: tuple[int, int], rows: int) -> tuple[str, str]:
+        """The (kernel, layout) a call with `rows` activation rows on a weight of `shape` runs."""
+        if 1 < rows <= FEW_ROWS and shape in self.few_rows:
+            return self.few_rows[shape]
+        return self.choices.get(shape, BASELINE)
 
     def linear(self, x, w, b=None):
-        """The torch backend's `linear`: the chosen kernel for this weight shape."""
-        choice = self.choices.get(tuple(w.shape)) if x.dtype == torch.float32 and x.device.type == "cpu" else None
-        if choice is None:
+        """The torch backend's `linear`: the chosen kernel for this weight shape and row count."""
+        if x.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, w, b)
-        return KERNELS[choice[0]](x, w, b)
+        rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+        kernel, layout = self.choice(tuple(w.shape), rows)
+        # (any layout gives the same values: this only picks the faster read; a weight the
+        # plan holds no copy of runs the kernel on the weight as given)
+        if layout == "row" and not w.is_contiguous():
+            stored, original = self.originals.get(id(w), (None, None))
+            if stored is w:
+                w = original
+        elif layout == "packed":
+            stored, copy = self.packed.get(id(w), (None, None))
+            if stored is w:
+                w = copy
+        return KERNELS[kernel](x, w, b)
 
     def apply(self, graph: Graph) -> tuple[Graph, list[str], int]:
-        """The graph with column-major copies of the weights whose shape chose that layout."""
+        """The graph with column-major copies of the weights whose shape chose that layout
+        (and the originals noted where a few rows read those)."""
         params = dict(graph.params)
-        moved, nbytes = [], 0
-        for name in _linear_weights(graph):
+        moved, nbytes, packed_bytes = [], 0, 0
+        # the largest weights first: they gain the most per call from a packed copy
+        for name in sorted(_linear_weights(graph), key=lambda n: -params[n].numel()):
             w = params[name]
-            if self.choices.get(tuple(w.shape), BASELINE)[1] == "column" and w.is_contiguous():
+            shape = tuple(w.shape)
+            if self.few_rows.get(shape) == PACKED:
+                size = w.numel() * w.element_size()
+                if packed_bytes + size <= self.packed_bytes_limit:
+                    with torch.no_grad():
+                        copy = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), FEW_TIMED_ROWS)
+                    packed_bytes += size
+                else:
+                    copy = None
+                    self.not_packed += 1
+            if self.choices.get(shape, BASELINE)[1] == "column" and w.is_contiguous():
                 with torch.no_grad():
                     params[name] = w.detach().t().contiguous().t()
                 moved.append(name)
                 nbytes += w.numel() * w.element_size()
+                if self.few_rows.get(shape, ("", ""))[1] == "row":
+                    self.originals[id(params[name])] = (params[name], w)
+            if self.few_rows.get(shape) == PACKED and copy is not None:
+                self.packed[id(params[name])] = (params[name], copy)
         out = graph.with_nodes(graph.nodes)
         out.params = params
         return out, moved, nbytes
+
+    def originals_bytes(self) -> int:
+        return sum(w.numel() * w.element_size() for _, w in self.originals.values())
+
+    def packed_bytes(self) -> int:
+        return sum(w.numel() * w.element_size() for w, _ in self.packed.values())
 
 
 def cpu_linear_mode(value) -> str | None:
@@ -112,21 +191,29 @@ def cpu_linear_mode(value) -> str | None:
                      f"reuse), \"measure\" (time again and update the cache), or False (F.linear, no timing)")
 
 
-def plan_cpu_linears(graph: Graph, mode: str = "cached") -> tuple[Graph, CpuLinearPlan, PassStats]:
+def plan_cpu_linears(graph: Graph, mode: str = "cached",
+                     packed_bytes: int = 0) -> tuple[Graph, CpuLinearPlan, PassStats]:
     """Choose a kernel and layout for every float32 weight shape of the graph's linears
     (from this machine's cache, timing the shapes it lacks, or timing all of them when
     `mode` is "measure"); return the graph with weights in their chosen layout, the plan,
-    and a report line."""
+    and a report line. `packed_bytes`: memory for oneDNN-packed copies for a few rows (0: none)."""
     start = time.perf_counter()
     names = _linear_weights(graph)
     shapes = sorted({tuple(graph.params[n].shape) for n in names} - set(_untimed_shapes(graph, names)))
-    decisions, source = _decisions(shapes, mode) if shapes else ({}, {})
-    plan = CpuLinearPlan()
+    packed = packed_bytes > 0 and PACKED[0] in {c[0] for c in timing_candidates()}
+    decisions, source = _decisions(shapes, mode, packed) if shapes else ({}, {})
+    plan = CpuLinearPlan(packed_bytes_limit=packed_bytes if packed else 0)
     for shape in shapes:
         decision = decisions[shape_key(shape)]
         if decision.choice != BASELINE:
             plan.choices[shape] = decision.choice
             plan.speedups[shape] = decision.speedup
+        few, one = decisions.get(few_rows_key(shape, packed=packed)), plan.choices.get(shape, BASELINE)
+        # (a cached few-row choice was made against this one-row choice: the two are timed
+        # and cached together; the layout check guards against a file edited by hand)
+        if few is not None and few.choice != one and few.layout in (one[1], "row", "packed" if packed else "row"):
+            plan.few_rows[shape] = few.choice
+            plan.few_speedups[shape] = few.speedup
     out, moved, nbytes = plan.apply(graph)
     picked = Counter("_".join(plan.choices[shape]) for shape in (tuple(graph.params[n].shape) for n in names)
                      if shape in plan.choices)
@@ -134,6 +221,18 @@ def plan_cpu_linears(graph: Graph, mode: str = "cached") -> tuple[Graph, CpuLine
     for shape, (k, layout) in sorted(plan.choices.items()):
         notes.append(f"[{shape[0]}, {shape[1]}]: {k} on {layout}-major weights, "
                      f"{plan.speedups[shape]:.2f}x faster than F.linear at one token")
+    for shape, (k, layout) in sorted(plan.few_rows.items()):
+        on = "a packed copy of the weights" if layout == "packed" else f"{layout}-major weights"
+        notes.append(f"[{shape[0]}, {shape[1]}] at 2-{FEW_ROWS} rows: {k} on {on}, "
+                     f"{plan.few_speedups[shape]:.2f}x faster than the one-row choice at {FEW_TIMED_ROWS} rows")
+    if plan.originals:
+        notes.append(f"{len(plan.originals)} row-major originals kept beside their column-major copies for "
+                     f"2-{FEW_ROWS} rows ({plan.originals_bytes() / 2**20:.1f} MiB, the model's own tensors)")
+    if plan.packed or plan.not_packed:
+        notes.append(f"{len(plan.packed)} oneDNN-packed copies for 2-{FEW_ROWS} rows "
+                     f"({plan.packed_bytes() / 2**20:.1f} MiB of {plan.packed_bytes_limit / 2**20:.0f} allowed)"
+                     + (f"; {plan.not_packed} more did not fit and run oneDNN on the stored weight"
+                        if plan.not_packed else ""))
     if picked:
         notes.append(f"{sum(picked.values())} of {len(names)} float32 linear weights on a faster kernel; "
                      f"{len(moved)} stored column-major ({nbytes / 2**20:.1f} MiB of copies)")
@@ -143,8 +242,10 @@ def plan_cpu_linears(graph: Graph, mode: str = "cached") -> tuple[Graph, CpuLine
     if source:
         notes.append(_source_note(source))
     stats = PassStats("cpu_linear", time.perf_counter() - start, len(graph.nodes), len(out.nodes), rules=picked,
-                      notes=notes, details={"cpu_linear": {"choices": dict(plan.choices), "column_major": moved,
-                                                           "bytes": nbytes, **source}})
+                      notes=notes, details={"cpu_linear": {"choices": dict(plan.choices), "few_rows": dict(plan.few_rows),
+                                                           "column_major": moved, "bytes": nbytes,
+                                                           "originals_bytes": plan.originals_bytes(),
+                                                           "packed_bytes": plan.packed_bytes(), **source}})
     return out, plan, stats
 
 
@@ -155,25 +256,35 @@ def _untimed_shapes(graph: Graph, names: list[str]) -> list[tuple[int, int]]:
     return [s for s in shapes if s[0] * s[1] * 4 < MIN_TIMED_BYTES]
 
 
-def _decisions(shapes: list[tuple[int, int]], mode: str) -> tuple[dict[str, Decision], dict]:
+def _decisions(shapes: list[tuple[int, int]], mode: str, packed: bool = False) -> tuple[dict[str, Decision], dict]:
     """The decision for every shape, by shape_key, and where they came from: this
     machine's cache file, or timing now (then written to the file)."""
     candidates = timing_candidates()
     fingerprint = machine_fingerprint(timing_method(candidates))
     path = cache_file(fingerprint)
-    known = read_decisions(path, fingerprint, candidates) if mode == "cached" else {}
+    known = read_decisions(path, fingerprint, candidates + [PACKED]) if mode == "cached" else {}
     missing = [s for s in shapes if shape_key(s) not in known]
     timing_start = time.perf_counter()
     timed = {shape_key(s): d for s, d in measure_choices(missing, candidates).items()}
     decisions = {**known, **timed}
-    source = {"from_cache": len(shapes) - len(missing), "timed": len(missing),
+    # The few-row choice is made against the one-row one: timed again whenever that is.
+    # (with packed copies allowed or not: two choices, cached under two keys)
+    few_missing = [s for s in shapes if s in missing or few_rows_key(s, packed=packed) not in known]
+    few_timed = measure_few_row_choices(few_missing, {s: decisions[shape_key(s)].choice for s in few_missing},
+                                        candidates + ([PACKED] if packed else []))
+    decisions.update({few_rows_key(s, packed=packed): d for s, d in few_timed.items()})
+    source = {"from_cache": len(shapes) - len(missing), "timed": len(missing), "few_rows_timed": len(few_missing),
               "timing_seconds": time.perf_counter() - timing_start, "cache_file": path, "cache_error": None,
-              "cut_short": sum(decisions[shape_key(s)].rounds < MIN_ROUNDS for s in shapes)}
+              "cut_short": sum(decisions[shape_key(s)].rounds < MIN_ROUNDS for s in shapes),
+              "few_rows_cut_short": sum(d.rounds < MIN_ROUNDS for d in few_timed.values())}
     # A shape cut short (the budget ran out on a busy machine) keeps F.linear for this
     # model only: caching it would fix that guess for every later run on this machine.
+    # Its few-row choice, made against that guess, is not cached either.
     complete = {key: d for key, d in timed.items() if d.rounds >= MIN_ROUNDS}
+    complete.update({few_rows_key(s, packed=packed): d for s, d in few_timed.items()
+                     if d.rounds >= MIN_ROUNDS and decisions[shape_key(s)].rounds >= MIN_ROUNDS})
     if complete:
-        source["cache_error"] = write_decisions(path, fingerprint, candidates, complete)
+        source["cache_error"] = write_decisions(path, fingerprint, candidates + [PACKED], complete)
     return decisions, source
 
 
@@ -191,9 +302,14 @@ def _source_note(source: dict) -> str:
             note = f"{note}; not cached ({source['cache_error']})"
         else:
             note = f"{note}, saved to {source['cache_file']}"
+    if source["few_rows_timed"]:
+        note += f"; {source['few_rows_timed']} few-row choices timed now"
     if source["cut_short"]:
         note += (f"; {_shapes(source['cut_short'])} kept F.linear because the timing budget ran out (a busy "
                  f"machine?), not cached: the next optimize() times them again")
+    if source["few_rows_cut_short"]:
+        note += (f"; {source['few_rows_cut_short']} few-row choices kept the one-row kernel because the timing "
+                 f"budget ran out, not cached: the next optimize() times them again")
     return note
 
 
@@ -212,6 +328,7 @@ def timing_method(candidates) -> dict:
     fingerprint, so that changing it measures again instead of trusting old choices."""
     return {"version": METHOD_VERSION, "candidates": ["_".join(c) for c in candidates],
             "cold_bytes": COLD_BYTES, "max_copies": MAX_COPIES, "min_speedup": MIN_SPEEDUP, "tie": TIE,
+            "few_rows": FEW_ROWS, "few_timed_rows": FEW_TIMED_ROWS,
             "min_wins": MIN_WINS, "calls_per_round": CALLS_PER_ROUND, "min_rounds": MIN_ROUNDS}
 
 
@@ -221,9 +338,26 @@ def measure_choices(shapes: list[tuple[int, int]], candidates: list[tuple[str, s
     and starting no round after `budget_s` (so at most one round of one shape more): on a
     busy machine a shape left without MIN_ROUNDS rounds keeps F.linear (cut short), rather
     than optimize() taking seconds."""
+    return _measure(shapes, {s: candidates for s in shapes}, {s: BASELINE for s in shapes}, 1,
+                    TIME_BUDGET_S if budget_s is None else budget_s)
+
+
+def measure_few_row_choices(shapes: list[tuple[int, int]], one_row: dict[tuple[int, int], tuple[str, str]],
+                            candidates: list[tuple[str, str]],
+                            budget_s: float | None = None) -> dict[tuple[int, int], Decision]:
+    """The choice at 2..FEW_ROWS rows for each shape, timed at FEW_TIMED_ROWS rows against
+    its one-row choice `one_row[shape]` (what those calls would run otherwise), among the
+    candidates that read a weight the program already has: the stored layout (the one-row
+    choice's) or the row-major original, or a packed copy where `candidates` has PACKED.
+    Same budget rules as measure_choices."""
+    allowed = {s: [c for c in candidates if c[1] in (one_row[s][1], "row", "packed")] for s in shapes}
+    return _measure(shapes, allowed, one_row, FEW_TIMED_ROWS,
+                    FEW_ROWS_BUDGET_S if budget_s is None else budget_s)
+
+
+def _measure(shapes, candidates_of, baseline_of, rows: int, budget_s: float) -> dict[tuple[int, int], Decision]:
     if not shapes:
         return {}
-    budget_s = TIME_BUDGET_S if budget_s is None else budget_s
     start = time.perf_counter()
     # One buffer for every shape and layout: allocating (and zero-filling) tens of MiB per
     # candidate cost more than the timing itself.
@@ -235,29 +369,32 @@ def measure_choices(shapes: list[tuple[int, int]], candidates: list[tuple[str, s
     shapes = sorted(shapes, key=lambda s: (-s[0] * s[1], s))
     for i, shape in enumerate(shapes):
         shape_stop = time.perf_counter() + max(0.0, deadline - time.perf_counter()) / (len(shapes) - i)
-        decisions[shape] = decide(round_seconds(shape, candidates, buffer, shape_stop, hard_stop))
+        baseline = baseline_of[shape]
+        decisions[shape] = decide(round_seconds(shape, candidates_of[shape], buffer, shape_stop, hard_stop, rows,
+                                                baseline), baseline)
     return decisions
 
 
-def decide(rounds: dict[tuple[str, str], list[float]]) -> Decision:
+def decide(rounds: dict[tuple[str, str], list[float]], baseline: tuple[str, str] = BASELINE) -> Decision:
     """The choice from each candidate's seconds per call in each round. A candidate's time
     is its median over rounds; those within TIE of the fastest count as equally fast and
     the first of them in PREFERENCE wins (F.linear as given first, then layouts that need
     no copy). Leaving F.linear takes a MIN_SPEEDUP margin and beating it in most rounds
     timed side by side (MIN_WINS): on a busy machine one lucky round is not a win, and
     noise alone should not move a choice off the default. Fewer than MIN_ROUNDS rounds
-    (time ran out) keep F.linear too."""
+    (time ran out) keep F.linear too. `baseline` replaces F.linear as the default for the
+    few-row choice (the one-row choice: what those calls would run otherwise)."""
     completed = max(len(r) for r in rounds.values())
     if completed < MIN_ROUNDS:
-        return Decision(*BASELINE, 1.0, {}, completed)
-    medians = {c: statistics.median(r) for c, r in rounds.items()}
+        return Decision(*baseline, 1.0, {}, completed)
+    medians = {c: statistics.median(r) for c, r in rounds.items() if r}
     fastest = min(medians.values())
-    tied = [c for c in PREFERENCE if c in medians and medians[c] <= fastest * TIE]
+    tied = [c for c in [baseline] + PREFERENCE if c in medians and medians[c] <= fastest * TIE]
     choice = tied[0]
-    speedup = medians[BASELINE] / medians[choice]
-    if choice != BASELINE and (speedup < MIN_SPEEDUP or _win_share(rounds[choice], rounds[BASELINE]) < MIN_WINS):
-        choice = BASELINE
-    return Decision(choice[0], choice[1], speedup if choice != BASELINE else 1.0,
+    speedup = medians[baseline] / medians[choice]
+    if choice != baseline and (speedup < MIN_SPEEDUP or _win_share(rounds[choice], rounds[baseline]) < MIN_WINS):
+        choice = baseline
+    return Decision(choice[0], choice[1], speedup if choice != baseline else 1.0,
                     {"_".join(c): t * 1e6 for c, t in medians.items()}, completed)
 
 
@@ -268,8 +405,9 @@ def _win_share(candidate: list[float], baseline: list[float]) -> float:
 
 
 def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buffer: torch.Tensor,
-                  stop: float, hard_stop: float) -> dict[tuple[str, str], list[float]]:
-    """Seconds of a one-row call of each candidate on `shape`, one figure per round: the
+                  stop: float, hard_stop: float, rows: int = 1,
+                  baseline: tuple[str, str] = BASELINE) -> dict[tuple[str, str], list[float]]:
+    """Seconds of a call with `rows` activation rows of each candidate on `shape`, one figure per round: the
     median of its calls in that round. A round calls every candidate CALLS_PER_ROUND times
     on cold weights (_next_copies), in an order rotated per round, so that
     load from elsewhere hits all candidates alike. The median of the calls, not their sum:
@@ -281,7 +419,7 @@ def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buf
     if time.perf_counter() >= hard_stop:
         return rounds
     weights = {layout: cold_weights(buffer, shape, layout) for layout in {c[1] for c in candidates}}
-    x = torch.randn(1, shape[1])
+    x = torch.randn(rows, shape[1])
     for kernel, layout in candidates:  # oneDNN builds its primitive on the first call of a shape
         KERNELS[kernel](x, weights[layout][0])
     timed, cursor = list(candidates), 0
@@ -292,19 +430,20 @@ def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buf
             cursor += len(some)
             rounds[(kernel, layout)].append(statistics.median(_call_seconds(KERNELS[kernel], x, some)))
         if round_ == 1:
-            timed = _still_in_the_running(rounds, timed)
+            timed = _still_in_the_running(rounds, timed, baseline)
         now = time.perf_counter()
         if now >= hard_stop or (round_ + 1 >= MIN_ROUNDS and now >= stop):
             break
     return rounds
 
 
-def _still_in_the_running(rounds: dict[tuple[str, str], list[float]], timed: list[tuple[str, str]]):
-    """The candidates worth more rounds: F.linear (every decision compares with it) and
+def _still_in_the_running(rounds: dict[tuple[str, str], list[float]], timed: list[tuple[str, str]],
+                          baseline: tuple[str, str] = BASELINE):
+    """The candidates worth more rounds: the baseline, F.linear (every decision compares with it) and
     those whose best round so far is within DROP_SLOWER of the best of all. Noise only
     ever adds time, so a best round that slow is the kernel, not a busy moment."""
     best = min(min(r) for r in rounds.values() if r)
-    return [c for c in timed if c == BASELINE or min(rounds[c]) <= best * DROP_SLOWER]
+    return [c for c in timed if c == baseline or min(rounds[c]) <= best * DROP_SLOWER]
 
 
 def _next_copies(weights: list[torch.Tensor], cursor: int) -> list[torch.Tensor]:
@@ -322,6 +461,9 @@ def cold_weights(buffer: torch.Tensor, shape: tuple[int, int], layout: str) -> l
     n = out_features * in_features
     copies = min(MAX_COPIES, max(1, COLD_BYTES // (n * 4)))
     flat = [buffer[i * n:(i + 1) * n] for i in range(copies)]
+    if layout == "packed":  # copies of their own, packed as the plan packs them
+        return [torch.ops.mkldnn._reorder_linear_weight(w.view(out_features, in_features), FEW_TIMED_ROWS)
+                for w in flat]
     if layout == "row":
         return [w.view(out_features, in_features) for w in flat]
     return [w.view(in_features, out_features).t() for w in flat]

@@ -16,18 +16,23 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, device, cpu_linear: bool | str | None = True, process_group=None,
-                 keep_dequantized_mb: float | None = 0):
+                 keep_dequantized_mb: float | None = 0, few_rows_packed_mb: float | None = 0):
         """keep_dequantized_mb: MiB of dequantized float weights the CPU keeps between calls
         of quantized products (runtime/cpu_dequant.py). Opt-in: 0 (the default) keeps none,
         so quantized weights save their memory; enough for all of them makes a quantized
         prompt as fast as the float model's (a weight is kept when a long input first
-        dequantizes it; in float32 later calls of any length then use it)."""
+        dequantizes it; in float32 later calls of any length then use it).
+        few_rows_packed_mb: MiB of oneDNN-packed copies of float32 linear weights for
+        products of 2-8 rows, a speculative decoding's verification steps (runtime/cpu_linear.py).
+        Opt-in for the same reason: 0 (the default) packs none; SmolLM2's lm_head and MLP
+        up-projections, what gains most, take about 320."""
         from ..cpu_dequant import dequantized_cache_bytes
         from ..cpu_linear import cpu_linear_mode
 
         super().__init__(device, process_group=process_group)
         self.cpu_linear = cpu_linear if cpu_linear is None else cpu_linear_mode(cpu_linear)  # "cached" | "measure" | None
         self.keep_dequantized_bytes = dequantized_cache_bytes(keep_dequantized_mb)
+        self.few_rows_packed_bytes = dequantized_cache_bytes(few_rows_packed_mb, "few_rows_packed_mb")
 
     def kernel_ops(self) -> dict:
         from ..torch_kernels import PagedAttentionSDPA, attention_sdpa, quant_linear_op
@@ -44,7 +49,7 @@ class TorchBackend(Backend):
 
         overrides, stats = {}, []
         if self.cpu_linear:
-            graph, plan, linear_stats = plan_cpu_linears(graph, self.cpu_linear)
+            graph, plan, linear_stats = plan_cpu_linears(graph, self.cpu_linear, self.few_rows_packed_bytes)
             overrides["linear"] = plan.linear
             stats.append(linear_stats)
         int4_plan, int4_stats = plan_cpu_int4(graph)
