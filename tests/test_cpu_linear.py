@@ -64,6 +64,7 @@ def timing(monkeypatch, tmp_path):
     # and let it finish on a busy CI machine: a shape cut short is not cached, and these
     # tests count what the cache saves (test_shapes_cut_short_are_not_cached cuts on purpose)
     monkeypatch.setattr(cpu_linear, "TIME_BUDGET_S", 30.0)
+    monkeypatch.setattr(cpu_linear, "FEW_ROWS_BUDGET_S", 30.0)  # the 2-8-row choices' own budget alike
     sweeps = [0]
     real = cpu_linear._call_seconds
 
