@@ -93,11 +93,11 @@ def attention_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, all_configs=False, varia
 
 # --------------------------------------------------------------------------- decode attention
 _SPLIT_REF = "fxforge.codegen.kernels.decode_attention:_decode_split_kernel"
-_SPLIT_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "m_ptr", "l_ptr", "acc_ptr", "table_ptr",
-               "start_ptr", "H", "GROUPS", "TK", "CHUNK", "NUM_SPLITS", "qk_scale", "softcap", "pages",
+_SPLIT_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "m_ptr", "l_ptr", "acc_ptr", "out_ptr",
+               "table_ptr", "start_ptr", "H", "GROUPS", "TK", "CHUNK", "NUM_SPLITS", "qk_scale", "softcap", "pages",
                "start_shift", "sqb", "sqh", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd", "sbb", "sbh",
-               "sbn", "stb", "HEAD_DIM", "D_PAD", "BLOCK_G", "BLOCK_N", "HAS_BIAS", "DOT_F32", "PRECISION", "SOFTCAP",
-               "ALIBI", "PAGED", "PAGE"]
+               "sbn", "sob", "soh", "sod", "stb", "HEAD_DIM", "D_PAD", "BLOCK_G", "BLOCK_N", "HAS_BIAS", "DOT_F32",
+               "PRECISION", "SOFTCAP", "ALIBI", "PAGED", "PAGE", "ONE_SPLIT"]
 # decode's variants: a sliding window is a view of the cache, not a flag of the kernel
 DECODE_VARIANTS = {"plain": dict(SOFTCAP=False, ALIBI=False, PAGED=False, PAGE=1),
                    "all": dict(SOFTCAP=True, ALIBI=True, PAGED=False, PAGE=1),
@@ -107,27 +107,30 @@ _COMBINE_ARGS = ["m_ptr", "l_ptr", "acc_ptr", "out_ptr", "H", "NUM_SPLITS", "sob
                  "HEAD_DIM", "D_PAD", "BLOCK_S"]
 
 
-def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), variants=tuple(DECODE_VARIANTS)
-                 ) -> list[KernelSpec]:
+def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), variants=tuple(DECODE_VARIANTS),
+                 one_split=(False, True)) -> list[KernelSpec]:
     """The split kernel (the one config its wrapper launches, with a bias: the superset),
-    plain and with every variant flag, and the combine kernel for a few and for very many
-    splits."""
+    plain and with every variant flag, writing partials and (ONE_SPLIT) the output itself,
+    and the combine kernel for a few and for very many splits."""
     from .kernels import decode_attention
 
     split_blocks = sorted({decode_attention.combine_block(s) for s in splits})
     specs = []
     for dname, dtype in dtypes.items():
         for d in head_dims:
-            for variant in variants:
+            for variant, one in ((v, o) for v in variants for o in one_split):
                 launch = decode_attention.split_launch(dtype, d, DECODE_VARIANTS[variant]["PAGED"])
+                # with ONE_SPLIT the wrapper passes the output for the (unused) partials
+                partials = dname if one else "fp32"
                 specs.append(_spec(
                     "decode_split", _SPLIT_REF, _SPLIT_ARGS,
-                    {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr")},
-                     **{p: "fp32" for p in ("slopes_ptr", "m_ptr", "l_ptr", "acc_ptr")}, **_PAGED_POINTERS},
+                    {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr")}, "slopes_ptr": "fp32",
+                     **{p: partials for p in ("m_ptr", "l_ptr", "acc_ptr")}, **_PAGED_POINTERS},
                     dict(HEAD_DIM=d, D_PAD=d, BLOCK_G=16, BLOCK_N=launch["BLOCK_N"], HAS_BIAS=True, DOT_F32=False,
-                         PRECISION="ieee" if dtype == torch.float32 else "tf32", **DECODE_VARIANTS[variant]),
-                    floats=("qk_scale", "softcap"), unit=("sqd", "skd", "svd"), num_warps=launch["num_warps"],
-                    num_stages=launch.get("num_stages", 3), dtype=dname, head_dim=d, variant=variant))
+                         PRECISION="ieee" if dtype == torch.float32 else "tf32", ONE_SPLIT=one,
+                         **DECODE_VARIANTS[variant]),
+                    floats=("qk_scale", "softcap"), unit=("sqd", "skd", "svd", "sod"), num_warps=launch["num_warps"],
+                    num_stages=launch.get("num_stages", 3), dtype=dname, head_dim=d, variant=variant, one_split=one))
     for d in head_dims:
         for block_s in split_blocks:
             specs.append(_spec(

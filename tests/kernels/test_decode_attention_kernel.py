@@ -146,3 +146,63 @@ def test_all_variants_together_in_bf16():
     q, k, v = (torch.randn(2, 4, 1, 64, dtype=torch.bfloat16), torch.randn(2, 2, 70, 64, dtype=torch.bfloat16),
                torch.randn(2, 2, 70, 64, dtype=torch.bfloat16))
     check_variant(q, k, v, softcap=2.0, window=33, slopes=alibi_slopes(4))
+
+
+# -- one split: the split kernel writes the output, no combine launch -------------------------
+from fxforge.runtime.launch_count import LaunchCounter  # noqa: E402
+
+
+def launches(fn, *args, **kwargs):
+    """(fn's result, its Triton launches by kernel name)."""
+    with LaunchCounter() as c:
+        out = fn(*args, **kwargs)
+    return out, {name.split(".", 1)[1]: n for name, n in c.by_name.items() if name.startswith("triton.")}
+
+
+def test_a_short_context_is_one_launch_a_long_one_two():
+    q = torch.randn(1, 4, 1, 32)
+    short = torch.randn(1, 2, 15, 32)  # one 16-key chunk: one split
+    long = torch.randn(1, 2, 515, 32)  # spread over the interpreter's 8 programs
+    _, n = launches(decode_attention_triton, q, short, short, causal=True, scale=0.2)
+    assert n == {"_decode_split_kernel": 1}
+    _, n = launches(decode_attention_triton, q, long, long, causal=True, scale=0.2)
+    assert n == {"_decode_split_kernel": 1, "_decode_combine_kernel": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("h, hkv", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("variant", ["plain", "all"])
+def test_one_split_writes_what_several_splits_combine(dtype, h, hkv, variant, monkeypatch):
+    # one program per KV head forces a single split over all 70 keys; 64 programs split them
+    q, k, v = (torch.randn(2, h, 1, 32, dtype=dtype), torch.randn(2, hkv, 70, 32, dtype=dtype),
+               torch.randn(2, hkv, 70, 32, dtype=dtype))
+    bias = torch.zeros(2, 1, 1, 70)
+    bias[1, ..., :9] = torch.finfo(torch.float32).min  # left padding
+    kw = dict(causal=True, scale=0.2)
+    if variant == "all":
+        kw.update(softcap=3.0, window=45, alibi=True)
+        args = (q, k, v, bias, alibi_slopes(h))
+    else:
+        args = (q, k, v, bias)
+    outs = {}
+    for programs, expected in ((1, 1), (64, 2)):
+        monkeypatch.setattr(decode_attention, "_programs", lambda device, p=programs: p)
+        outs[programs], n = launches(decode_attention_triton, *args, **kw)
+        assert sum(n.values()) == expected, n
+    ref = attention_reference(*args, **kw)
+    tol = TOL[dtype] * max(1.0, ref.abs().max().item())
+    for out in outs.values():
+        assert out.dtype == dtype and out.shape == q.shape
+        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
+
+
+def test_one_split_rows_that_see_no_key_give_zeros(monkeypatch):
+    # every key masked: the split kernel's normalisation must not divide by a zero sum
+    monkeypatch.setattr(decode_attention, "_programs", lambda device: 1)
+    q, k, v = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
+    bias = torch.zeros(2, 1, 1, 20)
+    bias[0] = float("-inf")
+    out = decode_attention_triton(q, k, v, bias, causal=True, scale=0.3)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    torch.testing.assert_close(out[1:], attention_reference(q[1:], k[1:], v[1:], causal=True, scale=0.3),
+                               atol=2e-5, rtol=0)

@@ -105,3 +105,21 @@ def test_clear_errors():
         paged_decode_attention_triton(q, kc, vc, table[0], start, bias, causal=True, scale=0.1)
     with pytest.raises(ValueError, match="needs the key bias"):
         paged_attention_triton(q, kc, vc, table, start, None, causal=True, scale=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("h, hkv", [(4, 2), (4, 4), (6, 1)], ids=["gqa", "mha", "mqa"])
+@pytest.mark.parametrize("programs, launches", [(1, 1), (64, 2)], ids=["one-split", "splits"])
+def test_decode_one_split_writes_the_output_itself(dtype, h, hkv, programs, launches, monkeypatch):
+    """One split (one program per KV head): the split kernel normalises and writes the
+    output, no combine launch; every variant at once, through the table."""
+    from fxforge.codegen.kernels import decode_attention
+    from fxforge.runtime.launch_count import LaunchCounter
+
+    monkeypatch.setattr(decode_attention, "_programs", lambda device: programs)
+    q, kc, vc, table, start, bias = paged_case([3, 0], 37, 1, h=h, hkv=hkv, dtype=dtype)
+    slopes = torch.tensor([2.0 ** -(i + 1) for i in range(h)])
+    with LaunchCounter() as c:
+        check(paged_decode_attention_triton, q, kc, vc, table, start, bias, slopes, softcap=2.0, window=21,
+              alibi=True)
+    assert c.triton == launches and (c.by_name["triton._decode_combine_kernel"] == 1) == (launches == 2)

@@ -2,7 +2,9 @@
 (flash-decoding): with Tq = 1 there is no query dimension to spread over the GPU, so the
 keys are cut into chunks, each program reduces one chunk for one KV head (all the query
 heads that share it, so K/V are read once per group), and a second kernel combines the
-partial softmaxes.
+partial softmaxes. When one chunk covers the context (short contexts, or enough
+batch x KV heads to fill the GPU without splitting), the split kernel normalises and
+writes the output itself (ONE_SPLIT) and the combine kernel is not launched: one launch.
 
     decode_attention_triton(q, k, v, bias=None, slopes=None, *, causal, scale, softcap=None,
                             window=None, alibi=False) -> [B, H, 1, D]
@@ -37,19 +39,23 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _decode_split_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, m_ptr, l_ptr, acc_ptr, table_ptr, start_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, table_ptr, start_ptr,
     # sizes
     H, GROUPS, TK, CHUNK, NUM_SPLITS, qk_scale, softcap, pages, start_shift,
     # strides
-    sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbn, stb,
+    sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbn, sob, soh, sod, stb,
     # constexprs
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
 ):
     # softcap: the cap in log2 units, read only with SOFTCAP. PAGED: as in the prefill
     # kernel (skn/svn a slot's stride; skb/svb unused); start_shift: keys cut off the
     # front for a window (key n of this view is the row's key n + start_shift).
+    # ONE_SPLIT: this program saw every key of its rows, so it normalises and writes the
+    # output itself (out_ptr, sob/soh/sod) and no combine kernel is launched; m/l/acc are
+    # unused then. Otherwise it writes its partials and out_ptr is unused.
     pid_bkv = tl.program_id(0)  # (batch, kv head)
     split = tl.program_id(1)
     hkv = H // GROUPS
@@ -101,11 +107,17 @@ def _decode_split_kernel(
         s = tl.where(keep, s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
-    # partials: [B, H, NUM_SPLITS] for m and l, [B, H, NUM_SPLITS, D_PAD] for acc (contiguous)
-    row = (b * H + heads) * NUM_SPLITS + split
-    tl.store(m_ptr + row, m_i, mask=g_valid)
-    tl.store(l_ptr + row, l_i, mask=g_valid)
-    tl.store(acc_ptr + row[:, None] * D_PAD + offs_d[None, :], acc, mask=g_valid[:, None])
+    if ONE_SPLIT:
+        # what the combine kernel computes for one split (its weight exp2(m - m) is 1)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + b * sob + heads[:, None] * soh + offs_d[None, :] * sod,
+                 out.to(out_ptr.dtype.element_ty), mask=g_valid[:, None] & d_valid[None, :])
+    else:
+        # partials: [B, H, NUM_SPLITS] for m and l, [B, H, NUM_SPLITS, D_PAD] for acc (contiguous)
+        row = (b * H + heads) * NUM_SPLITS + split
+        tl.store(m_ptr + row, m_i, mask=g_valid)
+        tl.store(l_ptr + row, l_i, mask=g_valid)
+        tl.store(acc_ptr + row[:, None] * D_PAD + offs_d[None, :], acc, mask=g_valid[:, None])
 
 
 @triton.jit
@@ -190,7 +202,8 @@ def _multiprocessors(index: int) -> int:
 
 def decode_attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None,
                             window=None, alibi: bool = False):
-    """The launch wrapper: check, allocate partials, launch split and combine kernels."""
+    """The launch wrapper: check, allocate partials, launch the split kernel and (with
+    more than one split) the combine kernel."""
     bias, slopes = attention_operands(bias, slopes, alibi)
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"decode attention takes one query per sequence [B, H, 1, D], got {tuple(q.shape)}")
@@ -223,8 +236,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_table, row_start, b
 
 
 def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, softcap, window):
-    """Partials, split and combine kernels; k, v are [B, Hkv, Tk, D], or paged caches with
-    paged = (block_table, row_start)."""
+    """Partials, split and combine kernels (the split kernel alone when one split covers
+    the context); k, v are [B, Hkv, Tk, D], or paged caches with paged = (block_table, row_start)."""
     bsz, heads, _, d = q.shape
     if bias is not None:
         try:
@@ -251,9 +264,13 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, soft
     launch = {"BLOCK_N": 16, "num_warps": 4} if _INTERPRET else split_launch(q.dtype, d_pad, paged is not None)
     block_n = launch["BLOCK_N"]
     chunk, splits = num_splits(bsz * kv_heads, max(tk, 1), block_n, _programs(q.device))
-    m = torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    acc = torch.empty(bsz, heads, splits, d_pad, dtype=torch.float32, device=q.device)
+    one_split = splits == 1
+    if one_split:  # the split kernel writes `out` itself: no partials, no combine launch
+        m = l = acc = out
+    else:
+        m = torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        acc = torch.empty(bsz, heads, splits, d_pad, dtype=torch.float32, device=q.device)
     bias_arg = bias if bias is not None else q
     bs = (bias.stride(0), bias.stride(1), bias.stride(3)) if bias is not None else (0, 0, 0)
     if paged is None:
@@ -264,16 +281,18 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, soft
         page, pages, stb = k.shape[1], table.shape[1], table.stride(0)
         kv_strides = tuple(t.stride(i) for t in (k, v) for i in (0, 2, 1, 3))
     _decode_split_kernel[(bsz * kv_heads, splits)](
-        q, k, v, bias_arg, slopes if slopes is not None else q, m, l, acc, table, starts,
+        q, k, v, bias_arg, slopes if slopes is not None else q, m, l, acc, out, table, starts,
         heads, groups, tk, chunk, splits, float(scale) * _LOG2E,
         float(softcap) * _LOG2E if softcap is not None else 1.0, pages, start,
-        q.stride(0), q.stride(1), q.stride(3), *kv_strides, *bs, stb,
+        q.stride(0), q.stride(1), q.stride(3), *kv_strides, *bs, out.stride(0), out.stride(1), out.stride(3), stb,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=block_n, HAS_BIAS=bias is not None,
         SOFTCAP=softcap is not None, ALIBI=slopes is not None, PAGED=paged is not None, PAGE=page,
-        DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
+        ONE_SPLIT=one_split, DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 or _INTERPRET else "tf32",
         num_warps=launch["num_warps"],
     )
+    if one_split:
+        return out
     _decode_combine_kernel[(bsz * heads,)](
         m, l, acc, out, heads, splits, out.stride(0), out.stride(1), out.stride(3),
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_S=combine_block(splits), num_warps=4,
