@@ -144,3 +144,43 @@ def test_variant_errors():
         attention_triton(q, k, v, torch.ones(3), causal=True, scale=1.0, alibi=True)
     with pytest.raises(ValueError, match="window must be"):
         attention_triton(q, k, v, causal=True, scale=1.0, window=0)
+
+
+# -- CUDA's grid limits: axes 1 and 2 stop at 65535 programs -----------------------------------
+import math  # noqa: E402
+
+import triton  # noqa: E402
+from launch_spy import LaunchSpy, over_cuda_limits  # noqa: E402
+
+from fxforge.codegen.kernels import attention as attention_module  # noqa: E402
+from fxforge.codegen.kernels.attention import attention_grid  # noqa: E402
+
+
+@pytest.mark.parametrize("tq, batch_heads, block_m", [(1, 70_000, 16), (4096, 2 ** 20, 128), (37, 65_536 * 64, 16),
+                                                      (3_000_000, 64, 32), (5, 1, 16)])
+def test_grid_of_a_huge_batch_times_heads_stays_in_cuda_limits(tq, batch_heads, block_m):
+    grid = attention_grid(tq, batch_heads, block_m)
+    assert not over_cuda_limits(grid), grid
+    assert math.prod(grid) == triton.cdiv(tq, block_m) * batch_heads  # one program per (query block, b, h)
+
+
+def test_a_grid_past_every_limit_is_a_clear_error():
+    with pytest.raises(ValueError, match="axis 0"):
+        attention_grid(2 ** 20, 2 ** 20, 16)
+
+
+def test_the_wrapper_launches_more_than_65535_batch_heads_within_the_limits(monkeypatch):
+    spy = LaunchSpy()  # records the grid instead of running 140000 programs in the interpreter
+    monkeypatch.setattr(attention_module, "_attention_kernel", spy)
+    q, k, v = make(70_000, 2, 1, 3, 5, 16, torch.float16)
+    attention_triton(q, k, v, causal=True, scale=0.1)
+    (grids, _), = spy.launches
+    assert grids and not any(over_cuda_limits(g) for g in grids), grids
+
+
+@pytest.mark.parametrize("tq, tk, h, hkv", [(40, 40, 3, 1), (1, 23, 2, 2), (17, 50, 4, 2)])
+def test_every_query_block_of_every_head_is_computed(tq, tk, h, hkv):
+    # the folded grid: query blocks vary fastest, then batch x head; a wrong fold would leave
+    # some (block, head) unwritten or write one twice
+    q, k, v = make(3, h, hkv, tq, tk, 32)
+    check(q, k, v, causal=True)

@@ -206,3 +206,37 @@ def test_one_split_rows_that_see_no_key_give_zeros(monkeypatch):
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     torch.testing.assert_close(out[1:], attention_reference(q[1:], k[1:], v[1:], causal=True, scale=0.3),
                                atol=2e-5, rtol=0)
+
+
+# -- CUDA's grid limits: axes 1 and 2 stop at 65535 programs -----------------------------------
+from launch_spy import LaunchSpy, over_cuda_limits  # noqa: E402
+
+from fxforge.codegen.kernels.decode_attention import decode_grids  # noqa: E402
+
+
+def test_splits_stay_within_grid_axis_1():
+    # a very long context on a (hypothetical) huge GPU: the splits are axis 1 of the grid
+    chunk, splits = num_splits(1, 10 ** 8, 16, 10 ** 9)
+    assert splits <= 65535 and chunk * splits >= 10 ** 8 and chunk % 16 == 0
+    for bkv, tk, programs in [(1, 10 ** 8, 10 ** 9), (2 ** 20, 4096, 528), (7, 3 * 10 ** 6, 10 ** 7)]:
+        _, splits = num_splits(bkv, tk, 16, programs)
+        for grid in decode_grids(bkv, 8, 1, splits):
+            assert not over_cuda_limits(grid), grid
+
+
+def test_grids_of_a_huge_batch_times_heads_stay_in_cuda_limits():
+    split_grid, combine_grid = decode_grids(70_000, 32, 8, 40)
+    assert split_grid == (70_000 * 8, 40) and combine_grid == (70_000 * 32,)
+    assert not over_cuda_limits(split_grid) and not over_cuda_limits(combine_grid)
+
+
+def test_the_wrapper_launches_a_huge_batch_within_the_limits(monkeypatch):
+    split, combine = LaunchSpy(), LaunchSpy()  # record the grids, run nothing
+    monkeypatch.setattr(decode_attention, "_decode_split_kernel", split)
+    monkeypatch.setattr(decode_attention, "_decode_combine_kernel", combine)
+    monkeypatch.setattr(decode_attention, "_programs", lambda device: 10 ** 6)
+    q = torch.randn(70_000, 2, 1, 16, dtype=torch.float16)
+    k = torch.randn(70_000, 1, 17, 16, dtype=torch.float16)  # two 16-key splits
+    decode_attention_triton(q, k, k, causal=True, scale=0.1)
+    grids = [g for spy in (split, combine) for gs, _ in spy.launches for g in gs]
+    assert len(grids) == 2 and not any(over_cuda_limits(g) for g in grids), grids

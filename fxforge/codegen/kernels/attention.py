@@ -32,7 +32,7 @@ import triton.language as tl
 from ...ir.ops import attention_operands, attention_reference
 
 __all__ = ["attention_triton", "paged_attention_triton", "attention_reference", "load_kv_block",
-           "paged_slots", "online_softmax_step"]
+           "paged_slots", "online_softmax_step", "attention_grid", "check_grid", "GRID_LIMITS"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -48,6 +48,26 @@ _TILE_BYTES = 128 * 1024
 _ACC_PER_THREAD = {2: 64, 4: 32}  # by element size: fp32 dots are FMA loops, not tensor-core tiles
 # fp32 configs with 3-4 stages spilled 0.6-18 KB per thread on sm_90 even at head dim 64
 _MAX_STAGES = {2: 4, 4: 2}
+
+
+# Programs a CUDA grid may have along axes 0, 1 and 2: a launch past them fails.
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
+
+
+def check_grid(grid: tuple) -> tuple:
+    """The grid, after checking every axis against GRID_LIMITS (a clear error rather than a
+    failed launch)."""
+    for axis, (n, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if n > limit:
+            raise ValueError(f"attention: a grid of {grid} programs is over CUDA's {limit} on axis {axis}")
+    return grid
+
+
+def attention_grid(tq: int, batch_heads: int, block_m: int) -> tuple:
+    """The prefill kernel's grid: one axis of (query block, batch x head) programs, query
+    blocks varying fastest (so programs reading the same K/V run together). Axis 1 would
+    stop at 65535 batch x heads, or query blocks; axis 0 holds 2**31 - 1."""
+    return check_grid((triton.cdiv(tq, block_m) * batch_heads,))
 
 
 def _fits(config: tuple, itemsize: int, d_pad: int) -> bool:
@@ -174,8 +194,11 @@ def _attention_kernel(
     # stride; skb/svb unused) read through row b's block table (pages entries, stb apart)
     # from its start (start_ptr[b]), PAGE tokens a block; table_ptr, start_ptr, pages, stb
     # unused otherwise.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # one grid axis (attention_grid): query blocks vary fastest, then batch x head
+    num_m = tl.cdiv(TQ, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
     b = pid_bh // H
     h = pid_bh % H
     kvh = h // GROUPS
@@ -347,7 +370,7 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, causal, sca
     d_pad = max(16, triton.next_power_of_2(d))
 
     def grid(meta):
-        return (triton.cdiv(tq, meta["BLOCK_M"]), bsz * heads)
+        return attention_grid(tq, bsz * heads, meta["BLOCK_M"])
 
     if paged is None:
         table, starts, page, pages, stb = q, q, 1, 1, 0  # PAGE=1: one specialization for every dense call

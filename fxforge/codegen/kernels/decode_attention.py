@@ -28,9 +28,10 @@ import triton.language as tl
 
 from ...ir.ops import attention_reference
 from ...ir.ops import attention_operands
-from .attention import check_paged, check_variants, online_softmax_step, read_kv_tile, tanh_f32
+from .attention import GRID_LIMITS, check_grid, check_paged, check_variants, online_softmax_step, read_kv_tile, tanh_f32
 
-__all__ = ["decode_attention_triton", "paged_decode_attention_triton", "attention_reference", "num_splits", "split_launch", "combine_block"]
+__all__ = ["decode_attention_triton", "paged_decode_attention_triton", "attention_reference", "num_splits", "split_launch", "combine_block",
+           "decode_grids"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -157,8 +158,9 @@ def _decode_combine_kernel(
 
 def num_splits(batch_kv_heads: int, tk: int, block_n: int, programs: int) -> tuple[int, int]:
     """(chunk, splits): enough splits that batch * kv_heads * splits fills `programs`
-    slots, each chunk a multiple of the key block and at least one block."""
-    want = max(1, programs // max(batch_kv_heads, 1))
+    slots, each chunk a multiple of the key block and at least one block; at most 65535
+    splits (they are axis 1 of the split kernel's grid)."""
+    want = min(max(1, programs // max(batch_kv_heads, 1)), GRID_LIMITS[1])
     chunk = triton.cdiv(triton.cdiv(tk, want), block_n) * block_n
     chunk = max(chunk, block_n)
     return chunk, triton.cdiv(tk, chunk)
@@ -182,6 +184,12 @@ def split_launch(dtype: torch.dtype, d_pad: int, paged: bool = False) -> dict:
     while block_n > 16 and block_n * d_pad * itemsize > _KV_TILE_BYTES:
         block_n //= 2
     return {"BLOCK_N": block_n, "num_warps": 8 if d_pad >= 256 or paged else 4}
+
+
+def decode_grids(batch: int, heads: int, kv_heads: int, splits: int) -> tuple[tuple, tuple]:
+    """(split grid, combine grid): batch x KV heads on axis 0 (it holds 2**31 - 1, axis 1
+    only 65535) and the splits on axis 1; the combine kernel one program per (batch, head)."""
+    return check_grid((batch * kv_heads, splits)), check_grid((batch * heads,))
 
 
 def combine_block(splits: int) -> int:
@@ -271,6 +279,7 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, soft
         m = torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
         acc = torch.empty(bsz, heads, splits, d_pad, dtype=torch.float32, device=q.device)
+    split_grid, combine_grid = decode_grids(bsz, heads, kv_heads, splits)
     bias_arg = bias if bias is not None else q
     bs = (bias.stride(0), bias.stride(1), bias.stride(3)) if bias is not None else (0, 0, 0)
     if paged is None:
@@ -280,7 +289,7 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, soft
         table, starts = paged
         page, pages, stb = k.shape[1], table.shape[1], table.stride(0)
         kv_strides = tuple(t.stride(i) for t in (k, v) for i in (0, 2, 1, 3))
-    _decode_split_kernel[(bsz * kv_heads, splits)](
+    _decode_split_kernel[split_grid](
         q, k, v, bias_arg, slopes if slopes is not None else q, m, l, acc, out, table, starts,
         heads, groups, tk, chunk, splits, float(scale) * _LOG2E,
         float(softcap) * _LOG2E if softcap is not None else 1.0, pages, start,
@@ -293,7 +302,7 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, soft
     )
     if one_split:
         return out
-    _decode_combine_kernel[(bsz * heads,)](
+    _decode_combine_kernel[combine_grid](
         m, l, acc, out, heads, splits, out.stride(0), out.stride(1), out.stride(3),
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_S=combine_block(splits), num_warps=4,
     )
