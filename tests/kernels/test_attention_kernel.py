@@ -184,3 +184,56 @@ def test_every_query_block_of_every_head_is_computed(tq, tk, h, hkv):
     # some (block, head) unwritten or write one twice
     q, k, v = make(3, h, hkv, tq, tk, 32)
     check(q, k, v, causal=True)
+
+
+# -- 64-bit offsets (WIDE) for tensors of 2**31 elements or more -------------------------------
+from fxforge.codegen.kernels.attention import needs_wide, span  # noqa: E402
+
+
+def test_span_is_what_offsets_reach():
+    cache = torch.empty(8, 8, 2 ** 23, 64, device="meta")  # 2**35 elements, never allocated
+    prefix = cache[:, :, :100]  # few elements, but its rows are a whole cache apart
+    assert prefix.numel() < 2 ** 31 <= span(prefix) and needs_wide(prefix)
+    assert span(torch.empty(3, 5)) == 15 and span(torch.empty(3, 0)) == 0
+    assert span(torch.empty(1, 1, 1, 7).expand(2 ** 20, 64, 1, 7)) == 7  # broadcast dims add nothing
+    assert not needs_wide(torch.empty(2 ** 31 - 1, device="meta"), None)
+    assert needs_wide(torch.empty(2 ** 31, device="meta"))
+
+
+def test_a_head_dim_strided_past_2_31_is_refused():
+    # head-dim offsets stay 32-bit in every specialization: such a layout would read the
+    # wrong memory, so the wrapper refuses it
+    q = torch.empty(2 ** 32, device="meta").as_strided((1, 2, 1, 64), (1, 1, 1, 2 ** 26))
+    k = torch.empty(1, 2, 5, 64, device="meta")
+    with pytest.raises(ValueError, match="head-dim stride"):
+        attention_triton(q, k, k, causal=True, scale=0.1)
+
+
+def test_the_wrapper_widens_only_past_2_31_elements(monkeypatch):
+    spy = LaunchSpy()  # meta tensors: record the launch, run nothing
+    monkeypatch.setattr(attention_module, "_attention_kernel", spy)
+    q = torch.empty(2, 4, 7, 64, device="meta")
+    small = torch.empty(2, 4, 100, 64, device="meta")
+    big = torch.empty(2, 4, 2 ** 23, 64, device="meta")[:, :, :100]  # a prefix of a 2**32-element cache
+    for k in (small, big):
+        attention_triton(q, k, k, causal=True, scale=0.1)
+    assert [kw["WIDE"] for _, kw in spy.launches] == [False, True]
+
+
+@pytest.mark.parametrize("variant", ["plain", "all"])
+def test_wide_offsets_specialization_gives_the_same_result(variant, monkeypatch):
+    """Past 2**31 elements the kernel indexes in 64 bits (WIDE); forced on small tensors
+    here, it must compute exactly what the 32-bit kernel does."""
+    spy = LaunchSpy(attention_module._attention_kernel)
+    monkeypatch.setattr(attention_module, "_attention_kernel", spy)
+    q, k, v = make(2, 4, 2, 37, 45, 32)
+    bias = torch.randn(2, 1, 37, 45)
+    kw = dict(causal=True, scale=0.2)
+    if variant == "all":
+        kw.update(softcap=3.0, window=20, alibi=True)
+    args = (q, k, v, bias) + ((alibi_slopes(4),) if variant == "all" else ())
+    narrow = attention_triton(*args, **kw)
+    monkeypatch.setattr(attention_module, "INDEX_32_LIMIT", 1)
+    wide = attention_triton(*args, **kw)
+    assert [launch["WIDE"] for _, launch in spy.launches] == [False, True]
+    assert torch.equal(wide, narrow)

@@ -240,3 +240,52 @@ def test_the_wrapper_launches_a_huge_batch_within_the_limits(monkeypatch):
     decode_attention_triton(q, k, k, causal=True, scale=0.1)
     grids = [g for spy in (split, combine) for gs, _ in spy.launches for g in gs]
     assert len(grids) == 2 and not any(over_cuda_limits(g) for g in grids), grids
+
+
+# -- 64-bit offsets (WIDE) for tensors of 2**31 elements or more -------------------------------
+from fxforge.codegen.kernels import attention as attention_module  # noqa: E402
+
+
+def test_the_wrapper_widens_only_past_2_31_elements(monkeypatch):
+    split, combine = LaunchSpy(), LaunchSpy()  # meta tensors: record the launches, run nothing
+    monkeypatch.setattr(decode_attention, "_decode_split_kernel", split)
+    monkeypatch.setattr(decode_attention, "_decode_combine_kernel", combine)
+    monkeypatch.setattr(decode_attention, "_programs", lambda device: 64)  # several splits: both kernels
+    q = torch.empty(2, 4, 1, 64, device="meta")
+    small = torch.empty(2, 4, 100, 64, device="meta")
+    big = torch.empty(2, 4, 2 ** 23, 64, device="meta")[:, :, :100]  # a prefix of a 2**32-element cache
+    for k in (small, big):
+        decode_attention_triton(q, k, k, causal=True, scale=0.1)
+    assert [kw["WIDE"] for _, kw in split.launches] == [False, True]
+    assert [kw["WIDE"] for _, kw in combine.launches] == [False, True]
+
+
+@pytest.mark.parametrize("programs", [1, 64], ids=["one-split", "splits"])
+@pytest.mark.parametrize("variant", ["plain", "all"])
+def test_wide_offsets_specialization_gives_the_same_result(programs, variant, monkeypatch):
+    """Past 2**31 elements the kernels index in 64 bits (WIDE); forced on small tensors
+    here, they must compute exactly what the 32-bit kernels do."""
+    monkeypatch.setattr(decode_attention, "_programs", lambda device: programs)
+    split = LaunchSpy(decode_attention._decode_split_kernel)
+    combine = LaunchSpy(decode_attention._decode_combine_kernel)
+    monkeypatch.setattr(decode_attention, "_decode_split_kernel", split)
+    monkeypatch.setattr(decode_attention, "_decode_combine_kernel", combine)
+    q, k, v = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 70, 32), torch.randn(2, 2, 70, 32)
+    bias = torch.randn(2, 1, 1, 70)
+    kw = dict(causal=True, scale=0.2)
+    if variant == "all":
+        kw.update(softcap=3.0, window=45, alibi=True)
+    args = (q, k, v, bias) + ((alibi_slopes(4),) if variant == "all" else ())
+    narrow = decode_attention_triton(*args, **kw)
+    monkeypatch.setattr(attention_module, "INDEX_32_LIMIT", 1)
+    wide = decode_attention_triton(*args, **kw)
+    assert [launch["WIDE"] for _, launch in split.launches] == [False, True]
+    assert [launch["WIDE"] for _, launch in combine.launches] == ([] if programs == 1 else [False, True])
+    assert torch.equal(wide, narrow)
+
+
+def test_a_head_dim_strided_past_2_31_is_refused():
+    k = torch.empty(2 ** 32, device="meta").as_strided((1, 2, 5, 64), (1, 1, 64, 2 ** 26))
+    q = torch.empty(1, 2, 1, 64, device="meta")
+    with pytest.raises(ValueError, match="head-dim stride"):
+        decode_attention_triton(q, k, k, causal=True, scale=0.1)
