@@ -20,6 +20,10 @@ fp32/fp16/bf16, arbitrary strides.
   PAGED    K/V are read from paged caches [blocks, block size, Hkv, D] through a block table
            (`paged_attention_triton`, the paged layout of the kv_cache pass): each key tile's
            rows are gathered block by block from the row's start; no dense copy is made.
+  WIDE     some tensor spans 2**31 elements or more (a long KV cache, a big batch): program
+           ids and key-row offsets are int64; otherwise offsets stay in 32 bits.
+The grid is one axis of (query block, batch x head) programs (`attention_grid`): CUDA's
+axes 1 and 2 stop at 65535, which a large batch x heads would pass.
 """
 from __future__ import annotations
 

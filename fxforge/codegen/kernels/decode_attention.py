@@ -16,6 +16,8 @@ Variants: SOFTCAP (tanh(s / softcap) * softcap) and ALIBI (slopes[h] * (k_pos - 
 slopes f32[H]) are constexpr flags of the split kernel; a sliding window of W keys is a
 view of the last W keys (and of the bias), so the splits cover only the window. PAGED
 reads K/V from paged caches through a block table (`paged_decode_attention_triton`).
+WIDE (64-bit offsets past 2**31 elements) as in the prefill kernel. Grids (`decode_grids`):
+batch x KV heads on axis 0, at most 65535 splits on axis 1.
 """
 from __future__ import annotations
 
