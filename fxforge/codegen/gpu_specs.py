@@ -57,7 +57,7 @@ _ATTN_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "out_ptr", "t
               "sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd",
               "sbb", "sbh", "sbm", "sbn", "sob", "soh", "som", "sod", "stb",
               "HEAD_DIM", "D_PAD", "CAUSAL", "HAS_BIAS", "DOT_F32", "PRECISION", "BLOCK_M", "BLOCK_N",
-              "SOFTCAP", "WINDOW", "ALIBI", "PAGED", "PAGE"]
+              "SOFTCAP", "WINDOW", "ALIBI", "PAGED", "PAGE", "WIDE"]
 # The attention variants (op attributes softcap / window / alibi): "plain" is causal attention
 # without them, "all" every variant flag and a bias at once (the superset of their code),
 # "paged" every flag with K/V read through a block table (the paged KV cache layout).
@@ -67,8 +67,8 @@ ATTN_VARIANTS = {"plain": dict(HAS_BIAS=False, SOFTCAP=False, WINDOW=False, ALIB
 _PAGED_POINTERS = {"table_ptr": "i32", "start_ptr": "i32"}
 
 
-def attention_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, all_configs=False, variants=tuple(ATTN_VARIANTS)
-                    ) -> list[KernelSpec]:
+def attention_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, all_configs=False, variants=tuple(ATTN_VARIANTS),
+                    wide=False) -> list[KernelSpec]:
     """The prefill kernel, causal, for each config the autotuner tries and each variant
     (`all_configs`: every config in the module's list, pruned or not, for the report)."""
     from .kernels import attention
@@ -83,57 +83,62 @@ def attention_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, all_configs=False, varia
                         "attention", _ATTN_REF, _ATTN_ARGS,
                         {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr")},
                          "slopes_ptr": "fp32", **_PAGED_POINTERS},
-                        dict(HEAD_DIM=d, D_PAD=d, CAUSAL=True, DOT_F32=False, **ATTN_VARIANTS[variant],
+                        dict(HEAD_DIM=d, D_PAD=d, CAUSAL=True, DOT_F32=False, **ATTN_VARIANTS[variant], WIDE=wide,
                              PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn),
                         floats=("qk_scale", "softcap"), unit=("sqd", "skd", "svd", "sod"), num_warps=w,
-                        num_stages=s, tuned=True, dtype=dname, head_dim=d, variant=variant,
+                        num_stages=s, tuned=True, dtype=dname, head_dim=d, variant=variant, wide=wide,
                         launched=(bm, bn, w, s) in attention.launch_configs(dtype, d)))
     return specs
 
 
 # --------------------------------------------------------------------------- decode attention
 _SPLIT_REF = "fxforge.codegen.kernels.decode_attention:_decode_split_kernel"
-_SPLIT_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "m_ptr", "l_ptr", "acc_ptr", "table_ptr",
-               "start_ptr", "H", "GROUPS", "TK", "CHUNK", "NUM_SPLITS", "qk_scale", "softcap", "pages",
+_SPLIT_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "m_ptr", "l_ptr", "acc_ptr", "out_ptr",
+               "table_ptr", "start_ptr", "H", "GROUPS", "TK", "CHUNK", "NUM_SPLITS", "qk_scale", "softcap", "pages",
                "start_shift", "sqb", "sqh", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd", "sbb", "sbh",
-               "sbn", "stb", "HEAD_DIM", "D_PAD", "BLOCK_G", "BLOCK_N", "HAS_BIAS", "DOT_F32", "PRECISION", "SOFTCAP",
-               "ALIBI", "PAGED", "PAGE"]
+               "sbn", "stb", "HEAD_DIM", "D_PAD", "BLOCK_G", "BLOCK_N", "HAS_BIAS", "DOT_F32",
+               "PRECISION", "SOFTCAP", "ALIBI", "PAGED", "PAGE", "ONE_SPLIT", "WIDE"]
 # decode's variants: a sliding window is a view of the cache, not a flag of the kernel
 DECODE_VARIANTS = {"plain": dict(SOFTCAP=False, ALIBI=False, PAGED=False, PAGE=1),
                    "all": dict(SOFTCAP=True, ALIBI=True, PAGED=False, PAGE=1),
                    "paged": dict(SOFTCAP=True, ALIBI=True, PAGED=True, PAGE=16)}  # the default block size
 _COMBINE_REF = "fxforge.codegen.kernels.decode_attention:_decode_combine_kernel"
 _COMBINE_ARGS = ["m_ptr", "l_ptr", "acc_ptr", "out_ptr", "H", "NUM_SPLITS", "sob", "soh", "sod",
-                 "HEAD_DIM", "D_PAD", "BLOCK_S"]
+                 "HEAD_DIM", "D_PAD", "BLOCK_S", "WIDE"]
 
 
-def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), variants=tuple(DECODE_VARIANTS)
-                 ) -> list[KernelSpec]:
+def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), variants=tuple(DECODE_VARIANTS),
+                 one_split=(False, True), wide=False) -> list[KernelSpec]:
     """The split kernel (the one config its wrapper launches, with a bias: the superset),
-    plain and with every variant flag, and the combine kernel for a few and for very many
-    splits."""
+    plain and with every variant flag, writing partials and (ONE_SPLIT) the output itself,
+    and the combine kernel for a few and for very many splits."""
     from .kernels import decode_attention
 
     split_blocks = sorted({decode_attention.combine_block(s) for s in splits})
     specs = []
     for dname, dtype in dtypes.items():
         for d in head_dims:
-            for variant in variants:
+            for variant, one in ((v, o) for v in variants for o in one_split):
                 launch = decode_attention.split_launch(dtype, d, DECODE_VARIANTS[variant]["PAGED"])
+                # with ONE_SPLIT the wrapper passes the output for the (unused) partials
+                partials = dname if one else "fp32"
                 specs.append(_spec(
                     "decode_split", _SPLIT_REF, _SPLIT_ARGS,
-                    {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr")},
-                     **{p: "fp32" for p in ("slopes_ptr", "m_ptr", "l_ptr", "acc_ptr")}, **_PAGED_POINTERS},
+                    {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr")}, "slopes_ptr": "fp32",
+                     **{p: partials for p in ("m_ptr", "l_ptr", "acc_ptr")}, **_PAGED_POINTERS},
                     dict(HEAD_DIM=d, D_PAD=d, BLOCK_G=16, BLOCK_N=launch["BLOCK_N"], HAS_BIAS=True, DOT_F32=False,
-                         PRECISION="ieee" if dtype == torch.float32 else "tf32", **DECODE_VARIANTS[variant]),
+                         PRECISION="ieee" if dtype == torch.float32 else "tf32", ONE_SPLIT=one, WIDE=wide,
+                         **DECODE_VARIANTS[variant]),
                     floats=("qk_scale", "softcap"), unit=("sqd", "skd", "svd"), num_warps=launch["num_warps"],
-                    num_stages=launch.get("num_stages", 3), dtype=dname, head_dim=d, variant=variant))
+                    num_stages=launch.get("num_stages", 3), dtype=dname, head_dim=d, variant=variant, one_split=one,
+                    wide=wide))
     for d in head_dims:
         for block_s in split_blocks:
             specs.append(_spec(
                 "decode_combine", _COMBINE_REF, _COMBINE_ARGS,
                 {"m_ptr": "fp32", "l_ptr": "fp32", "acc_ptr": "fp32", "out_ptr": "bf16"},
-                dict(HEAD_DIM=d, D_PAD=d, BLOCK_S=block_s), unit=("sod",), dtype="any", head_dim=d))
+                dict(HEAD_DIM=d, D_PAD=d, BLOCK_S=block_s, WIDE=wide), unit=("sod",), dtype="any", head_dim=d,
+                wide=wide))
     return specs
 
 
@@ -278,8 +283,13 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",))
     w8a8 = _largest([s for s in quant_specs(worst, ()) if s.kernel.startswith("quant_w8a8")], ("BLOCK_N", "BLOCK_K"),
                     ("dtype",), 1)
-    return (attn + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + quant + w8a8 + [_wide(quant[0])]
-            + row_specs(lengths=(4096, 65536), kinds=("layer_norm",)))
+    # the 64-bit-offset specializations (tensors past 2**31 elements) where they cost most
+    # registers: paged reads, the widest heads, the largest tiles
+    attn_wide = _largest(attention_specs(worst, (256,), variants=("paged",), wide=True), ("BLOCK_M", "BLOCK_N"),
+                         ("dtype",), 1)
+    decode_wide = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("all", "paged"), wide=True)
+    return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + decode_wide + quant + w8a8
+            + [_wide(quant[0])] + row_specs(lengths=(4096, 65536), kinds=("layer_norm",)))
 
 
 def _wide(spec: KernelSpec) -> KernelSpec:

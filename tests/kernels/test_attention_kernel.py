@@ -144,3 +144,96 @@ def test_variant_errors():
         attention_triton(q, k, v, torch.ones(3), causal=True, scale=1.0, alibi=True)
     with pytest.raises(ValueError, match="window must be"):
         attention_triton(q, k, v, causal=True, scale=1.0, window=0)
+
+
+# -- CUDA's grid limits: axes 1 and 2 stop at 65535 programs -----------------------------------
+import math  # noqa: E402
+
+import triton  # noqa: E402
+from launch_spy import LaunchSpy, over_cuda_limits  # noqa: E402
+
+from fxforge.codegen.kernels import attention as attention_module  # noqa: E402
+from fxforge.codegen.kernels.attention import attention_grid  # noqa: E402
+
+
+@pytest.mark.parametrize("tq, batch_heads, block_m", [(1, 70_000, 16), (4096, 2 ** 20, 128), (37, 65_536 * 64, 16),
+                                                      (3_000_000, 64, 32), (5, 1, 16)])
+def test_grid_of_a_huge_batch_times_heads_stays_in_cuda_limits(tq, batch_heads, block_m):
+    grid = attention_grid(tq, batch_heads, block_m)
+    assert not over_cuda_limits(grid), grid
+    assert math.prod(grid) == triton.cdiv(tq, block_m) * batch_heads  # one program per (query block, b, h)
+
+
+def test_a_grid_past_every_limit_is_a_clear_error():
+    with pytest.raises(ValueError, match="axis 0"):
+        attention_grid(2 ** 20, 2 ** 20, 16)
+
+
+def test_the_wrapper_launches_more_than_65535_batch_heads_within_the_limits(monkeypatch):
+    spy = LaunchSpy()  # records the grid instead of running 140000 programs in the interpreter
+    monkeypatch.setattr(attention_module, "_attention_kernel", spy)
+    q, k, v = make(70_000, 2, 1, 3, 5, 16, torch.float16)
+    attention_triton(q, k, v, causal=True, scale=0.1)
+    (grids, _), = spy.launches
+    assert grids and not any(over_cuda_limits(g) for g in grids), grids
+
+
+@pytest.mark.parametrize("tq, tk, h, hkv", [(40, 40, 3, 1), (1, 23, 2, 2), (17, 50, 4, 2)])
+def test_every_query_block_of_every_head_is_computed(tq, tk, h, hkv):
+    # the folded grid: query blocks vary fastest, then batch x head; a wrong fold would leave
+    # some (block, head) unwritten or write one twice
+    q, k, v = make(3, h, hkv, tq, tk, 32)
+    check(q, k, v, causal=True)
+
+
+# -- 64-bit offsets (WIDE) for tensors of 2**31 elements or more -------------------------------
+from fxforge.codegen.kernels.attention import needs_wide, span  # noqa: E402
+
+
+def test_span_is_what_offsets_reach():
+    cache = torch.empty(8, 8, 2 ** 23, 64, device="meta")  # 2**35 elements, never allocated
+    prefix = cache[:, :, :100]  # few elements, but its rows are a whole cache apart
+    assert prefix.numel() < 2 ** 31 <= span(prefix) and needs_wide(prefix)
+    assert span(torch.empty(3, 5)) == 15 and span(torch.empty(3, 0)) == 0
+    assert span(torch.empty(1, 1, 1, 7).expand(2 ** 20, 64, 1, 7)) == 7  # broadcast dims add nothing
+    assert not needs_wide(torch.empty(2 ** 31 - 1, device="meta"), None)
+    assert needs_wide(torch.empty(2 ** 31, device="meta"))
+
+
+def test_a_head_dim_strided_past_2_31_is_refused():
+    # head-dim offsets stay 32-bit in every specialization: such a layout would read the
+    # wrong memory, so the wrapper refuses it
+    q = torch.empty(2 ** 32, device="meta").as_strided((1, 2, 1, 64), (1, 1, 1, 2 ** 26))
+    k = torch.empty(1, 2, 5, 64, device="meta")
+    with pytest.raises(ValueError, match="head-dim stride"):
+        attention_triton(q, k, k, causal=True, scale=0.1)
+
+
+def test_the_wrapper_widens_only_past_2_31_elements(monkeypatch):
+    spy = LaunchSpy()  # meta tensors: record the launch, run nothing
+    monkeypatch.setattr(attention_module, "_attention_kernel", spy)
+    q = torch.empty(2, 4, 7, 64, device="meta")
+    small = torch.empty(2, 4, 100, 64, device="meta")
+    big = torch.empty(2, 4, 2 ** 23, 64, device="meta")[:, :, :100]  # a prefix of a 2**32-element cache
+    for k in (small, big):
+        attention_triton(q, k, k, causal=True, scale=0.1)
+    assert [kw["WIDE"] for _, kw in spy.launches] == [False, True]
+
+
+@pytest.mark.parametrize("variant", ["plain", "all"])
+def test_wide_offsets_specialization_gives_the_same_result(variant, monkeypatch):
+    """Past 2**31 elements the kernel indexes in 64 bits (WIDE); forced on small tensors
+    here, it must compute exactly what the 32-bit kernel does."""
+    spy = LaunchSpy(attention_module._attention_kernel)
+    monkeypatch.setattr(attention_module, "_attention_kernel", spy)
+    q, k, v = make(2, 4, 2, 37, 45, 32)
+    bias = torch.randn(2, 1, 37, 45)
+    kw = dict(causal=True, scale=0.2)
+    if variant == "all":
+        kw.update(softcap=3.0, window=20, alibi=True)
+    args = (q, k, v, bias) + ((alibi_slopes(4),) if variant == "all" else ())
+    narrow = attention_triton(*args, **kw)
+    monkeypatch.setattr(attention_module, "INDEX_32_LIMIT", 1)
+    wide = attention_triton(*args, **kw)
+    assert [launch["WIDE"] for _, launch in spy.launches] == [False, True]
+    assert torch.equal(wide, narrow)

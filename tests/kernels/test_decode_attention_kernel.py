@@ -146,3 +146,146 @@ def test_all_variants_together_in_bf16():
     q, k, v = (torch.randn(2, 4, 1, 64, dtype=torch.bfloat16), torch.randn(2, 2, 70, 64, dtype=torch.bfloat16),
                torch.randn(2, 2, 70, 64, dtype=torch.bfloat16))
     check_variant(q, k, v, softcap=2.0, window=33, slopes=alibi_slopes(4))
+
+
+# -- one split: the split kernel writes the output, no combine launch -------------------------
+from fxforge.runtime.launch_count import LaunchCounter  # noqa: E402
+
+
+def launches(fn, *args, **kwargs):
+    """(fn's result, its Triton launches by kernel name)."""
+    with LaunchCounter() as c:
+        out = fn(*args, **kwargs)
+    return out, {name.split(".", 1)[1]: n for name, n in c.by_name.items() if name.startswith("triton.")}
+
+
+def test_a_short_context_is_one_launch_a_long_one_two():
+    q = torch.randn(1, 4, 1, 32)
+    short = torch.randn(1, 2, 15, 32)  # one 16-key chunk: one split
+    long = torch.randn(1, 2, 515, 32)  # spread over the interpreter's 8 programs
+    _, n = launches(decode_attention_triton, q, short, short, causal=True, scale=0.2)
+    assert n == {"_decode_split_kernel": 1}
+    _, n = launches(decode_attention_triton, q, long, long, causal=True, scale=0.2)
+    assert n == {"_decode_split_kernel": 1, "_decode_combine_kernel": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("h, hkv", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("variant", ["plain", "all"])
+def test_one_split_writes_what_several_splits_combine(dtype, h, hkv, variant, monkeypatch):
+    # one program per KV head forces a single split over all 70 keys; 64 programs split them
+    q, k, v = (torch.randn(2, h, 1, 32, dtype=dtype), torch.randn(2, hkv, 70, 32, dtype=dtype),
+               torch.randn(2, hkv, 70, 32, dtype=dtype))
+    bias = torch.zeros(2, 1, 1, 70)
+    bias[1, ..., :9] = torch.finfo(torch.float32).min  # left padding
+    kw = dict(causal=True, scale=0.2)
+    if variant == "all":
+        kw.update(softcap=3.0, window=45, alibi=True)
+        args = (q, k, v, bias, alibi_slopes(h))
+    else:
+        args = (q, k, v, bias)
+    outs = {}
+    for programs, expected in ((1, 1), (64, 2)):
+        monkeypatch.setattr(decode_attention, "_programs", lambda device, p=programs: p)
+        outs[programs], n = launches(decode_attention_triton, *args, **kw)
+        assert sum(n.values()) == expected, n
+    ref = attention_reference(*args, **kw)
+    tol = TOL[dtype] * max(1.0, ref.abs().max().item())
+    for out in outs.values():
+        assert out.dtype == dtype and out.shape == q.shape
+        torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
+
+
+def test_one_split_rows_that_see_no_key_give_zeros(monkeypatch):
+    # every key masked: the split kernel's normalisation must not divide by a zero sum
+    monkeypatch.setattr(decode_attention, "_programs", lambda device: 1)
+    q, k, v = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
+    bias = torch.zeros(2, 1, 1, 20)
+    bias[0] = float("-inf")
+    out = decode_attention_triton(q, k, v, bias, causal=True, scale=0.3)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    torch.testing.assert_close(out[1:], attention_reference(q[1:], k[1:], v[1:], causal=True, scale=0.3),
+                               atol=2e-5, rtol=0)
+
+
+# -- CUDA's grid limits: axes 1 and 2 stop at 65535 programs -----------------------------------
+from launch_spy import LaunchSpy, over_cuda_limits  # noqa: E402
+
+from fxforge.codegen.kernels.decode_attention import decode_grids  # noqa: E402
+
+
+def test_splits_stay_within_grid_axis_1():
+    # a very long context on a (hypothetical) huge GPU: the splits are axis 1 of the grid
+    chunk, splits = num_splits(1, 10 ** 8, 16, 10 ** 9)
+    assert splits <= 65535 and chunk * splits >= 10 ** 8 and chunk % 16 == 0
+    for bkv, tk, programs in [(1, 10 ** 8, 10 ** 9), (2 ** 20, 4096, 528), (7, 3 * 10 ** 6, 10 ** 7)]:
+        _, splits = num_splits(bkv, tk, 16, programs)
+        for grid in decode_grids(bkv, 8, 1, splits):
+            assert not over_cuda_limits(grid), grid
+
+
+def test_grids_of_a_huge_batch_times_heads_stay_in_cuda_limits():
+    split_grid, combine_grid = decode_grids(70_000, 32, 8, 40)
+    assert split_grid == (70_000 * 8, 40) and combine_grid == (70_000 * 32,)
+    assert not over_cuda_limits(split_grid) and not over_cuda_limits(combine_grid)
+
+
+def test_the_wrapper_launches_a_huge_batch_within_the_limits(monkeypatch):
+    split, combine = LaunchSpy(), LaunchSpy()  # record the grids, run nothing
+    monkeypatch.setattr(decode_attention, "_decode_split_kernel", split)
+    monkeypatch.setattr(decode_attention, "_decode_combine_kernel", combine)
+    monkeypatch.setattr(decode_attention, "_programs", lambda device: 10 ** 6)
+    q = torch.randn(70_000, 2, 1, 16, dtype=torch.float16)
+    k = torch.randn(70_000, 1, 17, 16, dtype=torch.float16)  # two 16-key splits
+    decode_attention_triton(q, k, k, causal=True, scale=0.1)
+    grids = [g for spy in (split, combine) for gs, _ in spy.launches for g in gs]
+    assert len(grids) == 2 and not any(over_cuda_limits(g) for g in grids), grids
+
+
+# -- 64-bit offsets (WIDE) for tensors of 2**31 elements or more -------------------------------
+from fxforge.codegen.kernels import attention as attention_module  # noqa: E402
+
+
+def test_the_wrapper_widens_only_past_2_31_elements(monkeypatch):
+    split, combine = LaunchSpy(), LaunchSpy()  # meta tensors: record the launches, run nothing
+    monkeypatch.setattr(decode_attention, "_decode_split_kernel", split)
+    monkeypatch.setattr(decode_attention, "_decode_combine_kernel", combine)
+    monkeypatch.setattr(decode_attention, "_programs", lambda device: 64)  # several splits: both kernels
+    q = torch.empty(2, 4, 1, 64, device="meta")
+    small = torch.empty(2, 4, 100, 64, device="meta")
+    big = torch.empty(2, 4, 2 ** 23, 64, device="meta")[:, :, :100]  # a prefix of a 2**32-element cache
+    for k in (small, big):
+        decode_attention_triton(q, k, k, causal=True, scale=0.1)
+    assert [kw["WIDE"] for _, kw in split.launches] == [False, True]
+    assert [kw["WIDE"] for _, kw in combine.launches] == [False, True]
+
+
+@pytest.mark.parametrize("programs", [1, 64], ids=["one-split", "splits"])
+@pytest.mark.parametrize("variant", ["plain", "all"])
+def test_wide_offsets_specialization_gives_the_same_result(programs, variant, monkeypatch):
+    """Past 2**31 elements the kernels index in 64 bits (WIDE); forced on small tensors
+    here, they must compute exactly what the 32-bit kernels do."""
+    monkeypatch.setattr(decode_attention, "_programs", lambda device: programs)
+    split = LaunchSpy(decode_attention._decode_split_kernel)
+    combine = LaunchSpy(decode_attention._decode_combine_kernel)
+    monkeypatch.setattr(decode_attention, "_decode_split_kernel", split)
+    monkeypatch.setattr(decode_attention, "_decode_combine_kernel", combine)
+    q, k, v = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 70, 32), torch.randn(2, 2, 70, 32)
+    bias = torch.randn(2, 1, 1, 70)
+    kw = dict(causal=True, scale=0.2)
+    if variant == "all":
+        kw.update(softcap=3.0, window=45, alibi=True)
+    args = (q, k, v, bias) + ((alibi_slopes(4),) if variant == "all" else ())
+    narrow = decode_attention_triton(*args, **kw)
+    monkeypatch.setattr(attention_module, "INDEX_32_LIMIT", 1)
+    wide = decode_attention_triton(*args, **kw)
+    assert [launch["WIDE"] for _, launch in split.launches] == [False, True]
+    assert [launch["WIDE"] for _, launch in combine.launches] == ([] if programs == 1 else [False, True])
+    assert torch.equal(wide, narrow)
+
+
+def test_a_head_dim_strided_past_2_31_is_refused():
+    k = torch.empty(2 ** 32, device="meta").as_strided((1, 2, 5, 64), (1, 1, 64, 2 ** 26))
+    q = torch.empty(1, 2, 1, 64, device="meta")
+    with pytest.raises(ValueError, match="head-dim stride"):
+        decode_attention_triton(q, k, k, causal=True, scale=0.1)

@@ -105,3 +105,45 @@ def test_clear_errors():
         paged_decode_attention_triton(q, kc, vc, table[0], start, bias, causal=True, scale=0.1)
     with pytest.raises(ValueError, match="needs the key bias"):
         paged_attention_triton(q, kc, vc, table, start, None, causal=True, scale=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("h, hkv", [(4, 2), (4, 4), (6, 1)], ids=["gqa", "mha", "mqa"])
+@pytest.mark.parametrize("programs, launches", [(1, 1), (64, 2)], ids=["one-split", "splits"])
+def test_decode_one_split_writes_the_output_itself(dtype, h, hkv, programs, launches, monkeypatch):
+    """One split (one program per KV head): the split kernel normalises and writes the
+    output, no combine launch; every variant at once, through the table."""
+    from fxforge.codegen.kernels import decode_attention
+    from fxforge.runtime.launch_count import LaunchCounter
+
+    monkeypatch.setattr(decode_attention, "_programs", lambda device: programs)
+    q, kc, vc, table, start, bias = paged_case([3, 0], 37, 1, h=h, hkv=hkv, dtype=dtype)
+    slopes = torch.tensor([2.0 ** -(i + 1) for i in range(h)])
+    with LaunchCounter() as c:
+        check(paged_decode_attention_triton, q, kc, vc, table, start, bias, slopes, softcap=2.0, window=21,
+              alibi=True)
+    assert c.triton == launches and (c.by_name["triton._decode_combine_kernel"] == 1) == (launches == 2)
+
+
+@pytest.mark.parametrize("tq, programs", [(1, 1), (1, 64), (6, 8)],
+                         ids=["decode-one-split", "decode-splits", "prefill"])
+def test_wide_offsets_specialization_gives_the_same_result(tq, programs, monkeypatch):
+    """Past 2**31 elements (a big paged pool) the kernels index in 64 bits (WIDE), the slots
+    too; forced on small tensors here, they must compute exactly what the 32-bit kernels do."""
+    from launch_spy import LaunchSpy
+
+    from fxforge.codegen.kernels import attention, decode_attention
+
+    monkeypatch.setattr(decode_attention, "_programs", lambda device: programs)
+    module, name = (decode_attention, "_decode_split_kernel") if tq == 1 else (attention, "_attention_kernel")
+    spy = LaunchSpy(getattr(module, name))
+    monkeypatch.setattr(module, name, spy)
+    q, kc, vc, table, start, bias = paged_case([3, 0], 29, tq, h=4, hkv=2)
+    kernel = paged_decode_attention_triton if tq == 1 else paged_attention_triton
+    args = (q, kc, vc, table, start, bias, torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+    kw = dict(causal=True, scale=0.2, softcap=2.0, window=11, alibi=True)
+    narrow = kernel(*args, **kw)
+    monkeypatch.setattr(attention, "INDEX_32_LIMIT", 1)
+    wide = kernel(*args, **kw)
+    assert [launch["WIDE"] for _, launch in spy.launches] == [False, True]
+    assert torch.equal(wide, narrow)

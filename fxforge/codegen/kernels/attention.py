@@ -20,6 +20,10 @@ fp32/fp16/bf16, arbitrary strides.
   PAGED    K/V are read from paged caches [blocks, block size, Hkv, D] through a block table
            (`paged_attention_triton`, the paged layout of the kv_cache pass): each key tile's
            rows are gathered block by block from the row's start; no dense copy is made.
+  WIDE     some tensor spans 2**31 elements or more (a long KV cache, a big batch): program
+           ids and key-row offsets are int64; otherwise offsets stay in 32 bits.
+The grid is one axis of (query block, batch x head) programs (`attention_grid`): CUDA's
+axes 1 and 2 stop at 65535, which a large batch x heads would pass.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ import triton.language as tl
 from ...ir.ops import attention_operands, attention_reference
 
 __all__ = ["attention_triton", "paged_attention_triton", "attention_reference", "load_kv_block",
-           "paged_slots", "online_softmax_step"]
+           "paged_slots", "online_softmax_step", "attention_grid", "check_grid", "GRID_LIMITS", "INDEX_32_LIMIT",
+           "needs_wide", "span", "check_head_dim_strides"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -48,6 +53,56 @@ _TILE_BYTES = 128 * 1024
 _ACC_PER_THREAD = {2: 64, 4: 32}  # by element size: fp32 dots are FMA loops, not tensor-core tiles
 # fp32 configs with 3-4 stages spilled 0.6-18 KB per thread on sm_90 even at head dim 64
 _MAX_STAGES = {2: 4, 4: 2}
+
+
+# Programs a CUDA grid may have along axes 0, 1 and 2: a launch past them fails.
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
+
+
+def check_grid(grid: tuple) -> tuple:
+    """The grid, after checking every axis against GRID_LIMITS (a clear error rather than a
+    failed launch)."""
+    for axis, (n, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if n > limit:
+            raise ValueError(f"attention: a grid of {grid} programs is over CUDA's {limit} on axis {axis}")
+    return grid
+
+
+def attention_grid(tq: int, batch_heads: int, block_m: int) -> tuple:
+    """The prefill kernel's grid: one axis of (query block, batch x head) programs, query
+    blocks varying fastest (so programs reading the same K/V run together). Axis 1 would
+    stop at 65535 batch x heads, or query blocks; axis 0 holds 2**31 - 1."""
+    return check_grid((triton.cdiv(tq, block_m) * batch_heads,))
+
+
+# A launch where some tensor spans this many elements or more gets the WIDE specialization
+# (64-bit offsets); below it, the common case, offsets stay in 32 bits. One threshold for
+# the prefill and the decode kernels (quant_matmul has its own, the same).
+INDEX_32_LIMIT = 2 ** 31
+
+
+def span(t: torch.Tensor) -> int:
+    """Elements from a tensor's first to one past its last: what offsets from its data
+    pointer reach (a prefix view of a big cache reaches across the whole cache; a
+    broadcast dim, stride 0, adds nothing)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+
+
+def needs_wide(*tensors) -> bool:
+    """Whether a kernel reading these tensors (None ignored) needs 64-bit offsets (WIDE)."""
+    return max((span(t) for t in tensors if t is not None), default=0) >= INDEX_32_LIMIT
+
+
+def check_head_dim_strides(head_dim: int, *tensors, what: str = "attention"):
+    """Offsets along the head dim stay 32-bit even when WIDE (64-bit ones there cost the
+    decode kernel registers it does not have): a [..., head_dim] tensor strided so far
+    along it that they pass 2**31 is refused, not read from the wrong place."""
+    for t in tensors:
+        if (head_dim - 1) * t.stride(-1) >= 2 ** 31:
+            raise ValueError(f"{what}: a head-dim stride of {t.stride(-1)} elements puts offsets past 2**31; "
+                             "pass a tensor with a smaller last stride (e.g. .contiguous())")
 
 
 def _fits(config: tuple, itemsize: int, d_pad: int) -> bool:
@@ -115,17 +170,25 @@ def paged_slots(table_row, row_start, n_idx, n_valid, page: tl.constexpr, pages)
 
 @triton.jit
 def read_kv_tile(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, q_dtype,
-                 table_row, row_start, pages, PAGED: tl.constexpr, PAGE: tl.constexpr, DOT_F32: tl.constexpr):
+                 table_row, row_start, pages, PAGED: tl.constexpr, PAGE: tl.constexpr, DOT_F32: tl.constexpr,
+                 WIDE: tl.constexpr):
     """The K and V tile of keys n_idx (load_kv_block), read in place from a dense cache or,
     when PAGED, through the row's block table (paged_slots). Shared by the prefill and the
-    decode kernels."""
+    decode kernels. WIDE: the rows' offsets (key or slot times its stride) in 64 bits; the
+    key index itself, and the head-dim offsets, stay 32-bit (the registers it saves kept
+    the decode kernel from spilling)."""
     if PAGED:
         slot, inside = paged_slots(table_row, row_start, n_idx, n_valid, PAGE, pages)
+        if WIDE:
+            slot = slot.to(tl.int64)
         k, v = load_kv_block(k_base, v_base, slot, inside, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
         k = k.to(q_dtype)  # a cache narrower than the queries (KVCacheConfig.dtype)
         v = v.to(q_dtype)
     else:
-        k, v = load_kv_block(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
+        rows = n_idx
+        if WIDE:
+            rows = n_idx.to(tl.int64)
+        k, v = load_kv_block(k_base, v_base, rows, n_valid, offs_d, d_valid, skn, skd, svn, svd, DOT_F32)
     return k, v
 
 
@@ -167,22 +230,29 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr,
-    PAGE: tl.constexpr,
+    PAGE: tl.constexpr, WIDE: tl.constexpr,
 ):
     # softcap: the cap in log2 units (cap * log2 e); window: W (keys); both read only when
     # their flag is set. PAGED: k/v are [blocks, page, Hkv, D] caches (skn/svn: a slot's
     # stride; skb/svb unused) read through row b's block table (pages entries, stb apart)
     # from its start (start_ptr[b]), PAGE tokens a block; table_ptr, start_ptr, pages, stb
-    # unused otherwise.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # unused otherwise. WIDE: some tensor spans 2**31 elements or more: the program ids (so
+    # batch, head and query offsets) and the key rows' offsets are int64.
+    # one grid axis (attention_grid): query blocks vary fastest, then batch x head
+    num_m = tl.cdiv(TQ, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_bh = pid // num_m
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    if WIDE:
+        pid_m = pid_m.to(tl.int64)
+        pid_bh = pid_bh.to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     kvh = h // GROUPS
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
     m_valid = offs_m < TQ
     d_valid = offs_d < HEAD_DIM
 
@@ -220,7 +290,7 @@ def _attention_kernel(
         n_idx = start_n + offs_n
         n_valid = n_idx < TK
         k, v = read_kv_tile(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, q.dtype,
-                            table_row, row_start, pages, PAGED, PAGE, DOT_F32)
+                            table_row, row_start, pages, PAGED, PAGE, DOT_F32, WIDE)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # already in log2 units
         if SOFTCAP:
             s = tanh_f32(s / softcap) * softcap
@@ -232,7 +302,10 @@ def _attention_kernel(
         if WINDOW:
             keep = keep & (n_idx[None, :] > offs_m[:, None] + offset - window)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + b * sbb + h * sbh + offs_m[:, None] * sbm + n_idx[None, :] * sbn,
+            n_bias = n_idx
+            if WIDE:
+                n_bias = n_idx.to(tl.int64)
+            bias = tl.load(bias_ptr + b * sbb + h * sbh + offs_m[:, None] * sbm + n_bias[None, :] * sbn,
                            mask=keep, other=0.0)
             s = s + bias.to(tl.float32) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
@@ -344,10 +417,12 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, causal, sca
         return out
     bias_arg = bias if bias is not None else q  # never read when HAS_BIAS is false
     bs = bias.stride() if bias is not None else (0, 0, 0, 0)
+    check_head_dim_strides(d, q, k, v)
+    wide = needs_wide(q, k, v, bias, out)
     d_pad = max(16, triton.next_power_of_2(d))
 
     def grid(meta):
-        return (triton.cdiv(tq, meta["BLOCK_M"]), bsz * heads)
+        return attention_grid(tq, bsz * heads, meta["BLOCK_M"])
 
     if paged is None:
         table, starts, page, pages, stb = q, q, 1, 1, 0  # PAGE=1: one specialization for every dense call
@@ -365,7 +440,7 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, causal, sca
         *q.stride(), *kv_strides, *bs, *out.stride(), stb,
         HEAD_DIM=d, D_PAD=d_pad, CAUSAL=bool(causal), HAS_BIAS=bias is not None,
         SOFTCAP=softcap is not None, WINDOW=window is not None, ALIBI=slopes is not None, PAGED=paged is not None,
-        PAGE=page,
+        PAGE=page, WIDE=wide,
         # triton 3.9's interpreter miscomputes bf16 dots: compute those in fp32 there.
         DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         # fp32 inputs keep full fp32 products (tf32 would cost ~1e-3 relative error)

@@ -2,7 +2,9 @@
 (flash-decoding): with Tq = 1 there is no query dimension to spread over the GPU, so the
 keys are cut into chunks, each program reduces one chunk for one KV head (all the query
 heads that share it, so K/V are read once per group), and a second kernel combines the
-partial softmaxes.
+partial softmaxes. When one chunk covers the context (short contexts, or enough
+batch x KV heads to fill the GPU without splitting), the split kernel normalises and
+writes the output itself (ONE_SPLIT) and the combine kernel is not launched: one launch.
 
     decode_attention_triton(q, k, v, bias=None, slopes=None, *, causal, scale, softcap=None,
                             window=None, alibi=False) -> [B, H, 1, D]
@@ -14,6 +16,8 @@ Variants: SOFTCAP (tanh(s / softcap) * softcap) and ALIBI (slopes[h] * (k_pos - 
 slopes f32[H]) are constexpr flags of the split kernel; a sliding window of W keys is a
 view of the last W keys (and of the bias), so the splits cover only the window. PAGED
 reads K/V from paged caches through a block table (`paged_decode_attention_triton`).
+WIDE (64-bit offsets past 2**31 elements) as in the prefill kernel. Grids (`decode_grids`):
+batch x KV heads on axis 0, at most 65535 splits on axis 1.
 """
 from __future__ import annotations
 
@@ -26,9 +30,11 @@ import triton.language as tl
 
 from ...ir.ops import attention_reference
 from ...ir.ops import attention_operands
-from .attention import check_paged, check_variants, online_softmax_step, read_kv_tile, tanh_f32
+from .attention import (GRID_LIMITS, check_grid, check_head_dim_strides, check_paged, check_variants, needs_wide,
+                        online_softmax_step, read_kv_tile, tanh_f32)
 
-__all__ = ["decode_attention_triton", "paged_decode_attention_triton", "attention_reference", "num_splits", "split_launch", "combine_block"]
+__all__ = ["decode_attention_triton", "paged_decode_attention_triton", "attention_reference", "num_splits",
+           "split_launch", "combine_block", "decode_grids"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
@@ -37,7 +43,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _decode_split_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, m_ptr, l_ptr, acc_ptr, table_ptr, start_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, table_ptr, start_ptr,
     # sizes
     H, GROUPS, TK, CHUNK, NUM_SPLITS, qk_scale, softcap, pages, start_shift,
     # strides
@@ -46,19 +52,27 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, WIDE: tl.constexpr,
 ):
     # softcap: the cap in log2 units, read only with SOFTCAP. PAGED: as in the prefill
     # kernel (skn/svn a slot's stride; skb/svb unused); start_shift: keys cut off the
     # front for a window (key n of this view is the row's key n + start_shift).
+    # ONE_SPLIT: this program saw every key of its rows, so it normalises and writes the
+    # output itself (out_ptr: [B, H, 1, HEAD_DIM], contiguous, as the wrapper allocates it)
+    # and no combine kernel is launched; m/l/acc are unused then. Otherwise it writes its
+    # partials and out_ptr is unused. WIDE: some tensor spans 2**31 elements or more: the
+    # program id (so batch, head and partials' offsets) and the key rows' offsets are int64.
     pid_bkv = tl.program_id(0)  # (batch, kv head)
     split = tl.program_id(1)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    if WIDE:
+        pid_bkv = pid_bkv.to(tl.int64)
     hkv = H // GROUPS
     b = pid_bkv // hkv
     kvh = pid_bkv % hkv
 
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, D_PAD)
-    offs_n = tl.arange(0, BLOCK_N)
     g_valid = offs_g < GROUPS
     d_valid = offs_d < HEAD_DIM
     heads = kvh * GROUPS + offs_g
@@ -88,7 +102,7 @@ def _decode_split_kernel(
         n_idx = start_n + offs_n
         n_valid = n_idx < hi
         k, v = read_kv_tile(k_base, v_base, n_idx, n_valid, offs_d, d_valid, skn, skd, svn, svd, q.dtype,
-                            table_row, row_start, pages, PAGED, PAGE, DOT_F32)
+                            table_row, row_start, pages, PAGED, PAGE, DOT_F32, WIDE)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # log2 units
         if SOFTCAP:
             s = tanh_f32(s / softcap) * softcap
@@ -96,16 +110,27 @@ def _decode_split_kernel(
             s += slope[:, None] * (n_idx - (TK - 1))[None, :].to(tl.float32)
         keep = g_valid[:, None] & n_valid[None, :]
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + b * sbb + heads[:, None] * sbh + n_idx[None, :] * sbn, mask=keep, other=0.0)
+            n_bias = n_idx
+            if WIDE:
+                n_bias = n_idx.to(tl.int64)
+            bias = tl.load(bias_ptr + b * sbb + heads[:, None] * sbh + n_bias[None, :] * sbn, mask=keep, other=0.0)
             s = s + bias.to(tl.float32) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
-    # partials: [B, H, NUM_SPLITS] for m and l, [B, H, NUM_SPLITS, D_PAD] for acc (contiguous)
-    row = (b * H + heads) * NUM_SPLITS + split
-    tl.store(m_ptr + row, m_i, mask=g_valid)
-    tl.store(l_ptr + row, l_i, mask=g_valid)
-    tl.store(acc_ptr + row[:, None] * D_PAD + offs_d[None, :], acc, mask=g_valid[:, None])
+    if ONE_SPLIT:
+        # what the combine kernel computes for one split (its weight exp2(m - m) is 1); the
+        # group's first row as a scalar base, the tile's offsets from it small (a [G, D] tile
+        # of per-row offsets spilled 8 bytes at head dim 64, paged, on sm_80)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + (b * H + kvh * GROUPS) * HEAD_DIM + (offs_g[:, None] * HEAD_DIM + offs_d[None, :]),
+                 out.to(out_ptr.dtype.element_ty), mask=g_valid[:, None] & d_valid[None, :])
+    else:
+        # partials: [B, H, NUM_SPLITS] for m and l, [B, H, NUM_SPLITS, D_PAD] for acc (contiguous)
+        row = (b * H + heads) * NUM_SPLITS + split
+        tl.store(m_ptr + row, m_i, mask=g_valid)
+        tl.store(l_ptr + row, l_i, mask=g_valid)
+        tl.store(acc_ptr + row[:, None] * D_PAD + offs_d[None, :], acc, mask=g_valid[:, None])
 
 
 @triton.jit
@@ -113,14 +138,17 @@ def _decode_combine_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr,
     H, NUM_SPLITS,
     sob, soh, sod,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr, WIDE: tl.constexpr,
 ):
     # Splits are visited BLOCK_S at a time (a long context on a big GPU has hundreds): a
     # [splits, D_PAD] tile in one piece would spill. With splits <= BLOCK_S it is one pass.
+    # WIDE: as in the split kernel (base, and so every partial's offset, is then int64).
     pid = tl.program_id(0)  # (batch, head)
+    offs_d = tl.arange(0, D_PAD)
+    if WIDE:
+        pid = pid.to(tl.int64)
     b = pid // H
     h = pid % H
-    offs_d = tl.arange(0, D_PAD)
     base = pid * NUM_SPLITS
     m_max = tl.full((), float("-inf"), dtype=tl.float32)
     for s0 in range(0, NUM_SPLITS, BLOCK_S):
@@ -145,8 +173,9 @@ def _decode_combine_kernel(
 
 def num_splits(batch_kv_heads: int, tk: int, block_n: int, programs: int) -> tuple[int, int]:
     """(chunk, splits): enough splits that batch * kv_heads * splits fills `programs`
-    slots, each chunk a multiple of the key block and at least one block."""
-    want = max(1, programs // max(batch_kv_heads, 1))
+    slots, each chunk a multiple of the key block and at least one block; at most 65535
+    splits (they are axis 1 of the split kernel's grid)."""
+    want = min(max(1, programs // max(batch_kv_heads, 1)), GRID_LIMITS[1])
     chunk = triton.cdiv(triton.cdiv(tk, want), block_n) * block_n
     chunk = max(chunk, block_n)
     return chunk, triton.cdiv(tk, chunk)
@@ -164,12 +193,18 @@ def split_launch(dtype: torch.dtype, d_pad: int, paged: bool = False) -> dict:
     """The split kernel's key block and warps on a GPU: 64 keys, fewer for wide heads, and
     8 warps at head dim 256 (the [16, 256] accumulator spilled with 4 on sm_90) and for
     paged reads (the block-table lookups took it to 255 registers and spilled 84-336 bytes
-    on sm_90 at head dim 64 with 4 warps; none with 8)."""
+    on sm_90 at head dim 64 with 4 warps; none with 8). The same with 64-bit offsets (WIDE)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     block_n = 64
     while block_n > 16 and block_n * d_pad * itemsize > _KV_TILE_BYTES:
         block_n //= 2
     return {"BLOCK_N": block_n, "num_warps": 8 if d_pad >= 256 or paged else 4}
+
+
+def decode_grids(batch: int, heads: int, kv_heads: int, splits: int) -> tuple[tuple, tuple]:
+    """(split grid, combine grid): batch x KV heads on axis 0 (it holds 2**31 - 1, axis 1
+    only 65535) and the splits on axis 1; the combine kernel one program per (batch, head)."""
+    return check_grid((batch * kv_heads, splits)), check_grid((batch * heads,))
 
 
 def combine_block(splits: int) -> int:
@@ -190,7 +225,8 @@ def _multiprocessors(index: int) -> int:
 
 def decode_attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None,
                             window=None, alibi: bool = False):
-    """The launch wrapper: check, allocate partials, launch split and combine kernels."""
+    """The launch wrapper: check, allocate partials, launch the split kernel and (with
+    more than one split) the combine kernel."""
     bias, slopes = attention_operands(bias, slopes, alibi)
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"decode attention takes one query per sequence [B, H, 1, D], got {tuple(q.shape)}")
@@ -223,8 +259,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_table, row_start, b
 
 
 def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, softcap, window):
-    """Partials, split and combine kernels; k, v are [B, Hkv, Tk, D], or paged caches with
-    paged = (block_table, row_start)."""
+    """Partials, split and combine kernels (the split kernel alone when one split covers
+    the context); k, v are [B, Hkv, Tk, D], or paged caches with paged = (block_table, row_start)."""
     bsz, heads, _, d = q.shape
     if bias is not None:
         try:
@@ -251,11 +287,19 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, soft
     launch = {"BLOCK_N": 16, "num_warps": 4} if _INTERPRET else split_launch(q.dtype, d_pad, paged is not None)
     block_n = launch["BLOCK_N"]
     chunk, splits = num_splits(bsz * kv_heads, max(tk, 1), block_n, _programs(q.device))
-    m = torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    acc = torch.empty(bsz, heads, splits, d_pad, dtype=torch.float32, device=q.device)
+    one_split = splits == 1
+    if one_split:  # the split kernel writes `out` itself: no partials, no combine launch
+        m = l = acc = out
+    else:
+        m = torch.empty(bsz, heads, splits, dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        acc = torch.empty(bsz, heads, splits, d_pad, dtype=torch.float32, device=q.device)
+    split_grid, combine_grid = decode_grids(bsz, heads, kv_heads, splits)
     bias_arg = bias if bias is not None else q
     bs = (bias.stride(0), bias.stride(1), bias.stride(3)) if bias is not None else (0, 0, 0)
+    # k, v: the views the kernel reads (a window's) or the whole paged caches
+    check_head_dim_strides(d, q, k, v, what="decode attention")
+    wide = needs_wide(q, k, v, bias, out, None if one_split else acc)
     if paged is None:
         table, starts, page, pages, stb = q, q, 1, 1, 0
         kv_strides = (*k.stride(), *v.stride())
@@ -263,19 +307,21 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, soft
         table, starts = paged
         page, pages, stb = k.shape[1], table.shape[1], table.stride(0)
         kv_strides = tuple(t.stride(i) for t in (k, v) for i in (0, 2, 1, 3))
-    _decode_split_kernel[(bsz * kv_heads, splits)](
-        q, k, v, bias_arg, slopes if slopes is not None else q, m, l, acc, table, starts,
+    _decode_split_kernel[split_grid](
+        q, k, v, bias_arg, slopes if slopes is not None else q, m, l, acc, out, table, starts,
         heads, groups, tk, chunk, splits, float(scale) * _LOG2E,
         float(softcap) * _LOG2E if softcap is not None else 1.0, pages, start,
         q.stride(0), q.stride(1), q.stride(3), *kv_strides, *bs, stb,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=block_n, HAS_BIAS=bias is not None,
         SOFTCAP=softcap is not None, ALIBI=slopes is not None, PAGED=paged is not None, PAGE=page,
-        DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
+        ONE_SPLIT=one_split, WIDE=wide, DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 or _INTERPRET else "tf32",
         num_warps=launch["num_warps"],
     )
-    _decode_combine_kernel[(bsz * heads,)](
+    if one_split:
+        return out
+    _decode_combine_kernel[combine_grid](
         m, l, acc, out, heads, splits, out.stride(0), out.stride(1), out.stride(3),
-        HEAD_DIM=d, D_PAD=d_pad, BLOCK_S=combine_block(splits), num_warps=4,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_S=combine_block(splits), WIDE=wide, num_warps=4,
     )
     return out
