@@ -48,3 +48,16 @@ def check_variant_kernel(kernel, reference, tol, q, k, v, bias=None, *, slopes=N
     torch.testing.assert_close(ref.float(), eager.float(), atol=tol, rtol=0)
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=0)
     return out
+
+
+def narrow_then_wide(run, q, k, v, bias, variant: str, window: int, module, monkeypatch):
+    """`run(q, k, v, bias[, slopes], **kw)` with 32-bit offsets, then with the 64-bit (WIDE)
+    specialization forced by lowering `module.INDEX_32_LIMIT` to 1: (narrow, wide).
+    variant "all" adds a soft-cap, a sliding `window` and ALiBi."""
+    kw = dict(causal=True, scale=0.2)
+    if variant == "all":
+        kw.update(softcap=3.0, window=window, alibi=True)
+    args = (q, k, v, bias) + ((alibi_slopes(q.shape[1]),) if variant == "all" else ())
+    narrow = run(*args, **kw)
+    monkeypatch.setattr(module, "INDEX_32_LIMIT", 1)
+    return narrow, run(*args, **kw)

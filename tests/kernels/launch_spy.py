@@ -27,3 +27,14 @@ def over_cuda_limits(grid) -> bool:
     return len(grid) > 3 or any(n > limit for n, limit in zip(grid, (2 ** 31 - 1, 65535, 65535)))
 
 
+
+
+def small_and_huge_caches(q_len: int):
+    """Meta tensors (no memory): a query [2, 4, q_len, 64], and K/V of 100 keys either as a
+    small tensor or as a prefix of a 2**32-element cache, whose offsets need 64 bits."""
+    import torch
+
+    q = torch.empty(2, 4, q_len, 64, device="meta")
+    small = torch.empty(2, 4, 100, 64, device="meta")
+    huge = torch.empty(2, 4, 2 ** 23, 64, device="meta")[:, :, :100]
+    return q, (small, huge)

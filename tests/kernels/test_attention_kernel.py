@@ -92,7 +92,7 @@ def test_clear_errors():
 
 # -- variants: soft-cap, sliding window, ALiBi slopes (each against the reference and an eager
 # spelling that shares no code with either) ---------------------------------------------------
-from eager_attention import alibi_slopes, check_variant_kernel  # noqa: E402
+from eager_attention import alibi_slopes, check_variant_kernel, narrow_then_wide  # noqa: E402
 
 
 def check_variant(q, k, v, bias=None, *, causal=True, scale=0.17, softcap=None, window=None, slopes=None):
@@ -150,7 +150,7 @@ def test_variant_errors():
 import math  # noqa: E402
 
 import triton  # noqa: E402
-from launch_spy import LaunchSpy, over_cuda_limits  # noqa: E402
+from launch_spy import LaunchSpy, over_cuda_limits, small_and_huge_caches  # noqa: E402
 
 from fxforge.codegen.kernels import attention as attention_module  # noqa: E402
 from fxforge.codegen.kernels.attention import attention_grid  # noqa: E402
@@ -212,10 +212,8 @@ def test_a_head_dim_strided_past_2_31_is_refused():
 def test_the_wrapper_widens_only_past_2_31_elements(monkeypatch):
     spy = LaunchSpy()  # meta tensors: record the launch, run nothing
     monkeypatch.setattr(attention_module, "_attention_kernel", spy)
-    q = torch.empty(2, 4, 7, 64, device="meta")
-    small = torch.empty(2, 4, 100, 64, device="meta")
-    big = torch.empty(2, 4, 2 ** 23, 64, device="meta")[:, :, :100]  # a prefix of a 2**32-element cache
-    for k in (small, big):
+    q, caches = small_and_huge_caches(7)
+    for k in caches:
         attention_triton(q, k, k, causal=True, scale=0.1)
     assert [kw["WIDE"] for _, kw in spy.launches] == [False, True]
 
@@ -227,13 +225,7 @@ def test_wide_offsets_specialization_gives_the_same_result(variant, monkeypatch)
     spy = LaunchSpy(attention_module._attention_kernel)
     monkeypatch.setattr(attention_module, "_attention_kernel", spy)
     q, k, v = make(2, 4, 2, 37, 45, 32)
-    bias = torch.randn(2, 1, 37, 45)
-    kw = dict(causal=True, scale=0.2)
-    if variant == "all":
-        kw.update(softcap=3.0, window=20, alibi=True)
-    args = (q, k, v, bias) + ((alibi_slopes(4),) if variant == "all" else ())
-    narrow = attention_triton(*args, **kw)
-    monkeypatch.setattr(attention_module, "INDEX_32_LIMIT", 1)
-    wide = attention_triton(*args, **kw)
+    narrow, wide = narrow_then_wide(attention_triton, q, k, v, torch.randn(2, 1, 37, 45), variant, 20,
+                                    attention_module, monkeypatch)
     assert [launch["WIDE"] for _, launch in spy.launches] == [False, True]
     assert torch.equal(wide, narrow)

@@ -101,7 +101,7 @@ def test_bad_shapes():
 
 
 # -- variants: soft-cap, sliding window, ALiBi slopes ------------------------------------------
-from eager_attention import alibi_slopes, check_variant_kernel  # noqa: E402
+from eager_attention import alibi_slopes, check_variant_kernel, narrow_then_wide  # noqa: E402
 
 
 def check_variant(q, k, v, bias=None, *, scale=0.125, softcap=None, window=None, slopes=None):
@@ -209,7 +209,7 @@ def test_one_split_rows_that_see_no_key_give_zeros(monkeypatch):
 
 
 # -- CUDA's grid limits: axes 1 and 2 stop at 65535 programs -----------------------------------
-from launch_spy import LaunchSpy, over_cuda_limits  # noqa: E402
+from launch_spy import LaunchSpy, over_cuda_limits, small_and_huge_caches  # noqa: E402
 
 from fxforge.codegen.kernels.decode_attention import decode_grids  # noqa: E402
 
@@ -251,10 +251,8 @@ def test_the_wrapper_widens_only_past_2_31_elements(monkeypatch):
     monkeypatch.setattr(decode_attention, "_decode_split_kernel", split)
     monkeypatch.setattr(decode_attention, "_decode_combine_kernel", combine)
     monkeypatch.setattr(decode_attention, "_programs", lambda device: 64)  # several splits: both kernels
-    q = torch.empty(2, 4, 1, 64, device="meta")
-    small = torch.empty(2, 4, 100, 64, device="meta")
-    big = torch.empty(2, 4, 2 ** 23, 64, device="meta")[:, :, :100]  # a prefix of a 2**32-element cache
-    for k in (small, big):
+    q, caches = small_and_huge_caches(1)
+    for k in caches:
         decode_attention_triton(q, k, k, causal=True, scale=0.1)
     assert [kw["WIDE"] for _, kw in split.launches] == [False, True]
     assert [kw["WIDE"] for _, kw in combine.launches] == [False, True]
@@ -271,14 +269,8 @@ def test_wide_offsets_specialization_gives_the_same_result(programs, variant, mo
     monkeypatch.setattr(decode_attention, "_decode_split_kernel", split)
     monkeypatch.setattr(decode_attention, "_decode_combine_kernel", combine)
     q, k, v = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 70, 32), torch.randn(2, 2, 70, 32)
-    bias = torch.randn(2, 1, 1, 70)
-    kw = dict(causal=True, scale=0.2)
-    if variant == "all":
-        kw.update(softcap=3.0, window=45, alibi=True)
-    args = (q, k, v, bias) + ((alibi_slopes(4),) if variant == "all" else ())
-    narrow = decode_attention_triton(*args, **kw)
-    monkeypatch.setattr(attention_module, "INDEX_32_LIMIT", 1)
-    wide = decode_attention_triton(*args, **kw)
+    narrow, wide = narrow_then_wide(decode_attention_triton, q, k, v, torch.randn(2, 1, 1, 70), variant, 45,
+                                    attention_module, monkeypatch)
     assert [launch["WIDE"] for _, launch in split.launches] == [False, True]
     assert [launch["WIDE"] for _, launch in combine.launches] == ([] if programs == 1 else [False, True])
     assert torch.equal(wide, narrow)
