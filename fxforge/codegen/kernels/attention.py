@@ -377,6 +377,18 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, row_start, bias, sl
                    causal=causal, scale=scale, softcap=softcap, window=window)
 
 
+def kv_addressing(q, k, v, paged):
+    """How the kernels address K/V (prefill and decode alike): (block table, row starts,
+    block size, blocks per row, table row stride, the eight K/V strides in the kernel's
+    order). `paged`: None for dense [B, Hkv, T, D] views, else (block_table, row_start) over
+    [blocks, block size, Hkv, D] caches, whose strides go in (block, head, slot, dim) order."""
+    if paged is None:  # PAGE=1 and q as the unused pointers: one specialization for every dense call
+        return q, q, 1, 1, 0, (*k.stride(), *v.stride())
+    table, starts = paged
+    kv_strides = tuple(t.stride(i) for t in (k, v) for i in (0, 2, 1, 3))
+    return table, starts, k.shape[1], table.shape[1], table.stride(0), kv_strides
+
+
 def check_paged(q, k_cache, v_cache, block_table, row_start, bias, what: str):
     """The checks of the paged wrappers (prefill and decode)."""
     bsz, heads, _, d = q.shape
@@ -424,13 +436,7 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, causal, sca
     def grid(meta):
         return attention_grid(tq, bsz * heads, meta["BLOCK_M"])
 
-    if paged is None:
-        table, starts, page, pages, stb = q, q, 1, 1, 0  # PAGE=1: one specialization for every dense call
-        kv_strides = (*k.stride(), *v.stride())
-    else:  # [blocks, page, Hkv, D] caches: (block, head, slot, dim) strides in the kernel's order
-        table, starts = paged
-        page, pages, stb = k.shape[1], table.shape[1], table.stride(0)
-        kv_strides = tuple(t.stride(i) for t in (k, v) for i in (0, 2, 1, 3))
+    table, starts, page, pages, stb, kv_strides = kv_addressing(q, k, v, paged)
 
     _attention_kernel[grid](
         q, k, v, bias_arg, slopes if slopes is not None else q, out, table, starts,

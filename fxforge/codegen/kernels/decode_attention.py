@@ -30,8 +30,8 @@ import triton.language as tl
 
 from ...ir.ops import attention_reference
 from ...ir.ops import attention_operands
-from .attention import (GRID_LIMITS, check_grid, check_head_dim_strides, check_paged, check_variants, needs_wide,
-                        online_softmax_step, read_kv_tile, tanh_f32)
+from .attention import (GRID_LIMITS, check_grid, check_head_dim_strides, check_paged, check_variants, kv_addressing,
+                        needs_wide, online_softmax_step, read_kv_tile, tanh_f32)
 
 __all__ = ["decode_attention_triton", "paged_decode_attention_triton", "attention_reference", "num_splits",
            "split_launch", "combine_block", "decode_grids"]
@@ -300,13 +300,7 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, soft
     # k, v: the views the kernel reads (a window's) or the whole paged caches
     check_head_dim_strides(d, q, k, v, what="decode attention")
     wide = needs_wide(q, k, v, bias, out, None if one_split else acc)
-    if paged is None:
-        table, starts, page, pages, stb = q, q, 1, 1, 0
-        kv_strides = (*k.stride(), *v.stride())
-    else:  # [blocks, page, Hkv, D] caches: (block, head, slot, dim) strides in the kernel's order
-        table, starts = paged
-        page, pages, stb = k.shape[1], table.shape[1], table.stride(0)
-        kv_strides = tuple(t.stride(i) for t in (k, v) for i in (0, 2, 1, 3))
+    table, starts, page, pages, stb, kv_strides = kv_addressing(q, k, v, paged)
     _decode_split_kernel[split_grid](
         q, k, v, bias_arg, slopes if slopes is not None else q, m, l, acc, out, table, starts,
         heads, groups, tk, chunk, splits, float(scale) * _LOG2E,
