@@ -64,14 +64,10 @@ def beam_search(model, input_ids, pad, new_tokens: int, num_beams: int, processo
     with model.kv_cache_lease(rows, max_length) as cache:
         cache.prepare(pad, model.bias_dtype())
         cur, start, step_ids = prompt_len, 0, input_ids
-        # one-token steps on static buffers (CUDA graphs on a GPU): the beams' cache rows are
-        # reordered in place, so the step's buffers stay put
-        static = model.static_step(cache, rows) if model.uses_static_decode() and new_tokens > 1 else None
         while True:
-            if static is not None and step_ids.shape[1] == 1:
-                logits = static(step_ids, start, pad)[:, -1, :].float()
-            else:
-                logits = model.run_cached(step_ids, start, pad, cache)[:, -1, :].float()
+            # static one-token steps where they run: the beams' cache rows are reordered in
+            # place, so the step's buffers stay put
+            logits = model.run_step(step_ids, start, pad, cache)[:, -1, :].float()
             start += step_ids.shape[1]
             flat = running[:, :, :cur].reshape(rows, cur)
             log_probs = lp.apply(processors, flat, torch.log_softmax(logits, dim=-1))

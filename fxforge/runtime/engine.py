@@ -313,10 +313,8 @@ class Engine:
         rows = self._rows
         ids = torch.stack([r.seq[0, r.length - 1] for r in rows])[:, None]
         pad = torch.tensor([self._start - r.cached for r in rows], dtype=torch.long, device=ids.device)
-        if self.model.uses_static_decode():  # one CUDA graph per batch size on a GPU (static_decode.py)
-            logits = self.model.static_step(self._cache, len(rows))(ids, self._start, pad)[:, -1, :].float()
-        else:
-            logits = self.model.run_cached(ids, self._start, pad, self._cache)[:, -1, :].float()
+        # static steps where they run: one CUDA graph per batch size on a GPU (static_decode.py)
+        logits = self.model.run_step(ids, self._start, pad, self._cache)[:, -1, :].float()
         self._start += 1
         for r in rows:
             r.cached += 1

@@ -296,13 +296,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         seq[:, :prompt_len] = input_ids
         unfinished = torch.ones(rows, dtype=torch.bool, device=device)
         length, step_ids, start = prompt_len, input_ids, 0
-        # one-token steps on static buffers (CUDA graphs on a GPU), prefill eager
-        static = model.static_step(cache, rows) if model.uses_static_decode() and new_tokens > 1 else None
         for _ in range(new_tokens):
-            if static is not None and step_ids.shape[1] == 1:
-                logits = static(step_ids, start, pad)[:, -1, :].float()
-            else:
-                logits = model.run_cached(step_ids, start, pad, cache)[:, -1, :].float()
+            # one-token steps on static buffers (CUDA graphs on a GPU), prefill eager
+            logits = model.run_step(step_ids, start, pad, cache)[:, -1, :].float()
             start += step_ids.shape[1]
             processed = lp.apply(processors, seq[:, :length], logits)
             if raw is not None:

@@ -168,6 +168,14 @@ class OptimizedModel:
         outs = self.program(*inputs, *cache.buffers)
         return outs[self._logits_index()]
 
+    def run_step(self, input_ids: torch.Tensor, start: int, pad: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """run_cached, except that a one-token step after the prefill (start > 0) runs on the
+        cache's static step where static decode is on (a CUDA graph replay on a GPU):
+        what generate(), beam search and the engine call per step."""
+        if input_ids.shape[1] == 1 and start > 0 and self.uses_static_decode():
+            return self.static_step(cache, input_ids.shape[0])(input_ids, start, pad)
+        return self.run_cached(input_ids, start, pad, cache)
+
     def uses_static_decode(self) -> bool:
         """Whether generate() decodes on static buffers (CUDA graphs on a GPU): see
         `static_decode` and `static_decode_problem`."""
