@@ -600,15 +600,18 @@ def key_bias_input(graph: Graph, batch, cache_len, seq) -> Value:
                  attrs={"role": roles.KEY_BIAS})
 
 
-def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: KVCacheConfig):
+def cache_each_attention(graph: Graph, rule: str, config, layout: str, state_shape, write, attend):
+    """The attention rewrite both layouts share: every attention node gets a k and a v
+    state buffer, `state_shape(x)` for its keys or values x, in `layout`; the new entries
+    are cast to the cache dtype and written by `write(b, state, x, q)` (which returns what
+    attention reads), and `attend(b, node, q, reads, slopes)` emits the new attention.
+    Returns (graph with the states, layers, bytes per token); the caller adds the inputs."""
     from ..ir.builder import Builder
 
-    kv_bias = key_bias_input(graph, batch, cache_len, seq)
     states: list[Value] = []
     nodes: list[Node] = []
     renamed: dict[Value, Value] = {}
-    layer = 0
-    bytes_per_token = 0
+    layer = bytes_per_token = 0
     for node in graph.nodes:
         node = node.with_renamed_inputs(renamed)
         if node.op != "attention":
@@ -616,26 +619,34 @@ def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: 
             continue
         q, k, v = node.inputs[:3]
         slopes = node.inputs[3:]  # alibi's slopes (the only input after v kv_cache lets through)
-        b = Builder(meta={**node.meta, "pass": "kv_cache", "rule": "cache_attention"})
-        views = []
+        b = Builder(meta={**node.meta, "pass": "kv_cache", "rule": rule})
+        reads = []
         for name, x in (("k", k), ("v", v)):
             dtype = config.dtype or x.dtype
-            state = Value(TensorType((batch, x.shape[1], cache_size, x.shape[3]), dtype),
-                          state=f"layer{layer}.{name}_cache", attrs={"layer": layer, "kind": name, "layout": "dense"})
+            state = Value(TensorType(state_shape(x), dtype), state=f"layer{layer}.{name}_cache",
+                          attrs={"layer": layer, "kind": name, "layout": layout})
             states.append(state)
             bytes_per_token += int(x.shape[1]) * int(x.shape[3]) * dtype.itemsize
-            x = b.cast(x, dtype)
-            view = b.emit("kv_append", state, x, start=cache_len)
-            views.append(b.cast(view, q.dtype))
-        out = b.emit("attention", q, views[0], views[1], kv_bias, *slopes, **node.attrs)
+            reads.append(write(b, state, b.cast(x, dtype), q))
+        out = attend(b, node, q, reads, slopes)
         nodes.extend(b.nodes)
         renamed[node.outputs[0]] = out
         layer += 1
     out = graph.with_nodes(nodes, [renamed.get(v, v) for v in graph.outputs])
-    out.inputs.append(kv_bias)
-    out.input_names.append(KV_BIAS)
     out.state_values = states
     return out, layer, bytes_per_token
+
+
+def _rewrite_attention(graph: Graph, seq, batch, cache_len, cache_size, config: KVCacheConfig):
+    kv_bias = key_bias_input(graph, batch, cache_len, seq)
+    out, layers, bytes_per_token = cache_each_attention(
+        graph, "cache_attention", config, "dense",
+        state_shape=lambda x: (batch, x.shape[1], cache_size, x.shape[3]),
+        write=lambda b, state, x, q: b.cast(b.emit("kv_append", state, x, start=cache_len), q.dtype),
+        attend=lambda b, node, q, reads, slopes: b.emit("attention", q, *reads, kv_bias, *slopes, **node.attrs))
+    out.inputs.append(kv_bias)
+    out.input_names.append(KV_BIAS)
+    return out, layers, bytes_per_token
 
 
 # ATen scans: each output element depends on every earlier one along `dim`

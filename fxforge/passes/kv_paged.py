@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..ir import roles
-from ..ir.graph import Graph, Node, Value
+from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
 
 BLOCK_TABLE, ROW_START, SLOTS = "kv_block_table", "kv_row_start", "kv_slots"
@@ -36,9 +36,8 @@ NUM_BLOCKS, BLOCKS_PER_ROW = "NB", "MB"  # the symbolic pool size and table widt
 
 def rewrite_attention_paged(graph: Graph, seq, batch, cache_len, config):
     """The attention rewrite of the paged layout; returns (graph, layers, bytes per token)
-    like the dense rewrite in kv_cache.py."""
-    from ..ir.builder import Builder
-    from .kv_cache import KV_BIAS, _fresh_symbol, key_bias_input
+    like the dense rewrite in kv_cache.py (both through kv_cache.cache_each_attention)."""
+    from .kv_cache import KV_BIAS, _fresh_symbol, cache_each_attention, key_bias_input
 
     num_blocks = _fresh_symbol(graph, NUM_BLOCKS)
     per_row = _fresh_symbol(graph, BLOCKS_PER_ROW)
@@ -46,33 +45,12 @@ def rewrite_attention_paged(graph: Graph, seq, batch, cache_len, config):
     table = Value(TensorType((batch, per_row), torch.int32), hint=BLOCK_TABLE, attrs={"role": roles.BLOCK_TABLE})
     row_start = Value(TensorType((batch,), torch.int32), hint=ROW_START, attrs={"role": roles.ROW_START})
     slots = Value(TensorType((batch, seq), torch.int64), hint=SLOTS, attrs={"role": roles.SLOT_MAPPING})
-    states: list[Value] = []
-    nodes: list[Node] = []
-    renamed: dict[Value, Value] = {}
-    layer = bytes_per_token = 0
-    for node in graph.nodes:
-        node = node.with_renamed_inputs(renamed)
-        if node.op != "attention":
-            nodes.append(node)
-            continue
-        q, k, v = node.inputs[:3]
-        slopes = node.inputs[3:]  # alibi's slopes: the only input after v the dense checks let through
-        b = Builder(meta={**node.meta, "pass": "kv_cache", "rule": "cache_attention_paged"})
-        caches = []
-        for name, x in (("k", k), ("v", v)):
-            dtype = config.dtype or x.dtype
-            heads, dim = x.shape[1], x.shape[3]
-            state = Value(TensorType((num_blocks, config.block_size, heads, dim), dtype),
-                          state=f"layer{layer}.{name}_cache", attrs={"layer": layer, "kind": name, "layout": "paged"})
-            states.append(state)
-            bytes_per_token += int(heads) * int(dim) * dtype.itemsize
-            caches.append(b.emit("paged_kv_write", state, b.cast(x, dtype), slots))
-        out = b.emit("paged_attention", q, caches[0], caches[1], table, row_start, kv_bias, *slopes, **node.attrs)
-        nodes.extend(b.nodes)
-        renamed[node.outputs[0]] = out
-        layer += 1
-    out = graph.with_nodes(nodes, [renamed.get(v, v) for v in graph.outputs])
+    out, layers, bytes_per_token = cache_each_attention(
+        graph, "cache_attention_paged", config, "paged",
+        state_shape=lambda x: (num_blocks, config.block_size, x.shape[1], x.shape[3]),
+        write=lambda b, state, x, q: b.emit("paged_kv_write", state, x, slots),
+        attend=lambda b, node, q, reads, slopes: b.emit("paged_attention", q, *reads, table, row_start, kv_bias,
+                                                        *slopes, **node.attrs))
     out.inputs += [kv_bias, table, row_start, slots]
     out.input_names += [KV_BIAS, BLOCK_TABLE, ROW_START, SLOTS]
-    out.state_values = states
-    return out, layer, bytes_per_token
+    return out, layers, bytes_per_token
