@@ -52,7 +52,7 @@ run_step decode_fp32 60 $PY benchmarks/decode.py --model smollm2-random --dtype 
 run_step quant_linear 70 $PY benchmarks/quant_linear.py --rep 25 --no-torchao --shapes 2048x2048,2048x5632 --out "$OUT_DIR/quant_linear.json"
 run_step elementwise 45 $PY benchmarks/elementwise.py --quick --out "$OUT_DIR/elementwise.json"
 run_step launches 40 $PY benchmarks/decode_launches.py
-run_step serving 80 $PY benchmarks/serving.py --model smollm2-random --device auto --dtype bfloat16 --requests 16 \
+run_step serving 120 $PY benchmarks/serving.py --model smollm2-random --device auto --dtype bfloat16 --requests 16 \
     --skip-alone --out "$OUT_DIR/serving.json"
 
 $PY benchmarks/gpu_suite_report.py "$OUT_DIR" > "$OUT_DIR/summary.md"

@@ -136,3 +136,68 @@ def test_quantized_decode_captures_as_a_cuda_graph(scheme):
     upto = int(differs[0]) + 1 if len(differs) else logits.shape[0]
     scale = eager_logits[:upto].abs().max()
     assert (logits[:upto] - eager_logits[:upto]).abs().max() <= REL[torch.float16] * scale
+
+
+def _static_steps(fast):
+    return [s for c in fast._caches.idle for s in c.static_steps.values()]
+
+
+@pytest.mark.parametrize("name", ["gemma2", "bloom", "mistral_window"])
+def test_cuda_graph_decode_with_windows_softcaps_and_alibi(name):
+    """The captured step adds the sliding window (Gemma2, Mistral) and the ALiBi slopes
+    (Bloom) from the device-side position: the eager steps' tokens in float32, every step
+    replayed from one graph."""
+    import test_attention_variants as variants
+
+    torch.manual_seed(0)
+    model = (MODELS[name]()[0] if name in MODELS else variants.MODELS[name][0]()).cuda()
+    fast = fxforge.optimize(model, (torch.randint(1, 128, (2, 7), device="cuda"),), kv_cache=True)
+    assert fast.uses_static_decode(), fast.static_decode_problem
+    ids, mask = (None if x is None else x.cuda() for x in prompts(128, True))
+    runs = []
+    for static in (False, None):
+        fast.static_decode = static
+        runs.append(fast.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None, pad_token_id=0))
+    steps = _static_steps(fast)
+    assert steps and steps[0].graph is not None, steps[0].capture_error if steps else "no static step"
+    assert torch.equal(runs[0].cpu(), runs[1].cpu())
+
+
+def test_engine_replays_a_cuda_graph_per_batch_size_and_equals_each_alone():
+    """The dense engine's decode steps are CUDA graphs (one per running batch size) as
+    requests join and leave: each request's tokens are generate()'s for it alone."""
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")
+    model = model.cuda()
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7), device="cuda"),), kv_cache=True)
+    gen = torch.Generator().manual_seed(0)
+    prompts_ = [torch.randint(1, vocab, (int(k),), generator=gen).cuda() for k in torch.randint(1, 30, (10,), generator=gen)]
+    news = [int(k) for k in torch.randint(1, 20, (10,), generator=gen)]
+    fast.static_decode = None  # the default: CUDA graphs where there is CUDA
+    engine = fxforge.Engine(fast, max_batch=4, max_seq_len=64)
+    requests = [engine.submit(p, n) for p, n in zip(prompts_, news)]
+    engine.run()
+    sizes = engine._cache.static_steps
+    assert len(sizes) >= 2 and all(s.graph is not None for s in sizes.values()), \
+        {b: s.capture_error for b, s in sizes.items()}
+    for p, n, r in zip(prompts_, news, requests):
+        alone = fast.generate(p[None], n, eos_token_id=None)[0, p.numel():]
+        assert torch.equal(r.result().cpu(), alone.cpu()), r.id
+    engine.close()
+
+
+def test_beam_search_on_cuda_graphs_gives_the_eager_beams():
+    """Beam search reorders cache rows in place between replays of the captured step."""
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")
+    model = model.cuda()
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7), device="cuda"),), kv_cache=True)
+    ids, mask = (None if x is None else x.cuda() for x in prompts(vocab, True))
+    runs = []
+    for static in (False, None):
+        fast.static_decode = static
+        runs.append(fast.generate(ids, attention_mask=mask, max_new_tokens=7, num_beams=3, eos_token_id=None,
+                                  pad_token_id=0))
+    steps = _static_steps(fast)
+    assert steps and steps[0].graph is not None, steps[0].capture_error if steps else "no static step"
+    assert torch.equal(runs[0].cpu(), runs[1].cpu())
