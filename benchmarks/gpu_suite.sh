@@ -41,11 +41,17 @@ cat "$OUT_DIR/device.txt"
 
 # the GPU machine has 16 cores: compile the kernel tests' specializations in parallel where
 # pytest-xdist is installed; no -x, so one run lists every failure
-PARALLEL=$($PY -c "import xdist" 2>/dev/null && echo "-n ${FXFORGE_GPU_TEST_WORKERS:-8}")
+PARALLEL=$($PY -c "import xdist" 2>/dev/null && echo "-n ${FXFORGE_GPU_TEST_WORKERS:-16}")
 TIMEOUT=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120")
-# FXFORGE_GPU_TESTS narrows the test step (e.g. to rerun what failed); default: all GPU tests
-run_step tests 170 env FXFORGE_TEST_DEVICE=cuda $PY -m pytest -q -rfE --tb=short -p no:cacheprovider $PARALLEL $TIMEOUT \
-    ${FXFORGE_GPU_TESTS:-tests/kernels tests/test_gpu_e2e.py}
+# FXFORGE_GPU_TESTS narrows the test step (e.g. to rerun what failed); default: all GPU tests.
+# -v prints each test's result as it ends, so a run cut short by its limit still names its failures.
+run_step tests "${FXFORGE_GPU_TESTS_LIMIT:-170}" env FXFORGE_TEST_DEVICE=cuda $PY -m pytest -v -rfE --tb=short \
+    -p no:cacheprovider $PARALLEL $TIMEOUT ${FXFORGE_GPU_TESTS:-tests/kernels tests/test_gpu_e2e.py}
+if [ -f "$OUT_DIR/tests.log" ]; then
+    grep -oE "(PASSED|FAILED|ERROR|SKIPPED) tests/[^ ]*" "$OUT_DIR/tests.log" | sort | uniq > "$OUT_DIR/test_results.txt"
+    echo "tests: $(grep -c ^PASSED "$OUT_DIR/test_results.txt") passed, $(grep -cE '^(FAILED|ERROR)' "$OUT_DIR/test_results.txt") failed"
+    grep -E "^(FAILED|ERROR)" "$OUT_DIR/test_results.txt"
+fi
 run_step attention 80 $PY benchmarks/attention.py --quick --out "$OUT_DIR/attention.json"
 run_step decode 170 $PY benchmarks/decode.py --model smollm2-random --dtype bfloat16 --tokens 64 --contexts 32,1024 --compile --out "$OUT_DIR/decode.json"
 run_step decode_fp32 60 $PY benchmarks/decode.py --model smollm2-random --dtype float32 --tokens 32 --contexts 32 --repeat 2 --out "$OUT_DIR/decode_fp32.json"

@@ -228,4 +228,7 @@ def test_wide_offsets_specialization_gives_the_same_result(variant, monkeypatch)
     narrow, wide = narrow_then_wide(attention_triton, q, k, v, torch.randn(2, 1, 37, 45), variant, 20,
                                     attention_module, monkeypatch)
     assert [launch["WIDE"] for _, launch in spy.launches] == [False, True]
-    assert torch.equal(wide, narrow)
+    if q.is_cuda:  # WIDE is part of the autotuner's key: each may pick other tiles (another summation order)
+        torch.testing.assert_close(wide, narrow, atol=TOL[q.dtype], rtol=0)
+    else:
+        assert torch.equal(wide, narrow)

@@ -146,4 +146,7 @@ def test_wide_offsets_specialization_gives_the_same_result(tq, programs, monkeyp
     monkeypatch.setattr(attention, "INDEX_32_LIMIT", 1)
     wide = kernel(*args, **kw)
     assert [launch["WIDE"] for _, launch in spy.launches] == [False, True]
-    assert torch.equal(wide, narrow)
+    if q.is_cuda and tq > 1:  # WIDE is in the prefill autotuner's key: each may pick other tiles
+        torch.testing.assert_close(wide, narrow, atol=2e-5, rtol=0)
+    else:
+        assert torch.equal(wide, narrow)
