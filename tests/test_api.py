@@ -140,3 +140,16 @@ def test_none_and_false_leave_a_pass_out():
     assert "gqa" not in names and "quantize" not in names and "kv_cache" not in names
     fast = fxforge.optimize(model, (torch.randn(2, 4),), kv_cache=None, quantize={"scheme": "int8"})
     assert "quantize" in [s.name for s in fast.stats] and "kv_cache" not in [s.name for s in fast.stats]
+
+
+def test_parameters_the_passes_make_land_on_the_models_device():
+    """ALiBi slopes are made by fuse_attention on the CPU; the program gets them on the
+    model's device (a GPU kernel must not get a host pointer). Shown with the meta device."""
+    import test_attention_variants as variants
+    from fxforge.runtime.build import params_on
+
+    fast = fxforge.optimize(variants.MODELS["bloom"][0](), (torch.randint(1, 128, (2, 7)),))
+    assert any(n.startswith("_alibi_slopes") for n in fast.graph.params)
+    moved = params_on(fast.graph, "meta")
+    assert {t.device.type for t in moved.params.values()} == {"meta"}
+    assert params_on(fast.graph, "cpu") is fast.graph  # nothing to move: the same graph

@@ -16,6 +16,7 @@ def assemble(graph: Graph, spec: CallSpec, backend: Backend, device, name: str, 
              capture_seconds: float = 0.0) -> OptimizedModel:
     """The backend's checks and planning on `graph` (as the passes left it), then the
     program and the model around it."""
+    graph = params_on(graph, device)
     backend.check(graph)
     planned, overrides, runtime_stats = backend.prepare(graph)
     ops = {**backend.op_table(), **overrides}
@@ -70,6 +71,21 @@ def own_weights(graph: Graph, model: torch.nn.Module) -> Graph:
         params[name] = copies[key]
     out = graph.with_nodes(graph.nodes)
     out.params = params
+    return out
+
+
+def params_on(graph: Graph, device) -> Graph:
+    """`graph` with every parameter on `device`'s kind of device. Passes make some
+    parameters themselves (ALiBi slopes, position tables) on the CPU; left there, a kernel
+    on the GPU would get a host pointer, and a CUDA graph a host copy in every replay."""
+    if device is None:
+        return graph
+    device = torch.device(device)
+    stray = {n for n, t in graph.params.items() if t.device.type != device.type}
+    if not stray:
+        return graph
+    out = graph.with_nodes(graph.nodes)
+    out.params = {n: t.to(device) if n in stray else t for n, t in graph.params.items()}
     return out
 
 

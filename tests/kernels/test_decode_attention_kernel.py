@@ -173,14 +173,15 @@ def test_a_short_context_is_one_launch_a_long_one_two():
 @pytest.mark.parametrize("h, hkv", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("variant", ["plain", "all"])
 def test_one_split_writes_what_several_splits_combine(dtype, h, hkv, variant, monkeypatch):
-    # one program per KV head forces a single split over all 70 keys; 64 programs split them
-    q, k, v = (torch.randn(2, h, 1, 32, dtype=dtype), torch.randn(2, hkv, 70, 32, dtype=dtype),
-               torch.randn(2, hkv, 70, 32, dtype=dtype))
-    bias = torch.zeros(2, 1, 1, 70)
+    # one program per KV head forces a single split over all 150 keys; 64 programs split
+    # them, also within the window (100 keys) and with a GPU's 64-key blocks
+    q, k, v = (torch.randn(2, h, 1, 32, dtype=dtype), torch.randn(2, hkv, 150, 32, dtype=dtype),
+               torch.randn(2, hkv, 150, 32, dtype=dtype))
+    bias = torch.zeros(2, 1, 1, 150)
     bias[1, ..., :9] = torch.finfo(torch.float32).min  # left padding
     kw = dict(causal=True, scale=0.2)
     if variant == "all":
-        kw.update(softcap=3.0, window=45, alibi=True)
+        kw.update(softcap=3.0, window=100, alibi=True)
         args = (q, k, v, bias, alibi_slopes(h))
     else:
         args = (q, k, v, bias)
@@ -235,8 +236,8 @@ def test_the_wrapper_launches_a_huge_batch_within_the_limits(monkeypatch):
     monkeypatch.setattr(decode_attention, "_decode_split_kernel", split)
     monkeypatch.setattr(decode_attention, "_decode_combine_kernel", combine)
     monkeypatch.setattr(decode_attention, "_programs", lambda device: 10 ** 6)
-    q = torch.randn(70_000, 2, 1, 16, dtype=torch.float16)
-    k = torch.randn(70_000, 1, 17, 16, dtype=torch.float16)  # two 16-key splits
+    q = torch.empty(70_000, 2, 1, 16, dtype=torch.float16)  # nothing runs: values do not matter
+    k = torch.empty(70_000, 1, 130, 16, dtype=torch.float16)  # several splits, also of a GPU's 64 keys
     decode_attention_triton(q, k, k, causal=True, scale=0.1)
     grids = [g for spy in (split, combine) for gs, _ in spy.launches for g in gs]
     assert len(grids) == 2 and not any(over_cuda_limits(g) for g in grids), grids
@@ -268,8 +269,9 @@ def test_wide_offsets_specialization_gives_the_same_result(programs, variant, mo
     combine = LaunchSpy(decode_attention._decode_combine_kernel)
     monkeypatch.setattr(decode_attention, "_decode_split_kernel", split)
     monkeypatch.setattr(decode_attention, "_decode_combine_kernel", combine)
-    q, k, v = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 70, 32), torch.randn(2, 2, 70, 32)
-    narrow, wide = narrow_then_wide(decode_attention_triton, q, k, v, torch.randn(2, 1, 1, 70), variant, 45,
+    # 150 keys, a window of 100: several splits also with a GPU's 64-key blocks
+    q, k, v = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 150, 32), torch.randn(2, 2, 150, 32)
+    narrow, wide = narrow_then_wide(decode_attention_triton, q, k, v, torch.randn(2, 1, 1, 150), variant, 100,
                                     attention_module, monkeypatch)
     assert [launch["WIDE"] for _, launch in split.launches] == [False, True]
     assert [launch["WIDE"] for _, launch in combine.launches] == ([] if programs == 1 else [False, True])
