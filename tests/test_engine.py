@@ -3,7 +3,7 @@ and leave the running batch, and each one's tokens are the ones generate() gives
 (greedy, EOS, sampling with its own generator); admission waits when the cache is full;
 submission from several threads with streaming callbacks; clear errors. Every test runs on
 the dense cache, on a paged one (runtime/engine_paged.py) and with static decode steps
-(runtime/static_decode.py); the last ones are the paged engine's own: blocks come back, a
+(runtime/static_decode.py, static_paged.py); the last ones are the paged engine's own: blocks come back, a
 small pool makes requests wait, KV waste."""
 import threading
 
@@ -20,11 +20,11 @@ from fxforge.runtime.engine_paged import PagedEngine
 PAGED = KVCacheConfig(layout="paged", block_size=4)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "llama-paged", "llama-static"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "llama-paged", "llama-static", "llama-paged-static"])
 def fast(request):
     torch.manual_seed(0)
     model, vocab = zoo.gpt2("eager") if request.param == "gpt2" else zoo.llama("sdpa")
-    cache = PAGED if request.param.endswith("paged") else True
+    cache = PAGED if "paged" in request.param else True
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=cache)
     # decode steps on static buffers, one per batch size (what a GPU replays as CUDA graphs)
     fast.static_decode = request.param.endswith("static")
@@ -63,7 +63,7 @@ def test_mixed_requests_equal_each_alone(fast, chunk):
     # continuous: fewer steps than running the requests one after another
     assert engine.steps < sum(news)
     if fast.static_decode:  # one static step (a CUDA graph on a GPU) per batch size the run had
-        sizes = engine._cache.static_steps
+        sizes = (engine.cache if isinstance(engine, PagedEngine) else engine._cache).static_steps
         assert len(sizes) >= 2 and set(sizes) <= set(range(1, 5)) and sum(s.steps for s in sizes.values()) > 0
     engine.close()
 

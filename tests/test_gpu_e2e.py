@@ -201,3 +201,36 @@ def test_beam_search_on_cuda_graphs_gives_the_eager_beams():
     steps = _static_steps(fast)
     assert steps and steps[0].graph is not None, steps[0].capture_error if steps else "no static step"
     assert torch.equal(runs[0].cpu(), runs[1].cpu())
+
+
+def test_paged_engine_and_generate_replay_cuda_graphs():
+    """A paged cache's decode steps are CUDA graphs too (runtime/static_paged.py): the
+    engine's requests equal generate() alone, and generate()'s tokens equal eager steps'."""
+    from fxforge.passes.kv_cache import KVCacheConfig
+
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")
+    model = model.cuda()
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7), device="cuda"),),
+                            kv_cache=KVCacheConfig(layout="paged", block_size=4))
+    assert fast.uses_static_decode(), fast.static_decode_problem
+    ids, mask = (None if x is None else x.cuda() for x in prompts(vocab, True))
+    runs = []
+    for static in (False, None):
+        fast.static_decode = static
+        runs.append(fast.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None, pad_token_id=0))
+    assert torch.equal(runs[0].cpu(), runs[1].cpu())
+    steps = _static_steps(fast)
+    assert steps and steps[0].graph is not None, steps[0].capture_error if steps else "no static step"
+    gen = torch.Generator().manual_seed(1)
+    prompts_ = [torch.randint(1, vocab, (int(k),), generator=gen).cuda() for k in torch.randint(1, 30, (8,), generator=gen)]
+    news = [int(k) for k in torch.randint(1, 20, (8,), generator=gen)]
+    engine = fxforge.Engine(fast, max_batch=4, max_seq_len=64)
+    requests = [engine.submit(p, n) for p, n in zip(prompts_, news)]
+    engine.run()
+    sizes = engine.cache.static_steps
+    assert sizes and all(s.graph is not None for s in sizes.values()), {b: s.capture_error for b, s in sizes.items()}
+    for p, n, r in zip(prompts_, news, requests):
+        alone = fast.generate(p[None], n, eos_token_id=None)[0, p.numel():]
+        assert torch.equal(r.result().cpu(), alone.cpu()), r.id
+    engine.close()

@@ -141,3 +141,28 @@ def test_the_paged_inputs_refuse_a_row_without_its_blocks():
     cache.use_rows([cache.allocator.allocate(1)])  # 4 tokens' room
     with pytest.raises(ValueError, match="row 0 writes token 5 but holds 1 block"):
         paged.run_cached(torch.randint(1, vocab, (1, 6)), 0, torch.zeros(1, dtype=torch.long), cache)
+
+
+def test_paged_kv_write_skips_padding_slots_without_a_host_sync():
+    """Slots of -1 (left padding) are not written, with no data-dependent shape (no sync:
+    the step is captured as a CUDA graph on a GPU); slot 0 is written like any other."""
+    from fxforge.ir.ops import paged_kv_write_reference
+    from fxforge.runtime.launch_count import LaunchCounter
+
+    torch.manual_seed(0)
+    cache = torch.randn(3, 2, 1, 4)  # 6 slots
+    new = torch.randn(2, 1, 3, 4)  # [B, Hkv, T, D]
+    for slots in ([[-1, 0, 1], [-1, -1, 5]], [[-1, -1, -1], [-1, -1, -1]], [[2, 3, 4], [0, 1, 5]]):
+        slots = torch.tensor(slots)
+        expected = cache.clone().view(-1, 1, 4)
+        for b in range(2):
+            for t in range(3):
+                if slots[b, t] >= 0:
+                    expected[slots[b, t]] = new[b, :, t]
+        with LaunchCounter() as c:
+            got = paged_kv_write_reference(cache.clone(), new, slots)
+        assert torch.equal(got.view(-1, 1, 4), expected), slots
+        # no data-dependent shape; the one read is the bounds check, made on the CPU only
+        assert dict(c.sync_names) == {"_local_scalar_dense": 1}, c.sync_names
+    with pytest.raises(ValueError, match="slot 9 is outside"):
+        paged_kv_write_reference(cache.clone(), new, torch.tensor([[0, 1, 9], [2, 3, 4]]))

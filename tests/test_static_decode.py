@@ -89,13 +89,13 @@ def test_every_step_reads_the_same_buffers_and_allocates_no_cache(monkeypatch):
 
 def test_graphs_it_cannot_serve_say_why_and_decode_eagerly():
     torch.manual_seed(0)
-    model, vocab = zoo.llama("sdpa")
+    model, vocab = zoo.mistral(sliding_window=4)  # paged: the window is measured from the last key
     paged = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),),
                              kv_cache=KVCacheConfig(layout="paged", block_size=4))
-    assert "paged" in paged.static_decode_problem
+    assert "sliding window" in paged.static_decode_problem
     paged.static_decode = True
     assert not paged.uses_static_decode()
-    assert "static buffers not possible: a paged KV cache" in paged.report()
+    assert "static buffers not possible: a paged attention with a sliding window" in paged.report()
     ids, mask = prompts(vocab, padded=True)
     out = paged.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, pad_token_id=0)
     assert out.shape == (3, 14)
@@ -167,3 +167,42 @@ def test_beam_search_on_static_steps_gives_the_eager_beams():
     torch.testing.assert_close(torch.stack(runs[1].scores), torch.stack(runs[0].scores), rtol=1e-5, atol=1e-5)
     steps = [s for c in fast._caches.idle for s in c.static_steps.values()]
     assert len(steps) == 1 and steps[0].batch == 9 and steps[0].steps == 6
+
+
+# -- paged caches (runtime/static_paged.py) -----------------------------------------------------
+PAGED = KVCacheConfig(layout="paged", block_size=4)
+
+
+def test_paged_static_steps_give_the_eager_tokens_and_logits():
+    """A paged graph's static step runs the model's own program over a fixed-width block
+    table, with the slot mapping made on the device: the eager steps' tokens and logits."""
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=PAGED)
+    assert fast.static_decode_problem is None
+    ids, mask = prompts(vocab, padded=True)
+    eager_tokens, eager_logits = _generate(fast, ids, mask, static=False)
+    tokens, logits = _generate(fast, ids, mask, static=True)
+    assert torch.equal(tokens, eager_tokens)
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
+    steps = [s for c in fast._caches.idle for s in c.static_steps.values()]
+    assert [type(s).__name__ for s in steps] == ["StaticPagedStep"] and steps[0].steps == 9
+
+
+def test_a_paged_row_past_its_blocks_is_refused_before_any_work():
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=PAGED)
+    cache = fast.paged_cache(16)
+    cache.row_capacity = 32
+    cache.use_rows([[3, 5], [7]])  # 8 and 4 tokens
+    step = fast.static_step(cache, 2)
+    before = [b.clone() for b in cache.buffers]
+    ids, pad = torch.ones(2, 1, dtype=torch.long), torch.tensor([0, 3])
+    with pytest.raises(ValueError, match="row 1 writes token 4 but holds 1 block"):
+        step(ids, 7, pad, host_pad=[0, 3])
+    with pytest.raises(ValueError, match="row 1 writes token 7"):  # no host pad: every row must hold `start`
+        step(ids, 7, pad)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.buffers)) and step.steps == 0
+    step(ids, 6, pad, host_pad=[0, 3])  # row 1's token 3 fits its block
+    assert step.steps == 1

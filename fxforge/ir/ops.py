@@ -586,15 +586,27 @@ def infer_paged_kv_write(types, attrs):
 def paged_kv_write_reference(cache, new, slots):
     """Write new [B, Hkv, T, D] into the slots of a paged cache [blocks, block size, Hkv, D]:
     token t of row b goes to slot slots[b, t] (block slot // block size, offset slot % block
-    size); a slot of -1 is not written (a left-padding token). Returns the cache; mutates it."""
+    size); a slot of -1 is not written (a left-padding token). Returns the cache; mutates it.
+
+    Without a host sync (a decode step on a GPU is captured as a CUDA graph): no boolean
+    indexing, whose output shape is data-dependent. A skipped token is written instead to
+    the slot of the first written one, with that one's value (or slot 0 gets its own value
+    back when nothing is written), so entries that share a slot all carry the same value
+    and the result does not depend on which write lands last."""
     flat = cache.view(-1, cache.shape[2], cache.shape[3])
     where = slots.reshape(-1).long()
-    keep = where >= 0
-    if bool((where >= flat.shape[0]).any()):
+    if where.device.type == "cpu" and bool((where >= flat.shape[0]).any()):  # CUDA asserts on the device
         raise ValueError(f"paged_kv_write: slot {int(where.max())} is outside the cache's {flat.shape[0]} slots "
                          f"({cache.shape[0]} blocks of {cache.shape[1]})")
-    rows = new.transpose(1, 2).reshape(-1, new.shape[1], new.shape[3])
-    flat[where[keep]] = rows[keep].to(cache.dtype)
+    rows = new.transpose(1, 2).reshape(-1, new.shape[1], new.shape[3]).to(cache.dtype)
+    keep = where >= 0
+    # the first written entry (0 if none is), picked by index_select: indexing with a 0-d
+    # tensor would read it on the host
+    first = torch.argmax(keep.to(torch.int32)).view(1)
+    some = keep.index_select(0, first)
+    stand_in = torch.where(some, where.index_select(0, first), 0)
+    value = torch.where(some[:, None, None], rows.index_select(0, first), flat[:1])
+    flat.index_copy_(0, torch.where(keep, where, stand_in), torch.where(keep[:, None, None], rows, value))
     return cache
 
 

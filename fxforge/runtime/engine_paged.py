@@ -72,6 +72,8 @@ class PagedEngine(Engine):
             raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
         self.block_size, self.num_blocks = graph_block, num_blocks
         self.cache = model.paged_cache(num_blocks)
+        # a static decode step's block table is as wide as the longest request may need
+        self.cache.row_capacity = min(self.capacity or num_blocks * graph_block, num_blocks * graph_block)
         self.allocator = self.cache.allocator
         self.peak_allocated_blocks = 0
 
@@ -121,7 +123,11 @@ class PagedEngine(Engine):
         ids = torch.stack([r.seq[0, r.length - 1] for r in rows])[:, None]
         pad = torch.tensor([longest - r.cached for r in rows], dtype=torch.long, device=ids.device)
         self.cache.use_rows([r.kv.blocks for r in rows])
-        logits = self.model.run_cached(ids, longest, pad, self.cache)[:, -1, :].float()
+        if self.model.uses_static_decode():  # one CUDA graph per batch size on a GPU (static_paged.py)
+            step = self.model.static_step(self.cache, len(rows))
+            logits = step(ids, longest, pad, host_pad=[longest - r.cached for r in rows])[:, -1, :].float()
+        else:
+            logits = self.model.run_cached(ids, longest, pad, self.cache)[:, -1, :].float()
         for r in rows:
             r.cached += 1
         held = sum(r.cached for r in rows) + (self._prefilling.done if self._prefilling is not None else 0)

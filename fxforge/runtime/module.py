@@ -21,6 +21,7 @@ from .block_allocator import blocks_for
 from .paged_cache import PagedKVCache, block_size_of
 from .state import CachePool, KVCache, cache_layout, cache_nbytes
 from .static_decode import static_decode_problem, static_step_for
+from .static_paged import paged_static_problem, static_paged_step_for
 
 
 class OptimizedModel:
@@ -60,7 +61,8 @@ class OptimizedModel:
         # decode steps on static buffers, captured as CUDA graphs on a GPU (static_decode.py):
         # None = where it pays (CUDA), True = also elsewhere (no capture), False = never
         self.static_decode: bool | None = None
-        self.static_decode_problem = static_decode_problem(graph) if self.kv_layout is not None else None
+        self.static_decode_problem = None if self.kv_layout is None else (
+            paged_static_problem(graph) if roles.is_paged(graph) else static_decode_problem(graph))
         self.op_implementations: dict = {}  # set by build.assemble
         # the graph as the passes left it, before the backend's planning: save() writes it,
         # to() rebuilds from it (build.assemble sets it)
@@ -185,6 +187,8 @@ class OptimizedModel:
 
     def static_step(self, cache: KVCache, batch: int):
         """The static decode step for `batch` rows of `cache` (made at its first use)."""
+        if self._paged:
+            return static_paged_step_for(self, cache, batch)
         return static_step_for(self, cache, batch)
 
     def decode_mode(self) -> str:

@@ -43,6 +43,11 @@ class PagedKVCache:
         self.batch = self.capacity = 0  # what claim() sized the rows for
         self._owned: list[list[int]] = []  # the rows claim() allocated (an engine's rows are its own)
         self._table = self._counts = None  # tensors of the rows in use, built once per use_rows
+        self._host_counts: list[int] = []  # blocks per row in use, on the host
+        # the most tokens a row may address: a static step's table width (claim() sets it,
+        # the engine sets its max_seq_len); static steps per batch size (static_paged.py)
+        self.row_capacity = 0
+        self.static_steps: dict = {}
 
     # -- rows ----------------------------------------------------------------------------
     def claim(self, batch: int, capacity: int):
@@ -53,6 +58,7 @@ class PagedKVCache:
             raise ValueError(f"{batch} row(s) of {capacity} tokens need {batch * per_row} KV cache blocks of "
                              f"{self.block_size}; this cache has {self.num_blocks}")
         self.batch, self.capacity = batch, capacity
+        self.row_capacity = max(self.row_capacity, per_row * self.block_size)
         self._owned = [self.allocator.allocate(per_row) for _ in range(batch)]
         self.use_rows(self._owned)
 
@@ -71,7 +77,15 @@ class PagedKVCache:
         for i, blocks in enumerate(rows):
             table[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         self._table = table.to(device)
-        self._counts = torch.tensor([len(r) for r in rows], device=device)
+        self._host_counts = [len(r) for r in rows]
+        self._counts = torch.tensor(self._host_counts, device=device)
+
+    def rows_table(self) -> tuple[torch.Tensor, list[int]]:
+        """The block table of the rows in use [B, width] (int32, on the device) and each
+        row's block count (on the host)."""
+        if self._table is None:
+            raise ValueError("the paged KV cache addresses no rows: call use_rows (or claim) first")
+        return self._table, self._host_counts
 
     def paged_inputs(self, pad: torch.Tensor, start: int, new: int) -> dict:
         """block_table, row_start and slot_mapping for tokens start..start+new-1 of every row

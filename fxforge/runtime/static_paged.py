@@ -1,0 +1,128 @@
+"""Decode steps of a paged KV cache on static buffers, replayed as CUDA graphs.
+
+The dense static step (static_decode.py) needs a device-side cache length because a dense
+graph's kv_append writes at `L`, a Python int. A paged graph does not: it writes through
+its slot mapping and reads through its block table, both tensors already, and `L` only
+sizes the key bias. So its static step runs the model's own program with
+
+  - the key bias over a fixed width (the rows' block-table width x block size) and `L`
+    fixed to that width minus one: keys past the new token, and each row's left padding,
+    get the dtype's lowest value (exactly zero weight), as in the dense static step;
+  - the block table in a buffer of that fixed width (copied in before each step: the
+    engine's rows grow, join and leave), the row starts, and the slot mapping computed
+    on the device from the table and the positions.
+
+On CUDA the step is captured at its first call per (cache, batch size) and replayed
+afterwards; elsewhere it runs uncaptured (tested on the CPU: the eager steps' tokens).
+
+Refused (`paged_static_problem` says why), and decoded eagerly: a sliding window or ALiBi,
+which the kernels measure from the last key, here the fixed width's end; graphs that read
+the cache length anywhere but the key bias's width.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir import roles
+from ..ir.graph import Graph
+from ..ir.types import symbol
+from .block_allocator import blocks_for
+from .static_decode import StaticDecodeStep, _symbols
+
+PAGED_ROLES = {roles.INPUT, roles.CACHE_LEN, roles.POSITIONS, roles.KEY_BIAS, roles.BLOCK_TABLE, roles.ROW_START,
+               roles.SLOT_MAPPING}
+
+
+def paged_static_problem(graph: Graph) -> str | None:
+    """Why the decode step of a paged `graph` cannot run on static buffers; None: it can."""
+    role_list = [roles.role_of(v) for v in graph.inputs]
+    extra = sorted(set(role_list) - PAGED_ROLES)
+    if extra:
+        return f"inputs with role(s) {extra}"
+    if role_list.count(roles.INPUT) != 1:
+        return "the model takes inputs besides the token ids"
+    if roles.CACHE_LEN not in role_list or roles.KEY_BIAS not in role_list:
+        return "no cache_len or key_bias input"
+    cache_len = symbol(graph.inputs[role_list.index(roles.CACHE_LEN)].hint)
+    for n in graph.nodes:
+        if n.op == "paged_attention" and (n.attrs.get("window") is not None or n.attrs.get("alibi")):
+            return "a paged attention with a sliding window or ALiBi (measured from the last key)"
+        if cache_len in _symbols(n.attrs) or any(cache_len in _symbols(getattr(o, "shape", ())) for o in n.outputs):
+            return f"{n.op} reads the cache length"
+    return None
+
+
+class StaticPagedStep(StaticDecodeStep):
+    """One-token steps of `model` for `batch` rows of a paged `cache`, each row addressing
+    at most `capacity` tokens (the width of its block table)."""
+
+    def __init__(self, model, cache, batch: int, capacity: int):
+        # not StaticDecodeStep.__init__: no overridden ops, the model's own program runs
+        device = model.device
+        self.model, self.cache, self.batch = model, cache, batch
+        self.block_size = cache.block_size
+        self.width = blocks_for(capacity, self.block_size)
+        self.capacity = self.width * self.block_size
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.length = torch.zeros((), dtype=torch.long, device=device)  # the step's key position
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        dtype = model.bias_dtype()
+        self.bias = torch.zeros(batch, 1, 1, self.capacity, dtype=dtype, device=device)
+        self.table = torch.zeros(batch, self.width, dtype=torch.int32, device=device)
+        self.row_start = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.slots = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self._keys = torch.arange(self.capacity, device=device)
+        self._lowest = torch.finfo(dtype).min
+        self.program = model.program
+        self.capture = device.type == "cuda"
+        self.graph = None
+        self.capture_error: str | None = None
+        self._logits = None
+        self.steps = 0
+
+    def __call__(self, ids: torch.Tensor, start: int, pad: torch.Tensor, host_pad: list[int] | None = None):
+        """Logits [batch, 1, vocab] of `ids` [batch, 1] at key `start` (row b's token
+        start - pad[b]), over the rows the cache was last given (`use_rows`/`claim`).
+        `host_pad`: pad as Python ints, to check every row's blocks on the host (without
+        it, the shortest row must hold token `start`)."""
+        table, counts = self.cache.rows_table()
+        if table.shape[0] != self.batch:
+            raise ValueError(f"the paged KV cache addresses {table.shape[0]} row(s); this step runs {self.batch}")
+        if table.shape[1] > self.width:
+            raise ValueError(f"a row holds {table.shape[1]} blocks; this step's table has {self.width}")
+        # a token past its row's blocks would be written through a zero table entry, into
+        # another row's block: checked here, on the host, before any work
+        tokens = [start - p for p in host_pad] if host_pad is not None else [start] * self.batch
+        for row, (token, count) in enumerate(zip(tokens, counts)):
+            if token >= count * self.block_size:
+                raise ValueError(f"row {row} writes token {token} but holds {count} block(s) of "
+                                 f"{self.block_size}: allocate its blocks first")
+        self.table[:, table.shape[1]:].zero_()
+        self.table[:, :table.shape[1]].copy_(table)
+        return super().__call__(ids, start, pad)
+
+    def _step(self) -> torch.Tensor:
+        """The device work of one step: everything a CUDA graph holds."""
+        torch.clamp(self.length - self.pad, min=0, out=self.positions[:, 0])
+        hidden = (self._keys[None, :] < self.pad[:, None]) | (self._keys[None, :] > self.length)
+        self.bias.zero_()
+        self.bias.masked_fill_(hidden[:, None, None, :], self._lowest)
+        self.row_start.copy_(self.pad)
+        block = torch.gather(self.table, 1, torch.div(self.positions, self.block_size, rounding_mode="floor"))
+        torch.add(block.long() * self.block_size, self.positions % self.block_size, out=self.slots)
+        by_role = {roles.INPUT: self.ids, roles.CACHE_LEN: self.capacity - 1, roles.POSITIONS: self.positions,
+                   roles.KEY_BIAS: self.bias, roles.BLOCK_TABLE: self.table, roles.ROW_START: self.row_start,
+                   roles.SLOT_MAPPING: self.slots}
+        model = self.model
+        outs = self.program(*(by_role[r] for r in model._input_roles), *self.cache.buffers)
+        return outs[model._logits_index()]
+
+
+def static_paged_step_for(model, cache, batch: int) -> StaticPagedStep:
+    """The static step of `model` for `batch` rows of the paged `cache`, made at its first
+    use and kept with the cache; rows address up to `cache.row_capacity` tokens."""
+    step = cache.static_steps.get(batch)
+    if step is None or step.model is not model or step.capacity < cache.row_capacity:
+        step = cache.static_steps[batch] = StaticPagedStep(model, cache, batch, cache.row_capacity)
+    return step
