@@ -57,15 +57,19 @@ PARTIAL_BYTES_FRACTION = 0.5
 # One arrival counter per N tile, allocated once per device (N up to 2**16 * BLOCK_N).
 MAX_TILES = 1 << 16
 
-# (BLOCK_N, largest BLOCK_K, num_warps) per (format class, rows class, float32 x).
-# One row: 16-byte loads per thread along K. 16 rows: tensor-core tiles (fp32 x dots in
-# exact fp32 FMA loops: a narrower tile keeps its registers in bounds).
+# (BLOCK_N, largest BLOCK_K, num_warps) per (format, rows class, float32 x): tiles of 16-32
+# weight bytes per thread, lean enough (registers) for several programs per SM. One row:
+# 16-byte loads along K; 16 rows: tensor-core tiles (fp32 x dots in exact fp32 FMA loops:
+# narrower there).
 GEMV_CONFIGS = {
-    ("8bit", 1, False): (32, 256, 4), ("8bit", 1, True): (32, 256, 4),
-    ("4bit", 1, False): (64, 256, 4), ("4bit", 1, True): (64, 256, 4),
-    ("8bit", 16, False): (64, 128, 4), ("8bit", 16, True): (32, 64, 4),
-    ("4bit", 16, False): (64, 128, 4), ("4bit", 16, True): (32, 64, 4),
+    ("int8", 1, False): (16, 256, 4), ("int8", 1, True): (16, 256, 4),
+    ("w8a8", 1, False): (16, 256, 4), ("w8a8", 1, True): (16, 256, 4),
+    ("4bit", 1, False): (32, 128, 4), ("4bit", 1, True): (32, 128, 4),
+    ("int8", 16, False): (32, 128, 4), ("int8", 16, True): (16, 32, 4),
+    ("w8a8", 16, False): (16, 64, 4), ("w8a8", 16, True): (16, 32, 4),
+    ("4bit", 16, False): (64, 64, 4), ("4bit", 16, True): (16, 32, 4),
 }
+_CONFIG_FORMAT = {FMT_INT8: "int8", FMT_INT4: "4bit", FMT_NF4: "4bit", FMT_W8A8: "w8a8"}
 # Interpreter: small tiles so that the tests' small shapes split K into several programs.
 _INTERPRET_CONFIG = (16, 32, 4)
 
@@ -95,7 +99,7 @@ def gemv_plan(fmt: int, m: int, n: int, k: int, group_size: int, fp32_x: bool, n
     if INTERPRET:
         block_n, block_k, warps = _INTERPRET_CONFIG
     else:
-        block_n, block_k, warps = GEMV_CONFIGS[("4bit" if four_bit else "8bit", block_m, fp32_x)]
+        block_n, block_k, warps = GEMV_CONFIGS[(_CONFIG_FORMAT[fmt], block_m, fp32_x)]
     if four_bit:
         block_k = _pow2_divisor(group_size, block_k)  # a K tile inside one group
         if block_k < (32 if block_m > 1 else 16):     # dots of the half tiles need K >= 16
@@ -155,19 +159,24 @@ def _round_to_int8(v):
 
 @triton.jit
 def _rows_dot(a, w, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr):
-    """a [BLOCK_M, BK] times w [BN, BK] (w's rows are output channels) -> [BLOCK_M, BN],
-    float32 (int32 for int8 operands). One row: broadcast products reduced along K (no
-    tensor-core tile to fill); more rows: tl.dot."""
+    """a [BLOCK_M, BK] times w [BN, BK] (w's rows are output channels) -> [BLOCK_M, BN] in
+    float32. One row: broadcast products reduced along K (no tensor-core tile to fill);
+    more rows: tl.dot."""
     if BLOCK_M == 1:
-        if a.dtype == tl.int8:
-            return tl.sum(w.to(tl.int32) * a.to(tl.int32), axis=1)[None, :]
         return tl.sum(w.to(tl.float32) * a.to(tl.float32), axis=1)[None, :]
+    elif DOT_F32:
+        return tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
     else:
-        if a.dtype == tl.int8:
-            return tl.dot(a, tl.trans(w), out_dtype=tl.int32)
-        if DOT_F32:
-            return tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         return tl.dot(a, tl.trans(w.to(a.dtype)))
+
+
+@triton.jit
+def _rows_dot_int8(a, w, BLOCK_M: tl.constexpr):
+    """`_rows_dot` of int8 operands, exact in int32."""
+    if BLOCK_M == 1:
+        return tl.sum(w.to(tl.int32) * a.to(tl.int32), axis=1)[None, :]
+    else:
+        return tl.dot(a, tl.trans(w), out_dtype=tl.int32)
 
 
 @triton.jit
@@ -256,7 +265,7 @@ def _gemv_kernel(
             else:
                 xf = x.to(tl.float32)
                 inlier, outlier, any_out = _split_tile(xf, mask_m, threshold, HAS_OUTLIERS)
-                acc += _rows_dot(_round_to_int8(tl.math.div_rn(inlier, a_s[:, None])), w, BLOCK_M, DOT_F32)
+                acc += _rows_dot_int8(_round_to_int8(tl.math.div_rn(inlier, a_s[:, None])), w, BLOCK_M)
                 if HAS_OUTLIERS:
                     if any_out:
                         acc_out += _rows_dot(tl.where(outlier, xf, 0.0), w, BLOCK_M, True)
