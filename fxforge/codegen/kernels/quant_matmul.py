@@ -22,6 +22,12 @@ Kernels
         outlier columns @ the int8 weight's, times the channel scale) in the same K loop,
         skipping tiles without outliers.
 
+Decode sizes: up to 16 rows of x (``quant_gemv.MAX_ROWS``) the launch wrappers run the split-K
+GEMV of :mod:`fxforge.codegen.kernels.quant_gemv` instead (the same formats and numerics,
+bandwidth-oriented: K split over several programs per N tile, 4-bit bytes loaded once, the
+group factors out of each tile's dot), unless it declines the shape (a 4-bit group smaller
+than a K tile, operands past 2**31 elements); the kernels below are the prefill path.
+
 Autotuning: two config sets, keyed on ``(M_BUCKET, N, K)`` where ``M_BUCKET`` is M rounded up
 to a power of two (capped at 4096) so that a new sequence length does not trigger a new
 autotuning run; M <= 16 (decoding) uses BLOCK_M=16 configs that split finely along N.
