@@ -51,9 +51,9 @@ FMT_INT8, FMT_INT4, FMT_NF4, FMT_W8A8 = 0, 1, 2, 3
 MAX_ROWS = 16  # the decode path: up to this many rows of x
 # Programs per SM the split aims for: several resident per SM keep enough loads in flight.
 PROGRAMS_PER_SM = 4
-# The partials' round trip (write + read, float32 per output per split) may cost at most
-# this fraction of the weight's bytes; it bounds split_k when M grows.
-PARTIAL_BYTES_FRACTION = 0.5
+# The partials' round trip (write + read, float32 per output per split, in L2) may cost at
+# most this fraction of the weight's bytes (from HBM); it bounds split_k when M grows.
+PARTIAL_BYTES_FRACTION = 1.0
 # One arrival counter per N tile, allocated once per device (N up to 2**16 * BLOCK_N).
 MAX_TILES = 1 << 16
 
@@ -66,7 +66,7 @@ GEMV_CONFIGS = {
     ("w8a8", 1, False): (16, 256, 4), ("w8a8", 1, True): (16, 256, 4),
     ("4bit", 1, False): (32, 128, 4), ("4bit", 1, True): (32, 128, 4),
     ("int8", 16, False): (32, 128, 4), ("int8", 16, True): (16, 32, 4),
-    ("w8a8", 16, False): (16, 64, 4), ("w8a8", 16, True): (16, 32, 4),
+    ("w8a8", 16, False): (32, 32, 4), ("w8a8", 16, True): (16, 32, 4),
     ("4bit", 16, False): (64, 64, 4), ("4bit", 16, True): (16, 32, 4),
 }
 _CONFIG_FORMAT = {FMT_INT8: "int8", FMT_INT4: "4bit", FMT_NF4: "4bit", FMT_W8A8: "w8a8"}
@@ -108,7 +108,10 @@ def gemv_plan(fmt: int, m: int, n: int, k: int, group_size: int, fp32_x: bool, n
     if n_tiles > MAX_TILES:
         return None
     k_iters = triton.cdiv(k, block_k)
-    split = min(k_iters, triton.cdiv(PROGRAMS_PER_SM * num_sms, n_tiles))
+    # w8a8 programs each read all of x for the per-token scales: with several rows, one
+    # program per SM keeps those re-reads near the weight's own bytes
+    target = num_sms if fmt == FMT_W8A8 and m > 1 else PROGRAMS_PER_SM * num_sms
+    split = min(k_iters, triton.cdiv(target, n_tiles))
     weight_bytes_per_k = 0.5 if four_bit else 1.0
     split = max(1, min(split, int(PARTIAL_BYTES_FRACTION * k * weight_bytes_per_k / (8 * m))))
     iters = triton.cdiv(k_iters, split)
