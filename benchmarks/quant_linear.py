@@ -6,7 +6,11 @@ and, when ``import torchao`` works, torchao's ``quantize_`` int8/int4 weight-onl
 with ``triton.testing.do_bench`` (median).  Prints a Markdown table (ms and speedup vs fp16)
 and writes JSON to ``--out``.
 
-    python benchmarks/quant_linear.py --out quant_linear.json
+    python benchmarks/quant_linear.py --out quant_linear.json [--gemm]
+
+At M <= 16 the kernels run the split-K decode GEMV (quant_gemv); ``--gemm`` also times the
+tiled GEMM there (columns ``<scheme>_gemm``). Each row records the error of a CUDA-graph
+replay with new inputs (``graph_replay_rel_err``).
 
 Without a CUDA GPU it prints a message and exits 0.
 """
@@ -72,6 +76,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)), help="comma-separated M values")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
     ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--gemm", action="store_true",
+                    help="also time the tiled GEMM at M <= 16 (where the split-K GEMV runs), as <scheme>_gemm")
     args = ap.parse_args(argv)
 
     import torch
@@ -82,6 +88,7 @@ def main(argv=None) -> int:
     import triton
     from triton.testing import do_bench, do_bench_cudagraph
 
+    from fxforge.codegen.kernels import quant_gemv
     from fxforge.codegen.kernels.quant_matmul import quant_linear_triton
     from fxforge.ir.quant_formats import packed_nbytes, quant_linear_reference, quantize_weight
 
@@ -108,6 +115,35 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - a call that cannot be captured: say so, keep going
             print(f"cannot time in a CUDA graph: {type(e).__name__}: {str(e)[:200]}")
             return float("nan")
+
+    def graph_error(fn, x, ref):
+        """max |y - ref| / max |ref| of a CUDA-graph replay with new contents in x: the
+        split-K GEMV keeps state on the device (arrival counters) that a replay must find
+        reset."""
+        try:
+            fn()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = fn()
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            graph.replay()
+            torch.cuda.synchronize()
+            want = ref()
+            return float((y.float() - want.float()).abs().max() / want.float().abs().max())
+        except Exception as e:  # noqa: BLE001
+            print(f"cannot replay in a CUDA graph: {type(e).__name__}: {str(e)[:200]}")
+            return float("nan")
+
+    def gemm_only(fn):
+        """fn with the decode GEMV turned off (the tiled GEMM at every M)."""
+        def run():
+            rows, quant_gemv.MAX_ROWS = quant_gemv.MAX_ROWS, 0
+            try:
+                return fn()
+            finally:
+                quant_gemv.MAX_ROWS = rows
+        return run
 
     results = []
     for k, n in shapes:
@@ -142,6 +178,12 @@ def main(argv=None) -> int:
                 row["ms"][scheme] = bench(lambda p=p: quant_linear_triton(x, p))
                 row["graph_ms"][scheme] = device_time(lambda p=p: quant_linear_triton(x, p))
                 row["nbytes"][scheme] = packed_nbytes(p)
+                row.setdefault("graph_replay_rel_err", {})[scheme] = graph_error(
+                    lambda p=p: quant_linear_triton(x, p), x, lambda p=p: quant_linear_reference(x, p))
+                if args.gemm and m <= quant_gemv.MAX_ROWS:
+                    gemm = gemm_only(lambda p=p: quant_linear_triton(x, p))
+                    row["ms"][f"{scheme}_gemm"] = bench(gemm)
+                    row["graph_ms"][f"{scheme}_gemm"] = device_time(gemm)
             for name, (lin, dt) in ao_layers.items():
                 xa = x.to(dt)
                 try:
@@ -154,7 +196,7 @@ def main(argv=None) -> int:
                   + " | in a CUDA graph: " + ", ".join(f"{kk}={v:.4f}ms" for kk, v in row["graph_ms"].items()),
                   flush=True)
 
-    cols = ["fp16"] + [s for s, _ in OURS] + ["torchao_int8wo", "torchao_int4wo"]
+    cols = ["fp16"] + [c for s, _ in OURS for c in (s, f"{s}_gemm")] + ["torchao_int8wo", "torchao_int4wo"]
     cols = [c for c in cols if any(c in r["ms"] for r in results)]
     print()
     print("| K x N | M | " + " | ".join(cols) + " |")

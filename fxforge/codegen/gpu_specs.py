@@ -206,6 +206,42 @@ def quant_specs(dtypes=DTYPES, formats=QUANT_FORMATS, all_configs=False, w8a8=Tr
     return specs
 
 
+_GEMV_REF = "fxforge.codegen.kernels.quant_gemv:_gemv_kernel"
+_GEMV_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "zero_ptr", "bias_ptr", "lut_ptr", "out_ptr", "part_ptr", "count_ptr",
+              "M", "N", "K", "GROUP", "SPLIT_K", "K_PER_SPLIT", "stride_xm", "stride_xk", "stride_wn", "stride_wk",
+              "stride_sn", "stride_sg", "stride_zn", "stride_zg", "stride_om", "stride_on", "threshold",
+              "FORMAT", "HAS_BIAS", "HAS_OUTLIERS", "DOT_F32", "BLOCK_M", "BLOCK_N", "BLOCK_K"]
+GEMV_FORMATS = (("int8", 0), ("int4", 1), ("nf4", 2), ("w8a8", 3))
+
+
+def quant_gemv_specs(dtypes=DTYPES, formats=GEMV_FORMATS, rows=(1, 16)) -> list[KernelSpec]:
+    """The decode split-K GEMV (quant_gemv) per format, activation dtype and row class
+    (BLOCK_M 1 or 16), with the configs `gemv_plan` launches (no autotuning: untuned);
+    4-bit formats at each BLOCK_K a supported group size gives."""
+    from ..ir.quant_formats import SUPPORTED_GROUP_SIZES
+    from .kernels import quant_gemv
+
+    specs = []
+    for dname, dtype in dtypes.items():
+        fp32 = dtype == torch.float32
+        for fname, fmt in formats:
+            four_bit = fmt in (quant_gemv.FMT_INT4, quant_gemv.FMT_NF4)
+            for bm in rows:
+                bn, bk_max, warps = quant_gemv.GEMV_CONFIGS[(quant_gemv._CONFIG_FORMAT[fmt], bm, fp32)]
+                bks = sorted({min(g, bk_max) for g in SUPPORTED_GROUP_SIZES}) if four_bit else [bk_max]
+                for bk in bks:
+                    specs.append(_spec(
+                        f"quant_gemv_{fname}", _GEMV_REF, _GEMV_ARGS,
+                        {"x_ptr": dname, "w_ptr": "i8" if fmt in (0, 3) else "u8", "scale_ptr": "fp32",
+                         "zero_ptr": "fp32", "bias_ptr": dname, "lut_ptr": "fp32", "out_ptr": dname,
+                         "part_ptr": "fp32", "count_ptr": "i32"},
+                        dict(FORMAT=fmt, HAS_BIAS=True, HAS_OUTLIERS=fmt == 3, DOT_F32=fp32, BLOCK_M=bm,
+                             BLOCK_N=bn, BLOCK_K=bk), floats=("threshold",),
+                        unit=("stride_xk", "stride_wk", "stride_on"), num_warps=warps,
+                        dtype=dname, format=fname, rows=bm, launched=True))
+    return specs
+
+
 # --------------------------------------------------------------------------- generated kernels
 def _row_body(kind: str):
     """A one-op row group (body, outputs, input count): softmax, layer_norm or rms_norm."""
@@ -277,7 +313,7 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     """Everything the hand-written kernels and long row kernels can launch (`quick`: the
     worst cases only, for CI: fp32 and bf16 at head dims 64 and 256, and the largest tiles)."""
     if not quick:
-        return (attention_specs() + decode_specs() + quant_specs() + row_specs())
+        return (attention_specs() + decode_specs() + quant_specs() + quant_gemv_specs() + row_specs())
     worst = {"fp32": DTYPES["fp32"], "bf16": DTYPES["bf16"]}
     attn = _largest(attention_specs(worst, (64, 256)), ("BLOCK_M", "BLOCK_N"), ("dtype", "head_dim", "variant"))
     quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",))
@@ -289,7 +325,7 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
                          ("dtype",), 1)
     decode_wide = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("all", "paged"), wide=True)
     return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + decode_wide + quant + w8a8
-            + [_wide(quant[0])] + row_specs(lengths=(4096, 65536), kinds=("layer_norm",)))
+            + [_wide(quant[0])] + quant_gemv_specs(worst) + row_specs(lengths=(4096, 65536), kinds=("layer_norm",)))
 
 
 def _wide(spec: KernelSpec) -> KernelSpec:

@@ -22,6 +22,12 @@ Kernels
         outlier columns @ the int8 weight's, times the channel scale) in the same K loop,
         skipping tiles without outliers.
 
+Decode sizes: up to 16 rows of x (``quant_gemv.MAX_ROWS``) the launch wrappers run the split-K
+GEMV of :mod:`fxforge.codegen.kernels.quant_gemv` instead (the same formats and numerics,
+bandwidth-oriented: K split over several programs per N tile, 4-bit bytes loaded once, the
+group factors out of each tile's dot), unless it declines the shape (a 4-bit group smaller
+than a K tile, operands past 2**31 elements); the kernels below are the prefill path.
+
 Autotuning: two config sets, keyed on ``(M_BUCKET, N, K)`` where ``M_BUCKET`` is M rounded up
 to a power of two (capped at 4096) so that a new sequence length does not trigger a new
 autotuning run; M <= 16 (decoding) uses BLOCK_M=16 configs that split finely along N.
@@ -40,6 +46,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fxforge.codegen.kernels import quant_gemv
+from fxforge.codegen.kernels.quant_gemv import _nf4_value, _round_to_int8, _split_tile  # noqa: F401 (used in kernels)
 from fxforge.ir.quant_formats import (
     Int4Packed,
     Int8Packed,
@@ -117,24 +125,6 @@ def _configs(spec):
 
 
 # --------------------------------------------------------------------------- kernels
-@triton.jit
-def _nf4_value(q):
-    """NF4_CODE[q] for 4-bit codes q, as a select tree over the 16 constants (quant_formats'
-    float32 values, written out): no table in memory, so nothing to copy to the device per
-    call, and no gather."""
-    a = tl.where(q < 2, tl.where(q < 1, -1.0, -0.6961928009986877),
-                 tl.where(q < 3, -0.5250730514526367, -0.39491748809814453))
-    b = tl.where(q < 6, tl.where(q < 5, -0.28444138169288635, -0.18477343022823334),
-                 tl.where(q < 7, -0.09105003625154495, 0.0))
-    c = tl.where(q < 10, tl.where(q < 9, 0.07958029955625534, 0.16093020141124725),
-                 tl.where(q < 11, 0.24611230194568634, 0.33791524171829224))
-    d = tl.where(q < 14, tl.where(q < 13, 0.44070982933044434, 0.5626170039176941),
-                 tl.where(q < 15, 0.7229568362236023, 1.0))
-    lo = tl.where(q < 4, a, b)
-    hi = tl.where(q < 12, c, d)
-    return tl.where(q < 8, lo, hi)
-
-
 @triton.jit
 def _tile_offsets(N, WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The rows and columns of this program's output tile. A 1-D grid (axis 1 of a CUDA grid
@@ -281,28 +271,6 @@ def _w8a8_kernel(
              y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
-def _split_tile(x, mask_m, threshold, HAS_OUTLIERS: tl.constexpr):
-    """LLM.int8()'s split of a [BLOCK_M, BLOCK_K] float32 tile holding every row of x:
-    (inliers, the outlier column mask [1, BLOCK_K], whether the tile has one). A column is
-    an outlier if |x| > threshold in any row (quant_formats.w8a8_split_activations)."""
-    if HAS_OUTLIERS:
-        hit = tl.where(mask_m[:, None] & (tl.abs(x) > threshold), 1, 0)
-        cols = tl.max(hit, axis=0)[None, :] > 0
-        return tl.where(cols, 0.0, x), cols, tl.max(hit) > 0
-    else:
-        return x, x != x, False
-
-
-@triton.jit
-def _round_to_int8(v):
-    """torch.round(v).clamp(-127, 127) as int8: round half to even (floor(v + 0.5) is exact
-    for |v| <= 127.5, then a tie goes to the even neighbour)."""
-    q = tl.floor(v + 0.5)
-    q = tl.where((q - v == 0.5) & (q % 2 != 0), q - 1.0, q)
-    return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
-
-
 _KEY = ["M_BUCKET", "N", "K"]
 _PRUNE = {"early_config_prune": _prune_configs}
 _weight_only_small = triton.autotune(configs=_configs(_SMALL_M_CONFIGS), key=_KEY, prune_configs_by=_PRUNE)(
@@ -374,9 +342,23 @@ def _weight_only_launch(x, w, scale, zero, bias, n, k, fmt, group_size):
                 m, n, k, _m_bucket(m),
                 x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), stride_sn, stride_sg, stride_zn, stride_zg,
                 out.stride(0), out.stride(1))
+        plan = _gemv_plan(fmt, m, n, k, group_size, x2)
+        if plan is not None:
+            quant_gemv.gemv_launch(fmt, x2, w, scale, None if zero is scale else zero, bias, out, n, k, group_size,
+                                   _dot_f32(x), plan)
+            return out.reshape(*x.shape[:-1], n)
         constexprs = dict(FORMAT=fmt, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, DOT_F32=_dot_f32(x))
         _launch(_weight_only_kernel, _weight_only_small, _weight_only_large, m, n, k, args, constexprs)
     return out.reshape(*x.shape[:-1], n)
+
+
+def _gemv_plan(fmt, m, n, k, group_size, x2):
+    """The split-K GEMV's plan for a decode-sized call (quant_gemv), or None: the GEMM.
+    Operands past 2**31 elements stay on the GEMM (the GEMV indexes in 32 bits)."""
+    if m > quant_gemv.MAX_ROWS or max(m * k, m * n, n * k) >= INDEX_32_LIMIT:
+        return None
+    return quant_gemv.gemv_plan(fmt, m, n, k, group_size, x2.dtype == torch.float32,
+                                quant_gemv.num_sms(x2.device))
 
 
 def _check_group(n: int, k: int, group_size: int, *tensors: Tensor) -> None:
@@ -437,6 +419,11 @@ def w8a8_linear_triton(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor 
     if m > 0 and n > 0:
         bias = _check_bias(bias, n)
         wscale = wscale.float().contiguous()
+        plan = _gemv_plan(quant_gemv.FMT_W8A8, m, n, k, 1, x2)
+        if plan is not None:
+            quant_gemv.gemv_launch(quant_gemv.FMT_W8A8, x2, qweight, wscale, None, bias, out, n, k, 1,
+                                   _dot_f32(x), plan, threshold)
+            return out.reshape(*x.shape[:-1], n)
         split = m <= _SMALL_M
         if split:
             a, a_scale, x_out, cols = x2, wscale, None, None
