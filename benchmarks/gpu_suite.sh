@@ -53,9 +53,13 @@ if [ -f "$OUT_DIR/tests.log" ]; then
     grep -E "^(FAILED|ERROR)" "$OUT_DIR/test_results.txt"
 fi
 run_step attention 80 $PY benchmarks/attention.py --quick --out "$OUT_DIR/attention.json"
-run_step decode 170 $PY benchmarks/decode.py --model smollm2-random --dtype bfloat16 --tokens 64 --contexts 32,1024 --compile --out "$OUT_DIR/decode.json"
+# FXFORGE_GPU_DECODE_ARGS / FXFORGE_GPU_QUANT_ARGS / FXFORGE_GPU_STEP_LIMIT_<STEP>: shorter runs for a
+# short device budget (defaults: the full figures)
+run_step decode "${FXFORGE_GPU_STEP_LIMIT_DECODE:-170}" $PY benchmarks/decode.py --model smollm2-random --dtype bfloat16 \
+    ${FXFORGE_GPU_DECODE_ARGS:---tokens 64 --contexts 32,1024 --compile} --out "$OUT_DIR/decode.json"
 run_step decode_fp32 60 $PY benchmarks/decode.py --model smollm2-random --dtype float32 --tokens 32 --contexts 32 --repeat 2 --out "$OUT_DIR/decode_fp32.json"
-run_step quant_linear 70 $PY benchmarks/quant_linear.py --rep 25 --no-torchao --shapes 2048x2048,2048x5632 --out "$OUT_DIR/quant_linear.json"
+run_step quant_linear "${FXFORGE_GPU_STEP_LIMIT_QUANT_LINEAR:-70}" $PY benchmarks/quant_linear.py --no-torchao \
+    ${FXFORGE_GPU_QUANT_ARGS:---rep 25 --shapes 2048x2048,2048x5632} --out "$OUT_DIR/quant_linear.json"
 run_step elementwise 45 $PY benchmarks/elementwise.py --quick --out "$OUT_DIR/elementwise.json"
 run_step launches 40 $PY benchmarks/decode_launches.py
 run_step serving 120 $PY benchmarks/serving.py --model smollm2-random --device auto --dtype bfloat16 --requests 16 \
