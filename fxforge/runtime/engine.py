@@ -267,7 +267,7 @@ class Engine:
                 take = min(budget, n - job.done)
                 cache = self._prefill_cache(job, job.done + take)
                 job.logits = self.model.run_cached(job.seq[:, job.done:job.done + take], job.done, job.pad,
-                                                   cache)[:, -1, :].float()
+                                                   cache, last_only=True)[:, -1, :].float()
                 job.done += take
                 budget -= take
             if job.done < n or not self._join(job):

@@ -16,7 +16,8 @@ from ..ir import roles
 from ..ir.roles import roles_problem
 from ..passes.manager import PassStats, format_report
 from .frames import frame_of_its_own
-from .program import Program
+from .last_token import last_token_graph
+from .program import Program, build_program
 from .block_allocator import blocks_for
 from .paged_cache import PagedKVCache, block_size_of
 from .state import CachePool, KVCache, cache_layout, cache_nbytes
@@ -67,6 +68,7 @@ class OptimizedModel:
         # the graph as the passes left it, before the backend's planning: save() writes it,
         # to() rebuilds from it (build.assemble sets it)
         self.pipeline_graph = graph
+        self._last_token = None  # (program, graph) of prefills that want the last logits only
 
     # -- calling ----------------------------------------------------------------------------
     @frame_of_its_own  # its Python calls stay off data-stack chunk boundaries (runtime/frames.py)
@@ -163,20 +165,41 @@ class OptimizedModel:
             raise ValueError("paged_cache() needs a model optimized with KVCacheConfig(layout='paged')")
         return PagedKVCache(self.graph, num_blocks, self.backend.new_buffer)
 
-    def run_cached(self, input_ids: torch.Tensor, start: int, pad: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def run_cached(self, input_ids: torch.Tensor, start: int, pad: torch.Tensor, cache: KVCache,
+                   last_only: bool = False) -> torch.Tensor:
         """One prefill or decode step: the new tokens go at positions start.., the cache
-        holds the earlier ones. Returns the logits of the new tokens [B, T, vocab]."""
+        holds the earlier ones. Returns the logits of the new tokens [B, T, vocab], or with
+        `last_only` those of the last one [B, 1, vocab] (a prefill's: the output projection
+        then runs on one token, runtime/last_token.py)."""
         inputs = self._cached_inputs([input_ids], start, pad, input_ids.shape[1], cache)
-        outs = self.program(*inputs, *cache.buffers)
+        program = self.program
+        if last_only and input_ids.shape[1] > 1:
+            program = self._last_token_program()
+        outs = program(*inputs, *cache.buffers)
         return outs[self._logits_index()]
 
     def run_step(self, input_ids: torch.Tensor, start: int, pad: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """run_cached, except that a one-token step after the prefill (start > 0) runs on the
-        cache's static step where static decode is on (a CUDA graph replay on a GPU):
-        what generate(), beam search and the engine call per step."""
+        """The last token's logits [B, 1, vocab] of one step: a one-token step after the
+        prefill (start > 0) runs on the cache's static step where static decode is on (a
+        CUDA graph replay on a GPU), a prefill projects only its last token: what
+        generate(), beam search and the engine call per step."""
         if input_ids.shape[1] == 1 and start > 0 and self.uses_static_decode():
             return self.static_step(cache, input_ids.shape[0])(input_ids, start, pad)
-        return self.run_cached(input_ids, start, pad, cache)
+        return self.run_cached(input_ids, start, pad, cache, last_only=True)
+
+    def _last_token_program(self) -> Program:
+        """The program whose logits are the last token's (made at first use); the full one
+        where last_token_graph cannot show the cut exact."""
+        if self._last_token is None:
+            graph = last_token_graph(self.pipeline_graph)
+            program = self.program
+            if graph is not None:
+                planned, overrides, _ = self.backend.prepare(graph)
+                program = build_program(planned, {**self.backend.op_table(), **overrides}, device=self.device,
+                                        filename=f"<fxforge last-token program for {self.model_name}>",
+                                        inline_fused=self.backend.inlines_fused_pointwise)
+            self._last_token = (program, graph)
+        return self._last_token[0]
 
     def uses_static_decode(self) -> bool:
         """Whether generate() decodes on static buffers (CUDA graphs on a GPU): see

@@ -94,7 +94,7 @@ class ModelDraft:
         self.valid = 0
 
     def _logits(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        return self.model.run_cached(ids, start, self.pad, self.cache)[:, -1, :].float()
+        return self.model.run_cached(ids, start, self.pad, self.cache, last_only=True)[:, -1, :].float()
 
     def propose(self, seq: torch.Tensor, length: int, k: int, processors, sample: bool, generator):
         logits = self._logits(seq[:, self.valid:length], self.valid)
