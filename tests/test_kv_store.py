@@ -113,7 +113,7 @@ def test_kernel_stores_into_the_cache_at_start(from_pointer, dtype):
     assert ("tl.load(start_ptr)" in source) == from_pointer
     assert "(start + idx2) * out0_stride2" in source and "in2" not in source  # the caches are never loaded
     if not from_pointer:
-        with pytest.raises(ValueError, match="holds 9 positions"):
+        with pytest.raises(ValueError, match="holds 4 rows of 9 positions"):
             kernels.run(x, v, *caches, body=body, outputs=("t0", "t1"), into=((0, 2), (1, 3)), start=8)
 
 

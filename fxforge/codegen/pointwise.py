@@ -442,10 +442,10 @@ class PointwiseKernels:
         extra = ()
         if into:
             b, t = plan.value_shape[0], plan.value_shape[2]
-            if not from_pointer and start + t > dests[0].shape[2]:
-                raise ValueError(f"fused_pointwise: the KV cache holds {dests[0].shape[2]} positions, but "
-                                 f"{start} + {t} are needed")
-            for (k, i), dest in zip(into, dests):
+            for (k, _), dest in zip(into, dests):  # the kernel writes where it is told: check the bounds here
+                if b > dest.shape[0] or (not from_pointer and start + t > dest.shape[2]):
+                    raise ValueError(f"fused_pointwise: the KV cache holds {dest.shape[0]} rows of {dest.shape[2]} "
+                                     f"positions, but rows 0..{b - 1} at {start} + {t} are needed")
                 outs[k] = dest
             extra = (start,)
         if plan.grid is not None:
