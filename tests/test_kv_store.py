@@ -184,3 +184,51 @@ def test_llama_layers_store_k_and_v_in_one_kernel_with_eager_tokens():
     assert fast.static_decode_problem is None
     ref = fxforge.optimize(model, (ids,), kv_cache=True, backend="torch")
     assert torch.equal(fast.generate(ids, 5), ref.generate(ids, 5))
+
+
+# LAYER with rotary on q too: q has 4 heads, K/V 2, so q's group has another index space
+WITH_Q = LAYER.replace("%q: f32[B, 2, T, 16]", "%q: f32[B, 4, T, 16]").replace(
+    "  %10: f32[B, 2, T, 16] = attention(%q, %8, %9)",
+    """  %20: f32[B, 4, T, 8] = slice(%q) {dim=3, start=0, end=8, step=1}
+  %21: f32[B, 4, T, 8] = slice(%q) {dim=3, start=8, end=16, step=1}
+  %22: f32[B, 4, T, 8] = neg(%21)
+  %23: f32[B, 4, T, 16] = cat(%22, %20) {dim=3}
+  %24: f32[B, 4, T, 16] = mul(%q, %cos)
+  %25: f32[B, 4, T, 16] = mul(%23, %sin)
+  %26: f32[B, 4, T, 16] = add(%24, %25)
+  %10: f32[B, 4, T, 16] = attention(%26, %8, %9)""").replace("%10: f32[B, 2, T, 16]", "%10: f32[B, 4, T, 16]")
+
+
+@pytest.mark.parametrize("start", [5, "device"])
+def test_rotary_q_joins_the_kv_kernel_as_a_second_index_space(start):
+    g = parse(WITH_Q)
+    ctx = PassContext()
+    out = fuse_elementwise(g, ctx)
+    typecheck(out)
+    assert str(parse(str(out))) == str(out)
+    (node,) = [n for n in out.nodes if n.op == "fused_pointwise"]
+    assert ctx.rules["siblings_joined"] == 1 and node.attrs["into"] == ((1, 9), (2, 10))
+    assert [str(v.type) for v in node.outputs] == ["f32[B, 4, T, 16]"] + ["f32[B, 2, L + T, 16]"] * 2
+    args, caches = _inputs()
+    q = torch.randn(2, 4, 3, 16)
+    args = (q,) + args[1:]
+    want_caches = [c.clone() for c in caches]
+    (want,) = _run(g, "torch", args, want_caches)
+    kernels = PointwiseKernels()
+    program = build_program(out, op_table("interpret", kernels=kernels))
+    if start == "device":  # the static decode step's form: the cache length a 0-d tensor
+        namespace = dict(program.fn.__globals__)
+        exec(compile(program.source.replace("start=L", "start=torch.tensor(L)"), "<test>", "exec"), namespace)
+        namespace["program"](*args, *caches)  # attention then reads whole rows (a static step masks them)
+    else:
+        (got,) = program(*args, *caches)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(c, w) for c, w in zip(caches, want_caches))
+    (source,) = kernels.sources.values()
+    assert "_part1(pid - end0" in source and "_part2" not in source  # two index spaces: q, and K with V
+
+
+def test_a_sibling_read_elsewhere_does_not_join():
+    returned = WITH_Q.replace("  return (%10)", "  return (%10, %26)")
+    out = fuse_elementwise(parse(returned), PassContext())
+    assert out.count("fused_pointwise") == 2 and sum(1 for n in out.nodes if n.attrs.get("into")) == 1

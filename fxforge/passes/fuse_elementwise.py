@@ -553,8 +553,9 @@ def _as_fused_copy(node: Node) -> Node:
 
 
 def _merge_stores(f: Node, g: Node) -> Node:
-    """One fused node computing and storing what f and g do (f's results first)."""
-    nf, ng = len(f.inputs) - len(f.attrs["into"]), len(g.inputs) - len(g.attrs["into"])
+    """One fused node computing and storing what f and g do (f's results first; g stores)."""
+    f_into = f.attrs.get("into") or ()
+    nf, ng = len(f.inputs) - len(f_into), len(g.inputs) - len(g.attrs["into"])
     compute = list(f.inputs[:nf]) + [v for v in dict.fromkeys(g.inputs[:ng]) if v not in f.inputs[:nf]]
     shift = len(f.attrs["body"])
 
@@ -563,10 +564,10 @@ def _merge_stores(f: Node, g: Node) -> Node:
 
     body = f.attrs["body"] + tuple((op, tuple(ref(a) for a in args), attrs) for op, args, attrs in g.attrs["body"])
     dests = list(f.inputs[nf:]) + list(g.inputs[ng:])
-    into = tuple((k, len(compute) + i - nf) for k, i in f.attrs["into"])
+    into = tuple((k, len(compute) + i - nf) for k, i in f_into)
     into += tuple((len(f.outputs) + k, len(compute) + len(f.inputs) - nf + i - ng) for k, i in g.attrs["into"])
     attrs = {"body": body, "outputs": f.attrs["outputs"] + tuple(ref(o) for o in g.attrs["outputs"]),
-             "into": into, "start": f.attrs["start"]}
+             "into": into, "start": g.attrs["start"]}
     fused = f.meta.get("fused", []) + g.meta.get("fused", [g.op])
     return Node("fused_pointwise", tuple(compute + dests), attrs, f.outputs + g.outputs,
                 {**f.meta, "pass": "fuse_elementwise", "fused": fused})
@@ -631,6 +632,32 @@ def _merge_two_stores(nodes, uses) -> bool:
     return True
 
 
+def _join_sibling(nodes, uses) -> bool:
+    """Rule 3, once: a flat fused node F without stores whose results are read only by nodes
+    that also read a store node S's (rotary q, read by attention with the K/V S stores)
+    joins S, whatever its shape: one launch whose programs are dealt out over the two index
+    spaces (codegen/pointwise.py generate_parts_source). The same movability condition as
+    rule 2; the sibling only moves to a place before its readers."""
+    producer = {v: j for j, n in enumerate(nodes) for v in n.outputs}
+    for q, s in enumerate(nodes):
+        if not _store_node(s):
+            continue
+        readers = {u for v in s.outputs for u in uses.get(v, ())}
+        siblings = {producer[v] for r in readers if r < len(nodes) for v in nodes[r].inputs if v in producer}
+        for p in sorted(siblings, key=lambda p: abs(p - q)):
+            f = nodes[p]
+            if p == q or f.op != "fused_pointwise" or f.attrs.get("into") or f.attrs.get("row") is not None:
+                continue
+            f_readers = {u for v in f.outputs for u in uses.get(v, ())}
+            lo, hi = sorted((p, q))
+            if not f_readers <= readers or not all(u > hi for v in nodes[lo].outputs for u in uses.get(v, ())):
+                continue
+            nodes[hi] = _merge_stores(f, s)
+            del nodes[lo]
+            return True
+    return False
+
+
 def store_appends(graph: Graph, ctx=None) -> Graph:
     """The KV cache appends of `graph` stored by the fused kernels (the rules above)."""
     nodes = list(graph.nodes)
@@ -641,10 +668,15 @@ def store_appends(graph: Graph, ctx=None) -> Graph:
         absorbed += 1
     while _merge_two_stores(nodes, _uses(nodes, graph.outputs)):
         merged += 1
-    if not absorbed and not merged:
+    joined = 0
+    while _join_sibling(nodes, _uses(nodes, graph.outputs)):
+        joined += 1
+    if not absorbed and not merged and not joined:
         return graph
     if ctx is not None:
         ctx.rules["append_stored_by_kernel"] += absorbed
         ctx.rules["stores_merged"] += merged
-        ctx.note(f"{absorbed} KV appends stored by the kernel computing them, {merged} merges of stores")
+        ctx.rules["siblings_joined"] += joined
+        ctx.note(f"{absorbed} KV appends stored by the kernel computing them, {merged} merges of stores, "
+                 f"{joined} sibling groups joined to them")
     return graph.with_nodes(nodes)
