@@ -520,6 +520,8 @@ def _fuse_groups(graph: Graph, ctx=None) -> Graph:
 #   two nodes that store into caches at the same start over the same index space
 #   (a fused node with `into`, or a kv_append: a copy, whose body is one identity cast)
 #       -> one fused_pointwise storing both                  (horizontal: K and V of a layer)
+#   a flat fused node read only by readers of a store node's results
+#       -> joins it, even over another index space           (rotary q, read by attention)
 #
 # A fused output named in `into` is stored by the kernel straight into the cache at
 # `start` (codegen/pointwise.py `Stores`) and the node's result is what kv_append returns.
