@@ -562,8 +562,16 @@ def infer_kv_append(types, attrs):
 
 def kv_append_reference(cache, new, *, start):
     """Write `new` into the cache at positions start..start+T (rows 0..B-1 of the buffer)
-    and return the filled prefix, a view: [B, Hkv, start + T, D]. Mutates `cache`."""
+    and return the filled prefix, a view: [B, Hkv, start + T, D]. Mutates `cache`.
+    With `start` a 0-d int64 device tensor (the static decode step) the write needs no
+    host read and the whole buffer's rows come back (the key bias masks the slots past
+    the new tokens), as runtime/static_decode.py's kv_append_at."""
     b, t = new.shape[0], new.shape[2]
+    if isinstance(start, torch.Tensor):  # a device-side length (runtime/static_decode.py): no host read
+        index = start.view(1) if t == 1 else start + torch.arange(t, device=cache.device)
+        rows = cache[:b]
+        rows.index_copy_(2, index, new.to(cache.dtype))
+        return rows
     if start + t > cache.shape[2]:
         raise ValueError(f"kv_append: the KV cache holds {cache.shape[2]} positions, but {start} + {t} are needed")
     cache[:b, :, start:start + t] = new
@@ -766,20 +774,56 @@ def _check_body(n_operands: int, body, outputs):
             raise IRTypeError(f"output {o!r} is not one of the {len(body)} steps")
 
 
+def into_problem(n_inputs: int, attrs) -> str | None:
+    """What is wrong with a fused_pointwise node's `into` (None: nothing). Each pair
+    (output k, input i) stores output k into input i, a KV cache, as kv_append would; the
+    destinations are the node's last inputs, one per pair, and no body step reads them
+    (the kernel never loads the buffer it writes)."""
+    into = attrs.get("into") or ()
+    if not into:
+        return "start without into" if attrs.get("start") is not None else None
+    if attrs.get("start") is None:
+        return "into needs start"
+    if not all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(x, int) for x in p) for p in into):
+        return f"into must be (output, input) pairs of ints, got {into!r}"
+    dests = [i for _, i in into]
+    if sorted(dests) != list(range(n_inputs - len(into), n_inputs)):
+        return f"into's destinations {dests} must be the last {len(into)} inputs, one each"
+    outs = [k for k, _ in into]
+    if len(set(outs)) != len(outs) or not all(0 <= k < len(attrs["outputs"]) for k in outs):
+        return f"into names outputs {outs}, not distinct outputs of {len(attrs['outputs'])}"
+    first = n_inputs - len(into)
+    if any(int(a[2:]) >= first for _, args, _ in attrs["body"] for a in args if a.startswith("in")):
+        return "a body step reads a destination of into"
+    return None
+
+
 def infer_fused_pointwise(types, attrs):
     # `row` (the reduced row length, if the body reduces rows) does not change types
     _check_body(len(types), attrs["body"], attrs["outputs"])
-    return _run_body(list(types), attrs["body"], attrs["outputs"], lambda op, ts, a: OPS[op].infer(ts, a)[0])
+    why = into_problem(len(types), attrs)
+    if why:
+        raise IRTypeError(f"fused_pointwise: {why}")
+    outs = _run_body(list(types), attrs["body"], attrs["outputs"], lambda op, ts, a: OPS[op].infer(ts, a)[0])
+    for k, i in attrs.get("into") or ():
+        if attrs.get("row") is not None:
+            raise IRTypeError("fused_pointwise: a row kernel cannot store into a destination")
+        outs[k] = infer_kv_append([types[i], outs[k]], {"start": attrs["start"]})[0]
+    return outs
 
 
-def fused_pointwise_reference(*tensors, body, outputs, row=None):
-    """Evaluate the fused steps one by one with each op's torch reference."""
+def fused_pointwise_reference(*tensors, body, outputs, row=None, into=(), start=None):
+    """Evaluate the fused steps one by one with each op's torch reference; an output named
+    in `into` is then appended to its destination (kv_append at `start`, or with `start` a
+    0-d device tensor, the static decode step's append)."""
     def step(op, vals, a):
         if op == "const":
             device = tensors[0].device if tensors else None
             return OPS[op].reference(**a, device=device)
         return OPS[op].reference(*vals, **a)
     outs = _run_body(list(tensors), body, outputs, step)
+    for k, i in into or ():
+        outs[k] = kv_append_reference(tensors[i], outs[k], start=start)
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
@@ -916,8 +960,10 @@ OPS_LIST: list[OpDef] = [
           doc="all_gather(x) {dim, world_size}: the ranks' x concatenated along dim (vocabulary-parallel logits)",
           attrs="dim: int, world_size: int", traits={"collective"}),
     OpDef("fused_pointwise", "fused", infer_fused_pointwise, fused_pointwise_reference, origin="fuse_elementwise",
-          doc="a chain of pointwise ops run as one kernel; body lists the steps",
-          arity=(0, VARIADIC), attrs="body: tuple, outputs: strs, row?: int", traits={"row_safe"}),
+          doc="a chain of pointwise ops run as one kernel; body lists the steps; into=((k, i), ...) {start}: "
+              "output k is kv_append(input i, its value) {start}, stored by the kernel itself (mutates)",
+          arity=(0, VARIADIC), attrs="body: tuple, outputs: strs, row?: int, into?: tuple, start?: size",
+          traits={"row_safe"}),
     OpDef("quant_linear", "fused", infer_quant_linear, quant_linear_reference, origin="quantize",
           doc="x @ dequantize(packed weight)^T [+ bias]; parts name the packed tensors",
           arity=(2, VARIADIC), attrs="parts: strs, qattrs: pairs, bias: bool"),
@@ -958,10 +1004,13 @@ IMPURE_TARGETS = ("rand", "randn", "randint", "bernoulli", "dropout", "normal", 
 
 def is_pure(node) -> bool:
     """Every IR op is a function of its inputs, except the stateful ones (they write a
-    buffer), the collectives (they talk to other ranks), and opaque calls to random or
-    mutating ATen ops (and, to be safe, any in-place op, whose name ends in '_')."""
+    buffer; so does a fused_pointwise with `into`), the collectives (they talk to other
+    ranks), and opaque calls to random or mutating ATen ops (and, to be safe, any
+    in-place op, whose name ends in '_')."""
     op = OPS.get(node.op)
     if op is not None and (op.has("stateful") or op.has("collective")):
+        return False
+    if node.op == "fused_pointwise" and node.attrs.get("into"):  # it writes a KV cache
         return False
     if node.op != "torch_call":
         return True

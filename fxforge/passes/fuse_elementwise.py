@@ -465,6 +465,10 @@ def _build_fused(graph: Graph, group: list[int], uses: dict, outputs_set: set,
 
 
 def fuse_elementwise(graph: Graph, ctx=None) -> Graph:
+    return store_appends(_fuse_groups(graph, ctx), ctx)
+
+
+def _fuse_groups(graph: Graph, ctx=None) -> Graph:
     groups = find_groups(graph)
     if not groups:
         return graph
@@ -503,3 +507,178 @@ def fuse_elementwise(graph: Graph, ctx=None) -> Graph:
         ctx.note(f"{len(groups)} fused kernels replace {sum(len(g) for g in groups)} pointwise ops")
     return dead_code_elimination(graph.with_nodes(new_nodes))
 
+
+
+# --------------------------------------------------------------------------------------
+# KV cache appends written by the kernels that compute K and V
+#
+# kv_append(cache, x) {start} copies x into the cache: one launch of its own per K and V
+# per layer. After grouping, two rules move the copy into a generated kernel:
+#
+#   kv_append(c, fused_pointwise(..) -> x) {start}
+#       -> fused_pointwise(.., c) {into=((k, i),), start}     x's only reader was the append
+#   two nodes that store into caches at the same start over the same index space
+#   (a fused node with `into`, or a kv_append: a copy, whose body is one identity cast)
+#       -> one fused_pointwise storing both                  (horizontal: K and V of a layer)
+#   a flat fused node read only by readers of a store node's results
+#       -> joins it, even over another index space           (rotary q, read by attention)
+#
+# A fused output named in `into` is stored by the kernel straight into the cache at
+# `start` (codegen/pointwise.py `Stores`) and the node's result is what kv_append returns.
+# Exact: the values computed are the same and the same bytes land in the cache. The rules
+# fire only when it is provable that moving the write changes nothing: the cache buffer is
+# read by that one append alone (so no kernel reads the buffer it writes, no input of the
+# merged kernel is a view of it, and no other node sees the write move), and a node that
+# moves to merge reads nothing the other produces, its results used only after both.
+
+
+def _store_node(node: Node) -> bool:
+    return node.op == "fused_pointwise" and bool(node.attrs.get("into")) and node.attrs.get("row") is None
+
+
+def _value_shape(node: Node):
+    """The index space of a store node's kernel: the shape of the values it computes."""
+    if node.op == "kv_append":
+        return node.inputs[1].shape
+    n_compute = len(node.inputs) - len(node.attrs["into"])
+    types = OPS["fused_pointwise"].infer([v.type for v in node.inputs[:n_compute]],
+                                         {"body": node.attrs["body"], "outputs": node.attrs["outputs"]})
+    return types[0].shape
+
+
+def _as_fused_copy(node: Node) -> Node:
+    """kv_append(c, x) {start} as a fused node: an identity cast of x, stored into c."""
+    cache, x = node.inputs
+    return Node("fused_pointwise", (x, cache),
+                {"body": (("cast", ("in0",), (("dtype", x.dtype),)),), "outputs": ("t0",), "into": ((0, 1),),
+                 "start": node.attrs["start"]}, node.outputs, {**node.meta, "pass": "fuse_elementwise"})
+
+
+def _merge_stores(f: Node, g: Node) -> Node:
+    """One fused node computing and storing what f and g do (f's results first; g stores)."""
+    f_into = f.attrs.get("into") or ()
+    nf, ng = len(f.inputs) - len(f_into), len(g.inputs) - len(g.attrs["into"])
+    compute = list(f.inputs[:nf]) + [v for v in dict.fromkeys(g.inputs[:ng]) if v not in f.inputs[:nf]]
+    shift = len(f.attrs["body"])
+
+    def ref(a: str) -> str:
+        return f"in{compute.index(g.inputs[int(a[2:])])}" if a.startswith("in") else f"t{int(a[1:]) + shift}"
+
+    body = f.attrs["body"] + tuple((op, tuple(ref(a) for a in args), attrs) for op, args, attrs in g.attrs["body"])
+    dests = list(f.inputs[nf:]) + list(g.inputs[ng:])
+    into = tuple((k, len(compute) + i - nf) for k, i in f_into)
+    into += tuple((len(f.outputs) + k, len(compute) + len(f.inputs) - nf + i - ng) for k, i in g.attrs["into"])
+    attrs = {"body": body, "outputs": f.attrs["outputs"] + tuple(ref(o) for o in g.attrs["outputs"]),
+             "into": into, "start": g.attrs["start"]}
+    fused = f.meta.get("fused", []) + g.meta.get("fused", [g.op])
+    return Node("fused_pointwise", tuple(compute + dests), attrs, f.outputs + g.outputs,
+                {**f.meta, "pass": "fuse_elementwise", "fused": fused})
+
+
+def _uses(nodes: list[Node], outputs) -> dict:
+    """value -> indices of the nodes reading it (len(nodes) for the graph's return)."""
+    uses: dict = {}
+    for i, n in enumerate(nodes):
+        for v in n.inputs:
+            uses.setdefault(v, []).append(i)
+    for v in outputs:
+        uses.setdefault(v, []).append(len(nodes))
+    return uses
+
+
+def _sole_append(nodes, p: int, uses) -> bool:
+    """nodes[p] is a kv_append into a cache buffer that nothing else reads."""
+    n = nodes[p]
+    return n.op == "kv_append" and n.inputs[0].state is not None and uses.get(n.inputs[0]) == [p]
+
+
+def _absorb_append(nodes, uses) -> bool:
+    """Rule 1, once: kv_append(c, x) with x a flat fused output read by the append alone."""
+    producer = {v: j for j, n in enumerate(nodes) for v in n.outputs}
+    for p, a in enumerate(nodes):
+        if not _sole_append(nodes, p, uses):
+            continue
+        x = a.inputs[1]
+        j = producer.get(x)
+        f = nodes[j] if j is not None else None
+        if (f is None or f.op != "fused_pointwise" or f.attrs.get("row") is not None or uses.get(x) != [p]
+                or (f.attrs.get("into") and f.attrs["start"] != a.attrs["start"])):
+            continue
+        k = f.outputs.index(x)
+        attrs = {**f.attrs, "into": tuple(f.attrs.get("into", ())) + ((k, len(f.inputs)),),
+                 "start": a.attrs["start"]}
+        outputs = f.outputs[:k] + a.outputs + f.outputs[k + 1:]
+        nodes[j] = Node("fused_pointwise", f.inputs + (a.inputs[0],), attrs, outputs, f.meta)
+        del nodes[p]
+        return True
+    return False
+
+
+def _merge_two_stores(nodes, uses) -> bool:
+    """Rule 2, once: the nearest two store nodes (a fused node with `into`, or a sole kv_append
+    of a float value) with the same start and index space, neither reading the other's
+    results, the earlier one's results read only after the later one: one node, where the
+    later one was."""
+    stores = [p for p, n in enumerate(nodes) if _store_node(n)
+              or (_sole_append(nodes, p, uses) and n.inputs[1].dtype.is_floating_point)]
+    shapes = {p: _value_shape(nodes[p]) for p in stores}
+    pairs = sorted(((q - p, p, q) for p in stores for q in stores if p < q
+                    and nodes[p].attrs["start"] == nodes[q].attrs["start"] and shapes[p] == shapes[q]
+                    and all(u > q for v in nodes[p].outputs for u in uses.get(v, ()))))
+    if not pairs:
+        return False
+    _, p, q = pairs[0]
+    f, g = (_as_fused_copy(n) if n.op == "kv_append" else n for n in (nodes[p], nodes[q]))
+    nodes[q] = _merge_stores(f, g)
+    del nodes[p]
+    return True
+
+
+def _join_sibling(nodes, uses) -> bool:
+    """Rule 3, once: a flat fused node F without stores whose results are read only by nodes
+    that also read a store node S's (rotary q, read by attention with the K/V S stores)
+    joins S, whatever its shape: one launch whose programs are dealt out over the two index
+    spaces (codegen/pointwise.py generate_parts_source). The same movability condition as
+    rule 2; the sibling only moves to a place before its readers."""
+    producer = {v: j for j, n in enumerate(nodes) for v in n.outputs}
+    for q, s in enumerate(nodes):
+        if not _store_node(s):
+            continue
+        readers = {u for v in s.outputs for u in uses.get(v, ())}
+        siblings = {producer[v] for r in readers if r < len(nodes) for v in nodes[r].inputs if v in producer}
+        for p in sorted(siblings, key=lambda p: abs(p - q)):
+            f = nodes[p]
+            if p == q or f.op != "fused_pointwise" or f.attrs.get("into") or f.attrs.get("row") is not None:
+                continue
+            f_readers = {u for v in f.outputs for u in uses.get(v, ())}
+            lo, hi = sorted((p, q))
+            if not f_readers <= readers or not all(u > hi for v in nodes[lo].outputs for u in uses.get(v, ())):
+                continue
+            nodes[hi] = _merge_stores(f, s)
+            del nodes[lo]
+            return True
+    return False
+
+
+def store_appends(graph: Graph, ctx=None) -> Graph:
+    """The KV cache appends of `graph` stored by the fused kernels (the rules above)."""
+    nodes = list(graph.nodes)
+    if not any(n.op == "kv_append" for n in nodes):
+        return graph
+    absorbed = merged = 0
+    while _absorb_append(nodes, _uses(nodes, graph.outputs)):
+        absorbed += 1
+    while _merge_two_stores(nodes, _uses(nodes, graph.outputs)):
+        merged += 1
+    joined = 0
+    while _join_sibling(nodes, _uses(nodes, graph.outputs)):
+        joined += 1
+    if not absorbed and not merged and not joined:
+        return graph
+    if ctx is not None:
+        ctx.rules["append_stored_by_kernel"] += absorbed
+        ctx.rules["stores_merged"] += merged
+        ctx.rules["siblings_joined"] += joined
+        ctx.note(f"{absorbed} KV appends stored by the kernel computing them, {merged} merges of stores, "
+                 f"{joined} sibling groups joined to them")
+    return graph.with_nodes(nodes)

@@ -215,6 +215,11 @@ def _inline_fused(node, ins: list[str], outs: list[str], lines: list[str], hoist
             lines.append(f"    {name} = op_{op}({', '.join(x for x in (', '.join(operands), kw) if x)})")
         steps.append(name)
     results = [steps[int(o[1:])] for o in node.attrs["outputs"]]
+    # an output stored into a KV cache (`into`) is that cache's kv_append, as an op of its
+    # own: the static decode step's override of kv_append then applies here too
+    start = py_literal(node.attrs.get("start"))
+    for k, i in node.attrs.get("into") or ():
+        results[k] = f"op_kv_append({ins[i]}, {results[k]}, start={start})"
     lines.append(f"    {', '.join(outs)} = {', '.join(results)}")
     if temps:
         lines.append(f"    del {', '.join(temps)}")

@@ -10,6 +10,8 @@ key bias and the cache views grow by one key per token.
 So the static step runs the same graph with
   - `L` a 0-d device tensor: kv_append writes at that slot with `index_copy_` (no host
     read) and returns the whole [B, Hkv, capacity, D] buffer instead of its filled prefix;
+    a fused_pointwise node that stores K/V itself (`into`) gets the same tensor as its
+    `start`, and its kernel loads the slot from it (codegen/pointwise.py `Stores`);
   - the key bias over every slot of the buffer: slots past the new token (and the left
     padding) are masked with the dtype's lowest value, so they get exactly zero weight
     and attention over the whole buffer equals attention over the prefix;
@@ -26,7 +28,7 @@ kernel without them: keys outside the window get the same zero weight, and the A
 the same slopes x distance.
 
 Not every graph can take it (`static_decode_problem` says why): the cache length must be
-read by kv_append alone, and the bias and cache views by attention alone. A paged cache
+read by the KV appends alone (kv_append, or a fused_pointwise's `into` start), and the bias and cache views by attention alone. A paged cache
 keeps its block tables on the device already, and the paged engine runs it eagerly.
 """
 from __future__ import annotations
@@ -62,10 +64,16 @@ def static_decode_problem(graph: Graph) -> str | None:
     bias = graph.inputs[role_list.index(roles.KEY_BIAS)]
     appended = set()
     for n in graph.nodes:
-        if n.op == "kv_append":
+        if n.op == "kv_append" or (n.op == "fused_pointwise" and n.attrs.get("into")):
             if sympy.sympify(n.attrs["start"]) != cache_len:
-                return f"a kv_append writes at {n.attrs['start']}, not at the cache length"
-            appended.update(n.outputs)
+                return f"a {n.op} writes the KV cache at {n.attrs['start']}, not at the cache length"
+            stored = set(n.outputs) if n.op == "kv_append" else {n.outputs[k] for k, _ in n.attrs["into"]}
+            appended.update(stored)
+            attrs = {k: v for k, v in n.attrs.items() if k != "start"}
+            if cache_len in _symbols(attrs) or any(cache_len in _symbols(o.shape) for o in n.outputs if o not in stored):
+                return f"{n.op} reads the cache length"
+            if any(v in appended or v is bias for v in n.inputs):
+                return f"{n.op} reads the cache or the key bias (only attention may)"
             continue
         if cache_len in _symbols(n.attrs) or any(cache_len in _symbols(getattr(o, "shape", ())) for o in n.outputs):
             return f"{n.op} reads the cache length"
