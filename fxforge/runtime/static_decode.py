@@ -28,8 +28,9 @@ kernel without them: keys outside the window get the same zero weight, and the A
 the same slopes x distance.
 
 Not every graph can take it (`static_decode_problem` says why): the cache length must be
-read by the KV appends alone (kv_append, or a fused_pointwise's `into` start), and the bias and cache views by attention alone. A paged cache
-keeps its block tables on the device already, and the paged engine runs it eagerly.
+read by the KV appends alone (kv_append, or a fused_pointwise's `into` start), and the bias
+and cache views by attention alone. A paged cache has a static step of its own
+(static_paged.py): its appends go through slot mappings, which are tensors already.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def static_decode_problem(graph: Graph) -> str | None:
     if not graph.state_values:
         return "the graph has no KV cache"
     if roles.is_paged(graph):
-        return "a paged KV cache (its block tables are the engine's)"
+        return "a paged KV cache (static_paged.paged_static_problem decides for those)"
     role_list = [roles.role_of(v) for v in graph.inputs]
     extra = sorted(set(role_list) - {roles.INPUT, roles.CACHE_LEN, roles.POSITIONS, roles.KEY_BIAS})
     if extra:
