@@ -13,12 +13,14 @@ import zoo  # noqa: E402
 from fxforge.runtime.launch_count import LaunchCounter  # noqa: E402
 
 # A decode step of zoo.llama (2 layers) on backend="interpret", after the rotary fusion:
-# per layer 2 RMSNorms, rotary q, rotary k, SwiGLU, 1 decode-attention kernel (a short
-# context is one split: the split kernel writes the output, no combine launch); once the
-# cos/sin table and the final norm; torch: 4 matmuls per layer and the lm_head, the K/V
-# appends, the embedding and the key-bias/positions ops; w8a8 the same: one kernel per
-# (merged) quantized linear, x split and quantized inside it. Lower them when a change saves more.
-MAX_LAUNCHES = {None: 35, "w8a8": 35}
+# per layer 2 RMSNorms, rotary q, rotary k, 1 decode-attention kernel (a short context is
+# one split: the split kernel writes the output, no combine launch), the gate/up GEMV with
+# SwiGLU inside (linear_fused); once the cos/sin table and the final norm; torch: 3 matmuls
+# per layer and the lm_head, the K/V appends, the embedding and the key-bias/positions ops;
+# w8a8: one kernel per (merged) quantized linear, x split and quantized inside it, and
+# SwiGLU apart (quantized linears are not fused with pointwise groups). Lower them when a
+# change saves more.
+MAX_LAUNCHES = {None: 33, "w8a8": 35}
 
 
 def test_counter_sees_launches_syncs_and_not_views():

@@ -41,6 +41,11 @@ class TorchBackend(Backend):
                 "quant_linear": quant_linear_op}
 
     def prepare(self, graph: Graph) -> tuple[Graph, dict, list]:
+        from ...passes.fuse_linear_pointwise import unfuse
+
+        # a linear_fused node is a GEMV kernel's work; here its plain composition runs (and
+        # the CPU planners below see its linear)
+        graph = unfuse(graph)
         if self.device.type != "cpu":
             return graph, {}, []
         from ..cpu_int4 import plan_cpu_int4
