@@ -65,6 +65,27 @@ def test_bias_gelu_and_residual_epilogues(dtype):
     torch.testing.assert_close(_run((x, w, r), residual), r + F.linear(x, w), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [(1, 1), (2, 5)])
+def test_rmsnorm_prologue_with_residual_output_and_swiglu_epilogue(dtype, rows):
+    torch.manual_seed(2)
+    k, i = 300, 12  # K over several chunks
+    r, a = torch.randn(*rows, k, dtype=dtype), torch.randn(*rows, k, dtype=dtype)
+    g, w = torch.rand(k, dtype=dtype) + 0.5, torch.randn(2 * i, k, dtype=dtype) / 17
+    attrs = _attrs(RMS_ADD, ("t8", "t0"), row=k, n_x=3, columns=((0, i), (i, 2 * i)), epilogue=SWIGLU,
+                   epilogue_outputs=("t1",))
+    out, residual = _run((r, a, g, w), attrs)
+    want_out, want_residual = decode_gemv_reference(r, a, g, w, **attrs)
+    # the same add, stored once, as the row kernel of the unfused program stores it
+    row_kernel = PointwiseKernels().run(r, a, g, body=RMS_ADD, outputs=("t0",), row=k)
+    torch.testing.assert_close(residual, row_kernel, rtol=0, atol=0)
+    torch.testing.assert_close(residual, want_residual, **TOL[dtype])
+    torch.testing.assert_close(out, want_out, **TOL[dtype])
+    s = (r + a).float()
+    normed = (g.float() * (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6))).to(dtype)
+    torch.testing.assert_close(want_out, F.silu(normed @ w[:i].T) * (normed @ w[i:].T), **TOL[dtype])
+
+
 def test_a_prefill_is_not_a_gemv():
     x, w = torch.randn(17, 8), torch.randn(8, 8)
     assert GemvKernels(PointwiseKernels()).run(x, w, **_attrs()) is None
@@ -103,7 +124,10 @@ def _logits(out):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_models_match_the_unfused_program_at_decode_and_prefill_rows(name, dtype):
     fast, plain, vocab = _pair(name, dtype)
-    assert fast.graph.op_counts().get("linear_fused", 0) >= 2
+    # per layer q/k/v (norm prologue) and the MLP's up (norm prologue, activation epilogue);
+    # the lm_head (final norm prologue)
+    fused = [n for n in fast.graph.nodes if n.op == "linear_fused"]
+    assert len(fused) == 2 * 2 + 1 and all(n.attrs["prologue"] for n in fused)
     with torch.no_grad():
         for shape in ((1, 1), (2, 3), (2, 12)):  # 1 and 6 rows: the GEMV; 24: the composition
             ids = torch.randint(0, vocab, shape)
@@ -171,9 +195,37 @@ def test_declines_when_the_linear_output_is_read_elsewhere():
         torch.testing.assert_close(alone(x), model(x), **TOL[torch.float32])
 
 
+class _NormLinear(nn.Module):
+    def __init__(self, return_norm):
+        super().__init__()
+        self.norm, self.lin, self.return_norm = nn.RMSNorm(16, eps=1e-6), nn.Linear(16, 8, bias=False), return_norm
+
+    def forward(self, x, y):
+        h = self.norm(x + y)
+        return (self.lin(h), h) if self.return_norm else self.lin(h)
+
+
+def test_prologue_declines_when_the_normed_row_is_read_elsewhere():
+    torch.manual_seed(0)
+    x, y = torch.randn(1, 2, 16), torch.randn(1, 2, 16)
+    for return_norm, fused in ((True, 0), (False, 1)):
+        model = _NormLinear(return_norm).eval()
+        fast = fxforge.optimize(model, (x, y), backend="interpret")
+        assert fast.graph.op_counts().get("linear_fused", 0) == fused
+        with torch.no_grad():
+            got, want = fast(x, y), model(x, y)
+        for g, w in zip(got if return_norm else [got], want if return_norm else [want]):
+            torch.testing.assert_close(g, w, **TOL[torch.float32])
+
+
 def test_quantized_linears_are_left_alone():
     torch.manual_seed(0)
     model, vocab = zoo.llama()
     ids = torch.randint(0, vocab, (1, 4))
     fast = fxforge.optimize(model, (ids,), quantize="w8a8", backend="interpret")
-    assert "linear_fused" not in fast.graph.op_counts()
+    plain = fxforge.optimize(model, (ids,), quantize="w8a8", backend="interpret", disable=["fuse_linear_pointwise"])
+    assert fast.graph.op_counts()["quant_linear"] == plain.graph.op_counts()["quant_linear"]
+    # only the float lm_head (not quantized by w8a8) takes its final norm
+    assert [n.inputs[-1].param for n in fast.graph.nodes if n.op == "linear_fused"] == ["lm_head.weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(fast(ids[:, :1])), _logits(plain(ids[:, :1])), **TOL[torch.float32])

@@ -137,15 +137,56 @@ def _epilogue(graph: Graph, uses: _Uses, lin: int):
     return group, slices, attrs, extra
 
 
+MAX_K = 16384  # longest row a GEMV program recomputes the prologue's statistics over
+
+
+def _prologue(graph: Graph, uses: _Uses, lin: int, at: int):
+    """(prologue node index, attrs, x inputs, extra results) for the linear at `lin` placed
+    at node index `at`, or None. The group making x must be a fused_pointwise (a row group,
+    e.g. add + RMSNorm with row=K, or a flat one) read by this linear alone; its other
+    results (the residual sum) may go anywhere after `at`, where the fused node is written."""
+    nodes = graph.nodes
+    x = nodes[lin].inputs[0]
+    p = uses.producer.get(x)
+    if p is None or uses.only(x) != lin:
+        return None
+    g = nodes[p]
+    if g.op != "fused_pointwise" or any(op == "cat" for op, _, _ in g.attrs["body"]):
+        return None
+    k = x.shape[-1]
+    if not k.is_number or int(k) > MAX_K or g.attrs.get("row") not in (None, int(k)):
+        return None
+    lead = x.shape[:-1]
+    if any(v.shape[:-1] != lead or (v.shape[-1] != k and v.shape[-1] != 1) for v in g.outputs):
+        return None
+    side = [v for v in g.outputs if v is not x]
+    if any(u <= at for v in side for u in uses.users.get(v, ())):
+        return None  # read before the fused node could write it
+    steps = dict(zip(g.outputs, g.attrs["outputs"]))
+    attrs = {"prologue": tuple(g.attrs["body"]), "prologue_outputs": tuple(steps[v] for v in [x] + side)}
+    if g.attrs.get("row") is not None:
+        attrs["row"] = int(g.attrs["row"])
+    return p, attrs, list(g.inputs), side
+
+
 def _candidates(graph: Graph):
+    """(linear index, prologue, epilogue) for each linear that takes a neighbour; a group
+    goes to one linear only (the SwiGLU group is gate/up's epilogue, not down's prologue)."""
     uses = _Uses(graph)
+    taken: set[int] = set()
     for i, node in enumerate(graph.nodes):
         if not _float_linear(graph, node):
             continue
         epi = _epilogue(graph, uses, i)
-        pro = None
+        if epi is not None and epi[0] in taken:
+            epi = None
+        at = epi[0] if epi is not None else i
+        pro = _prologue(graph, uses, i, at)
+        if pro is not None and (pro[0] in taken or (epi is not None and set(epi[3]) & set(graph.nodes[pro[0]].outputs))):
+            pro = None  # (an epilogue reading the prologue's own extra result would read the node's output)
         if epi is None and pro is None:
             continue
+        taken.update(x[0] for x in (pro, epi) if x is not None)
         yield i, pro, epi
 
 

@@ -205,16 +205,20 @@ class GemvKernels:
 
     def __init__(self, pointwise):
         self.pointwise = pointwise
-        self._plans: dict[tuple, _Plan | None] = {}
+        self._plans: dict[tuple, tuple] = {}  # key -> (the attrs' values, _Plan or None: not a GEMV)
 
     def run(self, *tensors, **attrs):
         """The node's results through the kernel, or None when this call is not a GEMV
         (too many rows, an input that is not a strided [rows, length] matrix)."""
-        key = (id(attrs["prologue"]), id(attrs["epilogue"]), id(attrs["columns"]),
-               tuple((t.shape, t.stride(), t.dtype) for t in tensors))
-        plan = self._plans.get(key, False)
-        if plan is False:
-            plan = self._plans[key] = self._plan(tensors, attrs)
+        # Worked out once per node and input signature. The attrs are the program's constants
+        # (equal ones may be one object across nodes), so they are keyed by identity, all of
+        # them, and kept alive with the plan so that an id is never reused.
+        values = tuple(attrs.values())
+        key = (tuple(map(id, values)), tuple((t.shape, t.stride(), t.dtype) for t in tensors))
+        found = self._plans.get(key)
+        if found is None:
+            found = self._plans[key] = (values, self._plan(tensors, attrs))
+        plan = found[1]
         if plan is None:
             return None
         device = tensors[0].device
