@@ -31,14 +31,16 @@ from dataclasses import dataclass
 import torch
 
 from ...ir.linear_fused import linear_fused_reference, split_inputs
-from ..pointwise import _TL_DTYPES, expression
+from ..pointwise import _TL_DTYPES, expression, needs_wide_index
 from ..row_loop import _LoopedRow, _looped_step
 
 MAX_ROWS = 16  # rows (M) the GEMV takes; more is a GEMM: the composition runs (cuBLAS)
-# target programs at M = 1: about two per SM of an H100 (132)
-TARGET_PROGRAMS = 256
-# elements of one [BLOCK_M, BLOCK_N, BLOCK_K] product tile: 32 fp32 registers per thread at 4 warps
-PRODUCT_TILE = 4096
+# target programs at M = 1: about four per SM of an H100 (132); narrower tiles also spilled
+# less (BLOCK_N=32 spilled 8 B on sm_90 for bf16 K=4096 with SwiGLU)
+TARGET_PROGRAMS = 512
+# elements of one [BLOCK_M, BLOCK_N, BLOCK_K] product tile: 16 fp32 registers per thread at 4 warps
+# (4096 took 128-168 registers and spilled on sm_80 at 16 rows; the AOT sweep in gpu_specs)
+PRODUCT_TILE = 2048
 MAX_BLOCK_K = 256
 
 decode_gemv_reference = linear_fused_reference
@@ -57,7 +59,7 @@ def launch_blocks(m: int, n_out: int, k: int, parts: int = 1) -> dict:
     that about TARGET_PROGRAMS programs run, and a K chunk that keeps the product tile of
     every column range (`parts`) within PRODUCT_TILE elements."""
     block_m = _pow2_at_least(m)
-    block_n = max(4, min(64, _pow2_at_most(max(1, n_out // TARGET_PROGRAMS))))
+    block_n = max(4, min(32, _pow2_at_most(max(1, n_out // TARGET_PROGRAMS))))
     block_k = max(16, min(MAX_BLOCK_K, _pow2_at_least(k), PRODUCT_TILE // (block_m * block_n * parts)))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
 
@@ -238,8 +240,9 @@ class GemvKernels:
         types = OPS["linear_fused"].infer([_type_of(t) for t in tensors], attrs)
         lead = tuple(int(d) for d in types[0].shape[:-1])
         m = math.prod(lead)
-        if m > MAX_ROWS or w.dtype not in _TL_DTYPES or (b is not None and b.stride(-1) != 1):
-            return None
+        if m > MAX_ROWS or w.dtype not in _TL_DTYPES or (b is not None and b.stride(-1) != 1) \
+                or needs_wide_index(tensors, m * max(n, k)):
+            return None  # (offsets past 2**31: the kernel computes them in 32 bits)
         n_results = len(attrs["epilogue_outputs"]) if attrs["epilogue"] else 1
         n_out = int(types[0].shape[-1])
         views, x_is_row, strides = [], [], []
