@@ -13,6 +13,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import fxforge  # noqa: E402
 import zoo  # noqa: E402
+from fxforge.codegen.kernels import decode_gemv  # noqa: E402
 from fxforge.codegen.kernels.decode_gemv import GemvKernels, decode_gemv_reference, launch_blocks  # noqa: E402
 from fxforge.codegen.pointwise import PointwiseKernels  # noqa: E402
 from fxforge.ir.parser import parse  # noqa: E402
@@ -36,6 +37,15 @@ def _attrs(prologue=(), prologue_outputs=(), row=None, n_x=1, bias=False, column
                 epilogue=epilogue, epilogue_outputs=epilogue_outputs)
 
 
+@pytest.fixture(params=["gpu_blocks", "interpreter_blocks"])
+def blocks(request, monkeypatch):
+    """The kernel tests run both block choices: the GPU's narrow column tiles and K chunks
+    (masks on every edge) and the interpreter's wide ones."""
+    if request.param == "gpu_blocks":
+        monkeypatch.setattr(decode_gemv, "interpreted", lambda: False)
+    return request.param
+
+
 def _run(tensors, attrs):
     out = GemvKernels(PointwiseKernels()).run(*tensors, **attrs)
     assert out is not None, "the GEMV declined a decode shape"
@@ -44,7 +54,7 @@ def _run(tensors, attrs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [(1, 1), (2, 3), (16,)])
-def test_swiglu_epilogue_kernel_matches_the_composition(dtype, rows):
+def test_swiglu_epilogue_kernel_matches_the_composition(dtype, rows, blocks):
     torch.manual_seed(0)
     k, i = 40, 24  # K not a multiple of the chunk, I not of the column block
     x, w = torch.randn(*rows, k, dtype=dtype), torch.randn(2 * i, k, dtype=dtype) / 6
@@ -54,7 +64,7 @@ def test_swiglu_epilogue_kernel_matches_the_composition(dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bias_gelu_and_residual_epilogues(dtype):
+def test_bias_gelu_and_residual_epilogues(dtype, blocks):
     torch.manual_seed(1)
     x, w, b, r = (torch.randn(1, 3, 32, dtype=dtype), torch.randn(20, 32, dtype=dtype) / 5,
                   torch.randn(20, dtype=dtype), torch.randn(1, 3, 20, dtype=dtype))
@@ -67,7 +77,7 @@ def test_bias_gelu_and_residual_epilogues(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [(1, 1), (2, 5)])
-def test_rmsnorm_prologue_with_residual_output_and_swiglu_epilogue(dtype, rows):
+def test_rmsnorm_prologue_with_residual_output_and_swiglu_epilogue(dtype, rows, blocks):
     torch.manual_seed(2)
     k, i = 300, 12  # K over several chunks
     r, a = torch.randn(*rows, k, dtype=dtype), torch.randn(*rows, k, dtype=dtype)

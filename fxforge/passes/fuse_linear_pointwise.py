@@ -14,7 +14,12 @@ Rules, each a declining match (the graph stays as it was when a condition fails)
     static last-dim slices of step 1, and by nothing else (not returned); E is a flat group
     (no row reduction, no cat) whose results all have the shape of those slices. Any
     elementwise body fuses: SwiGLU, GELU, a residual add of another tensor.
-  - prologue (see `_prologue`): ...
+  - prologue: the linear's input is a result of a fused_pointwise P (a row group such as
+    add + RMSNorm with row=K, K <= MAX_K, or a flat group) read by this linear alone; P's
+    other results (the residual sum) become extra results of the node, so whatever reads
+    them must come after the place the node is written (the epilogue's, else the linear's)
+    and must not be the epilogue itself. A linear can take both (Llama's gate/up: the
+    second RMSNorm before, SwiGLU after); a group goes to one linear only.
 Only `linear` on float activations of the weight's dtype (fp32/bf16/fp16); quantized
 linears are another op and stay as they are.
 
@@ -53,7 +58,7 @@ class _Uses:
         return users[0] if len(users) == 1 and v not in self.returned else None
 
 
-def _float_linear(graph: Graph, node: Node) -> bool:
+def _float_linear(node: Node) -> bool:
     if node.op != "linear":
         return False
     x, w = node.inputs[0], node.inputs[1]
@@ -175,7 +180,7 @@ def _candidates(graph: Graph):
     uses = _Uses(graph)
     taken: set[int] = set()
     for i, node in enumerate(graph.nodes):
-        if not _float_linear(graph, node):
+        if not _float_linear(node):
             continue
         epi = _epilogue(graph, uses, i)
         if epi is not None and epi[0] in taken:
@@ -215,8 +220,9 @@ def fuse_linear_pointwise(graph: Graph, ctx=None) -> Graph:
             counts["epilogue"] += 1
         fused = Node("linear_fused", tuple(x_inputs) + (weight,) + tuple(bias) + tuple(extra), attrs,
                      tuple(outputs) + tuple(side), {**node.meta, "pass": "fuse_linear_pointwise"})
-        if OPS["linear_fused"].infer([v.type for v in fused.inputs], attrs) is None:  # pragma: no cover
-            continue
+        types = OPS["linear_fused"].infer([v.type for v in fused.inputs], attrs)
+        if not all(t.same_as(v.type) for t, v in zip(types, fused.outputs)):
+            raise AssertionError(f"fuse_linear_pointwise: {types} != {[v.type for v in fused.outputs]}{node.where()}")
         replaced[at] = fused
         dropped.discard(at)
     if not replaced:
