@@ -244,13 +244,14 @@ def test_user_pass_runs_at_its_position_and_shows_in_report_and_dumps(tmp_path):
     x = torch.randn(2, 3, 8)
     fast = fxforge.optimize(model, (x,), registry=reg, dump_dir=str(tmp_path))
     assert [s.name for s in fast.stats] == ["cleanup", "relu_to_clamp", "fuse_attention", "fuse_linear",
-                                            "fuse_elementwise", "cleanup_final"]
+                                            "fuse_elementwise", "fuse_linear_pointwise", "cleanup_final"]
     assert fast.stats[1].rules["relu_to_clamp"] == 1
     report = fast.report()
     assert "relu_to_clamp" in report and "relu_to_clamp=1" in report
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files[:7] == ["00_capture.ir", "01_cleanup.ir", "02_relu_to_clamp.ir", "03_fuse_attention.ir",
-                         "04_fuse_linear.ir", "05_fuse_elementwise.ir", "06_cleanup_final.ir"]
+    assert files[:8] == ["00_capture.ir", "01_cleanup.ir", "02_relu_to_clamp.ir", "03_fuse_attention.ir",
+                         "04_fuse_linear.ir", "05_fuse_elementwise.ir", "06_fuse_linear_pointwise.ir",
+                         "07_cleanup_final.ir"]
     assert "relu(" in (tmp_path / "01_cleanup.ir").read_text()
     assert "clamp(" in (tmp_path / "02_relu_to_clamp.ir").read_text()
     assert "program.py" in files and "report.txt" in files
