@@ -253,14 +253,20 @@ def unfuse(graph: Graph) -> Graph:
         b = Builder(node.meta)
 
         def pointwise(*vs, body, outputs, row):
+            if len(body) == 1 and outputs == ("t0",) and body[0][0] != "const":  # a lone op, as it was
+                op, args, attrs = body[0]
+                return b.emit_multi(op, [vs[int(a[2:])] for a in args], dict(attrs))
             attrs = {"body": body, "outputs": outputs}
             if row is not None:
                 attrs["row"] = row
             return b.emit_multi("fused_pointwise", vs, attrs)
 
+        def cut(y, start, end):
+            whole = start == 0 and y.shape[-1].is_number and end == int(y.shape[-1])
+            return y if whole else b.emit("slice", y, dim=-1, start=start, end=end, step=1)
+
         outs = compose(list(node.inputs), node.attrs, pointwise,
-                       lambda x, w, bias: b.emit("linear", *([x, w] + ([bias] if bias is not None else []))),
-                       lambda y, s, e: b.emit("slice", y, dim=-1, start=s, end=e, step=1))
+                       lambda x, w, bias: b.emit("linear", *([x, w] + ([bias] if bias is not None else []))), cut)
         # the node's own result values keep their identity: later nodes read them
         last = {v: old for v, old in zip(outs, node.outputs)}
         for n in b.nodes:
