@@ -333,7 +333,7 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     decode_wide = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("all", "paged"), wide=True)
     return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + decode_wide + quant + w8a8
             + [_wide(quant[0])] + row_specs(lengths=(4096, 65536), kinds=("layer_norm",))
-            + gemv_specs(worst, GEMV_SHAPES[1:2] + GEMV_SHAPES[3:]))
+            + gemv_specs(worst, GEMV_SHAPES[3:4]))
 
 
 def _wide(spec: KernelSpec) -> KernelSpec:
