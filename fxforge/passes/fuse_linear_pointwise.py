@@ -187,8 +187,10 @@ def _candidates(graph: Graph):
             epi = None
         at = epi[0] if epi is not None else i
         pro = _prologue(graph, uses, i, at)
-        if pro is not None and (pro[0] in taken or (epi is not None and set(epi[3]) & set(graph.nodes[pro[0]].outputs))):
-            pro = None  # (an epilogue reading the prologue's own extra result would read the node's output)
+        # (an epilogue reading the prologue's extra result would read the fused node's own output)
+        reads_own = epi is not None and pro is not None and set(epi[3]) & set(graph.nodes[pro[0]].outputs)
+        if pro is not None and (pro[0] in taken or reads_own):
+            pro = None
         if epi is None and pro is None:
             continue
         taken.update(x[0] for x in (pro, epi) if x is not None)

@@ -107,6 +107,10 @@ class GemvSpec:
 
 
 def generate_gemv_source(name: str, spec: GemvSpec) -> str:
+    """The kernel module's text. Arguments: the prologue's inputs (x itself without one), the
+    weight, the bias, the epilogue's inputs, the results, the prologue's extra results;
+    M, K, N_OUT (the result's columns), the first weight row of each column range; the
+    strides of each input as a [rows, columns] matrix; the block constexprs."""
     n_x, n_e, n_out, n_side = len(spec.x_dtypes), len(spec.e_dtypes), len(spec.out_dtypes), len(spec.side_dtypes)
     pointers = ([f"in{i}_ptr" for i in range(n_x)] + ["w_ptr"] + (["b_ptr"] if spec.bias else [])
                 + [f"e{i}_ptr" for i in range(n_e)] + [f"out{i}_ptr" for i in range(n_out)]
@@ -123,7 +127,7 @@ def generate_gemv_source(name: str, spec: GemvSpec) -> str:
              "    rmask = rows < M",
              "    N = K  # the row the prologue's statistics run over (row_loop's name)"]
     # the prologue's row program: statistics in `top`, the row values of a chunk in `chunk`
-    row_loads, k = [], None
+    row_loads = []
     for i, (dtype, is_row) in enumerate(zip(spec.x_dtypes, spec.x_is_row)):
         conv = ".to(tl.float32)" if dtype.is_floating_point else ""
         if is_row:
