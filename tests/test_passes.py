@@ -209,13 +209,13 @@ def test_rule_that_changes_the_type_is_a_bug_reported_by_name():
 def test_pipeline_order_unknown_names_and_user_positions():
     reg = default_registry()
     assert reg.order == ["cleanup", "fuse_attention", "gqa", "shard", "kv_cache", "quantize", "fuse_linear",
-                         "fuse_elementwise", "cleanup_final"]
+                         "fuse_elementwise", "fuse_linear_pointwise", "cleanup_final"]
     reg.add(PassInfo("mine", lambda g: g), before="cleanup_final")
     assert reg.order == ["cleanup", "fuse_attention", "gqa", "shard", "kv_cache", "quantize", "fuse_linear",
-                         "fuse_elementwise", "mine", "cleanup_final"]
+                         "fuse_elementwise", "fuse_linear_pointwise", "mine", "cleanup_final"]
     reg.add(PassInfo("default_place", lambda g: g))
     assert reg.order.index("default_place") == reg.order.index("fuse_elementwise") - 1
-    with pytest.raises(ValueError, match="unknown pass 'nope'; known passes: cleanup, cleanup_final, default_place, fuse_attention, fuse_elementwise, fuse_linear, gqa, kv_cache, mine, quantize, shard"):
+    with pytest.raises(ValueError, match="unknown pass 'nope'; known passes: cleanup, cleanup_final, default_place, fuse_attention, fuse_elementwise, fuse_linear, fuse_linear_pointwise, gqa, kv_cache, mine, quantize, shard"):
         reg.pipeline({}, passes=["nope"])
     with pytest.raises(ValueError, match="relative to unknown pass"):
         reg.add(PassInfo("x", lambda g: g), after="nope")
@@ -244,13 +244,14 @@ def test_user_pass_runs_at_its_position_and_shows_in_report_and_dumps(tmp_path):
     x = torch.randn(2, 3, 8)
     fast = fxforge.optimize(model, (x,), registry=reg, dump_dir=str(tmp_path))
     assert [s.name for s in fast.stats] == ["cleanup", "relu_to_clamp", "fuse_attention", "fuse_linear",
-                                            "fuse_elementwise", "cleanup_final"]
+                                            "fuse_elementwise", "fuse_linear_pointwise", "cleanup_final"]
     assert fast.stats[1].rules["relu_to_clamp"] == 1
     report = fast.report()
     assert "relu_to_clamp" in report and "relu_to_clamp=1" in report
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files[:7] == ["00_capture.ir", "01_cleanup.ir", "02_relu_to_clamp.ir", "03_fuse_attention.ir",
-                         "04_fuse_linear.ir", "05_fuse_elementwise.ir", "06_cleanup_final.ir"]
+    assert files[:8] == ["00_capture.ir", "01_cleanup.ir", "02_relu_to_clamp.ir", "03_fuse_attention.ir",
+                         "04_fuse_linear.ir", "05_fuse_elementwise.ir", "06_fuse_linear_pointwise.ir",
+                         "07_cleanup_final.ir"]
     assert "relu(" in (tmp_path / "01_cleanup.ir").read_text()
     assert "clamp(" in (tmp_path / "02_relu_to_clamp.ir").read_text()
     assert "program.py" in files and "report.txt" in files

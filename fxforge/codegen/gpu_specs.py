@@ -283,11 +283,54 @@ def row_specs(lengths=ROW_LENGTHS, kinds=("softmax", "layer_norm", "rms_norm"), 
     return specs
 
 
+# --------------------------------------------------------------------------- decode GEMV
+# (K, columns of the output, column ranges the epilogue reads): SmolLM2's q/k/v with its norm,
+# gate/up with norm and SwiGLU, the lm_head with the final norm, and a wide model's rows
+GEMV_SHAPES = ((576, 960, 1), (576, 1536, 2), (576, 49152, 1), (4096, 14336, 2), (8192, 8192, 1))
+GEMV_ROWS = (1, 16)
+
+
+def gemv_specs(dtypes=DTYPES, shapes=GEMV_SHAPES, rows=GEMV_ROWS, folder: str | None = None) -> list[KernelSpec]:
+    """The decode GEMV of linear_fused (codegen/kernels/decode_gemv.py) as the llama layers
+    generate it: add + RMSNorm prologue (with the residual sum as an extra output), SwiGLU
+    epilogue when it reads two column ranges, at the blocks `launch_blocks` picks."""
+    from .kernels import decode_gemv
+
+    folder = folder or os.path.join(tempfile.gettempdir(), "fxforge_aot_kernels")
+    os.makedirs(folder, exist_ok=True)
+    rms_add = (("add", ("in0", "in1"), ()), ("mul", ("t0", "t0"), ()),
+               ("mean", ("t1",), (("dims", (-1,)), ("keepdim", True), ("dtype", None))),
+               ("const", (), (("value", 1e-5), ("dtype", torch.float32))), ("add", ("t2", "t3"), ()),
+               ("rsqrt", ("t4",), ()), ("mul", ("t0", "t5"), ()), ("mul", ("in2", "t6"), ()))
+    swiglu = (("silu", ("in0",), ()), ("mul", ("t0", "in1"), ()))
+    specs = []
+    for dname, dtype in dtypes.items():
+        for k, n_out, parts in shapes:
+            spec = decode_gemv.GemvSpec(rms_add, ("t7", "t0"), (True, True, True), (dtype,) * 3, dtype, dtype, False,
+                                        parts, swiglu if parts == 2 else (), ("t1",) if parts == 2 else (), (),
+                                        (dtype,), (dtype,), (True,))
+            name = f"gemv_{dname}_{parts}"
+            path = os.path.join(folder, f"{name}.py")
+            with open(path, "w") as f:
+                f.write(decode_gemv.generate_gemv_source(name, spec))
+            args = (["in0_ptr", "in1_ptr", "in2_ptr", "w_ptr", "out0_ptr", "side0_ptr", "M", "K", "N_OUT"]
+                    + [f"col{p}" for p in range(parts)]
+                    + ["in0_sm", "in0_sk", "in1_sm", "in1_sk", "in2_sm", "in2_sk", "swn", "swk"])
+            for m in rows:
+                blocks = decode_gemv.launch_blocks(m, n_out, k, parts)
+                specs.append(_spec(
+                    "decode_gemv", f"file:{path}:{name}", args + list(blocks),
+                    {p: dname for p in ("in0_ptr", "in1_ptr", "in2_ptr", "w_ptr", "out0_ptr", "side0_ptr")}, blocks,
+                    unit=("in0_sk", "in1_sk", "in2_sk", "swk"), dtype=dname, k=k, n=n_out, parts=parts, rows=m))
+    return specs
+
+
 def generated_specs(launches: list[dict], label: str) -> list[KernelSpec]:
     """Specs for the generated kernels a model launched (`PointwiseKernels.launches`)."""
     specs = []
     for launch in launches:
-        kind = "row" if "BLOCK_N" in launch["constexprs"] else "pointwise"
+        kind = "gemv" if "BLOCK_K" in launch["constexprs"] else "row" if "BLOCK_N" in launch["constexprs"] else \
+            "pointwise"
         specs.append(KernelSpec(kernel=f"{label}:{kind}", fn=f"file:{launch['path']}:{launch['name']}",
                                 signature=launch["signature"], constexprs=launch["constexprs"], num_warps=4,
                                 num_stages=3, labels={"model": label, "kernel": launch["name"]}))
@@ -313,7 +356,8 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     """Everything the hand-written kernels and long row kernels can launch (`quick`: the
     worst cases only, for CI: fp32 and bf16 at head dims 64 and 256, and the largest tiles)."""
     if not quick:
-        return (attention_specs() + decode_specs() + quant_specs() + quant_gemv_specs() + row_specs())
+        return (attention_specs() + decode_specs() + quant_specs() + quant_gemv_specs() + row_specs()
+                + gemv_specs())
     worst = {"fp32": DTYPES["fp32"], "bf16": DTYPES["bf16"]}
     attn = _largest(attention_specs(worst, (64, 256)), ("BLOCK_M", "BLOCK_N"), ("dtype", "head_dim", "variant"))
     quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",))
@@ -325,7 +369,8 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
                          ("dtype",), 1)
     decode_wide = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("all", "paged"), wide=True)
     return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + decode_wide + quant + w8a8
-            + [_wide(quant[0])] + quant_gemv_specs(worst) + row_specs(lengths=(4096, 65536), kinds=("layer_norm",)))
+            + [_wide(quant[0])] + quant_gemv_specs(worst) + row_specs(lengths=(4096, 65536), kinds=("layer_norm",))
+            + gemv_specs(worst, GEMV_SHAPES[3:4]))
 
 
 def _wide(spec: KernelSpec) -> KernelSpec:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .signature import AttrSpec, check_arity, parse_attr_specs, signature_problem
+from .linear_fused import ATTRS as LINEAR_FUSED_ATTRS, infer_linear_fused, linear_fused_reference
 from .types import TensorType, Type, as_dim, broadcast_shapes, dims_equal, promote
 
 KINDS = ("pointwise", "reduction", "view", "matmul", "creation", "constant", "fused", "opaque", "other")
@@ -964,6 +965,10 @@ OPS_LIST: list[OpDef] = [
               "output k is kv_append(input i, its value) {start}, stored by the kernel itself (mutates)",
           arity=(0, VARIADIC), attrs="body: tuple, outputs: strs, row?: int, into?: tuple, start?: size",
           traits={"row_safe"}),
+    OpDef("linear_fused", "fused", infer_linear_fused, linear_fused_reference, origin="fuse_linear_pointwise",
+          doc="linear(prologue(x...), weight, [bias]) with an epilogue on column ranges of its output, one op "
+              "(ir/linear_fused.py); results: the epilogue's outputs (or the linear's), then the prologue's extras",
+          arity=(2, VARIADIC), attrs=LINEAR_FUSED_ATTRS),
     OpDef("quant_linear", "fused", infer_quant_linear, quant_linear_reference, origin="quantize",
           doc="x @ dequantize(packed weight)^T [+ bias]; parts name the packed tensors",
           arity=(2, VARIADIC), attrs="parts: strs, qattrs: pairs, bias: bool"),

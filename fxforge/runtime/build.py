@@ -7,6 +7,7 @@ import torch
 
 from ..ir.capture import CallSpec, positional_call_spec
 from ..ir.graph import Graph
+from ..ir.printer import print_graph
 from .backends import Backend, resolve_backend
 from .module import OptimizedModel
 from .program import build_program
@@ -19,6 +20,10 @@ def assemble(graph: Graph, spec: CallSpec, backend: Backend, device, name: str, 
     graph = params_on(graph, device)
     backend.check(graph)
     planned, overrides, runtime_stats = backend.prepare(graph)
+    if dumps and planned is not graph:
+        text = print_graph(planned)
+        if text != dumps[-1][1]:  # the backend rewrote the graph (linear_fused written as its steps)
+            dumps = [*dumps, (f"{len(dumps):02d}_prepare_{backend.name}.ir", text)]
     ops = {**backend.op_table(), **overrides}
     program = build_program(planned, ops, device=device, filename=f"<fxforge program for {name}>",
                             inline_fused=backend.inlines_fused_pointwise)

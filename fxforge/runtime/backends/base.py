@@ -51,7 +51,17 @@ class Backend:
 
     def prepare(self, graph: Graph) -> tuple[Graph, dict, list]:
         """(graph, op overrides, report stats) after this backend's own planning."""
-        return graph, {}, []
+        return self.composed(graph), {}, []
+
+    def composed(self, graph: Graph) -> Graph:
+        """`graph` with each linear_fused node written as its steps (pointwise groups, linear,
+        slices) unless this backend has a kernel for it: then its own linear and pointwise
+        implementations run them, as they did before fuse_linear_pointwise."""
+        if "linear_fused" in self.kernel_ops():
+            return graph
+        from ...passes.fuse_linear_pointwise import unfuse
+
+        return unfuse(graph)
 
     # -- running -----------------------------------------------------------------------------
     def kernel_ops(self) -> dict:

@@ -41,6 +41,9 @@ class TorchBackend(Backend):
                 "quant_linear": quant_linear_op}
 
     def prepare(self, graph: Graph) -> tuple[Graph, dict, list]:
+        # a linear_fused node is a GEMV kernel's work; here its steps run (and the CPU
+        # planners below see its linear)
+        graph = self.composed(graph)
         if self.device.type != "cpu":
             return graph, {}, []
         from ..cpu_int4 import plan_cpu_int4

@@ -48,7 +48,26 @@ class TritonBackend(Backend):
         from ..torch_kernels import quant_linear_with
 
         return {"attention": attention_dispatch, "paged_attention": paged_attention_dispatch, "quant_linear": quant_linear_with(_quant_linear_triton),
-                "fused_pointwise": self.pointwise.run}
+                "fused_pointwise": self.pointwise.run, "linear_fused": self.linear_fused}
+
+    def linear_fused(self, *tensors, **attrs):
+        """A decode GEMV with the prologue and epilogue inside (few rows), else the same
+        steps as separate launches: the generated pointwise kernels around a torch matmul
+        (cuBLAS), exactly what ran before the fusion, so a prompt is not slower."""
+        gemv = self.__dict__.get("_gemv")
+        if gemv is None:
+            from ...codegen.kernels.decode_gemv import GemvKernels
+
+            gemv = self._gemv = GemvKernels(self.pointwise)
+        out = gemv.run(*tensors, **attrs)
+        if out is not None:
+            return out
+        import torch.nn.functional as F
+
+        from ...ir.linear_fused import compose
+
+        outs = compose(tensors, attrs, self.pointwise.run, F.linear, lambda y, s, e: y[..., s:e])
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     def kernel_sources(self) -> dict[str, str]:
         return self.pointwise.sources

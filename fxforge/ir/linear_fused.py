@@ -1,0 +1,93 @@
+"""`linear_fused`: a float linear with the pointwise group that feeds it (prologue) and the
+one that consumes it (epilogue), as one op (made by passes/fuse_linear_pointwise.py).
+
+    linear_fused(*x_inputs, weight, [bias], *epilogue_inputs)
+        {n_x, bias, prologue, prologue_outputs, row?, columns, epilogue, epilogue_outputs}
+
+means, step by step (`compose` below evaluates exactly this):
+  1. prologue: a fused_pointwise body over the n_x leading inputs (empty: x is input 0);
+     its first output is x, the others are extra outputs of this op (a residual sum);
+  2. y = linear(x, weight, [bias]);
+  3. epilogue: a fused_pointwise body whose operands in0..in{P-1} are the column ranges
+     `columns` of y (y[..., start:end]) and whose later operands are the epilogue inputs
+     (empty: the op returns y).
+Results: the epilogue's outputs (or y), then the prologue's extra outputs.
+
+Why an op of its own: a decode step multiplies a handful of rows by each weight, and then
+the normalisation before a linear and the activation after it are each a launch of their
+own that moves almost nothing. The Triton backend runs the whole op as one GEMV kernel
+(codegen/kernels/decode_gemv.py) for few rows and as the composition above otherwise; the
+torch backend turns it back into the composition (passes/fuse_linear_pointwise.unfuse).
+"""
+from __future__ import annotations
+
+
+def split_inputs(tensors, attrs) -> tuple[list, object, object, list]:
+    """(x inputs, weight, bias or None, epilogue inputs) of a linear_fused node's inputs."""
+    n_x = attrs["n_x"]
+    weight = tensors[n_x]
+    bias = tensors[n_x + 1] if attrs["bias"] else None
+    return list(tensors[:n_x]), weight, bias, list(tensors[n_x + 1 + bool(attrs["bias"]):])
+
+
+def compose(tensors, attrs, pointwise, linear, cut) -> list:
+    """The op's results, computed as its three steps with the given implementations:
+    `pointwise(*inputs, body=, outputs=, row=)` (a fused_pointwise), `linear(x, w, b)`
+    and `cut(y, start, end)` (y[..., start:end]). Works on types as well as tensors."""
+    xs, weight, bias, extra = split_inputs(tensors, attrs)
+    if attrs["prologue"]:
+        pro = _as_list(pointwise(*xs, body=attrs["prologue"], outputs=attrs["prologue_outputs"],
+                                 row=attrs.get("row")))
+        x, side = pro[0], pro[1:]
+    else:
+        x, side = xs[0], []
+    y = linear(x, weight, bias)
+    if not attrs["epilogue"]:
+        return [y] + side
+    operands = [cut(y, int(s), int(e)) for s, e in attrs["columns"]] + extra
+    return _as_list(pointwise(*operands, body=attrs["epilogue"], outputs=attrs["epilogue_outputs"], row=None)) + side
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (tuple, list)) else [x]
+
+
+def infer_linear_fused(types, attrs):
+    from .ops import IRTypeError, OPS
+
+    if attrs["n_x"] < 1 or len(types) < attrs["n_x"] + 1 + bool(attrs["bias"]):
+        raise IRTypeError(f"n_x={attrs['n_x']}, bias={str(attrs['bias']).lower()} need more than {len(types)} inputs")
+    if bool(attrs["prologue"]) != bool(attrs["prologue_outputs"]) or (
+            not attrs["prologue"] and attrs["n_x"] != 1):
+        raise IRTypeError("a prologue needs its outputs (and without one, n_x is 1)")
+    if not attrs["columns"] or not all(isinstance(c, tuple) and len(c) == 2 for c in attrs["columns"]):
+        raise IRTypeError(f"columns {attrs['columns']!r} are not (start, end) pairs")
+
+    def pointwise(*ts, body, outputs, row):
+        return OPS["fused_pointwise"].infer(list(ts), {"body": body, "outputs": outputs})
+
+    def linear(x, w, b):
+        return OPS["linear"].infer([x, w] + ([b] if b is not None else []), {})[0]
+
+    def cut(y, start, end):
+        if not 0 <= start < end or (y.shape[-1].is_number and end > int(y.shape[-1])):
+            raise IRTypeError(f"columns {start}:{end} are not within the linear's {y.shape[-1]} outputs")
+        return OPS["slice"].infer([y], {"dim": -1, "start": start, "end": end, "step": 1})[0]
+
+    return compose(list(types), attrs, pointwise, linear, cut)
+
+
+def linear_fused_reference(*tensors, n_x, bias, prologue, prologue_outputs, columns, epilogue, epilogue_outputs,
+                           row=None):
+    """Each step with its registry reference (fused_pointwise, linear, slice)."""
+    from .ops import OPS
+
+    attrs = dict(n_x=n_x, bias=bias, prologue=prologue, prologue_outputs=prologue_outputs, row=row,
+                 columns=columns, epilogue=epilogue, epilogue_outputs=epilogue_outputs)
+    outs = compose(tensors, attrs, OPS["fused_pointwise"].reference, OPS["linear"].reference,
+                   lambda y, s, e: y[..., s:e])
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+ATTRS = ("n_x: int, bias: bool, prologue: tuple, prologue_outputs: strs, row?: int|none, columns: tuple, "
+         "epilogue: tuple, epilogue_outputs: strs")
