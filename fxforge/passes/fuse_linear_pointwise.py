@@ -72,7 +72,8 @@ def _flat_group(node: Node) -> tuple | None:
     without row reduction or cat, or a lone pointwise op (fuse_elementwise leaves a single
     op alone, e.g. GELU between two linears) as a body of one step. Else None."""
     if node.op == "fused_pointwise":
-        if node.attrs.get("row") is not None or any(op == "cat" for op, _, _ in node.attrs["body"]):
+        if node.attrs.get("row") is not None or any(op == "cat" for op, _, _ in node.attrs["body"]) \
+                or node.attrs.get("into"):  # a group that stores into a KV cache keeps its own kernel
             return None
         return tuple(node.attrs["body"]), tuple(node.attrs["outputs"])
     op = OPS.get(node.op)
@@ -156,7 +157,7 @@ def _prologue(graph: Graph, uses: _Uses, lin: int, at: int):
     if p is None or uses.only(x) != lin:
         return None
     g = nodes[p]
-    if g.op != "fused_pointwise" or any(op == "cat" for op, _, _ in g.attrs["body"]):
+    if g.op != "fused_pointwise" or any(op == "cat" for op, _, _ in g.attrs["body"]) or g.attrs.get("into"):
         return None
     k = x.shape[-1]
     if not k.is_number or int(k) > MAX_K or g.attrs.get("row") not in (None, int(k)):
