@@ -25,40 +25,57 @@ from ..ir.types import TensorType
 # ops that act on each token's row alone, which the logits may pass through after the linear
 # (fused_pointwise: its row reductions are over the last dim, within a token)
 _PER_TOKEN = {"fused_pointwise", "tanh", "mul", "div", "add", "sub", "cast", "neg"}
+# the projections a chain starts at: a linear, or a linear_fused (the final norm inside it)
+_PROJECTIONS = {"linear", "linear_fused"}
 
 
-def _within_a_token(node: Node) -> bool:
-    """A fused_pointwise group reduces, concatenates and indexes along the last dim only
-    (row groups do): anything along another dim could mix tokens."""
-    if node.op != "fused_pointwise":
-        return True
-    rank = node.output.rank
-    for step in node.attrs["body"]:
+def _body_within_a_token(body, rank: int) -> bool:
+    """A pointwise body reduces, concatenates and indexes along the last dim only (row
+    groups do): anything along another dim could mix tokens."""
+    for step in body or ():
         attrs = dict(step[2])
-        dims = attrs.get("dims", ()) if attrs.get("dims") is not None else ()
-        dims = tuple(dims) + ((attrs["dim"],) if isinstance(attrs.get("dim"), int) else ())
+        dims = tuple(attrs.get("dims") or ()) + ((attrs["dim"],) if isinstance(attrs.get("dim"), int) else ())
         if any(d % rank != rank - 1 for d in dims):
             return False
     return True
 
 
+def _within_a_token(node: Node) -> bool:
+    rank = node.outputs[0].rank
+    if node.op == "fused_pointwise":
+        return _body_within_a_token(node.attrs["body"], rank)
+    if node.op == "linear_fused":
+        return (_body_within_a_token(node.attrs["prologue"], rank)
+                and _body_within_a_token(node.attrs["epilogue"], rank))
+    return True
+
+
+def _token_inputs(node: Node, tokens) -> list[int]:
+    """The inputs of the projection that carry the tokens ([B, T, ...], not parameters):
+    the ones the cut slices. The weight and bias are parameters."""
+    return [i for i, v in enumerate(node.inputs)
+            if v.param is None and isinstance(v.type, TensorType) and v.rank == 3 and v.type.shape[1] == tokens]
+
+
 def _logits_chain(graph: Graph, logits: Value) -> list[Node] | None:
-    """[the linear, elementwise nodes after it ..., the node making the logits]: the
-    logits are that linear's output through per-token ops whose other inputs are
-    parameters or scalars; None if they are not."""
+    """[the projection, per-token nodes after it ..., the node making the logits]: the
+    logits are a linear's (or linear_fused's first) output through per-token ops whose
+    other inputs are parameters or scalars; None if they are not."""
     producers, users = graph.producers(), graph.users()
     chain, value = [], logits
     while True:
         node = producers.get(value)
-        if node is None or len(node.outputs) != 1:
+        if node is None or not _within_a_token(node):
             return None
         chain.append(node)
-        if node.op == "linear":
-            x = node.inputs[0]
-            if not (isinstance(x.type, TensorType) and x.rank == 3):
+        if node.op in _PROJECTIONS:
+            if value is not node.outputs[0] or value.rank != 3:
+                return None
+            # its other results (a norm's residual sum) would hold one token: nobody may read them
+            if any(users.get(v) or v in graph.outputs for v in node.outputs[1:]):
                 return None
             break
-        if node.op not in _PER_TOKEN or not _within_a_token(node):
+        if node.op not in _PER_TOKEN or len(node.outputs) != 1:
             return None
         on_chain = [v for v in node.inputs if v.param is None and getattr(v.type, "rank", 0) >= 2]
         if len(on_chain) != 1 or on_chain[0].type.shape != value.type.shape:
@@ -67,11 +84,12 @@ def _logits_chain(graph: Graph, logits: Value) -> list[Node] | None:
     chain.reverse()
     # nothing but the chain reads what the chain makes (it is about to hold one token)
     for node, after in zip(chain, chain[1:] + [None]):
-        readers = users.get(node.output, [])
+        made = node.outputs[0]
+        readers = users.get(made, [])
         if after is None:
-            if readers or graph.outputs.count(node.output) != 1:
+            if readers or graph.outputs.count(made) != 1:
                 return None
-        elif readers != [after] or node.output in graph.outputs:
+        elif readers != [after] or made in graph.outputs:
             return None
     return chain
 
@@ -85,18 +103,24 @@ def last_token_graph(graph: Graph) -> Graph | None:
     chain = _logits_chain(graph, graph.outputs[index])
     if chain is None:
         return None
-    linear, x = chain[0], chain[0].inputs[0]
-    tokens = x.type.shape[1]
-    if tokens == 1:
+    projection = chain[0]
+    tokens = projection.outputs[0].type.shape[1]
+    cut_at = _token_inputs(projection, tokens)
+    if tokens == 1 or not cut_at:
         return None
-    last = Value(TensorType((x.type.shape[0], sympy.Integer(1), x.type.shape[2]), x.type.dtype), "last_token")
-    cut = Node("slice", (x,), {"dim": 1, "start": tokens - 1, "end": tokens, "step": 1}, (last,), linear.meta)
+    cuts, inputs = [], list(projection.inputs)
+    for i in cut_at:
+        x = inputs[i]
+        inputs[i] = Value(TensorType((x.type.shape[0], sympy.Integer(1)) + tuple(x.type.shape[2:]), x.type.dtype),
+                          "last_token")
+        cuts.append(Node("slice", (x,), {"dim": 1, "start": tokens - 1, "end": tokens, "step": 1}, (inputs[i],),
+                         projection.meta))
     renamed: dict[Value, Value] = {}
     nodes = []
     for node in graph.nodes:
-        if node is linear:
-            nodes.append(cut)
-            node = retyped(node, (last,) + node.inputs[1:], renamed)[0]
+        if node is projection:
+            nodes.extend(cuts)
+            node = retyped(node, tuple(inputs), renamed)[0]
         elif any(v in renamed for v in node.inputs):
             node = retyped(node, tuple(renamed.get(v, v) for v in node.inputs), renamed)[0]
         nodes.append(node)
