@@ -24,6 +24,13 @@ elif torch.cuda.is_available():
 else:
     pytest.skip("imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
 
+@pytest.fixture(autouse=True)
+def _every_format_on_the_gemv(monkeypatch):
+    """On a GPU the wrappers send a format to the GEMV only up to the rows where it measured
+    faster (quant_matmul.GEMV_ROWS_ON_GPU); these tests run the kernel for every format."""
+    monkeypatch.setattr(qm, "GEMV_ROWS_ON_GPU", None)
+
+
 REL_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 FORMAT = {"int8": qg.FMT_INT8, "int4": qg.FMT_INT4, "nf4": qg.FMT_NF4, "w8a8": qg.FMT_W8A8}
 
@@ -72,7 +79,7 @@ def test_decode_gemv_matches_reference(scheme, opts, n, k, m, dtype):
     assert _rel_err(y, ref) <= REL_TOL[dtype]
     # the last slice of every N tile put its counter back to zero: the next call (or a CUDA
     # graph replay) starts clean; and the fixed-order combine repeats bit for bit
-    assert int(qg._SCRATCH[torch.device(DEVICE)]["count"].abs().sum()) == 0
+    assert int(qg._SCRATCH[y.device]["count"].abs().sum()) == 0  # (keyed by cuda:0, not cuda)
     assert torch.equal(qm.quant_linear_triton(x, packed, bias), y)
 
 
@@ -116,3 +123,17 @@ def test_split_fills_the_gpu_and_bounds_the_partials():
         assert programs >= 2 * 132
         plan16 = qg.gemv_plan(fmt, 16, 2048, k, 64, False, 132)
         assert plan16.split_k * 16 * 8 <= k
+
+
+def test_on_a_gpu_each_format_takes_the_gemv_only_where_it_measured_faster(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(qm, "GEMV_ROWS_ON_GPU", {qg.FMT_INT8: 0, qg.FMT_INT4: 16, qg.FMT_NF4: 16, qg.FMT_W8A8: 1})
+    gpu_x = SimpleNamespace(is_cuda=True, dtype=torch.float16, device=torch.device("cpu"))
+    taken = {(f, m): qm._gemv_plan(f, m, 5632, 2048, 64, gpu_x) is not None
+             for f in (qg.FMT_INT8, qg.FMT_INT4, qg.FMT_NF4, qg.FMT_W8A8) for m in (1, 16)}
+    assert taken == {(qg.FMT_INT8, 1): False, (qg.FMT_INT8, 16): False, (qg.FMT_INT4, 1): True,
+                     (qg.FMT_INT4, 16): True, (qg.FMT_NF4, 1): True, (qg.FMT_NF4, 16): True,
+                     (qg.FMT_W8A8, 1): True, (qg.FMT_W8A8, 16): False}
+    cpu_x = SimpleNamespace(is_cuda=False, dtype=torch.float16, device=torch.device("cpu"))
+    assert qm._gemv_plan(qg.FMT_INT8, 16, 5632, 2048, 1, cpu_x) is not None  # the interpreter: every format

@@ -352,10 +352,24 @@ def _weight_only_launch(x, w, scale, zero, bias, n, k, fmt, group_size):
     return out.reshape(*x.shape[:-1], n)
 
 
+# The most rows the split-K GEMV takes on a GPU, per format: where it beat the tiled kernel.
+# Measured on an H200 in a CUDA graph (K x N = 2048 x 5632, docs/benchmarks.md, GPU run 5):
+# int4 12.3 vs 22.3 us at 1 row, 18.4 vs 22.4 at 16; nf4 21.1 vs 132 and 61 vs 133; w8a8 10.1
+# vs 83 at 1 row but 163 vs 54 at 16 (every program re-reads x for its scales); int8 15.2 vs
+# 8.7 and 9.0 vs 8.3 (the tiled kernel's 16-byte loads already stream its weight). Elsewhere
+# (the interpreter) every format takes it up to MAX_ROWS, so the tests run the kernel. None:
+# no per-format limit.
+GEMV_ROWS_ON_GPU = {quant_gemv.FMT_INT8: 0, quant_gemv.FMT_INT4: 16, quant_gemv.FMT_NF4: 16,
+                    quant_gemv.FMT_W8A8: 1}
+
+
 def _gemv_plan(fmt, m, n, k, group_size, x2):
     """The split-K GEMV's plan for a decode-sized call (quant_gemv), or None: the GEMM.
     Operands past 2**31 elements stay on the GEMM (the GEMV indexes in 32 bits)."""
-    if m > quant_gemv.MAX_ROWS or max(m * k, m * n, n * k) >= INDEX_32_LIMIT:
+    rows = quant_gemv.MAX_ROWS
+    if x2.is_cuda and GEMV_ROWS_ON_GPU is not None:
+        rows = min(rows, GEMV_ROWS_ON_GPU.get(fmt, rows))
+    if m > rows or max(m * k, m * n, n * k) >= INDEX_32_LIMIT:
         return None
     return quant_gemv.gemv_plan(fmt, m, n, k, group_size, x2.dtype == torch.float32,
                                 quant_gemv.num_sms(x2.device))
