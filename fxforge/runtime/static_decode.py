@@ -47,22 +47,30 @@ from ..ir.types import symbol
 from .program import build_program
 
 
+def step_inputs_problem(graph: Graph, allowed: set) -> tuple[str | None, sympy.Symbol | None]:
+    """(why a static step cannot feed `graph`'s inputs, or None; the cache length's symbol):
+    roles within `allowed`, one token-id input, and a cache length and key bias to make."""
+    role_list = [roles.role_of(v) for v in graph.inputs]
+    extra = sorted(set(role_list) - allowed)
+    if extra:
+        return f"inputs with role(s) {extra}", None
+    if role_list.count(roles.INPUT) != 1:
+        return "the model takes inputs besides the token ids", None
+    if roles.CACHE_LEN not in role_list or roles.KEY_BIAS not in role_list:
+        return "no cache_len or key_bias input", None
+    return None, symbol(graph.inputs[role_list.index(roles.CACHE_LEN)].hint)
+
+
 def static_decode_problem(graph: Graph) -> str | None:
     """Why the decode step of `graph` cannot run on static buffers; None: it can."""
     if not graph.state_values:
         return "the graph has no KV cache"
     if roles.is_paged(graph):
         return "a paged KV cache (static_paged.paged_static_problem decides for those)"
-    role_list = [roles.role_of(v) for v in graph.inputs]
-    extra = sorted(set(role_list) - {roles.INPUT, roles.CACHE_LEN, roles.POSITIONS, roles.KEY_BIAS})
-    if extra:
-        return f"inputs with role(s) {extra}"
-    if role_list.count(roles.INPUT) != 1:
-        return "the model takes inputs besides the token ids"
-    if roles.CACHE_LEN not in role_list or roles.KEY_BIAS not in role_list:
-        return "no cache_len or key_bias input"
-    cache_len = symbol(graph.inputs[role_list.index(roles.CACHE_LEN)].hint)
-    bias = graph.inputs[role_list.index(roles.KEY_BIAS)]
+    problem, cache_len = step_inputs_problem(graph, {roles.INPUT, roles.CACHE_LEN, roles.POSITIONS, roles.KEY_BIAS})
+    if problem:
+        return problem
+    bias = graph.inputs[[roles.role_of(v) for v in graph.inputs].index(roles.KEY_BIAS)]
     appended = set()
     for n in graph.nodes:
         if n.op == "kv_append" or (n.op == "fused_pointwise" and n.attrs.get("into")):

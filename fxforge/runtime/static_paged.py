@@ -25,9 +25,8 @@ import torch
 
 from ..ir import roles
 from ..ir.graph import Graph
-from ..ir.types import symbol
 from .block_allocator import blocks_for
-from .static_decode import StaticDecodeStep, _symbols
+from .static_decode import StaticDecodeStep, _symbols, step_inputs_problem
 
 PAGED_ROLES = {roles.INPUT, roles.CACHE_LEN, roles.POSITIONS, roles.KEY_BIAS, roles.BLOCK_TABLE, roles.ROW_START,
                roles.SLOT_MAPPING}
@@ -35,15 +34,9 @@ PAGED_ROLES = {roles.INPUT, roles.CACHE_LEN, roles.POSITIONS, roles.KEY_BIAS, ro
 
 def paged_static_problem(graph: Graph) -> str | None:
     """Why the decode step of a paged `graph` cannot run on static buffers; None: it can."""
-    role_list = [roles.role_of(v) for v in graph.inputs]
-    extra = sorted(set(role_list) - PAGED_ROLES)
-    if extra:
-        return f"inputs with role(s) {extra}"
-    if role_list.count(roles.INPUT) != 1:
-        return "the model takes inputs besides the token ids"
-    if roles.CACHE_LEN not in role_list or roles.KEY_BIAS not in role_list:
-        return "no cache_len or key_bias input"
-    cache_len = symbol(graph.inputs[role_list.index(roles.CACHE_LEN)].hint)
+    problem, cache_len = step_inputs_problem(graph, PAGED_ROLES)
+    if problem:
+        return problem
     for n in graph.nodes:
         if n.op == "paged_attention" and (n.attrs.get("window") is not None or n.attrs.get("alibi")):
             return "a paged attention with a sliding window or ALiBi (measured from the last key)"

@@ -15,14 +15,10 @@ import torch  # noqa: E402
 
 from fxforge.codegen.kernels import quant_gemv as qg  # noqa: E402
 from fxforge.codegen.kernels import quant_matmul as qm  # noqa: E402
+from kernel_device import kernel_device  # noqa: E402
 from fxforge.ir import quant_formats as qf  # noqa: E402
 
-if qm.INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
+DEVICE = kernel_device(qm.INTERPRET, "quant_gemv")
 
 @pytest.fixture(autouse=True)
 def _every_format_on_the_gemv(monkeypatch):

@@ -11,16 +11,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fxforge.codegen.kernels import quant_matmul as qm  # noqa: E402
+from kernel_device import kernel_device  # noqa: E402
 from fxforge.runtime.torch_kernels import quant_linear_torch  # noqa: E402
 from fxforge.ir import quant_formats as qf  # noqa: E402
 
-if qm.INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("quant_matmul was imported without TRITON_INTERPRET=1 and there is no GPU",
-                allow_module_level=True)
+DEVICE = kernel_device(qm.INTERPRET, "quant_matmul")
 
 # max |y - ref| / max |ref|: output rounding of the dtype (fp16/bf16 also round the
 # dequantized weight tile to the input dtype before tl.dot)
