@@ -112,12 +112,7 @@ def _prelude(doc: str, name: str, n_in: int, n_out: int, count: str, rank: int, 
     outputs written into a destination buffer (`Stores`), which add their strides and the
     start offset to the signature. `part`: a function one kernel of several parts calls
     (`generate_parts_source`), its program's index in its part the first argument `pid`."""
-    ins = [f"in{i}_ptr" for i in range(n_in)]
-    outs = [f"out{i}_ptr" for i in range(n_out)]
-    sizes = [f"size{d}" for d in range(rank)]
-    strides = [f"in{i}_stride{d}" for i in range(n_in) for d in range(stride_rank)]
-    extra = stores.arguments(rank) if stores else []
-    args = ", ".join((["pid"] if part else []) + ins + outs + [count] + sizes + strides + extra
+    args = ", ".join((["pid"] if part else []) + _arguments(n_in, n_out, count, rank, stride_rank, stores)
                      + [f"{block}: tl.constexpr"])
     # a host-int start differs every token: not a value to specialise the kernel on
     specialise = stores and not stores.from_pointer and not part
@@ -247,11 +242,17 @@ def generate_parts_source(name: str, parts) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _arguments(n_in: int, n_out: int, count: str, rank: int, stride_rank: int, stores) -> list[str]:
+    """A generated kernel's arguments between `pid` (a part's) and the block constexpr:
+    pointers, the element count, sizes, input strides, then the stores' strides and start."""
+    return ([f"in{i}_ptr" for i in range(n_in)] + [f"out{i}_ptr" for i in range(n_out)] + [count]
+            + [f"size{d}" for d in range(rank)] + [f"in{i}_stride{d}" for i in range(n_in) for d in range(stride_rank)]
+            + (stores.arguments(rank) if stores else []))
+
+
 def part_arguments(n_in: int, n_out: int, rank: int, stores) -> list[str]:
     """A flat kernel's arguments after `pid`, before BLOCK, as `_prelude` writes them."""
-    return ([f"in{i}_ptr" for i in range(n_in)] + [f"out{i}_ptr" for i in range(n_out)] + ["numel"]
-            + [f"size{d}" for d in range(rank)] + [f"in{i}_stride{d}" for i in range(n_in) for d in range(rank)]
-            + (stores.arguments(rank) if stores else []))
+    return _arguments(n_in, n_out, "numel", rank, rank, stores)
 
 
 def body_parts(body, outputs, shapes) -> list[tuple[list[int], list[int]]]:

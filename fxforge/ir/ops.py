@@ -561,18 +561,26 @@ def infer_kv_append(types, attrs):
     return [TensorType(cache.shape[:2] + (as_dim(attrs["start"]) + new.shape[2], cache.shape[3]), cache.dtype)]
 
 
+def kv_append_at(cache, new, *, start):
+    """kv_append with `start` a 0-d int64 device tensor (the static decode step,
+    runtime/static_decode.py): `new` lands at slots start.. of rows 0..B-1 without a host
+    read of `start`, and the whole buffer comes back (the key bias masks the slots past
+    the new tokens), so the step's shapes are the same every token. The caller checks
+    that start + T fits the buffer."""
+    b, t = new.shape[0], new.shape[2]
+    index = start.view(1) if t == 1 else start + torch.arange(t, device=cache.device)
+    rows = cache[:b]
+    rows.index_copy_(2, index, new.to(cache.dtype))
+    return rows
+
+
 def kv_append_reference(cache, new, *, start):
     """Write `new` into the cache at positions start..start+T (rows 0..B-1 of the buffer)
     and return the filled prefix, a view: [B, Hkv, start + T, D]. Mutates `cache`.
-    With `start` a 0-d int64 device tensor (the static decode step) the write needs no
-    host read and the whole buffer's rows come back (the key bias masks the slots past
-    the new tokens), as runtime/static_decode.py's kv_append_at."""
+    With `start` a 0-d int64 device tensor: `kv_append_at`."""
+    if isinstance(start, torch.Tensor):  # a device-side length: no host read
+        return kv_append_at(cache, new, start=start)
     b, t = new.shape[0], new.shape[2]
-    if isinstance(start, torch.Tensor):  # a device-side length (runtime/static_decode.py): no host read
-        index = start.view(1) if t == 1 else start + torch.arange(t, device=cache.device)
-        rows = cache[:b]
-        rows.index_copy_(2, index, new.to(cache.dtype))
-        return rows
     if start + t > cache.shape[2]:
         raise ValueError(f"kv_append: the KV cache holds {cache.shape[2]} positions, but {start} + {t} are needed")
     cache[:b, :, start:start + t] = new

@@ -10,7 +10,6 @@ from ..ir.graph import Graph
 from ..ir.printer import print_graph
 from .backends import Backend, resolve_backend
 from .module import OptimizedModel
-from .program import build_program
 
 
 def assemble(graph: Graph, spec: CallSpec, backend: Backend, device, name: str, stats=(), dumps=(),
@@ -19,14 +18,11 @@ def assemble(graph: Graph, spec: CallSpec, backend: Backend, device, name: str, 
     program and the model around it."""
     graph = params_on(graph, device)
     backend.check(graph)
-    planned, overrides, runtime_stats = backend.prepare(graph)
+    program, planned, ops, runtime_stats = backend.build(graph, device, f"<fxforge program for {name}>")
     if dumps and planned is not graph:
         text = print_graph(planned)
         if text != dumps[-1][1]:  # the backend rewrote the graph (linear_fused written as its steps)
             dumps = [*dumps, (f"{len(dumps):02d}_prepare_{backend.name}.ir", text)]
-    ops = {**backend.op_table(), **overrides}
-    program = build_program(planned, ops, device=device, filename=f"<fxforge program for {name}>",
-                            inline_fused=backend.inlines_fused_pointwise)
     fast = OptimizedModel(planned, spec, program, backend, list(stats), list(dumps), capture_seconds, name)
     fast.runtime_stats.extend(runtime_stats)
     fast.op_implementations = ops  # the static decode program (runtime/static_decode.py) is built from them

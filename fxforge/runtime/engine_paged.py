@@ -123,11 +123,9 @@ class PagedEngine(Engine):
         ids = torch.stack([r.seq[0, r.length - 1] for r in rows])[:, None]
         pad = torch.tensor([longest - r.cached for r in rows], dtype=torch.long, device=ids.device)
         self.cache.use_rows([r.kv.blocks for r in rows])
-        if self.model.uses_static_decode():  # one CUDA graph per batch size on a GPU (static_paged.py)
-            step = self.model.static_step(self.cache, len(rows))
-            logits = step(ids, longest, pad, host_pad=[longest - r.cached for r in rows])[:, -1, :].float()
-        else:
-            logits = self.model.run_cached(ids, longest, pad, self.cache)[:, -1, :].float()
+        # static steps where they run: one CUDA graph per batch size on a GPU (static_paged.py)
+        logits = self.model.run_step(ids, longest, pad, self.cache,
+                                     host_pad=[longest - r.cached for r in rows])[:, -1, :].float()
         for r in rows:
             r.cached += 1
         held = sum(r.cached for r in rows) + (self._prefilling.done if self._prefilling is not None else 0)

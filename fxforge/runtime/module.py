@@ -17,7 +17,7 @@ from ..ir.roles import roles_problem
 from ..passes.manager import PassStats, format_report
 from .frames import frame_of_its_own
 from .last_token import last_token_graph
-from .program import Program, build_program
+from .program import Program
 from .block_allocator import blocks_for
 from .paged_cache import PagedKVCache, block_size_of
 from .state import CachePool, KVCache, cache_layout, cache_nbytes
@@ -178,13 +178,15 @@ class OptimizedModel:
         outs = program(*inputs, *cache.buffers)
         return outs[self._logits_index()]
 
-    def run_step(self, input_ids: torch.Tensor, start: int, pad: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def run_step(self, input_ids: torch.Tensor, start: int, pad: torch.Tensor, cache: KVCache,
+                 host_pad: list[int] | None = None) -> torch.Tensor:
         """The last token's logits [B, 1, vocab] of one step: a one-token step after the
         prefill (start > 0) runs on the cache's static step where static decode is on (a
         CUDA graph replay on a GPU), a prefill projects only its last token: what
-        generate(), beam search and the engine call per step."""
+        generate(), beam search and the engines call per step. `host_pad`: `pad` as Python
+        ints, with which a paged step checks each row's blocks on the host."""
         if input_ids.shape[1] == 1 and start > 0 and self.uses_static_decode():
-            return self.static_step(cache, input_ids.shape[0])(input_ids, start, pad)
+            return self.static_step(cache, input_ids.shape[0])(input_ids, start, pad, host_pad=host_pad)
         return self.run_cached(input_ids, start, pad, cache, last_only=True)
 
     def _last_token_program(self) -> Program:
@@ -194,10 +196,8 @@ class OptimizedModel:
             graph = last_token_graph(self.pipeline_graph)
             program = self.program
             if graph is not None:
-                planned, overrides, _ = self.backend.prepare(graph)
-                program = build_program(planned, {**self.backend.op_table(), **overrides}, device=self.device,
-                                        filename=f"<fxforge last-token program for {self.model_name}>",
-                                        inline_fused=self.backend.inlines_fused_pointwise)
+                program = self.backend.build(graph, self.device,
+                                             f"<fxforge last-token program for {self.model_name}>")[0]
             self._last_token = (program, graph)
         return self._last_token[0]
 

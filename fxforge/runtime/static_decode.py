@@ -42,7 +42,7 @@ import torch
 
 from ..ir import roles
 from ..ir.graph import Graph
-from ..ir.ops import attention_operands
+from ..ir.ops import attention_operands, kv_append_at  # kv_append_at: the step overrides kv_append
 from ..ir.types import symbol
 from .program import build_program
 
@@ -107,18 +107,6 @@ def _symbols(value) -> set:
     return set()
 
 
-def kv_append_at(cache: torch.Tensor, new: torch.Tensor, *, start: torch.Tensor) -> torch.Tensor:
-    """kv_append with `start` a 0-d int64 device tensor: `new` lands at slots start.. of
-    rows 0..B-1 without a host read of `start`, and the whole buffer comes back (the key
-    bias masks the slots past the new tokens), so the step's shapes are the same every
-    token. The caller checks that start + T fits the buffer."""
-    b, t = new.shape[0], new.shape[2]
-    index = start.view(1) if t == 1 else start + torch.arange(t, device=cache.device)
-    rows = cache[:b]
-    rows.index_copy_(2, index, new.to(cache.dtype))
-    return rows
-
-
 def attention_at(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None, window=None,
                  alibi: bool = False, base, position: torch.Tensor, keys: torch.Tensor):
     """attention for one query per row at `position` (a 0-d device tensor) over the whole
@@ -144,10 +132,11 @@ class StaticDecodeStep:
     (token ids, cache length, left padding, positions, key bias). On CUDA it is captured as
     a CUDA graph at the first call and replayed afterwards."""
 
-    def __init__(self, model, cache, batch: int):
+    def __init__(self, model, cache, batch: int, capacity: int | None = None):
+        """`capacity`: the key slots a step attends over (default: the cache's)."""
         device = model.device
         self.model, self.cache, self.batch = model, cache, batch
-        self.capacity = cache.capacity
+        self.capacity = cache.capacity if capacity is None else capacity
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.length = torch.zeros((), dtype=torch.long, device=device)  # tokens already in the cache
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)
@@ -156,22 +145,27 @@ class StaticDecodeStep:
         self.bias = torch.zeros(batch, 1, 1, self.capacity, dtype=dtype, device=device)
         self._keys = torch.arange(self.capacity, device=device)
         self._lowest = torch.finfo(dtype).min
-        # this step's own program: kv_append and attention read its device-side length
-        ops = {**model.op_implementations, "kv_append": kv_append_at,
-               "attention": partial(attention_at, base=model.op_implementations["attention"], position=self.length,
-                                    keys=self._keys)}
-        self.program = build_program(model.graph, ops, device=device,
-                                     filename=f"<fxforge static decode step for {model.model_name}, batch {batch}>",
-                                     inline_fused=model.backend.inlines_fused_pointwise)
+        self.program = self._build_program()
         self.capture = device.type == "cuda"
         self.graph = None  # the torch.cuda.CUDAGraph, once captured
         self.capture_error: str | None = None  # why capture failed, if it did
         self._logits = None
         self.steps = 0
 
-    def __call__(self, ids: torch.Tensor, start: int, pad: torch.Tensor) -> torch.Tensor:
+    def _build_program(self):
+        """This step's own program: kv_append and attention read its device-side length."""
+        model = self.model
+        ops = {**model.op_implementations, "kv_append": kv_append_at,
+               "attention": partial(attention_at, base=model.op_implementations["attention"], position=self.length,
+                                    keys=self._keys)}
+        return build_program(model.graph, ops, device=model.device,
+                             filename=f"<fxforge static decode step for {model.model_name}, batch {self.batch}>",
+                             inline_fused=model.backend.inlines_fused_pointwise)
+
+    def __call__(self, ids: torch.Tensor, start: int, pad: torch.Tensor, host_pad=None) -> torch.Tensor:
         """Logits [batch, 1, vocab] of the token `ids` [batch, 1] at position `start`
-        (left padding `pad` [batch]), a tensor of the caller's own."""
+        (left padding `pad` [batch]), a tensor of the caller's own. (`host_pad` is the
+        paged step's; a dense row holds every position up to the capacity.)"""
         if ids.shape != (self.batch, 1):
             raise ValueError(f"a static decode step takes [{self.batch}, 1] token ids, got {tuple(ids.shape)}")
         if start >= self.capacity:
@@ -195,11 +189,15 @@ class StaticDecodeStep:
         hidden = (self._keys[None, :] < self.pad[:, None]) | (self._keys[None, :] > self.length)
         self.bias.zero_()
         self.bias.masked_fill_(hidden[:, None, None, :], self._lowest)
-        by_role = {roles.CACHE_LEN: self.length, roles.POSITIONS: self.positions, roles.KEY_BIAS: self.bias,
-                   roles.INPUT: self.ids}
+        by_role = self._step_inputs()
         model = self.model
         outs = self.program(*(by_role[r] for r in model._input_roles), *self.cache.buffers)
         return outs[model._logits_index()]
+
+    def _step_inputs(self) -> dict:
+        """The program's inputs by role, once positions and bias are made."""
+        return {roles.CACHE_LEN: self.length, roles.POSITIONS: self.positions, roles.KEY_BIAS: self.bias,
+                roles.INPUT: self.ids}
 
     def _capture(self):
         # a first run outside the graph compiles and autotunes every kernel for these shapes

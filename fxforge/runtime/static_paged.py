@@ -50,29 +50,16 @@ class StaticPagedStep(StaticDecodeStep):
     at most `capacity` tokens (the width of its block table)."""
 
     def __init__(self, model, cache, batch: int, capacity: int):
-        # not StaticDecodeStep.__init__: no overridden ops, the model's own program runs
-        device = model.device
-        self.model, self.cache, self.batch = model, cache, batch
         self.block_size = cache.block_size
         self.width = blocks_for(capacity, self.block_size)
-        self.capacity = self.width * self.block_size
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.length = torch.zeros((), dtype=torch.long, device=device)  # the step's key position
-        self.pad = torch.zeros(batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        dtype = model.bias_dtype()
-        self.bias = torch.zeros(batch, 1, 1, self.capacity, dtype=dtype, device=device)
+        super().__init__(model, cache, batch, self.width * self.block_size)
+        device = model.device
         self.table = torch.zeros(batch, self.width, dtype=torch.int32, device=device)
         self.row_start = torch.zeros(batch, dtype=torch.int32, device=device)
         self.slots = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self._keys = torch.arange(self.capacity, device=device)
-        self._lowest = torch.finfo(dtype).min
-        self.program = model.program
-        self.capture = device.type == "cuda"
-        self.graph = None
-        self.capture_error: str | None = None
-        self._logits = None
-        self.steps = 0
+
+    def _build_program(self):
+        return self.model.program  # no overridden ops: the slots and table carry the position
 
     def __call__(self, ids: torch.Tensor, start: int, pad: torch.Tensor, host_pad: list[int] | None = None):
         """Logits [batch, 1, vocab] of `ids` [batch, 1] at key `start` (row b's token
@@ -95,21 +82,14 @@ class StaticPagedStep(StaticDecodeStep):
         self.table[:, :table.shape[1]].copy_(table)
         return super().__call__(ids, start, pad)
 
-    def _step(self) -> torch.Tensor:
-        """The device work of one step: everything a CUDA graph holds."""
-        torch.clamp(self.length - self.pad, min=0, out=self.positions[:, 0])
-        hidden = (self._keys[None, :] < self.pad[:, None]) | (self._keys[None, :] > self.length)
-        self.bias.zero_()
-        self.bias.masked_fill_(hidden[:, None, None, :], self._lowest)
+    def _step_inputs(self) -> dict:
+        """The dense step's inputs, `L` fixed to the bias's width, and the paged ones: row
+        starts and this token's slot, made on the device from the table."""
         self.row_start.copy_(self.pad)
         block = torch.gather(self.table, 1, torch.div(self.positions, self.block_size, rounding_mode="floor"))
         torch.add(block.long() * self.block_size, self.positions % self.block_size, out=self.slots)
-        by_role = {roles.INPUT: self.ids, roles.CACHE_LEN: self.capacity - 1, roles.POSITIONS: self.positions,
-                   roles.KEY_BIAS: self.bias, roles.BLOCK_TABLE: self.table, roles.ROW_START: self.row_start,
-                   roles.SLOT_MAPPING: self.slots}
-        model = self.model
-        outs = self.program(*(by_role[r] for r in model._input_roles), *self.cache.buffers)
-        return outs[model._logits_index()]
+        return {**super()._step_inputs(), roles.CACHE_LEN: self.capacity - 1, roles.BLOCK_TABLE: self.table,
+                roles.ROW_START: self.row_start, roles.SLOT_MAPPING: self.slots}
 
 
 def static_paged_step_for(model, cache, batch: int) -> StaticPagedStep:

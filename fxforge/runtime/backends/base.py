@@ -53,6 +53,18 @@ class Backend:
         """(graph, op overrides, report stats) after this backend's own planning."""
         return self.composed(graph), {}, []
 
+    def build(self, graph: Graph, device, filename: str):
+        """(program, planned graph, op table, report stats): this backend's planning of
+        `graph`, then the program that runs it (what optimize() and the last-token prefill
+        program both need)."""
+        from ..program import build_program
+
+        planned, overrides, stats = self.prepare(graph)
+        ops = {**self.op_table(), **overrides}
+        program = build_program(planned, ops, device=device, filename=filename,
+                                inline_fused=self.inlines_fused_pointwise)
+        return program, planned, ops, stats
+
     def composed(self, graph: Graph) -> Graph:
         """`graph` with each linear_fused node written as its steps (pointwise groups, linear,
         slices) unless this backend has a kernel for it: then its own linear and pointwise
