@@ -166,3 +166,24 @@ def test_paged_kv_write_skips_padding_slots_without_a_host_sync():
         assert dict(c.sync_names) == {"_local_scalar_dense": 1}, c.sync_names
     with pytest.raises(ValueError, match="slot 9 is outside"):
         paged_kv_write_reference(cache.clone(), new, torch.tensor([[0, 1, 9], [2, 3, 4]]))
+
+
+def test_the_torch_backends_gather_zeroes_exactly_the_padding_keys():
+    # PagedAttentionSDPA zeroes the padding keys by index on the CPU (not by a mask
+    # product): the same attention as the reference's gather_paged, which reads them as 0,
+    # also where the bias does not mask them and the slot they point at holds other values
+    from fxforge.ir.ops import paged_attention_reference
+    from fxforge.runtime.torch_kernels import PagedAttentionSDPA
+
+    torch.manual_seed(0)
+    blocks, bs, hkv, d, keys = 12, 4, 2, 8, 10
+    k_cache, v_cache = torch.randn(blocks, bs, hkv, d) * 3, torch.randn(blocks, bs, hkv, d)
+    table = torch.tensor([[5, 2, 9], [0, 7, 3]], dtype=torch.int32)
+    row_start = torch.tensor([0, 3], dtype=torch.int32)  # row 1: 3 padding keys, read from block 0
+    q, bias = torch.randn(2, 4, 1, d), torch.zeros(2, 1, 1, keys)
+    attend = PagedAttentionSDPA()
+    for _ in range(2):  # the second call reuses the step's slots
+        got = attend(q, k_cache, v_cache, table, row_start, bias, causal=True, scale=0.3)
+        want = paged_attention_reference(q, k_cache, v_cache, table, row_start, bias, causal=True, scale=0.3)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert attend.gather(k_cache, table, row_start, keys, torch.float32)[1, :, :3].abs().sum() == 0

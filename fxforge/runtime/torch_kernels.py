@@ -84,15 +84,27 @@ class PagedAttentionSDPA:
         if (last is not None and last[0] is table and last[1] is row_start and last[2:5] == (keys, block_size, versions)):
             return last[5], last[6]
         slots, valid = paged_key_slots(table, row_start, keys, block_size)
-        self._last = last = (table, row_start, keys, block_size, versions, slots.flatten(), valid[:, :, None, None])
+        if table.device.type == "cpu":
+            # the padding keys as flat indices, to zero just those: multiplying the whole
+            # gathered [B, keys, Hkv, D] by a [B, keys, 1, 1] mask cost more than the
+            # gather itself on the CPU (a broadcast over the two innermost dims), twice a
+            # layer; on a GPU, nonzero would be a host sync (and break graph capture)
+            padding = (~valid).flatten().nonzero().flatten()
+        else:
+            padding = valid[:, :, None, None]
+        self._last = last = (table, row_start, keys, block_size, versions, slots.flatten(), padding)
         return last[5], last[6]
 
     def gather(self, cache, table, row_start, keys: int, dtype):
         """gather_paged's values (padding keys read as 0), as `dtype`."""
-        slots, valid = self._slots(table, row_start, keys, cache.shape[1])
+        slots, padding = self._slots(table, row_start, keys, cache.shape[1])
         flat = cache.view(-1, cache.shape[2], cache.shape[3])
-        dense = flat.index_select(0, slots).view(valid.shape[0], keys, cache.shape[2], cache.shape[3])
-        return (dense * valid.to(cache.dtype)).transpose(1, 2).to(dtype)
+        dense = flat.index_select(0, slots)
+        if padding.dtype == torch.bool:  # the mask of kept keys [B, keys, 1, 1]
+            dense = dense.view(padding.shape[0], keys, *flat.shape[1:]) * padding.to(cache.dtype)
+        else:  # the padding keys' flat indices
+            dense = dense.index_fill_(0, padding, 0).view(-1, keys, *flat.shape[1:])
+        return dense.transpose(1, 2).to(dtype)
 
     def __call__(self, q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal: bool,
                  scale: float, softcap=None, window=None, alibi: bool = False):
