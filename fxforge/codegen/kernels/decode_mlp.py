@@ -35,11 +35,15 @@ decode_mlp_reference = linear_fused_reference
 
 # programs a decode MLP aims for at one row: the grid is over intermediate columns only, and
 # each program's down slice is BLOCK_N contiguous elements per row of W_down: at least one
-# 32-byte sector (BLOCK_N >= 32 / itemsize), at most 64 columns
+# 32-byte sector (BLOCK_N >= 32 / itemsize)
 TARGET_PROGRAMS = 128
 MIN_ROW_BYTES = 32
 MAX_BLOCK_N = 64
-PRODUCT_TILE = 2048  # as decode_gemv: elements of one [BLOCK_M, BLOCK_N, BLOCK_K or BLOCK_H] tile
+# the partials' round trip (float32 [rows, H] per program, in L2) may cost at most this
+# fraction of W_down's bytes: more rows, wider column blocks (fewer programs)
+PARTIAL_BYTES_FRACTION = 1.0
+PRODUCT_TILE = 2048  # as decode_gemv: elements of one [BLOCK_M, BLOCK_N, BLOCK_K] product tile
+DOWN_TILE = 1024  # elements of one [BLOCK_M, BLOCK_H, BLOCK_N] down tile (2048 spilled at 16 fp32 rows)
 COMBINE_TILE = 1024  # elements of a [BLOCK_M, BLOCK_C] tile of the combine
 MAX_GROUPS = 1023  # counters per device: one for the launch, one per group
 COUNTERS = "decode_mlp"
@@ -60,9 +64,13 @@ def launch_blocks(m: int, n_mid: int, k: int, h: int, parts: int, itemsize: int,
     if interpret:
         return {"BLOCK_M": block_m, "BLOCK_N": min(64, _pow2_at_least(n_mid)), "BLOCK_K": min(128, _pow2_at_least(k)),
                 "BLOCK_H": min(128, _pow2_at_least(h)), "BLOCK_C": min(256, _pow2_at_least(h))}
-    block_n = max(MIN_ROW_BYTES // itemsize, min(MAX_BLOCK_N, _pow2_at_most(max(1, n_mid // TARGET_PROGRAMS))))
+    # partial bytes m * H * 4 * (I / BLOCK_N) <= fraction * I * H * itemsize
+    narrowest = max(MIN_ROW_BYTES // itemsize, _pow2_at_least(math.ceil(4 * m / (PARTIAL_BYTES_FRACTION * itemsize))))
+    # (and at many rows no wider than that needs: [16, 64, K] tiles took 255 registers on sm_80)
+    widest = max(narrowest, min(MAX_BLOCK_N, 4 * MAX_BLOCK_N // block_m))
+    block_n = max(narrowest, min(widest, _pow2_at_most(max(1, n_mid // TARGET_PROGRAMS))))
     block_k = max(16, min(256, _pow2_at_least(k), PRODUCT_TILE // (block_m * block_n * parts)))
-    block_h = max(8, min(_pow2_at_least(h), PRODUCT_TILE // (block_m * block_n)))
+    block_h = max(8, min(_pow2_at_least(h), DOWN_TILE // (block_m * block_n)))
     block_c = max(32, min(_pow2_at_least(h), COMBINE_TILE // block_m))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_H": block_h, "BLOCK_C": block_c}
 
