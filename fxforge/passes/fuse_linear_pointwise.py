@@ -271,11 +271,11 @@ def fuse_linear_pointwise(graph: Graph, ctx=None) -> Graph:
             raise AssertionError(f"fuse_linear_pointwise: {types} != {[v.type for v in fused.outputs]}{node.where()}")
         replaced[at] = fused
         dropped.discard(at)
-    if not replaced:
-        return graph
-    nodes = [replaced.get(i, n) for i, n in enumerate(graph.nodes) if i not in dropped]
-    graph, downs = _with_down(dead_code_elimination(graph.with_nodes(nodes)))
-    if ctx is not None:
+    if replaced:
+        nodes = [replaced.get(i, n) for i, n in enumerate(graph.nodes) if i not in dropped]
+        graph = dead_code_elimination(graph.with_nodes(nodes))
+    graph, downs = _with_down(graph)
+    if ctx is not None and (replaced or downs):
         ctx.rules["linear_epilogue"] += counts["epilogue"]
         ctx.rules["linear_prologue"] += counts["prologue"]
         if downs:
