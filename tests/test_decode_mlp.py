@@ -137,6 +137,19 @@ def test_more_than_16_rows_run_the_composition():
         torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
+def test_a_declined_mlp_runs_the_up_gemv_then_the_down_matmul(monkeypatch):
+    """A decode shape the MLP kernel declines (scratch offsets past 32 bits) still gets the
+    GEMV of steps 1-3, then the down projection as a torch matmul."""
+    monkeypatch.setattr(decode_mlp, "fits", lambda *args: False)
+    tensors, attrs = _problem((2,), torch.float32, prologue=True, down_bias=True)
+    backend = TritonBackend("cpu", interpret=True)
+    out, residual = backend.linear_fused(*tensors, **attrs)
+    want, want_residual = decode_mlp.decode_mlp_reference(*tensors, **attrs)
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    torch.testing.assert_close(residual, want_residual, **TOL[torch.float32])
+    assert len(backend.kernel_sources()) == 1  # the up GEMV's kernel, no pointwise kernels around it
+
+
 def test_blocks_and_groups_at_smollm2_widths():
     # SmolLM2's MLP (I = 1536, K = H = 576) at one row: ~100 programs reading >= 32-byte
     # rows of W_down, combined in ~10 groups of ~10
