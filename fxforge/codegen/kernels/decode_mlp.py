@@ -16,8 +16,11 @@ columns) with this module's tail (`down_lines`) in place of its stores:
     levels because one program summing every partial (about a hundred at SmolLM2's widths)
     alone would take longer than the launch it saves; each level reads ~sqrt(programs).
 The counters are reset by the programs that used them: nothing to zero before a launch,
-nothing for a CUDA-graph replay to redo. The partials go to a float32 buffer made per call
-(torch.empty: no launch), (programs + groups) x rows x H.
+nothing for a CUDA-graph replay to redo (two launches of it must not run concurrently on two
+streams of one device: they would share the counters, as quant_gemv's do). The partials go
+to a float32 buffer made per call (torch.empty: no launch), (programs + groups) x rows x H.
+A shape it declines (`fits`: scratch offsets past 32 bits, too many groups) runs as the
+up GEMV and a torch matmul (TritonBackend.linear_fused).
 
     blocks = launch_blocks(m, i, k, h, parts, itemsize)   # the grid and tile sizes
     decode_mlp_reference(*tensors, **attrs)               # the op's composition
