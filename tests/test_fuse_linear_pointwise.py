@@ -1,5 +1,6 @@
 """fuse_linear_pointwise and the decode GEMV (codegen/kernels/decode_gemv.py): a float linear
-with the pointwise groups around it as one `linear_fused` node; the same outputs as the
+with the pointwise groups around it as one `linear_fused` node (an MLP's with its down
+projection too: the decode MLP kernel, tests/test_decode_mlp.py); the same outputs as the
 unfused program at decode rows (the GEMV) and prefill rows (the composition), the IR text
 round trip, and the cases where the rewrite must not fire."""
 import os
@@ -138,6 +139,9 @@ def test_models_match_the_unfused_program_at_decode_and_prefill_rows(name, dtype
     # the lm_head (final norm prologue)
     fused = [n for n in fast.graph.nodes if n.op == "linear_fused"]
     assert len(fused) == 2 * 2 + 1 and all(n.attrs["prologue"] for n in fused)
+    # the MLP's up takes its down projection too (one kernel at decode: decode_mlp.py)
+    downs = [n for n in fused if n.attrs.get("down")]
+    assert len(downs) == 2 and all(n.attrs.get("down_bias", False) == (name == "nanogpt_gelu") for n in downs)
     with torch.no_grad():
         for shape in ((1, 1), (2, 3), (2, 12)):  # 1 and 6 rows: the GEMV; 24: the composition
             ids = torch.randint(0, vocab, shape)
@@ -146,6 +150,7 @@ def test_models_match_the_unfused_program_at_decode_and_prefill_rows(name, dtype
 
 def test_decode_steps_with_a_kv_cache_match_the_unfused_program():
     fast, plain, vocab = _pair("llama", torch.float32, kv_cache=True)
+    assert sum(bool(n.attrs.get("down")) for n in fast.graph.nodes if n.op == "linear_fused") == 2  # whole MLPs
     ids = torch.randint(0, vocab, (2, 6))
     outs = [m.generate(ids, max_new_tokens=5, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
                        output_logits=True) for m in (fast, plain)]

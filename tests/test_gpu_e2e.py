@@ -234,3 +234,38 @@ def test_paged_engine_and_generate_replay_cuda_graphs():
         alone = fast.generate(p[None], n, eos_token_id=None)[0, p.numel():]
         assert torch.equal(r.result().cpu(), alone.cpu()), r.id
     engine.close()
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_decode_mlp_kernel_on_gpu_is_the_composition_repeatable_and_graph_safe(rows):
+    """The decode MLP (codegen/kernels/decode_mlp.py) at SmolLM2's widths in bfloat16: the
+    plain-torch composition within rounding, bit for bit the same on a second call, counters
+    back at zero, and the same again replayed from a CUDA graph (no memset before a replay)."""
+    import torch.nn.functional as F
+
+    from fxforge.codegen.kernels import arrival, decode_mlp
+    from fxforge.codegen.kernels.decode_gemv import GemvKernels
+    from fxforge.codegen.pointwise import PointwiseKernels
+
+    torch.manual_seed(0)
+    k, i, h, dt = 576, 1536, 576, torch.bfloat16
+    x = torch.randn(rows, k, device="cuda", dtype=dt)
+    w = (torch.randn(2 * i, k, device="cuda") / k ** 0.5).to(dt)
+    dw, db = (torch.randn(h, i, device="cuda") / i ** 0.5).to(dt), torch.randn(h, device="cuda").to(dt)
+    attrs = dict(n_x=1, bias=False, prologue=(), prologue_outputs=(), row=None, columns=((0, i), (i, 2 * i)),
+                 epilogue=(("silu", ("in0",), ()), ("mul", ("t0", "in1"), ())), epilogue_outputs=("t1",),
+                 down=True, down_bias=True)
+    kernels = GemvKernels(PointwiseKernels())
+    out = kernels.run(x, w, dw, db, **attrs)
+    y = F.linear(x.float(), w.float()).to(dt).float()
+    want = F.linear((F.silu(y[:, :i]) * y[:, i:]).to(dt).float(), dw.float(), db.float())
+    assert (out.float() - want).abs().max() <= 2e-2 * want.abs().max()
+    assert torch.equal(kernels.run(x, w, dw, db, **attrs), out)
+    assert int(arrival.SCRATCH[out.device][decode_mlp.COUNTERS].abs().sum()) == 0
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernels.run(x, w, dw, db, **attrs)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, out)

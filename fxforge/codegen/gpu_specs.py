@@ -325,6 +325,43 @@ def gemv_specs(dtypes=DTYPES, shapes=GEMV_SHAPES, rows=GEMV_ROWS, folder: str | 
     return specs
 
 
+# (K, intermediate columns, H): SmolLM2's MLP and a wide model's (Llama-3-8B's)
+MLP_SHAPES = ((576, 1536, 576), (4096, 14336, 4096))
+
+
+def mlp_specs(dtypes=DTYPES, shapes=MLP_SHAPES, rows=GEMV_ROWS, folder: str | None = None) -> list[KernelSpec]:
+    """The decode MLP (linear_fused with down=true, codegen/kernels/decode_mlp.py) as the
+    llama layers generate it: add + RMSNorm, gate/up, SwiGLU, down, at `launch_blocks`' blocks."""
+    from .kernels import decode_gemv, decode_mlp
+
+    folder = folder or os.path.join(tempfile.gettempdir(), "fxforge_aot_kernels")
+    os.makedirs(folder, exist_ok=True)
+    rms_add = (("add", ("in0", "in1"), ()), ("mul", ("t0", "t0"), ()),
+               ("mean", ("t1",), (("dims", (-1,)), ("keepdim", True), ("dtype", None))),
+               ("const", (), (("value", 1e-5), ("dtype", torch.float32))), ("add", ("t2", "t3"), ()),
+               ("rsqrt", ("t4",), ()), ("mul", ("t0", "t5"), ()), ("mul", ("in2", "t6"), ()))
+    swiglu = (("silu", ("in0",), ()), ("mul", ("t0", "in1"), ()))
+    specs = []
+    for dname, dtype in dtypes.items():
+        spec = decode_gemv.GemvSpec(rms_add, ("t7", "t0"), (True, True, True), (dtype,) * 3, dtype, dtype, False, 2,
+                                    swiglu, ("t1",), (), (dtype,), (dtype,), (True,), True, False, dtype)
+        name = f"mlp_{dname}"
+        path = os.path.join(folder, f"{name}.py")
+        with open(path, "w") as f:
+            f.write(decode_gemv.generate_gemv_source(name, spec))
+        pointers = {p: dname for p in ("in0_ptr", "in1_ptr", "in2_ptr", "w_ptr", "dw_ptr", "out0_ptr", "side0_ptr")}
+        pointers.update(part_ptr="fp32", count_ptr="i32")
+        args = (list(pointers) + ["M", "K", "N_OUT", "col0", "col1", "in0_sm", "in0_sk", "in1_sm", "in1_sk", "in2_sm",
+                                  "in2_sk", "swn", "swk", "H", "PROGRAMS", "GROUP", "sdh", "sdi"])
+        for k, n_mid, h in shapes:
+            for m in rows:
+                blocks = decode_mlp.launch_blocks(m, n_mid, k, h, 2, dtype.itemsize)
+                specs.append(_spec("decode_mlp", f"file:{path}:{name}", args + list(blocks), pointers, blocks,
+                                   unit=("in0_sk", "in1_sk", "in2_sk", "swk", "sdi"), dtype=dname, k=k, n=n_mid, h=h,
+                                   rows=m))
+    return specs
+
+
 def generated_specs(launches: list[dict], label: str) -> list[KernelSpec]:
     """Specs for the generated kernels a model launched (`PointwiseKernels.launches`)."""
     specs = []
@@ -357,7 +394,7 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     worst cases only, for CI: fp32 and bf16 at head dims 64 and 256, and the largest tiles)."""
     if not quick:
         return (attention_specs() + decode_specs() + quant_specs() + quant_gemv_specs() + row_specs()
-                + gemv_specs())
+                + gemv_specs() + mlp_specs())
     worst = {"fp32": DTYPES["fp32"], "bf16": DTYPES["bf16"]}
     attn = _largest(attention_specs(worst, (64, 256)), ("BLOCK_M", "BLOCK_N"), ("dtype", "head_dim", "variant"))
     quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",))
@@ -370,7 +407,7 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     decode_wide = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("all", "paged"), wide=True)
     return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + decode_wide + quant + w8a8
             + [_wide(quant[0])] + quant_gemv_specs(worst) + row_specs(lengths=(4096, 65536), kinds=("layer_norm",))
-            + gemv_specs(worst, GEMV_SHAPES[3:4]))
+            + gemv_specs(worst, GEMV_SHAPES[3:4]) + mlp_specs(worst, MLP_SHAPES[:1]))
 
 
 def _wide(spec: KernelSpec) -> KernelSpec:

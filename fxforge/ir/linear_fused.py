@@ -1,8 +1,9 @@
 """`linear_fused`: a float linear with the pointwise group that feeds it (prologue) and the
 one that consumes it (epilogue), as one op (made by passes/fuse_linear_pointwise.py).
 
-    linear_fused(*x_inputs, weight, [bias], *epilogue_inputs)
-        {n_x, bias, prologue, prologue_outputs, row?, columns, epilogue, epilogue_outputs}
+    linear_fused(*x_inputs, weight, [bias], *epilogue_inputs, [down_weight, [down_bias]])
+        {n_x, bias, prologue, prologue_outputs, row?, columns, epilogue, epilogue_outputs,
+         down?, down_bias?}
 
 means, step by step (`compose` below evaluates exactly this):
   1. prologue: a fused_pointwise body over the n_x leading inputs (empty: x is input 0);
@@ -10,20 +11,36 @@ means, step by step (`compose` below evaluates exactly this):
   2. y = linear(x, weight, [bias]);
   3. epilogue: a fused_pointwise body whose operands in0..in{P-1} are the column ranges
      `columns` of y (y[..., start:end]) and whose later operands are the epilogue inputs
-     (empty: the op returns y).
-Results: the epilogue's outputs (or y), then the prologue's extra outputs.
+     (empty: the op returns y);
+  4. down (down=true): z = linear(h, down_weight, [down_bias]) of the one result h of step 3
+     (an MLP's down projection after its activation).
+Results: z, else the epilogue's outputs (or y); then the prologue's extra outputs.
 
 Why an op of its own: a decode step multiplies a handful of rows by each weight, and then
 the normalisation before a linear and the activation after it are each a launch of their
 own that moves almost nothing. The Triton backend runs the whole op as one GEMV kernel
 (codegen/kernels/decode_gemv.py) for few rows and as the composition above otherwise; the
 torch backend turns it back into the composition (passes/fuse_linear_pointwise.unfuse).
+With a down projection the whole MLP of a decode layer is one kernel
+(codegen/kernels/decode_mlp.py): the activation never goes through memory.
 """
 from __future__ import annotations
 
 
+def split_down(tensors, attrs) -> tuple[list, object, object]:
+    """(the inputs of steps 1-3, down weight or None, down bias or None)."""
+    tensors = list(tensors)
+    if not attrs.get("down"):
+        return tensors, None, None
+    if attrs.get("down_bias"):
+        return tensors[:-2], tensors[-2], tensors[-1]
+    return tensors[:-1], tensors[-1], None
+
+
 def split_inputs(tensors, attrs) -> tuple[list, object, object, list]:
-    """(x inputs, weight, bias or None, epilogue inputs) of a linear_fused node's inputs."""
+    """(x inputs, weight, bias or None, epilogue inputs) of a linear_fused node's inputs
+    (without the down projection's: see split_down)."""
+    tensors = split_down(tensors, attrs)[0]
     n_x = attrs["n_x"]
     weight = tensors[n_x]
     bias = tensors[n_x + 1] if attrs["bias"] else None
@@ -34,6 +51,7 @@ def compose(tensors, attrs, pointwise, linear, cut) -> list:
     """The op's results, computed as its three steps with the given implementations:
     `pointwise(*inputs, body=, outputs=, row=)` (a fused_pointwise), `linear(x, w, b)`
     and `cut(y, start, end)` (y[..., start:end]). Works on types as well as tensors."""
+    _, down_weight, down_bias = split_down(tensors, attrs)
     xs, weight, bias, extra = split_inputs(tensors, attrs)
     if attrs["prologue"]:
         pro = _as_list(pointwise(*xs, body=attrs["prologue"], outputs=attrs["prologue_outputs"],
@@ -42,10 +60,14 @@ def compose(tensors, attrs, pointwise, linear, cut) -> list:
     else:
         x, side = xs[0], []
     y = linear(x, weight, bias)
-    if not attrs["epilogue"]:
-        return [y] + side
-    operands = [cut(y, int(s), int(e)) for s, e in attrs["columns"]] + extra
-    return _as_list(pointwise(*operands, body=attrs["epilogue"], outputs=attrs["epilogue_outputs"], row=None)) + side
+    if attrs["epilogue"]:
+        operands = [cut(y, int(s), int(e)) for s, e in attrs["columns"]] + extra
+        results = _as_list(pointwise(*operands, body=attrs["epilogue"], outputs=attrs["epilogue_outputs"], row=None))
+    else:
+        results = [y]
+    if down_weight is not None:
+        results = [linear(results[0], down_weight, down_bias)]
+    return results + side
 
 
 def _as_list(x) -> list:
@@ -55,13 +77,18 @@ def _as_list(x) -> list:
 def infer_linear_fused(types, attrs):
     from .ops import IRTypeError, OPS
 
-    if attrs["n_x"] < 1 or len(types) < attrs["n_x"] + 1 + bool(attrs["bias"]):
+    n_down = bool(attrs.get("down")) + bool(attrs.get("down_bias"))
+    if attrs["n_x"] < 1 or len(types) < attrs["n_x"] + 1 + bool(attrs["bias"]) + n_down:
         raise IRTypeError(f"n_x={attrs['n_x']}, bias={str(attrs['bias']).lower()} need more than {len(types)} inputs")
     if bool(attrs["prologue"]) != bool(attrs["prologue_outputs"]) or (
             not attrs["prologue"] and attrs["n_x"] != 1):
         raise IRTypeError("a prologue needs its outputs (and without one, n_x is 1)")
     if not attrs["columns"] or not all(isinstance(c, tuple) and len(c) == 2 for c in attrs["columns"]):
         raise IRTypeError(f"columns {attrs['columns']!r} are not (start, end) pairs")
+    if attrs.get("down_bias") and not attrs.get("down"):
+        raise IRTypeError("down_bias=true needs down=true")
+    if attrs.get("down") and attrs["epilogue"] and len(attrs["epilogue_outputs"]) != 1:
+        raise IRTypeError(f"a down projection reads one result, not the epilogue's {len(attrs['epilogue_outputs'])}")
 
     def pointwise(*ts, body, outputs, row):
         return OPS["fused_pointwise"].infer(list(ts), {"body": body, "outputs": outputs})
@@ -78,16 +105,17 @@ def infer_linear_fused(types, attrs):
 
 
 def linear_fused_reference(*tensors, n_x, bias, prologue, prologue_outputs, columns, epilogue, epilogue_outputs,
-                           row=None):
+                           row=None, down=False, down_bias=False):
     """Each step with its registry reference (fused_pointwise, linear, slice)."""
     from .ops import OPS
 
     attrs = dict(n_x=n_x, bias=bias, prologue=prologue, prologue_outputs=prologue_outputs, row=row,
-                 columns=columns, epilogue=epilogue, epilogue_outputs=epilogue_outputs)
+                 columns=columns, epilogue=epilogue, epilogue_outputs=epilogue_outputs, down=down,
+                 down_bias=down_bias)
     outs = compose(tensors, attrs, OPS["fused_pointwise"].reference, OPS["linear"].reference,
                    lambda y, s, e: y[..., s:e])
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 ATTRS = ("n_x: int, bias: bool, prologue: tuple, prologue_outputs: strs, row?: int|none, columns: tuple, "
-         "epilogue: tuple, epilogue_outputs: strs")
+         "epilogue: tuple, epilogue_outputs: strs, down?: bool, down_bias?: bool")

@@ -974,7 +974,8 @@ OPS_LIST: list[OpDef] = [
           arity=(0, VARIADIC), attrs="body: tuple, outputs: strs, row?: int, into?: tuple, start?: size",
           traits={"row_safe"}),
     OpDef("linear_fused", "fused", infer_linear_fused, linear_fused_reference, origin="fuse_linear_pointwise",
-          doc="linear(prologue(x...), weight, [bias]) with an epilogue on column ranges of its output, one op "
+          doc="linear(prologue(x...), weight, [bias]) with an epilogue on column ranges of its output (and down=true: "
+              "a down linear of the epilogue result, an MLP), one op "
               "(ir/linear_fused.py); results: the epilogue's outputs (or the linear's), then the prologue's extras",
           arity=(2, VARIADIC), attrs=LINEAR_FUSED_ATTRS),
     OpDef("quant_linear", "fused", infer_quant_linear, quant_linear_reference, origin="quantize",

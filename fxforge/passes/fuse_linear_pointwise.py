@@ -20,6 +20,14 @@ Rules, each a declining match (the graph stays as it was when a condition fails)
     them must come after the place the node is written (the epilogue's, else the linear's)
     and must not be the epilogue itself. A linear can take both (Llama's gate/up: the
     second RMSNorm before, SwiGLU after); a group goes to one linear only.
+  - down: a linear_fused node whose one result (the epilogue's, e.g. SwiGLU's) only a float
+    `linear` reads, as its x, takes that linear too (down=true): the MLP of a decode layer
+    is then one op, and one kernel at decode (codegen/kernels/decode_mlp.py). The node stays
+    where it was (the down linear's weight and bias must be defined before it).
+
+    %h, %s = linear_fused(%r, %a, %g, %Wgu) {...}    ->    %d, %s = linear_fused(%r, %a, %g, %Wgu, %Wd)
+    %d = linear(%h, %Wd)                                          {..., down=true}
+
 Only `linear` on float activations of the weight's dtype (fp32/bf16/fp16); quantized
 linears are another op and stay as they are.
 
@@ -198,6 +206,41 @@ def _candidates(graph: Graph):
         yield i, pro, epi
 
 
+def _with_down(graph: Graph) -> tuple[Graph, int]:
+    """(graph, count): each linear_fused node whose one result feeds only a float linear's x
+    takes that linear as its down projection (the second step of the pass)."""
+    uses = _Uses(graph)
+    defined_at = {v: i for i, n in enumerate(graph.nodes) for v in n.outputs}
+    replaced: dict[int, Node] = {}
+    dropped: set[int] = set()
+    for f, node in enumerate(graph.nodes):
+        a = node.attrs
+        if node.op != "linear_fused" or a.get("down") or (a["epilogue"] and len(a["epilogue_outputs"]) != 1):
+            continue
+        h = node.outputs[0]
+        d = uses.only(h)
+        if d is None or d in dropped or not _float_linear(graph.nodes[d]):
+            continue
+        down = graph.nodes[d]
+        if down.inputs[0] is not h or h in down.inputs[1:] or h.dtype != down.output.dtype \
+                or any(defined_at.get(v, -1) >= f for v in down.inputs[1:]):
+            continue  # (a weight computed after the node: it cannot be read there)
+        attrs = {**a, "down": True}
+        if len(down.inputs) > 2:
+            attrs["down_bias"] = True
+        fused = Node("linear_fused", node.inputs + down.inputs[1:], attrs, (down.output,) + node.outputs[1:],
+                     node.meta)
+        types = OPS["linear_fused"].infer([v.type for v in fused.inputs], attrs)
+        if not all(t.same_as(v.type) for t, v in zip(types, fused.outputs)):
+            raise AssertionError(f"fuse_linear_pointwise: {types} != {[v.type for v in fused.outputs]}{node.where()}")
+        replaced[f] = fused
+        dropped.add(d)
+    if not replaced:
+        return graph, 0
+    nodes = [replaced.get(i, n) for i, n in enumerate(graph.nodes) if i not in dropped]
+    return graph.with_nodes(nodes), len(replaced)
+
+
 def fuse_linear_pointwise(graph: Graph, ctx=None) -> Graph:
     replaced: dict[int, Node] = {}  # node index -> the fused node placed there
     dropped: set[int] = set()
@@ -228,15 +271,18 @@ def fuse_linear_pointwise(graph: Graph, ctx=None) -> Graph:
             raise AssertionError(f"fuse_linear_pointwise: {types} != {[v.type for v in fused.outputs]}{node.where()}")
         replaced[at] = fused
         dropped.discard(at)
-    if not replaced:
-        return graph
-    nodes = [replaced.get(i, n) for i, n in enumerate(graph.nodes) if i not in dropped]
-    if ctx is not None:
+    if replaced:
+        nodes = [replaced.get(i, n) for i, n in enumerate(graph.nodes) if i not in dropped]
+        graph = dead_code_elimination(graph.with_nodes(nodes))
+    graph, downs = _with_down(graph)
+    if ctx is not None and (replaced or downs):
         ctx.rules["linear_epilogue"] += counts["epilogue"]
         ctx.rules["linear_prologue"] += counts["prologue"]
+        if downs:
+            ctx.rules["linear_down"] += downs
         ctx.note(f"{len(replaced)} linears take their pointwise neighbours ({counts['prologue']} prologues, "
-                 f"{counts['epilogue']} epilogues): one GEMV each at decode")
-    return dead_code_elimination(graph.with_nodes(nodes))
+                 f"{counts['epilogue']} epilogues, {downs} down projections): one GEMV each at decode")
+    return graph
 
 
 def unfuse(graph: Graph) -> Graph:

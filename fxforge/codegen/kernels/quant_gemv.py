@@ -23,7 +23,8 @@ Kernel
       * w8a8 quantizes x per token inside every program: the per-row scale needs the amax
         over all of K, which every program reads (x is a few KB, from L2), so a decode step
         stays one launch per linear.
-    Split-K combine: each program stores its partial tile (float32; w8a8's exact int32 sum
+    Split-K combine (the pattern of kernels/arrival.py, which holds the counters): each
+    program stores its partial tile (float32; w8a8's exact int32 sum
     as its bit pattern) to a scratch buffer and bumps its N tile's arrival counter; the
     program that arrives last sums the partials in split order (deterministic, and exact for
     int32), applies the epilogue (per-channel scale, w8a8's scales and outliers, bias) and
@@ -44,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from . import arrival
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -327,28 +330,21 @@ def _nf4_table_kernel(out_ptr):
 
 
 # --------------------------------------------------------------------------- device scratch
-# Per device: the arrival counters (zero between calls: the last program of a tile resets
-# its counter) and the NF4 table. An explicit registry, filled on first use outside a
-# CUDA-graph capture (inside one, fresh buffers are made and captured with the call).
-_SCRATCH: dict[torch.device, dict[str, Tensor]] = {}
+# Per device (kernels/arrival.py's registry): the arrival counters, "count" (zero between
+# calls: the last program of a tile resets its counter), and the NF4 table, "nf4".
+_SCRATCH = arrival.SCRATCH
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _nf4_table(device: torch.device) -> Tensor:
+    table = torch.empty(16, dtype=torch.float32, device=device)
+    _nf4_table_kernel[(1,)](table)
+    return table
 
 
 def _scratch(device: torch.device, nf4: bool) -> dict[str, Tensor]:
-    entry = _SCRATCH.get(device)
-    if entry is not None and (not nf4 or "nf4" in entry):
-        return entry
-    entry = dict(entry or {})
-    if "count" not in entry:
-        entry["count"] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
-    if nf4 and "nf4" not in entry:
-        entry["nf4"] = torch.empty(16, dtype=torch.float32, device=device)
-        _nf4_table_kernel[(1,)](entry["nf4"])
-    if not _capturing(device):
-        _SCRATCH[device] = entry
+    entry = {"count": arrival.counters(device, "count", MAX_TILES)}
+    if nf4:
+        entry["nf4"] = arrival.device_buffer(device, "nf4", _nf4_table)
     return entry
 
 

@@ -64,7 +64,14 @@ class TritonBackend(Backend):
             return out
         import torch.nn.functional as F
 
-        from ...ir.linear_fused import compose
+        from ...ir.linear_fused import compose, split_down
+
+        if attrs.get("down"):  # not one MLP kernel: the node without its down projection, then that
+            rest, down_weight, down_bias = split_down(tensors, attrs)
+            outs = self.linear_fused(*rest, **{**attrs, "down": False, "down_bias": False})
+            outs = list(outs) if isinstance(outs, tuple) else [outs]
+            return tuple([F.linear(outs[0], down_weight, down_bias)] + outs[1:]) if len(outs) > 1 else \
+                F.linear(outs[0], down_weight, down_bias)
 
         outs = compose(tensors, attrs, self.pointwise.run, F.linear, lambda y, s, e: y[..., s:e])
         return outs[0] if len(outs) == 1 else tuple(outs)
