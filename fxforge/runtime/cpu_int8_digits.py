@@ -1,0 +1,140 @@
+"""float32 x int8-weight products on the CPU's int8 matrix units: x split exactly enough
+into three int8 "digits", each multiplied exactly with int32 sums.
+
+Why: an int8 weight-only product on the CPU used to dequantize the weight at every call
+and run a float32 GEMM, so a quantized model was slower than the float one at prefill
+(issue 20). With int8 matrix units (AMX) an int8 product with int32 sums runs several
+times faster than a float32 GEMM of the same shape, and three of them still beat it,
+at float32's accuracy.
+
+The split, per activation row m (c_m = 63 * 2^16 / max_k |x_mk|; a zero row takes c_m as if
+its max were 1: its digits are all zero):
+    x_mk c_m + 1.5 * 2^23  rounds to a float32 in (2^23, 2^24), where float32's step is 1:
+the addition itself rounds x_mk c_m to an integer V_mk (|V| < 2^22), and the float's low
+three bytes hold V + 2^22 as an unsigned base-256 number b2 b1 b0 (mantissa bits; byte 2's
+top bit is the exponent's lowest, 0 here). So, with no integer conversion at all,
+    V = 2^16 (b2 - 64) + 2^8 b1 + b0,     x_mk = V / c_m + e,
+    |e| <= 3/4 / c_m = 1.8e-7 max_k |x_mk|
+(1/2 for the rounding to an integer, 1/4 for float32's rounding of the product x c_m below
+2^22). That is the size of float32's own rounding of the row's largest element (2^-24 =
+6e-8 relative): a float32 GEMM rounds each product and partial sum as much, and the tests
+measure the two within a small factor of each other against float64.
+
+The products are exact: the digits are bytes b in [0, 255] (zero point 64 for b2, 0 for b1
+and b0) and the weights |q| <= 127, so an int32 sum of K products stays below 2^31 for K up
+to 66,311 (`MAX_K`; a longer row is not split, the caller takes another path). Only where
+the CPU multiplies int8 with int32 sums in hardware (VNNI, AMX): older AVX-512/AVX2 int8
+kernels add pairs of u8 x s8 products in saturating int16, which would not be exact, so the
+caller gates this on AMX (`cpu_quant.amx_available`). The byte view assumes a
+little-endian CPU (`digits_available` checks the whole product on this machine).
+
+Then y_mn = s_n / c_m (P2 + P1/256 + P0/65536) 2^16, P_i the int32 product of byte i's
+digits with q_n and s_n the weight's per-output-channel scale. oneDNN's quantized linear
+(what torch.compile's x86 int8 path calls) does each product on a copy of the weight
+prepacked once (`prepack`; one more byte per weight), scales its int32 sums by s_n times
+the digit's weight, and adds them into one float32 output ("sum" post-op): no [M, N] int32
+product is written and read back. One pass by 2^16 / c_m (and the bias) ends it.
+
+Measured against `torch._int_mm` on the three digit matrices stacked along rows (the
+weight's transposed view, no copy) and a float32 split into radix-128 digits (ten passes
+over x instead of two): level at a few rows, 2-5x slower at 1024 rows (docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SPAN = 63 * 2**16  # |V| <= SPAN (+ rounding) < 2^22
+MAGIC = 1.5 * 2**23  # V + MAGIC lies in (2^23, 2^24): float32 steps of exactly 1
+TOP_ZERO_POINT = 64  # byte 2 holds (V + 2^22) >> 16: the top digit is b2 - 64
+DIGIT_WEIGHTS = (1.0 / 2**16, 1.0 / 2**8, 1.0)  # bytes 0, 1, 2
+ZERO_POINTS = (0, 0, TOP_ZERO_POINT)
+# int32 sums are exact while K * 255 * 127 < 2^31 (unsigned byte digits)
+MAX_K = (2**31 - 1) // (255 * 127)
+
+
+def row_factor(x2: Tensor) -> Tensor | None:
+    """c_m = SPAN / max_k |x_mk| as float32 [M, 1] (SPAN for a zero row); None when a row
+    holds inf or NaN or is so small that c_m overflows: those calls are not split."""
+    amax = x2.abs().amax(dim=1, keepdim=True)
+    c = torch.div(SPAN, amax.masked_fill_(amax == 0, 1.0))
+    return c if bool(((c > 0) & (c < float("inf"))).all()) else None
+
+
+def split_digits(x2: Tensor, c: Tensor) -> Tensor:
+    """uint8 [3, M, K]: the bytes b0, b1, b2 of round(x2 * c) + 2^22 (see the module
+    docstring), for float32 x2 [M, K] and its row factors c [M, 1]."""
+    m, k = x2.shape
+    shifted = torch.addcmul(torch.tensor(MAGIC, dtype=torch.float32), x2, c)
+    return shifted.view(torch.uint8).view(m, k, 4).permute(2, 0, 1)[:3].contiguous()
+
+
+def digit_value(digits: Tensor) -> Tensor:
+    """float64 [M, K]: the V the digits stand for (for tests: x ~ V / c)."""
+    b = digits.double()
+    return (b[2] - TOP_ZERO_POINT) * 2**16 + b[1] * 2**8 + b[0]
+
+
+@dataclass
+class DigitWeight:
+    """One int8 weight prepacked for oneDNN's quantized linear."""
+    qweight: Tensor  # the graph's own [N, K] int8 weight: identifies the call (and keeps its id alive)
+    packed: Tensor   # oneDNN's layout (an opaque mkldnn tensor, N * K bytes)
+    scale: Tensor    # float32 [N]
+    zero_points: Tensor  # int64 [N] zeros: the weight is symmetric
+    out_features: int
+
+
+def prepack(qweight: Tensor, scale: Tensor) -> DigitWeight:
+    """The weight [N, K] in oneDNN's int8 layout, for any number of activation rows."""
+    n = qweight.shape[0]
+    packed = torch.ops.onednn.qlinear_prepack(qweight.contiguous(), None)
+    return DigitWeight(qweight, packed, scale.float().contiguous(), torch.zeros(n, dtype=torch.int64), n)
+
+
+def digit_linear(x: Tensor, weight: DigitWeight, bias: Tensor | None = None) -> Tensor | None:
+    """y = x @ W.T (+ bias), W = qweight * scale[:, None], for float x [..., K] (computed in
+    float32, returned in x's dtype): three exact int8 products summed into one float32
+    output. None where x has a row this split does not take (inf, NaN, tiny): the caller
+    runs another path."""
+    k = x.shape[-1]
+    if k > MAX_K:
+        return None
+    x2 = x.reshape(-1, k).float()
+    c = row_factor(x2)
+    if c is None:
+        return None
+    digits = split_digits(x2, c)
+    qlinear, w = torch.ops.onednn.qlinear_pointwise, weight
+    y = None
+    for i in range(3):  # y += s_n P_i weight_i, smallest first, in place ("sum" post-op)
+        if y is None:
+            y = qlinear(digits[i], DIGIT_WEIGHTS[i], ZERO_POINTS[i], w.packed, w.scale, w.zero_points, None,
+                        1.0, 0, torch.float32, "none", [], "")
+        else:
+            y = qlinear.binary(digits[i], DIGIT_WEIGHTS[i], ZERO_POINTS[i], w.packed, w.scale, w.zero_points, y,
+                               None, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
+    y.mul_(torch.div(2**16, c))
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.out_features)
+
+
+def digits_available() -> bool:
+    """oneDNN's quantized linear is in this PyTorch build and gives float32-accurate products
+    here (which also checks the byte order the split reads)."""
+    ops = torch.ops.onednn
+    if not (hasattr(ops, "qlinear_pointwise") and hasattr(ops, "qlinear_prepack")):
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randint(-127, 128, (16, 64), generator=gen, dtype=torch.int8)
+        s = torch.rand(16, generator=gen) + 0.5
+        x = torch.randn(3, 64, generator=gen)
+        y = digit_linear(x, prepack(q, s))
+        ref = x.double() @ (q.double() * s.double()[:, None]).t()
+        return y is not None and bool(((y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()).item())
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
