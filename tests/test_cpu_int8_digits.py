@@ -11,7 +11,7 @@ from fxforge.ir.quant_formats import dequantize_weight, quantize_weight
 from fxforge.passes.quantize import QuantConfig
 from fxforge.runtime import cpu_int8_digits as digits
 from fxforge.runtime import cpu_quant
-from fxforge.runtime.cpu_quant import DIGITS_ABOVE_ROWS, NEVER, digits_above_rows
+from fxforge.runtime.cpu_quant import DIGITS_ABOVE_ROWS, DIGITS_MIN_OUT_FEATURES, NEVER, digits_above_rows
 from fxforge.runtime.program import build_program
 
 import zoo
@@ -108,22 +108,26 @@ def test_int32_sums_are_exact_at_the_limit():
     x = torch.randn(1, k + 1)
     longer = digits.prepack(torch.ones(2, k + 1, dtype=torch.int8), torch.ones(2))
     assert digits.digit_linear(x, longer) is None
-    assert digits_above_rows("int8", torch.float32, amx=True, in_features=k + 1) == NEVER
+    assert digits_above_rows("int8", torch.float32, amx=True, shape=(576, k + 1)) == NEVER
 
 
 def test_the_digit_rule():
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
-    assert digits_above_rows("int8", f32, amx=True, in_features=576) == DIGITS_ABOVE_ROWS[f32] == 0
-    assert digits_above_rows("int8", f16, amx=True, in_features=576) == 0
-    assert digits_above_rows("int8", bf16, amx=True, in_features=576) == NEVER  # bfloat16: its own fast paths
-    assert digits_above_rows("int8", f32, amx=False, in_features=576) == NEVER  # no exact, fast int8 units
+    shape = (576, 576)
+    assert digits_above_rows("int8", f32, amx=True, shape=shape) == DIGITS_ABOVE_ROWS[f32] == 0
+    assert digits_above_rows("int8", f16, amx=True, shape=shape) == 0
+    assert digits_above_rows("int8", bf16, amx=True, shape=shape) == NEVER  # bfloat16: its own fast paths
+    assert digits_above_rows("int8", f32, amx=False, shape=shape) == NEVER  # no exact, fast int8 units
+    assert digits_above_rows("int8", f32, amx=True, shape=(192, 576)) == NEVER  # too few outputs to pay the split
+    assert DIGITS_MIN_OUT_FEATURES == 512
     for scheme in ("int4", "nf4", "w8a8"):
-        assert digits_above_rows(scheme, f32, amx=True, in_features=576) == NEVER
+        assert digits_above_rows(scheme, f32, amx=True, shape=shape) == NEVER
 
 
 @needs_digits
 def test_an_int8_model_takes_the_digits_and_keeps_the_dequantize_paths_logits(monkeypatch):
     monkeypatch.setattr(cpu_quant, "amx_available", lambda: True)
+    monkeypatch.setattr(cpu_quant, "DIGITS_MIN_OUT_FEATURES", 1)  # the tiny model's weights have 64-384 outputs
     model, vocab = zoo.llama("sdpa")
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (1, 7)),), quantize=QuantConfig("int8"))
     report = fast.report()

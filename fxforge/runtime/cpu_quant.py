@@ -50,12 +50,18 @@ AMX_BF16_ABOVE_ROWS = 64
 NEVER = 1 << 62
 INT8_ABOVE_ROWS = {torch.float32: 2, torch.float16: 2, torch.bfloat16: NEVER}
 # int8 digits (runtime/cpu_int8_digits.py) with AMX, float32 activations (float16: upcast,
-# exact): faster than both other paths from one row on. One thread, ms, SmolLM2's int8 weights
-# as the graph has them (qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536), digits
-# against the better of _weight_int8pack_mm and dequantize + float32 GEMM: 0.22-0.60 vs
-# 0.21-1.04 at 1 row, 0.18-0.69 vs 0.26-1.97 at 8, 0.52-1.98 vs 0.81-3.0 at 128, 2.7-7.3 vs
-# 6.6-12 at 1024 (docs/benchmarks.md). Rows above this many take the digits.
+# exact): faster than both other paths from one row on, for weights with enough outputs to
+# pay for splitting x. One thread, ms, SmolLM2's int8 weights as the graph has them (qkv
+# 960x576, o 576x576, gate_up 3072x576, down 576x1536), digits against the better of
+# _weight_int8pack_mm and dequantize + float32 GEMM: 0.22-0.60 vs 0.17-1.04 at 1 row,
+# 0.18-0.69 vs 0.26-1.97 at 8, 0.52-1.98 vs 0.81-2.0 at 128; at 1024, 2.7-8.6 vs 6.6-11.4
+# (docs/benchmarks.md). Rows above this many take the digits.
 DIGITS_ABOVE_ROWS = {torch.float32: 0, torch.float16: 0, torch.bfloat16: NEVER}
+# Splitting x costs as much as a float32 GEMM with a few hundred outputs: a 192x576 weight
+# (SmolLM2's k or v, where they are not fused) lost at every row count (0.16 against 0.04-0.07
+# ms at 1 row, 2.2 against 1.5 at 1024); 576x576 won from 4 rows on (0.21-0.22 against
+# 0.17-0.21 below).
+DIGITS_MIN_OUT_FEATURES = 512
 
 
 def amx_available() -> bool:
@@ -83,11 +89,14 @@ def dequantize_above_rows(scheme: str, dtype: torch.dtype, amx: bool, on_int4_ke
     return 0  # nf4: no packed kernel
 
 
-def digits_above_rows(scheme: str, dtype: torch.dtype, amx: bool, in_features: int) -> int:
-    """Above how many activation rows a product of `scheme` in `dtype` runs on int8 digits
-    (NEVER: not at all). Only int8 weights, only with AMX (exact int32 sums in hardware,
-    and the speed measured), only rows short enough for exact int32 sums."""
-    if scheme != "int8" or not amx or in_features > cpu_int8_digits.MAX_K:
+def digits_above_rows(scheme: str, dtype: torch.dtype, amx: bool, shape: tuple[int, int]) -> int:
+    """Above how many activation rows a product of `scheme` in `dtype` with a weight of
+    `shape` (out, in features) runs on int8 digits (NEVER: not at all). Only int8 weights,
+    only with AMX (exact int32 sums in hardware, and the speed measured), only rows short
+    enough for exact int32 sums, only weights with enough outputs."""
+    out_features, in_features = shape
+    if scheme != "int8" or not amx or in_features > cpu_int8_digits.MAX_K \
+            or out_features < DIGITS_MIN_OUT_FEATURES:
         return NEVER
     return DIGITS_ABOVE_ROWS[dtype]
 
@@ -190,7 +199,7 @@ def plan_cpu_quant(graph: Graph, int4_plan: cpu_int4.CpuInt4Plan,
             weight = _Weight(qweight, Packed.from_parts(tensors, attrs),
                              {d: dequantize_above_rows(scheme, d, amx, on_kernel) for d in DTYPES})
             plan.weights[id(qweight)] = weight
-        digits_above = digits_above_rows(scheme, dtype, amx, weight.packed.shape[1])
+        digits_above = digits_above_rows(scheme, dtype, amx, tuple(weight.packed.shape))
         if digits_above < NEVER and digits_ok is None:
             digits_ok = cpu_int8_digits.digits_available()
         if digits_above < NEVER and digits_ok:
