@@ -50,12 +50,14 @@ AMX_BF16_ABOVE_ROWS = 64
 NEVER = 1 << 62
 INT8_ABOVE_ROWS = {torch.float32: 2, torch.float16: 2, torch.bfloat16: NEVER}
 # int8 digits (runtime/cpu_int8_digits.py) with AMX, float32 activations (float16: upcast,
-# exact): faster than both other paths from one row on, for weights with enough outputs to
-# pay for splitting x. One thread, ms, SmolLM2's int8 weights as the graph has them (qkv
-# 960x576, o 576x576, gate_up 3072x576, down 576x1536), digits against the better of
-# _weight_int8pack_mm and dequantize + float32 GEMM: 0.22-0.60 vs 0.17-1.04 at 1 row,
-# 0.18-0.69 vs 0.26-1.97 at 8, 0.52-1.98 vs 0.81-2.0 at 128; at 1024, 2.7-8.6 vs 6.6-11.4
-# (docs/benchmarks.md). Rows above this many take the digits.
+# exact): faster than both other paths from a few rows on, and level or faster at one row,
+# for weights with enough outputs to pay for splitting x. One thread, loaded 2-core machine,
+# ms, SmolLM2's int8 weights as the graph has them (qkv 960x576, o 576x576, gate_up
+# 3072x576, down 576x1536), digits against the better of _weight_int8pack_mm and
+# dequantize + float32 GEMM: 0.29-0.75 vs 0.22-1.17 at 1 row (o 0.07 slower, qkv level),
+# 0.29-0.75 vs 0.35-1.75 at 8, 0.72-1.81 vs 0.88-4.46 at 128, 4.2-12.3 vs 5.4-36.7 at 1024;
+# the model decodes 1.19x faster with them (docs/benchmarks.md). Rows above this many take
+# the digits.
 DIGITS_ABOVE_ROWS = {torch.float32: 0, torch.float16: 0, torch.bfloat16: NEVER}
 # Splitting x costs as much as a float32 GEMM with a few hundred outputs: a 192x576 weight
 # (SmolLM2's k or v, where they are not fused) lost at every row count (0.16 against 0.04-0.07
