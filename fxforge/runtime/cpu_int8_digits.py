@@ -38,10 +38,10 @@ product is written and read back. One pass by 2^16 / c_m (and the bias) ends it.
 Measured and not kept (one thread, docs/benchmarks.md): `torch._int_mm` on the three digit
 matrices stacked along rows, straight from the graph's weight (its transposed view, no
 copy), combined in float32: about 0.1 ms faster at 1-8 rows (one call instead of three),
-1.3-5x slower at 1024 rows (3072x576: 43 against 8.9 ms; its int8 GEMM itself is 4-6x
-slower than oneDNN's on a prepacked weight). Splitting x into radix-128 digits with float
-rounding took ten passes over x where this byte view takes two (2.1 against 1.5 ms for
-1024x576).
+1.3-5x slower at 1024 rows (3072x576: 43 against 8.9 ms; its int8 GEMM itself was
+1.3-4.5x slower than oneDNN's on a prepacked weight). Splitting x into radix-128 digits
+with float rounding took about twelve passes over x where this byte view takes four (row
+max, one multiply-add, one byte transpose: 2.1 against 1.5 ms for 1024x576).
 """
 from __future__ import annotations
 
