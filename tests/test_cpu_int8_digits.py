@@ -63,7 +63,8 @@ def _errors(x, q, s, y):
 
 
 @needs_digits
-@pytest.mark.parametrize("m, k, n", [(1, 64, 48), (6, 320, 40), (33, 576, 24)])
+# 5 + m rows: up to FEW_ROWS one torch._int_mm, above oneDNN's three products
+@pytest.mark.parametrize("m, k, n", [(1, 64, 48), (6, 320, 40), (33, 576, 24), (2, 99, 520), (20, 99, 24)])
 def test_products_are_as_accurate_as_the_float32_gemm(m, k, n):
     gen = torch.Generator().manual_seed(m * k)
     packed = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, "int8")
@@ -104,6 +105,11 @@ def test_int32_sums_are_exact_at_the_limit():
                                            "none", [], "")
     # the int32 sum is exact (no wrap to a negative), then rounded once to the float32 output
     assert torch.equal(y, torch.full((1, 16), float(k * 255 * 127), dtype=torch.float32)), y[0, 0].item()
+    # the few-row kernel: bytes read as b - 128, 128 Q_n added back (64 Q_n for the top byte)
+    top, low = (255 - 128 + 64) * 127 * k, 255 * 127 * k
+    y = digits._few_rows(torch.full((3, 1, k), 255, dtype=torch.uint8), weight)
+    torch.testing.assert_close(y.double(), torch.full((1, 16), top + low / 2**8 + low / 2**16, dtype=torch.float64),
+                               rtol=1e-7, atol=0)
     # longer rows are not split
     x = torch.randn(1, k + 1)
     longer = digits.prepack(torch.ones(2, k + 1, dtype=torch.int8), torch.ones(2))

@@ -29,19 +29,23 @@ caller gates this on AMX (`cpu_quant.amx_available`). The byte view assumes a
 little-endian CPU (`digits_available` checks the whole product on this machine).
 
 Then y_mn = s_n / c_m (P2 + P1/256 + P0/65536) 2^16, P_i the int32 product of byte i's
-digits with q_n and s_n the weight's per-output-channel scale. oneDNN's quantized linear
-(what torch.compile's x86 int8 path calls) does each product on a copy of the weight
-prepacked once (`prepack`; one more byte per weight), scales its int32 sums by s_n times
-the digit's weight, and adds them into one float32 output ("sum" post-op): no [M, N] int32
-product is written and read back. One pass by 2^16 / c_m (and the bias) ends it.
+digits with q_n and s_n the weight's per-output-channel scale. Two kernels, by row count:
+- more than FEW_ROWS rows: oneDNN's quantized linear (what torch.compile's x86 int8 path
+  calls) does each product on a copy of the weight prepacked once (`prepack`; one more byte
+  per weight), scales its int32 sums by s_n times the digit's weight, and adds them into one
+  float32 output ("sum" post-op): no [M, N] int32 product is written and read back. One
+  pass by 2^16 / c_m (and the bias) ends it.
+- up to FEW_ROWS rows (decoding, verification steps): one `torch._int_mm` of the three
+  digit matrices stacked along rows with the graph's own weight (its transposed view, no
+  copy). It takes signed int8, so each byte is read as b - 128 (one XOR of its top bit) and
+  the int32 sums get 128 Q_n back (64 Q_n for b2; Q_n = sum_k q_nk), still exact; then the
+  three are combined in float32. One call instead of three: 1.4-1.9x faster than oneDNN up
+  to 16 rows, level at 32, slower from 64 on (one thread, SmolLM2's int8 weights; at 1024
+  rows 1.3-5x slower: 3072x576, 43 against 8.9 ms).
 
-Measured and not kept (one thread, docs/benchmarks.md): `torch._int_mm` on the three digit
-matrices stacked along rows, straight from the graph's weight (its transposed view, no
-copy), combined in float32: about 0.1 ms faster at 1-8 rows (one call instead of three),
-1.3-5x slower at 1024 rows (3072x576: 43 against 8.9 ms; its int8 GEMM itself was
-1.3-4.5x slower than oneDNN's on a prepacked weight). Splitting x into radix-128 digits
-with float rounding took about twelve passes over x where this byte view takes four (row
-max, one multiply-add, one byte transpose: 2.1 against 1.5 ms for 1024x576).
+Also measured: splitting x into radix-128 digits with float rounding took about twelve
+passes over x where this byte view takes four (row max, one multiply-add, one byte
+transpose: 2.1 against 1.5 ms for 1024x576).
 """
 from __future__ import annotations
 
@@ -57,6 +61,10 @@ DIGIT_WEIGHTS = (1.0 / 2**16, 1.0 / 2**8, 1.0)  # bytes 0, 1, 2
 ZERO_POINTS = (0, 0, TOP_ZERO_POINT)
 # int32 sums are exact while K * 255 * 127 < 2^31 (unsigned byte digits)
 MAX_K = (2**31 - 1) // (255 * 127)
+# Up to this many rows one torch._int_mm on the stacked digits; above, oneDNN's three products.
+FEW_ROWS = 16
+# int32 added back to each digit's product with q_n, in units of Q_n: b - 128 read, b (or b2 - 64) meant
+_SIGNED_SHIFT = (128, 128, 128 - TOP_ZERO_POINT)
 
 
 def row_factor(x2: Tensor) -> Tensor | None:
@@ -89,13 +97,38 @@ class DigitWeight:
     scale: Tensor    # float32 [N]
     zero_points: Tensor  # int64 [N] zeros: the weight is symmetric
     out_features: int
+    shift: Tensor  # int32 [3, 1, N]: _SIGNED_SHIFT[i] * Q_n, Q_n = sum_k q_nk (the few-row kernel)
 
 
 def prepack(qweight: Tensor, scale: Tensor) -> DigitWeight:
     """The weight [N, K] in oneDNN's int8 layout, for any number of activation rows."""
     n = qweight.shape[0]
     packed = torch.ops.onednn.qlinear_prepack(qweight.contiguous(), None)
-    return DigitWeight(qweight, packed, scale.float().contiguous(), torch.zeros(n, dtype=torch.int64), n)
+    shift = torch.tensor(_SIGNED_SHIFT, dtype=torch.int32)[:, None, None] * qweight.sum(1, dtype=torch.int32)
+    return DigitWeight(qweight, packed, scale.float().contiguous(), torch.zeros(n, dtype=torch.int64), n, shift)
+
+
+def _few_rows(digits: Tensor, w: DigitWeight) -> Tensor:
+    """float32 [M, N] = s_n (P2 + P1/256 + P0/65536): one torch._int_mm of the stacked digits."""
+    _, m, k = digits.shape
+    signed = digits.bitwise_xor_(0x80).view(torch.int8).view(3 * m, k)  # b - 128
+    p = torch._int_mm(signed, w.qweight.t()).view(3, m, -1).add_(w.shift)  # exact: |sum| <= K * 255 * 127
+    y = p[2].float()
+    return y.add_(p[1], alpha=1.0 / 2**8).add_(p[0], alpha=1.0 / 2**16).mul_(w.scale)
+
+
+def _onednn(digits: Tensor, w: DigitWeight) -> Tensor:
+    """float32 [M, N] = s_n (P2 + P1/256 + P0/65536): three oneDNN products into one output."""
+    qlinear = torch.ops.onednn.qlinear_pointwise
+    y = None
+    for i in range(3):  # y += s_n P_i weight_i, smallest first, in place ("sum" post-op)
+        if y is None:
+            y = qlinear(digits[i], DIGIT_WEIGHTS[i], ZERO_POINTS[i], w.packed, w.scale, w.zero_points, None,
+                        1.0, 0, torch.float32, "none", [], "")
+        else:
+            y = qlinear.binary(digits[i], DIGIT_WEIGHTS[i], ZERO_POINTS[i], w.packed, w.scale, w.zero_points, y,
+                               None, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
+    return y
 
 
 def digit_linear(x: Tensor, weight: DigitWeight, bias: Tensor | None = None) -> Tensor | None:
@@ -111,19 +144,11 @@ def digit_linear(x: Tensor, weight: DigitWeight, bias: Tensor | None = None) -> 
     if c is None:
         return None
     digits = split_digits(x2, c)
-    qlinear, w = torch.ops.onednn.qlinear_pointwise, weight
-    y = None
-    for i in range(3):  # y += s_n P_i weight_i, smallest first, in place ("sum" post-op)
-        if y is None:
-            y = qlinear(digits[i], DIGIT_WEIGHTS[i], ZERO_POINTS[i], w.packed, w.scale, w.zero_points, None,
-                        1.0, 0, torch.float32, "none", [], "")
-        else:
-            y = qlinear.binary(digits[i], DIGIT_WEIGHTS[i], ZERO_POINTS[i], w.packed, w.scale, w.zero_points, y,
-                               None, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
+    y = _few_rows(digits, weight) if x2.shape[0] <= FEW_ROWS else _onednn(digits, weight)
     y.mul_(torch.div(2**16, c))
     if bias is not None:
         y.add_(bias.float())
-    return y.to(x.dtype).reshape(*x.shape[:-1], w.out_features)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
 
 
 def digits_available() -> bool:
@@ -136,9 +161,13 @@ def digits_available() -> bool:
         gen = torch.Generator().manual_seed(0)
         q = torch.randint(-127, 128, (16, 64), generator=gen, dtype=torch.int8)
         s = torch.rand(16, generator=gen) + 0.5
-        x = torch.randn(3, 64, generator=gen)
-        y = digit_linear(x, prepack(q, s))
-        ref = x.double() @ (q.double() * s.double()[:, None]).t()
-        return y is not None and bool(((y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()).item())
+        weight = prepack(q, s)
+        for rows in (3, FEW_ROWS + 1):  # both kernels
+            x = torch.randn(rows, 64, generator=gen)
+            y = digit_linear(x, weight)
+            ref = x.double() @ (q.double() * s.double()[:, None]).t()
+            if y is None or not bool(((y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()).item()):
+                return False
+        return True
     except (RuntimeError, NotImplementedError, AttributeError):
         return False

@@ -242,7 +242,8 @@ def _group_note(scheme, dtype, short, above, long_, count) -> str:
     if long_ == "int8digits":
         when = "at every call" if above == 0 else f"above {above} rows"
         return (f"{count} {scheme} products ({dtype} activations): int8 digits (x split into three int8 "
-                f"digits, three exact int8 products on oneDNN) {when}")
+                f"digits, exact int8 products: torch._int_mm up to {cpu_int8_digits.FEW_ROWS} rows, oneDNN above) "
+                f"{when}")
     if short == "none":
         return f"{count} {scheme} products ({dtype} activations): dequantize + one {gemm_in} GEMM at every call"
     kernel = {"int4pack": "PyTorch's packed int4 kernel", "int8pack": "torch._weight_int8pack_mm",
