@@ -50,19 +50,16 @@ AMX_BF16_ABOVE_ROWS = 64
 NEVER = 1 << 62
 INT8_ABOVE_ROWS = {torch.float32: 2, torch.float16: 2, torch.bfloat16: NEVER}
 # int8 digits (runtime/cpu_int8_digits.py) with AMX, float32 activations (float16: upcast,
-# exact): faster than both other paths from a few rows on, and level or faster at one row,
-# for weights with enough outputs to pay for splitting x. One thread, loaded 2-core machine,
-# ms, SmolLM2's int8 weights as the graph has them (qkv 960x576, o 576x576, gate_up
-# 3072x576, down 576x1536), digits against the better of _weight_int8pack_mm and
-# dequantize + float32 GEMM: 0.29-0.75 vs 0.22-1.17 at 1 row (o 0.07 slower, qkv level),
-# 0.29-0.75 vs 0.35-1.75 at 8, 0.72-1.81 vs 0.88-4.46 at 128, 4.2-12.3 vs 5.4-36.7 at 1024;
-# the model decodes 1.19x faster with them (docs/benchmarks.md). Rows above this many take
-# the digits.
+# exact): faster than both other paths from one row on, for weights with enough outputs to
+# pay for splitting x. One thread, loaded 2-core machine, ms, SmolLM2's int8 weights as the
+# graph has them (qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536), digits against
+# the better of _weight_int8pack_mm and dequantize + float32 GEMM: 0.18-0.50 vs 0.22-1.18
+# at 1 row, 0.21-0.57 vs 0.33-1.92 at 8, 0.72-1.81 vs 0.88-4.46 at 128, 4.2-12.3 vs 5.4-36.7
+# at 1024 (docs/benchmarks.md). Rows above this many take the digits.
 DIGITS_ABOVE_ROWS = {torch.float32: 0, torch.float16: 0, torch.bfloat16: NEVER}
 # Splitting x costs as much as a float32 GEMM with a few hundred outputs: a 192x576 weight
-# (SmolLM2's k or v, where they are not fused) lost at every row count (0.16 against 0.04-0.07
-# ms at 1 row, 2.2 against 1.5 at 1024); 576x576 won from 4 rows on (0.21-0.22 against
-# 0.17-0.21 below).
+# (SmolLM2's k or v, where they are not fused) lost at every row count (0.14 against 0.08
+# ms at 1 row, 2.6 against 1.8 at 1024); 576x576 wins at every row count measured.
 DIGITS_MIN_OUT_FEATURES = 512
 
 
@@ -125,7 +122,7 @@ class CpuQuantPlan:
         if weight is None or weight.qweight is not qweight or dtype not in DTYPES:
             return "fallback"
         if weight.digits is not None and rows > weight.digits_above.get(dtype, NEVER):
-            return "int8digits"
+            return "int8digits"  # (before "kept": faster than a float GEMM from a few rows on, at no memory)
         if self.kept is not None and self.kept.get(qweight, _gemm_dtype(dtype)) is not None \
                 and (dtype != torch.bfloat16 or rows > weight.above_rows[dtype]):
             return "kept"  # (in float32 a kept weight's GEMV beats the packed kernels at any row count)
