@@ -91,7 +91,7 @@ def digit_value(digits: Tensor) -> Tensor:
 
 @dataclass
 class DigitWeight:
-    """One int8 weight prepacked for oneDNN's quantized linear."""
+    """One int8 weight prepacked for oneDNN's quantized linear, and its row sums for the few-row kernel."""
     qweight: Tensor  # the graph's own [N, K] int8 weight: identifies the call (and keeps its id alive)
     packed: Tensor   # oneDNN's layout (an opaque mkldnn tensor, N * K bytes)
     scale: Tensor    # float32 [N]
