@@ -5,15 +5,16 @@ kernel times (batch 1 and 16) are in benchmarks/quant_linear.py (GPU).
 
     python benchmarks/quant.py [--model smollm2|llama-1b] [--dtype float16] [--schemes int8 int8/bf16 int4/g64]
                                [--torchao int8 int4/g64] [--tokens 64] [--out f.json]
-    python benchmarks/quant.py --tokens 0 --torchao --prefill 128 512 1024 [--keep-mb 1024]
+    python benchmarks/quant.py --tokens 0 --torchao --prefill 128 512 1024 [--keep-mb 1024] [--no-digits]
                                [--schemes int8 int4/g64 int8/bf16 int4/g64/bf16]
 
 --prefill: one forward over a random prompt of each length (issue 20: a quantized model must
 not be slower than the float one at prefill), every variant timed side by side, interleaved
 (median of --repeat rounds after a warm-up), with the path its products take
 (runtime/cpu_quant.py's report line). --keep-mb adds each scheme again with that many MiB of
-dequantized weights kept (the torch backend's opt-in keep_dequantized_mb). --tokens 0 skips
-the decode table.
+dequantized weights kept (the torch backend's opt-in keep_dequantized_mb). --no-digits adds
+each scheme again with the int8 digit path (runtime/cpu_int8_digits.py) turned off: what
+int8 products cost before it, in the same rounds. --tokens 0 skips the decode table.
 
 torchao quantizes the same layers as fxforge (every nn.Linear but lm_head). On the CPU its
 int4 is the prototype `PrototypeInt4WeightOnlyConfig` (aten._weight_int4pack_mm_for_cpu,
@@ -150,7 +151,17 @@ def quant_paths(fast) -> str:
     return "; ".join(stats[0].notes) if stats else "-"
 
 
-def prefill_rows(model, ids, schemes, lengths, keep_mb, device, repeat):
+def without_digits(build):
+    """build() with cpu_quant's int8 digit path off (as if oneDNN's quantized linear were missing)."""
+    from unittest import mock
+
+    from fxforge.runtime import cpu_int8_digits
+
+    with mock.patch.object(cpu_int8_digits, "digits_available", lambda: False):
+        return build()
+
+
+def prefill_rows(model, ids, schemes, lengths, keep_mb, device, repeat, no_digits=False):
     """Seconds of one forward over a random prompt of each length, for the float model and
     each scheme (and each scheme with keep_mb MiB of dequantized weights kept, if > 0):
     all variants timed in one round, rounds repeated, the median per variant, so that
@@ -162,6 +173,9 @@ def prefill_rows(model, ids, schemes, lengths, keep_mb, device, repeat):
     variants = {"float": fxforge.optimize(model, (ids,), kv_cache=True)}
     for label in schemes:
         variants[label] = fxforge.optimize(model, (ids,), kv_cache=True, quantize=config_of(label))
+        if no_digits and device.type == "cpu" and "int8 digits" in quant_paths(variants[label]):
+            variants[f"{label} without digits"] = without_digits(
+                lambda: fxforge.optimize(model, (ids,), kv_cache=True, quantize=config_of(label)))
         if keep_mb and device.type == "cpu":
             variants[f"{label} +kept {keep_mb:g} MiB"] = fxforge.optimize(
                 model, (ids,), kv_cache=True, quantize=config_of(label),
@@ -208,6 +222,8 @@ def main():
                          "model must not be slower than the float one at prefill)")
     ap.add_argument("--keep-mb", type=float, default=0,
                     help="prefill: also each scheme with this many MiB of dequantized weights kept (opt-in)")
+    ap.add_argument("--no-digits", action="store_true",
+                    help="also each int8 scheme with the int8 digit path off (the paths before it)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -219,8 +235,8 @@ def main():
     def tokens_per_s(fast):
         return n / timed(lambda: fast.generate(ids, n, eos_token_id=None), device, args.repeat)
 
-    prefill = prefill_rows(model, ids, args.schemes, args.prefill, args.keep_mb, device, args.repeat) \
-        if args.prefill else []
+    prefill = prefill_rows(model, ids, args.schemes, args.prefill, args.keep_mb, device, args.repeat,
+                           args.no_digits) if args.prefill else []
     if not n:
         finish(prefill, args.out)
         return
@@ -234,6 +250,12 @@ def main():
         tps = tokens_per_s(fast)
         rows.append({"variant": f"fxforge {label}", "tokens_per_s": tps, "vs_float": tps / base,
                      "layers": len(d["layers"]), "bytes_ratio": d["bytes_after"] / d["bytes_before"]})
+        if args.no_digits and device.type == "cpu" and "int8 digits" in quant_paths(fast):
+            del fast
+            fast = without_digits(lambda: fxforge.optimize(model, (ids,), kv_cache=True, quantize=config_of(label)))
+            tps = tokens_per_s(fast)
+            rows.append({"variant": f"fxforge {label} without digits", "tokens_per_s": tps, "vs_float": tps / base,
+                         "layers": len(d["layers"]), "bytes_ratio": d["bytes_after"] / d["bytes_before"]})
     hf = n / timed(lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False), device,
                    args.repeat)
     rows.append({"variant": "transformers generate (float)", "tokens_per_s": hf, "vs_float": hf / base})

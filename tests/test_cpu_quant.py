@@ -47,6 +47,8 @@ def test_the_row_rule_per_scheme_dtype_and_cpu():
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
 def test_each_shape_takes_its_path_and_matches_the_reference(scheme, monkeypatch):
+    # the paths without AMX (with it, int8 takes the digits: tests/test_cpu_int8_digits.py)
+    monkeypatch.setattr(cpu_quant, "amx_available", lambda: False)
     model, vocab = zoo.llama("sdpa")
     config = QuantConfig(scheme, group_size=32) if scheme != "int8" else QuantConfig("int8")
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), quantize=config)

@@ -2,6 +2,10 @@
 activation rows, and the report line that says which path each linear takes.
 
 Paths (torch backend on the CPU):
+- "int8digits": int8 weights with float32 (or float16) activations on a CPU with AMX: x split
+  into three int8 digits, three exact int8 products on oneDNN's prepacked copy of the
+  weight (runtime/cpu_int8_digits.py): float32's accuracy, faster than the float32 GEMM
+  itself at every row count measured, so it replaces both int8 paths below there;
 - "int4pack": PyTorch's packed int4 kernel on a repacked copy (runtime/cpu_int4.py);
 - "int8pack" and the rest: the backend's own quant_linear (runtime/torch_kernels.py:
   torch._weight_int8pack_mm for int8 where it pays off, else dequantize + matmul);
@@ -30,7 +34,7 @@ from torch import Tensor
 from ..ir.graph import Graph
 from ..ir.quant_formats import Packed
 from ..passes.manager import PassStats
-from . import cpu_int4
+from . import cpu_int4, cpu_int8_digits
 from .cpu_dequant import DequantizedWeights, dequantize_for_matmul
 
 SCHEMES = ("int8", "int4", "nf4")  # w8a8 quantizes its activations: its own path in torch_kernels
@@ -45,6 +49,18 @@ AMX_BF16_ABOVE_ROWS = 64
 # every row count (docs/benchmarks.md, issue 5); int8's float32/float16 kernel only at 1-2 rows.
 NEVER = 1 << 62
 INT8_ABOVE_ROWS = {torch.float32: 2, torch.float16: 2, torch.bfloat16: NEVER}
+# int8 digits (runtime/cpu_int8_digits.py) with AMX, float32 activations (float16: upcast,
+# exact): faster than both other paths from one row on, for weights with enough outputs to
+# pay for splitting x. One thread, loaded 2-core machine, ms, SmolLM2's int8 weights as the
+# graph has them (qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536), digits against
+# the better of _weight_int8pack_mm and dequantize + float32 GEMM: 0.18-0.50 vs 0.22-1.18
+# at 1 row, 0.21-0.57 vs 0.33-1.92 at 8, 0.72-1.81 vs 0.88-4.46 at 128, 4.2-12.3 vs 5.4-36.7
+# at 1024 (docs/benchmarks.md). Rows above this many take the digits.
+DIGITS_ABOVE_ROWS = {torch.float32: 0, torch.float16: 0, torch.bfloat16: NEVER}
+# Splitting x costs as much as a float32 GEMM with a few hundred outputs: a 192x576 weight
+# (SmolLM2's k or v, where they are not fused) lost at every row count (0.14 against 0.08
+# ms at 1 row, 2.6 against 1.8 at 1024); 576x576 wins at every row count measured.
+DIGITS_MIN_OUT_FEATURES = 512
 
 
 def amx_available() -> bool:
@@ -72,11 +88,25 @@ def dequantize_above_rows(scheme: str, dtype: torch.dtype, amx: bool, on_int4_ke
     return 0  # nf4: no packed kernel
 
 
+def digits_above_rows(scheme: str, dtype: torch.dtype, amx: bool, shape: tuple[int, int]) -> int:
+    """Above how many activation rows a product of `scheme` in `dtype` with a weight of
+    `shape` (out, in features) runs on int8 digits (NEVER: not at all). Only int8 weights,
+    only with AMX (exact int32 sums in hardware, and the speed measured), only rows short
+    enough for exact int32 sums, only weights with enough outputs."""
+    out_features, in_features = shape
+    if scheme != "int8" or not amx or in_features > cpu_int8_digits.MAX_K \
+            or out_features < DIGITS_MIN_OUT_FEATURES:
+        return NEVER
+    return DIGITS_ABOVE_ROWS[dtype]
+
+
 @dataclass
 class _Weight:
     qweight: Tensor  # identifies the call (and keeps the id alive)
     packed: Packed
     above_rows: dict  # activation dtype -> rows above which it dequantizes
+    digits_above: dict = field(default_factory=dict)  # activation dtype -> rows above which it takes the digits
+    digits: cpu_int8_digits.DigitWeight | None = None  # the prepacked copy, where some dtype takes them
 
 
 @dataclass
@@ -91,6 +121,8 @@ class CpuQuantPlan:
         weight = self.weights.get(id(qweight))
         if weight is None or weight.qweight is not qweight or dtype not in DTYPES:
             return "fallback"
+        if weight.digits is not None and rows > weight.digits_above.get(dtype, NEVER):
+            return "int8digits"  # (before "kept": faster than a float GEMM from a few rows on, at no memory)
         if self.kept is not None and self.kept.get(qweight, _gemm_dtype(dtype)) is not None \
                 and (dtype != torch.bfloat16 or rows > weight.above_rows[dtype]):
             return "kept"  # (in float32 a kept weight's GEMV beats the packed kernels at any row count)
@@ -109,6 +141,11 @@ class CpuQuantPlan:
             path = self.path(qweight, x.dtype, rows) if rows else "fallback"
             if path == "int4pack":
                 return cpu_int4.int4pack_linear(x, self.int4.weights[id(qweight)], b)
+            if path == "int8digits":
+                y = cpu_int8_digits.digit_linear(x, self.weights[id(qweight)].digits, b)
+                if y is not None:
+                    return y
+                # a row with inf/NaN (or tiny): the float path gives the reference's inf/NaN
             if path == "fallback":
                 return fallback(x, *tensors, parts=parts, qattrs=qattrs, bias=bias)
             packed = self.weights[id(qweight)].packed
@@ -140,6 +177,8 @@ def plan_cpu_quant(graph: Graph, int4_plan: cpu_int4.CpuInt4Plan,
     (None when the graph has none)."""
     start = time.perf_counter()
     amx = amx_available()
+    digits_ok = None  # checked once, at the first weight that would take the digits
+    digit_bytes = 0
     plan = CpuQuantPlan(int4=int4_plan, kept=DequantizedWeights(keep_bytes) if keep_bytes else None)
     groups: Counter = Counter()
     per_weight = {}
@@ -159,10 +198,20 @@ def plan_cpu_quant(graph: Graph, int4_plan: cpu_int4.CpuInt4Plan,
             weight = _Weight(qweight, Packed.from_parts(tensors, attrs),
                              {d: dequantize_above_rows(scheme, d, amx, on_kernel) for d in DTYPES})
             plan.weights[id(qweight)] = weight
+        digits_above = digits_above_rows(scheme, dtype, amx, tuple(weight.packed.shape))
+        if digits_above < NEVER and digits_ok is None:
+            digits_ok = cpu_int8_digits.digits_available()
+        if digits_above < NEVER and digits_ok:
+            if weight.digits is None:
+                weight.digits = cpu_int8_digits.prepack(qweight, tensors["scale"])
+                digit_bytes += qweight.numel()
+            weight.digits_above[dtype] = digits_above
         above = weight.above_rows[dtype]
         short = "none" if above == 0 else ("int4pack" if id(qweight) in int4_plan.weights else
                                           "int8pack" if scheme == "int8" else "fallback")
         long_ = "never" if above >= NEVER else "dequantize"
+        if dtype in weight.digits_above:  # (from one row on: neither of the others is taken)
+            short, above, long_ = "none", weight.digits_above[dtype], "int8digits"
         groups[(scheme, str(dtype).removeprefix("torch."), short, min(above, NEVER), long_)] += 1
         per_weight[node.inputs[1].param] = {"scheme": scheme, "dtype": str(dtype).removeprefix("torch."),
                                             "kernel_up_to_rows": above if above < NEVER else None,
@@ -170,17 +219,28 @@ def plan_cpu_quant(graph: Graph, int4_plan: cpu_int4.CpuInt4Plan,
     if not plan.weights:
         return plan, None
     notes = [_group_note(*key, count) for key, count in sorted(groups.items())]
+    if digit_bytes:
+        notes.append(f"int8 digits: {digit_bytes / 2**20:.1f} MiB of int8 weights prepacked for oneDNN "
+                     f"(a second copy, one byte per weight)")
+    elif digits_ok is False:
+        notes.append("int8 digits: not taken, oneDNN's quantized linear is missing or disagrees here")
     if plan.kept is not None:
         notes.append(f"keep_dequantized_mb: up to {keep_bytes / 2**20:.0f} MiB of dequantized weights kept "
                      f"between calls (the first that fit; costs the memory quantization saved)")
     stats = PassStats("cpu_quant", time.perf_counter() - start, len(graph.nodes), len(graph.nodes),
                       rules=Counter({f"{k[0]}_{k[1]}": c for k, c in groups.items()}), notes=notes,
-                      details={"cpu_quant": {"amx": amx, "keep_bytes": keep_bytes, "weights": per_weight}})
+                      details={"cpu_quant": {"amx": amx, "keep_bytes": keep_bytes, "digit_bytes": digit_bytes,
+                                             "weights": per_weight}})
     return plan, stats
 
 
 def _group_note(scheme, dtype, short, above, long_, count) -> str:
     gemm_in = "bfloat16" if dtype == "bfloat16" else "float32"
+    if long_ == "int8digits":
+        when = "at every call" if above == 0 else f"above {above} rows"
+        return (f"{count} {scheme} products ({dtype} activations): int8 digits (x split into three int8 "
+                f"digits, exact int8 products: torch._int_mm up to {cpu_int8_digits.FEW_ROWS} rows, oneDNN above) "
+                f"{when}")
     if short == "none":
         return f"{count} {scheme} products ({dtype} activations): dequantize + one {gemm_in} GEMM at every call"
     kernel = {"int4pack": "PyTorch's packed int4 kernel", "int8pack": "torch._weight_int8pack_mm",
