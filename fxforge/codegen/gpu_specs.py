@@ -288,6 +288,13 @@ def row_specs(lengths=ROW_LENGTHS, kinds=("softmax", "layer_norm", "rms_norm"), 
 # gate/up with norm and SwiGLU, the lm_head with the final norm, and a wide model's rows
 GEMV_SHAPES = ((576, 960, 1), (576, 1536, 2), (576, 49152, 1), (4096, 14336, 2), (8192, 8192, 1))
 GEMV_ROWS = (1, 16)
+# a llama layer's prologue (residual add + RMSNorm, the sum as an extra output) and SwiGLU
+# epilogue, as fuse_linear_pointwise writes them
+LLAMA_RMS_ADD = (("add", ("in0", "in1"), ()), ("mul", ("t0", "t0"), ()),
+                 ("mean", ("t1",), (("dims", (-1,)), ("keepdim", True), ("dtype", None))),
+                 ("const", (), (("value", 1e-5), ("dtype", torch.float32))), ("add", ("t2", "t3"), ()),
+                 ("rsqrt", ("t4",), ()), ("mul", ("t0", "t5"), ()), ("mul", ("in2", "t6"), ()))
+LLAMA_SWIGLU = (("silu", ("in0",), ()), ("mul", ("t0", "in1"), ()))
 
 
 def gemv_specs(dtypes=DTYPES, shapes=GEMV_SHAPES, rows=GEMV_ROWS, folder: str | None = None) -> list[KernelSpec]:
@@ -298,11 +305,7 @@ def gemv_specs(dtypes=DTYPES, shapes=GEMV_SHAPES, rows=GEMV_ROWS, folder: str | 
 
     folder = folder or os.path.join(tempfile.gettempdir(), "fxforge_aot_kernels")
     os.makedirs(folder, exist_ok=True)
-    rms_add = (("add", ("in0", "in1"), ()), ("mul", ("t0", "t0"), ()),
-               ("mean", ("t1",), (("dims", (-1,)), ("keepdim", True), ("dtype", None))),
-               ("const", (), (("value", 1e-5), ("dtype", torch.float32))), ("add", ("t2", "t3"), ()),
-               ("rsqrt", ("t4",), ()), ("mul", ("t0", "t5"), ()), ("mul", ("in2", "t6"), ()))
-    swiglu = (("silu", ("in0",), ()), ("mul", ("t0", "in1"), ()))
+    rms_add, swiglu = LLAMA_RMS_ADD, LLAMA_SWIGLU
     specs = []
     for dname, dtype in dtypes.items():
         for k, n_out, parts in shapes:
@@ -336,11 +339,7 @@ def mlp_specs(dtypes=DTYPES, shapes=MLP_SHAPES, rows=GEMV_ROWS, folder: str | No
 
     folder = folder or os.path.join(tempfile.gettempdir(), "fxforge_aot_kernels")
     os.makedirs(folder, exist_ok=True)
-    rms_add = (("add", ("in0", "in1"), ()), ("mul", ("t0", "t0"), ()),
-               ("mean", ("t1",), (("dims", (-1,)), ("keepdim", True), ("dtype", None))),
-               ("const", (), (("value", 1e-5), ("dtype", torch.float32))), ("add", ("t2", "t3"), ()),
-               ("rsqrt", ("t4",), ()), ("mul", ("t0", "t5"), ()), ("mul", ("in2", "t6"), ()))
-    swiglu = (("silu", ("in0",), ()), ("mul", ("t0", "in1"), ()))
+    rms_add, swiglu = LLAMA_RMS_ADD, LLAMA_SWIGLU
     specs = []
     for dname, dtype in dtypes.items():
         spec = decode_gemv.GemvSpec(rms_add, ("t7", "t0"), (True, True, True), (dtype,) * 3, dtype, dtype, False, 2,
