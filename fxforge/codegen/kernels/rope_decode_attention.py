@@ -36,11 +36,12 @@ from .attention import check_head_dim_strides, needs_wide, online_softmax_step
 from .decode_attention import _INTERPRET, _LOG2E, _decode_combine_kernel, _programs, combine_block, num_splits, \
     split_launch
 
-__all__ = ["rope_decode_attention_triton", "rope_attention_reference", "fused_rows", "MAX_ROWS"]
+__all__ = ["rope_decode_attention_triton", "rope_attention_reference", "fused_rows", "supports", "rope_launch",
+           "MAX_ROWS"]
 
 # A program holds G x T query rows; past this many the op runs as its composition (a prompt,
-# or a wide speculative step): a [rows, D] accumulator larger than this spills.
-MAX_ROWS = 64
+# or a wide speculative step): compiled for sm_90 with 64 rows it spilled kilobytes.
+MAX_ROWS = 16
 
 
 @triton.jit
@@ -96,31 +97,10 @@ def _rope_decode_kernel(
 
     kc_base = kc_ptr + b * skcb + kvh * skch
     vc_base = vc_ptr + b * svcb + kvh * svch
-    bias_row = bias_ptr + b * sbb + heads[:, None] * sbh + t[:, None] * sbt
+    bias_row = b * sbb + heads[:, None] * sbh + t[:, None] * sbt  # 32-bit offsets, not a tile of pointers
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
-
-    # the cached keys of this split: [lo, hi) below start (every query sees them)
-    lo = split * CHUNK
-    hi = tl.minimum(tl.minimum(lo + CHUNK, TK), start)
-    for start_n in range(lo, hi, BLOCK_N):
-        n_idx = start_n + offs_n
-        n_valid = n_idx < hi
-        k = tl.load(kc_base + n_idx[None, :] * skcn + offs_d[:, None] * skcd,
-                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-        v = tl.load(vc_base + n_idx[:, None] * svcn + offs_d[None, :] * svcd,
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # log2 units
-        keep = m_valid[:, None] & n_valid[None, :]
-        if HAS_BIAS:
-            bias = tl.load(bias_row + n_idx[None, :] * sbn, mask=keep, other=0.0)
-            s = s + bias.to(tl.float32) * 1.4426950408889634
-        s = tl.where(keep, s, float("-inf"))
-        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
     if split == NUM_SPLITS - 1:
         # the T new keys: rotated k and v from the projections, stored into the caches at
@@ -148,7 +128,28 @@ def _rope_decode_kernel(
         if CAUSAL:  # query t is at start + t: it sees new keys 0..t
             keep = keep & (offs_j[None, :] <= t[:, None])
         if HAS_BIAS:
-            bias = tl.load(bias_row + n_new[None, :] * sbn, mask=keep, other=0.0)
+            bias = tl.load(bias_ptr + bias_row + n_new[None, :] * sbn, mask=keep, other=0.0)
+            s = s + bias.to(tl.float32) * 1.4426950408889634
+        s = tl.where(keep, s, float("-inf"))
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
+
+    # the cached keys of this split: [lo, hi) below start (every query sees them)
+    lo = split * CHUNK
+    hi = tl.minimum(tl.minimum(lo + CHUNK, TK), start)
+    for start_n in range(lo, hi, BLOCK_N):
+        n_idx = start_n + offs_n
+        n_valid = n_idx < hi
+        k = tl.load(kc_base + n_idx[None, :] * skcn + offs_d[:, None] * skcd,
+                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)
+        v = tl.load(vc_base + n_idx[:, None] * svcn + offs_d[None, :] * svcd,
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # log2 units
+        keep = m_valid[:, None] & n_valid[None, :]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + bias_row + n_idx[None, :] * sbn, mask=keep, other=0.0)
             s = s + bias.to(tl.float32) * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
@@ -165,6 +166,18 @@ def _rope_decode_kernel(
         tl.store(acc_ptr + part[:, None] * D_PAD + offs_d[None, :], acc, mask=m_valid[:, None])
 
 
+def rope_launch(dtype: torch.dtype, d_pad: int) -> dict:
+    """The kernel's key block and warps on a GPU: decode attention's key block (halved for
+    float32) and 8 warps. Compiled for sm_90 with 4 warps and decode's blocks it spilled
+    (float32 head dim 64: 40 bytes; 128: 11 KB), the rotary and the new-key tile adding to
+    the decode kernel's registers; with these, none at head dims 64 and 128 in float32,
+    bfloat16 and float16 (on sm_80: 20 bytes, float32 at 64 writing partials)."""
+    block_n = split_launch(dtype, d_pad)["BLOCK_N"]
+    if dtype == torch.float32:
+        block_n = max(16, block_n // 2)
+    return {"BLOCK_N": block_n, "num_warps": 8}
+
+
 def fused_rows(q, k_cache) -> int:
     """The query rows one program holds: (query heads per KV head) x query positions."""
     return (q.shape[1] // k_cache.shape[1]) * q.shape[2]
@@ -172,12 +185,13 @@ def fused_rows(q, k_cache) -> int:
 
 def supports(q, k, v, cos, sin, k_cache, v_cache, bias=None) -> bool:
     """Whether the fused kernel takes these operands (else the backend runs the composition):
-    few rows per program, one float dtype, an even head dim up to 256, a bias of at most
-    4 dims, and 32-bit offsets."""
+    few rows per program, one float dtype, an even head dim up to 128 (at 256 it spilled
+    on sm_90: 436 bytes in float32, 20 in bfloat16, where decode attention alone does not),
+    a bias of at most 4 dims, and 32-bit offsets."""
     tensors = (q, k, v, cos, sin, k_cache, v_cache)
     d = q.shape[-1]
     return (q.dim() == 4 and k_cache.dim() == 4 and q.shape[1] % k_cache.shape[1] == 0
-            and 1 <= fused_rows(q, k_cache) <= MAX_ROWS and d % 2 == 0 and 2 <= d <= 256
+            and 1 <= fused_rows(q, k_cache) <= MAX_ROWS and d % 2 == 0 and 2 <= d <= 128
             and q.dtype in (torch.float32, torch.float16, torch.bfloat16) and all(x.dtype == q.dtype for x in tensors)
             and (bias is None or bias.dim() <= 4) and not needs_wide(*tensors, bias))
 
@@ -223,7 +237,7 @@ def rope_decode_attention_triton(q, k, v, cos, sin, k_cache, v_cache, bias=None,
     d_pad = max(16, triton.next_power_of_2(d))
     block_m = max(16, triton.next_power_of_2(groups * tq))
     block_t = max(16, triton.next_power_of_2(tq))
-    launch = {"BLOCK_N": 16, "num_warps": 4} if _INTERPRET else split_launch(q.dtype, d_pad)
+    launch = {"BLOCK_N": 16, "num_warps": 4} if _INTERPRET else rope_launch(q.dtype, d_pad)
     block_n = launch["BLOCK_N"]
     chunk, splits = num_splits(bsz * kv_heads, max(tk, 1), block_n,
                                programs if programs is not None else _programs(q.device))
