@@ -52,6 +52,9 @@ def _fuse(m, b):
     if a.get("softcap") is not None or a.get("window") is not None or a.get("alibi"):
         return None
     q, k, v, cos, sin, kc, vc = (m[n] for n in ("q", "k", "v", "cos", "sin", "kc", "vc"))
+    # the rotary keeps its operand's shape (cos/sin broadcast into it, not it into them)
+    if not (q.type.same_as(node.inputs[0].type) and k.type.same_as(m.node("ka").inputs[1].type)):
+        return None
     d = q.shape[3]
     if not d.is_number or int(d) % 2 or not all(dims_equal(x.shape[3], d) for x in (k, v)):
         return None
@@ -71,9 +74,10 @@ def _fuse(m, b):
         return None
     inputs = (q, k, v, cos, sin, kc, vc) + tuple(node.inputs[3:])
     try:
-        return b.emit("rope_attention", *inputs, causal=a["causal"], scale=a["scale"], start=m.attr("start"))
+        out = b.emit("rope_attention", *inputs, causal=a["causal"], scale=a["scale"], start=m.attr("start"))
     except (TypeError, ValueError):  # a shape the op does not take (cos varying by head, ...)
         return None
+    return out if out.type.same_as(node.outputs[0].type) else None
 
 
 # attention(rope(q), kv_append(kc, rope(k)), kv_append(vc, v), [bias]) -> rope_attention(...)
