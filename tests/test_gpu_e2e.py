@@ -269,3 +269,28 @@ def test_decode_mlp_kernel_on_gpu_is_the_composition_repeatable_and_graph_safe(r
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rope_attention_kernel_decodes_like_the_unfused_kernels(dtype):
+    """fuse_rope_attention's one kernel (rotary, K/V stores, decode attention) on a left-padded
+    batch, eager steps and CUDA-graph steps, against the graph without the pass."""
+    torch.manual_seed(0)
+    model, vocab = MODELS["llama_sdpa_gqa"]()
+    model = model.to("cuda", dtype)
+    example = (torch.randint(0, vocab, (2, 7), device="cuda"),)
+    fast = fxforge.optimize(model, example, kv_cache=True)
+    ref = fxforge.optimize(model, example, kv_cache=True, disable=("fuse_rope_attention",))
+    assert fast.graph.count("rope_attention") == 2 and ref.graph.count("rope_attention") == 0
+    ids, mask = (x.cuda() for x in prompts(vocab, True))
+    kw = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0,
+              return_dict_in_generate=True, output_logits=True)
+    want = ref.generate(ids, **kw)
+    for static in (False, None):
+        fast.static_decode = static
+        got = fast.generate(ids, **kw)
+        logits, want_logits = torch.stack(got.logits).float(), torch.stack(want.logits).float()
+        if dtype == torch.float32:
+            assert torch.equal(got.sequences, want.sequences)
+        scale = want_logits[:3].abs().max()
+        assert (logits[:3] - want_logits[:3]).abs().max() <= REL[dtype] * scale

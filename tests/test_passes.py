@@ -209,13 +209,13 @@ def test_rule_that_changes_the_type_is_a_bug_reported_by_name():
 def test_pipeline_order_unknown_names_and_user_positions():
     reg = default_registry()
     assert reg.order == ["cleanup", "fuse_attention", "gqa", "shard", "kv_cache", "quantize", "fuse_linear",
-                         "fuse_elementwise", "fuse_linear_pointwise", "cleanup_final"]
+                         "fuse_rope_attention", "fuse_elementwise", "fuse_linear_pointwise", "cleanup_final"]
     reg.add(PassInfo("mine", lambda g: g), before="cleanup_final")
     assert reg.order == ["cleanup", "fuse_attention", "gqa", "shard", "kv_cache", "quantize", "fuse_linear",
-                         "fuse_elementwise", "fuse_linear_pointwise", "mine", "cleanup_final"]
+                         "fuse_rope_attention", "fuse_elementwise", "fuse_linear_pointwise", "mine", "cleanup_final"]
     reg.add(PassInfo("default_place", lambda g: g))
     assert reg.order.index("default_place") == reg.order.index("fuse_elementwise") - 1
-    with pytest.raises(ValueError, match="unknown pass 'nope'; known passes: cleanup, cleanup_final, default_place, fuse_attention, fuse_elementwise, fuse_linear, fuse_linear_pointwise, gqa, kv_cache, mine, quantize, shard"):
+    with pytest.raises(ValueError, match="unknown pass 'nope'; known passes: cleanup, cleanup_final, default_place, fuse_attention, fuse_elementwise, fuse_linear, fuse_linear_pointwise, fuse_rope_attention, gqa, kv_cache, mine, quantize, shard"):
         reg.pipeline({}, passes=["nope"])
     with pytest.raises(ValueError, match="relative to unknown pass"):
         reg.add(PassInfo("x", lambda g: g), after="nope")

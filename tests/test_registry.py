@@ -107,7 +107,7 @@ def test_traits_are_declared_on_the_entries():
     from fxforge.ir.ops import TRAITS, is_pure
     from fxforge.ir.graph import Node
 
-    assert {n for n, o in OPS.items() if o.has("stateful")} == {"kv_append", "paged_kv_write"}
+    assert {n for n, o in OPS.items() if o.has("stateful")} == {"kv_append", "paged_kv_write", "rope_attention"}
     assert not is_pure(Node("kv_append", (), {}, ()))
     assert {n for n, o in OPS.items() if o.has("collective")} == {"all_reduce", "all_gather"}
     assert not is_pure(Node("all_reduce", (), {"world_size": 2}, ()))

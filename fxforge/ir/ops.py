@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .signature import AttrSpec, check_arity, parse_attr_specs, signature_problem
 from .linear_fused import ATTRS as LINEAR_FUSED_ATTRS, infer_linear_fused, linear_fused_reference
+from .rope_attention import ATTRS as ROPE_ATTENTION_ATTRS, infer_rope_attention, rope_attention_reference
 from .types import TensorType, Type, as_dim, broadcast_shapes, dims_equal, promote
 
 KINDS = ("pointwise", "reduction", "view", "matmul", "creation", "constant", "fused", "opaque", "other")
@@ -978,6 +979,11 @@ OPS_LIST: list[OpDef] = [
               "a down linear of the epilogue result, an MLP), one op "
               "(ir/linear_fused.py); results: the epilogue's outputs (or the linear's), then the prologue's extras",
           arity=(2, VARIADIC), attrs=LINEAR_FUSED_ATTRS),
+    OpDef("rope_attention", "fused", infer_rope_attention, rope_attention_reference, origin="fuse_rope_attention",
+          doc="rope_attention(q, k, v, cos, sin, k_cache, v_cache, [bias]) {causal, scale, start}: rotate-half "
+              "rotary of q and k, kv_append of k' and v at start, attention over the caches (ir/rope_attention.py); "
+              "mutates",
+          arity=(7, 8), attrs=ROPE_ATTENTION_ATTRS, traits={"stateful"}),
     OpDef("quant_linear", "fused", infer_quant_linear, quant_linear_reference, origin="quantize",
           doc="x @ dequantize(packed weight)^T [+ bias]; parts name the packed tensors",
           arity=(2, VARIADIC), attrs="parts: strs, qattrs: pairs, bias: bool"),

@@ -4,13 +4,14 @@ from .manager import PassContext, PassInfo, PassRegistry, PassStats, run_pipelin
 
 def default_registry() -> PassRegistry:
     """A fresh registry holding the built-in passes in the default pipeline order:
-    cleanup, fuse_attention, gqa?, shard?, kv_cache?, quantize?, fuse_linear, fuse_elementwise, fuse_linear_pointwise, cleanup_final
+    cleanup, fuse_attention, gqa?, shard?, kv_cache?, quantize?, fuse_linear, fuse_rope_attention?, fuse_elementwise, fuse_linear_pointwise, cleanup_final
     (a `?` pass runs only when its option is given to optimize())."""
     from .cleanup import cleanup
     from .fuse_attention import fuse_attention
     from .fuse_elementwise import fuse_elementwise
     from .fuse_linear import fuse_linear
     from .fuse_linear_pointwise import fuse_linear_pointwise
+    from .fuse_rope_attention import fuse_rope_attention
     from .gqa import gqa, parse_option as parse_gqa
     from .kv_cache import kv_cache, parse_option as parse_kv_cache
     from .quantize import parse_option as parse_quantize, quantize
@@ -30,6 +31,10 @@ def default_registry() -> PassRegistry:
     reg.add(PassInfo("quantize", quantize, option="quantize", parse=parse_quantize,
                      doc="linear layers -> int8/int4/nf4/w8a8"), append=True)
     reg.add(PassInfo("fuse_linear", fuse_linear, doc="linears reading the same input -> one wider linear"),
+            append=True)
+    # part of the KV cache: it takes the appends kv_cache made (so it runs with that option)
+    reg.add(PassInfo("fuse_rope_attention", fuse_rope_attention, option="kv_cache", parse=parse_kv_cache,
+                     doc="a cached layer's rotary, K/V appends and attention -> one op (one kernel at decode)"),
             append=True)
     reg.add(PassInfo("fuse_elementwise", fuse_elementwise, doc="pointwise chains -> generated kernels"),
             append=True)

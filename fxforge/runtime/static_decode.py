@@ -28,8 +28,9 @@ kernel without them: keys outside the window get the same zero weight, and the A
 the same slopes x distance.
 
 Not every graph can take it (`static_decode_problem` says why): the cache length must be
-read by the KV appends alone (kv_append, or a fused_pointwise's `into` start), and the bias
-and cache views by attention alone. A paged cache has a static step of its own
+read by the KV appends alone (kv_append, a fused_pointwise's `into` start, or a
+rope_attention's start: its kernel loads the slot from the tensor too), and the bias and
+cache views by attention alone. A paged cache has a static step of its own
 (static_paged.py): its appends go through slot mappings, which are tensors already.
 """
 from __future__ import annotations
@@ -73,6 +74,12 @@ def static_decode_problem(graph: Graph) -> str | None:
     bias = graph.inputs[[roles.role_of(v) for v in graph.inputs].index(roles.KEY_BIAS)]
     appended = set()
     for n in graph.nodes:
+        if n.op == "rope_attention":  # stores K/V at its start and attends with the bias, as attention may
+            if sympy.sympify(n.attrs["start"]) != cache_len:
+                return f"a {n.op} writes the KV cache at {n.attrs['start']}, not at the cache length"
+            if any(v in appended for v in n.inputs):
+                return f"{n.op} reads another node's cache"
+            continue
         if n.op == "kv_append" or (n.op == "fused_pointwise" and n.attrs.get("into")):
             if sympy.sympify(n.attrs["start"]) != cache_len:
                 return f"a {n.op} writes the KV cache at {n.attrs['start']}, not at the cache length"

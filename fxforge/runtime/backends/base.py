@@ -68,8 +68,14 @@ class Backend:
     def composed(self, graph: Graph) -> Graph:
         """`graph` with each linear_fused node written as its steps (pointwise groups, linear,
         slices) unless this backend has a kernel for it: then its own linear and pointwise
-        implementations run them, as they did before fuse_linear_pointwise."""
-        if "linear_fused" in self.kernel_ops():
+        implementations run them, as they did before fuse_linear_pointwise. The same for
+        rope_attention (passes/fuse_rope_attention.py)."""
+        from ...passes import fuse_rope_attention
+
+        ops = self.kernel_ops()
+        if "rope_attention" not in ops:  # likewise the rotary + K/V stores + attention op
+            graph = fuse_rope_attention.unfuse(graph)
+        if "linear_fused" in ops:
             return graph
         from ...passes.fuse_linear_pointwise import unfuse
 

@@ -16,7 +16,7 @@ from .base import Backend
 
 # Modules whose @triton.jit decorators decide at import whether they are interpreted.
 KERNEL_MODULES = ("fxforge.codegen.kernels.attention", "fxforge.codegen.kernels.decode_attention",
-                  "fxforge.codegen.kernels.quant_matmul")
+                  "fxforge.codegen.kernels.rope_decode_attention", "fxforge.codegen.kernels.quant_matmul")
 
 
 def triton_available() -> bool:
@@ -48,7 +48,21 @@ class TritonBackend(Backend):
         from ..torch_kernels import quant_linear_with
 
         return {"attention": attention_dispatch, "paged_attention": paged_attention_dispatch, "quant_linear": quant_linear_with(_quant_linear_triton),
-                "fused_pointwise": self.pointwise.run, "linear_fused": self.linear_fused}
+                "fused_pointwise": self.pointwise.run, "linear_fused": self.linear_fused,
+                "rope_attention": self.rope_attention}
+
+    def rope_attention(self, *tensors, causal: bool, scale: float, start):
+        """Few query positions: one kernel applies the rotary, stores the new K/V and attends
+        (codegen/kernels/rope_decode_attention.py). Otherwise (a prompt) the op's steps as
+        they ran before the fusion: the generated rotary-and-store kernel, then attention."""
+        from ...codegen.kernels import rope_decode_attention
+        from ...ir.rope_attention import compose, split
+
+        if rope_decode_attention.supports(*split(tensors)):
+            return rope_decode_attention.rope_decode_attention_triton(*tensors, causal=causal, scale=scale,
+                                                                      start=start)
+        return compose(tensors, {"causal": causal, "scale": scale, "start": start}, self.pointwise.run,
+                       attention_dispatch, lambda x, s, e: x[..., s:e])
 
     def linear_fused(self, *tensors, **attrs):
         """A decode GEMV with the prologue and epilogue inside (few rows), else the same
