@@ -206,3 +206,24 @@ def test_a_paged_row_past_its_blocks_is_refused_before_any_work():
     assert all(torch.equal(a, b) for a, b in zip(before, cache.buffers)) and step.steps == 0
     step(ids, 6, pad, host_pad=[0, 3])  # row 1's token 3 fits its block
     assert step.steps == 1
+
+
+def test_a_static_step_makes_its_positions_and_bias_in_one_launch():
+    """On the Triton backends the per-step update of the static buffers is one kernel
+    (codegen/kernels/step_inputs.py), reading the cache length on the device: the torch ops
+    that made them (sub, clamp, lt, gt, or, zero, masked_fill) are gone from the step."""
+    from fxforge.runtime.launch_count import LaunchCounter
+
+    fast, vocab = _optimize("llama_gqa_rotary", "interpret")
+    ids = torch.randint(3, vocab, (2, 6))
+    pad = torch.tensor([0, 2])
+    with fast.kv_cache_lease(2, 8) as cache, torch.no_grad():
+        fast.run_cached(ids[:, :4], 0, pad, cache)
+        step = fast.static_step(cache, 2)
+        with LaunchCounter() as c:
+            step(ids[:, 4:5], 4, pad)
+        assert c.by_name["triton._step_inputs_kernel"] == 1 and c.syncs == 0
+        assert not {"aten.clamp", "aten.masked_fill_", "aten.lt", "aten.gt", "aten.zero_"} & set(c.by_name), c.by_name
+        assert step.positions.tolist() == [[4], [2]]
+        lowest = torch.finfo(step.bias.dtype).min
+        assert step.bias[1, 0, 0].tolist() == [lowest] * 2 + [0.0] * 3 + [lowest] * (step.capacity - 5)

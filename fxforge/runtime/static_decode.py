@@ -150,8 +150,7 @@ class StaticDecodeStep:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         dtype = model.bias_dtype()
         self.bias = torch.zeros(batch, 1, 1, self.capacity, dtype=dtype, device=device)
-        self._keys = torch.arange(self.capacity, device=device)
-        self._lowest = torch.finfo(dtype).min
+        self._keys = torch.arange(self.capacity, device=device)  # attention_at's key positions
         self.program = self._build_program()
         self.capture = device.type == "cuda"
         self.graph = None  # the torch.cuda.CUDAGraph, once captured
@@ -192,10 +191,8 @@ class StaticDecodeStep:
 
     def _step(self) -> torch.Tensor:
         """The device work of one step: everything a CUDA graph holds."""
-        torch.clamp(self.length - self.pad, min=0, out=self.positions[:, 0])
-        hidden = (self._keys[None, :] < self.pad[:, None]) | (self._keys[None, :] > self.length)
-        self.bias.zero_()
-        self.bias.masked_fill_(hidden[:, None, None, :], self._lowest)
+        # one launch on the Triton backends (codegen/kernels/step_inputs.py), torch ops elsewhere
+        self.model.backend.static_step_inputs(self.length, self.pad, self.positions, self.bias)
         by_role = self._step_inputs()
         model = self.model
         outs = self.program(*(by_role[r] for r in model._input_roles), *self.cache.buffers)

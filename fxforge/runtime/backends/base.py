@@ -99,6 +99,23 @@ class Backend:
         """name -> source of the kernels generated so far (filled as shapes are first seen)."""
         return {}
 
+    def step_inputs(self, pad: torch.Tensor, start: int, new: int, dtype: torch.dtype):
+        """(positions, key bias) of an eager cached step (runtime/state.py step_inputs)."""
+        from ..state import step_inputs
+
+        return step_inputs(pad, start, new, dtype, pad.device)
+
+    def static_step_inputs(self, length: torch.Tensor, pad: torch.Tensor, positions: torch.Tensor,
+                           bias: torch.Tensor):
+        """Write a one-token static step's positions [B, 1] and key bias [B, 1, 1, capacity]
+        into its buffers, from the cache length (a 0-d device tensor: no host read) and the
+        left padding: slots past the new token are masked like padding."""
+        torch.clamp(length - pad, min=0, out=positions[:, 0])
+        keys = torch.arange(bias.shape[-1], device=bias.device)
+        hidden = (keys[None, :] < pad[:, None]) | (keys[None, :] > length)
+        bias.zero_()
+        bias.masked_fill_(hidden[:, None, None, :], torch.finfo(bias.dtype).min)
+
     def new_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A zeroed state buffer (KV cache) on this backend's device."""
         return torch.zeros(shape, dtype=dtype, device=self.device)
