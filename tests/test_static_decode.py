@@ -227,3 +227,24 @@ def test_a_static_step_makes_its_positions_and_bias_in_one_launch():
         assert step.positions.tolist() == [[4], [2]]
         lowest = torch.finfo(step.bias.dtype).min
         assert step.bias[1, 0, 0].tolist() == [lowest] * 2 + [0.0] * 3 + [lowest] * (step.capacity - 5)
+
+
+def test_a_paged_static_step_makes_its_slots_in_the_same_launch():
+    """A paged static step's row starts and slot mapping come out of the positions/bias
+    kernel too: no gather, div, remainder or copy in the step on the Triton backends."""
+    from fxforge.runtime.launch_count import LaunchCounter
+
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=PAGED, backend="interpret")
+    cache = fast.paged_cache(16)
+    cache.row_capacity = 32
+    cache.use_rows([[3, 5], [7]])  # 8 and 4 tokens
+    step = fast.static_step(cache, 2)
+    with LaunchCounter() as c, torch.no_grad():
+        step(torch.ones(2, 1, dtype=torch.long), 6, torch.tensor([0, 3]), host_pad=[0, 3])
+    # (the host's block checks before the step read the cache's row table: not device work)
+    assert c.by_name["triton._step_inputs_kernel"] == 1
+    assert not {"aten.gather", "aten.div", "aten.remainder", "aten.clamp", "aten.masked_fill_"} & set(c.by_name)
+    assert step.positions.tolist() == [[6], [3]] and step.row_start.tolist() == [0, 3]
+    assert step.slots.tolist() == [[5 * 4 + 2], [7 * 4 + 3]]  # row 0: token 6 in block 5; row 1: token 3 in block 7

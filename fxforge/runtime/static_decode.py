@@ -192,11 +192,15 @@ class StaticDecodeStep:
     def _step(self) -> torch.Tensor:
         """The device work of one step: everything a CUDA graph holds."""
         # one launch on the Triton backends (codegen/kernels/step_inputs.py), torch ops elsewhere
-        self.model.backend.static_step_inputs(self.length, self.pad, self.positions, self.bias)
+        self.model.backend.static_step_inputs(self.length, self.pad, self.positions, self.bias,
+                                              self._paged_buffers())
         by_role = self._step_inputs()
         model = self.model
         outs = self.program(*(by_role[r] for r in model._input_roles), *self.cache.buffers)
         return outs[model._logits_index()]
+
+    def _paged_buffers(self):
+        return None  # a paged step's (table, row starts, slots, block size): static_paged.py
 
     def _step_inputs(self) -> dict:
         """The program's inputs by role, once positions and bias are made."""

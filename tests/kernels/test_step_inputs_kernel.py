@@ -42,3 +42,24 @@ def test_wrong_buffers_are_refused():
     with pytest.raises(ValueError, match="key bias"):
         step_inputs_triton(pad, torch.tensor(3), 1, 8, torch.float32, positions=torch.zeros(2, 1, dtype=torch.long),
                            bias=torch.zeros(2, 1, 1, 8, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("start", [0, 6, 13])
+def test_paged_static_step_inputs_fill_row_starts_and_slots(start):
+    """A paged static step's row starts and slot mapping come out of the same launch, equal
+    to the torch ops (block = table[row, pos // block size])."""
+    pad = torch.tensor([0, 3, 5])
+    table = torch.tensor([[4, 9, 2, 0], [7, 1, 0, 0], [3, 8, 6, 5]], dtype=torch.int32)
+    width, block = table.shape[1], 4
+
+    def buffers():
+        return (torch.full((3, 1), -1), torch.zeros(3, 1, 1, width * block), table.clone(),
+                torch.full((3,), -1, dtype=torch.int32), torch.full((3, 1), -1))
+
+    want, got = buffers(), buffers()
+    Backend("cpu").static_step_inputs(torch.tensor(start), pad, *want[:2], paged=(*want[2:], block))
+    step_inputs_triton(pad, torch.tensor(start), 1, width * block, torch.float32, positions=got[0], bias=got[1],
+                       paged=(*got[2:], block))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert got[3].tolist() == [0, 3, 5]

@@ -14,7 +14,8 @@ writes both, one program per row:
 `keys` is start + new for an eager step (the keys the step attends over; none is past the
 new tokens) and the buffer's capacity for a static step, whose slots past the new token
 are masked like padding. `start` is a Python int, or a 0-d device tensor (the static
-step's cache length) that the kernel loads: no host read.
+step's cache length) that the kernel loads: no host read. A paged static step's row
+starts and slot mapping (another seven torch launches) come out of the same launch.
 
 `lowest` is stored through the bias's own type: torch.finfo(dtype).min of float16,
 bfloat16 and float32 is exact in float32, the type of a Triton float scalar, so the value
@@ -32,10 +33,10 @@ BLOCK_KEYS = 1024  # keys per loop iteration of a row's program
 
 @triton.jit
 def _step_inputs_kernel(
-    pad_ptr, start_ptr, positions_ptr, bias_ptr,
-    start_arg, new, keys, lowest,
-    stride_pb, stride_bb,
-    START_IN_MEMORY: tl.constexpr, BLOCK_NEW: tl.constexpr, BLOCK_K: tl.constexpr,
+    pad_ptr, start_ptr, positions_ptr, bias_ptr, table_ptr, row_start_ptr, slots_ptr,
+    start_arg, new, keys, lowest, block_size,
+    stride_pb, stride_bb, stride_tb, stride_sb,
+    START_IN_MEMORY: tl.constexpr, PAGED: tl.constexpr, BLOCK_NEW: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0)
     pad = tl.load(pad_ptr + row)
@@ -46,6 +47,11 @@ def _step_inputs_kernel(
     i = tl.arange(0, BLOCK_NEW)
     pos = tl.maximum(start + i - pad, 0)
     tl.store(positions_ptr + row * stride_pb + i, pos.to(positions_ptr.dtype.element_ty), mask=i < new)
+    if PAGED:  # the row's start and each new token's slot: table[row, pos // block] * block + pos % block
+        tl.store(row_start_ptr + row, pad.to(row_start_ptr.dtype.element_ty))
+        block = tl.load(table_ptr + row * stride_tb + pos // block_size, mask=i < new, other=0)
+        slot = block.to(tl.int64) * block_size + pos % block_size
+        tl.store(slots_ptr + row * stride_sb + i, slot.to(slots_ptr.dtype.element_ty), mask=i < new)
     end = start + new  # keys at and past `end` are not there yet
     for k0 in range(0, keys, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -59,9 +65,14 @@ def supports(pad: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def step_inputs_triton(pad: torch.Tensor, start, new: int, keys: int, dtype: torch.dtype,
-                       positions: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+                       positions: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                       paged: tuple | None = None):
     """(positions [B, new] long, bias [B, 1, 1, keys] of `dtype`), written into `positions`
-    and `bias` when given (a static step's buffers). `start`: int or 0-d long tensor."""
+    and `bias` when given (a static step's buffers). `start`: int or 0-d long tensor.
+    `paged`: (block table [B, W] int32, row starts [B] int32, slots [B, new] long,
+    block size), buffers the kernel also fills: the row starts (= pad) and the slot of each
+    new token (its block's table entry x block size + its offset in the block); the caller
+    guarantees each token's block is in the table (runtime/static_paged.py checks it)."""
     batch = pad.shape[0]
     if positions is None:
         positions = torch.empty(batch, new, dtype=torch.long, device=pad.device)
@@ -73,11 +84,17 @@ def step_inputs_triton(pad: torch.Tensor, start, new: int, keys: int, dtype: tor
         raise ValueError(f"key bias must be [{batch}, 1, 1, {keys}] {dtype} with unit stride, got "
                          f"{tuple(bias.shape)} {bias.dtype}")
     in_memory = isinstance(start, torch.Tensor)
+    table, row_start, slots, block_size = paged if paged is not None else (pad, pad, positions, 1)
+    if paged is not None and (slots.shape != (batch, new) or slots.stride(1) != 1 or table.stride(1) != 1
+                              or row_start.shape != (batch,)):
+        raise ValueError(f"paged buffers must be a unit-stride table, [{batch}] row starts and "
+                         f"[{batch}, {new}] slots, got {tuple(table.shape)}, {tuple(row_start.shape)}, "
+                         f"{tuple(slots.shape)}")
     _step_inputs_kernel[(batch,)](
-        pad, start if in_memory else pad, positions, bias,
-        0 if in_memory else int(start), new, keys, float(torch.finfo(dtype).min),
-        positions.stride(0), bias.stride(0),
-        START_IN_MEMORY=in_memory, BLOCK_NEW=triton.next_power_of_2(max(new, 1)),
+        pad, start if in_memory else pad, positions, bias, table, row_start, slots,
+        0 if in_memory else int(start), new, keys, float(torch.finfo(dtype).min), block_size,
+        positions.stride(0), bias.stride(0), table.stride(0), slots.stride(0),
+        START_IN_MEMORY=in_memory, PAGED=paged is not None, BLOCK_NEW=triton.next_power_of_2(max(new, 1)),
         BLOCK_K=min(BLOCK_KEYS, triton.next_power_of_2(max(keys, 1))))
     return positions, bias
 

@@ -99,13 +99,15 @@ class TritonBackend(Backend):
             return super().step_inputs(pad, start, new, dtype)
         return kernel.step_inputs_triton(pad, start, new, start + new, dtype)
 
-    def static_step_inputs(self, length, pad, positions, bias):
-        """The static step's positions and bias in one launch, `length` read on the device."""
+    def static_step_inputs(self, length, pad, positions, bias, paged=None):
+        """The static step's positions and bias (and a paged step's row starts and slots) in
+        one launch, `length` read on the device."""
         from ...codegen.kernels import step_inputs as kernel
 
         if not kernel.supports(pad, bias.dtype):
-            return super().static_step_inputs(length, pad, positions, bias)
-        kernel.step_inputs_triton(pad, length, 1, bias.shape[-1], bias.dtype, positions=positions, bias=bias)
+            return super().static_step_inputs(length, pad, positions, bias, paged)
+        kernel.step_inputs_triton(pad, length, 1, bias.shape[-1], bias.dtype, positions=positions, bias=bias,
+                                  paged=paged)
 
     def kernel_sources(self) -> dict[str, str]:
         return self.pointwise.sources
