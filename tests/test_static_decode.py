@@ -248,3 +248,27 @@ def test_a_paged_static_step_makes_its_slots_in_the_same_launch():
     assert not {"aten.gather", "aten.div", "aten.remainder", "aten.clamp", "aten.masked_fill_"} & set(c.by_name)
     assert step.positions.tolist() == [[6], [3]] and step.row_start.tolist() == [0, 3]
     assert step.slots.tolist() == [[5 * 4 + 2], [7 * 4 + 3]]  # row 0: token 6 in block 5; row 1: token 3 in block 7
+
+
+def test_gpt2_on_the_triton_kernels_decodes_the_same_tokens_eager_and_static():
+    """gpt2 (learned positions: the positions input feeds an embedding, not a rotary) on
+    the interpreted kernels: eager steps outside a prepared call (run_cached: the step-inputs
+    kernel), static steps (the kernel with the device-side length) and the torch backend's
+    generate() give the same greedy tokens for a left-padded batch."""
+    fast, vocab = _optimize("gpt2", "interpret")
+    ref, _ = _optimize("gpt2", "torch")
+    ids, mask = prompts(vocab, padded=True)
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=None, pad_token_id=0)
+    for static in (False, True):
+        fast.static_decode = static
+        got = fast.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(got, want), static
+    pad = state.left_padding(mask, *ids.shape, ids.device)
+    tokens = ids
+    with fast.kv_cache_lease(ids.shape[0], ids.shape[1] + 4) as cache, torch.no_grad():
+        logits = fast.run_cached(ids, 0, pad, cache)  # no prepare(): every step makes its inputs
+        for k in range(4):
+            nxt = logits[:, -1:].argmax(-1)
+            tokens = torch.cat([tokens, nxt], 1)
+            logits = fast.run_cached(nxt, ids.shape[1] + k, pad, cache)
+    assert torch.equal(tokens, want)
