@@ -16,7 +16,8 @@ So the static step runs the same graph with
     padding) are masked with the dtype's lowest value, so they get exactly zero weight
     and attention over the whole buffer equals attention over the prefix;
   - positions and the bias computed on the device from the cache length and the left
-    padding, into buffers of their own.
+    padding, into buffers of their own (`Backend.static_step_inputs`: one kernel on the
+    Triton backends, codegen/kernels/step_inputs.py; torch ops on the torch backend).
 On CUDA the step is captured at its first call per (cache, batch size) and replayed after;
 elsewhere the same static-buffer step runs as is (tested on the CPU: same tokens, no
 per-step cache or position tensors).
