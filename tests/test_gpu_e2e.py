@@ -294,3 +294,33 @@ def test_rope_attention_kernel_decodes_like_the_unfused_kernels(dtype):
             assert torch.equal(got.sequences, want.sequences)
         scale = want_logits[:3].abs().max()
         assert (logits[:3] - want_logits[:3]).abs().max() <= REL[dtype] * scale
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_captured_step_inputs_kernel_writes_the_torch_ops_values(paged):
+    """The static step's positions and key bias (and a paged step's row starts and slots)
+    come from one kernel inside the CUDA graph (codegen/kernels/step_inputs.py), reading the
+    cache length on the device: after replays, its buffers hold exactly what the torch ops
+    (Backend.static_step_inputs) write for the last step's length and padding."""
+    from fxforge.passes.kv_cache import KVCacheConfig
+    from fxforge.runtime.backends.base import Backend
+
+    torch.manual_seed(0)
+    model, vocab = MODELS["llama_sdpa_gqa"]()
+    model = model.to("cuda", torch.bfloat16)
+    kv = KVCacheConfig(layout="paged", block_size=4) if paged else True
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7), device="cuda"),), kv_cache=kv)
+    ids, mask = (x.cuda() for x in prompts(vocab, True))
+    fast.static_decode = None  # the default: CUDA graphs where there is CUDA
+    fast.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
+    steps = _static_steps(fast)
+    assert steps and steps[0].graph is not None, steps[0].capture_error if steps else "no static step"
+    step = steps[0]
+    want = [step.positions.clone(), step.bias.clone()]
+    extra = None
+    if paged:
+        extra = (step.table.clone(), step.row_start.clone(), step.slots.clone(), step.block_size)
+    Backend("cuda").static_step_inputs(step.length, step.pad, *want, paged=extra)
+    assert torch.equal(step.positions, want[0]) and torch.equal(step.bias, want[1])
+    if paged:
+        assert torch.equal(step.row_start, extra[1]) and torch.equal(step.slots, extra[2])

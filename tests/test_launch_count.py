@@ -24,7 +24,7 @@ from fxforge.runtime.launch_count import LaunchCounter  # noqa: E402
 # x split and quantized inside it, the norms and SwiGLU apart (quantized linears take no
 # pointwise neighbours), the float lm_head's GEMV with the final norm.
 # Lower them when a change saves more.
-MAX_LAUNCHES = {None: 18, "w8a8": 26}
+MAX_LAUNCHES = {None: 12, "w8a8": 26}
 
 
 def test_counter_sees_launches_syncs_and_not_views():

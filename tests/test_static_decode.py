@@ -206,3 +206,69 @@ def test_a_paged_row_past_its_blocks_is_refused_before_any_work():
     assert all(torch.equal(a, b) for a, b in zip(before, cache.buffers)) and step.steps == 0
     step(ids, 6, pad, host_pad=[0, 3])  # row 1's token 3 fits its block
     assert step.steps == 1
+
+
+def test_a_static_step_makes_its_positions_and_bias_in_one_launch():
+    """On the Triton backends the per-step update of the static buffers is one kernel
+    (codegen/kernels/step_inputs.py), reading the cache length on the device: the torch ops
+    that made them (sub, clamp, lt, gt, or, zero, masked_fill) are gone from the step."""
+    from fxforge.runtime.launch_count import LaunchCounter
+
+    fast, vocab = _optimize("llama_gqa_rotary", "interpret")
+    ids = torch.randint(3, vocab, (2, 6))
+    pad = torch.tensor([0, 2])
+    with fast.kv_cache_lease(2, 8) as cache, torch.no_grad():
+        fast.run_cached(ids[:, :4], 0, pad, cache)
+        step = fast.static_step(cache, 2)
+        with LaunchCounter() as c:
+            step(ids[:, 4:5], 4, pad)
+        assert c.by_name["triton._step_inputs_kernel"] == 1 and c.syncs == 0
+        assert not {"aten.clamp", "aten.masked_fill_", "aten.lt", "aten.gt", "aten.zero_"} & set(c.by_name), c.by_name
+        assert step.positions.tolist() == [[4], [2]]
+        lowest = torch.finfo(step.bias.dtype).min
+        assert step.bias[1, 0, 0].tolist() == [lowest] * 2 + [0.0] * 3 + [lowest] * (step.capacity - 5)
+
+
+def test_a_paged_static_step_makes_its_slots_in_the_same_launch():
+    """A paged static step's row starts and slot mapping come out of the positions/bias
+    kernel too: no gather, div, remainder or copy in the step on the Triton backends."""
+    from fxforge.runtime.launch_count import LaunchCounter
+
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=PAGED, backend="interpret")
+    cache = fast.paged_cache(16)
+    cache.row_capacity = 32
+    cache.use_rows([[3, 5], [7]])  # 8 and 4 tokens
+    step = fast.static_step(cache, 2)
+    with LaunchCounter() as c, torch.no_grad():
+        step(torch.ones(2, 1, dtype=torch.long), 6, torch.tensor([0, 3]), host_pad=[0, 3])
+    # (the host's block checks before the step read the cache's row table: not device work)
+    assert c.by_name["triton._step_inputs_kernel"] == 1
+    assert not {"aten.gather", "aten.div", "aten.remainder", "aten.clamp", "aten.masked_fill_"} & set(c.by_name)
+    assert step.positions.tolist() == [[6], [3]] and step.row_start.tolist() == [0, 3]
+    assert step.slots.tolist() == [[5 * 4 + 2], [7 * 4 + 3]]  # row 0: token 6 in block 5; row 1: token 3 in block 7
+
+
+def test_gpt2_on_the_triton_kernels_decodes_the_same_tokens_eager_and_static():
+    """gpt2 (learned positions: the positions input feeds an embedding, not a rotary) on
+    the interpreted kernels: eager steps outside a prepared call (run_cached: the step-inputs
+    kernel), static steps (the kernel with the device-side length) and the torch backend's
+    generate() give the same greedy tokens for a left-padded batch."""
+    fast, vocab = _optimize("gpt2", "interpret")
+    ref, _ = _optimize("gpt2", "torch")
+    ids, mask = prompts(vocab, padded=True)
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=None, pad_token_id=0)
+    for static in (False, True):
+        fast.static_decode = static
+        got = fast.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(got, want), static
+    pad = state.left_padding(mask, *ids.shape, ids.device)
+    tokens = ids
+    with fast.kv_cache_lease(ids.shape[0], ids.shape[1] + 4) as cache, torch.no_grad():
+        logits = fast.run_cached(ids, 0, pad, cache)  # no prepare(): every step makes its inputs
+        for k in range(4):
+            nxt = logits[:, -1:].argmax(-1)
+            tokens = torch.cat([tokens, nxt], 1)
+            logits = fast.run_cached(nxt, ids.shape[1] + k, pad, cache)
+    assert torch.equal(tokens, want)

@@ -229,7 +229,7 @@ class OptimizedModel:
         return self._key_bias().type.dtype
 
     def _cached_inputs(self, user_inputs, start: int, pad: torch.Tensor, new: int, cache: KVCache) -> list:
-        positions, bias = cache.inputs_at(pad, start, new, self.bias_dtype())
+        positions, bias = cache.inputs_at(pad, start, new, self.bias_dtype(), make=self.backend.step_inputs)
         extra = {roles.CACHE_LEN: start, roles.POSITIONS: positions, roles.KEY_BIAS: bias}
         if self._paged:
             extra.update(cache.paged_inputs(pad, start, new))

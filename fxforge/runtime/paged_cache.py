@@ -110,10 +110,10 @@ class PagedKVCache:
     def prepare(self, pad: torch.Tensor, dtype: torch.dtype):
         pass  # the key bias is small next to the step; built per step
 
-    def inputs_at(self, pad: torch.Tensor, start: int, new: int, dtype: torch.dtype):
+    def inputs_at(self, pad: torch.Tensor, start: int, new: int, dtype: torch.dtype, make=None):
         from .state import step_inputs
 
-        return step_inputs(pad, start, new, dtype, pad.device)
+        return (make or step_inputs)(pad, start, new, dtype)
 
     def release_tables(self):
         self.release_rows()

@@ -56,13 +56,15 @@ class KVCache:
         positions, bias = step_inputs(pad, 0, self.capacity, dtype, pad.device)
         self._tables = (pad, positions, bias)
 
-    def inputs_at(self, pad: torch.Tensor, start: int, new: int, dtype: torch.dtype):
-        """kv_positions and kv_bias for tokens start..start+new-1 (see step_inputs)."""
+    def inputs_at(self, pad: torch.Tensor, start: int, new: int, dtype: torch.dtype, make=None):
+        """kv_positions and kv_bias for tokens start..start+new-1 (see step_inputs);
+        `make(pad, start, new, dtype)` builds them outside a prepared call (the backend's:
+        one kernel on the Triton backends; default step_inputs)."""
         if self._tables is not None and self._tables[0] is pad and self._tables[2].dtype == dtype \
                 and start + new <= self.capacity:
             _, positions, bias = self._tables
             return positions[:, start:start + new], bias[..., :start + new]
-        return step_inputs(pad, start, new, dtype, pad.device)
+        return (make or step_inputs)(pad, start, new, dtype)
 
     def release_tables(self):
         self._tables = None
@@ -169,10 +171,12 @@ def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int, d
     return pad
 
 
-def step_inputs(pad: torch.Tensor, start: int, new: int, dtype: torch.dtype, device):
+def step_inputs(pad: torch.Tensor, start: int, new: int, dtype: torch.dtype, device=None):
     """The kv_cache inputs for `new` tokens at positions start..start+new-1: positions per
     row (minus the left padding, as transformers counts them; 0 on padding) and the key
-    bias (a very negative number on padding keys, so they get no attention)."""
+    bias (a very negative number on padding keys, so they get no attention). The Triton
+    backends write both in one launch (codegen/kernels/step_inputs.py, Backend.step_inputs)."""
+    device = pad.device if device is None else device
     steps = torch.arange(start, start + new, device=device)
     positions = (steps[None, :] - pad[:, None]).clamp(min=0)
     keys = torch.arange(start + new, device=device)

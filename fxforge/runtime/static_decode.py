@@ -16,7 +16,8 @@ So the static step runs the same graph with
     padding) are masked with the dtype's lowest value, so they get exactly zero weight
     and attention over the whole buffer equals attention over the prefix;
   - positions and the bias computed on the device from the cache length and the left
-    padding, into buffers of their own.
+    padding, into buffers of their own (`Backend.static_step_inputs`: one kernel on the
+    Triton backends, codegen/kernels/step_inputs.py; torch ops on the torch backend).
 On CUDA the step is captured at its first call per (cache, batch size) and replayed after;
 elsewhere the same static-buffer step runs as is (tested on the CPU: same tokens, no
 per-step cache or position tensors).
@@ -150,8 +151,7 @@ class StaticDecodeStep:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         dtype = model.bias_dtype()
         self.bias = torch.zeros(batch, 1, 1, self.capacity, dtype=dtype, device=device)
-        self._keys = torch.arange(self.capacity, device=device)
-        self._lowest = torch.finfo(dtype).min
+        self._keys = torch.arange(self.capacity, device=device)  # attention_at's key positions
         self.program = self._build_program()
         self.capture = device.type == "cuda"
         self.graph = None  # the torch.cuda.CUDAGraph, once captured
@@ -192,14 +192,16 @@ class StaticDecodeStep:
 
     def _step(self) -> torch.Tensor:
         """The device work of one step: everything a CUDA graph holds."""
-        torch.clamp(self.length - self.pad, min=0, out=self.positions[:, 0])
-        hidden = (self._keys[None, :] < self.pad[:, None]) | (self._keys[None, :] > self.length)
-        self.bias.zero_()
-        self.bias.masked_fill_(hidden[:, None, None, :], self._lowest)
+        # one launch on the Triton backends (codegen/kernels/step_inputs.py), torch ops elsewhere
+        self.model.backend.static_step_inputs(self.length, self.pad, self.positions, self.bias,
+                                              self._paged_buffers())
         by_role = self._step_inputs()
         model = self.model
         outs = self.program(*(by_role[r] for r in model._input_roles), *self.cache.buffers)
         return outs[model._logits_index()]
+
+    def _paged_buffers(self):
+        return None  # a paged step's (table, row starts, slots, block size): static_paged.py
 
     def _step_inputs(self) -> dict:
         """The program's inputs by role, once positions and bias are made."""

@@ -10,7 +10,8 @@ sizes the key bias. So its static step runs the model's own program with
     get the dtype's lowest value (exactly zero weight), as in the dense static step;
   - the block table in a buffer of that fixed width (copied in before each step: the
     engine's rows grow, join and leave), the row starts, and the slot mapping computed
-    on the device from the table and the positions.
+    on the device from the table and the positions, with the positions and the bias (one
+    launch on the Triton backends: codegen/kernels/step_inputs.py).
 
 On CUDA the step is captured at its first call per (cache, batch size) and replayed
 afterwards; elsewhere it runs uncaptured (tested on the CPU: the eager steps' tokens).
@@ -82,12 +83,13 @@ class StaticPagedStep(StaticDecodeStep):
         self.table[:, :table.shape[1]].copy_(table)
         return super().__call__(ids, start, pad)
 
+    def _paged_buffers(self):
+        """The row starts and this token's slot, made on the device from the table with the
+        positions and bias (Backend.static_step_inputs: one launch on the Triton backends)."""
+        return self.table, self.row_start, self.slots, self.block_size
+
     def _step_inputs(self) -> dict:
-        """The dense step's inputs, `L` fixed to the bias's width, and the paged ones: row
-        starts and this token's slot, made on the device from the table."""
-        self.row_start.copy_(self.pad)
-        block = torch.gather(self.table, 1, torch.div(self.positions, self.block_size, rounding_mode="floor"))
-        torch.add(block.long() * self.block_size, self.positions % self.block_size, out=self.slots)
+        """The dense step's inputs, `L` fixed to the bias's width, and the paged ones."""
         return {**super()._step_inputs(), roles.CACHE_LEN: self.capacity - 1, roles.BLOCK_TABLE: self.table,
                 roles.ROW_START: self.row_start, roles.SLOT_MAPPING: self.slots}
 

@@ -16,7 +16,8 @@ from .base import Backend
 
 # Modules whose @triton.jit decorators decide at import whether they are interpreted.
 KERNEL_MODULES = ("fxforge.codegen.kernels.attention", "fxforge.codegen.kernels.decode_attention",
-                  "fxforge.codegen.kernels.rope_decode_attention", "fxforge.codegen.kernels.quant_matmul")
+                  "fxforge.codegen.kernels.rope_decode_attention", "fxforge.codegen.kernels.quant_matmul",
+                  "fxforge.codegen.kernels.step_inputs")
 
 
 def triton_available() -> bool:
@@ -89,6 +90,24 @@ class TritonBackend(Backend):
 
         outs = compose(tensors, attrs, self.pointwise.run, F.linear, lambda y, s, e: y[..., s:e])
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def step_inputs(self, pad, start: int, new: int, dtype):
+        """Positions and key bias in one launch (codegen/kernels/step_inputs.py)."""
+        from ...codegen.kernels import step_inputs as kernel
+
+        if not kernel.supports(pad, dtype):
+            return super().step_inputs(pad, start, new, dtype)
+        return kernel.step_inputs_triton(pad, start, new, start + new, dtype)
+
+    def static_step_inputs(self, length, pad, positions, bias, paged=None):
+        """The static step's positions and bias (and a paged step's row starts and slots) in
+        one launch, `length` read on the device."""
+        from ...codegen.kernels import step_inputs as kernel
+
+        if not kernel.supports(pad, bias.dtype):
+            return super().static_step_inputs(length, pad, positions, bias, paged)
+        kernel.step_inputs_triton(pad, length, 1, bias.shape[-1], bias.dtype, positions=positions, bias=bias,
+                                  paged=paged)
 
     def kernel_sources(self) -> dict[str, str]:
         return self.pointwise.sources
