@@ -76,14 +76,15 @@ def test_plain_quantized_gemv_is_the_reference(scheme, threshold, blocks):
         torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("dtype,rows,threshold", [(torch.float32, 1, 6.0), (torch.float32, 3, None),
-                                                  (torch.bfloat16, 3, 6.0), (torch.bfloat16, 16, 1.5)])
-def test_residual_norm_prologue_and_swiglu_epilogue(dtype, rows, threshold, blocks):
+@pytest.mark.parametrize("dtype,rows,scheme,threshold", [
+    (torch.float32, 1, "w8a8", 6.0), (torch.float32, 3, "w8a8", None), (torch.bfloat16, 3, "w8a8", 6.0),
+    (torch.bfloat16, 16, "w8a8", 1.5), (torch.bfloat16, 2, "int8", None)])
+def test_residual_norm_prologue_and_swiglu_epilogue(dtype, rows, scheme, threshold, blocks):
     """The gate/up linear of a w8a8 llama layer at decode: add + RMSNorm before, SwiGLU after
-    (threshold 1.5: normalised rows have outlier columns in most chunks)."""
+    (threshold 1.5: normalised rows have outlier columns in most chunks); int8 weight-only too."""
     torch.manual_seed(3)
     k, i = 40, 12
-    parts, q = _packed(2 * i, k, "w8a8", threshold)
+    parts, q = _packed(2 * i, k, scheme, threshold)
     r, a, g = torch.randn(rows, k, dtype=dtype), torch.randn(rows, k, dtype=dtype), torch.rand(k, dtype=dtype) + 0.5
     attrs = _attrs(q, prologue=RMS_ADD, prologue_outputs=("t8", "t0"), row=k, n_x=3, columns=((0, i), (i, 2 * i)),
                    epilogue=SWIGLU, epilogue_outputs=("t1",))
