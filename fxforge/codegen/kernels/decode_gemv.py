@@ -16,6 +16,13 @@ and walks K in chunks of BLOCK_K:
     gate and up halves) keeps P accumulators: output column j needs weight rows start_p + j;
   - epilogue: bias, rounding to the output dtype (what the unfused linear stored), then the
     epilogue body, composed from pointwise.expression as in any fused_pointwise kernel.
+A quantized linear (linear_fused with parts/qattrs, QUANT_SCHEMES): the weight tiles are
+int8 rows with a float32 scale per output channel applied after the sum. For w8a8 a pass
+over K before the product (the prologue's row replayed, as for the statistics) finds the
+outlier columns (|x| > threshold in any row: every row is in the program) and each row's
+amax of the inliers; the product quantizes the inliers per token exactly as
+quant_formats.w8a8_split_activations (div_rn, round half to even, clamp) and sums the int8
+products in int32 (exact), the outlier columns in float32 (only in chunks that have one).
 No split over K: the partial sums would need a second launch or atomics before a nonlinear
 epilogue, and a narrow BLOCK_N already gives hundreds of programs at SmolLM2's widths.
 
@@ -382,6 +389,8 @@ class GemvKernels:
         if dw is None:
             blocks = launch_blocks(m, n_out, k, parts, interpreted())
             gpu_blocks = launch_blocks(m, n_out, k, parts)
+            if spec.quant == "w8a8" and min(blocks["BLOCK_M"], gpu_blocks["BLOCK_M"]) < m:
+                return None  # the outlier columns are found over every row: all rows in one program
         else:
             from . import decode_mlp
 
