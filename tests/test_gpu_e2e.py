@@ -324,3 +324,29 @@ def test_captured_step_inputs_kernel_writes_the_torch_ops_values(paged):
     assert torch.equal(step.positions, want[0]) and torch.equal(step.bias, want[1])
     if paged:
         assert torch.equal(step.row_start, extra[1]) and torch.equal(step.slots, extra[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_w8a8_linears_with_their_neighbours_decode_like_the_unfused_graph(dtype):
+    """Quantized linear_fused nodes (w8a8: q/k/v with its RMSNorm, gate/up with add + RMSNorm
+    and SwiGLU, x quantized per token inside the decode GEMV) on a left-padded batch, eager
+    and CUDA-graph steps, against the graph without fuse_linear_pointwise."""
+    torch.manual_seed(0)
+    model, vocab = MODELS["llama_sdpa_gqa"]()
+    model = model.to("cuda", dtype)
+    example = (torch.randint(0, vocab, (2, 7), device="cuda"),)
+    fast = fxforge.optimize(model, example, kv_cache=True, quantize="w8a8")
+    ref = fxforge.optimize(model, example, kv_cache=True, quantize="w8a8", disable=("fuse_linear_pointwise",))
+    assert sum(1 for n in fast.graph.nodes if n.op == "linear_fused" and n.attrs.get("parts")) == 4
+    ids, mask = (x.cuda() for x in prompts(vocab, True))
+    kw = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0,
+              return_dict_in_generate=True, output_logits=True)
+    want = ref.generate(ids, **kw)
+    for static in (False, None):
+        fast.static_decode = static
+        got = fast.generate(ids, **kw)
+        logits, want_logits = torch.stack(got.logits).float(), torch.stack(want.logits).float()
+        scale = want_logits[:3].abs().max()
+        assert (logits[:3] - want_logits[:3]).abs().max() <= REL[dtype] * scale
+    steps = _static_steps(fast)
+    assert steps and steps[0].graph is not None, steps[0].capture_error if steps else "no static step"

@@ -328,6 +328,45 @@ def gemv_specs(dtypes=DTYPES, shapes=GEMV_SHAPES, rows=GEMV_ROWS, folder: str | 
     return specs
 
 
+# quantized formats of the decode GEMV: (name, scheme, w8a8 outlier columns)
+QUANT_GEMV_FUSED = (("w8a8", "w8a8", True), ("w8a8_no_outliers", "w8a8", False), ("int8", "int8", False))
+
+
+def quant_fused_gemv_specs(dtypes=DTYPES, shapes=GEMV_SHAPES, rows=GEMV_ROWS, formats=QUANT_GEMV_FUSED,
+                           folder: str | None = None) -> list[KernelSpec]:
+    """The decode GEMV of a quantized linear_fused (parts: int8 qweight, float32 scale) as the
+    w8a8/int8 llama layers generate it: add + RMSNorm, x split and quantized per token inside
+    (w8a8), SwiGLU on two column ranges, at `launch_blocks`' blocks."""
+    from .kernels import decode_gemv
+
+    folder = folder or os.path.join(tempfile.gettempdir(), "fxforge_aot_kernels")
+    os.makedirs(folder, exist_ok=True)
+    specs = []
+    for dname, dtype in dtypes.items():
+        for fname, scheme, outliers in formats:
+            for k, n_out, parts in shapes:
+                spec = decode_gemv.GemvSpec(LLAMA_RMS_ADD, ("t7", "t0"), (True, True, True), (dtype,) * 3, dtype,
+                                            torch.int8, False, parts, LLAMA_SWIGLU if parts == 2 else (),
+                                            ("t1",) if parts == 2 else (), (), (dtype,), (dtype,), (True,),
+                                            quant=scheme, outliers=outliers)
+                name = f"qgemv_{fname}_{dname}_{parts}"
+                path = os.path.join(folder, f"{name}.py")
+                with open(path, "w") as f:
+                    f.write(decode_gemv.generate_gemv_source(name, spec))
+                pointers = {"in0_ptr": dname, "in1_ptr": dname, "in2_ptr": dname, "w_ptr": "i8", "ws_ptr": "fp32",
+                            "out0_ptr": dname, "side0_ptr": dname}
+                args = (list(pointers) + ["M", "K", "N_OUT"] + [f"col{p}" for p in range(parts)]
+                        + (["thr"] if outliers else [])
+                        + ["in0_sm", "in0_sk", "in1_sm", "in1_sk", "in2_sm", "in2_sk", "swn", "swk"])
+                for m in rows:
+                    blocks = decode_gemv.launch_blocks(m, n_out, k, parts)
+                    specs.append(_spec(
+                        "decode_gemv_quant", f"file:{path}:{name}", args + list(blocks), pointers, blocks,
+                        floats=("thr",), unit=("in0_sk", "in1_sk", "in2_sk", "swk"), dtype=dname, format=fname,
+                        k=k, n=n_out, parts=parts, rows=m))
+    return specs
+
+
 # (K, intermediate columns, H): SmolLM2's MLP and a wide model's (Llama-3-8B's)
 MLP_SHAPES = ((576, 1536, 576), (4096, 14336, 4096))
 
@@ -393,7 +432,7 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     worst cases only, for CI: fp32 and bf16 at head dims 64 and 256, and the largest tiles)."""
     if not quick:
         return (attention_specs() + decode_specs() + quant_specs() + quant_gemv_specs() + row_specs()
-                + gemv_specs() + mlp_specs())
+                + gemv_specs() + mlp_specs() + quant_fused_gemv_specs())
     worst = {"fp32": DTYPES["fp32"], "bf16": DTYPES["bf16"]}
     attn = _largest(attention_specs(worst, (64, 256)), ("BLOCK_M", "BLOCK_N"), ("dtype", "head_dim", "variant"))
     quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",))
@@ -406,7 +445,8 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     decode_wide = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("all", "paged"), wide=True)
     return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + decode_wide + quant + w8a8
             + [_wide(quant[0])] + quant_gemv_specs(worst) + row_specs(lengths=(4096, 65536), kinds=("layer_norm",))
-            + gemv_specs(worst, GEMV_SHAPES[3:4]) + mlp_specs(worst, MLP_SHAPES[:1]))
+            + gemv_specs(worst, GEMV_SHAPES[3:4]) + mlp_specs(worst, MLP_SHAPES[:1])
+            + quant_fused_gemv_specs(worst, GEMV_SHAPES[3:4], formats=QUANT_GEMV_FUSED[:1]))
 
 
 def _wide(spec: KernelSpec) -> KernelSpec:

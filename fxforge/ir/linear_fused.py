@@ -14,6 +14,9 @@ means, step by step (`compose` below evaluates exactly this):
      (empty: the op returns y);
   4. down (down=true): z = linear(h, down_weight, [down_bias]) of the one result h of step 3
      (an MLP's down projection after its activation).
+A quantized linear (attrs `parts` and `qattrs`, as the quant_linear op's): in place of the
+one weight input come its packed parts, and step 2 is quant_linear(x, *parts, [bias])
+(e.g. w8a8's per-token int8 quantization of x with the outlier columns kept in float).
 Results: z, else the epilogue's outputs (or y); then the prologue's extra outputs.
 
 Why an op of its own: a decode step multiplies a handful of rows by each weight, and then
@@ -37,29 +40,51 @@ def split_down(tensors, attrs) -> tuple[list, object, object]:
     return tensors[:-1], tensors[-1], None
 
 
+def quantized(attrs) -> bool:
+    """Whether the node's linear is a quant_linear (its weight is packed parts)."""
+    return bool(attrs.get("parts"))
+
+
 def split_inputs(tensors, attrs) -> tuple[list, object, object, list]:
     """(x inputs, weight, bias or None, epilogue inputs) of a linear_fused node's inputs
-    (without the down projection's: see split_down)."""
+    (without the down projection's: see split_down). A quantized node's weight is the
+    list of its packed parts, in the order of attrs["parts"]."""
     tensors = split_down(tensors, attrs)[0]
     n_x = attrs["n_x"]
-    weight = tensors[n_x]
-    bias = tensors[n_x + 1] if attrs["bias"] else None
-    return list(tensors[:n_x]), weight, bias, list(tensors[n_x + 1 + bool(attrs["bias"]):])
+    n_w = len(attrs["parts"]) if quantized(attrs) else 1
+    weight = list(tensors[n_x:n_x + n_w]) if quantized(attrs) else tensors[n_x]
+    bias = tensors[n_x + n_w] if attrs["bias"] else None
+    return list(tensors[:n_x]), weight, bias, list(tensors[n_x + n_w + bool(attrs["bias"]):])
 
 
-def compose(tensors, attrs, pointwise, linear, cut) -> list:
+def quant_step(quant_linear, attrs):
+    """Step 2 of a quantized node as `linear(x, parts, bias)` over an implementation with
+    the quant_linear op's calling convention (x, *parts, [bias], parts=, qattrs=, bias=)."""
+    def linear(x, parts, bias):
+        return quant_linear(x, *parts, *([bias] if bias is not None else []), parts=attrs["parts"],
+                            qattrs=attrs["qattrs"], bias=bias is not None)
+    return linear
+
+
+def compose(tensors, attrs, pointwise, linear, cut, quant_linear=None) -> list:
     """The op's results, computed as its three steps with the given implementations:
-    `pointwise(*inputs, body=, outputs=, row=)` (a fused_pointwise), `linear(x, w, b)`
-    and `cut(y, start, end)` (y[..., start:end]). Works on types as well as tensors."""
+    `pointwise(*inputs, body=, outputs=, row=)` (a fused_pointwise), `linear(x, w, b)`,
+    `cut(y, start, end)` (y[..., start:end]) and, for a quantized node, `quant_linear` (the
+    quant_linear op's convention). Works on types as well as tensors."""
     _, down_weight, down_bias = split_down(tensors, attrs)
     xs, weight, bias, extra = split_inputs(tensors, attrs)
+    first = linear
+    if quantized(attrs):
+        if quant_linear is None:
+            raise ValueError("a quantized linear_fused node needs a quant_linear implementation")
+        first = quant_step(quant_linear, attrs)
     if attrs["prologue"]:
         pro = _as_list(pointwise(*xs, body=attrs["prologue"], outputs=attrs["prologue_outputs"],
                                  row=attrs.get("row")))
         x, side = pro[0], pro[1:]
     else:
         x, side = xs[0], []
-    y = linear(x, weight, bias)
+    y = first(x, weight, bias)
     if attrs["epilogue"]:
         operands = [cut(y, int(s), int(e)) for s, e in attrs["columns"]] + extra
         results = _as_list(pointwise(*operands, body=attrs["epilogue"], outputs=attrs["epilogue_outputs"], row=None))
@@ -78,7 +103,10 @@ def infer_linear_fused(types, attrs):
     from .ops import IRTypeError, OPS
 
     n_down = bool(attrs.get("down")) + bool(attrs.get("down_bias"))
-    if attrs["n_x"] < 1 or len(types) < attrs["n_x"] + 1 + bool(attrs["bias"]) + n_down:
+    n_w = len(attrs["parts"]) if quantized(attrs) else 1
+    if quantized(attrs) != bool(attrs.get("qattrs")) or (quantized(attrs) and attrs.get("down")):
+        raise IRTypeError("a quantized linear needs parts and qattrs (and takes no down projection)")
+    if attrs["n_x"] < 1 or len(types) < attrs["n_x"] + n_w + bool(attrs["bias"]) + n_down:
         raise IRTypeError(f"n_x={attrs['n_x']}, bias={str(attrs['bias']).lower()} need more than {len(types)} inputs")
     if bool(attrs["prologue"]) != bool(attrs["prologue_outputs"]) or (
             not attrs["prologue"] and attrs["n_x"] != 1):
@@ -101,21 +129,24 @@ def infer_linear_fused(types, attrs):
             raise IRTypeError(f"columns {start}:{end} are not within the linear's {y.shape[-1]} outputs")
         return OPS["slice"].infer([y], {"dim": -1, "start": start, "end": end, "step": 1})[0]
 
-    return compose(list(types), attrs, pointwise, linear, cut)
+    def quant_linear(x, *ts, **qattrs):
+        return OPS["quant_linear"].infer([x, *ts], qattrs)[0]
+
+    return compose(list(types), attrs, pointwise, linear, cut, quant_linear)
 
 
 def linear_fused_reference(*tensors, n_x, bias, prologue, prologue_outputs, columns, epilogue, epilogue_outputs,
-                           row=None, down=False, down_bias=False):
-    """Each step with its registry reference (fused_pointwise, linear, slice)."""
+                           row=None, down=False, down_bias=False, parts=(), qattrs=()):
+    """Each step with its registry reference (fused_pointwise, linear or quant_linear, slice)."""
     from .ops import OPS
 
     attrs = dict(n_x=n_x, bias=bias, prologue=prologue, prologue_outputs=prologue_outputs, row=row,
                  columns=columns, epilogue=epilogue, epilogue_outputs=epilogue_outputs, down=down,
-                 down_bias=down_bias)
+                 down_bias=down_bias, parts=parts, qattrs=qattrs)
     outs = compose(tensors, attrs, OPS["fused_pointwise"].reference, OPS["linear"].reference,
-                   lambda y, s, e: y[..., s:e])
+                   lambda y, s, e: y[..., s:e], OPS["quant_linear"].reference)
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 ATTRS = ("n_x: int, bias: bool, prologue: tuple, prologue_outputs: strs, row?: int|none, columns: tuple, "
-         "epilogue: tuple, epilogue_outputs: strs, down?: bool, down_bias?: bool")
+         "epilogue: tuple, epilogue_outputs: strs, down?: bool, down_bias?: bool, parts?: strs, qattrs?: pairs")

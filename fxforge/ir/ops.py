@@ -976,7 +976,8 @@ OPS_LIST: list[OpDef] = [
           traits={"row_safe"}),
     OpDef("linear_fused", "fused", infer_linear_fused, linear_fused_reference, origin="fuse_linear_pointwise",
           doc="linear(prologue(x...), weight, [bias]) with an epilogue on column ranges of its output (and down=true: "
-              "a down linear of the epilogue result, an MLP), one op "
+              "a down linear of the epilogue result, an MLP; parts/qattrs: a quant_linear's packed parts in place "
+              "of the weight), one op "
               "(ir/linear_fused.py); results: the epilogue's outputs (or the linear's), then the prologue's extras",
           arity=(2, VARIADIC), attrs=LINEAR_FUSED_ATTRS),
     OpDef("rope_attention", "fused", infer_rope_attention, rope_attention_reference, origin="fuse_rope_attention",

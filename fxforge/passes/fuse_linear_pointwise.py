@@ -28,8 +28,12 @@ Rules, each a declining match (the graph stays as it was when a condition fails)
     %h, %s = linear_fused(%r, %a, %g, %Wgu) {...}    ->    %d, %s = linear_fused(%r, %a, %g, %Wgu, %Wd)
     %d = linear(%h, %Wd)                                          {..., down=true}
 
-Only `linear` on float activations of the weight's dtype (fp32/bf16/fp16); quantized
-linears are another op and stay as they are.
+The linear is a `linear` on float activations of the weight's dtype (fp32/bf16/fp16), or a
+`quant_linear` of a format the decode GEMV implements (QUANT_SCHEMES: w8a8, int8) on float
+activations: the node then carries the packed parts in place of the weight and the format
+(parts, qattrs); its kernel quantizes x per token itself. A quantized node takes no down
+projection (a w8a8 down linear needs the whole activation row for its per-token scale).
+Other formats (int4, nf4) stay as they are.
 
 Exact: the node computes the same steps (ir/linear_fused.compose); the kernel rounds the
 linear's output to its dtype before the epilogue, as the separate kernels did through memory.
@@ -73,6 +77,39 @@ def _float_linear(node: Node) -> bool:
     return (x.dtype in FLOAT_DTYPES and w.dtype == x.dtype and node.output.dtype == x.dtype and x.rank >= 1
             and w.shape[0].is_number and w.shape[1].is_number
             and all(v.dtype == x.dtype for v in node.inputs[2:]))
+
+
+# quantized formats the decode GEMV implements (codegen/kernels/decode_gemv.py): w8a8 (x
+# quantized per token inside, outlier columns in float) and int8 weight-only per channel;
+# a linear of another format (int4, nf4) stays as it is
+QUANT_SCHEMES = ("w8a8", "int8")
+
+
+def _quant_linear(node: Node) -> bool:
+    """A quant_linear of a format the decode GEMV implements, on float activations."""
+    if node.op != "quant_linear":
+        return False
+    x, q = node.inputs[0], dict(node.attrs["qattrs"])
+    n_parts = len(node.attrs["parts"])
+    return (q.get("scheme") in QUANT_SCHEMES and tuple(node.attrs["parts"]) == ("qweight", "scale")
+            and x.dtype in FLOAT_DTYPES and node.output.dtype == x.dtype and x.rank >= 1
+            and all(v.param is not None for v in node.inputs[1:1 + n_parts])
+            and all(v.dtype == x.dtype for v in node.inputs[1 + n_parts:]))
+
+
+def _fusible_linear(node: Node) -> bool:
+    return _float_linear(node) or _quant_linear(node)
+
+
+def _weight_and_bias(node: Node) -> tuple[tuple, tuple, dict]:
+    """(weight inputs, bias inputs, attrs) of a linear or quant_linear: a quantized one's
+    weight is its packed parts, and the node records its format (parts, qattrs)."""
+    if node.op == "quant_linear":
+        n_parts = len(node.attrs["parts"])
+        n = int(dict(node.attrs["qattrs"])["shape"][0])
+        attrs = {"parts": tuple(node.attrs["parts"]), "qattrs": tuple(node.attrs["qattrs"]), "columns": ((0, n),)}
+        return node.inputs[1:1 + n_parts], node.inputs[1 + n_parts:], attrs
+    return node.inputs[1:2], node.inputs[2:], {"columns": ((0, int(node.inputs[1].shape[0])),)}
 
 
 def _flat_group(node: Node) -> tuple | None:
@@ -189,7 +226,7 @@ def _candidates(graph: Graph):
     uses = _Uses(graph)
     taken: set[int] = set()
     for i, node in enumerate(graph.nodes):
-        if not _float_linear(node):
+        if not _fusible_linear(node):
             continue
         epi = _epilogue(graph, uses, i)
         if epi is not None and epi[0] in taken:
@@ -215,7 +252,8 @@ def _with_down(graph: Graph) -> tuple[Graph, int]:
     dropped: set[int] = set()
     for f, node in enumerate(graph.nodes):
         a = node.attrs
-        if node.op != "linear_fused" or a.get("down") or (a["epilogue"] and len(a["epilogue_outputs"]) != 1):
+        if node.op != "linear_fused" or a.get("down") or a.get("parts") or \
+                (a["epilogue"] and len(a["epilogue_outputs"]) != 1):  # (no quantized MLP kernel)
             continue
         h = node.outputs[0]
         d = uses.only(h)
@@ -247,9 +285,10 @@ def fuse_linear_pointwise(graph: Graph, ctx=None) -> Graph:
     counts = {"epilogue": 0, "prologue": 0}
     for lin, pro, epi in _candidates(graph):
         node = graph.nodes[lin]
-        x, weight, bias = node.inputs[0], node.inputs[1], node.inputs[2:]
+        x = node.inputs[0]
+        weight, bias, linear_attrs = _weight_and_bias(node)
         attrs = {"n_x": 1, "bias": bool(bias), "prologue": (), "prologue_outputs": (),
-                 "columns": ((0, int(weight.shape[0])),), "epilogue": (), "epilogue_outputs": ()}
+                 "columns": linear_attrs.pop("columns"), "epilogue": (), "epilogue_outputs": (), **linear_attrs}
         x_inputs, extra, outputs, side, at = [x], [], [node.output], [], lin
         if pro is not None:
             p, pro_attrs, x_inputs, side = pro
@@ -264,7 +303,7 @@ def fuse_linear_pointwise(graph: Graph, ctx=None) -> Graph:
             dropped.add(lin)
             at = e
             counts["epilogue"] += 1
-        fused = Node("linear_fused", tuple(x_inputs) + (weight,) + tuple(bias) + tuple(extra), attrs,
+        fused = Node("linear_fused", tuple(x_inputs) + tuple(weight) + tuple(bias) + tuple(extra), attrs,
                      tuple(outputs) + tuple(side), {**node.meta, "pass": "fuse_linear_pointwise"})
         types = OPS["linear_fused"].infer([v.type for v in fused.inputs], attrs)
         if not all(t.same_as(v.type) for t, v in zip(types, fused.outputs)):
@@ -315,7 +354,8 @@ def unfuse(graph: Graph) -> Graph:
             return y if whole else b.emit("slice", y, dim=-1, start=start, end=end, step=1)
 
         outs = compose(list(node.inputs), node.attrs, pointwise,
-                       lambda x, w, bias: b.emit("linear", *([x, w] + ([bias] if bias is not None else []))), cut)
+                       lambda x, w, bias: b.emit("linear", *([x, w] + ([bias] if bias is not None else []))), cut,
+                       lambda *vs, **a: b.emit("quant_linear", *vs, **a))
         # the node's own result values keep their identity: later nodes read them
         last = {v: old for v, old in zip(outs, node.outputs)}
         for n in b.nodes:

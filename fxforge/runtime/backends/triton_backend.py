@@ -88,7 +88,10 @@ class TritonBackend(Backend):
             return tuple([F.linear(outs[0], down_weight, down_bias)] + outs[1:]) if len(outs) > 1 else \
                 F.linear(outs[0], down_weight, down_bias)
 
-        outs = compose(tensors, attrs, self.pointwise.run, F.linear, lambda y, s, e: y[..., s:e])
+        from ..torch_kernels import quant_linear_with
+
+        outs = compose(tensors, attrs, self.pointwise.run, F.linear, lambda y, s, e: y[..., s:e],
+                       quant_linear_with(_quant_linear_triton))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def step_inputs(self, pad, start: int, new: int, dtype):
