@@ -187,3 +187,38 @@ def test_the_torch_backends_gather_zeroes_exactly_the_padding_keys():
         want = paged_attention_reference(q, k_cache, v_cache, table, row_start, bias, causal=True, scale=0.3)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert attend.gather(k_cache, table, row_start, keys, torch.float32)[1, :, :3].abs().sum() == 0
+
+
+# -- launches of a paged decode step ------------------------------------------------------------
+# zoo.llama (2 layers) on backend="interpret", one decode step. Before the paged_kv_write kernel
+# (codegen/kernels/paged_kv_write.py) the writes' torch reference made these 89 (eager) and 79
+# (static) launches, ~13 per write; now a write is one launch. Lower them when a change saves more.
+MAX_PAGED_LAUNCHES = {"eager": 37, "static": 27}
+
+
+def test_a_paged_decode_step_writes_each_k_and_v_in_one_launch():
+    from fxforge.runtime.launch_count import LaunchCounter
+
+    torch.manual_seed(0)
+    model, vocab = zoo.llama()
+    fast = fxforge.optimize(model, (torch.randint(3, vocab, (1, 5)),), kv_cache=PAGED, backend="interpret")
+    ids, pad = torch.randint(3, vocab, (1, 8)), torch.zeros(1, dtype=torch.long)
+    counts = {}
+    with torch.no_grad():
+        cache = fast.paged_cache(16)
+        cache.row_capacity = 32
+        cache.use_rows([cache.allocator.allocate(3)])
+        fast.run_cached(ids[:, :4], 0, pad, cache)
+        fast.run_cached(ids[:, 4:5], 4, pad, cache)  # warm-up: compiles
+        with LaunchCounter() as counts["eager"]:
+            fast.run_cached(ids[:, 5:6], 5, pad, cache)
+        step = fast.static_step(cache, 1)
+        step(ids[:, 6:7], 6, pad, host_pad=[0])
+        with LaunchCounter() as counts["static"]:
+            step(ids[:, 7:8], 7, pad, host_pad=[0])
+    reference_ops = {"aten.index_copy_", "aten.index_select", "aten.argmax"}  # the torch reference's
+    for kind, c in counts.items():
+        assert c.by_name["triton._paged_kv_write_kernel"] == 2 * 2, (kind, c.by_name)  # K and V, 2 layers
+        assert not reference_ops & set(c.by_name), (kind, c.by_name)
+        assert c.triton + c.torch <= MAX_PAGED_LAUNCHES[kind], (kind, c.by_name)
+    assert counts["static"].syncs == 0
