@@ -57,13 +57,21 @@ def test_beam_search_equals_the_dense_layout():
 
 
 def test_the_triton_kernels_read_through_the_table():
-    """The interpret backend: the paged prefill and decode kernels in the model."""
+    """The interpret backend: the paged prefill and decode kernels and the write kernel
+    (codegen/kernels/paged_kv_write.py) in the model, eager steps and static steps."""
     dense, paged, vocab = _pair("llama", backend="interpret", n_layer=1)
     assert "paged_attention" in paged.code
     for padded in (False, True):
         ids, mask = prompts(vocab, padded)
         want = dense.generate(ids, 6, attention_mask=mask, eos_token_id=None)
         assert torch.equal(paged.generate(ids, 6, attention_mask=mask, eos_token_id=None), want)
+    try:
+        paged.static_decode = True
+        assert paged.uses_static_decode(), paged.static_decode_problem
+        assert torch.equal(paged.generate(ids, 6, attention_mask=mask, eos_token_id=None), want)
+        assert any(s.steps for c in paged._caches.idle for s in c.static_steps.values())
+    finally:
+        paged.static_decode = None
 
 
 def test_the_ir_after_the_pass():
