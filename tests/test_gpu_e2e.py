@@ -330,7 +330,8 @@ def test_captured_step_inputs_kernel_writes_the_torch_ops_values(paged):
 def test_paged_kv_write_kernel_on_gpu_equals_the_reference_and_captures(cache_dtype):
     """codegen/kernels/paged_kv_write.py compiled: a permuted float32 `new` with padding
     slots written into a paged cache equals the op's torch reference (bfloat16: the same
-    rounding, to the bit), eager and replayed from a CUDA graph with new slots in place."""
+    rounding, to the bit), eager and replayed from a CUDA graph with new slots in place, and
+    a layer's K and V written by one launch."""
     from fxforge.codegen.kernels.paged_kv_write import paged_kv_write_triton
     from fxforge.ir.ops import paged_kv_write_reference
 
@@ -353,3 +354,7 @@ def test_paged_kv_write_kernel_on_gpu_equals_the_reference_and_captures(cache_dt
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(target, paged_kv_write_reference(want.clone(), new, slots))
+    v = torch.randn(batch, heads, seq, dim, generator=gen).cuda()  # a layer's K and V in one launch
+    pair = paged_kv_write_triton(cache.clone(), want.clone(), new, v, slots)
+    assert all(torch.equal(a, b) for a, b in zip(pair, paged_kv_write_reference(cache.clone(), want.clone(), new,
+                                                                               v, slots)))

@@ -39,6 +39,22 @@ def test_the_kernel_equals_the_reference(new_dtype, cache_dtype):
     assert not torch.equal(want, cache)  # something was written
 
 
+@pytest.mark.parametrize("v_dtype", [torch.float32, torch.float16])
+def test_a_layers_k_and_v_in_one_launch(v_dtype):
+    """paged_kv_write(k_cache, v_cache, k, v, slots): one launch when K and V have the same
+    shape and dtypes, else one each; the reference's values either way."""
+    k_cache, k, slots = _case(torch.float32, torch.bfloat16)
+    v_cache, v, _ = _case(v_dtype, torch.bfloat16)
+    v = v * 3.0  # another value than k's (and a non-contiguous-made-contiguous input)
+    want = paged_kv_write_reference(k_cache.clone(), v_cache.clone(), k, v, slots)
+    got = (k_cache.clone(), v_cache.clone())
+    with LaunchCounter() as c:
+        out = kernel.paged_kv_write_triton(*got, k, v, slots)
+    assert out[0] is got[0] and out[1] is got[1]
+    assert c.triton == (1 if v_dtype == torch.float32 else 2) and c.torch == 0, c.by_name
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_padding_slots_write_nothing_and_int32_slots_work():
     cache, new, slots = _case(torch.float32, torch.float32)
     slots[:] = -1

@@ -10,11 +10,15 @@ Here one program copies one token's rows for a group of heads:
 
     cache[slot // block_size, slot % block_size, h, :] = new[b, h, t, :].to(cache.dtype)
 
+and, for the op's paired form paged_kv_write(k_cache, v_cache, k, v, slots) (a layer's K
+and V, which share the slots; passes/kv_paged.pair_writes), the same for V in the same
+program (PAIR): one launch per layer.
+
 `new` is read through its strides (it is a permuted view of a projection) and may be wider
-than the cache (float32 into bfloat16: rounded to nearest even, bit for bit the
-reference's .to). Shapes depend only on B, T, Hkv and D, never on the slots' values: no host read, so
-the launch can be captured in a CUDA graph. Slot and row offsets are int64 (a pool can
-hold more than 2^31 elements).
+than the cache (float32 or float16 into bfloat16: rounded to nearest even, bit for bit the
+reference's .to). Shapes depend only on B, T, Hkv and D, never on the slots' values: no
+host read, so the launch can be captured in a CUDA graph. Slot and row offsets are int64
+(a pool can hold more than 2^31 elements).
 
 Out-of-range slots: on CPU tensors (the interpreter) the wrapper raises the reference's
 ValueError, reading the slots through numpy (no torch op: the interpreter counts the
@@ -34,12 +38,14 @@ MAX_TILE = 4096  # elements (heads x head dim) one program copies: registers sta
 
 @triton.jit
 def _paged_kv_write_kernel(
-    cache_ptr, new_ptr, slots_ptr,
+    cache_ptr, new_ptr, v_cache_ptr, v_new_ptr, slots_ptr,
     T, H, D, num_slots, block_size,
     stride_nb, stride_nh, stride_nt, stride_nd,
+    stride_vnb, stride_vnh, stride_vnt, stride_vnd,
     stride_sb, stride_st,
     stride_cblock, stride_coff, stride_ch, stride_cd,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr,
+    stride_vcblock, stride_vcoff, stride_vch, stride_vcd,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr, PAIR: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)  # b * T + t
     b = token // T
@@ -53,11 +59,24 @@ def _paged_kv_write_kernel(
     d = tl.arange(0, BLOCK_D)
     heads = tl.where(write, H, 0)  # a skipped token: no head is in range
     mask = (h[:, None] < heads) & (d[None, :] < D)
+    _copy_rows(cache_ptr, new_ptr, b, t, block, offset, h, d, mask,
+               stride_nb, stride_nh, stride_nt, stride_nd, stride_cblock, stride_coff, stride_ch, stride_cd,
+               ROUND_BF16)
+    if PAIR:  # a layer's V: the same slots, the same tile
+        _copy_rows(v_cache_ptr, v_new_ptr, b, t, block, offset, h, d, mask,
+                   stride_vnb, stride_vnh, stride_vnt, stride_vnd, stride_vcblock, stride_vcoff, stride_vch,
+                   stride_vcd, ROUND_BF16)
+
+
+@triton.jit
+def _copy_rows(cache_ptr, new_ptr, b, t, block, offset, h, d, mask,
+               stride_nb, stride_nh, stride_nt, stride_nd, stride_cblock, stride_coff, stride_ch, stride_cd,
+               ROUND_BF16: tl.constexpr):
     src = new_ptr + b * stride_nb + t * stride_nt + h[:, None] * stride_nh + d[None, :] * stride_nd
     rows = tl.load(src, mask=mask)
     dst = cache_ptr + block * stride_cblock + offset * stride_coff + h[:, None] * stride_ch + d[None, :] * stride_cd
     if ROUND_BF16:
-        rows = _float32_to_bfloat16(rows)
+        rows = _float32_to_bfloat16(rows.to(tl.float32))  # float16 to float32 is exact
     tl.store(dst, rows.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
@@ -79,9 +98,30 @@ def tile(heads: int, dim: int) -> tuple[int, int]:
     return block_h, block_d
 
 
-def paged_kv_write_triton(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Write new [B, Hkv, T, D] into slots [B, T] of cache [blocks, block_size, Hkv, D] in
-    one launch; returns the cache (mutated), like paged_kv_write_reference."""
+def paged_kv_write_triton(*tensors: torch.Tensor):
+    """paged_kv_write(cache, new, slots) or (k_cache, v_cache, k, v, slots): write new
+    [B, Hkv, T, D] into slots [B, T] of cache [blocks, block_size, Hkv, D] in one launch
+    (a layer's K and V together); returns the cache(s), mutated, like the reference."""
+    if len(tensors) == 3:
+        cache, new, slots = tensors
+        _launch(slots, cache, new)
+        return cache
+    k_cache, v_cache, k, v, slots = tensors
+    if pairable(k_cache, v_cache, k, v):
+        _launch(slots, k_cache, k, v_cache, v)
+    else:  # K and V of different shapes or dtypes: one launch each
+        _launch(slots, k_cache, k)
+        _launch(slots, v_cache, v)
+    return k_cache, v_cache
+
+
+def pairable(k_cache, v_cache, k, v) -> bool:
+    """One program can copy both when they have the same tile and the same cast."""
+    return k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype and k.shape == v.shape \
+        and k.dtype == v.dtype
+
+
+def _launch(slots, cache, new, v_cache=None, v_new=None):
     blocks, block_size, heads, dim = cache.shape
     batch, new_heads, seq, new_dim = new.shape
     if (new_heads, new_dim) != (heads, dim) or tuple(slots.shape) != (batch, seq):
@@ -94,18 +134,21 @@ def paged_kv_write_triton(cache: torch.Tensor, new: torch.Tensor, slots: torch.T
             raise ValueError(f"paged_kv_write: slot {int(wanted.max())} is outside the cache's {num_slots} slots "
                              f"({blocks} blocks of {block_size})")
     if batch * seq == 0 or heads * dim == 0:
-        return cache
+        return
+    pair = v_cache is not None
+    if not pair:
+        v_cache, v_new = cache, new
     block_h, block_d = tile(heads, dim)
     _paged_kv_write_kernel[(batch * seq, triton.cdiv(heads, block_h))](
-        cache, new, slots,
+        cache, new, v_cache, v_new, slots,
         seq, heads, dim, num_slots, block_size,
-        *new.stride(), *slots.stride(), *cache.stride(),
-        BLOCK_H=block_h, BLOCK_D=block_d, ROUND_BF16=new.dtype == torch.float32 and cache.dtype == torch.bfloat16)
-    return cache
+        *new.stride(), *v_new.stride(), *slots.stride(), *cache.stride(), *v_cache.stride(),
+        BLOCK_H=block_h, BLOCK_D=block_d, ROUND_BF16=cache.dtype == torch.bfloat16 and new.dtype != torch.bfloat16,
+        PAIR=pair)
 
 
-def paged_kv_write_reference(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+def paged_kv_write_reference(*tensors: torch.Tensor):
     """What the kernel must equal: the op's own torch reference."""
     from ...ir.ops import paged_kv_write_reference as reference
 
-    return reference(cache, new, slots)
+    return reference(*tensors)
