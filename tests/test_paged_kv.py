@@ -57,13 +57,21 @@ def test_beam_search_equals_the_dense_layout():
 
 
 def test_the_triton_kernels_read_through_the_table():
-    """The interpret backend: the paged prefill and decode kernels in the model."""
+    """The interpret backend: the paged prefill and decode kernels and the write kernel
+    (codegen/kernels/paged_kv_write.py) in the model, eager steps and static steps."""
     dense, paged, vocab = _pair("llama", backend="interpret", n_layer=1)
     assert "paged_attention" in paged.code
     for padded in (False, True):
         ids, mask = prompts(vocab, padded)
         want = dense.generate(ids, 6, attention_mask=mask, eos_token_id=None)
         assert torch.equal(paged.generate(ids, 6, attention_mask=mask, eos_token_id=None), want)
+    try:
+        paged.static_decode = True
+        assert paged.uses_static_decode(), paged.static_decode_problem
+        assert torch.equal(paged.generate(ids, 6, attention_mask=mask, eos_token_id=None), want)
+        assert any(s.steps for c in paged._caches.idle for s in c.static_steps.values())
+    finally:
+        paged.static_decode = None
 
 
 def test_the_ir_after_the_pass():
@@ -74,8 +82,10 @@ def test_the_ir_after_the_pass():
     assert ('%kv_bias: f32[B, 1, 1, L + T] {role="key_bias"}, %kv_block_table: i32[B, MB] {role="block_table"}, '
             '%kv_row_start: i32[B] {role="row_start"}, %kv_slots: i64[B, T] {role="slot_mapping"}') in head
     assert '%s0: state "layer0.k_cache" f32[NB, 4, 2, 16] {layer=0, kind="k", layout="paged"}' in head
-    writes = [ln for ln in lines if "= paged_kv_write(" in ln]
-    assert len(writes) == 4 and all(ln.startswith("%") and "f32[NB, 4, 2, 16]" in ln for ln in writes)
+    writes = [ln for ln in lines if "= paged_kv_write(" in ln]  # a layer's K and V in one write
+    assert len(writes) == 2 and all(ln.startswith("%") and ln.count("f32[NB, 4, 2, 16]") == 2 for ln in writes)
+    assert [ln.split("= paged_kv_write(")[1].split(", ")[:2] for ln in writes] == [["%s0", "%s1"], ["%s2", "%s3"]]
+    assert all(ln.endswith(", %kv_slots)") for ln in writes)
     attn = [ln for ln in lines if "= paged_attention(" in ln]
     assert len(attn) == 2 and all(ln.endswith("%kv_block_table, %kv_row_start, %kv_bias) {causal=true, scale=0.25}")
                                   for ln in attn)
@@ -187,3 +197,39 @@ def test_the_torch_backends_gather_zeroes_exactly_the_padding_keys():
         want = paged_attention_reference(q, k_cache, v_cache, table, row_start, bias, causal=True, scale=0.3)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert attend.gather(k_cache, table, row_start, keys, torch.float32)[1, :, :3].abs().sum() == 0
+
+
+# -- launches of a paged decode step ------------------------------------------------------------
+# zoo.llama (2 layers) on backend="interpret", one decode step. Before the paged_kv_write kernel
+# (codegen/kernels/paged_kv_write.py) the writes' torch reference made these 89 (eager) and 79
+# (static) launches, ~13 per write; now a layer's K and V are one launch (kv_paged.pair_writes).
+# Lower them when a change saves more.
+MAX_PAGED_LAUNCHES = {"eager": 35, "static": 25}
+
+
+def test_a_paged_decode_step_writes_a_layers_k_and_v_in_one_launch():
+    from fxforge.runtime.launch_count import LaunchCounter
+
+    torch.manual_seed(0)
+    model, vocab = zoo.llama()
+    fast = fxforge.optimize(model, (torch.randint(3, vocab, (1, 5)),), kv_cache=PAGED, backend="interpret")
+    ids, pad = torch.randint(3, vocab, (1, 8)), torch.zeros(1, dtype=torch.long)
+    counts = {}
+    with torch.no_grad():
+        cache = fast.paged_cache(16)
+        cache.row_capacity = 32
+        cache.use_rows([cache.allocator.allocate(3)])
+        fast.run_cached(ids[:, :4], 0, pad, cache)
+        fast.run_cached(ids[:, 4:5], 4, pad, cache)  # warm-up: compiles
+        with LaunchCounter() as counts["eager"]:
+            fast.run_cached(ids[:, 5:6], 5, pad, cache)
+        step = fast.static_step(cache, 1)
+        step(ids[:, 6:7], 6, pad, host_pad=[0])
+        with LaunchCounter() as counts["static"]:
+            step(ids[:, 7:8], 7, pad, host_pad=[0])
+    reference_ops = {"aten.index_copy_", "aten.index_select", "aten.argmax"}  # the torch reference's
+    for kind, c in counts.items():
+        assert c.by_name["triton._paged_kv_write_kernel"] == 2, (kind, c.by_name)  # one per layer
+        assert not reference_ops & set(c.by_name), (kind, c.by_name)
+        assert c.triton + c.torch <= MAX_PAGED_LAUNCHES[kind], (kind, c.by_name)
+    assert counts["static"].syncs == 0

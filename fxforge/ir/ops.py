@@ -589,6 +589,12 @@ def kv_append_reference(cache, new, *, start):
 
 
 def infer_paged_kv_write(types, attrs):
+    if len(types) == 5:  # (k_cache, v_cache, k, v, slots): a layer's K and V, one write
+        k_cache, v_cache, k, v, slots = types
+        return infer_paged_kv_write([k_cache, k, slots], attrs) + infer_paged_kv_write([v_cache, v, slots], attrs)
+    if len(types) != 3:
+        raise IRTypeError(f"paged_kv_write takes (cache, new, slots) or (k_cache, v_cache, k, v, slots), "
+                          f"got {len(types)} inputs")
     cache, new, slots = _t(types, 0), _t(types, 1), _t(types, 2)
     if cache.rank != 4 or new.rank != 4:
         raise IRTypeError(f"paged_kv_write wants a [blocks, block size, Hkv, D] cache and [B, Hkv, T, D] "
@@ -601,7 +607,16 @@ def infer_paged_kv_write(types, attrs):
     return [cache]
 
 
-def paged_kv_write_reference(cache, new, slots):
+def paged_kv_write_reference(*tensors):
+    """paged_kv_write(cache, new, slots), or (k_cache, v_cache, k, v, slots): both written
+    with the same slots, returns (k_cache, v_cache)."""
+    if len(tensors) == 5:
+        k_cache, v_cache, k, v, slots = tensors
+        return _paged_write(k_cache, k, slots), _paged_write(v_cache, v, slots)
+    return _paged_write(*tensors)
+
+
+def _paged_write(cache, new, slots):
     """Write new [B, Hkv, T, D] into the slots of a paged cache [blocks, block size, Hkv, D]:
     token t of row b goes to slot slots[b, t] (block slot // block size, offset slot % block
     size); a slot of -1 is not written (a left-padding token). Returns the cache; mutates it.
@@ -955,8 +970,9 @@ OPS_LIST: list[OpDef] = [
           arity=(2, 2), attrs="start: size", traits={"stateful"}),
     OpDef("paged_kv_write", "other", infer_paged_kv_write, paged_kv_write_reference, origin="kv_cache",
           doc="paged_kv_write(cache, new, slots): write new K or V [B, Hkv, T, D] into slots [B, T] of a paged "
-              "cache [blocks, block size, Hkv, D] (-1: not written); returns the cache; mutates",
-          arity=(3, 3), traits={"stateful"}),
+              "cache [blocks, block size, Hkv, D] (-1: not written); returns the cache; mutates. "
+              "paged_kv_write(k_cache, v_cache, k, v, slots): a layer's K and V, returns both caches",
+          arity=(3, 5), traits={"stateful"}),
     OpDef("paged_attention", "fused", infer_paged_attention, paged_attention_reference, origin="kv_cache",
           doc="paged_attention(q, k_cache, v_cache, block_table, row_start, bias, [slopes]) {causal, scale, "
               "softcap?, window?, alibi?}: attention over bias.shape[-1] keys read from paged caches through "

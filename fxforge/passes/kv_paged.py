@@ -21,13 +21,17 @@ Rewrite (per attention, after the dense pass has placed positions):
   attention(q, k, v, [slopes]) {causal, ...}
     -> paged_attention(q, paged_kv_write(kc, k, kv_slots), paged_kv_write(vc, v, kv_slots),
                        kv_block_table, kv_row_start, kv_bias, [slopes]) {causal, ...}
+then the layer's two writes, which share the slots, become one (one launch on the Triton
+backends, codegen/kernels/paged_kv_write.py):
+  %kw = paged_kv_write(kc, k, s); %vw = paged_kv_write(vc, v, s)
+    -> %kw, %vw = paged_kv_write(kc, vc, k, v, s)
 """
 from __future__ import annotations
 
 import torch
 
 from ..ir import roles
-from ..ir.graph import Graph, Value
+from ..ir.graph import Graph, Node, Value
 from ..ir.types import TensorType
 
 BLOCK_TABLE, ROW_START, SLOTS = "kv_block_table", "kv_row_start", "kv_slots"
@@ -51,6 +55,39 @@ def rewrite_attention_paged(graph: Graph, seq, batch, cache_len, config):
         write=lambda b, state, x, q: b.emit("paged_kv_write", state, x, slots),
         attend=lambda b, node, q, reads, slopes: b.emit("paged_attention", q, *reads, table, row_start, kv_bias,
                                                         *slopes, **node.attrs))
+    out = pair_writes(out)
     out.inputs += [kv_bias, table, row_start, slots]
     out.input_names += [KV_BIAS, BLOCK_TABLE, ROW_START, SLOTS]
     return out, layers, bytes_per_token
+
+
+def pair_writes(graph: Graph) -> Graph:
+    """Each paged_attention's K and V writes, when both are single writes with the same
+    slots, as one paged_kv_write of both, placed where the V write was. The K write's
+    result must have no use before that place (the rewrite emits K, V, then attention)."""
+    nodes = list(graph.nodes)
+    made = {id(n.outputs[0]): i for i, n in enumerate(nodes) if n.op == "paged_kv_write" and len(n.inputs) == 3}
+    pairs = {}  # position of the V write -> position of the K write
+    for n in nodes:
+        if n.op != "paged_attention":
+            continue
+        k_at, v_at = made.get(id(n.inputs[1])), made.get(id(n.inputs[2]))
+        if k_at is None or v_at is None or not k_at < v_at or nodes[k_at].inputs[2] is not nodes[v_at].inputs[2]:
+            continue
+        k_out = nodes[k_at].outputs[0]
+        if any(x is k_out for m in nodes[k_at + 1:v_at + 1] for x in m.inputs):
+            continue
+        pairs[v_at] = k_at
+    if not pairs:
+        return graph
+    dropped = set(pairs.values())
+    out = []
+    for i, n in enumerate(nodes):
+        if i in dropped:
+            continue
+        if i in pairs:
+            k = nodes[pairs[i]]
+            n = Node("paged_kv_write", (k.inputs[0], n.inputs[0], k.inputs[1], n.inputs[1], n.inputs[2]), {},
+                     (k.outputs[0], n.outputs[0]), {**n.meta, "rule": "pair_kv_writes"})
+        out.append(n)
+    return graph.with_nodes(out)

@@ -17,7 +17,7 @@ from .base import Backend
 # Modules whose @triton.jit decorators decide at import whether they are interpreted.
 KERNEL_MODULES = ("fxforge.codegen.kernels.attention", "fxforge.codegen.kernels.decode_attention",
                   "fxforge.codegen.kernels.rope_decode_attention", "fxforge.codegen.kernels.quant_matmul",
-                  "fxforge.codegen.kernels.step_inputs")
+                  "fxforge.codegen.kernels.step_inputs", "fxforge.codegen.kernels.paged_kv_write")
 
 
 def triton_available() -> bool:
@@ -46,11 +46,12 @@ class TritonBackend(Backend):
         self.pointwise = PointwiseKernels()
 
     def kernel_ops(self) -> dict:
+        from ...codegen.kernels.paged_kv_write import paged_kv_write_triton
         from ..torch_kernels import quant_linear_with
 
         return {"attention": attention_dispatch, "paged_attention": paged_attention_dispatch, "quant_linear": quant_linear_with(_quant_linear_triton),
                 "fused_pointwise": self.pointwise.run, "linear_fused": self.linear_fused,
-                "rope_attention": self.rope_attention}
+                "rope_attention": self.rope_attention, "paged_kv_write": paged_kv_write_triton}
 
     def rope_attention(self, *tensors, causal: bool, scale: float, start):
         """Few query positions: one kernel applies the rotary, stores the new K/V and attends
