@@ -56,3 +56,24 @@ class Builder:
         if isinstance(x.type, TensorType) and x.dtype == dtype:
             return x
         return self.emit("cast", x, dtype=dtype)
+
+
+def expand_ops(graph, op: str, expand):
+    """`graph` with every `op` node replaced by the nodes `expand(node, builder)` emits into a
+    fresh Builder; `expand` returns the values that stand for the node's results, in order.
+    Those values take the node's own result values' identity (later nodes read them), so a
+    fused op turns back into its composition in place (the unfuse of fused passes)."""
+    if not any(n.op == op for n in graph.nodes):
+        return graph
+    nodes: list[Node] = []
+    for node in graph.nodes:
+        if node.op != op:
+            nodes.append(node)
+            continue
+        b = Builder(node.meta)
+        results = expand(node, b)
+        renamed = {v: old for v, old in zip(results, node.outputs)}
+        for n in b.nodes:
+            nodes.append(Node(n.op, tuple(renamed.get(v, v) for v in n.inputs), n.attrs,
+                              tuple(renamed.get(v, v) for v in n.outputs), n.meta))
+    return graph.with_nodes(nodes)

@@ -328,18 +328,10 @@ def unfuse(graph: Graph) -> Graph:
     """Every linear_fused node back as its composition (fused_pointwise, linear, slices):
     the torch backend runs that (its CPU planners see plain linears), and it is what the
     graph computed before fuse_linear_pointwise."""
-    if not any(n.op == "linear_fused" for n in graph.nodes):
-        return graph
-    from ..ir.builder import Builder
+    from ..ir.builder import expand_ops
     from ..ir.linear_fused import compose
 
-    nodes: list[Node] = []
-    for node in graph.nodes:
-        if node.op != "linear_fused":
-            nodes.append(node)
-            continue
-        b = Builder(node.meta)
-
+    def expand(node, b):
         def pointwise(*vs, body, outputs, row):
             if len(body) == 1 and outputs == ("t0",) and body[0][0] != "const":  # a lone op, as it was
                 op, args, attrs = body[0]
@@ -353,12 +345,8 @@ def unfuse(graph: Graph) -> Graph:
             whole = start == 0 and y.shape[-1].is_number and end == int(y.shape[-1])
             return y if whole else b.emit("slice", y, dim=-1, start=start, end=end, step=1)
 
-        outs = compose(list(node.inputs), node.attrs, pointwise,
+        return compose(list(node.inputs), node.attrs, pointwise,
                        lambda x, w, bias: b.emit("linear", *([x, w] + ([bias] if bias is not None else []))), cut,
                        lambda *vs, **a: b.emit("quant_linear", *vs, **a))
-        # the node's own result values keep their identity: later nodes read them
-        last = {v: old for v, old in zip(outs, node.outputs)}
-        for n in b.nodes:
-            nodes.append(Node(n.op, tuple(last.get(v, v) for v in n.inputs), n.attrs,
-                              tuple(last.get(v, v) for v in n.outputs), n.meta))
-    return graph.with_nodes(nodes)
+
+    return expand_ops(graph, "linear_fused", expand)

@@ -19,7 +19,7 @@ a soft-cap, window or ALiBi. Anything else keeps its graph.
 from __future__ import annotations
 
 from ..ir.edit import dead_code_elimination
-from ..ir.graph import Graph, Node
+from ..ir.graph import Graph
 from ..ir.types import dims_equal
 from .pattern import Rule, apply_rules, attr, either, op, var
 
@@ -105,24 +105,13 @@ def unfuse(graph: Graph) -> Graph:
     """Every rope_attention node back as its composition (the rotary-and-store
     fused_pointwise, then attention): what a backend without the fused kernel runs, and what
     the graph computed before this pass (after fuse_elementwise)."""
-    if not any(n.op == "rope_attention" for n in graph.nodes):
-        return graph
-    from ..ir.builder import Builder
+    from ..ir.builder import expand_ops
     from ..ir.rope_attention import compose
 
-    nodes: list[Node] = []
-    for node in graph.nodes:
-        if node.op != "rope_attention":
-            nodes.append(node)
-            continue
-        b = Builder(node.meta)
-
-        def pointwise(*vs, **attrs):
-            return b.emit_multi("fused_pointwise", vs, attrs)
-
-        out = compose(list(node.inputs), node.attrs, pointwise, lambda *vs, **a: b.emit("attention", *vs, **a),
+    def expand(node, b):
+        out = compose(list(node.inputs), node.attrs, lambda *vs, **a: b.emit_multi("fused_pointwise", vs, a),
+                      lambda *vs, **a: b.emit("attention", *vs, **a),
                       lambda x, s, e: b.emit("slice", x, dim=3, start=s, end=e, step=1))
-        for n in b.nodes:  # the node's own result keeps its identity: later nodes read it
-            nodes.append(Node(n.op, n.inputs, n.attrs, tuple(node.outputs[0] if v is out else v for v in n.outputs),
-                              n.meta))
-    return graph.with_nodes(nodes)
+        return [out]
+
+    return expand_ops(graph, "rope_attention", expand)
