@@ -25,7 +25,7 @@ demo: setup
 	$(PY) examples/quickstart.py
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest --durations=30 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests

@@ -76,7 +76,8 @@ def test_llama_and_qwen2_blocks_fuse_and_match_eager():
 @pytest.mark.parametrize("scheme", ["int8", "w8a8", "nf4"])
 def test_quantized_siblings_fuse_and_equal_the_unfused(scheme):
     """quant_linears packed alike stack their per-row packed tensors: the same numbers as
-    the separate layers, so the outputs are bit-identical (torch backend)."""
+    the separate layers, so the outputs are bit-identical where both take the same kernel
+    (torch backend)."""
     model, vocab = zoo.llama("sdpa", hidden=128)
     ids = torch.randint(0, vocab, (2, 7))
     fast = fxforge.optimize(model, (ids,), quantize=scheme)
@@ -84,7 +85,13 @@ def test_quantized_siblings_fuse_and_equal_the_unfused(scheme):
     stats = next(s for s in fast.stats if s.name == "fuse_linear")
     assert stats.rules["concat_linear"] == 4  # per layer: q/k/v and gate/up; lm_head has no sibling
     assert fast.graph.count("quant_linear") == 2 * 4 and apart.graph.count("quant_linear") == 2 * 7
-    assert torch.equal(fast(ids).logits, apart(ids).logits)
+    if scheme == "int8":
+        # the CPU picks an int8 product's kernel by the weight's width (runtime/cpu_quant.py:
+        # int8 digits from 512 outputs on, with AMX): the stacked gate/up may take another
+        # kernel than its halves, each float32-accurate, so equal within float32 rounding
+        torch.testing.assert_close(fast(ids).logits, apart(ids).logits, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(fast(ids).logits, apart(ids).logits)
 
 
 @pytest.mark.parametrize("config", [fxforge.QuantConfig("nf4", double_quant=True), fxforge.QuantConfig("int4")])

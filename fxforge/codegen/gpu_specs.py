@@ -434,6 +434,7 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
         return (attention_specs() + decode_specs() + quant_specs() + quant_gemv_specs() + row_specs()
                 + gemv_specs() + mlp_specs() + quant_fused_gemv_specs())
     worst = {"fp32": DTYPES["fp32"], "bf16": DTYPES["bf16"]}
+    bf16 = {"bf16": DTYPES["bf16"]}
     attn = _largest(attention_specs(worst, (64, 256)), ("BLOCK_M", "BLOCK_N"), ("dtype", "head_dim", "variant"))
     quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",))
     w8a8 = _largest([s for s in quant_specs(worst, ()) if s.kernel.startswith("quant_w8a8")], ("BLOCK_N", "BLOCK_K"),
@@ -445,8 +446,11 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     decode_wide = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("all", "paged"), wide=True)
     return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + decode_wide + quant + w8a8
             + [_wide(quant[0])] + quant_gemv_specs(worst) + row_specs(lengths=(4096, 65536), kinds=("layer_norm",))
-            + gemv_specs(worst, GEMV_SHAPES[3:4]) + mlp_specs(worst, MLP_SHAPES[:1])
-            + quant_fused_gemv_specs(worst, GEMV_SHAPES[3:4], formats=QUANT_GEMV_FUSED[:1]))
+            + gemv_specs(worst, GEMV_SHAPES[3:4])
+            # the decode MLP and the quantized GEMV at their register-heaviest point only
+            # (bfloat16, 16 rows): each compile costs seconds, the suite has 20 minutes
+            + mlp_specs(bf16, MLP_SHAPES[:1], rows=(16,))
+            + quant_fused_gemv_specs(bf16, GEMV_SHAPES[3:4], rows=(16,), formats=QUANT_GEMV_FUSED[:1]))
 
 
 def _wide(spec: KernelSpec) -> KernelSpec:
