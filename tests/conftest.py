@@ -69,3 +69,15 @@ def pytest_collection_modifyitems(config, items):
         # above the test too, so a checkout in a folder named gpu skipped every test
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture(params=["gpu_blocks", "interpreter_blocks"])
+def blocks(request, monkeypatch):
+    """The decode GEMV kernels' two block choices (codegen/kernels/decode_gemv.py): the GPU's
+    narrow column tiles and K chunks (masks on every edge; for the decode MLP several programs
+    and groups, so both combine levels) and the interpreter's wide ones."""
+    from fxforge.codegen.kernels import decode_gemv
+
+    if request.param == "gpu_blocks":
+        monkeypatch.setattr(decode_gemv, "interpreted", lambda: False)
+    return request.param

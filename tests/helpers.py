@@ -54,3 +54,13 @@ def prompts(vocab: int, padded: bool, lowest: int = 1):
         ids[i, 9 - n:] = torch.randint(lowest, vocab, (n,), generator=gen)
         mask[i, 9 - n:] = 1
     return ids, mask
+
+
+def run_gemv(tensors, attrs):
+    """A linear_fused node's tensors and attrs through the decode GEMV kernels, which must take it."""
+    from fxforge.codegen.kernels.decode_gemv import GemvKernels
+    from fxforge.codegen.pointwise import PointwiseKernels
+
+    out = GemvKernels(PointwiseKernels()).run(*tensors, **attrs)
+    assert out is not None, "the GEMV declined a decode shape"
+    return out

@@ -42,15 +42,6 @@ def _attrs(i, k, swiglu=True, prologue=False, bias=False, down_bias=False):
                 epilogue_outputs=("t1",) if swiglu else ("t0",), down=True, down_bias=down_bias)
 
 
-@pytest.fixture(params=["gpu_blocks", "interpreter_blocks"])
-def blocks(request, monkeypatch):
-    """Both block choices: the GPU's narrow column blocks (several programs and groups: both
-    combine levels) and the interpreter's wide ones (one program)."""
-    if request.param == "gpu_blocks":
-        monkeypatch.setattr(decode_gemv, "interpreted", lambda: False)
-    return request.param
-
-
 def _problem(rows, dtype, k=40, i=72, h=36, swiglu=True, prologue=False, bias=False, down_bias=False, seed=0):
     """(tensors, attrs): K, I, H not multiples of any block."""
     g = torch.Generator().manual_seed(seed)

@@ -14,7 +14,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import fxforge  # noqa: E402
 import zoo  # noqa: E402
-from fxforge.codegen.kernels import decode_gemv  # noqa: E402
+from helpers import run_gemv  # noqa: E402
 from fxforge.codegen.kernels.decode_gemv import GemvKernels, decode_gemv_reference, launch_blocks  # noqa: E402
 from fxforge.codegen.pointwise import PointwiseKernels  # noqa: E402
 from fxforge.ir.parser import parse  # noqa: E402
@@ -38,21 +38,6 @@ def _attrs(prologue=(), prologue_outputs=(), row=None, n_x=1, bias=False, column
                 epilogue=epilogue, epilogue_outputs=epilogue_outputs)
 
 
-@pytest.fixture(params=["gpu_blocks", "interpreter_blocks"])
-def blocks(request, monkeypatch):
-    """The kernel tests run both block choices: the GPU's narrow column tiles and K chunks
-    (masks on every edge) and the interpreter's wide ones."""
-    if request.param == "gpu_blocks":
-        monkeypatch.setattr(decode_gemv, "interpreted", lambda: False)
-    return request.param
-
-
-def _run(tensors, attrs):
-    out = GemvKernels(PointwiseKernels()).run(*tensors, **attrs)
-    assert out is not None, "the GEMV declined a decode shape"
-    return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [(1, 1), (2, 3), (16,)])
 def test_swiglu_epilogue_kernel_matches_the_composition(dtype, rows, blocks):
@@ -60,7 +45,7 @@ def test_swiglu_epilogue_kernel_matches_the_composition(dtype, rows, blocks):
     k, i = 40, 24  # K not a multiple of the chunk, I not of the column block
     x, w = torch.randn(*rows, k, dtype=dtype), torch.randn(2 * i, k, dtype=dtype) / 6
     attrs = _attrs(columns=((0, i), (i, 2 * i)), epilogue=SWIGLU, epilogue_outputs=("t1",))
-    torch.testing.assert_close(_run((x, w), attrs), decode_gemv_reference(x, w, **attrs), **TOL[dtype])
+    torch.testing.assert_close(run_gemv((x, w), attrs), decode_gemv_reference(x, w, **attrs), **TOL[dtype])
     torch.testing.assert_close(decode_gemv_reference(x, w, **attrs), F.silu(x @ w[:i].T) * (x @ w[i:].T))
 
 
@@ -71,9 +56,9 @@ def test_bias_gelu_and_residual_epilogues(dtype, blocks):
                   torch.randn(20, dtype=dtype), torch.randn(1, 3, 20, dtype=dtype))
     gelu = _attrs(bias=True, columns=((0, 20),), epilogue=(("gelu", ("in0",), (("approximate", "none"),)),),
                   epilogue_outputs=("t0",))
-    torch.testing.assert_close(_run((x, w, b), gelu), F.gelu(F.linear(x, w, b)), **TOL[dtype])
+    torch.testing.assert_close(run_gemv((x, w, b), gelu), F.gelu(F.linear(x, w, b)), **TOL[dtype])
     residual = _attrs(columns=((0, 20),), epilogue=(("add", ("in1", "in0"), ()),), epilogue_outputs=("t0",))
-    torch.testing.assert_close(_run((x, w, r), residual), r + F.linear(x, w), **TOL[dtype])
+    torch.testing.assert_close(run_gemv((x, w, r), residual), r + F.linear(x, w), **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -85,7 +70,7 @@ def test_rmsnorm_prologue_with_residual_output_and_swiglu_epilogue(dtype, rows, 
     g, w = torch.rand(k, dtype=dtype) + 0.5, torch.randn(2 * i, k, dtype=dtype) / 17
     attrs = _attrs(RMS_ADD, ("t8", "t0"), row=k, n_x=3, columns=((0, i), (i, 2 * i)), epilogue=SWIGLU,
                    epilogue_outputs=("t1",))
-    out, residual = _run((r, a, g, w), attrs)
+    out, residual = run_gemv((r, a, g, w), attrs)
     want_out, want_residual = decode_gemv_reference(r, a, g, w, **attrs)
     # the same add, stored once, as the row kernel of the unfused program stores it
     row_kernel = PointwiseKernels().run(r, a, g, body=RMS_ADD, outputs=("t0",), row=k)

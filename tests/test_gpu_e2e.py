@@ -25,6 +25,24 @@ MODELS = {
 REL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
 
+def _generates_like(fast, ref, vocab, dtype, same_tokens: bool):
+    """`fast` (a pass on) generates like `ref` (the pass off) on a left-padded batch, in eager
+    and in CUDA-graph steps: the first 3 steps' logits within REL[dtype] of their scale, and
+    (`same_tokens`) the same tokens."""
+    ids, mask = (x.cuda() for x in prompts(vocab, True))
+    kw = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0,
+              return_dict_in_generate=True, output_logits=True)
+    want = ref.generate(ids, **kw)
+    for static in (False, None):
+        fast.static_decode = static
+        got = fast.generate(ids, **kw)
+        logits, want_logits = torch.stack(got.logits).float(), torch.stack(want.logits).float()
+        if same_tokens:
+            assert torch.equal(got.sequences, want.sequences)
+        scale = want_logits[:3].abs().max()
+        assert (logits[:3] - want_logits[:3]).abs().max() <= REL[dtype] * scale
+
+
 @pytest.mark.parametrize("dtype", list(REL), ids=str)
 @pytest.mark.parametrize("name", MODELS)
 def test_zoo_model_on_triton_equals_eager(name, dtype):
@@ -282,18 +300,7 @@ def test_rope_attention_kernel_decodes_like_the_unfused_kernels(dtype):
     fast = fxforge.optimize(model, example, kv_cache=True)
     ref = fxforge.optimize(model, example, kv_cache=True, disable=("fuse_rope_attention",))
     assert fast.graph.count("rope_attention") == 2 and ref.graph.count("rope_attention") == 0
-    ids, mask = (x.cuda() for x in prompts(vocab, True))
-    kw = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0,
-              return_dict_in_generate=True, output_logits=True)
-    want = ref.generate(ids, **kw)
-    for static in (False, None):
-        fast.static_decode = static
-        got = fast.generate(ids, **kw)
-        logits, want_logits = torch.stack(got.logits).float(), torch.stack(want.logits).float()
-        if dtype == torch.float32:
-            assert torch.equal(got.sequences, want.sequences)
-        scale = want_logits[:3].abs().max()
-        assert (logits[:3] - want_logits[:3]).abs().max() <= REL[dtype] * scale
+    _generates_like(fast, ref, vocab, dtype, same_tokens=dtype == torch.float32)
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
@@ -338,16 +345,7 @@ def test_w8a8_linears_with_their_neighbours_decode_like_the_unfused_graph(dtype)
     fast = fxforge.optimize(model, example, kv_cache=True, quantize="w8a8")
     ref = fxforge.optimize(model, example, kv_cache=True, quantize="w8a8", disable=("fuse_linear_pointwise",))
     assert sum(1 for n in fast.graph.nodes if n.op == "linear_fused" and n.attrs.get("parts")) == 4
-    ids, mask = (x.cuda() for x in prompts(vocab, True))
-    kw = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0,
-              return_dict_in_generate=True, output_logits=True)
-    want = ref.generate(ids, **kw)
-    for static in (False, None):
-        fast.static_decode = static
-        got = fast.generate(ids, **kw)
-        logits, want_logits = torch.stack(got.logits).float(), torch.stack(want.logits).float()
-        scale = want_logits[:3].abs().max()
-        assert (logits[:3] - want_logits[:3]).abs().max() <= REL[dtype] * scale
+    _generates_like(fast, ref, vocab, dtype, same_tokens=False)
     steps = _static_steps(fast)
     assert steps and steps[0].graph is not None, steps[0].capture_error if steps else "no static step"
 

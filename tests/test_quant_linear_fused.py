@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 import fxforge  # noqa: E402
 import zoo  # noqa: E402
-from fxforge.codegen.kernels import decode_gemv  # noqa: E402
+from helpers import run_gemv  # noqa: E402
 from fxforge.codegen.kernels.decode_gemv import GemvKernels, decode_gemv_reference  # noqa: E402
 from fxforge.codegen.pointwise import PointwiseKernels  # noqa: E402
 from fxforge.ir.parser import parse  # noqa: E402
@@ -44,20 +44,6 @@ def _attrs(q, prologue=(), prologue_outputs=(), row=None, n_x=1, columns=((0, 8)
                 epilogue=epilogue, epilogue_outputs=epilogue_outputs, **q)
 
 
-@pytest.fixture(params=["gpu_blocks", "interpreter_blocks"])
-def blocks(request, monkeypatch):
-    """The GPU's narrow column tiles and K chunks (masks on every edge) and the interpreter's."""
-    if request.param == "gpu_blocks":
-        monkeypatch.setattr(decode_gemv, "interpreted", lambda: False)
-    return request.param
-
-
-def _run(tensors, attrs):
-    out = GemvKernels(PointwiseKernels()).run(*tensors, **attrs)
-    assert out is not None, "the GEMV declined a decode shape"
-    return out
-
-
 @pytest.mark.parametrize("scheme,threshold", [("w8a8", None), ("w8a8", 6.0), ("int8", None)])
 def test_plain_quantized_gemv_is_the_reference(scheme, threshold, blocks):
     """No prologue: x reaches the kernel as the reference sees it, so w8a8 without outliers
@@ -69,7 +55,7 @@ def test_plain_quantized_gemv_is_the_reference(scheme, threshold, blocks):
     if threshold is not None:
         x[1, 5], x[2, 40] = 9.0, -7.5  # two outlier columns
     attrs = _attrs(q, columns=((0, n),))
-    got, want = _run((x, *parts), attrs), decode_gemv_reference(x, *parts, **attrs)
+    got, want = run_gemv((x, *parts), attrs), decode_gemv_reference(x, *parts, **attrs)
     if scheme == "w8a8" and threshold is None:
         assert torch.equal(got, want)
     else:
@@ -88,7 +74,7 @@ def test_residual_norm_prologue_and_swiglu_epilogue(dtype, rows, scheme, thresho
     r, a, g = torch.randn(rows, k, dtype=dtype), torch.randn(rows, k, dtype=dtype), torch.rand(k, dtype=dtype) + 0.5
     attrs = _attrs(q, prologue=RMS_ADD, prologue_outputs=("t8", "t0"), row=k, n_x=3, columns=((0, i), (i, 2 * i)),
                    epilogue=SWIGLU, epilogue_outputs=("t1",))
-    got, want = _run((r, a, g, *parts), attrs), decode_gemv_reference(r, a, g, *parts, **attrs)
+    got, want = run_gemv((r, a, g, *parts), attrs), decode_gemv_reference(r, a, g, *parts, **attrs)
     torch.testing.assert_close(got[1], want[1], **TOL[dtype])  # the residual sum
     torch.testing.assert_close(got[0], want[0], **TOL[dtype])
 
