@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ...ir.rope_attention import rope_attention_reference
-from .attention import check_head_dim_strides, needs_wide, online_softmax_step
+from .attention import check_head_dim_strides, load_kv_block, needs_wide, online_softmax_step
 from .decode_attention import _INTERPRET, _LOG2E, _decode_combine_kernel, _programs, combine_block, num_splits, \
     split_launch
 
@@ -139,13 +139,7 @@ def _rope_decode_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         n_idx = start_n + offs_n
         n_valid = n_idx < hi
-        k = tl.load(kc_base + n_idx[None, :] * skcn + offs_d[:, None] * skcd,
-                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)
-        v = tl.load(vc_base + n_idx[:, None] * svcn + offs_d[None, :] * svcd,
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = load_kv_block(kc_base, vc_base, n_idx, n_valid, offs_d, d_valid, skcn, skcd, svcn, svcd, DOT_F32)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # log2 units
         keep = m_valid[:, None] & n_valid[None, :]
         if HAS_BIAS:
