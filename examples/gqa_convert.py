@@ -26,12 +26,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kv-heads", type=int, default=1)
     ap.add_argument("--calibration-tokens", type=int, default=256)
+    ap.add_argument("--held-out-tokens", type=int, default=512, help="perplexity is measured on these")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     model, tok = load_smollm2()
     ids = tok(open(TEXT).read(), return_tensors="pt").input_ids
     calib = ids[:, :args.calibration_tokens]
-    held_out = ids[:, args.calibration_tokens:args.calibration_tokens + 512]  # not seen by calibration
+    held_out = ids[:, args.calibration_tokens:args.calibration_tokens + args.held_out_tokens]  # not calibrated on
 
     base = fxforge.optimize(model, (ids[:, :8],), kv_cache=True)
     print(f"unconverted: perplexity {perplexity(base, held_out):.2f}, "

