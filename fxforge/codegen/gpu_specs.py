@@ -435,7 +435,11 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
                 + gemv_specs() + mlp_specs() + quant_fused_gemv_specs())
     worst = {"fp32": DTYPES["fp32"], "bf16": DTYPES["bf16"]}
     bf16 = {"bf16": DTYPES["bf16"]}
-    attn = _largest(attention_specs(worst, (64, 256)), ("BLOCK_M", "BLOCK_N"), ("dtype", "head_dim", "variant"))
+    # "all" turns every feature flag on and "paged" adds the block table to that: "plain"
+    # (no flag) is the same code with less in it, so the quick set leaves it to the full sweep
+    featured = ("all", "paged")
+    attn = _largest(attention_specs(worst, (64, 256), variants=featured), ("BLOCK_M", "BLOCK_N"),
+                    ("dtype", "head_dim", "variant"))
     quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",))
     w8a8 = _largest([s for s in quant_specs(worst, ()) if s.kernel.startswith("quant_w8a8")], ("BLOCK_N", "BLOCK_K"),
                     ("dtype",), 1)
@@ -443,8 +447,9 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     # registers: paged reads, the widest heads, the largest tiles
     attn_wide = _largest(attention_specs(worst, (256,), variants=("paged",), wide=True), ("BLOCK_M", "BLOCK_N"),
                          ("dtype",), 1)
-    decode_wide = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("all", "paged"), wide=True)
-    return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,)) + decode_wide + quant + w8a8
+    decode_wide = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("paged",), wide=True)
+    return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=featured) + decode_wide
+            + quant + w8a8
             + [_wide(quant[0])] + quant_gemv_specs(worst) + row_specs(lengths=(4096, 65536), kinds=("layer_norm",))
             + gemv_specs(worst, GEMV_SHAPES[3:4])
             # the decode MLP and the quantized GEMV at their register-heaviest point only
