@@ -36,9 +36,11 @@ def main():
     model, tok = load_smollm2()
     ids = tok(args.prompt, return_tensors="pt").input_ids
 
-    float_model = fxforge.optimize(model, (ids,), kv_cache=True)
+    captures = fxforge.CaptureCache()  # both optimize() calls capture the model once
+    float_model = fxforge.optimize(model, (ids,), kv_cache=True, capture_cache=captures)
     compute = getattr(torch, args.compute_dtype) if args.compute_dtype else None
-    quant = fxforge.optimize(model, (ids,), kv_cache=True, quantize=QuantConfig(args.scheme, compute_dtype=compute))
+    quant = fxforge.optimize(model, (ids,), kv_cache=True, quantize=QuantConfig(args.scheme, compute_dtype=compute),
+                             capture_cache=captures)
     details = next(s for s in quant.stats if s.name == "quantize").details["quantize"]
     print(f"{args.scheme}: {len(details['layers'])} layers quantized, {len(details['skipped'])} skipped; "
           f"weight bytes {details['bytes_before'] / 2**20:.1f} MiB -> {details['bytes_after'] / 2**20:.1f} MiB "

@@ -10,12 +10,13 @@ from .passes.kv_cache import KVCacheConfig
 from .passes.quantize import QuantConfig
 from .passes.shard import ShardConfig, ShardError
 from .runtime.saving import IncompatibleSaveError, load_model as load
+from .ir.capture_cache import CaptureCache
 from .ir import CaptureError, Graph, IRCheckError, ParseError, capture, parse, typecheck
 from .runtime.backends import register_backend, unregister_backend
 from .runtime.engine import Engine
 from .runtime.module import OptimizedModel
 
-__all__ = ["optimize", "load", "load_ir", "capture", "register_pass", "unregister_pass", "register_backend",
+__all__ = ["optimize", "load", "load_ir", "capture", "CaptureCache", "register_pass", "unregister_pass", "register_backend",
            "unregister_backend", "OptimizedModel", "Engine", "QuantConfig", "GQAConfig", "KVCacheConfig",
            "ShardConfig", "ShardError", "Graph", "parse",
            "typecheck", "CaptureError", "IRCheckError", "ParseError", "IncompatibleSaveError"]

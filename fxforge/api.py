@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import torch
 
 from .ir.capture import CallSpec, capture_with_spec
+from .ir.capture_cache import CaptureCache
 from .ir.graph import Graph
 from .log import Reporter
 from .ir.printer import print_graph
@@ -23,7 +24,8 @@ from .runtime.build import assemble, model_from_ir, own_weights
 def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
              passes: Sequence[str] | None = None, disable: Sequence[str] = (), backend: str | Backend = "auto",
              dump_dir: str | None = None, dynamic: bool = True, registry: PassRegistry | None = None,
-             cpu_linear: bool | str = True, verbose: bool | None = None, **options) -> OptimizedModel:
+             cpu_linear: bool | str = True, verbose: bool | None = None, capture_cache: CaptureCache | None = None,
+             **options) -> OptimizedModel:
     """Capture `model` on the example inputs, run the pass pipeline, and return a model that
     runs the optimized graph.
 
@@ -44,11 +46,24 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     verbose:  progress on stderr (capture, a bar over the passes): None shows it only when
               stderr is a terminal, False never, True always. FXFORGE_LOG=passes (or
               capture, dynamo, all) prints debug lines whatever `verbose` says.
+    capture_cache: a fxforge.CaptureCache: optimizing the same model on the same example
+              inputs again reuses its capture (torch.export: most of optimize()'s time on a
+              real model) instead of capturing again. See fxforge/ir/capture_cache.py.
     options:  per-pass options (e.g. quantize="int8", kv_cache=True, tensor_parallel=2);
               an option no pass knows is an error.
     """
-    return optimize_captured(lambda: capture_with_spec(model, example_inputs, example_kwargs, dynamic=dynamic),
-                             model, passes=passes, disable=disable, backend=backend, dump_dir=dump_dir,
+    def capture():
+        return capture_with_spec(model, example_inputs, example_kwargs, dynamic=dynamic)
+
+    if capture_cache is not None and not isinstance(capture_cache, CaptureCache):
+        raise TypeError(f"capture_cache should be a fxforge.CaptureCache, got {type(capture_cache).__name__}")
+    if capture_cache is not None:
+        uncached = capture
+
+        def capture():
+            return capture_cache.capture(model, example_inputs, example_kwargs, dynamic, uncached)
+
+    return optimize_captured(capture, model, passes=passes, disable=disable, backend=backend, dump_dir=dump_dir,
                              registry=registry, cpu_linear=cpu_linear, verbose=verbose, **options)
 
 

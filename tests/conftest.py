@@ -52,6 +52,15 @@ def smollm2_env(tmp_path_factory) -> dict:
     return {**os.environ, CONVERTED_ENV: folder}
 
 
+@pytest.fixture(scope="session")
+def smollm2_captures():
+    """One fxforge.CaptureCache for the SmolLM2 tests: each capture (torch.export, 4-7 s)
+    happens once per example-input shape in the session, not once per optimize()."""
+    import fxforge
+
+    return fxforge.CaptureCache()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -12,10 +12,10 @@ pytestmark = zoo.smollm2_marks()
 
 
 @pytest.fixture(scope="module")
-def smol():
+def smol(smollm2_captures):
     model, tok = zoo.smollm2()
     ids = tok("The capital of France is", return_tensors="pt").input_ids
-    return model, tok, fxforge.optimize(model, (ids,), kv_cache=True), ids
+    return model, tok, fxforge.optimize(model, (ids,), kv_cache=True, capture_cache=smollm2_captures), ids
 
 
 def test_smollm2_greedy_tokens_equal_transformers(smol):

@@ -18,16 +18,17 @@ TEXT = os.path.join(os.path.dirname(__file__), "data", "eval_text.txt")
 
 
 @pytest.fixture(scope="module")
-def smol():
+def smol(smollm2_captures):
     model, tok = zoo.smollm2()
     ids = tok(open(TEXT).read(), return_tensors="pt").input_ids
     assert ids.shape[1] >= 2000
-    base = perplexity(fxforge.optimize(model, (ids[:, :8],)), ids)
-    return model, tok, ids, base
+    base = perplexity(fxforge.optimize(model, (ids[:, :8],), capture_cache=smollm2_captures), ids)
+    return model, tok, ids, base, smollm2_captures
 
 
-def quantized(model, ids, scheme):
-    fast = fxforge.optimize(model, (ids[:, :8],), quantize=scheme)
+def quantized(smol, scheme):
+    model, _, ids, _, captures = smol
+    fast = fxforge.optimize(model, (ids[:, :8],), quantize=scheme, capture_cache=captures)
     details = next(s for s in fast.stats if s.name == "quantize").details["quantize"]
     return fast, details["bytes_after"] / details["bytes_before"]
 
@@ -37,8 +38,8 @@ def quant_details(fast):
 
 
 def test_int8_bytes_and_perplexity(smol):
-    model, tok, ids, base = smol
-    fast, ratio = quantized(model, ids, "int8")
+    model, tok, ids, base, _ = smol
+    fast, ratio = quantized(smol, "int8")
     assert ratio <= 0.26
     assert perplexity(fast, ids) <= base * 1.01
     # greedy text still reads as the float model's
@@ -50,8 +51,8 @@ def test_int8_bytes_and_perplexity(smol):
 
 
 def test_int4_g128_strict_bytes_and_perplexity(smol):
-    model, _, ids, base = smol
-    fast, ratio = quantized(model, ids, QuantConfig("int4", strict_group_size=True))
+    model, _, ids, base, _ = smol
+    fast, ratio = quantized(smol, QuantConfig("int4", strict_group_size=True))
     # strict: only the layers whose in_features divide by 128 are taken (the 30 down_proj,
     # K=1536), the others are reported as skipped
     assert len(quant_details(fast)["layers"]) == 30
@@ -60,8 +61,8 @@ def test_int4_g128_strict_bytes_and_perplexity(smol):
 
 
 def test_int4_default_quantizes_every_layer(smol):
-    model, _, ids, _ = smol
-    fast, ratio = quantized(model, ids, "int4")
+    model, _, ids, _, _ = smol
+    fast, ratio = quantized(smol, "int4")
     details = quant_details(fast)
     # all 210 linears of the 30 blocks; K=576 does not divide by 128, so those 180 get 64.
     # (Perplexity is not asserted again here: int4 g64 measured +23% on this model, a known

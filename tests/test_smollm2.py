@@ -13,10 +13,10 @@ pytestmark = zoo.smollm2_marks()
 
 
 @pytest.fixture(scope="module")
-def smol():
+def smol(smollm2_captures):
     model, tok = zoo.smollm2()
     ids = tok("The capital of France is", return_tensors="pt").input_ids
-    fast = fxforge.optimize(model, (ids,))
+    fast = fxforge.optimize(model, (ids,), capture_cache=smollm2_captures)
     return model, tok, fast, ids
 
 
