@@ -2,8 +2,9 @@
 and acceptance rate of fast.generate(..., draft=...) for each kind of draft, on SmolLM2
 (or a random model of its shapes) on this machine.
 
-Drafts: the same model made cheaper by fxforge (self-speculation, no second model), named
-by benchmarks/quant.py's scheme labels: "int4" (float32 products), "int4/bf16" (bfloat16
+Drafts: "self", `fxforge.runtime.speculative.self_draft(model, ex)` (the default: the int4
+draft a user gets, the same as "int4/g32/fz/bf16/head"); the same model made cheaper by fxforge
+(self-speculation, no second model), named by benchmarks/quant.py's scheme labels: "int4" (float32 products), "int4/bf16" (bfloat16
 products: PyTorch's vectorized int4 CPU kernel), "int4/bf16/head" (the lm_head quantized
 too), "int4/g32/fz/bf16/head" (groups of 32, float zero points: the draft most often right
 among the int4 ones), "int8/bf16", ...; and prompt lookup ("ngram", no model). A draft's numerics never
@@ -19,8 +20,8 @@ so that drift of the shared machine is not credited to one side.
 steps (2-8 rows) may use up to N MiB of oneDNN-packed weight copies
 (`TorchBackend("cpu", few_rows_packed_mb=N)`, runtime/cpu_linear.py), side by side.
 
-    python benchmarks/speculative.py [--model smollm2|smollm2-random] [--tokens 64] [--k 4]
-                                     [--drafts int4 ngram int8] [--repeat 3] [--packed-mb 512] [--out f.json]
+    python benchmarks/speculative.py [--model smollm2|smollm2-random] [--tokens 64] [--k 5]
+                                     [--drafts self ngram int4/bf16 int8] [--repeat 3] [--packed-mb 512] [--out f.json]
 """
 import argparse
 import os
@@ -37,7 +38,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import fxforge  # noqa: E402
 from decode import load  # noqa: E402
 from quant import config_of  # noqa: E402
-from fxforge.runtime.speculative import SpeculativeStats  # noqa: E402
+from fxforge.runtime.speculative import SpeculativeStats, self_draft  # noqa: E402
 from report import finish  # noqa: E402
 
 PROMPT = ("Here is a short story about a robot who learns to paint. The robot lived in a small town "
@@ -48,11 +49,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "smollm2-random"])
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--k", type=int, nargs="+", default=[4], help="draft tokens per round (several: one row each)")
+    ap.add_argument("--k", type=int, nargs="+", default=[5], help="draft tokens per round (several: one row each; "
+                    "5 was the best for the self draft on SmolLM2, docs/benchmarks.md)")
     ap.add_argument("--stat", default="median", choices=["median", "min"],
                     help="per contender over the rounds: median, or min (the least disturbed run: on a "
                          "machine loaded by other processes, closer to what each costs alone)")
-    ap.add_argument("--drafts", nargs="+", default=["int4/g32/fz/bf16/head", "int8/bf16/head", "ngram"])
+    ap.add_argument("--drafts", nargs="+", default=["self", "ngram"],
+                    help="self (self_draft: int4/g32/fz/bf16/head), ngram, or quant.py scheme labels")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--packed-mb", type=float, default=0,
                     help="also run each draft against a model with this many MiB of packed copies for few rows")
@@ -77,8 +80,12 @@ def main():
         print(next(s for s in targets[", packed target"].runtime_stats if s.name == "cpu_linear").notes)
     drafts = {}
     for name in args.drafts:
-        drafts[name] = "ngram" if name == "ngram" else fxforge.optimize(model, (ids,), kv_cache=True,
-                                                                         quantize=config_of(name))
+        if name == "ngram":
+            drafts[name] = "ngram"
+        elif name == "self":
+            drafts[name] = self_draft(model, (ids,))
+        else:
+            drafts[name] = fxforge.optimize(model, (ids,), kv_cache=True, quantize=config_of(name))
 
     plain = fast.generate(ids, args.tokens, eos_token_id=None)
     contenders = {"plain greedy": lambda: fast.generate(ids, args.tokens, eos_token_id=None)}

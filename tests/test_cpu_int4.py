@@ -58,7 +58,7 @@ def test_model_uses_the_kernel_and_matches_the_reference(config):
     fast = fxforge.optimize(model, (ids,), quantize=config)
     stats = next(s for s in fast.runtime_stats if s.name == "cpu_int4")
     quantized = sum(n.op == "quant_linear" for n in fast.graph.nodes)
-    assert stats.rules["int4pack"] == quantized == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert stats.rules["int4pack"] == quantized == 8  # 2 layers x (qkv, o, gate_up, down): fuse_linear merged
     assert "int4 weights multiply on PyTorch's packed int4 CPU kernel" in fast.report()
     reference = _reference_program(fast.graph)
     for shape in [(1, 1), (3, 9)]:
@@ -73,7 +73,7 @@ def test_weights_the_kernel_cannot_take_dequantize_and_say_why():
     fast = fxforge.optimize(model, (ids,), quantize=QuantConfig("int4", group_size=32))
     stats = next(s for s in fast.runtime_stats if s.name == "cpu_int4")
     assert stats.details["cpu_int4"]["skipped"] == {"out_features not a multiple of 16": 4}  # k and v, 2 layers
-    assert stats.rules["int4pack"] == 10
+    assert stats.rules["int4pack"] == 8  # q, o, gate_up (merged: 192 + 192), down; k and v stay apart from q
     torch.testing.assert_close(fast(ids).logits, _reference_program(fast.graph)(ids)[0], rtol=1e-5, atol=1e-5)
 
 
@@ -86,7 +86,7 @@ def test_no_int4_no_plan_and_a_missing_kernel_falls_back(monkeypatch):
     fast = fxforge.optimize(model, (ids,), quantize=QuantConfig("int4", group_size=32))
     stats = next(s for s in fast.runtime_stats if s.name == "cpu_int4")
     assert not stats.rules and stats.details["cpu_int4"]["skipped"] == {
-        "PyTorch's int4 CPU kernel is missing or disagrees": 14}
+        "PyTorch's int4 CPU kernel is missing or disagrees": 8}  # 2 layers x (qkv, o, gate_up, down)
     torch.testing.assert_close(fast(ids).logits, _reference_program(fast.graph)(ids)[0], rtol=1e-5, atol=1e-5)
 
 

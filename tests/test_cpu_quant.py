@@ -53,9 +53,8 @@ def test_each_shape_takes_its_path_and_matches_the_reference(scheme, monkeypatch
     config = QuantConfig(scheme, group_size=32) if scheme != "int8" else QuantConfig("int8")
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), quantize=config)
     stats = _stats(fast)
-    # 2 layers x (q, k, v, o, gate, up, down), or (qkv, o, gate_up, down) where fuse_linear
-    # merges the quantized siblings (it leaves int4's apart: cpu_int4 packs them per weight)
-    products = {"int8": 8, "int4": 14, "nf4": 8}[scheme]
+    # 2 layers x (qkv, o, gate_up, down): fuse_linear merges the quantized siblings
+    products = 8
     assert sum(stats.rules.values()) == products == fast.graph.count("quant_linear")
     assert f"{scheme} products (float32 activations)" in fast.report()
     dequantized = []
@@ -127,3 +126,22 @@ def test_the_cache_keeps_the_first_weights_that_fit():
     assert len(cache) == 2 and cache.misses == 1
     assert cache.get(weights[0].qweight, torch.float32) is not None
     assert cache.get(weights[2].qweight, torch.float32) is None
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_direct_int4_calls_are_the_paths_choice(compute_dtype):
+    """int4_direct (the per-call choice made once, for decode) sends a call to the packed
+    kernel exactly where path() would, and none with the opt-in kept cache."""
+    model, vocab = zoo.llama("sdpa")
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (1, 5)),),
+                            quantize=QuantConfig("int4", group_size=32, compute_dtype=compute_dtype))
+    int4_plan, _ = cpu_int4.plan_cpu_int4(fast.graph)
+    if not int4_plan.weights:
+        pytest.skip("PyTorch's int4 CPU kernel is missing here")
+    plan, _ = cpu_quant.plan_cpu_quant(fast.graph, int4_plan)
+    assert plan.int4_direct.keys() == int4_plan.weights.keys()
+    for qweight, dtype, above, _ in plan.int4_direct.values():
+        assert dtype == (compute_dtype or torch.float32)
+        assert all(plan.path(qweight, dtype, rows) == "int4pack" for rows in (1, above))
+        assert plan.path(qweight, dtype, above + 1) != "int4pack"
+    assert not cpu_quant.plan_cpu_quant(fast.graph, int4_plan, keep_bytes=2**20)[0].int4_direct

@@ -73,7 +73,7 @@ def test_llama_and_qwen2_blocks_fuse_and_match_eager():
         assert_matches_eager(model, fast, vocab, [(1, 1), (3, 9)])
 
 
-@pytest.mark.parametrize("scheme", ["int8", "w8a8", "nf4"])
+@pytest.mark.parametrize("scheme", ["int8", "w8a8", "nf4", "int4"])
 def test_quantized_siblings_fuse_and_equal_the_unfused(scheme):
     """quant_linears packed alike stack their per-row packed tensors: the same numbers as
     the separate layers, so the outputs are bit-identical where both take the same kernel
@@ -94,13 +94,25 @@ def test_quantized_siblings_fuse_and_equal_the_unfused(scheme):
         assert torch.equal(fast(ids).logits, apart(ids).logits)
 
 
-@pytest.mark.parametrize("config", [fxforge.QuantConfig("nf4", double_quant=True), fxforge.QuantConfig("int4")])
-def test_double_quantized_nf4_and_int4_siblings_stay_apart(config):
-    # nf4's absmax is quantized in blocks of 256 that run across rows: stacking would re-block
-    # it; int4: runtime/cpu_int4.py chooses its kernel per weight (not settled yet)
+def test_double_quantized_nf4_siblings_stay_apart():
+    # nf4's absmax is quantized in blocks of 256 that run across rows: stacking would re-block it
     model, vocab = zoo.llama("sdpa", hidden=128)
-    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), quantize=config)
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),),
+                            quantize=fxforge.QuantConfig("nf4", double_quant=True))
     assert fast.graph.count("quant_linear") == 2 * 7
+
+
+def test_int4_siblings_merge_only_in_whole_kernel_row_blocks():
+    """An int4 weight takes PyTorch's packed CPU kernel only with a multiple of 16 rows
+    (runtime/cpu_int4.py): k and v of 24 rows stay apart, so a merge never moves q off
+    the kernel; gate and up (192 each) merge, and the model still matches the unmerged one."""
+    model, vocab = zoo.llama("sdpa", hidden=96, heads=4, kv_heads=1)  # k/v: 24 outputs; q/o: 96; gate/up: 192
+    ids = torch.randint(0, vocab, (1, 5))
+    fast = fxforge.optimize(model, (ids,), quantize=fxforge.QuantConfig("int4", group_size=32))
+    apart = fxforge.optimize(model, (ids,), quantize=fxforge.QuantConfig("int4", group_size=32),
+                             disable=["fuse_linear"])
+    assert fast.graph.count("quant_linear") == 2 * 6  # q, k, v, o, gate_up, down
+    assert torch.equal(fast(ids).logits, apart(ids).logits)
 
 
 def test_disabled_leaves_the_projections_apart():

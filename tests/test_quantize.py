@@ -183,8 +183,8 @@ def test_compute_dtype_runs_the_products_in_bfloat16(scheme):
     products = [n for n in fast.graph.nodes if n.op == "quant_linear"]
     assert products and all(n.inputs[0].dtype == n.outputs[0].dtype == torch.bfloat16 for n in products)
     # one cast per distinct input: q/k/v share one, gate/up another (2 layers x 4 inputs),
-    # and so fuse_linear merges those siblings: one product per input (int4 stays apart)
-    assert len(products) == (14 if scheme == "int4" else 8) and len({n.inputs[0] for n in products}) == 8
+    # and so fuse_linear merges those siblings: one product per input
+    assert len(products) == 8 and len({n.inputs[0] for n in products}) == 8
     assert "products in bfloat16" in fast.report()
     with torch.no_grad():
         ref = model(ids).logits

@@ -54,6 +54,25 @@ def test_greedy_with_processors_and_stops_equals_plain(llama_pair, settings):
         assert torch.equal(fast.generate(ids, draft=drafts[kind], num_draft_tokens=4, **settings), plain), kind
 
 
+def test_self_draft_keeps_greedy_tokens(llama_pair):
+    """self_draft: the model itself as an int4 draft (bfloat16 products, lm_head included,
+    q/k/v and gate/up merged): plain greedy's tokens at every k."""
+    from fxforge.runtime.speculative import self_draft
+
+    fast, vocab, _ = llama_pair
+    torch.manual_seed(0)
+    model, _ = zoo.llama("sdpa")  # llama_pair's model: the same seed
+    draft = self_draft(model, (torch.randint(0, vocab, (2, 7)),))
+    assert draft.graph.count("quant_linear") == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and lm_head
+    ids = torch.randint(1, vocab, (1, 9), generator=torch.Generator().manual_seed(5))
+    plain = fast.generate(ids, 25, eos_token_id=None)
+    for k in (1, 5):
+        stats = SpeculativeStats()
+        assert torch.equal(fast.generate(ids, 25, eos_token_id=None, draft=draft, num_draft_tokens=k,
+                                         draft_stats=stats), plain)
+        assert stats.accepted > 0  # the draft is the model, rounded: it is right some of the time
+
+
 def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     expected = probs * counts.sum()
     keep = expected > 0

@@ -28,6 +28,11 @@ from ..ir.builder import Builder
 from ..ir.graph import Graph, Node, Value
 
 
+# runtime/cpu_int4.N_MULTIPLE (passes do not import the runtime): the row blocks of
+# PyTorch's packed int4 CPU layout; an int4 weight of other widths dequantizes per call.
+INT4_ROWS_MULTIPLE = 16
+
+
 def fuse_linear(graph: Graph, ctx=None) -> Graph:
     groups = _sibling_linears(graph) + _sibling_quant_linears(graph)
     if not groups:
@@ -82,17 +87,20 @@ def _sibling_quant_linears(graph: Graph) -> list[list[Node]]:
     Every packed tensor of these schemes is per output row (int8/w8a8 channel scales, int4
     and nf4 group scales, zeros and absmax along K), so stacking the rows of each is the
     packing of the stacked weight: the same numbers. Not nf4's double quantization, whose
-    absmax is quantized in blocks that run across rows. Not int4 for now: on CPU,
-    runtime/cpu_int4.py decides per weight whether PyTorch's packed kernel takes it (e.g.
-    out_features a multiple of 16), and merged weights would change those choices; to be
-    settled with that module."""
+    absmax is quantized in blocks that run across rows. int4 only where every member has a
+    multiple of INT4_ROWS_MULTIPLE rows: on the CPU, runtime/cpu_int4.py puts a weight on
+    PyTorch's packed kernel only then, so the merged weight takes the kernel exactly where
+    its parts did (a merge never moves a product off it); its other choices depend on the
+    scheme and activation dtype, not the width."""
     by_key: dict[tuple, list[Node]] = defaultdict(list)
     for node in graph.nodes:
         if node.op != "quant_linear":
             continue
         qattrs = dict(node.attrs["qattrs"])
-        if qattrs.get("scheme") == "int4" or qattrs.get("double_quant") or not all(v.param is not None and v.param in graph.params
+        if qattrs.get("double_quant") or not all(v.param is not None and v.param in graph.params
                                                  for v in node.inputs[1:]):
+            continue
+        if qattrs.get("scheme") == "int4" and qattrs["shape"][0] % INT4_ROWS_MULTIPLE:
             continue
         rest = tuple((k, v) for k, v in node.attrs["qattrs"] if k != "shape")
         tensors = [graph.params[v.param] for v in node.inputs[1:]]

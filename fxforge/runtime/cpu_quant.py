@@ -115,6 +115,11 @@ class CpuQuantPlan:
     weights: dict[int, _Weight] = field(default_factory=dict)  # id(qweight) -> weight
     int4: cpu_int4.CpuInt4Plan = field(default_factory=cpu_int4.CpuInt4Plan)
     kept: DequantizedWeights | None = None  # the opt-in cache of dequantized weights
+    # id(qweight) -> (qweight, activation dtype, rows up to which, its kernel data): the int4
+    # products `path` sends to the packed kernel at few rows, decided here once so that a
+    # decode step's calls skip the per-call choice (filled by plan_cpu_quant; empty with
+    # `kept`, whose contents change between calls)
+    int4_direct: dict = field(default_factory=dict)
 
     def path(self, qweight: Tensor, dtype: torch.dtype, rows: int) -> str:
         """The path a call with `rows` activation rows in `dtype` takes (what wrap runs)."""
@@ -134,8 +139,14 @@ class CpuQuantPlan:
     def wrap(self, fallback: Callable) -> Callable:
         """The backend's `quant_linear`, choosing each call's path; anything this plan does
         not know goes to `fallback` (the backend's own)."""
+        direct = self.int4_direct
+
         def quant_linear(x, *tensors, parts, qattrs, bias):
             qweight = tensors[parts.index("qweight")]  # every packed scheme has one
+            known = direct.get(id(qweight))
+            if known is not None and not bias and known[0] is qweight and x.dtype == known[1] and x.dim() \
+                    and 0 < x.numel() <= known[2] * x.shape[-1]:  # what path() says, without asking it
+                return cpu_int4.int4pack_linear(x, known[3])
             b = tensors[len(parts)] if bias else None
             rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
             path = self.path(qweight, x.dtype, rows) if rows else "fallback"
@@ -218,6 +229,12 @@ def plan_cpu_quant(graph: Graph, int4_plan: cpu_int4.CpuInt4Plan,
                                             "short": short, "long": long_}
     if not plan.weights:
         return plan, None
+    if plan.kept is None:
+        for key, weight in plan.weights.items():
+            on_kernel = int4_plan.weights.get(key)
+            if on_kernel is not None and weight.digits is None:
+                dtype = on_kernel.scale_zero.dtype
+                plan.int4_direct[key] = (weight.qweight, dtype, weight.above_rows[dtype], on_kernel)
     notes = [_group_note(*key, count) for key, count in sorted(groups.items())]
     if digit_bytes:
         notes.append(f"int8 digits: {digit_bytes / 2**20:.1f} MiB of int8 weights prepacked for oneDNN "
