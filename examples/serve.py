@@ -15,7 +15,7 @@ import time
 import torch
 
 import fxforge
-from fxforge.runtime.speculative import SpeculativeStats
+from fxforge.runtime.speculative import SpeculativeStats, self_draft
 
 PROMPTS = ["The capital of France is", "Water boils at", "The three primary colors are",
            "A haiku about the sea:", "def fibonacci(n):", "The largest planet in the solar system is"]
@@ -78,10 +78,10 @@ def main():
         print(f"  [{i}] first token after {first_token_at[i]:.2f}s  {text!r} -> {decode(answers[i].tolist())}")
     print(f"answers identical to generate() alone: {same} of {len(prompts)}")
 
-    draft = fxforge.optimize(model, (torch.tensor([prompts[0]]),), kv_cache=True, quantize="int4")
+    draft = self_draft(model, (torch.tensor([prompts[0]]),))  # the same model, int4 weights, bfloat16 products
     ids = torch.tensor([prompts[0]])
     spec = SpeculativeStats()
-    out = fast.generate(ids, args.new_tokens, eos_token_id=None, draft=draft, num_draft_tokens=4, draft_stats=spec)
+    out = fast.generate(ids, args.new_tokens, eos_token_id=None, draft=draft, num_draft_tokens=5, draft_stats=spec)
     plain = fast.generate(ids, args.new_tokens, eos_token_id=None)
     print(f"speculative decoding with an int4 copy as draft: acceptance {spec.acceptance_rate:.2f}, "
           f"{args.new_tokens / spec.rounds:.2f} tokens per model step, tokens identical to greedy: "
