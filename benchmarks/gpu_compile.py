@@ -51,14 +51,16 @@ def zoo_launches(names=ZOO) -> list[dict]:
     return specs
 
 
-def run_compiles(which: str, extra: list[dict], jobs: int, archs=ARCHS) -> list[CompileResult]:
-    """One subprocess, compiled-mode Triton, for the whole batch."""
+def run_compiles(which: str, extra: list[dict], jobs: int, archs=ARCHS, progress: str | None = None) \
+        -> list[CompileResult]:
+    """One subprocess, compiled-mode Triton, for the whole batch (`progress`: gpu_compile's)."""
     with tempfile.TemporaryDirectory() as tmp:
         extra_path, out_path = os.path.join(tmp, "extra.json"), os.path.join(tmp, "results.json")
         with open(extra_path, "w") as f:
             json.dump(extra, f)
         cmd = [sys.executable, "-m", "fxforge.codegen.gpu_compile", which, out_path, "--extra", extra_path,
-               "--jobs", str(jobs)] + [a for arch in archs for a in ("--arch", str(arch))]
+               "--jobs", str(jobs)] + [a for arch in archs for a in ("--arch", str(arch))] \
+            + (["--progress", progress] if progress else [])
         env = {**clean_env(), "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
         with open(out_path) as f:
@@ -66,12 +68,21 @@ def run_compiles(which: str, extra: list[dict], jobs: int, archs=ARCHS) -> list[
 
 
 # --------------------------------------------------------------------------- the report
-def _where(spec) -> str:
+_BASE_LABELS = ("dtype", "head_dim", "format", "row", "kernel", "launched")
+
+
+def _where(spec, variants: bool = True) -> str:
+    """The specialization's text: dtype, head dim, format, row length, generated kernel, and
+    (`variants`) the other labels (variant, one_split, wide, rows ...: True flags by name,
+    False ones left out), which tell apart rows of one kernel and config. The before/after
+    table compares without them: the earlier run had no such labels."""
     lab = spec.labels
     parts = [lab.get("dtype", ""), f"d={lab['head_dim']}" if "head_dim" in lab else "",
              lab.get("format", "") if lab.get("format") not in (None, "w8a8") else "",
              f"N={lab['row']}" if "row" in lab else "", lab.get("kernel", "")]
-    return " ".join(p for p in parts if p)
+    if variants:
+        parts += [k if v is True else f"{k}={v}" for k, v in lab.items() if k not in _BASE_LABELS and v is not False]
+    return " ".join(str(p) for p in parts if p)
 
 
 def row_key(spec) -> tuple:
@@ -129,7 +140,7 @@ def before_after(before: list[CompileResult], after: list[CompileResult]) -> lis
         for r in results:
             if r.error or r.spec.labels.get("launched") is False:
                 continue
-            key = (r.spec.kernel, _where(r.spec))
+            key = (r.spec.kernel, _where(r.spec, variants=False))
             shared, spill, n = out.get(key, (0, 0, set()))
             out[key] = (max(shared, r.shared), max(spill, r.spill_stores), n | {r.spec.config_text()})
         return out
@@ -155,7 +166,8 @@ def write_report(path: str, results, before=None, command="python benchmarks/gpu
             "head dim (after the kernel module's pruning).", "", "## Summary", ""] + summary(results)
     if before:
         text += ["", "## Before and after (issue 17)", "",
-                 "Worst case over the configs launched for each specialization, both archs; only rows that",
+                 "Worst case over the configs and variants launched for each specialization, both archs; only "
+                 "rows that",
                  "changed. Before: the configs as they were (every attention and GEMM config for every dtype",
                  "and head dim, decode split with 64 keys, one-block rows of up to 64k elements).", ""]
         text += before_after(before, results)
@@ -172,14 +184,21 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "gpu-compile.md"))
     parser.add_argument("--json", help="also save the raw results here")
     parser.add_argument("--before", help="raw results of an earlier run, for the before/after table")
-    parser.add_argument("--results", help="render these raw results (from --json) instead of compiling")
+    parser.add_argument("--progress", help="append each result here as it is done (a JSON line): what a "
+                        "sweep stopped early compiled, for --results")
+    parser.add_argument("--results", nargs="+",
+                        help="render these raw results (from --json; several: one sweep run in parts, merged) "
+                             "instead of compiling")
     args = parser.parse_args()
     if args.results:
-        with open(args.results) as f:
-            results = [CompileResult.from_json(d) for d in json.load(f)]
+        results = []
+        for path in args.results:
+            with open(path) as f:
+                raw = [json.loads(line) for line in f] if path.endswith(".jsonl") else json.load(f)
+            results += [CompileResult.from_json(d) for d in raw]
     else:
         extra = zoo_launches(("llama",) if args.quick else ZOO)
-        results = run_compiles("quick" if args.quick else "full", extra, args.jobs)
+        results = run_compiles("quick" if args.quick else "full", extra, args.jobs, progress=args.progress)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.to_json() for r in results], f, indent=1)
