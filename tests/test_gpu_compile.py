@@ -74,7 +74,8 @@ def test_every_quick_specialization_compiles_for_sm80_and_sm90(quick_results):
     assert not errors, "\n".join(errors)
     assert {r.arch for r in quick_results} == set(SHARED_LIMIT)
     kernels = {r.spec.kernel for r in quick_results}
-    assert {"attention", "decode_split", "decode_combine", "quant_int4", "row:layer_norm", "decode_gemv"} <= kernels
+    assert {"attention", "decode_split", "decode_combine", "quant_int4", "row:layer_norm", "decode_gemv",
+            "rope_decode", "step_inputs", "paged_kv_write"} <= kernels
     assert any(k.startswith("llama:") for k in kernels)
     assert "llama:gemv" in kernels  # 14 rows: the linear_fused nodes ran as GEMVs
 

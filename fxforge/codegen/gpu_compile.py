@@ -27,7 +27,7 @@ import json
 import os
 import re
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 # Shared memory a block may use (opt-in maximum): A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -158,13 +158,36 @@ def _compile_json(args) -> dict:
     return compile_spec(KernelSpec.from_json(spec_json), arch).to_json()
 
 
-def compile_all(specs: list[KernelSpec], archs=ARCHS, jobs: int = 1) -> list[CompileResult]:
-    """Every spec for every arch, `jobs` compiles at a time (ptxas is single-threaded)."""
-    work = [(s.to_json(), a) for s in specs for a in archs]
-    if jobs <= 1:
-        return [CompileResult.from_json(_compile_json(w)) for w in work]
-    with ProcessPoolExecutor(jobs) as pool:
-        return [CompileResult.from_json(r) for r in pool.map(_compile_json, work)]
+def _indexed_compile(args) -> tuple[int, dict]:
+    index, work = args
+    return index, _compile_json(work)
+
+
+def compile_all(specs: list[KernelSpec], archs=ARCHS, jobs: int = 1, progress: str | None = None) \
+        -> list[CompileResult]:
+    """Every spec for every arch, `jobs` compiles at a time (ptxas is single-threaded), in
+    spec order. `progress`: a file each result is appended to (a JSON line) as it is done,
+    so that a full sweep stopped early (it takes tens of minutes) leaves what it compiled."""
+    work = list(enumerate((s.to_json(), a) for s in specs for a in archs))
+    done: list = [None] * len(work)
+    log = open(progress, "a") if progress else None
+    try:
+        if jobs <= 1:
+            finished = map(_indexed_compile, work)
+        else:
+            pool = ProcessPoolExecutor(jobs)
+            finished = (f.result() for f in as_completed([pool.submit(_indexed_compile, w) for w in work]))
+        for index, result in finished:
+            done[index] = result
+            if log:
+                log.write(json.dumps(result) + "\n")
+                log.flush()
+    finally:
+        if log:
+            log.close()
+        if jobs > 1:
+            pool.shutdown()
+    return [CompileResult.from_json(r) for r in done]
 
 
 def clean_env() -> dict:
@@ -183,6 +206,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="compute capability (default: 80 and 90)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--extra", help="JSON list of more specs (e.g. generated kernels of the zoo models)")
+    parser.add_argument("--progress", help="append each result to this file as a JSON line when it is done")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("run with TRITON_INTERPRET unset: interpreted kernels cannot be compiled")
@@ -196,7 +220,7 @@ def main(argv=None) -> int:
     if args.extra:
         with open(args.extra) as f:
             specs += [KernelSpec.from_json(d) for d in json.load(f)]
-    results = compile_all(specs, tuple(args.arch or ARCHS), args.jobs)
+    results = compile_all(specs, tuple(args.arch or ARCHS), args.jobs, args.progress)
     with open(args.results, "w") as f:
         json.dump([r.to_json() for r in results], f, indent=1)
     return 0

@@ -142,6 +142,121 @@ def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), varian
     return specs
 
 
+# --------------------------------------------------------------------------- rope decode attention
+_ROPE_REF = "fxforge.codegen.kernels.rope_decode_attention:_rope_decode_kernel"
+_ROPE_ARGS = ["q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "kc_ptr", "vc_ptr", "bias_ptr", "m_ptr", "l_ptr",
+              "acc_ptr", "out_ptr", "start_ptr", "H", "GROUPS", "T", "TK", "CHUNK", "NUM_SPLITS", "start_int",
+              "qk_scale", "sqb", "sqh", "sqt", "sqd", "skb", "skh", "skt", "skd", "svb", "svh", "svt", "svd", "scb",
+              "sct", "scd", "ssb", "sst", "ssd", "skcb", "skch", "skcn", "skcd", "svcb", "svch", "svcn", "svcd",
+              "sbb", "sbh", "sbt", "sbn", "HEAD_DIM", "D_PAD", "BLOCK_M", "BLOCK_N", "BLOCK_T", "HAS_BIAS", "CAUSAL",
+              "START_PTR", "DOT_F32", "PRECISION", "ONE_SPLIT"]
+# the wrapper's launches: an eager step (start a Python int) with and without a key bias, and
+# the static step (bias, start read from a device tensor). Causal: the non-causal kernel is
+# the same code less one mask.
+ROPE_VARIANTS = {"plain": dict(HAS_BIAS=False, START_PTR=False), "bias": dict(HAS_BIAS=True, START_PTR=False),
+                 "static": dict(HAS_BIAS=True, START_PTR=True)}
+ROPE_HEAD_DIMS = (16, 32, 64, 128)  # `supports`: head dims up to 128 (padded to these)
+
+
+def rope_decode_specs(dtypes=DTYPES, head_dims=ROPE_HEAD_DIMS, variants=tuple(ROPE_VARIANTS),
+                      one_split=(False, True)) -> list[KernelSpec]:
+    """The fused rotary + KV append + decode attention kernel at `rope_launch`'s config,
+    writing partials and (ONE_SPLIT) the output. BLOCK_M and BLOCK_T are 16 for every
+    launch (`supports` caps G x T at MAX_ROWS = 16), so GQA group sizes and query counts
+    are runtime values, not specializations. Its combine launch is decode_combine's."""
+    from .kernels import rope_decode_attention as rope
+
+    assert rope.MAX_ROWS <= 16, "BLOCK_M / BLOCK_T below assume at most 16 rows a program"
+    specs = []
+    for dname, dtype in dtypes.items():
+        for d in head_dims:
+            launch = rope.rope_launch(dtype, d)
+            for variant, one in ((v, o) for v in variants for o in one_split):
+                flags = ROPE_VARIANTS[variant]
+                partials = dname if one else "fp32"  # with ONE_SPLIT the wrapper passes the output
+                specs.append(_spec(
+                    "rope_decode", _ROPE_REF, _ROPE_ARGS,
+                    {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "kc_ptr", "vc_ptr",
+                                           "bias_ptr", "out_ptr")},
+                     **{p: partials for p in ("m_ptr", "l_ptr", "acc_ptr")},
+                     "start_ptr": "i64" if flags["START_PTR"] else dname},
+                    dict(HEAD_DIM=d, D_PAD=d, BLOCK_M=16, BLOCK_N=launch["BLOCK_N"], BLOCK_T=16, CAUSAL=True,
+                         DOT_F32=False, PRECISION="ieee" if dtype == torch.float32 else "tf32", ONE_SPLIT=one,
+                         **flags),
+                    floats=("qk_scale",), unit=("sqd", "skd", "svd", "scd", "ssd", "skcd", "svcd", "sbn"),
+                    num_warps=launch["num_warps"], dtype=dname, head_dim=d, variant=variant, one_split=one))
+    return specs
+
+
+# --------------------------------------------------------------------------- step inputs
+_STEP_REF = "fxforge.codegen.kernels.step_inputs:_step_inputs_kernel"
+_STEP_ARGS = ["pad_ptr", "start_ptr", "positions_ptr", "bias_ptr", "table_ptr", "row_start_ptr", "slots_ptr",
+              "start_arg", "new", "keys", "lowest", "block_size", "stride_pb", "stride_bb", "stride_tb", "stride_sb",
+              "START_IN_MEMORY", "PAGED", "BLOCK_NEW", "BLOCK_K"]
+# (variant, START_IN_MEMORY, PAGED, new tokens): the eager step (a decode token, a speculative
+# draft of 16, an 8k prompt) and the static step (one token, dense or paged cache)
+STEP_LAUNCHES = (("eager", False, False, 1), ("eager", False, False, 16), ("eager", False, False, 8192),
+                 ("static", True, False, 1), ("static_paged", True, True, 1))
+
+
+def step_inputs_specs(dtypes=DTYPES, launches=STEP_LAUNCHES, keys=8192) -> list[KernelSpec]:
+    """The positions + key bias (+ paged row starts and slots) kernel, with the blocks its
+    wrapper picks for `keys` keys. Integer arguments equal to 1 are specialized by Triton as
+    constants, as they are at those launches: `new` and the unit strides of one-token
+    buffers, and without PAGED the block size 1 and the table stride (the wrapper passes the
+    1-d pad for the unused table)."""
+    from .kernels import step_inputs
+
+    block_k = min(step_inputs.BLOCK_KEYS, 1 << (keys - 1).bit_length())
+    specs = []
+    for dname in dtypes:
+        for variant, in_memory, paged, new in launches:
+            unit = (("new", "stride_pb", "stride_sb") if new == 1 else ()) + \
+                (() if paged else ("block_size", "stride_tb"))
+            specs.append(_spec(
+                "step_inputs", _STEP_REF, _STEP_ARGS,
+                {"pad_ptr": "i64", "start_ptr": "i64", "positions_ptr": "i64", "bias_ptr": dname,
+                 "table_ptr": "i32" if paged else "i64", "row_start_ptr": "i32" if paged else "i64",
+                 "slots_ptr": "i64"},
+                dict(START_IN_MEMORY=in_memory, PAGED=paged, BLOCK_NEW=1 << (new - 1).bit_length(), BLOCK_K=block_k),
+                floats=("lowest",), unit=unit, dtype=dname, variant=variant, new=new))
+    return specs
+
+
+# --------------------------------------------------------------------------- paged KV write
+_PAGED_WRITE_REF = "fxforge.codegen.kernels.paged_kv_write:_paged_kv_write_kernel"
+_PAGED_WRITE_ARGS = ["cache_ptr", "new_ptr", "v_cache_ptr", "v_new_ptr", "slots_ptr", "T", "H", "D", "num_slots",
+                     "block_size", "stride_nb", "stride_nh", "stride_nt", "stride_nd", "stride_vnb", "stride_vnh",
+                     "stride_vnt", "stride_vnd", "stride_sb", "stride_st", "stride_cblock", "stride_coff",
+                     "stride_ch", "stride_cd", "stride_vcblock", "stride_vcoff", "stride_vch", "stride_vcd",
+                     "BLOCK_H", "BLOCK_D", "ROUND_BF16", "PAIR"]
+# (cache dtype, new dtype): the same type, or new wider than the cache (rounded in the kernel)
+PAGED_WRITE_DTYPES = (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp16", "fp32"), ("bf16", "fp32"),
+                      ("bf16", "fp16"))
+
+
+def paged_kv_write_specs(dtypes=PAGED_WRITE_DTYPES, head_dims=HEAD_DIMS, kv_heads=32,
+                         pair=(False, True)) -> list[KernelSpec]:
+    """The paged cache write (K alone, or K and V in one program: PAIR) at the tile `tile`
+    and the warps `warps` pick for `kv_heads` heads: with 32 the largest it launches at head dims of 128 and
+    more (MAX_TILE elements); fewer heads only shrink BLOCK_H."""
+    from .kernels import paged_kv_write
+
+    specs = []
+    for cache, new in dtypes:
+        for d in head_dims:
+            block_h, block_d = paged_kv_write.tile(kv_heads, d)
+            for both in pair:
+                specs.append(_spec(
+                    "paged_kv_write", _PAGED_WRITE_REF, _PAGED_WRITE_ARGS,
+                    {"cache_ptr": cache, "v_cache_ptr": cache, "new_ptr": new, "v_new_ptr": new, "slots_ptr": "i64"},
+                    dict(BLOCK_H=block_h, BLOCK_D=block_d, ROUND_BF16=cache == "bf16" and new != "bf16", PAIR=both),
+                    unit=("stride_nd", "stride_vnd", "stride_st", "stride_cd", "stride_vcd"),
+                    num_warps=paged_kv_write.warps(block_h, block_d),
+                    dtype=cache if cache == new else f"{new}->{cache}", head_dim=d, pair=both))
+    return specs
+
+
 # --------------------------------------------------------------------------- quantized matmul
 _WO_REF = "fxforge.codegen.kernels.quant_matmul:_weight_only_kernel"
 _WO_ARGS = ["x_ptr", "w_ptr", "scale_ptr", "zero_ptr", "bias_ptr", "out_ptr", "M", "N", "K", "M_BUCKET",
@@ -432,7 +547,8 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     worst cases only, for CI: fp32 and bf16 at head dims 64 and 256, and the largest tiles)."""
     if not quick:
         return (attention_specs() + decode_specs() + quant_specs() + quant_gemv_specs() + row_specs()
-                + gemv_specs() + mlp_specs() + quant_fused_gemv_specs())
+                + gemv_specs() + mlp_specs() + quant_fused_gemv_specs() + rope_decode_specs() + step_inputs_specs()
+                + paged_kv_write_specs())
     worst = {"fp32": DTYPES["fp32"], "bf16": DTYPES["bf16"]}
     bf16 = {"bf16": DTYPES["bf16"]}
     # "all" turns every feature flag on and "paged" adds the block table to that: "plain"
@@ -455,7 +571,16 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
             # the decode MLP and the quantized GEMV at their register-heaviest point only
             # (bfloat16, 16 rows): each compile costs seconds, the suite has 20 minutes
             + mlp_specs(bf16, MLP_SHAPES[:1], rows=(16,))
-            + quant_fused_gemv_specs(bf16, GEMV_SHAPES[3:4], rows=(16,), formats=QUANT_GEMV_FUSED[:1]))
+            + quant_fused_gemv_specs(bf16, GEMV_SHAPES[3:4], rows=(16,), formats=QUANT_GEMV_FUSED[:1])
+            # the fused rope decode kernel where it needs most registers (bfloat16 at head dim
+            # 128: 250 on sm_80) and where it spilled before rope_launch's float32 blocks
+            # (float32 at 64), both the static step's, writing partials; the paged write
+            # where it spilled before `warps` (K and V at head dim 256); step_inputs with
+            # the most code (the paged static step)
+            + rope_decode_specs(bf16, (128,), ("static",), (False,))
+            + rope_decode_specs({"fp32": DTYPES["fp32"]}, (64,), ("static",), (False,))
+            + paged_kv_write_specs((("fp16", "fp16"),), (256,), pair=(True,))
+            + step_inputs_specs(bf16, STEP_LAUNCHES[-1:]))
 
 
 def _wide(spec: KernelSpec) -> KernelSpec:

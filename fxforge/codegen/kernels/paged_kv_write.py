@@ -98,6 +98,16 @@ def tile(heads: int, dim: int) -> tuple[int, int]:
     return block_h, block_d
 
 
+def warps(block_h: int, block_d: int) -> int:
+    """8 warps for rows of 256 and more, else 4, as measured (gpu_specs.paged_kv_write_specs):
+    compiled at 4 warps, K and V of head dim 256 in float16 or bfloat16 (16 x 256 tiles)
+    spilled 44 bytes a thread on sm_90; at 8 warps they do not, while 32 x 128 tiles did
+    not spill at 4 warps and did (float32 into bfloat16, sm_80: 8 bytes) at 8. Float32 K and
+    V into bfloat16 at head dim 256 keeps 4 bytes on sm_80 at 4 or 8 warps and at half the
+    tile: at 40 registers, ptxas's choice, not register pressure."""
+    return 8 if block_d >= 256 else 4
+
+
 def paged_kv_write_triton(*tensors: torch.Tensor):
     """paged_kv_write(cache, new, slots) or (k_cache, v_cache, k, v, slots): write new
     [B, Hkv, T, D] into slots [B, T] of cache [blocks, block_size, Hkv, D] in one launch
@@ -144,7 +154,7 @@ def _launch(slots, cache, new, v_cache=None, v_new=None):
         seq, heads, dim, num_slots, block_size,
         *new.stride(), *v_new.stride(), *slots.stride(), *cache.stride(), *v_cache.stride(),
         BLOCK_H=block_h, BLOCK_D=block_d, ROUND_BF16=cache.dtype == torch.bfloat16 and new.dtype != torch.bfloat16,
-        PAIR=pair)
+        PAIR=pair, num_warps=warps(block_h, block_d))
 
 
 def paged_kv_write_reference(*tensors: torch.Tensor):

@@ -162,13 +162,15 @@ def _rope_decode_kernel(
 
 def rope_launch(dtype: torch.dtype, d_pad: int) -> dict:
     """The kernel's key block and warps on a GPU: decode attention's key block (halved for
-    float32) and 8 warps. Compiled for sm_90 with 4 warps and decode's blocks it spilled
-    (float32 head dim 64: 40 bytes; 128: 11 KB), the rotary and the new-key tile adding to
-    the decode kernel's registers; with these, none at head dims 64 and 128 in float32,
-    bfloat16 and float16 (on sm_80: 20 bytes, float32 at 64 writing partials)."""
+    float32, and 16 keys for float32 from head dim 64) and 8 warps. Compiled for sm_90 with
+    4 warps and decode's blocks it spilled (float32 head dim 64: 40 bytes; 128: 11 KB), the
+    rotary and the new-key tile adding to the decode kernel's registers; with 8 warps and
+    halved float32 blocks, none but on sm_80 at float32 head dim 64 writing partials (32
+    keys: 20 bytes), which 16 keys remove (gpu_specs.rope_decode_specs: no spill at any
+    launched config on sm_80 or sm_90)."""
     block_n = split_launch(dtype, d_pad)["BLOCK_N"]
     if dtype == torch.float32:
-        block_n = max(16, block_n // 2)
+        block_n = 16 if d_pad >= 64 else max(16, block_n // 2)
     return {"BLOCK_N": block_n, "num_warps": 8}
 
 
