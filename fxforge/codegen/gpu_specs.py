@@ -564,7 +564,11 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     attn_wide = _largest(attention_specs(worst, (256,), variants=("paged",), wide=True), ("BLOCK_M", "BLOCK_N"),
                          ("dtype",), 1)
     decode_wide = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("paged",), wide=True)
-    return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=featured) + decode_wide
+    # ...but ptxas allocates each variant on its own: "plain" at head dim 128 spilled with 4
+    # warps on sm_90 where "all" did not (docs/gpu-compile.md), so that point stays in
+    decode_plain = [s for s in decode_specs(worst, (128,), splits=(10 ** 6,), variants=("plain",), one_split=(False,))
+                    if s.kernel == "decode_split"]
+    return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=featured) + decode_wide + decode_plain
             + quant + w8a8
             + [_wide(quant[0])] + quant_gemv_specs(worst) + row_specs(lengths=(4096, 65536), kinds=("layer_norm",))
             + gemv_specs(worst, GEMV_SHAPES[3:4])

@@ -191,14 +191,16 @@ _MAX_COMBINE_BLOCK = 32
 
 def split_launch(dtype: torch.dtype, d_pad: int, paged: bool = False) -> dict:
     """The split kernel's key block and warps on a GPU: 64 keys, fewer for wide heads, and
-    8 warps at head dim 256 (the [16, 256] accumulator spilled with 4 on sm_90) and for
-    paged reads (the block-table lookups took it to 255 registers and spilled 84-336 bytes
-    on sm_90 at head dim 64 with 4 warps; none with 8). The same with 64-bit offsets (WIDE)."""
+    8 warps from head dim 128 (with 4, sm_90 spilled 824 bytes a thread at 128 in float32,
+    32-36 in float16/bfloat16, without variant flags; the [16, 256] accumulator spilled
+    at 256) and for paged reads (the block-table lookups took it to 255 registers and
+    spilled 84-336 bytes on sm_90 at head dim 64 with 4 warps; none with 8). The same with
+    64-bit offsets (WIDE)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     block_n = 64
     while block_n > 16 and block_n * d_pad * itemsize > _KV_TILE_BYTES:
         block_n //= 2
-    return {"BLOCK_N": block_n, "num_warps": 8 if d_pad >= 256 or paged else 4}
+    return {"BLOCK_N": block_n, "num_warps": 8 if d_pad >= 128 or paged else 4}
 
 
 def decode_grids(batch: int, heads: int, kv_heads: int, splits: int) -> tuple[tuple, tuple]:
