@@ -74,10 +74,18 @@ class PagedAttentionSDPA:
 
     Every layer of a step reads the same block table and row starts, so the key slots are
     worked out once per step (the last step's are kept, matched by tensor identity and
-    version) instead of twice per layer: ten small ops x 2 x layers per decode step."""
+    version) instead of twice per layer: ten small ops x 2 x layers per decode step.
+
+    Padding keys read as 0 (the op's definition), but where the step's key bias masks every
+    one of them (the dtype's lowest value or -inf: what the engine's and generate()'s steps
+    give them) the zeroing is skipped: a masked key gets exactly zero weight whatever it
+    holds, and a padding key holds its own row's first key (paged_key_slots), so it is
+    non-finite only where that row's real first key already makes the output so. The same
+    answer, without an index_fill_ per K and V per layer (5-10% of a CPU decode step)."""
 
     def __init__(self):
         self._last = None  # (table, row_start, keys, block size, versions, flat slots, valid)
+        self._masked = None  # (bias, its version, slots of _last, whether the bias masks the padding)
 
     def _slots(self, table, row_start, keys: int, block_size: int):
         last, versions = self._last, (table._version, row_start._version)
@@ -95,22 +103,43 @@ class PagedAttentionSDPA:
         self._last = last = (table, row_start, keys, block_size, versions, slots.flatten(), padding)
         return last[5], last[6]
 
-    def gather(self, cache, table, row_start, keys: int, dtype):
-        """gather_paged's values (padding keys read as 0), as `dtype`."""
+    def _bias_masks_padding(self, bias, padding, rows: int) -> bool:
+        """Whether `bias` gives every padding key (flat indices `padding`, CPU) the dtype's
+        lowest value or -inf, in every head and query row; once per step, as the slots."""
+        masked = self._masked
+        if masked is not None and masked[0] is bias and masked[1] == bias._version and masked[2] is padding:
+            return masked[3]
+        answer = True
+        if padding.numel():
+            # [B, keys, the rest] as rows of B * keys, the flat key indices of the slots
+            per_key = bias.expand(rows, *bias.shape[1:]).movedim(-1, 1).reshape(rows * bias.shape[-1], -1)
+            answer = bool((per_key.index_select(0, padding) <= torch.finfo(bias.dtype).min).all())
+        self._masked = (bias, bias._version, padding, answer)
+        return answer
+
+    def gather(self, cache, table, row_start, keys: int, dtype, zero_padding: bool = True):
+        """gather_paged's values (padding keys read as 0, or with zero_padding=False as
+        their slots hold: see the class), as `dtype`."""
         slots, padding = self._slots(table, row_start, keys, cache.shape[1])
         flat = cache.view(-1, cache.shape[2], cache.shape[3])
         dense = flat.index_select(0, slots)
         if padding.dtype == torch.bool:  # the mask of kept keys [B, keys, 1, 1]
             dense = dense.view(padding.shape[0], keys, *flat.shape[1:]) * padding.to(cache.dtype)
         else:  # the padding keys' flat indices
-            dense = dense.index_fill_(0, padding, 0).view(-1, keys, *flat.shape[1:])
+            if zero_padding:
+                dense = dense.index_fill_(0, padding, 0)
+            dense = dense.view(-1, keys, *flat.shape[1:])
         return dense.transpose(1, 2).to(dtype)
 
     def __call__(self, q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal: bool,
                  scale: float, softcap=None, window=None, alibi: bool = False):
         keys = bias.shape[-1]
-        k = self.gather(k_cache, block_table, row_start, keys, q.dtype)
-        v = self.gather(v_cache, block_table, row_start, keys, q.dtype)
+        zero = True
+        if block_table.device.type == "cpu" and softcap is None:
+            _, padding = self._slots(block_table, row_start, keys, k_cache.shape[1])
+            zero = not self._bias_masks_padding(bias, padding, row_start.shape[0])
+        k = self.gather(k_cache, block_table, row_start, keys, q.dtype, zero)
+        v = self.gather(v_cache, block_table, row_start, keys, q.dtype, zero)
         return attention_sdpa(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window,
                               alibi=alibi)
 
