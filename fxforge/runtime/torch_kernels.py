@@ -81,15 +81,15 @@ class PagedAttentionSDPA:
     give them) the zeroing is skipped: a masked key gets exactly zero weight whatever it
     holds, and a padding key holds its own row's first key (paged_key_slots), so it is
     non-finite only where that row's real first key already makes the output so. The same
-    answer, without an index_fill_ per K and V per layer (5-10% of a CPU decode step).
+    answer, without an index_fill_ per K and V per layer (3.5% of a 16-row CPU decode step).
 
     Decode steps (one query per row) on the CPU, padding masked: the engine's rows differ
     in length by hundreds of keys (prompts of 16-512 tokens and more), and one padded batch
     gathers and attends over the longest row's keys for every row. So the rows are split
     into groups of similar length (length_groups), each gathered and attended over its own
     longest row's keys: the keys every row of a group has as padding are left out, which
-    changes no answer (they had exactly zero weight), and the padding gathered and attended
-    falls by about half for such a batch."""
+    changes no answer (they had exactly zero weight): SmolLM2 serving's 16-row steps gathered
+    20-30% fewer keys, and took 13-32% less time on one thread."""
 
     def __init__(self):
         self._last = None  # (table, row_start, keys, block size, versions, flat slots, valid)
