@@ -178,6 +178,35 @@ def test_a_paged_model_gets_the_paged_engine_and_gives_every_block_back(paged):
     assert 0 < max(used) <= 30 and engine.stats()["used_blocks"] == 0
 
 
+def test_decode_rows_attended_in_length_groups_equal_each_alone(paged, monkeypatch):
+    # the torch backend attends a decode step's rows in groups of similar length
+    # (torch_kernels.length_groups); at no cost per group every distinct length is a group
+    from fxforge.runtime import torch_kernels
+
+    fast, vocab = paged
+    monkeypatch.setattr(torch_kernels, "GROUP_COST_KEYS", 0)
+    formed = []
+    monkeypatch.setattr(torch_kernels.PagedAttentionSDPA, "_grouped_decode",
+                        lambda self, *a, grouped=torch_kernels.PagedAttentionSDPA._grouped_decode:
+                        formed.append(len(a[4])) or grouped(*a))
+    prompts, news = _workload(vocab, 8, seed=1)
+    engine = fxforge.Engine(fast, max_batch=4, max_seq_len=64)
+    requests = [engine.submit(p, n) for p, n in zip(prompts, news)]
+    engine.run()
+    for p, n, r in zip(prompts, news, requests):
+        assert torch.equal(r.result(), _alone(fast, p, n, eos_token_id=None)), r.id
+    assert formed and max(formed) >= 3
+
+
+def test_length_groups_leave_out_the_padding_worth_a_group():
+    from fxforge.runtime.torch_kernels import length_groups
+
+    # three lengths far apart: three groups, rows in order of start (the longest first)
+    assert length_groups([0, 300, 10, 600, 650, 5, 320, 640], 700, cost=384) == [[0, 5, 2], [1, 6], [3, 7, 4]]
+    assert length_groups([0, 10, 5], 700, cost=384) == [[0, 2, 1]]  # no padding worth a group's cost
+    assert length_groups([0, 3, 3], 10, cost=0) == [[0], [1, 2]]
+
+
 def test_a_small_pool_makes_requests_wait_and_none_is_lost(paged):
     fast, vocab = paged
     prompts, news = _workload(vocab, 8, seed=6)

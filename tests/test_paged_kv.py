@@ -199,6 +199,31 @@ def test_the_torch_backends_gather_zeroes_exactly_the_padding_keys():
     assert attend.gather(k_cache, table, row_start, keys, torch.float32)[1, :, :3].abs().sum() == 0
 
 
+def test_the_torch_backends_gather_leaves_padding_the_bias_masks_with_the_same_answer():
+    # where the step's bias masks every padding key (as the engine's and generate()'s do),
+    # the gather skips zeroing them (they hold their row's first key): the same output as
+    # the zeroed gather, bit for bit; a bias that leaves one unmasked zeroes them again
+    from fxforge.runtime.torch_kernels import PagedAttentionSDPA, attention_sdpa
+
+    torch.manual_seed(0)
+    blocks, bs, hkv, d, keys = 12, 4, 2, 8, 10
+    k_cache, v_cache = torch.randn(blocks, bs, hkv, d) * 3, torch.randn(blocks, bs, hkv, d)
+    table = torch.tensor([[5, 2, 9], [0, 7, 3]], dtype=torch.int32)
+    row_start = torch.tensor([0, 3], dtype=torch.int32)
+    q = torch.randn(2, 4, 1, d)
+    bias = torch.zeros(2, 1, 1, keys)
+    bias[1, ..., :3] = torch.finfo(torch.float32).min
+    attend = PagedAttentionSDPA()
+    got = attend(q, k_cache, v_cache, table, row_start, bias, causal=True, scale=0.3)
+    zeroed = [attend.gather(c, table, row_start, keys, torch.float32) for c in (k_cache, v_cache)]
+    assert torch.equal(got, attention_sdpa(q, *zeroed, bias, causal=True, scale=0.3))
+    assert attend._masked[3] and attend.gather(k_cache, table, row_start, keys, torch.float32,
+                                               zero_padding=False)[1, :, :3].abs().sum() > 0
+    bias[1, 0, 0, 1] = -1e30  # not the lowest value: that key would weigh exp(-1e30 - max) = 0 too, but unproven
+    attend(q, k_cache, v_cache, table, row_start, bias, causal=True, scale=0.3)
+    assert attend._masked[3] is False
+
+
 # -- launches of a paged decode step ------------------------------------------------------------
 # zoo.llama (2 layers) on backend="interpret", one decode step. Before the paged_kv_write kernel
 # (codegen/kernels/paged_kv_write.py) the writes' torch reference made these 89 (eager) and 79

@@ -74,10 +74,27 @@ class PagedAttentionSDPA:
 
     Every layer of a step reads the same block table and row starts, so the key slots are
     worked out once per step (the last step's are kept, matched by tensor identity and
-    version) instead of twice per layer: ten small ops x 2 x layers per decode step."""
+    version) instead of twice per layer: ten small ops x 2 x layers per decode step.
+
+    Padding keys read as 0 (the op's definition), but where the step's key bias masks every
+    one of them (the dtype's lowest value or -inf: what the engine's and generate()'s steps
+    give them) the zeroing is skipped: a masked key gets exactly zero weight whatever it
+    holds, and a padding key holds its own row's first key (paged_key_slots), so it is
+    non-finite only where that row's real first key already makes the output so. The same
+    answer, without an index_fill_ per K and V per layer (3.5% of a 16-row CPU decode step).
+
+    Decode steps (one query per row) on the CPU, padding masked: the engine's rows differ
+    in length by hundreds of keys (prompts of 16-512 tokens and more), and one padded batch
+    gathers and attends over the longest row's keys for every row. So the rows are split
+    into groups of similar length (length_groups), each gathered and attended over its own
+    longest row's keys: the keys every row of a group has as padding are left out, which
+    changes no answer (they had exactly zero weight): SmolLM2 serving's 16-row steps gathered
+    20-30% fewer keys, and took 13-32% less time on one thread."""
 
     def __init__(self):
         self._last = None  # (table, row_start, keys, block size, versions, flat slots, valid)
+        self._masked = None  # (bias, its version, slots of _last, whether the bias masks the padding)
+        self._groups = None  # (table, row_start, keys, block size, versions, groups): see _length_groups
 
     def _slots(self, table, row_start, keys: int, block_size: int):
         last, versions = self._last, (table._version, row_start._version)
@@ -95,24 +112,104 @@ class PagedAttentionSDPA:
         self._last = last = (table, row_start, keys, block_size, versions, slots.flatten(), padding)
         return last[5], last[6]
 
-    def gather(self, cache, table, row_start, keys: int, dtype):
-        """gather_paged's values (padding keys read as 0), as `dtype`."""
+    def _bias_masks_padding(self, bias, padding, rows: int) -> bool:
+        """Whether `bias` gives every padding key (flat indices `padding`, CPU) the dtype's
+        lowest value or -inf, in every head and query row; once per step, as the slots."""
+        masked = self._masked
+        if masked is not None and masked[0] is bias and masked[1] == bias._version and masked[2] is padding:
+            return masked[3]
+        answer = True
+        if padding.numel():
+            # [B, keys, the rest] as rows of B * keys, the flat key indices of the slots
+            per_key = bias.expand(rows, *bias.shape[1:]).movedim(-1, 1).reshape(rows * bias.shape[-1], -1)
+            answer = bool((per_key.index_select(0, padding) <= torch.finfo(bias.dtype).min).all())
+        self._masked = (bias, bias._version, padding, answer)
+        return answer
+
+    def gather(self, cache, table, row_start, keys: int, dtype, zero_padding: bool = True):
+        """gather_paged's values (padding keys read as 0, or with zero_padding=False as
+        their slots hold: see the class), as `dtype`."""
         slots, padding = self._slots(table, row_start, keys, cache.shape[1])
         flat = cache.view(-1, cache.shape[2], cache.shape[3])
         dense = flat.index_select(0, slots)
         if padding.dtype == torch.bool:  # the mask of kept keys [B, keys, 1, 1]
             dense = dense.view(padding.shape[0], keys, *flat.shape[1:]) * padding.to(cache.dtype)
         else:  # the padding keys' flat indices
-            dense = dense.index_fill_(0, padding, 0).view(-1, keys, *flat.shape[1:])
+            if zero_padding:
+                dense = dense.index_fill_(0, padding, 0)
+            dense = dense.view(-1, keys, *flat.shape[1:])
         return dense.transpose(1, 2).to(dtype)
 
     def __call__(self, q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal: bool,
                  scale: float, softcap=None, window=None, alibi: bool = False):
         keys = bias.shape[-1]
-        k = self.gather(k_cache, block_table, row_start, keys, q.dtype)
-        v = self.gather(v_cache, block_table, row_start, keys, q.dtype)
+        zero = True
+        if block_table.device.type == "cpu" and softcap is None:
+            _, padding = self._slots(block_table, row_start, keys, k_cache.shape[1])
+            zero = not self._bias_masks_padding(bias, padding, row_start.shape[0])
+        if not zero and q.shape[2] == 1 and q.shape[0] > 1 and window is None and slopes is None and not alibi:
+            groups = self._length_groups(block_table, row_start, keys, k_cache.shape[1])
+            if len(groups) > 1:
+                return self._grouped_decode(q, k_cache, v_cache, bias, groups, scale)
+        k = self.gather(k_cache, block_table, row_start, keys, q.dtype, zero)
+        v = self.gather(v_cache, block_table, row_start, keys, q.dtype, zero)
         return attention_sdpa(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window,
                               alibi=alibi)
+
+    def _length_groups(self, table, row_start, keys: int, block_size: int):
+        """The step's rows in groups of similar length, once per step (as the slots): for
+        each, (its rows [n], its first key, its keys, the flat slots of its keys [n * keys])."""
+        last, versions = self._groups, (table._version, row_start._version)
+        if (last is not None and last[0] is table and last[1] is row_start and last[2:5] == (keys, block_size, versions)):
+            return last[5]
+        groups, starts = [], row_start.tolist()
+        for rows in length_groups(starts, keys):
+            first = min(starts[b] for b in rows)
+            index = torch.tensor(rows, dtype=torch.long)
+            slots, _ = paged_key_slots(table.index_select(0, index), row_start.index_select(0, index) - first,
+                                       keys - first, block_size)
+            groups.append((index, first, keys - first, slots.flatten()))
+        self._groups = (table, row_start, keys, block_size, versions, groups)
+        return groups
+
+    @staticmethod
+    def _grouped_decode(q, k_cache, v_cache, bias, groups, scale: float):
+        """Each group's attention over its own keys (padding masked: nothing to zero)."""
+        out = torch.empty_like(q)
+        for index, first, keys, slots in groups:
+            dense = []
+            for cache in (k_cache, v_cache):
+                flat = cache.view(-1, cache.shape[2], cache.shape[3])
+                dense.append(flat.index_select(0, slots).view(-1, keys, *flat.shape[1:]).transpose(1, 2).to(q.dtype))
+            rows_bias = bias if bias.shape[0] == 1 else bias.index_select(0, index)
+            out.index_copy_(0, index, attention_sdpa(q.index_select(0, index), *dense, rows_bias[..., first:],
+                                                     causal=False, scale=scale))
+        return out
+
+
+# A group's fixed cost in a decode step, in gathered keys of one row: its own ops per layer
+# (two gathers, an SDPA, the query and output copies) cost about as much as gathering and
+# attending over this many keys.
+GROUP_COST_KEYS = 384
+
+
+def length_groups(starts: list[int], keys: int, cost: int | None = None) -> list[list[int]]:
+    """The rows (indices into `starts`, each row's first key of `keys`) in groups that
+    minimize the keys gathered (each group: its rows x the keys from its earliest start on)
+    plus `cost` (default GROUP_COST_KEYS) per group; rows in order of start, the longest first."""
+    cost = GROUP_COST_KEYS if cost is None else cost
+    order = sorted(range(len(starts)), key=lambda b: starts[b])
+    best, cut = [0] + [None] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for begin in range(end):  # the group order[begin:end], its longest row order[begin]
+            total = best[begin] + (end - begin) * (keys - starts[order[begin]]) + cost
+            if best[end] is None or total < best[end]:
+                best[end], cut[end] = total, begin
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
 
 
 # -- quantized linears -----------------------------------------------------------------------
