@@ -17,7 +17,7 @@ TEXT = os.path.join(os.path.dirname(__file__), "data", "eval_text.txt")
 def test_smollm2_aligned_beats_mean(smollm2_captures):
     model, tok = zoo.smollm2()
     ids = tok(open(TEXT).read(), return_tensors="pt").input_ids
-    calib, held_out = ids[:, :512], ids[:, 512:1024]
+    calib, held_out = ids[:, :256], ids[:, 256:768]
     ppl = {}
     for method in ("mean", "aligned"):
         fast = fxforge.optimize(model, (ids[:, :8],), gqa=GQAConfig(1, method, calibration=calib), kv_cache=True,
@@ -26,4 +26,4 @@ def test_smollm2_aligned_beats_mean(smollm2_captures):
         ppl[method] = perplexity(fast, held_out)
         out = fast.generate(tok("The capital of France is", return_tensors="pt").input_ids, 8)
         assert out.shape[1] > 6
-    assert ppl["aligned"] < ppl["mean"] / 10, ppl  # measured: ~136 vs ~12661 (unconverted: ~18.7)
+    assert ppl["aligned"] < ppl["mean"] / 10, ppl  # measured with 512 calibration tokens: ~136 vs ~12661

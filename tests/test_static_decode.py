@@ -43,14 +43,15 @@ def test_static_steps_give_the_eager_tokens_and_logits(name, padded, backend):
     fast, vocab = _optimize(name, backend)
     assert fast.static_decode_problem is None
     ids, mask = prompts(vocab, padded)
-    eager_tokens, eager_logits = _generate(fast, ids, mask, static=False)
-    tokens, logits = _generate(fast, ids, mask, static=True)
+    n = 10 if backend == "torch" else 5  # the interpreter runs each Triton kernel slowly
+    eager_tokens, eager_logits = _generate(fast, ids, mask, static=False, n=n)
+    tokens, logits = _generate(fast, ids, mask, static=True, n=n)
     assert torch.equal(tokens, eager_tokens)
     # the masked slots past the token get exactly zero weight; only the summation order of
     # a kernel over the longer buffer may differ
     torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
     steps = [s for c in fast._caches.idle for s in c.static_steps.values()]
-    assert len(steps) == 1 and steps[0].steps == 9  # every token after the prefill's first
+    assert len(steps) == 1 and steps[0].steps == n - 1  # every token after the prefill's first
     assert not steps[0].capture and steps[0].graph is None  # no CUDA here: run, not captured
 
 

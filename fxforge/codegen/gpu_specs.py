@@ -555,7 +555,7 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     # (no flag) is the same code with less in it, so the quick set leaves it to the full sweep
     featured = ("all", "paged")
     attn = _largest(attention_specs(worst, (64, 256), variants=featured), ("BLOCK_M", "BLOCK_N"),
-                    ("dtype", "head_dim", "variant"))
+                    ("dtype", "head_dim", "variant"), 1)
     quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",))
     w8a8 = _largest([s for s in quant_specs(worst, ()) if s.kernel.startswith("quant_w8a8")], ("BLOCK_N", "BLOCK_K"),
                     ("dtype",), 1)
@@ -563,7 +563,8 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     # registers: paged reads, the widest heads, the largest tiles
     attn_wide = _largest(attention_specs(worst, (256,), variants=("paged",), wide=True), ("BLOCK_M", "BLOCK_N"),
                          ("dtype",), 1)
-    decode_wide = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("paged",), wide=True)
+    decode_wide = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("paged",), one_split=(False,),
+                               wide=True)
     # ...but ptxas allocates each variant on its own: "plain" at head dim 128 spilled with 4
     # warps on sm_90 where "all" did not (docs/gpu-compile.md), so that point stays in
     decode_plain = [s for s in decode_specs(worst, (128,), splits=(10 ** 6,), variants=("plain",), one_split=(False,))
