@@ -55,9 +55,9 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     def capture():
         return capture_with_spec(model, example_inputs, example_kwargs, dynamic=dynamic)
 
-    if capture_cache is not None and not isinstance(capture_cache, CaptureCache):
-        raise TypeError(f"capture_cache should be a fxforge.CaptureCache, got {type(capture_cache).__name__}")
     if capture_cache is not None:
+        if not isinstance(capture_cache, CaptureCache):
+            raise TypeError(f"capture_cache should be a fxforge.CaptureCache, got {type(capture_cache).__name__}")
         uncached = capture
 
         def capture():

@@ -130,15 +130,9 @@ class PagedAttentionSDPA:
         """gather_paged's values (padding keys read as 0, or with zero_padding=False as
         their slots hold: see the class), as `dtype`."""
         slots, padding = self._slots(table, row_start, keys, cache.shape[1])
-        flat = cache.view(-1, cache.shape[2], cache.shape[3])
-        dense = flat.index_select(0, slots)
         if padding.dtype == torch.bool:  # the mask of kept keys [B, keys, 1, 1]
-            dense = dense.view(padding.shape[0], keys, *flat.shape[1:]) * padding.to(cache.dtype)
-        else:  # the padding keys' flat indices
-            if zero_padding:
-                dense = dense.index_fill_(0, padding, 0)
-            dense = dense.view(-1, keys, *flat.shape[1:])
-        return dense.transpose(1, 2).to(dtype)
+            return (_gather_keys(cache, slots, keys, cache.dtype) * padding.transpose(1, 2).to(cache.dtype)).to(dtype)
+        return _gather_keys(cache, slots, keys, dtype, padding if zero_padding else None)
 
     def __call__(self, q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal: bool,
                  scale: float, softcap=None, window=None, alibi: bool = False):
@@ -177,14 +171,21 @@ class PagedAttentionSDPA:
         """Each group's attention over its own keys (padding masked: nothing to zero)."""
         out = torch.empty_like(q)
         for index, first, keys, slots in groups:
-            dense = []
-            for cache in (k_cache, v_cache):
-                flat = cache.view(-1, cache.shape[2], cache.shape[3])
-                dense.append(flat.index_select(0, slots).view(-1, keys, *flat.shape[1:]).transpose(1, 2).to(q.dtype))
+            dense = [_gather_keys(cache, slots, keys, q.dtype) for cache in (k_cache, v_cache)]
             rows_bias = bias if bias.shape[0] == 1 else bias.index_select(0, index)
             out.index_copy_(0, index, attention_sdpa(q.index_select(0, index), *dense, rows_bias[..., first:],
                                                      causal=False, scale=scale))
         return out
+
+
+def _gather_keys(cache, slots, keys: int, dtype, zero=None):
+    """[rows, Hkv, keys, D] in `dtype`: the paged cache's `slots` (flat, rows x keys), the
+    flat positions `zero` (if given) zeroed."""
+    flat = cache.view(-1, cache.shape[2], cache.shape[3])
+    dense = flat.index_select(0, slots)
+    if zero is not None:
+        dense.index_fill_(0, zero, 0)
+    return dense.view(-1, keys, *flat.shape[1:]).transpose(1, 2).to(dtype)
 
 
 # A group's fixed cost in a decode step, in gathered keys of one row: its own ops per layer
