@@ -8,6 +8,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# Test files run on parallel workers (pytest-xdist): one per core, at most 4 (each holds
+# its own models; 4 keep a 24 GiB machine comfortable). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= auto
 
 .PHONY: setup demo test test-fast test-gpu bench gpu-compile clean
 
@@ -25,10 +28,10 @@ demo: setup
 	$(PY) examples/quickstart.py
 
 test: setup
-	$(PY) -m pytest --durations=30 tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --durations=30 tests
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile -m "not slow" tests
 
 test-gpu:
 	FXFORGE_TEST_DEVICE=cuda PYTHONPATH=. $(PYTHON) -m pytest tests/kernels tests/test_gpu_e2e.py

@@ -11,8 +11,17 @@ header of every run says which it was.
 FXFORGE_CHECK=1 typechecks the IR after every pass in every test. cpu_linear's measured
 choices go to a temporary folder for the session, never into the user's cache (only that
 subfolder is redirected: the trained GPT-2 in $FXFORGE_CACHE takes minutes to train and
-is meant to be reused)."""
+is meant to be reused).
+
+`make test` runs the files on parallel workers (pytest-xdist, `--dist loadfile`: a file's
+tests share one process, so its module fixtures are built once). Each worker gets an equal
+share of the CPU's threads for torch, so that two workers on two cores do not each start
+two threads; and the controller prints a line per test file as its last test ends (xdist
+alone prints only dots)."""
+import fcntl
 import os
+import time
+from collections import Counter, defaultdict
 
 TEST_DEVICE = os.environ.get("FXFORGE_TEST_DEVICE", "cpu")
 if TEST_DEVICE not in ("cpu", "cuda"):
@@ -25,6 +34,10 @@ os.environ.setdefault("FXFORGE_CHECK", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -47,9 +60,19 @@ def smollm2_env(tmp_path_factory) -> dict:
     import zoo
     from fxforge.demo_model import CONVERTED_ENV, save_converted
 
-    model, tok = zoo.smollm2()
-    folder = save_converted(str(tmp_path_factory.mktemp("smollm2_converted")), model, tok)
-    return {**os.environ, CONVERTED_ENV: folder}
+    # One copy for all the workers of a parallel run: their base folders share a parent,
+    # and the first to take the lock writes the copy while the others wait for it.
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    folder, done = shared / "smollm2_converted", shared / "smollm2_converted.done"
+    with open(shared / "smollm2_converted.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            model, tok = zoo.smollm2()
+            save_converted(str(folder), model, tok)
+            done.touch()
+    return {**os.environ, CONVERTED_ENV: str(folder)}
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +90,8 @@ def _seed():
 
 
 def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(FileProgress(config), "fxforge-file-progress")
     config.addinivalue_line("markers", "slow: real-model tests (SmolLM2); they run in CI too")
     config.addinivalue_line("markers", "gpu: needs FXFORGE_TEST_DEVICE=cuda and a CUDA GPU (make test-gpu)")
     if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
@@ -103,3 +128,33 @@ def blocks(request, monkeypatch):
     if request.param == "gpu_blocks":
         monkeypatch.setattr(decode_gemv, "interpreted", lambda: False)
     return request.param
+
+
+class FileProgress:
+    """On the controller of a parallel run: a line per test file when its last test ends,
+    with its outcomes and the seconds its tests took on their worker."""
+
+    def __init__(self, config):
+        self.config = config
+        self.left: Counter = Counter()
+        self.outcomes: dict[str, Counter] = defaultdict(Counter)
+        self.seconds: Counter = Counter()
+        self.started = time.perf_counter()
+
+    def pytest_xdist_node_collection_finished(self, node, ids):
+        if not self.left:  # every worker collects the same ids
+            self.left.update(nodeid.split("::")[0] for nodeid in ids)
+
+    def pytest_runtest_logreport(self, report):
+        path = report.nodeid.split("::")[0]
+        self.seconds[path] += report.duration
+        if report.failed or (report.when == "call" and report.passed) or (report.skipped and report.when != "teardown"):
+            self.outcomes[path][("failed" if report.when == "call" else "error") if report.failed
+                                else report.outcome] += 1
+        if report.when == "teardown":
+            self.left[path] -= 1
+            if self.left[path] == 0:
+                counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(self.outcomes[path].items()))
+                reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+                reporter.write(f"\n{path}: {counts} ({self.seconds[path]:.1f} s on {getattr(getattr(report, 'node', None), 'gateway', None) and report.node.gateway.id}, "
+                                    f"{time.perf_counter() - self.started:.0f} s into the run)\n")
