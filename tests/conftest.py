@@ -15,8 +15,8 @@ is meant to be reused).
 
 `make test` runs the files on parallel workers (pytest-xdist, `--dist loadfile`: a file's
 tests share one process, so its module fixtures are built once). Each worker gets an equal
-share of the CPU's threads for torch, so that two workers on two cores do not each start
-two threads; and the controller prints a line per test file as its last test ends (xdist
+share of the CPU's threads for torch (and for the processes its tests start), so that two
+workers on two cores do not each start two threads; and the controller prints a line per test file as its last test ends (xdist
 alone prints only dots)."""
 import fcntl
 import os
@@ -36,8 +36,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(_threads)
+    # and the same for the processes a test starts (an example, a reload, torchrun ranks): a
+    # float32 product's rounding can depend on how many threads split it, and some tests
+    # compare a subprocess's numbers with their own bit for bit
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
 
 
 @pytest.fixture(autouse=True, scope="session")
