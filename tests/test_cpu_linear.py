@@ -412,6 +412,34 @@ def test_a_packed_copy_is_read_for_its_bucket_only(monkeypatch):
         assert read == ([packed[bucket.timed]] if bucket else [])
 
 
+def test_packed_copies_are_timed_only_where_memory_is_given(monkeypatch, tmp_path):
+    """Without few_rows_packed_mb neither the one-row choice nor a bucket's times a packed
+    copy (one that won there would leave the bucket on the one-row choice, since none may
+    be made); with it, the buckets do and the one-row choice still does not."""
+    from fxforge.runtime.backends.torch_backend import TorchBackend
+
+    monkeypatch.setenv(cpu_linear_cache.FOLDER_VARIABLE, str(tmp_path))
+    seen = []
+    monkeypatch.setattr(cpu_linear, "measure_choices", lambda shapes, candidates: seen.append(("one", shapes, candidates)) or {
+        s: Decision(*cpu_linear.BASELINE, 1.0, {}, 9) for s in shapes})
+    monkeypatch.setattr(cpu_linear, "measure_few_row_choices", lambda shapes, one_row, candidates: seen.append(
+        ("few", shapes, candidates)) or {s: Decision(*cpu_linear.BASELINE, 1.0, {}, 9) for s in shapes})
+    monkeypatch.setattr(cpu_linear, "measure_row_choices", lambda bucket, shapes, one_row, candidates: seen.append(
+        (bucket.name, shapes, candidates)) or {s: Decision(*cpu_linear.BASELINE, 1.0, {}, 9) for s in shapes})
+    model, vocab, example = small_llama()
+    fxforge.optimize(model, example)
+    assert [name for name, _, _ in seen] == ["one", "few"] + [b.name for b in cpu_linear.ROW_BUCKETS[1:]]
+    assert all(shapes and cpu_linear.PACKED not in candidates for _, shapes, candidates in seen)
+    if onednn_available():
+        seen.clear()
+        fxforge.optimize(model, example, backend=TorchBackend("cpu", few_rows_packed_mb=64))
+        # (the one-row choices come from the cache now: only the buckets' packed choices are timed)
+        one, *buckets = seen
+        assert one[0] == "one" and not one[1] and cpu_linear.PACKED not in one[2]
+        assert [name for name, _, _ in buckets] == ["few"] + [b.name for b in cpu_linear.ROW_BUCKETS[1:]]
+        assert all(shapes and cpu_linear.PACKED in candidates for _, shapes, candidates in buckets)
+
+
 def test_row_buckets_are_ordered_apart_and_leave_one_row_alone():
     buckets = cpu_linear.ROW_BUCKETS
     assert buckets[0] == cpu_linear.RowBucket(2, cpu_linear.FEW_ROWS, cpu_linear.FEW_TIMED_ROWS)

@@ -394,9 +394,12 @@ def _shapes(n: int) -> str:
 
 
 def timing_candidates() -> list[tuple[str, str]]:
-    """(kernel, layout) pairs this build can run, in PREFERENCE order."""
+    """(kernel, layout) pairs this build can run, in PREFERENCE order, without PACKED: a
+    second copy of the weight is a candidate only where memory is given for it (added
+    by the caller). (Timed among the rest, a packed copy that won where none may be made
+    left a bucket on the one-row choice although a layout the program holds beat it.)"""
     kernels = {k for k in KERNELS if k != "onednn" or onednn_available()}
-    return [c for c in PREFERENCE if c[0] in kernels]
+    return [c for c in PREFERENCE if c[0] in kernels and c != PACKED]
 
 
 def timing_method(candidates) -> dict:
