@@ -32,13 +32,16 @@ keeps a reference to the original (the model's own tensor: no new memory while t
 model lives; the report gives the bytes).
 
 Row buckets: the few rows are the first of ROW_BUCKETS, each a range of row counts with
-its own choice, timed at one row count inside it, against the one-row choice, under the
-same rules. The second holds a continuous-batching engine's decoding steps with 9-32
-running requests (timed at 16): there, on the 2-core Xeon, the one-row choice was up to
-1.5x slower than the best (SmolLM2's lm_head at 16 rows, 2 threads: 9.9 ms row-major
-F.linear, 6.5 on a oneDNN-packed copy). More rows (prompts, prefill chunks) keep the
-one-row choice: their products are bound by arithmetic, not by reading the weight, and
-timing them costs seconds for a few percent.
+its own choice, timed at one row count inside it against the one-row choice, under the
+same rules, cached under its own key. The second holds a continuous-batching engine's
+decoding steps with 9-32 running requests (timed at 16), which ran the one-row choice
+before; on the 2-core Xeon the kernel and layout fastest at 16 rows differed from the
+one-row choice for some shapes (SmolLM2's 576x1536 down-projection: oneDNN on the
+row-major original 1.1x faster than F.linear on it; its lm_head, 2 threads: 9.9 ms
+row-major F.linear, 6.5 on a oneDNN-packed copy). More rows (prompts, prefill chunks)
+keep the one-row choice: a bucket there would be timed on products bound by arithmetic,
+at a cost of seconds, for the 1.0-1.15x the layouts differed by on SmolLM2's MLP and
+q/k/v weights at 256-512 rows.
 
 Opt-in, a third layout for a few rows: oneDNN's own blocked copy of a weight, packed for
 FEW_TIMED_ROWS rows (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's
