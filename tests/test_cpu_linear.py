@@ -291,7 +291,9 @@ def test_a_few_rows_take_the_few_row_choice_on_the_original_weight(monkeypatch):
     model's original beside the column-major copy, never a new copy."""
     model, vocab = zoo.llama("sdpa")
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), cpu_linear=False)
-    plan = CpuLinearPlan(choices={(64, 64): ("aten", "column")}, few_rows={(64, 64): ("onednn", "row")})
+    few, engine_rows = cpu_linear.ROW_BUCKETS[:2]
+    plan = CpuLinearPlan(choices={(64, 64): ("aten", "column")},
+                         by_rows={few: {(64, 64): ("onednn", "row")}, engine_rows: {(64, 64): ("aten", "row")}})
     graph, moved, _ = plan.apply(fast.graph)
     assert moved and len(plan.originals) == len(moved)
     assert plan.originals_bytes() == len(moved) * 64 * 64 * 4
@@ -300,13 +302,17 @@ def test_a_few_rows_take_the_few_row_choice_on_the_original_weight(monkeypatch):
     monkeypatch.setitem(cpu_linear.KERNELS, "onednn",
                         lambda x, w, b=None: calls.append(("onednn", w)) or cpu_linear.onednn_linear(x, w, b))
     copy, original = graph.params[moved[0]], fast.graph.params[moved[0]]
-    for rows, kernel, w in [(1, "aten", copy), (2, "onednn", original), (cpu_linear.FEW_ROWS, "onednn", original),
-                            (cpu_linear.FEW_ROWS + 1, "aten", copy)]:
-        assert plan.choice((64, 64), rows) == ((kernel, "row") if kernel == "onednn" else ("aten", "column"))
+    # one row, the few rows' bucket, the engine's 9-32 rows' bucket, then prompts: one-row choice again
+    for rows, choice, w in [(1, ("aten", "column"), copy), (2, ("onednn", "row"), original),
+                            (cpu_linear.FEW_ROWS, ("onednn", "row"), original),
+                            (engine_rows.first, ("aten", "row"), original), (16, ("aten", "row"), original),
+                            (engine_rows.last, ("aten", "row"), original),
+                            (engine_rows.last + 1, ("aten", "column"), copy), (512, ("aten", "column"), copy)]:
+        assert plan.choice((64, 64), rows) == choice
         x = torch.randn(1, rows, 64)
         calls.clear()
         torch.testing.assert_close(plan.linear(x, copy), F.linear(x, original), rtol=1e-5, atol=1e-5)
-        assert calls[0][0] == kernel and calls[0][1] is w
+        assert calls[0][0] == choice[0] and calls[0][1] is w
     other = torch.randn(64, 64).t()  # a column-major weight the plan does not know: read as given
     calls.clear()
     plan.linear(torch.randn(3, 64), other)
@@ -320,13 +326,17 @@ def test_few_row_choices_are_timed_against_the_one_row_choice_and_cached(timing)
     assert source["few_rows_timed"] == source["timed"] > 0 and source["few_rows_cut_short"] == 0
     with open(source["cache_file"]) as f:
         keys = json.load(f)["choices"]
-    assert sum(k.endswith(" few rows") for k in keys) == source["timed"]
+    for bucket in cpu_linear.ROW_BUCKETS:  # every bucket timed and cached, each under its own key
+        assert source["rows_timed"][bucket.name] == source["timed"]
+        assert sum(k.endswith(f" rows {bucket.name}") for k in keys) == source["timed"]
     second = cpu_linear_stats(fxforge.optimize(model, example))
     again = second.details["cpu_linear"]
-    assert again["few_rows_timed"] == again["timed"] == 0
+    assert again["few_rows_timed"] == again["timed"] == 0 and not any(again["rows_timed"].values())
     assert again["few_rows"] == source["few_rows"] and again["choices"] == source["choices"]
-    for shape, (kernel, layout) in again["few_rows"].items():  # never a layout the program lacks
-        assert layout in ("row", again["choices"].get(shape, cpu_linear.BASELINE)[1])
+    assert again["rows"] == source["rows"]
+    for choices in again["rows"].values():
+        for shape, (kernel, layout) in choices.items():  # never a layout the program lacks
+            assert layout in ("row", again["choices"].get(shape, cpu_linear.BASELINE)[1])
 
 
 def test_few_row_choices_cut_short_are_not_cached(timing, monkeypatch):
@@ -360,8 +370,10 @@ def test_packed_copies_for_a_few_rows_are_opt_in_bounded_and_exact(timing, monke
     default = cpu_linear_stats(fxforge.optimize(model, example)).details["cpu_linear"]
     assert default["packed_bytes"] == 0
     assert all(layout != "packed" for _, layout in default["few_rows"].values())
-    # every shape chooses the packed copy at a few rows: the bound alone decides what is packed
+    # every shape chooses the packed copy in every bucket: the bound alone decides what is packed
     monkeypatch.setattr(cpu_linear, "measure_few_row_choices", lambda shapes, one_row, candidates: {
+        s: Decision(*cpu_linear.PACKED, 2.0, {}, 9) for s in shapes if cpu_linear.PACKED in candidates})
+    monkeypatch.setattr(cpu_linear, "measure_row_choices", lambda bucket, shapes, one_row, candidates: {
         s: Decision(*cpu_linear.PACKED, 2.0, {}, 9) for s in shapes if cpu_linear.PACKED in candidates})
     # (packed copies allowed is another cache key: the choices above are not read)
     fast = fxforge.optimize(model, example, backend=TorchBackend("cpu", few_rows_packed_mb=1))
@@ -369,17 +381,104 @@ def test_packed_copies_for_a_few_rows_are_opt_in_bounded_and_exact(timing, monke
     details = stats.details["cpu_linear"]
     assert 0 < details["packed_bytes"] <= 1 << 20
     assert any("did not fit" in n for n in stats.notes)
-    assert_matches_eager(model, fast, vocab, [(1, 1), (1, 5), (2, 3), (1, 12)])
+    assert_matches_eager(model, fast, vocab, [(1, 1), (1, 5), (2, 3), (1, 12), (2, 9), (1, 40)])
+    # with room for all: one copy per weight and bucket, each packed for its bucket's rows
+    roomy = fxforge.optimize(model, example, backend=TorchBackend("cpu", few_rows_packed_mb=64))
+    plan_packed = cpu_linear_stats(roomy).details["cpu_linear"]
+    weights = [w for w in roomy.graph.params.values() if w.dim() == 2 and w.numel() * 4 >= cpu_linear.MIN_TIMED_BYTES]
+    assert plan_packed["packed_bytes"] == len(cpu_linear.ROW_BUCKETS) * sum(w.numel() * 4 for w in weights)
+    assert_matches_eager(model, roomy, vocab, [(1, 1), (1, 5), (2, 9), (1, 16)])
     with pytest.raises(ValueError, match="few_rows_packed_mb"):
         TorchBackend("cpu", few_rows_packed_mb=-1)
 
 
 @needs_onednn
-def test_a_packed_copy_is_read_for_a_few_rows_only():
+def test_a_packed_copy_is_read_for_its_bucket_only(monkeypatch):
     w = torch.randn(64, 32)
-    plan = CpuLinearPlan(few_rows={(64, 32): cpu_linear.PACKED})
-    plan.packed[id(w)] = (w, torch.ops.mkldnn._reorder_linear_weight(w, cpu_linear.FEW_TIMED_ROWS))
-    for rows in (1, 2, 5, 8, 9):
+    few, engine_rows = cpu_linear.ROW_BUCKETS[:2]
+    plan = CpuLinearPlan(by_rows={few: {(64, 32): cpu_linear.PACKED}, engine_rows: {(64, 32): cpu_linear.PACKED}})
+    packed = {few.timed: torch.ops.mkldnn._reorder_linear_weight(w, few.timed),
+              engine_rows.timed: torch.ops.mkldnn._reorder_linear_weight(w, engine_rows.timed)}
+    plan.packed = {(id(w), rows): (w, copy) for rows, copy in packed.items()}
+    read = []
+    monkeypatch.setitem(cpu_linear.KERNELS, "onednn",
+                        lambda x, w, b=None: read.append(w) or cpu_linear.onednn_linear(x, w, b))
+    for rows in (1, 2, 5, 8, 9, 16, 32, 33):
         x = torch.randn(1, rows, 32)
-        assert plan.choice((64, 32), rows) == (cpu_linear.PACKED if 1 < rows <= 8 else cpu_linear.BASELINE)
+        bucket = next((b for b in (few, engine_rows) if b.holds(rows)), None)
+        assert plan.choice((64, 32), rows) == (cpu_linear.PACKED if bucket else cpu_linear.BASELINE)
+        read.clear()
         torch.testing.assert_close(plan.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        assert read == ([packed[bucket.timed]] if bucket else [])
+
+
+def test_packed_copies_are_timed_only_where_memory_is_given(monkeypatch, tmp_path):
+    """Without few_rows_packed_mb neither the one-row choice nor a bucket's times a packed
+    copy (one that won there would leave the bucket on the one-row choice, since none may
+    be made); with it, the buckets do and the one-row choice still does not."""
+    from fxforge.runtime.backends.torch_backend import TorchBackend
+
+    monkeypatch.setenv(cpu_linear_cache.FOLDER_VARIABLE, str(tmp_path))
+    seen = []
+    monkeypatch.setattr(cpu_linear, "measure_choices", lambda shapes, candidates: seen.append(("one", shapes, candidates)) or {
+        s: Decision(*cpu_linear.BASELINE, 1.0, {}, 9) for s in shapes})
+    monkeypatch.setattr(cpu_linear, "measure_few_row_choices", lambda shapes, one_row, candidates: seen.append(
+        ("few", shapes, candidates)) or {s: Decision(*cpu_linear.BASELINE, 1.0, {}, 9) for s in shapes})
+    monkeypatch.setattr(cpu_linear, "measure_row_choices", lambda bucket, shapes, one_row, candidates: seen.append(
+        (bucket.name, shapes, candidates)) or {s: Decision(*cpu_linear.BASELINE, 1.0, {}, 9) for s in shapes})
+    model, vocab, example = small_llama()
+    fxforge.optimize(model, example)
+    assert [name for name, _, _ in seen] == ["one", "few"] + [b.name for b in cpu_linear.ROW_BUCKETS[1:]]
+    assert all(shapes and cpu_linear.PACKED not in candidates for _, shapes, candidates in seen)
+    if onednn_available():
+        seen.clear()
+        fxforge.optimize(model, example, backend=TorchBackend("cpu", few_rows_packed_mb=64))
+        # (the one-row choices come from the cache now: only the buckets' packed choices are timed)
+        one, *buckets = seen
+        assert one[0] == "one" and not one[1] and cpu_linear.PACKED not in one[2]
+        assert [name for name, _, _ in buckets] == ["few"] + [b.name for b in cpu_linear.ROW_BUCKETS[1:]]
+        assert all(shapes and cpu_linear.PACKED in candidates for _, shapes, candidates in buckets)
+
+
+def test_row_buckets_are_ordered_apart_and_leave_one_row_alone():
+    buckets = cpu_linear.ROW_BUCKETS
+    assert buckets[0] == cpu_linear.RowBucket(2, cpu_linear.FEW_ROWS, cpu_linear.FEW_TIMED_ROWS)
+    for bucket, after in zip(buckets, buckets[1:]):
+        assert bucket.last < after.first
+    for bucket in buckets:
+        assert 1 < bucket.first <= bucket.timed <= bucket.last
+    # the buckets are part of the timing method: other buckets are another cache file
+    method = cpu_linear.timing_method(cpu_linear.timing_candidates())
+    assert method["row_buckets"] == [[b.first, b.last, b.timed, b.budget] for b in buckets]
+
+
+@needs_onednn
+def test_engine_tokens_stay_plain_whatever_the_bucket_choices(monkeypatch, tmp_path):
+    """An engine's decoding steps of 1, 2-8 and 9-32 rows, each bucket on another kernel
+    and layout: every request's tokens are the ones without cpu_linear."""
+    monkeypatch.setenv(cpu_linear_cache.FOLDER_VARIABLE, str(tmp_path))
+    monkeypatch.setattr(cpu_linear, "MIN_TIMED_BYTES", 0)
+    monkeypatch.setattr(cpu_linear, "measure_choices",
+                        lambda shapes, candidates: {s: Decision("aten", "column", 2.0, {}, 9) for s in shapes})
+    monkeypatch.setattr(cpu_linear, "measure_few_row_choices",
+                        lambda shapes, one_row, candidates: {s: Decision("onednn", "row", 2.0, {}, 9) for s in shapes})
+    monkeypatch.setattr(cpu_linear, "measure_row_choices", lambda bucket, shapes, one_row, candidates: {
+        s: Decision("onednn", "column", 2.0, {}, 9) for s in shapes})
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")
+    example = (torch.randint(0, vocab, (2, 7)),)
+    fast = fxforge.optimize(model, example, kv_cache=True)
+    rows = cpu_linear_stats(fast).details["cpu_linear"]["rows"]
+    assert set(rows) == {b.name for b in cpu_linear.ROW_BUCKETS}
+    plain = fxforge.optimize(model, example, kv_cache=True, cpu_linear=False)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, vocab, (int(n),), generator=gen) for n in torch.randint(2, 9, (12,), generator=gen)]
+    answers = []
+    for m in (fast, plain):
+        engine = fxforge.Engine(m, max_batch=12, max_seq_len=32)
+        requests = [engine.submit(p, 6 + i % 5) for i, p in enumerate(prompts)]
+        engine.run()
+        answers.append([r.result() for r in requests])
+        assert engine.stats()["steps"] > 0
+        engine.close()
+    assert all(torch.equal(a, b) for a, b in zip(*answers))

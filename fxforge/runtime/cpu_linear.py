@@ -1,6 +1,7 @@
 """CPU linear kernels: for each float32 weight shape, the library kernel and weight layout
-that run a one-token matrix-vector product fastest, and the kernel for a few rows (the
-k + 1 tokens of a speculative verification step), chosen by timing them once per machine.
+that run a one-token matrix-vector product fastest, and the kernel for each bucket of
+row counts (the k + 1 tokens of a speculative verification step, the 9-32 rows of a
+batched decoding step), chosen by timing them once per machine.
 
 Why: decoding one token is a chain of matrix-vector products bound by reading weights.
 PyTorch's `F.linear` on the CPU calls the BLAS (MKL), which on a 2-core AMD EPYC read a
@@ -30,11 +31,24 @@ choice stored a column-major copy and a few rows run faster on the original, the
 keeps a reference to the original (the model's own tensor: no new memory while the
 model lives; the report gives the bytes).
 
+Row buckets: the few rows are the first of ROW_BUCKETS, each a range of row counts with
+its own choice, timed at one row count inside it against the one-row choice, under the
+same rules, cached under its own key. The second holds a continuous-batching engine's
+decoding steps with 9-32 running requests (timed at 16), which ran the one-row choice
+before; on the 2-core Xeon the kernel and layout fastest at 16 rows differed from the
+one-row choice for some shapes (SmolLM2's 576x1536 down-projection: oneDNN on the
+row-major original 1.1x faster than F.linear on it; its lm_head, 2 threads: 9.9 ms
+row-major F.linear, 6.5 on a oneDNN-packed copy). More rows (prompts, prefill chunks)
+keep the one-row choice: a bucket there would be timed on products bound by arithmetic,
+at a cost of seconds, for the 1.0-1.15x the layouts differed by on SmolLM2's MLP and
+q/k/v weights at 256-512 rows.
+
 Opt-in, a third layout for a few rows: oneDNN's own blocked copy of a weight, packed for
 FEW_TIMED_ROWS rows (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's
 CPU freezing uses), which made SmolLM2's five-row verification step 1.3x faster in place
-(lm_head 11 ms against 17 on the best plain layout). It is a second copy of the weight,
-so it is only a candidate when the torch backend is given the memory for it
+(lm_head 11 ms against 17 on the best plain layout). It is a second copy of the weight (one per bucket
+that chooses it: oneDNN packs for a row count), so it is only a candidate when the torch
+backend is given the memory for it
 (`TorchBackend("cpu", few_rows_packed_mb=...)`: at most that many MiB of copies, the
 largest weights first; 0, the default, packs nothing).
 
@@ -54,8 +68,8 @@ import torch.nn.functional as F
 
 from ..ir.graph import Graph
 from ..passes.manager import PassStats
-from .cpu_linear_cache import (Decision, cache_file, few_rows_key, machine_fingerprint, read_decisions,
-                               shape_key, write_decisions)
+from .cpu_linear_cache import (Decision, cache_file, machine_fingerprint, read_decisions, rows_key, shape_key,
+                               write_decisions)
 
 BASELINE = ("aten", "row")
 PACKED = ("onednn", "packed")  # a few rows only, opt-in: a second copy of the weight
@@ -81,15 +95,38 @@ MIN_WINS = 0.75
 # stop at TARGET_SHARE of it, which leaves room for the minimum on a busy machine.
 TIME_BUDGET_S = 0.5
 TARGET_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class RowBucket:
+    """Calls with `first`..`last` activation rows run one choice per weight shape, timed at
+    `timed` rows; `budget` scales FEW_ROWS_BUDGET_S, its timing time."""
+    first: int
+    last: int
+    timed: int
+    budget: float = 1.0
+
+    def holds(self, rows: int) -> bool:
+        return self.first <= rows <= self.last
+
+    @property
+    def name(self) -> str:
+        return f"{self.first}-{self.last}"
+
+
 # Calls with 2..FEW_ROWS activation rows (speculative verification of up to 7 draft
 # tokens) take the few-row choice, timed at FEW_TIMED_ROWS rows (k = 4 draft tokens + 1).
 FEW_ROWS = 8
 FEW_TIMED_ROWS = 5
-# Timing time per model for the few-row choices, on top of TIME_BUDGET_S: the lm_head of a
-# small model costs 30-40 ms a call at five rows.
+# The buckets, in order, none overlapping and none holding one row: the few rows, then an
+# engine's decoding steps of 9-32 running requests (timed at 16, its default batch of 8
+# to a paged engine's 16-32). More rows keep the one-row choice (see the docstring).
+ROW_BUCKETS = (RowBucket(2, FEW_ROWS, FEW_TIMED_ROWS), RowBucket(FEW_ROWS + 1, 32, 16, budget=1.5))
+# Timing time per model for each bucket's choices (times its `budget`), on top of
+# TIME_BUDGET_S: the lm_head of a small model costs 30-40 ms a call at five rows.
 FEW_ROWS_BUDGET_S = 1.0
 # Part of the cache's fingerprint: bump it when the measurement or the rule changes.
-METHOD_VERSION = 3
+METHOD_VERSION = 4
 
 
 def onednn_linear(x, w, b=None):
@@ -105,30 +142,46 @@ KERNELS = {"aten": F.linear, "onednn": onednn_linear}
 @dataclass
 class CpuLinearPlan:
     """(out, in) -> (kernel, layout) for the float32 linear weights of one graph: `choices`
-    for one row (and for more than FEW_ROWS), `few_rows` for 2..FEW_ROWS rows where that
-    differs. `originals`: id(stored column-major copy) -> (that copy, the row-major
-    original), for the few-row choices on row-major weights (filled by apply)."""
+    for one row (and for row counts in no bucket), `by_rows[bucket]` for the row counts of
+    a RowBucket where that differs (`few_rows`: the first bucket's). `originals`:
+    id(stored column-major copy) -> (that copy, the row-major original), for the bucket
+    choices on row-major weights; `packed`: (id(stored weight), rows it is packed for) ->
+    (that weight, its oneDNN-packed copy) (both filled by apply)."""
     choices: dict[tuple[int, int], tuple[str, str]] = field(default_factory=dict)
     speedups: dict[tuple[int, int], float] = field(default_factory=dict)
-    few_rows: dict[tuple[int, int], tuple[str, str]] = field(default_factory=dict)
-    few_speedups: dict[tuple[int, int], float] = field(default_factory=dict)
+    by_rows: dict[RowBucket, dict[tuple[int, int], tuple[str, str]]] = field(default_factory=dict)
+    row_speedups: dict[RowBucket, dict[tuple[int, int], float]] = field(default_factory=dict)
     originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # id(stored) -> (it, packed copy)
+    packed: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     packed_bytes_limit: int = 0
-    not_packed: int = 0  # weights whose few-row choice is PACKED but did not fit in the limit
+    not_packed: int = 0  # bucket choices of PACKED whose copy did not fit in the limit
+
+    @property
+    def few_rows(self) -> dict[tuple[int, int], tuple[str, str]]:
+        """The choices for 2..FEW_ROWS rows (speculative verification), where they differ."""
+        return self.by_rows.get(ROW_BUCKETS[0], {})
+
+    def bucket(self, shape: tuple[int, int], rows: int) -> RowBucket | None:
+        """The bucket whose choice a call with `rows` rows on `shape` runs; None: the one-row choice."""
+        if rows > 1:
+            for bucket, choices in self.by_rows.items():
+                if bucket.holds(rows) and shape in choices:
+                    return bucket
+        return None
 
     def choice(self, shape: tuple[int, int], rows: int) -> tuple[str, str]:
         """The (kernel, layout) a call with `rows` activation rows on a weight of `shape` runs."""
-        if 1 < rows <= FEW_ROWS and shape in self.few_rows:
-            return self.few_rows[shape]
-        return self.choices.get(shape, BASELINE)
+        bucket = self.bucket(shape, rows)
+        return self.by_rows[bucket][shape] if bucket else self.choices.get(shape, BASELINE)
 
     def linear(self, x, w, b=None):
         """The torch backend's `linear`: the chosen kernel for this weight shape and row count."""
         if x.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, w, b)
         rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-        kernel, layout = self.choice(tuple(w.shape), rows)
+        shape = tuple(w.shape)
+        bucket = self.bucket(shape, rows)
+        kernel, layout = self.by_rows[bucket][shape] if bucket else self.choices.get(shape, BASELINE)
         # (any layout gives the same values: this only picks the faster read; a weight the
         # plan holds no copy of runs the kernel on the weight as given)
         if layout == "row" and not w.is_contiguous():
@@ -136,38 +189,40 @@ class CpuLinearPlan:
             if stored is w:
                 w = original
         elif layout == "packed":
-            stored, copy = self.packed.get(id(w), (None, None))
+            stored, copy = self.packed.get((id(w), bucket.timed), (None, None))
             if stored is w:
                 w = copy
         return KERNELS[kernel](x, w, b)
 
     def apply(self, graph: Graph) -> tuple[Graph, list[str], int]:
         """The graph with column-major copies of the weights whose shape chose that layout
-        (and the originals noted where a few rows read those)."""
+        (and the originals noted where a bucket's rows read those, and the packed copies
+        that fit in packed_bytes_limit)."""
         params = dict(graph.params)
         moved, nbytes, packed_bytes = [], 0, 0
         # the largest weights first: they gain the most per call from a packed copy
         for name in sorted(_linear_weights(graph), key=lambda n: -params[n].numel()):
             w = params[name]
             shape = tuple(w.shape)
-            if self.few_rows.get(shape) == PACKED:
+            copies = {}  # rows packed for -> copy
+            for bucket in (b for b, choices in self.by_rows.items() if choices.get(shape) == PACKED):
                 size = w.numel() * w.element_size()
                 if packed_bytes + size <= self.packed_bytes_limit:
                     with torch.no_grad():
-                        copy = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), FEW_TIMED_ROWS)
+                        copies[bucket.timed] = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(),
+                                                                                       bucket.timed)
                     packed_bytes += size
                 else:
-                    copy = None
                     self.not_packed += 1
             if self.choices.get(shape, BASELINE)[1] == "column" and w.is_contiguous():
                 with torch.no_grad():
                     params[name] = w.detach().t().contiguous().t()
                 moved.append(name)
                 nbytes += w.numel() * w.element_size()
-                if self.few_rows.get(shape, ("", ""))[1] == "row":
+                if any(choices.get(shape, ("", ""))[1] == "row" for choices in self.by_rows.values()):
                     self.originals[id(params[name])] = (params[name], w)
-            if self.few_rows.get(shape) == PACKED and copy is not None:
-                self.packed[id(params[name])] = (params[name], copy)
+            for rows, copy in copies.items():
+                self.packed[(id(params[name]), rows)] = (params[name], copy)
         out = graph.with_nodes(graph.nodes)
         out.params = params
         return out, moved, nbytes
@@ -176,6 +231,7 @@ class CpuLinearPlan:
         return sum(w.numel() * w.element_size() for _, w in self.originals.values())
 
     def packed_bytes(self) -> int:
+        """Bytes of the packed copies (a packed copy holds as many values as its weight)."""
         return sum(w.numel() * w.element_size() for w, _ in self.packed.values())
 
 
@@ -208,12 +264,14 @@ def plan_cpu_linears(graph: Graph, mode: str = "cached",
         if decision.choice != BASELINE:
             plan.choices[shape] = decision.choice
             plan.speedups[shape] = decision.speedup
-        few, one = decisions.get(few_rows_key(shape, packed=packed)), plan.choices.get(shape, BASELINE)
-        # (a cached few-row choice was made against this one-row choice: the two are timed
-        # and cached together; the layout check guards against a file edited by hand)
-        if few is not None and few.choice != one and few.layout in (one[1], "row", "packed" if packed else "row"):
-            plan.few_rows[shape] = few.choice
-            plan.few_speedups[shape] = few.speedup
+        one = plan.choices.get(shape, BASELINE)
+        for bucket in ROW_BUCKETS:
+            few = decisions.get(rows_key(shape, bucket.name, packed=packed))
+            # (a cached bucket choice was made against this one-row choice: the two are timed
+            # and cached together; the layout check guards against a file edited by hand)
+            if few is not None and few.choice != one and few.layout in (one[1], "row", "packed" if packed else "row"):
+                plan.by_rows.setdefault(bucket, {})[shape] = few.choice
+                plan.row_speedups.setdefault(bucket, {})[shape] = few.speedup
     out, moved, nbytes = plan.apply(graph)
     picked = Counter("_".join(plan.choices[shape]) for shape in (tuple(graph.params[n].shape) for n in names)
                      if shape in plan.choices)
@@ -221,15 +279,17 @@ def plan_cpu_linears(graph: Graph, mode: str = "cached",
     for shape, (k, layout) in sorted(plan.choices.items()):
         notes.append(f"[{shape[0]}, {shape[1]}]: {k} on {layout}-major weights, "
                      f"{plan.speedups[shape]:.2f}x faster than F.linear at one token")
-    for shape, (k, layout) in sorted(plan.few_rows.items()):
-        on = "a packed copy of the weights" if layout == "packed" else f"{layout}-major weights"
-        notes.append(f"[{shape[0]}, {shape[1]}] at 2-{FEW_ROWS} rows: {k} on {on}, "
-                     f"{plan.few_speedups[shape]:.2f}x faster than the one-row choice at {FEW_TIMED_ROWS} rows")
+    for bucket in ROW_BUCKETS:
+        for shape, (k, layout) in sorted(plan.by_rows.get(bucket, {}).items()):
+            on = "a packed copy of the weights" if layout == "packed" else f"{layout}-major weights"
+            notes.append(f"[{shape[0]}, {shape[1]}] at {bucket.name} rows: {k} on {on}, "
+                         f"{plan.row_speedups[bucket][shape]:.2f}x faster than the one-row choice at "
+                         f"{bucket.timed} rows")
     if plan.originals:
         notes.append(f"{len(plan.originals)} row-major originals kept beside their column-major copies for "
-                     f"2-{FEW_ROWS} rows ({plan.originals_bytes() / 2**20:.1f} MiB, the model's own tensors)")
+                     f"{_bucket_names(plan)} rows ({plan.originals_bytes() / 2**20:.1f} MiB, the model's own tensors)")
     if plan.packed or plan.not_packed:
-        notes.append(f"{len(plan.packed)} oneDNN-packed copies for 2-{FEW_ROWS} rows "
+        notes.append(f"{len(plan.packed)} oneDNN-packed copies for {_bucket_names(plan)} rows "
                      f"({plan.packed_bytes() / 2**20:.1f} MiB of {plan.packed_bytes_limit / 2**20:.0f} allowed)"
                      + (f"; {plan.not_packed} more did not fit and run oneDNN on the stored weight"
                         if plan.not_packed else ""))
@@ -243,10 +303,16 @@ def plan_cpu_linears(graph: Graph, mode: str = "cached",
         notes.append(_source_note(source))
     stats = PassStats("cpu_linear", time.perf_counter() - start, len(graph.nodes), len(out.nodes), rules=picked,
                       notes=notes, details={"cpu_linear": {"choices": dict(plan.choices), "few_rows": dict(plan.few_rows),
+                                                           "rows": {b.name: dict(c) for b, c in plan.by_rows.items()},
                                                            "column_major": moved, "bytes": nbytes,
                                                            "originals_bytes": plan.originals_bytes(),
                                                            "packed_bytes": plan.packed_bytes(), **source}})
     return out, plan, stats
+
+
+def _bucket_names(plan: CpuLinearPlan) -> str:
+    """The row ranges whose choices differ from the one-row choice somewhere ("2-8, 9-32")."""
+    return ", ".join(b.name for b in ROW_BUCKETS if plan.by_rows.get(b))
 
 
 def _untimed_shapes(graph: Graph, names: list[str]) -> list[tuple[int, int]]:
@@ -267,22 +333,33 @@ def _decisions(shapes: list[tuple[int, int]], mode: str, packed: bool = False) -
     timing_start = time.perf_counter()
     timed = {shape_key(s): d for s, d in measure_choices(missing, candidates).items()}
     decisions = {**known, **timed}
-    # The few-row choice is made against the one-row one: timed again whenever that is.
-    # (with packed copies allowed or not: two choices, cached under two keys)
-    few_missing = [s for s in shapes if s in missing or few_rows_key(s, packed=packed) not in known]
-    few_timed = measure_few_row_choices(few_missing, {s: decisions[shape_key(s)].choice for s in few_missing},
-                                        candidates + ([PACKED] if packed else []))
-    decisions.update({few_rows_key(s, packed=packed): d for s, d in few_timed.items()})
-    source = {"from_cache": len(shapes) - len(missing), "timed": len(missing), "few_rows_timed": len(few_missing),
-              "timing_seconds": time.perf_counter() - timing_start, "cache_file": path, "cache_error": None,
-              "cut_short": sum(decisions[shape_key(s)].rounds < MIN_ROUNDS for s in shapes),
-              "few_rows_cut_short": sum(d.rounds < MIN_ROUNDS for d in few_timed.values())}
-    # A shape cut short (the budget ran out on a busy machine) keeps F.linear for this
-    # model only: caching it would fix that guess for every later run on this machine.
-    # Its few-row choice, made against that guess, is not cached either.
     complete = {key: d for key, d in timed.items() if d.rounds >= MIN_ROUNDS}
-    complete.update({few_rows_key(s, packed=packed): d for s, d in few_timed.items()
-                     if d.rounds >= MIN_ROUNDS and decisions[shape_key(s)].rounds >= MIN_ROUNDS})
+    rows_timed, rows_cut_short = {}, {}
+    for bucket in ROW_BUCKETS:
+        # A bucket's choice is made against the one-row one: timed again whenever that is.
+        # (with packed copies allowed or not: two choices, cached under two keys)
+        def key(s):
+            return rows_key(s, bucket.name, packed=packed)
+
+        bucket_missing = [s for s in shapes if s in missing or key(s) not in known]
+        one_row = {s: decisions[shape_key(s)].choice for s in bucket_missing}
+        bucket_candidates = candidates + ([PACKED] if packed else [])
+        # (the first bucket through measure_few_row_choices, which tests of speculative decoding replace)
+        bucket_timed = (measure_few_row_choices(bucket_missing, one_row, bucket_candidates) if bucket == ROW_BUCKETS[0]
+                        else measure_row_choices(bucket, bucket_missing, one_row, bucket_candidates))
+        decisions.update({key(s): d for s, d in bucket_timed.items()})
+        rows_timed[bucket.name] = len(bucket_missing)
+        rows_cut_short[bucket.name] = sum(d.rounds < MIN_ROUNDS for d in bucket_timed.values())
+        # A shape cut short (the budget ran out on a busy machine) keeps F.linear for this
+        # model only: caching it would fix that guess for every later run on this machine.
+        # Its bucket choices, made against that guess, are not cached either.
+        complete.update({key(s): d for s, d in bucket_timed.items()
+                         if d.rounds >= MIN_ROUNDS and decisions[shape_key(s)].rounds >= MIN_ROUNDS})
+    first = ROW_BUCKETS[0].name
+    source = {"from_cache": len(shapes) - len(missing), "timed": len(missing), "few_rows_timed": rows_timed[first],
+              "rows_timed": rows_timed, "timing_seconds": time.perf_counter() - timing_start, "cache_file": path,
+              "cache_error": None, "cut_short": sum(decisions[shape_key(s)].rounds < MIN_ROUNDS for s in shapes),
+              "few_rows_cut_short": rows_cut_short[first], "rows_cut_short": rows_cut_short}
     if complete:
         source["cache_error"] = write_decisions(path, fingerprint, candidates + [PACKED], complete)
     return decisions, source
@@ -302,14 +379,16 @@ def _source_note(source: dict) -> str:
             note = f"{note}; not cached ({source['cache_error']})"
         else:
             note = f"{note}, saved to {source['cache_file']}"
-    if source["few_rows_timed"]:
-        note += f"; {source['few_rows_timed']} few-row choices timed now"
+    if any(source["rows_timed"].values()):
+        note += "; row-bucket choices timed now: " + ", ".join(
+            f"{n} at {name} rows" for name, n in source["rows_timed"].items() if n)
     if source["cut_short"]:
         note += (f"; {_shapes(source['cut_short'])} kept F.linear because the timing budget ran out (a busy "
                  f"machine?), not cached: the next optimize() times them again")
-    if source["few_rows_cut_short"]:
-        note += (f"; {source['few_rows_cut_short']} few-row choices kept the one-row kernel because the timing "
-                 f"budget ran out, not cached: the next optimize() times them again")
+    if any(source["rows_cut_short"].values()):
+        cut = ", ".join(f"{n} at {name} rows" for name, n in source["rows_cut_short"].items() if n)
+        note += (f"; row-bucket choices ({cut}) kept the one-row kernel because the timing budget ran out, "
+                 f"not cached: the next optimize() times them again")
     return note
 
 
@@ -318,9 +397,12 @@ def _shapes(n: int) -> str:
 
 
 def timing_candidates() -> list[tuple[str, str]]:
-    """(kernel, layout) pairs this build can run, in PREFERENCE order."""
+    """(kernel, layout) pairs this build can run, in PREFERENCE order, without PACKED: a
+    second copy of the weight is a candidate only where memory is given for it (added
+    by the caller). (Timed among the rest, a packed copy that won where none may be made
+    left a bucket on the one-row choice although a layout the program holds beat it.)"""
     kernels = {k for k in KERNELS if k != "onednn" or onednn_available()}
-    return [c for c in PREFERENCE if c[0] in kernels]
+    return [c for c in PREFERENCE if c[0] in kernels and c != PACKED]
 
 
 def timing_method(candidates) -> dict:
@@ -328,7 +410,7 @@ def timing_method(candidates) -> dict:
     fingerprint, so that changing it measures again instead of trusting old choices."""
     return {"version": METHOD_VERSION, "candidates": ["_".join(c) for c in candidates],
             "cold_bytes": COLD_BYTES, "max_copies": MAX_COPIES, "min_speedup": MIN_SPEEDUP, "tie": TIE,
-            "few_rows": FEW_ROWS, "few_timed_rows": FEW_TIMED_ROWS,
+            "row_buckets": [[b.first, b.last, b.timed, b.budget] for b in ROW_BUCKETS],
             "min_wins": MIN_WINS, "calls_per_round": CALLS_PER_ROUND, "min_rounds": MIN_ROUNDS}
 
 
@@ -345,14 +427,22 @@ def measure_choices(shapes: list[tuple[int, int]], candidates: list[tuple[str, s
 def measure_few_row_choices(shapes: list[tuple[int, int]], one_row: dict[tuple[int, int], tuple[str, str]],
                             candidates: list[tuple[str, str]],
                             budget_s: float | None = None) -> dict[tuple[int, int], Decision]:
-    """The choice at 2..FEW_ROWS rows for each shape, timed at FEW_TIMED_ROWS rows against
-    its one-row choice `one_row[shape]` (what those calls would run otherwise), among the
-    candidates that read a weight the program already has: the stored layout (the one-row
-    choice's) or the row-major original, or a packed copy where `candidates` has PACKED.
-    Same budget rules as measure_choices."""
+    """measure_row_choices for the first bucket, 2..FEW_ROWS rows (speculative verification)."""
+    return measure_row_choices(ROW_BUCKETS[0], shapes, one_row, candidates, budget_s)
+
+
+def measure_row_choices(bucket: RowBucket, shapes: list[tuple[int, int]],
+                        one_row: dict[tuple[int, int], tuple[str, str]], candidates: list[tuple[str, str]],
+                        budget_s: float | None = None) -> dict[tuple[int, int], Decision]:
+    """The choice for the row counts of `bucket` for each shape, timed at bucket.timed
+    rows against its one-row choice `one_row[shape]` (what those calls would run
+    otherwise), among the candidates that read a weight the program already has: the
+    stored layout (the one-row choice's) or the row-major original, or a packed copy where
+    `candidates` has PACKED. Same budget rules as measure_choices (the budget:
+    FEW_ROWS_BUDGET_S times bucket.budget)."""
     allowed = {s: [c for c in candidates if c[1] in (one_row[s][1], "row", "packed")] for s in shapes}
-    return _measure(shapes, allowed, one_row, FEW_TIMED_ROWS,
-                    FEW_ROWS_BUDGET_S if budget_s is None else budget_s)
+    return _measure(shapes, allowed, one_row, bucket.timed,
+                    FEW_ROWS_BUDGET_S * bucket.budget if budget_s is None else budget_s)
 
 
 def _measure(shapes, candidates_of, baseline_of, rows: int, budget_s: float) -> dict[tuple[int, int], Decision]:
@@ -418,7 +508,7 @@ def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buf
     rounds: dict[tuple[str, str], list[float]] = {c: [] for c in candidates}
     if time.perf_counter() >= hard_stop:
         return rounds
-    weights = {layout: cold_weights(buffer, shape, layout) for layout in {c[1] for c in candidates}}
+    weights = {layout: cold_weights(buffer, shape, layout, rows) for layout in {c[1] for c in candidates}}
     x = torch.randn(rows, shape[1])
     for kernel, layout in candidates:  # oneDNN builds its primitive on the first call of a shape
         KERNELS[kernel](x, weights[layout][0])
@@ -454,15 +544,17 @@ def _next_copies(weights: list[torch.Tensor], cursor: int) -> list[torch.Tensor]
     return [weights[(cursor + i) % len(weights)] for i in range(n)]
 
 
-def cold_weights(buffer: torch.Tensor, shape: tuple[int, int], layout: str) -> list[torch.Tensor]:
+def cold_weights(buffer: torch.Tensor, shape: tuple[int, int], layout: str, rows: int = FEW_TIMED_ROWS
+                 ) -> list[torch.Tensor]:
     """Views of `buffer` as weights of `shape` in `layout`, enough of them to overflow a
-    server CPU's last-level cache: decoding reads every weight from memory once per token."""
+    server CPU's last-level cache: decoding reads every weight from memory once per token.
+    (packed: copies packed for `rows` rows)"""
     out_features, in_features = shape
     n = out_features * in_features
     copies = min(MAX_COPIES, max(1, COLD_BYTES // (n * 4)))
     flat = [buffer[i * n:(i + 1) * n] for i in range(copies)]
     if layout == "packed":  # copies of their own, packed as the plan packs them
-        return [torch.ops.mkldnn._reorder_linear_weight(w.view(out_features, in_features), FEW_TIMED_ROWS)
+        return [torch.ops.mkldnn._reorder_linear_weight(w.view(out_features, in_features), rows)
                 for w in flat]
     if layout == "row":
         return [w.view(out_features, in_features) for w in flat]

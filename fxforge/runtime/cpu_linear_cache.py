@@ -43,7 +43,7 @@ class Decision:
     """The choice for one weight shape, with the medians it was made from (for the record)."""
     kernel: str
     layout: str
-    speedup: float  # over F.linear on the row-major weight (a few-row choice: over the one-row choice), 1.0 when that is the choice
+    speedup: float  # over F.linear on the row-major weight (a row bucket's choice: over the one-row choice), 1.0 when that is the choice
     median_us: dict[str, float]
     rounds: int  # timing rounds behind it; under MIN_ROUNDS means time ran out (F.linear kept)
 
@@ -86,10 +86,11 @@ def shape_key(shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> str
     return f"{str(dtype).removeprefix('torch.')} {shape[0]}x{shape[1]}"
 
 
-def few_rows_key(shape: tuple[int, int], dtype: torch.dtype = torch.float32, packed: bool = False) -> str:
-    """The key of a shape's choice for a few activation rows (cpu_linear.FEW_ROWS), made
-    with oneDNN-packed copies among the candidates or without."""
-    return f"{shape_key(shape, dtype)} few rows{' packed' if packed else ''}"
+def rows_key(shape: tuple[int, int], rows: str, dtype: torch.dtype = torch.float32, packed: bool = False) -> str:
+    """The key of a shape's choice for a bucket of activation row counts (`rows`, its name
+    such as "2-8": cpu_linear.ROW_BUCKETS), made with oneDNN-packed copies among the
+    candidates or without."""
+    return f"{shape_key(shape, dtype)} rows {rows}{' packed' if packed else ''}"
 
 
 def read_decisions(path: str, fingerprint: dict, candidates, warn: bool = True) -> dict[str, Decision]:
