@@ -14,7 +14,11 @@ is waste, not throughput.
     python benchmarks/serving.py [--model smollm2|smollm2-random|tiny] [--requests 32]
         [--prompt-lens 16,512] [--output-lens 16,256] [--max-batch 8] [--layouts dense,paged]
         [--block-size 16] [--paged-max-batch N] [--device cpu|cuda|auto] [--dtype bfloat16]
-        [--skip-alone] [--skip-transformers] [--out f.json]
+        [--skip-alone] [--skip-transformers] [--packed-mb N] [--out f.json]
+
+`--packed-mb N` (CPU) gives the engine's model N MiB of oneDNN-packed weight copies for
+steps of 2-32 rows (`TorchBackend("cpu", few_rows_packed_mb=N)`, runtime/cpu_linear.py):
+SmolLM2's lm_head takes 108 MiB per row bucket that picks it.
 
 `--model tiny` (a 2-layer random Llama) measures the KV memory figures in seconds: they
 depend on the workload and the scheduling, not on the model.
@@ -32,6 +36,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 import fxforge  # noqa: E402
 from fxforge.passes.kv_cache import KVCacheConfig  # noqa: E402
+from fxforge.runtime.backends.torch_backend import TorchBackend  # noqa: E402
 from fxforge.ir import roles  # noqa: E402
 from decode import load  # noqa: E402
 from report import finish  # noqa: E402
@@ -112,6 +117,8 @@ def main():
                          "paging fits more requests in the same KV memory, which is where its throughput comes from")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when there is one)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--packed-mb", type=float, default=0,
+                    help="CPU: MiB of oneDNN-packed weight copies for 2-32-row steps (0: none, the default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -133,7 +140,8 @@ def main():
     rows, engine_out, memory = [], None, []
     for layout in layouts:
         config = KVCacheConfig(layout=layout, block_size=args.block_size) if layout == "paged" else True
-        fast = fxforge.optimize(model, (ids,), kv_cache=config)
+        options = {"backend": TorchBackend(device, few_rows_packed_mb=args.packed_mb)} if args.packed_mb else {}
+        fast = fxforge.optimize(model, (ids,), kv_cache=config, **options)
         rows_at_once = args.paged_max_batch or args.max_batch if layout == "paged" else args.max_batch
         if device.type == "cuda":  # compile and autotune the kernels before the clock starts
             t_warm = time.perf_counter()
