@@ -16,8 +16,8 @@ is meant to be reused).
 `make test` runs the files on parallel workers (pytest-xdist, `--dist loadfile`: a file's
 tests share one process, so its module fixtures are built once). Each worker gets an equal
 share of the CPU's threads for torch (and for the processes its tests start), so that two
-workers on two cores do not each start two threads; and the controller prints a line per test file as its last test ends (xdist
-alone prints only dots)."""
+workers on two cores do not each start two threads; and the controller prints a line per
+test file as its last test ends (xdist alone prints only dots)."""
 import fcntl
 import os
 import time
@@ -159,6 +159,8 @@ class FileProgress:
             self.left[path] -= 1
             if self.left[path] == 0:
                 counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(self.outcomes[path].items()))
+                worker = getattr(report, "node", None)  # (set by xdist on the controller's copy of a report)
                 reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-                reporter.write(f"\n{path}: {counts} ({self.seconds[path]:.1f} s on {getattr(getattr(report, 'node', None), 'gateway', None) and report.node.gateway.id}, "
-                                    f"{time.perf_counter() - self.started:.0f} s into the run)\n")
+                reporter.write(f"\n{path}: {counts} ({self.seconds[path]:.1f} s on "
+                               f"{worker.gateway.id if worker is not None else 'a worker'}, "
+                               f"{time.perf_counter() - self.started:.0f} s into the run)\n")

@@ -171,17 +171,18 @@ class CpuLinearPlan:
 
     def choice(self, shape: tuple[int, int], rows: int) -> tuple[str, str]:
         """The (kernel, layout) a call with `rows` activation rows on a weight of `shape` runs."""
+        return self._bucket_and_choice(shape, rows)[1]
+
+    def _bucket_and_choice(self, shape: tuple[int, int], rows: int) -> tuple[RowBucket | None, tuple[str, str]]:
         bucket = self.bucket(shape, rows)
-        return self.by_rows[bucket][shape] if bucket else self.choices.get(shape, BASELINE)
+        return bucket, self.by_rows[bucket][shape] if bucket else self.choices.get(shape, BASELINE)
 
     def linear(self, x, w, b=None):
         """The torch backend's `linear`: the chosen kernel for this weight shape and row count."""
         if x.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, w, b)
         rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-        shape = tuple(w.shape)
-        bucket = self.bucket(shape, rows)
-        kernel, layout = self.by_rows[bucket][shape] if bucket else self.choices.get(shape, BASELINE)
+        bucket, (kernel, layout) = self._bucket_and_choice(tuple(w.shape), rows)
         # (any layout gives the same values: this only picks the faster read; a weight the
         # plan holds no copy of runs the kernel on the weight as given)
         if layout == "row" and not w.is_contiguous():

@@ -96,9 +96,16 @@ class PagedAttentionSDPA:
         self._masked = None  # (bias, its version, slots of _last, whether the bias masks the padding)
         self._groups = None  # (table, row_start, keys, block size, versions, groups): see _length_groups
 
+    @staticmethod
+    def _same_step(last, table, row_start, keys: int, block_size: int) -> bool:
+        """Whether a per-step record `last` (table, row_start, keys, block size, versions,
+        ...) was made for these inputs: the same tensors, unchanged since, and sizes."""
+        return (last is not None and last[0] is table and last[1] is row_start
+                and last[2:5] == (keys, block_size, (table._version, row_start._version)))
+
     def _slots(self, table, row_start, keys: int, block_size: int):
         last, versions = self._last, (table._version, row_start._version)
-        if (last is not None and last[0] is table and last[1] is row_start and last[2:5] == (keys, block_size, versions)):
+        if self._same_step(last, table, row_start, keys, block_size):
             return last[5], last[6]
         slots, valid = paged_key_slots(table, row_start, keys, block_size)
         if table.device.type == "cpu":
@@ -154,7 +161,7 @@ class PagedAttentionSDPA:
         """The step's rows in groups of similar length, once per step (as the slots): for
         each, (its rows [n], its first key, its keys, the flat slots of its keys [n * keys])."""
         last, versions = self._groups, (table._version, row_start._version)
-        if (last is not None and last[0] is table and last[1] is row_start and last[2:5] == (keys, block_size, versions)):
+        if self._same_step(last, table, row_start, keys, block_size):
             return last[5]
         groups, starts = [], row_start.tolist()
         for rows in length_groups(starts, keys):
