@@ -291,9 +291,9 @@ def test_a_few_rows_take_the_few_row_choice_on_the_original_weight(monkeypatch):
     model's original beside the column-major copy, never a new copy."""
     model, vocab = zoo.llama("sdpa")
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), cpu_linear=False)
-    few, engine_rows = cpu_linear.ROW_BUCKETS[:2]
+    few, *engine_buckets = cpu_linear.ROW_BUCKETS
     plan = CpuLinearPlan(choices={(64, 64): ("aten", "column")},
-                         by_rows={few: {(64, 64): ("onednn", "row")}, engine_rows: {(64, 64): ("aten", "row")}})
+                         by_rows={few: {(64, 64): ("onednn", "row")}, **{b: {(64, 64): ("aten", "row")} for b in engine_buckets}})
     graph, moved, _ = plan.apply(fast.graph)
     assert moved and len(plan.originals) == len(moved)
     assert plan.originals_bytes() == len(moved) * 64 * 64 * 4
@@ -302,12 +302,13 @@ def test_a_few_rows_take_the_few_row_choice_on_the_original_weight(monkeypatch):
     monkeypatch.setitem(cpu_linear.KERNELS, "onednn",
                         lambda x, w, b=None: calls.append(("onednn", w)) or cpu_linear.onednn_linear(x, w, b))
     copy, original = graph.params[moved[0]], fast.graph.params[moved[0]]
-    # one row, the few rows' bucket, the engine's 9-32 rows' bucket, then prompts: one-row choice again
+    # one row, the few rows' bucket, the engine's buckets, then prompts: one-row choice again
+    last = engine_buckets[-1].last
     for rows, choice, w in [(1, ("aten", "column"), copy), (2, ("onednn", "row"), original),
                             (cpu_linear.FEW_ROWS, ("onednn", "row"), original),
-                            (engine_rows.first, ("aten", "row"), original), (16, ("aten", "row"), original),
-                            (engine_rows.last, ("aten", "row"), original),
-                            (engine_rows.last + 1, ("aten", "column"), copy), (512, ("aten", "column"), copy)]:
+                            (cpu_linear.FEW_ROWS + 1, ("aten", "row"), original), (16, ("aten", "row"), original),
+                            (last, ("aten", "row"), original),
+                            (last + 1, ("aten", "column"), copy), (512, ("aten", "column"), copy)]:
         assert plan.choice((64, 64), rows) == choice
         x = torch.randn(1, rows, 64)
         calls.clear()
@@ -323,7 +324,8 @@ def test_few_row_choices_are_timed_against_the_one_row_choice_and_cached(timing)
     model, vocab, example = small_llama()
     first = cpu_linear_stats(fxforge.optimize(model, example))
     source = first.details["cpu_linear"]
-    assert source["few_rows_timed"] == source["timed"] > 0 and source["few_rows_cut_short"] == 0
+    first = cpu_linear.ROW_BUCKETS[0].name
+    assert source["rows_timed"][first] == source["timed"] > 0 and source["rows_cut_short"][first] == 0
     with open(source["cache_file"]) as f:
         keys = json.load(f)["choices"]
     for bucket in cpu_linear.ROW_BUCKETS:  # every bucket timed and cached, each under its own key
@@ -331,7 +333,7 @@ def test_few_row_choices_are_timed_against_the_one_row_choice_and_cached(timing)
         assert sum(k.endswith(f" rows {bucket.name}") for k in keys) == source["timed"]
     second = cpu_linear_stats(fxforge.optimize(model, example))
     again = second.details["cpu_linear"]
-    assert again["few_rows_timed"] == again["timed"] == 0 and not any(again["rows_timed"].values())
+    assert again["timed"] == 0 and not any(again["rows_timed"].values())
     assert again["few_rows"] == source["few_rows"] and again["choices"] == source["choices"]
     assert again["rows"] == source["rows"]
     for choices in again["rows"].values():
@@ -341,15 +343,19 @@ def test_few_row_choices_are_timed_against_the_one_row_choice_and_cached(timing)
 
 def test_few_row_choices_cut_short_are_not_cached(timing, monkeypatch):
     model, vocab, example = small_llama()
-    real = cpu_linear.measure_few_row_choices
-    monkeypatch.setattr(cpu_linear, "measure_few_row_choices",
-                        lambda shapes, one_row, candidates: real(shapes, one_row, candidates, budget_s=0.0))
+    real = cpu_linear.measure_row_choices
+    few = cpu_linear.ROW_BUCKETS[0]
+    # the few rows' budget runs out; the other buckets are timed as usual
+    monkeypatch.setattr(cpu_linear, "measure_row_choices", lambda bucket, shapes, one_row, candidates: real(
+        bucket, shapes, one_row, candidates, **({"budget_s": 0.0} if bucket == few else {})))
     first = cpu_linear_stats(fxforge.optimize(model, example)).details["cpu_linear"]
-    assert first["few_rows_cut_short"] == first["few_rows_timed"] > 0 and first["few_rows"] == {}
-    monkeypatch.setattr(cpu_linear, "measure_few_row_choices", real)
+    assert first["rows_cut_short"][few.name] == first["rows_timed"][few.name] > 0 and first["few_rows"] == {}
+    assert not any(n for name, n in first["rows_cut_short"].items() if name != few.name)
+    monkeypatch.setattr(cpu_linear, "measure_row_choices", real)
     second = cpu_linear_stats(fxforge.optimize(model, example)).details["cpu_linear"]
-    assert second["timed"] == 0 and second["few_rows_timed"] == first["few_rows_timed"]
-    assert second["few_rows_cut_short"] == 0
+    assert second["timed"] == 0 and second["rows_timed"] == {**{b.name: 0 for b in cpu_linear.ROW_BUCKETS},
+                                                             few.name: first["rows_timed"][few.name]}
+    assert not any(second["rows_cut_short"].values())
 
 
 def test_decide_against_another_baseline():
@@ -371,8 +377,6 @@ def test_packed_copies_for_a_few_rows_are_opt_in_bounded_and_exact(timing, monke
     assert default["packed_bytes"] == 0
     assert all(layout != "packed" for _, layout in default["few_rows"].values())
     # every shape chooses the packed copy in every bucket: the bound alone decides what is packed
-    monkeypatch.setattr(cpu_linear, "measure_few_row_choices", lambda shapes, one_row, candidates: {
-        s: Decision(*cpu_linear.PACKED, 2.0, {}, 9) for s in shapes if cpu_linear.PACKED in candidates})
     monkeypatch.setattr(cpu_linear, "measure_row_choices", lambda bucket, shapes, one_row, candidates: {
         s: Decision(*cpu_linear.PACKED, 2.0, {}, 9) for s in shapes if cpu_linear.PACKED in candidates})
     # (packed copies allowed is another cache key: the choices above are not read)
@@ -382,34 +386,38 @@ def test_packed_copies_for_a_few_rows_are_opt_in_bounded_and_exact(timing, monke
     assert 0 < details["packed_bytes"] <= 1 << 20
     assert any("did not fit" in n for n in stats.notes)
     assert_matches_eager(model, fast, vocab, [(1, 1), (1, 5), (2, 3), (1, 12), (2, 9), (1, 40)])
-    # with room for all: one copy per weight and bucket, each packed for its bucket's rows
+    # with room for all: one copy per weight, shared by every bucket
     roomy = fxforge.optimize(model, example, backend=TorchBackend("cpu", few_rows_packed_mb=64))
     plan_packed = cpu_linear_stats(roomy).details["cpu_linear"]
     weights = [w for w in roomy.graph.params.values() if w.dim() == 2 and w.numel() * 4 >= cpu_linear.MIN_TIMED_BYTES]
-    assert plan_packed["packed_bytes"] == len(cpu_linear.ROW_BUCKETS) * sum(w.numel() * 4 for w in weights)
+    assert plan_packed["packed_bytes"] == sum(w.numel() * 4 for w in weights)
     assert_matches_eager(model, roomy, vocab, [(1, 1), (1, 5), (2, 9), (1, 16)])
     with pytest.raises(ValueError, match="few_rows_packed_mb"):
         TorchBackend("cpu", few_rows_packed_mb=-1)
 
 
 @needs_onednn
-def test_a_packed_copy_is_read_for_its_bucket_only(monkeypatch):
+def test_one_packed_copy_is_read_by_the_buckets_that_chose_it_only(monkeypatch):
     w = torch.randn(64, 32)
-    few, engine_rows = cpu_linear.ROW_BUCKETS[:2]
-    plan = CpuLinearPlan(by_rows={few: {(64, 32): cpu_linear.PACKED}, engine_rows: {(64, 32): cpu_linear.PACKED}})
-    packed = {few.timed: torch.ops.mkldnn._reorder_linear_weight(w, few.timed),
-              engine_rows.timed: torch.ops.mkldnn._reorder_linear_weight(w, engine_rows.timed)}
-    plan.packed = {(id(w), rows): (w, copy) for rows, copy in packed.items()}
+    few, engine_rows, more = cpu_linear.ROW_BUCKETS
+    plan = CpuLinearPlan(by_rows={few: {(64, 32): cpu_linear.PACKED}, engine_rows: {(64, 32): cpu_linear.PACKED},
+                                  more: {(64, 32): ("onednn", "row")}})
+    copy = torch.ops.mkldnn._reorder_linear_weight(w, few.timed)
+    plan.packed = {id(w): (w, copy)}
     read = []
     monkeypatch.setitem(cpu_linear.KERNELS, "onednn",
                         lambda x, w, b=None: read.append(w) or cpu_linear.onednn_linear(x, w, b))
-    for rows in (1, 2, 5, 8, 9, 16, 32, 33):
+    for rows in (1, 2, 5, 8, 9, 12, 15, 16, 24, 32, 33):
         x = torch.randn(1, rows, 32)
-        bucket = next((b for b in (few, engine_rows) if b.holds(rows)), None)
-        assert plan.choice((64, 32), rows) == (cpu_linear.PACKED if bucket else cpu_linear.BASELINE)
+        bucket = next((b for b in cpu_linear.ROW_BUCKETS if b.holds(rows)), None)
         read.clear()
         torch.testing.assert_close(plan.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
-        assert read == ([packed[bucket.timed]] if bucket else [])
+        if bucket is None:
+            assert plan.choice((64, 32), rows) == cpu_linear.BASELINE and read == []
+        elif bucket == more:
+            assert plan.choice((64, 32), rows) == ("onednn", "row") and read == [w]
+        else:
+            assert plan.choice((64, 32), rows) == cpu_linear.PACKED and read == [copy]
 
 
 def test_packed_copies_are_timed_only_where_memory_is_given(monkeypatch, tmp_path):
@@ -422,13 +430,11 @@ def test_packed_copies_are_timed_only_where_memory_is_given(monkeypatch, tmp_pat
     seen = []
     monkeypatch.setattr(cpu_linear, "measure_choices", lambda shapes, candidates: seen.append(("one", shapes, candidates)) or {
         s: Decision(*cpu_linear.BASELINE, 1.0, {}, 9) for s in shapes})
-    monkeypatch.setattr(cpu_linear, "measure_few_row_choices", lambda shapes, one_row, candidates: seen.append(
-        ("few", shapes, candidates)) or {s: Decision(*cpu_linear.BASELINE, 1.0, {}, 9) for s in shapes})
     monkeypatch.setattr(cpu_linear, "measure_row_choices", lambda bucket, shapes, one_row, candidates: seen.append(
         (bucket.name, shapes, candidates)) or {s: Decision(*cpu_linear.BASELINE, 1.0, {}, 9) for s in shapes})
     model, vocab, example = small_llama()
     fxforge.optimize(model, example)
-    assert [name for name, _, _ in seen] == ["one", "few"] + [b.name for b in cpu_linear.ROW_BUCKETS[1:]]
+    assert [name for name, _, _ in seen] == ["one"] + [b.name for b in cpu_linear.ROW_BUCKETS]
     assert all(shapes and cpu_linear.PACKED not in candidates for _, shapes, candidates in seen)
     if onednn_available():
         seen.clear()
@@ -436,7 +442,7 @@ def test_packed_copies_are_timed_only_where_memory_is_given(monkeypatch, tmp_pat
         # (the one-row choices come from the cache now: only the buckets' packed choices are timed)
         one, *buckets = seen
         assert one[0] == "one" and not one[1] and cpu_linear.PACKED not in one[2]
-        assert [name for name, _, _ in buckets] == ["few"] + [b.name for b in cpu_linear.ROW_BUCKETS[1:]]
+        assert [name for name, _, _ in buckets] == [b.name for b in cpu_linear.ROW_BUCKETS]
         assert all(shapes and cpu_linear.PACKED in candidates for _, shapes, candidates in buckets)
 
 
@@ -454,16 +460,15 @@ def test_row_buckets_are_ordered_apart_and_leave_one_row_alone():
 
 @needs_onednn
 def test_engine_tokens_stay_plain_whatever_the_bucket_choices(monkeypatch, tmp_path):
-    """An engine's decoding steps of 1, 2-8 and 9-32 rows, each bucket on another kernel
-    and layout: every request's tokens are the ones without cpu_linear."""
+    """An engine's decoding steps of 1 row and of every bucket's rows, each bucket on
+    another kernel and layout: every request's tokens are the ones without cpu_linear."""
     monkeypatch.setenv(cpu_linear_cache.FOLDER_VARIABLE, str(tmp_path))
     monkeypatch.setattr(cpu_linear, "MIN_TIMED_BYTES", 0)
     monkeypatch.setattr(cpu_linear, "measure_choices",
                         lambda shapes, candidates: {s: Decision("aten", "column", 2.0, {}, 9) for s in shapes})
-    monkeypatch.setattr(cpu_linear, "measure_few_row_choices",
-                        lambda shapes, one_row, candidates: {s: Decision("onednn", "row", 2.0, {}, 9) for s in shapes})
+    kernels = dict(zip(cpu_linear.ROW_BUCKETS, [("onednn", "row"), ("onednn", "column"), ("aten", "row")]))
     monkeypatch.setattr(cpu_linear, "measure_row_choices", lambda bucket, shapes, one_row, candidates: {
-        s: Decision("onednn", "column", 2.0, {}, 9) for s in shapes})
+        s: Decision(*kernels[bucket], 2.0, {}, 9) for s in shapes})
     torch.manual_seed(0)
     model, vocab = zoo.llama("sdpa")
     example = (torch.randint(0, vocab, (2, 7)),)
@@ -472,10 +477,11 @@ def test_engine_tokens_stay_plain_whatever_the_bucket_choices(monkeypatch, tmp_p
     assert set(rows) == {b.name for b in cpu_linear.ROW_BUCKETS}
     plain = fxforge.optimize(model, example, kv_cache=True, cpu_linear=False)
     gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, vocab, (int(n),), generator=gen) for n in torch.randint(2, 9, (12,), generator=gen)]
+    # 18 requests at once: decoding steps of 18 rows down to 1, through every bucket
+    prompts = [torch.randint(1, vocab, (int(n),), generator=gen) for n in torch.randint(2, 9, (18,), generator=gen)]
     answers = []
     for m in (fast, plain):
-        engine = fxforge.Engine(m, max_batch=12, max_seq_len=32)
+        engine = fxforge.Engine(m, max_batch=18, max_seq_len=32)
         requests = [engine.submit(p, 6 + i % 5) for i, p in enumerate(prompts)]
         engine.run()
         answers.append([r.result() for r in requests])

@@ -171,8 +171,8 @@ def test_greedy_equals_plain_when_verification_takes_other_linear_kernels(monkey
     monkeypatch.setattr(cpu_linear, "MIN_TIMED_BYTES", 0)
     monkeypatch.setattr(cpu_linear, "measure_choices",
                         lambda shapes, candidates: {s: Decision("aten", "column", 2.0, {}, 9) for s in shapes})
-    monkeypatch.setattr(cpu_linear, "measure_few_row_choices",
-                        lambda shapes, one_row, candidates: {s: Decision("onednn", "row", 2.0, {}, 9) for s in shapes})
+    monkeypatch.setattr(cpu_linear, "measure_row_choices", lambda bucket, shapes, one_row, candidates: {
+        s: Decision("onednn", "row", 2.0, {}, 9) for s in shapes})
     torch.manual_seed(0)
     model, vocab = zoo.llama("sdpa")
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=True)
@@ -198,8 +198,8 @@ def test_greedy_equals_plain_with_packed_verification_weights(monkeypatch, tmp_p
         pytest.skip("this torch build has no oneDNN linear")
     monkeypatch.setenv("FXFORGE_CPU_LINEAR_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_linear, "MIN_TIMED_BYTES", 0)
-    monkeypatch.setattr(cpu_linear, "measure_few_row_choices",
-                        lambda shapes, one_row, candidates: {s: Decision(*cpu_linear.PACKED, 2.0, {}, 9) for s in shapes})
+    monkeypatch.setattr(cpu_linear, "measure_row_choices", lambda bucket, shapes, one_row, candidates: {
+        s: Decision(*cpu_linear.PACKED, 2.0, {}, 9) for s in shapes})
     torch.manual_seed(0)
     model, vocab = zoo.llama("sdpa")
     example = (torch.randint(0, vocab, (2, 7)),)

@@ -33,24 +33,27 @@ model lives; the report gives the bytes).
 
 Row buckets: the few rows are the first of ROW_BUCKETS, each a range of row counts with
 its own choice, timed at one row count inside it against the one-row choice, under the
-same rules, cached under its own key. The second holds a continuous-batching engine's
-decoding steps with 9-32 running requests (timed at 16), which ran the one-row choice
-before; on the 2-core Xeon the kernel and layout fastest at 16 rows differed from the
-one-row choice for some shapes (SmolLM2's 576x1536 down-projection: oneDNN on the
-row-major original 1.1x faster than F.linear on it; its lm_head, 2 threads: 9.9 ms
-row-major F.linear, 6.5 on a oneDNN-packed copy). More rows (prompts, prefill chunks)
-keep the one-row choice: a bucket there would be timed on products bound by arithmetic,
-at a cost of seconds, for the 1.0-1.15x the layouts differed by on SmolLM2's MLP and
-q/k/v weights at 256-512 rows.
+same rules, cached under its own key. The others hold a continuous-batching engine's
+decoding steps with 9-15 and 16-32 running requests, which ran the one-row choice before.
+They are split at 16 because MKL's float32 product changes kernel there: on the 2-core
+Xeon, from 2 to 15 rows its time grows with every row, and 16 rows run in half the time
+of 11 (SmolLM2's lm_head, 2 threads: 4.2 ms at one row, 16.9 at 11, 9.1 at 16, 10.8 at
+24; oneDNN on the same row-major weight 8.1 at 11). A bucket timed at 16 alone chose
+F.linear for 9-15 rows, where it was the slowest candidate. Each bucket is timed in its
+middle (12 and 24 rows). More rows (prompts, prefill chunks) keep the one-row choice: a
+bucket there would be timed on products bound by arithmetic, at a cost of seconds, for
+the 1.0-1.15x the layouts differed by on SmolLM2's MLP and q/k/v weights at 256-512 rows.
 
-Opt-in, a third layout for a few rows: oneDNN's own blocked copy of a weight, packed for
-FEW_TIMED_ROWS rows (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's
-CPU freezing uses), which made SmolLM2's five-row verification step 1.3x faster in place
-(lm_head 11 ms against 17 on the best plain layout). It is a second copy of the weight (one per bucket
-that chooses it: oneDNN packs for a row count), so it is only a candidate when the torch
-backend is given the memory for it
-(`TorchBackend("cpu", few_rows_packed_mb=...)`: at most that many MiB of copies, the
-largest weights first; 0, the default, packs nothing).
+Opt-in, a third layout for 2-32 rows: oneDNN's own blocked copy of a weight
+(`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing uses),
+which made SmolLM2's five-row verification step 1.3x faster in place (lm_head 11 ms
+against 17 on the best plain layout; 5.9 ms at 11 rows against 8.1). It is a second copy
+of the weight, so it is only a candidate when the torch backend is given the memory for
+it (`TorchBackend("cpu", few_rows_packed_mb=...)`: at most that many MiB of copies, the
+largest weights first; 0, the default, packs nothing). One copy serves every bucket that
+chooses it: oneDNN packs for a row count, but copies packed for 5, 12, 16 and 24 rows
+gave the same values at the same speed at every count from 5 to 24 (a copy packed for
+one row is another format, and the one-row choice never reads it).
 
 The values never change, only strides and the kernel, so the IR and its text do not.
 Column-major weights are copies: the program no longer reads the model's own weights
@@ -119,14 +122,16 @@ class RowBucket:
 FEW_ROWS = 8
 FEW_TIMED_ROWS = 5
 # The buckets, in order, none overlapping and none holding one row: the few rows, then an
-# engine's decoding steps of 9-32 running requests (timed at 16, its default batch of 8
-# to a paged engine's 16-32). More rows keep the one-row choice (see the docstring).
-ROW_BUCKETS = (RowBucket(2, FEW_ROWS, FEW_TIMED_ROWS), RowBucket(FEW_ROWS + 1, 32, 16, budget=1.5))
+# engine's decoding steps of 9-15 and 16-32 running requests, apart because MKL changes
+# kernel at 16 rows (see the docstring), each timed in its middle. More rows keep the
+# one-row choice.
+ROW_BUCKETS = (RowBucket(2, FEW_ROWS, FEW_TIMED_ROWS), RowBucket(FEW_ROWS + 1, 15, 12, budget=1.5),
+               RowBucket(16, 32, 24, budget=1.5))
 # Timing time per model for each bucket's choices (times its `budget`), on top of
 # TIME_BUDGET_S: the lm_head of a small model costs 30-40 ms a call at five rows.
 FEW_ROWS_BUDGET_S = 1.0
 # Part of the cache's fingerprint: bump it when the measurement or the rule changes.
-METHOD_VERSION = 4
+METHOD_VERSION = 5
 
 
 def onednn_linear(x, w, b=None):
@@ -145,16 +150,16 @@ class CpuLinearPlan:
     for one row (and for row counts in no bucket), `by_rows[bucket]` for the row counts of
     a RowBucket where that differs (`few_rows`: the first bucket's). `originals`:
     id(stored column-major copy) -> (that copy, the row-major original), for the bucket
-    choices on row-major weights; `packed`: (id(stored weight), rows it is packed for) ->
-    (that weight, its oneDNN-packed copy) (both filled by apply)."""
+    choices on row-major weights; `packed`: id(stored weight) -> (that weight, its
+    oneDNN-packed copy), one for every bucket that chooses it (both filled by apply)."""
     choices: dict[tuple[int, int], tuple[str, str]] = field(default_factory=dict)
     speedups: dict[tuple[int, int], float] = field(default_factory=dict)
     by_rows: dict[RowBucket, dict[tuple[int, int], tuple[str, str]]] = field(default_factory=dict)
     row_speedups: dict[RowBucket, dict[tuple[int, int], float]] = field(default_factory=dict)
     originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    packed: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     packed_bytes_limit: int = 0
-    not_packed: int = 0  # bucket choices of PACKED whose copy did not fit in the limit
+    not_packed: int = 0  # weights some bucket chose PACKED for whose copy did not fit in the limit
 
     @property
     def few_rows(self) -> dict[tuple[int, int], tuple[str, str]]:
@@ -171,18 +176,15 @@ class CpuLinearPlan:
 
     def choice(self, shape: tuple[int, int], rows: int) -> tuple[str, str]:
         """The (kernel, layout) a call with `rows` activation rows on a weight of `shape` runs."""
-        return self._bucket_and_choice(shape, rows)[1]
-
-    def _bucket_and_choice(self, shape: tuple[int, int], rows: int) -> tuple[RowBucket | None, tuple[str, str]]:
         bucket = self.bucket(shape, rows)
-        return bucket, self.by_rows[bucket][shape] if bucket else self.choices.get(shape, BASELINE)
+        return self.by_rows[bucket][shape] if bucket else self.choices.get(shape, BASELINE)
 
     def linear(self, x, w, b=None):
         """The torch backend's `linear`: the chosen kernel for this weight shape and row count."""
         if x.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, w, b)
         rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-        bucket, (kernel, layout) = self._bucket_and_choice(tuple(w.shape), rows)
+        kernel, layout = self.choice(tuple(w.shape), rows)
         # (any layout gives the same values: this only picks the faster read; a weight the
         # plan holds no copy of runs the kernel on the weight as given)
         if layout == "row" and not w.is_contiguous():
@@ -190,7 +192,7 @@ class CpuLinearPlan:
             if stored is w:
                 w = original
         elif layout == "packed":
-            stored, copy = self.packed.get((id(w), bucket.timed), (None, None))
+            stored, copy = self.packed.get(id(w), (None, None))
             if stored is w:
                 w = copy
         return KERNELS[kernel](x, w, b)
@@ -205,13 +207,13 @@ class CpuLinearPlan:
         for name in sorted(_linear_weights(graph), key=lambda n: -params[n].numel()):
             w = params[name]
             shape = tuple(w.shape)
-            copies = {}  # rows packed for -> copy
-            for bucket in (b for b, choices in self.by_rows.items() if choices.get(shape) == PACKED):
+            packed_for = [b.timed for b, choices in self.by_rows.items() if choices.get(shape) == PACKED]
+            copy = None
+            if packed_for:
                 size = w.numel() * w.element_size()
                 if packed_bytes + size <= self.packed_bytes_limit:
-                    with torch.no_grad():
-                        copies[bucket.timed] = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(),
-                                                                                       bucket.timed)
+                    with torch.no_grad():  # one copy for every bucket (see the docstring)
+                        copy = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), min(packed_for))
                     packed_bytes += size
                 else:
                     self.not_packed += 1
@@ -222,8 +224,8 @@ class CpuLinearPlan:
                 nbytes += w.numel() * w.element_size()
                 if any(choices.get(shape, ("", ""))[1] == "row" for choices in self.by_rows.values()):
                     self.originals[id(params[name])] = (params[name], w)
-            for rows, copy in copies.items():
-                self.packed[(id(params[name]), rows)] = (params[name], copy)
+            if copy is not None:
+                self.packed[id(params[name])] = (params[name], copy)
         out = graph.with_nodes(graph.nodes)
         out.params = params
         return out, moved, nbytes
@@ -345,9 +347,7 @@ def _decisions(shapes: list[tuple[int, int]], mode: str, packed: bool = False) -
         bucket_missing = [s for s in shapes if s in missing or key(s) not in known]
         one_row = {s: decisions[shape_key(s)].choice for s in bucket_missing}
         bucket_candidates = candidates + ([PACKED] if packed else [])
-        # (the first bucket through measure_few_row_choices, which tests of speculative decoding replace)
-        bucket_timed = (measure_few_row_choices(bucket_missing, one_row, bucket_candidates) if bucket == ROW_BUCKETS[0]
-                        else measure_row_choices(bucket, bucket_missing, one_row, bucket_candidates))
+        bucket_timed = measure_row_choices(bucket, bucket_missing, one_row, bucket_candidates)
         decisions.update({key(s): d for s, d in bucket_timed.items()})
         rows_timed[bucket.name] = len(bucket_missing)
         rows_cut_short[bucket.name] = sum(d.rounds < MIN_ROUNDS for d in bucket_timed.values())
@@ -356,11 +356,10 @@ def _decisions(shapes: list[tuple[int, int]], mode: str, packed: bool = False) -
         # Its bucket choices, made against that guess, are not cached either.
         complete.update({key(s): d for s, d in bucket_timed.items()
                          if d.rounds >= MIN_ROUNDS and decisions[shape_key(s)].rounds >= MIN_ROUNDS})
-    first = ROW_BUCKETS[0].name
-    source = {"from_cache": len(shapes) - len(missing), "timed": len(missing), "few_rows_timed": rows_timed[first],
-              "rows_timed": rows_timed, "timing_seconds": time.perf_counter() - timing_start, "cache_file": path,
-              "cache_error": None, "cut_short": sum(decisions[shape_key(s)].rounds < MIN_ROUNDS for s in shapes),
-              "few_rows_cut_short": rows_cut_short[first], "rows_cut_short": rows_cut_short}
+    source = {"from_cache": len(shapes) - len(missing), "timed": len(missing), "rows_timed": rows_timed,
+              "timing_seconds": time.perf_counter() - timing_start, "cache_file": path, "cache_error": None,
+              "cut_short": sum(decisions[shape_key(s)].rounds < MIN_ROUNDS for s in shapes),
+              "rows_cut_short": rows_cut_short}
     if complete:
         source["cache_error"] = write_decisions(path, fingerprint, candidates + [PACKED], complete)
     return decisions, source
@@ -423,13 +422,6 @@ def measure_choices(shapes: list[tuple[int, int]], candidates: list[tuple[str, s
     than optimize() taking seconds."""
     return _measure(shapes, {s: candidates for s in shapes}, {s: BASELINE for s in shapes}, 1,
                     TIME_BUDGET_S if budget_s is None else budget_s)
-
-
-def measure_few_row_choices(shapes: list[tuple[int, int]], one_row: dict[tuple[int, int], tuple[str, str]],
-                            candidates: list[tuple[str, str]],
-                            budget_s: float | None = None) -> dict[tuple[int, int], Decision]:
-    """measure_row_choices for the first bucket, 2..FEW_ROWS rows (speculative verification)."""
-    return measure_row_choices(ROW_BUCKETS[0], shapes, one_row, candidates, budget_s)
 
 
 def measure_row_choices(bucket: RowBucket, shapes: list[tuple[int, int]],
