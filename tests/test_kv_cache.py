@@ -71,6 +71,36 @@ def test_logits_at_every_step_equal_full_recompute(name):
         assert_close_to_eager(full, step)
 
 
+def test_steps_run_in_inference_mode_but_return_ordinary_tensors():
+    """run_cached runs its program under inference_mode (faster small ops); the cache it
+    updates and the logits it returns stay ordinary tensors: editable in place and usable
+    with autograd outside inference_mode, and the cache steps on outside it too."""
+    model, vocab = MODELS["llama_sdpa"]()
+    fast = _optimize(model, vocab)
+    seq = torch.randint(0, vocab, (1, 9))
+    pad = torch.zeros(1, dtype=torch.long)
+    cache = fast.kv_cache_for(1, 9)
+    seen = []
+    real = fast.program
+
+    def program(*args):
+        seen.append(torch.is_inference_mode_enabled())
+        return real(*args)
+
+    fast.program = program
+    logits = fast.run_cached(seq[:, :8], 0, pad, cache)
+    assert seen == [True] and not logits.is_inference()
+    assert not any(b.is_inference() for b in cache.buffers)
+    logits[:, :, 0] = 0.0  # in place, outside inference_mode
+    target = torch.randn(logits.shape[-1], requires_grad=True)
+    (logits[0, -1] * target).sum().backward()  # saved for backward: not an inference tensor
+    torch.testing.assert_close(target.grad, logits[0, -1])
+    step = fast.run_cached(seq[:, 8:9], 8, pad, cache)
+    with torch.no_grad():
+        full = model(seq).logits[:, -1:]
+    assert_close_to_eager(full, step)
+
+
 def test_plain_call_still_matches_eager():
     model, vocab = zoo.llama("sdpa")
     fast = _optimize(model, vocab)

@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 _NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
               "lift_fresh", "_unsafe_view", "set_", "resize_", "as_strided", "t", "_reshape_alias",
               "unsqueeze_", "squeeze_", "transpose_", "record_stream", "is_same_size", "sym_size",
-              "sym_stride", "sym_numel", "sym_storage_offset", "dim", "size", "stride", "numel"}
+              "sym_stride", "sym_numel", "sym_storage_offset", "dim", "size", "stride", "numel", "result_type"}
 # Ops whose result the host must read before it can go on (or whose output size is data).
 _SYNCS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
           "unique_consecutive", "is_nonzero", "equal", "allclose", "nonzero_static_sync"}
