@@ -18,7 +18,7 @@ is waste, not throughput.
 
 `--packed-mb N` (CPU) gives the engine's model N MiB of oneDNN-packed weight copies for
 steps of 2-32 rows (`TorchBackend("cpu", few_rows_packed_mb=N)`, runtime/cpu_linear.py):
-SmolLM2's lm_head takes 108 MiB per row bucket that picks it.
+one copy per weight, SmolLM2's lm_head 108 MiB.
 
 `--model tiny` (a 2-layer random Llama) measures the KV memory figures in seconds: they
 depend on the workload and the scheduling, not on the model.

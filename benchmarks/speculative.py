@@ -17,7 +17,7 @@ Timing: rounds interleaved (plain, each draft, plain, ...) and the median per co
 so that drift of the shared machine is not credited to one side.
 
 --packed-mb N adds the same drafts against a second copy of the model whose verification
-steps (2-8 rows) may use up to N MiB of oneDNN-packed weight copies
+steps (2-8 rows) may use up to N MiB of oneDNN-packed weight copies (one per weight)
 (`TorchBackend("cpu", few_rows_packed_mb=N)`, runtime/cpu_linear.py), side by side.
 
     python benchmarks/speculative.py [--model smollm2|smollm2-random] [--tokens 64] [--k 5]

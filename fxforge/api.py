@@ -36,8 +36,9 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     dump_dir: write the IR after every pass, the program and the report there
               (the environment variable FXFORGE_DUMP does the same).
     cpu_linear: on the CPU (torch backend), run each float32 linear with the library kernel
-              and weight layout that is fastest at one token (and a kernel for 2-8 rows,
-              speculative verification), timed per shape (runtime/cpu_linear.py;
+              and weight layout that is fastest at one token (and one for each bucket of
+              2-8, 9-15 and 16-32 rows: speculative verification, an engine's decoding
+              steps), timed per shape (runtime/cpu_linear.py;
               column-major copies cost memory while the model keeps its own weights). True or "cached": time each shape once per machine
               and reuse the choice from then on (a JSON file under $FXFORGE_CACHE, default
               ~/.cache/fxforge, in cpu_linear/), so every run builds the same program;
