@@ -479,6 +479,10 @@ def test_engine_tokens_stay_plain_whatever_the_bucket_choices(monkeypatch, tmp_p
     gen = torch.Generator().manual_seed(3)
     # 18 requests at once: decoding steps of 18 rows down to 1, through every bucket
     prompts = [torch.randint(1, vocab, (int(n),), generator=gen) for n in torch.randint(2, 9, (18,), generator=gen)]
+    rows_seen = set()
+    for name, kernel in list(cpu_linear.KERNELS.items()):
+        monkeypatch.setitem(cpu_linear.KERNELS, name, lambda x, w, b=None, kernel=kernel: rows_seen.add(
+            x.numel() // x.shape[-1]) or kernel(x, w, b))
     answers = []
     for m in (fast, plain):
         engine = fxforge.Engine(m, max_batch=18, max_seq_len=32)
@@ -488,3 +492,5 @@ def test_engine_tokens_stay_plain_whatever_the_bucket_choices(monkeypatch, tmp_p
         assert engine.stats()["steps"] > 0
         engine.close()
     assert all(torch.equal(a, b) for a, b in zip(*answers))
+    for bucket in cpu_linear.ROW_BUCKETS:  # the steps went through every bucket
+        assert any(bucket.holds(r) for r in rows_seen), (bucket, sorted(rows_seen))

@@ -224,6 +224,32 @@ def test_the_torch_backends_gather_leaves_padding_the_bias_masks_with_the_same_a
     assert attend._masked[3] is False
 
 
+def test_the_torch_backends_paged_attention_takes_inference_tensors():
+    # inputs made inside torch.inference_mode keep no version counter: the per-step slots
+    # and groups are then worked out per call (not matched by version), with the same answer,
+    # and a table edited in place between two calls is read as edited
+    from fxforge.ir.ops import paged_attention_reference
+    from fxforge.runtime.torch_kernels import PagedAttentionSDPA
+
+    torch.manual_seed(0)
+    blocks, bs, hkv, d, keys = 12, 4, 2, 8, 10
+    k_cache, v_cache = torch.randn(blocks, bs, hkv, d), torch.randn(blocks, bs, hkv, d)
+    q = torch.randn(3, 4, 1, d)
+    attend = PagedAttentionSDPA()
+    with torch.inference_mode():
+        table = torch.tensor([[5, 2, 9], [0, 7, 3], [4, 1, 6]], dtype=torch.int32)
+        row_start = torch.tensor([0, 6, 9], dtype=torch.int32)  # three lengths: grouped decode
+        bias = torch.zeros(3, 1, 1, keys)
+        for b, start in enumerate(row_start.tolist()):
+            bias[b, ..., :start] = torch.finfo(torch.float32).min
+        for edit in (False, True):
+            if edit:
+                table[0, 1] = 11  # in place: no version to tell, so it must not be taken for the last step
+            got = attend(q, k_cache, v_cache, table, row_start, bias, causal=True, scale=0.3)
+            want = paged_attention_reference(q, k_cache, v_cache, table, row_start, bias, causal=True, scale=0.3)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 # -- launches of a paged decode step ------------------------------------------------------------
 # zoo.llama (2 layers) on backend="interpret", one decode step. Before the paged_kv_write kernel
 # (codegen/kernels/paged_kv_write.py) the writes' torch reference made these 89 (eager) and 79

@@ -1,6 +1,6 @@
 """CPU linear kernels: for each float32 weight shape, the library kernel and weight layout
 that run a one-token matrix-vector product fastest, and the kernel for each bucket of
-row counts (the k + 1 tokens of a speculative verification step, the 9-32 rows of a
+row counts (the k + 1 tokens of a speculative verification step, the 9-15 and 16-32 rows of a
 batched decoding step), chosen by timing them once per machine.
 
 Why: decoding one token is a chain of matrix-vector products bound by reading weights.
@@ -314,7 +314,7 @@ def plan_cpu_linears(graph: Graph, mode: str = "cached",
 
 
 def _bucket_names(plan: CpuLinearPlan) -> str:
-    """The row ranges whose choices differ from the one-row choice somewhere ("2-8, 9-32")."""
+    """The row ranges whose choices differ from the one-row choice somewhere ("2-8, 9-15")."""
     return ", ".join(b.name for b in ROW_BUCKETS if plan.by_rows.get(b))
 
 

@@ -99,12 +99,21 @@ class PagedAttentionSDPA:
     @staticmethod
     def _same_step(last, table, row_start, keys: int, block_size: int) -> bool:
         """Whether a per-step record `last` (table, row_start, keys, block size, versions,
-        ...) was made for these inputs: the same tensors, unchanged since, and sizes."""
+        ...) was made for these inputs: the same tensors, unchanged since, and sizes. Never
+        for inference tensors (made inside torch.inference_mode): they keep no version, so
+        an in-place edit could not be told from the same step."""
+        if table.is_inference() or row_start.is_inference():
+            return False
         return (last is not None and last[0] is table and last[1] is row_start
                 and last[2:5] == (keys, block_size, (table._version, row_start._version)))
 
+    @staticmethod
+    def _versions(*tensors) -> tuple:
+        """The tensors' version counters (None for an inference tensor, which has none)."""
+        return tuple(None if t.is_inference() else t._version for t in tensors)
+
     def _slots(self, table, row_start, keys: int, block_size: int):
-        last, versions = self._last, (table._version, row_start._version)
+        last, versions = self._last, self._versions(table, row_start)
         if self._same_step(last, table, row_start, keys, block_size):
             return last[5], last[6]
         slots, valid = paged_key_slots(table, row_start, keys, block_size)
@@ -123,14 +132,15 @@ class PagedAttentionSDPA:
         """Whether `bias` gives every padding key (flat indices `padding`, CPU) the dtype's
         lowest value or -inf, in every head and query row; once per step, as the slots."""
         masked = self._masked
-        if masked is not None and masked[0] is bias and masked[1] == bias._version and masked[2] is padding:
+        if (masked is not None and masked[0] is bias and not bias.is_inference() and masked[1] == bias._version
+                and masked[2] is padding):
             return masked[3]
         answer = True
         if padding.numel():
             # [B, keys, the rest] as rows of B * keys, the flat key indices of the slots
             per_key = bias.expand(rows, *bias.shape[1:]).movedim(-1, 1).reshape(rows * bias.shape[-1], -1)
             answer = bool((per_key.index_select(0, padding) <= torch.finfo(bias.dtype).min).all())
-        self._masked = (bias, bias._version, padding, answer)
+        self._masked = (bias, self._versions(bias)[0], padding, answer)
         return answer
 
     def gather(self, cache, table, row_start, keys: int, dtype, zero_padding: bool = True):
@@ -160,7 +170,7 @@ class PagedAttentionSDPA:
     def _length_groups(self, table, row_start, keys: int, block_size: int):
         """The step's rows in groups of similar length, once per step (as the slots): for
         each, (its rows [n], its first key, its keys, the flat slots of its keys [n * keys])."""
-        last, versions = self._groups, (table._version, row_start._version)
+        last, versions = self._groups, self._versions(table, row_start)
         if self._same_step(last, table, row_start, keys, block_size):
             return last[5]
         groups, starts = [], row_start.tolist()

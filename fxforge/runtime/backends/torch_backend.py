@@ -24,7 +24,7 @@ class TorchBackend(Backend):
         dequantizes it; in float32 later calls of any length then use it).
         few_rows_packed_mb: MiB of oneDNN-packed copies of float32 linear weights for
         products of 2-32 rows, a speculative decoding's verification steps and an engine's
-        decoding steps of 9-32 requests (runtime/cpu_linear.py's ROW_BUCKETS: one copy per
+        decoding steps of 9-15 and 16-32 requests (runtime/cpu_linear.py's ROW_BUCKETS: one copy per
         weight, read by every bucket whose timing chose it). Opt-in for the same reason: 0
         (the default) packs none; SmolLM2's lm_head and MLP up-projections, what gains
         most, take about 320 (the lm_head alone 108)."""
