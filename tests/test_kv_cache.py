@@ -71,7 +71,7 @@ def test_logits_at_every_step_equal_full_recompute(name):
         assert_close_to_eager(full, step)
 
 
-def test_steps_run_in_inference_mode_but_return_ordinary_tensors():
+def test_steps_run_in_inference_mode_but_return_ordinary_tensors(monkeypatch):
     """run_cached runs its program under inference_mode (faster small ops); the cache it
     updates and the logits it returns stay ordinary tensors: editable in place and usable
     with autograd outside inference_mode, and the cache steps on outside it too."""
@@ -90,6 +90,10 @@ def test_steps_run_in_inference_mode_but_return_ordinary_tensors():
     fast.program = program
     logits = fast.run_cached(seq[:, :8], 0, pad, cache)
     assert seen == [True] and not logits.is_inference()
+    from fxforge.runtime import module
+    monkeypatch.setattr(module, "INFERENCE_MODE_MAX_TOKENS", 7)  # a longer step: no_grad, no copy
+    long_step = fast.run_cached(seq[:, :8], 0, pad, fast.kv_cache_for(1, 9))
+    assert seen == [True, False] and torch.equal(long_step, logits)
     logits[:, :, 0] = 0.0  # in place, outside inference_mode
     target = torch.randn(logits.shape[-1], requires_grad=True)
     (logits[0, -1] * target).sum().backward()  # saved for backward: not an inference tensor

@@ -25,6 +25,11 @@ from .static_decode import static_decode_problem, static_step_for
 from .static_paged import paged_static_problem, static_paged_step_for
 
 
+# run_cached's steps of at most this many tokens (all rows) run under inference_mode on the
+# torch backend's CPU path: decoding, verification and engine steps (see run_cached).
+INFERENCE_MODE_MAX_TOKENS = 64
+
+
 class OptimizedModel:
     """The optimized model. Module-like where code around a model expects it: `to()`,
     `eval()`, `device`, `dtype`, `config`, `state_dict()`, `parameters()`. Its weights are
@@ -175,15 +180,17 @@ class OptimizedModel:
         program = self.program
         if last_only and input_ids.shape[1] > 1:
             program = self._last_token_program()
-        if not (self.backend.name == "torch" and self.device.type == "cpu"):
+        if not (self.backend.name == "torch" and self.device.type == "cpu"
+                and input_ids.numel() <= INFERENCE_MODE_MAX_TOKENS):
             return program(*inputs, *cache.buffers)[self._logits_index()]
-        # On the torch backend's CPU path, under inference_mode, not just no_grad: a step is
-        # a thousand small ops there, and skipping their view and version bookkeeping made
-        # SmolLM2's float32 decoding 2-4% faster and its int4 draft's 7-8% (docs/benchmarks.md).
-        # The cache and every input are the caller's ordinary tensors (updated in place, as
-        # inference_mode allows); the logits come back as an ordinary tensor (a copy of the
-        # step's rows), which the caller may edit in place or use with autograd. (On a GPU
-        # that copy would be one more launch per step, and a step's host time is launches.)
+        # A few tokens on the torch backend's CPU path run under inference_mode, not just
+        # no_grad: such a step is a thousand small ops, and skipping their view and version
+        # bookkeeping made SmolLM2's float32 decoding 2-4% faster and its int4 draft's 7-8%
+        # (docs/benchmarks.md). The cache and every input are the caller's ordinary tensors
+        # (updated in place, as inference_mode allows); the logits come back as an ordinary
+        # tensor (a copy of the step's rows), which the caller may edit in place or use with
+        # autograd. (Longer steps are bound by their products, and the copy of a long
+        # prompt's logits would double them; on a GPU it would be one more launch per step.)
         with torch.inference_mode():
             logits = program(*inputs, *cache.buffers)[self._logits_index()]
         return logits.clone() if logits.is_inference() else logits
