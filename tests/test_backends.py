@@ -166,3 +166,26 @@ def test_interpret_too_late_is_a_clear_error():
             print("refused:", e)
     """)
     assert "refused: backend 'interpret' needs TRITON_INTERPRET=1 before triton is imported" in out
+
+
+def test_the_torch_backends_rmsnorm_squares_as_eager_does():
+    """A pow by a constant runs as the model ran it, pow(Tensor, Scalar) (x * x for a
+    square), not pow by a 0-dim tensor: the general kernel rounds some squares differently
+    (and is several times slower on the CPU), so the norm's output would not be eager's."""
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(576))
+
+        def forward(self, x):
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+    torch.manual_seed(0)
+    model, x = Norm().eval(), torch.randn(3, 7, 576)
+    assert not torch.equal(torch.pow(x, torch.tensor(2)), x.pow(2))  # the two kernels differ on x
+    fast = fxforge.optimize(model, (x,), backend="torch")
+    import re
+
+    assert re.search(r"op_pow\(\w+, 2\)", fast.program.source), fast.program.source
+    with torch.no_grad():
+        assert torch.equal(fast(x), model(x))
