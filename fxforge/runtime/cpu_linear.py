@@ -151,7 +151,7 @@ class CpuLinearPlan:
     a RowBucket where that differs (`few_rows`: the first bucket's). `originals`:
     id(stored column-major copy) -> (that copy, the row-major original), for the bucket
     choices on row-major weights; `packed`: id(stored weight) -> (that weight, its
-    oneDNN-packed copy), one for every bucket that chooses it (both filled by apply)."""
+    oneDNN-packed copy), one shared by every bucket that chooses it (both filled by apply)."""
     choices: dict[tuple[int, int], tuple[str, str]] = field(default_factory=dict)
     speedups: dict[tuple[int, int], float] = field(default_factory=dict)
     by_rows: dict[RowBucket, dict[tuple[int, int], tuple[str, str]]] = field(default_factory=dict)
