@@ -157,7 +157,7 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
         inline_fused = ops.get("fused_pointwise") is OPS["fused_pointwise"].reference
     counter = 0
     hoisted: dict[str, torch.Tensor] = {}
-    exponents: dict = {}  # const value -> its number, for a pow's exponent (_scalar_exponent)
+    exponents: dict[str, str] = {}  # a constant's name -> its number, for a pow's exponent (_pow_operands)
     for i, n in enumerate(graph.nodes):
         if n.op == "const" and not isinstance(n.attrs["value"], sympy.Basic):
             counter += 1
@@ -166,15 +166,13 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
             keep.add(n.outputs[0])
             number = _scalar_exponent(n.attrs["value"], n.attrs["dtype"])
             if number is not None:
-                exponents[n.outputs[0]] = number
+                exponents[c] = number
             continue
         outs = []
         for v in n.outputs:
             counter += 1
             outs.append(name(v, f"v{counter}"))
-        ins = [names[v] for v in n.inputs]
-        if n.op == "pow" and len(n.inputs) == 2 and n.inputs[1] in exponents:
-            ins[1] = exponents[n.inputs[1]]
+        ins = _pow_operands(n.op, [names[v] for v in n.inputs], exponents)
         if n.op == "fused_pointwise" and inline_fused:
             counter = _inline_fused(n, ins, outs, lines, hoisted, taken, counter, device)
         else:
@@ -205,7 +203,7 @@ def _inline_fused(node, ins: list[str], outs: list[str], lines: list[str], hoist
     """Write a fused_pointwise body as one line per step; returns the updated counter."""
     steps: list[str] = []
     temps: list[str] = []
-    exponents: dict[str, str] = {}  # a const step's name -> its number (_scalar_exponent)
+    exponents: dict[str, str] = {}  # a const step's name -> its number (_pow_operands)
     for op, args, attrs in node.attrs["body"]:
         counter += 1
         name = f"c{counter}" if op == "const" else f"t{counter}"
@@ -220,9 +218,8 @@ def _inline_fused(node, ins: list[str], outs: list[str], lines: list[str], hoist
                 exponents[name] = number
         else:
             temps.append(name)
-            operands = [ins[int(x[2:])] if x.startswith("in") else steps[int(x[1:])] for x in args]
-            if op == "pow" and len(operands) == 2 and operands[1] in exponents:
-                operands[1] = exponents[operands[1]]
+            operands = _pow_operands(op, [ins[int(x[2:])] if x.startswith("in") else steps[int(x[1:])] for x in args],
+                                     exponents)
             kw = ", ".join(f"{k}={py_literal(v)}" for k, v in attrs)
             lines.append(f"    {name} = op_{op}({', '.join(x for x in (', '.join(operands), kw) if x)})")
         steps.append(name)
@@ -236,6 +233,14 @@ def _inline_fused(node, ins: list[str], outs: list[str], lines: list[str], hoist
     if temps:
         lines.append(f"    del {', '.join(temps)}")
     return counter
+
+
+def _pow_operands(op: str, operands: list[str], exponents: dict[str, str]) -> list[str]:
+    """A step's operands, a pow's exponent written as its number where it is a constant
+    with one (`exponents`: the constant's name -> _scalar_exponent)."""
+    if op == "pow" and len(operands) == 2 and operands[1] in exponents:
+        return [operands[0], exponents[operands[1]]]
+    return operands
 
 
 def _scalar_exponent(value, dtype: torch.dtype) -> str | None:

@@ -97,15 +97,14 @@ class PagedAttentionSDPA:
         self._groups = None  # (table, row_start, keys, block size, versions, groups): see _length_groups
 
     @staticmethod
-    def _same_step(last, table, row_start, keys: int, block_size: int) -> bool:
+    def _same_step(last, table, row_start, keys: int, block_size: int, versions: tuple) -> bool:
         """Whether a per-step record `last` (table, row_start, keys, block size, versions,
-        ...) was made for these inputs: the same tensors, unchanged since, and sizes. Never
-        for inference tensors (made inside torch.inference_mode): they keep no version, so
-        an in-place edit could not be told from the same step."""
-        if table.is_inference() or row_start.is_inference():
-            return False
-        return (last is not None and last[0] is table and last[1] is row_start
-                and last[2:5] == (keys, block_size, (table._version, row_start._version)))
+        ...) was made for these inputs (`versions`: theirs now, _versions): the same
+        tensors, unchanged since, and sizes. Never for inference tensors (made inside
+        torch.inference_mode): they keep no version, so an in-place edit could not be told
+        from the same step."""
+        return (None not in versions and last is not None and last[0] is table and last[1] is row_start
+                and last[2:5] == (keys, block_size, versions))
 
     @staticmethod
     def _versions(*tensors) -> tuple:
@@ -114,7 +113,7 @@ class PagedAttentionSDPA:
 
     def _slots(self, table, row_start, keys: int, block_size: int):
         last, versions = self._last, self._versions(table, row_start)
-        if self._same_step(last, table, row_start, keys, block_size):
+        if self._same_step(last, table, row_start, keys, block_size, versions):
             return last[5], last[6]
         slots, valid = paged_key_slots(table, row_start, keys, block_size)
         if table.device.type == "cpu":
@@ -131,8 +130,8 @@ class PagedAttentionSDPA:
     def _bias_masks_padding(self, bias, padding, rows: int) -> bool:
         """Whether `bias` gives every padding key (flat indices `padding`, CPU) the dtype's
         lowest value or -inf, in every head and query row; once per step, as the slots."""
-        masked = self._masked
-        if (masked is not None and masked[0] is bias and not bias.is_inference() and masked[1] == bias._version
+        masked, (version,) = self._masked, self._versions(bias)
+        if (masked is not None and masked[0] is bias and version is not None and masked[1] == version
                 and masked[2] is padding):
             return masked[3]
         answer = True
@@ -140,7 +139,7 @@ class PagedAttentionSDPA:
             # [B, keys, the rest] as rows of B * keys, the flat key indices of the slots
             per_key = bias.expand(rows, *bias.shape[1:]).movedim(-1, 1).reshape(rows * bias.shape[-1], -1)
             answer = bool((per_key.index_select(0, padding) <= torch.finfo(bias.dtype).min).all())
-        self._masked = (bias, self._versions(bias)[0], padding, answer)
+        self._masked = (bias, version, padding, answer)
         return answer
 
     def gather(self, cache, table, row_start, keys: int, dtype, zero_padding: bool = True):
@@ -171,7 +170,7 @@ class PagedAttentionSDPA:
         """The step's rows in groups of similar length, once per step (as the slots): for
         each, (its rows [n], its first key, its keys, the flat slots of its keys [n * keys])."""
         last, versions = self._groups, self._versions(table, row_start)
-        if self._same_step(last, table, row_start, keys, block_size):
+        if self._same_step(last, table, row_start, keys, block_size, versions):
             return last[5]
         groups, starts = [], row_start.tolist()
         for rows in length_groups(starts, keys):
