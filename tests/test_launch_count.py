@@ -41,6 +41,16 @@ def test_counter_sees_launches_syncs_and_not_views():
     assert c.triton == 0
 
 
+
+def test_result_type_is_not_a_launch():
+    # under inference_mode the dispatch mode sees aten.result_type (a dtype worked out on
+    # the host, no kernel); the where and the clamp are the launches
+    x = torch.randn(4)
+    with torch.inference_mode(), LaunchCounter() as c:
+        torch.ops.aten.result_type(x, 2.0)
+        torch.where(x > 0, x, 0.0).clamp(min=0.5)
+    assert "aten.result_type" not in c.by_name and c.torch == 3, c.by_name
+
 @pytest.mark.parametrize("quantize", [None, "w8a8"])
 def test_tiny_llama_decode_step_launches_and_never_syncs(quantize):
     model, vocab = zoo.llama()
