@@ -7,11 +7,9 @@ model's own, so what a quantized model pays on top is the dequantization: for Sm
 1536x576 int4 weight about 2 ms on one core, against 2 ms for the GEMM itself at 128
 tokens and 15 ms at 1024 (docs/benchmarks.md, issue 20).
 
-- int4 with integer zero points: `(q - z) * scale` with `q - z` read from one table
-  indexed by (zero point, byte), so the nibbles and the zero come out of a single lookup.
-  Three passes over the weight (index, lookup, scale) instead of four (index, lookup,
-  subtract, scale): 29% less time, the same values bit for bit as
-  `ir.quant_formats.dequantize_weight` (q - z is a small integer, exact in float32).
+- int4: the nibbles split with byte operations, `q - z` in int8 (exact: both in [0, 15]),
+  then two float32 passes (convert, scale): the same values bit for bit as
+  `ir.quant_formats.dequantize_weight`, 1.5-3x faster than its table lookup.
 - everything else: `dequantize_weight` itself.
 
 The cache (`DequantizedWeights`) trades back the memory quantization saved, so it is off
@@ -27,25 +25,22 @@ from torch import Tensor
 
 from ..ir.quant_formats import Int4Packed, Packed, dequantize_weight
 
-def zero_byte_table(device: torch.device) -> Tensor:
-    """float32 [16 * 256, 2]: row z * 256 + b holds (low nibble of b - z, high nibble - z).
-    Made at each call (32 KiB, some microseconds against milliseconds of dequantizing), so
-    that nothing global is kept."""
-    byte = torch.arange(256, device=device)
-    zero = torch.arange(16, dtype=torch.float32, device=device)[:, None]
-    return torch.stack([(byte & 0xF) - zero, (byte >> 4) - zero], dim=-1).reshape(16 * 256, 2)
-
-
 def dequantize_int4(packed: Int4Packed) -> Tensor:
-    """float32 [N, K] of an int4 weight, equal bit for bit to dequantize_weight(packed)."""
-    if packed.zeros.dtype.is_floating_point:  # float zero points: no table of (zero, byte)
-        return dequantize_weight(packed)
+    """float32 [N, K] of an int4 weight, equal bit for bit to dequantize_weight(packed).
+
+    The nibbles are split with byte operations (a quarter of float32's traffic), and with
+    integer zero points `q - z` (in [-15, 15]) is taken in int8, exactly; so the only
+    float32 passes are the conversion and the scale. A table lookup of (zero, byte) pairs
+    did the same in three float32 passes and was 1.5-3x slower (docs/benchmarks.md, issue 20)."""
     n, k = packed.shape
     g = packed.group_size
-    # index = zero * 256 + byte, per group (int32: index_select on int32 is ~4x faster than on int64)
-    index = packed.zeros.int().mul_(256)[..., None] + packed.qweight.view(n, k // g, g // 2)
-    w = zero_byte_table(packed.qweight.device).index_select(0, index.reshape(-1)).view(n, k // g, g)
-    return w.mul_(packed.scales.float()[..., None]).reshape(n, k)
+    byte = packed.qweight.view(n, k // g, g // 2)
+    codes = torch.stack([byte & 0xF, byte >> 4], dim=-1).view(n, k // g, g)  # (low, high): pack_nibbles' order
+    scales = packed.scales.float()[..., None]
+    if packed.zeros.dtype.is_floating_point:  # float zero points: subtracted in float32, as the reference does
+        return codes.float().sub_(packed.zeros.float()[..., None]).mul_(scales).reshape(n, k)
+    diff = codes.view(torch.int8).sub_(packed.zeros.to(torch.int8)[..., None])
+    return diff.float().mul_(scales).reshape(n, k)
 
 
 def dequantize_for_matmul(packed: Packed, dtype: torch.dtype) -> Tensor:
