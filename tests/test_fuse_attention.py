@@ -327,6 +327,26 @@ def test_torch_backend_attention_equals_reference(tq, tk, groups, with_bias, cau
                                attention_reference(q, k, v, bias, causal=causal, scale=0.3), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bias_heads", [None, 1, 9])
+def test_torch_backend_gqa_reads_kv_heads_as_repeated_kv_would(bias_heads):
+    # several queries per row (a verification step, a prefill chunk) on the CPU: SDPA reads
+    # each K/V head for its 3 query heads; the answer must be the copies' bit for bit
+    import torch.nn.functional as F
+
+    from fxforge.runtime.torch_kernels import attention_sdpa
+
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 9, 6, 16, generator=gen)
+    k, v = torch.randn(2, 3, 20, 16, generator=gen), torch.randn(2, 3, 20, 16, generator=gen)
+    bias = None if bias_heads is None else torch.randn(2, bias_heads, 6, 20, generator=gen)
+    got = attention_sdpa(q, k, v, bias, causal=True, scale=0.3)
+    keep = torch.ones(6, 20, dtype=torch.bool).tril(20 - 6)
+    mask = torch.zeros(6, 20).masked_fill(~keep, float("-inf")) + (0 if bias is None else bias)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                         attn_mask=mask, scale=0.3)
+    assert torch.equal(got, ref)
+
+
 @pytest.mark.parametrize("name", ["gpt2_sdpa", "llama_sdpa_gqa"])
 def test_interpret_backend_runs_the_triton_attention_kernel(name):
     model, vocab = ZOO[name][0]()
