@@ -71,6 +71,26 @@ def test_self_draft_keeps_greedy_tokens(llama_pair):
         assert torch.equal(fast.generate(ids, 25, eos_token_id=None, draft=draft, num_draft_tokens=k,
                                          draft_stats=stats), plain)
         assert stats.accepted > 0  # the draft is the model, rounded: it is right some of the time
+    # a float32 model's draft has bfloat16 weights (no casts around its bfloat16
+    # products) and float32 rotary frequencies; the model itself is untouched
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    params = draft.graph.params
+    assert params["model.embed_tokens.weight"].dtype == params["model.norm.weight"].dtype == torch.bfloat16
+    assert params["model.rotary_emb.inv_freq"].dtype == torch.float32
+
+
+def test_bfloat16_copy_keeps_ties_and_leaves_the_model():
+    from fxforge.runtime.speculative import bfloat16_copy
+
+    model, _ = zoo.llama("sdpa")
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copy16 = bfloat16_copy(model)
+    assert copy16.lm_head.weight is copy16.model.embed_tokens.weight
+    assert all(p.dtype == torch.bfloat16 for p in copy16.parameters())
+    assert copy16.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers as they were
+    assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in model.state_dict().items())
+    assert torch.equal(copy16.lm_head.weight, model.lm_head.weight.detach().to(torch.bfloat16))
 
 
 def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -211,3 +231,16 @@ def test_greedy_equals_plain_with_packed_verification_weights(monkeypatch, tmp_p
     for draft in (plain_fast, "ngram"):
         for k in (2, 4, 7):
             assert torch.equal(fast.generate(ids, 25, eos_token_id=None, draft=draft, num_draft_tokens=k), plain)
+
+
+def test_self_draft_falls_back_to_float32_weights_with_a_warning(monkeypatch):
+    from fxforge.runtime import speculative
+
+    def fails(model):
+        raise RuntimeError("expected both operands to have the same dtype")
+
+    monkeypatch.setattr(speculative, "bfloat16_copy", fails)
+    model, vocab = zoo.llama("sdpa")
+    with pytest.warns(UserWarning, match="keeps float32 weights"):
+        draft = speculative.self_draft(model, (torch.randint(0, vocab, (1, 5)),))
+    assert draft.graph.params["model.embed_tokens.weight"].dtype == torch.float32
