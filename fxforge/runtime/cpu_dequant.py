@@ -4,8 +4,8 @@ and (opt-in) keeping some dequantized weights so that later calls skip the work.
 Why: over a long input (a prompt) a quantized product is cheapest as "dequantize the
 weight once, then one float GEMM" (runtime/cpu_quant.py says when). The GEMM is the float
 model's own, so what a quantized model pays on top is the dequantization: for SmolLM2's
-1536x576 int4 weight about 2 ms on one core, against 2 ms for the GEMM itself at 128
-tokens and 15 ms at 1024 (docs/benchmarks.md, issue 20).
+1536x576 int4 weight about 0.7 ms on one core (2.4 with the table lookup before), against
+1.4 ms for the GEMM itself at 128 tokens and 15 ms at 1024 (docs/benchmarks.md, issue 20).
 
 - int4: the nibbles split with byte operations, `q - z` in int8 (exact: both in [0, 15]),
   then two float32 passes (convert, scale): the same values bit for bit as
