@@ -327,24 +327,30 @@ def test_torch_backend_attention_equals_reference(tq, tk, groups, with_bias, cau
                                attention_reference(q, k, v, bias, causal=causal, scale=0.3), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("bias_heads", [None, 1, 9])
-def test_torch_backend_gqa_reads_kv_heads_as_repeated_kv_would(bias_heads):
-    # several queries per row (a verification step, a prefill chunk) on the CPU: SDPA reads
-    # each K/V head for its 3 query heads; the answer must be the copies' bit for bit
+@pytest.mark.parametrize("tq, tk, bias_heads", [(6, 20, None), (6, 20, 1), (6, 20, 9), (6, 6, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_gqa_reads_kv_heads_as_repeated_kv_would(tq, tk, bias_heads, dtype, monkeypatch):
+    # several queries per row (a verification step, a prefill chunk; (6, 6): is_causal) on
+    # the CPU: SDPA reads each K/V head for its 3 query heads, with no copy of K/V, and the
+    # answer is the copies' bit for bit
     import torch.nn.functional as F
 
     from fxforge.runtime.torch_kernels import attention_sdpa
 
     gen = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 9, 6, 16, generator=gen)
-    k, v = torch.randn(2, 3, 20, 16, generator=gen), torch.randn(2, 3, 20, 16, generator=gen)
-    bias = None if bias_heads is None else torch.randn(2, bias_heads, 6, 20, generator=gen)
-    got = attention_sdpa(q, k, v, bias, causal=True, scale=0.3)
-    keep = torch.ones(6, 20, dtype=torch.bool).tril(20 - 6)
-    mask = torch.zeros(6, 20).masked_fill(~keep, float("-inf")) + (0 if bias is None else bias)
+    q = torch.randn(2, 9, tq, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(2, 3, tk, 16, generator=gen).to(dtype) for _ in range(2))
+    bias = None if bias_heads is None else torch.randn(2, bias_heads, tq, tk, generator=gen).to(dtype)
+    keep = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+    mask = torch.zeros(tq, tk, dtype=dtype).masked_fill(~keep, float("-inf")) + (0 if bias is None else bias)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
                                          attn_mask=mask, scale=0.3)
-    assert torch.equal(got, ref)
+
+    def no_copies(*args, **kwargs):
+        raise AssertionError("K/V repeated on the CPU")
+
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", no_copies)
+    assert torch.equal(attention_sdpa(q, k, v, bias, causal=True, scale=0.3), ref)
 
 
 @pytest.mark.parametrize("name", ["gpt2_sdpa", "llama_sdpa_gqa"])

@@ -3,6 +3,7 @@ for every kind of draft (the model itself, an int8 copy, an unrelated model, pro
 lookup), the rejection rule leaves the sampling distribution unchanged (exact check on
 a tiny vocabulary, with a control showing the check can fail), and clear errors."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -244,3 +245,34 @@ def test_self_draft_falls_back_to_float32_weights_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="keeps float32 weights"):
         draft = speculative.self_draft(model, (torch.randint(0, vocab, (1, 5)),))
     assert draft.graph.params["model.embed_tokens.weight"].dtype == torch.float32
+
+
+def test_self_draft_fallback_when_optimize_itself_fails_once(monkeypatch):
+    import fxforge.api as api
+
+    from fxforge.runtime import speculative
+
+    real, calls = api.optimize, []
+
+    def flaky(model, *args, **kwargs):
+        calls.append(next(p.dtype for p in model.parameters()))
+        if len(calls) == 1:
+            raise RuntimeError("capture failed in bfloat16")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(api, "optimize", flaky)
+    model, vocab = zoo.llama("sdpa")
+    with pytest.warns(UserWarning, match="capture failed in bfloat16"):
+        draft = speculative.self_draft(model, (torch.randint(0, vocab, (1, 5)),))
+    assert calls == [torch.bfloat16, torch.float32]
+    assert draft.graph.params["model.embed_tokens.weight"].dtype == torch.float32
+
+
+def test_self_draft_bad_options_raise_without_blaming_bfloat16():
+    from fxforge.runtime import speculative
+
+    model, vocab = zoo.llama("sdpa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "bfloat16 did not optimize" warning first
+        with pytest.raises(TypeError):
+            speculative.self_draft(model, (torch.randint(0, vocab, (1, 5)),), no_such_option=1)

@@ -9,7 +9,8 @@ model's own, so what a quantized model pays on top is the dequantization: for Sm
 
 - int4: the nibbles split with byte operations, `q - z` in int8 (exact: both in [0, 15]),
   then two float32 passes (convert, scale): the same values bit for bit as
-  `ir.quant_formats.dequantize_weight`, 1.5-3x faster than its table lookup.
+  `ir.quant_formats.dequantize_weight`, 1.5-6x faster than the (zero, byte) table lookup
+  it replaces.
 - everything else: `dequantize_weight` itself.
 
 The cache (`DequantizedWeights`) trades back the memory quantization saved, so it is off
@@ -31,7 +32,7 @@ def dequantize_int4(packed: Int4Packed) -> Tensor:
     The nibbles are split with byte operations (a quarter of float32's traffic), and with
     integer zero points `q - z` (in [-15, 15]) is taken in int8, exactly; so the only
     float32 passes are the conversion and the scale. A table lookup of (zero, byte) pairs
-    did the same in three float32 passes and was 1.5-3x slower (docs/benchmarks.md, issue 20)."""
+    did the same in three float32 passes and was 1.5-6x slower (docs/benchmarks.md, issue 20)."""
     n, k = packed.shape
     g = packed.group_size
     byte = packed.qweight.view(n, k // g, g // 2)

@@ -59,19 +59,25 @@ def self_draft(model, example_inputs, **options):
     1.33x (docs/benchmarks.md, issue 19). Its float buffers (rotary frequencies) stay
     float32, as in a transformers model loaded in bfloat16: rounded frequencies would
     shift every angle by up to 0.2% of its position, and so lose the draft its positions
-    in long prompts. Where the model does not run that way (capture fails), the draft
-    keeps float32 weights and says so in a warning. The model is not changed. Memory:
-    the int4 weights, and the rest of the model in bfloat16."""
+    in long prompts. Where the model does not run that way (e.g. a float32 buffer added
+    to the activations makes them float32, and capture fails), the draft keeps float32
+    weights and says so in a warning. The model is not changed. Memory: the int4
+    weights, and the rest of the model in bfloat16."""
     from ..api import optimize
 
     config = self_draft_config()
-    if _float32_parameters(model):
-        try:
-            return optimize(bfloat16_copy(model), example_inputs, kv_cache=True, quantize=config, **options)
-        except Exception as err:  # noqa: BLE001 (any capture or pass error: the float32 draft still works)
-            warnings.warn(f"self_draft: the model with bfloat16 weights did not optimize ({type(err).__name__}: "
-                          f"{err}); the draft keeps float32 weights (bfloat16 products), a few % slower")
-    return optimize(model, example_inputs, kv_cache=True, quantize=config, **options)
+    if not _float32_parameters(model):
+        return optimize(model, example_inputs, kv_cache=True, quantize=config, **options)
+    try:
+        return optimize(bfloat16_copy(model), example_inputs, kv_cache=True, quantize=config, **options)
+    except Exception as err:  # noqa: BLE001 (any capture or pass error: the float32 draft may still work)
+        failure = err
+    # raises on its own where the options or the model are at fault (then no warning
+    # blames bfloat16); warns only where float32 weights do what bfloat16 ones could not
+    draft = optimize(model, example_inputs, kv_cache=True, quantize=config, **options)
+    warnings.warn(f"self_draft: the model with bfloat16 weights did not optimize ({type(failure).__name__}: "
+                  f"{failure}); the draft keeps float32 weights (bfloat16 products), a few % slower", stacklevel=2)
+    return draft
 
 
 def _float32_parameters(model) -> bool:
@@ -81,7 +87,8 @@ def _float32_parameters(model) -> bool:
 
 def bfloat16_copy(model):
     """A copy of `model` with bfloat16 parameters (tied ones still tied) and its buffers
-    as they were, made without a float32 copy of the weights first."""
+    as they were, made without a float32 copy of the weights first. (A plain tensor
+    attribute that views a parameter's data without being it stays a float32 copy.)"""
     import copy
 
     # deepcopy's memo hands the copy each parameter's bfloat16 twin (one per parameter
