@@ -157,16 +157,14 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
         inline_fused = ops.get("fused_pointwise") is OPS["fused_pointwise"].reference
     counter = 0
     hoisted: dict[str, torch.Tensor] = {}
-    exponents: dict[str, str] = {}  # a constant's name -> its number, for a pow's exponent (_pow_operands)
+    exponents: dict[str, str | None] = {}  # a constant's name -> its number, for a pow's exponent (_pow_operands)
     for i, n in enumerate(graph.nodes):
         if n.op == "const" and not isinstance(n.attrs["value"], sympy.Basic):
             counter += 1
             c = name(n.outputs[0], f"c{counter}")
             hoisted[c] = torch.tensor(n.attrs["value"], dtype=n.attrs["dtype"], device=device)
             keep.add(n.outputs[0])
-            number = _scalar_exponent(n.attrs["value"], n.attrs["dtype"])
-            if number is not None:
-                exponents[c] = number
+            exponents[c] = _scalar_exponent(n.attrs["value"], n.attrs["dtype"])
             continue
         outs = []
         for v in n.outputs:
@@ -203,7 +201,7 @@ def _inline_fused(node, ins: list[str], outs: list[str], lines: list[str], hoist
     """Write a fused_pointwise body as one line per step; returns the updated counter."""
     steps: list[str] = []
     temps: list[str] = []
-    exponents: dict[str, str] = {}  # a const step's name -> its number (_pow_operands)
+    exponents: dict[str, str | None] = {}  # a const step's name -> its number (_pow_operands)
     for op, args, attrs in node.attrs["body"]:
         counter += 1
         name = f"c{counter}" if op == "const" else f"t{counter}"
@@ -213,9 +211,7 @@ def _inline_fused(node, ins: list[str], outs: list[str], lines: list[str], hoist
         if op == "const":
             a = dict(attrs)
             hoisted[name] = torch.tensor(a["value"], dtype=a["dtype"], device=device)
-            number = _scalar_exponent(a["value"], a["dtype"])
-            if number is not None:
-                exponents[name] = number
+            exponents[name] = _scalar_exponent(a["value"], a["dtype"])
         else:
             temps.append(name)
             operands = _pow_operands(op, [ins[int(x[2:])] if x.startswith("in") else steps[int(x[1:])] for x in args],
@@ -235,12 +231,11 @@ def _inline_fused(node, ins: list[str], outs: list[str], lines: list[str], hoist
     return counter
 
 
-def _pow_operands(op: str, operands: list[str], exponents: dict[str, str]) -> list[str]:
+def _pow_operands(op: str, operands: list[str], exponents: dict[str, str | None]) -> list[str]:
     """A step's operands, a pow's exponent written as its number where it is a constant
-    with one (`exponents`: the constant's name -> _scalar_exponent)."""
-    if op == "pow" and len(operands) == 2 and operands[1] in exponents:
-        return [operands[0], exponents[operands[1]]]
-    return operands
+    with one (`exponents`: the constant's name -> _scalar_exponent, None where it has none)."""
+    number = exponents.get(operands[1]) if op == "pow" and len(operands) == 2 else None
+    return operands if number is None else [operands[0], number]
 
 
 def _scalar_exponent(value, dtype: torch.dtype) -> str | None:

@@ -22,6 +22,7 @@ One sequence at a time (batch 1), as transformers' assisted generation.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 
@@ -65,16 +66,18 @@ def self_draft(model, example_inputs, **options):
     weights, and the rest of the model in bfloat16."""
     from ..api import optimize
 
-    config = self_draft_config()
+    def draft_of(m):
+        return optimize(m, example_inputs, kv_cache=True, quantize=self_draft_config(), **options)
+
     if not _float32_parameters(model):
-        return optimize(model, example_inputs, kv_cache=True, quantize=config, **options)
+        return draft_of(model)
     try:
-        return optimize(bfloat16_copy(model), example_inputs, kv_cache=True, quantize=config, **options)
+        return draft_of(bfloat16_copy(model))
     except Exception as err:  # noqa: BLE001 (any capture or pass error: the float32 draft may still work)
         failure = err
     # raises on its own where the options or the model are at fault (then no warning
     # blames bfloat16); warns only where float32 weights do what bfloat16 ones could not
-    draft = optimize(model, example_inputs, kv_cache=True, quantize=config, **options)
+    draft = draft_of(model)
     warnings.warn(f"self_draft: the model with bfloat16 weights did not optimize ({type(failure).__name__}: "
                   f"{failure}); the draft keeps float32 weights (bfloat16 products), a few % slower", stacklevel=2)
     return draft
@@ -89,8 +92,6 @@ def bfloat16_copy(model):
     """A copy of `model` with bfloat16 parameters (tied ones still tied) and its buffers
     as they were, made without a float32 copy of the weights first. (A plain tensor
     attribute that views a parameter's data without being it stays a float32 copy.)"""
-    import copy
-
     # deepcopy's memo hands the copy each parameter's bfloat16 twin (one per parameter
     # object, so a tied embedding and lm_head stay one tensor)
     memo = {id(p): torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
