@@ -7,11 +7,9 @@ model's own, so what a quantized model pays on top is the dequantization: for Sm
 1536x576 int4 weight about 0.7 ms on one core (2.4 with the table lookup before), against
 1.4 ms for the GEMM itself at 128 tokens and 15 ms at 1024 (docs/benchmarks.md, issue 20).
 
-- int4: the nibbles split with byte operations, `q - z` in int8 (exact: both in [0, 15]),
-  then two float32 passes (convert, scale): the same values bit for bit as
-  `ir.quant_formats.dequantize_weight`, 1.5-6x faster than the (zero, byte) table lookup
-  it replaces.
-- everything else: `dequantize_weight` itself.
+The dequantization is `ir.quant_formats.dequantize_weight` itself, written for this: for
+int4 the nibbles split with byte operations and `q - z` taken in int8, then two float32
+passes (convert, scale), 1.5-6x faster than the (zero, byte) table lookup before.
 
 The cache (`DequantizedWeights`) trades back the memory quantization saved, so it is off
 unless asked for, with a byte budget. It keeps the *first* weights that fit, not the most
@@ -24,30 +22,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ir.quant_formats import Int4Packed, Packed, dequantize_weight
-
-def dequantize_int4(packed: Int4Packed) -> Tensor:
-    """float32 [N, K] of an int4 weight, equal bit for bit to dequantize_weight(packed).
-
-    The nibbles are split with byte operations (a quarter of float32's traffic), and with
-    integer zero points `q - z` (in [-15, 15]) is taken in int8, exactly; so the only
-    float32 passes are the conversion and the scale. A table lookup of (zero, byte) pairs
-    did the same in three float32 passes and was 1.5-6x slower (docs/benchmarks.md, issue 20)."""
-    n, k = packed.shape
-    g = packed.group_size
-    byte = packed.qweight.view(n, k // g, g // 2)
-    codes = torch.stack([byte & 0xF, byte >> 4], dim=-1).view(n, k // g, g)  # (low, high): pack_nibbles' order
-    scales = packed.scales.float()[..., None]
-    if packed.zeros.dtype.is_floating_point:  # float zero points: subtracted in float32, as the reference does
-        return codes.float().sub_(packed.zeros.float()[..., None]).mul_(scales).reshape(n, k)
-    diff = codes.view(torch.int8).sub_(packed.zeros.to(torch.int8)[..., None])
-    return diff.float().mul_(scales).reshape(n, k)
+from ..ir.quant_formats import Packed, dequantize_weight
 
 
 def dequantize_for_matmul(packed: Packed, dtype: torch.dtype) -> Tensor:
     """The float [N, K] weight in `dtype` for one GEMM (computed in float32, then cast)."""
-    w = dequantize_int4(packed) if isinstance(packed, Int4Packed) else dequantize_weight(packed)
-    return w if w.dtype == dtype else w.to(dtype)
+    return dequantize_weight(packed, dtype)
 
 
 class DequantizedWeights:

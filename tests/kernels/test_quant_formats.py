@@ -180,6 +180,37 @@ def test_decode_nibbles_is_a_lookup_of_the_unpacked_codes():
         assert torch.equal(qf.decode_nibbles(packed, values), values[qf.unpack_nibbles(packed).long()])
 
 
+def _int4_by_definition(packed):
+    """(q - z) * scale from the unpacked codes, in float32: the format's definition, written
+    apart from dequantize_weight's byte split and int8 subtraction."""
+    n, k = packed.shape
+    g = packed.group_size
+    q = qf.unpack_nibbles(packed.qweight).float().reshape(n, k // g, g)
+    return q.sub_(packed.zeros.float()[..., None]).mul_(packed.scales.float()[..., None]).reshape(n, k)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("zero_point", ["int", "float"])
+def test_int4_dequantization_is_the_definition_bit_for_bit(group_size, zero_point):
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(group_size))
+    packed = qf.quantize_weight(w, "int4", group_size=group_size, zero_point=zero_point)
+    assert torch.equal(qf.dequantize_weight(packed), _int4_by_definition(packed))
+
+
+def test_int4_dequantization_covers_every_code_and_zero_point():
+    # every byte (both nibbles 0-15) against every zero point 0-15, so that q - z spans
+    # [-15, 15] in the int8 step; the quantizer's own weights need not reach the ends
+    gen = torch.Generator().manual_seed(0)
+    qweight = torch.arange(256, dtype=torch.uint8).repeat(16, 1)  # [16, 256] -> K = 512
+    zeros = torch.arange(16, dtype=torch.uint8)[:, None].expand(16, 8).contiguous()  # group 64
+    scales = torch.rand(16, 8, generator=gen) + 0.5
+    packed = qf.Int4Packed(qweight, scales, zeros, (16, 512), group_size=64)
+    w = qf.dequantize_weight(packed)
+    assert torch.equal(w, _int4_by_definition(packed))
+    assert w.view(16, 8, 64).div(scales[..., None]).round().amin() == -15
+    assert w.view(16, 8, 64).div(scales[..., None]).round().amax() == 15
+
+
 def test_int4_packed_bytes_match_layout():
     # one group of 32 with min 0 and max 15: scale 1, zero 0, so q == w
     vals = (torch.arange(32) % 16).float()
