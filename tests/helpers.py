@@ -64,3 +64,17 @@ def run_gemv(tensors, attrs):
     out = GemvKernels(PointwiseKernels()).run(*tensors, **attrs)
     assert out is not None, "the GEMV declined a decode shape"
     return out
+
+
+def benchmark_table(script: str, *args: str, timeout: int = 300) -> list[list[str]]:
+    """Run benchmarks/<script> in a fresh process with `args` and return the cells of its
+    markdown table's body rows (the header and its rule left out); fails on a non-zero exit."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", script), *args],
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.strip().strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in row] for row in rows[2:]]

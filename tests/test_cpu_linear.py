@@ -16,7 +16,7 @@ from fxforge.runtime.cpu_linear import CpuLinearPlan, decide, onednn_available
 from fxforge.runtime.cpu_linear_cache import CpuLinearCacheWarning, Decision
 
 import zoo
-from helpers import assert_matches_eager
+from helpers import assert_matches_eager, benchmark_table
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear")
 
@@ -499,17 +499,8 @@ def test_engine_tokens_stay_plain_whatever_the_bucket_choices(monkeypatch, tmp_p
 def test_the_row_count_benchmark_runs():
     """benchmarks/linear_rows.py (the per-row-count table in docs/benchmarks.md), on a
     small shape: one table row per kernel and layout, a figure per row count."""
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "linear_rows.py"), "--shapes", "64x32",
-                           "--rows", "1,3", "--cold-mb", "0.05", "--calls", "4"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| 64x32 |")]
+    rows = benchmark_table("linear_rows.py", "--shapes", "64x32", "--rows", "1,3", "--cold-mb", "0.05", "--calls", "4")
     expected = 2 + (3 if onednn_available() else 0)  # aten row/column, oneDNN row/column/packed
-    assert len(rows) == expected, done.stdout
-    for row in rows:  # shape, kernel and layout, then microseconds at 1 and 3 rows
-        cells = row.strip().strip("|").split("|")
-        assert len(cells) == 4 and all(float(c) > 0 for c in cells[2:]), row
+    assert len(rows) == expected and all(row[0] == "64x32" for row in rows), rows
+    for cells in rows:  # shape, kernel and layout, then microseconds at 1 and 3 rows
+        assert len(cells) == 4 and all(float(c) > 0 for c in cells[2:]), cells

@@ -15,6 +15,7 @@ from fxforge.runtime.cpu_quant import AMX_BF16_ABOVE_ROWS, NEVER, dequantize_abo
 from fxforge.runtime.program import build_program
 
 import zoo
+from helpers import benchmark_table
 
 
 def _reference_program(graph):
@@ -137,3 +138,14 @@ def test_direct_int4_calls_are_the_paths_choice(compute_dtype):
         assert all(plan.path(qweight, dtype, rows) == "int4pack" for rows in (1, above))
         assert plan.path(qweight, dtype, above + 1) != "int4pack"
     assert not cpu_quant.plan_cpu_quant(fast.graph, int4_plan, keep_bytes=2**20)[0].int4_direct
+
+
+def test_the_dequantization_benchmark_runs():
+    """benchmarks/dequantize.py (the per-weight table in docs/benchmarks.md), on a small
+    weight: a row per scheme, the int4 table lookup it replaced timed (and checked equal)
+    beside dequantize_weight."""
+    rows = benchmark_table("dequantize.py", "--shapes", "32x128", "--schemes", "int4/g64,nf4/g64", "--table",
+                           "--rows", "4", "--repeat", "2")
+    assert [row[:2] for row in rows] == [["32x128", "int4/g64"], ["32x128", "nf4/g64"]], rows
+    assert float(rows[0][3]) > 0 and rows[1][3] == "-"  # the table lookup is int4's alone
+    assert all(float(row[2]) > 0 and float(row[4]) > 0 for row in rows), rows

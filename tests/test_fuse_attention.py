@@ -13,7 +13,7 @@ from fxforge.passes.fuse_attention import fuse_attention
 from fxforge.passes.manager import PassContext
 
 import zoo
-from helpers import assert_close_to_eager
+from helpers import assert_close_to_eager, benchmark_table
 
 H, D = 4, 16
 
@@ -386,3 +386,12 @@ def test_mistral_without_a_window_still_folds_to_causal():
     model, vocab = zoo.mistral(sliding_window=None, n_layer=1)
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 9)),))
     assert [n.attrs["causal"] for n in fast.graph.nodes if n.op == "attention"] == [True]
+
+
+def test_the_gqa_attention_benchmark_runs():
+    """benchmarks/gqa_attention.py (docs/benchmarks.md): each case checks that the torch
+    backend's attention equals SDPA on repeated K/V, then times both."""
+    rows = benchmark_table("gqa_attention.py", "--cases", "3x7,4x4", "--heads", "4x2", "--head-dim", "8",
+                           "--repeat", "2")
+    assert [row[0] for row in rows] == ["3x7", "4x4"], rows
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows), rows
