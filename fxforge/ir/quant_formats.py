@@ -421,7 +421,8 @@ def _dequantize_int4(packed: Int4Packed) -> Tensor:
     quarter of float32's traffic), and with integer zero points `q - z` (in [-15, 15]) is
     taken in int8, exactly; so the only float32 passes are the conversion and the scale.
     This runs at every call of a dequantizing CPU product: a lookup of (zero, byte) pairs
-    did the same in three float32 passes and was 1.5-6x slower (docs/benchmarks.md, issue 20)."""
+    did the same in three float32 passes and was 1.3-3.6x slower (benchmarks/dequantize.py,
+    docs/benchmarks.md, issue 20)."""
     n, k = packed.shape
     g = packed.group_size
     byte = packed.qweight.reshape(n, k // g, g // 2)

@@ -4,12 +4,13 @@ and (opt-in) keeping some dequantized weights so that later calls skip the work.
 Why: over a long input (a prompt) a quantized product is cheapest as "dequantize the
 weight once, then one float GEMM" (runtime/cpu_quant.py says when). The GEMM is the float
 model's own, so what a quantized model pays on top is the dequantization: for SmolLM2's
-1536x576 int4 weight about 0.7 ms on one core (2.4 with the table lookup before), against
-1.4 ms for the GEMM itself at 128 tokens and 15 ms at 1024 (docs/benchmarks.md, issue 20).
+1536x576 int4 weight about 0.7 ms on one core (2.5 with the table lookup before), against
+1.3 ms for the GEMM itself at 128 tokens and 15 ms at 1024 (benchmarks/dequantize.py,
+docs/benchmarks.md, issue 20).
 
 The dequantization is `ir.quant_formats.dequantize_weight` itself, written for this: for
 int4 the nibbles split with byte operations and `q - z` taken in int8, then two float32
-passes (convert, scale), 1.5-6x faster than the (zero, byte) table lookup before.
+passes (convert, scale), 1.3-3.6x faster than the (zero, byte) table lookup before.
 
 The cache (`DequantizedWeights`) trades back the memory quantization saved, so it is off
 unless asked for, with a byte budget. It keeps the *first* weights that fit, not the most

@@ -56,8 +56,8 @@ def self_draft(model, example_inputs, **options):
 
     A float32 model's draft has bfloat16 weights (`bfloat16_copy`; its products are
     bfloat16 anyway): a draft step then skips the casts around each product, and
-    SmolLM2's draft steps 4% faster at the same acceptance, self-speculation 1.31x ->
-    1.33x (docs/benchmarks.md, issue 19). Its float buffers (rotary frequencies) stay
+    SmolLM2's draft decodes 3% faster alone at the same acceptance, self-speculation
+    1.31x -> 1.33x (benchmarks/speculative.py, docs/benchmarks.md, issue 19). Its float buffers (rotary frequencies) stay
     float32, as in a transformers model loaded in bfloat16: rounded frequencies would
     shift every angle by up to 0.2% of its position, and so lose the draft its positions
     in long prompts. Where the model does not run that way (e.g. a float32 buffer added
