@@ -125,6 +125,7 @@ def test_config_that_would_do_nothing_is_rejected_naming_the_field(kwargs, messa
     (dict(scheme="nf4", double_quant="yes"), "double_quant must be True, False or None"),
     (dict(strict_group_size=1), "strict_group_size must be True or False"),
     (dict(include_tied="yes"), "include_tied must be True or False"),
+    (dict(include_routers=1), "include_routers must be True or False"),
 ])
 def test_config_fields_of_the_wrong_type_are_rejected(kwargs, message):
     with pytest.raises(TypeError, match=message):
@@ -208,3 +209,70 @@ def test_interpret_backend_with_bfloat16_compute():
     ref = fxforge.optimize(model, (ids,), quantize=cfg)
     fast = fxforge.optimize(model, (ids,), quantize=cfg, backend="interpret")
     torch.testing.assert_close(fast(ids).logits, ref(ids).logits, atol=3e-2, rtol=3e-2)
+
+
+class TinyMoE(torch.nn.Module):
+    """An embedding, one attention-free block with a top-2 router over 4 experts (each a
+    SwiGLU of its own nn.Linear layers, `gate_proj` among them: not a router) and a 3-D
+    stacked weight read by a batched product, then an lm_head."""
+
+    def __init__(self, vocab=64, hidden=64, experts=4):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.router = torch.nn.Linear(hidden, experts, bias=False)
+        self.gate_proj = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden, bias=False) for _ in range(experts))
+        self.down_proj = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden, bias=False) for _ in range(experts))
+        self.stacked = torch.nn.Parameter(torch.randn(experts, hidden, hidden) / hidden ** 0.5)
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        weights, chosen = torch.softmax(self.router(x), dim=-1).topk(2, dim=-1)
+        out = torch.zeros_like(x)
+        for e in range(len(self.gate_proj)):
+            scale = (weights * (chosen == e)).sum(-1, keepdim=True)
+            out = out + scale * self.down_proj[e](torch.nn.functional.silu(self.gate_proj[e](x)))
+        mixed = torch.einsum("bth,ehk->bek", x, self.stacked).mean(1, keepdim=True)
+        return self.lm_head(out + x + mixed)
+
+
+def test_moe_routers_stay_float_unless_asked_and_stacked_weights_are_reported():
+    torch.manual_seed(0)
+    model = TinyMoE().eval()
+    ids = torch.randint(0, 64, (2, 5))
+    fast = fxforge.optimize(model, (ids,), quantize="int8")
+    details = quant_stats(fast).details["quantize"]
+    quantized = {name for name, *_ in details["layers"]}
+    skipped = dict(details["skipped"])
+    assert "router.weight" not in quantized
+    assert "router" in skipped["router.weight"] and "aten.topk" in skipped["router.weight"]
+    assert "include_routers=True" in skipped["router.weight"]
+    # the SwiGLU's gate_proj feeds an expert, not a choice: quantized
+    assert {f"gate_proj.{e}.weight" for e in range(4)} <= quantized
+    assert "3-D weight" in skipped["stacked"] and "stays float32" in skipped["stacked"]
+    assert "mixture-of-experts router" in fast.report() and "stacked" in fast.report()
+    with torch.no_grad():
+        ref = model(ids)
+    assert ((fast(ids) - ref).abs().max() / ref.abs().max()).item() < TOLERANCE["int8"]
+
+    asked = fxforge.optimize(model, (ids,), quantize=QuantConfig("int8", include_routers=True))
+    details = quant_stats(asked).details["quantize"]
+    assert "router.weight" in {name for name, *_ in details["layers"]}
+    assert "router.weight" not in dict(details["skipped"])
+
+
+def test_a_linear_behind_another_product_is_not_a_router():
+    from fxforge.ir.capture import capture
+    from fxforge.passes.routers import router_weights
+
+    class TwoProducts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8)
+            self.b = torch.nn.Linear(8, 4)
+
+        def forward(self, x):  # b's scores are chosen from; a only feeds b
+            return self.b(torch.relu(self.a(x))).topk(1, dim=-1).values
+
+    graph = capture(TwoProducts().eval(), (torch.randn(2, 8),))
+    assert set(router_weights(graph)) == {"b.weight"}

@@ -34,6 +34,7 @@ from ..ir.quant_formats import (SCHEME_OPTIONS, SCHEMES, SUPPORTED_GROUP_SIZES, 
                                 fitting_group_size, quantize_weight)
 from .cleanup import common_subexpression_elimination
 from .pattern import Match, Rule, apply_rules, op, var
+from .routers import router_weights
 
 DEFAULT_EXCLUDE = ("lm_head*", "*embed*", "*wte*", "*wpe*")
 COMPUTE_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
@@ -65,6 +66,9 @@ class QuantConfig:
     # linear gets a quantized copy and the embedding keeps the float weight, so memory grows
     # by the copy; for a draft model, whose largest product is often that lm_head.
     include_tied: bool = False
+    # True: also quantize mixture-of-experts routers (passes/routers.py), kept float by
+    # default: rounding their scores changes which experts run
+    include_routers: bool = False
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:  # first: the other checks name the scheme
@@ -83,6 +87,8 @@ class QuantConfig:
             raise TypeError(f"QuantConfig.strict_group_size must be True or False, got {self.strict_group_size!r}")
         if not isinstance(self.include_tied, bool):
             raise TypeError(f"QuantConfig.include_tied must be True or False, got {self.include_tied!r}")
+        if not isinstance(self.include_routers, bool):
+            raise TypeError(f"QuantConfig.include_routers must be True or False, got {self.include_routers!r}")
 
     def _check_group_size(self):
         g = self.group_size
@@ -166,6 +172,7 @@ def parse_option(option) -> QuantConfig | None:
 class _Plan:
     config: QuantConfig
     tied: set  # params also read by an embedding: excluded like the embedding itself
+    routers: dict  # router weight name -> the selection op its scores reach (kept float unless asked)
     layers: list = field(default_factory=list)  # (name, bytes before, bytes after)
     skipped: list = field(default_factory=list)  # (name, reason)
     group_sizes: dict = field(default_factory=dict)  # name -> (group size used, in_features): int4 / nf4
@@ -214,6 +221,9 @@ def _skip_reason(plan: _Plan, name: str, w, transposed: bool) -> str | None:
             return f"excluded by {pattern!r}"
     if name in plan.tied:
         return "weight shared with an embedding (excluded like embeddings)"
+    if name in plan.routers:
+        return (f"a mixture-of-experts router (its scores reach {plan.routers[name]}): rounding them changes "
+                "which experts run; QuantConfig(include_routers=True) quantizes it too")
     shape = tuple(int(d) for d in (w.shape[::-1] if transposed else w.shape))
     group_size = _layer_group_size(cfg, shape)
     if group_size is None and len(shape) == 2 and cfg.requested_group_size() is not None:
@@ -227,6 +237,58 @@ def _skip_reason(plan: _Plan, name: str, w, transposed: bool) -> str | None:
     if fallback is not None:
         reason += f"; strict_group_size=True: without it this layer would use group_size {fallback}"
     return reason
+
+
+# ops a weight passes through on its way to the product that reads it
+_WEIGHT_VIEWS = ("permute", "view", "reshape", "slice", "select", "expand", "unsqueeze", "squeeze", "cast")
+
+
+def _unhandled_weights(graph) -> list[tuple[str, str]]:
+    """(name, reason) for each weight of 3 or more dimensions the graph still reads in
+    float: mixture-of-experts layers stack their experts' weights into one 3-D parameter
+    read by a grouped or batched product, which this pass does not pack; listed so that
+    report() and the byte counts do not pass them over in silence."""
+    users = graph.users()
+    out = []
+    for v in graph.param_values:
+        if v.rank < 3 or not v.dtype.is_floating_point:
+            continue
+        readers, frontier = set(), [v]
+        for _ in range(4):  # through the views to the op that computes with it
+            following = []
+            for value in frontier:
+                for n in users.get(value, ()):
+                    if n.op in _WEIGHT_VIEWS:
+                        following += n.outputs
+                    else:
+                        readers.add(n.attrs.get("target", n.op) if n.op == "torch_call" else n.op)
+            frontier = following
+        readers |= {"(views)"} if frontier and not readers else set()
+        shape = "x".join(str(d) for d in v.shape)
+        nbytes = graph.params[v.param].nbytes
+        out.append((v.param, f"a {v.rank}-D weight ({shape}, {nbytes / 2**20:.2f} MiB, read by "
+                             f"{', '.join(sorted(readers))}): quantize packs 2-D linear weights only, so it stays "
+                             f"{str(v.dtype).replace('torch.', '')} (stacked expert weights, say)"))
+    return out
+
+
+def _skipped_notes(skipped: list[tuple[str, str]]) -> list[str]:
+    """One report line per skipped weight, or one per kind where a kind repeats (a
+    mixture-of-experts model has a router and stacked expert weights in every layer)."""
+    kinds: dict[str, list[tuple[str, str]]] = {}
+    for name, reason in skipped:
+        kind = reason.split(" (", 1)[0] if reason.startswith(("a mixture-of-experts router", "a 3-D weight",
+                                                              "a 4-D weight")) else name
+        kinds.setdefault(kind, []).append((name, reason))
+    notes = []
+    for kind, entries in kinds.items():
+        if len(entries) <= 2:
+            notes += [f"skipped {name}: {reason}" for name, reason in entries]
+        else:
+            names = ", ".join(n for n, _ in entries[:2])
+            notes.append(f"skipped {len(entries)} weights ({names}, ...; each in details['quantize']['skipped']), "
+                         f"e.g. {entries[0][1]}")
+    return notes
 
 
 def _layer_group_size(cfg: QuantConfig, shape) -> int | None:
@@ -270,7 +332,7 @@ def quantize(graph, ctx):
     cfg = as_config(ctx.options.get("quantize"))
     tied = set() if cfg.include_tied else \
         {n.inputs[0].param for n in graph.nodes if n.op == "embedding" and n.inputs[0].param}
-    plan = _Plan(cfg, tied)
+    plan = _Plan(cfg, tied, {} if cfg.include_routers else router_weights(graph))
     # before -> after
     rules = [
         # linear(x, W, b) -> quant_linear(x, packed(W), b)
@@ -286,6 +348,7 @@ def quantize(graph, ctx):
     if cfg.compute_dtype is not None:  # q/k/v (and gate/up) each cast the same input: one cast will do
         out = common_subexpression_elimination(out, ctx.rules if ctx is not None else None)
     out = out.prune_params()
+    plan.skipped += _unhandled_weights(out)
     before = sum(x for _, x, _ in plan.layers)
     after = sum(y for _, _, y in plan.layers)
     group_sizes = {name: g for name, (g, _) in plan.group_sizes.items()}
@@ -299,6 +362,6 @@ def quantize(graph, ctx):
                  f"{after / 2**20:.1f} MiB ({after / before:.3f}x){compute}")
     for note in _group_size_notes(plan):
         ctx.note(note)
-    for name, reason in plan.skipped:
-        ctx.note(f"skipped {name}: {reason}")
+    for note in _skipped_notes(plan.skipped):
+        ctx.note(note)
     return out
