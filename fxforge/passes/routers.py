@@ -4,9 +4,8 @@ without first passing through another product.
 
 Why quantize needs to know: a router's scores decide which experts run, so the small
 rounding error of a quantized router flips the choice of expert for tokens near a tie, and
-such a token then gets another expert's output entirely. On a tiny PhiMoE, int8 with its
-routers quantized gave a 29% logit error against 11% with them kept float (the routers are
-a few KiB of a model's weights). So quantize keeps them float unless asked
+such a token then gets another expert's output entirely, while the routers are a few KiB
+of a model's weights. So quantize keeps them float unless asked
 (QuantConfig(include_routers=True)), and says so in report().
 
 Found by what the graph computes, not by name: router modules are called `gate`,
