@@ -432,6 +432,34 @@ def test_a_length_only_mask_that_is_not_a_band_is_refused_as_such():
         fxforge.optimize(PrefixLM(), (torch.randn(2, 5, 16),), kv_cache=True)
 
 
+class ChunkedAttention(torch.nn.Module):
+    """Llama 4's chunked attention: causal within chunks of `chunk` positions."""
+
+    def __init__(self, chunk):
+        super().__init__()
+        self.chunk = chunk
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        t = x.shape[1]
+        q, k, v = self.qkv(x).view(x.shape[0], t, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+        mask = (j <= i) & (i // self.chunk == j // self.chunk)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_a_chunked_mask_is_refused_with_the_max_seq_len_that_makes_it_causal():
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(KVCacheError, match=r"chunked mask .* set kv_cache=KVCacheConfig\(max_seq_len=N\)"):
+        fxforge.optimize(ChunkedAttention(32), (x,), kv_cache=True)
+    # every sequence the cache holds fits in one chunk: causal, proven and cached
+    fast = fxforge.optimize(ChunkedAttention(32), (x,), kv_cache=KVCacheConfig(max_seq_len=32))
+    assert [n.attrs["causal"] for n in fast.graph.nodes if n.op == "attention"] == [True]
+    # one position past the chunk is not causal, and the error says so
+    with pytest.raises(KVCacheError, match="not causal at max_seq_len=33 either"):
+        fxforge.optimize(ChunkedAttention(32), (x,), kv_cache=KVCacheConfig(max_seq_len=33))
+
+
 @pytest.mark.parametrize("field, value", [("max_seq_len", 0), ("max_seq_len", True), ("max_batch", 0),
                                           ("max_batch", -2), ("max_batch", 2.0)])
 def test_config_sizes_must_be_positive_ints(field, value):

@@ -182,7 +182,7 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
         q, k = n.inputs[0], n.inputs[1]
         why = None
         if len(n.inputs) > 3 + bool(n.attrs.get("alibi")):
-            why = _mask_input_problem(graph, n)
+            why = _mask_input_problem(graph, n, config.max_seq_len)
         elif not n.attrs["causal"]:
             why = "is not causal (a decoder's self-attention is; encoders and cross-attention have no KV cache)"
         elif not (q.shape[2] == seq and k.shape[2] == seq):
@@ -292,7 +292,7 @@ def _causal_at(bias: Value, producers, graph: Graph, probes: list[dict], fill_ma
     return True
 
 
-def _mask_input_problem(graph: Graph, attention: Node) -> str:
+def _mask_input_problem(graph: Graph, attention: Node, max_seq_len: int | None = None) -> str:
     """Why the cache cannot serve this attention's mask input, as precisely as the graph
     tells: a mask computed from the user's inputs (attention_mask) has a remedy, a mask
     computed from the length alone that fuse_attention could not prove causal is the
@@ -323,9 +323,18 @@ def _mask_input_problem(graph: Graph, attention: Node) -> str:
                 "4098 keys); the cache serves windows that are the attention's window= attribute, and a band "
                 "at least KVCacheConfig(max_seq_len=...) wide as causal. Without kv_cache=True the model runs "
                 "with its mask in the graph")
+    if max_seq_len is None:
+        hint = (f"; if it is causal up to some length (a chunked mask whose chunks are longer than your "
+                f"sequences, as Llama 4's), set kv_cache=KVCacheConfig(max_seq_len=N) with N within that length "
+                f"(at most {MAX_WINDOW_PROOF}): the mask is then proven causal up to N and cached as causal")
+    elif max_seq_len > MAX_WINDOW_PROOF:
+        hint = (f"; max_seq_len={max_seq_len} is above {MAX_WINDOW_PROOF}, the longest length at which the mask "
+                "is evaluated to prove it causal: a smaller max_seq_len may let it")
+    else:
+        hint = f"; it is not causal at max_seq_len={max_seq_len} either"
     return ("has a mask built from the sequence length that is not plain causal (not a band either: a "
             "prefix-LM or chunked pattern, say), which the KV cache does not support; it caches plain causal "
-            "attention only")
+            "attention only" + hint)
 
 
 # -- positions ------------------------------------------------------------------------------
