@@ -395,3 +395,20 @@ def test_the_gqa_attention_benchmark_runs():
                            "--repeat", "2")
     assert [row[0] for row in rows] == ["3x7", "4x4"], rows
     assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows), rows
+
+
+def test_attention_left_unfused_is_named_in_the_report():
+    class ClampedScores(torch.nn.Module):  # a clamp between the scores and the softmax: not provably attention
+        def forward(self, q, k, v):
+            return torch.softmax((q @ k.transpose(-1, -2)).clamp(max=30.0), dim=-1) @ v
+
+    class Router(torch.nn.Module):  # a softmax that feeds a top-k: not attention
+        def forward(self, x):
+            return torch.softmax(x, dim=-1).topk(2, dim=-1).values
+
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    fast = fxforge.optimize(ClampedScores(), (q, k, v))
+    assert fast.graph.count("attention") == 0
+    assert "1 softmax ops whose probabilities feed a matmul" in fast.report()
+    torch.testing.assert_close(fast(q, k, v), ClampedScores()(q, k, v))
+    assert "softmax ops whose probabilities" not in fxforge.optimize(Router(), (torch.randn(2, 6),)).report()
