@@ -1,6 +1,6 @@
 """Attention variants on tiny random transformers models (issue 18 item 3): soft-cap
 (Gemma2), sliding window (Mistral, Gemma2), ALiBi slopes (bloom, mpt), multi-query attention
-by broadcasting (falcon, gpt_bigcode), positions from the attention mask (OPT). Each: every
+by broadcasting (falcon, gpt_bigcode), positions from the attention mask (OPT), a mask fill made in forward (GPT-Neo). Each: every
 layer's attention is fused with the variant as an attribute, no softmax is left, outputs
 equal eager, and kv_cache's greedy generate equals transformers' for a left-padded batch."""
 import warnings
@@ -64,6 +64,16 @@ def opt():
         attn_implementation="eager")).eval()
 
 
+def gpt_neo():
+    # global then local (window 4) layers; no 1/sqrt(d) scale; q, k in float32; the causal
+    # mask applied with where() and a fill made in forward (torch.tensor(finfo.min))
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    return GPTNeoForCausalLM(GPTNeoConfig(
+        vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        window_size=4, max_position_embeddings=128, bos_token_id=0, eos_token_id=0)).eval()
+
+
 def mistral():
     import zoo
 
@@ -80,6 +90,7 @@ MODELS = {
     "falcon_mqa": (lambda: falcon(False), [{}] * 2, 1),
     "gpt_bigcode_mqa": (gpt_bigcode, [{}] * 2, 1),
     "opt": (opt, [{}] * 2, 4),
+    "gpt_neo": (gpt_neo, [{}, {"window": 4}], 4),
 }
 VARIANTS = ("softcap", "window", "alibi")
 

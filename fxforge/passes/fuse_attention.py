@@ -7,7 +7,8 @@ put every constant last in mul/add):
   - torch's `scaled_dot_product_attention` (attn_mask, is_causal, scale, enable_gqa);
   - softmax(q @ k^T * s [+ mask]) @ v with the scale as multiply or divide, or pre-applied
     to q and/or k; softmax upcast to float32 and cast back; masks added, or applied with
-    masked_fill / where; heads folded into the batch (bmm on [B*H, T, D]);
+    masked_fill / where (the fill a constant, or a 0-d tensor made in forward: GPT-Neo's
+    torch.tensor(finfo.min)); heads folded into the batch (bmm on [B*H, T, D]);
   - K/V repeated for grouped-query attention (repeat_kv's unsqueeze+expand+view, or
     repeat_interleave): the repeat disappears, the op reads the smaller K/V;
   - a mask that depends only on shapes (built from arange/tril/comparisons, or sliced
@@ -53,8 +54,16 @@ def _producer(m: Match, v: Value, *ops: str):
 
 
 def _const_value(m: Match, v: Value):
+    """The number a 0-d constant holds: a const node, or a 0-d tensor the model made in
+    forward (GPT-Neo's `torch.tensor(finfo.min)` fill), which capture lifts to a parameter
+    whose value is fixed from then on."""
+    if v.rank != 0:
+        return None
+    if v.param is not None:
+        t = m.graph.params.get(v.param)
+        return float(t) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and t.numel() == 1 else None
     node = _producer(m, v, "const")
-    if node is None or v.rank != 0:
+    if node is None:
         return None
     value = node.attrs["value"]
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
