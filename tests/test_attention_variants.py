@@ -174,3 +174,45 @@ def test_interpret_backend_runs_the_variant_kernels():
             warnings.simplefilter("ignore")
             ref = model.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=0, eos_token_id=None)
         assert torch.equal(fast.generate(ids, 6, pad_token_id=0, eos_token_id=None), ref)
+
+
+def xglm():
+    from transformers import XGLMConfig, XGLMForCausalLM
+
+    return XGLMForCausalLM(XGLMConfig(vocab_size=128, d_model=64, num_layers=2, attention_heads=4, ffn_dim=128,
+                                      max_position_embeddings=128, pad_token_id=1)).eval()
+
+
+def test_xglm_heads_folded_for_a_3d_softmax_and_a_floor_under_the_scores_fuse():
+    # XGLM: q pre-scaled, [B*H] matmuls, the mask added to [B, H] scores, then
+    # torch.max(scores, finfo.min), folded back for a 3-D softmax
+    torch.manual_seed(0)
+    model = xglm()
+    ids = torch.randint(2, 128, (2, 9))
+    fast = fxforge.optimize(model, (ids,), kv_cache=True)
+    atts = [n for n in fast.graph.nodes if n.op == "attention"]
+    assert len(atts) == 2 and all(n.attrs["causal"] for n in atts) and fast.graph.count("softmax") == 0, fast.ir
+    plain = fxforge.optimize(model, (ids,))
+    with torch.no_grad():
+        assert_close_to_eager(model(ids).logits, plain(ids).logits)
+    one = ids[:1, 3:]
+    ref = model.generate(one, max_new_tokens=10, do_sample=False, pad_token_id=1, eos_token_id=None)
+    assert torch.equal(fast.generate(one, 10, eos_token_id=None), ref)
+
+
+def test_a_floor_under_masked_scores_moves_onto_the_bias():
+    # max(scores + bias, finfo.min) == scores + max(bias, finfo.min) after softmax, even
+    # for a bias with -inf and a row whose every key is masked
+    class Floored(torch.nn.Module):
+        def forward(self, q, k, v, bias):
+            s = q @ k.transpose(-1, -2) * 0.25 + bias
+            s = torch.max(s, torch.tensor(torch.finfo(s.dtype).min))
+            return torch.softmax(s, dim=-1) @ v
+
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    bias = torch.zeros(2, 1, 5, 5)
+    bias[0, 0, :, 3:] = float("-inf")
+    bias[1, 0, 2, :] = float("-inf")  # every key of one query masked
+    fast = fxforge.optimize(Floored(), (q, k, v, bias))
+    assert fast.graph.count("attention") == 1 and fast.graph.count("softmax") == 0, fast.ir
+    torch.testing.assert_close(fast(q, k, v, bias), Floored()(q, k, v, bias), rtol=1e-5, atol=1e-6)

@@ -18,7 +18,10 @@ put every constant last in mul/add):
     slopes as an f32[H] input (only if computed in float32 or wider);
   - a soft-cap tanh(s / c) * c between the scaled scores and the mask: softcap=c;
   - multi-query attention by a broadcasting matmul of one K/V head, in-place scalar
-    scales (falcon's scores.div_(c)), heads folded into the batch around the softmax (bloom).
+    scales (falcon's scores.div_(c)), heads folded into the batch around the softmax (bloom)
+    or for it (XGLM: masks added to [B, H] scores, a 3-D softmax);
+  - a floor under the masked scores, max(scores, c) with c <= -65504 (XGLM's
+    torch.max(w, finfo.min)): moved onto the bias, softmax-equal for scores below 2**103.
 
 Declines (the graph stays as it was): softmax over another dim, any other op between the
 matmuls (a bias inside the soft-cap, say), scores or probabilities also used elsewhere, a
@@ -45,6 +48,9 @@ from .shape_eval import band_width, evaluate, probe_sizes, sample_sizes, shape_o
 
 # A masked_fill value at or below this removes the key after softmax, exactly in float32.
 MASK_FILL_MAX = -65504.0
+# max(scores, c) with a very negative 0-d c: a floor under masked scores (XGLM's
+# torch.max(attn_weights, finfo.min))
+_FLOOR_TARGETS = ("aten.max.other", "aten.maximum.default")
 
 
 # -- small walkers ---------------------------------------------------------------------------
@@ -126,6 +132,10 @@ class _Terms:
     def __init__(self):
         self.adds: list[tuple[Value, float, tuple | None]] = []  # (bias, scale applied after it, fold)
         self.fills: list[tuple[Value, float, bool, tuple | None]] = []  # (mask, fill, fill where True, fold)
+        # max(scores + bias, floor) with floor <= MASK_FILL_MAX (XGLM): for scores below
+        # 2**103 in magnitude (a float32 `floor + s` rounds back to `floor` there) this is
+        # softmax-equal to scores + max(bias, floor), so the floor moves onto the bias
+        self.floor: float | None = None
 
     def empty(self) -> bool:
         return not self.adds and not self.fills
@@ -159,6 +169,8 @@ class _Terms:
             hit = t if when else ~t
             t = torch.where(hit, torch.tensor(fill), torch.tensor(0.0))
             total = t if total is None else total + t
+        if self.floor is not None and total is not None:
+            total = torch.clamp_min(total, self.floor)
         return total
 
     def evaluate_sum(self, m: Match, sizes) -> torch.Tensor | None:
@@ -196,6 +208,9 @@ class _Terms:
             if t is None:
                 return None
             total = t if total is None else b.emit("add", total, t)
+        if self.floor is not None and total is not None:  # max(total, floor), NaN kept as torch.max keeps it
+            floor = b.const(self.floor, torch.float32)
+            total = b.emit("where", b.emit("lt", total, floor), floor, total)
         return total
 
 
@@ -515,6 +530,22 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
                 return None
             softcap, post_scale = post_scale, 1.0
             s = node.inputs[0]
+        elif node.op == "view" and fold is None and term_fold is None and terms.empty() and softcap is None \
+                and post_scale == 1.0 and s.rank == 3 and node.inputs[0].rank == 4:
+            # [B, H, Tq, Tk] scores folded to [B*H, Tq, Tk] for a 3-D softmax (XGLM): the
+            # terms before it are added unfolded, the matmuls are 3-D
+            fold = _head_fold(node.inputs[0], s)
+            if fold is None:
+                return None
+            s = node.inputs[0]
+        elif node.op == "torch_call" and node.attrs["target"] in _FLOOR_TARGETS and terms.floor is None \
+                and terms.empty() and softcap is None and post_scale == 1.0 and len(node.inputs) == 2:
+            x, c = node.inputs
+            c_val = _const_value(m, c)
+            if c_val is None or c_val > MASK_FILL_MAX or not x.type.same_as(s.type):
+                return None
+            terms.floor = c_val
+            s = x
         elif node.op == "view" and term_fold is None and s.rank == 4 and fold is not None:
             # [B*H, Tq, Tk] scores unfolded to [B, H, Tq, Tk] before the softmax (bloom)
             term_fold = _head_fold(node.inputs[0], s)
