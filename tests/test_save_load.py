@@ -100,6 +100,48 @@ print("ok")
     assert result.stdout.strip().endswith("ok")
 
 
+def test_an_operator_from_another_library_is_imported_at_load(tmp_path):
+    # transformers' MoE layers call transformers.grouped_mm_fallback, an op that exists only
+    # once transformers.integrations.moe is imported: load() imports what save() recorded
+    from custom_op_lib import UsesCustomOp
+
+    torch.manual_seed(0)
+    model, x = UsesCustomOp().eval(), torch.randn(3, 8)
+    fast = fxforge.optimize(model, (x,))
+    assert any(n.op == "torch_call" and n.attrs["target"] == "fxforge_test.scaled_tanh.default"
+               for n in fast.graph.nodes), fast.ir
+    fast.save(str(tmp_path / "saved"))
+    assert json.load(open(tmp_path / "saved" / META_FILE))["op_modules"] == {
+        "fxforge_test.scaled_tanh.default": "custom_op_lib"}
+    torch.save({"x": x, "y": fast(x)}, tmp_path / "expected.pt")
+    script = f"""
+import sys, torch, fxforge
+loaded = fxforge.load({str(tmp_path / 'saved')!r})
+expected = torch.load({str(tmp_path / 'expected.pt')!r})
+assert torch.equal(loaded(expected["x"]), expected["y"])
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+
+    # a module that is gone: the error names the op and the module, at load
+    meta = json.load(open(tmp_path / "saved" / META_FILE))
+    meta["op_modules"] = {"nowhere_ns.op.default": "no_such_library.ops"}
+    json.dump(meta, open(tmp_path / "saved" / META_FILE, "w"))
+    with pytest.raises(RuntimeError, match="'nowhere_ns.op.default', registered by the Python module "
+                                           "'no_such_library.ops', which does not import"):
+        fxforge.load(str(tmp_path / "saved"))
+
+
+def test_an_unregistered_operator_is_named_when_called():
+    from fxforge.ir.ops import resolve_target
+
+    with pytest.raises(RuntimeError, match="'nowhere_ns.op.default', which is not registered in this process"):
+        resolve_target("nowhere_ns.op.default")
+
+
 def test_an_unknown_output_class_comes_back_as_a_dict(tmp_path):
     model, vocab = zoo.llama("sdpa")
     ids = torch.randint(0, vocab, (1, 5))

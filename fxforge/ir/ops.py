@@ -435,10 +435,17 @@ def _torch_call(*tensors, target, args, kwargs):
 
 
 def resolve_target(target: str):
-    """'aten.index.Tensor' -> torch.ops.aten.index.Tensor."""
+    """'aten.index.Tensor' -> torch.ops.aten.index.Tensor; an operator not registered in
+    this process (a library's custom op whose module was not imported) is an error that
+    says so (ir/custom_ops.py)."""
     obj = torch.ops
-    for part in target.split("."):
-        obj = getattr(obj, part)
+    try:
+        for part in target.split("."):
+            obj = getattr(obj, part)
+    except AttributeError as e:
+        from .custom_ops import missing_op_error
+
+        raise missing_op_error(target) from e
     return obj
 
 

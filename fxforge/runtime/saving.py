@@ -10,7 +10,9 @@ Layout (a directory, so that each part can be read by its own tool):
                            included); tied weights are stored once
       meta.json            the format and its version, the call spec (argument and output
                            structure), generation defaults (eos/pad), the model name, the
-                           transformers config, and which weights are stored under another name
+                           transformers config, which weights are stored under another name,
+                           and the module that registers each operator from outside PyTorch
+                           the IR calls (imported at load: ir/custom_ops.py)
 
 A file of another format version is refused with an error that names both versions.
 """
@@ -23,6 +25,7 @@ import warnings
 
 import torch
 
+from ..ir.custom_ops import import_op_modules, op_modules
 from .call_spec_json import call_spec_from_json, call_spec_to_json
 
 FORMAT = "fxforge-saved-model"
@@ -55,6 +58,9 @@ def save_model(fast, path: str) -> str:
         "left_padding_shifts_positions": bool(fast.left_padding_shifts_positions),
         "config": _config_to_json(fast.config),
         "aliases": aliases,
+        # operators from outside PyTorch the IR calls, and the module that registers each:
+        # load() imports them, since a new process never builds the model that did
+        "op_modules": op_modules(graph),
     }
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, IR_FILE), "w") as f:
@@ -109,6 +115,7 @@ def load_model(path: str, *, backend="auto", device=None, cpu_linear: bool | str
     from .build import model_from_ir
 
     meta = read_meta(path)
+    import_op_modules(meta.get("op_modules", {}))  # (saves before session 13 have none)
     with open(os.path.join(path, IR_FILE)) as f:
         text = f.read()
     weights = load_file(os.path.join(path, WEIGHTS_FILE), device=str(device) if device is not None else "cpu")
