@@ -177,3 +177,58 @@ def test_other_architectures_convert(name, kv_heads):
     assert max(layer["rel_error"] for layer in _gqa_details(same)["layers"]) < 1e-5
     merged = fxforge.optimize(model, (ids,), gqa=GQAConfig(1, "aligned", calibration=calib), kv_cache=True)
     assert merged.generate(ids[:1, :4], 5).shape == (1, 9)
+
+
+def _duplicate_rows(weight, bias, heads, group):
+    """K or V projection rows [heads * d, in] (and bias) equal within groups of heads."""
+    w = weight.view(heads, -1, weight.shape[1])
+    b = bias.view(heads, -1) if bias is not None else None
+    for h in range(heads):
+        w[h] = w[h - h % group]
+        if b is not None:
+            b[h] = b[h - h % group]
+
+
+@pytest.mark.parametrize("name", ["xglm", "mpt"])
+def test_folded_heads_and_alibi_convert_exactly(name):
+    # XGLM folds its heads into the batch for the matmuls (views around the fused attention
+    # that gqa once tripped on); MPT's ALiBi slopes are the attention's fourth input, not
+    # a mask
+    from test_attention_variants import mpt, xglm
+
+    torch.manual_seed(0)
+    model = xglm() if name == "xglm" else mpt()
+    with torch.no_grad():
+        if name == "xglm":
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    _duplicate_rows(proj.weight, proj.bias, 4, 2)
+        else:
+            for block in model.transformer.blocks:
+                w = block.attn.Wqkv.weight
+                n = w.shape[0] // 3
+                for part in (1, 2):
+                    _duplicate_rows(w[part * n:(part + 1) * n], None, 4, 2)
+    ids = torch.randint(2, 128, (1, 9))
+    fast = fxforge.optimize(model, (ids,), gqa=GQAConfig(2, "mean"), kv_cache=True)
+    assert [int(n.inputs[1].shape[1]) for n in fast.graph.nodes if n.op == "attention"] == [2, 2], fast.ir
+    ref = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(fast.generate(ids, 8, eos_token_id=None), ref)
+
+
+@pytest.mark.parametrize("name, says", [
+    ("gptj", "aten.stack.default .* is an interleaved rotary embedding"),
+    ("qwen3", "is a norm of the keys"),
+])
+def test_refusals_name_the_op_in_the_way(name, says):
+    import transformers as tr
+
+    if name == "gptj":
+        model = tr.GPTJForCausalLM(tr.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                                                 n_positions=128))
+    else:
+        model = tr.Qwen3ForCausalLM(tr.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                   num_hidden_layers=2, num_attention_heads=4,
+                                                   num_key_value_heads=4, head_dim=16))
+    with pytest.raises(GQAError, match=says):
+        fxforge.optimize(model.eval(), (torch.randint(0, 128, (1, 6)),), gqa=2)

@@ -167,7 +167,14 @@ def _out_projection(graph: Graph, users, attn_out: Value) -> OutProjection | Non
 
 
 def _chain_nodes(graph: Graph, proj_out: Value, target: Value) -> list[Node] | None:
-    """Nodes on paths from the projection output to the attention input, in order."""
+    """Nodes on paths from the projection output to the attention input, in order (None
+    when one is not a reshape, cast or rotary op: `_chain_between` says which)."""
+    chain = _chain_between(graph, proj_out, target)
+    return None if any(n.op not in _CHAIN_OPS for n in chain) else chain
+
+
+def _chain_between(graph: Graph, proj_out: Value, target: Value) -> list[Node]:
+    """Every node on a path from the projection output to the attention input, in order."""
     users = graph.users()
     down, stack = set(), [proj_out]
     while stack:
@@ -182,10 +189,29 @@ def _chain_nodes(graph: Graph, proj_out: Value, target: Value) -> list[Node] | N
         if n is not None and id(n) not in up:
             up.add(id(n))
             stack.extend(n.inputs)
-    chain = [n for n in graph.nodes if id(n) in down and id(n) in up]
-    if any(n.op not in _CHAIN_OPS for n in chain):
+    return [n for n in graph.nodes if id(n) in down and id(n) in up]
+
+
+_NORM_OPS = ("mean", "sum", "pow", "rsqrt", "sqrt", "div", "rms_norm", "layer_norm", "amax")
+
+
+def _chain_problem(k_chain: list[Node], v_chain: list[Node]) -> str | None:
+    """Why the ops between the K/V projections and the attention are not only head
+    reshapes and a rotate-half rotary (None: they are), naming the op."""
+    bad = [n for n in k_chain if n.op not in _CHAIN_OPS] + [n for n in v_chain if n.op not in _PLAIN_CHAIN]
+    if not bad:
         return None
-    return chain
+    node = bad[0]
+    name = node.attrs.get("target", node.op) if node.op == "torch_call" else node.op
+    if any(n.op == "torch_call" and n.attrs.get("target", "").startswith("aten.stack") for n in bad):
+        kind = ("an interleaved rotary embedding (rotating adjacent pairs of dims, built with stack: GPT-J, "
+                "CodeGen, Cohere); only the rotate-half layout is handled")
+    elif any(n.op in _NORM_OPS for n in bad):
+        kind = ("a norm of the keys (q/k-norm: Qwen3, OLMo2, Gemma3): it is not linear, so "
+                "merging heads before it is not merging what the attention reads")
+    else:
+        kind = "not a head reshape or a rotary embedding"
+    return f"the op {name}{node.where()} between the K/V projection and the attention is {kind}"
 
 
 def find_layers(graph: Graph, error=ValueError, who: str = "", why: str = "", masks: bool = False) -> list[Layer]:
@@ -199,7 +225,7 @@ def find_layers(graph: Graph, error=ValueError, who: str = "", why: str = "", ma
             continue
         q, k, v = n.inputs[:3]
         where = f"\n  at: attention{n.where()}"
-        if len(n.inputs) > 3 and not masks:
+        if len(n.inputs) > 3 + bool(n.attrs.get("alibi")) and not masks:  # (ALiBi's slopes come last)
             raise error(f"{who}: this attention has a mask input; {who} handles masks built from shapes only "
                         "(causal), so capture without attention_mask" + where)
         projs = [_projection(graph, producers, x, int(k.shape[3])) for x in (q, k, v)]
@@ -208,11 +234,11 @@ def find_layers(graph: Graph, error=ValueError, who: str = "", why: str = "", ma
             raise error(f"{who}: the {which} input of this attention is not one linear projection of the hidden "
                         f"state (through head reshapes and rotary embeddings), {why}" + where)
         heads, kv_heads, head_dim = int(q.shape[1]), int(k.shape[1]), int(k.shape[3])
-        k_chain = _chain_nodes(graph, projs[1].out, k)
-        v_chain = _chain_nodes(graph, projs[2].out, v)
-        if k_chain is None or v_chain is None or any(c.op not in _PLAIN_CHAIN for c in v_chain):
-            raise error(f"{who}: an op between the K/V projection and the attention is not a head reshape or a "
-                        "rotary embedding" + where)
+        k_chain = _chain_between(graph, projs[1].out, k)
+        v_chain = _chain_between(graph, projs[2].out, v)
+        problem = _chain_problem(k_chain, v_chain)
+        if problem:
+            raise error(f"{who}: {problem}" + where)
         for p in projs[1:]:
             if p.weight.shape[0] != kv_heads * head_dim:
                 raise error(f"{who}: projection {p.name} has {p.weight.shape[0]} outputs, not {kv_heads} heads x "
