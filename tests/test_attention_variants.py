@@ -164,8 +164,11 @@ def test_falcon_bf16_alibi_stays_an_exact_bias_and_kv_cache_refuses_it():
 
 def test_interpret_backend_runs_the_variant_kernels():
     # the Triton kernels (FlashAttention for the prompt, split decode for one token) with
-    # SOFTCAP / WINDOW (Gemma2) and ALIBI (bloom), through the interpreter
-    for make in (gemma2, bloom):
+    # SOFTCAP / WINDOW (Gemma2) and ALIBI (bloom), through the interpreter; Cohere: GQA with an
+    # interleaved rotary (no cat), where rotary q (4 heads) joins the kernel storing K/V
+    # (2 heads) as a part of its own (the launch plan once broadcast all their inputs
+    # together, and failed)
+    for make in (gemma2, bloom, cohere_gqa):
         torch.manual_seed(0)
         model = make()
         fast = fxforge.optimize(model, (torch.randint(0, 128, (2, 7)),), backend="interpret", kv_cache=True)
@@ -174,6 +177,14 @@ def test_interpret_backend_runs_the_variant_kernels():
             warnings.simplefilter("ignore")
             ref = model.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=0, eos_token_id=None)
         assert torch.equal(fast.generate(ids, 6, pad_token_id=0, eos_token_id=None), ref)
+
+
+def cohere_gqa():
+    from transformers import CohereConfig, CohereForCausalLM
+
+    return CohereForCausalLM(CohereConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=0,
+                                          eos_token_id=0, pad_token_id=0)).eval()
 
 
 def xglm():

@@ -546,14 +546,16 @@ class PointwiseKernels:
         import triton
 
         types = OPS["fused_pointwise"].infer([_type_of(x) for x in inputs], {"body": body, "outputs": outputs})
+        if row is None and len({tuple(t.shape) for t in types}) > 1:
+            # (before any broadcast of all the inputs: the parts' inputs need not broadcast
+            # together, e.g. rotary q and K of a GQA layer, 4 and 2 heads)
+            return self._plan_parts(inputs, body, outputs, types, into, dests, from_pointer)
         widths = cat_widths(inputs, body)
         if widths is None:
             shape = tuple(torch.broadcast_shapes(*(x.shape for x in inputs)))
         else:  # the operands of a cat are narrower than the output: no common broadcast
             shape = tuple(int(d) for d in types[0].shape)
         out_dtypes = [t.dtype for t in types]
-        if row is None and len({tuple(t.shape) for t in types}) > 1:
-            return self._plan_parts(inputs, body, outputs, types, into, dests, from_pointer)
         if row is not None:
             if into:
                 raise ValueError("fused_pointwise: a row kernel cannot store into a destination")
