@@ -276,3 +276,21 @@ def test_a_linear_behind_another_product_is_not_a_router():
 
     graph = capture(TwoProducts().eval(), (torch.randn(2, 8),))
     assert set(router_weights(graph)) == {"b.weight"}
+
+
+def test_a_linear_spelled_x_at_w_transposed_is_quantized():
+    # falcon's FalconLinear computes x @ self.weight.T (aten.numpy_T): cleanup makes it the
+    # linear it is, so quantize (and fuse_linear) see it; before, int8 changed nothing
+    from test_attention_variants import falcon
+
+    torch.manual_seed(0)
+    model = falcon(False)
+    ids = torch.randint(0, 128, (2, 7))
+    plain = fxforge.optimize(model, (ids,), passes=["cleanup"])
+    assert plain.graph.count("linear") == 9, plain.ir  # 4 a layer + lm_head (the matmuls left are attention's)
+    fast = fxforge.optimize(model, (ids,), quantize="int8")
+    assert sum(quant_stats(fast).rules.values()) == 8
+    with torch.no_grad():
+        ref = model(ids).logits
+    err = ((fast(ids).logits - ref).abs().max() / ref.abs().max()).item()
+    assert 0 < err < TOLERANCE["int8"], err

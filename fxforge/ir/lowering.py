@@ -204,6 +204,11 @@ def t(c: LowerCtx, x):
     return x if x.rank < 2 else transpose(c, x, 0, 1)
 
 
+def numpy_t(c: LowerCtx, x):
+    """x.T: every dim reversed (falcon's FalconLinear spells x @ W.T with it)."""
+    return x if x.rank < 2 else c.emit("permute", x, dims=tuple(reversed(range(x.rank))))
+
+
 def slice_rule(c: LowerCtx, x, dim=0, start=None, end=None, step=1):
     dim = dim % x.rank
     size = x.shape[dim]
@@ -410,6 +415,7 @@ RULES.update({
     "aten.flatten.using_ints": view, "aten.unflatten.int": view,
     "aten.expand.default": expand, "aten.expand_as.default": expand,
     "aten.permute.default": permute, "aten.transpose.int": transpose, "aten.t.default": t,
+    "aten.numpy_T.default": numpy_t,
     "aten.slice.Tensor": slice_rule, "aten.select.int": select,
     "aten.unsqueeze.default": unsqueeze,
     "aten.squeeze.dim": squeeze, "aten.squeeze.dims": squeeze, "aten.squeeze.default": squeeze,

@@ -172,8 +172,21 @@ def _typed_as_root(replace):
     return rule
 
 
+def _matmul_as_linear(m, b):
+    """x @ W.T with W a 2-D parameter (falcon's FalconLinear) is the linear it spells: one
+    form for the passes that match linears (fuse_linear, quantize, gqa, cpu_linear). Both
+    run the same matrix product (mm with W transposed)."""
+    w = m["w"]
+    if w.param is None or w.rank != 2 or m["x"].rank < 2:
+        return None
+    return b.emit("linear", m["x"], w)
+
+
 # before -> after
 RULES: list[Rule] = [
+    # matmul(x, permute(W, (1, 0))) with W a parameter -> linear(x, W)
+    Rule("matmul_as_linear", op("matmul", var("x"), op("permute", var("w"), dims=lambda d: tuple(d) == (1, 0))),
+         _typed_as_root(_matmul_as_linear)),
     # mul(c, x) -> mul(x, c) ; add(c, x) -> add(x, c)   (constants last)
     Rule("mul_const_last", op("mul", var("c"), var("x")), _typed_as_root(_const_last)),
     Rule("add_const_last", op("add", var("c"), var("x")), _typed_as_root(_const_last)),

@@ -5,6 +5,7 @@ codegen/kernels/quant_matmul.py).
 Matched by what the graph computes, not by module class:
   linear(x, W[out, in] param, [b])  -> quant_linear(x, packed(W), [b])
   matmul(x, W[in, out] param)       -> quant_linear(x, packed(W^T))   (GPT-2's Conv1D/addmm)
+(x @ W.T, falcon's FalconLinear, is a linear by then: cleanup's matmul_as_linear.)
 A layer is skipped, with the reason in report(), when its name is excluded (lm_head and
 embeddings by default, including weights tied to an embedding) or its shape does not fit
 the scheme. int4 / nf4 pick a group size per layer: the one asked for if it divides
