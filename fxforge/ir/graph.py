@@ -213,6 +213,28 @@ class Graph:
         return "\n".join(lines)
 
 
+def readers_through(users: dict[Value, list[Node]], start, through, depth: int) -> list[Node]:
+    """The nodes that read the `start` values, directly or through a chain of at most
+    `depth` - 1 nodes that `through(node)` lets the walk pass (whose outputs it follows
+    instead of reporting them), in the order found. `users`: Graph.users()."""
+    frontier, seen, found = list(start), set(start), []
+    for _ in range(depth):
+        following = []
+        for value in frontier:
+            for node in users.get(value, ()):
+                if not through(node):
+                    found.append(node)
+                    continue
+                for out in node.outputs:
+                    if out not in seen:
+                        seen.add(out)
+                        following.append(out)
+        if not following:
+            break
+        frontier = following
+    return found
+
+
 def is_tensor_type(v: Value) -> bool:
     return isinstance(v.type, TensorType)
 

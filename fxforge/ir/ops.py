@@ -502,6 +502,12 @@ def alibi_bias(slopes, tq: int, tk: int) -> torch.Tensor:
     return slopes.float().reshape(1, -1, 1, 1) * rel.float()
 
 
+def attention_has_bias(node) -> bool:
+    """Whether an attention node has a bias (mask) input: its inputs are q, k, v, [bias],
+    then the slopes where alibi=True."""
+    return len(node.inputs) > 3 + bool(node.attrs.get("alibi"))
+
+
 def attention_operands(bias, slopes, alibi: bool):
     """(bias, slopes) from the optional inputs after q, k, v: with alibi=True the last one
     is the slopes (attention(q, k, v, [bias], slopes))."""

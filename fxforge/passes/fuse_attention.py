@@ -40,7 +40,7 @@ import torch
 from dataclasses import dataclass
 
 from ..ir.edit import dead_code_elimination
-from ..ir.graph import Value
+from ..ir.graph import Value, readers_through
 from ..ir.ops import causal_keep
 from ..ir.types import as_dim, dims_equal
 from .cleanup import RULES as CLEANUP_RULES
@@ -400,7 +400,7 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
     if unfold is not None:
         if q.rank != 3 or not all(dims_equal(x.shape[0], unfold[0] * unfold[1]) for x in (q, k, v)):
             return None
-        q, k, v = (_unfolded(m, b, x, tuple(unfold) + tuple(x.shape[1:])) for x in (q, k, v))
+        q, k, v = (b.emit("view", x, shape=tuple(unfold) + tuple(x.shape[1:])) for x in (q, k, v))
     if not causal and not terms.empty():
         form = _cached_mask_form(forms, m, terms, q, k)
         if form is not None:
@@ -612,18 +612,6 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
     return _emit_attention(m, b, q, k, v, terms, scale, causal=False, softcap=softcap, unfold=fold, forms=forms)
 
 
-def _unfolded(m: Match, b, x: Value, shape: tuple) -> Value:
-    """x [B*H, T, D] as [B, H, T, D]: where x is itself a view of a [B, H, T, D] value (the
-    model folded its heads just for the matmuls), that value, so that no view pair is left
-    between the projections and the attention for later passes (gqa) to see through."""
-    view = _producer(m, x, "view")
-    if view is not None:
-        inner = view.inputs[0]
-        if inner.rank == len(shape) and all(dims_equal(a, c) for a, c in zip(inner.shape, shape)):
-            return inner
-    return b.emit("view", x, shape=shape)
-
-
 def terms_ok_for_softcap(cap: float) -> bool:
     """tanh(x) * cap with a positive finite cap (a negative one flips the scores' sign)."""
     return math.isfinite(cap) and cap > 0
@@ -682,8 +670,9 @@ def fuse_attention(graph, ctx=None):
     graph = graph.with_nodes(graph.nodes)  # a copy: rules add parameters (ALiBi slopes) to it
     out = _drop_dead_inplace(apply_rules(graph, rules(forms={}), stats, pass_name="fuse_attention"))
     # heads that a model folded into the batch around its matmuls (XGLM, bloom) leave view
-    # pairs around the fused op ([B, H, T, D] -> [B*H, T, D] -> [B, H, T, D]); collapse them
-    # now, so that the passes before the final cleanup (gqa, kv_cache) see the head layout
+    # pairs on both sides of the fused op ([B, H, T, D] -> [B*H, T, D] -> [B, H, T, D]);
+    # collapse them now, so that the passes before the final cleanup (gqa, kv_cache) see
+    # the head layout
     out = dead_code_elimination(apply_rules(out, _VIEW_RULES, stats, pass_name="fuse_attention"))
     fused = out.count("attention")
     if ctx is not None:
@@ -707,18 +696,8 @@ def _unfused_attention(graph) -> list:
     """The softmax nodes left whose output reaches a matmul through casts alone: attention
     the rules did not take (a router's softmax feeds a top-k instead)."""
     users = graph.users()
-    left = []
-    for node in graph.nodes:
-        if node.op != "softmax":
-            continue
-        frontier = list(node.outputs)
-        for _ in range(3):
-            readers = [n for v in frontier for n in users.get(v, ())]
-            if any(n.op == "matmul" for n in readers):
-                left.append(node)
-                break
-            frontier = [o for n in readers if n.op == "cast" for o in n.outputs]
-    return left
+    return [node for node in graph.nodes if node.op == "softmax"
+            and any(n.op == "matmul" for n in readers_through(users, node.outputs, lambda n: n.op == "cast", 3))]
 
 
 _VIEW_RULES = [r for r in CLEANUP_RULES if r.name in ("view_noop", "view_of_view")]

@@ -58,7 +58,7 @@ import torch
 from ..ir import roles
 from ..ir.edit import dead_code_elimination, retyped
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import OPS, causal_keep
+from ..ir.ops import OPS, attention_has_bias, causal_keep
 from ..ir.types import SymType, TensorType, dims_equal, symbol
 from .position_tables import arange_table_offset, row_lookup, uniform_gather_value, uniform_value
 
@@ -181,7 +181,7 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     for n in attentions:
         q, k = n.inputs[0], n.inputs[1]
         why = None
-        if len(n.inputs) > 3 + bool(n.attrs.get("alibi")):
+        if attention_has_bias(n):
             why = _mask_input_problem(graph, n, config.max_seq_len)
         elif not n.attrs["causal"]:
             why = "is not causal (a decoder's self-attention is; encoders and cross-attention have no KV cache)"

@@ -15,6 +15,7 @@ import torch
 
 from ..ir.builder import Builder
 from ..ir.graph import Graph, Node, Value
+from ..ir.ops import attention_has_bias
 
 # Ops allowed between a K/V projection and the attention: head split/merge and rotary.
 _CHAIN_OPS = ("view", "permute", "cast", "mul", "add", "sub", "neg", "slice", "cat", "unsqueeze", "fused_pointwise")
@@ -225,7 +226,7 @@ def find_layers(graph: Graph, error=ValueError, who: str = "", why: str = "", ma
             continue
         q, k, v = n.inputs[:3]
         where = f"\n  at: attention{n.where()}"
-        if len(n.inputs) > 3 + bool(n.attrs.get("alibi")) and not masks:  # (ALiBi's slopes come last)
+        if attention_has_bias(n) and not masks:
             raise error(f"{who}: this attention has a mask input; {who} handles masks built from shapes only "
                         "(causal), so capture without attention_mask" + where)
         projs = [_projection(graph, producers, x, int(k.shape[3])) for x in (q, k, v)]

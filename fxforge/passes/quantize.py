@@ -26,11 +26,13 @@ compute on a float32 model overflows activations above 65504: prefer bfloat16.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
+from ..ir.graph import readers_through
 from ..ir.quant_formats import (SCHEME_OPTIONS, SCHEMES, SUPPORTED_GROUP_SIZES, check_quantizable,
                                 fitting_group_size, quantize_weight)
 from .cleanup import common_subexpression_elimination
@@ -254,23 +256,20 @@ def _unhandled_weights(graph) -> list[tuple[str, str]]:
     for v in graph.param_values:
         if v.rank < 3 or not v.dtype.is_floating_point:
             continue
-        readers, frontier = set(), [v]
-        for _ in range(4):  # through the views to the op that computes with it
-            following = []
-            for value in frontier:
-                for n in users.get(value, ()):
-                    if n.op in _WEIGHT_VIEWS:
-                        following += n.outputs
-                    else:
-                        readers.add(n.attrs.get("target", n.op) if n.op == "torch_call" else n.op)
-            frontier = following
-        readers |= {"(views)"} if frontier and not readers else set()
+        # through the views to the op that computes with it
+        readers = {n.attrs["target"] if n.op == "torch_call" else n.op
+                   for n in readers_through(users, [v], lambda n: n.op in _WEIGHT_VIEWS, 4)}
         shape = "x".join(str(d) for d in v.shape)
         nbytes = graph.params[v.param].nbytes
         out.append((v.param, f"a {v.rank}-D weight ({shape}, {nbytes / 2**20:.2f} MiB, read by "
-                             f"{', '.join(sorted(readers))}): quantize packs 2-D linear weights only, so it stays "
+                             f"{', '.join(sorted(readers)) or '(views)'}): quantize packs 2-D linear weights only, so it stays "
                              f"{str(v.dtype).replace('torch.', '')} (stacked expert weights, say)"))
     return out
+
+
+# the skip reasons (_skip_reason, _unhandled_weights) that one report line may cover for
+# many weights: the words before the per-weight details in brackets
+_GROUPED_REASON = re.compile(r"(a mixture-of-experts router|a \d+-D weight) \(")
 
 
 def _skipped_notes(skipped: list[tuple[str, str]]) -> list[str]:
@@ -278,9 +277,8 @@ def _skipped_notes(skipped: list[tuple[str, str]]) -> list[str]:
     mixture-of-experts model has a router and stacked expert weights in every layer)."""
     kinds: dict[str, list[tuple[str, str]]] = {}
     for name, reason in skipped:
-        kind = reason.split(" (", 1)[0] if reason.startswith(("a mixture-of-experts router", "a 3-D weight",
-                                                              "a 4-D weight")) else name
-        kinds.setdefault(kind, []).append((name, reason))
+        grouped = _GROUPED_REASON.match(reason)
+        kinds.setdefault(grouped.group(1) if grouped else name, []).append((name, reason))
     notes = []
     for kind, entries in kinds.items():
         if len(entries) <= 2:

@@ -13,7 +13,7 @@ Found by what the graph computes, not by name: router modules are called `gate`,
 """
 from __future__ import annotations
 
-from ..ir.graph import Graph, Value
+from ..ir.graph import Graph, Value, readers_through
 
 # torch_call targets that choose entries by their values
 SELECTION_TARGETS = frozenset({
@@ -48,20 +48,10 @@ def router_weights(graph: Graph) -> dict[str, str]:
 
 
 def _selection_reached(start: Value, users) -> str | None:
-    frontier, seen = [start], {start}
-    for _ in range(MAX_DEPTH):
-        following = []
-        for value in frontier:
-            for user in users.get(value, ()):
-                if user.op == "torch_call" and user.attrs.get("target") in SELECTION_TARGETS:
-                    return user.attrs["target"]
-                if user.op in PRODUCTS:
-                    continue
-                for out in user.outputs:
-                    if out not in seen:
-                        seen.add(out)
-                        following.append(out)
-        if not following:
-            return None
-        frontier = following
-    return None
+    """The first selection op `start` reaches through no product (None: none within MAX_DEPTH)."""
+    readers = readers_through(users, [start], lambda n: n.op not in PRODUCTS and not _selects(n), MAX_DEPTH)
+    return next((n.attrs["target"] for n in readers if _selects(n)), None)
+
+
+def _selects(node) -> bool:
+    return node.op == "torch_call" and node.attrs.get("target") in SELECTION_TARGETS
