@@ -74,7 +74,8 @@ _BASE_LABELS = ("dtype", "head_dim", "format", "row", "kernel", "launched")
 def _where(spec, variants: bool = True) -> str:
     """The specialization's text: dtype, head dim, format, row length, generated kernel, and
     (`variants`) the other labels (variant, one_split, wide, rows ...: True flags by name,
-    False ones left out), which tell apart rows of one kernel and config. The before/after
+    False ones left out) and "aligned" (KernelSpec.aligned), which tell apart rows of one
+    kernel and config. The before/after
     table compares without them: the earlier run had no such labels."""
     lab = spec.labels
     parts = [lab.get("dtype", ""), f"d={lab['head_dim']}" if "head_dim" in lab else "",
@@ -82,6 +83,7 @@ def _where(spec, variants: bool = True) -> str:
              f"N={lab['row']}" if "row" in lab else "", lab.get("kernel", "")]
     if variants:
         parts += [k if v is True else f"{k}={v}" for k, v in lab.items() if k not in _BASE_LABELS and v is not False]
+        parts += ["aligned"] if spec.aligned else []
     return " ".join(str(p) for p in parts if p)
 
 

@@ -1,7 +1,7 @@
 """Ahead-of-time compile of fxforge's Triton kernels for sm_80 and sm_90, with no GPU
 (issue 17): the worst-case specializations (fp32 and bf16, head dims 64 and 256, the
-largest tiles, long rows) and the generated kernels of a zoo model must compile, and must
-fit the target's shared memory. The full sweep and its table: benchmarks/gpu_compile.py.
+largest tiles, long rows) and the generated kernels of a zoo model, each for aligned and
+unaligned arguments, must compile, and must fit the target's shared memory. The full sweep and its table: benchmarks/gpu_compile.py.
 
 The compiles run in one subprocess with TRITON_INTERPRET unset (this process interprets)."""
 import json
@@ -78,6 +78,19 @@ def test_every_quick_specialization_compiles_for_sm80_and_sm90(quick_results):
             "rope_decode", "step_inputs", "paged_kv_write"} <= kernels
     assert any(k.startswith("llama:") for k in kernels)
     assert "llama:gemv" in kernels  # 14 rows: the linear_fused nodes ran as GEMVs
+
+
+@needs_ptxas
+def test_both_alignments_are_compiled_and_differ(quick_results):
+    # a launch on 16-byte aligned tensors with sizes that are multiples of 16 (the usual
+    # case) gets another specialization than an unaligned one: Triton pipelines its loads
+    # through shared memory, so that is where a config can run out of it
+    assert {r.spec.aligned for r in quick_results} == {False, True}
+    shared = {(r.spec.aligned, r.arch): r.shared for r in quick_results
+              if r.spec.kernel == "decode_split" and r.spec.labels.get("dtype") == "bf16"
+              and r.spec.labels.get("head_dim") == 64 and r.spec.labels.get("variant") == "all"}
+    for arch in SHARED_LIMIT:
+        assert shared[(True, arch)] > shared[(False, arch)], shared
 
 
 @needs_ptxas

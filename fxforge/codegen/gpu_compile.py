@@ -39,7 +39,15 @@ class KernelSpec:
     """One specialization fxforge can launch: which kernel, its argument types, its
     constexprs and launch options, and labels for the report. `tuned` is True when the
     autotuner picks among several configs (one that does not fit is skipped at run time,
-    at a cost); False when the launch wrapper always uses this one."""
+    at a cost); False when the launch wrapper always uses this one.
+
+    `aligned`: compile the specialization Triton makes when every pointer argument is
+    16-byte aligned and every integer argument a multiple of 16 (`tt.divisibility` 16):
+    the usual launch for LLM shapes (torch's allocations are aligned; hidden sizes, head
+    dims and strides are multiples of 16). There Triton's pipeliner can stage loads in
+    shared memory with 16-byte async copies, so a block may need up to twice the shared
+    memory of the unaligned specialization (False: no argument known divisible, the most
+    registers). A launch can get either, so the sweeps compile both (`compile_all`)."""
     kernel: str                 # a label: "attention", "decode_split", "row:softmax", ...
     fn: str                     # "package.module:attribute" or "file:/path/to/source.py:name"
     signature: dict             # argument name -> "*fp16", "i32", "fp32" ("constexpr" for constexprs)
@@ -48,6 +56,7 @@ class KernelSpec:
     num_stages: int = 3
     tuned: bool = False
     labels: dict = dataclasses.field(default_factory=dict)  # dtype, head_dim, format, config ...
+    aligned: bool = False
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,7 +147,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
     result = CompileResult(spec, arch)
     try:
         fn = resolve_kernel(spec.fn)
-        source = triton.compiler.ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs)
+        source = triton.compiler.ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs,
+                                           attrs=_divisibility(fn, spec) if spec.aligned else None)
         log = io.StringIO()
         with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
             knobs.nvidia.dump_ptxas_log = True
@@ -153,6 +163,12 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
     return result
 
 
+def _divisibility(fn, spec: KernelSpec) -> dict:
+    """Triton's attrs for an aligned launch: every pointer and integer argument 16-divisible."""
+    return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in spec.signature.items()
+            if name not in spec.constexprs and (kind.startswith("*") or kind in ("i32", "i64"))}
+
+
 def _compile_json(args) -> dict:
     spec_json, arch = args
     return compile_spec(KernelSpec.from_json(spec_json), arch).to_json()
@@ -163,12 +179,13 @@ def _indexed_compile(args) -> tuple[int, dict]:
     return index, _compile_json(work)
 
 
-def compile_all(specs: list[KernelSpec], archs=ARCHS, jobs: int = 1, progress: str | None = None) \
-        -> list[CompileResult]:
-    """Every spec for every arch, `jobs` compiles at a time (ptxas is single-threaded), in
-    spec order. `progress`: a file each result is appended to (a JSON line) as it is done,
+def compile_all(specs: list[KernelSpec], archs=ARCHS, jobs: int = 1, progress: str | None = None,
+                alignments=(False, True)) -> list[CompileResult]:
+    """Every spec for every arch and alignment (`KernelSpec.aligned`), `jobs` compiles at a
+    time (ptxas is single-threaded), in spec order. `progress`: a file each result is appended to (a JSON line) as it is done,
     so that a full sweep stopped early (it takes tens of minutes) leaves what it compiled."""
-    work = list(enumerate((s.to_json(), a) for s in specs for a in archs))
+    work = list(enumerate((dataclasses.replace(s, aligned=aligned).to_json(), a)
+                          for s in specs for aligned in alignments for a in archs))
     done: list = [None] * len(work)
     log = open(progress, "a") if progress else None
     try:

@@ -6,9 +6,10 @@ The configs come from the kernel modules themselves (`attention.launch_configs`,
 functions their launch wrappers call, so what is compiled here is what would run. Import
 this only with TRITON_INTERPRET unset: the kernel modules pick their GPU configs at import.
 
-Arguments are typed as a launch on contiguous, 16-byte aligned tensors would specialize
-them: unit strides are the constant 1 and pointers are marked 16-divisible, which is what
-lets Triton vectorize loads (and so what decides registers and shared memory).
+Arguments are typed as a launch on contiguous tensors would specialize them: unit strides
+are the constant 1. Whether pointers and integers are 16-divisible (what lets Triton
+vectorize loads and pipeline them through shared memory, and so what decides registers and
+shared memory) is `KernelSpec.aligned`; `gpu_compile.compile_all` compiles both.
 """
 from __future__ import annotations
 

@@ -195,12 +195,15 @@ def split_launch(dtype: torch.dtype, d_pad: int, paged: bool = False) -> dict:
     32-36 in float16/bfloat16, without variant flags; the [16, 256] accumulator spilled
     at 256) and for paged reads (the block-table lookups took it to 255 registers and
     spilled 84-336 bytes on sm_90 at head dim 64 with 4 warps; none with 8). The same with
-    64-bit offsets (WIDE)."""
+    64-bit offsets (WIDE). float32 at head dim 256 pipelines 2 stages, not 3: with aligned
+    arguments (16-byte copies staged in shared memory) the paged read spilled 4-8 bytes a
+    thread on sm_80 and sm_90 with 3 (gpu_compile, `KernelSpec.aligned`)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     block_n = 64
     while block_n > 16 and block_n * d_pad * itemsize > _KV_TILE_BYTES:
         block_n //= 2
-    return {"BLOCK_N": block_n, "num_warps": 8 if d_pad >= 128 or paged else 4}
+    stages = 2 if itemsize == 4 and d_pad >= 256 else 3
+    return {"BLOCK_N": block_n, "num_warps": 8 if d_pad >= 128 or paged else 4, "num_stages": stages}
 
 
 def decode_grids(batch: int, heads: int, kv_heads: int, splits: int) -> tuple[tuple, tuple]:
@@ -312,7 +315,7 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, soft
         SOFTCAP=softcap is not None, ALIBI=slopes is not None, PAGED=paged is not None, PAGE=page,
         ONE_SPLIT=one_split, WIDE=wide, DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 or _INTERPRET else "tf32",
-        num_warps=launch["num_warps"],
+        num_warps=launch["num_warps"], num_stages=launch.get("num_stages", 3),
     )
     if one_split:
         return out
