@@ -519,6 +519,52 @@ def test_refuses_a_convolution_along_the_sequence():
     assert_matches_eager(model, fxforge.optimize(model, (ids,)), 64, [(1, 5), (3, 9)])
 
 
+class _TokenMixer(torch.nn.Module):
+    """Causal attention after an op that moves values along the sequence: RWKV's token shift
+    (a pad by one), a roll, a flip, the first token broadcast to all, a smear of the previous
+    token (slices and a cat), a gather at position - 1. Each reads other tokens than the
+    step's own, so a cached step (which holds only the new tokens) would answer differently."""
+
+    def __init__(self, kind, vocab=64, dim=32, heads=2):
+        super().__init__()
+        self.kind = kind
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.head = torch.nn.Linear(dim, vocab)
+        self.heads = heads
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, d = x.shape
+        if self.kind == "pad_shift":
+            x = x + F.pad(x, (0, 0, 1, -1))
+        elif self.kind == "roll":
+            x = x + torch.roll(x, 1, dims=1)
+        elif self.kind == "flip":
+            x = x + x.flip(1)
+        elif self.kind == "first_token":
+            x = x + x[:, :1]
+        elif self.kind == "smear":
+            x = x + torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        elif self.kind == "gather_previous":
+            x = x + x[:, (torch.arange(t, device=x.device) - 1).clamp(min=0)]
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(x + y.transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize("kind", ["pad_shift", "roll", "flip", "first_token", "smear", "gather_previous"])
+def test_refuses_ops_that_move_values_along_the_sequence(kind):
+    """Such a model used to generate other tokens than eager greedy (or crash indexing past
+    the step's tokens): refused, naming the op; without kv_cache it optimizes and equals eager."""
+    torch.manual_seed(0)
+    model = _TokenMixer(kind).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with pytest.raises(KVCacheError, match=r"moves values along the sequence[\s\S]*at: "):
+        fxforge.optimize(model, (ids,), kv_cache=True)
+    assert_matches_eager(model, fxforge.optimize(model, (ids,)), 64, [(1, 5), (3, 9)])
+
+
 def _tiny_bert():
     import transformers as tr
 

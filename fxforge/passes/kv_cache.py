@@ -706,6 +706,66 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch):
             if any(_mentions(x.shape[d % x.rank], seq) for d in dims if x.rank):
                 raise KVCacheError("kv_cache: this op reduces over the sequence outside attention; with a cache "
                                    f"it would see only the new tokens\n  at: {_describe(graph, n)}")
+        elif _moves_along_the_sequence(n, seq, batch):
+            raise KVCacheError("kv_cache: this op moves values along the sequence (a shift, a slice, a flip or a "
+                               "gather over token positions: RWKV's token shift, a smear of the previous token); "
+                               "with a cache the step's input holds only the new tokens, so it would read other "
+                               f"tokens than over the whole sequence\n  at: {_describe(graph, n)}")
+
+
+# ATen ops that move or pick values along a dim given as their second argument (or `dim`)
+_ALONG_DIM = ("aten.index_select.", "aten.gather.", "aten.narrow.", "aten.select.", "aten.slice.", "aten.unfold.",
+              "aten.take_along_dim.", "aten.index_add.", "aten.index_copy.", "aten.index_fill.", "aten.scatter",
+              "aten.sort.", "aten.argsort.", "aten.topk.", "aten.kthvalue.", "aten.median.", "aten.max.dim",
+              "aten.min.dim", "aten.argmax.", "aten.argmin.", "aten.repeat_interleave.")
+_PADS = ("aten.constant_pad_nd.", "aten.pad.", "aten.reflection_pad", "aten.replication_pad", "aten.circular_pad")
+
+
+def _moves_along_the_sequence(node: Node, seq, batch) -> bool:
+    """`node` shifts, slices, picks, reorders or concatenates values along a dim of T token
+    positions (not a B*T token count, whose order is the step's own): what it reads
+    depends on where the new tokens sit in the sequence, which a cached step does not see.
+    A slice of the whole dim (start 0, step 1, to its end) moves nothing."""
+    def along(x, dim) -> bool:
+        if not isinstance(dim, int) or not x.rank:
+            return False
+        size = x.shape[dim % x.rank]
+        return _mentions(size, seq) and not _token_count(size, batch, seq)
+
+    if not node.inputs or not isinstance(node.inputs[0].type, TensorType):
+        return False
+    x, a = node.inputs[0], node.attrs
+    if node.op == "slice":
+        size = x.shape[a["dim"] % x.rank]
+        whole = a["start"] in (0, None) and a["step"] == 1 and (
+            a["end"] is None or (isinstance(a["end"], int) and a["end"] >= 2 ** 62)
+            or sympy.simplify(sympy.sympify(a["end"]) - size) == 0)
+        return along(x, a["dim"]) and not whole
+    if node.op in ("select", "repeat_interleave") and "dim" in a:
+        return along(x, a["dim"])
+    if node.op == "cat":
+        out = node.outputs[0]
+        return along(out, a["dim"]) and len(node.inputs) > 1
+    if node.op != "torch_call":
+        return False
+    target, args, kwargs = a["target"], a["args"], dict(a["kwargs"])
+    if target.startswith(("aten.roll.", "aten.flip.")):
+        dims = args[2] if target.startswith("aten.roll.") and len(args) > 2 else \
+            args[1] if target.startswith("aten.flip.") and len(args) > 1 else kwargs.get("dims", ())
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        return any(along(x, d) for d in dims) or (target.startswith("aten.roll.") and not dims and x.rank > 0
+                                                  and any(along(x, d) for d in range(x.rank)))
+    if target.startswith(_PADS):
+        pads = args[1] if len(args) > 1 else kwargs.get("pad", ())
+        pairs = [tuple(pads[i:i + 2]) for i in range(0, len(pads), 2)]
+        return any(p != (0, 0) and along(x, x.rank - 1 - i) for i, p in enumerate(pairs))
+    if target.startswith(("aten.index.Tensor", "aten.index_put")):
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(ix is not None and along(x, d) for d, ix in enumerate(indices))
+    if target.startswith(_ALONG_DIM):
+        dim = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("dim")
+        return along(x, dim)
+    return False
 
 
 def _one_value_per_token(node: Node, seq) -> bool:
