@@ -8,6 +8,15 @@ fxforge (capture, the pass pipeline, the program), and keeps what it built.
 A subgraph fxforge cannot take (an op it cannot capture, autograd, a size it cannot place)
 runs as dynamo gave it, and the backend records why in `fx.fallbacks` (and warns once per
 subgraph): torch.compile never fails because of fxforge.
+
+Dynamo passes the model's weights as graph inputs and reuses one subgraph for other weights
+(two instances of a class, each layer of a loop with a graph break, a replaced or edited
+Parameter). Each compiled model is built from, and guarded by, the weights of its first
+call (weights.py): a call with other weights, or with the same ones edited in place, gets
+the compiled model of those weights, built on a miss. `fx.compiled` holds one
+CompiledSubgraph per subgraph and set of weights in use; a subgraph past
+`max_weight_sets` runs further sets of weights as dynamo gave it (one entry in
+`fx.fallbacks`, and a warning).
 """
 from __future__ import annotations
 
@@ -21,14 +30,18 @@ from ..log import Reporter
 from ..runtime.module import OptimizedModel
 from .capture import capture_subgraph
 from .subgraph import InputLayout, SubgraphModule, UnsupportedSubgraph, input_layout
+from .weights import WeightSet, weight_key
 
 
 @dataclass
 class CompiledSubgraph:
-    """One subgraph fxforge compiled: its OptimizedModel and how dynamo's inputs map to it."""
+    """One subgraph fxforge compiled for one set of weights: its OptimizedModel, how dynamo's
+    inputs map to it, and the weight tensors it was built from. Calling it runs the model
+    whatever weights `args` hold: the backend calls it only when `weights.matches(args)`."""
 
     model: OptimizedModel
     layout: InputLayout
+    weights: WeightSet | None = None
 
     def __call__(self, *args):
         out = self.model(*(args[pos] for pos in self.layout.user))
@@ -46,15 +59,22 @@ class Fallback:
 
 class FxforgeBackend:
     """`torch.compile(model, backend=FxforgeBackend(**optimize_options))`. Records every
-    subgraph it compiled (`compiled`) and every one it left to plain PyTorch (`fallbacks`).
+    subgraph it compiled (`compiled`: one entry per subgraph and set of weights in use, in
+    the order they were built; one whose weights were edited in place since is dropped when
+    it is rebuilt) and every one it left to plain PyTorch (`fallbacks`: a subgraph fxforge
+    could not compile, or one called with more than `max_weight_sets` sets of weights,
+    whose further sets run as dynamo gave it).
 
     A subgraph is compiled on its first call, not when dynamo hands it over: torch.export
     run inside dynamo's own compilation corrupts dynamo's guards for the frame (torch 2.13:
     "Guard failed on the same frame it was created"), and at the first call the inputs are
     real tensors and real sizes whatever dynamo's example inputs were."""
 
-    def __init__(self, **optimize_options):
+    def __init__(self, *, max_weight_sets: int = 64, **optimize_options):
         self.options = optimize_options
+        # per subgraph: a loop over 64 layers with a graph break in it still compiles every
+        # layer; each set holds its own rewritten weights (fused, quantized) in memory
+        self.max_weight_sets = max_weight_sets
         self.compiled: list[CompiledSubgraph] = []
         self.fallbacks: list[Fallback] = []
 
@@ -63,11 +83,12 @@ class FxforgeBackend:
             layout = input_layout(gm, list(example_inputs))
         except UnsupportedSubgraph as e:
             return self._fall_back(gm, e)
-        return _CompileOnFirstCall(self, gm, layout)
+        return _SubgraphRunner(self, gm, layout)
 
     def compile(self, gm: torch.fx.GraphModule, layout: InputLayout, inputs: list) -> CompiledSubgraph:
         """The OptimizedModel of one subgraph, captured on `inputs` (dynamo's graph inputs
-        of a real call); raises what the fallback reports."""
+        of a real call) and guarded by their weights; raises what the fallback reports."""
+        weights = WeightSet(inputs, list(layout.weights))  # before the capture: what it is built from
         if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
             raise UnsupportedSubgraph("fxforge compiles inference graphs: the subgraph needs autograd "
                                       "(run the compiled model under torch.no_grad() or torch.inference_mode())")
@@ -79,7 +100,7 @@ class FxforgeBackend:
         # model, and a second copy of each weight would double the memory
         fast = optimize_captured(lambda: capture_subgraph(module, inputs), module, copy_weights=False,
                                  **self.options)
-        compiled = CompiledSubgraph(fast, layout)
+        compiled = CompiledSubgraph(fast, layout, weights)
         self.compiled.append(compiled)
         return compiled
 
@@ -100,21 +121,61 @@ class FxforgeBackend:
                 f"compiled={len(self.compiled)} fallbacks={len(self.fallbacks)}")
 
 
-class _CompileOnFirstCall:
-    """What dynamo gets for a subgraph: compiles at the first call, then runs the result
-    (fxforge's program, or the GraphModule itself if fxforge could not take it)."""
+class _SubgraphRunner:
+    """What dynamo gets for a subgraph: runs the compiled model of the call's weights,
+    compiling it on a miss (at the call, not when dynamo hands the graph over: see
+    FxforgeBackend), or the GraphModule itself where fxforge could not take it."""
 
     def __init__(self, owner: FxforgeBackend, gm: torch.fx.GraphModule, layout: InputLayout):
         self.owner, self.gm, self.layout = owner, gm, layout
-        self.run = None
+        self.positions = list(layout.weights)
+        self.by_weights: dict[tuple, CompiledSubgraph] = {}  # weight_key -> its compiled model
+        self.current: CompiledSubgraph | None = None  # the last one run: checked first
+        self.closed = False  # no more compiles: weights not in by_weights run the GraphModule
 
     def __call__(self, *args):
-        if self.run is None:
-            try:
-                self.run = self.owner.compile(self.gm, self.layout, list(args))
-            except Exception as e:  # any failure: the subgraph runs as dynamo gave it
-                self.run = self.owner._fall_back(self.gm, e)
-        return self.run(*args)
+        current = self.current
+        if current is not None and current.weights.matches(args):
+            return current(*args)
+        return self._dispatch(args)
+
+    def _dispatch(self, args):
+        if self.closed and not self.by_weights:  # fxforge never took this subgraph
+            return self.gm.forward(*args)
+        key = weight_key(args, self.positions)
+        found = self.by_weights.get(key)
+        if found is not None:
+            if found.weights.matches(args):
+                self.current = found
+                return found(*args)
+            self._forget(found)  # the same tensors edited in place since: never serve it stale
+        if self.closed:
+            return self.gm.forward(*args)
+        if len(self.by_weights) >= self.owner.max_weight_sets:
+            self._close(UnsupportedSubgraph(
+                f"dynamo called one subgraph with more than {self.owner.max_weight_sets} sets of weights "
+                "(instances of one class, the layers of a loop with a graph break, replaced weights); "
+                "further sets run as PyTorch ops (FxforgeBackend(max_weight_sets=...) sets the limit)"))
+            return self.gm.forward(*args)
+        try:
+            compiled = self.owner.compile(self.gm, self.layout, list(args))
+        except Exception as e:  # any failure: these weights (and any new ones) run as dynamo gave them
+            self._close(e)
+            return self.gm.forward(*args)
+        self.by_weights[key] = self.current = compiled
+        out = compiled(*args)
+        compiled.weights.forget_written()
+        return out
+
+    def _forget(self, compiled: CompiledSubgraph):
+        del self.by_weights[compiled.weights.key]
+        if self.current is compiled:
+            self.current = None
+        self.owner.compiled[:] = [c for c in self.owner.compiled if c is not compiled]
+
+    def _close(self, error: Exception):
+        self.closed = True
+        self.owner._fall_back(self.gm, error)
 
 
 def backend(gm: torch.fx.GraphModule, example_inputs):
