@@ -565,6 +565,55 @@ def test_refuses_ops_that_move_values_along_the_sequence(kind):
     assert_matches_eager(model, fxforge.optimize(model, (ids,)), 64, [(1, 5), (3, 9)])
 
 
+class _ScalingPastALength(torch.nn.Module):
+    """Rotary frequencies that switch when the sequence is longer than 16 tokens (Phi-3's
+    LongRoPE picks its long factors so): export records `T <= 16` for a shorter example."""
+
+    def __init__(self, vocab=64, dim=32, heads=2):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.head = torch.nn.Linear(dim, vocab)
+        self.heads = heads
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        hd = d // self.heads
+        factor = 4.0 if t > 16 else 1.0
+        inv = 1.0 / (factor * 10000 ** (torch.arange(0, hd, 2, device=x.device).float() / hd))
+        f = torch.outer(torch.arange(t, device=x.device).float(), inv)
+        cos, sin = torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
+
+        def rot(z):
+            return z * cos + torch.cat([-z[..., hd // 2:], z[..., :hd // 2]], -1) * sin
+        y = F.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=True)
+        return self.head(x + y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_a_guard_on_the_length_holds_for_the_cached_and_new_tokens_together():
+    """The graph is the model's computation for sequences of at most 16 tokens. With a
+    cache a one-token step at position 16 is such a sequence's 17th token: generate() used
+    to run it on the short factors (other tokens than eager from there); now the guard is
+    on L + T and generate() refuses before any work, while shorter generations equal eager."""
+    torch.manual_seed(0)
+    model = _ScalingPastALength().eval()
+    fast = fxforge.optimize(model, (torch.randint(0, 64, (2, 7)),), kv_cache=True)
+    assert any(line.strip() == "guard L + T <= 16" for line in fast.ir.splitlines()), fast.ir
+    assert_round_trips(fast.graph)
+    ids = torch.randint(0, 64, (1, 12))
+    with pytest.raises(fxforge.ir.guards.GuardError, match=r"L \+ T <= 16"):
+        fast.generate(ids, max_new_tokens=10)
+    expected = ids
+    for _ in range(5):
+        with torch.no_grad():
+            expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(fast.generate(ids, max_new_tokens=5), expected)
+    with pytest.raises(fxforge.ir.guards.GuardError):
+        fast(torch.randint(0, 64, (1, 17)))
+
+
 def _tiny_bert():
     import transformers as tr
 

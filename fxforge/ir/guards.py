@@ -141,6 +141,26 @@ def holds(rel, sizes: dict) -> bool:
     return value is sympy.true
 
 
+def _compiled(rel, symbols):
+    """`rel` as a Python function of the sizes in `symbols` order (sympy.lambdify: a guard
+    is checked for every step of a cached generate(), where sympy's own evaluation would cost
+    tens of microseconds a step); falls back to `holds` where it cannot be compiled or a
+    size is missing."""
+    try:
+        fn = sympy.lambdify(symbols, rel, modules="math")
+    except Exception:  # noqa: BLE001 (anything sympy cannot print as Python)
+        fn = None
+
+    def test(values, sizes) -> bool:
+        if fn is None or any(v is None for v in values):
+            return holds(rel, sizes)
+        try:
+            return bool(fn(*values))
+        except Exception:  # noqa: BLE001 (a Mod by zero, ...: undecidable there, as in holds)
+            return False
+    return test
+
+
 class GuardChecker:
     """Checks a graph's guards for a call's sizes; remembers the size combinations that
     passed, so that repeated calls at the same sizes cost one dict lookup."""
@@ -149,6 +169,10 @@ class GuardChecker:
         self.guards = list(guards)
         self.symbols = sorted({s for g in self.guards for s in g.free_symbols}, key=str)
         self._passed: set = set()
+        self._tests = [_compiled(g, self.symbols) for g in self.guards]
+
+    def mentions(self, sym) -> bool:
+        return sym in self.symbols
 
     def check(self, sizes: dict, what: str = "the inputs"):
         if not self.guards:
@@ -156,7 +180,8 @@ class GuardChecker:
         key = tuple(sizes.get(s) for s in self.symbols)
         if key in self._passed:
             return
-        failed = [g for g in self.guards if not holds(g, sizes)]
+        values = [sizes.get(sym) for sym in self.symbols]
+        failed = [g for g, test in zip(self.guards, self._tests) if not test(values, sizes)]
         if failed:
             raise GuardError(self.message(failed, sizes, what))
         self._passed.add(key)

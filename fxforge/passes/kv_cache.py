@@ -206,6 +206,11 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     _check_no_other_length_ops(new_graph, seq, batch)
     _check_nothing_runs_along_the_sequence(dead_code_elimination(new_graph), seq, batch)
 
+    # A guard on T was a condition on the sequence's length; with a cache the sequence is
+    # the cached tokens and the new ones (a model that switches its rotary scaling past a
+    # length, as LongRoPE does, must be refused there, not run on the short scaling)
+    new_graph.guards = [g.xreplace({seq: seq + cache_len}) if seq in g.free_symbols else g for g in graph.guards]
+
     max_seq_len = config.max_seq_len
     if table_limit is not None:
         if max_seq_len is not None and max_seq_len > table_limit:

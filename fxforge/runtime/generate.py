@@ -256,7 +256,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     check_generate_args(model.kv_layout, rows, prompt_len, new_tokens, bool((pad > 0).any()),
                         model.kv_cache_bytes, device_memory_bytes(device),
                         getattr(model, "left_padding_shifts_positions", False))
-    model.check_step_sizes(rows, [prompt_len] + ([1] if new_tokens > 1 else []))
+    # the prefill, then one-token steps after prompt_len .. prompt_len + new_tokens - 2 cached tokens
+    model.check_step_sizes(rows, [prompt_len])
+    if new_tokens > 1:
+        model.check_step_sizes(rows, [1], range(prompt_len, prompt_len + new_tokens - 1))
 
     eos = _as_list(s["eos_token_id"])
     eos_t = torch.tensor(eos, device=device) if eos else None

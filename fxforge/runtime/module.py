@@ -11,7 +11,7 @@ from ..ir.capture import CallSpec, flatten_call
 from ..ir.graph import Graph
 from ..ir.guards import GuardChecker
 from ..ir.printer import print_graph
-from ..ir.types import SymType, dtype_name
+from ..ir.types import SymType, dtype_name, symbol
 from ..ir import roles
 from ..ir.roles import roles_problem
 from ..passes.manager import PassStats, format_report
@@ -147,13 +147,28 @@ class OptimizedModel:
     def kv_cache_bytes(self, batch: int, positions: int) -> int:
         return cache_nbytes(self.graph, batch, positions)
 
-    def check_step_sizes(self, batch: int, lengths):
+    def check_step_sizes(self, batch: int, lengths, starts=(0,)):
         """The graph's guards for calls of `batch` rows and each of `lengths` new tokens
-        (a generate() call's prefill and decode steps), checked before any work."""
+        (a generate() call's prefill and decode steps), checked before any work. With a KV
+        cache a guard on the sequence's length is one on the cached and the new tokens
+        together (kv_cache rewrote T as L + T): such guards are checked for each length
+        after each of `starts` cached tokens (a range: cheap, the checker remembers sizes
+        that passed)."""
         shape = self.graph.inputs[0].shape if self.graph.inputs else ()
+        cache_len = self._cache_len_symbol()
         for length in lengths:
             sizes = {d: n for d, n in zip(shape, (batch, length)) if isinstance(d, sympy.Symbol)}
-            self._guards.check(sizes, f"generate() with {length} new token(s) per step")
+            if cache_len is None:
+                self._guards.check(sizes, f"generate() with {length} new token(s) per step")
+                continue
+            for start in (starts if self._guards.mentions(cache_len) else (0,)):
+                self._guards.check({**sizes, cache_len: start},
+                                   f"generate() steps of {length} new token(s) after {start} cached ones")
+
+    def _cache_len_symbol(self):
+        """The symbol of the graph's cache-length input (kv_cache's L), or None."""
+        return next((symbol(v.hint) for v in self.graph.inputs if isinstance(v.type, SymType)
+                     and (v.attrs or {}).get("role") == roles.CACHE_LEN), None)
 
     def _allocate_cache(self, batch: int, capacity: int):
         capacity = -(-capacity // 256) * 256  # grown in steps, so that similar requests reuse it
@@ -301,6 +316,9 @@ class OptimizedModel:
                                          f"{size}={sizes[size]}; the graph needs them equal ({v.type})")
                 elif size.is_number and int(size) != actual:
                     raise ValueError(f"{label} must have size {size} in dim {d} ({v.type}), got {actual}")
+        cache_len = self._cache_len_symbol()
+        if cache_len is not None:
+            sizes[cache_len] = 0  # a plain call is a prefill into an empty cache
         self._guards.check(sizes)
 
     # -- inspection ---------------------------------------------------------------------------

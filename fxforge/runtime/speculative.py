@@ -157,7 +157,9 @@ class ModelDraft:
         self.pad = torch.zeros(1, dtype=torch.long, device=model.device)
 
     def reset(self, seq: torch.Tensor, prompt_len: int, capacity: int):
-        self.model.check_step_sizes(1, [1, prompt_len])
+        # the prompt, then steps of one or two tokens anywhere up to the capacity
+        self.model.check_step_sizes(1, [prompt_len])
+        self.model.check_step_sizes(1, [1, 2], range(prompt_len, capacity))
         self._lease = self.model.kv_cache_lease(1, capacity)
         self.cache = self._lease.__enter__()
         self.cache.prepare(self.pad, self.model.bias_dtype())
@@ -250,7 +252,9 @@ def speculative_loop(model, draft, seq: torch.Tensor, prompt_len: int, new_token
 
     pad = torch.zeros(1, dtype=torch.long, device=seq.device)
     capacity = prompt_len + new_tokens + k
-    model.check_step_sizes(1, [1, prompt_len + k])
+    # the prompt (with the first draft tokens), then verification steps of up to k + 1 tokens
+    model.check_step_sizes(1, [prompt_len + k])
+    model.check_step_sizes(1, range(1, k + 2), range(prompt_len, capacity))
     draft.reset(seq, prompt_len, capacity)
     try:
         with model.kv_cache_lease(1, capacity) as cache:
