@@ -22,6 +22,16 @@ together (one copy of the cache) so that the longest one starts at position 0; a
 rotary positions are its own (position - padding), so the shift changes no answer. Each
 request's greedy tokens are the ones generate() gives it alone (tested).
 
+Settings: a request's sampling settings and EOS default as generate()'s do (the model's
+generation_config, then transformers' defaults: top_k=50 when sampling, the model's
+eos_token_id; an explicit eos_token_id=None means no EOS), and are checked at submit() by
+generate()'s own rules, as are the prompt's token ids (1-D, integer, in the vocabulary).
+
+Failures: an error in a step fails the request it concerns (its prefill, its token choice,
+its callback) and the engine goes on serving the others; an error of a batched decode step
+fails the running requests. A failed request's result() raises a RuntimeError naming the
+request and the original error (chained). The engine's thread never dies silently.
+
 Memory: max_batch x max_seq_len positions are allocated; `engine.stats()` reports how
 many hold tokens. For a model optimized with KVCacheConfig(layout="paged"),
 `Engine(...)` returns the paged engine (runtime/engine_paged.py, same API plus
@@ -38,8 +48,26 @@ from typing import Callable
 import torch
 
 from . import logits as lp
+from .generate import _as_list, _check_settings, resolve_settings
 
 _ids = iter(range(1 << 62))
+
+
+class _ModelDefault:
+    """A setting not given to submit(): the model's generation default applies, as in generate()."""
+
+    def __repr__(self):
+        return "<the model's default>"
+
+
+DEFAULT = _ModelDefault()
+
+
+def _failure(request: "Request", stage: str, error: BaseException) -> RuntimeError:
+    """The error a request's result() raises when the engine failed it; the original is its cause."""
+    failed = RuntimeError(f"request {request.id} failed {stage}: {type(error).__name__}: {error}")
+    failed.__cause__ = error
+    return failed
 
 
 @dataclass
@@ -131,6 +159,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self._prefilling = None
         model.check_step_sizes(max_batch, [1])
+        self.vocab_size = _vocab_of(model)
+        self._broken: BaseException | None = None  # what ended the engine's thread, if anything did
         self._waiting: deque[Request] = deque()
         self._rows: list = []
         self._lock = threading.Lock()  # guards _waiting
@@ -144,26 +174,73 @@ class Engine:
         self._slot_steps = self._token_steps = 0
 
     # -- submitting --------------------------------------------------------------------
-    def submit(self, prompt_ids, max_new_tokens: int = 32, *, do_sample: bool = False, temperature: float = 1.0,
-               top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
+    def submit(self, prompt_ids, max_new_tokens: int = 32, *, do_sample=DEFAULT, temperature=DEFAULT,
+               top_k=DEFAULT, top_p=DEFAULT, eos_token_id=DEFAULT,
                generator: torch.Generator | None = None, callback: Callable | None = None) -> Request:
-        """Queue a prompt (a 1-D list or tensor of token ids); thread-safe. `callback(request,
-        token)` runs on the engine's thread for every new token."""
-        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
-        if prompt.numel() == 0:
-            raise ValueError("an empty prompt: every request needs at least one token")
+        """Queue a prompt (a 1-D list or integer tensor of token ids); thread-safe.
+        `callback(request, token)` runs on the engine's thread for every new token (if it
+        raises, that request fails and the others go on). Settings not given default as in
+        generate(): the model's generation_config, then transformers' defaults (top_k=50 when
+        sampling); eos_token_id=None: no EOS. Bad arguments raise ValueError here."""
+        if self._broken is not None:
+            raise RuntimeError(f"the engine's thread ended after {type(self._broken).__name__}: {self._broken}; "
+                               "call start() again (or run()) before submitting")
+        prompt = self._prompt(prompt_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         self._check_request(prompt.numel(), max_new_tokens)
-        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        given = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                 "eos_token_id": eos_token_id}
+        # generate()'s settings and checks: the model's defaults, then transformers'
+        settings, _ = resolve_settings(getattr(self.model, "generation_defaults", None), None,
+                                       {k: v for k, v in given.items() if v is not DEFAULT})
+        # one sequence per request: beam / multi-sequence defaults of the model do not apply here
+        settings.update(num_beams=1, num_return_sequences=1)
+        _check_settings(settings)
         device = self.model.device
+        eos = _as_list(settings["eos_token_id"])
         eos_t = torch.tensor(eos, device=device) if eos else None
-        processors = lp.processors(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-        request = Request(prompt.to(device), max_new_tokens, processors, eos_t, do_sample, generator, callback)
+        n = prompt.numel()
+        min_length = n + settings["min_new_tokens"] if settings["min_new_tokens"] is not None \
+            else settings["min_length"]
+        s = settings
+        processors = lp.processors(
+            repetition_penalty=s["repetition_penalty"], pad=None, no_repeat_ngram_size=s["no_repeat_ngram_size"],
+            min_length=min_length, eos=eos_t, do_sample=s["do_sample"], temperature=s["temperature"],
+            top_k=s["top_k"], top_p=s["top_p"], forced_bos=s["forced_bos_token_id"],
+            forced_eos=_as_list(s["forced_eos_token_id"]), max_length=n + max_new_tokens,
+            suppress_tokens=s["suppress_tokens"], begin_suppress_tokens=s["begin_suppress_tokens"], prompt_len=n,
+            prompt_no_repeat_ngram_size=s["encoder_no_repeat_ngram_size"], prompt=prompt[None])
+        request = Request(prompt.to(device), max_new_tokens, processors, eos_t, bool(s["do_sample"]), generator,
+                          callback)
         with self._lock:
             self._waiting.append(request)
             self._wake.notify()
         return request
+
+    def _prompt(self, prompt_ids) -> torch.Tensor:
+        """The prompt as a 1-D int64 tensor, checked: integer token ids in [0, vocab), at least one."""
+        try:
+            prompt = torch.as_tensor(prompt_ids)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"prompt_ids must be a 1-D list or tensor of integer token ids, got "
+                             f"{type(prompt_ids).__name__} ({error})") from None
+        if prompt.dim() != 1:
+            raise ValueError(f"prompt_ids must be 1-D (one prompt of token ids), got shape {tuple(prompt.shape)}; "
+                             "submit each prompt of a batch on its own")
+        if prompt.numel() == 0:
+            raise ValueError("an empty prompt: every request needs at least one token")
+        if prompt.dtype == torch.bool or prompt.dtype.is_floating_point or prompt.dtype.is_complex:
+            raise ValueError(f"prompt_ids must be integer token ids, got {prompt.dtype} values")
+        prompt = prompt.to(torch.long)
+        low, high = int(prompt.min()), int(prompt.max())
+        vocab = self.vocab_size
+        if low < 0 or (vocab is not None and high >= vocab):
+            bad = low if low < 0 else high
+            position = int((prompt == bad).nonzero()[0, 0])
+            raise ValueError(f"prompt_ids has token id {bad} at position {position}, outside the model's vocabulary "
+                             f"[0, {vocab if vocab is not None else 'vocab'})")
+        return prompt
 
     def _check_request(self, prompt_len: int, max_new_tokens: int):
         if prompt_len + max_new_tokens > self.capacity:
@@ -185,9 +262,9 @@ class Engine:
 
     def start(self):
         """Run steps on a thread of the engine's own while there is work (daemon)."""
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             return
-        self._stopping = False
+        self._stopping, self._broken = False, None
         self._thread = threading.Thread(target=self._loop, name="fxforge-engine", daemon=True)
         self._thread.start()
 
@@ -201,23 +278,37 @@ class Engine:
             self._thread = None
 
     def _loop(self):
-        while True:
-            with self._lock:
-                while not self._busy() and not self._stopping:
-                    self._wake.wait()
-                if self._stopping and not self._busy():
-                    return
-            self.step()
+        try:
+            while True:
+                with self._lock:
+                    while not self._busy() and not self._stopping:
+                        self._wake.wait()
+                    if self._stopping and not self._busy():
+                        return
+                try:
+                    self.step()
+                except Exception:  # noqa: S112 - step() failed the requests it concerned; serve the rest
+                    continue
+        except BaseException as error:  # never silently: every request fails, later submits raise
+            self._broken = error
+            self._fail_all(error)
+            raise
 
     def step(self) -> bool:
         """Admit what fits, prefill it, then one decode step for every running request.
-        Returns whether any request is still waiting or running."""
+        Returns whether any request is still waiting or running. An error of one request
+        (its prefill, its token choice, its callback) fails that request alone; an error of
+        the batched decode step fails the running requests and is raised (the waiting ones
+        stay queued)."""
         with self._step_lock:
             try:
                 self._admit()
                 if self._rows:
                     self._decode()
-            except BaseException as error:  # a failing step fails its requests, not silently
+            except Exception as error:  # not one request's: the running ones fail with it
+                self._fail_rows(error, "in the engine's batched decode step")
+                raise
+            except BaseException as error:
                 self._fail_all(error)
                 raise
             self.steps += 1
@@ -263,15 +354,26 @@ class Engine:
                     return
             job = self._prefilling
             n = job.request.prompt.numel()
-            if job.done < n:
-                take = min(budget, n - job.done)
-                cache = self._prefill_cache(job, job.done + take)
-                job.logits = self.model.run_cached(job.seq[:, job.done:job.done + take], job.done, job.pad,
-                                                   cache, last_only=True)[:, -1, :].float()
-                job.done += take
-                budget -= take
-            if job.done < n or not self._join(job):
-                return  # the rest of the prompt next step, or no room yet: it waits
+            try:
+                if job.done < n:
+                    take = min(budget, n - job.done)
+                    budget -= take
+                    cache = self._prefill_cache(job, job.done + take)
+                    job.logits = self.model.run_cached(job.seq[:, job.done:job.done + take], job.done, job.pad,
+                                                       cache, last_only=True)[:, -1, :].float()
+                    job.done += take
+                if job.done < n or not self._join(job):
+                    return  # the rest of the prompt next step, or no room yet: it waits
+            except Exception as error:  # this request's prefill failed: it alone fails
+                if self._prefilling is job:
+                    self._prefilling = None
+                    self._release_job(job)
+                    self._finish(job.request, _failure(job.request, "while its prompt was prefilled", error))
+                else:
+                    raise  # it had joined: not the prefill's
+
+    def _release_job(self, job: "_Prefill"):
+        """What a failed prefill holds goes back (the dense scratch cache holds nothing of its own)."""
 
     def _next_prefill(self) -> "_Prefill | None":
         """The oldest waiting request, to prefill (None: nothing can start now)."""
@@ -328,18 +430,26 @@ class Engine:
             self._take_token(r, logits[i:i + 1])
 
     def _take_token(self, row: _Row, logits: torch.Tensor):
-        """Pick the row's next token; finish the row on EOS or its token budget."""
+        """Pick the row's next token; finish the row on EOS or its token budget. An error
+        here (a logits processor, the callback) fails this request alone."""
         request = row.request
-        processed = lp.apply(request.processors, row.seq[:, :row.length], logits)
-        if request.sample:
-            token = torch.multinomial(processed.softmax(dim=-1), 1, generator=request.generator)[0, 0]
-        else:
-            token = processed.argmax(dim=-1)[0]
-        row.seq[0, row.length] = token
-        row.length += 1
-        request.tokens.append(int(token))
-        if request.callback is not None:
-            request.callback(request, int(token))
+        stage = "while its next token was picked"
+        try:
+            processed = lp.apply(request.processors, row.seq[:, :row.length], logits)
+            if request.sample:
+                token = torch.multinomial(processed.softmax(dim=-1), 1, generator=request.generator)[0, 0]
+            else:
+                token = processed.argmax(dim=-1)[0]
+            row.seq[0, row.length] = token
+            row.length += 1
+            request.tokens.append(int(token))
+            if request.callback is not None:
+                stage = "in its callback"
+                request.callback(request, int(token))
+        except Exception as error:
+            request.error = _failure(request, stage, error)
+            self._retire(row)
+            return
         finished = len(request.tokens) >= request.max_new_tokens or (
             request.eos is not None and bool(torch.isin(token, request.eos)))
         if finished:
@@ -367,15 +477,38 @@ class Engine:
             rows = buffer[:n]
             rows.copy_(torch.roll(rows, delta, dims=2))
 
-    def _fail_all(self, error: BaseException):
-        with self._lock:
-            failed = [r.request for r in self._rows] + list(self._waiting)
-            if self._prefilling is not None:
-                failed.append(self._prefilling.request)
-                self._prefilling = None
-            self._rows.clear()
-            self._waiting.clear()
+    def _fail_rows(self, error: BaseException, stage: str):
+        """Every running request fails with `error` (a step of the whole batch failed)."""
+        failed = [r.request for r in self._rows]
+        self._rows.clear()
         self._start = 0
         for request in failed:
-            request.error = error
-            request._done.set()
+            self._finish(request, _failure(request, stage, error))
+
+    def _fail_all(self, error: BaseException):
+        """Every request, running, prefilling or waiting, fails with `error`."""
+        self._fail_rows(error, "when the engine was interrupted")
+        with self._lock:
+            failed = list(self._waiting)
+            if self._prefilling is not None:
+                self._release_job(self._prefilling)
+                failed.append(self._prefilling.request)
+                self._prefilling = None
+            self._waiting.clear()
+        for request in failed:
+            self._finish(request, _failure(request, "when the engine was interrupted", error))
+
+    @staticmethod
+    def _finish(request: Request, error: BaseException):
+        request.error = error
+        request._done.set()
+
+
+def _vocab_of(model) -> int | None:
+    """The vocabulary size: the last dim of the graph's logits output (None where unknown)."""
+    try:
+        from .launch_count import _vocab_size
+
+        return _vocab_size(model)
+    except Exception:
+        return None

@@ -156,12 +156,13 @@ class PagedEngine(Engine):
     def close(self):
         self.stop()
 
-    def _fail_all(self, error: BaseException):
+    def _fail_rows(self, error: BaseException, stage: str):
         for row in self._rows:
             row.kv.release(self.allocator)
-        if self._prefilling is not None:
-            self._prefilling.kv.release(self.allocator)
-        super()._fail_all(error)
+        super()._fail_rows(error, stage)
+
+    def _release_job(self, job: _Prefill):
+        job.kv.release(self.allocator)
 
 
 __all__ = ["PagedEngine", "Request"]

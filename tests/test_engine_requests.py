@@ -1,0 +1,170 @@
+"""The engine's requests (runtime/engine.py): a failure in a step fails the request it
+concerns and the engine's thread goes on serving the others (never a dead thread and
+requests that wait forever); a raising callback fails only its request; bad prompts and
+sampling settings raise ValueError at submit(), by generate()'s rules; settings not given
+default as in generate() (the model's generation_config, transformers' top_k=50 when
+sampling, the model's EOS). Dense and paged caches."""
+import pytest
+import torch
+
+import fxforge
+
+import zoo
+from fxforge.passes.kv_cache import KVCacheConfig
+
+WAIT = 60  # seconds: a regression fails with TimeoutError instead of hanging
+
+
+@pytest.fixture(scope="module", params=["dense", "paged"])
+def fast(request):
+    torch.manual_seed(0)
+    model, vocab = zoo.llama("sdpa")  # generation_config: eos_token_id=0
+    cache = KVCacheConfig(layout="paged", block_size=4) if request.param == "paged" else True
+    return fxforge.optimize(model, (torch.randint(1, vocab, (1, 7)),), kv_cache=cache), vocab
+
+
+def _alone(fast, prompt, n, **kw):
+    return fast.generate(prompt[None], n, **kw)[0, prompt.numel():]
+
+
+def _fail_once(monkeypatch, fast, name, message):
+    """The model's `name` (run_cached: a prefill; run_step: a batched decode step) raises once."""
+    real, calls = getattr(fast, name), []
+
+    def broken(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fast, name, broken)
+    return calls
+
+
+def _all_blocks_back(engine):
+    if hasattr(engine, "allocator"):
+        assert engine.allocator.free == engine.allocator.num_blocks and engine.allocator.reserved == 0
+
+
+def test_failures_on_the_engine_thread_fail_their_requests_and_the_engine_keeps_serving(fast, monkeypatch):
+    fast, vocab = fast
+    prompt = torch.tensor([5, 6, 7, 8])
+    want = _alone(fast, prompt, 6, eos_token_id=None)
+    engine = fxforge.Engine(fast, max_batch=2, max_seq_len=32)
+    engine.start()
+    try:
+        # a token id outside the vocabulary is refused at submit(), before it reaches the thread
+        with pytest.raises(ValueError, match=r"token id 999 at position 2, outside the model's vocabulary \[0, 128\)"):
+            engine.submit([1, 2, 999], 3)
+        assert torch.equal(engine.submit(prompt, 6, eos_token_id=None).result(timeout=WAIT), want)
+
+        # a failing prefill fails its request alone
+        calls = _fail_once(monkeypatch, fast, "run_cached", "prefill broke")
+        bad = engine.submit([1, 2, 3], 3, eos_token_id=None)
+        with pytest.raises(RuntimeError, match=rf"request {bad.id} failed while its prompt was prefilled: "
+                                               "RuntimeError: prefill broke") as info:
+            bad.result(timeout=WAIT)
+        assert calls and str(info.value.__cause__) == "prefill broke"
+        monkeypatch.undo()
+        assert engine._thread.is_alive()
+        assert torch.equal(engine.submit(prompt, 6, eos_token_id=None).result(timeout=WAIT), want)
+
+        # a failing batched decode step fails the running requests; later ones are served
+        calls = _fail_once(monkeypatch, fast, "run_step", "decode broke")
+        bad = engine.submit([1, 2, 3], 3, eos_token_id=None)
+        with pytest.raises(RuntimeError, match=rf"request {bad.id} failed in the engine's batched decode step: "
+                                               "RuntimeError: decode broke"):
+            bad.result(timeout=WAIT)
+        assert calls
+        monkeypatch.undo()
+        assert engine._thread.is_alive()
+        assert torch.equal(engine.submit(prompt, 6, eos_token_id=None).result(timeout=WAIT), want)
+    finally:
+        engine.stop()
+    _all_blocks_back(engine)
+
+
+def test_a_raising_callback_fails_only_its_request(fast):
+    fast, vocab = fast
+    prompts = [torch.tensor([3, 4, 5]), torch.tensor([9, 8, 7, 6, 5]), torch.tensor([11, 12])]
+    engine = fxforge.Engine(fast, max_batch=3, max_seq_len=32)
+
+    def explode(request, token):
+        if len(request.tokens) == 2:
+            raise KeyError("client went away")
+
+    engine.start()
+    try:
+        requests = [engine.submit(p, 6, eos_token_id=None, callback=explode if i == 1 else None)
+                    for i, p in enumerate(prompts)]
+        with pytest.raises(RuntimeError, match=rf"request {requests[1].id} failed in its callback: KeyError") as info:
+            requests[1].result(timeout=WAIT)
+        assert isinstance(info.value.__cause__, KeyError)
+        for i in (0, 2):
+            assert torch.equal(requests[i].result(timeout=WAIT), _alone(fast, prompts[i], 6, eos_token_id=None))
+        later = engine.submit(prompts[1], 6, eos_token_id=None)
+        assert torch.equal(later.result(timeout=WAIT), _alone(fast, prompts[1], 6, eos_token_id=None))
+    finally:
+        engine.stop()
+    _all_blocks_back(engine)
+
+
+BAD = [
+    ({"prompt_ids": [1, 2, 999]}, r"token id 999 at position 2, outside the model's vocabulary \[0, 128\)"),
+    ({"prompt_ids": [4, -1, 5]}, r"token id -1 at position 1, outside the model's vocabulary"),
+    ({"prompt_ids": torch.tensor([[5, 6, 7], [8, 9, 10]])}, r"prompt_ids must be 1-D .* shape \(2, 3\)"),
+    ({"prompt_ids": torch.tensor([5.9, 6.9, 7.9])}, r"prompt_ids must be integer token ids, got torch.float32"),
+    ({"prompt_ids": [5.0, 6.0]}, r"prompt_ids must be integer token ids"),
+    ({"do_sample": True, "temperature": 0.0}, r"temperature must be > 0 when sampling, got 0.0"),
+    ({"do_sample": True, "temperature": -1.0}, r"temperature must be > 0 when sampling, got -1.0"),
+    ({"do_sample": True, "top_k": -3}, r"top_k must be an int >= 0 or None, got -3"),
+    ({"do_sample": True, "top_k": 2.5}, r"top_k must be an int >= 0 or None, got 2.5"),
+    ({"do_sample": True, "top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+    ({"do_sample": True, "top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+]
+
+
+@pytest.mark.parametrize("bad,match", BAD, ids=[m.split(" ")[0] + "-" + str(i) for i, (_, m) in enumerate(BAD)])
+def test_bad_arguments_raise_at_submit(fast, bad, match):
+    fast, vocab = fast
+    engine = fxforge.Engine(fast, max_batch=2, max_seq_len=32)
+    kwargs = {"prompt_ids": [1, 2, 3], **bad}
+    with pytest.raises(ValueError, match=match):
+        engine.submit(kwargs.pop("prompt_ids"), 3, **kwargs)
+    assert engine.stats()["waiting"] == 0  # nothing was queued
+
+
+def test_settings_default_as_in_generate(fast, monkeypatch):
+    fast, vocab = fast
+    engine = fxforge.Engine(fast, max_batch=4, max_seq_len=48)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, vocab, (int(k),), generator=gen) for k in (3, 9, 5, 12)]
+    seeds = range(len(prompts))
+
+    def sampled(**kw):  # the engine's and generate()'s tokens, each request with its own generator
+        requests = [engine.submit(p, 12, do_sample=True, generator=torch.Generator().manual_seed(i), **kw)
+                    for i, p in zip(seeds, prompts)]
+        engine.run()
+        alone = [_alone(fast, p, 12, do_sample=True, generator=torch.Generator().manual_seed(i), **kw)
+                 for i, p in zip(seeds, prompts)]
+        return [r.result() for r in requests], alone
+
+    # transformers' top_k=50 when sampling, and the model's eos_token_id=0
+    got, want = sampled()
+    assert [g.tolist() for g in got] == [w.tolist() for w in want]
+    got, want = sampled(top_k=None, eos_token_id=None)  # explicit None: no top-k, no EOS, as in generate()
+    assert [g.tolist() for g in got] == [w.tolist() for w in want] and all(g.numel() == 12 for g in got)
+
+    # the model's own generation_config: its EOS ends a greedy request; its sampling settings apply
+    prompt = prompts[1]
+    free = _alone(fast, prompt, 12, eos_token_id=None)
+    eos = int(free[3])
+    monkeypatch.setattr(fast, "generation_defaults", {"eos_token_id": eos, "top_k": 5, "temperature": 0.7})
+    stop = int((free == eos).nonzero()[0, 0]) + 1
+    request = engine.submit(prompt, 12)
+    unlimited = engine.submit(prompt, 12, eos_token_id=None)
+    engine.run()
+    assert torch.equal(request.result(), _alone(fast, prompt, 12)) and request.result().numel() == stop
+    assert torch.equal(unlimited.result(), free)
+    got, want = sampled()
+    assert [g.tolist() for g in got] == [w.tolist() for w in want]
