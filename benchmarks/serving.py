@@ -63,7 +63,7 @@ def run_engine(fast, prompts, outputs, max_batch, capacity, pool_rows=None):
         blocks = (pool_rows or max_batch) * blocks_for(capacity, block_size_of(fast.graph))
     engine = fxforge.Engine(fast, max_batch=max_batch, max_seq_len=capacity, **({"num_blocks": blocks} if blocks else {}))
     t0 = time.perf_counter()
-    requests = [engine.submit(p, n) for p, n in zip(prompts, outputs)]
+    requests = [engine.submit(p, n, eos_token_id=None) for p, n in zip(prompts, outputs)]  # as run_alone
     engine.run()
     seconds = time.perf_counter() - t0
     stats = engine.stats()

@@ -105,7 +105,7 @@ def test_eos_ends_a_request_early_and_sampling_follows_its_generator(fast):
     eos = [3, 5, 7, 11, 13, 17, 19, 23]
     engine = fxforge.Engine(fast, max_batch=3, max_seq_len=64)
     greedy = [engine.submit(p, n, eos_token_id=eos) for p, n in zip(prompts, news)]
-    sampled = [engine.submit(p, n, do_sample=True, top_k=20, temperature=0.8,
+    sampled = [engine.submit(p, n, do_sample=True, top_k=20, temperature=0.8, eos_token_id=None,
                              generator=torch.Generator().manual_seed(i)) for i, (p, n) in enumerate(zip(prompts, news))]
     engine.run()
     for i, (p, n) in enumerate(zip(prompts, news)):

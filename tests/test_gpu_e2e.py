@@ -193,7 +193,7 @@ def test_engine_replays_a_cuda_graph_per_batch_size_and_equals_each_alone():
     news = [int(k) for k in torch.randint(1, 20, (10,), generator=gen)]
     fast.static_decode = None  # the default: CUDA graphs where there is CUDA
     engine = fxforge.Engine(fast, max_batch=4, max_seq_len=64)
-    requests = [engine.submit(p, n) for p, n in zip(prompts_, news)]
+    requests = [engine.submit(p, n, eos_token_id=None) for p, n in zip(prompts_, news)]
     engine.run()
     sizes = engine._cache.static_steps
     assert len(sizes) >= 2 and all(s.graph is not None for s in sizes.values()), \
@@ -244,7 +244,7 @@ def test_paged_engine_and_generate_replay_cuda_graphs():
     prompts_ = [torch.randint(1, vocab, (int(k),), generator=gen).cuda() for k in torch.randint(1, 30, (8,), generator=gen)]
     news = [int(k) for k in torch.randint(1, 20, (8,), generator=gen)]
     engine = fxforge.Engine(fast, max_batch=4, max_seq_len=64)
-    requests = [engine.submit(p, n) for p, n in zip(prompts_, news)]
+    requests = [engine.submit(p, n, eos_token_id=None) for p, n in zip(prompts_, news)]
     engine.run()
     sizes = engine.cache.static_steps
     assert sizes and all(s.graph is not None for s in sizes.values()), {b: s.capture_error for b, s in sizes.items()}

@@ -246,6 +246,9 @@ class Engine:
         if prompt_len + max_new_tokens > self.capacity:
             raise ValueError(f"a prompt of {prompt_len} tokens plus {max_new_tokens} new ones needs "
                              f"{prompt_len + max_new_tokens} positions; the engine has max_seq_len={self.capacity}")
+        # the graph's guards on the sequence's length (L + T once cached) at every length
+        # the request reaches: its prefill chunks end anywhere in the prompt
+        self.model.check_step_sizes(1, [1], range(prompt_len + max_new_tokens - 1))
 
     def generate_many(self, prompts, max_new_tokens: int = 32, **options) -> list[torch.Tensor]:
         """The new tokens of each prompt (prompt excluded), in order."""
