@@ -7,9 +7,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .ir.capture import CallSpec, capture_with_spec
+from .ir.capture import CallSpec, _as_tuple as _as_args, capture_with_spec
 from .ir.capture_cache import CaptureCache
 from .ir.graph import Graph
+from .ir.size_one import check_sizes_of_one
 from .log import Reporter
 from .ir.printer import print_graph
 from .passes import PassInfo, PassRegistry, registry as _default_registry
@@ -54,7 +55,10 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
               an option no pass knows is an error.
     """
     def capture():
-        return capture_with_spec(model, example_inputs, example_kwargs, dynamic=dynamic)
+        graph, spec = capture_with_spec(model, example_inputs, example_kwargs, dynamic=dynamic)
+        if dynamic:  # a model that computes otherwise at batch 1 or one token: guard or refuse
+            check_sizes_of_one(model, graph, spec, _as_args(example_inputs), example_kwargs)
+        return graph, spec
 
     if capture_cache is not None:
         if not isinstance(capture_cache, CaptureCache):

@@ -88,7 +88,7 @@ def test_generate_checks_the_guards_of_its_steps_up_front():
     model, vocab = zoo.llama("sdpa")
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=True)
     fast._guards = GuardChecker([sympy.Ge(symbol("T"), 3)])  # as if the model's code needed T >= 3
-    with pytest.raises(GuardError, match="generate\\(\\) with 1 new token"):
+    with pytest.raises(GuardError, match="generate\\(\\) steps of 1 new token"):
         fast.generate(torch.randint(0, vocab, (1, 5)), 4)
     assert fast._caches.idle == []  # refused before any work
 

@@ -1,0 +1,143 @@
+"""Sizes of one: where a model computes something else at batch 1 or at one token.
+
+torch.export traces the dynamic dims at sizes >= 2 (capture grows the example), and the
+"size is not 0 or 1" conditions it records are not kept as guards (ir/guards.py): so one
+graph serves batch 1 and one-token decoding, as every model needs. A model whose own code
+looks at a size being 1 (`x.squeeze(0)`, `if ids.shape[1] == 1:`) computes something else
+there, and the trace cannot show it. So after capture, `check_sizes_of_one` runs the graph
+with each dynamic size set to 1 (the example's first row, its first token) against the
+model itself, on the same inputs:
+
+- where they agree, nothing changes;
+- where they differ and the example's own size is >= 2, the graph gets the guard `s >= 2`:
+  a call at size 1 then raises GuardError instead of answering differently (with a KV
+  cache the guard is on the sequence, L + T >= 2: one-token decoding steps still run);
+- where they differ and the example itself has size 1 there, the graph cannot be the
+  computation asked for: CaptureError, with the remedies.
+
+It costs one eager forward of the model and one reference evaluation of the graph per
+dynamic size, at that size 1 (two forwards in training mode: a model whose dropout draws
+differ between calls is not compared).
+"""
+from __future__ import annotations
+
+import sympy
+import torch
+import torch.utils._pytree as pytree
+
+from .graph import Graph
+from .guards import GuardChecker, GuardError
+
+
+def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs) -> list:
+    """Probe each dynamic size of `graph` at 1 (see the module docstring); add the guard
+    `s >= 2` where the model answers differently there. Returns the symbols guarded."""
+    from .capture import CaptureError, flatten_call
+
+    try:
+        leaves = flatten_call(spec, tuple(args), dict(kwargs or {}))
+    except (TypeError, ValueError):
+        return []
+    guarded = []
+    for sym in _probe_symbols(graph, spec):
+        probe = _at_one(graph, spec, leaves, sym)
+        if probe is None:
+            continue
+        inputs = [probe[i] for i, (kind, _) in enumerate(spec.input_leaves) if kind == "tensor"]
+        sizes = {d: x.shape[i] for v, x in zip(graph.inputs, inputs) for i, d in enumerate(v.shape)
+                 if isinstance(d, sympy.Symbol)}
+        try:
+            GuardChecker(graph.guards).check(sizes)
+        except GuardError:
+            continue  # the graph refuses size 1 already
+        why = _difference(model, graph, spec, probe, inputs)
+        if why is None:
+            continue
+        if _example_size(graph, spec, leaves, sym) == 1:
+            raise CaptureError(
+                f"the model computes something else when {sym} == 1 ({why}): its code looks at that size "
+                "(a squeeze, a branch on it), and fxforge captures dynamic sizes at >= 2, so the graph would "
+                f"not be this example's computation. Optimize with an example where {sym} >= 2 (calls with "
+                f"{sym} == 1 are then refused), or with dynamic=False to capture exactly this shape")
+        graph.guards.append(sympy.Ge(sym, 2))
+        guarded.append(sym)
+    return guarded
+
+
+def _probe_symbols(graph: Graph, spec) -> list:
+    """The size symbols that are a whole dim of some tensor input, in order."""
+    out = []
+    for v in graph.inputs:
+        for d in getattr(v.type, "shape", ()):
+            if isinstance(d, sympy.Symbol) and d not in out:
+                out.append(d)
+    return out
+
+
+def _example_size(graph: Graph, spec, leaves: list, sym) -> int | None:
+    for pos, (kind, index) in enumerate(spec.input_leaves):
+        if kind == "tensor":
+            for d, size in enumerate(graph.inputs[index].shape):
+                if size == sym:
+                    return int(leaves[pos].shape[d])
+    return None
+
+
+def _at_one(graph: Graph, spec, leaves: list, sym):
+    """The call's leaves with every dim that is `sym` cut to its first element; None where
+    `sym` also appears inside another size (T + 1, 2 * T), which a cut cannot follow."""
+    probe = list(leaves)
+    tensor_inputs = [(pos, index) for pos, (kind, index) in enumerate(spec.input_leaves) if kind == "tensor"]
+    for pos, index in tensor_inputs:
+        v, x = graph.inputs[index], probe[pos]
+        for d, size in enumerate(v.shape):
+            if size == sym:
+                x = x.narrow(d, 0, 1)
+            elif isinstance(size, sympy.Basic) and sym in size.free_symbols:
+                return None
+        probe[pos] = x
+    return probe
+
+
+def _difference(model, graph: Graph, spec, probe: list, inputs: list) -> str | None:
+    """How the model's outputs at the probe differ from the graph's there, or None."""
+    from .evaluate import evaluate
+
+    call_args, call_kwargs = pytree.tree_unflatten(probe, spec.in_spec)
+    try:
+        with torch.no_grad():
+            eager = model(*call_args, **call_kwargs)
+            again = model(*call_args, **call_kwargs) if model.training else eager
+            ours = evaluate(graph, inputs)
+    except Exception as e:  # noqa: BLE001 (either side failing at size 1 says the two differ)
+        return f"running it at size 1 failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    eager_leaves = pytree.tree_leaves(eager)
+    if again is not eager and not all(not isinstance(a, torch.Tensor) or (a.shape == b.shape and _close(a, b))
+                                      for a, b in zip(eager_leaves, pytree.tree_leaves(again))):
+        return None  # the model does not repeat itself (dropout in training mode): nothing to compare
+    if len(eager_leaves) != len(spec.output_leaves):
+        return f"{len(eager_leaves)} outputs instead of {len(spec.output_leaves)}"
+    for i, (ref, (kind, index)) in enumerate(zip(eager_leaves, spec.output_leaves)):
+        if kind != "value" or not isinstance(ref, torch.Tensor):
+            continue
+        got = ours[index]
+        if tuple(got.shape) != tuple(ref.shape):
+            return f"output {i} has shape {tuple(ref.shape)}, the graph gives {tuple(got.shape)}"
+        if not _close(got, ref):
+            return f"output {i} differs by {(got.double() - ref.double()).abs().nan_to_num(float('inf')).max():.3g}"
+    return None
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
+    if got.dtype != ref.dtype:
+        return False
+    if not ref.dtype.is_floating_point:
+        return torch.equal(got, ref)
+    if not torch.equal(got.isnan(), ref.isnan()):
+        return False
+    tol = 1e-4 if ref.dtype in (torch.float32, torch.float64) else 2e-2
+    finite = ref.isfinite()
+    if not torch.equal(got[~finite & ~ref.isnan()], ref[~finite & ~ref.isnan()]):
+        return False
+    scale = max(1.0, ref[finite].abs().max().item()) if finite.any() else 1.0
+    return bool(((got[finite].double() - ref[finite].double()).abs() <= tol * scale).all())

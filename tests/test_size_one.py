@@ -1,0 +1,66 @@
+"""Sizes of one (ir/size_one.py): a model whose code looks at a size being 1 computes
+something else at batch 1 or at one token than the graph traced at >= 2. The graph is
+probed there against the model: guarded (GuardError at size 1) or refused, never a
+different answer; an ordinary model gets no guard."""
+import pytest
+import torch
+
+import fxforge
+import zoo
+from fxforge.ir.guards import GuardError
+
+
+class Squeeze(torch.nn.Module):
+    def forward(self, x):
+        return x.squeeze(0) * 2
+
+
+class BranchOnBatch(torch.nn.Module):
+    def forward(self, x):
+        return x * 2 if x.shape[0] == 1 else x * 3
+
+
+class BranchOnLength(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.proj(x)
+        return y.mean(1, keepdim=True).expand_as(y) if x.shape[1] > 1 else y * 0.5
+
+
+def test_an_example_of_size_one_that_the_graph_cannot_be_is_refused():
+    # captured at batch 2 the squeeze is a no-op: the graph used to give [1, 8, 4] at the
+    # example itself, where the model gives [8, 4]
+    with pytest.raises(fxforge.CaptureError, match=r"B == 1 \(output 0 has shape \(8, 4\)"):
+        fxforge.optimize(Squeeze(), (torch.randn(1, 8, 4),))
+    fast = fxforge.optimize(Squeeze(), (torch.randn(1, 8, 4),), dynamic=False)
+    x = torch.randn(1, 8, 4)
+    assert torch.equal(fast(x), Squeeze()(x))
+
+
+@pytest.mark.parametrize("model,sym,example,ok,refused", [
+    (BranchOnBatch(), "B", (2, 8, 4), [(2, 8, 4), (3, 5, 4)], (1, 8, 4)),
+    (BranchOnLength(), "T", (2, 6, 4), [(1, 6, 4), (3, 2, 4)], (2, 1, 4)),
+])
+def test_a_branch_on_size_one_is_guarded(model, sym, example, ok, refused):
+    torch.manual_seed(0)
+    fast = fxforge.optimize(model.eval(), (torch.randn(*example),))
+    assert f"guard {sym} >= 2" in fast.ir
+    for shape in ok:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert torch.allclose(fast(x), model(x), atol=1e-6)
+    with pytest.raises(GuardError, match=f"{sym} >= 2"):
+        fast(torch.randn(*refused))
+
+
+def test_an_ordinary_model_gets_no_size_guard_and_runs_at_one():
+    torch.manual_seed(0)
+    model, vocab = zoo.llama()
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (1, 5)),), kv_cache=True)
+    assert ">= 2" not in fast.ir
+    ids = torch.randint(0, vocab, (1, 1))
+    with torch.no_grad():
+        assert torch.allclose(fast(ids).logits, model(ids).logits, atol=1e-5)
