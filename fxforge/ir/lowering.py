@@ -16,7 +16,8 @@ import torch
 
 from .builder import Builder
 from .graph import Value
-from .types import as_dim
+from .einsum import plan as einsum_plan
+from .types import as_dim, dims_equal
 
 FALLBACK = object()
 DROP = object()  # asserts and other nodes with no value
@@ -312,6 +313,35 @@ def baddbmm(c: LowerCtx, inp, a, b, beta=1, alpha=1):
     return addmm(c, inp, a, b, beta, alpha)
 
 
+def einsum(c: LowerCtx, equation, operands, path=None):
+    """A two-operand einsum that is one batched matrix product (see ir/einsum.py): views
+    around a `matmul`, so attention spelled with einsum fuses like `q @ k^T`. Any other
+    equation stays the opaque call."""
+    operands = list(operands)
+    if (not isinstance(equation, str) or len(operands) != 2 or not all(isinstance(x, Value) for x in operands)
+            or operands[0].dtype != operands[1].dtype or not operands[0].dtype.is_floating_point):
+        return FALLBACK
+    p = einsum_plan(equation, [x.shape for x in operands])
+    if p is None:
+        return FALLBACK
+    a, b = (_einsum_operand(c, x, o) for x, o in zip(operands, (p.a, p.b)))
+    out = c.emit("matmul", a, b)
+    if p.squeeze:
+        out = c.emit("squeeze", out, dims=p.squeeze)
+    if p.out_dims != tuple(range(out.rank)):
+        out = c.emit("permute", out, dims=p.out_dims)
+    if c.out_types is not None and not (out.rank == len(c.out_shape)
+                                        and all(dims_equal(x, y) for x, y in zip(out.shape, c.out_shape))):
+        return FALLBACK  # (cannot happen for a plan; the emitted nodes would be dead code)
+    return out
+
+
+def _einsum_operand(c: LowerCtx, x: Value, o) -> Value:
+    for _ in range(o.unsqueeze):
+        x = c.emit("unsqueeze", x, dim=x.rank)
+    return c.emit("permute", x, dims=o.dims) if o.dims != tuple(range(x.rank)) else x
+
+
 def embedding(c: LowerCtx, w, ids, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     return c.emit("embedding", w, ids)
 
@@ -423,6 +453,7 @@ RULES.update({
     "aten.split.Tensor": split, "aten.split_with_sizes.default": split, "aten.unbind.int": unbind,
     "aten.chunk.default": chunk,
     "aten.matmul.default": matmul, "aten.mm.default": matmul, "aten.bmm.default": matmul,
+    "aten.einsum.default": einsum,
     "aten.linear.default": linear, "aten.addmm.default": addmm, "aten.baddbmm.default": baddbmm,
     "aten.embedding.default": embedding, "aten.index.Tensor": index_rows,
     "aten.arange.default": arange, "aten.arange.start": arange, "aten.arange.start_step": arange,
