@@ -7,7 +7,8 @@ Matched by what the graph computes, not by module class:
   matmul(x, W[in, out] param)       -> quant_linear(x, packed(W^T))   (GPT-2's Conv1D/addmm)
 (x @ W.T, falcon's FalconLinear, is a linear by then: cleanup's matmul_as_linear.)
 A layer is skipped, with the reason in report(), when its name is excluded (lm_head and
-embeddings by default, including weights tied to an embedding) or its shape does not fit
+embeddings by default, including weights tied to an embedding; and the output head whatever
+its name, OUTPUT_HEAD) or its shape does not fit
 the scheme. int4 / nf4 pick a group size per layer: the one asked for if it divides
 in_features, else the largest supported one below it that does (SmolLM2's K=576 at the
 default 128 -> 64), so asking for int4 gives an int4 model; each layer's size is in its
@@ -39,7 +40,11 @@ from .cleanup import common_subexpression_elimination
 from .pattern import Match, Rule, apply_rules, op, var
 from .routers import router_weights
 
-DEFAULT_EXCLUDE = ("lm_head*", "*embed*", "*wte*", "*wpe*")
+# In `exclude`, this entry names the output head whatever its weight is called: the linear
+# whose result reaches a graph output through no other product (Meta's and llama2.c's
+# `output`, a value head): kept float by default as `lm_head*` is, since it sets the logits
+OUTPUT_HEAD = "<output head>"
+DEFAULT_EXCLUDE = ("lm_head*", "*embed*", "*wte*", "*wpe*", OUTPUT_HEAD)
 COMPUTE_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_THRESHOLD = SCHEME_OPTIONS["w8a8"]["threshold"]
 GROUPED_SCHEMES = ("int4", "nf4")  # the schemes with a group_size
@@ -176,6 +181,7 @@ class _Plan:
     config: QuantConfig
     tied: set  # params also read by an embedding: excluded like the embedding itself
     routers: dict  # router weight name -> the selection op its scores reach (kept float unless asked)
+    heads: set = field(default_factory=set)  # weights of output heads (OUTPUT_HEAD)
     layers: list = field(default_factory=list)  # (name, bytes before, bytes after)
     skipped: list = field(default_factory=list)  # (name, reason)
     group_sizes: dict = field(default_factory=dict)  # name -> (group size used, in_features): int4 / nf4
@@ -220,7 +226,9 @@ def _skip_reason(plan: _Plan, name: str, w, transposed: bool) -> str | None:
     if not any(fnmatch.fnmatch(name, p) for p in cfg.include):
         return "not in include"
     for pattern in cfg.exclude:
-        if fnmatch.fnmatch(name, pattern):
+        if pattern == OUTPUT_HEAD and name in plan.heads:
+            return f"the output head (its result is a graph output; excluded by {OUTPUT_HEAD!r}, as lm_head)"
+        if pattern != OUTPUT_HEAD and fnmatch.fnmatch(name, pattern):
             return f"excluded by {pattern!r}"
     if name in plan.tied:
         return "weight shared with an embedding (excluded like embeddings)"
@@ -327,11 +335,35 @@ def _group_size_notes(plan: _Plan) -> list[str]:
     return notes
 
 
+def output_head_weights(graph) -> set:
+    """Names of the 2-D weights of linears (matmuls on a weight) whose result reaches a
+    graph output through views, casts and pointwise ops only (no other product): the
+    layers that make the model's outputs, whatever they are called."""
+    from .routers import PRODUCTS
+
+    outputs, users, heads = set(graph.outputs), graph.users(), set()
+    for node in graph.nodes:
+        if node.op not in ("linear", "matmul") or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        if w.param is None or w.rank != 2 or w.param in heads:
+            continue
+        frontier, seen = [node.outputs[0]], {node.outputs[0]}
+        for _ in range(8):
+            if outputs & set(frontier):
+                heads.add(w.param)
+                break
+            frontier = [out for v in frontier for n in users.get(v, ()) if n.op not in PRODUCTS
+                        and n.op != "torch_call" for out in n.outputs if out not in seen and not seen.add(out)]
+    return heads
+
+
 def quantize(graph, ctx):
     cfg = as_config(ctx.options.get("quantize"))
     tied = set() if cfg.include_tied else \
         {n.inputs[0].param for n in graph.nodes if n.op == "embedding" and n.inputs[0].param}
-    plan = _Plan(cfg, tied, {} if cfg.include_routers else router_weights(graph))
+    plan = _Plan(cfg, tied, {} if cfg.include_routers else router_weights(graph),
+                 output_head_weights(graph) if OUTPUT_HEAD in cfg.exclude else set())
     # before -> after
     rules = [
         # linear(x, W, b) -> quant_linear(x, packed(W), b)

@@ -41,10 +41,11 @@ def self_draft_config():
     against 0.38-0.53 with integer zero points or groups of 64) at 2.1-2.4x the float32
     model's decode speed; plain `quantize="int4"` (float32 products) decodes slower than
     the float model on the CPU (docs/benchmarks.md, issue 19)."""
-    from ..passes.quantize import DEFAULT_EXCLUDE, QuantConfig
+    from ..passes.quantize import DEFAULT_EXCLUDE, OUTPUT_HEAD, QuantConfig
 
     return QuantConfig("int4", group_size=32, zero_point="float", compute_dtype=torch.bfloat16,
-                       exclude=tuple(p for p in DEFAULT_EXCLUDE if not p.startswith("lm_head")), include_tied=True)
+                       exclude=tuple(p for p in DEFAULT_EXCLUDE if not p.startswith("lm_head") and p != OUTPUT_HEAD),
+                       include_tied=True)
 
 
 def self_draft(model, example_inputs, **options):
