@@ -17,7 +17,7 @@ import torch
 from .builder import Builder
 from .graph import Value
 from .einsum import plan as einsum_plan
-from .types import as_dim, dims_equal
+from .types import TensorType, as_dim, dims_equal, promote
 
 FALLBACK = object()
 DROP = object()  # asserts and other nodes with no value
@@ -39,14 +39,42 @@ class LowerCtx:
     def out_dtype(self):
         return self.out_types[0].dtype
 
-    def tensor(self, x, like: Value | None = None) -> Value:
-        """A Value for a tensor operand, or a 0-dim const for a Python/sympy scalar."""
+    def tensor(self, x, like=()) -> Value:
+        """A Value for a tensor operand, or a 0-dim const for a Python/sympy scalar.
+
+        `like`: the op's tensor operands. A Python float is a weak scalar in torch: a double
+        that the op converts to the dtype it computes in. Typed with the default dtype
+        (float32, so that it does not promote), the constant would be rounded to float32
+        first; where the tensor operands promote to float64 (`x * 0.044715` in a float64
+        model) it is a float64 constant instead, the model's exact value. The result type
+        is the same either way (a 0-dim float64 promotes a float64 tensor to float64), and
+        the constants of every other dtype's ops are as before."""
         if isinstance(x, Value):
             return x
+        if _is_float_scalar(x) and _computes_in_float64(like):
+            return self.b.const(x, torch.float64)
         return self.b.const(x)
+
+    def operands(self, *xs) -> list[Value]:
+        """An op's operands as Values, each scalar a const as `tensor` makes it for the
+        tensor operands among `xs`."""
+        like = tuple(x for x in xs if isinstance(x, Value))
+        return [self.tensor(x, like) for x in xs]
 
     def emit(self, op, *inputs, **attrs):
         return self.b.emit(op, *inputs, **attrs)
+
+
+def _is_float_scalar(x) -> bool:
+    if isinstance(x, bool):
+        return False
+    return isinstance(x, float) or (isinstance(x, sympy.Basic) and x.is_number and not x.is_integer
+                                    and x.is_real)
+
+
+def _computes_in_float64(like) -> bool:
+    types = [v.type for v in like if isinstance(v, Value) and isinstance(v.type, TensorType)]
+    return bool(types) and promote(*types) == torch.float64
 
 
 def _dims(x: Value, dims) -> tuple[int, ...]:
@@ -60,9 +88,9 @@ def _dims(x: Value, dims) -> tuple[int, ...]:
 # -- pointwise --------------------------------------------------------------------------
 def binary(op: str) -> Callable:
     def rule(c: LowerCtx, a, b, alpha=1, **_):
-        a, b = c.tensor(a), c.tensor(b)
+        a, b = c.operands(a, b)
         if alpha != 1:
-            b = c.emit("mul", b, c.tensor(alpha))
+            b = c.emit("mul", b, c.tensor(alpha, (b,)))
         return c.emit(op, a, b)
     return rule
 
@@ -72,10 +100,10 @@ def unary(op: str) -> Callable:
 
 
 def rsub(c: LowerCtx, x, other, alpha=1):
-    x = c.tensor(x)
+    x, other = c.operands(x, other)
     if alpha != 1:
-        x = c.emit("mul", x, c.tensor(alpha))
-    return c.emit("sub", c.tensor(other), x)
+        x = c.emit("mul", x, c.tensor(alpha, (x,)))
+    return c.emit("sub", other, x)
 
 
 def bitwise(logical_op: str) -> Callable:
@@ -92,11 +120,11 @@ def bitwise_not(c: LowerCtx, x):
 
 
 def div_mode(c: LowerCtx, a, b, rounding_mode=None):
-    return c.emit("div", c.tensor(a), c.tensor(b)) if rounding_mode is None else FALLBACK
+    return c.emit("div", *c.operands(a, b)) if rounding_mode is None else FALLBACK
 
 
 def pow_rule(c: LowerCtx, a, b):
-    return c.emit("pow", c.tensor(a), c.tensor(b))
+    return c.emit("pow", *c.operands(a, b))
 
 
 def gelu(c: LowerCtx, x, approximate="none"):
@@ -110,7 +138,7 @@ def clamp(c: LowerCtx, x, min=None, max=None):
 
 
 def where(c: LowerCtx, cond, a, b):
-    return c.emit("where", cond, c.tensor(a), c.tensor(b))
+    return c.emit("where", cond, *c.operands(a, b))
 
 
 def masked_fill(c: LowerCtx, x, mask, value):
@@ -303,9 +331,9 @@ def addmm(c: LowerCtx, bias, a, b, beta=1, alpha=1):
     # addmm(bias, x, W) = beta * bias + alpha * (x @ W). GPT-2's Conv1D is spelled this way.
     out = c.emit("matmul", a, b)
     if alpha != 1:
-        out = c.emit("mul", out, c.tensor(alpha))
+        out = c.emit("mul", out, c.tensor(alpha, (out,)))
     if beta != 1:
-        bias = c.emit("mul", bias, c.tensor(beta))
+        bias = c.emit("mul", bias, c.tensor(beta, (bias,)))
     return c.emit("add", out, bias) if beta != 0 else out
 
 
