@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -57,6 +58,7 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     def capture():
         graph, spec = capture_with_spec(model, example_inputs, example_kwargs, dynamic=dynamic)
         if dynamic:  # a model that computes otherwise at batch 1 or one token: guard or refuse
+            _warn_fixed_sizes(graph)
             check_sizes_of_one(model, graph, spec, _as_args(example_inputs), example_kwargs)
         return graph, spec
 
@@ -70,6 +72,27 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
 
     return optimize_captured(capture, model, passes=passes, disable=disable, backend=backend, dump_dir=dump_dir,
                              registry=registry, cpu_linear=cpu_linear, verbose=verbose, **options)
+
+
+def _warn_fixed_sizes(graph: Graph):
+    """dynamic=True asks for a symbolic batch and length (dims 0 and 1 of the first input);
+    torch.export fixes one silently where the example's size equals a fixed size of the
+    model (nanoGPT's 128 x 128 mask buffer sliced by the length, at a 128-token example):
+    the graph then serves that size only. Say so, with the remedy."""
+    first = next((v for v in graph.inputs if getattr(v.type, "shape", None)), None)
+    # token ids [B, T], or a sequence of vectors [B, T, ...]: dim 1 is a length there; in
+    # [B, features] it is a size the weights fix
+    if first is None or not (first.rank >= 3 or (first.rank == 2 and not first.dtype.is_floating_point)):
+        return
+    fixed = [f"{name} = {int(size)}" for name, size in zip(("the batch", "the length"), first.shape[:2])
+             if getattr(size, "is_number", False)]
+    if fixed:
+        warnings.warn(f"torch.export fixed {' and '.join(fixed)} (dims of input {first.hint!r}): the model's "
+                      "code needs that exact size, most often because the example's size equals a fixed size "
+                      "in the model (a mask buffer or position table of that many rows, sliced by it). The "
+                      "optimized model serves that size only, and kv_cache cannot cache it: where the size "
+                      "should vary, optimize with an example of another size (e.g. one token shorter)",
+                      stacklevel=4)
 
 
 def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torch.nn.Module, *,

@@ -113,11 +113,13 @@ def _at_one(graph: Graph, spec, leaves: list, sym):
 
 def _difference(model, graph: Graph, spec, probe: list, inputs: list) -> str | None:
     """How the model's outputs at the probe differ from the graph's there, or None."""
+    from .capture import _config_without_cache
     from .evaluate import evaluate
 
     call_args, call_kwargs = pytree.tree_unflatten(probe, spec.in_spec)
     try:
-        with torch.no_grad():
+        # the model as capture traced it (a config's use_cache off while tracing)
+        with torch.no_grad(), _config_without_cache(model, call_kwargs):
             eager = model(*call_args, **call_kwargs)
             again = model(*call_args, **call_kwargs) if model.training else eager
             ours = evaluate(graph, inputs)

@@ -172,9 +172,12 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     first_q = attentions[0].inputs[0]
     batch, seq = first_q.shape[0], first_q.shape[2]
     if not isinstance(seq, sympy.Symbol) or not isinstance(batch, sympy.Symbol):
-        raise KVCacheError(f"kv_cache: attention has a fixed batch or sequence size ({first_q.type}); capture "
-                           "the model with dynamic=True so one graph serves every length\n  at: "
-                           + _describe(graph, attentions[0]))
+        raise KVCacheError(f"kv_cache: attention has a fixed batch or sequence size ({first_q.type}), so no one "
+                           "graph serves every length. With dynamic=False, capture with dynamic=True (the "
+                           "default); with dynamic=True, torch.export fixed the size itself: the example's length "
+                           "(or batch) equals a fixed size in the model (a mask buffer or position table of that "
+                           "many rows, sliced by the length): optimize with an example of another length, e.g. "
+                           "one token shorter\n  at: " + _describe(graph, attentions[0]))
     if config.max_seq_len is not None:
         graph = _windows_wider_than_the_cache(graph, seq, config.max_seq_len)
         attentions = [n for n in graph.nodes if n.op == "attention"]
