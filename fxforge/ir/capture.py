@@ -42,8 +42,11 @@ class CallSpec:
     output_leaves: list  # per flat output leaf: ("value", graph output index) | ("const", value)
     injected_kwargs: dict = field(default_factory=dict)
     kwarg_order: tuple = ()
-    # names of the forward() parameters the captured positional arguments bind, so that a
-    # call may pass them by keyword (model(input_ids=ids) after capture with (ids,))
+    # names of forward()'s leading positional parameters, in order (older saves hold
+    # only those the captured positional arguments bind), so that a call may
+    # pass a captured positional argument by keyword (model(input_ids=ids) after capture with
+    # (ids,)) and a captured keyword argument by position (model(ids, attention_mask=m) after
+    # capture with example_kwargs={input_ids, attention_mask})
     positional_names: tuple = ()
 
 
@@ -117,6 +120,7 @@ def _export_example(args, kwargs, dynamic):
     leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
     if not dynamic or not leaves:
         return args, kwargs, {}
+    _check_not_empty(args, kwargs)
     first = leaves[0]
     b0 = first.shape[0] if first.dim() >= 1 else None
     t0 = first.shape[1] if first.dim() >= 2 else None
@@ -136,6 +140,29 @@ def _export_example(args, kwargs, dynamic):
         return x
 
     return pytree.tree_map(grow, args), pytree.tree_map(grow, kwargs), targets
+
+
+def _check_not_empty(args, kwargs):
+    """Dynamic capture reads the batch (dim 0) and sequence (dim 1) sizes off the first
+    example tensor and grows every input with those sizes: an empty one gives nothing to
+    grow from, and no trace of the real computation."""
+    flat = pytree.tree_flatten_with_path((args, kwargs))[0]
+    tensors = [(path, x) for path, x in flat if isinstance(x, torch.Tensor)]
+    path, first = tensors[0]
+    for dim, what in ((0, "one row (batch >= 1)"), (1, "one token (sequence length >= 1)")):
+        if first.dim() > dim and first.shape[dim] == 0:
+            raise ValueError(f"the example input {_input_name(path)} has shape {list(first.shape)}: example inputs "
+                             f"must have at least {what}; fxforge captures the model for any batch and sequence "
+                             "length from one real example, so pass e.g. a [1, 8] batch of token ids")
+
+
+def _input_name(path) -> str:
+    """A pytree key path into (args, kwargs) as the caller wrote it: example_inputs[0],
+    example_kwargs['input_ids']."""
+    if not path:
+        return "example_inputs"
+    head = "example_inputs" if getattr(path[0], "idx", None) == 0 else "example_kwargs"
+    return head + "".join(str(k) for k in path[1:])
 
 
 def _dynamic_shapes(model, args, kwargs):
@@ -260,6 +287,7 @@ class _Lowerer:
         self.guards: list = []
         self.aliases = _storage_aliases(ep.graph_module.graph)
         self.order = {n: i for i, n in enumerate(ep.graph_module.graph.nodes)}
+        self.current = None  # the fx node being lowered, for errors
 
     def size_ranges(self):
         from torch.utils._sympy.value_ranges import ValueRanges
@@ -311,8 +339,7 @@ class _Lowerer:
             e = _settle_min_max(e, self.ranges).xreplace(self.same_size)
         unknown = [s for s in e.free_symbols if s not in self.rename.values()]
         if unknown:
-            raise CaptureError(f"a size depends on tensor data ({', '.join(map(str, unknown))}); fxforge needs "
-                               "sizes that follow from the input shapes")
+            raise CaptureError(_data_dependent_size(unknown, self.current))
         return e
 
     def tensor_type(self, val) -> TensorType:
@@ -335,6 +362,7 @@ class _Lowerer:
             if node.op == "get_attr":
                 env[node] = getattr(self.ep.graph_module, node.target)
                 continue
+            self.current = node
             env[node] = self.lower_node(node, env)
         return None
 
@@ -558,6 +586,32 @@ def _source(node) -> str:
     return f"{path} {loc}".strip()
 
 
+def _source_line(node) -> str:
+    """The model's line of code a node comes from (the last frame of its stack trace), or ""."""
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    for i in range(len(trace) - 1, -1, -1):
+        if trace[i].strip().startswith("File") and i + 1 < len(trace) and not trace[i + 1].strip().startswith("File"):
+            return trace[i + 1].strip()
+    return ""
+
+
+def _data_dependent_size(unknown, node) -> str:
+    syms = ", ".join(sorted(map(str, unknown)))
+    at = ""
+    if node is not None:
+        op = str(node.target)
+        where = _source(node) or node.name
+        line = _source_line(node)
+        at = f"\n  op: {op}\n  at: {where}" + (f"\n  code: {line}" if line else "")
+    return (f"a size depends on tensor data ({syms}); fxforge needs sizes that follow from the input shapes{at}\n"
+            "  fix: data-dependent shapes, such as boolean-mask indexing (x[mask]), torch.nonzero or one-argument "
+            "torch.where (a mixture of experts' per-expert token selection), cannot be captured; compute with fixed "
+            "shapes instead: for a mixture of experts, either run every expert on every token and weight its output "
+            "by the router's gate (zero for the experts not chosen), or gather each token's top-k experts' weights "
+            "(W[top_k_index], [tokens, k, ...]) and multiply in one batch, as transformers' batched_mm experts do; "
+            "elsewhere, use torch.where(cond, a, b) or multiply by the mask rather than selecting")
+
+
 def _lower_exported(ep, injected, model):
     from torch.export.graph_signature import InputKind, OutputKind
 
@@ -613,18 +667,18 @@ def _lower_exported(ep, injected, model):
     g.guards = low.guards
     in_spec = ep.call_spec.in_spec
     kwarg_order = tuple(in_spec.child(1).context) if in_spec is not None else ()
-    n_args = in_spec.child(0).num_children if in_spec is not None else 0
     return g, CallSpec(in_spec, input_leaves, ep.call_spec.out_spec, output_leaves, injected, kwarg_order,
-                       _positional_names(model, n_args))
+                       _positional_names(model))
 
 
-def _positional_names(model, count: int) -> tuple:
+def _positional_names(model) -> tuple:
+    """The names of forward()'s leading positional parameters, in order."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return ()
     names = []
-    for p in params[:count]:
+    for p in params:
         if p.kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
             break
         names.append(p.name)
@@ -644,22 +698,17 @@ def positional_call_spec(graph: Graph) -> CallSpec:
                     [("value", i) for i in outs], {}, (), tuple(v.hint or f"in{i}" for i, v in enumerate(users)))
 
 
-def _positional_by_keyword(spec: CallSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Arguments captured by position but passed by keyword go back to their position."""
-    missing = spec.positional_names[len(args):]
-    if not any(name in kwargs for name in missing):
-        return args, kwargs
-    args = list(args)
-    for name in missing:
-        if name not in kwargs:
-            break
-        args.append(kwargs.pop(name))
-    return tuple(args), kwargs
+def _signature(spec: CallSpec) -> str:
+    """The call the graph was captured with, as forward(a, b, c=..., d=...)."""
+    n_args = spec.in_spec.child(0).num_children if spec.in_spec is not None else 0
+    names = [_position_name(spec, i) for i in range(n_args)]
+    names += [f"{k}=..." for k in spec.kwarg_order if k not in spec.injected_kwargs]
+    return f"forward({', '.join(names)})"
 
 
 def _describe_call(spec: CallSpec) -> str:
     n_args = spec.in_spec.child(0).num_children if spec.in_spec is not None else 0
-    names = list(spec.positional_names) + [f"arg{i}" for i in range(len(spec.positional_names), n_args)]
+    names = [_position_name(spec, i) for i in range(n_args)]
     user_kwargs = [k for k in spec.kwarg_order if k not in spec.injected_kwargs]
     parts = []
     if n_args:
@@ -669,20 +718,98 @@ def _describe_call(spec: CallSpec) -> str:
     return " and ".join(parts) or "no arguments"
 
 
+def _position_name(spec: CallSpec, i: int) -> str:
+    return spec.positional_names[i] if i < len(spec.positional_names) else f"arg{i}"
+
+
+def _shape_of(tree) -> str:
+    """A TreeSpec in words: what one argument was (or is)."""
+    if tree.is_leaf():
+        return "a tensor or value"
+    if tree.type is None or tree.type is type(None):
+        return "None"
+    if tree.type is dict:
+        return f"a dict with keys {list(tree.context)}"
+    return f"a {tree.type.__name__} of {tree.num_children}"
+
+
+def _bind_call(spec: CallSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's arguments bound to the captured call's structure: an argument captured by
+    position may be passed by keyword, and one captured by keyword may be passed by position
+    (forward()'s parameter names say which position is which); anything else that does not
+    match is a TypeError naming the argument and the captured signature."""
+    n_args = spec.in_spec.child(0).num_children if spec.in_spec is not None else 0
+    names = spec.positional_names
+    captured_kw = [k for k in spec.kwarg_order if k not in spec.injected_kwargs]
+    sig = _signature(spec)
+    args, kwargs = list(args), dict(kwargs)
+    for i in range(min(len(args), n_args)):
+        if _position_name(spec, i) in kwargs:
+            raise TypeError(f"the optimized model got multiple values for argument {_position_name(spec, i)!r} "
+                            f"(positionally and by keyword); it was captured as {sig}")
+    # extra positional arguments: keyword arguments of the capture, passed by position
+    for i in range(n_args, len(args)):
+        name = names[i] if i < len(names) else None
+        if name is None or name not in captured_kw:
+            what = f" (forward()'s {name}, which the capture did not include)" if name else ""
+            raise TypeError(f"the optimized model was captured as {sig}; got an extra positional argument "
+                            f"{_brief(args[i])} at position {i}{what}: call it with the arguments of the capture, "
+                            "or optimize again with example inputs that include this argument")
+        if name in kwargs:
+            raise TypeError(f"the optimized model got multiple values for argument {name!r} (positionally and by "
+                            f"keyword); it was captured as {sig}")
+        kwargs[name] = args[i]
+    del args[n_args:]
+    # missing positional arguments: passed by keyword
+    for i in range(len(args), n_args):
+        name = _position_name(spec, i)
+        if name not in kwargs:
+            raise TypeError(f"the optimized model was captured as {sig}; the call is missing {name} "
+                            f"(positional argument {i})")
+        args.append(kwargs.pop(name))
+    unknown = sorted(k for k in kwargs if k not in spec.kwarg_order)
+    if unknown:
+        raise TypeError(f"keyword argument(s) {unknown} were not given at optimize() time; the optimized model was "
+                        f"captured with {_describe_call(spec)}, as {sig}: call it the same way, or optimize again "
+                        "with example_kwargs naming these arguments")
+    missing = [k for k in captured_kw if k not in kwargs]
+    if missing:
+        raise TypeError(f"the optimized model was captured as {sig}; the call is missing {', '.join(missing)}: "
+                        "pass every argument the example inputs had (an argument left out would need a graph of "
+                        "its own: optimize again without it)")
+    return tuple(args), kwargs
+
+
+def _brief(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"(a {x.dtype} tensor of shape {list(x.shape)})"
+    text = repr(x)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _structure_problem(spec: CallSpec, args: tuple, kwargs: dict) -> str:
+    """Which argument's structure (nesting, None vs a tensor, a tuple's length) differs."""
+    if spec.in_spec is None or spec.in_spec.num_children != 2:
+        return "the arguments' structure differs"
+    for i, a in enumerate(args):
+        want, got = spec.in_spec.child(0).child(i), pytree.tree_flatten(a)[1]
+        if want != got:
+            return f"{_position_name(spec, i)} was captured as {_shape_of(want)}, but is {_shape_of(got)}"
+    kw = spec.in_spec.child(1)
+    for j, k in enumerate(kw.context):
+        want, got = kw.child(j), pytree.tree_flatten(kwargs.get(k))[1]
+        if want != got:
+            return f"{k} was captured as {_shape_of(want)}, but is {_shape_of(got)}"
+    return "the arguments' structure differs"
+
+
 def flatten_call(spec: CallSpec, args, kwargs) -> list:
     """The model's call arguments -> flat leaves, in the order the graph was captured with."""
-    args, kwargs = _positional_by_keyword(spec, tuple(args), dict(kwargs))
+    args, kwargs = _bind_call(spec, tuple(args), dict(kwargs))
     merged = {**spec.injected_kwargs, **kwargs}
-    unknown = set(merged) - set(spec.kwarg_order)
-    if unknown:
-        raise TypeError(f"keyword argument(s) {sorted(unknown)} were not given at optimize() time; the optimized "
-                        f"model was captured with {_describe_call(spec)}: call it the same way, or optimize "
-                        "again with example_kwargs naming these arguments")
     ordered = {k: merged[k] for k in spec.kwarg_order if k in merged}
     leaves, tree = pytree.tree_flatten((tuple(args), ordered))
     if tree != spec.in_spec:
-        raise TypeError(f"the optimized model was captured for arguments shaped like {spec.in_spec}, "
-                        f"but was called with {tree}; call it as the example inputs were given")
+        raise TypeError(f"the optimized model was captured as {_signature(spec)}, and "
+                        f"{_structure_problem(spec, args, ordered)}; call it as the example inputs were given")
     return leaves
-
-

@@ -596,7 +596,10 @@ def kv_append_reference(cache, new, *, start):
         return kv_append_at(cache, new, start=start)
     b, t = new.shape[0], new.shape[2]
     if start + t > cache.shape[2]:
-        raise ValueError(f"kv_append: the KV cache holds {cache.shape[2]} positions, but {start} + {t} are needed")
+        raise ValueError(f"kv_append: the KV cache holds {cache.shape[2]} positions, but {start} + {t} are needed: "
+                         f"the model was optimized with a KV cache of max_seq_len={cache.shape[2]} positions, and a "
+                         f"call (prompt plus generated tokens) may not run past it; to run {start + t} positions, "
+                         f"optimize again with kv_cache=fxforge.KVCacheConfig(max_seq_len={start + t}) or more")
     cache[:b, :, start:start + t] = new
     return cache[:b, :, :start + t]
 

@@ -200,19 +200,67 @@ def _chain_problem(k_chain: list[Node], v_chain: list[Node]) -> str | None:
     """Why the ops between the K/V projections and the attention are not only head
     reshapes and a rotate-half rotary (None: they are), naming the op."""
     bad = [n for n in k_chain if n.op not in _CHAIN_OPS] + [n for n in v_chain if n.op not in _PLAIN_CHAIN]
+    return _ops_in_the_way(bad, "K/V")
+
+
+_COMPLEX_ROTARY = ("aten.view_as_complex", "aten.view_as_real", "aten.complex", "aten.polar")
+
+
+def _ops_in_the_way(bad: list[Node], which: str) -> str | None:
+    """`bad`: the ops on the path from a projection to the attention's `which` input that
+    are not head reshapes or a rotate-half rotary; what they are, naming the op that says
+    so (else the first)."""
     if not bad:
         return None
-    node = bad[0]
-    name = node.attrs.get("target", node.op) if node.op == "torch_call" else node.op
-    if any(n.op == "torch_call" and n.attrs.get("target", "").startswith("aten.stack") for n in bad):
-        kind = ("an interleaved rotary embedding (rotating adjacent pairs of dims, built with stack: GPT-J, "
-                "CodeGen, Cohere); only the rotate-half layout is handled")
+
+    def target(n):
+        return n.attrs.get("target", "") if n.op == "torch_call" else ""
+
+    complex_ops = [n for n in bad if target(n).startswith(_COMPLEX_ROTARY)]
+    stacks = [n for n in bad if target(n).startswith("aten.stack")]
+    node = (complex_ops or stacks or bad)[0]
+    if complex_ops:
+        kind = ("an interleaved rotary embedding (rotating adjacent pairs of dims as complex numbers, "
+                "view_as_complex: Meta's llama); only the rotate-half layout (transformers' rotate_half) is handled")
+    elif stacks:
+        kind = ("an interleaved rotary embedding (rotating adjacent pairs of dims, split with reshape(..., -1, 2) "
+                "or x[..., ::2] and put back with stack: GPT-J, CodeGen, Cohere, llama2.c, gpt-fast); only the "
+                "rotate-half layout (transformers' rotate_half) is handled")
     elif any(n.op in _NORM_OPS for n in bad):
-        kind = ("a norm of the keys (q/k-norm: Qwen3, OLMo2, Gemma3): it is not linear, so "
-                "merging heads before it is not merging what the attention reads")
+        node = next(n for n in bad if n.op in _NORM_OPS)
+        kind = (f"a norm of the {'queries' if which == 'Q' else 'keys'} (q/k-norm: Qwen3, OLMo2, Gemma3): it is "
+                "not linear, so merging heads before it is not merging what the attention reads")
     else:
         kind = "not a head reshape or a rotary embedding"
-    return f"the op {name}{node.where()} between the K/V projection and the attention is {kind}"
+    name = target(node) or node.op
+    return f"the op {name}{node.where()} between the {which} projection and the attention is {kind}"
+
+
+def _missing_projection_problem(graph: Graph, producers, start: Value, head_dim: int, which: str) -> str | None:
+    """Why no single projection was found for an attention input: the op in the way between
+    the nearest linear projection(s) and the attention (None when there is none to name)."""
+    found, seen, stack = [], set(), [start]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        node = producers.get(v)
+        if node is None:
+            continue
+        proj = _as_projection(graph, producers, node, v, head_dim)
+        if proj is not None:
+            found.append(proj.out)
+            continue
+        if node.op in ("linear", "matmul", "attention"):  # another layer's work: not on the way
+            continue
+        stack.extend(node.inputs)
+    bad: list[Node] = []
+    for out in found:
+        bad += [n for n in _chain_between(graph, out, start) if n.op not in _CHAIN_OPS and n not in bad]
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    bad.sort(key=lambda n: order[id(n)])
+    return _ops_in_the_way(bad, which)
 
 
 def find_layers(graph: Graph, error=ValueError, who: str = "", why: str = "", masks: bool = False) -> list[Layer]:
@@ -231,7 +279,11 @@ def find_layers(graph: Graph, error=ValueError, who: str = "", why: str = "", ma
                         "(causal), so capture without attention_mask" + where)
         projs = [_projection(graph, producers, x, int(k.shape[3])) for x in (q, k, v)]
         if any(p is None for p in projs):
-            which = ["Q", "K", "V"][[p is None for p in projs].index(True)]
+            i = [p is None for p in projs].index(True)
+            which = ["Q", "K", "V"][i]
+            problem = _missing_projection_problem(graph, producers, (q, k, v)[i], int(k.shape[3]), which)
+            if problem:
+                raise error(f"{who}: {problem}, {why}" + where)
             raise error(f"{who}: the {which} input of this attention is not one linear projection of the hidden "
                         f"state (through head reshapes and rotary embeddings), {why}" + where)
         heads, kv_heads, head_dim = int(q.shape[1]), int(k.shape[1]), int(k.shape[3])

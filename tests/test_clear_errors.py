@@ -1,0 +1,161 @@
+"""Bad input gets a clear error that names what is wrong and how to fix it, never a raw
+traceback from inside torch: calls that do not match the capture, empty example inputs,
+data-dependent sizes (a hand-written MoE), gqa on interleaved rotary, and plain calls
+longer than the KV cache."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxforge
+from fxforge.ir.capture import CaptureError
+from fxforge.passes.gqa import GQAConfig, GQAError
+
+import zoo
+from helpers import assert_close_to_eager
+
+
+# -- 1. calls that do not match the captured call ------------------------------------------------
+def test_a_keyword_capture_may_be_called_positionally_and_a_mismatch_names_the_argument():
+    torch.manual_seed(0)
+    model, vocab = zoo.llama(n_layer=1)
+    ids = torch.randint(0, vocab, (1, 8))
+    mask = torch.ones(1, 8, dtype=torch.long)
+    fast = fxforge.optimize(model, example_kwargs=dict(input_ids=ids, attention_mask=mask))
+    # input_ids captured by keyword, passed by position: forward()'s parameter names map it
+    assert_close_to_eager(model(ids, attention_mask=mask), fast(ids, attention_mask=mask))
+    assert_close_to_eager(model(ids, attention_mask=mask), fast(ids, mask))
+    with pytest.raises(TypeError, match=r"captured as forward\(input_ids=\.\.\., attention_mask=\.\.\.\); "
+                                        r"the call is missing attention_mask"):
+        fast(input_ids=ids)
+    with pytest.raises(TypeError, match="multiple values for argument 'input_ids'"):
+        fast(ids, input_ids=ids, attention_mask=mask)
+    with pytest.raises(TypeError, match=r"keyword argument\(s\) \['position_ids'\] were not given .* as "
+                                        r"forward\(input_ids=\.\.\., attention_mask=\.\.\.\)"):
+        fast(ids, attention_mask=mask, position_ids=ids)
+
+
+def test_an_extra_positional_argument_is_named_with_the_captured_signature():
+    model, vocab = zoo.llama(n_layer=1)
+    tokens = torch.randint(0, vocab, (1, 8))
+    fast = fxforge.optimize(model, (tokens,))
+    assert_close_to_eager(model(tokens), fast(input_ids=tokens))
+    with pytest.raises(TypeError, match=r"captured as forward\(input_ids\); got an extra positional argument 0 "
+                                        r"at position 1 \(forward\(\)'s attention_mask"):
+        fast(tokens, 0)
+    with pytest.raises(TypeError, match=r"missing input_ids"):
+        fast()
+    # a spec saved before the names of every positional parameter were kept
+    fast.spec = dataclasses.replace(fast.spec, positional_names=("input_ids",))
+    assert_close_to_eager(model(tokens), fast(tokens))
+    with pytest.raises(TypeError, match=r"forward\(input_ids\); got an extra positional argument 0 at position 1"):
+        fast(tokens, 0)
+
+
+# -- 2. empty example inputs ---------------------------------------------------------------------
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(50, 16), nn.Linear(16, 50)
+
+    def forward(self, tokens):
+        return self.out(self.emb(tokens))
+
+
+@pytest.mark.parametrize("shape, says", [((0, 8), "at least one row"), ((2, 0), "at least one token")])
+def test_an_empty_example_input_is_named(shape, says):
+    with pytest.raises(ValueError, match=rf"example input example_inputs\[0\] has shape \[{shape[0]}, {shape[1]}\]"
+                                         rf".*{says}"):
+        fxforge.optimize(_Tiny().eval(), (torch.zeros(shape, dtype=torch.long),))
+    with pytest.raises(ValueError, match=r"example_kwargs\['tokens'\].*at least one row"):
+        fxforge.optimize(_Tiny().eval(), example_kwargs={"tokens": torch.zeros(0, 8, dtype=torch.long)})
+
+
+# -- 3. a size that depends on tensor data -------------------------------------------------------
+class _SparseMoE(nn.Module):
+    """Top-2 MoE with per-expert token selection (torch.where(idx == e)), as hand-written ones do."""
+
+    def __init__(self, vocab=50, dim=16, experts=4):
+        super().__init__()
+        self.emb, self.gate = nn.Embedding(vocab, dim), nn.Linear(dim, experts, bias=False)
+        self.experts = nn.ModuleList([nn.Linear(dim, dim, bias=False) for _ in range(experts)])
+        self.out = nn.Linear(dim, vocab)
+
+    def forward(self, tok):
+        x = self.emb(tok).flatten(0, 1)
+        w, idx = torch.topk(self.gate(x), 2, dim=-1)
+        w = F.softmax(w, dim=-1)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            t, k = torch.where(idx == e)
+            y[t] += w[t, k, None] * expert(x[t])
+        return self.out(y).view(*tok.shape, -1)
+
+
+def test_a_data_dependent_size_names_the_op_the_line_and_a_remedy():
+    with pytest.raises(CaptureError) as info:
+        fxforge.optimize(_SparseMoE().eval(), (torch.randint(0, 50, (2, 7)),))
+    text = str(info.value)
+    assert "a size depends on tensor data" in text
+    assert "op: aten." in text
+    assert "code: t, k = torch.where(idx == e)" in text, text
+    assert "test_clear_errors.py:" in text, text
+    assert "run every expert on every token" in text and "batched_mm" in text and "boolean-mask indexing" in text
+
+
+# -- 4. gqa on an interleaved rotary -------------------------------------------------------------
+class _InterleavedRotary(nn.Module):
+    """One attention layer with rotary on adjacent pairs of dims: llama2.c's reshape(..., -1, 2)
+    and stack, or Meta llama's view_as_complex."""
+
+    def __init__(self, complex_rotary: bool, vocab=50, dim=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.complex_rotary, self.heads, self.kv_heads, self.hd = complex_rotary, heads, kv_heads, dim // heads
+        self.emb = nn.Embedding(vocab, dim)
+        self.wq, self.wo = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, kv_heads * self.hd, bias=False)
+        self.wv = nn.Linear(dim, kv_heads * self.hd, bias=False)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        freqs = torch.outer(torch.arange(64).float(), 1.0 / 10000 ** (torch.arange(0, self.hd, 2).float() / self.hd))
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def rotate(self, x, t):
+        cos, sin = self.cos[:t].view(1, t, 1, -1), self.sin[:t].view(1, t, 1, -1)
+        if self.complex_rotary:
+            xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(3)
+        re, im = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+        return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(3)
+
+    def forward(self, tokens):
+        b, t = tokens.shape
+        h = self.emb(tokens)
+        q = self.rotate(self.wq(h).view(b, t, self.heads, self.hd), t).transpose(1, 2)
+        k = self.rotate(self.wk(h).view(b, t, self.kv_heads, self.hd), t).transpose(1, 2)
+        v = self.wv(h).view(b, t, self.kv_heads, self.hd).transpose(1, 2)
+        rep = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(h + self.wo(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+@pytest.mark.parametrize("complex_rotary, op", [(False, "aten.stack"), (True, "aten.view_as_complex")])
+def test_gqa_on_an_interleaved_rotary_names_the_op_in_the_way(complex_rotary, op):
+    model = _InterleavedRotary(complex_rotary).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    assert_close_to_eager(model(ids), fxforge.optimize(model, (ids,))(ids))  # it captures; gqa refuses
+    with pytest.raises(GQAError, match=rf"the op {op}\S* .*between the Q projection and the attention is an "
+                                       r"interleaved rotary embedding"):
+        fxforge.optimize(model, (ids,), gqa=GQAConfig(1))
+
+
+# -- 5. a plain call longer than the KV cache ----------------------------------------------------
+def test_a_plain_call_past_max_seq_len_says_how_to_raise_it():
+    model, vocab = zoo.llama(n_layer=1)
+    fast = fxforge.optimize(model, (torch.randint(1, vocab, (1, 8)),), kv_cache=fxforge.KVCacheConfig(max_seq_len=32))
+    with pytest.raises(ValueError, match=r"optimized with a KV cache of max_seq_len=32 positions.*"
+                                         r"kv_cache=fxforge\.KVCacheConfig\(max_seq_len=40\)"):
+        fast(torch.randint(1, vocab, (1, 40)))
