@@ -412,3 +412,29 @@ def test_attention_left_unfused_is_named_in_the_report():
     assert "1 softmax ops whose probabilities feed a matmul" in fast.report()
     torch.testing.assert_close(fast(q, k, v), ClampedScores()(q, k, v))
     assert "softmax ops whose probabilities" not in fxforge.optimize(Router(), (torch.randn(2, 6),)).report()
+
+
+class _PaddingMaskedWithNegInf(nn.Module):
+    def forward(self, q, k, v, mask):  # mask [B, Tk] of 0/1 (key padding)
+        s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(mask[:, None, None, :] == 0, float("-inf"))
+        return s.softmax(-1) @ v
+
+
+def test_neg_inf_fill_from_an_input_mask_stays_unfused_with_a_note():
+    """A row the padding mask drops entirely is NaN in eager and was 0 once fused (SDPA's
+    convention): not provably the same, so declined, with the remedy in the report; a
+    causal -inf fill (shape-only: no row is ever empty) still fuses."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 4, 8) for _ in range(3))
+    mask = torch.ones(2, 4, dtype=torch.long)
+    model = _PaddingMaskedWithNegInf().eval()
+    fast = fxforge.optimize(model, (q, k, v, mask))
+    assert fast.graph.count("attention") == 0
+    assert "finfo(dtype).min" in fast.report()
+    mask[1] = 0
+    out, ref = fast(q, k, v, mask), model(q, k, v, mask)
+    assert torch.equal(out.isnan(), ref.isnan()) and ref[1].isnan().all()
+    assert torch.allclose(out[0], ref[0], atol=1e-6)
+    causal = fxforge.optimize(Spelling("div_sqrt_masked_fill").eval(), qkv(2, 7))
+    assert causal.graph.count("attention") == 1

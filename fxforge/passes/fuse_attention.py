@@ -27,8 +27,9 @@ Declines (the graph stays as it was): softmax over another dim, any other op bet
 matmuls (a bias inside the soft-cap, say), scores or probabilities also used elsewhere, a
 masked_fill whose fill value is not a large negative number, non-constant scales.
 Masks that are not shape-only stay as an additive `bias` input. Rows whose every key is
-masked are padding rows: with a finite fill (finfo.min) eager and fused agree, with -inf
-both give undefined values.
+masked are padding rows: with a finite fill (finfo.min) eager and fused agree; a softmax
+over scores filled with -inf where a mask from the inputs says is declined (eager gives NaN
+on a row that mask drops entirely, the fused op 0, SDPA's convention), with a report note.
 """
 from __future__ import annotations
 
@@ -385,8 +386,23 @@ def _slopes_param(graph, slopes: tuple[float, ...]) -> Value:
 
 
 # -- the rewrite -------------------------------------------------------------------------------
+# forms[NAN_ROWS]: the roots of attentions declined for -inf fills from input masks
+NAN_ROWS = "nan_rows"
+
+
+def _neg_inf_fill_from_inputs(m: Match, terms: _Terms) -> bool:
+    """A term fills the scores with -inf where a mask computed from the graph's inputs says
+    (a padding mask): a row that mask drops entirely is all -inf, which a softmax makes NaN
+    and the attention op makes 0 (SDPA's convention for such rows). Which rows the inputs
+    drop is not known ahead, so the two cannot be proven the same."""
+    producers = m.graph.producers()
+    return any(math.isinf(fill) and shape_only_nodes(mask, producers) is None
+               for mask, fill, _, _ in terms.fills)
+
+
 def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: bool, softcap: float | None = None,
-                    unfold: tuple | None = None, forms: dict | None = None) -> Value | None:
+                    unfold: tuple | None = None, forms: dict | None = None,
+                    softmax_spelled: bool = False) -> Value | None:
     """attention(q, k, v, [bias], [slopes]) {causal, scale, softcap?, window?, alibi?}.
     A shape-only mask becomes the causal / window / alibi attributes when `_mask_form`
     proves what it computes, else it stays the bias input. `unfold` = (B, H): q, k, v come
@@ -408,6 +424,10 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
             window = form.window
             if form.slopes is not None:
                 slopes = _slopes_param(m.graph, form.slopes)
+    if softmax_spelled and _neg_inf_fill_from_inputs(m, terms):
+        if forms is not None:
+            forms.setdefault(NAN_ROWS, []).append(m.root)
+        return None
     folded = q.rank == 3  # heads folded into the batch: [B*H, T, D]
     if folded and slopes is not None:
         return None  # per-head slopes need the heads apart
@@ -609,7 +629,8 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
         if not (math.isfinite(softcap) and softcap > 0):
             return None
         scale *= softcap
-    return _emit_attention(m, b, q, k, v, terms, scale, causal=False, softcap=softcap, unfold=fold, forms=forms)
+    return _emit_attention(m, b, q, k, v, terms, scale, causal=False, softcap=softcap, unfold=fold, forms=forms,
+                           softmax_spelled=True)
 
 
 def terms_ok_for_softcap(cap: float) -> bool:
@@ -668,7 +689,8 @@ def fuse_attention(graph, ctx=None):
 
     stats = ctx.rules if ctx is not None else Counter()
     graph = graph.with_nodes(graph.nodes)  # a copy: rules add parameters (ALiBi slopes) to it
-    out = _drop_dead_inplace(apply_rules(graph, rules(forms={}), stats, pass_name="fuse_attention"))
+    forms: dict = {}
+    out = _drop_dead_inplace(apply_rules(graph, rules(forms=forms), stats, pass_name="fuse_attention"))
     # heads that a model folded into the batch around its matmuls (XGLM, bloom) leave view
     # pairs on both sides of the fused op ([B, H, T, D] -> [B*H, T, D] -> [B, H, T, D]);
     # collapse them now, so that the passes before the final cleanup (gqa, kv_cache) see
@@ -684,6 +706,13 @@ def fuse_attention(graph, ctx=None):
         extra = "".join(f", {count} {name}" for name, count in variants.items() if count)
         ctx.note(f"{fused} attention ops ({causal} causal, {fused - causal} with explicit or no mask{extra})")
         left = _unfused_attention(out)
+        nan_rows = forms.get(NAN_ROWS, [])
+        if nan_rows:
+            ctx.note(f"{len(nan_rows)} attention(s) left unfused, e.g. the one{nan_rows[0].where()}: the scores are "
+                     "filled with -inf where a mask from the inputs says, and a row it drops entirely is NaN in "
+                     "eager (softmax of all -inf) but 0 from fused attention (SDPA's convention), so fusing "
+                     "would change the answer there; fill with torch.finfo(dtype).min (as transformers does) or "
+                     "call F.scaled_dot_product_attention to have it fused")
         if left:
             ctx.note(f"{len(left)} softmax ops whose probabilities feed a matmul (attention, by the look of it) "
                      f"were not fused, e.g. the one{left[0].where()}: its spelling is not one this pass proves the "
