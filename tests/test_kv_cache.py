@@ -614,6 +614,51 @@ def test_a_guard_on_the_length_holds_for_the_cached_and_new_tokens_together():
         fast(torch.randint(0, 64, (1, 17)))
 
 
+class _MetaRepeatKV(torch.nn.Module):
+    """Meta's llama / llama2.c GQA: K and V repeated on [B, T, H, D] (expand + reshape),
+    then transposed to [B, H, T, D]."""
+
+    def __init__(self, vocab=64, dim=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.hd = heads, kv_heads, dim // heads
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.wq = torch.nn.Linear(dim, dim, bias=False)
+        self.wkv = torch.nn.Linear(dim, 2 * kv_heads * self.hd, bias=False)
+        self.output = torch.nn.Linear(dim, vocab, bias=False)
+
+    def repeat_kv(self, x):
+        b, t, h, d = x.shape
+        n = self.heads // self.kv_heads
+        return x[:, :, :, None, :].expand(b, t, h, n, d).reshape(b, t, h * n, d)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.heads, self.hd)
+        k, v = self.wkv(x).view(b, t, 2, self.kv_heads, self.hd).unbind(2)
+        q, k, v = q.transpose(1, 2), self.repeat_kv(k).transpose(1, 2), self.repeat_kv(v).transpose(1, 2)
+        s = torch.matmul(q, k.transpose(2, 3)) / self.hd ** 0.5
+        s = s + torch.full((t, t), float("-inf"), device=x.device).triu(1)
+        y = torch.matmul(F.softmax(s.float(), dim=-1).type_as(q), v)
+        return self.output(x + y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_keys_repeated_before_the_transpose_are_cached_once_per_kv_head():
+    """The cache used to hold the repeated heads (2x the bytes for 4 query / 2 KV heads);
+    the fused op now reads the 2 KV heads, and the tokens stay eager greedy's."""
+    torch.manual_seed(0)
+    model = _MetaRepeatKV().eval()
+    fast = fxforge.optimize(model, (torch.randint(0, 64, (2, 7)),), kv_cache=True)
+    assert fast.kv_layout.bytes_per_token == 2 * 2 * 8 * 4  # K and V, 2 heads of 8, float32, 1 layer
+    ids = torch.randint(0, 64, (1, 6))
+    expected = ids
+    for _ in range(8):
+        with torch.no_grad():
+            expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(fast.generate(ids, max_new_tokens=8), expected)
+    assert_matches_eager(model, fxforge.optimize(model, (torch.randint(0, 64, (2, 7)),)), 64, [(1, 5), (3, 9)])
+
+
 def _tiny_bert():
     import transformers as tr
 

@@ -99,9 +99,34 @@ def _strip_casts(m: Match, v: Value) -> Value:
     return v
 
 
-def _strip_repeat_kv(m: Match, v: Value) -> tuple[Value, int]:
+def _repeated_before_transpose(m: Match, y: Value) -> tuple[Value, int] | None:
+    """view(expand(unsqueeze(x, 3), [B, T, Hkv, n, D]), [B, T, Hkv*n, D]) -> (x, n): Meta's
+    and llama2.c's repeat_kv, on [B, T, H, D] before the heads move to dim 1."""
+    view = _producer(m, y, "view")
+    if view is None or y.rank != 4:
+        return None
+    expand = _producer(m, view.inputs[0], "expand")
+    unsq = _producer(m, expand.inputs[0], "unsqueeze") if expand is not None else None
+    if unsq is None or unsq.attrs["dim"] != 3 or unsq.inputs[0].rank != 4:
+        return None
+    x = unsq.inputs[0]
+    shape = tuple(as_dim(d) for d in expand.attrs["shape"])
+    if len(shape) == 5 and shape[:3] == x.shape[:3] and shape[4] == x.shape[3] and shape[3].is_number \
+            and dims_equal(y.shape[2], x.shape[2] * shape[3]) and dims_equal(y.shape[1], x.shape[1]):
+        return x, int(shape[3])
+    return None
+
+
+def _strip_repeat_kv(m: Match, v: Value, b=None) -> tuple[Value, int]:
     """view(expand(unsqueeze(x, 2), [B, Hkv, n, T, D]), [B, Hkv*n, T, D]) -> (x, n);
-    repeat_interleave(x, n, dim=1) -> (x, n). The kernel maps query heads to KV heads."""
+    repeat_interleave(x, n, dim=1) -> (x, n); with a builder `b`, the [B, T, H, D] spelling
+    transposed to [B, H, T, D] (_repeated_before_transpose) -> (x transposed, n). The kernel
+    maps query heads to KV heads, so the cache holds the KV heads only."""
+    perm = _producer(m, v, "permute")
+    if b is not None and perm is not None and tuple(perm.attrs["dims"]) == (0, 2, 1, 3):
+        found = _repeated_before_transpose(m, perm.inputs[0])
+        if found is not None:
+            return b.emit("permute", found[0], dims=(0, 2, 1, 3)), found[1]
     view = _producer(m, v, "view")
     if view is not None and v.rank == 4:
         expand = _producer(m, view.inputs[0], "expand")
@@ -462,8 +487,8 @@ def fuse_sdpa(m: Match, b, forms: dict | None = None) -> Value | None:
     """sdpa(q, k, v, [mask]) {causal, scale, enable_gqa} -> attention."""
     node = m.root
     q, k, v = node.inputs[:3]
-    k, n_k = _strip_repeat_kv(m, k)
-    v, n_v = _strip_repeat_kv(m, v)
+    k, n_k = _strip_repeat_kv(m, k, b)
+    v, n_v = _strip_repeat_kv(m, v, b)
     if n_k != n_v:
         return None
     causal = node.attrs["causal"]
@@ -611,14 +636,20 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
     swap = tuple(range(kt.rank - 2)) + (kt.rank - 1, kt.rank - 2)
     kt_node = _producer(m, kt, "permute")
     k_scale = 1.0
+    n_k = 1
     if kt_node is not None and m.uses(kt) == 1:
         inner, k_scale = _strip_scale(m, kt_node.inputs[0])
-        dims = kt_node.attrs["dims"]
-        k = inner if tuple(dims) == swap else b.emit("permute", inner, dims=tuple(dims[d] for d in swap))
+        dims = tuple(kt_node.attrs["dims"][d] for d in swap)
+        repeated = _repeated_before_transpose(m, inner) if dims == (0, 2, 1, 3) else None
+        if repeated is not None:  # Meta's repeat_kv on [B, T, H, D], then k^T
+            (inner, n_k), dims = repeated, (0, 2, 1, 3)
+        k = inner if dims == tuple(range(4))[:len(dims)] and len(dims) == inner.rank else \
+            b.emit("permute", inner, dims=dims)
     else:
         k = b.emit("permute", kt, dims=swap)
-    k, n_k = _strip_repeat_kv(m, k)
-    v, n_v = _strip_repeat_kv(m, v)
+    if n_k == 1:
+        k, n_k = _strip_repeat_kv(m, k, b)
+    v, n_v = _strip_repeat_kv(m, v, b)
     if n_k != n_v or not _batch_matches(q, k, v):
         return None
     scale = post_scale * q_scale * k_scale
