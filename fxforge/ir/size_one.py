@@ -19,6 +19,10 @@ It costs one eager forward of the model and one reference evaluation of the grap
 every dynamic size at 1 at once (SmolLM2: about 0.5 s, against 13 s of capture); only
 where they differ is each size probed alone (two forwards in training mode: a model whose dropout draws
 differ between calls is not compared).
+
+The same probe decides guards that exclude one size, `Ne(T, c)` (`_drop_points_that_hold`):
+export writes them where a buffer of c rows is sliced by the length, and they refused a
+size eager runs; one that the model and the graph agree at is dropped.
 """
 from __future__ import annotations
 
@@ -40,37 +44,60 @@ def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs)
     except (TypeError, ValueError):
         return []
     symbols = _probe_symbols(graph, spec)
-    if len(symbols) > 1 and _probe(model, graph, spec, leaves, symbols) is None:
-        return []  # all at 1 at once (one forward each way, the usual case): they agree
     guarded = []
-    for sym in symbols:
-        why = _probe(model, graph, spec, leaves, [sym])
-        if why is None:
-            continue
-        if _example_size(graph, spec, leaves, sym) == 1:
-            raise CaptureError(
-                f"the model computes something else when {sym} == 1 ({why}): its code looks at that size "
-                "(a squeeze, a branch on it), and fxforge captures dynamic sizes at >= 2, so the graph would "
-                f"not be this example's computation. Optimize with an example where {sym} >= 2 (calls with "
-                f"{sym} == 1 are then refused), or with dynamic=False to capture exactly this shape")
-        graph.guards.append(sympy.Ge(sym, 2))
-        guarded.append(sym)
+    # all at 1 at once (one forward each way, the usual case); each alone where they differ
+    if not (len(symbols) > 1 and _probe(model, graph, spec, leaves, dict.fromkeys(symbols, 1)) is None):
+        for sym in symbols:
+            why = _probe(model, graph, spec, leaves, {sym: 1})
+            if why is None:
+                continue
+            if _example_size(graph, spec, leaves, sym) == 1:
+                raise CaptureError(
+                    f"the model computes something else when {sym} == 1 ({why}): its code looks at that size "
+                    "(a squeeze, a branch on it), and fxforge captures dynamic sizes at >= 2, so the graph would "
+                    f"not be this example's computation. Optimize with an example where {sym} >= 2 (calls with "
+                    f"{sym} == 1 are then refused), or with dynamic=False to capture exactly this shape")
+            graph.guards.append(sympy.Ge(sym, 2))
+            guarded.append(sym)
+    _drop_points_that_hold(model, graph, spec, leaves, symbols)
     return guarded
 
 
-def _probe(model, graph: Graph, spec, leaves: list, symbols: list) -> str | None:
-    """How the model and the graph differ with `symbols` at 1; None where they agree, or
-    where the probe cannot be made or the graph's guards refuse it already."""
+# The largest excluded size probed (an eager forward at that length)
+MAX_POINT_PROBE = 4096
+
+
+def _drop_points_that_hold(model, graph: Graph, spec, leaves: list, symbols: list):
+    """A guard `Ne(T, c)` excludes one size. export writes one where the model slices a
+    buffer of c rows by the length (nanoGPT's causal mask, `bias[:, :, :T, :T]`): at T == c
+    the slice is the whole buffer, which export reasons about apart, though the computation
+    is the same. Such a guard refused T == c, a size eager runs (generating up to the block
+    size). So the graph is run at the excluded size against the model: where they agree the
+    guard goes; where they differ (a branch on that size), it stays."""
+    for g in list(graph.guards):
+        if not isinstance(g, sympy.Unequality):
+            continue
+        sym, c = (g.lhs, g.rhs) if g.lhs.is_Symbol else (g.rhs, g.lhs)
+        if sym not in symbols or not c.is_Integer or not 2 <= int(c) <= MAX_POINT_PROBE:
+            continue
+        if _probe(model, graph, spec, leaves, {sym: int(c)}, ignore=g) is None:
+            graph.guards.remove(g)
+
+
+def _probe(model, graph: Graph, spec, leaves: list, sizes: dict, ignore=None) -> str | None:
+    """How the model and the graph differ with the symbols in `sizes` at those sizes; None
+    where they agree, or where the probe cannot be made or the graph's guards (but
+    `ignore`) refuse it already."""
     probe = leaves
-    for sym in symbols:
-        probe = _at_one(graph, spec, probe, sym)
+    for sym, n in sizes.items():
+        probe = _at_size(graph, spec, probe, sym, n)
         if probe is None:
             return None
     inputs = [probe[i] for i, (kind, _) in enumerate(spec.input_leaves) if kind == "tensor"]
-    sizes = {d: x.shape[i] for v, x in zip(graph.inputs, inputs) for i, d in enumerate(v.shape)
-             if isinstance(d, sympy.Symbol)}
+    actual = {d: x.shape[i] for v, x in zip(graph.inputs, inputs) for i, d in enumerate(v.shape)
+              if isinstance(d, sympy.Symbol)}
     try:
-        GuardChecker(graph.guards).check(sizes)
+        GuardChecker([g for g in graph.guards if g is not ignore]).check(actual)
     except GuardError:
         return None  # the graph refuses these sizes already
     return _difference(model, graph, spec, probe, inputs)
@@ -95,16 +122,19 @@ def _example_size(graph: Graph, spec, leaves: list, sym) -> int | None:
     return None
 
 
-def _at_one(graph: Graph, spec, leaves: list, sym):
-    """The call's leaves with every dim that is `sym` cut to its first element; None where
-    `sym` also appears inside another size (T + 1, 2 * T), which a cut cannot follow."""
+def _at_size(graph: Graph, spec, leaves: list, sym, n: int):
+    """The call's leaves with every dim that is `sym` made `n` long: cut to its first `n`
+    elements, or extended cyclically (as capture grows the example); None where `sym` also
+    appears inside another size (T + 1, 2 * T), which that cannot follow."""
     probe = list(leaves)
     tensor_inputs = [(pos, index) for pos, (kind, index) in enumerate(spec.input_leaves) if kind == "tensor"]
     for pos, index in tensor_inputs:
         v, x = graph.inputs[index], probe[pos]
         for d, size in enumerate(v.shape):
             if size == sym:
-                x = x.narrow(d, 0, 1)
+                old = x.shape[d]
+                x = x.narrow(d, 0, n) if n <= old else \
+                    x.index_select(d, torch.arange(n, device=x.device) % old)
             elif isinstance(size, sympy.Basic) and sym in size.free_symbols:
                 return None
         probe[pos] = x
