@@ -519,19 +519,27 @@ def test_refuses_a_convolution_along_the_sequence():
     assert_matches_eager(model, fxforge.optimize(model, (ids,)), 64, [(1, 5), (3, 9)])
 
 
-class _TokenMixer(torch.nn.Module):
+class _OneAttentionLM(torch.nn.Module):
+    """Embedding, one fused q/k/v projection and an output head, for the one-layer test
+    models below (each writes its own forward)."""
+
+    def __init__(self, vocab=64, dim=32, heads=2):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.head = torch.nn.Linear(dim, vocab)
+        self.heads = heads
+
+
+class _TokenMixer(_OneAttentionLM):
     """Causal attention after an op that moves values along the sequence: RWKV's token shift
     (a pad by one), a roll, a flip, the first token broadcast to all, a smear of the previous
     token (slices and a cat), a gather at position - 1. Each reads other tokens than the
     step's own, so a cached step (which holds only the new tokens) would answer differently."""
 
-    def __init__(self, kind, vocab=64, dim=32, heads=2):
+    def __init__(self, kind):
         super().__init__()
         self.kind = kind
-        self.embed = torch.nn.Embedding(vocab, dim)
-        self.qkv = torch.nn.Linear(dim, 3 * dim)
-        self.head = torch.nn.Linear(dim, vocab)
-        self.heads = heads
 
     def forward(self, ids):
         x = self.embed(ids)
@@ -565,16 +573,9 @@ def test_refuses_ops_that_move_values_along_the_sequence(kind):
     assert_matches_eager(model, fxforge.optimize(model, (ids,)), 64, [(1, 5), (3, 9)])
 
 
-class _ScalingPastALength(torch.nn.Module):
+class _ScalingPastALength(_OneAttentionLM):
     """Rotary frequencies that switch when the sequence is longer than 16 tokens (Phi-3's
     LongRoPE picks its long factors so): export records `T <= 16` for a shorter example."""
-
-    def __init__(self, vocab=64, dim=32, heads=2):
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, dim)
-        self.qkv = torch.nn.Linear(dim, 3 * dim)
-        self.head = torch.nn.Linear(dim, vocab)
-        self.heads = heads
 
     def forward(self, ids):
         x = self.embed(ids)

@@ -66,6 +66,13 @@ def _param(graph: Graph, v: Value) -> torch.Tensor | None:
 def _projection(graph: Graph, producers, start: Value, head_dim: int) -> Projection | None:
     """Walk back from an attention input through head reshapes and rotary ops to the one
     linear projection that feeds it."""
+    found = _projections_behind(graph, producers, start, head_dim, lambda node: node.op in _CHAIN_OPS)
+    return found[0] if len(found) == 1 else None
+
+
+def _projections_behind(graph: Graph, producers, start: Value, head_dim: int, follow) -> list[Projection]:
+    """The linear projections found walking back from `start` through the nodes `follow`
+    lets the walk pass (a projection ends a path)."""
     found, seen, stack = [], set(), [start]
     while stack:
         v = stack.pop()
@@ -78,10 +85,9 @@ def _projection(graph: Graph, producers, start: Value, head_dim: int) -> Project
         proj = _as_projection(graph, producers, node, v, head_dim)
         if proj is not None:
             found.append(proj)
-            continue
-        if node.op in _CHAIN_OPS:
+        elif follow(node):
             stack.extend(node.inputs)
-    return found[0] if len(found) == 1 else None
+    return found
 
 
 def _as_projection(graph: Graph, producers, node: Node, v: Value, head_dim: int) -> Projection | None:
@@ -239,25 +245,12 @@ def _ops_in_the_way(bad: list[Node], which: str) -> str | None:
 def _missing_projection_problem(graph: Graph, producers, start: Value, head_dim: int, which: str) -> str | None:
     """Why no single projection was found for an attention input: the op in the way between
     the nearest linear projection(s) and the attention (None when there is none to name)."""
-    found, seen, stack = [], set(), [start]
-    while stack:
-        v = stack.pop()
-        if v in seen:
-            continue
-        seen.add(v)
-        node = producers.get(v)
-        if node is None:
-            continue
-        proj = _as_projection(graph, producers, node, v, head_dim)
-        if proj is not None:
-            found.append(proj.out)
-            continue
-        if node.op in ("linear", "matmul", "attention"):  # another layer's work: not on the way
-            continue
-        stack.extend(node.inputs)
+    # any op but another layer's work (a product, an attention) may be on the way
+    found = _projections_behind(graph, producers, start, head_dim,
+                                lambda node: node.op not in ("linear", "matmul", "attention"))
     bad: list[Node] = []
-    for out in found:
-        bad += [n for n in _chain_between(graph, out, start) if n.op not in _CHAIN_OPS and n not in bad]
+    for proj in found:
+        bad += [n for n in _chain_between(graph, proj.out, start) if n.op not in _CHAIN_OPS and n not in bad]
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     bad.sort(key=lambda n: order[id(n)])
     return _ops_in_the_way(bad, which)
