@@ -660,6 +660,34 @@ def test_keys_repeated_before_the_transpose_are_cached_once_per_kv_head():
     assert_matches_eager(model, fxforge.optimize(model, (torch.randint(0, 64, (2, 7)),)), 64, [(1, 5), (3, 9)])
 
 
+class _RelativePositionBias(_OneAttentionLM):
+    """T5's relative position bias: a learned value per head and query-key distance, added
+    to the scores, with the causal mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.rel = torch.nn.Embedding(32, self.heads)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(t, device=x.device)
+        distance = (pos[:, None] - pos[None, :]).clamp(0, 31)
+        bias = self.rel(distance).permute(2, 0, 1)[None]
+        mask = torch.full((t, t), float("-inf"), device=x.device).triu(1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias + mask)
+        return self.head(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_a_relative_position_bias_is_refused_as_what_it_is():
+    """It used to be refused as 'a prefix-LM or chunked pattern' with a max_seq_len hint that
+    cannot help; the error now says what the bias is and what the cache supports."""
+    torch.manual_seed(0)
+    with pytest.raises(KVCacheError, match=r"bias built from the positions that is not a mask[\s\S]*at: "):
+        fxforge.optimize(_RelativePositionBias().eval(), (torch.randint(0, 64, (2, 7)),), kv_cache=True)
+
+
 def _tiny_bert():
     import transformers as tr
 
