@@ -89,8 +89,8 @@ def test_both_alignments_are_compiled_and_differ(quick_results):
     shared = {(r.spec.aligned, r.arch): r.shared for r in quick_results
               if r.spec.kernel == "decode_split" and r.spec.labels.get("dtype") == "bf16"
               and r.spec.labels.get("head_dim") == 64 and r.spec.labels.get("variant") == "all"}
-    for arch in SHARED_LIMIT:
-        assert shared[(True, arch)] > shared[(False, arch)], shared
+    # the subset compiles aligned for sm_80, the tighter limit (benchmarks/gpu_compile.py: both)
+    assert shared[(True, 80)] > shared[(False, 80)], shared
 
 
 @needs_ptxas
