@@ -30,6 +30,7 @@ import sympy
 import torch
 import torch.utils._pytree as pytree
 
+from .evaluate import input_sizes
 from .graph import Graph
 from .guards import GuardChecker, GuardError
 
@@ -43,7 +44,7 @@ def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs)
         leaves = flatten_call(spec, tuple(args), dict(kwargs or {}))
     except (TypeError, ValueError):
         return []
-    symbols = _probe_symbols(graph, spec)
+    symbols = _probe_symbols(graph)
     guarded = []
     # all at 1 at once (one forward each way, the usual case); each alone where they differ
     if not (len(symbols) > 1 and _probe(model, graph, spec, leaves, dict.fromkeys(symbols, 1)) is None):
@@ -93,17 +94,20 @@ def _probe(model, graph: Graph, spec, leaves: list, sizes: dict, ignore=None) ->
         probe = _at_size(graph, spec, probe, sym, n)
         if probe is None:
             return None
-    inputs = [probe[i] for i, (kind, _) in enumerate(spec.input_leaves) if kind == "tensor"]
-    actual = {d: x.shape[i] for v, x in zip(graph.inputs, inputs) for i, d in enumerate(v.shape)
-              if isinstance(d, sympy.Symbol)}
+    inputs = [probe[pos] for pos, _ in sorted(_tensor_leaves(spec), key=lambda leaf: leaf[1])]
     try:
-        GuardChecker([g for g in graph.guards if g is not ignore]).check(actual)
+        GuardChecker([g for g in graph.guards if g is not ignore]).check(input_sizes(graph, inputs))
     except GuardError:
         return None  # the graph refuses these sizes already
     return _difference(model, graph, spec, probe, inputs)
 
 
-def _probe_symbols(graph: Graph, spec) -> list:
+def _tensor_leaves(spec) -> list[tuple[int, int]]:
+    """(position among the call's leaves, graph input index) of each tensor leaf."""
+    return [(pos, index) for pos, (kind, index) in enumerate(spec.input_leaves) if kind == "tensor"]
+
+
+def _probe_symbols(graph: Graph) -> list:
     """The size symbols that are a whole dim of some tensor input, in order."""
     out = []
     for v in graph.inputs:
@@ -114,11 +118,10 @@ def _probe_symbols(graph: Graph, spec) -> list:
 
 
 def _example_size(graph: Graph, spec, leaves: list, sym) -> int | None:
-    for pos, (kind, index) in enumerate(spec.input_leaves):
-        if kind == "tensor":
-            for d, size in enumerate(graph.inputs[index].shape):
-                if size == sym:
-                    return int(leaves[pos].shape[d])
+    for pos, index in _tensor_leaves(spec):
+        for d, size in enumerate(graph.inputs[index].shape):
+            if size == sym:
+                return int(leaves[pos].shape[d])
     return None
 
 
@@ -127,8 +130,7 @@ def _at_size(graph: Graph, spec, leaves: list, sym, n: int):
     elements, or extended cyclically (as capture grows the example); None where `sym` also
     appears inside another size (T + 1, 2 * T), which that cannot follow."""
     probe = list(leaves)
-    tensor_inputs = [(pos, index) for pos, (kind, index) in enumerate(spec.input_leaves) if kind == "tensor"]
-    for pos, index in tensor_inputs:
+    for pos, index in _tensor_leaves(spec):
         v, x = graph.inputs[index], probe[pos]
         for d, size in enumerate(v.shape):
             if size == sym:
@@ -154,7 +156,7 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list) -> str | N
             again = model(*call_args, **call_kwargs) if model.training else eager
             ours = evaluate(graph, inputs)
     except Exception as e:  # noqa: BLE001 (either side failing at size 1 says the two differ)
-        return f"running it at size 1 failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return f"running it at these sizes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     eager_leaves = pytree.tree_leaves(eager)
     if again is not eager and not all(not isinstance(a, torch.Tensor) or (a.shape == b.shape and _close(a, b))
                                       for a, b in zip(eager_leaves, pytree.tree_leaves(again))):

@@ -545,6 +545,12 @@ def _mentions(expr, sym) -> bool:
     return isinstance(expr, sympy.Basic) and sym in expr.free_symbols
 
 
+def _is_length(expr, batch, seq) -> bool:
+    """`expr` is a size along the sequence: it mentions T and is not a count of the step's
+    tokens across the batch (_token_count)."""
+    return _mentions(expr, seq) and not _token_count(expr, batch, seq)
+
+
 def _token_count(expr, batch, seq) -> bool:
     """`expr` is a multiple of B*T: a size over the step's tokens flattened across the batch
     (a mixture-of-experts router's token index or scatter buffer), not a length along the
@@ -743,8 +749,7 @@ def _moves_along_the_sequence(node: Node, seq, batch) -> bool:
     def along(x, dim) -> bool:
         if not isinstance(dim, int) or not x.rank:
             return False
-        size = x.shape[dim % x.rank]
-        return _mentions(size, seq) and not _token_count(size, batch, seq)
+        return _is_length(x.shape[dim % x.rank], batch, seq)
 
     if not node.inputs or not isinstance(node.inputs[0].type, TensorType):
         return False
@@ -798,14 +803,11 @@ def _check_no_other_length_ops(graph: Graph, seq, batch):
     """A tensor built from the sequence length alone (a leftover mask, a position we did
     not place) would be wrong once T is only the new tokens: refuse. Sizes that count the
     step's tokens across the batch (B*T) are not lengths (see _token_count)."""
-    def length(x):
-        return _mentions(x, seq) and not _token_count(x, batch, seq)
-
     for n in graph.nodes:
         if OPS[n.op].kind == "creation" and n.op != "const":
             a = n.attrs
-            mentions = any(length(x) for x in (a.get("end"), a.get("start")))
-            mentions |= any(length(d) for d in a.get("shape", ()) if isinstance(d, sympy.Basic))
+            mentions = any(_is_length(x, batch, seq) for x in (a.get("end"), a.get("start")))
+            mentions |= any(_is_length(d, batch, seq) for d in a.get("shape", ()) if isinstance(d, sympy.Basic))
             starts_at_cache = n.op == "arange" and isinstance(a.get("start"), sympy.Basic) and \
                 not a["start"].is_number
             if mentions and not starts_at_cache and not _one_value_per_token(n, seq):

@@ -57,6 +57,10 @@ class OptimizedModel:
         self._input_roles = [roles.role_of(v) for v in graph.inputs]
         self._paged = roles.is_paged(graph)
         self._guards = GuardChecker(graph.guards)
+        # the symbol of the cache-length input (kv_cache's L; None without a cache): the
+        # guards on the sequence's length are on L + T
+        index = roles.input_index(graph, roles.CACHE_LEN)
+        self._cache_len = None if index is None else symbol(graph.inputs[index].hint)
         self._caches = CachePool(self._allocate_cache)
         # eos/pad tokens generate() uses when not given (from a transformers generation_config)
         self.generation_defaults: dict = {}
@@ -155,7 +159,7 @@ class OptimizedModel:
         after each of `starts` cached tokens (a range: cheap, the checker remembers sizes
         that passed)."""
         shape = self.graph.inputs[0].shape if self.graph.inputs else ()
-        cache_len = self._cache_len_symbol()
+        cache_len = self._cache_len
         for length in lengths:
             sizes = {d: n for d, n in zip(shape, (batch, length)) if isinstance(d, sympy.Symbol)}
             if cache_len is None:
@@ -164,11 +168,6 @@ class OptimizedModel:
             for start in (starts if self._guards.mentions(cache_len) else (0,)):
                 self._guards.check({**sizes, cache_len: start},
                                    f"generate() steps of {length} new token(s) after {start} cached ones")
-
-    def _cache_len_symbol(self):
-        """The symbol of the graph's cache-length input (kv_cache's L), or None."""
-        return next((symbol(v.hint) for v in self.graph.inputs if isinstance(v.type, SymType)
-                     and (v.attrs or {}).get("role") == roles.CACHE_LEN), None)
 
     def _allocate_cache(self, batch: int, capacity: int):
         capacity = -(-capacity // 256) * 256  # grown in steps, so that similar requests reuse it
@@ -316,9 +315,8 @@ class OptimizedModel:
                                          f"{size}={sizes[size]}; the graph needs them equal ({v.type})")
                 elif size.is_number and int(size) != actual:
                     raise ValueError(f"{label} must have size {size} in dim {d} ({v.type}), got {actual}")
-        cache_len = self._cache_len_symbol()
-        if cache_len is not None:
-            sizes[cache_len] = 0  # a plain call is a prefill into an empty cache
+        if self._cache_len is not None:
+            sizes[self._cache_len] = 0  # a plain call is a prefill into an empty cache
         self._guards.check(sizes)
 
     # -- inspection ---------------------------------------------------------------------------
