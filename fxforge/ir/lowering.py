@@ -242,10 +242,15 @@ def slice_rule(c: LowerCtx, x, dim=0, start=None, end=None, step=1):
     dim = dim % x.rank
     size = x.shape[dim]
     start = as_dim(0 if start is None else start)
-    if start.is_number and start < 0:
+    # A negative start counts from the end, a symbolic one too (`x[:, -T:]` is start=-T):
+    # the IR's start is the index torch settles on, so that the op means the same at every
+    # size. A start whose sign depends on the sizes (`T - 5`) is torch's to settle per call.
+    if start.is_negative:
         start = size + start
-    if start.is_number and start < 0:
-        start = sympy.Integer(0)
+        if start.is_negative:
+            start = sympy.Integer(0)
+    if not start.is_nonnegative:
+        raise TypeError(f"slice: the sign of start {start} depends on the sizes")
     # The end comes from the exact result length, so clamping rules (end past the size,
     # negative ends, INT64_MAX) are settled once, by torch.export's own shape logic.
     length = c.out_shape[dim]
@@ -258,8 +263,10 @@ def slice_rule(c: LowerCtx, x, dim=0, start=None, end=None, step=1):
 def select(c: LowerCtx, x, dim, index):
     dim = dim % x.rank
     index = as_dim(index)
-    if index.is_number and index < 0:
+    if index.is_negative:  # counted from the end, symbolic (`x[:, -T]`) or not
         index = x.shape[dim] + index
+    if not index.is_nonnegative:
+        raise TypeError(f"select: the sign of index {index} depends on the sizes")
     return c.emit("select", x, dim=dim, index=index)
 
 
