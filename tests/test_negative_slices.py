@@ -45,3 +45,14 @@ def test_a_start_counted_from_the_end_by_a_size_holds_at_every_length(model_clas
         got = fast(x)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_typecheck_refuses_a_slice_with_a_negative_start():
+    from fxforge.ir.ops import OPS, IRTypeError
+    from fxforge.ir.types import TensorType, symbol
+
+    T = symbol("T")
+    x = TensorType((2, T + 3), torch.float32)
+    assert OPS["slice"].infer([x], {"dim": 1, "start": 3, "end": T + 3, "step": 1})[0].shape == (2, T)
+    with pytest.raises(IRTypeError, match="negative"):
+        OPS["slice"].infer([x], {"dim": 1, "start": -T, "end": 0, "step": 1})

@@ -225,6 +225,12 @@ def infer_slice(types, attrs):
     t = _t(types)
     dim = _norm_dim(attrs["dim"], t.rank)
     shape = list(t.shape)
+    # start and end are the indices torch settles on (0 <= start <= end <= size): a
+    # negative one would count from the end at run time and mean another slice
+    for key in ("start", "end"):
+        if attrs[key] is not None and as_dim(attrs[key]).is_negative:
+            raise IRTypeError(f"slice {key}={attrs[key]} is negative: write the index it stands for "
+                              f"(size + {key}), 0 <= start <= end <= size")
     shape[dim] = slice_length(shape[dim], attrs["start"], attrs["end"], attrs["step"])
     return [TensorType(tuple(shape), t.dtype)]
 
