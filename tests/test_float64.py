@@ -152,3 +152,29 @@ def test_float64_save_load(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(x), out)
     assert _rel_err(ref, out) < 1e-12
+
+
+def test_float64_on_the_triton_backend_is_eager_float64():
+    """Our Triton kernels compute in float32: given float64 operands (or a group that casts
+    to float64) the triton backend runs PyTorch's float64 steps instead. The generated
+    kernel had computed `(a + 1e10) - 1e10 + 1` as 1.0, and attention refused float64."""
+    torch.manual_seed(0)
+
+    class Cancels(torch.nn.Module):
+        def forward(self, a):
+            return ((a + 1e10) - 1e10 + 1) * torch.sigmoid(a), (a + 1e8).sum(-1, keepdim=True) - 8e8
+
+    a = torch.randn(3, 8, dtype=torch.float64)
+    ref, got = Cancels()(a), fxforge.optimize(Cancels(), example_inputs=(a,), backend="interpret")(a)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+    model, vocab = _llama_gelu_new()
+    model = model.double()
+    ids = torch.randint(0, vocab, (2, 9))
+    ref, got, fast = _eager_and_fast(model, ids, backend="interpret")
+    assert any(n.op == "fused_pointwise" for n in fast.graph.nodes)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    cached = fxforge.optimize(model, example_inputs=(ids,), backend="interpret", kv_cache=True, verbose=False)
+    want = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    assert torch.equal(cached.generate(ids[:1], max_new_tokens=4, do_sample=False), want)

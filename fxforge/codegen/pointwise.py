@@ -520,8 +520,12 @@ class PointwiseKernels:
             signature = (id(body), id(outputs), row, tuple((x.shape, x.stride(), x.dtype) for x in inputs))
         plan = self._plans.get(signature)
         if plan is None or plan.body is not body or plan.outputs is not outputs:
-            plan = self._plan(inputs, body, outputs, row, into, dests, from_pointer)
+            plan = (_Float64Plan(body, outputs) if _computes_in_float64(inputs, dests, body) else
+                    self._plan(inputs, body, outputs, row, into, dests, from_pointer))
             self._plans[signature] = plan
+        if isinstance(plan, _Float64Plan):  # eager's float64 arithmetic, step by step
+            return OPS["fused_pointwise"].reference(*inputs, *dests, body=body, outputs=outputs, row=row, into=into,
+                                                    start=start)
         device = inputs[0].device
         outs = [torch.empty(spec[0], dtype=spec[1], device=device) if spec else None for spec in plan.out_specs]
         extra = ()
@@ -665,6 +669,22 @@ class PointwiseKernels:
         if grid is not None:
             self._record(fn, [*inputs, *(torch.empty(0, dtype=d) for _, d in out_specs), *scalars], constexprs)
         return _LaunchPlan(body, outputs, fn, out_specs, scalars, constexprs, grid)
+
+
+def _computes_in_float64(inputs, dests, body) -> bool:
+    """Whether torch computes some step of the group in float64: a float64 operand, cache,
+    constant or cast. The generated kernels compute in float32 (their literals are float32
+    too), so such a group runs its PyTorch steps instead (`_Float64Plan`)."""
+    if any(x.dtype == torch.float64 for x in (*inputs, *dests)):
+        return True
+    return any(value is torch.float64 for _, _, attrs in body for key, value in attrs if key == "dtype")
+
+
+@dataclass
+class _Float64Plan:
+    """The plan of a group `_computes_in_float64`: no kernel, the reference steps."""
+    body: tuple
+    outputs: tuple
 
 
 @dataclass

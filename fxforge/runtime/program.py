@@ -21,7 +21,7 @@ import sympy
 import torch
 
 from ..ir.graph import Graph
-from ..ir.ops import OPS, Arg
+from ..ir.ops import OPS, Arg, scalar_exponent
 from ..ir.types import SymType, symbol
 from .frames import frame_of_its_own
 
@@ -239,16 +239,10 @@ def _pow_operands(op: str, operands: list[str], exponents: dict[str, str | None]
 
 
 def _scalar_exponent(value, dtype: torch.dtype) -> str | None:
-    """A constant as the Python number a pow takes for its exponent, rounded to the
-    constant's dtype (None: not a real number). The model ran pow(Tensor, Scalar)
-    (`x.pow(2)` in an RMSNorm), which squares by x * x; a 0-dim tensor exponent takes the
-    general pow kernel instead: not always the same float (the last bit of some squares
-    differed) and 4-10x slower on the CPU (a decoding step's 61 RMSNorm squares: 9.4 us
-    each at 6 rows against 1.8)."""
-    if isinstance(value, (bool, complex)) or not isinstance(value, (int, float)) or dtype.is_complex:
-        return None
-    number = torch.tensor(value, dtype=dtype).item()
-    return py_literal(float(number) if dtype.is_floating_point else int(number))
+    """A constant as the Python source of the number a pow takes for its exponent
+    (ir.ops.scalar_exponent: why), None where it has none."""
+    number = scalar_exponent(value, dtype)
+    return None if number is None else py_literal(number)
 
 
 def _call(node, ins: list[str]) -> str:

@@ -49,9 +49,11 @@ class TritonBackend(Backend):
         from ...codegen.kernels.paged_kv_write import paged_kv_write_triton
         from ..torch_kernels import quant_linear_with
 
-        return {"attention": attention_dispatch, "paged_attention": paged_attention_dispatch, "quant_linear": quant_linear_with(_quant_linear_triton),
-                "fused_pointwise": self.pointwise.run, "linear_fused": self.linear_fused,
-                "rope_attention": self.rope_attention, "paged_kv_write": paged_kv_write_triton}
+        ops = {"attention": attention_dispatch, "paged_attention": paged_attention_dispatch,
+               "quant_linear": quant_linear_with(_quant_linear_triton),
+               "fused_pointwise": self.pointwise.run, "linear_fused": self.linear_fused,
+               "rope_attention": self.rope_attention, "paged_kv_write": paged_kv_write_triton}
+        return {name: float64_runs_reference(name, fn) for name, fn in ops.items()}
 
     def rope_attention(self, *tensors, causal: bool, scale: float, start):
         """Few query positions: one kernel applies the rotary, stores the new K/V and attends
@@ -147,6 +149,30 @@ def _triton_compiled_mode() -> bool:
         return False
     probe = getattr(standard, "sum", None)
     return probe is not None and not isinstance(probe, InterpretedFunction)
+
+
+def float64_runs_reference(name: str, kernel):
+    """`kernel` for op `name`, except that float64 operands run the op's PyTorch reference.
+
+    Our Triton kernels compute in float32 (tensor-core dots, float32 accumulators and
+    math): given a float64 model they would round every value to float32, an error of
+    about 1e-7 where eager's is 1e-16, or refuse the dtype. A float64 model on the triton
+    backend therefore gets eager's float64 arithmetic for these ops. The first operand
+    decides (q, x, the fused group's first input or the cache: each op's operands share
+    their float dtype); fused_pointwise also checks its body (`PointwiseKernels`)."""
+    import torch
+
+    from ...ir.ops import OPS
+
+    reference = OPS[name].reference
+
+    def op(*tensors, **attrs):
+        if tensors and getattr(tensors[0], "dtype", None) is torch.float64:
+            return reference(*tensors, **attrs)
+        return kernel(*tensors, **attrs)
+
+    op.__name__ = op.__qualname__ = f"{name}_triton"
+    return op
 
 
 def attention_dispatch(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None, window=None,
