@@ -357,3 +357,32 @@ def test_unsupported_setting_of_the_model_raises(pair):
         assert fast.generate(ids, 3, bad_words_ids=None).shape == (1, 9)
     finally:
         fast.generation_defaults = saved
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_a_left_padded_batch_without_a_mask_as_transformers(pair, beams):
+    """No attention_mask: transformers takes input_ids != pad_token_id as the mask when the
+    pad token occurs in the prompts and is not an eos token. fxforge took every token as
+    real, pads included, and generated other tokens for the padded row."""
+    model, fast, vocab = pair
+    torch.manual_seed(1)
+    ids = torch.randint(3, vocab, (2, 9))
+    ids[0, :4] = 0
+    kw = dict(max_new_tokens=8, num_beams=beams, pad_token_id=0, eos_token_id=None)
+    out, ref = _both(model, fast, ids, None, **kw)
+    assert torch.equal(out, ref)
+    out, ref = _both(model, fast, ids, (ids != 0).long(), **kw)  # the same as with the mask itself
+    assert torch.equal(out, ref)
+    # a pad token inside a prompt would make a mask with a hole: refused, naming the inference
+    ids[1, 4] = 0
+    with pytest.raises(ValueError, match=r"no attention_mask was given.*input_ids != pad_token_id \(0\)"):
+        fast.generate(ids, **kw)
+
+
+def test_a_token_id_outside_the_vocabulary_is_named(pair):
+    model, fast, vocab = pair
+    with pytest.raises(ValueError, match=rf"input_ids has token id {vocab} at \(0, 1\), outside the model's "
+                                         rf"vocabulary \[0, {vocab}\)"):
+        fast.generate(torch.tensor([[5, vocab, 7]]), 3)
+    with pytest.raises(ValueError, match=r"token id -1 at \(0, 2\)"):
+        fast.generate(torch.tensor([[5, 6, -1]]), 3)

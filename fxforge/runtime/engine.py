@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 
 from . import logits as lp
-from .generate import _as_list, _check_settings, resolve_settings
+from .generate import _as_list, _check_settings, check_token_ids, resolve_settings, vocab_size
 
 _ids = iter(range(1 << 62))
 
@@ -159,7 +159,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self._prefilling = None
         model.check_step_sizes(max_batch, [1])
-        self.vocab_size = _vocab_of(model)
+        self.vocab_size = vocab_size(model)
         self._broken: BaseException | None = None  # what ended the engine's thread, if anything did
         self._waiting: deque[Request] = deque()
         self._rows: list = []
@@ -233,13 +233,7 @@ class Engine:
         if prompt.dtype == torch.bool or prompt.dtype.is_floating_point or prompt.dtype.is_complex:
             raise ValueError(f"prompt_ids must be integer token ids, got {prompt.dtype} values")
         prompt = prompt.to(torch.long)
-        low, high = int(prompt.min()), int(prompt.max())
-        vocab = self.vocab_size
-        if low < 0 or (vocab is not None and high >= vocab):
-            bad = low if low < 0 else high
-            position = int((prompt == bad).nonzero()[0, 0])
-            raise ValueError(f"prompt_ids has token id {bad} at position {position}, outside the model's vocabulary "
-                             f"[0, {vocab if vocab is not None else 'vocab'})")
+        check_token_ids(prompt, self.vocab_size, "prompt_ids")
         return prompt
 
     def _check_request(self, prompt_len: int, max_new_tokens: int):
@@ -507,11 +501,3 @@ class Engine:
         request._done.set()
 
 
-def _vocab_of(model) -> int | None:
-    """The vocabulary size: the last dim of the graph's logits output (None where unknown)."""
-    try:
-        from .launch_count import _vocab_size
-
-        return _vocab_size(model)
-    except Exception:
-        return None

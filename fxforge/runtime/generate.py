@@ -27,7 +27,7 @@ import torch
 
 from . import logits as lp
 from .frames import frame_of_its_own
-from .state import left_padding
+from .state import left_padding, mask_from_padding
 
 # transformers' global defaults (GenerationConfig._get_default_generation_params) of the
 # settings generate() supports; None: not set.
@@ -221,6 +221,28 @@ def output(kind: str, **fields):
         return types.SimpleNamespace(**fields)
 
 
+def vocab_size(model) -> int | None:
+    """The vocabulary size: the last dim of the graph's logits output (None where unknown)."""
+    try:
+        from .launch_count import _vocab_size
+
+        return _vocab_size(model)
+    except Exception:
+        return None
+
+
+def check_token_ids(ids: torch.Tensor, vocab: int | None, name: str):
+    """Token ids must lie in [0, vocab): name the first one that does not (the embedding's
+    own error is a bare IndexError)."""
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        bad = low if low < 0 else high
+        where = tuple(int(i) for i in (ids == bad).nonzero()[0])
+        at = f"position {where[0]}" if len(where) == 1 else str(where)
+        raise ValueError(f"{name} has token id {bad} at {at}, outside the model's vocabulary "
+                         f"[0, {vocab if vocab is not None else 'vocab'})")
+
+
 @frame_of_its_own  # the per-token Python calls stay off data-stack chunk boundaries (frames.py)
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, *, defaults: dict | None = None,
              generation_config=None, attention_mask=None, streamer=None, generator: torch.Generator | None = None,
@@ -241,7 +263,17 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         raise ValueError("input_ids is empty: generation needs at least one prompt token")
     device = model.device
     input_ids = input_ids.to(device)
-    pad = left_padding(attention_mask, batch, prompt_len, device)
+    check_token_ids(input_ids, vocab_size(model), "input_ids")
+    inferred = attention_mask is None and mask_from_padding(input_ids, s["pad_token_id"], _as_list(s["eos_token_id"]))
+    if inferred is not None and inferred is not False:
+        try:
+            pad = left_padding(inferred, batch, prompt_len, device)
+        except ValueError as error:
+            raise ValueError(f"no attention_mask was given, so it is taken as transformers takes it, input_ids != "
+                             f"pad_token_id ({s['pad_token_id']}), and that mask does not fit: {error}. Pass the "
+                             "tokenizer's attention_mask") from None
+    else:
+        pad = left_padding(attention_mask, batch, prompt_len, device)
     new_tokens = new_token_count(s, given, prompt_len, model.kv_layout.max_seq_len)
     _check_settings(s)
     beams = s["num_beams"]

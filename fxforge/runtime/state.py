@@ -151,6 +151,16 @@ def cache_layout(graph: Graph) -> KVCacheLayout | None:
                          n_layers=len({v.attrs["layer"] for v in graph.state_values}), bytes_per_token=per_token)
 
 
+def mask_from_padding(input_ids: torch.Tensor, pad_token_id, eos_token_ids: list) -> torch.Tensor | None:
+    """The attention mask transformers' generate() makes when it is given none
+    (`_prepare_attention_mask_for_generation`): `input_ids != pad_token_id` when the pad
+    token occurs in the prompts and is not an eos token; None (every token attends) otherwise."""
+    if pad_token_id is None or pad_token_id in eos_token_ids:
+        return None
+    mask = input_ids != pad_token_id
+    return None if bool(mask.all()) else mask.long()
+
+
 def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
     """Per-row count of left-padding tokens, from a [B, T] 0/1 mask; checks it is left
     padding (zeros then ones), the only layout generation can extend."""
