@@ -177,3 +177,27 @@ def test_pickle_and_torch_save_point_at_save(tmp_path):
         pickle.dumps(fast)
     with pytest.raises(TypeError, match=r"fxforge.load\(path\)"):
         torch.save(fast, tmp_path / "model.pt")
+
+
+def test_loaded_weights_are_aligned_for_the_bf16_int8_kernel(tmp_path):
+    # safetensors gives 8-byte-aligned tensors; torch's bf16 int8 matmul crashed the process
+    # (SIGSEGV) on a loaded int8 weight 8 bytes off 16: load copies such tensors to 64 bytes
+    model, vocab = zoo.llama("sdpa", hidden=128, heads=4)
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(0, vocab, (2, 6))
+    fast = fxforge.optimize(model, (ids,), quantize="int8", kv_cache=True)
+    loaded = _roundtrip(fast, tmp_path)
+    params = loaded.graph.params
+    assert any(t.dtype == torch.int8 for t in params.values())
+    misaligned = [name for name, t in params.items() if t.data_ptr() % 64]
+    assert not misaligned, misaligned
+    torch.save(ids, tmp_path / "ids.pt")
+    script = f"""
+import torch, fxforge
+loaded = fxforge.load({str(tmp_path / 'saved')!r})
+print(tuple(loaded(torch.load({str(tmp_path / 'ids.pt')!r})).logits.shape))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+    assert result.stdout.strip().endswith(f"(2, 6, {vocab})")

@@ -118,7 +118,7 @@ def load_model(path: str, *, backend="auto", device=None, cpu_linear: bool | str
     import_op_modules(meta.get("op_modules", {}))  # (saves before session 13 have none)
     with open(os.path.join(path, IR_FILE)) as f:
         text = f.read()
-    weights = load_file(os.path.join(path, WEIGHTS_FILE), device=str(device) if device is not None else "cpu")
+    weights = _aligned(load_file(os.path.join(path, WEIGHTS_FILE), device=str(device) if device is not None else "cpu"))
     for name, stored_as in meta["aliases"].items():
         weights[name] = weights[stored_as]
     fast = model_from_ir(text, weights, spec=call_spec_from_json(meta["call_spec"]), name=meta["model_name"],
@@ -127,6 +127,19 @@ def load_model(path: str, *, backend="auto", device=None, cpu_linear: bool | str
     fast.left_padding_shifts_positions = bool(meta.get("left_padding_shifts_positions", False))  # older saves
     fast.config = _config_from_json(meta["config"])
     return fast
+
+
+ALIGNMENT = 64  # bytes: what PyTorch's CPU allocator gives, and more than any kernel asks
+
+
+def _aligned(weights: dict) -> dict:
+    """`weights` with each tensor not at an ALIGNMENT-byte address copied to one that is.
+
+    safetensors.load_file gives tensors that point into one buffer at their file offsets,
+    aligned to 8 bytes only; some kernels read 16 or more at a time and need more (PyTorch's
+    bf16 int8 matmul, `_weight_int8pack_mm`, crashes the process on an int8 weight 8 bytes
+    off 16). A copy costs one pass over the few tensors that need it."""
+    return {name: t if t.data_ptr() % ALIGNMENT == 0 else t.clone() for name, t in weights.items()}
 
 
 def read_meta(path: str) -> dict:
