@@ -389,3 +389,19 @@ def test_log1p_kernel_is_exact_for_small_inputs():
     got = build_program(fuse_elementwise(g, PassContext()), op_table("interpret", kernels=PointwiseKernels()))(x)[0]
     assert ref[0, 0] != 0  # float32 1 + 1e-8 is 1: log(1 + x) would give 0
     torch.testing.assert_close(got, ref, atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "interpret"])
+def test_a_size_as_a_constant_inside_a_fused_group_is_read_on_every_call(backend):
+    # `x * x.shape[1] + x.shape[0]` fuses constants whose values are sizes: the torch
+    # backend wrote them out as tensors made once at build time (a TypeError on a Symbol)
+    class ShapeConst(torch.nn.Module):
+        def forward(self, x):
+            return x * x.shape[1] + x.shape[0]
+
+    model = ShapeConst()
+    fast = fxforge.optimize(model, (torch.randn(2, 6, 8),), backend=backend)
+    assert fast.graph.count("fused_pointwise") == 1
+    for shape in [(2, 6, 8), (3, 5, 8), (1, 1, 8), (4, 9, 8)]:
+        x = torch.randn(shape)
+        assert torch.equal(fast(x), model(x)), shape

@@ -103,3 +103,17 @@ def test_builder_infers_types_and_networkx_view():
     dot = g.to_dot()
     assert dot.startswith("digraph") and "exp" in dot
     assert "%3: f32[B, T] = add(%1, %2)" in str(g)
+
+
+def test_parse_errors_name_the_line_and_a_missing_weight():
+    text = """graph(%x: f32[B, 4], %p0: param "w" f32[4]) {
+  %1: f32[B, 4] = mul(%x, %p0)
+  %2: f32[B, 4] = neg(%5)
+  return (%2)
+}"""
+    with pytest.raises(ParseError, match=r"line 3: %5 is used before it is defined \(in '%2: f32\[B, 4\] = neg\(%5\)'\)"):
+        parse(text)
+    with pytest.raises(ParseError, match=r"params has no tensor for 1 parameter\(s\) the graph names, e.g. \['w'\]"):
+        parse(text.replace("%5", "%1"), params={"v": torch.ones(4)})
+    g = parse(text.replace("%5", "%1"), params={"w": torch.ones(4)})
+    assert g.params["w"].shape == (4,)

@@ -177,3 +177,71 @@ def test_pickle_and_torch_save_point_at_save(tmp_path):
         pickle.dumps(fast)
     with pytest.raises(TypeError, match=r"fxforge.load\(path\)"):
         torch.save(fast, tmp_path / "model.pt")
+
+
+def test_loaded_weights_are_aligned_for_the_bf16_int8_kernel(tmp_path):
+    # safetensors gives 8-byte-aligned tensors; torch's bf16 int8 matmul crashed the process
+    # (SIGSEGV) on a loaded int8 weight 8 bytes off 16: load copies such tensors to 64 bytes
+    model, vocab = zoo.llama("sdpa", hidden=128, heads=4)
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(0, vocab, (2, 6))
+    fast = fxforge.optimize(model, (ids,), quantize="int8", kv_cache=True)
+    loaded = _roundtrip(fast, tmp_path)
+    params = loaded.graph.params
+    assert any(t.dtype == torch.int8 for t in params.values())
+    misaligned = [name for name, t in params.items() if t.data_ptr() % 64]
+    assert not misaligned, misaligned
+    torch.save(ids, tmp_path / "ids.pt")
+    script = f"""
+import torch, fxforge
+loaded = fxforge.load({str(tmp_path / 'saved')!r})
+print(tuple(loaded(torch.load({str(tmp_path / 'ids.pt')!r})).logits.shape))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+    assert result.stdout.strip().endswith(f"(2, 6, {vocab})")
+
+
+def _edit_meta(path, edit):
+    meta_path = path / META_FILE
+    meta = json.load(open(meta_path))
+    edit(meta)
+    json.dump(meta, open(meta_path, "w"))
+
+
+@pytest.mark.parametrize("field, edit, why", [
+    ("call_spec", lambda m: m.pop("call_spec"), "it is missing"),
+    ("aliases", lambda m: m.pop("aliases"), "it is missing"),
+    ("generation_defaults", lambda m: m.update(generation_defaults=[1, 2]), "it is a JSON array"),
+    ("aliases", lambda m: m.update(aliases={"x": "nosuch"}), "'nosuch', which weights.safetensors does not hold"),
+    ("call_spec", lambda m: m["call_spec"].pop("out_spec"), "cannot be read"),
+])
+def test_an_edited_meta_json_is_an_error_naming_the_file_and_the_field(tmp_path, field, edit, why):
+    fast = fxforge.optimize(torch.nn.Sequential(torch.nn.Linear(8, 8)).eval(), (torch.randn(2, 8),))
+    saved = tmp_path / "saved"
+    fast.save(str(saved))
+    _edit_meta(saved, edit)
+    with pytest.raises(fxforge.IncompatibleSaveError) as e:
+        fxforge.load(str(saved))
+    message = str(e.value)
+    assert str(saved / META_FILE) in message and repr(field) in message and why in message, message
+    assert "save the model again" in message
+
+
+def test_damaged_files_and_a_missing_cuda_are_named(tmp_path, monkeypatch):
+    fast = fxforge.optimize(torch.nn.Sequential(torch.nn.Linear(8, 8)).eval(), (torch.randn(2, 8),))
+    saved = tmp_path / "saved"
+    fast.save(str(saved))
+    text = (saved / META_FILE).read_text()
+    (saved / META_FILE).write_text(text[: len(text) // 2])
+    with pytest.raises(fxforge.IncompatibleSaveError, match=f"{META_FILE} is not valid JSON.*save the model again"):
+        fxforge.load(str(saved))
+    (saved / META_FILE).write_text(text)
+    weights = saved / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])
+    with pytest.raises(fxforge.IncompatibleSaveError, match="weights.safetensors cannot be read"):
+        fxforge.load(str(saved))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        fxforge.load(str(saved), device="cuda")

@@ -297,7 +297,10 @@ class _Lowerer:
                 self.ranges[self.rename[sym]] = ValueRanges(1, vr.upper)
         # export's `Eq(T, 64 - Max(0, 64 - T))`-style guards say an expression is a size:
         # write it as that size (the guard itself is checked on every call, ir/guards.py)
-        self.guards = guards_from_export(self.ep, self.rename, _clean_expr)
+        try:
+            self.guards = guards_from_export(self.ep, self.rename, _clean_expr)
+        except ValueError as e:  # a condition the IR's text cannot hold, or one misread
+            raise CaptureError(f"reading the conditions torch.export recorded on the sizes: {e}") from None
         for rel in self.guards:
             if isinstance(rel, sympy.Eq):
                 for a, b in ((rel.lhs, rel.rhs), (rel.rhs, rel.lhs)):
@@ -539,7 +542,11 @@ def _clean_expr(e: sympy.Expr) -> sympy.Expr:
         return e
     table = {"FloorDiv": lambda a, b: sympy.floor(a / b), "CleanDiv": lambda a, b: a / b,
              "PythonMod": sympy.Mod, "Mod": sympy.Mod, "CeilDiv": lambda a, b: sympy.ceiling(a / b),
-             "IntTrueDiv": lambda a, b: a / b, "Max": sympy.Max, "Min": sympy.Min}
+             "IntTrueDiv": lambda a, b: a / b, "Max": sympy.Max, "Min": sympy.Min,
+             # math.ceil / math.floor / int() of a size's quotient (guards and sizes alike)
+             "CeilToInt": sympy.ceiling, "FloorToInt": sympy.floor,
+             "TruncToInt": lambda a: sympy.floor(a) if a.is_nonnegative else sympy.ceiling(a) if a.is_nonpositive
+             else tf.TruncToInt(a)}
     for name, fn in table.items():
         cls = getattr(tf, name, None)
         if cls is not None and e.has(cls):

@@ -17,8 +17,10 @@ torch.export's size-oblivious mode does, that code traced at a size >= 2 also ho
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 import sympy
+from sympy.printing.pycode import PythonCodePrinter
 
 from .types import symbol
 
@@ -68,11 +70,15 @@ def guards_from_export(ep, rename: dict, clean) -> list:
 
     def keep(rel):
         rel = clean(rel.xreplace(rename))
-        if rel in (sympy.true, sympy.false) or not rel.free_symbols <= ours:
-            return  # decided, or about sizes that are not inputs' (data-dependent)
-        if is_size_specialization(rel) or any(rel == g for g in out):
-            return
-        out.append(rel)
+        if not rel.free_symbols <= ours:
+            return  # about sizes that are not inputs' (data-dependent)
+        for part in _conjuncts(rel):
+            part = _as_read_back(part)
+            if part in (sympy.true, sympy.false):
+                continue  # decided (over positive integer sizes)
+            if is_size_specialization(part) or any(part == g for g in out):
+                continue
+            out.append(part)
 
     for sym, vr in ep.range_constraints.items():
         if sym not in rename:
@@ -88,7 +94,38 @@ def guards_from_export(ep, rename: dict, clean) -> list:
         rel = guard.expr
         if not _is_single_symbol_bound(rel):
             keep(rel)
+    values = getattr(shape_env, "backed_var_to_val", None)  # (torch < 2.10: var_to_val)
+    if values is None:
+        values = getattr(shape_env, "var_to_val", {})
+    example = {rename[s]: int(v) for s, v in values.items() if s in rename}
+    if example.keys() >= {s for g in out for s in g.free_symbols}:
+        checker = GuardChecker(out)
+        values = [example.get(s) for s in checker.symbols]
+        wrong = [g for g, test in zip(out, checker._tests) if not (holds(g, example) and test(values, example))]
+        if wrong:  # export traced the example: a guard false there was translated wrongly
+            raise ValueError(
+                f"the guards {'; '.join(map(format_guard, wrong))} that fxforge derived from torch.export's "
+                f"do not hold at the example's sizes ({', '.join(f'{k}={v}' for k, v in sorted(example.items(), key=str))}): "
+                "a bug in fxforge's reading of export's guards. Optimize with dynamic=False to avoid it")
     return out
+
+
+def _conjuncts(rel) -> list:
+    """`(a >= 0) & (a <= T)` -> [a >= 0, a <= T]: a guard line is one relation."""
+    if isinstance(rel, sympy.And):
+        return [part for arg in rel.args for part in _conjuncts(arg)]
+    return [rel]
+
+
+def _as_read_back(rel):
+    """`rel` as parse_guard reads its text: a relation the IR prints, parses and prints the
+    same, or sympy.true where sympy decides it holds for positive integer sizes (export
+    builds some unevaluated: `floor(T/2) <= T`, `Eq(4*Mod(T + Mod(3*T, 4), 4), 0)`).
+    Raises ValueError on a relation the text form cannot hold (a function of torch's that
+    capture does not translate)."""
+    if rel in (sympy.true, sympy.false):
+        return rel
+    return parse_guard(format_guard(rel))
 
 
 def _shape_env(ep):
@@ -107,27 +144,42 @@ def format_guard(rel) -> str:
     return sympy.sstr(rel)
 
 
+_FUNCTIONS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Mod": sympy.Mod, "Max": sympy.Max,
+              "Min": sympy.Min, "Eq": sympy.Eq, "Ne": sympy.Ne}
+
+
 def parse_guard(text: str):
-    """The inverse of format_guard; raises ValueError on anything that is not a relation
-    over size symbols."""
+    """The inverse of format_guard: a relation over size symbols, or sympy.true where
+    sympy decides that it holds for all positive integer sizes (`floor(T/2) <= T`, which
+    fxforge before capture read guards back through this function wrote; a reader drops
+    it). Raises ValueError on anything else, and on a relation that never holds."""
     from sympy.parsing.sympy_parser import parse_expr
 
+    if not re.fullmatch(r"[\w\s+\-*/%(),.<>=!]*", text) or "__" in text or re.search(r"\.[A-Za-z_]", text):
+        raise ValueError(f"cannot read guard {text!r}: only names, numbers, arithmetic, comparisons and "
+                         f"{', '.join(_FUNCTIONS)} are allowed")
+    unknown = sorted(set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(", text)) - set(_FUNCTIONS))
+    if unknown:
+        raise ValueError(f"cannot read guard {text!r}: {', '.join(unknown)} is not one of the functions a guard "
+                         f"may use ({', '.join(_FUNCTIONS)})")
     names = {n: symbol(n) for n in _identifiers(text)}
-    names.update({"floor": sympy.floor, "ceiling": sympy.ceiling, "Mod": sympy.Mod, "Max": sympy.Max,
-                  "Min": sympy.Min, "Eq": sympy.Eq, "Ne": sympy.Ne})
+    names.update(_FUNCTIONS)
     try:
         rel = parse_expr(text, local_dict=names, global_dict={"Integer": sympy.Integer, "Symbol": sympy.Symbol,
                                                              "Rational": sympy.Rational, "Float": sympy.Float})
     except Exception as e:  # sympy raises many kinds
         raise ValueError(f"cannot read guard {text!r}: {e}") from None
+    if rel is sympy.true:
+        return rel
+    if rel is sympy.false:
+        raise ValueError(f"guard {text!r} holds for no sizes: no call could run")
     if not isinstance(rel, sympy.core.relational.Relational):
         raise ValueError(f"a guard is a relation such as `T >= 5` or `Eq(Mod(T, 2), 0)`, got {text!r}")
     return rel
 
 
 def _identifiers(text: str) -> set[str]:
-    return {n for n in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)
-            if n not in ("floor", "ceiling", "Mod", "Max", "Min", "Eq", "Ne")}
+    return {n for n in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text) if n not in _FUNCTIONS}
 
 
 # -- checking ---------------------------------------------------------------------------------
@@ -147,7 +199,7 @@ def _compiled(rel, symbols):
     tens of microseconds a step); falls back to `holds` where it cannot be compiled or a
     size is missing."""
     try:
-        fn = sympy.lambdify(symbols, rel, modules="math")
+        fn = sympy.lambdify(symbols, rel, modules=[{"Fraction": Fraction}, "math"], printer=_ExactPrinter)
     except Exception:  # noqa: BLE001 (anything sympy cannot print as Python)
         fn = None
 
@@ -156,9 +208,36 @@ def _compiled(rel, symbols):
             return holds(rel, sizes)
         try:
             return bool(fn(*values))
-        except Exception:  # noqa: BLE001 (a Mod by zero, ...: undecidable there, as in holds)
+        except ZeroDivisionError:  # a Mod by zero: undecidable there, as in holds
             return False
+        except Exception:  # noqa: BLE001 (a function the printer wrote that Python lacks: sympy decides)
+            return holds(rel, sizes)
     return test
+
+
+class _ExactPrinter(PythonCodePrinter):
+    """sympy -> Python in integer arithmetic: floor/ceiling of a quotient is `//` of
+    its numerator and denominator, and a fraction is a Fraction, never a float (a float's
+    `(1/5)*T` is not T/5, and its ceiling is one off at T = 5k)."""
+
+    def _print_floor(self, e):
+        num, den = e.args[0].as_numer_denom()
+        return f"(({self._print(num)}) // ({self._print(den)}))"
+
+    def _print_ceiling(self, e):
+        num, den = e.args[0].as_numer_denom()
+        return f"(-((-({self._print(num)})) // ({self._print(den)})))"
+
+    def _print_Rational(self, e):
+        return f"Fraction({e.p}, {e.q})"
+
+    def _print_Half(self, e):
+        return "Fraction(1, 2)"
+
+    def _print_Pow(self, e, rational=False):
+        if e.exp.is_Integer and e.exp < 0:
+            return f"Fraction(1, ({self._print(e.base)}) ** {-int(e.exp)})"
+        return super()._print_Pow(e, rational=rational)
 
 
 class GuardChecker:

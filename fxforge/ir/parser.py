@@ -248,8 +248,9 @@ def _split_lhs_rhs(line: str) -> tuple[str, str]:
 
 def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     cache: dict = {}
-    lines = [ln.split("  #", 1)[0].rstrip() for ln in text.strip().splitlines()]
-    lines = [ln for ln in lines if ln.strip()]
+    numbered = [(i, ln.split("  #", 1)[0].rstrip()) for i, ln in enumerate(text.splitlines(), 1)]
+    numbered = [(i, ln) for i, ln in numbered if ln.strip()]
+    lines = [ln for _, ln in numbered]
     head = lines[0].strip() if lines else ""
     m = re.fullmatch(r"graph\((.*)\)\s*\{", head)
     if not m:
@@ -278,7 +279,7 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
             v = Value(parse_type(pm.group(3), cache), param=name)
             define(pm.group(1), v)
             g.param_values.append(v)
-            if params is not None:
+            if params is not None and name in params:
                 g.params[name] = params[name]
             continue
         sm = re.fullmatch(r'%([\w.]+):\s*state\s+(".*?")\s+(.*)', item)
@@ -294,51 +295,71 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
         define(im.group(1), v)
         g.inputs.append(v)
         g.input_names.append(im.group(1))
+    if params is not None:
+        missing = [v.param for v in g.param_values if v.param not in params]
+        if missing:
+            raise ParseError(f"params has no tensor for {len(missing)} parameter(s) the graph names, e.g. "
+                             f"{missing[:3]}; pass a tensor for every `param \"name\"` of the signature (a dump "
+                             "written before quantize or fuse_linear names weights that fast.graph.params no longer "
+                             "holds: use the model's own state_dict there)")
 
-    for line in lines[1:]:
-        s = line.strip()
-        if s == "}":
-            break
-        if s.startswith("signature {"):
-            if g.signature:
-                raise ParseError("a graph has one signature line")
-            g.signature = _AttrReader(s[len("signature "):], cache).attrs()
-            continue
-        if s.startswith("guard "):
-            try:
-                g.guards.append(parse_guard(s[len("guard "):]))
-            except ValueError as e:
-                raise ParseError(str(e)) from None
-            continue
-        if s.startswith("return"):
-            rm = re.fullmatch(r"return\s*\((.*)\)", s)
-            if not rm:
-                raise ParseError(f"expected `return (%a, ...)`, got {line!r}")
-            g.outputs = [use(x) for x in split_top(rm.group(1))] if rm.group(1).strip() else []
-            continue
-        lhs, rhs = _split_lhs_rhs(s)
-        rhs = rhs.strip()
-        om = re.match(r"([A-Za-z_][\w.]*)\(", rhs)
-        if not om:
-            raise ParseError(f"expected op(...) in {line!r}")
-        depth, j = 0, om.end() - 1
-        for j in range(om.end() - 1, len(rhs)):
-            depth += {"(": 1, ")": -1}.get(rhs[j], 0)
-            if depth == 0:
+    for lineno, line in numbered[1:]:
+        try:
+            if _read_line(g, line, define, use, cache):
                 break
-        args_text, rest = rhs[om.end():j], rhs[j + 1:].strip()
-        inputs = tuple(use(a) for a in split_top(args_text)) if args_text.strip() else ()
-        attrs = _AttrReader(rest, cache).attrs() if rest else {}
-        outputs = []
-        for out in split_top(lhs):
-            om2 = re.fullmatch(r"%([\w.]+):\s*(.*)", out)
-            if not om2:
-                raise ParseError(f"bad result {out!r} in {line!r}")
-            v = Value(parse_type(om2.group(2), cache))
-            define(om2.group(1), v)
-            outputs.append(v)
-        g.nodes.append(Node(om.group(1), inputs, attrs, tuple(outputs)))
+        except ParseError as e:
+            where = "" if line.strip() in str(e) else f" (in {line.strip()!r})"
+            raise ParseError(f"line {lineno}: {e}{where}") from None
     return g
+
+
+def _read_line(g: Graph, line: str, define, use, cache) -> bool:
+    """Add one body line (signature, guard, node or return) to `g`; True at the closing `}`."""
+    s = line.strip()
+    if s == "}":
+        return True
+    if s.startswith("signature {"):
+        if g.signature:
+            raise ParseError("a graph has one signature line")
+        g.signature = _AttrReader(s[len("signature "):], cache).attrs()
+        return False
+    if s.startswith("guard "):
+        try:
+            rel = parse_guard(s[len("guard "):])
+        except ValueError as e:
+            raise ParseError(str(e)) from None
+        if rel is not sympy.true:  # one that always holds (older fxforge wrote some): nothing to check
+            g.guards.append(rel)
+        return False
+    if s.startswith("return"):
+        rm = re.fullmatch(r"return\s*\((.*)\)", s)
+        if not rm:
+            raise ParseError(f"expected `return (%a, ...)`, got {line!r}")
+        g.outputs = [use(x) for x in split_top(rm.group(1))] if rm.group(1).strip() else []
+        return False
+    lhs, rhs = _split_lhs_rhs(s)
+    rhs = rhs.strip()
+    om = re.match(r"([A-Za-z_][\w.]*)\(", rhs)
+    if not om:
+        raise ParseError(f"expected op(...) in {line!r}")
+    depth, j = 0, om.end() - 1
+    for j in range(om.end() - 1, len(rhs)):
+        depth += {"(": 1, ")": -1}.get(rhs[j], 0)
+        if depth == 0:
+            break
+    args_text, rest = rhs[om.end():j], rhs[j + 1:].strip()
+    inputs = tuple(use(a) for a in split_top(args_text)) if args_text.strip() else ()
+    attrs = _AttrReader(rest, cache).attrs() if rest else {}
+    outputs = []
+    for out in split_top(lhs):
+        om2 = re.fullmatch(r"%([\w.]+):\s*(.*)", out)
+        if not om2:
+            raise ParseError(f"bad result {out!r} in {line!r}")
+        v = Value(parse_type(om2.group(2), cache))
+        define(om2.group(1), v)
+        outputs.append(v)
+    g.nodes.append(Node(om.group(1), inputs, attrs, tuple(outputs)))
+    return False
 
 
 def attrs_equal(a, b) -> bool:

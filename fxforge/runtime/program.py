@@ -208,7 +208,14 @@ def _inline_fused(node, ins: list[str], outs: list[str], lines: list[str], hoist
         while name in taken:
             name += "_"
         taken.add(name)
-        if op == "const":
+        if op == "const" and isinstance(dict(attrs)["value"], sympy.Basic):
+            # a size expression (`x * x.shape[1]`): computed from the sizes bound at the
+            # program's top on every call, as a top-level const is
+            a = dict(attrs)
+            temps.append(name)
+            lines.append(f"    {name} = op_const(value={py_literal(a['value'])}, dtype={py_literal(a['dtype'])}, "
+                         "device=DEVICE)")
+        elif op == "const":
             a = dict(attrs)
             hoisted[name] = torch.tensor(a["value"], dtype=a["dtype"], device=device)
             exponents[name] = _scalar_exponent(a["value"], a["dtype"])

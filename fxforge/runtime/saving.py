@@ -26,6 +26,7 @@ import warnings
 import torch
 
 from ..ir.custom_ops import import_op_modules, op_modules
+from ..ir.parser import ParseError
 from .call_spec_json import call_spec_from_json, call_spec_to_json
 
 FORMAT = "fxforge-saved-model"
@@ -114,19 +115,54 @@ def load_model(path: str, *, backend="auto", device=None, cpu_linear: bool | str
 
     from .build import model_from_ir
 
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"cannot load {path} onto device {str(device)!r}: CUDA is not available on this machine "
+                           "(torch.cuda.is_available() is False); load it with device='cpu' (the default)")
     meta = read_meta(path)
+    meta_path = os.path.join(path, META_FILE)
     import_op_modules(meta.get("op_modules", {}))  # (saves before session 13 have none)
     with open(os.path.join(path, IR_FILE)) as f:
         text = f.read()
-    weights = load_file(os.path.join(path, WEIGHTS_FILE), device=str(device) if device is not None else "cpu")
+    weights_path = os.path.join(path, WEIGHTS_FILE)
+    try:
+        weights = load_file(weights_path, device=str(device) if device is not None else "cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 (safetensors' SafetensorError, an OSError, ...)
+        raise IncompatibleSaveError(f"{weights_path} cannot be read ({type(e).__name__}: {e}): the file is damaged "
+                                    "or cut short; save the model again with fast.save(path)") from None
+    weights = _aligned(weights)
     for name, stored_as in meta["aliases"].items():
+        if stored_as not in weights:
+            raise _damaged(meta_path, "aliases", f"{name!r} is stored as {stored_as!r}, which {WEIGHTS_FILE} does "
+                                                 "not hold")
         weights[name] = weights[stored_as]
-    fast = model_from_ir(text, weights, spec=call_spec_from_json(meta["call_spec"]), name=meta["model_name"],
-                         backend=backend, device=device, cpu_linear=cpu_linear)
+    try:
+        spec = call_spec_from_json(meta["call_spec"])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise _damaged(meta_path, "call_spec", f"it cannot be read ({type(e).__name__}: {e})") from None
+    try:
+        fast = model_from_ir(text, weights, spec=spec, name=meta["model_name"],
+                             backend=backend, device=device, cpu_linear=cpu_linear)
+    except ParseError as e:
+        raise ParseError(f"{os.path.join(path, IR_FILE)}: {e}") from None
     fast.generation_defaults = dict(meta["generation_defaults"])
     fast.left_padding_shifts_positions = bool(meta.get("left_padding_shifts_positions", False))  # older saves
     fast.config = _config_from_json(meta["config"])
     return fast
+
+
+ALIGNMENT = 64  # bytes: what PyTorch's CPU allocator gives, and more than any kernel asks
+
+
+def _aligned(weights: dict) -> dict:
+    """`weights` with each tensor not at an ALIGNMENT-byte address copied to one that is.
+
+    safetensors.load_file gives tensors that point into one buffer at their file offsets,
+    aligned to 8 bytes only; some kernels read 16 or more at a time and need more (PyTorch's
+    bf16 int8 matmul, `_weight_int8pack_mm`, crashes the process on an int8 weight 8 bytes
+    off 16). A copy costs one pass over the few tensors that need it."""
+    return {name: t if t.data_ptr() % ALIGNMENT == 0 else t.clone() for name, t in weights.items()}
 
 
 def read_meta(path: str) -> dict:
@@ -136,7 +172,14 @@ def read_meta(path: str) -> dict:
         raise IncompatibleSaveError(f"{path} is not a model saved by fxforge: expected a directory with "
                                     f"{IR_FILE}, {WEIGHTS_FILE} and {META_FILE} (write one with fast.save(path))")
     with open(meta_path) as f:
-        meta = json.load(f)
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise IncompatibleSaveError(f"{meta_path} is not valid JSON ({e}): the file is damaged or cut short; "
+                                        "save the model again with fast.save(path)") from None
+    if not isinstance(meta, dict):
+        raise IncompatibleSaveError(f"{meta_path} holds a JSON {type(meta).__name__}, not an object: the file is "
+                                    "damaged; save the model again with fast.save(path)")
     if meta.get("format") != FORMAT:
         raise IncompatibleSaveError(f"{meta_path} is not an fxforge save file (format {meta.get('format')!r}, "
                                     f"expected {FORMAT!r})")
@@ -146,7 +189,36 @@ def read_meta(path: str) -> dict:
             f"{path} was saved by fxforge {meta.get('fxforge_version', '?')} in save format {version}; this fxforge "
             f"({_fxforge_version()}) reads format {FORMAT_VERSION} only. Load it with the fxforge that saved it, "
             "or optimize the model again and save it with this one")
+    for key, types, what in _FIELDS:
+        if key not in meta:
+            raise _damaged(meta_path, key, "it is missing")
+        if not isinstance(meta[key], types):
+            raise _damaged(meta_path, key, f"it is a JSON {_json_type(meta[key])}, expected {what}")
+    bad = [k for k, v in meta["aliases"].items() if not isinstance(v, str)]
+    if bad:
+        raise _damaged(meta_path, "aliases", f"{bad[0]!r} is not mapped to the name of a stored weight")
+    if meta["config"] is not None and not (isinstance(meta["config"].get("class"), str)
+                                           and isinstance(meta["config"].get("values"), dict)):
+        raise _damaged(meta_path, "config", 'expected {"class": "module:Class", "values": {...}} or null')
     return meta
+
+
+# the fields load() reads from meta.json: (key, accepted types, what it should be)
+_FIELDS = (("model_name", (str, type(None)), "a string"),
+           ("call_spec", dict, "an object (the model's argument and output structure)"),
+           ("generation_defaults", dict, "an object such as {\"eos_token_id\": 2}"),
+           ("config", (dict, type(None)), "an object or null"),
+           ("aliases", dict, "an object mapping a weight's name to the name it is stored under"))
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _damaged(meta_path: str, key: str, why: str) -> IncompatibleSaveError:
+    return IncompatibleSaveError(f"{meta_path}: the field {key!r} is not as fast.save() writes it: {why}. The file "
+                                 "was edited or damaged; save the model again with this fxforge (fast.save(path))")
 
 
 def _config_from_json(data):
