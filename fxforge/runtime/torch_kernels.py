@@ -246,7 +246,9 @@ def _int8pack_mm(x2: Tensor, qweight: Tensor, scale: Tensor) -> Tensor | None:
     to bf16 (about one bf16 ulp of extra error on the output).
     """
     fn = getattr(torch, "_weight_int8pack_mm", None)
-    if fn is None or x2.device.type != "cpu":
+    if fn is None or x2.device.type != "cpu" or qweight.data_ptr() % 64 != 0:
+        # (a weight at an address not 64-byte aligned, a view into a safetensors buffer:
+        # the bf16 kernel crashed the process on one 8 bytes off 16)
         return None
     try:
         if x2.dtype == torch.bfloat16:
