@@ -317,10 +317,12 @@ def _mask_input_problem(graph: Graph, attention: Node, max_seq_len: int | None =
                     "(generate() takes attention_mask itself)")
         if ((value != 0) & (value > MASK_FILL_MAX)).any():
             return ("adds a bias built from the positions that is not a mask (values other than 0 and a large "
-                    "negative fill: a relative position bias, as T5's, read from a learned table by the query-"
-                    "key distance); the cache would have to extend it for every new key, which it does not "
-                    "(ALiBi, slopes times the distance, is the position bias it caches). Without "
-                    "kv_cache=True the model runs with its bias in the graph")
+                    "negative fill: a relative position bias, such as T5's, read from a learned table by the "
+                    "query-key distance, or an ALiBi bias that fuse_attention did not recognise as slopes times "
+                    "the distance, e.g. one computed in bfloat16 or float16); the cache would have to extend it "
+                    "for every new key, which it does not (the ALiBi that fuse_attention recognises is the "
+                    "position bias it caches: see its report note). Without kv_cache=True the model runs with "
+                    "its bias in the graph")
         rows = value.float().reshape(-1, *value.shape[-2:])
         keep = rows[0] == 0
         if not (rows == rows[0]).all() or not (rows[0][~keep] <= MASK_FILL_MAX).all():
