@@ -159,3 +159,22 @@ def test_a_plain_call_past_max_seq_len_says_how_to_raise_it():
     with pytest.raises(ValueError, match=r"optimized with a KV cache of max_seq_len=32 positions.*"
                                          r"kv_cache=fxforge\.KVCacheConfig\(max_seq_len=40\)"):
         fast(torch.randint(1, vocab, (1, 40)))
+
+
+def test_a_tensor_example_kwarg_taken_through_var_keyword_is_named():
+    """torch.export cannot give dynamic sizes to a tensor that reaches forward() through
+    **kwargs (Bloom's position_ids): its error was an internal AssertionError ("Must
+    provide a tree_name ...", where: unknown)."""
+    class TakesKwargs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(32, 8)
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            return self.emb(input_ids) * 2
+
+    ids = torch.randint(0, 32, (2, 7))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(7).expand(2, 7).clone())
+    with pytest.raises(fxforge.CaptureError, match=r"position_ids reaches forward\(\) only through \*\*kwargs"
+                                                   r"[\s\S]*fix: leave position_ids out of example_kwargs"):
+        fxforge.optimize(TakesKwargs(), example_kwargs=kw, verbose=False)

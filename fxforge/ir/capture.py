@@ -194,7 +194,27 @@ def _export(model, args, kwargs, dynamic, stack_traces: bool = False):
         with torch.no_grad(), _trace_settings(stack_traces), _config_without_cache(model, kwargs):
             return torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # torch.export raises many kinds; all become one clear error
+        through = _through_var_keyword(model, ex_args, ex_kwargs) if dynamic else []
+        if through and "tree_name" in str(e):  # export's dynamic shapes fail on a **kwargs tensor
+            raise CaptureError(
+                f"torch.export could not capture {type(model).__name__} with dynamic shapes: "
+                f"{', '.join(through)} reach{'es' if len(through) == 1 else ''} forward() only through **kwargs, "
+                f"whose tensors torch.export cannot give dynamic sizes ({type(e).__name__}: {str(e).strip()[:120]})\n"
+                f"  fix: leave {', '.join(through)} out of example_kwargs if the model does not need "
+                f"{'it' if len(through) == 1 else 'them'}, or pass dynamic=False") from e
         raise _capture_error(model, e) from e
+
+
+def _through_var_keyword(model, args, kwargs) -> list[str]:
+    """The tensor example kwargs that forward() takes only through its **kwargs."""
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return []
+    return [k for name, value in bound.arguments.items()
+            if sig.parameters[name].kind == inspect.Parameter.VAR_KEYWORD
+            for k, v in value.items() if isinstance(v, torch.Tensor)]
 
 
 @contextlib.contextmanager
