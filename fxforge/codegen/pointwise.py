@@ -489,9 +489,12 @@ class PointwiseKernels:
         os.makedirs(self.cache_dir, exist_ok=True)
         path = os.path.join(self.cache_dir, f"{name}.py")
         if not os.path.exists(path):
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
+            # a temp file of its own per writer (threads of one process share a pid), then
+            # an atomic rename: a reader sees no file or the whole one
+            fd, tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=".tmp", dir=self.cache_dir)
+            with os.fdopen(fd, "w") as f:
                 f.write(source)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache's kernels from other users
             os.replace(tmp, path)
         spec = importlib.util.spec_from_file_location(f"fxforge_kernels.{name}", path)
         module = importlib.util.module_from_spec(spec)
