@@ -170,6 +170,8 @@ def test_float_constants_outside_float32_normal_range():
     check(lambda a: a * 1e39 + 1, x)
     check(lambda a: a / 1e-40 * 2, x)
     check(lambda a: (a + 1e-40) * 1e30, x)
+    # the largest float32, written shortest (3.4028235e38), is above it: a float64 literal
+    check(lambda a: a * 3.4028234663852886e38 - 3e38, x)
 
 
 @pytest.mark.parametrize("dtype", [torch.int16, torch.int8, torch.uint8])

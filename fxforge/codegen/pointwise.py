@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 
@@ -64,6 +65,19 @@ def _literal(value) -> str:
         return 'float("nan")'
     if value != 0 and abs(value) < torch.finfo(torch.float32).tiny:
         return f"tl.full([], {value!r}, tl.float32)"
+    return _shortest(value)
+
+
+def _shortest(value: float) -> str:
+    """The shortest decimal that Triton rounds back to float32 `value` (0.1, not the
+    float32's exact 0.10000000149011612), and types float32: within float32's normal range
+    (3.4028235e38, the shortest for the largest float32, is above it: a float64 literal)."""
+    finfo = torch.finfo(torch.float32)
+    for digits in range(1, 18):
+        number = float(f"{value:.{digits}g}")
+        if (struct.unpack("f", struct.pack("f", number))[0] == value
+                and (number == 0 or finfo.tiny <= abs(number) <= finfo.max)):
+            return repr(number)
     return repr(value)
 
 
