@@ -3,8 +3,11 @@
 One program handles BLOCK elements of the flat output. Each input is read through its
 strides after broadcasting to the output shape (stride 0 on broadcast dims), so inputs
 need not be contiguous and are never expanded in memory. Sizes and strides are runtime
-arguments: one compiled kernel serves every sequence length. Values are computed in
-float32 and rounded where the IR casts to a narrower float, as torch's eager ops would.
+arguments: one compiled kernel serves every sequence length. Float values are computed in
+float32 and rounded where the IR casts to a narrower float, as torch's eager ops would;
+integers and bools keep their type, and each step's operands are converted to the dtype
+torch's promotion computes it in (`step_types`: an int tensor times 2.0 is float32, an
+int64 tensor compared with an int constant stays int64).
 
     kernels = PointwiseKernels(cache_dir)          # owned by a backend, not global
     outs = kernels.run(inputs, body=..., outputs=...)
