@@ -3,8 +3,11 @@
 One program handles BLOCK elements of the flat output. Each input is read through its
 strides after broadcasting to the output shape (stride 0 on broadcast dims), so inputs
 need not be contiguous and are never expanded in memory. Sizes and strides are runtime
-arguments: one compiled kernel serves every sequence length. Values are computed in
-float32 and rounded where the IR casts to a narrower float, as torch's eager ops would.
+arguments: one compiled kernel serves every sequence length. Float values are computed in
+float32 and rounded where the IR casts to a narrower float, as torch's eager ops would;
+integers and bools keep their type, and each step's operands are converted to the dtype
+torch's promotion computes it in (`step_types`: an int tensor times 2.0 is float32, an
+int64 tensor compared with an int constant stays int64).
 
     kernels = PointwiseKernels(cache_dir)          # owned by a backend, not global
     outs = kernels.run(inputs, body=..., outputs=...)
@@ -16,6 +19,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 
@@ -24,7 +28,13 @@ import torch
 from ..ir.ops import OPS
 
 _TL_DTYPES = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
-              torch.float64: "tl.float64", torch.bool: "tl.int1", torch.int64: "tl.int64", torch.int32: "tl.int32"}
+              torch.float64: "tl.float64", torch.bool: "tl.int1", torch.int64: "tl.int64", torch.int32: "tl.int32",
+              torch.int16: "tl.int16", torch.int8: "tl.int8", torch.uint8: "tl.uint8", torch.uint16: "tl.uint16",
+              torch.uint32: "tl.uint32", torch.uint64: "tl.uint64"}
+
+# Keeps NaN, as torch.maximum / clamp / relu do (Triton's default returns the other operand).
+_NAN_MAX = "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"
+_NAN_MIN = "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"
 
 # Ops whose template needs more than a format string.
 _SPECIAL = {
@@ -35,26 +45,60 @@ _SPECIAL = {
     "clamp": lambda a, at: _clamp(a[0], at.get("min"), at.get("max")),
     "cast": lambda a, at: f"{a[0]}.to({_TL_DTYPES[at['dtype']]})" + (
         ".to(tl.float32)" if at["dtype"].is_floating_point else ""),
-    "relu": lambda a, at: f"tl.maximum({a[0]}, 0.0)",
-    "logical_not": lambda a, at: f"({a[0]} == 0)",
 }
 
 
+def kernel_type(dtype: torch.dtype) -> str:
+    """The Triton type a value of IR dtype `dtype` has inside a generated kernel: floats
+    are computed in float32 (loaded and converted), integers and bool keep their type."""
+    return "tl.float32" if dtype.is_floating_point else _TL_DTYPES[dtype]
+
+
 def _literal(value) -> str:
+    """A float (an op's attribute: a clamp bound, an eps) as float32 Triton source. The
+    value is rounded to float32 first, as torch converts a scalar to a float32 tensor's
+    dtype (1e39 is inf); a float32 subnormal goes through tl.full, since Triton types a
+    Python float outside float32's normal range as float64 (and would compute in it)."""
     if isinstance(value, bool):
         return "1" if value else "0"
-    if isinstance(value, float) and math.isinf(value):
+    value = torch.tensor(float(value), dtype=torch.float32).item()
+    if math.isinf(value):
         return 'float("-inf")' if value < 0 else 'float("inf")'
-    if isinstance(value, float) and math.isnan(value):
+    if math.isnan(value):
         return 'float("nan")'
-    return repr(float(value))
+    if value != 0 and abs(value) < torch.finfo(torch.float32).tiny:
+        return f"tl.full([], {value!r}, tl.float32)"
+    return _shortest(value)
+
+
+def _shortest(value: float) -> str:
+    """The shortest decimal that Triton rounds back to float32 `value` (0.1, not the
+    float32's exact 0.10000000149011612), and types float32: within float32's normal range
+    (3.4028235e38, the shortest for the largest float32, is above it: a float64 literal)."""
+    finfo = torch.finfo(torch.float32)
+    for digits in range(1, 18):
+        number = float(f"{value:.{digits}g}")
+        if (struct.unpack("f", struct.pack("f", number))[0] == value
+                and (number == 0 or finfo.tiny <= abs(number) <= finfo.max)):
+            return repr(number)
+    return repr(value)
+
+
+def _const(value, dtype: torch.dtype) -> str:
+    """A const step, typed as `kernel_type(dtype)`: an integer stays an integer (a float
+    literal compared int64 values in float32, where 16777217 == 16777216), a float is
+    float32 (`_literal`)."""
+    if dtype.is_floating_point:
+        return _literal(value)
+    return f"tl.full([], {int(value)}, {_TL_DTYPES[dtype]})"
 
 
 def _clamp(x, lo, hi) -> str:
+    # torch.clamp: NaN in x or a NaN bound gives NaN; min > max gives max
     if lo is not None:
-        x = f"tl.maximum({x}, {_literal(lo)})"
+        x = _NAN_MAX.format(x, _literal(lo))
     if hi is not None:
-        x = f"tl.minimum({x}, {_literal(hi)})"
+        x = _NAN_MIN.format(x, _literal(hi))
     return x
 
 
@@ -71,11 +115,62 @@ def _pow(x: str, c: float) -> str:
     return f"(1.0 / ({prod}))" if c < 0 else f"({prod})"
 
 
-def expression(op: str, args: list[str], attrs: dict, consts: dict | None = None) -> str:
+# Ops whose operands are not converted to one dtype: each reads its operands as they are.
+_OWN_OPERAND_TYPES = frozenset({"const", "cast", "logical_and", "logical_or", "logical_not", "cat", "sum", "mean",
+                                "amax", "amin", "softmax", "layer_norm", "rms_norm"})
+_COMPARES = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
+
+
+def step_types(body, input_dtypes) -> list[tuple]:
+    """Per step of `body`: (its operands' dtypes, the dtype torch computes it in or None,
+    its result dtype), by the IR's type rules (torch's promotion: an int tensor and a float
+    scalar compute in float32, an int32 tensor and an int scalar in int32; a comparison in
+    its operands' common dtype, not its bool result). Dtypes depend on no size, only on
+    which operands are 0-dim (consts), so each input stands as a [1]*8 tensor: any dim a
+    step names (a reduction's, a cat's) exists."""
+    from ..ir.ops import _run_body
+    from ..ir.types import TensorType, promote
+
+    out = []
+
+    def step(op, ts, attrs):
+        t = OPS[op].infer(ts, attrs)[0]
+        if op in _OWN_OPERAND_TYPES:
+            compute = None
+        elif op in _COMPARES:
+            compute = promote(*ts)
+        else:
+            compute = t.dtype
+        out.append((tuple(x.dtype for x in ts), compute, t.dtype))
+        return t
+
+    _run_body([TensorType((1,) * 8, d) for d in input_dtypes], body, (), step)
+    return out
+
+
+def _convert(op: str, args: list[str], types) -> list[str]:
+    """The operands converted to the kernel type of the dtype the step computes in, where
+    theirs differs (an int input of a float op, a bool in arithmetic, an int64 const in an
+    int32 comparison). A where's condition stays as it is."""
+    dtypes, compute, _ = types
+    if compute is None:
+        return args
+    want = kernel_type(compute)
+    return [a if (op == "where" and i == 0) or kernel_type(d) == want else f"{a}.to({want})"
+            for i, (a, d) in enumerate(zip(args, dtypes))]
+
+
+def expression(op: str, args: list[str], attrs: dict, consts: dict | None = None, types=None) -> str:
+    """Triton source for one step on operands named `args`. `types`: the step's entry of
+    `step_types`, which converts operands as torch's type promotion would; without it (a
+    hand-written caller) the operands are float32."""
     if op == "const":
-        return _literal(attrs["value"])
+        return _const(attrs["value"], attrs.get("dtype", torch.float32))
+    exponent = args[1] if op == "pow" else None
+    if types is not None:
+        args = _convert(op, args, types)
     if op == "pow":
-        return _pow(args[0], float(consts[args[1]]))
+        return _pow(args[0], float(consts[exponent]))
     if op in _SPECIAL:
         return _SPECIAL[op](args, attrs)
     template = OPS[op].triton
@@ -177,8 +272,9 @@ def generate_source(name: str, body, outputs, input_dtypes, output_dtypes, rank:
         conv = ".to(tl.float32)" if dtype.is_floating_point else ""
         lines.append(f"    in{i} = tl.load({addr}, mask=mask, other=0){conv}")
     consts = {f"t{k}": dict(a)["value"] for k, (op, _, a) in enumerate(body) if op == "const"}
+    types = step_types(body, input_dtypes)
     for k, (op, operands, attrs) in enumerate(body):
-        lines.append(f"    t{k} = {expression(op, list(operands), dict(attrs), consts)}")
+        lines.append(f"    t{k} = {expression(op, list(operands), dict(attrs), consts, types[k])}")
     for j, (step, dtype) in enumerate(zip(outputs, output_dtypes)):
         lines.append(_store_line(j, step, dtype, rank, stores))
     return "\n".join(lines) + "\n"
@@ -290,6 +386,7 @@ class _IndexedSteps:
 
     def __init__(self, body, input_dtypes, rank, widths, lines):
         self.body, self.input_dtypes, self.rank, self.widths, self.lines = body, input_dtypes, rank, widths, lines
+        self.types = step_types(body, input_dtypes)
         self.root = (f"idx{rank - 1}", "mask", "")
         self.names: dict[tuple, str] = {}
         self.contexts: dict[tuple, tuple] = {}
@@ -327,7 +424,7 @@ class _IndexedSteps:
                 args = [self.value(a, ctx) for a in operands]
                 if op == "const":
                     self.consts[name] = dict(attrs)["value"]
-                expr = expression(op, args, dict(attrs), self.consts)
+                expr = expression(op, args, dict(attrs), self.consts, self.types[k])
             self.lines.append(f"    {name} = {expr}")
         self.names[key] = name
         return name
@@ -357,7 +454,7 @@ def cat_widths(inputs, body) -> tuple | None:
     return tuple(tuple(int(typeof(a).shape[-1]) for a in args) if op == "cat" else None for op, args, _ in body)
 
 
-def _row_step(k: int, op: str, args: list[str], attrs: dict, consts: dict, is_row: dict) -> list[str]:
+def _row_step(k: int, op: str, args: list[str], attrs: dict, consts: dict, is_row: dict, types) -> list[str]:
     """Statements for one step of a row kernel. Reductions mask the padded tail of the
     row (cols >= N) so it never counts."""
     t = f"t{k}"
@@ -367,7 +464,9 @@ def _row_step(k: int, op: str, args: list[str], attrs: dict, consts: dict, is_ro
         if op in ("amax", "amin"):
             fill = 'float("-inf")' if op == "amax" else 'float("inf")'
             fn = "tl.max" if op == "amax" else "tl.min"
-            return [f"    {t} = {fn}(tl.where(cmask, {x}, {fill}), axis=0)"]
+            # NaN if the row holds one, as torch.amax (tl.max skips NaN)
+            return [f"    {t} = {fn}(tl.where(cmask, {x}, {fill}), axis=0)",
+                    f"    {t} = tl.where(tl.max((cmask & ({x} != {x})).to(tl.int32), axis=0) > 0, float(\"nan\"), {t})"]
         total = f"tl.sum(tl.where(cmask, {x}, 0.0), axis=0)"
         return [f"    {t} = {total}" + (" / N" if op == "mean" else "")]
     if op == "softmax":
@@ -393,7 +492,7 @@ def _row_step(k: int, op: str, args: list[str], attrs: dict, consts: dict, is_ro
             lines.append(f"    {t} = {t} + {rest[-1]}")
         return lines
     is_row[t] = any(is_row.get(a, False) for a in args)
-    return [f"    {t} = {expression(op, args, attrs, consts)}"]
+    return [f"    {t} = {expression(op, args, attrs, consts, types)}"]
 
 
 def row_input_loads(input_dtypes, input_is_row, lead_rank: int) -> list[tuple[bool, str]]:
@@ -423,8 +522,9 @@ def generate_row_source(name: str, body, outputs, input_dtypes, input_is_row, ou
         lines.append(line)
         is_row[f"in{i}"] = row
     consts = {f"t{k}": dict(a)["value"] for k, (op, _, a) in enumerate(body) if op == "const"}
+    types = step_types(body, input_dtypes)
     for k, (op, operands, attrs) in enumerate(body):
-        lines += _row_step(k, op, list(operands), dict(attrs), consts, is_row)
+        lines += _row_step(k, op, list(operands), dict(attrs), consts, is_row, types[k])
     for j, (step, dtype) in enumerate(zip(outputs, output_dtypes)):
         if is_row.get(step):
             lines.append(f"    tl.store(out{j}_ptr + row * N + cols, {step}.to({_TL_DTYPES[dtype]}), mask=cmask)")
@@ -451,9 +551,9 @@ def row_block(n: int) -> int:
 def _triton_type(x) -> str:
     """A launch argument's type in triton.compile's signature notation."""
     if isinstance(x, torch.Tensor):
-        return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-                      torch.bool: "i1", torch.int64: "i64", torch.int32: "i32", torch.int8: "i8",
-                      torch.uint8: "u8"}[x.dtype]
+        floats = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+                  torch.bool: "i1"}
+        return "*" + (floats.get(x.dtype) or _TL_DTYPES[x.dtype].replace("tl.int", "i").replace("tl.uint", "u"))
     return "fp32" if isinstance(x, float) else "i32"
 
 
@@ -489,9 +589,12 @@ class PointwiseKernels:
         os.makedirs(self.cache_dir, exist_ok=True)
         path = os.path.join(self.cache_dir, f"{name}.py")
         if not os.path.exists(path):
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
+            # a temp file of its own per writer (threads of one process share a pid), then
+            # an atomic rename: a reader sees no file or the whole one
+            fd, tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=".tmp", dir=self.cache_dir)
+            with os.fdopen(fd, "w") as f:
                 f.write(source)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache's kernels from other users
             os.replace(tmp, path)
         spec = importlib.util.spec_from_file_location(f"fxforge_kernels.{name}", path)
         module = importlib.util.module_from_spec(spec)

@@ -928,29 +928,41 @@ OPS_LIST: list[OpDef] = [
     _pw("mul", torch.mul, "{0} * {1}"),
     _pw("div", torch.div, "{0} / {1}", infer_true_div),
     _pw("pow", torch.pow, "pow({0}, {1})"),  # codegen: small constant integer or 0.5 exponents
-    _pw("maximum", torch.maximum, "tl.maximum({0}, {1})"),
-    _pw("minimum", torch.minimum, "tl.minimum({0}, {1})"),
+    # NaN in either operand gives NaN, as in torch (Triton's default returns the other one)
+    _pw("maximum", torch.maximum, "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"),
+    _pw("minimum", torch.minimum, "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"),
     _pw("eq", torch.eq, "{0} == {1}", infer_compare),
     _pw("ne", torch.ne, "{0} != {1}", infer_compare),
     _pw("lt", torch.lt, "{0} < {1}", infer_compare),
     _pw("le", torch.le, "{0} <= {1}", infer_compare),
     _pw("gt", torch.gt, "{0} > {1}", infer_compare),
     _pw("ge", torch.ge, "{0} >= {1}", infer_compare),
-    _pw("logical_and", torch.logical_and, "{0} & {1}", infer_compare),
-    _pw("logical_or", torch.logical_or, "{0} | {1}", infer_compare),
-    _pw("logical_not", torch.logical_not, "{0} == 0", infer_compare),
+    # truth values first: a bitwise & or | of ints is not the logical one (2 & 1 is 0), nor
+    # defined on floats
+    _pw("logical_and", torch.logical_and, "(({0} != 0) & ({1} != 0))", infer_compare),
+    _pw("logical_or", torch.logical_or, "(({0} != 0) | ({1} != 0))", infer_compare),
+    _pw("logical_not", torch.logical_not, "({0} == 0)", infer_compare),
     _pw("neg", torch.neg, "-{0}", infer_same),
     _pw("abs", torch.abs, "tl.abs({0})", infer_same),
     _pw("floor", torch.floor, "tl.floor({0})", infer_same),
-    _pw("relu", torch.relu, "tl.maximum({0}, 0)", infer_same),
+    _pw("relu", torch.relu, "tl.maximum({0}, 0.0, propagate_nan=tl.PropagateNan.ALL)", infer_same),
     _unary_float("exp", torch.exp, "tl.exp({0})"),
     _unary_float("log", torch.log, "tl.log({0})"),
     # log(1 + x) with 1 + x's rounding undone (Goldberg's formula): exact to float
-    # precision for small x, where tl.log(1.0 + x) is not
-    _unary_float("log1p", torch.log1p, 
-                 "tl.where(1.0 + {0} == 1.0, {0}, "
-                 "tl.log(1.0 + {0}) * ({0} / tl.where(1.0 + {0} == 1.0, 1.0, (1.0 + {0}) - 1.0)))"),
-    _unary_float("tanh", torch.tanh, "(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)"),
+    # precision for small x, where tl.log(1.0 + x) is not; 1 + x = inf is the answer itself
+    # (the correction would be inf / inf)
+    _unary_float("log1p", torch.log1p,
+                 "tl.where(1.0 + {0} == 1.0, {0}, tl.where(1.0 + {0} == float(\"inf\"), 1.0 + {0}, "
+                 "tl.log(1.0 + {0}) * ({0} / tl.where(1.0 + {0} == 1.0, 1.0, (1.0 + {0}) - 1.0))))"),
+    # Cephes' tanhf: an odd polynomial below |x| = 0.625 (2*sigmoid(2x) - 1 cancels there:
+    # tanh(2e-8) came out 0), above it (1 - e) / (1 + e) with e = exp(-2|x|) and x's sign,
+    # which never overflows (|x| = inf: e = 0). x * (1 + x^2 p) keeps tanh(-0.0) = -0.0.
+    # About 2 float32 ulp everywhere; no libdevice, so the interpreter runs it too
+    _unary_float("tanh", torch.tanh,
+                 "tl.where(tl.abs({0}) < 0.625, {0} * (1.0 + ({0} * {0}) * ((((-5.70498872745e-3 * ({0} * {0}) "
+                 "+ 2.06390887954e-2) * ({0} * {0}) - 5.37397155531e-2) * ({0} * {0}) + 1.33314422036e-1) "
+                 "* ({0} * {0}) - 3.33332819422e-1)), tl.where({0} < 0.0, -1.0, 1.0) * "
+                 "((1.0 - tl.exp(-2.0 * tl.abs({0}))) / (1.0 + tl.exp(-2.0 * tl.abs({0})))))"),
     _unary_float("sigmoid", torch.sigmoid, "tl.sigmoid({0})"),
     _unary_float("rsqrt", torch.rsqrt, "tl.rsqrt({0})"),
     _unary_float("sqrt", torch.sqrt, "tl.sqrt({0})"),

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from ...ir.linear_fused import linear_fused_reference, quantized, split_down, split_inputs
-from ..pointwise import _TL_DTYPES, expression, needs_wide_index
+from ..pointwise import _TL_DTYPES, expression, needs_wide_index, step_types
 from ..row_loop import _LoopedRow, _looped_step
 
 MAX_ROWS = 16  # rows (M) the GEMV takes; more is a GEMM: the composition runs (cuBLAS)
@@ -94,7 +94,7 @@ class _TileRow(_LoopedRow):
         acc = f"{name}_acc"
         self.top.append(f"    {acc} = tl.full([BLOCK_M, BLOCK_K], {_FILL[kind]}, tl.float32)")
         self.top += self.chunk_loop([f"    {acc} = {_ACCUMULATE[kind].format(acc=acc, x=x)}"])
-        self.top.append(f"    {name} = {_FINISH[kind]}({acc}, axis=1)[:, None]")
+        self.top.append(f"    {name} = {_FINISH[kind].format(acc=acc, axis=1, fn=kind)}[:, None]")
         self.is_row[name] = False
 
 
@@ -173,8 +173,9 @@ def generate_gemv_source(name: str, spec: GemvSpec) -> str:
             k.top.append(f"    in{i} = tl.load(in{i}_ptr + rows * in{i}_sm, mask=rmask, other=0){conv}")
     body = spec.prologue
     consts = {f"t{j}": dict(a)["value"] for j, (op, _, a) in enumerate(body) if op == "const"}
+    types = step_types(body, spec.x_dtypes)
     for j, (op, operands, attrs) in enumerate(body):
-        _looped_step(k, f"t{j}", op, list(operands), dict(attrs), consts)
+        _looped_step(k, f"t{j}", op, list(operands), dict(attrs), consts, types[j])
     x = spec.prologue_outputs[0] if body else "in0"
     lines += k.top
     x_chunk = f"    xk = tl.where(cmask, {_rounded(x, spec.x_dtype)}, 0.0)"
@@ -239,11 +240,13 @@ def generate_gemv_source(name: str, spec: GemvSpec) -> str:
             lines.append(f"    e{i} = tl.load(e{i}_ptr + rows * e{i}_sm + ocols * e{i}_sn, mask=omask, other=0){conv}")
             names[f"in{spec.columns + i}"] = f"e{i}"
         econsts = {}
+        # the epilogue's inputs: the linear's result (rounded to x's dtype above), then e*
+        types = step_types(spec.epilogue, (spec.x_dtype,) * spec.columns + tuple(spec.e_dtypes))
         for j, (op, operands, attrs) in enumerate(spec.epilogue):
             names[f"t{j}"] = f"ep{j}"
             if op == "const":
                 econsts[f"ep{j}"] = dict(attrs)["value"]
-            lines.append(f"    ep{j} = {expression(op, [names[a] for a in operands], dict(attrs), econsts)}")
+            lines.append(f"    ep{j} = {expression(op, [names[a] for a in operands], dict(attrs), econsts, types[j])}")
         results = [names[o] for o in spec.epilogue_outputs]
     if spec.down:
         from .decode_mlp import down_lines

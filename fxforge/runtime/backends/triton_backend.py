@@ -7,9 +7,12 @@ interpreted, so this is the one place that sets TRITON_INTERPRET, before the fir
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import sys
+import threading
 
 from ...ir.graph import Graph
 from .base import Backend
@@ -18,6 +21,25 @@ from .base import Backend
 KERNEL_MODULES = ("fxforge.codegen.kernels.attention", "fxforge.codegen.kernels.decode_attention",
                   "fxforge.codegen.kernels.rope_decode_attention", "fxforge.codegen.kernels.quant_matmul",
                   "fxforge.codegen.kernels.step_inputs", "fxforge.codegen.kernels.paged_kv_write")
+
+
+# Triton's interpreter keeps the launch it is running in process-wide state (the grid, the
+# program ids, the tl functions it patches for the launch), so kernels interpreted by two
+# threads at once corrupt each other's launches ('x >= grid_dim[0]', 'Did you forget to add
+# @triton.jit'). Every interpreted launch of this module's kernel ops therefore holds one
+# process-wide lock (a backend-level one would not do: two models share the interpreter).
+# Re-entrant, as linear_fused and rope_attention launch pointwise kernels inside. Compiled
+# CUDA launches are independent and never take it.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _serialised(fn):
+    """`fn` run holding the interpreter's lock."""
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        with _INTERPRETER_LOCK:
+            return fn(*args, **kwargs)
+    return op
 
 
 def triton_available() -> bool:
@@ -53,7 +75,12 @@ class TritonBackend(Backend):
                "quant_linear": quant_linear_with(_quant_linear_triton),
                "fused_pointwise": self.pointwise.run, "linear_fused": self.linear_fused,
                "rope_attention": self.rope_attention, "paged_kv_write": paged_kv_write_triton}
-        return {name: float64_runs_reference(name, fn) for name, fn in ops.items()}
+        ops = {name: float64_runs_reference(name, fn) for name, fn in ops.items()}
+        return {name: _serialised(fn) for name, fn in ops.items()} if self.interpret else ops
+
+    def _launching(self):
+        """The context of a kernel launch outside kernel_ops: the interpreter's lock."""
+        return _INTERPRETER_LOCK if self.interpret else contextlib.nullcontext()
 
     def rope_attention(self, *tensors, causal: bool, scale: float, start):
         """Few query positions: one kernel applies the rotary, stores the new K/V and attends
@@ -103,7 +130,8 @@ class TritonBackend(Backend):
 
         if not kernel.supports(pad, dtype):
             return super().step_inputs(pad, start, new, dtype)
-        return kernel.step_inputs_triton(pad, start, new, start + new, dtype)
+        with self._launching():
+            return kernel.step_inputs_triton(pad, start, new, start + new, dtype)
 
     def static_step_inputs(self, length, pad, positions, bias, paged=None):
         """The static step's positions and bias (and a paged step's row starts and slots) in
@@ -112,8 +140,9 @@ class TritonBackend(Backend):
 
         if not kernel.supports(pad, bias.dtype):
             return super().static_step_inputs(length, pad, positions, bias, paged)
-        kernel.step_inputs_triton(pad, length, 1, bias.shape[-1], bias.dtype, positions=positions, bias=bias,
-                                  paged=paged)
+        with self._launching():
+            kernel.step_inputs_triton(pad, length, 1, bias.shape[-1], bias.dtype, positions=positions, bias=bias,
+                                      paged=paged)
 
     def kernel_sources(self) -> dict[str, str]:
         return self.pointwise.sources
