@@ -205,6 +205,18 @@ def _export(model, args, kwargs, dynamic, stack_traces: bool = False):
         raise _capture_error(model, e) from e
 
 
+def _rope_type(model) -> str | None:
+    """A transformers model's rotary scaling type (rope_scaling or rope_parameters), if any."""
+    config = getattr(model, "config", None)
+    if callable(getattr(config, "get_text_config", None)):
+        config = config.get_text_config()
+    for name in ("rope_parameters", "rope_scaling"):
+        value = getattr(config, name, None)
+        if isinstance(value, dict) and (value.get("rope_type") or value.get("type")):
+            return value.get("rope_type") or value.get("type")
+    return None
+
+
 def _through_var_keyword(model, args, kwargs) -> list[str]:
     """The tensor example kwargs that forward() takes only through its **kwargs."""
     try:
@@ -288,6 +300,12 @@ def _capture_error(model, exc) -> CaptureError:
                "to capture static shapes, or remove the size-specific code")
     else:
         fix = "simplify the code at the location above, or pass dynamic=False to capture static shapes"
+    rope = _rope_type(model)
+    if rope in ("longrope", "dynamic"):  # the usual cause, whatever export's own message says
+        fix = (f"the model's rotary embedding is rope_type={rope!r}: transformers recomputes or swaps its "
+               "frequencies inside forward() by the sequence length (an attribute written while tracing), "
+               "which torch.export cannot capture; fxforge captures rope_type 'default', 'linear', 'yarn' and "
+               "'llama3'. " + fix)
     return CaptureError(f"torch.export could not capture {type(model).__name__}: {name}: {first}\n"
                         f"  where: {where}\n  fix: {fix}")
 
