@@ -2,6 +2,7 @@
 torch reference (padding slots, a permuted `new`, float32 into bfloat16, several blocks),
 refuses an out-of-range slot on CPU like the reference, and is what the Triton backends
 run for paged_kv_write."""
+import inspect
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -89,4 +90,4 @@ def test_the_triton_backends_run_the_kernel_for_the_op():
     from fxforge.runtime.backends.triton_backend import TritonBackend
 
     ops = TritonBackend(torch.device("cpu"), interpret=True).kernel_ops()
-    assert ops["paged_kv_write"] is kernel.paged_kv_write_triton
+    assert inspect.unwrap(ops["paged_kv_write"]) is kernel.paged_kv_write_triton

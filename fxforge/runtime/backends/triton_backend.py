@@ -195,12 +195,12 @@ def float64_runs_reference(name: str, kernel):
 
     reference = OPS[name].reference
 
+    @functools.wraps(kernel)  # (inspect.unwrap(op) is the kernel)
     def op(*tensors, **attrs):
         if tensors and getattr(tensors[0], "dtype", None) is torch.float64:
             return reference(*tensors, **attrs)
         return kernel(*tensors, **attrs)
 
-    op.__name__ = op.__qualname__ = f"{name}_triton"
     return op
 
 
