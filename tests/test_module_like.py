@@ -120,3 +120,13 @@ def test_to_dtype_still_converts_models_that_follow_their_inputs_dtype(make):
     fast = fxforge.optimize(model, (ids,)).to(torch.bfloat16)
     expected = zoo.logits_of(model.to(torch.bfloat16)(ids)).float()
     assert torch.allclose(zoo.logits_of(fast(ids)).float(), expected, atol=2e-2)
+
+
+def test_to_a_dtype_the_quantized_kernels_do_not_take_is_refused_at_to():
+    model, vocab = zoo.gpt2()
+    ids = torch.randint(1, vocab, (2, 8))
+    fast = fxforge.optimize(model, (ids,), quantize="int8")
+    expected = fast(ids).logits
+    with pytest.raises(TypeError, match=r"(?s)to\(torch.float64\): the model is quantized.*float32.*without quantize="):
+        fast.to(torch.float64)  # was accepted; then every call failed inside the kernel
+    assert fast.dtype == torch.float32 and torch.equal(fast(ids).logits, expected)

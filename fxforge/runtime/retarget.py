@@ -22,6 +22,10 @@ from ..ir.printer import Namer, format_node
 from ..ir.types import TensorType
 
 
+# the activation dtypes the quantized linear kernels take (runtime/torch_kernels.py, codegen)
+QUANT_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class DtypePinnedError(TypeError):
     """The graph's own types fix a float dtype, so it cannot be retyped exactly."""
 
@@ -42,6 +46,13 @@ def retyped(graph: Graph, dtype: torch.dtype) -> Graph:
     if not dtype.is_floating_point:
         raise TypeError(f"to({dtype}): an optimized model changes only to a floating dtype (its integer inputs "
                         "and quantized weights keep theirs)")
+    quantized = [n for n in graph.nodes if n.op == "quant_linear" or n.attrs.get("qattrs")]
+    if quantized and dtype not in QUANT_COMPUTE_DTYPES:
+        names = Namer(graph)
+        raise TypeError(
+            f"to({dtype}): the model is quantized, and its quantized linears compute in "
+            f"{', '.join(map(str, QUANT_COMPUTE_DTYPES))} only, e.g.\n  {format_node(quantized[0], names)}"
+            f"{quantized[0].where()}\nUse one of those dtypes, or optimize the model without quantize= for {dtype}")
     new: dict[Value, Value] = {}
     for v in graph.inputs + graph.param_values + graph.state_values:
         new[v] = _as_dtype(v, dtype)
