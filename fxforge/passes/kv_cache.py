@@ -222,11 +222,11 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
         max_seq_len = table_limit if max_seq_len is None else max_seq_len
     layout = KVCacheLayout(max_seq_len, config.max_batch, per_row, layers, bytes_per_token)
     # what the runtime reads: the graph itself (ir/roles.py), not this pass's report
-    new_graph.signature = {**{k: v for k, v in graph.signature.items() if k == "fixed_dtypes"},
-                           "outputs": _output_roles(new_graph, batch, seq),
+    new_graph.signature = {"outputs": _output_roles(new_graph, batch, seq),
                            **({"max_seq_len": max_seq_len} if max_seq_len is not None else {}),
                            **({"max_batch": config.max_batch} if config.max_batch is not None else {}),
-                           **({"num_blocks": config.num_blocks} if config.num_blocks is not None else {})}
+                           **({"num_blocks": config.num_blocks} if config.num_blocks is not None else {}),
+                           **{k: v for k, v in graph.signature.items() if k == "fixed_dtypes"}}
     if ctx is not None:
         ctx.details["kv_cache"] = layout
         ctx.rules["cache_attention"] += layers
