@@ -159,3 +159,18 @@ def test_a_plain_call_past_max_seq_len_says_how_to_raise_it():
     with pytest.raises(ValueError, match=r"optimized with a KV cache of max_seq_len=32 positions.*"
                                          r"kv_cache=fxforge\.KVCacheConfig\(max_seq_len=40\)"):
         fast(torch.randint(1, vocab, (1, 40)))
+
+
+@pytest.mark.parametrize("config, says", [
+    (fxforge.GQAConfig(2, "aligned"), "needs calibration"),
+    (fxforge.GQAConfig(2, "aligned", calibration="some text"), "calibration must be token ids"),
+])
+def test_gqa_aligned_without_usable_calibration_fails_before_capture(config, says):
+    class Untraceable(torch.nn.Module):  # capturing it would fail: the option must fail first
+        def forward(self, x):
+            raise AssertionError("captured before the options were checked")
+
+    from fxforge.passes.gqa import GQAError
+
+    with pytest.raises(GQAError, match=says):
+        fxforge.optimize(Untraceable(), (torch.randint(0, 8, (2, 4)),), gqa=config)
