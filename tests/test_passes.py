@@ -428,3 +428,16 @@ def test_registering_or_unregistering_what_cannot_be_a_pass_fails_at_once():
 def test_an_option_whose_pass_is_left_out_is_a_conflict(kwargs, says):
     with pytest.raises(ValueError, match=says):
         fxforge.optimize(ReluNet().eval(), (torch.randn(2, 8),), **kwargs)
+
+
+def test_report_shows_the_backends_planning_that_dump_writes(tmp_path):
+    model, vocab = zoo.llama("sdpa")
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 6)),), kv_cache=True, dump_dir=str(tmp_path))
+    dumped = sorted(p.name for p in tmp_path.glob("*_prepare_torch.ir"))
+    rows = {line.split()[0]: line for line in fast.report().splitlines()[2:] if line.strip()}
+    assert dumped and "prepare_torch" in rows  # was dumped, but missing from the report
+    # the node counts chain: cleanup_final's count -> prepare's -> cpu_linear's
+    final = fast.stats[-1].nodes_after
+    prepare = next(s for s in fast.runtime_stats if s.name == "prepare_torch")
+    assert prepare.nodes_before == final and prepare.nodes_after == fast.runtime_stats[1].nodes_before
+    assert f"{final} -> {prepare.nodes_after}" in rows["prepare_torch"]
