@@ -441,3 +441,23 @@ def test_report_shows_the_backends_planning_that_dump_writes(tmp_path):
     prepare = next(s for s in fast.runtime_stats if s.name == "prepare_torch")
     assert prepare.nodes_before == final and prepare.nodes_after == fast.runtime_stats[1].nodes_before
     assert f"{final} -> {prepare.nodes_after}" in rows["prepare_torch"]
+
+
+def test_a_builtin_pass_keeps_its_deliberate_errors_and_names_its_bugs():
+    g = parse("""graph(%x: f32[4]) {
+  %1: f32[4] = exp(%x)
+  return (%1)
+}""")
+
+    def refuses(graph):
+        raise ValueError("this model cannot be converted")
+
+    def buggy(graph):
+        return graph.nodes[7]
+
+    with pytest.raises(ValueError, match="cannot be converted") as info:
+        run_pipeline(g, [PassInfo("refuses", refuses, builtin=True)])
+    assert "(in pass 'refuses')" in getattr(info.value, "__notes__", [])
+    with pytest.raises(PassError, match=r"pass 'buggy' raised IndexError") as info:
+        run_pipeline(g, [PassInfo("buggy", buggy, builtin=True)])
+    assert isinstance(info.value.__cause__, IndexError)

@@ -7,7 +7,8 @@ The IR typechecks after every pass a user registers (`builtin=False`, the defaul
 after the built-in passes only under FXFORGE_CHECK=1 (tests): after all of them it costs
 15-85 ms on tests/zoo.py's small models, a third to nearly all of the passes' own time. An exception a pass raises names the pass: a `PassError` with
 the original as `__cause__`, except the deliberate errors of fxforge's own passes
-(KVCacheError, GQAError, ...), which keep their type and already say which pass they are.
+(KVCacheError, GQAError, a ValueError about the model ...), which keep their type (callers
+catch them) and get a note naming the pass.
 """
 from __future__ import annotations
 
@@ -280,9 +281,12 @@ def _run_one(info: PassInfo, graph: Graph, ctx: PassContext) -> Graph:
 
 
 def _deliberate(e: Exception) -> bool:
-    """An error fxforge raises on purpose (KVCacheError, GQAError, IRCheckError ...): its
-    type is part of the API, and its message says what went wrong where."""
-    return type(e).__module__.startswith("fxforge.") and type(e).__name__ != "PassError"
+    """An error a built-in pass raises on purpose (KVCacheError, GQAError, IRCheckError, a
+    ValueError or TypeError about the model or an option): its type is part of the API
+    (callers catch it), and its message says what went wrong where. Anything else (a
+    KeyError, an AttributeError, torch's RuntimeError) is a bug the PassError names."""
+    return (type(e).__module__.startswith("fxforge.") or isinstance(e, (ValueError, TypeError))) \
+        and not isinstance(e, PassError)
 
 
 def format_report(stats: list[PassStats], capture_seconds: float | None = None) -> str:
