@@ -438,8 +438,9 @@ def test_report_shows_the_backends_planning_that_dump_writes(tmp_path):
     assert dumped and "prepare_torch" in rows  # was dumped, but missing from the report
     # the node counts chain: cleanup_final's count -> prepare's -> cpu_linear's
     final = fast.stats[-1].nodes_after
-    prepare = next(s for s in fast.runtime_stats if s.name == "prepare_torch")
-    assert prepare.nodes_before == final and prepare.nodes_after == fast.runtime_stats[1].nodes_before
+    prepare = fast.prepare_stats
+    assert prepare.name == "prepare_torch"
+    assert prepare.nodes_before == final and prepare.nodes_after == fast.runtime_stats[0].nodes_before
     assert f"{final} -> {prepare.nodes_after}" in rows["prepare_torch"]
 
 

@@ -24,15 +24,15 @@ def assemble(graph: Graph, spec: CallSpec, backend: Backend, device, name: str, 
     backend.check(graph)
     start = time.perf_counter()
     program, planned, ops, runtime_stats = backend.build(graph, device, f"<fxforge program for {name}>")
-    if planned is not graph:
-        runtime_stats = [_prepare_stats(backend, graph, planned, runtime_stats, time.perf_counter() - start),
-                         *runtime_stats]
+    prepare = None if planned is graph else \
+        _prepare_stats(backend, graph, planned, runtime_stats, time.perf_counter() - start)
     if dumps and planned is not graph:
         text = print_graph(planned)
         if text != dumps[-1][1]:  # the backend rewrote the graph (linear_fused written as its steps)
             dumps = [*dumps, (f"{len(dumps):02d}_prepare_{backend.name}.ir", text)]
     fast = OptimizedModel(planned, spec, program, backend, list(stats), list(dumps), capture_seconds, name)
     fast.runtime_stats.extend(runtime_stats)
+    fast.prepare_stats = prepare
     fast.op_implementations = ops  # the static decode program (runtime/static_decode.py) is built from them
     # kept for save() and to(): the planning is redone per backend and device
     fast.pipeline_graph = graph
