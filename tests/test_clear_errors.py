@@ -197,3 +197,18 @@ def test_longrope_capture_error_names_the_rotary_scaling():
         model = tr.Phi3ForCausalLM(cfg).eval()
         with pytest.raises(CaptureError, match=r"rope_type='longrope'[\s\S]*inside forward\(\)"):
             fxforge.optimize(model, (torch.randint(3, 128, (2, 7)),), verbose=False)
+
+
+@pytest.mark.parametrize("config, says", [
+    (fxforge.GQAConfig(2, "aligned"), "needs calibration"),
+    (fxforge.GQAConfig(2, "aligned", calibration="some text"), "calibration must be token ids"),
+])
+def test_gqa_aligned_without_usable_calibration_fails_before_capture(config, says):
+    class Untraceable(torch.nn.Module):  # capturing it would fail: the option must fail first
+        def forward(self, x):
+            raise AssertionError("captured before the options were checked")
+
+    from fxforge.passes.gqa import GQAError
+
+    with pytest.raises(GQAError, match=says):
+        fxforge.optimize(Untraceable(), (torch.randint(0, 8, (2, 4)),), gqa=config)

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fxforge
@@ -15,7 +16,7 @@ def test_inspect_prints_the_report_and_the_ir_and_saves(tmp_path, capsys):
     assert main(["inspect", f"{ZOO}:llama", "--kv-cache", "--save", str(tmp_path / "saved")]) == 0
     out = capsys.readouterr().out
     assert "fxforge report for LlamaForCausalLM" in out and "kv_cache" in out
-    assert 'signature {outputs=("logits",)}' in out  # the IR, whole
+    assert 'signature {outputs=("logits",)' in out  # the IR, whole
     assert fxforge.load(str(tmp_path / "saved")).kv_layout is not None
     # a saved model inspects too, without its factory
     assert main(["inspect", str(tmp_path / "saved"), "--ir-lines", "3"]) == 0
@@ -47,3 +48,68 @@ def test_python_dash_m_runs_and_bad_models_are_clear_errors():
     bad = subprocess.run([sys.executable, "-m", "fxforge", "inspect", "no_such_thing"], capture_output=True,
                          text=True, env=env)
     assert bad.returncode != 0 and "neither a saved model's directory nor module:factory" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A small Llama saved with and without a KV cache (float32)."""
+    import zoo
+
+    folder = tmp_path_factory.mktemp("saved")
+    model, vocab = zoo.llama("sdpa")
+    ids = torch.randint(0, vocab, (2, 6))
+    fxforge.optimize(model, (ids,), kv_cache=True).save(str(folder / "kv"))
+    fxforge.optimize(model, (ids,)).save(str(folder / "plain"))
+    return folder
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_generate_banner_says_what_runs_for_a_saved_model(saved, capsys):
+    code, out, _ = _run(capsys, "generate", str(saved / "kv"), "--prompt", "1 5 7", "--max-new-tokens", "2",
+                        "--quantize", "int8")
+    banner = next(line for line in out.splitlines() if "loaded in" in line)
+    assert code == 0 and "--quantize does not apply" in out and banner.endswith("(KV cache)")  # was "(KV cache, int8)"
+    code, out, _ = _run(capsys, "generate", str(saved / "kv"), "--prompt", "1 5 7", "--max-new-tokens", "2",
+                        "--no-kv-cache")
+    assert code == 0 and "(KV cache not used: every step recomputes the sequence)" in out
+    assert "do not apply" not in out and "does not apply" not in out
+    # saved without a cache: a clear error, not "(KV cache)" and a traceback
+    code, out, err = _run(capsys, "generate", str(saved / "plain"), "--prompt", "1 5 7", "--max-new-tokens", "2")
+    assert code == 2 and "saved without a KV cache" in err and "--no-kv-cache" in err and "(KV cache)" not in out
+    code, out, _ = _run(capsys, "generate", str(saved / "plain"), "--prompt", "1 5 7", "--max-new-tokens", "2",
+                        "--no-kv-cache")
+    assert code == 0 and "(no KV cache)" in out
+
+
+def test_inspect_of_a_saved_model_says_kv_cache_does_not_apply(saved, capsys):
+    code, out, _ = _run(capsys, "inspect", str(saved / "plain"), "--kv-cache", "--ir-lines", "1")
+    assert code == 0 and "--kv-cache does not apply" in out
+    code, out, _ = _run(capsys, "inspect", str(saved / "plain"), "--ir-lines", "1")
+    assert code == 0 and "apply" not in out  # nothing was given that a saved model ignores
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["generate", "{kv}", "--prompt", "1 5 999", "--max-new-tokens", "2"],
+     "prompt token id 999 is outside this model's vocabulary (0 to 127)"),
+    (["inspect", "no_such_file.py:llama"], "no such file: no_such_file.py"),
+    (["inspect", "no_such_module_xyz:llama"], "no module named 'no_such_module_xyz'"),
+    (["inspect", "{kv}", "--backend", "bogus"], "unknown backend 'bogus'; choose one of: auto, torch"),
+])
+def test_mistakes_are_one_line_errors_with_exit_status_2(saved, capsys, argv, says):
+    code, _, err = _run(capsys, *[a.format(kv=saved / "kv") for a in argv])
+    assert code == 2 and says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["inspect", "x:y", "--ir-lines", "-5"], "--ir-lines: must be >= 0, got -5"),
+    (["generate", "x:y", "--max-new-tokens", "0"], "--max-new-tokens: must be >= 1, got 0 (max_new_tokens=0"),
+])
+def test_counts_are_checked_as_generate_checks_them(capsys, argv, says):
+    with pytest.raises(SystemExit) as info:  # argparse's usage error: exit status 2
+        main(argv)
+    assert info.value.code == 2 and says in capsys.readouterr().err

@@ -36,8 +36,8 @@ def test_hand_edits_take_effect(cached_llama):
     fast, ids = cached_llama
     text = fast.ir
     # a limit written into the signature is enforced by generate()
-    limited = fxforge.load_ir(text.replace('signature {outputs=("logits",)}',
-                                           'signature {outputs=("logits",), max_seq_len=10}'), fast.graph.params)
+    limited = fxforge.load_ir(text.replace('signature {outputs=("logits",)',
+                                           'signature {outputs=("logits",), max_seq_len=10'), fast.graph.params)
     limited.generate(ids[:1, :5], 5, eos_token_id=None)
     with pytest.raises(ValueError, match="more than max_seq_len=10"):
         limited.generate(ids[:1, :5], 6, eos_token_id=None)

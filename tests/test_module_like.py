@@ -84,3 +84,49 @@ def test_to_cuda_and_back(llama_pair):
     assert torch.allclose(fast(ids.cuda()).logits.cpu(), expected, atol=1e-4)
     fast.to("cpu")
     assert torch.allclose(fast(ids).logits, expected, atol=1e-5)
+
+
+class _UpcastNorm(torch.nn.Module):
+    """An RMSNorm that squares in float32 whatever its input's dtype (`x.float()`): captured
+    in float32 the upcast is a no-op, so no IR node shows it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        dt = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.w * h.to(dt)
+
+
+def test_to_dtype_refuses_a_model_whose_code_casts_to_a_fixed_dtype_a_no_op_at_capture():
+    model = _UpcastNorm().eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 4, 8),))
+    assert "fixed_dtypes" in fast.ir  # recorded in the graph, so a saved model keeps it
+    with pytest.raises(DtypePinnedError, match=r"(?s)casts to torch.float32.*x\.float\(\) in the model \(_UpcastNorm\)"
+                                               r".*optimize\(model.to\(torch.float16\)"):
+        fast.to(torch.float16)  # was accepted, then squared in float16: 0 where eager gives 0.64
+    assert fast.dtype == torch.float32
+    x = torch.randn(2, 4, 8) * 400
+    assert torch.allclose(fast(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: zoo.gpt2("eager"), lambda: (zoo.NanoGPT().eval(), 96)], ids=["gpt2", "nanogpt"])
+def test_to_dtype_still_converts_models_that_follow_their_inputs_dtype(make):
+    model, vocab = make()  # GPT-2's `attn_weights.type(value.dtype)` is no fixed dtype
+    ids = torch.randint(0, vocab, (2, 6))
+    fast = fxforge.optimize(model, (ids,)).to(torch.bfloat16)
+    expected = zoo.logits_of(model.to(torch.bfloat16)(ids)).float()
+    assert torch.allclose(zoo.logits_of(fast(ids)).float(), expected, atol=2e-2)
+
+
+def test_to_a_dtype_the_quantized_kernels_do_not_take_is_refused_at_to():
+    model, vocab = zoo.gpt2()
+    ids = torch.randint(1, vocab, (2, 8))
+    fast = fxforge.optimize(model, (ids,), quantize="int8")
+    expected = fast(ids).logits
+    with pytest.raises(TypeError, match=r"(?s)to\(torch.float64\): the model is quantized.*float32.*without quantize="):
+        fast.to(torch.float64)  # was accepted; then every call failed inside the kernel
+    assert fast.dtype == torch.float32 and torch.equal(fast(ids).logits, expected)

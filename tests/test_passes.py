@@ -7,7 +7,7 @@ import torch
 
 import fxforge
 from fxforge.ir import parse, typecheck
-from fxforge.passes import PassInfo, default_registry
+from fxforge.passes import PassError, PassInfo, default_registry
 from fxforge.ir.edit import dead_code_elimination
 from fxforge.passes.cleanup import cleanup, common_subexpression_elimination
 from fxforge.passes.manager import PassContext, run_pipeline
@@ -346,3 +346,119 @@ def test_registering_a_name_twice_says_how_and_replace_swaps_in_place():
     fxforge.register_pass("relu_to_clamp", before="cleanup_final", registry=reg, replace=True)(edited)
     assert reg.order.count("relu_to_clamp") == 1
     assert reg.order.index("relu_to_clamp") == reg.order.index("cleanup_final") - 1
+
+
+class _RsqrtNet(torch.nn.Module):
+    def forward(self, x):
+        return torch.rsqrt(x.abs() + 1) * 3
+
+
+def _cast_typed_as_f32(graph):
+    """Breaks the IR: a cast to f16 whose result is typed f32 (the program would compute in f16)."""
+    from fxforge.ir.graph import Node, Value
+
+    nodes = list(graph.nodes)
+    i = next(i for i, n in enumerate(nodes) if n.op == "rsqrt")
+    n = nodes[i]
+    v = Value(n.outputs[0].type)
+    nodes[i] = Node(n.op, n.inputs, n.attrs, (v,), n.meta)
+    nodes.insert(i + 1, Node("cast", (v,), {"dtype": torch.float16}, n.outputs, {}))
+    return graph.with_nodes(nodes)
+
+
+def _dangling(graph):
+    """Breaks the IR: a node reads a value no node defines."""
+    from fxforge.ir.graph import Node, Value
+
+    n = next(n for n in graph.nodes if n.op == "rsqrt")
+    orphan = Value(n.inputs[0].type)
+    return graph.with_nodes([Node(m.op, (orphan,), m.attrs, m.outputs, m.meta) if m is n else m for m in graph.nodes])
+
+
+def _raises(graph):
+    return {}["no such key"]
+
+
+@pytest.mark.parametrize("fn, error, says", [
+    (_cast_typed_as_f32, fxforge.IRCheckError, r"after pass 'mine': .*cast gives f16"),
+    (_dangling, fxforge.IRCheckError, r"after pass 'mine': "),
+    (_raises, PassError, r"pass 'mine' raised KeyError: 'no such key'"),
+], ids=["wrong dtype", "dangling value", "raises"])
+def test_a_user_pass_is_typechecked_and_named_without_fxforge_check(fn, error, says, monkeypatch):
+    monkeypatch.delenv("FXFORGE_CHECK", raising=False)  # the default: built-in passes unchecked
+    reg = default_registry()
+    fxforge.register_pass("mine", after="cleanup", registry=reg)(fn)
+    with pytest.raises(error, match=says) as info:
+        fxforge.optimize(_RsqrtNet(), (torch.randn(2, 4, 8),), registry=reg)
+    if error is PassError:
+        assert isinstance(info.value.__cause__, KeyError) and info.value.pass_name == "mine"
+
+
+def test_a_deliberate_error_of_a_builtin_pass_keeps_its_type():
+    from fxforge.passes.kv_cache import KVCacheError
+
+    with pytest.raises(KVCacheError):  # a user may catch it by type: not wrapped in a PassError
+        fxforge.optimize(_RsqrtNet(), (torch.randn(2, 4, 8),), kv_cache=True)
+
+
+def test_registering_or_unregistering_what_cannot_be_a_pass_fails_at_once():
+    reg = default_registry()
+    with pytest.raises(TypeError, match="a pass name is a non-empty str, got 42"):
+        fxforge.register_pass(42, registry=reg)
+    with pytest.raises(TypeError, match="expected a function"):
+        fxforge.register_pass("n", registry=reg)(42)
+    with pytest.raises(TypeError, match=r"cannot be called as fn\(graph\) or fn\(graph, ctx\)"):
+        fxforge.register_pass("n", registry=reg)(lambda graph, ctx, extra: graph)
+    with pytest.raises(TypeError, match=r"cannot be called as fn\(graph\)"):
+        fxforge.register_pass("n", registry=reg)(lambda: None)
+    assert "n" not in reg.passes
+    fxforge.register_pass("ok", registry=reg)(lambda graph, ctx=None, *, extra=1: graph)
+    assert reg.passes["ok"].wants_ctx()
+    with pytest.raises(ValueError, match="no pass named 'nope' is registered; known passes: cleanup"):
+        fxforge.unregister_pass("nope", registry=reg)
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    (dict(kv_cache=True, disable=["kv_cache"]),
+     r"option kv_cache= asks for pass 'kv_cache', but disable=\['kv_cache'\] leaves it out: the option would be "
+     r"ignored"),
+    (dict(kv_cache=True, passes=["cleanup"]), r"option kv_cache= .* passes=\['cleanup'\] does not include it"),
+    (dict(quantize="int8", disable=["quantize"]), r"option quantize= asks for pass 'quantize'"),
+])
+def test_an_option_whose_pass_is_left_out_is_a_conflict(kwargs, says):
+    with pytest.raises(ValueError, match=says):
+        fxforge.optimize(ReluNet().eval(), (torch.randn(2, 8),), **kwargs)
+
+
+def test_report_shows_the_backends_planning_that_dump_writes(tmp_path):
+    model, vocab = zoo.llama("sdpa")
+    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 6)),), kv_cache=True, dump_dir=str(tmp_path))
+    dumped = sorted(p.name for p in tmp_path.glob("*_prepare_torch.ir"))
+    rows = {line.split()[0]: line for line in fast.report().splitlines()[2:] if line.strip()}
+    assert dumped and "prepare_torch" in rows  # was dumped, but missing from the report
+    # the node counts chain: cleanup_final's count -> prepare's -> cpu_linear's
+    final = fast.stats[-1].nodes_after
+    prepare = fast.prepare_stats
+    assert prepare.name == "prepare_torch"
+    assert prepare.nodes_before == final and prepare.nodes_after == fast.runtime_stats[0].nodes_before
+    assert f"{final} -> {prepare.nodes_after}" in rows["prepare_torch"]
+
+
+def test_a_builtin_pass_keeps_its_deliberate_errors_and_names_its_bugs():
+    g = parse("""graph(%x: f32[4]) {
+  %1: f32[4] = exp(%x)
+  return (%1)
+}""")
+
+    def refuses(graph):
+        raise ValueError("this model cannot be converted")
+
+    def buggy(graph):
+        return graph.nodes[7]
+
+    with pytest.raises(ValueError, match="cannot be converted") as info:
+        run_pipeline(g, [PassInfo("refuses", refuses, builtin=True)])
+    assert "(in pass 'refuses')" in getattr(info.value, "__notes__", [])
+    with pytest.raises(PassError, match=r"pass 'buggy' raised IndexError") as info:
+        run_pipeline(g, [PassInfo("buggy", buggy, builtin=True)])
+    assert isinstance(info.value.__cause__, IndexError)

@@ -326,6 +326,7 @@ class _Lowerer:
         self.aliases = _storage_aliases(ep.graph_module.graph)
         self.order = {n: i for i, n in enumerate(ep.graph_module.graph.nodes)}
         self.current = None  # the fx node being lowered, for errors
+        self.fixed_dtypes: dict = {}  # no-op casts to a fixed float dtype (lowering.LowerCtx)
 
     def size_ranges(self):
         from torch.utils._sympy.value_ranges import ValueRanges
@@ -440,7 +441,7 @@ class _Lowerer:
     def lower_call(self, node, target, name, rule, args, kwargs, val, out_types):
         if rule is not None:
             try:
-                result = rule(LowerCtx(self.builder, out_types), *args, **kwargs)
+                result = rule(LowerCtx(self.builder, out_types, node, self.fixed_dtypes), *args, **kwargs)
             except TypeError:  # IRTypeError, or broadcast_shapes on sizes it cannot compare
                 # Our type rule cannot prove what export knew (e.g. a reshape whose element
                 # count matches only under a recorded guard): keep the op as torch ran it,
@@ -710,6 +711,8 @@ def _lower_exported(ep, injected, model):
             output_leaves.append(("const", value))
     g.nodes = low.builder.nodes
     g.guards = low.guards
+    if low.fixed_dtypes:
+        g.signature = {**g.signature, "fixed_dtypes": tuple(low.fixed_dtypes.values())}
     in_spec = ep.call_spec.in_spec
     kwarg_order = tuple(in_spec.child(1).context) if in_spec is not None else ()
     return g, CallSpec(in_spec, input_leaves, ep.call_spec.out_spec, output_leaves, injected, kwarg_order,

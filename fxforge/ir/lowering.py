@@ -27,9 +27,14 @@ class LowerCtx:
     """What a rule needs besides its arguments: the builder and the fx node's own result
     type (shapes from torch.export's metadata are exact, so views use them directly)."""
 
-    def __init__(self, builder: Builder, out_types: list | None):
+    def __init__(self, builder: Builder, out_types: list | None, node=None, fixed_dtypes: dict | None = None):
         self.b = builder
         self.out_types = out_types
+        self.node = node  # the fx node lowered (its meta says which torch function the model called)
+        # (dtype, where) -> True for each no-op cast the model's code asked for by a fixed
+        # float dtype (`x.float()` on a float32 x): capture writes them into the graph's
+        # signature, and `to(dtype)` refuses another dtype where they are (runtime/retarget.py)
+        self.fixed_dtypes = fixed_dtypes
 
     @property
     def out_shape(self):
@@ -154,7 +159,42 @@ def to_dtype(c: LowerCtx, x, *args, **kwargs):
             dtype = a
     if dtype is None:
         dtype = c.out_dtype
-    return c.b.cast(x, dtype)
+    out = c.b.cast(x, dtype)
+    if out is x:
+        _note_fixed_dtype(c, x, dtype)
+    return out
+
+
+# The methods by which a model's code names a float dtype of its own. `x.to(dt)` (aten's
+# to.dtype, a positional dtype) counts too: the trace cannot tell `x.to(torch.float32)`
+# from `x.to(other.dtype)`, so a no-op one pins (a refusal, never a wrong answer); `type()`
+# and `type_as()` (GPT-2's `attn_weights.type(value.dtype)`) and a move to a device
+# (`x.to(device)`, which torch records with x's own dtype) follow another tensor's dtype.
+_FIXED_DTYPE_METHODS = {"float": "x.float()", "double": "x.double()", "half": "x.half()",
+                        "bfloat16": "x.bfloat16()"}
+
+
+def _note_fixed_dtype(c: LowerCtx, x: Value, dtype: torch.dtype):
+    """Record a cast the model asked for that is a no-op at capture (its operand already
+    has `dtype`): the IR drops it, but in another dtype the model would still cast there."""
+    node = c.node
+    if c.fixed_dtypes is None or node is None or not dtype.is_floating_point \
+            or not isinstance(x.type, TensorType) or not x.dtype.is_floating_point:
+        return
+    method = str((node.meta.get("torch_fn") or ("", ""))[1]).rpartition(".")[2]
+    if method in _FIXED_DTYPE_METHODS:
+        call = _FIXED_DTYPE_METHODS[method]
+    elif method == "to" and str(node.target) == "aten.to.dtype":
+        call = "x.to(dtype)"
+    else:
+        return
+    stack = node.meta.get("nn_module_stack") or {}
+    path, cls = list(stack.values())[-1] if stack else ("", "")
+    cls = cls.rpartition(".")[2] if isinstance(cls, str) else getattr(cls, "__name__", "")
+    key = (dtype, cls, call)  # one entry per module class and call: Llama's 32 norms are one
+    if key not in c.fixed_dtypes:
+        where = f"{path or 'the model'}{f' ({cls})' if cls else ''}"
+        c.fixed_dtypes[key] = (dtype, f"{call} in {where}")
 
 
 def type_as(c: LowerCtx, x, other):

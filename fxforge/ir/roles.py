@@ -22,9 +22,14 @@ head dim], sized by the runtime per request; `paged` is [blocks, block size, kv 
 dim], a pool of blocks the runtime hands out to rows (runtime/paged_cache.py).
 Graph signature: `outputs` gives each output's role (`logits` [B, T, vocab] or `output`),
 `max_seq_len` / `max_batch` the limits generate() checks (absent: none), `num_blocks` the
-default pool size of a paged cache (absent: sized per call).
+default pool size of a paged cache (absent: sized per call), `fixed_dtypes` the casts to a
+float dtype the model's code makes that were no-ops at capture and so left no node
+(`((f32, "x.float() in model.norm (RMSNorm)"),)`): `OptimizedModel.to(dtype)` refuses
+another dtype where there are any, as for a cast node (runtime/retarget.py).
 """
 from __future__ import annotations
+
+import torch
 
 INPUT, CACHE_LEN, POSITIONS, KEY_BIAS = "input", "cache_len", "positions", "key_bias"
 BLOCK_TABLE, ROW_START, SLOT_MAPPING = "block_table", "row_start", "slot_mapping"
@@ -33,7 +38,7 @@ OUTPUT, LOGITS = "output", "logits"
 OUTPUT_ROLES = (OUTPUT, LOGITS)
 STATE_KINDS = ("k", "v")
 LAYOUTS = ("dense", "paged")
-SIGNATURE_KEYS = ("outputs", "max_seq_len", "max_batch", "num_blocks")
+SIGNATURE_KEYS = ("outputs", "max_seq_len", "max_batch", "num_blocks", "fixed_dtypes")
 
 
 def is_paged(graph) -> bool:
@@ -99,6 +104,11 @@ def roles_problem(graph) -> str | None:
             return f"signature outputs={roles!r} must name one role per output ({len(graph.outputs)})"
         if any(r not in OUTPUT_ROLES for r in roles):
             return f"output roles are {', '.join(OUTPUT_ROLES)}, got {roles}"
+    fixed = sig.get("fixed_dtypes", ())
+    if not isinstance(fixed, tuple) or not all(
+            isinstance(f, tuple) and len(f) == 2 and isinstance(f[0], torch.dtype) and f[0].is_floating_point
+            and isinstance(f[1], str) for f in fixed):
+        return f"signature fixed_dtypes must be a tuple of (float dtype, \"where\") pairs, got {fixed!r}"
     for key in ("max_seq_len", "max_batch", "num_blocks"):
         limit = sig.get(key)
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):

@@ -1,5 +1,5 @@
 """Rewrite passes, the pattern DSL they are written in, and the pipeline that runs them."""
-from .manager import PassContext, PassInfo, PassRegistry, PassStats, run_pipeline
+from .manager import PassContext, PassError, PassInfo, PassRegistry, PassStats, run_pipeline
 
 
 def default_registry() -> PassRegistry:
@@ -42,10 +42,12 @@ def default_registry() -> PassRegistry:
                      doc="a float linear with the pointwise groups before and after it -> one op (a GEMV at decode)"),
             append=True)
     reg.add(PassInfo("cleanup_final", cleanup, doc="the same cleanup, after the rewrites"), append=True)
+    for info in reg.passes.values():
+        info.builtin = True  # fxforge's own: typechecked after each run only under FXFORGE_CHECK
     return reg
 
 
 # The explicit registry behind fxforge.register_pass (the only module-level state).
 registry = default_registry()
 
-__all__ = ["PassContext", "PassInfo", "PassRegistry", "PassStats", "run_pipeline", "default_registry", "registry"]
+__all__ = ["PassContext", "PassError", "PassInfo", "PassRegistry", "PassStats", "run_pipeline", "default_registry", "registry"]

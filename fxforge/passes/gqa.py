@@ -75,8 +75,24 @@ def as_config(option) -> GQAConfig:
 
 def parse_option(option) -> GQAConfig | None:
     """optimize(gqa=...): None leaves the pass out; anything else must name a head count
-    (gqa=0 or gqa=True is an error, not a quiet no-op)."""
-    return None if option is None else as_config(option)
+    (gqa=0 or gqa=True is an error, not a quiet no-op). Like every option, checked before
+    capture: method='aligned' without calibration inputs, or with calibration that is not
+    tensors, fails here, not after a minute of tracing."""
+    if option is None:
+        return None
+    config = as_config(option)
+    if config.method == "aligned" and config.calibration is None:
+        raise GQAError(_NEEDS_CALIBRATION)
+    calib = config.calibration
+    if calib is not None and not all(isinstance(x, torch.Tensor) for x in
+                                     (calib if isinstance(calib, (tuple, list)) else (calib,))):
+        raise GQAError(f"gqa: calibration must be token ids (a tensor) or a tuple of the model's input tensors, "
+                       f"got {type(calib).__name__}")
+    return config
+
+
+_NEEDS_CALIBRATION = ("gqa: method='aligned' needs calibration inputs, e.g. GQAConfig(num_kv_heads=..., "
+                      "method='aligned', calibration=tokenizer(text, return_tensors='pt').input_ids)")
 
 
 def find_layers(graph: Graph) -> list[Layer]:
@@ -339,8 +355,7 @@ def gqa(graph: Graph, ctx=None) -> Graph:
         ctx.status(f"gqa: calibrating {len(layers)} attention layers on inputs of shape "
                    f"{tuple(calib[0].shape) if hasattr(calib[0], 'shape') else '?'}")
     if config.method == "aligned" and calib is None:
-        raise GQAError("gqa: method='aligned' needs calibration inputs, e.g. GQAConfig(num_kv_heads=..., "
-                       "method='aligned', calibration=tokenizer(text, return_tensors='pt').input_ids)")
+        raise GQAError(_NEEDS_CALIBRATION)
 
     acts = None
     if config.method == "aligned":

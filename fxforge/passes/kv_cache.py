@@ -225,7 +225,8 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     new_graph.signature = {"outputs": _output_roles(new_graph, batch, seq),
                            **({"max_seq_len": max_seq_len} if max_seq_len is not None else {}),
                            **({"max_batch": config.max_batch} if config.max_batch is not None else {}),
-                           **({"num_blocks": config.num_blocks} if config.num_blocks is not None else {})}
+                           **({"num_blocks": config.num_blocks} if config.num_blocks is not None else {}),
+                           **{k: v for k, v in graph.signature.items() if k == "fixed_dtypes"}}
     if ctx is not None:
         ctx.details["kv_cache"] = layout
         ctx.rules["cache_attention"] += layers

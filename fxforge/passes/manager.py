@@ -2,6 +2,13 @@
 
 A pass is `fn(graph) -> graph` or `fn(graph, ctx) -> graph`; `ctx` (a `PassContext`)
 carries the user's options, a counter of rules fired, and notes for the report.
+
+The IR typechecks after every pass a user registers (`builtin=False`, the default), always;
+after the built-in passes only under FXFORGE_CHECK=1 (tests): after all of them it costs
+15-85 ms on tests/zoo.py's small models, a third to nearly all of the passes' own time. An exception a pass raises names the pass: a `PassError` with
+the original as `__cause__`, except the deliberate errors of fxforge's own passes
+(KVCacheError, GQAError, a ValueError about the model ...), which keep their type (callers
+catch them) and get a note naming the pass.
 """
 from __future__ import annotations
 
@@ -29,6 +36,15 @@ class PassInfo:
     # cannot mean. Run before capture, so a typo fails in milliseconds, not after a minute
     # of tracing, and a value such as gqa=0 cannot quietly switch the pass off.
     parse: Callable[[Any], Any] | None = None
+    # fxforge's own passes: trusted to keep the IR well typed (checked under FXFORGE_CHECK).
+    # Any other pass is typechecked after every run, so that a broken rewrite fails there,
+    # naming the pass, not as a wrong answer or a KeyError in the program.
+    builtin: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"a pass name is a non-empty str, got {self.name!r}")
+        _check_pass_fn(self.name, self.fn)
 
     def parse_option(self, value):
         """The option's value as the pass reads it (unchanged without a parser)."""
@@ -40,10 +56,43 @@ class PassInfo:
         return self.parse_option(value) is not None if self.parse is not None else bool(value)
 
     def wants_ctx(self) -> bool:
-        try:
-            return len(inspect.signature(self.fn).parameters) >= 2
-        except (TypeError, ValueError):
-            return False
+        arity = _positional_arity(self.fn)
+        return arity is not None and arity[1] >= 2
+
+
+def _positional_arity(fn) -> tuple[int, float] | None:
+    """(required, most) positional arguments `fn` takes; None when Python cannot say (a
+    builtin without a signature)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(1 for p in positional if p.default is p.empty)
+    required += sum(1 for p in params if p.kind == p.KEYWORD_ONLY and p.default is p.empty)
+    most = float("inf") if any(p.kind == p.VAR_POSITIONAL for p in params) else len(positional)
+    return required, most
+
+
+def _check_pass_fn(name, fn):
+    """A pass is called as fn(graph) or fn(graph, ctx): refuse anything else when it is
+    registered, not at the first optimize()."""
+    if not callable(fn):
+        raise TypeError(f"pass {name!r}: expected a function fn(graph) -> graph or fn(graph, ctx) -> graph, "
+                        f"got {type(fn).__name__} {fn!r}")
+    arity = _positional_arity(fn)
+    if arity is not None and (arity[0] > 2 or arity[1] < 1):
+        raise TypeError(f"pass {name!r}: {getattr(fn, '__name__', fn)!s}{inspect.signature(fn)} cannot be called as "
+                        "fn(graph) or fn(graph, ctx); a pass takes the graph (and optionally a PassContext) "
+                        "and returns a graph")
+
+
+class PassError(RuntimeError):
+    """A pass raised: the message names the pass, `__cause__` is what it raised."""
+
+    def __init__(self, message: str, pass_name: str):
+        super().__init__(message)
+        self.pass_name = pass_name
 
 
 def _quiet(message: str):
@@ -120,7 +169,9 @@ class PassRegistry:
         return info
 
     def remove(self, name: str):
-        self.passes.pop(name, None)
+        if name not in self.passes:
+            raise ValueError(f"no pass named {name!r} is registered; known passes: {', '.join(self.known())}")
+        del self.passes[name]
         self.order = [n for n in self.order if n != name]
 
     def get(self, name: str) -> PassInfo:
@@ -145,16 +196,34 @@ class PassRegistry:
         for name in list(passes or []) + list(disable):
             self.get(name)  # unknown names fail early, listing the known ones
         if passes is not None:
-            return [self.get(n) for n in passes]
-        chosen = []
-        for name in self.order:
-            info = self.passes[name]
-            if name in disable:
-                continue
-            if info.option is not None and not info.enabled_by(options.get(info.option)):
-                continue
-            chosen.append(info)
+            chosen = [self.get(n) for n in passes]
+        else:
+            chosen = []
+            for name in self.order:
+                info = self.passes[name]
+                if name in disable:
+                    continue
+                if info.option is not None and not info.enabled_by(options.get(info.option)):
+                    continue
+                chosen.append(info)
+        self._check_options_run(options, chosen, passes, disable)
         return chosen
+
+    def _check_options_run(self, options: dict, chosen: list[PassInfo], passes, disable):
+        """An option that turns a pass on (kv_cache=True) while passes= or disable= leave out
+        every pass it drives would be silently ignored: refuse the conflict instead."""
+        names = {info.name for info in chosen}
+        for option, value in options.items():
+            # the first pass registered for an option is the one that does it (kv_cache; its
+            # fuse_rope_attention only fuses what kv_cache made)
+            main = next((info for name in self.order if (info := self.passes[name]).option == option), None)
+            if main is None or main.name in names or not main.enabled_by(value):
+                continue
+            which = repr(main.name)
+            how = (f"disable={list(disable)!r} leaves it out" if main.name in disable
+                   else f"passes={list(passes or [])!r} does not include it")
+            raise ValueError(f"the option {option}= asks for pass {which}, but {how}: the option would be "
+                             f"ignored; drop {option}=, or run the pass")
 
 
 def check_enabled() -> bool:
@@ -183,11 +252,11 @@ def _run_passes(graph, pipeline, options, check, dump, reporter=None):
         ctx = PassContext(options=options, status=reporter.status if reporter is not None else _quiet)
         before = len(graph.nodes)
         start = time.perf_counter()
-        out = info.fn(graph, ctx) if info.wants_ctx() else info.fn(graph)
+        out = _run_one(info, graph, ctx)
         seconds = time.perf_counter() - start
         if not isinstance(out, Graph):
             raise TypeError(f"pass {info.name!r} returned {type(out).__name__}, not a Graph")
-        if check:
+        if check or not info.builtin:
             try:
                 typecheck(out)
             except IRCheckError as e:
@@ -199,6 +268,26 @@ def _run_passes(graph, pipeline, options, check, dump, reporter=None):
         if dump is not None:
             dump(i, info.name, graph)
     return graph, stats
+
+
+def _run_one(info: PassInfo, graph: Graph, ctx: PassContext) -> Graph:
+    try:
+        return info.fn(graph, ctx) if info.wants_ctx() else info.fn(graph)
+    except Exception as e:
+        if info.builtin and _deliberate(e):
+            if hasattr(e, "add_note"):  # (Python 3.11+)
+                e.add_note(f"(in pass {info.name!r})")
+            raise
+        raise PassError(f"pass {info.name!r} raised {type(e).__name__}: {e}", info.name) from e
+
+
+def _deliberate(e: Exception) -> bool:
+    """An error a built-in pass raises on purpose (KVCacheError, GQAError, IRCheckError, a
+    ValueError or TypeError about the model or an option): its type is part of the API
+    (callers catch it), and its message says what went wrong where. Anything else (a
+    KeyError, an AttributeError, torch's RuntimeError) is a bug the PassError names."""
+    return (type(e).__module__.startswith("fxforge.") or isinstance(e, (ValueError, TypeError))) \
+        and not isinstance(e, PassError)
 
 
 def format_report(stats: list[PassStats], capture_seconds: float | None = None) -> str:

@@ -3,11 +3,15 @@ then the program. optimize(), load_ir(), fxforge.load() and OptimizedModel.to() 
 here, so a loaded or moved model is built exactly as a freshly optimized one."""
 from __future__ import annotations
 
+import time
+from collections import Counter
+
 import torch
 
 from ..ir.capture import CallSpec, positional_call_spec
 from ..ir.graph import Graph
 from ..ir.printer import print_graph
+from ..passes.manager import PassStats
 from .backends import Backend, resolve_backend
 from .module import OptimizedModel
 
@@ -18,17 +22,31 @@ def assemble(graph: Graph, spec: CallSpec, backend: Backend, device, name: str, 
     program and the model around it."""
     graph = params_on(graph, device)
     backend.check(graph)
+    start = time.perf_counter()
     program, planned, ops, runtime_stats = backend.build(graph, device, f"<fxforge program for {name}>")
+    prepare = None if planned is graph else \
+        _prepare_stats(backend, graph, planned, runtime_stats, time.perf_counter() - start)
     if dumps and planned is not graph:
         text = print_graph(planned)
         if text != dumps[-1][1]:  # the backend rewrote the graph (linear_fused written as its steps)
             dumps = [*dumps, (f"{len(dumps):02d}_prepare_{backend.name}.ir", text)]
     fast = OptimizedModel(planned, spec, program, backend, list(stats), list(dumps), capture_seconds, name)
     fast.runtime_stats.extend(runtime_stats)
+    fast.prepare_stats = prepare
     fast.op_implementations = ops  # the static decode program (runtime/static_decode.py) is built from them
     # kept for save() and to(): the planning is redone per backend and device
     fast.pipeline_graph = graph
     return fast
+
+
+def _prepare_stats(backend, graph: Graph, planned: Graph, steps: list, seconds: float) -> PassStats:
+    """The report's row for the backend's planning (dumped as NN_prepare_<backend>.ir):
+    linear_fused written as its steps, before the steps it reports itself (cpu_linear ...),
+    which start from its node count. Its time is the build's less theirs (the program's
+    generation included)."""
+    after = steps[0].nodes_before if steps else len(planned.nodes)
+    return PassStats(f"prepare_{backend.name}", max(seconds - sum(s.seconds for s in steps), 0.0),
+                     len(graph.nodes), after, Counter(), [], {})
 
 
 def model_from_ir(text: str, weights: dict[str, torch.Tensor], *, spec: CallSpec | None = None,

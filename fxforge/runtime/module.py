@@ -45,6 +45,9 @@ class OptimizedModel:
         self.stats = stats
         # Choices made after the passes, for this backend (e.g. cpu_linear), in the report too.
         self.runtime_stats: list[PassStats] = []
+        # the backend's planning (linear_fused written as its steps) as a report row, or None
+        # where it left the graph as it was (runtime/build.py)
+        self.prepare_stats: PassStats | None = None
         self._dumps = dumps  # (file name, IR text) after each pass
         self.capture_seconds = capture_seconds
         self.model_name = model_name
@@ -337,7 +340,7 @@ class OptimizedModel:
         head = (f"fxforge report for {self.model_name}: backend={self.backend.name}, "
                 f"{len(self.graph.nodes)} nodes, {len(self.graph.params)} parameters")
         ops = ", ".join(f"{k}={v}" for k, v in sorted(self.graph.op_counts().items(), key=lambda kv: -kv[1]))
-        steps = self.stats + self.runtime_stats
+        steps = self.stats + ([self.prepare_stats] if self.prepare_stats is not None else []) + self.runtime_stats
         text = f"{head}\n{format_report(steps, self.capture_seconds)}\nfinal ops: {ops}\n{self.decode_mode()}"
         profile = getattr(self, "last_decode_profile", None)
         return text if profile is None else f"{text}\n{profile}"

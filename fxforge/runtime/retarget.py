@@ -8,7 +8,9 @@ dtype of its own: a cast written in the model (`x.float()`, Llama's RMSNorm and 
 embeddings), a float constant tensor, an op whose type is stored rather than derived.
 Such a node pins the dtype, and `to()` refuses with the IR line that pins it, rather than
 running something the model would not compute; optimize the model again after
-`model.to(dtype)` then.
+`model.to(dtype)` then. A cast the model asks for that was a no-op at capture (`x.float()`
+on a float32 x) leaves no node, but capture records it in the graph's signature
+(`fixed_dtypes`, ir/roles.py): it pins the same way.
 """
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS
 from ..ir.printer import Namer, format_node
 from ..ir.types import TensorType
+
+
+# the activation dtypes the quantized linear kernels take (runtime/torch_kernels.py, codegen)
+QUANT_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class DtypePinnedError(TypeError):
@@ -40,9 +46,17 @@ def retyped(graph: Graph, dtype: torch.dtype) -> Graph:
     if not dtype.is_floating_point:
         raise TypeError(f"to({dtype}): an optimized model changes only to a floating dtype (its integer inputs "
                         "and quantized weights keep theirs)")
+    quantized = [n for n in graph.nodes if n.op == "quant_linear" or n.attrs.get("qattrs")]
+    if quantized and dtype not in QUANT_COMPUTE_DTYPES:
+        names = Namer(graph)
+        raise TypeError(
+            f"to({dtype}): the model is quantized, and its quantized linears compute in "
+            f"{', '.join(map(str, QUANT_COMPUTE_DTYPES))} only, e.g.\n  {format_node(quantized[0], names)}"
+            f"{quantized[0].where()}\nUse one of those dtypes, or optimize the model without quantize= for {dtype}")
     new: dict[Value, Value] = {}
     for v in graph.inputs + graph.param_values + graph.state_values:
         new[v] = _as_dtype(v, dtype)
+    fixed = [where for dt, where in graph.signature.get("fixed_dtypes", ()) if dt != dtype]
     nodes, pinned = [], []
     for node in graph.nodes:
         inputs = tuple(new.get(v, v) for v in node.inputs)
@@ -54,8 +68,8 @@ def retyped(graph: Graph, dtype: torch.dtype) -> Graph:
         if any(_pins(v, dtype) for v in outputs) and not any(_pins(v, dtype) for v in inputs):
             pinned.append(node)
         nodes.append(Node(node.op, inputs, node.attrs, outputs, node.meta))
-    if pinned:
-        raise _pinned_error(graph, pinned, dtype)
+    if pinned or fixed:
+        raise _pinned_error(graph, pinned, dtype, fixed)
     out = graph.with_nodes(nodes, [new.get(v, v) for v in graph.outputs])
     out.inputs = [new[v] for v in graph.inputs]
     out.param_values = [new[v] for v in graph.param_values]
@@ -77,12 +91,21 @@ def _pins(v: Value, dtype: torch.dtype) -> bool:
     return isinstance(t, TensorType) and t.dtype.is_floating_point and t.dtype != dtype and t.rank > 0
 
 
-def _pinned_error(graph: Graph, pinned: list[Node], dtype: torch.dtype) -> DtypePinnedError:
+def _pinned_error(graph: Graph, pinned: list[Node], dtype: torch.dtype, fixed: list[str] = ()) -> DtypePinnedError:
     names = Namer(graph)
     lines = "\n".join(f"  {format_node(n, names)}{n.where()}" for n in pinned[:3])
     more = f"\n  ... and {len(pinned) - 3} more" if len(pinned) > 3 else ""
+    what = f"{len(pinned)} node(s) of the optimized IR fix their float dtype" if pinned else ""
+    if fixed:
+        casts = "\n".join(f"  {where}" for where in fixed[:3])
+        casts += f"\n  ... and {len(fixed) - 3} more" if len(fixed) > 3 else ""
+        lines = "\n".join(x for x in (lines + more, casts) if x)
+        more = ""
+        what = (f"{what} and " if what else "") + (
+            f"the model's code casts to {', '.join(sorted({str(dt) for dt, _ in graph.signature['fixed_dtypes'] if dt != dtype}))} "
+            "(a no-op at capture, so no IR line shows it)")
     return DtypePinnedError(
-        f"to({dtype}): {len(pinned)} node(s) of the optimized IR fix their float dtype, so retyping the graph "
+        f"to({dtype}): {what}, so retyping the graph "
         f"would not be the model's computation in {dtype}:\n{lines}{more}\n"
         f"Convert the model instead and optimize it again: fxforge.optimize(model.to({dtype}), example_inputs)")
 
