@@ -22,7 +22,7 @@ from fractions import Fraction
 import sympy
 from sympy.printing.pycode import PythonCodePrinter
 
-from .types import symbol
+from .types import IntegerQuotients, symbol
 
 
 class GuardError(ValueError):
@@ -215,18 +215,10 @@ def _compiled(rel, symbols):
     return test
 
 
-class _ExactPrinter(PythonCodePrinter):
+class _ExactPrinter(IntegerQuotients, PythonCodePrinter):
     """sympy -> Python in integer arithmetic: floor/ceiling of a quotient is `//` of
     its numerator and denominator, and a fraction is a Fraction, never a float (a float's
     `(1/5)*T` is not T/5, and its ceiling is one off at T = 5k)."""
-
-    def _print_floor(self, e):
-        num, den = e.args[0].as_numer_denom()
-        return f"(({self._print(num)}) // ({self._print(den)}))"
-
-    def _print_ceiling(self, e):
-        num, den = e.args[0].as_numer_denom()
-        return f"(-((-({self._print(num)})) // ({self._print(den)})))"
 
     def _print_Rational(self, e):
         return f"Fraction({e.p}, {e.q})"

@@ -161,3 +161,18 @@ def broadcast_shapes(*shapes: tuple[sympy.Expr, ...]) -> tuple[sympy.Expr, ...]:
                 raise TypeError(f"shapes {[tuple(map(str, s)) for s in shapes]} do not broadcast (dim {i}: {size} vs {d})")
         out.append(size)
     return tuple(out)
+
+
+class IntegerQuotients:
+    """A sympy printer mixin: floor/ceiling of a quotient of sizes printed as Python's
+    integer `//` of its numerator and denominator (exact at every size, where a float
+    quotient is not). The program (runtime/program.py) and the guard checks (guards.py)
+    both print sizes with it."""
+
+    def _print_floor(self, e):
+        num, den = e.args[0].as_numer_denom()
+        return f"(({self._print(num)}) // ({self._print(den)}))"
+
+    def _print_ceiling(self, e):
+        num, den = e.args[0].as_numer_denom()
+        return f"(-((-({self._print(num)})) // ({self._print(den)})))"

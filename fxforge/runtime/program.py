@@ -22,7 +22,7 @@ import torch
 
 from ..ir.graph import Graph
 from ..ir.ops import OPS, Arg, scalar_exponent
-from ..ir.types import SymType, symbol
+from ..ir.types import IntegerQuotients, SymType, symbol
 from .frames import frame_of_its_own
 
 
@@ -30,16 +30,8 @@ def _py_dtype(dtype: torch.dtype) -> str:
     return str(dtype)  # "torch.float32"
 
 
-class _Printer(sympy.printing.str.StrPrinter):
+class _Printer(IntegerQuotients, sympy.printing.str.StrPrinter):
     """sympy -> Python: floor division and modulo of integers stay integers."""
-
-    def _print_floor(self, e):
-        num, den = e.args[0].as_numer_denom()
-        return f"(({self._print(num)}) // ({self._print(den)}))"
-
-    def _print_ceiling(self, e):
-        num, den = e.args[0].as_numer_denom()
-        return f"(-((-({self._print(num)})) // ({self._print(den)})))"
 
     def _print_Mod(self, e):
         return f"(({self._print(e.args[0])}) % ({self._print(e.args[1])}))"
