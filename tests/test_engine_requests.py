@@ -168,3 +168,21 @@ def test_settings_default_as_in_generate(fast, monkeypatch):
     assert torch.equal(unlimited.result(), free)
     got, want = sampled()
     assert [g.tolist() for g in got] == [w.tolist() for w in want]
+
+
+def test_a_request_takes_generates_logits_settings(fast):
+    """repetition_penalty and the other logits settings of generate() apply per request
+    (they raised TypeError, an unexpected keyword); settings only generate() has are named."""
+    fast, vocab = fast
+    prompt = torch.tensor([3, 4, 5, 3, 4])
+    kw = dict(repetition_penalty=1.8, no_repeat_ngram_size=2, min_new_tokens=4, eos_token_id=None)
+    engine = fxforge.Engine(fast, max_batch=2, max_seq_len=32)
+    engine.start()
+    try:
+        got = engine.submit(prompt, 8, **kw).result(timeout=WAIT)
+    finally:
+        engine.stop()
+    assert torch.equal(got, _alone(fast, prompt, 8, **kw))
+    assert not torch.equal(got, _alone(fast, prompt, 8, eos_token_id=None))  # the settings did something
+    with pytest.raises(ValueError, match=r"Engine.submit\(\) does not take num_beams"):
+        engine.submit(prompt, 8, num_beams=2)

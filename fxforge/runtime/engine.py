@@ -50,6 +50,12 @@ import torch
 from . import logits as lp
 from .generate import _as_list, _check_settings, check_token_ids, resolve_settings, vocab_size
 
+# generate()'s settings a request takes besides submit()'s own: those its logits processors
+# read (beams, several sequences, scores and stop strings are generate()'s alone)
+REQUEST_OPTIONS = frozenset({"repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "min_length",
+                             "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
+                             "begin_suppress_tokens", "encoder_no_repeat_ngram_size"})
+
 _ids = iter(range(1 << 62))
 
 
@@ -176,12 +182,14 @@ class Engine:
     # -- submitting --------------------------------------------------------------------
     def submit(self, prompt_ids, max_new_tokens: int = 32, *, do_sample=DEFAULT, temperature=DEFAULT,
                top_k=DEFAULT, top_p=DEFAULT, eos_token_id=DEFAULT,
-               generator: torch.Generator | None = None, callback: Callable | None = None) -> Request:
+               generator: torch.Generator | None = None, callback: Callable | None = None, **options) -> Request:
         """Queue a prompt (a 1-D list or integer tensor of token ids); thread-safe.
         `callback(request, token)` runs on the engine's thread for every new token (if it
         raises, that request fails and the others go on). Settings not given default as in
         generate(): the model's generation_config, then transformers' defaults (top_k=50 when
-        sampling); eos_token_id=None: no EOS. Bad arguments raise ValueError here."""
+        sampling); eos_token_id=None: no EOS. `options`: generate()'s logits settings
+        (REQUEST_OPTIONS: repetition_penalty, no_repeat_ngram_size, min_new_tokens, ...).
+        Bad arguments raise ValueError here."""
         if self._broken is not None:
             raise RuntimeError(f"the engine's thread ended after {type(self._broken).__name__}: {self._broken}; "
                                "call start() again (or run()) before submitting")
@@ -189,8 +197,13 @@ class Engine:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         self._check_request(prompt.numel(), max_new_tokens)
+        others = sorted(set(options) - REQUEST_OPTIONS)
+        if others:
+            raise ValueError(f"Engine.submit() does not take {', '.join(others)} (one greedy or sampled sequence per "
+                             f"request); it takes {', '.join(sorted(REQUEST_OPTIONS))} besides its own arguments. "
+                             "generate() takes the rest")
         given = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                 "eos_token_id": eos_token_id}
+                 "eos_token_id": eos_token_id, **options}
         # generate()'s settings and checks: the model's defaults, then transformers'
         settings, _ = resolve_settings(getattr(self.model, "generation_defaults", None), None,
                                        {k: v for k, v in given.items() if v is not DEFAULT})
