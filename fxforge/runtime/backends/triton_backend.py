@@ -75,7 +75,6 @@ class TritonBackend(Backend):
                "quant_linear": quant_linear_with(_quant_linear_triton),
                "fused_pointwise": self.pointwise.run, "linear_fused": self.linear_fused,
                "rope_attention": self.rope_attention, "paged_kv_write": paged_kv_write_triton}
-        ops = {name: float64_runs_reference(name, fn) for name, fn in ops.items()}
         return {name: _serialised(fn) for name, fn in ops.items()} if self.interpret else ops
 
     def _launching(self):
@@ -148,7 +147,11 @@ class TritonBackend(Backend):
         return self.pointwise.sources
 
     def prepare(self, graph: Graph) -> tuple[Graph, dict, list]:
-        return graph, {}, []
+        # a graph with float64 values gets kernel ops that send float64 operands to PyTorch
+        # (float64_runs_reference); any other keeps the bare kernels: no check per call
+        if not _holds_float64(graph):
+            return graph, {}, []
+        return graph, {name: float64_runs_reference(name, fn) for name, fn in self.kernel_ops().items()}, []
 
 
 def _ensure_interpreter():
@@ -178,6 +181,15 @@ def _triton_compiled_mode() -> bool:
         return False
     probe = getattr(standard, "sum", None)
     return probe is not None and not isinstance(probe, InterpretedFunction)
+
+
+def _holds_float64(graph: Graph) -> bool:
+    import torch
+
+    from ...ir.types import TensorType
+
+    values = [*graph.inputs, *graph.param_values, *graph.state_values, *(v for n in graph.nodes for v in n.outputs)]
+    return any(isinstance(v.type, TensorType) and v.type.dtype == torch.float64 for v in values)
 
 
 def float64_runs_reference(name: str, kernel):
