@@ -186,3 +186,20 @@ def test_a_request_takes_generates_logits_settings(fast):
     assert not torch.equal(got, _alone(fast, prompt, 8, eos_token_id=None))  # the settings did something
     with pytest.raises(ValueError, match=r"Engine.submit\(\) does not take num_beams"):
         engine.submit(prompt, 8, num_beams=2)
+
+
+def test_leading_pad_tokens_are_left_padding_as_in_generate(fast):
+    """generate() alone takes leading pad tokens for left padding when no mask is given (as
+    transformers does), so the engine drops them: the request's tokens are generate()'s."""
+    fast, vocab = fast
+    prompt = torch.tensor([5, 5, 5, 9, 8, 7])
+    engine = fxforge.Engine(fast, max_batch=2, max_seq_len=32)
+    engine.start()
+    try:
+        got = engine.submit(prompt, 6, pad_token_id=5, eos_token_id=None).result(timeout=WAIT)
+    finally:
+        engine.stop()
+    assert torch.equal(got, _alone(fast, prompt, 6, pad_token_id=5, eos_token_id=None))
+    assert torch.equal(got, _alone(fast, prompt[3:], 6, eos_token_id=None))
+    with pytest.raises(ValueError, match=r"holds the pad token \(5\)"):
+        engine.submit(torch.tensor([9, 5, 7]), 6, pad_token_id=5)

@@ -49,12 +49,29 @@ import torch
 
 from . import logits as lp
 from .generate import _as_list, _check_settings, check_token_ids, resolve_settings, vocab_size
+from .state import left_padding, mask_from_padding
+
+def _without_left_padding(prompt: torch.Tensor, pad_token_id, eos: list) -> torch.Tensor:
+    """The prompt without leading pad tokens, which generate() alone (as transformers) takes
+    for left padding when no mask is given (state.mask_from_padding): the request's tokens
+    are then those of generate() alone. A pad token after the first real one would need a
+    mask with a hole: a ValueError, as in generate()."""
+    mask = mask_from_padding(prompt[None], pad_token_id, eos)
+    if mask is None:
+        return prompt
+    try:
+        lead = int(left_padding(mask, 1, prompt.numel(), prompt.device)[0])
+    except ValueError as error:
+        raise ValueError(f"prompt_ids holds the pad token ({pad_token_id}), which generate() takes for padding "
+                         f"(input_ids != pad_token_id, as transformers), and that does not fit: {error}") from None
+    return prompt[lead:]
+
 
 # generate()'s settings a request takes besides submit()'s own: those its logits processors
 # read (beams, several sequences, scores and stop strings are generate()'s alone)
 REQUEST_OPTIONS = frozenset({"repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "min_length",
                              "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
-                             "begin_suppress_tokens", "encoder_no_repeat_ngram_size"})
+                             "begin_suppress_tokens", "encoder_no_repeat_ngram_size", "pad_token_id"})
 
 _ids = iter(range(1 << 62))
 
@@ -212,6 +229,7 @@ class Engine:
         _check_settings(settings)
         device = self.model.device
         eos = _as_list(settings["eos_token_id"])
+        prompt = _without_left_padding(prompt, settings["pad_token_id"], eos)
         eos_t = torch.tensor(eos, device=device) if eos else None
         n = prompt.numel()
         min_length = n + settings["min_new_tokens"] if settings["min_new_tokens"] is not None \
