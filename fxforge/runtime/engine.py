@@ -49,22 +49,15 @@ import torch
 
 from . import logits as lp
 from .generate import _as_list, _check_settings, check_token_ids, resolve_settings, vocab_size
-from .state import left_padding, mask_from_padding
+from .state import padding_from_pad_tokens
 
 def _without_left_padding(prompt: torch.Tensor, pad_token_id, eos: list) -> torch.Tensor:
     """The prompt without leading pad tokens, which generate() alone (as transformers) takes
-    for left padding when no mask is given (state.mask_from_padding): the request's tokens
-    are then those of generate() alone. A pad token after the first real one would need a
-    mask with a hole: a ValueError, as in generate()."""
-    mask = mask_from_padding(prompt[None], pad_token_id, eos)
-    if mask is None:
-        return prompt
-    try:
-        lead = int(left_padding(mask, 1, prompt.numel(), prompt.device)[0])
-    except ValueError as error:
-        raise ValueError(f"prompt_ids holds the pad token ({pad_token_id}), which generate() takes for padding "
-                         f"(input_ids != pad_token_id, as transformers), and that does not fit: {error}") from None
-    return prompt[lead:]
+    for left padding when no mask is given (state.padding_from_pad_tokens): the request's
+    tokens are then those of generate() alone. A pad token after the first real one would
+    need a mask with a hole: a ValueError, as in generate()."""
+    pad = padding_from_pad_tokens(prompt[None], pad_token_id, eos, prompt.device, name="prompt_ids")
+    return prompt if pad is None else prompt[int(pad[0]):]
 
 
 # generate()'s settings a request takes besides submit()'s own: those its logits processors

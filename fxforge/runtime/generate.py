@@ -27,7 +27,7 @@ import torch
 
 from . import logits as lp
 from .frames import frame_of_its_own
-from .state import left_padding, mask_from_padding
+from .state import left_padding, padding_from_pad_tokens
 
 # transformers' global defaults (GenerationConfig._get_default_generation_params) of the
 # settings generate() supports; None: not set.
@@ -264,15 +264,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     device = model.device
     input_ids = input_ids.to(device)
     check_token_ids(input_ids, vocab_size(model), "input_ids")
-    inferred = attention_mask is None and mask_from_padding(input_ids, s["pad_token_id"], _as_list(s["eos_token_id"]))
-    if inferred is not None and inferred is not False:
-        try:
-            pad = left_padding(inferred, batch, prompt_len, device)
-        except ValueError as error:
-            raise ValueError(f"no attention_mask was given, so it is taken as transformers takes it, input_ids != "
-                             f"pad_token_id ({s['pad_token_id']}), and that mask does not fit: {error}. Pass the "
-                             "tokenizer's attention_mask") from None
-    else:
+    pad = None if attention_mask is not None else \
+        padding_from_pad_tokens(input_ids, s["pad_token_id"], _as_list(s["eos_token_id"]), device)
+    if pad is None:
         pad = left_padding(attention_mask, batch, prompt_len, device)
     new_tokens = new_token_count(s, given, prompt_len, model.kv_layout.max_seq_len)
     _check_settings(s)

@@ -151,14 +151,24 @@ def cache_layout(graph: Graph) -> KVCacheLayout | None:
                          n_layers=len({v.attrs["layer"] for v in graph.state_values}), bytes_per_token=per_token)
 
 
-def mask_from_padding(input_ids: torch.Tensor, pad_token_id, eos_token_ids: list) -> torch.Tensor | None:
-    """The attention mask transformers' generate() makes when it is given none
-    (`_prepare_attention_mask_for_generation`): `input_ids != pad_token_id` when the pad
-    token occurs in the prompts and is not an eos token; None (every token attends) otherwise."""
+def padding_from_pad_tokens(input_ids: torch.Tensor, pad_token_id, eos_token_ids: list, device,
+                            name: str = "input_ids") -> torch.Tensor | None:
+    """Per-row left padding when no attention_mask is given, as transformers' generate()
+    takes it (`_prepare_attention_mask_for_generation`): the mask `input_ids !=
+    pad_token_id` when the pad token occurs in the prompts and is not an eos token; None
+    (every token attends) otherwise. A mask that is not left padding is a ValueError."""
     if pad_token_id is None or pad_token_id in eos_token_ids:
         return None
     mask = input_ids != pad_token_id
-    return None if bool(mask.all()) else mask.long()
+    if bool(mask.all()):
+        return None
+    try:
+        return left_padding(mask.long(), *input_ids.shape, device)
+    except ValueError as error:
+        raise ValueError(f"{name} holds the pad token ({pad_token_id}) and no attention_mask was given, so it is "
+                         f"taken as transformers takes it, input_ids != pad_token_id ({pad_token_id}), and that "
+                         f"mask does not fit: {error}. Pass an attention_mask, or leave the pad token out of the "
+                         "prompt") from None
 
 
 def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
