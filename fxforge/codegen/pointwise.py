@@ -32,10 +32,6 @@ _TL_DTYPES = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bf
               torch.int16: "tl.int16", torch.int8: "tl.int8", torch.uint8: "tl.uint8", torch.uint16: "tl.uint16",
               torch.uint32: "tl.uint32", torch.uint64: "tl.uint64"}
 
-# Keeps NaN, as torch.maximum / clamp / relu do (Triton's default returns the other operand).
-_NAN_MAX = "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"
-_NAN_MIN = "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"
-
 # Ops whose template needs more than a format string.
 _SPECIAL = {
     "gelu": lambda a, at: (f"0.5 * {a[0]} * (1.0 + tl.erf({a[0]} * 0.7071067811865476))"
@@ -94,11 +90,12 @@ def _const(value, dtype: torch.dtype) -> str:
 
 
 def _clamp(x, lo, hi) -> str:
-    # torch.clamp: NaN in x or a NaN bound gives NaN; min > max gives max
+    # torch.clamp: NaN in x or a NaN bound gives NaN (maximum/minimum's templates keep
+    # it); min > max gives max
     if lo is not None:
-        x = _NAN_MAX.format(x, _literal(lo))
+        x = OPS["maximum"].triton.format(x, _literal(lo))
     if hi is not None:
-        x = _NAN_MIN.format(x, _literal(hi))
+        x = OPS["minimum"].triton.format(x, _literal(hi))
     return x
 
 
