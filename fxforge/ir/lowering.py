@@ -31,9 +31,10 @@ class LowerCtx:
         self.b = builder
         self.out_types = out_types
         self.node = node  # the fx node lowered (its meta says which torch function the model called)
-        # (dtype, where) -> True for each no-op cast the model's code asked for by a fixed
-        # float dtype (`x.float()` on a float32 x): capture writes them into the graph's
-        # signature, and `to(dtype)` refuses another dtype where they are (runtime/retarget.py)
+        # (dtype, module class, call) -> (dtype, where) for each no-op cast the model's code
+        # asked for by a fixed float dtype (`x.float()` on a float32 x): capture writes the
+        # values into the graph's signature, and `to(dtype)` refuses another dtype where
+        # there are any (runtime/retarget.py)
         self.fixed_dtypes = fixed_dtypes
 
     @property

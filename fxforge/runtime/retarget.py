@@ -56,7 +56,7 @@ def retyped(graph: Graph, dtype: torch.dtype) -> Graph:
     new: dict[Value, Value] = {}
     for v in graph.inputs + graph.param_values + graph.state_values:
         new[v] = _as_dtype(v, dtype)
-    fixed = [where for dt, where in graph.signature.get("fixed_dtypes", ()) if dt != dtype]
+    fixed = [(dt, where) for dt, where in graph.signature.get("fixed_dtypes", ()) if dt != dtype]
     nodes, pinned = [], []
     for node in graph.nodes:
         inputs = tuple(new.get(v, v) for v in node.inputs)
@@ -91,18 +91,19 @@ def _pins(v: Value, dtype: torch.dtype) -> bool:
     return isinstance(t, TensorType) and t.dtype.is_floating_point and t.dtype != dtype and t.rank > 0
 
 
-def _pinned_error(graph: Graph, pinned: list[Node], dtype: torch.dtype, fixed: list[str] = ()) -> DtypePinnedError:
+def _pinned_error(graph: Graph, pinned: list[Node], dtype: torch.dtype, fixed: list = ()) -> DtypePinnedError:
+    """`fixed`: the signature's (dtype, where) no-op casts to a dtype other than `dtype`."""
     names = Namer(graph)
     lines = "\n".join(f"  {format_node(n, names)}{n.where()}" for n in pinned[:3])
     more = f"\n  ... and {len(pinned) - 3} more" if len(pinned) > 3 else ""
     what = f"{len(pinned)} node(s) of the optimized IR fix their float dtype" if pinned else ""
     if fixed:
-        casts = "\n".join(f"  {where}" for where in fixed[:3])
+        casts = "\n".join(f"  {where}" for _, where in fixed[:3])
         casts += f"\n  ... and {len(fixed) - 3} more" if len(fixed) > 3 else ""
         lines = "\n".join(x for x in (lines + more, casts) if x)
         more = ""
         what = (f"{what} and " if what else "") + (
-            f"the model's code casts to {', '.join(sorted({str(dt) for dt, _ in graph.signature['fixed_dtypes'] if dt != dtype}))} "
+            f"the model's code casts to {', '.join(sorted({str(dt) for dt, _ in fixed}))} "
             "(a no-op at capture, so no IR line shows it)")
     return DtypePinnedError(
         f"to({dtype}): {what}, so retyping the graph "
