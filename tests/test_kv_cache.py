@@ -288,8 +288,30 @@ def test_refuses_attention_with_a_mask_input():
     model, vocab = zoo.llama("sdpa")
     ids = torch.randint(0, vocab, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
-    with pytest.raises(KVCacheError, match="mask input"):
+    with pytest.raises(KVCacheError, match="mask computed from the input.s. attention_mask.*input_ids only"):
         fxforge.optimize(model, (ids,), example_kwargs={"attention_mask": mask}, kv_cache=True)
+
+
+class _PadMaskedDecoder(torch.nn.Module):
+    """Attention masked by the token values (pad tokens): a mask the cache cannot extend,
+    though the model was captured with input_ids only."""
+
+    def __init__(self, vocab=32, dim=16):
+        super().__init__()
+        self.emb, self.qkv, self.head = torch.nn.Embedding(vocab, dim), torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        q, k, v = self.qkv(self.emb(ids)).unsqueeze(1).chunk(3, dim=-1)
+        keep = (ids != 0)[:, None, None, :]
+        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+        return self.head(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep & causal)[:, 0])
+
+
+def test_refuses_a_mask_computed_from_the_tokens_and_says_so():
+    ids = torch.randint(1, 32, (2, 7))
+    with pytest.raises(KVCacheError, match="token values or the activations") as caught:
+        fxforge.optimize(_PadMaskedDecoder(), (ids,), kv_cache=True)
+    assert "input_ids only" not in str(caught.value)  # it was captured with input_ids only
 
 
 def test_refuses_a_graph_without_attention():

@@ -313,9 +313,8 @@ def _mask_input_problem(graph: Graph, attention: Node, max_seq_len: int | None =
     widths, other = set(), False
     for sizes in probe_sizes(graph, [bias], producers)[0]:
         value = evaluate(bias, producers, graph, sizes)
-        if value is None:  # reads a graph input: the user's attention_mask
-            return ("has a mask input the cache cannot extend; capture the model with input_ids only "
-                    "(generate() takes attention_mask itself)")
+        if value is None:  # reads a graph input, or is not evaluable from the sizes alone
+            return _data_mask_problem(graph, bias, producers)
         if ((value != 0) & (value > MASK_FILL_MAX)).any():
             return ("adds a bias built from the positions that is not a mask (values other than 0 and a large "
                     "negative fill: a relative position bias, such as T5's, read from a learned table by the "
@@ -352,6 +351,48 @@ def _mask_input_problem(graph: Graph, attention: Node, max_seq_len: int | None =
     return ("has a mask built from the sequence length that is not plain causal (not a band either: a "
             "prefix-LM or chunked pattern, say), which the KV cache does not support; it caches plain causal "
             "attention only" + hint)
+
+
+def _graph_inputs_read(graph: Graph, value: Value, producers) -> list[Value]:
+    """The graph inputs (not parameters) `value` is computed from, in the graph's order."""
+    seen, stack, found = set(), [value], set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen or v.param:
+            continue
+        seen.add(id(v))
+        node = producers.get(v)
+        if node is None:
+            found.add(id(v))
+        else:
+            stack.extend(node.inputs)
+    return [v for v in graph.inputs if id(v) in found]
+
+
+def _input_name(graph: Graph, i: int) -> str:
+    return graph.input_names[i] if i < len(graph.input_names) else f"input {i}"
+
+
+def _data_mask_problem(graph: Graph, bias: Value, producers) -> str:
+    """Why a mask that is not a function of the sizes cannot be cached, by what it reads:
+    a mask input of the user's has a remedy; a mask computed from the tokens or the
+    activations (a learned or top-k sparse attention) is the model's own and has none."""
+    inputs = _graph_inputs_read(graph, bias, producers)
+    users = roles.user_inputs(graph)
+    others = [v for v in inputs if not users or v is not users[0]]
+    if others:
+        index = {id(v): i for i, v in enumerate(graph.inputs)}
+        names = ", ".join(_input_name(graph, index[id(v)]) for v in others)
+        return (f"has a mask computed from the input(s) {names}, which the cache cannot extend for new tokens; "
+                "capture the model with input_ids only (generate() takes attention_mask itself)")
+    if inputs:
+        return ("has a mask computed from the token values or the activations (data-dependent: a mask from "
+                "pad tokens, or a learned or top-k sparse attention that picks its keys per query), which the "
+                "cache cannot extend for new tokens; it caches causal, sliding-window and ALiBi attention "
+                "only. Without kv_cache=True the model runs with its mask in the graph")
+    return ("has a mask the pass could not evaluate from the sizes (it is built by an op with effects or "
+            "by more than a few hundred ops), so it cannot prove what the mask is or extend it for new "
+            "tokens. Without kv_cache=True the model runs with its mask in the graph")
 
 
 # -- positions ------------------------------------------------------------------------------
