@@ -903,3 +903,44 @@ def test_gptj_sin_cos_rows_gathered_at_the_positions_are_per_row():
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     out = fast.generate(ids, 8, attention_mask=mask)
     assert torch.equal(out, ref), (out, ref)
+
+
+def test_xglm_sinusoidal_rows_selected_at_the_positions_are_per_row():
+    """XGLM looks its sinusoidal positions up with `table.index_select(0, ids.view(-1))
+    .view(1, T, D)`: fixed views a per-row [B, T] cannot pass through. It is
+    embedding(table, ids) exactly, so the positions become per row and a left-padded batch
+    generates what transformers does (it refused left padding before)."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    cfg = tr.XGLMConfig(vocab_size=128, d_model=64, ffn_dim=128, num_layers=2, attention_heads=4,
+                        max_position_embeddings=64, pad_token_id=0)
+    model = tr.XGLMForCausalLM(cfg).eval()
+    fast = _optimize(model, 128)
+    assert fast.kv_layout.per_row_positions and "index_select" not in fast.code
+    ids, mask = _padded_batch(128, [5, 9, 2])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = fast.generate(ids, 8, attention_mask=mask)
+    assert torch.equal(out, ref), (out, ref)
+
+
+def test_complex_rotary_through_polar_is_per_row():
+    """DeepSeek-V2 (as Meta's Llama code and Llama 4) rotates with complex numbers,
+    `freqs_cis = torch.polar(ones, angles)` and `view_as_complex(q) * freqs_cis`: ATen calls
+    the IR keeps opaque, whose types the positions can still follow (ROW_SAFE_CALLS), so a
+    left-padded batch generates what transformers does (it refused left padding before)."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    cfg = tr.DeepseekV2Config(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                              num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16,
+                              q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                              max_position_embeddings=64, pad_token_id=0, n_group=1, topk_group=1)
+    model = tr.DeepseekV2ForCausalLM(cfg).eval()
+    fast = _optimize(model, 128)
+    assert fast.kv_layout.per_row_positions and "polar" in fast.code
+    ids, mask = _padded_batch(128, [5, 9, 2])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = fast.generate(ids, 8, attention_mask=mask)
+    assert torch.equal(out, ref), (out, ref)

@@ -60,7 +60,7 @@ from ..ir.edit import dead_code_elimination, retyped
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, attention_has_bias, causal_keep
 from ..ir.types import SymType, TensorType, dims_equal, symbol
-from .position_tables import arange_table_offset, row_lookup, uniform_gather_value, uniform_value
+from .position_tables import arange_table_offset, flat_row_lookup, row_lookup, row_safe_call_type, uniform_gather_value, uniform_value
 
 # The names of the inputs this pass appends (the runtime finds them by their roles, ir/roles.py).
 CACHE_LEN, POSITIONS, KV_BIAS = "L", "kv_positions", "kv_bias"
@@ -454,6 +454,8 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
         lookup = row_lookup(graph, n, producers)
         if lookup is not None and lookup[1] in replace:
             nodes += _embedding_rows(n, *lookup)  # GPT-J's gather of sin/cos rows at the positions
+        elif (flat := flat_row_lookup(graph, n, producers)) is not None:
+            nodes += _embedding_rows(n, *flat)  # XGLM's index_select of rows: the same lookup, exactly
         elif any(v in replace for v in n.inputs[1:]) and (c := uniform_gather_value(graph, n)) is not None:
             nodes += _filled_like(n, c)  # reads the positions but not their values
         elif id(n) in filled:
@@ -621,7 +623,16 @@ def _retype(graph: Graph, replace: dict[Value, Value], prefix: list[Node] = ()) 
             continue
         inputs = tuple(renamed.get(v, v) for v in node.inputs)
         if OPS[node.op].kind == "opaque":
-            return None  # its types are recorded, not derived: they cannot follow the positions
+            # its types are recorded, not derived: they cannot follow the positions, except
+            # for the calls whose types position_tables derives (complex rotary)
+            t = row_safe_call_type(node, inputs)
+            if t is None:
+                return None
+            out = node.outputs[0]
+            if not t.same_as(out.type):
+                renamed[out] = Value(t, out.hint)
+            nodes.append(Node(node.op, inputs, node.attrs, (renamed.get(out, out),), node.meta))
+            continue
         try:
             new_node, changed = retyped(node, inputs, renamed)
         except Exception:

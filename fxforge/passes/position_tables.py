@@ -9,10 +9,12 @@ reads the tensor and says so, exactly (integers, every element), or declines.
 """
 from __future__ import annotations
 
+import sympy
 import torch
 
 from ..ir.graph import Graph, Node
 from ..ir.ops import Arg
+from ..ir.types import TensorType, broadcast_shapes, dims_equal
 
 
 def arange_table_offset(graph: Graph, node: Node) -> int | None:
@@ -102,3 +104,77 @@ def _through_unit_repeats(value, producers: dict):
         value = node.inputs[0]
         node = producers.get(value)
     return value
+
+
+# ATen calls the IR keeps opaque whose result types still follow their inputs, and which
+# treat a leading batch dim row by row: Meta-style complex rotary (Llama 4, DeepSeek-V2),
+# `freqs_cis = torch.polar(ones, angles)` applied as `view_as_complex(q) * freqs_cis`, reads
+# the positions through them. target -> (tensor operands, rule for the result type).
+def _complex_of(dtype: torch.dtype) -> torch.dtype | None:
+    return {torch.float32: torch.complex64, torch.float64: torch.complex128}.get(dtype)
+
+
+def _real_of(dtype: torch.dtype) -> torch.dtype | None:
+    return {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype)
+
+
+def _polar(a, b):
+    dtype = _complex_of(a.dtype) if a.dtype == b.dtype else None
+    return None if dtype is None else TensorType(broadcast_shapes(a.shape, b.shape), dtype)
+
+
+def _as_complex(a):
+    dtype = _complex_of(a.dtype)
+    ok = dtype is not None and a.rank >= 1 and a.shape[-1] == 2
+    return TensorType(tuple(a.shape[:-1]), dtype) if ok else None
+
+
+def _as_real(a):
+    dtype = _real_of(a.dtype)
+    return None if dtype is None else TensorType((*a.shape, sympy.Integer(2)), dtype)
+
+
+ROW_SAFE_CALLS = {"aten.polar.default": (2, _polar), "aten.view_as_complex.default": (1, _as_complex),
+                  "aten.view_as_real.default": (1, _as_real)}
+
+
+def row_safe_call_type(node: Node, inputs: tuple) -> TensorType | None:
+    """The result type of an opaque call of ROW_SAFE_CALLS over `inputs` (its operands
+    retyped), or None when it is not one, or not spelled plainly (tensor operands in order,
+    no other argument)."""
+    entry = ROW_SAFE_CALLS.get(node.attrs.get("target")) if node.op == "torch_call" else None
+    if entry is None or len(node.outputs) != 1:
+        return None
+    count, rule = entry
+    if tuple(node.attrs["args"]) != tuple(Arg(i) for i in range(count)) or node.attrs["kwargs"] \
+            or len(inputs) != count or not all(isinstance(v.type, TensorType) for v in inputs):
+        return None
+    try:
+        return rule(*(v.type for v in inputs))
+    except Exception:  # shapes that do not broadcast: not this call's spelling
+        return None
+
+
+def flat_row_lookup(graph: Graph, node: Node, producers: dict):
+    """XGLM's sinusoidal lookup, `table.index_select(0, ids.view(-1)).view(*ids.shape, D)` with
+    `table` a param [N, D] and `ids` [R, T] integers: row `ids[r, t]` of the table for every
+    (r, t), which is `embedding(table, ids)` exactly, whatever `ids` holds. Spelled so, a
+    per-row `ids` can follow (the fixed views cannot). Returns (table, ids) or None."""
+    if node.op != "view" or node.inputs[0] not in producers:
+        return None
+    select = producers[node.inputs[0]]
+    if select.op != "torch_call" or select.attrs["target"] != "aten.index_select.default" \
+            or tuple(select.attrs["args"]) != (Arg(0), 0, Arg(1)) or select.attrs["kwargs"]:
+        return None
+    table, flat = select.inputs
+    flatten = producers.get(flat)
+    if table.param is None or table.rank != 2 or flatten is None or flatten.op != "view":
+        return None
+    ids = flatten.inputs[0]
+    if ids.rank != 2 or ids.dtype not in (torch.int64, torch.int32) or flat.rank != 1:
+        return None
+    want = (*ids.shape, table.shape[1])
+    out = node.outputs[0]
+    if out.rank != 3 or not all(dims_equal(a, b) for a, b in zip(out.shape, want)):
+        return None
+    return table, ids
