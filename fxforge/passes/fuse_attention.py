@@ -435,22 +435,37 @@ def _neg_inf_rows_in_shape_mask(m: Match, terms: _Terms) -> bool:
     """The shape-only terms left as the bias put -inf on every key of some query row (a
     strictly causal j < i drops all of row 0), or may: such a row is NaN in eager (softmax
     of all -inf) but 0 from fused attention. Checked at the probe sizes; a -inf fill whose
-    mask cannot be evaluated there counts as one that may."""
+    mask cannot be evaluated at the sample sizes counts as one that may."""
     inf_fill = any(math.isinf(fill) for _, fill, _, _ in terms.fills)
     if not inf_fill and not terms.adds:
         return False
     producers = m.graph.producers()
     if any(shape_only_nodes(v, producers) is None for v in terms.values()):
         return False  # a mask from the inputs: _neg_inf_fill_from_inputs decides
-    for sizes in probe_sizes(m.graph, terms.values(), m.producers)[0]:
+    n_samples = len(sample_sizes(m.graph))
+    for index, sizes in enumerate(probe_sizes(m.graph, terms.values(), m.producers)[0]):
         bias = terms.evaluate_sum(m, sizes)
         if bias is None:
-            if inf_fill:
+            # a long probe the mask cannot be built at (a buffer shorter than it): the
+            # model cannot run there either
+            if inf_fill and index < n_samples:
                 return True
             continue
         if bias.dim() > 0 and bool(torch.isneginf(bias).all(-1).any()):
             return True
     return False
+
+
+def _cached_neg_inf_rows(forms: dict | None, m: Match, terms: _Terms) -> bool:
+    """_neg_inf_rows_in_shape_mask, once per mask per pass run (every layer reads the same
+    mask value)."""
+    if forms is None or terms.empty():
+        return not terms.empty() and _neg_inf_rows_in_shape_mask(m, terms)
+    key = ("neg_inf_rows", tuple((id(v), post, fold) for v, post, fold in terms.adds),
+           tuple((id(v), fill, when, fold) for v, fill, when, fold in terms.fills))
+    if key not in forms:  # the entry holds the mask values too, so no id in a key is reused
+        forms[key] = (_neg_inf_rows_in_shape_mask(m, terms), terms.values())
+    return forms[key][0]
 
 
 def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: bool, softcap: float | None = None,
@@ -481,7 +496,7 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
         if forms is not None:
             forms.setdefault(NAN_ROWS, []).append(m.root)
         return None
-    if softmax_spelled and _neg_inf_rows_in_shape_mask(m, terms):
+    if softmax_spelled and _cached_neg_inf_rows(forms, m, terms):
         if forms is not None:
             forms.setdefault(EMPTY_ROWS, []).append(m.root)
         return None
