@@ -80,6 +80,24 @@ def test_logical_ops_on_ints_and_floats():
     check(lambda a: torch.logical_not(a * 2).float() + 1, f)
 
 
+BOOL_ARITHMETIC = {
+    "add": lambda a, b: (a > 0) + (b > 100),  # True + True is True (int1 1 + 1 wrapped to 0)
+    "add_alpha": lambda a, b: torch.add(a > 0, b > 100, alpha=True),
+    "add_then_sum": lambda a, b: ((a > 0) + (b > 100)).sum(-1),
+    "add_then_float": lambda a, b: ((a > 0) + (b > 100)).float() * 3,
+    "mul": lambda a, b: (a > 0) * (b > 100) + (a > 100),
+    "maximum": lambda a, b: torch.maximum(a > 0, b > 100),  # a signed int1 max took True for -1
+    "minimum": lambda a, b: torch.minimum(a > 0, b > 100) | (a > 100),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BOOL_ARITHMETIC))
+def test_arithmetic_on_two_bools_is_logic(name):
+    a = torch.tensor([[[5, -5, 5, -5]]]).repeat(2, 3, 1)
+    b = torch.tensor([[[0, 200, 200, 0]]]).repeat(2, 3, 1)
+    check(BOOL_ARITHMETIC[name], a, b)
+
+
 MAXMIN = {
     "maximum": lambda a: torch.maximum(a * 2, torch.ones_like(a)),
     "minimum": lambda a: torch.minimum(a * 2, torch.ones_like(a)),

@@ -439,3 +439,79 @@ def test_neg_inf_fill_from_an_input_mask_stays_unfused_with_a_note():
     assert torch.allclose(out[0], ref[0], atol=1e-6)
     causal = fxforge.optimize(Spelling("div_sqrt_masked_fill").eval(), qkv(2, 7))
     assert causal.graph.count("attention") == 1
+
+
+class _HiddenWindow(nn.Module):
+    """A sliding window (or chunk, or clamped ALiBi distance) of 20 / 16 keys written so
+    that no integer constant says how wide: the proof must probe past it."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.register_buffer("window", torch.tensor(20), persistent=False)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = x.view(B, T, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        i = torch.arange(T)
+        d = i[:, None] - i[None, :]
+        keep = d >= 0
+        if self.how == "float_lt":
+            keep = keep & (d < 20.0)
+        elif self.how == "float_mul":
+            keep = keep & (d * 0.05 < 1.0)
+        elif self.how == "buffer_0d":
+            keep = keep & (d < self.window)
+        elif self.how == "tensor_in_forward":
+            keep = keep & (d < torch.tensor(20))
+        elif self.how == "float_chunks":
+            f = i.float()
+            keep = keep & (torch.floor(f[:, None] / 16.0) == torch.floor(f[None, :] / 16.0))
+        s = q @ k.transpose(-1, -2) / 4.0
+        if self.how == "clamped_alibi":
+            s = s + torch.tensor([0.5, 0.25]).view(-1, 1, 1) * (-d).float().clamp(min=-20.0)
+        return s.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("how", ["float_lt", "float_mul", "buffer_0d", "tensor_in_forward", "float_chunks",
+                                 "clamped_alibi"])
+def test_a_window_hidden_in_floats_or_tensors_is_not_dropped(how):
+    """Masks proven causal at lengths 5-12 only became plain causal though they drop keys
+    20 (16) back: the probe lengths now count float constants, their reciprocals, clamp
+    bounds and small tensors' values, and always include a generous power of two."""
+    torch.manual_seed(0)
+    model = _HiddenWindow(how).eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 8, 96),))
+    if how in ("float_lt", "float_mul", "buffer_0d", "tensor_in_forward"):
+        assert [n.attrs.get("window") for n in fast.graph.nodes if n.op == "attention"] == [20]
+    x = torch.randn(1, 40, 96)
+    torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class _StrictlyCausal(nn.Module):
+    def __init__(self, fill):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = x.view(B, T, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        i = torch.arange(T)
+        s = (q @ k.transpose(-1, -2) / 4.0).masked_fill(~(i[None, :] < i[:, None]), self.fill)
+        return s.softmax(-1) @ v
+
+
+def test_shape_mask_leaving_a_row_no_key_under_neg_inf_is_not_fused():
+    """Query 0 sees no key (j < i): eager's softmax of an all -inf row is NaN, fused
+    attention gives 0, so the rewrite declines (with a note); a finite fill stays fused."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 96)
+    model = _StrictlyCausal(float("-inf")).eval()
+    fast = fxforge.optimize(model, (x,))
+    assert fast.graph.count("attention") == 0
+    assert "leaves some query row no key" in fast.report()
+    out, ref = fast(x), model(x)
+    assert ref[:, :, 0].isnan().all() and torch.equal(out.isnan(), ref.isnan())
+    torch.testing.assert_close(out[:, :, 1:], ref[:, :, 1:])
+    finite = fxforge.optimize(_StrictlyCausal(torch.finfo(torch.float32).min).eval(), (x,))
+    assert finite.graph.count("attention") == 1

@@ -117,3 +117,48 @@ def test_parse_errors_name_the_line_and_a_missing_weight():
         parse(text.replace("%5", "%1"), params={"v": torch.ones(4)})
     g = parse(text.replace("%5", "%1"), params={"w": torch.ones(4)})
     assert g.params["w"].shape == (4,)
+
+
+def test_complex_constant_prints_parses_and_runs():
+    """`z * 2j`: a Python complex constant had no text form (optimize raised TypeError),
+    and the builder typed it float32, which would have dropped its imaginary part."""
+    import fxforge
+
+    b = Builder()
+    c = b.const(2j)
+    assert c.dtype == torch.complex64
+    text = """graph(%z: c64[B, 4]) {
+  %1: c64[] = const() {value=complex(-0.5, inf), dtype=c64}
+  %2: c64[B, 4] = mul(%z, %1)
+  return (%2)
+}"""
+    g = parse(text)
+    assert g.nodes[0].attrs["value"] == complex(-0.5, float("inf")) and str(g) == text
+    typecheck(g)
+
+    class Mul(torch.nn.Module):
+        def forward(self, z, x):
+            return z * 2j, x * (1 - 3j)
+
+    z, x = torch.randn(2, 6, 4, dtype=torch.complex64), torch.randn(2, 6, 4)
+    fast = fxforge.optimize(Mul().eval(), (z, x), backend="torch", verbose=False)
+    assert structurally_equal(fast.graph, parse(str(fast.graph)))
+    for got, want in zip(fast(z, x), Mul()(z, x)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+
+
+def test_clamp_bound_may_be_a_symbolic_size():
+    """x.clamp(max=x.shape[1] / 10) runs; the IR check rejected the bound T/10."""
+    import fxforge
+
+    class Clamp(torch.nn.Module):
+        def forward(self, x):
+            return x.clamp(min=-x.shape[1], max=x.shape[1] / 10)
+
+    fast = fxforge.optimize(Clamp().eval(), (torch.randn(2, 6, 8),), backend="torch", verbose=False)
+    typecheck(fast.graph)
+    assert structurally_equal(fast.graph, parse(str(fast.graph)))
+    for t in (6, 9):
+        x = torch.randn(2, t, 8) * 10
+        assert torch.equal(fast(x), Clamp()(x))

@@ -116,6 +116,9 @@ def _pow(x: str, c: float) -> str:
 _OWN_OPERAND_TYPES = frozenset({"const", "cast", "logical_and", "logical_or", "logical_not", "cat", "sum", "mean",
                                 "amax", "amin", "softmax", "layer_norm", "rms_norm"})
 _COMPARES = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
+# Arithmetic torch computes in bool (two bool operands: True + True is True) reads as
+# logic: in tl.int1, 1 + 1 wraps to 0, and a signed maximum takes 1 for -1.
+_BOOL_ARITHMETIC = {"add": "logical_or", "mul": "logical_and", "maximum": "logical_or", "minimum": "logical_and"}
 
 
 def step_types(body, input_dtypes) -> list[tuple]:
@@ -166,6 +169,8 @@ def expression(op: str, args: list[str], attrs: dict, consts: dict | None = None
     exponent = args[1] if op == "pow" else None
     if types is not None:
         args = _convert(op, args, types)
+        if types[1] == torch.bool:
+            op = _BOOL_ARITHMETIC.get(op, op)
     if op == "pow":
         return _pow(args[0], float(consts[exponent]))
     if op in _SPECIAL:

@@ -10,6 +10,9 @@ from .graph import Node, Value
 from .ops import OPS, IRTypeError
 from .types import TensorType, Type
 
+# The dtype torch gives a Python complex scalar, by the default float dtype.
+_DEFAULT_COMPLEX = {torch.float64: torch.complex128, torch.float16: torch.complex32}
+
 
 class Builder:
     def __init__(self, meta: dict | None = None, registry=None):
@@ -46,6 +49,8 @@ class Builder:
                 dtype = torch.bool
             elif isinstance(value, (int, sympy.Integer)) or (isinstance(value, sympy.Basic) and value.is_integer):
                 dtype = torch.int64
+            elif isinstance(value, complex):  # torch's default complex dtype, as for `z * 2j`
+                dtype = _DEFAULT_COMPLEX.get(torch.get_default_dtype(), torch.complex64)
             else:
                 dtype = torch.get_default_dtype()
         if isinstance(value, sympy.Basic) and value.is_number:

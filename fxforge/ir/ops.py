@@ -921,7 +921,7 @@ REDUCE = "dims: ints, keepdim: bool"
 OPS_LIST: list[OpDef] = [
     # constants
     OpDef("const", "constant", infer_const, _const, triton="{value}", doc="a 0-dim constant",
-          arity=(0, 0), attrs="value: scalar, dtype: dtype", traits={"needs_device"}),
+          arity=(0, 0), attrs="value: scalar|complex, dtype: dtype", traits={"needs_device"}),
     # pointwise (the arity comes from the template)
     _pw("add", torch.add, "{0} + {1}"),
     _pw("sub", torch.sub, "{0} - {1}"),
@@ -972,7 +972,7 @@ OPS_LIST: list[OpDef] = [
     _unary_float("reciprocal", torch.reciprocal, "1.0 / {0}"),
     _pw("silu", F.silu, "{0} * tl.sigmoid({0})", infer_same),
     _pw("gelu", _gelu, "gelu_{approximate}({0})", infer_same, attrs="approximate?: str"),
-    _pw("clamp", _clamp, "clamp({0}, {min}, {max})", infer_same, attrs="min: float|none, max: float|none"),
+    _pw("clamp", _clamp, "clamp({0}, {min}, {max})", infer_same, attrs="min: float|size|none, max: float|size|none"),
     _pw("cast", _cast, "{0}.to({dtype})", infer_cast, attrs="dtype: dtype"),
     _pw("where", torch.where, "tl.where({0}, {1}, {2})", infer_where),
     # reductions (over explicit dims)

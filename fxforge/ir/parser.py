@@ -208,10 +208,21 @@ def interpret_atom(text: str, cache: dict):
             raise ParseError(f"bad device {text!r}: {e}") from None
     if re.fullmatch(r"-?\d+", text):
         return int(text)
+    m = re.fullmatch(r"complex\(([^,()]+),([^,()]+)\)", text)
+    if m:  # format_attr's complex(real, imag), each part a float's text form
+        return complex(*(_float_part(part.strip(), text) for part in m.groups()))
     try:
         return float(text)
     except ValueError:
         return parse_dim(text, cache)
+
+
+def _float_part(text: str, whole: str) -> float:
+    keywords = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
+    try:
+        return keywords[text] if text in keywords else float(text)
+    except ValueError:
+        raise ParseError(f"bad complex constant {whole!r}: {text!r} is not a float") from None
 
 
 def _string(text: str) -> str:

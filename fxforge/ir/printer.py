@@ -66,6 +66,8 @@ def format_attr(value) -> str:
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
         return repr(value)
+    if isinstance(value, complex):  # a Python complex constant (z * 2j); each part as a float
+        return f"complex({format_attr(value.real)}, {format_attr(value.imag)})"
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, torch.dtype):

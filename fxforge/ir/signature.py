@@ -48,6 +48,7 @@ ATTR_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "dtype": ("a dtype", lambda v: isinstance(v, torch.dtype)),
     "size": ("a size (int or expression)", _is_size),
     "scalar": ("a number", lambda v: isinstance(v, (bool, float)) or _is_size(v)),
+    "complex": ("a complex number", lambda v: isinstance(v, complex)),
     "none": ("none", lambda v: v is None),
     "ints": ("a tuple of ints", _tuple_of(_is_int)),
     "sizes": ("a tuple of sizes", _tuple_of(_is_size)),

@@ -12,8 +12,10 @@ put every constant last in mul/add):
   - K/V repeated for grouped-query attention (repeat_kv's unsqueeze+expand+view, or
     repeat_interleave): the repeat disappears, the op reads the smaller K/V;
   - a mask that depends only on shapes (built from arange/tril/comparisons, or sliced
-    from a buffer) is evaluated at sample sizes and at one longer than any integer it is
-    built from: causal at all of them becomes causal=true, a band of W keys window=W, and
+    from a buffer) is evaluated at sample sizes and at longer ones past every number it is
+    built from (integers, floats and their reciprocals, clamp bounds, small tensors' values)
+    and a power of two above: causal at all of them becomes causal=true, a band of W keys
+    window=W, and
     slopes[h] * (k - q) (plus any per-row constant) on the kept entries alibi=true with the
     slopes as an f32[H] input (only if computed in float32 or wider);
   - a soft-cap tanh(s / c) * c between the scaled scores and the mask: softcap=c;
@@ -29,7 +31,8 @@ masked_fill whose fill value is not a large negative number, non-constant scales
 Masks that are not shape-only stay as an additive `bias` input. Rows whose every key is
 masked are padding rows: with a finite fill (finfo.min) eager and fused agree; a softmax
 over scores filled with -inf where a mask from the inputs says is declined (eager gives NaN
-on a row that mask drops entirely, the fused op 0, SDPA's convention), with a report note.
+on a row that mask drops entirely, the fused op 0, SDPA's convention), with a report note;
+so is one whose shape-only mask leaves a row no key at some probe size (j < i).
 """
 from __future__ import annotations
 
@@ -264,7 +267,7 @@ def _mask_form(m: Match, terms: _Terms, q: Value, k: Value) -> MaskForm | None:
     query sees its last W keys), either of those plus an ALiBi bias, or an ALiBi bias
     alone. Dropped entries must be at most MASK_FILL_MAX; kept ones must be
     slopes[h] * (j - i) plus a constant per row, the same slopes at every size, computed in
-    float32 or wider. The sizes include one longer than any integer the mask is built from:
+    float32 or wider. The sizes include ones longer than any number the mask is built from:
     a sliding window of W keys (Mistral) is causal at every T <= W. Too long to evaluate:
     not proven, the mask stays a bias."""
     if terms.empty() or (q.rank == 4 and not q.shape[1].is_number):
@@ -413,6 +416,9 @@ def _slopes_param(graph, slopes: tuple[float, ...]) -> Value:
 # -- the rewrite -------------------------------------------------------------------------------
 # forms[NAN_ROWS]: the roots of attentions declined for -inf fills from input masks
 NAN_ROWS = "nan_rows"
+# forms[EMPTY_ROWS]: the roots of attentions declined for a shape-only mask that leaves a
+# query row no key under a -inf fill
+EMPTY_ROWS = "empty_rows"
 
 
 def _neg_inf_fill_from_inputs(m: Match, terms: _Terms) -> bool:
@@ -423,6 +429,43 @@ def _neg_inf_fill_from_inputs(m: Match, terms: _Terms) -> bool:
     producers = m.graph.producers()
     return any(math.isinf(fill) and shape_only_nodes(mask, producers) is None
                for mask, fill, _, _ in terms.fills)
+
+
+def _neg_inf_rows_in_shape_mask(m: Match, terms: _Terms) -> bool:
+    """The shape-only terms left as the bias put -inf on every key of some query row (a
+    strictly causal j < i drops all of row 0), or may: such a row is NaN in eager (softmax
+    of all -inf) but 0 from fused attention. Checked at the probe sizes; a -inf fill whose
+    mask cannot be evaluated at the sample sizes counts as one that may."""
+    inf_fill = any(math.isinf(fill) for _, fill, _, _ in terms.fills)
+    if not inf_fill and not terms.adds:
+        return False
+    producers = m.graph.producers()
+    if any(shape_only_nodes(v, producers) is None for v in terms.values()):
+        return False  # a mask from the inputs: _neg_inf_fill_from_inputs decides
+    n_samples = len(sample_sizes(m.graph))
+    for index, sizes in enumerate(probe_sizes(m.graph, terms.values(), m.producers)[0]):
+        bias = terms.evaluate_sum(m, sizes)
+        if bias is None:
+            # a long probe the mask cannot be built at (a buffer shorter than it): the
+            # model cannot run there either
+            if inf_fill and index < n_samples:
+                return True
+            continue
+        if bias.dim() > 0 and bool(torch.isneginf(bias).all(-1).any()):
+            return True
+    return False
+
+
+def _cached_neg_inf_rows(forms: dict | None, m: Match, terms: _Terms) -> bool:
+    """_neg_inf_rows_in_shape_mask, once per mask per pass run (every layer reads the same
+    mask value)."""
+    if forms is None or terms.empty():
+        return not terms.empty() and _neg_inf_rows_in_shape_mask(m, terms)
+    key = ("neg_inf_rows", tuple((id(v), post, fold) for v, post, fold in terms.adds),
+           tuple((id(v), fill, when, fold) for v, fill, when, fold in terms.fills))
+    if key not in forms:  # the entry holds the mask values too, so no id in a key is reused
+        forms[key] = (_neg_inf_rows_in_shape_mask(m, terms), terms.values())
+    return forms[key][0]
 
 
 def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: bool, softcap: float | None = None,
@@ -452,6 +495,10 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
     if softmax_spelled and _neg_inf_fill_from_inputs(m, terms):
         if forms is not None:
             forms.setdefault(NAN_ROWS, []).append(m.root)
+        return None
+    if softmax_spelled and _cached_neg_inf_rows(forms, m, terms):
+        if forms is not None:
+            forms.setdefault(EMPTY_ROWS, []).append(m.root)
         return None
     folded = q.rank == 3  # heads folded into the batch: [B*H, T, D]
     if folded and slopes is not None:
@@ -744,6 +791,11 @@ def fuse_attention(graph, ctx=None):
                      "eager (softmax of all -inf) but 0 from fused attention (SDPA's convention), so fusing "
                      "would change the answer there; fill with torch.finfo(dtype).min (as transformers does) or "
                      "call F.scaled_dot_product_attention to have it fused")
+        empty_rows = forms.get(EMPTY_ROWS, [])
+        if empty_rows:
+            ctx.note(f"{len(empty_rows)} attention(s) left unfused, e.g. the one{empty_rows[0].where()}: the "
+                     "mask leaves some query row no key and fills with -inf, so eager gives NaN on that row "
+                     "(softmax of all -inf) where fused attention gives 0; the ops run as written")
         if left:
             ctx.note(f"{len(left)} softmax ops whose probabilities feed a matmul (attention, by the look of it) "
                      f"were not fused, e.g. the one{left[0].where()}: its spelling is not one this pass proves the "

@@ -7,6 +7,8 @@ buffers, and sizes (symbols, bound here to sample values).
 """
 from __future__ import annotations
 
+import math
+
 import sympy
 import torch
 
@@ -82,31 +84,71 @@ def sample_sizes(graph: Graph, count: int = 3) -> list[dict]:
     return out
 
 
-# Masks are checked at one length beyond every integer the mask is built from (a sliding
+# Masks are checked at one length beyond every number the mask is built from (a sliding
 # window of W keys looks causal at every T <= W): above this length the [T, T] tensors
 # cost too much to evaluate, and a pass must not assume the mask is causal.
 MAX_PROBE_LENGTH = 4098
+# Every mask is also checked at a power of two at least twice its largest number, and at
+# least this long: a window written in a way the number scan does not see (a product of
+# constants, say) is still caught when it is shorter than this.
+MIN_LONG_PROBE = 64
+# A float at or below this is a fill (-1e4, -1e9, finfo.min, -inf put where keys are
+# dropped), not a length: counting it would put every such mask over MAX_PROBE_LENGTH.
+FILL_LIKE = -1e4
+# Parameters with at most this many elements have each value counted (a window in a 0-d
+# buffer, ALiBi slopes); larger ones their largest magnitude.
+SMALL_PARAM = 64
 
 
-def _integers_in(nodes: list[Node]) -> list[int]:
-    """Every integer a subgraph is built from: int attrs and constants, and the integers
-    inside symbolic attrs (T - 4)."""
-    found: list[int] = []
+def _magnitudes(x: float) -> list[float]:
+    """The lengths a number can stand for in a mask: |x|, and 1/|x| for a fraction (a
+    window of 20 written `d * 0.05 < 1`, chunks `floor(i / 16.0)` as `i * 0.0625`)."""
+    a = abs(x)
+    return [a, 1.0 / a] if 0 < a < 1 else [a]
 
-    def collect(a):
-        if isinstance(a, bool):
-            return
-        if isinstance(a, int):
-            found.append(abs(a))
-        elif isinstance(a, sympy.Basic):
-            found.extend(abs(int(i)) for i in a.atoms(sympy.Integer))
-        elif isinstance(a, (tuple, list)):
-            for x in a:
-                collect(x)
 
+def _number_magnitudes(a) -> list[float]:
+    """The magnitudes of the numbers in one attr: ints, floats other than fills, and the
+    numbers inside symbolic attrs (T - 4, T / 16)."""
+    if isinstance(a, bool) or a is None:
+        return []
+    if isinstance(a, int):
+        return [float(abs(a))]
+    if isinstance(a, float):
+        return [] if not math.isfinite(a) or a <= FILL_LIKE else _magnitudes(a)
+    if isinstance(a, complex):
+        return _number_magnitudes(a.real) + _number_magnitudes(a.imag)
+    if isinstance(a, sympy.Basic):
+        return [m for n in a.atoms(sympy.Number) if n.is_real and n.is_finite for m in _magnitudes(float(n))]
+    if isinstance(a, (tuple, list)):
+        return [m for x in a for m in _number_magnitudes(x)]
+    return []
+
+
+def _param_magnitudes(t: torch.Tensor) -> list[float]:
+    """The numbers a parameter read by a mask holds (a window in a 0-d buffer, or made in
+    forward as torch.tensor(20), which capture lifts to a parameter), fills left out."""
+    if t.dtype == torch.bool or t.is_complex() or t.numel() == 0:
+        return []
+    x = t.detach().double().flatten()
+    x = x[torch.isfinite(x) & (x > FILL_LIKE)]
+    if x.numel() == 0:
+        return []
+    if x.numel() > SMALL_PARAM:
+        x = x.abs().max().reshape(1)
+    return [m for v in x.tolist() for m in _magnitudes(v)]
+
+
+def _numbers_in(nodes: list[Node], graph: Graph) -> list[float]:
+    """The magnitude of every number a subgraph is built from: attrs and constants
+    (comparison bounds, clamp bounds, divisors), and the values of the parameters it reads."""
+    found = [m for node in nodes for a in node.attrs.values() for m in _number_magnitudes(a)]
+    seen: set[str] = set()
     for node in nodes:
-        for a in node.attrs.values():
-            collect(a)
+        for v in node.inputs:
+            if v.param and v.param in graph.params and v.param not in seen:
+                seen.add(v.param)
+                found.extend(_param_magnitudes(graph.params[v.param]))
     return found
 
 
@@ -116,26 +158,40 @@ def _param_sizes_in(nodes: list[Node], graph: Graph) -> list[int]:
             for d in graph.params[v.param].shape]
 
 
+def _long_lengths(nodes: list[Node], graph: Graph) -> tuple[set[int], bool]:
+    """(lengths, complete): one past the largest number in the subgraph, a generous power of
+    two above it, and the sizes of the parameters read; complete=False when the numbers
+    need a length over MAX_PROBE_LENGTH."""
+    largest = max(_numbers_in(nodes, graph), default=0.0)
+    if largest + 2 > MAX_PROBE_LENGTH:
+        return set(), False
+    just_past = math.floor(largest) + 2
+    generous = max(MIN_LONG_PROBE, 1 << math.ceil(math.log2(2 * largest + 2)))
+    lengths = {just_past, min(generous, MAX_PROBE_LENGTH), max(_param_sizes_in(nodes, graph), default=0)}
+    return lengths, True
+
+
 def probe_sizes(graph: Graph, values: list[Value], producers: dict[Value, Node]) -> tuple[list[dict], bool]:
     """(sizes, complete): the sample sizes, plus longer ones that show a window, offset or
-    band wider than the samples: one longer than every integer the subgraphs of `values`
-    are built from (a window of 16 keys looks causal at every T <= 16), and one as long as
-    the parameters they read (a mask buffer, sliced to T, is valid up to its size).
-    complete=False when such a length is over MAX_PROBE_LENGTH (not evaluated: a caller
-    must not conclude the mask is plain causal)."""
+    band wider than the samples: one longer than every number the subgraphs of `values`
+    are built from (a window of 16 keys looks causal at every T <= 16; the numbers include
+    float constants, their reciprocals and small parameters' values), a generous power of
+    two above that, and one as long as the parameters they read (a mask buffer, sliced to
+    T, is valid up to its size). complete=False when such a length is over
+    MAX_PROBE_LENGTH (not evaluated: a caller must not conclude the mask is plain causal)."""
     sizes = sample_sizes(graph)
-    if not sizes:
-        return sizes, True
+    if not sizes or not sizes[-1]:
+        return sizes, True  # no symbol: every length is the one sampled
     nodes = [n for value in values for n in (shape_only_nodes(value, producers) or [])]
-    lengths = {max(_integers_in(nodes), default=0) + 2, max(_param_sizes_in(nodes, graph), default=0)}
+    lengths, complete = _long_lengths(nodes, graph)
     sampled = max(max(s.values(), default=0) for s in sizes)
-    complete = True
     for length in sorted(x for x in lengths if x > sampled):
         if length > MAX_PROBE_LENGTH:
             complete = False
             continue
         sizes.append({s: (1 if str(s).startswith("B") else length) for s in sizes[-1]})
     return sizes, complete
+
 
 
 def band_width(keep: torch.Tensor) -> int | None:
