@@ -146,9 +146,10 @@ def _split_tile(x, mask_m, threshold, HAS_OUTLIERS: tl.constexpr):
     """LLM.int8()'s split of a [BLOCK_M, BLOCK_K] float32 tile of x, per token: (inliers,
     the outlier mask [BLOCK_M, BLOCK_K], whether the tile has one). An entry is an outlier
     of its row if |x| > threshold (quant_formats.w8a8_split_activations): no row's split
-    depends on another's."""
+    depends on another's. Rows past M (mask_m) hold zeros: never an outlier, for
+    threshold > 0, and a zero product otherwise."""
     if HAS_OUTLIERS:
-        out = mask_m[:, None] & (tl.abs(x) > threshold)
+        out = tl.abs(x) > threshold
         return tl.where(out, 0.0, x), out, tl.max(tl.where(out, 1, 0)) > 0
     else:
         return x, x != x, False
