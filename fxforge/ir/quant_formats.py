@@ -501,18 +501,33 @@ def w8a8_outlier_matmul(x2: Tensor, qweight: Tensor, scale: Tensor, idx: Tensor,
     in idx with |x2[m, k]| > threshold (row m's own outliers) of x2[m, k] * W[:, k], W
     dequantized from int8 (or taken from ``weight``, a pre-dequantized [N, K] float weight).
 
-    Summed column by column in ascending k, one rounded product and one rounded sum each:
-    another row's outlier column adds an exact zero to row m, so row m's result is bitwise
-    the same in any batch (a matmul over the columns would group its sums by position)."""
+    Each row adds its own outliers one at a time, in ascending k (one rounded product and
+    one rounded sum each; a row with fewer outliers than another adds exact zeros after its
+    last): row m's result is bitwise the same in any batch, on any device. A matmul over
+    the columns would not be: it groups its sums by position, and another row's outlier
+    column puts a zero between two of row m's. Cost: (most outliers in a row) x M x N."""
     xo = x2[:, idx].float()
-    xo = xo.masked_fill(~w8a8_outliers(xo, threshold), 0.0)
+    out = w8a8_outliers(xo, threshold)
     if weight is not None:
-        w_cols = weight[:, idx].float()
+        w_t = weight[:, idx].float().T
     else:
-        w_cols = qweight[:, idx].float() * scale.float()[:, None]
-    y = torch.zeros(x2.shape[0], w_cols.shape[0], dtype=torch.float32, device=x2.device)
-    for j in range(xo.shape[1]):
-        y.add_(xo[:, j, None] * w_cols[None, :, j])
+        w_t = (qweight[:, idx].float() * scale.float()[:, None]).T
+    w_t = w_t.contiguous()
+    y = torch.zeros(x2.shape[0], w_t.shape[1], dtype=torch.float32, device=x2.device)
+    if bool(out.all()):  # one row (a decode step), or outlier features every row has
+        for j in range(w_t.shape[0]):
+            y.add_(xo[:, j, None] * w_t[j][None, :])
+        return y
+    rank = int(out.sum(dim=1).max())
+    # per row: the positions of its outliers first, in ascending column order (a stable
+    # sort), then others whose value is replaced by 0
+    order = torch.sort((~out).to(torch.uint8), dim=1, stable=True).indices[:, :rank]
+    vals = xo.gather(1, order).masked_fill(~out.gather(1, order), 0.0)
+    # a rank whose column is every row's reads one weight row instead of one per row
+    shared = (order == order[:1]).all(dim=0).tolist()
+    for r in range(rank):
+        w_r = w_t[order[0, r]][None, :] if shared[r] else w_t[order[:, r]]
+        y.add_(vals[:, r, None] * w_r)
     return y
 
 

@@ -389,12 +389,23 @@ def test_w8a8_row_result_does_not_depend_on_the_batch(dtype):
     m, k, n = 4, 128, 24
     p = qf.quantize_weight(_w(n, k, seed=3), "w8a8")
     x = _w8a8_batch(m, k).to(dtype)
+    # outlier features every token has (one float product per feature, in one pass), and
+    # those plus a row's own (per-row ranks, some columns shared by all rows, some not)
+    common = _w(m, k, seed=8)
+    common[:, [10, 20, 70]] = torch.tensor([9.0, -30.0, 7.0])
+    mixed = common.clone()
+    mixed[2, [15, 90]] = -12.0
+    dense = _w(m, k, seed=11, scale=3.0)  # about 6 outliers a row, 20 columns: a matmul over them
+    # would group row m's sums differently in the batch (zeros between them) and alone
     bias = _w(1, n, seed=5).reshape(n).to(dtype)
     for fn in (qf.quant_linear_reference, quant_linear_torch):
-        batch = fn(x, p, bias)
-        alone = torch.cat([fn(x[i:i + 1], p, bias) for i in range(m)])
-        assert torch.equal(batch, alone), fn.__name__
-        assert torch.equal(fn(x.reshape(2, 2, k), p, bias).reshape(m, n), batch)
+        for xs in (x, common.to(dtype), mixed.to(dtype), dense.to(dtype)):
+            batch = fn(xs, p, bias)
+            alone = torch.cat([fn(xs[i:i + 1], p, bias) for i in range(m)])
+            assert torch.equal(batch, alone), fn.__name__
+            assert torch.equal(fn(xs.reshape(2, 2, k), p, bias).reshape(m, n), batch)
+    exact = x.float() @ qf.dequantize_weight(p).T + bias.float()
+    assert (qf.quant_linear_reference(x.float(), p, bias.float()) - exact).abs().max() < 0.01 * exact.abs().max()
     x_q, x_scale, idx = qf.w8a8_split_activations(x, 6.0)
     assert x_q[1, 3] != 0 and x_q[0, 3] == 0  # row 0's outlier column: row 1 still quantizes it
     for i in range(m):
