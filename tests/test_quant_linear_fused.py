@@ -79,6 +79,31 @@ def test_residual_norm_prologue_and_swiglu_epilogue(dtype, rows, scheme, thresho
     torch.testing.assert_close(got[0], want[0], **TOL[dtype])
 
 
+@pytest.mark.parametrize("prologue", [False, True])
+def test_w8a8_row_result_does_not_depend_on_the_batch(prologue, blocks):
+    """Outliers are per token: row 1's 5.5 in row 0's outlier column (40.0) is quantized
+    with row 1, as when row 1 runs alone; so is every row's result (with the add + RMSNorm
+    prologue too, a row's statistics being its own)."""
+    torch.manual_seed(5)
+    k, n = 72, 20
+    parts, q = _packed(n, k, "w8a8", 6.0)
+    x = torch.randn(3, k)
+    x[0, 5], x[1, 5], x[2, 40], x[0, 40] = 40.0, 5.5, -7.5, 5.0
+    if prologue:
+        zeros, ones = torch.zeros(3, k), torch.ones(k)
+        tensors = lambda rows: (x[rows], zeros[rows], ones, *parts)  # noqa: E731
+        attrs = _attrs(q, prologue=RMS_ADD, prologue_outputs=("t8", "t0"), row=k, n_x=3, columns=((0, n),))
+    else:
+        tensors = lambda rows: (x[rows], *parts)  # noqa: E731
+        attrs = _attrs(q, columns=((0, n),))
+    pick = lambda out: out[0] if prologue else out  # noqa: E731
+    got = pick(run_gemv(tensors(slice(None)), attrs))
+    for i in range(3):
+        alone = pick(decode_gemv_reference(*tensors(slice(i, i + 1)), **attrs))
+        torch.testing.assert_close(got[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[i:i + 1], pick(run_gemv(tensors(slice(i, i + 1)), attrs)), rtol=1e-5, atol=1e-5)
+
+
 def test_declines_a_format_it_does_not_implement():
     torch.manual_seed(4)
     p = quantize_weight(torch.randn(8, 64), "int4", group_size=32)

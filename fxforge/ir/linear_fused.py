@@ -16,7 +16,7 @@ means, step by step (`compose` below evaluates exactly this):
      (an MLP's down projection after its activation).
 A quantized linear (attrs `parts` and `qattrs`, as the quant_linear op's): in place of the
 one weight input come its packed parts, and step 2 is quant_linear(x, *parts, [bias])
-(e.g. w8a8's per-token int8 quantization of x with the outlier columns kept in float).
+(e.g. w8a8's per-token int8 quantization of x with each row's outliers kept in float).
 Results: z, else the epilogue's outputs (or y); then the prologue's extra outputs.
 
 Why an op of its own: a decode step multiplies a handful of rows by each weight, and then

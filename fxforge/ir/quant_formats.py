@@ -40,14 +40,17 @@ and ``y = x @ W.T + b``.  Schemes (``SCHEMES``):
 
 ``w8a8``  int8 weights exactly as ``int8`` (``qweight`` int8 ``[N, K]``, ``scale`` float32
     ``[N]``) plus per-token dynamic int8 activation quantization at run time with LLM.int8()
-    outlier decomposition: input features (columns of x) whose |value| exceeds ``threshold``
-    (default 6.0; ``None`` disables the decomposition) in any row of the *current* input are
-    computed in float32 against the weight columns **dequantized from int8** -- no float copy
-    of the weight is kept, so the memory is the same as ``int8``.  Implication: outlier columns
-    are exact in the activation but still carry the int8 weight rounding error
-    (<= scale/2 per element), unlike LLM.int8() which keeps those columns in fp16.  The other
-    columns are quantized per token (``x_scale[m] = max|x[m, inliers]| / 127``) and computed as
-    an int8 x int8 -> int32 product scaled by ``x_scale[m] * scale[n]``.
+    outlier decomposition, decided per token (row): the entries of row m whose |value|
+    exceeds ``threshold`` (default 6.0; ``None`` disables the decomposition), its outliers,
+    are computed in float32 against the weight columns **dequantized from int8** -- no float
+    copy of the weight is kept, so the memory is the same as ``int8``.  Implication: outliers
+    are exact in the activation but still carry the int8 weight rounding error (<= scale/2
+    per element), unlike LLM.int8() which keeps those columns in fp16.  The row's other
+    entries are quantized per token (``x_scale[m] = max|x[m, inliers of m]| / 127``) and
+    computed as an int8 x int8 -> int32 product scaled by ``x_scale[m] * scale[n]``.  Each
+    row's result depends on that row alone, bitwise: the same in any batch (LLM.int8()
+    chooses outlier *columns* over the whole input, so a row's result would change with the
+    other rows it is batched with).
 
 Every packed object is a small dataclass of plain tensors with ``tensors()`` (named tensors,
 e.g. to store as graph parameters), ``attrs()`` (plain python values: scheme, shape,
@@ -68,7 +71,7 @@ __all__ = [
     "check_quantizable", "fitting_group_size", "quantize_weight", "dequantize_weight", "packed_nbytes",
     "unpack_parts",
     "quant_linear_reference", "quantize_activations_per_token", "w8a8_linear_reference",
-    "w8a8_split_activations", "w8a8_outlier_matmul", "w8a8_linear_decomposed",
+    "w8a8_outliers", "w8a8_split_activations", "w8a8_outlier_matmul", "w8a8_linear_decomposed",
     "nf4_code_table", "nf4_dequantize_absmax",
     "pack_nibbles", "unpack_nibbles", "decode_nibbles",
 ]
@@ -466,32 +469,66 @@ def quantize_activations_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     return q.reshape(x.shape), scale.reshape(lead)
 
 
-def w8a8_split_activations(x2: Tensor, threshold: float | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """LLM.int8() decomposition of x2 [M, K]: (x_q int8 [M, K], x_scale float32 [M], outlier_idx).
+def w8a8_outliers(x2: Tensor, threshold: float) -> Tensor:
+    """bool [M, K]: the outliers of x2 [M, K], each row's own: |x2[m, k]| > threshold."""
+    return x2.abs() > threshold
 
-    Columns with any |x| > threshold are outliers: they are zeroed before the per-token
-    quantization and returned as ``outlier_idx`` (int64 [n_out], or None if there are none).
+
+def w8a8_split_activations(x2: Tensor, threshold: float | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """LLM.int8() decomposition of x2 [M, K], per token: (x_q int8 [M, K], x_scale float32 [M], outlier_idx).
+
+    Row m's outliers are its entries with |x| > threshold (:func:`w8a8_outliers`): they are
+    zeroed in that row only before its per-token quantization, so a row's x_q and x_scale
+    depend on that row alone.  ``outlier_idx`` (int64 [n_out], or None if there are none)
+    lists the columns that hold an outlier in some row: where :func:`w8a8_outlier_matmul`
+    looks for them.
     """
     x2 = x2.float()
     idx = None
     if threshold is not None and x2.numel() > 0:
-        mask = (x2.abs() > threshold).any(dim=0)
-        if bool(mask.any()):
-            idx = mask.nonzero().squeeze(1)
-            x2 = x2.masked_fill(mask[None, :], 0.0)
+        out = w8a8_outliers(x2, threshold)
+        cols = out.any(dim=0)
+        if bool(cols.any()):
+            idx = cols.nonzero().squeeze(1)
+            x2 = x2.masked_fill(out, 0.0)
     x_q, x_scale = quantize_activations_per_token(x2)
     return x_q, x_scale, idx
 
 
-def w8a8_outlier_matmul(x2: Tensor, qweight: Tensor, scale: Tensor, idx: Tensor,
+def w8a8_outlier_matmul(x2: Tensor, qweight: Tensor, scale: Tensor, idx: Tensor, threshold: float,
                         weight: Tensor | None = None) -> Tensor:
-    """float32 [M, N] contribution of outlier columns ``idx``: x2[:, idx] @ W[:, idx].T with W
-    dequantized from int8 (or taken from ``weight``, a pre-dequantized [N, K] float weight)."""
+    """float32 [M, N] contribution of the outliers in columns ``idx``: y[m] = sum over the k
+    in idx with |x2[m, k]| > threshold (row m's own outliers) of x2[m, k] * W[:, k], W
+    dequantized from int8 (or taken from ``weight``, a pre-dequantized [N, K] float weight).
+
+    Each row adds its own outliers one at a time, in ascending k (one rounded product and
+    one rounded sum each; a row with fewer outliers than another adds exact zeros after its
+    last): row m's result is bitwise the same in any batch, on any device. A matmul over
+    the columns would not be: it groups its sums by position, and another row's outlier
+    column puts a zero between two of row m's. Cost: (most outliers in a row) x M x N."""
+    xo = x2[:, idx].float()
+    out = w8a8_outliers(xo, threshold)
     if weight is not None:
-        w_cols = weight[:, idx].float()
+        w_t = weight[:, idx].float().T
     else:
-        w_cols = qweight[:, idx].float() * scale.float()[:, None]
-    return x2[:, idx].float() @ w_cols.T
+        w_t = (qweight[:, idx].float() * scale.float()[:, None]).T
+    w_t = w_t.contiguous()
+    y = torch.zeros(x2.shape[0], w_t.shape[1], dtype=torch.float32, device=x2.device)
+    if bool(out.all()):  # one row (a decode step), or outlier features every row has
+        for j in range(w_t.shape[0]):
+            y.add_(xo[:, j, None] * w_t[j][None, :])
+        return y
+    rank = int(out.sum(dim=1).max())
+    # per row: the positions of its outliers first, in ascending column order (a stable
+    # sort), then others whose value is replaced by 0
+    order = torch.sort((~out).to(torch.uint8), dim=1, stable=True).indices[:, :rank]
+    vals = xo.gather(1, order).masked_fill(~out.gather(1, order), 0.0)
+    # a rank whose column is every row's reads one weight row instead of one per row
+    shared = (order == order[:1]).all(dim=0).tolist()
+    for r in range(rank):
+        w_r = w_t[order[0, r]][None, :] if shared[r] else w_t[order[:, r]]
+        y.add_(vals[:, r, None] * w_r)
+    return y
 
 
 def _exact_int_mm(a: Tensor, b_t: Tensor) -> Tensor:
@@ -516,7 +553,7 @@ def w8a8_linear_decomposed(x: Tensor, packed: W8A8Packed, bias: Tensor | None, t
     acc = (int_mm or _exact_int_mm)(x_q, packed.qweight.T)
     y = acc * x_scale[:, None] * packed.scale.float()[None, :]
     if idx is not None:
-        y = y + w8a8_outlier_matmul(x2, packed.qweight, packed.scale, idx, weight)
+        y = y + w8a8_outlier_matmul(x2, packed.qweight, packed.scale, idx, threshold, weight)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -283,7 +283,7 @@ def quant_linear_torch(x: Tensor, packed, bias: Tensor | None = None, weight: Te
     that kernel needs a layout of its own, made once per weight, see runtime/cpu_int4.py;
     this function only sees the weights it could not take).  w8a8: the reference
     decomposition with ``torch._int_mm`` for the int8 product (``weight`` is used for the
-    outlier columns).
+    outliers' columns; a row's result is bitwise the same in any batch).
     """
     n, k = packed.shape
     if isinstance(packed, W8A8Packed):

@@ -353,7 +353,8 @@ def test_w8a8_outlier_decomposition():
     # the outlier would blow up row 0's activation scale without the decomposition
     assert err.max() < 0.3 and err_none[0] > 10 * err[0]
     x_q, x_scale, idx = qf.w8a8_split_activations(x, 6.0)
-    assert idx.tolist() == [5] and (x_q[:, 5] == 0).all()
+    # per token: only row 0's entry is an outlier, the other rows quantize column 5
+    assert idx.tolist() == [5] and x_q[0, 5] == 0 and (x_q[1:, 5] != 0).all()
     assert x_scale[0] < 40.0 / 127  # scale of row 0 ignores the outlier
     # no outliers at all: a plain per-token int8 product
     x_small = x.clone()
@@ -362,6 +363,54 @@ def test_w8a8_outlier_decomposition():
     xq, xs = qf.quantize_activations_per_token(x_small)
     manual = (xq.float() @ p.qweight.float().T) * xs[:, None] * p.scale[None, :]
     torch.testing.assert_close(qf.quant_linear_reference(x_small, p), manual)
+
+
+def _w8a8_batch(m, k, seed=0):
+    """x [m, k] whose rows have outliers (|x| > 6) in columns where the next row holds its
+    largest inlier (5.5), and row 0 five more outliers: were the outlier columns chosen
+    over the batch, a row's result would change with the rows it is batched with."""
+    x = _w(m, k, seed=seed)
+    for r in range(m):
+        c = (3 + 11 * r) % k
+        x[r, c] = -9.0 if r % 2 else 40.0
+        if m > 1:
+            x[(r + 1) % m, c] = 5.5
+    x[0, 60:65] = torch.tensor([8.0, -8.0, 6.5, 30.0, -7.0])
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_row_result_does_not_depend_on_the_batch(dtype):
+    """Outliers are per token: a row's w8a8 result alone is bitwise its result in a batch,
+    in the reference and on the torch backend (the float outlier sum runs column by column,
+    so another row's outlier column adds an exact zero)."""
+    from fxforge.runtime.torch_kernels import quant_linear_torch
+
+    m, k, n = 4, 128, 24
+    p = qf.quantize_weight(_w(n, k, seed=3), "w8a8")
+    x = _w8a8_batch(m, k).to(dtype)
+    # outlier features every token has (one float product per feature, in one pass), and
+    # those plus a row's own (per-row ranks, some columns shared by all rows, some not)
+    common = _w(m, k, seed=8)
+    common[:, [10, 20, 70]] = torch.tensor([9.0, -30.0, 7.0])
+    mixed = common.clone()
+    mixed[2, [15, 90]] = -12.0
+    dense = _w(m, k, seed=11, scale=3.0)  # about 6 outliers a row, 20 columns: a matmul over them
+    # would group row m's sums differently in the batch (zeros between them) and alone
+    bias = _w(1, n, seed=5).reshape(n).to(dtype)
+    for fn in (qf.quant_linear_reference, quant_linear_torch):
+        for xs in (x, common.to(dtype), mixed.to(dtype), dense.to(dtype)):
+            batch = fn(xs, p, bias)
+            alone = torch.cat([fn(xs[i:i + 1], p, bias) for i in range(m)])
+            assert torch.equal(batch, alone), fn.__name__
+            assert torch.equal(fn(xs.reshape(2, 2, k), p, bias).reshape(m, n), batch)
+    exact = x.float() @ qf.dequantize_weight(p).T + bias.float()
+    assert (qf.quant_linear_reference(x.float(), p, bias.float()) - exact).abs().max() < 0.01 * exact.abs().max()
+    x_q, x_scale, idx = qf.w8a8_split_activations(x, 6.0)
+    assert x_q[1, 3] != 0 and x_q[0, 3] == 0  # row 0's outlier column: row 1 still quantizes it
+    for i in range(m):
+        q1, s1, _ = qf.w8a8_split_activations(x[i:i + 1], 6.0)
+        assert torch.equal(q1[0], x_q[i]) and torch.equal(s1[0], x_scale[i])
 
 
 # --------------------------------------------------------------------------- property

@@ -18,11 +18,11 @@ and walks K in chunks of BLOCK_K:
     epilogue body, composed from pointwise.expression as in any fused_pointwise kernel.
 A quantized linear (linear_fused with parts/qattrs, QUANT_SCHEMES): the weight tiles are
 int8 rows with a float32 scale per output channel applied after the sum. For w8a8 a pass
-over K before the product (the prologue's row replayed, as for the statistics) finds the
-outlier columns (|x| > threshold in any row: every row is in the program) and each row's
-amax of the inliers; the product quantizes the inliers per token exactly as
-quant_formats.w8a8_split_activations (div_rn, round half to even, clamp) and sums the int8
-products in int32 (exact), the outlier columns in float32 (only in chunks that have one).
+over K before the product (the prologue's row replayed, as for the statistics) finds each
+row's outliers (its entries with |x| > threshold, per token) and its amax of the inliers;
+the product quantizes the inliers per token exactly as quant_formats.w8a8_split_activations
+(div_rn, round half to even, clamp) and sums the int8 products in int32 (exact), the
+outliers in float32 (only in chunks that have one).
 No split over K: the partial sums would need a second launch or atomics before a nonlinear
 epilogue, and a narrow BLOCK_N already gives hundreds of programs at SmolLM2's widths.
 
@@ -259,16 +259,16 @@ def generate_gemv_source(name: str, spec: GemvSpec) -> str:
 
 
 def _w8a8_split(outliers: bool) -> list[str]:
-    """Lines splitting the chunk xk [BLOCK_M, BLOCK_K] (every row of x) as LLM.int8() does
-    (quant_formats.w8a8_split_activations): a column is an outlier if |x| > thr in any row;
-    xin keeps the inliers, xout the outliers, has_out says whether the chunk has any."""
+    """Lines splitting the chunk xk [BLOCK_M, BLOCK_K] as LLM.int8() does, per token
+    (quant_formats.w8a8_split_activations): an entry is an outlier of its row if
+    |x| > thr; xin keeps the inliers, xout the outliers, has_out says whether the chunk has
+    any."""
     if not outliers:
         return ["    xin = xk"]
-    return ["    hit = tl.where(rmask & (tl.abs(xk) > thr), 1, 0)",
-            "    ocol = tl.max(hit, axis=0)[None, :] > 0",
-            "    has_out = tl.max(hit) > 0",
-            "    xin = tl.where(ocol, 0.0, xk)",
-            "    xout = tl.where(ocol, xk, 0.0)"]
+    return ["    hit = rmask & (tl.abs(xk) > thr)",
+            "    has_out = tl.max(tl.where(hit, 1, 0)) > 0",
+            "    xin = tl.where(hit, 0.0, xk)",
+            "    xout = tl.where(hit, xk, 0.0)"]
 
 
 def _w8a8_quantize() -> list[str]:
@@ -392,8 +392,6 @@ class GemvKernels:
         if dw is None:
             blocks = launch_blocks(m, n_out, k, parts, interpreted())
             gpu_blocks = launch_blocks(m, n_out, k, parts)
-            if spec.quant == "w8a8" and min(blocks["BLOCK_M"], gpu_blocks["BLOCK_M"]) < m:
-                return None  # the outlier columns are found over every row: all rows in one program
         else:
             from . import decode_mlp
 

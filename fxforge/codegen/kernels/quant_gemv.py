@@ -143,13 +143,14 @@ def _nf4_value(q):
 
 @triton.jit
 def _split_tile(x, mask_m, threshold, HAS_OUTLIERS: tl.constexpr):
-    """LLM.int8()'s split of a [BLOCK_M, BLOCK_K] float32 tile holding every row of x:
-    (inliers, the outlier column mask [1, BLOCK_K], whether the tile has one). A column is
-    an outlier if |x| > threshold in any row (quant_formats.w8a8_split_activations)."""
+    """LLM.int8()'s split of a [BLOCK_M, BLOCK_K] float32 tile of x, per token: (inliers,
+    the outlier mask [BLOCK_M, BLOCK_K], whether the tile has one). An entry is an outlier
+    of its row if |x| > threshold (quant_formats.w8a8_split_activations): no row's split
+    depends on another's. Rows past M (mask_m) hold zeros: never an outlier, for
+    threshold > 0, and a zero product otherwise."""
     if HAS_OUTLIERS:
-        hit = tl.where(mask_m[:, None] & (tl.abs(x) > threshold), 1, 0)
-        cols = tl.max(hit, axis=0)[None, :] > 0
-        return tl.where(cols, 0.0, x), cols, tl.max(hit) > 0
+        out = tl.abs(x) > threshold
+        return tl.where(out, 0.0, x), out, tl.max(tl.where(out, 1, 0)) > 0
     else:
         return x, x != x, False
 

@@ -18,9 +18,9 @@ Kernels
         epilogue.  The per-token activation quantization and the LLM.int8() outlier split run
         on the device without a host round trip: inside the kernel for M <= 16 (``SPLIT``:
         a decode step is one launch per linear), in sync-free torch ops above. The outliers
-        are a column mask, not an index list, and the GEMM adds their float32 product (x's
-        outlier columns @ the int8 weight's, times the channel scale) in the same K loop,
-        skipping tiles without outliers.
+        (per token: a row's entries above the threshold) are a mask, not an index list, and
+        the GEMM adds their float32 product (x's outliers, 0 elsewhere, @ the int8 weight,
+        times the channel scale) in the same K loop, skipping tiles without outliers.
 
 Decode sizes: up to 16 rows of x (``quant_gemv.MAX_ROWS``) the launch wrappers run the split-K
 GEMV of :mod:`fxforge.codegen.kernels.quant_gemv` instead (the same formats and numerics,
@@ -56,6 +56,7 @@ from fxforge.ir.quant_formats import (
     quant_linear_reference,
     quantize_activations_per_token,
     w8a8_linear_reference,
+    w8a8_outliers,
 )
 
 __all__ = [
@@ -417,8 +418,9 @@ def nf4_linear_triton(x: Tensor, qpacked: Tensor, absmax: Tensor, group_size: in
 def w8a8_linear_triton(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor | None = None,
                        threshold: float | None = 6.0) -> Tensor:
     """W8A8 with LLM.int8() outliers: per-token int8 activations x int8 weights in a Triton
-    int32 GEMM; outlier columns (|x| > threshold anywhere in this input) are computed in
-    float32 against the int8 weight columns (scaled per channel) in the same kernel.
+    int32 GEMM; each row's outliers (its entries with |x| > threshold) are computed in
+    float32 against the int8 weight columns (scaled per channel) in the same kernel, and
+    are zeroed before that row's per-token quantization: a row's result depends on it alone.
 
     Nothing waits for the device: the outliers are a column mask, never an index list whose
     length the host would read. Up to 16 rows (a decode step) the kernel splits and
@@ -458,16 +460,17 @@ def w8a8_linear_triton(x: Tensor, qweight: Tensor, wscale: Tensor, bias: Tensor 
 
 def w8a8_split_on_device(x2: Tensor, threshold: float | None):
     """(x_q int8 [M, K], x_scale float32 [M], x_out float32 [M, K] or None, cols int8 [K]
-    or None): `w8a8_split_activations` with the outliers as a mask (x_out holds x in the
-    outlier columns, 0 elsewhere; cols marks them) instead of an index list, in torch ops
-    with no data-dependent shape. x_q and x_scale are bitwise the reference's."""
+    or None): `w8a8_split_activations` with the outliers as a mask (x_out holds x where an
+    entry is an outlier of its row, 0 elsewhere; cols marks the columns holding one, for
+    the GEMM to skip K tiles without) instead of an index list, in torch ops with no
+    data-dependent shape. x_q and x_scale are bitwise the reference's."""
     x2f = x2.float()
     if threshold is None:
         x_q, x_scale = quantize_activations_per_token(x2f)
         return x_q, x_scale, None, None
-    cols = (x2f.abs() > threshold).any(dim=0)
-    x_q, x_scale = quantize_activations_per_token(x2f.masked_fill(cols[None, :], 0.0))
-    return x_q, x_scale, x2f.masked_fill(~cols[None, :], 0.0), cols.to(torch.int8)
+    out = w8a8_outliers(x2f, threshold)
+    x_q, x_scale = quantize_activations_per_token(x2f.masked_fill(out, 0.0))
+    return x_q, x_scale, x2f.masked_fill(~out, 0.0), out.any(dim=0).to(torch.int8)
 
 
 def quant_linear_triton(x: Tensor, packed, bias: Tensor | None = None) -> Tensor:
