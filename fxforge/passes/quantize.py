@@ -37,6 +37,7 @@ from ..ir.graph import readers_through
 from ..ir.quant_formats import (SCHEME_OPTIONS, SCHEMES, SUPPORTED_GROUP_SIZES, check_quantizable,
                                 fitting_group_size, quantize_weight)
 from .cleanup import common_subexpression_elimination
+from .gqa import source_param_name
 from .pattern import Match, Rule, apply_rules, op, var
 from .routers import router_weights
 
@@ -182,11 +183,46 @@ class _Plan:
     tied: set  # params also read by an embedding: excluded like the embedding itself
     routers: dict  # router weight name -> the selection op its scores reach (kept float unless asked)
     heads: set = field(default_factory=set)  # weights of output heads (OUTPUT_HEAD)
+    uses: dict = field(default_factory=dict)  # weight name -> _Uses (_weight_uses)
     layers: list = field(default_factory=list)  # (name, bytes before, bytes after)
     skipped: list = field(default_factory=list)  # (name, reason)
-    group_sizes: dict = field(default_factory=dict)  # name -> (group size used, in_features): int4 / nf4
-    seen: set = field(default_factory=set)
-    packed: dict = field(default_factory=dict)  # weight name -> (parts, qattrs, values), made once
+    group_sizes: dict = field(default_factory=dict)  # layer label -> (group size used, in_features): int4 / nf4
+    decided: dict = field(default_factory=dict)  # weight name -> skip reason (None: quantized)
+    packed: dict = field(default_factory=dict)  # (weight name, transposed) -> (parts, qattrs, values), made once
+
+
+@dataclass
+class _Uses:
+    """How the graph reads one 2-D weight: the orientations its products read it in
+    (False: linear(x, W[out, in]); True: matmul(x, W[in, out])) and the other ops."""
+    orientations: set = field(default_factory=set)
+    others: set = field(default_factory=set)
+
+
+def _weight_uses(graph) -> dict[str, _Uses]:
+    uses: dict[str, _Uses] = {}
+    for node in graph.nodes:
+        for i, v in enumerate(node.inputs):
+            if v.param is None or v.rank != 2:
+                continue
+            use = uses.setdefault(v.param, _Uses())
+            if i == 1 and node.op == "linear":
+                use.orientations.add(False)
+            elif i == 1 and node.op == "matmul" and len(node.inputs) == 2:
+                use.orientations.add(True)
+            else:
+                use.others.add(node.attrs["target"] if node.op == "torch_call" else node.op)
+    return uses
+
+
+_ORIENTATION = {False: "linear(x, W)", True: "matmul(x, W)"}
+
+
+def _label(plan: _Plan, name: str, transposed: bool) -> str:
+    """The layer's name in report(): the weight's, and for a weight read in both
+    orientations (a tied autoencoder), the matmul(x, W) packing's says so."""
+    both = len(plan.uses[name].orientations) == 2 if name in plan.uses else False
+    return f"{name} (as {_ORIENTATION[True]})" if both and transposed else name
 
 
 def _rewrite(plan: _Plan, transposed: bool):
@@ -195,46 +231,87 @@ def _rewrite(plan: _Plan, transposed: bool):
         name = w.param
         if name is None or w.rank != 2:
             return None
-        if name not in plan.seen:
-            plan.seen.add(name)
-            reason = _skip_reason(plan, name, w, transposed)
+        if name not in plan.decided:
+            plan.decided[name] = reason = _decide(plan, name, w)
             if reason:
                 plan.skipped.append((name, reason))
-        if any(n == name for n, _ in plan.skipped):
+        if plan.decided[name]:
             return None
-        if name not in plan.packed:
-            weight = m.graph.params[name]
-            weight = weight.t().contiguous() if transposed else weight
-            group_size = plan.group_sizes.get(name, (None,))[0]
-            packed = quantize_weight(weight.detach(), plan.config.scheme, **plan.config.options(group_size))
-            plan.layers.append((name, weight.numel() * weight.element_size(), packed.nbytes()))
-            values = [m.graph.add_param(f"{name}.{part}", t) for part, t in packed.tensors().items()]
-            plan.packed[name] = (tuple(packed.tensors()), tuple(packed.attrs().items()), values)
-        parts, qattrs, values = plan.packed[name]
+        values = _packed(plan, m.graph, name, transposed)
         bias = [m["b"]] if "b" in m else []
         x = m["x"]
         compute = plan.config.compute_dtype or x.dtype
+        parts, qattrs, values = values
         y = b.emit("quant_linear", b.cast(x, compute), *values, *bias, parts=parts, qattrs=qattrs, bias=bool(bias))
         return b.cast(y, x.dtype)
     return replace
 
 
-def _skip_reason(plan: _Plan, name: str, w, transposed: bool) -> str | None:
-    """Why this weight stays float (None: it is quantized; for int4 / nf4 its group size
-    is then in plan.group_sizes)."""
+def _packed(plan: _Plan, graph, name: str, transposed: bool):
+    """The weight packed for this orientation, made once per (weight, orientation): a
+    weight read both as linear(x, W) and matmul(x, W) needs W and W^T packed, each its
+    own [out, in]; one packing for both would multiply by the wrong matrix."""
+    key = (name, transposed)
+    if key not in plan.packed:
+        label = _label(plan, name, transposed)
+        weight = graph.params[name]
+        weight = weight.t().contiguous() if transposed else weight
+        group_size = plan.group_sizes.get(label, (None,))[0]
+        packed = quantize_weight(weight.detach(), plan.config.scheme, **plan.config.options(group_size))
+        # the float weight is held once: a second orientation's packing adds to it, saves nothing more
+        before = 0 if any(k[0] == name for k in plan.packed) else weight.numel() * weight.element_size()
+        plan.layers.append((label, before, packed.nbytes()))
+        prefix = name if label == name else f"{name}.T"
+        values = [graph.add_param(f"{prefix}.{part}", t) for part, t in packed.tensors().items()]
+        plan.packed[key] = (tuple(packed.tensors()), tuple(packed.attrs().items()), values)
+    return plan.packed[key]
+
+
+def _decide(plan: _Plan, name: str, w) -> str | None:
+    """Why this weight stays float for all its uses (None: every product that reads it
+    gets a packing). A weight that some other op reads in float stays float: the packing
+    would be a copy next to it, more memory, not less."""
+    reason = _name_reason(plan, name)
+    if reason:
+        return reason
+    use = plan.uses.get(name, _Uses({False}))
+    others = use.others - {"embedding"} if plan.config.include_tied else use.others
+    if others:
+        return (f"also read by {', '.join(sorted(others))}, which needs the float weight: a quantized copy for "
+                "its products would add memory, not save it")
+    for transposed in sorted(use.orientations):
+        reason = _shape_reason(plan, _label(plan, name, transposed), w, transposed)
+        if reason and len(use.orientations) == 2:
+            return (f"as {_ORIENTATION[transposed]}: {reason}; it is also read as "
+                    f"{_ORIENTATION[not transposed]}, and a packing for that use alone would sit next to the "
+                    "float weight")
+        if reason:
+            return reason
+    return None
+
+
+def _name_reason(plan: _Plan, name: str) -> str | None:
     cfg = plan.config
-    if not any(fnmatch.fnmatch(name, p) for p in cfg.include):
+    source = source_param_name(name)  # gqa's rewritten weights answer to the model's names
+    if not any(fnmatch.fnmatch(source, p) for p in cfg.include):
         return "not in include"
     for pattern in cfg.exclude:
         if pattern == OUTPUT_HEAD and name in plan.heads:
             return f"the output head (its result is a graph output; excluded by {OUTPUT_HEAD!r}, as lm_head)"
-        if pattern != OUTPUT_HEAD and fnmatch.fnmatch(name, pattern):
+        if pattern != OUTPUT_HEAD and fnmatch.fnmatch(source, pattern):
             return f"excluded by {pattern!r}"
     if name in plan.tied:
         return "weight shared with an embedding (excluded like embeddings)"
     if name in plan.routers:
         return (f"a mixture-of-experts router (its scores reach {plan.routers[name]}): rounding them changes "
                 "which experts run; QuantConfig(include_routers=True) quantizes it too")
+    return None
+
+
+def _shape_reason(plan: _Plan, label: str, w, transposed: bool) -> str | None:
+    """Why the scheme cannot pack this orientation of the weight (None: it can; for int4 /
+    nf4 its group size is then in plan.group_sizes[label])."""
+    cfg = plan.config
     shape = tuple(int(d) for d in (w.shape[::-1] if transposed else w.shape))
     group_size = _layer_group_size(cfg, shape)
     if group_size is None and len(shape) == 2 and cfg.requested_group_size() is not None:
@@ -243,7 +320,7 @@ def _skip_reason(plan: _Plan, name: str, w, transposed: bool) -> str | None:
                 f" nor by a smaller supported group size ({', '.join(map(str, smaller)) or 'none'})")
     reason = check_quantizable(cfg.scheme, shape, **cfg.options(group_size))
     if reason is None and group_size is not None:
-        plan.group_sizes[name] = (group_size, shape[1])
+        plan.group_sizes[label] = (group_size, shape[1])
     fallback = fitting_group_size(shape[1], group_size) if reason and cfg.strict_group_size else None
     if fallback is not None:
         reason += f"; strict_group_size=True: without it this layer would use group_size {fallback}"
@@ -275,7 +352,7 @@ def _unhandled_weights(graph) -> list[tuple[str, str]]:
     return out
 
 
-# the skip reasons (_skip_reason, _unhandled_weights) that one report line may cover for
+# the skip reasons (_decide, _unhandled_weights) that one report line may cover for
 # many weights: the words before the per-weight details in brackets
 _GROUPED_REASON = re.compile(r"(a mixture-of-experts router|a \d+-D weight) \(")
 
@@ -363,7 +440,7 @@ def quantize(graph, ctx):
     tied = set() if cfg.include_tied else \
         {n.inputs[0].param for n in graph.nodes if n.op == "embedding" and n.inputs[0].param}
     plan = _Plan(cfg, tied, {} if cfg.include_routers else router_weights(graph),
-                 output_head_weights(graph) if OUTPUT_HEAD in cfg.exclude else set())
+                 output_head_weights(graph) if OUTPUT_HEAD in cfg.exclude else set(), _weight_uses(graph))
     # before -> after
     rules = [
         # linear(x, W, b) -> quant_linear(x, packed(W), b)
