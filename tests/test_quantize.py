@@ -390,3 +390,22 @@ def test_include_exclude_match_gqa_weights_by_the_model_names():
         fast = fxforge.optimize(model, (ids,), quantize=cfg, gqa=gqa)
         names = [n for n, *_ in quant_stats(fast).details["quantize"]["layers"] if "layers.0.self_attn" in n]
         assert len(names) == 1 and "q_proj" in names[0], names
+
+
+def test_weights_read_through_views_are_listed_as_skipped():
+    class ThroughViews(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.Wt = torch.nn.Parameter(torch.randn(64, 64) / 8)  # [in, out], read as Wt.t()
+            self.E = torch.nn.Parameter(torch.randn(64, 64) / 8)  # an einsum operand
+            self.head = torch.nn.Linear(64, 8)
+
+        def forward(self, x):
+            return self.head(torch.nn.functional.linear(x, self.Wt.t()) + torch.einsum("btk,nk->btn", x, self.E))
+
+    # both stay float, which report() said nothing about
+    fast = fxforge.optimize(ThroughViews().eval(), (torch.randn(2, 5, 64),), quantize="int8")
+    skipped = dict(quant_stats(fast).details["quantize"]["skipped"])
+    assert skipped["Wt"].startswith("read by linear through permute")
+    assert skipped["E"].startswith("read by matmul through")
+    assert "skipped Wt: read by linear" in fast.report()

@@ -352,6 +352,24 @@ def _unhandled_weights(graph) -> list[tuple[str, str]]:
     return out
 
 
+def _unmatched_products(graph, decided: dict) -> list[tuple[str, str]]:
+    """(name, reason) for each 2-D float weight a linear or matmul reads only through
+    views (`F.linear(x, Wt.t())`, an einsum's permuted operand): no rule matched it, so
+    it stays float; listed so that report() does not pass it over."""
+    users = graph.users()
+    out = []
+    for v in graph.param_values:
+        if v.rank != 2 or not v.dtype.is_floating_point or v.param in decided:
+            continue
+        products = {n.op for n in readers_through(users, [v], lambda n: n.op in _WEIGHT_VIEWS, 4)
+                    if n.op in ("linear", "matmul")}
+        if products:
+            views = sorted({n.op for n in users.get(v, ()) if n.op in _WEIGHT_VIEWS})
+            out.append((v.param, f"read by {', '.join(sorted(products))} through {', '.join(views)}: quantize "
+                                 "packs a weight that linear(x, W) or matmul(x, W) reads as it is stored"))
+    return out
+
+
 # the skip reasons (_decide, _unhandled_weights) that one report line may cover for
 # many weights: the words before the per-weight details in brackets
 _GROUPED_REASON = re.compile(r"(a mixture-of-experts router|a \d+-D weight) \(")
@@ -456,7 +474,7 @@ def quantize(graph, ctx):
     if cfg.compute_dtype is not None:  # q/k/v (and gate/up) each cast the same input: one cast will do
         out = common_subexpression_elimination(out, ctx.rules if ctx is not None else None)
     out = out.prune_params()
-    plan.skipped += _unhandled_weights(out)
+    plan.skipped += _unhandled_weights(out) + _unmatched_products(out, plan.decided)
     before = sum(x for _, x, _ in plan.layers)
     after = sum(y for _, _, y in plan.layers)
     group_sizes = {name: g for name, (g, _) in plan.group_sizes.items()}
