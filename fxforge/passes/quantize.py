@@ -6,6 +6,8 @@ Matched by what the graph computes, not by module class:
   linear(x, W[out, in] param, [b])  -> quant_linear(x, packed(W), [b])
   matmul(x, W[in, out] param)       -> quant_linear(x, packed(W^T))   (GPT-2's Conv1D/addmm)
 (x @ W.T, falcon's FalconLinear, is a linear by then: cleanup's matmul_as_linear.)
+A weight read both ways (a tied autoencoder) gets a packing per orientation; one that
+another op also reads in float stays float (a packed copy would only add memory).
 A layer is skipped, with the reason in report(), when its name is excluded (lm_head and
 embeddings by default, including weights tied to an embedding; and the output head whatever
 its name, OUTPUT_HEAD) or its shape does not fit
