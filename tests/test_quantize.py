@@ -186,8 +186,10 @@ def test_a_tied_lm_head_is_quantized_only_when_asked():
     kept = fxforge.optimize(model, (ids,), quantize=head)
     assert "skipped lm_head.weight: weight shared with an embedding" in kept.report()
     fast = fxforge.optimize(model, (ids,), quantize=QuantConfig("int8", exclude=("*embed*",), include_tied=True))
-    layers = [name for name, *_ in next(s for s in fast.stats if s.name == "quantize").details["quantize"]["layers"]]
+    layers = {name: before for name, before, _ in quant_stats(fast).details["quantize"]["layers"]}
     assert "lm_head.weight" in layers
+    # the embedding keeps the float weight: the copy frees no bytes, and the report says so
+    assert layers["lm_head.weight"] == 0 and "lm_head.weight: a packed copy, embedding keeps" in fast.report()
     embedding = next(n for n in fast.graph.nodes if n.op == "embedding")
     assert fast.graph.params[embedding.inputs[0].param].dtype == torch.float32  # the embedding stays float
     torch.testing.assert_close(fast(ids).logits, model(ids).logits, rtol=0.1, atol=0.1)

@@ -260,8 +260,10 @@ def _packed(plan: _Plan, graph, name: str, transposed: bool):
         weight = weight.t().contiguous() if transposed else weight
         group_size = plan.group_sizes.get(label, (None,))[0]
         packed = quantize_weight(weight.detach(), plan.config.scheme, **plan.config.options(group_size))
-        # the float weight is held once: a second orientation's packing adds to it, saves nothing more
-        before = 0 if any(k[0] == name for k in plan.packed) else weight.numel() * weight.element_size()
+        # bytes the packing frees: none for a second orientation's packing (the float weight
+        # went with the first), nor where an embedding keeps the float weight (include_tied)
+        kept = any(k[0] == name for k in plan.packed) or bool(plan.uses.get(name, _Uses()).others)
+        before = 0 if kept else weight.numel() * weight.element_size()
         plan.layers.append((label, before, packed.nbytes()))
         prefix = name if label == name else f"{name}.T"
         values = [graph.add_param(f"{prefix}.{part}", t) for part, t in packed.tensors().items()]
@@ -407,6 +409,23 @@ def _layer_group_size(cfg: QuantConfig, shape) -> int | None:
     return fitting_group_size(shape[1], requested)
 
 
+def _copy_notes(plan: _Plan) -> list[str]:
+    """The packings that free no float bytes, which the totals count as 0 before: a
+    second orientation's, and a tied weight's copy (include_tied)."""
+    notes = []
+    for label, before, after in plan.layers:
+        name = label.split(" (as ")[0]
+        if before:
+            continue
+        if len(plan.uses[name].orientations) == 2:
+            notes.append(f"{name}: read as linear(x, W) and as matmul(x, W): packed once for each "
+                         f"(+{after / 2**20:.2f} MiB)")
+        else:
+            notes.append(f"{name}: a packed copy, {', '.join(sorted(plan.uses[name].others))} keeps the float "
+                         f"weight (+{after / 2**20:.2f} MiB, include_tied=True)")
+    return notes
+
+
 def _requested_group_note(plan: _Plan) -> str:
     requested = plan.config.requested_group_size()
     if requested is None:
@@ -486,8 +505,11 @@ def quantize(graph, ctx):
     if plan.layers:
         compute = "" if cfg.compute_dtype is None else f", products in {str(cfg.compute_dtype).replace('torch.', '')}"
         groups = _requested_group_note(plan)
+        ratio = f" ({after / before:.3f}x)" if before else ""
         ctx.note(f"{cfg.scheme}: {len(plan.layers)} layers{groups}, weights {before / 2**20:.1f} MiB -> "
-                 f"{after / 2**20:.1f} MiB ({after / before:.3f}x){compute}")
+                 f"{after / 2**20:.1f} MiB{ratio}{compute}")
+    for note in _copy_notes(plan):
+        ctx.note(note)
     for note in _group_size_notes(plan):
         ctx.note(note)
     for note in _skipped_notes(plan.skipped):
