@@ -223,7 +223,7 @@ _ORIENTATION = {False: "linear(x, W)", True: "matmul(x, W)"}
 def _label(plan: _Plan, name: str, transposed: bool) -> str:
     """The layer's name in report(): the weight's, and for a weight read in both
     orientations (a tied autoencoder), the matmul(x, W) packing's says so."""
-    both = len(plan.uses[name].orientations) == 2 if name in plan.uses else False
+    both = name in plan.uses and len(plan.uses[name].orientations) == 2
     return f"{name} (as {_ORIENTATION[True]})" if both and transposed else name
 
 
@@ -239,11 +239,10 @@ def _rewrite(plan: _Plan, transposed: bool):
                 plan.skipped.append((name, reason))
         if plan.decided[name]:
             return None
-        values = _packed(plan, m.graph, name, transposed)
+        parts, qattrs, values = _packed(plan, m.graph, name, transposed)
         bias = [m["b"]] if "b" in m else []
         x = m["x"]
         compute = plan.config.compute_dtype or x.dtype
-        parts, qattrs, values = values
         y = b.emit("quant_linear", b.cast(x, compute), *values, *bias, parts=parts, qattrs=qattrs, bias=bool(bias))
         return b.cast(y, x.dtype)
     return replace
