@@ -186,8 +186,10 @@ def test_a_tied_lm_head_is_quantized_only_when_asked():
     kept = fxforge.optimize(model, (ids,), quantize=head)
     assert "skipped lm_head.weight: weight shared with an embedding" in kept.report()
     fast = fxforge.optimize(model, (ids,), quantize=QuantConfig("int8", exclude=("*embed*",), include_tied=True))
-    layers = [name for name, *_ in next(s for s in fast.stats if s.name == "quantize").details["quantize"]["layers"]]
+    layers = {name: before for name, before, _ in quant_stats(fast).details["quantize"]["layers"]}
     assert "lm_head.weight" in layers
+    # the embedding keeps the float weight: the copy frees no bytes, and the report says so
+    assert layers["lm_head.weight"] == 0 and "lm_head.weight: a packed copy, embedding keeps" in fast.report()
     embedding = next(n for n in fast.graph.nodes if n.op == "embedding")
     assert fast.graph.params[embedding.inputs[0].param].dtype == torch.float32  # the embedding stays float
     torch.testing.assert_close(fast(ids).logits, model(ids).logits, rtol=0.1, atol=0.1)
@@ -330,3 +332,82 @@ def test_a_linear_spelled_x_at_w_transposed_is_quantized():
         ref = model(ids).logits
     err = ((fast(ids).logits - ref).abs().max() / ref.abs().max()).item()
     assert 0 < err < TOLERANCE["int8"], err
+
+
+class _TiedAutoencoder(torch.nn.Module):
+    """One weight read both ways: encoder linear(x, W), decoder h @ W."""
+
+    def __init__(self, n_out, n_in):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(n_out, n_in) / 8)
+        self.head = torch.nn.Linear(n_in, 8)
+
+    def forward(self, x):
+        return self.head(torch.relu(torch.nn.functional.linear(x, self.W)) @ self.W)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 64)])
+def test_a_weight_read_in_both_orientations_gets_a_packing_for_each(shape):
+    # one packing per weight name multiplied the second use by the wrong matrix: a square W
+    # gave garbage (relative error ~1), a non-square one an IRTypeError
+    torch.manual_seed(0)
+    model, x = _TiedAutoencoder(*shape).eval(), torch.randn(2, 5, shape[1])
+    fast = fxforge.optimize(model, (x,), quantize="int8")
+    details = quant_stats(fast).details["quantize"]
+    assert [n for n, *_ in details["layers"]] == ["W", "W (as matmul(x, W))"]
+    assert details["bytes_before"] == model.W.numel() * 4  # the float weight was held once
+    with torch.no_grad():
+        ref = model(x)
+    assert ((fast(x) - ref).norm() / ref.norm()).item() < TOLERANCE["int8"]
+
+
+def test_a_weight_another_op_reads_in_float_stays_float_and_says_why():
+    class ReadTwice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.A = torch.nn.Linear(64, 64, bias=False)
+            self.head = torch.nn.Linear(64, 8)
+
+        def forward(self, x):
+            return self.head(self.A(x) * self.A.weight.sum(0))
+
+    # the float A.weight stays for sum(): a packed copy next to it was reported as 0.25x
+    # the bytes while the program held 1.25x
+    fast = fxforge.optimize(ReadTwice().eval(), (torch.randn(2, 5, 64),), quantize="int8")
+    details = quant_stats(fast).details["quantize"]
+    assert details["layers"] == [] and not any(k.startswith("A.weight.") for k in fast.state_dict())
+    assert "also read by sum" in dict(details["skipped"])["A.weight"]
+
+
+def test_include_exclude_match_gqa_weights_by_the_model_names():
+    from fxforge.passes.gqa import source_param_name
+
+    assert source_param_name("m.k_proj.weight.gqa_k") == "m.k_proj.weight"
+    assert source_param_name("m.o_proj.weight.gqa.1") == "m.o_proj.weight"
+    assert source_param_name("m.gqa.weight") == "m.gqa.weight"
+    model, vocab = zoo.llama("sdpa", kv_heads=4)
+    ids = torch.randint(0, vocab, (1, 8))
+    cfg = QuantConfig("int8", exclude=("lm_head*", "*.k_proj.weight", "*.v_proj.weight", "*.o_proj.weight"))
+    for gqa in (2, fxforge.GQAConfig(2, "aligned", calibration=torch.randint(0, vocab, (2, 16)))):
+        fast = fxforge.optimize(model, (ids,), quantize=cfg, gqa=gqa)
+        names = [n for n, *_ in quant_stats(fast).details["quantize"]["layers"] if "layers.0.self_attn" in n]
+        assert len(names) == 1 and "q_proj" in names[0], names
+
+
+def test_weights_read_through_views_are_listed_as_skipped():
+    class ThroughViews(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.Wt = torch.nn.Parameter(torch.randn(64, 64) / 8)  # [in, out], read as Wt.t()
+            self.E = torch.nn.Parameter(torch.randn(64, 64) / 8)  # an einsum operand
+            self.head = torch.nn.Linear(64, 8)
+
+        def forward(self, x):
+            return self.head(torch.nn.functional.linear(x, self.Wt.t()) + torch.einsum("btk,nk->btn", x, self.E))
+
+    # both stay float, which report() said nothing about
+    fast = fxforge.optimize(ThroughViews().eval(), (torch.randn(2, 5, 64),), quantize="int8")
+    skipped = dict(quant_stats(fast).details["quantize"]["skipped"])
+    assert skipped["Wt"].startswith("read by linear through permute")
+    assert skipped["E"].startswith("read by matmul through")
+    assert "skipped Wt: read by linear" in fast.report()

@@ -27,17 +27,28 @@ cache bytes per token before and after.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
 from ..ir.builder import Builder
 from ..ir.edit import dead_code_elimination, retyped
-from ..ir.evaluate import evaluate
+from ..ir.evaluate import evaluate, input_sizes
 from ..ir.graph import Graph, Node, Value
+from ..ir.guards import GuardChecker, GuardError
 from .projections import Layer, emit_projection, find_layers as _find_layers
 
 METHODS = ("mean", "aligned")
+# The weights gqa writes are named after the model's: k_proj.weight -> k_proj.weight.gqa_k
+# (and .gqa_k_bias), o_proj.weight -> o_proj.weight.gqa; Graph.add_param may add ".1"
+_NEW_NAME = re.compile(r"\.gqa(_[qkv])?(_bias)?(\.\d+)?$")
+
+
+def source_param_name(name: str) -> str:
+    """The model's parameter a weight of gqa's came from (`name` itself for any other):
+    quantize's include / exclude globs are written against the model's names."""
+    return _NEW_NAME.sub("", name)
 
 
 class GQAError(ValueError):
@@ -117,7 +128,51 @@ def _calibration_inputs(graph: Graph, calibration) -> tuple | None:
         if not isinstance(x, torch.Tensor) or x.dim() != v.rank or x.dtype != v.dtype:
             raise GQAError(f"gqa: calibration input must be a {v.type} tensor (e.g. token ids of some text), got "
                            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else (x.dtype, tuple(x.shape))}")
+        if x.numel() == 0:
+            raise GQAError(f"gqa: calibration input of shape {tuple(x.shape)} is empty; give token ids of some text")
+    _check_token_ids(graph, inputs)
+    try:
+        GuardChecker(graph.guards).check(input_sizes(graph, inputs), "gqa: the calibration inputs")
+    except GuardError as e:
+        raise GQAError(str(e)) from None
     return tuple(inputs)
+
+
+def _check_token_ids(graph: Graph, inputs):
+    """Calibration ids an embedding table of the model has no row for (the model would
+    fail on them, deep inside the calibration run)."""
+    for node in graph.nodes:
+        if node.op != "embedding" or node.inputs[1] not in graph.inputs:
+            continue
+        x = inputs[graph.inputs.index(node.inputs[1])]
+        rows = node.inputs[0].shape[0]
+        if int(x.min()) < 0 or int(x.max()) >= rows:
+            raise GQAError(f"gqa: calibration token ids must be in [0, {rows}) (the rows of "
+                           f"{node.inputs[0].param or 'the embedding'}), got ids from {int(x.min())} to "
+                           f"{int(x.max())}")
+
+
+def _run_calibration(graph: Graph, values: list[Value], calib: tuple) -> list[torch.Tensor]:
+    """run_values on the calibration inputs; a failure there is the calibration's (more
+    positions than the model has, say), so the error names it."""
+    try:
+        return run_values(graph, values, calib)
+    except (IndexError, RuntimeError) as e:
+        shapes = ", ".join(str(tuple(x.shape)) for x in calib)
+        raise GQAError(f"gqa: the model fails on the calibration inputs (shape {shapes}): {type(e).__name__}: {e}. "
+                       "Give inputs the model accepts: token ids below its vocabulary size, and no more tokens "
+                       "per row than its positions (n_positions / max_position_embeddings)") from None
+
+
+def _check_enough_tokens(layers, k_outs):
+    """'aligned' fits each merged head from the calibration tokens' activations (a rank
+    head_dim PCA): fewer tokens than head_dim leave it underdetermined."""
+    for layer, k in zip(layers, k_outs):
+        tokens = k.numel() // (layer.kv_heads * layer.head_dim)
+        if tokens < layer.head_dim:
+            raise GQAError(f"gqa: method='aligned' fits each merged head (head_dim={layer.head_dim}) from the "
+                           f"calibration's activations, but the calibration has {tokens} tokens (batch x length); "
+                           f"give at least {layer.head_dim}, and many more for a good fit")
 
 
 # -- planning: groups and rotations ----------------------------------------------------------
@@ -246,14 +301,19 @@ def _new_weights(layer: Layer):
     q_kv = [j for j in kv_order for _ in range(per_kv)]  # new query head -> its old KV head
     f32 = {k: [m.float() for m in p[k]] for k in ("mk", "ak", "mv", "av")}
 
+    # the maps are float32 (from float64 fits); so are the products, for a bfloat16 /
+    # float16 model too, which gets its weights back in its own dtype (one rounding)
     def queries(t):  # q_h' = A_j^T q_h: scores q_h' . k_g ~ q_h . k_j
-        return None if t is None else torch.cat([f32["ak"][j].T @ _blocks(t, d)[h] for h, j in zip(q_order, q_kv)])
+        if t is None:
+            return None
+        blocks = _blocks(t.float(), d)
+        return torch.cat([f32["ak"][j].T @ blocks[h] for h, j in zip(q_order, q_kv)]).to(t.dtype)
 
     def merged(t, m):  # head g = sum_j M_j head_j
         if t is None:
             return None
-        blocks = _blocks(t, d)
-        return torch.cat([sum(m[j] @ blocks[j] for j in g) for g in p["groups"]])
+        blocks = _blocks(t.float(), d)
+        return torch.cat([sum(m[j] @ blocks[j] for j in g) for g in p["groups"]]).to(t.dtype)
 
     wq, bq = queries(layer.q.weight), queries(layer.q.bias)
     wk, bk = merged(layer.k.weight, f32["mk"]), merged(layer.k.bias, f32["mk"])
@@ -262,8 +322,8 @@ def _new_weights(layer: Layer):
     if layer.o is not None:
         # input rows of the output projection, per query head: o_h = A_j (attention over v_g)
         rows = layer.o.tensor if layer.o.rows_are_inputs else layer.o.tensor.t()
-        blocks = _blocks(rows, d)
-        new = torch.cat([f32["av"][j].T @ blocks[h] for h, j in zip(q_order, q_kv)])
+        blocks = _blocks(rows.float(), d)
+        new = torch.cat([f32["av"][j].T @ blocks[h] for h, j in zip(q_order, q_kv)]).to(rows.dtype)
         wo = new if layer.o.rows_are_inputs else new.t().contiguous()
     return (wq, bq), (wk, bk), (wv, bv), wo, q_order
 
@@ -360,7 +420,8 @@ def gqa(graph: Graph, ctx=None) -> Graph:
     acts = None
     if config.method == "aligned":
         values = [v for layer in layers for v in (layer.k.out, layer.v.out)]
-        flat = run_values(graph, values, calib)
+        flat = _run_calibration(graph, values, calib)
+        _check_enough_tokens(layers, flat[0::2])
         acts = [(k.reshape(-1, layer.kv_heads, layer.head_dim).double(),
                  v.reshape(-1, layer.kv_heads, layer.head_dim).double())
                 for layer, k, v in zip(layers, flat[0::2], flat[1::2])]
@@ -370,7 +431,8 @@ def gqa(graph: Graph, ctx=None) -> Graph:
         # rotate-half layout; check that layout on the calibration inputs first
         rotary_ok = _rotary_layout_ok(graph, layers, calib)
         if not rotary_ok:
-            note = "; the rotary layout is not rotate-half, so K heads are only averaged"
+            note = ("; rotary embeddings are not rotate-half over each whole head (partial rotary, as GPT-NeoX's "
+                    "and Phi's, or another pairing), so K heads are only averaged")
     for i, layer in enumerate(layers):
         plan_layer(layer, G, config.method, *(acts[i] if acts else (None, None)), rotary_ok=rotary_ok)
     new, info = rewrite(graph, layers, G)
@@ -403,17 +465,30 @@ def _unpermute(out: torch.Tensor, order: list[int]) -> torch.Tensor:
     return out[:, inverse]
 
 
-def _block_output(layer: Layer, info: dict | None = None) -> Value:
-    """Where the attention block's output is measured: after the output projection (V
-    rotations and head permutations are exact only there), else the attention op's."""
-    if info is None:
-        return layer.o.node.outputs[0] if layer.o is not None else layer.attn.outputs[0]
-    return info["out"][id(layer.o.node)] if layer.o is not None else info["attn"][id(layer.attn)]
+def _block_output(layer: Layer, users: dict, info: dict | None = None) -> Value:
+    """Where the attention block's output is measured: after the output projection, its
+    bias included (V rotations and head permutations are exact only there), else the
+    attention op's. `users`: the old graph's Graph.users()."""
+    if layer.o is None:
+        return layer.attn.outputs[0] if info is None else info["attn"][id(layer.attn)]
+    node = _with_bias(layer.o.node, users)
+    return node.outputs[0] if info is None else info["out"][id(node)]
+
+
+def _with_bias(node: Node, users: dict) -> Node:
+    """The node that ends an output projection: GPT-2's Conv1D is a matmul, then an add
+    of its bias (a 1-D parameter), which the block's output includes."""
+    readers = users.get(node.outputs[0], [])
+    if len(readers) == 1 and readers[0].op == "add" and \
+            any(v.param is not None and v.rank == 1 for v in readers[0].inputs):
+        return readers[0]
+    return node
 
 
 def _attention_errors(old: Graph, new: Graph, layers, info, calib) -> list[float]:
-    ref = run_values(old, [_block_output(layer) for layer in layers], calib)
-    got = run_values(new, [_block_output(layer, info) for layer in layers], calib)
+    users = old.users()
+    ref = _run_calibration(old, [_block_output(layer, users) for layer in layers], calib)
+    got = run_values(new, [_block_output(layer, users, info) for layer in layers], calib)
     errs = []
     for layer, r, g in zip(layers, ref, got):
         if layer.o is None:
@@ -424,20 +499,40 @@ def _attention_errors(old: Graph, new: Graph, layers, info, calib) -> list[float
 
 def _rotary_layout_ok(graph: Graph, layers, calib) -> bool:
     """Fold random per-pair rotations into Q and K of every head (no merging): if rotary
-    embeddings use the rotate-half layout they commute and the model must not change."""
+    embeddings use the rotate-half layout they commute and the model must not change,
+    up to the rounding of the rotated weights. That rounding is measured with a control
+    that commutes with any layout (K scaled by c, Q by 1 / c): in float32 it is ~1e-7,
+    in bfloat16 ~1e-3, which a fixed tolerance would take for a wrong layout."""
     gen = torch.Generator().manual_seed(0)
-    saved = [layer.plan for layer in layers]
-    for layer in layers:
-        half, eye = layer.head_dim // 2, torch.eye(layer.head_dim, dtype=torch.float64)
-        rots = [_pair_block(torch.polar(torch.ones(half, dtype=torch.float64),
+
+    def rotations(layer):
+        half = layer.head_dim // 2
+        return [_pair_block(torch.polar(torch.ones(half, dtype=torch.float64),
                                         torch.rand(half, generator=gen, dtype=torch.float64) * 6.28))
                 for _ in range(layer.kv_heads)]
-        layer.plan = {"groups": [[j] for j in range(layer.kv_heads)], "mk": rots, "ak": [r.T for r in rots],
+
+    def scalings(layer):
+        eye = torch.eye(layer.head_dim, dtype=torch.float64)
+        return [eye * 1.37] * layer.kv_heads
+
+    errs = _errors_with_k_maps(graph, layers, calib, rotations)
+    control = _errors_with_k_maps(graph, layers, calib, scalings)
+    return all(e < 1e-4 + 2 * c for e, c in zip(errs, control))
+
+
+def _errors_with_k_maps(graph: Graph, layers, calib, maps) -> list[float]:
+    """Each layer's attention output error with K's heads mapped by `maps(layer)` (M,
+    invertible) and Q by A = M^-1 (q . k = (A^T q) . (M k)), which leaves the scores unchanged in exact arithmetic."""
+    saved = [layer.plan for layer in layers]
+    for layer in layers:
+        eye = torch.eye(layer.head_dim, dtype=torch.float64)
+        mk = maps(layer)
+        layer.plan = {"groups": [[j] for j in range(layer.kv_heads)], "mk": mk,
+                      "ak": [torch.linalg.inv(m) for m in mk],
                       "mv": [eye] * layer.kv_heads, "av": [eye] * layer.kv_heads}
     try:
         rotated, info = rewrite(graph, layers, max(layer.kv_heads for layer in layers))
-        errs = _attention_errors(graph, rotated, layers, info, calib)
+        return _attention_errors(graph, rotated, layers, info, calib)
     finally:
         for layer, plan in zip(layers, saved):
             layer.plan = plan
-    return max(errs) < 1e-4

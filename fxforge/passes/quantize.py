@@ -6,6 +6,8 @@ Matched by what the graph computes, not by module class:
   linear(x, W[out, in] param, [b])  -> quant_linear(x, packed(W), [b])
   matmul(x, W[in, out] param)       -> quant_linear(x, packed(W^T))   (GPT-2's Conv1D/addmm)
 (x @ W.T, falcon's FalconLinear, is a linear by then: cleanup's matmul_as_linear.)
+A weight read both ways (a tied autoencoder) gets a packing per orientation; one that
+another op also reads in float stays float (a packed copy would only add memory).
 A layer is skipped, with the reason in report(), when its name is excluded (lm_head and
 embeddings by default, including weights tied to an embedding; and the output head whatever
 its name, OUTPUT_HEAD) or its shape does not fit
@@ -37,6 +39,7 @@ from ..ir.graph import readers_through
 from ..ir.quant_formats import (SCHEME_OPTIONS, SCHEMES, SUPPORTED_GROUP_SIZES, check_quantizable,
                                 fitting_group_size, quantize_weight)
 from .cleanup import common_subexpression_elimination
+from .gqa import source_param_name
 from .pattern import Match, Rule, apply_rules, op, var
 from .routers import router_weights
 
@@ -182,11 +185,46 @@ class _Plan:
     tied: set  # params also read by an embedding: excluded like the embedding itself
     routers: dict  # router weight name -> the selection op its scores reach (kept float unless asked)
     heads: set = field(default_factory=set)  # weights of output heads (OUTPUT_HEAD)
+    uses: dict = field(default_factory=dict)  # weight name -> _Uses (_weight_uses)
     layers: list = field(default_factory=list)  # (name, bytes before, bytes after)
     skipped: list = field(default_factory=list)  # (name, reason)
-    group_sizes: dict = field(default_factory=dict)  # name -> (group size used, in_features): int4 / nf4
-    seen: set = field(default_factory=set)
-    packed: dict = field(default_factory=dict)  # weight name -> (parts, qattrs, values), made once
+    group_sizes: dict = field(default_factory=dict)  # layer label -> (group size used, in_features): int4 / nf4
+    decided: dict = field(default_factory=dict)  # weight name -> skip reason (None: quantized)
+    packed: dict = field(default_factory=dict)  # (weight name, transposed) -> (parts, qattrs, values), made once
+
+
+@dataclass
+class _Uses:
+    """How the graph reads one 2-D weight: the orientations its products read it in
+    (False: linear(x, W[out, in]); True: matmul(x, W[in, out])) and the other ops."""
+    orientations: set = field(default_factory=set)
+    others: set = field(default_factory=set)
+
+
+def _weight_uses(graph) -> dict[str, _Uses]:
+    uses: dict[str, _Uses] = {}
+    for node in graph.nodes:
+        for i, v in enumerate(node.inputs):
+            if v.param is None or v.rank != 2:
+                continue
+            use = uses.setdefault(v.param, _Uses())
+            if i == 1 and node.op == "linear":
+                use.orientations.add(False)
+            elif i == 1 and node.op == "matmul" and len(node.inputs) == 2:
+                use.orientations.add(True)
+            else:
+                use.others.add(node.attrs["target"] if node.op == "torch_call" else node.op)
+    return uses
+
+
+_ORIENTATION = {False: "linear(x, W)", True: "matmul(x, W)"}
+
+
+def _label(plan: _Plan, name: str, transposed: bool) -> str:
+    """The layer's name in report(): the weight's, and for a weight read in both
+    orientations (a tied autoencoder), the matmul(x, W) packing's says so."""
+    both = name in plan.uses and len(plan.uses[name].orientations) == 2
+    return f"{name} (as {_ORIENTATION[True]})" if both and transposed else name
 
 
 def _rewrite(plan: _Plan, transposed: bool):
@@ -195,22 +233,13 @@ def _rewrite(plan: _Plan, transposed: bool):
         name = w.param
         if name is None or w.rank != 2:
             return None
-        if name not in plan.seen:
-            plan.seen.add(name)
-            reason = _skip_reason(plan, name, w, transposed)
+        if name not in plan.decided:
+            plan.decided[name] = reason = _decide(plan, name, w)
             if reason:
                 plan.skipped.append((name, reason))
-        if any(n == name for n, _ in plan.skipped):
+        if plan.decided[name]:
             return None
-        if name not in plan.packed:
-            weight = m.graph.params[name]
-            weight = weight.t().contiguous() if transposed else weight
-            group_size = plan.group_sizes.get(name, (None,))[0]
-            packed = quantize_weight(weight.detach(), plan.config.scheme, **plan.config.options(group_size))
-            plan.layers.append((name, weight.numel() * weight.element_size(), packed.nbytes()))
-            values = [m.graph.add_param(f"{name}.{part}", t) for part, t in packed.tensors().items()]
-            plan.packed[name] = (tuple(packed.tensors()), tuple(packed.attrs().items()), values)
-        parts, qattrs, values = plan.packed[name]
+        parts, qattrs, values = _packed(plan, m.graph, name, transposed)
         bias = [m["b"]] if "b" in m else []
         x = m["x"]
         compute = plan.config.compute_dtype or x.dtype
@@ -219,22 +248,73 @@ def _rewrite(plan: _Plan, transposed: bool):
     return replace
 
 
-def _skip_reason(plan: _Plan, name: str, w, transposed: bool) -> str | None:
-    """Why this weight stays float (None: it is quantized; for int4 / nf4 its group size
-    is then in plan.group_sizes)."""
+def _packed(plan: _Plan, graph, name: str, transposed: bool):
+    """The weight packed for this orientation, made once per (weight, orientation): a
+    weight read both as linear(x, W) and matmul(x, W) needs W and W^T packed, each its
+    own [out, in]; one packing for both would multiply by the wrong matrix."""
+    key = (name, transposed)
+    if key not in plan.packed:
+        label = _label(plan, name, transposed)
+        weight = graph.params[name]
+        weight = weight.t().contiguous() if transposed else weight
+        group_size = plan.group_sizes.get(label, (None,))[0]
+        packed = quantize_weight(weight.detach(), plan.config.scheme, **plan.config.options(group_size))
+        # bytes the packing frees: none for a second orientation's packing (the float weight
+        # went with the first), nor where an embedding keeps the float weight (include_tied)
+        kept = any(k[0] == name for k in plan.packed) or bool(plan.uses.get(name, _Uses()).others)
+        before = 0 if kept else weight.numel() * weight.element_size()
+        plan.layers.append((label, before, packed.nbytes()))
+        prefix = name if label == name else f"{name}.T"
+        values = [graph.add_param(f"{prefix}.{part}", t) for part, t in packed.tensors().items()]
+        plan.packed[key] = (tuple(packed.tensors()), tuple(packed.attrs().items()), values)
+    return plan.packed[key]
+
+
+def _decide(plan: _Plan, name: str, w) -> str | None:
+    """Why this weight stays float for all its uses (None: every product that reads it
+    gets a packing). A weight that some other op reads in float stays float: the packing
+    would be a copy next to it, more memory, not less."""
+    reason = _name_reason(plan, name)
+    if reason:
+        return reason
+    use = plan.uses.get(name, _Uses({False}))
+    others = use.others - {"embedding"} if plan.config.include_tied else use.others
+    if others:
+        return (f"also read by {', '.join(sorted(others))}, which needs the float weight: a quantized copy for "
+                "its products would add memory, not save it")
+    for transposed in sorted(use.orientations):
+        reason = _shape_reason(plan, _label(plan, name, transposed), w, transposed)
+        if reason and len(use.orientations) == 2:
+            return (f"as {_ORIENTATION[transposed]}: {reason}; it is also read as "
+                    f"{_ORIENTATION[not transposed]}, and a packing for that use alone would sit next to the "
+                    "float weight")
+        if reason:
+            return reason
+    return None
+
+
+def _name_reason(plan: _Plan, name: str) -> str | None:
     cfg = plan.config
-    if not any(fnmatch.fnmatch(name, p) for p in cfg.include):
+    source = source_param_name(name)  # gqa's rewritten weights answer to the model's names
+    if not any(fnmatch.fnmatch(source, p) for p in cfg.include):
         return "not in include"
     for pattern in cfg.exclude:
         if pattern == OUTPUT_HEAD and name in plan.heads:
             return f"the output head (its result is a graph output; excluded by {OUTPUT_HEAD!r}, as lm_head)"
-        if pattern != OUTPUT_HEAD and fnmatch.fnmatch(name, pattern):
+        if pattern != OUTPUT_HEAD and fnmatch.fnmatch(source, pattern):
             return f"excluded by {pattern!r}"
     if name in plan.tied:
         return "weight shared with an embedding (excluded like embeddings)"
     if name in plan.routers:
         return (f"a mixture-of-experts router (its scores reach {plan.routers[name]}): rounding them changes "
                 "which experts run; QuantConfig(include_routers=True) quantizes it too")
+    return None
+
+
+def _shape_reason(plan: _Plan, label: str, w, transposed: bool) -> str | None:
+    """Why the scheme cannot pack this orientation of the weight (None: it can; for int4 /
+    nf4 its group size is then in plan.group_sizes[label])."""
+    cfg = plan.config
     shape = tuple(int(d) for d in (w.shape[::-1] if transposed else w.shape))
     group_size = _layer_group_size(cfg, shape)
     if group_size is None and len(shape) == 2 and cfg.requested_group_size() is not None:
@@ -243,7 +323,7 @@ def _skip_reason(plan: _Plan, name: str, w, transposed: bool) -> str | None:
                 f" nor by a smaller supported group size ({', '.join(map(str, smaller)) or 'none'})")
     reason = check_quantizable(cfg.scheme, shape, **cfg.options(group_size))
     if reason is None and group_size is not None:
-        plan.group_sizes[name] = (group_size, shape[1])
+        plan.group_sizes[label] = (group_size, shape[1])
     fallback = fitting_group_size(shape[1], group_size) if reason and cfg.strict_group_size else None
     if fallback is not None:
         reason += f"; strict_group_size=True: without it this layer would use group_size {fallback}"
@@ -275,7 +355,25 @@ def _unhandled_weights(graph) -> list[tuple[str, str]]:
     return out
 
 
-# the skip reasons (_skip_reason, _unhandled_weights) that one report line may cover for
+def _unmatched_products(graph, decided: dict) -> list[tuple[str, str]]:
+    """(name, reason) for each 2-D float weight a linear or matmul reads only through
+    views (`F.linear(x, Wt.t())`, an einsum's permuted operand): no rule matched it, so
+    it stays float; listed so that report() does not pass it over."""
+    users = graph.users()
+    out = []
+    for v in graph.param_values:
+        if v.rank != 2 or not v.dtype.is_floating_point or v.param in decided:
+            continue
+        products = {n.op for n in readers_through(users, [v], lambda n: n.op in _WEIGHT_VIEWS, 4)
+                    if n.op in ("linear", "matmul")}
+        if products:
+            views = sorted({n.op for n in users.get(v, ()) if n.op in _WEIGHT_VIEWS})
+            out.append((v.param, f"read by {', '.join(sorted(products))} through {', '.join(views)}: quantize "
+                                 "packs a weight that linear(x, W) or matmul(x, W) reads as it is stored"))
+    return out
+
+
+# the skip reasons (_decide, _unhandled_weights) that one report line may cover for
 # many weights: the words before the per-weight details in brackets
 _GROUPED_REASON = re.compile(r"(a mixture-of-experts router|a \d+-D weight) \(")
 
@@ -308,6 +406,23 @@ def _layer_group_size(cfg: QuantConfig, shape) -> int | None:
     if cfg.strict_group_size:
         return requested  # check_quantizable then gives the reason for a K it does not divide
     return fitting_group_size(shape[1], requested)
+
+
+def _copy_notes(plan: _Plan) -> list[str]:
+    """The packings that free no float bytes, which the totals count as 0 before: a
+    second orientation's, and a tied weight's copy (include_tied)."""
+    notes = []
+    for label, before, after in plan.layers:
+        name = label.split(" (as ")[0]
+        if before:
+            continue
+        if len(plan.uses[name].orientations) == 2:
+            notes.append(f"{name}: read as linear(x, W) and as matmul(x, W): packed once for each "
+                         f"(+{after / 2**20:.2f} MiB)")
+        else:
+            notes.append(f"{name}: a packed copy, {', '.join(sorted(plan.uses[name].others))} keeps the float "
+                         f"weight (+{after / 2**20:.2f} MiB, include_tied=True)")
+    return notes
 
 
 def _requested_group_note(plan: _Plan) -> str:
@@ -363,7 +478,7 @@ def quantize(graph, ctx):
     tied = set() if cfg.include_tied else \
         {n.inputs[0].param for n in graph.nodes if n.op == "embedding" and n.inputs[0].param}
     plan = _Plan(cfg, tied, {} if cfg.include_routers else router_weights(graph),
-                 output_head_weights(graph) if OUTPUT_HEAD in cfg.exclude else set())
+                 output_head_weights(graph) if OUTPUT_HEAD in cfg.exclude else set(), _weight_uses(graph))
     # before -> after
     rules = [
         # linear(x, W, b) -> quant_linear(x, packed(W), b)
@@ -379,7 +494,7 @@ def quantize(graph, ctx):
     if cfg.compute_dtype is not None:  # q/k/v (and gate/up) each cast the same input: one cast will do
         out = common_subexpression_elimination(out, ctx.rules if ctx is not None else None)
     out = out.prune_params()
-    plan.skipped += _unhandled_weights(out)
+    plan.skipped += _unhandled_weights(out) + _unmatched_products(out, plan.decided)
     before = sum(x for _, x, _ in plan.layers)
     after = sum(y for _, _, y in plan.layers)
     group_sizes = {name: g for name, (g, _) in plan.group_sizes.items()}
@@ -389,8 +504,11 @@ def quantize(graph, ctx):
     if plan.layers:
         compute = "" if cfg.compute_dtype is None else f", products in {str(cfg.compute_dtype).replace('torch.', '')}"
         groups = _requested_group_note(plan)
+        ratio = f" ({after / before:.3f}x)" if before else ""
         ctx.note(f"{cfg.scheme}: {len(plan.layers)} layers{groups}, weights {before / 2**20:.1f} MiB -> "
-                 f"{after / 2**20:.1f} MiB ({after / before:.3f}x){compute}")
+                 f"{after / 2**20:.1f} MiB{ratio}{compute}")
+    for note in _copy_notes(plan):
+        ctx.note(note)
     for note in _group_size_notes(plan):
         ctx.note(note)
     for note in _skipped_notes(plan.skipped):
