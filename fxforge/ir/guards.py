@@ -16,6 +16,7 @@ torch.export's size-oblivious mode does, that code traced at a size >= 2 also ho
 """
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 
@@ -199,7 +200,7 @@ def _compiled(rel, symbols):
     tens of microseconds a step); falls back to `holds` where it cannot be compiled or a
     size is missing."""
     try:
-        fn = sympy.lambdify(symbols, rel, modules=[{"Fraction": Fraction}, "math"], printer=_ExactPrinter)
+        fn = sympy.lambdify(symbols, rel, modules=[{"Fraction": Fraction, "math": math}, "math"], printer=_ExactPrinter)
     except Exception:  # noqa: BLE001 (anything sympy cannot print as Python)
         fn = None
 

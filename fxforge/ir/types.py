@@ -167,12 +167,80 @@ class IntegerQuotients:
     """A sympy printer mixin: floor/ceiling of a quotient of sizes printed as Python's
     integer `//` of its numerator and denominator (exact at every size, where a float
     quotient is not). The program (runtime/program.py) and the guard checks (guards.py)
-    both print sizes with it."""
+    both print sizes with it; the code printed needs `math` in its namespace."""
 
     def _print_floor(self, e):
         num, den = e.args[0].as_numer_denom()
+        if den == 1:  # math.floor(x.shape[1] * 0.3): an int, where a float's `// 1` is a float
+            return f"math.floor({self._print(num)})"
         return f"(({self._print(num)}) // ({self._print(den)}))"
 
     def _print_ceiling(self, e):
         num, den = e.args[0].as_numer_denom()
+        if den == 1:
+            return f"math.ceil({self._print(num)})"
         return f"(-((-({self._print(num)})) // ({self._print(den)})))"
+
+
+class TorchFunctions:
+    """A sympy printer mixin: torch's own sympy functions (torch.utils._sympy.functions) as
+    the Python that computes them as eager does. export writes them where the model does
+    float arithmetic on sizes (`x.shape[1] ** 0.5` is FloatPow(ToFloat(T), 0.5),
+    `x.shape[1] / 3` IntTrueDiv(T, 3)); the spellings are torch's own PythonPrinter's. The
+    code printed needs `math` in its namespace."""
+
+    def _arg(self, e, i: int = 0) -> str:
+        return f"({self._print(e.args[i])})"
+
+    def _print_ToFloat(self, e):
+        return f"float{self._arg(e)}"
+
+    def _print_FloatPow(self, e):
+        return f"({self._arg(e)} ** {self._arg(e, 1)})"
+
+    _print_PowByNatural = _print_FloatPow
+
+    def _print_FloatTrueDiv(self, e):
+        return f"({self._arg(e)} / {self._arg(e, 1)})"
+
+    _print_IntTrueDiv = _print_FloatTrueDiv
+
+    def _print_TruncToFloat(self, e):
+        return f"float(math.trunc{self._arg(e)})"
+
+    def _print_TruncToInt(self, e):
+        return f"math.trunc{self._arg(e)}"
+
+    def _print_FloorToInt(self, e):
+        return f"math.floor{self._arg(e)}"
+
+    def _print_CeilToInt(self, e):
+        return f"math.ceil{self._arg(e)}"
+
+    def _print_RoundToInt(self, e):
+        return f"round{self._arg(e)}"
+
+    def _print_RoundDecimal(self, e):
+        return f"round({self._print(e.args[0])}, {self._print(e.args[1])})"
+
+    def _print_Identity(self, e):
+        return self._arg(e)
+
+    def _print_Float(self, e):
+        # every digit: sympy's str keeps 15, and 0.333333333333333 is not the float 1/3
+        return repr(float(e))
+
+    def _print_Infinity(self, e):
+        return "math.inf"
+
+    def _print_NegativeInfinity(self, e):
+        return "(-math.inf)"
+
+    def _print_NaN(self, e):
+        return "math.nan"
+
+    def _print_Function(self, e):
+        name = type(e).__name__
+        if name.startswith("OpaqueUnaryFn_"):  # math.sqrt(x.shape[1]) and its kin
+            return f"math.{name[len('OpaqueUnaryFn_'):]}{self._arg(e)}"
+        return super()._print_Function(e)
