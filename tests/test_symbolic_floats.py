@@ -35,3 +35,25 @@ def test_a_float_of_a_size_is_computed_at_each_call(name, backend):
     for shape in [(2, 6, 8), (3, 9, 8), (1, 7, 8)]:
         x = torch.randn(shape)
         torch.testing.assert_close(fast(x), model(x), atol=0, rtol=0)
+
+
+class ReturnsSizes(torch.nn.Module):
+    def forward(self, x):
+        return [x + 1, x.shape[1], x.shape[0] * x.shape[1], x.size(), x.numel(), x.shape[1] ** 0.5,
+                {"len": x.shape[1], "third": x.shape[1] / 3}, x.shape[2]]
+
+
+@pytest.mark.parametrize("backend", ["torch", "interpret"])
+def test_sizes_returned_are_the_calls_ints_and_floats_and_survive_save_load(backend, tmp_path):
+    model = ReturnsSizes()
+    fast = fxforge.optimize(model, (torch.randn(2, 6, 8),), backend=backend, verbose=False)
+    fast.save(str(tmp_path / "saved"))
+    loaded = fxforge.load(str(tmp_path / "saved"), backend=backend)
+    for shape in [(2, 6, 8), (3, 9, 8)]:
+        x = torch.randn(shape)
+        want = model(x)
+        for got in (fast(x), loaded(x)):
+            torch.testing.assert_close(got[0], want[0])
+            assert got[1:] == want[1:]
+            assert [type(v) for v in got[1:]] == [type(v) for v in want[1:]]  # ints, a float, a torch.Size
+            assert [type(v) for v in got[6].values()] == [int, float]

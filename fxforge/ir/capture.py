@@ -24,7 +24,7 @@ from .guards import guards_from_export
 from .lowering import DROP, FALLBACK, RULES, LowerCtx
 from .ops import Arg
 from .pause_gc import paused_gc
-from .types import TensorType, symbol
+from .types import TensorType, size_text, symbol
 
 
 class CaptureError(RuntimeError):
@@ -39,7 +39,9 @@ class CallSpec:
     in_spec: Any
     input_leaves: list  # per flat leaf: ("tensor", graph input index) | ("const", value)
     out_spec: Any
-    output_leaves: list  # per flat output leaf: ("value", graph output index) | ("const", value)
+    # per flat output leaf: ("value", graph output index) | ("const", value) | ("size", [type, text]),
+    # a number computed from sizes at each call (_scalar_output)
+    output_leaves: list
     injected_kwargs: dict = field(default_factory=dict)
     kwarg_order: tuple = ()
     # names of forward()'s leading positional parameters, in order (older saves hold
@@ -708,7 +710,7 @@ def _lower_exported(ep, injected, model):
             output_leaves.append(("value", len(g.outputs)))
             g.outputs.append(value)
         else:
-            output_leaves.append(("const", value))
+            output_leaves.append(_scalar_output(value, out.meta.get("val") if isinstance(out, torch.fx.Node) else out))
     g.nodes = low.builder.nodes
     g.guards = low.guards
     if low.fixed_dtypes:
@@ -717,6 +719,23 @@ def _lower_exported(ep, injected, model):
     kwarg_order = tuple(in_spec.child(1).context) if in_spec is not None else ()
     return g, CallSpec(in_spec, input_leaves, ep.call_spec.out_spec, output_leaves, injected, kwarg_order,
                        _positional_names(model))
+
+
+def _scalar_output(value, val) -> tuple:
+    """The output leaf of a model's output that is not a tensor. A size or a number computed
+    from sizes (`x.shape[1]`, `x.numel()`, `x.shape[1] ** 0.5`) is ("size", [its Python type,
+    size_text]): the module computes it at each call's sizes, as eager returns it; a number
+    (the same at every size) is ("const", the Python int, float or bool); anything else
+    ("const", value)."""
+    if not isinstance(value, sympy.Basic):
+        return ("const", value)
+    kind = next((name for name, types in (("bool", (bool, torch.SymBool)), ("int", (int, torch.SymInt)),
+                                          ("float", (float, torch.SymFloat))) if isinstance(val, types)), None)
+    if kind is None:
+        kind = "bool" if isinstance(value, sympy.logic.boolalg.Boolean) else "int" if value.is_integer else "float"
+    if not value.free_symbols:
+        return ("const", {"bool": bool, "int": int, "float": float}[kind](value))
+    return ("size", [kind, size_text(value)])
 
 
 def _positional_names(model) -> tuple:

@@ -5,6 +5,7 @@ length and passes can reason about sizes with sympy's algebra.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -244,3 +245,38 @@ class TorchFunctions:
         if name.startswith("OpaqueUnaryFn_"):  # math.sqrt(x.shape[1]) and its kin
             return f"math.{name[len('OpaqueUnaryFn_'):]}{self._arg(e)}"
         return super()._print_Function(e)
+
+
+# -- size expressions as text (an output that is a size: capture.py writes, module.py reads) --
+class _SizeText(sympy.printing.str.StrPrinter):
+    def _print_Float(self, e):
+        return repr(float(e))  # every digit: sympy's str keeps 15
+
+
+def size_text(e: sympy.Expr) -> str:
+    """`e` as text that `parse_size_text` reads back exactly (its floats with every digit)."""
+    return _SizeText().doprint(e)
+
+
+_SIZE_TEXT = re.compile(r"[\w\s+\-*/%(),.<>=!]*")
+
+
+def parse_size_text(text: str) -> sympy.Expr:
+    """The inverse of size_text: arithmetic on size symbols, numbers, sympy's and torch's
+    functions of sizes (torch.utils._sympy.functions), nothing else (parse_expr runs Python)."""
+    from sympy.parsing.sympy_parser import parse_expr
+    from torch.utils._sympy import functions as tf
+
+    if not _SIZE_TEXT.fullmatch(text) or "__" in text or re.search(r"\.[A-Za-z_]", text):
+        raise ValueError(f"cannot read size expression {text!r}: only names, numbers and arithmetic are allowed")
+    functions = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Mod": sympy.Mod, "Max": sympy.Max,
+                 "Min": sympy.Min, "Eq": sympy.Eq, "Ne": sympy.Ne, "sqrt": sympy.sqrt}
+    names = {}
+    for name in set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)):
+        fn = functions.get(name) or getattr(tf, name, None)
+        is_function = name in functions or isinstance(fn, type) and issubclass(fn, sympy.Function)
+        names[name] = fn if is_function else symbol(name)
+    e = parse_expr(text, local_dict=names, global_dict={"Integer": sympy.Integer, "Float": sympy.Float,
+                                                        "Rational": sympy.Rational, "Symbol": sympy.Symbol})
+    # a float read back has the digits' precision; as a double it is the one written
+    return e.xreplace({f: sympy.Float(float(f)) for f in e.atoms(sympy.Float)})

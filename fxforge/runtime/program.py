@@ -54,7 +54,21 @@ class _Printer(TorchFunctions, IntegerQuotients, sympy.printing.str.StrPrinter):
         return super()._print_Pow(e, rational=rational)
 
 
+    def _print_Equality(self, e):
+        return f"(({self._print(e.lhs)}) == ({self._print(e.rhs)}))"
+
+    def _print_Unequality(self, e):
+        return f"(({self._print(e.lhs)}) != ({self._print(e.rhs)}))"
+
+
 _PRINTER = _Printer()
+
+
+def size_function(expr: sympy.Basic, symbols: list):
+    """`expr` (a size, or a float or bool computed from sizes) as a Python function of the
+    values of `symbols`, written as the program writes sizes (an output that is a size)."""
+    source = f"lambda {', '.join(map(str, symbols))}: {_PRINTER.doprint(expr)}"
+    return eval(compile(source, "<fxforge size>", "eval"), {"math": math})  # noqa: S307 (our own printer's text)
 
 
 def py_literal(value, tensor_names: list[str] | None = None) -> str:
