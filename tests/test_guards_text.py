@@ -97,3 +97,33 @@ def test_guard_lines_of_older_saves_and_bad_ones():
         fxforge.parse(text.replace("guard floor(T/2) <= T", "guard CeilToInt(T/3) <= T"))
     with pytest.raises(fxforge.ir.parser.ParseError, match="holds for no sizes"):
         fxforge.parse(text.replace("guard floor(T/2) <= T", "guard floor(T/2) > T"))
+
+
+class ScaleByLength(torch.nn.Module):
+    def forward(self, x):  # export specializes the float scale: Eq(1/T, 0.16666666666666666)
+        q = x[:, None]
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q, scale=1 / x.shape[1])[:, 0]
+
+
+class HalfSteps(torch.nn.Module):
+    def forward(self, x):  # a guard with torch's ToFloat and FloatTrueDiv
+        return x + torch.arange(0, x.shape[1] * 0.5, 0.5)[:, None]
+
+
+def test_a_guard_on_floats_is_decided_in_floats_as_torch_does(tmp_path):
+    model = ScaleByLength()
+    fast = fxforge.optimize(model, (torch.randn(2, 6, 8),), verbose=False)  # was a CaptureError
+    assert fast.ir.count("guard Eq(1/T, 0.16666666666666666)") == 1  # every digit: it holds at T = 6
+    assert str(fxforge.parse(fast.ir, params=fast.graph.params)) == fast.ir
+    fast.save(str(tmp_path / "saved"))
+    loaded = fxforge.load(str(tmp_path / "saved"))
+    x = torch.randn(3, 6, 8)
+    for f in (fast, loaded):
+        torch.testing.assert_close(f(x), model(x))
+        with pytest.raises(GuardError, match="T=9"):  # the scale there is another one
+            f(torch.randn(3, 9, 8))
+    model = HalfSteps()
+    fast = fxforge.optimize(model, (torch.randn(2, 6, 8),), verbose=False)
+    for t in (6, 9, 1):
+        x = torch.randn(2, t, 8)
+        torch.testing.assert_close(fast(x), model(x))
