@@ -60,6 +60,28 @@ def _is_single_symbol_bound(rel) -> bool:
             and (rel.lhs.is_number or rel.rhs.is_number))
 
 
+def _as_bound(rel):
+    """A linear inequality on one size as the bound it is: `-T <= -3` and `8*T >= 24` are
+    `T >= 3`, `2*T <= 13` is `T <= 6` (sizes are integers): one text for one condition, so
+    that the same one read twice is kept once. Anything else as it is."""
+    if not (isinstance(rel, (sympy.GreaterThan, sympy.StrictGreaterThan, sympy.LessThan, sympy.StrictLessThan))
+            and len(rel.free_symbols) == 1):
+        return rel
+    (sym,) = rel.free_symbols
+    diff = sympy.expand(rel.lhs - rel.rhs)  # rel is `diff REL 0`
+    if not diff.is_polynomial(sym) or sympy.degree(diff, sym) != 1 or diff.has(sympy.Float):
+        return rel
+    a, b = diff.coeff(sym, 1), diff.coeff(sym, 0)
+    if not (a.is_Rational and b.is_Rational):
+        return rel
+    x = -b / a
+    greater = isinstance(rel, (sympy.GreaterThan, sympy.StrictGreaterThan)) == (a > 0)
+    strict = isinstance(rel, (sympy.StrictGreaterThan, sympy.StrictLessThan))
+    if greater:
+        return sympy.Ge(sym, sympy.floor(x) + 1 if strict else sympy.ceiling(x))
+    return sympy.Le(sym, sympy.ceiling(x) - 1 if strict else sympy.floor(x))
+
+
 def guards_from_export(ep, rename: dict, clean) -> list:
     """The guards of an ExportedProgram, over fxforge's size symbols.
 
@@ -74,7 +96,7 @@ def guards_from_export(ep, rename: dict, clean) -> list:
         if not rel.free_symbols <= ours:
             return  # about sizes that are not inputs' (data-dependent)
         for part in _conjuncts(rel):
-            part = _as_read_back(part)
+            part = _as_read_back(_as_bound(part))
             if part in (sympy.true, sympy.false):
                 continue  # decided (over positive integer sizes)
             if is_size_specialization(part) or any(part == g for g in out):
