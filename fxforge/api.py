@@ -86,13 +86,38 @@ def _warn_fixed_sizes(graph: Graph):
         return
     fixed = [f"{name} = {int(size)}" for name, size in zip(("the batch", "the length"), first.shape[:2])
              if getattr(size, "is_number", False)]
-    if fixed:
-        warnings.warn(f"torch.export fixed {' and '.join(fixed)} (dims of input {first.hint!r}): the model's "
-                      "code needs that exact size, most often because the example's size equals a fixed size "
-                      "in the model (a mask buffer or position table of that many rows, sliced by it). The "
-                      "optimized model serves that size only, and kv_cache cannot cache it: where the size "
-                      "should vary, optimize with an example of another size (e.g. one token shorter)",
-                      stacklevel=4)
+    if not fixed:
+        return
+    ops = _length_fixing_ops(graph)
+    if ops:
+        why = (f"{'; '.join(ops)} ran at the example's size, and torch.export traces "
+               f"{'it' if len(ops) == 1 else 'them'} at a fixed size (a recurrent layer, nn.GRU / nn.LSTM / "
+               "nn.RNN, is run whole; torch.linspace / logspace take their number of steps as a plain int). "
+               "The optimized model serves that size only, and kv_cache cannot cache it: where the size should "
+               "vary, optimize once per size (or write linspace as torch.arange(n) / (n - 1))")
+    else:
+        why = ("most often because the example's size equals a fixed size in the model (a mask buffer or position "
+               "table of that many rows, sliced by it), or the model runs a recurrent layer (nn.GRU, nn.LSTM, "
+               "nn.RNN) or torch.linspace / logspace with that many steps, which torch.export traces at one size. "
+               "The optimized model serves that size only, and kv_cache cannot cache it: where the size should "
+               "vary, optimize with an example of another size (e.g. one token shorter)")
+    warnings.warn(f"torch.export fixed {' and '.join(fixed)} (dims of input {first.hint!r}): the model's "
+                  f"code needs that exact size: {why}", stacklevel=4)
+
+
+# ATen ops that torch.export runs at a size fixed by the example (op name prefixes)
+_LENGTH_FIXING = ("aten.gru.", "aten.lstm.", "aten.rnn_tanh.", "aten.rnn_relu.", "aten.linspace.", "aten.logspace.")
+
+
+def _length_fixing_ops(graph: Graph) -> list[str]:
+    """The graph's ops that fix a size whatever the example (`aten.gru.input (at g)`)."""
+    out = []
+    for node in graph.nodes:
+        target = str(node.attrs.get("target", "")) if node.op == "torch_call" else ""
+        if target.startswith(_LENGTH_FIXING):
+            where = (node.meta or {}).get("source")
+            out.append(target + (f" (at {where})" if where else ""))
+    return list(dict.fromkeys(out))
 
 
 def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torch.nn.Module, *,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import os
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -193,7 +195,8 @@ def _export(model, args, kwargs, dynamic, stack_traces: bool = False):
     ex_args, ex_kwargs, _ = _export_example(args, kwargs, dynamic)
     dyn = _dynamic_shapes(model, ex_args, ex_kwargs) if dynamic else None
     try:
-        with torch.no_grad(), _trace_settings(stack_traces), _config_without_cache(model, kwargs):
+        with torch.no_grad(), _trace_settings(stack_traces), _config_without_cache(model, kwargs), \
+                _without_partial_graph_dump():
             return torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # torch.export raises many kinds; all become one clear error
         through = _through_var_keyword(model, ex_args, ex_kwargs) if dynamic else []
@@ -282,6 +285,29 @@ def _trace_settings(stack_traces: bool):
     finally:
         if had_flag:
             config.do_not_emit_stack_traces = before
+
+
+@contextlib.contextmanager
+def _without_partial_graph_dump():
+    """torch.export prints the partial FX graph of a trace that failed (a branch on a
+    value: `if x.sum().item() > 0`) to stderr before it raises; fxforge's CaptureError says
+    where and what to do instead, so that dump goes. stderr is held while export runs and
+    written out after it (warnings included), less the dump."""
+    real, held = sys.stderr, io.StringIO()
+    dump = None
+    sys.stderr = held
+    try:
+        yield
+    except BaseException as e:
+        dump = getattr(e, "partial_fx_graph", None)
+        raise
+    finally:
+        sys.stderr = real
+        text = held.getvalue()
+        if dump is not None:  # (export's nested wrappers print it once each)
+            text = text.replace(f"{dump}\n", "")
+        if text:
+            real.write(text)
 
 
 def _capture_error(model, exc) -> CaptureError:
@@ -704,7 +730,7 @@ def _lower_exported(ep, injected, model):
     for spec, out in zip(ep.graph_signature.output_specs, outputs):
         if spec.kind != OutputKind.USER_OUTPUT:
             raise CaptureError(f"the model mutates {spec.target or spec.arg} inside forward ({spec.kind.name}); "
-                               "fxforge needs a forward pass without side effects")
+                               "fxforge needs a forward pass without side effects" + _mutation_hint(spec, model))
         value = env[out] if isinstance(out, torch.fx.Node) else out
         if isinstance(value, Value):
             output_leaves.append(("value", len(g.outputs)))
@@ -719,6 +745,20 @@ def _lower_exported(ep, injected, model):
     kwarg_order = tuple(in_spec.child(1).context) if in_spec is not None else ()
     return g, CallSpec(in_spec, input_leaves, ep.call_spec.out_spec, output_leaves, injected, kwarg_order,
                        _positional_names(model))
+
+
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _mutation_hint(spec, model) -> str:
+    """What to do about a buffer forward() writes, where the usual cause is known."""
+    target = str(spec.target or "")
+    if target.rsplit(".", 1)[-1] in _RUNNING_STATS:
+        return (": call model.eval() before optimize() (BatchNorm in training mode updates its running "
+                "statistics)")
+    if getattr(model, "training", False):
+        return ": call model.eval() before optimize() if the write is a training-mode update"
+    return ""
 
 
 def _scalar_output(value, val) -> tuple:
