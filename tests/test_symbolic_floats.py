@@ -57,3 +57,12 @@ def test_sizes_returned_are_the_calls_ints_and_floats_and_survive_save_load(back
             assert got[1:] == want[1:]
             assert [type(v) for v in got[1:]] == [type(v) for v in want[1:]]  # ints, a float, a torch.Size
             assert [type(v) for v in got[6].values()] == [int, float]
+
+
+@pytest.mark.parametrize("backend", ["torch", "interpret"])
+def test_a_clamp_bound_computed_from_a_size_is_the_calls(backend):
+    model = Lambda(lambda x: x.clamp(min=-x.shape[1] / 10, max=x.shape[1] / 10))
+    fast = fxforge.optimize(model, (torch.randn(2, 6, 8),), backend=backend, verbose=False)  # was an IRCheckError
+    for shape in [(2, 6, 8), (3, 9, 8)]:
+        x = torch.randn(shape) * 3
+        assert torch.equal(fast(x), model(x)), shape
