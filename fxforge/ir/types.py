@@ -270,7 +270,7 @@ def parse_size_text(text: str) -> sympy.Expr:
     if not _SIZE_TEXT.fullmatch(text) or "__" in text or re.search(r"\.[A-Za-z_]", text):
         raise ValueError(f"cannot read size expression {text!r}: only names, numbers and arithmetic are allowed")
     functions = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Mod": sympy.Mod, "Max": sympy.Max,
-                 "Min": sympy.Min, "Eq": sympy.Eq, "Ne": sympy.Ne, "sqrt": sympy.sqrt}
+                 "Min": sympy.Min, "Eq": sympy.Eq, "Ne": sympy.Ne, "sqrt": sympy.sqrt, "Abs": sympy.Abs}
     names = {}
     for name in set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)):
         fn = functions.get(name) or getattr(tf, name, None)
