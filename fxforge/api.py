@@ -6,6 +6,7 @@ import time
 import warnings
 from typing import Callable, Sequence
 
+import sympy
 import torch
 
 from .ir.capture import CallSpec, _as_tuple as _as_args, capture_with_spec
@@ -86,13 +87,69 @@ def _warn_fixed_sizes(graph: Graph):
         return
     fixed = [f"{name} = {int(size)}" for name, size in zip(("the batch", "the length"), first.shape[:2])
              if getattr(size, "is_number", False)]
-    if fixed:
-        warnings.warn(f"torch.export fixed {' and '.join(fixed)} (dims of input {first.hint!r}): the model's "
-                      "code needs that exact size, most often because the example's size equals a fixed size "
-                      "in the model (a mask buffer or position table of that many rows, sliced by it). The "
-                      "optimized model serves that size only, and kv_cache cannot cache it: where the size "
-                      "should vary, optimize with an example of another size (e.g. one token shorter)",
-                      stacklevel=4)
+    _warn_pinning_guards(graph, first)
+    if not fixed:
+        return
+    ops = _length_fixing_ops(graph)
+    if ops:
+        why = (f"{'; '.join(ops)} ran at the example's size, and torch.export traces "
+               f"{'it' if len(ops) == 1 else 'them'} at a fixed size (a recurrent layer, nn.GRU / nn.LSTM / "
+               "nn.RNN, is run whole; torch.linspace / logspace take their number of steps as a plain int). "
+               "The optimized model serves that size only, and kv_cache cannot cache it: where the size should "
+               "vary, optimize once per size (or write linspace as torch.arange(n) / (n - 1))")
+    else:
+        why = ("most often because the example's size equals a fixed size in the model (a mask buffer or position "
+               "table of that many rows, sliced by it), or the model runs a recurrent layer (nn.GRU, nn.LSTM, "
+               "nn.RNN) or torch.linspace / logspace with that many steps, which torch.export traces at one size, "
+               "or makes a Python float of the size (float(x.shape[1]), torch.tensor(float(n))). "
+               "The optimized model serves that size only, and kv_cache cannot cache it: where the size should "
+               "vary, optimize with an example of another size (e.g. one token shorter)")
+    warnings.warn(f"torch.export fixed {' and '.join(fixed)} (dims of input {first.hint!r}): the model's "
+                  f"code needs that exact size: {why}", stacklevel=4)
+
+
+def _warn_pinning_guards(graph: Graph, first):
+    """A guard that one size alone satisfies fixes that size as surely as export's own
+    specialization: `Eq(1/T, 0.16666666666666666)`, where an op takes a float computed from
+    the length as a plain float (an attention `scale=1 / x.shape[1]`). Say so at optimize()
+    rather than at the first call of another size."""
+    from .ir.guards import GuardChecker, format_guard
+
+    names = dict(zip(first.shape[:2], ("the batch", "the length")))
+    for g in graph.guards:
+        if not isinstance(g, sympy.Eq) or len(g.free_symbols) != 1 or next(iter(g.free_symbols)) not in names:
+            continue
+        (sym,) = g.free_symbols
+        test = GuardChecker([g])._tests[0]
+        held = []
+        for n in range(1, _PINNING_SCAN + 1):
+            if test([n], {sym: n}):
+                held.append(n)
+                if len(held) > 1:
+                    break  # most guards (Eq(Mod(T, 2), 0)): at once
+        if len(held) == 1:
+            warnings.warn(f"the guard {format_guard(g)} holds at {sym} = {held[0]} only: the optimized model serves "
+                          f"{names[sym]} {held[0]} only (most often an op takes a float computed from that size as "
+                          "a plain float, such as an attention scale=1 / x.shape[1], which torch.export fixes); "
+                          "compute it from a tensor instead, or optimize once per size", stacklevel=5)
+
+
+_PINNING_SCAN = 4096  # sizes scanned for a guard that holds at one of them only
+
+
+# ATen ops that torch.export runs at a size fixed by the example (op name prefixes)
+_LENGTH_FIXING = ("aten.gru.", "aten.lstm.", "aten.rnn_tanh.", "aten.rnn_relu.", "aten.linspace.", "aten.logspace.")
+
+
+def _length_fixing_ops(graph: Graph) -> list[str]:
+    """The graph's ops that fix a size whatever the example (`aten.gru.input (at g)`)."""
+    out = []
+    for node in graph.nodes:
+        target = str(node.attrs.get("target", "")) if node.op == "torch_call" else ""
+        if target.startswith(_LENGTH_FIXING):
+            where = (node.meta or {}).get("source")
+            out.append(target + (f" (at {where})" if where else ""))
+    return list(dict.fromkeys(out))
 
 
 def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torch.nn.Module, *,

@@ -212,3 +212,43 @@ def test_gqa_aligned_without_usable_calibration_fails_before_capture(config, say
 
     with pytest.raises(GQAError, match=says):
         fxforge.optimize(Untraceable(), (torch.randint(0, 8, (2, 4)),), gqa=config)
+
+
+# -- sizes torch.export fixes, buffers forward() writes, data-dependent branches ------------------
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(8, 5, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+class Linspace(nn.Module):
+    def forward(self, x):
+        return x * torch.linspace(0, 1, x.shape[1])[:, None]
+
+
+@pytest.mark.parametrize("model, op", [(Recurrent(), r"aten\.gru\.input \(at rnn\)"),
+                                       (Linspace(), r"aten\.linspace\.default")], ids=["gru", "linspace"])
+def test_a_length_fixed_by_an_op_names_that_op(model, op):
+    with pytest.warns(UserWarning, match=rf"torch.export fixed the length = 6 .*: {op} ran at the example's size"):
+        fxforge.optimize(model.eval(), (torch.randn(2, 6, 8),), verbose=False)
+
+
+def test_batchnorm_in_training_mode_is_told_to_call_eval():
+    model = nn.BatchNorm1d(6).train()
+    with pytest.raises(CaptureError, match=r"running_mean.*call model\.eval\(\) before optimize\(\) \(BatchNorm"):
+        fxforge.optimize(model, (torch.randn(2, 6, 8),), verbose=False)
+
+
+class BranchOnValue(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum().item() > 0 else x - 1
+
+
+def test_a_branch_on_a_value_prints_no_fx_graph_before_the_error(capfd):
+    with pytest.raises(CaptureError, match="data-dependent"):
+        fxforge.optimize(BranchOnValue(), (torch.randn(2, 6, 8).abs(),), verbose=False)
+    out, err = capfd.readouterr()
+    assert "def forward" not in out + err, err  # torch.export's partial graph dump

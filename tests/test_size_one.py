@@ -82,3 +82,33 @@ def test_a_length_equal_to_a_sliced_buffer_is_probed_and_allowed():
         assert torch.allclose(fast(ids), model(ids), atol=1e-5)
     with pytest.raises(GuardError):
         fast(torch.randint(0, 96, (1, block + 1)))
+
+
+class Slices(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("fn, ok, refused", [
+    (lambda x: x[:, -3:].sum(1), [3, 4, 9], [2]),   # export: Ne(8*T, 24) (and -T <= -3)
+    (lambda x: x[:, ::2] * 2, [1, 2, 3, 9], []),     # Ne(8*T, 16)
+    (lambda x: x[:, 1::3].exp(), [3, 4, 9], [2]),   # Ne(8*T, 24)
+], ids=["tail", "step", "step_from_1"])
+def test_a_size_a_scaled_inequality_excludes_is_probed_like_ne_t_c(fn, ok, refused):
+    """export excludes a size with a scaled inequality (`Ne(8*T, 24)` is T != 3) where a
+    slice's bounds meet the length; solved for T, it is probed as Ne(T, c) is: eager runs
+    there, and so does the graph."""
+    model = Slices(fn)
+    fast = fxforge.optimize(model, (torch.randn(2, 6, 8),), verbose=False)
+    assert not any("Ne(" in str(g) for g in fast.graph.guards), fast.graph.guards
+    assert "-T <= -3" not in fast.ir  # the range read twice is one line, T >= 3
+    for t in ok:
+        x = torch.randn(2, t, 8)
+        assert torch.equal(fast(x), model(x)), t
+    for t in refused:  # the graph has 3 rows where eager has t: a clear error
+        with pytest.raises(GuardError):
+            fast(torch.randn(2, t, 8))

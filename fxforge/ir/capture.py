@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import os
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from .guards import guards_from_export
 from .lowering import DROP, FALLBACK, RULES, LowerCtx
 from .ops import Arg
 from .pause_gc import paused_gc
-from .types import TensorType, symbol
+from .types import TensorType, size_text, symbol
 
 
 class CaptureError(RuntimeError):
@@ -39,7 +41,9 @@ class CallSpec:
     in_spec: Any
     input_leaves: list  # per flat leaf: ("tensor", graph input index) | ("const", value)
     out_spec: Any
-    output_leaves: list  # per flat output leaf: ("value", graph output index) | ("const", value)
+    # per flat output leaf: ("value", graph output index) | ("const", value) | ("size", [type, text]),
+    # a number computed from sizes at each call (_scalar_output)
+    output_leaves: list
     injected_kwargs: dict = field(default_factory=dict)
     kwarg_order: tuple = ()
     # names of forward()'s leading positional parameters, in order (older saves hold
@@ -191,7 +195,8 @@ def _export(model, args, kwargs, dynamic, stack_traces: bool = False):
     ex_args, ex_kwargs, _ = _export_example(args, kwargs, dynamic)
     dyn = _dynamic_shapes(model, ex_args, ex_kwargs) if dynamic else None
     try:
-        with torch.no_grad(), _trace_settings(stack_traces), _config_without_cache(model, kwargs):
+        with torch.no_grad(), _trace_settings(stack_traces), _config_without_cache(model, kwargs), \
+                _without_partial_graph_dump():
             return torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # torch.export raises many kinds; all become one clear error
         through = _through_var_keyword(model, ex_args, ex_kwargs) if dynamic else []
@@ -280,6 +285,29 @@ def _trace_settings(stack_traces: bool):
     finally:
         if had_flag:
             config.do_not_emit_stack_traces = before
+
+
+@contextlib.contextmanager
+def _without_partial_graph_dump():
+    """torch.export prints the partial FX graph of a trace that failed (a branch on a
+    value: `if x.sum().item() > 0`) to stderr before it raises; fxforge's CaptureError says
+    where and what to do instead, so that dump goes. stderr is held while export runs and
+    written out after it (warnings included), less the dump."""
+    real, held = sys.stderr, io.StringIO()
+    dump = None
+    sys.stderr = held
+    try:
+        yield
+    except BaseException as e:
+        dump = getattr(e, "partial_fx_graph", None)
+        raise
+    finally:
+        sys.stderr = real
+        text = held.getvalue()
+        if dump is not None:  # (export's nested wrappers print it once each)
+            text = text.replace(f"{dump}\n", "")
+        if text:
+            real.write(text)
 
 
 def _capture_error(model, exc) -> CaptureError:
@@ -702,13 +730,13 @@ def _lower_exported(ep, injected, model):
     for spec, out in zip(ep.graph_signature.output_specs, outputs):
         if spec.kind != OutputKind.USER_OUTPUT:
             raise CaptureError(f"the model mutates {spec.target or spec.arg} inside forward ({spec.kind.name}); "
-                               "fxforge needs a forward pass without side effects")
+                               "fxforge needs a forward pass without side effects" + _mutation_hint(spec, model))
         value = env[out] if isinstance(out, torch.fx.Node) else out
         if isinstance(value, Value):
             output_leaves.append(("value", len(g.outputs)))
             g.outputs.append(value)
         else:
-            output_leaves.append(("const", value))
+            output_leaves.append(_scalar_output(value, out.meta.get("val") if isinstance(out, torch.fx.Node) else out))
     g.nodes = low.builder.nodes
     g.guards = low.guards
     if low.fixed_dtypes:
@@ -717,6 +745,37 @@ def _lower_exported(ep, injected, model):
     kwarg_order = tuple(in_spec.child(1).context) if in_spec is not None else ()
     return g, CallSpec(in_spec, input_leaves, ep.call_spec.out_spec, output_leaves, injected, kwarg_order,
                        _positional_names(model))
+
+
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _mutation_hint(spec, model) -> str:
+    """What to do about a buffer forward() writes, where the usual cause is known."""
+    target = str(spec.target or "")
+    if target.rsplit(".", 1)[-1] in _RUNNING_STATS:
+        return (": call model.eval() before optimize() (BatchNorm in training mode updates its running "
+                "statistics)")
+    if getattr(model, "training", False):
+        return ": call model.eval() before optimize() if the write is a training-mode update"
+    return ""
+
+
+def _scalar_output(value, val) -> tuple:
+    """The output leaf of a model's output that is not a tensor. A size or a number computed
+    from sizes (`x.shape[1]`, `x.numel()`, `x.shape[1] ** 0.5`) is ("size", [its Python type,
+    size_text]): the module computes it at each call's sizes, as eager returns it; a number
+    (the same at every size) is ("const", the Python int, float or bool); anything else
+    ("const", value)."""
+    if not isinstance(value, sympy.Basic):
+        return ("const", value)
+    kind = next((name for name, types in (("bool", (bool, torch.SymBool)), ("int", (int, torch.SymInt)),
+                                          ("float", (float, torch.SymFloat))) if isinstance(val, types)), None)
+    if kind is None:
+        kind = "bool" if isinstance(value, sympy.logic.boolalg.Boolean) else "int" if value.is_integer else "float"
+    if not value.free_symbols:
+        return ("const", {"bool": bool, "int": int, "float": float}[kind](value))
+    return ("size", [kind, size_text(value)])
 
 
 def _positional_names(model) -> tuple:

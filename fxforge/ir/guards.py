@@ -16,13 +16,14 @@ torch.export's size-oblivious mode does, that code traced at a size >= 2 also ho
 """
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 
 import sympy
 from sympy.printing.pycode import PythonCodePrinter
 
-from .types import IntegerQuotients, symbol
+from .types import IntegerQuotients, TorchFunctions, symbol
 
 
 class GuardError(ValueError):
@@ -59,6 +60,28 @@ def _is_single_symbol_bound(rel) -> bool:
             and (rel.lhs.is_number or rel.rhs.is_number))
 
 
+def _as_bound(rel):
+    """A linear inequality on one size as the bound it is: `-T <= -3` and `8*T >= 24` are
+    `T >= 3`, `2*T <= 13` is `T <= 6` (sizes are integers): one text for one condition, so
+    that the same one read twice is kept once. Anything else as it is."""
+    if not (isinstance(rel, (sympy.GreaterThan, sympy.StrictGreaterThan, sympy.LessThan, sympy.StrictLessThan))
+            and len(rel.free_symbols) == 1):
+        return rel
+    (sym,) = rel.free_symbols
+    diff = sympy.expand(rel.lhs - rel.rhs)  # rel is `diff REL 0`
+    if not diff.is_polynomial(sym) or sympy.degree(diff, sym) != 1 or diff.has(sympy.Float):
+        return rel
+    a, b = diff.coeff(sym, 1), diff.coeff(sym, 0)
+    if not (a.is_Rational and b.is_Rational):
+        return rel
+    x = -b / a
+    greater = isinstance(rel, (sympy.GreaterThan, sympy.StrictGreaterThan)) == (a > 0)
+    strict = isinstance(rel, (sympy.StrictGreaterThan, sympy.StrictLessThan))
+    if greater:
+        return sympy.Ge(sym, sympy.floor(x) + 1 if strict else sympy.ceiling(x))
+    return sympy.Le(sym, sympy.ceiling(x) - 1 if strict else sympy.floor(x))
+
+
 def guards_from_export(ep, rename: dict, clean) -> list:
     """The guards of an ExportedProgram, over fxforge's size symbols.
 
@@ -73,7 +96,7 @@ def guards_from_export(ep, rename: dict, clean) -> list:
         if not rel.free_symbols <= ours:
             return  # about sizes that are not inputs' (data-dependent)
         for part in _conjuncts(rel):
-            part = _as_read_back(part)
+            part = _as_read_back(_as_bound(part))
             if part in (sympy.true, sympy.false):
                 continue  # decided (over positive integer sizes)
             if is_size_specialization(part) or any(part == g for g in out):
@@ -141,7 +164,17 @@ def _shape_env(ep):
 
 # -- text form --------------------------------------------------------------------------------
 def format_guard(rel) -> str:
-    return sympy.sstr(rel)
+    return _TEXT.doprint(rel)
+
+
+class _GuardText(sympy.printing.str.StrPrinter):
+    def _print_Float(self, e):
+        # every digit: a guard such as Eq(1/T, 0.16666666666666666) (an attention scale
+        # 1 / x.shape[1], specialized by export) holds at T = 6 only with all of them
+        return repr(float(e))
+
+
+_TEXT = _GuardText()
 
 
 _FUNCTIONS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Mod": sympy.Mod, "Max": sympy.Max,
@@ -158,12 +191,14 @@ def parse_guard(text: str):
     if not re.fullmatch(r"[\w\s+\-*/%(),.<>=!]*", text) or "__" in text or re.search(r"\.[A-Za-z_]", text):
         raise ValueError(f"cannot read guard {text!r}: only names, numbers, arithmetic, comparisons and "
                          f"{', '.join(_FUNCTIONS)} are allowed")
-    unknown = sorted(set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(", text)) - set(_FUNCTIONS))
+    functions = {**_FUNCTIONS, **_torch_functions()}
+    unknown = sorted(set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(", text)) - set(functions))
     if unknown:
         raise ValueError(f"cannot read guard {text!r}: {', '.join(unknown)} is not one of the functions a guard "
-                         f"may use ({', '.join(_FUNCTIONS)})")
-    names = {n: symbol(n) for n in _identifiers(text)}
-    names.update(_FUNCTIONS)
+                         f"may use ({', '.join(_FUNCTIONS)}, and torch's float functions of sizes: "
+                         f"{', '.join(_TORCH_FUNCTIONS)})")
+    names = {n: symbol(n) for n in _identifiers(text) if n not in functions}
+    names.update(functions)
     try:
         rel = parse_expr(text, local_dict=names, global_dict={"Integer": sympy.Integer, "Symbol": sympy.Symbol,
                                                              "Rational": sympy.Rational, "Float": sympy.Float})
@@ -173,9 +208,25 @@ def parse_guard(text: str):
         return rel
     if rel is sympy.false:
         raise ValueError(f"guard {text!r} holds for no sizes: no call could run")
+    # a float read back has the digits' precision; as a double it is the one written
+    rel = rel.xreplace({f: sympy.Float(float(f)) for f in rel.atoms(sympy.Float)})
     if not isinstance(rel, sympy.core.relational.Relational):
         raise ValueError(f"a guard is a relation such as `T >= 5` or `Eq(Mod(T, 2), 0)`, got {text!r}")
     return rel
+
+
+# torch's sympy functions (torch.utils._sympy.functions) export writes in guards on float
+# arithmetic of sizes (`torch.arange(0, x.shape[1] * 0.5, 0.5)`): kept, and computed as
+# torch computes them (_FloatPrinter). Its integer ones (FloorDiv, CeilToInt...) capture
+# writes as sympy's (capture._clean_expr).
+_TORCH_FUNCTIONS = ("ToFloat", "FloatPow", "FloatTrueDiv", "PowByNatural", "TruncToFloat", "RoundToInt",
+                    "RoundDecimal")
+
+
+def _torch_functions() -> dict:
+    from torch.utils._sympy import functions as tf
+
+    return {name: getattr(tf, name) for name in _TORCH_FUNCTIONS if hasattr(tf, name)}
 
 
 def _identifiers(text: str) -> set[str]:
@@ -185,7 +236,13 @@ def _identifiers(text: str) -> set[str]:
 # -- checking ---------------------------------------------------------------------------------
 def holds(rel, sizes: dict) -> bool:
     """Whether `rel` is true at `sizes` ({symbol: int}); False when it cannot be decided
-    there (a division by zero, a symbol without a size)."""
+    there (a division by zero, a symbol without a size). A guard on floats is decided in
+    Python's float arithmetic, as torch decides it (_in_floats)."""
+    if _in_floats(rel):
+        symbols = sorted(rel.free_symbols, key=str)
+        if any(s not in sizes for s in symbols):
+            return False
+        return _compiled(rel, symbols)([int(sizes[s]) for s in symbols], sizes)
     try:
         value = rel.xreplace({s: sympy.Integer(int(v)) for s, v in sizes.items()})
     except Exception:  # sympy raises ZeroDivisionError (Mod by 0), TypeError (nan), ...
@@ -198,12 +255,16 @@ def _compiled(rel, symbols):
     is checked for every step of a cached generate(), where sympy's own evaluation would cost
     tens of microseconds a step); falls back to `holds` where it cannot be compiled or a
     size is missing."""
+    floats = _in_floats(rel)
     try:
-        fn = sympy.lambdify(symbols, rel, modules=[{"Fraction": Fraction}, "math"], printer=_ExactPrinter)
+        fn = sympy.lambdify(symbols, rel, modules=[{"Fraction": Fraction, "math": math}, "math"],
+                            printer=_FloatPrinter if floats else _ExactPrinter)
     except Exception:  # noqa: BLE001 (anything sympy cannot print as Python)
         fn = None
 
     def test(values, sizes) -> bool:
+        if floats and (fn is None or any(v is None for v in values)):
+            return False  # sympy's exact arithmetic would decide it otherwise than torch
         if fn is None or any(v is None for v in values):
             return holds(rel, sizes)
         try:
@@ -230,6 +291,23 @@ class _ExactPrinter(IntegerQuotients, PythonCodePrinter):
         if e.exp.is_Integer and e.exp < 0:
             return f"Fraction(1, ({self._print(e.base)}) ** {-int(e.exp)})"
         return super()._print_Pow(e, rational=rational)
+
+
+def _in_floats(rel) -> bool:
+    """Whether `rel` compares floats (`Eq(1/T, 0.16666666666666666)`, torch's ToFloat...):
+    torch decided it in float arithmetic, where 1/6 is 0.16666666666666666, and an exact
+    rational is not; such a guard is decided in floats."""
+    return bool(rel.atoms(sympy.Float)) or any(type(f).__name__ in _TORCH_FUNCTIONS
+                                               for f in rel.atoms(sympy.Function))
+
+
+class _FloatPrinter(TorchFunctions, IntegerQuotients, PythonCodePrinter):
+    """sympy -> Python in float arithmetic, as torch evaluates a guard on floats: a
+    quotient of sizes is a float division (PythonCodePrinter's 1/T), torch's functions
+    are the Python they stand for."""
+
+    def _print_Rational(self, e):
+        return f"({e.p} / {e.q})"
 
 
 class GuardChecker:

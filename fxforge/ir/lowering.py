@@ -138,7 +138,9 @@ def gelu(c: LowerCtx, x, approximate="none"):
 
 
 def clamp(c: LowerCtx, x, min=None, max=None):
-    if isinstance(min, Value) or isinstance(max, Value):
+    # a bound computed from a size (x.clamp(max=x.shape[1] / 10)) is no float attr: torch
+    # runs the call, the program computing the bound at each call's sizes
+    if isinstance(min, (Value, sympy.Basic)) or isinstance(max, (Value, sympy.Basic)):
         return FALLBACK
     return c.emit("clamp", x, min=min, max=max)
 

@@ -76,13 +76,49 @@ def _drop_points_that_hold(model, graph: Graph, spec, leaves: list, symbols: lis
     size). So the graph is run at the excluded size against the model: where they agree the
     guard goes; where they differ (a branch on that size), it stays."""
     for g in list(graph.guards):
-        if not isinstance(g, sympy.Unequality):
+        points = _excluded_points(g, symbols)
+        if not points:
             continue
-        sym, c = (g.lhs, g.rhs) if g.lhs.is_Symbol else (g.rhs, g.lhs)
-        if sym not in symbols or not c.is_Integer or not 2 <= int(c) <= MAX_POINT_PROBE:
-            continue
-        if _probe(model, graph, spec, leaves, {sym: int(c)}, ignore=g) is None:
-            graph.guards.remove(g)
+        (sym,) = g.free_symbols
+        differ = [c for c in points if _probe(model, graph, spec, leaves, {sym: c}, ignore=g) is not None]
+        if differ != points:  # the guard goes; the sizes where the model computes otherwise stay refused
+            at = graph.guards.index(g)
+            graph.guards[at:at + 1] = [sympy.Ne(sym, c) for c in differ]
+
+
+# A guard that excludes more sizes than this is a range, not points
+MAX_POINTS = 4
+
+
+def _excluded_points(g, symbols: list) -> list[int]:
+    """The sizes an inequality on one symbol excludes: `Ne(T, 64)` -> [64], and its scaled
+    forms export writes for a slice (`x[:, -3:]`: Ne(8*T, 24) -> [3]); [] where it is not
+    one (or excludes more than MAX_POINTS sizes, or one beyond MAX_POINT_PROBE)."""
+    if not isinstance(g, sympy.Unequality) or len(g.free_symbols) != 1:
+        return []
+    (sym,) = g.free_symbols
+    if sym not in symbols:
+        return []
+    try:  # a polynomial (8*T - 24): its roots, all of them
+        roots = sympy.roots(sympy.Poly(g.lhs - g.rhs, sym))
+        if sum(roots.values()) != sympy.degree(g.lhs - g.rhs, sym):
+            return []
+        points = sorted(int(r) for r in roots if r.is_Integer and r >= 1)
+        return points if len(points) <= MAX_POINTS and all(c <= MAX_POINT_PROBE for c in points) else []
+    except (sympy.PolynomialError, sympy.polys.polyerrors.GeneratorsNeeded, ValueError):
+        pass
+    # otherwise (Max, floor, Mod: 8*T != 8*Max(1, T - 4)) the sizes up to the probed ones, and
+    # a few beyond, which must all hold
+    test = GuardChecker([g])._tests[0]
+    points = []
+    for n in range(1, MAX_POINT_PROBE + 1):  # a compiled test: microseconds each
+        if not test([n], {sym: n}):
+            points.append(n)
+            if len(points) > MAX_POINTS:
+                return []
+    if not all(test([n], {sym: n}) for n in (MAX_POINT_PROBE + 1, 2 * MAX_POINT_PROBE, 10 ** 6, 10 ** 9)):
+        return []
+    return points
 
 
 def _probe(model, graph: Graph, spec, leaves: list, sizes: dict, ignore=None) -> str | None:

@@ -5,6 +5,7 @@ length and passes can reason about sizes with sympy's algebra.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -167,12 +168,115 @@ class IntegerQuotients:
     """A sympy printer mixin: floor/ceiling of a quotient of sizes printed as Python's
     integer `//` of its numerator and denominator (exact at every size, where a float
     quotient is not). The program (runtime/program.py) and the guard checks (guards.py)
-    both print sizes with it."""
+    both print sizes with it; the code printed needs `math` in its namespace."""
 
     def _print_floor(self, e):
         num, den = e.args[0].as_numer_denom()
+        if den == 1:  # math.floor(x.shape[1] * 0.3): an int, where a float's `// 1` is a float
+            return f"math.floor({self._print(num)})"
         return f"(({self._print(num)}) // ({self._print(den)}))"
 
     def _print_ceiling(self, e):
         num, den = e.args[0].as_numer_denom()
+        if den == 1:
+            return f"math.ceil({self._print(num)})"
         return f"(-((-({self._print(num)})) // ({self._print(den)})))"
+
+
+class TorchFunctions:
+    """A sympy printer mixin: torch's own sympy functions (torch.utils._sympy.functions) as
+    the Python that computes them as eager does. export writes them where the model does
+    float arithmetic on sizes (`x.shape[1] ** 0.5` is FloatPow(ToFloat(T), 0.5),
+    `x.shape[1] / 3` IntTrueDiv(T, 3)); the spellings are torch's own PythonPrinter's. The
+    code printed needs `math` in its namespace."""
+
+    def _arg(self, e, i: int = 0) -> str:
+        return f"({self._print(e.args[i])})"
+
+    def _print_ToFloat(self, e):
+        return f"float{self._arg(e)}"
+
+    def _print_FloatPow(self, e):
+        return f"({self._arg(e)} ** {self._arg(e, 1)})"
+
+    _print_PowByNatural = _print_FloatPow
+
+    def _print_FloatTrueDiv(self, e):
+        return f"({self._arg(e)} / {self._arg(e, 1)})"
+
+    _print_IntTrueDiv = _print_FloatTrueDiv
+
+    def _print_TruncToFloat(self, e):
+        return f"float(math.trunc{self._arg(e)})"
+
+    def _print_TruncToInt(self, e):
+        return f"math.trunc{self._arg(e)}"
+
+    def _print_FloorToInt(self, e):
+        return f"math.floor{self._arg(e)}"
+
+    def _print_CeilToInt(self, e):
+        return f"math.ceil{self._arg(e)}"
+
+    def _print_RoundToInt(self, e):
+        return f"round{self._arg(e)}"
+
+    def _print_RoundDecimal(self, e):
+        return f"round({self._print(e.args[0])}, {self._print(e.args[1])})"
+
+    def _print_Identity(self, e):
+        return self._arg(e)
+
+    def _print_Float(self, e):
+        # every digit: sympy's str keeps 15, and 0.333333333333333 is not the float 1/3
+        return repr(float(e))
+
+    def _print_Infinity(self, e):
+        return "math.inf"
+
+    def _print_NegativeInfinity(self, e):
+        return "(-math.inf)"
+
+    def _print_NaN(self, e):
+        return "math.nan"
+
+    def _print_Function(self, e):
+        name = type(e).__name__
+        if name.startswith("OpaqueUnaryFn_"):  # math.sqrt(x.shape[1]) and its kin
+            return f"math.{name[len('OpaqueUnaryFn_'):]}{self._arg(e)}"
+        return super()._print_Function(e)
+
+
+# -- size expressions as text (an output that is a size: capture.py writes, module.py reads) --
+class _SizeText(sympy.printing.str.StrPrinter):
+    def _print_Float(self, e):
+        return repr(float(e))  # every digit: sympy's str keeps 15
+
+
+def size_text(e: sympy.Expr) -> str:
+    """`e` as text that `parse_size_text` reads back exactly (its floats with every digit)."""
+    return _SizeText().doprint(e)
+
+
+_SIZE_TEXT = re.compile(r"[\w\s+\-*/%(),.<>=!]*")
+
+
+def parse_size_text(text: str) -> sympy.Expr:
+    """The inverse of size_text: arithmetic on size symbols, numbers, sympy's and torch's
+    functions of sizes (torch.utils._sympy.functions), nothing else (parse_expr runs Python)."""
+    from sympy.parsing.sympy_parser import parse_expr
+    from torch.utils._sympy import functions as tf
+
+    if not _SIZE_TEXT.fullmatch(text) or "__" in text or re.search(r"\.[A-Za-z_]", text):
+        raise ValueError(f"cannot read size expression {text!r}: only names, numbers and arithmetic are allowed")
+    functions = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Mod": sympy.Mod, "Max": sympy.Max,
+                 "Min": sympy.Min, "Eq": sympy.Eq, "Ne": sympy.Ne, "sqrt": sympy.sqrt, "Abs": sympy.Abs}
+    names = {}
+    for name in set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)):
+        fn = functions.get(name) or getattr(tf, name, None)
+        is_function = name in functions or isinstance(fn, type) and issubclass(fn, sympy.Function)
+        names[name] = fn if is_function else symbol(name)
+    e = parse_expr(text, local_dict=names, global_dict={"Integer": sympy.Integer, "Float": sympy.Float,
+                                                        "Rational": sympy.Rational, "Symbol": sympy.Symbol})
+    # a float read back has the digits' precision; as a double it is the one written
+    return e.xreplace({f: sympy.Float(float(f)) for f in e.atoms(sympy.Float)})

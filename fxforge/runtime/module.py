@@ -11,13 +11,14 @@ from ..ir.capture import CallSpec, flatten_call
 from ..ir.graph import Graph
 from ..ir.guards import GuardChecker
 from ..ir.printer import print_graph
-from ..ir.types import SymType, dtype_name, symbol
+from ..ir.evaluate import input_sizes
+from ..ir.types import SymType, dtype_name, parse_size_text, symbol
 from ..ir import roles
 from ..ir.roles import roles_problem
 from ..passes.manager import PassStats, format_report
 from .frames import frame_of_its_own
 from .last_token import last_token_graph
-from .program import Program
+from .program import Program, size_function
 from .block_allocator import blocks_for
 from .paged_cache import PagedKVCache, block_size_of
 from .state import CachePool, KVCache, cache_layout, cache_nbytes
@@ -81,6 +82,8 @@ class OptimizedModel:
         # to() rebuilds from it (build.assemble sets it)
         self.pipeline_graph = graph
         self._last_token = None  # (program, graph) of prefills that want the last logits only
+        self._size_outputs = _size_outputs(spec)
+        self._out_sizes = _sizes_as_leaves(spec.out_spec) if _has_size(spec.out_spec) else None
 
     # -- calling ----------------------------------------------------------------------------
     @frame_of_its_own  # its Python calls stay off data-stack chunk boundaries (runtime/frames.py)
@@ -104,6 +107,13 @@ class OptimizedModel:
             else:
                 outs = self.program(*inputs)
         flat = [outs[i] if kind == "value" else i for kind, i in self.spec.output_leaves]
+        if self._size_outputs:
+            sizes = input_sizes(self.graph, inputs)
+            for i, fn in self._size_outputs.items():
+                flat[i] = fn(sizes)
+        if self._out_sizes is not None:  # x.size() returned: a torch.Size, as eager's
+            spec, groups = self._out_sizes
+            return pytree.tree_unflatten(_group_sizes(flat, groups), spec)
         return pytree.tree_unflatten(flat, self.spec.out_spec)
 
     forward = __call__
@@ -450,6 +460,53 @@ class OptimizedModel:
 
     def __repr__(self) -> str:
         return f"OptimizedModel({self.model_name}, backend={self.backend.name}, nodes={len(self.graph.nodes)})"
+
+
+def _size_outputs(spec: CallSpec) -> dict:
+    """{flat output position: function of the call's sizes ({symbol: int})} for the outputs
+    that are numbers computed from sizes (capture._scalar_output): `x.shape[1]` is the
+    call's length, an int, as eager returns it, not the symbol T."""
+    out = {}
+    for i, (kind, payload) in enumerate(spec.output_leaves):
+        if kind != "size":
+            continue
+        type_name, text = payload
+        expr = parse_size_text(text)
+        symbols = sorted(expr.free_symbols, key=str)
+        fn = size_function(expr, symbols)
+        cast = {"int": int, "float": float, "bool": bool}[type_name]
+        out[i] = lambda sizes, fn=fn, symbols=symbols, cast=cast: cast(fn(*(sizes[s] for s in symbols)))
+    return out
+
+
+def _has_size(spec) -> bool:
+    return not spec.is_leaf() and (spec.type is torch.Size or any(_has_size(spec.child(i))
+                                                                   for i in range(spec.num_children)))
+
+
+def _sizes_as_leaves(spec):
+    """(spec with each torch.Size node made one leaf, the flat leaves each of its leaves
+    takes: None for one plain leaf, n for a torch.Size of n). pytree's own unflatten of a
+    torch.Size gives a tuple (torch.export's module returns one too); eager gives a Size."""
+    if spec.is_leaf():
+        return spec, [None]
+    if spec.type is torch.Size:
+        leaf = pytree.treespec_leaf() if hasattr(pytree, "treespec_leaf") else pytree.LeafSpec()
+        return leaf, [spec.num_leaves]
+    children, groups = [], []
+    for i in range(spec.num_children):
+        child, child_groups = _sizes_as_leaves(spec.child(i))
+        children.append(child)
+        groups += child_groups
+    return pytree.TreeSpec(spec.type, spec.context, children), groups
+
+
+def _group_sizes(flat: list, groups: list) -> list:
+    out, i = [], 0
+    for n in groups:
+        out.append(flat[i] if n is None else torch.Size(flat[i:i + n]))
+        i += 1 if n is None else n
+    return out
 
 
 def _graph_device(graph: Graph) -> torch.device:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import keyword
 import linecache
+import math
 import re
 
 import sympy
@@ -22,7 +23,7 @@ import torch
 
 from ..ir.graph import Graph
 from ..ir.ops import OPS, Arg, scalar_exponent
-from ..ir.types import IntegerQuotients, SymType, symbol
+from ..ir.types import IntegerQuotients, SymType, TorchFunctions, symbol
 from .frames import frame_of_its_own
 
 
@@ -30,8 +31,9 @@ def _py_dtype(dtype: torch.dtype) -> str:
     return str(dtype)  # "torch.float32"
 
 
-class _Printer(IntegerQuotients, sympy.printing.str.StrPrinter):
-    """sympy -> Python: floor division and modulo of integers stay integers."""
+class _Printer(TorchFunctions, IntegerQuotients, sympy.printing.str.StrPrinter):
+    """sympy -> Python: floor division and modulo of integers stay integers; torch's float
+    functions of sizes compute as eager does (types.TorchFunctions)."""
 
     def _print_Mod(self, e):
         return f"(({self._print(e.args[0])}) % ({self._print(e.args[1])}))"
@@ -45,8 +47,28 @@ class _Printer(IntegerQuotients, sympy.printing.str.StrPrinter):
     def _print_Rational(self, e):
         return f"({e.p} / {e.q})"
 
+    def _print_Pow(self, e, rational=False):
+        # StrPrinter writes T**(1/2) as sqrt(T), a name the program does not have
+        if e.exp.is_Rational and not e.exp.is_Integer:
+            return f"(({self._print(e.base)}) ** {self._print(e.exp)})"
+        return super()._print_Pow(e, rational=rational)
+
+
+    def _print_Equality(self, e):
+        return f"(({self._print(e.lhs)}) == ({self._print(e.rhs)}))"
+
+    def _print_Unequality(self, e):
+        return f"(({self._print(e.lhs)}) != ({self._print(e.rhs)}))"
+
 
 _PRINTER = _Printer()
+
+
+def size_function(expr: sympy.Basic, symbols: list):
+    """`expr` (a size, or a float or bool computed from sizes) as a Python function of the
+    values of `symbols`, written as the program writes sizes (an output that is a size)."""
+    source = f"lambda {', '.join(map(str, symbols))}: {_PRINTER.doprint(expr)}"
+    return eval(compile(source, "<fxforge size>", "eval"), {"math": math})  # noqa: S307 (our own printer's text)
 
 
 def py_literal(value, tensor_names: list[str] | None = None) -> str:
@@ -111,7 +133,7 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
 
     def name(v, base):
         n = _ident(base)
-        while n in taken or n in ops or n in ("torch", "P"):
+        while n in taken or n in ops or n in ("torch", "P", "math"):
             n += "_"
         taken.add(n)
         names[v] = n
@@ -177,7 +199,7 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
     lines.append(f"    return ({rets},)" if len(graph.outputs) == 1 else f"    return ({rets})")
     source = "\n".join(lines) + "\n"
 
-    namespace = {"torch": torch, "DEVICE": torch.device(device), **{f"op_{k}": fn for k, fn in ops.items()}}
+    namespace = {"torch": torch, "math": math, "DEVICE": torch.device(device), **{f"op_{k}": fn for k, fn in ops.items()}}
     namespace.update(hoisted)
     namespace.update({names[v]: graph.params[v.param] for v in graph.param_values})
     # Register the source so tracebacks through the program show its lines.
