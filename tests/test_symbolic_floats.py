@@ -66,3 +66,18 @@ def test_a_clamp_bound_computed_from_a_size_is_the_calls(backend):
     for shape in [(2, 6, 8), (3, 9, 8)]:
         x = torch.randn(shape) * 3
         assert torch.equal(fast(x), model(x)), shape
+
+
+@pytest.mark.parametrize("name", sorted(FLOATS))
+def test_a_float_of_a_size_survives_the_ir_text_and_save_load(name, tmp_path):
+    """The IR prints torch's float functions of sizes (ToFloat, FloatPow...) with every
+    digit, and the parser reads them back: save/load (which re-reads the IR) gives the
+    same answers at every size."""
+    model = Lambda(FLOATS[name])
+    fast = fxforge.optimize(model, (torch.randn(2, 6, 8),), verbose=False)
+    assert str(fxforge.parse(fast.ir)) == fast.ir
+    fast.save(str(tmp_path / "saved"))
+    loaded = fxforge.load(str(tmp_path / "saved"))
+    for shape in [(2, 6, 8), (3, 9, 8)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)

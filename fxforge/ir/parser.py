@@ -10,14 +10,12 @@ import re
 
 import sympy
 import torch
-from sympy.parsing.sympy_parser import parse_expr
 
 from .graph import Graph, Node, Value
 from .guards import parse_guard
 from .ops import Arg
-from .types import DTYPES_BY_NAME, SymType, TensorType, symbol
+from .types import DTYPES_BY_NAME, SymType, TensorType, parse_size_text
 
-_SYMPY_FUNCS = {"floor", "ceiling", "Mod", "Max", "Min", "sqrt", "Abs", "FloorDiv", "CeilDiv"}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ARITHMETIC = re.compile(r"[\w\s+\-*/%(),.]*")
 
@@ -36,11 +34,8 @@ def parse_dim(text: str, cache: dict | None = None) -> sympy.Expr:
         # parse_expr evaluates Python: let through only arithmetic on names and numbers
         raise ParseError(f"cannot read size expression {text!r}: only names, numbers and + - * / % ( ) are allowed")
     else:
-        names = {n: symbol(n) for n in _IDENT.findall(text) if n not in _SYMPY_FUNCS}
-        names.update({"floor": sympy.floor, "ceiling": sympy.ceiling, "Mod": sympy.Mod,
-                      "Max": sympy.Max, "Min": sympy.Min})
-        try:
-            out = parse_expr(text, local_dict=names)
+        try:  # torch's float functions of sizes (ToFloat, FloatPow...) too, floats as the doubles written
+            out = parse_size_text(text)
         except Exception as e:  # sympy raises many kinds
             raise ParseError(f"cannot read size expression {text!r}: {e}") from None
         if not isinstance(out, sympy.Expr):  # e.g. a tuple or a comparison

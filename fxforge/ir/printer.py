@@ -19,7 +19,7 @@ import torch
 
 from .guards import format_guard
 from .ops import Arg
-from .types import DTYPE_NAMES
+from .types import DTYPE_NAMES, size_text
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -86,7 +86,7 @@ def format_attr(value) -> str:
     if isinstance(value, sympy.Basic):
         if value.is_Integer:
             return str(int(value))
-        return str(value)
+        return size_text(value)  # floats with every digit (sympy's str keeps 15)
     raise TypeError(f"attr value {value!r} of type {type(value).__name__} has no text form")
 
 
