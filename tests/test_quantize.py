@@ -379,6 +379,35 @@ def test_a_weight_another_op_reads_in_float_stays_float_and_says_why():
     assert "also read by sum" in dict(details["skipped"])["A.weight"]
 
 
+class _RotatedByABuffer(torch.nn.Module):
+    """A fixed rotation R registered as a buffer (QuaRot style), multiplied like a weight."""
+
+    def __init__(self, persistent=True):
+        super().__init__()
+        self.register_buffer("R", torch.linalg.qr(torch.randn(64, 64))[0], persistent=persistent)
+        self.up, self.head = torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.up(x @ self.R)))
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_buffer_multiplied_like_a_weight_stays_float(persistent, tmp_path):
+    """Only parameters are quantized: a buffer is the model's own constant. Capture marks
+    it `{buffer=true}` in the IR text, which parses back and survives save/load."""
+    torch.manual_seed(0)
+    model, x = _RotatedByABuffer(persistent).eval(), torch.randn(2, 5, 64)
+    fast = fxforge.optimize(model, (x,), quantize="int8")
+    details = quant_stats(fast).details["quantize"]
+    assert [layer[0] for layer in details["layers"]] == ["up.weight"]
+    assert "a buffer" in dict(details["skipped"])["R"]
+    assert 'param "R" f32[64, 64] {buffer=true}' in fast.ir and str(fxforge.parse(fast.ir)) == fast.ir
+    fast.save(str(tmp_path / "saved"))
+    assert 'param "R" f32[64, 64] {buffer=true}' in fxforge.load(str(tmp_path / "saved")).ir
+    ref = model(x)
+    assert ((fast(x) - ref).norm() / ref.norm()).item() < TOLERANCE["int8"]
+
+
 def test_include_exclude_match_gqa_weights_by_the_model_names():
     from fxforge.passes.gqa import source_param_name
 

@@ -25,6 +25,7 @@ from .graph import Graph, Value
 from .guards import guards_from_export
 from .lowering import DROP, FALLBACK, RULES, LowerCtx
 from .ops import Arg
+from . import roles
 from .pause_gc import paused_gc
 from .types import TensorType, size_text, symbol
 
@@ -703,7 +704,9 @@ def _lower_exported(ep, injected, model):
         node = by_name.get(getattr(spec.arg, "name", None))
         if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             tensor = constants[spec.target]
-            v = Value(TensorType(tuple(tensor.shape), tensor.dtype), param=spec.target)
+            # a buffer is the model's constant, not a weight: quantize leaves it (roles.BUFFER)
+            marks = None if spec.kind == InputKind.PARAMETER else {roles.BUFFER: True}
+            v = Value(TensorType(tuple(tensor.shape), tensor.dtype), param=spec.target, attrs=marks)
             g.param_values.append(v)
             g.params[spec.target] = tensor.detach()
             env[node] = v

@@ -13,6 +13,7 @@ import torch
 
 from .graph import Graph, Node, Value
 from .guards import parse_guard
+from . import roles
 from .ops import Arg
 from .types import DTYPES_BY_NAME, SymType, TensorType, parse_size_text
 
@@ -280,9 +281,9 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
         pm = re.fullmatch(r'%([\w.]+):\s*param\s+(".*?")\s+(.*)', item)
         if pm:
             name = _string(pm.group(2))
-            if value_attrs is not None:
-                raise ParseError(f"a parameter takes no attributes: {item!r}")
-            v = Value(parse_type(pm.group(3), cache), param=name)
+            if value_attrs is not None and set(value_attrs) - {roles.BUFFER}:
+                raise ParseError(f"a parameter takes no attributes but {roles.BUFFER}=true: {item!r}")
+            v = Value(parse_type(pm.group(3), cache), param=name, attrs=value_attrs)
             define(pm.group(1), v)
             g.param_values.append(v)
             if params is not None and name in params:

@@ -108,7 +108,8 @@ def format_node(node, names: Namer, show_source: bool = False) -> str:
 def print_graph(graph, show_source: bool = False) -> str:
     names = Namer(graph)
     sig = [f"%{names[v]}: {v.type}{format_attrs(v.attrs or {})}" for v in graph.inputs]
-    sig += [f'%{names[v]}: param {json.dumps(v.param)} {v.type}' for v in graph.param_values]
+    sig += [f'%{names[v]}: param {json.dumps(v.param)} {v.type}{format_attrs(v.attrs or {})}'
+            for v in graph.param_values]
     sig += [f'%{names[v]}: state {json.dumps(v.state)} {v.type}{format_attrs(v.attrs or {})}'
             for v in graph.state_values]
     lines = [f"graph({', '.join(sig)}) {{"]

@@ -38,6 +38,10 @@ OUTPUT, LOGITS = "output", "logits"
 OUTPUT_ROLES = (OUTPUT, LOGITS)
 STATE_KINDS = ("k", "v")
 LAYOUTS = ("dense", "paged")
+# A param value captured from a buffer (register_buffer, a constant tensor), not an
+# nn.Parameter: `%p: param "rope.inv_freq" f32[32] {buffer=true}`. Passes that rewrite
+# weights (quantize) leave buffers: their values are the model's constants.
+BUFFER = "buffer"
 SIGNATURE_KEYS = ("outputs", "max_seq_len", "max_batch", "num_blocks", "fixed_dtypes")
 
 

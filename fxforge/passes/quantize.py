@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ir import roles
 from ..ir.graph import readers_through
 from ..ir.quant_formats import (SCHEME_OPTIONS, SCHEMES, SUPPORTED_GROUP_SIZES, check_quantizable,
                                 fitting_group_size, quantize_weight)
@@ -277,6 +278,9 @@ def _decide(plan: _Plan, name: str, w) -> str | None:
     reason = _name_reason(plan, name)
     if reason:
         return reason
+    if (w.attrs or {}).get(roles.BUFFER):
+        return ("a buffer (register_buffer or a constant tensor), not a parameter: its values are the model's "
+                "own constants (a rotation, a table), which quantize leaves as they are")
     use = plan.uses.get(name, _Uses({False}))
     others = use.others - {"embedding"} if plan.config.include_tied else use.others
     if others:
