@@ -334,6 +334,38 @@ def test_refuses_non_causal_attention():
         fxforge.optimize(Encoder(), (torch.randn(2, 5, 16),), kv_cache=True)
 
 
+class _FoldedHeads(torch.nn.Module):
+    """Heads folded into the batch for bmm ([B*H, T, D]); `across`: attention over the
+    heads of each token instead, the length in the heads dim."""
+
+    def __init__(self, across=False):
+        super().__init__()
+        self.emb, self.qkv, self.head = torch.nn.Embedding(32, 16), torch.nn.Linear(16, 48), torch.nn.Linear(16, 32)
+        self.across = across
+        self.register_buffer("mask", torch.full((64, 64), float("-inf")).triu(1), persistent=False)
+
+    def forward(self, ids):
+        b, t = ids.shape
+        q, k, v = (x.view(b, t, 2, 8) for x in self.qkv(self.emb(ids)).split(16, -1))
+        if self.across:
+            o = (q @ k.transpose(-2, -1) / 4.0).softmax(-1) @ v
+        else:
+            q, k, v = (x.transpose(1, 2).reshape(b * 2, t, 8) for x in (q, k, v))
+            o = (torch.bmm(q, k.transpose(1, 2)) / 4.0 + self.mask[:t, :t]).softmax(-1).bmm(v)
+            o = o.view(b, 2, t, 8).transpose(1, 2)
+        return self.head(o.reshape(b, t, 16))
+
+
+@pytest.mark.parametrize("across, says", [
+    (False, r"heads folded with the batch[\s\S]*viewed as \[B, H, T, T\]"),
+    (True, r"within each token[\s\S]*kv_cache=False")], ids=["bmm-folded-mask", "across-heads"])
+def test_refuses_attention_not_over_b_h_t_d_with_what_is_wrong(across, says):
+    # a length that is not the sequence axis: another example length (the fixed-size advice) cannot help
+    with pytest.raises(KVCacheError, match=says) as caught:
+        fxforge.optimize(_FoldedHeads(across).eval(), (torch.randint(0, 32, (2, 7)),), kv_cache=True)
+    assert "fixed batch or sequence size" not in str(caught.value)
+
+
 def test_interpret_backend_runs_the_cached_graph():
     model, vocab = zoo.llama("sdpa", n_layer=1)
     ref_fast = _optimize(model, vocab)

@@ -171,6 +171,20 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
                            "report note for why it declined this model's attention")
     first_q = attentions[0].inputs[0]
     batch, seq = first_q.shape[0], first_q.shape[2]
+    if sympy.sympify(batch) == 1 and sympy.sympify(first_q.shape[1]).free_symbols:
+        # a batch of 1 with a dynamic head dim (2*B): bmm's [B*H, T, D] spelling, the mask added to
+        # the folded [B*H, T, T] scores, which the fusion could not unfold; another length cannot help
+        raise KVCacheError(f"kv_cache: attention has its heads folded with the batch ({first_q.type}: the "
+                           "batch is 1 and the heads dim holds the batch), but the cache keeps [B, H, T, D] per "
+                           "layer. Add the mask to the scores viewed as [B, H, T, T] (or use "
+                           "F.scaled_dot_product_attention on [B, H, T, D] tensors), not to the folded "
+                           "[B*H, T, T] ones\n  at: " + _describe(graph, attentions[0]))
+    if sympy.sympify(seq).is_number and sympy.sympify(first_q.shape[1]).free_symbols:
+        # the length in the heads dim, a fixed axis attended over: attention across heads per token
+        raise KVCacheError(f"kv_cache: attention runs over a fixed axis of {seq} with the sequence length in its "
+                           f"heads dim ({first_q.type}): it attends within each token (e.g. across heads), not "
+                           "across tokens, so there are no keys and values of past tokens to cache; optimize "
+                           "with kv_cache=False\n  at: " + _describe(graph, attentions[0]))
     if not isinstance(seq, sympy.Symbol) or not isinstance(batch, sympy.Symbol):
         raise KVCacheError(f"kv_cache: attention has a fixed batch or sequence size ({first_q.type}), so no one "
                            "graph serves every length. With dynamic=False, capture with dynamic=True (the "

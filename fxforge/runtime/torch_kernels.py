@@ -25,6 +25,8 @@ def attention_sdpa(q, k, v, bias=None, slopes=None, *, causal: bool, scale: floa
     keys before the window are sliced off instead). SDPA has no soft-cap: soft-capped
     attention runs the reference (float32)."""
     bias, slopes = attention_operands(bias, slopes, alibi)
+    if 0 in q.shape[:3]:  # no query rows (an empty batch, heads folded with it): 0 KV heads to divide by
+        return q.new_empty(*q.shape[:3], v.shape[-1])
     if softcap is not None:
         return attention_reference(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window)
     tq, tk = q.shape[-2], k.shape[-2]
@@ -51,7 +53,7 @@ def attention_sdpa(q, k, v, bias=None, slopes=None, *, causal: bool, scale: floa
         if bias is not None and bias.shape[1] == h:  # per-head (ALiBi): head h = kv head * groups + g
             bias = bias.reshape(bias.shape[0], k.shape[1], groups, bias.shape[-1])
         out = attention_sdpa(q.reshape(b, k.shape[1], groups, d), k, v, bias, causal=False, scale=scale)
-        return out.reshape(b, h, 1, d)
+        return out.reshape(b, h, 1, v.shape[-1])  # the values' head dim (MLA's differs from d)
     mask = None
     if bias is not None:
         mask = bias.to(q.dtype) if bias.dtype != q.dtype else bias

@@ -71,6 +71,30 @@ def test_rows_that_see_no_key_give_zeros_not_nan():
     assert torch.isfinite(out).all() and (out[:, :, 1] == 0).all()
 
 
+def eager_softmax_attention(q, k, v, bias, scale):
+    """softmax(q k^T * scale + bias) v as a model spells it (float32, no GQA)."""
+    return ((q.float() @ k.float().transpose(-2, -1)) * scale + bias).softmax(-1) @ v.float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_whose_every_key_has_finfo_min_average_them_as_eager(dtype):
+    # HF's mask fill: every masked score rounds to finfo.min, so eager's softmax of a row
+    # masked throughout is the uniform average; bias * log2 e must not overflow to -inf
+    # (that gave zeros); a -inf row still gives zeros, as before
+    q, k, v = make(2, 2, 2, 5, 21, 16, dtype)
+    bias = torch.zeros(2, 2, 5, 21)
+    bias[..., :3] = torch.finfo(dtype).min  # visible keys: these get exactly no weight
+    bias[0, :, 1] = torch.finfo(dtype).min  # rows with every key masked
+    bias[1, 0, 4] = torch.finfo(dtype).min
+    bias[1, 1, 2] = float("-inf")
+    bias = bias.to(dtype)
+    out = attention_triton(q, k, v, bias, causal=False, scale=0.3)
+    want = eager_softmax_attention(q, k, v, bias.float(), 0.3)
+    want[1, 1, 2] = 0.0
+    torch.testing.assert_close(out.float(), want, atol=TOL[dtype], rtol=0)
+    torch.testing.assert_close(out[0, :, 1].float(), v[0].float().mean(1), atol=TOL[dtype], rtol=0)
+
+
 def test_non_contiguous_inputs():
     # q/k/v as transposes of [B, T, H, D]: strided, no copy
     x = torch.randn(2, 13, 4, 3 * 32)
@@ -232,3 +256,54 @@ def test_wide_offsets_specialization_gives_the_same_result(variant, monkeypatch)
         torch.testing.assert_close(wide, narrow, atol=TOL[q.dtype], rtol=0)
     else:
         assert torch.equal(wide, narrow)
+
+
+# -- what the kernels do not take, and inputs with no rows, through the backends --------------
+import torch.nn.functional as F  # noqa: E402
+
+import fxforge  # noqa: E402
+from fxforge.runtime.backends.triton_backend import attention_dispatch  # noqa: E402
+from fxforge.runtime.torch_kernels import attention_sdpa  # noqa: E402
+
+
+@pytest.mark.parametrize("b, h, hkv, tq", [(0, 4, 2, 5), (2, 0, 0, 5), (2, 4, 2, 0), (0, 4, 2, 1), (1, 0, 0, 1)],
+                         ids=["no-batch", "no-heads", "no-queries", "decode-no-batch", "decode-no-heads"])
+@pytest.mark.parametrize("kernel", [attention_dispatch, attention_sdpa], ids=["triton", "sdpa"])
+def test_no_query_rows_give_the_empty_result(b, h, hkv, tq, kernel):
+    # heads folded with an empty batch ([1, B*H, T, D] with B = 0) leave 0 KV heads: the
+    # head ratio must not divide by them
+    q, k, v = torch.randn(b, h, tq, 16), torch.randn(b, hkv, 7, 16), torch.randn(b, hkv, 7, 8)
+    out = kernel(q, k, v, None, causal=True, scale=0.3)
+    assert out.shape == (b, h, tq, 8) and out.dtype == q.dtype
+
+
+@pytest.mark.parametrize("tq, bias", [(5, False), (5, True), (1, False), (1, True)])
+@pytest.mark.parametrize("kernel", [attention_dispatch, attention_sdpa], ids=["triton", "sdpa"])
+def test_values_of_another_head_dim_than_the_queries(tq, bias, kernel):
+    # DeepSeek's MLA: q and k of head dim 192, v of 128 (here 24 and 16), GQA; the
+    # kernels take one head dim, so the backend runs SDPA for these
+    q, k, v = torch.randn(2, 4, tq, 24), torch.randn(2, 2, 9, 24), torch.randn(2, 2, 9, 16)
+    mask = torch.randn(2, 1, tq, 9) if bias else None
+    out = kernel(q, k, v, mask, causal=True, scale=0.2)
+    torch.testing.assert_close(out, attention_reference(q, k, v, mask, causal=True, scale=0.2), atol=2e-5, rtol=0)
+
+
+class _FoldedEmptyBatch(torch.nn.Module):
+    def forward(self, x):
+        return (x @ x.transpose(1, 2)).softmax(-1) @ x
+
+
+class _ValueHeadDim(torch.nn.Module):
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = x.view(b, t, 2, 8).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q.flip(-1), q[..., :4], is_causal=True).transpose(1, 2).reshape(b, t, 8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "interpret"])
+def test_models_with_an_empty_batch_or_a_value_head_dim_of_their_own_run_as_eager(backend):
+    fast = fxforge.optimize(_FoldedEmptyBatch().eval(), (torch.randn(2, 6, 8),), backend=backend, verbose=False)
+    assert fast(torch.randn(0, 3, 8)).shape == (0, 3, 8)
+    model, x = _ValueHeadDim().eval(), torch.randn(2, 6, 16)
+    fast = fxforge.optimize(model, (x,), backend=backend, verbose=False)
+    torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)

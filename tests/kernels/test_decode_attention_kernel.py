@@ -209,6 +209,24 @@ def test_one_split_rows_that_see_no_key_give_zeros(monkeypatch):
                                atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("programs", [1, 8], ids=["one-split", "splits"])
+def test_rows_whose_every_key_has_finfo_min_average_them_as_eager(programs, monkeypatch):
+    # eager's softmax(scores + finfo.min) over a row masked throughout is the uniform
+    # average (every score rounds to finfo.min); the scaled bias must stay finite, in the
+    # splits and in their combination
+    monkeypatch.setattr(decode_attention, "_programs", lambda device: programs)
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
+    bias = torch.zeros(3, 1, 1, 40)
+    bias[0] = torch.finfo(torch.float32).min
+    bias[1, ..., :25] = torch.finfo(torch.float32).min
+    bias[2] = float("-inf")  # sees no key: zeros, as before
+    out = decode_attention_triton(q, k, v, bias, causal=True, scale=0.3)
+    torch.testing.assert_close(out[0], v[0].repeat_interleave(2, 0).mean(1, keepdim=True), atol=2e-5, rtol=0)
+    torch.testing.assert_close(out[1:2], attention_reference(q[1:2], k[1:2], v[1:2], bias[1:2], causal=True,
+                                                             scale=0.3), atol=2e-5, rtol=0)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
 # -- CUDA's grid limits: axes 1 and 2 stop at 65535 programs -----------------------------------
 from launch_spy import LaunchSpy, over_cuda_limits, small_and_huge_caches  # noqa: E402
 

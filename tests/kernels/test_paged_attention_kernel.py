@@ -99,6 +99,16 @@ def test_the_gather_places_each_rows_tokens_from_its_start():
     assert dense.tolist() == [[0, 8, 9, 2, 3], [4, 5, 10, 11, 6]]  # row 0: padding, then blocks 4, 1
 
 
+@pytest.mark.parametrize("tq", [1, 6])
+def test_a_row_whose_every_key_has_finfo_min_averages_them_as_the_reference(tq):
+    # the reference (eager's softmax) averages a row masked throughout with finfo.min over
+    # every key, its padding read as 0 included; the kernels' scaled bias must stay finite
+    q, kc, vc, table, start, bias = paged_case([3, 0], 21, tq, h=4, hkv=2)
+    bias[0] = torch.finfo(torch.float32).min
+    check(paged_decode_attention_triton if tq == 1 else paged_attention_triton, q, kc, vc, table, start, bias,
+          causal=False)
+
+
 def test_clear_errors():
     q, kc, vc, table, start, bias = paged_case([0], 8, 1)
     with pytest.raises(ValueError, match="block_table must be"):

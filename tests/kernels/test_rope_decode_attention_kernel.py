@@ -55,6 +55,20 @@ def test_fused_equals_the_composition_fp32(programs, h, hkv, t, device_start):
     assert torch.equal(caches[1][:2, :, start:start + t], v)
 
 
+@pytest.mark.parametrize("programs", [1, 64], ids=["one_split", "splits"])
+def test_a_row_whose_every_key_has_finfo_min_averages_them_as_the_composition(programs):
+    # eager's softmax(scores + finfo.min) over a row masked throughout is the uniform
+    # average over its keys, the new ones included (the kernel adds their bias separately)
+    start, capacity = 21, 40
+    q, k, v, cos, sin, caches, bias = _problem(t=3, start=start, capacity=capacity)
+    bias[0] = torch.finfo(torch.float32).min
+    want_caches = [c.clone() for c in caches]
+    want = rope_attention_reference(q, k, v, cos, sin, *want_caches, bias, causal=False, scale=0.25, start=start)
+    got = rope_decode_attention_triton(q, k, v, cos, sin, *caches, bias, causal=False, scale=0.25, start=start,
+                                       programs=programs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _rope(x, cos, sin):
     """The rotary written here, not with the IR's ops: in float32, rounded once to the
     dtype (what the generated kernels compute)."""

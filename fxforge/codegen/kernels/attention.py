@@ -8,7 +8,8 @@ q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D] with H a multiple of Hkv (query head h r
 head h // (H // Hkv), as repeat_interleave would, without copying). causal is bottom-right
 aligned: query i sees key j iff j <= i + (Tk - Tq), which is what cached decoding needs.
 bias is additive, broadcastable to [B, H, Tq, Tk] (broadcast dims get stride 0, no copy).
-A query row that sees no key at all (every key masked or -inf) gives zeros.
+A query row that sees no key at all (every key masked or -inf) gives zeros; one whose
+every key has the same huge finite bias (finfo.min) gives their average, as eager (add_bias).
 Variants, each a constexpr flag so the plain kernel is compiled as before:
   SOFTCAP  scores become tanh(s / softcap) * softcap (Gemma2, Grok) before bias and masks;
   WINDOW   keys `window` or more positions before the query are dropped (sliding-window
@@ -36,8 +37,8 @@ import triton.language as tl
 from ...ir.ops import attention_operands, attention_reference
 
 __all__ = ["attention_triton", "paged_attention_triton", "attention_reference", "load_kv_block",
-           "paged_slots", "online_softmax_step", "attention_grid", "check_grid", "GRID_LIMITS", "INDEX_32_LIMIT",
-           "needs_wide", "span", "check_head_dim_strides"]
+           "paged_slots", "online_softmax_step", "add_bias", "attention_grid", "check_grid", "GRID_LIMITS", "INDEX_32_LIMIT",
+           "needs_wide", "span", "check_head_dim_strides", "no_query_rows"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -207,6 +208,27 @@ def online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
+# The largest bias add_bias scales as it is: times log2 e it stays below float32's largest
+# finite value (3.4028e38); any larger finite one is scaled as this (finfo.min -> -3.39e38).
+BIAS_LIMIT: tl.constexpr = tl.constexpr(2.35e38)
+
+
+@triton.jit
+def add_bias(s, bias):
+    """Scores s (log2 units) plus an additive bias (natural units). A finite bias below
+    -FLT_MAX / log2 e (torch.finfo(f32).min, HF's mask fill) times log2 e would overflow
+    to -inf, and a row whose every key has it would see no key and give zeros, where
+    eager's softmax(scores + finfo.min), every masked score rounding to finfo.min, gives
+    the uniform average over the keys. So a finite bias is clamped to +-BIAS_LIMIT before
+    the scaling: every finfo.min key gets the same finite score, still so far below any
+    visible key that its weight beside one is exactly 0. A -inf bias stays -inf and NaN
+    stays NaN (the comparisons are false for both)."""
+    b = bias.to(tl.float32)
+    finite = (b >= -3.4028234663852886e38) & (b <= 3.4028234663852886e38)
+    b = tl.where(finite, tl.minimum(tl.maximum(b, -BIAS_LIMIT), BIAS_LIMIT), b)
+    return s + b * 1.4426950408889634
+
+
 @triton.jit
 def tanh_f32(x):
     """tanh through sigmoid (tl has no tanh that runs in the interpreter too); absolute
@@ -309,7 +331,7 @@ def _attention_kernel(
                 n_bias = n_idx.to(tl.int64)
             bias = tl.load(bias_ptr + b * sbb + h * sbh + offs_m[:, None] * sbm + n_bias[None, :] * sbn,
                            mask=keep, other=0.0)
-            s = s + bias.to(tl.float32) * 1.4426950408889634
+            s = add_bias(s, bias)
         s = tl.where(keep, s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
@@ -337,6 +359,15 @@ def check_variants(heads: int, slopes, softcap, window, device, what="attention"
     return slopes
 
 
+def no_query_rows(q, v):
+    """The output of attention with no query rows (q [B, H, Tq, D] with B, H or Tq 0: an
+    empty batch, or heads folded with one), empty [B, H, Tq, Dv] as eager's; else None.
+    The wrappers ask first: their head-ratio check would divide by 0 KV heads."""
+    if q.dim() == 4 and 0 in q.shape[:3]:
+        return q.new_empty(*q.shape[:3], v.shape[-1])
+    return None
+
+
 def attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None, window=None,
                      alibi: bool = False):
     """The launch wrapper: check, allocate, launch. See the module docstring."""
@@ -344,6 +375,9 @@ def attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, scale: fl
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must be [B, H, T, D], got shape {tuple(t.shape)}")
+    empty = no_query_rows(q, v)
+    if empty is not None:
+        return empty
     bsz, heads, tq, d = q.shape
     _, kv_heads, tk, _ = k.shape
     if k.shape[0] != bsz or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or v.shape[-1] != d:
@@ -367,6 +401,9 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, row_start, bias, sl
     row's start (row_start [B]); the caches may be narrower than q."""
     if q.dim() != 4:
         raise ValueError(f"paged attention: q must be [B, H, T, D], got shape {tuple(q.shape)}")
+    empty = no_query_rows(q, v_cache)
+    if empty is not None:
+        return empty
     bsz, heads, tq, d = q.shape
     check_paged(q, k_cache, v_cache, block_table, row_start, bias, "paged attention")
     kv_heads = k_cache.shape[2]

@@ -30,8 +30,8 @@ import triton.language as tl
 
 from ...ir.ops import attention_reference
 from ...ir.ops import attention_operands
-from .attention import (GRID_LIMITS, check_grid, check_head_dim_strides, check_paged, check_variants, kv_addressing,
-                        needs_wide, online_softmax_step, read_kv_tile, tanh_f32)
+from .attention import (GRID_LIMITS, add_bias, check_grid, check_head_dim_strides, check_paged, check_variants,
+                        kv_addressing, needs_wide, no_query_rows, online_softmax_step, read_kv_tile, tanh_f32)
 
 __all__ = ["decode_attention_triton", "paged_decode_attention_triton", "attention_reference", "num_splits",
            "split_launch", "combine_block", "decode_grids"]
@@ -114,7 +114,7 @@ def _decode_split_kernel(
             if WIDE:
                 n_bias = n_idx.to(tl.int64)
             bias = tl.load(bias_ptr + b * sbb + heads[:, None] * sbh + n_bias[None, :] * sbn, mask=keep, other=0.0)
-            s = s + bias.to(tl.float32) * 1.4426950408889634
+            s = add_bias(s, bias)
         s = tl.where(keep, s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
@@ -235,6 +235,9 @@ def decode_attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, sc
     bias, slopes = attention_operands(bias, slopes, alibi)
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"decode attention takes one query per sequence [B, H, 1, D], got {tuple(q.shape)}")
+    empty = no_query_rows(q, v)
+    if empty is not None:
+        return empty
     bsz, heads, _, d = q.shape
     if k.dim() != 4 or k.shape[0] != bsz or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or v.shape[-1] != d:
         raise ValueError(f"decode attention: k {tuple(k.shape)} and v {tuple(v.shape)} must be [B={bsz}, Hkv, Tk, D={d}]")
@@ -254,6 +257,9 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_table, row_start, b
     size, Hkv, D] through block_table from each row's start, over bias.shape[-1] keys."""
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"paged decode attention takes one query per sequence [B, H, 1, D], got {tuple(q.shape)}")
+    empty = no_query_rows(q, v_cache)
+    if empty is not None:
+        return empty
     check_paged(q, k_cache, v_cache, block_table, row_start, bias, "paged decode attention")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not 1 <= q.shape[3] <= 256:
         raise ValueError(f"paged decode attention: q must be float32/16 or bfloat16 with a head dim in 1..256, got "

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ...ir.rope_attention import rope_attention_reference
-from .attention import check_head_dim_strides, load_kv_block, needs_wide, online_softmax_step
+from .attention import add_bias, check_head_dim_strides, load_kv_block, needs_wide, online_softmax_step
 from .decode_attention import _INTERPRET, _LOG2E, _decode_combine_kernel, _programs, combine_block, num_splits, \
     split_launch
 
@@ -129,7 +129,7 @@ def _rope_decode_kernel(
             keep = keep & (offs_j[None, :] <= t[:, None])
         if HAS_BIAS:
             bias = tl.load(bias_ptr + bias_row + n_new[None, :] * sbn, mask=keep, other=0.0)
-            s = s + bias.to(tl.float32) * 1.4426950408889634
+            s = add_bias(s, bias)
         s = tl.where(keep, s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
@@ -144,7 +144,7 @@ def _rope_decode_kernel(
         keep = m_valid[:, None] & n_valid[None, :]
         if HAS_BIAS:
             bias = tl.load(bias_ptr + bias_row + n_idx[None, :] * sbn, mask=keep, other=0.0)
-            s = s + bias.to(tl.float32) * 1.4426950408889634
+            s = add_bias(s, bias)
         s = tl.where(keep, s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
@@ -186,7 +186,7 @@ def supports(q, k, v, cos, sin, k_cache, v_cache, bias=None) -> bool:
     a bias of at most 4 dims, and 32-bit offsets."""
     tensors = (q, k, v, cos, sin, k_cache, v_cache)
     d = q.shape[-1]
-    return (q.dim() == 4 and k_cache.dim() == 4 and q.shape[1] % k_cache.shape[1] == 0
+    return (q.dim() == 4 and k_cache.dim() == 4 and k_cache.shape[1] > 0 and q.shape[1] % k_cache.shape[1] == 0
             and 1 <= fused_rows(q, k_cache) <= MAX_ROWS and d % 2 == 0 and 2 <= d <= 128
             and q.dtype in (torch.float32, torch.float16, torch.bfloat16) and all(x.dtype == q.dtype for x in tensors)
             and (bias is None or bias.dim() <= 4) and not needs_wide(*tensors, bias))
