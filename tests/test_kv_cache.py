@@ -24,6 +24,13 @@ def _optimize(model, vocab, **kw):
     return fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=kw.pop("kv_cache", True), **kw)
 
 
+def _assert_left_padded_batch_generates_as_transformers(model, fast):
+    ids, mask = _padded_batch(128, [5, 9, 2])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = fast.generate(ids, 8, attention_mask=mask)
+    assert torch.equal(out, ref), (out, ref)
+
+
 def _padded_batch(vocab, lengths, pad_id=0):
     width = max(lengths)
     ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
@@ -761,10 +768,7 @@ def test_positions_sliced_from_a_position_ids_buffer_are_per_row():
     fast = _optimize(model, 128)
     assert fast.kv_layout.per_row_positions and fast.kv_layout.max_seq_len == 64
     assert "gather" not in fast.code  # all zeros whatever the positions
-    ids, mask = _padded_batch(128, [5, 9, 2])
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    out = fast.generate(ids, 8, attention_mask=mask)
-    assert torch.equal(out, ref), (out, ref)
+    _assert_left_padded_batch_generates_as_transformers(model, fast)
 
 
 def test_a_position_ids_buffer_that_is_not_arange_stays_shared():
@@ -796,10 +800,7 @@ def test_left_padding_with_the_models_own_shifted_positions():
     model = tr.MarianForCausalLM(cfg).eval()
     fast = _optimize(model, 128)
     assert not fast.kv_layout.per_row_positions and fast.left_padding_shifts_positions
-    ids, mask = _padded_batch(128, [5, 9, 2])
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    out = fast.generate(ids, 8, attention_mask=mask)
-    assert torch.equal(out, ref), (out, ref)
+    _assert_left_padded_batch_generates_as_transformers(model, fast)
 
 
 class _TokenTypesFromShape(torch.nn.Module):
@@ -931,10 +932,7 @@ def test_gptj_sin_cos_rows_gathered_at_the_positions_are_per_row():
     model = tr.GPTJForCausalLM(cfg).eval()
     fast = _optimize(model, 128)
     assert fast.kv_layout.per_row_positions and "gather" not in fast.code
-    ids, mask = _padded_batch(128, [5, 9, 2])
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    out = fast.generate(ids, 8, attention_mask=mask)
-    assert torch.equal(out, ref), (out, ref)
+    _assert_left_padded_batch_generates_as_transformers(model, fast)
 
 
 def test_xglm_sinusoidal_rows_selected_at_the_positions_are_per_row():
@@ -950,10 +948,7 @@ def test_xglm_sinusoidal_rows_selected_at_the_positions_are_per_row():
     model = tr.XGLMForCausalLM(cfg).eval()
     fast = _optimize(model, 128)
     assert fast.kv_layout.per_row_positions and "index_select" not in fast.code
-    ids, mask = _padded_batch(128, [5, 9, 2])
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    out = fast.generate(ids, 8, attention_mask=mask)
-    assert torch.equal(out, ref), (out, ref)
+    _assert_left_padded_batch_generates_as_transformers(model, fast)
 
 
 def test_complex_rotary_through_polar_is_per_row():
@@ -972,7 +967,4 @@ def test_complex_rotary_through_polar_is_per_row():
     model = tr.DeepseekV2ForCausalLM(cfg).eval()
     fast = _optimize(model, 128)
     assert fast.kv_layout.per_row_positions and "polar" in fast.code
-    ids, mask = _padded_batch(128, [5, 9, 2])
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    out = fast.generate(ids, 8, attention_mask=mask)
-    assert torch.equal(out, ref), (out, ref)
+    _assert_left_padded_batch_generates_as_transformers(model, fast)

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxforge.ir import quant_formats as qf
+from w8a8_inputs import plant_batch_outliers
 
 RUNS_NO_KERNEL = True  # the formats' plain-torch packing and references, on CPU everywhere
 
@@ -366,17 +367,8 @@ def test_w8a8_outlier_decomposition():
 
 
 def _w8a8_batch(m, k, seed=0):
-    """x [m, k] whose rows have outliers (|x| > 6) in columns where the next row holds its
-    largest inlier (5.5), and row 0 five more outliers: were the outlier columns chosen
-    over the batch, a row's result would change with the rows it is batched with."""
-    x = _w(m, k, seed=seed)
-    for r in range(m):
-        c = (3 + 11 * r) % k
-        x[r, c] = -9.0 if r % 2 else 40.0
-        if m > 1:
-            x[(r + 1) % m, c] = 5.5
-    x[0, 60:65] = torch.tensor([8.0, -8.0, 6.5, 30.0, -7.0])
-    return x
+    """x [m, k] with outliers that tell a per-token split from a batch one (w8a8_inputs)."""
+    return plant_batch_outliers(_w(m, k, seed=seed))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

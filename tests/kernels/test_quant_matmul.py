@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fxforge.codegen.kernels import quant_matmul as qm  # noqa: E402
+from w8a8_inputs import plant_batch_outliers  # noqa: E402
 from kernel_device import kernel_device  # noqa: E402
 from fxforge.runtime.torch_kernels import quant_linear_torch  # noqa: E402
 from fxforge.ir import quant_formats as qf  # noqa: E402
@@ -208,17 +209,8 @@ def test_every_autotune_block_shape_is_correct(blocks, monkeypatch):
 
 
 def _w8a8_batch(m, k, seed=0):
-    """x [m, k] whose rows have outliers (|x| > 6) in columns where the next row holds its
-    largest inlier (5.5), and row 0 five more outliers: were the outlier columns chosen
-    over the batch, a row's result would change with the rows it is batched with."""
-    x = _rand(m, k, seed=seed).cpu()
-    for r in range(m):
-        c = (3 + 11 * r) % k
-        x[r, c] = -9.0 if r % 2 else 40.0
-        if m > 1:
-            x[(r + 1) % m, c] = 5.5
-    x[0, 60:65] = torch.tensor([8.0, -8.0, 6.5, 30.0, -7.0])
-    return x.to(DEVICE)
+    """x [m, k] with outliers that tell a per-token split from a batch one (w8a8_inputs)."""
+    return plant_batch_outliers(_rand(m, k, seed=seed).cpu()).to(DEVICE)
 
 
 @pytest.mark.parametrize("m,path", [(3, "gemv"), (5, "split"), (20, "gemm")])
