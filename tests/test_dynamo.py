@@ -211,3 +211,18 @@ def test_import_fxforge_does_not_import_dynamo():
     code = "import sys, fxforge; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_options_given_to_torch_compile_reach_optimize():
+    """torch.compile(..., backend=fxforge's, options={...}) passes optimize()'s options (it
+    raised TypeError: backend() got an unexpected keyword argument 'options')."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        plain = torch.compile(model, backend=fxforge.dynamo.backend)(x)
+        torch._dynamo.reset()
+        quantized = torch.compile(model, backend=fxforge.dynamo.backend, options={"quantize": "int8"})(x)
+        want = model(x)
+    assert torch.equal(plain, want)
+    assert 0 < (quantized - want).abs().max().item() < 0.05  # int8 weights: close, not equal

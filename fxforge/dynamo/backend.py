@@ -178,8 +178,12 @@ class _SubgraphRunner:
         self.owner._fall_back(self.gm, error)
 
 
-def backend(gm: torch.fx.GraphModule, example_inputs):
+def backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None):
     """`torch.compile(model, backend=fxforge.dynamo.backend)` (and backend="fxforge"): the
-    default pipeline, nothing recorded. Use FxforgeBackend() to choose options or to inspect
-    what was built."""
-    return FxforgeBackend()(gm, example_inputs)
+    default pipeline, nothing recorded; `torch.compile(..., options={...})` passes
+    optimize()'s options (quantize=..., backend=...). Use FxforgeBackend() to inspect what
+    was built."""
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"torch.compile(backend='fxforge', options=...) takes a dict of optimize() options, "
+                        f"got {type(options).__name__}")
+    return FxforgeBackend(**(options or {}))(gm, example_inputs)

@@ -17,7 +17,12 @@ The guard is cheap and exact for the ways a weight changes:
 Two kinds of weight are not version-checked, as they read live: buffers the compiled
 model writes itself (a KV cache updated with index_put_: it holds that very tensor, so an
 edit is what it reads next), and inference tensors, which keep no version counter (an
-in-place edit of one inside inference_mode is the one change the guard cannot see).
+in-place edit of one inside inference_mode is a change the guard cannot see). The other
+is an edit through `w.data` (`w.data += delta`, as peft merges LoRA weights; `w.data[:10]
+.zero_()`): PyTorch gives `.data` a version counter of its own, so the weight's `_version`
+stays, and a weight a pass rewrote (fused q/k/v, quantized) keeps its old copy. Edit
+weights in place as themselves (`with torch.no_grad(): w.add_(delta)`) or call
+`torch._dynamo.reset()` after a `.data` edit; the README says so.
 """
 from __future__ import annotations
 
