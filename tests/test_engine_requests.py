@@ -271,3 +271,21 @@ def test_interpreter_exit_while_the_engine_decodes_does_not_abort():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 3, done.stderr[-2000:]  # not SIGABRT (-6): the thread ended at exit
+
+
+def test_the_exit_hook_does_not_keep_engines_alive(fast):
+    import gc
+    import weakref
+
+    from fxforge.runtime import engine as engine_module
+
+    fast, vocab = fast
+    engine = fxforge.Engine(fast, max_batch=2, max_seq_len=32)
+    engine.start()
+    engine.submit([1, 2], 2, eos_token_id=None).result(WAIT)
+    engine.stop()
+    assert engine in engine_module._RUNNING
+    ref = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert ref() is None
