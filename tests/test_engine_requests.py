@@ -4,6 +4,10 @@ requests that wait forever); a raising callback fails only its request; bad prom
 sampling settings raise ValueError at submit(), by generate()'s rules; settings not given
 default as in generate() (the model's generation_config, transformers' top_k=50 when
 sampling, the model's EOS). Dense and paged caches."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -121,6 +125,8 @@ BAD = [
     ({"do_sample": True, "top_k": 2.5}, r"top_k must be an int >= 0 or None, got 2.5"),
     ({"do_sample": True, "top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
     ({"do_sample": True, "top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+    ({"callback": 5}, r"callback must be a function callback\(request, token\) or None, got int 5"),
+    ({"do_sample": True, "generator": 5}, r"generator must be a torch.Generator or None, got int 5"),
 ]
 
 
@@ -203,3 +209,83 @@ def test_leading_pad_tokens_are_left_padding_as_in_generate(fast):
     assert torch.equal(got, _alone(fast, prompt[3:], 6, eos_token_id=None))
     with pytest.raises(ValueError, match=r"holds the pad token \(5\)"):
         engine.submit(torch.tensor([9, 5, 7]), 6, pad_token_id=5)
+
+
+def test_generate_many_with_a_bad_prompt_queues_none(fast):
+    fast, vocab = fast
+    engine = fxforge.Engine(fast, max_batch=2, max_seq_len=32)
+    with pytest.raises(ValueError, match="needs 43 positions; the engine has max_seq_len=32"):
+        engine.generate_many([[1, 2], [3, 4], [3] * 40], max_new_tokens=3, eos_token_id=None)
+    assert engine.stats()["waiting"] == 0  # no orphans for the next run()
+    prompt = torch.tensor([1, 2])
+    outs = engine.generate_many([prompt], max_new_tokens=3, eos_token_id=None)
+    assert torch.equal(outs[0], _alone(fast, prompt, 3, eos_token_id=None))
+
+
+def test_stop_from_a_callback_on_the_engines_thread(fast):
+    # stop() on the engine's own thread does not join itself: the thread finishes its
+    # requests, then ends
+    fast, vocab = fast
+    engine = fxforge.Engine(fast, max_batch=2, max_seq_len=32)
+    engine.start()
+    errors = []
+
+    def callback(request, token):
+        if len(request.tokens) == 2:
+            try:
+                engine.stop()
+            except Exception as error:  # noqa: BLE001
+                errors.append(error)
+
+    prompt = torch.tensor([5, 6, 7])
+    request = engine.submit(prompt, 8, eos_token_id=None, callback=callback)
+    assert torch.equal(request.result(WAIT), _alone(fast, prompt, 8, eos_token_id=None))
+    assert not errors
+    thread = engine._thread
+    if thread is not None:
+        thread.join(WAIT)
+    assert engine._thread is None
+    # a later start() serves again
+    engine.start()
+    assert torch.equal(engine.submit(prompt, 3, eos_token_id=None).result(WAIT),
+                       _alone(fast, prompt, 3, eos_token_id=None))
+    engine.stop()
+
+
+EXIT_SCRIPT = """
+import torch, fxforge, zoo, threading
+torch.manual_seed(0)
+model, vocab = zoo.llama("sdpa")
+fast = fxforge.optimize(model, (torch.randint(1, vocab, (1, 7)),), kv_cache=True)
+engine = fxforge.Engine(fast, max_batch=2, max_seq_len=256)
+started = threading.Event()
+engine.start()
+requests = [engine.submit([1, 2, 3], 250, eos_token_id=None, callback=lambda r, t: started.set()) for _ in range(4)]
+started.wait(60)
+raise SystemExit(3)  # leaves while the engine's thread decodes
+"""
+
+
+def test_interpreter_exit_while_the_engine_decodes_does_not_abort():
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]  # not SIGABRT (-6): the thread ended at exit
+
+
+def test_the_exit_hook_does_not_keep_engines_alive(fast):
+    import gc
+    import weakref
+
+    from fxforge.runtime import engine as engine_module
+
+    fast, vocab = fast
+    engine = fxforge.Engine(fast, max_batch=2, max_seq_len=32)
+    engine.start()
+    engine.submit([1, 2], 2, eos_token_id=None).result(WAIT)
+    engine.stop()
+    assert engine in engine_module._RUNNING
+    ref = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert ref() is None

@@ -276,3 +276,40 @@ def test_self_draft_bad_options_raise_without_blaming_bfloat16():
         warnings.simplefilter("error")  # no "bfloat16 did not optimize" warning first
         with pytest.raises(TypeError):
             speculative.self_draft(model, (torch.randint(0, vocab, (1, 5)),), no_such_option=1)
+
+
+def _short_gpt2(positions, width=32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=width, n_layer=1, n_head=2,
+                                      n_positions=positions)).eval()
+
+
+@pytest.mark.parametrize("block", [16, 3])
+def test_paged_model_speculates_up_to_its_last_position(block):
+    # prompt + max_new_tokens == the model's positions: the caches hold what plain greedy
+    # needs, never k more (a paged cache has no block for them)
+    from fxforge.passes.kv_cache import KVCacheConfig
+
+    model = _short_gpt2(32)
+    ex = (torch.randint(0, 128, (1, 8)),)
+    fast = fxforge.optimize(model, ex, kv_cache=KVCacheConfig(layout="paged", block_size=block))
+    draft = fxforge.optimize(model, ex, kv_cache=True)
+    ids = torch.tensor([[5, 9, 5, 9, 5] * 4])
+    plain = fast.generate(ids, 12, eos_token_id=None)
+    for d in ("ngram", draft):
+        for k in (2, 8):
+            assert torch.equal(fast.generate(ids, 12, draft=d, num_draft_tokens=k, eos_token_id=None), plain)
+
+
+def test_draft_with_fewer_positions_than_the_request_is_a_clear_error(llama_pair):
+    fast, vocab, _ = llama_pair
+    draft = fxforge.optimize(_short_gpt2(16), (torch.randint(0, 128, (1, 8)),), kv_cache=True)
+    ids = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(5))
+    assert vocab == 128  # the draft's vocabulary
+    with pytest.raises(ValueError, match=r"28 positions, more than the draft model's max_seq_len=16"):
+        fast.generate(ids, 16, draft=draft, num_draft_tokens=4, eos_token_id=None)
+    # within the draft's positions it speculates as before
+    plain = fast.generate(ids, 4, eos_token_id=None)
+    assert torch.equal(fast.generate(ids, 4, draft=draft, num_draft_tokens=4, eos_token_id=None), plain)

@@ -40,7 +40,9 @@ when a request joins.
 """
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -50,6 +52,17 @@ import torch
 from . import logits as lp
 from .generate import _as_list, _check_settings, check_token_ids, resolve_settings, vocab_size
 from .state import padding_from_pad_tokens
+
+_RUNNING: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # engines that started a thread
+
+
+@atexit.register
+def _halt_engines():
+    """Interpreter exit: each engine's thread ends after its current step (daemon threads
+    still inside torch when the interpreter finalizes abort the process)."""
+    for engine in list(_RUNNING):
+        engine._halt(timeout=30.0)
+
 
 def _without_left_padding(prompt: torch.Tensor, pad_token_id, eos: list) -> torch.Tensor:
     """The prompt without leading pad tokens, which generate() alone (as transformers) takes
@@ -183,7 +196,7 @@ class Engine:
         self._step_lock = threading.Lock()  # one step at a time
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._stopping = self._halting = False
         self.steps = 0
         self.peak_cached_tokens = 0
         # summed over steps, for the run's average KV waste: slots allocated, slots holding tokens
@@ -199,11 +212,35 @@ class Engine:
         generate(): the model's generation_config, then transformers' defaults (top_k=50 when
         sampling); eos_token_id=None: no EOS. `options`: generate()'s logits settings
         (REQUEST_OPTIONS: repetition_penalty, no_repeat_ngram_size, min_new_tokens, ...).
-        Bad arguments raise ValueError here."""
+        Bad arguments raise ValueError here, and nothing is queued."""
+        request = self._request(prompt_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
+                                callback=callback, **options)
+        self._enqueue([request])
+        return request
+
+    def _enqueue(self, requests: list):
+        with self._lock:
+            self._waiting.extend(requests)
+            self._wake.notify()
+
+    def _request(self, prompt_ids, max_new_tokens, *, do_sample, temperature, top_k, top_p, eos_token_id,
+                 generator, callback, **options) -> Request:
+        """submit()'s checks and its Request, not queued."""
         if self._broken is not None:
             raise RuntimeError(f"the engine's thread ended after {type(self._broken).__name__}: {self._broken}; "
                                "call start() again (or run()) before submitting")
         prompt = self._prompt(prompt_ids)
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be a function callback(request, token) or None, got "
+                             f"{type(callback).__name__} {callback!r}")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__} "
+                                 f"{generator!r}; e.g. torch.Generator(device).manual_seed(0)")
+            if generator.device.type != self.model.device.type:
+                raise ValueError(f"the generator is on {generator.device} and the model on {self.model.device}; "
+                                 f"make it with torch.Generator({str(self.model.device)!r})")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         self._check_request(prompt.numel(), max_new_tokens)
@@ -235,12 +272,8 @@ class Engine:
             forced_eos=_as_list(s["forced_eos_token_id"]), max_length=n + max_new_tokens,
             suppress_tokens=s["suppress_tokens"], begin_suppress_tokens=s["begin_suppress_tokens"], prompt_len=n,
             prompt_no_repeat_ngram_size=s["encoder_no_repeat_ngram_size"], prompt=prompt[None])
-        request = Request(prompt.to(device), max_new_tokens, processors, eos_t, bool(s["do_sample"]), generator,
-                          callback)
-        with self._lock:
-            self._waiting.append(request)
-            self._wake.notify()
-        return request
+        return Request(prompt.to(device), max_new_tokens, processors, eos_t, bool(s["do_sample"]), generator,
+                       callback)
 
     def _prompt(self, prompt_ids) -> torch.Tensor:
         """The prompt as a 1-D int64 tensor, checked: integer token ids in [0, vocab), at least one."""
@@ -269,8 +302,12 @@ class Engine:
         self.model.check_step_sizes(1, [1], range(prompt_len + max_new_tokens - 1))
 
     def generate_many(self, prompts, max_new_tokens: int = 32, **options) -> list[torch.Tensor]:
-        """The new tokens of each prompt (prompt excluded), in order."""
-        requests = [self.submit(p, max_new_tokens, **options) for p in prompts]
+        """The new tokens of each prompt (prompt excluded), in order. Every prompt is
+        checked before any is queued: a bad one raises ValueError and none is queued."""
+        given = {"do_sample": DEFAULT, "temperature": DEFAULT, "top_k": DEFAULT, "top_p": DEFAULT,
+                 "eos_token_id": DEFAULT, "generator": None, "callback": None, **options}
+        requests = [self._request(p, max_new_tokens, **given) for p in prompts]
+        self._enqueue(requests)
         if self._thread is None:
             self.run()
         return [r.result() for r in requests]
@@ -286,17 +323,37 @@ class Engine:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stopping, self._broken = False, None
+        self._halting = False
         self._thread = threading.Thread(target=self._loop, name="fxforge-engine", daemon=True)
+        _RUNNING.add(self)  # weakly: stopped at interpreter exit (_halt_engines), never kept alive
         self._thread.start()
 
     def stop(self):
-        """Finish the running requests, then end the engine's thread."""
+        """Finish the queued and running requests, then end the engine's thread.
+        Called on the engine's own thread (from a request's callback) it does not wait for
+        itself: the thread finishes the requests it has, then ends, and stop() returns at
+        once."""
         with self._lock:
             self._stopping = True
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return
+        thread.join()
+        if self._thread is thread:
             self._thread = None
+
+    def _halt(self, timeout: float):
+        """At interpreter exit: end the engine's thread after its current step (what is
+        left stays unfinished) and wait up to `timeout` seconds for it, so that no thread
+        is inside torch while the interpreter shuts down (that aborts the process)."""
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return
+        with self._lock:
+            self._halting = self._stopping = True
+            self._wake.notify()
+        thread.join(timeout)
 
     def _loop(self):
         try:
@@ -304,7 +361,7 @@ class Engine:
                 with self._lock:
                     while not self._busy() and not self._stopping:
                         self._wake.wait()
-                    if self._stopping and not self._busy():
+                    if self._halting or (self._stopping and not self._busy()):
                         return
                 try:
                     self.step()
@@ -314,6 +371,9 @@ class Engine:
             self._broken = error
             self._fail_all(error)
             raise
+        finally:
+            if self._thread is threading.current_thread():  # ended on its own (stop() from a callback)
+                self._thread = None
 
     def step(self) -> bool:
         """Admit what fits, prefill it, then one decode step for every running request.

@@ -158,6 +158,14 @@ class ModelDraft:
         self.pad = torch.zeros(1, dtype=torch.long, device=model.device)
 
     def reset(self, seq: torch.Tensor, prompt_len: int, capacity: int):
+        # the draft's own position limit, checked as generate() checks the model's, before
+        # any work (past it the draft's program would index past its position table)
+        limit = self.model.kv_layout.max_seq_len
+        if limit is not None and capacity > limit:
+            raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({capacity - prompt_len}) is "
+                             f"{capacity} positions, more than the draft model's max_seq_len={limit}; use a "
+                             "draft with as many positions as the model (or draft='ngram'), shorten the prompt "
+                             "or ask for fewer tokens")
         # the prompt, then steps of one or two tokens anywhere up to the capacity
         self.model.check_step_sizes(1, [prompt_len])
         self.model.check_step_sizes(1, [1, 2], range(prompt_len, capacity))
@@ -252,10 +260,14 @@ def speculative_loop(model, draft, seq: torch.Tensor, prompt_len: int, new_token
     from .generate import stop_mask
 
     pad = torch.zeros(1, dtype=torch.long, device=seq.device)
-    capacity = prompt_len + new_tokens + k
+    # a round proposes at most end - length - 1 tokens, so no step reaches past the last
+    # position plain generate fills: the caches need prompt + new tokens, not k more (a
+    # model with max_seq_len = prompt + new tokens has no room for more)
+    capacity = prompt_len + new_tokens
+    k_max = max(0, min(k, new_tokens - 1))
     # the prompt (with the first draft tokens), then verification steps of up to k + 1 tokens
-    model.check_step_sizes(1, [prompt_len + k])
-    model.check_step_sizes(1, range(1, k + 2), range(prompt_len, capacity))
+    model.check_step_sizes(1, [prompt_len + k_max])
+    model.check_step_sizes(1, range(1, k_max + 2), range(prompt_len, max(capacity, prompt_len + 1)))
     draft.reset(seq, prompt_len, capacity)
     try:
         with model.kv_cache_lease(1, capacity) as cache:
