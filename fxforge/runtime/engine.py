@@ -54,9 +54,17 @@ from .generate import _as_list, _check_settings, check_token_ids, resolve_settin
 from .state import padding_from_pad_tokens
 
 _RUNNING: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # engines that started a thread
+_EXIT_HOOK = threading.Lock()  # held while the exit hook is registered, at the first start()
 
 
-@atexit.register
+def _watch_at_exit(engine: "Engine"):
+    """Hold `engine` weakly for _halt_engines; the hook is registered at the first start(),
+    not at import (importing fxforge changes nothing in the process)."""
+    if not _EXIT_HOOK.locked() and _EXIT_HOOK.acquire(blocking=False):
+        atexit.register(_halt_engines)
+    _RUNNING.add(engine)
+
+
 def _halt_engines():
     """Interpreter exit: each engine's thread ends after its current step (daemon threads
     still inside torch when the interpreter finalizes abort the process)."""
@@ -325,7 +333,7 @@ class Engine:
         self._stopping, self._broken = False, None
         self._halting = False
         self._thread = threading.Thread(target=self._loop, name="fxforge-engine", daemon=True)
-        _RUNNING.add(self)  # weakly: stopped at interpreter exit (_halt_engines), never kept alive
+        _watch_at_exit(self)  # weakly: stopped at interpreter exit (_halt_engines), never kept alive
         self._thread.start()
 
     def stop(self):
