@@ -50,7 +50,7 @@ from typing import Callable
 import torch
 
 from . import logits as lp
-from .generate import _as_list, _check_settings, check_token_ids, resolve_settings, vocab_size
+from .generate import _as_list, _check_settings, check_generator, check_token_ids, resolve_settings, vocab_size
 from .state import padding_from_pad_tokens
 
 _RUNNING: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # engines that started a thread
@@ -242,13 +242,7 @@ class Engine:
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be a function callback(request, token) or None, got "
                              f"{type(callback).__name__} {callback!r}")
-        if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__} "
-                                 f"{generator!r}; e.g. torch.Generator(device).manual_seed(0)")
-            if generator.device.type != self.model.device.type:
-                raise ValueError(f"the generator is on {generator.device} and the model on {self.model.device}; "
-                                 f"make it with torch.Generator({str(self.model.device)!r})")
+        check_generator(generator, self.model.device)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         self._check_request(prompt.numel(), max_new_tokens)

@@ -130,6 +130,19 @@ def process_logits(logits: torch.Tensor, temperature: float, top_k: int | None, 
     return lp.apply(lp.warpers(temperature, top_k, top_p), None, logits)
 
 
+def check_generator(generator, device: torch.device) -> None:
+    """A sampling generator is a torch.Generator on the model's device type, or None (checked
+    up front: torch.multinomial would fail only at the first sampled token)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__} "
+                         f"{generator!r}; e.g. torch.Generator(device).manual_seed(0)")
+    if generator.device.type != torch.device(device).type:
+        raise ValueError(f"the generator is on {generator.device} and the model on {device}; "
+                         f"make it with torch.Generator({str(device)!r})")
+
+
 def _check_settings(s: dict):
     if s["do_sample"]:
         if not s["temperature"] > 0:
@@ -270,6 +283,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         pad = left_padding(attention_mask, batch, prompt_len, device)
     new_tokens = new_token_count(s, given, prompt_len, model.kv_layout.max_seq_len)
     _check_settings(s)
+    check_generator(generator, device)
     beams = s["num_beams"]
     if beams > 1 and streamer is not None:
         raise ValueError("streamer cannot be used with beam search (as in transformers)")
