@@ -40,7 +40,7 @@ def test_a_float_of_a_size_is_computed_at_each_call(name, backend):
 class ReturnsSizes(torch.nn.Module):
     def forward(self, x):
         return [x + 1, x.shape[1], x.shape[0] * x.shape[1], x.size(), x.numel(), x.shape[1] ** 0.5,
-                {"len": x.shape[1], "third": x.shape[1] / 3}, x.shape[2]]
+                {"len": x.shape[1], "third": x.shape[1] / 3}, x.shape[2], x.shape[1] > 7]
 
 
 @pytest.mark.parametrize("backend", ["torch", "interpret"])
@@ -57,6 +57,7 @@ def test_sizes_returned_are_the_calls_ints_and_floats_and_survive_save_load(back
             assert got[1:] == want[1:]
             assert [type(v) for v in got[1:]] == [type(v) for v in want[1:]]  # ints, a float, a torch.Size
             assert [type(v) for v in got[6].values()] == [int, float]
+            assert type(got[8]) is bool  # a comparison of sizes: eager's bool
 
 
 @pytest.mark.parametrize("backend", ["torch", "interpret"])

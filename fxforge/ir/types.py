@@ -278,7 +278,7 @@ def parse_size_text(text: str) -> sympy.Expr:
         names[name] = fn if is_function else symbol(name)
     e = parse_expr(text, local_dict=names, global_dict={"Integer": sympy.Integer, "Float": sympy.Float,
                                                         "Rational": sympy.Rational, "Symbol": sympy.Symbol})
-    if not isinstance(e, sympy.Expr):  # e.g. a tuple or a comparison
-        raise ValueError(f"size expression {text!r} is a {type(e).__name__}, not a number")
+    if not isinstance(e, sympy.Basic):  # a tuple, say: the caller says what it wanted (parse_dim: a number)
+        return e
     # a float read back has the digits' precision; as a double it is the one written
     return e.xreplace({f: sympy.Float(float(f)) for f in e.atoms(sympy.Float)})
