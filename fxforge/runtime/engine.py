@@ -54,14 +54,14 @@ from .generate import _as_list, _check_settings, check_generator, check_token_id
 from .state import padding_from_pad_tokens
 
 _RUNNING: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # engines that started a thread
-_EXIT_HOOK = threading.Lock()  # held while the exit hook is registered, at the first start()
 
 
 def _watch_at_exit(engine: "Engine"):
-    """Hold `engine` weakly for _halt_engines; the hook is registered at the first start(),
-    not at import (importing fxforge changes nothing in the process)."""
-    if not _EXIT_HOOK.locked() and _EXIT_HOOK.acquire(blocking=False):
-        atexit.register(_halt_engines)
+    """Hold `engine` weakly for _halt_engines; the hook is registered at a start(), not at
+    import (importing fxforge changes nothing in the process). Unregistering first keeps
+    it registered once, with no flag to remember that it is."""
+    atexit.unregister(_halt_engines)
+    atexit.register(_halt_engines)
     _RUNNING.add(engine)
 
 
