@@ -2,6 +2,8 @@
 
 import os
 
+import torch
+
 from fxforge.ir import parse, structurally_equal
 
 from zoo import logits_of
@@ -78,3 +80,14 @@ def benchmark_table(script: str, *args: str, timeout: int = 300) -> list[list[st
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.strip().strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("|")]
     return [[c.strip() for c in row] for row in rows[2:]]
+
+
+class FunctionModule(torch.nn.Module):
+    """A module whose forward is `fn(x)`: one-line models for capture tests."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)

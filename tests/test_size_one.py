@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fxforge
+from helpers import FunctionModule
 import zoo
 from fxforge.ir.guards import GuardError
 
@@ -84,15 +85,6 @@ def test_a_length_equal_to_a_sliced_buffer_is_probed_and_allowed():
         fast(torch.randint(0, 96, (1, block + 1)))
 
 
-class Slices(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
-
-
 @pytest.mark.parametrize("fn, ok, refused", [
     (lambda x: x[:, -3:].sum(1), [3, 4, 9], [2]),   # export: Ne(8*T, 24) (and -T <= -3)
     (lambda x: x[:, ::2] * 2, [1, 2, 3, 9], []),     # Ne(8*T, 16)
@@ -102,7 +94,7 @@ def test_a_size_a_scaled_inequality_excludes_is_probed_like_ne_t_c(fn, ok, refus
     """export excludes a size with a scaled inequality (`Ne(8*T, 24)` is T != 3) where a
     slice's bounds meet the length; solved for T, it is probed as Ne(T, c) is: eager runs
     there, and so does the graph."""
-    model = Slices(fn)
+    model = FunctionModule(fn)
     fast = fxforge.optimize(model, (torch.randn(2, 6, 8),), verbose=False)
     assert not any("Ne(" in str(g) for g in fast.graph.guards), fast.graph.guards
     assert "-T <= -3" not in fast.ir  # the range read twice is one line, T >= 3

@@ -5,15 +5,7 @@ import pytest
 import torch
 
 import fxforge
-
-
-class Lambda(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
+from helpers import FunctionModule
 
 
 FLOATS = {
@@ -30,7 +22,7 @@ FLOATS = {
 @pytest.mark.parametrize("backend", ["torch", "interpret"])
 @pytest.mark.parametrize("name", sorted(FLOATS))
 def test_a_float_of_a_size_is_computed_at_each_call(name, backend):
-    model = Lambda(FLOATS[name])
+    model = FunctionModule(FLOATS[name])
     fast = fxforge.optimize(model, (torch.randn(2, 6, 8),), backend=backend, verbose=False)
     for shape in [(2, 6, 8), (3, 9, 8), (1, 7, 8)]:
         x = torch.randn(shape)
@@ -62,7 +54,7 @@ def test_sizes_returned_are_the_calls_ints_and_floats_and_survive_save_load(back
 
 @pytest.mark.parametrize("backend", ["torch", "interpret"])
 def test_a_clamp_bound_computed_from_a_size_is_the_calls(backend):
-    model = Lambda(lambda x: x.clamp(min=-x.shape[1] / 10, max=x.shape[1] / 10))
+    model = FunctionModule(lambda x: x.clamp(min=-x.shape[1] / 10, max=x.shape[1] / 10))
     fast = fxforge.optimize(model, (torch.randn(2, 6, 8),), backend=backend, verbose=False)  # was an IRCheckError
     for shape in [(2, 6, 8), (3, 9, 8)]:
         x = torch.randn(shape) * 3
@@ -74,7 +66,7 @@ def test_a_float_of_a_size_survives_the_ir_text_and_save_load(name, tmp_path):
     """The IR prints torch's float functions of sizes (ToFloat, FloatPow...) with every
     digit, and the parser reads them back: save/load (which re-reads the IR) gives the
     same answers at every size."""
-    model = Lambda(FLOATS[name])
+    model = FunctionModule(FLOATS[name])
     fast = fxforge.optimize(model, (torch.randn(2, 6, 8),), verbose=False)
     assert str(fxforge.parse(fast.ir)) == fast.ir
     fast.save(str(tmp_path / "saved"))
