@@ -23,7 +23,9 @@ put every constant last in mul/add):
     scales (falcon's scores.div_(c)), heads folded into the batch around the softmax (bloom)
     or for it (XGLM: masks added to [B, H] scores, a 3-D softmax);
   - a floor under the masked scores, max(scores, c) with c <= -65504 (XGLM's
-    torch.max(w, finfo.min)): moved onto the bias, softmax-equal for scores below 2**103.
+    torch.max(w, finfo.min)): moved onto the bias, softmax-equal for scores below 2**103;
+  - the row max subtracted right before the softmax, softmax(s - s.max(-1, keepdim=True))
+    (mimo_v2_flash): softmax does that itself, so the subtraction goes.
 
 Declines (the graph stays as it was): softmax over another dim, any other op between the
 matmuls (a bias inside the soft-cap, say), scores or probabilities also used elsewhere, a
@@ -594,12 +596,15 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
     if soft is None or soft.attrs["dim"] != p.rank - 1 or m.uses(p) > 1:
         return None
     s = soft.inputs[0]
+    # softmax(x - max(x)) (mimo_v2_flash): the scores x are read by the max and the sub
+    s, reads = (x, 2) if (x := _row_max_subtracted(m, s)) is not None else (s, 1)
     term_fold = None  # (B, H) once the walk crosses the view that unfolded [B*H] scores
     terms, post_scale = _Terms(), 1.0
     softcap = None  # the multiplier after a tanh: tanh(x) * cap
     while True:
-        if m.uses(s) > 1:
+        if m.uses(s) > reads:
             return None  # the scores are used elsewhere (e.g. returned): keep them
+        reads = 1
         s = _strip_casts(m, s)
         node = m.producers.get(s)
         if node is None:
@@ -709,6 +714,49 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
         scale *= softcap
     return _emit_attention(m, b, q, k, v, terms, scale, causal=False, softcap=softcap, unfold=fold, forms=forms,
                            softmax_spelled=True)
+
+
+# The row max of x over its last dim, kept: torch.max(x, -1, keepdim=True).values, amax(x, -1, keepdim=True)
+_ROW_MAX_CALLS = ("aten.max.dim",)
+
+
+def _row_max_of(m: Match, mx: Value) -> Value | None:
+    """x when `mx` is x's max over its last dim with keepdim (torch.max(x, dim=-1,
+    keepdim=True).values, whose indices nobody reads, or amax(x, -1, keepdim=True))."""
+    node = m.producers.get(mx)
+    if node is None or len(node.inputs) != 1:
+        return None
+    x = node.inputs[0]
+    last = (x.rank - 1, -1)
+    if node.op == "amax":
+        return x if tuple(node.attrs["dims"]) in ((d,) for d in last) and node.attrs["keepdim"] else None
+    if node.op != "torch_call" or node.attrs["target"] not in _ROW_MAX_CALLS or node.outputs[0] is not mx:
+        return None
+    args, kwargs = node.attrs["args"], dict(node.attrs["kwargs"])
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if dim not in last or keepdim is not True or any(m.uses(v) for v in node.outputs[1:]):
+        return None
+    return x
+
+
+def _row_max_subtracted(m: Match, s: Value) -> Value | None:
+    """x when the softmax input `s` is x - max(x) over the softmax dim, kept (mimo_v2_flash's
+    "subtract max for BF16/FP16 stability"), with x read by those two only: softmax does
+    that subtraction itself, so softmax(x - max(x)) is softmax(x) -- in float32 the very
+    same roundings (the second max is 0; in bf16/fp16 eager rounds x - max(x) to the
+    narrow dtype, one more of the score roundings, like those of the scale and the mask,
+    that the fused op computes in float32), and NaN where eager's is NaN: a row of all -inf
+    (or with a +inf, or a NaN) is NaN both ways, and the masks that give such rows stay
+    refused below (NAN_ROWS / EMPTY_ROWS). Neither the max of another tensor, nor over
+    another dim, nor without keepdim (which would not broadcast along the keys)."""
+    node = m.producers.get(s)
+    if node is None or node.op != "sub" or m.uses(s) != 1:
+        return None
+    x, mx = node.inputs
+    if not x.type.same_as(s.type) or m.uses(mx) != 1 or _row_max_of(m, mx) is not x or m.uses(x) != 2:
+        return None
+    return x
 
 
 def terms_ok_for_softcap(cap: float) -> bool:
