@@ -200,3 +200,67 @@ def test_mimo_v2_flash_default_layers_fuse_the_full_attention_one():
     fast = _optimize(model, (torch.randint(3, 128, (2, 7)),))
     assert _fused(fast) >= 1, fast.ir
     _assert_forward_equal(model, fast, 128)
+
+
+# -- one softmax, two matmuls ------------------------------------------------------------------
+class TwoValues(torch.nn.Module):
+    """p = softmax(q k^T * 0.25 + causal); `fn(p, v1, v2)` reads p (diffllama: p @ v1, p @ v2)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        q, k, v = split_heads(x)
+        p = torch.softmax(q @ k.transpose(-1, -2) * 0.25 + causal_fill(q.size(2), x.device), dim=-1)
+        v1, v2 = (h.repeat(1, 2, 1, 1) for h in torch.chunk(v, 2, dim=1))  # diffllama's value halves
+        return self.fn(p, v1, v2)
+
+
+SHARED_PROBABILITIES = {
+    "two_value_halves": lambda p, v1, v2: torch.cat([p @ v1, p @ v2], dim=-1),
+    "difference": lambda p, v1, v2: p @ v1 - 0.5 * (p @ v2),
+    "three_matmuls": lambda p, v1, v2: p @ v1 + p @ v2 + p @ (v1 * v2),
+}
+# the probabilities also reach something other than a matmul's left operand
+NOT_SHARED_PROBABILITIES = {
+    "probabilities_returned": lambda p, v1, v2: (p @ v1, p @ v2, p),
+    "probabilities_summed": lambda p, v1, v2: p @ v1 + p.sum(-1, keepdim=True),
+    "probabilities_as_right_operand": lambda p, v1, v2: p @ v1 + (p @ p) @ v2,
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", SHARED_PROBABILITIES)
+def test_probabilities_read_by_several_matmuls_fuse_each(form, backend):
+    model = TwoValues(SHARED_PROBABILITIES[form])
+    fast = _optimize(model, inputs(2, 7), backend)
+    n = 3 if form == "three_matmuls" else 2
+    atts = [node for node in fast.graph.nodes if node.op == "attention"]
+    assert len(atts) == n and fast.graph.count("softmax") == 0, fast.ir
+    assert all(a.attrs["causal"] and a.inputs[:2] == atts[0].inputs[:2] for a in atts), fast.ir
+    _assert_equal_at_sizes(model, fast)
+
+
+@pytest.mark.parametrize("form", NOT_SHARED_PROBABILITIES)
+def test_probabilities_read_elsewhere_stay(form):
+    model = TwoValues(NOT_SHARED_PROBABILITIES[form])
+    fast = _optimize(model, inputs(2, 7))
+    assert _fused(fast) == 0 and fast.graph.count("softmax") == 1, fast.ir
+    args = inputs(2, 5)
+    with torch.no_grad():
+        ref = model(*args)
+    out = fast(*args)
+    for r, o in zip(ref if isinstance(ref, tuple) else (ref,), out if isinstance(out, tuple) else (out,)):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_diffllama_fuses_both_value_halves_and_generates():
+    model, config = _tiny("diffllama")
+    ids = torch.randint(3, 128, (2, 7))
+    for backend in BACKENDS:
+        fast = _optimize(model, (ids,), backend)
+        assert _fused(fast) == 2 * config.num_hidden_layers and fast.graph.count("softmax") == 0, fast.ir
+        _assert_forward_equal(model, fast, 128)
+    _generate_equals_transformers(model, _optimize(model, (ids,), kv_cache=True), 128)

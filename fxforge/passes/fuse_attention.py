@@ -25,7 +25,9 @@ put every constant last in mul/add):
   - a floor under the masked scores, max(scores, c) with c <= -65504 (XGLM's
     torch.max(w, finfo.min)): moved onto the bias, softmax-equal for scores below 2**103;
   - the row max subtracted right before the softmax, softmax(s - s.max(-1, keepdim=True))
-    (mimo_v2_flash): softmax does that itself, so the subtraction goes.
+    (mimo_v2_flash): softmax does that itself, so the subtraction goes;
+  - one softmax's probabilities read by several matmuls, as their left operand only
+    (diffllama's two value halves): each matmul becomes an attention of its own.
 
 Declines (the graph stays as it was): softmax over another dim, any other op between the
 matmuls (a bias inside the soft-cap, say), scores or probabilities also used elsewhere, a
@@ -584,6 +586,11 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
     """matmul(softmax(scores), v) where scores = q @ k^T, scaled, soft-capped and masked,
     possibly with the heads folded into the batch on one side of the softmax (bloom)."""
     p, v = m["p"], m["v"]
+    # one softmax's probabilities read by several matmuls (diffllama's two value halves;
+    # its two eager attention calls, merged by CSE): each matmul is its own attention
+    shared = p if m.uses(p) > 1 and _read_as_probabilities_only(m, p, forms) else None
+    if shared is not None and (cast := _producer(m, p, "cast")) is not None and cast.inputs[0].dtype.is_floating_point:
+        p = cast.inputs[0]  # softmax(.., dtype=f32).to(bf16), the cast read by both
     p = _strip_casts(m, p)
     fold = None
     view = _producer(m, p, "view")
@@ -593,7 +600,7 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
             return None
         p = _strip_casts(m, view.inputs[0])
     soft = _producer(m, p, "softmax")
-    if soft is None or soft.attrs["dim"] != p.rank - 1 or m.uses(p) > 1:
+    if soft is None or soft.attrs["dim"] != p.rank - 1 or (m.uses(p) > 1 and p is not shared):
         return None
     s = soft.inputs[0]
     # softmax(x - max(x)) (mimo_v2_flash): the scores x are read by the max and the sub
@@ -757,6 +764,28 @@ def _row_max_subtracted(m: Match, s: Value) -> Value | None:
     if not x.type.same_as(s.type) or m.uses(mx) != 1 or _row_max_of(m, mx) is not x or m.uses(x) != 2:
         return None
     return x
+
+
+def _read_as_probabilities_only(m: Match, p: Value, forms: dict | None) -> bool:
+    """Every reader of `p` is a matmul with `p` as its left operand only (and `p` is no
+    graph output): each such matmul fuses as an attention of its own, computing exactly
+    what it did, and once all have, the softmax is dead. A softmax whose probabilities
+    also reach anything else (returned attention weights) stays."""
+    if p in m.graph.outputs:
+        return False
+    readers = _users(m.graph, forms).get(p, [])
+    return len(readers) > 1 and all(n.op == "matmul" and n.inputs[0] is p and n.inputs[1] is not p for n in readers)
+
+
+def _users(graph, forms: dict | None) -> dict:
+    """graph.users(), once per graph per pass run (the driver hands every match of a
+    sweep the same graph)."""
+    if forms is None:
+        return graph.users()
+    key = ("users", id(graph))
+    if key not in forms or forms[key][0] is not graph:  # the entry holds the graph, so no id is reused
+        forms[key] = (graph, graph.users())
+    return forms[key][1]
 
 
 def terms_ok_for_softcap(cap: float) -> bool:
