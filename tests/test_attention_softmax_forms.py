@@ -264,3 +264,60 @@ def test_diffllama_fuses_both_value_halves_and_generates():
         assert _fused(fast) == 2 * config.num_hidden_layers and fast.graph.count("softmax") == 0, fast.ir
         _assert_forward_equal(model, fast, 128)
     _generate_equals_transformers(model, _optimize(model, (ids,), kv_cache=True), 128)
+
+
+# -- q k^T with the heads folded into the batch, viewed back for the softmax -----------------
+class FoldedScores(torch.nn.Module):
+    """gpt_neox_japanese: q k^T on [B*H, T, D] (`fn` spells it), viewed to [B, H, T, T],
+    the mask added, softmax, times [B, H, T, D] values."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        q, k, v = split_heads(x)
+        b, h, t, d = q.shape
+        s = self.fn(q.reshape(b * h, t, d), k.reshape(b * h, t, d))
+        s = s.view(b, h, t, -1) + causal_fill(t, x.device)
+        return torch.softmax(s, dim=-1) @ v
+
+
+FOLDED_SCORES = {
+    "baddbmm_zeros": lambda q, k: torch.baddbmm(torch.zeros(q.size(0), q.size(1), k.size(1)), q,
+                                                k.transpose(1, 2), beta=1.0, alpha=0.25),
+    "bmm_scaled": lambda q, k: torch.bmm(q, k.transpose(1, 2)) * 0.25,
+    "zeros_plus_bmm": lambda q, k: torch.zeros(q.size(0), q.size(1), k.size(1)) + torch.bmm(q * 0.25, k.transpose(1, 2)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", FOLDED_SCORES)
+def test_scores_with_heads_folded_then_viewed_back_fuse(form, backend):
+    model = FoldedScores(FOLDED_SCORES[form])
+    fast = _optimize(model, inputs(2, 7), backend)
+    atts = [n for n in fast.graph.nodes if n.op == "attention"]
+    assert len(atts) == 1 and fast.graph.count("softmax") == 0, fast.ir
+    assert atts[0].attrs["causal"] and len(atts[0].inputs) == 3 and atts[0].attrs["scale"] == 0.25, fast.ir
+    assert all(int(x.shape[1]) == H for x in atts[0].inputs), fast.ir  # [B, H, T, D], heads apart
+    _assert_equal_at_sizes(model, fast)
+
+
+def test_a_nonzero_baddbmm_input_stays_a_term():
+    # only an exact zero may go: a full(0.5) input is a (row-constant) term the mask proof sees
+    model = FoldedScores(lambda q, k: torch.baddbmm(torch.full((q.size(0), q.size(1), k.size(1)), 0.5), q,
+                                                    k.transpose(1, 2), alpha=0.25))
+    fast = _optimize(model, inputs(2, 7))
+    assert _fused(fast) == 1, fast.ir
+    _assert_equal_at_sizes(model, fast)
+
+
+@pytest.mark.slow
+def test_gpt_neox_japanese_fuses_and_generates():
+    model, config = _tiny("gpt_neox_japanese")
+    ids = torch.randint(3, 128, (2, 7))
+    for backend in BACKENDS:
+        fast = _optimize(model, (ids,), backend)
+        assert _fused(fast) == config.num_hidden_layers and fast.graph.count("softmax") == 0, fast.ir
+        _assert_forward_equal(model, fast, 128)
+    _generate_equals_transformers(model, _optimize(model, (ids,), kv_cache=True), 128)

@@ -27,7 +27,10 @@ put every constant last in mul/add):
   - the row max subtracted right before the softmax, softmax(s - s.max(-1, keepdim=True))
     (mimo_v2_flash): softmax does that itself, so the subtraction goes;
   - one softmax's probabilities read by several matmuls, as their left operand only
-    (diffllama's two value halves): each matmul becomes an attention of its own.
+    (diffllama's two value halves): each matmul becomes an attention of its own;
+  - q k^T on [B*H, T, D] (baddbmm's zeros + alpha * bmm, the exact zero dropped) viewed to
+    [B, H, Tq, Tk] for the mask and the softmax, the values [B, H, T, D]
+    (gpt_neox_japanese): q and k are viewed as the scores were.
 
 Declines (the graph stays as it was): softmax over another dim, any other op between the
 matmuls (a bias inside the soft-cap, say), scores or probabilities also used elsewhere, a
@@ -651,8 +654,9 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
                 return None
             terms.floor = c_val
             s = x
-        elif node.op == "view" and term_fold is None and s.rank == 4 and fold is not None:
-            # [B*H, Tq, Tk] scores unfolded to [B, H, Tq, Tk] before the softmax (bloom)
+        elif node.op == "view" and term_fold is None and s.rank == 4 and (fold is not None or node.inputs[0].rank == 3):
+            # [B*H, Tq, Tk] scores unfolded to [B, H, Tq, Tk] before the softmax (bloom; with
+            # [B, H, T, D] values, gpt_neox_japanese: only q k^T is folded)
             term_fold = _head_fold(node.inputs[0], s)
             if term_fold is None:
                 return None
@@ -666,7 +670,8 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
             if side is None:
                 return None
             s, bias = side
-            terms.adds.append((bias, post_scale, term_fold))
+            if not (_is_zeros(m, bias) and s.type.same_as(node.outputs[0].type)):
+                terms.adds.append((bias, post_scale, term_fold))  # (x + 0 is x: baddbmm's zeros)
         elif node.op == "where":
             mask, x, y = node.inputs
             if mask.dtype != torch.bool:
@@ -691,6 +696,11 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
         return None
     if fold is not None and (q.rank != 3 or v.rank != 3):
         return None
+    # q k^T on [B*H, T, D] viewed to [B, H, Tq, Tk] for the softmax, the values [B, H, T, D]
+    # (gpt_neox_japanese): q and k are viewed to [B, H, T, D] for the op
+    qk_folded = term_fold if fold is None else None
+    if qk_folded is not None and (q.rank != 3 or v.rank != 4 or not dims_equal(q.shape[0], qk_folded[0] * qk_folded[1])):
+        return None
     q, q_scale = _strip_scale(m, q)
     swap = tuple(range(kt.rank - 2)) + (kt.rank - 1, kt.rank - 2)
     kt_node = _producer(m, kt, "permute")
@@ -706,6 +716,10 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
             b.emit("permute", inner, dims=dims)
     else:
         k = b.emit("permute", kt, dims=swap)
+    if qk_folded is not None:
+        if not dims_equal(k.shape[0], q.shape[0]):
+            return None
+        q, k = (b.emit("view", x, shape=tuple(qk_folded) + tuple(x.shape[1:])) for x in (q, k))
     if n_k == 1:
         k, n_k = _strip_repeat_kv(m, k, b)
     v, n_v = _strip_repeat_kv(m, v, b)
@@ -766,6 +780,15 @@ def _row_max_subtracted(m: Match, s: Value) -> Value | None:
     return x
 
 
+def _is_zeros(m: Match, v: Value) -> bool:
+    """`v` is all zeros: full(0) (baddbmm's `beta * zeros` input) or a constant 0."""
+    node = m.producers.get(v)
+    if node is not None and node.op == "full":
+        value = node.attrs.get("value")
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+    return _const_value(m, v) == 0
+
+
 def _read_as_probabilities_only(m: Match, p: Value, forms: dict | None) -> bool:
     """Every reader of `p` is a matmul with `p` as its left operand only (and `p` is no
     graph output): each such matmul fuses as an attention of its own, computing exactly
@@ -820,7 +843,9 @@ def _scores_side(m: Match, a: Value, c: Value):
             if node.op not in ("mul", "div", "cast", "add", "where", "view", "tanh") and not (
                     node.op == "torch_call" and node.attrs["target"] in _INPLACE_SCALE and node.inputs):
                 break
-            x = node.inputs[1] if node.op == "where" else node.inputs[0]
+            # (zeros + scores: baddbmm's input first)
+            x = node.inputs[1] if node.op == "where" or node.op == "add" and _is_zeros(m, node.inputs[0]) \
+                else node.inputs[0]
     return None
 
 
