@@ -229,5 +229,5 @@ def test_generate_limits_are_checked_up_front(cached_llama):
     with pytest.raises(ValueError, match="needs a KV cache of .* GiB"):
         fast.generate(prompts[0], 10**15)
     for bad in (True, 2.0, -1):
-        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
             fast.generate(prompts[0], bad)

@@ -26,6 +26,10 @@ Settings: a request's sampling settings and EOS default as generate()'s do (the 
 generation_config, then transformers' defaults: top_k=50 when sampling, the model's
 eos_token_id; an explicit eos_token_id=None means no EOS), and are checked at submit() by
 generate()'s own rules, as are the prompt's token ids (1-D, integer, in the vocabulary).
+A model whose generation_config asks for what a request does not run (num_beams,
+num_return_sequences, stop_strings) is refused by name at submit(), unless the call
+passes their neutral values. A prompt's leading pad tokens are left padding, as in
+generate(): the model does not see them, the logits processors do (min_length counts them).
 
 Failures: an error in a step fails the request it concerns (its prefill, its token choice,
 its callback) and the engine goes on serving the others; an error of a batched decode step
@@ -50,7 +54,8 @@ from typing import Callable
 import torch
 
 from . import logits as lp
-from .generate import _as_list, _check_settings, check_generator, check_token_ids, resolve_settings, vocab_size
+from .generate import (_as_list, _check_settings, _plain_int, check_forced_tokens, check_generator,
+                       check_token_ids, resolve_settings, vocab_size)
 from .state import padding_from_pad_tokens
 
 _RUNNING: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # engines that started a thread
@@ -72,13 +77,14 @@ def _halt_engines():
         engine._halt(timeout=30.0)
 
 
-def _without_left_padding(prompt: torch.Tensor, pad_token_id, eos: list) -> torch.Tensor:
-    """The prompt without leading pad tokens, which generate() alone (as transformers) takes
-    for left padding when no mask is given (state.padding_from_pad_tokens): the request's
-    tokens are then those of generate() alone. A pad token after the first real one would
-    need a mask with a hole: a ValueError, as in generate()."""
+def _leading_padding(prompt: torch.Tensor, pad_token_id, eos: list) -> int:
+    """How many leading pad tokens the prompt has, which generate() alone (as transformers)
+    takes for left padding when no mask is given (state.padding_from_pad_tokens). The model
+    never sees them (the request's row starts after them), but the logits processors do, as
+    in generate(): min_length and the n-gram bans count them. A pad token after the first
+    real one would need a mask with a hole: a ValueError, as in generate()."""
     pad = padding_from_pad_tokens(prompt[None], pad_token_id, eos, prompt.device, name="prompt_ids")
-    return prompt if pad is None else prompt[int(pad[0]):]
+    return 0 if pad is None else int(pad[0])
 
 
 # generate()'s settings a request takes besides submit()'s own: those its logits processors
@@ -86,6 +92,10 @@ def _without_left_padding(prompt: torch.Tensor, pad_token_id, eos: list) -> torc
 REQUEST_OPTIONS = frozenset({"repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "min_length",
                              "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
                              "begin_suppress_tokens", "encoder_no_repeat_ngram_size", "pad_token_id"})
+# generate()'s settings a request cannot run, with the value that turns each off: one the
+# model's generation_config turns on is refused by name at submit() (not silently dropped),
+# and submit() takes the neutral value to serve such a model one sequence per request
+GENERATE_ONLY = {"num_beams": 1, "num_return_sequences": 1, "stop_strings": None}
 
 _ids = iter(range(1 << 62))
 
@@ -117,6 +127,8 @@ class Request:
     sample: bool
     generator: torch.Generator | None
     callback: Callable | None
+    # the prompt's leading pad tokens [1, p] (the model never sees them; the processors do) or None
+    padding: torch.Tensor | None = None
     id: int = field(default_factory=lambda: next(_ids))
     tokens: list = field(default_factory=list)
     error: BaseException | None = None
@@ -243,10 +255,12 @@ class Engine:
             raise ValueError(f"callback must be a function callback(request, token) or None, got "
                              f"{type(callback).__name__} {callback!r}")
         check_generator(generator, self.model.device)
+        max_new_tokens = _plain_int(max_new_tokens)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         self._check_request(prompt.numel(), max_new_tokens)
-        others = sorted(set(options) - REQUEST_OPTIONS)
+        others = sorted(k for k, v in options.items() if k not in REQUEST_OPTIONS
+                        and not (k in GENERATE_ONLY and v == GENERATE_ONLY[k]))
         if others:
             raise ValueError(f"Engine.submit() does not take {', '.join(others)} (one greedy or sampled sequence per "
                              f"request); it takes {', '.join(sorted(REQUEST_OPTIONS))} besides its own arguments. "
@@ -256,26 +270,35 @@ class Engine:
         # generate()'s settings and checks: the model's defaults, then transformers'
         settings, _ = resolve_settings(getattr(self.model, "generation_defaults", None), None,
                                        {k: v for k, v in given.items() if v is not DEFAULT})
-        # one sequence per request: beam / multi-sequence defaults of the model do not apply here
-        settings.update(num_beams=1, num_return_sequences=1)
+        # one sequence per request: a model whose generation_config asks for beams, several
+        # sequences or stop strings is refused by name (generate() runs them), not served otherwise
+        on = [k for k, off in GENERATE_ONLY.items() if settings[k] != off]
+        if on:
+            raise ValueError(f"the model's generation_config sets {', '.join(f'{k}={settings[k]!r}' for k in on)}, "
+                             "which Engine requests do not run (one greedy or sampled sequence per request, no stop "
+                             f"strings; generate() runs it); pass {', '.join(f'{k}={GENERATE_ONLY[k]!r}' for k in on)} "
+                             "to submit() or generate_many() to serve the requests without it")
         _check_settings(settings)
         device = self.model.device
         eos = _as_list(settings["eos_token_id"])
-        prompt = _without_left_padding(prompt, settings["pad_token_id"], eos)
+        lead = _leading_padding(prompt, settings["pad_token_id"], eos)
+        check_forced_tokens(settings, self.vocab_size)
         eos_t = torch.tensor(eos, device=device) if eos else None
-        n = prompt.numel()
+        n = prompt.numel()  # the prompt as generate() counts it: its leading pad tokens included
         min_length = n + settings["min_new_tokens"] if settings["min_new_tokens"] is not None \
             else settings["min_length"]
         s = settings
         processors = lp.processors(
-            repetition_penalty=s["repetition_penalty"], pad=None, no_repeat_ngram_size=s["no_repeat_ngram_size"],
+            repetition_penalty=s["repetition_penalty"], pad=torch.tensor([lead], device=device) if lead else None,
+            no_repeat_ngram_size=s["no_repeat_ngram_size"],
             min_length=min_length, eos=eos_t, do_sample=s["do_sample"], temperature=s["temperature"],
             top_k=s["top_k"], top_p=s["top_p"], forced_bos=s["forced_bos_token_id"],
             forced_eos=_as_list(s["forced_eos_token_id"]), max_length=n + max_new_tokens,
             suppress_tokens=s["suppress_tokens"], begin_suppress_tokens=s["begin_suppress_tokens"], prompt_len=n,
             prompt_no_repeat_ngram_size=s["encoder_no_repeat_ngram_size"], prompt=prompt[None])
-        return Request(prompt.to(device), max_new_tokens, processors, eos_t, bool(s["do_sample"]), generator,
-                       callback)
+        prompt = prompt.to(device)
+        return Request(prompt[lead:], max_new_tokens, processors, eos_t, bool(s["do_sample"]), generator,
+                       callback, padding=prompt[None, :lead] if lead else None)
 
     def _prompt(self, prompt_ids) -> torch.Tensor:
         """The prompt as a 1-D int64 tensor, checked: integer token ids in [0, vocab), at least one."""
@@ -518,7 +541,10 @@ class Engine:
         request = row.request
         stage = "while its next token was picked"
         try:
-            processed = lp.apply(request.processors, row.seq[:, :row.length], logits)
+            seen = row.seq[:, :row.length]
+            if request.padding is not None:  # the processors see the row as generate() has it
+                seen = torch.cat((request.padding, seen), dim=1)
+            processed = lp.apply(request.processors, seen, logits)
             if request.sample:
                 token = torch.multinomial(processed.softmax(dim=-1), 1, generator=request.generator)[0, 0]
             else:

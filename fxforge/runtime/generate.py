@@ -2,11 +2,15 @@
 
 Semantics follow transformers' `generate` (4.x/5.x, decoder-only):
 - settings come, highest first, from the call's keyword arguments, a `generation_config`
-  (a transformers GenerationConfig or a dict), the model's defaults
+  (a transformers GenerationConfig, whose unset (None) fields take the model's values as
+  in transformers, or a dict of settings), the model's defaults
   (`fast.generation_defaults`), then transformers' global defaults (max_length=20 new
-  tokens, top_k=50 when sampling, ...); an unsupported setting raises ValueError naming it;
+  tokens, top_k=50 when sampling, ...); an unsupported setting raises ValueError naming it,
+  as does an unknown keyword or dict key; numpy integers count as ints;
 - the result is the prompt followed by the new tokens; `max_new_tokens` wins over
-  `max_length` (which counts the prompt); `max_new_tokens=0` raises, as in transformers;
+  `max_length` (which counts the prompt); with neither, 20 new tokens capped at the
+  model's config.max_position_embeddings, as in transformers; `max_new_tokens=0` raises,
+  as in transformers; a length past the KV cache's max_seq_len raises;
 - the logits processors (logits.py) apply in transformers' order: repetition penalty,
   no-repeat n-gram, min length / min new tokens, forced BOS / EOS (a model's own
   generation_config may set them: BART-family decoders force EOS last), then the
@@ -20,6 +24,7 @@ Semantics follow transformers' `generate` (4.x/5.x, decoder-only):
 """
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Callable
 
@@ -59,20 +64,17 @@ UNSUPPORTED = {
 
 
 def resolve_settings(defaults: dict | None, generation_config, options: dict) -> tuple[dict, set]:
-    """The settings of one call, and the names set anywhere (not from the global defaults)."""
+    """The settings of one call, and the names set anywhere (not from the global defaults).
+    As transformers merges them: a `generation_config` overrides the model's defaults only
+    with the values it sets (config_settings); a keyword argument always wins, an explicit
+    None included (it turns a default off)."""
     given = {k: v for k, v in (defaults or {}).items() if k in DEFAULTS and v is not None}
-    if generation_config is not None:
-        config = generation_config if isinstance(generation_config, dict) else \
-            generation_config.to_dict() if hasattr(generation_config, "to_dict") else None
-        if config is None:
-            raise ValueError(f"generation_config must be a transformers GenerationConfig or a dict, got "
-                             f"{type(generation_config).__name__}")
-        bad = sorted(k for k, v in config.items() if k in UNSUPPORTED and v is not None and v != UNSUPPORTED[k]
-                     and k not in IGNORED)
-        if bad:
-            raise ValueError(f"generate() does not support these generation_config settings: {', '.join(bad)}")
-        given.update({k: v for k, v in config.items() if k in DEFAULTS and v is not None})
-    overridden = set(options) | (set(config) if generation_config is not None else set())
+    config = config_settings(generation_config) if generation_config is not None else {}
+    bad = sorted(k for k, v in config.items() if k in UNSUPPORTED and v != UNSUPPORTED[k] and k not in IGNORED)
+    if bad:
+        raise ValueError(f"generate() does not support these generation_config settings: {', '.join(bad)}")
+    given.update({k: v for k, v in config.items() if k in DEFAULTS})
+    overridden = set(options) | set(config)
     bad = sorted(k for k, v in (defaults or {}).items() if k in UNSUPPORTED and v is not None and v != UNSUPPORTED[k]
                  and k not in overridden)
     if bad:
@@ -81,9 +83,90 @@ def resolve_settings(defaults: dict | None, generation_config, options: dict) ->
     bad = sorted(k for k, v in options.items() if k not in DEFAULTS and k not in IGNORED
                  and not (k in UNSUPPORTED and (v is None or v == UNSUPPORTED[k])))
     if bad:
-        raise ValueError(f"generate() does not support these arguments: {', '.join(bad)}")
+        raise ValueError(f"generate() does not support these arguments: {', '.join(bad)}{_did_you_mean(bad)}")
     given.update({k: v for k, v in options.items() if k in DEFAULTS})  # an explicit None turns a default off
-    return {**DEFAULTS, **given}, set(given)
+    return _plain_numbers({**DEFAULTS, **given}), set(given)
+
+
+def config_settings(generation_config) -> dict:
+    """The settings a call's `generation_config` sets, which override the model's own.
+    A GenerationConfig (or an object with to_dict()): its fields that are not None and
+    differ from a fresh GenerationConfig()'s; transformers takes the others from the
+    model's generation_config (5.x: every field of GenerationConfig() is None; 4.x: fields
+    at their global default take the model's value). Attributes transformers does not know
+    are ignored, as transformers ignores them. A dict: its keys that are not None, each of
+    which must be a generation setting (a misspelled key is refused, as a misspelled
+    keyword argument is)."""
+    if isinstance(generation_config, dict):
+        unknown = sorted(k for k in generation_config if k not in _known_settings())
+        if unknown:
+            raise ValueError(f"generation_config has keys that are not generation settings: {', '.join(unknown)}"
+                             f"{_did_you_mean(unknown)}")
+        return {k: v for k, v in generation_config.items() if v is not None}
+    if not hasattr(generation_config, "to_dict"):
+        raise ValueError(f"generation_config must be a transformers GenerationConfig or a dict, got "
+                         f"{type(generation_config).__name__}")
+    fresh = _fresh_generation_config()
+    return {k: v for k, v in generation_config.to_dict().items()
+            if v is not None and (k not in fresh or v != fresh[k]) and k not in IGNORED}
+
+
+def _fresh_generation_config() -> dict:
+    try:
+        from transformers import GenerationConfig
+    except ImportError:
+        return {}
+    return GenerationConfig().to_dict()
+
+
+def _known_settings() -> set:
+    """Every generation setting's name: generate()'s and transformers' GenerationConfig's."""
+    return set(DEFAULTS) | IGNORED | set(UNSUPPORTED) | set(_fresh_generation_config())
+
+
+def _did_you_mean(names: list) -> str:
+    import difflib
+
+    known = sorted(_known_settings())
+    hints = [f"{name} -> {close[0]}" for name in names for close in [difflib.get_close_matches(name, known, 1)]
+             if close]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+
+
+# the settings that hold an int, a number, or token ids (an int or a list of ints)
+INT_SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "top_k", "no_repeat_ngram_size",
+                "encoder_no_repeat_ngram_size", "num_beams", "num_return_sequences", "pad_token_id",
+                "forced_bos_token_id")
+FLOAT_SETTINGS = ("temperature", "top_p", "repetition_penalty", "length_penalty")
+TOKEN_LIST_SETTINGS = ("eos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens")
+
+
+def _plain_int(value):
+    """A numpy or 0-d tensor integer as a Python int (transformers takes np.int64 token ids
+    and counts); anything else as it is, for the checks to name."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and not value.is_complex() and value.dtype != torch.bool:
+        return int(value)
+    return value
+
+
+def _plain_numbers(s: dict) -> dict:
+    for key in INT_SETTINGS:
+        s[key] = _plain_int(s[key])
+    for key in FLOAT_SETTINGS:
+        value = s[key]
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+            s[key] = float(value)
+        else:
+            s[key] = _plain_int(value)
+    for key in TOKEN_LIST_SETTINGS:
+        value = s[key]
+        s[key] = [_plain_int(v) for v in value] if isinstance(value, (list, tuple)) else _plain_int(value)
+    return s
 
 
 def defaults_from_generation_config(config) -> dict:
@@ -98,26 +181,39 @@ def defaults_from_generation_config(config) -> dict:
 
 
 def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int, padded: bool,
-                        cache_bytes=None, memory_bytes: int | None = None, shifted_positions_ok: bool = False):
+                        cache_bytes=None, memory_bytes: int | None = None, shifted_positions_ok: bool = False,
+                        length_from: str | None = None, rows_from: str | None = None):
     """Every limit is checked before any work, not discovered mid-generation.
     cache_bytes(batch, positions): the KV cache's size; memory_bytes: what the device has.
     shifted_positions_ok: the source model itself gives left-padded rows shifted positions
-    (it takes no position_ids), so positions shared by the batch are what it computes."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    (it takes no position_ids), so positions shared by the batch are what it computes.
+    length_from: the setting the new tokens come from (new_token_count), rows_from: how the
+    prompts became `batch` rows (beams, sequences), both for the errors."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    length_from = length_from or f"max_new_tokens ({max_new_tokens})"
     total = prompt_len + max_new_tokens
     if layout.max_seq_len is not None and total > layout.max_seq_len:
-        raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) is {total} "
-                         f"positions, more than max_seq_len={layout.max_seq_len}; shorten the prompt or ask for "
-                         "fewer tokens")
+        if length_from.startswith("max_length="):
+            raise ValueError(f"{length_from} (the prompt's {prompt_len} tokens included) is more than "
+                             f"max_seq_len={layout.max_seq_len} (the KV cache's positions); lower max_length, or "
+                             "optimize with a larger KVCacheConfig(max_seq_len=...)")
+        what = length_from if length_from.startswith("max_new_tokens") else \
+            f"{max_new_tokens} new tokens ({length_from})"
+        room = layout.max_seq_len - prompt_len
+        fewer = f"ask for at most max_new_tokens={room}" if room > 0 else "shorten the prompt"
+        raise ValueError(f"the prompt ({prompt_len} tokens) plus {what} is {total} positions, more than "
+                         f"max_seq_len={layout.max_seq_len} (the KV cache's positions); {fewer}, or optimize "
+                         "with a larger KVCacheConfig(max_seq_len=...)")
+    rows = f"{rows_from} = {batch} rows" if rows_from else f"batch {batch}"
     if layout.max_batch is not None and batch > layout.max_batch:
-        raise ValueError(f"batch {batch} is larger than the KV cache's max_batch={layout.max_batch}; "
+        raise ValueError(f"{rows} is larger than the KV cache's max_batch={layout.max_batch}; "
                          "optimize with KVCacheConfig(max_batch=...) or split the batch")
     if cache_bytes is not None and memory_bytes is not None:
         need = cache_bytes(batch, total)
         if need > memory_bytes:
-            raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) needs a KV cache "
-                             f"of {need / 2**30:.3g} GiB for batch {batch}, more than this device's memory "
+            raise ValueError(f"the prompt ({prompt_len} tokens) plus {max_new_tokens} new tokens needs a KV cache "
+                             f"of {need / 2**30:.3g} GiB for {rows}, more than this device's memory "
                              f"({memory_bytes / 2**30:.3g} GiB); ask for fewer tokens or a smaller batch")
     if padded and not layout.per_row_positions and not shifted_positions_ok:
         raise ValueError("this model's positions could not be made per row by the kv_cache pass (see its report "
@@ -143,25 +239,53 @@ def check_generator(generator, device: torch.device) -> None:
                          f"make it with torch.Generator({str(device)!r})")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_token_ids(key: str, value):
+    """A token-id setting: None, an int, a list of ints (or an integer tensor for the lists)."""
+    if value is None or _is_int(value):
+        return
+    if key in TOKEN_LIST_SETTINGS:
+        if isinstance(value, torch.Tensor) and not value.is_floating_point() and not value.is_complex() \
+                and value.dtype != torch.bool:
+            return
+        if isinstance(value, (list, tuple)) and all(_is_int(v) for v in value):
+            return
+        raise ValueError(f"{key} must be a token id (an int), a list of token ids, or None, got "
+                         f"{type(value).__name__} {value!r}")
+    raise ValueError(f"{key} must be a token id (an int) or None, got {type(value).__name__} {value!r}")
+
+
 def _check_settings(s: dict):
     if s["do_sample"]:
-        if not s["temperature"] > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {s['temperature']!r}")
+        temperature = s["temperature"]  # None: no temperature warper, as in transformers
+        if temperature is not None and (not _is_number(temperature) or not temperature > 0):
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r} (a number, or None "
+                             "for no temperature warper)")
         top_k = s["top_k"]
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        if top_k is not None and (not _is_int(top_k) or top_k < 0):
             raise ValueError(f"top_k must be an int >= 0 or None, got {top_k!r}")
-        if s["top_p"] is not None and not 0.0 < s["top_p"] <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {s['top_p']!r}")
+        top_p = s["top_p"]
+        if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r} (a number, or None for no top-p warper)")
     penalty = s["repetition_penalty"]
-    if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not penalty > 0):
+    if penalty is not None and (not _is_number(penalty) or not penalty > 0):
         raise ValueError(f"repetition_penalty must be a number > 0, got {penalty!r}")
-    for key in ("no_repeat_ngram_size", "min_new_tokens", "min_length"):
+    for key in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "min_new_tokens", "min_length"):
         value = s[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        if value is not None and (not _is_int(value) or value < 0):
             raise ValueError(f"{key} must be an int >= 0, got {value!r}")
+    for key in ("pad_token_id", "forced_bos_token_id") + TOKEN_LIST_SETTINGS:
+        _check_token_ids(key, s[key])
     beams, returns = s["num_beams"], s["num_return_sequences"]
     for key, value in (("num_beams", beams), ("num_return_sequences", returns)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ValueError(f"{key} must be an int >= 1, got {value!r}")
     if beams > 1:
         if s["do_sample"]:
@@ -169,34 +293,41 @@ def _check_settings(s: dict):
                              "num_beams=1 to sample or do_sample=False for beam search")
         if returns > beams:
             raise ValueError(f"num_return_sequences ({returns}) must be <= num_beams ({beams})")
-        if s["early_stopping"] not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {s['early_stopping']!r}")
+        # None: neither True nor "never", so transformers' beam search runs its early_stopping=False heuristic
+        if s["early_stopping"] not in (True, False, "never", None):
+            raise ValueError(f"early_stopping must be True, False, 'never' or None, got {s['early_stopping']!r}")
+        if not _is_number(s["length_penalty"]):
+            raise ValueError(f"length_penalty must be a number (the exponent of the length that divides a beam's "
+                             f"score), got {s['length_penalty']!r}")
     elif returns > 1 and not s["do_sample"]:
         raise ValueError("greedy search returns one sequence per prompt: num_return_sequences > 1 needs "
                          "do_sample=True or num_beams >= num_return_sequences")
 
 
-def new_token_count(s: dict, given: set, prompt_len: int, max_seq_len: int | None) -> int:
-    """max_new_tokens, else max_length (prompt included), else 20 new tokens (at most
-    max_seq_len in all), as transformers counts them."""
+def new_token_count(s: dict, given: set, prompt_len: int, max_positions: int | None = None) -> tuple[int, str]:
+    """The number of new tokens, as transformers counts them (_prepare_generated_length),
+    and how it was set, for the errors of check_generate_args: max_new_tokens, else
+    max_length (prompt included), else transformers' default max_length of 20 new tokens,
+    capped at the model's `max_positions` (config.max_position_embeddings) in all."""
     count = s["max_new_tokens"]
     if count is not None:
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {count!r}")
-        if count == 0:
-            raise ValueError("max_new_tokens=0 asks for no new token: transformers' generate refuses it "
-                             "(`max_new_tokens` must be greater than 0), and so does this one")
-        return count
+        if not _is_int(count) or count < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {count!r}: transformers' generate refuses 0 "
+                             "too (`max_new_tokens` must be greater than 0)")
+        return count, f"max_new_tokens ({count})"
     if "max_length" in given and s["max_length"] is not None:
         max_length = s["max_length"]
+        how = f"max_length={max_length!r}"
     else:
         max_length = prompt_len + DEFAULTS["max_length"]
-        if max_seq_len is not None:
-            max_length = min(max_length, max_seq_len)
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or prompt_len >= max_length:
-        raise ValueError(f"the prompt has {prompt_len} tokens but max_length is {max_length!r}: max_length counts "
-                         "the prompt; increase it or set max_new_tokens")
-    return max_length - prompt_len
+        how = "transformers' default length: max_length=20 new tokens"
+        if max_positions is not None and max_length > max_positions:
+            max_length = max_positions
+            how += f", capped at the model's max_position_embeddings={max_positions}"
+    if not _is_int(max_length) or prompt_len >= max_length:
+        raise ValueError(f"the prompt has {prompt_len} tokens but max_length is {max_length!r} (from {how}): "
+                         "max_length counts the prompt; increase it or set max_new_tokens")
+    return max_length - prompt_len, how
 
 
 def _stopping(stop_strings, tokenizer, stopping_criteria) -> list:
@@ -210,8 +341,24 @@ def _stopping(stop_strings, tokenizer, stopping_criteria) -> list:
         from transformers.generation.stopping_criteria import StopStringCriteria
 
         out.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
-    out += list(stopping_criteria or ())
+    out += callables(stopping_criteria, "stopping_criteria", "(input_ids, scores) -> a bool tensor [batch]",
+                     "StoppingCriteriaList")
     return out
+
+
+def callables(items, name: str, signature: str, transformers_list: str) -> list:
+    """The caller's logits processors or stopping criteria: a list of callables, checked
+    up front (a bad item would fail only at the first step, with a bare TypeError)."""
+    if items is None:
+        return []
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"{name} must be a list of callables {signature} (e.g. transformers' {transformers_list}), "
+                        f"got {type(items).__name__} {items!r}")
+    for i, item in enumerate(items):
+        if not callable(item):
+            raise TypeError(f"{name} must be a list of callables {signature}; item {i} is "
+                            f"{type(item).__name__} {item!r}")
+    return list(items)
 
 
 def stop_mask(criteria: list, seq: torch.Tensor, scores) -> torch.Tensor | None:
@@ -256,6 +403,16 @@ def check_token_ids(ids: torch.Tensor, vocab: int | None, name: str):
                          f"[0, {vocab if vocab is not None else 'vocab'})")
 
 
+def check_forced_tokens(s: dict, vocab: int | None):
+    """forced_bos_token_id and forced_eos_token_id must be tokens of the vocabulary (they
+    index the scores: transformers fails with an IndexError at the step that forces them)."""
+    for key in ("forced_bos_token_id", "forced_eos_token_id"):
+        for token in _as_list(s[key]):
+            if token < 0 or (vocab is not None and token >= vocab):
+                raise ValueError(f"{key}={s[key]!r} is outside the model's vocabulary "
+                                 f"[0, {vocab if vocab is not None else 'vocab'})")
+
+
 @frame_of_its_own  # the per-token Python calls stay off data-stack chunk boundaries (frames.py)
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, *, defaults: dict | None = None,
              generation_config=None, attention_mask=None, streamer=None, generator: torch.Generator | None = None,
@@ -267,6 +424,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     if max_new_tokens is not None:
         options["max_new_tokens"] = max_new_tokens
     s, given = resolve_settings(defaults, generation_config, options)
+    _check_settings(s)  # before the settings are used (a pad_token_id of the wrong type, ...)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         got = f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
             else type(input_ids).__name__
@@ -276,13 +434,14 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         raise ValueError("input_ids is empty: generation needs at least one prompt token")
     device = model.device
     input_ids = input_ids.to(device)
-    check_token_ids(input_ids, vocab_size(model), "input_ids")
+    vocab = vocab_size(model)
+    check_token_ids(input_ids, vocab, "input_ids")
+    check_forced_tokens(s, vocab)
     pad = None if attention_mask is not None else \
         padding_from_pad_tokens(input_ids, s["pad_token_id"], _as_list(s["eos_token_id"]), device)
     if pad is None:
         pad = left_padding(attention_mask, batch, prompt_len, device)
-    new_tokens = new_token_count(s, given, prompt_len, model.kv_layout.max_seq_len)
-    _check_settings(s)
+    new_tokens, length_from = new_token_count(s, given, prompt_len, max_position_embeddings(model))
     check_generator(generator, device)
     beams = s["num_beams"]
     if beams > 1 and streamer is not None:
@@ -293,9 +452,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     if expand > 1:
         input_ids, pad = input_ids.repeat_interleave(expand, dim=0), pad.repeat_interleave(expand, dim=0)
     rows = input_ids.shape[0]
+    rows_from = None if expand == 1 else \
+        f"{batch} prompt{'s' if batch > 1 else ''} x {expand} " + \
+        ("beams" if beams > 1 else "sequences (num_return_sequences)")
     check_generate_args(model.kv_layout, rows, prompt_len, new_tokens, bool((pad > 0).any()),
                         model.kv_cache_bytes, device_memory_bytes(device),
-                        getattr(model, "left_padding_shifts_positions", False))
+                        getattr(model, "left_padding_shifts_positions", False), length_from, rows_from)
     # the prefill, then one-token steps after prompt_len .. prompt_len + new_tokens - 2 cached tokens
     model.check_step_sizes(rows, [prompt_len])
     if new_tokens > 1:
@@ -310,7 +472,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     processors = lp.processors(
         repetition_penalty=s["repetition_penalty"], pad=pad, no_repeat_ngram_size=s["no_repeat_ngram_size"],
         min_length=min_length, eos=eos_t, do_sample=s["do_sample"], temperature=s["temperature"],
-        top_k=s["top_k"], top_p=s["top_p"], custom=logits_processor, forced_bos=s["forced_bos_token_id"],
+        top_k=s["top_k"], top_p=s["top_p"], forced_bos=s["forced_bos_token_id"],
+        custom=callables(logits_processor, "logits_processor", "(input_ids, scores) -> scores", "LogitsProcessorList"),
         forced_eos=_as_list(s["forced_eos_token_id"]), max_length=prompt_len + new_tokens,
         suppress_tokens=s["suppress_tokens"], begin_suppress_tokens=s["begin_suppress_tokens"], prompt_len=prompt_len,
         prompt_no_repeat_ngram_size=s["encoder_no_repeat_ngram_size"], prompt=prompt)
@@ -400,6 +563,13 @@ def _speculative(model, input_ids, pad, new_tokens, draft, k, stats, processors,
     return seq[:, :length]
 
 
+def max_position_embeddings(model) -> int | None:
+    """The source model's config.max_position_embeddings, which caps transformers' default
+    length (None where the model has no config or the config no such field)."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if _is_int(value) else None
+
+
 def device_memory_bytes(device) -> int | None:
     """The memory a KV cache can take at most: the GPU's, or the machine's RAM on CPU."""
     try:
@@ -415,6 +585,7 @@ def _as_list(eos) -> list[int]:
         return []
     if isinstance(eos, torch.Tensor):
         return [int(x) for x in eos.flatten().tolist()]
+    eos = _plain_int(eos)
     if isinstance(eos, int):
         return [eos]
     return [int(x) for x in eos]
