@@ -70,22 +70,24 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     injected = _inference_kwargs(model, kwargs)
+    cache_masks = "use_cache" not in kwargs and _default_call_has_cache(model)
     kwargs = {**injected, **kwargs}
     if model.training and any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
         warnings.warn(f"{type(model).__name__} is in training mode: dropout stays as an opaque op and "
                       "attention will not fuse. Call model.eval() before fxforge.optimize for inference.")
     with paused_gc():
-        return _export_and_lower(model, args, kwargs, injected, dynamic)
+        return _export_and_lower(model, args, kwargs, injected, dynamic, cache_masks)
 
 
-def _export_and_lower(model, args, kwargs, injected, dynamic):
-    ep = _functional(_export(model, args, kwargs, dynamic))
+def _export_and_lower(model, args, kwargs, injected, dynamic, cache_masks=False):
+    ep = _functional(_export(model, args, kwargs, dynamic, cache_masks=cache_masks))
     try:
         return _lower_exported(ep, injected, model)
     except CaptureError:
         # The fast trace records no stack traces: trace again with them, so that the
         # error names the model's source line, not only its module path.
-        _lower_exported(_functional(_export(model, args, kwargs, dynamic, stack_traces=True)), injected, model)
+        _lower_exported(_functional(_export(model, args, kwargs, dynamic, stack_traces=True,
+                                            cache_masks=cache_masks)), injected, model)
         raise
 
 
@@ -192,12 +194,12 @@ def _dynamic_shapes(model, args, kwargs):
     return out
 
 
-def _export(model, args, kwargs, dynamic, stack_traces: bool = False):
+def _export(model, args, kwargs, dynamic, stack_traces: bool = False, cache_masks: bool = False):
     ex_args, ex_kwargs, _ = _export_example(args, kwargs, dynamic)
     dyn = _dynamic_shapes(model, ex_args, ex_kwargs) if dynamic else None
     try:
         with torch.no_grad(), _trace_settings(stack_traces), _config_without_cache(model, kwargs), \
-                _without_partial_graph_dump():
+                _masks_as_with_cache(cache_masks), _without_partial_graph_dump():
             return torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # torch.export raises many kinds; all become one clear error
         through = _through_var_keyword(model, ex_args, ex_kwargs) if dynamic else []
@@ -233,6 +235,44 @@ def _through_var_keyword(model, args, kwargs) -> list[str]:
     return [k for name, value in bound.arguments.items()
             if sig.parameters[name].kind == inspect.Parameter.VAR_KEYWORD
             for k, v in value.items() if isinstance(v, torch.Tensor)]
+
+
+def _default_call_has_cache(model) -> bool:
+    """Does the model's default call (no use_cache given) build a KV cache? A transformers
+    model does when its (text) config says use_cache=True."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    configs = [config]
+    if callable(getattr(config, "get_text_config", None)):
+        configs.append(config.get_text_config())
+    return any(getattr(c, "use_cache", None) is True for c in configs)
+
+
+@contextlib.contextmanager
+def _masks_as_with_cache(on: bool):
+    """The attention masks of the model's default call, while tracing with use_cache=False.
+
+    fxforge traces a transformers model with use_cache=False (no cache object in the graph:
+    _inference_kwargs, _config_without_cache), but the call it stands for, the model's
+    default, runs with use_cache=True: forward() builds an (empty) DynamicCache before the
+    masks. Without a cache, masking_utils._preprocess_mask_arguments reads position_ids
+    that are not 0, 1, 2, .. per row as packed sequences (find_packed_sequence_indices) and
+    builds a block-diagonal mask; with a cache it never looks, and the mask is plainly
+    causal. An empty cache changes nothing else in the masks (its sizes and offsets are
+    those of the input), so "no packed sequences" (None) is exactly the default call's mask.
+    Only for the trace, restored after; not when the caller passed use_cache (use_cache=False
+    given by name keeps eager's packed-sequence masks)."""
+    masking = sys.modules.get("transformers.masking_utils") if on else None
+    real = getattr(masking, "find_packed_sequence_indices", None)
+    if real is None:
+        yield
+        return
+    masking.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = real
 
 
 @contextlib.contextmanager
@@ -916,6 +956,15 @@ def _structure_problem(spec: CallSpec, args: tuple, kwargs: dict) -> str:
 def flatten_call(spec: CallSpec, args, kwargs) -> list:
     """The model's call arguments -> flat leaves, in the order the graph was captured with."""
     args, kwargs = _bind_call(spec, tuple(args), dict(kwargs))
+    if kwargs.get("use_cache", True) is False and "use_cache" in spec.injected_kwargs and "position_ids" in (
+            set(spec.kwarg_order) | set(spec.positional_names[:len(args)])):
+        # the graph computes the model's default call, whose masks ignore packed sequences
+        # (_masks_as_with_cache); eager's use_cache=False reads position_ids as packed sequences
+        raise TypeError(f"the optimized model was captured as {_signature(spec)}, the model's default call "
+                        "(use_cache not given), whose attention masks treat position_ids as one sequence per "
+                        "row; with use_cache=False the model reads position_ids that restart as packed "
+                        "sequences and masks otherwise: call it without use_cache, or optimize again with "
+                        "use_cache=False in example_kwargs")
     merged = {**spec.injected_kwargs, **kwargs}
     ordered = {k: merged[k] for k in spec.kwarg_order if k in merged}
     leaves, tree = pytree.tree_flatten((tuple(args), ordered))

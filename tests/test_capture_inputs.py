@@ -1,0 +1,65 @@
+"""What capture makes of the example inputs: the call it stands for (transformers' default
+use_cache), example tensors passed for two arguments, non-tensor keyword arguments, sizes
+used as booleans, and optimize()'s checks of its own arguments."""
+import importlib.util
+import os
+import warnings
+
+import pytest
+import torch
+
+import fxforge
+
+from helpers import FunctionModule
+
+# loaded by path under its own name: `coverage` is also the name of coverage.py (pytest-cov)
+_spec = importlib.util.spec_from_file_location(
+    "fxforge_coverage_sweep_capture_inputs",
+    os.path.join(os.path.dirname(__file__), "..", "benchmarks", "coverage.py"))
+coverage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(coverage)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model, _ = coverage.build("llama", "eager")
+    return model
+
+
+def _optimize(model, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxforge.optimize(model, *args, **kwargs)
+
+
+# -- 1. position_ids: the model's default call builds a cache, so its masks ignore packing --
+RESTARTING = torch.tensor([[0, 0, 1, 2, 3, 4]])  # read as two packed sequences without a cache
+
+
+def test_position_ids_masks_are_those_of_the_default_call(llama):
+    torch.manual_seed(1)
+    ex = torch.randint(3, 128, (2, 8))
+    fast = _optimize(llama, example_kwargs=dict(input_ids=ex, position_ids=torch.arange(8).expand(2, 8)))
+    ids = torch.randint(3, 128, (1, 6))
+    with torch.no_grad():
+        want = llama(input_ids=ids, position_ids=RESTARTING).logits
+        packed = llama(input_ids=ids, position_ids=RESTARTING, use_cache=False).logits
+    assert (want - packed).abs().max() > 1e-2  # the two calls do differ here
+    torch.testing.assert_close(fast(input_ids=ids, position_ids=RESTARTING).logits, want)
+    # the graph computes the default call: use_cache=False at call time is refused, not answered otherwise
+    with pytest.raises(TypeError, match="use_cache=False"):
+        fast(input_ids=ids, position_ids=RESTARTING, use_cache=False)
+    # and the packing detection is back after the capture
+    from transformers import masking_utils
+    assert masking_utils.find_packed_sequence_indices(RESTARTING) is not None
+
+
+def test_position_ids_with_use_cache_false_keeps_packed_masks(llama):
+    torch.manual_seed(1)
+    ex = torch.randint(3, 128, (2, 8))
+    fast = _optimize(llama, example_kwargs=dict(input_ids=ex, position_ids=torch.arange(8).expand(2, 8),
+                                                use_cache=False))
+    ids = torch.randint(3, 128, (1, 6))
+    with torch.no_grad():
+        want = llama(input_ids=ids, position_ids=RESTARTING, use_cache=False).logits
+    torch.testing.assert_close(fast(input_ids=ids, position_ids=RESTARTING, use_cache=False).logits, want)
