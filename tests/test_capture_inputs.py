@@ -63,3 +63,37 @@ def test_position_ids_with_use_cache_false_keeps_packed_masks(llama):
     with torch.no_grad():
         want = llama(input_ids=ids, position_ids=RESTARTING, use_cache=False).logits
     torch.testing.assert_close(fast(input_ids=ids, position_ids=RESTARTING, use_cache=False).logits, want)
+
+
+# -- 2. one example tensor for two arguments: each keeps its own graph input --------------
+class _Two(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+
+    def forward(self, x, y):
+        return self.a(x) + 2 * self.b(y)
+
+
+@pytest.mark.parametrize("second", ["same", "view"])
+def test_the_same_example_tensor_for_two_arguments(second):
+    torch.manual_seed(0)
+    model = _Two().eval()
+    t = torch.randn(2, 6, 8)
+    fast = _optimize(model, (t, t if second == "same" else t.view(2, 6, 8)))
+    x, y = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, y), model(x, y))
+
+
+def test_labels_equal_to_input_ids(llama):
+    torch.manual_seed(1)
+    ex = torch.randint(3, 128, (2, 8))
+    fast = _optimize(llama, example_kwargs=dict(input_ids=ex, labels=ex))
+    ids, labels = torch.randint(3, 128, (2, 8)), torch.randint(3, 128, (2, 8))
+    with torch.no_grad():
+        want = llama(input_ids=ids, labels=labels)
+    got = fast(input_ids=ids, labels=labels)
+    torch.testing.assert_close(got.logits, want.logits)
+    torch.testing.assert_close(got.loss, want.loss)

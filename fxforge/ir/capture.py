@@ -194,7 +194,30 @@ def _dynamic_shapes(model, args, kwargs):
     return out
 
 
+def _unaliased(args, kwargs):
+    """The example with a tensor of its own for each argument. torch.export makes one graph
+    input of tensors that share storage (the same tensor passed twice, labels=input_ids, or
+    a view of another argument), so a later call with two different tensors would read one
+    of them for both: each tensor after the first on a storage is traced as a copy."""
+    seen = set()
+
+    def own(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        try:
+            key = (x.device, x.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # a tensor without plain storage
+            return x
+        if key not in seen:
+            seen.add(key)
+            return x
+        return x.detach().clone()
+
+    return pytree.tree_map(own, (args, kwargs))
+
+
 def _export(model, args, kwargs, dynamic, stack_traces: bool = False, cache_masks: bool = False):
+    args, kwargs = _unaliased(args, kwargs)
     ex_args, ex_kwargs, _ = _export_example(args, kwargs, dynamic)
     dyn = _dynamic_shapes(model, ex_args, ex_kwargs) if dynamic else None
     try:
