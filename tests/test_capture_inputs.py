@@ -97,3 +97,17 @@ def test_labels_equal_to_input_ids(llama):
     got = fast(input_ids=ids, labels=labels)
     torch.testing.assert_close(got.logits, want.logits)
     torch.testing.assert_close(got.loss, want.loss)
+
+
+# -- 3. a condition on sizes as a constant ------------------------------------------------
+def test_a_size_condition_as_a_constant():
+    from fxforge.ir.evaluate import evaluate
+
+    model = FunctionModule(lambda x: x * (x.shape[1] > 7))
+    fast = _optimize(model, (torch.randn(2, 6, 8),))
+    assert not fast.graph.guards  # the size-1 probe evaluated the graph, found it right
+    x = torch.randn(2, 6, 8)
+    torch.testing.assert_close(evaluate(fast.graph, [x])[0], model(x))
+    for shape in ((1, 9, 8), (1, 1, 8), (3, 8, 8), (2, 7, 8)):
+        x = torch.randn(*shape)
+        torch.testing.assert_close(fast(x), model(x))
