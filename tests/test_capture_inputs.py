@@ -111,3 +111,20 @@ def test_a_size_condition_as_a_constant():
     for shape in ((1, 9, 8), (1, 1, 8), (3, 8, 8), (2, 7, 8)):
         x = torch.randn(*shape)
         torch.testing.assert_close(fast(x), model(x))
+
+
+def test_size_conditions_keep_eager_dtypes():
+    from fxforge.ir.parser import parse
+
+    model = FunctionModule(lambda x: ((x > 0) * (x.shape[1] >= 7), (x > 0) & (x.shape[1] != 7), x.shape[1] > 7))
+    fast = _optimize(model, (torch.randn(2, 6, 8),))
+    const = FunctionModule(lambda x: (x > 0) * (x.shape[1] >= 7))  # a const of a condition: IR text
+    graph = _optimize(const, (torch.randn(2, 6, 8),), passes=[]).graph
+    assert str(parse(str(graph))) == str(graph)
+    for shape in ((2, 6, 8), (1, 7, 8), (3, 1, 8)):
+        x = torch.randn(*shape)
+        for got, want in zip(fast(x), model(x)):
+            if isinstance(want, torch.Tensor):
+                assert got.dtype == want.dtype and torch.equal(got, want)
+            else:
+                assert got is want

@@ -403,11 +403,23 @@ def _capture_error(model, exc) -> CaptureError:
 
 
 # ---------------------------------------------------------------------------------------
+class _CaptureBuilder(Builder):
+    def const(self, value, dtype=None):
+        """A condition on sizes used as a tensor (`x * (x.shape[1] > 7)`) is a bool constant
+        whose value is the 0/1 size expression of the condition (_indicator): a const's
+        value is a number or a size expression, not a relation."""
+        if isinstance(value, sympy.logic.boolalg.Boolean) and not isinstance(value, sympy.logic.boolalg.BooleanAtom):
+            number = _indicator(value)
+            if number is not value:
+                return super().const(number, torch.bool if dtype is None else dtype)
+        return super().const(value, dtype)
+
+
 class _Lowerer:
     def __init__(self, ep):
         self.ep = ep
         self.rename: dict = {}
-        self.builder = Builder()
+        self.builder = _CaptureBuilder()
         # torch's size expression -> ours; the same few sizes (T, B*T, ...) recur on
         # thousands of nodes, and each conversion walks the expression several times.
         self.size_exprs: dict = {}
@@ -707,6 +719,41 @@ def _settle_min_max(e: sympy.Expr, ranges: dict) -> sympy.Expr:
         return keep[0] if len(keep) == 1 else op(*keep)
 
     return e.replace(sympy.Max, lambda *a: settle(sympy.Max, *a)).replace(sympy.Min, lambda *a: settle(sympy.Min, *a))
+
+
+def _indicator(cond):
+    """A condition on integer sizes (`T > 7`, from `x * (x.shape[1] > 7)`) as the integer
+    expression that is 1 where it holds and 0 where not (Min(1, Max(0, T - 7))): the IR's
+    attrs and text take size expressions, not relations. Anything else stays as it is."""
+    def ind(c):
+        if c is sympy.true or c is sympy.false:
+            return sympy.Integer(int(bool(c)))
+        if isinstance(c, sympy.Not):
+            inner = ind(c.args[0])
+            return None if inner is None else 1 - inner
+        if isinstance(c, (sympy.And, sympy.Or)):
+            parts = [ind(a) for a in c.args]
+            if any(p is None for p in parts):
+                return None
+            return (sympy.Min if isinstance(c, sympy.And) else sympy.Max)(*parts)
+        if not isinstance(c, sympy.core.relational.Relational):
+            return None
+        gap = c.lhs - c.rhs
+        if not gap.is_integer:
+            return None
+        step = {sympy.StrictGreaterThan: gap, sympy.GreaterThan: gap + 1,
+                sympy.StrictLessThan: -gap, sympy.LessThan: 1 - gap}
+        if type(c) in step:
+            return sympy.Min(1, sympy.Max(0, step[type(c)]))
+        if isinstance(c, (sympy.Eq, sympy.Ne)):
+            differs = sympy.Min(1, sympy.Max(gap, -gap))
+            return differs if isinstance(c, sympy.Ne) else 1 - differs
+        return None
+
+    if not isinstance(cond, sympy.logic.boolalg.Boolean):
+        return cond
+    out = ind(cond)
+    return cond if out is None else out
 
 
 def _source(node) -> str:
