@@ -128,3 +128,41 @@ def test_size_conditions_keep_eager_dtypes():
                 assert got.dtype == want.dtype and torch.equal(got, want)
             else:
                 assert got is want
+
+
+# -- 4. non-tensor kwargs that reach forward() through **kwargs: constants of the capture --
+@pytest.mark.parametrize("kw", [dict(return_dict=False), dict(output_hidden_states=True)])
+def test_constant_kwargs_through_var_keyword(llama, kw):
+    ex = torch.randint(3, 128, (2, 8))
+    fast = _optimize(llama, example_kwargs=dict(input_ids=ex, **kw))
+    ids = torch.randint(3, 128, (1, 5))
+    with torch.no_grad():
+        want = llama(input_ids=ids, use_cache=False, **kw)
+    got = fast(input_ids=ids, **kw)
+    if isinstance(want, tuple):
+        assert isinstance(got, tuple) and len(got) == len(want)
+        torch.testing.assert_close(got[0], want[0])
+    else:
+        torch.testing.assert_close(got.logits, want.logits)
+        assert len(got.hidden_states) == len(want.hidden_states)
+        for a, b in zip(got.hidden_states, want.hidden_states):
+            torch.testing.assert_close(a, b)
+    ((name, value),) = kw.items()
+    with pytest.raises(ValueError, match="optimize again"):  # another value: a constant of the capture
+        fast(input_ids=ids, **{name: not value})
+    with pytest.raises(TypeError, match=name):
+        fast(input_ids=ids)
+
+
+def test_a_var_keyword_constant_at_call_time_points_to_example_kwargs():
+    class Scaled(torch.nn.Module):
+        def forward(self, x, **kwargs):
+            return x * 2 if kwargs.get("double") else x
+
+    model = Scaled()
+    fast = _optimize(model, (torch.randn(2, 4),))
+    with pytest.raises(TypeError, match="example_kwargs"):
+        fast(torch.randn(2, 4), double=True)
+    fast = _optimize(model, (torch.randn(2, 4),), example_kwargs=dict(double=True))  # as that error says
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fast(x, double=True), model(x, double=True))

@@ -75,20 +75,73 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
     if model.training and any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
         warnings.warn(f"{type(model).__name__} is in training mode: dropout stays as an opaque op and "
                       "attention will not fuse. Call model.eval() before fxforge.optimize for inference.")
+    baked = _constant_var_kwargs(model, args, kwargs)
+    traced = {k: v for k, v in kwargs.items() if k not in baked}
     with paused_gc():
-        return _export_and_lower(model, args, kwargs, injected, dynamic, cache_masks)
+        graph, spec = _export_and_lower(model, args, traced, injected, dynamic, cache_masks, baked)
+    return graph, _with_constant_kwargs(spec, args, kwargs, baked)
 
 
-def _export_and_lower(model, args, kwargs, injected, dynamic, cache_masks=False):
-    ep = _functional(_export(model, args, kwargs, dynamic, cache_masks=cache_masks))
+def _export_and_lower(model, args, kwargs, injected, dynamic, cache_masks=False, baked=None):
+    ep = _functional(_export(model, args, kwargs, dynamic, cache_masks=cache_masks, baked=baked))
     try:
         return _lower_exported(ep, injected, model)
     except CaptureError:
         # The fast trace records no stack traces: trace again with them, so that the
         # error names the model's source line, not only its module path.
         _lower_exported(_functional(_export(model, args, kwargs, dynamic, stack_traces=True,
-                                            cache_masks=cache_masks)), injected, model)
+                                            cache_masks=cache_masks, baked=baked)), injected, model)
         raise
+
+
+def _constant_var_kwargs(model, args, kwargs) -> dict:
+    """The example kwargs without tensors that forward() takes only through **kwargs
+    (transformers' return_dict=False, output_hidden_states=True): torch.export cannot
+    match dynamic shapes to them, so capture bakes them into the trace as constants
+    (_bound_forward) and the call spec checks them at each call like any other constant."""
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {}
+    return {k: v for name, value in bound.arguments.items()
+            if sig.parameters[name].kind == inspect.Parameter.VAR_KEYWORD
+            for k, v in value.items() if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))}
+
+
+@contextlib.contextmanager
+def _bound_forward(model, baked):
+    """model.forward with the baked **kwargs constants given, while exporting."""
+    if not baked:
+        yield
+        return
+    import functools
+
+    own = model.__dict__.get("forward", None)  # an instance-level forward (hooks), put back after
+    model.forward = functools.partial(model.forward, **baked)
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
+
+
+def _with_constant_kwargs(spec: CallSpec, args, kwargs, baked) -> CallSpec:
+    """The call spec of the trace, with the baked kwargs put back as constant leaves where
+    the caller gave them: a call passes them as the example did (checked like any constant),
+    and one that leaves them out or changes them is told so."""
+    if not baked:
+        return spec
+    traced = iter(spec.input_leaves)
+    leaves = [next(traced) for _ in pytree.tree_leaves(tuple(args))]
+    for k, v in kwargs.items():
+        n = len(pytree.tree_leaves(v))
+        leaves += [("const", x) for x in pytree.tree_leaves(v)] if k in baked else [next(traced) for _ in range(n)]
+    in_spec = pytree.tree_flatten((tuple(args), kwargs))[1]
+    return CallSpec(in_spec, leaves, spec.out_spec, spec.output_leaves, spec.injected_kwargs, tuple(kwargs),
+                    spec.positional_names)
 
 
 def _functional(ep):
@@ -216,13 +269,13 @@ def _unaliased(args, kwargs):
     return pytree.tree_map(own, (args, kwargs))
 
 
-def _export(model, args, kwargs, dynamic, stack_traces: bool = False, cache_masks: bool = False):
+def _export(model, args, kwargs, dynamic, stack_traces: bool = False, cache_masks: bool = False, baked=None):
     args, kwargs = _unaliased(args, kwargs)
     ex_args, ex_kwargs, _ = _export_example(args, kwargs, dynamic)
     dyn = _dynamic_shapes(model, ex_args, ex_kwargs) if dynamic else None
     try:
         with torch.no_grad(), _trace_settings(stack_traces), _config_without_cache(model, kwargs), \
-                _masks_as_with_cache(cache_masks), _without_partial_graph_dump():
+                _masks_as_with_cache(cache_masks), _bound_forward(model, baked), _without_partial_graph_dump():
             return torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # torch.export raises many kinds; all become one clear error
         through = _through_var_keyword(model, ex_args, ex_kwargs) if dynamic else []
