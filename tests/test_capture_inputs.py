@@ -166,3 +166,52 @@ def test_a_var_keyword_constant_at_call_time_points_to_example_kwargs():
     fast = _optimize(model, (torch.randn(2, 4),), example_kwargs=dict(double=True))  # as that error says
     x = torch.randn(3, 4)
     torch.testing.assert_close(fast(x, double=True), model(x, double=True))
+
+
+# -- 5. optimize()'s own arguments: clear errors before the capture -------------------------
+def _linear():
+    return torch.nn.Linear(4, 4).eval()
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: fxforge.optimize(_linear(), example_kwargs=[torch.randn(2, 4)]), TypeError, "example_kwargs is a list"),
+    (lambda: fxforge.optimize(_linear(), (torch.randn(2, 4),), passes="cleanup"), TypeError, r"passes=\['cleanup'\]"),
+    (lambda: fxforge.optimize(_linear(), (torch.randn(2, 4),), disable="gqa"), TypeError, r"disable=\['gqa'\]"),
+    (lambda: fxforge.optimize(lambda x: x + 1, (torch.randn(2, 3),)), TypeError, "torch.nn.Module.*wrap"),
+    (lambda: fxforge.optimize(_linear(), {"input": torch.randn(2, 4)}), TypeError, "example_kwargs=dict"),
+    (lambda: fxforge.optimize(_linear(), (torch.randn(2, 4),), dynamic="yes"), TypeError, "dynamic is True"),
+])
+def test_misused_arguments(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+def test_a_meta_device_model_is_named_as_such():
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="meta device.*Materialise"):
+        fxforge.optimize(model, (torch.randn(2, 4),))
+
+
+def test_a_dict_that_is_one_positional_argument_still_works():
+    class Batch(torch.nn.Module):
+        def forward(self, batch):
+            return batch["a"] * 2
+
+    model = Batch()
+    fast = _optimize(model, {"a": torch.randn(2, 4)})
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fast({"a": x}), model({"a": x}))
+
+
+def test_a_longrope_capture_error_names_the_rotary_module():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        original_max_position_embeddings=16, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+                        rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [3.0] * 8})
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(config).eval()
+    with pytest.raises(fxforge.CaptureError, match=r"where: model\.rotary_emb \(Phi3RotaryEmbedding\)"):
+        _optimize(model, (torch.randint(3, 128, (2, 8)),))

@@ -301,6 +301,12 @@ def _rope_type(model) -> str | None:
     return None
 
 
+def _rotary_modules(model) -> list[str]:
+    """The rotary embedding submodules of a transformers model, as `name (Class)`."""
+    return [f"{name or type(model).__name__} ({type(m).__name__})" for name, m in model.named_modules()
+            if "rotary" in type(m).__name__.lower()]
+
+
 def _through_var_keyword(model, args, kwargs) -> list[str]:
     """The tensor example kwargs that forward() takes only through its **kwargs."""
     try:
@@ -447,6 +453,9 @@ def _capture_error(model, exc) -> CaptureError:
         fix = "simplify the code at the location above, or pass dynamic=False to capture static shapes"
     rope = _rope_type(model)
     if rope in ("longrope", "dynamic"):  # the usual cause, whatever export's own message says
+        rotary = _rotary_modules(model)
+        if where == "unknown" and rotary:  # export's own frames name no line of the model
+            where = f"{rotary[0]}.forward, where transformers updates the rotary frequencies (rope_type={rope!r})"
         fix = (f"the model's rotary embedding is rope_type={rope!r}: transformers recomputes or swaps its "
                "frequencies inside forward() by the sequence length (an attribute written while tracing), "
                "which torch.export cannot capture; fxforge captures rope_type 'default', 'linear', 'yarn' and "
@@ -922,6 +931,11 @@ def _mutation_hint(spec, model) -> str:
     if target.rsplit(".", 1)[-1] in _RUNNING_STATS:
         return (": call model.eval() before optimize() (BatchNorm in training mode updates its running "
                 "statistics)")
+    rope = _rope_type(model)
+    if target.rsplit(".", 1)[-1] in ("inv_freq", "original_inv_freq") and rope in ("longrope", "dynamic"):
+        return (f": the rotary embedding is rope_type={rope!r}, whose frequencies transformers swaps inside "
+                "forward() by the sequence length; fxforge captures rope_type 'default', 'linear', 'yarn' and "
+                "'llama3'")
     if getattr(model, "training", False):
         return ": call model.eval() before optimize() if the write is a training-mode update"
     return ""
