@@ -56,6 +56,8 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     options:  per-pass options (e.g. quantize="int8", kv_cache=True, tensor_parallel=2);
               an option no pass knows is an error.
     """
+    _check_arguments(model, example_inputs, example_kwargs, passes, disable, dynamic)
+
     def capture():
         graph, spec = capture_with_spec(model, example_inputs, example_kwargs, dynamic=dynamic)
         if dynamic:  # a model that computes otherwise at batch 1 or one token: guard or refuse
@@ -73,6 +75,55 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
 
     return optimize_captured(capture, model, passes=passes, disable=disable, backend=backend, dump_dir=dump_dir,
                              registry=registry, cpu_linear=cpu_linear, verbose=verbose, **options)
+
+
+def _check_arguments(model, example_inputs, example_kwargs, passes, disable, dynamic):
+    """optimize()'s own arguments, each checked before the slow capture with an error that
+    says what was given and what to write instead."""
+    from collections.abc import Mapping
+
+    if not isinstance(model, torch.nn.Module):
+        what = "a function" if callable(model) else f"a {type(model).__name__}"
+        raise TypeError(f"fxforge.optimize() takes a torch.nn.Module (or torch.fx.GraphModule), got {what}"
+                        + (f" ({getattr(model, '__name__', model)!r})" if callable(model) else "")
+                        + ": wrap a function in a module whose forward calls it, e.g. "
+                          "class Wrapped(torch.nn.Module): def forward(self, x): return fn(x); "
+                          "then fxforge.optimize(Wrapped(), example_inputs)")
+    if isinstance(example_inputs, Mapping) and set(example_inputs) & _parameter_names(model):
+        # (a dict whose keys are not forward()'s parameters is one positional argument: a batch dict)
+        raise TypeError(f"example_inputs is a {type(example_inputs).__name__} (keys {list(example_inputs)}): "
+                        "example_inputs holds the positional arguments (a tensor, or a tuple of them); pass "
+                        "keyword arguments as example_kwargs=dict(...), e.g. "
+                        "fxforge.optimize(model, example_kwargs={'input_ids': ids})")
+    if example_kwargs is not None:
+        if not isinstance(example_kwargs, Mapping):
+            raise TypeError(f"example_kwargs is a {type(example_kwargs).__name__}, not a dict of keyword arguments "
+                            "by name: write example_kwargs={'input_ids': ids} (positional arguments go in "
+                            "example_inputs)")
+        bad = [k for k in example_kwargs if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"example_kwargs' keys are forward()'s argument names (strings), got {bad[0]!r}")
+    for name, value in (("passes", passes), ("disable", disable)):
+        if isinstance(value, str):
+            raise TypeError(f"{name} is a list of pass names, got the string {value!r}: write {name}=[{value!r}]")
+    if not isinstance(dynamic, bool):
+        raise TypeError(f"dynamic is True (symbolic batch and sequence sizes) or False (the example's sizes "
+                        f"only), got {dynamic!r}")
+    meta = next((name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"the model's parameters are on the meta device ({meta}, ...): they hold no values to "
+                         "compute with. Materialise them first: load the model with its weights (from_pretrained "
+                         "without device_map='meta'), or model.to_empty(device='cpu') then "
+                         "model.load_state_dict(weights)")
+
+
+def _parameter_names(model) -> set:
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def _warn_fixed_sizes(graph: Graph):

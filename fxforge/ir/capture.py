@@ -70,23 +70,78 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     injected = _inference_kwargs(model, kwargs)
+    cache_masks = "use_cache" not in kwargs and _default_call_has_cache(model)
     kwargs = {**injected, **kwargs}
     if model.training and any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
         warnings.warn(f"{type(model).__name__} is in training mode: dropout stays as an opaque op and "
                       "attention will not fuse. Call model.eval() before fxforge.optimize for inference.")
+    baked = _constant_var_kwargs(model, args, kwargs)
+    traced = {k: v for k, v in kwargs.items() if k not in baked}
     with paused_gc():
-        return _export_and_lower(model, args, kwargs, injected, dynamic)
+        graph, spec = _export_and_lower(model, args, traced, injected, dynamic, cache_masks, baked)
+    return graph, _with_constant_kwargs(spec, args, kwargs, baked)
 
 
-def _export_and_lower(model, args, kwargs, injected, dynamic):
-    ep = _functional(_export(model, args, kwargs, dynamic))
+def _export_and_lower(model, args, kwargs, injected, dynamic, cache_masks=False, baked=None):
+    ep = _functional(_export(model, args, kwargs, dynamic, cache_masks=cache_masks, baked=baked))
     try:
         return _lower_exported(ep, injected, model)
     except CaptureError:
         # The fast trace records no stack traces: trace again with them, so that the
         # error names the model's source line, not only its module path.
-        _lower_exported(_functional(_export(model, args, kwargs, dynamic, stack_traces=True)), injected, model)
+        _lower_exported(_functional(_export(model, args, kwargs, dynamic, stack_traces=True,
+                                            cache_masks=cache_masks, baked=baked)), injected, model)
         raise
+
+
+def _constant_var_kwargs(model, args, kwargs) -> dict:
+    """The example kwargs without tensors that forward() takes only through **kwargs
+    (transformers' return_dict=False, output_hidden_states=True): torch.export cannot
+    match dynamic shapes to them, so capture bakes them into the trace as constants
+    (_bound_forward) and the call spec checks them at each call like any other constant."""
+    try:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {}
+    return {k: v for name, value in bound.arguments.items()
+            if sig.parameters[name].kind == inspect.Parameter.VAR_KEYWORD
+            for k, v in value.items() if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))}
+
+
+@contextlib.contextmanager
+def _bound_forward(model, baked):
+    """model.forward with the baked **kwargs constants given, while exporting."""
+    if not baked:
+        yield
+        return
+    import functools
+
+    own = model.__dict__.get("forward", None)  # an instance-level forward (hooks), put back after
+    model.forward = functools.partial(model.forward, **baked)
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
+
+
+def _with_constant_kwargs(spec: CallSpec, args, kwargs, baked) -> CallSpec:
+    """The call spec of the trace, with the baked kwargs put back as constant leaves where
+    the caller gave them: a call passes them as the example did (checked like any constant),
+    and one that leaves them out or changes them is told so."""
+    if not baked:
+        return spec
+    traced = iter(spec.input_leaves)
+    leaves = [next(traced) for _ in pytree.tree_leaves(tuple(args))]
+    for k, v in kwargs.items():
+        n = len(pytree.tree_leaves(v))
+        leaves += [("const", x) for x in pytree.tree_leaves(v)] if k in baked else [next(traced) for _ in range(n)]
+    in_spec = pytree.tree_flatten((tuple(args), kwargs))[1]
+    return CallSpec(in_spec, leaves, spec.out_spec, spec.output_leaves, spec.injected_kwargs, tuple(kwargs),
+                    spec.positional_names)
 
 
 def _functional(ep):
@@ -192,12 +247,35 @@ def _dynamic_shapes(model, args, kwargs):
     return out
 
 
-def _export(model, args, kwargs, dynamic, stack_traces: bool = False):
+def _unaliased(args, kwargs):
+    """The example with a tensor of its own for each argument. torch.export makes one graph
+    input of tensors that share storage (the same tensor passed twice, labels=input_ids, or
+    a view of another argument), so a later call with two different tensors would read one
+    of them for both: each tensor after the first on a storage is traced as a copy."""
+    seen = set()
+
+    def own(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        try:
+            key = (x.device, x.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # a tensor without plain storage
+            return x
+        if key not in seen:
+            seen.add(key)
+            return x
+        return x.detach().clone()
+
+    return pytree.tree_map(own, (args, kwargs))
+
+
+def _export(model, args, kwargs, dynamic, stack_traces: bool = False, cache_masks: bool = False, baked=None):
+    args, kwargs = _unaliased(args, kwargs)
     ex_args, ex_kwargs, _ = _export_example(args, kwargs, dynamic)
     dyn = _dynamic_shapes(model, ex_args, ex_kwargs) if dynamic else None
     try:
         with torch.no_grad(), _trace_settings(stack_traces), _config_without_cache(model, kwargs), \
-                _without_partial_graph_dump():
+                _masks_as_with_cache(cache_masks), _bound_forward(model, baked), _without_partial_graph_dump():
             return torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # torch.export raises many kinds; all become one clear error
         through = _through_var_keyword(model, ex_args, ex_kwargs) if dynamic else []
@@ -223,6 +301,12 @@ def _rope_type(model) -> str | None:
     return None
 
 
+def _rotary_modules(model) -> list[str]:
+    """The rotary embedding submodules of a transformers model, as `name (Class)`."""
+    return [f"{name or type(model).__name__} ({type(m).__name__})" for name, m in model.named_modules()
+            if "rotary" in type(m).__name__.lower()]
+
+
 def _through_var_keyword(model, args, kwargs) -> list[str]:
     """The tensor example kwargs that forward() takes only through its **kwargs."""
     try:
@@ -233,6 +317,44 @@ def _through_var_keyword(model, args, kwargs) -> list[str]:
     return [k for name, value in bound.arguments.items()
             if sig.parameters[name].kind == inspect.Parameter.VAR_KEYWORD
             for k, v in value.items() if isinstance(v, torch.Tensor)]
+
+
+def _default_call_has_cache(model) -> bool:
+    """Does the model's default call (no use_cache given) build a KV cache? A transformers
+    model does when its (text) config says use_cache=True."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    configs = [config]
+    if callable(getattr(config, "get_text_config", None)):
+        configs.append(config.get_text_config())
+    return any(getattr(c, "use_cache", None) is True for c in configs)
+
+
+@contextlib.contextmanager
+def _masks_as_with_cache(on: bool):
+    """The attention masks of the model's default call, while tracing with use_cache=False.
+
+    fxforge traces a transformers model with use_cache=False (no cache object in the graph:
+    _inference_kwargs, _config_without_cache), but the call it stands for, the model's
+    default, runs with use_cache=True: forward() builds an (empty) DynamicCache before the
+    masks. Without a cache, masking_utils._preprocess_mask_arguments reads position_ids
+    that are not 0, 1, 2, .. per row as packed sequences (find_packed_sequence_indices) and
+    builds a block-diagonal mask; with a cache it never looks, and the mask is plainly
+    causal. An empty cache changes nothing else in the masks (its sizes and offsets are
+    those of the input), so "no packed sequences" (None) is exactly the default call's mask.
+    Only for the trace, restored after; not when the caller passed use_cache (use_cache=False
+    given by name keeps eager's packed-sequence masks)."""
+    masking = sys.modules.get("transformers.masking_utils") if on else None
+    real = getattr(masking, "find_packed_sequence_indices", None)
+    if real is None:
+        yield
+        return
+    masking.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = real
 
 
 @contextlib.contextmanager
@@ -331,6 +453,9 @@ def _capture_error(model, exc) -> CaptureError:
         fix = "simplify the code at the location above, or pass dynamic=False to capture static shapes"
     rope = _rope_type(model)
     if rope in ("longrope", "dynamic"):  # the usual cause, whatever export's own message says
+        rotary = _rotary_modules(model)
+        if where == "unknown" and rotary:  # export's own frames name no line of the model
+            where = f"{rotary[0]}.forward, where transformers updates the rotary frequencies (rope_type={rope!r})"
         fix = (f"the model's rotary embedding is rope_type={rope!r}: transformers recomputes or swaps its "
                "frequencies inside forward() by the sequence length (an attribute written while tracing), "
                "which torch.export cannot capture; fxforge captures rope_type 'default', 'linear', 'yarn' and "
@@ -340,11 +465,23 @@ def _capture_error(model, exc) -> CaptureError:
 
 
 # ---------------------------------------------------------------------------------------
+class _CaptureBuilder(Builder):
+    def const(self, value, dtype=None):
+        """A condition on sizes used as a tensor (`x * (x.shape[1] > 7)`) is a bool constant
+        whose value is the 0/1 size expression of the condition (_indicator): a const's
+        value is a number or a size expression, not a relation."""
+        if isinstance(value, sympy.logic.boolalg.Boolean) and not isinstance(value, sympy.logic.boolalg.BooleanAtom):
+            number = _indicator(value)
+            if number is not value:
+                return super().const(number, torch.bool if dtype is None else dtype)
+        return super().const(value, dtype)
+
+
 class _Lowerer:
     def __init__(self, ep):
         self.ep = ep
         self.rename: dict = {}
-        self.builder = Builder()
+        self.builder = _CaptureBuilder()
         # torch's size expression -> ours; the same few sizes (T, B*T, ...) recur on
         # thousands of nodes, and each conversion walks the expression several times.
         self.size_exprs: dict = {}
@@ -646,6 +783,41 @@ def _settle_min_max(e: sympy.Expr, ranges: dict) -> sympy.Expr:
     return e.replace(sympy.Max, lambda *a: settle(sympy.Max, *a)).replace(sympy.Min, lambda *a: settle(sympy.Min, *a))
 
 
+def _indicator(cond):
+    """A condition on integer sizes (`T > 7`, from `x * (x.shape[1] > 7)`) as the integer
+    expression that is 1 where it holds and 0 where not (Min(1, Max(0, T - 7))): the IR's
+    attrs and text take size expressions, not relations. Anything else stays as it is."""
+    def ind(c):
+        if c is sympy.true or c is sympy.false:
+            return sympy.Integer(int(bool(c)))
+        if isinstance(c, sympy.Not):
+            inner = ind(c.args[0])
+            return None if inner is None else 1 - inner
+        if isinstance(c, (sympy.And, sympy.Or)):
+            parts = [ind(a) for a in c.args]
+            if any(p is None for p in parts):
+                return None
+            return (sympy.Min if isinstance(c, sympy.And) else sympy.Max)(*parts)
+        if not isinstance(c, sympy.core.relational.Relational):
+            return None
+        gap = c.lhs - c.rhs
+        if not gap.is_integer:
+            return None
+        step = {sympy.StrictGreaterThan: gap, sympy.GreaterThan: gap + 1,
+                sympy.StrictLessThan: -gap, sympy.LessThan: 1 - gap}
+        if type(c) in step:
+            return sympy.Min(1, sympy.Max(0, step[type(c)]))
+        if isinstance(c, (sympy.Eq, sympy.Ne)):
+            differs = sympy.Min(1, sympy.Max(gap, -gap))
+            return differs if isinstance(c, sympy.Ne) else 1 - differs
+        return None
+
+    if not isinstance(cond, sympy.logic.boolalg.Boolean):
+        return cond
+    out = ind(cond)
+    return cond if out is None else out
+
+
 def _source(node) -> str:
     stack = node.meta.get("nn_module_stack")
     path = ""
@@ -759,6 +931,11 @@ def _mutation_hint(spec, model) -> str:
     if target.rsplit(".", 1)[-1] in _RUNNING_STATS:
         return (": call model.eval() before optimize() (BatchNorm in training mode updates its running "
                 "statistics)")
+    rope = _rope_type(model)
+    if target.rsplit(".", 1)[-1] in ("inv_freq", "original_inv_freq") and rope in ("longrope", "dynamic"):
+        return (f": the rotary embedding is rope_type={rope!r}, whose frequencies transformers swaps inside "
+                "forward() by the sequence length; fxforge captures rope_type 'default', 'linear', 'yarn' and "
+                "'llama3'")
     if getattr(model, "training", False):
         return ": call model.eval() before optimize() if the write is a training-mode update"
     return ""
@@ -916,6 +1093,15 @@ def _structure_problem(spec: CallSpec, args: tuple, kwargs: dict) -> str:
 def flatten_call(spec: CallSpec, args, kwargs) -> list:
     """The model's call arguments -> flat leaves, in the order the graph was captured with."""
     args, kwargs = _bind_call(spec, tuple(args), dict(kwargs))
+    if kwargs.get("use_cache", True) is False and "use_cache" in spec.injected_kwargs and "position_ids" in (
+            set(spec.kwarg_order) | set(spec.positional_names[:len(args)])):
+        # the graph computes the model's default call, whose masks ignore packed sequences
+        # (_masks_as_with_cache); eager's use_cache=False reads position_ids as packed sequences
+        raise TypeError(f"the optimized model was captured as {_signature(spec)}, the model's default call "
+                        "(use_cache not given), whose attention masks treat position_ids as one sequence per "
+                        "row; with use_cache=False the model reads position_ids that restart as packed "
+                        "sequences and masks otherwise: call it without use_cache, or optimize again with "
+                        "use_cache=False in example_kwargs")
     merged = {**spec.injected_kwargs, **kwargs}
     ordered = {k: merged[k] for k in spec.kwarg_order if k in merged}
     leaves, tree = pytree.tree_flatten((tuple(args), ordered))

@@ -21,8 +21,12 @@ def concrete_attrs(value, sizes: dict):
     ops take no sympy numbers. KeyError if a size is left unknown."""
     if isinstance(value, sympy.Basic):
         out = value.subs(sizes) if sizes else value
-        if not out.is_number:
+        if out.free_symbols:
             raise KeyError(f"no size given for {out.free_symbols}")
+        if isinstance(out, sympy.logic.boolalg.Boolean):  # a condition on sizes (`T > 7`): True / False
+            return bool(out)
+        if not out.is_number:
+            raise KeyError(f"{value} is not a number at the sizes {sizes}")
         return int(out) if out.is_integer else float(out)
     if isinstance(value, tuple):
         return tuple(concrete_attrs(v, sizes) for v in value)
