@@ -1,6 +1,7 @@
 """OptimizedModel: what `fxforge.optimize` returns. Call it like the model."""
 from __future__ import annotations
 
+import math
 import os
 
 import sympy
@@ -94,7 +95,8 @@ class OptimizedModel:
             if kind == "tensor":
                 inputs.append(leaf)
             elif not _same_constant(leaf, payload):
-                raise ValueError(f"an argument was captured as the constant {payload!r} but is now {leaf!r}; "
+                raise ValueError(f"an argument was captured as the constant {payload!r} ({type(payload).__name__}) "
+                                 f"but is now {leaf!r} ({type(leaf).__name__}); "
                                  "call fxforge.optimize again with the new value")
         self._check_inputs(inputs)
         with torch.no_grad():
@@ -528,7 +530,29 @@ def _write(directory, name, text) -> str:
 
 
 def _same_constant(a, b) -> bool:
+    """Whether the call's argument `a` is the constant `b` the graph was captured with, as
+    the model's code could tell them apart: == is not enough, for 1 == 1.0 == True while
+    `x.long() * k` has another dtype at k=1.0 and `flag is True` another branch. So the
+    types must be the same (bool, int, float distinct), a float the same bits up to NaN
+    (NaN is NaN, 0.0 is not -0.0: 1 / s differs), containers element by element. A saved
+    model's constants come back from JSON with the same types (bool, int, float, NaN)."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    if isinstance(a, complex):
+        return _same_constant(a.real, b.real) and _same_constant(a.imag, b.imag)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_constant(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same_constant(a[k], b[k]) for k in a)
+    if isinstance(a, (set, frozenset)):
+        return len(a) == len(b) and all(any(_same_constant(x, y) for y in b) for x in a)
     try:
         return bool(a == b)
-    except Exception:
-        return a is b
+    except Exception:  # noqa: BLE001 (an == that does not give one bool: only the object itself)
+        return False
