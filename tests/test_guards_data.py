@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import fxforge
+from fxforge.ir.guards import GuardError
+from helpers import FunctionModule
 from fxforge.runtime.module import _same_constant
 
 
@@ -62,3 +64,58 @@ def test_nan_constant_runs_and_survives_save_load(tmp_path):
     for k in (1, 1.0):
         with pytest.raises(ValueError, match="captured as the constant"):
             loaded(x, k=k)
+
+
+# -- guards dropped only on more than the example's own data --------------------------------
+class ClampAtLength8(torch.nn.Module):
+    def forward(self, x):
+        return x.clamp(min=0) if x.shape[1] == 8 else x
+
+
+class ClampAtBatch1(torch.nn.Module):
+    def forward(self, x):
+        return x.clamp(min=0) if x.shape[0] == 1 else x
+
+
+@pytest.mark.parametrize("model, refused", [(ClampAtLength8(), (2, 8, 4)), (ClampAtBatch1(), (1, 6, 4))],
+                         ids=["Ne(T, 8)", "B == 1"])
+def test_a_guard_stays_where_only_the_examples_data_agrees(model, refused):
+    """The example is non-negative (torch.rand): clamp(min=0) is a no-op on it, so the
+    probe at the excluded size agreed on the example's own data and the guard went; a
+    call with negative values there got another answer."""
+    torch.manual_seed(0)
+    fast = fxforge.optimize(model, (torch.rand(2, 6, 4),), verbose=False)
+    with pytest.raises(GuardError):
+        fast(torch.randn(*refused))
+    x = torch.randn(3, 5, 4)  # elsewhere it runs, as eager
+    assert torch.equal(fast(x), model(x))
+
+
+def test_integer_inputs_are_probed_on_other_valid_ids():
+    """The example's ids are all odd (3 and 9): at T == 8 the model adds 1 at even ids
+    only, so the example's own ids agree there; a draw of ids in the example's range shows
+    it."""
+    table = torch.arange(16.0)
+
+    def fn(ids):
+        if ids.shape[1] == 8:
+            return table[ids] + (ids % 2 == 0).float()
+        return table[ids]
+
+    model = FunctionModule(fn)
+    fast = fxforge.optimize(model, (torch.tensor([[3, 3, 3, 3, 3, 9]] * 2),), verbose=False)
+    with pytest.raises(GuardError):
+        fast(torch.randint(0, 16, (2, 8)))
+    ids = torch.randint(3, 10, (2, 5))
+    assert torch.equal(fast(ids), model(ids))
+
+
+def test_an_ordinary_model_still_drops_the_sliced_buffer_guard_and_runs_at_one():
+    """The random draws agree wherever the model computes the same: no new guards."""
+    torch.manual_seed(0)
+    model = FunctionModule(lambda x: (x * 2).softmax(-1)[:, -3:])
+    fast = fxforge.optimize(model, (torch.rand(2, 6, 4),), verbose=False)
+    assert not any("Ne(" in str(g) or ">= 2" in str(g) for g in fast.graph.guards), fast.graph.guards
+    for shape in ((1, 3, 4), (1, 9, 4), (4, 7, 4)):
+        x = torch.randn(*shape)
+        assert torch.equal(fast(x), model(x))

@@ -45,11 +45,12 @@ def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs)
     except (TypeError, ValueError):
         return []
     symbols = _probe_symbols(graph)
+    draws = _Draws(graph, spec, leaves)
     guarded = []
     # all at 1 at once (one forward each way, the usual case); each alone where they differ
-    if not (len(symbols) > 1 and _probe(model, graph, spec, leaves, dict.fromkeys(symbols, 1)) is None):
+    if not (len(symbols) > 1 and _probe(model, graph, spec, draws, dict.fromkeys(symbols, 1)) is None):
         for sym in symbols:
-            why = _probe(model, graph, spec, leaves, {sym: 1})
+            why = _probe(model, graph, spec, draws, {sym: 1})
             if why is None:
                 continue
             if _example_size(graph, spec, leaves, sym) == 1:
@@ -60,7 +61,7 @@ def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs)
                     f"{sym} == 1 are then refused), or with dynamic=False to capture exactly this shape")
             graph.guards.append(sympy.Ge(sym, 2))
             guarded.append(sym)
-    _drop_points_that_hold(model, graph, spec, leaves, symbols)
+    _drop_points_that_hold(model, graph, spec, draws, symbols)
     return guarded
 
 
@@ -68,7 +69,7 @@ def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs)
 MAX_POINT_PROBE = 4096
 
 
-def _drop_points_that_hold(model, graph: Graph, spec, leaves: list, symbols: list):
+def _drop_points_that_hold(model, graph: Graph, spec, draws: "_Draws", symbols: list):
     """A guard `Ne(T, c)` excludes one size. export writes one where the model slices a
     buffer of c rows by the length (nanoGPT's causal mask, `bias[:, :, :T, :T]`): at T == c
     the slice is the whole buffer, which export reasons about apart, though the computation
@@ -80,7 +81,7 @@ def _drop_points_that_hold(model, graph: Graph, spec, leaves: list, symbols: lis
         if not points:
             continue
         (sym,) = g.free_symbols
-        differ = [c for c in points if _probe(model, graph, spec, leaves, {sym: c}, ignore=g) is not None]
+        differ = [c for c in points if _probe(model, graph, spec, draws, {sym: c}, ignore=g) is not None]
         if differ != points:  # the guard goes; the sizes where the model computes otherwise stay refused
             at = graph.guards.index(g)
             graph.guards[at:at + 1] = [sympy.Ne(sym, c) for c in differ]
@@ -121,21 +122,103 @@ def _excluded_points(g, symbols: list) -> list[int]:
     return points
 
 
-def _probe(model, graph: Graph, spec, leaves: list, sizes: dict, ignore=None) -> str | None:
-    """How the model and the graph differ with the symbols in `sizes` at those sizes; None
-    where they agree, or where the probe cannot be made or the graph's guards (but
-    `ignore`) refuse it already."""
-    probe = leaves
-    for sym, n in sizes.items():
-        probe = _at_size(graph, spec, probe, sym, n)
-        if probe is None:
-            return None
-    inputs = [probe[pos] for pos, _ in sorted(_tensor_leaves(spec), key=lambda leaf: leaf[1])]
-    try:
-        GuardChecker([g for g in graph.guards if g is not ignore]).check(input_sizes(graph, inputs))
-    except GuardError:
-        return None  # the graph refuses these sizes already
-    return _difference(model, graph, spec, probe, inputs)
+def _probe(model, graph: Graph, spec, draws: "_Draws", sizes: dict, ignore=None) -> str | None:
+    """How the model and the graph differ with the symbols in `sizes` at those sizes, on
+    the example's data or on any of the random draws (`_Draws`); None where they agree on
+    all, or where the probe cannot be made or the graph's guards (but `ignore`) refuse it
+    already."""
+    for i, leaves in enumerate(draws):
+        probe = leaves
+        for sym, n in sizes.items():
+            probe = _at_size(graph, spec, probe, sym, n)
+            if probe is None:
+                return None
+        inputs = _inputs_of(spec, probe)
+        if i == 0:
+            try:
+                GuardChecker([g for g in graph.guards if g is not ignore]).check(input_sizes(graph, inputs))
+            except GuardError:
+                return None  # the graph refuses these sizes already
+        why = _difference(model, graph, spec, probe, inputs)
+        if why is None:
+            continue
+        if i == 0:
+            return why
+        # random data the model does not take at its own sizes either (ids out of some
+        # range, a mask it checks) says nothing about these sizes: that draw is left out
+        if draws.usable(i, model):
+            return f"{why}, on random inputs ({draws.names[i]})"
+    return None
+
+
+def _inputs_of(spec, leaves: list) -> list:
+    return [leaves[pos] for pos, _ in sorted(_tensor_leaves(spec), key=lambda leaf: leaf[1])]
+
+
+class _Draws:
+    """The call's leaves at the example's sizes: the example's own data first, then random
+    draws of every tensor input. A probe where the graph and the model agree on the
+    example's data alone proves little: `if x.shape[1] == 8: x = x.clamp(min=0)` agrees
+    at T == 8 on a non-negative example (torch.rand), and its guard went. So each probe
+    also runs on independent draws: floats standard normal, scaled large and negative;
+    integers (token ids, positions) uniform in the example's own range (its ids are valid
+    ones); bools random. Each draw costs a forward of the model and an evaluation of the
+    graph per probe (SmolLM2 at size 1: 0.6 s), so there are few: two with float inputs
+    (standard normal, which has negative values, and the same scaled by 100), one without
+    (token ids: another draw of valid ids). Made at first use, with a generator of their own (the caller's
+    random state is left as it was); the draws count only where the model and the graph
+    agree on them at the example's sizes (`usable`, checked only where a draw differs)."""
+
+    FLOAT_KINDS = ("floats standard normal", "floats normal x 100")
+    OTHER_KINDS = ("integers uniform in the example's range",)
+
+    def __init__(self, graph: Graph, spec, leaves: list):
+        self.graph, self.spec, self.leaves = graph, spec, leaves
+        positions = [pos for pos, _ in _tensor_leaves(spec)]
+        floats = any(isinstance(leaves[p], torch.Tensor) and (leaves[p].is_floating_point() or leaves[p].is_complex())
+                     for p in positions)
+        self.names = ["the example's data", *(self.FLOAT_KINDS if floats else self.OTHER_KINDS)]
+        self._made: dict[int, list] = {0: leaves}
+        self._usable: dict[int, bool] = {}
+
+    def __len__(self):
+        return len(self.names)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, i: int) -> list:
+        if i not in self._made:
+            gen = torch.Generator().manual_seed(1234 + i)
+            draw = list(self.leaves)
+            for pos, _ in _tensor_leaves(self.spec):
+                if isinstance(draw[pos], torch.Tensor):
+                    draw[pos] = _random_like(draw[pos], i - 1, gen)
+            self._made[i] = draw
+        return self._made[i]
+
+    def usable(self, i: int, model) -> bool:
+        """Whether the model and the graph agree on draw `i` at the example's own sizes."""
+        if i not in self._usable:
+            draw = self[i]
+            self._usable[i] = _difference(model, self.graph, self.spec, draw, _inputs_of(self.spec, draw)) is None
+        return self._usable[i]
+
+
+def _random_like(x: torch.Tensor, kind: int, gen: torch.Generator) -> torch.Tensor:
+    """Random data of x's shape, dtype and device (see _Draws): kind 0 standard normal,
+    1 scaled by 100 for floats; integers uniform in x's own range; bools random."""
+    if x.numel() == 0:
+        return x
+    if x.dtype == torch.bool:
+        out = torch.randint(0, 2, x.shape, generator=gen).bool()
+    elif x.is_floating_point() or x.is_complex():
+        out = torch.randn(x.shape, generator=gen, dtype=torch.cfloat if x.is_complex() else torch.float32)
+        out = out * 100 if kind == 1 else out
+    else:
+        lo, hi = int(x.min()), int(x.max())
+        out = torch.randint(lo, hi + 1, x.shape, generator=gen, dtype=torch.int64)
+    return out.to(device=x.device, dtype=x.dtype)
 
 
 def _tensor_leaves(spec) -> list[tuple[int, int]]:
@@ -193,7 +276,8 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list) -> str | N
             ours = evaluate(graph, inputs)
     except Exception as e:  # noqa: BLE001 (either side failing at size 1 says the two differ)
         return f"running it at these sizes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    eager_leaves = pytree.tree_leaves(eager)
+    eager_paths = pytree.tree_flatten_with_path(eager)[0]
+    eager_leaves = [leaf for _, leaf in eager_paths]
     if again is not eager and not all(not isinstance(a, torch.Tensor) or (a.shape == b.shape and _close(a, b))
                                       for a, b in zip(eager_leaves, pytree.tree_leaves(again))):
         return None  # the model does not repeat itself (dropout in training mode): nothing to compare
@@ -203,10 +287,15 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list) -> str | N
         if kind != "value" or not isinstance(ref, torch.Tensor):
             continue
         got = ours[index]
+        path = pytree.keystr(eager_paths[i][0])
+        name = f"output {i}" + (f" ({path})" if path and path != "[0]" else "")
         if tuple(got.shape) != tuple(ref.shape):
-            return f"output {i} has shape {tuple(ref.shape)}, the graph gives {tuple(got.shape)}"
+            return f"{name} has shape {tuple(ref.shape)}, the graph gives {tuple(got.shape)}"
+        if got.dtype != ref.dtype:
+            return f"{name} is {ref.dtype}, the graph gives {got.dtype}"
         if not _close(got, ref):
-            return f"output {i} differs by {(got.double() - ref.double()).abs().nan_to_num(float('inf')).max():.3g}"
+            diff = (got.double() - ref.double()).abs().nan_to_num(float("inf")).max()
+            return f"{name} differs by up to {diff:.3g} (max |eager - graph|)"
     return None
 
 
