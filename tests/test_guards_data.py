@@ -119,3 +119,25 @@ def test_an_ordinary_model_still_drops_the_sliced_buffer_guard_and_runs_at_one()
     for shape in ((1, 3, 4), (1, 9, 4), (4, 7, 4)):
         x = torch.randn(*shape)
         assert torch.equal(fast(x), model(x))
+
+
+# -- the graph against the model at the example itself --------------------------------------
+def test_a_graph_that_differs_at_the_example_itself_is_refused():
+    """Under export str() of a size is its symbol's name ("s1"), so len(str(T)) was 2 in
+    the graph where eager has 1 at T = 6: another answer at the example's own shape."""
+    model = FunctionModule(lambda x: x * len(str(x.shape[1])))
+    with pytest.raises(fxforge.CaptureError, match=r"output 0 differs by up to .*torch.export cannot follow"):
+        fxforge.optimize(model, (torch.randn(2, 6, 8),), verbose=False)
+    fast = fxforge.optimize(model, (torch.randn(2, 6, 8),), dynamic=False, verbose=False)  # the remedy it names
+    x = torch.randn(2, 6, 8)
+    assert torch.equal(fast(x), model(x))
+
+
+def test_the_error_names_the_output_that_differs():
+    class TwoOutputs(torch.nn.Module):
+        def forward(self, x):
+            return {"same": x + 1, "formatted": x * len(str(x.shape[0]))}
+
+    with pytest.raises(fxforge.CaptureError, match=r"\['formatted'\]"):
+        fxforge.optimize(TwoOutputs(), (torch.randn(2, 6, 8),), verbose=False)
+

@@ -61,8 +61,29 @@ def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs)
                     f"{sym} == 1 are then refused), or with dynamic=False to capture exactly this shape")
             graph.guards.append(sympy.Ge(sym, 2))
             guarded.append(sym)
+    # after the probes at 1, whose error says more where the example has a size of 1
+    check_at_example(model, graph, spec, leaves)
     _drop_points_that_hold(model, graph, spec, draws, symbols)
     return guarded
+
+
+def check_at_example(model, graph: Graph, spec, leaves: list):
+    """The graph run on the example itself against the model: CaptureError where they
+    differ. torch.export follows tensors and sizes, not what Python makes of them: a model
+    that formats a size (`len(str(x.shape[1]))`: under export str() of a size is its
+    symbol's name, "s1") or branches on something export cannot see computes something
+    else in the graph even at the example's own shape. (A graph that cannot be evaluated
+    here is left to the probes at other sizes, as before.)"""
+    from .capture import CaptureError
+
+    why = _difference(model, graph, spec, leaves, _inputs_of(spec, leaves), failures=False)
+    if why is not None:
+        raise CaptureError(
+            f"the captured graph does not compute what the model computes on the example inputs themselves: "
+            f"{why}. The model's code depends on something torch.export cannot follow (Python code on a size "
+            "or a tensor's value: str() / len() / formatting of x.shape, a Python-side cache or global, a "
+            "random or time-dependent choice), so the graph holds another computation. Write that part with "
+            "tensor or size operations, or optimize with dynamic=False to capture this exact shape")
 
 
 # The largest excluded size probed (an eager forward at that length)
@@ -262,8 +283,9 @@ def _at_size(graph: Graph, spec, leaves: list, sym, n: int):
     return probe
 
 
-def _difference(model, graph: Graph, spec, probe: list, inputs: list) -> str | None:
-    """How the model's outputs at the probe differ from the graph's there, or None."""
+def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: bool = True) -> str | None:
+    """How the model's outputs at the probe differ from the graph's there, or None (also
+    where either side fails to run, unless `failures`)."""
     from .capture import _config_without_cache
     from .evaluate import evaluate
 
@@ -275,6 +297,8 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list) -> str | N
             again = model(*call_args, **call_kwargs) if model.training else eager
             ours = evaluate(graph, inputs)
     except Exception as e:  # noqa: BLE001 (either side failing at size 1 says the two differ)
+        if not failures:
+            return None
         return f"running it at these sizes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     eager_paths = pytree.tree_flatten_with_path(eager)[0]
     eager_leaves = [leaf for _, leaf in eager_paths]
