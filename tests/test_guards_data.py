@@ -141,3 +141,31 @@ def test_the_error_names_the_output_that_differs():
     with pytest.raises(fxforge.CaptureError, match=r"\['formatted'\]"):
         fxforge.optimize(TwoOutputs(), (torch.randn(2, 6, 8),), verbose=False)
 
+
+# -- eval() / train() of a model optimized in training mode ---------------------------------
+def _dropout_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), torch.nn.ReLU())
+
+
+def test_eval_of_a_training_mode_capture_raises_instead_of_staying_random():
+    model = _dropout_model().train()
+    with pytest.warns(UserWarning, match="training mode"):
+        fast = fxforge.optimize(model, (torch.randn(2, 6, 4),), verbose=False)
+    assert fast.training
+    with pytest.raises(RuntimeError, match=r"optimized in training mode.*model\.eval\(\) before fxforge\.optimize"):
+        fast.eval()
+    with pytest.raises(RuntimeError, match="optimized in training mode"):
+        fast.train(False)
+
+
+def test_eval_of_an_eval_mode_capture_returns_itself(tmp_path):
+    model = _dropout_model().eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 6, 4),), verbose=False)
+    assert not fast.training and fast.eval() is fast and fast.train(False) is fast
+    with pytest.raises(RuntimeError, match="inference only"):
+        fast.train()
+    fast.save(str(tmp_path / "m"))
+    assert fxforge.load(str(tmp_path / "m")).eval() is not None
+    x = torch.randn(3, 5, 4)
+    assert torch.equal(fast(x), model(x))
