@@ -15,14 +15,18 @@ model itself, on the same inputs:
 - where they differ and the example itself has size 1 there, the graph cannot be the
   computation asked for: CaptureError, with the remedies.
 
-It costs one eager forward of the model and one reference evaluation of the graph with
-every dynamic size at 1 at once (SmolLM2: about 0.5 s, against 13 s of capture); only
-where they differ is each size probed alone (two forwards in training mode: a model whose dropout draws
-differ between calls is not compared).
+Each probe runs on the example's data and on a few random draws (`_Draws`): agreeing on
+the example's data alone (a non-negative example under `x.clamp(min=0)`) proves little.
+It costs an eager forward of the model and a reference evaluation of the graph per draw
+with every dynamic size at 1 at once, and one more of each at the example itself
+(`check_at_example`: the graph must be the model's computation there; SmolLM2: about
+2.5 s in all, against 15 s of capture); only where they differ is each size probed alone
+(two forwards in training mode: a model whose dropout draws differ between calls is not
+compared).
 
 The same probe decides guards that exclude one size, `Ne(T, c)` (`_drop_points_that_hold`):
 export writes them where a buffer of c rows is sliced by the length, and they refused a
-size eager runs; one that the model and the graph agree at is dropped.
+size eager runs; one that the model and the graph agree at (on every draw) is dropped.
 """
 from __future__ import annotations
 
