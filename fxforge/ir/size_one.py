@@ -289,26 +289,50 @@ def _at_size(graph: Graph, spec, leaves: list, sym, n: int):
 
 def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: bool = True) -> str | None:
     """How the model's outputs at the probe differ from the graph's there, or None (also
-    where either side fails to run, unless `failures`)."""
+    where either side fails to run, unless `failures`, or where the model does not repeat
+    itself: dropout in training mode, torch.rand in its forward)."""
     from .capture import _config_without_cache
     from .evaluate import evaluate
 
     call_args, call_kwargs = pytree.tree_unflatten(probe, spec.in_spec)
-    try:
+
+    def run_model():
         # the model as capture traced it (a config's use_cache off while tracing)
         with torch.no_grad(), _config_without_cache(model, call_kwargs):
-            eager = model(*call_args, **call_kwargs)
-            again = model(*call_args, **call_kwargs) if model.training else eager
+            return model(*call_args, **call_kwargs)
+
+    try:
+        eager = run_model()
+        again = run_model() if model.training else None
+        with torch.no_grad():
             ours = evaluate(graph, inputs)
     except Exception as e:  # noqa: BLE001 (either side failing at size 1 says the two differ)
         if not failures:
             return None
         return f"running it at these sizes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if again is not None and not _repeats(eager, again):
+        return None  # the model does not repeat itself (dropout in training mode): nothing to compare
+    why = _outputs_differ(eager, ours, spec)
+    if why is not None and again is None:
+        # a model random in eval mode too (noise from torch.rand) differs from any other run
+        # of itself: checked only here, where a difference was found (one more forward)
+        try:
+            if not _repeats(eager, run_model()):
+                return None
+        except Exception:  # noqa: BLE001 (it ran a moment ago: the difference stands)
+            pass
+    return why
+
+
+def _repeats(eager, again) -> bool:
+    return all(not isinstance(a, torch.Tensor) or (a.shape == b.shape and _close(a, b))
+               for a, b in zip(pytree.tree_leaves(eager), pytree.tree_leaves(again)))
+
+
+def _outputs_differ(eager, ours: list, spec) -> str | None:
+    """How the model's outputs `eager` differ from the graph's `ours`, or None."""
     eager_paths = pytree.tree_flatten_with_path(eager)[0]
     eager_leaves = [leaf for _, leaf in eager_paths]
-    if again is not eager and not all(not isinstance(a, torch.Tensor) or (a.shape == b.shape and _close(a, b))
-                                      for a, b in zip(eager_leaves, pytree.tree_leaves(again))):
-        return None  # the model does not repeat itself (dropout in training mode): nothing to compare
     if len(eager_leaves) != len(spec.output_leaves):
         return f"{len(eager_leaves)} outputs instead of {len(spec.output_leaves)}"
     for i, (ref, (kind, index)) in enumerate(zip(eager_leaves, spec.output_leaves)):
