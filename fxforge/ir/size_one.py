@@ -15,14 +15,18 @@ model itself, on the same inputs:
 - where they differ and the example itself has size 1 there, the graph cannot be the
   computation asked for: CaptureError, with the remedies.
 
-It costs one eager forward of the model and one reference evaluation of the graph with
-every dynamic size at 1 at once (SmolLM2: about 0.5 s, against 13 s of capture); only
-where they differ is each size probed alone (two forwards in training mode: a model whose dropout draws
-differ between calls is not compared).
+Each probe runs on the example's data and on a few random draws (`_Draws`): agreeing on
+the example's data alone (a non-negative example under `x.clamp(min=0)`) proves little.
+It costs an eager forward of the model and a reference evaluation of the graph per draw
+with every dynamic size at 1 at once, and one more of each at the example itself
+(`check_at_example`: the graph must be the model's computation there; SmolLM2: about
+2.5 s in all, against 15 s of capture); only where they differ is each size probed alone
+(two forwards in training mode: a model whose dropout draws differ between calls is not
+compared).
 
 The same probe decides guards that exclude one size, `Ne(T, c)` (`_drop_points_that_hold`):
 export writes them where a buffer of c rows is sliced by the length, and they refused a
-size eager runs; one that the model and the graph agree at is dropped.
+size eager runs; one that the model and the graph agree at (on every draw) is dropped.
 """
 from __future__ import annotations
 
@@ -45,11 +49,12 @@ def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs)
     except (TypeError, ValueError):
         return []
     symbols = _probe_symbols(graph)
+    draws = _Draws(graph, spec, leaves)
     guarded = []
     # all at 1 at once (one forward each way, the usual case); each alone where they differ
-    if not (len(symbols) > 1 and _probe(model, graph, spec, leaves, dict.fromkeys(symbols, 1)) is None):
+    if not (len(symbols) > 1 and _probe(model, graph, spec, draws, dict.fromkeys(symbols, 1)) is None):
         for sym in symbols:
-            why = _probe(model, graph, spec, leaves, {sym: 1})
+            why = _probe(model, graph, spec, draws, {sym: 1})
             if why is None:
                 continue
             if _example_size(graph, spec, leaves, sym) == 1:
@@ -60,15 +65,36 @@ def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs)
                     f"{sym} == 1 are then refused), or with dynamic=False to capture exactly this shape")
             graph.guards.append(sympy.Ge(sym, 2))
             guarded.append(sym)
-    _drop_points_that_hold(model, graph, spec, leaves, symbols)
+    # after the probes at 1, whose error says more where the example has a size of 1
+    check_at_example(model, graph, spec, leaves)
+    _drop_points_that_hold(model, graph, spec, draws, symbols)
     return guarded
+
+
+def check_at_example(model, graph: Graph, spec, leaves: list):
+    """The graph run on the example itself against the model: CaptureError where they
+    differ. torch.export follows tensors and sizes, not what Python makes of them: a model
+    that formats a size (`len(str(x.shape[1]))`: under export str() of a size is its
+    symbol's name, "s1") or branches on something export cannot see computes something
+    else in the graph even at the example's own shape. (A graph that cannot be evaluated
+    here is left to the probes at other sizes, as before.)"""
+    from .capture import CaptureError
+
+    why = _difference(model, graph, spec, leaves, _inputs_of(spec, leaves), failures=False)
+    if why is not None:
+        raise CaptureError(
+            f"the captured graph does not compute what the model computes on the example inputs themselves: "
+            f"{why}. The model's code depends on something torch.export cannot follow (Python code on a size "
+            "or a tensor's value: str() / len() / formatting of x.shape, a Python-side cache or global, a "
+            "random or time-dependent choice), so the graph holds another computation. Write that part with "
+            "tensor or size operations, or optimize with dynamic=False to capture this exact shape")
 
 
 # The largest excluded size probed (an eager forward at that length)
 MAX_POINT_PROBE = 4096
 
 
-def _drop_points_that_hold(model, graph: Graph, spec, leaves: list, symbols: list):
+def _drop_points_that_hold(model, graph: Graph, spec, draws: "_Draws", symbols: list):
     """A guard `Ne(T, c)` excludes one size. export writes one where the model slices a
     buffer of c rows by the length (nanoGPT's causal mask, `bias[:, :, :T, :T]`): at T == c
     the slice is the whole buffer, which export reasons about apart, though the computation
@@ -80,7 +106,7 @@ def _drop_points_that_hold(model, graph: Graph, spec, leaves: list, symbols: lis
         if not points:
             continue
         (sym,) = g.free_symbols
-        differ = [c for c in points if _probe(model, graph, spec, leaves, {sym: c}, ignore=g) is not None]
+        differ = [c for c in points if _probe(model, graph, spec, draws, {sym: c}, ignore=g) is not None]
         if differ != points:  # the guard goes; the sizes where the model computes otherwise stay refused
             at = graph.guards.index(g)
             graph.guards[at:at + 1] = [sympy.Ne(sym, c) for c in differ]
@@ -121,21 +147,103 @@ def _excluded_points(g, symbols: list) -> list[int]:
     return points
 
 
-def _probe(model, graph: Graph, spec, leaves: list, sizes: dict, ignore=None) -> str | None:
-    """How the model and the graph differ with the symbols in `sizes` at those sizes; None
-    where they agree, or where the probe cannot be made or the graph's guards (but
-    `ignore`) refuse it already."""
-    probe = leaves
-    for sym, n in sizes.items():
-        probe = _at_size(graph, spec, probe, sym, n)
-        if probe is None:
-            return None
-    inputs = [probe[pos] for pos, _ in sorted(_tensor_leaves(spec), key=lambda leaf: leaf[1])]
-    try:
-        GuardChecker([g for g in graph.guards if g is not ignore]).check(input_sizes(graph, inputs))
-    except GuardError:
-        return None  # the graph refuses these sizes already
-    return _difference(model, graph, spec, probe, inputs)
+def _probe(model, graph: Graph, spec, draws: "_Draws", sizes: dict, ignore=None) -> str | None:
+    """How the model and the graph differ with the symbols in `sizes` at those sizes, on
+    the example's data or on any of the random draws (`_Draws`); None where they agree on
+    all, or where the probe cannot be made or the graph's guards (but `ignore`) refuse it
+    already."""
+    for i, leaves in enumerate(draws):
+        probe = leaves
+        for sym, n in sizes.items():
+            probe = _at_size(graph, spec, probe, sym, n)
+            if probe is None:
+                return None
+        inputs = _inputs_of(spec, probe)
+        if i == 0:
+            try:
+                GuardChecker([g for g in graph.guards if g is not ignore]).check(input_sizes(graph, inputs))
+            except GuardError:
+                return None  # the graph refuses these sizes already
+        why = _difference(model, graph, spec, probe, inputs)
+        if why is None:
+            continue
+        if i == 0:
+            return why
+        # random data the model does not take at its own sizes either (ids out of some
+        # range, a mask it checks) says nothing about these sizes: that draw is left out
+        if draws.usable(i, model):
+            return f"{why}, on random inputs ({draws.names[i]})"
+    return None
+
+
+def _inputs_of(spec, leaves: list) -> list:
+    return [leaves[pos] for pos, _ in sorted(_tensor_leaves(spec), key=lambda leaf: leaf[1])]
+
+
+class _Draws:
+    """The call's leaves at the example's sizes: the example's own data first, then random
+    draws of every tensor input. A probe where the graph and the model agree on the
+    example's data alone proves little: `if x.shape[1] == 8: x = x.clamp(min=0)` agrees
+    at T == 8 on a non-negative example (torch.rand), and its guard went. So each probe
+    also runs on independent draws: floats standard normal, scaled large and negative;
+    integers (token ids, positions) uniform in the example's own range (its ids are valid
+    ones); bools random. Each draw costs a forward of the model and an evaluation of the
+    graph per probe (SmolLM2 at size 1: 0.6 s), so there are few: two with float inputs
+    (standard normal, which has negative values, and the same scaled by 100), one without
+    (token ids: another draw of valid ids). Made at first use, with a generator of their own (the caller's
+    random state is left as it was); the draws count only where the model and the graph
+    agree on them at the example's sizes (`usable`, checked only where a draw differs)."""
+
+    FLOAT_KINDS = ("floats standard normal", "floats normal x 100")
+    OTHER_KINDS = ("integers uniform in the example's range",)
+
+    def __init__(self, graph: Graph, spec, leaves: list):
+        self.graph, self.spec, self.leaves = graph, spec, leaves
+        positions = [pos for pos, _ in _tensor_leaves(spec)]
+        floats = any(isinstance(leaves[p], torch.Tensor) and (leaves[p].is_floating_point() or leaves[p].is_complex())
+                     for p in positions)
+        self.names = ["the example's data", *(self.FLOAT_KINDS if floats else self.OTHER_KINDS)]
+        self._made: dict[int, list] = {0: leaves}
+        self._usable: dict[int, bool] = {}
+
+    def __len__(self):
+        return len(self.names)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, i: int) -> list:
+        if i not in self._made:
+            gen = torch.Generator().manual_seed(1234 + i)
+            draw = list(self.leaves)
+            for pos, _ in _tensor_leaves(self.spec):
+                if isinstance(draw[pos], torch.Tensor):
+                    draw[pos] = _random_like(draw[pos], i - 1, gen)
+            self._made[i] = draw
+        return self._made[i]
+
+    def usable(self, i: int, model) -> bool:
+        """Whether the model and the graph agree on draw `i` at the example's own sizes."""
+        if i not in self._usable:
+            draw = self[i]
+            self._usable[i] = _difference(model, self.graph, self.spec, draw, _inputs_of(self.spec, draw)) is None
+        return self._usable[i]
+
+
+def _random_like(x: torch.Tensor, kind: int, gen: torch.Generator) -> torch.Tensor:
+    """Random data of x's shape, dtype and device (see _Draws): kind 0 standard normal,
+    1 scaled by 100 for floats; integers uniform in x's own range; bools random."""
+    if x.numel() == 0:
+        return x
+    if x.dtype == torch.bool:
+        out = torch.randint(0, 2, x.shape, generator=gen).bool()
+    elif x.is_floating_point() or x.is_complex():
+        out = torch.randn(x.shape, generator=gen, dtype=torch.cfloat if x.is_complex() else torch.float32)
+        out = out * 100 if kind == 1 else out
+    else:
+        lo, hi = int(x.min()), int(x.max())
+        out = torch.randint(lo, hi + 1, x.shape, generator=gen, dtype=torch.int64)
+    return out.to(device=x.device, dtype=x.dtype)
 
 
 def _tensor_leaves(spec) -> list[tuple[int, int]]:
@@ -179,34 +287,67 @@ def _at_size(graph: Graph, spec, leaves: list, sym, n: int):
     return probe
 
 
-def _difference(model, graph: Graph, spec, probe: list, inputs: list) -> str | None:
-    """How the model's outputs at the probe differ from the graph's there, or None."""
+def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: bool = True) -> str | None:
+    """How the model's outputs at the probe differ from the graph's there, or None (also
+    where either side fails to run, unless `failures`, or where the model does not repeat
+    itself: dropout in training mode, torch.rand in its forward)."""
     from .capture import _config_without_cache
     from .evaluate import evaluate
 
     call_args, call_kwargs = pytree.tree_unflatten(probe, spec.in_spec)
-    try:
+
+    def run_model():
         # the model as capture traced it (a config's use_cache off while tracing)
         with torch.no_grad(), _config_without_cache(model, call_kwargs):
-            eager = model(*call_args, **call_kwargs)
-            again = model(*call_args, **call_kwargs) if model.training else eager
+            return model(*call_args, **call_kwargs)
+
+    try:
+        eager = run_model()
+        again = run_model() if model.training else None
+        with torch.no_grad():
             ours = evaluate(graph, inputs)
     except Exception as e:  # noqa: BLE001 (either side failing at size 1 says the two differ)
+        if not failures:
+            return None
         return f"running it at these sizes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    eager_leaves = pytree.tree_leaves(eager)
-    if again is not eager and not all(not isinstance(a, torch.Tensor) or (a.shape == b.shape and _close(a, b))
-                                      for a, b in zip(eager_leaves, pytree.tree_leaves(again))):
+    if again is not None and not _repeats(eager, again):
         return None  # the model does not repeat itself (dropout in training mode): nothing to compare
+    why = _outputs_differ(eager, ours, spec)
+    if why is not None and again is None:
+        # a model random in eval mode too (noise from torch.rand) differs from any other run
+        # of itself: checked only here, where a difference was found (one more forward)
+        try:
+            if not _repeats(eager, run_model()):
+                return None
+        except Exception:  # noqa: BLE001 (it ran a moment ago: the difference stands)
+            pass
+    return why
+
+
+def _repeats(eager, again) -> bool:
+    return all(not isinstance(a, torch.Tensor) or (a.shape == b.shape and _close(a, b))
+               for a, b in zip(pytree.tree_leaves(eager), pytree.tree_leaves(again)))
+
+
+def _outputs_differ(eager, ours: list, spec) -> str | None:
+    """How the model's outputs `eager` differ from the graph's `ours`, or None."""
+    eager_paths = pytree.tree_flatten_with_path(eager)[0]
+    eager_leaves = [leaf for _, leaf in eager_paths]
     if len(eager_leaves) != len(spec.output_leaves):
         return f"{len(eager_leaves)} outputs instead of {len(spec.output_leaves)}"
     for i, (ref, (kind, index)) in enumerate(zip(eager_leaves, spec.output_leaves)):
         if kind != "value" or not isinstance(ref, torch.Tensor):
             continue
         got = ours[index]
+        path = pytree.keystr(eager_paths[i][0])
+        name = f"output {i}" + (f" ({path})" if path and path != "[0]" else "")
         if tuple(got.shape) != tuple(ref.shape):
-            return f"output {i} has shape {tuple(ref.shape)}, the graph gives {tuple(got.shape)}"
+            return f"{name} has shape {tuple(ref.shape)}, the graph gives {tuple(got.shape)}"
+        if got.dtype != ref.dtype:
+            return f"{name} is {ref.dtype}, the graph gives {got.dtype}"
         if not _close(got, ref):
-            return f"output {i} differs by {(got.double() - ref.double()).abs().nan_to_num(float('inf')).max():.3g}"
+            diff = (got.double() - ref.double()).abs().nan_to_num(float("inf")).max()
+            return f"{name} differs by up to {diff:.3g} (max |eager - graph|)"
     return None
 
 

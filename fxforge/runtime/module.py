@@ -1,6 +1,7 @@
 """OptimizedModel: what `fxforge.optimize` returns. Call it like the model."""
 from __future__ import annotations
 
+import math
 import os
 
 import sympy
@@ -10,7 +11,7 @@ import torch.utils._pytree as pytree
 from ..ir.capture import CallSpec, flatten_call
 from ..ir.graph import Graph
 from ..ir.guards import GuardChecker
-from ..ir.printer import print_graph
+from ..ir.printer import Namer, format_node, print_graph
 from ..ir.evaluate import input_sizes
 from ..ir.types import SymType, dtype_name, parse_size_text, symbol
 from ..ir import roles
@@ -94,7 +95,8 @@ class OptimizedModel:
             if kind == "tensor":
                 inputs.append(leaf)
             elif not _same_constant(leaf, payload):
-                raise ValueError(f"an argument was captured as the constant {payload!r} but is now {leaf!r}; "
+                raise ValueError(f"an argument was captured as the constant {payload!r} ({type(payload).__name__}) "
+                                 f"but is now {leaf!r} ({type(leaf).__name__}); "
                                  "call fxforge.optimize again with the new value")
         self._check_inputs(inputs)
         with torch.no_grad():
@@ -424,15 +426,36 @@ class OptimizedModel:
         return self.to(torch.device("cuda") if device is None else torch.device("cuda", device)
                        if isinstance(device, int) else device)
 
+    @property
+    def training(self) -> bool:
+        """Whether the graph computes as the model did in training mode: the model was
+        optimized while model.training was True and its dropout stays in the graph, active
+        (outputs differ from call to call). False for a model optimized in eval mode."""
+        return bool(training_mode_nodes(self.graph))
+
     def eval(self) -> "OptimizedModel":
-        """Already in inference mode (dropout was folded away at capture): returns self."""
-        return self
+        """Returns self where the graph is already an inference graph: the model was in eval
+        mode at optimize(), so its dropout (eval-mode: the identity) was removed from the
+        graph. A model optimized in training mode keeps active dropout in its graph, which
+        eval() cannot take out: that raises RuntimeError (call model.eval() before
+        fxforge.optimize)."""
+        return self.train(False)
 
     def train(self, mode: bool = True) -> "OptimizedModel":
-        if mode:
-            raise RuntimeError("an OptimizedModel is for inference only (calls run under torch.no_grad()); "
-                               "train the source model and optimize it again")
-        return self
+        """train(False) is eval(). train(True) raises: an OptimizedModel does not train."""
+        if not mode:
+            nodes = training_mode_nodes(self.graph)
+            if nodes:
+                names = Namer(self.graph)
+                lines = "\n".join(f"  {format_node(n, names)}{n.where()}" for n in nodes[:3])
+                raise RuntimeError(
+                    f"this model was optimized in training mode: its graph keeps {len(nodes)} active dropout "
+                    f"op(s), which eval() cannot take out (the graph and its fusions were built with them), so "
+                    f"its outputs would stay random. Call model.eval() before fxforge.optimize(model, ...) to get "
+                    f"an inference model.\n{lines}")
+            return self
+        raise RuntimeError("an OptimizedModel is for inference only (calls run under torch.no_grad()); "
+                           "train the source model and optimize it again")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -527,8 +550,50 @@ def _write(directory, name, text) -> str:
     return path
 
 
+# ops whose result is random where their train flag (argument 2) is true: dropout as a model
+# in training mode runs it (in eval mode it is the identity, which cleanup removes)
+TRAINING_MODE_OPS = ("aten.dropout", "aten.feature_dropout", "aten.alpha_dropout", "aten.feature_alpha_dropout",
+                     "aten.native_dropout")
+
+
+def training_mode_nodes(graph: Graph) -> list:
+    """The graph's nodes that compute as in training mode (active dropout), in order."""
+    out = []
+    for node in graph.nodes:
+        target = str(node.attrs.get("target", "")) if node.op == "torch_call" else ""
+        if not any(target == op or target.startswith(op + ".") for op in TRAINING_MODE_OPS):
+            continue
+        args, kwargs = node.attrs.get("args", ()), dict(node.attrs.get("kwargs", ()) or ())
+        train = kwargs.get("train", args[2] if len(args) > 2 else True)
+        if train is not False:  # true, or not a constant: random at some call
+            out.append(node)
+    return out
+
+
 def _same_constant(a, b) -> bool:
+    """Whether the call's argument `a` is the constant `b` the graph was captured with, as
+    the model's code could tell them apart: == is not enough, for 1 == 1.0 == True while
+    `x.long() * k` has another dtype at k=1.0 and `flag is True` another branch. So the
+    types must be the same (bool, int, float distinct), a float the same bits up to NaN
+    (NaN is NaN, 0.0 is not -0.0: 1 / s differs), containers element by element. A saved
+    model's constants come back from JSON with the same types (bool, int, float, NaN)."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    if isinstance(a, complex):
+        return _same_constant(a.real, b.real) and _same_constant(a.imag, b.imag)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_constant(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same_constant(a[k], b[k]) for k in a)
+    if isinstance(a, (set, frozenset)):
+        return len(a) == len(b) and all(any(_same_constant(x, y) for y in b) for x in a)
     try:
         return bool(a == b)
-    except Exception:
-        return a is b
+    except Exception:  # noqa: BLE001 (an == that does not give one bool: only the object itself)
+        return False
