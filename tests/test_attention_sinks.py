@@ -276,3 +276,23 @@ def test_shard_slices_the_sinks_with_the_heads():
             node = producers[node.inputs[0]]
         assert (node.attrs["start"], node.attrs["end"]) == (2 * rank, 2 * rank + 2)
         assert_round_trips(out)
+
+
+def test_gqa_aligned_moves_the_sinks_with_the_query_heads():
+    # KV heads 0 and 2 (and 1 and 3) are the same: 'aligned' groups them, an exact merge,
+    # and permutes the query heads to [0, 2, 1, 3]; the output stays eager's only if each
+    # sink moves with its query head
+    from fxforge.passes.gqa import GQAConfig
+
+    model = SinkLM(spelling="cat", kv_heads=4, layers=1).eval()
+    attn = model.attn[0]
+    with torch.no_grad():
+        for w in (attn.k.weight, attn.v.weight):
+            w[16:24] = w[0:8]
+            w[24:32] = w[8:16]
+    ids = torch.randint(0, VOCAB, (2, 9))
+    fast = fxforge.optimize(model, (_example(),), gqa=GQAConfig(2, "aligned", calibration=ids))
+    (op,) = _sinks_ops(fast)
+    assert op.inputs[1].shape[1] == 2
+    with torch.no_grad():
+        assert_close_to_eager(model(ids), fast(ids), rel=1e-4)
