@@ -296,3 +296,17 @@ def test_gqa_aligned_moves_the_sinks_with_the_query_heads():
     assert op.inputs[1].shape[1] == 2
     with torch.no_grad():
         assert_close_to_eager(model(ids), fast(ids), rel=1e-4)
+
+
+def test_optional_inputs_are_sorted_by_the_flags():
+    # the implementations take (bias, slopes, sinks) positionally, as many as the node has
+    from fxforge.ir.ops import attention_inputs
+
+    b, s, k = "bias", "slopes", "sinks"
+    assert attention_inputs(b, s, k, alibi=True, sinks=True) == (b, s, k)
+    assert attention_inputs(b, k, sinks=True) == (b, None, k)
+    assert attention_inputs(s, k, alibi=True, sinks=True) == (None, s, k)
+    assert attention_inputs(k, sinks=True) == (None, None, k)
+    assert attention_inputs(s, alibi=True) == (None, s, None)
+    assert attention_inputs(b, s) == (b, s, None)  # slopes in their own slot stay slopes
+    assert attention_inputs(None, s) == (None, s, None)

@@ -525,11 +525,17 @@ def attention_operands(bias, slopes, alibi: bool):
 def attention_inputs(bias=None, slopes=None, sink=None, *, alibi: bool = False, sinks: bool = False):
     """(bias, slopes, sink) from the optional inputs after q, k, v, given positionally in
     the op's order (attention(q, k, v, [bias], [slopes], [sinks])): with sinks=True the last
-    one is the sinks, with alibi=True the one before it the slopes."""
-    rest = [x for x in (bias, slopes, sink) if x is not None]
-    sink = rest.pop() if sinks and rest else None
-    slopes = rest.pop() if alibi and rest else None
-    return (rest[0] if rest else None), slopes, sink
+    one given is the sinks, with alibi=True the one before it the slopes. An input in its
+    own slot stays there (a caller may pass slopes positionally without alibi=True, as
+    attention_operands allows)."""
+    if sinks and sink is None:  # fewer inputs than slots: the last one given is the sinks
+        if slopes is not None:
+            sink, slopes = slopes, None
+        elif bias is not None:
+            sink, bias = bias, None
+    if alibi and slopes is None and bias is not None:
+        slopes, bias = bias, None
+    return bias, slopes, sink
 
 
 def attention_reference(q, k, v, bias=None, slopes=None, sink=None, *, causal, scale, softcap=None, window=None,
