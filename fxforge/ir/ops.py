@@ -514,20 +514,11 @@ def attention_has_bias(node) -> bool:
     return len(node.inputs) > 3 + bool(node.attrs.get("alibi")) + bool(node.attrs.get("sinks"))
 
 
-def attention_operands(bias, slopes, alibi: bool):
-    """(bias, slopes) from the optional inputs after q, k, v: with alibi=True the last one
-    is the slopes (attention(q, k, v, [bias], slopes))."""
-    if alibi and slopes is None:
-        return None, bias
-    return bias, slopes
-
-
 def attention_inputs(bias=None, slopes=None, sink=None, *, alibi: bool = False, sinks: bool = False):
     """(bias, slopes, sink) from the optional inputs after q, k, v, given positionally in
     the op's order (attention(q, k, v, [bias], [slopes], [sinks])): with sinks=True the last
     one given is the sinks, with alibi=True the one before it the slopes. An input in its
-    own slot stays there (a caller may pass slopes positionally without alibi=True, as
-    attention_operands allows)."""
+    own slot stays there (a caller may pass slopes positionally without alibi=True)."""
     if sinks and sink is None:  # fewer inputs than slots: the last one given is the sinks
         if slopes is not None:
             sink, slopes = slopes, None
