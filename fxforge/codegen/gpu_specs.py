@@ -110,7 +110,7 @@ _COMBINE_ARGS = ["m_ptr", "l_ptr", "acc_ptr", "out_ptr", "sinks_ptr", "H", "NUM_
 
 
 def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), variants=tuple(DECODE_VARIANTS),
-                 one_split=(False, True), wide=False) -> list[KernelSpec]:
+                 one_split=(False, True), wide=False, combine_sinks=(False, True)) -> list[KernelSpec]:
     """The split kernel (the one config its wrapper launches, with a bias: the superset),
     plain and with every variant flag, writing partials and (ONE_SPLIT) the output itself,
     and the combine kernel for a few and for very many splits."""
@@ -137,7 +137,7 @@ def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), varian
     for d in head_dims:
         for block_s in split_blocks:
             # plain, and with the sinks (which it adds once, after the splits)
-            for sinks in (False, True):
+            for sinks in combine_sinks:
                 specs.append(_spec(
                     "decode_combine", _COMBINE_REF, _COMBINE_ARGS,
                     {"m_ptr": "fp32", "l_ptr": "fp32", "acc_ptr": "fp32", "out_ptr": "bf16", "sinks_ptr": "fp32"},
@@ -568,12 +568,14 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     attn_wide = _largest(attention_specs(worst, (256,), variants=("paged",), wide=True), ("BLOCK_M", "BLOCK_N"),
                          ("dtype",), 1)
     decode_wide = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("paged",), one_split=(False,),
-                               wide=True)
+                               wide=True, combine_sinks=(True,))
     # ...but ptxas allocates each variant on its own: "plain" at head dim 128 spilled with 4
     # warps on sm_90 where "all" did not (docs/gpu-compile.md), so that point stays in
     decode_plain = [s for s in decode_specs(worst, (128,), splits=(10 ** 6,), variants=("plain",), one_split=(False,))
                     if s.kernel == "decode_split"]
-    return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=featured) + decode_wide + decode_plain
+    # (the combine kernel with SINKS only: the plain one is the same code less two lines)
+    return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=featured,
+                                            combine_sinks=(True,)) + decode_wide + decode_plain
             + quant + w8a8
             + [_wide(quant[0])] + quant_gemv_specs(worst) + row_specs(lengths=(4096, 65536), kinds=("layer_norm",))
             + gemv_specs(worst, GEMV_SHAPES[3:4])
