@@ -53,8 +53,8 @@ def _spec(kernel, fn_ref, arg_names, pointers, constexprs, *, floats=(), unit=()
 
 # --------------------------------------------------------------------------- attention
 _ATTN_REF = "fxforge.codegen.kernels.attention:_attention_kernel"
-_ATTN_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "sinks_ptr", "out_ptr", "table_ptr", "start_ptr", "H", "GROUPS",
-              "TQ", "TK", "TQ_BUCKET", "TK_BUCKET", "qk_scale", "softcap", "window", "pages",
+_ATTN_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "sinks_ptr", "out_ptr", "table_ptr", "start_ptr",
+              "H", "GROUPS", "TQ", "TK", "TQ_BUCKET", "TK_BUCKET", "qk_scale", "softcap", "window", "pages",
               "sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd",
               "sbb", "sbh", "sbm", "sbn", "sob", "soh", "som", "sod", "stb",
               "HEAD_DIM", "D_PAD", "CAUSAL", "HAS_BIAS", "DOT_F32", "PRECISION", "BLOCK_M", "BLOCK_N",
