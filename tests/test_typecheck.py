@@ -19,7 +19,7 @@ def _graph(line: str, inputs: str = "%x: f32[B, 8]") -> str:
     ("%1: f32[B, 8] = cat() {dim=0}", "cat takes at least 1 input, got 0"),
     ("%1: f32[] = const(%x) {value=1.0, dtype=f32}", "const takes no inputs, got 1"),
     ("%1: f32[B, 8] = where(%x, %x)", "where takes 3 inputs, got 2"),
-    ("%1: f32[B, 8] = attention(%x, %x) {causal=true, scale=0.5}", "attention takes 3 to 5 inputs, got 2"),
+    ("%1: f32[B, 8] = attention(%x, %x) {causal=true, scale=0.5}", "attention takes 3 to 6 inputs, got 2"),
     # attribute names and types
     ("%1: f32[B, 8] = softmax(%x)", "softmax is missing attribute 'dim'"),
     ("%1: f32[B, 8] = softmax(%x) {dim=1.5}", "attribute 'dim' of softmax must be an int, got 1.5"),

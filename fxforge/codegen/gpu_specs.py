@@ -53,18 +53,19 @@ def _spec(kernel, fn_ref, arg_names, pointers, constexprs, *, floats=(), unit=()
 
 # --------------------------------------------------------------------------- attention
 _ATTN_REF = "fxforge.codegen.kernels.attention:_attention_kernel"
-_ATTN_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "out_ptr", "table_ptr", "start_ptr", "H", "GROUPS",
-              "TQ", "TK", "TQ_BUCKET", "TK_BUCKET", "qk_scale", "softcap", "window", "pages",
+_ATTN_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "sinks_ptr", "out_ptr", "table_ptr", "start_ptr",
+              "H", "GROUPS", "TQ", "TK", "TQ_BUCKET", "TK_BUCKET", "qk_scale", "softcap", "window", "pages",
               "sqb", "sqh", "sqm", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd",
               "sbb", "sbh", "sbm", "sbn", "sob", "soh", "som", "sod", "stb",
               "HEAD_DIM", "D_PAD", "CAUSAL", "HAS_BIAS", "DOT_F32", "PRECISION", "BLOCK_M", "BLOCK_N",
-              "SOFTCAP", "WINDOW", "ALIBI", "PAGED", "PAGE", "WIDE"]
+              "SOFTCAP", "WINDOW", "ALIBI", "PAGED", "PAGE", "WIDE", "SINKS"]
 # The attention variants (op attributes softcap / window / alibi): "plain" is causal attention
 # without them, "all" every variant flag and a bias at once (the superset of their code),
 # "paged" every flag with K/V read through a block table (the paged KV cache layout).
-ATTN_VARIANTS = {"plain": dict(HAS_BIAS=False, SOFTCAP=False, WINDOW=False, ALIBI=False, PAGED=False, PAGE=1),
-                 "all": dict(HAS_BIAS=True, SOFTCAP=True, WINDOW=True, ALIBI=True, PAGED=False, PAGE=1),
-                 "paged": dict(HAS_BIAS=True, SOFTCAP=True, WINDOW=True, ALIBI=True, PAGED=True, PAGE=16)}
+ATTN_VARIANTS = {"plain": dict(HAS_BIAS=False, SOFTCAP=False, WINDOW=False, ALIBI=False, PAGED=False, PAGE=1,
+                               SINKS=False),
+                 "all": dict(HAS_BIAS=True, SOFTCAP=True, WINDOW=True, ALIBI=True, PAGED=False, PAGE=1, SINKS=True),
+                 "paged": dict(HAS_BIAS=True, SOFTCAP=True, WINDOW=True, ALIBI=True, PAGED=True, PAGE=16, SINKS=True)}
 _PAGED_POINTERS = {"table_ptr": "i32", "start_ptr": "i32"}
 
 
@@ -83,7 +84,7 @@ def attention_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, all_configs=False, varia
                     specs.append(_spec(
                         "attention", _ATTN_REF, _ATTN_ARGS,
                         {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr")},
-                         "slopes_ptr": "fp32", **_PAGED_POINTERS},
+                         "slopes_ptr": "fp32", "sinks_ptr": "fp32", **_PAGED_POINTERS},
                         dict(HEAD_DIM=d, D_PAD=d, CAUSAL=True, DOT_F32=False, **ATTN_VARIANTS[variant], WIDE=wide,
                              PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn),
                         floats=("qk_scale", "softcap"), unit=("sqd", "skd", "svd", "sod"), num_warps=w,
@@ -94,22 +95,22 @@ def attention_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, all_configs=False, varia
 
 # --------------------------------------------------------------------------- decode attention
 _SPLIT_REF = "fxforge.codegen.kernels.decode_attention:_decode_split_kernel"
-_SPLIT_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "m_ptr", "l_ptr", "acc_ptr", "out_ptr",
+_SPLIT_ARGS = ["q_ptr", "k_ptr", "v_ptr", "bias_ptr", "slopes_ptr", "sinks_ptr", "m_ptr", "l_ptr", "acc_ptr", "out_ptr",
                "table_ptr", "start_ptr", "H", "GROUPS", "TK", "CHUNK", "NUM_SPLITS", "qk_scale", "softcap", "pages",
                "start_shift", "sqb", "sqh", "sqd", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd", "sbb", "sbh",
                "sbn", "stb", "HEAD_DIM", "D_PAD", "BLOCK_G", "BLOCK_N", "HAS_BIAS", "DOT_F32",
-               "PRECISION", "SOFTCAP", "ALIBI", "PAGED", "PAGE", "ONE_SPLIT", "WIDE"]
+               "PRECISION", "SOFTCAP", "ALIBI", "PAGED", "PAGE", "ONE_SPLIT", "WIDE", "SINKS"]
 # decode's variants: a sliding window is a view of the cache, not a flag of the kernel
-DECODE_VARIANTS = {"plain": dict(SOFTCAP=False, ALIBI=False, PAGED=False, PAGE=1),
-                   "all": dict(SOFTCAP=True, ALIBI=True, PAGED=False, PAGE=1),
-                   "paged": dict(SOFTCAP=True, ALIBI=True, PAGED=True, PAGE=16)}  # the default block size
+DECODE_VARIANTS = {"plain": dict(SOFTCAP=False, ALIBI=False, PAGED=False, PAGE=1, SINKS=False),
+                   "all": dict(SOFTCAP=True, ALIBI=True, PAGED=False, PAGE=1, SINKS=True),
+                   "paged": dict(SOFTCAP=True, ALIBI=True, PAGED=True, PAGE=16, SINKS=True)}  # the default block size
 _COMBINE_REF = "fxforge.codegen.kernels.decode_attention:_decode_combine_kernel"
-_COMBINE_ARGS = ["m_ptr", "l_ptr", "acc_ptr", "out_ptr", "H", "NUM_SPLITS", "sob", "soh", "sod",
-                 "HEAD_DIM", "D_PAD", "BLOCK_S", "WIDE"]
+_COMBINE_ARGS = ["m_ptr", "l_ptr", "acc_ptr", "out_ptr", "sinks_ptr", "H", "NUM_SPLITS", "sob", "soh", "sod",
+                 "HEAD_DIM", "D_PAD", "BLOCK_S", "WIDE", "SINKS"]
 
 
 def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), variants=tuple(DECODE_VARIANTS),
-                 one_split=(False, True), wide=False) -> list[KernelSpec]:
+                 one_split=(False, True), wide=False, combine_sinks=(False, True)) -> list[KernelSpec]:
     """The split kernel (the one config its wrapper launches, with a bias: the superset),
     plain and with every variant flag, writing partials and (ONE_SPLIT) the output itself,
     and the combine kernel for a few and for very many splits."""
@@ -126,7 +127,7 @@ def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), varian
                 specs.append(_spec(
                     "decode_split", _SPLIT_REF, _SPLIT_ARGS,
                     {**{p: dname for p in ("q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr")}, "slopes_ptr": "fp32",
-                     **{p: partials for p in ("m_ptr", "l_ptr", "acc_ptr")}, **_PAGED_POINTERS},
+                     "sinks_ptr": "fp32", **{p: partials for p in ("m_ptr", "l_ptr", "acc_ptr")}, **_PAGED_POINTERS},
                     dict(HEAD_DIM=d, D_PAD=d, BLOCK_G=16, BLOCK_N=launch["BLOCK_N"], HAS_BIAS=True, DOT_F32=False,
                          PRECISION="ieee" if dtype == torch.float32 else "tf32", ONE_SPLIT=one, WIDE=wide,
                          **DECODE_VARIANTS[variant]),
@@ -135,11 +136,13 @@ def decode_specs(dtypes=DTYPES, head_dims=HEAD_DIMS, splits=(2, 10 ** 6), varian
                     wide=wide))
     for d in head_dims:
         for block_s in split_blocks:
-            specs.append(_spec(
-                "decode_combine", _COMBINE_REF, _COMBINE_ARGS,
-                {"m_ptr": "fp32", "l_ptr": "fp32", "acc_ptr": "fp32", "out_ptr": "bf16"},
-                dict(HEAD_DIM=d, D_PAD=d, BLOCK_S=block_s, WIDE=wide), unit=("sod",), dtype="any", head_dim=d,
-                wide=wide))
+            # plain, and with the sinks (which it adds once, after the splits)
+            for sinks in combine_sinks:
+                specs.append(_spec(
+                    "decode_combine", _COMBINE_REF, _COMBINE_ARGS,
+                    {"m_ptr": "fp32", "l_ptr": "fp32", "acc_ptr": "fp32", "out_ptr": "bf16", "sinks_ptr": "fp32"},
+                    dict(HEAD_DIM=d, D_PAD=d, BLOCK_S=block_s, WIDE=wide, SINKS=sinks), unit=("sod",), dtype="any",
+                    head_dim=d, wide=wide, sinks=sinks))
     return specs
 
 
@@ -565,12 +568,14 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     attn_wide = _largest(attention_specs(worst, (256,), variants=("paged",), wide=True), ("BLOCK_M", "BLOCK_N"),
                          ("dtype",), 1)
     decode_wide = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("paged",), one_split=(False,),
-                               wide=True)
+                               wide=True, combine_sinks=(True,))
     # ...but ptxas allocates each variant on its own: "plain" at head dim 128 spilled with 4
     # warps on sm_90 where "all" did not (docs/gpu-compile.md), so that point stays in
     decode_plain = [s for s in decode_specs(worst, (128,), splits=(10 ** 6,), variants=("plain",), one_split=(False,))
                     if s.kernel == "decode_split"]
-    return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=featured) + decode_wide + decode_plain
+    # (the combine kernel with SINKS only: the plain one is the same code less two lines)
+    return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=featured,
+                                            combine_sinks=(True,)) + decode_wide + decode_plain
             + quant + w8a8
             + [_wide(quant[0])] + quant_gemv_specs(worst) + row_specs(lengths=(4096, 65536), kinds=("layer_norm",))
             + gemv_specs(worst, GEMV_SHAPES[3:4])

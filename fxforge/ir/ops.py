@@ -510,25 +510,36 @@ def alibi_bias(slopes, tq: int, tk: int) -> torch.Tensor:
 
 def attention_has_bias(node) -> bool:
     """Whether an attention node has a bias (mask) input: its inputs are q, k, v, [bias],
-    then the slopes where alibi=True."""
-    return len(node.inputs) > 3 + bool(node.attrs.get("alibi"))
+    then the slopes where alibi=True, then the sinks where sinks=True."""
+    return len(node.inputs) > 3 + bool(node.attrs.get("alibi")) + bool(node.attrs.get("sinks"))
 
 
-def attention_operands(bias, slopes, alibi: bool):
-    """(bias, slopes) from the optional inputs after q, k, v: with alibi=True the last one
-    is the slopes (attention(q, k, v, [bias], slopes))."""
-    if alibi and slopes is None:
-        return None, bias
-    return bias, slopes
+def attention_inputs(bias=None, slopes=None, sink=None, *, alibi: bool = False, sinks: bool = False):
+    """(bias, slopes, sink) from the optional inputs after q, k, v, given positionally in
+    the op's order (attention(q, k, v, [bias], [slopes], [sinks])): with sinks=True the last
+    one given is the sinks, with alibi=True the one before it the slopes. An input in its
+    own slot stays there (a caller may pass slopes positionally without alibi=True)."""
+    if sinks and sink is None:  # fewer inputs than slots: the last one given is the sinks
+        if slopes is not None:
+            sink, slopes = slopes, None
+        elif bias is not None:
+            sink, bias = bias, None
+    if alibi and slopes is None and bias is not None:
+        slopes, bias = bias, None
+    return bias, slopes, sink
 
 
-def attention_reference(q, k, v, bias=None, slopes=None, *, causal, scale, softcap=None, window=None, alibi=False):
+def attention_reference(q, k, v, bias=None, slopes=None, sink=None, *, causal, scale, softcap=None, window=None,
+                        alibi=False, sinks=False):
     """softmax(S + bias [+ alibi], causal / window bottom-right aligned) v with
     S = q k^T * scale, or tanh(S / softcap) * softcap with a soft-cap; K/V heads shared by
-    groups of query heads. alibi=True: the last input is slopes f32[H], and
+    groups of query heads. alibi=True: the slopes input f32[H] is read, and
     slopes[h] * (k_pos - q_pos) is added. window=W: keys W or more positions before the
-    query are dropped. Computed in float32 (float64 for float64 operands)."""
-    bias, slopes = attention_operands(bias, slopes, alibi)
+    query are dropped. sinks=True: the last input f32[H] is a logit per query head that
+    joins each row's softmax as one more key whose value is zero (attention sinks,
+    gpt-oss): out = sum_j e^(s_j) v_j / (sum_j e^(s_j) + e^(sink)). Computed in float32
+    (float64 for float64 operands)."""
+    bias, slopes, sink = attention_inputs(bias, slopes, sink, alibi=alibi, sinks=sinks)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
@@ -546,7 +557,11 @@ def attention_reference(q, k, v, bias=None, slopes=None, *, causal, scale, softc
         s = s.masked_fill(~causal_keep(tq, tk, q.device), float("-inf"))
     if window is not None:
         s = s.masked_fill(~window_keep(tq, tk, int(window), q.device), float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    if sink is not None:
+        column = sink.to(device=s.device, dtype=acc).reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        p = torch.softmax(torch.cat([s, column], dim=-1), dim=-1)[..., :-1].nan_to_num(0.0)
+    else:
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     return torch.matmul(p, v.to(acc)).to(q.dtype)
 
 
@@ -556,14 +571,24 @@ def infer_attention(types, attrs):
         raise IRTypeError(f"attention wants [B, H, T, D] operands, got {q}, {k}, {v}")
     if not dims_equal(sympy.Mod(q.shape[1], k.shape[1]), 0) and k.shape[1].is_number and q.shape[1].is_number:
         raise IRTypeError(f"attention: {q.shape[1]} query heads is not a multiple of {k.shape[1]} kv heads")
+    last = len(types)
+    if attrs.get("sinks"):
+        if last < 4:
+            raise IRTypeError("attention {sinks=true} takes its sinks f32[H] as the last input")
+        sinks = _t(types, last - 1)
+        if sinks.rank != 1 or not dims_equal(sinks.shape[0], q.shape[1]) or not sinks.dtype.is_floating_point:
+            raise IRTypeError(f"attention: sinks must be a float [H={q.shape[1]}] tensor (one per query head), "
+                              f"got {sinks}")
+        last -= 1
     if attrs.get("alibi"):
-        if len(types) < 4:
-            raise IRTypeError("attention {alibi=true} takes its slopes f32[H] as the last input")
-        slopes = _t(types, len(types) - 1)
+        if last < 4:
+            raise IRTypeError("attention {alibi=true} takes its slopes f32[H] after the bias")
+        slopes = _t(types, last - 1)
         if slopes.rank != 1 or not dims_equal(slopes.shape[0], q.shape[1]) or not slopes.dtype.is_floating_point:
             raise IRTypeError(f"attention: alibi slopes must be a float [H={q.shape[1]}] tensor, got {slopes}")
-    elif len(types) > 4:
-        raise IRTypeError("attention: a fifth input (slopes) needs alibi=true")
+        last -= 1
+    if last > 4:
+        raise IRTypeError("attention: an input after the bias needs alibi=true (slopes) or sinks=true (sinks)")
     window = attrs.get("window")
     if window is not None and (not isinstance(window, (int, sympy.Integer)) or isinstance(window, bool) or window < 1):
         raise IRTypeError(f"attention: window must be a positive int, got {window!r}")
@@ -703,16 +728,16 @@ def infer_paged_attention(types, attrs):
     return infer_attention([q, *dense, bias, *types[6:]], attrs)
 
 
-def paged_attention_reference(q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal, scale,
-                              softcap=None, window=None, alibi=False):
+def paged_attention_reference(q, k_cache, v_cache, block_table, row_start, bias, slopes=None, sink=None, *, causal,
+                              scale, softcap=None, window=None, alibi=False, sinks=False):
     """attention(q, K, V, bias, [slopes]) where K and V are read from paged caches through
     the block table (gather_paged), over as many keys as the bias has; the caches may be of
     a narrower dtype than q (they are cast, as the dense layout casts its view)."""
     keys = bias.shape[-1]
     k = gather_paged(k_cache, block_table, row_start, keys).to(q.dtype)
     v = gather_paged(v_cache, block_table, row_start, keys).to(q.dtype)
-    return attention_reference(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window,
-                               alibi=alibi)
+    return attention_reference(q, k, v, bias, slopes, sink, causal=causal, scale=scale, softcap=softcap,
+                               window=window, alibi=alibi, sinks=sinks)
 
 
 def infer_all_gather(types, attrs):
@@ -1022,9 +1047,11 @@ OPS_LIST: list[OpDef] = [
     OpDef("sdpa", "other", infer_sdpa, _sdpa, doc="torch's scaled_dot_product_attention, exact semantics",
           arity=(3, 4), attrs="causal: bool, scale: float, enable_gqa?: bool"),
     OpDef("attention", "fused", infer_attention, attention_reference, origin="fuse_attention",
-          doc="fused attention(q, k, v, [bias], [slopes]) {causal, scale, softcap?, window?, alibi?}; K/V heads "
-              "may be fewer (GQA); alibi=true: the last input is per-head slopes",
-          arity=(3, 5), attrs="causal: bool, scale: float, softcap?: float|none, window?: int|none, alibi?: bool"),
+          doc="fused attention(q, k, v, [bias], [slopes], [sinks]) {causal, scale, softcap?, window?, alibi?, "
+              "sinks?}; K/V heads may be fewer (GQA); alibi=true: per-head slopes after the bias; sinks=true: "
+              "the last input is a logit per query head that joins the softmax with a zero value",
+          arity=(3, 6), attrs="causal: bool, scale: float, softcap?: float|none, window?: int|none, alibi?: bool, "
+                              "sinks?: bool"),
     OpDef("kv_append", "other", infer_kv_append, kv_append_reference, origin="kv_cache",
           doc="kv_append(cache, new) {start}: write new K or V at start, return cache[:, :, :start+T]; mutates",
           arity=(2, 2), attrs="start: size", traits={"stateful"}),
@@ -1034,10 +1061,11 @@ OPS_LIST: list[OpDef] = [
               "paged_kv_write(k_cache, v_cache, k, v, slots): a layer's K and V, returns both caches",
           arity=(3, 5), traits={"stateful"}),
     OpDef("paged_attention", "fused", infer_paged_attention, paged_attention_reference, origin="kv_cache",
-          doc="paged_attention(q, k_cache, v_cache, block_table, row_start, bias, [slopes]) {causal, scale, "
-              "softcap?, window?, alibi?}: attention over bias.shape[-1] keys read from paged caches through "
-              "the block table (row b's key j is its token j - row_start[b])",
-          arity=(6, 7), attrs="causal: bool, scale: float, softcap?: float|none, window?: int|none, alibi?: bool"),
+          doc="paged_attention(q, k_cache, v_cache, block_table, row_start, bias, [slopes], [sinks]) {causal, "
+              "scale, softcap?, window?, alibi?, sinks?}: attention over bias.shape[-1] keys read from paged "
+              "caches through the block table (row b's key j is its token j - row_start[b])",
+          arity=(6, 8), attrs="causal: bool, scale: float, softcap?: float|none, window?: int|none, alibi?: bool, "
+                              "sinks?: bool"),
     # tensor parallelism (passes/shard.py): collectives over the ranks of a process group
     OpDef("all_reduce", "other", infer_same, all_reduce_reference, origin="shard",
           doc="all_reduce(x) {world_size}: the sum of x over the ranks (after a row-parallel linear)",

@@ -851,8 +851,10 @@ def _scores_side(m: Match, a: Value, c: Value):
 
 def rules(forms: dict | None = None) -> list[Rule]:
     """The rule table; `forms` caches what each mask computes for one pass run."""
+    from .attention_sinks import rules as sink_rules  # it builds on this module's walker
+
     # before -> after
-    return [
+    return sink_rules(forms) + [
         # sdpa(q, k, v, [mask]) -> attention(q, k, v, [bias]) {causal, scale}
         Rule("sdpa", op("sdpa", any_inputs=True), functools.partial(fuse_sdpa, forms=forms)),
         # matmul(softmax(q @ k^T * s [+ mask]), v) -> attention(q, k, v, [bias]) {causal, scale}
@@ -882,7 +884,7 @@ def fuse_attention(graph, ctx=None):
         atts = [n for n in out.nodes if n.op == "attention"]
         causal = sum(1 for n in atts if n.attrs["causal"])
         variants = {name: sum(1 for n in atts if n.attrs.get(name) not in (None, False))
-                    for name in ("softcap", "window", "alibi")}
+                    for name in ("softcap", "window", "alibi", "sinks")}
         extra = "".join(f", {count} {name}" for name, count in variants.items() if count)
         ctx.note(f"{fused} attention ops ({causal} causal, {fused - causal} with explicit or no mask{extra})")
         left = _unfused_attention(out)

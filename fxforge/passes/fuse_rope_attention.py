@@ -49,8 +49,8 @@ def _fuse(m, b):
     """The replacement, or None where a side condition does not hold."""
     node = m.node("attn")
     a = node.attrs
-    if a.get("softcap") is not None or a.get("window") is not None or a.get("alibi"):
-        return None
+    if a.get("softcap") is not None or a.get("window") is not None or a.get("alibi") or a.get("sinks"):
+        return None  # (the fused rotary + decode kernel has none of these)
     q, k, v, cos, sin, kc, vc = (m[n] for n in ("q", "k", "v", "cos", "sin", "kc", "vc"))
     # the rotary keeps its operand's shape (cos/sin broadcast into it, not it into them)
     if not (q.type.same_as(node.inputs[0].type) and k.type.same_as(m.node("ka").inputs[1].type)):

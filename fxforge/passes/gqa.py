@@ -370,6 +370,15 @@ def rewrite(graph: Graph, layers: list[Layer], G: int) -> tuple[Graph, dict]:
             inputs = (inputs[0], weight_swap[original]) + inputs[2:]
         if inputs != node.inputs:
             node = _retyped(node, inputs, renamed)
+        if node.op == "attention" and node.attrs.get("sinks") and orders.get(original, []) != list(
+                range(len(orders.get(original, [])))):
+            # the query heads moved: sinks[h] (one per query head) move with them
+            bld = Builder(meta={**node.meta, "pass": "gqa"})
+            sinks = node.inputs[-1]
+            moved = bld.emit("cat", *(bld.emit("slice", sinks, dim=0, start=j, end=j + 1, step=1)
+                                      for j in orders[original]), dim=0)
+            nodes.extend(bld.nodes)
+            node = Node(node.op, node.inputs[:-1] + (moved,), node.attrs, node.outputs, node.meta)
         block_out[original] = node.outputs[0]
         nodes.append(node)
         if node.op == "attention":

@@ -30,7 +30,8 @@ Rewrites (each declines loudly, with the node, rather than produce wrong tokens)
                                            max_seq_len wide)
 
 Variants (fuse_attention's attributes) carry over: softcap, window (counted in cache slots;
-the cache keeps every position) and alibi (the slopes input stays after kv_bias).
+the cache keeps every position), alibi (the slopes input stays after kv_bias) and sinks
+(the sinks input stays last).
 Positions computed from an all-ones mask (OPT's cumsum(mask) * mask - 1) are recognised by
 evaluating them at sample sizes (arange(T) + c) and become kv_positions + c.
 
@@ -716,7 +717,7 @@ def cache_each_attention(graph: Graph, rule: str, config, layout: str, state_sha
             nodes.append(node)
             continue
         q, k, v = node.inputs[:3]
-        slopes = node.inputs[3:]  # alibi's slopes (the only input after v kv_cache lets through)
+        slopes = node.inputs[3:]  # alibi's slopes and the sinks (the only inputs after v kv_cache lets through)
         b = Builder(meta={**node.meta, "pass": "kv_cache", "rule": rule})
         reads = []
         for name, x in (("k", k), ("v", v)):

@@ -37,7 +37,7 @@ import torch
 from ..ir.builder import Builder
 from ..ir.edit import dead_code_elimination, retyped
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import OPS, IRTypeError
+from ..ir.ops import OPS, IRTypeError, attention_has_bias
 from ..ir.roles import LOGITS, OUTPUT, output_roles
 from ..ir.types import as_dim, dims_equal
 from .projections import Layer, _chain_nodes, emit_projection, find_layers
@@ -328,6 +328,32 @@ def _plan_attention(plan: _Plan, graph: Graph, hp: HeadPlan, producers):
     cols = slice(hp.q_lo * d, (hp.q_lo + hp.q_n) * d)
     plan.substitute(o.node, 1, o.tensor[cols] if o.rows_are_inputs else o.tensor[:, cols])
     plan.reduce_after[id(o.node)] = True
+    attn = layer.attn
+    per_head = _per_head_inputs(attn)
+    if per_head:
+        plan.replace[id(attn)] = lambda bld, inputs: _sliced_attention(bld, attn, inputs, per_head, hp.q_lo, hp.q_n)
+
+
+def _per_head_inputs(attn: Node) -> list[int]:
+    """The indices of an attention's inputs that hold one value per query head: ALiBi's
+    slopes and the sinks (the last inputs, in that order)."""
+    last = len(attn.inputs)
+    out = []
+    if attn.attrs.get("sinks"):
+        last -= 1
+        out.append(last)
+    if attn.attrs.get("alibi"):
+        out.append(last - 1)
+    return out
+
+
+def _sliced_attention(bld: Builder, attn: Node, inputs: list, per_head: list[int], lo: int, count: int) -> Value:
+    """The attention over this rank's query heads lo..lo+count: its per-head inputs
+    (slopes, sinks) sliced with them."""
+    inputs = list(inputs)
+    for i in per_head:
+        inputs[i] = bld.emit("slice", inputs[i], dim=0, start=lo, end=lo + count, step=1)
+    return bld.emit("attention", *inputs, **attn.attrs)
 
 
 def _plan_mlp(plan: _Plan, graph: Graph, mlp: MLP):
@@ -457,7 +483,7 @@ def shard(graph: Graph, ctx=None) -> Graph:
     head_plans = []
     for layer in layers:
         where = f"\n  at: attention{layer.attn.where()}"
-        if len(layer.attn.inputs) > 3 and not dims_equal(layer.attn.inputs[3].shape[1], 1):
+        if attention_has_bias(layer.attn) and not dims_equal(layer.attn.inputs[3].shape[1], 1):
             raise ShardError("shard: this attention's mask differs per head; only masks shared by all heads can be "
                              "split across ranks" + where)
         if layer.o is None:

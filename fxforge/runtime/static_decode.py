@@ -44,7 +44,7 @@ import torch
 
 from ..ir import roles
 from ..ir.graph import Graph
-from ..ir.ops import attention_operands, kv_append_at  # kv_append_at: the step overrides kv_append
+from ..ir.ops import attention_inputs, kv_append_at  # kv_append_at: the step overrides kv_append
 from ..ir.types import symbol
 from .program import build_program
 
@@ -115,13 +115,15 @@ def _symbols(value) -> set:
     return set()
 
 
-def attention_at(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None, window=None,
-                 alibi: bool = False, base, position: torch.Tensor, keys: torch.Tensor):
+def attention_at(q, k, v, bias=None, slopes=None, sink=None, *, causal: bool, scale: float, softcap=None,
+                 window=None, alibi: bool = False, sinks: bool = False, base, position: torch.Tensor,
+                 keys: torch.Tensor):
     """attention for one query per row at `position` (a 0-d device tensor) over the whole
     cache buffer: a sliding window and ALiBi become part of the key bias, measured from
     `position` instead of the buffer's last key, then `base` (the backend's attention) runs
-    with neither. Keys outside the window get the lowest float32, as padding does."""
-    bias, slopes = attention_operands(bias, slopes, alibi)
+    with neither (sinks are passed on). Keys outside the window get the lowest float32, as
+    padding does."""
+    bias, slopes, sink = attention_inputs(bias, slopes, sink, alibi=alibi, sinks=sinks)
     extra = None
     if window is not None:  # keys `window` or more positions before the query drop out
         outside = keys <= position - int(window)
@@ -132,6 +134,8 @@ def attention_at(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float,
         extra = term if extra is None else extra + term
     if extra is not None:
         bias = extra if bias is None else bias.float() + extra
+    if sink is not None:
+        return base(q, k, v, bias, sink, causal=causal, scale=scale, softcap=softcap, sinks=True)
     return base(q, k, v, bias, causal=causal, scale=scale, softcap=softcap)
 
 

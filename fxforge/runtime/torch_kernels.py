@@ -10,23 +10,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ir.ops import (_packed, alibi_bias, attention_operands, attention_reference, causal_keep,
+from ..ir.ops import (_packed, alibi_bias, attention_inputs, attention_reference, causal_keep,
                       paged_key_slots, window_keep)
 from ..ir.quant_formats import Int8Packed, W8A8Packed, dequantize_weight, w8a8_linear_decomposed
 
 
-def attention_sdpa(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None, window=None,
-                   alibi: bool = False):
+def attention_sdpa(q, k, v, bias=None, slopes=None, sink=None, *, causal: bool, scale: float, softcap=None,
+                   window=None, alibi: bool = False, sinks: bool = False):
     """attention via F.scaled_dot_product_attention. SDPA's is_causal is top-left aligned
     when Tq != Tk; ours is bottom-right (new queries at the end of the keys), so that case
     becomes an explicit mask. GQA maps query heads onto fewer KV heads without copies
     on the CPU (SDPA's enable_gqa), else by repeating K/V. A sliding window and ALiBi
     slopes become part of the additive mask ([1, H, Tq, Tk] at most; with one query, the
     keys before the window are sliced off instead). SDPA has no soft-cap: soft-capped
-    attention runs the reference (float32)."""
-    bias, slopes = attention_operands(bias, slopes, alibi)
+    attention runs the reference (float32). Sinks: see attention_sinks_sdpa."""
+    bias, slopes, sink = attention_inputs(bias, slopes, sink, alibi=alibi, sinks=sinks)
     if 0 in q.shape[:3]:  # no query rows (an empty batch, heads folded with it): 0 KV heads to divide by
         return q.new_empty(*q.shape[:3], v.shape[-1])
+    if sink is not None:
+        return attention_sinks_sdpa(q, k, v, bias, slopes, sink, causal=causal, scale=scale, softcap=softcap,
+                                    window=window)
     if softcap is not None:
         return attention_reference(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window)
     tq, tk = q.shape[-2], k.shape[-2]
@@ -74,6 +77,59 @@ def attention_sdpa(q, k, v, bias=None, slopes=None, *, causal: bool, scale: floa
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def _full_mask(q, k, bias, slopes, *, causal: bool, window) -> torch.Tensor | None:
+    """The additive mask [.., Tq, Tk] (q's dtype) of bias, ALiBi slopes, causal and window
+    (bottom-right aligned), or None when there is nothing to mask."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    mask = None if bias is None else bias.to(q.dtype)
+    drop = None
+    if causal and tq > 1:
+        drop = ~causal_keep(tq, tk, q.device)
+    if window is not None:
+        outside = ~window_keep(tq, tk, int(window), q.device)
+        drop = outside if drop is None else drop | outside
+    if slopes is not None:
+        extra = alibi_bias(slopes, tq, tk).to(q.dtype)
+        mask = extra if mask is None else mask + extra
+    if drop is not None:
+        neg = torch.zeros(tq, tk, dtype=q.dtype, device=q.device).masked_fill(drop, float("-inf"))
+        mask = neg if mask is None else mask + neg
+    return mask
+
+
+def attention_sinks_sdpa(q, k, v, bias, slopes, sink, *, causal: bool, scale: float, softcap=None, window=None):
+    """attention with sinks (a logit per query head that joins the softmax with a zero
+    value): on the CPU, SDPA's flash kernel also returns each row's logsumexp L, and
+    out * sigmoid(L - sink) = out * Z / (Z + e^sink) with Z = e^L the row's softmax sum, so
+    the N x N scores are never made. Elsewhere (and for float64, which that kernel does
+    not take) exactly: one more key of zeros in front of K and V, whose score 0 the mask
+    raises to the sink. A soft-cap runs the reference."""
+    if softcap is not None:
+        return attention_reference(q, k, v, bias, slopes, sink, causal=causal, scale=scale, softcap=softcap,
+                                   window=window, alibi=slopes is not None, sinks=True)
+    heads, groups = q.shape[1], q.shape[1] // k.shape[1]
+    mask = _full_mask(q, k, bias, slopes, causal=causal, window=window)
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        gate = torch.sigmoid(lse.float() - sink.float().reshape(1, heads, 1))
+        return (out.float() * gate.unsqueeze(-1)).to(q.dtype)
+    b, tq = q.shape[0], q.shape[2]
+    zeros = k.new_zeros(k.shape[0], k.shape[1], 1, k.shape[3])
+    k = torch.cat([zeros, k], dim=2)
+    v = torch.cat([v.new_zeros(v.shape[0], v.shape[1], 1, v.shape[3]), v], dim=2)
+    column = sink.to(q.dtype).reshape(1, heads, 1, 1)
+    if mask is None:
+        mask = torch.zeros(1, 1, 1, k.shape[2] - 1, dtype=q.dtype, device=q.device)
+    shape = torch.broadcast_shapes(mask.shape[:-1], (1, heads, 1))
+    mask = torch.cat([column.expand(*shape, 1), mask.expand(*shape, mask.shape[-1])], dim=-1)
+    if mask.shape[0] not in (1, b) or mask.shape[2] not in (1, tq):
+        raise ValueError(f"attention: a bias of shape {tuple(mask.shape)} does not fit the scores")
+    return attention_sdpa(q, k, v, mask, causal=False, scale=scale)
 
 
 class PagedAttentionSDPA:
@@ -158,21 +214,22 @@ class PagedAttentionSDPA:
             return (_gather_keys(cache, slots, keys, cache.dtype) * padding.transpose(1, 2).to(cache.dtype)).to(dtype)
         return _gather_keys(cache, slots, keys, dtype, padding if zero_padding else None)
 
-    def __call__(self, q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal: bool,
-                 scale: float, softcap=None, window=None, alibi: bool = False):
+    def __call__(self, q, k_cache, v_cache, block_table, row_start, bias, slopes=None, sink=None, *, causal: bool,
+                 scale: float, softcap=None, window=None, alibi: bool = False, sinks: bool = False):
         keys = bias.shape[-1]
         zero = True
         if block_table.device.type == "cpu" and softcap is None:
             _, padding = self._slots(block_table, row_start, keys, k_cache.shape[1])
             zero = not self._bias_masks_padding(bias, padding, row_start.shape[0])
-        if not zero and q.shape[2] == 1 and q.shape[0] > 1 and window is None and slopes is None and not alibi:
+        if not zero and q.shape[2] == 1 and q.shape[0] > 1 and window is None and slopes is None and not alibi \
+                and not sinks:
             groups = self._length_groups(block_table, row_start, keys, k_cache.shape[1])
             if len(groups) > 1:
                 return self._grouped_decode(q, k_cache, v_cache, bias, groups, scale)
         k = self.gather(k_cache, block_table, row_start, keys, q.dtype, zero)
         v = self.gather(v_cache, block_table, row_start, keys, q.dtype, zero)
-        return attention_sdpa(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window,
-                              alibi=alibi)
+        return attention_sdpa(q, k, v, bias, slopes, sink, causal=causal, scale=scale, softcap=softcap, window=window,
+                              alibi=alibi, sinks=sinks)
 
     def _length_groups(self, table, row_start, keys: int, block_size: int):
         """The step's rows in groups of similar length, once per step (as the slots): for

@@ -1,8 +1,8 @@
 """FlashAttention forward in Triton: tiles of Q/K/V in on-chip memory, an online softmax
 (running max and sum in float32), never an N x N buffer.
 
-    attention_triton(q, k, v, bias=None, slopes=None, *, causal, scale, softcap=None, window=None,
-                     alibi=False) -> [B, H, Tq, D]
+    attention_triton(q, k, v, bias=None, slopes=None, sink=None, *, causal, scale, softcap=None,
+                     window=None, alibi=False, sinks=False) -> [B, H, Tq, D]
 
 q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D] with H a multiple of Hkv (query head h reads KV
 head h // (H // Hkv), as repeat_interleave would, without copying). causal is bottom-right
@@ -16,6 +16,9 @@ Variants, each a constexpr flag so the plain kernel is compiled as before:
            attention: Mistral, Gemma2), and key blocks wholly before the window are skipped;
   ALIBI    slopes[h] * (k_pos - q_pos) is added (bloom, mpt, falcon): slopes f32[H], no
            [B, H, Tq, Tk] bias in memory.
+  SINKS    a logit per query head (f32[H]) joins each row's softmax as a key whose value
+           is zero (gpt-oss): the online softmax starts from it (m = sink, l = 1, acc = 0)
+           instead of from nothing, so a row that sees no key gives zeros.
 Head dims 16..256 of any size (padded to a power of two with masked loads), any lengths,
 fp32/fp16/bf16, arbitrary strides.
   PAGED    K/V are read from paged caches [blocks, block size, Hkv, D] through a block table
@@ -34,9 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ir.ops import attention_operands, attention_reference
+from ...ir.ops import attention_inputs, attention_reference
 
-__all__ = ["attention_triton", "paged_attention_triton", "attention_reference", "load_kv_block",
+__all__ = ["attention_triton", "paged_attention_triton", "attention_reference", "load_kv_block", "check_sinks",
            "paged_slots", "online_softmax_step", "add_bias", "attention_grid", "check_grid", "GRID_LIMITS", "INDEX_32_LIMIT",
            "needs_wide", "span", "check_head_dim_strides", "no_query_rows"]
 
@@ -239,12 +242,12 @@ def tanh_f32(x):
 
 
 @triton.autotune(configs=_configs(), key=["TQ_BUCKET", "TK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "SOFTCAP",
-                                          "WINDOW", "ALIBI", "PAGED"],
+                                          "WINDOW", "ALIBI", "PAGED", "SINKS"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _attention_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, out_ptr, table_ptr, start_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, sinks_ptr, out_ptr, table_ptr, start_ptr,
     # sizes
     H, GROUPS, TQ, TK, TQ_BUCKET, TK_BUCKET, qk_scale, softcap, window, pages,
     # strides
@@ -254,7 +257,7 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr,
-    PAGE: tl.constexpr, WIDE: tl.constexpr,
+    PAGE: tl.constexpr, WIDE: tl.constexpr, SINKS: tl.constexpr,
 ):
     # softcap: the cap in log2 units (cap * log2 e); window: W (keys); both read only when
     # their flag is set. PAGED: k/v are [blocks, page, Hkv, D] caches (skn/svn: a slot's
@@ -295,8 +298,14 @@ def _attention_kernel(
         table_row, row_start = table_ptr, 0  # unused: read_kv_tile reads the cache in place
 
     # exp2 is the fast path on GPUs: fold log2(e) into the scale once.
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if SINKS:
+        # the sink as a key every row sees first: score sink[h] (log2 units), value 0
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m_i = tl.full((BLOCK_M,), 0.0, dtype=tl.float32) + sink
+        l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
 
     # Causal: key blocks entirely above this query block's last row are never visited.
@@ -346,6 +355,15 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 16))
 
 
+def check_sinks(heads: int, sink, device, what="attention"):
+    """The sinks as contiguous float32 [H] (or None), after checking their shape."""
+    if sink is None:
+        return None
+    if sink.dim() != 1 or sink.shape[0] != heads:
+        raise ValueError(f"{what}: sinks must be [H={heads}], got {tuple(sink.shape)}")
+    return sink.to(device=device, dtype=torch.float32).contiguous()
+
+
 def check_variants(heads: int, slopes, softcap, window, device, what="attention"):
     """Check the variant arguments; returns slopes as contiguous float32 [H] (or None)."""
     if softcap is not None and not softcap > 0:
@@ -368,10 +386,10 @@ def no_query_rows(q, v):
     return None
 
 
-def attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None, window=None,
-                     alibi: bool = False):
+def attention_triton(q, k, v, bias=None, slopes=None, sink=None, *, causal: bool, scale: float, softcap=None,
+                     window=None, alibi: bool = False, sinks: bool = False):
     """The launch wrapper: check, allocate, launch. See the module docstring."""
-    bias, slopes = attention_operands(bias, slopes, alibi)
+    bias, slopes, sink = attention_inputs(bias, slopes, sink, alibi=alibi, sinks=sinks)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"attention: {name} must be [B, H, T, D], got shape {tuple(t.shape)}")
@@ -391,14 +409,16 @@ def attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, scale: fl
     if not (q.device == k.device == v.device):
         raise ValueError("attention: q, k, v must be on one device")
     return _launch(q, k, v, bias, slopes, tk, kv_heads, None, causal=causal, scale=scale, softcap=softcap,
-                   window=window)
+                   window=window, sink=sink)
 
 
-def paged_attention_triton(q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal: bool,
-                           scale: float, softcap=None, window=None, alibi: bool = False):
+def paged_attention_triton(q, k_cache, v_cache, block_table, row_start, bias, slopes=None, sink=None, *,
+                           causal: bool, scale: float, softcap=None, window=None, alibi: bool = False,
+                           sinks: bool = False):
     """paged_attention (ir/ops.py): attention over bias.shape[-1] keys read from the paged
     caches [blocks, block size, Hkv, D] through block_table [B, blocks per row] from each
     row's start (row_start [B]); the caches may be narrower than q."""
+    bias, slopes, sink = attention_inputs(bias, slopes, sink, alibi=alibi, sinks=sinks)
     if q.dim() != 4:
         raise ValueError(f"paged attention: q must be [B, H, T, D], got shape {tuple(q.shape)}")
     empty = no_query_rows(q, v_cache)
@@ -413,7 +433,7 @@ def paged_attention_triton(q, k_cache, v_cache, block_table, row_start, bias, sl
         raise ValueError(f"paged attention: head dim {d} is outside 1..256")
     return _launch(q, k_cache, v_cache, bias, slopes, bias.shape[-1], kv_heads,
                    (block_table.contiguous(), row_start.to(torch.int32).contiguous()),
-                   causal=causal, scale=scale, softcap=softcap, window=window)
+                   causal=causal, scale=scale, softcap=softcap, window=window, sink=sink)
 
 
 def kv_addressing(q, k, v, paged):
@@ -452,7 +472,7 @@ def check_paged(q, k_cache, v_cache, block_table, row_start, bias, what: str):
                              "[blocks, block size, Hkv, D] tensor")
 
 
-def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, causal, scale, softcap, window):
+def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, causal, scale, softcap, window, sink=None):
     """Allocate and launch the kernel; k, v are [B, Hkv, Tk, D], or paged caches with
     paged = (block_table, row_start)."""
     bsz, heads, tq, d = q.shape
@@ -463,6 +483,7 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, causal, sca
             raise ValueError(f"attention: bias {tuple(bias.shape)} does not broadcast to "
                              f"[{bsz}, {heads}, {tq}, {tk}]") from None
     slopes = check_variants(heads, slopes, softcap, window, q.device)
+    sink = check_sinks(heads, sink, q.device)
     out = torch.empty(bsz, heads, tq, d, dtype=q.dtype, device=q.device)
     if tq == 0 or bsz * heads == 0:
         return out
@@ -478,14 +499,14 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, causal, sca
     table, starts, page, pages, stb, kv_strides = kv_addressing(q, k, v, paged)
 
     _attention_kernel[grid](
-        q, k, v, bias_arg, slopes if slopes is not None else q, out, table, starts,
+        q, k, v, bias_arg, slopes if slopes is not None else q, sink if sink is not None else q, out, table, starts,
         heads, heads // kv_heads, tq, tk, _bucket(tq), _bucket(tk), float(scale) * 1.4426950408889634,
         float(softcap) * 1.4426950408889634 if softcap is not None else 1.0,
         int(window) if window is not None else 0, pages,
         *q.stride(), *kv_strides, *bs, *out.stride(), stb,
         HEAD_DIM=d, D_PAD=d_pad, CAUSAL=bool(causal), HAS_BIAS=bias is not None,
         SOFTCAP=softcap is not None, WINDOW=window is not None, ALIBI=slopes is not None, PAGED=paged is not None,
-        PAGE=page, WIDE=wide,
+        PAGE=page, WIDE=wide, SINKS=sink is not None,
         # triton 3.9's interpreter miscomputes bf16 dots: compute those in fp32 there.
         DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         # fp32 inputs keep full fp32 products (tf32 would cost ~1e-3 relative error)

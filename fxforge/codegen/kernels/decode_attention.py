@@ -6,8 +6,8 @@ partial softmaxes. When one chunk covers the context (short contexts, or enough
 batch x KV heads to fill the GPU without splitting), the split kernel normalises and
 writes the output itself (ONE_SPLIT) and the combine kernel is not launched: one launch.
 
-    decode_attention_triton(q, k, v, bias=None, slopes=None, *, causal, scale, softcap=None,
-                            window=None, alibi=False) -> [B, H, 1, D]
+    decode_attention_triton(q, k, v, bias=None, slopes=None, sink=None, *, causal, scale, softcap=None,
+                            window=None, alibi=False, sinks=False) -> [B, H, 1, D]
 
 q: [B, H, 1, D]; k, v: [B, Hkv, Tk, D] (strided views of a KV cache are fine); bias is
 additive, broadcastable to [B, H, 1, Tk]. With one query, bottom-right causal masking hides
@@ -16,7 +16,10 @@ Variants: SOFTCAP (tanh(s / softcap) * softcap) and ALIBI (slopes[h] * (k_pos - 
 slopes f32[H]) are constexpr flags of the split kernel; a sliding window of W keys is a
 view of the last W keys (and of the bias), so the splits cover only the window. PAGED
 reads K/V from paged caches through a block table (`paged_decode_attention_triton`).
-WIDE (64-bit offsets past 2**31 elements) as in the prefill kernel. Grids (`decode_grids`):
+SINKS (a logit per query head joining the softmax with a zero value) enters exactly once:
+the split kernel starts from it when it is the only split (ONE_SPLIT), else the combine
+kernel adds it to the partials' max and sum. WIDE (64-bit offsets past 2**31 elements) as
+in the prefill kernel. Grids (`decode_grids`):
 batch x KV heads on axis 0, at most 65535 splits on axis 1.
 """
 from __future__ import annotations
@@ -29,8 +32,9 @@ import triton
 import triton.language as tl
 
 from ...ir.ops import attention_reference
-from ...ir.ops import attention_operands
-from .attention import (GRID_LIMITS, add_bias, check_grid, check_head_dim_strides, check_paged, check_variants,
+from ...ir.ops import attention_inputs
+from .attention import (GRID_LIMITS, add_bias, check_grid, check_head_dim_strides, check_paged, check_sinks,
+                        check_variants,
                         kv_addressing, needs_wide, no_query_rows, online_softmax_step, read_kv_tile, tanh_f32)
 
 __all__ = ["decode_attention_triton", "paged_decode_attention_triton", "attention_reference", "num_splits",
@@ -43,7 +47,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _decode_split_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, table_ptr, start_ptr,
+    q_ptr, k_ptr, v_ptr, bias_ptr, slopes_ptr, sinks_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, table_ptr, start_ptr,
     # sizes
     H, GROUPS, TK, CHUNK, NUM_SPLITS, qk_scale, softcap, pages, start_shift,
     # strides
@@ -52,7 +56,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-    ONE_SPLIT: tl.constexpr, WIDE: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, WIDE: tl.constexpr, SINKS: tl.constexpr,
 ):
     # softcap: the cap in log2 units, read only with SOFTCAP. PAGED: as in the prefill
     # kernel (skn/svn a slot's stride; skb/svb unused); start_shift: keys cut off the
@@ -91,8 +95,14 @@ def _decode_split_kernel(
         v_base = v_ptr + b * svb + kvh * svh
         table_row, row_start = table_ptr, 0  # unused: read_kv_tile reads the cache in place
 
-    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    if SINKS and ONE_SPLIT:
+        # the only split: the sink (a key of value 0 every row sees) starts the softmax;
+        # with several, the combine kernel adds it once
+        m_i = tl.load(sinks_ptr + heads, mask=g_valid, other=0.0).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full((BLOCK_G,), 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, D_PAD), dtype=tl.float32)
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, TK)
@@ -135,10 +145,11 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    m_ptr, l_ptr, acc_ptr, out_ptr,
+    m_ptr, l_ptr, acc_ptr, out_ptr, sinks_ptr,
     H, NUM_SPLITS,
     sob, soh, sod,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr, WIDE: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     # Splits are visited BLOCK_S at a time (a long context on a big GPU has hundreds): a
     # [splits, D_PAD] tile in one piece would spill. With splits <= BLOCK_S it is one pass.
@@ -151,12 +162,17 @@ def _decode_combine_kernel(
     h = pid % H
     base = pid * NUM_SPLITS
     m_max = tl.full((), float("-inf"), dtype=tl.float32)
+    if SINKS:  # the sink: one more partial, of max sink[h] (log2 units), sum 1 and output 0
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m_max = tl.maximum(m_max, sink)
     for s0 in range(0, NUM_SPLITS, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         m = tl.load(m_ptr + base + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
         m_max = tl.maximum(m_max, tl.max(m, 0))
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     total = tl.zeros((), dtype=tl.float32)
+    if SINKS:
+        total += tl.exp2(sink - m_max)
     out = tl.zeros((D_PAD,), dtype=tl.float32)
     for s0 in range(0, NUM_SPLITS, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
@@ -228,11 +244,11 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def decode_attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None,
-                            window=None, alibi: bool = False):
+def decode_attention_triton(q, k, v, bias=None, slopes=None, sink=None, *, causal: bool, scale: float, softcap=None,
+                            window=None, alibi: bool = False, sinks: bool = False):
     """The launch wrapper: check, allocate partials, launch the split kernel and (with
     more than one split) the combine kernel."""
-    bias, slopes = attention_operands(bias, slopes, alibi)
+    bias, slopes, sink = attention_inputs(bias, slopes, sink, alibi=alibi, sinks=sinks)
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"decode attention takes one query per sequence [B, H, 1, D], got {tuple(q.shape)}")
     empty = no_query_rows(q, v)
@@ -248,13 +264,15 @@ def decode_attention_triton(q, k, v, bias=None, slopes=None, *, causal: bool, sc
         raise ValueError(f"decode attention: head dim {d} is outside 1..256")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"decode attention: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    return _launch(q, k, v, bias, slopes, tk, kv_heads, None, scale=scale, softcap=softcap, window=window)
+    return _launch(q, k, v, bias, slopes, tk, kv_heads, None, scale=scale, softcap=softcap, window=window, sink=sink)
 
 
-def paged_decode_attention_triton(q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal: bool,
-                                  scale: float, softcap=None, window=None, alibi: bool = False):
+def paged_decode_attention_triton(q, k_cache, v_cache, block_table, row_start, bias, slopes=None, sink=None, *,
+                                  causal: bool, scale: float, softcap=None, window=None, alibi: bool = False,
+                                  sinks: bool = False):
     """paged_attention with one query per row: K/V read from the paged caches [blocks, block
     size, Hkv, D] through block_table from each row's start, over bias.shape[-1] keys."""
+    bias, slopes, sink = attention_inputs(bias, slopes, sink, alibi=alibi, sinks=sinks)
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"paged decode attention takes one query per sequence [B, H, 1, D], got {tuple(q.shape)}")
     empty = no_query_rows(q, v_cache)
@@ -266,10 +284,10 @@ def paged_decode_attention_triton(q, k_cache, v_cache, block_table, row_start, b
                          f"{q.dtype} {tuple(q.shape)}")
     return _launch(q, k_cache, v_cache, bias, slopes, bias.shape[-1], k_cache.shape[2],
                    (block_table.contiguous(), row_start.to(torch.int32).contiguous()),
-                   scale=scale, softcap=softcap, window=window)
+                   scale=scale, softcap=softcap, window=window, sink=sink)
 
 
-def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, softcap, window):
+def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, softcap, window, sink=None):
     """Partials, split and combine kernels (the split kernel alone when one split covers
     the context); k, v are [B, Hkv, Tk, D], or paged caches with paged = (block_table, row_start)."""
     bsz, heads, _, d = q.shape
@@ -280,6 +298,7 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, soft
             raise ValueError(f"decode attention: bias {tuple(bias.shape)} does not broadcast to "
                              f"[{bsz}, {heads}, 1, {tk}]") from None
     slopes = check_variants(heads, slopes, softcap, window, q.device, "decode attention")
+    sink = check_sinks(heads, sink, q.device, "decode attention")
     start = 0
     if window is not None and tk > int(window):
         # the one query (at position Tk - 1) sees only the last `window` keys: the splits
@@ -313,20 +332,21 @@ def _launch(q, k, v, bias, slopes, tk: int, kv_heads: int, paged, *, scale, soft
     wide = needs_wide(q, k, v, bias, out, None if one_split else acc)
     table, starts, page, pages, stb, kv_strides = kv_addressing(q, k, v, paged)
     _decode_split_kernel[split_grid](
-        q, k, v, bias_arg, slopes if slopes is not None else q, m, l, acc, out, table, starts,
+        q, k, v, bias_arg, slopes if slopes is not None else q, sink if sink is not None else q, m, l, acc, out,
+        table, starts,
         heads, groups, tk, chunk, splits, float(scale) * _LOG2E,
         float(softcap) * _LOG2E if softcap is not None else 1.0, pages, start,
         q.stride(0), q.stride(1), q.stride(3), *kv_strides, *bs, stb,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=block_n, HAS_BIAS=bias is not None,
         SOFTCAP=softcap is not None, ALIBI=slopes is not None, PAGED=paged is not None, PAGE=page,
-        ONE_SPLIT=one_split, WIDE=wide, DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
+        ONE_SPLIT=one_split, WIDE=wide, SINKS=sink is not None, DOT_F32=_INTERPRET and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 or _INTERPRET else "tf32",
         num_warps=launch["num_warps"], num_stages=launch.get("num_stages", 3),
     )
     if one_split:
         return out
     _decode_combine_kernel[combine_grid](
-        m, l, acc, out, heads, splits, out.stride(0), out.stride(1), out.stride(3),
-        HEAD_DIM=d, D_PAD=d_pad, BLOCK_S=combine_block(splits), WIDE=wide, num_warps=4,
+        m, l, acc, out, sink if sink is not None else m, heads, splits, out.stride(0), out.stride(1), out.stride(3),
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_S=combine_block(splits), WIDE=wide, SINKS=sink is not None, num_warps=4,
     )
     return out

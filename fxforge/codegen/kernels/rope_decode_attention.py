@@ -259,7 +259,7 @@ def rope_decode_attention_triton(q, k, v, cos, sin, k_cache, v_cache, bias=None,
     if one_split:
         return out
     _decode_combine_kernel[(bsz * heads * tq,)](
-        m, l, acc, out, heads * tq, splits, out.stride(0), out.stride(2), out.stride(3),
-        HEAD_DIM=d, D_PAD=d_pad, BLOCK_S=combine_block(splits), WIDE=False, num_warps=4,
+        m, l, acc, out, m, heads * tq, splits, out.stride(0), out.stride(2), out.stride(3),
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_S=combine_block(splits), WIDE=False, SINKS=False, num_warps=4,
     )
     return out

@@ -216,8 +216,8 @@ def float64_runs_reference(name: str, kernel):
     return op
 
 
-def attention_dispatch(q, k, v, bias=None, slopes=None, *, causal: bool, scale: float, softcap=None, window=None,
-                       alibi: bool = False):
+def attention_dispatch(q, k, v, bias=None, slopes=None, sink=None, *, causal: bool, scale: float, softcap=None,
+                       window=None, alibi: bool = False, sinks: bool = False):
     """One query per sequence (decoding) goes to the split-context kernel, which keeps the
     GPU busy with a single query; everything else to the FlashAttention kernel. Values of
     another head dim than the queries' (DeepSeek's MLA: 192 for q and k, 128 for v), which
@@ -227,14 +227,16 @@ def attention_dispatch(q, k, v, bias=None, slopes=None, *, causal: bool, scale: 
     if v.dim() == 4 and q.dim() == 4 and v.shape[-1] != q.shape[-1]:
         from ..torch_kernels import attention_sdpa
 
-        return attention_sdpa(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window,
-                              alibi=alibi)
+        return attention_sdpa(q, k, v, bias, slopes, sink, causal=causal, scale=scale, softcap=softcap, window=window,
+                              alibi=alibi, sinks=sinks)
     kernel = decode_attention.decode_attention_triton if q.shape[2] == 1 else attention.attention_triton
-    return kernel(q, k, v, bias, slopes, causal=causal, scale=scale, softcap=softcap, window=window, alibi=alibi)
+    return kernel(q, k, v, bias, slopes, sink, causal=causal, scale=scale, softcap=softcap, window=window,
+                  alibi=alibi, sinks=sinks)
 
 
-def paged_attention_dispatch(q, k_cache, v_cache, block_table, row_start, bias, slopes=None, *, causal: bool,
-                             scale: float, softcap=None, window=None, alibi: bool = False):
+def paged_attention_dispatch(q, k_cache, v_cache, block_table, row_start, bias, slopes=None, sink=None, *,
+                             causal: bool, scale: float, softcap=None, window=None, alibi: bool = False,
+                             sinks: bool = False):
     """paged_attention: the same split between decode and prefill kernels, each reading
     K/V through the block table; caches of two head dims (see attention_dispatch) run the
     op's PyTorch reference."""
@@ -243,11 +245,12 @@ def paged_attention_dispatch(q, k_cache, v_cache, block_table, row_start, bias, 
     if v_cache.dim() == 4 and q.dim() == 4 and v_cache.shape[-1] != q.shape[-1]:
         from ...ir.ops import paged_attention_reference
 
-        return paged_attention_reference(q, k_cache, v_cache, block_table, row_start, bias, slopes, causal=causal,
-                                         scale=scale, softcap=softcap, window=window, alibi=alibi)
+        return paged_attention_reference(q, k_cache, v_cache, block_table, row_start, bias, slopes, sink,
+                                         causal=causal, scale=scale, softcap=softcap, window=window, alibi=alibi,
+                                         sinks=sinks)
     kernel = decode_attention.paged_decode_attention_triton if q.shape[2] == 1 else attention.paged_attention_triton
-    return kernel(q, k_cache, v_cache, block_table, row_start, bias, slopes, causal=causal, scale=scale,
-                  softcap=softcap, window=window, alibi=alibi)
+    return kernel(q, k_cache, v_cache, block_table, row_start, bias, slopes, sink, causal=causal, scale=scale,
+                  softcap=softcap, window=window, alibi=alibi, sinks=sinks)
 
 
 def _quant_linear_triton(x, packed, bias):
