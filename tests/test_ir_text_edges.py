@@ -49,3 +49,54 @@ def test_an_input_named_like_a_parameter_keeps_names_unique(tmp_path):
     assert structurally_equal(parse(fast.ir), fast.graph)
     fast.save(str(tmp_path / "m"))
     assert torch.equal(fxforge.load(str(tmp_path / "m"))(ids), fast(ids))
+
+
+def test_truncated_text_is_refused_as_truncated(tiny_llama):
+    _, _, fast = tiny_llama
+    lines = fast.ir.splitlines()
+    for cut in (len(lines) // 2, len(lines) - 1):
+        with pytest.raises(ParseError, match="truncated"):
+            parse("\n".join(lines[:cut]) + "\n")
+
+
+def test_text_after_the_graph_is_refused(tiny_llama):
+    _, _, fast = tiny_llama
+    with pytest.raises(ParseError, match="after the graph"):
+        parse(fast.ir + "\n  %999: f32[3] = bogus(\n")
+    with pytest.raises(ParseError, match="closing"):
+        parse(fast.ir.replace("  return", "  %999: f32[] = const() {value=1.0, dtype=f32}\n  return", 1)
+              .replace("\n}", "\n  %998: f32[] = const() {value=1.0, dtype=f32}\n}"))
+
+
+def test_a_duplicated_attribute_key_is_refused(tiny_llama):
+    _, _, fast = tiny_llama
+    with pytest.raises(ParseError, match="'causal' is given twice"):
+        parse(fast.ir.replace("causal=true", "causal=true, causal=false", 1))
+
+
+def test_guard_true_is_dropped_and_guard_false_refused(tiny_llama):
+    _, _, fast = tiny_llama
+    head, *rest = fast.ir.splitlines()
+    g = parse("\n".join([head, "  guard True"] + rest))
+    assert structurally_equal(g, parse(fast.ir))
+    with pytest.raises(ParseError, match="holds for no sizes"):
+        parse("\n".join([head, "  guard False"] + rest))
+
+
+def test_comment_lines_anywhere_and_hashes_inside_names():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.register_buffer("scale  #1", torch.randn(16))
+
+        def forward(self, ids):
+            return self.emb(ids) * getattr(self, "scale  #1")
+
+    torch.manual_seed(0)
+    model, ids = M().eval(), _ids()
+    fast = fxforge.optimize(model, (ids,))
+    assert torch.equal(fxforge.load_ir(fast.ir, fast.graph.params)(ids), fast(ids))
+    head, *rest = fast.ir.splitlines()
+    text = "\n".join(["# written by hand", head, "  # a note", *rest[:-1], "# the end", "}  # closed"])
+    assert structurally_equal(parse(text), parse(fast.ir))
