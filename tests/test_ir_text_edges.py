@@ -12,6 +12,8 @@ import torch.nn as nn
 
 import fxforge
 from fxforge.ir.parser import ParseError, parse, structurally_equal
+from fxforge.ir.typecheck import IRCheckError
+from fxforge.runtime.build import model_from_ir
 
 import zoo
 
@@ -100,3 +102,30 @@ def test_comment_lines_anywhere_and_hashes_inside_names():
     head, *rest = fast.ir.splitlines()
     text = "\n".join(["# written by hand", head, "  # a note", *rest[:-1], "# the end", "}  # closed"])
     assert structurally_equal(parse(text), parse(fast.ir))
+
+
+def _registry_with(name, fn, **where):
+    reg = fxforge.passes.default_registry()
+    fxforge.register_pass(name, registry=reg, **where)(fn)
+    return reg
+
+
+def test_a_pass_that_drops_the_outputs_is_named(tiny_llama):
+    model, ids, _ = tiny_llama
+    reg = _registry_with("drop_outputs", lambda g: g.with_nodes(g.nodes, outputs=[]), after="cleanup")
+    with pytest.raises(IRCheckError, match="after pass 'drop_outputs'.*returns 0"):
+        fxforge.optimize(model, (ids,), registry=reg, passes=["cleanup", "drop_outputs"])
+
+
+def test_a_save_whose_return_lost_its_values_is_refused_at_load(tiny_llama, tmp_path):
+    _, ids, fast = tiny_llama
+    d = str(tmp_path / "m")
+    fast.save(d)
+    text = open(os.path.join(d, "model.ir")).read()
+    head, _, tail = text.rpartition("  return (")
+    open(os.path.join(d, "model.ir"), "w").write(head + "  return ()\n}\n")
+    with pytest.raises(ValueError, match="returns nothing.*truncated"):
+        fxforge.load(d)
+    # load_ir of an extra output against a model's call spec: refused where it is built
+    with pytest.raises(ValueError, match="returns 2 value"):
+        model_from_ir(text.replace("return (", "return (%1, "), fast.graph.params, spec=fast.spec)

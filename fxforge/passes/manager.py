@@ -261,6 +261,11 @@ def _run_passes(graph, pipeline, options, check, dump, reporter=None):
                 typecheck(out)
             except IRCheckError as e:
                 raise IRCheckError(f"after pass {info.name!r}: {e}") from None
+        if len(out.outputs) != len(graph.outputs):
+            # the model's call rebuilds its output from exactly these values
+            raise IRCheckError(f"after pass {info.name!r}: the graph returns {len(out.outputs)} value(s) where it "
+                               f"returned {len(graph.outputs)}; a pass must keep the graph's outputs (their "
+                               "number and order), since the model's call returns them")
         graph = out
         stats.append(PassStats(info.name, seconds, before, len(graph.nodes), ctx.rules, ctx.notes, ctx.details))
         if reporter is not None:
