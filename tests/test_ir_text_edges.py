@@ -129,3 +129,19 @@ def test_a_save_whose_return_lost_its_values_is_refused_at_load(tiny_llama, tmp_
     # load_ir of an extra output against a model's call spec: refused where it is built
     with pytest.raises(ValueError, match="returns 2 value"):
         model_from_ir(text.replace("return (", "return (%1, "), fast.graph.params, spec=fast.spec)
+
+
+def test_a_dump_replaces_an_earlier_dump_and_keeps_other_files(tiny_llama, tmp_path):
+    _, _, fast = tiny_llama
+    d = tmp_path / "dump"
+    d.mkdir()
+    stale = ["42_quantize.ir", "kernel_old.py", "report.txt", "program.py"]
+    for name in stale + ["notes.txt", "mine.ir", "kernel.txt"]:
+        (d / name).write_text("older run")
+    fast.dump(str(d))
+    names = set(os.listdir(d))
+    assert not {"42_quantize.ir", "kernel_old.py"} & names
+    assert {"notes.txt", "mine.ir", "kernel.txt"} <= names
+    assert (d / "report.txt").read_text() != "older run"
+    last = sorted(n for n in names if n[:2].isdigit() and n.endswith(".ir"))[-1]
+    assert (d / last).read_text() == fast.ir
