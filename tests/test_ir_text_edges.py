@@ -145,3 +145,16 @@ def test_a_dump_replaces_an_earlier_dump_and_keeps_other_files(tiny_llama, tmp_p
     assert (d / "report.txt").read_text() != "older run"
     last = sorted(n for n in names if n[:2].isdigit() and n.endswith(".ir"))[-1]
     assert (d / last).read_text() == fast.ir
+
+
+def test_a_pass_that_loses_the_weights_is_named(tiny_llama):
+    model, ids, _ = tiny_llama
+
+    def lose_weights(g):
+        h = g.with_nodes(g.nodes)
+        h.params = {}
+        return h
+
+    reg = _registry_with("lose_weights", lose_weights, after="cleanup")
+    with pytest.raises(IRCheckError, match="after pass 'lose_weights'.*no tensor in graph.params"):
+        fxforge.optimize(model, (ids,), registry=reg, passes=["cleanup", "lose_weights"])

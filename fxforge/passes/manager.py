@@ -258,7 +258,7 @@ def _run_passes(graph, pipeline, options, check, dump, reporter=None):
             raise TypeError(f"pass {info.name!r} returned {type(out).__name__}, not a Graph")
         if check or not info.builtin:
             try:
-                typecheck(out)
+                typecheck(out, weights=bool(graph.params) or None)  # weights it had, it keeps
             except IRCheckError as e:
                 raise IRCheckError(f"after pass {info.name!r}: {e}") from None
         if len(out.outputs) != len(graph.outputs):

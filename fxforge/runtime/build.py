@@ -21,6 +21,9 @@ def assemble(graph: Graph, spec: CallSpec, backend: Backend, device, name: str, 
     """The backend's checks and planning on `graph` (as the passes left it), then the
     program and the model around it."""
     check_outputs(graph, spec, name)
+    missing = [v.param for v in graph.param_values if v.param not in graph.params]
+    if missing:  # else a bare KeyError from the program's namespace
+        raise KeyError(f"{name}: no tensor for {len(missing)} parameter(s) of the graph, e.g. {missing[:3]}")
     graph = params_on(graph, device)
     backend.check(graph)
     start = time.perf_counter()
