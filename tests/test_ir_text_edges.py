@@ -158,3 +158,16 @@ def test_a_pass_that_loses_the_weights_is_named(tiny_llama):
     reg = _registry_with("lose_weights", lose_weights, after="cleanup")
     with pytest.raises(IRCheckError, match="after pass 'lose_weights'.*no tensor in graph.params"):
         fxforge.optimize(model, (ids,), registry=reg, passes=["cleanup", "lose_weights"])
+
+
+@pytest.mark.parametrize("passes, options, match", [
+    (["cleanup", "shard"], {}, "lists 'shard', which needs the option tensor_parallel="),
+    (["cleanup", "quantize"], {}, "lists 'quantize', which needs the option quantize="),
+    (["cleanup", "fuse_attention", "kv_cache", "gqa"], {"kv_cache": True, "gqa": 1},
+     "runs 'gqa' after 'kv_cache', but 'gqa' must run before it"),
+])
+def test_passes_listed_without_their_option_or_out_of_order_are_refused(passes, options, match):
+    reg = fxforge.passes.default_registry()
+    with pytest.raises(ValueError, match=match):
+        reg.pipeline(reg.parse_options(options), passes)
+    reg.pipeline(reg.parse_options({"kv_cache": True}), ["cleanup", "fuse_attention", "kv_cache"])  # runs on

@@ -40,6 +40,13 @@ class PassInfo:
     # Any other pass is typechecked after every run, so that a broken rewrite fails there,
     # naming the pass, not as a wrong answer or a KeyError in the program.
     builtin: bool = False
+    # The pass cannot run without its option (gqa needs a head count, shard a number of
+    # ranks, quantize a scheme): passes=[..., name] without it is refused by name, where
+    # kv_cache (default KVCacheConfig()) runs on without one.
+    needs_option: bool = False
+    # Passes that, when both are in a pipeline, must run after this one (gqa shrinks the
+    # K/V projections the cache is built from: after kv_cache it finds the cache's inputs).
+    runs_before: tuple = ()
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -207,7 +214,25 @@ class PassRegistry:
                     continue
                 chosen.append(info)
         self._check_options_run(options, chosen, passes, disable)
+        if passes is not None:
+            self._check_listed(options, chosen, list(passes))
         return chosen
+
+    def _check_listed(self, options: dict, chosen: list[PassInfo], passes: list[str]):
+        """passes= may name a pass whose option is missing, or put two in an order they
+        cannot run in: say so here, not as an error from deep inside the pass."""
+        for info in chosen:
+            if info.needs_option and options.get(info.option) is None:
+                raise ValueError(f"passes={passes!r} lists {info.name!r}, which needs the option {info.option}= "
+                                 f"({info.doc or 'its configuration'}); give {info.option}=..., or leave "
+                                 f"{info.name!r} out of passes=")
+        position = {name: i for i, name in reversed(list(enumerate(passes)))}  # first run of each
+        for info in chosen:
+            for later in info.runs_before:
+                if later in position and position[later] < position[info.name]:
+                    raise ValueError(f"passes={passes!r} runs {info.name!r} after {later!r}, but {info.name!r} "
+                                     f"must run before it (the default pipeline's order is "
+                                     f"{[n for n in self.order if n in position]!r}): reorder passes=")
 
     def _check_options_run(self, options: dict, chosen: list[PassInfo], passes, disable):
         """An option that turns a pass on (kv_cache=True) while passes= or disable= leave out
