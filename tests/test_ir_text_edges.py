@@ -171,3 +171,28 @@ def test_passes_listed_without_their_option_or_out_of_order_are_refused(passes, 
     with pytest.raises(ValueError, match=match):
         reg.pipeline(reg.parse_options(options), passes)
     reg.pipeline(reg.parse_options({"kv_cache": True}), ["cleanup", "fuse_attention", "kv_cache"])  # runs on
+
+
+@pytest.mark.parametrize("name, option, match", [
+    ("mine/v2", None, "pass name 'mine/v2'"),
+    ("..", None, "not '..'"),
+    ("p_backend", "backend", "optimize\\(\\)'s own keywords"),
+    ("my_quant", "quantize", "option of fxforge's own pass 'quantize'"),
+])
+def test_register_pass_refuses_bad_names_and_options(name, option, match):
+    reg = fxforge.passes.default_registry()
+    with pytest.raises(ValueError, match=match):
+        fxforge.register_pass(name, option=option, registry=reg)(lambda g: g)
+    assert name not in reg.passes
+    fxforge.register_pass("mine-v2.1", option="my_option", registry=reg)(lambda g: g)
+
+
+def test_reserved_options_cover_optimizes_keywords():
+    import inspect
+
+    from fxforge.api import optimize_captured
+    from fxforge.passes.manager import RESERVED_OPTIONS
+
+    for fn in (fxforge.optimize, optimize_captured):
+        params = inspect.signature(fn).parameters.values()
+        assert {p.name for p in params if p.kind != p.VAR_KEYWORD} <= RESERVED_OPTIONS

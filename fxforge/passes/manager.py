@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,6 +52,14 @@ class PassInfo:
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise TypeError(f"a pass name is a non-empty str, got {self.name!r}")
+        if not _PASS_NAME.fullmatch(self.name) or ".." in self.name:
+            # the name is a file name too: dump_dir gets NN_<name>.ir
+            raise ValueError(f"pass name {self.name!r}: use letters, digits, '_', '-' and '.' (not '..'); the "
+                             "name is part of the dump's file names (NN_<name>.ir)")
+        if self.option is not None and (not isinstance(self.option, str) or self.option in RESERVED_OPTIONS):
+            raise ValueError(f"pass {self.name!r}: option={self.option!r} cannot be a pass option: "
+                             + ("it is one of optimize()'s own keywords, which never reach a pass; choose "
+                                "another name" if isinstance(self.option, str) else "an option is a str"))
         _check_pass_fn(self.name, self.fn)
 
     def parse_option(self, value):
@@ -65,6 +74,16 @@ class PassInfo:
     def wants_ctx(self) -> bool:
         arity = _positional_arity(self.fn)
         return arity is not None and arity[1] >= 2
+
+
+_PASS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+# optimize()'s (and optimize_captured()'s) own keywords: optimize() keeps them, so a pass
+# option of that name would never be seen by its pass (tests/test_ir_text_edges.py checks
+# this list against their signatures).
+RESERVED_OPTIONS = frozenset({
+    "model", "example_inputs", "example_kwargs", "passes", "disable", "backend", "dump_dir", "dynamic",
+    "registry", "cpu_linear", "verbose", "capture_cache", "copy_weights", "capture"})
 
 
 def _positional_arity(fn) -> tuple[int, float] | None:
@@ -156,6 +175,11 @@ class PassRegistry:
             self.remove(info.name)
         if before and after:
             raise ValueError("give before= or after=, not both")
+        owner = next((p for p in self.passes.values() if p.builtin and p.option == info.option
+                      and p.name != info.name), None) if info.option and not info.builtin else None
+        if owner is not None:  # optimize(quantize=...) would switch on both, each reading the other's value
+            raise ValueError(f"pass {info.name!r}: option={info.option!r} is the option of fxforge's own pass "
+                             f"{owner.name!r}; choose another option name")
         anchor = before or after
         if anchor is not None and anchor not in self.order:
             raise ValueError(f"cannot place {info.name!r} relative to unknown pass {anchor!r}; "
