@@ -196,3 +196,95 @@ def test_reserved_options_cover_optimizes_keywords():
     for fn in (fxforge.optimize, optimize_captured):
         params = inspect.signature(fn).parameters.values()
         assert {p.name for p in params if p.kind != p.VAR_KEYWORD} <= RESERVED_OPTIONS
+
+
+# -- fast.save's meta.json, edited ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_llama(tiny_llama, tmp_path_factory):
+    _, ids, fast = tiny_llama
+    d = str(tmp_path_factory.mktemp("saved") / "m")
+    fast.save(d)
+    return d
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("format_version", "1", "'format_version'.*the JSON string \"1\", expected a number"),
+    ("op_modules", ["a"], "'op_modules'.*JSON array"),
+    ("op_modules", {"x::y": "no_such_module"}, "'x::y' is not an operator name"),
+    ("op_modules", {"x.y": "no such"}, "is not a Python module name"),
+    ("generation_defaults", {"eos_token_id": "two"}, "eos_token_id=\"two\" is not a token id"),
+    ("generation_defaults", {"do_sample": 1}, "do_sample=1 is not true or false"),
+])
+def test_edited_meta_fields_are_clear_errors(saved_llama, tmp_path, key, value, says):
+    import shutil
+
+    from fxforge.runtime.saving import IncompatibleSaveError
+
+    d = str(tmp_path / "m")
+    shutil.copytree(saved_llama, d)
+    meta = json.load(open(os.path.join(d, "meta.json")))
+    meta[key] = value
+    json.dump(meta, open(os.path.join(d, "meta.json"), "w"))
+    with pytest.raises(IncompatibleSaveError, match=says):
+        fxforge.load(d)
+
+
+# -- the CLI: argument mistakes are one line on stderr, exit status 2 ---------------------------
+FACTORIES = '''
+import sys
+sys.path.insert(0, {tests!r})
+import zoo
+def three():
+    m, v = zoo.llama("sdpa", n_layer=1)
+    return m, v, 1
+def notmodel():
+    return 42
+'''
+
+
+@pytest.fixture(scope="module")
+def factories(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "factories.py"
+    path.write_text(FACTORIES.format(tests=os.path.dirname(os.path.abspath(__file__))))
+    return str(path)
+
+
+def _cli_error(capsys, argv) -> str:
+    from fxforge.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_cli_refuses_factories_that_return_no_model(factories, capsys):
+    assert "returned a tuple of 3" in _cli_error(capsys, ["inspect", f"{factories}:three"])
+    assert "returned int 42, not a torch.nn.Module" in _cli_error(capsys, ["inspect", f"{factories}:notmodel"])
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_cli_refuses_an_empty_prompt(factories, capsys, prompt):
+    assert "is empty" in _cli_error(capsys, ["generate", f"{factories}:notmodel", "--prompt", prompt])
+
+
+def test_cli_refuses_ids_past_int64_and_tokens_past_the_positions(saved_llama, capsys):
+    err = _cli_error(capsys, ["generate", saved_llama, "--no-kv-cache", "--prompt", "5 99999999999999999999"])
+    assert "99999999999999999999" in err and "int64" in err
+    err = _cli_error(capsys, ["generate", saved_llama, "--no-kv-cache", "--prompt", "5", "--max-new-tokens", "100000"])
+    assert "positions, more than this model's" in err
+
+
+def test_cli_inspect_of_a_damaged_save_is_an_argument_error(saved_llama, tmp_path, capsys):
+    import shutil
+
+    d = str(tmp_path / "m")
+    shutil.copytree(saved_llama, d)
+    text = open(os.path.join(d, "model.ir")).read()
+    open(os.path.join(d, "model.ir"), "w").write(text[: len(text) // 2])
+    assert "cannot load the saved model" in _cli_error(capsys, ["inspect", d])
+    meta = json.load(open(os.path.join(d, "meta.json")))
+    json.dump({**meta, "format_version": 99}, open(os.path.join(d, "meta.json"), "w"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, *sys.path])}
+    run = subprocess.run([sys.executable, "-m", "fxforge", "inspect", d], capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "save format 99" in run.stderr and len(run.stderr.strip().splitlines()) == 1
