@@ -288,3 +288,10 @@ def test_cli_inspect_of_a_damaged_save_is_an_argument_error(saved_llama, tmp_pat
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, *sys.path])}
     run = subprocess.run([sys.executable, "-m", "fxforge", "inspect", d], capture_output=True, text=True, env=env)
     assert run.returncode == 2 and "save format 99" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_a_loaded_models_report_says_it_was_loaded(saved_llama, tiny_llama):
+    _, _, fast = tiny_llama
+    assert "loaded from IR text" not in fast.report()
+    report = fxforge.load(saved_llama).report()
+    assert "loaded from IR text" in report and "0.0ms" not in report.splitlines()[2]

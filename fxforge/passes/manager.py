@@ -345,8 +345,12 @@ def _deliberate(e: Exception) -> bool:
 
 
 def format_report(stats: list[PassStats], capture_seconds: float | None = None) -> str:
+    """capture_seconds None: the graph was not captured here but read from IR text
+    (fxforge.load, load_ir), and the passes' rows are those of the run that wrote it, if any."""
     lines = [f"{'pass':<20} {'time':>9} {'nodes':>13}  rules fired"]
-    if capture_seconds is not None:
+    if capture_seconds is None:
+        lines.append(f"{'capture':<20} {'-':>9}  (loaded from IR text: no capture or passes in this process)")
+    else:
         lines.append(f"{'capture':<20} {capture_seconds * 1000:>7.1f}ms")
     for s in stats:
         fired = ", ".join(f"{k}={v}" for k, v in sorted(s.rules.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"

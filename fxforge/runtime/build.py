@@ -17,9 +17,9 @@ from .module import OptimizedModel
 
 
 def assemble(graph: Graph, spec: CallSpec, backend: Backend, device, name: str, stats=(), dumps=(),
-             capture_seconds: float = 0.0) -> OptimizedModel:
+             capture_seconds: float | None = None) -> OptimizedModel:
     """The backend's checks and planning on `graph` (as the passes left it), then the
-    program and the model around it."""
+    program and the model around it. capture_seconds None: no capture (a loaded IR)."""
     check_outputs(graph, spec, name)
     missing = [v.param for v in graph.param_values if v.param not in graph.params]
     if missing:  # else a bare KeyError from the program's namespace
