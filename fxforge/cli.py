@@ -37,7 +37,8 @@ def main(argv=None) -> int:
         with torch.no_grad():  # scoped: main() may run inside another program (or a test)
             return args.run(args)
     except CLIError as e:
-        print(f"python -m fxforge {args.command}: error: {e}", file=sys.stderr)
+        line = " ".join(part.strip() for part in str(e).splitlines())  # one line, whatever it quotes
+        print(f"python -m fxforge {args.command}: error: {line}", file=sys.stderr)
         return 2
 
 
@@ -109,6 +110,7 @@ def run_inspect(args) -> int:
 
 def run_generate(args) -> int:
     spec = args.model or "smollm2"
+    _check_prompt(args.prompt)  # before the optimize() it would otherwise wait for
     fast, tokenizer, seconds = _optimized(spec, args, kv_cache=not args.no_kv_cache)
     if fast.kv_layout is None and not args.no_kv_cache:
         raise CLIError(f"{spec} was saved without a KV cache, which generate needs: add --no-kv-cache (every step "
@@ -120,6 +122,7 @@ def run_generate(args) -> int:
     print(f"# {fast.model_name} {_made(spec)} in {seconds:.2f}s ({', '.join([cache, *_quantized(fast)])})")
     ids = _encode(args.prompt, tokenizer)
     _check_ids(ids, fast, tokenizer)
+    _check_length(ids.shape[1], args.max_new_tokens, fast, args.no_kv_cache)
     start = time.perf_counter()
     out = _greedy_without_cache(fast, ids, args.max_new_tokens) if args.no_kv_cache \
         else fast.generate(ids, args.max_new_tokens)
@@ -162,6 +165,21 @@ def _check_ids(ids: torch.Tensor, fast, tokenizer):
         raise CLIError(f"prompt token id {bad} is outside this model's vocabulary (0 to {vocab - 1})")
 
 
+def _check_length(prompt_len: int, new: int, fast, no_kv_cache: bool):
+    """The prompt and the new tokens within the positions the model has (its KV cache's
+    max_seq_len, or its config's position count): refused here, before any work."""
+    layout = None if no_kv_cache else fast.kv_layout
+    limit = getattr(layout, "max_seq_len", None)
+    if limit is None:
+        config = getattr(fast, "config", None)
+        limit = next((v for k in ("max_position_embeddings", "n_positions")
+                      if isinstance(v := getattr(config, k, None), int)), None)
+    if limit is not None and prompt_len + new > limit:
+        raise CLIError(f"the prompt ({prompt_len} tokens) plus --max-new-tokens {new} is {prompt_len + new} "
+                       f"positions, more than this model's {limit}; ask for at most {max(limit - prompt_len, 0)} "
+                       "new tokens or shorten the prompt")
+
+
 # -- models ---------------------------------------------------------------------------------
 def _optimized(spec: str, args, kv_cache: bool, flags: tuple = ()):
     """(OptimizedModel, tokenizer or None, seconds spent) for a MODEL argument. `flags`:
@@ -178,7 +196,7 @@ def _optimized(spec: str, args, kv_cache: bool, flags: tuple = ()):
         if ignored:
             print(f"# a saved model is loaded as it was saved: {' / '.join(ignored)} "
                   f"{'does' if len(ignored) == 1 else 'do'} not apply")
-        return fxforge.load(spec, backend=args.backend), None, time.perf_counter() - start
+        return _load(spec, args.backend), None, time.perf_counter() - start
     model, example, tokenizer = _from_factory(spec)
     options = {"quantize": args.quantize} if args.quantize else {}
     if kv_cache:
@@ -186,6 +204,20 @@ def _optimized(spec: str, args, kv_cache: bool, flags: tuple = ()):
     start = time.perf_counter()
     fast = fxforge.optimize(model, example, backend=args.backend, **options)
     return fast, tokenizer, time.perf_counter() - start
+
+
+def _load(path: str, backend: str):
+    """fxforge.load, a folder it cannot read (damaged, another format version, not a save)
+    being a mistake in the MODEL argument."""
+    import fxforge
+    from .ir.parser import ParseError
+    from .runtime.saving import IncompatibleSaveError
+
+    try:
+        return fxforge.load(path, backend=backend)
+    except (ParseError, IncompatibleSaveError, OSError, KeyError, TypeError, ValueError) as e:
+        what = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise CLIError(f"cannot load the saved model in {path}: {type(e).__name__}: {what}") from None
 
 
 def _from_factory(spec: str):
@@ -201,10 +233,24 @@ def _from_factory(spec: str):
     if not callable(factory):
         raise CLIError(f"{module_name} has no function {factory_name!r}")
     made = factory()
+    if isinstance(made, tuple) and len(made) != 2:
+        raise CLIError(f"{spec} returned a tuple of {len(made)}; a factory returns the model, (model, "
+                       "example_inputs) or (model, vocab_size)")
     model, example = made if isinstance(made, tuple) else (made, None)
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"{spec} returned {type(model).__name__} {_short(model)}, not a torch.nn.Module; a factory "
+                       "returns the model, (model, example_inputs) or (model, vocab_size)")
+    if isinstance(example, bool):
+        raise CLIError(f"{spec} returned (model, {example!r}): the second item is the example inputs or a vocabulary "
+                       "size")
     if isinstance(example, int) or example is None:
         example = _example_ids(model, example)
     return model.eval(), example, None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _import(name: str):
@@ -248,13 +294,25 @@ def _smollm2():
 
 # -- tokens ---------------------------------------------------------------------------------
 def _encode(prompt: str | None, tokenizer) -> torch.Tensor:
+    """The prompt's ids; without --prompt a default one, but a --prompt given empty (or
+    only spaces) is a mistake, not a request for the default."""
+    _check_prompt(prompt)
     if tokenizer is not None:
         return tokenizer(prompt or "The capital of France is", return_tensors="pt").input_ids
     try:
         ids = [int(t) for t in (prompt or "1 2 3").split()]
     except ValueError:
         raise CLIError(f"this model has no tokenizer: give the prompt as token ids ('1 5 7'), not {prompt!r}")
-    return torch.tensor([ids])
+    too_big = next((t for t in ids if not -2**63 <= t < 2**63), None)
+    if too_big is not None:
+        raise CLIError(f"prompt token id {too_big} is no token id (it does not even fit in int64)")
+    return torch.tensor([ids], dtype=torch.int64)
+
+
+def _check_prompt(prompt: str | None):
+    if prompt is not None and not prompt.strip():
+        raise CLIError(f"--prompt {prompt!r} is empty: give some text (or token ids '1 5 7'), or leave --prompt out "
+                       "for the default prompt")
 
 
 def _decode(ids: torch.Tensor, tokenizer) -> str:

@@ -121,6 +121,8 @@ class _AttrReader:
                 raise ParseError(f"expected an attribute name at {self.s[self.i:self.i + 30]!r}")
             self.i = m.end()
             self.expect("=")
+            if m.group(0) in out:  # last-one-wins would silently drop an edit
+                raise ParseError(f"attribute {m.group(0)!r} is given twice in {self.s!r}")
             out[m.group(0)] = self.value()
             if self.peek() == ",":
                 self.i += 1
@@ -253,9 +255,31 @@ def _split_lhs_rhs(line: str) -> tuple[str, str]:
     raise ParseError(f"expected `%v: type = op(...)`, got {line!r}")
 
 
+def strip_comment(line: str) -> str:
+    """`line` without its comment: a line whose text starts with `#`, or what follows
+    `  #` (two spaces, the printer's source comments) outside a quoted string: a
+    parameter may be called `scale  #1`."""
+    if line.lstrip().startswith("#"):
+        return ""
+    in_str, i = False, 0
+    while i < len(line):
+        c = line[i]
+        if in_str:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        elif c == "#" and line[max(0, i - 2):i] == "  ":
+            return line[:i - 2].rstrip()
+        i += 1
+    return line.rstrip()
+
+
 def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     cache: dict = {}
-    numbered = [(i, ln.split("  #", 1)[0].rstrip()) for i, ln in enumerate(text.splitlines(), 1)]
+    numbered = [(i, strip_comment(ln)) for i, ln in enumerate(text.splitlines(), 1)]
     numbered = [(i, ln) for i, ln in numbered if ln.strip()]
     lines = [ln for _, ln in numbered]
     head = lines[0].strip() if lines else ""
@@ -310,13 +334,27 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
                              "written before quantize or fuse_linear names weights that fast.graph.params no longer "
                              "holds: use the model's own state_dict there)")
 
+    closed = returned = False
     for lineno, line in numbered[1:]:
         try:
+            if closed:
+                raise ParseError("text after the graph's closing `}`")
+            if returned and line.strip() != "}":
+                raise ParseError("only the closing `}` may follow the `return` line")
             if _read_line(g, line, define, use, cache):
-                break
+                if not returned:
+                    raise ParseError("the graph closes without a `return (...)` line")
+                closed = True
+            elif line.strip().startswith("return"):
+                returned = True
         except ParseError as e:
             where = "" if line.strip() in str(e) else f" (in {line.strip()!r})"
             raise ParseError(f"line {lineno}: {e}{where}") from None
+    if not closed:
+        last = numbered[-1][0] if numbered else 0
+        missing = "`}`" if returned else "`return (...)` line and `}`"
+        raise ParseError(f"the text ends at line {last} without the graph's {missing}: it looks truncated "
+                         "(a partial copy or an interrupted write)")
     return g
 
 
@@ -331,6 +369,10 @@ def _read_line(g: Graph, line: str, define, use, cache) -> bool:
         g.signature = _AttrReader(s[len("signature "):], cache).attrs()
         return False
     if s.startswith("guard "):
+        if s[len("guard "):].strip() in ("True", "true"):  # holds for every size: nothing to check
+            return False
+        if s[len("guard "):].strip() in ("False", "false"):
+            raise ParseError(f"{s!r} holds for no sizes: no call could run")
         try:
             rel = parse_guard(s[len("guard "):])
         except ValueError as e:

@@ -25,23 +25,28 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class Namer:
-    """Stable names for a graph's values: inputs by their hint, params p0.., nodes 1.."""
+    """Stable names for a graph's values: inputs by their hint, params p0.., states s0..,
+    nodes 1... Every name is unique: a generated name an input already took (a forward
+    argument called `p0`) gets `_` appended, so the text always parses back."""
 
     def __init__(self, graph):
         self.names: dict = {}
         taken: set[str] = set()
+
+        def claim(v, name: str):
+            while name in taken:
+                name = name + "_"
+            taken.add(name)
+            self.names[v] = name
+
         for i, v in enumerate(graph.inputs):
-            hint = v.hint if v.hint and _IDENT.match(v.hint) else f"in{i}"
-            while hint in taken:
-                hint = hint + "_"
-            taken.add(hint)
-            self.names[v] = hint
+            claim(v, v.hint if v.hint and _IDENT.match(v.hint) else f"in{i}")
         for i, v in enumerate(graph.param_values):
-            self.names[v] = f"p{i}"
+            claim(v, f"p{i}")
         for i, v in enumerate(graph.state_values):
-            self.names[v] = f"s{i}"
+            claim(v, f"s{i}")
         counter = 0
-        for n in graph.nodes:
+        for n in graph.nodes:  # numbers: no input hint (an identifier) can take one
             for v in n.outputs:
                 counter += 1
                 self.names[v] = str(counter)

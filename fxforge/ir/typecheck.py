@@ -13,8 +13,13 @@ class IRCheckError(TypeError):
     """The graph is malformed. The message quotes the offending IR line."""
 
 
-def typecheck(graph: Graph, registry=None) -> Graph:
+def typecheck(graph: Graph, registry=None, *, weights: bool | None = None) -> Graph:
+    """weights=True: every `param` must have its tensor in graph.params (a graph that is
+    to run: the pass manager asks for it after a pass whose input had them); None: only
+    when graph.params holds any (a graph parsed without weights has none, and checks)."""
     registry = OPS if registry is None else registry
+    if weights is None:
+        weights = bool(graph.params)
     names = Namer(graph)
     defined: set = set()
 
@@ -26,8 +31,10 @@ def typecheck(graph: Graph, registry=None) -> Graph:
             raise IRCheckError(f"graph input %{names[v]} is listed twice")
         defined.add(v)
     for v in graph.param_values:
-        if graph.params and v.param not in graph.params:
-            raise IRCheckError(f"parameter {v.param!r} has no tensor in graph.params")
+        if weights and v.param not in graph.params:
+            missing = [p.param for p in graph.param_values if p.param not in graph.params]
+            raise IRCheckError(f"{len(missing)} parameter(s) have no tensor in graph.params, e.g. "
+                               f"{missing[:3]} (graph.params holds {len(graph.params)})")
         t = graph.params.get(v.param)
         # compared as sympy, so a symbolic or non-tensor type is a mismatch, not a crash
         if t is not None and (not isinstance(v.type, TensorType) or tuple(t.shape) != tuple(v.type.shape)

@@ -21,14 +21,15 @@ def default_registry() -> PassRegistry:
     reg.add(PassInfo("cleanup", cleanup, doc="DCE, CSE, constant folding, no-op removal"), append=True)
     reg.add(PassInfo("fuse_attention", fuse_attention, doc="attention subgraphs -> one fused op"), append=True)
     # each option's parser rejects a value that means nothing (gqa=0, kv_cache="yes") before capture
-    reg.add(PassInfo("gqa", gqa, option="gqa", parse=parse_gqa,
+    reg.add(PassInfo("gqa", gqa, option="gqa", parse=parse_gqa, needs_option=True,
+                     runs_before=("kv_cache",),
                      doc="multi-head -> grouped-query attention (approximate)"), append=True)
-    reg.add(PassInfo("shard", shard, option="tensor_parallel", parse=parse_shard,
+    reg.add(PassInfo("shard", shard, option="tensor_parallel", parse=parse_shard, needs_option=True,
                      doc="tensor parallelism: weights split by heads/columns across ranks, all_reduce after"),
             append=True)
     reg.add(PassInfo("kv_cache", kv_cache, option="kv_cache", parse=parse_kv_cache,
                      doc="a KV cache: one graph for prefill and decode, O(context) per token"), append=True)
-    reg.add(PassInfo("quantize", quantize, option="quantize", parse=parse_quantize,
+    reg.add(PassInfo("quantize", quantize, option="quantize", parse=parse_quantize, needs_option=True,
                      doc="linear layers -> int8/int4/nf4/w8a8"), append=True)
     reg.add(PassInfo("fuse_linear", fuse_linear, doc="linears reading the same input -> one wider linear"),
             append=True)

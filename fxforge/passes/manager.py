@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,10 +41,25 @@ class PassInfo:
     # Any other pass is typechecked after every run, so that a broken rewrite fails there,
     # naming the pass, not as a wrong answer or a KeyError in the program.
     builtin: bool = False
+    # The pass cannot run without its option (gqa needs a head count, shard a number of
+    # ranks, quantize a scheme): passes=[..., name] without it is refused by name, where
+    # kv_cache (default KVCacheConfig()) runs on without one.
+    needs_option: bool = False
+    # Passes that, when both are in a pipeline, must run after this one (gqa shrinks the
+    # K/V projections the cache is built from: after kv_cache it finds the cache's inputs).
+    runs_before: tuple = ()
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise TypeError(f"a pass name is a non-empty str, got {self.name!r}")
+        if not _PASS_NAME.fullmatch(self.name) or ".." in self.name:
+            # the name is a file name too: dump_dir gets NN_<name>.ir
+            raise ValueError(f"pass name {self.name!r}: use letters, digits, '_', '-' and '.' (not '..'); the "
+                             "name is part of the dump's file names (NN_<name>.ir)")
+        if self.option is not None and (not isinstance(self.option, str) or self.option in RESERVED_OPTIONS):
+            raise ValueError(f"pass {self.name!r}: option={self.option!r} cannot be a pass option: "
+                             + ("it is one of optimize()'s own keywords, which never reach a pass; choose "
+                                "another name" if isinstance(self.option, str) else "an option is a str"))
         _check_pass_fn(self.name, self.fn)
 
     def parse_option(self, value):
@@ -58,6 +74,16 @@ class PassInfo:
     def wants_ctx(self) -> bool:
         arity = _positional_arity(self.fn)
         return arity is not None and arity[1] >= 2
+
+
+_PASS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+# optimize()'s (and optimize_captured()'s) own keywords: optimize() keeps them, so a pass
+# option of that name would never be seen by its pass (tests/test_ir_text_edges.py checks
+# this list against their signatures).
+RESERVED_OPTIONS = frozenset({
+    "model", "example_inputs", "example_kwargs", "passes", "disable", "backend", "dump_dir", "dynamic",
+    "registry", "cpu_linear", "verbose", "capture_cache", "copy_weights", "capture"})
 
 
 def _positional_arity(fn) -> tuple[int, float] | None:
@@ -149,6 +175,11 @@ class PassRegistry:
             self.remove(info.name)
         if before and after:
             raise ValueError("give before= or after=, not both")
+        owner = next((p for p in self.passes.values() if p.builtin and p.option == info.option
+                      and p.name != info.name), None) if info.option and not info.builtin else None
+        if owner is not None:  # optimize(quantize=...) would switch on both, each reading the other's value
+            raise ValueError(f"pass {info.name!r}: option={info.option!r} is the option of fxforge's own pass "
+                             f"{owner.name!r}; choose another option name")
         anchor = before or after
         if anchor is not None and anchor not in self.order:
             raise ValueError(f"cannot place {info.name!r} relative to unknown pass {anchor!r}; "
@@ -207,7 +238,25 @@ class PassRegistry:
                     continue
                 chosen.append(info)
         self._check_options_run(options, chosen, passes, disable)
+        if passes is not None:
+            self._check_listed(options, chosen, list(passes))
         return chosen
+
+    def _check_listed(self, options: dict, chosen: list[PassInfo], passes: list[str]):
+        """passes= may name a pass whose option is missing, or put two in an order they
+        cannot run in: say so here, not as an error from deep inside the pass."""
+        for info in chosen:
+            if info.needs_option and options.get(info.option) is None:
+                raise ValueError(f"passes={passes!r} lists {info.name!r}, which needs the option {info.option}= "
+                                 f"({info.doc or 'its configuration'}); give {info.option}=..., or leave "
+                                 f"{info.name!r} out of passes=")
+        position = {name: i for i, name in reversed(list(enumerate(passes)))}  # first run of each
+        for info in chosen:
+            for later in info.runs_before:
+                if later in position and position[later] < position[info.name]:
+                    raise ValueError(f"passes={passes!r} runs {info.name!r} after {later!r}, but {info.name!r} "
+                                     f"must run before it (the default pipeline's order is "
+                                     f"{[n for n in self.order if n in position]!r}): reorder passes=")
 
     def _check_options_run(self, options: dict, chosen: list[PassInfo], passes, disable):
         """An option that turns a pass on (kv_cache=True) while passes= or disable= leave out
@@ -258,9 +307,14 @@ def _run_passes(graph, pipeline, options, check, dump, reporter=None):
             raise TypeError(f"pass {info.name!r} returned {type(out).__name__}, not a Graph")
         if check or not info.builtin:
             try:
-                typecheck(out)
+                typecheck(out, weights=bool(graph.params) or None)  # weights it had, it keeps
             except IRCheckError as e:
                 raise IRCheckError(f"after pass {info.name!r}: {e}") from None
+        if len(out.outputs) != len(graph.outputs):
+            # the model's call rebuilds its output from exactly these values
+            raise IRCheckError(f"after pass {info.name!r}: the graph returns {len(out.outputs)} value(s) where it "
+                               f"returned {len(graph.outputs)}; a pass must keep the graph's outputs (their "
+                               "number and order), since the model's call returns them")
         graph = out
         stats.append(PassStats(info.name, seconds, before, len(graph.nodes), ctx.rules, ctx.notes, ctx.details))
         if reporter is not None:
@@ -291,8 +345,12 @@ def _deliberate(e: Exception) -> bool:
 
 
 def format_report(stats: list[PassStats], capture_seconds: float | None = None) -> str:
+    """capture_seconds None: the graph was not captured here but read from IR text
+    (fxforge.load, load_ir), and the passes' rows are those of the run that wrote it, if any."""
     lines = [f"{'pass':<20} {'time':>9} {'nodes':>13}  rules fired"]
-    if capture_seconds is not None:
+    if capture_seconds is None:
+        lines.append(f"{'capture':<20} {'-':>9}  (loaded from IR text: no capture or passes in this process)")
+    else:
         lines.append(f"{'capture':<20} {capture_seconds * 1000:>7.1f}ms")
     for s in stats:
         fired = ", ".join(f"{k}={v}" for k, v in sorted(s.rules.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"

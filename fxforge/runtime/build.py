@@ -17,9 +17,13 @@ from .module import OptimizedModel
 
 
 def assemble(graph: Graph, spec: CallSpec, backend: Backend, device, name: str, stats=(), dumps=(),
-             capture_seconds: float = 0.0) -> OptimizedModel:
+             capture_seconds: float | None = None) -> OptimizedModel:
     """The backend's checks and planning on `graph` (as the passes left it), then the
-    program and the model around it."""
+    program and the model around it. capture_seconds None: no capture (a loaded IR)."""
+    check_outputs(graph, spec, name)
+    missing = [v.param for v in graph.param_values if v.param not in graph.params]
+    if missing:  # else a bare KeyError from the program's namespace
+        raise KeyError(f"{name}: no tensor for {len(missing)} parameter(s) of the graph, e.g. {missing[:3]}")
     graph = params_on(graph, device)
     backend.check(graph)
     start = time.perf_counter()
@@ -37,6 +41,22 @@ def assemble(graph: Graph, spec: CallSpec, backend: Backend, device, name: str, 
     # kept for save() and to(): the planning is redone per backend and device
     fast.pipeline_graph = graph
     return fast
+
+
+def check_outputs(graph: Graph, spec: CallSpec, name: str):
+    """The graph returns exactly the values the call spec rebuilds the model's output
+    from; otherwise the first call would fail on a bare IndexError (or return the wrong
+    tensors), far from the cause."""
+    wanted = [i for kind, i in spec.output_leaves if kind == "value"]
+    if len(graph.outputs) == len(wanted) and all(0 <= i < len(graph.outputs) for i in wanted):
+        return
+    if not graph.outputs:
+        raise ValueError(f"{name}: the graph returns nothing (`return ()`), but the model's call returns "
+                         f"{len(wanted)} tensor(s): the IR looks truncated or its return line was lost; "
+                         "re-save or re-dump the model")
+    raise ValueError(f"{name}: the graph returns {len(graph.outputs)} value(s), but the model's call returns "
+                     f"{len(wanted)} tensor(s) built from them: the IR's `return (...)` line does not match "
+                     "how the model is called (an edit or a pass added or dropped an output)")
 
 
 def _prepare_stats(backend, graph: Graph, planned: Graph, steps: list, seconds: float) -> PassStats:

@@ -367,8 +367,17 @@ class OptimizedModel:
         return self.last_decode_profile
 
     def dump(self, directory: str) -> list[str]:
-        """Write the IR after every pass (NN_<pass>.ir), the program, kernels and the report."""
+        """Write the IR after every pass (NN_<pass>.ir), the program, kernels and the report.
+        An earlier dump in `directory` (a re-run cell, FXFORGE_DUMP shared by two models) is
+        removed first, fxforge's own files only: left there, its later-numbered .ir files
+        would pass for this model's last IR."""
+        import re
+
         os.makedirs(directory, exist_ok=True)
+        ours = re.compile(r"\d{2,}_.+\.ir|kernel_.+\.py|program\.py|report\.txt")
+        for entry in os.scandir(directory):
+            if ours.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.remove(entry.path)
         written = []
         for fname, text in self._dumps:
             written.append(_write(directory, fname, text))

@@ -184,6 +184,9 @@ def read_meta(path: str) -> dict:
         raise IncompatibleSaveError(f"{meta_path} is not an fxforge save file (format {meta.get('format')!r}, "
                                     f"expected {FORMAT!r})")
     version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):  # "1" is not format 1: an edit
+        raise _damaged(meta_path, "format_version", f"it is the JSON {_json_type(version)} {json.dumps(version)}, "
+                                                    f"expected a number (this fxforge writes {FORMAT_VERSION})")
     if version != FORMAT_VERSION:
         raise IncompatibleSaveError(
             f"{path} was saved by fxforge {meta.get('fxforge_version', '?')} in save format {version}; this fxforge "
@@ -200,6 +203,44 @@ def read_meta(path: str) -> dict:
     if meta["config"] is not None and not (isinstance(meta["config"].get("class"), str)
                                            and isinstance(meta["config"].get("values"), dict)):
         raise _damaged(meta_path, "config", 'expected {"class": "module:Class", "values": {...}} or null')
+    modules = meta.get("op_modules", {})  # (saves before session 13 have none)
+    if not isinstance(modules, dict):
+        raise _damaged(meta_path, "op_modules", f"it is a JSON {_json_type(modules)}, expected an object mapping "
+                                                'an operator ("namespace.name") to the module that registers it')
+    for target, module in modules.items():
+        parts = target.split(".")
+        if len(parts) < 2 or not all(p.isidentifier() for p in parts):
+            raise _damaged(meta_path, "op_modules", f"{target!r} is not an operator name such as "
+                                                    '"transformers.grouped_mm_fallback" (namespace.name)')
+        if module is not None and not (isinstance(module, str) and all(p.isidentifier() for p in module.split("."))):
+            raise _damaged(meta_path, "op_modules", f"the module of {target!r}, {json.dumps(module)}, is not a "
+                                                    "Python module name (or null)")
+    from .generate import DEFAULTS
+
+    def _is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def token_ids(v):
+        return v is None or _is_int(v) or (isinstance(v, list) and all(_is_int(t) for t in v))
+
+    for key, value in meta["generation_defaults"].items():
+        default = DEFAULTS.get(key)
+        if key.endswith("token_id") or key.endswith("suppress_tokens"):
+            ok, want = token_ids(value), "a token id, a list of token ids or null"
+        elif key == "stop_strings":
+            ok = value is None or isinstance(value, str) or (isinstance(value, list)
+                                                             and all(isinstance(t, str) for t in value))
+            want = "a string, a list of strings or null"
+        elif isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = value is None or _is_int(value), "an integer"
+        elif isinstance(default, float):
+            ok, want = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)), "a number"
+        else:  # a setting generate() refuses anyway (kept so that it does): any JSON value
+            continue
+        if not ok:
+            raise _damaged(meta_path, "generation_defaults", f"{key}={json.dumps(value)} is not {want}")
     return meta
 
 
