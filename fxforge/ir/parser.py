@@ -46,10 +46,10 @@ def parse_dim(text: str, cache: dict | None = None) -> sympy.Expr:
     return out
 
 
-def _top_level(text: str):
-    """(index, char) of each character outside strings and brackets (an opening bracket
-    is itself at the level it opens from)."""
-    depth, in_str, i = 0, False, 0
+def _unquoted(text: str):
+    """(index, char) of each character outside double-quoted strings (the quotes excluded;
+    inside a string a backslash escapes the next character)."""
+    in_str, i = False, 0
     while i < len(text):
         c = text[i]
         if in_str:
@@ -59,14 +59,23 @@ def _top_level(text: str):
                 in_str = False
         elif c == '"':
             in_str = True
-        elif c in ")]}":
+        else:
+            yield i, c
+        i += 1
+
+
+def _top_level(text: str):
+    """(index, char) of each character outside strings and brackets (an opening bracket
+    is itself at the level it opens from)."""
+    depth = 0
+    for i, c in _unquoted(text):
+        if c in ")]}":
             depth -= 1
         else:
             if depth == 0:
                 yield i, c
             if c in "([{":
                 depth += 1
-        i += 1
 
 
 def split_top(text: str, sep: str = ",") -> list[str]:
@@ -261,19 +270,9 @@ def strip_comment(line: str) -> str:
     parameter may be called `scale  #1`."""
     if line.lstrip().startswith("#"):
         return ""
-    in_str, i = False, 0
-    while i < len(line):
-        c = line[i]
-        if in_str:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                in_str = False
-        elif c == '"':
-            in_str = True
-        elif c == "#" and line[max(0, i - 2):i] == "  ":
+    for i, c in _unquoted(line):
+        if c == "#" and line[max(0, i - 2):i] == "  ":
             return line[:i - 2].rstrip()
-        i += 1
     return line.rstrip()
 
 
