@@ -300,3 +300,26 @@ def test_gpt2_error_is_measured_with_the_out_projection_bias():
 
     measured = [((b - a).norm() / a.norm()).item() for a, b in zip(c_proj_outputs(model), c_proj_outputs(merged))]
     assert reported == pytest.approx(measured, rel=1e-3)
+
+
+def test_aligned_moves_the_alibi_slopes_with_the_query_heads():
+    # MPT's KV heads 0 and 2 (and 1 and 3) made equal: 'aligned' merges them exactly and
+    # permutes the query heads to [0, 2, 1, 3]; each head's ALiBi slope must move with it,
+    # else heads 1 and 2 swap slopes (a wrong answer, not an approximation error)
+    from test_attention_variants import mpt
+
+    torch.manual_seed(0)
+    model = mpt()
+    with torch.no_grad():
+        for block in model.transformer.blocks:
+            w = block.attn.Wqkv.weight
+            n = w.shape[0] // 3
+            for part in (1, 2):
+                rows = w[part * n:(part + 1) * n].view(4, n // 4, -1)
+                rows[2], rows[3] = rows[0].clone(), rows[1].clone()
+    ids = torch.randint(2, 128, (1, 9))
+    calibration = torch.randint(2, 128, (4, 16))
+    fast = fxforge.optimize(model, (ids,), gqa=GQAConfig(2, "aligned", calibration=calibration))
+    attention = [n for n in fast.graph.nodes if n.op == "attention"]
+    assert attention and all(n.attrs.get("alibi") and int(n.inputs[1].shape[1]) == 2 for n in attention), fast.ir
+    assert_close_to_eager(model(ids), fast(ids), rel=1e-4)

@@ -370,15 +370,9 @@ def rewrite(graph: Graph, layers: list[Layer], G: int) -> tuple[Graph, dict]:
             inputs = (inputs[0], weight_swap[original]) + inputs[2:]
         if inputs != node.inputs:
             node = _retyped(node, inputs, renamed)
-        if node.op == "attention" and node.attrs.get("sinks") and orders.get(original, []) != list(
-                range(len(orders.get(original, [])))):
-            # the query heads moved: sinks[h] (one per query head) move with them
-            bld = Builder(meta={**node.meta, "pass": "gqa"})
-            sinks = node.inputs[-1]
-            moved = bld.emit("cat", *(bld.emit("slice", sinks, dim=0, start=j, end=j + 1, step=1)
-                                      for j in orders[original]), dim=0)
-            nodes.extend(bld.nodes)
-            node = Node(node.op, node.inputs[:-1] + (moved,), node.attrs, node.outputs, node.meta)
+        if node.op == "attention" and orders.get(original, []) != list(range(len(orders.get(original, [])))):
+            node, extra = _per_head_inputs_moved(node, orders[original])
+            nodes.extend(extra)
         block_out[original] = node.outputs[0]
         nodes.append(node)
         if node.op == "attention":
@@ -392,6 +386,21 @@ def rewrite(graph: Graph, layers: list[Layer], G: int) -> tuple[Graph, dict]:
             renamed[proj.out] = y
     g = out.with_nodes(nodes, [renamed.get(v, v) for v in graph.outputs])
     return dead_code_elimination(g), {"orders": orders, "attn": new_attn, "out": block_out}
+
+
+def _per_head_inputs_moved(node: Node, order: list[int]) -> tuple[Node, list[Node]]:
+    """The attention node with its inputs of one value per query head -- the ALiBi slopes
+    (alibi=true) and the sinks (sinks=true), the last inputs -- in the new query head
+    `order`, and the nodes that reorder them: the query heads moved, and slopes[h] or
+    sinks[h] belong to the head, not to its position."""
+    per_head = bool(node.attrs.get("alibi")) + bool(node.attrs.get("sinks"))
+    if not per_head:
+        return node, []
+    bld = Builder(meta={**node.meta, "pass": "gqa"})
+    first = len(node.inputs) - per_head
+    moved = tuple(bld.emit("cat", *(bld.emit("slice", x, dim=0, start=j, end=j + 1, step=1) for j in order), dim=0)
+                  for x in node.inputs[first:])
+    return Node(node.op, node.inputs[:first] + moved, node.attrs, node.outputs, node.meta), bld.nodes
 
 
 def _retyped(node: Node, inputs: tuple, renamed: dict) -> Node:
