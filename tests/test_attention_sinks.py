@@ -310,3 +310,36 @@ def test_optional_inputs_are_sorted_by_the_flags():
     assert attention_inputs(s, alibi=True) == (None, s, None)
     assert attention_inputs(b, s) == (b, s, None)  # slopes in their own slot stay slopes
     assert attention_inputs(None, s) == (None, s, None)
+
+
+class _ShiftedMaskSinks(nn.Module):
+    """Sinks over scores whose causal mask also adds `shift` to every kept entry: softmax
+    alone would not see the shift, the sink does (it competes with the scores)."""
+
+    def __init__(self, shift: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.shift = shift
+        self.qk = nn.Linear(8, 16)
+        self.sinks = nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k = self.qk(x).view(b, t, 2, 2, 4).permute(2, 0, 3, 1, 4)
+        i = torch.arange(t)
+        mask = torch.zeros(t, t).masked_fill(i[None, :] > i[:, None], torch.finfo(torch.float32).min) + self.shift
+        c = torch.cat([q @ k.transpose(-1, -2) / 2.0 + mask, self.sinks.reshape(1, -1, 1, 1).expand(b, -1, t, 1)], -1)
+        return torch.softmax(c, -1)[..., :-1] @ k
+
+
+@pytest.mark.parametrize("shift", [0.0, 1.5])
+def test_a_mask_that_shifts_the_kept_scores_stays_a_bias_with_sinks(shift):
+    # causal up to a constant is causal for softmax, not for a sink: the shift must stay
+    model = _ShiftedMaskSinks(shift).eval()
+    x = torch.randn(2, 7, 8)
+    fast = fxforge.optimize(model, (x,))
+    (op,) = _sinks_ops(fast)
+    assert op.attrs["causal"] == (shift == 0.0), fast.ir
+    with torch.no_grad():
+        assert_close_to_eager(model(x), fast(x), rel=1e-5)
+        assert_close_to_eager(model(x[:, :4]), fast(x[:, :4]), rel=1e-5)

@@ -119,6 +119,9 @@ def _with_sinks(m: Match, b: Builder, root: Node, p: Value, v: Value, softmax: N
     uses = _Uses(m._uses, {virtual_p: 1, **uses_over})
     vm = Match(virtual_root, uses, producers, m.graph)
     vm.values = {"p": virtual_p, "v": v}
+    # a shape-only mask may become causal / window only where it is exactly that: softmax
+    # ignores a constant added to a row, the sink does not (it competes with the scores)
+    vm.attrs["exact_mask"] = True
     # the walker strips casts between the softmax and the matmul: p is read through
     # its casts from the real graph, so hand it the softmax itself
     start = len(b.nodes)

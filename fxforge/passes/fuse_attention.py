@@ -260,6 +260,9 @@ class MaskForm:
     causal: bool
     window: int | None = None
     slopes: tuple[float, ...] | None = None
+    # every kept entry was exactly 0 at every probe: the form is the mask itself, not the
+    # mask up to a constant per row (which softmax ignores, but a sink would see)
+    exact: bool = True
 
 
 # Float dtypes an ALiBi subgraph may compute in: a narrower one rounds slope * position
@@ -284,7 +287,7 @@ def _mask_form(m: Match, terms: _Terms, q: Value, k: Value) -> MaskForm | None:
     all_sizes, complete = probe_sizes(m.graph, values, m.producers)
     if not complete:
         return None
-    kinds, slopes_seen = set(), []
+    kinds, slopes_seen, exact = set(), [], True
     n_samples = len(sample_sizes(m.graph))
     for index, sizes in enumerate(all_sizes):
         bias = terms.evaluate_sum(m, sizes)
@@ -323,6 +326,7 @@ def _mask_form(m: Match, terms: _Terms, q: Value, k: Value) -> MaskForm | None:
             kinds.add(width)
         kept = torch.where(keep, bias, torch.zeros(()))
         if not bool((kept == 0).all()):
+            exact = False
             slopes = _fit_slopes(kept, keep, tq, tk)
             if slopes is None:
                 return None
@@ -345,7 +349,7 @@ def _mask_form(m: Match, terms: _Terms, q: Value, k: Value) -> MaskForm | None:
     causal = "none" not in kinds
     if not causal and slopes is None:
         return None  # no mask at all: nothing to fold
-    return MaskForm(causal, next(iter(windows)) if windows else None, slopes)
+    return MaskForm(causal, next(iter(windows)) if windows else None, slopes, exact)
 
 
 def _cached_mask_form(forms: dict | None, m: Match, terms: _Terms, q: Value, k: Value) -> MaskForm | None:
@@ -494,6 +498,8 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
         q, k, v = (b.emit("view", x, shape=tuple(unfold) + tuple(x.shape[1:])) for x in (q, k, v))
     if not causal and not terms.empty():
         form = _cached_mask_form(forms, m, terms, q, k)
+        if form is not None and m.attrs.get("exact_mask") and not form.exact:
+            form = None  # (attention sinks: a constant per row changes the answer, so the mask stays a bias)
         if form is not None:
             terms, causal = _Terms(), form.causal
             window = form.window
