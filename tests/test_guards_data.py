@@ -179,3 +179,64 @@ def test_a_model_random_in_eval_mode_is_not_refused_at_the_example():
     assert not fast.graph.guards
     x = torch.randn(1, 1, 8)
     assert ((fast(x) - x) >= 0).all() and ((fast(x) - x) < 1).all()
+
+
+class NoisyBranchAtOne(torch.nn.Module):
+    """Random in eval mode, and another computation at T == 1."""
+
+    def forward(self, x):
+        noise = torch.rand_like(x) * x.abs().amax() * 1e-2
+        return x * 2 + noise if x.shape[1] == 1 else x + noise
+
+
+def test_a_model_random_in_eval_mode_keeps_its_size_one_guard():
+    # the noise hides whether T == 1 computes the same: the guard must stay (it went, and a
+    # T=1 call gave x + noise where eager gives 2x + noise)
+    fast = fxforge.optimize(NoisyBranchAtOne().eval(), (torch.randn(2, 8),))
+    with pytest.raises(GuardError, match="T >= 2"):
+        fast(torch.randn(3, 1))
+
+
+def test_an_int64_input_at_its_largest_value_is_probed():
+    # a hash-like input holding 2**63 - 1: the random draw's upper bound overflowed
+    class Hashed(torch.nn.Module):
+        def forward(self, x, h):
+            return x * 2 + (h % 7).float()
+
+    model = Hashed()
+    x, h = torch.randn(2, 8), torch.full((2, 8), 2**63 - 1)
+    fast = fxforge.optimize(model, (x, h))
+    assert torch.equal(fast(x, h), model(x, h))
+
+
+def test_a_float_mask_is_drawn_from_its_own_values():
+    # a 0/1 float mask: both branches agree on every 0/1 mask, so no guard at T == 1 (normal
+    # draws, data the model never gets, made one)
+    class Masked(torch.nn.Module):
+        def forward(self, x, mask):
+            return x * mask[..., None] if x.shape[1] == 1 else x.masked_fill(mask[..., None] == 0, 0.0)
+
+    model = Masked()
+    mask = torch.ones(2, 8)
+    mask[1, 0] = 0
+    fast = fxforge.optimize(model, (torch.randn(2, 8, 4), mask))
+    assert not fast.graph.guards
+    y, my = torch.randn(3, 1, 4), torch.tensor([[1.0], [0.0], [1.0]])
+    assert torch.equal(fast(y, my), model(y, my))
+
+
+def test_position_ids_that_restart_in_the_example_are_compared_with_the_default_call():
+    # the graph computes the default call's masks (no packed sequences); the check at the
+    # example ran eager with use_cache=False, which reads restarting positions as packed
+    # sequences, and refused a right graph
+    import sys
+    sys.path.insert(0, "benchmarks")
+    from coverage import build
+
+    model, _ = build("llama", "eager")
+    ids = torch.randint(1, 128, (2, 8))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * 2)
+    fast = fxforge.optimize(model, example_kwargs=dict(input_ids=ids, position_ids=pos))
+    with torch.no_grad():
+        expected = model(input_ids=ids, position_ids=pos).logits
+    assert (fast(input_ids=ids, position_ids=pos).logits - expected).abs().max() < 1e-4

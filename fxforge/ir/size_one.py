@@ -164,7 +164,7 @@ def _probe(model, graph: Graph, spec, draws: "_Draws", sizes: dict, ignore=None)
                 GuardChecker([g for g in graph.guards if g is not ignore]).check(input_sizes(graph, inputs))
             except GuardError:
                 return None  # the graph refuses these sizes already
-        why = _difference(model, graph, spec, probe, inputs)
+        why = _difference(model, graph, spec, probe, inputs, noise_differs=True)
         if why is None:
             continue
         if i == 0:
@@ -237,13 +237,28 @@ def _random_like(x: torch.Tensor, kind: int, gen: torch.Generator) -> torch.Tens
         return x
     if x.dtype == torch.bool:
         out = torch.randint(0, 2, x.shape, generator=gen).bool()
+    elif x.is_floating_point() and (values := _few_values(x)) is not None:
+        # a float input of one or two values (a 0/1 mask): its own values, at random places;
+        # normal draws would be data the model is never given, and a branch that treats
+        # both spellings of a mask alike would differ there and keep a false guard
+        out = values[torch.randint(0, len(values), x.shape, generator=gen)]
     elif x.is_floating_point() or x.is_complex():
         out = torch.randn(x.shape, generator=gen, dtype=torch.cfloat if x.is_complex() else torch.float32)
         out = out * 100 if kind == 1 else out
     else:
         lo, hi = int(x.min()), int(x.max())
-        out = torch.randint(lo, hi + 1, x.shape, generator=gen, dtype=torch.int64)
+        if hi - lo < 2**62 and hi < 2**63 - 1:
+            out = torch.randint(lo, hi + 1, x.shape, generator=gen, dtype=torch.int64)
+        else:  # (hi + 1 would overflow int64: a hash or seed input) the example's own values, at random places
+            flat = x.detach().reshape(-1).cpu().long()
+            out = flat[torch.randint(0, flat.numel(), x.shape, generator=gen)]
     return out.to(device=x.device, dtype=x.dtype)
+
+
+def _few_values(x: torch.Tensor) -> torch.Tensor | None:
+    """The distinct values of float x (float32, on the CPU) when there are at most two."""
+    values = torch.unique(x.detach().float().cpu())
+    return values if len(values) <= 2 else None
 
 
 def _tensor_leaves(spec) -> list[tuple[int, int]]:
@@ -287,25 +302,37 @@ def _at_size(graph: Graph, spec, leaves: list, sym, n: int):
     return probe
 
 
-def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: bool = True) -> str | None:
+def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: bool = True,
+                noise_differs: bool = False) -> str | None:
     """How the model's outputs at the probe differ from the graph's there, or None (also
     where either side fails to run, unless `failures`, or where the model does not repeat
-    itself: dropout in training mode, torch.rand in its forward)."""
-    from .capture import _config_without_cache
+    itself: dropout in training mode, torch.rand in its forward -- unless `noise_differs`:
+    a probe that decides whether a guard may go cannot tell noise from a real difference
+    there, so such a model keeps the guard)."""
+    from .capture import _config_without_cache, _default_call_has_cache, _masks_as_with_cache
     from .evaluate import evaluate
 
     call_args, call_kwargs = pytree.tree_unflatten(probe, spec.in_spec)
+    # the masks of the call the graph stands for: the model's default call, unless the user
+    # passed use_cache (capture traced it so: _masks_as_with_cache)
+    user_use_cache = "use_cache" in call_kwargs and "use_cache" not in getattr(spec, "injected_kwargs", {})
+    cache_masks = not user_use_cache and _default_call_has_cache(model)
 
     def run_model():
         # the model as capture traced it (a config's use_cache off while tracing)
-        with torch.no_grad(), _config_without_cache(model, call_kwargs):
+        with torch.no_grad(), _config_without_cache(model, call_kwargs), _masks_as_with_cache(cache_masks):
             return model(*call_args, **call_kwargs)
 
-    try:
-        eager = run_model()
-        again = run_model() if model.training else None
+    def evaluate_graph():
         with torch.no_grad():
-            ours = evaluate(graph, inputs)
+            return evaluate(graph, inputs)
+
+    try:
+        # both sides from the same random state: a model that draws noise in forward
+        # (torch.rand) compares like any other where the graph draws in the same order
+        eager = _seeded(run_model)
+        again = _seeded(run_model) if model.training else None
+        ours = _seeded(evaluate_graph)
     except Exception as e:  # noqa: BLE001 (either side failing at size 1 says the two differ)
         if not failures:
             return None
@@ -318,10 +345,18 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: 
         # of itself: checked only here, where a difference was found (one more forward)
         try:
             if not _repeats(eager, run_model()):
-                return None
+                return f"{why} (the model does not repeat itself: random in eval mode)" if noise_differs else None
         except Exception:  # noqa: BLE001 (it ran a moment ago: the difference stands)
             pass
     return why
+
+
+def _seeded(fn):
+    """fn() from a fixed random state, the caller's own restored after."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0x5EED)
+        return fn()
 
 
 def _repeats(eager, again) -> bool:
