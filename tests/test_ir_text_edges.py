@@ -295,3 +295,18 @@ def test_a_loaded_models_report_says_it_was_loaded(saved_llama, tiny_llama):
     assert "loaded from IR text" not in fast.report()
     report = fxforge.load(saved_llama).report()
     assert "loaded from IR text" in report and "0.0ms" not in report.splitlines()[2]
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: ((x > 0) & (x.shape[1] != 7)).float(),  # Ne(T, 7) among an op's arguments
+    lambda x: x * ((x.shape[1] > 2) and (x.shape[0] < 5)),
+])
+def test_conditions_on_sizes_among_the_arguments_parse_back(fn):
+    # the model ran right, but its IR (and so a save) did not parse back: "Ne(T, 7) is a Unequality"
+    from helpers import FunctionModule
+
+    model = FunctionModule(fn)
+    fast = fxforge.optimize(model, (torch.randn(2, 8),))
+    again = fxforge.load_ir(fast.ir, fast.graph.params)
+    for x in (torch.randn(3, 7), torch.randn(2, 5)):
+        assert torch.equal(again(x), model(x))

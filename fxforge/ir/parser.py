@@ -221,7 +221,26 @@ def interpret_atom(text: str, cache: dict):
     try:
         return float(text)
     except ValueError:
-        return parse_dim(text, cache)
+        pass
+    condition = _size_condition(text)
+    return condition if condition is not None else parse_dim(text, cache)
+
+
+def _size_condition(text: str):
+    """A condition on sizes as an attribute's value (a torch_call's argument `Ne(T, 7)` or
+    `(T > 2) & (B < 5)`, a const's `T > 7`, sympy's own True / False where it decided one):
+    sympy's boolean, or None when `text` is no condition."""
+    if text in ("True", "False"):
+        return sympy.true if text == "True" else sympy.false
+    if not re.search(r"[<>&|~]|\b(Eq|Ne)\(", text):
+        return None
+    try:
+        out = parse_size_text(text)
+    except Exception as e:  # sympy raises many kinds
+        raise ParseError(f"cannot read size condition {text!r}: {e}") from None
+    if not isinstance(out, sympy.logic.boolalg.Boolean):
+        raise ParseError(f"size condition {text!r} is a {type(out).__name__}, not a condition")
+    return out
 
 
 def _float_part(text: str, whole: str) -> float:

@@ -258,7 +258,7 @@ def size_text(e: sympy.Expr) -> str:
     return _SizeText().doprint(e)
 
 
-_SIZE_TEXT = re.compile(r"[\w\s+\-*/%(),.<>=!]*")
+_SIZE_TEXT = re.compile(r"[\w\s+\-*/%(),.<>=!&|~]*")  # (& | ~: conditions on sizes)
 
 
 def parse_size_text(text: str) -> sympy.Expr:
