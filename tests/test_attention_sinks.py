@@ -343,3 +343,54 @@ def test_a_mask_that_shifts_the_kept_scores_stays_a_bias_with_sinks(shift):
     with torch.no_grad():
         assert_close_to_eager(model(x), fast(x), rel=1e-5)
         assert_close_to_eager(model(x[:, :4]), fast(x[:, :4]), rel=1e-5)
+
+
+class _PaddedSinks(nn.Module):
+    """Sinks over causal scores masked with -inf from a padding mask input; `spelling`
+    "cat" (a row of padding only is 0 in eager: the sink takes all the weight) or "gate"
+    (eager's softmax of such a row is NaN)."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.spelling = spelling
+        self.qkv = nn.Linear(8, 24)
+        self.sinks = nn.Parameter(torch.randn(2))
+
+    def forward(self, x, mask):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        i = torch.arange(t)
+        keep = (i[None, :] <= i[:, None])[None, None] & (mask[:, None, None, :] != 0)
+        s = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~keep, float("-inf"))
+        if self.spelling == "cat":
+            c = torch.cat([s, self.sinks.reshape(1, -1, 1, 1).expand(b, -1, t, 1)], -1)
+            return torch.softmax(c, -1)[..., :-1] @ v
+        gate = torch.sigmoid(torch.logsumexp(s, -1) - self.sinks.reshape(1, -1, 1)).unsqueeze(-1)
+        return (torch.softmax(s, -1) @ v) * gate
+
+
+@pytest.mark.parametrize("backend", ["torch", "interpret"])
+def test_a_sink_column_fuses_over_rows_masked_throughout(backend):
+    # eager gives 0 on a row of padding only (the sink column takes all the weight), as the
+    # op does; the pass refused it, saying eager gives NaN there
+    model = _PaddedSinks("cat").eval()
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[0, 0, 0, 0, 0], [0, 0, 1, 1, 1]])
+    fast = fxforge.optimize(model, (x, mask), backend=backend)
+    assert len(_sinks_ops(fast)) == 1, fast.ir
+    with torch.no_grad():
+        expected = model(x, mask)
+    assert not expected.isnan().any()
+    assert_close_to_eager(expected, fast(x, mask), rel=1e-5)
+
+
+def test_a_gated_sink_over_rows_masked_throughout_stays_unfused():
+    # gated, eager's softmax of a row masked throughout is NaN: the op (0 there) would differ
+    model = _PaddedSinks("gate").eval()
+    x, mask = torch.randn(2, 5, 8), torch.tensor([[0, 0, 0, 0, 0], [0, 0, 1, 1, 1]])
+    fast = fxforge.optimize(model, (x, mask))
+    assert not _sinks_ops(fast)
+    with torch.no_grad():
+        expected = model(x, mask)
+    got = fast(x, mask)
+    assert torch.equal(expected.isnan(), got.isnan())

@@ -107,7 +107,7 @@ def _is_row_max(m: Match, mx: Value, c: Value) -> bool:
 
 
 def _with_sinks(m: Match, b: Builder, root: Node, p: Value, v: Value, softmax: Node, scores: Value,
-                uses_over: dict, sinks: Value, forms) -> Value | None:
+                uses_over: dict, sinks: Value, forms, sink_column: bool = False) -> Value | None:
     """fuse_attention's softmax-matmul rule run on a virtual `root` = matmul(softmax(scores), v)
     (the sink spelled around it stripped away), then its attention op given the sinks."""
     scratch = Builder()
@@ -122,6 +122,9 @@ def _with_sinks(m: Match, b: Builder, root: Node, p: Value, v: Value, softmax: N
     # a shape-only mask may become causal / window only where it is exactly that: softmax
     # ignores a constant added to a row, the sink does not (it competes with the scores)
     vm.attrs["exact_mask"] = True
+    # the sink as a softmax column: a row whose keys are all masked with -inf is 0 in eager
+    # (the sink takes all the weight), as in the op; gated, eager's softmax of it is NaN
+    vm.attrs["sink_column"] = sink_column
     # the walker strips casts between the softmax and the matmul: p is read through
     # its casts from the real graph, so hand it the softmax itself
     start = len(b.nodes)
@@ -175,7 +178,7 @@ def fuse_cat_sinks(m: Match, b: Builder, forms: dict | None = None) -> Value | N
     sinks = _per_head(m, col, s, b)
     if sinks is None:
         return None
-    return _with_sinks(m, b, m.root, x, v, soft, s, {}, sinks, forms)
+    return _with_sinks(m, b, m.root, x, v, soft, s, {}, sinks, forms, sink_column=True)
 
 
 def fuse_gated_sinks(m: Match, b: Builder, forms: dict | None = None) -> Value | None:

@@ -505,11 +505,13 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
             window = form.window
             if form.slopes is not None:
                 slopes = _slopes_param(m.graph, form.slopes)
-    if softmax_spelled and _neg_inf_fill_from_inputs(m, terms):
+    # (a sink column keeps a row whose keys are all -inf finite: eager gives 0 there, as the op does)
+    empty_rows_ok = bool(m.attrs.get("sink_column"))
+    if softmax_spelled and not empty_rows_ok and _neg_inf_fill_from_inputs(m, terms):
         if forms is not None:
             forms.setdefault(NAN_ROWS, []).append(m.root)
         return None
-    if softmax_spelled and _cached_neg_inf_rows(forms, m, terms):
+    if softmax_spelled and not empty_rows_ok and _cached_neg_inf_rows(forms, m, terms):
         if forms is not None:
             forms.setdefault(EMPTY_ROWS, []).append(m.root)
         return None
