@@ -203,12 +203,8 @@ def test_mimo_v2_flash_default_layers_fuse_the_full_attention_one():
 
 
 # -- one softmax, two matmuls ------------------------------------------------------------------
-class TwoValues(torch.nn.Module):
+class TwoValues(Attn):
     """p = softmax(q k^T * 0.25 + causal); `fn(p, v1, v2)` reads p (diffllama: p @ v1, p @ v2)."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
 
     def forward(self, x):
         q, k, v = split_heads(x)
@@ -267,13 +263,9 @@ def test_diffllama_fuses_both_value_halves_and_generates():
 
 
 # -- q k^T with the heads folded into the batch, viewed back for the softmax -----------------
-class FoldedScores(torch.nn.Module):
+class FoldedScores(Attn):
     """gpt_neox_japanese: q k^T on [B*H, T, D] (`fn` spells it), viewed to [B, H, T, T],
     the mask added, softmax, times [B, H, T, D] values."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
 
     def forward(self, x):
         q, k, v = split_heads(x)
