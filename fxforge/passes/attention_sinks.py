@@ -88,24 +88,6 @@ def _flat_heads(y: Value, heads, head_dim: int, rank: int, b) -> Value | None:
     return y if y.rank == 1 else b.emit("view", y, shape=(heads,))
 
 
-def _is_row_max(m: Match, mx: Value, c: Value) -> bool:
-    """mx = max(c, -1, keepdim=True).values (aten.max.dim) or amax(c, [-1], keepdim)."""
-    node = m.producers.get(mx)
-    if node is None or node.inputs[:1] != (c,):
-        return False
-    if node.op == "torch_call" and node.attrs["target"] == "aten.max.dim" and len(node.inputs) == 1:
-        args = node.attrs["args"]
-        kw = dict(node.attrs["kwargs"])
-        keep = args[2] if len(args) > 2 else kw.get("keepdim", False)
-        dim = args[1] if len(args) > 1 else kw.get("dim")
-        return (node.outputs[0] is mx and keep is True and _last_dim(dim, c.rank)
-                and all(m.uses(o) == 0 for o in node.outputs[1:]))
-    if node.op == "amax":
-        dims = tuple(node.attrs.get("dims") or ())
-        return len(dims) == 1 and _last_dim(dims[0], c.rank) and bool(node.attrs.get("keepdim"))
-    return False
-
-
 def _with_sinks(m: Match, b: Builder, root: Node, p: Value, v: Value, softmax: Node, scores: Value,
                 uses_over: dict, sinks: Value, forms, sink_column: bool = False) -> Value | None:
     """fuse_attention's softmax-matmul rule run on a virtual `root` = matmul(softmax(scores), v)
@@ -154,14 +136,9 @@ def fuse_cat_sinks(m: Match, b: Builder, forms: dict | None = None) -> Value | N
     soft = fa._producer(m, y, "softmax")
     if soft is None or m.uses(sl.inputs[0]) != 1 or m.uses(y) != 1 or not _last_dim(soft.attrs["dim"], 4):
         return None
+    # c - c.max(-1, keepdim=True).values: the same softmax (fuse_attention's own check)
     c = soft.inputs[0]
-    sub = fa._producer(m, c, "sub")
-    c_uses = 1
-    if sub is not None and m.uses(c) == 1:
-        # c - c.max(-1, keepdim=True).values: the same softmax (up to rounding)
-        if not _is_row_max(m, sub.inputs[1], sub.inputs[0]) or m.uses(sub.inputs[1]) != 1:
-            return None
-        c, c_uses = sub.inputs[0], 2
+    c, c_uses = (unshifted, 2) if (unshifted := fa._row_max_subtracted(m, c)) is not None else (c, 1)
     cat = fa._producer(m, c, "cat")
     if cat is None or m.uses(c) != c_uses or len(cat.inputs) != 2 or not _last_dim(cat.attrs["dim"], 4):
         return None

@@ -40,14 +40,7 @@ def attention_sdpa(q, k, v, bias=None, slopes=None, sink=None, *, causal: bool, 
         k, v = k[:, :, start:], v[:, :, start:]
         bias = bias[..., start:] if bias is not None and bias.shape[-1] != 1 else bias
         tk, window = tk - start, None
-    if window is not None or slopes is not None:
-        extra = torch.zeros(1, 1, tq, tk, dtype=torch.float32, device=q.device)
-        if window is not None:
-            extra = extra.masked_fill(~window_keep(tq, tk, int(window), q.device), float("-inf"))
-        if slopes is not None:
-            extra = extra + alibi_bias(slopes, tq, tk)
-        extra = extra.to(q.dtype)
-        bias = extra if bias is None else bias.to(q.dtype) + extra
+    bias = _window_and_alibi_added(q, bias, slopes, window, tq, tk)
     groups = q.shape[1] // k.shape[1]
     if tq == 1 and groups > 1 and (bias is None or bias.shape[1] in (1, q.shape[1])):
         # decoding: the query heads of a group all sit at the one position, so they can be
@@ -63,9 +56,7 @@ def attention_sdpa(q, k, v, bias=None, slopes=None, sink=None, *, causal: bool, 
     if causal and tq == 1:
         causal = False  # bottom-right aligned: the one query sees every key
     if causal and (tq != tk or mask is not None):
-        keep = causal_keep(tq, tk, q.device)
-        causal_bias = torch.zeros(tq, tk, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
-        mask = causal_bias if mask is None else mask + causal_bias
+        mask = _causal_added(mask, tq, tk, q.dtype, q.device)
         causal = False
     if groups > 1 and q.device.type == "cpu":
         # SDPA's CPU kernels read each K/V head for its query heads (the same values, bit
@@ -79,24 +70,35 @@ def attention_sdpa(q, k, v, bias=None, slopes=None, sink=None, *, causal: bool, 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
+def _window_and_alibi_added(q, bias, slopes, window, tq: int, tk: int):
+    """bias plus a sliding window's -inf and ALiBi's slopes * (k_pos - q_pos) (bottom-right
+    aligned), in q's dtype; bias as it is where there is neither."""
+    if window is None and slopes is None:
+        return bias
+    extra = torch.zeros(1, 1, tq, tk, dtype=torch.float32, device=q.device)
+    if window is not None:
+        extra = extra.masked_fill(~window_keep(tq, tk, int(window), q.device), float("-inf"))
+    if slopes is not None:
+        extra = extra + alibi_bias(slopes, tq, tk)
+    extra = extra.to(q.dtype)
+    return extra if bias is None else bias.to(q.dtype) + extra
+
+
+def _causal_added(mask, tq: int, tk: int, dtype, device):
+    """mask (or nothing) plus -inf above the bottom-right aligned diagonal."""
+    keep = causal_keep(tq, tk, device)
+    causal_bias = torch.zeros(tq, tk, dtype=dtype, device=device).masked_fill(~keep, float("-inf"))
+    return causal_bias if mask is None else mask + causal_bias
+
+
 def _full_mask(q, k, bias, slopes, *, causal: bool, window) -> torch.Tensor | None:
     """The additive mask [.., Tq, Tk] (q's dtype) of bias, ALiBi slopes, causal and window
     (bottom-right aligned), or None when there is nothing to mask."""
     tq, tk = q.shape[-2], k.shape[-2]
-    mask = None if bias is None else bias.to(q.dtype)
-    drop = None
-    if causal and tq > 1:
-        drop = ~causal_keep(tq, tk, q.device)
-    if window is not None:
-        outside = ~window_keep(tq, tk, int(window), q.device)
-        drop = outside if drop is None else drop | outside
-    if slopes is not None:
-        extra = alibi_bias(slopes, tq, tk).to(q.dtype)
-        mask = extra if mask is None else mask + extra
-    if drop is not None:
-        neg = torch.zeros(tq, tk, dtype=q.dtype, device=q.device).masked_fill(drop, float("-inf"))
-        mask = neg if mask is None else mask + neg
-    return mask
+    mask = _window_and_alibi_added(q, bias, slopes, window, tq, tk)
+    if mask is not None and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
+    return _causal_added(mask, tq, tk, q.dtype, q.device) if causal and tq > 1 else mask
 
 
 def attention_sinks_sdpa(q, k, v, bias, slopes, sink, *, causal: bool, scale: float, softcap=None, window=None):
