@@ -1,6 +1,7 @@
 """optimize(): capture -> pass pipeline -> program -> OptimizedModel."""
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -241,7 +242,7 @@ def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torc
     if copy_weights:
         graph = own_weights(graph, model)  # an in-place edit of the model later does not reach `fast`
     fast = assemble(graph, spec, backend, device, name, stats, dumps, capture_seconds)
-    fast.generation_defaults = _generation_defaults(model)
+    _copy_generation_config(model, fast)
     fast.left_padding_shifts_positions = _left_padding_shifts_positions(model)
     fast.config = getattr(model, "config", None)
     if dump_dir:
@@ -315,14 +316,13 @@ def _left_padding_shifts_positions(model) -> bool:
     return "position_ids" not in params
 
 
-def _generation_defaults(model) -> dict:
-    """The settings of a transformers model's generation_config that generate() supports
-    (EOS, pad, and any sampling or penalty defaults the checkpoint sets), so that
-    generate() behaves as transformers' generate does for that model."""
-    from .runtime.generate import defaults_from_generation_config
-
+def _copy_generation_config(model, fast) -> None:
+    """`fast` takes a copy of a transformers model's generation_config (EOS, pad, and any
+    sampling or penalty defaults the checkpoint sets), so that generate() behaves as
+    transformers' generate does for that model; a later edit of either does not reach the other."""
     config = getattr(model, "generation_config", None)
-    return defaults_from_generation_config(config) if config is not None else {}
+    if config is not None:
+        fast.generation_config = copy.deepcopy(config)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

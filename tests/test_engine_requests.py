@@ -123,8 +123,8 @@ BAD = [
     ({"do_sample": True, "temperature": -1.0}, r"temperature must be > 0 when sampling, got -1.0"),
     ({"do_sample": True, "top_k": -3}, r"top_k must be an int >= 0 or None, got -3"),
     ({"do_sample": True, "top_k": 2.5}, r"top_k must be an int >= 0 or None, got 2.5"),
-    ({"do_sample": True, "top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
-    ({"do_sample": True, "top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+    ({"do_sample": True, "top_p": -0.1}, r"top_p must be in \[0, 1\], got -0.1"),
+    ({"do_sample": True, "top_p": 1.5}, r"top_p must be in \[0, 1\], got 1.5"),
     ({"callback": 5}, r"callback must be a function callback\(request, token\) or None, got int 5"),
     ({"do_sample": True, "generator": 5}, r"generator must be a torch.Generator or None, got int 5"),
 ]

@@ -228,3 +228,59 @@ def test_engine_takes_numpy_integers(pair, engine):
     prompt = _prompt(vocab)[0]
     out = engine.generate_many([prompt], max_new_tokens=np.int64(4), eos_token_id=np.int64(67))[0]
     assert torch.equal(out, fast.generate(prompt[None], 4, eos_token_id=67)[0, 6:])
+
+
+@pytest.mark.parametrize("setting", [{}, dict(max_new_tokens=5), dict(max_length=13)],
+                         ids=["transformers_default", "model_max_new_tokens", "model_max_length"])
+def test_engine_default_length_is_generates(pair, engine, monkeypatch, setting):
+    """Without max_new_tokens a request runs as long as generate() would: the model's
+    generation_config, else 20 new tokens capped at max_position_embeddings (the Engine
+    made 32 whatever the model said)."""
+    model, fast, vocab = pair
+    monkeypatch.setattr(model.config, "max_position_embeddings", 40)  # fast.config is model.config
+    prompts = [_prompt(vocab)[0]] + ([_prompt(vocab, 30)[0]] if not setting else [])  # (30 + 20 > 40: capped)
+    for prompt in prompts:
+        with model_settings(model, fast, **setting):
+            ref = _reference(model, prompt[None], eos_token_id=None)[0, prompt.numel():]
+            assert torch.equal(engine.generate_many([prompt], eos_token_id=None)[0], ref)
+            request = engine.submit(prompt, eos_token_id=None)
+            engine.run()
+            assert torch.equal(request.result(timeout=0), ref)
+    out = engine.generate_many([_prompt(vocab)[0]], eos_token_id=None, max_length=9)[0]
+    assert torch.equal(out, fast.generate(_prompt(vocab), eos_token_id=None, max_length=9)[0, 6:])
+
+
+def test_sampling_with_top_p_zero_as_transformers(pair):
+    """transformers takes top_p=0 (the most likely token only); fxforge refused it."""
+    model, fast, vocab = pair
+    ids = _prompt(vocab)
+    kw = dict(max_new_tokens=6, do_sample=True, eos_token_id=None, top_p=0.0, pad_token_id=1)
+    torch.manual_seed(5)
+    ref = _reference(model, ids, **kw)
+    torch.manual_seed(5)
+    assert torch.equal(fast.generate(ids, **kw), ref)
+    assert torch.equal(ref, _reference(model, ids, **{**kw, "do_sample": False}))  # top_p=0 is greedy
+
+
+def test_generation_config_is_held_and_edited_in_place(pair, tmp_path):
+    """fast.generation_config is a GenerationConfig that later generate() calls read, as on a
+    transformers model (it was a dict copy: an edit did nothing); a copy of the model's, so
+    an edit of either does not reach the other, and what save() writes."""
+    from transformers import GenerationConfig
+
+    model, _, vocab = pair
+    fast = fxforge.optimize(model, (torch.randint(1, vocab, (1, 7)),), kv_cache=KVCacheConfig(max_seq_len=32))
+    config = fast.generation_config
+    assert isinstance(config, GenerationConfig) and config is fast.generation_config
+    assert config is not model.generation_config and config.eos_token_id == model.generation_config.eos_token_id
+    ids = _prompt(vocab)
+    config.max_new_tokens, config.eos_token_id = 3, None
+    assert fast.generate(ids).shape == (1, 9)
+    assert model.generation_config.max_new_tokens is None  # the source model's own is untouched
+    fast.save(tmp_path / "saved")
+    assert fxforge.load(tmp_path / "saved").generate(ids).shape == (1, 9)
+    fast.generation_config = {"max_new_tokens": 2, "eos_token_id": None}
+    assert isinstance(fast.generation_config, GenerationConfig) and fast.generate(ids).shape == (1, 8)
+    with pytest.raises(ValueError, match="generation_config must be a transformers GenerationConfig or a dict, "
+                                         "got int"):
+        fast.generation_config = 5

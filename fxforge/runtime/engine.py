@@ -55,7 +55,7 @@ import torch
 
 from . import logits as lp
 from .generate import (_as_list, _check_settings, _plain_int, check_forced_tokens, check_generator,
-                       check_token_ids, resolve_settings, vocab_size)
+                       check_token_ids, max_position_embeddings, new_token_count, resolve_settings, vocab_size)
 from .state import padding_from_pad_tokens
 
 _RUNNING: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # engines that started a thread
@@ -89,7 +89,7 @@ def _leading_padding(prompt: torch.Tensor, pad_token_id, eos: list) -> int:
 
 # generate()'s settings a request takes besides submit()'s own: those its logits processors
 # read (beams, several sequences, scores and stop strings are generate()'s alone)
-REQUEST_OPTIONS = frozenset({"repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "min_length",
+REQUEST_OPTIONS = frozenset({"repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "min_length", "max_length",
                              "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
                              "begin_suppress_tokens", "encoder_no_repeat_ngram_size", "pad_token_id"})
 # generate()'s settings a request cannot run, with the value that turns each off: one the
@@ -223,14 +223,15 @@ class Engine:
         self._slot_steps = self._token_steps = 0
 
     # -- submitting --------------------------------------------------------------------
-    def submit(self, prompt_ids, max_new_tokens: int = 32, *, do_sample=DEFAULT, temperature=DEFAULT,
+    def submit(self, prompt_ids, max_new_tokens: int | None = None, *, do_sample=DEFAULT, temperature=DEFAULT,
                top_k=DEFAULT, top_p=DEFAULT, eos_token_id=DEFAULT,
                generator: torch.Generator | None = None, callback: Callable | None = None, **options) -> Request:
         """Queue a prompt (a 1-D list or integer tensor of token ids); thread-safe.
         `callback(request, token)` runs on the engine's thread for every new token (if it
         raises, that request fails and the others go on). Settings not given default as in
         generate(): the model's generation_config, then transformers' defaults (top_k=50 when
-        sampling); eos_token_id=None: no EOS. `options`: generate()'s logits settings
+        sampling; without max_new_tokens or max_length, 20 new tokens capped at the model's
+        max_position_embeddings); eos_token_id=None: no EOS. `options`: generate()'s logits settings
         (REQUEST_OPTIONS: repetition_penalty, no_repeat_ngram_size, min_new_tokens, ...).
         Bad arguments raise ValueError here, and nothing is queued."""
         request = self._request(prompt_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -255,10 +256,10 @@ class Engine:
             raise ValueError(f"callback must be a function callback(request, token) or None, got "
                              f"{type(callback).__name__} {callback!r}")
         check_generator(generator, self.model.device)
-        max_new_tokens = _plain_int(max_new_tokens)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        self._check_request(prompt.numel(), max_new_tokens)
+        if max_new_tokens is not None:
+            max_new_tokens = _plain_int(max_new_tokens)
+            if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         others = sorted(k for k, v in options.items() if k not in REQUEST_OPTIONS
                         and not (k in GENERATE_ONLY and v == GENERATE_ONLY[k]))
         if others:
@@ -266,10 +267,11 @@ class Engine:
                              f"request); it takes {', '.join(sorted(REQUEST_OPTIONS))} besides its own arguments. "
                              "generate() takes the rest")
         given = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                 "eos_token_id": eos_token_id, **options}
+                 "eos_token_id": eos_token_id, "max_new_tokens": DEFAULT if max_new_tokens is None else max_new_tokens,
+                 **options}
         # generate()'s settings and checks: the model's defaults, then transformers'
-        settings, _ = resolve_settings(getattr(self.model, "generation_defaults", None), None,
-                                       {k: v for k, v in given.items() if v is not DEFAULT})
+        settings, named = resolve_settings(getattr(self.model, "generation_defaults", None), None,
+                                           {k: v for k, v in given.items() if v is not DEFAULT})
         # one sequence per request: a model whose generation_config asks for beams, several
         # sequences or stop strings is refused by name (generate() runs them), not served otherwise
         on = [k for k, off in GENERATE_ONLY.items() if settings[k] != off]
@@ -279,6 +281,9 @@ class Engine:
                              f"strings; generate() runs it); pass {', '.join(f'{k}={GENERATE_ONLY[k]!r}' for k in on)} "
                              "to submit() or generate_many() to serve the requests without it")
         _check_settings(settings)
+        # generate()'s count: max_new_tokens, else max_length (prompt included), else 20 capped
+        max_new_tokens, _ = new_token_count(settings, named, prompt.numel(), max_position_embeddings(self.model))
+        self._check_request(prompt.numel(), max_new_tokens)
         device = self.model.device
         eos = _as_list(settings["eos_token_id"])
         lead = _leading_padding(prompt, settings["pad_token_id"], eos)
@@ -326,7 +331,7 @@ class Engine:
         # the request reaches: its prefill chunks end anywhere in the prompt
         self.model.check_step_sizes(1, [1], range(prompt_len + max_new_tokens - 1))
 
-    def generate_many(self, prompts, max_new_tokens: int = 32, **options) -> list[torch.Tensor]:
+    def generate_many(self, prompts, max_new_tokens: int | None = None, **options) -> list[torch.Tensor]:
         """The new tokens of each prompt (prompt excluded), in order. Every prompt is
         checked before any is queued: a bad one raises ValueError and none is queued."""
         given = {"do_sample": DEFAULT, "temperature": DEFAULT, "top_k": DEFAULT, "top_p": DEFAULT,

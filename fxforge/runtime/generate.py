@@ -272,8 +272,9 @@ def _check_settings(s: dict):
         if top_k is not None and (not _is_int(top_k) or top_k < 0):
             raise ValueError(f"top_k must be an int >= 0 or None, got {top_k!r}")
         top_p = s["top_p"]
-        if top_p is not None and (not _is_number(top_p) or not 0.0 < top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r} (a number, or None for no top-p warper)")
+        # 0 is allowed, as in transformers: only the most likely token is kept
+        if top_p is not None and (not _is_number(top_p) or not 0.0 <= top_p <= 1.0):
+            raise ValueError(f"top_p must be in [0, 1], got {top_p!r} (a number, or None for no top-p warper)")
     penalty = s["repetition_penalty"]
     if penalty is not None and (not _is_number(penalty) or not penalty > 0):
         raise ValueError(f"repetition_penalty must be a number > 0, got {penalty!r}")

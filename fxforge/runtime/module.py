@@ -67,8 +67,11 @@ class OptimizedModel:
         index = roles.input_index(graph, roles.CACHE_LEN)
         self._cache_len = None if index is None else symbol(graph.inputs[index].hint)
         self._caches = CachePool(self._allocate_cache)
-        # eos/pad tokens generate() uses when not given (from a transformers generation_config)
-        self.generation_defaults: dict = {}
+        # the settings generate() uses when not given (from a transformers generation_config):
+        # a dict, or the GenerationConfig object `generation_config` hands out, read at each
+        # call so that editing it in place works as on a transformers model
+        self._generation_defaults: dict = {}
+        self._generation_config = None
         # the source model gives left-padded rows shifted positions itself (api.py): shared
         # positions then serve left-padded batches exactly
         self.left_padding_shifts_positions = False
@@ -138,16 +141,45 @@ class OptimizedModel:
             return generate(self, input_ids, max_new_tokens, defaults=self.generation_defaults, **kwargs)
 
     @property
+    def generation_defaults(self) -> dict:
+        """The settings generate() and the Engine use when a call does not give them (those
+        of `generation_config` that they read), as a plain dict."""
+        if self._generation_config is not None:
+            from .generate import defaults_from_generation_config
+
+            return defaults_from_generation_config(self._generation_config)
+        return dict(self._generation_defaults)
+
+    @generation_defaults.setter
+    def generation_defaults(self, defaults: dict):
+        self._generation_defaults, self._generation_config = dict(defaults), None
+
+    @property
     def generation_config(self):
-        """The generation defaults as a dict; assign a transformers GenerationConfig (or a
-        dict) to replace them with the settings generate() uses from it."""
-        return dict(self.generation_defaults)
+        """The generation defaults as transformers' GenerationConfig (a dict without
+        transformers), held: edit it in place (`fast.generation_config.max_new_tokens = 50`)
+        or assign a GenerationConfig or dict, and later generate() calls read it, as on a
+        transformers model. It starts as a copy of the source model's own."""
+        if self._generation_config is None:
+            try:
+                from transformers import GenerationConfig
+            except ImportError:
+                return dict(self._generation_defaults)
+            self._generation_config = GenerationConfig(**self._generation_defaults)
+        return self._generation_config
 
     @generation_config.setter
     def generation_config(self, config):
         from .generate import defaults_from_generation_config
 
-        self.generation_defaults = dict(config) if isinstance(config, dict) else defaults_from_generation_config(config)
+        if isinstance(config, dict):
+            self.generation_defaults = config
+            return
+        if not hasattr(config, "to_dict"):
+            raise ValueError(f"generation_config must be a transformers GenerationConfig or a dict, got "
+                             f"{type(config).__name__}")
+        defaults_from_generation_config(config)  # (reads every field it uses: fails here, not at generate)
+        self._generation_config = config
 
     def kv_cache_for(self, batch: int, capacity: int) -> KVCache:
         """A KV cache of the caller's own for stepping with run_cached() (an idle one is
@@ -422,7 +454,8 @@ class OptimizedModel:
             resolve_backend("auto", device, process_group=getattr(self.backend, "process_group", None))
         rebuilt = assemble(graph, self.spec, backend, device or self.device, self.model_name, self.stats,
                            self._dumps, self.capture_seconds)
-        rebuilt.generation_defaults, rebuilt.config = self.generation_defaults, self.config
+        rebuilt._generation_defaults, rebuilt._generation_config = self._generation_defaults, self._generation_config
+        rebuilt.config = self.config
         rebuilt.left_padding_shifts_positions = self.left_padding_shifts_positions
         rebuilt.static_decode = self.static_decode
         self.__dict__.update(rebuilt.__dict__)
