@@ -286,6 +286,8 @@ def test_bad_inputs_to_generate():
         fast.generate(torch.ones(2, 4, dtype=torch.long), 3, attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
     with pytest.raises(ValueError, match="top_p"):
         fast.generate(torch.ones(1, 4, dtype=torch.long), 3, do_sample=True, top_p=1.5)
+    with pytest.raises(ValueError, match=r"input_ids has no rows \(shape \(0, 4\)\)"):  # was a RuntimeError in min()
+        fast.generate(torch.ones(0, 4, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="generator must be a torch.Generator"):  # was a TypeError at a token
         fast.generate(torch.ones(1, 4, dtype=torch.long), 3, do_sample=True, generator=5)
     plain = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),))

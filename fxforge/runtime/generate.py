@@ -433,6 +433,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
         raise ValueError("input_ids is empty: generation needs at least one prompt token")
+    if batch == 0:
+        raise ValueError(f"input_ids has no rows (shape {tuple(input_ids.shape)}): generation needs at least one "
+                         "prompt")
     device = model.device
     input_ids = input_ids.to(device)
     vocab = vocab_size(model)
