@@ -300,6 +300,9 @@ def test_a_loaded_models_report_says_it_was_loaded(saved_llama, tiny_llama):
 @pytest.mark.parametrize("fn", [
     lambda x: ((x > 0) & (x.shape[1] != 7)).float(),  # Ne(T, 7) among an op's arguments
     lambda x: x * ((x.shape[1] > 2) and (x.shape[0] < 5)),
+    # a condition as full's value, and one on a float size expression: the IR ran but its
+    # text failed the typecheck ("attribute 'value' of full must be a number, got T >= 9")
+    lambda x: x * (x.shape[1] / 2 > 3) + torch.full((1,), x.shape[1] >= 7),
 ])
 def test_conditions_on_sizes_among_the_arguments_parse_back(fn):
     # the model ran right, but its IR (and so a save) did not parse back: "Ne(T, 7) is a Unequality"

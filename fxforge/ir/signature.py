@@ -31,6 +31,10 @@ def _is_size(v) -> bool:
     return _is_int(v) or isinstance(v, sympy.Expr)
 
 
+def _is_size_condition(v) -> bool:
+    return isinstance(v, sympy.logic.boolalg.Boolean) and bool(v.free_symbols)
+
+
 def _tuple_of(pred: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, tuple) and all(pred(x) for x in v)
 
@@ -47,7 +51,9 @@ ATTR_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "str": ("a string", lambda v: isinstance(v, str)),
     "dtype": ("a dtype", lambda v: isinstance(v, torch.dtype)),
     "size": ("a size (int or expression)", _is_size),
-    "scalar": ("a number", lambda v: isinstance(v, (bool, float)) or _is_size(v)),
+    # (a size condition, `T >= 9`, is a bool computed from the sizes at each call, as eager's
+    # `x.shape[1] >= 9`)
+    "scalar": ("a number", lambda v: isinstance(v, (bool, float)) or _is_size(v) or _is_size_condition(v)),
     "complex": ("a complex number", lambda v: isinstance(v, complex)),
     "none": ("none", lambda v: v is None),
     "ints": ("a tuple of ints", _tuple_of(_is_int)),
