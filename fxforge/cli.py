@@ -171,9 +171,9 @@ def _check_length(prompt_len: int, new: int, fast, no_kv_cache: bool):
     layout = None if no_kv_cache else fast.kv_layout
     limit = getattr(layout, "max_seq_len", None)
     if limit is None:
-        config = getattr(fast, "config", None)
-        limit = next((v for k in ("max_position_embeddings", "n_positions")
-                      if isinstance(v := getattr(config, k, None), int)), None)
+        from .runtime.generate import max_position_embeddings
+
+        limit = max_position_embeddings(fast)  # (transformers maps gpt2's n_positions to it)
     if limit is not None and prompt_len + new > limit:
         raise CLIError(f"the prompt ({prompt_len} tokens) plus --max-new-tokens {new} is {prompt_len + new} "
                        f"positions, more than this model's {limit}; ask for at most {max(limit - prompt_len, 0)} "
