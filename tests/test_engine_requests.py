@@ -289,3 +289,28 @@ def test_the_exit_hook_does_not_keep_engines_alive(fast):
     del engine
     gc.collect()
     assert ref() is None
+
+
+def test_a_closed_engine_takes_no_work_and_fails_what_it_never_ran(fast):
+    """close() gave the dense engine's caches back to the model but the engine went on
+    serving into them: a generate() leasing the same cache then changed its tokens. Now a
+    closed engine refuses work, a request queued on an engine that never ran fails instead
+    of waiting forever, and the model's cache pool serves generate() as before."""
+    fast, vocab = fast
+    prompt = torch.tensor([5, 6, 7])
+    alone = _alone(fast, prompt, 8, eos_token_id=None)
+    with fxforge.Engine(fast, max_batch=1, max_seq_len=32) as engine:
+        queued = engine.submit(prompt, 8, eos_token_id=None)
+    with pytest.raises(RuntimeError, match=r"closed before this request finished \(call run\(\) or start\(\)"):
+        queued.result(timeout=WAIT)
+    for work in (lambda: engine.submit(prompt, 8), engine.step, engine.run, engine.start,
+                 lambda: engine.generate_many([prompt], 2)):
+        with pytest.raises(RuntimeError, match="the engine is closed"):
+            work()
+    engine.close()  # idempotent
+    assert torch.equal(_alone(fast, prompt, 8, eos_token_id=None), alone)
+    engine = fxforge.Engine(fast, max_batch=1, max_seq_len=32)
+    done = engine.submit(prompt, 8, eos_token_id=None)
+    engine.start()
+    engine.close()  # a started engine finishes what it was given
+    assert torch.equal(done.result(timeout=0), alone)

@@ -284,3 +284,20 @@ def test_generation_config_is_held_and_edited_in_place(pair, tmp_path):
     with pytest.raises(ValueError, match="generation_config must be a transformers GenerationConfig or a dict, "
                                          "got int"):
         fast.generation_config = 5
+
+
+def test_unsupported_transformers_arguments_get_no_self_hint(pair):
+    """A setting transformers knows and fxforge does not implement is named without a
+    "did you mean bad_words_ids -> bad_words_ids" hint; transformers' speculative arguments
+    point to draft=; a misspelling still gets its hint; numpy ints count for num_draft_tokens."""
+    _, fast, vocab = pair
+    ids = _prompt(vocab)
+    for kw in (dict(bad_words_ids=[[3]]), dict(max_time=1.0)):
+        with pytest.raises(ValueError, match=f"does not support these arguments: {next(iter(kw))}$"):
+            fast.generate(ids, 3, **kw)
+    with pytest.raises(ValueError, match=r"assistant_model \(did you mean assistant_model -> draft="):
+        fast.generate(ids, 3, assistant_model=object())
+    with pytest.raises(ValueError, match=r"did you mean repetiton_penalty -> repetition_penalty\?"):
+        fast.generate(ids, 3, repetiton_penalty=1.2)
+    out = fast.generate(ids, 5, draft="ngram", num_draft_tokens=np.int64(3), eos_token_id=None)
+    assert torch.equal(out, fast.generate(ids, 5, eos_token_id=None))

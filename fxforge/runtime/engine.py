@@ -210,6 +210,7 @@ class Engine:
         model.check_step_sizes(max_batch, [1])
         self.vocab_size = vocab_size(model)
         self._broken: BaseException | None = None  # what ended the engine's thread, if anything did
+        self._closed = False  # close() ran: no more work (its caches are the model's again)
         self._waiting: deque[Request] = deque()
         self._rows: list = []
         self._lock = threading.Lock()  # guards _waiting
@@ -248,6 +249,7 @@ class Engine:
     def _request(self, prompt_ids, max_new_tokens, *, do_sample, temperature, top_k, top_p, eos_token_id,
                  generator, callback, **options) -> Request:
         """submit()'s checks and its Request, not queued."""
+        self._check_open()
         if self._broken is not None:
             raise RuntimeError(f"the engine's thread ended after {type(self._broken).__name__}: {self._broken}; "
                                "call start() again (or run()) before submitting")
@@ -350,6 +352,7 @@ class Engine:
 
     def start(self):
         """Run steps on a thread of the engine's own while there is work (daemon)."""
+        self._check_open()
         if self._thread is not None and self._thread.is_alive():
             return
         self._stopping, self._broken = False, None
@@ -412,6 +415,7 @@ class Engine:
         the batched decode step fails the running requests and is raised (the waiting ones
         stay queued)."""
         with self._step_lock:
+            self._check_open()
             try:
                 self._admit()
                 if self._rows:
@@ -448,9 +452,35 @@ class Engine:
         self._token_steps += held
 
     def close(self):
+        """End the engine: the running requests, and those queued on a started engine,
+        finish (stop()); requests queued on an engine that never ran fail (their result()
+        raises, none waits forever); the KV caches go back to the model. A closed engine
+        takes no more work (submit, step, run and start raise): it would write to caches
+        that generate() may be using by then. Idempotent; `with Engine(...) as engine:`
+        closes on leaving."""
+        if self._closed:
+            return
         self.stop()
+        with self._step_lock:
+            self._closed = True
+            self._fail_all(RuntimeError("the engine was closed before this request finished (call run() or "
+                                        "start() before close())"))
+            self._give_back_caches()
+
+    def _give_back_caches(self):
         self.model.release_kv_cache(self._cache)
         self.model.release_kv_cache(self._scratch)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError("the engine is closed: its KV caches went back to the model; make a new "
+                               "fxforge.Engine(...) to serve more requests")
 
     # -- the step's parts ----------------------------------------------------------------
     def _admit(self):

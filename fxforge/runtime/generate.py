@@ -124,12 +124,26 @@ def _known_settings() -> set:
     return set(DEFAULTS) | IGNORED | set(UNSUPPORTED) | set(_fresh_generation_config())
 
 
+# transformers' arguments for what fxforge spells otherwise
+_FXFORGE_SPELLING = {"assistant_model": "draft=<an OptimizedModel> (speculative decoding)",
+                     "prompt_lookup_num_tokens": "draft=\"ngram\" with num_draft_tokens=k",
+                     "num_assistant_tokens": "num_draft_tokens=k with draft="}
+
+
 def _did_you_mean(names: list) -> str:
+    """A hint per name: fxforge's own spelling of a transformers argument, else the closest
+    known setting for a misspelling; a setting transformers knows that fxforge does not
+    implement gets none (it is no misspelling)."""
     import difflib
 
-    known = sorted(_known_settings())
-    hints = [f"{name} -> {close[0]}" for name in names for close in [difflib.get_close_matches(name, known, 1)]
-             if close]
+    known = _known_settings()
+    hints = []
+    for name in names:
+        if name in _FXFORGE_SPELLING:
+            hints.append(f"{name} -> {_FXFORGE_SPELLING[name]}")
+        elif name not in known:
+            close = difflib.get_close_matches(name, sorted(known), 1)
+            hints += [f"{name} -> {close[0]}"] if close else []
     return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
@@ -552,7 +566,7 @@ def _speculative(model, input_ids, pad, new_tokens, draft, k, stats, processors,
         raise ValueError(f"speculative decoding (draft=) runs one unpadded sequence at a time, got {rows} row(s)"
                          f"{' with left padding' if bool((pad > 0).any()) else ''}: call generate() per prompt, "
                          "or leave out draft= for batched generation")
-    k = 4 if k is None else k
+    k = 4 if k is None else _plain_int(k)  # (numpy integers count as ints, as for the other settings)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"num_draft_tokens must be an int >= 1, got {k!r}")
     drafter = make_draft(draft, model)
