@@ -1,5 +1,6 @@
 """fast.save(path) / fxforge.load(path): the optimized IR, its weights and the call spec,
 loaded without the model class and without capture, give the same outputs."""
+import copy
 import json
 import os
 import pickle
@@ -177,6 +178,15 @@ def test_pickle_and_torch_save_point_at_save(tmp_path):
         pickle.dumps(fast)
     with pytest.raises(TypeError, match=r"fxforge.load\(path\)"):
         torch.save(fast, tmp_path / "model.pt")
+    for copy_it in (copy.copy, copy.deepcopy):  # said "cannot be pickled" though nothing was
+        with pytest.raises(TypeError, match=r"cannot be copied \(copy.copy, copy.deepcopy\).*optimize the source"):
+            copy_it(fast)
+    fast.save(tmp_path / "saved")
+    # the file is fine: the device is what the error must name (it said "damaged or cut short")
+    with pytest.raises(ValueError, match=r"onto device 'meta': an optimized model runs on 'cpu' or 'cuda'"):
+        fxforge.load(tmp_path / "saved", device="meta")
+    with pytest.raises(ValueError, match=r"device='xyz' is not a device"):
+        fxforge.load(tmp_path / "saved", device="xyz")
 
 
 def test_loaded_weights_are_aligned_for_the_bf16_int8_kernel(tmp_path):

@@ -433,6 +433,14 @@ class OptimizedModel:
         raise TypeError("an OptimizedModel cannot be pickled (pickle.dumps, torch.save): save it with "
                         "fast.save(path) and load it with fxforge.load(path)")
 
+    def __copy__(self):
+        raise TypeError("an OptimizedModel cannot be copied (copy.copy, copy.deepcopy): its program and the "
+                        "backend's compiled kernels are not copyable; for a second model, fxforge.optimize the "
+                        "source model again, or fast.save(path) and fxforge.load(path)")
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
     # -- module-like --------------------------------------------------------------------------
     def to(self, *args, **kwargs) -> "OptimizedModel":
         """Like nn.Module.to(device | dtype): changes this model in place and returns it.

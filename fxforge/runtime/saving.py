@@ -109,12 +109,28 @@ def _config_to_json(config) -> dict | None:
 
 
 # -- load ---------------------------------------------------------------------------------
+def _check_load_device(path, device):
+    """A device the weights can be loaded onto, named in the error where not (the file is
+    fine: blaming it sent users to save again)."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"cannot load {path}: device={device!r} is not a device ({error}); use 'cpu' or 'cuda'") \
+            from None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"cannot load {path} onto device {str(device)!r}: an optimized model runs on 'cpu' or "
+                         "'cuda' (its backends' devices), and its weights are real tensors there")
+
+
 def load_model(path: str, *, backend="auto", device=None, cpu_linear: bool | str = True):
     """The OptimizedModel saved in the directory `path` by `fast.save(path)`."""
     from safetensors.torch import load_file
 
     from .build import model_from_ir
 
+    _check_load_device(path, device)
     if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"cannot load {path} onto device {str(device)!r}: CUDA is not available on this machine "
                            "(torch.cuda.is_available() is False); load it with device='cpu' (the default)")
