@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import io
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -433,6 +434,21 @@ def _without_partial_graph_dump():
             real.write(text)
 
 
+def _data_dependent_fix(message: str) -> str:
+    """What to do when export met a tensor's value in Python: a bare value (`zuf0`, or an
+    integer it had to fix) is a number read with float() / int() / .item(); a condition
+    (`Eq(u0, 1)`, `zuf0 > 0`) is a branch on the value."""
+    expr = re.search(r"data-dependent expression (.*?) \(unhinted", message)
+    if "specialized integer" in message or (expr and re.fullmatch(r"\w+", expr.group(1).strip())):
+        return ("the model reads a tensor's value into Python as a number (float(), int() or .item() of a "
+                "tensor), which a graph capture cannot follow; keep it a tensor: x / x.abs().max() rather than "
+                "x / float(x.abs().max()) (a 0-dim tensor broadcasts like a number); where the number sets a size "
+                "(torch.zeros(n), x[:n]), compute with fixed shapes instead (torch.where(cond, a, b) or a mask "
+                "rather than slicing)")
+    return ("the model branches on tensor *values* (data-dependent control flow); rewrite that code "
+            "with torch.where / torch.cond, or move the decision out of forward()")
+
+
 def _capture_error(model, exc) -> CaptureError:
     frames = traceback.extract_tb(exc.__traceback__)
     torch_dir = os.path.dirname(torch.__file__)
@@ -442,8 +458,7 @@ def _capture_error(model, exc) -> CaptureError:
     first = text[0] if text else type(exc).__name__
     name = type(exc).__name__
     if "data-dependent" in str(exc) or "GuardOnDataDependent" in name or "DataDependent" in name:
-        fix = ("the model branches on tensor *values* (data-dependent control flow); rewrite that code "
-               "with torch.where / torch.cond, or move the decision out of forward()")
+        fix = _data_dependent_fix(str(exc))
     elif "not a known type" in str(exc) or "pytree" in str(exc):
         fix = "the model returns or takes a non-tensor object; return tensors / tuples / dataclasses only"
     elif "Constraints violated" in str(exc) or "specialized" in str(exc):
@@ -547,8 +562,30 @@ class _Lowerer:
             e = _settle_min_max(e, self.ranges).xreplace(self.same_size)
         unknown = [s for s in e.free_symbols if s not in self.rename.values()]
         if unknown:
-            raise CaptureError(_data_dependent_size(unknown, self.current))
+            raise CaptureError(_data_dependent_size(unknown, self.current, self._sets_a_size(self.current)))
         return e
+
+    def _sets_a_size(self, node) -> bool:
+        """Whether the data-dependent value `node` gives sets a tensor's size, or it is only
+        a number (`x / x.max().item()`): a tensor node whose shape has a symbol no input
+        gave, or a scalar node (.item(), and arithmetic on it) that flows into one."""
+        if node is None:
+            return True  # no node to look at: say what the size case needs
+        seen, todo = set(), [node]
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            val = n.meta.get("val")
+            if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                todo.extend(n.users)
+                continue
+            tensors = [t for t in pytree.tree_leaves(val) if isinstance(t, torch.Tensor)]
+            if any(not d.node.expr.free_symbols <= self.rename.keys()
+                   for t in tensors for d in t.shape if isinstance(d, torch.SymInt)):
+                return True
+        return False
 
     def tensor_type(self, val) -> TensorType:
         return TensorType(tuple(self.expr(d) for d in val.shape), val.dtype)
@@ -842,7 +879,10 @@ def _source_line(node) -> str:
     return ""
 
 
-def _data_dependent_size(unknown, node) -> str:
+def _data_dependent_size(unknown, node, sets_a_size: bool = True) -> str:
+    """The error for a value that depends on tensor data (a symbol no input size gives):
+    a size (boolean-mask indexing, nonzero, a mixture of experts' token selection) or a
+    number read into Python with .item() and used in arithmetic."""
     syms = ", ".join(sorted(map(str, unknown)))
     at = ""
     if node is not None:
@@ -850,10 +890,17 @@ def _data_dependent_size(unknown, node) -> str:
         where = _source(node) or node.name
         line = _source_line(node)
         at = f"\n  op: {op}\n  at: {where}" + (f"\n  code: {line}" if line else "")
+    if not sets_a_size:
+        return (f"a tensor's value is read into Python ({syms}): .item(), float() or int() of a tensor makes a "
+                f"Python number that depends on the data, which a graph capture cannot follow{at}\n"
+                "  fix: keep the value a tensor: write x / x.abs().max() rather than x / x.abs().max().item() "
+                "(a 0-dim tensor broadcasts like a number), and torch.where(cond, a, b) rather than a Python "
+                "branch on a value")
     return (f"a size depends on tensor data ({syms}); fxforge needs sizes that follow from the input shapes{at}\n"
-            "  fix: data-dependent shapes, such as boolean-mask indexing (x[mask]), torch.nonzero or one-argument "
-            "torch.where (a mixture of experts' per-expert token selection), cannot be captured; compute with fixed "
-            "shapes instead: for a mixture of experts, either run every expert on every token and weight its output "
+            "  fix: data-dependent shapes, such as boolean-mask indexing (x[mask]), torch.nonzero, one-argument "
+            "torch.where (a mixture of experts' per-expert token selection) or a size read with .item() "
+            "(torch.zeros(n), x[:n]), cannot be captured; compute with fixed shapes instead: for a mixture of "
+            "experts, either run every expert on every token and weight its output "
             "by the router's gate (zero for the experts not chosen), or gather each token's top-k experts' weights "
             "(W[top_k_index], [tokens, k, ...]) and multiply in one batch, as transformers' batched_mm experts do; "
             "elsewhere, use torch.where(cond, a, b) or multiply by the mask rather than selecting")

@@ -16,6 +16,19 @@ from .ops import OPS
 from .types import SymType, symbol
 
 
+def attr_symbols(value) -> set:
+    """The size symbols that attrs mention, at any depth: a fused node keeps its ops'
+    attrs inside its `body` (a `const` of value T in a fused_pointwise). An attr that
+    mentions one has a different value at each size, so it is not a constant."""
+    if isinstance(value, sympy.Basic):
+        return set(value.free_symbols)
+    if isinstance(value, dict):
+        value = tuple(value.values())
+    if isinstance(value, (tuple, list)):
+        return set().union(*(attr_symbols(v) for v in value))
+    return set()
+
+
 def concrete_attrs(value, sizes: dict):
     """Attrs with sympy sizes -> plain Python numbers at `sizes` ({symbol: int}); torch
     ops take no sympy numbers. KeyError if a size is left unknown."""

@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-import sympy
 import torch
 
 from ..ir.edit import dead_code_elimination
-from ..ir.evaluate import eval_node
+from ..ir.evaluate import attr_symbols, eval_node
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import is_pure
 from ..ir.printer import format_attrs
@@ -52,7 +51,9 @@ def fold_constants(graph: Graph, stats: Counter | None = None) -> Graph:
     such as `unsqueeze(arange(0, 1))`) once, when their result has a concrete, small shape.
     The result becomes a 0-dim `const` or a `_folded.N` constant tensor. Subgraphs whose
     shape is symbolic (a causal mask of length T) cannot become one tensor; the passes
-    that need to know what they compute evaluate them at sample sizes instead."""
+    that need to know what they compute evaluate them at sample sizes instead. Nor can a
+    node whose attrs mention a size, at any depth (`const T`, also inside a fused body:
+    `ones(1) * T` then rsqrt): its value differs from call to call."""
     known: dict[Value, torch.Tensor] = {}
     renamed: dict[Value, Value] = {}
     nodes: list[Node] = []
@@ -64,7 +65,7 @@ def fold_constants(graph: Graph, stats: Counter | None = None) -> Graph:
         concrete = all(d.is_number for v in node.outputs if hasattr(v.type, "shape") for d in v.shape)
         evaluable = (is_pure(node) and concrete and node.op != "torch_call"
                      and all(v in known for v in node.inputs)
-                     and not any(isinstance(x, sympy.Basic) and not x.is_number for x in node.attrs.values()))
+                     and not attr_symbols(node.attrs))  # a size in attrs (T, at any depth) varies per call
         if not evaluable:
             nodes.append(node)
             continue
