@@ -468,8 +468,22 @@ def fuse_elementwise(graph: Graph, ctx=None) -> Graph:
     return store_appends(_fuse_groups(graph, ctx), ctx)
 
 
+def _reads_a_tensor(graph: Graph, group: list[int], producers: dict) -> bool:
+    """Whether a group reads a tensor from outside (not only constants, which it inlines).
+    A group of constants alone (`zeros(()).add(T).sigmoid()`: a value of the sizes) has no
+    input to take its device and launch grid from, so it stays as the ops it is."""
+    member = set(group)
+    for i in group:
+        for v in graph.nodes[i].inputs:
+            j = producers.get(v)
+            if j not in member and (j is None or graph.nodes[j].op != "const"):
+                return True
+    return False
+
+
 def _fuse_groups(graph: Graph, ctx=None) -> Graph:
-    groups = find_groups(graph)
+    node_index = {v: i for i, n in enumerate(graph.nodes) for v in n.outputs}
+    groups = [g for g in find_groups(graph) if _reads_a_tensor(graph, g, node_index)]
     if not groups:
         return graph
     uses: dict = {}
@@ -478,7 +492,6 @@ def _fuse_groups(graph: Graph, ctx=None) -> Graph:
             uses.setdefault(v, []).append(i)
     outputs_set = set(graph.outputs)
     group_of = {i: k for k, g in enumerate(groups) for i in g}
-    node_index = {v: i for i, n in enumerate(graph.nodes) for v in n.outputs}
     fused_nodes = [_build_fused(graph, g, uses, outputs_set, node_index)[0] for g in groups]
 
     # Emit in a topological order of the contracted graph, keeping the original order
