@@ -61,17 +61,21 @@ def test_a_scalar_from_a_size_through_a_unary_op_matches_eager_at_other_sizes(sc
         torch.testing.assert_close(fast(x), model(x), rtol=1e-6, atol=1e-6)
 
 
+def _capture_error_text(model) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CaptureError) as info:
+            fxforge.optimize(model, (torch.randn(2, 5, 4),), verbose=False)
+    return str(info.value)
+
+
 class _ItemScale(nn.Module):
     def forward(self, x):
         return x / x.abs().max().item()  # a Python float, not a size
 
 
 def test_item_used_as_a_number_says_so_and_how_to_keep_a_tensor():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(CaptureError) as info:
-            fxforge.optimize(_ItemScale(), (torch.randn(2, 5, 4),), verbose=False)
-    text = str(info.value)
+    text = _capture_error_text(_ItemScale())
     assert "read into Python" in text and ".item()" in text, text
     assert "x / x.abs().max()" in text, text
     assert "a size depends on tensor data" not in text and "mixture of experts" not in text, text
@@ -83,11 +87,7 @@ class _ItemSize(nn.Module):
 
 
 def test_item_used_as_a_size_keeps_the_size_advice():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(CaptureError) as info:
-            fxforge.optimize(_ItemSize(), (torch.randn(2, 5, 4),), verbose=False)
-    text = str(info.value)
+    text = _capture_error_text(_ItemSize())
     assert "a size depends on tensor data" in text and "fixed shapes" in text, text
 
 
@@ -97,10 +97,6 @@ class _FloatScale(nn.Module):
 
 
 def test_float_of_a_tensor_is_not_called_a_branch():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(CaptureError) as info:
-            fxforge.optimize(_FloatScale(), (torch.randn(2, 5, 4),), verbose=False)
-    text = str(info.value)
+    text = _capture_error_text(_FloatScale())
     assert "reads a tensor's value into Python" in text and "x / x.abs().max()" in text, text
     assert "branches on tensor" not in text, text
