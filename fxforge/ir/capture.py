@@ -929,6 +929,8 @@ def _lower_exported(ep, injected, model):
             g.param_values.append(v)
             g.params[spec.target] = tensor.detach()
             env[node] = v
+            if spec.kind == InputKind.CONSTANT_TENSOR:
+                _note_constant_tensor(low.fixed_dtypes, spec.target, tensor, node, model)
         elif spec.kind == InputKind.USER_INPUT:
             val = node.meta.get("val") if node is not None else None
             if isinstance(val, torch.Tensor):
@@ -967,6 +969,60 @@ def _lower_exported(ep, injected, model):
     kwarg_order = tuple(in_spec.child(1).context) if in_spec is not None else ()
     return g, CallSpec(in_spec, input_leaves, ep.call_spec.out_spec, output_leaves, injected, kwarg_order,
                        _positional_names(model))
+
+
+# the torch.finfo fields a model takes constants from (an epsilon, a mask fill, a clamp
+# bound): a float equal to one of these for the dtype it was captured in was, as likely
+# as not, computed from that dtype; `resolution` is left out (1e-06 for float32: a common
+# literal epsilon). smallest_subnormal is tiny * eps (not every torch's finfo has it).
+_FINFO_FIELDS = ("eps", "tiny", "max", "smallest_subnormal")
+
+
+def finfo_value(dtype: torch.dtype, field: str) -> float:
+    info = torch.finfo(dtype)
+    if field == "smallest_subnormal":
+        return float(info.tiny) * float(info.eps)
+    return float(getattr(info, field))
+
+
+def finfo_name(value, dtype: torch.dtype) -> str | None:
+    """`torch.finfo(dtype).<field>` (or its negative: `-...eps`, `...min`) where the Python
+    float `value` equals it exactly, else None."""
+    if isinstance(value, bool) or not isinstance(value, float) or not dtype.is_floating_point:
+        return None
+    for name in _FINFO_FIELDS:
+        if abs(value) == finfo_value(dtype, name):
+            if name == "max":
+                name = "max" if value > 0 else "min"
+            return f"{'-' if value < 0 and name != 'min' else ''}torch.finfo({dtype}).{name}"
+    return None
+
+
+def _note_constant_tensor(fixed_dtypes: dict, target: str, tensor: torch.Tensor, node, model):
+    """Record a float constant tensor the graph reads that is not a parameter or buffer: a
+    plain tensor attribute, or a tensor made in forward (`torch.tensor([...])`), which
+    torch.export lifts to a constant input. model.to(dtype) converts parameters and buffers
+    only: such a tensor keeps its dtype (or, made with `dtype=x.dtype`, follows x; the
+    capture cannot tell the two apart), so `to(dtype)` refuses another dtype where one of
+    more than 0 dims is read (its dtype promotes the result) or a 0-dim one holds a
+    torch.finfo value of its dtype (an fp16 model would compute another). A 0-dim one is
+    otherwise retyped: torch's promotion lets the tensor operands' dtype win over it."""
+    if not tensor.is_floating_point():
+        return
+    finfo = finfo_name(float(tensor.item()), tensor.dtype) if tensor.dim() == 0 else None
+    if tensor.dim() == 0 and finfo is None:
+        return
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    made = "a plain tensor attribute (not a parameter or buffer)" if isinstance(obj, torch.Tensor) \
+        else "a tensor made in forward, e.g. torch.tensor(...)"
+    users = [u for u in (node.users if node is not None else ()) if u.op == "call_function"]
+    where = _source(users[0]) if users else ""
+    what = f"{tuple(tensor.shape)}" if tensor.dim() else f"= {tensor.item():.6g}, {finfo}"
+    fixed_dtypes[("constant", target)] = (
+        tensor.dtype, f"the constant tensor {target!r} {tensor.dtype} {what}: {made}"
+                      f"{f' read in {where}' if where else ''}")
 
 
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")

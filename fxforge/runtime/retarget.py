@@ -10,12 +10,22 @@ Such a node pins the dtype, and `to()` refuses with the IR line that pins it, ra
 running something the model would not compute; optimize the model again after
 `model.to(dtype)` then. A cast the model asks for that was a no-op at capture (`x.float()`
 on a float32 x) leaves no node, but capture records it in the graph's signature
-(`fixed_dtypes`, ir/roles.py): it pins the same way.
+(`fixed_dtypes`, ir/roles.py): it pins the same way. So does a float constant tensor that
+is not a parameter or buffer (a plain tensor attribute, a `torch.tensor([...])` made in
+forward), which model.to() leaves in its dtype: capture records it there too.
+
+A float the model computed from its dtype at capture (`torch.finfo(x.dtype).eps` in a
+hand-written RMSNorm, T5's clamp to `finfo.max - 1000`, a `finfo.min` mask fill) is baked
+into the graph as a number, and in another dtype the model would compute another. A scalar
+of the graph (any op's attribute, a fused body's constant) equal to a torch.finfo value of
+the dtype the graph is leaving pins too, as does a clamp bound the new dtype cannot hold
+(torch.clamp raises on it at every call).
 """
 from __future__ import annotations
 
 import torch
 
+from ..ir.capture import finfo_name, finfo_value
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS
 from ..ir.printer import Namer, format_node
@@ -68,8 +78,9 @@ def retyped(graph: Graph, dtype: torch.dtype) -> Graph:
         if any(_pins(v, dtype) for v in outputs) and not any(_pins(v, dtype) for v in inputs):
             pinned.append(node)
         nodes.append(Node(node.op, inputs, node.attrs, outputs, node.meta))
-    if pinned or fixed:
-        raise _pinned_error(graph, pinned, dtype, fixed)
+    scalars = _dtype_scalars(graph, dtype)
+    if pinned or fixed or scalars:
+        raise _pinned_error(graph, pinned, dtype, fixed, scalars)
     out = graph.with_nodes(nodes, [new.get(v, v) for v in graph.outputs])
     out.inputs = [new[v] for v in graph.inputs]
     out.param_values = [new[v] for v in graph.param_values]
@@ -91,23 +102,93 @@ def _pins(v: Value, dtype: torch.dtype) -> bool:
     return isinstance(t, TensorType) and t.dtype.is_floating_point and t.dtype != dtype and t.rank > 0
 
 
-def _pinned_error(graph: Graph, pinned: list[Node], dtype: torch.dtype, fixed: list = ()) -> DtypePinnedError:
-    """`fixed`: the signature's (dtype, where) no-op casts to a dtype other than `dtype`."""
+def _dtype_scalars(graph: Graph, dtype: torch.dtype) -> list[tuple[Node, str]]:
+    """The nodes holding a float scalar that is not the model's value in `dtype`, each with
+    why: one equal to a torch.finfo value of a float dtype the graph leaves (the model
+    computed it from that dtype), or a clamp bound `dtype` cannot hold."""
+    leaving = {v.type.dtype for v in graph.inputs + graph.param_values + graph.state_values
+               if isinstance(v.type, TensorType) and v.type.dtype.is_floating_point} - {dtype}
+    if not leaving:  # (nothing changes dtype, so nothing computed from one changes)
+        return []
+    most = float(torch.finfo(dtype).max)
+    found = []
+    for node in graph.nodes:
+        for op, key, value in _floats(node.attrs, node.op, None):
+            named = next((n for n in map(lambda d: finfo_name(value, d), sorted(leaving, key=str)) if n), None)
+            if named:
+                why = f"{value!r} is {named}, which in {dtype} is {_in(named, dtype)}"
+            elif op == "clamp" and key in ("min", "max") and abs(value) > most and abs(value) != float("inf"):
+                why = f"clamp's {key}={value!r} does not fit in {dtype} (max {most:g}): torch.clamp raises on it"
+            else:
+                continue
+            found.append((node, why))
+            break
+    return found
+
+
+def _in(named: str, dtype: torch.dtype) -> str:
+    """The value of `named` ("torch.finfo(torch.float32).eps", "-torch.finfo(...).tiny") for `dtype`."""
+    sign, field = named.startswith("-"), named.rpartition(".")[2]
+    value = finfo_value(dtype, "max" if field == "min" else field) * (-1 if field == "min" else 1)
+    return f"{-value if sign else value:g}"
+
+
+def _floats(obj, op: str, key):
+    """(op, attribute name, value) for each Python float in a node's attributes, a fused
+    body's entries (`(op, inputs, ((name, value), ...))`) included."""
+    if isinstance(obj, float):
+        yield op, key, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _floats(v, op, k)
+    elif isinstance(obj, (tuple, list)):
+        if len(obj) == 3 and isinstance(obj[0], str) and isinstance(obj[1], tuple) and isinstance(obj[2], tuple) \
+                and all(isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], str) for a in obj[2]):
+            for k, v in obj[2]:  # a body entry
+                yield from _floats(v, obj[0], k)
+        else:
+            for x in obj:
+                yield from _floats(x, op, key)
+
+
+def _pinned_error(graph: Graph, pinned: list[Node], dtype: torch.dtype, fixed: list = (),
+                  scalars: list = ()) -> DtypePinnedError:
+    """`fixed`: the signature's (dtype, where) entries for a dtype other than `dtype`: no-op
+    casts and constant tensors (capture). `scalars`: (node, why) from _dtype_scalars."""
     names = Namer(graph)
-    lines = "\n".join(f"  {format_node(n, names)}{n.where()}" for n in pinned[:3])
-    more = f"\n  ... and {len(pinned) - 3} more" if len(pinned) > 3 else ""
-    what = f"{len(pinned)} node(s) of the optimized IR fix their float dtype" if pinned else ""
-    if fixed:
-        casts = "\n".join(f"  {where}" for _, where in fixed[:3])
-        casts += f"\n  ... and {len(fixed) - 3} more" if len(fixed) > 3 else ""
-        lines = "\n".join(x for x in (lines + more, casts) if x)
-        more = ""
-        what = (f"{what} and " if what else "") + (
-            f"the model's code casts to {', '.join(sorted({str(dt) for dt, _ in fixed}))} "
-            "(a no-op at capture, so no IR line shows it)")
+    sections, whats = [], []
+    why = {id(n): w for n, w in scalars}  # a node both pinned and holding such a number: listed once, with why
+
+    def node_lines(nodes):
+        lines = "\n".join(f"  {format_node(n, names)}{n.where()}" + (f"\n    ({why[id(n)]})" if id(n) in why else "")
+                          for n in nodes[:3])
+        return lines + (f"\n  ... and {len(nodes) - 3} more" if len(nodes) > 3 else "")
+
+    if pinned:
+        sections.append(node_lines(pinned))
+        whats.append(f"{len(pinned)} node(s) of the optimized IR fix their float dtype")
+    casts = [(dt, w) for dt, w in fixed if not w.startswith("the constant tensor")]
+    constants = [(dt, w) for dt, w in fixed if w.startswith("the constant tensor")]
+    for entries, what in ((casts, "the model's code casts to {} (a no-op at capture, so no IR line shows it)"),
+                          (constants, "the model reads {} constant tensor(s) that are not parameters or buffers (model.to() "
+                                      "does not convert them, and one made in forward may have followed the "
+                                      "input's dtype: the graph cannot tell which)")):
+        if entries:
+            lines = "\n".join(f"  {where}" for _, where in entries[:3])
+            sections.append(lines + (f"\n  ... and {len(entries) - 3} more" if len(entries) > 3 else ""))
+            whats.append(what.format(", ".join(sorted({str(dt) for dt, _ in entries}))))
+    if scalars:
+        shown = {id(n) for n in pinned[:3]}  # (those shown above have their why)
+        rest = [n for n, _ in scalars if id(n) not in shown]
+        if rest:
+            sections.append(node_lines(rest))
+        whats.append(f"{len(scalars)} node(s) hold a number that is not the model's in {dtype} (one it computed "
+                     "from its dtype at capture, torch.finfo, or one the new dtype cannot hold)")
+    what = ", ".join(whats[:-1]) + (" and " if len(whats) > 1 else "") + whats[-1]
+    body = "\n".join(sections)
     return DtypePinnedError(
         f"to({dtype}): {what}, so retyping the graph "
-        f"would not be the model's computation in {dtype}:\n{lines}{more}\n"
+        f"would not be the model's computation in {dtype}:\n{body}\n"
         f"Convert the model instead and optimize it again: fxforge.optimize(model.to({dtype}), example_inputs)")
 
 
