@@ -24,8 +24,10 @@ Graph signature: `outputs` gives each output's role (`logits` [B, T, vocab] or `
 `max_seq_len` / `max_batch` the limits generate() checks (absent: none), `num_blocks` the
 default pool size of a paged cache (absent: sized per call), `fixed_dtypes` the casts to a
 float dtype the model's code makes that were no-ops at capture and so left no node
-(`((f32, "x.float() in model.norm (RMSNorm)"),)`): `OptimizedModel.to(dtype)` refuses
-another dtype where there are any, as for a cast node (runtime/retarget.py).
+(`((f32, "x.float() in model.norm (RMSNorm)"),)`), and the float constant tensors it reads
+that model.to(dtype) would not convert ("the constant tensor ..."; ir/capture.py):
+`OptimizedModel.to(dtype)` refuses another dtype where there are any, as for a cast node
+(runtime/retarget.py).
 """
 from __future__ import annotations
 
