@@ -34,7 +34,13 @@ put every constant last in mul/add):
 
 Declines (the graph stays as it was): softmax over another dim, any other op between the
 matmuls (a bias inside the soft-cap, say), scores or probabilities also used elsewhere, a
-masked_fill whose fill value is not a large negative number, non-constant scales.
+masked_fill whose fill value is not a large negative number, non-constant scales, scores
+or probabilities rounded to a dtype narrower than the op's on the way (`scores.half().float()`,
+`probs.bfloat16().float()` or a float16 softmax in a float32 model: the op would drop that
+rounding), and softmax / `@ v` in a wider dtype than q k^T (float32 q, k with float64 values;
+a float16 model's `softmax(s.float()) @ v.float()`: one op computes in one dtype, and q k^T
+in the wider one rounds the scores differently). Casts that widen exactly or round back to
+the op's dtype (softmax(s, dtype=torch.float32).to(query.dtype)) are what the op computes.
 Masks that are not shape-only stay as an additive `bias` input. Rows whose every key is
 masked are padding rows: with a finite fill (finfo.min) eager and fused agree; a softmax
 over scores filled with -inf where a mask from the inputs says is declined (eager gives NaN
@@ -103,8 +109,42 @@ def _strip_scale(m: Match, v: Value) -> tuple[Value, float]:
         v = a
 
 
-def _strip_casts(m: Match, v: Value) -> Value:
+# The float dtypes that hold every value of a dtype exactly (itself included).
+_HOLDS = {torch.float64: (torch.float64,), torch.float32: (torch.float32, torch.float64),
+          torch.float16: (torch.float16, torch.float32, torch.float64),
+          torch.bfloat16: (torch.bfloat16, torch.float32, torch.float64)}
+
+
+def _holds(wide, narrow) -> bool:
+    """Every value of `narrow` is a value of `wide` (a cast narrow -> wide is exact)."""
+    return wide in _HOLDS.get(narrow, (narrow,)) if narrow.is_floating_point else False
+
+
+def _strip_casts(m: Match, v: Value, keep=None) -> Value:
+    """The value under the casts that lead to `v`.
+
+    With `keep` (the dtype the fused op computes in: the walk of the scores and the
+    probabilities), only through values that hold every value of `keep`: widening (softmax
+    in float32 for bf16 scores) and rounding back to `keep` itself (`.to(query.dtype)`) are
+    what the op does, but a value rounded to a narrower dtype on the way
+    (`scores.half().float()` in a float32 model, a softmax in float16) is not, so such a
+    cast stays and the match declines.
+
+    Without it, only through a chain that is one cast: every value between the innermost
+    and `v` holds all of the innermost's values (f32 -> f64 -> f32, bf16 -> f32), never a
+    round trip through a narrower dtype (f32 -> bf16 -> f32), whose rounding a walker that
+    skips the casts would drop."""
+    if keep is not None and not _holds(v.dtype, keep):
+        return v
+    outer, between = v, []  # (the dtypes of the values between the innermost and v)
     while (node := _producer(m, v, "cast")) is not None and m.uses(v) == 1 and node.inputs[0].dtype.is_floating_point:
+        inner = node.inputs[0].dtype
+        if v is not outer:
+            between.append(v.dtype)
+        if keep is not None and not _holds(inner, keep):
+            break
+        if keep is None and not all(_holds(d, inner) for d in between):
+            break
         v = node.inputs[0]
     return v
 
@@ -492,6 +532,11 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
     slopes = window = None
     if q.rank not in (3, 4) or k.rank != q.rank or v.rank != q.rank:
         return None
+    if not q.dtype == k.dtype == v.dtype:
+        # softmax and @ v in a wider dtype than q k^T (float32 q, k with float64 values):
+        # the op computes in one dtype, and neither q k^T in the wide one (a different
+        # rounding of the scores) nor the values in the narrow one is what eager computes
+        return None
     if unfold is not None:
         if q.rank != 3 or not all(dims_equal(x.shape[0], unfold[0] * unfold[1]) for x in (q, k, v)):
             return None
@@ -597,22 +642,28 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
     """matmul(softmax(scores), v) where scores = q @ k^T, scaled, soft-capped and masked,
     possibly with the heads folded into the batch on one side of the softmax (bloom)."""
     p, v = m["p"], m["v"]
+    # the dtype the fused op computes in (q, k and v's): every value between the scores
+    # matmul and this one must hold all of its values, or a rounding would be dropped
+    dtype = v.dtype
     # one softmax's probabilities read by several matmuls (diffllama's two value halves;
     # its two eager attention calls, merged by CSE): each matmul is its own attention
     shared = p if m.uses(p) > 1 and _read_as_probabilities_only(m, p, forms) else None
-    if shared is not None and (cast := _producer(m, p, "cast")) is not None and cast.inputs[0].dtype.is_floating_point:
+    if shared is not None and (cast := _producer(m, p, "cast")) is not None and cast.inputs[0].dtype.is_floating_point \
+            and _holds(cast.inputs[0].dtype, dtype):
         p = cast.inputs[0]  # softmax(.., dtype=f32).to(bf16), the cast read by both
-    p = _strip_casts(m, p)
+    p = _strip_casts(m, p, dtype)
     fold = None
     view = _producer(m, p, "view")
     if view is not None and m.uses(p) == 1 and p.rank == 3:
         fold = _head_fold(view.inputs[0], p)
         if fold is None:
             return None
-        p = _strip_casts(m, view.inputs[0])
+        p = _strip_casts(m, view.inputs[0], dtype)
     soft = _producer(m, p, "softmax")
     if soft is None or soft.attrs["dim"] != p.rank - 1 or (m.uses(p) > 1 and p is not shared):
         return None
+    if not (_holds(p.dtype, dtype) and _holds(soft.inputs[0].dtype, dtype)):
+        return None  # a softmax in a narrower dtype than the op's: its rounding is not the op's
     s = soft.inputs[0]
     # softmax(x - max(x)) (mimo_v2_flash): the scores x are read by the max and the sub
     s, reads = (x, 2) if (x := _row_max_subtracted(m, s)) is not None else (s, 1)
@@ -623,7 +674,9 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
         if m.uses(s) > reads:
             return None  # the scores are used elsewhere (e.g. returned): keep them
         reads = 1
-        s = _strip_casts(m, s)
+        s = _strip_casts(m, s, dtype)
+        if not _holds(s.dtype, dtype):
+            return None  # scores rounded to a narrower dtype than the op computes in
         node = m.producers.get(s)
         if node is None:
             return None
