@@ -66,7 +66,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "SCHEMES", "SCHEME_OPTIONS", "SUPPORTED_GROUP_SIZES", "NF4_CODE", "DOUBLE_QUANT_BLOCK",
+    "SCHEMES", "SCHEME_OPTIONS", "ACTIVATION_DTYPES", "SUPPORTED_GROUP_SIZES", "NF4_CODE", "DOUBLE_QUANT_BLOCK",
     "Int8Packed", "Int4Packed", "NF4Packed", "W8A8Packed", "Packed",
     "check_quantizable", "fitting_group_size", "quantize_weight", "dequantize_weight", "packed_nbytes",
     "unpack_parts",
@@ -84,6 +84,15 @@ SCHEME_OPTIONS: dict[str, dict[str, Any]] = {
     "int4": {"group_size": 128, "zero_point": "int"},
     "nf4": {"group_size": 64, "double_quant": False},
     "w8a8": {"threshold": 6.0},
+}
+# The activation dtypes each scheme's kernels take (x of quant_linear). int8 / int4 / nf4
+# kernels compute in float32 with x in one of the three; w8a8 quantizes x itself, so any
+# float dtype (float64 included) reaches it.
+ACTIVATION_DTYPES: dict[str, tuple[torch.dtype, ...] | None] = {
+    "int8": (torch.float32, torch.float16, torch.bfloat16),
+    "int4": (torch.float32, torch.float16, torch.bfloat16),
+    "nf4": (torch.float32, torch.float16, torch.bfloat16),
+    "w8a8": None,  # any floating-point dtype
 }
 # Group sizes every path runs: the reference and the Triton kernels take any even size that
 # divides K, but PyTorch's packed int4 CPU kernel (runtime/cpu_int4.py) takes exactly these.
@@ -312,8 +321,13 @@ def _check_weight(weight: Tensor, scheme: str, opts: dict[str, Any]) -> None:
     reason = check_quantizable(scheme, weight.shape, **opts)
     if reason is not None:
         raise ValueError(reason)
-    if not bool(torch.isfinite(weight).all()):
-        raise ValueError(f"{scheme}: weight contains inf or nan")
+    bad = ~torch.isfinite(weight)
+    count = int(bad.sum())
+    if count:
+        first = [int(i) for i in bad.nonzero()[0]]
+        raise ValueError(f"{scheme}: weight of shape {list(weight.shape)} contains {count} non-finite element"
+                         f"{'s' if count > 1 else ''} (inf or nan; the first at {first}): a quantization "
+                         f"scale from them would be inf or nan")
 
 
 # --------------------------------------------------------------------------- packing helpers

@@ -21,9 +21,18 @@ c_attn, which are split first), the K and V projections shrink from Hkv to G hea
 The attention op's K/V inputs get G heads (it maps query head h to KV head h // (H / G)),
 so a KV cache inserted afterwards is Hkv / G times smaller.
 
-report(): per layer, the relative error of the attention output on the calibration
-inputs (errors of earlier layers included, as the model would see them), and the KV
-cache bytes per token before and after.
+report(): per layer, the relative error of the attention output (errors of earlier layers
+included, as the model would see them), and the KV cache bytes per token before and after.
+The error is measured on tokens nothing was fitted to, and report() says which:
+  "mean"     fits nothing, so on all the calibration inputs;
+  "aligned"  fits its groups and maps on part of the calibration inputs and measures on
+             the rest, held out (a quarter of the rows, or of each row's tokens when there
+             is one row): an error measured on the fitted tokens is far below the error on
+             any other input (a rank-head_dim fit on few tokens matches them almost
+             exactly). A calibration too small to keep head_dim tokens for the fit and hold
+             some out is fitted on whole, and the error is reported as in-sample, saying so
+             and how many tokens a held-out figure needs.
+details["gqa"]["error_measured_on"] says the same in words, "error_tokens" gives the count.
 """
 from __future__ import annotations
 
@@ -173,6 +182,82 @@ def _check_enough_tokens(layers, k_outs):
             raise GQAError(f"gqa: method='aligned' fits each merged head (head_dim={layer.head_dim}) from the "
                            f"calibration's activations, but the calibration has {tokens} tokens (batch x length); "
                            f"give at least {layer.head_dim}, and many more for a good fit")
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    """The calibration inputs split for 'aligned': `fit` (what the groups and maps are
+    fitted on) and `held` (what the reported error is measured on), and in words what
+    the error was measured on, for report() and details."""
+    fit: tuple
+    held: tuple
+    held_tokens: int
+    measured_on: str
+    held_out: bool
+
+
+def _tokens(inputs: tuple) -> int:
+    """Tokens in the calibration inputs: batch x length of the first (the token ids)."""
+    x = inputs[0]
+    return int(x.shape[0]) * (int(x.shape[1]) if x.dim() > 1 else 1)
+
+
+def _held_out_rows(b: int) -> int:
+    return max(1, b // 4)
+
+
+def _held_out_length(t: int) -> int:
+    return max(1, t // 4)
+
+
+def _splits(inputs: tuple):
+    """(fit, held, how) candidates: the last quarter of the rows (at least one) when
+    there are several, else the last quarter of each row's tokens (at least one), run as
+    sequences of their own; only where every input has the token ids' batch (and length)
+    dimensions, so that a slice of each is a consistent set of inputs."""
+    b = int(inputs[0].shape[0])
+    if b >= 2 and all(x.dim() >= 1 and int(x.shape[0]) == b for x in inputs):
+        h = _held_out_rows(b)
+        yield (tuple(x[:b - h] for x in inputs), tuple(x[b - h:] for x in inputs),
+               f"{h} of {b} calibration rows")
+    if inputs[0].dim() >= 2:
+        t = int(inputs[0].shape[1])
+        if t >= 2 and all(x.dim() >= 2 and tuple(x.shape[:2]) == (b, t) for x in inputs):
+            h = _held_out_length(t)
+            yield (tuple(x[:, :t - h] for x in inputs), tuple(x[:, t - h:] for x in inputs),
+                   f"the last {h} of {t} tokens of each calibration row, run as sequences of their own")
+
+
+def _min_tokens_for_held_out(head_dim: int) -> int:
+    """The fewest tokens in one row that leave head_dim for the fit and hold some out."""
+    t = head_dim + 1
+    while t - _held_out_length(t) < head_dim:
+        t += 1
+    return t
+
+
+def _split_calibration(graph: Graph, layers, calib: tuple) -> _Calibration:
+    """Hold out part of the calibration for measuring 'aligned''s error (see the module
+    docstring); fit on all of it, reporting the error as in-sample, when no split leaves
+    head_dim tokens for the fit (or the model's guards refuse a part's sizes)."""
+    head_dim = max(layer.head_dim for layer in layers)
+    checker = GuardChecker(graph.guards)
+    for fit, held, how in _splits(calib):
+        if _tokens(fit) < head_dim or _tokens(held) < 1:
+            continue
+        try:
+            for part in (fit, held):
+                checker.check(input_sizes(graph, part), "gqa: a part of the calibration inputs")
+        except GuardError:
+            continue
+        n = _tokens(held)
+        return _Calibration(fit, held, n, f"held-out: {n} tokens ({how}; fitted on the other {_tokens(fit)})", True)
+    n = _tokens(calib)
+    return _Calibration(calib, calib, n,
+                        f"in-sample: the {n} calibration tokens it was fitted on, too few to hold any out, so the "
+                        f"error on other inputs is likely much larger; give at least "
+                        f"{_min_tokens_for_held_out(head_dim)} tokens per row, or several rows of "
+                        f"{head_dim} or more, for a held-out figure", False)
 
 
 # -- planning: groups and rotations ----------------------------------------------------------
@@ -436,9 +521,19 @@ def gqa(graph: Graph, ctx=None) -> Graph:
         raise GQAError(_NEEDS_CALIBRATION)
 
     acts = None
+    split = None
+    if calib is not None:
+        # 'mean' fits nothing: its error is measured on all the calibration inputs
+        n = _tokens(calib)
+        split = _split_calibration(graph, layers, calib) if config.method == "aligned" else \
+            _Calibration(calib, calib, n, f"all {n} calibration tokens ('mean' fits nothing to them)", True)
     if config.method == "aligned":
         values = [v for layer in layers for v in (layer.k.out, layer.v.out)]
-        flat = _run_calibration(graph, values, calib)
+        if split.held_out:
+            # the model must run the calibration as given (130 tokens for 128 positions
+            # fails, named as the calibration's), not only the shorter parts of it
+            _run_calibration(graph, values, calib)
+        flat = _run_calibration(graph, values, split.fit)
         _check_enough_tokens(layers, flat[0::2])
         acts = [(k.reshape(-1, layer.kv_heads, layer.head_dim).double(),
                  v.reshape(-1, layer.kv_heads, layer.head_dim).double())
@@ -455,8 +550,11 @@ def gqa(graph: Graph, ctx=None) -> Graph:
         plan_layer(layer, G, config.method, *(acts[i] if acts else (None, None)), rotary_ok=rotary_ok)
     new, info = rewrite(graph, layers, G)
 
-    details = {"method": config.method, "num_kv_heads": G, "layers": []}
-    errors = _attention_errors(graph, new, layers, info, calib) if calib is not None else None
+    details = {"method": config.method, "num_kv_heads": G, "layers": [],
+               "error_measured_on": None if split is None else split.measured_on,
+               "error_tokens": None if split is None else split.held_tokens,
+               "error_held_out": None if split is None else split.held_out}
+    errors = _attention_errors(graph, new, layers, info, split.held) if split is not None else None
     for i, layer in enumerate(layers):
         itemsize = layer.attn.inputs[1].dtype.itemsize
         details["layers"].append({
@@ -469,7 +567,8 @@ def gqa(graph: Graph, ctx=None) -> Graph:
         before = sum(r["kv_bytes_per_token"][0] for r in details["layers"])
         after = sum(r["kv_bytes_per_token"][1] for r in details["layers"])
         err = "no calibration inputs: pass GQAConfig(calibration=...) to measure the error" if errors is None else \
-            "attention output relative error per layer: " + ", ".join(f"{e:.3g}" for e in errors)
+            f"attention output relative error per layer ({split.measured_on}): " + \
+            ", ".join(f"{e:.3g}" for e in errors)
         ctx.note(f"{len(layers)} attention layers -> {G} KV heads ({config.method}); KV cache bytes per token "
                  f"{before} -> {after}{note}; {err}")
     return new

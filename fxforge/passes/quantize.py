@@ -37,16 +37,17 @@ import torch
 
 from ..ir import roles
 from ..ir.graph import readers_through
-from ..ir.quant_formats import (SCHEME_OPTIONS, SCHEMES, SUPPORTED_GROUP_SIZES, check_quantizable,
-                                fitting_group_size, quantize_weight)
+from ..ir.quant_formats import (ACTIVATION_DTYPES, SCHEME_OPTIONS, SCHEMES, SUPPORTED_GROUP_SIZES,
+                                check_quantizable, fitting_group_size, quantize_weight)
 from .cleanup import common_subexpression_elimination
 from .gqa import source_param_name
 from .pattern import Match, Rule, apply_rules, op, var
 from .routers import router_weights
 
 # In `exclude`, this entry names the output head whatever its weight is called: the linear
-# whose result reaches a graph output through no other product (Meta's and llama2.c's
-# `output`, a value head): kept float by default as `lm_head*` is, since it sets the logits
+# whose result reaches a graph output through no other product and feeds no further one
+# (Meta's and llama2.c's `output`, a value head; not a K/V projection whose result is also
+# returned as the cache): kept float by default as `lm_head*` is, since it sets the logits
 OUTPUT_HEAD = "<output head>"
 DEFAULT_EXCLUDE = ("lm_head*", "*embed*", "*wte*", "*wpe*", OUTPUT_HEAD)
 COMPUTE_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
@@ -244,6 +245,7 @@ def _rewrite(plan: _Plan, transposed: bool):
         bias = [m["b"]] if "b" in m else []
         x = m["x"]
         compute = plan.config.compute_dtype or x.dtype
+        _check_activation_dtype(plan.config, name, compute)
         y = b.emit("quant_linear", b.cast(x, compute), *values, *bias, parts=parts, qattrs=qattrs, bias=bool(bias))
         return b.cast(y, x.dtype)
     return replace
@@ -257,6 +259,7 @@ def _packed(plan: _Plan, graph, name: str, transposed: bool):
     if key not in plan.packed:
         label = _label(plan, name, transposed)
         weight = graph.params[name]
+        _check_finite(plan.config, name, weight)
         weight = weight.t().contiguous() if transposed else weight
         group_size = plan.group_sizes.get(label, (None,))[0]
         packed = quantize_weight(weight.detach(), plan.config.scheme, **plan.config.options(group_size))
@@ -269,6 +272,39 @@ def _packed(plan: _Plan, graph, name: str, transposed: bool):
         values = [graph.add_param(f"{prefix}.{part}", t) for part, t in packed.tensors().items()]
         plan.packed[key] = (tuple(packed.tensors()), tuple(packed.attrs().items()), values)
     return plan.packed[key]
+
+
+def _check_activation_dtype(cfg: QuantConfig, name: str, compute: torch.dtype):
+    """A model whose products would run in a dtype the scheme's kernels do not take
+    (float64 for int8 / int4 / nf4) is refused here, at optimize(), not at its first
+    call from inside the program."""
+    allowed = ACTIVATION_DTYPES[cfg.scheme]
+    if allowed is None or compute in allowed:
+        return
+    names = "/".join(str(d).replace("torch.", "") for d in allowed)
+    dtype = str(compute).replace("torch.", "")
+    raise ValueError(
+        f"quantize {cfg.scheme!r}: the model computes in {dtype} (at {source_param_name(name)}), but {cfg.scheme} "
+        f"kernels take {names} activations only. Pass QuantConfig({cfg.scheme!r}, compute_dtype=torch.float32) to "
+        f"run the quantized products in float32 (a cast to and from {dtype} around each; the rest of the model stays "
+        f"{dtype}), or convert the model (model.float()) before optimize(); w8a8 runs in {dtype} as it is")
+
+
+def _check_finite(cfg: QuantConfig, name: str, weight: torch.Tensor):
+    """A weight with inf or nan has no scale; the error names it (the model's parameter
+    name, which `exclude` matches) and says how to go on."""
+    bad = ~torch.isfinite(weight)
+    count = int(bad.sum())
+    if not count:
+        return
+    first = [int(i) for i in bad.nonzero()[0]]
+    source = source_param_name(name)
+    raise ValueError(
+        f"quantize {cfg.scheme!r}: weight {source!r} (shape {list(weight.shape)}) has {count} non-finite "
+        f"element{'s' if count > 1 else ''} (inf or nan; the first at {first}) of {weight.numel()}, so it has no "
+        f"{cfg.scheme} scale. Fix the weight, or keep this layer float: QuantConfig({cfg.scheme!r}, "
+        f"exclude=(*DEFAULT_EXCLUDE, {source!r})) (DEFAULT_EXCLUDE from fxforge.passes.quantize: `exclude` "
+        f"replaces the default list)")
 
 
 def _decide(plan: _Plan, name: str, w) -> str | None:
@@ -304,7 +340,8 @@ def _name_reason(plan: _Plan, name: str) -> str | None:
         return "not in include"
     for pattern in cfg.exclude:
         if pattern == OUTPUT_HEAD and name in plan.heads:
-            return f"the output head (its result is a graph output; excluded by {OUTPUT_HEAD!r}, as lm_head)"
+            return (f"the output head (its result is a model output and feeds no further layer; excluded by "
+                    f"{OUTPUT_HEAD!r}, as lm_head)")
         if pattern != OUTPUT_HEAD and fnmatch.fnmatch(source, pattern):
             return f"excluded by {pattern!r}"
     if name in plan.tied:
@@ -454,18 +491,43 @@ def _group_size_notes(plan: _Plan) -> list[str]:
     return notes
 
 
+# torch_call targets that compute products (a model's attention or matmul that no IR op
+# models): a value read by one goes on into another layer
+_PRODUCT_TARGETS = re.compile(r"aten\.(mm|bmm|addmm|baddbmm|addbmm|matmul|linear|einsum|convolution|conv\w*|"
+                              r"_?scaled_dot_product\w*|_flash_attention\w*|_efficient_attention\w*)\.")
+
+
+def _feeds_a_product(graph) -> set:
+    """The values from which some product (a linear, matmul, attention ...) is reachable,
+    through any ops: they feed another layer. One walk in reverse topological order."""
+    from .routers import PRODUCTS
+
+    feeding: set = set()
+    for node in reversed(graph.nodes):
+        product = node.op in PRODUCTS or node.op == "paged_attention" or \
+            (node.op == "torch_call" and bool(_PRODUCT_TARGETS.match(str(node.attrs.get("target", "")))))
+        if product or any(out in feeding for out in node.outputs):
+            feeding.update(node.inputs)
+    return feeding
+
+
 def output_head_weights(graph) -> set:
-    """Names of the 2-D weights of linears (matmuls on a weight) whose result reaches a
-    graph output through views, casts and pointwise ops only (no other product): the
-    layers that make the model's outputs, whatever they are called."""
+    """Names of the 2-D weights of the output heads: linears (matmuls on a weight) whose
+    result reaches a graph output through views, casts and pointwise ops only, and feeds
+    no further product -- the final projections that make the model's outputs (the
+    logits), whatever they are called. A K or V projection whose result the graph also
+    returns (a KV cache, `use_cache=True` under torch.compile) feeds attention, and a
+    layer whose hidden states are returned (output_hidden_states) feeds the next layer:
+    neither is the head."""
     from .routers import PRODUCTS
 
     outputs, users, heads = set(graph.outputs), graph.users(), set()
+    feeding = _feeds_a_product(graph)
     for node in graph.nodes:
         if node.op not in ("linear", "matmul") or len(node.inputs) < 2:
             continue
         w = node.inputs[1]
-        if w.param is None or w.rank != 2 or w.param in heads:
+        if w.param is None or w.rank != 2 or w.param in heads or node.outputs[0] in feeding:
             continue
         frontier, seen = [node.outputs[0]], {node.outputs[0]}
         for _ in range(8):
