@@ -8,6 +8,7 @@ import torch
 import fxforge
 from fxforge.passes.gqa import GQAConfig
 from fxforge.passes.quantize import DEFAULT_EXCLUDE, QuantConfig
+from fxforge.runtime.retarget import DtypePinnedError
 
 import zoo
 
@@ -154,3 +155,19 @@ def test_non_finite_weight_is_named_with_the_way_out():
     # excluding it, as the message says, quantizes the rest
     fast = fxforge.optimize(model, (x,), quantize=QuantConfig("int8", exclude=(*DEFAULT_EXCLUDE, "a.weight")))
     assert [name for name, _, _ in _details(fast, "quantize")["layers"]] == ["b.weight"]
+
+
+def test_an_explicit_compute_dtype_pins_to():
+    """QuantConfig(compute_dtype=torch.float32) on a float32 model, then to(bfloat16): the
+    cast to float32 was a no-op and left no node, so the products silently ran in bfloat16.
+    It is refused now, naming the setting, and kept where the dtype does not change."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(3, 64)
+    config = QuantConfig("int8", compute_dtype=torch.float32, exclude=())
+    fast = fxforge.optimize(model, (x,), quantize=config)
+    with pytest.raises(DtypePinnedError, match=r"QuantConfig\(compute_dtype=torch.float32\): the 2 "
+                                                       r"quantized products run in it"):
+        fast.to(torch.bfloat16)
+    assert fast.to(torch.float32) is fast and fast(x).dtype == torch.float32
+    plain = fxforge.optimize(model, (x,), quantize=QuantConfig("int8", exclude=()))
+    assert plain.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16  # no compute dtype asked: it follows

@@ -560,6 +560,14 @@ def quantize(graph, ctx):
     if cfg.compute_dtype is not None:  # q/k/v (and gate/up) each cast the same input: one cast will do
         out = common_subexpression_elimination(out, ctx.rules if ctx is not None else None)
     out = out.prune_params()
+    if cfg.compute_dtype is not None and plan.layers:
+        # the products' dtype was asked for: to(another dtype) must keep it or refuse, but
+        # where the model computes in it already the cast to it is a no-op and leaves no
+        # node to say so (a float32 model asked for float32 products, then to(bfloat16))
+        where = (f"QuantConfig(compute_dtype={cfg.compute_dtype}): the {len(plan.layers)} quantized products "
+                 "run in it, as asked")
+        out.signature = {**out.signature,
+                         "fixed_dtypes": tuple(out.signature.get("fixed_dtypes", ())) + ((cfg.compute_dtype, where),)}
     plan.skipped += _unhandled_weights(out) + _unmatched_products(out, plan.decided)
     before = sum(x for _, x, _ in plan.layers)
     after = sum(y for _, _, y in plan.layers)
