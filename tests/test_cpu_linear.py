@@ -504,3 +504,33 @@ def test_the_row_count_benchmark_runs():
     assert len(rows) == expected and all(row[0] == "64x32" for row in rows), rows
     for cells in rows:  # shape, kernel and layout, then microseconds at 1 and 3 rows
         assert len(cells) == 4 and all(float(c) > 0 for c in cells[2:]), cells
+
+
+def test_a_saved_model_loads_with_the_choices_its_program_was_built_with(timing, monkeypatch, tmp_path):
+    """Timing cut short on a busy machine keeps F.linear for that model and caches nothing,
+    so a load in another process timed the shapes again and could pick another kernel: a
+    saved SmolLM2 then gave other logits in the last bits. save() now writes the choices
+    the program runs, and a load on the same machine builds the same program from them
+    whatever the cache says; a load that asks to measure again does."""
+    model, vocab, example = small_llama()
+    real = cpu_linear.measure_choices
+    monkeypatch.setattr(cpu_linear, "measure_choices", lambda shapes, candidates: real(shapes, candidates, budget_s=0.0))
+    fast = fxforge.optimize(model, example)
+    first = cpu_linear_stats(fast).details["cpu_linear"]
+    assert first["cut_short"] > 0 and first["choices"] == {}  # F.linear everywhere, nothing cached
+    fast.save(tmp_path / "saved")
+    # the cache now prefers another kernel for every shape (what timing again can give)
+    fingerprint = cpu_linear_cache.machine_fingerprint(cpu_linear.timing_method(cpu_linear.timing_candidates()))
+    other = next(c for c in cpu_linear.timing_candidates() if tuple(c) != cpu_linear.BASELINE)
+    shapes = {tuple(fast.graph.params[n].shape) for n in cpu_linear._linear_weights(fast.graph)}
+    decided = {cpu_linear_cache.shape_key(s): cpu_linear_cache.Decision(other[0], other[1], 2.0, {}, 9) for s in shapes}
+    cpu_linear_cache.write_decisions(cpu_linear_cache.cache_file(fingerprint), fingerprint,
+                                     cpu_linear.timing_candidates() + [cpu_linear.PACKED], decided)
+    monkeypatch.setattr(cpu_linear, "measure_choices", real)
+    loaded = fxforge.load(tmp_path / "saved")
+    assert cpu_linear_stats(loaded).details["cpu_linear"]["choices"] == {}
+    ids = torch.randint(0, vocab, (2, 9))
+    assert torch.equal(loaded(ids).logits, fast(ids).logits)
+    assert cpu_linear_stats(fxforge.optimize(model, example)).details["cpu_linear"]["choices"]  # the cache serves optimize
+    remeasured = fxforge.load(tmp_path / "saved", cpu_linear="measure")  # the caller's choice wins
+    assert cpu_linear_stats(remeasured).details["cpu_linear"]["timed"] > 0

@@ -61,6 +61,7 @@ Column-major weights are copies: the program no longer reads the model's own wei
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections import Counter
@@ -238,8 +239,29 @@ class CpuLinearPlan:
         return sum(w.numel() * w.element_size() for w, _ in self.packed.values())
 
 
-def cpu_linear_mode(value) -> str | None:
-    """optimize()'s `cpu_linear` argument as a mode: "cached", "measure", or None (off)."""
+@dataclass(frozen=True)
+class Remembered:
+    """The choices a saved model's program was built with (fast.save writes them, load
+    reads them). On the machine, libraries and thread count they were made with, load
+    takes them before this machine's cache, so it builds the same program, the same
+    kernels and so the same float rounding, whatever the cache holds by then: a choice
+    cut short on a busy machine is never cached, and timing it again can pick another
+    kernel (a loaded SmolLM2 then gave other logits in the last bits). Elsewhere they
+    are ignored and the shapes are planned as usual."""
+    fingerprint: dict
+    decisions: dict  # key (cpu_linear_cache.shape_key / rows_key) -> Decision
+
+    def here(self) -> dict:
+        """The decisions, where this machine is the one they were made on; else {}."""
+        fingerprint = machine_fingerprint(timing_method(timing_candidates()))
+        return dict(self.decisions) if json.loads(json.dumps(fingerprint)) == self.fingerprint else {}
+
+
+def cpu_linear_mode(value) -> str | Remembered | None:
+    """optimize()'s `cpu_linear` argument as a mode: "cached", "measure", None (off), or
+    the Remembered choices of a saved model (load)."""
+    if isinstance(value, Remembered):
+        return value
     if value is True or value == "cached":
         return "cached"
     if value is False:
@@ -260,7 +282,9 @@ def plan_cpu_linears(graph: Graph, mode: str = "cached",
     names = _linear_weights(graph)
     shapes = sorted({tuple(graph.params[n].shape) for n in names} - set(_untimed_shapes(graph, names)))
     packed = packed_bytes > 0 and PACKED[0] in {c[0] for c in timing_candidates()}
-    decisions, source = _decisions(shapes, mode, packed) if shapes else ({}, {})
+    given = mode.here() if isinstance(mode, Remembered) else {}
+    mode = "cached" if isinstance(mode, Remembered) else mode
+    decisions, source = _decisions(shapes, mode, packed, given) if shapes else ({}, {})
     plan = CpuLinearPlan(packed_bytes_limit=packed_bytes if packed else 0)
     for shape in shapes:
         decision = decisions[shape_key(shape)]
@@ -306,6 +330,7 @@ def plan_cpu_linears(graph: Graph, mode: str = "cached",
         notes.append(_source_note(source))
     stats = PassStats("cpu_linear", time.perf_counter() - start, len(graph.nodes), len(out.nodes), rules=picked,
                       notes=notes, details={"cpu_linear": {"choices": dict(plan.choices), "few_rows": dict(plan.few_rows),
+                                                           "remembered": _remembered(shapes, decisions, packed),
                                                            "rows": {b.name: dict(c) for b, c in plan.by_rows.items()},
                                                            "column_major": moved, "bytes": nbytes,
                                                            "originals_bytes": plan.originals_bytes(),
@@ -325,13 +350,23 @@ def _untimed_shapes(graph: Graph, names: list[str]) -> list[tuple[int, int]]:
     return [s for s in shapes if s[0] * s[1] * 4 < MIN_TIMED_BYTES]
 
 
-def _decisions(shapes: list[tuple[int, int]], mode: str, packed: bool = False) -> tuple[dict[str, Decision], dict]:
-    """The decision for every shape, by shape_key, and where they came from: this
-    machine's cache file, or timing now (then written to the file)."""
+def _remembered(shapes, decisions: dict, packed: bool) -> Remembered:
+    """The decisions this program was built from, for save() (Remembered)."""
+    keys = [shape_key(s) for s in shapes] + [rows_key(s, b.name, packed=packed) for s in shapes for b in ROW_BUCKETS]
+    return Remembered(json.loads(json.dumps(machine_fingerprint(timing_method(timing_candidates())))),
+                      {k: decisions[k] for k in keys if k in decisions})
+
+
+def _decisions(shapes: list[tuple[int, int]], mode: str, packed: bool = False,
+               given: dict | None = None) -> tuple[dict[str, Decision], dict]:
+    """The decision for every shape, by shape_key, and where they came from: `given` (a
+    saved model's, Remembered), this machine's cache file, or timing now (then written to
+    the file)."""
     candidates = timing_candidates()
     fingerprint = machine_fingerprint(timing_method(candidates))
     path = cache_file(fingerprint)
     known = read_decisions(path, fingerprint, candidates + [PACKED]) if mode == "cached" else {}
+    known = {**known, **(given or {})}
     missing = [s for s in shapes if shape_key(s) not in known]
     timing_start = time.perf_counter()
     timed = {shape_key(s): d for s, d in measure_choices(missing, candidates).items()}

@@ -131,6 +131,24 @@ def write_decisions(path: str, fingerprint: dict, candidates, decisions: dict[st
         return f"{type(e).__name__}: {e}"
 
 
+def decisions_document(fingerprint: dict, decisions: dict[str, Decision]) -> dict:
+    """Decisions and the fingerprint they were made under as JSON (the cache file's format;
+    a saved model's meta.json holds its program's: runtime/saving.py)."""
+    return _document(fingerprint, decisions)
+
+
+def decisions_from_document(doc: dict) -> tuple[dict, dict[str, Decision]]:
+    """(fingerprint, decisions) of a decisions_document; ValueError (or KeyError,
+    TypeError) where it is malformed."""
+    return doc["fingerprint"], _parse(json.dumps(doc), doc["fingerprint"], _known_choices())
+
+
+def _known_choices() -> set:
+    from .cpu_linear import PACKED, timing_candidates
+
+    return {tuple(c) for c in timing_candidates() + [PACKED]}
+
+
 def _document(fingerprint: dict, decisions: dict[str, Decision]) -> dict:
     return {"format": FORMAT, "fingerprint": fingerprint,
             "choices": {key: {"kernel": d.kernel, "layout": d.layout, "speedup": round(d.speedup, 4),

@@ -63,6 +63,9 @@ def save_model(fast, path: str) -> str:
         # load() imports them, since a new process never builds the model that did
         "op_modules": op_modules(graph),
     }
+    remembered = _cpu_linear_choices(fast)
+    if remembered is not None:
+        meta["cpu_linear"] = remembered
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, IR_FILE), "w") as f:
         f.write(print_graph(graph))
@@ -71,6 +74,35 @@ def save_model(fast, path: str) -> str:
     with open(os.path.join(path, META_FILE), "w") as f:
         json.dump(meta, f, indent=1)
     return path
+
+
+def _cpu_linear_choices(fast) -> dict | None:
+    """The CPU linear kernels the program runs (runtime/cpu_linear.py: chosen by timing
+    once per machine), so that a load on this machine builds the same program (the same
+    float rounding) whatever its cache holds by then. None where none were chosen."""
+    from .cpu_linear_cache import decisions_document
+
+    for stats in fast.runtime_stats:
+        remembered = stats.details.get("cpu_linear", {}).get("remembered")
+        if remembered is not None and remembered.decisions:
+            return decisions_document(remembered.fingerprint, remembered.decisions)
+    return None
+
+
+def _remembered_cpu_linear(meta: dict, meta_path: str, cpu_linear):
+    """load()'s cpu_linear mode: the saved program's choices (cpu_linear.Remembered) unless
+    the caller asked to measure again or for no choice at all."""
+    from .cpu_linear import Remembered
+    from .cpu_linear_cache import decisions_from_document
+
+    doc = meta.get("cpu_linear")
+    if doc is None or not (cpu_linear is True or cpu_linear == "cached"):
+        return cpu_linear
+    try:
+        fingerprint, decisions = decisions_from_document(doc)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise _damaged(meta_path, "cpu_linear", f"it cannot be read ({type(e).__name__}: {e})") from None
+    return Remembered(fingerprint, decisions)
 
 
 def _unique_tensors(params: dict) -> tuple[dict, dict]:
@@ -158,8 +190,8 @@ def load_model(path: str, *, backend="auto", device=None, cpu_linear: bool | str
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise _damaged(meta_path, "call_spec", f"it cannot be read ({type(e).__name__}: {e})") from None
     try:
-        fast = model_from_ir(text, weights, spec=spec, name=meta["model_name"],
-                             backend=backend, device=device, cpu_linear=cpu_linear)
+        fast = model_from_ir(text, weights, spec=spec, name=meta["model_name"], backend=backend, device=device,
+                             cpu_linear=_remembered_cpu_linear(meta, meta_path, cpu_linear))
     except ParseError as e:
         raise ParseError(f"{os.path.join(path, IR_FILE)}: {e}") from None
     fast.generation_defaults = dict(meta["generation_defaults"])
