@@ -35,15 +35,22 @@ the cache keeps every position), alibi (the slopes input stays after kv_bias) an
 Positions computed from an all-ones mask (OPT's cumsum(mask) * mask - 1) are recognised by
 evaluating them at sample sizes (arange(T) + c) and become kv_positions + c.
 
-Refused: attention that is not causal or has a mask input (the cache cannot extend an
+Refused: attention that is not causal (bidirectional, said first: a headless [B, T, D]
+attention reaches the pass as [1, B, T, D]) or has a mask input (the cache cannot extend an
 arbitrary mask; the error says whether the mask comes from the inputs or is the model's
 own pattern), attention over keys that are not the new tokens, any other op that
-builds a tensor from the sequence length (a leftover mask, say), a position table
-shorter than max_seq_len, and anything that carries state along the sequence outside
-attention (a scan such as cumsum, a reduction over T, a convolution whose kernel spans
-several tokens, a matmul summing over the tokens as linear attention does): the cache
-keeps only attention's keys and values. A full() of one value with T as one of its dims
-(zeros(B, T) token types) is one value per token and stays.
+builds a tensor from the sequence length (a leftover mask, say) or uses T as a value (a
+constant T, T - 1 as an index or a fill, positions counted from the end such as
+T - 1 - arange(T), a relative position arange(T) / T: with a cache T counts the new tokens
+only), a position table shorter than max_seq_len, and anything that carries state along
+the sequence outside attention (a scan such as cumsum, a reduction or normalization over T,
+a convolution whose kernel spans several tokens, a matmul summing over the tokens as linear
+attention does): the cache keeps only attention's keys and values. That last check is an
+allow-list (_mixes_tokens): with an input along T, only ops known to act on each token by
+itself pass (pointwise ops, views that keep each token's elements together, reductions and
+norms whose dims avoid T, ATen calls listed by name); any other op, an unknown torch_call
+included, is refused by name. A full() of one value with T as one of its dims (zeros(B, T)
+token types) is one value per token and stays.
 
 A registered `position_ids` buffer sliced to [1, T] is per-row positions when its values
 are proven arange(N) + c (position_tables.py); a gather from a buffer holding one value
@@ -66,6 +73,11 @@ from .position_tables import arange_table_offset, flat_row_lookup, row_lookup, r
 # The names of the inputs this pass appends (the runtime finds them by their roles, ir/roles.py).
 CACHE_LEN, POSITIONS, KV_BIAS = "L", "kv_positions", "kv_bias"
 CACHE_SIZE = "S"  # the symbolic length of the state buffers
+
+NOT_CAUSAL = ("is not causal: it is bidirectional (every token attends to the later tokens too: no causal mask, "
+              "no is_causal=True), so the earlier tokens' results would change with each new token and a cache of "
+              "their keys and values cannot serve it (a decoder's self-attention is causal; encoders and "
+              "cross-attention have no KV cache)")
 
 
 
@@ -172,6 +184,11 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
                            "report note for why it declined this model's attention")
     first_q = attentions[0].inputs[0]
     batch, seq = first_q.shape[0], first_q.shape[2]
+    if not attentions[0].attrs["causal"] and not attention_has_bias(attentions[0]) \
+            and sympy.sympify(seq).free_symbols:
+        # said first: a plain [B, T, D] attention (no heads, no mask) reaches here as [1, B, T, D],
+        # which the heads checks below would misread; its real problem is that it sees later tokens
+        raise KVCacheError(f"kv_cache: this attention {NOT_CAUSAL}\n  at: {_describe(graph, attentions[0])}")
     if sympy.sympify(batch) == 1 and sympy.sympify(first_q.shape[1]).free_symbols:
         # a batch of 1 with a dynamic head dim (2*B): bmm's [B*H, T, D] spelling, the mask added to
         # the folded [B*H, T, T] scores, which the fusion could not unfold; another length cannot help
@@ -202,7 +219,7 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
         if attention_has_bias(n):
             why = _mask_input_problem(graph, n, config.max_seq_len)
         elif not n.attrs["causal"]:
-            why = "is not causal (a decoder's self-attention is; encoders and cross-attention have no KV cache)"
+            why = NOT_CAUSAL
         elif not (q.shape[2] == seq and k.shape[2] == seq):
             why = f"attends from {q.shape[2]} queries over {k.shape[2]} keys, not over the new tokens ({seq})"
         elif q.shape[0] != batch:
@@ -221,7 +238,7 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     else:
         new_graph, layers, bytes_per_token = _rewrite_attention(new_graph, seq, batch, cache_len, cache_size,
                                                                 config)
-    _check_no_other_length_ops(new_graph, seq, batch)
+    _check_no_other_length_ops(new_graph, seq, batch, cache_len)
     _check_nothing_runs_along_the_sequence(dead_code_elimination(new_graph), seq, batch)
 
     # A guard on T was a condition on the sequence's length; with a cache the sequence is
@@ -790,17 +807,25 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch):
             raise KVCacheError("kv_cache: this matmul sums over the sequence outside attention (linear attention, "
                                "say); with a cache it would see only the new tokens, and the cache keeps only "
                                f"attention's keys and values\n  at: {_describe(graph, n)}")
-        elif OPS[n.op].kind == "reduction" and n.inputs:
+        elif OPS[n.op].kind == "reduction" and n.inputs and isinstance(n.inputs[0].type, TensorType) \
+                and any(_mentions(d, seq) for d in n.inputs[0].shape):
+            # (a B*T count of tokens too: a sum or a norm over all the step's tokens mixes them)
             x = n.inputs[0]
-            dims = n.attrs.get("dims", (n.attrs["dim"],) if "dim" in n.attrs else ())
-            if any(_mentions(x.shape[d % x.rank], seq) for d in dims if x.rank):
-                raise KVCacheError("kv_cache: this op reduces over the sequence outside attention; with a cache "
-                                   f"it would see only the new tokens\n  at: {_describe(graph, n)}")
+            dims = _reduced_dims(n)
+            if dims is None or any(_mentions(x.shape[d], seq) for d in dims):
+                raise KVCacheError(f"kv_cache: this op ({_op_name(n)}) reduces or normalizes over the sequence "
+                                   "outside attention; with a cache it would see only the new tokens\n  at: "
+                                   + _describe(graph, n))
         elif _moves_along_the_sequence(n, seq, batch):
             raise KVCacheError("kv_cache: this op moves values along the sequence (a shift, a slice, a flip or a "
                                "gather over token positions: RWKV's token shift, a smear of the previous token); "
                                "with a cache the step's input holds only the new tokens, so it would read other "
                                f"tokens than over the whole sequence\n  at: {_describe(graph, n)}")
+        elif (why := _mixes_tokens(n, seq, batch)) is not None:
+            raise KVCacheError(f"kv_cache: this op ({_op_name(n)}) {why}; with a cache the step's input holds only "
+                               "the new tokens (1 at decode), so it would compute other values than over the whole "
+                               "sequence, and the cache keeps only attention's keys and values. Optimize with "
+                               f"kv_cache=False\n  at: {_describe(graph, n)}")
 
 
 # ATen ops that move or pick values along a dim given as their second argument (or `dim`)
@@ -869,11 +894,22 @@ def _one_value_per_token(node: Node, seq) -> bool:
     return len(dims) == 1 and dims[0] == seq
 
 
-def _check_no_other_length_ops(graph: Graph, seq, batch):
+def _check_no_other_length_ops(graph: Graph, seq, batch, cache_len=None):
     """A tensor built from the sequence length alone (a leftover mask, a position we did
-    not place) would be wrong once T is only the new tokens: refuse. Sizes that count the
-    step's tokens across the batch (B*T) are not lengths (see _token_count)."""
+    not place) would be wrong once T is only the new tokens: refuse. So is any other value
+    computed from T (a constant T, T - 1 as an index or a fill, a clamp at T): with a cache
+    T counts the step's tokens, not the sequence. Sizes that count the step's tokens across
+    the batch (B*T) are not lengths (see _token_count)."""
     for n in graph.nodes:
+        expr = _length_in_a_value(n, seq, batch, cache_len)
+        if expr is not None:
+            raise KVCacheError(f"kv_cache: this op computes a value from the sequence length T (it uses {expr} as a "
+                               "value, not as the size of the sequence dim); with a cache T counts only the step's "
+                               "new tokens (1 at decode), not the whole sequence. Positions that depend on the "
+                               "total length (counted from the end, T - 1 - t or t - T + c; a relative position "
+                               "t / T; the last position T - 1) change for every earlier token as the sequence "
+                               "grows, so no cache can serve them (the pass places positions counted from the "
+                               f"start, arange(T) + c). Optimize with kv_cache=False\n  at: {_describe(graph, n)}")
         if OPS[n.op].kind == "creation" and n.op != "const":
             a = n.attrs
             mentions = any(_is_length(x, batch, seq) for x in (a.get("end"), a.get("start")))
@@ -884,3 +920,241 @@ def _check_no_other_length_ops(graph: Graph, seq, batch):
                 raise KVCacheError("kv_cache: this op builds a tensor from the sequence length, and the pass "
                                    "cannot tell what it means once T counts only the new tokens (a mask or a "
                                    f"position it does not know)\n  at: {_describe(graph, n)}")
+
+
+# -- what acts on each token by itself --------------------------------------------------------
+def _op_name(node: Node) -> str:
+    return node.attrs["target"] if node.op == "torch_call" else node.op
+
+
+def _carries_length(v, seq, batch) -> bool:
+    """`v` is a tensor with a dim along the sequence (T, or L + T after the rewrite; not a
+    B*T count of the step's tokens)."""
+    return isinstance(v.type, TensorType) and any(_is_length(d, batch, seq) for d in v.shape)
+
+
+def _reduced_dims(node: Node) -> tuple[int, ...] | None:
+    """The dims a reduction-kind IR op reduces or normalizes over, as non-negative ints
+    (None: an op this pass does not know: it may touch any dim)."""
+    x, a = node.inputs[0], node.attrs
+    rank = x.rank
+    if node.op in ("sum", "mean", "amax", "amin"):
+        dims = a["dims"]
+        return tuple(d % rank for d in dims) if dims else tuple(range(rank))  # () reduces every dim
+    if node.op in ("softmax", "log_softmax"):
+        return (a["dim"] % rank,) if rank else ()
+    if node.op in ("layer_norm", "rms_norm"):
+        return tuple(range(rank - len(a["shape"]), rank))  # the normalized shape: the last dims
+    return None
+
+
+# ATen ops whose result at one element reads only the inputs at that element (broadcast),
+# that only relabel dims (transpose, stack: a new dim) or that read only their input's shape
+# (new_empty): each token's result reads that token alone.
+_ATEN_ELEMENTWISE = frozenset("""
+    abs absolute acos acosh add addcdiv addcmul alias angle asin asinh atan atan2 atanh bitwise_and bitwise_not
+    bitwise_or bitwise_xor bitwise_left_shift bitwise_right_shift __and__ __or__ __xor__ __lshift__ __rshift__
+    ceil celu clamp clamp_max clamp_min clip clone complex conj conj_physical _conj contiguous copy copysign cos
+    cosh deg2rad detach digamma div dropout elu empty_like eq erf erfc erfinv exp exp2 expm1 fill fix float_power
+    floor floor_divide fmax fmin fmod frac full_like ge gelu gt hardshrink hardsigmoid hardswish hardtanh heaviside
+    hypot i0 imag isfinite isinf isnan isneginf isposinf isreal le leaky_relu lerp lgamma lift_fresh_copy log log10
+    log1p log2 logaddexp logaddexp2 logical_and logical_not logical_or logical_xor logit lt masked_fill maximum
+    minimum mish mul nan_to_num native_dropout ne neg negative nextafter ones_like polar positive pow rad2deg real
+    reciprocal relu relu6 remainder round rsqrt rsub selu sgn sigmoid sign signbit silu sin sinc sinh softplus
+    softshrink sqrt square sub tan tanh threshold to _to_copy trunc type_as view_as_complex view_as_real where xlogy
+    zeros_like expand expand_as transpose t permute unsqueeze squeeze movedim moveaxis swapaxes swapdims stack
+    new_empty new_zeros new_ones new_full empty_strided new_empty_strided outer ger
+""".split())
+
+# ATen reductions and normalizations over explicit dims: name -> (the dim argument's index,
+# its keyword); a missing, None or empty dim reduces every dim
+_ATEN_OVER_DIMS = {
+    "sum": (1, "dim"), "mean": (1, "dim"), "amax": (1, "dim"), "amin": (1, "dim"), "nansum": (1, "dim"),
+    "nanmean": (1, "dim"), "logsumexp": (1, "dim"), "prod": (1, "dim"), "any": (1, "dim"), "all": (1, "dim"),
+    "var": (1, "dim"), "std": (1, "dim"), "var_mean": (1, "dim"), "std_mean": (1, "dim"),
+    "count_nonzero": (1, "dim"), "aminmax": (None, "dim"), "linalg_vector_norm": (2, "dim"), "norm": (2, "dim"),
+    "_softmax": (1, "dim"), "softmax": (1, "dim"), "_log_softmax": (1, "dim"), "log_softmax": (1, "dim"),
+}
+# ATen normalizations over the last dims, given by a normalized_shape second argument
+_ATEN_OVER_LAST_DIMS = ("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm")
+# ATen reshapes: local when each token's elements stay together (_view_keeps_tokens)
+_ATEN_VIEWS = ("view", "view_as", "reshape", "reshape_as", "_unsafe_view", "flatten", "unflatten", "_reshape_alias")
+# ATen ops along one dim (its index, its keyword) that _moves_along_the_sequence refuses along
+# T: along another dim each token's result reads that token alone
+_ATEN_ALONG_ONE_DIM = {name: (1, "dim") for name in (
+    "index_select", "gather", "narrow", "select", "slice", "unfold", "take_along_dim", "index_add", "index_copy",
+    "index_fill", "scatter", "scatter_add", "scatter_reduce", "sort", "argsort", "topk", "kthvalue", "median",
+    "max", "min", "argmax", "argmin", "repeat_interleave", "split", "split_with_sizes", "chunk", "unbind",
+    "tensor_split", "glu", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "diff")}
+_ATEN_ALONG_ONE_DIM.update({"topk": (2, "dim"), "kthvalue": (2, "dim"), "split": (2, "dim"),
+                            "split_with_sizes": (2, "dim"), "chunk": (2, "dim"), "tensor_split": (2, "dim"),
+                            "repeat_interleave": (2, "dim"), "unbind": (1, "dim"), "slice_scatter": (2, "dim"),
+                            "select_scatter": (2, "dim")})
+
+
+def _aten_dims(node: Node, position, keyword, rank) -> tuple[int, ...] | None:
+    """The dims named by a torch_call's dim argument, non-negative (None: every dim)."""
+    args, kwargs = node.attrs["args"], dict(node.attrs["kwargs"])
+    dim = args[position] if position is not None and len(args) > position else kwargs.get(keyword)
+    if dim is None or (isinstance(dim, (list, tuple)) and not dim):
+        return None
+    dims = (dim,) if isinstance(dim, int) else tuple(dim) if isinstance(dim, (list, tuple)) else None
+    if dims is None or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims) or not rank:
+        return None  # not a dim this can read: taken as every dim
+    return tuple(d % rank for d in dims)
+
+
+def _view_keeps_tokens(x: Value, out: Value, seq, batch) -> bool:
+    """A reshape of `x` to `out` keeps each token's elements together, after a dim that still
+    counts the tokens (T, or B*T merged): [B, T, H, D] -> [B, T, H*D], [B*H, T, D] -> [B, H, T, D],
+    [B, T, D] -> [B*T, D]. Not [B, T, D] -> [B, T*D] or a reshape of [B, T, D] to [T, B, D]."""
+    def product(dims):
+        return sympy.Mul(*[sympy.sympify(d) for d in dims])
+
+    for i, d in enumerate(x.shape):
+        if not _is_length(d, batch, seq):
+            continue
+        inner = product(x.shape[i + 1:])
+        if not any(_mentions(out.shape[k - 1], seq) and sympy.simplify(product(out.shape[k:]) - inner) == 0
+                   for k in range(1, out.rank + 1)):
+            return False
+    return True
+
+
+def _indexing_mixes(node: Node, x: Value, seq, batch) -> str | None:
+    """x[indices] and x[indices] = values (integer indices along T are refused by
+    _moves_along_the_sequence before this). A boolean mask over the tokens compacts them
+    (x[mask]) or writes them in mask order, unless it writes one value (a masked fill); an
+    integer-indexed write whose destination has no sequence dim gathers tokens into it."""
+    from ..ir.ops import Arg
+
+    args = node.attrs["args"]
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    index_values = [node.inputs[ix.index] for ix in indices if isinstance(ix, Arg)]
+    masks = [v for v in index_values if v.dtype == torch.bool]
+    writes = node.attrs["target"].startswith("aten.index_put")
+    values = node.inputs[args[2].index] if writes and len(args) > 2 and isinstance(args[2], Arg) else None
+    if any(_carries_length(m, seq, batch) for m in masks) and not (writes and values is not None and values.rank == 0):
+        return "selects or writes the tokens by a boolean mask (the result depends on the whole sequence)"
+    if writes and not _carries_length(x, seq, batch):
+        return "writes the tokens into a tensor without a sequence dim (it gathers them from the whole sequence)"
+    return None
+
+
+def _mixes_tokens(node: Node, seq, batch) -> str | None:
+    """Why `node` may combine values of different tokens (None: each token's result reads
+    only that token's inputs). An allow-list: an op the pass does not know, with an input
+    along the sequence, is taken to mix tokens. Reductions, scans, convolutions, matmuls and
+    moves along T are checked before this, each with its own message."""
+    tensors = [v for v in node.inputs if isinstance(v.type, TensorType)]
+    if not any(_carries_length(v, seq, batch) for v in tensors):
+        return None
+    spec = OPS[node.op]
+    if spec.kind == "pointwise" or node.op in (
+            "permute", "expand", "unsqueeze", "squeeze", "cast", "slice", "select", "cat", "repeat_interleave",
+            "matmul", "attention", "paged_attention", "rope_attention", "kv_append", "paged_kv_write",
+            "all_reduce"):
+        return None  # token by token, or checked elsewhere (moves along T, matmuls, the attention itself)
+    x = tensors[0] if tensors else None
+    if node.op == "view":
+        return None if _view_keeps_tokens(x, node.outputs[0], seq, batch) else \
+            "reshapes across the sequence (the elements of different tokens end up in one row)"
+    if node.op in ("linear", "quant_linear", "linear_fused"):
+        return None if not _is_length(x.shape[-1], batch, seq) else "contracts over the sequence"
+    if node.op == "embedding":
+        return None if not _carries_length(node.inputs[0], seq, batch) else \
+            "looks up rows of a table over the sequence (values of other tokens)"
+    if node.op in ("tril", "triu"):
+        return None if not any(_is_length(d, batch, seq) for d in x.shape[-2:]) else \
+            "masks by position along the sequence (which value it keeps depends on the token's place)"
+    if node.op == "all_gather":
+        return None if not _is_length(x.shape[node.attrs["dim"] % x.rank], batch, seq) else \
+            "gathers along the sequence"
+    if node.op == "fused_pointwise":
+        row = node.attrs.get("row") is not None
+        return None if not (row and any(v.rank and _is_length(v.shape[-1], batch, seq) for v in tensors)) else \
+            "reduces rows along the sequence"
+    if node.op == "sdpa":
+        return "attends over the sequence outside a fused attention op (fuse_attention did not take it)"
+    if node.op != "torch_call":
+        return ("is an op the kv_cache pass does not know to act on each token by itself (its result at one "
+                "token may read other tokens)")
+    target = node.attrs["target"]
+    name = target.split(".")[1] if target.startswith("aten.") else None
+    rank = x.rank if x is not None else 0
+    if name in _ATEN_ELEMENTWISE or target.startswith(("aten.max.other", "aten.min.other")):
+        return None  # (max.other: torch.max(x, y), elementwise)
+    if target.startswith(("aten.index.Tensor", "aten.index_put")):
+        return _indexing_mixes(node, x, seq, batch)
+    if name == "repeat" and len(node.attrs["args"]) > 1 and isinstance(node.attrs["args"][1], (list, tuple)):
+        repeats = node.attrs["args"][1]
+        lead = len(repeats) - rank
+        return None if lead >= 0 and all(repeats[lead + d] == 1 for d in range(rank)
+                                         if _is_length(x.shape[d], batch, seq)) else \
+            "tiles the sequence (repeats the tokens along it)"
+    if name in _ATEN_VIEWS and len(node.outputs) == 1:
+        return None if _view_keeps_tokens(x, node.outputs[0], seq, batch) else \
+            "reshapes across the sequence (the elements of different tokens end up in one row)"
+    over = None
+    if name in _ATEN_OVER_DIMS:
+        over = _aten_dims(node, *_ATEN_OVER_DIMS[name], rank)
+        over = tuple(range(rank)) if over is None else over
+    elif name in _ATEN_OVER_LAST_DIMS:
+        args = node.attrs["args"]
+        shape = args[1] if len(args) > 1 else dict(node.attrs["kwargs"]).get("normalized_shape")
+        over = tuple(range(rank - len(shape), rank)) if isinstance(shape, (list, tuple)) else tuple(range(rank))
+    elif name in _ATEN_ALONG_ONE_DIM:
+        over = _aten_dims(node, *_ATEN_ALONG_ONE_DIM[name], rank)
+        if over is None or len(over) != 1:
+            over = tuple(range(rank))  # no dim: over the flattened tensor
+    if over is not None:
+        return None if not any(_is_length(x.shape[d], batch, seq) for d in over) else \
+            "reduces, normalizes or runs over the sequence outside attention"
+    return ("is an op the kv_cache pass does not know to act on each token by itself (its result at one token "
+            "may read other tokens: a reduction, a normalization, an FFT, a pooling or an interpolation over the "
+            "sequence)")
+
+
+def _sizes_in(value, in_list=False):
+    """(expr, inside a list or tuple argument) for each sympy expression in an attr value."""
+    if isinstance(value, sympy.Basic):
+        yield value, in_list
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _sizes_in(v, in_list or isinstance(value, list))
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _sizes_in(v, in_list)
+
+
+def _length_in_a_value(node: Node, seq, batch, cache_len) -> object | None:
+    """An expression in `node`'s attributes that uses the length T as a value (a constant,
+    a fill, an index, a clamp bound, a scalar argument), not as the size of a dim along the
+    sequence; None if there is none. Left to the other checks: creation ops' start, end and
+    shape (_check_no_other_length_ops), slices and selects along T (_moves_along_the_sequence),
+    normalized shapes (_check_nothing_runs_along_the_sequence); view and expand shapes are
+    sizes; a table slice [L, L + T) is the positions the pass placed."""
+    a = node.attrs
+    for key, value in a.items():
+        if key == "shape":
+            continue  # sizes (a view's, a norm's, a full's: _check_no_other_length_ops checks full's)
+        if OPS[node.op].kind == "creation" and key in ("start", "end", "step"):
+            continue
+        if node.op in ("slice", "select") and node.inputs and isinstance(node.inputs[0].type, TensorType):
+            x = node.inputs[0]
+            if _is_length(x.shape[a["dim"] % x.rank], batch, seq):
+                continue  # along the sequence: _moves_along_the_sequence decides
+            if node.op == "slice" and cache_len is not None and _mentions(a["start"], cache_len) \
+                    and dims_equal(a["start"], cache_len) and isinstance(a["end"], sympy.Basic) \
+                    and dims_equal(a["end"], cache_len + seq):
+                continue  # a position table's rows [L, L + T): the positions the pass placed
+        dims = []
+        if node.op == "torch_call" and key in ("args", "kwargs"):
+            dims = [d for v in node.inputs + node.outputs if isinstance(v.type, TensorType) for d in v.shape]
+        for expr, in_list in _sizes_in(value):
+            if not _is_length(expr, batch, seq):
+                continue
+            if in_list and any(dims_equal(expr, d) for d in dims):
+                continue  # a size argument (a shape to expand or fill to) that is a dim of its tensors
+            return expr
+    return None
