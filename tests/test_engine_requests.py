@@ -7,6 +7,8 @@ sampling, the model's EOS). Dense and paged caches."""
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -314,3 +316,30 @@ def test_a_closed_engine_takes_no_work_and_fails_what_it_never_ran(fast):
     engine.start()
     engine.close()  # a started engine finishes what it was given
     assert torch.equal(done.result(timeout=0), alone)
+
+
+@pytest.mark.parametrize("how", ["run", "start"])
+def test_close_from_a_callback_finishes_the_work_then_closes(fast, how):
+    """close() from a request's callback ran inside the step that holds the step lock, and
+    waited for it forever. Now, as stop() there, the engine finishes its requests and the
+    step that ends them closes it."""
+    fast, vocab = fast
+    prompt = torch.tensor([5, 6, 7])
+    engine = fxforge.Engine(fast, max_batch=2, max_seq_len=32)
+    first = engine.submit(prompt, 4, eos_token_id=None, callback=lambda request, token: engine.close())
+    second = engine.submit(torch.tensor([8, 9]), 3, eos_token_id=None)
+    if how == "run":
+        worker = threading.Thread(target=engine.run, daemon=True)
+        worker.start()
+        worker.join(WAIT)
+        assert not worker.is_alive()
+    else:
+        engine.start()
+    assert torch.equal(first.result(timeout=WAIT), _alone(fast, prompt, 4, eos_token_id=None))
+    assert second.result(timeout=WAIT).numel() == 3
+    deadline = time.monotonic() + WAIT
+    while not engine._closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine._closed
+    with pytest.raises(RuntimeError, match="the engine is closed"):
+        engine.submit(prompt, 2)

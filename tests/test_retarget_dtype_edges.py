@@ -79,7 +79,7 @@ class _Norm(torch.nn.Module):
 def test_an_epsilon_from_finfo_at_capture_pins_the_dtype(dtype):
     # was accepted, keeping float32's eps: 0.94 where the float16 model gives 0.032
     fast = _optimized(_Norm("finfo"))
-    with pytest.raises(DtypePinnedError, match=r"(?s)1\.19\d*e-07 is torch\.finfo\(torch\.float32\)\.eps"
+    with pytest.raises(DtypePinnedError, match=r"(?s)1\.19\d*e-07 equals torch\.finfo\(torch\.float32\)\.eps"
                                                rf".*optimize\(model.to\({dtype}\)"):
         fast.to(dtype)
     assert fast.dtype == torch.float32
@@ -109,7 +109,7 @@ class _Clamped(torch.nn.Module):
         return torch.clamp(h, min=-c, max=c)
 
 
-@pytest.mark.parametrize("bound,why", [("t5", r"-3\.40\d*e\+38 is torch\.finfo\(torch\.float32\)\.min, which in "
+@pytest.mark.parametrize("bound,why", [("t5", r"-3\.40\d*e\+38 equals torch\.finfo\(torch\.float32\)\.min, which in "
                                               r"torch\.float16 is -65504"),
                                        ("half_min", r"clamp's min=-1\.70\d*e\+38 does not fit in torch\.float16")],
                          ids=["t5", "half_min"])

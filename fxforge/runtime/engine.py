@@ -211,6 +211,8 @@ class Engine:
         self.vocab_size = vocab_size(model)
         self._broken: BaseException | None = None  # what ended the engine's thread, if anything did
         self._closed = False  # close() ran: no more work (its caches are the model's again)
+        self._closing = False  # close() was called: no new requests (from a callback: it closes after the work)
+        self._stepping = None  # the thread inside step(), if any
         self._waiting: deque[Request] = deque()
         self._rows: list = []
         self._lock = threading.Lock()  # guards _waiting
@@ -249,7 +251,7 @@ class Engine:
     def _request(self, prompt_ids, max_new_tokens, *, do_sample, temperature, top_k, top_p, eos_token_id,
                  generator, callback, **options) -> Request:
         """submit()'s checks and its Request, not queued."""
-        self._check_open()
+        self._check_open(closing=True)
         if self._broken is not None:
             raise RuntimeError(f"the engine's thread ended after {type(self._broken).__name__}: {self._broken}; "
                                "call start() again (or run()) before submitting")
@@ -416,6 +418,7 @@ class Engine:
         stay queued)."""
         with self._step_lock:
             self._check_open()
+            self._stepping = threading.current_thread()  # (a callback's close() waits for the step's end)
             try:
                 self._admit()
                 if self._rows:
@@ -426,9 +429,14 @@ class Engine:
             except BaseException as error:
                 self._fail_all(error)
                 raise
+            finally:
+                self._stepping = None
             self.steps += 1
             with self._lock:
-                return self._busy()
+                busy = self._busy()
+        if self._closing and not busy:
+            self._close_now()  # close() came from a callback: the work is done, so now
+        return busy
 
     def _busy(self) -> bool:
         return bool(self._rows or self._waiting or self._prefilling is not None)
@@ -460,8 +468,19 @@ class Engine:
         closes on leaving."""
         if self._closed:
             return
+        self._closing = True  # no new requests from here on
+        if self._stepping is threading.current_thread():
+            # called from a request's callback, inside a step: as stop() there, the engine
+            # finishes its requests, and the step that ends them closes it
+            self.stop()
+            return
         self.stop()
+        self._close_now()
+
+    def _close_now(self):
         with self._step_lock:
+            if self._closed:
+                return
             self._closed = True
             self._fail_all(RuntimeError("the engine was closed before this request finished (call run() or "
                                         "start() before close())"))
@@ -477,8 +496,9 @@ class Engine:
     def __exit__(self, *exc):
         self.close()
 
-    def _check_open(self):
-        if self._closed:
+    def _check_open(self, closing: bool = False):
+        """Work is refused once the engine is closed; new requests once close() was called."""
+        if self._closed or (closing and self._closing):
             raise RuntimeError("the engine is closed: its KV caches went back to the model; make a new "
                                "fxforge.Engine(...) to serve more requests")
 

@@ -116,7 +116,11 @@ def _dtype_scalars(graph: Graph, dtype: torch.dtype) -> list[tuple[Node, str]]:
         for op, key, value in _floats(node.attrs, node.op, None):
             named = next((n for n in map(lambda d: finfo_name(value, d), sorted(leaving, key=str)) if n), None)
             if named:
-                why = f"{value!r} is {named}, which in {dtype} is {_in(named, dtype)}"
+                # (a literal that happens to equal it, 1/128 in a bfloat16 model, is refused
+                # too: the graph holds the number, not how it was made)
+                why = (f"{value!r} equals {named}, which in {dtype} is {_in(named, dtype)}; if the model computed "
+                       "it from its dtype, eager in the new dtype uses the latter (a literal that happens to "
+                       "equal it cannot be told apart here)")
             elif op == "clamp" and key in ("min", "max") and abs(value) > most and abs(value) != float("inf"):
                 why = f"clamp's {key}={value!r} does not fit in {dtype} (max {most:g}): torch.clamp raises on it"
             else:
