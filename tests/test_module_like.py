@@ -62,6 +62,12 @@ def test_to_dtype_retypes_a_graph_that_does_not_pin_its_dtype():
     assert fast.dtype == torch.bfloat16 and "bf16" in fast.ir
     x = torch.randn(3, 8, dtype=torch.bfloat16)
     assert torch.equal(fast(x), model.to(torch.bfloat16)(x))
+    # nn.Module's shorthands (AttributeError before): each is to(dtype)
+    for shorthand, dtype in (("half", torch.float16), ("double", torch.float64), ("float", torch.float32),
+                             ("bfloat16", torch.bfloat16)):
+        assert getattr(fast, shorthand)() is fast and fast.dtype == dtype
+        x = torch.randn(3, 8, dtype=dtype)
+        assert torch.equal(fast(x), getattr(model, shorthand)()(x))
 
 
 def test_to_dtype_refuses_where_the_ir_pins_the_dtype(llama_pair):

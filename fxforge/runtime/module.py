@@ -476,6 +476,19 @@ class OptimizedModel:
         return self.to(torch.device("cuda") if device is None else torch.device("cuda", device)
                        if isinstance(device, int) else device)
 
+    # nn.Module's dtype shorthands: to(dtype), with its refusals
+    def half(self) -> "OptimizedModel":
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> "OptimizedModel":
+        return self.to(torch.bfloat16)
+
+    def float(self) -> "OptimizedModel":
+        return self.to(torch.float32)
+
+    def double(self) -> "OptimizedModel":
+        return self.to(torch.float64)
+
     @property
     def training(self) -> bool:
         """Whether the graph computes as the model did in training mode: the model was
