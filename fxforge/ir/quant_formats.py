@@ -67,7 +67,7 @@ from torch import Tensor
 
 __all__ = [
     "SCHEMES", "SCHEME_OPTIONS", "ACTIVATION_DTYPES", "SUPPORTED_GROUP_SIZES", "NF4_CODE", "DOUBLE_QUANT_BLOCK",
-    "Int8Packed", "Int4Packed", "NF4Packed", "W8A8Packed", "Packed",
+    "Int8Packed", "Int4Packed", "NF4Packed", "W8A8Packed", "Packed", "NonFiniteWeightError",
     "check_quantizable", "fitting_group_size", "quantize_weight", "dequantize_weight", "packed_nbytes",
     "unpack_parts",
     "quant_linear_reference", "quantize_activations_per_token", "w8a8_linear_reference",
@@ -324,8 +324,16 @@ def _check_weight(weight: Tensor, scheme: str, opts: dict[str, Any]) -> None:
     bad = ~torch.isfinite(weight)
     count = int(bad.sum())
     if count:
-        first = [int(i) for i in bad.nonzero()[0]]
-        raise ValueError(f"{scheme}: weight of shape {list(weight.shape)} contains {count} non-finite element"
+        raise NonFiniteWeightError(scheme, list(weight.shape), count, [int(i) for i in bad.nonzero()[0]])
+
+
+class NonFiniteWeightError(ValueError):
+    """A weight with inf or nan, which no scale can quantize; `shape`, `count` and `first`
+    (the index of the first such element) say where, for a caller that knows its name."""
+
+    def __init__(self, scheme: str, shape: list, count: int, first: list):
+        self.shape, self.count, self.first = shape, count, first
+        super().__init__(f"{scheme}: weight of shape {shape} contains {count} non-finite element"
                          f"{'s' if count > 1 else ''} (inf or nan; the first at {first}): a quantization "
                          f"scale from them would be inf or nan")
 

@@ -202,12 +202,9 @@ def _tokens(inputs: tuple) -> int:
     return int(x.shape[0]) * (int(x.shape[1]) if x.dim() > 1 else 1)
 
 
-def _held_out_rows(b: int) -> int:
-    return max(1, b // 4)
-
-
-def _held_out_length(t: int) -> int:
-    return max(1, t // 4)
+def _held_out(n: int) -> int:
+    """How many of n rows, or of a row's n tokens, are held out: a quarter, at least one."""
+    return max(1, n // 4)
 
 
 def _splits(inputs: tuple):
@@ -217,13 +214,13 @@ def _splits(inputs: tuple):
     dimensions, so that a slice of each is a consistent set of inputs."""
     b = int(inputs[0].shape[0])
     if b >= 2 and all(x.dim() >= 1 and int(x.shape[0]) == b for x in inputs):
-        h = _held_out_rows(b)
+        h = _held_out(b)
         yield (tuple(x[:b - h] for x in inputs), tuple(x[b - h:] for x in inputs),
                f"{h} of {b} calibration rows")
     if inputs[0].dim() >= 2:
         t = int(inputs[0].shape[1])
         if t >= 2 and all(x.dim() >= 2 and tuple(x.shape[:2]) == (b, t) for x in inputs):
-            h = _held_out_length(t)
+            h = _held_out(t)
             yield (tuple(x[:, :t - h] for x in inputs), tuple(x[:, t - h:] for x in inputs),
                    f"the last {h} of {t} tokens of each calibration row, run as sequences of their own")
 
@@ -231,7 +228,7 @@ def _splits(inputs: tuple):
 def _min_tokens_for_held_out(head_dim: int) -> int:
     """The fewest tokens in one row that leave head_dim for the fit and hold some out."""
     t = head_dim + 1
-    while t - _held_out_length(t) < head_dim:
+    while t - _held_out(t) < head_dim:
         t += 1
     return t
 

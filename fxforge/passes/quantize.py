@@ -29,6 +29,7 @@ compute on a float32 model overflows activations above 65504: prefer bfloat16.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import torch
 from ..ir import roles
 from ..ir.graph import readers_through
 from ..ir.quant_formats import (ACTIVATION_DTYPES, SCHEME_OPTIONS, SCHEMES, SUPPORTED_GROUP_SIZES,
-                                check_quantizable, fitting_group_size, quantize_weight)
+                                NonFiniteWeightError, check_quantizable, fitting_group_size, quantize_weight)
 from .cleanup import common_subexpression_elimination
 from .gqa import source_param_name
 from .pattern import Match, Rule, apply_rules, op, var
@@ -259,10 +260,12 @@ def _packed(plan: _Plan, graph, name: str, transposed: bool):
     if key not in plan.packed:
         label = _label(plan, name, transposed)
         weight = graph.params[name]
-        _check_finite(plan.config, name, weight)
         weight = weight.t().contiguous() if transposed else weight
         group_size = plan.group_sizes.get(label, (None,))[0]
-        packed = quantize_weight(weight.detach(), plan.config.scheme, **plan.config.options(group_size))
+        try:
+            packed = quantize_weight(weight.detach(), plan.config.scheme, **plan.config.options(group_size))
+        except NonFiniteWeightError as error:  # (shape and index in the model's own orientation)
+            raise _non_finite(plan.config, name, error, transposed) from None
         # bytes the packing frees: none for a second orientation's packing (the float weight
         # went with the first), nor where an embedding keeps the float weight (include_tied)
         kept = any(k[0] == name for k in plan.packed) or bool(plan.uses.get(name, _Uses()).others)
@@ -290,18 +293,15 @@ def _check_activation_dtype(cfg: QuantConfig, name: str, compute: torch.dtype):
         f"{dtype}), or convert the model (model.float()) before optimize(); w8a8 runs in {dtype} as it is")
 
 
-def _check_finite(cfg: QuantConfig, name: str, weight: torch.Tensor):
+def _non_finite(cfg: QuantConfig, name: str, error: NonFiniteWeightError, transposed: bool) -> ValueError:
     """A weight with inf or nan has no scale; the error names it (the model's parameter
     name, which `exclude` matches) and says how to go on."""
-    bad = ~torch.isfinite(weight)
-    count = int(bad.sum())
-    if not count:
-        return
-    first = [int(i) for i in bad.nonzero()[0]]
+    shape, first = (error.shape[::-1], error.first[::-1]) if transposed else (error.shape, error.first)
+    numel = math.prod(shape)
     source = source_param_name(name)
-    raise ValueError(
-        f"quantize {cfg.scheme!r}: weight {source!r} (shape {list(weight.shape)}) has {count} non-finite "
-        f"element{'s' if count > 1 else ''} (inf or nan; the first at {first}) of {weight.numel()}, so it has no "
+    return ValueError(
+        f"quantize {cfg.scheme!r}: weight {source!r} (shape {shape}) has {error.count} non-finite "
+        f"element{'s' if error.count > 1 else ''} (inf or nan; the first at {first}) of {numel}, so it has no "
         f"{cfg.scheme} scale. Fix the weight, or keep this layer float: QuantConfig({cfg.scheme!r}, "
         f"exclude=(*DEFAULT_EXCLUDE, {source!r})) (DEFAULT_EXCLUDE from fxforge.passes.quantize: `exclude` "
         f"replaces the default list)")
