@@ -1012,10 +1012,9 @@ def _note_constant_tensor(fixed_dtypes: dict, target: str, tensor: torch.Tensor,
     finfo = finfo_name(float(tensor.item()), tensor.dtype) if tensor.dim() == 0 else None
     if tensor.dim() == 0 and finfo is None:
         return
-    obj = model
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    made = "a plain tensor attribute (not a parameter or buffer)" if isinstance(obj, torch.Tensor) \
+    from .capture_cache import _lookup  # (capture_cache imports this module)
+
+    made = "a plain tensor attribute (not a parameter or buffer)" if _lookup(model, target) is not None \
         else "a tensor made in forward, e.g. torch.tensor(...)"
     users = [u for u in (node.users if node is not None else ()) if u.op == "call_function"]
     where = _source(users[0]) if users else ""

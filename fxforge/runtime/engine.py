@@ -469,12 +469,11 @@ class Engine:
         if self._closed:
             return
         self._closing = True  # no new requests from here on
+        self.stop()
         if self._stepping is threading.current_thread():
             # called from a request's callback, inside a step: as stop() there, the engine
             # finishes its requests, and the step that ends them closes it
-            self.stop()
             return
-        self.stop()
         self._close_now()
 
     def _close_now(self):
