@@ -74,8 +74,26 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
         def capture():
             return capture_cache.capture(model, example_inputs, example_kwargs, dynamic, uncached)
 
-    return optimize_captured(capture, model, passes=passes, disable=disable, backend=backend, dump_dir=dump_dir,
+    fast = optimize_captured(capture, model, passes=passes, disable=disable, backend=backend, dump_dir=dump_dir,
                              registry=registry, cpu_linear=cpu_linear, verbose=verbose, **options)
+    _warn_nothing_quantized(fast)
+    return fast
+
+
+def _warn_nothing_quantized(fast):
+    """quantize= asked for smaller weights; where the model has linear layers but every one
+    was skipped (its include/exclude patterns, a group size no layer fits), the model runs
+    at full size and report() alone would say why: warn, with the reasons. (Not from
+    torch.compile's backend: there a subgraph without the model's linears is normal.)"""
+    details = next((s.details.get("quantize") for s in fast.stats if s.name == "quantize"), None)
+    if not details or details["layers"] or not details["skipped"]:
+        return
+    skipped = details["skipped"]
+    shown = "; ".join(f"{name}: {reason}" for name, reason in skipped[:3])
+    more = f"; and {len(skipped) - 3} more (report())" if len(skipped) > 3 else ""
+    warnings.warn(f"quantize={details['scheme']!r} quantized none of the model's {len(skipped)} linear "
+                  f"weight(s), so its weights keep their size: {shown}{more}. Check QuantConfig's include / "
+                  "exclude patterns against the names in fast.report()", stacklevel=3)
 
 
 def _check_arguments(model, example_inputs, example_kwargs, passes, disable, dynamic):

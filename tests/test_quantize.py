@@ -205,6 +205,21 @@ def test_include_exclude_globs_and_unknown_scheme():
         fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), quantize="int3")
 
 
+def test_a_config_that_quantizes_no_layer_warns_with_the_reasons():
+    # every linear skipped by the user's patterns: the model keeps its size, and a warning says
+    # why (report() alone would, and a typo in a pattern went unnoticed)
+    model, vocab = zoo.llama("sdpa", hidden=128)
+    ids = torch.randint(0, vocab, (2, 7))
+    with pytest.warns(UserWarning, match=r"quantize='int8' quantized none of the model's \d+ linear weight\(s\).*"
+                                         r"not in include.*include / exclude patterns"):
+        fast = fxforge.optimize(model, (ids,), quantize=QuantConfig("int8", include=("*mpl*",)))
+    assert not quant_stats(fast).details["quantize"]["layers"]
+    import warnings
+    with warnings.catch_warnings():  # a config that quantizes something does not warn
+        warnings.filterwarnings("error", message="quantize=")
+        fxforge.optimize(model, (ids,), quantize=QuantConfig("int8", include=("*mlp*",)))
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_interpret_backend_runs_the_triton_kernels(scheme):
     model, vocab = zoo.llama("sdpa", hidden=128, n_layer=1)
