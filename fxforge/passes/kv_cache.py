@@ -64,6 +64,7 @@ import sympy
 import torch
 
 from ..ir import roles
+from ..ir.attr_walk import attr_leaves
 from ..ir.edit import dead_code_elimination, retyped
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, attention_has_bias, causal_keep
@@ -1118,16 +1119,12 @@ def _mixes_tokens(node: Node, seq, batch) -> str | None:
             "sequence)")
 
 
-def _sizes_in(value, in_list=False):
-    """(expr, inside a list or tuple argument) for each sympy expression in an attr value."""
-    if isinstance(value, sympy.Basic):
-        yield value, in_list
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _sizes_in(v, in_list or isinstance(value, list))
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _sizes_in(v, in_list)
+def _sizes_in(value):
+    """(expr, inside a list) for each sympy expression in an attr value: a torch_call's
+    size arguments (expand's or new_full's shape) are lists, its argument tuple is not."""
+    for leaf, trail in attr_leaves(value):
+        if isinstance(leaf, sympy.Basic):
+            yield leaf, any(isinstance(container, list) for container, _ in trail)
 
 
 def _length_in_a_value(node: Node, seq, batch, cache_len) -> object | None:

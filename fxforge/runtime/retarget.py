@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ir.attr_walk import attr_leaves
 from ..ir.capture import finfo_name, finfo_value
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS
@@ -113,7 +114,7 @@ def _dtype_scalars(graph: Graph, dtype: torch.dtype) -> list[tuple[Node, str]]:
     most = float(torch.finfo(dtype).max)
     found = []
     for node in graph.nodes:
-        for op, key, value in _floats(node.attrs, node.op, None):
+        for op, key, value in _floats(node.attrs, node.op):
             named = next((n for n in map(lambda d: finfo_name(value, d), sorted(leaving, key=str)) if n), None)
             if named:
                 # (a literal that happens to equal it, 1/128 in a bfloat16 model, is refused
@@ -137,22 +138,34 @@ def _in(named: str, dtype: torch.dtype) -> str:
     return f"{-value if sign else value:g}"
 
 
-def _floats(obj, op: str, key):
+def _floats(attrs: dict, op: str):
     """(op, attribute name, value) for each Python float in a node's attributes, a fused
-    body's entries (`(op, inputs, ((name, value), ...))`) included."""
-    if isinstance(obj, float):
-        yield op, key, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _floats(v, op, k)
-    elif isinstance(obj, (tuple, list)):
-        if len(obj) == 3 and isinstance(obj[0], str) and isinstance(obj[1], tuple) and isinstance(obj[2], tuple) \
-                and all(isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], str) for a in obj[2]):
-            for k, v in obj[2]:  # a body entry
-                yield from _floats(v, obj[0], k)
-        else:
-            for x in obj:
-                yield from _floats(x, op, key)
+    body's entries (`(op, inputs, ((name, value), ...))`) included: a float there is its
+    entry's op's attribute (a clamp's bound inside a fused_pointwise), not the node's."""
+    for value, trail in attr_leaves(attrs):
+        if isinstance(value, float) and (owner := _owner(trail, op)) is not None:
+            yield *owner, value
+
+
+def _owner(trail: tuple, op: str) -> tuple[str, object] | None:
+    """(op, attribute name) that the leaf at the end of `trail` (attr_leaves) belongs to:
+    the innermost body entry's op and attribute, else `op` and the innermost dict key. None
+    for a leaf among a body entry's op name and inputs, which are no attribute."""
+    key = None
+    for i, (container, k) in enumerate(trail):
+        if isinstance(container, dict):
+            key = k
+        elif _is_body_entry(container):
+            if k != 2:
+                return None
+            op, key = container[0], container[2][trail[i + 1][1]][0]  # the (name, value) pair the leaf is in
+    return op, key
+
+
+def _is_body_entry(obj) -> bool:
+    return isinstance(obj, (tuple, list)) and len(obj) == 3 and isinstance(obj[0], str) \
+        and isinstance(obj[1], tuple) and isinstance(obj[2], tuple) \
+        and all(isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], str) for a in obj[2])
 
 
 def _pinned_error(graph: Graph, pinned: list[Node], dtype: torch.dtype, fixed: list = (),
