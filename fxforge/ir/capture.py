@@ -1020,8 +1020,8 @@ def _note_constant_tensor(fixed_dtypes: dict, target: str, tensor: torch.Tensor,
     where = _source(users[0]) if users else ""
     what = f"{tuple(tensor.shape)}" if tensor.dim() else f"= {tensor.item():.6g}, {finfo}"
     fixed_dtypes[("constant", target)] = (
-        tensor.dtype, f"the constant tensor {target!r} {tensor.dtype} {what}: {made}"
-                      f"{f' read in {where}' if where else ''}")
+        tensor.dtype, roles.FIXED_CONSTANT, f"the constant tensor {target!r} {tensor.dtype} {what}: {made}"
+                                            f"{f' read in {where}' if where else ''}")
 
 
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")

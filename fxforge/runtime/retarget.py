@@ -12,7 +12,9 @@ running something the model would not compute; optimize the model again after
 on a float32 x) leaves no node, but capture records it in the graph's signature
 (`fixed_dtypes`, ir/roles.py): it pins the same way. So does a float constant tensor that
 is not a parameter or buffer (a plain tensor attribute, a `torch.tensor([...])` made in
-forward), which model.to() leaves in its dtype: capture records it there too.
+forward), which model.to() leaves in its dtype: capture records it there too, and so does
+quantize a compute dtype the user asked for (QuantConfig(compute_dtype=...)). Each entry
+has its kind, and the refusal words each kind as what it is.
 
 A float the model computed from its dtype at capture (`torch.finfo(x.dtype).eps` in a
 hand-written RMSNorm, T5's clamp to `finfo.max - 1000`, a `finfo.min` mask fill) is baked
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ir import roles
 from ..ir.attr_walk import attr_leaves
 from ..ir.capture import finfo_name, finfo_value
 from ..ir.graph import Graph, Node, Value
@@ -67,7 +70,7 @@ def retyped(graph: Graph, dtype: torch.dtype) -> Graph:
     new: dict[Value, Value] = {}
     for v in graph.inputs + graph.param_values + graph.state_values:
         new[v] = _as_dtype(v, dtype)
-    fixed = [(dt, where) for dt, where in graph.signature.get("fixed_dtypes", ()) if dt != dtype]
+    fixed = [entry for entry in graph.signature.get("fixed_dtypes", ()) if entry[0] != dtype]
     nodes, pinned = [], []
     for node in graph.nodes:
         inputs = tuple(new.get(v, v) for v in node.inputs)
@@ -168,10 +171,22 @@ def _is_body_entry(obj) -> bool:
         and all(isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], str) for a in obj[2])
 
 
+# what each kind of fixed_dtypes entry says in to()'s refusal, given its dtypes
+_FIXED_WHAT = {
+    roles.FIXED_CAST: "the model's code casts to {} (a no-op at capture, so no IR line shows it)",
+    roles.FIXED_CONSTANT: "the model reads {} constant tensor(s) that are not parameters or buffers (model.to() "
+                          "does not convert them, and one made in forward may have followed the input's dtype: the "
+                          "graph cannot tell which)",
+    roles.FIXED_COMPUTE_DTYPE: "the optimization pins its compute dtype to {} (asked for at optimize; where the "
+                               "model computes in it already, no IR line casts to it)",
+}
+
+
 def _pinned_error(graph: Graph, pinned: list[Node], dtype: torch.dtype, fixed: list = (),
                   scalars: list = ()) -> DtypePinnedError:
-    """`fixed`: the signature's (dtype, where) entries for a dtype other than `dtype`: no-op
-    casts and constant tensors (capture). `scalars`: (node, why) from _dtype_scalars."""
+    """`fixed`: the signature's (dtype, kind, why) entries for a dtype other than `dtype`
+    (ir/roles.py): no-op casts and constant tensors (capture), a compute dtype asked for
+    (quantize). `scalars`: (node, why) from _dtype_scalars."""
     names = Namer(graph)
     sections, whats = [], []
     why = {id(n): w for n, w in scalars}  # a node both pinned and holding such a number: listed once, with why
@@ -184,14 +199,10 @@ def _pinned_error(graph: Graph, pinned: list[Node], dtype: torch.dtype, fixed: l
     if pinned:
         sections.append(node_lines(pinned))
         whats.append(f"{len(pinned)} node(s) of the optimized IR fix their float dtype")
-    casts = [(dt, w) for dt, w in fixed if not w.startswith("the constant tensor")]
-    constants = [(dt, w) for dt, w in fixed if w.startswith("the constant tensor")]
-    for entries, what in ((casts, "the model's code casts to {} (a no-op at capture, so no IR line shows it)"),
-                          (constants, "the model reads {} constant tensor(s) that are not parameters or buffers (model.to() "
-                                      "does not convert them, and one made in forward may have followed the "
-                                      "input's dtype: the graph cannot tell which)")):
+    for kind, what in _FIXED_WHAT.items():
+        entries = [(dt, text) for dt, k, text in fixed if k == kind]
         if entries:
-            lines = "\n".join(f"  {where}" for _, where in entries[:3])
+            lines = "\n".join(f"  {text}" for _, text in entries[:3])
             sections.append(lines + (f"\n  ... and {len(entries) - 3} more" if len(entries) > 3 else ""))
             whats.append(what.format(", ".join(sorted({str(dt) for dt, _ in entries}))))
     if scalars:
