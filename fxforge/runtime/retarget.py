@@ -29,7 +29,7 @@ import torch
 
 from ..ir import roles
 from ..ir.attr_walk import attr_leaves
-from ..ir.capture import finfo_name, finfo_value
+from ..ir.dtypes import finfo_name, finfo_named_value
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS
 from ..ir.printer import Namer, format_node
@@ -122,9 +122,9 @@ def _dtype_scalars(graph: Graph, dtype: torch.dtype) -> list[tuple[Node, str]]:
             if named:
                 # (a literal that happens to equal it, 1/128 in a bfloat16 model, is refused
                 # too: the graph holds the number, not how it was made)
-                why = (f"{value!r} equals {named}, which in {dtype} is {_in(named, dtype)}; if the model computed "
-                       "it from its dtype, eager in the new dtype uses the latter (a literal that happens to "
-                       "equal it cannot be told apart here)")
+                why = (f"{value!r} equals {named}, which in {dtype} is {finfo_named_value(named, dtype):g}; if the "
+                       "model computed it from its dtype, eager in the new dtype uses the latter (a literal that "
+                       "happens to equal it cannot be told apart here)")
             elif op == "clamp" and key in ("min", "max") and abs(value) > most and abs(value) != float("inf"):
                 why = f"clamp's {key}={value!r} does not fit in {dtype} (max {most:g}): torch.clamp raises on it"
             else:
@@ -132,13 +132,6 @@ def _dtype_scalars(graph: Graph, dtype: torch.dtype) -> list[tuple[Node, str]]:
             found.append((node, why))
             break
     return found
-
-
-def _in(named: str, dtype: torch.dtype) -> str:
-    """The value of `named` ("torch.finfo(torch.float32).eps", "-torch.finfo(...).tiny") for `dtype`."""
-    sign, field = named.startswith("-"), named.rpartition(".")[2]
-    value = finfo_value(dtype, "max" if field == "min" else field) * (-1 if field == "min" else 1)
-    return f"{-value if sign else value:g}"
 
 
 def _floats(attrs: dict, op: str):
