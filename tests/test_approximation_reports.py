@@ -166,8 +166,11 @@ def test_an_explicit_compute_dtype_pins_to():
     config = QuantConfig("int8", compute_dtype=torch.float32, exclude=())
     fast = fxforge.optimize(model, (x,), quantize=config)
     with pytest.raises(DtypePinnedError, match=r"QuantConfig\(compute_dtype=torch.float32\): the 2 "
-                                                       r"quantized products run in it"):
+                                                       r"quantized products run in it") as caught:
         fast.to(torch.bfloat16)
+    # said as the compute dtype it is (it read as a cast in the model's code)
+    message = str(caught.value)
+    assert "pins its compute dtype to torch.float32" in message and "the model's code casts" not in message, message
     assert fast.to(torch.float32) is fast and fast(x).dtype == torch.float32
     plain = fxforge.optimize(model, (x,), quantize=QuantConfig("int8", exclude=()))
     assert plain.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16  # no compute dtype asked: it follows

@@ -181,3 +181,33 @@ def test_a_bidirectional_attention_is_refused_as_not_causal():
     with pytest.raises(KVCacheError, match=r"not causal: it is bidirectional[\s\S]*at: ") as caught:
         fxforge.optimize(_Bidirectional().eval(), _example(), kv_cache=True)
     assert "folded" not in str(caught.value)
+
+
+# ops whose dim is their third argument (topk(x, k, dim)): the dim, not k, says where they run
+PICK_ALONG_T = {
+    "topk": lambda x, t, m: x.topk(3, dim=1).values.mean(1, keepdim=True),
+    "kthvalue": lambda x, t, m: x.kthvalue(2, dim=1, keepdim=True).values,
+    "chunk": lambda x, t, m: x.chunk(2, dim=1)[0].sum(1, keepdim=True),
+}
+
+
+@pytest.mark.parametrize("name", PICK_ALONG_T)
+def test_picking_or_splitting_along_the_sequence_is_refused_as_moving_values(name):
+    """Their k (or chunk count) at args[1] was read as the dim: 3 or 2 named another dim than
+    T, so they fell through to the generic 'runs over the sequence' message."""
+    message = _refusal(PICK_ALONG_T[name])
+    assert "moves values along the sequence" in message and "\n  at: " in message, message
+
+
+# k = 1 at args[1] names dim 1, T, though these pick along each token's own features (dim 2
+# spelled out: export leaves out a default dim=-1, which the pass takes as every dim)
+PICK_OVER_FEATURES = {
+    "topk": lambda x, t, m: x.topk(1, dim=2).values,
+    "kthvalue": lambda x, t, m: x.kthvalue(1, dim=2, keepdim=True).values,
+}
+
+
+@pytest.mark.parametrize("name", PICK_OVER_FEATURES)
+def test_picking_over_each_tokens_features_is_cached_exactly(name):
+    """They were refused as moving values along the sequence."""
+    _assert_generates_like_eager(_model(PICK_OVER_FEATURES[name]))

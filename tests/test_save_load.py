@@ -255,3 +255,59 @@ def test_damaged_files_and_a_missing_cuda_are_named(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         fxforge.load(str(saved), device="cuda")
+
+
+class _UpcastNorm(torch.nn.Module):
+    """An RMSNorm that squares in float32 (`x.float()`): a no-op on a float32 model."""
+
+    def forward(self, x):
+        h = x.float()
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class _PinnedThreeWays(torch.nn.Module):
+    """A float32 model whose graph keeps float32 three ways no node shows: a no-op upcast in
+    its code, a constant tensor that is not a parameter or buffer, and (quantized with
+    compute_dtype) products asked to run in float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = torch.nn.Linear(64, 64), _UpcastNorm(), torch.nn.Linear(64, 8)
+        self.scale = torch.linspace(0.5, 2.0, 8)
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x))) * self.scale
+
+
+def test_fixed_dtypes_keep_their_kind_and_a_save_of_the_two_field_form_still_loads(tmp_path):
+    """fixed_dtypes entries were (dtype, why), told apart by the why's text; they are
+    (dtype, kind, why) now. A model saved before, in the two-field form, loads with the
+    kinds given and refuses to(bfloat16) naming each kind as what it is."""
+    from fxforge.ir.parser import parse, structurally_equal
+    from fxforge.runtime.retarget import DtypePinnedError
+    from fxforge.passes.quantize import QuantConfig
+
+    x = torch.randn(3, 64)
+    config = QuantConfig("int8", compute_dtype=torch.float32, exclude=())
+    fast = fxforge.optimize(_PinnedThreeWays().eval(), (x,), quantize=config)
+    signature = fast.ir.splitlines()[1]
+    assert all(f'(f32, "{kind}", ' in signature for kind in ("cast", "constant", "compute_dtype")), signature
+    assert structurally_equal(parse(fast.ir), parse(str(parse(fast.ir))))  # the text round trip keeps them
+
+    fast.save(str(tmp_path / "saved"))
+    ir_path = tmp_path / "saved" / "model.ir"
+    text = ir_path.read_text()
+    old = text.replace('(f32, "cast", ', "(f32, ").replace('(f32, "constant", ', "(f32, ") \
+        .replace('(f32, "compute_dtype", ', "(f32, ")
+    assert old != text and '"cast"' not in old
+    ir_path.write_text(old)
+    loaded = fxforge.load(str(tmp_path / "saved"))
+    assert loaded.ir.splitlines()[1] == signature
+    assert torch.equal(loaded(x), fast(x))
+    with pytest.raises(DtypePinnedError) as caught:
+        loaded.to(torch.bfloat16)
+    message = str(caught.value)
+    assert "casts to torch.float32" in message and "x.float() in norm (_UpcastNorm)" in message, message
+    assert "reads torch.float32 constant tensor(s)" in message and "the constant tensor" in message, message
+    assert "pins its compute dtype to torch.float32" in message, message
+    assert "QuantConfig(compute_dtype=torch.float32): the 2 quantized products run in it" in message, message

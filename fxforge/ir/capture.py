@@ -22,6 +22,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .builder import Builder
+from .dtypes import finfo_name
 from .graph import Graph, Value
 from .guards import guards_from_export
 from .lowering import DROP, FALLBACK, RULES, LowerCtx
@@ -971,33 +972,6 @@ def _lower_exported(ep, injected, model):
                        _positional_names(model))
 
 
-# the torch.finfo fields a model takes constants from (an epsilon, a mask fill, a clamp
-# bound): a float equal to one of these for the dtype it was captured in was, as likely
-# as not, computed from that dtype; `resolution` is left out (1e-06 for float32: a common
-# literal epsilon). smallest_subnormal is tiny * eps (not every torch's finfo has it).
-_FINFO_FIELDS = ("eps", "tiny", "max", "smallest_subnormal")
-
-
-def finfo_value(dtype: torch.dtype, field: str) -> float:
-    info = torch.finfo(dtype)
-    if field == "smallest_subnormal":
-        return float(info.tiny) * float(info.eps)
-    return float(getattr(info, field))
-
-
-def finfo_name(value, dtype: torch.dtype) -> str | None:
-    """`torch.finfo(dtype).<field>` (or its negative: `-...eps`, `...min`) where the Python
-    float `value` equals it exactly, else None."""
-    if isinstance(value, bool) or not isinstance(value, float) or not dtype.is_floating_point:
-        return None
-    for name in _FINFO_FIELDS:
-        if abs(value) == finfo_value(dtype, name):
-            if name == "max":
-                name = "max" if value > 0 else "min"
-            return f"{'-' if value < 0 and name != 'min' else ''}torch.finfo({dtype}).{name}"
-    return None
-
-
 def _note_constant_tensor(fixed_dtypes: dict, target: str, tensor: torch.Tensor, node, model):
     """Record a float constant tensor the graph reads that is not a parameter or buffer: a
     plain tensor attribute, or a tensor made in forward (`torch.tensor([...])`), which
@@ -1020,8 +994,8 @@ def _note_constant_tensor(fixed_dtypes: dict, target: str, tensor: torch.Tensor,
     where = _source(users[0]) if users else ""
     what = f"{tuple(tensor.shape)}" if tensor.dim() else f"= {tensor.item():.6g}, {finfo}"
     fixed_dtypes[("constant", target)] = (
-        tensor.dtype, f"the constant tensor {target!r} {tensor.dtype} {what}: {made}"
-                      f"{f' read in {where}' if where else ''}")
+        tensor.dtype, roles.FIXED_CONSTANT, f"the constant tensor {target!r} {tensor.dtype} {what}: {made}"
+                                            f"{f' read in {where}' if where else ''}")
 
 
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")

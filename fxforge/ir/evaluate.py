@@ -11,6 +11,7 @@ from __future__ import annotations
 import sympy
 import torch
 
+from .attr_walk import attr_leaves
 from .graph import Graph, Node, Value
 from .ops import OPS
 from .types import SymType, symbol
@@ -20,13 +21,7 @@ def attr_symbols(value) -> set:
     """The size symbols that attrs mention, at any depth: a fused node keeps its ops'
     attrs inside its `body` (a `const` of value T in a fused_pointwise). An attr that
     mentions one has a different value at each size, so it is not a constant."""
-    if isinstance(value, sympy.Basic):
-        return set(value.free_symbols)
-    if isinstance(value, dict):
-        value = tuple(value.values())
-    if isinstance(value, (tuple, list)):
-        return set().union(*(attr_symbols(v) for v in value))
-    return set()
+    return set().union(*(leaf.free_symbols for leaf, _ in attr_leaves(value) if isinstance(leaf, sympy.Basic)))
 
 
 def concrete_attrs(value, sizes: dict):

@@ -14,6 +14,7 @@ from typing import Callable
 import sympy
 import torch
 
+from . import roles
 from .builder import Builder
 from .graph import Value
 from .einsum import plan as einsum_plan
@@ -197,7 +198,7 @@ def _note_fixed_dtype(c: LowerCtx, x: Value, dtype: torch.dtype):
     key = (dtype, cls, call)  # one entry per module class and call: Llama's 32 norms are one
     if key not in c.fixed_dtypes:
         where = f"{path or 'the model'}{f' ({cls})' if cls else ''}"
-        c.fixed_dtypes[key] = (dtype, f"{call} in {where}")
+        c.fixed_dtypes[key] = (dtype, roles.FIXED_CAST, f"{call} in {where}")
 
 
 def type_as(c: LowerCtx, x, other):

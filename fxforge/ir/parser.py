@@ -384,7 +384,7 @@ def _read_line(g: Graph, line: str, define, use, cache) -> bool:
     if s.startswith("signature {"):
         if g.signature:
             raise ParseError("a graph has one signature line")
-        g.signature = _AttrReader(s[len("signature "):], cache).attrs()
+        g.signature = roles.with_fixed_dtype_kinds(_AttrReader(s[len("signature "):], cache).attrs())
         return False
     if s.startswith("guard "):
         if s[len("guard "):].strip() in ("True", "true"):  # holds for every size: nothing to check

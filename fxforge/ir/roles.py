@@ -22,11 +22,13 @@ head dim], sized by the runtime per request; `paged` is [blocks, block size, kv 
 dim], a pool of blocks the runtime hands out to rows (runtime/paged_cache.py).
 Graph signature: `outputs` gives each output's role (`logits` [B, T, vocab] or `output`),
 `max_seq_len` / `max_batch` the limits generate() checks (absent: none), `num_blocks` the
-default pool size of a paged cache (absent: sized per call), `fixed_dtypes` the casts to a
-float dtype the model's code makes that were no-ops at capture and so left no node
-(`((f32, "x.float() in model.norm (RMSNorm)"),)`), and the float constant tensors it reads
-that model.to(dtype) would not convert ("the constant tensor ..."; ir/capture.py):
-`OptimizedModel.to(dtype)` refuses another dtype where there are any, as for a cast node
+default pool size of a paged cache (absent: sized per call), `fixed_dtypes` the float dtypes
+the graph must keep though no node shows them, each a (dtype, kind, why) entry
+(`((f32, "cast", "x.float() in model.norm (RMSNorm)"),)`) of one of the FIXED_KINDS: a cast
+the model's code makes that was a no-op at capture and so left no node, a float constant
+tensor it reads that model.to(dtype) would not convert (ir/capture.py), a compute dtype the
+user asked for (QuantConfig(compute_dtype=...), passes/quantize.py). `OptimizedModel.to(dtype)`
+refuses another dtype where there are any, as for a cast node, saying why by kind
 (runtime/retarget.py).
 """
 from __future__ import annotations
@@ -45,6 +47,11 @@ LAYOUTS = ("dense", "paged")
 # weights (quantize) leave buffers: their values are the model's constants.
 BUFFER = "buffer"
 SIGNATURE_KEYS = ("outputs", "max_seq_len", "max_batch", "num_blocks", "fixed_dtypes")
+# The kinds of a fixed_dtypes entry: what fixes the dtype
+FIXED_CAST = "cast"  # a cast in the model's code, a no-op at capture
+FIXED_CONSTANT = "constant"  # a float constant tensor that model.to() does not convert
+FIXED_COMPUTE_DTYPE = "compute_dtype"  # a compute dtype asked for at optimize
+FIXED_KINDS = (FIXED_CAST, FIXED_CONSTANT, FIXED_COMPUTE_DTYPE)
 
 
 def is_paged(graph) -> bool:
@@ -112,11 +119,36 @@ def roles_problem(graph) -> str | None:
             return f"output roles are {', '.join(OUTPUT_ROLES)}, got {roles}"
     fixed = sig.get("fixed_dtypes", ())
     if not isinstance(fixed, tuple) or not all(
-            isinstance(f, tuple) and len(f) == 2 and isinstance(f[0], torch.dtype) and f[0].is_floating_point
-            and isinstance(f[1], str) for f in fixed):
-        return f"signature fixed_dtypes must be a tuple of (float dtype, \"where\") pairs, got {fixed!r}"
+            isinstance(f, tuple) and len(f) == 3 and isinstance(f[0], torch.dtype) and f[0].is_floating_point
+            and f[1] in FIXED_KINDS and isinstance(f[2], str) for f in fixed):
+        return (f"signature fixed_dtypes must be a tuple of (float dtype, kind, \"why\") entries, the kind one of "
+                f"{', '.join(FIXED_KINDS)}; got {fixed!r}")
     for key in ("max_seq_len", "max_batch", "num_blocks"):
         limit = sig.get(key)
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             return f"signature {key} must be a positive int, got {limit!r}"
     return None
+
+
+def with_fixed_dtype_kinds(signature: dict) -> dict:
+    """`signature` with each fixed_dtypes entry of the earlier two-field form, (dtype, why),
+    given its kind, so that IR text written before kinds were recorded (a model saved by
+    fast.save, a dump) still loads. Those entries were told apart by their text, as the
+    code that wrote them worded it. Anything else is left for roles_problem to judge."""
+    fixed = signature.get("fixed_dtypes")
+    if not isinstance(fixed, tuple) or not any(_two_field_entry(f) for f in fixed):
+        return signature
+    return {**signature, "fixed_dtypes": tuple((f[0], _old_entry_kind(f[1]), f[1]) if _two_field_entry(f) else f
+                                               for f in fixed)}
+
+
+def _two_field_entry(entry) -> bool:
+    return isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], str)
+
+
+def _old_entry_kind(why: str) -> str:
+    if why.startswith("the constant tensor"):
+        return FIXED_CONSTANT
+    if why.startswith("QuantConfig(compute_dtype="):
+        return FIXED_COMPUTE_DTYPE
+    return FIXED_CAST

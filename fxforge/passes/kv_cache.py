@@ -64,6 +64,7 @@ import sympy
 import torch
 
 from ..ir import roles
+from ..ir.attr_walk import attr_leaves
 from ..ir.edit import dead_code_elimination, retyped
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, attention_has_bias, causal_keep
@@ -828,11 +829,6 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch):
                                f"kv_cache=False\n  at: {_describe(graph, n)}")
 
 
-# ATen ops that move or pick values along a dim given as their second argument (or `dim`)
-_ALONG_DIM = ("aten.index_select.", "aten.gather.", "aten.narrow.", "aten.select.", "aten.slice.", "aten.unfold.",
-              "aten.take_along_dim.", "aten.index_add.", "aten.index_copy.", "aten.index_fill.", "aten.scatter",
-              "aten.sort.", "aten.argsort.", "aten.topk.", "aten.kthvalue.", "aten.median.", "aten.max.dim",
-              "aten.min.dim", "aten.argmax.", "aten.argmin.", "aten.repeat_interleave.")
 _PADS = ("aten.constant_pad_nd.", "aten.pad.", "aten.reflection_pad", "aten.replication_pad", "aten.circular_pad")
 
 
@@ -876,9 +872,12 @@ def _moves_along_the_sequence(node: Node, seq, batch) -> bool:
     if target.startswith(("aten.index.Tensor", "aten.index_put")):
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
         return any(ix is not None and along(x, d) for d, ix in enumerate(indices))
-    if target.startswith(_ALONG_DIM):
-        dim = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("dim")
-        return along(x, dim)
+    name = _aten_name(target)
+    if name in _ATEN_ALONG_ONE_DIM:
+        # the dim's place differs by op (topk(x, k, dim)): reading args[1] took k for the dim.
+        # An unreadable or missing dim (max(x), max(x, y)) moves nothing: _mixes_tokens decides
+        dims = _aten_dims(node, *_ATEN_ALONG_ONE_DIM[name], x.rank)
+        return dims is not None and any(along(x, d) for d in dims)
     return False
 
 
@@ -980,16 +979,21 @@ _ATEN_OVER_LAST_DIMS = ("layer_norm", "native_layer_norm", "rms_norm", "_fused_r
 # ATen reshapes: local when each token's elements stay together (_view_keeps_tokens)
 _ATEN_VIEWS = ("view", "view_as", "reshape", "reshape_as", "_unsafe_view", "flatten", "unflatten", "_reshape_alias")
 # ATen ops along one dim (its index, its keyword) that _moves_along_the_sequence refuses along
-# T: along another dim each token's result reads that token alone
+# T: along another dim each token's result reads that token alone (the in-place scatter_
+# names too, should capture keep one as an opaque call)
 _ATEN_ALONG_ONE_DIM = {name: (1, "dim") for name in (
-    "index_select", "gather", "narrow", "select", "slice", "unfold", "take_along_dim", "index_add", "index_copy",
-    "index_fill", "scatter", "scatter_add", "scatter_reduce", "sort", "argsort", "topk", "kthvalue", "median",
-    "max", "min", "argmax", "argmin", "repeat_interleave", "split", "split_with_sizes", "chunk", "unbind",
-    "tensor_split", "glu", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "diff")}
-_ATEN_ALONG_ONE_DIM.update({"topk": (2, "dim"), "kthvalue": (2, "dim"), "split": (2, "dim"),
-                            "split_with_sizes": (2, "dim"), "chunk": (2, "dim"), "tensor_split": (2, "dim"),
-                            "repeat_interleave": (2, "dim"), "unbind": (1, "dim"), "slice_scatter": (2, "dim"),
-                            "select_scatter": (2, "dim")})
+    "index_select", "gather", "narrow", "select", "slice", "unfold", "index_add", "index_copy", "index_fill",
+    "scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_", "sort", "argsort",
+    "median", "max", "min", "argmax", "argmin", "unbind", "glu", "cumsum", "cumprod", "cummax", "cummin",
+    "logcumsumexp", "diff")}
+_ATEN_ALONG_ONE_DIM.update({name: (2, "dim") for name in (
+    "topk", "kthvalue", "take_along_dim", "repeat_interleave", "split", "split_with_sizes", "chunk", "tensor_split",
+    "slice_scatter", "select_scatter")})
+
+
+def _aten_name(target: str) -> str | None:
+    """aten.topk.default -> topk (None for a call that is not an ATen op)."""
+    return target.split(".")[1] if target.startswith("aten.") else None
 
 
 def _aten_dims(node: Node, position, keyword, rank) -> tuple[int, ...] | None:
@@ -1080,7 +1084,7 @@ def _mixes_tokens(node: Node, seq, batch) -> str | None:
         return ("is an op the kv_cache pass does not know to act on each token by itself (its result at one "
                 "token may read other tokens)")
     target = node.attrs["target"]
-    name = target.split(".")[1] if target.startswith("aten.") else None
+    name = _aten_name(target)
     rank = x.rank if x is not None else 0
     if name in _ATEN_ELEMENTWISE or target.startswith(("aten.max.other", "aten.min.other")):
         return None  # (max.other: torch.max(x, y), elementwise)
@@ -1115,16 +1119,12 @@ def _mixes_tokens(node: Node, seq, batch) -> str | None:
             "sequence)")
 
 
-def _sizes_in(value, in_list=False):
-    """(expr, inside a list or tuple argument) for each sympy expression in an attr value."""
-    if isinstance(value, sympy.Basic):
-        yield value, in_list
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _sizes_in(v, in_list or isinstance(value, list))
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _sizes_in(v, in_list)
+def _sizes_in(value):
+    """(expr, inside a list) for each sympy expression in an attr value: a torch_call's
+    size arguments (expand's or new_full's shape) are lists, its argument tuple is not."""
+    for leaf, trail in attr_leaves(value):
+        if isinstance(leaf, sympy.Basic):
+            yield leaf, any(isinstance(container, list) for container, _ in trail)
 
 
 def _length_in_a_value(node: Node, seq, batch, cache_len) -> object | None:

@@ -566,8 +566,8 @@ def quantize(graph, ctx):
         # node to say so (a float32 model asked for float32 products, then to(bfloat16))
         where = (f"QuantConfig(compute_dtype={cfg.compute_dtype}): the {len(plan.layers)} quantized products "
                  "run in it, as asked")
-        out.signature = {**out.signature,
-                         "fixed_dtypes": tuple(out.signature.get("fixed_dtypes", ())) + ((cfg.compute_dtype, where),)}
+        pin = (cfg.compute_dtype, roles.FIXED_COMPUTE_DTYPE, where)
+        out.signature = {**out.signature, "fixed_dtypes": tuple(out.signature.get("fixed_dtypes", ())) + (pin,)}
     plan.skipped += _unhandled_weights(out) + _unmatched_products(out, plan.decided)
     before = sum(x for _, x, _ in plan.layers)
     after = sum(y for _, _, y in plan.layers)

@@ -12,7 +12,9 @@ running something the model would not compute; optimize the model again after
 on a float32 x) leaves no node, but capture records it in the graph's signature
 (`fixed_dtypes`, ir/roles.py): it pins the same way. So does a float constant tensor that
 is not a parameter or buffer (a plain tensor attribute, a `torch.tensor([...])` made in
-forward), which model.to() leaves in its dtype: capture records it there too.
+forward), which model.to() leaves in its dtype: capture records it there too, and so does
+quantize a compute dtype the user asked for (QuantConfig(compute_dtype=...)). Each entry
+has its kind, and the refusal words each kind as what it is.
 
 A float the model computed from its dtype at capture (`torch.finfo(x.dtype).eps` in a
 hand-written RMSNorm, T5's clamp to `finfo.max - 1000`, a `finfo.min` mask fill) is baked
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from ..ir.capture import finfo_name, finfo_value
+from ..ir import roles
+from ..ir.attr_walk import attr_leaves
+from ..ir.dtypes import finfo_name, finfo_named_value
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS
 from ..ir.printer import Namer, format_node
@@ -66,7 +70,7 @@ def retyped(graph: Graph, dtype: torch.dtype) -> Graph:
     new: dict[Value, Value] = {}
     for v in graph.inputs + graph.param_values + graph.state_values:
         new[v] = _as_dtype(v, dtype)
-    fixed = [(dt, where) for dt, where in graph.signature.get("fixed_dtypes", ()) if dt != dtype]
+    fixed = [entry for entry in graph.signature.get("fixed_dtypes", ()) if entry[0] != dtype]
     nodes, pinned = [], []
     for node in graph.nodes:
         inputs = tuple(new.get(v, v) for v in node.inputs)
@@ -113,14 +117,14 @@ def _dtype_scalars(graph: Graph, dtype: torch.dtype) -> list[tuple[Node, str]]:
     most = float(torch.finfo(dtype).max)
     found = []
     for node in graph.nodes:
-        for op, key, value in _floats(node.attrs, node.op, None):
+        for op, key, value in _floats(node.attrs, node.op):
             named = next((n for n in map(lambda d: finfo_name(value, d), sorted(leaving, key=str)) if n), None)
             if named:
                 # (a literal that happens to equal it, 1/128 in a bfloat16 model, is refused
                 # too: the graph holds the number, not how it was made)
-                why = (f"{value!r} equals {named}, which in {dtype} is {_in(named, dtype)}; if the model computed "
-                       "it from its dtype, eager in the new dtype uses the latter (a literal that happens to "
-                       "equal it cannot be told apart here)")
+                why = (f"{value!r} equals {named}, which in {dtype} is {finfo_named_value(named, dtype):g}; if the "
+                       "model computed it from its dtype, eager in the new dtype uses the latter (a literal that "
+                       "happens to equal it cannot be told apart here)")
             elif op == "clamp" and key in ("min", "max") and abs(value) > most and abs(value) != float("inf"):
                 why = f"clamp's {key}={value!r} does not fit in {dtype} (max {most:g}): torch.clamp raises on it"
             else:
@@ -130,35 +134,52 @@ def _dtype_scalars(graph: Graph, dtype: torch.dtype) -> list[tuple[Node, str]]:
     return found
 
 
-def _in(named: str, dtype: torch.dtype) -> str:
-    """The value of `named` ("torch.finfo(torch.float32).eps", "-torch.finfo(...).tiny") for `dtype`."""
-    sign, field = named.startswith("-"), named.rpartition(".")[2]
-    value = finfo_value(dtype, "max" if field == "min" else field) * (-1 if field == "min" else 1)
-    return f"{-value if sign else value:g}"
-
-
-def _floats(obj, op: str, key):
+def _floats(attrs: dict, op: str):
     """(op, attribute name, value) for each Python float in a node's attributes, a fused
-    body's entries (`(op, inputs, ((name, value), ...))`) included."""
-    if isinstance(obj, float):
-        yield op, key, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _floats(v, op, k)
-    elif isinstance(obj, (tuple, list)):
-        if len(obj) == 3 and isinstance(obj[0], str) and isinstance(obj[1], tuple) and isinstance(obj[2], tuple) \
-                and all(isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], str) for a in obj[2]):
-            for k, v in obj[2]:  # a body entry
-                yield from _floats(v, obj[0], k)
-        else:
-            for x in obj:
-                yield from _floats(x, op, key)
+    body's entries (`(op, inputs, ((name, value), ...))`) included: a float there is its
+    entry's op's attribute (a clamp's bound inside a fused_pointwise), not the node's."""
+    for value, trail in attr_leaves(attrs):
+        if isinstance(value, float) and (owner := _owner(trail, op)) is not None:
+            yield *owner, value
+
+
+def _owner(trail: tuple, op: str) -> tuple[str, object] | None:
+    """(op, attribute name) that the leaf at the end of `trail` (attr_leaves) belongs to:
+    the innermost body entry's op and attribute, else `op` and the innermost dict key. None
+    for a leaf among a body entry's op name and inputs, which are no attribute."""
+    key = None
+    for i, (container, k) in enumerate(trail):
+        if isinstance(container, dict):
+            key = k
+        elif _is_body_entry(container):
+            if k != 2:
+                return None
+            op, key = container[0], container[2][trail[i + 1][1]][0]  # the (name, value) pair the leaf is in
+    return op, key
+
+
+def _is_body_entry(obj) -> bool:
+    return isinstance(obj, (tuple, list)) and len(obj) == 3 and isinstance(obj[0], str) \
+        and isinstance(obj[1], tuple) and isinstance(obj[2], tuple) \
+        and all(isinstance(a, tuple) and len(a) == 2 and isinstance(a[0], str) for a in obj[2])
+
+
+# what each kind of fixed_dtypes entry says in to()'s refusal, given its dtypes
+_FIXED_WHAT = {
+    roles.FIXED_CAST: "the model's code casts to {} (a no-op at capture, so no IR line shows it)",
+    roles.FIXED_CONSTANT: "the model reads {} constant tensor(s) that are not parameters or buffers (model.to() "
+                          "does not convert them, and one made in forward may have followed the input's dtype: the "
+                          "graph cannot tell which)",
+    roles.FIXED_COMPUTE_DTYPE: "the optimization pins its compute dtype to {} (asked for at optimize; where the "
+                               "model computes in it already, no IR line casts to it)",
+}
 
 
 def _pinned_error(graph: Graph, pinned: list[Node], dtype: torch.dtype, fixed: list = (),
                   scalars: list = ()) -> DtypePinnedError:
-    """`fixed`: the signature's (dtype, where) entries for a dtype other than `dtype`: no-op
-    casts and constant tensors (capture). `scalars`: (node, why) from _dtype_scalars."""
+    """`fixed`: the signature's (dtype, kind, why) entries for a dtype other than `dtype`
+    (ir/roles.py): no-op casts and constant tensors (capture), a compute dtype asked for
+    (quantize). `scalars`: (node, why) from _dtype_scalars."""
     names = Namer(graph)
     sections, whats = [], []
     why = {id(n): w for n, w in scalars}  # a node both pinned and holding such a number: listed once, with why
@@ -171,14 +192,10 @@ def _pinned_error(graph: Graph, pinned: list[Node], dtype: torch.dtype, fixed: l
     if pinned:
         sections.append(node_lines(pinned))
         whats.append(f"{len(pinned)} node(s) of the optimized IR fix their float dtype")
-    casts = [(dt, w) for dt, w in fixed if not w.startswith("the constant tensor")]
-    constants = [(dt, w) for dt, w in fixed if w.startswith("the constant tensor")]
-    for entries, what in ((casts, "the model's code casts to {} (a no-op at capture, so no IR line shows it)"),
-                          (constants, "the model reads {} constant tensor(s) that are not parameters or buffers (model.to() "
-                                      "does not convert them, and one made in forward may have followed the "
-                                      "input's dtype: the graph cannot tell which)")):
+    for kind, what in _FIXED_WHAT.items():
+        entries = [(dt, text) for dt, k, text in fixed if k == kind]
         if entries:
-            lines = "\n".join(f"  {where}" for _, where in entries[:3])
+            lines = "\n".join(f"  {text}" for _, text in entries[:3])
             sections.append(lines + (f"\n  ... and {len(entries) - 3} more" if len(entries) > 3 else ""))
             whats.append(what.format(", ".join(sorted({str(dt) for dt, _ in entries}))))
     if scalars:
