@@ -199,11 +199,14 @@ def test_picking_or_splitting_along_the_sequence_is_refused_as_moving_values(nam
     assert "moves values along the sequence" in message and "\n  at: " in message, message
 
 
-# k = 1 at args[1] names dim 1, T, though these pick along each token's own features (dim 2
-# spelled out: export leaves out a default dim=-1, which the pass takes as every dim)
+# k = 1 at args[1] names dim 1, T, though these pick along each token's own features; and
+# with the dim left out (export writes no default), the op's default, the last dim
 PICK_OVER_FEATURES = {
     "topk": lambda x, t, m: x.topk(1, dim=2).values,
     "kthvalue": lambda x, t, m: x.kthvalue(1, dim=2, keepdim=True).values,
+    "topk_default_dim": lambda x, t, m: x.topk(2).values.sum(-1, keepdim=True),
+    "sort_default_dim": lambda x, t, m: x.sort().values[..., :1],
+    "split_default_dim_of_a_token_first_view": lambda x, t, m: x.transpose(0, 2).split(8)[1].transpose(0, 2).repeat(1, 1, 2),
 }
 
 

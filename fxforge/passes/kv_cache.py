@@ -991,6 +991,14 @@ _ATEN_ALONG_ONE_DIM.update({name: (2, "dim") for name in (
     "slice_scatter", "select_scatter")})
 
 
+# the dim each op takes when the call leaves it out (torch.export writes no argument that
+# equals its default): x.topk(k) picks along the last dim, x.split(n) along the first. Ops
+# not here have no default dim, or a default of None meaning every element (argmax, median)
+_ATEN_DEFAULT_DIM = {"topk": -1, "kthvalue": -1, "sort": -1, "argsort": -1, "glu": -1, "diff": -1,
+                     "split": 0, "split_with_sizes": 0, "chunk": 0, "unbind": 0, "slice": 0, "tensor_split": 0,
+                     "slice_scatter": 0}
+
+
 def _aten_name(target: str) -> str | None:
     """aten.topk.default -> topk (None for a call that is not an ATen op)."""
     return target.split(".")[1] if target.startswith("aten.") else None
@@ -1000,6 +1008,8 @@ def _aten_dims(node: Node, position, keyword, rank) -> tuple[int, ...] | None:
     """The dims named by a torch_call's dim argument, non-negative (None: every dim)."""
     args, kwargs = node.attrs["args"], dict(node.attrs["kwargs"])
     dim = args[position] if position is not None and len(args) > position else kwargs.get(keyword)
+    if dim is None and keyword not in kwargs:
+        dim = _ATEN_DEFAULT_DIM.get(_aten_name(str(node.attrs.get("target", ""))))
     if dim is None or (isinstance(dim, (list, tuple)) and not dim):
         return None
     dims = (dim,) if isinstance(dim, int) else tuple(dim) if isinstance(dim, (list, tuple)) else None
