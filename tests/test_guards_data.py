@@ -159,6 +159,35 @@ def test_eval_of_a_training_mode_capture_raises_instead_of_staying_random():
         fast.train(False)
 
 
+class _AttentionDropout(torch.nn.Module):
+    """Dropout through SDPA's dropout_p, as transformers' attention layers pass it: no
+    nn.Dropout module anywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5 if self.training else 0.0)
+
+
+def test_attention_dropout_in_training_mode_is_found_like_dropout_ops():
+    """It went unnoticed: no warning, fast.training False, eval() passed, outputs random."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8)
+    with pytest.warns(UserWarning, match=r"training mode: 1 dropout op\(s\) \(first: aten.scaled_dot_product_attention"):
+        fast = fxforge.optimize(_AttentionDropout().train(), (x,), verbose=False)
+    assert fast.training
+    with pytest.raises(RuntimeError, match="optimized in training mode"):
+        fast.eval()
+    import warnings
+    with warnings.catch_warnings():  # dropout_p=0.0 in eval mode: no warning, an inference graph
+        warnings.simplefilter("error")
+        fast = fxforge.optimize(_AttentionDropout().eval(), (x,), verbose=False)
+    assert not fast.training and fast.eval() is fast
+
+
 def test_eval_of_an_eval_mode_capture_returns_itself(tmp_path):
     model = _dropout_model().eval()
     fast = fxforge.optimize(model, (torch.randn(2, 6, 4),), verbose=False)

@@ -29,6 +29,7 @@ from .lowering import DROP, FALLBACK, RULES, LowerCtx
 from .ops import Arg
 from . import roles
 from .pause_gc import paused_gc
+from .training_mode import training_mode_nodes
 from .types import TensorType, size_text, symbol
 
 
@@ -74,13 +75,18 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
     injected = _inference_kwargs(model, kwargs)
     cache_masks = "use_cache" not in kwargs and _default_call_has_cache(model)
     kwargs = {**injected, **kwargs}
-    if model.training and any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
-        warnings.warn(f"{type(model).__name__} is in training mode: dropout stays as an opaque op and "
-                      "attention will not fuse. Call model.eval() before fxforge.optimize for inference.")
     baked = _constant_var_kwargs(model, args, kwargs)
     traced = {k: v for k, v in kwargs.items() if k not in baked}
     with paused_gc():
         graph, spec = _export_and_lower(model, args, traced, injected, dynamic, cache_masks, baked)
+    # found in the graph, not among the modules: attention layers drop at random through
+    # SDPA's dropout_p (no nn.Dropout module), and a dropout module of p=0 drops nothing
+    dropping = training_mode_nodes(graph)
+    if dropping:
+        warnings.warn(f"{type(model).__name__} is in training mode: {len(dropping)} dropout op(s) "
+                      f"(first: {dropping[0].attrs['target']}) stay in the graph, so every call is random, "
+                      "attention will not fuse, and fast.eval() cannot switch them off. Call model.eval() "
+                      "before fxforge.optimize for inference.")
     return graph, _with_constant_kwargs(spec, args, kwargs, baked)
 
 

@@ -16,6 +16,7 @@ from ..ir.evaluate import input_sizes
 from ..ir.types import SymType, dtype_name, parse_size_text, symbol
 from ..ir import roles
 from ..ir.roles import roles_problem
+from ..ir.training_mode import training_mode_nodes
 from ..passes.manager import PassStats, format_report
 from .frames import frame_of_its_own
 from .last_token import last_token_graph
@@ -611,26 +612,6 @@ def _write(directory, name, text) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
-
-
-# ops whose result is random where their train flag (argument 2) is true: dropout as a model
-# in training mode runs it (in eval mode it is the identity, which cleanup removes)
-TRAINING_MODE_OPS = ("aten.dropout", "aten.feature_dropout", "aten.alpha_dropout", "aten.feature_alpha_dropout",
-                     "aten.native_dropout")
-
-
-def training_mode_nodes(graph: Graph) -> list:
-    """The graph's nodes that compute as in training mode (active dropout), in order."""
-    out = []
-    for node in graph.nodes:
-        target = str(node.attrs.get("target", "")) if node.op == "torch_call" else ""
-        if not any(target == op or target.startswith(op + ".") for op in TRAINING_MODE_OPS):
-            continue
-        args, kwargs = node.attrs.get("args", ()), dict(node.attrs.get("kwargs", ()) or ())
-        train = kwargs.get("train", args[2] if len(args) > 2 else True)
-        if train is not False:  # true, or not a constant: random at some call
-            out.append(node)
-    return out
 
 
 def _same_constant(a, b) -> bool:
