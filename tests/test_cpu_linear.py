@@ -99,6 +99,23 @@ def test_big_enough_weights_are_timed_and_the_model_stays_exact(timing):
     assert "cpu_linear" in fast.report()
 
 
+def test_timing_leaves_the_callers_random_state_alone(timing):
+    """The timing's inputs and the oneDNN check drew from torch's global generator: after
+    torch.manual_seed, optimize() (or a first torch.compile call) moved the stream, and a
+    seeded sampling then drew other tokens than eager."""
+    model, vocab, example = small_llama()
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    fast = fxforge.optimize(model, example, cpu_linear="measure")
+    assert timing[0] > 0  # it timed shapes
+    assert torch.equal(torch.rand(4), expected)
+    assert onednn_available() in (True, False) and fast is not None
+    torch.manual_seed(0)
+    onednn_available()
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_off_or_not_float32_keeps_f_linear():
     model, vocab = zoo.llama("sdpa", hidden=256, heads=4)
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), cpu_linear=False)

@@ -537,7 +537,7 @@ def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buf
     if time.perf_counter() >= hard_stop:
         return rounds
     weights = {layout: cold_weights(buffer, shape, layout, rows) for layout in {c[1] for c in candidates}}
-    x = torch.randn(rows, shape[1])
+    x = torch.randn(rows, shape[1], generator=_private_generator())  # the caller's random state is theirs
     for kernel, layout in candidates:  # oneDNN builds its primitive on the first call of a shape
         KERNELS[kernel](x, weights[layout][0])
     timed, cursor = list(candidates), 0
@@ -599,12 +599,20 @@ def _call_seconds(kernel, x, weights) -> list[float]:
     return times
 
 
+def _private_generator() -> torch.Generator:
+    """Random numbers for timing and checks come from a generator of their own: drawn from
+    torch's global one, they moved the user's seeded stream (torch.manual_seed(0); optimize or
+    a first torch.compile call; then sampling drew other tokens than eager)."""
+    return torch.Generator().manual_seed(0)
+
+
 def onednn_available() -> bool:
     """oneDNN's linear is an internal op of PyTorch's CPU build: check it runs and agrees."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
     try:
-        x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+        gen = _private_generator()
+        x, w, b = torch.randn(3, 8, generator=gen), torch.randn(5, 8, generator=gen), torch.randn(5, generator=gen)
         return torch.allclose(onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-5)
     except (RuntimeError, NotImplementedError):
         return False
