@@ -210,6 +210,19 @@ PICK_OVER_FEATURES = {
 }
 
 
+# ops that act on each token by itself but were not on the allow-list (Falcon's
+# new_decoder_architecture broadcasts its K/V groups with broadcast_to; hidden_act="prelu")
+PER_TOKEN = {
+    "broadcast_to": lambda x, t, m: x.unsqueeze(2).broadcast_to(x.shape[0], t, 2, DIM).sum(2),
+    "prelu_one_slope": lambda x, t, m: F.prelu(x, torch.tensor([0.25])),
+}
+
+
+@pytest.mark.parametrize("name", PER_TOKEN)
+def test_per_token_ops_are_cached_exactly(name):
+    _assert_generates_like_eager(_model(PER_TOKEN[name]))
+
+
 @pytest.mark.parametrize("name", PICK_OVER_FEATURES)
 def test_picking_over_each_tokens_features_is_cached_exactly(name):
     """They were refused as moving values along the sequence."""

@@ -961,7 +961,8 @@ _ATEN_ELEMENTWISE = frozenset("""
     minimum mish mul nan_to_num native_dropout ne neg negative nextafter ones_like polar positive pow rad2deg real
     reciprocal relu relu6 remainder round rsqrt rsub selu sgn sigmoid sign signbit silu sin sinc sinh softplus
     softshrink sqrt square sub tan tanh threshold to _to_copy trunc type_as view_as_complex view_as_real where xlogy
-    zeros_like expand expand_as transpose t permute unsqueeze squeeze movedim moveaxis swapaxes swapdims stack
+    zeros_like expand expand_as broadcast_to transpose t permute unsqueeze squeeze movedim moveaxis swapaxes swapdims
+    stack expand_copy permute_copy transpose_copy t_copy unsqueeze_copy squeeze_copy alias_copy
     new_empty new_zeros new_ones new_full empty_strided new_empty_strided outer ger
 """.split())
 
@@ -1100,6 +1101,14 @@ def _mixes_tokens(node: Node, seq, batch) -> str | None:
         return None  # (max.other: torch.max(x, y), elementwise)
     if target.startswith(("aten.index.Tensor", "aten.index_put")):
         return _indexing_mixes(node, x, seq, batch)
+    if name in ("prelu", "_prelu_kernel"):
+        # one slope: elementwise; one slope per channel, along dim 1: per position where
+        # dim 1 is T (token t scaled by slope t), which a step of new tokens would not see
+        slopes = node.inputs[1] if len(node.inputs) > 1 else None
+        per_channel = slopes is None or not isinstance(slopes.type, TensorType) or \
+            sympy.Mul(*[sympy.sympify(d) for d in slopes.shape]) != 1
+        return None if not (per_channel and rank > 1 and _is_length(x.shape[1], batch, seq)) else \
+            "scales each position along the sequence by its own slope (prelu's channels are dim 1)"
     if name == "repeat" and len(node.attrs["args"]) > 1 and isinstance(node.attrs["args"][1], (list, tuple)):
         repeats = node.attrs["args"][1]
         lead = len(repeats) - rank
