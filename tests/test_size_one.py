@@ -85,6 +85,23 @@ def test_a_length_equal_to_a_sliced_buffer_is_probed_and_allowed():
         fast(torch.randint(0, 96, (1, block + 1)))
 
 
+def test_a_range_guard_that_excludes_one_size_beside_another_guard_is_probed():
+    """MPT slices its ALiBi table of max_seq_len columns from max(0, max_seq_len - T): export
+    writes Ne(16 - Max(0, 16 - T), 16), false at every T >= 16 (a range, kept), beside
+    Eq(T, 16 - Max(0, 16 - T)), which refuses T > 16 already. So it excluded T = 16 alone,
+    the full context eager runs: refused at the forward, and at generate's last position."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.MptForCausalLM(transformers.MptConfig(
+        vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=16, attn_config={"alibi": True})).eval()
+    fast = fxforge.optimize(model, (torch.randint(3, 64, (1, 10)),), verbose=False)
+    ids = torch.randint(3, 64, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(fast(ids).logits, model(ids).logits, atol=1e-5)
+    with pytest.raises(GuardError):
+        fast(torch.randint(3, 64, (1, 17)))
+
+
 @pytest.mark.parametrize("fn, ok, refused", [
     (lambda x: x[:, -3:].sum(1), [3, 4, 9], [2]),   # export: Ne(8*T, 24) (and -T <= -3)
     (lambda x: x[:, ::2] * 2, [1, 2, 3, 9], []),     # Ne(8*T, 16)

@@ -102,7 +102,7 @@ def _drop_points_that_hold(model, graph: Graph, spec, draws: "_Draws", symbols: 
     size). So the graph is run at the excluded size against the model: where they agree the
     guard goes; where they differ (a branch on that size), it stays."""
     for g in list(graph.guards):
-        points = _excluded_points(g, symbols)
+        points = _excluded_points(g, symbols, [o for o in graph.guards if o is not g])
         if not points:
             continue
         (sym,) = g.free_symbols
@@ -116,15 +116,21 @@ def _drop_points_that_hold(model, graph: Graph, spec, draws: "_Draws", symbols: 
 MAX_POINTS = 4
 
 
-def _excluded_points(g, symbols: list) -> list[int]:
+def _excluded_points(g, symbols: list, others: list = ()) -> list[int]:
     """The sizes an inequality on one symbol excludes: `Ne(T, 64)` -> [64], and its scaled
     forms export writes for a slice (`x[:, -3:]`: Ne(8*T, 24) -> [3]); [] where it is not
-    one (or excludes more than MAX_POINTS sizes, or one beyond MAX_POINT_PROBE)."""
+    one (or excludes more than MAX_POINTS sizes, or one beyond MAX_POINT_PROBE). A size that
+    one of the `others` guards on the same symbol refuses anyway is not counted: MPT's
+    `Ne(16 - Max(0, 16 - T), 16)` excludes every T >= 16, a range, but beside
+    `Eq(T, 16 - Max(0, 16 - T))` (T <= 16) it excludes T = 16 alone, a size eager runs."""
     if not isinstance(g, sympy.Unequality) or len(g.free_symbols) != 1:
         return []
     (sym,) = g.free_symbols
     if sym not in symbols:
         return []
+    same = [o for o in others if o.free_symbols == {sym}]
+    refused_anyway = (lambda n: False) if not same else \
+        (lambda n, tests=GuardChecker(same)._tests: not all(t([n], {sym: n}) for t in tests))
     try:  # a polynomial (8*T - 24): its roots, all of them
         roots = sympy.roots(sympy.Poly(g.lhs - g.rhs, sym))
         if sum(roots.values()) != sympy.degree(g.lhs - g.rhs, sym):
@@ -138,11 +144,12 @@ def _excluded_points(g, symbols: list) -> list[int]:
     test = GuardChecker([g])._tests[0]
     points = []
     for n in range(1, MAX_POINT_PROBE + 1):  # a compiled test: microseconds each
-        if not test([n], {sym: n}):
+        if not test([n], {sym: n}) and not refused_anyway(n):
             points.append(n)
             if len(points) > MAX_POINTS:
                 return []
-    if not all(test([n], {sym: n}) for n in (MAX_POINT_PROBE + 1, 2 * MAX_POINT_PROBE, 10 ** 6, 10 ** 9)):
+    if not all(test([n], {sym: n}) or refused_anyway(n)
+               for n in (MAX_POINT_PROBE + 1, 2 * MAX_POINT_PROBE, 10 ** 6, 10 ** 9)):
         return []
     return points
 
