@@ -72,6 +72,7 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
         raise TypeError(f"fxforge captures a torch.nn.Module (or torch.fx.GraphModule), got {type(model).__name__}")
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
+    _check_example_use_cache(model, kwargs)
     injected = _inference_kwargs(model, kwargs)
     cache_masks = "use_cache" not in kwargs and _default_call_has_cache(model)
     kwargs = {**injected, **kwargs}
@@ -79,6 +80,8 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
     traced = {k: v for k, v in kwargs.items() if k not in baked}
     with paused_gc():
         graph, spec = _export_and_lower(model, args, traced, injected, dynamic, cache_masks, baked)
+    if cache_masks and spec.out_spec is not None and spec.out_spec.type in (tuple, list):
+        raise ValueError(_CACHE_IN_TUPLE.format(model=type(model).__name__))
     # found in the graph, not among the modules: attention layers drop at random through
     # SDPA's dropout_p (no nn.Dropout module), and a dropout module of p=0 drops nothing
     dropping = training_mode_nodes(graph)
@@ -179,6 +182,27 @@ def _inference_kwargs(model, kwargs) -> dict:
     if "use_cache" in params and "use_cache" not in kwargs and hasattr(model, "config"):
         return {"use_cache": False}
     return {}
+
+
+# The model's default call returns (logits, past_key_values, ...) as a plain tuple; the graph
+# has no cache to return, so every later position would shift by one without a word.
+_CACHE_IN_TUPLE = (
+    "{model} returns a plain tuple here (return_dict=False), and its default call (use_cache not given, "
+    "config.use_cache=True) puts past_key_values in it at position 1; fxforge's forward returns no "
+    "past_key_values, so the tuple's later positions would shift. Pass use_cache=False in example_kwargs "
+    "(and in each call) to get the model's own tuple without the cache, or return_dict=True to get a "
+    "ModelOutput (without .past_key_values); for cached decoding use fxforge.optimize(..., kv_cache=True) "
+    "and fast.generate()")
+
+
+def _check_example_use_cache(model, kwargs):
+    """use_cache=True in the example makes a transformers model return its cache object,
+    which no graph can return (torch.export's own message is about pytrees): say so."""
+    if kwargs.get("use_cache") is True and hasattr(model, "config"):
+        raise ValueError("example_kwargs has use_cache=True: with it the model returns its KV cache "
+                         "(past_key_values), which fxforge's forward does not return. Leave use_cache out "
+                         "(or pass use_cache=False); for cached decoding use fxforge.optimize(..., kv_cache=True) "
+                         "and fast.generate()")
 
 
 def _export_example(args, kwargs, dynamic):
@@ -1172,9 +1196,25 @@ def _structure_problem(spec: CallSpec, args: tuple, kwargs: dict) -> str:
     return "the arguments' structure differs"
 
 
+def _checked_use_cache(kwargs: dict) -> dict:
+    """The call's use_cache where fxforge chose it (use_cache=False injected): None is the
+    model's default call, which the graph computes; True asks for a cache the graph does not
+    return."""
+    value = kwargs["use_cache"]
+    if value is None:
+        return {k: v for k, v in kwargs.items() if k != "use_cache"}
+    if value is not False:
+        raise ValueError(f"use_cache={value!r}: fxforge's forward returns no KV cache (past_key_values); a call "
+                         "without use_cache returns the model's other outputs. For cached decoding optimize with "
+                         "fxforge.optimize(model, example_inputs, kv_cache=True) and call fast.generate()")
+    return kwargs
+
+
 def flatten_call(spec: CallSpec, args, kwargs) -> list:
     """The model's call arguments -> flat leaves, in the order the graph was captured with."""
     args, kwargs = _bind_call(spec, tuple(args), dict(kwargs))
+    if "use_cache" in spec.injected_kwargs and "use_cache" in kwargs:
+        kwargs = _checked_use_cache(kwargs)
     if kwargs.get("use_cache", True) is False and "use_cache" in spec.injected_kwargs and "position_ids" in (
             set(spec.kwarg_order) | set(spec.positional_names[:len(args)])):
         # the graph computes the model's default call, whose masks ignore packed sequences
