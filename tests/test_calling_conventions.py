@@ -68,3 +68,89 @@ def test_use_cache_true_in_the_example_names_the_argument(llama):
     model, ids = llama
     with pytest.raises(ValueError, match=r"example_kwargs has use_cache=True[\s\S]*kv_cache=True"):
         _optimize(model, example_kwargs=dict(input_ids=ids, use_cache=True))
+
+
+# -- 2. calls the capture did not make, answered exactly --------------------------------------
+@pytest.mark.parametrize("kw", [dict(attention_mask=None), dict(return_dict=True), dict(past_key_values=None),
+                                dict(output_attentions=False), dict(labels=None), dict(logits_to_keep=0)])
+def test_an_argument_at_forwards_default_is_the_call_without_it(llama, fast, kw):
+    model, ids = llama
+    with torch.no_grad():
+        want = model(ids, **kw).logits
+    torch.testing.assert_close(fast(ids, **kw).logits, want)
+
+
+def test_a_positional_argument_at_its_default_is_the_call_without_it(llama, fast):
+    model, ids = llama
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.testing.assert_close(fast(ids, None).logits, want)  # attention_mask=None
+
+
+def test_an_argument_at_another_value_is_still_refused(llama, fast):
+    _, ids = llama
+    with pytest.raises(TypeError, match=r"\['return_dict'\]"):
+        fast(ids, return_dict=False)
+    with pytest.raises(TypeError, match=r"\['logits_to_keep'\]"):
+        fast(ids, logits_to_keep=False)  # equal to 0, but not forward()'s default
+
+
+def test_defaults_survive_save_and_load(llama, fast, tmp_path):
+    _, ids = llama
+    again = fxforge.load(fast.save(str(tmp_path / "m")))
+    torch.testing.assert_close(again(ids, attention_mask=None).logits, fast(ids).logits)
+
+
+def test_int32_token_ids_run_as_the_captured_int64(llama, fast):
+    model, ids = llama
+    with torch.no_grad():
+        want = model(ids.int()).logits
+    torch.testing.assert_close(fast(ids.int()).logits, want)
+    with pytest.raises(ValueError, match="i64"):
+        fast(ids.bool())
+    with pytest.raises(ValueError, match="i64"):
+        fast(ids.float())
+
+
+def test_an_integer_input_used_in_arithmetic_keeps_its_dtype_checked():
+    class Hash(torch.nn.Module):
+        def forward(self, ids):
+            return ids * 1000003  # overflows at int32 in eager: widening would change the answer
+    fast = _optimize(Hash(), (torch.randint(0, 9, (2, 3)),))
+    with pytest.raises(ValueError, match="i64"):
+        fast(torch.randint(0, 9, (2, 3), dtype=torch.int32))
+
+
+def test_generate_takes_int32_token_ids():
+    model, vocab = zoo.llama("sdpa")
+    prompt = torch.randint(3, vocab, (1, 5), generator=torch.Generator().manual_seed(2))
+    fk = _optimize(model, (prompt,), kv_cache=True)
+    want = fk.generate(prompt, 3)
+    got = fk.generate(prompt.int(), 3)
+    assert got.dtype == torch.long and torch.equal(got, want)
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, scale=1.0, flag=False):
+        y = self.lin(x) * scale
+        return y.relu() if flag else y
+
+
+def test_a_numpy_float64_is_the_captured_float():
+    np = pytest.importorskip("numpy")
+    model, x = _Scaled().eval(), torch.randn(2, 4)
+    fast = _optimize(model, (x,), example_kwargs=dict(scale=2.0, flag=True))
+    with torch.no_grad():
+        want = model(x, scale=np.float64(2.0), flag=True)
+    torch.testing.assert_close(fast(x, scale=np.float64(2.0), flag=True), want)
+    with pytest.raises(ValueError, match=r"pass float\(value\)"):
+        fast(x, scale=np.float32(2.0), flag=True)  # not a float to isinstance
+    with pytest.raises(ValueError, match=r"pass bool\(value\)"):
+        fast(x, scale=2.0, flag=np.True_)  # `flag is True` is False for it
+    with pytest.raises(ValueError, match="captured as the constant 2.0"):
+        fast(x, scale=2, flag=True)  # int * tensor promotes otherwise than float
+

@@ -22,6 +22,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .builder import Builder
+from .call_constants import forward_defaults, same_constant
 from .dtypes import finfo_name
 from .graph import Graph, Value
 from .guards import guards_from_export
@@ -56,6 +57,9 @@ class CallSpec:
     # (ids,)) and a captured keyword argument by position (model(ids, attention_mask=m) after
     # capture with example_kwargs={input_ids, attention_mask})
     positional_names: tuple = ()
+    # {argument: forward()'s default} (call_constants.forward_defaults): a call may pass an
+    # argument the capture left out at exactly this value (attention_mask=None)
+    default_kwargs: dict = field(default_factory=dict)
 
 
 # Friendly names for the dynamic dims: dim 0 is the batch, dim 1 the sequence.
@@ -152,7 +156,7 @@ def _with_constant_kwargs(spec: CallSpec, args, kwargs, baked) -> CallSpec:
         leaves += [("const", x) for x in pytree.tree_leaves(v)] if k in baked else [next(traced) for _ in range(n)]
     in_spec = pytree.tree_flatten((tuple(args), kwargs))[1]
     return CallSpec(in_spec, leaves, spec.out_spec, spec.output_leaves, spec.injected_kwargs, tuple(kwargs),
-                    spec.positional_names)
+                    spec.positional_names, spec.default_kwargs)
 
 
 def _functional(ep):
@@ -999,7 +1003,7 @@ def _lower_exported(ep, injected, model):
     in_spec = ep.call_spec.in_spec
     kwarg_order = tuple(in_spec.child(1).context) if in_spec is not None else ()
     return g, CallSpec(in_spec, input_leaves, ep.call_spec.out_spec, output_leaves, injected, kwarg_order,
-                       _positional_names(model))
+                       _positional_names(model), forward_defaults(model))
 
 
 def _note_constant_tensor(fixed_dtypes: dict, target: str, tensor: torch.Tensor, node, model):
@@ -1143,6 +1147,8 @@ def _bind_call(spec: CallSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     # extra positional arguments: keyword arguments of the capture, passed by position
     for i in range(n_args, len(args)):
         name = names[i] if i < len(names) else None
+        if _at_its_default(spec, name, args[i]) and name not in captured_kw:
+            continue  # forward()'s own default: the call without it
         if name is None or name not in captured_kw:
             what = f" (forward()'s {name}, which the capture did not include)" if name else ""
             raise TypeError(f"the optimized model was captured as {sig}; got an extra positional argument "
@@ -1160,6 +1166,7 @@ def _bind_call(spec: CallSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             raise TypeError(f"the optimized model was captured as {sig}; the call is missing {name} "
                             f"(positional argument {i})")
         args.append(kwargs.pop(name))
+    kwargs = {k: v for k, v in kwargs.items() if k in spec.kwarg_order or not _at_its_default(spec, k, v)}
     unknown = sorted(k for k in kwargs if k not in spec.kwarg_order)
     if unknown:
         raise TypeError(f"keyword argument(s) {unknown} were not given at optimize() time; the optimized model was "
@@ -1171,6 +1178,11 @@ def _bind_call(spec: CallSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
                         "pass every argument the example inputs had (an argument left out would need a graph of "
                         "its own: optimize again without it)")
     return tuple(args), kwargs
+
+
+def _at_its_default(spec: CallSpec, name, value) -> bool:
+    """Whether `value` is forward()'s default for `name`: passing it is the call without it."""
+    return name in spec.default_kwargs and same_constant(value, spec.default_kwargs[name])
 
 
 def _brief(x) -> str:

@@ -32,6 +32,7 @@ import torch
 
 from . import logits as lp
 from .frames import frame_of_its_own
+from .index_inputs import only_indexes, widens_losslessly
 from .state import left_padding, padding_from_pad_tokens
 
 # transformers' global defaults (GenerationConfig._get_default_generation_params) of the
@@ -428,6 +429,13 @@ def check_forced_tokens(s: dict, vocab: int | None):
                                  f"[0, {vocab if vocab is not None else 'vocab'})")
 
 
+def _ids_only_index(model) -> bool:
+    from ..ir import roles
+
+    users = roles.user_inputs(model.graph)
+    return bool(users) and only_indexes(model.graph, users[0])
+
+
 @frame_of_its_own  # the per-token Python calls stay off data-stack chunk boundaries (frames.py)
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, *, defaults: dict | None = None,
              generation_config=None, attention_mask=None, streamer=None, generator: torch.Generator | None = None,
@@ -440,6 +448,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         options["max_new_tokens"] = max_new_tokens
     s, given = resolve_settings(defaults, generation_config, options)
     _check_settings(s)  # before the settings are used (a pad_token_id of the wrong type, ...)
+    if isinstance(input_ids, torch.Tensor) and input_ids.dtype != torch.long and \
+            widens_losslessly(input_ids.dtype, torch.long) and _ids_only_index(model):
+        input_ids = input_ids.long()  # int32 ids pick the same rows; the result is int64, as eager's
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         got = f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
             else type(input_ids).__name__

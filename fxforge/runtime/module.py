@@ -1,13 +1,13 @@
 """OptimizedModel: what `fxforge.optimize` returns. Call it like the model."""
 from __future__ import annotations
 
-import math
 import os
 
 import sympy
 import torch
 import torch.utils._pytree as pytree
 
+from ..ir.call_constants import numpy_hint, same_constant as _same_constant
 from ..ir.capture import CallSpec, flatten_call
 from ..ir.graph import Graph
 from ..ir.guards import GuardChecker
@@ -19,6 +19,7 @@ from ..ir.roles import roles_problem
 from ..ir.training_mode import training_mode_nodes
 from ..passes.manager import PassStats, format_report
 from .frames import frame_of_its_own
+from .index_inputs import only_indexes, widens_losslessly
 from .last_token import last_token_graph
 from .program import Program, size_function
 from .block_allocator import blocks_for
@@ -101,8 +102,8 @@ class OptimizedModel:
             elif not _same_constant(leaf, payload):
                 raise ValueError(f"an argument was captured as the constant {payload!r} ({type(payload).__name__}) "
                                  f"but is now {leaf!r} ({type(leaf).__name__}); "
-                                 "call fxforge.optimize again with the new value")
-        self._check_inputs(inputs)
+                                 f"call fxforge.optimize again with the new value{numpy_hint(leaf, payload)}")
+        inputs = self._check_inputs(inputs)
         with torch.no_grad():
             if self.kv_layout is not None:
                 # a plain call is a prefill into an empty cache: the model's outputs, same as eager
@@ -344,14 +345,20 @@ class OptimizedModel:
             raise RuntimeError(f"{what} needs a KV cache: optimize the model with "
                                "fxforge.optimize(model, example_inputs, kv_cache=True)")
 
-    def _check_inputs(self, inputs):
+    def _check_inputs(self, inputs) -> list:
+        """The inputs, checked against the graph's types (an integer tensor the graph only
+        indexes with widened losslessly: int32 token ids run as the captured int64)."""
         sizes: dict = {}
+        inputs = list(inputs)
         for i, (x, v) in enumerate(zip(inputs, roles.user_inputs(self.graph))):
             label = f"input {i} ({self.graph.input_names[i] if i < len(self.graph.input_names) else v.hint})"
             if isinstance(v.type, SymType):
                 continue
             if not isinstance(x, torch.Tensor):
                 raise ValueError(f"{label} must be a tensor of type {v.type}, got {type(x).__name__}")
+            if isinstance(x, torch.Tensor) and x.dtype != v.dtype and widens_losslessly(x.dtype, v.dtype) \
+                    and only_indexes(self.graph, v):
+                x = inputs[i] = x.to(v.dtype)
             if x.dim() != v.rank or x.dtype != v.dtype:
                 raise ValueError(f"{label} must be {v.type} (rank {v.rank}, {dtype_name(v.dtype)}), got a "
                                  f"{x.dtype} tensor of shape {tuple(x.shape)}")
@@ -366,6 +373,7 @@ class OptimizedModel:
         if self._cache_len is not None:
             sizes[self._cache_len] = 0  # a plain call is a prefill into an empty cache
         self._guards.check(sizes)
+        return inputs
 
     # -- inspection ---------------------------------------------------------------------------
     @property
@@ -612,32 +620,3 @@ def _write(directory, name, text) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
-
-
-def _same_constant(a, b) -> bool:
-    """Whether the call's argument `a` is the constant `b` the graph was captured with, as
-    the model's code could tell them apart: == is not enough, for 1 == 1.0 == True while
-    `x.long() * k` has another dtype at k=1.0 and `flag is True` another branch. So the
-    types must be the same (bool, int, float distinct), a float the same bits up to NaN
-    (NaN is NaN, 0.0 is not -0.0: 1 / s differs), containers element by element. A saved
-    model's constants come back from JSON with the same types (bool, int, float, NaN)."""
-    if a is b:
-        return True
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        if math.isnan(a) or math.isnan(b):
-            return math.isnan(a) and math.isnan(b)
-        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
-    if isinstance(a, complex):
-        return _same_constant(a.real, b.real) and _same_constant(a.imag, b.imag)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same_constant(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(_same_constant(a[k], b[k]) for k in a)
-    if isinstance(a, (set, frozenset)):
-        return len(a) == len(b) and all(any(_same_constant(x, y) for y in b) for x in a)
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 (an == that does not give one bool: only the object itself)
-        return False
