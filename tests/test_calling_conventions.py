@@ -154,3 +154,46 @@ def test_a_numpy_float64_is_the_captured_float():
     with pytest.raises(ValueError, match="captured as the constant 2.0"):
         fast(x, scale=2, flag=True)  # int * tensor promotes otherwise than float
 
+
+# -- 3. forward hooks: traced into the graph, their side effects do not run per call ----------
+class _Two(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.second(self.first(x).relu())
+
+
+def _warnings_of(fn) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught]
+
+
+def test_a_forward_hook_warns_at_optimize_naming_the_module():
+    model, seen = _Two().eval(), []
+    model.first.register_forward_hook(lambda m, i, o: seen.append(o))
+    model.second.register_forward_pre_hook(lambda m, i: None)
+    messages = [m for m in _warnings_of(lambda: fxforge.optimize(model, (torch.randn(2, 4),))) if "hook" in m]
+    assert len(messages) == 1
+    assert "first (forward hook)" in messages[0] and "second (forward pre-hook)" in messages[0]
+    assert "side effects" in messages[0] and "will not run" in messages[0]
+
+
+def test_a_global_forward_hook_warns():
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        messages = _warnings_of(lambda: fxforge.optimize(_Two().eval(), (torch.randn(2, 4),)))
+    finally:
+        handle.remove()
+    assert any("every module (global forward hook" in m for m in messages)
+
+
+def test_transformers_own_output_hooks_do_not_warn(llama):
+    model, ids = llama
+    with torch.no_grad():
+        model(ids, output_hidden_states=True, output_attentions=True)  # transformers installs its own hooks
+    assert any(m._forward_hooks for m in model.modules())
+    assert not [m for m in _warnings_of(lambda: fxforge.optimize(model, (ids,))) if "forward hooks" in m]

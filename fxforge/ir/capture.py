@@ -26,6 +26,7 @@ from .call_constants import forward_defaults, same_constant
 from .dtypes import finfo_name
 from .graph import Graph, Value
 from .guards import guards_from_export
+from .hooks import warn_about_hooks
 from .lowering import DROP, FALLBACK, RULES, LowerCtx
 from .ops import Arg
 from . import roles
@@ -77,6 +78,7 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     _check_example_use_cache(model, kwargs)
+    warn_about_hooks(model)  # before the trace runs them
     injected = _inference_kwargs(model, kwargs)
     cache_masks = "use_cache" not in kwargs and _default_call_has_cache(model)
     kwargs = {**injected, **kwargs}
