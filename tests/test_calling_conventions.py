@@ -197,3 +197,16 @@ def test_transformers_own_output_hooks_do_not_warn(llama):
         model(ids, output_hidden_states=True, output_attentions=True)  # transformers installs its own hooks
     assert any(m._forward_hooks for m in model.modules())
     assert not [m for m in _warnings_of(lambda: fxforge.optimize(model, (ids,))) if "forward hooks" in m]
+
+
+# -- 4. gradients: fxforge runs under no_grad, and says so once ------------------------------
+def test_an_input_that_requires_grad_warns_once():
+    fast = _optimize(_Two().eval(), (torch.randn(2, 4),))
+    x = torch.randn(2, 4, requires_grad=True)
+    with torch.enable_grad():
+        first = _warnings_of(lambda: fast(x))
+        again = _warnings_of(lambda: fast(x))
+    assert [m for m in first if "no_grad" in m and "original model" in m]
+    assert not [m for m in again if "no_grad" in m]
+    assert not [m for m in _warnings_of(lambda: _optimize(_Two().eval(), (x.detach(),))(x.detach()))
+                if "no_grad" in m]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import sympy
 import torch
@@ -90,6 +91,7 @@ class OptimizedModel:
         self._last_token = None  # (program, graph) of prefills that want the last logits only
         self._size_outputs = _size_outputs(spec)
         self._out_sizes = _sizes_as_leaves(spec.out_spec) if _has_size(spec.out_spec) else None
+        self._warned_no_grad = False  # the warning of a call with inputs that require grad, given once
 
     # -- calling ----------------------------------------------------------------------------
     @frame_of_its_own  # its Python calls stay off data-stack chunk boundaries (runtime/frames.py)
@@ -104,6 +106,9 @@ class OptimizedModel:
                                  f"but is now {leaf!r} ({type(leaf).__name__}); "
                                  f"call fxforge.optimize again with the new value{numpy_hint(leaf, payload)}")
         inputs = self._check_inputs(inputs)
+        if not self._warned_no_grad and torch.is_grad_enabled() and \
+                any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
+            self._warn_no_grad()
         with torch.no_grad():
             if self.kv_layout is not None:
                 # a plain call is a prefill into an empty cache: the model's outputs, same as eager
@@ -124,6 +129,13 @@ class OptimizedModel:
         return pytree.tree_unflatten(flat, self.spec.out_spec)
 
     forward = __call__
+
+    def _warn_no_grad(self):
+        # once per model: an attribution loop would repeat it every call
+        self._warned_no_grad = True
+        warnings.warn("an input of the optimized model requires grad, but fxforge runs under torch.no_grad(): its "
+                      "outputs have no grad_fn and gradients do not flow back to the inputs (backward() will fail). "
+                      "For training, saliency or attribution, call the original model.", stacklevel=3)
 
     # -- cached decoding (graphs that went through the kv_cache pass) ---------------------------
     def generate(self, input_ids, max_new_tokens: int | None = None, **kwargs):
