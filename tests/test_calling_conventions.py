@@ -210,3 +210,34 @@ def test_an_input_that_requires_grad_warns_once():
     assert not [m for m in again if "no_grad" in m]
     assert not [m for m in _warnings_of(lambda: _optimize(_Two().eval(), (x.detach(),))(x.detach()))
                 if "no_grad" in m]
+
+
+# -- 5. messages that name what is wrong and how to fix it ------------------------------------
+@pytest.fixture(scope="module")
+def cached(llama):
+    model, ids = llama
+    return _optimize(model, (ids,), kv_cache=True)
+
+
+def test_generate_with_inputs_embeds_says_it_takes_token_ids(llama, cached):
+    model, ids = llama
+    emb = model.model.embed_tokens(ids[:1]).detach()
+    with pytest.raises(ValueError, match=r"generate\(\) does not take inputs_embeds[\s\S]*input_ids"):
+        cached.generate(inputs_embeds=emb, max_new_tokens=3)
+    with pytest.raises(TypeError, match=r"generate\(\) needs input_ids"):
+        cached.generate(max_new_tokens=3)
+
+
+@pytest.mark.parametrize("name, says", [("token_type_ids", "input_ids only"), ("position_ids", "positions itself"),
+                                        ("pixel_values", "looks like a model input")])
+def test_generate_does_not_take_model_inputs_for_settings(llama, cached, name, says):
+    _, ids = llama
+    with pytest.raises(ValueError, match=f"does not support these arguments: {name}") as err:
+        cached.generate(ids[:1], 2, **{name: torch.zeros_like(ids[:1])})
+    assert says in str(err.value) and "did you mean" not in str(err.value)
+
+
+def test_generate_still_suggests_a_misspelled_setting(llama, cached):
+    _, ids = llama
+    with pytest.raises(ValueError, match=r"did you mean temprature -> temperature\?"):
+        cached.generate(ids[:1], 2, temprature=0.5)

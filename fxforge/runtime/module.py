@@ -138,7 +138,7 @@ class OptimizedModel:
                       "For training, saliency or attribution, call the original model.", stacklevel=3)
 
     # -- cached decoding (graphs that went through the kv_cache pass) ---------------------------
-    def generate(self, input_ids, max_new_tokens: int | None = None, **kwargs):
+    def generate(self, input_ids=None, max_new_tokens: int | None = None, **kwargs):
         """Token ids like transformers' generate: the prompt then the new tokens (or, with
         return_dict_in_generate=True, transformers' output object). Keyword arguments:
         attention_mask, generation_config, max_length, min_new_tokens, min_length, do_sample,
@@ -148,8 +148,10 @@ class OptimizedModel:
         return_dict_in_generate, output_scores, output_logits, streamer, generator; others
         raise ValueError. Needs optimize(..., kv_cache=True). Settings not given default to
         `generation_defaults` (the model's generation_config), then to transformers' defaults."""
-        from .generate import generate
+        from .generate import generate, missing_input_ids
 
+        if input_ids is None:
+            raise missing_input_ids(kwargs)
         self._require_cache("generate()")
         with torch.no_grad():
             return generate(self, input_ids, max_new_tokens, defaults=self.generation_defaults, **kwargs)
