@@ -241,3 +241,11 @@ def test_generate_still_suggests_a_misspelled_setting(llama, cached):
     _, ids = llama
     with pytest.raises(ValueError, match=r"did you mean temprature -> temperature\?"):
         cached.generate(ids[:1], 2, temprature=0.5)
+
+
+@pytest.mark.parametrize("shape", [(0, 6), (2, 0)])
+def test_a_paged_model_called_with_an_empty_input_says_so(llama, shape):
+    model, ids = llama
+    paged = _optimize(model, (ids,), kv_cache=fxforge.KVCacheConfig(layout="paged", block_size=4))
+    with pytest.raises(ValueError, match=r"empty input .* at least one sequence of at least one token"):
+        paged(torch.zeros(*shape, dtype=torch.long))

@@ -113,6 +113,10 @@ class OptimizedModel:
             if self.kv_layout is not None:
                 # a plain call is a prefill into an empty cache: the model's outputs, same as eager
                 batch, length = self._batch_and_length(inputs)
+                if self._paged and not (batch and length):
+                    raise ValueError(f"the model got an empty input ({batch} row(s) of {length} token(s)): a call "
+                                     "needs at least one sequence of at least one token (the model itself fails on "
+                                     "empty inputs too)")
                 pad = torch.zeros(batch, dtype=torch.long, device=self.device)
                 with self._caches.lease(batch, length) as cache:
                     outs = self.program(*self._cached_inputs(inputs, 0, pad, length, cache), *cache.buffers)
