@@ -249,3 +249,11 @@ def test_a_paged_model_called_with_an_empty_input_says_so(llama, shape):
     paged = _optimize(model, (ids,), kv_cache=fxforge.KVCacheConfig(layout="paged", block_size=4))
     with pytest.raises(ValueError, match=r"empty input .* at least one sequence of at least one token"):
         paged(torch.zeros(*shape, dtype=torch.long))
+
+
+def test_a_mask_of_another_batch_is_refused_naming_both(llama):
+    model, ids = llama
+    mask = torch.ones_like(ids)
+    masked = _optimize(model, example_kwargs=dict(input_ids=ids, attention_mask=mask))
+    with pytest.raises(ValueError, match=r"attention_mask has batch 1 but input_ids has batch 2[\s\S]*expand\(2, -1\)"):
+        masked(input_ids=ids, attention_mask=mask[:1])

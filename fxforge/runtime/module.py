@@ -388,6 +388,7 @@ class OptimizedModel:
                                          f"{size}={sizes[size]}; the graph needs them equal ({v.type})")
                 elif size.is_number and int(size) != actual:
                     raise ValueError(f"{label} must have size {size} in dim {d} ({v.type}), got {actual}")
+        _check_mask_batch(inputs, roles.user_inputs(self.graph))
         if self._cache_len is not None:
             sizes[self._cache_len] = 0  # a plain call is a prefill into an empty cache
         self._guards.check(sizes)
@@ -573,6 +574,21 @@ class OptimizedModel:
 
     def __repr__(self) -> str:
         return f"OptimizedModel({self.model_name}, backend={self.backend.name}, nodes={len(self.graph.nodes)})"
+
+
+def _check_mask_batch(inputs, values):
+    """An attention_mask of another batch than the other inputs (one row for every sequence:
+    eager broadcasts it) would fail deep in the graph, which indexes the mask per row."""
+    named = [(v.hint, x) for x, v in zip(inputs, values) if isinstance(x, torch.Tensor) and x.dim() >= 1]
+    masks = [x for name, x in named if name == "attention_mask"]
+    others = [(name, x) for name, x in named if name != "attention_mask"]
+    if not masks or not others:
+        return
+    (mask,), (name, first) = masks, others[0]
+    if mask.shape[0] != first.shape[0]:
+        raise ValueError(f"attention_mask has batch {mask.shape[0]} but {name} has batch {first.shape[0]}: pass one "
+                         f"mask row per sequence (attention_mask.expand({first.shape[0]}, -1) for one mask shared "
+                         "by every row)")
 
 
 def _size_outputs(spec: CallSpec) -> dict:
