@@ -71,5 +71,5 @@ def numpy_hint(value, captured) -> str:
     if type(value).__module__ != "numpy" or not hasattr(value, "item"):
         return ""
     py = type(captured).__name__
-    return (f"; a numpy {type(value).__name__} is not a Python {py} to the model's code (`x is True`, "
-            f"isinstance, dtype promotion): pass {py}(value)")
+    why = "`flag is True` is False for it" if py == "bool" else f"isinstance(value, {py}) is False for it"
+    return f"; a numpy {type(value).__name__} is not a Python {py} to the model's code ({why}): pass {py}(value)"

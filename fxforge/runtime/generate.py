@@ -133,7 +133,7 @@ _FXFORGE_SPELLING = {"assistant_model": "draft=<an OptimizedModel> (speculative 
 
 # model inputs transformers' generate passes on to forward(), and what fxforge's does instead
 _MODEL_INPUTS = {
-    "inputs_embeds": "generate() starts from token ids: pass the prompt as input_ids (fast(inputs_embeds=...) "
+    "inputs_embeds": "fxforge's generate() starts from token ids: pass the prompt as input_ids (fast(inputs_embeds=...) "
                      "runs one forward pass, for a model optimized with inputs_embeds in example_kwargs)",
     "position_ids": "generate() computes the positions itself (left padding comes from attention_mask)",
     "cache_position": "generate() computes the positions itself",
