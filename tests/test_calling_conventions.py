@@ -257,3 +257,13 @@ def test_a_mask_of_another_batch_is_refused_naming_both(llama):
     masked = _optimize(model, example_kwargs=dict(input_ids=ids, attention_mask=mask))
     with pytest.raises(ValueError, match=r"attention_mask has batch 1 but input_ids has batch 2[\s\S]*expand\(2, -1\)"):
         masked(input_ids=ids, attention_mask=mask[:1])
+
+
+def test_a_dict_in_another_key_order_is_refused_saying_why():
+    class Ordered(torch.nn.Module):
+        def forward(self, batch):
+            return torch.cat(list(batch.values()), 1)  # the keys' order is the result's
+    x, y = torch.randn(2, 3), torch.randn(2, 3)
+    fast = _optimize(Ordered(), ({"x": x, "y": y},))
+    with pytest.raises(TypeError, match=r"same keys in another order: pass them in the captured order"):
+        fast({"y": y, "x": x})

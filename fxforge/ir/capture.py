@@ -1121,6 +1121,17 @@ def _position_name(spec: CallSpec, i: int) -> str:
     return spec.positional_names[i] if i < len(spec.positional_names) else f"arg{i}"
 
 
+def _differs(name: str, want, got) -> str:
+    """How the call's argument `name` differs from the capture's, in words."""
+    text = f"{name} was captured as {_shape_of(want)}, but is {_shape_of(got)}"
+    if want.type is dict and got.type is dict and sorted(want.context) == sorted(got.context):
+        # not reordered for the caller: model code that iterates over the dict (a cat of its
+        # values, a sum) computes in the order it was given, and the graph holds the capture's
+        text += (" (the same keys in another order: pass them in the captured order, since the model's code may "
+                 "iterate over the dict and the graph computes in the captured order)")
+    return text
+
+
 def _shape_of(tree) -> str:
     """A TreeSpec in words: what one argument was (or is)."""
     if tree.is_leaf():
@@ -1201,12 +1212,12 @@ def _structure_problem(spec: CallSpec, args: tuple, kwargs: dict) -> str:
     for i, a in enumerate(args):
         want, got = spec.in_spec.child(0).child(i), pytree.tree_flatten(a)[1]
         if want != got:
-            return f"{_position_name(spec, i)} was captured as {_shape_of(want)}, but is {_shape_of(got)}"
+            return _differs(_position_name(spec, i), want, got)
     kw = spec.in_spec.child(1)
     for j, k in enumerate(kw.context):
         want, got = kw.child(j), pytree.tree_flatten(kwargs.get(k))[1]
         if want != got:
-            return f"{k} was captured as {_shape_of(want)}, but is {_shape_of(got)}"
+            return _differs(k, want, got)
     return "the arguments' structure differs"
 
 
