@@ -22,9 +22,11 @@ import torch
 import torch.utils._pytree as pytree
 
 from .builder import Builder
+from .call_constants import forward_defaults, same_constant
 from .dtypes import finfo_name
 from .graph import Graph, Value
 from .guards import guards_from_export
+from .hooks import warn_about_hooks
 from .lowering import DROP, FALLBACK, RULES, LowerCtx
 from .ops import Arg
 from . import roles
@@ -56,6 +58,9 @@ class CallSpec:
     # (ids,)) and a captured keyword argument by position (model(ids, attention_mask=m) after
     # capture with example_kwargs={input_ids, attention_mask})
     positional_names: tuple = ()
+    # {argument: forward()'s default} (call_constants.forward_defaults): a call may pass an
+    # argument the capture left out at exactly this value (attention_mask=None)
+    default_kwargs: dict = field(default_factory=dict)
 
 
 # Friendly names for the dynamic dims: dim 0 is the batch, dim 1 the sequence.
@@ -72,6 +77,8 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
         raise TypeError(f"fxforge captures a torch.nn.Module (or torch.fx.GraphModule), got {type(model).__name__}")
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
+    _check_example_use_cache(model, kwargs)
+    warn_about_hooks(model)  # before the trace runs them
     injected = _inference_kwargs(model, kwargs)
     cache_masks = "use_cache" not in kwargs and _default_call_has_cache(model)
     kwargs = {**injected, **kwargs}
@@ -79,6 +86,8 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
     traced = {k: v for k, v in kwargs.items() if k not in baked}
     with paused_gc():
         graph, spec = _export_and_lower(model, args, traced, injected, dynamic, cache_masks, baked)
+    if cache_masks and spec.out_spec is not None and spec.out_spec.type in (tuple, list):
+        raise ValueError(_CACHE_IN_TUPLE.format(model=type(model).__name__))
     # found in the graph, not among the modules: attention layers drop at random through
     # SDPA's dropout_p (no nn.Dropout module), and a dropout module of p=0 drops nothing
     dropping = training_mode_nodes(graph)
@@ -149,7 +158,7 @@ def _with_constant_kwargs(spec: CallSpec, args, kwargs, baked) -> CallSpec:
         leaves += [("const", x) for x in pytree.tree_leaves(v)] if k in baked else [next(traced) for _ in range(n)]
     in_spec = pytree.tree_flatten((tuple(args), kwargs))[1]
     return CallSpec(in_spec, leaves, spec.out_spec, spec.output_leaves, spec.injected_kwargs, tuple(kwargs),
-                    spec.positional_names)
+                    spec.positional_names, spec.default_kwargs)
 
 
 def _functional(ep):
@@ -179,6 +188,27 @@ def _inference_kwargs(model, kwargs) -> dict:
     if "use_cache" in params and "use_cache" not in kwargs and hasattr(model, "config"):
         return {"use_cache": False}
     return {}
+
+
+# The model's default call returns (logits, past_key_values, ...) as a plain tuple; the graph
+# has no cache to return, so every later position would shift by one without a word.
+_CACHE_IN_TUPLE = (
+    "{model} returns a plain tuple here (return_dict=False), and its default call (use_cache not given, "
+    "config.use_cache=True) puts past_key_values in it at position 1; fxforge's forward returns no "
+    "past_key_values, so the tuple's later positions would shift. Pass use_cache=False in example_kwargs "
+    "(and in each call) to get the model's own tuple without the cache, or return_dict=True to get a "
+    "ModelOutput (without .past_key_values); for cached decoding use fxforge.optimize(..., kv_cache=True) "
+    "and fast.generate()")
+
+
+def _check_example_use_cache(model, kwargs):
+    """use_cache=True in the example makes a transformers model return its cache object,
+    which no graph can return (torch.export's own message is about pytrees): say so."""
+    if kwargs.get("use_cache") is True and hasattr(model, "config"):
+        raise ValueError("example_kwargs has use_cache=True: with it the model returns its KV cache "
+                         "(past_key_values), which fxforge's forward does not return. Leave use_cache out "
+                         "(or pass use_cache=False); for cached decoding use fxforge.optimize(..., kv_cache=True) "
+                         "and fast.generate()")
 
 
 def _export_example(args, kwargs, dynamic):
@@ -975,7 +1005,7 @@ def _lower_exported(ep, injected, model):
     in_spec = ep.call_spec.in_spec
     kwarg_order = tuple(in_spec.child(1).context) if in_spec is not None else ()
     return g, CallSpec(in_spec, input_leaves, ep.call_spec.out_spec, output_leaves, injected, kwarg_order,
-                       _positional_names(model))
+                       _positional_names(model), forward_defaults(model))
 
 
 def _note_constant_tensor(fixed_dtypes: dict, target: str, tensor: torch.Tensor, node, model):
@@ -1091,6 +1121,17 @@ def _position_name(spec: CallSpec, i: int) -> str:
     return spec.positional_names[i] if i < len(spec.positional_names) else f"arg{i}"
 
 
+def _differs(name: str, want, got) -> str:
+    """How the call's argument `name` differs from the capture's, in words."""
+    text = f"{name} was captured as {_shape_of(want)}, but is {_shape_of(got)}"
+    if want.type is dict and got.type is dict and sorted(want.context) == sorted(got.context):
+        # not reordered for the caller: model code that iterates over the dict (a cat of its
+        # values, a sum) computes in the order it was given, and the graph holds the capture's
+        text += (" (the same keys in another order: pass them in the captured order, since the model's code may "
+                 "iterate over the dict and the graph computes in the captured order)")
+    return text
+
+
 def _shape_of(tree) -> str:
     """A TreeSpec in words: what one argument was (or is)."""
     if tree.is_leaf():
@@ -1119,6 +1160,8 @@ def _bind_call(spec: CallSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     # extra positional arguments: keyword arguments of the capture, passed by position
     for i in range(n_args, len(args)):
         name = names[i] if i < len(names) else None
+        if _at_its_default(spec, name, args[i]) and name not in captured_kw:
+            continue  # forward()'s own default: the call without it
         if name is None or name not in captured_kw:
             what = f" (forward()'s {name}, which the capture did not include)" if name else ""
             raise TypeError(f"the optimized model was captured as {sig}; got an extra positional argument "
@@ -1136,6 +1179,7 @@ def _bind_call(spec: CallSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             raise TypeError(f"the optimized model was captured as {sig}; the call is missing {name} "
                             f"(positional argument {i})")
         args.append(kwargs.pop(name))
+    kwargs = {k: v for k, v in kwargs.items() if k in spec.kwarg_order or not _at_its_default(spec, k, v)}
     unknown = sorted(k for k in kwargs if k not in spec.kwarg_order)
     if unknown:
         raise TypeError(f"keyword argument(s) {unknown} were not given at optimize() time; the optimized model was "
@@ -1147,6 +1191,11 @@ def _bind_call(spec: CallSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
                         "pass every argument the example inputs had (an argument left out would need a graph of "
                         "its own: optimize again without it)")
     return tuple(args), kwargs
+
+
+def _at_its_default(spec: CallSpec, name, value) -> bool:
+    """Whether `value` is forward()'s default for `name`: passing it is the call without it."""
+    return name in spec.default_kwargs and same_constant(value, spec.default_kwargs[name])
 
 
 def _brief(x) -> str:
@@ -1163,18 +1212,34 @@ def _structure_problem(spec: CallSpec, args: tuple, kwargs: dict) -> str:
     for i, a in enumerate(args):
         want, got = spec.in_spec.child(0).child(i), pytree.tree_flatten(a)[1]
         if want != got:
-            return f"{_position_name(spec, i)} was captured as {_shape_of(want)}, but is {_shape_of(got)}"
+            return _differs(_position_name(spec, i), want, got)
     kw = spec.in_spec.child(1)
     for j, k in enumerate(kw.context):
         want, got = kw.child(j), pytree.tree_flatten(kwargs.get(k))[1]
         if want != got:
-            return f"{k} was captured as {_shape_of(want)}, but is {_shape_of(got)}"
+            return _differs(k, want, got)
     return "the arguments' structure differs"
+
+
+def _checked_use_cache(kwargs: dict) -> dict:
+    """The call's use_cache where fxforge chose it (use_cache=False injected): None is the
+    model's default call, which the graph computes; True asks for a cache the graph does not
+    return."""
+    value = kwargs["use_cache"]
+    if value is None:
+        return {k: v for k, v in kwargs.items() if k != "use_cache"}
+    if value is not False:
+        raise ValueError(f"use_cache={value!r}: fxforge's forward returns no KV cache (past_key_values); a call "
+                         "without use_cache returns the model's other outputs. For cached decoding optimize with "
+                         "fxforge.optimize(model, example_inputs, kv_cache=True) and call fast.generate()")
+    return kwargs
 
 
 def flatten_call(spec: CallSpec, args, kwargs) -> list:
     """The model's call arguments -> flat leaves, in the order the graph was captured with."""
     args, kwargs = _bind_call(spec, tuple(args), dict(kwargs))
+    if "use_cache" in spec.injected_kwargs and "use_cache" in kwargs:
+        kwargs = _checked_use_cache(kwargs)
     if kwargs.get("use_cache", True) is False and "use_cache" in spec.injected_kwargs and "position_ids" in (
             set(spec.kwarg_order) | set(spec.positional_names[:len(args)])):
         # the graph computes the model's default call, whose masks ignore packed sequences

@@ -10,6 +10,7 @@ as a dict with the same keys, with a warning, rather than not at all.
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from collections import OrderedDict
 from typing import Any
@@ -75,13 +76,15 @@ def call_spec_to_json(spec: CallSpec) -> dict:
         "injected_kwargs": _plain(spec.injected_kwargs, "the keyword arguments fxforge adds"),
         "kwarg_order": list(spec.kwarg_order),
         "positional_names": list(spec.positional_names),
+        "default_kwargs": {k: v for k, v in spec.default_kwargs.items() if _is_plain(v)},
     }
 
 
 def call_spec_from_json(data: dict) -> CallSpec:
     return CallSpec(treespec_from_json(data["in_spec"]), [tuple(e) for e in data["input_leaves"]],
                     treespec_from_json(data["out_spec"]), [tuple(e) for e in data["output_leaves"]],
-                    dict(data["injected_kwargs"]), tuple(data["kwarg_order"]), tuple(data["positional_names"]))
+                    dict(data["injected_kwargs"]), tuple(data["kwarg_order"]), tuple(data["positional_names"]),
+                    dict(data.get("default_kwargs", {})))  # (older saves: none)
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -102,6 +105,12 @@ def _plain(value, where) -> Any:
     raise UnsavableCallError(f"cannot save {where}: it holds a {type(value).__name__} ({value!r}), which is not "
                              "plain data; save() writes constants as JSON (None, bool, int, float, str, lists, "
                              "dicts with str keys)")
+
+
+def _is_plain(value) -> bool:
+    # a float default that JSON would not bring back the same (NaN, inf) is left out: a call
+    # passing it is then refused, as it was before defaults were saved
+    return value is None or type(value) in (bool, int, str) or (type(value) is float and math.isfinite(value))
 
 
 def _is_namedtuple(cls) -> bool:

@@ -32,6 +32,7 @@ import torch
 
 from . import logits as lp
 from .frames import frame_of_its_own
+from .index_inputs import only_indexes, widens_losslessly
 from .state import left_padding, padding_from_pad_tokens
 
 # transformers' global defaults (GenerationConfig._get_default_generation_params) of the
@@ -130,21 +131,42 @@ _FXFORGE_SPELLING = {"assistant_model": "draft=<an OptimizedModel> (speculative 
                      "num_assistant_tokens": "num_draft_tokens=k with draft="}
 
 
+# model inputs transformers' generate passes on to forward(), and what fxforge's does instead
+_MODEL_INPUTS = {
+    "inputs_embeds": "fxforge's generate() starts from token ids: pass the prompt as input_ids (fast(inputs_embeds=...) "
+                     "runs one forward pass, for a model optimized with inputs_embeds in example_kwargs)",
+    "position_ids": "generate() computes the positions itself (left padding comes from attention_mask)",
+    "cache_position": "generate() computes the positions itself",
+    "past_key_values": "generate() keeps its own KV cache (optimize(..., kv_cache=True))",
+    "token_type_ids": "generate() passes the model input_ids only (and attention_mask for padding)",
+}
+# a name this close to a known setting is taken for a misspelling of it (difflib's ratio;
+# its default 0.6 took token_type_ids for pad_token_id)
+_TYPO_SIMILARITY = 0.8
+
+
 def _did_you_mean(names: list) -> str:
-    """A hint per name: fxforge's own spelling of a transformers argument, else the closest
-    known setting for a misspelling; a setting transformers knows that fxforge does not
-    implement gets none (it is no misspelling)."""
+    """A hint per name: fxforge's own spelling of a transformers argument, what generate()
+    does instead for a model input (token_type_ids, position_ids: no setting is meant),
+    else the known setting a misspelling is close to; a setting transformers knows that
+    fxforge does not implement gets none (it is no misspelling)."""
     import difflib
 
     known = _known_settings()
-    hints = []
+    hints, notes = [], []
     for name in names:
         if name in _FXFORGE_SPELLING:
             hints.append(f"{name} -> {_FXFORGE_SPELLING[name]}")
+        elif name in _MODEL_INPUTS:
+            notes.append(f"{name}: {_MODEL_INPUTS[name]}")
+        elif name.endswith(("_ids", "_mask", "_embeds", "_values")) and name not in known:
+            notes.append(f"{name} looks like a model input: generate() passes the model input_ids only "
+                         "(and attention_mask for padding)")
         elif name not in known:
-            close = difflib.get_close_matches(name, sorted(known), 1)
+            close = difflib.get_close_matches(name, sorted(known), 1, cutoff=_TYPO_SIMILARITY)
             hints += [f"{name} -> {close[0]}"] if close else []
-    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+    text = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 # the settings that hold an int, a number, or token ids (an int or a list of ints)
@@ -428,6 +450,20 @@ def check_forced_tokens(s: dict, vocab: int | None):
                                  f"[0, {vocab if vocab is not None else 'vocab'})")
 
 
+def missing_input_ids(kwargs: dict) -> Exception:
+    """The error of a generate() call without input_ids (inputs_embeds instead: unsupported)."""
+    if kwargs.get("inputs_embeds") is not None:
+        return ValueError(f"generate() does not take inputs_embeds: {_MODEL_INPUTS['inputs_embeds']}")
+    return TypeError("generate() needs input_ids, the prompt's token ids [batch, length]")
+
+
+def _ids_only_index(model) -> bool:
+    from ..ir import roles
+
+    users = roles.user_inputs(model.graph)
+    return bool(users) and only_indexes(model.graph, users[0])
+
+
 @frame_of_its_own  # the per-token Python calls stay off data-stack chunk boundaries (frames.py)
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, *, defaults: dict | None = None,
              generation_config=None, attention_mask=None, streamer=None, generator: torch.Generator | None = None,
@@ -440,6 +476,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         options["max_new_tokens"] = max_new_tokens
     s, given = resolve_settings(defaults, generation_config, options)
     _check_settings(s)  # before the settings are used (a pad_token_id of the wrong type, ...)
+    if isinstance(input_ids, torch.Tensor) and input_ids.dtype != torch.long and \
+            widens_losslessly(input_ids.dtype, torch.long) and _ids_only_index(model):
+        input_ids = input_ids.long()  # int32 ids pick the same rows; the result is int64, as eager's
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         got = f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
             else type(input_ids).__name__

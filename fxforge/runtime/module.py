@@ -1,13 +1,14 @@
 """OptimizedModel: what `fxforge.optimize` returns. Call it like the model."""
 from __future__ import annotations
 
-import math
 import os
+import warnings
 
 import sympy
 import torch
 import torch.utils._pytree as pytree
 
+from ..ir.call_constants import numpy_hint, same_constant as _same_constant
 from ..ir.capture import CallSpec, flatten_call
 from ..ir.graph import Graph
 from ..ir.guards import GuardChecker
@@ -19,6 +20,7 @@ from ..ir.roles import roles_problem
 from ..ir.training_mode import training_mode_nodes
 from ..passes.manager import PassStats, format_report
 from .frames import frame_of_its_own
+from .index_inputs import only_indexes, widens_losslessly
 from .last_token import last_token_graph
 from .program import Program, size_function
 from .block_allocator import blocks_for
@@ -89,6 +91,7 @@ class OptimizedModel:
         self._last_token = None  # (program, graph) of prefills that want the last logits only
         self._size_outputs = _size_outputs(spec)
         self._out_sizes = _sizes_as_leaves(spec.out_spec) if _has_size(spec.out_spec) else None
+        self._warned_no_grad = False  # the warning of a call with inputs that require grad, given once
 
     # -- calling ----------------------------------------------------------------------------
     @frame_of_its_own  # its Python calls stay off data-stack chunk boundaries (runtime/frames.py)
@@ -101,12 +104,19 @@ class OptimizedModel:
             elif not _same_constant(leaf, payload):
                 raise ValueError(f"an argument was captured as the constant {payload!r} ({type(payload).__name__}) "
                                  f"but is now {leaf!r} ({type(leaf).__name__}); "
-                                 "call fxforge.optimize again with the new value")
-        self._check_inputs(inputs)
+                                 f"call fxforge.optimize again with the new value{numpy_hint(leaf, payload)}")
+        inputs = self._check_inputs(inputs)
+        if not self._warned_no_grad and torch.is_grad_enabled() and \
+                any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
+            self._warn_no_grad()
         with torch.no_grad():
             if self.kv_layout is not None:
                 # a plain call is a prefill into an empty cache: the model's outputs, same as eager
                 batch, length = self._batch_and_length(inputs)
+                if self._paged and not (batch and length):
+                    raise ValueError(f"the model got an empty input ({batch} row(s) of {length} token(s)): a call "
+                                     "needs at least one sequence of at least one token (the model itself fails on "
+                                     "empty inputs too)")
                 pad = torch.zeros(batch, dtype=torch.long, device=self.device)
                 with self._caches.lease(batch, length) as cache:
                     outs = self.program(*self._cached_inputs(inputs, 0, pad, length, cache), *cache.buffers)
@@ -124,8 +134,15 @@ class OptimizedModel:
 
     forward = __call__
 
+    def _warn_no_grad(self):
+        # once per model: an attribution loop would repeat it every call
+        self._warned_no_grad = True
+        warnings.warn("an input of the optimized model requires grad, but fxforge runs under torch.no_grad(): its "
+                      "outputs have no grad_fn and gradients do not flow back to the inputs (backward() will fail). "
+                      "For training, saliency or attribution, call the original model.", stacklevel=3)
+
     # -- cached decoding (graphs that went through the kv_cache pass) ---------------------------
-    def generate(self, input_ids, max_new_tokens: int | None = None, **kwargs):
+    def generate(self, input_ids=None, max_new_tokens: int | None = None, **kwargs):
         """Token ids like transformers' generate: the prompt then the new tokens (or, with
         return_dict_in_generate=True, transformers' output object). Keyword arguments:
         attention_mask, generation_config, max_length, min_new_tokens, min_length, do_sample,
@@ -135,8 +152,10 @@ class OptimizedModel:
         return_dict_in_generate, output_scores, output_logits, streamer, generator; others
         raise ValueError. Needs optimize(..., kv_cache=True). Settings not given default to
         `generation_defaults` (the model's generation_config), then to transformers' defaults."""
-        from .generate import generate
+        from .generate import generate, missing_input_ids
 
+        if input_ids is None:
+            raise missing_input_ids(kwargs)
         self._require_cache("generate()")
         with torch.no_grad():
             return generate(self, input_ids, max_new_tokens, defaults=self.generation_defaults, **kwargs)
@@ -344,14 +363,20 @@ class OptimizedModel:
             raise RuntimeError(f"{what} needs a KV cache: optimize the model with "
                                "fxforge.optimize(model, example_inputs, kv_cache=True)")
 
-    def _check_inputs(self, inputs):
+    def _check_inputs(self, inputs) -> list:
+        """The inputs, checked against the graph's types (an integer tensor the graph only
+        indexes with widened losslessly: int32 token ids run as the captured int64)."""
         sizes: dict = {}
+        inputs = list(inputs)
         for i, (x, v) in enumerate(zip(inputs, roles.user_inputs(self.graph))):
             label = f"input {i} ({self.graph.input_names[i] if i < len(self.graph.input_names) else v.hint})"
             if isinstance(v.type, SymType):
                 continue
             if not isinstance(x, torch.Tensor):
                 raise ValueError(f"{label} must be a tensor of type {v.type}, got {type(x).__name__}")
+            if isinstance(x, torch.Tensor) and x.dtype != v.dtype and widens_losslessly(x.dtype, v.dtype) \
+                    and only_indexes(self.graph, v):
+                x = inputs[i] = x.to(v.dtype)
             if x.dim() != v.rank or x.dtype != v.dtype:
                 raise ValueError(f"{label} must be {v.type} (rank {v.rank}, {dtype_name(v.dtype)}), got a "
                                  f"{x.dtype} tensor of shape {tuple(x.shape)}")
@@ -363,9 +388,11 @@ class OptimizedModel:
                                          f"{size}={sizes[size]}; the graph needs them equal ({v.type})")
                 elif size.is_number and int(size) != actual:
                     raise ValueError(f"{label} must have size {size} in dim {d} ({v.type}), got {actual}")
+        _check_mask_batch(inputs, roles.user_inputs(self.graph))
         if self._cache_len is not None:
             sizes[self._cache_len] = 0  # a plain call is a prefill into an empty cache
         self._guards.check(sizes)
+        return inputs
 
     # -- inspection ---------------------------------------------------------------------------
     @property
@@ -549,6 +576,21 @@ class OptimizedModel:
         return f"OptimizedModel({self.model_name}, backend={self.backend.name}, nodes={len(self.graph.nodes)})"
 
 
+def _check_mask_batch(inputs, values):
+    """An attention_mask of another batch than the other inputs (one row for every sequence:
+    eager broadcasts it) would fail deep in the graph, which indexes the mask per row."""
+    named = [(v.hint, x) for x, v in zip(inputs, values) if isinstance(x, torch.Tensor) and x.dim() >= 1]
+    masks = [x for name, x in named if name == "attention_mask"]
+    others = [(name, x) for name, x in named if name != "attention_mask"]
+    if not masks or not others:
+        return
+    (mask,), (name, first) = masks, others[0]
+    if mask.shape[0] != first.shape[0]:
+        raise ValueError(f"attention_mask has batch {mask.shape[0]} but {name} has batch {first.shape[0]}: pass one "
+                         f"mask row per sequence (attention_mask.expand({first.shape[0]}, -1) for one mask shared "
+                         "by every row)")
+
+
 def _size_outputs(spec: CallSpec) -> dict:
     """{flat output position: function of the call's sizes ({symbol: int})} for the outputs
     that are numbers computed from sizes (capture._scalar_output): `x.shape[1]` is the
@@ -612,32 +654,3 @@ def _write(directory, name, text) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
-
-
-def _same_constant(a, b) -> bool:
-    """Whether the call's argument `a` is the constant `b` the graph was captured with, as
-    the model's code could tell them apart: == is not enough, for 1 == 1.0 == True while
-    `x.long() * k` has another dtype at k=1.0 and `flag is True` another branch. So the
-    types must be the same (bool, int, float distinct), a float the same bits up to NaN
-    (NaN is NaN, 0.0 is not -0.0: 1 / s differs), containers element by element. A saved
-    model's constants come back from JSON with the same types (bool, int, float, NaN)."""
-    if a is b:
-        return True
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        if math.isnan(a) or math.isnan(b):
-            return math.isnan(a) and math.isnan(b)
-        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
-    if isinstance(a, complex):
-        return _same_constant(a.real, b.real) and _same_constant(a.imag, b.imag)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same_constant(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(_same_constant(a[k], b[k]) for k in a)
-    if isinstance(a, (set, frozenset)):
-        return len(a) == len(b) and all(any(_same_constant(x, y) for y in b) for x in a)
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 (an == that does not give one bool: only the object itself)
-        return False
