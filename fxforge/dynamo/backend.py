@@ -46,7 +46,11 @@ class CompiledSubgraph:
     def __call__(self, *args):
         out = self.model(*(args[pos] for pos in self.layout.user))
         # dynamo expects a sequence of outputs, as its GraphModule returns
-        return out if isinstance(out, (tuple, list)) else (out,)
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        if self.layout.returned_inputs:  # `return x.mul_(3)`: x itself, as eager (it holds the values)
+            out = [args[self.layout.returned_inputs[i]] if i in self.layout.returned_inputs else o
+                   for i, o in enumerate(out)]
+        return out
 
 
 @dataclass

@@ -6,13 +6,21 @@ Why not capture_with_spec(): it guesses the dynamic dims (batch and sequence of 
 input) and grows the example to trace them, which is right for a model's forward but not
 for a dynamo graph that hard-codes the sizes it specialised (a view(1, s0, 4, 16) breaks on
 a batch of 2). Dynamo already knows which dims are dynamic: use those.
+
+A dynamo graph may write its inputs and buffers in place (`x[:, 1].mul_(3)`, a cache
+row). fxforge's IR has no aliasing, so such writes are made functional by torch first, as
+optimize() does, and each written input or buffer gets its final value copied back in
+one whole-tensor `copy_` at the end (writeback.py): the IR stays SSA, the caller's tensors
+change as in eager, and an output is a new tensor where eager's is. Direct writes to a
+whole input (a cache's index_copy_) stay in-place calls.
 """
 from __future__ import annotations
 
 import torch
 
-from ..ir.capture import CaptureError, _lower_exported, _trace_settings
+from ..ir.capture import CaptureError, _lower_exported, _needs_functionalization, _trace_settings
 from .subgraph import SubgraphModule, dynamic_dims
+from .writeback import functional_with_writeback, writes_only_whole_inputs
 
 
 def capture_subgraph(module: SubgraphModule, example_inputs):
@@ -31,6 +39,8 @@ def capture_subgraph(module: SubgraphModule, example_inputs):
     except Exception as e:  # export raises many kinds; the backend falls back on any
         raise CaptureError(f"torch.export could not capture the subgraph: {type(e).__name__}: "
                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+    if _needs_functionalization(ep) and not writes_only_whole_inputs(ep):
+        ep = functional_with_writeback(ep)
     return _lower_exported(ep, {}, module)
 
 

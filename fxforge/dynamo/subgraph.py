@@ -28,6 +28,9 @@ class InputLayout:
     user: list[int] = field(default_factory=list)  # positions of the user's tensors
     weights: dict[int, str] = field(default_factory=dict)  # position -> weight path ("model.norm.weight")
     sizes: dict[int, tuple[int, int]] = field(default_factory=dict)  # position -> (position of a tensor, dim)
+    # output index -> position of the user tensor it is (`return x.mul_(3)`): eager returns
+    # that very tensor, the compiled model a new one with its values
+    returned_inputs: dict[int, int] = field(default_factory=dict)
 
 
 # L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']
@@ -72,7 +75,38 @@ def input_layout(gm: torch.fx.GraphModule, example_inputs) -> InputLayout:
             raise UnsupportedSubgraph(f"graph input {node.name} is a {type(example).__name__}, not a tensor or size")
     for pos, expr in symbolic:
         layout.sizes[pos] = _tensor_dim_of(expr, placeholders, layout.user)
+    layout.returned_inputs = _returned_inputs(gm, placeholders, layout.user)
     return layout
+
+
+def _returned_inputs(gm: torch.fx.GraphModule, placeholders, user_positions) -> dict[int, int]:
+    """Output index -> user input position, for each output that is a whole user input
+    (the same storage, sizes, strides and offset in dynamo's example values)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def layout_of(node):
+        val = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            return None
+        try:
+            # sizes as text: a SymInt is unhashable, and comparing two would add a guard
+            return (StorageWeakRef(val.untyped_storage()), tuple(map(str, val.shape)), tuple(map(str, val.stride())),
+                    str(val.storage_offset()))
+        except Exception:  # no storage (a tensor subclass) or a size with no value: not known to alias
+            return None
+
+    inputs = {}
+    for pos in user_positions:
+        key = layout_of(placeholders[pos])
+        if key is not None:
+            inputs.setdefault(key, pos)
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    found = {}
+    for i, out in enumerate(outputs if isinstance(outputs, (tuple, list)) else ()):
+        key = layout_of(out)
+        if key is not None and key in inputs:
+            found[i] = inputs[key]
+    return found
 
 
 def dynamic_dims(gm: torch.fx.GraphModule, layout: InputLayout) -> dict[int, list[int]]:
