@@ -96,3 +96,87 @@ def test_an_input_written_and_returned_is_returned_itself_as_in_eager():
     expected, (eager_x,), got, (fast_x,) = run_both(lambda x: x.mul_(3), x)
     assert torch.equal(fast_x, eager_x) and torch.equal(got, expected)
     assert got is fast_x
+
+
+# -- weight names -------------------------------------------------------------------------
+
+class TwoLayersCountingCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1  # dynamo then spells weights L['self'].__dict__['_modules']['a']...
+        return self.b(self.a(x))
+
+
+class PlainListOfLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = [nn.Linear(16, 16), nn.Linear(16, 16)]  # not registered: no _modules path
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x).tanh()
+        return x
+
+
+def _global_layers(x):
+    return _LAYER_2(_LAYER_1(x).relu())
+
+
+torch.manual_seed(0)
+_LAYER_1, _LAYER_2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+
+@pytest.mark.parametrize("case", ["attribute_set_in_forward", "plain_list", "globals", "module_arguments"])
+def test_each_layer_keeps_its_own_weights(case):
+    """Weights whose dynamo source has no _modules path were all named by their leaf
+    (weight, bias): the second layer's weights replaced the first's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16)
+    if case == "module_arguments":
+        def fn(a, b, x):
+            return b(a(x).relu())
+        args = (_LAYER_1, _LAYER_2, x)
+    elif case == "globals":
+        fn, args = _global_layers, (x,)
+    else:
+        fn = (TwoLayersCountingCalls if case == "attribute_set_in_forward" else PlainListOfLayers)().eval()
+        args = (x,)
+    fx = FxforgeBackend()
+    with torch.no_grad():
+        expected = fn(*args)
+        got = torch.compile(fn, backend=fx)(*args)
+    torch.testing.assert_close(got, expected)
+    assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
+    names = list(fx.models[0].graph.params)
+    assert len(names) == 4 and len(set(names)) == 4, names
+
+
+def test_weight_paths_read_dynamo_sources():
+    from fxforge.dynamo.subgraph import weight_path
+
+    assert weight_path("L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']") \
+        == "model.layers.0.weight"
+    assert weight_path("L['self'].__dict__['_modules']['a']._parameters['bias']") == "a.bias"
+    assert weight_path("L['self'].blocks[1]._parameters['weight']") == "blocks.1.weight"
+    assert weight_path("G['lin1']._buffers['mask']") == "lin1.mask"
+    assert weight_path("L['x']") is None
+
+
+def test_clashing_weight_paths_get_distinct_names_or_an_error():
+    from fxforge.dynamo.subgraph import _attach, _Paths
+
+    paths = _Paths()
+    assert paths.unique("a.weight", "p0") == "a.weight"
+    assert paths.unique("a.weight", "p1") == "p1"  # the same spelling twice: two tensors
+    assert paths.unique("a", "p2") == "p2"  # a module on the way to a.weight
+    assert paths.unique("a.weight.x", "p1") == "p1_1"  # through a weight; p1 is taken
+    root = nn.Module()
+    _attach(root, "a.weight", nn.Parameter(torch.ones(1)))
+    with pytest.raises(AssertionError, match="two weights"):
+        _attach(root, "a.weight", nn.Parameter(torch.zeros(1)))
+    with pytest.raises(AssertionError, match="through a weight"):
+        _attach(root, "a.weight.x", nn.Parameter(torch.zeros(1)))

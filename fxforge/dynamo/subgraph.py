@@ -33,17 +33,44 @@ class InputLayout:
     returned_inputs: dict[int, int] = field(default_factory=dict)
 
 
-# L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']
-_WEIGHT_SOURCE = re.compile(r"\._(?:parameters|buffers)\[")
-_SOURCE_KEY = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]")
+# A weight's source, as dynamo names it:
+#   L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']
+#   L['self'].__dict__['_modules']['a']._parameters['weight']   (an attribute set in forward)
+#   L['self'].blocks[0]._parameters['weight']                   (a plain list of modules)
+#   G['lin1']._parameters['weight'],  L['b']._parameters['bias']  (a global, an argument)
+_ROOT = re.compile(r"(?P<scope>[LG])\[(?P<q>['\"])(?P<name>[^'\"]+)(?P=q)\]")
+_STEPS = re.compile(
+    r"\.__dict__\[(?P<q0>['\"])_(?:modules|parameters|buffers)(?P=q0)\]"  # the container itself: no name
+    r"|\._(?:modules|parameters|buffers)\[(?P<q1>['\"])(?P<key>[^'\"]+)(?P=q1)\]"
+    r"|\.__dict__\[(?P<q2>['\"])(?P<dict_key>[^'\"]+)(?P=q2)\]"
+    r"|\.(?P<attr>[A-Za-z_]\w*)"
+    r"|\[(?P<q3>['\"])(?P<item>[^'\"]+)(?P=q3)\]"
+    r"|\[(?P<index>\d+)\]")
+_WEIGHT_LEAF = re.compile(r"(?:\._(?:parameters|buffers)|\.__dict__\[['\"]_(?:parameters|buffers)['\"]\])"
+                          r"\[['\"][^'\"]+['\"]\]$")
 
 
 def weight_path(source_name: str | None) -> str | None:
-    """The weight's dotted path in the model, from dynamo's source of a graph input; None
-    for an input that is not a module's parameter or buffer."""
-    if not source_name or not _WEIGHT_SOURCE.search(source_name):
+    """The weight's dotted path, from dynamo's source of a graph input: the model's own name
+    for it under L['self'] (model.layers.0.mlp.up_proj.weight), else prefixed by the local or
+    global it was reached from (lin1.weight, blocks.0.weight under L['s'] is s.blocks.0.weight).
+    None for an input that is not a module's parameter or buffer, or a source spelled in a
+    way this does not read."""
+    if not source_name or not _WEIGHT_LEAF.search(source_name):
         return None
-    keys = _SOURCE_KEY.findall(source_name)
+    root = _ROOT.match(source_name)
+    if root is None:
+        return None
+    keys = [] if root["scope"] == "L" and root["name"] == "self" else [root["name"]]
+    at = root.end()
+    while at < len(source_name):
+        step = _STEPS.match(source_name, at)
+        if step is None:
+            return None
+        name = step["key"] or step["dict_key"] or step["attr"] or step["item"] or step["index"]
+        if name is not None:
+            keys.append(name.replace(".", "_"))  # a dict key with a dot would split the path
+        at = step.end()
     return ".".join(keys) if keys else None
 
 
@@ -59,6 +86,7 @@ def input_layout(gm: torch.fx.GraphModule, example_inputs) -> InputLayout:
     if len(placeholders) != len(example_inputs):
         raise UnsupportedSubgraph(f"{len(placeholders)} graph inputs but {len(example_inputs)} example inputs")
     layout = InputLayout(len(example_inputs))
+    taken = _Paths()
     symbolic: list[tuple[int, object]] = []
     for pos, (node, example) in enumerate(zip(placeholders, example_inputs)):
         if isinstance(example, torch.SymInt):
@@ -68,7 +96,7 @@ def input_layout(gm: torch.fx.GraphModule, example_inputs) -> InputLayout:
             if path is None and isinstance(example, torch.nn.Parameter):
                 path = node.name  # a parameter with no module source: keep it a parameter
             if path is not None:
-                layout.weights[pos] = path
+                layout.weights[pos] = taken.unique(path, node.name)
             else:
                 layout.user.append(pos)
         else:
@@ -107,6 +135,33 @@ def _returned_inputs(gm: torch.fx.GraphModule, placeholders, user_positions) -> 
         if key is not None and key in inputs:
             found[i] = inputs[key]
     return found
+
+
+class _Paths:
+    """The weight paths of one subgraph, each distinct: two inputs are two tensors (dynamo
+    passes a tensor reached twice once), so two spellings that read alike (a module and
+    its attribute, two leaves of one name) must not become one parameter."""
+
+    def __init__(self):
+        self.leaves: set[str] = set()
+        self.modules: set[str] = set()  # every proper prefix of a path: a module on the way
+
+    def unique(self, path: str, fallback: str) -> str:
+        for candidate in (path, fallback, *(f"{fallback}_{i}" for i in range(1, 1000))):
+            if self._free(candidate):
+                self._take(candidate)
+                return candidate
+        raise UnsupportedSubgraph(f"no free name for the weight {path!r}")
+
+    def _free(self, path: str) -> bool:
+        parts = path.split(".")
+        prefixes = {".".join(parts[:i]) for i in range(1, len(parts))}
+        return path not in self.leaves and path not in self.modules and not (prefixes & self.leaves)
+
+    def _take(self, path: str):
+        parts = path.split(".")
+        self.leaves.add(path)
+        self.modules.update(".".join(parts[:i]) for i in range(1, len(parts)))
 
 
 def dynamic_dims(gm: torch.fx.GraphModule, layout: InputLayout) -> dict[int, list[int]]:
@@ -167,9 +222,14 @@ def _attach(root: torch.nn.Module, path: str, tensor: torch.Tensor):
     for key in parents:
         child = module._modules.get(key)
         if child is None:
+            if key in module._parameters or key in module._buffers:
+                raise AssertionError(f"fxforge.dynamo: the weight path {path!r} runs through a weight")
             child = torch.nn.Module()
             module.add_module(key, child)
         module = child
+    if leaf in module._parameters or leaf in module._buffers or leaf in module._modules:
+        # input_layout gives each weight its own path: a clash would make two tensors one
+        raise AssertionError(f"fxforge.dynamo: two weights were given the path {path!r}")
     if isinstance(tensor, torch.nn.Parameter):
         module.register_parameter(leaf, tensor)
     else:
