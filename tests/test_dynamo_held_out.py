@@ -180,3 +180,40 @@ def test_clashing_weight_paths_get_distinct_names_or_an_error():
         _attach(root, "a.weight", nn.Parameter(torch.zeros(1)))
     with pytest.raises(AssertionError, match="through a weight"):
         _attach(root, "a.weight.x", nn.Parameter(torch.zeros(1)))
+
+
+# -- dims dynamo leaves dynamic at size 1 --------------------------------------------------
+
+class SqueezedLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.l(x).squeeze(1) * 2
+
+
+@pytest.mark.parametrize("how", ["mark_unbacked", "backed_size_oblivious"])
+@pytest.mark.parametrize("lengths", [(5, 1, 3), (1, 4)])
+def test_a_dynamic_dim_at_one_gets_a_model_of_its_own(how, lengths):
+    """mark_unbacked or backed_size_oblivious keep one dynamo graph for every size, 1
+    included; fxforge traced the dim at >= 2, where squeeze(1) does nothing, and returned
+    (2, 1, 16) at T=1 where eager returns (2, 16)."""
+    torch.manual_seed(0)
+    model = SqueezedLinear().eval()
+    fx = FxforgeBackend()
+    fast = torch.compile(model, backend=fx)
+    oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=how == "backed_size_oblivious")
+    with torch.no_grad(), oblivious:
+        for length in lengths:
+            x = torch.randn(2, length, 16)
+            if how == "mark_unbacked":
+                torch._dynamo.decorators.mark_unbacked(x, 1)
+            else:
+                torch._dynamo.mark_dynamic(x, 1)
+            expected = model(x)
+            got = fast(x)
+            assert got.shape == expected.shape, (length, got.shape, expected.shape)
+            torch.testing.assert_close(got, expected)
+    assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
+    assert len(fx.compiled) == 2  # one for sizes >= 2, one at 1

@@ -17,6 +17,11 @@ the compiled model of those weights, built on a miss. `fx.compiled` holds one
 CompiledSubgraph per subgraph and set of weights in use; a subgraph past
 `max_weight_sets` runs further sets of weights as dynamo gave it (one entry in
 `fx.fallbacks`, and a warning).
+
+fxforge traces a dynamic dim at sizes >= 2 (a `squeeze(1)` there does nothing). Dynamo
+keeps a dim dynamic at 0 or 1 only under mark_unbacked or backed_size_oblivious; a call
+with such a dim at 0 or 1 gets a compiled model captured at that size (a CompiledSubgraph
+keyed by its weights and those sizes), so it answers as eager does.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from ..api import optimize_captured
 from ..log import Reporter
 from ..runtime.module import OptimizedModel
 from .capture import capture_subgraph
-from .subgraph import InputLayout, SubgraphModule, UnsupportedSubgraph, input_layout
+from .subgraph import InputLayout, SubgraphModule, UnsupportedSubgraph, dynamic_dims, input_layout
 from .weights import WeightSet, weight_key
 
 
@@ -42,6 +47,13 @@ class CompiledSubgraph:
     model: OptimizedModel
     layout: InputLayout
     weights: WeightSet | None = None
+    # the dynamic dims at 0 or 1 it was captured at, ((position, dim, size), ...): it serves
+    # calls with exactly those (a model captured with a dim dynamic serves sizes >= 2 only)
+    sizes_of_one: tuple = ()
+
+    @property
+    def key(self) -> tuple:
+        return self.weights.key, self.sizes_of_one
 
     def __call__(self, *args):
         out = self.model(*(args[pos] for pos in self.layout.user))
@@ -89,7 +101,8 @@ class FxforgeBackend:
             return self._fall_back(gm, e)
         return _SubgraphRunner(self, gm, layout)
 
-    def compile(self, gm: torch.fx.GraphModule, layout: InputLayout, inputs: list) -> CompiledSubgraph:
+    def compile(self, gm: torch.fx.GraphModule, layout: InputLayout, inputs: list,
+                sizes_of_one: tuple = ()) -> CompiledSubgraph:
         """The OptimizedModel of one subgraph, captured on `inputs` (dynamo's graph inputs
         of a real call) and guarded by their weights; raises what the fallback reports."""
         weights = WeightSet(inputs, list(layout.weights))  # before the capture: what it is built from
@@ -104,7 +117,7 @@ class FxforgeBackend:
         # model, and a second copy of each weight would double the memory
         fast = optimize_captured(lambda: capture_subgraph(module, inputs), module, copy_weights=False,
                                  **self.options)
-        compiled = CompiledSubgraph(fast, layout, weights)
+        compiled = CompiledSubgraph(fast, layout, weights, sizes_of_one)
         self.compiled.append(compiled)
         return compiled
 
@@ -133,20 +146,28 @@ class _SubgraphRunner:
     def __init__(self, owner: FxforgeBackend, gm: torch.fx.GraphModule, layout: InputLayout):
         self.owner, self.gm, self.layout = owner, gm, layout
         self.positions = list(layout.weights)
-        self.by_weights: dict[tuple, CompiledSubgraph] = {}  # weight_key -> its compiled model
+        # dims dynamo left dynamic: at 0 or 1 (mark_unbacked, backed_size_oblivious) they need
+        # a model of their own, as capture traces dynamic sizes as >= 2
+        self.dynamic = [(pos, d) for pos, dims in dynamic_dims(gm, layout).items() for d in dims]
+        # (weight_key, sizes_of_one) -> its compiled model
+        self.by_weights: dict[tuple, CompiledSubgraph] = {}
         self.current: CompiledSubgraph | None = None  # the last one run: checked first
         self.closed = False  # no more compiles: weights not in by_weights run the GraphModule
 
     def __call__(self, *args):
         current = self.current
-        if current is not None and current.weights.matches(args):
+        small = self._sizes_of_one(args) if self.dynamic else ()
+        if current is not None and current.sizes_of_one == small and current.weights.matches(args):
             return current(*args)
-        return self._dispatch(args)
+        return self._dispatch(args, small)
 
-    def _dispatch(self, args):
+    def _sizes_of_one(self, args) -> tuple:
+        return tuple((pos, d, args[pos].shape[d]) for pos, d in self.dynamic if args[pos].shape[d] <= 1)
+
+    def _dispatch(self, args, small: tuple):
         if self.closed and not self.by_weights:  # fxforge never took this subgraph
             return self.gm.forward(*args)
-        key = weight_key(args, self.positions)
+        key = weight_key(args, self.positions), small
         found = self.by_weights.get(key)
         if found is not None:
             if found.weights.matches(args):
@@ -162,7 +183,7 @@ class _SubgraphRunner:
                 "further sets run as PyTorch ops (FxforgeBackend(max_weight_sets=...) sets the limit)"))
             return self.gm.forward(*args)
         try:
-            compiled = self.owner.compile(self.gm, self.layout, list(args))
+            compiled = self.owner.compile(self.gm, self.layout, list(args), small)
         except Exception as e:  # any failure: these weights (and any new ones) run as dynamo gave them
             self._close(e)
             return self.gm.forward(*args)
@@ -172,7 +193,7 @@ class _SubgraphRunner:
         return out
 
     def _forget(self, compiled: CompiledSubgraph):
-        del self.by_weights[compiled.weights.key]
+        del self.by_weights[compiled.key]
         if self.current is compiled:
             self.current = None
         self.owner.compiled[:] = [c for c in self.owner.compiled if c is not compiled]

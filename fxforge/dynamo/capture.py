@@ -30,11 +30,17 @@ def capture_subgraph(module: SubgraphModule, example_inputs):
     layout = module.layout
     dims = dynamic_dims(module.dynamo_graph, layout)
     tensors = tuple(_real(example_inputs[pos]) for pos in layout.user)
-    shapes = tuple({d: Dim.DYNAMIC for d in dims[pos]} or None for pos in layout.user)
+    # a dynamic dim at 0 or 1 is captured at that size: export traces dynamic sizes as >= 2
+    # (a squeeze(1) would vanish); the backend keeps this model for calls at that size only
+    shapes = tuple({d: Dim.DYNAMIC for d in dims[pos] if t.shape[d] >= 2} or None
+                   for pos, t in zip(layout.user, tensors))
     # forward(*tensors): export wants one entry for the whole varargs tuple
     dynamic_shapes = (shapes,) if any(s is not None for s in shapes) else None
     try:
-        with torch.no_grad(), _trace_settings(stack_traces=False):
+        # the user's backed_size_oblivious (which torch.compile honours) would trace a dim
+        # captured at 1 as if it were >= 2
+        with torch.no_grad(), _trace_settings(stack_traces=False), \
+                torch.fx.experimental._config.patch(backed_size_oblivious=False):
             ep = torch.export.export(module, tensors, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # export raises many kinds; the backend falls back on any
         raise CaptureError(f"torch.export could not capture the subgraph: {type(e).__name__}: "
