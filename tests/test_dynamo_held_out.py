@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import fxforge.dynamo as fxforge_dynamo
 from fxforge.dynamo import FxforgeBackend
 
 
@@ -217,3 +218,36 @@ def test_a_dynamic_dim_at_one_gets_a_model_of_its_own(how, lengths):
             torch.testing.assert_close(got, expected)
     assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
     assert len(fx.compiled) == 2  # one for sizes >= 2, one at 1
+
+
+# -- torch.compile's mode= and options= ----------------------------------------------------
+
+def _compile_and_call(**compile_arguments):
+    model = nn.Linear(16, 16).eval()
+    with torch.no_grad():
+        return torch.compile(model, **compile_arguments)(torch.randn(2, 16))
+
+
+@pytest.mark.parametrize("backend", ["function", "object"])
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_mode_is_refused_with_what_to_use_instead(backend, mode):
+    fx = fxforge_dynamo.backend if backend == "function" else FxforgeBackend()
+    with pytest.raises(Exception, match=r"fxforge has no modes.*options="):
+        _compile_and_call(backend=fx, mode=mode)
+
+
+def test_mode_default_is_no_mode():
+    _compile_and_call(backend=fxforge_dynamo.backend, mode="default")
+
+
+def test_options_beside_a_backend_object_say_where_options_go():
+    with pytest.raises(Exception, match=r"FxforgeBackend\(quantize='int8'\), not options"):
+        _compile_and_call(backend=FxforgeBackend(), options={"quantize": "int8"})
+
+
+def test_an_unknown_option_fails_at_the_first_compile_with_the_known_ones():
+    """A typo warned once per subgraph and left the whole model uncompiled."""
+    with pytest.raises(Exception, match=r"no option\(s\) \['quantise'\].*'quantize'"):
+        _compile_and_call(backend=fxforge_dynamo.backend, options={"quantise": "int8"})
+    with pytest.raises(TypeError, match=r"no option\(s\) \['quantise'\]"):
+        FxforgeBackend(quantise="int8")

@@ -87,6 +87,7 @@ class FxforgeBackend:
     real tensors and real sizes whatever dynamo's example inputs were."""
 
     def __init__(self, *, max_weight_sets: int = 64, **optimize_options):
+        _check_options(optimize_options)  # a typo fails here, not as a warning per subgraph
         self.options = optimize_options
         # per subgraph: a loop over 64 layers with a graph break in it still compiles every
         # layer; each set holds its own rewritten weights (fused, quantized) in memory
@@ -94,7 +95,8 @@ class FxforgeBackend:
         self.compiled: list[CompiledSubgraph] = []
         self.fallbacks: list[Fallback] = []
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, **compile_arguments):
+        _refuse_compile_arguments(compile_arguments, "backend=FxforgeBackend(...)")
         try:
             layout = input_layout(gm, list(example_inputs))
         except UnsupportedSubgraph as e:
@@ -203,11 +205,50 @@ class _SubgraphRunner:
         self.owner._fall_back(self.gm, error)
 
 
-def backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None):
+def _check_options(options: dict):
+    """TypeError naming every option optimize() does not take, and the ones it does."""
+    import inspect
+
+    from ..api import optimize_captured
+    from ..passes import registry as default_registry
+
+    registry = options.get("registry") or default_registry
+    keywords = [name for name, p in inspect.signature(optimize_captured).parameters.items()
+                if p.kind == inspect.Parameter.KEYWORD_ONLY and name != "copy_weights"]
+    passes = sorted({info.option for info in registry.passes.values() if info.option})
+    unknown = sorted(set(options) - set(keywords) - set(passes))
+    if unknown:
+        raise TypeError(f"fxforge has no option(s) {unknown}; it takes {sorted(keywords)} and the pass options "
+                        f"{passes} (as fxforge.optimize() does), e.g. options={{'quantize': 'int8'}}")
+    try:
+        registry.parse_options({k: v for k, v in options.items() if k in passes})
+    except (TypeError, ValueError) as e:  # a bad value: say where it came from
+        raise type(e)(f"fxforge option: {e}") from e
+
+
+def _refuse_compile_arguments(arguments: dict, how: str):
+    """torch.compile's mode= (and options= where the backend object holds its own); mode=
+    "default" (no mode) is fine."""
+    arguments = {k: v for k, v in arguments.items() if not (k == "mode" and v in (None, "default"))}
+    if not arguments:
+        return
+    if "mode" in arguments:
+        raise ValueError(f"torch.compile(mode={arguments['mode']!r}) with {how}: fxforge has no modes (they are "
+                         "Inductor's: CUDA graphs, autotuning). Leave mode= out; fxforge's pipeline is set by its "
+                         "options: torch.compile(model, backend='fxforge', options={'quantize': 'int8'}) or "
+                         "backend=fxforge.dynamo.FxforgeBackend(quantize='int8')")
+    if "options" in arguments:
+        raise TypeError(f"torch.compile(options=...) with {how}: an FxforgeBackend takes its options when it is "
+                        "made: backend=fxforge.dynamo.FxforgeBackend(quantize='int8'), not options={...}")
+    raise TypeError(f"fxforge's torch.compile backend takes no {sorted(arguments)}")
+
+
+def backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **compile_arguments):
     """`torch.compile(model, backend=fxforge.dynamo.backend)` (and backend="fxforge"): the
     default pipeline, nothing recorded; `torch.compile(..., options={...})` passes
     optimize()'s options (quantize=..., backend=...). Use FxforgeBackend() to inspect what
     was built."""
+    _refuse_compile_arguments(compile_arguments, "backend='fxforge'")
     if options is not None and not isinstance(options, dict):
         raise TypeError(f"torch.compile(backend='fxforge', options=...) takes a dict of optimize() options, "
                         f"got {type(options).__name__}")
