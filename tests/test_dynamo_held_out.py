@@ -251,3 +251,35 @@ def test_an_unknown_option_fails_at_the_first_compile_with_the_known_ones():
         _compile_and_call(backend=fxforge_dynamo.backend, options={"quantise": "int8"})
     with pytest.raises(TypeError, match=r"no option\(s\) \['quantise'\]"):
         FxforgeBackend(quantise="int8")
+
+
+# -- torch.compile(dynamic=True): Python numbers ------------------------------------------
+
+class ScaledSoftmax(nn.Module):
+    def __init__(self, scale=0.125, shift=3):
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+        self.scale, self.shift = scale, shift
+
+    def forward(self, x, n):
+        return self.l(x).softmax(-1) * self.scale + self.shift + n
+
+
+def test_dynamic_true_bakes_python_numbers_in_and_compiles():
+    """dynamic=True passes a float attribute as an f64[] input read with .item(), and an
+    int one as a size of no input: fxforge fell back ('a tensor's value is read into
+    Python (zuf0)', though the user never called .item()). Each compiled model now has
+    the numbers baked in and serves calls with those values; another value compiles anew.
+    (An int argument comes as a size that is no dim of an input: it fell back too.)"""
+    torch.manual_seed(0)
+    model = ScaledSoftmax().eval()
+    fx = FxforgeBackend()
+    fast = torch.compile(model, backend=fx, dynamic=True)
+    with torch.no_grad():
+        for length in (3, 5):
+            x = torch.randn(2, length, 16)
+            torch.testing.assert_close(fast(x, 2), model(x, 2))
+        torch.testing.assert_close(fast(x, 4), model(x, 4))  # an int argument: another value
+        model.scale = 0.5  # another float: eager's answer, not the baked one
+        torch.testing.assert_close(fast(x, 4), model(x, 4))
+    assert not fx.fallbacks, [f.reason for f in fx.fallbacks]

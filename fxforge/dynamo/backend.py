@@ -21,7 +21,9 @@ CompiledSubgraph per subgraph and set of weights in use; a subgraph past
 fxforge traces a dynamic dim at sizes >= 2 (a `squeeze(1)` there does nothing). Dynamo
 keeps a dim dynamic at 0 or 1 only under mark_unbacked or backed_size_oblivious; a call
 with such a dim at 0 or 1 gets a compiled model captured at that size (a CompiledSubgraph
-keyed by its weights and those sizes), so it answers as eager does.
+keyed by its weights and those sizes), so it answers as eager does. Likewise a Python
+number dynamo leaves unspecialized (dynamic=True passes `self.scale = 0.125` as a 0-dim
+tensor read with .item()) is baked into each compiled model, keyed by its value.
 """
 from __future__ import annotations
 
@@ -47,13 +49,14 @@ class CompiledSubgraph:
     model: OptimizedModel
     layout: InputLayout
     weights: WeightSet | None = None
-    # the dynamic dims at 0 or 1 it was captured at, ((position, dim, size), ...): it serves
-    # calls with exactly those (a model captured with a dim dynamic serves sizes >= 2 only)
-    sizes_of_one: tuple = ()
+    # what it was built for besides its weights (_SubgraphRunner._specialized): the dynamic
+    # dims at 0 or 1 it was captured at (a model captured with a dim dynamic serves sizes
+    # >= 2 only) and the values of the Python numbers baked in; it serves calls with exactly those
+    specialized: tuple = ((), ())
 
     @property
     def key(self) -> tuple:
-        return self.weights.key, self.sizes_of_one
+        return self.weights.key, self.specialized
 
     def __call__(self, *args):
         out = self.model(*(args[pos] for pos in self.layout.user))
@@ -104,7 +107,7 @@ class FxforgeBackend:
         return _SubgraphRunner(self, gm, layout)
 
     def compile(self, gm: torch.fx.GraphModule, layout: InputLayout, inputs: list,
-                sizes_of_one: tuple = ()) -> CompiledSubgraph:
+                specialized: tuple = ((), ())) -> CompiledSubgraph:
         """The OptimizedModel of one subgraph, captured on `inputs` (dynamo's graph inputs
         of a real call) and guarded by their weights; raises what the fallback reports."""
         weights = WeightSet(inputs, list(layout.weights))  # before the capture: what it is built from
@@ -119,7 +122,7 @@ class FxforgeBackend:
         # model, and a second copy of each weight would double the memory
         fast = optimize_captured(lambda: capture_subgraph(module, inputs), module, copy_weights=False,
                                  **self.options)
-        compiled = CompiledSubgraph(fast, layout, weights, sizes_of_one)
+        compiled = CompiledSubgraph(fast, layout, weights, specialized)
         self.compiled.append(compiled)
         return compiled
 
@@ -151,25 +154,27 @@ class _SubgraphRunner:
         # dims dynamo left dynamic: at 0 or 1 (mark_unbacked, backed_size_oblivious) they need
         # a model of their own, as capture traces dynamic sizes as >= 2
         self.dynamic = [(pos, d) for pos, dims in dynamic_dims(gm, layout).items() for d in dims]
-        # (weight_key, sizes_of_one) -> its compiled model
+        # (weight_key, specialized) -> its compiled model
         self.by_weights: dict[tuple, CompiledSubgraph] = {}
         self.current: CompiledSubgraph | None = None  # the last one run: checked first
         self.closed = False  # no more compiles: weights not in by_weights run the GraphModule
 
     def __call__(self, *args):
         current = self.current
-        small = self._sizes_of_one(args) if self.dynamic else ()
-        if current is not None and current.sizes_of_one == small and current.weights.matches(args):
+        specialized = self._specialized(args) if self.dynamic or self.layout.numbers else ((), ())
+        if current is not None and current.specialized == specialized and current.weights.matches(args):
             return current(*args)
-        return self._dispatch(args, small)
+        return self._dispatch(args, specialized)
 
-    def _sizes_of_one(self, args) -> tuple:
-        return tuple((pos, d, args[pos].shape[d]) for pos, d in self.dynamic if args[pos].shape[d] <= 1)
+    def _specialized(self, args) -> tuple:
+        """(dynamic dims at 0 or 1 as (position, dim, size), values of the Python numbers)."""
+        return (tuple((pos, d, args[pos].shape[d]) for pos, d in self.dynamic if args[pos].shape[d] <= 1),
+                tuple(_number(args[pos]) for pos in self.layout.numbers))
 
-    def _dispatch(self, args, small: tuple):
+    def _dispatch(self, args, specialized: tuple):
         if self.closed and not self.by_weights:  # fxforge never took this subgraph
             return self.gm.forward(*args)
-        key = weight_key(args, self.positions), small
+        key = weight_key(args, self.positions), specialized
         found = self.by_weights.get(key)
         if found is not None:
             if found.weights.matches(args):
@@ -181,11 +186,12 @@ class _SubgraphRunner:
         if len(self.by_weights) >= self.owner.max_weight_sets:
             self._close(UnsupportedSubgraph(
                 f"dynamo called one subgraph with more than {self.owner.max_weight_sets} sets of weights "
-                "(instances of one class, the layers of a loop with a graph break, replaced weights); "
+                "(instances of one class, the layers of a loop with a graph break, replaced weights; or values "
+                "of a Python number dynamic=True left unspecialized, each baked into a model of its own); "
                 "further sets run as PyTorch ops (FxforgeBackend(max_weight_sets=...) sets the limit)"))
             return self.gm.forward(*args)
         try:
-            compiled = self.owner.compile(self.gm, self.layout, list(args), small)
+            compiled = self.owner.compile(self.gm, self.layout, list(args), specialized)
         except Exception as e:  # any failure: these weights (and any new ones) run as dynamo gave them
             self._close(e)
             return self.gm.forward(*args)
@@ -203,6 +209,11 @@ class _SubgraphRunner:
     def _close(self, error: Exception):
         self.closed = True
         self.owner._fall_back(self.gm, error)
+
+
+def _number(x):
+    """The value of a Python number dynamo passes as a 0-dim tensor or as an int."""
+    return x.item() if isinstance(x, torch.Tensor) else int(x)
 
 
 def _check_options(options: dict):

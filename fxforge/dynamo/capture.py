@@ -16,9 +16,13 @@ whole input (a cache's index_copy_) stay in-place calls.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 
-from ..ir.capture import CaptureError, _lower_exported, _needs_functionalization, _trace_settings
+from ..ir.capture import (CaptureError, _lower_exported, _needs_functionalization, _trace_settings,
+                          _without_partial_graph_dump)
 from .subgraph import SubgraphModule, dynamic_dims
 from .writeback import functional_with_writeback, writes_only_whole_inputs
 
@@ -39,8 +43,10 @@ def capture_subgraph(module: SubgraphModule, example_inputs):
     try:
         # the user's backed_size_oblivious (which torch.compile honours) would trace a dim
         # captured at 1 as if it were >= 2
-        with torch.no_grad(), _trace_settings(stack_traces=False), \
-                torch.fx.experimental._config.patch(backed_size_oblivious=False):
+        # a failed trace's partial graph (torch prints it, a hundred lines) goes: the fallback
+        # warning says what failed, in one line
+        with torch.no_grad(), _trace_settings(stack_traces=False), _without_partial_graph_dump(), \
+                _quiet_shape_log(), torch.fx.experimental._config.patch(backed_size_oblivious=False):
             ep = torch.export.export(module, tensors, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # export raises many kinds; the backend falls back on any
         raise CaptureError(f"torch.export could not capture the subgraph: {type(e).__name__}: "
@@ -48,6 +54,19 @@ def capture_subgraph(module: SubgraphModule, example_inputs):
     if _needs_functionalization(ep) and not writes_only_whole_inputs(ep):
         ep = functional_with_writeback(ep)
     return _lower_exported(ep, {}, module)
+
+
+@contextlib.contextmanager
+def _quiet_shape_log():
+    """torch's shape solver logs warnings about a failing trace ("Unable to find user code
+    corresponding to {zuf3}") that the fallback's one line already covers."""
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _real(x: torch.Tensor) -> torch.Tensor:

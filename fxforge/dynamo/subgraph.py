@@ -31,6 +31,11 @@ class InputLayout:
     # output index -> position of the user tensor it is (`return x.mul_(3)`): eager returns
     # that very tensor, the compiled model a new one with its values
     returned_inputs: dict[int, int] = field(default_factory=dict)
+    # positions of Python numbers dynamo leaves unspecialized (torch.compile(dynamic=True)):
+    # a float (self.scale) passed as a 0-dim tensor read back with .item(), or an int passed
+    # as a size that is no dim of an input tensor. Each compiled model has their values
+    # baked in, and serves calls with those values
+    numbers: list[int] = field(default_factory=list)
 
 
 # A weight's source, as dynamo names it:
@@ -91,6 +96,13 @@ def input_layout(gm: torch.fx.GraphModule, example_inputs) -> InputLayout:
     for pos, (node, example) in enumerate(zip(placeholders, example_inputs)):
         if isinstance(example, torch.SymInt):
             symbolic.append((pos, example.node.expr))
+        elif isinstance(example, torch.Tensor) and _is_python_number(node):
+            if not all(_is_item_call(user) for user in node.users):
+                raise UnsupportedSubgraph(
+                    f"dynamo passes the Python number {_source_name(node)} as a tensor (torch.compile(dynamic=True) "
+                    "leaves numbers unspecialized), and the graph uses it other than by .item(); compile without "
+                    "dynamic=True (dynamo then bakes the number in)")
+            layout.numbers.append(pos)
         elif isinstance(example, torch.Tensor):
             path = weight_path(_source_name(node))
             if path is None and isinstance(example, torch.nn.Parameter):
@@ -102,9 +114,40 @@ def input_layout(gm: torch.fx.GraphModule, example_inputs) -> InputLayout:
         else:
             raise UnsupportedSubgraph(f"graph input {node.name} is a {type(example).__name__}, not a tensor or size")
     for pos, expr in symbolic:
-        layout.sizes[pos] = _tensor_dim_of(expr, placeholders, layout.user)
+        try:
+            layout.sizes[pos] = _tensor_dim_of(expr, placeholders, layout.user)
+        except UnsupportedSubgraph:  # an int argument or attribute: baked in like a float
+            layout.numbers.append(pos)
+    layout.numbers.sort()
     layout.returned_inputs = _returned_inputs(gm, placeholders, layout.user)
     return layout
+
+
+def _is_python_number(node) -> bool:
+    return bool(getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False))
+
+
+def _is_item_call(node) -> bool:
+    return (node.op == "call_method" and node.target == "item") or \
+        (node.op == "call_function" and node.target in (torch.Tensor.item, torch.ops.aten.item.default))
+
+
+def with_numbers_baked(gm: torch.fx.GraphModule, values: dict[int, float]) -> torch.fx.GraphModule:
+    """A copy of `gm` in which each `.item()` of the number input at a position of `values`
+    is that value: the graph computes what eager computes with that Python number (its
+    placeholder stays, unread)."""
+    graph = torch.fx.Graph()
+    copies: dict = {}
+    graph.output(graph.graph_copy(gm.graph, copies))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for pos, value in values.items():
+        for item in list(placeholders[pos].users):
+            baked = copies[item]
+            for user in list(baked.users):
+                user.args = torch.fx.node.map_arg(user.args, lambda a: value if a is baked else a)
+                user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a: value if a is baked else a)
+            graph.erase_node(baked)
+    return torch.fx.GraphModule(gm, graph)
 
 
 def _returned_inputs(gm: torch.fx.GraphModule, placeholders, user_positions) -> dict[int, int]:
@@ -189,11 +232,17 @@ def _tensor_dim_of(expr, placeholders, user_positions) -> tuple[int, int]:
 
 
 class SubgraphModule(torch.nn.Module):
-    """Calls dynamo's GraphModule with the weights from its own parameters and buffers and
-    the sizes read off the inputs: forward(*user_tensors)."""
+    """Calls dynamo's GraphModule with the weights from its own parameters and buffers,
+    the sizes read off the inputs and the Python numbers of `example_inputs` baked in:
+    forward(*user_tensors)."""
 
     def __init__(self, gm: torch.fx.GraphModule, layout: InputLayout, example_inputs):
         super().__init__()
+        wrapped = [pos for pos in layout.numbers if isinstance(example_inputs[pos], torch.Tensor)]
+        if wrapped:
+            gm = with_numbers_baked(gm, {pos: example_inputs[pos].item() for pos in wrapped})
+        # ints: passed to the graph as the constants they were at this call
+        self._ints = {pos: int(example_inputs[pos]) for pos in layout.numbers if pos not in wrapped}
         self.dynamo_graph = gm  # a submodule: weights held as its attributes stay parameters
         self.layout = layout
         for pos, path in layout.weights.items():
@@ -211,6 +260,8 @@ class SubgraphModule(torch.nn.Module):
             args[pos] = _lookup(self, path)
         for pos, (tensor_pos, dim) in self.layout.sizes.items():
             args[pos] = args[tensor_pos].size(dim)
+        for pos, value in self._ints.items():
+            args[pos] = value
         return self.dynamo_graph(*args)
 
 
