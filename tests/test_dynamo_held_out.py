@@ -283,3 +283,44 @@ def test_dynamic_true_bakes_python_numbers_in_and_compiles():
         model.scale = 0.5  # another float: eager's answer, not the baked one
         torch.testing.assert_close(fast(x, 4), model(x, 4))
     assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
+
+
+# -- a buffer written by another subgraph ------------------------------------------------
+
+class StepAcrossABreak(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ls = nn.Sequential(*[nn.Linear(16, 16) for _ in range(3)])
+        self.register_buffer("step", torch.zeros(()))
+
+    def forward(self, x):
+        y = self.ls(x) * (1 + self.step)  # one subgraph reads the buffer
+        torch._dynamo.graph_break()
+        self.step.add_(1)  # the next one writes it
+        return y
+
+
+def test_a_buffer_another_subgraph_writes_is_read_live_not_recompiled_for(monkeypatch):
+    """The reading subgraph's weight guard saw a new version of the buffer at every call
+    and rebuilt its model every time; after the first such edit it takes the buffer as an
+    input it reads at each call."""
+    torch.manual_seed(0)
+    eager, model = StepAcrossABreak().eval(), StepAcrossABreak().eval()
+    model.load_state_dict(eager.state_dict())
+    fx = FxforgeBackend()
+    fast = torch.compile(model, backend=fx)
+    compiles = [0]
+    original = FxforgeBackend.compile
+
+    def counting(self, *args):
+        compiles[0] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(FxforgeBackend, "compile", counting)
+    with torch.no_grad():
+        for _ in range(6):
+            x = torch.randn(2, 16)
+            torch.testing.assert_close(fast(x), eager(x))
+            assert torch.equal(model.step, eager.step)
+    assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
+    assert compiles[0] <= 3, compiles[0]  # reader, writer, the reader once more with the buffer live

@@ -27,6 +27,7 @@ tensor read with .item()) is baked into each compiled model, keyed by its value.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -181,6 +182,10 @@ class _SubgraphRunner:
                 self.current = found
                 return found(*args)
             self._forget(found)  # the same tensors edited in place since: never serve it stale
+            edited = [pos for pos in found.weights.edited_in_place(args) if not isinstance(args[pos], torch.nn.Parameter)]
+            if edited and not self.closed:
+                self._read_live(edited)
+                key = weight_key(args, self.positions), specialized
         if self.closed:
             return self.gm.forward(*args)
         if len(self.by_weights) >= self.owner.max_weight_sets:
@@ -199,6 +204,18 @@ class _SubgraphRunner:
         out = compiled(*args)
         compiled.weights.forget_written()
         return out
+
+    def _read_live(self, buffers: list[int]):
+        """Buffers edited in place between calls by someone else (another subgraph writes a
+        step counter or a cache this one reads): from now on the compiled models take them
+        as inputs, read at each call, not as weights guarded by their version, which would
+        rebuild the model at every call. Their models so far are dropped."""
+        self.layout = dataclasses.replace(
+            self.layout, user=self.layout.user + buffers,
+            weights={pos: path for pos, path in self.layout.weights.items() if pos not in buffers})
+        self.positions = list(self.layout.weights)
+        for compiled in list(self.by_weights.values()):
+            self._forget(compiled)
 
     def _forget(self, compiled: CompiledSubgraph):
         del self.by_weights[compiled.key]
