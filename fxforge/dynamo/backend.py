@@ -17,9 +17,17 @@ the compiled model of those weights, built on a miss. `fx.compiled` holds one
 CompiledSubgraph per subgraph and set of weights in use; a subgraph past
 `max_weight_sets` runs further sets of weights as dynamo gave it (one entry in
 `fx.fallbacks`, and a warning).
+
+fxforge traces a dynamic dim at sizes >= 2 (a `squeeze(1)` there does nothing). Dynamo
+keeps a dim dynamic at 0 or 1 only under mark_unbacked or backed_size_oblivious; a call
+with such a dim at 0 or 1 gets a compiled model captured at that size (a CompiledSubgraph
+keyed by its weights and those sizes), so it answers as eager does. Likewise a Python
+number dynamo leaves unspecialized (dynamic=True passes `self.scale = 0.125` as a 0-dim
+tensor read with .item()) is baked into each compiled model, keyed by its value.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -29,7 +37,7 @@ from ..api import optimize_captured
 from ..log import Reporter
 from ..runtime.module import OptimizedModel
 from .capture import capture_subgraph
-from .subgraph import InputLayout, SubgraphModule, UnsupportedSubgraph, input_layout
+from .subgraph import InputLayout, SubgraphModule, UnsupportedSubgraph, dynamic_dims, input_layout
 from .weights import WeightSet, weight_key
 
 
@@ -42,11 +50,23 @@ class CompiledSubgraph:
     model: OptimizedModel
     layout: InputLayout
     weights: WeightSet | None = None
+    # what it was built for besides its weights (_SubgraphRunner._specialized): the dynamic
+    # dims at 0 or 1 it was captured at (a model captured with a dim dynamic serves sizes
+    # >= 2 only) and the values of the Python numbers baked in; it serves calls with exactly those
+    specialized: tuple = ((), ())
+
+    @property
+    def key(self) -> tuple:
+        return self.weights.key, self.specialized
 
     def __call__(self, *args):
         out = self.model(*(args[pos] for pos in self.layout.user))
         # dynamo expects a sequence of outputs, as its GraphModule returns
-        return out if isinstance(out, (tuple, list)) else (out,)
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        if self.layout.returned_inputs:  # `return x.mul_(3)`: x itself, as eager (it holds the values)
+            out = [args[self.layout.returned_inputs[i]] if i in self.layout.returned_inputs else o
+                   for i, o in enumerate(out)]
+        return out
 
 
 @dataclass
@@ -71,6 +91,7 @@ class FxforgeBackend:
     real tensors and real sizes whatever dynamo's example inputs were."""
 
     def __init__(self, *, max_weight_sets: int = 64, **optimize_options):
+        _check_options(optimize_options)  # a typo fails here, not as a warning per subgraph
         self.options = optimize_options
         # per subgraph: a loop over 64 layers with a graph break in it still compiles every
         # layer; each set holds its own rewritten weights (fused, quantized) in memory
@@ -78,14 +99,16 @@ class FxforgeBackend:
         self.compiled: list[CompiledSubgraph] = []
         self.fallbacks: list[Fallback] = []
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, **compile_arguments):
+        _refuse_compile_arguments(compile_arguments, "backend=FxforgeBackend(...)")
         try:
             layout = input_layout(gm, list(example_inputs))
         except UnsupportedSubgraph as e:
             return self._fall_back(gm, e)
         return _SubgraphRunner(self, gm, layout)
 
-    def compile(self, gm: torch.fx.GraphModule, layout: InputLayout, inputs: list) -> CompiledSubgraph:
+    def compile(self, gm: torch.fx.GraphModule, layout: InputLayout, inputs: list,
+                specialized: tuple = ((), ())) -> CompiledSubgraph:
         """The OptimizedModel of one subgraph, captured on `inputs` (dynamo's graph inputs
         of a real call) and guarded by their weights; raises what the fallback reports."""
         weights = WeightSet(inputs, list(layout.weights))  # before the capture: what it is built from
@@ -100,7 +123,7 @@ class FxforgeBackend:
         # model, and a second copy of each weight would double the memory
         fast = optimize_captured(lambda: capture_subgraph(module, inputs), module, copy_weights=False,
                                  **self.options)
-        compiled = CompiledSubgraph(fast, layout, weights)
+        compiled = CompiledSubgraph(fast, layout, weights, specialized)
         self.compiled.append(compiled)
         return compiled
 
@@ -129,36 +152,51 @@ class _SubgraphRunner:
     def __init__(self, owner: FxforgeBackend, gm: torch.fx.GraphModule, layout: InputLayout):
         self.owner, self.gm, self.layout = owner, gm, layout
         self.positions = list(layout.weights)
-        self.by_weights: dict[tuple, CompiledSubgraph] = {}  # weight_key -> its compiled model
+        # dims dynamo left dynamic: at 0 or 1 (mark_unbacked, backed_size_oblivious) they need
+        # a model of their own, as capture traces dynamic sizes as >= 2
+        self.dynamic = [(pos, d) for pos, dims in dynamic_dims(gm, layout).items() for d in dims]
+        # (weight_key, specialized) -> its compiled model
+        self.by_weights: dict[tuple, CompiledSubgraph] = {}
         self.current: CompiledSubgraph | None = None  # the last one run: checked first
         self.closed = False  # no more compiles: weights not in by_weights run the GraphModule
 
     def __call__(self, *args):
         current = self.current
-        if current is not None and current.weights.matches(args):
+        specialized = self._specialized(args) if self.dynamic or self.layout.numbers else ((), ())
+        if current is not None and current.specialized == specialized and current.weights.matches(args):
             return current(*args)
-        return self._dispatch(args)
+        return self._dispatch(args, specialized)
 
-    def _dispatch(self, args):
+    def _specialized(self, args) -> tuple:
+        """(dynamic dims at 0 or 1 as (position, dim, size), values of the Python numbers)."""
+        return (tuple((pos, d, args[pos].shape[d]) for pos, d in self.dynamic if args[pos].shape[d] <= 1),
+                tuple(_number(args[pos]) for pos in self.layout.numbers))
+
+    def _dispatch(self, args, specialized: tuple):
         if self.closed and not self.by_weights:  # fxforge never took this subgraph
             return self.gm.forward(*args)
-        key = weight_key(args, self.positions)
+        key = weight_key(args, self.positions), specialized
         found = self.by_weights.get(key)
         if found is not None:
             if found.weights.matches(args):
                 self.current = found
                 return found(*args)
             self._forget(found)  # the same tensors edited in place since: never serve it stale
+            edited = [pos for pos in found.weights.edited_in_place(args) if not isinstance(args[pos], torch.nn.Parameter)]
+            if edited and not self.closed:
+                self._read_live(edited)
+                key = weight_key(args, self.positions), specialized
         if self.closed:
             return self.gm.forward(*args)
         if len(self.by_weights) >= self.owner.max_weight_sets:
             self._close(UnsupportedSubgraph(
                 f"dynamo called one subgraph with more than {self.owner.max_weight_sets} sets of weights "
-                "(instances of one class, the layers of a loop with a graph break, replaced weights); "
+                "(instances of one class, the layers of a loop with a graph break, replaced weights; or values "
+                "of a Python number dynamic=True left unspecialized, each baked into a model of its own); "
                 "further sets run as PyTorch ops (FxforgeBackend(max_weight_sets=...) sets the limit)"))
             return self.gm.forward(*args)
         try:
-            compiled = self.owner.compile(self.gm, self.layout, list(args))
+            compiled = self.owner.compile(self.gm, self.layout, list(args), specialized)
         except Exception as e:  # any failure: these weights (and any new ones) run as dynamo gave them
             self._close(e)
             return self.gm.forward(*args)
@@ -167,8 +205,20 @@ class _SubgraphRunner:
         compiled.weights.forget_written()
         return out
 
+    def _read_live(self, buffers: list[int]):
+        """Buffers edited in place between calls by someone else (another subgraph writes a
+        step counter or a cache this one reads): from now on the compiled models take them
+        as inputs, read at each call, not as weights guarded by their version, which would
+        rebuild the model at every call. Their models so far are dropped."""
+        self.layout = dataclasses.replace(
+            self.layout, user=self.layout.user + buffers,
+            weights={pos: path for pos, path in self.layout.weights.items() if pos not in buffers})
+        self.positions = list(self.layout.weights)
+        for compiled in list(self.by_weights.values()):
+            self._forget(compiled)
+
     def _forget(self, compiled: CompiledSubgraph):
-        del self.by_weights[compiled.weights.key]
+        del self.by_weights[compiled.key]
         if self.current is compiled:
             self.current = None
         self.owner.compiled[:] = [c for c in self.owner.compiled if c is not compiled]
@@ -178,11 +228,55 @@ class _SubgraphRunner:
         self.owner._fall_back(self.gm, error)
 
 
-def backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None):
+def _number(x):
+    """The value of a Python number dynamo passes as a 0-dim tensor or as an int."""
+    return x.item() if isinstance(x, torch.Tensor) else int(x)
+
+
+def _check_options(options: dict):
+    """TypeError naming every option optimize() does not take, and the ones it does."""
+    import inspect
+
+    from ..api import optimize_captured
+    from ..passes import registry as default_registry
+
+    registry = options.get("registry") or default_registry
+    keywords = [name for name, p in inspect.signature(optimize_captured).parameters.items()
+                if p.kind == inspect.Parameter.KEYWORD_ONLY and name != "copy_weights"]
+    passes = sorted({info.option for info in registry.passes.values() if info.option})
+    unknown = sorted(set(options) - set(keywords) - set(passes))
+    if unknown:
+        raise TypeError(f"fxforge has no option(s) {unknown}; it takes {sorted(keywords)} and the pass options "
+                        f"{passes} (as fxforge.optimize() does), e.g. options={{'quantize': 'int8'}}")
+    try:
+        registry.parse_options({k: v for k, v in options.items() if k in passes})
+    except (TypeError, ValueError) as e:  # a bad value: say where it came from
+        raise type(e)(f"fxforge option: {e}") from e
+
+
+def _refuse_compile_arguments(arguments: dict, how: str):
+    """torch.compile's mode= (and options= where the backend object holds its own); mode=
+    "default" (no mode) is fine."""
+    arguments = {k: v for k, v in arguments.items() if not (k == "mode" and v in (None, "default"))}
+    if not arguments:
+        return
+    if "mode" in arguments:
+        raise ValueError(f"torch.compile(mode={arguments['mode']!r}) with {how}: fxforge has no modes (they are "
+                         "Inductor's: CUDA graphs, autotuning). Leave mode= out; fxforge's pipeline is set by its "
+                         "options: torch.compile(model, backend='fxforge', options={'quantize': 'int8'}) or "
+                         "backend=fxforge.dynamo.FxforgeBackend(quantize='int8')")
+    if "options" in arguments:
+        raise TypeError(f"torch.compile(options=...) with {how}: an FxforgeBackend takes its options when it is "
+                        "made: backend=fxforge.dynamo.FxforgeBackend(quantize='int8'), not options={...}")
+    raise TypeError(f"fxforge's torch.compile backend takes no {sorted(arguments)}")
+
+
+def backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **compile_arguments):
     """`torch.compile(model, backend=fxforge.dynamo.backend)` (and backend="fxforge"): the
     default pipeline, nothing recorded; `torch.compile(..., options={...})` passes
     optimize()'s options (quantize=..., backend=...). Use FxforgeBackend() to inspect what
     was built."""
+    _refuse_compile_arguments(compile_arguments, "backend='fxforge'")
     if options is not None and not isinstance(options, dict):
         raise TypeError(f"torch.compile(backend='fxforge', options=...) takes a dict of optimize() options, "
                         f"got {type(options).__name__}")

@@ -6,13 +6,25 @@ Why not capture_with_spec(): it guesses the dynamic dims (batch and sequence of 
 input) and grows the example to trace them, which is right for a model's forward but not
 for a dynamo graph that hard-codes the sizes it specialised (a view(1, s0, 4, 16) breaks on
 a batch of 2). Dynamo already knows which dims are dynamic: use those.
+
+A dynamo graph may write its inputs and buffers in place (`x[:, 1].mul_(3)`, a cache
+row). fxforge's IR has no aliasing, so such writes are made functional by torch first, as
+optimize() does, and each written input or buffer gets its final value copied back in
+one whole-tensor `copy_` at the end (writeback.py): the IR stays SSA, the caller's tensors
+change as in eager, and an output is a new tensor where eager's is. Direct writes to a
+whole input (a cache's index_copy_) stay in-place calls.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 
-from ..ir.capture import CaptureError, _lower_exported, _trace_settings
+from ..ir.capture import (CaptureError, _lower_exported, _needs_functionalization, _trace_settings,
+                          _without_partial_graph_dump)
 from .subgraph import SubgraphModule, dynamic_dims
+from .writeback import functional_with_writeback, writes_only_whole_inputs
 
 
 def capture_subgraph(module: SubgraphModule, example_inputs):
@@ -22,16 +34,39 @@ def capture_subgraph(module: SubgraphModule, example_inputs):
     layout = module.layout
     dims = dynamic_dims(module.dynamo_graph, layout)
     tensors = tuple(_real(example_inputs[pos]) for pos in layout.user)
-    shapes = tuple({d: Dim.DYNAMIC for d in dims[pos]} or None for pos in layout.user)
+    # a dynamic dim at 0 or 1 is captured at that size: export traces dynamic sizes as >= 2
+    # (a squeeze(1) would vanish); the backend keeps this model for calls at that size only
+    shapes = tuple({d: Dim.DYNAMIC for d in dims[pos] if t.shape[d] >= 2} or None
+                   for pos, t in zip(layout.user, tensors))
     # forward(*tensors): export wants one entry for the whole varargs tuple
     dynamic_shapes = (shapes,) if any(s is not None for s in shapes) else None
     try:
-        with torch.no_grad(), _trace_settings(stack_traces=False):
+        # the user's backed_size_oblivious (which torch.compile honours) would trace a dim
+        # captured at 1 as if it were >= 2
+        # a failed trace's partial graph (torch prints it, a hundred lines) goes: the fallback
+        # warning says what failed, in one line
+        with torch.no_grad(), _trace_settings(stack_traces=False), _without_partial_graph_dump(), \
+                _quiet_shape_log(), torch.fx.experimental._config.patch(backed_size_oblivious=False):
             ep = torch.export.export(module, tensors, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # export raises many kinds; the backend falls back on any
         raise CaptureError(f"torch.export could not capture the subgraph: {type(e).__name__}: "
                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+    if _needs_functionalization(ep) and not writes_only_whole_inputs(ep):
+        ep = functional_with_writeback(ep)
     return _lower_exported(ep, {}, module)
+
+
+@contextlib.contextmanager
+def _quiet_shape_log():
+    """torch's shape solver logs warnings about a failing trace ("Unable to find user code
+    corresponding to {zuf3}") that the fallback's one line already covers."""
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _real(x: torch.Tensor) -> torch.Tensor:

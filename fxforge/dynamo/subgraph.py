@@ -28,19 +28,54 @@ class InputLayout:
     user: list[int] = field(default_factory=list)  # positions of the user's tensors
     weights: dict[int, str] = field(default_factory=dict)  # position -> weight path ("model.norm.weight")
     sizes: dict[int, tuple[int, int]] = field(default_factory=dict)  # position -> (position of a tensor, dim)
+    # output index -> position of the user tensor it is (`return x.mul_(3)`): eager returns
+    # that very tensor, the compiled model a new one with its values
+    returned_inputs: dict[int, int] = field(default_factory=dict)
+    # positions of Python numbers dynamo leaves unspecialized (torch.compile(dynamic=True)):
+    # a float (self.scale) passed as a 0-dim tensor read back with .item(), or an int passed
+    # as a size that is no dim of an input tensor. Each compiled model has their values
+    # baked in, and serves calls with those values
+    numbers: list[int] = field(default_factory=list)
 
 
-# L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']
-_WEIGHT_SOURCE = re.compile(r"\._(?:parameters|buffers)\[")
-_SOURCE_KEY = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]")
+# A weight's source, as dynamo names it:
+#   L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']
+#   L['self'].__dict__['_modules']['a']._parameters['weight']   (an attribute set in forward)
+#   L['self'].blocks[0]._parameters['weight']                   (a plain list of modules)
+#   G['lin1']._parameters['weight'],  L['b']._parameters['bias']  (a global, an argument)
+_ROOT = re.compile(r"(?P<scope>[LG])\[(?P<q>['\"])(?P<name>[^'\"]+)(?P=q)\]")
+_STEPS = re.compile(
+    r"\.__dict__\[(?P<q0>['\"])_(?:modules|parameters|buffers)(?P=q0)\]"  # the container itself: no name
+    r"|\._(?:modules|parameters|buffers)\[(?P<q1>['\"])(?P<key>[^'\"]+)(?P=q1)\]"
+    r"|\.__dict__\[(?P<q2>['\"])(?P<dict_key>[^'\"]+)(?P=q2)\]"
+    r"|\.(?P<attr>[A-Za-z_]\w*)"
+    r"|\[(?P<q3>['\"])(?P<item>[^'\"]+)(?P=q3)\]"
+    r"|\[(?P<index>\d+)\]")
+_WEIGHT_LEAF = re.compile(r"(?:\._(?:parameters|buffers)|\.__dict__\[['\"]_(?:parameters|buffers)['\"]\])"
+                          r"\[['\"][^'\"]+['\"]\]$")
 
 
 def weight_path(source_name: str | None) -> str | None:
-    """The weight's dotted path in the model, from dynamo's source of a graph input; None
-    for an input that is not a module's parameter or buffer."""
-    if not source_name or not _WEIGHT_SOURCE.search(source_name):
+    """The weight's dotted path, from dynamo's source of a graph input: the model's own name
+    for it under L['self'] (model.layers.0.mlp.up_proj.weight), else prefixed by the local or
+    global it was reached from (lin1.weight, blocks.0.weight under L['s'] is s.blocks.0.weight).
+    None for an input that is not a module's parameter or buffer, or a source spelled in a
+    way this does not read."""
+    if not source_name or not _WEIGHT_LEAF.search(source_name):
         return None
-    keys = _SOURCE_KEY.findall(source_name)
+    root = _ROOT.match(source_name)
+    if root is None:
+        return None
+    keys = [] if root["scope"] == "L" and root["name"] == "self" else [root["name"]]
+    at = root.end()
+    while at < len(source_name):
+        step = _STEPS.match(source_name, at)
+        if step is None:
+            return None
+        name = step["key"] or step["dict_key"] or step["attr"] or step["item"] or step["index"]
+        if name is not None:
+            keys.append(name.replace(".", "_"))  # a dict key with a dot would split the path
+        at = step.end()
     return ".".join(keys) if keys else None
 
 
@@ -56,23 +91,120 @@ def input_layout(gm: torch.fx.GraphModule, example_inputs) -> InputLayout:
     if len(placeholders) != len(example_inputs):
         raise UnsupportedSubgraph(f"{len(placeholders)} graph inputs but {len(example_inputs)} example inputs")
     layout = InputLayout(len(example_inputs))
+    taken = _Paths()
     symbolic: list[tuple[int, object]] = []
     for pos, (node, example) in enumerate(zip(placeholders, example_inputs)):
         if isinstance(example, torch.SymInt):
             symbolic.append((pos, example.node.expr))
+        elif isinstance(example, torch.Tensor) and _is_python_number(node):
+            if not all(_is_item_call(user) for user in node.users):
+                raise UnsupportedSubgraph(
+                    f"dynamo passes the Python number {_source_name(node)} as a tensor (torch.compile(dynamic=True) "
+                    "leaves numbers unspecialized), and the graph uses it other than by .item(); compile without "
+                    "dynamic=True (dynamo then bakes the number in)")
+            layout.numbers.append(pos)
         elif isinstance(example, torch.Tensor):
             path = weight_path(_source_name(node))
             if path is None and isinstance(example, torch.nn.Parameter):
                 path = node.name  # a parameter with no module source: keep it a parameter
             if path is not None:
-                layout.weights[pos] = path
+                layout.weights[pos] = taken.unique(path, node.name)
             else:
                 layout.user.append(pos)
         else:
             raise UnsupportedSubgraph(f"graph input {node.name} is a {type(example).__name__}, not a tensor or size")
     for pos, expr in symbolic:
-        layout.sizes[pos] = _tensor_dim_of(expr, placeholders, layout.user)
+        try:
+            layout.sizes[pos] = _tensor_dim_of(expr, placeholders, layout.user)
+        except UnsupportedSubgraph:  # an int argument or attribute: baked in like a float
+            layout.numbers.append(pos)
+    layout.numbers.sort()
+    layout.returned_inputs = _returned_inputs(gm, placeholders, layout.user)
     return layout
+
+
+def _is_python_number(node) -> bool:
+    return bool(getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False))
+
+
+def _is_item_call(node) -> bool:
+    return (node.op == "call_method" and node.target == "item") or \
+        (node.op == "call_function" and node.target in (torch.Tensor.item, torch.ops.aten.item.default))
+
+
+def with_numbers_baked(gm: torch.fx.GraphModule, values: dict[int, float]) -> torch.fx.GraphModule:
+    """A copy of `gm` in which each `.item()` of the number input at a position of `values`
+    is that value: the graph computes what eager computes with that Python number (its
+    placeholder stays, unread)."""
+    graph = torch.fx.Graph()
+    copies: dict = {}
+    graph.output(graph.graph_copy(gm.graph, copies))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for pos, value in values.items():
+        for item in list(placeholders[pos].users):
+            baked = copies[item]
+            for user in list(baked.users):
+                user.args = torch.fx.node.map_arg(user.args, lambda a: value if a is baked else a)
+                user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a: value if a is baked else a)
+            graph.erase_node(baked)
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _returned_inputs(gm: torch.fx.GraphModule, placeholders, user_positions) -> dict[int, int]:
+    """Output index -> user input position, for each output that is a whole user input
+    (the same storage, sizes, strides and offset in dynamo's example values)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def layout_of(node):
+        val = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            return None
+        try:
+            # sizes as text: a SymInt is unhashable, and comparing two would add a guard
+            return (StorageWeakRef(val.untyped_storage()), tuple(map(str, val.shape)), tuple(map(str, val.stride())),
+                    str(val.storage_offset()))
+        except Exception:  # no storage (a tensor subclass) or a size with no value: not known to alias
+            return None
+
+    inputs = {}
+    for pos in user_positions:
+        key = layout_of(placeholders[pos])
+        if key is not None:
+            inputs.setdefault(key, pos)
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    found = {}
+    for i, out in enumerate(outputs if isinstance(outputs, (tuple, list)) else ()):
+        key = layout_of(out)
+        if key is not None and key in inputs:
+            found[i] = inputs[key]
+    return found
+
+
+class _Paths:
+    """The weight paths of one subgraph, each distinct: two inputs are two tensors (dynamo
+    passes a tensor reached twice once), so two spellings that read alike (a module and
+    its attribute, two leaves of one name) must not become one parameter."""
+
+    def __init__(self):
+        self.leaves: set[str] = set()
+        self.modules: set[str] = set()  # every proper prefix of a path: a module on the way
+
+    def unique(self, path: str, fallback: str) -> str:
+        for candidate in (path, fallback, *(f"{fallback}_{i}" for i in range(1, 1000))):
+            if self._free(candidate):
+                self._take(candidate)
+                return candidate
+        raise UnsupportedSubgraph(f"no free name for the weight {path!r}")
+
+    def _free(self, path: str) -> bool:
+        parts = path.split(".")
+        prefixes = {".".join(parts[:i]) for i in range(1, len(parts))}
+        return path not in self.leaves and path not in self.modules and not (prefixes & self.leaves)
+
+    def _take(self, path: str):
+        parts = path.split(".")
+        self.leaves.add(path)
+        self.modules.update(".".join(parts[:i]) for i in range(1, len(parts)))
 
 
 def dynamic_dims(gm: torch.fx.GraphModule, layout: InputLayout) -> dict[int, list[int]]:
@@ -100,11 +232,17 @@ def _tensor_dim_of(expr, placeholders, user_positions) -> tuple[int, int]:
 
 
 class SubgraphModule(torch.nn.Module):
-    """Calls dynamo's GraphModule with the weights from its own parameters and buffers and
-    the sizes read off the inputs: forward(*user_tensors)."""
+    """Calls dynamo's GraphModule with the weights from its own parameters and buffers,
+    the sizes read off the inputs and the Python numbers of `example_inputs` baked in:
+    forward(*user_tensors)."""
 
     def __init__(self, gm: torch.fx.GraphModule, layout: InputLayout, example_inputs):
         super().__init__()
+        wrapped = [pos for pos in layout.numbers if isinstance(example_inputs[pos], torch.Tensor)]
+        if wrapped:
+            gm = with_numbers_baked(gm, {pos: example_inputs[pos].item() for pos in wrapped})
+        # ints: passed to the graph as the constants they were at this call
+        self._ints = {pos: int(example_inputs[pos]) for pos in layout.numbers if pos not in wrapped}
         self.dynamo_graph = gm  # a submodule: weights held as its attributes stay parameters
         self.layout = layout
         for pos, path in layout.weights.items():
@@ -122,6 +260,8 @@ class SubgraphModule(torch.nn.Module):
             args[pos] = _lookup(self, path)
         for pos, (tensor_pos, dim) in self.layout.sizes.items():
             args[pos] = args[tensor_pos].size(dim)
+        for pos, value in self._ints.items():
+            args[pos] = value
         return self.dynamo_graph(*args)
 
 
@@ -133,9 +273,14 @@ def _attach(root: torch.nn.Module, path: str, tensor: torch.Tensor):
     for key in parents:
         child = module._modules.get(key)
         if child is None:
+            if key in module._parameters or key in module._buffers:
+                raise AssertionError(f"fxforge.dynamo: the weight path {path!r} runs through a weight")
             child = torch.nn.Module()
             module.add_module(key, child)
         module = child
+    if leaf in module._parameters or leaf in module._buffers or leaf in module._modules:
+        # input_layout gives each weight its own path: a clash would make two tensors one
+        raise AssertionError(f"fxforge.dynamo: two weights were given the path {path!r}")
     if isinstance(tensor, torch.nn.Parameter):
         module.register_parameter(leaf, tensor)
     else:

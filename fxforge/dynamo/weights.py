@@ -23,6 +23,10 @@ is an edit through `w.data` (`w.data += delta`, as peft merges LoRA weights; `w.
 stays, and a weight a pass rewrote (fused q/k/v, quantized) keeps its old copy. Edit
 weights in place as themselves (`with torch.no_grad(): w.add_(delta)`) or call
 `torch._dynamo.reset()` after a `.data` edit; the README says so.
+
+A buffer edited in place by someone else between calls (another subgraph's step counter
+or cache) would rebuild the model at every call: after its first such edit the subgraph
+takes it as an input read at each call instead (backend.py, _SubgraphRunner._read_live).
 """
 from __future__ import annotations
 
@@ -64,6 +68,14 @@ class WeightSet:
             if tensor._version != version:
                 return False
         return True
+
+    def edited_in_place(self, args: Sequence) -> list[int]:
+        """Positions of the weights `args` passes as the same tensors, in the same storage,
+        with a newer version: edited in place since."""
+        versions = {id(t): v for t, v in self._versions}
+        return [pos for pos, tensor, ptr in self._identity
+                if args[pos] is tensor and tensor.data_ptr() == ptr and id(tensor) in versions
+                and tensor._version != versions[id(tensor)]]
 
     def forget_written(self):
         """After the compiled model's first run: stop checking the version of the weights it

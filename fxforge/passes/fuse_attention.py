@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 from ..ir.edit import dead_code_elimination
 from ..ir.graph import Value, readers_through
-from ..ir.ops import causal_keep
+from ..ir.ops import OPS, causal_keep
 from ..ir.types import as_dim, dims_equal
 from .cleanup import RULES as CLEANUP_RULES
 from .pattern import Match, Rule, apply_rules, op, var
@@ -617,6 +617,13 @@ _INPLACE_SCALE = {"aten.mul_.Tensor": "mul", "aten.mul_.Scalar": "mul", "aten.di
                   "aten.div_.Scalar": "div"}
 
 
+def _made_fresh(producer) -> bool:
+    """A value made by this node is a tensor of its own: not a graph input or weight (no
+    producer), nor a view, whose in-place write reaches a tensor the IR reads elsewhere
+    (torch.compile's graphs keep `x.mul_(3)` and `x[:, 1].mul_(3)` as such calls)."""
+    return producer is not None and producer.op in OPS and OPS[producer.op].kind != "view"
+
+
 def _inplace_scale(m: Match, node) -> tuple[str, float] | None:
     """('mul' | 'div', c) for an in-place scalar mul_/div_ on a value read only by it."""
     if node.op != "torch_call" or node.attrs["target"] not in _INPLACE_SCALE or len(node.inputs) != 1:
@@ -625,6 +632,8 @@ def _inplace_scale(m: Match, node) -> tuple[str, float] | None:
     if len(args) != 2 or node.attrs["kwargs"] or not isinstance(args[1], (int, float)) or isinstance(args[1], bool):
         return None
     if m.uses(node.inputs[0]) != 1 or not node.inputs[0].type.same_as(node.outputs[0].type):
+        return None
+    if not _made_fresh(m.producers.get(node.inputs[0])):
         return None
     return _INPLACE_SCALE[node.attrs["target"]], float(args[1])
 
@@ -983,10 +992,12 @@ _VIEW_RULES = [r for r in CLEANUP_RULES if r.name in ("view_noop", "view_of_view
 def _drop_dead_inplace(graph):
     """An in-place scalar op (falcon's scores.div_(c)) whose result nobody reads, on a value
     only it reads, changes nothing anyone sees: once its scores were fused away, drop it (dead-
-    code elimination keeps in-place calls, which in general write memory others read)."""
+    code elimination keeps in-place calls, which in general write memory others read). One on a
+    graph input, weight or view stays: what it writes is read outside the value."""
     uses = graph.use_counts()
+    producers = {v: n for n in graph.nodes for v in n.outputs}
     kept = [n for n in graph.nodes
             if not (n.op == "torch_call" and n.attrs["target"] in _INPLACE_SCALE and len(n.inputs) == 1
                     and uses.get(n.outputs[0], 0) == 0 and uses.get(n.inputs[0], 0) == 1
-                    and n.outputs[0] not in graph.outputs)]
+                    and n.outputs[0] not in graph.outputs and _made_fresh(producers.get(n.inputs[0])))]
     return graph if len(kept) == len(graph.nodes) else dead_code_elimination(graph.with_nodes(kept))

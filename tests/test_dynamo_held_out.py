@@ -1,0 +1,326 @@
+"""torch.compile(backend=fxforge) on what a held-out tester found: each case gives eager's
+answer (outputs, and the inputs and buffers the model writes) or a clear error."""
+import pytest
+import torch
+import torch.nn as nn
+
+import fxforge.dynamo as fxforge_dynamo
+from fxforge.dynamo import FxforgeBackend
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()  # compiled frames of one test must not serve the next
+    yield
+    torch._dynamo.reset()
+
+
+def run_both(fn, *inputs, backend=None):
+    """(eager result, eager inputs after, compiled result, compiled inputs after)."""
+    eager_in = [x.clone() for x in inputs]
+    fast_in = [x.clone() for x in inputs]
+    fx = backend or FxforgeBackend()
+    with torch.no_grad():
+        expected = fn(*eager_in)
+        got = torch.compile(fn, backend=fx)(*fast_in)
+    assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
+    return expected, eager_in, got, fast_in
+
+
+# -- in-place ops through views -----------------------------------------------------------
+
+VIEW_WRITES = {
+    "view_mul": lambda x: (x.view(-1).mul_(3), x.sum(-1))[1],
+    "column_mul": lambda x: (x[:, 1].mul_(3), x.sum(-1))[1],
+    "strided_rows_mul": lambda x: (x[::2].mul_(3), x.sum(-1))[1],
+    "transposed_row_mul": lambda x: (x.t()[0].mul_(3), x.sum(-1))[1],
+    "diagonal_mul": lambda x: (x.diagonal().mul_(3), x.sum(-1))[1],
+    "column_div": lambda x: (x.t()[1].div_(4), x.sum(-1))[1],
+    "view_mul_result_unread": lambda x: (x.view(-1).mul_(3.0), torch.ones(1))[1],
+    "whole_mul_result_unread": lambda x: (x.mul_(3), torch.ones(1))[1],
+    "column_add": lambda x: (x[:, 1].add_(1), x.sum(-1))[1],
+    "column_copy": lambda x: (x[:, 1].copy_(x[:, 0]), x.sum(-1))[1],
+}
+
+
+@pytest.mark.parametrize("name", VIEW_WRITES)
+def test_in_place_write_through_a_view_of_an_input_reaches_the_input(name):
+    """A mul_/div_ by a number on a view was kept as an opaque in-place call that
+    fuse_attention's in-place-scale rule read as out-of-place (its view is read by nothing
+    else) and dropped: the output missed it and the input stayed unchanged."""
+    x = torch.arange(12.).reshape(4, 3)
+    expected, (eager_x,), got, (fast_x,) = run_both(VIEW_WRITES[name], x)
+    assert torch.equal(fast_x, eager_x)
+    assert torch.equal(got, expected)
+
+
+class DecayedBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(8, 8)
+        self.register_buffer("ema", torch.ones(4, 8))
+
+    def forward(self, x):
+        self.ema[0].mul_(0.9)  # one row of a buffer
+        h = self.l(x)
+        h[:, 0].mul_(2)  # one column of an intermediate
+        return h + self.ema.sum(0)
+
+
+def test_in_place_scale_of_a_buffer_row_and_an_intermediate_column():
+    torch.manual_seed(0)
+    eager, model = DecayedBuffer().eval(), DecayedBuffer().eval()
+    model.load_state_dict(eager.state_dict())
+    fx = FxforgeBackend()
+    fast = torch.compile(model, backend=fx)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(fast(x), eager(x))
+            torch.testing.assert_close(model.ema, eager.ema)
+    assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
+
+
+def test_output_after_a_strided_write_is_a_new_tensor_as_in_eager():
+    def f(x):
+        x.view(-1)[::2].mul_(3)
+        return x * 1
+
+    x = torch.arange(12.).reshape(4, 3)
+    expected, (eager_x,), got, (fast_x,) = run_both(f, x)
+    assert torch.equal(fast_x, eager_x) and torch.equal(got, expected)
+    assert got.data_ptr() != fast_x.data_ptr()
+
+
+def test_an_input_written_and_returned_is_returned_itself_as_in_eager():
+    x = torch.arange(12.).reshape(4, 3)
+    expected, (eager_x,), got, (fast_x,) = run_both(lambda x: x.mul_(3), x)
+    assert torch.equal(fast_x, eager_x) and torch.equal(got, expected)
+    assert got is fast_x
+
+
+# -- weight names -------------------------------------------------------------------------
+
+class TwoLayersCountingCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1  # dynamo then spells weights L['self'].__dict__['_modules']['a']...
+        return self.b(self.a(x))
+
+
+class PlainListOfLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = [nn.Linear(16, 16), nn.Linear(16, 16)]  # not registered: no _modules path
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x).tanh()
+        return x
+
+
+def _global_layers(x):
+    return _LAYER_2(_LAYER_1(x).relu())
+
+
+torch.manual_seed(0)
+_LAYER_1, _LAYER_2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+
+@pytest.mark.parametrize("case", ["attribute_set_in_forward", "plain_list", "globals", "module_arguments"])
+def test_each_layer_keeps_its_own_weights(case):
+    """Weights whose dynamo source has no _modules path were all named by their leaf
+    (weight, bias): the second layer's weights replaced the first's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16)
+    if case == "module_arguments":
+        def fn(a, b, x):
+            return b(a(x).relu())
+        args = (_LAYER_1, _LAYER_2, x)
+    elif case == "globals":
+        fn, args = _global_layers, (x,)
+    else:
+        fn = (TwoLayersCountingCalls if case == "attribute_set_in_forward" else PlainListOfLayers)().eval()
+        args = (x,)
+    fx = FxforgeBackend()
+    with torch.no_grad():
+        expected = fn(*args)
+        got = torch.compile(fn, backend=fx)(*args)
+    torch.testing.assert_close(got, expected)
+    assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
+    names = list(fx.models[0].graph.params)
+    assert len(names) == 4 and len(set(names)) == 4, names
+
+
+def test_weight_paths_read_dynamo_sources():
+    from fxforge.dynamo.subgraph import weight_path
+
+    assert weight_path("L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']") \
+        == "model.layers.0.weight"
+    assert weight_path("L['self'].__dict__['_modules']['a']._parameters['bias']") == "a.bias"
+    assert weight_path("L['self'].blocks[1]._parameters['weight']") == "blocks.1.weight"
+    assert weight_path("G['lin1']._buffers['mask']") == "lin1.mask"
+    assert weight_path("L['x']") is None
+
+
+def test_clashing_weight_paths_get_distinct_names_or_an_error():
+    from fxforge.dynamo.subgraph import _attach, _Paths
+
+    paths = _Paths()
+    assert paths.unique("a.weight", "p0") == "a.weight"
+    assert paths.unique("a.weight", "p1") == "p1"  # the same spelling twice: two tensors
+    assert paths.unique("a", "p2") == "p2"  # a module on the way to a.weight
+    assert paths.unique("a.weight.x", "p1") == "p1_1"  # through a weight; p1 is taken
+    root = nn.Module()
+    _attach(root, "a.weight", nn.Parameter(torch.ones(1)))
+    with pytest.raises(AssertionError, match="two weights"):
+        _attach(root, "a.weight", nn.Parameter(torch.zeros(1)))
+    with pytest.raises(AssertionError, match="through a weight"):
+        _attach(root, "a.weight.x", nn.Parameter(torch.zeros(1)))
+
+
+# -- dims dynamo leaves dynamic at size 1 --------------------------------------------------
+
+class SqueezedLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.l(x).squeeze(1) * 2
+
+
+@pytest.mark.parametrize("how", ["mark_unbacked", "backed_size_oblivious"])
+@pytest.mark.parametrize("lengths", [(5, 1, 3), (1, 4)])
+def test_a_dynamic_dim_at_one_gets_a_model_of_its_own(how, lengths):
+    """mark_unbacked or backed_size_oblivious keep one dynamo graph for every size, 1
+    included; fxforge traced the dim at >= 2, where squeeze(1) does nothing, and returned
+    (2, 1, 16) at T=1 where eager returns (2, 16)."""
+    torch.manual_seed(0)
+    model = SqueezedLinear().eval()
+    fx = FxforgeBackend()
+    fast = torch.compile(model, backend=fx)
+    oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=how == "backed_size_oblivious")
+    with torch.no_grad(), oblivious:
+        for length in lengths:
+            x = torch.randn(2, length, 16)
+            if how == "mark_unbacked":
+                torch._dynamo.decorators.mark_unbacked(x, 1)
+            else:
+                torch._dynamo.mark_dynamic(x, 1)
+            expected = model(x)
+            got = fast(x)
+            assert got.shape == expected.shape, (length, got.shape, expected.shape)
+            torch.testing.assert_close(got, expected)
+    assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
+    assert len(fx.compiled) == 2  # one for sizes >= 2, one at 1
+
+
+# -- torch.compile's mode= and options= ----------------------------------------------------
+
+def _compile_and_call(**compile_arguments):
+    model = nn.Linear(16, 16).eval()
+    with torch.no_grad():
+        return torch.compile(model, **compile_arguments)(torch.randn(2, 16))
+
+
+@pytest.mark.parametrize("backend", ["function", "object"])
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_mode_is_refused_with_what_to_use_instead(backend, mode):
+    fx = fxforge_dynamo.backend if backend == "function" else FxforgeBackend()
+    with pytest.raises(Exception, match=r"fxforge has no modes.*options="):
+        _compile_and_call(backend=fx, mode=mode)
+
+
+def test_mode_default_is_no_mode():
+    _compile_and_call(backend=fxforge_dynamo.backend, mode="default")
+
+
+def test_options_beside_a_backend_object_say_where_options_go():
+    with pytest.raises(Exception, match=r"FxforgeBackend\(quantize='int8'\), not options"):
+        _compile_and_call(backend=FxforgeBackend(), options={"quantize": "int8"})
+
+
+def test_an_unknown_option_fails_at_the_first_compile_with_the_known_ones():
+    """A typo warned once per subgraph and left the whole model uncompiled."""
+    with pytest.raises(Exception, match=r"no option\(s\) \['quantise'\].*'quantize'"):
+        _compile_and_call(backend=fxforge_dynamo.backend, options={"quantise": "int8"})
+    with pytest.raises(TypeError, match=r"no option\(s\) \['quantise'\]"):
+        FxforgeBackend(quantise="int8")
+
+
+# -- torch.compile(dynamic=True): Python numbers ------------------------------------------
+
+class ScaledSoftmax(nn.Module):
+    def __init__(self, scale=0.125, shift=3):
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+        self.scale, self.shift = scale, shift
+
+    def forward(self, x, n):
+        return self.l(x).softmax(-1) * self.scale + self.shift + n
+
+
+def test_dynamic_true_bakes_python_numbers_in_and_compiles():
+    """dynamic=True passes a float attribute as an f64[] input read with .item(), and an
+    int one as a size of no input: fxforge fell back ('a tensor's value is read into
+    Python (zuf0)', though the user never called .item()). Each compiled model now has
+    the numbers baked in and serves calls with those values; another value compiles anew.
+    (An int argument comes as a size that is no dim of an input: it fell back too.)"""
+    torch.manual_seed(0)
+    model = ScaledSoftmax().eval()
+    fx = FxforgeBackend()
+    fast = torch.compile(model, backend=fx, dynamic=True)
+    with torch.no_grad():
+        for length in (3, 5):
+            x = torch.randn(2, length, 16)
+            torch.testing.assert_close(fast(x, 2), model(x, 2))
+        torch.testing.assert_close(fast(x, 4), model(x, 4))  # an int argument: another value
+        model.scale = 0.5  # another float: eager's answer, not the baked one
+        torch.testing.assert_close(fast(x, 4), model(x, 4))
+    assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
+
+
+# -- a buffer written by another subgraph ------------------------------------------------
+
+class StepAcrossABreak(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ls = nn.Sequential(*[nn.Linear(16, 16) for _ in range(3)])
+        self.register_buffer("step", torch.zeros(()))
+
+    def forward(self, x):
+        y = self.ls(x) * (1 + self.step)  # one subgraph reads the buffer
+        torch._dynamo.graph_break()
+        self.step.add_(1)  # the next one writes it
+        return y
+
+
+def test_a_buffer_another_subgraph_writes_is_read_live_not_recompiled_for(monkeypatch):
+    """The reading subgraph's weight guard saw a new version of the buffer at every call
+    and rebuilt its model every time; after the first such edit it takes the buffer as an
+    input it reads at each call."""
+    torch.manual_seed(0)
+    eager, model = StepAcrossABreak().eval(), StepAcrossABreak().eval()
+    model.load_state_dict(eager.state_dict())
+    fx = FxforgeBackend()
+    fast = torch.compile(model, backend=fx)
+    compiles = [0]
+    original = FxforgeBackend.compile
+
+    def counting(self, *args):
+        compiles[0] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(FxforgeBackend, "compile", counting)
+    with torch.no_grad():
+        for _ in range(6):
+            x = torch.randn(2, 16)
+            torch.testing.assert_close(fast(x), eager(x))
+            assert torch.equal(model.step, eager.step)
+    assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
+    assert compiles[0] <= 3, compiles[0]  # reader, writer, the reader once more with the buffer live
