@@ -112,6 +112,7 @@ def test_paged_generate_reaches_the_last_position(gpt2, paged):
     expected = _reference(model, ids, NEW, do_sample=False)
     # a paged cache's rows get blocks for the positions fed (4 blocks of 4), none for the last token
     assert torch.equal(paged.generate(ids, NEW, eos_token_id=None), expected)
+    assert torch.equal(paged.generate(ids, NEW, draft="ngram", eos_token_id=None), expected)
     assert torch.equal(paged.generate(ids, NEW, num_beams=2, eos_token_id=None),
                        _reference(model, ids, NEW, num_beams=2, do_sample=False))
     _refused(lambda: paged.generate(ids, NEW + 1, eos_token_id=None))
@@ -124,3 +125,40 @@ def test_a_shorter_cache_than_the_table_suggests_a_larger_one(gpt2):
     with pytest.raises(ValueError, match=r"fed 13 positions.*at most max_new_tokens=3, or optimize with a larger "
                                          r"KVCacheConfig\(max_seq_len=\.\.\.\) \(at most 16"):
         fast.generate(ids, 4, eos_token_id=None)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_ngram_speculation_reaches_the_last_position(gpt2, k):
+    model, fast, ids = gpt2
+    expected = _reference(model, ids, NEW, do_sample=False)
+    assert torch.equal(fast.generate(ids, NEW, draft="ngram", num_draft_tokens=k, eos_token_id=None), expected)
+    _refused(lambda: fast.generate(ids, NEW + 1, draft="ngram", num_draft_tokens=k, eos_token_id=None))
+
+
+def test_model_draft_reaches_the_last_position(gpt2):
+    """The draft is fed at most prompt + new tokens - 2 positions (it never runs on the
+    model's last fed position): a draft of 15 positions serves a 10 + 7 request."""
+    model, fast, ids = gpt2
+    draft = fxforge.optimize(model, (ids,), kv_cache=KVCacheConfig(max_seq_len=POSITIONS - 1), verbose=False)
+    expected = _reference(model, ids, NEW, do_sample=False)
+    for k in (1, 2, 4, 8):
+        assert torch.equal(fast.generate(ids, NEW, draft=draft, num_draft_tokens=k, eos_token_id=None), expected)
+    _refused(lambda: fast.generate(ids, NEW + 1, draft=draft, num_draft_tokens=4, eos_token_id=None))
+    # a draft one position shorter than that is refused by name, before any work
+    with pytest.raises(ValueError, match="draft fed 15 positions, more than the draft model's max_seq_len=14"):
+        short = fxforge.optimize(model, (ids,), kv_cache=KVCacheConfig(max_seq_len=POSITIONS - 2), verbose=False)
+        fast.generate(ids, NEW, draft=short, num_draft_tokens=4, eos_token_id=None)
+
+
+def test_a_guard_on_the_length_is_checked_at_the_positions_fed_only(gpt2):
+    """A graph guard on the sequence's length (L + T once cached: MPT's ALiBi slice has one)
+    is checked before any work for every step a request runs, and only for those: a
+    verification step never feeds past the last position, nor a draft step past the one
+    before it."""
+    model, fast, ids = gpt2
+    guarded = fxforge.load_ir(fast.ir.replace("  signature", "  guard L + T <= 16\n  signature"), fast.graph.params)
+    expected = _reference(model, ids, NEW, do_sample=False)
+    assert torch.equal(guarded.generate(ids, NEW, eos_token_id=None), expected)
+    for k in (1, 4, 8):
+        assert torch.equal(guarded.generate(ids, NEW, draft="ngram", num_draft_tokens=k, eos_token_id=None), expected)
+        assert torch.equal(guarded.generate(ids, NEW, draft=guarded, num_draft_tokens=k, eos_token_id=None), expected)
