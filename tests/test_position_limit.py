@@ -162,3 +162,53 @@ def test_a_guard_on_the_length_is_checked_at_the_positions_fed_only(gpt2):
     for k in (1, 4, 8):
         assert torch.equal(guarded.generate(ids, NEW, draft="ngram", num_draft_tokens=k, eos_token_id=None), expected)
         assert torch.equal(guarded.generate(ids, NEW, draft=guarded, num_draft_tokens=k, eos_token_id=None), expected)
+    with fxforge.Engine(guarded, max_batch=2) as engine:
+        assert engine.generate_many([ids[0]], NEW, eos_token_id=None)[0].tolist() == expected[0, PROMPT:].tolist()
+
+
+
+def _engine_prompts(ids):
+    # 10 + 7 and 9 + 8: both end on position 15
+    return [(ids[0], NEW), (ids[0, 1:], NEW + 1)]
+
+
+def test_engine_reaches_the_last_position(gpt2):
+    _, fast, ids = gpt2
+    with fxforge.Engine(fast, max_batch=2) as engine:
+        assert engine.capacity == POSITIONS
+        for prompt, new in _engine_prompts(ids):
+            alone = fast.generate(prompt[None], new, eos_token_id=None)[0, prompt.numel():]
+            assert torch.equal(engine.generate_many([prompt], new, eos_token_id=None)[0], alone)
+        # both at once: the second waits for room (its 8 new tokens from position 10 do not fit beside the first)
+        requests = [engine.submit(p, n, eos_token_id=None) for p, n in _engine_prompts(ids)]
+        engine.run()
+        assert [r.result().tolist() for r in requests] == \
+            [fast.generate(p[None], n, eos_token_id=None)[0, p.numel():].tolist() for p, n in _engine_prompts(ids)]
+        message = _refused(lambda: engine.submit(ids[0], NEW + 1, eos_token_id=None))
+        assert "needs 17 positions" in message and "position table" in message
+
+
+def test_engine_requests_of_mixed_lengths_reach_the_last_position(gpt2):
+    _, fast, ids = gpt2
+    prompts = [ids[0], ids[0, 2:], ids[0, 4:]]  # 10 + 7, 8 + 9, 6 + 11 new tokens
+    news = [NEW, NEW + 2, NEW + 4]
+    alone = [fast.generate(p[None], n, eos_token_id=None)[0, p.numel():] for p, n in zip(prompts, news)]
+    with fxforge.Engine(fast, max_batch=3) as engine:
+        requests = [engine.submit(p, n, eos_token_id=None) for p, n in zip(prompts, news)]
+        engine.run()
+        assert [r.result().tolist() for r in requests] == [a.tolist() for a in alone]
+
+
+def test_paged_engine_reaches_the_last_position(gpt2, paged):
+    _, fast, ids = gpt2
+    prompts = [ids[0], ids[0, 2:], ids[0, 4:]]
+    news = [NEW, NEW + 2, NEW + 4]
+    alone = [fast.generate(p[None], n, eos_token_id=None)[0, p.numel():] for p, n in zip(prompts, news)]
+    # a pool of exactly one request's 16 positions (4 blocks of 4): they run one after another
+    with fxforge.Engine(paged, max_batch=2, num_blocks=POSITIONS // 4) as engine:
+        assert [o.tolist() for o in engine.generate_many(prompts[:1], NEW, eos_token_id=None)] == [alone[0].tolist()]
+        requests = [engine.submit(p, n, eos_token_id=None) for p, n in zip(prompts, news)]
+        engine.run()
+        assert [r.result().tolist() for r in requests] == [a.tolist() for a in alone]
+        message = _refused(lambda: engine.submit(ids[0], NEW + 1, eos_token_id=None))
+        assert "needs 17 positions" in message
