@@ -145,7 +145,7 @@ def test_model_draft_reaches_the_last_position(gpt2):
         assert torch.equal(fast.generate(ids, NEW, draft=draft, num_draft_tokens=k, eos_token_id=None), expected)
     _refused(lambda: fast.generate(ids, NEW + 1, draft=draft, num_draft_tokens=4, eos_token_id=None))
     # a draft one position shorter than that is refused by name, before any work
-    with pytest.raises(ValueError, match="draft fed 15 positions, more than the draft model's max_seq_len=14"):
+    with pytest.raises(ValueError, match="draft is fed 15 positions, more than the draft model's max_seq_len=14"):
         short = fxforge.optimize(model, (ids,), kv_cache=KVCacheConfig(max_seq_len=POSITIONS - 2), verbose=False)
         fast.generate(ids, NEW, draft=short, num_draft_tokens=4, eos_token_id=None)
 

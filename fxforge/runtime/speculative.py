@@ -166,8 +166,8 @@ class ModelDraft:
         # any work (past it the draft's program would index past its position table)
         limit = self.model.kv_layout.max_seq_len
         if limit is not None and need > limit:
-            raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({end - prompt_len}) has the "
-                             f"draft fed {need} positions, more than the draft model's max_seq_len={limit}; use a "
+            raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({end - prompt_len}): the draft "
+                             f"is fed {need} positions, more than the draft model's max_seq_len={limit}; use a "
                              "draft with as many positions as the model (or draft='ngram'), shorten the prompt "
                              "or ask for fewer tokens")
         # the prompt, then steps of one or two tokens ending at most at position need - 1
