@@ -77,15 +77,16 @@ def test_default_length_past_max_seq_len_names_max_seq_len(pair):
     ids = _prompt(vocab, 50)
     assert _reference(model, ids, eos_token_id=None).shape == (1, 70)
     with pytest.raises(ValueError, match=r"plus 20 new tokens \(transformers' default length.*more than "
-                                         r"max_seq_len=64.*at most max_new_tokens=14"):
+                                         r"max_seq_len=64.*at most max_new_tokens=15"):
         fast.generate(ids, eos_token_id=None)
-    assert fast.generate(ids, 14, eos_token_id=None).shape == (1, 64)
+    # 50 + 15 tokens: the last one is never fed, so 64 positions hold them
+    assert fast.generate(ids, 15, eos_token_id=None).shape == (1, 65)
 
 
 def test_max_length_past_max_seq_len_names_max_length(pair):
     _, fast, vocab = pair
-    with pytest.raises(ValueError, match=r"max_length=80 \(the prompt's 6 tokens included\) is more than "
-                                         r"max_seq_len=64"):
+    with pytest.raises(ValueError, match=r"max_length=80 \(the prompt's 6 tokens included\): the model is fed 79 "
+                                         r"positions.*more than max_seq_len=64.*use at most max_length=65"):
         fast.generate(_prompt(vocab), max_length=80)
 
 

@@ -249,9 +249,9 @@ def test_too_long_raises_before_generating():
     fast = _optimize(model, vocab)
     assert fast.kv_layout.max_seq_len == 128
     with pytest.raises(ValueError, match="max_seq_len=128"):
-        fast.generate(torch.randint(0, vocab, (1, 100)), 29)
+        fast.generate(torch.randint(0, vocab, (1, 100)), 30)
     assert fast._caches.idle == []  # nothing was allocated
-    fast.generate(torch.randint(0, vocab, (1, 100)), 28)  # exactly 128 fits
+    fast.generate(torch.randint(0, vocab, (1, 100)), 29)  # exactly 128 fed (the last token never is)
 
 
 def test_config_limits():
@@ -260,7 +260,7 @@ def test_config_limits():
     with pytest.raises(ValueError, match="max_batch=2"):
         fast.generate(torch.randint(0, vocab, (3, 4)), 2)
     with pytest.raises(ValueError, match="max_seq_len=32"):
-        fast.generate(torch.randint(0, vocab, (1, 30)), 3)
+        fast.generate(torch.randint(0, vocab, (1, 30)), 4)
     gpt, gvocab = zoo.gpt2("sdpa")
     with pytest.raises(KVCacheError, match="only 128 rows"):
         _optimize(gpt, gvocab, kv_cache=KVCacheConfig(max_seq_len=4096))

@@ -38,9 +38,9 @@ def test_hand_edits_take_effect(cached_llama):
     # a limit written into the signature is enforced by generate()
     limited = fxforge.load_ir(text.replace('signature {outputs=("logits",)',
                                            'signature {outputs=("logits",), max_seq_len=10'), fast.graph.params)
-    limited.generate(ids[:1, :5], 5, eos_token_id=None)
+    limited.generate(ids[:1, :5], 6, eos_token_id=None)  # 10 positions fed (the last token never is)
     with pytest.raises(ValueError, match="more than max_seq_len=10"):
-        limited.generate(ids[:1, :5], 6, eos_token_id=None)
+        limited.generate(ids[:1, :5], 7, eos_token_id=None)
     # a guard written by hand is checked on every call
     guarded = fxforge.load_ir(text.replace("  signature", "  guard T <= 6\n  signature"), fast.graph.params)
     with pytest.raises(ValueError, match="T=7"):

@@ -308,7 +308,7 @@ def test_draft_with_fewer_positions_than_the_request_is_a_clear_error(llama_pair
     draft = fxforge.optimize(_short_gpt2(16), (torch.randint(0, 128, (1, 8)),), kv_cache=True)
     ids = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(5))
     assert vocab == 128  # the draft's vocabulary
-    with pytest.raises(ValueError, match=r"28 positions, more than the draft model's max_seq_len=16"):
+    with pytest.raises(ValueError, match=r"draft is fed 26 positions, more than the draft model's max_seq_len=16"):
         fast.generate(ids, 16, draft=draft, num_draft_tokens=4, eos_token_id=None)
     # within the draft's positions it speculates as before
     plain = fast.generate(ids, 4, eos_token_id=None)

@@ -61,7 +61,9 @@ def beam_search(model, input_ids, pad, new_tokens: int, num_beams: int, processo
     all_scores, raw = ([] if want_scores else None), ([] if want_logits else None)
     offset = torch.arange(batch, device=device).view(-1, 1) * num_beams
 
-    with model.kv_cache_lease(rows, max_length) as cache:
+    # the loop ends on the step that picks the token at max_length - 1, never feeding it:
+    # the cache holds max_length - 1 positions (a position table's last row is the last fed)
+    with model.kv_cache_lease(rows, max_length - 1) as cache:
         cache.prepare(pad, model.bias_dtype())
         cur, start, step_ids = prompt_len, 0, input_ids
         while True:

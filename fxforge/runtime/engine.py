@@ -55,7 +55,8 @@ import torch
 
 from . import logits as lp
 from .generate import (_as_list, _check_settings, _plain_int, check_forced_tokens, check_generator,
-                       check_token_ids, max_position_embeddings, new_token_count, resolve_settings, vocab_size)
+                       check_token_ids, fed_positions, max_position_embeddings, new_token_count,
+                       position_table_rows, resolve_settings, vocab_size)
 from .state import padding_from_pad_tokens
 
 _RUNNING: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # engines that started a thread
@@ -328,12 +329,27 @@ class Engine:
         return prompt
 
     def _check_request(self, prompt_len: int, max_new_tokens: int):
-        if prompt_len + max_new_tokens > self.capacity:
-            raise ValueError(f"a prompt of {prompt_len} tokens plus {max_new_tokens} new ones needs "
-                             f"{prompt_len + max_new_tokens} positions; the engine has max_seq_len={self.capacity}")
+        # the last new token is returned, never fed: a request takes prompt + new - 1 positions
+        fed = fed_positions(prompt_len, max_new_tokens)
+        if fed > self.capacity:
+            raise ValueError(f"a prompt of {prompt_len} tokens plus {max_new_tokens} new ones needs {fed} positions "
+                             f"(every token but the last new one is fed to the model); the engine has "
+                             f"max_seq_len={self.capacity}{self._longer_hint()}")
         # the graph's guards on the sequence's length (L + T once cached) at every length
         # the request reaches: its prefill chunks end anywhere in the prompt
         self.model.check_step_sizes(1, [1], range(prompt_len + max_new_tokens - 1))
+
+    def _longer_hint(self) -> str:
+        """How to serve longer requests: a larger engine where the model has room; else a
+        larger KV cache, unless the limit is the model's position table (none holds more)."""
+        limit = self.model.kv_layout.max_seq_len
+        if limit is None or self.capacity < limit:
+            return f"; make the engine with a larger max_seq_len{'' if limit is None else f' (up to {limit})'}"
+        rows = position_table_rows(self.model)
+        if rows is not None and rows <= limit:
+            return (", the rows of the model's position table: no KV cache can hold more positions (transformers "
+                    "cannot feed more either)")
+        return f"; optimize the model with a larger KVCacheConfig(max_seq_len=...){f' (at most {rows})' if rows else ''}"
 
     def generate_many(self, prompts, max_new_tokens: int | None = None, **options) -> list[torch.Tensor]:
         """The new tokens of each prompt (prompt excluded), in order. Every prompt is
@@ -550,7 +566,10 @@ class Engine:
         remaining tokens, right-aligned at the longest row."""
         request, n = job.request, job.request.prompt.numel()
         lengths = [r.cached for r in self._rows] + [n]
-        remaining = [r.request.max_new_tokens - len(r.request.tokens) for r in self._rows] + [request.max_new_tokens]
+        # decode steps each row has left, one position each: the joining row takes its first
+        # token from its prompt's logits, and no row feeds its last token
+        remaining = [r.request.max_new_tokens - len(r.request.tokens) for r in self._rows] + \
+            [request.max_new_tokens - 1]
         start = max(lengths)
         if start + max(remaining) > self.capacity:
             return False

@@ -9,11 +9,12 @@ request gets blocks as its tokens arrive and gives them all back the step it fin
 the cache holds what the running requests hold, up to one partly filled block each.
 
 Admission: a request is admitted only when the blocks of its longest possible sequence
-(prompt + max_new_tokens) can be promised (BlockAllocator.reserve). The promise is not an
-allocation: the blocks stay in the free list until the request writes into them, but no
-other request may count on them. So an admitted request always finishes without
-preempting anyone, and a request waits (never fails, never is lost) while the pool cannot
-promise its blocks. A request longer than the whole pool is refused at submit().
+(prompt + max_new_tokens - 1 positions: the last new token is never fed) can be promised
+(BlockAllocator.reserve). The promise is not an allocation: the blocks stay in the free
+list until the request writes into them, but no other request may count on them. So an
+admitted request always finishes without preempting anyone, and a request waits (never
+fails, never is lost) while the pool cannot promise its blocks. A request longer than the
+whole pool is refused at submit().
 
 No data moves when a request joins: its prompt is prefilled straight into its own blocks
 (a batch of one row, in chunks of `prefill_chunk` tokens across steps), and the decode
@@ -28,6 +29,7 @@ import torch
 
 from .block_allocator import blocks_for
 from .engine import Engine, Request, _Prefill, _Row
+from .generate import fed_positions
 
 
 class _Blocks:
@@ -78,25 +80,26 @@ class PagedEngine(Engine):
         self.peak_allocated_blocks = 0
 
     def _check_request(self, prompt_len: int, max_new_tokens: int):
-        total = prompt_len + max_new_tokens
-        if self.capacity is not None and total > self.capacity:
+        fed = fed_positions(prompt_len, max_new_tokens)  # the last new token takes no slot
+        if self.capacity is not None and fed > self.capacity:
             super()._check_request(prompt_len, max_new_tokens)
-        need = blocks_for(total, self.block_size)
+        need = blocks_for(fed, self.block_size)
         if need > self.num_blocks:
             raise ValueError(f"a prompt of {prompt_len} tokens plus {max_new_tokens} new ones needs {need} KV cache "
                              f"blocks of {self.block_size} tokens, more than the engine's whole pool "
                              f"(num_blocks={self.num_blocks}): it could never run; raise num_blocks or ask for fewer "
-                             "tokens")
+                             f"tokens (it is fed {fed} positions: every token but the last new one)")
 
     # -- the step's parts (see Engine._admit for the order) -----------------------------------
     def _next_prefill(self) -> _Prefill | None:
         """The oldest waiting request, once the blocks for its longest possible length
-        (prompt + max_new_tokens) can be promised; until then it waits, first in first out."""
+        (prompt + max_new_tokens - 1 positions: its last token is never fed) can be
+        promised; until then it waits, first in first out."""
         with self._lock:
             if not self._waiting:
                 return None
             request = self._waiting[0]
-            need = blocks_for(request.prompt.numel() + request.max_new_tokens, self.block_size)
+            need = blocks_for(fed_positions(request.prompt.numel(), request.max_new_tokens), self.block_size)
             if not self.allocator.reserve(need):
                 return None  # not enough blocks to promise: it waits for a request to finish
             self._waiting.popleft()

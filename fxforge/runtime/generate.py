@@ -10,7 +10,9 @@ Semantics follow transformers' `generate` (4.x/5.x, decoder-only):
 - the result is the prompt followed by the new tokens; `max_new_tokens` wins over
   `max_length` (which counts the prompt); with neither, 20 new tokens capped at the
   model's config.max_position_embeddings, as in transformers; `max_new_tokens=0` raises,
-  as in transformers; a length past the KV cache's max_seq_len raises;
+  as in transformers; a request that feeds more positions than the KV cache's
+  max_seq_len raises (it feeds prompt + new tokens - 1: the last new token is never fed
+  back, so GPT-2's 16 positions give a 10-token prompt 7 new tokens, as transformers);
 - the logits processors (logits.py) apply in transformers' order: repetition penalty,
   no-repeat n-gram, min length / min new tokens, forced BOS / EOS (a model's own
   generation_config may set them: BART-family decoders force EOS last), then the
@@ -216,37 +218,87 @@ def defaults_from_generation_config(config) -> dict:
     return out
 
 
+def fed_positions(prompt_len: int, new_tokens: int) -> int:
+    """The positions a request puts through the model: the prompt and every new token but
+    the last, which is returned, never fed back (transformers' generate reaches a position
+    table's last row this way: n_positions=16 generates 10 + 7 tokens)."""
+    return prompt_len + new_tokens - 1
+
+
+def position_table_rows(model) -> int | None:
+    """The rows of the model's learned position table (GPT-2's wpe, OPT's table less its
+    offset of 2) that its positions index, read from the graph; None where there is none
+    (rotary or ALiBi models) or it cannot be told. A KV cache can never hold more."""
+    try:
+        from ..ir import roles
+        from ..passes.kv_cache import _position_table_limit
+
+        graph = model.graph
+        index = roles.input_index(graph, roles.POSITIONS)
+        cache_len = getattr(model, "_cache_len", None)
+        seq = graph.inputs[0].shape[1]
+        if cache_len is None:
+            return None
+        positions = graph.inputs[index] if index is not None else None
+        return _position_table_limit(graph, None, positions, seq, cache_len)
+    except Exception:  # noqa: BLE001 (a hint for an error message only: none rather than a wrong one)
+        return None
+
+
+def longer_cache_hint(max_seq_len: int, table_rows) -> str:
+    """The end of an error past max_seq_len, after its advice to ask for fewer tokens: a
+    larger KVCacheConfig only where the model's position table (table_rows: its rows, or
+    a function giving them) has room for one."""
+    rows = table_rows() if callable(table_rows) else table_rows
+    if rows is None:
+        return ", or optimize with a larger KVCacheConfig(max_seq_len=...)"
+    if rows > max_seq_len:
+        return (f", or optimize with a larger KVCacheConfig(max_seq_len=...) (at most {rows}, the rows of the "
+                "model's position table)")
+    return (f" (the model's position table has {rows} rows: no KV cache can hold more positions, and transformers "
+            "cannot feed more either)")
+
+
 def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int, padded: bool,
                         cache_bytes=None, memory_bytes: int | None = None, shifted_positions_ok: bool = False,
-                        length_from: str | None = None, rows_from: str | None = None):
+                        length_from: str | None = None, rows_from: str | None = None, table_rows=None):
     """Every limit is checked before any work, not discovered mid-generation.
     cache_bytes(batch, positions): the KV cache's size; memory_bytes: what the device has.
     shifted_positions_ok: the source model itself gives left-padded rows shifted positions
     (it takes no position_ids), so positions shared by the batch are what it computes.
     length_from: the setting the new tokens come from (new_token_count), rows_from: how the
-    prompts became `batch` rows (beams, sequences), both for the errors."""
+    prompts became `batch` rows (beams, sequences), both for the errors. table_rows: the
+    rows of the model's position table (or a function giving them, called only for an
+    error), so that an error suggests a larger KV cache only where one can work.
+
+    A request feeds prompt_len + max_new_tokens - 1 positions (fed_positions): the last
+    new token is returned, never fed, so it needs no cache position."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     length_from = length_from or f"max_new_tokens ({max_new_tokens})"
     total = prompt_len + max_new_tokens
-    if layout.max_seq_len is not None and total > layout.max_seq_len:
+    fed = fed_positions(prompt_len, max_new_tokens)
+    limit = layout.max_seq_len
+    if limit is not None and fed > limit:
+        hint = longer_cache_hint(limit, table_rows)
+        feeds = (f"the model is fed {fed} positions (every token but the last new one), more than max_seq_len="
+                 f"{limit} (the KV cache's positions)")
         if length_from.startswith("max_length="):
-            raise ValueError(f"{length_from} (the prompt's {prompt_len} tokens included) is more than "
-                             f"max_seq_len={layout.max_seq_len} (the KV cache's positions); lower max_length, or "
-                             "optimize with a larger KVCacheConfig(max_seq_len=...)")
+            fewer = f"use at most max_length={limit + 1}" if prompt_len <= limit else \
+                f"shorten the prompt to at most {limit} tokens"
+            raise ValueError(f"{length_from} (the prompt's {prompt_len} tokens included): {feeds}; {fewer}{hint}")
         what = length_from if length_from.startswith("max_new_tokens") else \
             f"{max_new_tokens} new tokens ({length_from})"
-        room = layout.max_seq_len - prompt_len
-        fewer = f"ask for at most max_new_tokens={room}" if room > 0 else "shorten the prompt"
-        raise ValueError(f"the prompt ({prompt_len} tokens) plus {what} is {total} positions, more than "
-                         f"max_seq_len={layout.max_seq_len} (the KV cache's positions); {fewer}, or optimize "
-                         "with a larger KVCacheConfig(max_seq_len=...)")
+        room = limit - prompt_len + 1
+        fewer = f"ask for at most max_new_tokens={room}" if room > 0 else \
+            f"shorten the prompt to at most {limit} tokens"
+        raise ValueError(f"the prompt ({prompt_len} tokens) plus {what} is {total} tokens: {feeds}; {fewer}{hint}")
     rows = f"{rows_from} = {batch} rows" if rows_from else f"batch {batch}"
     if layout.max_batch is not None and batch > layout.max_batch:
         raise ValueError(f"{rows} is larger than the KV cache's max_batch={layout.max_batch}; "
                          "optimize with KVCacheConfig(max_batch=...) or split the batch")
     if cache_bytes is not None and memory_bytes is not None:
-        need = cache_bytes(batch, total)
+        need = cache_bytes(batch, fed)
         if need > memory_bytes:
             raise ValueError(f"the prompt ({prompt_len} tokens) plus {max_new_tokens} new tokens needs a KV cache "
                              f"of {need / 2**30:.3g} GiB for {rows}, more than this device's memory "
@@ -514,7 +566,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         ("beams" if beams > 1 else "sequences (num_return_sequences)")
     check_generate_args(model.kv_layout, rows, prompt_len, new_tokens, bool((pad > 0).any()),
                         model.kv_cache_bytes, device_memory_bytes(device),
-                        getattr(model, "left_padding_shifts_positions", False), length_from, rows_from)
+                        getattr(model, "left_padding_shifts_positions", False), length_from, rows_from,
+                        lambda: position_table_rows(model))
     # the prefill, then one-token steps after prompt_len .. prompt_len + new_tokens - 2 cached tokens
     model.check_step_sizes(rows, [prompt_len])
     if new_tokens > 1:
@@ -552,8 +605,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     if streamer is not None and hasattr(streamer, "put"):
         streamer.put(input_ids.cpu())
     scores, raw = ([] if want_scores else None), ([] if want_logits else None)
-    # this call's own cache: concurrent and re-entrant calls never share buffers (state.py)
-    with model.kv_cache_lease(rows, prompt_len + new_tokens) as cache:
+    # this call's own cache: concurrent and re-entrant calls never share buffers (state.py);
+    # the last new token is never fed, so it takes no position
+    with model.kv_cache_lease(rows, fed_positions(prompt_len, new_tokens)) as cache:
         cache.prepare(pad, model.bias_dtype())
         seq = torch.empty(rows, prompt_len + new_tokens, dtype=torch.long, device=device)
         seq[:, :prompt_len] = input_ids

@@ -119,7 +119,7 @@ class NGramDraft:
     """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens
     (n = 3, 2, 1) and propose the tokens that followed it."""
 
-    def reset(self, seq: torch.Tensor, prompt_len: int, capacity: int):
+    def reset(self, seq: torch.Tensor, prompt_len: int, end: int):
         pass
 
     def propose(self, seq: torch.Tensor, length: int, k: int, processors, sample: bool, generator):
@@ -157,19 +157,24 @@ class ModelDraft:
         self.model, self.cache, self.valid = model, None, 0
         self.pad = torch.zeros(1, dtype=torch.long, device=model.device)
 
-    def reset(self, seq: torch.Tensor, prompt_len: int, capacity: int):
+    def reset(self, seq: torch.Tensor, prompt_len: int, end: int):
+        # what the draft feeds: the prompt, then at most up to position end - 3 (a round
+        # proposes at most end - length - 1 tokens and never feeds its last proposal, and
+        # no round runs at length end - 1), so end - 2 positions past a one-token request
+        need = max(prompt_len, end - 2)
         # the draft's own position limit, checked as generate() checks the model's, before
         # any work (past it the draft's program would index past its position table)
         limit = self.model.kv_layout.max_seq_len
-        if limit is not None and capacity > limit:
-            raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({capacity - prompt_len}) is "
-                             f"{capacity} positions, more than the draft model's max_seq_len={limit}; use a "
+        if limit is not None and need > limit:
+            raise ValueError(f"the prompt ({prompt_len} tokens) plus max_new_tokens ({end - prompt_len}): the draft "
+                             f"is fed {need} positions, more than the draft model's max_seq_len={limit}; use a "
                              "draft with as many positions as the model (or draft='ngram'), shorten the prompt "
                              "or ask for fewer tokens")
-        # the prompt, then steps of one or two tokens anywhere up to the capacity
+        # the prompt, then steps of one or two tokens ending at most at position need - 1
         self.model.check_step_sizes(1, [prompt_len])
-        self.model.check_step_sizes(1, [1, 2], range(prompt_len, capacity))
-        self._lease = self.model.kv_cache_lease(1, capacity)
+        self.model.check_step_sizes(1, [1], range(prompt_len, need))
+        self.model.check_step_sizes(1, [2], range(prompt_len, need - 1))
+        self._lease = self.model.kv_cache_lease(1, need)
         self.cache = self._lease.__enter__()
         self.cache.prepare(self.pad, self.model.bias_dtype())
         self.valid = 0
@@ -260,19 +265,25 @@ def speculative_loop(model, draft, seq: torch.Tensor, prompt_len: int, new_token
     from .generate import stop_mask
 
     pad = torch.zeros(1, dtype=torch.long, device=seq.device)
-    # a round proposes at most end - length - 1 tokens, so no step reaches past the last
-    # position plain generate fills: the caches need prompt + new tokens, not k more (a
-    # model with max_seq_len = prompt + new tokens has no room for more)
-    capacity = prompt_len + new_tokens
+    # a round proposes at most end - length - 1 tokens and its step feeds the draft tokens,
+    # never the token it picks after them: no step reaches past position end - 2, so the
+    # model's cache needs prompt + new tokens - 1 positions, as plain generate's does (a
+    # model with a position table of that many rows has no room for more)
+    end = prompt_len + new_tokens
+    capacity = end - 1
     k_max = max(0, min(k, new_tokens - 1))
-    # the prompt (with the first draft tokens), then verification steps of up to k + 1 tokens
-    model.check_step_sizes(1, [prompt_len + k_max])
-    model.check_step_sizes(1, range(1, k_max + 2), range(prompt_len, max(capacity, prompt_len + 1)))
-    draft.reset(seq, prompt_len, capacity)
+    # the prompt (with the first draft tokens), then verification steps of 1 + r tokens
+    # after `start` cached ones (start = length - 1 >= prompt_len, r <= end - length - 1)
+    model.check_step_sizes(1, range(prompt_len, prompt_len + k_max + 1))
+    full = max(prompt_len, end - k - 1)  # starts below it may verify all k draft tokens
+    model.check_step_sizes(1, range(1, k + 2), range(prompt_len, full))
+    for start in range(full, end - 1):
+        model.check_step_sizes(1, range(1, end - start), (start,))
+    draft.reset(seq, prompt_len, end)
     try:
         with model.kv_cache_lease(1, capacity) as cache:
             cache.prepare(pad, model.bias_dtype())
-            length, valid, end = prompt_len, 0, prompt_len + new_tokens
+            length, valid = prompt_len, 0
             while length < end:
                 room = min(k, end - length - 1)
                 tokens, q_rows = draft.propose(seq, length, room, processors, sample, generator) if room else ([], None)
