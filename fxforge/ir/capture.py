@@ -14,6 +14,7 @@ import re
 import sys
 import traceback
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,13 @@ class CallSpec:
     # {argument: forward()'s default} (call_constants.forward_defaults): a call may pass an
     # argument the capture left out at exactly this value (attention_mask=None)
     default_kwargs: dict = field(default_factory=dict)
+    # flat output positions where the model returns a user input itself or a view of one
+    # (its FX output reaches an input placeholder through view ops only), and {position: an
+    # earlier position} where it returns one tensor twice: everywhere else eager's output is
+    # a tensor of its own, which the graph's may not be (x.clone() and x * 1 are x to the
+    # IR): the call copies those (OptimizedModel._fresh_outputs)
+    output_views_input: tuple = ()
+    output_same_as: dict = field(default_factory=dict)
 
 
 # Friendly names for the dynamic dims: dim 0 is the batch, dim 1 the sequence.
@@ -157,8 +165,7 @@ def _with_constant_kwargs(spec: CallSpec, args, kwargs, baked) -> CallSpec:
         n = len(pytree.tree_leaves(v))
         leaves += [("const", x) for x in pytree.tree_leaves(v)] if k in baked else [next(traced) for _ in range(n)]
     in_spec = pytree.tree_flatten((tuple(args), kwargs))[1]
-    return CallSpec(in_spec, leaves, spec.out_spec, spec.output_leaves, spec.injected_kwargs, tuple(kwargs),
-                    spec.positional_names, spec.default_kwargs)
+    return dataclasses.replace(spec, in_spec=in_spec, input_leaves=leaves, kwarg_order=tuple(kwargs))
 
 
 def _functional(ep):
@@ -988,6 +995,11 @@ def _lower_exported(ep, injected, model):
 
     outputs = low.run_graph(gm.graph, env)
     output_leaves = []
+    user_placeholders = {by_name.get(getattr(s.arg, "name", None)) for s in ep.graph_signature.input_specs
+                         if s.kind == InputKind.USER_INPUT}
+    nodes = [out if isinstance(out, torch.fx.Node) else None for out in outputs]
+    views_input = tuple(i for i, out in enumerate(nodes) if out is not None and _views_of(out) in user_placeholders)
+    same_as = {i: nodes.index(out) for i, out in enumerate(nodes) if out is not None and nodes.index(out) != i}
     for spec, out in zip(ep.graph_signature.output_specs, outputs):
         if spec.kind != OutputKind.USER_OUTPUT:
             raise CaptureError(f"the model mutates {spec.target or spec.arg} inside forward ({spec.kind.name}); "
@@ -1005,7 +1017,19 @@ def _lower_exported(ep, injected, model):
     in_spec = ep.call_spec.in_spec
     kwarg_order = tuple(in_spec.child(1).context) if in_spec is not None else ()
     return g, CallSpec(in_spec, input_leaves, ep.call_spec.out_spec, output_leaves, injected, kwarg_order,
-                       _positional_names(model), forward_defaults(model))
+                       _positional_names(model), forward_defaults(model), views_input, same_as)
+
+
+def _views_of(node):
+    """The FX node `node` is a view of, through ops whose result aliases their first input
+    (view, slice, transpose, ... by their schema), or `node` itself."""
+    while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node):
+        schema = getattr(node.target, "_schema", None)
+        alias = schema.returns[0].alias_info if schema is not None and schema.returns else None
+        if alias is None or alias.is_write:
+            break
+        node = node.args[0]
+    return node
 
 
 def _note_constant_tensor(fixed_dtypes: dict, target: str, tensor: torch.Tensor, node, model):

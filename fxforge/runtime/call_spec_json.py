@@ -77,6 +77,8 @@ def call_spec_to_json(spec: CallSpec) -> dict:
         "kwarg_order": list(spec.kwarg_order),
         "positional_names": list(spec.positional_names),
         "default_kwargs": {k: v for k, v in spec.default_kwargs.items() if _is_plain(v)},
+        "output_views_input": list(spec.output_views_input),
+        "output_same_as": [[i, j] for i, j in spec.output_same_as.items()],
     }
 
 
@@ -84,7 +86,9 @@ def call_spec_from_json(data: dict) -> CallSpec:
     return CallSpec(treespec_from_json(data["in_spec"]), [tuple(e) for e in data["input_leaves"]],
                     treespec_from_json(data["out_spec"]), [tuple(e) for e in data["output_leaves"]],
                     dict(data["injected_kwargs"]), tuple(data["kwarg_order"]), tuple(data["positional_names"]),
-                    dict(data.get("default_kwargs", {})))  # (older saves: none)
+                    dict(data.get("default_kwargs", {})),  # (older saves: none)
+                    # (older saves: none, so every output aliasing an input is copied)
+                    tuple(data.get("output_views_input", ())), {i: j for i, j in data.get("output_same_as", ())})
 
 
 # -- helpers --------------------------------------------------------------------------------

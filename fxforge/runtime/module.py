@@ -12,6 +12,7 @@ from ..ir.call_constants import numpy_hint, same_constant as _same_constant
 from ..ir.capture import CallSpec, flatten_call
 from ..ir.graph import Graph
 from ..ir.guards import GuardChecker
+from ..ir.ops import OPS
 from ..ir.printer import Namer, format_node, print_graph
 from ..ir.evaluate import input_sizes
 from ..ir.types import SymType, dtype_name, parse_size_text, symbol
@@ -92,6 +93,7 @@ class OptimizedModel:
         self._size_outputs = _size_outputs(spec)
         self._out_sizes = _sizes_as_leaves(spec.out_spec) if _has_size(spec.out_spec) else None
         self._warned_no_grad = False  # the warning of a call with inputs that require grad, given once
+        self._fresh_outputs = _fresh_outputs(graph, spec)
 
     # -- calling ----------------------------------------------------------------------------
     @frame_of_its_own  # its Python calls stay off data-stack chunk boundaries (runtime/frames.py)
@@ -123,6 +125,8 @@ class OptimizedModel:
             else:
                 outs = self.program(*inputs)
         flat = [outs[i] if kind == "value" else i for kind, i in self.spec.output_leaves]
+        for i in self._fresh_outputs:  # eager's output is a tensor of its own there
+            flat[i] = flat[i].clone()
         if self._size_outputs:
             sizes = input_sizes(self.graph, inputs)
             for i, fn in self._size_outputs.items():
@@ -589,6 +593,36 @@ def _check_mask_batch(inputs, values):
         raise ValueError(f"attention_mask has batch {mask.shape[0]} but {name} has batch {first.shape[0]}: pass one "
                          f"mask row per sequence (attention_mask.expand({first.shape[0]}, -1) for one mask shared "
                          "by every row)")
+
+
+def _fresh_outputs(graph: Graph, spec: CallSpec) -> tuple:
+    """The flat output positions where the graph's output is (a view of) a graph input, a
+    weight or state, or the same value as an earlier output, but eager's is a tensor of its
+    own: `x.clone()`, `x * 1` and `x + 0` are x to the IR, and CSE makes `(x * 2, x * 2)` one
+    value. Returned as they are, a write into the output would change the caller's input,
+    the model's weights or the other output; so the call copies them. Where the model
+    itself returns its input (or a view of it), or one tensor twice, they stay shared as in
+    eager (capture records which: CallSpec.output_views_input / output_same_as)."""
+    producers = {v: n for n in graph.nodes for v in n.outputs}
+    held = set(graph.inputs) | set(graph.param_values) | set(graph.state_values)
+
+    def base(v):
+        while v in producers and OPS[producers[v].op].kind == "view" and producers[v].inputs:
+            v = producers[v].inputs[0]
+        return v
+
+    fresh, first = [], {}
+    for i, (kind, index) in enumerate(spec.output_leaves):
+        if kind != "value":
+            continue
+        v = graph.outputs[index]
+        if base(v) in held:
+            if i not in spec.output_views_input:
+                fresh.append(i)
+        elif v in first and spec.output_same_as.get(i) != first[v]:
+            fresh.append(i)
+        first.setdefault(v, i)
+    return tuple(fresh)
 
 
 def _size_outputs(spec: CallSpec) -> dict:
