@@ -20,7 +20,9 @@ one set of kernel arguments serve the batch, and a row's left padding is masked 
 key bias, as in a left-padded generate(). When a request joins, the rows are shifted
 together (one copy of the cache) so that the longest one starts at position 0; a row's
 rotary positions are its own (position - padding), so the shift changes no answer. Each
-request's greedy tokens are the ones generate() gives it alone (tested).
+request's greedy tokens are the ones generate() gives it alone (tested; bit for bit in
+float32: in half precision a batched step's products may round a last bit otherwise, which
+changes a token only where its two best logits are within that rounding, docs/serving.md).
 
 Settings: a request's sampling settings and EOS default as generate()'s do (the model's
 generation_config, then transformers' defaults: top_k=50 when sampling, the model's
