@@ -18,6 +18,11 @@ CompiledSubgraph per subgraph and set of weights in use; a subgraph past
 `max_weight_sets` runs further sets of weights as dynamo gave it (one entry in
 `fx.fallbacks`, and a warning).
 
+The outputs alias what eager's alias: an output that is a graph input or a view of one
+(`return x.mul_(3)`, `x[:, 1]`, `self.ema`) is made again from the caller's tensors by
+dynamo's own view ops, after the model wrote them; every other output is a tensor of its
+own (the passes fold `x * 1` to x), one object where the graph returns one node twice.
+
 fxforge traces a dynamic dim at sizes >= 2 (a `squeeze(1)` there does nothing). Dynamo
 keeps a dim dynamic at 0 or 1 only under mark_unbacked or backed_size_oblivious; a call
 with such a dim at 0 or 1 gets a compiled model captured at that size (a CompiledSubgraph
@@ -37,7 +42,7 @@ from ..api import optimize_captured
 from ..log import Reporter
 from ..runtime.module import OptimizedModel
 from .capture import capture_subgraph
-from .subgraph import InputLayout, SubgraphModule, UnsupportedSubgraph, dynamic_dims, input_layout
+from .subgraph import InputLayout, SubgraphModule, UnsupportedSubgraph, dynamic_dims, input_layout, replay
 from .weights import WeightSet, weight_key
 
 
@@ -54,6 +59,8 @@ class CompiledSubgraph:
     # dims at 0 or 1 it was captured at (a model captured with a dim dynamic serves sizes
     # >= 2 only) and the values of the Python numbers baked in; it serves calls with exactly those
     specialized: tuple = ((), ())
+    gm: torch.fx.GraphModule | None = None  # dynamo's graph: views of inputs are replayed from it
+    _weight_storages: set | None = dataclasses.field(default=None, repr=False)
 
     @property
     def key(self) -> tuple:
@@ -62,11 +69,42 @@ class CompiledSubgraph:
     def __call__(self, *args):
         out = self.model(*(args[pos] for pos in self.layout.user))
         # dynamo expects a sequence of outputs, as its GraphModule returns
-        out = out if isinstance(out, (tuple, list)) else (out,)
-        if self.layout.returned_inputs:  # `return x.mul_(3)`: x itself, as eager (it holds the values)
-            out = [args[self.layout.returned_inputs[i]] if i in self.layout.returned_inputs else o
-                   for i, o in enumerate(out)]
-        return out
+        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        if self._weight_storages is None:  # stable: this model is called only with these very weights
+            self._weight_storages = {_ptr(args[pos]) for pos in self.layout.weights
+                                     if isinstance(args[pos], torch.Tensor)}
+        return _as_eager_aliases(out, args, self.layout, self.gm, self._weight_storages)
+
+
+def _as_eager_aliases(out: list, args, layout: InputLayout, gm, weight_storages: set) -> list:
+    """The compiled model's outputs with eager's aliasing: an output that is a graph input or
+    a view of one is made again from the caller's tensors (after the model wrote them), the
+    same FX node returned twice is one object, and every other output is a tensor of its own
+    (the passes may fold `x * 1` to x, or two equal expressions to one value)."""
+    cache: dict = {}
+    # storage -> output group (None: a graph input's)
+    taken = dict.fromkeys(weight_storages)
+    taken.update((_ptr(args[pos]), None) for pos in layout.user if isinstance(args[pos], torch.Tensor))
+    for i, o in enumerate(out):
+        if i in layout.same_outputs:
+            out[i] = out[layout.same_outputs[i]]
+        elif i in layout.input_views:
+            out[i] = replay(gm, layout.input_views[i], args, cache)
+        elif isinstance(o, torch.Tensor):
+            group = layout.output_groups[i] if i < len(layout.output_groups) else None
+            ptr = _ptr(o)
+            if ptr in taken and (group is None or taken[ptr] != group):
+                out[i] = o = o.clone()
+                ptr = _ptr(o)
+            taken.setdefault(ptr, group)
+    return out
+
+
+def _ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # no storage of its own: not known to alias
+        return -id(t)
 
 
 @dataclass
@@ -123,7 +161,7 @@ class FxforgeBackend:
         # model, and a second copy of each weight would double the memory
         fast = optimize_captured(lambda: capture_subgraph(module, inputs), module, copy_weights=False,
                                  **self.options)
-        compiled = CompiledSubgraph(fast, layout, weights, specialized)
+        compiled = CompiledSubgraph(fast, layout, weights, specialized, gm)
         self.compiled.append(compiled)
         return compiled
 
