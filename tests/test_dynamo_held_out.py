@@ -465,3 +465,29 @@ def test_a_view_of_a_written_input_or_buffer_is_returned_as_a_view():
         model = Ema()
         assert torch.compile(model, backend=fx)(torch.ones(4)) is model.ema
     assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
+
+
+# -- inputs sharing memory ----------------------------------------------------------------
+
+def test_a_write_to_an_expanded_input_falls_back_with_a_reason():
+    def f(x):
+        x[0].mul_(2)
+        return x.sum()
+
+    x_eager, x_fast = torch.arange(4.).expand(3, 4), torch.arange(4.).expand(3, 4)
+    fx = FxforgeBackend()
+    with torch.no_grad(), pytest.warns(UserWarning, match="share memory"):
+        got = torch.compile(f, backend=fx)(x_fast)
+    assert got.item() == f(x_eager).item()
+    assert torch.equal(x_fast, x_eager)
+    assert "stride 0" in fx.fallbacks[0].reason
+
+
+def test_overlapping_inputs_fall_back_with_a_one_line_reason(caplog):
+    b = torch.arange(16.).reshape(4, 4)
+    fx = FxforgeBackend()
+    with torch.no_grad(), pytest.warns(UserWarning, match="overlap in memory"):
+        out = torch.compile(lambda x, y: (x.mul_(2), y + 0)[1], backend=fx)(b[0:2], b[1:3])
+    assert out.tolist() == [[8, 10, 12, 14], [8, 9, 10, 11]]
+    assert "overlap in memory" in fx.fallbacks[0].reason
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -22,6 +22,8 @@ The outputs alias what eager's alias: an output that is a graph input or a view 
 (`return x.mul_(3)`, `x[:, 1]`, `self.ema`) is made again from the caller's tensors by
 dynamo's own view ops, after the model wrote them; every other output is a tensor of its
 own (the passes fold `x * 1` to x), one object where the graph returns one node twice.
+Inputs that overlap in memory (two views of one tensor), or an expanded input the graph
+writes, run as dynamo gave them.
 
 fxforge traces a dynamic dim at sizes >= 2 (a `squeeze(1)` there does nothing). Dynamo
 keeps a dim dynamic at 0 or 1 only under mark_unbacked or backed_size_oblivious; a call
@@ -33,6 +35,7 @@ tensor read with .item()) is baked into each compiled model, keyed by its value.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -42,7 +45,8 @@ from ..api import optimize_captured
 from ..log import Reporter
 from ..runtime.module import OptimizedModel
 from .capture import capture_subgraph
-from .subgraph import InputLayout, SubgraphModule, UnsupportedSubgraph, dynamic_dims, input_layout, replay
+from .subgraph import (InputLayout, SubgraphModule, UnsupportedSubgraph, dynamic_dims, input_layout, replay,
+                       writes_self)
 from .weights import WeightSet, weight_key
 
 
@@ -100,6 +104,34 @@ def _as_eager_aliases(out: list, args, layout: InputLayout, gm, weight_storages:
     return out
 
 
+def _check_memory(gm: torch.fx.GraphModule, layout: InputLayout, inputs: list):
+    """UnsupportedSubgraph for inputs whose memory the functional IR cannot model: two
+    inputs that overlap (views of one tensor: a write to one changes the other), or an
+    input whose elements share memory (expanded, stride 0) that the graph writes."""
+    tensors = [(pos, inputs[pos]) for pos in [*layout.user, *layout.weights] if isinstance(inputs[pos], torch.Tensor)]
+    spans = []
+    for pos, t in tensors:
+        try:
+            if t.numel() == 0:
+                continue
+            start = t.data_ptr()
+            end = start + t.element_size() * (1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())))
+            spans.append((t.untyped_storage().data_ptr(), start, end, pos))
+        except Exception:  # no storage of its own (a tensor subclass)
+            continue
+    for i, (storage, start, end, pos) in enumerate(spans):
+        for other, start2, end2, pos2 in spans[i + 1:]:
+            if storage == other and start < end2 and start2 < end:
+                raise UnsupportedSubgraph(f"graph inputs {pos} and {pos2} overlap in memory (views of one tensor); "
+                                          "fxforge compiles inputs that are tensors of their own")
+    writes = any(n.op in ("call_function", "call_method") and (writes_self(n) or n.target is operator.setitem)
+                 for n in gm.graph.nodes)
+    for pos, t in tensors:
+        if writes and torch._debug_has_internal_overlap(t) == 1:
+            raise UnsupportedSubgraph(f"graph input {pos} has elements that share memory (an expanded tensor, stride 0) "
+                                      "and the subgraph writes in place; fxforge cannot write it back as eager does")
+
+
 def _ptr(t: torch.Tensor) -> int:
     try:
         return t.untyped_storage().data_ptr()
@@ -153,6 +185,7 @@ class FxforgeBackend:
         if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
             raise UnsupportedSubgraph("fxforge compiles inference graphs: the subgraph needs autograd "
                                       "(run the compiled model under torch.no_grad() or torch.inference_mode())")
+        _check_memory(gm, layout, inputs)
         module = SubgraphModule(gm, layout, inputs)
         Reporter(self.options.get("verbose")).log(
             "dynamo", f"subgraph with {len(layout.user)} input tensor(s), {len(layout.weights)} weight(s), "
