@@ -491,3 +491,23 @@ def test_overlapping_inputs_fall_back_with_a_one_line_reason(caplog):
     assert out.tolist() == [[8, 10, 12, 14], [8, 9, 10, 11]]
     assert "overlap in memory" in fx.fallbacks[0].reason
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+# -- dynamic=True numbers and weights edited between calls -------------------------------
+
+def test_minus_zero_is_another_number_than_zero():
+    class S(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = 0.0
+
+        def forward(self, x):
+            return 1.0 / (x * self.scale)
+
+    model = S()
+    fast = torch.compile(model, backend=FxforgeBackend(), dynamic=True)
+    with torch.no_grad():
+        for value in (0.0, -0.0, 0.0):
+            model.scale = value
+            assert torch.equal(fast(torch.ones(2)), model(torch.ones(2)))
+

@@ -30,7 +30,8 @@ keeps a dim dynamic at 0 or 1 only under mark_unbacked or backed_size_oblivious;
 with such a dim at 0 or 1 gets a compiled model captured at that size (a CompiledSubgraph
 keyed by its weights and those sizes), so it answers as eager does. Likewise a Python
 number dynamo leaves unspecialized (dynamic=True passes `self.scale = 0.125` as a 0-dim
-tensor read with .item()) is baked into each compiled model, keyed by its value.
+tensor read with .item()) is baked into each compiled model, keyed by its exact value
+(-0.0 is not 0.0).
 """
 from __future__ import annotations
 
@@ -300,8 +301,10 @@ class _SubgraphRunner:
 
 
 def _number(x):
-    """The value of a Python number dynamo passes as a 0-dim tensor or as an int."""
-    return x.item() if isinstance(x, torch.Tensor) else int(x)
+    """The key of a Python number dynamo passes as a 0-dim tensor or as an int: its exact
+    value (a float by its bits, so -0.0 is not 0.0 and a NaN is its own key)."""
+    value = x.item() if isinstance(x, torch.Tensor) else int(x)
+    return ("float", value.hex()) if isinstance(value, float) else (type(value).__name__, value)
 
 
 def _check_options(options: dict):
