@@ -511,3 +511,34 @@ def test_minus_zero_is_another_number_than_zero():
             model.scale = value
             assert torch.equal(fast(torch.ones(2)), model(torch.ones(2)))
 
+
+def test_a_parameter_edited_before_every_call_is_capped_by_max_weight_sets(monkeypatch):
+    class Edited(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            self.lin.bias.add_(0.5)
+            torch._dynamo.graph_break()
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    eager, model = Edited(), Edited()
+    model.load_state_dict(eager.state_dict())
+    fx = FxforgeBackend(max_weight_sets=3)
+    compiles = [0]
+    original = FxforgeBackend.compile
+
+    def counting(self, *args):
+        compiles[0] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(FxforgeBackend, "compile", counting)
+    fast = torch.compile(model, backend=fx)
+    with torch.no_grad(), pytest.warns(UserWarning, match="more than 3 sets of weights"):
+        for _ in range(10):
+            x = torch.randn(2, 4)
+            torch.testing.assert_close(fast(x), eager(x))
+    assert compiles[0] <= 4, compiles[0]  # the writer once, the reader up to the limit
+    assert len(fx.fallbacks) == 1

@@ -15,8 +15,8 @@ Parameter). Each compiled model is built from, and guarded by, the weights of it
 call (weights.py): a call with other weights, or with the same ones edited in place, gets
 the compiled model of those weights, built on a miss. `fx.compiled` holds one
 CompiledSubgraph per subgraph and set of weights in use; a subgraph past
-`max_weight_sets` runs further sets of weights as dynamo gave it (one entry in
-`fx.fallbacks`, and a warning).
+`max_weight_sets` models built (rebuilds of weights edited in place count) runs further
+sets of weights as dynamo gave it (one entry in `fx.fallbacks`, and a warning).
 
 The outputs alias what eager's alias: an output that is a graph input or a view of one
 (`return x.mul_(3)`, `x[:, 1]`, `self.ema`) is made again from the caller's tensors by
@@ -153,7 +153,7 @@ class FxforgeBackend:
     subgraph it compiled (`compiled`: one entry per subgraph and set of weights in use, in
     the order they were built; one whose weights were edited in place since is dropped when
     it is rebuilt) and every one it left to plain PyTorch (`fallbacks`: a subgraph fxforge
-    could not compile, or one called with more than `max_weight_sets` sets of weights,
+    could not compile, or one that built more than `max_weight_sets` models,
     whose further sets run as dynamo gave it).
 
     A subgraph is compiled on its first call, not when dynamo hands it over: torch.export
@@ -231,6 +231,7 @@ class _SubgraphRunner:
         self.by_weights: dict[tuple, CompiledSubgraph] = {}
         self.current: CompiledSubgraph | None = None  # the last one run: checked first
         self.closed = False  # no more compiles: weights not in by_weights run the GraphModule
+        self.builds = 0  # models built so far, for max_weight_sets
 
     def __call__(self, *args):
         current = self.current
@@ -260,13 +261,17 @@ class _SubgraphRunner:
                 key = weight_key(args, self.positions), specialized
         if self.closed:
             return self.gm.forward(*args)
-        if len(self.by_weights) >= self.owner.max_weight_sets:
+        # every model built counts, the ones dropped as stale too: a Parameter edited before
+        # every call would otherwise rebuild at every call, never reaching the limit
+        if self.builds >= self.owner.max_weight_sets:
             self._close(UnsupportedSubgraph(
                 f"dynamo called one subgraph with more than {self.owner.max_weight_sets} sets of weights "
-                "(instances of one class, the layers of a loop with a graph break, replaced weights; or values "
+                "(instances of one class, the layers of a loop with a graph break, replaced weights or weights "
+                "edited in place between calls; or values "
                 "of a Python number dynamic=True left unspecialized, each baked into a model of its own); "
                 "further sets run as PyTorch ops (FxforgeBackend(max_weight_sets=...) sets the limit)"))
             return self.gm.forward(*args)
+        self.builds += 1
         try:
             compiled = self.owner.compile(self.gm, self.layout, list(args), specialized)
         except Exception as e:  # any failure: these weights (and any new ones) run as dynamo gave them
