@@ -324,3 +324,221 @@ def test_a_buffer_another_subgraph_writes_is_read_live_not_recompiled_for(monkey
             assert torch.equal(model.step, eager.step)
     assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
     assert compiles[0] <= 3, compiles[0]  # reader, writer, the reader once more with the buffer live
+
+
+# -- outputs alias what eager's alias, and nothing else -----------------------------------
+
+def _shares(a, b):
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("fn", [lambda x: x * 1, lambda x: x + 0, lambda x: x.clone(),
+                                lambda x: (x.clone()[0].mul_(10), x * 1)[1]],
+                         ids=["mul_one", "add_zero", "clone", "clone_written_then_mul_one"])
+def test_a_new_tensor_in_eager_is_a_new_tensor_compiled(fn):
+    """A pass folds `x * 1` to x: the compiled model returned the input itself, and a
+    write to the output changed the caller's x."""
+    x = torch.arange(4.)
+    with torch.no_grad():
+        out = torch.compile(fn, backend=FxforgeBackend())(x)
+    assert not _shares(out, x)
+    out.fill_(-1)
+    assert torch.equal(x, torch.arange(4.))
+
+
+def test_two_equal_outputs_are_two_tensors_and_clones_of_weights_are_their_own():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("buf", torch.zeros(2))
+
+        def forward(self, x):
+            return self.lin(x), self.buf.clone(), self.lin.weight * 1, x * 2, x * 2
+
+    model = M().eval()
+    weight = model.lin.weight.detach().clone()
+    fx = FxforgeBackend()
+    with torch.no_grad():
+        _, snap, w, a, b = torch.compile(model, backend=fx)(torch.ones(2))
+        snap.add_(5)
+        w.zero_()
+        a.fill_(-1)
+    assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
+    assert torch.equal(model.buf, torch.zeros(2)) and torch.equal(model.lin.weight, weight)
+    assert torch.equal(b, torch.full((2,), 2.))
+
+
+def test_the_same_node_returned_twice_is_one_tensor_as_in_eager():
+    def f(x):
+        y = x * 2
+        return y, y
+
+    with torch.no_grad():
+        a, b = torch.compile(f, backend=FxforgeBackend())(torch.ones(2))
+    assert a is b
+
+
+def test_a_clone_written_after_a_graph_break_leaves_the_input():
+    def f(x):
+        h = x.clone()
+        torch._dynamo.graph_break()
+        h.add_(100)
+        return h.sum()
+
+    x = torch.arange(4.)
+    with torch.no_grad():
+        assert torch.compile(f, backend=FxforgeBackend())(x).item() == 406
+    assert torch.equal(x, torch.arange(4.))
+
+
+VIEW_OUTPUTS = {
+    "view_dtype": (lambda x: x.view(torch.int32), lambda: torch.ones(3)),
+    "view_dtype_written": (lambda x: x.mul_(2).view(torch.int32), lambda: torch.ones(3)),
+    "conj": (lambda x: x.conj(), lambda: torch.tensor([1 + 2j, 3 - 1j])),
+    "slice_all": (lambda x: x[:], lambda: torch.arange(12.).reshape(3, 4)),
+    "view_same_shape": (lambda x: x.view(x.shape), lambda: torch.arange(12.).reshape(3, 4)),
+    "expand_as": (lambda x: x.expand_as(x), lambda: torch.arange(12.).reshape(3, 4)),
+    "unsqueeze_squeeze": (lambda x: x.unsqueeze(0).squeeze(0), lambda: torch.arange(12.).reshape(3, 4)),
+    "detach": (lambda x: x.detach(), lambda: torch.ones(3, 4, requires_grad=True)),
+}
+
+
+@pytest.mark.parametrize("name", VIEW_OUTPUTS)
+def test_a_view_of_an_input_is_a_new_view_with_eager_dtype_and_bits(name):
+    """_returned_inputs matched storage, sizes, strides and offset only: x.view(int32) came
+    back as x (float32), x.conj() unconjugated, x[:] as x itself (o.t_() then transposed
+    the caller's x), x.detach() with requires_grad."""
+    fn, make = VIEW_OUTPUTS[name]
+    x_eager, x_fast = make(), make()
+    with torch.no_grad():
+        expected = fn(x_eager)
+        got = torch.compile(fn, backend=FxforgeBackend())(x_fast)
+    assert got.dtype == expected.dtype and got.is_conj() == expected.is_conj()
+    assert got.requires_grad == expected.requires_grad
+    assert (got is x_fast) == (expected is x_eager) and _shares(got, x_fast)
+    assert torch.equal(got.resolve_conj(), expected.resolve_conj())
+    got.t_() if got.dim() == 2 else None
+    assert x_fast.shape == x_eager.shape
+
+
+def test_a_view_of_a_written_input_stays_a_view_across_a_graph_break():
+    """After a write through a view the graph was made functional and the view output was
+    a copy: y.add_(1) after the break missed x (72, eager 75)."""
+    def f(x):
+        x[0].mul_(2)
+        y = x[:, 1]
+        torch._dynamo.graph_break()
+        y.add_(1)
+        return x.sum()
+
+    x_eager, x_fast = torch.arange(12.).reshape(3, 4), torch.arange(12.).reshape(3, 4)
+    fx = FxforgeBackend()
+    with torch.no_grad():
+        expected = f(x_eager)
+        got = torch.compile(f, backend=fx)(x_fast)
+    assert got.item() == expected.item() == 75
+    assert torch.equal(x_fast, x_eager)
+    assert fx.compiled  # the first subgraph, which writes x and returns the view
+
+
+def test_a_view_of_a_written_input_or_buffer_is_returned_as_a_view():
+    class Ema(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("ema", torch.ones(3, 4))
+
+        def forward(self, x):
+            self.ema[1:].add_(x)
+            return self.ema
+
+    def row(x):
+        x[:, 1].mul_(3)
+        return x[0]
+
+    x = torch.arange(12.).reshape(3, 4)
+    fx = FxforgeBackend()
+    with torch.no_grad():
+        out = torch.compile(row, backend=fx)(x)
+        out.fill_(-1)
+        assert torch.equal(x[0], torch.full((4,), -1.))
+        model = Ema()
+        assert torch.compile(model, backend=fx)(torch.ones(4)) is model.ema
+    assert not fx.fallbacks, [f.reason for f in fx.fallbacks]
+
+
+# -- inputs sharing memory ----------------------------------------------------------------
+
+def test_a_write_to_an_expanded_input_falls_back_with_a_reason():
+    def f(x):
+        x[0].mul_(2)
+        return x.sum()
+
+    x_eager, x_fast = torch.arange(4.).expand(3, 4), torch.arange(4.).expand(3, 4)
+    fx = FxforgeBackend()
+    with torch.no_grad(), pytest.warns(UserWarning, match="share memory"):
+        got = torch.compile(f, backend=fx)(x_fast)
+    assert got.item() == f(x_eager).item()
+    assert torch.equal(x_fast, x_eager)
+    assert "stride 0" in fx.fallbacks[0].reason
+
+
+def test_overlapping_inputs_fall_back_with_a_one_line_reason(caplog):
+    b = torch.arange(16.).reshape(4, 4)
+    fx = FxforgeBackend()
+    with torch.no_grad(), pytest.warns(UserWarning, match="overlap in memory"):
+        out = torch.compile(lambda x, y: (x.mul_(2), y + 0)[1], backend=fx)(b[0:2], b[1:3])
+    assert out.tolist() == [[8, 10, 12, 14], [8, 9, 10, 11]]
+    assert "overlap in memory" in fx.fallbacks[0].reason
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+# -- dynamic=True numbers and weights edited between calls -------------------------------
+
+def test_minus_zero_is_another_number_than_zero():
+    class S(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = 0.0
+
+        def forward(self, x):
+            return 1.0 / (x * self.scale)
+
+    model = S()
+    fast = torch.compile(model, backend=FxforgeBackend(), dynamic=True)
+    with torch.no_grad():
+        for value in (0.0, -0.0, 0.0):
+            model.scale = value
+            assert torch.equal(fast(torch.ones(2)), model(torch.ones(2)))
+
+
+def test_a_parameter_edited_before_every_call_is_capped_by_max_weight_sets(monkeypatch):
+    class Edited(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            self.lin.bias.add_(0.5)
+            torch._dynamo.graph_break()
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    eager, model = Edited(), Edited()
+    model.load_state_dict(eager.state_dict())
+    fx = FxforgeBackend(max_weight_sets=3)
+    compiles = [0]
+    original = FxforgeBackend.compile
+
+    def counting(self, *args):
+        compiles[0] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(FxforgeBackend, "compile", counting)
+    fast = torch.compile(model, backend=fx)
+    with torch.no_grad(), pytest.warns(UserWarning, match="more than 3 sets of weights"):
+        for _ in range(10):
+            x = torch.randn(2, 4)
+            torch.testing.assert_close(fast(x), eager(x))
+    assert compiles[0] <= 4, compiles[0]  # the writer once, the reader up to the limit
+    assert len(fx.fallbacks) == 1

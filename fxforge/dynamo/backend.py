@@ -15,19 +15,28 @@ Parameter). Each compiled model is built from, and guarded by, the weights of it
 call (weights.py): a call with other weights, or with the same ones edited in place, gets
 the compiled model of those weights, built on a miss. `fx.compiled` holds one
 CompiledSubgraph per subgraph and set of weights in use; a subgraph past
-`max_weight_sets` runs further sets of weights as dynamo gave it (one entry in
-`fx.fallbacks`, and a warning).
+`max_weight_sets` models built (rebuilds of weights edited in place count) runs further
+sets of weights as dynamo gave it (one entry in `fx.fallbacks`, and a warning).
+
+The outputs alias what eager's alias: an output that is a graph input or a view of one
+(`return x.mul_(3)`, `x[:, 1]`, `self.ema`) is made again from the caller's tensors by
+dynamo's own view ops, after the model wrote them; every other output is a tensor of its
+own (the passes fold `x * 1` to x), one object where the graph returns one node twice.
+Inputs that overlap in memory (two views of one tensor), or an expanded input the graph
+writes, run as dynamo gave them.
 
 fxforge traces a dynamic dim at sizes >= 2 (a `squeeze(1)` there does nothing). Dynamo
 keeps a dim dynamic at 0 or 1 only under mark_unbacked or backed_size_oblivious; a call
 with such a dim at 0 or 1 gets a compiled model captured at that size (a CompiledSubgraph
 keyed by its weights and those sizes), so it answers as eager does. Likewise a Python
 number dynamo leaves unspecialized (dynamic=True passes `self.scale = 0.125` as a 0-dim
-tensor read with .item()) is baked into each compiled model, keyed by its value.
+tensor read with .item()) is baked into each compiled model, keyed by its exact value
+(-0.0 is not 0.0).
 """
 from __future__ import annotations
 
 import dataclasses
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -37,7 +46,8 @@ from ..api import optimize_captured
 from ..log import Reporter
 from ..runtime.module import OptimizedModel
 from .capture import capture_subgraph
-from .subgraph import InputLayout, SubgraphModule, UnsupportedSubgraph, dynamic_dims, input_layout
+from .subgraph import (InputLayout, SubgraphModule, UnsupportedSubgraph, dynamic_dims, input_layout, replay,
+                       writes_self)
 from .weights import WeightSet, weight_key
 
 
@@ -54,6 +64,8 @@ class CompiledSubgraph:
     # dims at 0 or 1 it was captured at (a model captured with a dim dynamic serves sizes
     # >= 2 only) and the values of the Python numbers baked in; it serves calls with exactly those
     specialized: tuple = ((), ())
+    gm: torch.fx.GraphModule | None = None  # dynamo's graph: views of inputs are replayed from it
+    _weight_storages: set | None = dataclasses.field(default=None, repr=False)
 
     @property
     def key(self) -> tuple:
@@ -62,11 +74,70 @@ class CompiledSubgraph:
     def __call__(self, *args):
         out = self.model(*(args[pos] for pos in self.layout.user))
         # dynamo expects a sequence of outputs, as its GraphModule returns
-        out = out if isinstance(out, (tuple, list)) else (out,)
-        if self.layout.returned_inputs:  # `return x.mul_(3)`: x itself, as eager (it holds the values)
-            out = [args[self.layout.returned_inputs[i]] if i in self.layout.returned_inputs else o
-                   for i, o in enumerate(out)]
-        return out
+        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        if self._weight_storages is None:  # stable: this model is called only with these very weights
+            self._weight_storages = {_ptr(args[pos]) for pos in self.layout.weights
+                                     if isinstance(args[pos], torch.Tensor)}
+        return _as_eager_aliases(out, args, self.layout, self.gm, self._weight_storages)
+
+
+def _as_eager_aliases(out: list, args, layout: InputLayout, gm, weight_storages: set) -> list:
+    """The compiled model's outputs with eager's aliasing: an output that is a graph input or
+    a view of one is made again from the caller's tensors (after the model wrote them), the
+    same FX node returned twice is one object, and every other output is a tensor of its own
+    (the passes may fold `x * 1` to x, or two equal expressions to one value)."""
+    cache: dict = {}
+    # storage -> output group (None: a graph input's)
+    taken = dict.fromkeys(weight_storages)
+    taken.update((_ptr(args[pos]), None) for pos in layout.user if isinstance(args[pos], torch.Tensor))
+    for i, o in enumerate(out):
+        if i in layout.same_outputs:
+            out[i] = out[layout.same_outputs[i]]
+        elif i in layout.input_views:
+            out[i] = replay(gm, layout.input_views[i], args, cache)
+        elif isinstance(o, torch.Tensor):
+            group = layout.output_groups[i] if i < len(layout.output_groups) else None
+            ptr = _ptr(o)
+            if ptr in taken and (group is None or taken[ptr] != group):
+                out[i] = o = o.clone()
+                ptr = _ptr(o)
+            taken.setdefault(ptr, group)
+    return out
+
+
+def _check_memory(gm: torch.fx.GraphModule, layout: InputLayout, inputs: list):
+    """UnsupportedSubgraph for inputs whose memory the functional IR cannot model: two
+    inputs that overlap (views of one tensor: a write to one changes the other), or an
+    input whose elements share memory (expanded, stride 0) that the graph writes."""
+    tensors = [(pos, inputs[pos]) for pos in [*layout.user, *layout.weights] if isinstance(inputs[pos], torch.Tensor)]
+    spans = []
+    for pos, t in tensors:
+        try:
+            if t.numel() == 0:
+                continue
+            start = t.data_ptr()
+            end = start + t.element_size() * (1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())))
+            spans.append((t.untyped_storage().data_ptr(), start, end, pos))
+        except Exception:  # no storage of its own (a tensor subclass)
+            continue
+    for i, (storage, start, end, pos) in enumerate(spans):
+        for other, start2, end2, pos2 in spans[i + 1:]:
+            if storage == other and start < end2 and start2 < end:
+                raise UnsupportedSubgraph(f"graph inputs {pos} and {pos2} overlap in memory (views of one tensor); "
+                                          "fxforge compiles inputs that are tensors of their own")
+    writes = any(n.op in ("call_function", "call_method") and (writes_self(n) or n.target is operator.setitem)
+                 for n in gm.graph.nodes)
+    for pos, t in tensors:
+        if writes and torch._debug_has_internal_overlap(t) == 1:
+            raise UnsupportedSubgraph(f"graph input {pos} has elements that share memory (an expanded tensor, stride 0) "
+                                      "and the subgraph writes in place; fxforge cannot write it back as eager does")
+
+
+def _ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # no storage of its own: not known to alias
+        return -id(t)
 
 
 @dataclass
@@ -82,7 +153,7 @@ class FxforgeBackend:
     subgraph it compiled (`compiled`: one entry per subgraph and set of weights in use, in
     the order they were built; one whose weights were edited in place since is dropped when
     it is rebuilt) and every one it left to plain PyTorch (`fallbacks`: a subgraph fxforge
-    could not compile, or one called with more than `max_weight_sets` sets of weights,
+    could not compile, or one that built more than `max_weight_sets` models,
     whose further sets run as dynamo gave it).
 
     A subgraph is compiled on its first call, not when dynamo hands it over: torch.export
@@ -115,6 +186,7 @@ class FxforgeBackend:
         if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
             raise UnsupportedSubgraph("fxforge compiles inference graphs: the subgraph needs autograd "
                                       "(run the compiled model under torch.no_grad() or torch.inference_mode())")
+        _check_memory(gm, layout, inputs)
         module = SubgraphModule(gm, layout, inputs)
         Reporter(self.options.get("verbose")).log(
             "dynamo", f"subgraph with {len(layout.user)} input tensor(s), {len(layout.weights)} weight(s), "
@@ -123,7 +195,7 @@ class FxforgeBackend:
         # model, and a second copy of each weight would double the memory
         fast = optimize_captured(lambda: capture_subgraph(module, inputs), module, copy_weights=False,
                                  **self.options)
-        compiled = CompiledSubgraph(fast, layout, weights, specialized)
+        compiled = CompiledSubgraph(fast, layout, weights, specialized, gm)
         self.compiled.append(compiled)
         return compiled
 
@@ -159,6 +231,7 @@ class _SubgraphRunner:
         self.by_weights: dict[tuple, CompiledSubgraph] = {}
         self.current: CompiledSubgraph | None = None  # the last one run: checked first
         self.closed = False  # no more compiles: weights not in by_weights run the GraphModule
+        self.builds = 0  # models built so far, for max_weight_sets
 
     def __call__(self, *args):
         current = self.current
@@ -188,13 +261,17 @@ class _SubgraphRunner:
                 key = weight_key(args, self.positions), specialized
         if self.closed:
             return self.gm.forward(*args)
-        if len(self.by_weights) >= self.owner.max_weight_sets:
+        # every model built counts, the ones dropped as stale too: a Parameter edited before
+        # every call would otherwise rebuild at every call, never reaching the limit
+        if self.builds >= self.owner.max_weight_sets:
             self._close(UnsupportedSubgraph(
                 f"dynamo called one subgraph with more than {self.owner.max_weight_sets} sets of weights "
-                "(instances of one class, the layers of a loop with a graph break, replaced weights; or values "
+                "(instances of one class, the layers of a loop with a graph break, replaced weights or weights "
+                "edited in place between calls; or values "
                 "of a Python number dynamic=True left unspecialized, each baked into a model of its own); "
                 "further sets run as PyTorch ops (FxforgeBackend(max_weight_sets=...) sets the limit)"))
             return self.gm.forward(*args)
+        self.builds += 1
         try:
             compiled = self.owner.compile(self.gm, self.layout, list(args), specialized)
         except Exception as e:  # any failure: these weights (and any new ones) run as dynamo gave them
@@ -229,8 +306,10 @@ class _SubgraphRunner:
 
 
 def _number(x):
-    """The value of a Python number dynamo passes as a 0-dim tensor or as an int."""
-    return x.item() if isinstance(x, torch.Tensor) else int(x)
+    """The key of a Python number dynamo passes as a 0-dim tensor or as an int: its exact
+    value (a float by its bits, so -0.0 is not 0.0 and a NaN is its own key)."""
+    value = x.item() if isinstance(x, torch.Tensor) else int(x)
+    return ("float", value.hex()) if isinstance(value, float) else (type(value).__name__, value)
 
 
 def _check_options(options: dict):

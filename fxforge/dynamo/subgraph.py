@@ -28,9 +28,15 @@ class InputLayout:
     user: list[int] = field(default_factory=list)  # positions of the user's tensors
     weights: dict[int, str] = field(default_factory=dict)  # position -> weight path ("model.norm.weight")
     sizes: dict[int, tuple[int, int]] = field(default_factory=dict)  # position -> (position of a tensor, dim)
-    # output index -> position of the user tensor it is (`return x.mul_(3)`): eager returns
-    # that very tensor, the compiled model a new one with its values
-    returned_inputs: dict[int, int] = field(default_factory=dict)
+    # output index -> the FX node of an output that is a graph input or a view of one (`return
+    # x.mul_(3)`, `x[:, 1]`, `self.ema`): eager returns that tensor or a view of the caller's
+    # tensor, the compiled model a new one with its values; the view is made again (replay)
+    input_views: dict = field(default_factory=dict)
+    # output index -> an earlier index the graph returns the same FX node at (one object)
+    same_outputs: dict[int, int] = field(default_factory=dict)
+    # per output, which example values share storage (None: not a tensor); two outputs of
+    # different groups are distinct tensors in eager
+    output_groups: list = field(default_factory=list)
     # positions of Python numbers dynamo leaves unspecialized (torch.compile(dynamic=True)):
     # a float (self.scale) passed as a 0-dim tensor read back with .item(), or an int passed
     # as a size that is no dim of an input tensor. Each compiled model has their values
@@ -119,7 +125,7 @@ def input_layout(gm: torch.fx.GraphModule, example_inputs) -> InputLayout:
         except UnsupportedSubgraph:  # an int argument or attribute: baked in like a float
             layout.numbers.append(pos)
     layout.numbers.sort()
-    layout.returned_inputs = _returned_inputs(gm, placeholders, layout.user)
+    layout.input_views, layout.same_outputs, layout.output_groups = _output_aliases(gm, placeholders)
     return layout
 
 
@@ -150,34 +156,112 @@ def with_numbers_baked(gm: torch.fx.GraphModule, values: dict[int, float]) -> to
     return torch.fx.GraphModule(gm, graph)
 
 
-def _returned_inputs(gm: torch.fx.GraphModule, placeholders, user_positions) -> dict[int, int]:
-    """Output index -> user input position, for each output that is a whole user input
-    (the same storage, sizes, strides and offset in dynamo's example values)."""
+# in-place ops that change the metadata of their tensor (not only its values): replaying one
+# on the caller's tensor would change it
+_METADATA_IN_PLACE = {"t_", "transpose_", "swapdims_", "swapaxes_", "squeeze_", "unsqueeze_", "as_strided_",
+                      "resize_", "resize_as_", "set_", "detach_", "requires_grad_", "share_memory_", "fill_diagonal_"}
+
+
+def _target_name(node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
+def writes_self(node) -> bool:
+    """An in-place op that returns the tensor it wrote (`x.mul_(3)`, `x += 1`)."""
+    import operator
+
+    name = _target_name(node)
+    if node.op == "call_function" and node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                                                       operator.ifloordiv, operator.imod, operator.ipow,
+                                                       operator.iand, operator.ior, operator.ixor):
+        return isinstance(node.meta.get("example_value"), torch.Tensor)
+    return name.endswith("_") and not name.startswith("_")
+
+
+def _storage(val):
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    def layout_of(node):
-        val = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
-        if not isinstance(val, torch.Tensor):
-            return None
-        try:
-            # sizes as text: a SymInt is unhashable, and comparing two would add a guard
-            return (StorageWeakRef(val.untyped_storage()), tuple(map(str, val.shape)), tuple(map(str, val.stride())),
-                    str(val.storage_offset()))
-        except Exception:  # no storage (a tensor subclass) or a size with no value: not known to alias
-            return None
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        return StorageWeakRef(val.untyped_storage())
+    except Exception:  # no storage (a tensor subclass): not known to alias
+        return None
 
-    inputs = {}
-    for pos in user_positions:
-        key = layout_of(placeholders[pos])
-        if key is not None:
-            inputs.setdefault(key, pos)
+
+def _input_storages(placeholders) -> set:
+    return {s for s in (_storage(n.meta.get("example_value")) for n in placeholders) if s is not None}
+
+
+def _replayable(node, inputs: set) -> bool:
+    """Whether `node` is computed from graph inputs by view ops only (and in-place ops that
+    return their tensor, and size arithmetic): then replaying those ops on the caller's
+    tensors gives the very view eager returns."""
+    if node.op in ("placeholder", "get_attr"):
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if _target_name(node) in _METADATA_IN_PLACE:
+        return False
+    if writes_self(node):
+        return bool(node.args) and isinstance(node.args[0], torch.fx.Node) and _replayable(node.args[0], inputs)
+    val = node.meta.get("example_value")
+    values = val if isinstance(val, (tuple, list)) else (val,)
+    if any(isinstance(v, torch.Tensor) and _storage(v) not in inputs for v in values):
+        return False  # a new tensor: computed, not a view
+    deps: list = []
+    torch.fx.node.map_arg((node.args, node.kwargs), deps.append)
+    return all(_replayable(d, inputs) for d in deps)
+
+
+def replay(gm: torch.fx.GraphModule, node, args, cache: dict | None = None):
+    """The value of `node` (a _replayable one) computed from dynamo's graph inputs `args`:
+    the view ops run again on the caller's tensors (in-place ops are not run again)."""
+    cache = {} if cache is None else cache
+    if node in cache:
+        return cache[node]
+    if node.op == "placeholder":
+        if "placeholders" not in cache:
+            cache["placeholders"] = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+        value = args[cache["placeholders"][node]]
+    elif node.op == "get_attr":
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+    elif writes_self(node):
+        value = replay(gm, node.args[0], args, cache)
+    else:
+        a, kw = torch.fx.node.map_arg((node.args, node.kwargs), lambda d: replay(gm, d, args, cache))
+        value = node.target(*a, **kw) if node.op == "call_function" else getattr(a[0], node.target)(*a[1:], **kw)
+    cache[node] = value
+    return value
+
+
+def _output_aliases(gm: torch.fx.GraphModule, placeholders) -> tuple[dict, dict, list]:
+    """What eager's outputs alias, from dynamo's FX graph and its example values:
+    (output index -> FX node, for each output that is a graph input or a view of one, to be
+    replayed on the caller's tensors; output index -> the earlier index of the same FX node;
+    per output, the storage group of its example value, or None)."""
+    inputs = _input_storages(placeholders)
     outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    found = {}
+    views, same, groups, first = {}, {}, [], {}
+    storages: dict = {}
     for i, out in enumerate(outputs if isinstance(outputs, (tuple, list)) else ()):
-        key = layout_of(out)
-        if key is not None and key in inputs:
-            found[i] = inputs[key]
-    return found
+        if not isinstance(out, torch.fx.Node):
+            groups.append(None)
+            continue
+        storage = _storage(out.meta.get("example_value")) if out.op != "placeholder" else None
+        groups.append(storages.setdefault(storage, len(storages)) if storage is not None else None)
+        if out in first:
+            same[i] = first[out]
+            continue
+        first[out] = i
+        if out.op in ("placeholder", "get_attr") or (storage is not None and storage in inputs):
+            if not _replayable(out, inputs):
+                raise UnsupportedSubgraph(f"output {i} ({out.name}) is a view of an input made by ops fxforge cannot "
+                                          "rebuild as a view (an in-place change of its shape)")
+            views[i] = out
+    return views, same, groups
 
 
 class _Paths:
