@@ -31,18 +31,10 @@ def writes_only_whole_inputs(ep) -> bool:
     writes a whole graph input (a user tensor, weight or buffer) of which no view is taken
     before its last write: kept as opaque in-place calls, such writes need no
     functionalization."""
-    from ..ir.capture import _functionalizable, _storage_aliases, _writes_first_only
+    from ..ir.capture import _writes_first_only, writes_to_functionalize
 
-    graph = ep.graph_module.graph
-    aliases = _storage_aliases(graph)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        if not any(a.alias_info is not None and a.alias_info.is_write for a in node.target._schema.arguments):
-            continue
-        if _functionalizable(node, aliases, order):
-            continue
+    writes_left, aliases, order = writes_to_functionalize(ep.graph_module.graph)
+    for node in writes_left:
         base = node.args[0] if node.args else None
         if not _writes_first_only(node.target) or not isinstance(base, torch.fx.Node) or base.op != "placeholder":
             return False

@@ -790,16 +790,20 @@ def _functionalizable(node, aliases: dict, order: dict) -> bool:
 def _needs_functionalization(ep) -> bool:
     """An in-place op the lowerer cannot turn functional itself (a write through a view,
     say): the IR has no aliasing, so such a graph must be made functional by torch first."""
-    graph = ep.graph_module.graph
+    return bool(writes_to_functionalize(ep.graph_module.graph)[0])
+
+
+def writes_to_functionalize(graph) -> tuple[list, dict, dict]:
+    """The in-place ops of an FX graph the lowerer cannot turn functional itself, with the
+    graph's storage aliases (_storage_aliases) and node order, for a caller's own checks
+    (the torch.compile backend keeps some of them: dynamo/writeback.py)."""
     aliases = _storage_aliases(graph)
     order = {n: i for i, n in enumerate(graph.nodes)}
-    for n in graph.nodes:
-        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
-            continue
-        if any(a.alias_info is not None and a.alias_info.is_write for a in n.target._schema.arguments) \
-                and not _functionalizable(n, aliases, order):
-            return True
-    return False
+    writes = [n for n in graph.nodes
+              if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+              and any(a.alias_info is not None and a.alias_info.is_write for a in n.target._schema.arguments)
+              and not _functionalizable(n, aliases, order)]
+    return writes, aliases, order
 
 
 def _writes_first_only(op) -> bool:
