@@ -197,19 +197,20 @@ def test_position_bias_attention(dynamic):
 def test_alibi_sliced_from_a_fixed_table(dynamic):
     """MPT slices its ALiBi table of max_seq_len rows: its length is `64 - Max(0, 64 - T)`,
     which export's guards say is T. fxforge writes it as T, so the bias broadcasts and the
-    attention fuses; the guards refuse T = 64 and beyond."""
+    attention fuses; T = 64, the whole table, runs as eager does, and the guards refuse
+    beyond it."""
     from transformers import MptConfig, MptForCausalLM
 
     model = MptForCausalLM(MptConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)).eval()
     fast = fxforge.optimize(model, (torch.randint(0, 128, (2, 9)),), dynamic=dynamic)
     assert fast.graph.count("attention") == 2 and fast.graph.count("torch_call") == 0
-    for b, t in ([(2, 9)] if not dynamic else [(2, 9), (1, 1), (3, 63)]):
+    for b, t in ([(2, 9)] if not dynamic else [(2, 9), (1, 1), (3, 63), (1, 64)]):
         ids = torch.randint(0, 128, (b, t))
         with torch.no_grad():
             assert_close_to_eager(model(ids), fast(ids))
     if dynamic:
-        with pytest.raises(GuardError, match="T=64"):
-            fast(torch.randint(0, 128, (1, 64)))
+        with pytest.raises(GuardError, match="T=65"):
+            fast(torch.randint(0, 128, (1, 65)))
 
 
 # -- 6. calls made differently from the capture ---------------------------------------------------------
