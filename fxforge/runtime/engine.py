@@ -57,8 +57,8 @@ import torch
 
 from . import logits as lp
 from .generate import (_as_list, _check_settings, _plain_int, check_forced_tokens, check_generator,
-                       check_token_ids, fed_positions, max_position_embeddings, new_token_count,
-                       position_table_rows, resolve_settings, vocab_size)
+                       check_token_ids, fed_positions, longer_cache_hint, max_position_embeddings,
+                       new_token_count, position_table_rows, resolve_settings, vocab_size)
 from .state import padding_from_pad_tokens
 
 _RUNNING: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # engines that started a thread
@@ -342,16 +342,13 @@ class Engine:
         self.model.check_step_sizes(1, [1], range(prompt_len + max_new_tokens - 1))
 
     def _longer_hint(self) -> str:
-        """How to serve longer requests: a larger engine where the model has room; else a
-        larger KV cache, unless the limit is the model's position table (none holds more)."""
+        """How to serve longer requests: a larger engine where the model has room; else
+        generate()'s advice (a larger KV cache, unless the limit is the model's position
+        table, which no cache can exceed)."""
         limit = self.model.kv_layout.max_seq_len
         if limit is None or self.capacity < limit:
             return f"; make the engine with a larger max_seq_len{'' if limit is None else f' (up to {limit})'}"
-        rows = position_table_rows(self.model)
-        if rows is not None and rows <= limit:
-            return (", the rows of the model's position table: no KV cache can hold more positions (transformers "
-                    "cannot feed more either)")
-        return f"; optimize the model with a larger KVCacheConfig(max_seq_len=...){f' (at most {rows})' if rows else ''}"
+        return longer_cache_hint(limit, lambda: position_table_rows(self.model))
 
     def generate_many(self, prompts, max_new_tokens: int | None = None, **options) -> list[torch.Tensor]:
         """The new tokens of each prompt (prompt excluded), in order. Every prompt is
