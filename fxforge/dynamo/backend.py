@@ -316,7 +316,6 @@ def _check_options(options: dict):
     """TypeError naming every option optimize() does not take, and the ones it does."""
     import inspect
 
-    from ..api import optimize_captured
     from ..passes import registry as default_registry
 
     registry = options.get("registry") or default_registry

@@ -21,8 +21,7 @@ import logging
 
 import torch
 
-from ..ir.capture import (CaptureError, _lower_exported, _needs_functionalization, _trace_settings,
-                          _without_partial_graph_dump)
+from ..ir.capture import CaptureError, _lower_exported, _trace_settings, _without_partial_graph_dump
 from .subgraph import SubgraphModule, dynamic_dims
 from .writeback import functional_with_writeback, writes_only_whole_inputs
 
@@ -51,7 +50,7 @@ def capture_subgraph(module: SubgraphModule, example_inputs):
     except Exception as e:  # export raises many kinds; the backend falls back on any
         raise CaptureError(f"torch.export could not capture the subgraph: {type(e).__name__}: "
                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
-    if _needs_functionalization(ep) and not writes_only_whole_inputs(ep):
+    if not writes_only_whole_inputs(ep):  # (one scan: it holds where nothing needs functionalizing)
         ep = functional_with_writeback(ep)
     return _lower_exported(ep, {}, module)
 
