@@ -91,3 +91,19 @@ class FunctionModule(torch.nn.Module):
 
     def forward(self, x):
         return self.fn(x)
+
+
+def compile_count(monkeypatch) -> list:
+    """How many times fxforge's torch.compile backend compiles a subgraph from here on:
+    calls[0]."""
+    from fxforge.dynamo import FxforgeBackend
+
+    calls = [0]
+    original = FxforgeBackend.compile
+
+    def counting(self, *args):
+        calls[0] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(FxforgeBackend, "compile", counting)
+    return calls

@@ -6,19 +6,7 @@ import torch.nn as nn
 
 import fxforge.dynamo as fxforge_dynamo
 from fxforge.dynamo import FxforgeBackend
-
-
-def _count_compiles(monkeypatch) -> list:
-    """[n]: how many models FxforgeBackend builds from here on."""
-    compiles = [0]
-    original = FxforgeBackend.compile
-
-    def counting(self, *args):
-        compiles[0] += 1
-        return original(self, *args)
-
-    monkeypatch.setattr(FxforgeBackend, "compile", counting)
-    return compiles
+from helpers import compile_count
 
 
 @pytest.fixture(autouse=True)
@@ -322,7 +310,7 @@ def test_a_buffer_another_subgraph_writes_is_read_live_not_recompiled_for(monkey
     model.load_state_dict(eager.state_dict())
     fx = FxforgeBackend()
     fast = torch.compile(model, backend=fx)
-    compiles = _count_compiles(monkeypatch)
+    compiles = compile_count(monkeypatch)
     with torch.no_grad():
         for _ in range(6):
             x = torch.randn(2, 16)
@@ -533,7 +521,7 @@ def test_a_parameter_edited_before_every_call_is_capped_by_max_weight_sets(monke
     eager, model = Edited(), Edited()
     model.load_state_dict(eager.state_dict())
     fx = FxforgeBackend(max_weight_sets=3)
-    compiles = _count_compiles(monkeypatch)
+    compiles = compile_count(monkeypatch)
     fast = torch.compile(model, backend=fx)
     with torch.no_grad(), pytest.warns(UserWarning, match="more than 3 sets of weights"):
         for _ in range(10):

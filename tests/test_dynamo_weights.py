@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxforge.dynamo import FxforgeBackend
+from helpers import compile_count
 
 from helpers import assert_close_to_eager
 
@@ -45,19 +46,6 @@ class Block(nn.Module):
 def block(seed: int) -> Block:
     torch.manual_seed(seed)
     return Block().eval()
-
-
-def compile_count(monkeypatch) -> list:
-    """How many times fxforge compiles a subgraph from here on: calls[0]."""
-    calls = [0]
-    original = FxforgeBackend.compile
-
-    def counting(self, *args):
-        calls[0] += 1
-        return original(self, *args)
-
-    monkeypatch.setattr(FxforgeBackend, "compile", counting)
-    return calls
 
 
 def test_two_instances_of_one_class_each_use_their_own_weights():
