@@ -323,3 +323,16 @@ def test_aligned_moves_the_alibi_slopes_with_the_query_heads():
     attention = [n for n in fast.graph.nodes if n.op == "attention"]
     assert attention and all(n.attrs.get("alibi") and int(n.inputs[1].shape[1]) == 2 for n in attention), fast.ir
     assert_close_to_eager(model(ids), fast(ids), rel=1e-4)
+
+
+def test_a_multi_query_model_is_named_as_such():
+    """GPTBigCode with multi_query=True gives its one K/V head a head axis by unsqueeze:
+    the refusal names multi-query attention, not an unknown op in the way."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    config = tr.GPTBigCodeConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4, multi_query=True,
+                                 bos_token_id=0, eos_token_id=0)
+    model = tr.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(GQAError, match="multi-query attention .* no K/V heads to merge"):
+        fxforge.optimize(model, (torch.randint(0, 64, (1, 6)),), gqa=1)

@@ -523,7 +523,7 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
     if per_row:
         out.inputs.append(positions)
         out.input_names.append(POSITIONS)
-    table_limit = _position_table_limit(out, table_limit, positions if per_row else None, seq, cache_len)
+    table_limit = position_table_limit(out, table_limit, positions if per_row else None, seq, cache_len)
     return out, per_row, table_limit
 
 
@@ -681,7 +681,7 @@ def _retype(graph: Graph, replace: dict[Value, Value], prefix: list[Node] = ()) 
     return graph.with_nodes(nodes)
 
 
-def _position_table_limit(graph: Graph, limit, positions, seq, cache_len) -> int | None:
+def position_table_limit(graph: Graph, limit, positions, seq, cache_len) -> int | None:
     """Learned position embeddings: embedding(table, positions + c) bounds the length to
     rows - c (OPT looks its positions up 2 rows into the table)."""
     sources = set()

@@ -224,7 +224,10 @@ def _ops_in_the_way(bad: list[Node], which: str) -> str | None:
 
     complex_ops = [n for n in bad if target(n).startswith(_COMPLEX_ROTARY)]
     stacks = [n for n in bad if target(n).startswith("aten.stack")]
-    node = (complex_ops or stacks or bad)[0]
+    # K/V of one head given a head axis by unsqueeze: multi-query attention (GPTBigCode)
+    one_head = [n for n in bad if n.op == "unsqueeze" and which == "K/V" and n.inputs[0].rank == 3
+                and n.outputs[0].rank == 4 and n.outputs[0].shape[1] == 1]
+    node = (complex_ops or stacks or one_head or bad)[0]
     if complex_ops:
         kind = ("an interleaved rotary embedding (rotating adjacent pairs of dims as complex numbers, "
                 "view_as_complex: Meta's llama); only the rotate-half layout (transformers' rotate_half) is handled")
@@ -232,6 +235,9 @@ def _ops_in_the_way(bad: list[Node], which: str) -> str | None:
         kind = ("an interleaved rotary embedding (rotating adjacent pairs of dims, split with reshape(..., -1, 2) "
                 "or x[..., ::2] and put back with stack: GPT-J, CodeGen, Cohere, llama2.c, gpt-fast); only the "
                 "rotate-half layout (transformers' rotate_half) is handled")
+    elif one_head:
+        kind = ("a new head axis for a single K/V head: multi-query attention (GPTBigCode's multi_query=True), "
+                "where every query head already shares one K/V head, so there are no K/V heads to merge or split")
     elif any(n.op in _NORM_OPS for n in bad):
         node = next(n for n in bad if n.op in _NORM_OPS)
         kind = (f"a norm of the {'queries' if which == 'Q' else 'keys'} (q/k-norm: Qwen3, OLMo2, Gemma3): it is "

@@ -231,7 +231,7 @@ def position_table_rows(model) -> int | None:
     (rotary or ALiBi models) or it cannot be told. A KV cache can never hold more."""
     try:
         from ..ir import roles
-        from ..passes.kv_cache import _position_table_limit
+        from ..passes.kv_cache import position_table_limit
 
         graph = model.graph
         index = roles.input_index(graph, roles.POSITIONS)
@@ -240,7 +240,7 @@ def position_table_rows(model) -> int | None:
         if cache_len is None:
             return None
         positions = graph.inputs[index] if index is not None else None
-        return _position_table_limit(graph, None, positions, seq, cache_len)
+        return position_table_limit(graph, None, positions, seq, cache_len)
     except Exception:  # noqa: BLE001 (a hint for an error message only: none rather than a wrong one)
         return None
 

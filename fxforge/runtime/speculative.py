@@ -262,7 +262,7 @@ def speculative_loop(model, draft, seq: torch.Tensor, prompt_len: int, new_token
                      stats: SpeculativeStats | None) -> int:
     """Fill seq[0, prompt_len:] (a [1, prompt_len + new_tokens + k] buffer) and return the
     final length."""
-    from .generate import stop_mask
+    from .generate import fed_positions, stop_mask
 
     pad = torch.zeros(1, dtype=torch.long, device=seq.device)
     # a round proposes at most end - length - 1 tokens and its step feeds the draft tokens,
@@ -270,7 +270,7 @@ def speculative_loop(model, draft, seq: torch.Tensor, prompt_len: int, new_token
     # model's cache needs prompt + new tokens - 1 positions, as plain generate's does (a
     # model with a position table of that many rows has no room for more)
     end = prompt_len + new_tokens
-    capacity = end - 1
+    capacity = fed_positions(prompt_len, new_tokens)
     k_max = max(0, min(k, new_tokens - 1))
     # the prompt (with the first draft tokens), then verification steps of 1 + r tokens
     # after `start` cached ones (start = length - 1 >= prompt_len, r <= end - length - 1)
