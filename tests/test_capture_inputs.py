@@ -207,14 +207,16 @@ def test_a_dict_that_is_one_positional_argument_still_works():
     torch.testing.assert_close(fast({"a": x}), model({"a": x}))
 
 
-def test_a_longrope_capture_error_names_the_rotary_module():
-    from transformers import Phi3Config, Phi3ForCausalLM
+def test_a_dynamic_rope_capture_error_names_the_rotary_scaling():
+    """rope_type='dynamic' recomputes the frequencies under a branch on max(position_ids)
+    (data-dependent control flow): refused, naming the scaling (LongRoPE is captured:
+    tests/test_longrope.py)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                        original_max_position_embeddings=16, pad_token_id=0, eos_token_id=2, bos_token_id=1,
-                        rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [3.0] * 8})
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                         rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     torch.manual_seed(0)
-    model = Phi3ForCausalLM(config).eval()
-    with pytest.raises(fxforge.CaptureError, match=r"where: model\.rotary_emb \(Phi3RotaryEmbedding\)"):
+    model = LlamaForCausalLM(config).eval()
+    with pytest.raises(fxforge.CaptureError, match=r"rope_type='dynamic'[\s\S]*inside forward\(\)"):
         _optimize(model, (torch.randint(3, 128, (2, 8)),))

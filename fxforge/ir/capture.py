@@ -320,7 +320,8 @@ def _export(model, args, kwargs, dynamic, stack_traces: bool = False, cache_mask
     dyn = _dynamic_shapes(model, ex_args, ex_kwargs) if dynamic else None
     try:
         with torch.no_grad(), _trace_settings(stack_traces), _config_without_cache(model, kwargs), \
-                _masks_as_with_cache(cache_masks), _bound_forward(model, baked), _without_partial_graph_dump():
+                _masks_as_with_cache(cache_masks), _bound_forward(model, baked), _without_partial_graph_dump(), \
+                _tensor_attributes_kept(model):
             return torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # torch.export raises many kinds; all become one clear error
         through = _through_var_keyword(model, ex_args, ex_kwargs) if dynamic else []
@@ -456,6 +457,25 @@ def _trace_settings(stack_traces: bool):
 
 
 @contextlib.contextmanager
+def _tensor_attributes_kept(model):
+    """The model's plain tensor attributes (not parameters or buffers) as they were before a
+    trace. A module that caches a tensor in an attribute on its first call (transformers'
+    LongRoPE stores `long_inv_freq`) would otherwise keep the trace's fake tensor, which the
+    next trace (capture traces more than once) or an eager call cannot use."""
+    before = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, tensors in before:
+            for key, value in list(vars(module).items()):
+                if isinstance(value, torch.Tensor) and tensors.get(key) is not value:
+                    if key in tensors:
+                        setattr(module, key, tensors[key])
+                    else:
+                        delattr(module, key)
+
+
+@contextlib.contextmanager
 def _without_partial_graph_dump():
     """torch.export prints the partial FX graph of a trace that failed (a branch on a
     value: `if x.sum().item() > 0`) to stderr before it raises; fxforge's CaptureError says
@@ -511,14 +531,14 @@ def _capture_error(model, exc) -> CaptureError:
     else:
         fix = "simplify the code at the location above, or pass dynamic=False to capture static shapes"
     rope = _rope_type(model)
-    if rope in ("longrope", "dynamic"):  # the usual cause, whatever export's own message says
+    if rope == "dynamic":  # the usual cause, whatever export's own message says
         rotary = _rotary_modules(model)
         if where == "unknown" and rotary:  # export's own frames name no line of the model
             where = f"{rotary[0]}.forward, where transformers updates the rotary frequencies (rope_type={rope!r})"
-        fix = (f"the model's rotary embedding is rope_type={rope!r}: transformers recomputes or swaps its "
-               "frequencies inside forward() by the sequence length (an attribute written while tracing), "
-               "which torch.export cannot capture; fxforge captures rope_type 'default', 'linear', 'yarn' and "
-               "'llama3'. " + fix)
+        fix = (f"the model's rotary embedding is rope_type={rope!r}: transformers recomputes its frequencies "
+               "inside forward() when max(position_ids) passes the longest length seen so far (a branch on a "
+               "tensor's value, and an attribute written while tracing), which torch.export cannot capture; "
+               "fxforge captures rope_type 'default', 'linear', 'yarn', 'llama3' and 'longrope'. " + fix)
     return CaptureError(f"torch.export could not capture {type(model).__name__}: {name}: {first}\n"
                         f"  where: {where}\n  fix: {fix}")
 
@@ -1004,7 +1024,10 @@ def _lower_exported(ep, injected, model):
     nodes = [out if isinstance(out, torch.fx.Node) else None for out in outputs]
     views_input = tuple(i for i, out in enumerate(nodes) if out is not None and _views_of(out) in user_placeholders)
     same_as = {i: nodes.index(out) for i, out in enumerate(nodes) if out is not None and nodes.index(out) != i}
+    overwritten = _buffers_written_before_read(ep, by_name)
     for spec, out in zip(ep.graph_signature.output_specs, outputs):
+        if spec.kind == OutputKind.BUFFER_MUTATION and spec.target in overwritten:
+            continue  # every call writes it before reading it: no call sees another's value
         if spec.kind != OutputKind.USER_OUTPUT:
             raise CaptureError(f"the model mutates {spec.target or spec.arg} inside forward ({spec.kind.name}); "
                                "fxforge needs a forward pass without side effects" + _mutation_hint(spec, model))
@@ -1022,6 +1045,24 @@ def _lower_exported(ep, injected, model):
     kwarg_order = tuple(in_spec.child(1).context) if in_spec is not None else ()
     return g, CallSpec(in_spec, input_leaves, ep.call_spec.out_spec, output_leaves, injected, kwarg_order,
                        _positional_names(model), forward_defaults(model), views_input, same_as)
+
+
+def _buffers_written_before_read(ep, by_name) -> set[str]:
+    """The buffers forward() overwrites whole before it reads them (transformers' LongRoPE
+    copies the short or long frequencies into `inv_freq` on every call, then reads that):
+    their value before the call is never read, only the shape the copy takes from it, so
+    dropping the write changes nothing that any call computes."""
+    from torch.export.graph_signature import InputKind
+
+    found = set()
+    for spec in ep.graph_signature.input_specs:
+        node = by_name.get(getattr(spec.arg, "name", None))
+        if spec.kind != InputKind.BUFFER or node is None:
+            continue
+        if all(user.target is torch.ops.aten.copy.default and user.args[0] is node
+               and not (len(user.args) > 1 and user.args[1] is node) for user in node.users):
+            found.add(spec.target)
+    return found
 
 
 def _views_of(node):
@@ -1072,10 +1113,10 @@ def _mutation_hint(spec, model) -> str:
         return (": call model.eval() before optimize() (BatchNorm in training mode updates its running "
                 "statistics)")
     rope = _rope_type(model)
-    if target.rsplit(".", 1)[-1] in ("inv_freq", "original_inv_freq") and rope in ("longrope", "dynamic"):
-        return (f": the rotary embedding is rope_type={rope!r}, whose frequencies transformers swaps inside "
-                "forward() by the sequence length; fxforge captures rope_type 'default', 'linear', 'yarn' and "
-                "'llama3'")
+    if target.rsplit(".", 1)[-1] in ("inv_freq", "original_inv_freq") and rope == "dynamic":
+        return (f": the rotary embedding is rope_type={rope!r}, whose frequencies transformers recomputes inside "
+                "forward() by the sequence length; fxforge captures rope_type 'default', 'linear', 'yarn', 'llama3' "
+                "and 'longrope'")
     if getattr(model, "training", False):
         return ": call model.eval() before optimize() if the write is a training-mode update"
     return ""

@@ -782,7 +782,12 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch):
     convolution, as in LFM hybrids; a matmul contracting over T, as linear attention does)
     would see only those and give other numbers than over
     the whole sequence: refuse."""
+    positions = _position_values(graph)
     for n in graph.nodes:
+        if n.op == "amax" and n.inputs[0] in positions:
+            # the largest position is the last token's, which every step holds (positions
+            # rise along the sequence): LongRoPE's choice of frequencies by max(position_ids) + 1
+            continue
         if n.op == "torch_call" and n.attrs["target"].startswith(SCANS) and n.inputs:
             x = n.inputs[0]
             args = n.attrs["args"]
@@ -827,6 +832,26 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch):
                                "the new tokens (1 at decode), so it would compute other values than over the whole "
                                "sequence, and the cache keeps only attention's keys and values. Optimize with "
                                f"kv_cache=False\n  at: {_describe(graph, n)}")
+
+
+# ops through which a value of positions stays one per token, in the tokens' order
+_KEEPS_POSITIONS = ("unsqueeze", "squeeze", "view", "reshape", "expand", "cast")
+
+
+def _position_values(graph: Graph) -> set[Value]:
+    """The cached graph's token positions (the positions input, or arange(L, L + T)) and
+    what they are through reshapes, casts and adding or subtracting a constant: values
+    that rise along the sequence, the last token's the largest."""
+    found = {v for v in graph.inputs if roles.role_of(v) == roles.POSITIONS}
+    consts = {n.outputs[0] for n in graph.nodes if n.op == "const"}
+    for n in graph.nodes:
+        if n.op == "arange" and n.attrs["step"] == 1 and isinstance(n.attrs["start"], sympy.Expr) \
+                and not n.attrs["start"].is_number:
+            found.add(n.outputs[0])
+        elif n.inputs and n.inputs[0] in found and (
+                n.op in _KEEPS_POSITIONS or n.op in ("add", "sub") and n.inputs[1] in consts):
+            found.update(n.outputs)
+    return found
 
 
 _PADS = ("aten.constant_pad_nd.", "aten.pad.", "aten.reflection_pad", "aten.replication_pad", "aten.circular_pad")
