@@ -19,6 +19,7 @@ from .ir.printer import print_graph
 from .passes import PassInfo, PassRegistry, registry as _default_registry
 from .passes.manager import run_pipeline
 from .runtime.backends import Backend, resolve_backend
+from .runtime.model_kind import not_a_causal_lm
 from .runtime.module import OptimizedModel
 from .runtime.frames import frame_of_its_own
 from .runtime.build import assemble, model_from_ir, own_weights
@@ -58,6 +59,10 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
               an option no pass knows is an error.
     """
     _check_arguments(model, example_inputs, example_kwargs, passes, disable, dynamic)
+    if options.get("kv_cache") and (why := not_a_causal_lm(model)) is not None:
+        from .passes.kv_cache import KVCacheError
+
+        raise KVCacheError(f"kv_cache: {why}")
 
     def capture():
         graph, spec = capture_with_spec(model, example_inputs, example_kwargs, dynamic=dynamic)
@@ -263,6 +268,7 @@ def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torc
     _copy_generation_config(model, fast)
     fast.left_padding_shifts_positions = _left_padding_shifts_positions(model)
     fast.config = getattr(model, "config", None)
+    fast.not_a_causal_lm = not_a_causal_lm(model)
     if dump_dir:
         fast.dump(dump_dir)
     return fast

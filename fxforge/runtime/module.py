@@ -80,6 +80,7 @@ class OptimizedModel:
         # positions then serve left-padded batches exactly
         self.left_padding_shifts_positions = False
         self.config = None  # the source model's config (a transformers PretrainedConfig), if any
+        self.not_a_causal_lm = None  # why kv_cache cannot serve the source model, if known (model_kind.py)
         # decode steps on static buffers, captured as CUDA graphs on a GPU (static_decode.py):
         # None = where it pays (CUDA), True = also elsewhere (no capture), False = never
         self.static_decode: bool | None = None
@@ -363,6 +364,8 @@ class OptimizedModel:
         return index
 
     def _require_cache(self, what: str):
+        if self.kv_layout is None and self.not_a_causal_lm:
+            raise RuntimeError(f"{what} needs a KV cache, which this model cannot have: {self.not_a_causal_lm}")
         if self.kv_layout is None:
             raise RuntimeError(f"{what} needs a KV cache: optimize the model with "
                                "fxforge.optimize(model, example_inputs, kv_cache=True)")
@@ -497,6 +500,7 @@ class OptimizedModel:
         rebuilt._generation_defaults, rebuilt._generation_config = self._generation_defaults, self._generation_config
         rebuilt.config = self.config
         rebuilt.left_padding_shifts_positions = self.left_padding_shifts_positions
+        rebuilt.not_a_causal_lm = self.not_a_causal_lm
         rebuilt.static_decode = self.static_decode
         self.__dict__.update(rebuilt.__dict__)
         return self
