@@ -29,6 +29,7 @@ from .graph import Graph, Value
 from .guards import guards_from_export
 from .hooks import warn_about_hooks
 from .lowering import DROP, FALLBACK, RULES, LowerCtx
+from .nested_fastpath import nested_fast_path_as_eager
 from .ops import Arg
 from . import roles
 from .pause_gc import paused_gc
@@ -321,7 +322,7 @@ def _export(model, args, kwargs, dynamic, stack_traces: bool = False, cache_mask
     try:
         with torch.no_grad(), _trace_settings(stack_traces), _config_without_cache(model, kwargs), \
                 _masks_as_with_cache(cache_masks), _bound_forward(model, baked), _without_partial_graph_dump(), \
-                _tensor_attributes_kept(model):
+                _tensor_attributes_kept(model), nested_fast_path_as_eager(model):
             return torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # torch.export raises many kinds; all become one clear error
         through = _through_var_keyword(model, ex_args, ex_kwargs) if dynamic else []
