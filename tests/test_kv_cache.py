@@ -972,3 +972,15 @@ def test_complex_rotary_through_polar_is_per_row():
     fast = _optimize(model, 128)
     assert fast.kv_layout.per_row_positions and "polar" in fast.code
     _assert_left_padded_batch_generates_as_transformers(model, fast)
+
+
+def test_a_half_alibi_refusal_names_the_dtype_and_the_remedy():
+    """Bloom in float16 builds ALiBi in float32 and rounds it to float16: the refusal says
+    so and what to do, not a list of possible causes."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    cfg = tr.BloomConfig(vocab_size=128, hidden_size=64, n_layer=1, n_head=4)
+    model = tr.BloomForCausalLM(cfg).eval().to(torch.float16)
+    with pytest.raises(KVCacheError, match=r"computes in float16[\s\S]*Optimize the model in float32 for kv_cache"):
+        fxforge.optimize(model, (torch.randint(0, 128, (1, 8)),), kv_cache=True, verbose=False)

@@ -334,6 +334,17 @@ def _causal_at(bias: Value, producers, graph: Graph, probes: list[dict], fill_ma
     return True
 
 
+def _narrow_float_in(bias: Value, producers) -> str | None:
+    """The half dtype ('float16' or 'bfloat16') a shape-only bias is computed in, if it is
+    built from float32 values cast down (Bloom, MPT and Falcon build ALiBi so in half models)."""
+    from .shape_eval import shape_only_nodes
+
+    for node in shape_only_nodes(bias, producers) or []:
+        if node.op == "cast" and node.attrs["dtype"] in (torch.float16, torch.bfloat16):
+            return str(node.attrs["dtype"]).removeprefix("torch.")
+    return None
+
+
 def _mask_input_problem(graph: Graph, attention: Node, max_seq_len: int | None = None) -> str:
     """Why the cache cannot serve this attention's mask input, as precisely as the graph
     tells: a mask computed from the user's inputs (attention_mask) has a remedy, a mask
@@ -349,6 +360,13 @@ def _mask_input_problem(graph: Graph, attention: Node, max_seq_len: int | None =
         if value is None:  # reads a graph input, or is not evaluable from the sizes alone
             return _data_mask_problem(graph, bias, producers)
         if ((value != 0) & (value > MASK_FILL_MAX)).any():
+            narrow = _narrow_float_in(bias, producers)
+            if narrow is not None:
+                return (f"adds a position bias (ALiBi: slopes times the key position) that the model computes in "
+                        f"{narrow}: rounding each slope x position to {narrow} is part of what this model "
+                        "computes, and fuse_attention recognises (and the cache extends) only an ALiBi bias "
+                        f"computed in float32. Optimize the model in float32 for kv_cache=True (model.float()), "
+                        f"or run it in {narrow} without kv_cache (the bias stays in the graph)")
             return ("adds a bias built from the positions that is not a mask (values other than 0 and a large "
                     "negative fill: a relative position bias, such as T5's, read from a learned table by the "
                     "query-key distance, or an ALiBi bias that fuse_attention did not recognise as slopes times "
