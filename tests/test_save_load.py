@@ -311,3 +311,27 @@ def test_fixed_dtypes_keep_their_kind_and_a_save_of_the_two_field_form_still_loa
     assert "reads torch.float32 constant tensor(s)" in message and "the constant tensor" in message, message
     assert "pins its compute dtype to torch.float32" in message, message
     assert "QuantConfig(compute_dtype=torch.float32): the 2 quantized products run in it" in message, message
+
+
+def test_a_config_holding_infinity_loads_back(tmp_path):
+    """Mamba2's default time_step_limit=(0.0, inf): to_json_string tags inf as
+    {"__float__": "Infinity"}, which load() handed to from_dict undecoded (a validation
+    error that failed the whole load)."""
+    import transformers as tr
+
+    class WithConfig(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = tr.Mamba2Config(num_hidden_layers=1, hidden_size=16, vocab_size=32, num_heads=4, head_dim=8)
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = WithConfig().eval()
+    x = torch.randn(2, 4)
+    fxforge.optimize(model, (x,), verbose=False).save(str(tmp_path / "m"))
+    loaded = fxforge.load(str(tmp_path / "m"))
+    assert isinstance(loaded.config, tr.Mamba2Config)
+    assert tuple(loaded.config.time_step_limit) == (0.0, float("inf"))
+    torch.testing.assert_close(loaded(x), model(x))

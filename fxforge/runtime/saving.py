@@ -314,13 +314,35 @@ def _config_from_json(data):
     if data is None:
         return None
     module_name, _, qualname = data["class"].partition(":")
+    values = _special_floats_decoded(data["values"])
     try:
         cls = getattr(importlib.import_module(module_name), qualname)
-        return cls.from_dict(data["values"])
     except (ImportError, AttributeError) as e:
         warnings.warn(f"the saved config is a {data['class']}, which cannot be imported here ({e}); "
                       "fast.config is its dict of values instead", stacklevel=3)
-        return dict(data["values"])
+        return values
+    try:
+        return cls.from_dict(values)
+    except Exception as e:  # noqa: BLE001 (another transformers version may validate otherwise)
+        warnings.warn(f"the saved {qualname} could not be rebuilt here ({type(e).__name__}: {str(e)[:200]}); "
+                      "fast.config is its dict of values instead", stacklevel=3)
+        return values
+
+
+_SPECIAL_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def _special_floats_decoded(obj):
+    """`obj` with transformers' JSON tags for floats JSON cannot hold ({"__float__":
+    "Infinity"}, as to_json_string writes Mamba2's time_step_limit=(0.0, inf)) read back as
+    floats; from_dict does not decode them itself."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"} and obj["__float__"] in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[obj["__float__"]]
+        return {k: _special_floats_decoded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_special_floats_decoded(v) for v in obj]
+    return obj
 
 
 def _fxforge_version() -> str:
