@@ -336,3 +336,19 @@ def test_a_multi_query_model_is_named_as_such():
     model = tr.AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(GQAError, match="multi-query attention .* no K/V heads to merge"):
         fxforge.optimize(model, (torch.randint(0, 64, (1, 6)),), gqa=1)
+
+
+def test_multi_latent_attention_is_named_as_such():
+    """DeepSeek-V3's MLA expands one rotary key head to every head: the refusal names
+    multi-latent attention, not an op that is 'not a head reshape'."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    config = tr.DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                                 q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                                 v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                 first_k_dense_replace=1)
+    model = tr.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(GQAError, match="multi-latent attention"):
+        fxforge.optimize(model, (torch.randint(0, 64, (1, 6)),), gqa=2)

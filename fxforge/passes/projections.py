@@ -227,7 +227,10 @@ def _ops_in_the_way(bad: list[Node], which: str) -> str | None:
     # K/V of one head given a head axis by unsqueeze: multi-query attention (GPTBigCode)
     one_head = [n for n in bad if n.op == "unsqueeze" and which == "K/V" and n.inputs[0].rank == 3
                 and n.outputs[0].rank == 4 and n.outputs[0].shape[1] == 1]
-    node = (complex_ops or stacks or one_head or bad)[0]
+    # one head broadcast to every head: DeepSeek's multi-latent attention shares its rotary key part
+    shared_head = [n for n in bad if n.op == "expand" and which != "Q" and n.inputs[0].rank == 4
+                   and n.inputs[0].shape[1] == 1 and n.outputs[0].shape[1] != 1]
+    node = (complex_ops or stacks or one_head or shared_head or bad)[0]
     if complex_ops:
         kind = ("an interleaved rotary embedding (rotating adjacent pairs of dims as complex numbers, "
                 "view_as_complex: Meta's llama); only the rotate-half layout (transformers' rotate_half) is handled")
@@ -238,6 +241,10 @@ def _ops_in_the_way(bad: list[Node], which: str) -> str | None:
     elif one_head:
         kind = ("a new head axis for a single K/V head: multi-query attention (GPTBigCode's multi_query=True), "
                 "where every query head already shares one K/V head, so there are no K/V heads to merge or split")
+    elif shared_head:
+        kind = ("one head's keys broadcast to every head (multi-latent attention: DeepSeek-V2/V3 decompress K/V "
+                "from one shared latent and give every head the same rotary key part), so the heads are not "
+                "separate projections that could be merged or split")
     elif any(n.op in _NORM_OPS for n in bad):
         node = next(n for n in bad if n.op in _NORM_OPS)
         kind = (f"a norm of the {'queries' if which == 'Q' else 'keys'} (q/k-norm: Qwen3, OLMo2, Gemma3): it is "
