@@ -179,6 +179,13 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     if graph.state_values:
         raise KVCacheError("kv_cache: the graph already has state buffers (did kv_cache run twice?)")
     attentions = [n for n in graph.nodes if n.op == "attention"]
+    if not attentions and not any(n.op in ("softmax", "log_softmax") or
+                                  n.op == "sdpa" or n.op == "torch_call" and "scaled_dot_product" in n.attrs.get("target", "")
+                                  for n in graph.nodes):
+        raise KVCacheError("kv_cache: the model has no attention at all (no softmax, no scaled_dot_product_"
+                           "attention): the cache holds attention's keys and values, and this model carries "
+                           "its context otherwise (a state-space model such as Mamba keeps a recurrent state, "
+                           "an RNN a hidden state). Optimize it without kv_cache")
     if not attentions:
         raise KVCacheError("kv_cache: the graph has no fused attention op, so there is nothing to cache. "
                            "Run fuse_attention first (it is in the default pipeline); if it ran, see its "
