@@ -989,3 +989,28 @@ def test_a_half_alibi_refusal_names_the_dtype_and_the_remedy():
     model = tr.BloomForCausalLM(cfg).eval().to(torch.float16)
     with pytest.raises(KVCacheError, match=r"computes in float16[\s\S]*Optimize the model in float32 for kv_cache"):
         fxforge.optimize(model, (torch.randint(0, 128, (1, 8)),), kv_cache=True, verbose=False)
+
+
+def test_llama4_nope_layers_serve_left_padded_batches():
+    """Llama 4's NoPE layers scale attention by a temperature read from cache_position
+    (shared by the batch) while rotary reads position_ids (per row): both kept as
+    transformers' generate has them, where the pass fell back to shared positions for all
+    and refused left-padded batches."""
+    import transformers as tr
+
+    torch.manual_seed(0)
+    cfg = tr.Llama4TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                              num_local_experts=4, num_experts_per_tok=1, attention_chunk_size=64,
+                              no_rope_layers=[1, 0], interleave_moe_layer_step=1, max_position_embeddings=128,
+                              pad_token_id=0)
+    model = tr.Llama4ForCausalLM(cfg).eval()
+    fast = fxforge.optimize(model, (torch.randint(3, 128, (2, 8)),), kv_cache=KVCacheConfig(max_seq_len=64),
+                            verbose=False)
+    assert fast.kv_layout.per_row_positions
+    ids = torch.randint(3, 128, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(fast.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0), ref)

@@ -475,14 +475,19 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
                 raise KVCacheError("kv_cache: an arange over the sequence that does not count 0..T-1; cannot "
                                    f"tell which positions it means\n  at: {_describe(graph, node)}")
             uses = users.get(node.outputs[0], [])
-            if uses and all(u.op == "unsqueeze" and u.attrs["dim"] in (0, -2) for u in uses) \
-                    and node.outputs[0] not in graph.outputs and a["dtype"] == torch.int64:
-                for u in uses:
+            as_rows = [u for u in uses if u.op == "unsqueeze" and u.attrs["dim"] in (0, -2)]
+            if as_rows and a["dtype"] == torch.int64:
+                # position_ids = cache_position.unsqueeze(0): per row with left padding, as
+                # transformers' generate passes them
+                for u in as_rows:
                     replace[u.outputs[0]] = positions
-            else:
-                shared = True
+            if len(as_rows) < len(uses) or not as_rows or node.outputs[0] in graph.outputs \
+                    or a["dtype"] != torch.int64:
+                # cache_position itself (Llama 4's attention temperature, a mask): the same
+                # index for every row, arange(L, L + T), as transformers' generate has it
                 new_nodes[id(node)] = Node("arange", (), {**a, "start": cache_len, "end": cache_len + seq},
                                            node.outputs, {**node.meta, "pass": "kv_cache"})
+                shared = shared or not as_rows or a["dtype"] != torch.int64
         elif node.op == "slice" and _mentions(node.attrs["end"], seq):
             a, table = node.attrs, node.inputs[0]
             dim = a["dim"] % table.rank
