@@ -167,3 +167,25 @@ def test_a_declined_neg_inf_fill_gets_one_note_counted_once():
     report = fast.report()
     assert "1 attention(s) left unfused" in report and "finfo(dtype).min" in report, report
     assert "softmax ops whose probabilities feed a matmul" not in report, report
+
+
+class _SquareSubsequentMask(nn.Module):
+    """nn.Transformer's float mask (0, and -inf above the diagonal), made in forward from
+    the length: shape-only, so the causal attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(D, H, batch_first=True)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+
+def test_generate_square_subsequent_mask_made_in_forward_is_causal():
+    torch.manual_seed(0)
+    model = _SquareSubsequentMask().eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 6, D),), verbose=False)
+    assert len(_causal_attentions(fast)) == 1 and fast.graph.count("attention") == 1, fast.ir
+    x = torch.randn(1, 9, D)
+    torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)

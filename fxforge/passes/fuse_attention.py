@@ -14,7 +14,9 @@ put every constant last in mul/add):
   - a mask that depends only on shapes (built from arange/tril/comparisons, or sliced
     from a buffer) is evaluated at sample sizes and at longer ones past every number it is
     built from (integers, floats and their reciprocals, clamp bounds, small tensors' values)
-    and a power of two above: causal at all of them becomes causal=true, a band of W keys
+    and a power of two above, with two lengths each above the other (shape_eval.probe_sizes:
+    bottom-right causal over a memory of S keys holds only while T <= S, unless a guard
+    says so): causal at all of them becomes causal=true, a band of W keys
     window=W, and
     slopes[h] * (k - q) (plus any per-row constant) on the kept entries alibi=true with the
     slopes as an f32[H] input (only if computed in float32 or wider);
