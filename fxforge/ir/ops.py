@@ -1041,8 +1041,8 @@ OPS_LIST: list[OpDef] = [
           attrs="start: size|float, end: size|float, step: size|float, dtype: dtype", traits={"needs_device"}),
     OpDef("full", "creation", infer_full, _full, arity=(0, 0), attrs="shape: sizes, value: scalar, dtype: dtype",
           traits={"needs_device"}),
-    OpDef("tril", "other", infer_same, lambda x, *, diagonal: torch.tril(x, diagonal), attrs="diagonal: int"),
-    OpDef("triu", "other", infer_same, lambda x, *, diagonal: torch.triu(x, diagonal), attrs="diagonal: int"),
+    OpDef("tril", "other", infer_same, lambda x, *, diagonal: torch.tril(x, diagonal), attrs="diagonal: size"),
+    OpDef("triu", "other", infer_same, lambda x, *, diagonal: torch.triu(x, diagonal), attrs="diagonal: size"),
     # attention as torch spells it, and as fxforge fuses it
     OpDef("sdpa", "other", infer_sdpa, _sdpa, doc="torch's scaled_dot_product_attention, exact semantics",
           arity=(3, 4), attrs="causal: bool, scale: float, enable_gqa?: bool"),

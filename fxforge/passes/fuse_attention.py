@@ -14,7 +14,9 @@ put every constant last in mul/add):
   - a mask that depends only on shapes (built from arange/tril/comparisons, or sliced
     from a buffer) is evaluated at sample sizes and at longer ones past every number it is
     built from (integers, floats and their reciprocals, clamp bounds, small tensors' values)
-    and a power of two above: causal at all of them becomes causal=true, a band of W keys
+    and a power of two above, with two lengths each above the other (shape_eval.probe_sizes:
+    bottom-right causal over a memory of S keys holds only while T <= S, unless a guard
+    says so): causal at all of them becomes causal=true, a band of W keys
     window=W, and
     slopes[h] * (k - q) (plus any per-row constant) on the kept entries alibi=true with the
     slopes as an f32[H] input (only if computed in float32 or wider);
@@ -406,13 +408,14 @@ def _cached_mask_form(forms: dict | None, m: Match, terms: _Terms, q: Value, k: 
 
 def _longest_evaluable(m: Match, terms: _Terms, short: dict, long: dict):
     """(sizes, bias) at the longest length between the sample `short` and the failed
-    `long` probe at which the terms evaluate (binary search), or (long, None)."""
+    `long` probe at which the terms evaluate (binary search), or (long, None). Only the
+    sizes that are long in `long` shorten (a probe with one length long keeps the others)."""
     lo = max(short.values())
-    hi = max(long.values())
+    hi = longest = max(long.values())
     best = None
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        sizes = {s: (1 if str(s).startswith("B") else mid) for s in long}
+        sizes = {s: (mid if size == longest else size) for s, size in long.items()}
         bias = terms.evaluate_sum(m, sizes)
         if bias is None:
             hi = mid
@@ -957,15 +960,15 @@ def fuse_attention(graph, ctx=None):
                     for name in ("softcap", "window", "alibi", "sinks")}
         extra = "".join(f", {count} {name}" for name, count in variants.items() if count)
         ctx.note(f"{fused} attention ops ({causal} causal, {fused - causal} with explicit or no mask{extra})")
-        left = _unfused_attention(out)
-        nan_rows = forms.get(NAN_ROWS, [])
+        nan_rows, empty_rows = _declined(forms, NAN_ROWS), _declined(forms, EMPTY_ROWS)
+        # those have a note of their own, which says why: not also "spelling not known"
+        left = _unfused_attention(out, explained={n.outputs[0] for n in nan_rows + empty_rows})
         if nan_rows:
             ctx.note(f"{len(nan_rows)} attention(s) left unfused, e.g. the one{nan_rows[0].where()}: the scores are "
                      "filled with -inf where a mask from the inputs says, and a row it drops entirely is NaN in "
                      "eager (softmax of all -inf) but 0 from fused attention (SDPA's convention), so fusing "
                      "would change the answer there; fill with torch.finfo(dtype).min (as transformers does) or "
                      "call F.scaled_dot_product_attention to have it fused")
-        empty_rows = forms.get(EMPTY_ROWS, [])
         if empty_rows:
             ctx.note(f"{len(empty_rows)} attention(s) left unfused, e.g. the one{empty_rows[0].where()}: the "
                      "mask leaves some query row no key and fills with -inf, so eager gives NaN on that row "
@@ -978,12 +981,20 @@ def fuse_attention(graph, ctx=None):
     return out
 
 
-def _unfused_attention(graph) -> list:
+def _declined(forms: dict, reason: str) -> list:
+    """The roots of the attentions declined for `reason`, each once: every sweep of the
+    rule driver tries a declined match again, and records it again."""
+    return list({n.outputs[0]: n for n in forms.get(reason, [])}.values())
+
+
+def _unfused_attention(graph, explained=frozenset()) -> list:
     """The softmax nodes left whose output reaches a matmul through casts alone: attention
-    the rules did not take (a router's softmax feeds a top-k instead)."""
+    the rules did not take (a router's softmax feeds a top-k instead). `explained`: the
+    results of matmuls declined for a reason already noted, left out."""
     users = graph.users()
     return [node for node in graph.nodes if node.op == "softmax"
-            and any(n.op == "matmul" for n in readers_through(users, node.outputs, lambda n: n.op == "cast", 3))]
+            and any(n.op == "matmul" and n.outputs[0] not in explained
+                    for n in readers_through(users, node.outputs, lambda n: n.op == "cast", 3))]
 
 
 _VIEW_RULES = [r for r in CLEANUP_RULES if r.name in ("view_noop", "view_of_view")]

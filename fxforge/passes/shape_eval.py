@@ -14,6 +14,7 @@ import torch
 
 from ..ir.graph import Graph, Node, Value
 from ..ir.evaluate import eval_node
+from ..ir.guards import holds
 from ..ir.ops import is_pure
 
 # A mask subgraph is small; anything larger is not shape-only in practice.
@@ -72,15 +73,40 @@ def evaluate(value: Value, producers: dict[Value, Node], graph: Graph, sizes: di
     return env[value]
 
 
+def _is_batch(symbol) -> bool:
+    return str(symbol).startswith("B")
+
+
+def _size_symbols(graph: Graph) -> list:
+    """The symbols in the graph's input types, in name order."""
+    return sorted({s for v in graph.inputs if hasattr(v.type, "shape") for d in v.shape
+                   for s in d.free_symbols}, key=str)
+
+
+def _callable_at(graph: Graph, sizes: dict) -> bool:
+    """The graph's guards hold at `sizes`: the model can be called there."""
+    return all(holds(g, sizes) for g in graph.guards)
+
+
 def sample_sizes(graph: Graph, count: int = 3) -> list[dict]:
     """A few distinct size assignments for every symbol in the graph's input types; sizes
-    differ from each other and from 1 so that no accidental equality passes a check."""
-    symbols = sorted({s for v in graph.inputs if hasattr(v.type, "shape") for d in v.shape
-                      for s in d.free_symbols}, key=str)
+    differ from each other and from 1 so that no accidental equality passes a check.
+
+    The lengths grow in name order (T < T1), and with two lengths or more one more sample
+    has them the other way round (T > T1), where the guards allow it: a mask over a query
+    length and an independent key length (cross-attention) can be causal only while there
+    are no more queries than keys, and a pass must see the sizes where it is not."""
+    symbols = _size_symbols(graph)
     bases = [(2, 5), (3, 9), (1, 12)][:count]
     out = []
     for b, t in bases:
-        out.append({s: (b if str(s).startswith("B") else t + 2 * i) for i, s in enumerate(symbols)})
+        out.append({s: (b if _is_batch(s) else t + 2 * i) for i, s in enumerate(symbols)})
+    if out and sum(not _is_batch(s) for s in symbols) > 1:
+        b, t = bases[min(1, len(bases) - 1)]
+        last = len(symbols) - 1
+        reversed_order = {s: (b if _is_batch(s) else t + 2 * (last - i)) for i, s in enumerate(symbols)}
+        if _callable_at(graph, reversed_order):
+            out.append(reversed_order)
     return out
 
 
@@ -171,27 +197,43 @@ def _long_lengths(nodes: list[Node], graph: Graph) -> tuple[set[int], bool]:
     return lengths, True
 
 
+def _long_probes(graph: Graph, short: dict, length: int) -> list[dict]:
+    """The probes at one long `length`: every length symbol at it, and with two lengths or
+    more, each in turn at it while the others keep their `short` sample size (where the
+    guards allow): a key length far past the query length, or far short of it, shows an
+    offset that only the difference between the two lengths sets."""
+    lengths = [s for s in short if not _is_batch(s)]
+    probes = [{s: (1 if _is_batch(s) else length) for s in short}]
+    if len(lengths) > 1:
+        for chosen in lengths:
+            probe = {s: (1 if _is_batch(s) else length if s == chosen else short[s]) for s in short}
+            if _callable_at(graph, probe):
+                probes.append(probe)
+    return probes
+
+
 def probe_sizes(graph: Graph, values: list[Value], producers: dict[Value, Node]) -> tuple[list[dict], bool]:
     """(sizes, complete): the sample sizes, plus longer ones that show a window, offset or
     band wider than the samples: one longer than every number the subgraphs of `values`
     are built from (a window of 16 keys looks causal at every T <= 16; the numbers include
     float constants, their reciprocals and small parameters' values), a generous power of
     two above that, and one as long as the parameters they read (a mask buffer, sliced to
-    T, is valid up to its size). complete=False when such a length is over
-    MAX_PROBE_LENGTH (not evaluated: a caller must not conclude the mask is plain causal)."""
+    T, is valid up to its size); with several lengths, each also alone at those
+    (_long_probes). complete=False when such a length is over MAX_PROBE_LENGTH (not
+    evaluated: a caller must not conclude the mask is plain causal)."""
     sizes = sample_sizes(graph)
     if not sizes or not sizes[-1]:
         return sizes, True  # no symbol: every length is the one sampled
     nodes = [n for value in values for n in (shape_only_nodes(value, producers) or [])]
     lengths, complete = _long_lengths(nodes, graph)
     sampled = max(max(s.values(), default=0) for s in sizes)
+    short = sizes[0]
     for length in sorted(x for x in lengths if x > sampled):
         if length > MAX_PROBE_LENGTH:
             complete = False
             continue
-        sizes.append({s: (1 if str(s).startswith("B") else length) for s in sizes[-1]})
+        sizes.extend(_long_probes(graph, short, length))
     return sizes, complete
-
 
 
 def band_width(keep: torch.Tensor) -> int | None:
