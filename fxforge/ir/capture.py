@@ -282,7 +282,7 @@ def _grown_dims(x: torch.Tensor, is_first: bool, targets: dict, guesses) -> dict
         if x.shape[d] == old and not (old == 1 and broadcasts):
             out[d] = new
         elif d == 1 and x.shape[d] == 1 and "own length" in guesses and x.dim() == 2 and not x.is_floating_point():
-            out[d] = max(n for _, n in targets.values()) + 1
+            out[d] = 1 + max((n for _, n in targets.values() if n is not None), default=1)
     if "beyond" in guesses and t0 is not None and t0 >= 2:
         out.update({d: tx for d in range(2, x.dim()) if x.shape[d] == t0})
     return out
@@ -1022,22 +1022,20 @@ def _data_dependent_size(unknown, node, sets_a_size: bool = True) -> str:
     a size (boolean-mask indexing, nonzero, a mixture of experts' token selection) or a
     number read into Python with .item() and used in arithmetic."""
     syms = ", ".join(sorted(map(str, unknown)))
+    wrapped = _size_made_a_tensor(node) if node is not None else None
     at = ""
     if node is not None:
-        op = str(node.target)
-        where = _source(node) or node.name
-        line = _source_line(node)
-        at = f"\n  op: {op}\n  at: {where}" + (f"\n  code: {line}" if line else "")
-    wrapped = _size_made_a_tensor(node) if node is not None else None
+        origin = wrapped or node  # where the size became a tensor, if it did
+        where = _source(origin) or origin.name
+        line = _source_line(origin)
+        at = f"\n  op: {node.target}\n  at: {where}" + (f"\n  code: {line}" if line else "")
     if wrapped is not None:
-        line = _source_line(wrapped)
         return (f"a size depends on tensor data ({syms}), but that tensor is a size itself: the model makes an "
-                f"input's size a tensor (torch.tensor(x.size(1)), torch.tensor(min(T, n))) and reads it back as "
-                f"a number (.item(), or slicing with it), which torch.export cannot follow back to the size"
-                f"\n  op: {node.target}\n  at: {_source(wrapped) or wrapped.name}" + (f"\n  code: {line}" if line else "")
-                + "\n  fix: keep the size a Python int (min(x.size(1), n), not torch.tensor(min(x.size(1), n))); "
-                "transformers' DeBERTa (v1) does this in compute_attention_span; or pass dynamic=False to "
-                "capture this exact shape")
+                "input's size a tensor (torch.tensor(x.size(1)), torch.tensor(min(T, n))) and reads it back as a "
+                f"number (.item(), or slicing with it), which torch.export cannot follow back to the size{at}\n"
+                "  fix: keep the size a Python int (min(x.size(1), n), not torch.tensor(min(x.size(1), n)); "
+                "transformers' DeBERTa (v1) compute_attention_span does this), or pass dynamic=False to capture "
+                "this exact shape")
     if not sets_a_size:
         return (f"a tensor's value is read into Python ({syms}): .item(), float() or int() of a tensor makes a "
                 f"Python number that depends on the data, which a graph capture cannot follow{at}\n"
@@ -1058,6 +1056,8 @@ def _size_made_a_tensor(node):
     """The fx node that makes a size a tensor (aten.scalar_tensor of a SymInt: torch.tensor(n)
     of an input's size) which the data-dependent value `node` is read back from, through
     arithmetic on 0-dim tensors; or None."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
     seen, todo = set(), [node]
     while todo:
         n = todo.pop()
@@ -1065,7 +1065,8 @@ def _size_made_a_tensor(node):
             continue
         seen.add(n)
         if n.target is torch.ops.aten.scalar_tensor.default and isinstance(n.args[0], torch.fx.Node) \
-                and isinstance(n.args[0].meta.get("val"), torch.SymInt):
+                and isinstance(size := n.args[0].meta.get("val"), torch.SymInt) \
+                and not free_unbacked_symbols(size):  # of the input sizes, not itself read from data
             return n
         todo.extend(a for a in n.all_input_nodes
                     if isinstance(v := a.meta.get("val"), torch.Tensor) and v.dim() == 0)
