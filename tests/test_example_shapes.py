@@ -17,7 +17,8 @@ from helpers import assert_close_to_eager
 D, H = 16, 2
 
 
-def _no_warnings(fn):
+def _and_warnings(fn):
+    """fn()'s result and the UserWarnings it gave."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = fn()
@@ -89,7 +90,7 @@ class Biased(nn.Module):
 def test_a_broadcast_bias_stays_broadcast_and_its_length_is_the_sequence():
     torch.manual_seed(0)
     model = Biased().eval()
-    fast, said = _no_warnings(lambda: fxforge.optimize(model, (torch.randn(1, 6, D), torch.randn(1, 1, 6, 6)),
+    fast, said = _and_warnings(lambda: fxforge.optimize(model, (torch.randn(1, 6, D), torch.randn(1, 1, 6, 6)),
                                                        verbose=False))
     assert not [w for w in said if "fixed" in w], said
     for b, t in ((3, 6), (1, 9), (2, 4)):
@@ -139,5 +140,5 @@ def test_a_size_made_a_tensor_and_read_back_is_named_with_dynamic_false():
     (nn.Sequential(nn.Conv1d(16, 8, 3, padding=1), nn.GELU()), torch.randn(2, 16, 20)),  # mel bins x frames
 ], ids=["image", "spectrogram"])
 def test_channels_a_convolution_takes_are_not_a_fixed_length(model, example):
-    _, said = _no_warnings(lambda: fxforge.optimize(model.eval(), (example,), verbose=False))
+    _, said = _and_warnings(lambda: fxforge.optimize(model.eval(), (example,), verbose=False))
     assert not [w for w in said if "fixed the length" in w], said
