@@ -161,7 +161,7 @@ def _warn_fixed_sizes(graph: Graph):
     if first is None or not (first.rank >= 3 or (first.rank == 2 and not first.dtype.is_floating_point)):
         return
     fixed = [f"{name} = {int(size)}" for name, size in zip(("the batch", "the length"), first.shape[:2])
-             if getattr(size, "is_number", False)]
+             if getattr(size, "is_number", False) and not (name == "the length" and int(size) in _conv_channels(graph))]
     _warn_pinning_guards(graph, first)
     if not fixed:
         return
@@ -181,6 +181,19 @@ def _warn_fixed_sizes(graph: Graph):
                "vary, optimize with an example of another size (e.g. one token shorter)")
     warnings.warn(f"torch.export fixed {' and '.join(fixed)} (dims of input {first.hint!r}): the model's "
                   f"code needs that exact size: {why}", stacklevel=4)
+
+
+def _conv_channels(graph: Graph) -> set[int]:
+    """The channel counts the graph's convolutions take (dim 1 of their input): an image's
+    or a spectrogram's dim 1 (ViT's pixel_values [B, 3, H, W], Whisper's mel bins) is a size
+    the weights fix, not a length the example fixed."""
+    out = set()
+    for node in graph.nodes:
+        if node.op == "torch_call" and str(node.attrs.get("target", "")).startswith(("aten.conv", "aten._conv")):
+            shape = getattr(node.inputs[0].type, "shape", ()) if node.inputs else ()
+            if len(shape) >= 2 and getattr(shape[1], "is_number", False):
+                out.add(int(shape[1]))
+    return out
 
 
 def _warn_pinning_guards(graph: Graph, first):

@@ -219,10 +219,20 @@ def _check_example_use_cache(model, kwargs):
                          "and fast.generate()")
 
 
-def _export_example(args, kwargs, dynamic):
-    """torch.export specialises a dim of size 1 to the constant 1 and may merge dims of
-    equal size, so trace with batch >= 2 and a different sequence length >= 2, made by
-    cyclically extending the example (shapes are what matters to the trace)."""
+# What dynamic capture guesses beyond the dims that match the first tensor's batch or
+# sequence by size (_grown_dims), most first; _export_traced retries with fewer where the
+# model fails on the guess
+_GUESSES = (frozenset({"broadcast", "beyond", "own length"}), frozenset({"beyond", "own length"}), frozenset())
+
+
+def _export_example(args, kwargs, dynamic, guesses=_GUESSES[0]):
+    """The example torch.export traces, and {id of its tensor: dims beyond 0 and 1 to trace as
+    symbols} (dims 0 and 1 of every tensor are: _dynamic_shapes).
+
+    torch.export specialises a dim of size 1 to the constant 1, so dynamic capture traces a
+    grown copy (cyclically extended: shapes are what matters to the trace): the batch and
+    sequence sizes of the first tensor (dims 0 and 1) become >= 2 and differ, and the other
+    inputs' dims of the same sizes grow with them (_grown_dims, with the `guesses` named)."""
     leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
     if not dynamic or not leaves:
         return args, kwargs, {}
@@ -235,17 +245,48 @@ def _export_example(args, kwargs, dynamic):
     if tx is not None and tx == bx:
         tx += 1
     targets = {0: (b0, bx), 1: (t0, tx)}
+    beyond: dict = {}
 
     def grow(x):
         if not isinstance(x, torch.Tensor):
             return x
-        for dim, (old, new) in targets.items():
-            if x.dim() > dim and old is not None and x.shape[dim] == old and new != old:
-                idx = torch.arange(new, device=x.device) % old
-                x = x.index_select(dim, idx)
+        dims = _grown_dims(x, x is first, targets, guesses)
+        for dim, new in dims.items():
+            if x.shape[dim] != new:
+                x = x.index_select(dim, torch.arange(new, device=x.device) % x.shape[dim])
+        beyond[id(x)] = [d for d in dims if d >= 2]
         return x
 
-    return pytree.tree_map(grow, args), pytree.tree_map(grow, kwargs), targets
+    return pytree.tree_map(grow, args), pytree.tree_map(grow, kwargs), beyond
+
+
+def _grown_dims(x: torch.Tensor, is_first: bool, targets: dict, guesses) -> dict:
+    """{dim: its traced size} for the dims of example tensor `x` that dynamic capture grows
+    with the first tensor's batch or sequence (`targets`: {0: (B, traced B), 1: (T, traced T)}):
+    dims 0 and 1 of the same size, or of the swapped sizes in a (B, T) mask beside a seq-first
+    (T, B, D) input. With the `guesses`:
+    - "beyond": the last dims of an attention bias or mask (B, 1, T, T) of the sequence's
+      size grow with it (else T stayed fixed at the example's);
+    - "own length": token ids of length 1 (decoder_input_ids=[[start]]) get a length of their
+      own (else they were fixed at 1, and a longer decoder input was refused);
+    - "broadcast": a size-1 dim of an input that broadcasts (rank >= 3 with a size-1 dim past
+      the first: a (1, 1, T, T) bias) stays 1 beside a batch-1 example (tied to the batch,
+      the bias eager broadcasts over any batch was refused at batch 3)."""
+    (b0, _), (t0, tx) = targets[0], targets[1]
+    if is_first:
+        return {d: new for d, (old, new) in targets.items() if x.dim() > d and old is not None}
+    swapped = x.dim() >= 2 and b0 != t0 and (x.shape[0], x.shape[1]) == (t0, b0)
+    broadcasts = "broadcast" in guesses and x.dim() >= 3 and 1 in x.shape[1:]
+    out = {}
+    for d in range(min(x.dim(), 2)):
+        old, new = targets[1 - d if swapped else d]
+        if x.shape[d] == old and not (old == 1 and broadcasts):
+            out[d] = new
+        elif d == 1 and x.shape[d] == 1 and "own length" in guesses and x.dim() == 2 and not x.is_floating_point():
+            out[d] = 1 + max((n for _, n in targets.values() if n is not None), default=1)
+    if "beyond" in guesses and t0 is not None and t0 >= 2:
+        out.update({d: tx for d in range(2, x.dim()) if x.shape[d] == t0})
+    return out
 
 
 def _check_not_empty(args, kwargs):
@@ -271,12 +312,16 @@ def _input_name(path) -> str:
     return head + "".join(str(k) for k in path[1:])
 
 
-def _dynamic_shapes(model, args, kwargs):
+def _dynamic_shapes(model, args, kwargs, beyond=None):
+    """Dim.AUTO for dims 0 and 1 of every tensor, and for the dims `beyond` names
+    (_export_example): torch.export makes a symbol of each, fixes those the model's code
+    needs fixed, and ties those its code makes equal."""
     from torch.export import Dim
 
     def spec(x):
         if isinstance(x, torch.Tensor):
-            return {d: Dim.AUTO for d in range(min(x.dim(), 2))} or None
+            dims = [*range(min(x.dim(), 2)), *(beyond or {}).get(id(x), ())]
+            return {d: Dim.AUTO for d in dims} or None
         return None
 
     sig = inspect.signature(model.forward)
@@ -317,13 +362,13 @@ def _unaliased(args, kwargs):
 
 def _export(model, args, kwargs, dynamic, stack_traces: bool = False, cache_masks: bool = False, baked=None):
     args, kwargs = _unaliased(args, kwargs)
-    ex_args, ex_kwargs, _ = _export_example(args, kwargs, dynamic)
-    dyn = _dynamic_shapes(model, ex_args, ex_kwargs) if dynamic else None
+    ex_args, ex_kwargs, beyond = _export_example(args, kwargs, dynamic)
+    dyn = _dynamic_shapes(model, ex_args, ex_kwargs, beyond) if dynamic else None
     try:
         with torch.no_grad(), _trace_settings(stack_traces), _config_without_cache(model, kwargs), \
                 _masks_as_with_cache(cache_masks), _bound_forward(model, baked), _without_partial_graph_dump(), \
                 _tensor_attributes_kept(model), nested_fast_path_as_eager(model):
-            return torch.export.export(model, ex_args, ex_kwargs, dynamic_shapes=dyn, strict=False)
+            return _export_traced(model, (args, kwargs), (ex_args, ex_kwargs), dyn)
     except Exception as e:  # torch.export raises many kinds; all become one clear error
         through = _through_var_keyword(model, ex_args, ex_kwargs) if dynamic else []
         if through and "tree_name" in str(e):  # export's dynamic shapes fail on a **kwargs tensor
@@ -334,6 +379,32 @@ def _export(model, args, kwargs, dynamic, stack_traces: bool = False, cache_mask
                 f"  fix: leave {', '.join(through)} out of example_kwargs if the model does not need "
                 f"{'it' if len(through) == 1 else 'them'}, or pass dynamic=False") from e
         raise _capture_error(model, e) from e
+
+
+def _export_traced(model, example, traced, dyn):
+    """torch.export of the `traced` example (_export_example's growth of `example`). Where
+    that fails, a guess may be what the model does not take (a (1, 1, T, T) input it reads
+    per row, a dim that only looked like the length): the example is traced again grown
+    with fewer guesses (_GUESSES), where that changes the trace; the last trace's error is
+    the one raised."""
+    traces = [(*traced, dyn)]
+    for guesses in (_GUESSES[1:] if dyn is not None else ()):
+        args, kwargs, beyond = _export_example(*example, True, guesses)
+        trace = (args, kwargs, _dynamic_shapes(model, args, kwargs, beyond))
+        if not any(_same_trace(trace, other) for other in traces):
+            traces.append(trace)
+    for i, (args, kwargs, shapes) in enumerate(traces):
+        try:
+            with _tensor_attributes_kept(model):  # nothing a failed trace cached reaches the next
+                return torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
+        except Exception:  # noqa: BLE001 (whatever export raises: the next trace, or the caller's error)
+            if i == len(traces) - 1:
+                raise
+
+
+def _same_trace(a, b) -> bool:
+    shapes = [[tuple(x.shape) for x in pytree.tree_leaves(t[:2]) if isinstance(x, torch.Tensor)] for t in (a, b)]
+    return shapes[0] == shapes[1] and a[2] == b[2]
 
 
 def _rope_type(model) -> str | None:
@@ -953,12 +1024,20 @@ def _data_dependent_size(unknown, node, sets_a_size: bool = True) -> str:
     a size (boolean-mask indexing, nonzero, a mixture of experts' token selection) or a
     number read into Python with .item() and used in arithmetic."""
     syms = ", ".join(sorted(map(str, unknown)))
+    wrapped = _size_made_a_tensor(node) if node is not None else None
     at = ""
     if node is not None:
-        op = str(node.target)
-        where = _source(node) or node.name
-        line = _source_line(node)
-        at = f"\n  op: {op}\n  at: {where}" + (f"\n  code: {line}" if line else "")
+        origin = wrapped or node  # where the size became a tensor, if it did
+        where = _source(origin) or origin.name
+        line = _source_line(origin)
+        at = f"\n  op: {node.target}\n  at: {where}" + (f"\n  code: {line}" if line else "")
+    if wrapped is not None:
+        return (f"a size depends on tensor data ({syms}), but that tensor is a size itself: the model makes an "
+                "input's size a tensor (torch.tensor(x.size(1)), torch.tensor(min(T, n))) and reads it back as a "
+                f"number (.item(), or slicing with it), which torch.export cannot follow back to the size{at}\n"
+                "  fix: keep the size a Python int (min(x.size(1), n), not torch.tensor(min(x.size(1), n)); "
+                "transformers' DeBERTa (v1) compute_attention_span does this), or pass dynamic=False to capture "
+                "this exact shape")
     if not sets_a_size:
         return (f"a tensor's value is read into Python ({syms}): .item(), float() or int() of a tensor makes a "
                 f"Python number that depends on the data, which a graph capture cannot follow{at}\n"
@@ -973,6 +1052,27 @@ def _data_dependent_size(unknown, node, sets_a_size: bool = True) -> str:
             "by the router's gate (zero for the experts not chosen), or gather each token's top-k experts' weights "
             "(W[top_k_index], [tokens, k, ...]) and multiply in one batch, as transformers' batched_mm experts do; "
             "elsewhere, use torch.where(cond, a, b) or multiply by the mask rather than selecting")
+
+
+def _size_made_a_tensor(node):
+    """The fx node that makes a size a tensor (aten.scalar_tensor of a SymInt: torch.tensor(n)
+    of an input's size) which the data-dependent value `node` is read back from, through
+    arithmetic on 0-dim tensors; or None."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.target is torch.ops.aten.scalar_tensor.default and isinstance(n.args[0], torch.fx.Node) \
+                and isinstance(size := n.args[0].meta.get("val"), torch.SymInt) \
+                and not free_unbacked_symbols(size):  # of the input sizes, not itself read from data
+            return n
+        todo.extend(a for a in n.all_input_nodes
+                    if isinstance(v := a.meta.get("val"), torch.Tensor) and v.dim() == 0)
+    return None
 
 
 def _lower_exported(ep, injected, model):
