@@ -18,7 +18,8 @@ The KV cache is dense, one row per running request, `max_seq_len` positions. Row
 right-aligned: every row's last token sits at the same position, so one cache length and
 one set of kernel arguments serve the batch, and a row's left padding is masked by the
 key bias, as in a left-padded generate(). When a request joins, the rows are shifted
-together (one copy of the cache) so that the longest one starts at position 0; a row's
+together so that the longest one starts at position 0 (one copy of the positions holding
+tokens: joins, leaves and steps cost what the rows hold, not max_seq_len); a row's
 rotary positions are its own (position - padding), so the shift changes no answer. Each
 request's greedy tokens are the ones generate() gives it alone (tested; bit for bit in
 float32: in half precision a batched step's products may round a last bit otherwise, which
@@ -637,26 +638,41 @@ class Engine:
             self._retire(row)
 
     def _retire(self, row: _Row):
-        """The row leaves; the last row moves into its slot so running rows stay 0..n-1."""
+        """The row leaves; the last row moves into its slot so running rows stay 0..n-1.
+        Only the moved row's tokens are copied (cost follows its length, not max_seq_len):
+        what the slot keeps elsewhere is stale, finite and seen by no query: its older
+        positions are the row's left padding and its later ones are past the current
+        position, both masked by the key bias (an eager step writes them before reading)."""
         slot, last = self._rows.index(row), len(self._rows) - 1
         if slot != last:
+            moved = self._rows[last]
+            held = self._held(moved.cached)
             for buffer in self._cache.buffers:
-                buffer[slot].copy_(buffer[last])
-            self._rows[slot] = self._rows[last]
+                buffer[slot, :, held].copy_(buffer[last, :, held])
+            self._rows[slot] = moved
         self._rows.pop()
         row.request._done.set()
         if not self._rows:
             self._start = 0
 
     def _shift(self, delta: int):
-        """Move every running row's cached tokens `delta` positions along the sequence
-        (what wraps around lands in padding or in positions not yet written)."""
+        """Move every running row's cached tokens `delta` positions along the sequence.
+        Only the positions some row holds a token in move (cost follows the tokens in use,
+        not max_seq_len); the others keep stale, finite values in the rows' left padding or
+        past the new start, which the key bias masks, as in _retire."""
         n = len(self._rows)
         if delta == 0 or n == 0:
             return
+        held = self._held(max(r.cached for r in self._rows))
+        moved = slice(held.start + delta, held.stop + delta)
         for buffer in self._cache.buffers:
-            rows = buffer[:n]
-            rows.copy_(torch.roll(rows, delta, dims=2))
+            # a copy first: the two ranges overlap when delta is less than the tokens moved
+            buffer[:n, :, moved].copy_(buffer[:n, :, held].clone())
+
+    def _held(self, tokens: int) -> slice:
+        """The cache positions of a row's `tokens` cached tokens: rows are right-aligned,
+        their last token just before the engine's current position."""
+        return slice(self._start - tokens, self._start)
 
     def _fail_rows(self, error: BaseException, stage: str):
         """Every running request fails with `error` (a step of the whole batch failed)."""
