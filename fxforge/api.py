@@ -176,9 +176,12 @@ def _warn_fixed_sizes(graph: Graph):
         why = ("most often because the example's size equals a fixed size in the model (a mask buffer or position "
                "table of that many rows, sliced by it), or the model runs a recurrent layer (nn.GRU, nn.LSTM, "
                "nn.RNN) or torch.linspace / logspace with that many steps, which torch.export traces at one size, "
-               "or makes a Python float of the size (float(x.shape[1]), torch.tensor(float(n))). "
+               "or makes a Python float of the size (float(x.shape[1]), torch.tensor(float(n))), or loops over "
+               "the sequence in Python (`for t in range(seq_len)`, as transformers' Mamba / state-space layers do "
+               "without their CUDA kernels), which torch.export unrolls into that many steps. "
                "The optimized model serves that size only, and kv_cache cannot cache it: where the size should "
-               "vary, optimize with an example of another size (e.g. one token shorter)")
+               "vary, optimize with an example of another size (e.g. one token shorter; a loop over the "
+               "sequence fixes any size: optimize once per length)")
     warnings.warn(f"torch.export fixed {' and '.join(fixed)} (dims of input {first.hint!r}): the model's "
                   f"code needs that exact size: {why}", stacklevel=4)
 

@@ -217,6 +217,24 @@ def test_a_length_fixed_by_an_op_names_that_op(model, op):
         fxforge.optimize(model.eval(), (torch.randn(2, 6, 8),), verbose=False)
 
 
+class ScanLoop(nn.Module):
+    """A recurrence written as a Python loop over the sequence (transformers' Mamba
+    layers without their CUDA kernels): export unrolls it at the example's length."""
+
+    def forward(self, x):
+        state, outs = torch.zeros_like(x[:, 0]), []
+        for t in range(x.shape[1]):
+            state = 0.5 * state + x[:, t]
+            outs.append(state)
+        return torch.stack(outs, 1)
+
+
+def test_a_python_loop_over_the_sequence_is_named_among_the_causes():
+    with pytest.warns(UserWarning, match=r"torch.export fixed the length = 6 [\s\S]*loops over the sequence in "
+                                         r"Python[\s\S]*optimize once per length"):
+        fxforge.optimize(ScanLoop(), (torch.randn(2, 6, 8),), verbose=False)
+
+
 def test_batchnorm_in_training_mode_is_told_to_call_eval():
     model = nn.BatchNorm1d(6).train()
     with pytest.raises(CaptureError, match=r"running_mean.*call model\.eval\(\) before optimize\(\) \(BatchNorm"):

@@ -217,7 +217,9 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
                            "default); with dynamic=True, torch.export fixed the size itself: the example's length "
                            "(or batch) equals a fixed size in the model (a mask buffer or position table of that "
                            "many rows, sliced by the length): optimize with an example of another length, e.g. "
-                           "one token shorter\n  at: " + _describe(graph, attentions[0]))
+                           "one token shorter; or the model loops over the sequence in Python (transformers' "
+                           "Mamba / state-space layers without their CUDA kernels), which export unrolls at any "
+                           "length, and which a KV cache cannot serve\n  at: " + _describe(graph, attentions[0]))
     if config.max_seq_len is not None:
         graph = _windows_wider_than_the_cache(graph, seq, config.max_seq_len)
         attentions = [n for n in graph.nodes if n.op == "attention"]
