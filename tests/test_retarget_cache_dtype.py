@@ -5,6 +5,7 @@ the dtype of the optimize, so after bf16 -> f32 every K/V was still rounded to b
 (logits ~1e-3 off, no error). A cast the model makes inside a fused body, hidden from the
 node's output types, and a cache dtype set at optimize refuse instead."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from fxforge.runtime.retarget import DtypePinnedError
 
 PAIRS = [(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.float16),
          (torch.float32, torch.bfloat16)]
-LAYOUTS = {"dense": True, "paged": fxforge.KVCacheConfig(layout="paged", block_size=4)}
+LAYOUTS = {"dense": fxforge.KVCacheConfig(), "paged": fxforge.KVCacheConfig(layout="paged", block_size=4)}
 IDS = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(3))
 
 
@@ -109,8 +110,8 @@ def test_a_cache_dtype_set_at_optimize_refuses(layout):
     # the float32 model with it rounds K/V to bf16, to() made the cache float32 and said nothing
     torch.manual_seed(0)
     source = _gpt2().to(torch.bfloat16)
-    kv = {**vars(LAYOUTS[layout]), "dtype": torch.bfloat16} if layout == "paged" else {"dtype": torch.bfloat16}
-    fast = fxforge.optimize(source, (IDS,), backend="torch", kv_cache=fxforge.KVCacheConfig(**kv))
+    kv = dataclasses.replace(LAYOUTS[layout], dtype=torch.bfloat16)
+    fast = fxforge.optimize(source, (IDS,), backend="torch", kv_cache=kv)
     expected = fast(IDS).logits
     with pytest.raises(DtypePinnedError, match=r"(?s)KV cache's dtype was set to torch.bfloat16 at optimize.*"
                                                r"KVCacheConfig\(dtype=torch.bfloat16\) at optimize"):
