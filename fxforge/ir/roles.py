@@ -27,7 +27,8 @@ the graph must keep though no node shows them, each a (dtype, kind, why) entry
 (`((f32, "cast", "x.float() in model.norm (RMSNorm)"),)`) of one of the FIXED_KINDS: a cast
 the model's code makes that was a no-op at capture and so left no node, a float constant
 tensor it reads that model.to(dtype) would not convert (ir/capture.py), a compute dtype the
-user asked for (QuantConfig(compute_dtype=...), passes/quantize.py). `OptimizedModel.to(dtype)`
+user asked for (QuantConfig(compute_dtype=...), passes/quantize.py), a KV cache dtype the user
+asked for (KVCacheConfig(dtype=...), passes/kv_cache.py). `OptimizedModel.to(dtype)`
 refuses another dtype where there are any, as for a cast node, saying why by kind
 (runtime/retarget.py).
 """
@@ -51,7 +52,8 @@ SIGNATURE_KEYS = ("outputs", "max_seq_len", "max_batch", "num_blocks", "fixed_dt
 FIXED_CAST = "cast"  # a cast in the model's code, a no-op at capture
 FIXED_CONSTANT = "constant"  # a float constant tensor that model.to() does not convert
 FIXED_COMPUTE_DTYPE = "compute_dtype"  # a compute dtype asked for at optimize
-FIXED_KINDS = (FIXED_CAST, FIXED_CONSTANT, FIXED_COMPUTE_DTYPE)
+FIXED_CACHE_DTYPE = "cache_dtype"  # a KV cache dtype asked for at optimize (KVCacheConfig(dtype=...))
+FIXED_KINDS = (FIXED_CAST, FIXED_CONSTANT, FIXED_COMPUTE_DTYPE, FIXED_CACHE_DTYPE)
 
 
 def is_paged(graph) -> bool:

@@ -268,7 +268,7 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
                            **({"max_seq_len": max_seq_len} if max_seq_len is not None else {}),
                            **({"max_batch": config.max_batch} if config.max_batch is not None else {}),
                            **({"num_blocks": config.num_blocks} if config.num_blocks is not None else {}),
-                           **{k: v for k, v in graph.signature.items() if k == "fixed_dtypes"}}
+                           **_fixed_dtypes(graph, config)}
     if ctx is not None:
         ctx.details["kv_cache"] = layout
         ctx.rules["cache_attention"] += layers
@@ -738,6 +738,16 @@ def position_table_limit(graph: Graph, limit, positions, seq, cache_len) -> int 
             if n.op in ("unsqueeze", "view", "expand", "cast", "add", "sub", "slice", "permute"):
                 derived.update(dict.fromkeys(n.outputs, offset))
     return limit
+
+
+def _fixed_dtypes(graph: Graph, config: KVCacheConfig) -> dict:
+    """The graph's fixed_dtypes (ir/roles.py), with the cache dtype if the user set one:
+    the graph alone cannot tell it from the keys' dtype, and OptimizedModel.to(dtype) must
+    not make it follow the model's."""
+    fixed = tuple(graph.signature.get("fixed_dtypes", ()))
+    if config.dtype is not None:
+        fixed += ((config.dtype, roles.FIXED_CACHE_DTYPE, f"KVCacheConfig(dtype={config.dtype}) at optimize"),)
+    return {"fixed_dtypes": fixed} if fixed else {}
 
 
 # -- attention -----------------------------------------------------------------------------

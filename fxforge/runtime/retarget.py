@@ -22,6 +22,13 @@ into the graph as a number, and in another dtype the model would compute another
 of the graph (any op's attribute, a fused body's constant) equal to a torch.finfo value of
 the dtype the graph is leaving pins too, as does a clamp bound the new dtype cannot hold
 (torch.clamp raises on it at every call).
+
+Fused bodies hold dtypes too. A cast in one that copies (to its operand's own dtype) is
+a pass's: the K/V store into a dense cache (kv_append written as a fused body) casts to
+the cache dtype, the keys' own; it is retyped to copy in the new dtype, with the cache.
+Any other float cast in a body pins like a cast node, even where the node's outputs do
+not show it (a value rounded inside the kernel that only feeds a comparison). A cache
+dtype set at optimize (KVCacheConfig(dtype=...), in fixed_dtypes) refuses.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from ..ir import roles
 from ..ir.attr_walk import attr_leaves
 from ..ir.dtypes import finfo_name, finfo_named_value
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import OPS
+from ..ir.ops import OPS, _run_body
 from ..ir.printer import Namer, format_node
 from ..ir.types import TensorType
 
@@ -70,18 +77,23 @@ def retyped(graph: Graph, dtype: torch.dtype) -> Graph:
     new: dict[Value, Value] = {}
     for v in graph.inputs + graph.param_values + graph.state_values:
         new[v] = _as_dtype(v, dtype)
-    fixed = [entry for entry in graph.signature.get("fixed_dtypes", ()) if entry[0] != dtype]
+    # (a cache dtype set at optimize refuses even `dtype` itself: the graph casts K/V to it and
+    # back to the model's dtype, and those casts back are the model's old dtype then)
+    fixed = [entry for entry in graph.signature.get("fixed_dtypes", ())
+             if entry[0] != dtype or entry[1] == roles.FIXED_CACHE_DTYPE]
     nodes, pinned = [], []
     for node in graph.nodes:
         inputs = tuple(new.get(v, v) for v in node.inputs)
-        inferred = OPS[node.op].infer([v.type for v in inputs], node.attrs) if node.op in OPS else None
+        attrs = _copies_retyped(node, inputs)
+        inferred = OPS[node.op].infer([v.type for v in inputs], attrs) if node.op in OPS else None
         types = inferred if inferred is not None else [v.type for v in node.outputs]
         outputs = tuple(Value(t, v.hint, v.param, v.state, v.attrs) for t, v in zip(types, node.outputs))
         new.update(zip(node.outputs, outputs))
         # where a pinned dtype starts (what follows from it is not the node to blame)
-        if any(_pins(v, dtype) for v in outputs) and not any(_pins(v, dtype) for v in inputs):
+        pins = any(_pins(v, dtype) for v in outputs) or _body_pins(attrs, dtype)
+        if pins and not any(_pins(v, dtype) for v in inputs):
             pinned.append(node)
-        nodes.append(Node(node.op, inputs, node.attrs, outputs, node.meta))
+        nodes.append(Node(node.op, inputs, attrs, outputs, node.meta))
     scalars = _dtype_scalars(graph, dtype)
     if pinned or fixed or scalars:
         raise _pinned_error(graph, pinned, dtype, fixed, scalars)
@@ -104,6 +116,72 @@ def _pins(v: Value, dtype: torch.dtype) -> bool:
     operand's dtype win over) left in another dtype."""
     t = v.type
     return isinstance(t, TensorType) and t.dtype.is_floating_point and t.dtype != dtype and t.rank > 0
+
+
+def _copies_retyped(node: Node, inputs: tuple[Value, ...]) -> dict:
+    """`node`'s attrs with each cast that copies, to its operand's own float dtype, made to
+    copy in the operand's new dtype. Capture drops the model's no-op casts (and records them
+    in fixed_dtypes, which refuses), so such a cast is one a pass made to copy: a K/V store
+    into the cache in a fused body (fuse_elementwise writes a kv_append so), which would
+    otherwise keep rounding to the dtype the model was optimized in."""
+    if node.op == "cast" and _copies(node.inputs[0], node.attrs["dtype"]):
+        return {**node.attrs, "dtype": inputs[0].type.dtype}
+    if node.op != "fused_pointwise":
+        return node.attrs
+    computed = len(node.inputs) - len(node.attrs.get("into") or ())  # (the stores' destinations come last)
+    body = _body_copies_retyped(node.attrs["body"], [v.type for v in node.inputs[:computed]],
+                                [v.type for v in inputs[:computed]])
+    return node.attrs if body == node.attrs["body"] else {**node.attrs, "body": body}
+
+
+def _copies(operand, dtype) -> bool:
+    """Whether a cast of `operand` (a Value or a TensorType) to `dtype` copies a float."""
+    t = getattr(operand, "type", operand)
+    return isinstance(t, TensorType) and t.dtype.is_floating_point and t.dtype == dtype
+
+
+def _body_copies_retyped(body: tuple, old_types: list, new_types: list) -> tuple:
+    """A fused body's copying casts (typed over `old_types`) made to copy over `new_types`.
+    The body itself where none changes (a kernel's launch plan is keyed by its identity)."""
+    before = _body_steps(body, old_types, lambda i, ts, attrs: attrs)
+
+    def retarget(i, ts, attrs):
+        if body[i][0] == "cast" and _copies(before[i][0][0], attrs["dtype"]):
+            return {**attrs, "dtype": ts[0].dtype}
+        return attrs
+    after = _body_steps(body, new_types, retarget)
+    if all(a == b for (_, a), (_, b) in zip(before, after)):
+        return body
+    return tuple((op, args, tuple(attrs.items())) for (op, args, _), (_, attrs) in zip(body, after))
+
+
+def _body_steps(body: tuple, types: list, choose) -> list[tuple[list, dict]]:
+    """(operand types, attrs) of each step of a fused body typed over `types`, where
+    `choose(i, operand types, attrs)` gives the attrs step i is typed (and kept) with."""
+    steps = []
+
+    def step(op, ts, attrs):
+        attrs = choose(len(steps), ts, attrs)
+        steps.append((ts, attrs))
+        return OPS[op].infer(ts, attrs)[0]
+    _run_body(list(types), body, (), step)
+    return steps
+
+
+def _body_pins(attrs: dict, dtype: torch.dtype) -> bool:
+    """Whether a fused body in `attrs` (a fused_pointwise's, a linear_fused's prologue or
+    epilogue) casts to a float dtype other than `dtype` (once its copies are retyped): a
+    cast the model makes, which no output of the node may show (a value rounded to bfloat16
+    inside the kernel, then promoted back). A const step's dtype is 0-dim, which torch's
+    promotion lets the tensor operand's dtype win over."""
+    return any(isinstance(value, torch.dtype) and value.is_floating_point and value != dtype
+               and _body_step_op(trail) not in (None, "const") for value, trail in attr_leaves(attrs))
+
+
+def _body_step_op(trail: tuple) -> str | None:
+    """The op of the innermost fused body entry an attr_leaves leaf sits in, or None."""
+    ops = [container[0] for container, _ in trail if _is_body_entry(container)]
+    return ops[-1] if ops else None
 
 
 def _dtype_scalars(graph: Graph, dtype: torch.dtype) -> list[tuple[Node, str]]:
@@ -172,6 +250,9 @@ _FIXED_WHAT = {
                           "graph cannot tell which)",
     roles.FIXED_COMPUTE_DTYPE: "the optimization pins its compute dtype to {} (asked for at optimize; where the "
                                "model computes in it already, no IR line casts to it)",
+    roles.FIXED_CACHE_DTYPE: "the KV cache's dtype was set to {} at optimize (KVCacheConfig(dtype=...)), which "
+                             "a retyped graph would not keep: where it differs from the model's, K/V are cast to "
+                             "it and back, casts that retyping cannot redo",
 }
 
 
