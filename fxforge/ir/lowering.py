@@ -82,9 +82,8 @@ class LowerCtx:
                 return FALLBACK
             if _promoted(xs, dtypes, rows) != want:
                 return FALLBACK
-        values = [x if isinstance(x, Value) else self.b.const(x, d) for x, d in zip(xs, dtypes)]
-        if rows:
-            values = [self.emit("unsqueeze", v, dim=0) if v in like else v for v in values]
+        values = [self.b.const(x, d) if not isinstance(x, Value) else self.emit("unsqueeze", x, dim=0) if rows else x
+                  for x, d in zip(xs, dtypes)]
         out = self.emit(op, *([cond] if cond is not None else []), *values)
         if rows and (cond is None or cond.rank == 0):
             out = self.emit("squeeze", out, dims=(0,))
@@ -475,7 +474,7 @@ def addmm(c: LowerCtx, bias, a, b, beta=1, alpha=1):
         out = c.pointwise("mul", out, alpha)
     if beta != 1:
         bias = c.pointwise("mul", bias, beta)
-    if FALLBACK in (out, bias):
+    if out is FALLBACK or bias is FALLBACK:
         return FALLBACK
     return c.pointwise("add", out, bias) if beta != 0 else out
 
