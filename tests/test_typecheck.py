@@ -78,3 +78,32 @@ def test_a_type_rule_crash_becomes_an_ircheckerror():
 def test_malformed_text_raises_parse_error(text, why):
     with pytest.raises(ParseError, match=why):
         parse(text)
+
+
+@pytest.mark.parametrize("inputs, line, why", [
+    # a f32 input to a bf16 linear: what the lowering of a Python scalar made of transformers'
+    # eager attention mask (tests/test_lowering_promotion.py); torch refuses to run it
+    ("%x: f32[B, 8], %w: bf16[4, 8]", "%1: f32[B, 4] = linear(%x, %w)",
+     "linear needs one dtype for its input, weight, got input f32\\[B, 8\\], weight bf16\\[4, 8\\]"),
+    ("%x: bf16[B, 8], %w: bf16[4, 8], %b: f32[4]", "%1: f32[B, 4] = linear(%x, %w, %b)",
+     "linear needs one dtype for its input, weight, bias"),
+    ("%x: f16[B, 8], %w: f32[8, 4]", "%1: f32[B, 4] = matmul(%x, %w)", "matmul needs one dtype for its left, right"),
+    ("%x: bf16[B, 2, 8, 4], %w: f32[B, 2, 8, 4]", "%1: bf16[B, 2, 8, 4] = sdpa(%x, %w, %x) {causal=false, scale=0.5}",
+     "sdpa needs one dtype for its query, key, value"),
+    ("%x: bf16[B, 2, 8, 4], %w: f16[B, 1, 8, 8]",
+     "%1: bf16[B, 2, 8, 4] = sdpa(%x, %x, %x, %w) {causal=false, scale=0.5}", "sdpa's mask f16\\[B, 1, 8, 8\\] must be"),
+    # what torch runs
+    ("%x: bf16[B, 8], %w: bf16[4, 8]", "%1: bf16[B, 4] = linear(%x, %w)", None),
+    ("%x: bf16[B, 2, 8, 4], %w: f32[B, 1, 8, 8]",
+     "%1: bf16[B, 2, 8, 4] = sdpa(%x, %x, %x, %w) {causal=false, scale=0.5}", None),
+    ("%x: bf16[B, 2, 8, 4], %w: bool[B, 1, 8, 8]",
+     "%1: bf16[B, 2, 8, 4] = sdpa(%x, %x, %x, %w) {causal=false, scale=0.5}", None),
+])
+def test_ops_torch_runs_in_one_dtype_refuse_mixed_operands(inputs, line, why):
+    g = parse(_graph(line, inputs))
+    if why is None:
+        typecheck(g)
+        return
+    with pytest.raises(IRCheckError, match=why) as info:
+        typecheck(g)
+    assert f"at: {line}" in str(info.value)

@@ -148,7 +148,12 @@ def _as_read_back(rel):
     capture does not translate)."""
     if rel in (sympy.true, sympy.false):
         return rel
-    return parse_guard(format_guard(rel))
+    try:
+        return parse_guard(format_guard(rel))
+    except ValueError as e:
+        raise ValueError(f"{e}. fxforge cannot keep this condition, so it cannot check that a call's sizes are "
+                         "ones this graph computes the model for: optimize with dynamic=False to capture the "
+                         "example's sizes only") from None
 
 
 def _shape_env(ep):
@@ -188,9 +193,9 @@ def parse_guard(text: str):
     it). Raises ValueError on anything else, and on a relation that never holds."""
     from sympy.parsing.sympy_parser import parse_expr
 
-    if not re.fullmatch(r"[\w\s+\-*/%(),.<>=!]*", text) or "__" in text or re.search(r"\.[A-Za-z_]", text):
-        raise ValueError(f"cannot read guard {text!r}: only names, numbers, arithmetic, comparisons and "
-                         f"{', '.join(_FUNCTIONS)} are allowed")
+    if not re.fullmatch(r"[\w\s+\-*/%(),.<>=!|&~]*", text) or "__" in text or re.search(r"\.[A-Za-z_]", text):
+        raise ValueError(f"cannot read guard {text!r}: only names, numbers, arithmetic, comparisons, "
+                         f"{', '.join(_FUNCTIONS)} and `|`, `&`, `~` of comparisons are allowed")
     functions = {**_FUNCTIONS, **_torch_functions()}
     unknown = sorted(set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(", text)) - set(functions))
     if unknown:
@@ -210,9 +215,18 @@ def parse_guard(text: str):
         raise ValueError(f"guard {text!r} holds for no sizes: no call could run")
     # a float read back has the digits' precision; as a double it is the one written
     rel = rel.xreplace({f: sympy.Float(float(f)) for f in rel.atoms(sympy.Float)})
-    if not isinstance(rel, sympy.core.relational.Relational):
-        raise ValueError(f"a guard is a relation such as `T >= 5` or `Eq(Mod(T, 2), 0)`, got {text!r}")
+    if not _is_condition(rel):
+        raise ValueError(f"a guard is a relation such as `T >= 5` or `Eq(Mod(T, 2), 0)`, or relations joined "
+                         f"by `|`, `&`, `~`, got {text!r}")
     return rel
+
+
+def _is_condition(rel) -> bool:
+    """A relation, or relations joined by Or, And, Not (export writes `Eq(n, 0) | (n <= m)`
+    where the model's code branches on either, BigBird's block-sparse attention)."""
+    if isinstance(rel, (sympy.Or, sympy.And, sympy.Not)):
+        return all(_is_condition(arg) for arg in rel.args)
+    return isinstance(rel, sympy.core.relational.Relational)
 
 
 # torch's sympy functions (torch.utils._sympy.functions) export writes in guards on float

@@ -47,26 +47,47 @@ class LowerCtx:
         return self.out_types[0].dtype
 
     def tensor(self, x, like=()) -> Value:
-        """A Value for a tensor operand, or a 0-dim const for a Python/sympy scalar.
-
-        `like`: the op's tensor operands. A Python float is a weak scalar in torch: a double
-        that the op converts to the dtype it computes in. Typed with the default dtype
-        (float32, so that it does not promote), the constant would be rounded to float32
-        first; where the tensor operands promote to float64 (`x * 0.044715` in a float64
-        model) it is a float64 constant instead, the model's exact value. The result type
-        is the same either way (a 0-dim float64 promotes a float64 tensor to float64), and
-        the constants of every other dtype's ops are as before."""
+        """A Value for a tensor operand, or a 0-dim const for a Python/sympy scalar, typed
+        as `_const_dtype` says for the op's tensor operands `like`."""
         if isinstance(x, Value):
             return x
-        if _is_float_scalar(x) and _computes_in_float64(like):
-            return self.b.const(x, torch.float64)
-        return self.b.const(x)
+        return self.b.const(x, _const_dtype(x, like))
 
-    def operands(self, *xs) -> list[Value]:
-        """An op's operands as Values, each scalar a const as `tensor` makes it for the
-        tensor operands among `xs`."""
+    def pointwise(self, op: str, *xs, cond: Value | None = None):
+        """`op` on `xs` (tensor Values and Python/sympy scalars; `where` takes its `cond`
+        first), promoted as torch promotes them: dimensioned tensors over 0-dim tensors
+        over Python scalars, each within its category (torch.result_type).
+
+        A scalar becomes a 0-dim constant, which the IR promotes as a 0-dim tensor. That is
+        torch's answer wherever a dimensioned tensor takes part (a 0-dim one of the same
+        category never wins over it), not where every tensor operand is 0-dim too:
+        `where(mask, torch.tensor(0.0, dtype=bf16), finfo.min)` is bf16 in torch, a f32
+        constant would make it f32. There the constant takes the result dtype where it
+        holds the scalar exactly (the same number, so every kernel computes the same);
+        otherwise the 0-dim tensors are viewed as [1] (dimensioned, so they win, and the
+        constant keeps its value: bf16 kernels compute with a Python scalar in float32,
+        not rounded to bf16) and the result viewed back. FALLBACK (torch runs the op)
+        where neither gives torch's dtype."""
         like = tuple(x for x in xs if isinstance(x, Value))
-        return [self.tensor(x, like) for x in xs]
+        dtypes = [None if isinstance(x, Value) else _const_dtype(x, like) for x in xs]
+        want = _torch_result_dtype(xs)
+        rows = False
+        if want is not None and _promoted(xs, dtypes, rows) != want:
+            scalars = [x for x in xs if not isinstance(x, Value)]
+            if all(_holds_exactly(x, want) for x in scalars):
+                dtypes = [d if d is None else want for d in dtypes]
+            elif all(v.rank == 0 for v in like):
+                rows = True
+            else:
+                return FALLBACK
+            if _promoted(xs, dtypes, rows) != want:
+                return FALLBACK
+        values = [self.b.const(x, d) if not isinstance(x, Value) else self.emit("unsqueeze", x, dim=0) if rows else x
+                  for x, d in zip(xs, dtypes)]
+        out = self.emit(op, *([cond] if cond is not None else []), *values)
+        if rows and (cond is None or cond.rank == 0):
+            out = self.emit("squeeze", out, dims=(0,))
+        return out
 
     def emit(self, op, *inputs, **attrs):
         return self.b.emit(op, *inputs, **attrs)
@@ -84,6 +105,63 @@ def _computes_in_float64(like) -> bool:
     return bool(types) and promote(*types) == torch.float64
 
 
+def _scalar_sample(x):
+    """A Python number of x's kind: bool, int, float or complex is all that torch's
+    promotion reads of a scalar (a size expression `T` is an int, `T / 2` a float)."""
+    if isinstance(x, (bool, complex)):
+        return x
+    if isinstance(x, int) or (isinstance(x, sympy.Basic) and x.is_integer):
+        return 1
+    return 1.0
+
+
+def _const_dtype(x, like) -> torch.dtype:
+    """The dtype of the constant for scalar `x` among the tensor operands `like`: torch's
+    default for its kind (float32 for a float, int64 for an int...). A Python float is a
+    weak scalar in torch: a double that the op converts to the dtype it computes in. Where
+    the tensor operands promote to float64 (`x * 0.044715` in a float64 model) it is a
+    float64 constant, the model's exact value, not one rounded to float32 first."""
+    if _is_float_scalar(x) and _computes_in_float64(like):
+        return torch.float64
+    return torch.tensor(_scalar_sample(x)).dtype
+
+
+def _torch_result_dtype(xs) -> torch.dtype | None:
+    """torch.result_type of an op's operands, one of them a Python scalar; None where there
+    is nothing to decide (no scalar, no tensor, a non-tensor Value). The rules here give an
+    op one scalar at most beside its tensors; those are folded into one tensor of their
+    promoted dtype, dimensioned if any of them is."""
+    tensors = [x for x in xs if isinstance(x, Value)]
+    scalars = [x for x in xs if not isinstance(x, Value)]
+    if len(scalars) != 1 or not tensors or not all(isinstance(v.type, TensorType) for v in tensors):
+        return None
+    types = [v.type for v in tensors]
+    zero_dim = all(t.rank == 0 for t in types)
+    tensor = torch.empty(() if zero_dim else (1,), dtype=promote(*types), device="meta")
+    return torch.result_type(tensor, _scalar_sample(scalars[0]))
+
+
+def _promoted(xs, const_dtypes, rows: bool) -> torch.dtype:
+    """The dtype the IR promotes the operands to, each scalar a 0-dim constant of its dtype
+    in `const_dtypes`, and each tensor viewed as [1] where `rows`."""
+    types = [(TensorType((1,), x.dtype) if rows else x.type) if isinstance(x, Value) else TensorType((), d)
+             for x, d in zip(xs, const_dtypes)]
+    return promote(*types)
+
+
+def _holds_exactly(x, dtype: torch.dtype) -> bool:
+    """Whether a constant of `dtype` holds the number `x` exactly (not a size expression,
+    which is known only at each call)."""
+    if isinstance(x, sympy.Basic):
+        if not x.is_number:
+            return False
+        x = int(x) if x.is_integer else float(x)
+    try:
+        return torch.tensor(x, dtype=dtype).item() == x
+    except (RuntimeError, OverflowError, TypeError):  # out of the dtype's range
+        return False
+
+
 def _dims(x: Value, dims) -> tuple[int, ...]:
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         return tuple(range(x.rank))
@@ -95,10 +173,8 @@ def _dims(x: Value, dims) -> tuple[int, ...]:
 # -- pointwise --------------------------------------------------------------------------
 def binary(op: str) -> Callable:
     def rule(c: LowerCtx, a, b, alpha=1, **_):
-        a, b = c.operands(a, b)
-        if alpha != 1:
-            b = c.emit("mul", b, c.tensor(alpha, (b,)))
-        return c.emit(op, a, b)
+        b = _times_alpha(c, b, alpha, a)
+        return b if b is FALLBACK else c.pointwise(op, a, b)
     return rule
 
 
@@ -107,10 +183,21 @@ def unary(op: str) -> Callable:
 
 
 def rsub(c: LowerCtx, x, other, alpha=1):
-    x, other = c.operands(x, other)
-    if alpha != 1:
-        x = c.emit("mul", x, c.tensor(alpha, (x,)))
-    return c.emit("sub", other, x)
+    x = _times_alpha(c, x, alpha, other)
+    return x if x is FALLBACK else c.pointwise("sub", other, x)
+
+
+def _times_alpha(c: LowerCtx, x, alpha, other):
+    """alpha * x of `add(other, x, alpha=alpha)`. torch computes other + alpha * x in one
+    step, alpha in the operands' dtype: one rounding in floats (a multiply-add), which a
+    mul and then an add are not, and a bool alpha on bools, which a mul by an int
+    constant promotes to int64. FALLBACK but for integer operands, exact either way."""
+    if alpha == 1:
+        return x
+    if any(isinstance(v, Value) and (v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool)
+           for v in (x, other)) or not isinstance(alpha, int):
+        return FALLBACK
+    return c.pointwise("mul", x, alpha)
 
 
 def bitwise(logical_op: str) -> Callable:
@@ -127,11 +214,13 @@ def bitwise_not(c: LowerCtx, x):
 
 
 def div_mode(c: LowerCtx, a, b, rounding_mode=None):
-    return c.emit("div", *c.operands(a, b)) if rounding_mode is None else FALLBACK
+    return c.pointwise("div", a, b) if rounding_mode is None else FALLBACK
 
 
 def pow_rule(c: LowerCtx, a, b):
-    return c.emit("pow", *c.operands(a, b))
+    if isinstance(b, bool):  # torch takes `x ** True` as x ** 1; a bool tensor exponent has no kernel
+        return FALLBACK
+    return c.pointwise("pow", a, b)
 
 
 def gelu(c: LowerCtx, x, approximate="none"):
@@ -147,7 +236,7 @@ def clamp(c: LowerCtx, x, min=None, max=None):
 
 
 def where(c: LowerCtx, cond, a, b):
-    return c.emit("where", cond, *c.operands(a, b))
+    return c.pointwise("where", a, b, cond=c.tensor(cond))
 
 
 def masked_fill(c: LowerCtx, x, mask, value):
@@ -382,10 +471,12 @@ def addmm(c: LowerCtx, bias, a, b, beta=1, alpha=1):
     # addmm(bias, x, W) = beta * bias + alpha * (x @ W). GPT-2's Conv1D is spelled this way.
     out = c.emit("matmul", a, b)
     if alpha != 1:
-        out = c.emit("mul", out, c.tensor(alpha, (out,)))
+        out = c.pointwise("mul", out, alpha)
     if beta != 1:
-        bias = c.emit("mul", bias, c.tensor(beta, (bias,)))
-    return c.emit("add", out, bias) if beta != 0 else out
+        bias = c.pointwise("mul", bias, beta)
+    if out is FALLBACK or bias is FALLBACK:
+        return FALLBACK
+    return c.pointwise("add", out, bias) if beta != 0 else out
 
 
 def baddbmm(c: LowerCtx, inp, a, b, beta=1, alpha=1):

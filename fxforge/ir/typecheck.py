@@ -1,6 +1,8 @@
 """typecheck(graph): single assignment, definition before use, and every type re-derived."""
 from __future__ import annotations
 
+import torch
+
 from .graph import Graph
 from .ops import IRTypeError, OPS, get
 from .signature import signature_problem
@@ -72,6 +74,9 @@ def typecheck(graph: Graph, registry=None, *, weights: bool | None = None) -> Gr
             # use (a dim out of range, a body naming a missing step). Whatever the rule
             # raises, the caller gets one error type that quotes the line.
             fail(node, f"type error in {node.op}: {type(e).__name__}: {e}")
+        why = dtype_problem(node.op, [v.type for v in node.inputs])
+        if why:
+            fail(node, why)
         if inferred is None:
             continue
         if len(inferred) != len(node.outputs):
@@ -86,4 +91,30 @@ def typecheck(graph: Graph, registry=None, *, weights: bool | None = None) -> Gr
     return graph
 
 
-__all__ = ["typecheck", "IRCheckError", "get"]
+# Ops whose torch kernels refuse operands of different dtypes ("mat1 and mat2 must have the
+# same dtype"), by the names of their operands. Their type rules promote, so a mixed node
+# still gets a type; it cannot run. The fused and quantized ops (attention, linear_fused,
+# quant_linear, paged caches) cast their operands themselves and are not here.
+_SAME_DTYPE_OPERANDS = {"linear": ("input", "weight", "bias"), "matmul": ("left", "right"),
+                        "sdpa": ("query", "key", "value")}
+
+
+def dtype_problem(op: str, types: list) -> str | None:
+    """Why `op` cannot run on operands of these dtypes, or None."""
+    names = _SAME_DTYPE_OPERANDS.get(op)
+    if names is None:
+        return None
+    tensors = [(name, t) for name, t in zip(names, types) if isinstance(t, TensorType)]
+    if len({t.dtype for _, t in tensors}) > 1:
+        given = ", ".join(f"{name} {t}" for name, t in tensors)
+        return (f"{op} needs one dtype for its {', '.join(n for n, _ in tensors)}, got {given}: torch's kernel "
+                "refuses them, the graph cannot run. Whatever made this node must cast its operands to one dtype")
+    if op == "sdpa" and len(types) > 3 and isinstance(types[3], TensorType):
+        query, mask = types[0], types[3]
+        if mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            return (f"sdpa's mask {mask} must be bool, f32 or the query's dtype ({query}): torch's kernel refuses "
+                    "it. Whatever made this node must cast the mask")
+    return None
+
+
+__all__ = ["typecheck", "IRCheckError", "get", "dtype_problem"]
