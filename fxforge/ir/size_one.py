@@ -27,6 +27,12 @@ compared).
 The same probe decides guards that exclude one size, `Ne(T, c)` (`_drop_points_that_hold`):
 export writes them where a buffer of c rows is sliced by the length, and they refused a
 size eager runs; one that the model and the graph agree at (on every draw) is dropped.
+That probe runs at batch 1 where the graph serves it (`_point_sizes`): a forward at the
+block size with the example's batch cost more than the rest of optimize().
+
+Outputs are compared chunk by chunk (`_close`): they can be a model's whole logits. Rows at
+the padded positions of an attention mask in the call are not compared (`_real_rows`): a
+fully masked query's eager output is rounding noise in fp16.
 """
 from __future__ import annotations
 
