@@ -27,6 +27,12 @@ compared).
 The same probe decides guards that exclude one size, `Ne(T, c)` (`_drop_points_that_hold`):
 export writes them where a buffer of c rows is sliced by the length, and they refused a
 size eager runs; one that the model and the graph agree at (on every draw) is dropped.
+That probe runs at batch 1 where the graph serves it (`_point_sizes`): a forward at the
+block size with the example's batch cost more than the rest of optimize().
+
+Outputs are compared chunk by chunk (`_close`): they can be a model's whole logits. Rows at
+the padded positions of an attention mask in the call are not compared (`_real_rows`): a
+fully masked query's eager output is rounding noise in fp16.
 """
 from __future__ import annotations
 
@@ -106,10 +112,39 @@ def _drop_points_that_hold(model, graph: Graph, spec, draws: "_Draws", symbols: 
         if not points:
             continue
         (sym,) = g.free_symbols
-        differ = [c for c in points if _probe(model, graph, spec, draws, {sym: c}, ignore=g) is not None]
+        differ = [c for c in points
+                  if _probe(model, graph, spec, draws, _point_sizes(graph, spec, draws, sym, c, g), ignore=g) is not None]
         if differ != points:  # the guard goes; the sizes where the model computes otherwise stay refused
             at = graph.guards.index(g)
             graph.guards[at:at + 1] = [sympy.Ne(sym, c) for c in differ]
+
+
+def _point_sizes(graph: Graph, spec, draws: "_Draws", sym, c: int, ignore) -> dict:
+    """The sizes to probe an excluded size `sym == c` at: the batch at 1 as well, where the
+    graph serves batch 1 (its guards allow it and the probe can be made). Whether T == c is
+    computed otherwise does not hang on the batch, and a probe at the block size with the
+    example's batch cost a forward of that batch at the full length (nanoGPT at block 4096,
+    batch 8: more memory than the machine had). Where batch 1 is refused (`B >= 2`: the
+    model computes otherwise there) the example's batch is kept."""
+    sizes = {sym: c}
+    batch = {s: 1 for s in _batch_symbols(graph) if s != sym}
+    if not batch:
+        return sizes
+    probe = _leaves_at_sizes(graph, spec, draws.leaves, {**batch, **sizes})
+    if probe is None or _guards_refuse(graph, _inputs_of(spec, probe), ignore):
+        return sizes
+    return {**batch, **sizes}
+
+
+def _batch_symbols(graph: Graph) -> list:
+    """The size symbols that are the leading dim of every tensor input they appear in (the
+    batch); a length (a KV cache's past, dim 2) is not one."""
+    dims: dict = {}
+    for v in graph.inputs:
+        for d, size in enumerate(getattr(v.type, "shape", ())):
+            for s in getattr(size, "free_symbols", ()):
+                dims.setdefault(s, set()).add(d if size == s else -1)
+    return [s for s, at in dims.items() if at == {0}]
 
 
 # A guard that excludes more sizes than this is a range, not points
@@ -160,17 +195,12 @@ def _probe(model, graph: Graph, spec, draws: "_Draws", sizes: dict, ignore=None)
     all, or where the probe cannot be made or the graph's guards (but `ignore`) refuse it
     already."""
     for i, leaves in enumerate(draws):
-        probe = leaves
-        for sym, n in sizes.items():
-            probe = _at_size(graph, spec, probe, sym, n)
-            if probe is None:
-                return None
+        probe = _leaves_at_sizes(graph, spec, leaves, sizes)
+        if probe is None:
+            return None
         inputs = _inputs_of(spec, probe)
-        if i == 0:
-            try:
-                GuardChecker([g for g in graph.guards if g is not ignore]).check(input_sizes(graph, inputs))
-            except GuardError:
-                return None  # the graph refuses these sizes already
+        if i == 0 and _guards_refuse(graph, inputs, ignore):
+            return None  # the graph refuses these sizes already
         why = _difference(model, graph, spec, probe, inputs, noise_differs=True)
         if why is None:
             continue
@@ -181,6 +211,24 @@ def _probe(model, graph: Graph, spec, draws: "_Draws", sizes: dict, ignore=None)
         if draws.usable(i, model):
             return f"{why}, on random inputs ({draws.names[i]})"
     return None
+
+
+def _leaves_at_sizes(graph: Graph, spec, leaves: list, sizes: dict):
+    """The call's leaves with each symbol in `sizes` at its size (`_at_size`), or None."""
+    for sym, n in sizes.items():
+        leaves = _at_size(graph, spec, leaves, sym, n)
+        if leaves is None:
+            return None
+    return leaves
+
+
+def _guards_refuse(graph: Graph, inputs: list, ignore=None) -> bool:
+    """Whether the graph's guards (but `ignore`) refuse inputs of these sizes."""
+    try:
+        GuardChecker([g for g in graph.guards if g is not ignore]).check(input_sizes(graph, inputs))
+    except GuardError:
+        return True
+    return False
 
 
 def _inputs_of(spec, leaves: list) -> list:
@@ -346,7 +394,7 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: 
         return f"running it at these sizes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if again is not None and not _repeats(eager, again):
         return None  # the model does not repeat itself (dropout in training mode): nothing to compare
-    why = _outputs_differ(eager, ours, spec)
+    why = _outputs_differ(eager, ours, spec, _padding(call_args, call_kwargs))
     if why is not None and again is None:
         # a model random in eval mode too (noise from torch.rand) differs from any other run
         # of itself: checked only here, where a difference was found (one more forward)
@@ -371,8 +419,37 @@ def _repeats(eager, again) -> bool:
                for a, b in zip(pytree.tree_leaves(eager), pytree.tree_leaves(again)))
 
 
-def _outputs_differ(eager, ours: list, spec) -> str | None:
-    """How the model's outputs `eager` differ from the graph's `ours`, or None."""
+def _padding(call_args, call_kwargs) -> list[torch.Tensor]:
+    """The padding of the call: where an input named like a mask (`attention_mask`) is a
+    [batch, length] tensor of 0 and 1 (integer or bool) with a 0 in it, that mask as bools
+    (True at the real tokens)."""
+    out = []
+    for path, x in pytree.tree_flatten_with_path((call_args, call_kwargs))[0]:
+        if not (isinstance(x, torch.Tensor) and x.dim() == 2 and "mask" in pytree.keystr(path).lower()):
+            continue
+        if x.is_floating_point() or x.is_complex() or x.numel() == 0:
+            continue
+        real = x != 0
+        if not real.all() and bool(((x == 0) | (x == 1)).all()):
+            out.append(real)
+    return out
+
+
+def _real_rows(ref: torch.Tensor, got: torch.Tensor, padding: list) -> tuple:
+    """ref and got at the real tokens alone where their leading dims are a padding mask's
+    [batch, length]: at a padded position every key is masked, and what eager attention
+    gives there is rounding noise (fp16: scores + finfo.min keeps no digit of the scores),
+    which the model's users do not read. Other outputs whole."""
+    for real in padding:
+        if ref.dim() >= 2 and tuple(ref.shape[:2]) == tuple(real.shape):
+            real = real.to(ref.device)
+            return ref[real], got[real]
+    return ref, got
+
+
+def _outputs_differ(eager, ours: list, spec, padding: list = ()) -> str | None:
+    """How the model's outputs `eager` differ from the graph's `ours`, or None; rows of
+    `padding` (`_padding`) are not compared (`_real_rows`)."""
     eager_paths = pytree.tree_flatten_with_path(eager)[0]
     eager_leaves = [leaf for _, leaf in eager_paths]
     if len(eager_leaves) != len(spec.output_leaves):
@@ -387,22 +464,55 @@ def _outputs_differ(eager, ours: list, spec) -> str | None:
             return f"{name} has shape {tuple(ref.shape)}, the graph gives {tuple(got.shape)}"
         if got.dtype != ref.dtype:
             return f"{name} is {ref.dtype}, the graph gives {got.dtype}"
+        ref, got = _real_rows(ref, got, padding)
         if not _close(got, ref):
-            diff = (got.double() - ref.double()).abs().nan_to_num(float("inf")).max()
-            return f"{name} differs by up to {diff:.3g} (max |eager - graph|)"
+            where = " at the real (not padded) tokens" if ref.shape != eager_leaves[i].shape else ""
+            return f"{name} differs by up to {_max_abs_difference(got, ref):.3g}{where} (max |eager - graph|)"
     return None
 
 
+# Elements compared at a time: the outputs compared can be the size of a model's logits
+# (batch x length x vocab), and copies of them whole (masks, float64) cost more than the
+# forward that made them
+CHUNK = 2 ** 20
+
+
 def _close(got: torch.Tensor, ref: torch.Tensor) -> bool:
-    if got.dtype != ref.dtype:
+    """Whether the graph's `got` is the model's `ref`: integers and bools equal; floats with
+    NaN at the same places, the same infinities, and each finite value within tol *
+    max(1, max |ref|) (tol 1e-4 in float32/64, 2e-2 below). Compared CHUNK elements at a
+    time, float64 per chunk."""
+    if got.dtype != ref.dtype or got.shape != ref.shape:
         return False
     if not ref.dtype.is_floating_point:
         return torch.equal(got, ref)
-    if not torch.equal(got.isnan(), ref.isnan()):
-        return False
     tol = 1e-4 if ref.dtype in (torch.float32, torch.float64) else 2e-2
-    finite = ref.isfinite()
-    if not torch.equal(got[~finite & ~ref.isnan()], ref[~finite & ~ref.isnan()]):
-        return False
-    scale = max(1.0, ref[finite].abs().max().item()) if finite.any() else 1.0
-    return bool(((got[finite].double() - ref[finite].double()).abs() <= tol * scale).all())
+    scale, worst = 1.0, 0.0
+    for g, r in _chunks(got, ref):
+        if not torch.equal(g.isnan(), r.isnan()):
+            return False
+        finite = r.isfinite()
+        infinite = ~finite & ~r.isnan()
+        if infinite.any() and not torch.equal(g[infinite], r[infinite]):
+            return False
+        if finite.any():
+            scale = max(scale, r.abs().masked_fill(~finite, 0).max().item())
+            worst = max(worst, _abs_difference(g, r).masked_fill(~finite, 0).max().item())
+    return worst <= tol * scale
+
+
+def _max_abs_difference(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| in float64 (NaN counted as infinite), chunk by chunk."""
+    return max((_abs_difference(g, r).nan_to_num(float("inf")).max().item() for g, r in _chunks(got, ref)),
+               default=0.0)
+
+
+def _abs_difference(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    return (g.double() - r.double()).abs()
+
+
+def _chunks(got: torch.Tensor, ref: torch.Tensor):
+    """(got, ref) flattened, CHUNK elements at a time (views where they are contiguous)."""
+    got, ref = got.reshape(-1), ref.reshape(-1)
+    for start in range(0, ref.numel(), CHUNK):
+        yield got[start:start + CHUNK], ref[start:start + CHUNK]
