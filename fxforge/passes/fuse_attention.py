@@ -19,7 +19,8 @@ put every constant last in mul/add):
     says so): causal at all of them becomes causal=true, a band of W keys
     window=W, and
     slopes[h] * (k - q) (plus any per-row constant) on the kept entries alibi=true with the
-    slopes as an f32[H] input (only if computed in float32 or wider);
+    slopes as an f32[H] input (only if computed in float32 or wider: constants aside,
+    as MPT's float16 0.0 selected into its float32 mask is one exact number);
   - a soft-cap tanh(s / c) * c between the scaled scores and the mask: softcap=c;
   - multi-query attention by a broadcasting matmul of one K/V head, in-place scalar
     scales (falcon's scores.div_(c)), heads folded into the batch around the softmax (bloom)
@@ -42,7 +43,9 @@ or probabilities rounded to a dtype narrower than the op's on the way (`scores.h
 rounding), and softmax / `@ v` in a wider dtype than q k^T (float32 q, k with float64 values;
 a float16 model's `softmax(s.float()) @ v.float()`: one op computes in one dtype, and q k^T
 in the wider one rounds the scores differently). Casts that widen exactly or round back to
-the op's dtype (softmax(s, dtype=torch.float32).to(query.dtype)) are what the op computes.
+the op's dtype (softmax(s, dtype=torch.float32).to(query.dtype)) are what the op computes,
+and so are q and k widened exactly before q k^T (GPT-J's query.to(torch.float32) in a
+float16 model: the op computes the scores in float32 from the narrow q, k).
 Masks that are not shape-only stay as an additive `bias` input. Rows whose every key is
 masked are padding rows: with a finite fill (finfo.min) eager and fused agree; a softmax
 over scores filled with -inf where a mask from the inputs says is declined (eager gives NaN
@@ -149,6 +152,26 @@ def _strip_casts(m: Match, v: Value, keep=None) -> Value:
             break
         v = node.inputs[0]
     return v
+
+
+def _widened_from(m: Match, x: Value, dtype) -> Value:
+    """The `dtype` value under `x` when `x` only widens it exactly to the dtype the fused
+    op computes the scores in (GPT-J's query.to(torch.float32) and key.to(torch.float32)
+    before q @ k^T in a float16 model), else `x`. q k^T of the widened values is then what
+    the op computes from the narrow ones (attention_reference: float32 scores from half
+    q, k), so the casts go; a widening past that (float64 scores from float32 q, k) is
+    not, and stays. The walk of the scores and probabilities still declines any rounding
+    narrower than `dtype`."""
+    if x.dtype != _score_dtype(dtype):
+        return x
+    inner = _strip_casts(m, x)
+    return inner if inner.dtype == dtype else x
+
+
+def _score_dtype(dtype):
+    """The dtype the fused op computes the scores in for operands of `dtype` (as
+    attention_reference does: float64 for float64, else float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _repeated_before_transpose(m: Match, y: Value) -> tuple[Value, int] | None:
@@ -448,14 +471,29 @@ def _fit_slopes(kept: torch.Tensor, keep: torch.Tensor, tq: int, tk: int) -> tor
 
 
 def _computed_in(m: Match, values: list[Value], dtypes) -> bool:
-    """Every float value in the shape-only subgraphs of `values` has one of `dtypes`."""
+    """Every float value that the shape-only subgraphs of `values` compute or read (their
+    ops' results, the parameters they read) has one of `dtypes`. Constants are exempt:
+    a 0-d constant is one exact number whatever its dtype (MPT's float16 0.0 selected
+    into a float32 mask by where), so it rounds no slope x position; only arithmetic
+    whose result is narrower (Bloom's and Falcon's slope x position cast to half) does."""
     for value in values:
         for node in shape_only_nodes(value, m.producers) or []:
-            for v in (*node.inputs, *node.outputs):
-                dtype = getattr(v.type, "dtype", None)
-                if dtype is not None and dtype.is_floating_point and dtype not in dtypes:
-                    return False
+            if _is_number(m, node.outputs[0]):
+                continue
+            read = [v for v in node.inputs if not _is_number(m, v)]
+            if any(_narrower_float(v, dtypes) for v in (*read, *node.outputs)):
+                return False
     return True
+
+
+def _is_number(m: Match, v: Value) -> bool:
+    """`v` is a 0-d constant: one exact number, whatever its dtype."""
+    return v.rank == 0 and _producer(m, v, "const") is not None
+
+
+def _narrower_float(v: Value, dtypes) -> bool:
+    dtype = getattr(v.type, "dtype", None)
+    return dtype is not None and dtype.is_floating_point and dtype not in dtypes
 
 
 def _slopes_param(graph, slopes: tuple[float, ...]) -> Value:
@@ -775,12 +813,14 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
     if qk_folded is not None and (q.rank != 3 or v.rank != 4 or not dims_equal(q.shape[0], qk_folded[0] * qk_folded[1])):
         return None
     q, q_scale = _strip_scale(m, q)
+    q, kt = _widened_from(m, q, dtype), _widened_from(m, kt, dtype)
     swap = tuple(range(kt.rank - 2)) + (kt.rank - 1, kt.rank - 2)
     kt_node = _producer(m, kt, "permute")
     k_scale = 1.0
     n_k = 1
     if kt_node is not None and m.uses(kt) == 1:
         inner, k_scale = _strip_scale(m, kt_node.inputs[0])
+        inner = _widened_from(m, inner, dtype)
         dims = tuple(kt_node.attrs["dims"][d] for d in swap)
         repeated = _repeated_before_transpose(m, inner) if dims == (0, 2, 1, 3) else None
         if repeated is not None:  # Meta's repeat_kv on [B, T, H, D], then k^T
