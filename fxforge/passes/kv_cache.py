@@ -345,7 +345,7 @@ def _causal_at(bias: Value, producers, graph: Graph, probes: list[dict], fill_ma
 
 def _narrow_float_in(bias: Value, producers) -> str | None:
     """The half dtype ('float16' or 'bfloat16') a shape-only bias is computed in, if it is
-    built from float32 values cast down (Bloom, MPT and Falcon build ALiBi so in half models)."""
+    built from float32 values cast down (Bloom and Falcon build ALiBi so in half models)."""
     from .shape_eval import shape_only_nodes
 
     for node in shape_only_nodes(bias, producers) or []:
