@@ -707,17 +707,14 @@ class _Lowerer:
         gave, or a scalar node (.item(), and arithmetic on it) that flows into one."""
         if node is None:
             return True  # no node to look at: say what the size case needs
-        seen, todo = set(), [node]
-        while todo:
-            n = todo.pop()
-            if n in seen:
+
+        def is_scalar(n):
+            return isinstance(n.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+        for n in _fx_reachable(node, lambda n: n.users if is_scalar(n) else ()):
+            if is_scalar(n):
                 continue
-            seen.add(n)
-            val = n.meta.get("val")
-            if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-                todo.extend(n.users)
-                continue
-            tensors = [t for t in pytree.tree_leaves(val) if isinstance(t, torch.Tensor)]
+            tensors = [t for t in pytree.tree_leaves(n.meta.get("val")) if isinstance(t, torch.Tensor)]
             if any(not d.node.expr.free_symbols <= self.rename.keys()
                    for t in tensors for d in t.shape if isinstance(d, torch.SymInt)):
                 return True
@@ -1060,19 +1057,26 @@ def _size_made_a_tensor(node):
     arithmetic on 0-dim tensors; or None."""
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
+    def zero_dim_inputs(n):
+        return [a for a in n.all_input_nodes if isinstance(v := a.meta.get("val"), torch.Tensor) and v.dim() == 0]
+
+    for n in _fx_reachable(node, zero_dim_inputs):
         if n.target is torch.ops.aten.scalar_tensor.default and isinstance(n.args[0], torch.fx.Node) \
                 and isinstance(size := n.args[0].meta.get("val"), torch.SymInt) \
                 and not free_unbacked_symbols(size):  # of the input sizes, not itself read from data
             return n
-        todo.extend(a for a in n.all_input_nodes
-                    if isinstance(v := a.meta.get("val"), torch.Tensor) and v.dim() == 0)
     return None
+
+
+def _fx_reachable(start, step):
+    """The fx nodes reachable from `start` (itself first) along `step(node)`, each once."""
+    seen, todo = set(), [start]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            yield n
+            todo.extend(step(n))
 
 
 def _lower_exported(ep, injected, model):
