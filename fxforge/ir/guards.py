@@ -44,12 +44,44 @@ def is_size_specialization(rel) -> bool:
         lhs, rhs = rel.lhs, rel.rhs
     if not rhs.is_number or rhs not in _SMALL:
         return False
+    if not _is_size(lhs):
+        # a condition on an expression of sizes (`Ne(Mod(T, 2), 0)`, `Ne(T - B, 0)`,
+        # `T - B >= 2`) is the model's own branch, not export's 0/1 specialization: kept
+        return _is_linear_specialization(rel)
     if isinstance(rel, sympy.Unequality):
         return rhs in (0, 1)
     if isinstance(rel, sympy.GreaterThan):  # e >= c
         return rhs <= 2
     if isinstance(rel, sympy.StrictGreaterThan):  # e > c
         return rhs <= 1
+    return False
+
+
+def _is_size(e) -> bool:
+    """A size or a product of sizes (a flattened B*T dim): at least 1 whenever its
+    factors are, which is what export's 0/1 specialization speaks of."""
+    if e.is_Symbol:
+        return True
+    return bool(e.is_Mul) and all(f.is_Symbol or (f.is_Integer and f > 0) for f in e.args)
+
+
+def _is_linear_specialization(rel) -> bool:
+    """`a*T + b REL c` on one size that says only what a 0/1 specialization says of T
+    (`Ne(T - 1, 0)` is `Ne(T, 1)`, `2*T >= 4` is `T >= 2`)."""
+    if len(rel.free_symbols) != 1:
+        return False
+    (sym,) = rel.free_symbols
+    diff = sympy.expand(rel.lhs - rel.rhs)
+    if not diff.is_polynomial(sym) or sympy.degree(diff, sym) != 1:
+        return False
+    a, b = diff.coeff(sym, 1), diff.coeff(sym, 0)
+    if not (a.is_Rational and b.is_Rational):
+        return False
+    if isinstance(rel, sympy.Unequality):
+        return -b / a in (0, 1)
+    if isinstance(rel, (sympy.GreaterThan, sympy.StrictGreaterThan, sympy.LessThan, sympy.StrictLessThan)):
+        bound = _as_bound(rel)
+        return bound is not rel and is_size_specialization(bound) and _is_size(bound.lhs)
     return False
 
 

@@ -477,13 +477,22 @@ def _computed_in(m: Match, values: list[Value], dtypes) -> bool:
     into a float32 mask by where), so it rounds no slope x position; only arithmetic
     whose result is narrower (Bloom's and Falcon's slope x position cast to half) does."""
     for value in values:
+        exact: set = set()  # values made only of exact numbers (a half mask of 0 and finfo.min)
         for node in shape_only_nodes(value, m.producers) or []:
             if _is_number(m, node.outputs[0]):
+                exact.add(node.outputs[0])
                 continue
-            read = [v for v in node.inputs if not _is_number(m, v)]
+            if node.op in _SELECTS and all(_is_number(m, v) or v in exact for v in node.inputs[_SELECTS[node.op]:]):
+                exact.update(node.outputs)  # places exact numbers without arithmetic: rounds nothing
+                continue
+            read = [v for v in node.inputs if not _is_number(m, v) and v not in exact]
             if any(_narrower_float(v, dtypes) for v in (*read, *node.outputs)):
                 return False
     return True
+
+
+# ops that place their value inputs (after a condition, for where) without arithmetic
+_SELECTS = {"where": 1, "masked_fill": 0, "expand": 0, "view": 0, "unsqueeze": 0}  # op: its first value input
 
 
 def _is_number(m: Match, v: Value) -> bool:
