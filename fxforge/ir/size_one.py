@@ -30,9 +30,10 @@ size eager runs; one that the model and the graph agree at (on every draw) is dr
 That probe runs at batch 1 where the graph serves it (`_point_sizes`): a forward at the
 block size with the example's batch cost more than the rest of optimize().
 
-Outputs are compared chunk by chunk (`_close`): they can be a model's whole logits. Rows at
-the padded positions of an attention mask in the call are not compared (`_real_rows`): a
-fully masked query's eager output is rounding noise in fp16.
+Outputs are compared chunk by chunk (`_close`): they can be a model's whole logits. In the
+check at the example itself, rows at the padded positions of an attention mask are not
+compared (`_real_rows`): a fully masked query's eager output is rounding noise in fp16. A
+probe that decides whether a guard may go compares every row.
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def check_at_example(model, graph: Graph, spec, leaves: list):
     here is left to the probes at other sizes, as before.)"""
     from .capture import CaptureError
 
-    why = _difference(model, graph, spec, leaves, _inputs_of(spec, leaves), failures=False)
+    why = _difference(model, graph, spec, leaves, _inputs_of(spec, leaves), failures=False, real_rows_only=True)
     if why is not None:
         raise CaptureError(
             f"the captured graph does not compute what the model computes on the example inputs themselves: "
@@ -358,7 +359,7 @@ def _at_size(graph: Graph, spec, leaves: list, sym, n: int):
 
 
 def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: bool = True,
-                noise_differs: bool = False) -> str | None:
+                noise_differs: bool = False, real_rows_only: bool = False) -> str | None:
     """How the model's outputs at the probe differ from the graph's there, or None (also
     where either side fails to run, unless `failures`, or where the model does not repeat
     itself: dropout in training mode, torch.rand in its forward -- unless `noise_differs`:
@@ -394,7 +395,9 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: 
         return f"running it at these sizes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if again is not None and not _repeats(eager, again):
         return None  # the model does not repeat itself (dropout in training mode): nothing to compare
-    why = _outputs_differ(eager, ours, spec, _padding(call_args, call_kwargs))
+    # only the example's own check skips padded rows (half-precision noise there): a probe
+    # deciding whether a guard may go compares every row (a branch may change only those)
+    why = _outputs_differ(eager, ours, spec, _padding(call_args, call_kwargs) if real_rows_only else [])
     if why is not None and again is None:
         # a model random in eval mode too (noise from torch.rand) differs from any other run
         # of itself: checked only here, where a difference was found (one more forward)
