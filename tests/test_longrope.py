@@ -104,3 +104,30 @@ def test_a_buffer_written_before_it_is_read_is_captured_and_one_read_first_is_re
         torch.testing.assert_close(fast(y), model(y))
     with pytest.raises(CaptureError, match="mutates total inside forward"):
         fxforge.optimize(_Accumulates(), (x,), verbose=False)
+
+
+def test_generate_refuses_to_cross_where_transformers_prefills_again():
+    """With config.original_max_position_embeddings = N (as Phi-3-128k's config has it),
+    transformers' generate drops its cache once the sequence passes N and recomputes it
+    with the long factors; a KV cache holds keys rotated with the short ones: refused up
+    front. A prompt longer than N is prefilled at once with the long factors: served."""
+    import transformers as tr
+
+    config = tr.Phi3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=SWITCH,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": SWITCH,
+                      "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                      "long_factor": [2.0 + 0.5 * i for i in range(8)]})
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tr.Phi3ForCausalLM(config).eval()
+    fast = fxforge.optimize(model, (torch.randint(3, VOCAB, (1, 8)),), kv_cache=True, verbose=False)
+    with pytest.raises(ValueError, match=f"original_max_position_embeddings={SWITCH}.*drops its cache"):
+        fast.generate(torch.randint(3, VOCAB, (1, 10)), max_new_tokens=10)
+    fast.generate(torch.randint(3, VOCAB, (1, 10)), max_new_tokens=SWITCH - 10 + 1)  # up to N: served
+    ids = torch.randint(3, VOCAB, (1, SWITCH + 4))
+    ref = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(fast.generate(ids, max_new_tokens=8, min_new_tokens=8), ref)

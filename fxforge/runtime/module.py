@@ -36,6 +36,32 @@ from .static_paged import paged_static_problem, static_paged_step_for
 INFERENCE_MODE_MAX_TOKENS = 64
 
 
+# transformers models whose prepare_inputs_for_generation drops the cache and runs the whole
+# sequence again once it grows past config.original_max_position_embeddings (LongRoPE)
+_REPREFILLS = ("phi3", "phimoe", "phi4_multimodal")
+
+
+def _check_no_reprefill_step(config, lengths, starts):
+    """A cached step that would cross a Phi-3 LongRoPE model's original_max_position_embeddings
+    N (after 1..N cached tokens, past N with the new ones): transformers' generate recomputes
+    the whole sequence there with the long rotary factors, where the KV cache holds keys
+    rotated with the short ones, so the tokens would differ: refused before any work."""
+    if getattr(config, "model_type", None) not in _REPREFILLS:
+        return
+    limit = getattr(config, "original_max_position_embeddings", None)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(limit, int) or (rope.get("rope_type") or rope.get("type")) != "longrope":
+        return
+    for length in lengths:
+        if any(0 < start <= limit < start + length for start in starts):
+            raise ValueError(
+                f"this request's cached steps would pass original_max_position_embeddings={limit} of this "
+                f"{config.model_type} model (LongRoPE): there transformers' generate drops its cache and runs the "
+                "whole sequence again with the long rotary factors, and a KV cache's keys were rotated with the "
+                f"short ones, so fxforge's tokens would differ. Keep prompt + new tokens - 1 <= {limit}, or give a "
+                f"prompt longer than {limit} tokens (prefilled at once with the long factors)")
+
+
 class OptimizedModel:
     """The optimized model. Module-like where code around a model expects it: `to()`,
     `eval()`, `device`, `dtype`, `config`, `state_dict()`, `parameters()`. Its weights are
@@ -232,6 +258,8 @@ class OptimizedModel:
         that passed)."""
         shape = self.graph.inputs[0].shape if self.graph.inputs else ()
         cache_len = self._cache_len
+        if cache_len is not None:
+            _check_no_reprefill_step(self.config, lengths, starts)
         for length in lengths:
             sizes = {d: n for d, n in zip(shape, (batch, length)) if isinstance(d, sympy.Symbol)}
             if cache_len is None:
