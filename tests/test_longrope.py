@@ -18,20 +18,25 @@ from helpers import assert_close_to_eager
 VOCAB, SWITCH = 128, 16
 
 
-@pytest.fixture(scope="module")
-def phi3():
+def _phi3(layers: int = 2, **config):
+    """A tiny LongRoPE Phi-3 switching to its long factors past SWITCH positions (seeded)."""
     import transformers as tr
 
     config = tr.Phi3Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": SWITCH,
                       "short_factor": [1.0 + 0.1 * i for i in range(8)],
-                      "long_factor": [2.0 + 0.5 * i for i in range(8)]})
+                      "long_factor": [2.0 + 0.5 * i for i in range(8)]}, **config)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return tr.Phi3ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def phi3():
+    return _phi3()
 
 
 def test_forward_equals_transformers_on_both_sides_of_the_switch(phi3):
@@ -111,19 +116,7 @@ def test_generate_refuses_to_cross_where_transformers_prefills_again():
     transformers' generate drops its cache once the sequence passes N and recomputes it
     with the long factors; a KV cache holds keys rotated with the short ones: refused up
     front. A prompt longer than N is prefilled at once with the long factors: served."""
-    import transformers as tr
-
-    config = tr.Phi3Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=SWITCH,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": SWITCH,
-                      "short_factor": [1.0 + 0.1 * i for i in range(8)],
-                      "long_factor": [2.0 + 0.5 * i for i in range(8)]})
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = tr.Phi3ForCausalLM(config).eval()
+    model = _phi3(layers=1, original_max_position_embeddings=SWITCH)
     fast = fxforge.optimize(model, (torch.randint(3, VOCAB, (1, 8)),), kv_cache=True, verbose=False)
     with pytest.raises(ValueError, match=f"original_max_position_embeddings={SWITCH}.*drops its cache"):
         fast.generate(torch.randint(3, VOCAB, (1, 10)), max_new_tokens=10)
