@@ -110,8 +110,8 @@ def _scalar_sample(x):
     promotion reads of a scalar (a size expression `T` is an int, `T / 2` a float)."""
     if isinstance(x, (bool, complex)):
         return x
-    if isinstance(x, sympy.logic.boolalg.Boolean):  # a size condition (`T >= 7`): a bool
-        return True
+    if isinstance(x, sympy.logic.boolalg.Boolean) and not isinstance(x, sympy.Expr):
+        return True  # a size condition (`T >= 7`): a bool (a Symbol is a Boolean too, and an Expr)
     if isinstance(x, int) or (isinstance(x, sympy.Basic) and x.is_integer):
         return 1
     return 1.0
