@@ -409,7 +409,11 @@ def _same_trace(a, b) -> bool:
 
 def _rope_type(model) -> str | None:
     """A transformers model's rotary scaling type (rope_scaling or rope_parameters), if any."""
-    config = getattr(model, "config", None)
+    return rope_type_of(getattr(model, "config", None))
+
+
+def rope_type_of(config) -> str | None:
+    """A transformers config's rotary scaling type (rope_scaling or rope_parameters), if any."""
     if callable(getattr(config, "get_text_config", None)):
         config = config.get_text_config()
     for name in ("rope_parameters", "rope_scaling"):

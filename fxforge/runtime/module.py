@@ -9,7 +9,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..ir.call_constants import numpy_hint, same_constant as _same_constant
-from ..ir.capture import CallSpec, flatten_call
+from ..ir.capture import CallSpec, flatten_call, rope_type_of
 from ..ir.graph import Graph
 from ..ir.guards import GuardChecker
 from ..ir.ops import OPS
@@ -49,8 +49,7 @@ def _check_no_reprefill_step(config, lengths, starts):
     if getattr(config, "model_type", None) not in _REPREFILLS:
         return
     limit = getattr(config, "original_max_position_embeddings", None)
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(limit, int) or (rope.get("rope_type") or rope.get("type")) != "longrope":
+    if not isinstance(limit, int) or rope_type_of(config) != "longrope":
         return
     for length in lengths:
         if any(0 < start <= limit < start + length for start in starts):
