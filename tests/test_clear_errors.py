@@ -251,3 +251,27 @@ def test_a_branch_on_a_value_prints_no_fx_graph_before_the_error(capfd):
         fxforge.optimize(BranchOnValue(), (torch.randn(2, 6, 8).abs(),), verbose=False)
     out, err = capfd.readouterr()
     assert "def forward" not in out + err, err  # torch.export's partial graph dump
+
+
+# -- an in-place write to a buffer registered under two names -------------------------------------
+class _SharedBufferWrite(nn.Module):
+    """One tensor registered as a buffer of two submodules; forward writes it through one
+    name. torch.export drops that write and its functionalization fails on an assertion."""
+
+    def __init__(self):
+        super().__init__()
+        shared = torch.zeros(4)
+        self.a, self.b = nn.Module(), nn.Module()
+        self.a.register_buffer("buf", shared)
+        self.b.register_buffer("buf", shared)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.a.buf.add_(1)
+        return self.lin(x) + self.b.buf
+
+
+def test_a_write_to_a_buffer_registered_under_two_names_is_refused_naming_both():
+    with pytest.raises(CaptureError, match=r"writes in place .* to the buffer 'a\.buf', which is one tensor "
+                                           r"registered under 2 names \('a\.buf', 'b\.buf'\)"):
+        fxforge.optimize(_SharedBufferWrite().eval(), (torch.randn(2, 4),))

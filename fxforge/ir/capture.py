@@ -109,7 +109,9 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
 
 
 def _export_and_lower(model, args, kwargs, injected, dynamic, cache_masks=False, baked=None):
-    ep = _functional(_export(model, args, kwargs, dynamic, cache_masks=cache_masks, baked=baked))
+    ep = _export(model, args, kwargs, dynamic, cache_masks=cache_masks, baked=baked)
+    _check_no_write_to_shared_buffer(model, ep)
+    ep = _functional(ep)
     try:
         return _lower_exported(ep, injected, model)
     except CaptureError:
@@ -167,6 +169,36 @@ def _with_constant_kwargs(spec: CallSpec, args, kwargs, baked) -> CallSpec:
         leaves += [("const", x) for x in pytree.tree_leaves(v)] if k in baked else [next(traced) for _ in range(n)]
     in_spec = pytree.tree_flatten((tuple(args), kwargs))[1]
     return dataclasses.replace(spec, in_spec=in_spec, input_leaves=leaves, kwarg_order=tuple(kwargs))
+
+
+def _check_no_write_to_shared_buffer(model, ep):
+    """A buffer registered under two names (one tensor, two modules) is one input of the
+    exported graph, and torch.export drops an in-place write to it from the graph's
+    buffer mutations (its functionalization then fails on an assertion): the next call
+    would not see the write that eager keeps. Refuse, naming the buffer."""
+    owners: dict = {}
+    for name, buf in model.named_buffers(remove_duplicate=False):
+        owners.setdefault(id(buf), []).append(name)
+    shared = {n: names for names in owners.values() if len(names) > 1 for n in names}
+    if not shared:
+        return
+    buffer_of = ep.graph_signature.inputs_to_buffers
+    aliases = _storage_aliases(ep.graph_module.graph)
+    for node in ep.graph_module.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        for arg, value in zip(node.target._schema.arguments, node.args):
+            if arg.alias_info is None or not arg.alias_info.is_write or not isinstance(value, torch.fx.Node):
+                continue
+            for x in aliases.get(value, [value]):
+                names = shared.get(buffer_of.get(x.name)) if x.op == "placeholder" else None
+                if names:
+                    raise CaptureError(
+                        f"forward() writes in place ({node.target}) to the buffer {names[0]!r}, which is one tensor "
+                        f"registered under {len(names)} names ({', '.join(map(repr, names))}); torch.export cannot "
+                        "keep a write to a buffer shared that way, so later calls would not see it. Register the "
+                        "buffer in one module and reach it from the others as a plain attribute, or write to a copy "
+                        "(buf = buf.clone() before the in-place op).")
 
 
 def _functional(ep):
