@@ -29,7 +29,9 @@ def test_wrong_rank_or_dtype_names_the_expected_ir_type():
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 5)),))
     with pytest.raises(ValueError, match=r"input 0 \(input_ids\) must be i64\[B, T\]"):
         fast(torch.randint(0, vocab, (2, 5, 1)))
-    with pytest.raises(ValueError, match=r"must be i64\[B, T\] \(rank 2, i64\), got a torch.float32"):
+    with pytest.raises(ValueError, match=r"must be i64\[B, T\] \(rank 2, i64\), got a torch.float32 tensor of "
+                                         r"shape \(2, 5\); convert it \(\.to\(torch\.int64\)\) or optimize with an "
+                                         r"example of the dtype you call with"):
         fast(torch.randn(2, 5))
 
 

@@ -412,8 +412,11 @@ class OptimizedModel:
                     and only_indexes(self.graph, v):
                 x = inputs[i] = x.to(v.dtype)
             if x.dim() != v.rank or x.dtype != v.dtype:
+                # a graph holds one dtype per input: say how to meet it
+                fix = (f"; convert it (.to({v.dtype})) or optimize with an example of the dtype you call with"
+                       if x.dim() == v.rank else "")
                 raise ValueError(f"{label} must be {v.type} (rank {v.rank}, {dtype_name(v.dtype)}), got a "
-                                 f"{x.dtype} tensor of shape {tuple(x.shape)}")
+                                 f"{x.dtype} tensor of shape {tuple(x.shape)}{fix}")
             for d, size in enumerate(v.shape):
                 actual = x.shape[d]
                 if isinstance(size, sympy.Symbol):
