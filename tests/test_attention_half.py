@@ -4,6 +4,8 @@
     the probabilities back to the half dtype before @ v: the fused op computes the scores
     from the half q, k in float32 anyway, and rounds the probabilities as Llama's
     softmax(dtype=float32).to(query.dtype) does, so it fuses (and kv_cache=True serves it);
+  - CodeGen adds float16's min as its mask and then divides scores and mask by sqrt(d):
+    the scaled fill still removes the key, so it fuses as causal;
   - MPT selects a float16 constant 0.0 into its float32 causal mask and adds a float32
     ALiBi table: no slope x position is rounded to half, so the slopes form (alibi=true)
     is proven; Bloom rounds slope x position to float16, which stays declined.
@@ -78,6 +80,15 @@ def _mpt(dtype):
     return _scaled(tr.MptForCausalLM(cfg), dtype)
 
 
+def _codegen(dtype):
+    import transformers as tr
+
+    torch.manual_seed(0)
+    cfg = tr.CodeGenConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return _scaled(tr.CodeGenForCausalLM(cfg), dtype)
+
+
 def _logits(out):
     return out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
 
@@ -125,6 +136,14 @@ def test_gptj_half_fuses_and_generates_transformers_tokens(dtype):
 @pytest.mark.parametrize("dtype", HALF)
 def test_mpt_half_alibi_fuses_and_generates_transformers_tokens(dtype):
     _check_half_model(_mpt(dtype), dtype, alibi=True)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_codegen_half_mask_scaled_after_it_is_added_fuses_causal(dtype):
+    """CodeGen adds its mask (float16's min, -65504, in a float16 model) before dividing by
+    sqrt(head dim): the fill reaches the softmax as -16376, scaled with the scores, and
+    still removes each future key exactly."""
+    _check_half_model(_codegen(dtype), dtype, alibi=False)
 
 
 def test_bloom_half_alibi_rounded_to_half_stays_a_bias():

@@ -238,6 +238,17 @@ class _Terms:
         # 2**103 in magnitude (a float32 `floor + s` rounds back to `floor` there) this is
         # softmax-equal to scores + max(bias, floor), so the floor moves onto the bias
         self.floor: float | None = None
+        # the scales applied after the terms were added (scores and terms scaled together)
+        self.post_scales: list[float] = []
+
+    def drop_threshold(self) -> float:
+        """At or below this a summed term removes a key exactly. A term added before a
+        scale (CodeGen: (s + mask) / sqrt(d), its mask float16's min) is scaled together with
+        the scores: what removes the key is the fill before the scale, so the threshold
+        scales too, down to 1/16 (head dim 256), where float16's min is still -4094 at the
+        softmax: thousands below any score."""
+        scales = [p for p in self.post_scales if p > 0]
+        return MASK_FILL_MAX * max(min(scales + [1.0]), 1 / 16)
 
     def empty(self) -> bool:
         return not self.adds and not self.fills
@@ -376,7 +387,7 @@ def _mask_form(m: Match, terms: _Terms, q: Value, k: Value) -> MaskForm | None:
         if bias.shape[1] not in (1, heads):
             return None
         bias = bias.expand(bias.shape[0], heads, tq, tk)
-        dropped = bias <= MASK_FILL_MAX
+        dropped = bias <= terms.drop_threshold()
         keep = ~dropped[0, 0]
         if not (dropped == ~keep).all() or not keep.any(-1).all():
             return None  # the pattern differs between rows or heads, or a row sees no key
@@ -792,6 +803,7 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
             s, bias = side
             if not (_is_zeros(m, bias) and s.type.same_as(node.outputs[0].type)):
                 terms.adds.append((bias, post_scale, term_fold))  # (x + 0 is x: baddbmm's zeros)
+                terms.post_scales.append(post_scale)
         elif node.op == "where":
             mask, x, y = node.inputs
             if mask.dtype != torch.bool:
@@ -807,6 +819,7 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
                 return None
             if terms.fills[-1][1] is None:
                 return None
+            terms.post_scales.append(post_scale)
         else:
             return None  # an op we cannot prove harmless
     if fold is not None and (term_fold is None or not all(dims_equal(x, y) for x, y in zip(fold, term_fold))):
