@@ -82,7 +82,39 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     fast = optimize_captured(capture, model, passes=passes, disable=disable, backend=backend, dump_dir=dump_dir,
                              registry=registry, cpu_linear=cpu_linear, verbose=verbose, **options)
     _warn_nothing_quantized(fast)
+    _measure_approximation_error(fast, model, example_inputs, example_kwargs)
     return fast
+
+
+# passes that change the answer (only when asked), whose report states the error they make
+_APPROXIMATIONS = ("quantize", "gqa")
+
+
+def _measure_approximation_error(fast, model, example_inputs, example_kwargs):
+    """quantize= and gqa= change the model's answer: the report states by how much, the
+    optimized model against the source model on the example inputs (the whole pipeline's
+    error, which the exact passes leave at rounding level). A model in training mode
+    (random dropout) or a call that fails gets a note saying the error was not measured."""
+    from .evaluate import describe_error, output_error
+
+    stats = [s for s in fast.stats if s.name in _APPROXIMATIONS and (s.rules or s.details.get(s.name))]
+    if not stats:
+        return
+    stat = stats[-1]
+    args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
+    sizes = ", ".join("x".join(map(str, t.shape)) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+    where = f"on the example inputs ({sizes})"
+    try:
+        if model.training:
+            raise ValueError("the model is in training mode (random dropout)")
+        with torch.no_grad():
+            error = output_error(model(*args, **kwargs), fast(*args, **kwargs))
+    except Exception as e:  # the measurement is a report line: it never fails optimize()
+        stat.notes.append(f"error vs the source model not measured: {str(e).splitlines()[0][:200]}")
+        return
+    error["measured_on"] = where
+    stat.details.setdefault("error", error)
+    stat.notes.append(describe_error(error, where))
 
 
 def _warn_nothing_quantized(fast):

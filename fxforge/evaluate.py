@@ -25,3 +25,41 @@ def perplexity(model, input_ids: torch.Tensor, window: int = 1024) -> float:
         total += nll.item()
         count += chunk.shape[1] - 1
     return math.exp(total / count)
+
+
+def _float_leaves(out) -> list[torch.Tensor]:
+    from torch.utils import _pytree as pytree
+
+    if hasattr(out, "to_tuple"):  # a transformers ModelOutput
+        out = out.to_tuple()
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+@torch.no_grad()
+def output_error(reference, approx) -> dict:
+    """How far `approx`'s outputs are from `reference`'s (the same structure: a tensor, a
+    tuple, a ModelOutput), on the first floating-point output (a language model's logits):
+    relative error ||a - r|| / ||r|| and max |a - r| over it, and where it has a last dim of
+    more than one entry (a vocabulary), the share of rows whose argmax agrees. Raises
+    ValueError where the structures differ."""
+    ref, out = _float_leaves(reference), _float_leaves(approx)
+    if not ref or len(ref) != len(out) or ref[0].shape != out[0].shape:
+        raise ValueError("the outputs have different structures")
+    r, a = ref[0].double(), out[0].double()
+    norm = float(r.norm())
+    error = {"output_shape": tuple(r.shape), "rel_error": float((a - r).norm()) / norm if norm else float("nan"),
+             "max_abs_error": float((a - r).abs().max()) if r.numel() else 0.0}
+    if r.dim() >= 1 and r.shape[-1] > 1 and r.numel():
+        agree = r.argmax(-1) == a.argmax(-1)
+        error.update(top1_agreement=float(agree.double().mean()), rows=agree.numel())
+    return error
+
+
+def describe_error(error: dict, where: str) -> str:
+    """One report line for output_error's figures."""
+    text = (f"error vs the source model {where}: relative {error['rel_error']:.3g} (||fast - eager|| / ||eager|| "
+            f"of output 0, shape {list(error['output_shape'])}), max abs {error['max_abs_error']:.3g}")
+    if "top1_agreement" in error:
+        agree = round(error["top1_agreement"] * error["rows"])
+        text += f", top-1 agreement {100 * error['top1_agreement']:.1f}% ({agree} of {error['rows']} rows)"
+    return text

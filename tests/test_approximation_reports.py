@@ -174,3 +174,35 @@ def test_an_explicit_compute_dtype_pins_to():
     assert fast.to(torch.float32) is fast and fast(x).dtype == torch.float32
     plain = fxforge.optimize(model, (x,), quantize=QuantConfig("int8", exclude=()))
     assert plain.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16  # no compute dtype asked: it follows
+
+
+# -- quantize (and gqa): the error against the source model on the example inputs -----------
+@pytest.mark.parametrize("quantize", ["int8", "int4", "nf4", "w8a8"])
+def test_quantize_reports_its_error_against_the_source_model(quantize):
+    """quantize= used to report bytes and layers only: report() now states the whole
+    model's error on the example inputs, and the figures are what one measures oneself."""
+    torch.manual_seed(0)
+    model, vocab = zoo.llama(n_layer=2)
+    ids = torch.randint(0, vocab, (2, 16))
+    fast = fxforge.optimize(model, (ids,), quantize=quantize, verbose=False)
+    (line,) = _report_lines(fast, "error vs the source model on the example inputs (2x16)")
+    error = next(s for s in fast.stats if s.name == "quantize").details["error"]
+    with torch.no_grad():
+        ref, out = model(ids).logits.double(), fast(ids).logits.double()
+    assert error["rel_error"] == pytest.approx(float((out - ref).norm() / ref.norm()), rel=1e-6)
+    assert error["max_abs_error"] == pytest.approx(float((out - ref).abs().max()), rel=1e-6)
+    agree = (out.argmax(-1) == ref.argmax(-1)).double().mean()
+    assert error["top1_agreement"] == pytest.approx(float(agree)) and error["rows"] == 32
+    assert f"relative {error['rel_error']:.3g}" in line and "top-1 agreement" in line
+    assert 0 < error["rel_error"] < 0.5
+
+
+def test_gqa_reports_the_whole_models_error_too_and_training_mode_is_not_measured():
+    torch.manual_seed(0)
+    model, vocab = zoo.llama(n_layer=2)
+    ids = torch.randint(0, vocab, (1, 12))
+    fast = fxforge.optimize(model, (ids,), gqa=GQAConfig(num_kv_heads=1), verbose=False)
+    assert _report_lines(fast, "error vs the source model on the example inputs (1x12): relative")
+    model.train()  # (this llama has no dropout: optimize() does not warn, the measure declines anyway)
+    trained = fxforge.optimize(model, (ids,), quantize="int8", verbose=False)
+    assert _report_lines(trained, "error vs the source model not measured: the model is in training mode")

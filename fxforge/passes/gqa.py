@@ -563,7 +563,7 @@ def gqa(graph: Graph, ctx=None) -> Graph:
         ctx.rules[f"gqa_{config.method}"] += len(layers)
         before = sum(r["kv_bytes_per_token"][0] for r in details["layers"])
         after = sum(r["kv_bytes_per_token"][1] for r in details["layers"])
-        err = "no calibration inputs: pass GQAConfig(calibration=...) to measure the error" if errors is None else \
+        err = "no calibration inputs: pass GQAConfig(calibration=...) to measure each layer's error" if errors is None else \
             f"attention output relative error per layer ({split.measured_on}): " + \
             ", ".join(f"{e:.3g}" for e in errors)
         ctx.note(f"{len(layers)} attention layers -> {G} KV heads ({config.method}); KV cache bytes per token "
