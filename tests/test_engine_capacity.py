@@ -1,12 +1,14 @@
-"""The dense engine's work follows the tokens its rows hold, not its capacity
+"""The dense engine's work and memory follow the tokens its rows hold, not its capacity
 (runtime/engine.py): a join shifts, and a leave moves, only the positions in use, so a
-run at max_seq_len=4096 makes the same tensors as one at 64 (same sizes, same tokens).
-No timing: the elements each op writes are counted with a dispatch mode."""
+run at max_seq_len=4096 makes the same tensors as one at 64 (same sizes, same tokens);
+its cache starts at FIRST_POSITIONS positions per row and grows, doubling, only when a
+request needs more. No timing: the elements each op writes are counted with a dispatch mode."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxforge
+from fxforge.runtime.engine import FIRST_POSITIONS
 
 SMALL, LARGE = 64, 4096
 
@@ -93,6 +95,27 @@ def test_a_run_writes_the_same_elements_at_any_capacity(fast):
     _run(fast, SMALL)  # (first calls' one-off work out of the way)
     _, small, _, small_cache = _run(fast, SMALL, count=True)
     _, large, _, large_cache = _run(fast, LARGE, count=True)
-    assert small_cache < LARGE <= large_cache  # (the small run had a small cache)
+    # the cache holds what the requests need, whatever the capacity
+    assert small_cache == large_cache == FIRST_POSITIONS  # (allocations are whole 256s)
     grown = {op: (small.get(op, 0), n) for op, n in large.items() if n > small.get(op, 0)}
     assert not grown, f"ops that write more at max_seq_len={LARGE} than at {SMALL}: {grown}"
+
+
+def test_the_cache_grows_only_when_a_request_needs_more_and_keeps_every_token(fast):
+    """max_seq_len=8192 on a model of 8192 positions: the cache starts at FIRST_POSITIONS
+    per row, grows when a running batch is joined by a request that needs more (the rows'
+    tokens move into the larger cache) and while a long prompt is prefilled in chunks (the
+    scratch cache keeps the chunks already in), and every request's tokens are its own."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = [(6, 40), (300, 12), (9, 250), (4, 8)]  # (prompt, new): the 2nd and 3rd need > 256
+    prompts = [torch.randint(1, 128, (p,), generator=gen) for p, _ in lengths]
+    engine = fxforge.Engine(fast, max_batch=3, max_seq_len=8192, prefill_chunk=100)
+    assert engine.stats()["allocated_positions"] == 3 * FIRST_POSITIONS
+    requests = [engine.submit(p, n, eos_token_id=None) for p, (_, n) in zip(prompts, lengths)]
+    engine.run()
+    grown = engine.stats()["allocated_positions"] // 3
+    engine.close()
+    # the longest need: a row of 300 cached tokens joined by one of 250 new tokens to come
+    assert 300 + 250 <= grown <= 2048
+    for p, (_, n), r in zip(prompts, lengths, requests):
+        assert torch.equal(r.result(), fast.generate(p[None], n, eos_token_id=None)[0, p.numel():])

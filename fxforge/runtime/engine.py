@@ -14,8 +14,11 @@ running request at once. A request leaves the batch the step it finishes, and it
 free for the next one. Joining waits (no error, no lost request) while the cache has no
 room.
 
-The KV cache is dense, one row per running request, `max_seq_len` positions. Rows are
-right-aligned: every row's last token sits at the same position, so one cache length and
+The KV cache is dense, one row per running request, up to `max_seq_len` positions: it is
+allocated for what the requests need (FIRST_POSITIONS at first) and grows, doubling, when a
+joining request needs more, so an engine on a model of 8192 positions holds memory for the
+tokens it serves, not max_batch x 8192 (a growth copies only the positions rows hold). Rows
+are right-aligned: every row's last token sits at the same position, so one cache length and
 one set of kernel arguments serve the batch, and a row's left padding is masked by the
 key bias, as in a left-padded generate(). When a request joins, the rows are shifted
 together so that the longest one starts at position 0 (one copy of the positions holding
@@ -171,6 +174,10 @@ class _Prefill:
         self.logits = None
 
 
+# Positions per row a dense engine allocates at first; it doubles them when a request needs more.
+FIRST_POSITIONS = 256
+
+
 class Engine:
     def __new__(cls, model=None, *args, **kwargs):
         # a model optimized with KVCacheConfig(layout="paged") gets the paged engine (same API)
@@ -189,8 +196,9 @@ class Engine:
             raise ValueError("num_blocks and block_size are for a paged KV cache: optimize the model with "
                              "kv_cache=KVCacheConfig(layout='paged', block_size=16); this one's cache is dense")
         self._setup(model, max_batch, max_seq_len, prefill_chunk)
-        self._cache = model.kv_cache_for(max_batch, self.capacity)
-        self._scratch = model.kv_cache_for(1, self.capacity)
+        first = min(self.capacity, FIRST_POSITIONS)
+        self._cache = model.kv_cache_for(max_batch, first)
+        self._scratch = model.kv_cache_for(1, first)
         self._start = 0  # the cache position every row's next token goes to
 
     def _setup(self, model, max_batch, max_seq_len, prefill_chunk, default_len: int | None = 1024):
@@ -460,9 +468,10 @@ class Engine:
     def stats(self) -> dict:
         """Cache use now: positions allocated, holding tokens, and the peak so far;
         kv_waste: the share of allocated positions that held no token, averaged over the
-        decode steps so far (a dense cache allocates max_batch x max_seq_len)."""
+        decode steps so far (a dense cache allocates max_batch rows of the longest length the
+        requests have needed so far, doubling, up to max_seq_len)."""
         held = sum(r.cached for r in self._rows)
-        return {"allocated_positions": self.max_batch * self.capacity, "cached_tokens": held,
+        return {"allocated_positions": self.max_batch * self._cache.capacity, "cached_tokens": held,
                 "peak_cached_tokens": self.peak_cached_tokens, "running": len(self._rows),
                 "waiting": len(self._waiting) + (self._prefilling is not None), "steps": self.steps,
                 "kv_waste": self._waste()}
@@ -559,7 +568,21 @@ class Engine:
     def _prefill_cache(self, job: "_Prefill", tokens: int):
         """The cache a request's prompt goes into, with room for its first `tokens`: the
         scratch cache, copied into the batch's rows when the request joins."""
+        self._scratch = self._grown(self._scratch, tokens, 1, slice(0, job.done))
         return self._scratch
+
+    def _grown(self, cache, positions: int, rows: int, held: slice):
+        """`cache` if it has `positions` positions, else a larger one (twice as long at
+        least, at most max_seq_len) holding the `held` positions of its first `rows` rows;
+        the smaller one goes back to the model's pool."""
+        if cache.capacity >= positions:
+            return cache
+        larger = self.model.kv_cache_for(cache.batch, min(self.capacity, max(positions, 2 * cache.capacity)))
+        if rows and held.stop > held.start:
+            for new, old in zip(larger.buffers, cache.buffers):
+                new[:rows, :, held].copy_(old[:rows, :, held])
+        self.model.release_kv_cache(cache)
+        return larger
 
     def _join(self, job: "_Prefill") -> bool:
         """Move a prefilled request into the batch if the cache has room for every row's
@@ -573,6 +596,8 @@ class Engine:
         start = max(lengths)
         if start + max(remaining) > self.capacity:
             return False
+        held = self._held(max((r.cached for r in self._rows), default=0))
+        self._cache = self._grown(self._cache, start + max(remaining), len(self._rows), held)
         self._shift(start - self._start)
         self._start = start
         row = _Row(request, job.seq)
@@ -600,7 +625,7 @@ class Engine:
         for r in rows:
             r.cached += 1
         self.peak_cached_tokens = max(self.peak_cached_tokens, sum(r.cached for r in rows))
-        self._account(self.max_batch * self.capacity, sum(r.cached for r in rows))
+        self._account(self.max_batch * self._cache.capacity, sum(r.cached for r in rows))
         self._hand_out(logits)
 
     def _hand_out(self, logits: torch.Tensor):
