@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import time
@@ -174,9 +175,13 @@ def _check_length(prompt_len: int, new: int, fast, no_kv_cache: bool):
         from .runtime.generate import max_position_embeddings
 
         limit = max_position_embeddings(fast)  # (transformers maps gpt2's n_positions to it)
-    if limit is not None and prompt_len + new > limit:
-        raise CLIError(f"the prompt ({prompt_len} tokens) plus --max-new-tokens {new} is {prompt_len + new} "
-                       f"positions, more than this model's {limit}; ask for at most {max(limit - prompt_len, 0)} "
+    from .runtime.generate import fed_positions
+
+    # the last new token is returned, never fed: prompt + new - 1 positions, as generate() counts
+    if limit is not None and fed_positions(prompt_len, new) > limit:
+        raise CLIError(f"the prompt ({prompt_len} tokens) plus --max-new-tokens {new} feeds "
+                       f"{fed_positions(prompt_len, new)} positions to the model (all but the last new token), "
+                       f"more than this model's {limit}; ask for at most {max(limit - prompt_len + 1, 0)} "
                        "new tokens or shorten the prompt")
 
 
@@ -232,6 +237,13 @@ def _from_factory(spec: str):
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise CLIError(f"{module_name} has no function {factory_name!r}")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as e:
+        raise CLIError(f"{spec} needs arguments ({e}); the command line calls a factory with none: wrap it in "
+                       "a function that takes none") from None
+    except ValueError:  # no signature to read (a builtin): call it and see
+        pass
     made = factory()
     if isinstance(made, tuple) and len(made) != 2:
         raise CLIError(f"{spec} returned a tuple of {len(made)}; a factory returns the model, (model, "

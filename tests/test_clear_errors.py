@@ -275,3 +275,33 @@ def test_a_write_to_a_buffer_registered_under_two_names_is_refused_naming_both()
     with pytest.raises(CaptureError, match=r"writes in place .* to the buffer 'a\.buf', which is one tensor "
                                            r"registered under 2 names \('a\.buf', 'b\.buf'\)"):
         fxforge.optimize(_SharedBufferWrite().eval(), (torch.randn(2, 4),))
+
+
+# -- calls the graph was not captured for: an empty size, another device ------------------------
+class _EmptySequenceSentinel(nn.Module):
+    """Answers an empty sequence itself; torch.export assumes sizes >= 2 and records no guard."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.shape[1] == 0:
+            return torch.full((h.shape[0], 8), -1.0)
+        return h.mean(1)
+
+
+def test_a_call_with_an_empty_size_or_on_another_device_is_refused_by_name():
+    model = _EmptySequenceSentinel().eval()
+    x = torch.randn(2, 5, 8)
+    fast = fxforge.optimize(model, (x,))
+    assert_close_to_eager(model(x[:, :3]), fast(x[:, :3]))
+    # the graph ran the T > 0 branch at T = 0: NaN where the model answers -1
+    with pytest.raises(ValueError, match=r"input 0 \(x\) has size 0 in dim 1 \(T in f32\[B, T, 8\]\): the optimized "
+                                         r"graph serves sizes of at least 1"):
+        fast(x[:, :0])
+    with pytest.raises(ValueError, match=r"has size 0 in dim 0"):
+        fast(x[:0])
+    with pytest.raises(ValueError, match=r"input 0 \(x\) is on meta, the model on cpu: move it there"):
+        fast(x.to("meta"))

@@ -113,3 +113,22 @@ def test_counts_are_checked_as_generate_checks_them(capsys, argv, says):
     with pytest.raises(SystemExit) as info:  # argparse's usage error: exit status 2
         main(argv)
     assert info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_factory_that_needs_arguments_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "factories.py").write_text("def needs_arg(x):\n    raise AssertionError('not called')\n")
+    code, _, err = _run(capsys, "inspect", f"{tmp_path / 'factories.py'}:needs_arg")
+    assert code == 2 and "needs arguments (missing a required argument: 'x')" in err and "Traceback" not in err
+
+
+def test_generate_takes_as_many_new_tokens_as_the_api_does(capsys):
+    """The last new token is never fed: a 3-token prompt on 128 positions takes 126 new
+    tokens, as fast.generate() and transformers do (the command line refused 126)."""
+    import zoo
+
+    limit = zoo.gpt2()[0].config.n_positions
+    new = limit - 3 + 1
+    code, out, _ = _run(capsys, "generate", f"{ZOO}:gpt2", "--prompt", "1 5 7", "--max-new-tokens", str(new))
+    assert code == 0 and f"# {new} tokens" in out
+    code, _, err = _run(capsys, "generate", f"{ZOO}:gpt2", "--prompt", "1 5 7", "--max-new-tokens", str(new + 1))
+    assert code == 2 and f"ask for at most {new} new tokens" in err

@@ -70,6 +70,14 @@ def test_text_after_the_graph_is_refused(tiny_llama):
               .replace("\n}", "\n  %998: f32[] = const() {value=1.0, dtype=f32}\n}"))
 
 
+def test_an_unclosed_argument_list_is_named_as_such(tiny_llama):
+    """It read as "%p is used before it is defined"."""
+    _, _, fast = tiny_llama
+    line = next(l for l in fast.ir.splitlines() if "= linear(" in l)
+    with pytest.raises(ParseError, match=r"unbalanced parentheses: linear\( is not closed"):
+        parse(fast.ir.replace(line, line.rstrip(")")))
+
+
 def test_a_duplicated_attribute_key_is_refused(tiny_llama):
     _, _, fast = tiny_llama
     with pytest.raises(ParseError, match="'causal' is given twice"):
@@ -272,7 +280,7 @@ def test_cli_refuses_ids_past_int64_and_tokens_past_the_positions(saved_llama, c
     err = _cli_error(capsys, ["generate", saved_llama, "--no-kv-cache", "--prompt", "5 99999999999999999999"])
     assert "99999999999999999999" in err and "int64" in err
     err = _cli_error(capsys, ["generate", saved_llama, "--no-kv-cache", "--prompt", "5", "--max-new-tokens", "100000"])
-    assert "positions, more than this model's" in err
+    assert "positions to the model (all but the last new token), more than this model's" in err
 
 
 def test_cli_inspect_of_a_damaged_save_is_an_argument_error(saved_llama, tmp_path, capsys):

@@ -227,3 +227,29 @@ def test_per_token_ops_are_cached_exactly(name):
 def test_picking_over_each_tokens_features_is_cached_exactly(name):
     """They were refused as moving values along the sequence."""
     _assert_generates_like_eager(_model(PICK_OVER_FEATURES[name]))
+
+
+class _ReluBeforeSoftmax(nn.Module):
+    """Attention fuse_attention declines (a relu between the masked scores and the softmax)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.qkv, self.out = nn.Embedding(64, 32), nn.Linear(32, 96), nn.Linear(32, 64)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, 4, 8).transpose(1, 2) for t in self.qkv(x).split(32, -1))
+        scores = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(),
+                                                                   float("-inf"))
+        y = (torch.relu(scores).softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+        return self.out(y)
+
+
+@pytest.mark.parametrize("option", [dict(kv_cache=True), dict(gqa=2)], ids=["kv_cache", "gqa"])
+def test_a_refusal_for_unfused_attention_carries_fuse_attentions_notes(option):
+    """The refusal pointed at a report note, but optimize() raised: there was no report."""
+    with pytest.raises(Exception, match=r"its notes \(below\) say why it declined") as info:
+        fxforge.optimize(_ReluBeforeSoftmax().eval(), (torch.randint(0, 64, (1, 6)),), **option)
+    (notes,) = [n for n in info.value.__notes__ if n.startswith("fuse_attention's notes: ")]
+    assert "1 softmax ops whose probabilities feed a matmul (attention, by the look of it) were not fused" in notes

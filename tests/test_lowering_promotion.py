@@ -107,3 +107,24 @@ def test_eager_attention_mask_feeds_a_half_linear(dtype):
     x, mask = torch.randn(2, 5, 8, dtype=dtype), torch.ones(2, 5, 8, dtype=torch.long)
     fast = fxforge.optimize(m, (x, mask), verbose=False, passes=[])
     assert torch.equal(fast(x, mask), m(x, mask))
+
+
+class _Sqrt(nn.Module):
+    def forward(self, a):
+        return a.pow(0.5)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 2), (1, 2, 2)])
+def test_a_scalar_exponent_is_evaluated_as_the_model_ran_it(shape):
+    """x ** 0.5 with a scalar exponent is sqrt (NaN at -inf, -0.0 at -0.0); the IR evaluator
+    (capture's size-one check, fuse_attention's masks, gqa's calibration) ran the general
+    pow of a 0-d tensor (inf, +0.0), so an example holding -inf was refused as a model that
+    'computes something else when T == 1'."""
+    x = torch.tensor([4.0, -float("inf"), -0.0, 2.0]).reshape(shape)
+    fast = fxforge.optimize(_Sqrt(), (x,), verbose=False)
+    out, ref = fast(x), _Sqrt()(x)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    assert torch.equal(out.signbit(), ref.signbit())
+    from fxforge.ir.evaluate import evaluate
+    (evaluated,) = evaluate(fast.graph, [x])
+    torch.testing.assert_close(evaluated, ref, equal_nan=True)

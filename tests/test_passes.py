@@ -379,11 +379,32 @@ def _raises(graph):
     return {}["no such key"]
 
 
+def _output_cast_to_f16(graph):
+    """Well typed, but fast(...) would return float16 where the model returns float32."""
+    from fxforge.ir.builder import Builder
+
+    b = Builder()
+    new = b.emit("cast", graph.outputs[0], dtype=torch.float16)
+    return graph.with_nodes(list(graph.nodes) + b.nodes, [new])
+
+
+def _output_sliced(graph):
+    """Well typed, but fast(...) would return half of each row."""
+    from fxforge.ir.builder import Builder
+
+    b = Builder()
+    new = b.emit("slice", graph.outputs[0], dim=-1, start=0, end=4, step=1)
+    return graph.with_nodes(list(graph.nodes) + b.nodes, [new])
+
+
 @pytest.mark.parametrize("fn, error, says", [
     (_cast_typed_as_f32, fxforge.IRCheckError, r"after pass 'mine': .*cast gives f16"),
     (_dangling, fxforge.IRCheckError, r"after pass 'mine': "),
     (_raises, PassError, r"pass 'mine' raised KeyError: 'no such key'"),
-], ids=["wrong dtype", "dangling value", "raises"])
+    (_output_cast_to_f16, fxforge.IRCheckError, r"after pass 'mine': output 0 is f16\[B, T, 8\] where it was "
+                                                r"f32\[B, T, 8\]; a pass must keep each output's dtype and shape"),
+    (_output_sliced, fxforge.IRCheckError, r"after pass 'mine': output 0 is f32\[B, T, 4\] where it was f32\[B, T, 8\]"),
+], ids=["wrong dtype", "dangling value", "raises", "output dtype changed", "output shape changed"])
 def test_a_user_pass_is_typechecked_and_named_without_fxforge_check(fn, error, says, monkeypatch):
     monkeypatch.delenv("FXFORGE_CHECK", raising=False)  # the default: built-in passes unchecked
     reg = default_registry()

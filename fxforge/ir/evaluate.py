@@ -13,7 +13,7 @@ import torch
 
 from .attr_walk import attr_leaves
 from .graph import Graph, Node, Value
-from .ops import OPS
+from .ops import OPS, scalar_exponent
 from .types import SymType, symbol
 
 
@@ -45,10 +45,29 @@ def concrete_attrs(value, sizes: dict):
     return value
 
 
-def eval_node(node: Node, args: list, sizes: dict | None = None, device=None, registry=None) -> tuple:
-    """One node's results, from its inputs' tensors."""
+def scalar_exponents(nodes) -> dict:
+    """Value -> the Python number a pow takes as its exponent, for the constants among
+    `nodes`: the model ran pow(Tensor, Scalar), which is not the general pow of a 0-d
+    tensor (x ** 0.5 is sqrt: NaN at -inf, -0.0 at -0.0, where the general pow gives inf
+    and +0.0). The runtime's programs take them so (ops.scalar_exponent); so does every
+    evaluation of the graph."""
+    numbers = {}
+    for n in nodes:
+        if n.op == "const" and not isinstance(n.attrs["value"], sympy.Basic):
+            number = scalar_exponent(n.attrs["value"], n.attrs["dtype"])
+            if number is not None:
+                numbers[n.outputs[0]] = number
+    return numbers
+
+
+def eval_node(node: Node, args: list, sizes: dict | None = None, device=None, registry=None,
+              exponents: dict | None = None) -> tuple:
+    """One node's results, from its inputs' tensors. `exponents` (scalar_exponents): a
+    pow whose exponent is a constant takes it as a number, as the model did."""
     registry = OPS if registry is None else registry
     op = registry[node.op]
+    if node.op == "pow" and exponents and len(node.inputs) == 2 and node.inputs[1] in exponents:
+        args = [args[0], exponents[node.inputs[1]]]
     attrs = concrete_attrs(dict(node.attrs), sizes or {})
     if op.has("needs_device"):
         attrs["device"] = device
@@ -80,9 +99,11 @@ def evaluate(graph: Graph, inputs, wanted: list[Value] | None = None, registry=N
     device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), None)
     keep = set(wanted) | set(graph.param_values)
     last_use = {v: i for i, n in enumerate(graph.nodes) for v in n.inputs}
+    exponents = scalar_exponents(graph.nodes)
     with torch.no_grad():
         for i, node in enumerate(graph.nodes):
-            env.update(zip(node.outputs, eval_node(node, [env[v] for v in node.inputs], sizes, device, registry)))
+            args = [env[v] for v in node.inputs]
+            env.update(zip(node.outputs, eval_node(node, args, sizes, device, registry, exponents)))
             for v in node.inputs:
                 if last_use.get(v) == i and v not in keep:
                     env.pop(v, None)

@@ -414,6 +414,8 @@ def _read_line(g: Graph, line: str, define, use, cache) -> bool:
         depth += {"(": 1, ")": -1}.get(rhs[j], 0)
         if depth == 0:
             break
+    if depth != 0:
+        raise ParseError(f"unbalanced parentheses: {om.group(1)}( is not closed in {line!r}")
     args_text, rest = rhs[om.end():j], rhs[j + 1:].strip()
     inputs = tuple(use(a) for a in split_top(args_text)) if args_text.strip() else ()
     attrs = _AttrReader(rest, cache).attrs() if rest else {}

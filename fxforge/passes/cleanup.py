@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 
 from ..ir.edit import dead_code_elimination
-from ..ir.evaluate import attr_symbols, eval_node
+from ..ir.evaluate import attr_symbols, eval_node, scalar_exponents
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import is_pure
 from ..ir.printer import format_attrs
@@ -60,6 +60,7 @@ def fold_constants(graph: Graph, stats: Counter | None = None) -> Graph:
     folded = 0
     out_graph = graph.with_nodes([])
     device = next((t.device for t in graph.params.values()), torch.device("cpu"))
+    exponents = scalar_exponents(graph.nodes)
     for node in graph.nodes:
         node = node.with_renamed_inputs(renamed)
         concrete = all(d.is_number for v in node.outputs if hasattr(v.type, "shape") for d in v.shape)
@@ -71,7 +72,7 @@ def fold_constants(graph: Graph, stats: Counter | None = None) -> Graph:
             continue
         # (sizes in attrs are sympy numbers here, e.g. under static capture: the evaluator
         # hands torch plain Python numbers)
-        value = eval_node(node, [known[v] for v in node.inputs], {}, device)[0]
+        value = eval_node(node, [known[v] for v in node.inputs], {}, device, exponents=exponents)[0]
         out = node.outputs[0]
         known[out] = value
         if node.op == "const" or value.numel() > FOLD_MAX_ELEMENTS or (not node.inputs and value.dim() > 0):

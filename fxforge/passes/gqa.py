@@ -505,7 +505,7 @@ def gqa(graph: Graph, ctx=None) -> Graph:
     layers = find_layers(graph)
     if not layers:
         raise GQAError("gqa: the graph has no fused attention op. Run fuse_attention first (it is in the default "
-                       "pipeline); if it ran, see its report note for why it declined this model's attention")
+                       "pipeline); if it ran, its notes (below) say why it declined this model's attention")
     for layer in layers:
         if layer.kv_heads % G:
             raise GQAError(f"gqa: {G} KV heads does not divide this model's {layer.kv_heads} KV heads; choose a "

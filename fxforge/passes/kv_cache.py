@@ -188,8 +188,8 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
                            "an RNN a hidden state). Optimize it without kv_cache")
     if not attentions:
         raise KVCacheError("kv_cache: the graph has no fused attention op, so there is nothing to cache. "
-                           "Run fuse_attention first (it is in the default pipeline); if it ran, see its "
-                           "report note for why it declined this model's attention")
+                           "Run fuse_attention first (it is in the default pipeline); if it ran, its notes "
+                           "(below) say why it declined this model's attention")
     first_q = attentions[0].inputs[0]
     batch, seq = first_q.shape[0], first_q.shape[2]
     if not attentions[0].attrs["causal"] and not attention_has_bias(attentions[0]) \

@@ -301,7 +301,11 @@ def _run_passes(graph, pipeline, options, check, dump, reporter=None):
         ctx = PassContext(options=options, status=reporter.status if reporter is not None else _quiet)
         before = len(graph.nodes)
         start = time.perf_counter()
-        out = _run_one(info, graph, ctx)
+        try:
+            out = _run_one(info, graph, ctx)
+        except Exception as e:
+            _add_fusion_notes(e, stats)
+            raise
         seconds = time.perf_counter() - start
         if not isinstance(out, Graph):
             raise TypeError(f"pass {info.name!r} returned {type(out).__name__}, not a Graph")
@@ -315,6 +319,8 @@ def _run_passes(graph, pipeline, options, check, dump, reporter=None):
             raise IRCheckError(f"after pass {info.name!r}: the graph returns {len(out.outputs)} value(s) where it "
                                f"returned {len(graph.outputs)}; a pass must keep the graph's outputs (their "
                                "number and order), since the model's call returns them")
+        if not info.builtin:
+            _check_output_types(info.name, graph, out)
         graph = out
         stats.append(PassStats(info.name, seconds, before, len(graph.nodes), ctx.rules, ctx.notes, ctx.details))
         if reporter is not None:
@@ -322,6 +328,27 @@ def _run_passes(graph, pipeline, options, check, dump, reporter=None):
         if dump is not None:
             dump(i, info.name, graph)
     return graph, stats
+
+
+def _add_fusion_notes(error: Exception, stats: list[PassStats]):
+    """kv_cache and gqa refuse a model whose attention fuse_attention declined and point at
+    its notes; optimize() raises, so there is no report() to read them in: the error
+    carries them (shown under its message)."""
+    if "fuse_attention" not in str(error) or not hasattr(error, "add_note"):
+        return
+    notes = [n for s in stats if s.name == "fuse_attention" for n in s.notes]
+    error.add_note("fuse_attention's notes: " + (" | ".join(notes) if notes else "none (it fused nothing and "
+                                                 "found no softmax it could have fused)"))
+
+
+def _check_output_types(name: str, before: Graph, after: Graph):
+    """A user's pass keeps each output's type: the call hands them back as the model's
+    outputs, so a cast or a slice there would change what fast(...) returns, unseen by a
+    typecheck of the graph alone."""
+    for i, (old, new) in enumerate(zip(before.outputs, after.outputs)):
+        if str(old.type) != str(new.type):
+            raise IRCheckError(f"after pass {name!r}: output {i} is {new.type} where it was {old.type}; a pass must "
+                               "keep each output's dtype and shape, since the model's call returns them as they are")
 
 
 def _run_one(info: PassInfo, graph: Graph, ctx: PassContext) -> Graph:

@@ -13,7 +13,7 @@ import sympy
 import torch
 
 from ..ir.graph import Graph, Node, Value
-from ..ir.evaluate import eval_node
+from ..ir.evaluate import eval_node, scalar_exponents
 from ..ir.guards import holds
 from ..ir.ops import is_pure
 
@@ -60,12 +60,13 @@ def evaluate(value: Value, producers: dict[Value, Node], graph: Graph, sizes: di
     if nodes is None:
         return None
     env: dict[Value, torch.Tensor] = {}
+    exponents = scalar_exponents(nodes)
     try:
         for node in nodes:
             args = []
             for v in node.inputs:
                 args.append(env[v] if v in env else graph.params[v.param].detach().cpu())
-            env.update(zip(node.outputs, eval_node(node, args, sizes)))
+            env.update(zip(node.outputs, eval_node(node, args, sizes, exponents=exponents)))
     except (KeyError, RuntimeError, TypeError, ValueError, IndexError):
         return None
     if value.param:

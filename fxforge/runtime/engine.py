@@ -24,9 +24,9 @@ key bias, as in a left-padded generate(). When a request joins, the rows are shi
 together so that the longest one starts at position 0 (one copy of the positions holding
 tokens: joins, leaves and steps cost what the rows hold, not max_seq_len); a row's
 rotary positions are its own (position - padding), so the shift changes no answer. Each
-request's greedy tokens are the ones generate() gives it alone (tested; bit for bit in
-float32: in half precision a batched step's products may round a last bit otherwise, which
-changes a token only where its two best logits are within that rounding, docs/serving.md).
+request's greedy tokens are the ones generate() gives it alone (tested), except where its
+two best logits are within the last-bit rounding by which a batched step's products may
+differ from a one-row step's (2e-5 to 6e-5 on SmolLM2's float32 logits; docs/serving.md).
 
 Settings: a request's sampling settings and EOS default as generate()'s do (the model's
 generation_config, then transformers' defaults: top_k=50 when sampling, the model's

@@ -151,7 +151,9 @@ class DecodeProfile:
         top = ", ".join(f"{n}={c:g}" for n, c in self.top[:8])
         syncs = f" ({', '.join(f'{n}={c:g}' for n, c in self.sync_names.items())})" if self.sync_names else ""
         return (f"decode step: {self.launches:g} launches ({self.triton:g} triton + {self.torch:g} torch), "
-                f"{self.syncs:g} host syncs{syncs}, {self.host_us:.0f} host us; most launched: {top}")
+                f"{self.syncs:g} host syncs{syncs}, {self.host_us:.0f} host us; most launched: {top} "
+                "(the model's step alone: generate() adds its token choice per step, a few launches and "
+                "one host sync to check for EOS)")
 
 
 def decode_profile(model, steps: int = 2, prompt_len: int = 4, batch: int = 1) -> DecodeProfile:

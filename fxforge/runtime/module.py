@@ -140,11 +140,7 @@ class OptimizedModel:
         with torch.no_grad():
             if self.kv_layout is not None:
                 # a plain call is a prefill into an empty cache: the model's outputs, same as eager
-                batch, length = self._batch_and_length(inputs)
-                if self._paged and not (batch and length):
-                    raise ValueError(f"the model got an empty input ({batch} row(s) of {length} token(s)): a call "
-                                     "needs at least one sequence of at least one token (the model itself fails on "
-                                     "empty inputs too)")
+                batch, length = self._batch_and_length(inputs)  # (each >= 1: _check_inputs)
                 pad = torch.zeros(batch, dtype=torch.long, device=self.device)
                 with self._caches.lease(batch, length) as cache:
                     outs = self.program(*self._cached_inputs(inputs, 0, pad, length, cache), *cache.buffers)
@@ -411,6 +407,9 @@ class OptimizedModel:
             if isinstance(x, torch.Tensor) and x.dtype != v.dtype and widens_losslessly(x.dtype, v.dtype) \
                     and only_indexes(self.graph, v):
                 x = inputs[i] = x.to(v.dtype)
+            if x.device.type != self.device.type:
+                raise ValueError(f"{label} is on {x.device}, the model on {self.device}: move it there "
+                                 f"(x.to(fast.device)); fxforge runs the graph on the device of its weights")
             if x.dim() != v.rank or x.dtype != v.dtype:
                 # a graph holds one dtype per input: say how to meet it
                 fix = (f"; convert it (.to({v.dtype})) or optimize with an example of the dtype you call with"
@@ -420,6 +419,12 @@ class OptimizedModel:
             for d, size in enumerate(v.shape):
                 actual = x.shape[d]
                 if isinstance(size, sympy.Symbol):
+                    if actual == 0:
+                        # capture proved the graph for sizes >= 1 (torch.export assumes >= 2 and
+                        # size_one checks 1); a model may branch on an empty input, unseen
+                        raise ValueError(f"{label} has size 0 in dim {d} ({size} in {v.type}): the optimized graph "
+                                         "serves sizes of at least 1, as captured; call the source model for an "
+                                         "empty input")
                     if sizes.setdefault(size, actual) != actual:
                         raise ValueError(f"{label} has {size}={actual} in dim {d}, but another input has "
                                          f"{size}={sizes[size]}; the graph needs them equal ({v.type})")
