@@ -100,6 +100,7 @@ def test_double_quantized_nf4_siblings_stay_apart():
     fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),),
                             quantize=fxforge.QuantConfig("nf4", double_quant=True))
     assert fast.graph.count("quant_linear") == 2 * 7
+    assert "14 nf4 products with double_quant=True stay separate" in fast.report()  # the report says why
 
 
 def test_int4_siblings_merge_only_in_whole_kernel_row_blocks():

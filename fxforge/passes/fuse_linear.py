@@ -35,6 +35,10 @@ INT4_ROWS_MULTIPLE = 16
 
 def fuse_linear(graph: Graph, ctx=None) -> Graph:
     groups = _sibling_linears(graph) + _sibling_quant_linears(graph)
+    double = sum(1 for n in graph.nodes if n.op == "quant_linear" and dict(n.attrs["qattrs"]).get("double_quant"))
+    if double and ctx is not None:  # say why q/k/v and gate/up stay apart
+        ctx.note(f"{double} nf4 products with double_quant=True stay separate: their absmax is quantized in "
+                 "blocks that run across rows, so stacking weights would not be stacking their packings")
     if not groups:
         return graph
     out = graph.with_nodes(graph.nodes)
