@@ -100,6 +100,30 @@ class _Accumulates(torch.nn.Module):
         return x + self.total
 
 
+class _ZeroedThenAccumulates(torch.nn.Module):
+    """A buffer zeroed (or filled) at the start of each call, then added to: its value
+    before the call is never read."""
+
+    def __init__(self, fill: bool):
+        super().__init__()
+        self.fill = fill
+        self.register_buffer("total", torch.full((4,), float("nan")), persistent=False)
+
+    def forward(self, x):
+        self.total.fill_(1.5) if self.fill else self.total.zero_()
+        self.total.add_(x.sum(0))
+        return x + self.total
+
+
+@pytest.mark.parametrize("fill", [False, True], ids=["zero_", "fill_"])
+def test_a_buffer_zeroed_or_filled_before_it_is_accumulated_is_captured(fill):
+    model = _ZeroedThenAccumulates(fill)
+    fast = fxforge.optimize(model, (torch.randn(3, 4),), verbose=False)
+    for rows in (1, 3, 5):
+        y = torch.randn(rows, 4)
+        torch.testing.assert_close(fast(y), model(y))
+
+
 def test_a_buffer_written_before_it_is_read_is_captured_and_one_read_first_is_refused():
     model = _Overwrites()
     x = torch.randn(3, 4)

@@ -1190,7 +1190,8 @@ def _lower_exported(ep, injected, model):
 
 def _buffers_written_before_read(ep, by_name) -> set[str]:
     """The buffers forward() overwrites whole before it reads them (transformers' LongRoPE
-    copies the short or long frequencies into `inv_freq` on every call, then reads that):
+    copies the short or long frequencies into `inv_freq` on every call, then reads that; an
+    accumulator zeroed, then added to):
     their value before the call is never read, only the shape the copy takes from it, so
     dropping the write changes nothing that any call computes."""
     from torch.export.graph_signature import InputKind
@@ -1200,10 +1201,15 @@ def _buffers_written_before_read(ep, by_name) -> set[str]:
         node = by_name.get(getattr(spec.arg, "name", None))
         if spec.kind != InputKind.BUFFER or node is None:
             continue
-        if all(user.target is torch.ops.aten.copy.default and user.args[0] is node
-               and not (len(user.args) > 1 and user.args[1] is node) for user in node.users):
+        if all(user.target in _OVERWRITES and user.args[0] is node and node not in user.args[1:]
+               for user in node.users):
             found.add(spec.target)
     return found
+
+
+# functional forms of whole overwrites of their first argument: they read its shape, dtype
+# and device, never its values (a buffer's copy_(x), zero_(), fill_(c) in forward)
+_OVERWRITES = (torch.ops.aten.copy.default, torch.ops.aten.zero.default, torch.ops.aten.fill.Scalar)
 
 
 def _views_of(node):
