@@ -305,3 +305,24 @@ def test_a_call_with_an_empty_size_or_on_another_device_is_refused_by_name():
         fast(x[:0])
     with pytest.raises(ValueError, match=r"input 0 \(x\) is on meta, the model on cpu: move it there"):
         fast(x.to("meta"))
+
+
+def test_a_size_fixed_at_one_by_the_example_says_how_to_free_it():
+    """A [1, 1, T, T] bias example keeps batch 1 (torch.export fixes a size-1 dim): the
+    call with a batch of 3 biases is told to optimize with an example of batch 2."""
+
+    class BiasedAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x, bias):
+            B, T, _ = x.shape
+            q, k, v = self.qkv(x).view(B, T, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            return ((q @ k.transpose(-1, -2) / 8 ** 0.5 + bias).softmax(-1) @ v).transpose(1, 2).reshape(B, T, 16)
+
+    model = BiasedAttention().eval()
+    fast = fxforge.optimize(model, (torch.randn(1, 6, 16), torch.randn(1, 1, 6, 6)))
+    with pytest.raises(ValueError, match=r"input 1 \(bias\) must have size 1 in dim 0 .*, got 3; the example had "
+                                         r"size 1 there, .* optimize with an example whose size there is more than 1"):
+        fast(torch.randn(3, 5, 16), torch.randn(3, 1, 5, 5))

@@ -429,7 +429,12 @@ class OptimizedModel:
                         raise ValueError(f"{label} has {size}={actual} in dim {d}, but another input has "
                                          f"{size}={sizes[size]}; the graph needs them equal ({v.type})")
                 elif size.is_number and int(size) != actual:
-                    raise ValueError(f"{label} must have size {size} in dim {d} ({v.type}), got {actual}")
+                    # torch.export fixes an example's size 1 (it may broadcast): the way out
+                    hint = ("; the example had size 1 there, which capture keeps fixed (a size-1 dim may "
+                            "broadcast): optimize with an example whose size there is more than 1 (e.g. 2) for "
+                            "a graph that takes any") \
+                        if int(size) == 1 and any(isinstance(x, sympy.Symbol) for x in v.shape) else ""
+                    raise ValueError(f"{label} must have size {size} in dim {d} ({v.type}), got {actual}{hint}")
         _check_mask_batch(inputs, roles.user_inputs(self.graph))
         if self._cache_len is not None:
             sizes[self._cache_len] = 0  # a plain call is a prefill into an empty cache
