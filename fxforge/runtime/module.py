@@ -407,7 +407,8 @@ class OptimizedModel:
             if isinstance(x, torch.Tensor) and x.dtype != v.dtype and widens_losslessly(x.dtype, v.dtype) \
                     and only_indexes(self.graph, v):
                 x = inputs[i] = x.to(v.dtype)
-            if x.device.type != self.device.type:
+            # (a graph without weights runs where its inputs are; a 0-d CPU tensor goes with any)
+            if self.graph.params and x.dim() > 0 and x.device.type != self.device.type:
                 raise ValueError(f"{label} is on {x.device}, the model on {self.device}: move it there "
                                  f"(x.to(fast.device)); fxforge runs the graph on the device of its weights")
             if x.dim() != v.rank or x.dtype != v.dtype:
