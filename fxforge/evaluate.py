@@ -38,18 +38,21 @@ def _float_leaves(out) -> list[torch.Tensor]:
 @torch.no_grad()
 def output_error(reference, approx) -> dict:
     """How far `approx`'s outputs are from `reference`'s (the same structure: a tensor, a
-    tuple, a ModelOutput), on the first floating-point output (a language model's logits):
-    relative error ||a - r|| / ||r|| and max |a - r| over it, and where it has a last dim of
-    more than one entry (a vocabulary), the share of rows whose argmax agrees. Raises
-    ValueError where the structures differ."""
+    tuple, a ModelOutput), on the first floating-point output of 2+ dims whose last dim has
+    more than one entry (a language model's logits, after a loss when labels were given;
+    else the first floating-point output): relative error ||a - r|| / ||r|| and max |a - r|
+    over it, and for logits the share of rows whose argmax agrees. Raises ValueError where
+    the structures differ."""
     ref, out = _float_leaves(reference), _float_leaves(approx)
-    if not ref or len(ref) != len(out) or ref[0].shape != out[0].shape:
+    if not ref or len(ref) != len(out) or any(x.shape != y.shape for x, y in zip(ref, out)):
         raise ValueError("the outputs have different structures")
-    r, a = ref[0].double(), out[0].double()
+    index = next((i for i, t in enumerate(ref) if t.dim() >= 2 and t.shape[-1] > 1), 0)
+    r, a = ref[index].double(), out[index].double()
     norm = float(r.norm())
-    error = {"output_shape": tuple(r.shape), "rel_error": float((a - r).norm()) / norm if norm else float("nan"),
+    error = {"output": index, "output_shape": tuple(r.shape),
+             "rel_error": float((a - r).norm()) / norm if norm else float("nan"),
              "max_abs_error": float((a - r).abs().max()) if r.numel() else 0.0}
-    if r.dim() >= 1 and r.shape[-1] > 1 and r.numel():
+    if r.dim() >= 2 and r.shape[-1] > 1 and r.numel():
         agree = r.argmax(-1) == a.argmax(-1)
         error.update(top1_agreement=float(agree.double().mean()), rows=agree.numel())
     return error
@@ -58,7 +61,8 @@ def output_error(reference, approx) -> dict:
 def describe_error(error: dict, where: str) -> str:
     """One report line for output_error's figures."""
     text = (f"error vs the source model {where}: relative {error['rel_error']:.3g} (||fast - eager|| / ||eager|| "
-            f"of output 0, shape {list(error['output_shape'])}), max abs {error['max_abs_error']:.3g}")
+            f"of float output {error['output']}, shape {list(error['output_shape'])}), "
+            f"max abs {error['max_abs_error']:.3g}")
     if "top1_agreement" in error:
         agree = round(error["top1_agreement"] * error["rows"])
         text += f", top-1 agreement {100 * error['top1_agreement']:.1f}% ({agree} of {error['rows']} rows)"

@@ -206,3 +206,12 @@ def test_gqa_reports_the_whole_models_error_too_and_training_mode_is_not_measure
     model.train()  # (this llama has no dropout: optimize() does not warn, the measure declines anyway)
     trained = fxforge.optimize(model, (ids,), quantize="int8", verbose=False)
     assert _report_lines(trained, "error vs the source model not measured: the model is in training mode")
+
+
+def test_the_error_is_measured_on_the_logits_when_a_loss_comes_first():
+    torch.manual_seed(0)
+    model, vocab = zoo.llama(n_layer=1)
+    ids = torch.randint(0, vocab, (2, 7))
+    fast = fxforge.optimize(model, example_kwargs=dict(input_ids=ids, labels=ids), quantize="int8", verbose=False)
+    error = next(s for s in fast.stats if s.name == "quantize").details["error"]
+    assert error["output"] == 1 and error["output_shape"] == (2, 7, vocab) and error["rows"] == 14

@@ -173,3 +173,32 @@ def test_float64_scores_from_float32_q_and_k_stay_unfused():
     fast = _quiet_optimize(Model(), inputs)
     assert fast.graph.count("attention") == 0
     torch.testing.assert_close(fast(*inputs), fn(*inputs), atol=0, rtol=0)
+
+
+class _BiasAfterTheScale(nn.Module):
+    """An ALiBi-like term before a 1/16 scale and a -4096 step after it: the step is 4096
+    below the scores at the softmax, not a fill of -65504 before the scale, so it removes no
+    key where scores/16 reach thousands (large q/k weights)."""
+
+    def __init__(self, d=32, h=2):
+        super().__init__()
+        self.h, self.dh = h, d // h
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        with torch.no_grad():
+            self.qkv.weight.mul_(300.0)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
+        i = torch.arange(T)
+        scores = (q @ k.transpose(-1, -2) - 0.5 * (i[None, :] - i[:, None]).float()) * 0.0625
+        scores = scores + (i[None, :] > i[:, None]).float() * -4096.0
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D)
+
+
+def test_a_finite_step_added_after_the_scale_is_not_taken_for_a_causal_mask():
+    torch.manual_seed(0)
+    model, x = _BiasAfterTheScale().eval(), torch.randn(1, 8, 32)
+    fast = _quiet_optimize(model, (x,))
+    assert not any(n.attrs["causal"] for n in fast.graph.nodes if n.op == "attention")
+    torch.testing.assert_close(fast(x), model(x))

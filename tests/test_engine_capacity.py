@@ -119,3 +119,14 @@ def test_the_cache_grows_only_when_a_request_needs_more_and_keeps_every_token(fa
     assert 300 + 250 <= grown <= 2048
     for p, (_, n), r in zip(prompts, lengths, requests):
         assert torch.equal(r.result(), fast.generate(p[None], n, eos_token_id=None)[0, p.numel():])
+
+
+def test_stats_count_the_cache_the_engine_holds(fast):
+    """The model's pool hands the engine an idle cache that fits: one of more rows (left by
+    a generate() of batch 6) is counted as it is, rows x length."""
+    fast.generate(torch.randint(1, 128, (6, 5)), 3, eos_token_id=None)
+    engine = fxforge.Engine(fast, max_batch=2, max_seq_len=700)
+    cache = engine._cache
+    assert cache.batch == 6  # (the pool's idle cache)
+    assert engine.stats()["allocated_positions"] == cache.batch * cache.capacity
+    engine.close()

@@ -253,3 +253,12 @@ def test_a_refusal_for_unfused_attention_carries_fuse_attentions_notes(option):
         fxforge.optimize(_ReluBeforeSoftmax().eval(), (torch.randint(0, 64, (1, 6)),), **option)
     (notes,) = [n for n in info.value.__notes__ if n.startswith("fuse_attention's notes: ")]
     assert "1 softmax ops whose probabilities feed a matmul (attention, by the look of it) were not fused" in notes
+
+
+def test_a_refusal_says_when_fuse_attention_did_not_run():
+    import zoo
+
+    model, vocab = zoo.llama()
+    with pytest.raises(KVCacheError) as info:
+        fxforge.optimize(model, (torch.randint(0, vocab, (1, 6)),), kv_cache=True, disable=["fuse_attention"])
+    assert "fuse_attention did not run before this pass (left out by passes= or disable=)" in info.value.__notes__

@@ -242,13 +242,15 @@ class _Terms:
         self.post_scales: list[float] = []
 
     def drop_threshold(self) -> float:
-        """At or below this a summed term removes a key exactly. A term added before a
+        """At or below this the summed terms remove a key exactly. A term added before a
         scale (CodeGen: (s + mask) / sqrt(d), its mask float16's min) is scaled together with
         the scores: what removes the key is the fill before the scale, so the threshold
         scales too, down to 1/16 (head dim 256), where float16's min is still -4094 at the
-        softmax: thousands below any score."""
+        softmax: thousands below any score. Terms added under different scales take the
+        largest (a term added after the scale, unscaled, keeps the full threshold: a -4096
+        there is not a fill of -65504 before it)."""
         scales = [p for p in self.post_scales if p > 0]
-        return MASK_FILL_MAX * max(min(scales + [1.0]), 1 / 16)
+        return MASK_FILL_MAX * max(min(max(scales, default=1.0), 1.0), 1 / 16)
 
     def empty(self) -> bool:
         return not self.adds and not self.fills

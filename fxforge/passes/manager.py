@@ -336,7 +336,11 @@ def _add_fusion_notes(error: Exception, stats: list[PassStats]):
     carries them (shown under its message)."""
     if "fuse_attention" not in str(error) or not hasattr(error, "add_note"):
         return
-    notes = [n for s in stats if s.name == "fuse_attention" for n in s.notes]
+    ran = [s for s in stats if s.name == "fuse_attention"]
+    if not ran:
+        error.add_note("fuse_attention did not run before this pass (left out by passes= or disable=)")
+        return
+    notes = [n for s in ran for n in s.notes]
     error.add_note("fuse_attention's notes: " + (" | ".join(notes) if notes else "none (it fused nothing and "
                                                  "found no softmax it could have fused)"))
 

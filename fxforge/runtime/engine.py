@@ -471,10 +471,15 @@ class Engine:
         decode steps so far (a dense cache allocates max_batch rows of the longest length the
         requests have needed so far, doubling, up to max_seq_len)."""
         held = sum(r.cached for r in self._rows)
-        return {"allocated_positions": self.max_batch * self._cache.capacity, "cached_tokens": held,
+        return {"allocated_positions": self._allocated(), "cached_tokens": held,
                 "peak_cached_tokens": self.peak_cached_tokens, "running": len(self._rows),
                 "waiting": len(self._waiting) + (self._prefilling is not None), "steps": self.steps,
                 "kv_waste": self._waste()}
+
+    def _allocated(self) -> int:
+        """Positions the batch cache holds: its rows (the model's pool may hand over one with
+        more than max_batch) times its length (whole 256s, at most the model's limit)."""
+        return self._cache.batch * self._cache.capacity
 
     def _waste(self) -> float:
         return 1.0 - self._token_steps / self._slot_steps if self._slot_steps else 0.0
@@ -625,7 +630,7 @@ class Engine:
         for r in rows:
             r.cached += 1
         self.peak_cached_tokens = max(self.peak_cached_tokens, sum(r.cached for r in rows))
-        self._account(self.max_batch * self._cache.capacity, sum(r.cached for r in rows))
+        self._account(self._allocated(), sum(r.cached for r in rows))
         self._hand_out(logits)
 
     def _hand_out(self, logits: torch.Tensor):
