@@ -327,12 +327,12 @@ def test_refuses_a_mask_computed_from_the_tokens_and_says_so():
 
 def test_refuses_a_graph_without_attention():
     """A model with no attention at all (a state-space model, an MLP) is told so; one whose
-    softmax fuse_attention did not take is sent to its report note."""
+    softmax fuse_attention did not take is sent to its notes (carried by the error)."""
     lin = torch.nn.Sequential(torch.nn.Linear(8, 8))
     with pytest.raises(KVCacheError, match="no attention at all .* Optimize it without kv_cache"):
         fxforge.optimize(lin, (torch.randn(2, 8),), kv_cache=True)
     scored = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Softmax(-1))
-    with pytest.raises(KVCacheError, match="no fused attention .* report note"):
+    with pytest.raises(KVCacheError, match=r"no fused attention .* its notes \(below\) say why"):
         fxforge.optimize(scored, (torch.randn(2, 8),), kv_cache=True)
 
 
