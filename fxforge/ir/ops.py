@@ -559,18 +559,61 @@ def attention_reference(q, k, v, bias=None, slopes=None, sink=None, *, causal, s
         s = s.masked_fill(~window_keep(tq, tk, int(window), q.device), float("-inf"))
     if sink is not None:
         column = sink.to(device=s.device, dtype=acc).reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)
-        p = torch.softmax(torch.cat([s, column], dim=-1), dim=-1)[..., :-1].nan_to_num(0.0)
+        p = safe_softmax(torch.cat([s, column], dim=-1))[..., :-1]
     else:
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        p = safe_softmax(s)
     return torch.matmul(p, v.to(acc)).to(q.dtype)
+
+
+def safe_softmax(s):
+    """softmax over the last dim, where a row whose every score is -inf (masked out
+    entirely: no key to see) gives zeros, not NaN: SDPA's rule (aten._safe_softmax). Only
+    such rows: a NaN score (NaN in q or k, q.k overflowing to inf - inf) keeps its row NaN,
+    as eager's softmax does, where zeroing every NaN would hide it behind a finite answer."""
+    empty = (s == float("-inf")).all(dim=-1, keepdim=True)
+    return torch.softmax(s, dim=-1).masked_fill(empty, 0.0)
+
+
+# The sizes attention's operands q [B, H, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] must
+# share: (what, (operand, dim), (operand, dim)). V's head dim Dv is free (MLA's values are
+# narrower than its queries and keys). Nothing downstream checks these: PyTorch's CPU SDPA
+# with enable_gqa reads past a shorter V, and the Triton kernels index K and V with Q's
+# batch and K's length.
+ATTENTION_SHARED_SIZES = (
+    ("batch size", ("q", 0), ("k", 0)),
+    ("batch size", ("k", 0), ("v", 0)),
+    ("kv heads", ("k", 1), ("v", 1)),
+    ("key count", ("k", 2), ("v", 2)),
+    ("head dim", ("q", 3), ("k", 3)),
+)
+
+
+def _check_attention_sizes(q, k, v):
+    operands = {"q": q, "k": k, "v": v}
+    for what, (a, i), (b, j) in ATTENTION_SHARED_SIZES:
+        x, y = operands[a].shape[i], operands[b].shape[j]
+        if not dims_equal(x, y):
+            raise IRTypeError(f"attention: {a} and {b} differ in {what} ({x} vs {y}) in q {q}, k {k}, v {v}; "
+                              f"it wants q [B, H, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv]")
+    if not dims_equal(sympy.Mod(q.shape[1], k.shape[1]), 0) and k.shape[1].is_number and q.shape[1].is_number:
+        raise IRTypeError(f"attention: {q.shape[1]} query heads is not a multiple of {k.shape[1]} kv heads")
+
+
+def _check_attention_bias(bias, q, k):
+    """The bias adds to the scores [B, H, Tq, Tk]: each of its dims (aligned from the
+    right, as torch broadcasts) is 1 or that size."""
+    want = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    fits = bias.rank <= 4 and all(d == 1 or dims_equal(d, w) for d, w in zip(bias.shape[::-1], want[::-1]))
+    if not fits:
+        raise IRTypeError(f"attention: bias {bias} does not broadcast to the scores "
+                          f"[{', '.join(map(str, want))}] ([B, H, Tq, Tk], each dim that size or 1)")
 
 
 def infer_attention(types, attrs):
     q, k, v = (_t(types, i) for i in range(3))
     if q.rank != 4 or k.rank != 4 or v.rank != 4:
         raise IRTypeError(f"attention wants [B, H, T, D] operands, got {q}, {k}, {v}")
-    if not dims_equal(sympy.Mod(q.shape[1], k.shape[1]), 0) and k.shape[1].is_number and q.shape[1].is_number:
-        raise IRTypeError(f"attention: {q.shape[1]} query heads is not a multiple of {k.shape[1]} kv heads")
+    _check_attention_sizes(q, k, v)
     last = len(types)
     if attrs.get("sinks"):
         if last < 4:
@@ -589,6 +632,8 @@ def infer_attention(types, attrs):
         last -= 1
     if last > 4:
         raise IRTypeError("attention: an input after the bias needs alibi=true (slopes) or sinks=true (sinks)")
+    if last == 4:
+        _check_attention_bias(_t(types, 3), q, k)
     window = attrs.get("window")
     if window is not None and (not isinstance(window, (int, sympy.Integer)) or isinstance(window, bool) or window < 1):
         raise IRTypeError(f"attention: window must be a positive int, got {window!r}")

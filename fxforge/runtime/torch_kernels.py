@@ -23,10 +23,14 @@ def attention_sdpa(q, k, v, bias=None, slopes=None, sink=None, *, causal: bool, 
     on the CPU (SDPA's enable_gqa), else by repeating K/V. A sliding window and ALiBi
     slopes become part of the additive mask ([1, H, Tq, Tk] at most; with one query, the
     keys before the window are sliced off instead). SDPA has no soft-cap: soft-capped
-    attention runs the reference (float32). Sinks: see attention_sinks_sdpa."""
+    attention runs the reference (float32), and so does a call where SDPA's CPU kernel would
+    turn a NaN into zeros (_nan_blind). Sinks: see attention_sinks_sdpa."""
     bias, slopes, sink = attention_inputs(bias, slopes, sink, alibi=alibi, sinks=sinks)
     if 0 in q.shape[:3]:  # no query rows (an empty batch, heads folded with it): 0 KV heads to divide by
         return q.new_empty(*q.shape[:3], v.shape[-1])
+    if _nan_blind(q, k):
+        return attention_reference(q, k, v, bias, slopes, sink, causal=causal, scale=scale, softcap=softcap,
+                                   window=window)
     if sink is not None:
         return attention_sinks_sdpa(q, k, v, bias, slopes, sink, causal=causal, scale=scale, softcap=softcap,
                                     window=window)
@@ -68,6 +72,25 @@ def attention_sdpa(q, k, v, bias=None, slopes=None, sink=None, *, causal: bool, 
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+# PyTorch's CPU flash kernel (SDPA's, and the sinks path's) takes the max of a block of
+# fewer keys than its vector width (8 floats with AVX2, 16 with AVX-512) in scalar code
+# that skips NaN: a row whose every score there is NaN (a NaN in its query, or in every key
+# it sees; an inf times keys of both signs) then reads as a row with no key, and gives zeros
+# where eager's softmax, and the op's reference, give NaN. From this many keys on, the
+# vectorized max keeps the NaN.
+NAN_BLIND_KEYS = 16
+
+
+def _nan_blind(q, k) -> bool:
+    """Whether SDPA's CPU kernel could turn this call's NaN into zeros (NAN_BLIND_KEYS):
+    a NaN or inf in q or k over so few keys; then the reference computes it. Checked only
+    for so few keys, where it costs nothing beside the call. (q.k overflowing from finite
+    operands is not seen here: only the soft-capped calls, which run the reference, keep
+    that NaN.)"""
+    return (q.device.type == "cpu" and k.shape[-2] < NAN_BLIND_KEYS
+            and not bool(torch.isfinite(q).all() and torch.isfinite(k).all()))
 
 
 def _window_and_alibi_added(q, bias, slopes, window, tq: int, tk: int):
