@@ -50,7 +50,11 @@ Masks that are not shape-only stay as an additive `bias` input. Rows whose every
 masked are padding rows: with a finite fill (finfo.min) eager and fused agree; a softmax
 over scores filled with -inf where a mask from the inputs says is declined (eager gives NaN
 on a row that mask drops entirely, the fused op 0, SDPA's convention), with a report note;
-so is one whose shape-only mask leaves a row no key at some probe size (j < i).
+so is one whose shape-only mask leaves a row no key at some probe size (j < i). An additive
+bias computed from the inputs (a user's float mask holding -inf, where(m, 0, -inf), log(m))
+that is not provably finite on every input (interval bounds through its ops) fuses, and NaN
+is put on the rows where eager's softmax gives it: those whose bias row max is -inf (every
+key dropped), +inf or NaN. One such bias with a mask filled over it afterwards is declined.
 """
 from __future__ import annotations
 
@@ -240,6 +244,9 @@ class _Terms:
         self.floor: float | None = None
         # the scales applied after the terms were added (scores and terms scaled together)
         self.post_scales: list[float] = []
+        # a fill applied after an add ((s + bias).masked_fill(m, c)): the fill replaces what
+        # the add made of a key, where the built bias sums the two
+        self.fill_over_add = False
 
     def drop_threshold(self) -> float:
         """At or below this the summed terms remove a key exactly. A term added before a
@@ -527,12 +534,239 @@ def _slopes_param(graph, slopes: tuple[float, ...]) -> Value:
     return graph.add_param("_alibi_slopes", tensor)
 
 
+# -- rows eager makes NaN -------------------------------------------------------------------
+# softmax(s + bias) is NaN on a row whose bias is -inf at every key (exp(-inf - -inf)), or
+# holds +inf or NaN anywhere; the fused op gives 0 for the first (SDPA's rule for a row with
+# no key). A bias built from the inputs (a user's float mask, where(m, 0, -inf), log(m)) may
+# do either on any call, so unless every value it can hold is finite the rewrite adds, after
+# the op, NaN on the rows where the bias's row max is not finite: the same rows as eager's.
+# A bound on what a value holds is worked out from its ops (interval arithmetic on exact
+# rationals, each result rounded to nearest into its dtype as eager rounds it): transformers'
+# where(mask, 0, finfo.min) is finite (and so is bloom's ALiBi from the mask's cumsum added to
+# it), so those models get no extra ops.
+
+# ops whose results hold only values of their first input
+_SAME_VALUES = ("view", "expand", "unsqueeze", "squeeze", "permute", "slice", "select", "repeat_interleave")
+# opaque calls that only pick elements of their first input
+_PICKS = ("aten.index.Tensor", "aten.gather.default", "aten.clone.default", "aten.contiguous.default",
+          "aten.flip.default", "aten.roll.default")
+# (a mask subgraph is small; past this depth the bound is not worked out)
+_MAX_BOUND_DEPTH = 200
+
+
+def _ceil_in(x, dtype):
+    """The least `dtype` value >= the rational `x`, as a Fraction; past the largest finite
+    one, the value one step beyond it (fmax + its ulp), where rounding to nearest turns
+    to inf halfway."""
+    from fractions import Fraction
+
+    fmax = Fraction(torch.finfo(dtype).max)
+    if x > fmax:
+        below = torch.nextafter(torch.tensor(torch.finfo(dtype).max, dtype=dtype), torch.tensor(0.0, dtype=dtype))
+        return 2 * fmax - Fraction(float(below))
+    if x <= -fmax:
+        return -fmax
+    v = torch.tensor(float(x), dtype=torch.float64).to(dtype)
+    up = torch.tensor(math.inf, dtype=dtype)
+    while Fraction(float(v)) < x:  # (float(x) and the cast each round once)
+        v = torch.nextafter(v, up)
+    return Fraction(float(v))
+
+
+# f16 and bf16 arithmetic may round to float32 first, then to the narrow dtype
+_ROUNDED_TWICE = {torch.float16: 2.0 ** -24, torch.bfloat16: 2.0 ** -24}
+
+
+def _nearest_in(x, dtype, up: bool):
+    """x rounded to nearest in `dtype` (a tie to the side `up` says), as a Fraction, and
+    beyond the largest finite value where that rounding gives inf."""
+    c, f = _ceil_in(x, dtype), -_ceil_in(-x, dtype)
+    return c if (c - x < x - f) or (c - x == x - f and up) else f
+
+
+def _rounded(lo, hi, dtype) -> tuple[float, float] | None:
+    """[lo, hi] (exact rationals) rounded into `dtype` as its arithmetic rounds (to nearest;
+    monotone, so the ends bound every result), widened by a float32 rounding first where
+    the dtype's arithmetic may do one; None if a result may be infinite."""
+    from fractions import Fraction
+
+    if not dtype.is_floating_point:
+        return None
+    lo, hi = Fraction(lo), Fraction(hi)
+    twice = Fraction(_ROUNDED_TWICE.get(dtype, 0.0))
+    lo, hi = lo - abs(lo) * twice, hi + abs(hi) * twice
+    lo_d, hi_d = _nearest_in(lo, dtype, up=False), _nearest_in(hi, dtype, up=True)
+    fmax = Fraction(torch.finfo(dtype).max)
+    return (float(lo_d), float(hi_d)) if -fmax <= lo_d and hi_d <= fmax else None
+
+
+def _dtype_range(dtype) -> tuple[float, float] | None:
+    if dtype == torch.bool:
+        return 0.0, 1.0
+    if not dtype.is_floating_point and not dtype.is_complex:
+        info = torch.iinfo(dtype)
+        return float(info.min), float(info.max)
+    return None
+
+
+def _interval(op: str, a, c):
+    """op(x, y) over x in a, y in c, as exact rationals (None: not bounded)."""
+    from fractions import Fraction
+
+    (a0, a1), (c0, c1) = ((Fraction(lo), Fraction(hi)) for lo, hi in (a, c))
+    if op == "add":
+        return a0 + c0, a1 + c1
+    if op == "sub":
+        return a0 - c1, a1 - c0
+    if op == "maximum":
+        return max(a0, c0), max(a1, c1)
+    if op == "minimum":
+        return min(a0, c0), min(a1, c1)
+    if op == "div" and (c0 > 0 or c1 < 0):
+        ends = [x / y for x in (a0, a1) for y in (c0, c1)]
+    elif op == "mul":
+        ends = [x * y for x in (a0, a1) for y in (c0, c1)]
+    else:
+        return None
+    return min(ends), max(ends)
+
+
+def _bound(m: Match, v: Value, memo: dict, depth: int = 0) -> tuple[float, float] | None:
+    """(lo, hi), finite: every value `v` can hold on any call lies between them, or None
+    when the ops that compute it do not say so. An integer or bool value is bounded by its
+    dtype whatever its ops (a mask input, the cumsum of one)."""
+    dtype = getattr(v.type, "dtype", None)
+    if dtype is None:
+        return None
+    if (r := _dtype_range(dtype)) is not None:
+        return r
+    if v in memo:
+        return memo[v]
+    memo[v] = None  # (a cycle cannot happen in SSA; this only stops a repeat)
+    memo[v] = result = _bound_of_producer(m, v, memo, depth) if depth < _MAX_BOUND_DEPTH else None
+    return result
+
+
+def _bound_of_producer(m: Match, v: Value, memo: dict, depth: int):
+    if v.param is not None:
+        t = m.graph.params.get(v.param)
+        if not isinstance(t, torch.Tensor) or t.numel() == 0 or not bool(torch.isfinite(t).all()):
+            return None
+        return float(t.min()), float(t.max())
+    node = m.producers.get(v)
+    if node is None:
+        return None  # a float graph input: any value at all
+    sub = functools.partial(_bound, m, memo=memo, depth=depth + 1)
+    op = node.op
+    if op in ("const", "full"):
+        value = node.attrs.get("value")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        return _rounded(value, value, v.dtype)
+    if op == "torch_call" and node.attrs.get("target") in _PICKS and node.inputs:
+        op = "view"
+    if op in _SAME_VALUES or op == "cast" or op in ("neg", "abs", "tril", "triu", "clamp"):
+        a = sub(node.inputs[0])
+        if a is None:
+            return None
+        lo, hi = a
+        if op == "neg":
+            lo, hi = -hi, -lo
+        elif op == "abs":
+            lo, hi = (0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi))
+        elif op in ("tril", "triu"):
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+        elif op == "clamp":
+            low, high = node.attrs.get("min"), node.attrs.get("max")
+            if any(x is not None and not isinstance(x, (int, float)) for x in (low, high)):
+                return None
+            lo, hi = (lo if low is None else max(lo, low)), (hi if high is None else min(hi, high))
+            lo, hi = (lo if high is None else min(lo, high)), (hi if low is None else max(hi, low))
+        return _rounded(lo, hi, v.dtype)
+    if op == "where" or op == "cat":
+        parts = [sub(x) for x in (node.inputs[1:] if op == "where" else node.inputs)]
+        if not parts or any(p is None for p in parts):
+            return None
+        return _rounded(min(p[0] for p in parts), max(p[1] for p in parts), v.dtype)
+    if op in ("add", "sub", "mul", "div", "maximum", "minimum") and len(node.inputs) == 2:
+        # each operand is first converted to the result's dtype (an int64 mask times a float32 slope)
+        parts = [sub(x) for x in node.inputs]
+        parts = [None if p is None else _rounded(*p, v.dtype) for p in parts]
+        if any(p is None for p in parts):
+            return None
+        out = _interval(op, *parts)
+        return None if out is None else _rounded(*out, v.dtype)
+    return None
+
+
+def _bias_is_finite(m: Match, terms: _Terms) -> bool:
+    """Every value the bias `terms.build` makes (float32: each add times its scale, each
+    fill's where, summed, floored) is finite, on any input."""
+    memo: dict = {}
+    f32 = torch.float32
+    total = None
+    for bias, post, _ in terms.adds:
+        t = _bound(m, bias, memo)
+        t = None if t is None else _rounded(*t, f32)
+        if t is not None and post != 1.0:
+            t = _interval("mul", t, _rounded(post, post, f32))
+            t = None if t is None else _rounded(*t, f32)
+        if t is None:
+            return False
+        total = t if total is None else _rounded(*_interval("add", total, t), f32)
+        if total is None:
+            return False
+    for _, fill, _, _ in terms.fills:
+        if not math.isfinite(fill):
+            return False
+        t = _rounded(min(fill, 0.0), max(fill, 0.0), f32)
+        if t is None:
+            return False
+        total = t if total is None else _rounded(*_interval("add", total, t), f32)
+        if total is None:
+            return False
+    return True  # (a floor only narrows it)
+
+
+def _from_inputs(m: Match, terms: _Terms) -> bool:
+    """Some term is computed from the graph's inputs (or by ops shape_eval cannot
+    evaluate): what it holds is known only at run time."""
+    producers = m.graph.producers()
+    return any(shape_only_nodes(v, producers) is None for v in terms.values())
+
+
+def _cached_nan_rows(forms: dict | None, m: Match, terms: _Terms) -> bool:
+    """The bias may make a row NaN in eager (see above) that the fused op would not: a term
+    from the inputs, and a bias not provably finite. Once per mask per pass run."""
+    if terms.empty():
+        return False
+    if forms is None:
+        return _from_inputs(m, terms) and not _bias_is_finite(m, terms)
+    key = ("nan_rows", tuple((id(v), post, fold) for v, post, fold in terms.adds),
+           tuple((id(v), fill, when, fold) for v, fill, when, fold in terms.fills))
+    if key not in forms:  # the entry holds the mask values too, so no id in a key is reused
+        forms[key] = (_from_inputs(m, terms) and not _bias_is_finite(m, terms), terms.values())
+    return forms[key][0]
+
+
+def _nan_where_eager_is(b, out: Value, bias: Value) -> Value:
+    """`out` with NaN on the rows where the [.., Tq|1, Tk] bias's max over the keys is not
+    finite (-inf: every key dropped; +inf or NaN: softmax is NaN there). Every layer that
+    reads the same mask builds the same test, which CSE makes once."""
+    top = b.emit("amax", bias, dims=(bias.rank - 1,), keepdim=True)
+    finite = b.emit("lt", b.emit("abs", top), b.const(math.inf, bias.dtype))
+    return b.emit("where", finite, out, b.const(math.nan, out.dtype))
+
+
 # -- the rewrite -------------------------------------------------------------------------------
 # forms[NAN_ROWS]: the roots of attentions declined for -inf fills from input masks
 NAN_ROWS = "nan_rows"
 # forms[EMPTY_ROWS]: the roots of attentions declined for a shape-only mask that leaves a
 # query row no key under a -inf fill
 EMPTY_ROWS = "empty_rows"
+# forms[NAN_ROWS_UNKNOWN]: the roots of attentions declined for a bias from the inputs that
+# may drop a row whole, in a way its row max does not tell (a fill over it)
+NAN_ROWS_UNKNOWN = "nan_rows_unknown"
 
 
 def _neg_inf_fill_from_inputs(m: Match, terms: _Terms) -> bool:
@@ -623,6 +857,14 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
         if forms is not None:
             forms.setdefault(EMPTY_ROWS, []).append(m.root)
         return None
+    # a bias from the inputs that may hold -inf (a user's float mask): NaN where eager's is
+    nan_rows = softmax_spelled and not empty_rows_ok and _cached_nan_rows(forms, m, terms)
+    if nan_rows and (terms.fill_over_add or causal or window is not None):
+        # a fill over the add keeps a key the add dropped, and causal / window drop keys the
+        # bias does not show: the bias's row max does not say which rows eager drops whole
+        if forms is not None:
+            forms.setdefault(NAN_ROWS_UNKNOWN, []).append(m.root)
+        return None
     folded = q.rank == 3  # heads folded into the batch: [B*H, T, D]
     if folded and slopes is not None:
         return None  # per-head slopes need the heads apart
@@ -644,6 +886,8 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
         attrs["alibi"] = True
     inputs = [q, k, v] + ([bias] if bias is not None else []) + ([slopes] if slopes is not None else [])
     out = b.emit("attention", *inputs, causal=causal, scale=float(scale), **attrs)
+    if nan_rows:
+        out = _nan_where_eager_is(b, out, bias)
     if folded:
         out = b.emit("squeeze", out, dims=(0,))
     if unfold is not None:
@@ -805,6 +1049,7 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
             s, bias = side
             if not (_is_zeros(m, bias) and s.type.same_as(node.outputs[0].type)):
                 terms.adds.append((bias, post_scale, term_fold))  # (x + 0 is x: baddbmm's zeros)
+                terms.fill_over_add |= bool(terms.fills)  # (the walk meets the outermost first)
                 terms.post_scales.append(post_scale)
         elif node.op == "where":
             mask, x, y = node.inputs
@@ -1025,8 +1270,9 @@ def fuse_attention(graph, ctx=None):
         extra = "".join(f", {count} {name}" for name, count in variants.items() if count)
         ctx.note(f"{fused} attention ops ({causal} causal, {fused - causal} with explicit or no mask{extra})")
         nan_rows, empty_rows = _declined(forms, NAN_ROWS), _declined(forms, EMPTY_ROWS)
+        unknown_rows = _declined(forms, NAN_ROWS_UNKNOWN)
         # those have a note of their own, which says why: not also "spelling not known"
-        left = _unfused_attention(out, explained={n.outputs[0] for n in nan_rows + empty_rows})
+        left = _unfused_attention(out, explained={n.outputs[0] for n in nan_rows + empty_rows + unknown_rows})
         if nan_rows:
             ctx.note(f"{len(nan_rows)} attention(s) left unfused, e.g. the one{nan_rows[0].where()}: the scores are "
                      "filled with -inf where a mask from the inputs says, and a row it drops entirely is NaN in "
@@ -1037,6 +1283,12 @@ def fuse_attention(graph, ctx=None):
             ctx.note(f"{len(empty_rows)} attention(s) left unfused, e.g. the one{empty_rows[0].where()}: the "
                      "mask leaves some query row no key and fills with -inf, so eager gives NaN on that row "
                      "(softmax of all -inf) where fused attention gives 0; the ops run as written")
+        if unknown_rows:
+            ctx.note(f"{len(unknown_rows)} attention(s) left unfused, e.g. the one{unknown_rows[0].where()}: a "
+                     "bias computed from the inputs may hold -inf, and a mask filled over it afterwards decides "
+                     "which query rows keep no key (NaN in eager, 0 from fused attention) in a way the fused "
+                     "op's bias does not show; the ops run as written. Add the bias after the fill, or use "
+                     "finite values (torch.finfo(dtype).min), to have it fused")
         if left:
             ctx.note(f"{len(left)} softmax ops whose probabilities feed a matmul (attention, by the look of it) "
                      f"were not fused, e.g. the one{left[0].where()}: its spelling is not one this pass proves the "
