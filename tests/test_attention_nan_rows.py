@@ -222,3 +222,21 @@ def test_transformers_2d_attention_mask_gets_no_extra_op(which):
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=am).logits
     torch.testing.assert_close(fast(input_ids=ids, attention_mask=am).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+class _Float64Masked(nn.Module):
+    def forward(self, q, k, v, mask):
+        return (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + mask).softmax(-1) @ v
+
+
+def test_a_float64_bias_is_added_in_float64():
+    """The bias was built in float32: -1e300 (finite in float64) became -inf, and the row's
+    answer NaN; an ordinary float64 mask lost its last digits (5e-7)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 8, dtype=torch.float64) for _ in range(3))
+    model = _Float64Masked().eval()
+    fast = fxforge.optimize(model, (q, k, v, torch.zeros(2, 1, 1, 5, dtype=torch.float64)), verbose=False)
+    huge = torch.zeros(2, 1, 1, 5, dtype=torch.float64)
+    huge[1] = -1e300
+    for mask in (huge, torch.randn(2, 1, 1, 5, dtype=torch.float64) * 10):
+        torch.testing.assert_close(fast(q, k, v, mask), model(q, k, v, mask), rtol=1e-12, atol=1e-12)

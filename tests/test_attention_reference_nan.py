@@ -181,3 +181,21 @@ def test_an_inf_in_q_over_few_keys_is_what_the_reference_says(variant):
     want = _call(attention_reference, q, k, v, variant)
     assert want[0, 1, 0].isnan().all()
     torch.testing.assert_close(_call(attention_sdpa, q, k, v, variant), want, equal_nan=True)
+
+
+class _PlainSoftmax(torch.nn.Module):
+    def forward(self, q, k, v):
+        return (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("keys", [16, 64])
+def test_an_inf_in_half_precision_is_nan_at_any_number_of_keys(dtype, keys):
+    """SDPA's CPU kernel drops the NaN in float16/bfloat16 whatever the number of keys."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, keys, 8, dtype=dtype) for _ in range(3))
+    model = _PlainSoftmax().eval()
+    fast = fxforge.optimize(model, (q, k, v), verbose=False)
+    q[0, 0, 3, 0] = float("inf")
+    out, ref = fast(q, k, v), model(q, k, v)
+    assert torch.equal(out.isnan(), ref.isnan()) and bool(ref[0, 0, 3].isnan().all())

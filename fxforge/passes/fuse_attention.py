@@ -314,25 +314,27 @@ class _Terms:
             return None
         return b.emit("view", t, shape=(fold[0], fold[1]) + tuple(t.shape[1:]))
 
-    def build(self, m: Match, b) -> Value | None:
-        """The additive bias as IR, in float32 (None: a folded term that does not unfold)."""
+    def build(self, m: Match, b, dtype: torch.dtype = torch.float32) -> Value | None:
+        """The additive bias as IR, in `dtype` (the op's compute dtype: float32, or float64
+        for a float64 attention, whose bias float32 would round) (None: a folded term that
+        does not unfold)."""
         total = None
         for bias, post, fold in self.adds:
-            t = self._build_unfold(b, b.cast(bias, torch.float32), fold)
+            t = self._build_unfold(b, b.cast(bias, dtype), fold)
             if t is None:
                 return None
             if post != 1.0:
-                t = b.emit("mul", t, b.const(post))
+                t = b.emit("mul", t, b.const(post, dtype))
             total = t if total is None else b.emit("add", total, t)
         for mask, fill, when, fold in self.fills:
-            fill_v, zero = b.const(fill, torch.float32), b.const(0.0, torch.float32)
+            fill_v, zero = b.const(fill, dtype), b.const(0.0, dtype)
             t = b.emit("where", mask, fill_v, zero) if when else b.emit("where", mask, zero, fill_v)
             t = self._build_unfold(b, t, fold)
             if t is None:
                 return None
             total = t if total is None else b.emit("add", total, t)
         if self.floor is not None and total is not None:  # max(total, floor), NaN kept as torch.max keeps it
-            floor = b.const(self.floor, torch.float32)
+            floor = b.const(self.floor, dtype)
             total = b.emit("where", b.emit("lt", total, floor), floor, total)
         return total
 
@@ -547,11 +549,10 @@ def _slopes_param(graph, slopes: tuple[float, ...]) -> Value:
 # it), so those models get no extra ops.
 
 
-def _bias_is_finite(m: Match, terms: _Terms) -> bool:
-    """Every value the bias `terms.build` makes (float32: each add times its scale, each
-    fill's where, summed, floored) is finite, on any input."""
+def _bias_is_finite(m: Match, terms: _Terms, f32: torch.dtype) -> bool:
+    """Every value the bias `terms.build` makes (in `f32`, the op's compute dtype: each add
+    times its scale, each fill's where, summed, floored) is finite, on any input."""
     memo: dict = {}
-    f32 = torch.float32
     total = None
     for bias, post, _ in terms.adds:
         t = bound(m.graph, m.producers, bias, memo)
@@ -583,17 +584,17 @@ def _from_inputs(m: Match, terms: _Terms) -> bool:
     return any(shape_only_nodes(v, producers) is None for v in terms.values())
 
 
-def _cached_nan_rows(forms: dict | None, m: Match, terms: _Terms) -> bool:
+def _cached_nan_rows(forms: dict | None, m: Match, terms: _Terms, acc: torch.dtype) -> bool:
     """The bias may make a row NaN in eager (see above) that the fused op would not: a term
     from the inputs, and a bias not provably finite. Once per mask per pass run."""
     if terms.empty():
         return False
     if forms is None:
-        return _from_inputs(m, terms) and not _bias_is_finite(m, terms)
-    key = ("nan_rows", tuple((id(v), post, fold) for v, post, fold in terms.adds),
+        return _from_inputs(m, terms) and not _bias_is_finite(m, terms, acc)
+    key = ("nan_rows", acc, tuple((id(v), post, fold) for v, post, fold in terms.adds),
            tuple((id(v), fill, when, fold) for v, fill, when, fold in terms.fills))
     if key not in forms:  # the entry holds the mask values too, so no id in a key is reused
-        forms[key] = (_from_inputs(m, terms) and not _bias_is_finite(m, terms), terms.values())
+        forms[key] = (_from_inputs(m, terms) and not _bias_is_finite(m, terms, acc), terms.values())
     return forms[key][0]
 
 
@@ -706,7 +707,9 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
             forms.setdefault(EMPTY_ROWS, []).append(m.root)
         return None
     # a bias from the inputs that may hold -inf (a user's float mask): NaN where eager's is
-    nan_rows = softmax_spelled and not empty_rows_ok and _cached_nan_rows(forms, m, terms)
+    # the op computes (and adds its bias) in float32, float64 for float64 operands
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    nan_rows = softmax_spelled and not empty_rows_ok and _cached_nan_rows(forms, m, terms, acc)
     if nan_rows and (terms.fill_over_add or causal or window is not None):
         # a fill over the add keeps a key the add dropped, and causal / window drop keys the
         # bias does not show: the bias's row max does not say which rows eager drops whole
@@ -716,7 +719,7 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
     folded = q.rank == 3  # heads folded into the batch: [B*H, T, D]
     if folded and slopes is not None:
         return None  # per-head slopes need the heads apart
-    bias = None if terms.empty() else terms.build(m, b)
+    bias = None if terms.empty() else terms.build(m, b, acc)
     if not terms.empty() and bias is None:
         return None
     if folded:

@@ -79,17 +79,18 @@ def attention_sdpa(q, k, v, bias=None, slopes=None, sink=None, *, causal: bool, 
 # that skips NaN: a row whose every score there is NaN (a NaN in its query, or in every key
 # it sees; an inf times keys of both signs) then reads as a row with no key, and gives zeros
 # where eager's softmax, and the op's reference, give NaN. From this many keys on, the
-# vectorized max keeps the NaN.
+# vectorized max keeps the NaN. In float16 and bfloat16 it drops it at any number of keys.
 NAN_BLIND_KEYS = 16
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _nan_blind(q, k) -> bool:
     """Whether SDPA's CPU kernel could turn this call's NaN into zeros (NAN_BLIND_KEYS):
-    a NaN or inf in q or k over so few keys; then the reference computes it. Checked only
-    for so few keys, where it costs nothing beside the call. (q.k overflowing from finite
-    operands is not seen here: only the soft-capped calls, which run the reference, keep
-    that NaN.)"""
-    return (q.device.type == "cpu" and k.shape[-2] < NAN_BLIND_KEYS
+    a NaN or inf in q or k over so few keys (or any number, in half precision); then the
+    reference computes it. The check reads q and k once, beside a call that reads them
+    once per query block. (q.k overflowing from finite operands is not seen here: only the
+    soft-capped calls, which run the reference, keep that NaN.)"""
+    return (q.device.type == "cpu" and (k.shape[-2] < NAN_BLIND_KEYS or q.dtype in _HALF)
             and not bool(torch.isfinite(q).all() and torch.isfinite(k).all()))
 
 
