@@ -326,3 +326,21 @@ def test_a_size_fixed_at_one_by_the_example_says_how_to_free_it():
     with pytest.raises(ValueError, match=r"input 1 \(bias\) must have size 1 in dim 0 .*, got 3; the example had "
                                          r"size 1 there, .* optimize with an example whose size there is more than 1"):
         fast(torch.randn(3, 5, 16), torch.randn(3, 1, 5, 5))
+
+
+class _PlainAttributeCache(nn.Module):
+    """Meta's llama keeps its KV cache as plain tensor attributes and writes them in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.cache = torch.zeros(2, 16, 8)
+
+    def forward(self, x, start_pos: int = 0):
+        self.cache[:x.shape[0], start_pos:start_pos + x.shape[1]] = self.lin(x)
+        return self.cache[:x.shape[0], :start_pos + x.shape[1]].sum(-1)
+
+
+def test_a_plain_tensor_attribute_written_in_forward_is_refused_by_name():
+    with pytest.raises(CaptureError, match=r"the model mutates cache inside forward \(a plain tensor attribute"):
+        fxforge.optimize(_PlainAttributeCache().eval(), (torch.randn(2, 4, 8), 0))

@@ -205,7 +205,18 @@ def _functional(ep):
     """The IR has no aliasing: a write through a view (or any in-place op the lowerer
     cannot make functional itself) needs torch's functionalization first, which turns
     it into a *_scatter op."""
-    return ep.run_decompositions({}) if _needs_functionalization(ep) else ep
+    if not _needs_functionalization(ep):
+        return ep
+    try:
+        return ep.run_decompositions({})
+    except RuntimeError as e:
+        # a plain tensor attribute (not a buffer: Meta's llama keeps its KV cache so) written in forward
+        m = re.match(r"Constant (\S+) is mutated in the forward method", str(e))
+        if m is None:
+            raise
+        raise CaptureError(f"the model mutates {m.group(1)} inside forward (a plain tensor attribute, written in "
+                           "place); fxforge needs a forward pass without side effects: keep such state outside "
+                           "the model (for a KV cache, optimize with kv_cache=True and use fast.generate())") from None
 
 
 # ---------------------------------------------------------------------------------------
