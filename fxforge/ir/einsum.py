@@ -7,8 +7,11 @@ batch index, in one input and the output a free one (a row of a, a column of b),
 inputs only the contracted one. Planned only when that covers every index, exactly one
 index is contracted, no subscript repeats within an operand or the output, there is no
 ellipsis, and batch and contracted sizes are provably equal in both operands (no size-1
-broadcasting). Anything else (a trace, a sum over one operand, three operands, an outer
-product, two contracted indices) gets no plan and stays the opaque call.
+broadcasting). An equation that sums no index ('i,j->ij', an outer product: GPT-NeoX's
+and lucidrains' rotary frequencies) is a broadcast product (`product_plan`): each operand
+permuted into the output's order with size-1 dims where it lacks an index, then one `mul`,
+the one multiplication per element einsum makes. Anything else (a trace, a sum over one
+operand, three operands, two contracted indices) gets no plan and stays the opaque call.
 
 The plan: each operand gets size-1 dims appended (unsqueeze) for the other operand's
 extra free indices (and for a missing row or column), then one permute into
@@ -116,3 +119,26 @@ def plan(equation: str, shapes) -> MatmulPlan | None:
 
 
 __all__ = ["ROLES", "MatmulPlan", "Operand", "parse", "plan"]
+
+
+@dataclass(frozen=True)
+class ProductOperand:
+    dims: tuple[int, ...]       # a permute into the output's order (identity: none)
+    unsqueeze: tuple[int, ...]  # then size-1 dims at these positions, in order
+
+
+def product_plan(equation: str, ranks: list[int]) -> list[ProductOperand] | None:
+    """Two operands whose every index is in the output, once per subscript, and the output
+    no index of its own: their product broadcast in the output's order (None otherwise)."""
+    parsed = parse(equation, len(ranks))
+    if parsed is None or len(ranks) != 2:
+        return None
+    ins, out = parsed
+    if any(len(set(x)) != len(x) for x in (*ins, out)) or set("".join(ins)) != set(out) \
+            or any(len(x) != r for x, r in zip(ins, ranks)):
+        return None
+    plan = []
+    for x in ins:
+        dims = tuple(sorted(range(len(x)), key=lambda i: out.index(x[i])))
+        plan.append(ProductOperand(dims, tuple(i for i, ch in enumerate(out) if ch not in x)))
+    return plan

@@ -17,7 +17,7 @@ import torch
 from . import roles
 from .builder import Builder
 from .graph import Value
-from .einsum import plan as einsum_plan
+from .einsum import plan as einsum_plan, product_plan
 from .types import TensorType, as_dim, dims_equal, promote
 
 FALLBACK = object()
@@ -495,7 +495,7 @@ def einsum(c: LowerCtx, equation, operands, path=None):
         return FALLBACK
     p = einsum_plan(equation, [x.shape for x in operands])
     if p is None:
-        return FALLBACK
+        return _einsum_product(c, equation, operands)
     a, b = (_einsum_operand(c, x, o) for x, o in zip(operands, (p.a, p.b)))
     out = c.emit("matmul", a, b)
     if p.squeeze:
@@ -505,6 +505,25 @@ def einsum(c: LowerCtx, equation, operands, path=None):
     if c.out_types is not None and not (out.rank == len(c.out_shape)
                                         and all(dims_equal(x, y) for x, y in zip(out.shape, c.out_shape))):
         return FALLBACK  # (cannot happen for a plan; the emitted nodes would be dead code)
+    return out
+
+
+def _einsum_product(c: LowerCtx, equation: str, operands: list) -> Value:
+    """An einsum that sums no index ('i,j->ij'): the operands' broadcast product (ir/einsum.py)."""
+    plan = product_plan(equation, [x.rank for x in operands])
+    if plan is None:
+        return FALLBACK
+    placed = []
+    for x, o in zip(operands, plan):
+        if o.dims != tuple(range(x.rank)):
+            x = c.emit("permute", x, dims=o.dims)
+        for dim in o.unsqueeze:
+            x = c.emit("unsqueeze", x, dim=dim)
+        placed.append(x)
+    out = c.pointwise("mul", *placed)
+    if out is FALLBACK or (c.out_types is not None and not (
+            out.rank == len(c.out_shape) and all(dims_equal(x, y) for x, y in zip(out.shape, c.out_shape)))):
+        return FALLBACK  # (sizes einsum broadcasts otherwise)
     return out
 
 
