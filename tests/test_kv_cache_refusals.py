@@ -253,6 +253,7 @@ def test_a_refusal_for_unfused_attention_carries_fuse_attentions_notes(option):
         fxforge.optimize(_ReluBeforeSoftmax().eval(), (torch.randint(0, 64, (1, 6)),), **option)
     (notes,) = [n for n in info.value.__notes__ if n.startswith("fuse_attention's notes: ")]
     assert "1 softmax ops whose probabilities feed a matmul (attention, by the look of it) were not fused" in notes
+    assert "e.g. the one in the model's own forward(): its spelling" in notes  # ("the one: its spelling" before)
 
 
 def test_a_refusal_says_when_fuse_attention_did_not_run():

@@ -1099,6 +1099,12 @@ def rules(forms: dict | None = None) -> list[Rule]:
 RULES = rules()
 
 
+def _which(node) -> str:
+    """'the one (from <module>)', or where the model's own forward holds it: 'the one in the
+    model's forward' (a node made there has no module path)."""
+    return f"the one{node.where()}" if node.where() else "the one in the model's own forward()"
+
+
 def fuse_attention(graph, ctx=None):
     from collections import Counter
 
@@ -1125,24 +1131,24 @@ def fuse_attention(graph, ctx=None):
         # those have a note of their own, which says why: not also "spelling not known"
         left = _unfused_attention(out, explained={n.outputs[0] for n in nan_rows + empty_rows + unknown_rows})
         if nan_rows:
-            ctx.note(f"{len(nan_rows)} attention(s) left unfused, e.g. the one{nan_rows[0].where()}: the scores are "
+            ctx.note(f"{len(nan_rows)} attention(s) left unfused, e.g. {_which(nan_rows[0])}: the scores are "
                      "filled with -inf where a mask from the inputs says, and a row it drops entirely is NaN in "
                      "eager (softmax of all -inf) but 0 from fused attention (SDPA's convention), so fusing "
                      "would change the answer there; fill with torch.finfo(dtype).min (as transformers does) or "
                      "call F.scaled_dot_product_attention to have it fused")
         if empty_rows:
-            ctx.note(f"{len(empty_rows)} attention(s) left unfused, e.g. the one{empty_rows[0].where()}: the "
+            ctx.note(f"{len(empty_rows)} attention(s) left unfused, e.g. {_which(empty_rows[0])}: the "
                      "mask leaves some query row no key and fills with -inf, so eager gives NaN on that row "
                      "(softmax of all -inf) where fused attention gives 0; the ops run as written")
         if unknown_rows:
-            ctx.note(f"{len(unknown_rows)} attention(s) left unfused, e.g. the one{unknown_rows[0].where()}: a "
+            ctx.note(f"{len(unknown_rows)} attention(s) left unfused, e.g. {_which(unknown_rows[0])}: a "
                      "bias computed from the inputs may hold -inf, and a mask filled over it afterwards decides "
                      "which query rows keep no key (NaN in eager, 0 from fused attention) in a way the fused "
                      "op's bias does not show; the ops run as written. Add the bias after the fill, or use "
                      "finite values (torch.finfo(dtype).min), to have it fused")
         if left:
             ctx.note(f"{len(left)} softmax ops whose probabilities feed a matmul (attention, by the look of it) "
-                     f"were not fused, e.g. the one{left[0].where()}: its spelling is not one this pass proves the "
+                     f"were not fused, e.g. {_which(left[0])}: its spelling is not one this pass proves the "
                      "same as attention (docs/coverage.md lists the known ones), so it runs as separate ops, "
                      "and kv_cache=True, which caches fused attention, declines the model")
     return out
