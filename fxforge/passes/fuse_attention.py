@@ -549,29 +549,29 @@ def _slopes_param(graph, slopes: tuple[float, ...]) -> Value:
 # it), so those models get no extra ops.
 
 
-def _bias_is_finite(m: Match, terms: _Terms, f32: torch.dtype) -> bool:
-    """Every value the bias `terms.build` makes (in `f32`, the op's compute dtype: each add
+def _bias_is_finite(m: Match, terms: _Terms, acc: torch.dtype) -> bool:
+    """Every value the bias `terms.build` makes (in `acc`, the op's compute dtype: each add
     times its scale, each fill's where, summed, floored) is finite, on any input."""
     memo: dict = {}
     total = None
     for bias, post, _ in terms.adds:
         t = bound(m.graph, m.producers, bias, memo)
-        t = None if t is None else rounded(*t, f32)
+        t = None if t is None else rounded(*t, acc)
         if t is not None and post != 1.0:
-            t = interval("mul", t, rounded(post, post, f32))
-            t = None if t is None else rounded(*t, f32)
+            t = interval("mul", t, rounded(post, post, acc))
+            t = None if t is None else rounded(*t, acc)
         if t is None:
             return False
-        total = t if total is None else rounded(*interval("add", total, t), f32)
+        total = t if total is None else rounded(*interval("add", total, t), acc)
         if total is None:
             return False
     for _, fill, _, _ in terms.fills:
         if not math.isfinite(fill):
             return False
-        t = rounded(min(fill, 0.0), max(fill, 0.0), f32)
+        t = rounded(min(fill, 0.0), max(fill, 0.0), acc)
         if t is None:
             return False
-        total = t if total is None else rounded(*interval("add", total, t), f32)
+        total = t if total is None else rounded(*interval("add", total, t), acc)
         if total is None:
             return False
     return True  # (a floor only narrows it)

@@ -434,7 +434,7 @@ class OptimizedModel:
                     hint = ("; the example had size 1 there, which capture keeps fixed (a size-1 dim may "
                             "broadcast): optimize with an example whose size there is more than 1 (e.g. 2) for "
                             "a graph that takes any") \
-                        if int(size) == 1 and any(isinstance(x, sympy.Symbol) for x in v.shape) else ""
+                        if int(size) == 1 and any(isinstance(dim, sympy.Symbol) for dim in v.shape) else ""
                     raise ValueError(f"{label} must have size {size} in dim {d} ({v.type}), got {actual}{hint}")
         _check_mask_batch(inputs, roles.user_inputs(self.graph))
         if self._cache_len is not None:
