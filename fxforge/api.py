@@ -9,9 +9,11 @@ from typing import Callable, Sequence
 
 import sympy
 import torch
+import torch.utils._pytree as pytree
 
 from .ir.capture import CallSpec, _as_tuple as _as_args, capture_with_spec
 from .ir.capture_cache import CaptureCache
+from .ir import roles
 from .ir.graph import Graph
 from .ir.size_one import check_sizes_of_one
 from .log import Reporter
@@ -305,6 +307,17 @@ def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torc
 
     dumps: list[tuple[str, str]] = []
     dump_dir = dump_dir or os.environ.get("FXFORGE_DUMP") or None
+    logits = _named_logits(spec)
+    if logits is not None and not graph.signature.get("outputs"):
+        # the model's output structure names its logits (a transformers ModelOutput's field, a
+        # dict key): kv_cache marks that output for generate(), whatever its place
+        graph.signature = {**graph.signature, "outputs": tuple(roles.LOGITS if i == logits else roles.OUTPUT
+                                                               for i in range(len(graph.outputs)))}
+    shifts = _left_padding_shifts_positions(model)
+    if shifts:
+        # transformers' generate gives this model's left-padded rows the batch's positions:
+        # kv_cache keeps them shared, as they are there (generate() then matches transformers)
+        graph.signature = {**graph.signature, roles.SOURCE_POSITIONS: "shared"}
     try:
         graph, stats = run_pipeline(graph, pipeline, options, reporter=reporter,
                                     dump=lambda i, name, g: dumps.append((f"{i:02d}_{name}.ir", print_graph(g))))
@@ -314,7 +327,7 @@ def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torc
         graph = own_weights(graph, model)  # an in-place edit of the model later does not reach `fast`
     fast = assemble(graph, spec, backend, device, name, stats, dumps, capture_seconds)
     _copy_generation_config(model, fast)
-    fast.left_padding_shifts_positions = _left_padding_shifts_positions(model)
+    fast.left_padding_shifts_positions = shifts
     fast.config = getattr(model, "config", None)
     fast.not_a_causal_lm = not_a_causal_lm(model)
     if dump_dir:
@@ -361,6 +374,23 @@ def register_pass(name: str, *, before: str | None = None, after: str | None = N
 def unregister_pass(name: str, registry: PassRegistry | None = None):
     """Remove a pass from the pipeline; a name not registered is a ValueError."""
     (_default_registry if registry is None else registry).remove(name)
+
+
+def _named_logits(spec: CallSpec) -> int | None:
+    """The graph output that the model's output structure calls `logits` (a transformers
+    ModelOutput's field, a dict key, a NamedTuple or registered dataclass field), if any."""
+    leaves = spec.output_leaves
+    try:
+        tree = pytree.tree_unflatten(list(range(len(leaves))), spec.out_spec)
+        paths = pytree.tree_flatten_with_path(tree)[0]
+    except Exception:  # an output structure pytree cannot rebuild from indices: no name to read
+        return None
+    for path, leaf in paths:
+        key = path[-1] if path else None
+        name = getattr(key, "key", getattr(key, "name", None))
+        if name == "logits" and isinstance(leaf, int) and leaves[leaf][0] == "value":
+            return leaves[leaf][1]
+    return None
 
 
 def _left_padding_shifts_positions(model) -> bool:

@@ -158,11 +158,13 @@ def test_cache_is_reused_and_sized_to_the_request():
     assert fast._caches.idle == [cache]  # smaller request: same buffers
 
 
-def test_nanogpt_positions_are_shared_and_padding_is_refused():
+def test_nanogpt_positions_are_per_row_and_serve_left_padding():
+    """nanoGPT looks its positions up as wpe(arange(T)), [T, C] rows added to the [B, T, C]
+    token embeddings: each row looks up its own positions ([B, T, C]), so a left-padded
+    batch generates each row as alone (shared positions shifted a padded row's before)."""
     gm, vocab = zoo.nanogpt_traced()
     fast = fxforge.optimize(gm, (torch.randint(0, vocab, (2, 7)),), kv_cache=True)
-    assert not fast.kv_layout.per_row_positions  # its arange feeds the embedding directly
-    assert fast.kv_layout.max_seq_len == 64  # the position table's rows
+    assert fast.kv_layout.per_row_positions and fast.kv_layout.max_seq_len == 64  # the position table's rows
     prompt = torch.randint(0, vocab, (2, 5))
     out = fast.generate(prompt, 8)
     # check against greedy decoding by full recompute on the eager model
@@ -173,8 +175,10 @@ def test_nanogpt_positions_are_shared_and_padding_is_refused():
         seq = torch.cat([seq, nxt], 1)
     assert torch.equal(out, seq)
     ids, mask = _padded_batch(vocab, [3, 5])
-    with pytest.raises(ValueError, match="left-padded batches"):
-        fast.generate(ids, 4, attention_mask=mask)
+    batched = fast.generate(ids, 6, attention_mask=mask)
+    for row, n in enumerate([3, 5]):
+        alone = fast.generate(ids[row:row + 1, 5 - n:], 6)
+        assert torch.equal(batched[row, 5 - n:], alone[0])
 
 
 def test_eos_stops_each_row_and_pads():
@@ -794,6 +798,12 @@ def test_a_position_ids_buffer_that_is_not_arange_stays_shared():
     ids, mask = _padded_batch(128, [3, 5])
     with pytest.raises(ValueError, match="left-padded batches"):
         fast.generate(ids, 4, attention_mask=mask)
+    # the engine left-pads rows of different lengths in one step: refused for more than one
+    with pytest.raises(ValueError, match="max_batch=2: .*positions per row"):
+        fxforge.Engine(fast, max_batch=2, max_seq_len=32)
+    engine = fxforge.Engine(fast, max_batch=1, max_seq_len=32)
+    outs = engine.generate_many([prompt[0], prompt[0, :4]], max_new_tokens=5)
+    assert torch.equal(outs[1], fast.generate(prompt[:, :4], 5)[0, 4:])
 
 
 def test_left_padding_with_the_models_own_shifted_positions():

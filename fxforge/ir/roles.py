@@ -20,7 +20,11 @@ cache slot each new token is written to, -1 for none); tensor parallelism needs 
 State buffers: `layer`, `kind` (k | v) and `layout`; `dense` is [batch, kv heads, capacity,
 head dim], sized by the runtime per request; `paged` is [blocks, block size, kv heads, head
 dim], a pool of blocks the runtime hands out to rows (runtime/paged_cache.py).
-Graph signature: `outputs` gives each output's role (`logits` [B, T, vocab] or `output`),
+Graph signature: `outputs` gives each output's role (`logits` [B, T, vocab], or the last
+token's alone, [B, 1, vocab] or [B, vocab], for a model whose head reads only that token, as
+nanoGPT's does without targets; or `output`), `source_positions="shared"` on a captured graph
+that the source model's generate gives the batch's positions even in left-padded rows (a
+transformers decoder with no position_ids argument: kv_cache keeps them shared, for parity),
 `max_seq_len` / `max_batch` the limits generate() checks (absent: none), `num_blocks` the
 default pool size of a paged cache (absent: sized per call), `fixed_dtypes` the float dtypes
 the graph must keep though no node shows them, each a (dtype, kind, why) entry
@@ -47,7 +51,9 @@ LAYOUTS = ("dense", "paged")
 # nn.Parameter: `%p: param "rope.inv_freq" f32[32] {buffer=true}`. Passes that rewrite
 # weights (quantize) leave buffers: their values are the model's constants.
 BUFFER = "buffer"
-SIGNATURE_KEYS = ("outputs", "max_seq_len", "max_batch", "num_blocks", "fixed_dtypes")
+SIGNATURE_KEYS = ("outputs", "max_seq_len", "max_batch", "num_blocks", "fixed_dtypes", "source_positions")
+# signature source_positions: the source model's own positions are shared by the batch
+SOURCE_POSITIONS = "source_positions"
 # The kinds of a fixed_dtypes entry: what fixes the dtype
 FIXED_CAST = "cast"  # a cast in the model's code, a no-op at capture
 FIXED_CONSTANT = "constant"  # a float constant tensor that model.to() does not convert
@@ -72,6 +78,26 @@ def input_index(graph, role: str) -> int | None:
 
 def user_inputs(graph) -> list:
     return [v for v in graph.inputs if role_of(v) == INPUT]
+
+
+def token_vocabulary(graph) -> int | None:
+    """The rows of the embedding table that an integer user input (the token ids) indexes,
+    directly or through casts: the vocabulary. None where there is no such lookup, or
+    lookups of tables of several sizes."""
+    from .types import TensorType
+
+    ids = {v for v in user_inputs(graph) if isinstance(v.type, TensorType) and not v.dtype.is_floating_point}
+    producers = graph.producers()
+    rows = set()
+    for n in graph.nodes:
+        if n.op != "embedding":
+            continue
+        x = n.inputs[1]
+        while x not in ids and x in producers and producers[x].op == "cast":
+            x = producers[x].inputs[0]
+        if x in ids and n.inputs[0].shape[0].is_number:
+            rows.add(int(n.inputs[0].shape[0]))
+    return rows.pop() if len(rows) == 1 else None
 
 
 def output_roles(graph) -> tuple[str, ...]:
@@ -119,6 +145,8 @@ def roles_problem(graph) -> str | None:
             return f"signature outputs={roles!r} must name one role per output ({len(graph.outputs)})"
         if any(r not in OUTPUT_ROLES for r in roles):
             return f"output roles are {', '.join(OUTPUT_ROLES)}, got {roles}"
+    if sig.get(SOURCE_POSITIONS, "shared") != "shared":
+        return f"signature source_positions must be \"shared\" (or absent), got {sig[SOURCE_POSITIONS]!r}"
     fixed = sig.get("fixed_dtypes", ())
     if not isinstance(fixed, tuple) or not all(
             isinstance(f, tuple) and len(f) == 3 and isinstance(f[0], torch.dtype) and f[0].is_floating_point

@@ -264,7 +264,8 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
         max_seq_len = table_limit if max_seq_len is None else max_seq_len
     layout = KVCacheLayout(max_seq_len, config.max_batch, per_row, layers, bytes_per_token)
     # what the runtime reads: the graph itself (ir/roles.py), not this pass's report
-    new_graph.signature = {"outputs": _output_roles(new_graph, batch, seq),
+    output_roles, logits_note = _output_roles(new_graph, batch, seq)
+    new_graph.signature = {"outputs": output_roles,
                            **({"max_seq_len": max_seq_len} if max_seq_len is not None else {}),
                            **({"max_batch": config.max_batch} if config.max_batch is not None else {}),
                            **({"num_blocks": config.num_blocks} if config.num_blocks is not None else {}),
@@ -278,18 +279,59 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
                  f"{bytes_per_token} bytes per token per sequence; "
                  f"positions {'per row' if per_row else 'shared by the batch (no left padding)'}; "
                  f"max_seq_len {max_seq_len if max_seq_len is not None else 'unbounded'}")
+        ctx.note(logits_note)
     return new_graph
 
 
-def _output_roles(graph: Graph, batch, seq) -> tuple[str, ...]:
-    """The first float [B, T, V] output is the logits generate() samples from."""
-    out, found = [], False
-    for v in graph.outputs:
-        is_logits = (not found and isinstance(v.type, TensorType) and v.rank == 3 and v.dtype.is_floating_point
-                     and v.shape[0] == batch and v.shape[1] == seq and v.shape[2].is_number)
-        found |= is_logits
-        out.append(roles.LOGITS if is_logits else roles.OUTPUT)
-    return tuple(out)
+def _output_roles(graph: Graph, batch, seq) -> tuple[tuple[str, ...], str]:
+    """Each output's role, and a note saying which output is the logits generate() samples
+    from, and why: the output the model's own output structure names `logits` (api.py
+    records it in the captured graph's signature: a ModelOutput field, a dict key); else
+    the one float [B, T, V] output whose V is the vocabulary (the rows of the embedding the
+    token ids index), any V where none has it. A model without such an output whose head
+    reads only the last token (nanoGPT's inference path, lm_head(x[:, [-1], :])) has its
+    [B, 1, V] or [B, V] output as the logits: the last token's, all that generate() and the
+    engines read (speculative decoding, which needs every new token's, refuses it). Two
+    outputs that fit equally (an early-exit head beside the final one) mark none: which
+    one to sample from is the model's to say."""
+    outs = graph.outputs
+
+    def floats(v) -> bool:
+        return isinstance(v.type, TensorType) and v.rank >= 2 and v.dtype.is_floating_point \
+            and v.shape[0] == batch and v.shape[-1].is_number
+
+    def every_token(v) -> bool:
+        return floats(v) and v.rank == 3 and v.shape[1] == seq
+
+    picks_last = any(_picks_the_last_token(graph, n, seq) for n in graph.nodes)
+
+    def last_token(v) -> bool:
+        return picks_last and floats(v) and (v.rank == 2 or v.rank == 3 and v.shape[1] == 1)
+
+    def roles_with(index) -> tuple[str, ...]:
+        return tuple(roles.LOGITS if i == index else roles.OUTPUT for i in range(len(outs)))
+
+    def shape(i) -> str:
+        return f"output {i} {outs[i].type}"
+
+    named = roles.output_index(graph, roles.LOGITS) if graph.signature.get("outputs") else None
+    if named is not None and (every_token(outs[named]) or last_token(outs[named])):
+        return roles_with(named), f"logits: {shape(named)}, named logits by the model"
+    every = [i for i, v in enumerate(outs) if every_token(v)]
+    last = [i for i, v in enumerate(outs) if last_token(v)]
+    vocab = roles.token_vocabulary(graph)
+    sized = [i for i in every if int(outs[i].shape[-1]) == vocab] or \
+        [i for i in last if int(outs[i].shape[-1]) == vocab]
+    pool = sized or every or last
+    if not pool:
+        return roles_with(None), ("no output is logits (float [B, T, vocab], or the last token's [B, 1, vocab]): "
+                                  "plain calls run, generate() and the engines cannot")
+    if len(pool) > 1:
+        return roles_with(None), (f"{' and '.join(shape(i) for i in pool)} could each be the logits: generate() "
+                                  "and the engines cannot tell which to sample from; return the logits under the "
+                                  "name 'logits' (a dict or a ModelOutput), or only one such output")
+    how = "the vocabulary's width" if sized else "the only float output of that shape"
+    return roles_with(pool[0]), f"logits: {shape(pool[0])}, {how}"
 
 
 # A mask is evaluated at max_seq_len (a [T, T] tensor) to prove it causal only up to this.
@@ -469,6 +511,7 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
     filled: dict[int, list[Node]] = {}  # id(old node) -> the constant it is shown to be
     table_limit = None
     shared = False
+    rank_grew: set[Value] = set()  # replacements with one more (leading) dim than the value they replace
     for node in graph.nodes:
         if node.op == "arange" and _mentions(node.attrs.get("end"), seq) \
                 and not _token_count(node.attrs["end"], batch, seq):
@@ -478,6 +521,21 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
                                    f"tell which positions it means\n  at: {_describe(graph, node)}")
             uses = users.get(node.outputs[0], [])
             as_rows = [u for u in uses if u.op == "unsqueeze" and u.attrs["dim"] in (0, -2)]
+            lookups = [u for u in uses if u.op == "embedding" and u.inputs[1] is node.outputs[0]
+                       and u.inputs[0].param is not None]
+            if lookups and len(lookups) == len(uses) and a["dtype"] == torch.int64 \
+                    and node.outputs[0] not in graph.outputs and graph.signature.get(roles.SOURCE_POSITIONS) != "shared":
+                # nanoGPT's wpe(arange(T)), rows [T, C] added to the [B, T, C] token embeddings:
+                # each row looks its own positions up, [B, T, C] (rank_grew: _retype lets that
+                # extra leading dim flow only through pointwise ops, which broadcast it as before)
+                for u in lookups:
+                    rows = Value(TensorType((batch, seq) + tuple(u.outputs[0].shape[1:]), u.outputs[0].dtype),
+                                 u.outputs[0].hint)
+                    prefix.append(Node("embedding", (u.inputs[0], positions), {}, (rows,),
+                                       {**u.meta, "pass": "kv_cache"}))
+                    replace[u.outputs[0]] = rows
+                    rank_grew.add(rows)
+                continue
             if as_rows and a["dtype"] == torch.int64:
                 # position_ids = cache_position.unsqueeze(0): per row with left padding, as
                 # transformers' generate passes them
@@ -533,7 +591,7 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
     per_row = False
     if replace:
         # dead_code_elimination: what only the rewritten lookups read (GPT-J's index repeat)
-        retyped = _retype(dead_code_elimination(out), replace, prefix) if not shared else None
+        retyped = _retype(dead_code_elimination(out), replace, prefix, rank_grew) if not shared else None
         if retyped is not None:
             out, per_row = retyped, True
         else:
@@ -673,12 +731,17 @@ def _token_count(expr, batch, seq) -> bool:
     return not ratio.free_symbols
 
 
-def _retype(graph: Graph, replace: dict[Value, Value], prefix: list[Node] = ()) -> Graph | None:
+def _retype(graph: Graph, replace: dict[Value, Value], prefix: list[Node] = (),
+            rank_grew: set[Value] = frozenset()) -> Graph | None:
     """Substitute per-row positions and re-derive types downstream. Succeeds only if every
     node whose type changes is row-safe (treats the new leading dim as a batch) and every
     node that mixes positions with activations keeps its type: then each row computes
-    exactly what the [1, T] graph computed for that row's positions."""
+    exactly what the [1, T] graph computed for that row's positions. A replacement in
+    `rank_grew` has one more leading dim than the value it replaces ([B, T, C] for [T, C]):
+    it may flow only through pointwise ops, which broadcast from the right as before (an op
+    with dims, a slice or a permute, would read them shifted)."""
     renamed = dict(replace)
+    grew = set(rank_grew)
     nodes = list(prefix)
     for node in graph.nodes:
         if any(o in replace for o in node.outputs):
@@ -687,6 +750,16 @@ def _retype(graph: Graph, replace: dict[Value, Value], prefix: list[Node] = ()) 
             nodes.append(node)
             continue
         inputs = tuple(renamed.get(v, v) for v in node.inputs)
+        if any(v in grew for v in inputs):
+            if OPS[node.op].kind != "pointwise":
+                return None
+            try:
+                new_node, changed = retyped(node, inputs, renamed)
+            except Exception:
+                return None
+            grew.update(o for o, old in zip(new_node.outputs, node.outputs) if o.rank != old.rank)
+            nodes.append(new_node)
+            continue
         if OPS[node.op].kind == "opaque":
             # its types are recorded, not derived: they cannot follow the positions, except
             # for the calls whose types position_tables derives (complex rotary)
@@ -826,6 +899,10 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch):
     the whole sequence: refuse."""
     positions = _position_values(graph)
     for n in graph.nodes:
+        if _picks_the_last_token(graph, n, seq):
+            # the last new token is the sequence's last (new tokens go at its end), and what
+            # follows sees that token alone: nanoGPT's lm_head(x[:, [-1], :]) at inference
+            continue
         if n.op == "amax" and n.inputs[0] in positions:
             # the largest position is the last token's, which every step holds (positions
             # rise along the sequence): LongRoPE's choice of frequencies by max(position_ids) + 1
@@ -874,6 +951,49 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch):
                                "the new tokens (1 at decode), so it would compute other values than over the whole "
                                "sequence, and the cache keeps only attention's keys and values. Optimize with "
                                f"kv_cache=False\n  at: {_describe(graph, n)}")
+
+
+def _is_last(index, seq) -> bool:
+    """`index` names the last of `seq` positions: -1 or T - 1."""
+    if isinstance(index, int):
+        return index == -1
+    return isinstance(index, sympy.Expr) and sympy.simplify(index - (seq - 1)) == 0
+
+
+def _picks_the_last_token(graph: Graph, node: Node, seq) -> bool:
+    """`node` takes the last position along a dim of exactly T tokens: x[:, -1], x[:, -1:],
+    x[:, [-1]], x.narrow(1, T - 1, 1). Its result is one token's values, the same with a
+    cache as over the whole sequence."""
+    if not node.inputs or not isinstance(node.inputs[0].type, TensorType) or not node.inputs[0].rank:
+        return False
+    x, a = node.inputs[0], node.attrs
+
+    def is_seq(dim) -> bool:
+        return isinstance(dim, int) and -x.rank <= dim < x.rank and dims_equal(x.shape[dim], seq)
+
+    if node.op == "select":
+        return is_seq(a["dim"]) and _is_last(a["index"], seq)
+    if node.op == "slice":
+        end = a["end"]
+        to_the_end = end is None or (isinstance(end, int) and end >= 2 ** 62) or (
+            isinstance(end, sympy.Expr) and sympy.simplify(end - seq) == 0)
+        return is_seq(a["dim"]) and a["step"] == 1 and _is_last(a["start"], seq) and to_the_end
+    if node.op != "torch_call":
+        return False
+    target, args = a["target"], a["args"]
+    if target.startswith("aten.narrow.") and len(args) == 4 and not a["kwargs"]:
+        return is_seq(args[1]) and _is_last(args[2], seq) and args[3] == 1
+    if target.startswith("aten.index.Tensor") and len(args) == 2 and not a["kwargs"]:
+        indices = list(args[1])
+        picked = [d for d, ix in enumerate(indices) if ix is not None]
+        if len(picked) != 1 or not is_seq(picked[0]) or len(node.inputs) != 2:
+            return False
+        index = node.inputs[1]
+        table = graph.params.get(index.param) if index.param is not None else None
+        # a constant list of -1s ([-1], as nanoGPT writes it); a tensor input could hold anything
+        return (table is not None and table.dim() == 1 and table.numel() >= 1
+                and not table.is_floating_point() and bool((table == -1).all()))
+    return False
 
 
 # ops through which a value of positions stays one per token, in the tokens' order
@@ -967,7 +1087,7 @@ def _check_no_other_length_ops(graph: Graph, seq, batch, cache_len=None):
     T counts the step's tokens, not the sequence. Sizes that count the step's tokens across
     the batch (B*T) are not lengths (see _token_count)."""
     for n in graph.nodes:
-        expr = _length_in_a_value(n, seq, batch, cache_len)
+        expr = None if _picks_the_last_token(graph, n, seq) else _length_in_a_value(n, seq, batch, cache_len)
         if expr is not None:
             raise KVCacheError(f"kv_cache: this op computes a value from the sequence length T (it uses {expr} as a "
                                "value, not as the size of the sequence dim); with a cache T counts only the step's "

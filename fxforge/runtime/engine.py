@@ -216,6 +216,13 @@ class Engine:
                 raise ValueError(f"max_seq_len={max_seq_len} is more than the model's {limit} positions")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an int >= 1 (prompt tokens per step), got {prefill_chunk!r}")
+        if max_batch > 1 and not model.kv_layout.per_row_positions:
+            # rows of different lengths share a step, each left-padded to the longest: positions
+            # shared by the batch would shift a shorter row's (other tokens than alone)
+            raise ValueError(f"max_batch={max_batch}: the engine batches requests of different lengths, which needs "
+                             "positions per row, and the kv_cache pass could not give this model those (its "
+                             "positions are shared by the batch, e.g. a table sliced by the length, table[:T]: see "
+                             "the pass's report note). Use max_batch=1 (one request at a time)")
         self.model, self.max_batch, self.capacity = model, max_batch, max_seq_len
         self.prefill_chunk = prefill_chunk
         self._prefilling = None
@@ -336,7 +343,7 @@ class Engine:
         if prompt.dtype == torch.bool or prompt.dtype.is_floating_point or prompt.dtype.is_complex:
             raise ValueError(f"prompt_ids must be integer token ids, got {prompt.dtype} values")
         prompt = prompt.to(torch.long)
-        check_token_ids(prompt, self.vocab_size, "prompt_ids")
+        check_token_ids(prompt, self.model.token_vocabulary or self.vocab_size, "prompt_ids")
         return prompt
 
     def _check_request(self, prompt_len: int, max_new_tokens: int):

@@ -544,7 +544,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     device = model.device
     input_ids = input_ids.to(device)
     vocab = vocab_size(model)
-    check_token_ids(input_ids, vocab, "input_ids")
+    # a prompt's ids index the embedding, whose rows may be fewer than the logits' width
+    check_token_ids(input_ids, getattr(model, "token_vocabulary", None) or vocab, "input_ids")
     check_forced_tokens(s, vocab)
     pad = None if attention_mask is not None else \
         padding_from_pad_tokens(input_ids, s["pad_token_id"], _as_list(s["eos_token_id"]), device)
@@ -662,6 +663,11 @@ def _speculative(model, input_ids, pad, new_tokens, draft, k, stats, processors,
     k = 4 if k is None else _plain_int(k)  # (numpy integers count as ints, as for the other settings)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"num_draft_tokens must be an int >= 1, got {k!r}")
+    if not model.logits_per_token:
+        raise ValueError("speculative decoding (draft=) checks the draft's tokens in one step from the logits of "
+                         "every new token, but this model returns only the last token's (its head reads x[:, -1] "
+                         "or x[:, [-1]], as nanoGPT's forward does without targets): make its forward return the "
+                         "logits of every position (nanoGPT: self.lm_head(x)) to speculate, or leave out draft=")
     drafter = make_draft(draft, model)
     emit = _stream_fn(streamer)
     if streamer is not None and hasattr(streamer, "put"):

@@ -291,7 +291,7 @@ class OptimizedModel:
             program = self._last_token_program()
         if not (self.backend.name == "torch" and self.device.type == "cpu"
                 and input_ids.numel() <= INFERENCE_MODE_MAX_TOKENS):
-            return program(*inputs, *cache.buffers)[self._logits_index()]
+            return self.logits_of(program(*inputs, *cache.buffers))
         # A few tokens on the torch backend's CPU path run under inference_mode, not just
         # no_grad: such a step is a thousand small ops, and skipping their view and version
         # bookkeeping made SmolLM2's float32 decoding 2-4% faster and its int4 draft's 7-8%
@@ -301,7 +301,7 @@ class OptimizedModel:
         # autograd. (Longer steps are bound by their products, and the copy of a long
         # prompt's logits would double them; on a GPU it would be one more launch per step.)
         with torch.inference_mode():
-            logits = program(*inputs, *cache.buffers)[self._logits_index()]
+            logits = self.logits_of(program(*inputs, *cache.buffers))
         return logits.clone() if logits.is_inference() else logits
 
     def run_step(self, input_ids: torch.Tensor, start: int, pad: torch.Tensor, cache: KVCache,
@@ -381,10 +381,28 @@ class OptimizedModel:
     def _logits_index(self) -> int:
         index = roles.output_index(self.graph, roles.LOGITS)
         if index is None:
-            raise ValueError("generate() needs an output with role logits [batch, length, vocab] in the graph's "
-                             "signature; the kv_cache pass marks the first float [B, T, vocab] output, and this "
-                             "model returns none")
+            raise ValueError("generate() and the engines need an output with role logits [batch, length, vocab] in "
+                             "the graph's signature; the kv_cache pass marks the output the model names 'logits' (a "
+                             "dict key or ModelOutput field), else its one float [B, T, vocab] output, and found "
+                             "none or several here (its note in fast.report() says which): return the logits "
+                             "under the name 'logits', or as the only output of that shape")
         return index
+
+    def logits_of(self, outs) -> torch.Tensor:
+        """The logits among a cached program's outputs as [B, tokens, vocab]: a model that
+        returns only the last token's as [B, vocab] (x[:, -1] before its head) gets them as
+        [B, 1, vocab], the shape every other model's last token has."""
+        logits = outs[self._logits_index()]
+        return logits.unsqueeze(1) if logits.dim() == 2 else logits
+
+    @property
+    def logits_per_token(self) -> bool:
+        """Whether a cached step returns logits for each of its new tokens ([B, T, vocab]):
+        False for a model whose head reads only the last token (nanoGPT's inference path,
+        lm_head(x[:, [-1], :])), which generate() and the engines serve, and speculative
+        decoding, which verifies several tokens in one step, cannot."""
+        logits = self.graph.outputs[self._logits_index()]
+        return logits.rank == 3 and not logits.shape[1].is_number
 
     def _require_cache(self, what: str):
         if self.kv_layout is None and self.not_a_causal_lm:
@@ -392,6 +410,32 @@ class OptimizedModel:
         if self.kv_layout is None:
             raise RuntimeError(f"{what} needs a KV cache: optimize the model with "
                                "fxforge.optimize(model, example_inputs, kv_cache=True)")
+        self._check_token_ids_input(what)
+
+    def _check_token_ids_input(self, what: str):
+        """generate() and the engines feed one input, the token ids as [batch, length]; the
+        positions and the padding mask are the cache's to give (kv_cache's inputs)."""
+        given = roles.user_inputs(self.graph)
+        names = [self.graph.input_names[self.graph.inputs.index(v)] for v in given]
+        if len(given) != 1:
+            raise ValueError(f"{what} feeds the model its token ids alone, but it was captured with {len(given)} "
+                             f"inputs ({', '.join(names)}): optimize it with the token ids as the only example "
+                             "input (positions and the attention mask come from the KV cache; a model that "
+                             "takes positions as an argument must compute them itself when not given, as "
+                             "transformers models do with position_ids=None)")
+        batch = self._key_bias().type.shape[0]
+        ids = given[0]
+        if ids.rank != 2 or ids.shape[0] != batch:
+            raise ValueError(f"{what} feeds token ids as [batch, length], but this model takes {names[0]} as "
+                             f"{ids.type}, whose first dim is not the batch its attention runs over ({batch}): "
+                             "sequence-first ids? Transpose them inside the model's forward, or wrap it in a "
+                             "module that does")
+
+    @property
+    def token_vocabulary(self) -> int | None:
+        """The rows of the embedding the token ids index (None where not one table): a
+        prompt's ids must be below it."""
+        return roles.token_vocabulary(self.graph)
 
     def _check_inputs(self, inputs) -> list:
         """The inputs, checked against the graph's types (an integer tensor the graph only

@@ -202,7 +202,7 @@ class StaticDecodeStep:
         by_role = self._step_inputs()
         model = self.model
         outs = self.program(*(by_role[r] for r in model._input_roles), *self.cache.buffers)
-        return outs[model._logits_index()]
+        return model.logits_of(outs)
 
     def _paged_buffers(self):
         return None  # a paged step's (table, row starts, slots, block size): static_paged.py
