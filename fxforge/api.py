@@ -212,7 +212,8 @@ def _warn_fixed_sizes(graph: Graph):
                "nn.RNN) or torch.linspace / logspace with that many steps, which torch.export traces at one size, "
                "or makes a Python float of the size (float(x.shape[1]), torch.tensor(float(n))), or loops over "
                "the sequence in Python (`for t in range(seq_len)`, as transformers' Mamba / state-space layers do "
-               "without their CUDA kernels), which torch.export unrolls into that many steps. "
+               "without their CUDA kernels), which torch.export unrolls into that many steps, or splits it into "
+               "its tokens (x.unbind(1), x.split(1, dim=1): for the last token write x[:, -1] or x[:, [-1]]). "
                "The optimized model serves that size only, and kv_cache cannot cache it: where the size should "
                "vary, optimize with an example of another size (e.g. one token shorter; a loop over the "
                "sequence fixes any size: optimize once per length)")

@@ -344,3 +344,20 @@ class _PlainAttributeCache(nn.Module):
 def test_a_plain_tensor_attribute_written_in_forward_is_refused_by_name():
     with pytest.raises(CaptureError, match=r"the model mutates cache inside forward \(a plain tensor attribute"):
         fxforge.optimize(_PlainAttributeCache().eval(), (torch.randn(2, 4, 8), 0))
+
+
+def test_an_unregistered_dataclass_output_is_told_how_to_register_it():
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return Out(self.lin(x))
+
+    with pytest.raises(CaptureError, match=r"register_dataclass\(YourClass\)"):
+        fxforge.optimize(M().eval(), (torch.randn(2, 4),))

@@ -109,3 +109,21 @@ def test_picks_of_other_positions_stay_refused(pick):
     # one the sequence's when the step has one token
     with pytest.raises(KVCacheError, match="moves values along the sequence"):
         fxforge.optimize(_model(pick), (torch.randint(0, VOCAB, (1, 8)),), kv_cache=True)
+
+
+def test_a_causal_buffer_shorter_than_the_proof_sizes_bounds_the_cache():
+    # nanoGPT's manual attention slices a [bs, bs] tril buffer by T (a guard T <= bs): with
+    # bs = 32 the mask could not be evaluated at the proof's sizes and was refused as "not
+    # plain causal" unless KVCacheConfig(max_seq_len=32) was given; the guard now bounds it
+    torch.manual_seed(0)
+    model = zoo.NanoGPT(vocab=VOCAB, block_size=32).eval()
+    fast = fxforge.optimize(model, (torch.randint(0, VOCAB, (1, 8)),), kv_cache=True)
+    assert fast.kv_layout.max_seq_len == 32
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        seq = ids
+        for _ in range(10):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(fast.generate(ids, 10), seq)
+    with pytest.raises(ValueError, match="32"):
+        fast.generate(ids, 40)

@@ -263,3 +263,22 @@ def test_a_refusal_says_when_fuse_attention_did_not_run():
     with pytest.raises(KVCacheError) as info:
         fxforge.optimize(model, (torch.randint(0, vocab, (1, 6)),), kv_cache=True, disable=["fuse_attention"])
     assert "fuse_attention did not run before this pass (left out by passes= or disable=)" in info.value.__notes__
+
+
+def test_a_model_in_training_mode_is_told_to_call_eval():
+    # its dropout keeps attention unfused; the refusal pointed at fuse_attention's notes, which were empty
+    class DropoutAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.qkv, self.drop = nn.Embedding(32, 16), nn.Linear(16, 48), nn.Dropout(0.1)
+
+        def forward(self, ids):
+            b, t = ids.shape
+            q, k, v = (z.view(b, t, 2, 8).transpose(1, 2) for z in self.qkv(self.emb(ids)).chunk(3, -1))
+            mask = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
+            att = self.drop(((q @ k.transpose(-1, -2)) / 8 ** 0.5).masked_fill(~mask, float("-inf")).softmax(-1))
+            return att @ v
+
+    with pytest.warns(UserWarning, match="training mode"), \
+            pytest.raises(KVCacheError, match=r"training mode.*model\.eval\(\)"):
+        fxforge.optimize(DropoutAttention().train(), (torch.randint(0, 32, (1, 8)),), kv_cache=True)

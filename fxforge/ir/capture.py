@@ -643,7 +643,10 @@ def _capture_error(model, exc) -> CaptureError:
     if "data-dependent" in str(exc) or "GuardOnDataDependent" in name or "DataDependent" in name:
         fix = _data_dependent_fix(str(exc))
     elif "not a known type" in str(exc) or "pytree" in str(exc):
-        fix = "the model returns or takes a non-tensor object; return tensors / tuples / dataclasses only"
+        fix = ("the model returns or takes an object torch.export cannot flatten: use tensors, tuples, lists, "
+               "dicts or transformers ModelOutputs, or register your class first (a @dataclass: "
+               "torch.utils._pytree.register_dataclass(YourClass); any other: "
+               "torch.utils._pytree.register_pytree_node)")
     elif "Constraints violated" in str(exc) or "specialized" in str(exc):
         fix = ("a dynamic dimension was forced to a constant by the model's code; pass dynamic=False "
                "to capture static shapes, or remove the size-specific code")

@@ -68,6 +68,7 @@ from ..ir.attr_walk import attr_leaves
 from ..ir.edit import dead_code_elimination, retyped
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, attention_has_bias, causal_keep
+from ..ir.training_mode import training_mode_nodes
 from ..ir.types import SymType, TensorType, dims_equal, symbol
 from .position_tables import arange_table_offset, flat_row_lookup, row_lookup, row_safe_call_type, uniform_gather_value, uniform_value
 
@@ -186,6 +187,10 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
                            "attention): the cache holds attention's keys and values, and this model carries "
                            "its context otherwise (a state-space model such as Mamba keeps a recurrent state, "
                            "an RNN a hidden state). Optimize it without kv_cache")
+    if not attentions and training_mode_nodes(graph):
+        raise KVCacheError("kv_cache: the model is in training mode: its dropout ops stay in the graph and keep "
+                           "attention from fusing, so there is nothing to cache. Call model.eval() before "
+                           "fxforge.optimize")
     if not attentions:
         raise KVCacheError("kv_cache: the graph has no fused attention op, so there is nothing to cache. "
                            "Run fuse_attention first (it is in the default pipeline); if it ran, its notes "
@@ -219,15 +224,23 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
                            "many rows, sliced by the length): optimize with an example of another length, e.g. "
                            "one token shorter; or the model loops over the sequence in Python (transformers' "
                            "Mamba / state-space layers without their CUDA kernels), which export unrolls at any "
-                           "length, and which a KV cache cannot serve\n  at: " + _describe(graph, attentions[0]))
-    if config.max_seq_len is not None:
-        graph = _windows_wider_than_the_cache(graph, seq, config.max_seq_len)
+                           "length, and which a KV cache cannot serve; or it splits the sequence into its tokens "
+                           "(x.unbind(1), x.split(1, dim=1)), which export traces as that many pieces at any "
+                           "length: for the last token write x[:, -1] or x[:, [-1]]\n  at: "
+                           + _describe(graph, attentions[0]))
+    proof_len = config.max_seq_len
+    if proof_len is None and (bound := _length_bound(graph, seq)) is not None and bound <= MAX_WINDOW_PROOF:
+        # the model itself bounds the length (nanoGPT slices its [bs, bs] causal buffer by T:
+        # a guard T <= bs, which generate() enforces on L + T): masks are proven up to that
+        proof_len = bound
+    if proof_len is not None:
+        graph = _windows_wider_than_the_cache(graph, seq, proof_len)
         attentions = [n for n in graph.nodes if n.op == "attention"]
     for n in attentions:
         q, k = n.inputs[0], n.inputs[1]
         why = None
         if attention_has_bias(n):
-            why = _mask_input_problem(graph, n, config.max_seq_len)
+            why = _mask_input_problem(graph, n, proof_len)
         elif not n.attrs["causal"]:
             why = NOT_CAUSAL
         elif not (q.shape[2] == seq and k.shape[2] == seq):
@@ -332,6 +345,17 @@ def _output_roles(graph: Graph, batch, seq) -> tuple[tuple[str, ...], str]:
                                   "name 'logits' (a dict or a ModelOutput), or only one such output")
     how = "the vocabulary's width" if sized else "the only float output of that shape"
     return roles_with(pool[0]), f"logits: {shape(pool[0])}, {how}"
+
+
+def _length_bound(graph: Graph, seq) -> int | None:
+    """The longest sequence the graph's guards allow (T <= c, T < c), if they bound it."""
+    bounds = []
+    for g in graph.guards:
+        if isinstance(g, (sympy.LessThan, sympy.StrictLessThan)) and g.lhs == seq and g.rhs.is_number:
+            bounds.append(int(g.rhs) - (1 if isinstance(g, sympy.StrictLessThan) else 0))
+        elif isinstance(g, (sympy.GreaterThan, sympy.StrictGreaterThan)) and g.rhs == seq and g.lhs.is_number:
+            bounds.append(int(g.lhs) - (1 if isinstance(g, sympy.StrictGreaterThan) else 0))
+    return min(bounds) if bounds else None
 
 
 # A mask is evaluated at max_seq_len (a [T, T] tensor) to prove it causal only up to this.
