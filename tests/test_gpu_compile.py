@@ -1,7 +1,8 @@
 """Ahead-of-time compile of fxforge's Triton kernels for sm_80 and sm_90, with no GPU
 (issue 17): the worst-case specializations (fp32 and bf16, head dims 64 and 256, the
-largest tiles, long rows) and the generated kernels of a zoo model, each for aligned and
-unaligned arguments, must compile, and must fit the target's shared memory. The full sweep and its table: benchmarks/gpu_compile.py.
+largest tiles, long rows) and the generated kernels of a zoo model must compile, aligned for
+sm_80 (the tighter shared memory) and unaligned for sm_90 (the split-K decode kernels both
+ways on sm_80 too), and must fit the target's shared memory. The full sweep and its table: benchmarks/gpu_compile.py.
 
 The compiles run in one subprocess with TRITON_INTERPRET unset (this process interprets)."""
 import json
