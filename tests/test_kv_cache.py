@@ -181,6 +181,36 @@ def test_nanogpt_positions_are_per_row_and_serve_left_padding():
         assert torch.equal(batched[row, 5 - n:], alone[0])
 
 
+class _PositionsOnTheHeads(torch.nn.Module):
+    """wpe(arange(T)) [T, 8] added to q [B, H, T, 8]: per-row rows [B, T, 8] would meet
+    the heads dim, not the batch, so these positions stay shared by the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte, self.wpe = torch.nn.Embedding(50, 32), torch.nn.Embedding(64, 8)
+        self.qkv, self.out = torch.nn.Linear(32, 96), torch.nn.Linear(32, 50)
+
+    def forward(self, idx):
+        b, t = idx.shape
+        q, k, v = (z.view(b, t, 4, 8).transpose(1, 2) for z in self.qkv(self.wte(idx)).split(32, 2))
+        q = q + self.wpe(torch.arange(t, device=idx.device))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, 32))
+
+
+def test_looked_up_positions_broadcast_against_heads_stay_shared():
+    torch.manual_seed(0)
+    model = _PositionsOnTheHeads().eval()
+    fast = fxforge.optimize(model, (torch.randint(0, 50, (2, 8)),), kv_cache=True)
+    assert not fast.kv_layout.per_row_positions
+    ids = torch.randint(0, 50, (2, 6))
+    seq = ids
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(fast.generate(ids, 6), seq)
+
+
 def test_eos_stops_each_row_and_pads():
     model, vocab = zoo.gpt2("sdpa")
     fast = _optimize(model, vocab)

@@ -781,6 +781,11 @@ def _retype(graph: Graph, replace: dict[Value, Value], prefix: list[Node] = (),
                 new_node, changed = retyped(node, inputs, renamed)
             except Exception:
                 return None
+            # the rows' batch dim must meet the result's first dim: [B, T, C] + [B, T, C]; a
+            # [B, H, T, C] result would broadcast it against the heads
+            out = new_node.outputs[0]
+            if any(v in grew and (v.rank != out.rank or not dims_equal(v.shape[0], out.shape[0])) for v in inputs):
+                return None
             grew.update(o for o, old in zip(new_node.outputs, node.outputs) if o.rank != old.rank)
             nodes.append(new_node)
             continue
