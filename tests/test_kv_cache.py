@@ -183,7 +183,7 @@ def test_nanogpt_positions_are_per_row_and_serve_left_padding():
 
 class _PositionsOnTheHeads(torch.nn.Module):
     """wpe(arange(T)) [T, 8] added to q [B, H, T, 8]: per-row rows [B, T, 8] would meet
-    the heads dim, not the batch, so these positions stay shared by the batch."""
+    the heads dim, not the batch; they are read as [B, 1, T, 8]."""
 
     def __init__(self):
         super().__init__()
@@ -198,17 +198,74 @@ class _PositionsOnTheHeads(torch.nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, 32))
 
 
-def test_looked_up_positions_broadcast_against_heads_stay_shared():
+def _eager_greedy(model, ids, n):
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+def test_looked_up_positions_broadcast_against_heads_are_per_row():
     torch.manual_seed(0)
     model = _PositionsOnTheHeads().eval()
     fast = fxforge.optimize(model, (torch.randint(0, 50, (2, 8)),), kv_cache=True)
-    assert not fast.kv_layout.per_row_positions
+    assert fast.kv_layout.per_row_positions
     ids = torch.randint(0, 50, (2, 6))
-    seq = ids
-    with torch.no_grad():
-        for _ in range(6):
-            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(fast.generate(ids, 6), seq)
+    assert torch.equal(fast.generate(ids, 6), _eager_greedy(model, ids, 6))
+    padded, mask = _padded_batch(50, [3, 5])
+    batched = fast.generate(padded, 6, attention_mask=mask)
+    for row, n in enumerate([3, 5]):
+        assert torch.equal(batched[row, 5 - n:], _eager_greedy(model, padded[row:row + 1, 5 - n:], 6)[0])
+
+
+class _RotaryTableSliced(torch.nn.Module):
+    """Hand-written rotary as people write it outside transformers: lit-gpt's cos[:T] / sin[:T]
+    ([T, D], broadcast against q [B, H, T, D]), NeoX's cos[:T][None, None], or Meta's complex
+    freqs_cis[0:T] viewed as [1, T, 1, D/2]. Each row looks its own positions up now (they
+    were shared by the batch: left padding and the engine refused)."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling, self.emb = spelling, torch.nn.Embedding(50, 32)
+        self.qkv, self.out = torch.nn.Linear(32, 96), torch.nn.Linear(32, 50)
+        angles = torch.outer(torch.arange(64).float(), 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8))
+        self.register_buffer("cos", angles.repeat(1, 2).cos(), persistent=False)
+        self.register_buffer("sin", angles.repeat(1, 2).sin(), persistent=False)
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles), persistent=False)
+
+    def _rotate(self, x, t):  # x [B, H, T, 8]
+        if self.spelling == "complex":
+            xc = torch.view_as_complex(x.transpose(1, 2).float().reshape(x.shape[0], t, 4, 4, 2))
+            return torch.view_as_real(xc * self.freqs_cis[0:t].view(1, t, 1, 4)).flatten(3).transpose(1, 2)
+        cos, sin = self.cos[:t], self.sin[:t]
+        if self.spelling == "neox":
+            cos, sin = cos[None, None], sin[None, None]
+        half = torch.cat([-x[..., 4:], x[..., :4]], -1)
+        return x * cos + half * sin
+
+    def forward(self, idx):
+        b, t = idx.shape
+        q, k, v = (z.view(b, t, 4, 8).transpose(1, 2) for z in self.qkv(self.emb(idx)).split(32, 2))
+        y = torch.nn.functional.scaled_dot_product_attention(self._rotate(q, t), self._rotate(k, t), v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, 32))
+
+
+@pytest.mark.parametrize("spelling", ["lit", "neox", "complex"])
+def test_rotary_tables_sliced_by_the_length_are_per_row(spelling):
+    torch.manual_seed(0)
+    model = _RotaryTableSliced(spelling).eval()
+    fast = fxforge.optimize(model, (torch.randint(0, 50, (2, 8)),), kv_cache=True)
+    assert fast.kv_layout.per_row_positions and fast.kv_layout.max_seq_len == 64
+    ids = torch.randint(0, 50, (2, 6))
+    assert torch.equal(fast.generate(ids, 6), _eager_greedy(model, ids, 6))
+    padded, mask = _padded_batch(50, [3, 5])
+    batched = fast.generate(padded, 6, attention_mask=mask)
+    for row, n in enumerate([3, 5]):
+        assert torch.equal(batched[row, 5 - n:], _eager_greedy(model, padded[row:row + 1, 5 - n:], 6)[0])
+    prompts = [torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 7)]
+    outs = fxforge.Engine(fast, max_batch=2, max_seq_len=32, prefill_chunk=4).generate_many(prompts, max_new_tokens=5)
+    for p, out in zip(prompts, outs):
+        assert torch.equal(out, _eager_greedy(model, p[None], 5)[0, p.numel():])
 
 
 def test_eos_stops_each_row_and_pads():

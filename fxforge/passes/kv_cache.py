@@ -591,6 +591,15 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
                 # [:, 0:T] is the first T positions, which per row are kv_positions + c
                 replace[node.outputs[0]] = _shifted_positions(positions, offset, node.outputs[0].dtype, prefix)
                 continue
+            if dim == 0 and table.param is not None and table.rank >= 2 and table.dtype != torch.bool \
+                    and node.outputs[0] not in graph.outputs and graph.signature.get(roles.SOURCE_POSITIONS) != "shared":
+                # a rotary (or learned) table sliced [0:T] (lit-gpt's cos[:T], Meta's
+                # freqs_cis[0:T]): each row looks its own positions up, [B, T, ...], if
+                # _retype can carry the extra leading dim (else: shared below, as before)
+                rows = _table_rows(table, positions, node, prefix)
+                replace[node.outputs[0]] = rows
+                rank_grew.add(rows)
+                continue
             shared = True
             new_nodes[id(node)] = Node("slice", node.inputs, {**a, "start": cache_len, "end": cache_len + seq},
                                        node.outputs, {**node.meta, "pass": "kv_cache"})
@@ -639,6 +648,26 @@ def _rewrite_positions(graph: Graph, seq, batch, cache_len) -> tuple[Graph, bool
         out.input_names.append(POSITIONS)
     table_limit = position_table_limit(out, table_limit, positions if per_row else None, seq, cache_len)
     return out, per_row, table_limit
+
+
+def _table_rows(table: Value, positions: Value, node: Node, prefix: list[Node]) -> Value:
+    """Rows `positions` [B, T] of a [N, ...] table, [B, T, ...]: an embedding lookup (of the
+    table viewed as [N, everything else] when it has more dims), on `prefix`."""
+    meta = {**node.meta, "pass": "kv_cache"}
+    batch, seq = positions.shape
+    rest = tuple(table.shape[1:])
+    flat = table
+    if len(rest) > 1:
+        width = sympy.Mul(*rest)
+        flat = Value(TensorType((table.shape[0], width), table.dtype))
+        prefix.append(Node("view", (table,), {"shape": (table.shape[0], width)}, (flat,), meta))
+    rows = Value(TensorType((batch, seq, flat.shape[1]), table.dtype), node.outputs[0].hint)
+    prefix.append(Node("embedding", (flat, positions), {}, (rows,), meta))
+    if len(rest) > 1:
+        shaped = Value(TensorType((batch, seq) + rest, table.dtype), node.outputs[0].hint)
+        prefix.append(Node("view", (rows,), {"shape": (batch, seq) + rest}, (shaped,), meta))
+        rows = shaped
+    return rows
 
 
 def _shifted_positions(positions: Value, offset: int, dtype: torch.dtype, prefix: list[Node]) -> Value:
@@ -775,18 +804,13 @@ def _retype(graph: Graph, replace: dict[Value, Value], prefix: list[Node] = (),
             continue
         inputs = tuple(renamed.get(v, v) for v in node.inputs)
         if any(v in grew for v in inputs):
-            if OPS[node.op].kind != "pointwise":
+            if not _carry_grown(node, inputs, grew, renamed, nodes):
                 return None
-            try:
-                new_node, changed = retyped(node, inputs, renamed)
-            except Exception:
-                return None
-            # the rows' batch dim must meet the result's first dim: [B, T, C] + [B, T, C]; a
-            # [B, H, T, C] result would broadcast it against the heads
-            out = new_node.outputs[0]
-            if any(v in grew and (v.rank != out.rank or not dims_equal(v.shape[0], out.shape[0])) for v in inputs):
-                return None
-            grew.update(o for o, old in zip(new_node.outputs, node.outputs) if o.rank != old.rank)
+            continue
+        if node.op == "unsqueeze" and node.attrs["dim"] == 0 and node.inputs[0].rank \
+                and node.inputs[0].shape[0] == 1 and inputs[0].shape[0] != 1:
+            # [1, T, D] -> [1, 1, T, D] (NeoX's cos[:T][None, None]): the rows' batch stays first
+            new_node, changed = retyped(node, inputs, renamed, attrs={**node.attrs, "dim": 1})
             nodes.append(new_node)
             continue
         if OPS[node.op].kind == "opaque":
@@ -813,6 +837,59 @@ def _retype(graph: Graph, replace: dict[Value, Value], prefix: list[Node] = (),
     if any(v in renamed for v in graph.outputs):
         return None
     return graph.with_nodes(nodes)
+
+
+def _carry_grown(node: Node, inputs: tuple, grew: set, renamed: dict, nodes: list) -> bool:
+    """Carry per-row rows with an extra leading dim ([B, T, D] for [T, D]) through `node`
+    (its node or nodes appended to `nodes`, `renamed` updated): False where that cannot be
+    done exactly.
+    - unsqueeze(0) ([T, D] -> [1, T, D]) is the rows themselves: [B, T, D];
+    - a view to [1, ...] (Meta's reshape_for_broadcast, [1, T, 1, D]) views each row: [B, ...];
+    - a pointwise op whose result has more dims than the rows ([B, H, T, D] from q * cos[:T])
+      reads them viewed as [B, 1, ..., T, D], so that each row's batch meets the result's
+      first dim; the result must have the rows' batch first."""
+    old_out = node.outputs[0]
+    x = inputs[0]
+    if node.op == "unsqueeze" and x in grew and node.attrs["dim"] == 0:
+        shape = tuple(x.shape)  # (a value of its own: it stands for [1, T, D], no longer grown)
+    elif node.op == "view" and x in grew:
+        shape = tuple(node.attrs["shape"])
+        if not shape or shape[0] != 1:
+            return False
+    else:
+        shape = None
+    if shape is not None:
+        new = Value(TensorType((x.shape[0],) + shape[1:], x.dtype), old_out.hint)
+        nodes.append(Node("view", (x,), {"shape": new.shape}, (new,), node.meta))
+        renamed[old_out] = new
+        return True
+    if OPS[node.op].kind != "pointwise":
+        return False
+    rank = max([old_out.rank] + [v.rank for v in inputs if v not in grew and isinstance(v.type, TensorType)])
+    widened = []
+    for v in inputs:
+        if v in grew and v.rank < rank:
+            wide = Value(TensorType((v.shape[0],) + (1,) * (rank - v.rank) + tuple(v.shape[1:]), v.dtype), v.hint)
+            nodes.append(Node("view", (v,), {"shape": wide.shape}, (wide,), node.meta))
+            grew.add(wide)
+            v = wide
+        widened.append(v)
+    try:
+        new_node, _ = retyped(node, tuple(widened), renamed)
+    except Exception:
+        return False
+    out = new_node.outputs[0]
+    # the rows' batch must meet the result's first dim (a [1, H, T, D] operand broadcasts to
+    # it; one whose first dim is something else would put the rows against that)
+    if any(v in grew and (v.rank != out.rank or not dims_equal(v.shape[0], out.shape[0])) for v in widened):
+        return False
+    if any(v not in grew and isinstance(v.type, TensorType) and v.rank == out.rank
+           and not (v.shape[0] == 1 or dims_equal(v.shape[0], out.shape[0])) for v in widened):
+        return False
+    if out.rank != old_out.rank:
+        grew.add(out)
+    nodes.append(new_node)
+    return True
 
 
 def position_table_limit(graph: Graph, limit, positions, seq, cache_len) -> int | None:
