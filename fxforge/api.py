@@ -379,19 +379,22 @@ def unregister_pass(name: str, registry: PassRegistry | None = None):
 
 def _named_logits(spec: CallSpec) -> int | None:
     """The graph output that the model's output structure calls `logits` (a transformers
-    ModelOutput's field, a dict key, a NamedTuple or registered dataclass field), if any."""
+    ModelOutput's field, a dict key, a NamedTuple or registered dataclass field), if any;
+    the shallowest where several are (an auxiliary head's nested logits), none on a tie."""
     leaves = spec.output_leaves
     try:
         tree = pytree.tree_unflatten(list(range(len(leaves))), spec.out_spec)
         paths = pytree.tree_flatten_with_path(tree)[0]
     except Exception:  # an output structure pytree cannot rebuild from indices: no name to read
         return None
+    named = []  # (depth, graph output): a top-level `logits` over one inside a nested output
     for path, leaf in paths:
         key = path[-1] if path else None
         name = getattr(key, "key", getattr(key, "name", None))
         if name == "logits" and isinstance(leaf, int) and leaves[leaf][0] == "value":
-            return leaves[leaf][1]
-    return None
+            named.append((len(path), leaves[leaf][1]))
+    shallowest = [out for depth, out in named if depth == min(named)[0]] if named else []
+    return shallowest[0] if len(set(shallowest)) == 1 else None
 
 
 def _left_padding_shifts_positions(model) -> bool:
@@ -407,8 +410,13 @@ def _left_padding_shifts_positions(model) -> bool:
     it never reaches shared positions this way."""
     import inspect
 
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
     config = getattr(model, "config", None)
-    if config is None or not callable(getattr(model, "generate", None)) or not hasattr(model, "forward"):
+    # (nanoGPT has a config and a generate() of its own, but is not transformers')
+    if not isinstance(model, PreTrainedModel) or config is None or not hasattr(model, "forward"):
         return False
     if getattr(config, "is_encoder_decoder", False):
         return False  # generate() serves decoder-only models; do not guess for these

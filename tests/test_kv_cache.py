@@ -218,6 +218,35 @@ def test_looked_up_positions_broadcast_against_heads_are_per_row():
         assert torch.equal(batched[row, 5 - n:], _eager_greedy(model, padded[row:row + 1, 5 - n:], 6)[0])
 
 
+class _PositionsSummedOverTheirFirstDim(torch.nn.Module):
+    """wpe(arange(T)) * scale[1, 1, C] is [1, T, C]; summing over dim 0 keeps that type, but
+    per-row rows [B, T, C] would be summed over the batch (a plain call at batch 2 was off
+    by 2.5): these positions stay shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte, self.wpe = torch.nn.Embedding(50, 32), torch.nn.Embedding(64, 32)
+        self.scale = torch.nn.Parameter(torch.randn(1, 1, 32))
+        self.qkv, self.out = torch.nn.Linear(32, 96), torch.nn.Linear(32, 50)
+
+    def forward(self, idx):
+        b, t = idx.shape
+        x = self.wte(idx) + (self.wpe(torch.arange(t, device=idx.device)) * self.scale).sum(0, keepdim=True)
+        q, k, v = (z.view(b, t, 4, 8).transpose(1, 2) for z in self.qkv(x).split(32, 2))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, 32))
+
+
+def test_positions_reduced_over_their_first_dim_stay_shared():
+    torch.manual_seed(0)
+    model = _PositionsSummedOverTheirFirstDim().eval()
+    fast = fxforge.optimize(model, (torch.randint(0, 50, (2, 8)),), kv_cache=True)
+    assert not fast.kv_layout.per_row_positions
+    ids = torch.randint(0, 50, (2, 6))
+    torch.testing.assert_close(fast(ids), model(ids), rtol=1e-4, atol=1e-5)
+    assert torch.equal(fast.generate(ids, 6), _eager_greedy(model, ids, 6))
+
+
 class _RotaryTableSliced(torch.nn.Module):
     """Hand-written rotary as people write it outside transformers: lit-gpt's cos[:T] / sin[:T]
     ([T, D], broadcast against q [B, H, T, D]), NeoX's cos[:T][None, None], or Meta's complex

@@ -6,6 +6,7 @@ decoding (which needs every new token's) refuses the model by name, and picks of
 position stay refused."""
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import fxforge
@@ -34,7 +35,11 @@ class HeadOnLast(zoo.NanoGPT):
             return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         picks = {"index": lambda: x[:, [-1], :], "slice": lambda: x[:, -1:, :], "select": lambda: x[:, -1, :],
                  "narrow": lambda: x.narrow(1, idx.size(1) - 1, 1), "first": lambda: x[:, [0], :],
-                 "second_last": lambda: x[:, [-2], :], "first_select": lambda: x[:, 0]}
+                 "second_last": lambda: x[:, [-2], :], "first_select": lambda: x[:, 0],
+                 # picks of the last token whose value goes back to every token
+                 "back_to_tokens": lambda: x + x[:, -1:], "last_id": lambda: x + self.wte(idx[:, -1:])}
+        if self.pick == "expanded":
+            return self.lm_head(x[:, -1:]).expand(idx.shape[0], idx.shape[1], VOCAB), None
         return self.lm_head(picks[self.pick]()), None
 
 
@@ -103,10 +108,12 @@ def test_speculation_refuses_a_last_token_target_and_takes_it_as_draft(nano_inde
     assert torch.equal(target.generate(ids, 9, draft=fast, num_draft_tokens=3), plain)
 
 
-@pytest.mark.parametrize("pick", ["first", "second_last", "first_select"])
+@pytest.mark.parametrize("pick", ["first", "second_last", "first_select", "back_to_tokens", "last_id", "expanded"])
 def test_picks_of_other_positions_stay_refused(pick):
     # with a cache the step's first token is not the sequence's first, nor its second-to-last
-    # one the sequence's when the step has one token
+    # one the sequence's when the step has one token; and a last-token pick read back by
+    # every token (x + x[:, -1:], the last id's embedding added everywhere, a head expanded
+    # over T) would give each earlier token the step's last token, not the sequence's
     with pytest.raises(KVCacheError, match="moves values along the sequence"):
         fxforge.optimize(_model(pick), (torch.randint(0, VOCAB, (1, 8)),), kv_cache=True)
 
@@ -127,3 +134,30 @@ def test_a_causal_buffer_shorter_than_the_proof_sizes_bounds_the_cache():
     assert torch.equal(fast.generate(ids, 10), seq)
     with pytest.raises(ValueError, match="32"):
         fast.generate(ids, 40)
+
+
+class _BufferOnly(torch.nn.Module):
+    """A [16, 16] causal buffer sliced by T and no position table: the guard T <= 16 is the
+    model's only length limit."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte, self.qkv, self.head = nn.Embedding(VOCAB, 32), nn.Linear(32, 96), nn.Linear(32, VOCAB)
+        self.register_buffer("tril", torch.tril(torch.ones(16, 16)))
+
+    def forward(self, idx):
+        b, t = idx.shape
+        q, k, v = (z.view(b, t, 4, 8).transpose(1, 2) for z in self.qkv(self.wte(idx)).split(32, 2))
+        att = ((q @ k.transpose(-2, -1)) * 8 ** -0.5).masked_fill(self.tril[:t, :t] == 0, float("-inf"))
+        return self.head((att.softmax(-1) @ v).transpose(1, 2).reshape(b, t, 32))
+
+
+def test_the_paged_engine_checks_the_models_length_guard_before_any_work():
+    torch.manual_seed(0)
+    fast = fxforge.optimize(_BufferOnly().eval(), (torch.randint(0, VOCAB, (1, 8)),),
+                            kv_cache=fxforge.KVCacheConfig(layout="paged", block_size=4))
+    engine = fxforge.Engine(fast, max_batch=2, max_seq_len=48, num_blocks=40)
+    # 10 + 12 tokens feed 21 positions: past the guard L + T <= 16 (it generated 22 before)
+    with pytest.raises(fxforge.ir.guards.GuardError, match=r"L \+ T <= 16"):
+        engine.submit(torch.randint(0, VOCAB, (10,)), max_new_tokens=12)
+    assert engine.generate_many([torch.randint(0, VOCAB, (10,))], max_new_tokens=6)[0].numel() == 6

@@ -40,6 +40,10 @@ class Tiny(nn.Module):
             return {"early": early, "logits": logits}
         if self.outputs == "ambiguous":
             return early, logits
+        if self.outputs == "nested":  # an auxiliary head's logits inside: the top-level name decides
+            return {"aux": {"logits": early}, "logits": logits}
+        if self.outputs == "misnamed":  # the name says the hidden state, the vocabulary's width the head
+            return {"logits": h, "scores": logits}
         if self.outputs == "last_and_hidden":
             return self.head(h[:, [-1], :]), (x, h)
         if targets is not None:  # "loss": nanoGPT's training call
@@ -60,6 +64,7 @@ PROMPT = torch.tensor([[3, 17, 5, 40, 2]])
 @pytest.mark.parametrize("outputs, pick, index", [
     ("hidden_first", lambda out: out[1], 1),
     ("named", lambda out: out["logits"], 1),
+    ("nested", lambda out: out["logits"], 1),
     ("last_and_hidden", lambda out: out[0], 0),
 ])
 def test_generate_samples_from_the_logits_wherever_they_sit(outputs, pick, index):
@@ -82,6 +87,35 @@ def test_two_outputs_that_could_each_be_the_logits_mark_none():
         fast.generate(PROMPT, 4)
     out = fast(PROMPT)  # plain calls run as eager
     torch.testing.assert_close(out[1], model(PROMPT)[1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_name_the_vocabulary_contradicts_marks_no_logits():
+    model = Tiny("misnamed").eval()
+    fast = fxforge.optimize(model, (torch.randint(0, VOCAB, (1, 8)),), kv_cache=True)
+    assert "logits" not in fast.graph.signature["outputs"] and "is named logits but" in fast.report()
+    with pytest.raises(ValueError, match="under the name 'logits'"):
+        fast.generate(PROMPT, 2)
+
+
+def test_a_model_with_a_config_and_generate_of_its_own_is_not_taken_for_transformers():
+    # nanoGPT's GPT has self.config and its own generate(), and no position_ids argument: it
+    # was taken for a transformers decoder whose left-padded rows transformers shifts, and
+    # so kept shared positions (left padding shifted a row's, the engine was refused)
+    class OwnGenerate(Tiny):
+        def __init__(self):
+            super().__init__("plain")
+            self.config = {"block_size": 64}
+
+        def generate(self, idx, n):
+            return _greedy(self, idx, n, lambda out: out)
+
+    model = OwnGenerate().eval()
+    fast = fxforge.optimize(model, (torch.randint(0, VOCAB, (1, 8)),), kv_cache=True)
+    assert fast.kv_layout.per_row_positions and not fast.left_padding_shifts_positions
+    ids = torch.tensor([[0, 0, 3, 17, 5], [9, 4, 40, 2, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    batched = fast.generate(ids, 5, attention_mask=mask)
+    assert torch.equal(batched[0, 2:], model.generate(ids[:1, 2:], 5)[0])
 
 
 def test_a_model_captured_with_targets_runs_and_generate_names_the_extra_input():
@@ -124,5 +158,5 @@ def test_sequence_first_ids_are_refused_by_name():
 
     model = SeqFirst().eval()
     fast = fxforge.optimize(model, (torch.randint(0, VOCAB, (8, 2)),), kv_cache=True)
-    with pytest.raises(ValueError, match="sequence-first ids"):
+    with pytest.raises(ValueError, match="in dim 1, not dim 0: sequence-first ids"):
         fast.generate(PROMPT, 2)

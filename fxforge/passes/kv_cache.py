@@ -316,7 +316,7 @@ def _output_roles(graph: Graph, batch, seq) -> tuple[tuple[str, ...], str]:
     def every_token(v) -> bool:
         return floats(v) and v.rank == 3 and v.shape[1] == seq
 
-    picks_last = any(_picks_the_last_token(graph, n, seq) for n in graph.nodes)
+    picks_last = bool(_head_picks(graph, seq))
 
     def last_token(v) -> bool:
         return picks_last and floats(v) and (v.rank == 2 or v.rank == 3 and v.shape[1] == 1)
@@ -327,14 +327,19 @@ def _output_roles(graph: Graph, batch, seq) -> tuple[tuple[str, ...], str]:
     def shape(i) -> str:
         return f"output {i} {outs[i].type}"
 
-    named = roles.output_index(graph, roles.LOGITS) if graph.signature.get("outputs") else None
-    if named is not None and (every_token(outs[named]) or last_token(outs[named])):
-        return roles_with(named), f"logits: {shape(named)}, named logits by the model"
     every = [i for i, v in enumerate(outs) if every_token(v)]
     last = [i for i, v in enumerate(outs) if last_token(v)]
     vocab = roles.token_vocabulary(graph)
     sized = [i for i in every if int(outs[i].shape[-1]) == vocab] or \
         [i for i in last if int(outs[i].shape[-1]) == vocab]
+    named = roles.output_index(graph, roles.LOGITS) if graph.signature.get("outputs") else None
+    if named is not None and (every_token(outs[named]) or last_token(outs[named])):
+        if sized and named not in sized:
+            # the name says one thing, the vocabulary's width another: the model's to settle
+            return roles_with(None), (f"{shape(named)} is named logits but is not as wide as the vocabulary "
+                                      f"({vocab}), which {shape(sized[0])} is: generate() and the engines cannot "
+                                      "tell which to sample from; name the logits 'logits'")
+        return roles_with(named), f"logits: {shape(named)}, named logits by the model"
     pool = sized or every or last
     if not pool:
         return roles_with(None), ("no output is logits (float [B, T, vocab], or the last token's [B, 1, vocab]): "
@@ -833,10 +838,26 @@ def _retype(graph: Graph, replace: dict[Value, Value], prefix: list[Node] = (),
                 return None
             if node.op in ("cat", "repeat_interleave") and node.attrs["dim"] % node.outputs[0].rank == 0:
                 return None  # along the new batch dim: not row by row
+        elif not _keeps_the_rows(node, inputs, new_node):
+            return None
         nodes.append(new_node)
     if any(v in renamed for v in graph.outputs):
         return None
     return graph.with_nodes(nodes)
+
+
+def _keeps_the_rows(node: Node, inputs: tuple, new_node: Node) -> bool:
+    """A node whose result keeps its type though an input became per row ([1, T, C] now
+    [B, T, C]) must use that input row by row: a pointwise op broadcasting it into a
+    [B, ...] result, or an op whose result keeps those rows first. A sum, mean or pick over
+    the rows' dim (z.sum(0, keepdim=True), z[0]) gives a [1, ...] or row-less result of the
+    same type while mixing the rows: not per row."""
+    rows = [new for old, new in zip(node.inputs, inputs) if new is not old and isinstance(old.type, TensorType)
+            and old.rank and new.rank == old.rank and old.shape[0] == 1 and new.shape[0] != 1]
+    if not rows or OPS[node.op].kind == "pointwise":
+        return True
+    out = new_node.outputs[0]
+    return isinstance(out.type, TensorType) and out.rank > 0 and all(dims_equal(out.shape[0], r.shape[0]) for r in rows)
 
 
 def _carry_grown(node: Node, inputs: tuple, grew: set, renamed: dict, nodes: list) -> bool:
@@ -1004,8 +1025,9 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch):
     would see only those and give other numbers than over
     the whole sequence: refuse."""
     positions = _position_values(graph)
+    head_picks = _head_picks(graph, seq)
     for n in graph.nodes:
-        if _picks_the_last_token(graph, n, seq):
+        if id(n) in head_picks:
             # the last new token is the sequence's last (new tokens go at its end), and what
             # follows sees that token alone: nanoGPT's lm_head(x[:, [-1], :]) at inference
             continue
@@ -1102,6 +1124,34 @@ def _picks_the_last_token(graph: Graph, node: Node, seq) -> bool:
     return False
 
 
+def _head_picks(graph: Graph, seq) -> set[int]:
+    """The picks of the last token (_picks_the_last_token; their nodes' ids) whose result no value along the
+    sequence reads, directly or through other ops: a head on the last token. A pick whose
+    value goes back into the tokens (x + x[:, -1:], the last id's embedding added to every
+    position, a scale from arange(T)[-1], a head expanded over T) would read the step's last
+    token where eager reads the sequence's at every position: not exempt."""
+    users = graph.users()
+    picks = set()
+    for n in graph.nodes:
+        if not _picks_the_last_token(graph, n, seq):
+            continue
+        seen, todo, clean = set(), list(n.outputs), True
+        while todo and clean:
+            v = todo.pop()
+            for u in users.get(v, []):
+                if id(u) in seen:
+                    continue
+                seen.add(id(u))
+                if u.op == "attention" or any(isinstance(o.type, TensorType) and any(_mentions(d, seq) for d in o.shape)
+                                              for o in u.outputs):
+                    clean = False
+                    break
+                todo.extend(u.outputs)
+        if clean:
+            picks.add(id(n))
+    return picks
+
+
 # ops through which a value of positions stays one per token, in the tokens' order
 _KEEPS_POSITIONS = ("unsqueeze", "squeeze", "view", "reshape", "expand", "cast")
 
@@ -1192,8 +1242,9 @@ def _check_no_other_length_ops(graph: Graph, seq, batch, cache_len=None):
     computed from T (a constant T, T - 1 as an index or a fill, a clamp at T): with a cache
     T counts the step's tokens, not the sequence. Sizes that count the step's tokens across
     the batch (B*T) are not lengths (see _token_count)."""
+    head_picks = _head_picks(graph, seq)
     for n in graph.nodes:
-        expr = None if _picks_the_last_token(graph, n, seq) else _length_in_a_value(n, seq, batch, cache_len)
+        expr = None if id(n) in head_picks else _length_in_a_value(n, seq, batch, cache_len)
         if expr is not None:
             raise KVCacheError(f"kv_cache: this op computes a value from the sequence length T (it uses {expr} as a "
                                "value, not as the size of the sequence dim); with a cache T counts only the step's "

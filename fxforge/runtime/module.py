@@ -426,10 +426,11 @@ class OptimizedModel:
         batch = self._key_bias().type.shape[0]
         ids = given[0]
         if ids.rank != 2 or ids.shape[0] != batch:
-            raise ValueError(f"{what} feeds token ids as [batch, length], but this model takes {names[0]} as "
-                             f"{ids.type}, whose first dim is not the batch its attention runs over ({batch}): "
-                             "sequence-first ids? Transpose them inside the model's forward, or wrap it in a "
-                             "module that does")
+            where = next((f"dim {i}" for i, d in enumerate(ids.shape) if d == batch), "another dim")
+            raise ValueError(f"{what} feeds token ids as [batch, length], but this model's input {names[0]} has "
+                             f"its batch (the batch its attention runs over) in {where}, not dim 0: sequence-first "
+                             "ids, [length, batch]. Wrap the model in a module whose forward takes [batch, length] "
+                             "ids and passes them on transposed, and optimize that")
 
     @property
     def token_vocabulary(self) -> int | None:
