@@ -455,3 +455,33 @@ def test_weights_read_through_views_are_listed_as_skipped():
     assert skipped["Wt"].startswith("read by linear through permute")
     assert skipped["E"].startswith("read by matmul through")
     assert "skipped Wt: read by linear" in fast.report()
+
+
+def test_linears_with_weights_computed_in_forward_are_listed_as_skipped():
+    # parametrize / weight_norm / W * scale: the linear reads a computed weight, which quantize
+    # leaves float; such weights were missing from the report altogether
+    from torch.nn.utils import parametrize
+
+    class Symmetric(torch.nn.Module):
+        def forward(self, w):
+            return (w + w.t()) / 2
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight * 0.5, self.bias)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.d, self.b = torch.nn.Linear(64, 64), Scaled(64, 64), torch.nn.Linear(64, 64)
+            parametrize.register_parametrization(self.a, "weight", Symmetric())
+
+        def forward(self, x):
+            return self.b(self.d(self.a(x))).relu()
+
+    torch.manual_seed(0)
+    fast = fxforge.optimize(M().eval(), (torch.randn(2, 64),), quantize="int8")
+    details = next(s.details["quantize"] for s in fast.stats if s.name == "quantize")
+    skipped = dict(details["skipped"])
+    assert "weight computed from it" in skipped["a.parametrizations.weight.original"]
+    assert "weight computed from it" in skipped["d.weight"]

@@ -411,7 +411,32 @@ def _unmatched_products(graph, decided: dict) -> list[tuple[str, str]]:
             views = sorted({n.op for n in users.get(v, ()) if n.op in _WEIGHT_VIEWS})
             out.append((v.param, f"read by {', '.join(sorted(products))} through {', '.join(views)}: quantize "
                                  "packs a weight that linear(x, W) or matmul(x, W) reads as it is stored"))
+        elif _computes_a_linear_weight(users, v):
+            out.append((v.param, "a linear reads a weight computed from it (torch.nn.utils.parametrize, "
+                                 "weight_norm, W * scale in forward): quantize packs a weight that the linear "
+                                 "reads as it is stored"))
     return out
+
+
+def _computes_a_linear_weight(users, weight, depth: int = 6) -> bool:
+    """`weight` reaches the weight operand of a linear through other ops (not as the
+    activations it multiplies): a weight computed in forward."""
+    reached, frontier = {weight}, [weight]
+    for _ in range(depth):
+        following = []
+        for value in frontier:
+            for node in users.get(value, ()):
+                if node.op in ("linear", "matmul", "embedding"):
+                    if node.op == "linear" and len(node.inputs) > 1 and node.inputs[1] in reached \
+                            and node.inputs[0] not in reached:
+                        return True
+                    continue
+                for o in node.outputs:
+                    if o not in reached:
+                        reached.add(o)
+                        following.append(o)
+        frontier = following
+    return False
 
 
 # the skip reasons (_decide, _unhandled_weights) that one report line may cover for
