@@ -205,17 +205,21 @@ def _eager_greedy(model, ids, n):
     return ids
 
 
+def _assert_generates_as_eager_alone_and_left_padded(model, fast, vocab=50):
+    ids = torch.randint(0, vocab, (2, 6))
+    assert torch.equal(fast.generate(ids, 6), _eager_greedy(model, ids, 6))
+    padded, mask = _padded_batch(vocab, [3, 5])
+    batched = fast.generate(padded, 6, attention_mask=mask)
+    for row, n in enumerate([3, 5]):  # each row as its prompt alone
+        assert torch.equal(batched[row, 5 - n:], _eager_greedy(model, padded[row:row + 1, 5 - n:], 6)[0])
+
+
 def test_looked_up_positions_broadcast_against_heads_are_per_row():
     torch.manual_seed(0)
     model = _PositionsOnTheHeads().eval()
     fast = fxforge.optimize(model, (torch.randint(0, 50, (2, 8)),), kv_cache=True)
     assert fast.kv_layout.per_row_positions
-    ids = torch.randint(0, 50, (2, 6))
-    assert torch.equal(fast.generate(ids, 6), _eager_greedy(model, ids, 6))
-    padded, mask = _padded_batch(50, [3, 5])
-    batched = fast.generate(padded, 6, attention_mask=mask)
-    for row, n in enumerate([3, 5]):
-        assert torch.equal(batched[row, 5 - n:], _eager_greedy(model, padded[row:row + 1, 5 - n:], 6)[0])
+    _assert_generates_as_eager_alone_and_left_padded(model, fast)
 
 
 class _PositionsSummedOverTheirFirstDim(torch.nn.Module):
@@ -285,12 +289,7 @@ def test_rotary_tables_sliced_by_the_length_are_per_row(spelling):
     model = _RotaryTableSliced(spelling).eval()
     fast = fxforge.optimize(model, (torch.randint(0, 50, (2, 8)),), kv_cache=True)
     assert fast.kv_layout.per_row_positions and fast.kv_layout.max_seq_len == 64
-    ids = torch.randint(0, 50, (2, 6))
-    assert torch.equal(fast.generate(ids, 6), _eager_greedy(model, ids, 6))
-    padded, mask = _padded_batch(50, [3, 5])
-    batched = fast.generate(padded, 6, attention_mask=mask)
-    for row, n in enumerate([3, 5]):
-        assert torch.equal(batched[row, 5 - n:], _eager_greedy(model, padded[row:row + 1, 5 - n:], 6)[0])
+    _assert_generates_as_eager_alone_and_left_padded(model, fast)
     prompts = [torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 7)]
     outs = fxforge.Engine(fast, max_batch=2, max_seq_len=32, prefill_chunk=4).generate_many(prompts, max_new_tokens=5)
     for p, out in zip(prompts, outs):
