@@ -46,7 +46,8 @@ from ..ir.edit import dead_code_elimination, retyped
 from ..ir.evaluate import evaluate, input_sizes
 from ..ir.graph import Graph, Node, Value
 from ..ir.guards import GuardChecker, GuardError
-from .projections import Layer, emit_projection, find_layers as _find_layers
+from .projections import (Layer, _chain_between, _per_head_operand, emit_projection, find_layers as _find_layers,
+                          other_reader, shared_projection)
 
 METHODS = ("mean", "aligned")
 # The weights gqa writes are named after the model's: k_proj.weight -> k_proj.weight.gqa_k
@@ -115,9 +116,40 @@ _NEEDS_CALIBRATION = ("gqa: method='aligned' needs calibration inputs, e.g. GQAC
                       "method='aligned', calibration=tokenizer(text, return_tensors='pt').input_ids)")
 
 
-def find_layers(graph: Graph) -> list[Layer]:
-    """Each fused attention's Q/K/V projections and output projection (passes/projections.py)."""
-    return _find_layers(graph, GQAError, "gqa", "so its heads cannot be merged")
+def find_layers(graph: Graph, method: str = "mean") -> list[Layer]:
+    """Each fused attention's Q/K/V projections and output projection (passes/projections.py),
+    refusing a layer whose rewrite would reach beyond the attention (see _rewrite_problem)."""
+    layers = _find_layers(graph, GQAError, "gqa", "so its heads cannot be merged")
+    producers = graph.producers()
+    for layer in layers:
+        problem = _rewrite_problem(graph, layer, method, producers)
+        if problem:
+            raise GQAError(f"gqa: {problem}\n  at: attention{layer.attn.where()}")
+    return layers
+
+
+def _rewrite_problem(graph: Graph, layer: Layer, method: str, producers) -> str | None:
+    """Why rewriting this layer's projections would change more than the attention, or
+    could not be done for each separately (None: neither). K and V always shrink; Q
+    changes only under 'aligned' (its heads are permuted and rotated), else it keeps its
+    values."""
+    shared = shared_projection(layer, producers)
+    if shared:
+        return (f"{shared}; gqa rewrites Q, K and V projections each on its own, so a shared one cannot be merged "
+                "for one role and kept for the other: give each its own projection, or leave gqa off for this model")
+    roles = [("K", layer.k), ("V", layer.v)] + ([("Q", layer.q)] if method == "aligned" else [])
+    for which, proj in roles:
+        reader = other_reader(graph, layer, proj, which)
+        if reader:
+            changed = "its heads permuted and rotated" if which == "Q" else "its heads merged"
+            return (f"{reader}, not only the attention; gqa would hand that reader the rewritten {which} ({changed}) "
+                    "instead of the model's, a different answer, so it refuses this layer")
+    if method == "aligned":  # Q's heads move: a per-head scale on Q would stay behind
+        q_chain = _chain_between(graph, layer.q.out, layer.attn.inputs[0])
+        problem = _per_head_operand(layer.q, q_chain, "Q")
+        if problem:
+            return f"{problem}; 'aligned' permutes and rotates the query heads, which it does not follow: use 'mean'"
+    return None
 
 
 # -- calibration ---------------------------------------------------------------------------
@@ -502,7 +534,7 @@ def _retyped(node: Node, inputs: tuple, renamed: dict) -> Node:
 def gqa(graph: Graph, ctx=None) -> Graph:
     config = as_config(ctx.options["gqa"] if ctx is not None else None)
     G = config.num_kv_heads
-    layers = find_layers(graph)
+    layers = find_layers(graph, config.method)
     if not layers:
         raise GQAError("gqa: the graph has no fused attention op. Run fuse_attention first (it is in the default "
                        "pipeline); if it ran, its notes (below) say why it declined this model's attention")

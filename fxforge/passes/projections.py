@@ -16,6 +16,7 @@ import torch
 from ..ir.builder import Builder
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import attention_has_bias
+from ..ir.types import dims_equal
 
 # Ops allowed between a K/V projection and the attention: head split/merge and rotary.
 _CHAIN_OPS = ("view", "permute", "cast", "mul", "add", "sub", "neg", "slice", "cat", "unsqueeze", "fused_pointwise")
@@ -202,11 +203,89 @@ def _chain_between(graph: Graph, proj_out: Value, target: Value) -> list[Node]:
 _NORM_OPS = ("mean", "sum", "pow", "rsqrt", "sqrt", "div", "rms_norm", "layer_norm", "amax")
 
 
-def _chain_problem(k_chain: list[Node], v_chain: list[Node]) -> str | None:
+def _chain_problem(k_chain: list[Node], v_chain: list[Node], k_proj: Projection | None = None) -> str | None:
     """Why the ops between the K/V projections and the attention are not only head
     reshapes and a rotate-half rotary (None: they are), naming the op."""
     bad = [n for n in k_chain if n.op not in _CHAIN_OPS] + [n for n in v_chain if n.op not in _PLAIN_CHAIN]
-    return _ops_in_the_way(bad, "K/V")
+    return _ops_in_the_way(bad, "K/V") or (_per_head_operand(k_proj, k_chain, "K") if k_proj else None)
+
+
+# rotary's ops: a table operand (cos, sin) must be the same for every head; neg and the
+# rotate-half slices and cat take none
+_OPERAND_OPS = ("mul", "add", "sub", "fused_pointwise")
+
+
+def _per_head_operand(proj: Projection, chain: list[Node], which: str) -> str | None:
+    """The first op on the chain from `proj` to the attention that is not the same map on
+    every head (None: there is none), said in words: an operand that differs along the
+    heads axis (a learned per-channel scale or bias k * p[H * D], a per-head scale
+    k * s[H, 1, 1]), a product of K with itself, or an op that moves values across
+    heads. Rotary's cos/sin tables broadcast over the heads axis and pass: merging or
+    splitting heads commutes with a map applied alike to each head, not with one that
+    differs per head."""
+    axes = _head_axes(proj, chain)
+    for node in chain:
+        axis = axes.get(node.outputs[0])
+        if node.op not in _OPERAND_OPS and axis is not None:
+            continue
+        if axis is None:
+            kind = "an op that moves values across its heads (or one whose heads axis cannot be followed)"
+        else:
+            on_chain = [v for v in node.inputs if v in axes]
+            other = [v for v in node.inputs if v not in axes and _varies_along(v, node.outputs[0].rank, axis)]
+            if node.op == "mul" and len(on_chain) > 1:
+                kind = f"a product of {which} with itself (not linear)"
+            elif other:
+                v = other[0]
+                what = f"parameter {v.param!r} {v.type}" if v.param else f"a {v.type} tensor"
+                kind = (f"a learned scale or bias that differs per {which} head or channel ({what}), not a head "
+                        "reshape or a rotary embedding (whose cos/sin tables are the same for every head)")
+            else:
+                continue
+        name = node.attrs.get("target", "") if node.op == "torch_call" else node.op
+        return f"the op {name}{node.where()} between the {which} projection and the attention is {kind}"
+    return None
+
+
+def _varies_along(v: Value, rank: int, axis: int) -> bool:
+    """Whether `v`, broadcast against a rank-`rank` value, has more than one entry along `axis`."""
+    i = axis - (rank - v.rank)
+    return 0 <= i < v.rank and not dims_equal(v.shape[i], 1)
+
+
+def _head_axes(proj: Projection, chain: list[Node]) -> dict[Value, int | None]:
+    """For the projection's output and each value on the chain, the axis that holds its
+    heads (the H * D features before the head split, H after): None where an op mixes
+    them or the walk cannot follow (an op that slices or concatenates along it)."""
+    out = proj.out
+    if proj.head_dim is None:
+        axes: dict[Value, int | None] = {out: out.rank - 1}
+    else:  # GPT-NeoX: heads split at -2, then maybe permuted
+        axis = out.rank - 2
+        axes = {out: proj.head_permute.index(axis) if proj.head_permute is not None else axis}
+    for node in chain:
+        ins = [axes[v] for v in node.inputs if v in axes]
+        y = node.outputs[0]
+        if not ins or any(a is None or a != ins[0] for a in ins):
+            axes[y] = None
+            continue
+        a, src = ins[0], next(v for v in node.inputs if v in axes)
+        if node.op in ("cast", "neg") or node.op in _OPERAND_OPS:
+            axes[y] = a + (y.rank - src.rank)
+        elif node.op == "view":
+            axes[y] = (y.rank - 2 if a == src.rank - 1 and _splits_last_dim(node) else
+                       a if y.shape == src.shape else None)
+        elif node.op == "permute":
+            dims = [d % y.rank for d in node.attrs["dims"]]
+            axes[y] = dims.index(a)
+        elif node.op == "unsqueeze":
+            d = node.attrs["dim"] % y.rank
+            axes[y] = a + (d <= a)
+        elif node.op in ("slice", "cat"):
+            axes[y] = None if node.attrs["dim"] % y.rank == a else a
+        else:
+            axes[y] = None
+    return axes
 
 
 _COMPLEX_ROTARY = ("aten.view_as_complex", "aten.view_as_real", "aten.complex", "aten.polar")
@@ -295,7 +374,7 @@ def find_layers(graph: Graph, error=ValueError, who: str = "", why: str = "", ma
         heads, kv_heads, head_dim = int(q.shape[1]), int(k.shape[1]), int(k.shape[3])
         k_chain = _chain_between(graph, projs[1].out, k)
         v_chain = _chain_between(graph, projs[2].out, v)
-        problem = _chain_problem(k_chain, v_chain)
+        problem = _chain_problem(k_chain, v_chain, projs[1])
         if problem:
             raise error(f"{who}: {problem}" + where)
         for p in projs[1:]:
@@ -305,6 +384,44 @@ def find_layers(graph: Graph, error=ValueError, who: str = "", why: str = "", ma
         layers.append(Layer(n, *projs, _out_projection(graph, users, n.outputs[0]),
                             all(c.op in _PLAIN_CHAIN for c in k_chain), heads, kv_heads, head_dim))
     return layers
+
+
+def shared_projection(layer: Layer, producers) -> str | None:
+    """Which two of the layer's Q, K and V read one projection (None: each has its own),
+    in words: attention(q, q, v) gives K the queries; a tied k_proj / v_proj gives K and
+    V one weight. Merging K and V heads rewrites each separately, so a shared one cannot
+    be rewritten for both."""
+    roles = (("Q", layer.q), ("K", layer.k), ("V", layer.v))
+    for i, (a, pa) in enumerate(roles):
+        for b, pb in roles[i + 1:]:
+            same = pa.out is pb.out or producers.get(pa.out) is producers.get(pb.out) or \
+                (pa.name == pb.name and not pa.fused and not pb.fused)
+            if same:
+                what = "the keys are the queries" if (a, b) == ("Q", "K") else f"{a} and {b} are one projection"
+                return f"{b} reads the same projection as {a} ({pa.name}: {what})"
+    return None
+
+
+def other_reader(graph: Graph, layer: Layer, proj: Projection, which: str) -> str | None:
+    """An op other than the attention that reads the projection's output or a value on
+    its way to the attention (a value residual h + v_proj(x), a feature computed from
+    k_proj(x)), in words (None: there is none). Rewriting the projection would hand
+    that reader the rewritten (merged, sliced) values instead of the model's."""
+    target = layer.attn.inputs[("Q", "K", "V").index(which)]
+    chain = _chain_between(graph, proj.out, target)
+    on_path = {id(n) for n in chain} | {id(layer.attn)}
+    values = [proj.out] + [v for n in chain for v in n.outputs]
+    users = graph.users()
+    outputs = set(graph.outputs)
+    for v in values:
+        for n in users.get(v, []):
+            if id(n) not in on_path:
+                name = n.attrs.get("target", "") if n.op == "torch_call" else n.op
+                return (f"the op {name}{n.where()} also reads {which} (the output of {proj.name}, or a value "
+                        "between it and the attention)")
+        if v in outputs:
+            return f"the model also returns {which} (the output of {proj.name}, or a value between it and the attention)"
+    return None
 
 
 def emit_projection(bld: Builder, proj: Projection, x: Value, weight: Value, bias: Value | None) -> Value:
