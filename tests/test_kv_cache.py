@@ -222,31 +222,41 @@ def test_looked_up_positions_broadcast_against_heads_are_per_row():
     _assert_generates_as_eager_alone_and_left_padded(model, fast)
 
 
-class _PositionsSummedOverTheirFirstDim(torch.nn.Module):
-    """wpe(arange(T)) * scale[1, 1, C] is [1, T, C]; summing over dim 0 keeps that type, but
-    per-row rows [B, T, C] would be summed over the batch (a plain call at batch 2 was off
-    by 2.5): these positions stay shared."""
+class _PositionsMixedOverTheirFirstDim(torch.nn.Module):
+    """Position rows [1, T, C] reduced or picked over the dim that per-row rows would put
+    their batch in: summed over dim 0 (`sum0`: a plain call at batch 2 was off by 2.5), or
+    transposed to [T, 1, C] first and then picked (`transpose_pick`, wrong left-padded rows)
+    or summed (`ids_transpose_sum`: arange(T).unsqueeze(0) transposed, a plain call at batch
+    3 off by 2.9, before this session too). These positions stay shared."""
 
-    def __init__(self):
+    def __init__(self, mode):
         super().__init__()
+        self.mode = mode
         self.wte, self.wpe = torch.nn.Embedding(50, 32), torch.nn.Embedding(64, 32)
         self.scale = torch.nn.Parameter(torch.randn(1, 1, 32))
         self.qkv, self.out = torch.nn.Linear(32, 96), torch.nn.Linear(32, 50)
 
     def forward(self, idx):
         b, t = idx.shape
-        x = self.wte(idx) + (self.wpe(torch.arange(t, device=idx.device)) * self.scale).sum(0, keepdim=True)
+        arange = torch.arange(t, device=idx.device)
+        if self.mode == "sum0":
+            x = self.wte(idx) + (self.wpe(arange) * self.scale).sum(0, keepdim=True)
+        elif self.mode == "transpose_pick":
+            x = self.wte(idx) + self.wpe.weight[:t].unsqueeze(0).transpose(0, 1)[:, 0]
+        else:
+            x = self.wte(idx) + self.wpe(arange.unsqueeze(0).transpose(0, 1).sum(1))
         q, k, v = (z.view(b, t, 4, 8).transpose(1, 2) for z in self.qkv(x).split(32, 2))
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(y.transpose(1, 2).reshape(b, t, 32))
 
 
-def test_positions_reduced_over_their_first_dim_stay_shared():
+@pytest.mark.parametrize("mode", ["sum0", "transpose_pick", "ids_transpose_sum"])
+def test_positions_mixed_over_their_first_dim_stay_shared(mode):
     torch.manual_seed(0)
-    model = _PositionsSummedOverTheirFirstDim().eval()
+    model = _PositionsMixedOverTheirFirstDim(mode).eval()
     fast = fxforge.optimize(model, (torch.randint(0, 50, (2, 8)),), kv_cache=True)
     assert not fast.kv_layout.per_row_positions
-    ids = torch.randint(0, 50, (2, 6))
+    ids = torch.randint(0, 50, (3, 6))
     torch.testing.assert_close(fast(ids), model(ids), rtol=1e-4, atol=1e-5)
     assert torch.equal(fast.generate(ids, 6), _eager_greedy(model, ids, 6))
 

@@ -838,6 +838,8 @@ def _retype(graph: Graph, replace: dict[Value, Value], prefix: list[Node] = (),
                 return None
             if node.op in ("cat", "repeat_interleave") and node.attrs["dim"] % node.outputs[0].rank == 0:
                 return None  # along the new batch dim: not row by row
+            if node.op == "permute" and node.attrs["dims"][0] % node.outputs[0].rank != 0:
+                return None  # moves the rows' dim from the front, where the checks here look for it
         elif not _keeps_the_rows(node, inputs, new_node):
             return None
         nodes.append(new_node)
