@@ -176,3 +176,24 @@ def test_torchrun_smollm2_on_three_ranks(smollm2_env):
     ids = tok("Hello", return_tensors="pt").input_ids
     with pytest.raises(ShardError, match="tensor_parallel=2 does not divide this attention's 9 query heads"):
         sharded(model, ids, ShardConfig(2, 0))
+
+
+def test_a_projection_read_beyond_its_attention_is_refused():
+    # a value residual (h + v_proj(x)): a rank holds only its heads' columns of V, so the
+    # residual would add a slice; it built a graph before
+    class ValueResidual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(32, 16)
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, ids):
+            b, t = ids.shape
+            h = self.emb(ids)
+            v_flat = self.v(h)
+            q, k, v = (z.view(b, t, 2, 8).transpose(1, 2) for z in (self.q(h), self.k(h), v_flat))
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.o(y.transpose(1, 2).reshape(b, t, 16)) + v_flat
+
+    with pytest.raises(ShardError, match="also reads V.*slice of V"):
+        sharded(ValueResidual().eval(), torch.randint(0, 32, (1, 8)), ShardConfig(2, 0))

@@ -40,7 +40,7 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, IRTypeError, attention_has_bias
 from ..ir.roles import LOGITS, OUTPUT, output_roles
 from ..ir.types import as_dim, dims_equal
-from .projections import Layer, _chain_nodes, emit_projection, find_layers
+from .projections import Layer, _chain_nodes, emit_projection, find_layers, other_reader
 
 
 class ShardError(ValueError):
@@ -492,6 +492,11 @@ def shard(graph: Graph, ctx=None) -> Graph:
         if _chain_nodes(graph, layer.q.out, layer.attn.inputs[0]) is None:
             raise ShardError("shard: an op between the Q projection and the attention is not a head reshape or a "
                              "rotary embedding" + where)
+        for which, proj in (("Q", layer.q), ("K", layer.k), ("V", layer.v)):
+            reader = other_reader(graph, layer, proj, which)
+            if reader:  # a rank holds only its heads' columns of it
+                raise ShardError(f"shard: {reader}, not only the attention; a rank holds only its own heads' "
+                                 f"slice of {which}, so that reader would see a slice, not the model's value" + where)
         head_plans.append(_head_plan(layer, n, rank))
     skip = {id(layer.o.node) for layer in layers}
     mlps = find_mlps(graph, skip)
