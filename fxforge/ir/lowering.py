@@ -373,6 +373,17 @@ def numpy_t(c: LowerCtx, x):
     return x if x.rank < 2 else c.emit("permute", x, dims=tuple(reversed(range(x.rank))))
 
 
+def matrix_t(c: LowerCtx, x):
+    """x.mT (x.mH of a real tensor): the last two dims swapped."""
+    return transpose(c, x, -2, -1)
+
+
+def matrix_h(c: LowerCtx, x):
+    if x.dtype.is_complex:  # the conjugate too: left to PyTorch
+        return FALLBACK
+    return transpose(c, x, -2, -1)
+
+
 def slice_rule(c: LowerCtx, x, dim=0, start=None, end=None, step=1):
     dim = dim % x.rank
     size = x.shape[dim]
@@ -636,7 +647,8 @@ RULES.update({
     "aten.flatten.using_ints": view, "aten.unflatten.int": view,
     "aten.expand.default": expand, "aten.expand_as.default": expand,
     "aten.permute.default": permute, "aten.transpose.int": transpose, "aten.t.default": t,
-    "aten.numpy_T.default": numpy_t,
+    "aten.numpy_T.default": numpy_t, "aten.mT.default": matrix_t, "aten.mH.default": matrix_h,
+    "aten.adjoint.default": matrix_h,
     "aten.slice.Tensor": slice_rule, "aten.select.int": select,
     "aten.unsqueeze.default": unsqueeze,
     "aten.squeeze.dim": squeeze, "aten.squeeze.dims": squeeze, "aten.squeeze.default": squeeze,
