@@ -141,3 +141,18 @@ def test_matrix_transposes_lower_to_permutes():
     fast = fxforge.optimize(M(), (x,))
     assert "torch_call" not in fast.ir and fast.ir.count("permute") >= 1
     torch.testing.assert_close(fast(x), M()(x))
+
+
+def test_narrow_lowers_to_a_slice():
+    # a table narrowed by the length (wpe.weight.narrow(0, 0, t)) is the slice [:t], which
+    # kv_cache reads as positions; it was an opaque call it refused
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x.narrow(1, 0, x.shape[1] - 1)[:, :2] + x.narrow(1, 1, 2)
+
+    x = torch.randn(2, 5, 3)
+    fast = fxforge.optimize(M(), (x,))
+    assert "narrow" not in fast.ir and "slice" in fast.ir
+    for t in (3, 5, 8):
+        y = torch.randn(2, t, 3)
+        torch.testing.assert_close(fast(y), M()(y))

@@ -406,6 +406,14 @@ def slice_rule(c: LowerCtx, x, dim=0, start=None, end=None, step=1):
     return c.emit("slice", x, dim=dim, start=start, end=end, step=step)
 
 
+def narrow(c: LowerCtx, x, dim, start, length):
+    """x.narrow(dim, start, length): the slice [start, start + length) (a tensor start is
+    torch's to settle)."""
+    if isinstance(start, (torch.Tensor, Value)):
+        return FALLBACK
+    return slice_rule(c, x, dim, start)  # (its end comes from the result's length)
+
+
 def select(c: LowerCtx, x, dim, index):
     dim = dim % x.rank
     index = as_dim(index)
@@ -649,7 +657,7 @@ RULES.update({
     "aten.permute.default": permute, "aten.transpose.int": transpose, "aten.t.default": t,
     "aten.numpy_T.default": numpy_t, "aten.mT.default": matrix_t, "aten.mH.default": matrix_h,
     "aten.adjoint.default": matrix_h,
-    "aten.slice.Tensor": slice_rule, "aten.select.int": select,
+    "aten.slice.Tensor": slice_rule, "aten.narrow.default": narrow, "aten.select.int": select,
     "aten.unsqueeze.default": unsqueeze,
     "aten.squeeze.dim": squeeze, "aten.squeeze.dims": squeeze, "aten.squeeze.default": squeeze,
     "aten.cat.default": cat, "aten.concat.default": cat, "aten.repeat_interleave.self_int": repeat_interleave,

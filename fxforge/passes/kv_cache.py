@@ -1092,7 +1092,7 @@ def _is_last(index, seq) -> bool:
 
 def _picks_the_last_token(graph: Graph, node: Node, seq) -> bool:
     """`node` takes the last position along a dim of exactly T tokens: x[:, -1], x[:, -1:],
-    x[:, [-1]], x.narrow(1, T - 1, 1). Its result is one token's values, the same with a
+    x[:, [-1]], x.narrow(1, T - 1, 1) (a slice). Its result is one token's values, the same with a
     cache as over the whole sequence."""
     if not node.inputs or not isinstance(node.inputs[0].type, TensorType) or not node.inputs[0].rank:
         return False
@@ -1111,8 +1111,6 @@ def _picks_the_last_token(graph: Graph, node: Node, seq) -> bool:
     if node.op != "torch_call":
         return False
     target, args = a["target"], a["args"]
-    if target.startswith("aten.narrow.") and len(args) == 4 and not a["kwargs"]:
-        return is_seq(args[1]) and _is_last(args[2], seq) and args[3] == 1
     if target.startswith("aten.index.Tensor") and len(args) == 2 and not a["kwargs"]:
         indices = list(args[1])
         picked = [d for d, ix in enumerate(indices) if ix is not None]
