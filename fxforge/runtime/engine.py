@@ -355,7 +355,7 @@ class Engine:
                              f"max_seq_len={self.capacity}{self._longer_hint()}")
         # the graph's guards on the sequence's length (L + T once cached) at every length
         # the request reaches: its prefill chunks end anywhere in the prompt
-        self.model.check_step_sizes(1, [1], range(prompt_len + max_new_tokens - 1))
+        self.model.check_step_sizes(1, [1], range(prompt_len + max_new_tokens - 1), caller="the engine's")
 
     def _longer_hint(self) -> str:
         """How to serve longer requests: a larger engine where the model has room; else

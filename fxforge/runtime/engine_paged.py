@@ -84,7 +84,7 @@ class PagedEngine(Engine):
         if self.capacity is not None and fed > self.capacity:
             super()._check_request(prompt_len, max_new_tokens)
         # the graph's guards on the sequence's length (L + T once cached), as the dense engine's
-        self.model.check_step_sizes(1, [1], range(fed))
+        self.model.check_step_sizes(1, [1], range(fed), caller="the engine's")
         need = blocks_for(fed, self.block_size)
         if need > self.num_blocks:
             raise ValueError(f"a prompt of {prompt_len} tokens plus {max_new_tokens} new ones needs {need} KV cache "

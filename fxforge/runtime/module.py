@@ -244,7 +244,7 @@ class OptimizedModel:
     def kv_cache_bytes(self, batch: int, positions: int) -> int:
         return cache_nbytes(self.graph, batch, positions)
 
-    def check_step_sizes(self, batch: int, lengths, starts=(0,)):
+    def check_step_sizes(self, batch: int, lengths, starts=(0,), caller: str = "generate()"):
         """The graph's guards for calls of `batch` rows and each of `lengths` new tokens
         (a generate() call's prefill and decode steps), checked before any work. With a KV
         cache a guard on the sequence's length is one on the cached and the new tokens
@@ -258,11 +258,11 @@ class OptimizedModel:
         for length in lengths:
             sizes = {d: n for d, n in zip(shape, (batch, length)) if isinstance(d, sympy.Symbol)}
             if cache_len is None:
-                self._guards.check(sizes, f"generate() with {length} new token(s) per step")
+                self._guards.check(sizes, f"{caller} with {length} new token(s) per step")
                 continue
             for start in (starts if self._guards.mentions(cache_len) else (0,)):
                 self._guards.check({**sizes, cache_len: start},
-                                   f"generate() steps of {length} new token(s) after {start} cached ones")
+                                   f"{caller} steps of {length} new token(s) after {start} cached ones")
 
     def _allocate_cache(self, batch: int, capacity: int):
         capacity = -(-capacity // 256) * 256  # grown in steps, so that similar requests reuse it
