@@ -308,14 +308,15 @@ def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torc
 
     dumps: list[tuple[str, str]] = []
     dump_dir = dump_dir or os.environ.get("FXFORGE_DUMP") or None
-    logits = _named_logits(spec)
+    caching = any(info.name == "kv_cache" for info in pipeline)  # (the hints below are kv_cache's)
+    logits = _named_logits(spec) if caching else None
     if logits is not None and not graph.signature.get("outputs"):
         # the model's output structure names its logits (a transformers ModelOutput's field, a
         # dict key): kv_cache marks that output for generate(), whatever its place
         graph.signature = {**graph.signature, "outputs": tuple(roles.LOGITS if i == logits else roles.OUTPUT
                                                                for i in range(len(graph.outputs)))}
     shifts = _left_padding_shifts_positions(model)
-    if shifts:
+    if shifts and caching:
         # transformers' generate gives this model's left-padded rows the batch's positions:
         # kv_cache keeps them shared, as they are there (generate() then matches transformers)
         graph.signature = {**graph.signature, roles.SOURCE_POSITIONS: "shared"}

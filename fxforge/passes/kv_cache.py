@@ -858,6 +858,10 @@ def _keeps_the_rows(node: Node, inputs: tuple, new_node: Node) -> bool:
             and old.rank and new.rank == old.rank and old.shape[0] == 1 and new.shape[0] != 1]
     if not rows or OPS[node.op].kind == "pointwise":
         return True
+    if node.op == "amax" and not any(r.dtype.is_floating_point for r in rows):
+        # the largest position over the whole batch (LongRoPE's max(position_ids) + 1), as
+        # transformers computes it from its per-row position_ids (not rows of a float table)
+        return True
     out = new_node.outputs[0]
     return isinstance(out.type, TensorType) and out.rank > 0 and all(dims_equal(out.shape[0], r.shape[0]) for r in rows)
 
