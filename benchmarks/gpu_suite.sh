@@ -53,7 +53,7 @@ if [ -f "$OUT_DIR/tests.log" ]; then
     grep -E "^(FAILED|ERROR)" "$OUT_DIR/test_results.txt"
 fi
 run_step attention 80 $PY benchmarks/attention.py --quick --out "$OUT_DIR/attention.json"
-# FXFORGE_GPU_DECODE_ARGS / FXFORGE_GPU_QUANT_ARGS / FXFORGE_GPU_STEP_LIMIT_<STEP>: shorter runs for a
+# FXFORGE_GPU_DECODE_ARGS / FXFORGE_GPU_QUANT_ARGS / FXFORGE_GPU_SERVING_ARGS / FXFORGE_GPU_STEP_LIMIT_<STEP>: shorter runs for a
 # short device budget (defaults: the full figures)
 run_step decode "${FXFORGE_GPU_STEP_LIMIT_DECODE:-170}" $PY benchmarks/decode.py --model smollm2-random --dtype bfloat16 \
     ${FXFORGE_GPU_DECODE_ARGS:---tokens 64 --contexts 32,1024 --compile} --out "$OUT_DIR/decode.json"
@@ -62,8 +62,8 @@ run_step quant_linear "${FXFORGE_GPU_STEP_LIMIT_QUANT_LINEAR:-70}" $PY benchmark
     ${FXFORGE_GPU_QUANT_ARGS:---rep 25 --shapes 2048x2048,2048x5632} --out "$OUT_DIR/quant_linear.json"
 run_step elementwise 45 $PY benchmarks/elementwise.py --quick --out "$OUT_DIR/elementwise.json"
 run_step launches 40 $PY benchmarks/decode_launches.py
-run_step serving 120 $PY benchmarks/serving.py --model smollm2-random --device auto --dtype bfloat16 --requests 16 \
-    --skip-alone --out "$OUT_DIR/serving.json"
+run_step serving "${FXFORGE_GPU_STEP_LIMIT_SERVING:-120}" $PY benchmarks/serving.py --model smollm2-random --device auto \
+    --dtype bfloat16 ${FXFORGE_GPU_SERVING_ARGS:---requests 16 --skip-alone} --out "$OUT_DIR/serving.json"
 
 $PY benchmarks/gpu_suite_report.py "$OUT_DIR" > "$OUT_DIR/summary.md"
 echo "== summary: $OUT_DIR/summary.md"
