@@ -290,7 +290,7 @@ def _example_ids(model, vocab: int | None):
     if vocab is None:
         raise CLIError("the factory returned only a model without config.vocab_size: return (model, "
                          "example_inputs) so that fxforge knows what to capture it with")
-    return (torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)),)
+    return (torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0), device="cpu"),)
 
 
 def _smollm2():

@@ -292,22 +292,22 @@ def _random_like(x: torch.Tensor, kind: int, gen: torch.Generator) -> torch.Tens
     if x.numel() == 0:
         return x
     if x.dtype == torch.bool:
-        out = torch.randint(0, 2, x.shape, generator=gen).bool()
+        out = torch.randint(0, 2, x.shape, generator=gen, device="cpu").bool()
     elif x.is_floating_point() and (values := _few_values(x)) is not None:
         # a float input of one or two values (a 0/1 mask): its own values, at random places;
         # normal draws would be data the model is never given, and a branch that treats
         # both spellings of a mask alike would differ there and keep a false guard
-        out = values[torch.randint(0, len(values), x.shape, generator=gen)]
+        out = values[torch.randint(0, len(values), x.shape, generator=gen, device="cpu")]
     elif x.is_floating_point() or x.is_complex():
-        out = torch.randn(x.shape, generator=gen, dtype=torch.cfloat if x.is_complex() else torch.float32)
+        out = torch.randn(x.shape, generator=gen, device="cpu", dtype=torch.cfloat if x.is_complex() else torch.float32)
         out = out * 100 if kind == 1 else out
     else:
         lo, hi = int(x.min()), int(x.max())
         if hi - lo < 2**62 and hi < 2**63 - 1:
-            out = torch.randint(lo, hi + 1, x.shape, generator=gen, dtype=torch.int64)
+            out = torch.randint(lo, hi + 1, x.shape, generator=gen, device="cpu", dtype=torch.int64)
         else:  # (hi + 1 would overflow int64: a hash or seed input) the example's own values, at random places
             flat = x.detach().reshape(-1).cpu().long()
-            out = flat[torch.randint(0, flat.numel(), x.shape, generator=gen)]
+            out = flat[torch.randint(0, flat.numel(), x.shape, generator=gen, device="cpu")]
     return out.to(device=x.device, dtype=x.dtype)
 
 

@@ -92,8 +92,8 @@ def int4pack_available() -> bool:
 
     try:
         gen = torch.Generator().manual_seed(0)
-        packed = quantize_weight(torch.randn(16, 64, generator=gen), "int4", group_size=32)
-        x = torch.randn(2, 64, generator=gen)
+        packed = quantize_weight(torch.randn(16, 64, generator=gen, device="cpu"), "int4", group_size=32)
+        x = torch.randn(2, 64, generator=gen, device="cpu")
         y = int4pack_linear(x, prepare_int4(packed, torch.float32))
         return torch.allclose(y, x @ dequantize_weight(packed).t(), rtol=1e-4, atol=1e-4)
     except (RuntimeError, NotImplementedError):

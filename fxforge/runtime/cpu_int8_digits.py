@@ -159,11 +159,11 @@ def digits_available() -> bool:
         return False
     try:
         gen = torch.Generator().manual_seed(0)
-        q = torch.randint(-127, 128, (16, 64), generator=gen, dtype=torch.int8)
-        s = torch.rand(16, generator=gen) + 0.5
+        q = torch.randint(-127, 128, (16, 64), generator=gen, device="cpu", dtype=torch.int8)
+        s = torch.rand(16, generator=gen, device="cpu") + 0.5
         weight = prepack(q, s)
         for rows in (3, FEW_ROWS + 1):  # both kernels
-            x = torch.randn(rows, 64, generator=gen)
+            x = torch.randn(rows, 64, generator=gen, device="cpu")
             y = digit_linear(x, weight)
             ref = x.double() @ (q.double() * s.double()[:, None]).t()
             if y is None or not bool(((y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()).item()):

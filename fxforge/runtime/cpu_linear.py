@@ -537,7 +537,7 @@ def round_seconds(shape: tuple[int, int], candidates: list[tuple[str, str]], buf
     if time.perf_counter() >= hard_stop:
         return rounds
     weights = {layout: cold_weights(buffer, shape, layout, rows) for layout in {c[1] for c in candidates}}
-    x = torch.randn(rows, shape[1], generator=_private_generator())  # the caller's random state is theirs
+    x = torch.randn(rows, shape[1], generator=_private_generator(), device="cpu")  # the caller's random state is theirs
     for kernel, layout in candidates:  # oneDNN builds its primitive on the first call of a shape
         KERNELS[kernel](x, weights[layout][0])
     timed, cursor = list(candidates), 0
@@ -612,7 +612,7 @@ def onednn_available() -> bool:
         return False
     try:
         gen = _private_generator()
-        x, w, b = torch.randn(3, 8, generator=gen), torch.randn(5, 8, generator=gen), torch.randn(5, generator=gen)
+        x, w, b = (torch.randn(*shape, generator=gen, device="cpu") for shape in ((3, 8), (5, 8), (5,)))
         return torch.allclose(onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-5)
     except (RuntimeError, NotImplementedError):
         return False

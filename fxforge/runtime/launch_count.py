@@ -166,7 +166,7 @@ def decode_profile(model, steps: int = 2, prompt_len: int = 4, batch: int = 1) -
     device = model.device
     vocab = _vocab_size(model)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (batch, prompt_len + steps + 2), generator=gen).to(device)
+    ids = torch.randint(3, vocab, (batch, prompt_len + steps + 2), generator=gen, device="cpu").to(device)
     pad = torch.zeros(batch, dtype=torch.long, device=device)
     with model.kv_cache_lease(batch, ids.shape[1]) as cache, torch.no_grad():
         model.run_cached(ids[:, :prompt_len], 0, pad, cache)

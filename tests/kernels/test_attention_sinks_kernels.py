@@ -47,9 +47,9 @@ def check(out, ref, dtype):
 
 
 def qkv(b, h, hkv, tq, tk, d=32, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, n, t, d, generator=gen) for n, t in ((h, tq), (hkv, tk), (hkv, tk)))
-    sink = torch.randn(h, generator=gen) * 2
+    gen = torch.Generator().manual_seed(seed)  # a CPU generator: the case is built on the CPU, then moved
+    q, k, v = (torch.randn(b, n, t, d, generator=gen, device="cpu") for n, t in ((h, tq), (hkv, tk), (hkv, tk)))
+    sink = torch.randn(h, generator=gen, device="cpu") * 2
     dev = torch.get_default_device()
     return tuple(t.to(dtype).to(dev) for t in (q, k, v)) + (sink.to(dev),)
 
@@ -127,9 +127,9 @@ def paged(k, v, page=4, seed=0):
     """k, v [B, Hkv, T, D] scattered into paged caches; (caches, table, row starts 0)."""
     b, hkv, t, d = k.shape
     per_row = -(-t // page)
-    ids = torch.randperm(b * per_row + 2, generator=torch.Generator().manual_seed(seed)).int()
+    ids = torch.randperm(b * per_row + 2, generator=torch.Generator().manual_seed(seed), device="cpu").int()
     table = ids[:b * per_row].view(b, per_row)
-    kc = torch.zeros(b * per_row + 2, page, hkv, d, dtype=k.dtype)
+    kc = torch.zeros(b * per_row + 2, page, hkv, d, dtype=k.dtype, device="cpu")
     vc = torch.zeros_like(kc)
     for row in range(b):
         for n in range(per_row):

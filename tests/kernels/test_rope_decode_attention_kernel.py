@@ -11,14 +11,19 @@ from fxforge.runtime.backends.triton_backend import TritonBackend
 
 
 def _problem(b=2, h=4, hkv=2, t=1, d=16, start=21, capacity=40, dtype=torch.float32, padded=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, t, h, d, generator=g).to(dtype).transpose(1, 2)  # a strided view, as the projection gives
-    k = torch.randn(b, t, hkv, d, generator=g).to(dtype).transpose(1, 2)
-    v = torch.randn(b, t, hkv, d, generator=g).to(dtype).transpose(1, 2)
-    angles = torch.randn(b, t, d // 2, generator=g) * 3
+    g = torch.Generator().manual_seed(seed)  # a CPU generator: the case is built on the CPU, then moved
+    dev = torch.get_default_device()  # where the kernels run (CUDA under FXFORGE_TEST_DEVICE=cuda)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=g, device="cpu").to(dev)
+
+    q = draw(b, t, h, d).to(dtype).transpose(1, 2)  # a strided view, as the projection gives
+    k = draw(b, t, hkv, d).to(dtype).transpose(1, 2)
+    v = draw(b, t, hkv, d).to(dtype).transpose(1, 2)
+    angles = draw(b, t, d // 2) * 3
     cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype).unsqueeze(1) for f in (torch.cos, torch.sin))
-    caches = [torch.randn(b + 1, hkv, capacity, d, generator=g).to(dtype) for _ in range(2)]
-    bias = torch.zeros(b, 1, 1, start + t)
+    caches = [draw(b + 1, hkv, capacity, d).to(dtype) for _ in range(2)]
+    bias = torch.zeros(b, 1, 1, start + t, device=dev)
     if padded:  # row 1 is left-padded by 3 tokens
         bias[1, ..., :3] = torch.finfo(torch.float32).min
     return q, k, v, cos, sin, caches, bias
@@ -103,7 +108,7 @@ def test_the_backend_composes_the_old_kernels_for_many_query_positions():
     q, k, v, cos, sin, caches, bias = _problem(t=40, start=0, capacity=48, padded=False)
     want_caches = [c.clone() for c in caches]
     want = rope_attention_reference(q, k, v, cos, sin, *want_caches, causal=True, scale=0.25, start=0)
-    backend = TritonBackend("cpu", interpret=True)
+    backend = TritonBackend(q.device, interpret=q.device.type == "cpu")
     got = backend.kernel_ops()["rope_attention"](q, k, v, cos, sin, *caches, causal=True, scale=0.25, start=0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for c, w in zip(caches, want_caches):
