@@ -82,7 +82,8 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
             return capture_cache.capture(model, example_inputs, example_kwargs, dynamic, uncached)
 
     fast = optimize_captured(capture, model, passes=passes, disable=disable, backend=backend, dump_dir=dump_dir,
-                             registry=registry, cpu_linear=cpu_linear, verbose=verbose, **options)
+                             registry=registry, cpu_linear=cpu_linear, verbose=verbose,
+                             device=_model_device(model, (example_inputs, example_kwargs)), **options)
     _warn_nothing_quantized(fast)
     _measure_approximation_error(fast, model, example_inputs, example_kwargs)
     return fast
@@ -282,17 +283,19 @@ def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torc
                       passes: Sequence[str] | None = None, disable: Sequence[str] = (),
                       backend: str | Backend = "auto", dump_dir: str | None = None,
                       registry: PassRegistry | None = None, cpu_linear: bool | str = True,
-                      verbose: bool | None = None, copy_weights: bool = True, **options) -> OptimizedModel:
+                      verbose: bool | None = None, copy_weights: bool = True, device: torch.device | None = None,
+                      **options) -> OptimizedModel:
     """optimize() with the capture step given: `capture()` returns the IR graph and its call
     spec (fxforge.dynamo captures a torch.compile subgraph its own way). `model` gives the
-    device, the name and the generation defaults. copy_weights=False keeps the model's own
+    device (`device` where it has no parameters or buffers), the name and the generation
+    defaults. copy_weights=False keeps the model's own
     weight tensors where no pass rewrote them (torch.compile: the model stays in use, and two
     copies of every weight would double the memory)."""
     registry = _default_registry if registry is None else registry
     options = registry.parse_options(options)  # a bad value fails here, before the slow capture
     pipeline = registry.pipeline(options, list(passes) if passes is not None else None, disable)
     reporter = Reporter(verbose)
-    device = _model_device(model)
+    device = _model_device(model) if device is None else device
     # tensor_parallel's process group (None: torch.distributed's default) goes to the backend,
     # whose op table runs the graph's collectives on it
     group = getattr(options.get("tensor_parallel"), "process_group", None)
@@ -437,9 +440,14 @@ def _copy_generation_config(model, fast) -> None:
         fast.generation_config = copy.deepcopy(config)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def _model_device(model: torch.nn.Module, examples=()) -> torch.device:
+    """Where the model runs: its parameters' device, else its buffers', else (a model with
+    neither) its example inputs', else the CPU."""
     for p in model.parameters():
         return p.device
     for b in model.buffers():
         return b.device
+    for leaf in pytree.tree_leaves(examples):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
     return torch.device("cpu")

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..api import optimize_captured
+from ..api import _model_device, optimize_captured
 from ..log import Reporter
 from ..runtime.module import OptimizedModel
 from .capture import capture_subgraph
@@ -194,7 +194,7 @@ class FxforgeBackend:
         # the model's weights stay shared (copy_weights=False): torch.compile keeps using the
         # model, and a second copy of each weight would double the memory
         fast = optimize_captured(lambda: capture_subgraph(module, inputs), module, copy_weights=False,
-                                 **self.options)
+                                 device=_model_device(module, inputs), **self.options)
         compiled = CompiledSubgraph(fast, layout, weights, specialized, gm)
         self.compiled.append(compiled)
         return compiled
@@ -320,7 +320,7 @@ def _check_options(options: dict):
 
     registry = options.get("registry") or default_registry
     keywords = [name for name, p in inspect.signature(optimize_captured).parameters.items()
-                if p.kind == inspect.Parameter.KEYWORD_ONLY and name != "copy_weights"]
+                if p.kind == inspect.Parameter.KEYWORD_ONLY and name not in ("copy_weights", "device")]
     passes = sorted({info.option for info in registry.passes.values() if info.option})
     unknown = sorted(set(options) - set(keywords) - set(passes))
     if unknown:

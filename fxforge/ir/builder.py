@@ -63,16 +63,20 @@ class Builder:
         return self.emit("cast", x, dtype=dtype)
 
 
-def expand_ops(graph, op: str, expand):
-    """`graph` with every `op` node replaced by the nodes `expand(node, builder)` emits into a
-    fresh Builder; `expand` returns the values that stand for the node's results, in order.
-    Those values take the node's own result values' identity (later nodes read them), so a
-    fused op turns back into its composition in place (the unfuse of fused passes)."""
-    if not any(n.op == op for n in graph.nodes):
+def expand_ops(graph, op: str, expand, which=None):
+    """`graph` with every `op` node (for which `which(node)` holds, when given) replaced by the
+    nodes `expand(node, builder)` emits into a fresh Builder; `expand` returns the values that
+    stand for the node's results, in order. Those values take the node's own result values'
+    identity (later nodes read them), so a fused op turns back into its composition in place
+    (the unfuse of fused passes)."""
+    def chosen(node):
+        return node.op == op and (which is None or which(node))
+
+    if not any(chosen(n) for n in graph.nodes):
         return graph
     nodes: list[Node] = []
     for node in graph.nodes:
-        if node.op != op:
+        if not chosen(node):
             nodes.append(node)
             continue
         b = Builder(node.meta)

@@ -324,10 +324,11 @@ def fuse_linear_pointwise(graph: Graph, ctx=None) -> Graph:
     return graph
 
 
-def unfuse(graph: Graph) -> Graph:
-    """Every linear_fused node back as its composition (fused_pointwise, linear, slices):
-    the torch backend runs that (its CPU planners see plain linears), and it is what the
-    graph computed before fuse_linear_pointwise."""
+def unfuse(graph: Graph, which=None) -> Graph:
+    """Every linear_fused node (for which `which(node)` holds, when given) back as its
+    composition (fused_pointwise, linear, slices): the torch backend runs that (its CPU
+    planners see plain linears), and it is what the graph computed before
+    fuse_linear_pointwise."""
     from ..ir.builder import expand_ops
     from ..ir.linear_fused import compose
 
@@ -349,4 +350,4 @@ def unfuse(graph: Graph) -> Graph:
                        lambda x, w, bias: b.emit("linear", *([x, w] + ([bias] if bias is not None else []))), cut,
                        lambda *vs, **a: b.emit("quant_linear", *vs, **a))
 
-    return expand_ops(graph, "linear_fused", expand)
+    return expand_ops(graph, "linear_fused", expand, which)

@@ -83,7 +83,7 @@ _PASS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 # this list against their signatures).
 RESERVED_OPTIONS = frozenset({
     "model", "example_inputs", "example_kwargs", "passes", "disable", "backend", "dump_dir", "dynamic",
-    "registry", "cpu_linear", "verbose", "capture_cache", "copy_weights", "capture"})
+    "registry", "cpu_linear", "verbose", "capture_cache", "copy_weights", "capture", "device"})
 
 
 def _positional_arity(fn) -> tuple[int, float] | None:

@@ -29,8 +29,8 @@ def sinks_reference(q, k, v, sink, bias=None, *, causal, scale, window=None, sof
     tq, tk = s.shape[-2:]
     if bias is not None:
         s = s + bias.double().cpu()
-    pos = torch.arange(tq)[:, None] + (tk - tq)
-    j = torch.arange(tk)[None, :]
+    pos = torch.arange(tq, device="cpu")[:, None] + (tk - tq)
+    j = torch.arange(tk, device="cpu")[None, :]
     if causal:
         s = s.masked_fill(j > pos, float("-inf"))
     if window is not None:

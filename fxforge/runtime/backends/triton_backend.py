@@ -13,6 +13,7 @@ import importlib.util
 import os
 import sys
 import threading
+import time
 
 from ...ir.graph import Graph
 from .base import Backend
@@ -147,11 +148,42 @@ class TritonBackend(Backend):
         return self.pointwise.sources
 
     def prepare(self, graph: Graph) -> tuple[Graph, dict, list]:
+        graph, stats = self._float_linears_as_matmuls(graph)
         # a graph with float64 values gets kernel ops that send float64 operands to PyTorch
         # (float64_runs_reference); any other keeps the bare kernels: no check per call
         if not _holds_float64(graph):
-            return graph, {}, []
-        return graph, {name: float64_runs_reference(name, fn) for name, fn in self.kernel_ops().items()}, []
+            return graph, {}, stats
+        return graph, {name: float64_runs_reference(name, fn) for name, fn in self.kernel_ops().items()}, stats
+
+
+    def _float_linears_as_matmuls(self, graph: Graph) -> tuple[Graph, list]:
+        """On a GPU, float linear_fused nodes run as their steps: cuBLAS's matmul and the
+        generated pointwise kernels. Their fused GEMV and decode-MLP kernels save launches,
+        but a decode step replays as a CUDA graph there, where launches are cheap and those
+        kernels are not: on an H200 (2026-11-30, SmolLM2's shapes, bf16) the replayed step
+        took 1.49 ms with them against 0.86 ms without, the decode MLP alone 32 us a layer
+        (benchmarks/decode_profile.py, docs/benchmarks.md). The interpreter keeps them, so
+        the kernels stay tested on the CPU; quantized nodes keep their kernels (their
+        unfused form dequantizes per call)."""
+        if self.interpret or self.device.type != "cuda":
+            return graph, []
+        from collections import Counter
+
+        from ...passes.fuse_linear_pointwise import unfuse
+        from ...passes.manager import PassStats
+
+        def is_float(node):
+            return node.op == "linear_fused" and not node.attrs.get("parts")
+
+        count = sum(map(is_float, graph.nodes))
+        if not count:
+            return graph, []
+        start = time.perf_counter()
+        out = unfuse(graph, which=is_float)
+        note = (f"{count} float linear_fused nodes run as cuBLAS matmuls and pointwise kernels on this GPU "
+                "(faster than the fused GEMVs in a CUDA-graph decode step)")
+        return out, [PassStats("prepare_triton", time.perf_counter() - start, len(graph.nodes), len(out.nodes),
+                               rules=Counter(linear_fused_unfused=count), notes=[note], details={})]
 
 
 def _ensure_interpreter():
