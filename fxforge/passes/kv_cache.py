@@ -261,8 +261,10 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     else:
         new_graph, layers, bytes_per_token = _rewrite_attention(new_graph, seq, batch, cache_len, cache_size,
                                                                 config)
-    _check_no_other_length_ops(new_graph, seq, batch, cache_len)
-    _check_nothing_runs_along_the_sequence(dead_code_elimination(new_graph), seq, batch)
+    live = dead_code_elimination(new_graph)
+    head_picks = _head_picks(live, seq)  # the three checks below read them; one walk of the graph
+    _check_no_other_length_ops(new_graph, seq, batch, head_picks, cache_len)
+    _check_nothing_runs_along_the_sequence(live, seq, batch, head_picks)
 
     # A guard on T was a condition on the sequence's length; with a cache the sequence is
     # the cached tokens and the new ones (a model that switches its rotary scaling past a
@@ -277,7 +279,7 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
         max_seq_len = table_limit if max_seq_len is None else max_seq_len
     layout = KVCacheLayout(max_seq_len, config.max_batch, per_row, layers, bytes_per_token)
     # what the runtime reads: the graph itself (ir/roles.py), not this pass's report
-    output_roles, logits_note = _output_roles(new_graph, batch, seq)
+    output_roles, logits_note = _output_roles(new_graph, batch, seq, head_picks)
     new_graph.signature = {"outputs": output_roles,
                            **({"max_seq_len": max_seq_len} if max_seq_len is not None else {}),
                            **({"max_batch": config.max_batch} if config.max_batch is not None else {}),
@@ -296,7 +298,7 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
     return new_graph
 
 
-def _output_roles(graph: Graph, batch, seq) -> tuple[tuple[str, ...], str]:
+def _output_roles(graph: Graph, batch, seq, head_picks: set[int]) -> tuple[tuple[str, ...], str]:
     """Each output's role, and a note saying which output is the logits generate() samples
     from, and why: the output the model's own output structure names `logits` (api.py
     records it in the captured graph's signature: a ModelOutput field, a dict key); else
@@ -316,7 +318,7 @@ def _output_roles(graph: Graph, batch, seq) -> tuple[tuple[str, ...], str]:
     def every_token(v) -> bool:
         return floats(v) and v.rank == 3 and v.shape[1] == seq
 
-    picks_last = bool(_head_picks(graph, seq))
+    picks_last = bool(head_picks)
 
     def last_token(v) -> bool:
         return picks_last and floats(v) and (v.rank == 2 or v.rank == 3 and v.shape[1] == 1)
@@ -1023,7 +1025,7 @@ CONVOLUTIONS = ("aten.conv1d.", "aten.conv2d.", "aten.conv3d.", "aten.convolutio
                 "aten.conv_transpose1d.", "aten.conv_transpose2d.", "aten.conv_transpose3d.")
 
 
-def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch):
+def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch, head_picks: set[int]):
     """With a cache, T counts only the new tokens: an op that combines values along the
     sequence outside attention (a cumulative sum of a padding mask into positions, as
     RoBERTa-family models compute them from input_ids; a reduction over T; a short causal
@@ -1031,7 +1033,6 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch):
     would see only those and give other numbers than over
     the whole sequence: refuse."""
     positions = _position_values(graph)
-    head_picks = _head_picks(graph, seq)
     for n in graph.nodes:
         if id(n) in head_picks:
             # the last new token is the sequence's last (new tokens go at its end), and what
@@ -1240,13 +1241,12 @@ def _one_value_per_token(node: Node, seq) -> bool:
     return len(dims) == 1 and dims[0] == seq
 
 
-def _check_no_other_length_ops(graph: Graph, seq, batch, cache_len=None):
+def _check_no_other_length_ops(graph: Graph, seq, batch, head_picks: set[int], cache_len=None):
     """A tensor built from the sequence length alone (a leftover mask, a position we did
     not place) would be wrong once T is only the new tokens: refuse. So is any other value
     computed from T (a constant T, T - 1 as an index or a fill, a clamp at T): with a cache
     T counts the step's tokens, not the sequence. Sizes that count the step's tokens across
     the batch (B*T) are not lengths (see _token_count)."""
-    head_picks = _head_picks(graph, seq)
     for n in graph.nodes:
         expr = None if id(n) in head_picks else _length_in_a_value(n, seq, batch, cache_len)
         if expr is not None:

@@ -435,8 +435,12 @@ class OptimizedModel:
     @property
     def token_vocabulary(self) -> int | None:
         """The rows of the embedding the token ids index (None where not one table): a
-        prompt's ids must be below it."""
-        return roles.token_vocabulary(self.graph)
+        prompt's ids must be below it. Found once per graph (generate() and every engine
+        submission ask; the walk over the graph is not free)."""
+        found = getattr(self, "_token_vocabulary_of", None)
+        if found is None or found[0] is not self.graph:
+            found = self._token_vocabulary_of = (self.graph, roles.token_vocabulary(self.graph))
+        return found[1]
 
     def _check_inputs(self, inputs) -> list:
         """The inputs, checked against the graph's types (an integer tensor the graph only
