@@ -53,7 +53,14 @@ def dims_equal(a, b) -> bool:
     a, b = as_dim(a), as_dim(b)
     if a == b:
         return True
-    return sympy.simplify(a - b) == 0
+    diff = a - b
+    if diff.is_number:
+        return bool(diff == 0)
+    if diff.is_polynomial(*diff.free_symbols):
+        # expanded, a polynomial is zero only as the literal 0: no simplify (which costs about
+        # a millisecond a call, and passes ask this of every slice and select they look at)
+        return sympy.expand(diff) == 0
+    return sympy.simplify(diff) == 0
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -1092,7 +1092,7 @@ def _is_last(index, seq) -> bool:
     """`index` names the last of `seq` positions: -1 or T - 1."""
     if isinstance(index, int):
         return index == -1
-    return isinstance(index, sympy.Expr) and sympy.simplify(index - (seq - 1)) == 0
+    return isinstance(index, sympy.Expr) and dims_equal(index, seq - 1)
 
 
 def _picks_the_last_token(graph: Graph, node: Node, seq) -> bool:
@@ -1109,10 +1109,11 @@ def _picks_the_last_token(graph: Graph, node: Node, seq) -> bool:
     if node.op == "select":
         return is_seq(a["dim"]) and _is_last(a["index"], seq)
     if node.op == "slice":
+        if not (a["step"] == 1 and is_seq(a["dim"]) and _is_last(a["start"], seq)):
+            return False
         end = a["end"]
-        to_the_end = end is None or (isinstance(end, int) and end >= 2 ** 62) or (
-            isinstance(end, sympy.Expr) and sympy.simplify(end - seq) == 0)
-        return is_seq(a["dim"]) and a["step"] == 1 and _is_last(a["start"], seq) and to_the_end
+        return end is None or (isinstance(end, int) and end >= 2 ** 62) or (
+            isinstance(end, sympy.Expr) and dims_equal(end, seq))
     if node.op != "torch_call":
         return False
     target, args = a["target"], a["args"]
