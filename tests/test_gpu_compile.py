@@ -46,11 +46,12 @@ def test_parse_ptxas_log():
 def _llama_generated_kernels() -> list[dict]:
     model, vocab = zoo.llama("sdpa")
     ids = torch.randint(0, vocab, (2, 7))
-    optimized = fxforge.optimize(model, (ids,), backend="interpret")
+    captures = fxforge.CaptureCache()  # the second optimize() reuses the first's capture
+    optimized = fxforge.optimize(model, (ids,), backend="interpret", capture_cache=captures)
     with torch.no_grad():
         optimized(ids)
         # and the 64-bit-offset specializations of the same kernels (tensors past 2**31 elements)
-        wide = fxforge.optimize(model, (ids,), backend="interpret")
+        wide = fxforge.optimize(model, (ids,), backend="interpret", capture_cache=captures)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(pointwise, "INDEX_32_LIMIT", 1)
             wide(ids)
