@@ -28,19 +28,23 @@ def _optimize(model, vocab, **kw):
 def shared():
     """`shared(name)`: (model, vocab, kv_cache-optimized model) for a MODELS entry, optimized
     once per module (each optimize() takes seconds) for the tests that only generate and
-    read results: a test that inspects or patches the cache pool or the program optimizes
-    its own. The model is rebuilt each call from the test's seed (the same weights as the
-    optimized one) and the example input is drawn as _optimize draws it, so each test's
-    prompts are the ones it drew with its own optimize()."""
+    read results. A test that inspects or patches the cache pool or the program, or wants
+    another KV cache config, asks `shared(name, kv_cache=...)` for its own optimized model,
+    made from the kept capture of the same model. The model is rebuilt each call from the
+    test's seed (asserted the same weights) and the example input is drawn as _optimize
+    draws it, so each test's prompts are the ones it drew with its own optimize()."""
     built = {}
+    captures = fxforge.CaptureCache()
 
-    def get(name):
+    def get(name, kv_cache=None):
         model, vocab = MODELS[name]()
         example = torch.randint(0, vocab, (2, 7))
         if name not in built:
-            built[name] = model, fxforge.optimize(model, (example,), kv_cache=True)
+            built[name] = model, fxforge.optimize(model, (example,), kv_cache=True, capture_cache=captures)
         first, fast = built[name]
         assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), model.state_dict().values()))
+        if kv_cache is not None:  # its own, from the capture of `first` (the same weights)
+            fast = fxforge.optimize(first, (example,), kv_cache=kv_cache, capture_cache=captures)
         return model, vocab, fast
 
     return get
@@ -97,12 +101,11 @@ def test_logits_at_every_step_equal_full_recompute(name, shared):
         assert_close_to_eager(full, step)
 
 
-def test_steps_run_in_inference_mode_but_return_ordinary_tensors(monkeypatch):
+def test_steps_run_in_inference_mode_but_return_ordinary_tensors(monkeypatch, shared):
     """run_cached runs its program under inference_mode (faster small ops); the cache it
     updates and the logits it returns stay ordinary tensors: editable in place and usable
     with autograd outside inference_mode, and the cache steps on outside it too."""
-    model, vocab = MODELS["llama_sdpa"]()
-    fast = _optimize(model, vocab)
+    model, vocab, fast = shared("llama_sdpa", kv_cache=True)  # its own: the program is patched
     seq = torch.randint(0, vocab, (1, 9))
     pad = torch.zeros(1, dtype=torch.long)
     cache = fast.kv_cache_for(1, 9)
@@ -165,9 +168,8 @@ def test_ir_after_kv_cache():
     assert_round_trips(fast.graph)
 
 
-def test_cache_is_reused_and_sized_to_the_request():
-    model, vocab = zoo.llama("sdpa")
-    fast = _optimize(model, vocab)
+def test_cache_is_reused_and_sized_to_the_request(shared):
+    model, vocab, fast = shared("llama_sdpa", kv_cache=True)  # its own cache pool
     fast.generate(torch.randint(0, vocab, (2, 5)), 10)
     [cache] = fast._caches.idle  # given back after the call
     per_token = fast.kv_layout.bytes_per_token
@@ -388,9 +390,8 @@ def test_logits_processing_equals_transformers_warpers(top_k, top_p, temperature
 
 
 # -- limits and errors, checked before any work ------------------------------------------------
-def test_too_long_raises_before_generating():
-    model, vocab = zoo.gpt2("sdpa")  # 128 learned positions
-    fast = _optimize(model, vocab)
+def test_too_long_raises_before_generating(shared):
+    model, vocab, fast = shared("gpt2_sdpa", kv_cache=True)  # 128 learned positions; its own cache pool
     assert fast.kv_layout.max_seq_len == 128
     with pytest.raises(ValueError, match="max_seq_len=128"):
         fast.generate(torch.randint(0, vocab, (1, 100)), 30)
@@ -398,9 +399,8 @@ def test_too_long_raises_before_generating():
     fast.generate(torch.randint(0, vocab, (1, 100)), 29)  # exactly 128 fed (the last token never is)
 
 
-def test_config_limits():
-    model, vocab = zoo.llama("sdpa")
-    fast = _optimize(model, vocab, kv_cache=KVCacheConfig(max_seq_len=32, max_batch=2))
+def test_config_limits(shared):
+    model, vocab, fast = shared("llama_sdpa", kv_cache=KVCacheConfig(max_seq_len=32, max_batch=2))
     with pytest.raises(ValueError, match="max_batch=2"):
         fast.generate(torch.randint(0, vocab, (3, 4)), 2)
     with pytest.raises(ValueError, match="max_seq_len=32"):
