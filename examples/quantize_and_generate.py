@@ -3,7 +3,7 @@ cache, and see what it cost: weight bytes from report(), perplexity on a slice o
 repo's text, and the generated text next to the float model's.
 
     python examples/quantize_and_generate.py [--scheme int8] [--compute-dtype bfloat16]
-                                             [--prompt "..."] [--new-tokens 32]
+                                             [--prompt "..."] [--new-tokens 32] [--eval-tokens 256]
 
 --compute-dtype bfloat16 runs the quantized products in bf16: on CPU, int8 then decodes
 faster than the float32 model (docs/benchmarks.md).
@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--compute-dtype", default=None, choices=["bfloat16", "float16"])
     ap.add_argument("--prompt", default="The capital of France is")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--eval-tokens", type=int, default=256, help="perplexity is measured on these")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     model, tok = load_smollm2()
@@ -46,9 +47,9 @@ def main():
           f"weight bytes {details['bytes_before'] / 2**20:.1f} MiB -> {details['bytes_after'] / 2**20:.1f} MiB "
           f"({details['bytes_after'] / details['bytes_before']:.3f}x)")
 
-    text_ids = tok(open(TEXT).read(), return_tensors="pt").input_ids[:, :256]
+    text_ids = tok(open(TEXT).read(), return_tensors="pt").input_ids[:, :args.eval_tokens]
     ppl_float, ppl_quant = perplexity(float_model, text_ids), perplexity(quant, text_ids)
-    print(f"perplexity on 256 tokens of tests/data/eval_text.txt: float {ppl_float:.3f}, "
+    print(f"perplexity on {text_ids.shape[1]} tokens of tests/data/eval_text.txt: float {ppl_float:.3f}, "
           f"{args.scheme} {ppl_quant:.3f} ({100 * (ppl_quant / ppl_float - 1):+.2f}%)")
 
     for label, fast in (("float32", float_model), (args.scheme, quant)):

@@ -24,6 +24,32 @@ def _optimize(model, vocab, **kw):
     return fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=kw.pop("kv_cache", True), **kw)
 
 
+@pytest.fixture(scope="module")
+def shared():
+    """`shared(name)`: (model, vocab, kv_cache-optimized model) for a MODELS entry, optimized
+    once per module (each optimize() takes seconds) for the tests that only generate and
+    read results. A test that inspects or patches the cache pool or the program, or wants
+    another KV cache config, asks `shared(name, kv_cache=...)` for its own optimized model,
+    made from the kept capture of the same model. The model is rebuilt each call from the
+    test's seed (asserted the same weights) and the example input is drawn as _optimize
+    draws it, so each test's prompts are the ones it drew with its own optimize()."""
+    built = {}
+    captures = fxforge.CaptureCache()
+
+    def get(name, kv_cache=None):
+        model, vocab = MODELS[name]()
+        example = torch.randint(0, vocab, (2, 7))
+        if name not in built:
+            built[name] = model, fxforge.optimize(model, (example,), kv_cache=True, capture_cache=captures)
+        first, fast = built[name]
+        assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), model.state_dict().values()))
+        if kv_cache is not None:  # its own, from the capture of `first` (the same weights)
+            fast = fxforge.optimize(first, (example,), kv_cache=kv_cache, capture_cache=captures)
+        return model, vocab, fast
+
+    return get
+
+
 def _assert_left_padded_batch_generates_as_transformers(model, fast):
     ids, mask = _padded_batch(128, [5, 9, 2])
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -42,9 +68,8 @@ def _padded_batch(vocab, lengths, pad_id=0):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_greedy_tokens_equal_transformers(name):
-    model, vocab = MODELS[name]()
-    fast = _optimize(model, vocab)
+def test_greedy_tokens_equal_transformers(name, shared):
+    model, vocab, fast = shared(name)
     prompt = torch.randint(0, vocab, (1, 6))
     ref = model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)
     out = fast.generate(prompt, 24)
@@ -52,9 +77,8 @@ def test_greedy_tokens_equal_transformers(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_batched_left_padded_prompts_equal_transformers(name):
-    model, vocab = MODELS[name]()
-    fast = _optimize(model, vocab)
+def test_batched_left_padded_prompts_equal_transformers(name, shared):
+    model, vocab, fast = shared(name)
     ids, mask = _padded_batch(vocab, [5, 9, 2])
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
     out = fast.generate(ids, 16, attention_mask=mask)
@@ -62,9 +86,8 @@ def test_batched_left_padded_prompts_equal_transformers(name):
 
 
 @pytest.mark.parametrize("name", ["gpt2_sdpa", "llama_sdpa"])
-def test_logits_at_every_step_equal_full_recompute(name):
-    model, vocab = MODELS[name]()
-    fast = _optimize(model, vocab)
+def test_logits_at_every_step_equal_full_recompute(name, shared):
+    model, vocab, fast = shared(name)
     seq = torch.randint(0, vocab, (2, 20))
     pad = torch.zeros(2, dtype=torch.long)
     cache = fast.kv_cache_for(2, 20)
@@ -78,12 +101,11 @@ def test_logits_at_every_step_equal_full_recompute(name):
         assert_close_to_eager(full, step)
 
 
-def test_steps_run_in_inference_mode_but_return_ordinary_tensors(monkeypatch):
+def test_steps_run_in_inference_mode_but_return_ordinary_tensors(monkeypatch, shared):
     """run_cached runs its program under inference_mode (faster small ops); the cache it
     updates and the logits it returns stay ordinary tensors: editable in place and usable
     with autograd outside inference_mode, and the cache steps on outside it too."""
-    model, vocab = MODELS["llama_sdpa"]()
-    fast = _optimize(model, vocab)
+    model, vocab, fast = shared("llama_sdpa", kv_cache=True)  # its own: the program is patched
     seq = torch.randint(0, vocab, (1, 9))
     pad = torch.zeros(1, dtype=torch.long)
     cache = fast.kv_cache_for(1, 9)
@@ -117,9 +139,8 @@ def test_steps_run_in_inference_mode_but_return_ordinary_tensors(monkeypatch):
     assert_close_to_eager(full, step)
 
 
-def test_plain_call_still_matches_eager():
-    model, vocab = zoo.llama("sdpa")
-    fast = _optimize(model, vocab)
+def test_plain_call_still_matches_eager(shared):
+    model, vocab, fast = shared("llama_sdpa")
     assert_matches_eager(model, fast, vocab, [(1, 1), (3, 11)])
 
 
@@ -147,9 +168,8 @@ def test_ir_after_kv_cache():
     assert_round_trips(fast.graph)
 
 
-def test_cache_is_reused_and_sized_to_the_request():
-    model, vocab = zoo.llama("sdpa")
-    fast = _optimize(model, vocab)
+def test_cache_is_reused_and_sized_to_the_request(shared):
+    model, vocab, fast = shared("llama_sdpa", kv_cache=True)  # its own cache pool
     fast.generate(torch.randint(0, vocab, (2, 5)), 10)
     [cache] = fast._caches.idle  # given back after the call
     per_token = fast.kv_layout.bytes_per_token
@@ -306,9 +326,8 @@ def test_rotary_tables_sliced_by_the_length_are_per_row(spelling):
         assert torch.equal(out, _eager_greedy(model, p[None], 5)[0, p.numel():])
 
 
-def test_eos_stops_each_row_and_pads():
-    model, vocab = zoo.gpt2("sdpa")
-    fast = _optimize(model, vocab)
+def test_eos_stops_each_row_and_pads(shared):
+    model, vocab, fast = shared("gpt2_sdpa")
     ids = torch.randint(0, vocab, (3, 4))
     free = fast.generate(ids, 12)
     eos = int(free[0, 6])  # row 0 produces this token at step 3: make it the EOS
@@ -317,9 +336,8 @@ def test_eos_stops_each_row_and_pads():
     assert torch.equal(out, ref), (out, ref)
 
 
-def test_streamer_gets_every_token():
-    model, vocab = zoo.llama("sdpa")
-    fast = _optimize(model, vocab)
+def test_streamer_gets_every_token(shared):
+    model, vocab, fast = shared("llama_sdpa")
     seen = []
     out = fast.generate(torch.randint(0, vocab, (2, 4)), 6, streamer=seen.append)
     assert torch.equal(torch.stack(seen, 1), out[:, 4:])
@@ -339,9 +357,8 @@ def test_streamer_gets_every_token():
     assert s.ended and torch.equal(torch.cat([s.parts[0][0]] + [p for p in s.parts[1:]]), out[0])
 
 
-def test_sampling_is_reproducible_and_respects_top_k():
-    model, vocab = zoo.llama("sdpa")
-    fast = _optimize(model, vocab)
+def test_sampling_is_reproducible_and_respects_top_k(shared):
+    model, vocab, fast = shared("llama_sdpa")
     prompt = torch.randint(0, vocab, (2, 4))
     # no EOS: a row that samples it would be padded after it, and pad is no top-3 token
     a = fast.generate(prompt, 10, do_sample=True, top_k=3, eos_token_id=None, generator=torch.Generator().manual_seed(1))
@@ -373,9 +390,8 @@ def test_logits_processing_equals_transformers_warpers(top_k, top_p, temperature
 
 
 # -- limits and errors, checked before any work ------------------------------------------------
-def test_too_long_raises_before_generating():
-    model, vocab = zoo.gpt2("sdpa")  # 128 learned positions
-    fast = _optimize(model, vocab)
+def test_too_long_raises_before_generating(shared):
+    model, vocab, fast = shared("gpt2_sdpa", kv_cache=True)  # 128 learned positions; its own cache pool
     assert fast.kv_layout.max_seq_len == 128
     with pytest.raises(ValueError, match="max_seq_len=128"):
         fast.generate(torch.randint(0, vocab, (1, 100)), 30)
@@ -383,9 +399,8 @@ def test_too_long_raises_before_generating():
     fast.generate(torch.randint(0, vocab, (1, 100)), 29)  # exactly 128 fed (the last token never is)
 
 
-def test_config_limits():
-    model, vocab = zoo.llama("sdpa")
-    fast = _optimize(model, vocab, kv_cache=KVCacheConfig(max_seq_len=32, max_batch=2))
+def test_config_limits(shared):
+    model, vocab, fast = shared("llama_sdpa", kv_cache=KVCacheConfig(max_seq_len=32, max_batch=2))
     with pytest.raises(ValueError, match="max_batch=2"):
         fast.generate(torch.randint(0, vocab, (3, 4)), 2)
     with pytest.raises(ValueError, match="max_seq_len=32"):
@@ -397,18 +412,16 @@ def test_config_limits():
         KVCacheConfig(max_seq_len=0)
 
 
-def test_fp16_cache_halves_memory_and_still_generates():
-    model, vocab = zoo.llama("sdpa")
-    f32 = _optimize(model, vocab)
+def test_fp16_cache_halves_memory_and_still_generates(shared):
+    model, vocab, f32 = shared("llama_sdpa")
     f16 = _optimize(model, vocab, kv_cache=KVCacheConfig(dtype=torch.float16))
     assert f16.kv_layout.bytes_per_token * 2 == f32.kv_layout.bytes_per_token
     prompt = torch.randint(0, vocab, (1, 6))
     assert f16.generate(prompt, 8).shape == (1, 14)
 
 
-def test_bad_inputs_to_generate():
-    model, vocab = zoo.llama("sdpa")
-    fast = _optimize(model, vocab)
+def test_bad_inputs_to_generate(shared):
+    model, vocab, fast = shared("llama_sdpa")
     with pytest.raises(ValueError, match="int64 tensor"):
         fast.generate(torch.randint(0, vocab, (5,)), 3)
     with pytest.raises(ValueError, match="left padding"):

@@ -18,10 +18,36 @@ MODELS = {"llama_gqa_rotary": lambda: zoo.llama("sdpa"), "gpt2": lambda: zoo.gpt
           "mistral_window": lambda: zoo.mistral(sliding_window=4)}
 
 
-def _optimize(name, backend="auto"):
-    torch.manual_seed(0)
-    model, vocab = MODELS[name]()
-    return fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=True, backend=backend), vocab
+# Each MODELS entry is built once per module and captured once (torch.export: seconds a
+# call): the tests optimize it afresh (their own caches and static steps) from the kept
+# capture. The tests change the optimized models, never the models.
+_BUILT: dict = {}
+_CAPTURES = fxforge.CaptureCache()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _models_built_once():
+    yield
+    _BUILT.clear()
+    _CAPTURES.clear()
+
+
+def _model(name):
+    """(model, vocab) of a MODELS entry built from seed 0, and the global RNG set as building
+    it leaves it (what the test draws next is what it drew when it built the model)."""
+    if name not in _BUILT:
+        torch.manual_seed(0)
+        model, vocab = MODELS[name]()
+        _BUILT[name] = model, vocab, torch.get_rng_state()
+    model, vocab, rng = _BUILT[name]
+    torch.set_rng_state(rng)
+    return model, vocab
+
+
+def _optimize(name, backend="auto", kv_cache=True):
+    model, vocab = _model(name)
+    return fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=kv_cache, backend=backend,
+                            capture_cache=_CAPTURES), vocab
 
 
 def _generate(fast, ids, mask, static: bool, n=10):
@@ -89,10 +115,8 @@ def test_every_step_reads_the_same_buffers_and_allocates_no_cache(monkeypatch):
 
 
 def test_graphs_it_cannot_serve_say_why_and_decode_eagerly():
-    torch.manual_seed(0)
-    model, vocab = zoo.mistral(sliding_window=4)  # paged: the window is measured from the last key
-    paged = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),),
-                             kv_cache=KVCacheConfig(layout="paged", block_size=4))
+    # paged: the window is measured from the last key
+    paged, vocab = _optimize("mistral_window", kv_cache=KVCacheConfig(layout="paged", block_size=4))
     assert "sliding window" in paged.static_decode_problem
     paged.static_decode = True
     assert not paged.uses_static_decode()
@@ -100,7 +124,7 @@ def test_graphs_it_cannot_serve_say_why_and_decode_eagerly():
     ids, mask = prompts(vocab, padded=True)
     out = paged.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, pad_token_id=0)
     assert out.shape == (3, 14)
-    plain = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),))
+    plain = fxforge.optimize(_model("mistral_window")[0], (torch.randint(0, vocab, (2, 7)),), capture_cache=_CAPTURES)
     assert plain.static_decode_problem is None and "decode: no KV cache" in plain.report()
 
 
@@ -178,9 +202,7 @@ PAGED = KVCacheConfig(layout="paged", block_size=4)
 def test_paged_static_steps_give_the_eager_tokens_and_logits():
     """A paged graph's static step runs the model's own program over a fixed-width block
     table, with the slot mapping made on the device: the eager steps' tokens and logits."""
-    torch.manual_seed(0)
-    model, vocab = zoo.llama("sdpa")
-    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=PAGED)
+    fast, vocab = _optimize("llama_gqa_rotary", kv_cache=PAGED)
     assert fast.static_decode_problem is None
     ids, mask = prompts(vocab, padded=True)
     eager_tokens, eager_logits = _generate(fast, ids, mask, static=False)
@@ -192,9 +214,7 @@ def test_paged_static_steps_give_the_eager_tokens_and_logits():
 
 
 def test_a_paged_row_past_its_blocks_is_refused_before_any_work():
-    torch.manual_seed(0)
-    model, vocab = zoo.llama("sdpa")
-    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=PAGED)
+    fast, vocab = _optimize("llama_gqa_rotary", kv_cache=PAGED)
     cache = fast.paged_cache(16)
     cache.row_capacity = 32
     cache.use_rows([[3, 5], [7]])  # 8 and 4 tokens
@@ -236,9 +256,7 @@ def test_a_paged_static_step_makes_its_slots_in_the_same_launch():
     kernel too: no gather, div, remainder or copy in the step on the Triton backends."""
     from fxforge.runtime.launch_count import LaunchCounter
 
-    torch.manual_seed(0)
-    model, vocab = zoo.llama("sdpa")
-    fast = fxforge.optimize(model, (torch.randint(0, vocab, (2, 7)),), kv_cache=PAGED, backend="interpret")
+    fast, vocab = _optimize("llama_gqa_rotary", "interpret", kv_cache=PAGED)
     cache = fast.paged_cache(16)
     cache.row_capacity = 32
     cache.use_rows([[3, 5], [7]])  # 8 and 4 tokens

@@ -183,6 +183,14 @@ def _indexed_compile(args) -> tuple[int, dict]:
 QUICK_UNALIGNED_BOTH = ("decode_split", "decode_combine")
 
 
+def quick_unaligned(spec: KernelSpec, arch: int) -> bool:
+    """Whether the CI subset compiles `spec` unaligned for `arch`: every spec for sm_90, and
+    the QUICK_UNALIGNED_BOTH kernels for sm_80 too, but for the paged split kernel: the
+    full sweep measured its sm_80 registers below sm_90's at every paged point (by 2-96)
+    and the unaligned shared memory the same on both."""
+    return arch == 90 or (spec.kernel in QUICK_UNALIGNED_BOTH and spec.labels.get("variant") != "paged")
+
+
 def compile_all(specs: list[KernelSpec], archs=ARCHS, jobs: int = 1, progress: str | None = None,
                 aligned_archs=None, unaligned=None) -> list[CompileResult]:
     """Every spec for every arch unaligned and for the `aligned_archs` (None: every arch)
@@ -249,11 +257,12 @@ def main(argv=None) -> int:
     # tighter limit (the largest aligned block of the subset: 144 KB there, 176 of 227 KB on
     # sm_90; an unaligned launch pipelines nothing through shared memory, so it needs less),
     # and the unaligned ones for sm_90, plus sm_80's for the split-K decode kernel (launched
-    # without autotuning: its spills matter on each arch); the full sweep compiles all three
+    # without autotuning: its spills matter on each arch) where sm_90's do not bound them
+    # (quick_unaligned); the full sweep compiles all three
     archs = tuple(args.arch or ARCHS)
     quick = args.specs == "quick" and set(archs) == {80, 90}
     results = compile_all(specs, archs, args.jobs, args.progress, aligned_archs=(80,) if quick else None,
-                          unaligned=(lambda s, a: a == 90 or s.kernel in QUICK_UNALIGNED_BOTH) if quick else None)
+                          unaligned=quick_unaligned if quick else None)
     with open(args.results, "w") as f:
         json.dump([r.to_json() for r in results], f, indent=1)
     return 0

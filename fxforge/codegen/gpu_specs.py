@@ -555,12 +555,17 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
                 + paged_kv_write_specs())
     worst = {"fp32": DTYPES["fp32"], "bf16": DTYPES["bf16"]}
     bf16 = {"bf16": DTYPES["bf16"]}
+    # What the quick set leaves to the full sweep is what another spec of the same kernel
+    # bounded in the compiles of 2026-11-30 (docs/gpu-compile.md, "The CI subset").
     # "all" turns every feature flag on and "paged" adds the block table to that: "plain"
     # (no flag) is the same code with less in it, so the quick set leaves it to the full sweep
     featured = ("all", "paged")
-    attn = _largest(attention_specs(worst, (64, 256), variants=featured), ("BLOCK_M", "BLOCK_N"),
+    # attention: "paged" needs at most the shared memory of "all" at each dtype and head dim
+    # (equal, or 113 of 144 KB for bf16 at 64 aligned): its code is compiled by attn_wide below
+    attn = _largest(attention_specs(worst, (64, 256), variants=("all",)), ("BLOCK_M", "BLOCK_N"),
                     ("dtype", "head_dim", "variant"), 1)
-    quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",))
+    # the int4 GEMM's largest tile per dtype (the second largest had less shared memory)
+    quant = _largest(quant_specs(worst, QUANT_FORMATS[1:2], w8a8=False), ("BLOCK_N", "BLOCK_K"), ("dtype",), 1)
     w8a8 = _largest([s for s in quant_specs(worst, ()) if s.kernel.startswith("quant_w8a8")], ("BLOCK_N", "BLOCK_K"),
                     ("dtype",), 1)
     # the 64-bit-offset specializations (tensors past 2**31 elements) where they cost most
@@ -573,12 +578,27 @@ def launchable_specs(quick: bool = False) -> list[KernelSpec]:
     # warps on sm_90 where "all" did not (docs/gpu-compile.md), so that point stays in
     decode_plain = [s for s in decode_specs(worst, (128,), splits=(10 ** 6,), variants=("plain",), one_split=(False,))
                     if s.kernel == "decode_split"]
+    # the split kernel writing the output itself (ONE_SPLIT) in bfloat16 only: there the
+    # output's type replaces the float32 partials' (up to 37 more registers); in float32 the
+    # pointers are the same, and it measured the same shared memory and registers within 1
+    decode_one = [s for s in decode_specs(bf16, (64, 256), splits=(10 ** 6,), variants=featured, one_split=(True,))
+                  if s.kernel == "decode_split"]
+    # writing partials, "paged" is left to decode_wide: the 64-bit offsets need the same
+    # shared memory and at least the registers at each dtype and head dim (its 32-bit code
+    # is compiled by decode_one)
+    decode = decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=("all",), one_split=(False,),
+                          combine_sinks=(True,))
+    # the split-K GEMV at the largest BLOCK_K per dtype, format and row class (a 4-bit group
+    # size that caps it lower gives a smaller tile of the same code); at one row float32 x
+    # launches bfloat16's blocks and needed the same shared memory and registers
+    gemv = [s for s in _largest(quant_gemv_specs(worst), ("BLOCK_K",), ("dtype", "format", "rows"), 1)
+            if s.labels["rows"] > 1 or s.labels["dtype"] == "bf16"]
     # (the combine kernel with SINKS only: the plain one is the same code less two lines)
-    return (attn + attn_wide + decode_specs(worst, (64, 256), splits=(10 ** 6,), variants=featured,
-                                            combine_sinks=(True,)) + decode_wide + decode_plain
-            + quant + w8a8
-            + [_wide(quant[0])] + quant_gemv_specs(worst) + row_specs(lengths=(4096, 65536), kinds=("layer_norm",))
-            + gemv_specs(worst, GEMV_SHAPES[3:4])
+    return (attn + attn_wide + decode + decode_one + decode_wide + decode_plain + quant + w8a8
+            + [_wide(quant[0])] + gemv + row_specs(lengths=(4096, 65536), kinds=("layer_norm",))
+            # the llama decode GEMV in bfloat16: float32 launches the same blocks, and
+            # measured the same shared memory and no more registers
+            + gemv_specs(bf16, GEMV_SHAPES[3:4])
             # the decode MLP and the quantized GEMV at their register-heaviest point only
             # (bfloat16, 16 rows): each compile costs seconds, the suite has 20 minutes
             + mlp_specs(bf16, MLP_SHAPES[:1], rows=(16,))
