@@ -100,6 +100,11 @@ def _is_float_scalar(x) -> bool:
                                     and x.is_real)
 
 
+def _has_float_tensor(like) -> bool:
+    return any(isinstance(v, Value) and isinstance(v.type, TensorType) and v.type.dtype.is_floating_point
+               for v in like)
+
+
 def _computes_in_float64(like) -> bool:
     types = [v.type for v in like if isinstance(v, Value) and isinstance(v.type, TensorType)]
     return bool(types) and promote(*types) == torch.float64
@@ -125,6 +130,10 @@ def _const_dtype(x, like) -> torch.dtype:
     float64 constant, the model's exact value, not one rounded to float32 first."""
     if _is_float_scalar(x) and _computes_in_float64(like):
         return torch.float64
+    if _is_float_scalar(x) and _has_float_tensor(like):
+        # among float tensors the op computes in theirs, whatever torch.set_default_dtype
+        # says: a float16 default must not round `x * 0.1` or an eps to float16 first
+        return torch.float32
     return torch.tensor(_scalar_sample(x)).dtype
 
 

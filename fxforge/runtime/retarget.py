@@ -84,7 +84,7 @@ def retyped(graph: Graph, dtype: torch.dtype) -> Graph:
     nodes, pinned = [], []
     for node in graph.nodes:
         inputs = tuple(new.get(v, v) for v in node.inputs)
-        attrs = _copies_retyped(node, inputs)
+        attrs = _consts_retyped(_copies_retyped(node, inputs), node.op, dtype)
         inferred = OPS[node.op].infer([v.type for v in inputs], attrs) if node.op in OPS else None
         types = inferred if inferred is not None else [v.type for v in node.outputs]
         outputs = tuple(Value(t, v.hint, v.param, v.state, v.attrs) for t, v in zip(types, node.outputs))
@@ -132,6 +132,39 @@ def _copies_retyped(node: Node, inputs: tuple[Value, ...]) -> dict:
     body = _body_copies_retyped(node.attrs["body"], [v.type for v in node.inputs[:computed]],
                                 [v.type for v in inputs[:computed]])
     return node.attrs if body == node.attrs["body"] else {**node.attrs, "body": body}
+
+
+def _const_float_dtype(old: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a float constant (a Python float of the model: `x * 0.1`, an eps) once
+    the model computes in `dtype`: what optimize() gives such a model afresh (lowering's
+    _const_dtype), float64 in a float64 model (the model's exact value, not one rounded to
+    float32 first), float32 otherwise. Only its rounding changes: a 0-dim constant never
+    decides an op's dtype against a tensor operand."""
+    return torch.float64 if dtype == torch.float64 else torch.float32 if old == torch.float64 else old
+
+
+def _consts_retyped(attrs: dict, op: str, dtype: torch.dtype) -> dict:
+    """`attrs` with each float constant retyped (_const_float_dtype): a const node's own, and
+    the const steps of the fused bodies it holds (fused_pointwise's body, linear_fused's
+    prologue and epilogue)."""
+    def step(entry):
+        if isinstance(entry, tuple) and len(entry) == 3 and entry[0] == "const" and isinstance(entry[2], tuple):
+            items = tuple((k, _const_float_dtype(v, dtype) if k == "dtype" and isinstance(v, torch.dtype)
+                           and v.is_floating_point else v) for k, v in entry[2])
+            return (entry[0], entry[1], items) if items != entry[2] else entry
+        if isinstance(entry, tuple):
+            out = tuple(step(e) for e in entry)
+            return entry if all(a is b for a, b in zip(out, entry)) else out
+        return entry
+
+    if op == "const":
+        old = attrs.get("dtype")
+        if isinstance(old, torch.dtype) and old.is_floating_point and _const_float_dtype(old, dtype) != old:
+            return {**attrs, "dtype": _const_float_dtype(old, dtype)}
+        return attrs
+    changed = {k: step(v) for k, v in attrs.items() if isinstance(v, tuple)}
+    changed = {k: v for k, v in changed.items() if v is not attrs[k]}
+    return {**attrs, **changed} if changed else attrs
 
 
 def _copies(operand, dtype) -> bool:
