@@ -134,6 +134,7 @@ class OptimizedModel:
                                  f"but is now {leaf!r} ({type(leaf).__name__}); "
                                  f"call fxforge.optimize again with the new value{numpy_hint(leaf, payload)}")
         inputs = self._check_inputs(inputs)
+        self._check_autocast()
         if not self._warned_no_grad and torch.is_grad_enabled() and \
                 any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
             self._warn_no_grad()
@@ -285,6 +286,7 @@ class OptimizedModel:
         holds the earlier ones. Returns the logits of the new tokens [B, T, vocab], or with
         `last_only` those of the last one [B, 1, vocab] (a prefill's: the output projection
         then runs on one token, runtime/last_token.py)."""
+        self._check_autocast()
         inputs = self._cached_inputs([input_ids], start, pad, input_ids.shape[1], cache)
         program = self.program
         if last_only and input_ids.shape[1] > 1:
@@ -441,6 +443,26 @@ class OptimizedModel:
         if found is None or found[0] is not self.graph:
             found = self._token_vocabulary_of = (self.graph, roles.token_vocabulary(self.graph))
         return found[1]
+
+    def _check_autocast(self):
+        """Refuse a call under torch.autocast where the graph runs Triton kernels: they
+        compute in the dtypes the model was optimized in, where eager would compute in
+        autocast's (a bfloat16 result against a float32 one). The torch backend runs PyTorch
+        ops, which follow autocast as eager's do."""
+        if self.backend.name == "torch":
+            return
+        device = self.device.type
+        try:
+            enabled = torch.is_autocast_enabled(device)
+        except TypeError:  # (a torch whose is_autocast_enabled takes no device: CUDA's)
+            enabled = device == "cuda" and torch.is_autocast_enabled()
+        if enabled:
+            dtype = torch.get_autocast_dtype(device) if hasattr(torch, "get_autocast_dtype") else "its dtype"
+            raise RuntimeError(f"this model is optimized for backend={self.backend.name!r}, whose kernels compute in "
+                               f"the dtypes of optimize() time ({self.dtype}); under torch.autocast({device!r}, "
+                               f"dtype={dtype}) eager would compute in {dtype}, so the answers would differ. Call it "
+                               f"outside autocast, optimize a copy of the model in {dtype} (model.to({dtype})) or "
+                               f"convert this one (fast.to({dtype})), or use backend='torch', which follows autocast")
 
     def _check_inputs(self, inputs) -> list:
         """The inputs, checked against the graph's types (an integer tensor the graph only
