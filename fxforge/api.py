@@ -174,6 +174,12 @@ def _check_arguments(model, example_inputs, example_kwargs, passes, disable, dyn
                          "compute with. Materialise them first: load the model with its weights (from_pretrained "
                          "without device_map='meta'), or model.to_empty(device='cpu') then "
                          "model.load_state_dict(weights)")
+    leaves = pytree.tree_leaves((example_inputs, example_kwargs))
+    if any(isinstance(x, torch.Tensor) and x.is_meta for x in leaves):
+        raise ValueError("an example input is on the meta device: it holds no values, and fxforge checks the "
+                         "captured graph against the model on the example's values (a model that computes "
+                         "otherwise at some size gets a guard there). Give real tensors on the model's device, "
+                         "e.g. torch.randint(0, vocab_size, (2, 8)) for token ids")
 
 
 def _parameter_names(model) -> set:

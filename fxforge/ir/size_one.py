@@ -87,7 +87,18 @@ def check_at_example(model, graph: Graph, spec, leaves: list):
     here is left to the probes at other sizes, as before.)"""
     from .capture import CaptureError
 
-    why = _difference(model, graph, spec, leaves, _inputs_of(spec, leaves), failures=False, real_rows_only=True)
+    try:
+        why = _difference(model, graph, spec, leaves, _inputs_of(spec, leaves), failures=False,
+                          real_rows_only=True, eager_must_run=True)
+    except _EagerFailed as e:
+        error = e.__cause__
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise CaptureError(
+            f"the model itself fails on the example inputs in eager PyTorch ({type(error).__name__}: {first}): "
+            "fxforge optimizes what the model computes, and on these inputs it computes nothing. torch.export "
+            "traced it anyway (it checks shapes, not every dtype or device rule). Fix the model or the inputs so "
+            "that model(*example_inputs) runs (matching dtypes and devices, values the dtype can hold), then "
+            "optimize again") from error
     if why is not None:
         raise CaptureError(
             f"the captured graph does not compute what the model computes on the example inputs themselves: "
@@ -358,8 +369,13 @@ def _at_size(graph: Graph, spec, leaves: list, sym, n: int):
     return probe
 
 
+class _EagerFailed(Exception):
+    """The model raised at the example (the cause): _difference with eager_must_run."""
+
+
 def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: bool = True,
-                noise_differs: bool = False, real_rows_only: bool = False) -> str | None:
+                noise_differs: bool = False, real_rows_only: bool = False,
+                eager_must_run: bool = False) -> str | None:
     """How the model's outputs at the probe differ from the graph's there, or None (also
     where either side fails to run, unless `failures`, or where the model does not repeat
     itself: dropout in training mode, torch.rand in its forward -- unless `noise_differs`:
@@ -386,10 +402,17 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: 
     try:
         # both sides from the same random state: a model that draws noise in forward
         # (torch.rand) compares like any other where the graph draws in the same order
-        eager = _seeded(run_model)
+        try:
+            eager = _seeded(run_model)
+        except Exception as e:  # noqa: BLE001 (at the example: the model is broken, say so)
+            if eager_must_run:
+                raise _EagerFailed() from e
+            raise
         again = _seeded(run_model) if model.training else None
         ours = _seeded(evaluate_graph)
     except Exception as e:  # noqa: BLE001 (either side failing at size 1 says the two differ)
+        if isinstance(e, _EagerFailed):
+            raise
         if not failures:
             return None
         return f"running it at these sizes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

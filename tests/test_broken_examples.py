@@ -1,0 +1,51 @@
+"""optimize() on a model that fails on its own example inputs, or on example inputs that
+hold no values, says so by name. It used to succeed (torch.export traced the model
+anyway), then guessed size guards from the failing probes ("B >= 2 does not hold") and
+raised raw errors, or returned numbers where eager raises."""
+import pytest
+import torch
+
+import fxforge
+import zoo
+from fxforge.ir.capture import CaptureError
+
+
+class _MixedDtypes(torch.nn.Module):
+    """float32 activations into a bfloat16 Linear: eager raises at every size."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(16)
+        self.lin = torch.nn.Linear(16, 16).bfloat16()
+
+    def forward(self, x):
+        return self.lin(self.norm(x))
+
+
+class _HalfOverflow(torch.nn.Module):
+    """A float16 model filling with -1e9, which float16 cannot hold: eager raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8).half()
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y.masked_fill(y > 0, -1e9)
+
+
+@pytest.mark.parametrize("model,x", [(_MixedDtypes(), torch.randn(2, 5, 16)),
+                                     (_HalfOverflow(), torch.randn(2, 5, 8).half())], ids=["mixed", "overflow"])
+def test_a_model_failing_on_its_example_is_refused_with_its_own_error(model, x):
+    with pytest.raises(RuntimeError):
+        model.eval()(x)
+    with pytest.raises(CaptureError, match=r"the model itself fails on the example inputs in eager PyTorch "
+                                           r"\(RuntimeError: .*\).*model\(\*example_inputs\) runs"):
+        fxforge.optimize(model, (x,), verbose=False)
+
+
+def test_example_inputs_on_the_meta_device_are_refused():
+    torch.manual_seed(0)
+    model, _ = zoo.llama(attn="sdpa", n_layer=1)
+    with pytest.raises(ValueError, match="an example input is on the meta device"):
+        fxforge.optimize(model, (torch.randint(0, 128, (2, 9)).to("meta"),), verbose=False)
