@@ -647,6 +647,12 @@ def _capture_error(model, exc) -> CaptureError:
                "dicts or transformers ModelOutputs, or register your class first (a @dataclass: "
                "torch.utils._pytree.register_dataclass(YourClass); any other: "
                "torch.utils._pytree.register_pytree_node)")
+    elif "inference tensor" in str(exc).lower():
+        made = next((n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_inference()), None)
+        fix = ("the model's tensors were made under torch.inference_mode()" + (f" ({made}, ...)" if made else "")
+               + ": torch.export cannot trace them. Build or load the model outside inference_mode (no_grad is "
+                 "fine), or give it copies made outside it: model.load_state_dict({k: v.clone() for k, v in "
+                 "model.state_dict().items()}, assign=True)")
     elif "Constraints violated" in str(exc) or "specialized" in str(exc):
         fix = ("a dynamic dimension was forced to a constant by the model's code; pass dynamic=False "
                "to capture static shapes, or remove the size-specific code")
