@@ -21,8 +21,9 @@ def body(graph) -> list[str]:
 
 
 def test_cleanup_rules_before_after():
+    # (x + -0.0 is x for every float x; x + 0.0 is not at x = -0.0: tests/test_signed_zero.py)
     before = parse("""graph(%x: f32[B, T, 4]) {
-  %1: f32[] = const() {value=0, dtype=f32}
+  %1: f32[] = const() {value=-0.0, dtype=f32}
   %2: f32[B, T, 4] = add(%x, %1)
   %3: f32[] = const() {value=1, dtype=f32}
   %4: f32[B, T, 4] = mul(%3, %2)
@@ -95,7 +96,7 @@ def test_canonical_forms_are_one_spelling_and_bit_exact():
 
 def test_cleanup_keeps_type_changing_noops_and_impure_calls():
     before = parse("""graph(%x: f16[B, 4]) {
-  %1: f32[] = const() {value=0, dtype=f32}
+  %1: f32[] = const() {value=-0.0, dtype=f32}
   %2: f16[B, 4] = add(%x, %1)
   %3: f32[B, 4] = cast(%x) {dtype=f32}
   %4: f32[B, 4] = add(%3, %1)

@@ -50,6 +50,17 @@ def kernel_type(dtype: torch.dtype) -> str:
     return "tl.float32" if dtype.is_floating_point else _TL_DTYPES[dtype]
 
 
+def _exact(x):
+    """`x` (a spec, nested tuples) with each float as its bits: -0.0 == 0.0 and 0.0 hash alike
+    in Python, so a body with `* -0.0` took the cached kernel of one with `* 0.0` (and the
+    other zero's signs)."""
+    if isinstance(x, float):
+        return ("float", struct.pack("<d", x))
+    if isinstance(x, tuple):
+        return tuple(_exact(e) for e in x)
+    return x
+
+
 def _literal(value) -> str:
     """A float (an op's attribute: a clamp bound, an eps) as float32 Triton source. The
     value is rounded to float32 first, as torch converts a scalar to a float32 tensor's
@@ -576,7 +587,7 @@ class PointwiseKernels:
 
     def kernel(self, generate, *spec):
         """The compiled kernel for `generate(name, *spec)`, made once per distinct source."""
-        key = (generate.__name__,) + tuple(tuple(x) if isinstance(x, list) else x for x in spec)
+        key = (generate.__name__,) + tuple(_exact(tuple(x) if isinstance(x, list) else x) for x in spec)
         fn = self._compiled.get(key)
         if fn is None:
             probe = generate("kernel", *spec)

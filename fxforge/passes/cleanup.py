@@ -115,6 +115,18 @@ def _if_same_type(m, b):
     return m["x"] if m.same_type("x") else None
 
 
+def _adds_nothing(m, b):
+    """x + 0 -> x where that is exact: for a float x only adding -0.0 is (IEEE: -0.0 + 0.0 is
+    +0.0, so `1 / (x + 0.0)` at x = -0.0 is +inf where 1 / x is -inf)."""
+    if not m.same_type("x"):
+        return None
+    zero = m.attr("c")
+    if m["x"].dtype.is_floating_point or m["x"].dtype.is_complex:
+        if not (isinstance(zero, float) and math.copysign(1.0, zero) < 0):
+            return None
+    return m["x"]
+
+
 def _view_of_view(m, b):
     return b.emit("view", m["x"], shape=m.root.attrs["shape"])
 
@@ -200,7 +212,7 @@ RULES: list[Rule] = [
     Rule("where_of_not", op("where", op("logical_not", var("mask")), var("a"), var("b")),
          _typed_as_root(_where_of_not)),
     # add(x, 0) -> x ; sub(x, 0) -> x   (only where the type is unchanged)
-    Rule("add_zero", op("add", var("x"), const(value=0), commutative=True), _if_same_type),
+    Rule("add_zero", op("add", var("x"), const("c", value=0), commutative=True), _adds_nothing),
     Rule("sub_zero", op("sub", var("x"), const(value=0)), _if_same_type),
     # mul(x, 1) -> x ; div(x, 1) -> x
     Rule("mul_one", op("mul", var("x"), const(value=1), commutative=True), _if_same_type),
