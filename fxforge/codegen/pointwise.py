@@ -178,6 +178,13 @@ def expression(op: str, args: list[str], attrs: dict, consts: dict | None = None
     if op == "const":
         return _const(attrs["value"], attrs.get("dtype", torch.float32))
     exponent = args[1] if op == "pow" else None
+    if types is not None and op in _COMPARES and types[1] in (torch.float16, torch.bfloat16) and consts:
+        # a half comparison compares half values: eager rounds a float scalar to the half
+        # dtype first, where the kernel held it in float32 (`y == 0.2`, `y > 4.4` flipped at
+        # a y equal to the constant's half value). Rounded here, in Python, as torch rounds
+        # (the interpreter's float32 -> bfloat16 cast truncates)
+        args = [_literal(torch.tensor(float(consts[a]), dtype=types[1]).item())
+                if a in consts and not isinstance(consts[a], bool) else a for a in args]
     if types is not None:
         args = _convert(op, args, types)
         if types[1] == torch.bool:
