@@ -395,7 +395,12 @@ def quantize_weight(weight: Tensor, scheme: str, **options) -> Packed:
     wg = w.reshape(n, k // g, g)
     if scheme == "int4" and opts["zero_point"] == "float":
         wmin, wmax = wg.amin(dim=2), wg.amax(dim=2)
-        scales = ((wmax - wmin) / 15.0).clamp_min(_TINY)
+        # a group of (nearly) equal values has no range to divide into 16 levels: its scale
+        # is floored at its magnitude / (15 * 2**20), so w / scale and the zero point stay
+        # near 15 * 2**20 (a constant group of 5.0 at the float32-tiny floor made w / scale
+        # inf, and its outputs NaN); the level 0 then sits at wmin, within scale / 2 of all
+        magnitude = torch.maximum(wmin.abs(), wmax.abs())
+        scales = torch.maximum((wmax - wmin) / 15.0, magnitude * (2.0 ** -20 / 15.0)).clamp_min(_TINY)
         zeros = -wmin / scales
         q = torch.round(wg / scales[..., None] + zeros[..., None]).clamp_(0, 15)
         return Int4Packed(pack_nibbles(q.reshape(n, k)), scales.contiguous(), zeros.contiguous(), (n, k),
