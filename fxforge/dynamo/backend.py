@@ -193,8 +193,12 @@ class FxforgeBackend:
                       f"{len(layout.sizes)} size(s)")
         # the model's weights stay shared (copy_weights=False): torch.compile keeps using the
         # model, and a second copy of each weight would double the memory
-        fast = optimize_captured(lambda: capture_subgraph(module, inputs), module, copy_weights=False,
-                                 device=_model_device(module, inputs), **self.options)
+        with warnings.catch_warnings():
+            # one subgraph holds some of the model's weights: an exclude pattern naming a
+            # weight of another subgraph matches nothing here, and is not a typo
+            warnings.filterwarnings("ignore", message="quantize: exclude pattern")
+            fast = optimize_captured(lambda: capture_subgraph(module, inputs), module, copy_weights=False,
+                                     device=_model_device(module, inputs), **self.options)
         compiled = CompiledSubgraph(fast, layout, weights, specialized, gm)
         self.compiled.append(compiled)
         return compiled

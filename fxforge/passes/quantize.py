@@ -612,4 +612,22 @@ def quantize(graph, ctx):
         ctx.note(note)
     for note in _skipped_notes(plan.skipped):
         ctx.note(note)
+    _warn_unmatched_excludes(cfg, graph)
     return out
+
+
+def _warn_unmatched_excludes(cfg: QuantConfig, graph) -> None:
+    """Warn about each exclude pattern of the user's (not a default) that names no weight the
+    graph reads: a typo, or a weight shared by two modules, which the graph knows by one of
+    its names only (b.weight where a.weight is the same tensor); excluding nothing silently
+    would quantize what the user meant to keep."""
+    import warnings
+
+    names = sorted({source_param_name(v.param) for n in graph.nodes for v in n.inputs if v.param is not None})
+    for pattern in cfg.exclude:
+        if pattern in DEFAULT_EXCLUDE or any(fnmatch.fnmatch(name, pattern) for name in names):
+            continue
+        near = [n for n in names if n.endswith(pattern.rsplit(".", 1)[-1])][:6] if "." in pattern else names[:6]
+        warnings.warn(f"quantize: exclude pattern {pattern!r} matches no weight of the captured graph, so it "
+                      f"excludes nothing. The graph's weight names are the model's parameter names, and a weight "
+                      f"shared by several modules goes by one of them; e.g. {', '.join(near)}", stacklevel=2)
