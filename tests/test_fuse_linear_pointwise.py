@@ -175,7 +175,8 @@ class _MLP(nn.Module):
     def forward(self, x):
         h = self.up(x)
         a = F.gelu(h)
-        return self.down(a) + (h.sum(-1, keepdim=True) if self.share else 0)
+        # (not `+ 0` when not shared: adding +0 to a float is not a no-op at -0.0, so it stays)
+        return self.down(a) + h.sum(-1, keepdim=True) if self.share else self.down(a)
 
 
 def test_declines_when_the_linear_output_is_read_elsewhere():
