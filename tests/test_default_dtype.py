@@ -5,9 +5,9 @@ bfloat16 default rounded them first: 2.4e-4 relative error on `lin(x) * 0.1` und
 or a capture refusal under bfloat16 (the graph no longer computed what the model did)."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import fxforge
+import zoo
 
 
 @pytest.fixture
@@ -40,9 +40,8 @@ def test_float_constants_keep_the_models_precision_under_a_half_default(default,
 
 def test_a_llama_optimized_under_a_float16_default_gives_the_float32_logits(default_dtype):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model, ids = LlamaForCausalLM(cfg).eval(), torch.randint(0, 64, (2, 6))
+    model, vocab = zoo.llama(n_layer=1)
+    ids = torch.randint(0, vocab, (2, 6))
     default_dtype(torch.float16)
     fast = fxforge.optimize(model, (ids,), verbose=False)
     default_dtype(torch.float32)

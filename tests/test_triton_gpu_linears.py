@@ -4,18 +4,17 @@ decode-MLP kernels were slower (1.49 ms against 0.86 ms a SmolLM2-shape step, bf
 interpreter keeps the fused kernels (so they stay tested on the CPU), and quantized nodes keep
 theirs. Checked here on the graph: the backend for a CUDA device is built without a GPU."""
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import fxforge
+import zoo
 from fxforge.ir.typecheck import typecheck
 from fxforge.runtime.backends.triton_backend import TritonBackend
 
 
 def _tiny_llama():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2)
-    return LlamaForCausalLM(cfg).eval(), torch.randint(0, 64, (1, 5))
+    model, vocab = zoo.llama(n_layer=1)
+    return model, torch.randint(0, vocab, (1, 5))
 
 
 def _fused(graph, quantized):

@@ -148,7 +148,7 @@ def _consts_retyped(attrs: dict, op: str, dtype: torch.dtype) -> dict:
     the const steps of the fused bodies it holds (fused_pointwise's body, linear_fused's
     prologue and epilogue)."""
     def step(entry):
-        if isinstance(entry, tuple) and len(entry) == 3 and entry[0] == "const" and isinstance(entry[2], tuple):
+        if _is_body_entry(entry) and entry[0] == "const":
             items = tuple((k, _const_float_dtype(v, dtype) if k == "dtype" and isinstance(v, torch.dtype)
                            and v.is_floating_point else v) for k, v in entry[2])
             return (entry[0], entry[1], items) if items != entry[2] else entry

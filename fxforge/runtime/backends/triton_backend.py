@@ -155,7 +155,6 @@ class TritonBackend(Backend):
             return graph, {}, stats
         return graph, {name: float64_runs_reference(name, fn) for name, fn in self.kernel_ops().items()}, stats
 
-
     def _float_linears_as_matmuls(self, graph: Graph) -> tuple[Graph, list]:
         """On a GPU, float linear_fused nodes run as their steps: cuBLAS's matmul and the
         generated pointwise kernels. Their fused GEMV and decode-MLP kernels save launches,
