@@ -135,3 +135,33 @@ def test_a_saved_model_keeps_its_constant_tensor_refusal(tmp_path):
     fast.save(str(tmp_path / "saved"))
     with pytest.raises(DtypePinnedError, match="'plain' torch.float32"):
         fxforge.load(str(tmp_path / "saved")).to(torch.bfloat16)
+
+
+class _Filled(torch.nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.l = torch.nn.Linear(8, 8)
+        self.value = value
+
+    def forward(self, x):
+        h = self.l(x)
+        return h.masked_fill(h > 0.5, self.value).softmax(-1)
+
+
+def test_a_masked_fill_value_the_new_dtype_cannot_hold_is_refused_at_to():
+    # eager float16 raises "value cannot be converted to type c10::Half without overflow";
+    # the retyped graph filled -inf instead (an answer where eager has none)
+    model = _Filled(-1e9)
+    fast = _optimized(model)
+    with pytest.raises(DtypePinnedError, match=r"masked_fill's value -1000000000\.0 does not fit in torch\.float16"):
+        fast.to(torch.float16)
+    with pytest.raises(RuntimeError, match="without overflow"):
+        model.to(torch.float16)(torch.randn(2, 3, 8, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("value,dtype", [(-1e9, torch.bfloat16), (-60000.0, torch.float16)], ids=["bf16", "f16"])
+def test_a_masked_fill_value_the_new_dtype_holds_still_converts(value, dtype):
+    model = _Filled(value)
+    fast = _optimized(model).to(dtype)
+    x = torch.randn(2, 3, 8, dtype=dtype)
+    assert torch.allclose(fast(x).float(), model.to(dtype)(x).float(), atol=1e-2)

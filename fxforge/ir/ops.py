@@ -353,7 +353,7 @@ def _args_in(structure) -> list:
 
 # --------------------------------------------------------------------------------------
 # reference implementations (plain torch)
-def _const(*, value, dtype, device=None):
+def _const(*, value, dtype, device=None, fill=False):
     return torch.tensor(value, dtype=dtype, device=device)
 
 
@@ -990,8 +990,9 @@ REDUCE = "dims: ints, keepdim: bool"
 
 OPS_LIST: list[OpDef] = [
     # constants
-    OpDef("const", "constant", infer_const, _const, triton="{value}", doc="a 0-dim constant",
-          arity=(0, 0), attrs="value: scalar|complex, dtype: dtype", traits={"needs_device"}),
+    OpDef("const", "constant", infer_const, _const, triton="{value}",
+          doc="a 0-dim constant (fill=true: a masked_fill value, which the dtype must hold)",
+          arity=(0, 0), attrs="value: scalar|complex, dtype: dtype, fill?: bool", traits={"needs_device"}),
     # pointwise (the arity comes from the template)
     _pw("add", torch.add, "{0} + {1}"),
     _pw("sub", torch.sub, "{0} - {1}"),

@@ -228,7 +228,7 @@ def _dtype_scalars(graph: Graph, dtype: torch.dtype) -> list[tuple[Node, str]]:
     most = float(torch.finfo(dtype).max)
     found = []
     for node in graph.nodes:
-        for op, key, value in _floats(node.attrs, node.op):
+        for op, key, value, owner in _floats(node.attrs, node.op):
             named = next((n for n in map(lambda d: finfo_name(value, d), sorted(leaving, key=str)) if n), None)
             if named:
                 # (a literal that happens to equal it, 1/128 in a bfloat16 model, is refused
@@ -238,6 +238,9 @@ def _dtype_scalars(graph: Graph, dtype: torch.dtype) -> list[tuple[Node, str]]:
                        "happens to equal it cannot be told apart here)")
             elif op == "clamp" and key in ("min", "max") and abs(value) > most and abs(value) != float("inf"):
                 why = f"clamp's {key}={value!r} does not fit in {dtype} (max {most:g}): torch.clamp raises on it"
+            elif op == "const" and owner.get("fill") and abs(value) > most and abs(value) != float("inf"):
+                why = (f"masked_fill's value {value!r} does not fit in {dtype} (max {most:g}): torch's masked_fill "
+                       f"raises on it; a model that fills with torch.finfo(x.dtype).min works in every dtype")
             else:
                 continue
             found.append((node, why))
@@ -246,18 +249,20 @@ def _dtype_scalars(graph: Graph, dtype: torch.dtype) -> list[tuple[Node, str]]:
 
 
 def _floats(attrs: dict, op: str):
-    """(op, attribute name, value) for each Python float in a node's attributes, a fused
-    body's entries (`(op, inputs, ((name, value), ...))`) included: a float there is its
-    entry's op's attribute (a clamp's bound inside a fused_pointwise), not the node's."""
+    """(op, attribute name, value, that op's attrs) for each Python float in a node's
+    attributes, a fused body's entries (`(op, inputs, ((name, value), ...))`) included: a
+    float there is its entry's op's attribute (a clamp's bound inside a fused_pointwise),
+    not the node's."""
     for value, trail in attr_leaves(attrs):
-        if isinstance(value, float) and (owner := _owner(trail, op)) is not None:
-            yield *owner, value
+        if isinstance(value, float) and (owner := _owner(trail, op, attrs)) is not None:
+            yield *owner[:2], value, owner[2]
 
 
-def _owner(trail: tuple, op: str) -> tuple[str, object] | None:
-    """(op, attribute name) that the leaf at the end of `trail` (attr_leaves) belongs to:
-    the innermost body entry's op and attribute, else `op` and the innermost dict key. None
-    for a leaf among a body entry's op name and inputs, which are no attribute."""
+def _owner(trail: tuple, op: str, attrs: dict) -> tuple[str, object, dict] | None:
+    """(op, attribute name, that op's attrs) that the leaf at the end of `trail`
+    (attr_leaves of `attrs`) belongs to: the innermost body entry's, else `op`'s with the
+    innermost dict key. None for a leaf among a body entry's op name and inputs, which are
+    no attribute."""
     key = None
     for i, (container, k) in enumerate(trail):
         if isinstance(container, dict):
@@ -266,7 +271,8 @@ def _owner(trail: tuple, op: str) -> tuple[str, object] | None:
             if k != 2:
                 return None
             op, key = container[0], container[2][trail[i + 1][1]][0]  # the (name, value) pair the leaf is in
-    return op, key
+            attrs = dict(container[2])
+    return op, key, attrs
 
 
 def _is_body_entry(obj) -> bool:
