@@ -172,3 +172,34 @@ def test_more_weight_sets_than_the_limit_run_as_pytorch():
     assert len(fx.compiled) == 2 and len(fx.fallbacks) == 1
     assert "max_weight_sets" in fx.fallbacks[0].reason
     assert sum("fxforge could not compile" in str(w.message) for w in caught) == 1
+
+
+class _Headed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.lm_head = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.lm_head(torch.relu(self.a(x)))
+
+
+_GLOBAL_MODEL = None
+
+
+def test_quantize_patterns_name_a_global_models_weights_by_its_own_names():
+    # a function calling a global model reaches its weights as _GLOBAL_MODEL.lm_head.weight:
+    # the default lm_head* and the user's a.* excluded nothing, and both layers were quantized
+    import fxforge
+    global _GLOBAL_MODEL
+    torch.manual_seed(0)
+    _GLOBAL_MODEL = _Headed().eval()
+    fx = FxforgeBackend(quantize=fxforge.QuantConfig("int8", exclude=("a.*", "lm_head*")))
+    step = torch.compile(lambda x: _GLOBAL_MODEL(x), backend=fx)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.allclose(step(x), _GLOBAL_MODEL(x), rtol=1e-5, atol=1e-6)
+    report = fx.models[0].report()
+    assert "_GLOBAL_MODEL.lm_head.weight: excluded by '_GLOBAL_MODEL.lm_head*'" in report
+    assert "_GLOBAL_MODEL.a.weight: excluded by '_GLOBAL_MODEL.a.*'" in report
+    assert "quant_linear" not in report.split("final ops:")[1]

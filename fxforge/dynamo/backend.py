@@ -44,6 +44,7 @@ import torch
 
 from ..api import _model_device, optimize_captured
 from ..log import Reporter
+from ..passes import quantize
 from ..runtime.module import OptimizedModel
 from .capture import capture_subgraph
 from .subgraph import (InputLayout, SubgraphModule, UnsupportedSubgraph, dynamic_dims, input_layout, replay,
@@ -198,7 +199,8 @@ class FxforgeBackend:
             # weight of another subgraph matches nothing here, and is not a typo
             warnings.filterwarnings("ignore", message="quantize: exclude pattern")
             fast = optimize_captured(lambda: capture_subgraph(module, inputs), module, copy_weights=False,
-                                     device=_model_device(module, inputs), **self.options)
+                                     device=_model_device(module, inputs),
+                                     **_options_under_roots(self.options, layout.weight_roots))
         compiled = CompiledSubgraph(fast, layout, weights, specialized, gm)
         self.compiled.append(compiled)
         return compiled
@@ -307,6 +309,22 @@ class _SubgraphRunner:
     def _close(self, error: Exception):
         self.closed = True
         self.owner._fall_back(self.gm, error)
+
+
+def _options_under_roots(options: dict, roots: set[str]) -> dict:
+    """`options` with quantize's include and exclude patterns matching under each of `roots`
+    too. A function that calls a global `model` reaches its weights as model.lm_head.weight,
+    where the user's patterns (and the default lm_head*) name the model's own lm_head.weight:
+    unwidened, an excluded layer was quantized."""
+    if not roots or options.get("quantize") is None:
+        return options
+    cfg = quantize.as_config(options["quantize"])
+
+    def widened(patterns):
+        under = [f"{root}.{p}" for root in sorted(roots) for p in patterns if p != quantize.OUTPUT_HEAD]
+        return tuple(dict.fromkeys([*patterns, *under]))
+    return {**options, "quantize": dataclasses.replace(cfg, include=widened(cfg.include),
+                                                      exclude=widened(cfg.exclude))}
 
 
 def _number(x):

@@ -42,6 +42,10 @@ class InputLayout:
     # as a size that is no dim of an input tensor. Each compiled model has their values
     # baked in, and serves calls with those values
     numbers: list[int] = field(default_factory=list)
+    # the locals and globals weights were reached from, where not the compiled module itself
+    # (`model` when torch.compile wraps a function that calls a global model): their weight
+    # paths start with that name (model.lm_head.weight), the model's own names do not
+    weight_roots: set[str] = field(default_factory=set)
 
 
 # A weight's source, as dynamo names it:
@@ -85,6 +89,13 @@ def weight_path(source_name: str | None) -> str | None:
     return ".".join(keys) if keys else None
 
 
+def weight_root(source_name: str | None) -> str | None:
+    """The local or global a weight's path (weight_path) starts with; None where the path is
+    the model's own name for it (under L['self'])."""
+    root = _ROOT.match(source_name or "")
+    return None if root is None or (root["scope"] == "L" and root["name"] == "self") else root["name"]
+
+
 def _source_name(node) -> str | None:
     arg = node.meta.get("grapharg")
     source = getattr(arg, "source", None)
@@ -115,6 +126,8 @@ def input_layout(gm: torch.fx.GraphModule, example_inputs) -> InputLayout:
                 path = node.name  # a parameter with no module source: keep it a parameter
             if path is not None:
                 layout.weights[pos] = taken.unique(path, node.name)
+                if (root := weight_root(_source_name(node))) is not None:
+                    layout.weight_roots.add(root)
             else:
                 layout.user.append(pos)
         else:
