@@ -171,6 +171,7 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
         inline_fused = ops.get("fused_pointwise") is OPS["fused_pointwise"].reference
     counter = 0
     hoisted: dict[str, torch.Tensor] = {}
+    attr_sources: dict[str, str] = {}  # a name -> the source of an attr value made once (_call)
     exponents: dict[str, str | None] = {}  # a constant's name -> its number, for a pow's exponent (_pow_operands)
     for i, n in enumerate(graph.nodes):
         if n.op == "const" and not isinstance(n.attrs["value"], sympy.Basic):
@@ -188,7 +189,7 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
         if n.op == "fused_pointwise" and inline_fused:
             counter = _inline_fused(n, ins, outs, lines, hoisted, taken, counter, device)
         else:
-            call = _call(n, ins)
+            call = _call(n, ins, attr_sources, taken)
             lhs = outs[0] if len(outs) == 1 else ", ".join(outs)
             lines.append(f"    {lhs} = {call}")
         dead = [names[v] for v in dict.fromkeys(n.inputs) if last_use.get(v) == i and v not in keep]
@@ -201,6 +202,8 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
 
     namespace = {"torch": torch, "math": math, "DEVICE": torch.device(device), **{f"op_{k}": fn for k, fn in ops.items()}}
     namespace.update(hoisted)
+    for attr_name, attr_source in attr_sources.items():
+        namespace[attr_name] = eval(attr_source, namespace)  # noqa: S307 (py_literal's text)
     namespace.update({names[v]: graph.params[v.param] for v in graph.param_values})
     # Register the source so tracebacks through the program show its lines.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
@@ -252,6 +255,31 @@ def _inline_fused(node, ins: list[str], outs: list[str], lines: list[str], hoist
     return counter
 
 
+def _attr_source(value, attr_sources: dict[str, str], taken: set[str]) -> str:
+    """An attr value as the program passes it. A tuple that holds no size (a fused body, a
+    column list) is made once, a global of the program (`attr_sources`), and passed as that
+    one object on every call: written inline, Python would build it anew per call (it names
+    torch.float32 and the like), and the kernels that keep their launch plan per node, keyed
+    by the attrs' identity (codegen/pointwise.py, kernels/decode_gemv.py), missed that plan on
+    every call and kept one more each time."""
+    source = py_literal(value)
+    if not isinstance(value, tuple) or not _fixed(value):
+        return source
+    name = f"attrs{len(attr_sources)}"
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    attr_sources[name] = source
+    return name
+
+
+def _fixed(value) -> bool:
+    """No size symbol anywhere in `value` (its literal reads no symbol bound per call)."""
+    if isinstance(value, (tuple, list)):
+        return all(map(_fixed, value))
+    return not (isinstance(value, sympy.Basic) and value.free_symbols)
+
+
 def _pow_operands(op: str, operands: list[str], exponents: dict[str, str | None]) -> list[str]:
     """A step's operands, a pow's exponent written as its number where it is a constant
     with one (`exponents`: the constant's name -> _scalar_exponent, None where it has none)."""
@@ -266,13 +294,13 @@ def _scalar_exponent(value, dtype: torch.dtype) -> str | None:
     return None if number is None else py_literal(number)
 
 
-def _call(node, ins: list[str]) -> str:
+def _call(node, ins: list[str], attr_sources: dict[str, str], taken: set[str]) -> str:
     if node.op == "torch_call":
         a = node.attrs
         args = ", ".join(py_literal(x, ins) for x in a["args"])
         kwargs = ", ".join(f"{k}={py_literal(v, ins)}" for k, v in a["kwargs"])
         return f"torch.ops.{a['target']}({', '.join(x for x in (args, kwargs) if x)})"
-    attrs = ", ".join(f"{k}={py_literal(v)}" for k, v in node.attrs.items())
+    attrs = ", ".join(f"{k}={_attr_source(v, attr_sources, taken)}" for k, v in node.attrs.items())
     if node.op in OPS and OPS[node.op].has("needs_device"):  # it makes a tensor from nothing: where?
         attrs += ", device=DEVICE"
     return f"op_{node.op}({', '.join(x for x in (', '.join(ins), attrs) if x)})"
