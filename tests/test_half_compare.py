@@ -23,3 +23,18 @@ def test_half_comparisons_with_float_constants_give_eagers_answer(dtype, backend
     assert "fused_pointwise=1" in fast.report()
     for got, want in zip(fast(x), _Compares()(x)):
         assert torch.equal(got, want), (got, want)
+
+
+class _ComparesWithInts(torch.nn.Module):
+    def forward(self, h):
+        return torch.where(h * 2 > 0, h, 0.5), h * h * (h >= 3), (h * 2 == 2049)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_comparisons_with_int_constants_compile(dtype):
+    # the rounded int constant became the literal `0.0`, to which the kernel then added
+    # `.to(tl.float32)`: every call failed with a raw Triton error
+    x = torch.tensor([-1.0, 0.0, 0.5, 3.0, 1024.5, 2.5], dtype=dtype)
+    fast = fxforge.optimize(_ComparesWithInts(), (x,), backend="interpret", verbose=False)
+    for got, want in zip(fast(x), _ComparesWithInts()(x)):
+        assert torch.equal(got, want), (got, want)

@@ -183,8 +183,12 @@ def expression(op: str, args: list[str], attrs: dict, consts: dict | None = None
         # dtype first, where the kernel held it in float32 (`y == 0.2`, `y > 4.4` flipped at
         # a y equal to the constant's half value). Rounded here, in Python, as torch rounds
         # (the interpreter's float32 -> bfloat16 cast truncates)
-        args = [_literal(torch.tensor(float(consts[a]), dtype=types[1]).item())
-                if a in consts and not isinstance(consts[a], bool) else a for a in args]
+        rounded = [a in consts and not isinstance(consts[a], bool) for a in args]
+        args = [_literal(torch.tensor(float(consts[a]), dtype=types[1]).item()) if r else a
+                for a, r in zip(args, rounded)]
+        # a literal is a number of the compute dtype now, whatever the constant's dtype was
+        # (an int constant, `h > 0`, would get a `.to()` that a Python number has not)
+        types = (tuple(types[1] if r else d for d, r in zip(types[0], rounded)), *types[1:])
     if types is not None:
         args = _convert(op, args, types)
         if types[1] == torch.bool:
