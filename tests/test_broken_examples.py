@@ -49,3 +49,17 @@ def test_example_inputs_on_the_meta_device_are_refused():
     model, _ = zoo.llama(attn="sdpa", n_layer=1)
     with pytest.raises(ValueError, match="an example input is on the meta device"):
         fxforge.optimize(model, (torch.randint(0, 128, (2, 9)).to("meta"),), verbose=False)
+
+
+class _ExportFailsToo(torch.nn.Module):
+    def forward(self, x):
+        w = x @ x.mT + torch.arange(x.shape[1]).float()  # float16 + a float32 tensor: float32
+        return w.softmax(-1) @ x  # float32 @ float16: eager raises, and so does torch.export
+
+
+def test_a_model_failing_in_export_as_in_eager_gets_the_eager_refusal():
+    # was "torch.export could not capture ... fix: simplify the code ... or pass dynamic=False"
+    x = torch.randn(2, 6, 8, dtype=torch.float16)
+    with pytest.raises(CaptureError, match=r"the model itself fails on the example inputs in eager PyTorch "
+                                           r"\(RuntimeError: expected scalar type.*torch.export failed on the same"):
+        fxforge.optimize(_ExportFailsToo(), (x,), verbose=False)

@@ -421,7 +421,33 @@ def _export(model, args, kwargs, dynamic, stack_traces: bool = False, cache_mask
                 f"whose tensors torch.export cannot give dynamic sizes ({type(e).__name__}: {str(e).strip()[:120]})\n"
                 f"  fix: leave {', '.join(through)} out of example_kwargs if the model does not need "
                 f"{'it' if len(through) == 1 else 'them'}, or pass dynamic=False") from e
+        eager_error = _eager_error(model, args, kwargs, cache_masks)
+        if eager_error is not None:  # (export failed on what eager fails on: say that, not how to trace)
+            raise eager_failure(eager_error, traced=False) from eager_error
         raise _capture_error(model, e) from e
+
+
+def _eager_error(model, args, kwargs, cache_masks: bool) -> Exception | None:
+    """What the model raises when run eagerly on the example as capture traced it (None: it
+    runs)."""
+    try:
+        with torch.no_grad(), _config_without_cache(model, kwargs), _masks_as_with_cache(cache_masks):
+            model(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 (any error of the model's own is the answer)
+        return e
+    return None
+
+
+def eager_failure(error: Exception, traced: bool) -> CaptureError:
+    """The refusal of a model that fails on its own example inputs in eager PyTorch."""
+    first = str(error).splitlines()[0] if str(error) else ""
+    how = ("torch.export traced it anyway (it checks shapes, not every dtype or device rule)" if traced else
+           "torch.export failed on the same error")
+    return CaptureError(
+        f"the model itself fails on the example inputs in eager PyTorch ({type(error).__name__}: {first}): "
+        f"fxforge optimizes what the model computes, and on these inputs it computes nothing; {how}. Fix the "
+        "model or the inputs so that model(*example_inputs) runs (matching dtypes and devices, values the dtype "
+        "can hold), then optimize again")
 
 
 def _export_traced(model, example, traced, dyn):

@@ -85,20 +85,13 @@ def check_at_example(model, graph: Graph, spec, leaves: list):
     symbol's name, "s1") or branches on something export cannot see computes something
     else in the graph even at the example's own shape. (A graph that cannot be evaluated
     here is left to the probes at other sizes, as before.)"""
-    from .capture import CaptureError
+    from .capture import CaptureError, eager_failure
 
     try:
         why = _difference(model, graph, spec, leaves, _inputs_of(spec, leaves), failures=False,
                           real_rows_only=True, eager_must_run=True)
     except _EagerFailed as e:
-        error = e.__cause__
-        first = str(error).splitlines()[0] if str(error) else ""
-        raise CaptureError(
-            f"the model itself fails on the example inputs in eager PyTorch ({type(error).__name__}: {first}): "
-            "fxforge optimizes what the model computes, and on these inputs it computes nothing. torch.export "
-            "traced it anyway (it checks shapes, not every dtype or device rule). Fix the model or the inputs so "
-            "that model(*example_inputs) runs (matching dtypes and devices, values the dtype can hold), then "
-            "optimize again") from error
+        raise eager_failure(e.__cause__, traced=True) from e.__cause__
     if why is not None:
         raise CaptureError(
             f"the captured graph does not compute what the model computes on the example inputs themselves: "
