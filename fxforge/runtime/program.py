@@ -265,6 +265,9 @@ def _attr_source(value, attr_sources: dict[str, str], taken: set[str]) -> str:
     source = py_literal(value)
     if not isinstance(value, tuple) or not _fixed(value):
         return source
+    same = next((name for name, made in attr_sources.items() if made == source), None)
+    if same is not None:  # (equal bodies of the model's 30 layers: one object, so one plan per shape)
+        return same
     name = f"attrs{len(attr_sources)}"
     while name in taken:
         name += "_"
