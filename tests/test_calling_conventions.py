@@ -239,7 +239,7 @@ def test_generate_does_not_take_model_inputs_for_settings(llama, cached, name, s
 
 def test_generate_still_suggests_a_misspelled_setting(llama, cached):
     _, ids = llama
-    with pytest.raises(ValueError, match=r"did you mean temprature -> temperature\?"):
+    with pytest.raises(ValueError, match=r"temprature: did you mean temperature\?"):
         cached.generate(ids[:1], 2, temprature=0.5)
 
 

@@ -123,8 +123,8 @@ def test_a_misspelled_generation_config_key_is_refused(pair):
     _, fast, vocab = pair
     ids = _prompt(vocab)
     with pytest.raises(ValueError, match=r"generation_config has keys that are not generation settings: "
-                                         r"max_new_token, repetiton_penalty \(did you mean max_new_token -> "
-                                         r"max_new_tokens"):
+                                         r"max_new_token, repetiton_penalty \(max_new_token: did you mean "
+                                         r"max_new_tokens\?; repetiton_penalty: did you mean repetition_penalty\?\)"):
         fast.generate(ids, generation_config={"max_new_token": 3, "repetiton_penalty": 5.0})
     # transformers' own GenerationConfig keeps unknown attributes, and generate ignores them
     assert fast.generate(ids, generation_config=GenerationConfig(max_new_token=3, max_new_tokens=2)).shape == (1, 8)
@@ -289,16 +289,16 @@ def test_generation_config_is_held_and_edited_in_place(pair, tmp_path):
 
 def test_unsupported_transformers_arguments_get_no_self_hint(pair):
     """A setting transformers knows and fxforge does not implement is named without a
-    "did you mean bad_words_ids -> bad_words_ids" hint; transformers' speculative arguments
+    "bad_words_ids: did you mean bad_words_ids?" hint; transformers' speculative arguments
     point to draft=; a misspelling still gets its hint; numpy ints count for num_draft_tokens."""
     _, fast, vocab = pair
     ids = _prompt(vocab)
     for kw in (dict(bad_words_ids=[[3]]), dict(max_time=1.0)):
         with pytest.raises(ValueError, match=f"does not support these arguments: {next(iter(kw))}$"):
             fast.generate(ids, 3, **kw)
-    with pytest.raises(ValueError, match=r"assistant_model \(did you mean assistant_model -> draft="):
+    with pytest.raises(ValueError, match=r"assistant_model \(assistant_model: fxforge spells it draft="):
         fast.generate(ids, 3, assistant_model=object())
-    with pytest.raises(ValueError, match=r"did you mean repetiton_penalty -> repetition_penalty\?"):
+    with pytest.raises(ValueError, match=r"repetiton_penalty: did you mean repetition_penalty\?"):
         fast.generate(ids, 3, repetiton_penalty=1.2)
     out = fast.generate(ids, 5, draft="ngram", num_draft_tokens=np.int64(3), eos_token_id=None)
     assert torch.equal(out, fast.generate(ids, 5, eos_token_id=None))

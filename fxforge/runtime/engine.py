@@ -30,7 +30,8 @@ differ from a one-row step's (2e-5 to 6e-5 on SmolLM2's float32 logits; docs/ser
 
 Settings: a request's sampling settings and EOS default as generate()'s do (the model's
 generation_config, then transformers' defaults: top_k=50 when sampling, the model's
-eos_token_id; an explicit eos_token_id=None means no EOS), and are checked at submit() by
+eos_token_id; an explicit eos_token_id=None means no EOS, max_new_tokens=None that
+max_length counts), and are checked at submit() by
 generate()'s own rules, as are the prompt's token ids (1-D, integer, in the vocabulary).
 A model whose generation_config asks for what a request does not run (num_beams,
 num_return_sequences, stop_strings) is refused by name at submit(), unless the call
@@ -60,9 +61,10 @@ from typing import Callable
 import torch
 
 from . import logits as lp
-from .generate import (_as_list, _check_settings, _plain_int, check_forced_tokens, check_generator,
-                       check_token_ids, fed_positions, longer_cache_hint, max_position_embeddings,
-                       new_token_count, position_table_rows, resolve_settings, vocab_size)
+from .generate import (DEFAULT, IGNORED, UNSUPPORTED, _as_list, _check_settings, _known_settings, _plain_int,
+                       check_forced_tokens, check_generator, check_token_ids, fed_positions, longer_cache_hint,
+                       looks_like_model_input, max_position_embeddings, misspelling_of, new_token_count,
+                       position_table_rows, resolve_settings, vocab_size)
 from .state import padding_from_pad_tokens
 
 _RUNNING: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # engines that started a thread
@@ -89,8 +91,10 @@ def _leading_padding(prompt: torch.Tensor, pad_token_id, eos: list) -> int:
     takes for left padding when no mask is given (state.padding_from_pad_tokens). The model
     never sees them (the request's row starts after them), but the logits processors do, as
     in generate(): min_length and the n-gram bans count them. A pad token after the first
-    real one would need a mask with a hole: a ValueError, as in generate()."""
-    pad = padding_from_pad_tokens(prompt[None], pad_token_id, eos, prompt.device, name="prompt_ids")
+    real one would need a mask with a hole: a ValueError, as in generate(), with advice the
+    Engine can follow (it takes no attention_mask)."""
+    pad = padding_from_pad_tokens(prompt[None], pad_token_id, eos, prompt.device, name="prompt_ids",
+                                  fix=_PAD_INSIDE_FIX.format(pad=pad_token_id))
     return 0 if pad is None else int(pad[0])
 
 
@@ -103,18 +107,60 @@ REQUEST_OPTIONS = frozenset({"repetition_penalty", "no_repeat_ngram_size", "min_
 # model's generation_config turns on is refused by name at submit() (not silently dropped),
 # and submit() takes the neutral value to serve such a model one sequence per request
 GENERATE_ONLY = {"num_beams": 1, "num_return_sequences": 1, "stop_strings": None}
+# submit()'s own keywords (a misspelling of one gets its hint)
+SUBMIT_KEYWORDS = frozenset({"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
+                             "generator", "callback"})
+
+# generate()'s arguments a request does not take, and why (with what serves instead, if anything)
+_ONE_SEQUENCE = "one greedy or sampled sequence per request (generate() runs beam search and several sequences)"
+_NO_STOPPING = ("a request stops at EOS or max_new_tokens only (generate() takes stop strings and stopping "
+                "criteria)")
+_TOKENS_ONLY = "a request's result() is its new tokens (generate() returns scores and logits)"
+_NO_DRAFT = "speculative decoding is generate()'s (one sequence at a time)"
+NOT_FOR_REQUESTS = {
+    "num_beams": _ONE_SEQUENCE, "num_return_sequences": _ONE_SEQUENCE, "length_penalty": _ONE_SEQUENCE,
+    "early_stopping": _ONE_SEQUENCE,
+    "stop_strings": _NO_STOPPING, "stopping_criteria": _NO_STOPPING, "tokenizer": _NO_STOPPING,
+    "return_dict_in_generate": _TOKENS_ONLY, "output_scores": _TOKENS_ONLY, "output_logits": _TOKENS_ONLY,
+    "draft": _NO_DRAFT, "num_draft_tokens": _NO_DRAFT, "draft_stats": _NO_DRAFT, "assistant_model": _NO_DRAFT,
+    "attention_mask": "a request takes no mask; leave the prompt's padding out, or put it first: a prompt's "
+                      "leading pad tokens are taken for left padding",
+    "streamer": "pass callback=fn(request, token), which the engine calls with each new token",
+    "logits_processor": "a request runs generate()'s own logits processors only (generate() takes custom ones)",
+    "generation_config": "pass its settings as keywords, or set the model's generation_config (its defaults)",
+}
+# the fix for a pad token after a prompt's first other token (state.padding_from_pad_tokens)
+_PAD_INSIDE_FIX = ("The Engine takes no attention_mask: leave the pad token out of the prompt, or, where {pad} is a "
+                   "token of the text, pass pad_token_id=None (or an id the prompt does not hold) so that every "
+                   "token is attended")
 
 _ids = iter(range(1 << 62))
 
 
-class _ModelDefault:
-    """A setting not given to submit(): the model's generation default applies, as in generate()."""
-
-    def __repr__(self):
-        return "<the model's default>"
-
-
-DEFAULT = _ModelDefault()
+def _refusal(names: list) -> str:
+    """submit()'s error for keywords a request does not take: per name, why (NOT_FOR_REQUESTS),
+    the keyword a misspelling is close to, or that fxforge does not implement the setting
+    (generate() refuses it too)."""
+    known = _known_settings() | SUBMIT_KEYWORDS
+    reasons, unknown = [], False
+    for name in names:
+        close = None if name in known else misspelling_of(name, known)
+        if name in NOT_FOR_REQUESTS:
+            reasons.append(f"{name}: {NOT_FOR_REQUESTS[name]}")
+        elif close is not None:
+            reasons.append(f"{name}: did you mean {close}?")
+        elif name in known:
+            reasons.append(f"{name}: a transformers setting fxforge does not implement; generate() refuses it too")
+        elif looks_like_model_input(name, known):
+            reasons.append(f"{name}: it looks like a model input; a request takes its prompt's token ids only")
+        else:
+            reasons.append(f"{name}: not a generation setting")
+        unknown = unknown or name not in NOT_FOR_REQUESTS
+    text = f"Engine.submit() does not take {'; '.join(reasons)}"
+    if not unknown:
+        return text
+    return f"{text}{' ' if text.endswith('?') else '. '}Besides its own arguments " \
+        f"({', '.join(sorted(SUBMIT_KEYWORDS))}), a request takes {', '.join(sorted(REQUEST_OPTIONS))}"
 
 
 def _failure(request: "Request", stage: str, error: BaseException) -> RuntimeError:
@@ -245,7 +291,7 @@ class Engine:
         self._slot_steps = self._token_steps = 0
 
     # -- submitting --------------------------------------------------------------------
-    def submit(self, prompt_ids, max_new_tokens: int | None = None, *, do_sample=DEFAULT, temperature=DEFAULT,
+    def submit(self, prompt_ids, max_new_tokens=DEFAULT, *, do_sample=DEFAULT, temperature=DEFAULT,
                top_k=DEFAULT, top_p=DEFAULT, eos_token_id=DEFAULT,
                generator: torch.Generator | None = None, callback: Callable | None = None, **options) -> Request:
         """Queue a prompt (a 1-D list or integer tensor of token ids); thread-safe.
@@ -253,7 +299,8 @@ class Engine:
         raises, that request fails and the others go on). Settings not given default as in
         generate(): the model's generation_config, then transformers' defaults (top_k=50 when
         sampling; without max_new_tokens or max_length, 20 new tokens capped at the model's
-        max_position_embeddings); eos_token_id=None: no EOS. `options`: generate()'s logits settings
+        max_position_embeddings); an explicit None turns the model's default off
+        (eos_token_id=None: no EOS; max_new_tokens=None: max_length counts). `options`: generate()'s logits settings
         (REQUEST_OPTIONS: repetition_penalty, no_repeat_ngram_size, min_new_tokens, ...).
         Bad arguments raise ValueError here, and nothing is queued."""
         request = self._request(prompt_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -279,19 +326,18 @@ class Engine:
             raise ValueError(f"callback must be a function callback(request, token) or None, got "
                              f"{type(callback).__name__} {callback!r}")
         check_generator(generator, self.model.device)
-        if max_new_tokens is not None:
+        if max_new_tokens is not DEFAULT and max_new_tokens is not None:
             max_new_tokens = _plain_int(max_new_tokens)
             if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
                 raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        others = sorted(k for k, v in options.items() if k not in REQUEST_OPTIONS
-                        and not (k in GENERATE_ONLY and v == GENERATE_ONLY[k]))
+        # as generate(): settings that change no token are ignored, unimplemented ones taken at their off value
+        others = sorted(k for k, v in options.items() if k not in REQUEST_OPTIONS and k not in IGNORED
+                        and not (k in GENERATE_ONLY and v == GENERATE_ONLY[k])
+                        and not (k in UNSUPPORTED and (v is None or v == UNSUPPORTED[k])))
         if others:
-            raise ValueError(f"Engine.submit() does not take {', '.join(others)} (one greedy or sampled sequence per "
-                             f"request); it takes {', '.join(sorted(REQUEST_OPTIONS))} besides its own arguments. "
-                             "generate() takes the rest")
+            raise ValueError(_refusal(others))
         given = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                 "eos_token_id": eos_token_id, "max_new_tokens": DEFAULT if max_new_tokens is None else max_new_tokens,
-                 **options}
+                 "eos_token_id": eos_token_id, "max_new_tokens": max_new_tokens, **options}
         # generate()'s settings and checks: the model's defaults, then transformers'
         settings, named = resolve_settings(getattr(self.model, "generation_defaults", None), None,
                                            {k: v for k, v in given.items() if v is not DEFAULT})
@@ -366,7 +412,7 @@ class Engine:
             return f"; make the engine with a larger max_seq_len{'' if limit is None else f' (up to {limit})'}"
         return longer_cache_hint(limit, lambda: position_table_rows(self.model))
 
-    def generate_many(self, prompts, max_new_tokens: int | None = None, **options) -> list[torch.Tensor]:
+    def generate_many(self, prompts, max_new_tokens=DEFAULT, **options) -> list[torch.Tensor]:
         """The new tokens of each prompt (prompt excluded), in order. Every prompt is
         checked before any is queued: a bad one raises ValueError and none is queued."""
         given = {"do_sample": DEFAULT, "temperature": DEFAULT, "top_k": DEFAULT, "top_p": DEFAULT,

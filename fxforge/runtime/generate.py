@@ -8,7 +8,8 @@ Semantics follow transformers' `generate` (4.x/5.x, decoder-only):
   tokens, top_k=50 when sampling, ...); an unsupported setting raises ValueError naming it,
   as does an unknown keyword or dict key; numpy integers count as ints;
 - the result is the prompt followed by the new tokens; `max_new_tokens` wins over
-  `max_length` (which counts the prompt); with neither, 20 new tokens capped at the
+  `max_length` (which counts the prompt), and an explicit max_new_tokens=None turns the
+  model's own off (DEFAULT marks a keyword not given); with neither, 20 new tokens capped at the
   model's config.max_position_embeddings, as in transformers; `max_new_tokens=0` raises,
   as in transformers; a request that feeds more positions than the KV cache's
   max_seq_len raises (it feeds prompt + new tokens - 1: the last new token is never fed
@@ -64,6 +65,18 @@ UNSUPPORTED = {
     "watermarking_config": None, "token_healing": False, "output_attentions": False,
     "output_hidden_states": False, "min_tokens_to_keep": None, "custom_generate": None,
 }
+
+
+class _ModelDefault:
+    """A setting a call did not give: the model's generation default applies. An explicit
+    None is a value (it turns the model's default off, as in transformers), so a parameter
+    that defaults to the model's cannot default to None."""
+
+    def __repr__(self):
+        return "<the model's default>"
+
+
+DEFAULT = _ModelDefault()
 
 
 def resolve_settings(defaults: dict | None, generation_config, options: dict) -> tuple[dict, set]:
@@ -148,27 +161,38 @@ _TYPO_SIMILARITY = 0.8
 
 
 def _did_you_mean(names: list) -> str:
-    """A hint per name: fxforge's own spelling of a transformers argument, what generate()
-    does instead for a model input (token_type_ids, position_ids: no setting is meant),
-    else the known setting a misspelling is close to; a setting transformers knows that
-    fxforge does not implement gets none (it is no misspelling)."""
-    import difflib
-
+    """A hint per name, "name: hint", all in one parenthesis: fxforge's own spelling of a
+    transformers argument, what generate() does instead for a model input (token_type_ids,
+    position_ids: no setting is meant), else the known setting a misspelling is close to;
+    a setting transformers knows that fxforge does not implement gets none (it is no
+    misspelling)."""
     known = _known_settings()
-    hints, notes = [], []
+    hints = []
     for name in names:
         if name in _FXFORGE_SPELLING:
-            hints.append(f"{name} -> {_FXFORGE_SPELLING[name]}")
+            hints.append(f"{name}: fxforge spells it {_FXFORGE_SPELLING[name]}")
         elif name in _MODEL_INPUTS:
-            notes.append(f"{name}: {_MODEL_INPUTS[name]}")
-        elif name.endswith(("_ids", "_mask", "_embeds", "_values")) and name not in known:
-            notes.append(f"{name} looks like a model input: generate() passes the model input_ids only "
+            hints.append(f"{name}: {_MODEL_INPUTS[name]}")
+        elif looks_like_model_input(name, known):
+            hints.append(f"{name} looks like a model input: generate() passes the model input_ids only "
                          "(and attention_mask for padding)")
         elif name not in known:
-            close = difflib.get_close_matches(name, sorted(known), 1, cutoff=_TYPO_SIMILARITY)
-            hints += [f"{name} -> {close[0]}"] if close else []
-    text = f" (did you mean {', '.join(hints)}?)" if hints else ""
-    return text + (f" ({'; '.join(notes)})" if notes else "")
+            close = misspelling_of(name, known)
+            hints += [f"{name}: did you mean {close}?"] if close else []
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
+def looks_like_model_input(name: str, known) -> bool:
+    """A keyword no setting is named like, spelled as a model input (token_type_ids, pixel_values)."""
+    return name.endswith(("_ids", "_mask", "_embeds", "_values")) and name not in known
+
+
+def misspelling_of(name: str, known) -> str | None:
+    """The name in `known` that `name` is a misspelling of (close enough), or None."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(known), 1, cutoff=_TYPO_SIMILARITY)
+    return close[0] if close else None
 
 
 # the settings that hold an int, a number, or token ids (an int or a list of ints)
@@ -517,14 +541,15 @@ def _ids_only_index(model) -> bool:
 
 
 @frame_of_its_own  # the per-token Python calls stay off data-stack chunk boundaries (frames.py)
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, *, defaults: dict | None = None,
+def generate(model, input_ids: torch.Tensor, max_new_tokens=DEFAULT, *, defaults: dict | None = None,
              generation_config=None, attention_mask=None, streamer=None, generator: torch.Generator | None = None,
              stopping_criteria=None, logits_processor=None, tokenizer=None, draft=None,
              num_draft_tokens: int | None = None, draft_stats=None, **options):
     """`model` is an OptimizedModel whose graph went through the kv_cache pass; `defaults`
     its generation_defaults; `options` the transformers settings (DEFAULTS). `draft`: an
-    OptimizedModel or "ngram" for speculative decoding (speculative.py)."""
-    if max_new_tokens is not None:
+    OptimizedModel or "ngram" for speculative decoding (speculative.py). `max_new_tokens`
+    not given: the model's; an explicit None turns the model's off (max_length counts)."""
+    if max_new_tokens is not DEFAULT:
         options["max_new_tokens"] = max_new_tokens
     s, given = resolve_settings(defaults, generation_config, options)
     _check_settings(s)  # before the settings are used (a pad_token_id of the wrong type, ...)

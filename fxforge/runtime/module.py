@@ -21,6 +21,7 @@ from ..ir.roles import roles_problem
 from ..ir.training_mode import training_mode_nodes
 from ..passes.manager import PassStats, format_report
 from .frames import frame_of_its_own
+from .generate import DEFAULT  # a max_new_tokens not given (None is one given: it turns the model's off)
 from .index_inputs import only_indexes, widens_losslessly
 from .last_token import last_token_graph
 from .program import Program, size_function
@@ -169,7 +170,7 @@ class OptimizedModel:
                       "For training, saliency or attribution, call the original model.", stacklevel=3)
 
     # -- cached decoding (graphs that went through the kv_cache pass) ---------------------------
-    def generate(self, input_ids=None, max_new_tokens: int | None = None, **kwargs):
+    def generate(self, input_ids=None, max_new_tokens=DEFAULT, **kwargs):
         """Token ids like transformers' generate: the prompt then the new tokens (or, with
         return_dict_in_generate=True, transformers' output object). Keyword arguments:
         attention_mask, generation_config, max_length, min_new_tokens, min_length, do_sample,
@@ -178,7 +179,8 @@ class OptimizedModel:
         num_beams, length_penalty, early_stopping, num_return_sequences,
         return_dict_in_generate, output_scores, output_logits, streamer, generator; others
         raise ValueError. Needs optimize(..., kv_cache=True). Settings not given default to
-        `generation_defaults` (the model's generation_config), then to transformers' defaults."""
+        `generation_defaults` (the model's generation_config), then to transformers' defaults;
+        an explicit None turns the model's default off (max_new_tokens=None: max_length counts)."""
         from .generate import generate, missing_input_ids
 
         if input_ids is None:

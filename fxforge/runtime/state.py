@@ -152,11 +152,13 @@ def cache_layout(graph: Graph) -> KVCacheLayout | None:
 
 
 def padding_from_pad_tokens(input_ids: torch.Tensor, pad_token_id, eos_token_ids: list, device,
-                            name: str = "input_ids") -> torch.Tensor | None:
+                            name: str = "input_ids", fix: str | None = None) -> torch.Tensor | None:
     """Per-row left padding when no attention_mask is given, as transformers' generate()
     takes it (`_prepare_attention_mask_for_generation`): the mask `input_ids !=
     pad_token_id` when the pad token occurs in the prompts and is not an eos token; None
-    (every token attends) otherwise. A mask that is not left padding is a ValueError."""
+    (every token attends) otherwise. A mask that is not left padding is a ValueError,
+    ending with generate()'s fix, or `fix` (a caller that takes no attention_mask: the
+    Engine)."""
     if pad_token_id is None or pad_token_id in eos_token_ids:
         return None
     mask = input_ids != pad_token_id
@@ -165,10 +167,22 @@ def padding_from_pad_tokens(input_ids: torch.Tensor, pad_token_id, eos_token_ids
     try:
         return left_padding(mask.long(), *input_ids.shape, device)
     except ValueError as error:
+        if fix is not None:
+            raise ValueError(f"{name} holds the pad token ({pad_token_id}) after its first other token, at "
+                             f"{_misplaced_pad(mask)}: a prompt's pad tokens are taken for its padding "
+                             f"(input_ids != pad_token_id, as transformers takes them without an attention_mask), "
+                             f"and padding must come first. {fix}") from None
         raise ValueError(f"{name} holds the pad token ({pad_token_id}) and no attention_mask was given, so it is "
                          f"taken as transformers takes it, input_ids != pad_token_id ({pad_token_id}), and that "
                          f"mask does not fit: {error}. Pass an attention_mask, or leave the pad token out of the "
                          "prompt") from None
+
+
+def _misplaced_pad(mask: torch.Tensor) -> str:
+    """Where the first pad token after a real one sits in a [B, T] mask (1: token), for an error."""
+    after_token = mask.long().cummax(dim=1).values.bool() & ~mask
+    row, col = (int(i) for i in after_token.nonzero()[0])
+    return f"position {col}" if mask.shape[0] == 1 else f"row {row}, position {col}"
 
 
 def left_padding(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
