@@ -155,3 +155,14 @@ def test_parameters_the_passes_make_land_on_the_models_device():
     moved = params_on(fast.graph, "meta")
     assert {t.device.type for t in moved.params.values()} == {"meta"}
     assert params_on(fast.graph, "cpu") is fast.graph  # nothing to move: the same graph
+
+
+def test_the_readmes_speculative_names_resolve_after_a_plain_import():
+    # README: fxforge.runtime.speculative.self_draft(...) / SpeculativeStats(); after only
+    # `import fxforge` this was an AttributeError
+    import subprocess
+    import sys
+
+    code = "import fxforge; fxforge.runtime.speculative.self_draft; fxforge.runtime.speculative.SpeculativeStats()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
