@@ -15,7 +15,7 @@ from .ir import CaptureError, Graph, IRCheckError, ParseError, capture, parse, t
 from .runtime.backends import register_backend, unregister_backend
 from .runtime.engine import Engine
 from .runtime.module import OptimizedModel
-from .runtime import speculative  # noqa: F401 (fxforge.runtime.speculative.self_draft, as the README spells it)
+from .runtime import speculative as speculative  # fxforge.runtime.speculative.self_draft, as the README spells it
 
 __all__ = ["optimize", "load", "load_ir", "capture", "CaptureCache", "register_pass", "unregister_pass", "register_backend",
            "unregister_backend", "OptimizedModel", "Engine", "QuantConfig", "GQAConfig", "KVCacheConfig",
