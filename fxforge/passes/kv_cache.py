@@ -452,7 +452,8 @@ def _mask_input_problem(graph: Graph, attention: Node, max_seq_len: int | None =
             return ("adds a bias built from the positions that is not a mask (values other than 0 and a large "
                     "negative fill: a relative position bias, such as T5's, read from a learned table by the "
                     "query-key distance, or an ALiBi bias that fuse_attention did not recognise as slopes times "
-                    "the distance, e.g. one computed in bfloat16 or float16); the cache would have to extend it "
+                    "the distance, e.g. one computed in bfloat16 or float16, or combined with the scores in an "
+                    "order it does not match, as Falcon's alibi=True models do); the cache would have to extend it "
                     "for every new key, which it does not (the ALiBi that fuse_attention recognises is the "
                     "position bias it caches: see its report note). Without kv_cache=True the model runs with "
                     "its bias in the graph")
@@ -1049,7 +1050,8 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch, head_picks:
             if isinstance(dim, int) and x.rank and _mentions(x.shape[dim % x.rank], seq):
                 raise KVCacheError("kv_cache: this op runs along the sequence (each result depends on the earlier "
                                    "tokens), which with a cache are not in the step's input: the pass cannot "
-                                   f"tell what it computes then\n  at: {_describe(graph, n)}")
+                                   f"tell what it computes then. Optimize with kv_cache=False (generate() then "
+                                   f"recomputes the sequence each step)\n  at: {_describe(graph, n)}")
         elif n.op == "torch_call" and n.attrs["target"].startswith(CONVOLUTIONS) and len(n.inputs) >= 2:
             x, weight = n.inputs[0], n.inputs[1]
             # dims 2.. are the spatial ones; a kernel of size 1 along T mixes no tokens
@@ -1059,14 +1061,16 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch, head_picks:
                 raise KVCacheError("kv_cache: this convolution runs along the sequence (its kernel spans "
                                    f"{weight.shape[along[0]]} tokens: a short convolution carries state from the "
                                    "earlier tokens, which with a cache are not in the step's input, and the cache "
-                                   "keeps only attention's keys and values)\n  at: " + _describe(graph, n))
+                                   "keeps only attention's keys and values). Optimize with kv_cache=False "
+                                   "(generate() then recomputes the sequence each step)\n  at: " + _describe(graph, n))
         elif n.op == "matmul" and len(n.inputs) == 2 and n.inputs[0].rank >= 2 \
                 and _mentions(n.inputs[0].shape[-1], seq) and not _token_count(n.inputs[0].shape[-1], batch, seq):
             # contracts over the tokens outside a fused attention: linear attention (MiniMax's
             # lightning attention), or an attention fuse_attention did not take
             raise KVCacheError("kv_cache: this matmul sums over the sequence outside attention (linear attention, "
                                "say); with a cache it would see only the new tokens, and the cache keeps only "
-                               f"attention's keys and values\n  at: {_describe(graph, n)}")
+                               f"attention's keys and values. Optimize with kv_cache=False (generate() then "
+                               f"recomputes the sequence each step)\n  at: {_describe(graph, n)}")
         elif OPS[n.op].kind == "reduction" and n.inputs and isinstance(n.inputs[0].type, TensorType) \
                 and any(_mentions(d, seq) for d in n.inputs[0].shape):
             # (a B*T count of tokens too: a sum or a norm over all the step's tokens mixes them)
