@@ -63,3 +63,15 @@ def test_a_program_passes_one_body_object_per_node_on_every_call():
         program(ids)
     assert len(seen) == 2 * fused
     assert all(a is b for a, b in zip(seen[:fused], seen[fused:]))
+
+
+def test_the_plans_kept_are_bounded(monkeypatch):
+    # a server sees every prompt length: one plan per node and length would grow forever
+    import fxforge.codegen.pointwise as pointwise
+
+    monkeypatch.setattr(pointwise, "MAX_PLANS", 8)
+    plans = {}
+    for i in range(20):
+        pointwise.remember(plans, i, str(i))
+        assert len(plans) <= 8 and plans[i] == str(i)
+    assert 0 not in plans  # the oldest went first

@@ -581,6 +581,21 @@ def _triton_type(x) -> str:
     return "fp32" if isinstance(x, float) else "i32"
 
 
+# Launch plans kept per kernel family: one per node and input signature, so a server that
+# sees every prompt length would keep adding them; past this many the oldest quarter goes
+# (made again if asked for: the plan is a pure function of its key)
+MAX_PLANS = 4096
+
+
+def remember(plans: dict, key, plan) -> None:
+    """plans[key] = plan, dropping the oldest quarter of `plans` (insertion order) first
+    when it holds MAX_PLANS."""
+    if len(plans) >= MAX_PLANS:
+        for old in list(plans)[:MAX_PLANS // 4]:
+            del plans[old]
+    plans[key] = plan
+
+
 class PointwiseKernels:
     """Generated kernels, cached in memory and on disk by a hash of their source (Triton
     reads a kernel's source from its file, so each one is written to `cache_dir`)."""
@@ -649,7 +664,7 @@ class PointwiseKernels:
         if plan is None or plan.body is not body or plan.outputs is not outputs:
             plan = (_Float64Plan(body, outputs) if _computes_in_float64(inputs, dests, body) else
                     self._plan(inputs, body, outputs, row, into, dests, from_pointer))
-            self._plans[signature] = plan
+            remember(self._plans, signature, plan)
         if isinstance(plan, _Float64Plan):  # eager's float64 arithmetic, step by step
             return OPS["fused_pointwise"].reference(*inputs, *dests, body=body, outputs=outputs, row=row, into=into,
                                                     start=start)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from ...ir.linear_fused import linear_fused_reference, quantized, split_down, split_inputs
-from ..pointwise import _TL_DTYPES, expression, needs_wide_index, step_types
+from ..pointwise import _TL_DTYPES, expression, needs_wide_index, remember, step_types
 from ..row_loop import _LoopedRow, _looped_step
 
 MAX_ROWS = 16  # rows (M) the GEMV takes; more is a GEMM: the composition runs (cuBLAS)
@@ -315,7 +315,8 @@ class GemvKernels:
         key = (tuple(map(id, values)), tuple((t.shape, t.stride(), t.dtype) for t in tensors))
         found = self._plans.get(key)
         if found is None:
-            found = self._plans[key] = (values, self._plan(tensors, attrs))
+            found = (values, self._plan(tensors, attrs))
+            remember(self._plans, key, found)
         plan = found[1]
         if plan is None:
             return None
