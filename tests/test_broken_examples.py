@@ -63,3 +63,24 @@ def test_a_model_failing_in_export_as_in_eager_gets_the_eager_refusal():
     with pytest.raises(CaptureError, match=r"the model itself fails on the example inputs in eager PyTorch "
                                            r"\(RuntimeError: expected scalar type.*torch.export failed on the same"):
         fxforge.optimize(_ExportFailsToo(), (x,), verbose=False)
+
+
+class _CountsAndBranches(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        if x.sum() > 0:  # a branch on a value: torch.export cannot capture it, eager runs it
+            return x * 2
+        return x
+
+
+def test_a_failed_optimize_leaves_the_models_buffers_as_they_were():
+    # the eager run that tells "the model fails in eager" from "export cannot trace it"
+    # updated the model's buffers (a train-mode BatchNorm's running statistics)
+    model = _CountsAndBranches()
+    with pytest.raises(CaptureError, match="torch.export could not capture"):
+        fxforge.optimize(model, (torch.ones(2, 3),), verbose=False)
+    assert model.calls.item() == 0

@@ -431,11 +431,29 @@ def _eager_error(model, args, kwargs, cache_masks: bool) -> Exception | None:
     """What the model raises when run eagerly on the example as capture traced it (None: it
     runs)."""
     try:
-        with torch.no_grad(), _config_without_cache(model, kwargs), _masks_as_with_cache(cache_masks):
+        with torch.no_grad(), _config_without_cache(model, kwargs), _masks_as_with_cache(cache_masks), \
+                buffers_kept(model):
             model(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 (any error of the model's own is the answer)
         return e
     return None
+
+
+@contextlib.contextmanager
+def buffers_kept(model):
+    """The model's buffers as they were before the block, after it: a forward that fxforge
+    runs only to check something (a train-mode BatchNorm's running statistics, a step
+    counter) must leave the user's model as it found it."""
+    buffers = [b for b in model.buffers() if isinstance(b, torch.Tensor)] if isinstance(model, torch.nn.Module) \
+        else []
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, old in zip(buffers, saved):
+                if b.shape == old.shape and b.dtype == old.dtype:
+                    b.copy_(old)
 
 
 def eager_failure(error: Exception, traced: bool) -> CaptureError:
