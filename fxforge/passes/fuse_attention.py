@@ -12,9 +12,11 @@ put every constant last in mul/add):
   - K/V repeated for grouped-query attention (repeat_kv's unsqueeze+expand+view, or
     repeat_interleave): the repeat disappears, the op reads the smaller K/V;
   - a mask that depends only on shapes (built from arange/tril/comparisons, or sliced
-    from a buffer) is evaluated at sample sizes and at longer ones past every number it is
-    built from (integers, floats and their reciprocals, clamp bounds, small tensors' values)
-    and a power of two above, with two lengths each above the other (shape_eval.probe_sizes:
+    from a buffer) is evaluated at sample sizes, at every length up to 8 (one token
+    included), and at longer ones past every number it is built from (integers, floats
+    and their reciprocals, clamp bounds, small tensors' values; a number met after a
+    division by c counts c times: `i // 64 - j // 64 >= 8` is probed past 512)
+    and a power of two above, with two lengths each above the other (shape_eval.mask_probes:
     bottom-right causal over a memory of S keys holds only while T <= S, unless a guard
     says so): causal at all of them becomes causal=true, a band of W keys
     window=W, and
@@ -50,7 +52,10 @@ Masks that are not shape-only stay as an additive `bias` input. Rows whose every
 masked are padding rows: with a finite fill (finfo.min) eager and fused agree; a softmax
 over scores filled with -inf where a mask from the inputs says is declined (eager gives NaN
 on a row that mask drops entirely, the fused op 0, SDPA's convention), with a report note;
-so is one whose shape-only mask leaves a row no key at some probe size (j < i). An additive
+so is one whose shape-only mask leaves a row no key at some probe size (j < i). A shape-only
+mask whose numbers call for a length too long to probe (over shape_eval.MAX_PROBE_LENGTH:
+`i * i > 90000`) is proven nothing: it stays the bias, and which rows it drops whole is
+known only at run time, so it is treated as a bias from the inputs (below). An additive
 bias computed from the inputs (a user's float mask holding -inf, where(m, 0, -inf), log(m))
 that is not provably finite on every input (interval bounds through its ops) fuses, and NaN
 is put on the rows where eager's softmax gives it: those whose bias row max is -inf (every
@@ -71,7 +76,7 @@ from ..ir.ops import OPS, causal_keep
 from ..ir.types import as_dim, dims_equal
 from .cleanup import RULES as CLEANUP_RULES
 from .pattern import Match, Rule, apply_rules, op, var
-from .shape_eval import band_width, evaluate, probe_sizes, sample_sizes, shape_only_nodes
+from .shape_eval import band_width, evaluate, mask_probes, shape_only_nodes
 from .value_bounds import bound, interval, rounded
 
 # A masked_fill value at or below this removes the key after softmax, exactly in float32.
@@ -372,18 +377,17 @@ def _mask_form(m: Match, terms: _Terms, q: Value, k: Value) -> MaskForm | None:
         return None
     heads = int(q.shape[1]) if q.rank == 4 else 1  # heads folded into the batch: one "head"
     values = terms.values()
-    all_sizes, complete = probe_sizes(m.graph, values, m.producers)
-    if not complete:
+    probes = mask_probes(m.graph, values, m.producers)
+    if not probes.complete:
         return None
     kinds, slopes_seen, exact = set(), [], True
-    n_samples = len(sample_sizes(m.graph))
-    for index, sizes in enumerate(all_sizes):
+    for index, sizes in enumerate(probes.sizes):
         bias = terms.evaluate_sum(m, sizes)
-        if bias is None and index >= n_samples:
+        if bias is None and index >= probes.required:
             # a long probe the mask cannot be built at (MPT's ALiBi table of max_seq_len
             # keys at max_seq_len + 2): the model cannot run there either, so probe the
             # longest length it can (a window shows there, if it is shorter)
-            sizes, bias = _longest_evaluable(m, terms, all_sizes[n_samples - 1], sizes)
+            sizes, bias = _longest_evaluable(m, terms, probes.sizes[probes.required - 1], sizes)
         if bias is None:
             return None
         try:
@@ -403,7 +407,9 @@ def _mask_form(m: Match, terms: _Terms, q: Value, k: Value) -> MaskForm | None:
         keep = ~dropped[0, 0]
         if not (dropped == ~keep).all() or not keep.any(-1).all():
             return None  # the pattern differs between rows or heads, or a row sees no key
-        if bool(keep.all()):
+        if tq == 1 and bool(keep.all()):
+            kinds.add("one")  # one query that sees every key: no mask and causal alike (a decode step)
+        elif bool(keep.all()):
             kinds.add("none")
         elif bool((keep == causal_keep(tq, tk)).all()):
             kinds.add("causal")
@@ -415,25 +421,29 @@ def _mask_form(m: Match, terms: _Terms, q: Value, k: Value) -> MaskForm | None:
         kept = torch.where(keep, bias, torch.zeros(()))
         if not bool((kept == 0).all()):
             exact = False
+            if int(keep.sum(-1).max()) < 2:
+                continue  # no row keeps two keys (one token): a constant per row, no slope to see
             slopes = _fit_slopes(kept, keep, tq, tk)
             if slopes is None:
                 return None
-            slopes_seen.append(slopes)
+            slopes_seen.append((tk, slopes))
         elif tk > 1:
-            slopes_seen.append(torch.zeros(heads, dtype=torch.float64))
+            slopes_seen.append((tk, torch.zeros(heads, dtype=torch.float64)))
+    kinds = (kinds - {"one"}) or {"none"}
     windows = {x for x in kinds if isinstance(x, int)}
     if "none" in kinds and kinds != {"none"} or len(windows) > 1:
         return None
     if windows and not all(x == "causal" or x in windows for x in kinds):
         return None
     slopes = None
-    if slopes_seen and any(bool((s != 0).any()) for s in slopes_seen):
-        first = slopes_seen[0]
-        if not all(torch.allclose(s, first, rtol=1e-5, atol=1e-7) for s in slopes_seen):
+    if slopes_seen and any(bool((s != 0).any()) for _, s in slopes_seen):
+        first = slopes_seen[0][1]
+        if not all(torch.allclose(s, first, rtol=1e-5, atol=1e-7) for _, s in slopes_seen):
             return None  # slopes that change with the length: not ALiBi
         if not _computed_in(m, values, _EXACT_FLOATS):
             return None
-        slopes = tuple(float(x) for x in slopes_seen[-1])  # from the longest probe: the most precise
+        # from the probe with the most keys: the longest lever, the most precise
+        slopes = tuple(float(x) for x in max(slopes_seen, key=lambda seen: seen[0])[1])
     causal = "none" not in kinds
     if not causal and slopes is None:
         return None  # no mask at all: nothing to fold
@@ -584,17 +594,29 @@ def _from_inputs(m: Match, terms: _Terms) -> bool:
     return any(shape_only_nodes(v, producers) is None for v in terms.values())
 
 
+def _not_probed_everywhere(m: Match, terms: _Terms) -> bool:
+    """The terms are shape-only, but a number they are built from needs a length too long
+    to probe (`i * i > 90000` drops every key of the rows past 300): which rows they leave
+    no key is known only at run time, as for a bias from the inputs."""
+    return not mask_probes(m.graph, terms.values(), m.producers).complete
+
+
+def _may_make_nan_rows(m: Match, terms: _Terms, acc: torch.dtype) -> bool:
+    return (_from_inputs(m, terms) or _not_probed_everywhere(m, terms)) and not _bias_is_finite(m, terms, acc)
+
+
 def _cached_nan_rows(forms: dict | None, m: Match, terms: _Terms, acc: torch.dtype) -> bool:
     """The bias may make a row NaN in eager (see above) that the fused op would not: a term
-    from the inputs, and a bias not provably finite. Once per mask per pass run."""
+    from the inputs (or shape-only, but not probed at every length that its numbers call
+    for), and a bias not provably finite. Once per mask per pass run."""
     if terms.empty():
         return False
     if forms is None:
-        return _from_inputs(m, terms) and not _bias_is_finite(m, terms, acc)
+        return _may_make_nan_rows(m, terms, acc)
     key = ("nan_rows", acc, tuple((id(v), post, fold) for v, post, fold in terms.adds),
            tuple((id(v), fill, when, fold) for v, fill, when, fold in terms.fills))
     if key not in forms:  # the entry holds the mask values too, so no id in a key is reused
-        forms[key] = (_from_inputs(m, terms) and not _bias_is_finite(m, terms, acc), terms.values())
+        forms[key] = (_may_make_nan_rows(m, terms, acc), terms.values())
     return forms[key][0]
 
 
@@ -639,13 +661,13 @@ def _neg_inf_rows_in_shape_mask(m: Match, terms: _Terms) -> bool:
     producers = m.graph.producers()
     if any(shape_only_nodes(v, producers) is None for v in terms.values()):
         return False  # a mask from the inputs: _neg_inf_fill_from_inputs decides
-    n_samples = len(sample_sizes(m.graph))
-    for index, sizes in enumerate(probe_sizes(m.graph, terms.values(), m.producers)[0]):
+    probes = mask_probes(m.graph, terms.values(), m.producers)
+    for index, sizes in enumerate(probes.sizes):
         bias = terms.evaluate_sum(m, sizes)
         if bias is None:
             # a long probe the mask cannot be built at (a buffer shorter than it): the
             # model cannot run there either
-            if inf_fill and index < n_samples:
+            if inf_fill and index < probes.required:
                 return True
             continue
         if bias.dim() > 0 and bool(torch.isneginf(bias).all(-1).any()):
@@ -1142,7 +1164,7 @@ def fuse_attention(graph, ctx=None):
                      "(softmax of all -inf) where fused attention gives 0; the ops run as written")
         if unknown_rows:
             ctx.note(f"{len(unknown_rows)} attention(s) left unfused, e.g. {_which(unknown_rows[0])}: a "
-                     "bias computed from the inputs may hold -inf, and a mask filled over it afterwards decides "
+                     "bias computed from the inputs (or from the length, at lengths too long to probe) may hold -inf, and a mask filled over it afterwards decides "
                      "which query rows keep no key (NaN in eager, 0 from fused attention) in a way the fused "
                      "op's bias does not show; the ops run as written. Add the bias after the fill, or use "
                      "finite values (torch.finfo(dtype).min), to have it fused")

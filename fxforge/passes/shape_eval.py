@@ -8,6 +8,7 @@ buffers, and sizes (symbols, bound here to sample values).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import sympy
 import torch
@@ -89,14 +90,43 @@ def _callable_at(graph: Graph, sizes: dict) -> bool:
     return all(holds(g, sizes) for g in graph.guards)
 
 
+# Every length up to this is probed too, each one: the samples start at 5, and a mask may
+# compute otherwise at a few tokens (a condition on T such as `T > 4`, a window of T // 4
+# keys that leaves a row no key below 4 tokens), where a decode step (1) or a short prompt
+# runs. Masks are tiny there, so the dozen evaluations cost little.
+SHORT_PROBE_MAX = 8
+# With two lengths or more, each one alone also goes through the lengths up to this while
+# the others keep their sample size (one query over many keys, and the other way round).
+SHORT_ALONE_MAX = 4
+
+
+def _short_probes(graph: Graph, sample: dict) -> list[dict]:
+    """Every length symbol at each length 1..SHORT_PROBE_MAX together, and with two lengths
+    or more, each alone at 1..SHORT_ALONE_MAX (the others at `sample`), where the guards
+    allow; the batch stays at the sample's."""
+    lengths = [s for s in sample if not _is_batch(s)]
+    probes = [{s: (size if s in lengths else sample[s]) for s in sample} for size in range(1, SHORT_PROBE_MAX + 1)]
+    if len(lengths) > 1:
+        probes += [{**sample, chosen: size} for chosen in lengths for size in range(1, SHORT_ALONE_MAX + 1)]
+    return [p for p in probes if _callable_at(graph, p)]
+
+
 def sample_sizes(graph: Graph, count: int = 3) -> list[dict]:
-    """A few distinct size assignments for every symbol in the graph's input types; sizes
-    differ from each other and from 1 so that no accidental equality passes a check.
+    """Size assignments for every symbol in the graph's input types: first `count` base
+    samples, whose sizes differ from each other and from 1 so that no accidental equality
+    passes a check, then every short length (_short_probes: a mask may compute otherwise
+    at a few tokens, and trusting the base samples alone proved a mask causal that is not
+    below 5 tokens).
 
     The lengths grow in name order (T < T1), and with two lengths or more one more sample
     has them the other way round (T > T1), where the guards allow it: a mask over a query
     length and an independent key length (cross-attention) can be causal only while there
     are no more queries than keys, and a pass must see the sizes where it is not."""
+    out = _base_samples(graph, count)
+    return out + [p for p in (_short_probes(graph, out[0]) if out else []) if p not in out]
+
+
+def _base_samples(graph: Graph, count: int) -> list[dict]:
     symbols = _size_symbols(graph)
     bases = [(2, 5), (3, 9), (1, 12)][:count]
     out = []
@@ -185,11 +215,76 @@ def _param_sizes_in(nodes: list[Node], graph: Graph) -> list[int]:
             for d in graph.params[v.param].shape]
 
 
+# Ops that map many positions to one value (i // 64, i % 64, i * 0.01): a condition on
+# what they give changes at a length that many times its number (block-local attention's
+# `i // 64 - j // 64 >= 8` first drops a key at 64 * 8 = 512 tokens).
+_DIVIDING_CALLS = ("floor_divide", "div", "remainder", "fmod")
+
+
+def _constant_numbers(v: Value, producers: dict, graph: Graph) -> list[float]:
+    """The magnitudes a constant operand holds (a 0-d const, a small parameter), else []."""
+    if v.param:
+        t = graph.params.get(v.param)
+        return [] if t is None else _param_magnitudes(t)
+    p = producers.get(v)
+    return _number_magnitudes(p.attrs.get("value")) if p is not None and p.op == "const" else []
+
+
+def _node_numbers(node: Node, producers: dict, graph: Graph) -> list[float]:
+    """The numbers one node is given: its attrs (a torch_call's args, a comparison bound),
+    and the constants and small parameters it reads."""
+    found = [m for a in node.attrs.values() for m in _number_magnitudes(a)]
+    return found + [m for v in node.inputs for m in _constant_numbers(v, producers, graph)]
+
+
+def _dividing_factor(node: Node, producers: dict, graph: Graph) -> float:
+    """How many positions one unit of this node's result spans more than its inputs': the
+    divisor of a division or remainder by a constant, 1/c of a product with a fraction c;
+    1 for any other op."""
+    target = str(node.attrs.get("target", "")) if node.op == "torch_call" else node.op
+    if any(name in target for name in _DIVIDING_CALLS):
+        return max([m for m in _node_numbers(node, producers, graph) if m > 1], default=1.0)
+    if node.op == "mul":
+        consts = [abs(c) for v in node.inputs for c in _constant_values(v, producers, graph)]
+        return max([1.0 / c for c in consts if 0 < c < 1], default=1.0)
+    return 1.0
+
+
+def _constant_values(v: Value, producers: dict, graph: Graph) -> list[float]:
+    """The value of a 0-d constant or one-element parameter operand, else []."""
+    if v.param:
+        t = graph.params.get(v.param)
+        return [float(t.double())] if t is not None and t.numel() == 1 and not t.is_complex() else []
+    p = producers.get(v)
+    value = p.attrs.get("value") if p is not None and p.op == "const" else None
+    return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+def _reach(nodes: list[Node], graph: Graph) -> float:
+    """The longest length at which the subgraph's result may first change its pattern, as
+    its numbers tell: each number times the positions one unit of the value it meets spans
+    (the product of the divisors on the way from the positions: `i // 64 >= 8` -> 512,
+    `i // 8 // 8 >= 8` -> 512, `sin(i * 0.01) < -0.5` -> 200), at least the largest number."""
+    producers = {v: n for n in nodes for v in n.outputs}
+    span: dict[Value, float] = {}
+    reach = 0.0
+    for node in nodes:
+        spans_in = max((span.get(v, 1.0) for v in node.inputs), default=1.0)
+        numbers = _node_numbers(node, producers, graph)
+        if numbers:
+            reach = max(reach, spans_in * max(numbers))
+        out = spans_in * _dividing_factor(node, producers, graph)
+        for v in node.outputs:
+            span[v] = out
+    return max([reach] + _numbers_in(nodes, graph))
+
+
 def _long_lengths(nodes: list[Node], graph: Graph) -> tuple[set[int], bool]:
-    """(lengths, complete): one past the largest number in the subgraph, a generous power of
-    two above it, and the sizes of the parameters read; complete=False when the numbers
-    need a length over MAX_PROBE_LENGTH."""
-    largest = max(_numbers_in(nodes, graph), default=0.0)
+    """(lengths, complete): one past the subgraph's reach (_reach: its largest number, or a
+    product of a divisor and a number after it), a generous power of two above it, and the
+    sizes of the parameters read; complete=False when that needs a length over
+    MAX_PROBE_LENGTH."""
+    largest = _reach(nodes, graph)
     if largest + 2 > MAX_PROBE_LENGTH:
         return set(), False
     just_past = math.floor(largest) + 2
@@ -213,18 +308,33 @@ def _long_probes(graph: Graph, short: dict, length: int) -> list[dict]:
     return probes
 
 
-def probe_sizes(graph: Graph, values: list[Value], producers: dict[Value, Node]) -> tuple[list[dict], bool]:
-    """(sizes, complete): the sample sizes, plus longer ones that show a window, offset or
-    band wider than the samples: one longer than every number the subgraphs of `values`
-    are built from (a window of 16 keys looks causal at every T <= 16; the numbers include
-    float constants, their reciprocals and small parameters' values), a generous power of
-    two above that, and one as long as the parameters they read (a mask buffer, sliced to
-    T, is valid up to its size); with several lengths, each also alone at those
-    (_long_probes). complete=False when such a length is over MAX_PROBE_LENGTH (not
-    evaluated: a caller must not conclude the mask is plain causal)."""
+@dataclass
+class Probes:
+    """The sizes to evaluate a mask at: `sizes[:required]` (the samples and every short
+    length) must evaluate, or the mask is not proven; the rest are long probes, where a
+    mask that cannot be built (a buffer shorter than the length) means the model cannot run
+    there either. complete=False: a length the mask needs was too long to probe, so what
+    the probes show may not hold at every length."""
+
+    sizes: list[dict]
+    required: int
+    complete: bool
+
+
+def mask_probes(graph: Graph, values: list[Value], producers: dict[Value, Node]) -> Probes:
+    """The sample sizes (every short length among them); and longer ones that show a
+    window, offset or band wider than the samples: one past the reach of the numbers the
+    subgraphs of `values` are built from (a window of 16 keys looks causal at every
+    T <= 16; the numbers include float constants, their reciprocals and small parameters'
+    values, times the divisors they follow: _reach), a generous power of two above that,
+    and one as long as the parameters they read (a mask buffer, sliced to T, is valid up
+    to its size); with several lengths, each also alone at those (_long_probes).
+    complete=False when such a length is over MAX_PROBE_LENGTH (not evaluated: a caller
+    must not conclude the mask is plain causal, nor that no row is left without a key)."""
     sizes = sample_sizes(graph)
+    required = len(sizes)
     if not sizes or not sizes[-1]:
-        return sizes, True  # no symbol: every length is the one sampled
+        return Probes(sizes, required, True)  # no symbol: every length is the one sampled
     nodes = [n for value in values for n in (shape_only_nodes(value, producers) or [])]
     lengths, complete = _long_lengths(nodes, graph)
     sampled = max(max(s.values(), default=0) for s in sizes)
@@ -234,7 +344,13 @@ def probe_sizes(graph: Graph, values: list[Value], producers: dict[Value, Node])
             complete = False
             continue
         sizes.extend(_long_probes(graph, short, length))
-    return sizes, complete
+    return Probes(sizes, required, complete)
+
+
+def probe_sizes(graph: Graph, values: list[Value], producers: dict[Value, Node]) -> tuple[list[dict], bool]:
+    """(sizes, complete) of mask_probes."""
+    probes = mask_probes(graph, values, producers)
+    return probes.sizes, probes.complete
 
 
 def band_width(keep: torch.Tensor) -> int | None:
