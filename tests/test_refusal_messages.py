@@ -68,6 +68,16 @@ def test_engine_takes_what_generate_takes_without_effect(fast, engine):
     assert torch.equal(got, alone)
 
 
+def test_engine_takes_generates_arguments_at_the_value_that_asks_for_nothing(fast, engine):
+    # streamer=None, output_scores=False, return_dict_in_generate=False: generate() takes them
+    alone = fast.generate(torch.tensor([[3, 4]]), 3, eos_token_id=None)[0, 2:]
+    got = engine.generate_many([[3, 4]], 3, eos_token_id=None, streamer=None, output_scores=False,
+                               return_dict_in_generate=False, attention_mask=None)[0]
+    assert torch.equal(got, alone)
+    text = _message(lambda: engine.submit([3, 4], 3, output_scores=True))
+    assert "output_scores: a request's result() is its new tokens" in text, text
+
+
 def test_engine_reason_only_where_it_fits(engine):
     text = _message(lambda: engine.submit([3, 4], 3, num_beams=2))
     assert "num_beams: one greedy or sampled sequence per request" in text, text

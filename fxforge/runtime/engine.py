@@ -129,6 +129,18 @@ NOT_FOR_REQUESTS = {
     "logits_processor": "a request runs generate()'s own logits processors only (generate() takes custom ones)",
     "generation_config": "pass its settings as keywords, or set the model's generation_config (its defaults)",
 }
+# generate()'s arguments of NOT_FOR_REQUESTS at the value that asks for nothing (as generate()
+# defaults them): submit() takes them so, as generate() does
+OFF_VALUES = {"streamer": None, "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
+              "stopping_criteria": None, "logits_processor": None, "draft": None, "assistant_model": None,
+              "attention_mask": None, "generation_config": None, "tokenizer": None, "draft_stats": None}
+
+
+def _is_off(name: str, value) -> bool:
+    off = OFF_VALUES.get(name, DEFAULT)
+    return value is off if off is None else (off is not DEFAULT and type(value) is type(off) and value == off)
+
+
 # the fix for a pad token after a prompt's first other token (state.padding_from_pad_tokens)
 _PAD_INSIDE_FIX = ("The Engine takes no attention_mask: leave the pad token out of the prompt, or, where {pad} is a "
                    "token of the text, pass pad_token_id=None (or an id the prompt does not hold) so that every "
@@ -332,10 +344,11 @@ class Engine:
                 raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         # as generate(): settings that change no token are ignored, unimplemented ones taken at their off value
         others = sorted(k for k, v in options.items() if k not in REQUEST_OPTIONS and k not in IGNORED
-                        and not (k in GENERATE_ONLY and v == GENERATE_ONLY[k])
+                        and not (k in GENERATE_ONLY and v == GENERATE_ONLY[k]) and not _is_off(k, v)
                         and not (k in UNSUPPORTED and (v is None or v == UNSUPPORTED[k])))
         if others:
             raise ValueError(_refusal(others))
+        options = {k: v for k, v in options.items() if not _is_off(k, v)}  # (asking for nothing)
         given = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                  "eos_token_id": eos_token_id, "max_new_tokens": max_new_tokens, **options}
         # generate()'s settings and checks: the model's defaults, then transformers'
