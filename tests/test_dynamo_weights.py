@@ -203,3 +203,50 @@ def test_quantize_patterns_name_a_global_models_weights_by_its_own_names():
     assert "_GLOBAL_MODEL.lm_head.weight: excluded by '_GLOBAL_MODEL.lm_head*'" in report
     assert "_GLOBAL_MODEL.a.weight: excluded by '_GLOBAL_MODEL.a.*'" in report
     assert "quant_linear" not in report.split("final ops:")[1]
+
+
+class _Holder:
+    model = None
+
+
+_HOLDER = _Holder()
+
+
+def test_quantize_patterns_reach_a_model_held_by_an_object():
+    import fxforge
+    torch.manual_seed(0)
+    _HOLDER.model = _Headed().eval()
+    fx = FxforgeBackend(quantize=fxforge.QuantConfig("int8", exclude=("a.*", "lm_head*")))
+    step = torch.compile(lambda x: _HOLDER.model(x), backend=fx)
+    with torch.no_grad():
+        step(torch.randn(2, 64))
+    report = fx.models[0].report()
+    assert "quant_linear" not in report.split("final ops:")[1], report
+
+
+class _CallsAGlobal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return _GLOBAL_HELPER(self.a(x))
+
+
+_GLOBAL_HELPER = None
+
+
+def test_a_compiled_modules_patterns_do_not_widen_into_a_global_it_calls():
+    # include=("a.*",) names the compiled module's own a; the global helper's a was quantized too
+    import fxforge
+    global _GLOBAL_HELPER
+    torch.manual_seed(0)
+    _GLOBAL_HELPER = _Headed().eval()
+    model = _CallsAGlobal().eval()
+    fx = FxforgeBackend(quantize=fxforge.QuantConfig("int8", include=("a.*",)))
+    compiled = torch.compile(model, backend=fx)
+    with torch.no_grad():
+        compiled(torch.randn(2, 64))
+    report = fx.models[0].report()
+    assert "quant_linear=1" in report.split("final ops:")[1], report
+    assert "skipped _GLOBAL_HELPER.a.weight: not in include" in report, report

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -200,7 +201,7 @@ class FxforgeBackend:
             warnings.filterwarnings("ignore", message="quantize: exclude pattern")
             fast = optimize_captured(lambda: capture_subgraph(module, inputs), module, copy_weights=False,
                                      device=_model_device(module, inputs),
-                                     **_options_under_roots(self.options, layout.weight_roots))
+                                     **_options_under_roots(self.options, layout))
         compiled = CompiledSubgraph(fast, layout, weights, specialized, gm)
         self.compiled.append(compiled)
         return compiled
@@ -311,20 +312,37 @@ class _SubgraphRunner:
         self.owner._fall_back(self.gm, error)
 
 
-def _options_under_roots(options: dict, roots: set[str]) -> dict:
-    """`options` with quantize's include and exclude patterns matching under each of `roots`
-    too. A function that calls a global `model` reaches its weights as model.lm_head.weight,
+def _options_under_roots(options: dict, layout: InputLayout) -> dict:
+    """`options` with quantize's include and exclude patterns matching under the objects the
+    subgraph's weights were reached through too. A function that calls a global `model` (or
+    `holder.model`) reaches its weights as model.lm_head.weight (holder.model.lm_head.weight),
     where the user's patterns (and the default lm_head*) name the model's own lm_head.weight:
-    unwidened, an excluded layer was quantized."""
-    if not roots or options.get("quantize") is None:
+    unwidened, an excluded layer was quantized. Not where the compiled module has weights of
+    its own: its names are the ones the patterns are written against (a global helper it
+    calls is not widened into them)."""
+    if not layout.weight_roots or layout.own_weights or options.get("quantize") is None:
         return options
     cfg = quantize.as_config(options["quantize"])
+    prefixes = _model_prefixes(list(layout.weights.values()), layout.weight_roots)
 
     def widened(patterns):
-        under = [f"{root}.{p}" for root in sorted(roots) for p in patterns if p != quantize.OUTPUT_HEAD]
+        under = [f"{prefix}.{p}" for prefix in prefixes for p in patterns if p != quantize.OUTPUT_HEAD]
         return tuple(dict.fromkeys([*patterns, *under]))
     return {**options, "quantize": dataclasses.replace(cfg, include=widened(cfg.include),
                                                       exclude=widened(cfg.exclude))}
+
+
+def _model_prefixes(paths: list[str], roots: set[str]) -> list[str]:
+    """Where a model may sit under each root: the root, and each path below it down to the
+    module all of that root's weights share (holder, holder.model), stopping at a numbered
+    one (a layer of a list is no model the user names patterns from)."""
+    prefixes = []
+    for root in sorted(roots):
+        modules = [p.split(".")[:-1] for p in paths if p.startswith(root + ".")]
+        common = os.path.commonprefix(modules) if modules else [root]  # (list items compared one by one)
+        depth = next((i for i, part in enumerate(common) if part.isdigit()), len(common))
+        prefixes += [".".join(common[:i]) for i in range(1, max(depth, 1) + 1)]
+    return list(dict.fromkeys(prefixes))
 
 
 def _number(x):

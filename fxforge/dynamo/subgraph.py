@@ -46,6 +46,7 @@ class InputLayout:
     # (`model` when torch.compile wraps a function that calls a global model): their weight
     # paths start with that name (model.lm_head.weight), the model's own names do not
     weight_roots: set[str] = field(default_factory=set)
+    own_weights: bool = False  # some weight is the compiled module's own (under L['self'])
 
 
 # A weight's source, as dynamo names it:
@@ -128,6 +129,8 @@ def input_layout(gm: torch.fx.GraphModule, example_inputs) -> InputLayout:
                 layout.weights[pos] = taken.unique(path, node.name)
                 if (root := weight_root(_source_name(node))) is not None:
                     layout.weight_roots.add(root)
+                else:
+                    layout.own_weights = True
             else:
                 layout.user.append(pos)
         else:
