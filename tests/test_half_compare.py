@@ -38,3 +38,16 @@ def test_half_comparisons_with_int_constants_compile(dtype):
     fast = fxforge.optimize(_ComparesWithInts(), (x,), backend="interpret", verbose=False)
     for got, want in zip(fast(x), _ComparesWithInts()(x)):
         assert torch.equal(got, want), (got, want)
+
+
+class _BoolToHalf(torch.nn.Module):
+    def forward(self, x):
+        return (x > 0).to(torch.bfloat16) * 3, (x > 0.5).half() + 1
+
+
+def test_a_bool_cast_to_a_half_dtype_runs_in_a_generated_kernel():
+    # `(x > 0).to(torch.bfloat16)` failed inside Triton's interpreter (a raw error)
+    x = torch.randn(4, 8)
+    fast = fxforge.optimize(_BoolToHalf(), (x,), backend="interpret", verbose=False)
+    for got, want in zip(fast(x), _BoolToHalf()(x)):
+        assert got.dtype == want.dtype and torch.equal(got, want)

@@ -195,6 +195,10 @@ def expression(op: str, args: list[str], attrs: dict, consts: dict | None = None
             op = _BOOL_ARITHMETIC.get(op, op)
     if op == "pow":
         return _pow(args[0], float(consts[exponent]))
+    if op == "cast" and types is not None and types[0][0] == torch.bool and attrs["dtype"].is_floating_point:
+        # 0 and 1 are exact in every float dtype, and floats compute in float32 here; a bool
+        # cast to bfloat16 directly fails in Triton's interpreter (numpy has no bfloat16)
+        return f"{args[0]}.to(tl.float32)"
     if op in _SPECIAL:
         return _SPECIAL[op](args, attrs)
     template = OPS[op].triton
