@@ -148,10 +148,11 @@ class _Filled(torch.nn.Module):
         return h.masked_fill(h > 0.5, self.value).softmax(-1)
 
 
-def test_a_masked_fill_value_the_new_dtype_cannot_hold_is_refused_at_to():
+@pytest.mark.parametrize("value", [-1e9, -10 ** 9], ids=["float", "int"])
+def test_a_masked_fill_value_the_new_dtype_cannot_hold_is_refused_at_to(value):
     # eager float16 raises "value cannot be converted to type c10::Half without overflow";
     # the retyped graph filled -inf instead (an answer where eager has none)
-    model = _Filled(-1e9)
+    model = _Filled(value)
     fast = _optimized(model)
     with pytest.raises(DtypePinnedError, match=r"masked_fill's value -1000000000\.0 does not fit in torch\.float16"):
         fast.to(torch.float16)

@@ -256,8 +256,8 @@ def masked_fill(c: LowerCtx, x, mask, value):
     # it (-1e9 in float16), which OptimizedModel.to(dtype) must do too (runtime/retarget.py).
     if isinstance(value, Value):
         fill = c.b.cast(value, x.dtype)
-    elif isinstance(value, float) and x.dtype.is_floating_point:
-        fill = c.b.emit("const", value=value, dtype=x.dtype, fill=True)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and x.dtype.is_floating_point:
+        fill = c.b.emit("const", value=float(value), dtype=x.dtype, fill=True)  # (-10**9 as a float fill)
     else:
         fill = c.b.const(value, x.dtype)
     return c.emit("where", mask, fill, x)
