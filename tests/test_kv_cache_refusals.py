@@ -282,3 +282,14 @@ def test_a_model_in_training_mode_is_told_to_call_eval():
     with pytest.warns(UserWarning, match="training mode"), \
             pytest.raises(KVCacheError, match=r"training mode.*model\.eval\(\)"):
         fxforge.optimize(DropoutAttention().train(), (torch.randint(0, 32, (1, 8)),), kv_cache=True)
+
+
+def test_an_unfused_softmax_reshaped_before_its_matmul_is_named_in_the_refusal():
+    # Bloom in float64 (softmax in float32, cast, then viewed to (B * H, T, S) for a bmm)
+    # was refused with "its notes (below) say why" and no note saying why
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=96, hidden_size=64, n_layer=1, n_head=4)).eval().double()
+    with pytest.raises(KVCacheError, match=r"(?s)1 softmax ops whose probabilities feed a matmul.*were not fused"):
+        fxforge.optimize(model, (torch.randint(2, 96, (2, 7)),), kv_cache=True, verbose=False)

@@ -1183,13 +1183,14 @@ def _declined(forms: dict, reason: str) -> list:
 
 
 def _unfused_attention(graph, explained=frozenset()) -> list:
-    """The softmax nodes left whose output reaches a matmul through casts alone: attention
-    the rules did not take (a router's softmax feeds a top-k instead). `explained`: the
-    results of matmuls declined for a reason already noted, left out."""
+    """The softmax nodes left whose output reaches a matmul through casts and views alone
+    (Bloom's `.to(dtype)` then `.view(B * H, T, S)` before its bmm): attention the rules did
+    not take (a router's softmax feeds a top-k instead). `explained`: the results of matmuls
+    declined for a reason already noted, left out."""
     users = graph.users()
     return [node for node in graph.nodes if node.op == "softmax"
             and any(n.op == "matmul" and n.outputs[0] not in explained
-                    for n in readers_through(users, node.outputs, lambda n: n.op == "cast", 3))]
+                    for n in readers_through(users, node.outputs, lambda n: n.op in ("cast", "view", "reshape"), 4))]
 
 
 _VIEW_RULES = [r for r in CLEANUP_RULES if r.name in ("view_noop", "view_of_view")]
