@@ -421,31 +421,28 @@ def _export(model, args, kwargs, dynamic, stack_traces: bool = False, cache_mask
                 f"whose tensors torch.export cannot give dynamic sizes ({type(e).__name__}: {str(e).strip()[:120]})\n"
                 f"  fix: leave {', '.join(through)} out of example_kwargs if the model does not need "
                 f"{'it' if len(through) == 1 else 'them'}, or pass dynamic=False") from e
-        eager_error = _eager_error(model, args, kwargs, cache_masks)
-        if eager_error is not None:  # (export failed on what eager fails on: say that, not how to trace)
+        try:
+            run_as_traced(model, args, kwargs, cache_masks)
+        except Exception as eager_error:  # noqa: BLE001 (export failed on what eager fails on: say that)
             raise eager_failure(eager_error, traced=False) from eager_error
         raise _capture_error(model, e) from e
 
 
-def _eager_error(model, args, kwargs, cache_masks: bool) -> Exception | None:
-    """What the model raises when run eagerly on the example as capture traced it (None: it
-    runs)."""
-    try:
-        with torch.no_grad(), _config_without_cache(model, kwargs), _masks_as_with_cache(cache_masks), \
-                buffers_kept(model):
-            model(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 (any error of the model's own is the answer)
-        return e
-    return None
+def run_as_traced(model, args, kwargs, cache_masks: bool):
+    """The model's outputs on (args, kwargs), run eagerly as capture traced it (a config's
+    use_cache off, the masks of a call with a cache as `cache_masks` says), for a check that
+    compares or tries: no autograd, and its buffers left as they were (_buffers_kept)."""
+    with torch.no_grad(), _config_without_cache(model, kwargs), _masks_as_with_cache(cache_masks), \
+            _buffers_kept(model):
+        return model(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def buffers_kept(model):
+def _buffers_kept(model):
     """The model's buffers as they were before the block, after it: a forward that fxforge
     runs only to check something (a train-mode BatchNorm's running statistics, a step
     counter) must leave the user's model as it found it."""
-    buffers = [b for b in model.buffers() if isinstance(b, torch.Tensor)] if isinstance(model, torch.nn.Module) \
-        else []
+    buffers = list(model.buffers()) if isinstance(model, torch.nn.Module) else []
     saved = [b.detach().clone() for b in buffers]
     try:
         yield

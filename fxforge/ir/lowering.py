@@ -251,13 +251,13 @@ def where(c: LowerCtx, cond, a, b):
 
 
 def masked_fill(c: LowerCtx, x, mask, value):
-    # masked_fill keeps x's dtype, whatever the fill value's type. A float fill value is
-    # marked `fill`: torch converts it to x's dtype and raises where that dtype cannot hold
+    # masked_fill keeps x's dtype, whatever the fill value's type. A number filled into a
+    # float tensor (-1e9, -10**9) is marked `fill`: torch converts it to x's dtype and raises where that dtype cannot hold
     # it (-1e9 in float16), which OptimizedModel.to(dtype) must do too (runtime/retarget.py).
     if isinstance(value, Value):
         fill = c.b.cast(value, x.dtype)
     elif isinstance(value, (int, float)) and not isinstance(value, bool) and x.dtype.is_floating_point:
-        fill = c.b.emit("const", value=float(value), dtype=x.dtype, fill=True)  # (-10**9 as a float fill)
+        fill = c.b.emit("const", value=float(value), dtype=x.dtype, fill=True)
     else:
         fill = c.b.const(value, x.dtype)
     return c.emit("where", mask, fill, x)

@@ -374,7 +374,7 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: 
     itself: dropout in training mode, torch.rand in its forward -- unless `noise_differs`:
     a probe that decides whether a guard may go cannot tell noise from a real difference
     there, so such a model keeps the guard)."""
-    from .capture import _config_without_cache, _default_call_has_cache, _masks_as_with_cache, buffers_kept
+    from .capture import _default_call_has_cache, run_as_traced
     from .evaluate import evaluate
 
     call_args, call_kwargs = pytree.tree_unflatten(probe, spec.in_spec)
@@ -384,10 +384,7 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: 
     cache_masks = not user_use_cache and _default_call_has_cache(model)
 
     def run_model():
-        # the model as capture traced it (a config's use_cache off while tracing)
-        with torch.no_grad(), _config_without_cache(model, call_kwargs), _masks_as_with_cache(cache_masks), \
-                buffers_kept(model):
-            return model(*call_args, **call_kwargs)
+        return run_as_traced(model, call_args, call_kwargs, cache_masks)
 
     def evaluate_graph():
         with torch.no_grad():

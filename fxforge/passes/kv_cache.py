@@ -433,11 +433,11 @@ def _mask_input_problem(graph: Graph, attention: Node, max_seq_len: int | None =
     computed from the length alone that fuse_attention could not prove causal is the
     model's own attention pattern (a sliding window, say), which the cache does not do."""
     from .fuse_attention import MASK_FILL_MAX
-    from .shape_eval import band_width, evaluate, probe_sizes
+    from .shape_eval import band_width, evaluate, mask_probes
 
     bias, producers = attention.inputs[3], graph.producers()
     widths, other = set(), False
-    for sizes in probe_sizes(graph, [bias], producers)[0]:
+    for sizes in mask_probes(graph, [bias], producers).sizes:
         value = evaluate(bias, producers, graph, sizes)
         if value is None:  # reads a graph input, or is not evaluable from the sizes alone
             return _data_mask_problem(graph, bias, producers)
@@ -1026,6 +1026,10 @@ CONVOLUTIONS = ("aten.conv1d.", "aten.conv2d.", "aten.conv3d.", "aten.convolutio
                 "aten.conv_transpose1d.", "aten.conv_transpose2d.", "aten.conv_transpose3d.")
 
 
+# how to go on where something outside attention runs along the sequence
+_WITHOUT_CACHE = "Optimize with kv_cache=False (generate() then recomputes the sequence each step)"
+
+
 def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch, head_picks: set[int]):
     """With a cache, T counts only the new tokens: an op that combines values along the
     sequence outside attention (a cumulative sum of a padding mask into positions, as
@@ -1050,8 +1054,7 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch, head_picks:
             if isinstance(dim, int) and x.rank and _mentions(x.shape[dim % x.rank], seq):
                 raise KVCacheError("kv_cache: this op runs along the sequence (each result depends on the earlier "
                                    "tokens), which with a cache are not in the step's input: the pass cannot "
-                                   f"tell what it computes then. Optimize with kv_cache=False (generate() then "
-                                   f"recomputes the sequence each step)\n  at: {_describe(graph, n)}")
+                                   f"tell what it computes then. {_WITHOUT_CACHE}\n  at: {_describe(graph, n)}")
         elif n.op == "torch_call" and n.attrs["target"].startswith(CONVOLUTIONS) and len(n.inputs) >= 2:
             x, weight = n.inputs[0], n.inputs[1]
             # dims 2.. are the spatial ones; a kernel of size 1 along T mixes no tokens
@@ -1061,16 +1064,15 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch, head_picks:
                 raise KVCacheError("kv_cache: this convolution runs along the sequence (its kernel spans "
                                    f"{weight.shape[along[0]]} tokens: a short convolution carries state from the "
                                    "earlier tokens, which with a cache are not in the step's input, and the cache "
-                                   "keeps only attention's keys and values). Optimize with kv_cache=False "
-                                   "(generate() then recomputes the sequence each step)\n  at: " + _describe(graph, n))
+                                   f"keeps only attention's keys and values). {_WITHOUT_CACHE}\n  at: "
+                                   + _describe(graph, n))
         elif n.op == "matmul" and len(n.inputs) == 2 and n.inputs[0].rank >= 2 \
                 and _mentions(n.inputs[0].shape[-1], seq) and not _token_count(n.inputs[0].shape[-1], batch, seq):
             # contracts over the tokens outside a fused attention: linear attention (MiniMax's
             # lightning attention), or an attention fuse_attention did not take
             raise KVCacheError("kv_cache: this matmul sums over the sequence outside attention (linear attention, "
                                "say); with a cache it would see only the new tokens, and the cache keeps only "
-                               f"attention's keys and values. Optimize with kv_cache=False (generate() then "
-                               f"recomputes the sequence each step)\n  at: {_describe(graph, n)}")
+                               f"attention's keys and values. {_WITHOUT_CACHE}\n  at: {_describe(graph, n)}")
         elif OPS[n.op].kind == "reduction" and n.inputs and isinstance(n.inputs[0].type, TensorType) \
                 and any(_mentions(d, seq) for d in n.inputs[0].shape):
             # (a B*T count of tokens too: a sum or a norm over all the step's tokens mixes them)

@@ -347,12 +347,6 @@ def mask_probes(graph: Graph, values: list[Value], producers: dict[Value, Node])
     return Probes(sizes, required, complete)
 
 
-def probe_sizes(graph: Graph, values: list[Value], producers: dict[Value, Node]) -> tuple[list[dict], bool]:
-    """(sizes, complete) of mask_probes."""
-    probes = mask_probes(graph, values, producers)
-    return probes.sizes, probes.complete
-
-
 def band_width(keep: torch.Tensor) -> int | None:
     """For a [Tq, Tk] keep-mask: W if it is a causal band (query i sees exactly its last W
     keys, bottom-right aligned, as sliding-window attention does) narrower than Tk; None if

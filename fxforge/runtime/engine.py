@@ -137,8 +137,11 @@ OFF_VALUES = {"streamer": None, "output_scores": False, "output_logits": False, 
 
 
 def _is_off(name: str, value) -> bool:
-    off = OFF_VALUES.get(name, DEFAULT)
-    return value is off if off is None else (off is not DEFAULT and type(value) is type(off) and value == off)
+    """`value` is OFF_VALUES' for `name` (None itself; False, not 0)."""
+    if name not in OFF_VALUES:
+        return False
+    off = OFF_VALUES[name]
+    return value is None if off is None else (type(value) is type(off) and value == off)
 
 
 # the fix for a pad token after a prompt's first other token (state.padding_from_pad_tokens)
@@ -343,12 +346,12 @@ class Engine:
             if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
                 raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         # as generate(): settings that change no token are ignored, unimplemented ones taken at their off value
+        options = {k: v for k, v in options.items() if not _is_off(k, v)}  # (asking for nothing)
         others = sorted(k for k, v in options.items() if k not in REQUEST_OPTIONS and k not in IGNORED
-                        and not (k in GENERATE_ONLY and v == GENERATE_ONLY[k]) and not _is_off(k, v)
+                        and not (k in GENERATE_ONLY and v == GENERATE_ONLY[k])
                         and not (k in UNSUPPORTED and (v is None or v == UNSUPPORTED[k])))
         if others:
             raise ValueError(_refusal(others))
-        options = {k: v for k, v in options.items() if not _is_off(k, v)}  # (asking for nothing)
         given = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                  "eos_token_id": eos_token_id, "max_new_tokens": max_new_tokens, **options}
         # generate()'s settings and checks: the model's defaults, then transformers'

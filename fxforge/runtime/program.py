@@ -171,7 +171,7 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
         inline_fused = ops.get("fused_pointwise") is OPS["fused_pointwise"].reference
     counter = 0
     hoisted: dict[str, torch.Tensor] = {}
-    attr_sources: dict[str, str] = {}  # a name -> the source of an attr value made once (_call)
+    attr_sources: dict[str, str] = {}  # the source of an attr value made once -> its name (_call)
     exponents: dict[str, str | None] = {}  # a constant's name -> its number, for a pow's exponent (_pow_operands)
     for i, n in enumerate(graph.nodes):
         if n.op == "const" and not isinstance(n.attrs["value"], sympy.Basic):
@@ -202,7 +202,7 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
 
     namespace = {"torch": torch, "math": math, "DEVICE": torch.device(device), **{f"op_{k}": fn for k, fn in ops.items()}}
     namespace.update(hoisted)
-    for attr_name, attr_source in attr_sources.items():
+    for attr_source, attr_name in attr_sources.items():
         namespace[attr_name] = eval(attr_source, namespace)  # noqa: S307 (py_literal's text)
     namespace.update({names[v]: graph.params[v.param] for v in graph.param_values})
     # Register the source so tracebacks through the program show its lines.
@@ -261,19 +261,18 @@ def _attr_source(value, attr_sources: dict[str, str], taken: set[str]) -> str:
     one object on every call: written inline, Python would build it anew per call (it names
     torch.float32 and the like), and the kernels that keep their launch plan per node, keyed
     by the attrs' identity (codegen/pointwise.py, kernels/decode_gemv.py), missed that plan on
-    every call and kept one more each time."""
+    every call and kept one more each time. Equal sources are one object (the equal bodies of
+    a model's 30 layers: one plan per shape)."""
     source = py_literal(value)
     if not isinstance(value, tuple) or not _fixed(value):
         return source
-    same = next((name for name, made in attr_sources.items() if made == source), None)
-    if same is not None:  # (equal bodies of the model's 30 layers: one object, so one plan per shape)
-        return same
-    name = f"attrs{len(attr_sources)}"
-    while name in taken:
-        name += "_"
-    taken.add(name)
-    attr_sources[name] = source
-    return name
+    if source not in attr_sources:
+        name = f"attrs{len(attr_sources)}"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        attr_sources[source] = name
+    return attr_sources[source]
 
 
 def _fixed(value) -> bool:

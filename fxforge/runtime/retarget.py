@@ -255,7 +255,8 @@ def _floats(attrs: dict, op: str):
     not the node's."""
     for value, trail in attr_leaves(attrs):
         if isinstance(value, float) and (owner := _owner(trail, op, attrs)) is not None:
-            yield *owner[:2], value, owner[2]
+            owner_op, key, owner_attrs = owner
+            yield owner_op, key, value, owner_attrs
 
 
 def _owner(trail: tuple, op: str, attrs: dict) -> tuple[str, object, dict] | None:
