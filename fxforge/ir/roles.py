@@ -34,7 +34,9 @@ tensor it reads that model.to(dtype) would not convert (ir/capture.py), a comput
 user asked for (QuantConfig(compute_dtype=...), passes/quantize.py), a KV cache dtype the user
 asked for (KVCacheConfig(dtype=...), passes/kv_cache.py). `OptimizedModel.to(dtype)`
 refuses another dtype where there are any, as for a cast node, saying why by kind
-(runtime/retarget.py).
+(runtime/retarget.py). A `fill` entry is the other way round: it names a dtype that to()
+refuses, one that cannot hold a masked_fill value of the model that fuse_attention folded
+into the fused op (`((f16, "fill", "masked_fill's value -1000000000.0 does not fit ..."),)`).
 """
 from __future__ import annotations
 
@@ -59,7 +61,11 @@ FIXED_CAST = "cast"  # a cast in the model's code, a no-op at capture
 FIXED_CONSTANT = "constant"  # a float constant tensor that model.to() does not convert
 FIXED_COMPUTE_DTYPE = "compute_dtype"  # a compute dtype asked for at optimize
 FIXED_CACHE_DTYPE = "cache_dtype"  # a KV cache dtype asked for at optimize (KVCacheConfig(dtype=...))
-FIXED_KINDS = (FIXED_CAST, FIXED_CONSTANT, FIXED_COMPUTE_DTYPE, FIXED_CACHE_DTYPE)
+# a dtype the graph cannot take, the one kind whose entry names a refused dtype rather than a
+# kept one: it cannot hold a masked_fill value that fuse_attention folded into the fused op
+# (-1e9 in float16; torch's masked_fill raises on it), so no IR line holds the number any more
+FIXED_FILL = "fill"
+FIXED_KINDS = (FIXED_CAST, FIXED_CONSTANT, FIXED_COMPUTE_DTYPE, FIXED_CACHE_DTYPE, FIXED_FILL)
 
 
 def is_paged(graph) -> bool:

@@ -60,6 +60,10 @@ bias computed from the inputs (a user's float mask holding -inf, where(m, 0, -in
 that is not provably finite on every input (interval bounds through its ops) fuses, and NaN
 is put on the rows where eager's softmax gives it: those whose bias row max is -inf (every
 key dropped), +inf or NaN. One such bias with a mask filled over it afterwards is declined.
+A number the model's masked_fill writes leaves the graph with the mask (folded into causal,
+or scaled into the float32 bias): each float dtype that cannot hold it is noted in the
+graph's signature (a `fill` entry of fixed_dtypes), so that OptimizedModel.to(float16)
+refuses a -1e9 fill as eager's masked_fill raises on it.
 """
 from __future__ import annotations
 
@@ -70,6 +74,8 @@ import torch
 
 from dataclasses import dataclass
 
+from ..ir import roles
+from ..ir.dtypes import finfo_name
 from ..ir.edit import dead_code_elimination
 from ..ir.graph import Value, readers_through
 from ..ir.ops import OPS, causal_keep
@@ -253,6 +259,9 @@ class _Terms:
         # a fill applied after an add ((s + bias).masked_fill(m, c)): the fill replaces what
         # the add made of a key, where the built bias sums the two
         self.fill_over_add = False
+        # the numbers the model's masked_fill wrote, as written (a fill above is scaled): the
+        # fused op drops them, and a dtype that cannot hold one must still refuse as eager does
+        self.model_fills: list[float] = []
 
     def drop_threshold(self) -> float:
         """At or below this the summed terms remove a key exactly. A term added before a
@@ -698,6 +707,7 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
     root = m.root.outputs[0]
     attrs: dict = {}
     slopes = window = None
+    model_fills = terms.model_fills  # (a mask folded into causal / window leaves none in the graph)
     if q.rank not in (3, 4) or k.rank != q.rank or v.rank != q.rank:
         return None
     if not q.dtype == k.dtype == v.dtype:
@@ -767,7 +777,40 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
         out = b.emit("view", out, shape=tuple(root.shape))
     if out.dtype != root.dtype:
         out = b.cast(out, root.dtype)
-    return out if out.type.same_as(root.type) else None
+    if not out.type.same_as(root.type):
+        return None
+    _record_fills(m.graph, model_fills, q.dtype, m.root)
+    return out
+
+
+# The float dtypes OptimizedModel.to() may retype a graph to (runtime/retarget.py).
+_RETARGET_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _record_fills(graph, fills: list[float], dtype: torch.dtype, root) -> None:
+    """Note in the graph's signature (a `fill` entry of fixed_dtypes, ir/roles.py) each
+    float dtype that cannot hold a masked_fill value the fused op now stands for: eager's
+    masked_fill raises in it (-1e9 in float16), so OptimizedModel.to() must refuse it, and
+    no IR line holds the number any more (a causal mask folds whole; a bias keeps it scaled,
+    in float32). A value equal to a torch.finfo value of the model's dtype is left out: the
+    model most likely computed it from its dtype (torch.finfo(x.dtype).min), which in
+    another dtype fills that dtype's own, a key dropped all the same."""
+    entries = list(graph.signature.get("fixed_dtypes", ()))
+    for value in fills:
+        if math.isinf(value) or math.isnan(value) or finfo_name(value, dtype):
+            continue
+        for target in _RETARGET_FLOATS:
+            most = float(torch.finfo(target).max)
+            if abs(value) <= most:
+                continue
+            said = f"masked_fill's value {value!r} does not fit in {target} "  # (once per value: every layer's)
+            if not any(e[1] == roles.FIXED_FILL and e[2].startswith(said) for e in entries):
+                entries.append((target, roles.FIXED_FILL,
+                                f"{said}(max {most:g}): torch's masked_fill raises on it; a model that fills with "
+                                f"torch.finfo(x.dtype).min works in every dtype (folded into fused attention"
+                                f"{root.where() or ' in the model forward()'})"))
+    if len(entries) != len(graph.signature.get("fixed_dtypes", ())):
+        graph.signature = {**graph.signature, "fixed_dtypes": tuple(entries)}
 
 
 def fuse_sdpa(m: Match, b, forms: dict | None = None) -> Value | None:
@@ -931,12 +974,14 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
             fx, fy = _const_value(m, x), _const_value(m, y)
             if fx is not None and fx <= MASK_FILL_MAX and y.rank == s.rank:
                 terms.fills.append((mask, fx * post_scale if post_scale > 0 else None, True, term_fold))
-                s = y
+                filled, s = x, y
             elif fy is not None and fy <= MASK_FILL_MAX and x.rank == s.rank:
                 terms.fills.append((mask, fy * post_scale if post_scale > 0 else None, False, term_fold))
-                s = x
+                filled, s = y, x
             else:
                 return None
+            if (const := _producer(m, filled, "const")) is not None and const.attrs.get("fill"):
+                terms.model_fills.append(float(const.attrs["value"]))
             if terms.fills[-1][1] is None:
                 return None
             terms.post_scales.append(post_scale)

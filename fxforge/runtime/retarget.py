@@ -21,7 +21,12 @@ hand-written RMSNorm, T5's clamp to `finfo.max - 1000`, a `finfo.min` mask fill)
 into the graph as a number, and in another dtype the model would compute another. A scalar
 of the graph (any op's attribute, a fused body's constant) equal to a torch.finfo value of
 the dtype the graph is leaving pins too, as does a clamp bound the new dtype cannot hold
-(torch.clamp raises on it at every call).
+(torch.clamp raises on it at every call), or a masked_fill value (-1e9 in float16: torch's
+masked_fill raises on it), the one in a const {fill=true} or one fuse_attention folded into
+the fused op, which the signature records as a `fill` entry of fixed_dtypes for each dtype
+that cannot hold it. The float32 bias fuse_attention builds from such a fill (a where of two
+constants read only as an attention's bias) is the op's own accumulation dtype, not one the
+model fixed: it does not pin.
 
 Fused bodies hold dtypes too. A cast in one that copies (to its operand's own dtype) is
 a pass's: the K/V store into a dense cache (kv_append written as a fused body) casts to
@@ -77,11 +82,9 @@ def retyped(graph: Graph, dtype: torch.dtype) -> Graph:
     new: dict[Value, Value] = {}
     for v in graph.inputs + graph.param_values + graph.state_values:
         new[v] = _as_dtype(v, dtype)
-    # (a cache dtype set at optimize refuses even `dtype` itself: the graph casts K/V to it and
-    # back to the model's dtype, and those casts back are the model's old dtype then)
-    fixed = [entry for entry in graph.signature.get("fixed_dtypes", ())
-             if entry[0] != dtype or entry[1] == roles.FIXED_CACHE_DTYPE]
+    fixed = [entry for entry in graph.signature.get("fixed_dtypes", ()) if _fixed_refuses(entry, dtype)]
     nodes, pinned = [], []
+    own_bias = _attention_biases_of_consts(graph)
     for node in graph.nodes:
         inputs = tuple(new.get(v, v) for v in node.inputs)
         attrs = _consts_retyped(_copies_retyped(node, inputs), node.op, dtype)
@@ -91,7 +94,7 @@ def retyped(graph: Graph, dtype: torch.dtype) -> Graph:
         new.update(zip(node.outputs, outputs))
         # where a pinned dtype starts (what follows from it is not the node to blame)
         pins = any(_pins(v, dtype) for v in outputs) or _body_pins(attrs, dtype)
-        if pins and not any(_pins(v, dtype) for v in inputs):
+        if pins and not any(_pins(v, dtype) for v in inputs) and id(node) not in own_bias:
             pinned.append(node)
         nodes.append(Node(node.op, inputs, attrs, outputs, node.meta))
     scalars = _dtype_scalars(graph, dtype)
@@ -103,6 +106,52 @@ def retyped(graph: Graph, dtype: torch.dtype) -> Graph:
     out.state_values = [new[v] for v in graph.state_values]
     out.params = _mapped(graph.params, lambda t: t.to(dtype) if t.is_floating_point() else t)
     return out
+
+
+def _fixed_refuses(entry: tuple, dtype: torch.dtype) -> bool:
+    """Whether a fixed_dtypes entry (dtype, kind, why) refuses `dtype`: another dtype than
+    the one it keeps, except a `fill` entry, which names the one dtype it refuses (one that
+    cannot hold a masked_fill value fuse_attention folded away). A cache dtype set at
+    optimize refuses even its own dtype: the graph casts K/V to it and back to the model's
+    dtype, and those casts back are the model's old dtype then."""
+    kept, kind = entry[0], entry[1]
+    if kind == roles.FIXED_FILL:
+        return kept == dtype
+    return kept != dtype or kind == roles.FIXED_CACHE_DTYPE
+
+
+# what may lie between a bias and the attention that reads it: fuse_attention's terms.build
+# (folded heads unsqueezed or viewed, terms summed, a scale, a floor)
+_BIAS_STEPS = ("unsqueeze", "view", "expand", "add", "mul", "where", "lt")
+
+
+def _attention_biases_of_consts(graph: Graph) -> set[int]:
+    """The ids of the `where(mask, c1, c2)` nodes, c1 and c2 constants, read only (through
+    _BIAS_STEPS) as an attention's bias: fuse_attention's bias for a mask the model filled
+    with a number (terms.build). Its float32 comes from its constants, which keep their
+    dtype (_const_float_dtype: float32, float64 in a float64 model) as fuse_attention gives
+    them in any model dtype, the accumulation dtype the op reads its bias in: no dtype the
+    model fixed."""
+    producers, users = graph.producers(), graph.users()
+    outputs = set(graph.outputs)
+
+    def only_bias(v: Value, depth: int = 0) -> bool:
+        if v in outputs or depth > 8 or not users.get(v):
+            return False
+        for u in users[v]:
+            if u.op == "attention":
+                if [i for i, x in enumerate(u.inputs) if x is v] != [3]:
+                    return False
+            elif u.op not in _BIAS_STEPS or not only_bias(u.outputs[0], depth + 1):
+                return False
+        return True
+
+    def const(v: Value) -> bool:
+        return v.rank == 0 and (p := producers.get(v)) is not None and p.op == "const"
+
+    return {id(n) for n in graph.nodes
+            if n.op == "where" and len(n.inputs) == 3 and const(n.inputs[1]) and const(n.inputs[2])
+            and only_bias(n.outputs[0])}
 
 
 def _as_dtype(v: Value, dtype: torch.dtype) -> Value:
@@ -293,6 +342,8 @@ _FIXED_WHAT = {
     roles.FIXED_CACHE_DTYPE: "the KV cache's dtype was set to {} at optimize (KVCacheConfig(dtype=...)), which "
                              "a retyped graph would not keep: where it differs from the model's, K/V are cast to "
                              "it and back, casts that retyping cannot redo",
+    roles.FIXED_FILL: "the model's masked_fill writes a number {} cannot hold into attention scores (eager raises "
+                      "there; the fill was folded into fused attention, so no IR line shows it)",
 }
 
 
