@@ -212,15 +212,16 @@ def _optimized(spec: str, args, kv_cache: bool, flags: tuple = ()):
 
 
 def _load(path: str, backend: str):
-    """fxforge.load, a folder it cannot read (damaged, another format version, not a save)
-    being a mistake in the MODEL argument."""
+    """fxforge.load, a folder it cannot read (damaged, another format version, not a save, an
+    operator it calls that nothing here registers) being a mistake in the MODEL argument."""
     import fxforge
+    from .ir.custom_ops import CustomOpMissing
     from .ir.parser import ParseError
     from .runtime.saving import IncompatibleSaveError
 
     try:
         return fxforge.load(path, backend=backend)
-    except (ParseError, IncompatibleSaveError, OSError, KeyError, TypeError, ValueError) as e:
+    except (ParseError, IncompatibleSaveError, CustomOpMissing, OSError, KeyError, TypeError, ValueError) as e:
         what = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise CLIError(f"cannot load the saved model in {path}: {type(e).__name__}: {what}") from None
 

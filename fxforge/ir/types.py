@@ -12,7 +12,11 @@ from functools import cached_property, lru_cache
 import sympy
 import torch
 
-# Short dtype names used by the text form: `f32[B, T, 768]`.
+# Short dtype names used by the text form: `f32[B, T, 768]`. Every plain dtype torch has
+# (a fixed number of bytes per element, not quantized: torch.qint8 and the sub-byte
+# shells torch.uint4 / bits8 are not) has one, so that a model holding a tensor of any of
+# them prints and parses back; the ones newer than the oldest torch fxforge runs on are
+# looked up by name (_NEWER_DTYPE_NAMES).
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float32: "f32",
     torch.float16: "f16",
@@ -25,7 +29,14 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.uint8: "u8",
     torch.bool: "bool",
     torch.complex64: "c64",
+    torch.complex128: "c128",
+    torch.complex32: "c32",
 }
+_NEWER_DTYPE_NAMES = {"uint16": "u16", "uint32": "u32", "uint64": "u64",
+                      "float8_e4m3fn": "f8e4m3fn", "float8_e4m3fnuz": "f8e4m3fnuz",
+                      "float8_e5m2": "f8e5m2", "float8_e5m2fnuz": "f8e5m2fnuz",
+                      "float8_e8m0fnu": "f8e8m0fnu", "float4_e2m1fn_x2": "f4e2m1fnx2"}
+DTYPE_NAMES.update({getattr(torch, attr): name for attr, name in _NEWER_DTYPE_NAMES.items() if hasattr(torch, attr)})
 DTYPES_BY_NAME: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
 
 Dim = sympy.Expr
@@ -67,7 +78,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return DTYPE_NAMES[dtype]
     except KeyError:
-        raise TypeError(f"fxforge IR has no name for dtype {dtype}") from None
+        raise TypeError(f"fxforge IR has no name for dtype {dtype}: it holds tensors of the plain dtypes "
+                        f"({', '.join(str(d).removeprefix('torch.') for d in DTYPE_NAMES)}), not quantized "
+                        "(torch.qint8, ...) or sub-byte (torch.uint4, torch.bits8, ...) ones; keep such a "
+                        "tensor out of the model, or store it as one of those dtypes") from None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import re
 import sympy
 import torch
 
+from ..ir.custom_ops import check_registered
 from ..ir.graph import Graph
 from ..ir.ops import OPS, Arg, scalar_exponent
 from ..ir.types import IntegerQuotients, SymType, TorchFunctions, symbol
@@ -128,6 +129,10 @@ def build_program(graph: Graph, ops: dict, device: torch.device | str = "cpu",
     known value are made once, on `device`, and bound as globals of the program.
     inline_fused: write fused_pointwise groups as one line per step (a backend without
     fused kernels, `Backend.inlines_fused_pointwise`); None: when `ops` runs the reference."""
+    # the program calls torch.ops.<target> by name: an op not registered here (a custom op
+    # whose module a loading process never imported) fails now, every one named, not at
+    # its first call with an AttributeError from torch.ops
+    check_registered(n.attrs["target"] for n in graph.nodes if n.op == "torch_call")
     names: dict = {}
     taken: set[str] = set()
 

@@ -18,6 +18,7 @@ A file of another format version is refused with an error that names both versio
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -25,7 +26,7 @@ import warnings
 
 import torch
 
-from ..ir.custom_ops import import_op_modules, op_modules
+from ..ir.custom_ops import check_registered, import_op_modules, op_modules, unimportable_ops
 from ..ir.parser import ParseError
 from .call_spec_json import call_spec_from_json, call_spec_to_json
 
@@ -46,8 +47,12 @@ def save_model(fast, path: str) -> str:
 
     from ..ir.printer import print_graph
 
+    _check_save_path(path)
     graph = fast.pipeline_graph
     tensors, aliases = _unique_tensors(graph.params)
+    _check_storable(tensors)
+    modules = op_modules(graph)
+    _warn_unimportable(modules)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -61,19 +66,74 @@ def save_model(fast, path: str) -> str:
         "aliases": aliases,
         # operators from outside PyTorch the IR calls, and the module that registers each:
         # load() imports them, since a new process never builds the model that did
-        "op_modules": op_modules(graph),
+        "op_modules": modules,
     }
     remembered = _cpu_linear_choices(fast)
     if remembered is not None:
         meta["cpu_linear"] = remembered
-    os.makedirs(path, exist_ok=True)
+    text = print_graph(graph)  # before anything is written: a graph that cannot print leaves no half save
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:  # a file where a folder of the path should be
+        raise NotADirectoryError(f"cannot save to {path}: {e.strerror} ({e.filename}); fast.save(path) writes a "
+                                 "directory (model.ir, weights.safetensors, meta.json), so give the path of a "
+                                 "directory, new or one save() wrote before") from None
     with open(os.path.join(path, IR_FILE), "w") as f:
-        f.write(print_graph(graph))
+        f.write(text)
     save_file(tensors, os.path.join(path, WEIGHTS_FILE),
               metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     with open(os.path.join(path, META_FILE), "w") as f:
         json.dump(meta, f, indent=1)
     return path
+
+
+def _check_save_path(path) -> None:
+    """`path` names a directory to write (or a place for one): not an existing file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"fast.save(path) takes the path of a directory (a str), got {type(path).__name__}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"cannot save to {path}: it is a file, and fast.save(path) writes a directory "
+                                 "(model.ir, weights.safetensors, meta.json); give the path of a directory, new or "
+                                 "one save() wrote before")
+
+
+def _check_storable(tensors: dict) -> None:
+    """Refuse, naming them, weights of a dtype safetensors cannot store (complex128,
+    complex32 in safetensors 0.8), before any file is written."""
+    by_dtype: dict = {}
+    for name, t in tensors.items():
+        by_dtype.setdefault(t.dtype, []).append(name)
+    bad = {dtype: names for dtype, names in by_dtype.items() if not _safetensors_stores(dtype)}
+    if bad:
+        dtype, names = next(iter(bad.items()))
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        raise TypeError(f"cannot save: the weight {names[0]!r}{more} is a {dtype} tensor, which {WEIGHTS_FILE} "
+                        "(safetensors) cannot store; give the model that tensor in a dtype it stores (complex64, "
+                        "or torch.view_as_real's float pair) and optimize it again")
+
+
+@functools.lru_cache(maxsize=None)
+def _safetensors_stores(dtype: torch.dtype) -> bool:
+    """Whether safetensors (this version) writes tensors of `dtype`: asked of safetensors
+    itself, as its table of dtypes is private and grows with its versions."""
+    from safetensors.torch import save
+
+    try:
+        with warnings.catch_warnings():  # complex32: "ComplexHalf support is experimental"
+            warnings.simplefilter("ignore")
+            save({"t": torch.zeros(1, dtype=dtype)})
+    except Exception:  # noqa: BLE001 (KeyError for an unknown dtype; whatever another version raises)
+        return False
+    return True
+
+
+def _warn_unimportable(modules: dict) -> None:
+    """Warn about each op a new process cannot register by an import (the save loads only
+    where the loading code registers it first): the save still holds the right program."""
+    for target, why in unimportable_ops(modules).items():
+        warnings.warn(f"the program calls the operator {target!r}, registered by {why}: fxforge.load() in a new "
+                      "process fails with CustomOpMissing unless the loading code registers it first; to load "
+                      "anywhere, define it in a module that can be imported and save again", stacklevel=4)
 
 
 def _cpu_linear_choices(fast) -> dict | None:
@@ -168,13 +228,16 @@ def load_model(path: str, *, backend="auto", device=None, cpu_linear: bool | str
                            "(torch.cuda.is_available() is False); load it with device='cpu' (the default)")
     meta = read_meta(path)
     meta_path = os.path.join(path, META_FILE)
-    import_op_modules(meta.get("op_modules", {}))  # (saves before session 13 have none)
+    _check_files(path)
+    modules = meta.get("op_modules", {})  # (saves before session 13 have none)
+    import_op_modules(modules)
+    check_registered(modules, modules)  # all at once, each with what registers it (build_program checks the rest)
     with open(os.path.join(path, IR_FILE)) as f:
         text = f.read()
     weights_path = os.path.join(path, WEIGHTS_FILE)
     try:
         weights = load_file(weights_path, device=str(device) if device is not None else "cpu")
-    except FileNotFoundError:
+    except PermissionError:  # not damaged: the user's to fix
         raise
     except Exception as e:  # noqa: BLE001 (safetensors' SafetensorError, an OSError, ...)
         raise IncompatibleSaveError(f"{weights_path} cannot be read ({type(e).__name__}: {e}): the file is damaged "
@@ -198,6 +261,15 @@ def load_model(path: str, *, backend="auto", device=None, cpu_linear: bool | str
     fast.left_padding_shifts_positions = bool(meta.get("left_padding_shifts_positions", False))  # older saves
     fast.config = _config_from_json(meta["config"])
     return fast
+
+
+def _check_files(path: str) -> None:
+    """Each file of a save is there (meta.json was checked by read_meta)."""
+    for name in (IR_FILE, WEIGHTS_FILE):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise IncompatibleSaveError(f"{os.path.join(path, name)} is missing: a save is a directory with "
+                                        f"{IR_FILE}, {WEIGHTS_FILE} and {META_FILE}, as fast.save(path) writes it; "
+                                        "copy the whole directory, or save the model again")
 
 
 ALIGNMENT = 64  # bytes: what PyTorch's CPU allocator gives, and more than any kernel asks
@@ -281,8 +353,10 @@ def read_meta(path: str) -> dict:
             want = "a string, a list of strings or null"
         elif isinstance(default, bool):
             ok, want = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok, want = value is None or _is_int(value), "an integer"
+        elif isinstance(default, int) or key in _AT_LEAST:
+            least = _AT_LEAST.get(key)
+            ok = value is None or (_is_int(value) and (least is None or value >= least))
+            want = "an integer" if least is None else f"an integer >= {least} (or null)"
         elif isinstance(default, float):
             ok, want = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)), "a number"
         else:  # a setting generate() refuses anyway (kept so that it does): any JSON value
@@ -291,6 +365,12 @@ def read_meta(path: str) -> dict:
             raise _damaged(meta_path, "generation_defaults", f"{key}={json.dumps(value)} is not {want}")
     return meta
 
+
+# the least value of each count generate() takes (what its own checks refuse below it):
+# a meta.json holding less was edited, and is refused at load rather than at a later generate
+_AT_LEAST = {"max_new_tokens": 1, "max_length": 0, "min_new_tokens": 0, "min_length": 0, "top_k": 0,
+             "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "num_beams": 1,
+             "num_return_sequences": 1}
 
 # the fields load() reads from meta.json: (key, accepted types, what it should be)
 _FIELDS = (("model_name", (str, type(None)), "a string"),
