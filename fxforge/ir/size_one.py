@@ -84,7 +84,8 @@ def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs)
         if sizes is None:
             # no call with sym at 1 found that the guards allow: where they may allow one
             # (none found among the sizes searched), it is refused, as it was not probed
-            if not _refused_at_one(graph, sym):
+            # (but the example's own size: check_at_example compares the example itself)
+            if not _refused_at_one(graph, sym) and _example_size(graph, spec, leaves, sym) != 1:
                 graph.guards.append(sympy.Ge(sym, 2))
                 guarded.append(sym)
             continue
