@@ -24,6 +24,17 @@ with every dynamic size at 1 at once, and one more of each at the example itself
 (two forwards in training mode: a model whose dropout draws differ between calls is not
 compared).
 
+Every size a call may give as 1 is probed at 1 at sizes the graph's guards allow, or
+guarded: the all-at-1 call refused by another guard (T % 2 == 0, T >= 4 refuse T = 1)
+says nothing of batch 1 at a T they allow, and was once read as "they agree" (batch 1
+got the graph of batch >= 2). So where that call is refused or cannot be made, each size
+is probed alone at 1, the others at the example's sizes, or where the guards refuse those
+(B * T >= 6 at the example's T = 3) at the first sizes they allow (`_sizes_at_one`, a
+search of the guards alone); a size no allowed call is found for is guarded `s >= 2`,
+unless a guard refuses it at 1 whatever the others (`_refused_at_one`). Where all at 1
+differs and each alone agrees (`if B == 1 and T == 1`), that one call is refused
+(B + T >= 3). Combinations of some sizes at 1 and others not, beyond those, are not probed.
+
 The same probe decides guards that exclude one size, `Ne(T, c)` (`_drop_points_that_hold`):
 export writes them where a buffer of c rows is sliced by the length, and they refused a
 size eager runs; one that the model and the graph agree at (on every draw) is dropped.
@@ -37,13 +48,15 @@ probe that decides whether a guard may go compares every row.
 """
 from __future__ import annotations
 
+import itertools
+
 import sympy
 import torch
 import torch.utils._pytree as pytree
 
 from .evaluate import input_sizes
 from .graph import Graph
-from .guards import GuardChecker, GuardError
+from .guards import GuardChecker, GuardError, _in_floats
 
 
 def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs) -> list:
@@ -58,20 +71,41 @@ def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs)
     symbols = _probe_symbols(graph)
     draws = _Draws(graph, spec, leaves)
     guarded = []
-    # all at 1 at once (one forward each way, the usual case); each alone where they differ
-    if not (len(symbols) > 1 and _probe(model, graph, spec, draws, dict.fromkeys(symbols, 1)) is None):
-        for sym in symbols:
-            why = _probe(model, graph, spec, draws, {sym: 1})
-            if why is None:
-                continue
-            if _example_size(graph, spec, leaves, sym) == 1:
-                raise CaptureError(
-                    f"the model computes something else when {sym} == 1 ({why}): its code looks at that size "
-                    "(a squeeze, a branch on it), and fxforge captures dynamic sizes at >= 2, so the graph would "
-                    f"not be this example's computation. Optimize with an example where {sym} >= 2 (calls with "
-                    f"{sym} == 1 are then refused), or with dynamic=False to capture exactly this shape")
-            graph.guards.append(sympy.Ge(sym, 2))
-            guarded.append(sym)
+    # all at 1 at once (one forward each way): where the graph serves that call and agrees
+    # there, the usual case, that is all. Where the guards refuse it (T % 2 == 0 refuses
+    # T = 1) it says nothing of B = 1 beside a T they allow: each size is probed alone
+    together = dict.fromkeys(symbols, 1)
+    differ_together, alone = None, symbols
+    if len(symbols) > 1 and _probe_made(graph, spec, leaves, together):
+        differ_together = _probe(model, graph, spec, draws, together)
+        alone = [] if differ_together is None else symbols
+    for sym in alone:
+        sizes = _sizes_at_one(graph, spec, leaves, sym, symbols)
+        if sizes is None:
+            # no call with sym at 1 found that the guards allow: where they may allow one
+            # (none found among the sizes searched), it is refused, as it was not probed
+            # (but the example's own size: check_at_example compares the example itself)
+            if not _refused_at_one(graph, sym) and _example_size(graph, spec, leaves, sym) != 1:
+                graph.guards.append(sympy.Ge(sym, 2))
+                guarded.append(sym)
+            continue
+        why = _probe(model, graph, spec, draws, sizes)
+        if why is None:
+            continue
+        if _example_size(graph, spec, leaves, sym) == 1:
+            raise CaptureError(
+                f"the model computes something else when {sym} == 1 ({why}): its code looks at that size "
+                "(a squeeze, a branch on it), and fxforge captures dynamic sizes at >= 2, so the graph would "
+                f"not be this example's computation. Optimize with an example where {sym} >= 2 (calls with "
+                f"{sym} == 1 are then refused), or with dynamic=False to capture exactly this shape")
+        graph.guards.append(sympy.Ge(sym, 2))
+        guarded.append(sym)
+    if differ_together is not None and _probe_made(graph, spec, leaves, together):
+        # they differ with all at 1 and agree with each alone at 1 (`if B == 1 and T == 1`):
+        # that one call is refused, each size alone at 1 still served (all >= 1: the sum
+        # exceeds their count unless all are 1)
+        graph.guards.append(sympy.Ge(sympy.Add(*symbols), len(symbols) + 1))
+        guarded.extend(s for s in symbols if s not in guarded)
     # after the probes at 1, whose error says more where the example has a size of 1
     check_at_example(model, graph, spec, leaves)
     _drop_points_that_hold(model, graph, spec, draws, symbols)
@@ -117,11 +151,19 @@ def _drop_points_that_hold(model, graph: Graph, spec, draws: "_Draws", symbols: 
         if not points:
             continue
         (sym,) = g.free_symbols
-        differ = [c for c in points
-                  if _probe(model, graph, spec, draws, _point_sizes(graph, spec, draws, sym, c, g), ignore=g) is not None]
+        differ = [c for c in points if _point_differs(model, graph, spec, draws, sym, c, g)]
         if differ != points:  # the guard goes; the sizes where the model computes otherwise stay refused
             at = graph.guards.index(g)
             graph.guards[at:at + 1] = [sympy.Ne(sym, c) for c in differ]
+
+
+def _point_differs(model, graph: Graph, spec, draws: "_Draws", sym, c: int, g) -> bool:
+    """Whether the model computes otherwise than the graph at `sym == c`, the size guard `g`
+    excludes; True too where that probe cannot be made (the guard then stays)."""
+    sizes = _point_sizes(graph, spec, draws, sym, c, g)
+    if _leaves_at_sizes(graph, spec, draws.leaves, sizes) is None:
+        return True
+    return _probe(model, graph, spec, draws, sizes, ignore=g) is not None
 
 
 def _point_sizes(graph: Graph, spec, draws: "_Draws", sym, c: int, ignore) -> dict:
@@ -218,13 +260,52 @@ def _probe(model, graph: Graph, spec, draws: "_Draws", sizes: dict, ignore=None)
     return None
 
 
-def _leaves_at_sizes(graph: Graph, spec, leaves: list, sizes: dict):
-    """The call's leaves with each symbol in `sizes` at its size (`_at_size`), or None."""
-    for sym, n in sizes.items():
-        leaves = _at_size(graph, spec, leaves, sym, n)
-        if leaves is None:
-            return None
-    return leaves
+# The sizes tried for the other symbols, after the example's, to find a call with one size
+# at 1 that the guards allow (`_sizes_at_one`), and the most such calls checked
+SEARCH_SIZES = range(1, 17)
+MAX_SEARCH = 4096
+
+
+def _sizes_at_one(graph: Graph, spec, leaves: list, sym, symbols: list) -> dict | None:
+    """Sizes to probe `sym` at 1 at: the other symbols at the example's sizes where the
+    guards allow that (the usual case), else the first combination of SEARCH_SIZES they
+    allow (`B * T >= 4` with the example's T = 2 allows B = 1 at T = 4). The guards are
+    checked on the sizes alone (compiled tests, microseconds each) before any probe data
+    is made; None where none is found, or the probe cannot be made."""
+    checker = GuardChecker(graph.guards)
+    base = input_sizes(graph, _inputs_of(spec, leaves))
+    others = [s for s in symbols if s != sym]
+    choices = [[base[s], *(n for n in SEARCH_SIZES if n != base[s])] if s in base else list(SEARCH_SIZES)
+               for s in others]
+    for values in itertools.islice(itertools.product(*choices), MAX_SEARCH):
+        sizes = {sym: 1, **dict(zip(others, values))}
+        if _allows(checker, {**base, **sizes}):
+            return sizes if _leaves_at_sizes(graph, spec, leaves, sizes) is not None else None
+    return None
+
+
+def _allows(checker: GuardChecker, sizes: dict) -> bool:
+    values = [sizes.get(s) for s in checker.symbols]
+    return all(test(values, sizes) for test in checker._tests)
+
+
+def _refused_at_one(graph: Graph, sym) -> bool:
+    """Whether a guard refuses `sym == 1` whatever the other sizes (Eq(Mod(T, 2), 0))."""
+    for g in graph.guards:
+        if _in_floats(g):  # decided in floats at run time (guards.py), not by sympy's exact value
+            continue
+        try:
+            if g.xreplace({sym: sympy.Integer(1)}) is sympy.false:
+                return True
+        except Exception:  # noqa: BLE001 (sympy: a Mod by zero, ...): undecided, not refused
+            continue
+    return False
+
+
+def _probe_made(graph: Graph, spec, leaves: list, sizes: dict) -> bool:
+    """Whether a probe at `sizes` can be made and the graph's guards allow it."""
+    probe = _leaves_at_sizes(graph, spec, leaves, sizes)
+    return probe is not None and not _guards_refuse(graph, _inputs_of(spec, probe))
 
 
 def _guards_refuse(graph: Graph, inputs: list, ignore=None) -> bool:
@@ -344,20 +425,28 @@ def _example_size(graph: Graph, spec, leaves: list, sym) -> int | None:
     return None
 
 
-def _at_size(graph: Graph, spec, leaves: list, sym, n: int):
-    """The call's leaves with every dim that is `sym` made `n` long: cut to its first `n`
-    elements, or extended cyclically (as capture grows the example); None where `sym` also
-    appears inside another size (T + 1, 2 * T), which that cannot follow."""
+def _leaves_at_sizes(graph: Graph, spec, leaves: list, sizes: dict):
+    """The call's leaves with every dim whose size holds a symbol of `sizes` made as long
+    as that size is there, the other symbols at the call's own sizes (a `T + 1` dim beside
+    a `T` dim follows T): cut to its first elements, or extended cyclically (as capture
+    grows the example); None where a size cannot be worked out so (a symbol no dim of its
+    own binds) or is negative."""
+    every = {**input_sizes(graph, _inputs_of(spec, leaves)), **sizes}
     probe = list(leaves)
     for pos, index in _tensor_leaves(spec):
         v, x = graph.inputs[index], probe[pos]
         for d, size in enumerate(v.shape):
-            if size == sym:
-                old = x.shape[d]
-                x = x.narrow(d, 0, n) if n <= old else \
-                    x.index_select(d, torch.arange(n, device=x.device) % old)
-            elif isinstance(size, sympy.Basic) and sym in size.free_symbols:
+            if not (isinstance(size, sympy.Basic) and size.free_symbols & sizes.keys()):
+                continue
+            n = size.xreplace({s: sympy.Integer(every[s]) for s in size.free_symbols if s in every})
+            if not (n.is_Integer and n >= 0):
                 return None
+            n, old = int(n), x.shape[d]
+            if n == old:
+                continue
+            if n > old and old == 0:
+                return None  # nothing to extend an empty dim with
+            x = x.narrow(d, 0, n) if n <= old else x.index_select(d, torch.arange(n, device=x.device) % old)
         probe[pos] = x
     return probe
 

@@ -1,0 +1,174 @@
+"""Sizes of one beside other guards (ir/size_one.py): every dynamic size that a call may
+give as 1 is probed at 1 at sizes the graph's guards allow, or guarded >= 2. The probe of
+all sizes at 1 together was refused by another guard on T (T % 2 == 0, T >= 4), read as
+"the model and the graph agree", and the batch got no guard: batch 1 was answered by the
+graph of batch >= 2 (a wrong answer, a wrong shape)."""
+import pytest
+import torch
+
+import fxforge
+from fxforge.ir import size_one
+from fxforge.ir.guards import GuardError
+
+D = 8
+
+
+class BranchBesideModulo(torch.nn.Module):
+    """A branch on batch 1 beside a branch on T % 2 (guard Eq(Mod(T, 2), 0))."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(D, D)
+
+    def forward(self, x):
+        y = self.lin(x)
+        if x.shape[0] == 1:
+            return y * 2
+        if x.shape[1] % 2 == 0:
+            return y + 1
+        return y
+
+
+class PairsSqueezed(torch.nn.Module):
+    """squeeze(0) of the batch beside a reshape that needs T even."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2 * D, D)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        return self.lin(x.reshape(B, T // 2, 2 * D)).squeeze(0)
+
+
+class BranchBesidePosition(torch.nn.Module):
+    """A branch on batch 1 beside a read at position 3 (guard T >= 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(D, D)
+
+    def forward(self, x):
+        y = self.lin(x)[:, 3]
+        return y * 2 if x.shape[0] == 1 else y
+
+
+class BranchBesideFlatRow(torch.nn.Module):
+    """A branch on batch 1 beside a read of the 6th row of B*T (guard B*T >= 6): at the
+    example's T = 3, batch 1 is refused by that guard, at T >= 6 it is not."""
+
+    def forward(self, x):
+        row = x.reshape(-1, D)[5]
+        out = x + row
+        return out * 2 if x.shape[0] == 1 else out
+
+
+class BothAtOne(torch.nn.Module):
+    """Computes otherwise only where the batch and the length are both 1."""
+
+    def forward(self, x):
+        return x * 2 if x.shape[0] == 1 and x.shape[1] == 1 else x + 1
+
+
+def _eager_or_refused(fast, model, x):
+    """fast(x) is model(x) (shape and values), or a GuardError."""
+    try:
+        out = fast(x)
+    except GuardError:
+        return "refused"
+    with torch.no_grad():
+        ref = model(x)
+    assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    return "same"
+
+
+@pytest.mark.parametrize("model,example,batch_one", [
+    (BranchBesideModulo, (2, 6, D), (1, 6, D)),
+    (PairsSqueezed, (2, 8, D), (1, 8, D)),
+    (BranchBesidePosition, (2, 8, D), (1, 8, D)),
+    (BranchBesideFlatRow, (2, 3, D), (1, 6, D)),
+])
+def test_batch_one_beside_a_guard_that_refuses_t_one_is_guarded(model, example, batch_one):
+    torch.manual_seed(0)
+    model = model().eval()
+    fast = fxforge.optimize(model, (torch.randn(*example),), verbose=False)
+    assert "guard B >= 2" in fast.ir, fast.ir
+    with pytest.raises(GuardError, match="B >= 2"):
+        fast(torch.randn(*batch_one))
+    assert _eager_or_refused(fast, model, torch.randn(*example)) == "same"
+    assert _eager_or_refused(fast, model, torch.randn(3, *example[1:])) == "same"
+
+
+def test_sizes_that_differ_only_together_are_refused_together():
+    """Batch 1 alone and one token alone agree; both at 1 differ: that combination is
+    refused, each alone still served."""
+    model = BothAtOne().eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 6, D),), verbose=False)
+    assert _eager_or_refused(fast, model, torch.randn(1, 1, D)) == "refused"
+    for shape in [(1, 6, D), (2, 1, D), (3, 5, D)]:
+        assert _eager_or_refused(fast, model, torch.randn(*shape)) == "same", shape
+
+
+def test_a_size_refused_at_one_by_its_own_guard_costs_no_probe(monkeypatch):
+    """T % 2 == 0 refuses T = 1 whatever the batch: T is not probed at 1, the batch is, once
+    per draw (the example's data and its random draws), and an ordinary model gets no guard."""
+    class Pairs(torch.nn.Module):
+        def forward(self, x):
+            B, T, _ = x.shape
+            return x.reshape(B, T // 2, 2 * D).sum(-1)
+
+    probed = []
+    compare = size_one._difference
+
+    def spy(model, graph, spec, probe, inputs, **kwargs):
+        probed.append(tuple(inputs[0].shape))
+        return compare(model, graph, spec, probe, inputs, **kwargs)
+
+    monkeypatch.setattr(size_one, "_difference", spy)
+    model = Pairs().eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 6, D),), verbose=False)
+    assert "guard B >= 2" not in fast.ir and "guard T >= 2" not in fast.ir, fast.ir
+    assert all(shape[1] % 2 == 0 for shape in probed), probed
+    assert len([s for s in probed if s[:2] == (1, 6)]) == len(size_one._Draws.FLOAT_KINDS) + 1, probed
+    assert _eager_or_refused(fast, model, torch.randn(1, 4, D)) == "same"
+
+
+class FlatRow(torch.nn.Module):
+    """The 6th row of B*T (guard B*T >= 6), no branch: batch 1 is the same computation."""
+
+    def forward(self, x):
+        return x + x.reshape(-1, D)[5]
+
+
+def test_batch_one_is_probed_at_a_length_the_guards_allow_or_refused(monkeypatch):
+    """At the example's T = 3 the guard B*T >= 6 refuses batch 1; the probe is made at a
+    length it allows (T = 6), where the model agrees: batch 1 is served. Where no allowed
+    length is among the sizes searched, batch 1 cannot be probed and is refused."""
+    model = FlatRow().eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 3, D),), verbose=False)
+    assert "guard B >= 2" not in fast.ir, fast.ir
+    assert _eager_or_refused(fast, model, torch.randn(1, 7, D)) == "same"
+    monkeypatch.setattr(size_one, "SEARCH_SIZES", range(1, 3))
+    fast = fxforge.optimize(model, (torch.randn(2, 3, D),), verbose=False)
+    assert "guard B >= 2" in fast.ir, fast.ir
+    assert _eager_or_refused(fast, model, torch.randn(1, 7, D)) == "refused"
+
+
+class ShiftedPair(torch.nn.Module):
+    """Inputs of T and T + 1 tokens, and a branch on batch 1: the probes at 1 make the
+    T + 1 dim follow T (it was 'cannot be made', read as 'agrees')."""
+
+    def forward(self, x, y):
+        out = y[:, 1:] + x
+        return out * 2 if x.shape[0] == 1 else out
+
+
+def test_a_size_that_another_input_holds_plus_one_is_probed_with_it():
+    model = ShiftedPair().eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 5, D), torch.randn(2, 6, D)), verbose=False)
+    assert "T + 1" in fast.ir and "guard B >= 2" in fast.ir and "guard T >= 2" not in fast.ir, fast.ir
+    with pytest.raises(GuardError, match="B >= 2"):
+        fast(torch.randn(1, 5, D), torch.randn(1, 6, D))
+    x, y = torch.randn(3, 1, D), torch.randn(3, 2, D)
+    assert torch.allclose(fast(x, y), model(x, y))
