@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..ir.quant_formats import Packed, dequantize_weight
+from .derived import Versions
 
 
 def dequantize_for_matmul(packed: Packed, dtype: torch.dtype) -> Tensor:
@@ -35,18 +36,27 @@ class DequantizedWeights:
     """Dequantized weights kept between calls, up to `budget_bytes` (the first that fit).
 
     Keyed by the packed weight's own `qweight` tensor (its id, with the tensor kept to make
-    the id safe) and the dtype the GEMM runs in."""
+    the id safe) and the dtype the GEMM runs in. A kept weight whose packed tensors changed
+    in place since (fast.state_dict() edits, fast.load_state_dict) is dropped at its next
+    use and dequantized again (runtime/derived.py)."""
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
         self.misses = 0  # weights met that did not fit: dequantized at every call
-        self._kept: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] = {}
+        self._kept: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor, Versions]] = {}
         self._refused: set[tuple[int, torch.dtype]] = set()
 
     def get(self, qweight: Tensor, dtype: torch.dtype) -> Tensor | None:
-        hit = self._kept.get((id(qweight), dtype))
-        return hit[1] if hit is not None and hit[0] is qweight else None
+        key = (id(qweight), dtype)
+        hit = self._kept.get(key)
+        if hit is None or hit[0] is not qweight:
+            return None
+        if hit[2].changed():  # edited in place since: dequantized again by weight()
+            del self._kept[key]
+            self.used_bytes -= hit[1].numel() * hit[1].element_size()
+            return None
+        return hit[1]
 
     def weight(self, packed: Packed, dtype: torch.dtype) -> Tensor:
         """The dequantized weight: kept from an earlier call, kept now if it fits, or made
@@ -59,7 +69,7 @@ class DequantizedWeights:
         size = w.numel() * w.element_size()
         if key not in self._refused:
             if self.used_bytes + size <= self.budget_bytes:
-                self._kept[key] = (packed.qweight, w)
+                self._kept[key] = (packed.qweight, w, Versions(*packed.tensors().values()))
                 self.used_bytes += size
             else:
                 self._refused.add(key)

@@ -13,7 +13,10 @@ Its dequantization is `(q - 8) * scale + zero`; ours (ir/quant_formats.py) is
 values are the IR's (up to float rounding; in bfloat16 the table is rounded to bfloat16,
 as for the int8 path's scales). The IR does not change: the plan holds the repacked
 copies, and runtime/cpu_quant.py sends a call to the kernel when it is short enough; the
-copies cost half a byte per weight (the report says how much).
+copies cost half a byte per weight (the report says how much). A copy follows its weight:
+after an in-place edit of the int4 weight, its scales or zeros (`fast.state_dict()`,
+`fast.load_state_dict`), its first use repacks it (runtime/derived.py); scales edited below
+what the activation dtype's table holds send that weight's products to the dequantizing path.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from torch import Tensor
 from ..ir.graph import Graph
 from ..ir.quant_formats import Int4Packed, unpack_nibbles
 from ..passes.manager import PassStats
+from .derived import Versions
 
 # The kernel's own limit: its packed layout interleaves blocks of 16 output rows.
 N_MULTIPLE = 16
@@ -53,6 +57,19 @@ class _Int4Weight:
     # the kernel's OpOverload, looked up once: calling it skips the op packet's overload
     # resolution, a few microseconds of each of a decode step's ~120 int4 products
     mm: Callable
+    source: Int4Packed | None = None  # the graph's weight (its tensors), repacked after an edit
+    watch: Versions | None = None  # their versions when this was packed
+    dequantize: bool = False  # edited scales the kernel's table cannot hold: dequantize instead
+
+
+def refresh_int4(weight: _Int4Weight):
+    """Repack `weight` from its source, whose tensors changed in place since it was packed."""
+    dtype = weight.scale_zero.dtype
+    weight.dequantize = not _scales_hold_in(weight.source.scales, dtype)
+    if not weight.dequantize:
+        fresh = prepare_int4(weight.source, dtype)
+        weight.packed, weight.scale_zero = fresh.packed, fresh.scale_zero
+    weight.watch.renew()
 
 
 @dataclass
@@ -63,6 +80,12 @@ class CpuInt4Plan:
 
 def int4pack_linear(x: Tensor, weight: _Int4Weight, bias: Tensor | None = None) -> Tensor:
     """y = x @ W.T (+ bias) in x's dtype, W read from the packed int4 layout."""
+    if weight.watch is not None and weight.watch.changed():
+        refresh_int4(weight)
+    if weight.dequantize:
+        from .torch_kernels import quant_linear_torch
+
+        return quant_linear_torch(x, weight.source, bias)
     k = x.shape[-1]
     rows = x.view(-1, k) if x.is_contiguous() else x.reshape(-1, k).contiguous()
     y = weight.mm(rows, weight.packed, weight.group_size, weight.scale_zero)
@@ -80,7 +103,8 @@ def prepare_int4(packed: Int4Packed, dtype: torch.dtype) -> _Int4Weight:
     zeros = (8.0 - packed.zeros.float()) * scales
     scale_zero = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous().to(dtype)
     return _Int4Weight(packed.qweight, kernel_layout, scale_zero, packed.group_size, n,
-                       torch.ops.aten._weight_int4pack_mm_for_cpu.default)
+                       torch.ops.aten._weight_int4pack_mm_for_cpu.default, packed,
+                       Versions(packed.qweight, packed.scales, packed.zeros))
 
 
 def _scales_hold_in(scales: Tensor, dtype: torch.dtype) -> bool:

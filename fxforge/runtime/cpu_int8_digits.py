@@ -54,6 +54,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .derived import Versions
+
 SPAN = 63 * 2**16  # |V| <= SPAN (+ rounding) < 2^22
 MAGIC = 1.5 * 2**23  # V + MAGIC lies in (2^23, 2^24): float32 steps of exactly 1
 TOP_ZERO_POINT = 64  # byte 2 holds (V + 2^22) >> 16: the top digit is b2 - 64
@@ -98,6 +100,16 @@ class DigitWeight:
     zero_points: Tensor  # int64 [N] zeros: the weight is symmetric
     out_features: int
     shift: Tensor  # int32 [3, 1, N]: _SIGNED_SHIFT[i] * Q_n, Q_n = sum_k q_nk (the few-row kernel)
+    scale_source: Tensor | None = None  # the graph's own scale (`scale` may be a float32 copy of it)
+    watch: Versions | None = None  # the versions of qweight and scale_source when this was packed
+
+
+def refresh(weight: DigitWeight):
+    """Prepack `weight` again: its qweight or scale changed in place since (fast.state_dict()
+    edits, fast.load_state_dict; runtime/derived.py)."""
+    fresh = prepack(weight.qweight, weight.scale_source)
+    weight.packed, weight.scale, weight.shift = fresh.packed, fresh.scale, fresh.shift
+    weight.watch.renew()
 
 
 def prepack(qweight: Tensor, scale: Tensor) -> DigitWeight:
@@ -105,7 +117,8 @@ def prepack(qweight: Tensor, scale: Tensor) -> DigitWeight:
     n = qweight.shape[0]
     packed = torch.ops.onednn.qlinear_prepack(qweight.contiguous(), None)
     shift = torch.tensor(_SIGNED_SHIFT, dtype=torch.int32)[:, None, None] * qweight.sum(1, dtype=torch.int32)
-    return DigitWeight(qweight, packed, scale.float().contiguous(), torch.zeros(n, dtype=torch.int64), n, shift)
+    return DigitWeight(qweight, packed, scale.float().contiguous(), torch.zeros(n, dtype=torch.int64), n, shift,
+                       scale, Versions(qweight, scale))
 
 
 def _few_rows(digits: Tensor, w: DigitWeight) -> Tensor:
@@ -136,6 +149,8 @@ def digit_linear(x: Tensor, weight: DigitWeight, bias: Tensor | None = None) -> 
     float32, returned in x's dtype): three exact int8 products summed into one float32
     output. None where x has a row this split does not take (inf, NaN, tiny): the caller
     runs another path."""
+    if weight.watch is not None and weight.watch.changed():
+        refresh(weight)
     k = x.shape[-1]
     if k > MAX_K:
         return None

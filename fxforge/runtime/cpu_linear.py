@@ -57,7 +57,9 @@ one row is another format, and the one-row choice never reads it).
 
 The values never change, only strides and the kernel, so the IR and its text do not.
 Column-major weights are copies: the program no longer reads the model's own weights
-(the report gives the bytes). Half precision is left to F.linear.
+(the report gives the bytes). Half precision is left to F.linear. A copy follows its
+weight: after an in-place edit (`fast.state_dict()[k].mul_(0.5)`, `fast.load_state_dict`)
+its first use makes it again (runtime/derived.py).
 """
 from __future__ import annotations
 
@@ -74,6 +76,7 @@ from ..ir.graph import Graph
 from ..passes.manager import PassStats
 from .cpu_linear_cache import (Decision, cache_file, machine_fingerprint, read_decisions, rows_key, shape_key,
                                write_decisions)
+from .derived import holder, rewrite
 
 BASELINE = ("aten", "row")
 PACKED = ("onednn", "packed")  # a few rows only, opt-in: a second copy of the weight
@@ -145,6 +148,22 @@ def onednn_linear(x, w, b=None):
 KERNELS = {"aten": F.linear, "onednn": onednn_linear}
 
 
+@dataclass(eq=False)
+class _Copied:
+    """A weight the program reads through a copy the plan made (`stored`, column-major, the
+    tensor the program passes) or that has a packed copy (made for `packed_rows` rows), with
+    the version of `source` (the graph's weight) they were made from (runtime/derived.py)."""
+    stored: torch.Tensor
+    source: torch.Tensor
+    packed_rows: int | None
+    watch: object = None  # what to read the source's version from
+    seen: int = 0
+
+    def __post_init__(self):
+        self.watch = holder(self.source)
+        self.seen = self.watch._version
+
+
 @dataclass
 class CpuLinearPlan:
     """(out, in) -> (kernel, layout) for the float32 linear weights of one graph: `choices`
@@ -161,6 +180,9 @@ class CpuLinearPlan:
     packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     packed_bytes_limit: int = 0
     not_packed: int = 0  # weights some bucket chose PACKED for whose copy did not fit in the limit
+    # id(stored weight) -> its copies and their source, for weights read through a copy:
+    # made again at their first use after an in-place edit of the source (runtime/derived.py)
+    copied: dict[int, _Copied] = field(default_factory=dict)
 
     @property
     def few_rows(self) -> dict[tuple[int, int], tuple[str, str]]:
@@ -184,6 +206,10 @@ class CpuLinearPlan:
         """The torch backend's `linear`: the chosen kernel for this weight shape and row count."""
         if x.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, w, b)
+        if self.copied:
+            copied = self.copied.get(id(w))
+            if copied is not None and copied.watch._version != copied.seen:
+                self._renew(copied)
         rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
         kernel, layout = self.choice(tuple(w.shape), rows)
         # (any layout gives the same values: this only picks the faster read; a weight the
@@ -197,6 +223,17 @@ class CpuLinearPlan:
             if stored is w:
                 w = copy
         return KERNELS[kernel](x, w, b)
+
+    def _renew(self, copied: _Copied):
+        """Make `copied`'s copies again from its source, whose values changed in place."""
+        if copied.stored is not copied.source:
+            rewrite(copied.stored, copied.source)  # in place: the program holds this tensor
+        if copied.packed_rows is not None:
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(copied.source.detach().contiguous(),
+                                                                 copied.packed_rows)
+            self.packed[id(copied.stored)] = (copied.stored, packed)
+        copied.seen = copied.watch._version
 
     def apply(self, graph: Graph) -> tuple[Graph, list[str], int]:
         """The graph with column-major copies of the weights whose shape chose that layout
@@ -227,6 +264,8 @@ class CpuLinearPlan:
                     self.originals[id(params[name])] = (params[name], w)
             if copy is not None:
                 self.packed[id(params[name])] = (params[name], copy)
+            if params[name] is not w or copy is not None:
+                self.copied[id(params[name])] = _Copied(params[name], w, min(packed_for) if copy is not None else None)
         out = graph.with_nodes(graph.nodes)
         out.params = params
         return out, moved, nbytes

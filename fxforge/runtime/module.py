@@ -680,8 +680,27 @@ class OptimizedModel:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Its weights by the names the IR gives them (fused and quantized ones included:
-        not the source model's state dict)."""
+        not the source model's state dict). As nn.Module's, the tensors are the model's own
+        (detached): an in-place edit (`with torch.no_grad(): sd[k].mul_(0.5)`, a LoRA merge)
+        changes what the model computes, on every path: the backend's derived copies of a
+        weight (column-major, packed int4, prepacked int8) are made again at their next use
+        (runtime/derived.py). `fast.save()` saves the edited weights."""
         return {name: t.detach() for name, t in self.pipeline_graph.params.items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Like nn.Module.load_state_dict, for the names state_dict() gives: checks every
+        name (strict: missing and unexpected keys are an error), shape and dtype (floating
+        values cast to the weight's dtype; quantized and integer weights take their own
+        dtype only) before writing anything, then copies the values into the model's
+        weights in place and returns (missing_keys, unexpected_keys). Derived copies follow
+        (runtime/derived.py)."""
+        from .state_dict import load_state_dict
+
+        if assign:
+            raise NotImplementedError("load_state_dict(assign=True) is not supported: the program and the "
+                                      "backend's planning hold the model's weight tensors, so values are copied "
+                                      "into them; call it with assign=False")
+        return load_state_dict(self.pipeline_graph.params, state_dict, strict, self.model_name)
 
     def named_parameters(self):
         seen = set()
