@@ -70,6 +70,16 @@ class CallSpec:
     # IR): the call copies those (OptimizedModel._fresh_outputs)
     output_views_input: tuple = ()
     output_same_as: dict = field(default_factory=dict)
+    # {flat output position: CONTIGUOUS | CONTIGUOUS_BASE}: the layout eager gives it that
+    # the graph may not (the IR has no layout: `contiguous()` is x to it). CONTIGUOUS: eager's
+    # output is contiguous (`y.transpose(1, 2).contiguous()`, a clone, a linear), so the
+    # call makes the graph's contiguous; CONTIGUOUS_BASE: a view of an input taken after a
+    # `contiguous()` (`x.contiguous()[:, 1]`), a view of x only where x is contiguous, else of
+    # eager's copy (OptimizedModel._eager_layouts)
+    output_layouts: dict = field(default_factory=dict)
+
+
+CONTIGUOUS, CONTIGUOUS_BASE = "contiguous", "contiguous_base"
 
 
 # Friendly names for the dynamic dims: dim 0 is the batch, dim 1 the sequence.
@@ -410,7 +420,7 @@ def _export(model, args, kwargs, dynamic, stack_traces: bool = False, cache_mask
     try:
         with torch.no_grad(), _trace_settings(stack_traces), _config_without_cache(model, kwargs), \
                 _masks_as_with_cache(cache_masks), _bound_forward(model, baked), _without_partial_graph_dump(), \
-                _tensor_attributes_kept(model), nested_fast_path_as_eager(model):
+                _tensor_attributes_kept(model), nested_fast_path_as_eager(model), _MarkNoOpContiguous():
             return _export_traced(model, (args, kwargs), (ex_args, ex_kwargs), dyn)
     except Exception as e:  # torch.export raises many kinds; all become one clear error
         through = _through_var_keyword(model, ex_args, ex_kwargs) if dynamic else []
@@ -1223,22 +1233,26 @@ def _lower_exported(ep, injected, model):
     output_leaves = []
     user_placeholders = {by_name.get(getattr(s.arg, "name", None)) for s in ep.graph_signature.input_specs
                          if s.kind == InputKind.USER_INPUT}
-    nodes = [out if isinstance(out, torch.fx.Node) else None for out in outputs]
-    views_input = tuple(i for i, out in enumerate(nodes) if out is not None and _views_of(out) in user_placeholders)
-    same_as = {i: nodes.index(out) for i, out in enumerate(nodes) if out is not None and nodes.index(out) != i}
     overwritten = _buffers_written_before_read(ep, by_name)
+    # the FX node of each flat output leaf (None for a number): the positions that
+    # output_views_input, output_same_as and output_layouts name
+    nodes = []
     for spec, out in zip(ep.graph_signature.output_specs, outputs):
         if spec.kind == OutputKind.BUFFER_MUTATION and spec.target in overwritten:
             continue  # every call writes it before reading it: no call sees another's value
         if spec.kind != OutputKind.USER_OUTPUT:
             raise CaptureError(f"the model mutates {spec.target or spec.arg} inside forward ({spec.kind.name}); "
                                "fxforge needs a forward pass without side effects" + _mutation_hint(spec, model))
+        nodes.append(out if isinstance(out, torch.fx.Node) else None)
         value = env[out] if isinstance(out, torch.fx.Node) else out
         if isinstance(value, Value):
             output_leaves.append(("value", len(g.outputs)))
             g.outputs.append(value)
         else:
             output_leaves.append(_scalar_output(value, out.meta.get("val") if isinstance(out, torch.fx.Node) else out))
+    views_input = tuple(i for i, out in enumerate(nodes) if out is not None and _views_of(out) in user_placeholders)
+    same_as = {i: nodes.index(out) for i, out in enumerate(nodes) if out is not None and nodes.index(out) != i}
+    layouts = _output_layouts(nodes, views_input)
     g.nodes = low.builder.nodes
     g.guards = low.guards
     if low.fixed_dtypes:
@@ -1246,7 +1260,7 @@ def _lower_exported(ep, injected, model):
     in_spec = ep.call_spec.in_spec
     kwarg_order = tuple(in_spec.child(1).context) if in_spec is not None else ()
     return g, CallSpec(in_spec, input_leaves, ep.call_spec.out_spec, output_leaves, injected, kwarg_order,
-                       _positional_names(model), forward_defaults(model), views_input, same_as)
+                       _positional_names(model), forward_defaults(model), views_input, same_as, layouts)
 
 
 def _buffers_written_before_read(ep, by_name) -> set[str]:
@@ -1276,13 +1290,70 @@ _OVERWRITES = (torch.ops.aten.copy.default, torch.ops.aten.zero.default, torch.o
 def _views_of(node):
     """The FX node `node` is a view of, through ops whose result aliases their first input
     (view, slice, transpose, ... by their schema), or `node` itself."""
+    return _view_chain(node)[-1]
+
+
+def _view_chain(node) -> list:
+    """`node`, then each node it is a view of, down to the first that is no view. A
+    `contiguous` in the graph copied at the example (a no-op one is traced as
+    _MarkNoOpContiguous's `alias`): its result is a tensor of its own, not a view."""
+    chain = [node]
     while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node):
         schema = getattr(node.target, "_schema", None)
         alias = schema.returns[0].alias_info if schema is not None and schema.returns else None
-        if alias is None or alias.is_write:
+        if alias is None or alias.is_write or node.target is torch.ops.aten.contiguous.default:
             break
         node = node.args[0]
-    return node
+        chain.append(node)
+    return chain
+
+
+def _output_layouts(nodes: list, views_input: tuple) -> dict:
+    """CallSpec.output_layouts from the output leaves' FX nodes: a view of an input that a
+    no-op `contiguous()` made (CONTIGUOUS where it is the last op: eager copies an input
+    that is not contiguous; CONTIGUOUS_BASE where views follow it), and any other output
+    whose example value eager made contiguous."""
+    layouts = {}
+    for i, node in enumerate(nodes):
+        if node is None:
+            continue
+        if i in views_input:
+            chain = _view_chain(node)
+            marks = [n for n in chain[:-1] if n.target is torch.ops.aten.alias.default]
+            if marks:
+                layouts[i] = CONTIGUOUS if marks[0] is node else CONTIGUOUS_BASE
+        elif _example_contiguous(node):
+            layouts[i] = CONTIGUOUS
+    return layouts
+
+
+def _example_contiguous(node) -> bool:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return False
+    try:  # symbolic strides: their values at the example (export's guards are done by now)
+        return bool(val.is_contiguous())
+    except Exception:  # noqa: BLE001 (a size export could not hint: layout unknown)
+        return False
+
+
+class _MarkNoOpContiguous(torch.overrides.TorchFunctionMode):
+    """`x.contiguous()` on a contiguous x returns x itself before any op is dispatched, so
+    the trace would not show it, and `return x.contiguous()` would read as `return x`
+    (a view of the caller's input, where eager copies an input that is not contiguous).
+    Under this mode such a call is traced as `aten.alias(x)`, which the lowering drops
+    and _output_layouts reads as the mark of eager's contiguous(). Only the traced (fake)
+    tensors are marked: export's own work on real tensors keeps `contiguous() is x`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if (func is torch.Tensor.contiguous and args and out is args[0] and isinstance(out, FakeTensor)
+                and kwargs.get("memory_format", torch.contiguous_format) is torch.contiguous_format):
+            return torch.ops.aten.alias.default(out)
+        return out
 
 
 def _note_constant_tensor(fixed_dtypes: dict, target: str, tensor: torch.Tensor, node, model):
@@ -1399,14 +1470,32 @@ def _position_name(spec: CallSpec, i: int) -> str:
 
 
 def _differs(name: str, want, got) -> str:
-    """How the call's argument `name` differs from the capture's, in words."""
+    """How the call's argument `name` differs from the capture's, in words: at the first
+    place inside it where they differ (batch['others'], a list of 2 that is now 3)."""
+    name, want, got = _first_difference(name, want, got)
     text = f"{name} was captured as {_shape_of(want)}, but is {_shape_of(got)}"
-    if want.type is dict and got.type is dict and sorted(want.context) == sorted(got.context):
+    if (want.type is dict and got.type is dict and sorted(want.context) == sorted(got.context)
+            and list(want.context) != list(got.context)):
         # not reordered for the caller: model code that iterates over the dict (a cat of its
         # values, a sum) computes in the order it was given, and the graph holds the capture's
         text += (" (the same keys in another order: pass them in the captured order, since the model's code may "
                  "iterate over the dict and the graph computes in the captured order)")
     return text
+
+
+def _first_difference(name: str, want, got) -> tuple:
+    """(path, want, got) at the outermost place where two TreeSpecs differ: the node itself
+    where its kind, keys or length differ, else the first child that differs."""
+    same_node = (want.is_leaf() == got.is_leaf() and want.type is got.type and want.context == got.context
+                 and want.num_children == got.num_children)
+    if not same_node:
+        return name, want, got
+    for i in range(want.num_children):
+        a, b = want.child(i), got.child(i)
+        if a != b:
+            key = want.context[i] if want.type is dict else i
+            return _first_difference(f"{name}[{key!r}]", a, b)
+    return name, want, got
 
 
 def _shape_of(tree) -> str:
@@ -1531,5 +1620,7 @@ def flatten_call(spec: CallSpec, args, kwargs) -> list:
     leaves, tree = pytree.tree_flatten((tuple(args), ordered))
     if tree != spec.in_spec:
         raise TypeError(f"the optimized model was captured as {_signature(spec)}, and "
-                        f"{_structure_problem(spec, args, ordered)}; call it as the example inputs were given")
+                        f"{_structure_problem(spec, args, ordered)}; call it as the example inputs were given, or "
+                        "optimize again with example inputs of the new structure (the graph takes one input per "
+                        "tensor the capture saw)")
     return leaves

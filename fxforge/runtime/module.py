@@ -9,7 +9,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..ir.call_constants import numpy_hint, same_constant as _same_constant
-from ..ir.capture import CallSpec, flatten_call, rope_type_of
+from ..ir.capture import CONTIGUOUS, CONTIGUOUS_BASE, CallSpec, flatten_call, rope_type_of
 from ..ir.graph import Graph
 from ..ir.guards import GuardChecker
 from ..ir.ops import OPS
@@ -149,8 +149,8 @@ class OptimizedModel:
             else:
                 outs = self.program(*inputs)
         flat = [outs[i] if kind == "value" else i for kind, i in self.spec.output_leaves]
-        for i in self._fresh_outputs:  # eager's output is a tensor of its own there
-            flat[i] = flat[i].clone()
+        if self._fresh_outputs or self.spec.output_layouts:
+            flat = _eager_layouts(flat, inputs, self._fresh_outputs, self.spec)
         if self._size_outputs:
             sizes = input_sizes(self.graph, inputs)
             for i, fn in self._size_outputs.items():
@@ -479,6 +479,10 @@ class OptimizedModel:
                 raise ValueError(f"{label} must be a tensor of type {v.type}, got {type(x).__name__}")
             if isinstance(x, torch.Tensor) and x.dtype != v.dtype and widens_losslessly(x.dtype, v.dtype) \
                     and only_indexes(self.graph, v):
+                if x.dtype not in EAGER_INDEX_DTYPES:
+                    raise ValueError(f"{label} is a {x.dtype} tensor, but the model reads it as indices (an "
+                                     f"embedding's), which eager PyTorch takes as int32 or int64 only (it raises "
+                                     f"on {x.dtype}): convert it (.to(torch.long))")
                 x = inputs[i] = x.to(v.dtype)
             # (a graph without weights runs where its inputs are; a 0-d CPU tensor goes with any)
             if self.graph.params and x.dim() > 0 and x.device.type != self.device.type:
@@ -760,6 +764,46 @@ def _fresh_outputs(graph: Graph, spec: CallSpec) -> tuple:
             fresh.append(i)
         first.setdefault(v, i)
     return tuple(fresh)
+
+
+# the index dtypes eager's embedding (index_select) takes: a narrower integer tensor widens
+# losslessly too, but eager raises on it, and fxforge must not answer where eager refuses
+EAGER_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _eager_layouts(flat: list, inputs: list, fresh: tuple, spec: CallSpec) -> list:
+    """The outputs with eager's aliasing and layout: a copy of its own at the `fresh`
+    positions, and contiguous where eager makes them so (CallSpec.output_layouts: the IR
+    has no layout, `y.transpose(1, 2).contiguous()` is a transposed view to it). An output
+    eager returns twice stays one object."""
+    old = list(flat)
+    layouts = spec.output_layouts
+    for i in fresh:  # eager's output is a tensor of its own there
+        contiguous = layouts.get(i) in (CONTIGUOUS, CONTIGUOUS_BASE)
+        flat[i] = flat[i].clone(memory_format=torch.contiguous_format if contiguous else torch.preserve_format)
+    for i, layout in layouts.items():
+        t = flat[i]
+        if i in fresh or not isinstance(t, torch.Tensor):
+            continue
+        if layout == CONTIGUOUS and not t.is_contiguous():
+            flat[i] = t.contiguous()  # a copy, as eager's contiguous() makes
+        elif layout == CONTIGUOUS_BASE and _views_strided_input(t, inputs):
+            flat[i] = t.clone(memory_format=torch.contiguous_format)
+    for i, j in spec.output_same_as.items():
+        if i not in fresh and old[i] is old[j]:
+            flat[i] = flat[j]
+    return flat
+
+
+def _views_strided_input(t: torch.Tensor, inputs: list) -> bool:
+    """Whether `t` shares memory with a call input that is not contiguous: eager's
+    `x.contiguous()` copied that input before the views that follow it."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return any(isinstance(x, torch.Tensor) and not x.is_contiguous() and x.untyped_storage().data_ptr() == ptr
+               for x in inputs)
 
 
 def _size_outputs(spec: CallSpec) -> dict:
