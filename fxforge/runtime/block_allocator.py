@@ -18,19 +18,30 @@ class BlockAllocator:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
         self.num_blocks = num_blocks
-        # popped from the end: low ids first, so a small workload touches a compact prefix
-        self._free = list(range(num_blocks - 1, -1, -1))
-        self._owned = [False] * num_blocks
+        # Ids never handed out are the range _fresh..num_blocks-1, not a list: the allocator
+        # costs what is handed out, not num_blocks (a pool too large for the device must
+        # reach the memory check with its message, not a MemoryError building a list).
+        # Released ids are reused first, the last one released first; then low fresh ids,
+        # so a small workload touches a compact prefix.
+        self._fresh = 0
+        self._released: list[int] = []
+        self._owned: set[int] = set()
         self.reserved = 0  # promised to admitted requests, not handed out yet
 
     @property
     def free(self) -> int:
         """Blocks neither handed out nor promised."""
-        return len(self._free) - self.reserved
+        return self.num_blocks - len(self._owned) - self.reserved
 
     @property
     def used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return len(self._owned)
+
+    def _take(self) -> int:
+        if self._released:
+            return self._released.pop()
+        self._fresh += 1
+        return self._fresh - 1
 
     def allocate(self, n: int = 1, *, reserved: bool = False) -> list[int]:
         """n block ids. reserved=True takes them from this caller's promise (see reserve)."""
@@ -43,18 +54,17 @@ class BlockAllocator:
         elif n > self.free:
             raise OutOfBlocks(f"{n} KV cache block(s) asked, {self.free} free of {self.num_blocks} "
                               f"({self.reserved} promised to running requests)")
-        out = [self._free.pop() for _ in range(n)]
-        for b in out:
-            self._owned[b] = True
+        out = [self._take() for _ in range(n)]
+        self._owned.update(out)
         return out
 
     def release(self, blocks) -> None:
         """Give blocks back (a finished request's)."""
         for b in blocks:
-            if not 0 <= b < self.num_blocks or not self._owned[b]:
+            if b not in self._owned:
                 raise ValueError(f"block {b} is not allocated (released twice, or not from this allocator)")
-            self._owned[b] = False
-            self._free.append(b)
+            self._owned.remove(b)
+            self._released.append(b)
 
     def reserve(self, n: int) -> bool:
         """Promise n blocks for later `allocate(reserved=True)`; False (nothing promised)

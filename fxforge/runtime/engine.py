@@ -42,6 +42,10 @@ Failures: an error in a step fails the request it concerns (its prefill, its tok
 its callback) and the engine goes on serving the others; an error of a batched decode step
 fails the running requests. A failed request's result() raises a RuntimeError naming the
 request and the original error (chained). The engine's thread never dies silently.
+A callback runs inside the step: step(), run(), generate_many() and an unfinished request's
+result() called from one raise a RuntimeError (they would wait for that step forever), which
+fails the callback's request; submit(), stop() and close() work there. start() and stop()
+may be called from any threads at once.
 
 Memory: max_batch x max_seq_len positions are allocated; `engine.stats()` reports how
 many hold tokens. For a model optimized with KVCacheConfig(layout="paged"),
@@ -62,9 +66,10 @@ import torch
 
 from . import logits as lp
 from .generate import (DEFAULT, IGNORED, UNSUPPORTED, _as_list, _check_settings, _known_settings, _plain_int,
-                       check_forced_tokens, check_generator, check_token_ids, fed_positions, longer_cache_hint,
-                       looks_like_model_input, max_position_embeddings, misspelling_of, new_token_count,
-                       position_table_rows, resolve_settings, vocab_size)
+                       check_cache_memory, check_forced_tokens, check_generator, check_token_ids,
+                       device_memory_bytes, fed_positions, longer_cache_hint, looks_like_model_input,
+                       max_position_embeddings, misspelling_of, new_token_count, position_table_rows,
+                       resolve_settings, vocab_size)
 from .state import padding_from_pad_tokens
 
 _RUNNING: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # engines that started a thread
@@ -201,12 +206,17 @@ class Request:
     tokens: list = field(default_factory=list)
     error: BaseException | None = None
     _done: threading.Event = field(default_factory=threading.Event)
+    # the engine that runs it, weakly (a kept result does not keep the engine's caches alive)
+    _engine: "weakref.ref | None" = field(default=None, repr=False, compare=False)
 
     @property
     def done(self) -> bool:
         return self._done.is_set()
 
     def result(self, timeout: float | None = None) -> torch.Tensor:
+        engine = self._engine() if self._engine is not None and not self.done else None
+        if engine is not None:
+            engine._refuse_in_step(f"request.result() of request {self.id}, which is not finished,")
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.id} is not finished after {timeout} s (is the engine running?)")
         if self.error is not None:
@@ -258,6 +268,10 @@ class Engine:
                              "kv_cache=KVCacheConfig(layout='paged', block_size=16); this one's cache is dense")
         self._setup(model, max_batch, max_seq_len, prefill_chunk)
         first = min(self.capacity, FIRST_POSITIONS)
+        # refused up front, as generate() refuses a cache larger than the device's memory
+        check_cache_memory(model.kv_cache_bytes(max_batch + 1, first), device_memory_bytes(model.device),
+                           f"fxforge.Engine(max_batch={max_batch})", f"for its first {first} positions of "
+                           f"{max_batch} rows (and one to prefill in)", "use a smaller max_batch")
         self._cache = model.kv_cache_for(max_batch, first)
         self._scratch = model.kv_cache_for(1, first)
         self._start = 0  # the cache position every row's next token goes to
@@ -299,6 +313,9 @@ class Engine:
         self._step_lock = threading.Lock()  # one step at a time
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
+        # start() and stop() one at a time (from any threads); never held while waiting for
+        # the engine's thread, which takes it as it ends (and a callback may call them)
+        self._run_lock = threading.Lock()
         self._stopping = self._halting = False
         self.steps = 0
         self.peak_cached_tokens = 0
@@ -356,7 +373,8 @@ class Engine:
                  "eos_token_id": eos_token_id, "max_new_tokens": max_new_tokens, **options}
         # generate()'s settings and checks: the model's defaults, then transformers'
         settings, named = resolve_settings(getattr(self.model, "generation_defaults", None), None,
-                                           {k: v for k, v in given.items() if v is not DEFAULT})
+                                           {k: v for k, v in given.items() if v is not DEFAULT},
+                                           caller="Engine.submit() (and generate_many())")
         # one sequence per request: a model whose generation_config asks for beams, several
         # sequences or stop strings is refused by name (generate() runs them), not served otherwise
         on = [k for k, off in GENERATE_ONLY.items() if settings[k] != off]
@@ -388,7 +406,7 @@ class Engine:
             prompt_no_repeat_ngram_size=s["encoder_no_repeat_ngram_size"], prompt=prompt[None])
         prompt = prompt.to(device)
         return Request(prompt[lead:], max_new_tokens, processors, eos_t, bool(s["do_sample"]), generator,
-                       callback, padding=prompt[None, :lead] if lead else None)
+                       callback, padding=prompt[None, :lead] if lead else None, _engine=weakref.ref(self))
 
     def _prompt(self, prompt_ids) -> torch.Tensor:
         """The prompt as a 1-D int64 tensor, checked: integer token ids in [0, vocab), at least one."""
@@ -431,6 +449,7 @@ class Engine:
     def generate_many(self, prompts, max_new_tokens=DEFAULT, **options) -> list[torch.Tensor]:
         """The new tokens of each prompt (prompt excluded), in order. Every prompt is
         checked before any is queued: a bad one raises ValueError and none is queued."""
+        self._refuse_in_step("Engine.generate_many()")  # before queuing: it would wait for itself
         given = {"do_sample": DEFAULT, "temperature": DEFAULT, "top_k": DEFAULT, "top_p": DEFAULT,
                  "eos_token_id": DEFAULT, "generator": None, "callback": None, **options}
         requests = [self._request(p, max_new_tokens, **given) for p in prompts]
@@ -442,34 +461,65 @@ class Engine:
     # -- running -----------------------------------------------------------------------
     def run(self):
         """Step until no request is waiting or running."""
+        self._refuse_in_step("Engine.run()")
         while self.step():
             pass
 
+    def _refuse_in_step(self, what: str):
+        """A request's callback runs inside the engine's step, holding it: from there, what
+        waits for a step (step, run, generate_many, an unfinished request's result) would
+        wait for itself forever. A RuntimeError instead (it fails the callback's request)."""
+        if self._stepping is threading.current_thread():
+            raise RuntimeError(f"{what} was called from a request's callback, inside the engine's step, which "
+                               "it would wait for forever. A callback may submit() requests (the next steps run "
+                               "them) or call stop() or close(); step, run or wait for results outside callbacks "
+                               "(after run(), or on another thread while start() serves)")
+
     def start(self):
-        """Run steps on a thread of the engine's own while there is work (daemon)."""
-        self._check_open()
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stopping, self._broken = False, None
-        self._halting = False
-        self._thread = threading.Thread(target=self._loop, name="fxforge-engine", daemon=True)
+        """Run steps on a thread of the engine's own while there is work (daemon).
+        Safe with stop() from other threads: a start() while a stop() ends the thread waits
+        for it to end and starts a new one (the last call wins)."""
+        while True:
+            with self._run_lock:
+                self._check_open()
+                thread = self._thread
+                if thread is None or not thread.is_alive():
+                    self._launch()
+                    return
+                if thread is threading.current_thread():
+                    return  # from a callback: serving (after a stop() there, it serves again once ended)
+                with self._lock:
+                    if not self._stopping and self._broken is None:
+                        return  # serving already
+            thread.join()  # a stop() is ending it (outside the lock: the thread takes it as it ends)
+
+    def _launch(self):
+        """A new thread for the engine (under _run_lock): published once it runs, so that a
+        stop() from another thread never sees a thread it cannot join."""
+        with self._lock:
+            self._stopping = self._halting = False
+        self._broken = None
+        thread = threading.Thread(target=self._loop, name="fxforge-engine", daemon=True)
         _watch_at_exit(self)  # weakly: stopped at interpreter exit (_halt_engines), never kept alive
-        self._thread.start()
+        thread.start()
+        self._thread = thread
 
     def stop(self):
         """Finish the queued and running requests, then end the engine's thread.
         Called on the engine's own thread (from a request's callback) it does not wait for
         itself: the thread finishes the requests it has, then ends, and stop() returns at
-        once."""
-        with self._lock:
-            self._stopping = True
-            self._wake.notify()
-        thread = self._thread
+        once. Safe with start() and stop() from other threads."""
+        with self._run_lock:
+            with self._lock:
+                self._stopping = True
+                self._wake.notify()
+            thread = self._thread
         if thread is None or thread is threading.current_thread():
             return
-        thread.join()
-        if self._thread is thread:
-            self._thread = None
+        thread.join()  # outside the lock: the thread takes it as it ends
+        with self._run_lock:
+            if self._thread is thread:
+                self._thread = None
 
     def _halt(self, timeout: float):
         """At interpreter exit: end the engine's thread after its current step (what is
@@ -500,8 +550,9 @@ class Engine:
             self._fail_all(error)
             raise
         finally:
-            if self._thread is threading.current_thread():  # ended on its own (stop() from a callback)
-                self._thread = None
+            with self._run_lock:
+                if self._thread is threading.current_thread():  # ended on its own (stop() from a callback)
+                    self._thread = None
 
     def step(self) -> bool:
         """Admit what fits, prefill it, then one decode step for every running request.
@@ -509,6 +560,7 @@ class Engine:
         (its prefill, its token choice, its callback) fails that request alone; an error of
         the batched decode step fails the running requests and is raised (the waiting ones
         stay queued)."""
+        self._refuse_in_step("Engine.step()")
         with self._step_lock:
             self._check_open()
             self._stepping = threading.current_thread()  # (a callback's close() waits for the step's end)

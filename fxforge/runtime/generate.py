@@ -79,27 +79,29 @@ class _ModelDefault:
 DEFAULT = _ModelDefault()
 
 
-def resolve_settings(defaults: dict | None, generation_config, options: dict) -> tuple[dict, set]:
+def resolve_settings(defaults: dict | None, generation_config, options: dict,
+                     caller: str = "generate()") -> tuple[dict, set]:
     """The settings of one call, and the names set anywhere (not from the global defaults).
     As transformers merges them: a `generation_config` overrides the model's defaults only
     with the values it sets (config_settings); a keyword argument always wins, an explicit
-    None included (it turns a default off)."""
+    None included (it turns a default off). `caller`: what the errors name (the Engine
+    shares these rules, and its user calls submit(), not generate())."""
     given = {k: v for k, v in (defaults or {}).items() if k in DEFAULTS and v is not None}
     config = config_settings(generation_config) if generation_config is not None else {}
     bad = sorted(k for k, v in config.items() if k in UNSUPPORTED and v != UNSUPPORTED[k] and k not in IGNORED)
     if bad:
-        raise ValueError(f"generate() does not support these generation_config settings: {', '.join(bad)}")
+        raise ValueError(f"{caller} does not support these generation_config settings: {', '.join(bad)}")
     given.update({k: v for k, v in config.items() if k in DEFAULTS})
     overridden = set(options) | set(config)
     bad = sorted(k for k, v in (defaults or {}).items() if k in UNSUPPORTED and v is not None and v != UNSUPPORTED[k]
                  and k not in overridden)
     if bad:
-        raise ValueError(f"the model's generation_config sets {', '.join(bad)}, which generate() does not support; "
-                         f"pass {bad[0]}={UNSUPPORTED[bad[0]]!r} (its neutral value) to generate without it")
+        raise ValueError(f"the model's generation_config sets {', '.join(bad)}, which {caller} does not support; "
+                         f"pass {bad[0]}={UNSUPPORTED[bad[0]]!r} (its neutral value) to {caller} to run without it")
     bad = sorted(k for k, v in options.items() if k not in DEFAULTS and k not in IGNORED
                  and not (k in UNSUPPORTED and (v is None or v == UNSUPPORTED[k])))
     if bad:
-        raise ValueError(f"generate() does not support these arguments: {', '.join(bad)}{_did_you_mean(bad)}")
+        raise ValueError(f"{caller} does not support these arguments: {', '.join(bad)}{_did_you_mean(bad)}")
     given.update({k: v for k, v in options.items() if k in DEFAULTS})  # an explicit None turns a default off
     return _plain_numbers({**DEFAULTS, **given}), set(given)
 
@@ -321,12 +323,10 @@ def check_generate_args(layout, batch: int, prompt_len: int, max_new_tokens: int
     if layout.max_batch is not None and batch > layout.max_batch:
         raise ValueError(f"{rows} is larger than the KV cache's max_batch={layout.max_batch}; "
                          "optimize with KVCacheConfig(max_batch=...) or split the batch")
-    if cache_bytes is not None and memory_bytes is not None:
-        need = cache_bytes(batch, fed)
-        if need > memory_bytes:
-            raise ValueError(f"the prompt ({prompt_len} tokens) plus {max_new_tokens} new tokens needs a KV cache "
-                             f"of {need / 2**30:.3g} GiB for {rows}, more than this device's memory "
-                             f"({memory_bytes / 2**30:.3g} GiB); ask for fewer tokens or a smaller batch")
+    if cache_bytes is not None:
+        check_cache_memory(cache_bytes(batch, fed), memory_bytes,
+                           f"the prompt ({prompt_len} tokens) plus {max_new_tokens} new tokens", f"for {rows}",
+                           "ask for fewer tokens or a smaller batch")
     if padded and not layout.per_row_positions and not shifted_positions_ok:
         raise ValueError("this model's positions could not be made per row by the kv_cache pass (see its report "
                          "note), so left-padded batches would get shifted positions; generate prompts of equal "
@@ -720,6 +720,15 @@ def device_memory_bytes(device) -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError, RuntimeError):
         return None
+
+
+def check_cache_memory(need: int, memory_bytes: int | None, what: str, detail: str, fix: str):
+    """A KV cache of `need` bytes is refused up front when the device has less memory in all
+    (generate() and the Engine alike): allocating it would fail deep in the allocator, or
+    take the machine's memory, instead of saying what to change."""
+    if memory_bytes is not None and need > memory_bytes:
+        raise ValueError(f"{what} needs a KV cache of {need / 2**30:.3g} GiB {detail}, more than this device's "
+                         f"memory ({memory_bytes / 2**30:.3g} GiB); {fix}")
 
 
 def _as_list(eos) -> list[int]:

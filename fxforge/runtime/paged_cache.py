@@ -13,6 +13,8 @@ Two ways to use it:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..ir import roles
@@ -33,13 +35,30 @@ def paged_buffer_shapes(graph: Graph, num_blocks: int) -> list[tuple[tuple[int, 
     return out
 
 
+def _check_pool_memory(shapes, num_blocks: int, block_size: int, new_buffer):
+    """A pool larger than the device's memory is refused before any allocation, as
+    generate() refuses such a cache (the Engine's num_blocks is the caller's to change).
+    The device is the one new_buffer allocates on (an empty buffer says which)."""
+    from .generate import check_cache_memory, device_memory_bytes
+
+    need = sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes)
+    memory = device_memory_bytes(new_buffer((0,), shapes[0][1]).device)
+    per_block = need // num_blocks
+    check_cache_memory(need, memory, f"a paged pool of num_blocks={num_blocks} blocks of {block_size} tokens",
+                       f"({per_block / 2**10:.4g} KiB a block)",
+                       f"pass fxforge.Engine a smaller num_blocks (at most {(memory or 0) // per_block} fit in all; "
+                       "the pool needs the blocks of the requests served at once)")
+
+
 class PagedKVCache:
     def __init__(self, graph: Graph, num_blocks: int, new_buffer):
         """new_buffer(shape, dtype): a zeroed tensor, from the backend that runs the graph."""
         self.block_size = block_size_of(graph)
         self.num_blocks = num_blocks
+        shapes = paged_buffer_shapes(graph, num_blocks)
+        _check_pool_memory(shapes, num_blocks, self.block_size, new_buffer)
         self.allocator = BlockAllocator(num_blocks)
-        self.buffers = [new_buffer(shape, dtype) for shape, dtype in paged_buffer_shapes(graph, num_blocks)]
+        self.buffers = [new_buffer(shape, dtype) for shape, dtype in shapes]
         self.batch = self.capacity = 0  # what claim() sized the rows for
         self._owned: list[list[int]] = []  # the rows claim() allocated (an engine's rows are its own)
         self._table = self._counts = None  # tensors of the rows in use, built once per use_rows

@@ -164,6 +164,14 @@ def padding_from_pad_tokens(input_ids: torch.Tensor, pad_token_id, eos_token_ids
     mask = input_ids != pad_token_id
     if bool(mask.all()):
         return None
+    generate_fix = "Pass an attention_mask, or leave the pad token out of the prompt"
+    empty = (~mask.any(dim=1)).nonzero()
+    if empty.numel():  # no token left to attend (left_padding's error would blame the mask)
+        where = "" if mask.shape[0] == 1 else f" (row {int(empty[0])})"
+        raise ValueError(f"{name} is made of pad tokens ({pad_token_id}) only{where}: a prompt's pad tokens are "
+                         f"taken for its padding (input_ids != pad_token_id, as transformers takes them without an "
+                         f"attention_mask), and every prompt needs at least one token that is not padding. "
+                         f"{fix if fix is not None else generate_fix}")
     try:
         return left_padding(mask.long(), *input_ids.shape, device)
     except ValueError as error:
@@ -174,8 +182,7 @@ def padding_from_pad_tokens(input_ids: torch.Tensor, pad_token_id, eos_token_ids
                              f"and padding must come first. {fix}") from None
         raise ValueError(f"{name} holds the pad token ({pad_token_id}) and no attention_mask was given, so it is "
                          f"taken as transformers takes it, input_ids != pad_token_id ({pad_token_id}), and that "
-                         f"mask does not fit: {error}. Pass an attention_mask, or leave the pad token out of the "
-                         "prompt") from None
+                         f"mask does not fit: {error}. {generate_fix}") from None
 
 
 def _misplaced_pad(mask: torch.Tensor) -> str:
