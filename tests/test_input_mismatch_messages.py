@@ -72,3 +72,21 @@ def test_index_dtypes_eager_refuses_are_refused_clearly(dtype):
         fast(ids.to(dtype))
     with torch.no_grad():  # int32, which eager takes, still runs as the captured int64
         assert torch.equal(fast(ids.int()), model(ids.int()))
+
+
+@pytest.fixture(scope="module")
+def cached_llama():
+    import zoo
+    model, _ = zoo.llama()
+    ids = torch.randint(0, 100, (1, 5))
+    return model, ids, fxforge.optimize(model, (ids,), kv_cache=True, verbose=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8])
+def test_generate_refuses_the_ids_eager_s_embedding_refuses(cached_llama, dtype):
+    model, ids, fast = cached_llama
+    with pytest.raises((RuntimeError, IndexError)):
+        model(ids.to(dtype))  # transformers' embedding takes int32 and int64 only
+    with pytest.raises(ValueError, match=r"int64 \(or int32\)[\s\S]*input_ids\.long\(\)"):
+        fast.generate(ids.to(dtype), max_new_tokens=2)
+    assert torch.equal(fast.generate(ids.int(), max_new_tokens=2), fast.generate(ids, max_new_tokens=2))

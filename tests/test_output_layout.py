@@ -75,3 +75,17 @@ def test_layouts_survive_a_repeated_output():
     fast = fxforge.optimize(Twice().eval(), (torch.randn(3, 4),), verbose=False)
     a, b = fast(torch.randn(3, 4))
     assert a is b and a.is_contiguous()
+
+
+def test_a_saved_model_keeps_the_output_layouts(tmp_path):
+    model = Producers().eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 8, 16),), verbose=False)
+    fast.save(tmp_path / "saved")
+    loaded = fxforge.load(tmp_path / "saved")
+    x = torch.randn(8, 2, 16).transpose(0, 1)
+    with torch.no_grad():
+        want = model(x)
+    got = loaded(x)
+    assert got["transposed_contiguous"].stride() == want["transposed_contiguous"].stride()
+    assert got["transposed_contiguous"].view(2, -1).shape == (2, 128)
+    assert not _shares(got["input_contiguous"], x)

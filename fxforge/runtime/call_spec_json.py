@@ -79,6 +79,7 @@ def call_spec_to_json(spec: CallSpec) -> dict:
         "default_kwargs": {k: v for k, v in spec.default_kwargs.items() if _is_plain(v)},
         "output_views_input": list(spec.output_views_input),
         "output_same_as": [[i, j] for i, j in spec.output_same_as.items()],
+        "output_layouts": [[i, layout] for i, layout in spec.output_layouts.items()],
     }
 
 
@@ -88,7 +89,9 @@ def call_spec_from_json(data: dict) -> CallSpec:
                     dict(data["injected_kwargs"]), tuple(data["kwarg_order"]), tuple(data["positional_names"]),
                     dict(data.get("default_kwargs", {})),  # (older saves: none)
                     # (older saves: none, so every output aliasing an input is copied)
-                    tuple(data.get("output_views_input", ())), {i: j for i, j in data.get("output_same_as", ())})
+                    tuple(data.get("output_views_input", ())), {i: j for i, j in data.get("output_same_as", ())},
+                    # (older saves: none, so outputs keep the graph's layout)
+                    {i: layout for i, layout in data.get("output_layouts", ())})
 
 
 # -- helpers --------------------------------------------------------------------------------

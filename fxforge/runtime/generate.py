@@ -35,7 +35,7 @@ import torch
 
 from . import logits as lp
 from .frames import frame_of_its_own
-from .index_inputs import only_indexes, widens_losslessly
+from .index_inputs import only_indexes
 from .state import left_padding, padding_from_pad_tokens
 
 # transformers' global defaults (GenerationConfig._get_default_generation_params) of the
@@ -553,13 +553,15 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens=DEFAULT, *, defaults
         options["max_new_tokens"] = max_new_tokens
     s, given = resolve_settings(defaults, generation_config, options)
     _check_settings(s)  # before the settings are used (a pad_token_id of the wrong type, ...)
-    if isinstance(input_ids, torch.Tensor) and input_ids.dtype != torch.long and \
-            widens_losslessly(input_ids.dtype, torch.long) and _ids_only_index(model):
-        input_ids = input_ids.long()  # int32 ids pick the same rows; the result is int64, as eager's
+    # int32 ids pick the same rows (the result is int64, as eager's); narrower ones (int16,
+    # uint8) eager's embedding refuses, so they are refused here too, not widened
+    if isinstance(input_ids, torch.Tensor) and input_ids.dtype == torch.int32 and _ids_only_index(model):
+        input_ids = input_ids.long()
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         got = f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
             else type(input_ids).__name__
-        raise ValueError(f"input_ids must be an int64 tensor [batch, length], got {got}")
+        raise ValueError(f"input_ids must be an int64 (or int32) tensor [batch, length], got {got}; token ids of "
+                         "another dtype: pass input_ids.long()")
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
         raise ValueError("input_ids is empty: generation needs at least one prompt token")
