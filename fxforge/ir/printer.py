@@ -58,6 +58,13 @@ class Namer:
             return f"<undefined {v!r}>"
 
 
+def quote(text: str) -> str:
+    """A name or string attribute as the IR writes it: JSON's string syntax (\\" \\\\ \\n \\t
+    escaped) that parser.read_quoted reads back, and ASCII only (\\u00e9): the text stays one
+    line whatever the name holds (\\u2028 too), and prints on any terminal."""
+    return json.dumps(text, ensure_ascii=True)
+
+
 def format_attr(value) -> str:
     if value is None:
         return "none"
@@ -74,13 +81,13 @@ def format_attr(value) -> str:
     if isinstance(value, complex):  # a Python complex constant (z * 2j); each part as a float
         return f"complex({format_attr(value.real)}, {format_attr(value.imag)})"
     if isinstance(value, str):
-        return json.dumps(value)
+        return quote(value)
     if isinstance(value, torch.dtype):
         return DTYPE_NAMES[value]
     if isinstance(value, (torch.layout, torch.memory_format)):
         return str(value)  # "torch.strided"
     if isinstance(value, torch.device):
-        return f"device({json.dumps(str(value))})"
+        return f"device({quote(str(value))})"
     if isinstance(value, Arg):
         return f"${value.index}"
     if isinstance(value, tuple):
@@ -113,9 +120,9 @@ def format_node(node, names: Namer, show_source: bool = False) -> str:
 def print_graph(graph, show_source: bool = False) -> str:
     names = Namer(graph)
     sig = [f"%{names[v]}: {v.type}{format_attrs(v.attrs or {})}" for v in graph.inputs]
-    sig += [f'%{names[v]}: param {json.dumps(v.param)} {v.type}{format_attrs(v.attrs or {})}'
+    sig += [f'%{names[v]}: param {quote(v.param)} {v.type}{format_attrs(v.attrs or {})}'
             for v in graph.param_values]
-    sig += [f'%{names[v]}: state {json.dumps(v.state)} {v.type}{format_attrs(v.attrs or {})}'
+    sig += [f'%{names[v]}: state {quote(v.state)} {v.type}{format_attrs(v.attrs or {})}'
             for v in graph.state_values]
     lines = [f"graph({', '.join(sig)}) {{"]
     if graph.signature:
