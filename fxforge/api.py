@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import time
 import warnings
 from typing import Callable, Sequence
@@ -18,7 +19,8 @@ from .ir.graph import Graph
 from .ir.size_one import check_sizes_of_one
 from .log import Reporter
 from .ir.printer import print_graph
-from .passes import PassInfo, PassRegistry, registry as _default_registry
+from .ir.typecheck import IRCheckError
+from .passes import PassError, PassInfo, PassRegistry, registry as _default_registry
 from .passes.manager import run_pipeline
 from .runtime.backends import Backend, resolve_backend
 from .runtime.model_kind import not_a_causal_lm
@@ -85,22 +87,33 @@ def optimize(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
                              registry=registry, cpu_linear=cpu_linear, verbose=verbose,
                              device=_model_device(model, (example_inputs, example_kwargs)), **options)
     _warn_nothing_quantized(fast)
-    _measure_approximation_error(fast, model, example_inputs, example_kwargs)
+    _measure_approximation_error(fast, model, example_inputs, example_kwargs,
+                                 _default_registry if registry is None else registry)
     return fast
 
 
 # passes that change the answer (only when asked), whose report states the error they make
+# (and any pass registered with approximate=True)
 _APPROXIMATIONS = ("quantize", "gqa")
 
 
-def _measure_approximation_error(fast, model, example_inputs, example_kwargs):
+def _approximate(stat, registry: PassRegistry) -> bool:
+    """Did this pass run as an approximation? quantize and gqa when they changed something;
+    a pass registered with approximate=True whenever it ran (what it changed is its own)."""
+    if stat.name in _APPROXIMATIONS:
+        return bool(stat.rules or stat.details.get(stat.name))
+    info = registry.passes.get(stat.name)
+    return info is not None and info.approximate
+
+
+def _measure_approximation_error(fast, model, example_inputs, example_kwargs, registry: PassRegistry):
     """quantize= and gqa= change the model's answer: the report states by how much, the
     optimized model against the source model on the example inputs (the whole pipeline's
     error, which the exact passes leave at rounding level). A model in training mode
     (random dropout) or a call that fails gets a note saying the error was not measured."""
     from .evaluate import describe_error, output_error
 
-    stats = [s for s in fast.stats if s.name in _APPROXIMATIONS and (s.rules or s.details.get(s.name))]
+    stats = [s for s in fast.stats if _approximate(s, registry)]
     if not stats:
         return
     stat = stats[-1]
@@ -330,8 +343,15 @@ def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torc
         # kv_cache keeps them shared, as they are there (generate() then matches transformers)
         graph.signature = {**graph.signature, roles.SOURCE_POSITIONS: "shared"}
     try:
+        # a user's pass gets copies of the weights still shared with the model (made just
+        # before it runs: see _private_weights), so an in-place edit cannot reach the model
         graph, stats = run_pipeline(graph, pipeline, options, reporter=reporter,
-                                    dump=lambda i, name, g: dumps.append((f"{i:02d}_{name}.ir", print_graph(g))))
+                                    dump=lambda i, name, g: dumps.append((f"{i:02d}_{name}.ir", print_graph(g))),
+                                    own_weights=lambda g: own_weights(g, model))
+    except Exception as e:
+        if dump_dir:
+            _dump_failure(dump_dir, dumps, e)
+        raise
     finally:
         reporter.close()
     if copy_weights:
@@ -344,6 +364,38 @@ def optimize_captured(capture: Callable[[], tuple[Graph, CallSpec]], model: torc
     if dump_dir:
         fast.dump(dump_dir)
     return fast
+
+
+# fxforge's own files in a dump directory (as OptimizedModel.dump removes them before writing)
+_DUMP_FILES = re.compile(r"\d{2,}_.+\.ir|kernel_.+\.py|program\.py|report\.txt")
+
+
+def _dump_failure(directory: str, dumps: list[tuple[str, str]], error: Exception):
+    """A pass failed: write the IR of the passes that ran before it (and the graph it
+    returned, NN_<pass>.failed.ir, where it returned one that fails a check) to the dump
+    directory, which is when a pass's author needs them most, and say so in the error."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for entry in os.scandir(directory):  # an earlier run's later-numbered files would mislead
+            if _DUMP_FILES.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.remove(entry.path)
+        for fname, text in dumps:
+            with open(os.path.join(directory, fname), "w") as f:
+                f.write(text)
+    except OSError as e:  # the dump is a help: it never replaces the pass's own error
+        where = f"(the IR dumps could not be written to {directory}: {e})"
+    else:
+        done = [fname for fname, _ in dumps if not fname.endswith(".failed.ir")]
+        failed = [fname for fname, _ in dumps if fname.endswith(".failed.ir")]
+        if not done:  # (the captured graph itself failed its check)
+            where = f"(nothing dumped to {directory}: the captured graph failed before any pass)"
+        else:
+            where = f"(the IR after each pass that ran is in {directory}, {done[0]} to {done[-1]}"
+            where += f"; the graph the failing pass returned is {failed[0]})" if failed else ")"
+    if isinstance(error, (PassError, IRCheckError)) and len(error.args) == 1 and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]}\n{where}",)  # fxforge's own message: say it there
+    else:
+        error.add_note(where)
 
 
 def load_ir(text: str, weights: dict[str, torch.Tensor], *, backend: str | Backend = "auto",
@@ -359,7 +411,7 @@ def load_ir(text: str, weights: dict[str, torch.Tensor], *, backend: str | Backe
 
 def register_pass(name: str, *, before: str | None = None, after: str | None = None,
                   option: str | None = None, registry: PassRegistry | None = None,
-                  replace: bool = False) -> Callable:
+                  replace: bool = False, approximate: bool = False) -> Callable:
     """Decorator: add `fn(graph) -> graph` (or `fn(graph, ctx) -> graph`) to the pipeline.
 
         @fxforge.register_pass("fold_my_gelu", before="fuse_elementwise")
@@ -368,15 +420,20 @@ def register_pass(name: str, *, before: str | None = None, after: str | None = N
 
     A name already registered is an error, unless replace=True: then the new function
     takes the old one's place (e.g. a notebook cell that registers a pass, run again).
+    approximate=True: the pass changes the answer on purpose; optimize() then measures the
+    error against the source model on the example inputs and report() states it, as for
+    quantize= and gqa=.
     """
+    if not isinstance(approximate, bool):
+        raise TypeError(f"approximate is True or False, got {approximate!r}")
     registry = _default_registry if registry is None else registry
     if not isinstance(name, str) or not name:
         hint = " (write @fxforge.register_pass(\"name\"), with a name)" if callable(name) else ""
         raise TypeError(f"a pass name is a non-empty str, got {name!r}{hint}")
 
     def decorate(fn):
-        registry.add(PassInfo(name, fn, option=option, doc=(fn.__doc__ or "").strip()), before=before, after=after,
-                     replace=replace)
+        registry.add(PassInfo(name, fn, option=option, doc=(fn.__doc__ or "").strip(), approximate=approximate),
+                     before=before, after=after, replace=replace)
         return fn
 
     return decorate

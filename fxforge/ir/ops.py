@@ -15,6 +15,7 @@ from ATen, one rule in `lowering.py`:
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -43,6 +44,54 @@ KINDS = ("pointwise", "reduction", "view", "matmul", "creation", "constant", "fu
 TRAITS = ("stateful", "needs_device", "row_safe", "row_reduction", "row_op", "collective")
 
 
+# Attributes that take one of a few strings, as torch spells them: (op, attribute) -> the
+# values allowed. A misspelt value ("Tanh") has the right type, so only this table stops it
+# before the first call (torch raises there) or codegen (which would pick another formula).
+ATTR_CHOICES: dict[tuple[str, str], tuple] = {
+    ("gelu", "approximate"): ("none", "tanh"),
+}
+
+# The same for the string arguments of an opaque call (torch_call), by ATen op (without its
+# overload; an in-place op `div_` reads as `div`) and argument name as in the op's schema.
+# None is allowed where the schema's argument is optional.
+TORCH_CALL_CHOICES: dict[tuple[str, str], tuple] = {
+    ("gelu", "approximate"): ("none", "tanh"),
+    ("div", "rounding_mode"): ("trunc", "floor"),
+    ("pad", "mode"): ("constant", "reflect", "replicate", "circular"),
+    ("scatter_reduce", "reduce"): ("sum", "prod", "mean", "amax", "amin"),
+    ("index_reduce", "reduce"): ("prod", "mean", "amax", "amin"),
+    ("scatter", "reduce"): ("add", "multiply"),
+    ("segment_reduce", "reduce"): ("max", "mean", "min", "sum", "prod"),
+    ("searchsorted", "side"): ("left", "right"),
+    **{(fft, "norm"): ("backward", "ortho", "forward")
+       for fft in ("fft_fft", "fft_ifft", "fft_rfft", "fft_irfft", "fft_fftn", "fft_ifftn", "fft_rfftn",
+                   "fft_irfftn", "fft_fft2", "fft_ifft2", "fft_rfft2", "fft_irfft2", "fft_hfft", "fft_ihfft")},
+}
+
+
+def choice_problem(what: str, value, allowed: tuple) -> str | None:
+    """The one check of an enumerated string: `what` names the attribute or argument."""
+    if value in allowed and (value is None or isinstance(value, str)):
+        return None
+    shown = ", ".join("none" if a is None else repr(a) for a in allowed)
+    near = [a for a in allowed if isinstance(a, str) and isinstance(value, str) and a.lower() == value.lower()]
+    hint = f" (did you mean {near[0]!r}? the values are case-sensitive)" if near else ""
+    return f"{what} must be one of {shown}, got {value!r}{hint}"
+
+
+def _checking_choices(infer, op: str, choices: dict[str, tuple]):
+    """`infer` that first checks the op's enumerated attributes (ATTR_CHOICES): every
+    typecheck, builder and edit runs the type rule, so the check reaches them all."""
+    def infer_checked(types, attrs):
+        for name, allowed in choices.items():
+            if name in attrs and (why := choice_problem(f"attribute {name!r} of {op}", attrs[name], allowed)):
+                raise IRTypeError(why)
+        return infer(types, attrs)
+
+    infer_checked.__wrapped__ = infer
+    return infer_checked
+
+
 @dataclass(frozen=True)
 class OpDef:
     name: str
@@ -66,6 +115,9 @@ class OpDef:
         if unknown:
             raise ValueError(f"op {self.name}: unknown trait(s) {sorted(unknown)}; traits are {TRAITS}")
         object.__setattr__(self, "traits", traits)
+        choices = {attr: allowed for (op, attr), allowed in ATTR_CHOICES.items() if op == self.name}
+        if choices and not hasattr(self.infer, "__wrapped__"):
+            object.__setattr__(self, "infer", _checking_choices(self.infer, self.name, choices))
 
     def has(self, trait: str) -> bool:
         return trait in self.traits
@@ -340,7 +392,41 @@ def infer_torch_call(types, attrs):
     for arg in _args_in(attrs["args"]) + _args_in(tuple(v for _, v in attrs["kwargs"])):
         if arg.index >= len(types):
             raise IRTypeError(f"${arg.index} names an input the call does not have ({len(types)} given)")
+    why = _torch_call_choice_problem(attrs["target"], attrs["args"], attrs["kwargs"])
+    if why:
+        raise IRTypeError(why)
     return None
+
+
+def _torch_call_choice_problem(target: str, args: tuple, kwargs) -> str | None:
+    """An enumerated string argument of the call (TORCH_CALL_CHOICES) that holds a value
+    its ATen op does not take, found by the argument's name in the op's schema."""
+    given = dict(kwargs)
+    for position, (name, allowed) in _enumerated_arguments(target).items():
+        value = given[name] if name in given else args[position] if position < len(args) else _ABSENT
+        if value is not _ABSENT and (why := choice_problem(f"{target}'s argument {name!r}", value, allowed)):
+            return why
+    return None
+
+
+_ABSENT = object()
+
+
+@functools.lru_cache(maxsize=None)
+def _enumerated_arguments(target: str) -> dict[int, tuple[str, tuple]]:
+    """{position in the schema: (argument name, values allowed)} for the target's
+    enumerated string arguments; empty for an op not in the table or not loaded here."""
+    namespace, name, overload = target.split(".")
+    base = name[:-1] if name.endswith("_") else name
+    wanted = {arg: allowed for (op, arg), allowed in TORCH_CALL_CHOICES.items() if op == base}
+    if namespace != "aten" or not wanted:
+        return {}
+    try:
+        schema = getattr(getattr(torch.ops.aten, name), overload)._schema
+    except (AttributeError, RuntimeError):
+        return {}
+    return {i: (a.name, wanted[a.name] + ((None,) if str(a.type).startswith("Optional") else ()))
+            for i, a in enumerate(schema.arguments) if a.name in wanted}
 
 
 def _args_in(structure) -> list:

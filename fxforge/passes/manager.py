@@ -5,7 +5,11 @@ carries the user's options, a counter of rules fired, and notes for the report.
 
 The IR typechecks after every pass a user registers (`builtin=False`, the default), always;
 after the built-in passes only under FXFORGE_CHECK=1 (tests): after all of them it costs
-15-85 ms on tests/zoo.py's small models, a third to nearly all of the passes' own time. An exception a pass raises names the pass: a `PassError` with
+15-85 ms on tests/zoo.py's small models, a third to nearly all of the passes' own time. A
+user's pass must also keep the graph's interface (inputs: number, names, types, roles;
+outputs: number and types), which the model's call feeds and reads. A user's pass gets
+weights of its own (`own_weights`, run_pipeline), never the source model's tensors. An
+exception a pass raises names the pass: a `PassError` with
 the original as `__cause__`, except the deliberate errors of fxforge's own passes
 (KVCacheError, GQAError, a ValueError about the model ...), which keep their type (callers
 catch them) and get a note naming the pass.
@@ -22,6 +26,7 @@ from typing import Any, Callable
 
 from ..ir.graph import Graph
 from ..ir.pause_gc import paused_gc
+from ..ir.roles import role_of
 from ..ir.typecheck import IRCheckError, typecheck
 
 
@@ -48,6 +53,10 @@ class PassInfo:
     # Passes that, when both are in a pipeline, must run after this one (gqa shrinks the
     # K/V projections the cache is built from: after kv_cache it finds the cache's inputs).
     runs_before: tuple = ()
+    # The pass changes the model's answer on purpose (a cheaper approximation): optimize()
+    # measures the error against the source model and states it in report(), as it does
+    # for quantize and gqa. An exact pass (the default) makes no such measurement.
+    approximate: bool = False
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -280,14 +289,20 @@ def check_enabled() -> bool:
 
 
 def run_pipeline(graph: Graph, pipeline: list[PassInfo], options: dict | None = None,
-                 check: bool | None = None, dump=None, reporter=None) -> tuple[Graph, list[PassStats]]:
-    """Run passes in order. `dump(index, name, graph)` is called after each pass;
-    `reporter` (fxforge.log.Reporter: progress bar, FXFORGE_LOG lines) hears each pass start and end."""
+                 check: bool | None = None, dump=None, reporter=None,
+                 own_weights: Callable[[Graph], Graph] | None = None) -> tuple[Graph, list[PassStats]]:
+    """Run passes in order. `dump(index, name, graph)` is called after each pass (and, with
+    the name `<pass>.failed`, with the graph a pass returned that fails its checks);
+    `reporter` (fxforge.log.Reporter: progress bar, FXFORGE_LOG lines) hears each pass start and end.
+    `own_weights(graph)` is called once, just before the first pass that is not fxforge's
+    own, and returns the graph with weights of its own (optimize(): copies of those still
+    shared with the source model), so that a user's pass that edits `graph.params[...]` in
+    place cannot reach the model. fxforge's own passes never write a weight in place."""
     with paused_gc():
-        return _run_passes(graph, pipeline, options, check, dump, reporter)
+        return _run_passes(graph, pipeline, options, check, dump, reporter, own_weights)
 
 
-def _run_passes(graph, pipeline, options, check, dump, reporter=None):
+def _run_passes(graph, pipeline, options, check, dump, reporter=None, own_weights=None):
     check = check_enabled() if check is None else check
     options = dict(options or {})
     stats: list[PassStats] = []
@@ -296,6 +311,8 @@ def _run_passes(graph, pipeline, options, check, dump, reporter=None):
     if dump is not None:
         dump(0, "capture", graph)
     for i, info in enumerate(pipeline, start=1):
+        if own_weights is not None and not info.builtin:
+            graph, own_weights = own_weights(graph), None  # (once: later copies would be of copies)
         if reporter is not None:
             reporter.pass_started(i, len(pipeline), info.name)
         ctx = PassContext(options=options, status=reporter.status if reporter is not None else _quiet)
@@ -309,18 +326,12 @@ def _run_passes(graph, pipeline, options, check, dump, reporter=None):
         seconds = time.perf_counter() - start
         if not isinstance(out, Graph):
             raise TypeError(f"pass {info.name!r} returned {type(out).__name__}, not a Graph")
-        if check or not info.builtin:
-            try:
-                typecheck(out, weights=bool(graph.params) or None)  # weights it had, it keeps
-            except IRCheckError as e:
-                raise IRCheckError(f"after pass {info.name!r}: {e}") from None
-        if len(out.outputs) != len(graph.outputs):
-            # the model's call rebuilds its output from exactly these values
-            raise IRCheckError(f"after pass {info.name!r}: the graph returns {len(out.outputs)} value(s) where it "
-                               f"returned {len(graph.outputs)}; a pass must keep the graph's outputs (their "
-                               "number and order), since the model's call returns them")
-        if not info.builtin:
-            _check_output_types(info.name, graph, out)
+        try:
+            _check_result(info, graph, out, check)
+        except IRCheckError:
+            if dump is not None:  # the graph that failed, for the pass's author to read
+                _dump_failed(dump, i, info.name, out)
+            raise
         graph = out
         stats.append(PassStats(info.name, seconds, before, len(graph.nodes), ctx.rules, ctx.notes, ctx.details))
         if reporter is not None:
@@ -328,6 +339,34 @@ def _run_passes(graph, pipeline, options, check, dump, reporter=None):
         if dump is not None:
             dump(i, info.name, graph)
     return graph, stats
+
+
+def _check_result(info: PassInfo, graph: Graph, out: Graph, check: bool):
+    """The graph a pass returned still types, and still fits the model's call: the same
+    outputs, and (for a user's pass) the same inputs and output types."""
+    if check or not info.builtin:
+        try:
+            typecheck(out, weights=bool(graph.params) or None)  # weights it had, it keeps
+        except IRCheckError as e:
+            raise IRCheckError(f"after pass {info.name!r}: {e}") from None
+    if len(out.outputs) != len(graph.outputs):
+        # the model's call rebuilds its output from exactly these values
+        raise IRCheckError(f"after pass {info.name!r}: the graph returns {len(out.outputs)} value(s) where it "
+                           f"returned {len(graph.outputs)}; a pass must keep the graph's outputs (their "
+                           "number and order), since the model's call returns them")
+    if not info.builtin:
+        # (fxforge's own passes may add inputs: kv_cache's positions and cache lengths)
+        _check_inputs(info.name, graph, out)
+        _check_output_types(info.name, graph, out)
+
+
+def _dump_failed(dump, index: int, name: str, graph: Graph):
+    """Dump the graph a pass returned that failed its checks, if it can be printed at all
+    (a dump must never hide the error it would explain)."""
+    try:
+        dump(index, f"{name}.failed", graph)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _add_fusion_notes(error: Exception, stats: list[PassStats]):
@@ -343,6 +382,31 @@ def _add_fusion_notes(error: Exception, stats: list[PassStats]):
     notes = [n for s in ran for n in s.notes]
     error.add_note("fuse_attention's notes: " + (" | ".join(notes) if notes else "none (it fused nothing and "
                                                  "found no softmax it could have fused)"))
+
+
+def _input_signature(graph: Graph) -> list[tuple]:
+    """What the model's call relies on in each graph input: (name, type, role)."""
+    names = list(graph.input_names) + [None] * (len(graph.inputs) - len(graph.input_names))
+    return [(name, str(v.type), role_of(v)) for name, v in zip(names, graph.inputs)]
+
+
+def _check_inputs(name: str, before: Graph, after: Graph):
+    """A user's pass keeps the graph's inputs (their number, order, names, types and
+    roles): the call hands the model's arguments to them by position, so a dropped or
+    retyped input would fail at the first call (`program() takes 1 positional argument
+    but 2 were given`) or compute on the wrong argument."""
+    old, new = _input_signature(before), _input_signature(after)
+    if len(new) != len(old):
+        raise IRCheckError(f"after pass {name!r}: the graph takes {len(new)} input(s) where it took {len(old)} "
+                           f"({', '.join(str(o[0]) for o in old)}); a pass must keep the graph's inputs, since "
+                           "the model's call passes its arguments to them: leave an input a rewrite no longer "
+                           "reads in graph.inputs (an unread input costs nothing)")
+    for i, (o, n) in enumerate(zip(old, new)):
+        for what, a, b in (("name", o[0], n[0]), ("type", o[1], n[1]), ("role", o[2], n[2])):
+            if a != b:
+                raise IRCheckError(f"after pass {name!r}: input {i} ({o[0]}) has {what} {b} where it had {a}; a "
+                                   "pass must keep each input's name, type and role, since the model's call passes "
+                                   "its arguments to them as they are")
 
 
 def _check_output_types(name: str, before: Graph, after: Graph):
