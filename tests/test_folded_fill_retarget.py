@@ -131,3 +131,87 @@ def test_the_refusal_survives_kv_cache():
     with pytest.raises(DtypePinnedError, match=r"masked_fill's value -1000000000\.0 does not fit in torch\.float16"):
         fast.to(torch.float16)
     fast.to(torch.bfloat16)  # (holds it)
+
+
+class _UpcastAttn(torch.nn.Module):
+    """Attention that fills scores it upcast to float32 first (`s.float().masked_fill(m,
+    -1e9)`, as many HF models do): the fill happens in float32 whatever the model's dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        s = (q @ k.transpose(-1, -2) / 8 ** 0.5).float()
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), 1)
+        p = s.masked_fill(mask, -1e9).softmax(-1).to(v.dtype)
+        return (p @ v).transpose(1, 2).reshape(b, t, 16)
+
+
+def test_a_fill_into_upcast_scores_records_nothing_and_float16_answers_as_eager():
+    # the bfloat16 model fills float32 scores: eager model.to(float16) answers, so must fast
+    torch.manual_seed(0)
+    model = _UpcastAttn().to(torch.bfloat16)
+    args = _in(torch.bfloat16, _inputs(False))
+    fast = _optimized(model, args)
+    assert not any(e[1] == roles.FIXED_FILL for e in fast.graph.signature.get("fixed_dtypes", ())), fast.ir
+    args16 = _in(torch.float16, args)
+    with torch.no_grad():
+        got, want = fast.to(torch.float16)(*args16), model.to(torch.float16)(*args16)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=0)
+
+
+def test_a_fill_into_the_models_own_bfloat16_scores_still_refuses_float16():
+    class _Bf16Fill(_UpcastAttn):
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).view(b, t, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            s = q @ k.transpose(-1, -2) / 8 ** 0.5
+            mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), 1)
+            return (s.masked_fill(mask, -1e9).softmax(-1) @ v).transpose(1, 2).reshape(b, t, 16)
+
+    torch.manual_seed(0)
+    model = _Bf16Fill().to(torch.bfloat16)
+    fast = _optimized(model, _in(torch.bfloat16, _inputs(False)))
+    with pytest.raises(DtypePinnedError, match=r"masked_fill's value -1000000000\.0 does not fit in torch\.float16"):
+        fast.to(torch.float16)
+
+
+class _KeepAttn(torch.nn.Module):
+    """A padding mask given as 0/1 ints (HF's attention_mask): the bool cast and the where
+    of the fill fuse into one fused_pointwise, the bias fuse_attention reads."""
+
+    def __init__(self, spelled):
+        super().__init__()
+        self.qkv, self.spelled = torch.nn.Linear(16, 48), spelled
+
+    def forward(self, x, keep):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        s = q @ k.transpose(-1, -2) / 8 ** 0.5
+        keep = keep[:, None, None, :].bool()
+        s = s.masked_fill(~keep, -1e9) if self.spelled == "masked_fill" else torch.where(keep, s, -1e9)
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, 16)
+
+
+@pytest.mark.parametrize("spelled", ["masked_fill", "where"])
+def test_an_int_padding_mask_bias_converts_to_bfloat16_and_float16_refuses_the_fill(spelled):
+    torch.manual_seed(0)
+    model = _KeepAttn(spelled)
+    args = (torch.randn(2, 5, 16), torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]))
+    fast = _optimized(model, args)
+    assert fast.graph.count("fused_pointwise") >= 1, fast.ir  # (the form this test is about)
+    if spelled == "masked_fill":
+        with pytest.raises(DtypePinnedError, match=r"masked_fill's value -1000000000\.0 does not fit"):
+            fast.to(torch.float16)
+    args16 = _in(torch.bfloat16, args)
+    got = fast.to(torch.bfloat16)
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        out, want = got(*args16), model(*args16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(out, _optimized(model, args16)(*args16), rtol=0, atol=0)

@@ -259,9 +259,10 @@ class _Terms:
         # a fill applied after an add ((s + bias).masked_fill(m, c)): the fill replaces what
         # the add made of a key, where the built bias sums the two
         self.fill_over_add = False
-        # the numbers the model's masked_fill wrote, as written (a fill above is scaled): the
-        # fused op drops them, and a dtype that cannot hold one must still refuse as eager does
-        self.model_fills: list[float] = []
+        # the numbers the model's masked_fill wrote, as written (a fill above is scaled), each
+        # with the dtype of the scores it filled: the fused op drops them, and a dtype that
+        # cannot hold one must still refuse as eager does, where the fill happens in it
+        self.model_fills: list[tuple[float, torch.dtype]] = []
 
     def drop_threshold(self) -> float:
         """At or below this the summed terms remove a key exactly. A term added before a
@@ -787,17 +788,22 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
 _RETARGET_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _record_fills(graph, fills: list[float], dtype: torch.dtype, root) -> None:
+def _record_fills(graph, fills: list[tuple[float, torch.dtype]], dtype: torch.dtype, root) -> None:
     """Note in the graph's signature (a `fill` entry of fixed_dtypes, ir/roles.py) each
     float dtype that cannot hold a masked_fill value the fused op now stands for: eager's
     masked_fill raises in it (-1e9 in float16), so OptimizedModel.to() must refuse it, and
     no IR line holds the number any more (a causal mask folds whole; a bias keeps it scaled,
     in float32). A value equal to a torch.finfo value of the model's dtype is left out: the
     model most likely computed it from its dtype (torch.finfo(x.dtype).min), which in
-    another dtype fills that dtype's own, a key dropped all the same."""
+    another dtype fills that dtype's own, a key dropped all the same.
+
+    Only a fill into scores of `dtype` (q's, the model's) counts: there the scores follow
+    model.to(). Scores the model upcast first (`s.float().masked_fill(m, -1e9)` in a
+    bfloat16 model) are filled in that fixed dtype whatever the model's, which held the
+    value at capture, so no model dtype makes eager raise."""
     entries = list(graph.signature.get("fixed_dtypes", ()))
-    for value in fills:
-        if math.isinf(value) or math.isnan(value) or finfo_name(value, dtype):
+    for value, filled in fills:
+        if filled != dtype or math.isinf(value) or math.isnan(value) or finfo_name(value, dtype):
             continue
         for target in _RETARGET_FLOATS:
             most = float(torch.finfo(target).max)
@@ -981,7 +987,7 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
             else:
                 return None
             if (const := _producer(m, filled, "const")) is not None and const.attrs.get("fill"):
-                terms.model_fills.append(float(const.attrs["value"]))
+                terms.model_fills.append((float(const.attrs["value"]), node.outputs[0].dtype))
             if terms.fills[-1][1] is None:
                 return None
             terms.post_scales.append(post_scale)

@@ -131,7 +131,9 @@ def _attention_biases_of_consts(graph: Graph) -> set[int]:
     with a number (terms.build). Its float32 comes from its constants, which keep their
     dtype (_const_float_dtype: float32, float64 in a float64 model) as fuse_attention gives
     them in any model dtype, the accumulation dtype the op reads its bias in: no dtype the
-    model fixed."""
+    model fixed. The same where fused with the mask's own ops into a fused_pointwise
+    (`~keep.bool()` of an int 0/1 padding mask, HF's attention_mask) counts too, when its
+    one output is such a selection of constants (_selects_consts_only)."""
     producers, users = graph.producers(), graph.users()
     outputs = set(graph.outputs)
 
@@ -149,9 +151,31 @@ def _attention_biases_of_consts(graph: Graph) -> set[int]:
     def const(v: Value) -> bool:
         return v.rank == 0 and (p := producers.get(v)) is not None and p.op == "const"
 
-    return {id(n) for n in graph.nodes
-            if n.op == "where" and len(n.inputs) == 3 and const(n.inputs[1]) and const(n.inputs[2])
-            and only_bias(n.outputs[0])}
+    def selects_consts(n: Node) -> bool:
+        if n.op == "where":
+            return len(n.inputs) == 3 and const(n.inputs[1]) and const(n.inputs[2])
+        return n.op == "fused_pointwise" and len(n.outputs) == 1 and not n.attrs.get("into") \
+            and _selects_consts_only(n.attrs["body"], n.attrs["outputs"])
+
+    return {id(n) for n in graph.nodes if selects_consts(n) and only_bias(n.outputs[0])}
+
+
+def _selects_consts_only(body: tuple, outputs: tuple) -> bool:
+    """Whether a fused body's one output is constants chosen by masks: where steps whose
+    two values are const steps or such where steps, whatever computes the mask, and no
+    step of the body casts to a float dtype (the mask's own ops cast to bool: `keep.bool()`).
+    Its float dtype is then the constants' alone."""
+    if len(outputs) != 1 or any(op == "cast" and isinstance(dt := dict(attrs).get("dtype"), torch.dtype)
+                                and dt.is_floating_point for op, _, attrs in body):
+        return False
+
+    def chosen(ref: str, depth: int = 0) -> bool:
+        if not ref.startswith("t") or depth > 8:
+            return False
+        op, args, _ = body[int(ref[1:])]
+        return op == "const" or (op == "where" and len(args) == 3
+                                 and chosen(args[1], depth + 1) and chosen(args[2], depth + 1))
+    return body[int(outputs[0][1:])][0] == "where" and chosen(outputs[0])
 
 
 def _as_dtype(v: Value, dtype: torch.dtype) -> Value:
