@@ -215,3 +215,40 @@ def test_an_int_padding_mask_bias_converts_to_bfloat16_and_float16_refuses_the_f
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=0)
     torch.testing.assert_close(out, _optimized(model, args16)(*args16), rtol=0, atol=0)
+
+
+class _FinfoPadAttn(torch.nn.Module):
+    """The HF padding-mask idiom: `masked_fill(pad, torch.finfo(s.dtype).min)`, the pad mask
+    a bool from the inputs or (keep) 0/1 ints, whose bool cast fuses with the bias's where."""
+
+    def __init__(self, keep=False):
+        super().__init__()
+        self.qkv, self.keep = torch.nn.Linear(16, 48), keep
+
+    def forward(self, x, pad):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        s = q @ k.transpose(-1, -2) / 8 ** 0.5
+        pad = ~pad.bool() if self.keep else pad
+        s = s.masked_fill(pad[:, None, None, :], torch.finfo(s.dtype).min)
+        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, 16)
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["bool_pad", "int_keep"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_a_finfo_min_fill_in_a_bias_converts_as_optimizing_the_converted_model(dtype, keep):
+    # the bias holds torch.finfo(float32).min: in `dtype` the model fills that dtype's own
+    # min, which the retyped bias holds as fuse_attention builds it from the converted model
+    torch.manual_seed(0)
+    model = _FinfoPadAttn(keep)
+    x = torch.randn(2, 5, 16)
+    pad = torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]) if keep else torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    fast = _optimized(model, (x, pad)).to(dtype)
+    args = (x.to(dtype), pad)
+    model.to(dtype)
+    with torch.no_grad():
+        got, want = fast(*args), model(*args)
+        afresh = _optimized(model, args)(*args)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want.double(), atol=2e-2 if dtype.itemsize == 2 else 1e-12, rtol=0)
+    torch.testing.assert_close(got, afresh, rtol=0, atol=0)

@@ -25,8 +25,11 @@ the dtype the graph is leaving pins too, as does a clamp bound the new dtype can
 masked_fill raises on it), the one in a const {fill=true} or one fuse_attention folded into
 the fused op, which the signature records as a `fill` entry of fixed_dtypes for each dtype
 that cannot hold it. The float32 bias fuse_attention builds from such a fill (a where of two
-constants read only as an attention's bias) is the op's own accumulation dtype, not one the
-model fixed: it does not pin.
+constants read only as an attention's bias, or a fused_pointwise that only chooses among
+constants by a mask: an int padding mask's `~keep.bool()` fused with it) is the op's own
+accumulation dtype, not one the model fixed: it does not pin. A torch.finfo(d).min in such
+a bias (`masked_fill(pad, torch.finfo(s.dtype).min)`) is retyped to the new dtype's min, as
+fuse_attention builds it from the converted model, rather than pinning.
 
 Fused bodies hold dtypes too. A cast in one that copies (to its operand's own dtype) is
 a pass's: the K/V store into a dense cache (kv_append written as a fused body) casts to
@@ -85,9 +88,13 @@ def retyped(graph: Graph, dtype: torch.dtype) -> Graph:
     fixed = [entry for entry in graph.signature.get("fixed_dtypes", ()) if _fixed_refuses(entry, dtype)]
     nodes, pinned = [], []
     own_bias = _attention_biases_of_consts(graph)
+    finfo_fills = _bias_finfo_fills(graph, own_bias, dtype)
+    retyped_attrs = {}
     for node in graph.nodes:
         inputs = tuple(new.get(v, v) for v in node.inputs)
         attrs = _consts_retyped(_copies_retyped(node, inputs), node.op, dtype)
+        if id(node) in finfo_fills:
+            attrs = retyped_attrs[id(node)] = finfo_fills[id(node)](attrs)
         inferred = OPS[node.op].infer([v.type for v in inputs], attrs) if node.op in OPS else None
         types = inferred if inferred is not None else [v.type for v in node.outputs]
         outputs = tuple(Value(t, v.hint, v.param, v.state, v.attrs) for t, v in zip(types, node.outputs))
@@ -97,7 +104,7 @@ def retyped(graph: Graph, dtype: torch.dtype) -> Graph:
         if pins and not any(_pins(v, dtype) for v in inputs) and id(node) not in own_bias:
             pinned.append(node)
         nodes.append(Node(node.op, inputs, attrs, outputs, node.meta))
-    scalars = _dtype_scalars(graph, dtype)
+    scalars = _dtype_scalars(graph, dtype, retyped_attrs)
     if pinned or fixed or scalars:
         raise _pinned_error(graph, pinned, dtype, fixed, scalars)
     out = graph.with_nodes(nodes, [new.get(v, v) for v in graph.outputs])
@@ -155,27 +162,81 @@ def _attention_biases_of_consts(graph: Graph) -> set[int]:
         if n.op == "where":
             return len(n.inputs) == 3 and const(n.inputs[1]) and const(n.inputs[2])
         return n.op == "fused_pointwise" and len(n.outputs) == 1 and not n.attrs.get("into") \
-            and _selects_consts_only(n.attrs["body"], n.attrs["outputs"])
+            and _chosen_consts(n.attrs["body"], n.attrs["outputs"]) is not None
 
     return {id(n) for n in graph.nodes if selects_consts(n) and only_bias(n.outputs[0])}
 
 
-def _selects_consts_only(body: tuple, outputs: tuple) -> bool:
-    """Whether a fused body's one output is constants chosen by masks: where steps whose
-    two values are const steps or such where steps, whatever computes the mask, and no
-    step of the body casts to a float dtype (the mask's own ops cast to bool: `keep.bool()`).
-    Its float dtype is then the constants' alone."""
+def _chosen_consts(body: tuple, outputs: tuple) -> set[int] | None:
+    """The indices of the const steps a fused body's one output is chosen from by masks
+    (where steps whose two values are const steps or such where steps, whatever computes
+    the mask), or None when the output is not such a choice or a step of the body casts to
+    a float dtype (the mask's own ops cast to bool: `keep.bool()`): its float dtype is
+    then the constants' alone."""
     if len(outputs) != 1 or any(op == "cast" and isinstance(dt := dict(attrs).get("dtype"), torch.dtype)
                                 and dt.is_floating_point for op, _, attrs in body):
-        return False
+        return None
+    found: set[int] = set()
 
     def chosen(ref: str, depth: int = 0) -> bool:
         if not ref.startswith("t") or depth > 8:
             return False
         op, args, _ = body[int(ref[1:])]
-        return op == "const" or (op == "where" and len(args) == 3
-                                 and chosen(args[1], depth + 1) and chosen(args[2], depth + 1))
-    return body[int(outputs[0][1:])][0] == "where" and chosen(outputs[0])
+        if op == "const":
+            found.add(int(ref[1:]))
+            return True
+        return op == "where" and len(args) == 3 and chosen(args[1], depth + 1) and chosen(args[2], depth + 1)
+    return found if body[int(outputs[0][1:])][0] == "where" and chosen(outputs[0]) else None
+
+
+def _bias_finfo_fills(graph: Graph, own_bias: set[int], dtype: torch.dtype) -> dict[int, object]:
+    """For each node holding a constant of an attention's own bias (_attention_biases_of_consts)
+    that equals torch.finfo(d).min of a float dtype d the graph leaves, a function that
+    retypes its attrs to hold torch.finfo(dtype).min instead: fuse_attention's bias for
+    `masked_fill(mask, torch.finfo(s.dtype).min)` (HF's padding mask), as it builds it
+    from a model in `dtype` (the const's own dtype follows _const_float_dtype). Elsewhere a
+    finfo value pins (_dtype_scalars); in such a bias it is the model's fill, which in
+    another dtype is that dtype's own min, a key dropped all the same (as the causal form,
+    folded whole, converts). A scaled one (a scale after the fill) stays, as it is."""
+    leaving = _leaving(graph, dtype)
+
+    def retyped_value(value):
+        for d in sorted(leaving, key=str):
+            if (named := finfo_name(value, d)) and named.endswith(".min"):
+                return finfo_named_value(named, dtype)
+        return value
+
+    def const_attrs(attrs: dict) -> dict:
+        return {**attrs, "value": retyped_value(attrs["value"])}
+
+    def body_attrs(steps: set[int]):
+        def retype(attrs: dict) -> dict:
+            body = tuple((op, args, tuple((k, retyped_value(v) if k == "value" else v) for k, v in step_attrs))
+                         if i in steps else (op, args, step_attrs)
+                         for i, (op, args, step_attrs) in enumerate(attrs["body"]))
+            return {**attrs, "body": body}
+        return retype
+
+    users, found = graph.users(), {}
+    for node in graph.nodes:
+        if node.op == "const" and users.get(node.outputs[0]) \
+                and all(id(u) in own_bias and u.inputs[0] is not node.outputs[0] for u in users[node.outputs[0]]):
+            if retyped_value(node.attrs.get("value")) != node.attrs.get("value"):
+                found[id(node)] = const_attrs
+        elif id(node) in own_bias and node.op == "fused_pointwise":
+            values = {i: dict(node.attrs["body"][i][2]).get("value")
+                      for i in _chosen_consts(node.attrs["body"], node.attrs["outputs"])}
+            steps = {i for i, value in values.items() if retyped_value(value) != value}
+            if steps:
+                found[id(node)] = body_attrs(steps)
+    return found
+
+
+def _leaving(graph: Graph, dtype: torch.dtype) -> set[torch.dtype]:
+    """The float dtypes of the graph's inputs, weights and state other than `dtype`: those
+    retyping leaves."""
+    return {v.type.dtype for v in graph.inputs + graph.param_values + graph.state_values
+            if isinstance(v.type, TensorType) and v.type.dtype.is_floating_point} - {dtype}
 
 
 def _as_dtype(v: Value, dtype: torch.dtype) -> Value:
@@ -290,18 +351,18 @@ def _body_step_op(trail: tuple) -> str | None:
     return ops[-1] if ops else None
 
 
-def _dtype_scalars(graph: Graph, dtype: torch.dtype) -> list[tuple[Node, str]]:
+def _dtype_scalars(graph: Graph, dtype: torch.dtype, retyped_attrs: dict | None = None) -> list[tuple[Node, str]]:
     """The nodes holding a float scalar that is not the model's value in `dtype`, each with
     why: one equal to a torch.finfo value of a float dtype the graph leaves (the model
-    computed it from that dtype), or a clamp bound `dtype` cannot hold."""
-    leaving = {v.type.dtype for v in graph.inputs + graph.param_values + graph.state_values
-               if isinstance(v.type, TensorType) and v.type.dtype.is_floating_point} - {dtype}
+    computed it from that dtype), or a clamp bound `dtype` cannot hold. `retyped_attrs`:
+    the attrs a node has once retyped where they hold other numbers (_bias_finfo_fills)."""
+    leaving = _leaving(graph, dtype)
     if not leaving:  # (nothing changes dtype, so nothing computed from one changes)
         return []
     most = float(torch.finfo(dtype).max)
     found = []
     for node in graph.nodes:
-        for op, key, value, owner in _floats(node.attrs, node.op):
+        for op, key, value, owner in _floats((retyped_attrs or {}).get(id(node), node.attrs), node.op):
             named = next((n for n in map(lambda d: finfo_name(value, d), sorted(leaving, key=str)) if n), None)
             if named:
                 # (a literal that happens to equal it, 1/128 in a bfloat16 model, is refused
