@@ -340,8 +340,7 @@ def _name_reason(plan: _Plan, name: str) -> str | None:
         return "not in include"
     for pattern in cfg.exclude:
         if pattern == OUTPUT_HEAD and name in plan.heads:
-            return (f"the output head (its result is a model output and feeds no further layer; excluded by "
-                    f"{OUTPUT_HEAD!r}, as lm_head)")
+            return _head_reason(plan, name)
         if pattern != OUTPUT_HEAD and fnmatch.fnmatch(source, pattern):
             return f"excluded by {pattern!r}"
     if name in plan.tied:
@@ -350,6 +349,17 @@ def _name_reason(plan: _Plan, name: str) -> str | None:
         return (f"a mixture-of-experts router (its scores reach {plan.routers[name]}): rounding them changes "
                 "which experts run; QuantConfig(include_routers=True) quantizes it too")
     return None
+
+
+def _head_reason(plan: _Plan, name: str) -> str:
+    reason = (f"the output head (its result is a model output and feeds no further layer; excluded by "
+              f"{OUTPUT_HEAD!r}, as lm_head)")
+    if len(plan.uses.get(name, _Uses()).orientations) < 2:
+        return reason
+    # a tied autoencoder: the head is one of the weight's two products, and a packing for
+    # the other alone would sit next to the float weight the head keeps
+    return (f"read as {_ORIENTATION[False]} and as {_ORIENTATION[True]}, and one of the two is {reason}; "
+            "a packing for the other use alone would sit next to the float weight, so both stay float")
 
 
 def _shape_reason(plan: _Plan, label: str, w, transposed: bool) -> str | None:
@@ -612,22 +622,54 @@ def quantize(graph, ctx):
         ctx.note(note)
     for note in _skipped_notes(plan.skipped):
         ctx.note(note)
-    _warn_unmatched_excludes(cfg, graph)
+    _warn_unmatched_patterns(cfg, graph)
+    _warn_no_linear_weights(cfg, plan)
     return out
 
 
-def _warn_unmatched_excludes(cfg: QuantConfig, graph) -> None:
-    """Warn about each exclude pattern of the user's (not a default) that names no weight the
-    graph reads: a typo, or a weight shared by two modules, which the graph knows by one of
-    its names only (b.weight where a.weight is the same tensor); excluding nothing silently
-    would quantize what the user meant to keep."""
+def _warn_no_linear_weights(cfg: QuantConfig, plan: _Plan) -> None:
+    """quantize= asked for smaller weights, but no linear or matmul of the graph reads a
+    2-D weight (none quantized, none skipped with a reason): the model keeps its size, and
+    optimize()'s 'quantized none of the model's N linear weight(s)' warning, which lists
+    the skipped ones, has none to list."""
     import warnings
 
+    if plan.layers or plan.skipped or _compiling_a_subgraph():
+        return
+    warnings.warn(f"quantize={cfg.scheme!r} found no linear weights to quantize: no linear(x, W) or matmul(x, W) "
+                  "of the captured graph reads a 2-D weight parameter, so the model keeps its size",
+                  stacklevel=2)
+
+
+def _compiling_a_subgraph() -> bool:
+    """The torch.compile backend (dynamo/backend.py) compiles one subgraph at a time, which
+    holds some of the model's weights, and ignores the 'quantize: exclude pattern' warning
+    there: a pattern naming another subgraph's weight, or a subgraph with no linear at all,
+    is normal, so the include and no-linear warnings stay quiet under that filter too."""
+    import warnings
+
+    return any(action == "ignore" and regex is not None and regex.match("quantize: exclude pattern")
+               for action, regex, *_ in warnings.filters)
+
+
+def _warn_unmatched_patterns(cfg: QuantConfig, graph) -> None:
+    """Warn about each include or exclude pattern of the user's (not a default) that names no
+    weight the graph reads: a typo, or a weight shared by two modules, which the graph knows
+    by one of its names only (b.weight where a.weight is the same tensor); excluding nothing
+    silently would quantize what the user meant to keep, including nothing would keep float
+    what the user meant to quantize."""
+    import warnings
+
+    if _compiling_a_subgraph():
+        return
     names = sorted({source_param_name(v.param) for n in graph.nodes for v in n.inputs if v.param is not None})
-    for pattern in cfg.exclude:
-        if pattern in DEFAULT_EXCLUDE or any(fnmatch.fnmatch(name, pattern) for name in names):
-            continue
-        near = [n for n in names if n.endswith(pattern.rsplit(".", 1)[-1])][:6] if "." in pattern else names[:6]
-        warnings.warn(f"quantize: exclude pattern {pattern!r} matches no weight of the captured graph, so it "
-                      f"excludes nothing. The graph's weight names are the model's parameter names, and a weight "
-                      f"shared by several modules goes by one of them; e.g. {', '.join(near)}", stacklevel=2)
+    for field_name, patterns, default, effect in (("include", cfg.include, ("*",), "includes"),
+                                                  ("exclude", cfg.exclude, DEFAULT_EXCLUDE, "excludes")):
+        for pattern in patterns:
+            if pattern in default or any(fnmatch.fnmatch(name, pattern) for name in names):
+                continue
+            near = [n for n in names if n.endswith(pattern.rsplit(".", 1)[-1])][:6] if "." in pattern else names[:6]
+            warnings.warn(f"quantize: {field_name} pattern {pattern!r} matches no weight of the captured graph, so "
+                          f"it {effect} nothing. The graph's weight names are the model's parameter names, and a "
+                          f"weight shared by several modules goes by one of them; e.g. {', '.join(near)}",
+                          stacklevel=2)
