@@ -196,9 +196,11 @@ class FxforgeBackend:
         # the model's weights stay shared (copy_weights=False): torch.compile keeps using the
         # model, and a second copy of each weight would double the memory
         with warnings.catch_warnings():
-            # one subgraph holds some of the model's weights: an exclude pattern naming a
-            # weight of another subgraph matches nothing here, and is not a typo
-            warnings.filterwarnings("ignore", message="quantize: exclude pattern")
+            # one subgraph holds some of the model's weights: an include or exclude pattern
+            # naming a weight of another subgraph matches nothing here, and a subgraph with
+            # no linear at all is normal, neither a mistake of the user's
+            warnings.filterwarnings("ignore", message=r"quantize: (exclude|include) pattern|quantize=.* found no "
+                                                      r"linear weights")
             fast = optimize_captured(lambda: capture_subgraph(module, inputs), module, copy_weights=False,
                                      device=_model_device(module, inputs),
                                      **_options_under_roots(self.options, layout))

@@ -634,22 +634,11 @@ def _warn_no_linear_weights(cfg: QuantConfig, plan: _Plan) -> None:
     the skipped ones, has none to list."""
     import warnings
 
-    if plan.layers or plan.skipped or _compiling_a_subgraph():
+    if plan.layers or plan.skipped:
         return
     warnings.warn(f"quantize={cfg.scheme!r} found no linear weights to quantize: no linear(x, W) or matmul(x, W) "
                   "of the captured graph reads a 2-D weight parameter, so the model keeps its size",
                   stacklevel=2)
-
-
-def _compiling_a_subgraph() -> bool:
-    """The torch.compile backend (dynamo/backend.py) compiles one subgraph at a time, which
-    holds some of the model's weights, and ignores the 'quantize: exclude pattern' warning
-    there: a pattern naming another subgraph's weight, or a subgraph with no linear at all,
-    is normal, so the include and no-linear warnings stay quiet under that filter too."""
-    import warnings
-
-    return any(action == "ignore" and regex is not None and regex.match("quantize: exclude pattern")
-               for action, regex, *_ in warnings.filters)
 
 
 def _warn_unmatched_patterns(cfg: QuantConfig, graph) -> None:
@@ -660,8 +649,6 @@ def _warn_unmatched_patterns(cfg: QuantConfig, graph) -> None:
     what the user meant to quantize."""
     import warnings
 
-    if _compiling_a_subgraph():
-        return
     names = sorted({source_param_name(v.param) for n in graph.nodes for v in n.inputs if v.param is not None})
     for field_name, patterns, default, effect in (("include", cfg.include, ("*",), "includes"),
                                                   ("exclude", cfg.exclude, DEFAULT_EXCLUDE, "excludes")):
