@@ -91,7 +91,7 @@ def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs)
     for subset in _subsets_at_one(symbols):
         if any(set(done) <= set(subset) for done in refused):
             continue  # a call with these at 1 has a smaller set at 1 that is refused already
-        if _subset_differs(model, graph, spec, leaves, draws, subset):
+        if _subset_differs(model, graph, spec, leaves, draws, subset, symbols):
             refused.append(subset)
     if len(symbols) > MAX_SUBSET_SYMBOLS and tuple(symbols) in refused:
         # too many sizes for every set of them to be probed, and all at 1 differ: which
@@ -117,7 +117,8 @@ def _subsets_at_one(symbols: list) -> list[tuple]:
     return [subset for k in sizes for subset in itertools.combinations(symbols, k)]
 
 
-def _subset_differs(model, graph: Graph, spec, leaves: list, draws: "_Draws", subset: tuple) -> bool:
+def _subset_differs(model, graph: Graph, spec, leaves: list, draws: "_Draws", subset: tuple,
+                    symbols: list) -> bool:
     """Probe the sizes of `subset` at 1 together, the others >= 2; where the model answers
     differently there, or where no such call is found that the guards allow (and they
     may allow one), add the guard that refuses them all at 1 (`_guard_at_one`). Whether
@@ -125,7 +126,7 @@ def _subset_differs(model, graph: Graph, spec, leaves: list, draws: "_Draws", su
     from .capture import CaptureError
 
     at_example = all(_example_size(graph, spec, leaves, s) == 1 for s in subset)
-    sizes = _sizes_at_one(graph, spec, leaves, subset, _probe_symbols(graph))
+    sizes = _sizes_at_one(graph, spec, leaves, subset, symbols)
     if sizes is None:
         # no call with these at 1 found that the guards allow: where they may allow one
         # (none found among the sizes searched), it is refused, as it was not probed (but
