@@ -172,3 +172,160 @@ def test_a_size_that_another_input_holds_plus_one_is_probed_with_it():
         fast(torch.randn(1, 5, D), torch.randn(1, 6, D))
     x, y = torch.randn(3, 1, D), torch.randn(3, 2, D)
     assert torch.allclose(fast(x, y), model(x, y))
+
+
+# --- every set of sizes at 1 together, and outputs that are not tensors -------------------
+
+
+def _same_or_refused(fast, model, *args):
+    """fast(*args) is model(*args), every output (tensors: shape and values; numbers: the
+    same number), or a GuardError."""
+    try:
+        out = fast(*args)
+    except GuardError:
+        return "refused"
+    with torch.no_grad():
+        ref = model(*args)
+    outs, refs = (out, ref) if isinstance(ref, tuple) else ((out,), (ref,))
+    assert len(outs) == len(refs)
+    for o, r in zip(outs, refs):
+        if isinstance(r, torch.Tensor):
+            assert o.shape == r.shape, (tuple(o.shape), tuple(r.shape))
+            assert torch.allclose(o, r, atol=1e-5), (o - r).abs().max()
+        else:
+            assert type(o) is type(r) and o == r, (o, r)
+    return "same"
+
+
+class SqueezeBatch(torch.nn.Module):
+    """`x.squeeze(0)` (the README's example): at batch 1 the softmax runs over the length.
+    At B = T = 1 both ways give the same, so the probe of all sizes at 1 agrees: only the
+    batch at 1 beside a length >= 2 shows it."""
+
+    def forward(self, x):
+        return x.squeeze(0).softmax(0).reshape(x.shape)
+
+
+class BatchOnePrefill(torch.nn.Module):
+    """Computes otherwise at batch 1 with more than one token only."""
+
+    def forward(self, x):
+        return x * 2 if x.shape[0] == 1 and x.shape[1] > 1 else x + 1
+
+
+@pytest.mark.parametrize("model", [SqueezeBatch, BatchOnePrefill])
+def test_batch_one_beside_a_longer_length_is_probed_though_all_at_one_agree(model):
+    torch.manual_seed(0)
+    model = model().eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 3, D),), verbose=False)
+    assert _same_or_refused(fast, model, torch.randn(1, 5, D)) == "refused", fast.ir
+    for shape in [(1, 1, D), (2, 5, D), (3, 1, D)]:
+        _same_or_refused(fast, model, torch.randn(*shape))
+    for shape in [(2, 5, D), (3, 1, D)]:
+        assert _same_or_refused(fast, model, torch.randn(*shape)) == "same", shape
+
+
+class TwoOfThree(torch.nn.Module):
+    """Three sizes (B, T of x, S of y); computes otherwise where B and T are both 1, whatever S."""
+
+    def forward(self, x, y):
+        out = x.sum(1) + y.sum(0)
+        return out * 2 if x.shape[0] == 1 and x.shape[1] == 1 else out
+
+
+def test_two_of_three_sizes_at_one_are_refused_whatever_the_third():
+    """The guard refuses B == T == 1 (B + T >= 3), not only all three at 1 (B + T + S >= 4:
+    at S = 5 batch-1 one-token calls were answered off by the model's factor)."""
+    torch.manual_seed(0)
+    model = TwoOfThree().eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 3, 4), torch.randn(5, 4)), verbose=False)
+    for s in (1, 5):
+        assert _same_or_refused(fast, model, torch.randn(1, 1, 4), torch.randn(s, 4)) == "refused", fast.ir
+    for shape, s in [((1, 3, 4), 5), ((2, 1, 4), 5), ((2, 3, 4), 1), ((1, 3, 4), 1), ((2, 1, 4), 1)]:
+        assert _same_or_refused(fast, model, torch.randn(*shape), torch.randn(s, 4)) == "same", (shape, s)
+
+
+def test_every_set_of_sizes_is_probed_at_one_the_others_at_two_or_more(monkeypatch):
+    """With three sizes, each of the 7 sets of them is probed at 1 (the others >= 2), smallest
+    first; a model that is the same everywhere gets no guard."""
+    class Plain(torch.nn.Module):
+        def forward(self, x, y):
+            return x.sum(1) + y.sum(0)
+
+    probed = []
+    compare = size_one._difference
+
+    def spy(model, graph, spec, probe, inputs, **kwargs):
+        probed.append((*inputs[0].shape[:2], inputs[1].shape[0]))
+        return compare(model, graph, spec, probe, inputs, **kwargs)
+
+    monkeypatch.setattr(size_one, "_difference", spy)
+    model = Plain().eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 3, 4), torch.randn(5, 4)), verbose=False)
+    assert "guard" not in fast.ir, fast.ir
+    at_one = {tuple(n == 1 for n in p) for p in probed}
+    assert at_one >= {(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)} - {(0, 0, 0)}, probed
+
+
+class FiveLengths(torch.nn.Module):
+    """Five inputs of a size each; computes otherwise where the first two are 1 together."""
+
+    def forward(self, a, b, c, d, e):
+        out = a.sum(0) + b.sum(0) + c.sum(0) + d.sum(0) + e.sum(0)
+        return out * 2 if a.shape[0] == 1 and b.shape[0] == 1 else out
+
+
+def test_beyond_four_sizes_all_at_one_differing_refuses_every_two_at_one():
+    """Five sizes: each alone and all together are probed; all at 1 differ, each alone
+    agree, the sets between are not probed: every two at 1 together are refused (a
+    conservative guard), each alone still served."""
+    torch.manual_seed(0)
+    model = FiveLengths().eval()
+    example = [torch.randn(n, 4) for n in (2, 3, 4, 5, 6)]
+    fast = fxforge.optimize(model, tuple(example), verbose=False)
+
+    def call(*ones):
+        return _same_or_refused(fast, model, *[torch.randn(1 if i in ones else n, 4)
+                                                for i, n in enumerate((2, 3, 4, 5, 6))])
+
+    assert call(0, 1) == "refused" and call(0, 1, 2, 3, 4) == "refused", fast.ir
+    for i in range(5):
+        assert call(i) == "same", (i, fast.ir)
+    assert call() == "same"
+
+
+class ConstantAtOne(torch.nn.Module):
+    def forward(self, x):
+        return x * 2, (1.0 if x.shape[1] == 1 else 0.5)
+
+
+class SizeOrSeven(torch.nn.Module):
+    """A size output that is the length, but 7 at one token (the graph's: the length)."""
+
+    def forward(self, x):
+        return x * 2, (x.shape[1] if x.shape[1] > 1 else 7)
+
+
+class Length(torch.nn.Module):
+    def forward(self, x):
+        return x * 2, x.shape[1]
+
+
+@pytest.mark.parametrize("model", [ConstantAtOne, SizeOrSeven])
+def test_an_output_that_is_a_number_is_compared_at_one(model):
+    """A Python number among the outputs (a constant, or a size) that is another at one
+    token: T == 1 is refused, not given the number of T >= 2."""
+    torch.manual_seed(0)
+    model = model().eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 3, D),), verbose=False)
+    assert _same_or_refused(fast, model, torch.randn(2, 1, D)) == "refused", fast.ir
+    for shape in [(1, 3, D), (2, 5, D)]:
+        assert _same_or_refused(fast, model, torch.randn(*shape)) == "same", shape
+
+
+def test_a_size_output_that_is_the_same_at_one_gets_no_guard():
+    model = Length().eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 3, D),), verbose=False)
+    assert "guard" not in fast.ir, fast.ir
+    for shape in [(1, 1, D), (2, 1, D), (1, 4, D)]:
+        assert _same_or_refused(fast, model, torch.randn(*shape)) == "same", shape

@@ -5,35 +5,49 @@ torch.export traces the dynamic dims at sizes >= 2 (capture grows the example), 
 graph serves batch 1 and one-token decoding, as every model needs. A model whose own code
 looks at a size being 1 (`x.squeeze(0)`, `if ids.shape[1] == 1:`) computes something else
 there, and the trace cannot show it. So after capture, `check_sizes_of_one` runs the graph
-with each dynamic size set to 1 (the example's first row, its first token) against the
-model itself, on the same inputs:
+with dynamic sizes set to 1 (the example's first row, its first token) against the model
+itself, on the same inputs: every set of them at 1 together, smallest first (B alone, T
+alone, then B and T), the others at sizes >= 2:
 
 - where they agree, nothing changes;
-- where they differ and the example's own size is >= 2, the graph gets the guard `s >= 2`:
-  a call at size 1 then raises GuardError instead of answering differently (with a KV
-  cache the guard is on the sequence, L + T >= 2: one-token decoding steps still run);
-- where they differ and the example itself has size 1 there, the graph cannot be the
+- where they differ, the graph gets the guard that refuses that set all at 1 and nothing
+  else: `B >= 2` for one size, `B + T >= 3` for two (each is >= 1, so the sum exceeds the
+  count unless all are 1). A call with those at 1 then raises GuardError instead of
+  answering differently (with a KV cache a guard on T is one on the sequence, L + T: one-
+  token decoding steps still run). A larger set with a refused set in it is not probed:
+  its calls are refused already (`B >= 2` refuses B = T = 1 too, where squeeze(0) agrees:
+  a call refused, never another answer);
+- where they differ and the example itself has that set at 1, the graph cannot be the
   computation asked for: CaptureError, with the remedies.
+
+Every set, not only each alone and all at once: `x.squeeze(0)` gives the same at B = T = 1
+(a softmax over one element either way) and differs at B = 1, T = 5; `if B == 1 and T == 1`
+beside an input of its own length S differs at B = T = 1 whatever S, and the guard of all
+three at 1 (B + T + S >= 4) left B = T = 1, S = 5 answered with the other branch. With more
+than MAX_SUBSET_SYMBOLS sizes (2**n - 1 probes) only each alone and all together are
+probed, and where all together differ, every two at 1 together are refused (which smaller
+set differs is not known): a conservative guard, and a set of three or more at 1 that
+differs where all together agree goes unseen there.
+
+Outputs that are numbers, not tensors (`1.0 if T == 1 else 0.5`, `x.shape[1]`), are
+compared as well: capture made them a constant or a function of the sizes, which is what
+the call gives at any size.
 
 Each probe runs on the example's data and on a few random draws (`_Draws`): agreeing on
 the example's data alone (a non-negative example under `x.clamp(min=0)`) proves little.
-It costs an eager forward of the model and a reference evaluation of the graph per draw
-with every dynamic size at 1 at once, and one more of each at the example itself
-(`check_at_example`: the graph must be the model's computation there; SmolLM2: about
-2.5 s in all, against 15 s of capture); only where they differ is each size probed alone
-(two forwards in training mode: a model whose dropout draws differ between calls is not
-compared).
+A probe costs an eager forward of the model and a reference evaluation of the graph per
+draw, at sizes no larger than the example's but for the others of a set found as below;
+with a batch and a length, three probes (B, T, both), and one more at the example itself
+(`check_at_example`: the graph must be the model's computation there). A model whose
+dropout draws differ between calls (two forwards in training mode) is not compared.
 
-Every size a call may give as 1 is probed at 1 at sizes the graph's guards allow, or
-guarded: the all-at-1 call refused by another guard (T % 2 == 0, T >= 4 refuse T = 1)
-says nothing of batch 1 at a T they allow, and was once read as "they agree" (batch 1
-got the graph of batch >= 2). So where that call is refused or cannot be made, each size
-is probed alone at 1, the others at the example's sizes, or where the guards refuse those
-(B * T >= 6 at the example's T = 3) at the first sizes they allow (`_sizes_at_one`, a
-search of the guards alone); a size no allowed call is found for is guarded `s >= 2`,
-unless a guard refuses it at 1 whatever the others (`_refused_at_one`). Where all at 1
-differs and each alone agrees (`if B == 1 and T == 1`), that one call is refused
-(B + T >= 3). Combinations of some sizes at 1 and others not, beyond those, are not probed.
+Every set a call may give as 1 is probed at sizes the graph's guards allow, or guarded: a
+probe refused by another guard (T % 2 == 0, T >= 4 refuse T = 1) says nothing of batch 1
+at a T they allow, and was once read as "they agree" (batch 1 got the graph of batch >=
+2). So the others are at the example's sizes, or where the guards refuse those (B * T >= 6
+at the example's T = 3) at the first sizes >= 2 they allow (`_sizes_at_one`, a search of
+the guards alone); a set no allowed call is found for is guarded, unless a guard refuses
+it at 1 whatever the others (`_refused_at_one`).
 
 The same probe decides guards that exclude one size, `Ne(T, c)` (`_drop_points_that_hold`):
 export writes them where a buffer of c rows is sliced by the length, and they refused a
@@ -49,6 +63,7 @@ probe that decides whether a guard may go compares every row.
 from __future__ import annotations
 
 import itertools
+import math
 
 import sympy
 import torch
@@ -57,12 +72,14 @@ import torch.utils._pytree as pytree
 from .evaluate import input_sizes
 from .graph import Graph
 from .guards import GuardChecker, GuardError, _in_floats
+from .types import parse_size_text
 
 
 def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs) -> list:
-    """Probe each dynamic size of `graph` at 1 (see the module docstring); add the guard
-    `s >= 2` where the model answers differently there. Returns the symbols guarded."""
-    from .capture import CaptureError, flatten_call
+    """Probe the dynamic sizes of `graph` at 1, each set of them together (see the module
+    docstring); add a guard where the model answers differently there. Returns the
+    symbols guarded."""
+    from .capture import flatten_call
 
     try:
         leaves = flatten_call(spec, tuple(args), dict(kwargs or {}))
@@ -70,46 +87,85 @@ def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs)
         return []
     symbols = _probe_symbols(graph)
     draws = _Draws(graph, spec, leaves)
-    guarded = []
-    # all at 1 at once (one forward each way): where the graph serves that call and agrees
-    # there, the usual case, that is all. Where the guards refuse it (T % 2 == 0 refuses
-    # T = 1) it says nothing of B = 1 beside a T they allow: each size is probed alone
-    together = dict.fromkeys(symbols, 1)
-    differ_together, alone = None, symbols
-    if len(symbols) > 1 and _probe_made(graph, spec, leaves, together):
-        differ_together = _probe(model, graph, spec, draws, together)
-        alone = [] if differ_together is None else symbols
-    for sym in alone:
-        sizes = _sizes_at_one(graph, spec, leaves, sym, symbols)
-        if sizes is None:
-            # no call with sym at 1 found that the guards allow: where they may allow one
-            # (none found among the sizes searched), it is refused, as it was not probed
-            # (but the example's own size: check_at_example compares the example itself)
-            if not _refused_at_one(graph, sym) and _example_size(graph, spec, leaves, sym) != 1:
-                graph.guards.append(sympy.Ge(sym, 2))
-                guarded.append(sym)
-            continue
-        why = _probe(model, graph, spec, draws, sizes)
-        if why is None:
-            continue
-        if _example_size(graph, spec, leaves, sym) == 1:
-            raise CaptureError(
-                f"the model computes something else when {sym} == 1 ({why}): its code looks at that size "
-                "(a squeeze, a branch on it), and fxforge captures dynamic sizes at >= 2, so the graph would "
-                f"not be this example's computation. Optimize with an example where {sym} >= 2 (calls with "
-                f"{sym} == 1 are then refused), or with dynamic=False to capture exactly this shape")
-        graph.guards.append(sympy.Ge(sym, 2))
-        guarded.append(sym)
-    if differ_together is not None and _probe_made(graph, spec, leaves, together):
-        # they differ with all at 1 and agree with each alone at 1 (`if B == 1 and T == 1`):
-        # that one call is refused, each size alone at 1 still served (all >= 1: the sum
-        # exceeds their count unless all are 1)
-        graph.guards.append(sympy.Ge(sympy.Add(*symbols), len(symbols) + 1))
-        guarded.extend(s for s in symbols if s not in guarded)
+    refused: list[tuple] = []  # the sets of sizes whose being all 1 a guard added here refuses
+    for subset in _subsets_at_one(symbols):
+        if any(set(done) <= set(subset) for done in refused):
+            continue  # a call with these at 1 has a smaller set at 1 that is refused already
+        if _subset_differs(model, graph, spec, leaves, draws, subset, symbols):
+            refused.append(subset)
+    if len(symbols) > MAX_SUBSET_SYMBOLS and tuple(symbols) in refused:
+        # too many sizes for every set of them to be probed, and all at 1 differ: which
+        # smaller set is the cause is not known, so every two at 1 are refused
+        _refuse_pairs(graph, symbols, refused)
     # after the probes at 1, whose error says more where the example has a size of 1
     check_at_example(model, graph, spec, leaves)
     _drop_points_that_hold(model, graph, spec, draws, symbols)
-    return guarded
+    return [s for s in symbols if any(s in done for done in refused)]
+
+
+# The most size symbols whose every set is probed at 1 (2**n - 1 probes); beyond, each alone
+# and all together
+MAX_SUBSET_SYMBOLS = 4
+
+
+def _subsets_at_one(symbols: list) -> list[tuple]:
+    """The sets of sizes probed at 1 together, smallest first (so the guard added is the
+    smallest set that differs): every non-empty one, or beyond MAX_SUBSET_SYMBOLS symbols
+    each alone and all together."""
+    n = len(symbols)
+    sizes = range(1, n + 1) if n <= MAX_SUBSET_SYMBOLS else sorted({1, n})
+    return [subset for k in sizes for subset in itertools.combinations(symbols, k)]
+
+
+def _subset_differs(model, graph: Graph, spec, leaves: list, draws: "_Draws", subset: tuple,
+                    symbols: list) -> bool:
+    """Probe the sizes of `subset` at 1 together, the others >= 2; where the model answers
+    differently there, or where no such call is found that the guards allow (and they
+    may allow one), add the guard that refuses them all at 1 (`_guard_at_one`). Whether
+    it did. CaptureError where that guard would refuse the example itself."""
+    from .capture import CaptureError
+
+    at_example = all(_example_size(graph, spec, leaves, s) == 1 for s in subset)
+    sizes = _sizes_at_one(graph, spec, leaves, subset, symbols)
+    if sizes is None:
+        # no call with these at 1 found that the guards allow: where they may allow one
+        # (none found among the sizes searched), it is refused, as it was not probed (but
+        # the example's own sizes: check_at_example compares the example itself)
+        if _refused_at_one(graph, subset) or at_example:
+            return False
+        graph.guards.append(_guard_at_one(subset))
+        return True
+    why = _probe(model, graph, spec, draws, sizes)
+    if why is None:
+        return False
+    if at_example:
+        where = " and ".join(f"{s} == 1" for s in subset)
+        two = " or ".join(f"{s} >= 2" for s in subset)
+        raise CaptureError(
+            f"the model computes something else when {where} ({why}): its code looks at that size "
+            "(a squeeze, a branch on it), and fxforge captures dynamic sizes at >= 2, so the graph would "
+            f"not be this example's computation. Optimize with an example where {two} (calls with "
+            f"{where} are then refused), or with dynamic=False to capture exactly this shape")
+    graph.guards.append(_guard_at_one(subset))
+    return True
+
+
+def _guard_at_one(subset) -> sympy.Basic:
+    """The guard that refuses the sizes of `subset` all at 1 and nothing else: each is >= 1,
+    so their sum exceeds their count unless all are 1 (`B >= 2` for one, `B + T >= 3`)."""
+    return sympy.Ge(sympy.Add(*subset), len(subset) + 1)
+
+
+def _refuse_pairs(graph: Graph, symbols: list, refused: list):
+    """Refuse every two of `symbols` at 1 together (but those a guard refuses already): the
+    conservative guard where all at 1 differ and the sets between were not probed."""
+    all_at_one = _guard_at_one(symbols)
+    graph.guards = [g for g in graph.guards if g != all_at_one]
+    refused.remove(tuple(symbols))
+    for pair in itertools.combinations(symbols, 2):
+        if not any(set(done) <= set(pair) for done in refused):
+            graph.guards.append(_guard_at_one(pair))
+            refused.append(pair)
 
 
 def check_at_example(model, graph: Graph, spec, leaves: list):
@@ -266,19 +322,21 @@ SEARCH_SIZES = range(1, 17)
 MAX_SEARCH = 4096
 
 
-def _sizes_at_one(graph: Graph, spec, leaves: list, sym, symbols: list) -> dict | None:
-    """Sizes to probe `sym` at 1 at: the other symbols at the example's sizes where the
-    guards allow that (the usual case), else the first combination of SEARCH_SIZES they
-    allow (`B * T >= 4` with the example's T = 2 allows B = 1 at T = 4). The guards are
-    checked on the sizes alone (compiled tests, microseconds each) before any probe data
-    is made; None where none is found, or the probe cannot be made."""
+def _sizes_at_one(graph: Graph, spec, leaves: list, subset: tuple, symbols: list) -> dict | None:
+    """Sizes to probe the symbols of `subset` at 1 together at: the others at the example's
+    sizes where the guards allow that (the usual case), else the first combination of
+    SEARCH_SIZES they allow (`B * T >= 4` with the example's T = 2 allows B = 1 at T = 4).
+    The others are >= 2 (one at 1 is another set's probe), the example's size of one that
+    is 1 there replaced by 2. The guards are checked on the sizes alone (compiled tests,
+    microseconds each) before any probe data is made; None where none is found, or the
+    probe cannot be made."""
     checker = GuardChecker(graph.guards)
     base = input_sizes(graph, _inputs_of(spec, leaves))
-    others = [s for s in symbols if s != sym]
-    choices = [[base[s], *(n for n in SEARCH_SIZES if n != base[s])] if s in base else list(SEARCH_SIZES)
-               for s in others]
+    others = [s for s in symbols if s not in subset]
+    first = {s: base[s] if base.get(s, 0) >= 2 else 2 for s in others}
+    choices = [[first[s], *(n for n in SEARCH_SIZES if n >= 2 and n != first[s])] for s in others]
     for values in itertools.islice(itertools.product(*choices), MAX_SEARCH):
-        sizes = {sym: 1, **dict(zip(others, values))}
+        sizes = {**dict.fromkeys(subset, 1), **dict(zip(others, values))}
         if _allows(checker, {**base, **sizes}):
             return sizes if _leaves_at_sizes(graph, spec, leaves, sizes) is not None else None
     return None
@@ -289,23 +347,19 @@ def _allows(checker: GuardChecker, sizes: dict) -> bool:
     return all(test(values, sizes) for test in checker._tests)
 
 
-def _refused_at_one(graph: Graph, sym) -> bool:
-    """Whether a guard refuses `sym == 1` whatever the other sizes (Eq(Mod(T, 2), 0))."""
+def _refused_at_one(graph: Graph, subset) -> bool:
+    """Whether a guard refuses the sizes of `subset` all at 1 whatever the other sizes
+    (Eq(Mod(T, 2), 0) refuses T == 1; B + T >= 3 refuses B == T == 1)."""
+    ones = {s: sympy.Integer(1) for s in subset}
     for g in graph.guards:
         if _in_floats(g):  # decided in floats at run time (guards.py), not by sympy's exact value
             continue
         try:
-            if g.xreplace({sym: sympy.Integer(1)}) is sympy.false:
+            if g.xreplace(ones) is sympy.false:
                 return True
         except Exception:  # noqa: BLE001 (sympy: a Mod by zero, ...): undecided, not refused
             continue
     return False
-
-
-def _probe_made(graph: Graph, spec, leaves: list, sizes: dict) -> bool:
-    """Whether a probe at `sizes` can be made and the graph's guards allow it."""
-    probe = _leaves_at_sizes(graph, spec, leaves, sizes)
-    return probe is not None and not _guards_refuse(graph, _inputs_of(spec, probe))
 
 
 def _guards_refuse(graph: Graph, inputs: list, ignore=None) -> bool:
@@ -500,7 +554,8 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: 
         return None  # the model does not repeat itself (dropout in training mode): nothing to compare
     # only the example's own check skips padded rows (half-precision noise there): a probe
     # deciding whether a guard may go compares every row (a branch may change only those)
-    why = _outputs_differ(eager, ours, spec, _padding(call_args, call_kwargs) if real_rows_only else [])
+    why = _outputs_differ(eager, ours, spec, _padding(call_args, call_kwargs) if real_rows_only else [],
+                          input_sizes(graph, inputs))
     if why is not None and again is None:
         # a model random in eval mode too (noise from torch.rand) differs from any other run
         # of itself: checked only here, where a difference was found (one more forward)
@@ -553,19 +608,26 @@ def _real_rows(ref: torch.Tensor, got: torch.Tensor, padding: list) -> tuple:
     return ref, got
 
 
-def _outputs_differ(eager, ours: list, spec, padding: list = ()) -> str | None:
+def _outputs_differ(eager, ours: list, spec, padding: list = (), sizes: dict | None = None) -> str | None:
     """How the model's outputs `eager` differ from the graph's `ours`, or None; rows of
-    `padding` (`_padding`) are not compared (`_real_rows`)."""
+    `padding` (`_padding`) are not compared (`_real_rows`). An output that is a number, not
+    a tensor (`1.0 if T == 1 else 0.5`, `x.shape[1]`), is compared too: the graph's is a
+    constant or a function of the call's `sizes` (`_scalar_output_of`)."""
     eager_paths = pytree.tree_flatten_with_path(eager)[0]
     eager_leaves = [leaf for _, leaf in eager_paths]
     if len(eager_leaves) != len(spec.output_leaves):
         return f"{len(eager_leaves)} outputs instead of {len(spec.output_leaves)}"
     for i, (ref, (kind, index)) in enumerate(zip(eager_leaves, spec.output_leaves)):
-        if kind != "value" or not isinstance(ref, torch.Tensor):
-            continue
-        got = ours[index]
         path = pytree.keystr(eager_paths[i][0])
         name = f"output {i}" + (f" ({path})" if path and path != "[0]" else "")
+        if kind != "value":
+            why = _scalar_differs(ref, kind, index, sizes)
+            if why is not None:
+                return f"{name} {why}"
+            continue
+        if not isinstance(ref, torch.Tensor):
+            continue
+        got = ours[index]
         if tuple(got.shape) != tuple(ref.shape):
             return f"{name} has shape {tuple(ref.shape)}, the graph gives {tuple(got.shape)}"
         if got.dtype != ref.dtype:
@@ -575,6 +637,38 @@ def _outputs_differ(eager, ours: list, spec, padding: list = ()) -> str | None:
             where = " at the real (not padded) tokens" if ref.shape != eager_leaves[i].shape else ""
             return f"{name} differs by up to {_max_abs_difference(got, ref):.3g}{where} (max |eager - graph|)"
     return None
+
+
+# The outputs that are not tensors compared with the graph's (others, a model's own objects,
+# may not compare by value)
+SCALARS = (bool, int, float, complex, str, type(None))
+
+
+def _scalar_differs(ref, kind: str, payload, sizes: dict | None) -> str | None:
+    """How the model's output `ref` that is not one of the graph's values (a leaf of kind
+    "const" or "size", capture._scalar_output) differs from what the call gives there, or
+    None: a constant must be the same constant (same_constant: 1 is not 1.0 nor True), a
+    size the size's value at the call's `sizes` (a float within rounding)."""
+    from .call_constants import same_constant
+
+    if kind == "const":
+        if not (isinstance(ref, SCALARS) and isinstance(payload, SCALARS)) or same_constant(ref, payload):
+            return None
+        return f"is {ref!r}, the graph gives {payload!r}"
+    if kind != "size" or sizes is None or not isinstance(ref, (bool, int, float)):
+        return None
+    type_name, text = payload
+    expr = parse_size_text(text)
+    try:
+        value = expr.xreplace({s: sympy.Integer(sizes[s]) for s in expr.free_symbols})
+        got = {"int": int, "float": float, "bool": bool}[type_name](value)
+    except (KeyError, TypeError, ValueError):
+        return None  # not worked out at these sizes: the module computes it as it does
+    if isinstance(ref, float) and isinstance(got, float):
+        same = math.isclose(ref, got, rel_tol=1e-9) or (math.isnan(ref) and math.isnan(got))
+    else:
+        same = same_constant(ref, got)
+    return None if same else f"is {ref!r}, the graph gives {got!r}"
 
 
 # Elements compared at a time: the outputs compared can be the size of a model's logits
