@@ -69,7 +69,7 @@ def test_a_type_rule_crash_becomes_an_ircheckerror():
     ("graph(%x: f32[4]) {\n  return %x\n}", "expected `return"),
     (_graph("%1: f32[B, 8] = torch_call(%x) {target=\"aten.relu.default\", args=($,), kwargs=()}"),
      "expected \\$<input index>"),
-    (_graph("%1: f32[B, 8] = relu(%x) {foo=\"unterminated}"), "bad string"),
+    (_graph("%1: f32[B, 8] = relu(%x) {foo=\"unterminated}"), "bad quoted string"),
     (_graph("%1: f32[B, 8] = relu(%x) {foo=torch.nn}"), "not a torch layout"),
     (_graph("%1: f32[B, 8] = relu(%x) {foo=device(\"nowhere\")}"), "bad device"),
     ("graph(%x: f32[().__class__]) {\n  return (%x)\n}", "only names, numbers"),

@@ -138,6 +138,11 @@ def _subset_differs(model, graph: Graph, spec, leaves: list, draws: "_Draws", su
     why = _probe(model, graph, spec, draws, sizes)
     if why is None:
         return False
+    if at_example and why.startswith(RUN_FAILED):
+        # the example runs with these sizes at 1 (check_at_example compared it); a call
+        # with the others moved to >= 2 that fails to run (ids of batch 1, a mask of batch 2:
+        # two sizes that must agree) shows no other computation at 1, only a call eager refuses
+        return False
     if at_example:
         where = " and ".join(f"{s} == 1" for s in subset)
         two = " or ".join(f"{s} >= 2" for s in subset)
@@ -505,6 +510,10 @@ def _leaves_at_sizes(graph: Graph, spec, leaves: list, sizes: dict):
     return probe
 
 
+# how _difference says a probe's sizes could not run (the model or the graph raised there)
+RUN_FAILED = "running it at these sizes failed"
+
+
 class _EagerFailed(Exception):
     """The model raised at the example (the cause): _difference with eager_must_run."""
 
@@ -549,7 +558,7 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: 
             raise
         if not failures:
             return None
-        return f"running it at these sizes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return f"{RUN_FAILED}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if again is not None and not _repeats(eager, again):
         return None  # the model does not repeat itself (dropout in training mode): nothing to compare
     # only the example's own check skips padded rows (half-precision noise there): a probe
