@@ -150,19 +150,22 @@ class FillOverBias(nn.Module):
         return s.softmax(-1) @ v
 
 
-def test_a_fill_over_a_non_finite_bias_is_left_unfused():
+def test_a_fill_over_a_non_finite_bias_fuses_with_eager_rows():
+    """The bias holds the fill in place of what it covers, so its row max says which rows
+    eager makes NaN: fused, and equal to eager with every row kind in one call."""
     torch.manual_seed(0)
-    q, k, v = _qkv(2, 2, 4, 8)
-    bias, keep = torch.zeros(2, 1, 1, 4), torch.ones(2, 4, dtype=torch.long)
+    q, k, v = _qkv(4, 2, 4, 8)
+    bias, keep = torch.zeros(4, 1, 1, 4), torch.ones(4, 4, dtype=torch.long)
     model = FillOverBias().eval()
     fast = fxforge.optimize(model, (q, k, v, bias, keep))
-    assert fast.graph.count("attention") == 0
-    assert "a mask filled over it" in fast.report()
+    assert fast.graph.count("attention") == 1
     bias[1] = NEG_INF
-    keep[1, :2] = 0
+    keep[1, :2] = 0      # the fill keeps two keys the -inf bias dropped: finite in eager
+    bias[2] = NEG_INF    # nothing filled: every key -inf, NaN in eager
+    keep[3] = 0          # every key filled: uniform over the keys in eager
     ref = model(q, k, v, bias, keep)
-    assert not ref.isnan().any()
-    torch.testing.assert_close(fast(q, k, v, bias, keep), ref)
+    assert ref[2].isnan().all() and not ref[[0, 1, 3]].isnan().any()
+    torch.testing.assert_close(fast(q, k, v, bias, keep), ref, equal_nan=True)
 
 
 @pytest.mark.parametrize("spell", [

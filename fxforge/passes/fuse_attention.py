@@ -59,7 +59,12 @@ known only at run time, so it is treated as a bias from the inputs (below). An a
 bias computed from the inputs (a user's float mask holding -inf, where(m, 0, -inf), log(m))
 that is not provably finite on every input (interval bounds through its ops) fuses, and NaN
 is put on the rows where eager's softmax gives it: those whose bias row max is -inf (every
-key dropped), +inf or NaN. One such bias with a mask filled over it afterwards is declined.
+key dropped), +inf or NaN. Fills replace what they mask, in the model's order (a fill over
+an add keeps a key the add dropped), and each finite fill is, in the bias, a number that
+swamps the scores (SWAMP): a row whose every key eager fills is uniform over the keys of its
+largest fill, as eager's is (not softmax of the scores: -1e9 in float64, -1e5 in float32,
+float16's min do not swamp them); fills eager would weigh against each other (values closer
+than LEVEL_GAP) are declined.
 A number the model's masked_fill writes leaves the graph with the mask (folded into causal,
 or scaled into the float32 bias): each float dtype that cannot hold it is noted in the
 graph's signature (a `fill` entry of fixed_dtypes), so that OptimizedModel.to(float16)
@@ -242,27 +247,59 @@ def _strip_repeat_kv(m: Match, v: Value, b=None) -> tuple[Value, int]:
 
 
 # -- masks -----------------------------------------------------------------------------------
+# A masked_fill writes a number c in place of a score; the fused op adds its bias to the
+# scores. Where eager keeps some key of a row the two agree (c removes the key either way),
+# but on a row whose every key is filled (a padding query, a batch row of padding) eager's
+# softmax is uniform over the keys holding the largest fill, whatever the scores, and
+# softmax(s + c) is softmax(s) unless c swamps every score (s + c rounds to c: -1e9 does in
+# float32 for |s| < 32, not in float64, and -1e5 or float16's -65504 do not). So the bias
+# holds, in place of each finite fill, a number that swamps any score below 2**76 (float32;
+# 2**850 in float64) and stays ordered with the others: the largest fill SWAMP, the next
+# twice that, ... Fills whose values eager would weigh against each other (closer than
+# LEVEL_GAP) keep no such order, and the attention is not fused.
+SWAMP = {torch.float32: -2.0 ** 100, torch.float64: -2.0 ** 900}
+# float32's exp underflows to 0 below -104, float64's below -745
+LEVEL_GAP = 1000.0
+# SWAMP * 2**(levels - 1) must stay clear of overflow when finfo(float32).min is added to it
+MAX_FILL_LEVELS = 3
+
+
 class _Terms:
-    """The additive terms of the scores: s = q k^T * scale + sum(bias_i). A term added
-    while the heads were folded into the batch ([B*H, Tq, Tk] scores, bloom) carries
-    `fold` = (B, H): its leading dim is split into those to meet the [B, H, Tq, Tk] terms."""
+    """The additive terms of the scores: s = q k^T * scale + sum(bias_i), with fills that
+    replace what they mask, in the order the model applies them. A term added while the
+    heads were folded into the batch ([B*H, Tq, Tk] scores, bloom) carries `fold` = (B, H):
+    its leading dim is split into those to meet the [B, H, Tq, Tk] terms."""
 
     def __init__(self):
         self.adds: list[tuple[Value, float, tuple | None]] = []  # (bias, scale applied after it, fold)
         self.fills: list[tuple[Value, float, bool, tuple | None]] = []  # (mask, fill, fill where True, fold)
+        # ("add" | "fill", index) in the order the walk meets them: the outermost (the
+        # model's last) first. A fill replaces what the terms inside it made of a key.
+        self.order: list[tuple[str, int]] = []
         # max(scores + bias, floor) with floor <= MASK_FILL_MAX (XGLM): for scores below
         # 2**103 in magnitude (a float32 `floor + s` rounds back to `floor` there) this is
         # softmax-equal to scores + max(bias, floor), so the floor moves onto the bias
         self.floor: float | None = None
         # the scales applied after the terms were added (scores and terms scaled together)
         self.post_scales: list[float] = []
-        # a fill applied after an add ((s + bias).masked_fill(m, c)): the fill replaces what
-        # the add made of a key, where the built bias sums the two
-        self.fill_over_add = False
         # the numbers the model's masked_fill wrote, as written (a fill above is scaled), each
         # with the dtype of the scores it filled: the fused op drops them, and a dtype that
         # cannot hold one must still refuse as eager does, where the fill happens in it
         self.model_fills: list[tuple[float, torch.dtype]] = []
+
+    def add(self, bias: Value, post: float, fold) -> None:
+        self.order.append(("add", len(self.adds)))
+        self.adds.append((bias, post, fold))
+
+    def fill(self, mask: Value, value: float | None, when: bool, fold) -> None:
+        self.order.append(("fill", len(self.fills)))
+        self.fills.append((mask, value, when, fold))
+
+    def key(self) -> tuple:
+        """What the bias is made of, for the per-pass caches (ids of values: each cache entry
+        holds the values too, so no id is reused while it lives)."""
+        return (tuple((id(v), post, fold) for v, post, fold in self.adds),
+                tuple((id(v), fill, when, fold) for v, fill, when, fold in self.fills), tuple(self.order))
 
     def drop_threshold(self) -> float:
         """At or below this the summed terms remove a key exactly. A term added before a
@@ -281,6 +318,23 @@ class _Terms:
     def values(self) -> list[Value]:
         return [t[0] for t in self.adds] + [t[0] for t in self.fills]
 
+    def swamped_fills(self, acc: torch.dtype) -> dict[float, float] | None:
+        """{fill: the number the bias holds in its place} (see SWAMP above; -inf stays), or
+        None when the fills' values are too many or too close to keep eager's order."""
+        levels = sorted({f for _, f, _, _ in self.fills if math.isfinite(f)}, reverse=True)
+        if len(levels) > MAX_FILL_LEVELS or any(a - b < LEVEL_GAP for a, b in zip(levels, levels[1:])):
+            return None
+        swamp = SWAMP.get(acc, SWAMP[torch.float32])
+        return {**{f: swamp * 2.0 ** r for r, f in enumerate(levels)}, -math.inf: -math.inf}
+
+    def replay(self, add, fill):
+        """Fold the terms innermost first: `add(term, total)` and `fill(term, total)` with
+        total None before the first."""
+        total = None
+        for kind, index in reversed(self.order):
+            total = add(self.adds[index], total) if kind == "add" else fill(self.fills[index], total)
+        return total
+
     @staticmethod
     def _unfold(t: torch.Tensor, fold, sizes) -> torch.Tensor | None:
         if fold is None or t.dim() < 3:
@@ -292,21 +346,33 @@ class _Terms:
             return t[None]
         return t.reshape(b, h, *t.shape[1:]) if t.shape[0] == b * h else None
 
+    class _NotEvaluable(Exception):
+        pass
+
     def evaluate(self, m: Match, sizes) -> torch.Tensor | None:
-        total = None
-        for bias, post, fold in self.adds:
-            t = evaluate(bias, m.producers, m.graph, sizes)
+        """The terms at `sizes` (shape-only terms), with the values the model wrote."""
+        def value(v: Value, fold) -> torch.Tensor:
+            t = evaluate(v, m.producers, m.graph, sizes)
             if t is None or (t := self._unfold(t, fold, sizes)) is None:
-                return None
-            t = t.float() * post
-            total = t if total is None else total + t
-        for mask, fill, when, fold in self.fills:
-            t = evaluate(mask, m.producers, m.graph, sizes)
-            if t is None or (t := self._unfold(t, fold, sizes)) is None or t.dtype != torch.bool:
-                return None
-            hit = t if when else ~t
-            t = torch.where(hit, torch.tensor(fill), torch.tensor(0.0))
-            total = t if total is None else total + t
+                raise _Terms._NotEvaluable
+            return t
+
+        def add(term, total):
+            bias, post, fold = term
+            t = value(bias, fold).float() * post
+            return t if total is None else total + t
+
+        def fill(term, total):
+            mask, value_, when, fold = term
+            t = value(mask, fold)
+            if t.dtype != torch.bool:
+                raise _Terms._NotEvaluable
+            return torch.where(t if when else ~t, torch.tensor(value_), torch.tensor(0.0) if total is None else total)
+
+        try:
+            total = self.replay(add, fill)
+        except _Terms._NotEvaluable:
+            return None
         if self.floor is not None and total is not None:
             total = torch.clamp_min(total, self.floor)
         return total
@@ -331,23 +397,34 @@ class _Terms:
 
     def build(self, m: Match, b, dtype: torch.dtype = torch.float32) -> Value | None:
         """The additive bias as IR, in `dtype` (the op's compute dtype: float32, or float64
-        for a float64 attention, whose bias float32 would round) (None: a folded term that
-        does not unfold)."""
-        total = None
-        for bias, post, fold in self.adds:
-            t = self._build_unfold(b, b.cast(bias, dtype), fold)
+        for a float64 attention, whose bias float32 would round), each fill the number that
+        stands for it (swamped_fills) (None: a folded term that does not unfold, or fills
+        that cannot keep their order)."""
+        swamp = self.swamped_fills(dtype)
+        if swamp is None:
+            return None
+
+        def add(term, total):
+            bias, post, fold = term
+            t = self._build_unfold(b, b.cast(bias, dtype), fold) if total is not False else None
             if t is None:
-                return None
+                return False
             if post != 1.0:
                 t = b.emit("mul", t, b.const(post, dtype))
-            total = t if total is None else b.emit("add", total, t)
-        for mask, fill, when, fold in self.fills:
-            fill_v, zero = b.const(fill, dtype), b.const(0.0, dtype)
-            t = b.emit("where", mask, fill_v, zero) if when else b.emit("where", mask, zero, fill_v)
-            t = self._build_unfold(b, t, fold)
-            if t is None:
-                return None
-            total = t if total is None else b.emit("add", total, t)
+            return t if total is None else b.emit("add", total, t)
+
+        def fill(term, total):
+            mask, value, when, fold = term
+            mask = self._build_unfold(b, mask, fold) if total is not False else None
+            if mask is None:
+                return False
+            filled = b.const(swamp[value], dtype)
+            kept = b.const(0.0, dtype) if total is None else total
+            return b.emit("where", mask, filled, kept) if when else b.emit("where", mask, kept, filled)
+
+        total = self.replay(add, fill)
+        if total is False:
+            return None
         if self.floor is not None and total is not None:  # max(total, floor), NaN kept as torch.max keeps it
             floor = b.const(self.floor, dtype)
             total = b.emit("where", b.emit("lt", total, floor), floor, total)
@@ -465,8 +542,7 @@ def _cached_mask_form(forms: dict | None, m: Match, terms: _Terms, q: Value, k: 
     value (after CSE), and evaluating it at the probe sizes is most of this pass's time."""
     if forms is None:
         return _mask_form(m, terms, q, k)
-    key = (tuple((id(v), post, fold) for v, post, fold in terms.adds),
-           tuple((id(v), fill, when, fold) for v, fill, when, fold in terms.fills), str(q.type), str(k.type))
+    key = (terms.key(), str(q.type), str(k.type))
     if key not in forms:  # the entry holds the mask values too, so no id in a key is reused
         forms[key] = (_mask_form(m, terms, q, k), terms.values())
     return forms[key][0]
@@ -571,30 +647,32 @@ def _slopes_param(graph, slopes: tuple[float, ...]) -> Value:
 
 def _bias_is_finite(m: Match, terms: _Terms, acc: torch.dtype) -> bool:
     """Every value the bias `terms.build` makes (in `acc`, the op's compute dtype: each add
-    times its scale, each fill's where, summed, floored) is finite, on any input."""
+    times its scale, summed, each fill's swamped number in place of what it masks, floored)
+    is finite, on any input."""
     memo: dict = {}
-    total = None
-    for bias, post, _ in terms.adds:
-        t = bound(m.graph, m.producers, bias, memo)
+    swamp = terms.swamped_fills(acc)
+    if swamp is None:
+        return False
+
+    def add(term, total):
+        bias, post, _ = term
+        t = bound(m.graph, m.producers, bias, memo) if total is not False else None
         t = None if t is None else rounded(*t, acc)
         if t is not None and post != 1.0:
             t = interval("mul", t, rounded(post, post, acc))
             t = None if t is None else rounded(*t, acc)
-        if t is None:
+        if t is not None and total is not None:
+            t = rounded(*interval("add", total, t), acc)
+        return False if t is None else t
+
+    def fill(term, total):
+        value = swamp[term[1]]
+        if total is False or not math.isfinite(value):
             return False
-        total = t if total is None else rounded(*interval("add", total, t), acc)
-        if total is None:
-            return False
-    for _, fill, _, _ in terms.fills:
-        if not math.isfinite(fill):
-            return False
-        t = rounded(min(fill, 0.0), max(fill, 0.0), acc)
-        if t is None:
-            return False
-        total = t if total is None else rounded(*interval("add", total, t), acc)
-        if total is None:
-            return False
-    return True  # (a floor only narrows it)
+        lo, hi = (0.0, 0.0) if total is None else total
+        return (min(lo, value), max(hi, value))
+
+    return terms.replay(add, fill) is not False  # (a floor only narrows it)
 
 
 def _from_inputs(m: Match, terms: _Terms) -> bool:
@@ -623,8 +701,7 @@ def _cached_nan_rows(forms: dict | None, m: Match, terms: _Terms, acc: torch.dty
         return False
     if forms is None:
         return _may_make_nan_rows(m, terms, acc)
-    key = ("nan_rows", acc, tuple((id(v), post, fold) for v, post, fold in terms.adds),
-           tuple((id(v), fill, when, fold) for v, fill, when, fold in terms.fills))
+    key = ("nan_rows", acc, terms.key())
     if key not in forms:  # the entry holds the mask values too, so no id in a key is reused
         forms[key] = (_may_make_nan_rows(m, terms, acc), terms.values())
     return forms[key][0]
@@ -646,7 +723,7 @@ NAN_ROWS = "nan_rows"
 # query row no key under a -inf fill
 EMPTY_ROWS = "empty_rows"
 # forms[NAN_ROWS_UNKNOWN]: the roots of attentions declined for a bias from the inputs that
-# may drop a row whole, in a way its row max does not tell (a fill over it)
+# may drop a row whole, in a way its row max does not tell (causal or a window besides)
 NAN_ROWS_UNKNOWN = "nan_rows_unknown"
 
 
@@ -690,8 +767,7 @@ def _cached_neg_inf_rows(forms: dict | None, m: Match, terms: _Terms) -> bool:
     mask value)."""
     if forms is None or terms.empty():
         return not terms.empty() and _neg_inf_rows_in_shape_mask(m, terms)
-    key = ("neg_inf_rows", tuple((id(v), post, fold) for v, post, fold in terms.adds),
-           tuple((id(v), fill, when, fold) for v, fill, when, fold in terms.fills))
+    key = ("neg_inf_rows", terms.key())
     if key not in forms:  # the entry holds the mask values too, so no id in a key is reused
         forms[key] = (_neg_inf_rows_in_shape_mask(m, terms), terms.values())
     return forms[key][0]
@@ -743,9 +819,9 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
     # the op computes (and adds its bias) in float32, float64 for float64 operands
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     nan_rows = softmax_spelled and not empty_rows_ok and _cached_nan_rows(forms, m, terms, acc)
-    if nan_rows and (terms.fill_over_add or causal or window is not None):
-        # a fill over the add keeps a key the add dropped, and causal / window drop keys the
-        # bias does not show: the bias's row max does not say which rows eager drops whole
+    if nan_rows and (causal or window is not None):
+        # causal / window drop keys the bias does not show: the bias's row max does not say
+        # which rows eager drops whole (a fill over an add is in the bias as eager has it)
         if forms is not None:
             forms.setdefault(NAN_ROWS_UNKNOWN, []).append(m.root)
         return None
@@ -834,9 +910,9 @@ def fuse_sdpa(m: Match, b, forms: dict | None = None) -> Value | None:
     if len(node.inputs) == 4:
         mask = node.inputs[3]
         if mask.dtype == torch.bool:
-            terms.fills.append((mask, float("-inf"), False, None))
+            terms.fill(mask, float("-inf"), False, None)
         else:
-            terms.adds.append((mask, 1.0, None))
+            terms.add(mask, 1.0, None)
     return _emit_attention(m, b, q, k, v, terms, node.attrs["scale"], causal, forms=forms)
 
 
@@ -970,8 +1046,7 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
                 return None
             s, bias = side
             if not (_is_zeros(m, bias) and s.type.same_as(node.outputs[0].type)):
-                terms.adds.append((bias, post_scale, term_fold))  # (x + 0 is x: baddbmm's zeros)
-                terms.fill_over_add |= bool(terms.fills)  # (the walk meets the outermost first)
+                terms.add(bias, post_scale, term_fold)  # (x + 0 is x: baddbmm's zeros)
                 terms.post_scales.append(post_scale)
         elif node.op == "where":
             mask, x, y = node.inputs
@@ -979,10 +1054,10 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
                 return None
             fx, fy = _const_value(m, x), _const_value(m, y)
             if fx is not None and fx <= MASK_FILL_MAX and y.rank == s.rank:
-                terms.fills.append((mask, fx * post_scale if post_scale > 0 else None, True, term_fold))
+                terms.fill(mask, fx * post_scale if post_scale > 0 else None, True, term_fold)
                 filled, s = x, y
             elif fy is not None and fy <= MASK_FILL_MAX and x.rank == s.rank:
-                terms.fills.append((mask, fy * post_scale if post_scale > 0 else None, False, term_fold))
+                terms.fill(mask, fy * post_scale if post_scale > 0 else None, False, term_fold)
                 filled, s = y, x
             else:
                 return None
@@ -1215,10 +1290,10 @@ def fuse_attention(graph, ctx=None):
                      "(softmax of all -inf) where fused attention gives 0; the ops run as written")
         if unknown_rows:
             ctx.note(f"{len(unknown_rows)} attention(s) left unfused, e.g. {_which(unknown_rows[0])}: a "
-                     "bias computed from the inputs (or from the length, at lengths too long to probe) may hold -inf, and a mask filled over it afterwards decides "
-                     "which query rows keep no key (NaN in eager, 0 from fused attention) in a way the fused "
-                     "op's bias does not show; the ops run as written. Add the bias after the fill, or use "
-                     "finite values (torch.finfo(dtype).min), to have it fused")
+                     "bias computed from the inputs (or from the length, at lengths too long to probe) may hold -inf, and "
+                     "with the causal or sliding-window mask the op applies itself it decides which query rows "
+                     "keep no key (NaN in eager, 0 from fused attention) in a way the bias alone does not "
+                     "show; the ops run as written. Use finite values (torch.finfo(dtype).min) to have it fused")
         if left:
             ctx.note(f"{len(left)} softmax ops whose probabilities feed a matmul (attention, by the look of it) "
                      f"were not fused, e.g. {_which(left[0])}: its spelling is not one this pass proves the "

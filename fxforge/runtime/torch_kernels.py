@@ -54,13 +54,11 @@ def attention_sdpa(q, k, v, bias=None, slopes=None, sink=None, *, causal: bool, 
             bias = bias.reshape(bias.shape[0], k.shape[1], groups, bias.shape[-1])
         out = attention_sdpa(q.reshape(b, k.shape[1], groups, d), k, v, bias, causal=False, scale=scale)
         return out.reshape(b, h, 1, v.shape[-1])  # the values' head dim (MLA's differs from d)
-    mask = None
-    if bias is not None:
-        mask = bias.to(q.dtype) if bias.dtype != q.dtype else bias
+    mask = None if bias is None else _as_mask(bias, q)
     if causal and tq == 1:
         causal = False  # bottom-right aligned: the one query sees every key
     if causal and (tq != tk or mask is not None):
-        mask = _causal_added(mask, tq, tk, q.dtype, q.device)
+        mask = _causal_added(mask, tq, tk, _mask_dtype(q), q.device)
         causal = False
     if groups > 1 and q.device.type == "cpu":
         # SDPA's CPU kernels read each K/V head for its query heads (the same values, bit
@@ -104,8 +102,28 @@ def _window_and_alibi_added(q, bias, slopes, window, tq: int, tk: int):
         extra = extra.masked_fill(~window_keep(tq, tk, int(window), q.device), float("-inf"))
     if slopes is not None:
         extra = extra + alibi_bias(slopes, tq, tk)
-    extra = extra.to(q.dtype)
-    return extra if bias is None else bias.to(q.dtype) + extra
+    extra = extra.to(_mask_dtype(q))
+    return extra if bias is None else _as_mask(bias, q) + extra
+
+
+def _mask_dtype(q) -> torch.dtype:
+    """The dtype of the additive mask SDPA gets: q's, but float32 for float16 on the CPU
+    (whose kernels take it and compute in float32 anyway): fuse_attention's bias holds a
+    masked_fill's value as a number that swamps any score (SWAMP, -2**100), which float16
+    cannot hold."""
+    return torch.float32 if q.device.type == "cpu" and q.dtype == torch.float16 else q.dtype
+
+
+def _as_mask(bias, q):
+    """bias in _mask_dtype(q); on a device whose kernels take float16 masks only, a finite
+    value beyond float16's range is its min (what the model's fill would have been), not -inf."""
+    dtype = _mask_dtype(q)
+    if bias.dtype == dtype:
+        return bias
+    if dtype == torch.float16 and bias.dtype.is_floating_point:
+        low = torch.finfo(dtype).min
+        bias = torch.where(torch.isneginf(bias), bias, bias.clamp_min(low))
+    return bias.to(dtype)
 
 
 def _causal_added(mask, tq: int, tk: int, dtype, device):
@@ -116,13 +134,13 @@ def _causal_added(mask, tq: int, tk: int, dtype, device):
 
 
 def _full_mask(q, k, bias, slopes, *, causal: bool, window) -> torch.Tensor | None:
-    """The additive mask [.., Tq, Tk] (q's dtype) of bias, ALiBi slopes, causal and window
-    (bottom-right aligned), or None when there is nothing to mask."""
+    """The additive mask [.., Tq, Tk] (_mask_dtype(q)) of bias, ALiBi slopes, causal and
+    window (bottom-right aligned), or None when there is nothing to mask."""
     tq, tk = q.shape[-2], k.shape[-2]
     mask = _window_and_alibi_added(q, bias, slopes, window, tq, tk)
-    if mask is not None and mask.dtype != q.dtype:
-        mask = mask.to(q.dtype)
-    return _causal_added(mask, tq, tk, q.dtype, q.device) if causal and tq > 1 else mask
+    if mask is not None:
+        mask = _as_mask(mask, q)
+    return _causal_added(mask, tq, tk, _mask_dtype(q), q.device) if causal and tq > 1 else mask
 
 
 def attention_sinks_sdpa(q, k, v, bias, slopes, sink, *, causal: bool, scale: float, softcap=None, window=None):
@@ -148,9 +166,9 @@ def attention_sinks_sdpa(q, k, v, bias, slopes, sink, *, causal: bool, scale: fl
     zeros = k.new_zeros(k.shape[0], k.shape[1], 1, k.shape[3])
     k = torch.cat([zeros, k], dim=2)
     v = torch.cat([v.new_zeros(v.shape[0], v.shape[1], 1, v.shape[3]), v], dim=2)
-    column = sink.to(q.dtype).reshape(1, heads, 1, 1)
+    column = sink.to(_mask_dtype(q)).reshape(1, heads, 1, 1)
     if mask is None:
-        mask = torch.zeros(1, 1, 1, k.shape[2] - 1, dtype=q.dtype, device=q.device)
+        mask = torch.zeros(1, 1, 1, k.shape[2] - 1, dtype=_mask_dtype(q), device=q.device)
     shape = torch.broadcast_shapes(mask.shape[:-1], (1, heads, 1))
     mask = torch.cat([column.expand(*shape, 1), mask.expand(*shape, mask.shape[-1])], dim=-1)
     if mask.shape[0] not in (1, b) or mask.shape[2] not in (1, tq):
