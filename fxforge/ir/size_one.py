@@ -138,7 +138,7 @@ def _subset_differs(model, graph: Graph, spec, leaves: list, draws: "_Draws", su
     why = _probe(model, graph, spec, draws, sizes)
     if why is None:
         return False
-    if at_example and why.startswith(RUN_FAILED):
+    if at_example and isinstance(why, RunFailed):
         # the example runs with these sizes at 1 (check_at_example compared it); a call
         # with the others moved to >= 2 that fails to run (ids of batch 1, a mask of batch 2:
         # two sizes that must agree) shows no other computation at 1, only a call eager refuses
@@ -317,7 +317,7 @@ def _probe(model, graph: Graph, spec, draws: "_Draws", sizes: dict, ignore=None)
         # random data the model does not take at its own sizes either (ids out of some
         # range, a mask it checks) says nothing about these sizes: that draw is left out
         if draws.usable(i, model):
-            return f"{why}, on random inputs ({draws.names[i]})"
+            return type(why)(f"{why}, on random inputs ({draws.names[i]})")  # (RunFailed stays one)
     return None
 
 
@@ -510,8 +510,9 @@ def _leaves_at_sizes(graph: Graph, spec, leaves: list, sizes: dict):
     return probe
 
 
-# how _difference says a probe's sizes could not run (the model or the graph raised there)
-RUN_FAILED = "running it at these sizes failed"
+class RunFailed(str):
+    """_difference's answer when a probe's sizes could not run (the model or the graph
+    raised there): a reason like any other, of a kind the callers can tell apart."""
 
 
 class _EagerFailed(Exception):
@@ -558,7 +559,8 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: 
             raise
         if not failures:
             return None
-        return f"{RUN_FAILED}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return RunFailed(f"running it at these sizes failed: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}")
     if again is not None and not _repeats(eager, again):
         return None  # the model does not repeat itself (dropout in training mode): nothing to compare
     # only the example's own check skips padded rows (half-precision noise there): a probe
