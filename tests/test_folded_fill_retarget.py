@@ -180,27 +180,30 @@ def test_a_fill_into_the_models_own_bfloat16_scores_still_refuses_float16():
         fast.to(torch.float16)
 
 
-class _KeepAttn(torch.nn.Module):
-    """A padding mask given as 0/1 ints (HF's attention_mask): the bool cast and the where
-    of the fill fuse into one fused_pointwise, the bias fuse_attention reads."""
+class _PadAttn(torch.nn.Module):
+    """Padding filled on the scores: `keep` 0/1 ints (HF's attention_mask: the bool cast and
+    the where of the fill fuse into one fused_pointwise, the bias fuse_attention reads) or
+    a bool `pad`; the fill a number or "finfo" (`torch.finfo(s.dtype).min`, HF's idiom);
+    spelled with masked_fill or where."""
 
-    def __init__(self, spelled):
+    def __init__(self, fill=-1e9, spelled="masked_fill", int_keep=True):
         super().__init__()
-        self.qkv, self.spelled = torch.nn.Linear(16, 48), spelled
+        self.qkv, self.fill, self.spelled, self.int_keep = torch.nn.Linear(16, 48), fill, spelled, int_keep
 
-    def forward(self, x, keep):
+    def forward(self, x, mask):
         b, t, _ = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, 2, 8).permute(2, 0, 3, 1, 4)
         s = q @ k.transpose(-1, -2) / 8 ** 0.5
-        keep = keep[:, None, None, :].bool()
-        s = s.masked_fill(~keep, -1e9) if self.spelled == "masked_fill" else torch.where(keep, s, -1e9)
+        pad = (~mask.bool() if self.int_keep else mask)[:, None, None, :]
+        fill = torch.finfo(s.dtype).min if self.fill == "finfo" else self.fill
+        s = s.masked_fill(pad, fill) if self.spelled == "masked_fill" else torch.where(~pad, s, fill)
         return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, 16)
 
 
 @pytest.mark.parametrize("spelled", ["masked_fill", "where"])
 def test_an_int_padding_mask_bias_converts_to_bfloat16_and_float16_refuses_the_fill(spelled):
     torch.manual_seed(0)
-    model = _KeepAttn(spelled)
+    model = _PadAttn(spelled=spelled)
     args = (torch.randn(2, 5, 16), torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]))
     fast = _optimized(model, args)
     assert fast.graph.count("fused_pointwise") >= 1, fast.ir  # (the form this test is about)
@@ -217,30 +220,13 @@ def test_an_int_padding_mask_bias_converts_to_bfloat16_and_float16_refuses_the_f
     torch.testing.assert_close(out, _optimized(model, args16)(*args16), rtol=0, atol=0)
 
 
-class _FinfoPadAttn(torch.nn.Module):
-    """The HF padding-mask idiom: `masked_fill(pad, torch.finfo(s.dtype).min)`, the pad mask
-    a bool from the inputs or (keep) 0/1 ints, whose bool cast fuses with the bias's where."""
-
-    def __init__(self, keep=False):
-        super().__init__()
-        self.qkv, self.keep = torch.nn.Linear(16, 48), keep
-
-    def forward(self, x, pad):
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, 2, 8).permute(2, 0, 3, 1, 4)
-        s = q @ k.transpose(-1, -2) / 8 ** 0.5
-        pad = ~pad.bool() if self.keep else pad
-        s = s.masked_fill(pad[:, None, None, :], torch.finfo(s.dtype).min)
-        return (s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, 16)
-
-
 @pytest.mark.parametrize("keep", [False, True], ids=["bool_pad", "int_keep"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_a_finfo_min_fill_in_a_bias_converts_as_optimizing_the_converted_model(dtype, keep):
     # the bias holds torch.finfo(float32).min: in `dtype` the model fills that dtype's own
     # min, which the retyped bias holds as fuse_attention builds it from the converted model
     torch.manual_seed(0)
-    model = _FinfoPadAttn(keep)
+    model = _PadAttn("finfo", int_keep=keep)
     x = torch.randn(2, 5, 16)
     pad = torch.tensor([[1] * 5, [1, 1, 1, 0, 0]]) if keep else torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
     fast = _optimized(model, (x, pad)).to(dtype)
