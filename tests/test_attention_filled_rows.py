@@ -96,9 +96,9 @@ class TwoLevels(nn.Module):
         return s.masked_fill(future, -1e9 + self.gap).softmax(-1) @ v
 
 
-@pytest.mark.parametrize("gap", [1e6, 10.0])
+@pytest.mark.parametrize("gap", [1e8, 10.0])
 def test_two_fill_values_fuse_only_when_eager_weighs_one(gap):
-    """-1e9 and -1e9 + 1e6: eager's softmax weighs only the larger on a row of padding, as the
+    """-1e9 and -1e9 + 1e8: eager's softmax weighs only the larger on a row of padding, as the
     bias's two swamped numbers do; 10 apart, eager weighs both (e^-10): not fused."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 2, 5, 8) * 2 for _ in range(3))
@@ -118,3 +118,75 @@ def test_float16_model_gets_a_float32_mask_on_the_cpu():
     bias[..., 0, :] = -2.0 ** 100
     out = attention_sdpa(q, k, v, bias, causal=False, scale=0.35)
     torch.testing.assert_close(out[:, :, 0], v.float().mean(2).half(), atol=1e-3, rtol=1e-3)
+
+
+MIN = torch.finfo(torch.float32).min
+
+
+class FillBesideAdd(nn.Module):
+    """Fills beside large negative adds (attention_sinks aside, what HF models did before one
+    combined mask): eager orders a filled key against an added one by their values as
+    written (finfo.min + 0 ties with a fill of finfo.min, min + min is -inf), so the fills
+    stay as written there: a swamped fill (-2**100) would outrank min."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+
+    def forward(self, q, k, v, keep):
+        t = q.shape[-2]
+        s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        future = torch.ones(t, t, dtype=torch.bool).triu(1)
+        pad = ~keep[:, None, None, :]
+        if self.spelling == "gpt_neo":  # where(causal, s, min) + an additive causal-and-padding mask
+            s = torch.where(~future, s, torch.tensor(MIN)) + torch.zeros(keep.shape[0], 1, t, t).masked_fill(future | pad, MIN)
+        elif self.spelling == "add_then_fill":
+            s = (s + torch.zeros(keep.shape[0], 1, 1, t).masked_fill(pad, MIN)).masked_fill(future, MIN)
+        elif self.spelling == "fill_plus_add_nan":  # min + min = -inf: NaN on the rows of all padding
+            s = s.masked_fill(pad, MIN) + torch.zeros(keep.shape[0], 1, 1, t).masked_fill(pad, MIN)
+        elif self.spelling == "fill_then_position_bias":
+            pos = torch.arange(t)
+            s = s.masked_fill(pad, -1e9) + (pos[None, :] - pos[:, None]).float() * 0.5
+        return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("spelling", ["gpt_neo", "add_then_fill", "fill_plus_add_nan", "fill_then_position_bias"])
+def test_fills_beside_adds_keep_eagers_order(spelling):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 6, 8) * 3 for _ in range(3))
+    keep = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1], [0] * 6]).bool()
+    model = FillBesideAdd(spelling).eval()
+    fast = fxforge.optimize(model, (q, k, v, keep), verbose=False)
+    assert fast.graph.count("attention") == 1
+    torch.testing.assert_close(fast(q, k, v, keep), model(q, k, v, keep), atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+class FloorOverFill(nn.Module):
+    """torch.max(s.masked_fill(pad, finfo.min), floor): on a filled key the floor is what
+    eager's softmax sees, the same on every key of a row of padding; the op would add it to
+    the scores. Not fused."""
+
+    def forward(self, q, k, v, keep):
+        s = (q @ k.transpose(-1, -2)).masked_fill(~keep[:, None, None, :], MIN)
+        return torch.max(s, torch.tensor(-1e9)).softmax(-1) @ v
+
+
+def test_a_floor_over_fills_is_not_fused():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 8) * 3 for _ in range(3))
+    keep = KEEP.bool()
+    model = FloorOverFill().eval()
+    fast = fxforge.optimize(model, (q, k, v, keep), verbose=False)
+    assert fast.graph.count("attention") == 0
+    torch.testing.assert_close(fast(q, k, v, keep), model(q, k, v, keep), atol=1e-5, rtol=1e-5)
+
+
+def test_fills_one_bfloat16_number_apart_are_not_fused():
+    """-1e9 and -1e9 + 1e6 are one number in bfloat16: eager's row of padding is uniform over
+    both; two swamped levels would pick one."""
+    model = TwoLevels(1e6).eval().to(torch.bfloat16)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 8, dtype=torch.bfloat16) * 2 for _ in range(3))
+    fast = fxforge.optimize(model, (q, k, v, KEEP), verbose=False)
+    assert fast.graph.count("attention") == 0
+    torch.testing.assert_close(fast(q, k, v, KEEP), model(q, k, v, KEEP), atol=1e-2, rtol=1e-2)

@@ -329,3 +329,45 @@ def test_a_size_output_that_is_the_same_at_one_gets_no_guard():
     assert "guard" not in fast.ir, fast.ir
     for shape in [(1, 1, D), (2, 1, D), (1, 4, D)]:
         assert _same_or_refused(fast, model, torch.randn(*shape)) == "same", shape
+
+
+class MaskOfItsOwnBatch(torch.nn.Module):
+    """ids [B, T] and a mask whose batch export names apart (B1: the model would broadcast a
+    mask of batch 1), read by batch index the way HF's padding code does: a mask of batch 1
+    beside ids of batch 2 fails in the graph (an index past the mask's batch), while with
+    ids of batch 1 the two agree. Refusing every mask of batch 1 refused the commonest call
+    (one prompt and its mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, D)
+
+    def forward(self, ids, mask):
+        rows = torch.arange(ids.shape[0])
+        keep = mask[rows] if mask.shape[0] > 1 else mask.expand(ids.shape[0], -1)
+        return self.emb(ids) * keep[..., None]
+
+
+def test_a_size_that_differs_at_one_only_beside_another_at_two_is_refused_only_there():
+    torch.manual_seed(0)
+    model = MaskOfItsOwnBatch().eval()
+    ids, mask = torch.randint(0, 16, (2, 5)), torch.ones(2, 5)
+    fast = fxforge.optimize(model, (ids, mask), verbose=False)
+    one, one_mask = ids[:1], torch.tensor([[0.0, 1, 1, 1, 1]])
+    torch.testing.assert_close(fast(one, one_mask), model(one, one_mask))
+    torch.testing.assert_close(fast(ids, torch.ones(2, 5)), model(ids, torch.ones(2, 5)))
+    assert str(fast.graph.inputs[1].shape[0]) != str(fast.graph.inputs[0].shape[0])  # (B1 and B: the form tested)
+    with pytest.raises(GuardError):
+        fast(ids, one_mask)  # eager broadcasts; the graph reads row 1 of the mask
+
+
+def test_hf_llama_with_a_mask_answers_batch_one():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(1, 64, (2, 6))
+    fast = fxforge.optimize(model, (ids,), example_kwargs=dict(attention_mask=torch.ones_like(ids)), verbose=False)
+    one, mask = ids[:1, :4], torch.tensor([[0, 1, 1, 1]])
+    torch.testing.assert_close(fast(one, attention_mask=mask).logits, model(one, attention_mask=mask).logits)

@@ -88,11 +88,15 @@ def check_sizes_of_one(model: torch.nn.Module, graph: Graph, spec, args, kwargs)
     symbols = _probe_symbols(graph)
     draws = _Draws(graph, spec, leaves)
     refused: list[tuple] = []  # the sets of sizes whose being all 1 a guard added here refuses
+    unless: dict[tuple, sympy.Symbol] = {}  # ... but where this other size is 1 too
     for subset in _subsets_at_one(symbols):
-        if any(set(done) <= set(subset) for done in refused):
+        if any(set(done) <= set(subset) and unless.get(done) not in subset for done in refused):
             continue  # a call with these at 1 has a smaller set at 1 that is refused already
-        if _subset_differs(model, graph, spec, leaves, draws, subset, symbols):
+        differs, exempt = _subset_differs(model, graph, spec, leaves, draws, subset, symbols)
+        if differs:
             refused.append(subset)
+            if exempt is not None:
+                unless[subset] = exempt
     if len(symbols) > MAX_SUBSET_SYMBOLS and tuple(symbols) in refused:
         # too many sizes for every set of them to be probed, and all at 1 differ: which
         # smaller set is the cause is not known, so every two at 1 are refused
@@ -118,11 +122,13 @@ def _subsets_at_one(symbols: list) -> list[tuple]:
 
 
 def _subset_differs(model, graph: Graph, spec, leaves: list, draws: "_Draws", subset: tuple,
-                    symbols: list) -> bool:
+                    symbols: list) -> tuple[bool, sympy.Symbol | None]:
     """Probe the sizes of `subset` at 1 together, the others >= 2; where the model answers
     differently there, or where no such call is found that the guards allow (and they
-    may allow one), add the guard that refuses them all at 1 (`_guard_at_one`). Whether
-    it did. CaptureError where that guard would refuse the example itself."""
+    may allow one), add the guard that refuses them all at 1 (`_guard_at_one`), unless
+    another size at 1 too makes them agree (`_agreeing_with_one_more`: a mask's batch B1
+    at 1 differs beside ids of batch 2, not beside ids of batch 1). (Whether it did, that
+    other size or None.) CaptureError where that guard would refuse the example itself."""
     from .capture import CaptureError
 
     at_example = all(_example_size(graph, spec, leaves, s) == 1 for s in subset)
@@ -132,17 +138,19 @@ def _subset_differs(model, graph: Graph, spec, leaves: list, draws: "_Draws", su
         # (none found among the sizes searched), it is refused, as it was not probed (but
         # the example's own sizes: check_at_example compares the example itself)
         if _refused_at_one(graph, subset) or at_example:
-            return False
+            return False, None
         graph.guards.append(_guard_at_one(subset))
-        return True
+        return True, None
     why = _probe(model, graph, spec, draws, sizes)
     if why is None:
-        return False
-    if at_example and isinstance(why, RunFailed):
-        # the example runs with these sizes at 1 (check_at_example compared it); a call
-        # with the others moved to >= 2 that fails to run (ids of batch 1, a mask of batch 2:
-        # two sizes that must agree) shows no other computation at 1, only a call eager refuses
-        return False
+        return False, None
+    if isinstance(why, RunFailed) and (at_example or why.by_model):
+        # a call that fails to run shows no other computation at 1, only a call refused:
+        # where the example runs with these sizes at 1 (check_at_example compared it), or
+        # where the model itself raises (ids of batch 2 with a mask of batch 1, which HF's
+        # padding code indexes by batch): a guard there would refuse the calls of sizes that
+        # do agree (batch 1 with its mask of batch 1)
+        return False, None
     if at_example:
         where = " and ".join(f"{s} == 1" for s in subset)
         two = " or ".join(f"{s} >= 2" for s in subset)
@@ -151,14 +159,44 @@ def _subset_differs(model, graph: Graph, spec, leaves: list, draws: "_Draws", su
             "(a squeeze, a branch on it), and fxforge captures dynamic sizes at >= 2, so the graph would "
             f"not be this example's computation. Optimize with an example where {two} (calls with "
             f"{where} are then refused), or with dynamic=False to capture exactly this shape")
-    graph.guards.append(_guard_at_one(subset))
-    return True
+    exempt = _agreeing_with_one_more(model, graph, spec, leaves, draws, subset, symbols)
+    graph.guards.append(_guard_at_one(subset, unless=exempt))
+    return True, exempt
 
 
-def _guard_at_one(subset) -> sympy.Basic:
+def _agreeing_with_one_more(model, graph: Graph, spec, leaves: list, draws: "_Draws", subset: tuple,
+                            symbols: list) -> sympy.Symbol | None:
+    """A size Y not in `subset` such that `subset` and Y all at 1 (the others >= 2) agree
+    with the model, where `subset` alone at 1 does not; None if there is none. Two sizes
+    that must be equal (ids' batch B and a mask's batch B1, which export names apart where
+    the model would broadcast a mask of batch 1) differ at B1 == 1 only beside B >= 2."""
+    for other in symbols:
+        if other in subset:
+            continue
+        sizes = _sizes_at_one(graph, spec, leaves, subset + (other,), symbols)
+        if sizes is not None and _probe(model, graph, spec, draws, sizes) is None:
+            return other
+    return None
+
+
+def _reworded(why: str, text: str) -> str:
+    """`text` in place of the reason `why`, of its kind (a RunFailed stays one)."""
+    if not isinstance(why, RunFailed):
+        return text
+    out = RunFailed(text)
+    out.by_model = why.by_model
+    return out
+
+
+def _guard_at_one(subset, unless: sympy.Symbol | None = None) -> sympy.Basic:
     """The guard that refuses the sizes of `subset` all at 1 and nothing else: each is >= 1,
-    so their sum exceeds their count unless all are 1 (`B >= 2` for one, `B + T >= 3`)."""
-    return sympy.Ge(sympy.Add(*subset), len(subset) + 1)
+    so their sum exceeds their count unless all are 1 (`B >= 2` for one, `B + T >= 3`).
+    With `unless` = Y, the sizes at 1 are refused only where Y >= 2: with a = sum - count
+    (0 only when all are 1) and c = Y - 1, a * c >= c holds where a >= 1 or c == 0
+    (`(B1 - 1)*(B - 1) >= B - 1`)."""
+    if unless is None:
+        return sympy.Ge(sympy.Add(*subset), len(subset) + 1)
+    return sympy.Ge((sympy.Add(*subset) - len(subset)) * (unless - 1), unless - 1)
 
 
 def _refuse_pairs(graph: Graph, symbols: list, refused: list):
@@ -317,7 +355,7 @@ def _probe(model, graph: Graph, spec, draws: "_Draws", sizes: dict, ignore=None)
         # random data the model does not take at its own sizes either (ids out of some
         # range, a mask it checks) says nothing about these sizes: that draw is left out
         if draws.usable(i, model):
-            return type(why)(f"{why}, on random inputs ({draws.names[i]})")  # (RunFailed stays one)
+            return _reworded(why, f"{why}, on random inputs ({draws.names[i]})")
     return None
 
 
@@ -512,7 +550,10 @@ def _leaves_at_sizes(graph: Graph, spec, leaves: list, sizes: dict):
 
 class RunFailed(str):
     """_difference's answer when a probe's sizes could not run (the model or the graph
-    raised there): a reason like any other, of a kind the callers can tell apart."""
+    raised there): a reason like any other, of a kind the callers can tell apart.
+    `by_model`: the model itself raised (eager refuses the call)."""
+
+    by_model = False
 
 
 class _EagerFailed(Exception):
@@ -551,6 +592,7 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: 
         except Exception as e:  # noqa: BLE001 (at the example: the model is broken, say so)
             if eager_must_run:
                 raise _EagerFailed() from e
+            e.fxforge_by_model = True
             raise
         again = _seeded(run_model) if model.training else None
         ours = _seeded(evaluate_graph)
@@ -559,8 +601,10 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: 
             raise
         if not failures:
             return None
-        return RunFailed(f"running it at these sizes failed: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}")
+        failed = RunFailed(f"running {'the model' if getattr(e, 'fxforge_by_model', False) else 'the graph'} "
+                           f"at these sizes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        failed.by_model = getattr(e, "fxforge_by_model", False)
+        return failed
     if again is not None and not _repeats(eager, again):
         return None  # the model does not repeat itself (dropout in training mode): nothing to compare
     # only the example's own check skips padded rows (half-precision noise there): a probe

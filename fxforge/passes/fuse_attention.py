@@ -255,11 +255,18 @@ def _strip_repeat_kv(m: Match, v: Value, b=None) -> tuple[Value, int]:
 # float32 for |s| < 32, not in float64, and -1e5 or float16's -65504 do not). So the bias
 # holds, in place of each finite fill, a number that swamps any score below 2**76 (float32;
 # 2**850 in float64) and stays ordered with the others: the largest fill SWAMP, the next
-# twice that, ... Fills whose values eager would weigh against each other (closer than
-# LEVEL_GAP) keep no such order, and the attention is not fused.
+# twice that, ... Fills whose values eager would weigh against each other, or round to one
+# number in a narrower dtype (closer than LEVEL_GAP, or than LEVEL_RATIO of their size:
+# -1e9 and -1e9 + 1e6 are one bfloat16), keep no such order, and the attention is not fused.
+# Only fills: an add beside them (a padding mask of finfo.min added, ALiBi added after the
+# fill) holds values eager orders against the fills' as written (min + 0 ties with a fill of
+# min), so there the fills stay as written; a floor over fills (its max makes them the floor,
+# which the op would add to the scores) is not fused.
 SWAMP = {torch.float32: -2.0 ** 100, torch.float64: -2.0 ** 900}
 # float32's exp underflows to 0 below -104, float64's below -745
 LEVEL_GAP = 1000.0
+# bfloat16 keeps 8 bits of a number: values apart by more than 2**-6 of their size stay apart
+LEVEL_RATIO = 2.0 ** -6
 # SWAMP * 2**(levels - 1) must stay clear of overflow when finfo(float32).min is added to it
 MAX_FILL_LEVELS = 3
 
@@ -319,10 +326,16 @@ class _Terms:
         return [t[0] for t in self.adds] + [t[0] for t in self.fills]
 
     def swamped_fills(self, acc: torch.dtype) -> dict[float, float] | None:
-        """{fill: the number the bias holds in its place} (see SWAMP above; -inf stays), or
-        None when the fills' values are too many or too close to keep eager's order."""
+        """{fill: the number the bias holds in its place} (see SWAMP above; -inf stays; each
+        as written where adds or a floor are beside the fills), or None when the fills'
+        values are too many or too close to keep eager's order."""
         levels = sorted({f for _, f, _, _ in self.fills if math.isfinite(f)}, reverse=True)
-        if len(levels) > MAX_FILL_LEVELS or any(a - b < LEVEL_GAP for a, b in zip(levels, levels[1:])):
+        if self.floor is not None and levels:
+            return None  # max(fill, floor) is the floor on a filled row: eager's there, not s + floor
+        if self.adds or self.floor is not None:
+            return {f: f for f in levels} | {-math.inf: -math.inf}
+        if len(levels) > MAX_FILL_LEVELS or any(a - b < max(LEVEL_GAP, -b * LEVEL_RATIO)
+                                                for a, b in zip(levels, levels[1:])):
             return None
         swamp = SWAMP.get(acc, SWAMP[torch.float32])
         return {**{f: swamp * 2.0 ** r for r, f in enumerate(levels)}, -math.inf: -math.inf}
