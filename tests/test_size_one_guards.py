@@ -371,3 +371,30 @@ def test_hf_llama_with_a_mask_answers_batch_one():
     fast = fxforge.optimize(model, (ids,), example_kwargs=dict(attention_mask=torch.ones_like(ids)), verbose=False)
     one, mask = ids[:1, :4], torch.tensor([[0, 1, 1, 1]])
     torch.testing.assert_close(fast(one, attention_mask=mask).logits, model(one, attention_mask=mask).logits)
+
+
+class IgnoresTheMaskAtBatchOne(torch.nn.Module):
+    """`if B == 1: mask = ones_like(mask)`: with the usual all-ones example mask, draws of
+    the mask's own one value agreed at batch 1 and the batch got no guard."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, D)
+
+    def forward(self, ids, mask):
+        if ids.shape[0] == 1:
+            mask = torch.ones_like(mask)
+        return (self.emb(ids) * mask[..., None]).sum(1)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.int64])
+def test_an_all_ones_example_mask_is_drawn_with_zeros(mask_dtype):
+    torch.manual_seed(0)
+    model = IgnoresTheMaskAtBatchOne().eval()
+    ids = torch.randint(0, 50, (2, 5))
+    fast = fxforge.optimize(model, (ids, torch.ones(2, 5, dtype=mask_dtype)), verbose=False)
+    mask = torch.tensor([[0, 0, 1, 1, 1]], dtype=mask_dtype)
+    with pytest.raises(GuardError):
+        fast(ids[:1], mask)
+    two = torch.tensor([[0, 1, 1, 1, 1], [1] * 5], dtype=mask_dtype)
+    torch.testing.assert_close(fast(ids, two), model(ids, two))

@@ -41,6 +41,14 @@ class CaptureError(RuntimeError):
     """torch.export could not capture the model; the message names where and how to fix it."""
 
 
+# The IR holds no memory layout (contiguous() and clone() lower to nothing), so an ATen op
+# kept opaque that needs one runs as its layout-free twin: a view whose shape the IR could
+# not prove (nn.MultiheadAttention's memory of batch B1, B only under a guard) would
+# otherwise meet the non-contiguous tensor its dropped contiguous() made contiguous.
+_LAYOUT_FREE_TWIN = {"aten.view.default": "aten.reshape.default",
+                     "aten._unsafe_view.default": "aten.reshape.default"}
+
+
 @dataclass
 class CallSpec:
     """How to call the captured graph from the model's own (args, kwargs) and how to
@@ -896,7 +904,7 @@ class _Lowerer:
                 return result
         if val is None and not isinstance(target, torch._ops.OpOverload):
             return None
-        return self.opaque(node, name, args, kwargs, out_types)
+        return self.opaque(node, _LAYOUT_FREE_TWIN.get(name, name), args, kwargs, out_types)
 
     def functionalizable(self, node) -> bool:
         return _functionalizable(node, self.aliases, self.order)

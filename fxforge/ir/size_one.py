@@ -159,7 +159,11 @@ def _subset_differs(model, graph: Graph, spec, leaves: list, draws: "_Draws", su
             "(a squeeze, a branch on it), and fxforge captures dynamic sizes at >= 2, so the graph would "
             f"not be this example's computation. Optimize with an example where {two} (calls with "
             f"{where} are then refused), or with dynamic=False to capture exactly this shape")
-    exempt = _agreeing_with_one_more(model, graph, spec, leaves, draws, subset, symbols)
+    # only a graph that cannot run there (sizes it takes as equal) is spared where the other
+    # size is 1 too: a difference in values stays refused whatever the others, as a probe
+    # of few random values (T == 1) agreeing proves little
+    exempt = _agreeing_with_one_more(model, graph, spec, leaves, draws, subset, symbols) \
+        if isinstance(why, RunFailed) else None
     graph.guards.append(_guard_at_one(subset, unless=exempt))
     return True, exempt
 
@@ -485,6 +489,8 @@ def _random_like(x: torch.Tensor, kind: int, gen: torch.Generator) -> torch.Tens
         out = out * 100 if kind == 1 else out
     else:
         lo, hi = int(x.min()), int(x.max())
+        if lo == hi:  # one value (an all-ones mask): 0 too, or a branch on the batch that drops the mask hides
+            lo, hi = min(lo, 0), max(hi, 1)
         if hi - lo < 2**62 and hi < 2**63 - 1:
             out = torch.randint(lo, hi + 1, x.shape, generator=gen, device="cpu", dtype=torch.int64)
         else:  # (hi + 1 would overflow int64: a hash or seed input) the example's own values, at random places
@@ -494,8 +500,12 @@ def _random_like(x: torch.Tensor, kind: int, gen: torch.Generator) -> torch.Tens
 
 
 def _few_values(x: torch.Tensor) -> torch.Tensor | None:
-    """The distinct values of float x (float32, on the CPU) when there are at most two."""
+    """The distinct values of float x (float32, on the CPU) when there are at most two; with
+    0 beside a single one (the usual all-ones example mask: a draw of it all ones hides a
+    branch that ignores the mask)."""
     values = torch.unique(x.detach().float().cpu())
+    if len(values) == 1:
+        values = torch.cat([values, values.new_tensor([0.0 if values[0] != 0 else 1.0])])
     return values if len(values) <= 2 else None
 
 

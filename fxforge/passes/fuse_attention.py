@@ -83,7 +83,7 @@ from ..ir import roles
 from ..ir.dtypes import finfo_name
 from ..ir.edit import dead_code_elimination
 from ..ir.graph import Value, readers_through
-from ..ir.ops import OPS, causal_keep
+from ..ir.ops import OPS, IRTypeError, causal_keep
 from ..ir.types import as_dim, dims_equal
 from .cleanup import RULES as CLEANUP_RULES
 from .pattern import Match, Rule, apply_rules, op, var
@@ -481,21 +481,25 @@ def _mask_form(m: Match, terms: _Terms, q: Value, k: Value) -> MaskForm | None:
     if not probes.complete:
         return None
     kinds, slopes_seen, exact = set(), [], True
-    for index, sizes in enumerate(probes.sizes):
-        bias = terms.evaluate_sum(m, sizes)
-        if bias is None and index >= probes.required:
-            # a long probe the mask cannot be built at (MPT's ALiBi table of max_seq_len
-            # keys at max_seq_len + 2): the model cannot run there either, so probe the
-            # longest length it can (a window shows there, if it is shorter)
-            sizes, bias = _longest_evaluable(m, terms, probes.sizes[probes.required - 1], sizes)
-        if bias is None:
-            return None
+    def fits(sizes, bias) -> bool:
+        """The evaluated mask has the scores' [.., Tq|1, Tk] at these sizes."""
         try:
             tq, tk = int(q.shape[-2].subs(sizes)), int(k.shape[-2].subs(sizes))
         except TypeError:
+            return False
+        return 2 <= bias.dim() <= 4 and bias.shape[-2] in (1, tq) and bias.shape[-1] == tk
+
+    for index, sizes in enumerate(probes.sizes):
+        bias = terms.evaluate_sum(m, sizes)
+        if (bias is None or not fits(sizes, bias)) and index >= probes.required:
+            # a long probe the mask cannot be built at (MPT's ALiBi table of max_seq_len
+            # keys at max_seq_len + 2; nanoGPT's tril buffer of block_size rows, which a
+            # longer slice clamps to block_size): the model cannot run there either, so
+            # probe the longest length it can (a window shows there, if it is shorter)
+            sizes, bias = _longest_evaluable(m, terms, probes.sizes[probes.required - 1], sizes, fits)
+        if bias is None or not fits(sizes, bias):
             return None
-        if bias.dim() < 2 or bias.dim() > 4 or bias.shape[-2] not in (1, tq) or bias.shape[-1] != tk:
-            return None
+        tq, tk = int(q.shape[-2].subs(sizes)), int(k.shape[-2].subs(sizes))
         if q.rank == 3:
             bias = bias.reshape(-1, 1, *bias.shape[-2:])
         while bias.dim() < 4:
@@ -561,10 +565,11 @@ def _cached_mask_form(forms: dict | None, m: Match, terms: _Terms, q: Value, k: 
     return forms[key][0]
 
 
-def _longest_evaluable(m: Match, terms: _Terms, short: dict, long: dict):
+def _longest_evaluable(m: Match, terms: _Terms, short: dict, long: dict, fits):
     """(sizes, bias) at the longest length between the sample `short` and the failed
-    `long` probe at which the terms evaluate (binary search), or (long, None). Only the
-    sizes that are long in `long` shorten (a probe with one length long keeps the others)."""
+    `long` probe at which the terms evaluate to a mask that `fits(sizes, bias)` the scores
+    (binary search), or (long, None). Only the sizes that are long in `long` shorten (a
+    probe with one length long keeps the others)."""
     lo = max(short.values())
     hi = longest = max(long.values())
     best = None
@@ -572,7 +577,7 @@ def _longest_evaluable(m: Match, terms: _Terms, short: dict, long: dict):
         mid = (lo + hi) // 2
         sizes = {s: (mid if size == longest else size) for s, size in long.items()}
         bias = terms.evaluate_sum(m, sizes)
-        if bias is None:
+        if bias is None or not fits(sizes, bias):
             hi = mid
         else:
             lo, best = mid, (sizes, bias)
@@ -858,7 +863,14 @@ def _emit_attention(m: Match, b, q, k, v, terms: _Terms, scale: float, causal: b
     if slopes is not None:
         attrs["alibi"] = True
     inputs = [q, k, v] + ([bias] if bias is not None else []) + ([slopes] if slopes is not None else [])
-    out = b.emit("attention", *inputs, causal=causal, scale=float(scale), **attrs)
+    attrs.update(causal=causal, scale=float(scale))
+    try:
+        OPS["attention"].infer([x.type for x in inputs], attrs)
+    except IRTypeError:
+        # sizes the IR cannot prove equal (MHA's cross-attention: the memory's batch B1 is
+        # B only by a guard, so its head dim reads floor(8*B1/B)): the ops run as written
+        return None
+    out = b.emit("attention", *inputs, **attrs)
     if nan_rows:
         out = _nan_where_eager_is(b, out, bias)
     if folded:
@@ -1049,17 +1061,19 @@ def fuse_matmul_softmax_matmul(m: Match, b, forms: dict | None = None) -> Value 
             if term_fold is None:
                 return None
             s = node.inputs[0]
-        elif node.op in ("add", "where") and softcap is not None:
+        elif node.op in ("add", "sub", "where") and softcap is not None:
             return None  # a bias before the soft-cap: not what the op computes
-        elif node.op == "add":
+        elif node.op in ("add", "sub"):
             a, c = node.inputs
             # the scores side is the one that leads back to the matmul; the other is a bias
             side = _scores_side(m, a, c)
-            if side is None:
-                return None
+            if side is None or (node.op == "sub" and side[0] is not a):
+                return None  # (bias - scores: the scores negated)
             s, bias = side
+            # s - bias: the bias times -1 (exact), scaled with the scores after it
+            sign = -1.0 if node.op == "sub" else 1.0
             if not (_is_zeros(m, bias) and s.type.same_as(node.outputs[0].type)):
-                terms.add(bias, post_scale, term_fold)  # (x + 0 is x: baddbmm's zeros)
+                terms.add(bias, sign * post_scale, term_fold)  # (x + 0 is x: baddbmm's zeros)
                 terms.post_scales.append(post_scale)
         elif node.op == "where":
             mask, x, y = node.inputs
@@ -1234,7 +1248,7 @@ def _scores_side(m: Match, a: Value, c: Value):
                 if bias.rank <= s.rank:
                     return s, bias
                 break
-            if node.op not in ("mul", "div", "cast", "add", "where", "view", "tanh") and not (
+            if node.op not in ("mul", "div", "cast", "add", "sub", "where", "view", "tanh") and not (
                     node.op == "torch_call" and node.attrs["target"] in _INPLACE_SCALE and node.inputs):
                 break
             # (zeros + scores: baddbmm's input first)
@@ -1307,6 +1321,13 @@ def fuse_attention(graph, ctx=None):
                      "with the causal or sliding-window mask the op applies itself it decides which query rows "
                      "keep no key (NaN in eager, 0 from fused attention) in a way the bias alone does not "
                      "show; the ops run as written. Use finite values (torch.finfo(dtype).min) to have it fused")
+        returned = [n for n in left if _probabilities_returned(out, n)]
+        if returned:
+            ctx.note(f"{len(returned)} attention(s) left unfused, e.g. {_which(returned[0])}: the model "
+                     "returns the attention probabilities too (output_attentions=True, nn.MultiheadAttention's "
+                     "need_weights=True), which fused attention never makes; the ops run as written. Drop that "
+                     "output to have them fused")
+        left = [n for n in left if n not in returned]
         if left:
             ctx.note(f"{len(left)} softmax ops whose probabilities feed a matmul (attention, by the look of it) "
                      f"were not fused, e.g. {_which(left[0])}: its spelling is not one this pass proves the "
@@ -1330,6 +1351,22 @@ def _unfused_attention(graph, explained=frozenset()) -> list:
     return [node for node in graph.nodes if node.op == "softmax"
             and any(n.op == "matmul" and n.outputs[0] not in explained
                     for n in readers_through(users, node.outputs, lambda n: n.op in ("cast", "view", "reshape"), 4))]
+
+
+def _probabilities_returned(graph, softmax) -> bool:
+    """The softmax's probabilities reach a graph output (through casts, views and pointwise
+    ops: need_weights averages them over the heads)."""
+    users, outputs = graph.users(), set(graph.outputs)
+    seen, todo = set(), list(softmax.outputs)
+    while todo and len(seen) < 64:
+        v = todo.pop()
+        if v in outputs:
+            return True
+        seen.add(v)
+        for n in users.get(v, ()):
+            if n.op in ("cast", "view", "reshape", "permute", "mean", "sum", "div", "mul", "squeeze", "unsqueeze"):
+                todo.extend(x for x in n.outputs if x not in seen)
+    return False
 
 
 _VIEW_RULES = [r for r in CLEANUP_RULES if r.name in ("view_noop", "view_of_view")]
