@@ -32,8 +32,13 @@ def _reorder(cache, rows: torch.Tensor, length: int):
 
 
 def beam_search(model, input_ids, pad, new_tokens: int, num_beams: int, processors: list, criteria: list,
-                eos, pad_token_id: int, s: dict):
-    """input_ids [B*K, L] (each prompt repeated K times), pad [B*K]."""
+                eos, pad_token_id: int, s: dict, stop_eos=...):
+    """input_ids [B*K, L] (each prompt repeated K times), pad [B*K]. `eos`: the settings'
+    EOS ids (how many continuations are kept, what fills finished beams), `stop_eos` those
+    that end a beam (None where a caller's EosTokenCriteria took eos_token_id's place, as in
+    transformers; `eos` when not given)."""
+    if stop_eos is ...:
+        stop_eos = eos
     from .generate import output, stop_mask
 
     device = input_ids.device
@@ -90,8 +95,8 @@ def beam_search(model, input_ids, pad, new_tokens: int, num_beams: int, processo
 
             flat_top = top_seqs[:, :, :cur + 1].reshape(batch * keep, cur + 1)
             done = torch.full((batch * keep,), cur + 1 >= max_length, dtype=torch.bool, device=device)
-            if eos is not None:
-                done |= torch.isin(flat_top[:, -1], eos)
+            if stop_eos is not None:
+                done |= torch.isin(flat_top[:, -1], stop_eos)
             more = stop_mask(criteria, flat_top, tuple(all_scores) if all_scores is not None else None)
             if more is not None:
                 done |= more

@@ -17,9 +17,14 @@ Semantics follow transformers' `generate` (4.x/5.x, decoder-only):
 - the logits processors (logits.py) apply in transformers' order: repetition penalty,
   no-repeat n-gram, min length / min new tokens, forced BOS / EOS (a model's own
   generation_config may set them: BART-family decoders force EOS last), then the
-  sampling warpers;
-- greedy picks the argmax, sampling draws from the softmax; a row that produced EOS (or
-  hit a stopping criterion / stop string) continues with the pad token while others finish;
+  sampling warpers; a caller's logits processor or stopping criterion of the type of one
+  built from the settings takes its place, as transformers merges them (logits.merge:
+  a MaxLengthCriteria sets the length, an EosTokenCriteria replaces eos_token_id's stop),
+  with transformers' warning;
+- greedy picks the argmax, sampling draws from the softmax; a row that hit a stopping
+  criterion (EOS, a stop string, the caller's) continues with the pad token while others
+  finish where some criterion has an eos_token_id (eos_token_id set, or an
+  EosTokenCriteria), as in transformers, and unpadded otherwise;
 - `num_beams > 1` runs beam search (beam.py) with beams as batch rows of the cache;
 - `return_dict_in_generate=True` returns transformers' output classes with `scores` (the
   processed logits of each step) and `logits` (the raw ones) when asked for;
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -116,10 +121,7 @@ def config_settings(generation_config) -> dict:
     which must be a generation setting (a misspelled key is refused, as a misspelled
     keyword argument is)."""
     if isinstance(generation_config, dict):
-        unknown = sorted(k for k in generation_config if k not in _known_settings())
-        if unknown:
-            raise ValueError(f"generation_config has keys that are not generation settings: {', '.join(unknown)}"
-                             f"{_did_you_mean(unknown)}")
+        check_setting_names(generation_config, "generation_config")
         return {k: v for k, v in generation_config.items() if v is not None}
     if not hasattr(generation_config, "to_dict"):
         raise ValueError(f"generation_config must be a transformers GenerationConfig or a dict, got "
@@ -127,6 +129,16 @@ def config_settings(generation_config) -> dict:
     fresh = _fresh_generation_config()
     return {k: v for k, v in generation_config.to_dict().items()
             if v is not None and (k not in fresh or v != fresh[k]) and k not in IGNORED}
+
+
+def check_setting_names(settings: dict, what: str):
+    """Every key of a dict of settings (a call's generation_config, or one assigned to
+    fast.generation_config / generation_defaults) is a generation setting: a misspelled one
+    is refused by name, with the setting it is close to, rather than silently dropped."""
+    unknown = sorted(str(k) for k in settings if k not in _known_settings())
+    if unknown:
+        raise ValueError(f"{what} has keys that are not generation settings: {', '.join(unknown)}"
+                         f"{_did_you_mean(unknown)}")
 
 
 def _fresh_generation_config() -> dict:
@@ -150,6 +162,7 @@ _FXFORGE_SPELLING = {"assistant_model": "draft=<an OptimizedModel> (speculative 
 
 # model inputs transformers' generate passes on to forward(), and what fxforge's does instead
 _MODEL_INPUTS = {
+    "inputs": "transformers' name for the prompt; fxforge's generate() takes it as input_ids",
     "inputs_embeds": "fxforge's generate() starts from token ids: pass the prompt as input_ids (fast(inputs_embeds=...) "
                      "runs one forward pass, for a model optimized with inputs_embeds in example_kwargs)",
     "position_ids": "generate() computes the positions itself (left padding comes from attention_mask)",
@@ -422,14 +435,16 @@ def new_token_count(s: dict, given: set, prompt_len: int, max_positions: int | N
     and how it was set, for the errors of check_generate_args: max_new_tokens, else
     max_length (prompt included), else transformers' default max_length of 20 new tokens,
     capped at the model's `max_positions` (config.max_position_embeddings) in all."""
-    count = s["max_new_tokens"]
+    count = _whole(s["max_new_tokens"])
     if count is not None:
-        if not _is_int(count) or count < 1:
+        if not _is_int(count):
+            raise ValueError(f"max_new_tokens must be an int, got {type(count).__name__} {count!r}")
+        if count < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {count!r}: transformers' generate refuses 0 "
                              "too (`max_new_tokens` must be greater than 0)")
         return count, f"max_new_tokens ({count})"
     if "max_length" in given and s["max_length"] is not None:
-        max_length = s["max_length"]
+        max_length = _whole(s["max_length"])
         how = f"max_length={max_length!r}"
     else:
         max_length = prompt_len + DEFAULTS["max_length"]
@@ -443,20 +458,72 @@ def new_token_count(s: dict, given: set, prompt_len: int, max_positions: int | N
     return max_length - prompt_len, how
 
 
-def _stopping(stop_strings, tokenizer, stopping_criteria) -> list:
-    """Stop strings and the caller's criteria, as transformers' StoppingCriteria: each
-    `(input_ids [N, L], scores) -> bool [N]`."""
-    out = []
+class _Builtin:
+    """A stopping criterion the decoding loops run themselves (the length, EOS), standing
+    for transformers' class of that name where the caller's criteria are merged in."""
+
+    def __init__(self, stands_for: str):
+        self.stands_for = stands_for
+
+
+class Stopping(NamedTuple):
+    criteria: list  # the callables checked after each step: stop strings, the caller's
+    eos: torch.Tensor | None  # the EOS ids that end a row; None where none, or a caller's EosTokenCriteria replaced it
+    max_length: int | None  # a caller's MaxLengthCriteria's max_length, where it replaced generate()'s own length
+    pads: bool  # rows that stopped continue with the pad token (some criterion has an eos_token_id)
+
+
+def _whole(value):
+    """A float that is a whole number (5.0) as the int: transformers' generate takes it for
+    a length (max_new_tokens=5.0 makes 5 tokens). Another float stays, for the check to
+    refuse (transformers would run to the next whole length past it)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _stopping(stop_strings, tokenizer, stopping_criteria, eos: torch.Tensor | None) -> Stopping:
+    """transformers' stopping criteria (_get_stopping_criteria): the length, stop strings,
+    EOS, merged with the caller's `(input_ids [N, L], scores) -> bool [N]` callables as
+    transformers merges them (logits.merge): a caller's criterion of a built-in one's type
+    replaces it (a MaxLengthCriteria the length, an EosTokenCriteria eos_token_id's).
+    Rows that stop are padded where any criterion has an eos_token_id, as in transformers."""
+    length, eos_stop = _Builtin("MaxLengthCriteria"), _Builtin("EosTokenCriteria")
+    defaults = [length]
     if stop_strings is not None:
         if tokenizer is None:
             raise ValueError("stop_strings needs the model's tokenizer: generate(..., stop_strings=..., "
                              "tokenizer=tokenizer)")
         from transformers.generation.stopping_criteria import StopStringCriteria
 
-        out.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
-    out += callables(stopping_criteria, "stopping_criteria", "(input_ids, scores) -> a bool tensor [batch]",
-                     "StoppingCriteriaList")
-    return out
+        defaults.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+    if eos is not None:
+        defaults.append(eos_stop)
+    custom = callables(stopping_criteria, "stopping_criteria", "(input_ids, scores) -> a bool tensor [batch]",
+                       "StoppingCriteriaList")
+    merged = lp.merge(defaults, custom, "stopping criteria")
+    criteria = [c for c in merged if not isinstance(c, _Builtin)]
+    eos_kept = any(c is eos_stop for c in merged)
+    max_length = None if merged[0] is length else merged[0].max_length
+    return Stopping(criteria, eos if eos_kept else None, max_length,
+                    eos_kept or any(hasattr(c, "eos_token_id") for c in criteria))
+
+
+def length_of_criterion(max_length, prompt_len: int, new_tokens: int, beams: bool) -> tuple[int, str]:
+    """The new tokens when a caller's MaxLengthCriteria(max_length) takes the place of
+    generate()'s own length (`new_tokens`), as in transformers: sampling and greedy run
+    until it stops them (one token at least: it is checked after each), beam search stops
+    at it too but cannot run past its own length (transformers fails with an IndexError),
+    so that is refused."""
+    how = f"max_length={max_length!r} (the MaxLengthCriteria in stopping_criteria, which takes the place of " \
+          "generate()'s own length, as in transformers)"
+    if not _is_int(max_length):
+        raise ValueError(f"{how}: its max_length must be an int")
+    if beams and max_length > prompt_len + new_tokens:
+        raise ValueError(f"{how} is longer than the beam search's own length, the prompt ({prompt_len} tokens) "
+                         f"plus {new_tokens} new tokens: transformers' beam search fails with an IndexError there; "
+                         f"pass max_new_tokens={max_length - prompt_len} instead")
+    return (new_tokens if beams else max(1, max_length - prompt_len)), how
 
 
 def callables(items, name: str, signature: str, transformers_list: str) -> list:
@@ -527,10 +594,30 @@ def check_forced_tokens(s: dict, vocab: int | None):
 
 
 def missing_input_ids(kwargs: dict) -> Exception:
-    """The error of a generate() call without input_ids (inputs_embeds instead: unsupported)."""
+    """The error of a generate() call without input_ids (inputs_embeds instead: unsupported;
+    transformers' `inputs=`: named)."""
     if kwargs.get("inputs_embeds") is not None:
         return ValueError(f"generate() does not take inputs_embeds: {_MODEL_INPUTS['inputs_embeds']}")
+    if "inputs" in kwargs:
+        return TypeError(f"generate() does not take inputs=: {_MODEL_INPUTS['inputs']} (generate(input_ids=ids) "
+                         "or generate(ids))")
     return TypeError("generate() needs input_ids, the prompt's token ids [batch, length]")
+
+
+def check_input_ids(input_ids):
+    """The prompt: an int64 tensor [batch, length] (int32 already widened). The error names
+    what is wrong: the type, the shape (one prompt of shape [length] wants ids[None]), or
+    the dtype."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be an int64 tensor [batch, length], got {type(input_ids).__name__}")
+    got = f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}"
+    if input_ids.dim() != 2:
+        fix = "one prompt of shape [length] is input_ids[None]" if input_ids.dim() == 1 else \
+            "pass the prompts as rows of one [batch, length] tensor"
+        raise ValueError(f"input_ids must be a tensor [batch, length] (2-D), got {got}; {fix}")
+    if input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids must be an int64 (or int32) tensor [batch, length], got {got}; token ids of "
+                         "another dtype: pass input_ids.long()")
 
 
 def _ids_only_index(model) -> bool:
@@ -557,11 +644,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens=DEFAULT, *, defaults
     # uint8) eager's embedding refuses, so they are refused here too, not widened
     if isinstance(input_ids, torch.Tensor) and input_ids.dtype == torch.int32 and _ids_only_index(model):
         input_ids = input_ids.long()
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        got = f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) \
-            else type(input_ids).__name__
-        raise ValueError(f"input_ids must be an int64 (or int32) tensor [batch, length], got {got}; token ids of "
-                         "another dtype: pass input_ids.long()")
+    check_input_ids(input_ids)
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
         raise ValueError("input_ids is empty: generation needs at least one prompt token")
@@ -581,6 +664,18 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens=DEFAULT, *, defaults
     new_tokens, length_from = new_token_count(s, given, prompt_len, max_position_embeddings(model))
     check_generator(generator, device)
     beams = s["num_beams"]
+    eos = _as_list(s["eos_token_id"])
+    eos_t = torch.tensor(eos, device=device) if eos else None
+    stop = _stopping(s["stop_strings"], tokenizer, stopping_criteria, eos_t)
+    # generate()'s own length as set (a caller's MaxLengthCriteria changes how many tokens
+    # run, not what forced_eos_token_id counts from, as in transformers)
+    max_length = prompt_len + new_tokens
+    if stop.max_length is not None:
+        new_tokens, length_from = length_of_criterion(stop.max_length, prompt_len, new_tokens, beams > 1)
+    if stop.pads and s["pad_token_id"] is None and not eos and beams == 1 and draft is None:
+        raise ValueError("a stopping criterion with an eos_token_id (transformers' EosTokenCriteria) is given, so rows "
+                         "that stop continue with the pad token, but neither pad_token_id nor eos_token_id is set: "
+                         "pass pad_token_id=... (transformers' generate fails here with a TypeError)")
     if beams > 1 and streamer is not None:
         raise ValueError("streamer cannot be used with beam search (as in transformers)")
     # beams, or sampled sequences, are rows of their own (transformers' input expansion)
@@ -601,8 +696,6 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens=DEFAULT, *, defaults
     if new_tokens > 1:
         model.check_step_sizes(rows, [1], range(prompt_len, prompt_len + new_tokens - 1))
 
-    eos = _as_list(s["eos_token_id"])
-    eos_t = torch.tensor(eos, device=device) if eos else None
     pad_token_id = s["pad_token_id"]
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
@@ -610,24 +703,25 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens=DEFAULT, *, defaults
     processors = lp.processors(
         repetition_penalty=s["repetition_penalty"], pad=pad, no_repeat_ngram_size=s["no_repeat_ngram_size"],
         min_length=min_length, eos=eos_t, do_sample=s["do_sample"], temperature=s["temperature"],
-        top_k=s["top_k"], top_p=s["top_p"], forced_bos=s["forced_bos_token_id"],
+        top_k=s["top_k"], top_p=s["top_p"], forced_bos=s["forced_bos_token_id"], min_new_tokens=s["min_new_tokens"],
         custom=callables(logits_processor, "logits_processor", "(input_ids, scores) -> scores", "LogitsProcessorList"),
-        forced_eos=_as_list(s["forced_eos_token_id"]), max_length=prompt_len + new_tokens,
+        forced_eos=_as_list(s["forced_eos_token_id"]), max_length=max_length,
         suppress_tokens=s["suppress_tokens"], begin_suppress_tokens=s["begin_suppress_tokens"], prompt_len=prompt_len,
         prompt_no_repeat_ngram_size=s["encoder_no_repeat_ngram_size"], prompt=prompt)
-    criteria = _stopping(s["stop_strings"], tokenizer, stopping_criteria)
+    criteria = stop.criteria
     want_scores = s["return_dict_in_generate"] and s["output_scores"]
     want_logits = s["return_dict_in_generate"] and s["output_logits"]
 
     if draft is not None:
         return _speculative(model, input_ids, pad, new_tokens, draft, num_draft_tokens, draft_stats, processors,
-                            criteria, eos_t, s, streamer, generator)
+                            criteria, stop.eos, s, streamer, generator)
     if num_draft_tokens is not None or draft_stats is not None:
         raise ValueError("num_draft_tokens and draft_stats go with draft= (an OptimizedModel or 'ngram')")
 
     if beams > 1:
         from .beam import beam_search
-        return beam_search(model, input_ids, pad, new_tokens, beams, processors, criteria, eos_t, pad_token_id, s)
+        return beam_search(model, input_ids, pad, new_tokens, beams, processors, criteria, eos_t, pad_token_id, s,
+                           stop_eos=stop.eos)
 
     emit = _stream_fn(streamer)
     if streamer is not None and hasattr(streamer, "put"):
@@ -654,14 +748,14 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens=DEFAULT, *, defaults
                 nxt = torch.multinomial(processed.softmax(dim=-1), 1, generator=generator).squeeze(1)
             else:
                 nxt = processed.argmax(dim=-1)
-            if eos_t is not None:  # transformers pads finished rows only when EOS is a stopping criterion
+            if stop.pads:  # transformers pads finished rows only when a stopping criterion has an eos_token_id
                 nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
             seq[:, length] = nxt
             length += 1
             emit(nxt)
             done = stop_mask(criteria, seq[:, :length], tuple(scores) if scores is not None else None)
-            if eos_t is not None:
-                done = torch.isin(nxt, eos_t) if done is None else done | torch.isin(nxt, eos_t)
+            if stop.eos is not None:
+                done = torch.isin(nxt, stop.eos) if done is None else done | torch.isin(nxt, stop.eos)
             if done is not None:
                 unfinished &= ~done
                 if not unfinished.any():

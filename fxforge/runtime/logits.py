@@ -5,6 +5,10 @@ scores, applied as a list in transformers' order (GenerationMixin._get_logits_pr
     forced_eos_token_id, suppress_tokens, begin_suppress_tokens, the caller's own processors
     (logits_processor=), then, only when sampling, temperature, top_k, top_p.
 
+A processor of the caller's of the same transformers type as one built from the settings
+takes that one's place (`merge`, transformers' _merge_criteria_processor_list): each
+processor here names the transformers class it stands for (`stands_for`).
+
 Each follows the transformers processor of the same name exactly (which tokens it
 touches, how it treats negative logits, the prompt and the padding), so greedy and beam
 outputs are the same token for token.
@@ -12,6 +16,7 @@ outputs are the same token for token.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -19,6 +24,8 @@ import torch
 class RepetitionPenalty:
     """A token already in the row (prompt included, its left padding not) gets its score
     divided by `penalty` when positive, multiplied when negative."""
+
+    stands_for = "RepetitionPenaltyLogitsProcessor"
 
     def __init__(self, penalty: float, pad: torch.Tensor | None):
         self.penalty, self.pad = float(penalty), pad  # pad: left-padding count per row [N]
@@ -38,6 +45,8 @@ class RepetitionPenalty:
 class NoRepeatNGram:
     """Bans every token that would repeat an n-gram already in the row (prompt and its
     padding included, as transformers does)."""
+
+    stands_for = "NoRepeatNGramLogitsProcessor"
 
     def __init__(self, n: int):
         self.n = n
@@ -62,6 +71,8 @@ class PromptNoRepeatNGram:
     the batch before beams or samples expand it; rows of `input_ids` are its rows in order,
     each repeated len(input_ids) // len(prompt) times."""
 
+    stands_for = "EncoderNoRepeatNGramLogitsProcessor"
+
     def __init__(self, n: int, prompt: torch.Tensor):
         self.n, self.rows = n, prompt.shape[0]
         self.ngrams = []
@@ -84,10 +95,12 @@ class PromptNoRepeatNGram:
 
 
 class MinLength:
-    """EOS gets -inf while the row (prompt included) is shorter than `min_length`."""
+    """EOS gets -inf while the row (prompt included) is shorter than `min_length`.
+    `stands_for`: transformers' MinLengthLogitsProcessor, or MinNewTokensLengthLogitsProcessor
+    (min_new_tokens, counted from the prompt's end: the same rule at prompt + min_new_tokens)."""
 
-    def __init__(self, min_length: int, eos: torch.Tensor):
-        self.min_length, self.eos = min_length, eos
+    def __init__(self, min_length: int, eos: torch.Tensor, stands_for: str = "MinLengthLogitsProcessor"):
+        self.min_length, self.eos, self.stands_for = min_length, eos, stands_for
 
     def __call__(self, input_ids, scores):
         if input_ids.shape[-1] >= self.min_length:
@@ -98,6 +111,8 @@ class MinLength:
 
 class ForcedBOS:
     """The first token of a row that starts from one token is `bos`: every other token gets -inf."""
+
+    stands_for = "ForcedBOSTokenLogitsProcessor"
 
     def __init__(self, bos: int):
         self.bos = int(bos)
@@ -112,6 +127,8 @@ class ForcedBOS:
 
 class ForcedEOS:
     """The last token before `max_length` (prompt included) is an EOS: everything else gets -inf."""
+
+    stands_for = "ForcedEOSTokenLogitsProcessor"
 
     def __init__(self, max_length: int, eos: list[int]):
         self.max_length, self.eos = max_length, list(eos)
@@ -131,6 +148,8 @@ class SuppressTokens:
 
     def __init__(self, tokens, at_length: int | None = None):
         self.tokens, self.at_length = torch.as_tensor(list(tokens), dtype=torch.long), at_length
+        self.stands_for = "SuppressTokensLogitsProcessor" if at_length is None else \
+            "SuppressTokensAtBeginLogitsProcessor"
 
     def __call__(self, input_ids, scores):
         if self.at_length is not None and input_ids.shape[-1] != self.at_length:
@@ -184,10 +203,11 @@ def warpers(temperature: float, top_k: int | None, top_p: float | None) -> list:
 def processors(*, repetition_penalty=None, pad=None, no_repeat_ngram_size=None, min_length=None, eos=None,
                do_sample=False, temperature=1.0, top_k=None, top_p=None, custom=(), forced_bos=None,
                forced_eos=None, max_length=None, suppress_tokens=None, begin_suppress_tokens=None,
-               prompt_len=None, prompt_no_repeat_ngram_size=None, prompt=None) -> list:
+               prompt_len=None, prompt_no_repeat_ngram_size=None, prompt=None, min_new_tokens=None) -> list:
     """The processor list of one generate() call. `pad`: left padding per row; `eos`: a
     tensor of EOS ids or None; `min_length` counts the prompt (min_new_tokens already
-    folded in by the caller, as transformers does); `forced_bos`: a token id or None;
+    folded in by the caller, as transformers does; `min_new_tokens` > 0 adds transformers'
+    second processor for it, the same rule, which a caller's processor may replace alone); `forced_bos`: a token id or None;
     `forced_eos`: a list of token ids (or None), forced at `max_length` - 1 (prompt included);
     `suppress_tokens` at every step, `begin_suppress_tokens` at the first generated one
     (`prompt_len` long rows; one later after a one-token prompt with forced_bos, as in
@@ -201,6 +221,8 @@ def processors(*, repetition_penalty=None, pad=None, no_repeat_ngram_size=None, 
         out.append(PromptNoRepeatNGram(prompt_no_repeat_ngram_size, prompt))
     if min_length is not None and min_length > 0 and eos is not None:
         out.append(MinLength(min_length, eos))
+    if min_new_tokens is not None and min_new_tokens > 0 and eos is not None:
+        out.append(MinLength(prompt_len + min_new_tokens, eos, "MinNewTokensLengthLogitsProcessor"))
     if forced_bos is not None:
         out.append(ForcedBOS(forced_bos))
     if forced_eos:
@@ -210,10 +232,41 @@ def processors(*, repetition_penalty=None, pad=None, no_repeat_ngram_size=None, 
     if begin_suppress_tokens is not None:
         begin = prompt_len if prompt_len > 1 or forced_bos is None else prompt_len + 1
         out.append(SuppressTokens(_ids(begin_suppress_tokens), at_length=begin))
-    out += list(custom or ())  # the caller's processors come before the warpers, as in transformers
+    out = merge(out, list(custom or ()), "logits processor")  # the caller's come before the warpers
     if do_sample:
         out += warpers(temperature, top_k, top_p)
     return out
+
+
+def merge(defaults: list, custom: list, kind: str) -> list:
+    """transformers' _merge_criteria_processor_list (5.x): a default whose transformers type
+    the caller also passed is replaced, in its place, by the caller's first one of that
+    type ("the custom one will take precedence", with transformers' warning); the caller's
+    others follow the defaults in their order. `kind`: "logits processor" or "stopping
+    criteria", for the warning."""
+    if not custom:
+        return list(defaults)
+    out = []
+    for default in defaults:
+        mine = next((c for c in custom if same_type(c, default)), None)
+        if mine is not None:
+            name = type(mine)
+            warnings.warn(f"A custom {kind} of type {name} has been passed to `.generate()`, but it was also created "
+                          f"in `.generate()`, given its parameterization. The custom {name} will take precedence. "
+                          f"Please check the docstring of {name} to see related `.generate()` flags.", stacklevel=4)
+        out.append(default if mine is None else mine)
+    return out + [c for c in custom if c not in out]  # (`in`, as transformers tests it)
+
+
+def same_type(custom, default) -> bool:
+    """transformers' `type(custom) is type(default)`, for a default of fxforge's own that
+    stands for a transformers class (by name: a subclass, or a class of the same name
+    outside transformers, is another type)."""
+    name = getattr(default, "stands_for", None)
+    if name is None:
+        return type(custom) is type(default)
+    kind = type(custom)
+    return kind.__name__ == name and kind.__module__.startswith("transformers.")
 
 
 def _ids(tokens) -> list[int]:

@@ -201,7 +201,11 @@ class OptimizedModel:
 
     @generation_defaults.setter
     def generation_defaults(self, defaults: dict):
-        self._generation_defaults, self._generation_config = dict(defaults), None
+        from .generate import check_setting_names
+
+        defaults = dict(defaults)
+        check_setting_names(defaults, "generation_defaults")  # a misspelled key is refused, as generate() refuses it
+        self._generation_defaults, self._generation_config = defaults, None
 
     @property
     def generation_config(self):
@@ -219,9 +223,10 @@ class OptimizedModel:
 
     @generation_config.setter
     def generation_config(self, config):
-        from .generate import defaults_from_generation_config
+        from .generate import check_setting_names, defaults_from_generation_config
 
         if isinstance(config, dict):
+            check_setting_names(config, "generation_config")  # (named as the caller assigned it)
             self.generation_defaults = config
             return
         if not hasattr(config, "to_dict"):
