@@ -121,14 +121,14 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
 def _export_and_lower(model, args, kwargs, injected, dynamic, cache_masks=False, baked=None):
     ep = _export(model, args, kwargs, dynamic, cache_masks=cache_masks, baked=baked)
     _check_no_write_to_shared_buffer(model, ep)
-    ep = _functional(ep)
+    ep = _functional(_without_buffer_replacements(ep))
     try:
         return _lower_exported(ep, injected, model)
     except CaptureError:
         # The fast trace records no stack traces: trace again with them, so that the
         # error names the model's source line, not only its module path.
-        _lower_exported(_functional(_export(model, args, kwargs, dynamic, stack_traces=True,
-                                            cache_masks=cache_masks, baked=baked)), injected, model)
+        _lower_exported(_functional(_without_buffer_replacements(_export(
+            model, args, kwargs, dynamic, stack_traces=True, cache_masks=cache_masks, baked=baked))), injected, model)
         raise
 
 
@@ -209,6 +209,52 @@ def _check_no_write_to_shared_buffer(model, ep):
                         "keep a write to a buffer shared that way, so later calls would not see it. Register the "
                         "buffer in one module and reach it from the others as a plain attribute, or write to a copy "
                         "(buf = buf.clone() before the in-place op).")
+
+
+def _without_buffer_replacements(ep):
+    """A buffer that forward() replaces by a tensor of another shape (a lazily grown rotary
+    cache: `if T > self.max_seq_len_cached: self.register_buffer("cos_cached", ...)`, as
+    transformers before 4.38 and many remote-code models do) is traced as an in-place
+    `copy_` into the old buffer, which functionalization cannot write (a dimension of 4
+    cannot take T rows). Where forward never reads the old buffer, every call this graph
+    computes (under its guards, the branch that replaces it) makes the buffer anew before
+    reading it: no call sees another's value, so the write is dropped (as
+    _buffers_written_before_read drops a same-shape overwrite). Where it reads the old one
+    too, its value would carry from call to call: refused, naming the buffer."""
+    buffer_of = ep.graph_signature.inputs_to_buffers
+    graph = ep.graph_module.graph
+    replaced = [node for node in graph.nodes if node.op == "call_function"
+                and node.target in (torch.ops.aten.copy_.default, torch.ops.aten.copy.default)
+                and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "placeholder"
+                and node.args[0].name in buffer_of and _other_shape(*node.args[:2])]
+    for node in replaced:
+        buffer = node.args[0]
+        name = buffer_of[buffer.name]
+        if any(user is not node for user in buffer.users):
+            old, new = (tuple(n.meta["val"].shape) for n in node.args[:2])
+            raise CaptureError(
+                f"forward() replaces the buffer {name!r} by a tensor of another shape ({_shape_text(old)} -> "
+                f"{_shape_text(new)}: register_buffer or assignment inside forward, as a lazily grown rotary "
+                "cache does) after reading the old one, so each call's result depends on the calls before it\n"
+                "  fix: make the buffer large enough in __init__ so that forward never replaces it (for a "
+                "rotary cache, a max_position_embeddings at least as long as the longest input), or give "
+                "example inputs no longer than the buffer")
+        graph.erase_node(node)
+    if replaced:
+        ep.graph_module.recompile()
+    return ep
+
+
+def _other_shape(buffer, value) -> bool:
+    a, b = (getattr(n.meta.get("val"), "shape", None) if isinstance(n, torch.fx.Node) else None
+            for n in (buffer, value))
+    if a is None or b is None:
+        return False
+    return [str(d) for d in a] != [str(d) for d in b]
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
 
 
 def _functional(ep):
@@ -454,13 +500,29 @@ def _buffers_kept(model):
     counter) must leave the user's model as it found it."""
     buffers = list(model.buffers()) if isinstance(model, torch.nn.Module) else []
     saved = [b.detach().clone() for b in buffers]
+    # a forward that replaces a buffer or sets an attribute (a lazily grown rotary cache's
+    # register_buffer and max_seq_len_cached) is undone too: each module's buffer table and
+    # plain attributes as they were (shallow: the same objects back in their places)
+    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+    tables = [(m, dict(m._buffers), dict(m.__dict__)) for m in modules]
     try:
         yield
     finally:
+        for m, table, attrs in tables:
+            if _replaced(m._buffers, table) or _replaced(m.__dict__, attrs):
+                m._buffers.clear()
+                m._buffers.update(table)
+                for k in [k for k in m.__dict__ if k not in attrs]:
+                    del m.__dict__[k]
+                m.__dict__.update(attrs)
         with torch.no_grad():
             for b, old in zip(buffers, saved):
                 if b.shape == old.shape and b.dtype == old.dtype:
                     b.copy_(old)
+
+
+def _replaced(now: dict, before: dict) -> bool:
+    return now.keys() != before.keys() or any(now[k] is not v for k, v in before.items())
 
 
 def eager_failure(error: Exception, traced: bool) -> CaptureError:
@@ -679,8 +741,9 @@ def _data_dependent_fix(message: str) -> str:
                 "x / float(x.abs().max()) (a 0-dim tensor broadcasts like a number); where the number sets a size "
                 "(torch.zeros(n), x[:n]), compute with fixed shapes instead (torch.where(cond, a, b) or a mask "
                 "rather than slicing)")
-    return ("the model branches on tensor *values* (data-dependent control flow); rewrite that code "
-            "with torch.where / torch.cond, or move the decision out of forward()")
+    return ("the model branches on tensor *values* (data-dependent control flow); compute both results "
+            "and pick with torch.where(cond, a, b) (fxforge does not capture torch.cond), or move the "
+            "decision out of forward()")
 
 
 def _capture_error(model, exc) -> CaptureError:
@@ -929,7 +992,9 @@ class _Lowerer:
     def inline_hop(self, node, hop, args):
         """Grad-mode and autocast wrappers hold a submodule: lower its body in place."""
         if hop.name() not in ("wrap_with_set_grad_enabled", "wrap_with_autocast"):
-            raise CaptureError(f"fxforge cannot inline the higher-order op {hop.name()} (at {_source(node)})")
+            fix = _HOP_FIXES.get(hop.name(), _HOP_FIX)
+            raise CaptureError(f"fxforge cannot inline the higher-order op {hop.name()} (at {_source(node)}): "
+                               f"it captures straight-line graphs only\n  fix: {fix}")
         if hop.name() == "wrap_with_autocast":
             raise CaptureError("the model uses torch.autocast inside forward; cast the model to the dtype you "
                                "want instead (model.half() / model.to(torch.bfloat16))")
@@ -1017,6 +1082,19 @@ def _functional_variant(op):
     if overload is None or len(overload._schema.arguments) != len(op._schema.arguments):
         return None
     return overload
+
+
+# what to write instead of a higher-order op (control flow held in subgraphs) fxforge does not inline
+_HOP_FIX = ("write that code as plain tensor operations (no torch.cond / while_loop / scan / map / "
+            "invoke_subgraph), or run that part outside the model you optimize")
+_HOP_FIXES = {
+    "cond": "compute both branches and pick with torch.where(pred, true_branch(x), false_branch(x)) "
+            "(both must return the same shapes), or move the decision out of forward()",
+    "while_loop": "use a Python loop with a fixed number of steps (it is unrolled), or run the loop outside "
+                  "the model you optimize and optimize its body",
+    "scan": "use a Python loop over the sequence's fixed length (it is unrolled), or vectorize the recurrence",
+    "map": "apply the function to the whole batch at once (vectorized), or use a Python loop (unrolled)",
+}
 
 
 def _clean_expr(e: sympy.Expr) -> sympy.Expr:
