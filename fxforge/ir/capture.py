@@ -160,7 +160,7 @@ def _widened_by_probes(model, args, kwargs, dynamic, cache_masks, baked, ep):
     if not loose or not dims or any(s not in example for g in loose for s in g.free_symbols):
         return None
     ranges = {first.rename[s]: vr for s, vr in ep.range_constraints.items() if s in first.rename}
-    probes = 0
+    probes, widened = 0, False
     for guard in loose:
         at = nearest_refused(guard, example, dims) if guard in guards else None
         if at is None or probes >= _PROBES:
@@ -174,10 +174,22 @@ def _widened_by_probes(model, args, kwargs, dynamic, cache_masks, baked, ep):
         wider = union(guards, more)
         if wider is None:
             continue
-        guards = wider
+        guards, widened = wider, True
         for sym, vr in other_ranges.items():
             ranges[sym] = vr if sym not in ranges else ranges[sym] | vr
-    return guards, ranges
+    return (guards, ranges) if widened else None
+
+
+def _same_constant(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and bool(torch.equal(a, b)))
+    return a is b
+
+
+def _sym_expr(x) -> sympy.Expr:
+    node = getattr(x, "node", None)
+    return node.expr if node is not None and hasattr(node, "expr") else sympy.sympify(x)
 
 
 def _probe_dims(ep, rename) -> dict:
@@ -218,6 +230,9 @@ def _same_computation(ep, rename, other):
     a_nodes, b_nodes = list(ep.graph_module.graph.nodes), list(other.graph_module.graph.nodes)
     if len(a_nodes) != len(b_nodes) or ep.graph_signature != other.graph_signature:
         return None
+    if ep.constants.keys() != other.constants.keys() or not all(
+            _same_constant(ep.constants[k], other.constants[k]) for k in ep.constants):
+        return None  # (a tensor forward() builds from a size is a constant of each trace)
     # other's symbols -> ours, and our symbols other fixed -> their numbers, by the inputs' dims
     theirs, fixed = {}, {}
     for a, b in zip(a_nodes, b_nodes):
@@ -244,8 +259,8 @@ def _same_computation(ep, rename, other):
     ranges.update({s: ValueRanges(int(v), int(v)) for s, v in fixed.items()})
 
     def same_size(x, y) -> bool:
-        ex = _clean_expr(sympy.sympify(x.node.expr if isinstance(x, torch.SymInt) else x).xreplace(rename)).xreplace(fixed)
-        ey = _clean_expr(sympy.sympify(y.node.expr if isinstance(y, torch.SymInt) else y).xreplace(theirs))
+        ex = _clean_expr(_sym_expr(x).xreplace(rename)).xreplace(fixed)
+        ey = _clean_expr(_sym_expr(y).xreplace(theirs))
         if ex == ey:
             return True
         try:
@@ -387,7 +402,8 @@ def _without_buffer_replacements(ep):
             raise CaptureError(
                 f"forward() replaces the buffer {name!r} by a tensor of another shape ({_shape_text(old)} -> "
                 f"{_shape_text(new)}: register_buffer or assignment inside forward, as a lazily grown rotary "
-                "cache does) after reading the old one, so each call's result depends on the calls before it\n"
+                "cache does) and also reads the buffer it replaces, so a call's result can depend on the "
+                "calls before it\n"
                 "  fix: make the buffer large enough in __init__ so that forward never replaces it (for a "
                 "rotary cache, a max_position_embeddings at least as long as the longest input), or give "
                 "example inputs no longer than the buffer")
