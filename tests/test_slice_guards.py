@@ -97,3 +97,19 @@ def test_union_of_guards():
     # not one interval, or not one size: no list of relations says it (the caller keeps its own)
     assert union([sympy.Le(T, 3)], [sympy.Eq(T, 5)]) is None
     assert union([sympy.Le(T, 4)], [sympy.Eq(symbol("B"), 5)]) is None
+
+
+class FlatThird(nn.Module):
+    def forward(self, x):
+        b, t = x.shape[:2]
+        return x.reshape(b * t, -1)[:b * t // 3] * 2
+
+
+def test_a_contiguity_test_of_a_flat_slice_refuses_no_size():
+    # export records whether the slice is one row (Ne(floor(B*T/3), 1)): no other graph there
+    model = FlatThird().eval()
+    fast = fxforge.optimize(model, (torch.randn(2, 6, 8),), cpu_linear=False)
+    for b, t in ((1, 3), (1, 4), (2, 2), (2, 3), (3, 5), (2, 7)):
+        x = torch.randn(b, t, 8)
+        with torch.no_grad():
+            assert_close_to_eager(model(x), fast(x))

@@ -258,9 +258,13 @@ def _same_computation(ep, rename, other):
     ranges = {theirs[s]: ValueRanges(1, vr.upper) for s, vr in other.range_constraints.items() if s in theirs}
     ranges.update({s: ValueRanges(int(v), int(v)) for s, v in fixed.items()})
 
+    # what other's guards say an expression is there (`Eq(floor(B*T/3), 1)`: a size it traced as 1)
+    known = {**fixed, **{g.lhs: g.rhs for g in more if isinstance(g, sympy.Eq) and g.rhs.is_Integer},
+             **{g.rhs: g.lhs for g in more if isinstance(g, sympy.Eq) and g.lhs.is_Integer}}
+
     def same_size(x, y) -> bool:
-        ex = _clean_expr(_sym_expr(x).xreplace(rename)).xreplace(fixed)
-        ey = _clean_expr(_sym_expr(y).xreplace(theirs))
+        ex = _clean_expr(_sym_expr(x).xreplace(rename)).xreplace(known)
+        ey = _clean_expr(_sym_expr(y).xreplace(theirs)).xreplace(known)
         if ex == ey:
             return True
         try:

@@ -208,14 +208,15 @@ def example_sizes(ep, rename: dict) -> dict:
 
 def nearest_refused(rel, example: dict, symbols, reach: int = 32):
     """The sizes nearest the example, one symbol of `symbols` moved (by 1..reach, not below
-    1), where `rel` does not hold: {symbol: value} for the whole example so moved; None where
+    2: export makes a size of 1 a constant, another graph, and sizes of 1 are size_one.py's),
+    where `rel` does not hold: {symbol: value} for the whole example so moved; None where
     there is none."""
     if not holds(rel, example):
         return None
     for step in range(1, reach + 1):
         for sym in sorted(rel.free_symbols & set(symbols), key=str):
             for value in (example[sym] - step, example[sym] + step):
-                if value >= 1 and not holds(rel, {**example, sym: value}):
+                if value >= 2 and not holds(rel, {**example, sym: value}):
                     return {**example, sym: value}
     return None
 
