@@ -129,15 +129,186 @@ def capture_with_spec(model, example_inputs=(), example_kwargs=None, dynamic: bo
 def _export_and_lower(model, args, kwargs, injected, dynamic, cache_masks=False, baked=None):
     ep = _export(model, args, kwargs, dynamic, cache_masks=cache_masks, baked=baked)
     _check_no_write_to_shared_buffer(model, ep)
-    ep = _functional(ep)
+    ep = _functional(_without_buffer_replacements(ep))
+    probed = _widened_by_probes(model, args, kwargs, dynamic, cache_masks, baked, ep) if dynamic else None
     try:
-        return _lower_exported(ep, injected, model)
+        return _lower_exported(ep, injected, model, probed)
     except CaptureError:
         # The fast trace records no stack traces: trace again with them, so that the
         # error names the model's source line, not only its module path.
-        _lower_exported(_functional(_export(model, args, kwargs, dynamic, stack_traces=True,
-                                            cache_masks=cache_masks, baked=baked)), injected, model)
+        _lower_exported(_functional(_without_buffer_replacements(_export(
+            model, args, kwargs, dynamic, stack_traces=True, cache_masks=cache_masks, baked=baked))), injected, model)
         raise
+
+
+_PROBES = 2  # at most so many traces more per capture (each is an export of the whole model)
+
+
+def _widened_by_probes(model, args, kwargs, dynamic, cache_masks, baked, ep):
+    """(guards, ranges) wider than export's where they only were too strict, or None.
+
+    A slice's clamp and a contiguity test record guards the graph may not need (guards.
+    loose_guards: `x[:, :5]` traced at T = 3 refuses T = 5, where eager takes the same 5
+    rows). For such a guard, the model is traced again at the nearest sizes it refuses;
+    where that trace is the same graph as the first (the same ops on the same arguments, every
+    size the same expression: _same_computation), the graph computes the model wherever either
+    trace's guards hold, and its guards are their union (guards.union). The model's own code
+    recording the same relation (`if T < 5`) traces another graph there, and nothing widens."""
+    from .guards import example_sizes, loose_guards, nearest_refused, union
+
+    first = _Lowerer(ep)
+    first.name_dims([n for n in ep.graph_module.graph.nodes if n.op == "placeholder"])
+    try:
+        guards = guards_from_export(ep, first.rename, _clean_expr)
+        loose = [g for g in loose_guards(ep, first.rename, _clean_expr) if g in guards]
+    except ValueError:
+        return None
+    dims = _probe_dims(ep, first.rename)
+    example = example_sizes(ep, first.rename)
+    if not loose or not dims or any(s not in example for g in loose for s in g.free_symbols):
+        return None
+    ranges = {first.rename[s]: vr for s, vr in ep.range_constraints.items() if s in first.rename}
+    probes, widened = 0, False
+    for guard in loose:
+        at = nearest_refused(guard, example, dims) if guard in guards else None
+        if at is None or probes >= _PROBES:
+            continue
+        probes += 1
+        other = _probe_trace(model, args, kwargs, cache_masks, baked, {dims[s]: v for s, v in at.items() if s in dims})
+        same = other is not None and _same_computation(ep, first.rename, other)
+        if not same:
+            continue
+        more, other_ranges = same
+        wider = union(guards, more)
+        if wider is None:
+            continue
+        guards, widened = wider, True
+        for sym, vr in other_ranges.items():
+            ranges[sym] = vr if sym not in ranges else ranges[sym] | vr
+    return (guards, ranges) if widened else None
+
+
+def _same_constant(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and bool(torch.equal(a, b)))
+    return a is b
+
+
+def _sym_expr(x) -> sympy.Expr:
+    node = getattr(x, "node", None)
+    return node.expr if node is not None and hasattr(node, "expr") else sympy.sympify(x)
+
+
+def _probe_dims(ep, rename) -> dict:
+    """{our symbol: its dim (0 or 1) in the first input tensor}: the sizes a probe can set."""
+    from torch.export.graph_signature import InputKind
+
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind != InputKind.USER_INPUT:
+            continue
+        node = next((n for n in ep.graph_module.graph.nodes if n.name == getattr(spec.arg, "name", None)), None)
+        val = node.meta.get("val") if node is not None else None
+        if isinstance(val, torch.Tensor):
+            return {rename[d.node.expr]: i for i, d in enumerate(val.shape[:2])
+                    if isinstance(d, torch.SymInt) and d.node.expr in rename}
+    return {}
+
+
+def _probe_trace(model, args, kwargs, cache_masks, baked, sizes):
+    """The model traced as the first capture, the first input's dims at `sizes`; None where
+    that trace fails (the model cannot run there: nothing to widen to)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _functional(_without_buffer_replacements(
+                _export(model, args, kwargs, True, cache_masks=cache_masks, baked=baked, sizes=sizes)))
+    except Exception:  # noqa: BLE001 (any failure: no probe)
+        return None
+
+
+def _same_computation(ep, rename, other):
+    """Whether `other` (a trace at other sizes) is the graph `ep` is: the same nodes, ops and
+    arguments, and every tensor's shape and every size value the same expression over the
+    sizes where `other`'s guards hold (a size `other` traced as a constant is that number
+    there). Returns (other's guards over our symbols, with `Eq(T, 5)` for such a constant;
+    other's ranges), or None."""
+    from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
+
+    a_nodes, b_nodes = list(ep.graph_module.graph.nodes), list(other.graph_module.graph.nodes)
+    if len(a_nodes) != len(b_nodes) or ep.graph_signature != other.graph_signature:
+        return None
+    if ep.constants.keys() != other.constants.keys() or not all(
+            _same_constant(ep.constants[k], other.constants[k]) for k in ep.constants):
+        return None  # (a tensor forward() builds from a size is a constant of each trace)
+    # other's symbols -> ours, and our symbols other fixed -> their numbers, by the inputs' dims
+    theirs, fixed = {}, {}
+    for a, b in zip(a_nodes, b_nodes):
+        if a.op != "placeholder":
+            break
+        sa, sb = (getattr(n.meta.get("val"), "shape", ()) for n in (a, b))
+        if len(sa) != len(sb):
+            return None
+        for x, y in zip(sa, sb):
+            ex = x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
+            ey = y.node.expr if isinstance(y, torch.SymInt) else sympy.Integer(int(y))
+            if ex.is_Symbol and ex in rename and ey.is_Symbol:
+                theirs[ey] = rename[ex]
+            elif ex.is_Symbol and ex in rename and ey.is_Integer:
+                fixed[rename[ex]] = ey
+            elif ex != ey:
+                return None
+    try:
+        more = guards_from_export(other, theirs, _clean_expr)
+    except ValueError:
+        return None
+    more = more + [sympy.Eq(s, v) for s, v in fixed.items()]
+    ranges = {theirs[s]: ValueRanges(1, vr.upper) for s, vr in other.range_constraints.items() if s in theirs}
+    ranges.update({s: ValueRanges(int(v), int(v)) for s, v in fixed.items()})
+
+    # what other's guards say an expression is there (`Eq(floor(B*T/3), 1)`: a size it traced as 1)
+    known = {**fixed, **{g.lhs: g.rhs for g in more if isinstance(g, sympy.Eq) and g.rhs.is_Integer},
+             **{g.rhs: g.lhs for g in more if isinstance(g, sympy.Eq) and g.lhs.is_Integer}}
+
+    def same_size(x, y) -> bool:
+        ex = _clean_expr(_sym_expr(x).xreplace(rename)).xreplace(known)
+        ey = _clean_expr(_sym_expr(y).xreplace(theirs)).xreplace(known)
+        if ex == ey:
+            return True
+        try:
+            gap = bound_sympy(ex - ey, ranges)
+        except Exception:  # noqa: BLE001 (an expression torch's range analysis does not take)
+            return False
+        return gap.lower == 0 and gap.upper == 0
+
+    def same_value(x, y) -> bool:
+        if isinstance(x, torch.fx.Node) or isinstance(y, torch.fx.Node):
+            return isinstance(x, torch.fx.Node) and isinstance(y, torch.fx.Node) and index[x] == index[y]
+        if isinstance(x, (list, tuple)) or isinstance(y, (list, tuple)):
+            return type(x) is type(y) and len(x) == len(y) and all(same_value(p, q) for p, q in zip(x, y))
+        if isinstance(x, dict) or isinstance(y, dict):
+            return type(x) is type(y) and x.keys() == y.keys() and all(same_value(x[k], y[k]) for k in x)
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
+                    and same_value(tuple(x.shape), tuple(y.shape)))
+        if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) or \
+                isinstance(y, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return same_size(x, y)
+        try:
+            return type(x) is type(y) and bool(x == y)
+        except Exception:  # noqa: BLE001 (a value without a plain ==)
+            return False
+
+    index = {n: i for i, n in enumerate(a_nodes)}
+    index.update({n: i for i, n in enumerate(b_nodes)})
+    for a, b in zip(a_nodes, b_nodes):
+        if a.op != b.op or a.target != b.target or not same_value(a.args, b.args) \
+                or not same_value(a.kwargs, b.kwargs) or not same_value(a.meta.get("val"), b.meta.get("val")):
+            return None
+        if a.op == "get_attr" and not same_value(getattr(ep.graph_module, a.target, None),
+                                                 getattr(other.graph_module, b.target, None)):
+            return None
+    return more, ranges
 
 
 def _constant_var_kwargs(model, args, kwargs) -> dict:
@@ -219,6 +390,53 @@ def _check_no_write_to_shared_buffer(model, ep):
                         "(buf = buf.clone() before the in-place op).")
 
 
+def _without_buffer_replacements(ep):
+    """A buffer that forward() replaces by a tensor of another shape (a lazily grown rotary
+    cache: `if T > self.max_seq_len_cached: self.register_buffer("cos_cached", ...)`, as
+    transformers before 4.38 and many remote-code models do) is traced as an in-place
+    `copy_` into the old buffer, which functionalization cannot write (a dimension of 4
+    cannot take T rows). Where forward never reads the old buffer, every call this graph
+    computes (under its guards, the branch that replaces it) makes the buffer anew before
+    reading it: no call sees another's value, so the write is dropped (as
+    _buffers_written_before_read drops a same-shape overwrite). Where it reads the old one
+    too, its value would carry from call to call: refused, naming the buffer."""
+    buffer_of = ep.graph_signature.inputs_to_buffers
+    graph = ep.graph_module.graph
+    replaced = [node for node in graph.nodes if node.op == "call_function"
+                and node.target in (torch.ops.aten.copy_.default, torch.ops.aten.copy.default)
+                and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "placeholder"
+                and node.args[0].name in buffer_of and _other_shape(*node.args[:2])]
+    for node in replaced:
+        buffer = node.args[0]
+        name = buffer_of[buffer.name]
+        if any(user is not node for user in buffer.users):
+            old, new = (tuple(n.meta["val"].shape) for n in node.args[:2])
+            raise CaptureError(
+                f"forward() replaces the buffer {name!r} by a tensor of another shape ({_shape_text(old)} -> "
+                f"{_shape_text(new)}: register_buffer or assignment inside forward, as a lazily grown rotary "
+                "cache does) and also reads the buffer it replaces, so a call's result can depend on the "
+                "calls before it\n"
+                "  fix: make the buffer large enough in __init__ so that forward never replaces it (for a "
+                "rotary cache, a max_position_embeddings at least as long as the longest input), or give "
+                "example inputs no longer than the buffer")
+        graph.erase_node(node)
+    if replaced:
+        ep.graph_module.recompile()
+    return ep
+
+
+def _other_shape(buffer, value) -> bool:
+    a, b = (getattr(n.meta.get("val"), "shape", None) if isinstance(n, torch.fx.Node) else None
+            for n in (buffer, value))
+    if a is None or b is None:
+        return False
+    return [str(d) for d in a] != [str(d) for d in b]
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
 def _functional(ep):
     """The IR has no aliasing: a write through a view (or any in-place op the lowerer
     cannot make functional itself) needs torch's functionalization first, which turns
@@ -286,7 +504,7 @@ def _check_example_use_cache(model, kwargs):
 _GUESSES = (frozenset({"broadcast", "beyond", "own length"}), frozenset({"beyond", "own length"}), frozenset())
 
 
-def _export_example(args, kwargs, dynamic, guesses=_GUESSES[0]):
+def _export_example(args, kwargs, dynamic, guesses=_GUESSES[0], sizes=None):
     """The example torch.export traces, and {id of its tensor: dims beyond 0 and 1 to trace as
     symbols} (dims 0 and 1 of every tensor are: _dynamic_shapes).
 
@@ -305,6 +523,8 @@ def _export_example(args, kwargs, dynamic, guesses=_GUESSES[0]):
     tx = max(t0, 2) if t0 is not None else None
     if tx is not None and tx == bx:
         tx += 1
+    if sizes:  # a probe of other sizes (_widened_by_probes): {dim of the first tensor: its size}
+        bx, tx = sizes.get(0, bx), sizes.get(1, tx)
     targets = {0: (b0, bx), 1: (t0, tx)}
     beyond: dict = {}
 
@@ -421,15 +641,16 @@ def _unaliased(args, kwargs):
     return pytree.tree_map(own, (args, kwargs))
 
 
-def _export(model, args, kwargs, dynamic, stack_traces: bool = False, cache_masks: bool = False, baked=None):
+def _export(model, args, kwargs, dynamic, stack_traces: bool = False, cache_masks: bool = False, baked=None,
+            sizes=None):
     args, kwargs = _unaliased(args, kwargs)
-    ex_args, ex_kwargs, beyond = _export_example(args, kwargs, dynamic)
+    ex_args, ex_kwargs, beyond = _export_example(args, kwargs, dynamic, sizes=sizes)
     dyn = _dynamic_shapes(model, ex_args, ex_kwargs, beyond) if dynamic else None
     try:
         with torch.no_grad(), _trace_settings(stack_traces), _config_without_cache(model, kwargs), \
                 _masks_as_with_cache(cache_masks), _bound_forward(model, baked), _without_partial_graph_dump(), \
                 _tensor_attributes_kept(model), nested_fast_path_as_eager(model), _MarkNoOpContiguous():
-            return _export_traced(model, (args, kwargs), (ex_args, ex_kwargs), dyn)
+            return _export_traced(model, (args, kwargs), (ex_args, ex_kwargs), dyn, sizes)
     except Exception as e:  # torch.export raises many kinds; all become one clear error
         through = _through_var_keyword(model, ex_args, ex_kwargs) if dynamic else []
         if through and "tree_name" in str(e):  # export's dynamic shapes fail on a **kwargs tensor
@@ -462,13 +683,29 @@ def _buffers_kept(model):
     counter) must leave the user's model as it found it."""
     buffers = list(model.buffers()) if isinstance(model, torch.nn.Module) else []
     saved = [b.detach().clone() for b in buffers]
+    # a forward that replaces a buffer or sets an attribute (a lazily grown rotary cache's
+    # register_buffer and max_seq_len_cached) is undone too: each module's buffer table and
+    # plain attributes as they were (shallow: the same objects back in their places)
+    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+    tables = [(m, dict(m._buffers), dict(m.__dict__)) for m in modules]
     try:
         yield
     finally:
+        for m, table, attrs in tables:
+            if _replaced(m._buffers, table) or _replaced(m.__dict__, attrs):
+                m._buffers.clear()
+                m._buffers.update(table)
+                for k in [k for k in m.__dict__ if k not in attrs]:
+                    del m.__dict__[k]
+                m.__dict__.update(attrs)
         with torch.no_grad():
             for b, old in zip(buffers, saved):
                 if b.shape == old.shape and b.dtype == old.dtype:
                     b.copy_(old)
+
+
+def _replaced(now: dict, before: dict) -> bool:
+    return now.keys() != before.keys() or any(now[k] is not v for k, v in before.items())
 
 
 def eager_failure(error: Exception, traced: bool) -> CaptureError:
@@ -483,7 +720,7 @@ def eager_failure(error: Exception, traced: bool) -> CaptureError:
         "can hold), then optimize again")
 
 
-def _export_traced(model, example, traced, dyn):
+def _export_traced(model, example, traced, dyn, sizes=None):
     """torch.export of the `traced` example (_export_example's growth of `example`). Where
     that fails, a guess may be what the model does not take (a (1, 1, T, T) input it reads
     per row, a dim that only looked like the length): the example is traced again grown
@@ -491,7 +728,7 @@ def _export_traced(model, example, traced, dyn):
     the one raised."""
     traces = [(*traced, dyn)]
     for guesses in (_GUESSES[1:] if dyn is not None else ()):
-        args, kwargs, beyond = _export_example(*example, True, guesses)
+        args, kwargs, beyond = _export_example(*example, True, guesses, sizes)
         trace = (args, kwargs, _dynamic_shapes(model, args, kwargs, beyond))
         if not any(_same_trace(trace, other) for other in traces):
             traces.append(trace)
@@ -687,8 +924,9 @@ def _data_dependent_fix(message: str) -> str:
                 "x / float(x.abs().max()) (a 0-dim tensor broadcasts like a number); where the number sets a size "
                 "(torch.zeros(n), x[:n]), compute with fixed shapes instead (torch.where(cond, a, b) or a mask "
                 "rather than slicing)")
-    return ("the model branches on tensor *values* (data-dependent control flow); rewrite that code "
-            "with torch.where / torch.cond, or move the decision out of forward()")
+    return ("the model branches on tensor *values* (data-dependent control flow); compute both results "
+            "and pick with torch.where(cond, a, b) (fxforge does not capture torch.cond), or move the "
+            "decision out of forward()")
 
 
 def _capture_error(model, exc) -> CaptureError:
@@ -760,7 +998,9 @@ class _Lowerer:
         self.current = None  # the fx node being lowered, for errors
         self.fixed_dtypes: dict = {}  # no-op casts to a fixed float dtype (lowering.LowerCtx)
 
-    def size_ranges(self):
+    def size_ranges(self, probed=None):
+        """probed: (guards, ranges) widened by a trace at other sizes (_widened_by_probes),
+        for export's own."""
         from torch.utils._sympy.value_ranges import ValueRanges
 
         for sym, vr in self.ep.range_constraints.items():
@@ -772,6 +1012,9 @@ class _Lowerer:
             self.guards = guards_from_export(self.ep, self.rename, _clean_expr)
         except ValueError as e:  # a condition the IR's text cannot hold, or one misread
             raise CaptureError(f"reading the conditions torch.export recorded on the sizes: {e}") from None
+        if probed is not None:
+            self.guards = list(probed[0])
+            self.ranges.update({s: ValueRanges(1, vr.upper) for s, vr in probed[1].items()})
         for rel in self.guards:
             if isinstance(rel, sympy.Eq):
                 for a, b in ((rel.lhs, rel.rhs), (rel.rhs, rel.lhs)):
@@ -937,7 +1180,9 @@ class _Lowerer:
     def inline_hop(self, node, hop, args):
         """Grad-mode and autocast wrappers hold a submodule: lower its body in place."""
         if hop.name() not in ("wrap_with_set_grad_enabled", "wrap_with_autocast"):
-            raise CaptureError(f"fxforge cannot inline the higher-order op {hop.name()} (at {_source(node)})")
+            fix = _HOP_FIXES.get(hop.name(), _HOP_FIX)
+            raise CaptureError(f"fxforge cannot inline the higher-order op {hop.name()} (at {_source(node)}): "
+                               f"it captures straight-line graphs only\n  fix: {fix}")
         if hop.name() == "wrap_with_autocast":
             raise CaptureError("the model uses torch.autocast inside forward; cast the model to the dtype you "
                                "want instead (model.half() / model.to(torch.bfloat16))")
@@ -1025,6 +1270,19 @@ def _functional_variant(op):
     if overload is None or len(overload._schema.arguments) != len(op._schema.arguments):
         return None
     return overload
+
+
+# what to write instead of a higher-order op (control flow held in subgraphs) fxforge does not inline
+_HOP_FIX = ("write that code as plain tensor operations (no torch.cond / while_loop / scan / map / "
+            "invoke_subgraph), or run that part outside the model you optimize")
+_HOP_FIXES = {
+    "cond": "compute both branches and pick with torch.where(pred, true_branch(x), false_branch(x)) "
+            "(both must return the same shapes), or move the decision out of forward()",
+    "while_loop": "use a Python loop with a fixed number of steps (it is unrolled), or run the loop outside "
+                  "the model you optimize and optimize its body",
+    "scan": "use a Python loop over the sequence's fixed length (it is unrolled), or vectorize the recurrence",
+    "map": "apply the function to the whole batch at once (vectorized), or use a Python loop (unrolled)",
+}
 
 
 def _clean_expr(e: sympy.Expr) -> sympy.Expr:
@@ -1194,14 +1452,14 @@ def _fx_reachable(start, step):
             todo.extend(step(n))
 
 
-def _lower_exported(ep, injected, model):
+def _lower_exported(ep, injected, model, probed=None):
     from torch.export.graph_signature import InputKind, OutputKind
 
     low = _Lowerer(ep)
     gm = ep.graph_module
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     low.name_dims(placeholders)
-    low.size_ranges()
+    low.size_ranges(probed)
     by_name = {n.name: n for n in placeholders}
     env: dict = {}
     g = Graph()

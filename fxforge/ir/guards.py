@@ -165,6 +165,112 @@ def guards_from_export(ep, rename: dict, clean) -> list:
     return out
 
 
+# -- guards that may be stricter than the graph ------------------------------------------------
+# torch's own checks that record a guard the graph may not need: a slice's index clamp
+# (`x[:, :5]` at T = 3 records `T < 5`, though at T = 5 the clamp and no clamp take the same
+# 5 rows) and a contiguity test (`x[:, :min(T, 5)]` records whether the slice is the whole
+# row, which the values computed do not depend on). The model's own code can record the same
+# relation, so such a guard is widened only where a trace at a size it refuses is the same
+# graph (capture._widened_by_probes), never by its origin alone.
+_LOOSE_ORIGINS = (("fake_impls.py", "_compute_slice_index"), ("__init__.py", "check_contiguous_sizes_strides"))
+
+
+def loose_guards(ep, rename: dict, clean) -> list:
+    """The guards of guards_from_export (in its form) that torch's slice clamp or contiguity
+    test recorded (_LOOSE_ORIGINS): the ones a probe at a size they refuse may widen."""
+    out = []
+    for guard in getattr(_shape_env(ep), "guards", ()):
+        loc = getattr(getattr(guard, "sloc", None), "framework_loc", None)
+        where = (str(getattr(loc, "filename", "")), str(getattr(loc, "name", "")))
+        if not any(where[0].endswith(f) and where[1] == n for f, n in _LOOSE_ORIGINS):
+            continue
+        rel = clean(guard.expr.xreplace(rename))
+        if not rel.free_symbols <= set(rename.values()):
+            continue
+        for part in _conjuncts(rel):
+            try:
+                part = _as_read_back(_as_bound(part))
+            except ValueError:
+                continue
+            if part not in (sympy.true, sympy.false) and part not in out:
+                out.append(part)
+    return out
+
+
+def example_sizes(ep, rename: dict) -> dict:
+    """{our size symbol: its value in the trace}."""
+    shape_env = _shape_env(ep)
+    values = getattr(shape_env, "backed_var_to_val", None)  # (torch < 2.10: var_to_val)
+    if values is None:
+        values = getattr(shape_env, "var_to_val", {})
+    return {rename[s]: int(v) for s, v in values.items() if s in rename}
+
+
+def nearest_refused(rel, example: dict, symbols, reach: int = 32):
+    """The sizes nearest the example, one symbol of `symbols` moved (by 1..reach, not below
+    2: export makes a size of 1 a constant, another graph, and sizes of 1 are size_one.py's),
+    where `rel` does not hold: {symbol: value} for the whole example so moved; None where
+    there is none."""
+    if not holds(rel, example):
+        return None
+    for step in range(1, reach + 1):
+        for sym in sorted(rel.free_symbols & set(symbols), key=str):
+            for value in (example[sym] - step, example[sym] + step):
+                if value >= 2 and not holds(rel, {**example, sym: value}):
+                    return {**example, sym: value}
+    return None
+
+
+def union(first: list, second: list):
+    """The guards that hold where all of `first` or all of `second` hold, as relations (a guard
+    line is one): what they share, and the rest where it is one relation and its negation
+    (nothing more) or bounds of one size (`T <= 4` or `Eq(T, 5)` is `T <= 5`). None where
+    the union is no list of relations: the caller keeps `first`, never a wider guess."""
+    shared = [g for g in first if g in second]
+    rest = [[g for g in gs if g not in shared] for gs in (first, second)]
+    if not rest[0] or not rest[1]:
+        return shared
+    if len(rest[0]) == len(rest[1]) == 1 and rest[0][0] == _negation(rest[1][0]):
+        return shared
+    merged = _merged_bounds(rest[0], rest[1])
+    if merged is None:
+        return None
+    return shared + [g for g in merged if g not in shared]
+
+
+def _negation(rel):
+    try:
+        return _as_read_back(_as_bound(rel.negated))
+    except (AttributeError, ValueError):
+        return None
+
+
+def _merged_bounds(first: list, second: list):
+    """`first | second` as bounds of one size, where every relation in them is on that one
+    size, with integers only and no Mod, floor or ceiling (each then decided alike for every
+    size past its largest number, + 2): the sizes where either holds, counted up to that number, are one interval. None
+    where they are not."""
+    rels = first + second
+    syms = {s for r in rels for s in r.free_symbols}
+    if len(syms) != 1 or any(r.has(sympy.Mod, sympy.floor, sympy.ceiling) or _in_floats(r)
+                             or any(not n.is_Integer for n in r.atoms(sympy.Rational)) for r in rels):
+        return None  # (a fraction's threshold can lie past the largest integer written)
+    (sym,) = syms
+    top = 2 + max((abs(int(n)) for r in rels for n in r.atoms(sympy.Integer)), default=0)
+
+    def member(v) -> bool:
+        return any(all(holds(r, {sym: v}) for r in part) for part in (first, second))
+
+    inside = [v for v in range(1, top + 2) if member(v)]
+    if not inside or inside != list(range(inside[0], inside[-1] + 1)):
+        return None
+    low, high = inside[0], (math.inf if inside[-1] == top + 1 else inside[-1])
+    if low == high:
+        return [sympy.Eq(sym, low)]
+    out = [sympy.Ge(sym, low)] if low > 2 else []  # (>= 2 is export's 0/1 specialization: not kept)
+    return out + ([sympy.Le(sym, high)] if high != math.inf else [])
+
+
 def _conjuncts(rel) -> list:
     """`(a >= 0) & (a <= T)` -> [a >= 0, a <= T]: a guard line is one relation."""
     if isinstance(rel, sympy.And):
