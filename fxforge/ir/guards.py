@@ -494,6 +494,8 @@ class GuardChecker:
         return (f"{what} have {given}, outside the sizes this model was captured for: "
                 f"{' and '.join(format_guard(g) for g in failed)} does not hold "
                 f"(all conditions on {', '.join(map(str, involved))}: {'; '.join(conditions)}). "
-                "torch.export recorded these from the model's code (a branch on a size, a slice of a "
-                "fixed-size buffer, a reshape); call with sizes that satisfy them, or run fxforge.optimize "
-                "again with example inputs of the sizes you need")
+                "They come from the model's code (a branch on a size, a slice of a fixed-size buffer, a "
+                "reshape), as torch.export recorded them or as fxforge's probes found them (a size of 1 where "
+                "the model computes otherwise, or where the graph cannot run: two sizes it takes as equal); "
+                "call with sizes that satisfy them, or run fxforge.optimize again with example inputs of the "
+                "sizes you need")
