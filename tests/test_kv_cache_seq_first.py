@@ -122,9 +122,9 @@ class _FoldedHeads(nn.Module):
     """Attention as torch.bmm on [B*H, T, D] (fairseq / Megatron style) with a causal mask,
     the heads folded batch-major (row b*H + h) or, with `heads_major`, head-major (h*B + b)."""
 
-    def __init__(self, heads_major: bool = False):
+    def __init__(self, heads_major: bool = False, additive: bool = False):
         super().__init__()
-        self.heads_major = heads_major
+        self.heads_major, self.additive = heads_major, additive
         self.emb, self.pos = nn.Embedding(VOCAB, DIM), nn.Embedding(64, DIM)
         self.qkv, self.head = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, VOCAB)
         self.register_buffer("mask", torch.tril(torch.ones(64, 64, dtype=torch.bool)))
@@ -139,15 +139,21 @@ class _FoldedHeads(nn.Module):
         x = self.emb(ids) + self.pos(torch.arange(T))
         q, k, v = (self._fold(t, B, T) for t in self.qkv(x).chunk(3, -1))
         scores = torch.bmm(q, k.transpose(1, 2)) * q.shape[-1] ** -0.5
-        y = torch.bmm(scores.masked_fill(~self.mask[:T, :T], float("-inf")).softmax(-1), v)
+        if self.additive:  # a float mask added to the folded [B*H, T, T] scores
+            scores = scores + torch.zeros(T, T).masked_fill(~self.mask[:T, :T], float("-inf"))
+        else:
+            scores = scores.masked_fill(~self.mask[:T, :T], float("-inf"))
+        y = torch.bmm(scores.softmax(-1), v)
         y = y.view(HEADS, B, T, -1).permute(1, 2, 0, 3) if self.heads_major else \
             y.view(B, HEADS, T, -1).transpose(1, 2)
         return self.head(x + y.reshape(B, T, DIM))
 
 
-def test_bmm_attention_with_heads_folded_into_the_batch_gets_a_cache():
+@pytest.mark.parametrize("additive", [False, True], ids=["masked_fill", "added-mask"])
+def test_bmm_attention_with_heads_folded_into_the_batch_gets_a_cache(additive):
     # q, k, v are views of [B, H, T, D]: attention runs on those, and the cache keeps them
-    _assert_generates_like_eager(_model(_FoldedHeads()))
+    # (a causal mask on the folded scores is causal all the same: fuse_attention proves it)
+    _assert_generates_like_eager(_model(_FoldedHeads(additive=additive)))
 
 
 def test_a_fold_not_traced_to_batch_and_heads_says_so():
