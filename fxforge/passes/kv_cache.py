@@ -58,6 +58,7 @@ at those positions is that value.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import sympy
@@ -65,6 +66,7 @@ import torch
 
 from ..ir import roles
 from ..ir.attr_walk import attr_leaves
+from ..ir.builder import Builder
 from ..ir.edit import dead_code_elimination, retyped
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import OPS, attention_has_bias, causal_keep
@@ -195,6 +197,8 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
         raise KVCacheError("kv_cache: the graph has no fused attention op, so there is nothing to cache. "
                            "Run fuse_attention first (it is in the default pipeline); if it ran, its notes "
                            "(below) say why it declined this model's attention")
+    graph = _unfold_folded_heads(graph)
+    attentions = [n for n in graph.nodes if n.op == "attention"]
     first_q = attentions[0].inputs[0]
     batch, seq = first_q.shape[0], first_q.shape[2]
     if not attentions[0].attrs["causal"] and not attention_has_bias(attentions[0]) \
@@ -202,6 +206,17 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
         # said first: a plain [B, T, D] attention (no heads, no mask) reaches here as [1, B, T, D],
         # which the heads checks below would misread; its real problem is that it sees later tokens
         raise KVCacheError(f"kv_cache: this attention {NOT_CAUSAL}\n  at: {_describe(graph, attentions[0])}")
+    if sympy.sympify(batch) == 1 and sympy.sympify(first_q.shape[1]).free_symbols \
+            and not attention_has_bias(attentions[0]):
+        # bmm's [B*H, T, D] spelling without a mask, whose fold _unfold_folded_heads could not
+        # trace back to [B, H, T, D]
+        raise KVCacheError(f"kv_cache: attention has its heads folded into the batch ({first_q.type}: bmm on "
+                           "[B*H, T, D], fairseq / Megatron style), and the pass cannot prove the fold is a "
+                           "view of [B, H, T, D] tensors (q, k and v each a reshape of one that merges its "
+                           "batch and heads dims), which is what the cache keeps per layer. Build q, k and v "
+                           "as x.view(B, T, H, D).transpose(1, 2) and fold them only for the bmm "
+                           "(.reshape(B * H, T, D)), or use F.scaled_dot_product_attention on [B, H, T, D] "
+                           "tensors\n  at: " + _describe(graph, attentions[0]))
     if sympy.sympify(batch) == 1 and sympy.sympify(first_q.shape[1]).free_symbols:
         # a batch of 1 with a dynamic head dim (2*B): bmm's [B*H, T, D] spelling, the mask added to
         # the folded [B*H, T, T] scores, which the fusion could not unfold; another length cannot help
@@ -296,6 +311,49 @@ def kv_cache(graph: Graph, ctx=None) -> Graph:
                  f"max_seq_len {max_seq_len if max_seq_len is not None else 'unbounded'}")
         ctx.note(logits_note)
     return new_graph
+
+
+def _unfolded(x: Value, producers) -> Value | None:
+    """The [B, H, T, D] tensor whose batch and heads dims `x` [1, B*H, T, D] merges
+    (unsqueeze(view([B, H, T, D] -> [B*H, T, D]), 0), the shape bmm-style attention
+    reaches the pass in), or None where `x` is not provably that view."""
+    lead = producers.get(x)
+    if x.rank != 4 or not dims_equal(x.shape[0], 1) or lead is None or lead.op != "unsqueeze" \
+            or lead.attrs.get("dim") not in (0, -4):
+        return None
+    view = producers.get(lead.inputs[0])
+    if view is None or not _is_view(view):
+        return None
+    src = view.inputs[0]
+    folded = view.outputs[0]
+    if src.rank != 4 or not isinstance(src.shape[0], sympy.Symbol) or _mentions(src.shape[2], src.shape[0]) \
+            or not dims_equal(src.shape[0] * src.shape[1], folded.shape[0]) \
+            or not all(dims_equal(a, b) for a, b in zip(src.shape[2:], folded.shape[1:])):
+        return None
+    return src
+
+
+def _unfold_folded_heads(graph: Graph) -> Graph:
+    """attention(q, k, v) on [1, B*H, T, D] (heads folded into the batch for torch.bmm,
+    fairseq / Megatron style; the fusion adds the leading 1) -> the same attention on the
+    [B, H, T, D] tensors q, k and v are views of, viewed back: attention treats each (b, h)
+    alone, so the result is the same, and the cache then keeps [B, H, S, D] per layer.
+    Only where each of q, k and v is provably such a view, of one batch, and there is no
+    mask input (a mask on the folded [B*H, T, T] scores is refused with its own message)."""
+    producers = graph.producers()
+    nodes, changed = [], False
+    for n in graph.nodes:
+        sources = [_unfolded(x, producers) for x in n.inputs[:3]] if n.op == "attention" and \
+            len(n.inputs) == 3 else [None]
+        if None in sources or len({src.shape[0] for src in sources}) != 1:
+            nodes.append(n)
+            continue
+        b = Builder(meta=n.meta)
+        out = b.emit("attention", *sources, **n.attrs)
+        b.nodes.append(Node("view", (out,), {"shape": tuple(n.outputs[0].shape)}, n.outputs, dict(n.meta)))
+        nodes += b.nodes
+        changed = True
+    return graph.with_nodes(nodes) if changed else graph
 
 
 def _output_roles(graph: Graph, batch, seq, head_picks: set[int]) -> tuple[tuple[str, ...], str]:
@@ -1038,6 +1096,7 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch, head_picks:
     would see only those and give other numbers than over
     the whole sequence: refuse."""
     positions = _position_values(graph)
+    orders = _token_orders(graph, seq, batch)
     for n in graph.nodes:
         if id(n) in head_picks:
             # the last new token is the sequence's last (new tokens go at its end), and what
@@ -1087,7 +1146,7 @@ def _check_nothing_runs_along_the_sequence(graph: Graph, seq, batch, head_picks:
                                "gather over token positions: RWKV's token shift, a smear of the previous token); "
                                "with a cache the step's input holds only the new tokens, so it would read other "
                                f"tokens than over the whole sequence\n  at: {_describe(graph, n)}")
-        elif (why := _mixes_tokens(n, seq, batch)) is not None:
+        elif (why := _mixes_tokens(n, seq, batch, orders)) is not None:
             raise KVCacheError(f"kv_cache: this op ({_op_name(n)}) {why}; with a cache the step's input holds only "
                                "the new tokens (1 at decode), so it would compute other values than over the whole "
                                "sequence, and the cache keeps only attention's keys and values. Optimize with "
@@ -1391,6 +1450,133 @@ def _view_keeps_tokens(x: Value, out: Value, seq, batch) -> bool:
     return True
 
 
+def _product(dims):
+    return sympy.Mul(*[sympy.sympify(d) for d in dims])
+
+
+def _divides(a, b) -> bool:
+    """The size `a` divides the size `b` for every value of their symbols (b / a is a
+    polynomial: 32 divides 32*B, 64 does not divide 32*B)."""
+    a, b = sympy.sympify(a), sympy.sympify(b)
+    if a.is_Integer and b.is_Integer:
+        return a != 0 and b % a == 0
+    return sympy.fraction(sympy.cancel(b / a))[1] == 1
+
+
+# the two orders of a dim of B*T tokens: batch-major ([B, T] flattened: row b*T + t) or
+# sequence-first ([T, B] flattened, as nn.MultiheadAttention's [T, B, D] layout gives: row t*B + b);
+# MIXED: tokens of both orders met in one op, whose B*T dim has no one order
+BATCH_MAJOR, SEQ_FIRST, MIXED = "bt", "tb", "mixed"
+
+
+def _token_stride(x: tuple, seq, batch, order) -> object | None:
+    """S such that the element at flat (row-major) index f of a tensor of shape `x` belongs
+    to token floor(f / S) mod T: the size of one token's block. None where `x` does not say:
+    T in several dims or inside another expression, or a B*T dim of no known order."""
+    along = [i for i, d in enumerate(x) if _mentions(d, seq)]
+    if len(along) != 1:
+        return None
+    i = along[0]
+    inner = _product(x[i + 1:])
+    if dims_equal(x[i], seq):
+        return inner
+    if dims_equal(x[i], batch * seq) and order in (BATCH_MAJOR, SEQ_FIRST):
+        return inner if order == BATCH_MAJOR else inner * batch
+    return None
+
+
+def _view_tokens(x: Value, out: Value, seq, batch, order) -> tuple[bool | None, str | None]:
+    return _reshape_tokens(tuple(x.shape), tuple(out.shape), seq, batch, order)
+
+
+@functools.lru_cache(maxsize=4096)  # a model repeats its layers' few reshapes
+def _reshape_tokens(x: tuple, out: tuple, seq, batch, order) -> tuple[bool | None, str | None]:
+    """Whether a reshape of `x` to `out` keeps each element with its token, in a dim that
+    still names the tokens: (True, the order of out's B*T dim, if it has one), (False, None)
+    when a dim of `out` without T runs across tokens (then an op over it, a linear say,
+    would mix them), (None, None) when `x`'s tokens cannot be read (_token_stride).
+    With token t at flat index f in floor(f / S) mod T, each dim of `out` must be T at
+    stride S, B*T at stride S (batch-major) or S / B (sequence-first), k*B*T at stride S or
+    S / k (k values per token, batch-major), or, without T, lie
+    within one token's block (its size times its stride divides S) or step over whole
+    sequences (its stride a multiple of S * T). Both [B, T, H, D] -> [B*T, H*D] and
+    nn.MultiheadAttention's [T, B, H, D] -> [T*B, H*D] keep one token per row."""
+    stride_t = _token_stride(x, seq, batch, order)
+    if stride_t is None:
+        return None, None
+    out_order = None
+    for k, d in enumerate(out):
+        stride = _product(out[k + 1:])
+        if not _mentions(d, seq):
+            if _divides(d * stride, stride_t) or _divides(stride_t * seq, stride):
+                continue
+            return False, None
+        if dims_equal(d, seq) and dims_equal(stride, stride_t):
+            continue
+        if dims_equal(d, batch * seq) and dims_equal(stride, stride_t):
+            out_order = BATCH_MAJOR
+        elif dims_equal(d, batch * seq) and dims_equal(stride * batch, stride_t):
+            out_order = SEQ_FIRST
+        elif _token_count(d, batch, seq) and (dims_equal(stride, stride_t)
+                                              or dims_equal(stride * d / (batch * seq), stride_t)):
+            # k*B*T (a mixture-of-experts' top-k weights flattened, [B*T, k] or [k, B*T]): the
+            # tokens batch-major, k values each; left without an order, as B*T dims were before
+            continue
+        else:
+            return False, None
+    return True, out_order
+
+
+def _view_problem(x: Value, out: Value, seq, batch, orders: dict | None) -> str | None:
+    """Why a reshape of `x` to `out` may put different tokens in one row (None: it keeps
+    each token's elements in rows of their own)."""
+    order = (orders or {}).get(x)
+    if order == MIXED:
+        return ("reshapes a dim of B*T tokens that holds tokens flattened in both orders (batch-major [B, T] "
+                "and sequence-first [T, B], met in one op), so which row is which token depends on the length. "
+                "Keep one layout: flatten [B, T, ...] (batch_first=True) or [T, B, ...] throughout")
+    keeps, _ = _view_tokens(x, out, seq, batch, order)
+    if keeps is None:
+        keeps = _view_keeps_tokens(x, out, seq, batch)
+    return None if keeps else "reshapes across the sequence (the elements of different tokens end up in one row)"
+
+
+def _is_view(node: Node) -> bool:
+    return len(node.outputs) == 1 and node.inputs and isinstance(node.inputs[0].type, TensorType) and (
+        node.op == "view" or node.op == "torch_call" and _aten_name(node.attrs["target"]) in _ATEN_VIEWS)
+
+
+def _token_orders(graph: Graph, seq, batch) -> dict[Value, str]:
+    """The order of each value's B*T dim where the graph says it: a reshape that merges
+    [B, T] gives batch-major, one that merges [T, B] sequence-first (_view_tokens); other
+    ops keep their inputs' order (a linear over [B*T, D] rows keeps the rows). Sequence-first
+    tokens meeting tokens of another or unknown order in one op give MIXED. A B*T dim of no known order (from an op this
+    does not follow) is left out, and its reshapes are judged as before
+    (_view_keeps_tokens)."""
+    orders: dict[Value, str] = {}
+
+    def has_tokens(v) -> bool:
+        return isinstance(v.type, TensorType) and any(dims_equal(d, batch * seq) for d in v.shape)
+
+    for n in graph.nodes:
+        if _is_view(n):
+            keeps, order = _view_tokens(n.inputs[0], n.outputs[0], seq, batch, orders.get(n.inputs[0]))
+            if keeps and order is not None:
+                orders[n.outputs[0]] = order
+            elif orders.get(n.inputs[0]) == MIXED and has_tokens(n.outputs[0]):
+                orders[n.outputs[0]] = MIXED
+            continue
+        seen = {orders.get(v) for v in n.inputs if has_tokens(v)}
+        if not seen or seen == {None}:
+            continue
+        # an unknown order was taken as batch-major before the orders were followed
+        order = MIXED if MIXED in seen or SEQ_FIRST in seen and len(seen) > 1 else (seen - {None}).pop()
+        for v in n.outputs:
+            if has_tokens(v):
+                orders[v] = order
+    return orders
+
+
 def _indexing_mixes(node: Node, x: Value, seq, batch) -> str | None:
     """x[indices] and x[indices] = values (integer indices along T are refused by
     _moves_along_the_sequence before this). A boolean mask over the tokens compacts them
@@ -1411,12 +1597,16 @@ def _indexing_mixes(node: Node, x: Value, seq, batch) -> str | None:
     return None
 
 
-def _mixes_tokens(node: Node, seq, batch) -> str | None:
+def _mixes_tokens(node: Node, seq, batch, orders: dict | None = None) -> str | None:
     """Why `node` may combine values of different tokens (None: each token's result reads
     only that token's inputs). An allow-list: an op the pass does not know, with an input
     along the sequence, is taken to mix tokens. Reductions, scans, convolutions, matmuls and
-    moves along T are checked before this, each with its own message."""
+    moves along T are checked before this, each with its own message. `orders`: the token
+    order of B*T dims (_token_orders), which a reshape of them needs."""
     tensors = [v for v in node.inputs if isinstance(v.type, TensorType)]
+    if _is_view(node) and (orders or {}).get(node.inputs[0]) is not None:
+        # rows of B*T tokens in a known order: read back as [B, T] or [T, B] only in that order
+        return _view_problem(node.inputs[0], node.outputs[0], seq, batch, orders)
     if not any(_carries_length(v, seq, batch) for v in tensors):
         return None
     spec = OPS[node.op]
@@ -1427,8 +1617,7 @@ def _mixes_tokens(node: Node, seq, batch) -> str | None:
         return None  # token by token, or checked elsewhere (moves along T, matmuls, the attention itself)
     x = tensors[0] if tensors else None
     if node.op == "view":
-        return None if _view_keeps_tokens(x, node.outputs[0], seq, batch) else \
-            "reshapes across the sequence (the elements of different tokens end up in one row)"
+        return _view_problem(x, node.outputs[0], seq, batch, orders)
     if node.op in ("linear", "quant_linear", "linear_fused"):
         return None if not _is_length(x.shape[-1], batch, seq) else "contracts over the sequence"
     if node.op == "embedding":
@@ -1471,8 +1660,7 @@ def _mixes_tokens(node: Node, seq, batch) -> str | None:
                                          if _is_length(x.shape[d], batch, seq)) else \
             "tiles the sequence (repeats the tokens along it)"
     if name in _ATEN_VIEWS and len(node.outputs) == 1:
-        return None if _view_keeps_tokens(x, node.outputs[0], seq, batch) else \
-            "reshapes across the sequence (the elements of different tokens end up in one row)"
+        return _view_problem(x, node.outputs[0], seq, batch, orders)
     over = None
     if name in _ATEN_OVER_DIMS:
         over = _aten_dims(node, *_ATEN_OVER_DIMS[name], rank)
