@@ -40,6 +40,15 @@ def assert_round_trips(graph):
     assert str(again) == text
 
 
+def eager_greedy(model, ids, steps: int, logits=lambda out: out):
+    """Greedy decoding the plain way: the model's logits over the whole sequence at each
+    step (`logits` picks them from its output), the argmax of the last position appended."""
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, logits(model(ids))[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
 def prompts(vocab: int, padded: bool, lowest: int = 1):
     """Seeded prompts for generate tests: one row of 6 tokens, or a left-padded batch of 3
     (lengths 5, 9, 2) with its attention mask; token ids from `lowest` up (below it: ids a

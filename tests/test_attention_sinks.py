@@ -16,6 +16,7 @@ from fxforge.ir.typecheck import IRCheckError
 from fxforge.ir.ops import attention_reference
 from fxforge.passes.kv_cache import KVCacheConfig
 from helpers import assert_close_to_eager, assert_round_trips
+from helpers import eager_greedy as _eager_greedy
 
 VOCAB = 64
 
@@ -105,13 +106,6 @@ def _example():
 
 def _sinks_ops(fast):
     return [n for n in fast.graph.nodes if n.op == "attention" and n.attrs.get("sinks")]
-
-
-def _eager_greedy(model, ids, n):
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids
 
 
 @pytest.mark.parametrize("name", list(SPELLINGS))

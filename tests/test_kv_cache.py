@@ -10,6 +10,7 @@ from fxforge.runtime.generate import process_logits
 
 import zoo
 from helpers import assert_close_to_eager, assert_matches_eager, assert_round_trips
+from helpers import eager_greedy as _eager_greedy
 
 MODELS = {
     "gpt2_eager": lambda: zoo.gpt2("eager"),
@@ -216,13 +217,6 @@ class _PositionsOnTheHeads(torch.nn.Module):
         q = q + self.wpe(torch.arange(t, device=idx.device))
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out(y.transpose(1, 2).reshape(b, t, 32))
-
-
-def _eager_greedy(model, ids, n):
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
-    return ids
 
 
 def _assert_generates_as_eager_alone_and_left_padded(model, fast, vocab=50):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import fxforge
 from fxforge.passes.kv_cache import KVCacheError
+from helpers import eager_greedy as _eager_greedy
 
 # var/std over T meet one-token samples while the model is captured: torch's warning, not ours
 pytestmark = pytest.mark.filterwarnings("ignore:.*degrees of freedom is <= 0")
@@ -45,14 +46,6 @@ def _model(feature):
 
 def _example():
     return (torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1)),)
-
-
-def _eager_greedy(model, prompt, steps):
-    out = prompt
-    with torch.no_grad():
-        for _ in range(steps):
-            out = torch.cat([out, model(out)[:, -1].argmax(-1, keepdim=True)], 1)
-    return out
 
 
 def _assert_generates_like_eager(model):

@@ -11,17 +11,9 @@ import torch.nn as nn
 
 import fxforge
 from fxforge.passes.kv_cache import KVCacheError
+from helpers import eager_greedy as _eager_greedy
 
 VOCAB, DIM, HEADS = 40, 32, 4
-
-
-def _eager_greedy(model, prompt, steps):
-    """The plain loop: logits of the whole sequence each step, argmax of the last."""
-    out = prompt
-    with torch.no_grad():
-        for _ in range(steps):
-            out = torch.cat([out, model(out)[:, -1].argmax(-1, keepdim=True)], 1)
-    return out
 
 
 class _EncoderLM(nn.Module):
