@@ -101,10 +101,10 @@ def test_a_causal_buffer_shorter_than_the_long_probe_is_causal(block_size):
 
 class CrossAttention(nn.Module):
     """nn.MultiheadAttention over a memory (a decoder's cross-attention): export names the
-    memory's batch B1, B only under a guard, so k's head dim reads floor(8*B1/B). The pass
+    memory's batch B1, B only under a guard, so k's head dim read floor(8*B1/B). The pass
     declined nothing and its attention op failed its type check (a crash in optimize());
     with it off, the view MHA makes after contiguous() met the non-contiguous tensor (the IR
-    drops contiguous()): a crash at the first call."""
+    drops contiguous()): a crash at the first call; and batch 1 was refused."""
 
     def __init__(self, batch_first: bool):
         super().__init__()
@@ -122,8 +122,14 @@ def test_cross_attention_through_multihead_attention_answers(batch_first, disabl
     shape = (lambda b, t: (b, t, 32)) if batch_first else (lambda b, t: (t, b, 32))
     x, memory = torch.randn(shape(2, 5)), torch.randn(shape(2, 7))
     fast = fxforge.optimize(model, (x, memory), disable=disable, verbose=False)
+    # the memory's batch is the queries' (capture unifies the two: a guard says them equal)
+    assert fast.graph.count("attention") == (0 if disable else 1)
+    one = torch.randn(shape(1, 3)), torch.randn(shape(1, 4))
     with torch.no_grad():
-        torch.testing.assert_close(fast(x, memory), model(x, memory), atol=1e-5, rtol=1e-5)
+        for args in ((x, memory), one):
+            torch.testing.assert_close(fast(*args), model(*args), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="the graph needs them equal"):
+        fast(x, torch.randn(shape(3, 7)))
 
 
 class ReturnsWeights(nn.Module):

@@ -233,6 +233,8 @@ def test_generate_limits_are_checked_up_front(cached_llama):
     fast, prompts, _ = cached_llama
     with pytest.raises(ValueError, match="needs a KV cache of .* GiB"):
         fast.generate(prompts[0], 10**15)
-    for bad in (True, 2.0, -1):
-        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+    for bad, says in ((True, "must be an int, got bool"), (2.5, "must be an int, got float"), (-1, "must be an int >= 1")):
+        with pytest.raises(ValueError, match=f"max_new_tokens {says}"):
             fast.generate(prompts[0], bad)
+    # a whole float, as transformers takes it
+    assert fast.generate(prompts[0], 2.0).shape[1] == prompts[0].shape[1] + 2

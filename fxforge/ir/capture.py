@@ -1015,11 +1015,30 @@ class _Lowerer:
         if probed is not None:
             self.guards = list(probed[0])
             self.ranges.update({s: ValueRanges(1, vr.upper) for s, vr in probed[1].items()})
+        self._unify_equal_sizes()
         for rel in self.guards:
             if isinstance(rel, sympy.Eq):
                 for a, b in ((rel.lhs, rel.rhs), (rel.rhs, rel.lhs)):
                     if isinstance(a, sympy.Symbol) and b.has(sympy.Max, sympy.Min):
                         self.same_size[b] = a
+
+    def _unify_equal_sizes(self):
+        """Two sizes a guard says are equal become one symbol (nn.MultiheadAttention's
+        memory of batch B1: export names it apart, the model's reshape only says
+        Eq(32*B1*T1, 32*B*T1)). Left apart, k's head dim read floor(8*B1/B), which no pass
+        could prove 8 (no attention fused), and the size-one probes refused batch 1. Every
+        call must satisfy the guard anyway, so no call changes meaning; the input check
+        then says a mismatch as one of sizes that must agree."""
+        same = _equal_symbols(self.guards)
+        if not same:
+            return
+        self.rename = {k: same.get(v, v) for k, v in self.rename.items()}
+        for gone, kept in same.items():
+            if gone in self.ranges:
+                lost = self.ranges.pop(gone)
+                self.ranges[kept] = self.ranges[kept] & lost if kept in self.ranges else lost
+        guards = [g.xreplace(same) for g in self.guards]
+        self.guards = [g for g in guards if g is not sympy.true]
     # -- symbolic sizes ------------------------------------------------------------------
     def name_dims(self, placeholders):
         counts: dict[str, int] = {}
@@ -1450,6 +1469,44 @@ def _fx_reachable(start, step):
             seen.add(n)
             yield n
             todo.extend(step(n))
+
+
+def _equal_symbols(guards) -> dict:
+    """{symbol: the symbol it equals} from Eq guards whose two sides differ by a product of
+    a difference of two size symbols and factors that cannot be 0 (positive numbers, size
+    symbols and their powers: every size is >= 1): Eq(32*B1*T1, 32*B*T1) says B1 == B.
+    The later-named symbol maps to the earlier (B1 -> B)."""
+    out: dict = {}
+    for rel in guards:
+        if not isinstance(rel, sympy.Eq) or not (rel.lhs - rel.rhs).is_polynomial():
+            continue
+        factors = sympy.Mul.make_args(sympy.factor(rel.lhs - rel.rhs))
+        pairs = [f for f in factors if _symbol_difference(f) is not None]
+        if len(pairs) != 1 or not all(f is pairs[0] or _nonzero_size_factor(f) for f in factors):
+            continue
+        a, b = sorted((out.get(x, x) for x in _symbol_difference(pairs[0])), key=lambda x: (len(str(x)), str(x)))
+        if a != b:
+            out[b] = a
+            out = {k: (a if v == b else v) for k, v in out.items()}
+    return out
+
+
+def _symbol_difference(e) -> tuple | None:
+    """(a, b) where e is a - b (or b - a) of two symbols."""
+    terms = sympy.Add.make_args(e)
+    if len(terms) != 2:
+        return None
+    (c1, s1), (c2, s2) = (t.as_coeff_Mul() for t in terms)
+    if isinstance(s1, sympy.Symbol) and isinstance(s2, sympy.Symbol) and c1 == -c2 and abs(c1) == 1:
+        return s1, s2
+    return None
+
+
+def _nonzero_size_factor(f) -> bool:
+    if f.is_Number:
+        return f != 0
+    base = f.base if isinstance(f, sympy.Pow) and f.exp.is_Integer and f.exp > 0 else f
+    return isinstance(base, sympy.Symbol)
 
 
 def _lower_exported(ep, injected, model, probed=None):
