@@ -247,3 +247,12 @@ def test_an_unsupported_model_default_names_the_engine(fast):
         engine.close()
     finally:
         fast.generation_defaults = saved
+
+
+def test_a_whole_float_token_count_is_taken_as_generate_takes_it(fast):
+    """max_new_tokens=3.0: generate() and transformers make 3 tokens; submit() did refuse it."""
+    prompt = [5, 6, 7]
+    out = _engine(fast).generate_many([prompt], max_new_tokens=3.0, eos_token_id=None)
+    assert torch.equal(out[0], _alone(fast, prompt, 3))
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+        _engine(fast).submit(prompt, max_new_tokens=2.5)

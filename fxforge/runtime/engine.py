@@ -65,7 +65,7 @@ from typing import Callable
 import torch
 
 from . import logits as lp
-from .generate import (DEFAULT, IGNORED, UNSUPPORTED, _as_list, _check_settings, _known_settings, _plain_int,
+from .generate import (DEFAULT, IGNORED, UNSUPPORTED, _as_list, _check_settings, _known_settings, _plain_int, _whole,
                        check_cache_memory, check_forced_tokens, check_generator, check_token_ids,
                        device_memory_bytes, fed_positions, longer_cache_hint, looks_like_model_input,
                        max_position_embeddings, misspelling_of, new_token_count, position_table_rows,
@@ -359,7 +359,7 @@ class Engine:
                              f"{type(callback).__name__} {callback!r}")
         check_generator(generator, self.model.device)
         if max_new_tokens is not DEFAULT and max_new_tokens is not None:
-            max_new_tokens = _plain_int(max_new_tokens)
+            max_new_tokens = _whole(_plain_int(max_new_tokens))  # (5.0: 5, as generate() and transformers take it)
             if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
                 raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         # as generate(): settings that change no token are ignored, unimplemented ones taken at their off value

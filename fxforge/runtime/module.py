@@ -171,7 +171,8 @@ class OptimizedModel:
 
     # -- cached decoding (graphs that went through the kv_cache pass) ---------------------------
     def generate(self, input_ids=None, max_new_tokens=DEFAULT, **kwargs):
-        """Token ids like transformers' generate: the prompt then the new tokens (or, with
+        """Token ids like transformers' generate (the prompt as input_ids, or inputs= as transformers
+        names it): the prompt then the new tokens (or, with
         return_dict_in_generate=True, transformers' output object). Keyword arguments:
         attention_mask, generation_config, max_length, min_new_tokens, min_length, do_sample,
         temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, eos_token_id,
@@ -183,6 +184,8 @@ class OptimizedModel:
         an explicit None turns the model's default off (max_new_tokens=None: max_length counts)."""
         from .generate import generate, missing_input_ids
 
+        if input_ids is None and kwargs.get("inputs") is not None:
+            input_ids = kwargs.pop("inputs")  # transformers' name for the prompt
         if input_ids is None:
             raise missing_input_ids(kwargs)
         self._require_cache("generate()")
