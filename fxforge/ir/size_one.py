@@ -185,11 +185,7 @@ def _agreeing_with_one_more(model, graph: Graph, spec, leaves: list, draws: "_Dr
 
 def _reworded(why: str, text: str) -> str:
     """`text` in place of the reason `why`, of its kind (a RunFailed stays one)."""
-    if not isinstance(why, RunFailed):
-        return text
-    out = RunFailed(text)
-    out.by_model = why.by_model
-    return out
+    return RunFailed(text, why.by_model) if isinstance(why, RunFailed) else text
 
 
 def _guard_at_one(subset, unless: sympy.Symbol | None = None) -> sympy.Basic:
@@ -563,7 +559,10 @@ class RunFailed(str):
     raised there): a reason like any other, of a kind the callers can tell apart.
     `by_model`: the model itself raised (eager refuses the call)."""
 
-    by_model = False
+    def __new__(cls, text: str, by_model: bool = False):
+        out = super().__new__(cls, text)
+        out.by_model = by_model
+        return out
 
 
 class _EagerFailed(Exception):
@@ -597,24 +596,23 @@ def _difference(model, graph: Graph, spec, probe: list, inputs: list, failures: 
     try:
         # both sides from the same random state: a model that draws noise in forward
         # (torch.rand) compares like any other where the graph draws in the same order
+        side = "the model"
         try:
             eager = _seeded(run_model)
         except Exception as e:  # noqa: BLE001 (at the example: the model is broken, say so)
             if eager_must_run:
                 raise _EagerFailed() from e
-            e.fxforge_by_model = True
             raise
         again = _seeded(run_model) if model.training else None
+        side = "the graph"
         ours = _seeded(evaluate_graph)
     except Exception as e:  # noqa: BLE001 (either side failing at size 1 says the two differ)
         if isinstance(e, _EagerFailed):
             raise
         if not failures:
             return None
-        failed = RunFailed(f"running {'the model' if getattr(e, 'fxforge_by_model', False) else 'the graph'} "
-                           f"at these sizes failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        failed.by_model = getattr(e, "fxforge_by_model", False)
-        return failed
+        return RunFailed(f"running {side} at these sizes failed: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}", by_model=side == "the model")
     if again is not None and not _repeats(eager, again):
         return None  # the model does not repeat itself (dropout in training mode): nothing to compare
     # only the example's own check skips padded rows (half-precision noise there): a probe
